@@ -1,0 +1,1 @@
+"""The SDK hospital sites embed (gRPC client, torch adapters, integrations). Later issue."""

@@ -1,0 +1,90 @@
+"""``secagg bench masking``: one in-process masking round, with the machine's limits beside it.
+
+``limit_ratio = round_s / (aes_keystream_s + plain_sum_s)`` where ``aes_keystream_s`` is the
+time raw AES-256-CTR takes, in this run, to produce exactly the mask bytes the round generated
+and regenerated (one key per mask, as the round uses), and ``plain_sum_s`` the time numpy takes
+to add the same sites' plaintext vectors. Sites run one after another in this process.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from secagg.masking import RoundConfig, Stage, make_roster, simulate_round
+
+
+def raw_keystream_seconds(total_bytes: int, chunk_bytes: int) -> float:
+    """Time to produce ``total_bytes`` of AES-256-CTR keystream, a fresh key per chunk."""
+    zeros = bytearray(chunk_bytes)
+    buf = bytearray(chunk_bytes + 16)
+    done = 0
+    key = bytearray(32)
+    began = time.perf_counter()
+    while done < total_bytes:
+        n = min(chunk_bytes, total_bytes - done)
+        key[:8] = done.to_bytes(8, "little")
+        enc = Cipher(algorithms.AES(bytes(key)), modes.CTR(bytes(16))).encryptor()
+        enc.update_into(memoryview(zeros)[:n], buf)
+        done += n
+    return time.perf_counter() - began
+
+
+def run(clients: int, params: int, dropout: float, neighbors: int | None,
+        threshold: int | None, seed: int, quiet: bool) -> dict[str, Any]:
+    roster, identities = make_roster(clients)
+    config = RoundConfig(f"bench-{seed}", roster, vector_length=params, neighbors=neighbors,
+                         threshold=threshold)
+    rng = np.random.default_rng(seed)  # test data only; nothing secret comes from it
+    inputs = {s: (rng.uniform(-1.0, 1.0, params), float(rng.uniform(0.1, 1.0)))
+              for s in config.sites}
+    dropped = rng.choice(config.sites, size=round(dropout * clients), replace=False)
+    # Dropping after sharing keys is the costly case: the server must regenerate pair masks.
+    dropouts = {int(s): Stage.MASKED_INPUT for s in dropped}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if not quiet and (done == total or done % max(1, total // 10) == 0):
+            print(f"\r{stage:<18} {done:>5}/{total}", end="\n" if done == total else "",
+                  file=sys.stderr, flush=True)
+
+    report = simulate_round(config, identities, inputs, dropouts=dropouts, progress=progress)
+    if report.abort is not None or report.result is None:
+        raise SystemExit(f"round aborted: {report.abort}")
+    round_s = sum(report.stage_seconds.values())
+
+    word_bytes = config.word_bits // 8
+    aes_s = raw_keystream_seconds(report.mask_keystream_bytes, (params + 1) * word_bytes)
+    total = np.zeros(params)
+    began = time.perf_counter()
+    for update, _ in inputs.values():
+        np.add(total, update, out=total)
+    plain_s = time.perf_counter() - began
+
+    survivors = report.result.survivors
+    expected = sum(inputs[s][0] * inputs[s][1] for s in survivors)
+    max_err = float(np.max(np.abs(report.result.weighted_sum - expected)))
+    return {
+        "protocol": "masking",
+        "clients": clients,
+        "params": params,
+        "dropout": dropout,
+        "neighbors": neighbors if neighbors is not None else clients - 1,
+        "graph": "complete" if neighbors is None else "k-regular",
+        "threshold": config.reconstruction_threshold,
+        "survivors": len(survivors),
+        "round_s": round_s,
+        "client_mask_s": statistics.median(report.client_mask_seconds.values()),
+        "server_s": report.server_seconds,
+        "stage_s": report.stage_seconds,
+        "mask_keystream_bytes": report.mask_keystream_bytes,
+        "aes_keystream_s": aes_s,
+        "plain_sum_s": plain_s,
+        "limit_ratio": round_s / (aes_s + plain_s),
+        "max_abs_error": max_err,
+        "error_bound": report.result.error_bound[0],
+    }

@@ -1,0 +1,63 @@
+"""The exceptions secagg raises, all in one place.
+
+Callers catch :class:`SecAggError` for "anything secagg refused". Boundary checks raise
+``ValueError``/``TypeError`` subclasses naming the offending parameter; protocol outcomes have
+their own types. Any failure to authenticate, decrypt or unmask is the single opaque
+:class:`InvalidMessage` (it never says which check failed: no oracle for an attacker).
+No message ever carries key material, seeds, shares or plaintext.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class SecAggError(Exception):
+    """Base class of every error secagg raises on purpose."""
+
+
+class ConfigurationError(SecAggError, ValueError):
+    """A round or preset parameter is invalid or unsafe. The message names the parameter."""
+
+
+class PreconditionError(SecAggError):
+    """An event arrived that is not valid in the current protocol state (e.g. wrong stage)."""
+
+
+class InvalidMessage(SecAggError):
+    """A message failed to authenticate, decrypt or parse. Deliberately opaque."""
+
+    def __init__(self, what: str = "message") -> None:
+        super().__init__(f"invalid {what}")
+
+
+class AbortReason(enum.Enum):
+    """Why a role moved its round to the aborted state. One value per distinct refusal."""
+
+    ABORT_REASON_UNSPECIFIED = 0
+    TOO_FEW_SURVIVORS = 1
+    BAD_SIGNATURE = 2
+    UNKNOWN_SITE = 3
+    DUPLICATE_SITE = 4
+    DUPLICATE_KEY = 5
+    OWN_KEY_MISSING_OR_ALTERED = 6
+    WRONG_SIZE_KEY = 7
+    SHARE_AUTHENTICATION_FAILED = 8
+    UNEXPECTED_SHARE_SENDER = 9
+    SELF_LISTED_AS_DROPPED = 10
+    PEER_BOTH_ALIVE_AND_DROPPED = 11
+    PEER_ALREADY_DROPPED = 12
+    SURVIVOR_LIST_MISMATCH = 13
+    RECONSTRUCTION_FAILED = 14
+    MALFORMED_MESSAGE = 15
+    WRONG_ROUND = 16
+
+
+class ProtocolAbort(SecAggError):
+    """The round was aborted. ``reason`` is an :class:`AbortReason`; ``detail`` names ids only."""
+
+    def __init__(self, reason: AbortReason, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        msg = reason.name if not detail else f"{reason.name}: {detail}"
+        super().__init__(msg)

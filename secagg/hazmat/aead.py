@@ -1,0 +1,37 @@
+"""AES-256-GCM with mandatory associated data, for shares and key material in transit.
+
+A sealed blob is ``nonce (12 bytes) || ciphertext || tag``. The nonce is random: each key
+seals a handful of messages, far below GCM's random-nonce limit. Any failure to open is the
+single opaque :class:`~secagg.errors.InvalidMessage`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from secagg.errors import InvalidMessage
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+TAG_BYTES = 16
+
+
+def seal(key: bytes, plaintext: bytes, associated_data: bytes) -> bytes:
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"key must be {KEY_BYTES} bytes, got {len(key)}")
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, associated_data)
+
+
+def open_sealed(key: bytes, sealed: bytes, associated_data: bytes) -> bytes:
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"key must be {KEY_BYTES} bytes, got {len(key)}")
+    if not isinstance(sealed, bytes) or len(sealed) < NONCE_BYTES + TAG_BYTES:
+        raise InvalidMessage("sealed message")
+    try:
+        return AESGCM(key).decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], associated_data)
+    except InvalidTag:
+        raise InvalidMessage("sealed message") from None

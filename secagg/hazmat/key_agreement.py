@@ -1,0 +1,75 @@
+"""X25519 key agreement and HKDF-SHA256 derivation of pairwise keys and seeds.
+
+Every derived key is bound to the session, a purpose label, and the *ordered* pair of site ids
+(the smaller id first), so the two ends of a pair derive the same value and no value can be
+replayed in another session, for another purpose or between another pair.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from secagg._encoding import encode
+from secagg.errors import InvalidMessage
+
+PUBLIC_KEY_BYTES = 32
+PRIVATE_KEY_BYTES = 32
+
+
+class AgreementKey:
+    """A fresh X25519 key pair. The private half stays inside: repr redacts, pickling refuses."""
+
+    __slots__ = ("_private", "public_bytes")
+
+    def __init__(self, private: X25519PrivateKey) -> None:
+        self._private = private
+        self.public_bytes = private.public_key().public_bytes_raw()
+
+    @classmethod
+    def generate(cls) -> AgreementKey:
+        return cls(X25519PrivateKey.generate())
+
+    def exchange(self, peer_public: bytes) -> bytes:
+        return exchange(self._private, peer_public)
+
+    def export_private_bytes(self) -> bytes:
+        """The raw private scalar. Only for Shamir-sharing it; never log or store it."""
+        return self._private.private_bytes_raw()
+
+    def __repr__(self) -> str:
+        return f"AgreementKey(public={self.public_bytes.hex()[:16]}..., private=<redacted>)"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("AgreementKey holds a secret and cannot be pickled")
+
+
+def exchange(private: X25519PrivateKey, peer_public: bytes) -> bytes:
+    """X25519(private, peer_public); a malformed or low-order peer key is InvalidMessage."""
+    if not isinstance(peer_public, bytes) or len(peer_public) != PUBLIC_KEY_BYTES:
+        raise InvalidMessage("public key")
+    try:
+        return private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError:  # all-zero shared secret: a low-order point
+        raise InvalidMessage("public key") from None
+
+
+def private_key_from_bytes(raw: bytes) -> X25519PrivateKey:
+    if len(raw) != PRIVATE_KEY_BYTES:
+        raise InvalidMessage("private key")
+    return X25519PrivateKey.from_private_bytes(raw)
+
+
+def derive_pair_key(
+    shared_secret: bytes, *, session_id: bytes, purpose: str, site_a: int, site_b: int,
+    length: int = 32,
+) -> bytes:
+    """HKDF-SHA256 over ``shared_secret`` with info = (session, purpose, min id, max id)."""
+    low, high = sorted((site_a, site_b))
+    info = encode("pair-key", session_id, purpose, low, high)
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(
+        shared_secret
+    )

@@ -1,0 +1,93 @@
+"""Shamir secret sharing over the prime field GF(2**521 - 1).
+
+The field is larger than every secret we share (256-bit seeds and X25519 private keys), so a
+secret is one field element. x-coordinates are site ids (distinct, non-zero, < p).
+
+Guarantees (tested as properties): any ``threshold`` shares reconstruct the secret; fewer
+reveal nothing about it (every secret is consistent with them). Coefficients come from the
+``secrets`` CSPRNG. Lagrange coefficients at zero are cached per set of x-coordinates, since the
+server reconstructs many secrets from the same responders.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
+
+PRIME = 2**521 - 1  # a Mersenne prime
+SHARE_BYTES = (PRIME.bit_length() + 7) // 8  # 66
+
+
+def _check_xs(xs: Iterable[int]) -> list[int]:
+    out = list(xs)
+    if len(set(out)) != len(out):
+        raise ValueError("share x-coordinates must be distinct")
+    for x in out:
+        if not 0 < x < PRIME:
+            raise ValueError(f"share x-coordinate must be in [1, p), got {x}")
+    return out
+
+
+def split(secret: int, threshold: int, xs: Sequence[int]) -> dict[int, int]:
+    """Shares ``{x: f(x)}`` of a random degree ``threshold - 1`` polynomial with f(0) = secret."""
+    xs = _check_xs(xs)
+    if not 0 <= secret < PRIME:
+        raise ValueError("secret must be a field element")
+    if not 1 <= threshold <= len(xs):
+        raise ValueError(f"threshold must be in [1, {len(xs)}], got {threshold}")
+    coefficients = [secret] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    shares = {}
+    for x in xs:
+        y = 0
+        for c in reversed(coefficients):  # Horner
+            y = (y * x + c) % PRIME
+        shares[x] = y
+    return shares
+
+
+@lru_cache(maxsize=64)
+def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
+    coefficients = []
+    for i, xi in enumerate(xs):
+        num = 1
+        den = 1
+        for j, xj in enumerate(xs):
+            if i != j:
+                num = num * xj % PRIME
+                den = den * (xj - xi) % PRIME
+        coefficients.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(coefficients)
+
+
+def reconstruct(shares: Mapping[int, int], threshold: int) -> int:
+    """f(0) from at least ``threshold`` shares (the ``threshold`` lowest x-coordinates are used)."""
+    if len(shares) < threshold:
+        raise ValueError(f"need {threshold} shares, got {len(shares)}")
+    xs = tuple(sorted(_check_xs(shares))[:threshold])
+    lambdas = _lagrange_at_zero(xs)
+    return sum(lam * shares[x] for lam, x in zip(lambdas, xs, strict=True)) % PRIME
+
+
+def secret_from_bytes(raw: bytes) -> int:
+    return int.from_bytes(raw, "big")
+
+
+def secret_to_bytes(secret: int, length: int) -> bytes:
+    """Inverse of :func:`secret_from_bytes`; a value too large means a failed reconstruction."""
+    if secret >= 1 << (8 * length):
+        raise ValueError("reconstructed value does not fit the secret's length")
+    return secret.to_bytes(length, "big")
+
+
+def share_to_bytes(y: int) -> bytes:
+    return y.to_bytes(SHARE_BYTES, "big")
+
+
+def share_from_bytes(raw: bytes) -> int:
+    if len(raw) != SHARE_BYTES:
+        raise ValueError(f"a share is {SHARE_BYTES} bytes, got {len(raw)}")
+    y = int.from_bytes(raw, "big")
+    if y >= PRIME:
+        raise ValueError("share is not a field element")
+    return y

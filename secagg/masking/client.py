@@ -1,0 +1,320 @@
+"""The site's role in a masking round: a sans-I/O state machine.
+
+Feed it the server's messages with :meth:`MaskingClient.handle`; it returns the message to send
+back. It does no networking, sleeping or storage. Any misbehaviour it can detect moves it to
+``Stage.ABORTED`` and raises :class:`~secagg.errors.ProtocolAbort` with a named reason; a
+message that is not valid in the current stage raises
+:class:`~secagg.errors.PreconditionError`.
+
+Security invariants it enforces (each has a test in ``tests/threat_model``):
+- it signs only what it checked; every neighbour's advertised keys must carry that neighbour's
+  signature (in SecAgg every site is a neighbour; in SecAgg+ it uses no other site's keys);
+- it aborts on a key directory that omits or alters its own keys, duplicates a key or a site,
+  names an unknown site, or lists fewer than ``threshold`` sites of its neighbourhood;
+- a share that fails to authenticate aborts the round; it is never used;
+- it answers one unmask request, only after verifying at least ``threshold`` neighbourhood
+  signatures on the survivor list it signed itself (and every neighbour signature given), and never
+  reveals both the self-mask share and the key share of the same peer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import NoReturn
+
+import numpy as np
+
+from secagg.errors import AbortReason, InvalidMessage, PreconditionError, ProtocolAbort
+from secagg.hazmat import aead, shamir, signing
+from secagg.hazmat.key_agreement import PUBLIC_KEY_BYTES, AgreementKey
+from secagg.hazmat.prg import SEED_BYTES, MaskExpander
+from secagg.masking import _common
+from secagg.masking.config import RoundConfig
+from secagg.masking.messages import (
+    AdvertiseKeys,
+    ConsistencySignature,
+    KeyDirectory,
+    MaskedInput,
+    ServerMessage,
+    ShareDelivery,
+    ShareKeys,
+    SiteMessage,
+    Stage,
+    SurvivorList,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+
+InputProvider = Callable[[], tuple[np.ndarray, float]]
+
+_SHARE_PAIR_BYTES = 2 * shamir.SHARE_BYTES
+
+
+class MaskingClient:
+    """One site in one masking round.
+
+    ``model_input`` is either ``(update, weight)`` or a callable returning it, called once at the
+    masked-input stage (so a site can train while keys are exchanged).
+    """
+
+    def __init__(
+        self,
+        config: RoundConfig,
+        site_id: int,
+        identity: signing.IdentityKey,
+        model_input: tuple[np.ndarray, float] | InputProvider,
+    ) -> None:
+        if site_id not in config.roster:
+            raise ValueError(f"site_id {site_id} is not on the round's roster")
+        if config.roster[site_id] != identity.public_bytes:
+            raise ValueError(f"identity does not match the roster's key for site {site_id}")
+        self.config = config
+        self.site_id = site_id
+        self._identity = identity
+        self._input = model_input
+        self.stage = Stage.ADVERTISE_KEYS
+        self.abort_reason: AbortReason | None = None
+        self.mask_keystream_bytes = 0
+        self._neighbourhood = config.neighbourhood(site_id)
+        self._t = config.reconstruction_threshold
+        self._encryption_key = AgreementKey.generate()
+        self._masking_key = AgreementKey.generate()
+        self._session = b""
+        self._directory: dict[int, AdvertiseKeys] = {}
+        self._self_mask_seed = b""
+        # shares I hold, by owner: (self-mask seed share, masking-key share), each 66 bytes
+        self._held_shares: dict[int, tuple[bytes, bytes]] = {}
+        self._share_senders: frozenset[int] = frozenset()
+        self._signed_survivors: tuple[int, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"MaskingClient(site_id={self.site_id}, stage={self.stage.name})"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("MaskingClient holds secrets and cannot be pickled")
+
+    # ---- driving ----------------------------------------------------------------------------
+
+    def start(self) -> AdvertiseKeys:
+        """The first message of the round."""
+        self._require(Stage.ADVERTISE_KEYS, "start")
+        enc_pk = self._encryption_key.public_bytes
+        mask_pk = self._masking_key.public_bytes
+        sig = self._sign(
+            AdvertiseKeys.signed_bytes(self.config.params_digest, self.site_id, enc_pk, mask_pk)
+        )
+        self.stage = Stage.SHARE_KEYS
+        return AdvertiseKeys(self.site_id, enc_pk, mask_pk, sig)
+
+    def handle(self, message: ServerMessage) -> SiteMessage:
+        """Process one server message and return the reply. Raises on refusal (see module doc)."""
+        handlers: dict[type, tuple[Stage, Callable[..., SiteMessage]]] = {
+            KeyDirectory: (Stage.SHARE_KEYS, self._on_key_directory),
+            ShareDelivery: (Stage.MASKED_INPUT, self._on_share_delivery),
+            SurvivorList: (Stage.CONSISTENCY_CHECK, self._on_survivor_list),
+            UnmaskRequest: (Stage.UNMASK, self._on_unmask_request),
+        }
+        try:
+            expected, handler = handlers[type(message)]
+        except KeyError:
+            raise PreconditionError(f"unexpected message type {type(message).__name__}") from None
+        self._require(expected, type(message).__name__)
+        try:
+            return handler(message)
+        except ProtocolAbort as abort:
+            self._abort(abort.reason)
+            raise
+
+    # ---- stages -----------------------------------------------------------------------------
+
+    def _on_key_directory(self, msg: KeyDirectory) -> ShareKeys:
+        directory: dict[int, AdvertiseKeys] = {}
+        seen_keys: set[bytes] = set()
+        for entry in msg.entries:
+            if entry.site_id not in self.config.roster:
+                raise ProtocolAbort(AbortReason.UNKNOWN_SITE, f"site {entry.site_id}")
+            if entry.site_id in directory:
+                raise ProtocolAbort(AbortReason.DUPLICATE_SITE, f"site {entry.site_id}")
+            for key in (entry.encryption_public_key, entry.masking_public_key):
+                if not isinstance(key, bytes) or len(key) != PUBLIC_KEY_BYTES:
+                    raise ProtocolAbort(AbortReason.WRONG_SIZE_KEY, f"site {entry.site_id}")
+                if key in seen_keys:
+                    raise ProtocolAbort(AbortReason.DUPLICATE_KEY, f"site {entry.site_id}")
+                seen_keys.add(key)
+            if entry.site_id in self._neighbourhood:  # the only keys this site will use
+                self._verify(entry.site_id, entry.signature, AdvertiseKeys.signed_bytes(
+                    self.config.params_digest, entry.site_id, entry.encryption_public_key,
+                    entry.masking_public_key))
+            directory[entry.site_id] = entry
+        mine = directory.get(self.site_id)
+        if (
+            mine is None
+            or mine.encryption_public_key != self._encryption_key.public_bytes
+            or mine.masking_public_key != self._masking_key.public_bytes
+        ):
+            raise ProtocolAbort(AbortReason.OWN_KEY_MISSING_OR_ALTERED)
+        holders = sorted(self._neighbourhood & directory.keys())
+        self._require_at_least(len(holders), "sites with advertised keys in the neighbourhood")
+        self._directory = directory
+        self._session = _common.session_id(self.config.params_digest, directory.values())
+
+        self._self_mask_seed = os.urandom(SEED_BYTES)
+        seed_shares = shamir.split(shamir.secret_from_bytes(self._self_mask_seed), self._t, holders)
+        key_shares = shamir.split(
+            shamir.secret_from_bytes(self._masking_key.export_private_bytes()), self._t, holders
+        )
+        sealed: dict[int, bytes] = {}
+        for peer in holders:
+            pair = (shamir.share_to_bytes(seed_shares[peer]),
+                    shamir.share_to_bytes(key_shares[peer]))
+            if peer == self.site_id:
+                self._held_shares[peer] = pair
+                continue
+            key = self._share_key(peer)
+            sealed[peer] = aead.seal(key, pair[0] + pair[1], _common.share_associated_data(
+                self._session, self.site_id, peer))
+        commitment = _common.self_mask_commitment(self._session, self.site_id, self._self_mask_seed)
+        sig = self._sign(ShareKeys.signed_bytes(self._session, self.site_id, sealed, commitment))
+        self.stage = Stage.MASKED_INPUT
+        return ShareKeys(self.site_id, sealed, commitment, sig)
+
+    def _on_share_delivery(self, msg: ShareDelivery) -> MaskedInput:
+        allowed = (self._neighbourhood & self._directory.keys()) - {self.site_id}
+        for sender in msg.encrypted_shares:
+            if sender not in allowed:
+                raise ProtocolAbort(AbortReason.UNEXPECTED_SHARE_SENDER, f"site {sender}")
+        senders = frozenset(msg.encrypted_shares)
+        self._require_at_least(len(senders) + 1, "share senders in the neighbourhood")
+        for sender in sorted(senders):
+            try:
+                plain = aead.open_sealed(
+                    self._share_key(sender), msg.encrypted_shares[sender],
+                    _common.share_associated_data(self._session, sender, self.site_id))
+            except InvalidMessage:
+                raise ProtocolAbort(AbortReason.SHARE_AUTHENTICATION_FAILED,
+                                    f"from site {sender}") from None
+            if len(plain) != _SHARE_PAIR_BYTES:
+                raise ProtocolAbort(AbortReason.MALFORMED_MESSAGE, f"share from site {sender}")
+            self._held_shares[sender] = (plain[: shamir.SHARE_BYTES], plain[shamir.SHARE_BYTES :])
+        self._share_senders = senders
+
+        update, weight = self._input() if callable(self._input) else self._input
+        self._input = (np.empty(0), 0.0)  # drop our reference to the plaintext
+        if np.asarray(update).shape != (self.config.vector_length,):
+            raise ValueError(
+                f"update must have shape ({self.config.vector_length},), "
+                f"got {np.asarray(update).shape}"
+            )
+        masked = self.config.quantizer.encode(update, weight)
+        expander = MaskExpander(masked.shape[0], word_bits=self.config.word_bits)
+        expander.add_to(masked, self._self_mask_seed)
+        for peer in sorted(senders):
+            seed = _common.pairwise_seed(
+                self._masking_key.exchange(self._directory[peer].masking_public_key),
+                self._session, self.site_id, peer)
+            if _common.mask_sign(self.site_id, peer) > 0:
+                expander.add_to(masked, seed)
+            else:
+                expander.subtract_from(masked, seed)
+        self.mask_keystream_bytes += expander.bytes_generated
+        sig = self._sign(MaskedInput.signed_bytes(self._session, self.site_id, masked))
+        self.stage = Stage.CONSISTENCY_CHECK
+        return MaskedInput(self.site_id, masked, sig)
+
+    def _on_survivor_list(self, msg: SurvivorList) -> ConsistencySignature:
+        survivors = tuple(msg.survivors)
+        self._check_ids(survivors)
+        if self.site_id not in survivors:
+            raise ProtocolAbort(AbortReason.SELF_LISTED_AS_DROPPED)
+        shared = self._share_senders | {self.site_id}
+        if not set(survivors) & self._neighbourhood <= shared:
+            raise ProtocolAbort(AbortReason.PEER_ALREADY_DROPPED,
+                                "a survivor in the neighbourhood never shared keys")
+        self._require_at_least(len(set(survivors) & self._neighbourhood),
+                               "survivors in the neighbourhood")
+        self._signed_survivors = tuple(sorted(survivors))
+        sig = self._sign(ConsistencySignature.signed_bytes(self._session, self._signed_survivors))
+        self.stage = Stage.UNMASK
+        return ConsistencySignature(self.site_id, sig)
+
+    def _on_unmask_request(self, msg: UnmaskRequest) -> UnmaskResponse:
+        if tuple(sorted(msg.survivors)) != self._signed_survivors or len(
+            set(msg.survivors)) != len(msg.survivors):
+            raise ProtocolAbort(AbortReason.SURVIVOR_LIST_MISMATCH)
+        survivors = set(self._signed_survivors)
+        signed = ConsistencySignature.signed_bytes(self._session, self._signed_survivors)
+        verified = 0
+        for signer, sig in msg.survivor_signatures.items():
+            if signer not in survivors:
+                raise ProtocolAbort(AbortReason.SURVIVOR_LIST_MISMATCH, f"signer {signer}")
+            # The neighbourhood is whom this site's shares protect (everyone in SecAgg).
+            if signer in self._neighbourhood:
+                self._verify(signer, sig, signed)
+                verified += 1
+        self._require_at_least(verified, "neighbourhood signatures on the survivor list")
+
+        dropped = tuple(msg.dropped)
+        self._check_ids(dropped)
+        if self.site_id in dropped:
+            raise ProtocolAbort(AbortReason.SELF_LISTED_AS_DROPPED)
+        both = survivors & set(dropped)
+        if both:
+            raise ProtocolAbort(AbortReason.PEER_BOTH_ALIVE_AND_DROPPED, f"sites {sorted(both)}")
+        mine = self._share_senders | {self.site_id}
+        dropped_here = set(dropped) & self._neighbourhood
+        already_dead = dropped_here - mine
+        if already_dead:
+            raise ProtocolAbort(AbortReason.PEER_ALREADY_DROPPED, f"sites {sorted(already_dead)}")
+        if dropped_here != mine - survivors:
+            raise ProtocolAbort(AbortReason.SURVIVOR_LIST_MISMATCH,
+                                "dropped list disagrees with the signed survivors")
+
+        # Disjoint by the checks above: no peer gets both of its shares revealed.
+        self_mask = {p: self._held_shares[p][0] for p in sorted(mine & survivors)}
+        keys = {p: self._held_shares[p][1] for p in sorted(dropped_here)}
+        sig = self._sign(UnmaskResponse.signed_bytes(self._session, self.site_id, self_mask, keys))
+        self._held_shares.clear()
+        self.stage = Stage.COMPLETED
+        return UnmaskResponse(self.site_id, self_mask, keys, sig)
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def _require(self, stage: Stage, event: str) -> None:
+        if self.stage is not stage:
+            raise PreconditionError(f"{event} is not valid in stage {self.stage.name}")
+
+    def _require_at_least(self, count: int, what: str) -> None:
+        if count < self._t:
+            raise ProtocolAbort(AbortReason.TOO_FEW_SURVIVORS,
+                                f"{count} {what}, threshold {self._t}")
+
+    def _check_ids(self, ids: tuple[int, ...]) -> None:
+        if len(set(ids)) != len(ids):
+            raise ProtocolAbort(AbortReason.DUPLICATE_SITE)
+        unknown = [i for i in ids if i not in self.config.roster]
+        if unknown:
+            raise ProtocolAbort(AbortReason.UNKNOWN_SITE, f"sites {unknown}")
+
+    def _abort(self, reason: AbortReason) -> None:
+        self.stage = Stage.ABORTED
+        self.abort_reason = reason
+        self._held_shares.clear()
+        self._self_mask_seed = b""
+
+    def _sign(self, message: bytes) -> bytes:
+        return self._identity.sign(message)
+
+    def _verify(self, site: int, signature: bytes, message: bytes) -> None:
+        try:
+            signing.verify(self.config.roster[site], signature, message)
+        except InvalidMessage:
+            raise ProtocolAbort(AbortReason.BAD_SIGNATURE, f"site {site}") from None
+
+    def _share_key(self, peer: int) -> bytes:
+        try:
+            shared = self._encryption_key.exchange(self._directory[peer].encryption_public_key)
+        except InvalidMessage:  # a signed but low-order key: the peer itself misbehaves
+            raise ProtocolAbort(AbortReason.MALFORMED_MESSAGE, f"key of site {peer}") from None
+        return _common.share_key(shared, self._session, self.site_id, peer)
+

@@ -1,0 +1,282 @@
+"""The aggregator's role in a masking round: a sans-I/O state machine holding no secret.
+
+The driver (a test, the simulation, the gRPC service) hands site messages to
+:meth:`MaskingServer.handle` as they arrive and calls :meth:`MaskingServer.close_stage` when a
+stage's deadline passes (or every expected site has answered). ``close_stage`` returns the
+messages to deliver, by recipient, or raises :class:`~secagg.errors.ProtocolAbort` when fewer
+than ``threshold`` sites remain.
+
+Memory is O(vector length): masked inputs are added into one running sum as they arrive and
+never kept. A site message that fails its checks is refused (:class:`InvalidMessage` or
+:class:`PreconditionError`) and that site is treated as dropped; it does not abort the round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from secagg.errors import AbortReason, InvalidMessage, PreconditionError, ProtocolAbort
+from secagg.hazmat import shamir, signing
+from secagg.hazmat.key_agreement import exchange, private_key_from_bytes
+from secagg.hazmat.prg import SEED_BYTES, MaskExpander, word_dtype
+from secagg.masking import _common
+from secagg.masking.config import RoundConfig
+from secagg.masking.messages import (
+    AdvertiseKeys,
+    ConsistencySignature,
+    KeyDirectory,
+    MaskedInput,
+    ServerMessage,
+    ShareDelivery,
+    ShareKeys,
+    SiteMessage,
+    Stage,
+    SurvivorList,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from secagg.metrics import MetricsListener, NullListener
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """What the round reveals: sums over the survivors, never a single site's input."""
+
+    weighted_sum: np.ndarray  # sum of weight * clip(update)
+    weight_sum: float
+    survivors: tuple[int, ...]
+    error_bound: tuple[float, float]  # max abs error of (weighted_sum elements, weight_sum)
+
+    @property
+    def average(self) -> np.ndarray:
+        """The weighted average update."""
+        return self.weighted_sum / self.weight_sum
+
+
+class MaskingServer:
+    def __init__(self, config: RoundConfig, listener: MetricsListener | None = None) -> None:
+        self.config = config
+        self.stage = Stage.ADVERTISE_KEYS
+        self.abort_reason: AbortReason | None = None
+        self.result: AggregateResult | None = None
+        self.mask_keystream_bytes = 0
+        self._listener = listener or NullListener()
+        self._t = config.reconstruction_threshold
+        self._advertised: dict[int, AdvertiseKeys] = {}
+        self._session = b""
+        self._share_keys: dict[int, ShareKeys] = {}
+        self._running_sum = np.zeros(config.vector_length + 1, dtype=word_dtype(config.word_bits))
+        self._masked_from: set[int] = set()
+        self._survivors: tuple[int, ...] = ()
+        self._signatures: dict[int, bytes] = {}
+        self._responses: dict[int, UnmaskResponse] = {}
+
+    def __repr__(self) -> str:
+        return f"MaskingServer(round_id={self.config.round_id!r}, stage={self.stage.name})"
+
+    @property
+    def participants(self) -> tuple[int, ...]:
+        """Sites still in the round at the current stage."""
+        current = {
+            Stage.ADVERTISE_KEYS: self.config.roster.keys(),
+            Stage.SHARE_KEYS: self._advertised.keys(),
+            Stage.MASKED_INPUT: self._share_keys.keys(),
+            Stage.CONSISTENCY_CHECK: self._survivors,
+            Stage.UNMASK: self._signatures.keys(),
+        }.get(self.stage, ())
+        return tuple(sorted(current))
+
+    # ---- receiving --------------------------------------------------------------------------
+
+    def handle(self, message: SiteMessage) -> None:
+        """Record one site message. Raises (and ignores the message) if it is refused."""
+        expected = {
+            AdvertiseKeys: Stage.ADVERTISE_KEYS,
+            ShareKeys: Stage.SHARE_KEYS,
+            MaskedInput: Stage.MASKED_INPUT,
+            ConsistencySignature: Stage.CONSISTENCY_CHECK,
+            UnmaskResponse: Stage.UNMASK,
+        }.get(type(message))
+        if expected is None:
+            raise PreconditionError(f"unexpected message type {type(message).__name__}")
+        if self.stage is not expected:
+            raise PreconditionError(
+                f"{type(message).__name__} is not valid in stage {self.stage.name}"
+            )
+        site = message.site_id
+        if site not in self.participants:
+            raise PreconditionError(f"site {site} is not a participant of stage {expected.name}")
+        if site in self._received():
+            raise PreconditionError(f"site {site} already answered stage {expected.name}")
+        if isinstance(message, AdvertiseKeys):
+            self._on_advertise(message)
+        elif isinstance(message, ShareKeys):
+            self._on_share_keys(message)
+        elif isinstance(message, MaskedInput):
+            self._on_masked_input(message)
+        elif isinstance(message, ConsistencySignature):
+            self._on_consistency(message)
+        else:
+            self._on_unmask(message)
+
+    def _received(self) -> Mapping[int, object] | set[int]:
+        table: dict[Stage, Mapping[int, object] | set[int]] = {
+            Stage.ADVERTISE_KEYS: self._advertised,
+            Stage.SHARE_KEYS: self._share_keys,
+            Stage.MASKED_INPUT: self._masked_from,
+            Stage.CONSISTENCY_CHECK: self._signatures,
+            Stage.UNMASK: self._responses,
+        }
+        return table[self.stage]
+
+    def _verify(self, site: int, signature: bytes, message: bytes) -> None:
+        signing.verify(self.config.roster[site], signature, message)
+
+    def _on_advertise(self, msg: AdvertiseKeys) -> None:
+        self._verify(msg.site_id, msg.signature, AdvertiseKeys.signed_bytes(
+            self.config.params_digest, msg.site_id, msg.encryption_public_key,
+            msg.masking_public_key))
+        self._advertised[msg.site_id] = msg
+
+    def _on_share_keys(self, msg: ShareKeys) -> None:
+        allowed = (self.config.neighbourhood(msg.site_id) & self._advertised.keys()) - {msg.site_id}
+        if not set(msg.encrypted_shares) <= allowed:
+            raise InvalidMessage("share recipients")
+        if len(msg.self_mask_commitment) != 32:
+            raise InvalidMessage("commitment")
+        self._verify(msg.site_id, msg.signature, ShareKeys.signed_bytes(
+            self._session, msg.site_id, msg.encrypted_shares, msg.self_mask_commitment))
+        self._share_keys[msg.site_id] = msg
+
+    def _on_masked_input(self, msg: MaskedInput) -> None:
+        masked = msg.masked_input
+        if (
+            not isinstance(masked, np.ndarray)
+            or masked.dtype != self._running_sum.dtype
+            or masked.shape != self._running_sum.shape
+        ):
+            raise InvalidMessage("masked input")
+        self._verify(msg.site_id, msg.signature,
+                     MaskedInput.signed_bytes(self._session, msg.site_id, masked))
+        np.add(self._running_sum, masked, out=self._running_sum)
+        self._masked_from.add(msg.site_id)
+
+    def _on_consistency(self, msg: ConsistencySignature) -> None:
+        self._verify(msg.site_id, msg.signature,
+                     ConsistencySignature.signed_bytes(self._session, self._survivors))
+        self._signatures[msg.site_id] = msg.signature
+
+    def _on_unmask(self, msg: UnmaskResponse) -> None:
+        self._verify(msg.site_id, msg.signature, UnmaskResponse.signed_bytes(
+            self._session, msg.site_id, msg.self_mask_shares, msg.key_shares))
+        self._responses[msg.site_id] = msg
+
+    # ---- closing stages ---------------------------------------------------------------------
+
+    def close_stage(self) -> dict[int, ServerMessage]:
+        """End the current stage: the messages to deliver, by recipient site."""
+        if self.stage in (Stage.COMPLETED, Stage.ABORTED):
+            raise PreconditionError(f"no stage to close in stage {self.stage.name}")
+        closing = self.stage
+        received = sorted(self._received())
+        try:
+            if len(received) < self._t:
+                raise ProtocolAbort(
+                    AbortReason.TOO_FEW_SURVIVORS,
+                    f"{len(received)} sites answered {closing.name}, threshold {self._t}",
+                )
+            out = self._close(closing, received)
+        except ProtocolAbort as abort:
+            self.stage = Stage.ABORTED
+            self.abort_reason = abort.reason
+            self._running_sum = np.zeros(0, dtype=self._running_sum.dtype)
+            self._listener.round_aborted(self.config.round_id, closing.name, abort.reason.name)
+            raise
+        self._listener.stage_closed(self.config.round_id, closing.name, len(received))
+        return out
+
+    def _close(self, closing: Stage, received: list[int]) -> dict[int, ServerMessage]:
+        if closing is Stage.ADVERTISE_KEYS:
+            directory = KeyDirectory(tuple(self._advertised[s] for s in received))
+            self._session = _common.session_id(self.config.params_digest, directory.entries)
+            self.stage = Stage.SHARE_KEYS
+            return dict.fromkeys(received, directory)
+        if closing is Stage.SHARE_KEYS:
+            self.stage = Stage.MASKED_INPUT
+            return {
+                v: ShareDelivery({
+                    u: self._share_keys[u].encrypted_shares[v]
+                    for u in received if v in self._share_keys[u].encrypted_shares
+                })
+                for v in received
+            }
+        if closing is Stage.MASKED_INPUT:
+            self._survivors = tuple(received)
+            self.stage = Stage.CONSISTENCY_CHECK
+            return dict.fromkeys(received, SurvivorList(self._survivors))
+        if closing is Stage.CONSISTENCY_CHECK:
+            dropped = tuple(sorted(set(self._share_keys) - set(self._survivors)))
+            request = UnmaskRequest(self._survivors, dict(self._signatures), dropped)
+            self.stage = Stage.UNMASK
+            return dict.fromkeys(received, request)
+        self._unmask()
+        self.stage = Stage.COMPLETED
+        self._listener.round_completed(self.config.round_id, len(self._survivors))
+        return {}
+
+    def _collect(self, owner: int, field: str) -> dict[int, int]:
+        shares: dict[int, int] = {}
+        for responder, response in self._responses.items():
+            raw = getattr(response, field).get(owner)
+            if raw is None:
+                continue
+            try:
+                shares[responder] = shamir.share_from_bytes(raw)
+            except ValueError:
+                raise ProtocolAbort(AbortReason.MALFORMED_MESSAGE,
+                                    f"share from site {responder}") from None
+        if len(shares) < self._t:
+            raise ProtocolAbort(AbortReason.TOO_FEW_SURVIVORS,
+                                f"{len(shares)} shares for site {owner}, threshold {self._t}")
+        return shares
+
+    def _reconstruct(self, owner: int, field: str) -> bytes:
+        try:
+            return shamir.secret_to_bytes(
+                shamir.reconstruct(self._collect(owner, field), self._t), SEED_BYTES)
+        except ValueError:
+            raise ProtocolAbort(AbortReason.RECONSTRUCTION_FAILED, f"site {owner}") from None
+
+    def _unmask(self) -> None:
+        total = self._running_sum
+        expander = MaskExpander(total.shape[0], word_bits=self.config.word_bits)
+        for u in self._survivors:
+            seed = self._reconstruct(u, "self_mask_shares")
+            commitment = _common.self_mask_commitment(self._session, u, seed)
+            if commitment != self._share_keys[u].self_mask_commitment:
+                raise ProtocolAbort(AbortReason.RECONSTRUCTION_FAILED, f"self mask of site {u}")
+            expander.subtract_from(total, seed)
+        survivors = set(self._survivors)
+        for v in sorted(set(self._share_keys) - survivors):
+            private = private_key_from_bytes(self._reconstruct(v, "key_shares"))
+            if private.public_key().public_bytes_raw() != self._advertised[v].masking_public_key:
+                raise ProtocolAbort(AbortReason.RECONSTRUCTION_FAILED, f"masking key of site {v}")
+            for u in sorted(survivors & self.config.neighbourhood(v)):
+                if u not in self._share_keys[v].encrypted_shares:
+                    continue  # v sent u no share, so u never masked with v
+                shared = exchange(private, self._advertised[u].masking_public_key)
+                seed = _common.pairwise_seed(shared, self._session, u, v)
+                # u applied mask_sign(u, v) * mask(seed); take it back out.
+                if _common.mask_sign(u, v) > 0:
+                    expander.subtract_from(total, seed)
+                else:
+                    expander.add_to(total, seed)
+        self.mask_keystream_bytes += expander.bytes_generated
+        quantizer = self.config.quantizer
+        n = len(self._survivors)
+        weighted, weight_sum = quantizer.decode_sum(total, n)
+        self.result = AggregateResult(weighted, weight_sum, self._survivors,
+                                      quantizer.error_bound(n))

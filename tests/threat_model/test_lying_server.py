@@ -1,0 +1,161 @@
+"""Adversary: a server that lies about who dropped out, to unmask one site's input.
+
+If the server learned both the self-mask seed b_u and the masking key s_u of a site u whose
+masked input it holds, it could strip every mask from that input. It tries by telling sites
+that u is alive (to collect b_u shares) and dead (to collect s_u shares). The consistency
+check (a signed survivor list) and the sites' unmask checks stop every variant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from secagg.errors import AbortReason, PreconditionError, ProtocolAbort
+from secagg.masking import Stage
+from secagg.masking.messages import SurvivorList, UnmaskRequest, UnmaskResponse
+from tests.roundkit import Round
+
+
+def _to_unmask(r: Round, *, drop_masked: frozenset[int] = frozenset()) -> UnmaskRequest:
+    r.advance()  # advertise
+    r.advance()  # share keys
+    r.advance(skip=drop_masked)  # masked input
+    out = r.advance()  # consistency check
+    request = next(iter(out.values()))
+    assert isinstance(request, UnmaskRequest)
+    return request
+
+
+def _expect(r: Round, site: int, request: UnmaskRequest, reason: AbortReason) -> None:
+    with pytest.raises(ProtocolAbort) as caught:
+        r.clients[site].handle(request)
+    assert caught.value.reason is reason
+
+
+def test_honest_unmask_never_reveals_both_shares_of_any_site() -> None:
+    r = Round(sites=7)
+    _to_unmask(r, drop_masked=frozenset({4, 6}))
+    r.advance()
+    responses = [m for m in r.replies.values() if isinstance(m, UnmaskResponse)]
+    assert responses
+    for resp in responses:
+        assert not set(resp.self_mask_shares) & set(resp.key_shares)
+        assert set(resp.key_shares) == {4, 6}
+    assert r.server.result is not None
+
+
+def test_client_aborts_if_unmask_request_lists_itself_as_dropped() -> None:
+    r = Round(sites=7)
+    req = _to_unmask(r, drop_masked=frozenset({4}))
+    _expect(r, 1, replace(req, dropped=(*req.dropped, 1)), AbortReason.SELF_LISTED_AS_DROPPED)
+
+
+def test_client_aborts_if_unmask_request_lists_survivor_as_dropped() -> None:
+    """The core attack: ask for site 2's key shares although site 2's input was summed."""
+    r = Round(sites=7)
+    req = _to_unmask(r, drop_masked=frozenset({4}))
+    _expect(r, 1, replace(req, dropped=(*req.dropped, 2)),
+            AbortReason.PEER_BOTH_ALIVE_AND_DROPPED)
+
+
+def test_client_aborts_if_unmask_request_lists_unknown_site() -> None:
+    r = Round(sites=7)
+    req = _to_unmask(r, drop_masked=frozenset({4}))
+    _expect(r, 1, replace(req, dropped=(*req.dropped, 77)), AbortReason.UNKNOWN_SITE)
+
+
+def test_client_aborts_if_unmask_request_lists_duplicate_id() -> None:
+    r = Round(sites=7)
+    req = _to_unmask(r, drop_masked=frozenset({4}))
+    _expect(r, 1, replace(req, dropped=(4, 4)), AbortReason.DUPLICATE_SITE)
+
+
+def test_client_aborts_if_unmask_request_lists_peer_already_dropped() -> None:
+    """Site 5 dropped before sharing keys: nothing of it can be unmasked, asking is a lie."""
+    r = Round(sites=7)
+    r.advance()
+    r.advance(skip=frozenset({5}))  # 5 never sends its shares
+    r.advance()
+    req = r.advance()[1]
+    assert isinstance(req, UnmaskRequest) and 5 not in req.dropped
+    _expect(r, 1, replace(req, dropped=(*req.dropped, 5)), AbortReason.PEER_ALREADY_DROPPED)
+
+
+def test_client_aborts_if_unmask_request_hides_a_dropped_peer() -> None:
+    r = Round(sites=7)
+    req = _to_unmask(r, drop_masked=frozenset({4}))
+    _expect(r, 1, replace(req, dropped=()), AbortReason.SURVIVOR_LIST_MISMATCH)
+
+
+def test_client_aborts_if_survivor_list_differs_from_the_one_it_signed() -> None:
+    r = Round(sites=7)
+    req = _to_unmask(r, drop_masked=frozenset({4}))
+    _expect(r, 1, replace(req, survivors=tuple(s for s in req.survivors if s != 2)),
+            AbortReason.SURVIVOR_LIST_MISMATCH)
+
+
+def test_client_aborts_if_survivor_signature_is_forged() -> None:
+    r = Round(sites=7)
+    req = _to_unmask(r, drop_masked=frozenset({4}))
+    sigs = dict(req.survivor_signatures)
+    sigs[2] = bytes(64)
+    _expect(r, 1, replace(req, survivor_signatures=sigs), AbortReason.BAD_SIGNATURE)
+
+
+def test_client_aborts_if_signature_is_moved_to_another_signer() -> None:
+    r = Round(sites=7)
+    req = _to_unmask(r, drop_masked=frozenset({4}))
+    sigs = dict(req.survivor_signatures)
+    sigs[2] = sigs[3]
+    _expect(r, 1, replace(req, survivor_signatures=sigs), AbortReason.BAD_SIGNATURE)
+
+
+def test_client_aborts_if_too_few_survivor_signatures() -> None:
+    r = Round(sites=7)
+    req = _to_unmask(r, drop_masked=frozenset({4}))
+    t = r.config.reconstruction_threshold
+    sigs = dict(list(req.survivor_signatures.items())[: t - 1])
+    _expect(r, 1, replace(req, survivor_signatures=sigs), AbortReason.TOO_FEW_SURVIVORS)
+
+
+def test_clients_abort_if_server_sends_different_survivor_lists() -> None:
+    """Tell site 1 that site 2 dropped and everyone else that it survived: the signatures
+    the others gave cannot match site 1's list, so site 1 refuses to unmask."""
+    r = Round(sites=7)
+    r.advance()
+    r.advance()
+    out = r.advance()
+    honest = out[1]
+    assert isinstance(honest, SurvivorList)
+    lie = SurvivorList(tuple(s for s in honest.survivors if s != 2))
+    replies = {s: r.clients[s].handle(lie if s == 1 else msg) for s, msg in out.items()}
+    t = r.config.reconstruction_threshold
+    # the server forwards the signatures it got, over lists that differ from site 1's
+    request = UnmaskRequest(lie.survivors, {s: m.signature for s, m in replies.items()  # type: ignore[union-attr]
+                                            if s != 2}, (2,))
+    assert len(request.survivor_signatures) >= t
+    _expect(r, 1, request, AbortReason.BAD_SIGNATURE)
+
+
+def test_client_aborts_if_survivor_list_omits_itself() -> None:
+    r = Round(sites=7)
+    r.advance()
+    r.advance()
+    out = r.advance()
+    honest = out[1]
+    assert isinstance(honest, SurvivorList)
+    with pytest.raises(ProtocolAbort) as caught:
+        r.clients[1].handle(SurvivorList(tuple(s for s in honest.survivors if s != 1)))
+    assert caught.value.reason is AbortReason.SELF_LISTED_AS_DROPPED
+
+
+def test_client_answers_only_one_unmask_request() -> None:
+    """A second request (say, with a different dropped list) is refused outright."""
+    r = Round(sites=7)
+    req = _to_unmask(r, drop_masked=frozenset({4}))
+    r.clients[1].handle(req)
+    assert r.clients[1].stage is Stage.COMPLETED
+    with pytest.raises(PreconditionError):
+        r.clients[1].handle(replace(req, dropped=()))

@@ -1,0 +1,48 @@
+"""Adversary: anyone reading logs, reprs, errors or pickles. Secrets must not leak there."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from secagg.errors import ProtocolAbort
+from secagg.hazmat.key_agreement import AgreementKey
+from secagg.hazmat.signing import IdentityKey
+from secagg.masking.messages import KeyDirectory
+from tests.roundkit import Round
+
+
+def test_key_objects_redact_repr_and_refuse_pickling() -> None:
+    for key in (AgreementKey.generate(), IdentityKey.generate()):
+        text = repr(key)
+        assert "redacted" in text
+        secret_hex = (key.export_private_bytes().hex() if isinstance(key, AgreementKey)
+                      else key._private.private_bytes_raw().hex())
+        assert secret_hex not in text
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            pickle.dumps(key)
+
+
+def test_client_refuses_pickling_and_its_repr_shows_no_secret() -> None:
+    r = Round()
+    r.advance()
+    r.advance()
+    client = r.clients[1]
+    with pytest.raises(TypeError):
+        pickle.dumps(client)
+    text = repr(client) + str(vars(client).get("stage"))
+    assert client._self_mask_seed.hex() not in text
+    assert client._masking_key.export_private_bytes().hex() not in text
+
+
+def test_abort_messages_carry_no_key_material() -> None:
+    r = Round()
+    d = r.advance()[1]
+    assert isinstance(d, KeyDirectory)
+    with pytest.raises(ProtocolAbort) as caught:
+        r.clients[1].handle(KeyDirectory(d.entries[1:]))
+    text = str(caught.value)
+    for entry in d.entries:
+        assert entry.masking_public_key.hex()[:8] not in text
+    assert r.clients[1]._self_mask_seed == b""

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from secagg.hazmat.prg import MaskExpander, expand
+
+SEED = bytes(range(32))
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+@pytest.mark.parametrize("start", [0, 1, 3, 4, 37, 1000])
+def test_any_range_regenerates_alone(bits: int, start: int) -> None:
+    whole = expand(SEED, 2000, word_bits=bits)
+    part = expand(SEED, 500, word_bits=bits, start_word=start)
+    np.testing.assert_array_equal(part, whole[start : start + 500])
+
+
+def test_masks_differ_per_seed_and_look_uniform() -> None:
+    a = expand(SEED, 100_000)
+    b = expand(bytes(32), 100_000)
+    assert not np.array_equal(a, b)
+    # each of the 32 bits is set about half the time
+    bits = np.unpackbits(a.view(np.uint8)).reshape(-1, 32).mean(axis=0)
+    assert np.all(np.abs(bits - 0.5) < 0.01)
+
+
+def test_add_then_subtract_is_identity_and_wraps() -> None:
+    target = np.arange(10, dtype=np.uint32)
+    expander = MaskExpander(10)
+    expander.add_to(target, SEED)
+    assert not np.array_equal(target, np.arange(10))
+    expander.subtract_from(target, SEED)
+    np.testing.assert_array_equal(target, np.arange(10))
+    assert expander.bytes_generated == 80
+
+
+@pytest.mark.parametrize("seed", [b"", bytes(16), bytes(31), bytes(33)])
+def test_refuses_short_or_long_seed(seed: bytes) -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        expand(seed, 4)
+
+
+def test_refuses_bad_sizes() -> None:
+    with pytest.raises(ValueError, match="length"):
+        MaskExpander(-1)
+    with pytest.raises(ValueError, match="word_bits"):
+        MaskExpander(4, word_bits=16)
