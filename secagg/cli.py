@@ -1,4 +1,4 @@
-"""The ``secagg`` command: ``secagg demo`` and ``secagg bench masking``."""
+"""The ``secagg`` command: ``secagg demo`` and ``secagg bench {masking,ckks}``."""
 
 from __future__ import annotations
 
@@ -68,10 +68,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from secagg.bench.masking import run
+    if args.protocol == "masking":
+        from secagg.bench.masking import run
 
-    out = run(args.clients, args.params, args.dropout, args.neighbors, args.threshold,
-              args.seed, quiet=args.json)
+        out = run(args.clients, args.params, args.dropout, args.neighbors, args.threshold,
+                  args.seed, quiet=args.json)
+    else:
+        from secagg.bench.ckks import run as run_ckks
+
+        out = run_ckks(args.clients, args.params, args.preset, args.seeded, quiet=args.json)
     if args.json:
         print(json.dumps(out))
     else:
@@ -101,7 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     masking.add_argument("--threshold", type=_positive, default=None)
     masking.add_argument("--seed", type=int, default=1)
     masking.add_argument("--json", action="store_true")
-    masking.set_defaults(func=_bench)
+    ckks = bench_sub.add_parser("ckks")
+    ckks.add_argument("--clients", type=_positive, default=100)
+    ckks.add_argument("--params", type=_positive, default=1_000_000)
+    ckks.add_argument("--preset", default="add-only-4096")
+    ckks.add_argument("--seeded", action="store_true",
+                      help="sites hold the secret key: seeded symmetric ciphertexts")
+    ckks.add_argument("--json", action="store_true")
+    for p in (masking, ckks):
+        p.set_defaults(func=_bench)
     return parser
 
 

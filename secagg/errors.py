@@ -31,6 +31,30 @@ class InvalidMessage(SecAggError):
         super().__init__(f"invalid {what}")
 
 
+class RefusalReason(enum.Enum):
+    """Why a well-formed message was refused (CKKS uploads, contexts)."""
+
+    REFUSAL_REASON_UNSPECIFIED = 0
+    WRONG_ROUND = 1
+    WRONG_KEY_ID = 2
+    UNKNOWN_SITE = 3
+    DUPLICATE_SITE = 4
+    WRONG_SHAPE = 5
+    CONTEXT_HAS_SECRET_KEY = 6
+    WRONG_STAGE = 7
+
+
+class RefusedMessage(SecAggError):
+    """A well-formed message that does not belong here (wrong round, wrong key, ...).
+
+    Unlike :class:`InvalidMessage` it says why: none of these reasons helps an attacker forge.
+    """
+
+    def __init__(self, reason: RefusalReason, detail: str = "") -> None:
+        self.reason = reason
+        super().__init__(reason.name if not detail else f"{reason.name}: {detail}")
+
+
 class AbortReason(enum.Enum):
     """Why a role moved its round to the aborted state. One value per distinct refusal."""
 

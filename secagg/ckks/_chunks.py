@@ -1,0 +1,62 @@
+"""Encrypting rows of slots into serialised ciphertexts, in this process or in workers.
+
+TenSEAL's bindings hold the GIL and are single-threaded, so parallel encryption means several
+processes; each gets the context as bytes over a pipe (never a file) and encrypts a block of
+rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from tenseal import sealapi
+
+from secagg.ckks import _seal
+
+
+class ChunkEncryptor:
+    """Encode + encrypt + serialise rows. ``secret_key`` given: seeded symmetric encryption."""
+
+    def __init__(self, seal_context: Any, scale: float, *, public_key: Any = None,
+                 secret_key: Any = None) -> None:
+        if (public_key is None) == (secret_key is None):
+            raise ValueError("give exactly one of public_key and secret_key")
+        self._context = seal_context
+        self._scale = scale
+        self._encoder = sealapi.CKKSEncoder(seal_context)
+        self._seeded = secret_key is not None
+        self._encryptor = sealapi.Encryptor(seal_context, secret_key if self._seeded
+                                            else public_key)
+
+    def encrypt_row(self, row: np.ndarray) -> bytes:
+        plain = sealapi.Plaintext()
+        self._encoder.encode(row, self._scale, plain)
+        if self._seeded:
+            # The Serializable form keeps the second polynomial as a PRNG seed: half the bytes.
+            return _seal.save_bytes(self._encryptor.encrypt_symmetric(plain))
+        ct = sealapi.Ciphertext(self._context)
+        self._encryptor.encrypt(plain, ct)
+        return _seal.save_bytes(ct)
+
+
+_worker: ChunkEncryptor | None = None
+
+
+def worker_init(context_bytes: bytes, seeded: bool) -> None:
+    """Process-pool initialiser: load the context this worker encrypts under."""
+    import tenseal as ts
+
+    global _worker
+    context = ts.context_from(context_bytes)
+    seal_context = context.seal_context().data
+    scale = context.global_scale
+    if seeded:
+        _worker = ChunkEncryptor(seal_context, scale, secret_key=context.secret_key().data)
+    else:
+        _worker = ChunkEncryptor(seal_context, scale, public_key=context.public_key().data)
+
+
+def worker_encrypt(rows: np.ndarray) -> list[bytes]:
+    assert _worker is not None, "worker_init did not run"
+    return [_worker.encrypt_row(r) for r in rows]

@@ -1,0 +1,205 @@
+"""CKKS key ceremony: who holds the secret key, what the aggregator gets, how keys travel.
+
+- A key-holding site generates the context (:meth:`KeyHolder.generate`).
+- The aggregator and non-holding sites get :meth:`KeyHolder.public_context`: parameters and the
+  public key only. :meth:`PublicContext.load` refuses a context that carries a secret key.
+- The secret context goes to each other key holder sealed to that holder's X25519 key
+  (:meth:`KeyHolder.seal_for`): ephemeral X25519, HKDF-SHA256, AES-256-GCM with associated
+  data binding key id, sender and recipient, and the sender's Ed25519 signature over it all.
+  It exists in the clear only in memory; it is never written to a file.
+- Every context has a ``key_id``: SHA-256 over the preset and the public key. Uploads are bound
+  to it, because TenSEAL adds ciphertexts made under different keys into garbage silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import tenseal as ts
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from secagg._encoding import digest, encode
+from secagg.ckks import _seal
+from secagg.ckks.presets import DEFAULT_PRESET, PRESETS, Preset, get_preset
+from secagg.errors import ConfigurationError, InvalidMessage, RefusalReason, RefusedMessage
+from secagg.hazmat import aead, signing
+from secagg.hazmat.key_agreement import AgreementKey, derive_pair_key, exchange
+
+
+def _key_id(preset: Preset, public_key: Any) -> bytes:
+    return digest("ckks-key-id", preset.poly_modulus_degree,
+                  list(preset.coeff_mod_bit_sizes), preset.scale_bits,
+                  _seal.save_bytes(public_key))
+
+
+def _preset_of(context: ts.Context) -> Preset:
+    parms = context.seal_context().data.key_context_data().parms()
+    bits = tuple(m.bit_count() for m in parms.coeff_modulus())
+    n = parms.poly_modulus_degree()
+    scale_bits = round(context.global_scale).bit_length() - 1
+    for preset in PRESETS.values():
+        if (preset.poly_modulus_degree, preset.coeff_mod_bit_sizes, preset.scale_bits) == (
+                n, bits, scale_bits):
+            return preset
+    return Preset("custom", n, bits, scale_bits)  # validated: an unsafe one raises
+
+
+class PublicContext:
+    """CKKS parameters and public key: enough to encrypt (public-key mode) and to add."""
+
+    def __init__(self, context: ts.Context) -> None:
+        if context.has_secret_key():
+            raise RefusedMessage(RefusalReason.CONTEXT_HAS_SECRET_KEY)
+        self._context = context
+        self.preset = _preset_of(context)
+        self.key_id = _key_id(self.preset, context.public_key().data)
+
+    @classmethod
+    def load(cls, data: bytes) -> PublicContext:
+        """Parse a public context; refuse one that carries a secret key or unsafe parameters."""
+        try:
+            context = ts.context_from(data)
+        except Exception:  # TenSEAL raises bare C++ errors on garbage
+            raise InvalidMessage("context") from None
+        return cls(context)
+
+    @property
+    def seal_context(self) -> Any:
+        return self._context.seal_context().data
+
+    @property
+    def public_key(self) -> Any:
+        return self._context.public_key().data
+
+    def serialize(self) -> bytes:
+        return bytes(self._context.serialize(save_public_key=True, save_secret_key=False,
+                                             save_galois_keys=False, save_relin_keys=False))
+
+    def __repr__(self) -> str:
+        return f"PublicContext(preset={self.preset.name!r}, key_id={self.key_id.hex()[:16]})"
+
+
+@dataclass(frozen=True)
+class SealedSecretContext:
+    """The secret context, sealed from one key holder to another."""
+
+    key_id: bytes
+    sender: int
+    recipient: int
+    ephemeral_public_key: bytes
+    ciphertext: bytes
+    signature: bytes
+
+    def signed_bytes(self) -> bytes:
+        return encode("sealed-secret-context", self._associated_data(), self.ephemeral_public_key,
+                      digest("ct", self.ciphertext))
+
+    def _associated_data(self) -> bytes:
+        return _envelope_ad(self.key_id, self.sender, self.recipient)
+
+
+def _envelope_ad(key_id: bytes, sender: int, recipient: int) -> bytes:
+    return encode("secret-context", key_id, sender, recipient)
+
+
+class KeyHolder:
+    """A party that holds the CKKS secret key. repr redacts; pickling refuses.
+
+    The secret leaves this object only sealed to another holder (:meth:`seal_for`) or, as
+    bytes, through :meth:`export_secret_context` for handing to a worker process over a pipe.
+    """
+
+    def __init__(self, context: ts.Context) -> None:
+        if not context.has_secret_key():
+            raise ValueError("a KeyHolder needs a context with a secret key")
+        self._context = context
+        self.preset = _preset_of(context)
+        self.key_id = _key_id(self.preset, context.public_key().data)
+
+    @classmethod
+    def generate(cls, preset: Preset | str = DEFAULT_PRESET) -> KeyHolder:
+        p = get_preset(preset) if isinstance(preset, str) else preset
+        context = ts.context(ts.SCHEME_TYPE.CKKS, p.poly_modulus_degree,
+                             coeff_mod_bit_sizes=list(p.coeff_mod_bit_sizes))
+        context.global_scale = p.scale
+        return cls(context)
+
+    @property
+    def seal_context(self) -> Any:
+        return self._context.seal_context().data
+
+    @property
+    def secret_key(self) -> Any:
+        return self._context.secret_key().data
+
+    @property
+    def public_key(self) -> Any:
+        return self._context.public_key().data
+
+    def public_context(self) -> PublicContext:
+        """What the aggregator and the other sites get: parameters and public key only."""
+        public = self._context.copy()
+        public.make_context_public(generate_galois_keys=False, generate_relin_keys=False)
+        return PublicContext(public)
+
+    def export_secret_context(self) -> bytes:
+        """The secret context as bytes. Hazardous: for in-memory hand-off to worker processes."""
+        return bytes(self._context.serialize(save_public_key=True, save_secret_key=True,
+                                             save_galois_keys=False, save_relin_keys=False))
+
+    @classmethod
+    def from_secret_context(cls, data: bytes) -> KeyHolder:
+        try:
+            context = ts.context_from(data)
+        except Exception:
+            raise InvalidMessage("context") from None
+        return cls(context)
+
+    def seal_for(self, *, sender: int, sender_identity: signing.IdentityKey, recipient: int,
+                 recipient_public_key: bytes) -> SealedSecretContext:
+        """Seal the secret context to ``recipient``'s X25519 public key."""
+        ephemeral = X25519PrivateKey.generate()
+        shared = exchange(ephemeral, recipient_public_key)
+        key = derive_pair_key(shared, session_id=self.key_id, purpose="secret-context",
+                              site_a=sender, site_b=recipient)
+        blob = aead.seal(key, self.export_secret_context(),
+                         _envelope_ad(self.key_id, sender, recipient))
+        unsigned = SealedSecretContext(self.key_id, sender, recipient,
+                                       ephemeral.public_key().public_bytes_raw(), blob, b"")
+        return SealedSecretContext(
+            self.key_id, sender, recipient, unsigned.ephemeral_public_key, blob,
+            sender_identity.sign(unsigned.signed_bytes()))
+
+    @classmethod
+    def open_sealed(cls, sealed: SealedSecretContext, *, recipient: int,
+                    recipient_key: AgreementKey, sender_identity_public_key: bytes,
+                    expected_key_id: bytes) -> KeyHolder:
+        """Open a sealed secret context. Any tampering is the opaque :class:`InvalidMessage`."""
+        if sealed.recipient != recipient or sealed.key_id != expected_key_id:
+            raise InvalidMessage("sealed secret context")
+        signing.verify(sender_identity_public_key, sealed.signature, sealed.signed_bytes())
+        shared = recipient_key.exchange(sealed.ephemeral_public_key)
+        key = derive_pair_key(shared, session_id=sealed.key_id, purpose="secret-context",
+                              site_a=sealed.sender, site_b=recipient)
+        plain = aead.open_sealed(key, sealed.ciphertext,
+                                 _envelope_ad(sealed.key_id, sealed.sender, recipient))
+        holder = cls.from_secret_context(plain)
+        if holder.key_id != expected_key_id:
+            raise InvalidMessage("sealed secret context")
+        return holder
+
+    def __repr__(self) -> str:
+        return (f"KeyHolder(preset={self.preset.name!r}, key_id={self.key_id.hex()[:16]}, "
+                "secret_key=<redacted>)")
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("KeyHolder holds a secret key and cannot be pickled")
+
+
+def require_same_key(expected: bytes, got: bytes) -> None:
+    if expected != got:
+        raise RefusedMessage(RefusalReason.WRONG_KEY_ID)
+
+
+__all__ = ["ConfigurationError", "KeyHolder", "PublicContext", "SealedSecretContext"]

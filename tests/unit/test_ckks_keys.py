@@ -1,0 +1,94 @@
+"""Key ceremony: the secret context travels sealed; the public context carries no secret."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import replace
+
+import pytest
+
+from secagg.ckks import KeyHolder, PublicContext, decrypt_aggregate
+from secagg.errors import InvalidMessage
+from secagg.hazmat.key_agreement import AgreementKey
+from secagg.hazmat.signing import IdentityKey
+from tests.ckks_kit import CkksRound
+
+
+@pytest.fixture(scope="module")
+def holder() -> KeyHolder:
+    return KeyHolder.generate()
+
+
+def _sealed(holder: KeyHolder):  # type: ignore[no-untyped-def]
+    sender_identity = IdentityKey.generate()
+    recipient_key = AgreementKey.generate()
+    sealed = holder.seal_for(sender=1, sender_identity=sender_identity, recipient=2,
+                             recipient_public_key=recipient_key.public_bytes)
+    return sealed, sender_identity, recipient_key
+
+
+def test_sealed_secret_context_round_trip_gives_a_working_key_holder() -> None:
+    r = CkksRound(sites=3, vector_length=50)
+    sealed, ident, rkey = _sealed(r.holder)
+    other = KeyHolder.open_sealed(sealed, recipient=2, recipient_key=rkey,
+                                  sender_identity_public_key=ident.public_bytes,
+                                  expected_key_id=r.holder.key_id)
+    assert other.key_id == r.holder.key_id
+    for s in r.roster:
+        r.server.handle(r.client(s).start())
+    aggregate = r.server.close_stage()[1]
+    ws, w = decrypt_aggregate(other, r.config, aggregate)
+    exact_ws, exact_w = r.expected()
+    assert abs(w - exact_w) < 1e-6 and float(abs(ws - exact_ws).max()) < 1e-6
+
+
+def test_sealed_context_does_not_contain_the_secret_in_the_clear(holder: KeyHolder) -> None:
+    sealed, _, _ = _sealed(holder)
+    secret = holder.export_secret_context()
+    assert secret[:64] not in sealed.ciphertext and secret[-64:] not in sealed.ciphertext
+
+
+@pytest.mark.parametrize("field", ["ciphertext", "ephemeral_public_key", "sender", "recipient",
+                                   "key_id", "signature"])
+def test_tampering_with_the_sealed_context_is_detected(holder: KeyHolder, field: str) -> None:
+    sealed, ident, rkey = _sealed(holder)
+    value = getattr(sealed, field)
+    if isinstance(value, int):
+        tampered = replace(sealed, **{field: value + 1})
+    else:
+        flipped = bytearray(value)
+        flipped[len(flipped) // 2] ^= 1
+        tampered = replace(sealed, **{field: bytes(flipped)})
+    with pytest.raises(InvalidMessage):
+        KeyHolder.open_sealed(tampered, recipient=2, recipient_key=rkey,
+                              sender_identity_public_key=ident.public_bytes,
+                              expected_key_id=holder.key_id)
+
+
+def test_sealed_context_opens_only_for_its_recipient(holder: KeyHolder) -> None:
+    sealed, ident, _ = _sealed(holder)
+    with pytest.raises(InvalidMessage):
+        KeyHolder.open_sealed(sealed, recipient=2, recipient_key=AgreementKey.generate(),
+                              sender_identity_public_key=ident.public_bytes,
+                              expected_key_id=holder.key_id)
+    with pytest.raises(InvalidMessage):  # signed by someone else than the claimed sender
+        KeyHolder.open_sealed(sealed, recipient=2, recipient_key=AgreementKey.generate(),
+                              sender_identity_public_key=IdentityKey.generate().public_bytes,
+                              expected_key_id=holder.key_id)
+
+
+def test_key_id_is_stable_across_serialisation_and_differs_per_key(holder: KeyHolder) -> None:
+    public = PublicContext.load(holder.public_context().serialize())
+    assert public.key_id == holder.key_id
+    assert KeyHolder.generate().key_id != holder.key_id
+
+
+def test_key_holder_redacts_and_refuses_pickling(holder: KeyHolder) -> None:
+    assert "redacted" in repr(holder)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(holder)
+
+
+def test_garbage_context_bytes_are_a_clear_error() -> None:
+    with pytest.raises(InvalidMessage):
+        PublicContext.load(b"\x00" * 100)
