@@ -48,3 +48,34 @@ def test_bad_arguments_give_a_usage_error_not_a_traceback(
 def test_unsafe_configuration_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "masking", "--clients", "10", "--params", "10", "--threshold", "3"]) == 2
     assert "threshold must be in" in capsys.readouterr().err
+
+
+def test_ckks_demo_releases_an_average_close_to_plaintext(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["demo", "--protocol", "ckks", "--sites", "4", "--params", "3000"]) == 0
+    out = capsys.readouterr().out
+    assert "no secret key" in out and "sealed to it" in out
+    err = float(out.split("plaintext average| = ")[1].split(";")[0])
+    assert err < 1e-5
+
+
+def test_bench_ckks_prints_ours_and_nvflare_figures_as_clean_json() -> None:
+    proc = subprocess.run(
+        # 6143 values + the weight fill exactly 3 chunks of 2048 slots: no padding in the figure
+        [sys.executable, "-m", "secagg.cli", "bench", "ckks", "--clients", "3", "--params",
+         "6143", "--seeded", "--json"],
+        capture_output=True, text=True, check=True, timeout=300,
+    )
+    out = json.loads(proc.stdout)  # TenSEAL's warnings must not reach stdout
+    for key in ("bytes_per_value", "encrypt_s", "aggregate_s", "decrypt_s", "max_abs_error"):
+        assert key in out and key in out["nvflare_default"]
+        if key != "max_abs_error":
+            assert out[f"{key}_ratio_vs_nvflare"] == pytest.approx(
+                out[key] / out["nvflare_default"][key])
+    assert out["bytes_per_value"] <= 15 and out["max_abs_error"] < 1e-6
+
+
+def test_bench_ckks_unknown_preset_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "ckks", "--clients", "3", "--params", "10", "--preset", "nope"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
