@@ -7,8 +7,10 @@ the same bytes. A domain label and format version lead every encoding.
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 FORMAT_VERSION = b"secagg/v1"
 
@@ -38,3 +40,38 @@ def encode(label: str, *fields: bytes | str | int | Iterable[int]) -> bytes:
 def digest(label: str, *fields: bytes | str | int | Iterable[int]) -> bytes:
     """SHA-256 over :func:`encode`."""
     return hashlib.sha256(encode(label, *fields)).digest()
+
+
+PAYLOAD_CHUNK_BYTES = 1 << 20
+_PARALLEL_MIN_BYTES = 2 * PAYLOAD_CHUNK_BYTES
+_hash_pool: ThreadPoolExecutor | None = None
+
+
+def _sha256(data: memoryview | bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _digests(parts: Sequence[memoryview | bytes]) -> list[bytes]:
+    """SHA-256 of each part; large totals on two threads (hashlib releases the GIL)."""
+    global _hash_pool
+    if sum(len(p) for p in parts) < _PARALLEL_MIN_BYTES or len(parts) < 2:
+        return [_sha256(p) for p in parts]
+    if _hash_pool is None:
+        _hash_pool = ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1),
+                                        thread_name_prefix="secagg-hash")
+    return list(_hash_pool.map(_sha256, parts))
+
+
+def payload_digest(data: bytes | bytearray | memoryview) -> bytes:
+    """The digest signed for a bulk payload: SHA-256 over its length and the SHA-256 of each
+    1 MiB chunk. A streaming receiver computes it chunk by chunk as the chunks arrive; here
+    large payloads hash their chunks on two threads."""
+    view = memoryview(data).cast("B")
+    n = len(view)
+    parts = [view[i : i + PAYLOAD_CHUNK_BYTES] for i in range(0, n, PAYLOAD_CHUNK_BYTES)]
+    return digest("payload", n, b"".join(_digests(parts)))
+
+
+def parts_digest(parts: Sequence[bytes]) -> bytes:
+    """The digest signed for a payload sent as a sequence of parts (e.g. ciphertext chunks)."""
+    return digest("parts", len(parts), b"".join(_digests(parts)))

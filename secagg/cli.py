@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -128,7 +129,7 @@ def _bench(args: argparse.Namespace) -> int:
         from secagg.bench.masking import run
 
         out = run(args.clients, args.params, args.dropout, args.neighbors, args.threshold,
-                  args.seed, quiet=args.json)
+                  args.seed, quiet=args.json, workers=args.workers)
     else:
         from secagg.bench.ckks import run as run_ckks
 
@@ -162,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     masking.add_argument("--neighbors", type=_positive, default=None)
     masking.add_argument("--threshold", type=_positive, default=None)
     masking.add_argument("--seed", type=int, default=1)
+    masking.add_argument("--workers", type=_positive, default=min(2, os.cpu_count() or 1),
+                         help="processes sharing mask expansion (default: cores, at most 2)")
     masking.add_argument("--json", action="store_true")
     ckks = bench_sub.add_parser("ckks")
     ckks.add_argument("--clients", type=_positive, default=100)

@@ -7,14 +7,13 @@ Layout: ``[weight * clip(update), weight]`` packed into ciphertext chunks of ``s
 from __future__ import annotations
 
 import enum
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
-from secagg._encoding import digest, encode
+from secagg._encoding import digest, encode, parts_digest
 from secagg.ckks.presets import DEFAULT_PRESET, Preset, get_preset
 from secagg.errors import ConfigurationError
 from secagg.hazmat import signing
@@ -132,14 +131,6 @@ class CkksRoundConfig:
         return out.reshape(self.chunk_count, self.preset_params.slots)
 
 
-def chunks_digest(chunks: Sequence[bytes]) -> bytes:
-    h = hashlib.sha256(len(chunks).to_bytes(8, "big"))
-    for c in chunks:
-        h.update(len(c).to_bytes(8, "big"))
-        h.update(c)
-    return h.digest()
-
-
 @dataclass(frozen=True)
 class EncryptedUpdate:
     """One site's weighted update as CKKS ciphertext chunks, bound to round and key."""
@@ -155,7 +146,7 @@ class EncryptedUpdate:
     def signed_bytes(params_digest: bytes, site_id: int, key_id: bytes, seeded: bool,
                      chunks: Sequence[bytes]) -> bytes:
         return encode("ckks-update", params_digest, site_id, key_id, int(seeded),
-                      chunks_digest(chunks))
+                      parts_digest(chunks))
 
     @property
     def nbytes(self) -> int:

@@ -13,6 +13,9 @@ no per-call allocation of mask-sized arrays.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -98,3 +101,120 @@ class MaskExpander:
 def expand(seed: bytes, length: int, *, word_bits: int = 32, start_word: int = 0) -> np.ndarray:
     """The ``length`` mask words for ``seed`` starting at word ``start_word``."""
     return MaskExpander(length, word_bits=word_bits, start_word=start_word).words(seed)
+
+
+MaskTerm = tuple[bytes, int]  # (seed, +1 to add its mask or -1 to subtract it)
+
+
+def _apply_range(expander: MaskExpander, target: np.ndarray, terms: Sequence[MaskTerm]) -> None:
+    for seed, sign in terms:
+        if sign > 0:
+            expander.add_to(target, seed)
+        else:
+            expander.subtract_from(target, seed)
+
+
+def apply_masks(target: np.ndarray, terms: Sequence[MaskTerm], *, word_bits: int = 32,
+                splitter: RangeSplitMasker | None = None) -> int:
+    """``target += sum(sign * mask(seed))`` modulo 2**bits; returns keystream bytes generated.
+
+    With a :class:`RangeSplitMasker` for this length, the index range is shared between this
+    process and the splitter's workers.
+    """
+    if splitter is not None and splitter.length == target.shape[0] and len(terms) > 1:
+        return splitter.apply(target, terms)
+    expander = MaskExpander(target.shape[0], word_bits=word_bits)
+    _apply_range(expander, target, terms)
+    return expander.bytes_generated
+
+
+# ---- splitting the index range over processes --------------------------------------------
+#
+# cryptography's AES holds the GIL, so threads cannot share the keystream work; processes can.
+# Because the stream is seekable, each process expands every seed over its own index range,
+# writing its combined mask into shared memory: no vector crosses a pipe, only the seeds. The
+# seeds are the caller's own secrets handed to its own worker processes (never logged).
+
+_worker_state: dict[str, Any] = {}
+
+
+def _worker_attach(shm_name: str, word_bits: int) -> None:
+    from multiprocessing import shared_memory
+
+    # The parent owns and unlinks the segment. A spawned worker shares the parent's resource
+    # tracker, where registering the same name again is a no-op, so attaching is all we do.
+    shm = shared_memory.SharedMemory(name=shm_name)
+    _worker_state.update(shm=shm, word_bits=word_bits, expanders={})
+
+
+def _worker_combined(terms: Sequence[MaskTerm], start_word: int, length: int,
+                     shm_offset: int) -> int:
+    word_bits = _worker_state["word_bits"]
+    dtype = np.dtype(word_dtype(word_bits)).newbyteorder("<")
+    out = np.ndarray((length,), dtype=dtype, buffer=_worker_state["shm"].buf,
+                     offset=shm_offset * dtype.itemsize)
+    key = (start_word, length)
+    expanders: dict[tuple[int, int], MaskExpander] = _worker_state["expanders"]
+    if key not in expanders:
+        expanders[key] = MaskExpander(length, word_bits=word_bits, start_word=start_word)
+    expander = expanders[key]
+    before = expander.bytes_generated
+    out[:] = 0
+    _apply_range(expander, out, terms)
+    return expander.bytes_generated - before
+
+
+class RangeSplitMasker:
+    """Applies masks to vectors of one ``length``, splitting the index range over
+    ``processes`` processes (this one included). Start once, reuse for every site and round
+    of that length; close it (or use it as a context manager) when done."""
+
+    def __init__(self, length: int, *, word_bits: int = 32, processes: int = 2) -> None:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context, shared_memory
+
+        if processes < 2:
+            raise ValueError(f"processes must be >= 2 to split, got {processes}")
+        if length < processes:
+            raise ValueError(f"length must be >= processes, got {length}")
+        self.length = length
+        self.word_bits = word_bits
+        self._dtype = np.dtype(word_dtype(word_bits)).newbyteorder("<")
+        # equal ranges, each starting on a 16-byte block boundary
+        per_block = _BLOCK // self._dtype.itemsize
+        step = -(-length // processes // per_block) * per_block
+        self._bounds = [min(i * step, length) for i in range(processes)] + [length]
+        self._local = MaskExpander(self._bounds[1], word_bits=word_bits)
+        far = length - self._bounds[1]
+        self._shm = shared_memory.SharedMemory(create=True, size=max(1, far * self._dtype.itemsize))
+        self._far = np.ndarray((far,), dtype=self._dtype, buffer=self._shm.buf)
+        self._pool = ProcessPoolExecutor(
+            max_workers=processes - 1, mp_context=get_context("spawn"),
+            initializer=_worker_attach, initargs=(self._shm.name, word_bits))
+
+    def apply(self, target: np.ndarray, terms: Sequence[MaskTerm]) -> int:
+        if target.shape != (self.length,):
+            raise ValueError(f"target must have shape ({self.length},), got {target.shape}")
+        lo = self._bounds[1]
+        futures = [
+            self._pool.submit(_worker_combined, list(terms), start, end - start, start - lo)
+            for start, end in zip(self._bounds[1:-1], self._bounds[2:], strict=True)
+            if end > start
+        ]
+        before = self._local.bytes_generated
+        _apply_range(self._local, target[:lo], terms)
+        generated = self._local.bytes_generated - before + sum(f.result() for f in futures)
+        np.add(target[lo:], self._far, out=target[lo:])
+        return generated
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        del self._far
+        self._shm.close()
+        self._shm.unlink()
+
+    def __enter__(self) -> RangeSplitMasker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -83,23 +83,31 @@ class Quantizer:
         weight = float(weight)
         if not (np.isfinite(weight) and 0 < weight <= self.max_weight):
             raise ValueError(f"weight must be in (0, {self.max_weight}], got {weight}")
+        # Work in units of 2**-f steps, f chosen so every value stays below 2**52: adding an
+        # f-bit uniform integer and flooring is then exact float arithmetic.
+        f = min(32, max(0, 52 - self.levels.bit_length()))
+        unit = 2.0**f
+        u_scale = weight * self.update_scale * unit
+        offset = self.update_range * self.update_scale * unit
+        half_width = self.clip * weight * self.update_scale * unit
         scaled = np.empty(update.shape[0] + 1, dtype=np.float64)
-        # (clip(x) * w + R) * s, folded into two in-place passes
-        np.clip(update, -self.clip, self.clip, out=scaled[:-1])
-        scaled[:-1] *= weight * self.update_scale
-        scaled[:-1] += self.update_range * self.update_scale
-        scaled[-1] = weight * self.weight_scale
-        return self._stochastic_round(scaled)
+        np.multiply(update, u_scale, out=scaled[:-1])
+        scaled[:-1] += offset
+        # clipping after scaling == clipping the update to [-clip, clip] (weight > 0)
+        np.clip(scaled[:-1], offset - half_width, offset + half_width, out=scaled[:-1])
+        scaled[-1] = weight * self.weight_scale * unit
+        return self._stochastic_round(scaled, f)
 
-    def _stochastic_round(self, scaled: np.ndarray) -> np.ndarray:
-        """floor(x + u), u uniform in [0, 1): rounds up with probability frac(x), so E = x.
-
-        The result is within one step of x whatever float rounding does to x + u.
-        """
+    def _stochastic_round(self, scaled: np.ndarray, f: int) -> np.ndarray:
+        """floor(x + u), u uniform on the 2**-f grid in [0, 1): rounds up with probability
+        frac(x) (to within 2**-f), so the result is unbiased and within one step of x."""
         uniforms = MaskExpander(scaled.shape[0], word_bits=32).view(os.urandom(32))
-        scaled += uniforms * 2.0**-32
+        if f < 32:
+            np.right_shift(uniforms, 32 - f, out=uniforms)
+        np.add(scaled, uniforms, out=scaled)
+        scaled *= 2.0**-f
         np.floor(scaled, out=scaled)
-        np.clip(scaled, 0, self.levels, out=scaled)
+        np.minimum(scaled, self.levels, out=scaled)  # float rounding at the very top
         return scaled.astype(word_dtype(self.word_bits))
 
     def decode_sum(self, summed: np.ndarray, n_summed: int) -> tuple[np.ndarray, float]:

@@ -28,7 +28,7 @@ import numpy as np
 from secagg.errors import AbortReason, InvalidMessage, PreconditionError, ProtocolAbort
 from secagg.hazmat import aead, shamir, signing
 from secagg.hazmat.key_agreement import PUBLIC_KEY_BYTES, AgreementKey
-from secagg.hazmat.prg import SEED_BYTES, MaskExpander
+from secagg.hazmat.prg import SEED_BYTES, MaskTerm, RangeSplitMasker, apply_masks
 from secagg.masking import _common
 from secagg.masking.config import RoundConfig
 from secagg.masking.messages import (
@@ -64,6 +64,8 @@ class MaskingClient:
         site_id: int,
         identity: signing.IdentityKey,
         model_input: tuple[np.ndarray, float] | InputProvider,
+        *,
+        splitter: RangeSplitMasker | None = None,
     ) -> None:
         if site_id not in config.roster:
             raise ValueError(f"site_id {site_id} is not on the round's roster")
@@ -73,6 +75,7 @@ class MaskingClient:
         self.site_id = site_id
         self._identity = identity
         self._input = model_input
+        self._splitter = splitter
         self.stage = Stage.ADVERTISE_KEYS
         self.abort_reason: AbortReason | None = None
         self.mask_keystream_bytes = 0
@@ -207,17 +210,15 @@ class MaskingClient:
                 f"got {np.asarray(update).shape}"
             )
         masked = self.config.quantizer.encode(update, weight)
-        expander = MaskExpander(masked.shape[0], word_bits=self.config.word_bits)
-        expander.add_to(masked, self._self_mask_seed)
+        terms: list[MaskTerm] = [(self._self_mask_seed, 1)]
         for peer in sorted(senders):
             seed = _common.pairwise_seed(
                 self._masking_key.exchange(self._directory[peer].masking_public_key),
                 self._session, self.site_id, peer)
-            if _common.mask_sign(self.site_id, peer) > 0:
-                expander.add_to(masked, seed)
-            else:
-                expander.subtract_from(masked, seed)
-        self.mask_keystream_bytes += expander.bytes_generated
+            terms.append((seed, _common.mask_sign(self.site_id, peer)))
+        self.mask_keystream_bytes += apply_masks(masked, terms, word_bits=self.config.word_bits,
+                                                 splitter=self._splitter)
+        del terms
         sig = self._sign(MaskedInput.signed_bytes(self._session, self.site_id, masked))
         self.stage = Stage.CONSISTENCY_CHECK
         return MaskedInput(self.site_id, masked, sig)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from secagg._encoding import encode
+from secagg._encoding import encode, payload_digest
 
 
 class Stage(enum.Enum):
@@ -69,7 +69,7 @@ class MaskedInput:
     @staticmethod
     def signed_bytes(session_id: bytes, site_id: int, masked: np.ndarray) -> bytes:
         data = np.ascontiguousarray(masked).data
-        return encode("masked-input", session_id, site_id, hashlib.sha256(data).digest())
+        return encode("masked-input", session_id, site_id, payload_digest(data))
 
 
 @dataclass(frozen=True)

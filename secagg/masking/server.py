@@ -21,7 +21,7 @@ import numpy as np
 from secagg.errors import AbortReason, InvalidMessage, PreconditionError, ProtocolAbort
 from secagg.hazmat import shamir, signing
 from secagg.hazmat.key_agreement import exchange, private_key_from_bytes
-from secagg.hazmat.prg import SEED_BYTES, MaskExpander, word_dtype
+from secagg.hazmat.prg import SEED_BYTES, MaskTerm, RangeSplitMasker, apply_masks, word_dtype
 from secagg.masking import _common
 from secagg.masking.config import RoundConfig
 from secagg.masking.messages import (
@@ -57,8 +57,10 @@ class AggregateResult:
 
 
 class MaskingServer:
-    def __init__(self, config: RoundConfig, listener: MetricsListener | None = None) -> None:
+    def __init__(self, config: RoundConfig, listener: MetricsListener | None = None, *,
+                 splitter: RangeSplitMasker | None = None) -> None:
         self.config = config
+        self._splitter = splitter
         self.stage = Stage.ADVERTISE_KEYS
         self.abort_reason: AbortReason | None = None
         self.result: AggregateResult | None = None
@@ -252,13 +254,13 @@ class MaskingServer:
 
     def _unmask(self) -> None:
         total = self._running_sum
-        expander = MaskExpander(total.shape[0], word_bits=self.config.word_bits)
+        terms: list[MaskTerm] = []
         for u in self._survivors:
             seed = self._reconstruct(u, "self_mask_shares")
             commitment = _common.self_mask_commitment(self._session, u, seed)
             if commitment != self._share_keys[u].self_mask_commitment:
                 raise ProtocolAbort(AbortReason.RECONSTRUCTION_FAILED, f"self mask of site {u}")
-            expander.subtract_from(total, seed)
+            terms.append((seed, -1))
         survivors = set(self._survivors)
         for v in sorted(set(self._share_keys) - survivors):
             private = private_key_from_bytes(self._reconstruct(v, "key_shares"))
@@ -270,11 +272,10 @@ class MaskingServer:
                 shared = exchange(private, self._advertised[u].masking_public_key)
                 seed = _common.pairwise_seed(shared, self._session, u, v)
                 # u applied mask_sign(u, v) * mask(seed); take it back out.
-                if _common.mask_sign(u, v) > 0:
-                    expander.subtract_from(total, seed)
-                else:
-                    expander.add_to(total, seed)
-        self.mask_keystream_bytes += expander.bytes_generated
+                terms.append((seed, -_common.mask_sign(u, v)))
+        # Every secret is reconstructed and checked before any mask is removed.
+        self.mask_keystream_bytes += apply_masks(total, terms, word_bits=self.config.word_bits,
+                                                 splitter=self._splitter)
         quantizer = self.config.quantizer
         n = len(self._survivors)
         weighted, weight_sum = quantizer.decode_sum(total, n)

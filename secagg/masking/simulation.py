@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from secagg.errors import ProtocolAbort
+from secagg.hazmat.prg import RangeSplitMasker
 from secagg.hazmat.signing import IdentityKey
 from secagg.masking.client import InputProvider, MaskingClient
 from secagg.masking.config import RoundConfig
@@ -49,16 +50,20 @@ def simulate_round(
     dropouts: Mapping[int, Stage] | None = None,
     listener: MetricsListener | None = None,
     progress: ProgressCallback | None = None,
+    splitter: RangeSplitMasker | None = None,
 ) -> SimulationReport:
     """Run one round. ``dropouts[site] = stage`` makes ``site`` go silent from ``stage`` on.
 
-    A round that aborts returns a report with ``abort`` set (and ``result`` None).
+    A round that aborts returns a report with ``abort`` set (and ``result`` None). A
+    ``splitter`` (for ``vector_length + 1`` words) shares mask expansion with its worker
+    processes; every role uses it in turn, as they run one after another here.
     """
     dropouts = dropouts or {}
     clients = {
-        s: MaskingClient(config, s, identities[s], inputs[s]) for s in config.sites
+        s: MaskingClient(config, s, identities[s], inputs[s], splitter=splitter)
+        for s in config.sites
     }
-    server = MaskingServer(config, listener)
+    server = MaskingServer(config, listener, splitter=splitter)
     report = SimulationReport(result=None, abort=None)
 
     def alive(site: int, stage: Stage) -> bool:

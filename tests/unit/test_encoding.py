@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from secagg._encoding import PAYLOAD_CHUNK_BYTES, digest, encode, parts_digest, payload_digest
+
+
+def test_encoding_is_unambiguous() -> None:
+    assert encode("l", b"ab", b"c") != encode("l", b"a", b"bc")
+    assert encode("l", b"ab") != encode("m", b"ab")
+    assert encode("l", [1, 2]) != encode("l", [1], [2])
+
+
+@pytest.mark.parametrize("size", [0, 1, PAYLOAD_CHUNK_BYTES - 1, PAYLOAD_CHUNK_BYTES,
+                                  PAYLOAD_CHUNK_BYTES + 1, 4 * PAYLOAD_CHUNK_BYTES + 17])
+def test_payload_digest_equals_the_streaming_computation(size: int) -> None:
+    data = os.urandom(size)
+    chunk_digests = b"".join(hashlib.sha256(data[i : i + PAYLOAD_CHUNK_BYTES]).digest()
+                             for i in range(0, size, PAYLOAD_CHUNK_BYTES))
+    assert payload_digest(data) == digest("payload", size, chunk_digests)
+
+
+def test_payload_digest_separates_inputs() -> None:
+    data = bytearray(os.urandom(3 * PAYLOAD_CHUNK_BYTES))
+    base = payload_digest(data)
+    data[2 * PAYLOAD_CHUNK_BYTES + 5] ^= 1
+    assert payload_digest(data) != base
+    assert payload_digest(bytes(10)) != payload_digest(bytes(11))
+    assert parts_digest([b"ab", b"c"]) != parts_digest([b"a", b"bc"])

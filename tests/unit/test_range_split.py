@@ -1,0 +1,60 @@
+"""Mask expansion split over processes gives exactly the single-process result."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from secagg.hazmat.prg import RangeSplitMasker, apply_masks
+from secagg.masking import RoundConfig, Stage, make_roster, simulate_round
+
+LENGTH = 10_007  # not a multiple of a block: the split must still land on block boundaries
+
+
+@pytest.fixture(scope="module")
+def splitter() -> Iterator[RangeSplitMasker]:
+    with RangeSplitMasker(LENGTH, processes=2) as s:
+        segment = f"/dev/shm/{s._shm.name.lstrip('/')}"  # noqa: S108 (checking it is gone)
+        assert os.path.exists(segment)
+        yield s
+    assert not os.path.exists(segment)  # closing unlinks the shared memory
+
+
+def test_split_equals_local_expansion(splitter: RangeSplitMasker) -> None:
+    terms = [(os.urandom(32), 1 if i % 3 else -1) for i in range(7)]
+    local = np.arange(LENGTH, dtype=np.uint32)
+    split = local.copy()
+    generated_local = apply_masks(local, terms)
+    generated_split = apply_masks(split, terms, splitter=splitter)
+    np.testing.assert_array_equal(local, split)
+    assert generated_local == generated_split == 7 * LENGTH * 4
+
+
+def test_splitter_is_reusable_and_refuses_other_lengths(splitter: RangeSplitMasker) -> None:
+    terms = [(os.urandom(32), 1), (os.urandom(32), -1)]
+    a = np.zeros(LENGTH, dtype=np.uint32)
+    apply_masks(a, terms, splitter=splitter)
+    apply_masks(a, [(s, -sign) for s, sign in terms], splitter=splitter)
+    assert not a.any()
+    with pytest.raises(ValueError, match="shape"):
+        splitter.apply(np.zeros(5, dtype=np.uint32), terms)
+
+
+def test_round_with_a_splitter_is_exact(splitter: RangeSplitMasker) -> None:
+    roster, identities = make_roster(5)
+    config = RoundConfig("split", roster, vector_length=LENGTH - 1)
+    rng = np.random.default_rng(0)
+    inputs = {s: (rng.uniform(-1, 1, LENGTH - 1), 0.5) for s in config.sites}
+    report = simulate_round(config, identities, inputs, dropouts={2: Stage.MASKED_INPUT},
+                            splitter=splitter)
+    assert report.result is not None
+    exact = sum(inputs[s][0] * 0.5 for s in report.result.survivors)
+    assert np.max(np.abs(report.result.weighted_sum - exact)) <= report.result.error_bound[0]
+
+
+def test_refuses_a_split_into_one_process() -> None:
+    with pytest.raises(ValueError, match="processes"):
+        RangeSplitMasker(100, processes=1)
