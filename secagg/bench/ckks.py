@@ -58,6 +58,18 @@ def _say(quiet: bool, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+def _figures(sizes: list[int], encrypt: list[float], aggregate: list[float], decrypt_s: float,
+             error: np.ndarray, params: int) -> dict[str, Any]:
+    """Per-site medians, bytes per value, and the max abs error of the decrypted sum."""
+    return {
+        "bytes_per_value": statistics.mean(sizes) / params,
+        "encrypt_s": statistics.median(encrypt),
+        "aggregate_s": statistics.median(aggregate),
+        "decrypt_s": decrypt_s,
+        "max_abs_error": float(np.max(np.abs(error))),
+    }
+
+
 def run_ours(clients: int, params: int, preset: str, seeded: bool, quiet: bool,
              inputs: list[tuple[np.ndarray, float]]) -> dict[str, Any]:
     roster, identities = make_roster(clients)
@@ -87,11 +99,7 @@ def run_ours(clients: int, params: int, preset: str, seeded: bool, quiet: bool,
     exact = sum(u * w for u, w in inputs)
     weights = sum(w for _, w in inputs)
     return {
-        "bytes_per_value": statistics.mean(sizes) / params,
-        "encrypt_s": statistics.median(encrypt),
-        "aggregate_s": statistics.median(aggregate),
-        "decrypt_s": decrypt_s,
-        "max_abs_error": float(np.max(np.abs(weighted - exact))),
+        **_figures(sizes, encrypt, aggregate, decrypt_s, weighted - exact, params),
         "released_average_max_abs_error": float(np.max(np.abs(released.average - exact / weights))),
         "release_grid": released.grid,
     }
@@ -123,13 +131,7 @@ def run_flare(clients: int, params: int, quiet: bool,
     decrypted = np.array(total.decrypt())
     decrypt_s = time.perf_counter() - t0
     exact = sum(u * w for u, w in inputs)
-    return {
-        "bytes_per_value": statistics.mean(sizes) / params,
-        "encrypt_s": statistics.median(encrypt),
-        "aggregate_s": statistics.median(aggregate),
-        "decrypt_s": decrypt_s,
-        "max_abs_error": float(np.max(np.abs(decrypted - exact))),
-    }
+    return _figures(sizes, encrypt, aggregate, decrypt_s, decrypted - exact, params)
 
 
 def run(clients: int, params: int, preset: str, seeded: bool, quiet: bool) -> dict[str, Any]:

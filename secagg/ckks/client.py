@@ -22,6 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from tenseal import sealapi
 
+from secagg._inputs import check_site
 from secagg.ckks import _chunks, _seal
 from secagg.ckks.keys import KeyHolder, PublicContext
 from secagg.ckks.round import (
@@ -59,10 +60,9 @@ class CkksClient:
         workers: int = 1,
         progress: ProgressCallback | None = None,
     ) -> None:
-        if site_id not in config.roster:
-            raise ValueError(f"site_id {site_id} is not on the round's roster")
-        if config.roster[site_id] != identity.public_bytes:
-            raise ValueError(f"identity does not match the roster's key for site {site_id}")
+        check_site(config.roster, site_id, identity)
+        if not callable(model_input):
+            config.check_input(*model_input)  # a bad input fails here, not mid-round
         if context.key_id != config.key_id:
             raise RefusedMessage(RefusalReason.WRONG_KEY_ID, "context is not the round's key")
         if context.preset != config.preset_params:

@@ -14,6 +14,7 @@ from functools import cached_property
 import numpy as np
 
 from secagg._encoding import digest, encode, parts_digest
+from secagg._inputs import check_update
 from secagg.ckks.presets import DEFAULT_PRESET, Preset, get_preset
 from secagg.errors import ConfigurationError
 from secagg.hazmat import signing
@@ -111,19 +112,12 @@ class CkksRoundConfig:
                       sorted(self.key_holders), self.vector_length, self.preset,
                       repr(float(self.clip)), repr(float(self.max_weight)), self.min_sites)
 
+    def check_input(self, update: object, weight: object) -> tuple[np.ndarray, float]:
+        return check_update(update, weight, max_weight=self.max_weight, length=self.vector_length)
+
     def layout(self, update: np.ndarray, weight: float) -> np.ndarray:
         """The padded ``(chunk_count, slots)`` array a site encrypts. Checks the input."""
-        update = np.asarray(update)
-        if update.shape != (self.vector_length,):
-            raise ValueError(f"update must have shape ({self.vector_length},), got {update.shape}")
-        if not (np.issubdtype(update.dtype, np.floating) or np.issubdtype(update.dtype,
-                                                                          np.integer)):
-            raise TypeError(f"update must be numeric, got dtype {update.dtype}")
-        if not np.all(np.isfinite(update)):
-            raise ValueError("update contains NaN or infinity")
-        weight = float(weight)
-        if not (np.isfinite(weight) and 0 < weight <= self.max_weight):
-            raise ValueError(f"weight must be in (0, {self.max_weight}], got {weight}")
+        update, weight = self.check_input(update, weight)
         out = np.zeros(self.chunk_count * self.preset_params.slots, dtype=np.float64)
         np.clip(update, -self.clip, self.clip, out=out[: self.vector_length])
         out[: self.vector_length] *= weight

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from secagg._inputs import check_update
 from secagg.hazmat.prg import MaskExpander, word_dtype
 
 # Decoding goes through float64, exact for integers up to 2**53: the *sum* must stay below it.
@@ -71,18 +72,7 @@ class Quantizer:
 
     def encode(self, update: np.ndarray, weight: float) -> np.ndarray:
         """``len(update) + 1`` words: the weighted, clipped, quantised update, then the weight."""
-        update = np.asarray(update)
-        if update.ndim != 1:
-            raise ValueError(f"update must be a flat vector, got shape {update.shape}")
-        if not np.issubdtype(update.dtype, np.floating) and not np.issubdtype(
-            update.dtype, np.integer
-        ):
-            raise TypeError(f"update must be numeric, got dtype {update.dtype}")
-        if not np.all(np.isfinite(update)):
-            raise ValueError("update contains NaN or infinity")
-        weight = float(weight)
-        if not (np.isfinite(weight) and 0 < weight <= self.max_weight):
-            raise ValueError(f"weight must be in (0, {self.max_weight}], got {weight}")
+        update, weight = check_update(update, weight, max_weight=self.max_weight)
         # Work in units of 2**-f steps, f chosen so every value stays below 2**52: adding an
         # f-bit uniform integer and flooring is then exact float arithmetic.
         f = min(32, max(0, 52 - self.levels.bit_length()))

@@ -25,6 +25,7 @@ from typing import NoReturn
 
 import numpy as np
 
+from secagg._inputs import check_site, check_update
 from secagg.errors import AbortReason, InvalidMessage, PreconditionError, ProtocolAbort
 from secagg.hazmat import aead, shamir, signing
 from secagg.hazmat.key_agreement import PUBLIC_KEY_BYTES, AgreementKey
@@ -67,10 +68,10 @@ class MaskingClient:
         *,
         splitter: RangeSplitMasker | None = None,
     ) -> None:
-        if site_id not in config.roster:
-            raise ValueError(f"site_id {site_id} is not on the round's roster")
-        if config.roster[site_id] != identity.public_bytes:
-            raise ValueError(f"identity does not match the roster's key for site {site_id}")
+        check_site(config.roster, site_id, identity)
+        if not callable(model_input):  # a bad input fails here, not in the middle of a round
+            check_update(*model_input, max_weight=config.max_weight,
+                         length=config.vector_length)
         self.config = config
         self.site_id = site_id
         self._identity = identity
@@ -204,16 +205,13 @@ class MaskingClient:
 
         update, weight = self._input() if callable(self._input) else self._input
         self._input = (np.empty(0), 0.0)  # drop our reference to the plaintext
-        if np.asarray(update).shape != (self.config.vector_length,):
-            raise ValueError(
-                f"update must have shape ({self.config.vector_length},), "
-                f"got {np.asarray(update).shape}"
-            )
+        update, weight = check_update(update, weight, max_weight=self.config.max_weight,
+                                      length=self.config.vector_length)
         masked = self.config.quantizer.encode(update, weight)
         terms: list[MaskTerm] = [(self._self_mask_seed, 1)]
         for peer in sorted(senders):
             seed = _common.pairwise_seed(
-                self._masking_key.exchange(self._directory[peer].masking_public_key),
+                self._exchange(self._masking_key, self._directory[peer].masking_public_key, peer),
                 self._session, self.site_id, peer)
             terms.append((seed, _common.mask_sign(self.site_id, peer)))
         self.mask_keystream_bytes += apply_masks(masked, terms, word_bits=self.config.word_bits,
@@ -312,10 +310,15 @@ class MaskingClient:
         except InvalidMessage:
             raise ProtocolAbort(AbortReason.BAD_SIGNATURE, f"site {site}") from None
 
-    def _share_key(self, peer: int) -> bytes:
+    @staticmethod
+    def _exchange(own: AgreementKey, peer_public: bytes, peer: int) -> bytes:
         try:
-            shared = self._encryption_key.exchange(self._directory[peer].encryption_public_key)
+            return own.exchange(peer_public)
         except InvalidMessage:  # a signed but low-order key: the peer itself misbehaves
             raise ProtocolAbort(AbortReason.MALFORMED_MESSAGE, f"key of site {peer}") from None
+
+    def _share_key(self, peer: int) -> bytes:
+        shared = self._exchange(self._encryption_key,
+                                self._directory[peer].encryption_public_key, peer)
         return _common.share_key(shared, self._session, self.site_id, peer)
 

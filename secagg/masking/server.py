@@ -269,7 +269,11 @@ class MaskingServer:
             for u in sorted(survivors & self.config.neighbourhood(v)):
                 if u not in self._share_keys[v].encrypted_shares:
                     continue  # v sent u no share, so u never masked with v
-                shared = exchange(private, self._advertised[u].masking_public_key)
+                try:
+                    shared = exchange(private, self._advertised[u].masking_public_key)
+                except InvalidMessage:  # u signed a low-order key: no mask can be removed
+                    raise ProtocolAbort(AbortReason.MALFORMED_MESSAGE,
+                                        f"masking key of site {u}") from None
                 seed = _common.pairwise_seed(shared, self._session, u, v)
                 # u applied mask_sign(u, v) * mask(seed); take it back out.
                 terms.append((seed, -_common.mask_sign(u, v)))

@@ -80,3 +80,11 @@ def test_key_holder_client_releases_through_handle() -> None:
     exact_ws, exact_w = r.expected()
     assert float(np.max(np.abs(released.average - exact_ws / exact_w))) < 1e-5
     assert released.sites == (1, 2, 3)
+
+
+def test_bad_input_is_refused_when_the_site_is_created() -> None:
+    r = CkksRound(sites=3, vector_length=10)
+    with pytest.raises(ValueError, match="shape"):
+        CkksClient(r.config, 2, r.identities[2], r.public, (np.zeros(9), 0.5))
+    with pytest.raises(ValueError, match="weight"):
+        CkksClient(r.config, 2, r.identities[2], r.public, (np.zeros(10), 2.0))

@@ -147,3 +147,29 @@ def test_server_refuses_unmask_response_with_forged_signature() -> None:
     responses = _unmask_responses(r)
     with pytest.raises(InvalidMessage):
         r.server.handle(replace(responses[1], signature=responses[2].signature))
+
+
+def test_neighbours_abort_if_a_site_signs_a_low_order_masking_key() -> None:
+    """A malicious site advertises (and signs) the all-zero X25519 point: no pairwise seed
+    can be derived with it, and its neighbours say so instead of failing obscurely."""
+    r = Round(sites=5)
+    r.clients[3]._masking_key.public_bytes = bytes(32)  # site 3 advertises and signs it
+    r.advance()  # advertise
+    r.advance()  # share keys go through: only the encryption keys are used there
+    with pytest.raises(ProtocolAbort) as caught:
+        r.clients[1].handle(r.outgoing[1])
+    assert caught.value.reason is AbortReason.MALFORMED_MESSAGE
+
+
+@pytest.mark.parametrize(("update", "weight", "match"), [
+    (np.zeros(15), 0.5, "shape"), (np.full(16, np.nan), 0.5, "NaN"), (np.zeros(16), 0.0, "weight"),
+    (np.zeros(16), "heavy", "weight"),
+])
+def test_bad_input_is_refused_when_the_site_is_created_not_mid_round(
+    update: np.ndarray, weight: object, match: str,
+) -> None:
+    from secagg.masking import MaskingClient
+
+    r = Round()
+    with pytest.raises((ValueError, TypeError), match=match):
+        MaskingClient(r.config, 1, r.identities[1], (update, weight))  # type: ignore[arg-type]

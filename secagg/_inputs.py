@@ -1,0 +1,41 @@
+"""Checks on what a site hands to a protocol role, shared by both protocols.
+
+Errors name the parameter and never echo values of the update itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from secagg.hazmat import signing
+
+
+def check_update(update: object, weight: object, *, max_weight: float,
+                 length: int | None = None) -> tuple[np.ndarray, float]:
+    """The update as a flat numeric array and the weight as a float, or a clear error."""
+    arr = np.asarray(update)
+    if arr.ndim != 1:
+        raise ValueError(f"update must be a flat vector, got shape {arr.shape}")
+    if length is not None and arr.shape[0] != length:
+        raise ValueError(f"update must have shape ({length},), got {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"update must be numeric, got dtype {arr.dtype}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("update contains NaN or infinity")
+    try:
+        w = float(weight)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(f"weight must be a number, got {type(weight).__name__}") from None
+    if not (np.isfinite(w) and 0 < w <= max_weight):
+        raise ValueError(f"weight must be in (0, {max_weight}], got {w}")
+    return arr, w
+
+
+def check_site(roster: Mapping[int, bytes], site_id: int,
+               identity: signing.IdentityKey) -> None:
+    if site_id not in roster:
+        raise ValueError(f"site_id {site_id} is not on the round's roster")
+    if roster[site_id] != identity.public_bytes:
+        raise ValueError(f"identity does not match the roster's key for site {site_id}")
