@@ -41,7 +41,6 @@ class RefusalReason(enum.Enum):
     DUPLICATE_SITE = 4
     WRONG_SHAPE = 5
     CONTEXT_HAS_SECRET_KEY = 6
-    WRONG_STAGE = 7
 
 
 class RefusedMessage(SecAggError):
@@ -74,7 +73,6 @@ class AbortReason(enum.Enum):
     SURVIVOR_LIST_MISMATCH = 13
     RECONSTRUCTION_FAILED = 14
     MALFORMED_MESSAGE = 15
-    WRONG_ROUND = 16
 
 
 class ProtocolAbort(SecAggError):

@@ -65,12 +65,3 @@ def load_ciphertext(context: Any, data: bytes, *, scale: float) -> Any:
     if ct.size() != 2 or ct.parms_id() != context.first_parms_id() or ct.scale != scale:
         raise InvalidMessage("ciphertext")
     return ct
-
-
-def load_public_key(context: Any, data: bytes) -> Any:
-    key = sealapi.PublicKey()
-    try:
-        _load_into(key, context, data)
-    except (RuntimeError, ValueError, TypeError, OSError):
-        raise InvalidMessage("public key") from None
-    return key

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from secagg._encoding import digest, encode
 from secagg.ckks import _seal
 from secagg.ckks.presets import DEFAULT_PRESET, PRESETS, Preset, get_preset
-from secagg.errors import ConfigurationError, InvalidMessage, RefusalReason, RefusedMessage
+from secagg.errors import InvalidMessage, RefusalReason, RefusedMessage
 from secagg.hazmat import aead, signing
 from secagg.hazmat.key_agreement import AgreementKey, derive_pair_key, exchange
 
@@ -196,10 +196,3 @@ class KeyHolder:
     def __reduce__(self) -> NoReturn:
         raise TypeError("KeyHolder holds a secret key and cannot be pickled")
 
-
-def require_same_key(expected: bytes, got: bytes) -> None:
-    if expected != got:
-        raise RefusedMessage(RefusalReason.WRONG_KEY_ID)
-
-
-__all__ = ["ConfigurationError", "KeyHolder", "PublicContext", "SealedSecretContext"]

@@ -70,9 +70,9 @@ class Quantizer:
         """Max abs error of a decoded sum of ``n_summed`` vectors: (update elements, weight)."""
         return n_summed / self.update_scale, n_summed / self.weight_scale
 
-    def encode(self, update: np.ndarray, weight: float) -> np.ndarray:
+    def encode(self, update: np.ndarray, weight: float, *, length: int | None = None) -> np.ndarray:
         """``len(update) + 1`` words: the weighted, clipped, quantised update, then the weight."""
-        update, weight = check_update(update, weight, max_weight=self.max_weight)
+        update, weight = check_update(update, weight, max_weight=self.max_weight, length=length)
         # Work in units of 2**-f steps, f chosen so every value stays below 2**52: adding an
         # f-bit uniform integer and flooring is then exact float arithmetic.
         f = min(32, max(0, 52 - self.levels.bit_length()))

@@ -205,9 +205,7 @@ class MaskingClient:
 
         update, weight = self._input() if callable(self._input) else self._input
         self._input = (np.empty(0), 0.0)  # drop our reference to the plaintext
-        update, weight = check_update(update, weight, max_weight=self.config.max_weight,
-                                      length=self.config.vector_length)
-        masked = self.config.quantizer.encode(update, weight)
+        masked = self.config.quantizer.encode(update, weight, length=self.config.vector_length)
         terms: list[MaskTerm] = [(self._self_mask_seed, 1)]
         for peer in sorted(senders):
             seed = _common.pairwise_seed(
