@@ -35,8 +35,9 @@ def _run(sites: int, dropouts: dict[int, Stage], *, neighbors: int | None = None
     encodings: dict[int, np.ndarray] = {}
     real_encode = Quantizer.encode
 
-    def recording_encode(self: Quantizer, update: np.ndarray, weight: float) -> np.ndarray:
-        out = real_encode(self, update, weight)
+    def recording_encode(self: Quantizer, update: np.ndarray, weight: float,
+                         **kwargs: int | None) -> np.ndarray:
+        out = real_encode(self, update, weight, **kwargs)
         site = next(s for s, (u, _) in inputs.items() if u is update)
         encodings[site] = out.copy()
         return out
