@@ -29,6 +29,14 @@ class ChunkEncryptor:
         self._encryptor = sealapi.Encryptor(seal_context, secret_key if self._seeded
                                             else public_key)
 
+    @classmethod
+    def for_context(cls, context: Any, seeded: bool) -> ChunkEncryptor:
+        """From a KeyHolder (seeded or not) or a PublicContext (public-key only)."""
+        scale = context.preset.scale
+        if seeded:
+            return cls(context.seal_context, scale, secret_key=context.secret_key)
+        return cls(context.seal_context, scale, public_key=context.public_key)
+
     def encrypt_row(self, row: np.ndarray) -> bytes:
         plain = sealapi.Plaintext()
         self._encoder.encode(row, self._scale, plain)
@@ -45,16 +53,12 @@ _worker: ChunkEncryptor | None = None
 
 def worker_init(context_bytes: bytes, seeded: bool) -> None:
     """Process-pool initialiser: load the context this worker encrypts under."""
-    import tenseal as ts
+    from secagg.ckks.keys import KeyHolder, PublicContext
 
     global _worker
-    context = ts.context_from(context_bytes)
-    seal_context = context.seal_context().data
-    scale = context.global_scale
-    if seeded:
-        _worker = ChunkEncryptor(seal_context, scale, secret_key=context.secret_key().data)
-    else:
-        _worker = ChunkEncryptor(seal_context, scale, public_key=context.public_key().data)
+    context = (KeyHolder.from_secret_context(context_bytes) if seeded
+               else PublicContext.load(context_bytes))
+    _worker = ChunkEncryptor.for_context(context, seeded)
 
 
 def worker_encrypt(rows: np.ndarray) -> list[bytes]:

@@ -106,7 +106,7 @@ class CkksClient:
         total = rows.shape[0]
         report = self._progress or (lambda done, total: None)
         if self.workers == 1 or total < 2 * self.workers:
-            encryptor = self._local_encryptor()
+            encryptor = _chunks.ChunkEncryptor.for_context(self._context, self.seeded)
             out = []
             step = max(1, total // 20)
             for i, row in enumerate(rows, 1):
@@ -133,14 +133,6 @@ class CkksClient:
     def _public_bytes(self) -> bytes:
         ctx = self._context
         return (ctx.public_context() if isinstance(ctx, KeyHolder) else ctx).serialize()
-
-    def _local_encryptor(self) -> _chunks.ChunkEncryptor:
-        ctx = self._context
-        scale = self.config.preset_params.scale
-        if self.seeded:
-            assert isinstance(ctx, KeyHolder)
-            return _chunks.ChunkEncryptor(ctx.seal_context, scale, secret_key=ctx.secret_key)
-        return _chunks.ChunkEncryptor(ctx.seal_context, scale, public_key=ctx.public_key)
 
     def handle(self, aggregate: EncryptedAggregate) -> ReleasedAverage:
         """Key holders: decrypt the round's aggregate and release the rounded average."""

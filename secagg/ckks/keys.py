@@ -45,15 +45,30 @@ def _preset_of(context: ts.Context) -> Preset:
     return Preset("custom", n, bits, scale_bits)  # validated: an unsafe one raises
 
 
-class PublicContext:
+class _Context:
+    """What every holder of a CKKS context knows: its preset, key id and public parts."""
+
+    def __init__(self, context: ts.Context) -> None:
+        self._context = context
+        self.preset = _preset_of(context)
+        self.key_id = _key_id(self.preset, context.public_key().data)
+
+    @property
+    def seal_context(self) -> Any:
+        return self._context.seal_context().data
+
+    @property
+    def public_key(self) -> Any:
+        return self._context.public_key().data
+
+
+class PublicContext(_Context):
     """CKKS parameters and public key: enough to encrypt (public-key mode) and to add."""
 
     def __init__(self, context: ts.Context) -> None:
         if context.has_secret_key():
             raise RefusedMessage(RefusalReason.CONTEXT_HAS_SECRET_KEY)
-        self._context = context
-        self.preset = _preset_of(context)
-        self.key_id = _key_id(self.preset, context.public_key().data)
+        super().__init__(context)
 
     @classmethod
     def load(cls, data: bytes) -> PublicContext:
@@ -63,14 +78,6 @@ class PublicContext:
         except Exception:  # TenSEAL raises bare C++ errors on garbage
             raise InvalidMessage("context") from None
         return cls(context)
-
-    @property
-    def seal_context(self) -> Any:
-        return self._context.seal_context().data
-
-    @property
-    def public_key(self) -> Any:
-        return self._context.public_key().data
 
     def serialize(self) -> bytes:
         return bytes(self._context.serialize(save_public_key=True, save_secret_key=False,
@@ -103,7 +110,7 @@ def _envelope_ad(key_id: bytes, sender: int, recipient: int) -> bytes:
     return encode("secret-context", key_id, sender, recipient)
 
 
-class KeyHolder:
+class KeyHolder(_Context):
     """A party that holds the CKKS secret key. repr redacts; pickling refuses.
 
     The secret leaves this object only sealed to another holder (:meth:`seal_for`) or, as
@@ -113,9 +120,7 @@ class KeyHolder:
     def __init__(self, context: ts.Context) -> None:
         if not context.has_secret_key():
             raise ValueError("a KeyHolder needs a context with a secret key")
-        self._context = context
-        self.preset = _preset_of(context)
-        self.key_id = _key_id(self.preset, context.public_key().data)
+        super().__init__(context)
 
     @classmethod
     def generate(cls, preset: Preset | str = DEFAULT_PRESET) -> KeyHolder:
@@ -126,16 +131,8 @@ class KeyHolder:
         return cls(context)
 
     @property
-    def seal_context(self) -> Any:
-        return self._context.seal_context().data
-
-    @property
     def secret_key(self) -> Any:
         return self._context.secret_key().data
-
-    @property
-    def public_key(self) -> Any:
-        return self._context.public_key().data
 
     def public_context(self) -> PublicContext:
         """What the aggregator and the other sites get: parameters and public key only."""
