@@ -73,6 +73,8 @@ class AbortReason(enum.Enum):
     SURVIVOR_LIST_MISMATCH = 13
     RECONSTRUCTION_FAILED = 14
     MALFORMED_MESSAGE = 15
+    TOO_MANY_MISSING_NEIGHBOURS = 16
+    MASK_PARTNERS_INCOMPLETE = 17
 
 
 class ProtocolAbort(SecAggError):

@@ -6,21 +6,26 @@ back. It does no networking, sleeping or storage. Any misbehaviour it can detect
 message that is not valid in the current stage raises
 :class:`~secagg.errors.PreconditionError`.
 
-Security invariants it enforces (each has a test in ``tests/threat_model``):
+Security invariants it enforces (each has a test in ``tests/threat_model``; the argument that
+they suffice is in :mod:`secagg.masking.graph`):
 - it signs only what it checked; every neighbour's advertised keys must carry that neighbour's
   signature (in SecAgg every site is a neighbour; in SecAgg+ it uses no other site's keys);
 - it aborts on a key directory that omits or alters its own keys, duplicates a key or a site,
   names an unknown site, or lists fewer than ``threshold`` sites of its neighbourhood;
 - a share that fails to authenticate aborts the round; it is never used;
-- it answers one unmask request, only after verifying at least ``threshold`` neighbourhood
-  signatures on the survivor list it signed itself (and every neighbour signature given), and never
-  reveals both the self-mask share and the key share of the same peer.
+- it signs a survivor list only if every surviving neighbour sent it shares (so it masked with
+  them), the list keeps enough of the round (quorum) and, in SecAgg+, no survivor misses more
+  than ``max_missing_per_side`` neighbours on one side and every surviving neighbour's signed
+  attestation names all of that neighbour's surviving neighbours as mask partners;
+- it answers one unmask request, only for the list it signed and only with signatures on that
+  list from at least ``consistency_quorum`` roster sites (so all honest sites act on one list),
+  and never reveals both the self-mask share and the key share of the same peer.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NoReturn
 
 import numpy as np
@@ -36,6 +41,7 @@ from secagg.masking.messages import (
     AdvertiseKeys,
     ConsistencySignature,
     KeyDirectory,
+    MaskAttestation,
     MaskedInput,
     ServerMessage,
     ShareDelivery,
@@ -50,6 +56,12 @@ from secagg.masking.messages import (
 InputProvider = Callable[[], tuple[np.ndarray, float]]
 
 _SHARE_PAIR_BYTES = 2 * shamir.SHARE_BYTES
+
+
+class _LocalInputError(Exception):
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class MaskingClient:
@@ -91,6 +103,7 @@ class MaskingClient:
         self._held_shares: dict[int, tuple[bytes, bytes]] = {}
         self._share_senders: frozenset[int] = frozenset()
         self._signed_survivors: tuple[int, ...] = ()
+        self._q = config.consistency_quorum
 
     def __repr__(self) -> str:
         return f"MaskingClient(site_id={self.site_id}, stage={self.stage.name})"
@@ -125,7 +138,15 @@ class MaskingClient:
             raise PreconditionError(f"unexpected message type {type(message).__name__}") from None
         self._require(expected, type(message).__name__)
         try:
-            return handler(message)
+            try:
+                return handler(message)
+            except _LocalInputError as e:
+                raise e.error from None
+            except (TypeError, ValueError, AttributeError, KeyError, IndexError):
+                # Fields of the wrong type or shape: the server sent something no honest
+                # server sends. One named abort, never a traceback from deep inside.
+                raise ProtocolAbort(AbortReason.MALFORMED_MESSAGE,
+                                    type(message).__name__) from None
         except ProtocolAbort as abort:
             self._abort(abort.reason)
             raise
@@ -160,6 +181,7 @@ class MaskingClient:
             raise ProtocolAbort(AbortReason.OWN_KEY_MISSING_OR_ALTERED)
         holders = sorted(self._neighbourhood & directory.keys())
         self._require_at_least(len(holders), "sites with advertised keys in the neighbourhood")
+        self._check_windows(frozenset(holders), "key directory")
         self._directory = directory
         self._session = _common.session_id(self.config.params_digest, directory.values())
 
@@ -190,6 +212,7 @@ class MaskingClient:
                 raise ProtocolAbort(AbortReason.UNEXPECTED_SHARE_SENDER, f"site {sender}")
         senders = frozenset(msg.encrypted_shares)
         self._require_at_least(len(senders) + 1, "share senders in the neighbourhood")
+        self._check_windows(senders | {self.site_id}, "share senders")
         for sender in sorted(senders):
             try:
                 plain = aead.open_sealed(
@@ -203,9 +226,14 @@ class MaskingClient:
             self._held_shares[sender] = (plain[: shamir.SHARE_BYTES], plain[shamir.SHARE_BYTES :])
         self._share_senders = senders
 
-        update, weight = self._input() if callable(self._input) else self._input
-        self._input = (np.empty(0), 0.0)  # drop our reference to the plaintext
-        masked = self.config.quantizer.encode(update, weight, length=self.config.vector_length)
+        try:
+            update, weight = self._input() if callable(self._input) else self._input
+            masked = self.config.quantizer.encode(update, weight,
+                                                  length=self.config.vector_length)
+        except (TypeError, ValueError) as e:
+            raise _LocalInputError(e) from e  # the site's own input: not the server's fault
+        finally:
+            self._input = (np.empty(0), 0.0)  # drop our reference to the plaintext
         terms: list[MaskTerm] = [(self._self_mask_seed, 1)]
         for peer in sorted(senders):
             seed = _common.pairwise_seed(
@@ -215,25 +243,63 @@ class MaskingClient:
         self.mask_keystream_bytes += apply_masks(masked, terms, word_bits=self.config.word_bits,
                                                  splitter=self._splitter)
         del terms
-        sig = self._sign(MaskedInput.signed_bytes(self._session, self.site_id, masked))
+        partners = tuple(sorted(senders))
+        sig = self._sign(MaskedInput.signed_bytes(self._session, self.site_id, masked, partners))
         self.stage = Stage.CONSISTENCY_CHECK
-        return MaskedInput(self.site_id, masked, sig)
+        return MaskedInput(self.site_id, masked, partners, sig)
 
     def _on_survivor_list(self, msg: SurvivorList) -> ConsistencySignature:
         survivors = tuple(msg.survivors)
         self._check_ids(survivors)
         if self.site_id not in survivors:
             raise ProtocolAbort(AbortReason.SELF_LISTED_AS_DROPPED)
+        alive = frozenset(survivors)
         shared = self._share_senders | {self.site_id}
-        if not set(survivors) & self._neighbourhood <= shared:
+        if not alive & self._neighbourhood <= shared:
             raise ProtocolAbort(AbortReason.PEER_ALREADY_DROPPED,
                                 "a survivor in the neighbourhood never shared keys")
-        self._require_at_least(len(set(survivors) & self._neighbourhood),
-                               "survivors in the neighbourhood")
+        self._require_at_least(len(alive & self._neighbourhood), "survivors in the neighbourhood")
+        if len(alive) < self._q:
+            raise ProtocolAbort(AbortReason.TOO_FEW_SURVIVORS,
+                                f"{len(alive)} survivors, consistency quorum {self._q}")
+        if not self.config.complete_graph:
+            self._check_no_gap(alive)
+            self._check_attestations(alive, msg.attestations)
         self._signed_survivors = tuple(sorted(survivors))
         sig = self._sign(ConsistencySignature.signed_bytes(self._session, self._signed_survivors))
         self.stage = Stage.UNMASK
         return ConsistencySignature(self.site_id, sig)
+
+    def _check_no_gap(self, alive: frozenset[int]) -> None:
+        """Rule 3 of :mod:`secagg.masking.graph`, for every survivor of the round."""
+        limit = self.config.max_missing_per_side
+        assert limit is not None
+        site, missing = self.config.worst_missing_window(alive)
+        if missing > limit:
+            raise ProtocolAbort(AbortReason.TOO_MANY_MISSING_NEIGHBOURS,
+                                f"site {site} misses {missing} neighbours on one side, "
+                                f"at most {limit}")
+
+    def _check_attestations(self, alive: frozenset[int],
+                            attestations: Mapping[int, MaskAttestation]) -> None:
+        """Rule 2: every surviving neighbour masked with all of its surviving neighbours."""
+        for peer in sorted((alive & self._neighbourhood) - {self.site_id}):
+            attestation = attestations.get(peer)
+            if not isinstance(attestation, MaskAttestation):
+                raise ProtocolAbort(AbortReason.MASK_PARTNERS_INCOMPLETE,
+                                    f"no attestation from site {peer}")
+            partners = attestation.partners
+            if not isinstance(partners, tuple) or not all(
+                    isinstance(p, int) and not isinstance(p, bool) for p in partners) or not (
+                    isinstance(attestation.payload_digest, bytes)
+                    and len(attestation.payload_digest) == 32):
+                raise ProtocolAbort(AbortReason.MALFORMED_MESSAGE, f"attestation of site {peer}")
+            self._verify(peer, attestation.signature, MaskAttestation.signed_bytes(
+                self._session, peer, attestation.payload_digest, partners))
+            needed = (alive & self.config.neighbourhood(peer)) - {peer}
+            if not needed <= set(partners):
+                raise ProtocolAbort(AbortReason.MASK_PARTNERS_INCOMPLETE,
+                                    f"site {peer} did not mask with every live neighbour")
 
     def _on_unmask_request(self, msg: UnmaskRequest) -> UnmaskResponse:
         if tuple(sorted(msg.survivors)) != self._signed_survivors or len(
@@ -242,14 +308,16 @@ class MaskingClient:
         survivors = set(self._signed_survivors)
         signed = ConsistencySignature.signed_bytes(self._session, self._signed_survivors)
         verified = 0
-        for signer, sig in msg.survivor_signatures.items():
+        # Signatures from anywhere in the roster count: the quorum binds the whole round, so
+        # no two honest sites ever act on different lists (a neighbourhood count would not).
+        for signer in sorted(msg.survivor_signatures):
             if signer not in survivors:
                 raise ProtocolAbort(AbortReason.SURVIVOR_LIST_MISMATCH, f"signer {signer}")
-            # The neighbourhood is whom this site's shares protect (everyone in SecAgg).
-            if signer in self._neighbourhood:
-                self._verify(signer, sig, signed)
-                verified += 1
-        self._require_at_least(verified, "neighbourhood signatures on the survivor list")
+            self._verify(signer, msg.survivor_signatures[signer], signed)
+            verified += 1
+        if verified < self._q:
+            raise ProtocolAbort(AbortReason.TOO_FEW_SURVIVORS,
+                                f"{verified} signatures on the survivor list, quorum {self._q}")
 
         dropped = tuple(msg.dropped)
         self._check_ids(dropped)
@@ -285,6 +353,18 @@ class MaskingClient:
         if count < self._t:
             raise ProtocolAbort(AbortReason.TOO_FEW_SURVIVORS,
                                 f"{count} {what}, threshold {self._t}")
+
+    def _check_windows(self, present: frozenset[int], what: str) -> None:
+        """SecAgg+: at most ``max_missing_per_side`` of each window may be absent."""
+        limit = self.config.max_missing_per_side
+        if limit is None:
+            return
+        for window in self.config.windows(self.site_id):
+            missing = len(window - present)
+            if missing > limit:
+                raise ProtocolAbort(AbortReason.TOO_MANY_MISSING_NEIGHBOURS,
+                                    f"{missing} neighbours on one side missing from the "
+                                    f"{what}, at most {limit}")
 
     def _check_ids(self, ids: tuple[int, ...]) -> None:
         if len(set(ids)) != len(ids):

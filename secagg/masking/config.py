@@ -1,20 +1,18 @@
-"""Round configuration for pairwise masking, validated eagerly, with the threshold rules.
+"""Round configuration for pairwise masking, validated eagerly, with the graph and threshold rules.
 
-Threshold rules (semi-malicious server that may lie about dropouts, plus up to a fraction
-``corrupt_fraction`` of colluding sites; Bonawitz et al. CCS 2017, section 6; Bell et al.
-CCS 2020 for sparse graphs):
+Complete graph (SecAgg, ``neighbors=None``): every site masks with every other and shares its
+secrets with all ``n`` sites. The threshold must satisfy ``t > n(1 + corrupt_fraction)/2``; it is
+also the consistency quorum, so two survivor lists would need ``2t - n`` colluders to both pass
+(more than there are). This holds with certainty.
 
-- complete graph (SecAgg): each secret has ``n`` share holders; require
-  ``threshold > (n + corrupt_fraction * n) / 2`` and ``threshold <= n``.
-- k-regular graph (SecAgg+): each secret has ``k + 1`` share holders (the ``k`` neighbours and
-  the site itself); require ``threshold > (k + 1) * (1 + corrupt_fraction) / 2`` and
-  ``threshold <= k + 1``. The neighbour graph is a Harary graph over a permutation of the
-  roster derived from the round parameters, so every site computes it alone and the server
-  cannot choose it. Choosing ``k`` large enough for ``n`` (Bell et al., Table 1: k grows as
-  O(log n)) is the operator's decision; we refuse ``k < 4`` outright.
-
-An unsafe threshold is refused with :class:`~secagg.errors.ConfigurationError`; ``threshold=None``
-picks the smallest safe value.
+Sparse graph (SecAgg+, ``neighbors=k`` or ``neighbors="auto"``): each site masks with and shares
+its secrets among its ``k`` neighbours in a Harary graph drawn from the signed roster's graph
+seed (:mod:`secagg.roster`), so neither the aggregator nor colluding sites can choose it. The
+survivor list needs signatures from a quorum of the *whole* roster, and ``(k, t)`` must meet a
+bound of at most ``2**-security_bits`` on the probability that the aggregator learns more than
+the survivors' sum; :mod:`secagg.masking.graph` states the argument. ``neighbors="auto"`` picks
+the smallest ``k`` that meets it (or the complete graph, for small rosters); an explicit ``k``
+or ``threshold`` that misses it is refused with :class:`~secagg.errors.ConfigurationError`.
 """
 
 from __future__ import annotations
@@ -24,23 +22,36 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cached_property
-
-import numpy as np
+from typing import Literal
 
 from secagg._encoding import digest
 from secagg.errors import ConfigurationError
 from secagg.hazmat import signing
-from secagg.hazmat.prg import MaskExpander
 from secagg.hazmat.quantize import Quantizer
+from secagg.masking import graph
+from secagg.roster import Roster
 
 MIN_SITES = 3
-MIN_NEIGHBORS = 4
+MIN_NEIGHBORS = graph.MIN_NEIGHBORS
+# clip, max_weight and their product must lie in [2**-64, 2**64]: beyond, the quantiser's scale
+# overflows to infinity or underflows into subnormals and the aggregate is silently wrong.
+MIN_RANGE = 2.0**-64
+MAX_RANGE = 2.0**64
 
 
 def minimum_safe_threshold(share_holders: int, corrupt_fraction: float) -> int:
     """Smallest t with t > share_holders * (1 + corrupt_fraction) / 2."""
     bound = Fraction(share_holders) * (1 + Fraction(corrupt_fraction).limit_denominator(10**6)) / 2
     return math.floor(bound) + 1
+
+
+def _check_range(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    if not (math.isfinite(v) and MIN_RANGE <= v <= MAX_RANGE):
+        raise ConfigurationError(f"{name} must be a finite number in [2**-64, 2**64], got {v}")
+    return v
 
 
 @dataclass(frozen=True)
@@ -50,31 +61,40 @@ class RoundConfig:
     Parameters
     ----------
     round_id: a unique name for this round; every signature and derived key is bound to it.
-    roster: site id (>= 1) -> that site's long-term Ed25519 public key (32 bytes).
+    roster: the federation's :class:`~secagg.roster.Roster` (site id -> Ed25519 identity key,
+        plus the graph seed). A plain ``{site: key}`` mapping is accepted for the complete graph.
     vector_length: number of update elements per site (the weight element is added on top).
     threshold: Shamir threshold; ``None`` picks the smallest safe value.
-    neighbors: ``None`` for the complete graph, else k for a k-regular graph (SecAgg+).
-    corrupt_fraction: the fraction of colluding sites the threshold must withstand.
+    neighbors: ``None`` for the complete graph; an even k for a k-regular graph (SecAgg+);
+        ``"auto"`` for the smallest k that meets the bound.
+    corrupt_fraction: the fraction of sites that may collude with the aggregator.
+    dropout_rate: the fraction of sites expected to drop out (SecAgg+ sizes its tolerance of
+        missing neighbours from it; a round with more dropouts may abort, never leak).
+    security_bits: SecAgg+ only; the bound is ``2**-security_bits`` (at least 40).
     clip, max_weight, word_bits: quantisation (see :mod:`secagg.hazmat.quantize`).
 
     Notes
     -----
     The server learns the sum of the surviving sites' weighted updates and the sum of their
-    weights, nothing else, as long as fewer than ``corrupt_fraction`` of the sites collude with
-    it. It learns who dropped out. A round of fewer than 3 sites is refused: the sum would hand
-    each site the other's input.
+    weights, nothing else, as long as at most ``corrupt_fraction`` of the sites collude with it
+    (for SecAgg+, except with probability at most :attr:`failure_bound`). It learns who dropped
+    out, and it chooses, by claiming dropouts, which honest sites the sum covers: at least
+    ``consistency_quorum - colluders`` of them. A round of fewer than 3 sites is refused: the
+    sum would hand each site the other's input.
     """
 
     round_id: str
     roster: Mapping[int, bytes]
     vector_length: int
     threshold: int | None = None
-    neighbors: int | None = None
+    neighbors: int | Literal["auto"] | None = None
     corrupt_fraction: float = 0.2
+    dropout_rate: float = 0.1
+    security_bits: int = graph.MIN_SECURITY_BITS
     clip: float = 1.0
     max_weight: float = 1.0
     word_bits: int = 32
-    _resolved_threshold: int = field(init=False, repr=False, compare=False, default=0)
+    _graph: graph.GraphParameters = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.round_id, str) or not self.round_id:
@@ -88,46 +108,97 @@ class RoundConfig:
                 raise ConfigurationError(f"roster key of site {site} must be 32 bytes")
         if len(set(self.roster.values())) != len(self.roster):
             raise ConfigurationError("roster lists the same identity key for two sites")
-        if not isinstance(self.vector_length, int) or self.vector_length < 1:
+        if (isinstance(self.vector_length, bool) or not isinstance(self.vector_length, int)
+                or self.vector_length < 1):
             raise ConfigurationError(f"vector_length must be >= 1, got {self.vector_length}")
-        if not 0 <= self.corrupt_fraction < 1:
+        for name in ("corrupt_fraction", "dropout_rate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                    0 <= value < 1):
+                raise ConfigurationError(f"{name} must be in [0, 1), got {value!r}")
+        if (isinstance(self.security_bits, bool) or not isinstance(self.security_bits, int)
+                or self.security_bits < graph.MIN_SECURITY_BITS):
             raise ConfigurationError(
-                f"corrupt_fraction must be in [0, 1), got {self.corrupt_fraction}"
-            )
-        n = len(self.roster)
-        if self.neighbors is not None:
-            k = self.neighbors
-            if not MIN_NEIGHBORS <= k < n - 1:
-                raise ConfigurationError(
-                    f"neighbors must be in [{MIN_NEIGHBORS}, {n - 2}] for {n} sites "
-                    f"(use neighbors=None for the complete graph), got {k}"
-                )
-            if k % 2 == 1 and n % 2 == 1:
-                raise ConfigurationError(
-                    f"neighbors={k} is odd: a k-regular graph needs an even number of sites, "
-                    f"got {n}"
-                )
-        holders = self.share_holders
-        safe = minimum_safe_threshold(holders, self.corrupt_fraction)
-        t = safe if self.threshold is None else self.threshold
-        if not isinstance(t, int) or not safe <= t <= holders:
-            raise ConfigurationError(
-                f"threshold must be in [{safe}, {holders}] for {holders} share holders and "
-                f"corrupt_fraction={self.corrupt_fraction} (t > holders*(1+corrupt)/2), got {t}"
-            )
+                f"security_bits must be an integer >= {graph.MIN_SECURITY_BITS}, "
+                f"got {self.security_bits!r}")
+        clip = _check_range("clip", self.clip)
+        max_weight = _check_range("max_weight", self.max_weight)
+        _check_range("clip * max_weight", clip * max_weight)
+        if self.threshold is not None and (
+                isinstance(self.threshold, bool) or not isinstance(self.threshold, int)):
+            raise ConfigurationError(f"threshold must be an integer, got {self.threshold!r}")
+        object.__setattr__(self, "_graph", self._resolve_graph())
         try:
-            self.quantizer  # noqa: B018  (validates clip, max_weight, word_bits)
+            self.quantizer  # noqa: B018  (validates word_bits against the roster size)
         except ValueError as e:
             raise ConfigurationError(str(e)) from None
-        object.__setattr__(self, "_resolved_threshold", t)
+
+    def _resolve_graph(self) -> graph.GraphParameters:
+        n = len(self.roster)
+        k = self.neighbors
+        if k == "auto":
+            found = (graph.find_sparse_parameters(n, self.corrupt_fraction, self.dropout_rate,
+                                                  self.security_bits)
+                     if isinstance(self.roster, Roster) else None)
+            k = None if found is None else found.neighbors
+            object.__setattr__(self, "neighbors", k)
+            if found is not None and self.threshold is None:
+                return found
+        if k is None:
+            safe = minimum_safe_threshold(n, self.corrupt_fraction)
+            t = safe if self.threshold is None else self.threshold
+            if not safe <= t <= n:
+                raise ConfigurationError(
+                    f"threshold must be in [{safe}, {n}] for {n} share holders and "
+                    f"corrupt_fraction={self.corrupt_fraction} (t > n*(1+corrupt)/2), got {t}")
+            return graph.GraphParameters(n, n - 1, t, t, None, -math.inf, complete=True)
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise ConfigurationError(f"neighbors must be an even integer, None or 'auto', "
+                                     f"got {k!r}")
+        if not isinstance(self.roster, Roster):
+            raise ConfigurationError(
+                "a k-regular graph needs the signed roster's graph seed: pass a "
+                "secagg.roster.Roster (neither the aggregator nor the sites may choose the graph)")
+        return graph.check_sparse_parameters(n, k, self.threshold, self.corrupt_fraction,
+                                             self.dropout_rate, self.security_bits)
+
+    # ---- resolved parameters ---------------------------------------------------------------
+
+    @property
+    def graph(self) -> graph.GraphParameters:
+        return self._graph
+
+    @property
+    def complete_graph(self) -> bool:
+        return self._graph.complete
 
     @property
     def reconstruction_threshold(self) -> int:
-        return self._resolved_threshold
+        return self._graph.threshold
+
+    @property
+    def consistency_quorum(self) -> int:
+        """Signatures from this many roster sites make a survivor list the round's only one."""
+        return self._graph.consistency_quorum
+
+    @property
+    def max_missing_per_side(self) -> int | None:
+        return self._graph.max_missing_per_side
+
+    @property
+    def failure_bound(self) -> float:
+        """Bound on the probability that the aggregator learns more than the survivors' sum
+        (0.0 for the complete graph)."""
+        return 0.0 if self._graph.failure_log2 == -math.inf else 2.0**self._graph.failure_log2
 
     @property
     def share_holders(self) -> int:
-        return len(self.roster) if self.neighbors is None else self.neighbors + 1
+        return self._graph.neighbors + 1
+
+    @property
+    def minimum_participants(self) -> int:
+        """Fewer sites than this at any stage and the round cannot finish."""
+        return max(self.reconstruction_threshold, self.consistency_quorum)
 
     @cached_property
     def sites(self) -> tuple[int, ...]:
@@ -138,54 +209,64 @@ class RoundConfig:
         return Quantizer(self.clip, self.max_weight, len(self.roster), self.word_bits)
 
     @cached_property
-    def params_digest(self) -> bytes:
-        """Binds every signature of the round to all its parameters and the roster."""
-        roster = b"".join(s.to_bytes(8, "big") + self.roster[s] for s in self.sites)
-        return digest(
-            "round-params", self.round_id, roster, self.vector_length,
-            self.reconstruction_threshold, -1 if self.neighbors is None else self.neighbors,
-            repr(float(self.corrupt_fraction)), repr(float(self.clip)),
-            repr(float(self.max_weight)), self.word_bits,
-        )
+    def roster_digest(self) -> bytes:
+        if isinstance(self.roster, Roster):
+            return self.roster.digest
+        listing = b"".join(s.to_bytes(8, "big") + self.roster[s] for s in self.sites)
+        return digest("plain-roster", listing)
 
     @cached_property
-    def _graph(self) -> dict[int, frozenset[int]]:
-        sites = self.sites
-        if self.neighbors is None:
-            everyone = frozenset(sites)
-            return {s: everyone for s in sites}
-        order = _derived_permutation(sites, self.params_digest)
-        n, k = len(order), self.neighbors
-        graph: dict[int, set[int]] = {s: {s} for s in order}
-        for i, s in enumerate(order):
-            for d in range(1, k // 2 + 1):
-                graph[s].add(order[(i + d) % n])
-                graph[s].add(order[(i - d) % n])
-            if k % 2 == 1:
-                graph[s].add(order[(i + n // 2) % n])
-        return {s: frozenset(v) for s, v in graph.items()}
+    def params_digest(self) -> bytes:
+        """Binds every signature of the round to all its parameters and the roster."""
+        g = self._graph
+        return digest(
+            "round-params", self.round_id, self.roster_digest, self.vector_length,
+            g.threshold, -1 if g.complete else g.neighbors, g.consistency_quorum,
+            -1 if g.max_missing_per_side is None else g.max_missing_per_side,
+            repr(float(self.corrupt_fraction)), repr(float(self.dropout_rate)),
+            self.security_bits, repr(float(self.clip)), repr(float(self.max_weight)),
+            self.word_bits,
+        )
+
+    # ---- the graph ---------------------------------------------------------------------------
+
+    @cached_property
+    def ring(self) -> tuple[int, ...]:
+        """Sites in ring order (SecAgg+); the sorted sites for the complete graph."""
+        if self.complete_graph:
+            return self.sites
+        assert isinstance(self.roster, Roster)
+        return tuple(graph.ring_order(self.sites, self.roster.graph_seed))
+
+    @cached_property
+    def _windows(self) -> dict[int, tuple[frozenset[int], frozenset[int]]]:
+        order, n = self.ring, len(self.ring)
+        if self.complete_graph:
+            others = frozenset(order)
+            return {s: (others - {s}, frozenset()) for s in order}
+        half = self._graph.neighbors // 2
+        return {
+            s: (frozenset(order[(i - d) % n] for d in range(1, half + 1)),
+                frozenset(order[(i + d) % n] for d in range(1, half + 1)))
+            for i, s in enumerate(order)
+        }
+
+    def windows(self, site: int) -> tuple[frozenset[int], frozenset[int]]:
+        """The k/2 sites before and after ``site`` on the ring (SecAgg+). For the complete
+        graph: (everyone else, empty)."""
+        return self._windows[site]
+
+    @cached_property
+    def _graph_sets(self) -> dict[int, frozenset[int]]:
+        return {s: left | right | {s} for s, (left, right) in self._windows.items()}
 
     def neighbourhood(self, site: int) -> frozenset[int]:
         """The sites that ``site`` masks with and shares its secrets with, itself included."""
-        return self._graph[site]
+        return self._graph_sets[site]
 
-
-def _derived_permutation(sites: tuple[int, ...], seed: bytes) -> list[int]:
-    """Fisher-Yates with unbiased (rejection-sampled) draws from an AES-CTR stream under seed."""
-    stream = MaskExpander(4 * len(sites) + 64, word_bits=32).words(seed)
-    order = list(sites)
-    pos = 0
-    for i in range(len(order) - 1, 0, -1):
-        bound = i + 1
-        limit = (2**32 // bound) * bound
-        while True:
-            if pos == stream.shape[0]:  # astronomically unlikely; extend deterministically
-                stream = np.concatenate([stream, MaskExpander(
-                    stream.shape[0] + 64, word_bits=32).words(digest("perm-ext", seed, pos))])
-            draw = int(stream[pos])
-            pos += 1
-            if draw < limit:
-                break
-        j = draw % bound
-        order[i], order[j] = order[j], order[i]
-    return order
+    def worst_missing_window(self, survivors: frozenset[int]) -> tuple[int, int]:
+        """(site, missing) for the survivor with the most neighbours missing from
+        ``survivors`` on one side (SecAgg+); (0, 0) for the complete graph."""
+        if self.complete_graph:
+            return 0, 0
+        return graph.worst_missing_window(self.ring, self._graph.neighbors // 2, survivors)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -62,14 +62,37 @@ class ShareKeys:
 
 @dataclass(frozen=True)
 class MaskedInput:
+    """The masked vector, and the site's signed statement of whom it masked with.
+
+    The signature covers the payload's digest and the partners, so that it doubles as an
+    attestation that the server forwards to the site's neighbours (:class:`MaskAttestation`):
+    they check that the site masked with every live neighbour before revealing its self-mask.
+    """
+
     site_id: int
     masked_input: np.ndarray  # words modulo 2**word_bits, length vector_length + 1
+    partners: tuple[int, ...]  # the sites it applied pairwise masks with, ascending
     signature: bytes
 
     @staticmethod
-    def signed_bytes(session_id: bytes, site_id: int, masked: np.ndarray) -> bytes:
+    def signed_bytes(session_id: bytes, site_id: int, masked: np.ndarray,
+                     partners: tuple[int, ...]) -> bytes:
         data = np.ascontiguousarray(masked).data
-        return encode("masked-input", session_id, site_id, payload_digest(data))
+        return MaskAttestation.signed_bytes(session_id, site_id, payload_digest(data), partners)
+
+
+@dataclass(frozen=True)
+class MaskAttestation:
+    """A site's signed masked-input statement without the vector: (partners, digest)."""
+
+    partners: tuple[int, ...]
+    payload_digest: bytes
+    signature: bytes
+
+    @staticmethod
+    def signed_bytes(session_id: bytes, site_id: int, digest: bytes,
+                     partners: tuple[int, ...]) -> bytes:
+        return encode("masked-input", session_id, site_id, digest, list(partners))
 
 
 @dataclass(frozen=True)
@@ -118,9 +141,11 @@ class ShareDelivery:
 
 @dataclass(frozen=True)
 class SurvivorList:
-    """The sites whose masked input the server accepted (to be signed in the consistency check)."""
+    """The sites whose masked input the server accepted (to be signed in the consistency check),
+    with the mask attestations of the recipient's surviving neighbours (SecAgg+ only)."""
 
     survivors: tuple[int, ...]
+    attestations: Mapping[int, MaskAttestation] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

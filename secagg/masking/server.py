@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from secagg._encoding import payload_digest
 from secagg.errors import AbortReason, InvalidMessage, PreconditionError, ProtocolAbort
 from secagg.hazmat import shamir, signing
 from secagg.hazmat.key_agreement import exchange, private_key_from_bytes
@@ -28,6 +29,7 @@ from secagg.masking.messages import (
     AdvertiseKeys,
     ConsistencySignature,
     KeyDirectory,
+    MaskAttestation,
     MaskedInput,
     ServerMessage,
     ShareDelivery,
@@ -72,6 +74,8 @@ class MaskingServer:
         self._share_keys: dict[int, ShareKeys] = {}
         self._running_sum = np.zeros(config.vector_length + 1, dtype=word_dtype(config.word_bits))
         self._masked_from: set[int] = set()
+        self._attestations: dict[int, MaskAttestation] = {}
+        self._minimum = config.minimum_participants
         self._survivors: tuple[int, ...] = ()
         self._signatures: dict[int, bytes] = {}
         self._responses: dict[int, UnmaskResponse] = {}
@@ -161,10 +165,18 @@ class MaskingServer:
             or masked.shape != self._running_sum.shape
         ):
             raise InvalidMessage("masked input")
-        self._verify(msg.site_id, msg.signature,
-                     MaskedInput.signed_bytes(self._session, msg.site_id, masked))
+        site = msg.site_id
+        # It must have masked with exactly the neighbours whose shares it was delivered.
+        delivered = tuple(sorted(u for u, sk in self._share_keys.items()
+                                 if site in sk.encrypted_shares))
+        if msg.partners != delivered:
+            raise InvalidMessage("mask partners")
+        digest = payload_digest(np.ascontiguousarray(masked).data)
+        self._verify(site, msg.signature,
+                     MaskAttestation.signed_bytes(self._session, site, digest, msg.partners))
         np.add(self._running_sum, masked, out=self._running_sum)
-        self._masked_from.add(msg.site_id)
+        self._masked_from.add(site)
+        self._attestations[site] = MaskAttestation(msg.partners, digest, msg.signature)
 
     def _on_consistency(self, msg: ConsistencySignature) -> None:
         self._verify(msg.site_id, msg.signature,
@@ -185,10 +197,12 @@ class MaskingServer:
         closing = self.stage
         received = sorted(self._received())
         try:
-            if len(received) < self._t:
+            needed = (self.config.consistency_quorum if closing is Stage.CONSISTENCY_CHECK
+                      else self._minimum)
+            if len(received) < needed:
                 raise ProtocolAbort(
                     AbortReason.TOO_FEW_SURVIVORS,
-                    f"{len(received)} sites answered {closing.name}, threshold {self._t}",
+                    f"{len(received)} sites answered {closing.name}, at least {needed} needed",
                 )
             out = self._close(closing, received)
         except ProtocolAbort as abort:
@@ -218,7 +232,15 @@ class MaskingServer:
         if closing is Stage.MASKED_INPUT:
             self._survivors = tuple(received)
             self.stage = Stage.CONSISTENCY_CHECK
-            return dict.fromkeys(received, SurvivorList(self._survivors))
+            if self.config.complete_graph:
+                return dict.fromkeys(received, SurvivorList(self._survivors))
+            alive = set(received)
+            return {
+                v: SurvivorList(self._survivors, {
+                    u: self._attestations[u]
+                    for u in sorted((alive & self.config.neighbourhood(v)) - {v})})
+                for v in received
+            }
         if closing is Stage.CONSISTENCY_CHECK:
             dropped = tuple(sorted(set(self._share_keys) - set(self._survivors)))
             request = UnmaskRequest(self._survivors, dict(self._signatures), dropped)

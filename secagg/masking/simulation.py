@@ -21,6 +21,7 @@ from secagg.masking.config import RoundConfig
 from secagg.masking.messages import ServerMessage, Stage
 from secagg.masking.server import AggregateResult, MaskingServer
 from secagg.metrics import MetricsListener
+from secagg.roster import Roster
 
 ProgressCallback = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -36,10 +37,11 @@ class SimulationReport:
     client_aborts: dict[int, ProtocolAbort] = field(default_factory=dict)
 
 
-def make_roster(sites: int) -> tuple[dict[int, bytes], dict[int, IdentityKey]]:
-    """Fresh identity keys for sites 1..sites (generated now, never stored)."""
+def make_roster(sites: int) -> tuple[Roster, dict[int, IdentityKey]]:
+    """Fresh identity keys for sites 1..sites (generated now, never stored) and their roster,
+    with a fresh graph seed as the roster signer would draw it."""
     keys = {s: IdentityKey.generate() for s in range(1, sites + 1)}
-    return {s: k.public_bytes for s, k in keys.items()}, keys
+    return Roster.new({s: k.public_bytes for s, k in keys.items()}), keys
 
 
 def simulate_round(

@@ -4,9 +4,10 @@ import pytest
 
 from secagg.errors import ConfigurationError
 from secagg.masking import RoundConfig, make_roster, minimum_safe_threshold
+from secagg.roster import Roster
 
 
-def roster(n: int) -> dict[int, bytes]:
+def roster(n: int) -> Roster:
     return make_roster(n)[0]
 
 
@@ -32,33 +33,71 @@ def test_refuses_threshold_above_share_holders() -> None:
         RoundConfig("r", roster(10), 4, threshold=11)
 
 
-def test_k_regular_threshold_rule_uses_neighbourhood_size() -> None:
-    # 7 share holders (6 neighbours + self): t > 7 * 1.2 / 2 = 4.2
-    config = RoundConfig("r", roster(20), 4, neighbors=6)
-    assert config.reconstruction_threshold == 5
-    with pytest.raises(ConfigurationError, match=r"\[5, 7\]"):
-        RoundConfig("r", roster(20), 4, neighbors=6, threshold=4)
+def test_auto_picks_the_smallest_k_meeting_the_bound_and_reports_it() -> None:
+    config = RoundConfig("r", roster(100), 4, neighbors="auto")
+    assert not config.complete_graph
+    k, t = config.graph.neighbors, config.reconstruction_threshold
+    assert (k, t) == (62, 21)  # n=100, corrupt 0.2, dropout 0.1, 2^-40
+    assert config.neighbors == k and config.graph.failure_log2 <= -40
+    assert config.consistency_quorum == 61 and config.max_missing_per_side == 10
+    assert "k=62" in config.graph.describe() and "t=21" in config.graph.describe()
+    # a smaller k misses the bound and is refused, naming the safe choice
+    with pytest.raises(ConfigurationError, match=r"misses the 2\^-40 bound.*neighbors=62"):
+        RoundConfig("r", config.roster, 4, neighbors=k - 2)
+    # so is a threshold below the bound's, or above what dropouts leave
+    with pytest.raises(ConfigurationError, match="misses"):
+        RoundConfig("r", config.roster, 4, neighbors=k, threshold=t - 1)
+    with pytest.raises(ConfigurationError, match="misses"):
+        RoundConfig("r", config.roster, 4, neighbors=k, threshold=k)
+
+
+def test_auto_falls_back_to_the_complete_graph_for_small_rosters() -> None:
+    config = RoundConfig("r", roster(5), 4, neighbors="auto")
+    assert config.complete_graph and config.neighbors is None
+    assert config.reconstruction_threshold == minimum_safe_threshold(5, 0.2)
+
+
+def test_sparse_graph_needs_the_signed_rosters_graph_seed() -> None:
+    plain = dict(roster(100))
+    with pytest.raises(ConfigurationError, match="graph seed"):
+        RoundConfig("r", plain, 4, neighbors=62)
 
 
 @pytest.mark.parametrize(("n", "k", "match"), [(20, 2, "neighbors"), (20, 19, "neighbors"),
-                                                (21, 5, "odd")])
+                                                (100, 63, "even")])
 def test_refuses_bad_neighbour_counts(n: int, k: int, match: str) -> None:
     with pytest.raises(ConfigurationError, match=match):
         RoundConfig("r", roster(n), 4, neighbors=k)
 
 
-@pytest.mark.parametrize(("n", "k"), [(20, 6), (20, 5), (31, 8), (100, 15)])
-def test_k_regular_graph_is_regular_symmetric_and_agreed(n: int, k: int) -> None:
+@pytest.mark.parametrize(("n", "corrupt", "dropout"), [(40, 0.2, 0.1), (100, 0.05, 0.05),
+                                                        (101, 0.0, 0.1)])
+def test_k_regular_graph_is_regular_symmetric_and_agreed(n: int, corrupt: float,
+                                                         dropout: float) -> None:
     r = roster(n)
-    a = RoundConfig("r", r, 4, neighbors=k)
-    b = RoundConfig("r", dict(reversed(list(r.items()))), 4, neighbors=k)
+    a = RoundConfig("r", r, 4, neighbors="auto", corrupt_fraction=corrupt, dropout_rate=dropout)
+    k = a.graph.neighbors
+    assert not a.complete_graph and k < n - 1
+    b = RoundConfig("r", Roster(dict(reversed(list(r.items()))), r.graph_seed), 4, neighbors=k,
+                    corrupt_fraction=corrupt, dropout_rate=dropout)
     for s in a.sites:
         hood = a.neighbourhood(s)
-        assert s in hood and len(hood) == k + 1
+        left, right = a.windows(s)
+        assert s in hood and len(hood) == k + 1 and hood == left | right | {s}
+        assert len(left) == len(right) == k // 2
         assert all(s in a.neighbourhood(p) for p in hood)
         assert hood == b.neighbourhood(s)  # every site computes the same graph alone
-    other_round = RoundConfig("r2", r, 4, neighbors=k)
-    assert any(a.neighbourhood(s) != other_round.neighbourhood(s) for s in a.sites)
+
+
+def test_graph_depends_only_on_the_signed_roster_not_on_what_a_round_chooses() -> None:
+    """Steering: the server picks round ids (and, in the old design, thereby the graph)."""
+    r = roster(40)
+    base = RoundConfig("r", r, 4, neighbors="auto")
+    for i in range(50):
+        other = RoundConfig(f"round-{i}", r, 4 + i, neighbors="auto")
+        assert other.ring == base.ring
+    reseeded = Roster(dict(r), bytes(32))
+    assert RoundConfig("r", reseeded, 4, neighbors="auto").ring != base.ring
 
 
 @pytest.mark.parametrize(

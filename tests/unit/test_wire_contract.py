@@ -50,7 +50,11 @@ def test_message_fields_match_the_core(masking_pb2) -> None:  # type: ignore[no-
     from secagg.masking import messages
 
     for name in ("AdvertiseKeys", "ShareKeys", "ConsistencySignature", "UnmaskResponse",
-                 "KeyDirectory", "ShareDelivery", "SurvivorList", "UnmaskRequest"):
+                 "KeyDirectory", "ShareDelivery", "SurvivorList", "UnmaskRequest",
+                 "MaskAttestation"):
         proto_fields = set(masking_pb2.DESCRIPTOR.message_types_by_name[name].fields_by_name)
         core_fields = {f.name for f in dataclasses.fields(getattr(messages, name))}
         assert core_fields == proto_fields, name
+    # the wire adds the word size to the masked input; everything the core has is on the wire
+    masked = set(masking_pb2.DESCRIPTOR.message_types_by_name["MaskedInput"].fields_by_name)
+    assert {f.name for f in dataclasses.fields(messages.MaskedInput)} | {"word_bits"} == masked
