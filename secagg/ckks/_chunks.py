@@ -1,4 +1,5 @@
-"""Encrypting rows of slots into serialised ciphertexts, in this process or in workers.
+"""Encrypting rows of slots into serialised ciphertexts (our canonical format, see
+:mod:`secagg.ckks._seal`), in this process or in workers.
 
 TenSEAL's bindings hold the GIL and are single-threaded, so parallel encryption means several
 processes; each gets the context as bytes over a pipe (never a file) and encrypts a block of
@@ -16,7 +17,8 @@ from secagg.ckks import _seal
 
 
 class ChunkEncryptor:
-    """Encode + encrypt + serialise rows. ``secret_key`` given: seeded symmetric encryption."""
+    """Encode + encrypt + serialise rows. ``secret_key`` given: seeded symmetric encryption
+    (kind SEEDED); otherwise public-key encryption (kind FULL)."""
 
     def __init__(self, seal_context: Any, scale: float, *, public_key: Any = None,
                  secret_key: Any = None) -> None:
@@ -42,10 +44,11 @@ class ChunkEncryptor:
         self._encoder.encode(row, self._scale, plain)
         if self._seeded:
             # The Serializable form keeps the second polynomial as a PRNG seed: half the bytes.
-            return _seal.save_bytes(self._encryptor.encrypt_symmetric(plain))
+            return _seal.dump_ciphertext(self._encryptor.encrypt_symmetric(plain), self._context,
+                                         scale=self._scale)
         ct = sealapi.Ciphertext(self._context)
         self._encryptor.encrypt(plain, ct)
-        return _seal.save_bytes(ct)
+        return _seal.dump_ciphertext(ct, self._context, scale=self._scale)
 
 
 _worker: ChunkEncryptor | None = None

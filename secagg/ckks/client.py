@@ -174,7 +174,7 @@ def decrypt_aggregate(holder: KeyHolder, config: CkksRoundConfig,
     slots = config.preset_params.slots
     values = np.empty(len(aggregate.chunks) * slots)
     for i, data in enumerate(aggregate.chunks):
-        ct = _seal.load_ciphertext(context, data, scale=scale)
+        ct = _seal.load_ciphertext(context, data, scale=scale, kinds=(_seal.Kind.FULL,))
         plain = sealapi.Plaintext()
         decryptor.decrypt(ct, plain)
         values[i * slots:(i + 1) * slots] = encoder.decode_double(plain)

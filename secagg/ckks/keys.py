@@ -7,7 +7,8 @@
   (:meth:`KeyHolder.seal_for`): ephemeral X25519, HKDF-SHA256, AES-256-GCM with associated
   data binding key id, sender and recipient, and the sender's Ed25519 signature over it all.
   It exists in the clear only in memory; it is never written to a file.
-- Every context has a ``key_id``: SHA-256 over the preset and the public key. Uploads are bound
+- Every context has a ``key_id``: SHA-256 over the preset and the public key's coefficients
+  (canonical: independent of SEAL's compression and of the zstd build). Uploads are bound
   to it, because TenSEAL adds ciphertexts made under different keys into garbage silently.
 """
 
@@ -27,10 +28,15 @@ from secagg.hazmat import aead, signing
 from secagg.hazmat.key_agreement import AgreementKey, derive_pair_key, exchange
 
 
-def _key_id(preset: Preset, public_key: Any) -> bytes:
+def _key_id(preset: Preset, public_key: Any, seal_context: Any) -> bytes:
+    """Over the public key's raw coefficients, not SEAL's (zstd-compressed) serialisation:
+    compressed bytes depend on the zstd build, the coefficients only on the key."""
+    try:
+        coefficients = _seal.public_key_coefficients(public_key, seal_context)
+    except ValueError:  # a loaded context whose public key is not at its key level
+        raise InvalidMessage("context") from None
     return digest("ckks-key-id", preset.poly_modulus_degree,
-                  list(preset.coeff_mod_bit_sizes), preset.scale_bits,
-                  _seal.save_bytes(public_key))
+                  list(preset.coeff_mod_bit_sizes), preset.scale_bits, coefficients)
 
 
 def _preset_of(context: ts.Context) -> Preset:
@@ -51,7 +57,7 @@ class _Context:
     def __init__(self, context: ts.Context) -> None:
         self._context = context
         self.preset = _preset_of(context)
-        self.key_id = _key_id(self.preset, context.public_key().data)
+        self.key_id = _key_id(self.preset, context.public_key().data, self.seal_context)
 
     @property
     def seal_context(self) -> Any:

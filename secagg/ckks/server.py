@@ -4,7 +4,9 @@ It holds a :class:`PublicContext` (no secret key) and one running sum of ``chunk
 ciphertexts, so memory is O(model size). TenSEAL's ciphertext copy needs the secret key, so
 the sum starts as the first upload's own loaded ciphertexts and grows by in-place additions.
 An upload is checked whole (round, key, site, shape, signature, every chunk parses at the
-round's level and scale) before any of it is added: a refused upload leaves the sum untouched.
+round's level and scale, in the canonical format of :mod:`secagg.ckks._seal`, of the kind its
+signed ``seeded`` flag announces) before any of it is added: a refused upload leaves the sum
+untouched. The aggregate goes out as full (non-seeded) ciphertexts in the same format.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from secagg.ckks.round import CkksRoundConfig, CkksStage, EncryptedAggregate, En
 from secagg.errors import (
     AbortReason,
     ConfigurationError,
+    InvalidMessage,
     PreconditionError,
     ProtocolAbort,
     RefusalReason,
@@ -66,11 +69,14 @@ class CkksServer:
         if len(update.chunks) != config.chunk_count:
             raise RefusedMessage(RefusalReason.WRONG_SHAPE,
                                  f"{len(update.chunks)} chunks, expected {config.chunk_count}")
+        if not all(isinstance(c, bytes) for c in update.chunks):
+            raise InvalidMessage("ciphertext")
         signed = EncryptedUpdate.signed_bytes(config.params_digest, update.site_id, update.key_id,
                                               update.seeded, update.chunks)
         signing.verify(config.roster[update.site_id], update.signature, signed)
         scale = config.preset_params.scale
-        loaded = [_seal.load_ciphertext(self._context.seal_context, c, scale=scale)
+        kinds = (_seal.Kind.SEEDED,) if update.seeded else (_seal.Kind.FULL,)
+        loaded = [_seal.load_ciphertext(self._context.seal_context, c, scale=scale, kinds=kinds)
                   for c in update.chunks]
         if self._sum is None:
             self._sum = loaded
@@ -91,7 +97,9 @@ class CkksServer:
                                 f"{len(self._sites)} uploads, min_sites {self.config.min_sites}")
         aggregate = EncryptedAggregate(
             self.config.round_id, self.config.key_id, tuple(sorted(self._sites)),
-            tuple(_seal.save_bytes(ct) for ct in self._sum))
+            tuple(_seal.dump_ciphertext(ct, self._context.seal_context,
+                                        scale=self.config.preset_params.scale)
+                  for ct in self._sum))
         self._sum = None
         self.stage = CkksStage.COMPLETED
         self._listener.stage_closed(self.config.round_id, "UPLOAD", len(self._sites))

@@ -1,13 +1,17 @@
 """Adversaries of the CKKS path: a curious aggregator, a confused or broken site, a replayer.
 
 The aggregator holds a public context only; uploads are bound to round and key; corrupted
-ciphertext bytes are a clear error that leaves the running sum untouched.
+ciphertext bytes are a clear error that leaves the running sum untouched; only our canonical
+ciphertext format is accepted (one encoding per ciphertext, exact length, strict parse).
 """
 
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,11 +22,12 @@ from secagg.ckks import (
     EncryptedUpdate,
     KeyHolder,
     PublicContext,
+    _seal,
     decrypt_aggregate,
     release_average,
 )
 from secagg.ckks._chunks import ChunkEncryptor
-from secagg.ckks._seal import load_ciphertext
+from secagg.ckks._seal import Kind, load_ciphertext
 from secagg.errors import (
     AbortReason,
     InvalidMessage,
@@ -201,3 +206,123 @@ def test_key_holder_refuses_an_aggregate_claiming_too_few_sites_or_another_round
         release_average(r.holder, r.config, replace(aggregate, round_id="other"))
     with pytest.raises(RefusedMessage, match="DUPLICATE_SITE"):
         release_average(r.holder, r.config, replace(aggregate, sites=(1, 1, 2, 3)))
+
+
+# --- The canonical ciphertext format (issue 6): a malformed chunk from an authenticated site is
+# refused whole, before anything is added, and the round still sums exactly afterwards.
+
+NTT_FLAG_OFFSET = 16 + 32  # SEAL header, parms_id
+
+
+def _seal_form(r: CkksRound, chunk: bytes, form: str) -> bytes:
+    """Our chunk re-expressed in SEAL's own format (which SEAL's load would accept)."""
+    ctx, scale = r.public.seal_context, r.config.preset_params.scale
+    layout = _seal._layout(ctx)
+    kind = Kind(chunk[1])
+    spec = layout.kinds[kind]
+    seed = chunk[2:2 + _seal.SEED_BYTES] if kind is Kind.SEEDED else b""
+    coefficients = spec.packer.unpack(chunk[len(chunk) - spec.packer.nbytes:])
+    rebuilt = _seal._rebuild(layout, kind, coefficients, seed, scale)
+    if form == "seal-uncompressed":
+        return rebuilt
+    if form == "seal-not-ntt":
+        return rebuilt[:NTT_FLAG_OFFSET] + b"\x00" + rebuilt[NTT_FLAG_OFFSET + 1:]
+    if form == "seal-zlib":
+        body = zlib.compress(rebuilt[16:])
+        return rebuilt[:5] + b"\x01" + rebuilt[6:8] + struct.pack("<Q", 16 + len(body)) + body
+    assert form == "seal-zstd"
+    return _seal.save_bytes(load_ciphertext(ctx, chunk, scale=scale))
+
+
+def _with_coefficient(r: CkksRound, chunk: bytes, value: str) -> bytes:
+    layout = _seal._layout(r.public.seal_context)
+    spec = layout.kinds[Kind(chunk[1])]
+    start = len(chunk) - spec.packer.nbytes
+    coefficients = spec.packer.unpack(chunk[start:]).copy()
+    q, bits = layout.primes[0], layout.bits[0]
+    coefficients[-1] = {"prime": q, "above-prime": q + 1, "all-ones": 2**bits - 1}[value]
+    return chunk[:start] + spec.packer.pack(coefficients)
+
+
+def _attack_is_refused_and_the_sum_untouched(attacker: int, make_bad: Any) -> None:
+    """An honest upload first (so a running sum exists), then ``attacker``'s upload with its
+    last chunk replaced by ``make_bad(round, good_chunk)`` and re-signed, then every site
+    honestly: the aggregate must be exact."""
+    r = CkksRound(sites=3, vector_length=3000)  # 2 chunks per upload
+    first = 2 if attacker == 1 else 1
+    r.server.handle(r.client(first).start())
+    upload = r.client(attacker).start()
+    bad = make_bad(r, upload.chunks[-1])
+    chunks = (*upload.chunks[:-1], bad)
+    try:
+        forged = _resign(r, upload, chunks)
+    except TypeError:  # a chunk nothing can hash: the old signature will do
+        forged = replace(upload, chunks=chunks)
+    with pytest.raises(InvalidMessage):
+        r.server.handle(forged)
+    assert r.server.sites == (first,)
+    for s in sorted(set(r.roster) - {first}):
+        r.server.handle(r.client(s).start())
+    ws, w = decrypt_aggregate(r.holder, r.config, r.server.close_stage()[1])
+    exact_ws, exact_w = r.expected()
+    assert abs(w - exact_w) < 1e-6 and float(np.max(np.abs(ws - exact_ws))) < 1e-6
+
+
+SITES = pytest.mark.parametrize("attacker", [1, 2], ids=["seeded-site", "public-key-site"])
+
+
+@SITES
+def test_ciphertext_not_in_ntt_form_is_refused_before_anything_is_added(attacker: int) -> None:
+    """The attack: SEAL loads a ciphertext flagged "not in NTT form", and the aggregator's
+    add_inplace then throws mid-upload. Our format cannot express the flag; SEAL's bytes with
+    it are refused whole."""
+    _attack_is_refused_and_the_sum_untouched(
+        attacker, lambda r, c: _seal_form(r, c, "seal-not-ntt"))
+
+
+@SITES
+@pytest.mark.parametrize("form", ["seal-zstd", "seal-uncompressed", "seal-zlib"])
+def test_seal_encoded_ciphertext_is_refused_whatever_its_compression(attacker: int,
+                                                                    form: str) -> None:
+    _attack_is_refused_and_the_sum_untouched(attacker, lambda r, c: _seal_form(r, c, form))
+
+
+@SITES
+@pytest.mark.parametrize("change", ["one-byte-short", "one-byte-long", "50MB-trailing-junk"])
+def test_ciphertext_of_any_other_length_is_refused(attacker: int, change: str) -> None:
+    bad = {"one-byte-short": lambda c: c[:-1], "one-byte-long": lambda c: c + b"\x00",
+           "50MB-trailing-junk": lambda c: c + os.urandom(50 * 2**20)}[change]
+    _attack_is_refused_and_the_sum_untouched(attacker, lambda r, c: bad(c))
+
+
+@SITES
+@pytest.mark.parametrize("value", ["prime", "above-prime", "all-ones"])
+def test_coefficient_equal_to_or_above_its_prime_is_refused(attacker: int, value: str) -> None:
+    _attack_is_refused_and_the_sum_untouched(
+        attacker, lambda r, c: _with_coefficient(r, c, value))
+
+
+@SITES
+@pytest.mark.parametrize("prefix", ["version-0", "version-2", "kind-0", "kind-3",
+                                    "other-kind-than-announced"])
+def test_wrong_format_version_or_kind_is_refused(attacker: int, prefix: str) -> None:
+    def bad(r: CkksRound, c: bytes) -> bytes:
+        if prefix == "other-kind-than-announced":  # a valid chunk of the other kind
+            other = Kind.FULL if c[1] == Kind.SEEDED else Kind.SEEDED
+            holder = r.holder
+            enc = ChunkEncryptor(holder.seal_context, holder.preset.scale,
+                                 **({"secret_key": holder.secret_key} if other is Kind.SEEDED
+                                    else {"public_key": holder.public_key}))
+            return enc.encrypt_row(np.zeros(holder.preset.slots))
+        version, kind = {"version-0": (0, c[1]), "version-2": (2, c[1]),
+                         "kind-0": (1, 0), "kind-3": (1, 3)}[prefix]
+        return bytes((version, kind)) + c[2:]
+
+    _attack_is_refused_and_the_sum_untouched(attacker, bad)
+
+
+@pytest.mark.parametrize("form", ["none", "str", "bytearray", "memoryview", "int"])
+def test_non_bytes_chunk_is_refused(form: str) -> None:
+    make = {"none": lambda c: None, "str": lambda c: c.decode("latin-1"),
+            "bytearray": bytearray, "memoryview": memoryview, "int": lambda c: 7}[form]
+    _attack_is_refused_and_the_sum_untouched(2, lambda r, c: make(c))
