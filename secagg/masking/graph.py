@@ -236,21 +236,18 @@ def check_sparse_parameters(sites: int, neighbors: int, threshold: int | None,
     else:
         t = threshold
     bound = security_failure_log2(n, k, t, m, corrupt) if m < k // 2 else 0.0
-    if highest < 2:
-        raise ConfigurationError(
-            f"neighbors={k} is too few for dropout_rate={dropout_rate} at {n} sites: up to {m} "
-            f"of each {k // 2}-site window may be missing, leaving no safe threshold; use more "
-            "neighbors or neighbors='auto'")
-    if bound > -security_bits or not 2 <= t <= highest:
+    if highest < 2 or bound > -security_bits or not 2 <= t <= highest:
         best = find_sparse_parameters(n, corrupt_fraction, dropout_rate, security_bits)
         hint = (f"the smallest safe choice is neighbors={best.neighbors}, "
                 f"threshold={best.threshold}" if best is not None
                 else "only the complete graph (neighbors=None) is safe for this roster")
+        why = (f"up to {m} of each {k // 2}-site window may drop out, leaving no threshold "
+               "that lets the round finish" if highest < 2 else
+               f"P(failure) <= 2^{bound:.1f} and threshold must be in [2, {highest}]")
         raise ConfigurationError(
             f"neighbors={k}, threshold={t} misses the 2^-{security_bits} bound for {n} sites "
             f"with corrupt_fraction={corrupt_fraction} and dropout_rate={dropout_rate}: "
-            f"P(failure) <= 2^{bound:.1f}, threshold must be in [2, {highest}]; {hint} "
-            "(or use neighbors='auto')")
+            f"{why}; {hint} (or use neighbors='auto')")
     return GraphParameters(n, k, t, quorum, m, bound, complete=False)
 
 
