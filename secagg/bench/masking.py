@@ -13,6 +13,7 @@ to this machine's limit; ``aes_keystream_1proc_s`` is the one-process figure.
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import time
@@ -60,11 +61,16 @@ def _keystream(total_bytes: int, chunk_bytes: int) -> float:
     return time.perf_counter() - began
 
 
-def run(clients: int, params: int, dropout: float, neighbors: int | None,
-        threshold: int | None, seed: int, quiet: bool, workers: int = 1) -> dict[str, Any]:
+def run(clients: int, params: int, dropout: float, neighbors: int | str | None,
+        threshold: int | None, seed: int, quiet: bool, workers: int = 1,
+        corrupt_fraction: float = 0.2, dropout_rate: float | None = None) -> dict[str, Any]:
     roster, identities = make_roster(clients)
-    config = RoundConfig(f"bench-{seed}", roster, vector_length=params, neighbors=neighbors,
-                         threshold=threshold)
+    config = RoundConfig(f"bench-{seed}", roster, vector_length=params,
+                         neighbors=neighbors,  # type: ignore[arg-type]
+                         threshold=threshold, corrupt_fraction=corrupt_fraction,
+                         dropout_rate=dropout if dropout_rate is None else dropout_rate)
+    if not quiet:
+        print(config.graph.describe(), file=sys.stderr)
     rng = np.random.default_rng(seed)  # test data only; nothing secret comes from it
     inputs = {s: (rng.uniform(-1.0, 1.0, params), float(rng.uniform(0.1, 1.0)))
               for s in config.sites}
@@ -107,9 +113,20 @@ def run(clients: int, params: int, dropout: float, neighbors: int | None,
         "clients": clients,
         "params": params,
         "dropout": dropout,
-        "neighbors": neighbors if neighbors is not None else clients - 1,
-        "graph": "complete" if neighbors is None else "k-regular",
+        "neighbors": config.graph.neighbors,
+        "graph": "complete" if config.complete_graph else "k-regular",
         "threshold": config.reconstruction_threshold,
+        "consistency_quorum": config.consistency_quorum,
+        "max_missing_per_side": config.max_missing_per_side,
+        "corrupt_fraction": config.corrupt_fraction,
+        "dropout_rate": config.dropout_rate,
+        "failure_bound": config.failure_bound,
+        "failure_bound_log2": (config.graph.failure_log2
+                               if math.isfinite(config.graph.failure_log2) else None),
+        # per-site cost of the checks that bind the round: the survivor-list checks
+        # (attestations, windows) and the unmask request (the quorum's signatures)
+        "client_stage_median_s": {stage: statistics.median(times)
+                                  for stage, times in report.client_stage_seconds.items()},
         "survivors": len(survivors),
         "round_s": round_s,
         "client_mask_s": statistics.median(report.client_mask_seconds.values()),

@@ -244,8 +244,9 @@ def check_sparse_parameters(sites: int, neighbors: int, threshold: int | None,
         why = (f"up to {m} of each {k // 2}-site window may drop out, leaving no threshold "
                "that lets the round finish" if highest < 2 else
                f"P(failure) <= 2^{bound:.1f} and threshold must be in [2, {highest}]")
+        shown = t if threshold is not None else "auto"
         raise ConfigurationError(
-            f"neighbors={k}, threshold={t} misses the 2^-{security_bits} bound for {n} sites "
+            f"neighbors={k}, threshold={shown} misses the 2^-{security_bits} bound for {n} sites "
             f"with corrupt_fraction={corrupt_fraction} and dropout_rate={dropout_rate}: "
             f"{why}; {hint} (or use neighbors='auto')")
     return GraphParameters(n, k, t, quorum, m, bound, complete=False)

@@ -33,6 +33,7 @@ class SimulationReport:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     server_seconds: float = 0.0
     client_mask_seconds: dict[int, float] = field(default_factory=dict)
+    client_stage_seconds: dict[str, list[float]] = field(default_factory=dict)
     mask_keystream_bytes: int = 0
     client_aborts: dict[int, ProtocolAbort] = field(default_factory=dict)
 
@@ -86,8 +87,10 @@ def simulate_round(
                 c0 = time.perf_counter()
                 reply = client.start() if stage is Stage.ADVERTISE_KEYS else client.handle(
                     outgoing[site])
+                spent = time.perf_counter() - c0
+                report.client_stage_seconds.setdefault(stage.name, []).append(spent)
                 if stage is Stage.MASKED_INPUT:
-                    report.client_mask_seconds[site] = time.perf_counter() - c0
+                    report.client_mask_seconds[site] = spent
             except ProtocolAbort as abort:
                 report.client_aborts[site] = abort
                 continue
