@@ -22,17 +22,20 @@ def _field(value: bytes | bytearray | memoryview | str | int) -> bytes:
         raw = value.to_bytes(8, "big", signed=True)
     else:
         raw = bytes(value)
+    # defence: encoding.length-prefix
     return struct.pack(">Q", len(raw)) + raw
 
 
 def encode(label: str, *fields: bytes | str | int | Iterable[int]) -> bytes:
     """Encode ``fields`` under a domain ``label``. An iterable of ints encodes as one field."""
+    # defence: encoding.format-version, encoding.domain-label
     parts = [_field(FORMAT_VERSION), _field(label)]
     for f in fields:
         if isinstance(f, bytes | bytearray | memoryview | str | int):
             parts.append(_field(f))
         else:
             ints = list(f)
+            # defence: encoding.fixed-width-int-lists
             parts.append(_field(b"".join(i.to_bytes(8, "big", signed=True) for i in ints)))
     return b"".join(parts)
 
@@ -68,10 +71,12 @@ def payload_digest(data: bytes | bytearray | memoryview) -> bytes:
     large payloads hash their chunks on two threads."""
     view = memoryview(data).cast("B")
     n = len(view)
+    # defence: encoding.payload-digest-every-chunk
     parts = [view[i : i + PAYLOAD_CHUNK_BYTES] for i in range(0, n, PAYLOAD_CHUNK_BYTES)]
     return digest("payload", n, b"".join(_digests(parts)))
 
 
 def parts_digest(parts: Sequence[bytes]) -> bytes:
     """The digest signed for a payload sent as a sequence of parts (e.g. ciphertext chunks)."""
+    # defence: encoding.parts-digest-every-part
     return digest("parts", len(parts), b"".join(_digests(parts)))

@@ -16,18 +16,23 @@ def check_update(update: object, weight: object, *, max_weight: float,
                  length: int | None = None) -> tuple[np.ndarray, float]:
     """The update as a flat numeric array and the weight as a float, or a clear error."""
     arr = np.asarray(update)
+    # defence: inputs.flat-update
     if arr.ndim != 1:
         raise ValueError(f"update must be a flat vector, got shape {arr.shape}")
+    # defence: inputs.update-length
     if length is not None and arr.shape[0] != length:
         raise ValueError(f"update must have shape ({length},), got {arr.shape}")
+    # defence: inputs.numeric-update
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise TypeError(f"update must be numeric, got dtype {arr.dtype}")
+    # defence: inputs.finite-update
     if not np.all(np.isfinite(arr)):
         raise ValueError("update contains NaN or infinity")
     try:
         w = float(weight)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise TypeError(f"weight must be a number, got {type(weight).__name__}") from None
+    # defence: inputs.weight-positive, inputs.weight-bounded
     if not (np.isfinite(w) and 0 < w <= max_weight):
         raise ValueError(f"weight must be in (0, {max_weight}], got {w}")
     return arr, w
@@ -35,7 +40,9 @@ def check_update(update: object, weight: object, *, max_weight: float,
 
 def check_site(roster: Mapping[int, bytes], site_id: int,
                identity: signing.IdentityKey) -> None:
+    # defence: inputs.site-on-roster
     if site_id not in roster:
         raise ValueError(f"site_id {site_id} is not on the round's roster")
+    # defence: inputs.identity-matches-roster
     if roster[site_id] != identity.public_bytes:
         raise ValueError(f"identity does not match the roster's key for site {site_id}")

@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     ckks.add_argument("--json", action="store_true")
     for p in (masking, ckks):
         p.set_defaults(func=_bench)
+    from secagg.audit.cli import add_parser as add_threat_model_parser
+    add_threat_model_parser(sub)
     return parser
 
 

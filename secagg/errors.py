@@ -41,6 +41,10 @@ class RefusalReason(enum.Enum):
     DUPLICATE_SITE = 4
     WRONG_SHAPE = 5
     CONTEXT_HAS_SECRET_KEY = 6
+    ALREADY_RELEASED = 7
+    KEY_EXHAUSTED = 8
+    AGGREGATE_MISMATCH = 9
+    OUT_OF_RANGE = 10
 
 
 class RefusedMessage(SecAggError):

@@ -5,15 +5,17 @@ aggregator, public context only). Keys: :class:`KeyHolder`, :class:`PublicContex
 Parameters: :mod:`secagg.ckks.presets`.
 """
 
-from secagg.ckks.client import CkksClient, decrypt_aggregate, release_average
-from secagg.ckks.keys import KeyHolder, PublicContext, SealedSecretContext
+from secagg.ckks.client import CkksClient
+from secagg.ckks.keys import KeyAnnouncement, KeyHolder, PublicContext, SealedSecretContext
 from secagg.ckks.presets import DEFAULT_PRESET, PRESETS, Preset, get_preset
+from secagg.ckks.release import Release, decrypt_verified_sum, release_average
 from secagg.ckks.round import (
     CkksRoundConfig,
     CkksStage,
     EncryptedAggregate,
     EncryptedUpdate,
     ReleasedAverage,
+    ReleaseRequest,
 )
 from secagg.ckks.server import CkksServer
 
@@ -26,12 +28,15 @@ __all__ = [
     "CkksStage",
     "EncryptedAggregate",
     "EncryptedUpdate",
+    "KeyAnnouncement",
     "KeyHolder",
     "Preset",
     "PublicContext",
+    "Release",
+    "ReleaseRequest",
     "ReleasedAverage",
     "SealedSecretContext",
-    "decrypt_aggregate",
+    "decrypt_verified_sum",
     "get_preset",
     "release_average",
 ]

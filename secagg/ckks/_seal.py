@@ -224,6 +224,12 @@ def _parse_members_unchecked(raw: bytes) -> _Members:
     return _Members(tuple(parms_id), ntt, size, n, k, scale, cf, coefficients, seed)
 
 
+def canonical_members(obj: Any) -> bytes:
+    """SEAL's uncompressed serialisation of ``obj``'s members: the same bytes whatever SEAL's
+    compression or zstd build (for deriving values from keys)."""
+    return _uncompressed_members(obj)
+
+
 def public_key_coefficients(public_key: Any, context: Any) -> bytes:
     """The public key's coefficients (uint64 little-endian, SEAL's order): a canonical form
     that does not depend on SEAL's compression or on the zstd build (for the key id)."""

@@ -1,47 +1,37 @@
 """The site's role in a CKKS round (sans-I/O): encrypt one weighted update; if the site is a
-key holder, decrypt and release the aggregate.
+key holder, verify and release the aggregate.
 
-``start()`` returns the :class:`EncryptedUpdate` to upload; ``handle(EncryptedAggregate)``
-returns the :class:`ReleasedAverage` (key holders only).
-
-Release (why rounding): a CKKS decryption carries noise that depends on the secret key, and
-publishing it can leak the key (Li and Micciancio, EUROCRYPT 2021). Before the average leaves a
-key holder we add Gaussian flooding noise of the size of the CKKS error bound (from a CSPRNG)
-and round the decrypted sums to a power-of-two grid at least as coarse as that bound, so the
-released values carry none of the decryption noise's low bits.
+``start()`` returns the :class:`EncryptedUpdate` to upload; ``handle(ReleaseRequest)`` returns
+the :class:`ReleasedAverage` (key holders only), through :mod:`secagg.ckks.release`, which
+recomputes the sum from the signed uploads before decrypting anything.
 """
 
 from __future__ import annotations
 
-import math
 import multiprocessing
-import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
-from tenseal import sealapi
 
 from secagg._inputs import check_site
-from secagg.ckks import _chunks, _seal
+from secagg.ckks import _chunks
 from secagg.ckks.keys import KeyHolder, PublicContext
+from secagg.ckks.release import release_average
 from secagg.ckks.round import (
     CkksRoundConfig,
     CkksStage,
-    EncryptedAggregate,
     EncryptedUpdate,
     ReleasedAverage,
+    ReleaseRequest,
 )
 from secagg.errors import (
-    AbortReason,
     InvalidMessage,
     PreconditionError,
-    ProtocolAbort,
     RefusalReason,
     RefusedMessage,
 )
 from secagg.hazmat import signing
-from secagg.hazmat.prg import MaskExpander
 
 ProgressCallback = Callable[[int, int], None]  # (chunks done, chunks total)
 InputProvider = Callable[[], tuple[np.ndarray, float]]
@@ -134,70 +124,14 @@ class CkksClient:
         ctx = self._context
         return (ctx.public_context() if isinstance(ctx, KeyHolder) else ctx).serialize()
 
-    def handle(self, aggregate: EncryptedAggregate) -> ReleasedAverage:
-        """Key holders: decrypt the round's aggregate and release the rounded average."""
+    def handle(self, request: ReleaseRequest) -> ReleasedAverage:
+        """Key holders: verify the uploads, check the aggregate is their sum, release."""
         if self.stage is not CkksStage.RELEASE:
-            raise PreconditionError(f"EncryptedAggregate is not valid in stage {self.stage.name}")
+            raise PreconditionError(f"ReleaseRequest is not valid in stage {self.stage.name}")
+        if not isinstance(request, ReleaseRequest):
+            raise InvalidMessage("release request")
         assert isinstance(self._context, KeyHolder)
-        released = release_average(self._context, self.config, aggregate)
+        released = release_average(self._context, self.config, request.aggregate,
+                                   request.uploads)
         self.stage = CkksStage.COMPLETED
         return released
-
-
-def _check_aggregate(holder: KeyHolder, config: CkksRoundConfig,
-                     aggregate: EncryptedAggregate) -> None:
-    if aggregate.round_id != config.round_id:
-        raise RefusedMessage(RefusalReason.WRONG_ROUND)
-    if aggregate.key_id != config.key_id or holder.key_id != config.key_id:
-        raise RefusedMessage(RefusalReason.WRONG_KEY_ID)
-    sites = aggregate.sites
-    if len(set(sites)) != len(sites):
-        raise RefusedMessage(RefusalReason.DUPLICATE_SITE)
-    if not set(sites) <= set(config.roster):
-        raise RefusedMessage(RefusalReason.UNKNOWN_SITE)
-    if len(sites) < config.min_sites:
-        raise ProtocolAbort(AbortReason.TOO_FEW_SURVIVORS,
-                            f"aggregate of {len(sites)} sites, min_sites {config.min_sites}")
-    if len(aggregate.chunks) != config.chunk_count:
-        raise RefusedMessage(RefusalReason.WRONG_SHAPE)
-
-
-def decrypt_aggregate(holder: KeyHolder, config: CkksRoundConfig,
-                      aggregate: EncryptedAggregate) -> tuple[np.ndarray, float]:
-    """Hazardous: the raw, noisy (weighted sum, weight sum). Never release these as they are;
-    :func:`release_average` is the way out."""
-    _check_aggregate(holder, config, aggregate)
-    context = holder.seal_context
-    scale = config.preset_params.scale
-    decryptor = sealapi.Decryptor(context, holder.secret_key)
-    encoder = sealapi.CKKSEncoder(context)
-    slots = config.preset_params.slots
-    values = np.empty(len(aggregate.chunks) * slots)
-    for i, data in enumerate(aggregate.chunks):
-        ct = _seal.load_ciphertext(context, data, scale=scale, kinds=(_seal.Kind.FULL,))
-        plain = sealapi.Plaintext()
-        decryptor.decrypt(ct, plain)
-        values[i * slots:(i + 1) * slots] = encoder.decode_double(plain)
-    n = config.vector_length
-    return values[:n], float(values[n])
-
-
-def _gaussian(count: int, sigma: float) -> np.ndarray:
-    """N(0, sigma^2) samples from an AES-CTR stream under a fresh os.urandom key (Box-Muller)."""
-    words = MaskExpander(2 * count, word_bits=32).view(os.urandom(32)).astype(np.float64)
-    u1 = (words[:count] + 1.0) * 2.0**-32  # (0, 1]
-    u2 = words[count:] * 2.0**-32
-    return sigma * np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
-
-
-def release_average(holder: KeyHolder, config: CkksRoundConfig,
-                    aggregate: EncryptedAggregate) -> ReleasedAverage:
-    """Decrypt the aggregate, flood and round it, and divide: the only safe way out."""
-    weighted, weight_sum = decrypt_aggregate(holder, config, aggregate)
-    bound = config.preset_params.noise_bound(len(aggregate.sites))
-    grid = 2.0 ** math.ceil(math.log2(bound))
-    noisy = np.append(weighted, weight_sum) + _gaussian(weighted.shape[0] + 1, bound)
-    rounded = np.round(noisy / grid) * grid
-    if rounded[-1] <= 0:
-        raise InvalidMessage("aggregate")  # a true sum of weights is > 0
-    return ReleasedAverage(rounded[:-1] / rounded[-1], float(rounded[-1]), aggregate.sites, grid)

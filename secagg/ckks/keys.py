@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -94,6 +95,40 @@ class PublicContext(_Context):
 
 
 @dataclass(frozen=True)
+class KeyAnnouncement:
+    """A key holder's signed statement: "this is the round's key, for this epoch".
+
+    Without it, whoever hands a site its round configuration could name a key of its own and
+    read the site's update. Sites verify it against the roster before encrypting
+    (:class:`~secagg.ckks.round.CkksRoundConfig` does so on construction).
+
+    ``epoch`` names the rounds the key may serve (by default one round: its id) and
+    ``max_rounds`` how many of them a key holder releases under it (1: a fresh key per round).
+    """
+
+    key_id: bytes
+    preset: str
+    holder: int
+    epoch: str
+    max_rounds: int
+    signature: bytes
+
+    def signed_bytes(self) -> bytes:
+        return encode("ckks-key-announcement", self.key_id, self.preset, self.holder, self.epoch,
+                      self.max_rounds)
+
+    def verify(self, roster: Mapping[int, bytes]) -> None:
+        """Raise :class:`InvalidMessage` unless the holder's roster key signed this."""
+        if (not isinstance(self.key_id, bytes) or len(self.key_id) != 32
+                or not isinstance(self.preset, str) or not isinstance(self.epoch, str)
+                or not isinstance(self.holder, int) or isinstance(self.holder, bool)
+                or not isinstance(self.max_rounds, int) or isinstance(self.max_rounds, bool)
+                or self.max_rounds < 1 or self.holder not in roster):
+            raise InvalidMessage("key announcement")
+        signing.verify(roster[self.holder], self.signature, self.signed_bytes())
+
+
+@dataclass(frozen=True)
 class SealedSecretContext:
     """The secret context, sealed from one key holder to another."""
 
@@ -123,10 +158,52 @@ class KeyHolder(_Context):
     bytes, through :meth:`export_secret_context` for handing to a worker process over a pipe.
     """
 
-    def __init__(self, context: ts.Context) -> None:
+    def __init__(self, context: ts.Context, *, releases: Mapping[str, bytes] | None = None
+                 ) -> None:
         if not context.has_secret_key():
             raise ValueError("a KeyHolder needs a context with a secret key")
         super().__init__(context)
+        # round id -> digest of the aggregate released for it under this key (persist it
+        # beside the key: a holder must never release two different aggregates of one round)
+        self._releases: dict[str, bytes] = dict(releases or {})
+        self._flood_key: bytes | None = None
+
+    @property
+    def releases(self) -> Mapping[str, bytes]:
+        return dict(self._releases)
+
+    def announce(self, *, holder: int, identity: signing.IdentityKey, epoch: str,
+                 max_rounds: int = 1) -> KeyAnnouncement:
+        """Sign this key's announcement with the holder's roster identity key."""
+        if not isinstance(max_rounds, int) or isinstance(max_rounds, bool) or max_rounds < 1:
+            raise ValueError(f"max_rounds must be an integer >= 1, got {max_rounds!r}")
+        if not isinstance(epoch, str) or not epoch:
+            raise ValueError("epoch must be a non-empty string")
+        unsigned = KeyAnnouncement(self.key_id, self.preset.name, holder, epoch, max_rounds, b"")
+        return KeyAnnouncement(self.key_id, self.preset.name, holder, epoch, max_rounds,
+                               identity.sign(unsigned.signed_bytes()))
+
+    def record_release(self, round_id: str, aggregate_digest: bytes, max_rounds: int) -> None:
+        """Refuse a second, different aggregate for a round, or more rounds than the key may
+        serve. Releasing the same aggregate again is allowed (the release is identical)."""
+        previous = self._releases.get(round_id)
+        if previous is not None:
+            if previous != aggregate_digest:
+                raise RefusedMessage(RefusalReason.ALREADY_RELEASED,
+                                     f"round {round_id!r} was released with other uploads")
+            return
+        if len(self._releases) >= max_rounds:
+            raise RefusedMessage(RefusalReason.KEY_EXHAUSTED,
+                                 f"this key already served {len(self._releases)} round(s)")
+        self._releases[round_id] = aggregate_digest
+
+    def flood_key(self) -> bytes:
+        """Hazardous: a PRF key derived from the secret key, for deterministic release noise
+        (every holder of this key derives the same one). Never leaves the holder."""
+        if self._flood_key is None:
+            self._flood_key = digest("ckks-flood-key",
+                                     _seal.canonical_members(self._context.secret_key().data))
+        return self._flood_key
 
     @classmethod
     def generate(cls, preset: Preset | str = DEFAULT_PRESET) -> KeyHolder:
@@ -152,12 +229,15 @@ class KeyHolder(_Context):
                                              save_galois_keys=False, save_relin_keys=False))
 
     @classmethod
-    def from_secret_context(cls, data: bytes) -> KeyHolder:
+    def from_secret_context(cls, data: bytes, *, releases: Mapping[str, bytes] | None = None
+                            ) -> KeyHolder:
         try:
             context = ts.context_from(data)
         except Exception:
             raise InvalidMessage("context") from None
-        return cls(context)
+        if not context.has_secret_key():
+            raise InvalidMessage("context")
+        return cls(context, releases=releases)
 
     def seal_for(self, *, sender: int, sender_identity: signing.IdentityKey, recipient: int,
                  recipient_public_key: bytes) -> SealedSecretContext:

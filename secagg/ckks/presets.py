@@ -19,6 +19,11 @@ from secagg.errors import ConfigurationError
 
 # N -> max log2 Q for 128-bit classical security (HE standard, Table 1)
 MAX_LOG_Q_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
+# Release noise: a key holder floods each released value with Gaussian noise of standard
+# deviation FLOOD_FACTOR x noise_bound. An adversarial term that survives the release checks
+# (imaginary parts and padding within the noise bound) is then 2**-6 of the noise per slot; see
+# secagg/ckks/release.py for what that buys.
+FLOOD_FACTOR = 64.0
 MIN_PRIME_BITS = 20
 MAX_PRIME_BITS = 60  # SEAL's limit for one prime
 ERROR_STDDEV = 3.2  # SEAL's noise standard deviation (seal/util/globals.h: 3.2)

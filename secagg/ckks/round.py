@@ -7,7 +7,8 @@ Layout: ``[weight * clip(update), weight]`` packed into ciphertext chunks of ``s
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -15,8 +16,9 @@ import numpy as np
 
 from secagg._encoding import digest, encode, parts_digest
 from secagg._inputs import check_update
-from secagg.ckks.presets import DEFAULT_PRESET, Preset, get_preset
-from secagg.errors import ConfigurationError
+from secagg.ckks.keys import KeyAnnouncement
+from secagg.ckks.presets import DEFAULT_PRESET, FLOOD_FACTOR, Preset, get_preset
+from secagg.errors import ConfigurationError, InvalidMessage
 from secagg.hazmat import signing
 
 MIN_SITES = 3
@@ -30,6 +32,15 @@ class CkksStage(enum.Enum):
     ABORTED = 4
 
 
+def _positive_finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    if not (math.isfinite(v) and 2.0**-64 <= v <= 2.0**64):
+        raise ConfigurationError(f"{name} must be a finite number in [2**-64, 2**64], got {v}")
+    return v
+
+
 @dataclass(frozen=True)
 class CkksRoundConfig:
     """What the sites, key holders and aggregator agree on before a CKKS round.
@@ -38,64 +49,104 @@ class CkksRoundConfig:
     ----------
     round_id: unique name of the round; uploads are bound to it.
     roster: site id -> the site's Ed25519 identity public key (32 bytes).
-    key_id: the round's CKKS key (``KeyHolder.key_id``); uploads under another key are refused.
-    key_holders: the sites that hold the secret key and decrypt the aggregate.
+    announcement: the round's key, as announced and signed by the key holder that made it
+        (:class:`~secagg.ckks.keys.KeyAnnouncement`). Its signature is checked here, against
+        the roster, before any site can encrypt: nobody else can name the round's key.
+    key_holders: the sites that hold the secret key and may release the aggregate (the
+        announcing holder among them).
     vector_length: update elements per site (the weight is one more value).
-    preset: CKKS parameters (see :mod:`secagg.ckks.presets`).
+    preset: CKKS parameters (see :mod:`secagg.ckks.presets`); must be the announced one.
     clip, max_weight: each update element is clipped to [-clip, clip]; 0 < weight <= max_weight.
     min_sites: the aggregate of fewer sites is never released.
+    epoch: the key's validity label this round belongs to (default: the round id, i.e. a fresh
+        key per round); must equal the announcement's.
 
     Notes
     -----
-    The aggregator never holds the secret key and only adds. Key holders see the aggregate of
-    at least ``min_sites`` sites, never one site's update -- provided the aggregator really
-    sums (a key holder cannot tell a sum from one ciphertext relabelled as one; a decryption
-    committee or threshold CKKS would remove that trust, see DESIGN.md).
+    The aggregator never holds the secret key and only adds. A key holder decrypts only a sum
+    it has recomputed itself from at least ``min_sites`` uploads signed by distinct roster
+    sites for this round and key, releases only in-range values with flooding noise, and at
+    most once per round and ``max_rounds`` rounds per key. Which adversaries this stops, and
+    what remains, is in the README's security section.
     """
 
     round_id: str
     roster: Mapping[int, bytes]
-    key_id: bytes
+    announcement: KeyAnnouncement
     key_holders: tuple[int, ...]
     vector_length: int
     preset: str = DEFAULT_PRESET
     clip: float = 1.0
     max_weight: float = 1.0
     min_sites: int = MIN_SITES
+    epoch: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.round_id, str) or not self.round_id:
             raise ConfigurationError("round_id must be a non-empty string")
-        if len(self.roster) < MIN_SITES:
+        if not isinstance(self.roster, Mapping) or len(self.roster) < MIN_SITES:
             raise ConfigurationError(f"roster must list at least {MIN_SITES} sites")
         for site, key in self.roster.items():
-            if not isinstance(site, int) or site < 1:
+            if not isinstance(site, int) or isinstance(site, bool) or site < 1:
                 raise ConfigurationError(f"roster site ids must be integers >= 1, got {site!r}")
             if not isinstance(key, bytes) or len(key) != signing.PUBLIC_KEY_BYTES:
                 raise ConfigurationError(f"roster key of site {site} must be 32 bytes")
-        if not isinstance(self.key_id, bytes) or len(self.key_id) != 32:
-            raise ConfigurationError("key_id must be 32 bytes")
-        if not self.key_holders or not set(self.key_holders) <= set(self.roster):
-            raise ConfigurationError("key_holders must be a non-empty subset of the roster")
-        if not isinstance(self.vector_length, int) or self.vector_length < 1:
-            raise ConfigurationError(f"vector_length must be >= 1, got {self.vector_length}")
-        if not (np.isfinite(self.clip) and self.clip > 0):
-            raise ConfigurationError(f"clip must be a positive finite number, got {self.clip}")
-        if not (np.isfinite(self.max_weight) and self.max_weight > 0):
+        if (not isinstance(self.key_holders, tuple) or not self.key_holders
+                or not set(self.key_holders) <= set(self.roster)
+                or len(set(self.key_holders)) != len(self.key_holders)):
             raise ConfigurationError(
-                f"max_weight must be a positive finite number, got {self.max_weight}")
-        if not MIN_SITES <= self.min_sites <= len(self.roster):
+                "key_holders must be a non-empty tuple of distinct roster sites")
+        if (isinstance(self.vector_length, bool) or not isinstance(self.vector_length, int)
+                or self.vector_length < 1):
+            raise ConfigurationError(f"vector_length must be >= 1, got {self.vector_length}")
+        clip = _positive_finite("clip", self.clip)
+        max_weight = _positive_finite("max_weight", self.max_weight)
+        if (isinstance(self.min_sites, bool) or not isinstance(self.min_sites, int)
+                or not MIN_SITES <= self.min_sites <= len(self.roster)):
             raise ConfigurationError(
                 f"min_sites must be in [{MIN_SITES}, {len(self.roster)}], got {self.min_sites}")
         p = self.preset_params  # raises ConfigurationError for an unknown preset
         n = len(self.roster)
-        worst = n * max(self.clip * self.max_weight, self.max_weight)
-        if worst > p.max_abs_value:
+        worst = n * max(clip * max_weight, max_weight)
+        if not worst <= p.max_abs_value:
             raise ConfigurationError(
-                f"headroom: {n} sites x clip {self.clip} x max_weight {self.max_weight} can sum "
+                f"headroom: {n} sites x clip {clip} x max_weight {max_weight} can sum "
                 f"to {worst:g}, beyond the {p.max_abs_value:g} preset {p.name!r} holds safely; "
                 "lower clip or max_weight (normalise weights), or pick a preset with more "
                 "data bits")
+        if clip * max_weight <= FLOOD_FACTOR * p.noise_bound(n):
+            raise ConfigurationError(
+                f"clip * max_weight = {clip * max_weight:g} is below the release noise of preset "
+                f"{p.name!r} at {n} sites: the "
+                "released average would be noise")
+        if self.epoch is None:
+            object.__setattr__(self, "epoch", self.round_id)
+        elif not isinstance(self.epoch, str) or not self.epoch:
+            raise ConfigurationError("epoch must be a non-empty string")
+        self._check_announcement()
+
+    def _check_announcement(self) -> None:
+        a = self.announcement
+        if not isinstance(a, KeyAnnouncement):
+            raise ConfigurationError("announcement must be a KeyAnnouncement")
+        if a.holder not in self.key_holders:
+            raise ConfigurationError(f"the key was announced by site {a.holder}, which is not "
+                                     "among the round's key holders")
+        try:
+            a.verify(self.roster)
+        except InvalidMessage:
+            raise ConfigurationError(
+                f"the key announcement is not signed by key holder {a.holder}") from None
+        if a.preset != self.preset:
+            raise ConfigurationError(
+                f"the key was announced for preset {a.preset!r}, the round uses {self.preset!r}")
+        if a.epoch != self.epoch:
+            raise ConfigurationError(
+                f"the key is valid for epoch {a.epoch!r}, not for this round's {self.epoch!r}")
+
+    @property
+    def key_id(self) -> bytes:
+        return self.announcement.key_id
 
     @cached_property
     def preset_params(self) -> Preset:
@@ -108,9 +159,14 @@ class CkksRoundConfig:
     @cached_property
     def params_digest(self) -> bytes:
         roster = b"".join(s.to_bytes(8, "big") + self.roster[s] for s in sorted(self.roster))
-        return digest("ckks-round-params", self.round_id, roster, self.key_id,
-                      sorted(self.key_holders), self.vector_length, self.preset,
-                      repr(float(self.clip)), repr(float(self.max_weight)), self.min_sites)
+        return digest("ckks-round-params", self.round_id, roster,
+                      self.announcement.signed_bytes(), sorted(self.key_holders),
+                      self.vector_length, self.preset, repr(float(self.clip)),
+                      repr(float(self.max_weight)), self.min_sites, str(self.epoch))
+
+    def value_bounds(self, sites: int) -> tuple[float, float]:
+        """(max |weighted sum element|, max weight sum) of an honest aggregate of ``sites``."""
+        return sites * self.clip * self.max_weight, sites * self.max_weight
 
     def check_input(self, update: object, weight: object) -> tuple[np.ndarray, float]:
         return check_update(update, weight, max_weight=self.max_weight, length=self.vector_length)
@@ -149,7 +205,10 @@ class EncryptedUpdate:
 
 @dataclass(frozen=True)
 class EncryptedAggregate:
-    """The homomorphic sum, for the key holders. The aggregator cannot read it."""
+    """The homomorphic sum, for the key holders. The aggregator cannot read it.
+
+    A key holder does not take the aggregator's word for it: it recomputes the sum from the
+    signed uploads of ``sites`` (which the aggregator forwards) and refuses a mismatch."""
 
     round_id: str
     key_id: bytes
@@ -158,10 +217,35 @@ class EncryptedAggregate:
 
 
 @dataclass(frozen=True)
+class ReleaseRequest:
+    """What the aggregator sends a key holder: its sum and the signed uploads it summed (an
+    iterable, so that a service can stream them from its store)."""
+
+    aggregate: EncryptedAggregate
+    uploads: Iterable[EncryptedUpdate]
+
+
+@dataclass(frozen=True)
 class ReleasedAverage:
-    """What a key holder releases: the weighted average, rounded to ``grid``."""
+    """What a key holder releases: the weighted average, flooded and rounded to ``grid``."""
 
     average: np.ndarray
     weight_sum: float
+    round_id: str
     sites: tuple[int, ...]
     grid: float
+
+
+def check_update_fields(update: object) -> None:
+    """Every field of an upload has its type and size, or the opaque InvalidMessage."""
+    if not isinstance(update, EncryptedUpdate):
+        raise InvalidMessage("upload")
+    ok = (isinstance(update.round_id, str)
+          and isinstance(update.key_id, bytes) and len(update.key_id) == 32
+          and isinstance(update.site_id, int) and not isinstance(update.site_id, bool)
+          and isinstance(update.seeded, bool)
+          and isinstance(update.signature, bytes) and len(update.signature) == 64
+          and isinstance(update.chunks, tuple)
+          and all(isinstance(c, bytes) for c in update.chunks))
+    if not ok:
+        raise InvalidMessage("upload")

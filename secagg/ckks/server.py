@@ -16,12 +16,17 @@ from typing import Any
 from tenseal import sealapi
 
 from secagg.ckks import _seal
-from secagg.ckks.keys import PublicContext
-from secagg.ckks.round import CkksRoundConfig, CkksStage, EncryptedAggregate, EncryptedUpdate
+from secagg.ckks.keys import KeyHolder, PublicContext
+from secagg.ckks.round import (
+    CkksRoundConfig,
+    CkksStage,
+    EncryptedAggregate,
+    EncryptedUpdate,
+    check_update_fields,
+)
 from secagg.errors import (
     AbortReason,
     ConfigurationError,
-    InvalidMessage,
     PreconditionError,
     ProtocolAbort,
     RefusalReason,
@@ -34,6 +39,12 @@ from secagg.metrics import MetricsListener, NullListener
 class CkksServer:
     def __init__(self, config: CkksRoundConfig, context: PublicContext,
                  listener: MetricsListener | None = None) -> None:
+        # The aggregator must never hold the secret key, whatever it is handed at run time.
+        if isinstance(context, KeyHolder) or not isinstance(context, PublicContext):
+            raise RefusedMessage(RefusalReason.CONTEXT_HAS_SECRET_KEY,
+                                 "the aggregator takes a PublicContext only")
+        if not isinstance(config, CkksRoundConfig):
+            raise ConfigurationError("config must be a CkksRoundConfig")
         if context.key_id != config.key_id:
             raise RefusedMessage(RefusalReason.WRONG_KEY_ID, "public context is not the round's")
         if context.preset != config.preset_params:
@@ -58,6 +69,7 @@ class CkksServer:
         if self.stage is not CkksStage.UPLOAD:
             raise PreconditionError(f"EncryptedUpdate is not valid in stage {self.stage.name}")
         config = self.config
+        check_update_fields(update)
         if update.round_id != config.round_id:
             raise RefusedMessage(RefusalReason.WRONG_ROUND)
         if update.key_id != config.key_id:
@@ -69,8 +81,6 @@ class CkksServer:
         if len(update.chunks) != config.chunk_count:
             raise RefusedMessage(RefusalReason.WRONG_SHAPE,
                                  f"{len(update.chunks)} chunks, expected {config.chunk_count}")
-        if not all(isinstance(c, bytes) for c in update.chunks):
-            raise InvalidMessage("ciphertext")
         signed = EncryptedUpdate.signed_bytes(config.params_digest, update.site_id, update.key_id,
                                               update.seeded, update.chunks)
         signing.verify(config.roster[update.site_id], update.signature, signed)

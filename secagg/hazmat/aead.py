@@ -20,18 +20,25 @@ TAG_BYTES = 16
 
 
 def seal(key: bytes, plaintext: bytes, associated_data: bytes) -> bytes:
+    # defence: hazmat.aead.key-length
     if len(key) != KEY_BYTES:
         raise ValueError(f"key must be {KEY_BYTES} bytes, got {len(key)}")
+    # defence: hazmat.aead.random-nonce
     nonce = os.urandom(NONCE_BYTES)
+    # defence: hazmat.aead.associated-data
     return nonce + AESGCM(key).encrypt(nonce, plaintext, associated_data)
 
 
 def open_sealed(key: bytes, sealed: bytes, associated_data: bytes) -> bytes:
+    # defence: hazmat.aead.key-length
     if len(key) != KEY_BYTES:
         raise ValueError(f"key must be {KEY_BYTES} bytes, got {len(key)}")
+    # defence: hazmat.aead.short-input-opaque
     if not isinstance(sealed, bytes) or len(sealed) < NONCE_BYTES + TAG_BYTES:
         raise InvalidMessage("sealed message")
     try:
+        # defence: hazmat.aead.associated-data
         return AESGCM(key).decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], associated_data)
+    # defence: hazmat.aead.failure-opaque
     except InvalidTag:
         raise InvalidMessage("sealed message") from None

@@ -41,23 +41,28 @@ class AgreementKey:
         return self._private.private_bytes_raw()
 
     def __repr__(self) -> str:
+        # defence: hazmat.key-agreement.repr-redacts
         return f"AgreementKey(public={self.public_bytes.hex()[:16]}..., private=<redacted>)"
 
+    # defence: hazmat.key-agreement.no-pickle
     def __reduce__(self) -> NoReturn:
         raise TypeError("AgreementKey holds a secret and cannot be pickled")
 
 
 def exchange(private: X25519PrivateKey, peer_public: bytes) -> bytes:
     """X25519(private, peer_public); a malformed or low-order peer key is InvalidMessage."""
+    # defence: hazmat.key-agreement.malformed-peer-key
     if not isinstance(peer_public, bytes) or len(peer_public) != PUBLIC_KEY_BYTES:
         raise InvalidMessage("public key")
     try:
         return private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    # defence: hazmat.key-agreement.low-order-point
     except ValueError:  # all-zero shared secret: a low-order point
         raise InvalidMessage("public key") from None
 
 
 def private_key_from_bytes(raw: bytes) -> X25519PrivateKey:
+    # defence: hazmat.key-agreement.private-key-length
     if len(raw) != PRIVATE_KEY_BYTES:
         raise InvalidMessage("private key")
     return X25519PrivateKey.from_private_bytes(raw)
@@ -69,6 +74,8 @@ def derive_pair_key(
 ) -> bytes:
     """HKDF-SHA256 over ``shared_secret`` with info = (session, purpose, min id, max id)."""
     low, high = sorted((site_a, site_b))
+    # defence: hazmat.key-agreement.info-session, hazmat.key-agreement.info-purpose
+    # defence: hazmat.key-agreement.info-low-id, hazmat.key-agreement.info-high-id
     info = encode("pair-key", session_id, purpose, low, high)
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(
         shared_secret

@@ -27,6 +27,7 @@ WORD_DTYPES: dict[int, type[np.unsignedinteger]] = {32: np.uint32, 64: np.uint64
 def _check_seed(seed: bytes) -> None:
     if not isinstance(seed, bytes | bytearray):
         raise TypeError("seed must be bytes")
+    # defence: hazmat.prg.seed-length
     if len(seed) != SEED_BYTES:
         raise ValueError(f"seed must be {SEED_BYTES} bytes, got {len(seed)}")
 
@@ -75,10 +76,13 @@ class MaskExpander:
 
     def _fill(self, seed: bytes) -> np.ndarray:
         _check_seed(seed)
+        # defence: hazmat.prg.seekable-counter
         counter = self._first_block.to_bytes(_BLOCK, "big")
+        # defence: hazmat.prg.full-seed-key
         enc = Cipher(algorithms.AES(bytes(seed)), modes.CTR(counter)).encryptor()
         enc.update_into(_zero_input(self._nbytes), self._buf)
         self.bytes_generated += self._nbytes
+        # defence: hazmat.prg.full-width-words
         return self._words
 
     def words(self, seed: bytes) -> np.ndarray:

@@ -39,10 +39,13 @@ class Quantizer:
 
     def __post_init__(self) -> None:
         word_dtype(self.word_bits)
+        # defence: hazmat.quantize.clip-finite, hazmat.quantize.clip-positive
         if not (np.isfinite(self.clip) and self.clip > 0):
             raise ValueError(f"clip must be a positive finite number, got {self.clip}")
+        # defence: hazmat.quantize.max-weight-positive
         if not (np.isfinite(self.max_weight) and self.max_weight > 0):
             raise ValueError(f"max_weight must be a positive finite number, got {self.max_weight}")
+        # defence: hazmat.quantize.max-sites-positive
         if self.max_sites < 1:
             raise ValueError(f"max_sites must be >= 1, got {self.max_sites}")
         if self.levels < 2:
@@ -52,6 +55,8 @@ class Quantizer:
 
     @property
     def levels(self) -> int:
+        # defence: hazmat.quantize.levels-per-site, hazmat.quantize.levels-below-word
+        # defence: hazmat.quantize.exact-float-sum
         return int(min(2**self.word_bits - 1, _MAX_EXACT_SUM)) // self.max_sites
 
     @property
@@ -84,6 +89,7 @@ class Quantizer:
         np.multiply(update, u_scale, out=scaled[:-1])
         scaled[:-1] += offset
         # clipping after scaling == clipping the update to [-clip, clip] (weight > 0)
+        # defence: hazmat.quantize.clip-update
         np.clip(scaled[:-1], offset - half_width, offset + half_width, out=scaled[:-1])
         scaled[-1] = weight * self.weight_scale * unit
         return self._stochastic_round(scaled, f)
@@ -91,9 +97,11 @@ class Quantizer:
     def _stochastic_round(self, scaled: np.ndarray, f: int) -> np.ndarray:
         """floor(x + u), u uniform on the 2**-f grid in [0, 1): rounds up with probability
         frac(x) (to within 2**-f), so the result is unbiased and within one step of x."""
+        # defence: hazmat.quantize.csprng-rounding
         uniforms = MaskExpander(scaled.shape[0], word_bits=32).view(os.urandom(32))
         if f < 32:
             np.right_shift(uniforms, 32 - f, out=uniforms)
+        # defence: hazmat.quantize.unbiased-rounding
         np.add(scaled, uniforms, out=scaled)
         scaled *= 2.0**-f
         np.floor(scaled, out=scaled)
@@ -102,6 +110,7 @@ class Quantizer:
 
     def decode_sum(self, summed: np.ndarray, n_summed: int) -> tuple[np.ndarray, float]:
         """(sum of weighted updates, sum of weights) from the sum of ``n_summed`` encodings."""
+        # defence: hazmat.quantize.decode-within-max-sites
         if not 0 < n_summed <= self.max_sites:
             raise ValueError(f"n_summed must be in [1, {self.max_sites}], got {n_summed}")
         values = summed.astype(np.float64)

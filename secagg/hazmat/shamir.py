@@ -21,9 +21,11 @@ SHARE_BYTES = (PRIME.bit_length() + 7) // 8  # 66
 
 def _check_xs(xs: Iterable[int]) -> list[int]:
     out = list(xs)
+    # defence: hazmat.shamir.distinct-xs
     if len(set(out)) != len(out):
         raise ValueError("share x-coordinates must be distinct")
     for x in out:
+        # defence: hazmat.shamir.x-nonzero, hazmat.shamir.x-below-prime
         if not 0 < x < PRIME:
             raise ValueError(f"share x-coordinate must be in [1, p), got {x}")
     return out
@@ -32,10 +34,13 @@ def _check_xs(xs: Iterable[int]) -> list[int]:
 def split(secret: int, threshold: int, xs: Sequence[int]) -> dict[int, int]:
     """Shares ``{x: f(x)}`` of a random degree ``threshold - 1`` polynomial with f(0) = secret."""
     xs = _check_xs(xs)
+    # defence: hazmat.shamir.secret-in-field
     if not 0 <= secret < PRIME:
         raise ValueError("secret must be a field element")
+    # defence: hazmat.shamir.threshold-positive, hazmat.shamir.threshold-at-most-holders
     if not 1 <= threshold <= len(xs):
         raise ValueError(f"threshold must be in [1, {len(xs)}], got {threshold}")
+    # defence: hazmat.shamir.uniform-coefficients, hazmat.shamir.csprng-coefficients
     coefficients = [secret] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
     shares = {}
     for x in xs:
@@ -62,6 +67,7 @@ def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
 
 def reconstruct(shares: Mapping[int, int], threshold: int) -> int:
     """f(0) from at least ``threshold`` shares (the ``threshold`` lowest x-coordinates are used)."""
+    # defence: hazmat.shamir.enough-shares
     if len(shares) < threshold:
         raise ValueError(f"need {threshold} shares, got {len(shares)}")
     xs = tuple(sorted(_check_xs(shares))[:threshold])
@@ -75,6 +81,7 @@ def secret_from_bytes(raw: bytes) -> int:
 
 def secret_to_bytes(secret: int, length: int) -> bytes:
     """Inverse of :func:`secret_from_bytes`; a value too large means a failed reconstruction."""
+    # defence: hazmat.shamir.secret-fits
     if secret >= 1 << (8 * length):
         raise ValueError("reconstructed value does not fit the secret's length")
     return secret.to_bytes(length, "big")
@@ -85,9 +92,11 @@ def share_to_bytes(y: int) -> bytes:
 
 
 def share_from_bytes(raw: bytes) -> int:
+    # defence: hazmat.shamir.share-length
     if len(raw) != SHARE_BYTES:
         raise ValueError(f"a share is {SHARE_BYTES} bytes, got {len(raw)}")
     y = int.from_bytes(raw, "big")
+    # defence: hazmat.shamir.share-canonical
     if y >= PRIME:
         raise ValueError("share is not a field element")
     return y

@@ -33,14 +33,17 @@ class IdentityKey:
         return self._private.sign(message)
 
     def __repr__(self) -> str:
+        # defence: hazmat.signing.repr-redacts
         return f"IdentityKey(public={self.public_bytes.hex()[:16]}..., private=<redacted>)"
 
+    # defence: hazmat.signing.no-pickle
     def __reduce__(self) -> NoReturn:
         raise TypeError("IdentityKey holds a secret and cannot be pickled")
 
 
 def verify(public_key: bytes, signature: bytes, message: bytes) -> None:
     """Raise :class:`InvalidMessage` unless ``signature`` is valid for ``message``."""
+    # defence: hazmat.signing.malformed-opaque
     if (
         not isinstance(public_key, bytes)
         or len(public_key) != PUBLIC_KEY_BYTES
@@ -50,5 +53,6 @@ def verify(public_key: bytes, signature: bytes, message: bytes) -> None:
         raise InvalidMessage("signature")
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+    # defence: hazmat.signing.verify-raises
     except (InvalidSignature, ValueError):
         raise InvalidMessage("signature") from None

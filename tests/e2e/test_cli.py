@@ -57,7 +57,7 @@ def test_ckks_demo_releases_an_average_close_to_plaintext(
     out = capsys.readouterr().out
     assert "no secret key" in out and "sealed to it" in out
     err = float(out.split("plaintext average| = ")[1].split(";")[0])
-    assert err < 1e-5
+    assert err < 2e-4  # flooding noise of the release (secagg/ckks/release.py)
 
 
 def test_bench_ckks_prints_ours_and_nvflare_figures_as_clean_json() -> None:

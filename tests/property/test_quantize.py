@@ -86,3 +86,52 @@ def test_refuses_bad_parameters() -> None:
         Quantizer(clip=1.0, max_weight=1.0, max_sites=3, word_bits=16)
     with pytest.raises(ValueError, match="precision"):
         Quantizer(clip=1.0, max_weight=1.0, max_sites=2**32, word_bits=32)
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 1024])
+def test_maximum_sum_never_wraps_for_powers_of_two_sites(n: int, bits: int) -> None:
+    q = Quantizer(clip=1.0, max_weight=1.0, max_sites=n, word_bits=bits)
+    top = q.encode(np.array([1.0]), 1.0)
+    assert int(top[0]) == q.levels
+    assert n * q.levels < 2**bits
+    assert n * q.levels <= 2**53  # the decoded sum stays exact in float64
+
+
+def test_two_encodings_of_the_same_update_round_differently() -> None:
+    q = Quantizer(clip=1.0, max_weight=1.0, max_sites=2**20)
+    update = np.full(1000, 0.3 / q.update_scale)  # between two grid points
+    assert not np.array_equal(q.encode(update, 1.0), q.encode(update, 1.0))
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"clip": float("inf")}, "clip"),
+    ({"clip": float("nan")}, "clip"),
+    ({"clip": -1.0}, "clip"),
+    ({"max_weight": 0.0}, "max_weight"),
+    ({"max_weight": float("inf")}, "max_weight"),
+    ({"max_sites": 0}, "max_sites"),
+], ids=["clip-inf", "clip-nan", "clip-negative", "max_weight-0", "max_weight-inf",
+        "max_sites-0"])
+def test_refuses_unsafe_parameters_naming_them(kwargs: dict[str, float], match: str) -> None:
+    params = {"clip": 1.0, "max_weight": 1.0, "max_sites": 3, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        Quantizer(**params)  # type: ignore[arg-type]
+
+
+def test_decoding_more_sites_than_configured_is_refused() -> None:
+    q = Quantizer(clip=1.0, max_weight=1.0, max_sites=3)
+    summed = q.encode(np.zeros(4), 1.0)
+    with pytest.raises(ValueError, match="n_summed"):
+        q.decode_sum(summed, 4)
+    with pytest.raises(ValueError, match="n_summed"):
+        q.decode_sum(summed, 0)
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_elements_beyond_the_clip_bound_encode_as_the_bound(bits: int) -> None:
+    q = Quantizer(clip=1.0, max_weight=2.0, max_sites=8, word_bits=bits)
+    encoded = q.encode(np.array([-5.0, -1.0, 1.0, 5.0, -1e12, 1e12]), 2.0)[:-1]
+    assert list(encoded) == [0, 0, q.levels, q.levels, 0, q.levels]
+    weighted, _ = q.decode_sum(encoded.astype(word_dtype(bits)), 1)
+    np.testing.assert_allclose(weighted[[0, 3]], [-2.0, 2.0], atol=q.error_bound(1)[0])

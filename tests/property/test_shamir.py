@@ -61,3 +61,33 @@ def test_share_bytes_round_trip() -> None:
     shares = shamir.split(2**255 + 7, 3, [1, 2, 3, 4])
     for y in shares.values():
         assert shamir.share_from_bytes(shamir.share_to_bytes(y)) == y
+
+
+def test_refuses_x_coordinates_congruent_to_zero_and_threshold_zero() -> None:
+    # x = p is x = 0 in the field: its share would be the secret itself
+    for xs in ([1, shamir.PRIME], [1, shamir.PRIME + 1], [1, -1]):
+        with pytest.raises(ValueError, match="x-coordinate"):
+            shamir.split(5, 2, xs)
+    with pytest.raises(ValueError, match="threshold"):
+        shamir.split(5, 0, [1, 2, 3])
+
+
+def test_coefficients_are_uniform_over_the_field() -> None:
+    # threshold 2: the share at x = 1 minus the secret is the one random coefficient. Drawn
+    # uniformly below p it is >= 2**256 except with probability 2**-265 per draw.
+    draws = [(shamir.split(7, 2, [1, 2])[1] - 7) % shamir.PRIME for _ in range(64)]
+    assert sum(d >= 2**256 for d in draws) / 64 > 0.9
+    assert len(set(draws)) == 64  # and never repeat
+    assert max(draws).bit_length() > 515  # they reach the top of the field
+
+
+def test_share_encoding_is_canonical() -> None:
+    with pytest.raises(ValueError, match="field element"):
+        shamir.share_from_bytes(shamir.PRIME.to_bytes(shamir.SHARE_BYTES, "big"))
+    assert shamir.share_from_bytes((shamir.PRIME - 1).to_bytes(66, "big")) == shamir.PRIME - 1
+
+
+def test_reconstructed_value_too_large_for_the_secret_is_refused() -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        shamir.secret_to_bytes(1 << 256, 32)
+    assert shamir.secret_to_bytes((1 << 256) - 1, 32) == b"\xff" * 32

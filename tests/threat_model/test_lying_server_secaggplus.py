@@ -63,7 +63,7 @@ def test_split_view_survivor_lists_cannot_unmask_a_site() -> None:
         hood = adv.config.neighbourhood(victim)
         # the victim's honest neighbours must see list 2 to reveal its key shares
         honest = sorted(adv.honest, key=lambda s: (s in hood and s != victim, s))
-        group1 = [victim] + [s for s in honest if s != victim][: shown_alive - 1]
+        group1 = [victim, *[s for s in honest if s != victim][: shown_alive - 1]]
         group2 = [s for s in honest if s not in group1]
         for s in group1:
             adv.show(s, alive)

@@ -5,7 +5,7 @@ import pytest
 from secagg.ckks import CkksRoundConfig, Preset, get_preset
 from secagg.ckks.presets import MAX_LOG_Q_128, PRESETS
 from secagg.errors import ConfigurationError
-from secagg.masking import make_roster
+from tests.ckks_kit import announcement_for
 
 
 def test_default_preset_is_the_lean_add_only_one() -> None:
@@ -45,21 +45,26 @@ def test_unknown_preset_name_lists_the_known_ones() -> None:
 
 
 def test_headroom_refuses_rounds_whose_sum_could_overflow() -> None:
-    roster, _ = make_roster(100)
+    roster, announcement = announcement_for(100)
     with pytest.raises(ConfigurationError, match="headroom"):
-        CkksRoundConfig("r", roster, bytes(32), (1,), 10, max_weight=50.0)
+        CkksRoundConfig("r", roster, announcement, (1,), 10, max_weight=50.0)
     # the same round fits a preset with more data bits
-    CkksRoundConfig("r", roster, bytes(32), (1,), 10, max_weight=50.0, preset="nvflare-default")
+    roster, announcement = announcement_for(100, "nvflare-default")
+    CkksRoundConfig("r", roster, announcement, (1,), 10, max_weight=50.0,
+                    preset="nvflare-default")
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"key_holders": ()}, "key_holders"), ({"key_holders": (99,)}, "key_holders"),
      ({"min_sites": 2}, "min_sites"), ({"vector_length": 0}, "vector_length"),
-     ({"key_id": b"short"}, "key_id"), ({"clip": 0.0}, "clip")],
+     ({"announcement": b"key id"}, "announcement"), ({"clip": 0.0}, "clip"),
+     ({"clip": float("inf")}, "clip"), ({"max_weight": 1e-300}, "max_weight"),
+     ({"epoch": "another"}, "epoch"), ({"preset": "add-only-8192"}, "preset")],
 )
 def test_round_config_refusals_name_the_parameter(kwargs: dict[str, object], match: str) -> None:
-    args: dict[str, object] = {"round_id": "r", "roster": make_roster(5)[0], "key_id": bytes(32),
+    roster, announcement = announcement_for(5)
+    args: dict[str, object] = {"round_id": "r", "roster": roster, "announcement": announcement,
                                "key_holders": (1,), "vector_length": 4}
     args.update(kwargs)
     with pytest.raises(ConfigurationError, match=match):

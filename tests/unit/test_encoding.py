@@ -30,3 +30,25 @@ def test_payload_digest_separates_inputs() -> None:
     assert payload_digest(data) != base
     assert payload_digest(bytes(10)) != payload_digest(bytes(11))
     assert parts_digest([b"ab", b"c"]) != parts_digest([b"a", b"bc"])
+
+
+def test_encoding_is_bound_to_the_format_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    import secagg._encoding as encoding
+
+    v1 = encode("l", b"ab")
+    assert v1.startswith(len(encoding.FORMAT_VERSION).to_bytes(8, "big") + encoding.FORMAT_VERSION)
+    monkeypatch.setattr(encoding, "FORMAT_VERSION", b"secagg/v2")
+    assert encode("l", b"ab") != v1
+
+
+def test_int_lists_encode_at_a_fixed_width() -> None:
+    assert encode("l", [1, 2]) != encode("l", [258])
+    assert encode("l", [1, 256]) != encode("l", [257, 0])
+    assert len(encode("l", [1, 2, 3])) == len(encode("l", [])) + 3 * 8
+
+
+def test_parts_digest_covers_every_part() -> None:
+    base = parts_digest([b"a", b"b", b"c"])
+    assert parts_digest([b"a", b"b", b"d"]) != base
+    assert parts_digest([b"a", b"b"]) != base
+    assert parts_digest([b"a", b"b", b"c", b""]) != base

@@ -46,3 +46,19 @@ def test_refuses_bad_sizes() -> None:
         MaskExpander(-1)
     with pytest.raises(ValueError, match="word_bits"):
         MaskExpander(4, word_bits=16)
+
+
+def test_every_seed_byte_changes_the_mask() -> None:
+    base = expand(SEED, 16)
+    for i in range(32):
+        seed = bytearray(SEED)
+        seed[i] ^= 1
+        assert not np.array_equal(expand(bytes(seed), 16), base), f"seed byte {i} is ignored"
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_mask_words_use_their_full_width(bits: int) -> None:
+    words = expand(SEED, 4096, word_bits=bits)
+    assert int(words.max()) >= 2 ** (bits - 1)  # the top bit is set in about half of them
+    top_bits = np.right_shift(words, bits - 8).astype(np.uint8)
+    assert len(np.unique(top_bits)) > 200

@@ -1,0 +1,181 @@
+"""Throw-away copies of the repository in which a defence can be removed.
+
+The base copy holds the repository's tracked files plus untracked files git does not ignore
+(so uncommitted work is audited too), never ``.venv``. Each control gets its own copy made of
+hard links to the base (falling back to a real copy), with only the edited file rewritten, so
+the base stays pristine and controls can run side by side.
+
+Subprocesses run with the copy as working directory and as ``PYTHONPATH``: ``import secagg``
+must resolve to the copy even though the package is installed editable. :meth:`check_imports`
+verifies that, and fails loudly when it is not so.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from secagg.audit import _pytest_plugin
+from secagg.audit.controls import AuditError
+
+_EXCLUDED_TOP = {".venv", ".git"}
+
+
+def repository_root(start: Path) -> Path:
+    """The git work tree containing ``start``."""
+    try:
+        out = _git(start, "rev-parse", "--show-toplevel")
+    except AuditError:
+        raise AuditError(f"{start} is not inside a git work tree") from None
+    return Path(out.strip())
+
+
+def _git(cwd: Path, *args: str) -> str:
+    git = shutil.which("git")
+    if git is None:
+        raise AuditError("git is not installed")
+    proc = subprocess.run([git, "-C", str(cwd), *args], capture_output=True, text=True,  # noqa: S603
+                          check=False)
+    if proc.returncode != 0:
+        raise AuditError(f"git {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def revision(root: Path) -> tuple[str, bool]:
+    """(HEAD commit, whether the work tree differs from it)."""
+    commit = _git(root, "rev-parse", "HEAD").strip()
+    dirty = bool(_git(root, "status", "--porcelain", "--untracked-files=normal").strip())
+    return commit, dirty
+
+
+def audited_files(root: Path) -> list[str]:
+    """Tracked plus untracked-but-not-ignored files that exist, relative to ``root``."""
+    out = _git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
+    files = []
+    for rel in sorted(set(out.split("\0")) - {""}):
+        parts = Path(rel).parts
+        if parts[0] in _EXCLUDED_TOP or "__pycache__" in parts:
+            continue
+        path = root / rel
+        if path.is_file() or path.is_symlink():  # a tracked file deleted in the work tree is gone
+            files.append(rel)
+    return files
+
+
+PLUGIN_MODULE = "secagg_audit_outcomes"
+
+
+def subprocess_env(copy: Path, extra: dict[str, str] | None = None,
+                   plugin_dir: Path | None = None) -> dict[str, str]:
+    """The environment of a subprocess in ``copy``: PYTHONPATH is the copy (then the directory
+    holding the outcome-recording pytest plugin, which imports nothing from the copy)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(copy) + (os.pathsep + str(plugin_dir) if plugin_dir else "")
+    env.pop("PYTEST_ADDOPTS", None)  # the copy's own pytest configuration only
+    env.update(extra or {})
+    return env
+
+
+def _module_name(rel: str) -> str | None:
+    """The importable module a repository file is, if it is one (``secagg/hazmat/aead.py``)."""
+    path = Path(rel)
+    if path.suffix != ".py":
+        return None
+    parts = list(path.with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts) if parts else None
+
+
+class Workspace:
+    """A temporary directory with the base copy and one copy per control."""
+
+    def __init__(self, root: Path, *, keep: bool = False) -> None:
+        self.root = root
+        self.keep = keep
+        self.files = audited_files(root)
+        self.dir = Path(tempfile.mkdtemp(prefix="secagg-controls-"))
+        self.base = self.dir / "base"
+        # The plugin runs beside the copy, not from it: an edit to the copy cannot break it.
+        self.plugin_dir = self.dir / "plugin"
+        self.plugin_dir.mkdir()
+        shutil.copy(Path(_pytest_plugin.__file__), self.plugin_dir / f"{PLUGIN_MODULE}.py")
+        for rel in self.files:
+            dest = self.base / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / rel, dest, follow_symlinks=False)
+
+    def make_copy(self, name: str, edited_file: str, edited_text: str) -> Path:
+        """A copy of the base (hard links) in which only ``edited_file`` is rewritten."""
+        copy = self.dir / "controls" / name
+        for rel in self.files:
+            src, dest = self.base / rel, copy / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_symlink():
+                shutil.copy2(src, dest, follow_symlinks=False)
+                continue
+            try:
+                os.link(src, dest)
+            except OSError:
+                shutil.copy2(src, dest)
+        target = copy / edited_file
+        mode = target.stat().st_mode if target.exists() else 0o644
+        target.unlink(missing_ok=True)  # break the hard link: the base must stay pristine
+        target.write_text(edited_text, encoding="utf-8")
+        target.chmod(mode)
+        return copy
+
+    def remove_copy(self, copy: Path) -> None:
+        if not self.keep:
+            shutil.rmtree(copy, ignore_errors=True)
+
+    def check_imports(self, copy: Path, edited_file: str | None = None,
+                      timeout: float = 120.0) -> str | None:
+        """Import ``secagg`` (and the edited module) in ``copy`` the way the tests will.
+
+        Returns None when both come from the copy, or the import error when the edited module
+        no longer imports. Raises :class:`AuditError` when a module resolves outside the copy:
+        the tests would then run against code that is not the one being audited.
+        """
+        modules = ["secagg"]
+        edited = _module_name(edited_file) if edited_file else None
+        if edited and edited != "secagg":
+            modules.append(edited)
+        script = (
+            "import importlib, sys\n"
+            f"for name in {modules!r}:\n"
+            "    path = importlib.import_module(name).__file__\n"
+            "    sys.stdout.write(f'{name}={path}\\n')\n"
+        )
+        try:
+            proc = subprocess.run(  # noqa: S603 (our own interpreter, our own script)
+                [sys.executable, "-c", script], cwd=copy, env=subprocess_env(copy),
+                capture_output=True, text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return f"importing {', '.join(modules)} took more than {timeout:.0f} s"
+        if proc.returncode != 0:
+            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+            return lines[-1] if lines else f"import failed with exit code {proc.returncode}"
+        resolved = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+        for name in modules:
+            where = Path(resolved.get(name, "")).resolve()
+            if not where.is_relative_to(copy.resolve()):
+                raise AuditError(
+                    f"in the copy {copy}, 'import {name}' resolved to {where}, outside the copy: "
+                    "the tests would not see the edit (is PYTHONPATH honoured?)"
+                )
+        return None
+
+    def close(self) -> None:
+        if not self.keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Workspace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

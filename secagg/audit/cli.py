@@ -1,0 +1,178 @@
+"""``secagg threat-model {controls,run}``: registered on the main parser by :func:`add_parser`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from secagg.audit.controls import CONTROLS_FILE, AuditError, Control, load_controls
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``threat-model`` with its ``controls`` and ``run`` subcommands."""
+    tm = subparsers.add_parser(
+        "threat-model", help="weakened-build controls and the threat-model report",
+        description="Prove the security tests can fail: remove each defence in a copy of the "
+                    "repository and check that the tests listed for it then fail.")
+    sub = tm.add_subparsers(dest="threat_model_command", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--repo", type=Path, default=None,
+                        help="repository root (default: the git work tree of the current "
+                             "directory)")
+    common.add_argument("--controls", type=Path, default=None,
+                        help=f"controls file (default: REPO/{CONTROLS_FILE})")
+    common.add_argument("--jobs", type=_positive_int, default=2,
+                        help="controls run concurrently (default: 2)")
+    common.add_argument("--timeout", type=_positive_float, default=300.0,
+                        help="seconds per control before it is killed (default: 300)")
+    common.add_argument("--keep", action="store_true",
+                        help="keep the temporary copies (their path is printed) for debugging")
+
+    controls = sub.add_parser(
+        "controls", parents=[common], help="run the weakened-build controls",
+        description="Run each control: apply its edit in a copy, run its tests, and report "
+                    "caught / missed / invalid / timeout. Exit status 0 only if all are caught.")
+    controls.add_argument("--only", nargs="+", metavar="ID", default=None,
+                          help="run only these control ids")
+    controls.add_argument("--files", nargs="+", metavar="PATH", default=None,
+                          help="run only the controls whose file is one of these (for CI on a "
+                               "change: --files $(git diff --name-only main))")
+    controls.add_argument("--list", action="store_true",
+                          help="list the selected controls and exit without running them")
+    controls.add_argument("--json", action="store_true",
+                          help="print the results as JSON on stdout (progress stays on stderr)")
+    controls.set_defaults(func=_controls_command)
+
+    run = sub.add_parser(
+        "run", parents=[common], help="run tests/threat_model/ and the controls; write a report",
+        description="Run the threat-model suite and every control, then write "
+                    "DIR/threat-model-report.md and DIR/threat-model-report.json.")
+    run.add_argument("--out", type=Path, required=True, metavar="DIR",
+                     help="directory for the report")
+    run.set_defaults(func=_run_command)
+
+
+def _root(args: argparse.Namespace) -> Path:
+    from secagg.audit._workspace import repository_root
+
+    return repository_root((args.repo or Path.cwd()).resolve())
+
+
+def _load(args: argparse.Namespace, root: Path) -> list[Control]:
+    return load_controls(args.controls or root / CONTROLS_FILE)
+
+
+def _relative(root: Path, text: str) -> str:
+    path = Path(text)
+    for candidate in (path, Path.cwd() / path):
+        if candidate.is_absolute() and candidate.resolve().is_relative_to(root):
+            return candidate.resolve().relative_to(root).as_posix()
+    return path.as_posix()
+
+
+def select(controls: list[Control], only: list[str] | None, files: list[str] | None,
+           root: Path) -> list[Control]:
+    chosen = controls
+    if only:
+        known = {c.id for c in controls}
+        unknown = [i for i in only if i not in known]
+        if unknown:
+            raise AuditError(f"unknown control id(s): {', '.join(unknown)}")
+        chosen = [c for c in chosen if c.id in set(only)]
+    if files is not None:
+        wanted = {_relative(root, f) for f in files}
+        chosen = [c for c in chosen if c.file in wanted]
+    return chosen
+
+
+def _settings(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    from secagg.audit._workspace import revision
+
+    commit, dirty = revision(root)
+    return {"repository": {"root": str(root), "commit": commit, "dirty": dirty},
+            "controls_file": str(args.controls or CONTROLS_FILE), "jobs": args.jobs,
+            "timeout": args.timeout}
+
+
+def _controls_command(args: argparse.Namespace) -> int:
+    from secagg.audit._workspace import Workspace
+    from secagg.audit.runner import ControlRunner
+
+    try:
+        root = _root(args)
+        chosen = select(_load(args, root), args.only, args.files, root)
+        if args.list:
+            for c in chosen:
+                print(f"{c.id:<44} {c.file:<32} {c.defence}")
+            return 0
+        if not chosen:
+            print("secagg threat-model: no controls selected", file=sys.stderr)
+            if args.json:
+                print(json.dumps({**_settings(args, root), "controls": [],
+                                  "summary": {"caught": 0, "total": 0, "percent": 100.0}}))
+            return 0
+        print(f"secagg threat-model controls: {len(chosen)} controls, {args.jobs} jobs, "
+              f"timeout {args.timeout:.0f} s", file=sys.stderr)
+        with Workspace(root, keep=args.keep) as ws:
+            print(f"workspace: {ws.dir} ({len(ws.files)} files, uncommitted work included)",
+                  file=sys.stderr)
+            runner = ControlRunner(ws, jobs=args.jobs, timeout=args.timeout, progress=sys.stderr)
+            result = runner.run(chosen)
+        result.settings = _settings(args, root)
+    except AuditError as e:
+        print(f"secagg threat-model: error: {e}", file=sys.stderr)
+        return 2
+    s = result.summary()
+    print(f"caught {s['caught']}/{s['total']} ({s['percent']:.1f}%), {s['missed']} missed, "
+          f"{s['invalid']} invalid, {s['timeout']} timed out, in {result.seconds:.1f} s",
+          file=sys.stderr)
+    for m in s["misses"]:
+        print(f"  MISSED {m['id']}: {m['defence']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    return 0 if result.all_caught else 1
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    from secagg.audit.report import build_report, write_report
+
+    began = time.perf_counter()
+    try:
+        root = _root(args)
+        controls = _load(args, root)
+        print(f"secagg threat-model run: {len(controls)} controls, {args.jobs} jobs",
+              file=sys.stderr)
+        report = build_report(root, controls, jobs=args.jobs, timeout=args.timeout,
+                              keep=args.keep, progress=sys.stderr,
+                              settings=_settings(args, root))
+        md, js = write_report(report, args.out)
+    except AuditError as e:
+        print(f"secagg threat-model: error: {e}", file=sys.stderr)
+        return 2
+    c = report.counts()
+    s = report.controls.summary()
+    print(f"threat model: {c['passed']}/{c['tests']} attacks defeated; controls caught "
+          f"{s['caught']}/{s['total']} ({s['percent']:.1f}%); {time.perf_counter() - began:.0f} s",
+          file=sys.stderr)
+    print(f"wrote {os.path.relpath(md)} and {os.path.relpath(js)}", file=sys.stderr)
+    return 0 if report.ok else 1

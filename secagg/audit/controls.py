@@ -1,0 +1,267 @@
+"""The controls file: for each defence, the edit that removes it and the tests that must fail.
+
+A suite that still passes with a defence removed proves nothing. Each ``[[control]]`` entry of
+``tests/threat_model/controls.toml`` names one defence, the exact source text that implements
+it (``find``, which must occur exactly once in ``file``), the edit that removes it
+(``replace``) and the tests that must fail once the edit is applied. When removing a defence
+needs the same change in two places (a field dropped on both the sealing and the opening
+side), ``edits = [{ find = "...", replace = "..." }, ...]`` replaces ``find``/``replace``; the
+edits are applied in order and each must match exactly once.
+
+Source lines that implement a covered defence carry a ``# defence: <id>`` comment, so that
+"every marked defence has a control" is checkable (:func:`scan_markers`).
+
+This module only reads and checks the file; :mod:`secagg.audit.runner` runs the controls.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import re
+import tokenize
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+CONTROLS_FILE = "tests/threat_model/controls.toml"
+
+# lower-case words joined by '-', at least two of them joined by '.': "hazmat.aead.random-nonce"
+ID_PATTERN = re.compile(r"[a-z0-9]+(?:[-_][a-z0-9]+)*(?:\.[a-z0-9]+(?:[-_][a-z0-9]+)*)+")
+_MARKER = re.compile(r"#\s*defence:\s*(.*)$")
+_NODE_ID = re.compile(r"(?P<path>[^:\[\]]+\.py)(?P<names>(?:::[A-Za-z_]\w*)+)(?P<params>\[.*\])?")
+_REQUIRED = ("id", "defence", "file", "tests")
+_OPTIONAL = ("find", "replace", "edits", "timeout")
+
+
+class AuditError(Exception):
+    """The audit cannot be run as asked (bad controls file, broken workspace, failed baseline)."""
+
+
+class ControlError(AuditError):
+    """One control cannot be applied as written (its find text does not match exactly once)."""
+
+
+@dataclass(frozen=True)
+class Edit:
+    find: str
+    replace: str
+
+
+@dataclass(frozen=True)
+class Control:
+    """One defence, the edit that removes it, and the tests that must fail without it."""
+
+    id: str
+    defence: str
+    file: str
+    edits: tuple[Edit, ...]
+    tests: tuple[str, ...]
+    timeout: float | None = None
+    line: int = field(default=0, compare=False)  # where the entry starts in the controls file
+
+    def apply(self, source: str) -> str:
+        """``source`` with the defence removed; :class:`ControlError` unless every find text
+        occurs exactly once and the result differs from ``source``."""
+        text = source
+        for n, edit in enumerate(self.edits, 1):
+            count = text.count(edit.find)
+            if count != 1:
+                which = f"find text #{n}" if len(self.edits) > 1 else "find text"
+                raise ControlError(
+                    f"{self.id}: {which} occurs {count} times in {self.file}, must be exactly once"
+                )
+            text = text.replace(edit.find, edit.replace)
+        if text == source:
+            raise ControlError(f"{self.id}: the edit does not change {self.file}")
+        return text
+
+
+def _string(entry: Mapping[str, Any], key: str, where: str) -> str:
+    value = entry.get(key)
+    if not isinstance(value, str) or not value:
+        raise AuditError(f"{where}: '{key}' must be a non-empty string")
+    return value
+
+
+def _edits(entry: Mapping[str, Any], where: str) -> tuple[Edit, ...]:
+    has_pair = "find" in entry or "replace" in entry
+    if has_pair == ("edits" in entry):
+        raise AuditError(f"{where}: give either 'find' and 'replace', or 'edits', not both")
+    raw: list[Any] = [entry] if has_pair else entry["edits"]
+    if not isinstance(raw, list) or not raw:
+        raise AuditError(f"{where}: 'edits' must be a non-empty list of {{find, replace}} tables")
+    edits = []
+    for item in raw:
+        if not isinstance(item, dict) or (not has_pair and set(item) != {"find", "replace"}):
+            raise AuditError(f"{where}: each edit is a table with exactly 'find' and 'replace'")
+        find, replace = item.get("find"), item.get("replace")
+        if not isinstance(find, str) or not find or not isinstance(replace, str):
+            raise AuditError(f"{where}: 'find' must be a non-empty string, 'replace' a string")
+        edits.append(Edit(find, replace))
+    return tuple(edits)
+
+
+def split_node_id(node_id: str) -> tuple[str, tuple[str, ...]]:
+    """``("tests/x.py", ("TestClass", "test_f"))`` for ``tests/x.py::TestClass::test_f[p]``."""
+    m = _NODE_ID.fullmatch(node_id)
+    if m is None:
+        raise AuditError(f"'{node_id}' is not a pytest node id (path.py::test_name)")
+    return m["path"], tuple(m["names"].split("::")[1:])
+
+
+def function_id(node_id: str) -> str:
+    """The node id without its parameter suffix: one entry per test function."""
+    path, names = split_node_id(node_id)
+    return "::".join((path, *names))
+
+
+def _control(entry: Any, index: int, lines: Sequence[int]) -> Control:
+    where = f"control #{index + 1}"
+    if not isinstance(entry, dict):
+        raise AuditError(f"{where}: must be a table")
+    if isinstance(entry.get("id"), str):
+        where = f"control '{entry['id']}'"
+    unknown = set(entry) - set(_REQUIRED) - set(_OPTIONAL)
+    if unknown:
+        raise AuditError(f"{where}: unknown keys {sorted(unknown)}")
+    control_id = _string(entry, "id", where)
+    if not ID_PATTERN.fullmatch(control_id):
+        raise AuditError(f"{where}: id must be dotted lower-case words, e.g. 'hazmat.aead.nonce'")
+    file = _string(entry, "file", where)
+    posix = PurePosixPath(file)
+    if posix.is_absolute() or ".." in posix.parts or "\\" in file:
+        raise AuditError(f"{where}: 'file' must be a path relative to the repository root")
+    tests = entry.get("tests")
+    if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
+        raise AuditError(f"{where}: 'tests' must be a non-empty list of pytest node ids")
+    for t in tests:
+        split_node_id(t)
+    timeout = entry.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                                or timeout <= 0):
+        raise AuditError(f"{where}: 'timeout' must be a positive number of seconds")
+    return Control(
+        id=control_id,
+        defence=_string(entry, "defence", where),
+        file=file,
+        edits=_edits(entry, where),
+        tests=tuple(tests),
+        timeout=float(timeout) if timeout is not None else None,
+        line=lines[index] if index < len(lines) else 0,
+    )
+
+
+def parse_controls(text: str, source: str = CONTROLS_FILE) -> list[Control]:
+    """The controls in ``text`` (TOML), checked for shape and unique ids."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise AuditError(f"{source}: {e}") from None
+    unknown = set(data) - {"control"}
+    if unknown:
+        raise AuditError(f"{source}: unknown top-level keys {sorted(unknown)}")
+    entries = data.get("control", [])
+    if not isinstance(entries, list):
+        raise AuditError(f"{source}: 'control' must be an array of tables ([[control]])")
+    lines = [n for n, line in enumerate(text.splitlines(), 1) if line.strip() == "[[control]]"]
+    controls = [_control(entry, i, lines) for i, entry in enumerate(entries)]
+    seen: set[str] = set()
+    for c in controls:
+        if c.id in seen:
+            raise AuditError(f"{source}: duplicate control id '{c.id}'")
+        seen.add(c.id)
+    return controls
+
+
+def load_controls(path: Path) -> list[Control]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise AuditError(f"cannot read the controls file: {e}") from None
+    return parse_controls(text, str(path))
+
+
+# ---- checks that need the repository (cheap: no subprocess) ----------------------------------
+
+
+class DefinedTests:
+    """Which test functions each test file defines, by a cheap AST scan (cached per file)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._defined: dict[str, set[tuple[str, ...]] | None] = {}
+
+    def _scan(self, path: str) -> set[tuple[str, ...]] | None:
+        try:
+            tree = ast.parse((self.root / path).read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, ValueError):
+            return None
+        names: set[tuple[str, ...]] = set()
+        funcs = (ast.FunctionDef, ast.AsyncFunctionDef)
+        for node in tree.body:
+            if isinstance(node, funcs):
+                names.add((node.name,))
+            elif isinstance(node, ast.ClassDef):
+                names.update((node.name, m.name) for m in node.body if isinstance(m, funcs))
+        return names
+
+    def defines(self, node_id: str) -> bool:
+        path, names = split_node_id(node_id)
+        if path not in self._defined:
+            self._defined[path] = self._scan(path)
+        defined = self._defined[path]
+        return defined is not None and names in defined
+
+
+def problems(root: Path, controls: Iterable[Control]) -> dict[str, list[str]]:
+    """Per control id, what makes it unusable: a missing file, a find text that does not match
+    exactly once, an edit that no longer parses, a listed test that does not exist."""
+    index = DefinedTests(root)
+    found: dict[str, list[str]] = {}
+    for c in controls:
+        issues = found.setdefault(c.id, [])
+        try:
+            source = (root / c.file).read_text(encoding="utf-8")
+        except OSError:
+            issues.append(f"file {c.file} does not exist")
+        else:
+            try:
+                edited = c.apply(source)
+            except ControlError as e:
+                issues.append(str(e).removeprefix(f"{c.id}: "))
+            else:
+                if c.file.endswith(".py"):
+                    try:
+                        ast.parse(edited, c.file)
+                    except SyntaxError as e:
+                        issues.append(f"the edited {c.file} does not parse: {e.msg} "
+                                      f"(line {e.lineno})")
+        issues.extend(f"listed test {t} is not defined" for t in c.tests if not index.defines(t))
+    return {k: v for k, v in found.items() if v}
+
+
+@dataclass(frozen=True)
+class Marker:
+    file: str
+    line: int
+    control_id: str
+
+
+def scan_markers(root: Path, package: str = "secagg") -> list[Marker]:
+    """Every ``# defence: <id>[, <id>...]`` comment in the package's Python sources (comments
+    only: a docstring that mentions the syntax is not a marker)."""
+    markers = []
+    for path in sorted((root / package).rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        source = path.read_text(encoding="utf-8")
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type != tokenize.COMMENT:
+                continue
+            m = _MARKER.search(tok.string)
+            if m:
+                for ident in m[1].split(","):
+                    markers.append(Marker(rel, tok.start[0], ident.strip()))
+    return markers

@@ -1,0 +1,318 @@
+"""Run weakened-build controls: remove each defence in a copy and check its tests then fail.
+
+Results per control:
+
+- ``caught``: pytest exited 1, a listed test failed without the defence;
+- ``missed``: pytest exited 0, every listed test still passes: the defence is untested;
+- ``invalid``: the control proves nothing as written: its find text does not match exactly
+  once, a listed test does not exist or already fails without the edit (baseline), the edited
+  file no longer imports, or pytest exited 2-5 (collection or usage error);
+- ``timeout``: pytest ran longer than the control's timeout and was killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from secagg.audit import _pytest_plugin
+from secagg.audit._workspace import PLUGIN_MODULE, Workspace, subprocess_env
+from secagg.audit.controls import AuditError, Control, ControlError, function_id, problems
+
+RESULTS = ("caught", "missed", "invalid", "timeout")
+PYTEST_ARGS = ("-q", "-p", "no:cacheprovider")
+
+
+@dataclass(frozen=True)
+class PytestRun:
+    exit_code: int | None  # None: killed at the timeout
+    output: str
+    seconds: float
+    outcomes: dict[str, str]  # node id -> passed / failed / error / skipped
+    collection_errors: dict[str, str]
+
+    def failed(self) -> list[str]:
+        return [k for k, v in self.outcomes.items() if v in ("failed", "error")]
+
+
+def run_pytest(ws: Workspace, copy: Path, args: Sequence[str], *,
+               timeout: float) -> PytestRun:
+    """``python -m pytest ARGS`` with cwd and PYTHONPATH = ``copy``, recording each test's
+    outcome; the whole process group is killed at the timeout."""
+    fd, name = tempfile.mkstemp(prefix="outcomes-", suffix=".json", dir=ws.dir)
+    os.close(fd)
+    began = time.perf_counter()
+    proc = subprocess.Popen(  # noqa: S603 (our own interpreter and arguments)
+        [sys.executable, "-m", "pytest", "-p", PLUGIN_MODULE, *args], cwd=copy,
+        env=subprocess_env(copy, {_pytest_plugin.ENV: name}, ws.plugin_dir),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        code: int | None = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        code = None
+    seconds = time.perf_counter() - began
+    try:
+        data = json.loads(Path(name).read_text(encoding="utf-8") or "{}")
+    except (OSError, json.JSONDecodeError):
+        data = {}
+    finally:
+        Path(name).unlink(missing_ok=True)
+    return PytestRun(code, out, seconds, dict(data.get("outcomes", {})),
+                     dict(data.get("collection_errors", {})))
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def matching(node_id: str, outcomes: Mapping[str, str]) -> dict[str, str]:
+    """The outcomes of ``node_id``: itself if it names one parameter set, else every parameter
+    set of the test function."""
+    if node_id.endswith("]"):
+        return {k: v for k, v in outcomes.items() if k == node_id}
+    fid = function_id(node_id)
+    return {k: v for k, v in outcomes.items() if function_id(k) == fid}
+
+
+def failing(run: PytestRun, node_ids: Iterable[str]) -> list[str]:
+    """Listed tests that did not pass in ``run`` (or were never collected)."""
+    bad = []
+    for t in node_ids:
+        found = matching(t, run.outcomes)
+        if not found:
+            bad.append(f"{t} (not collected)")
+        bad.extend(f"{k} ({v})" for k, v in sorted(found.items()) if v != "passed")
+    return bad
+
+
+def run_suite(ws: Workspace, paths: Sequence[str], *, timeout: float) -> PytestRun:
+    """Run ``paths`` unmodified in the base copy, recording every test's outcome (a module
+    that fails to import does not stop the others)."""
+    return run_pytest(ws, ws.base, [*PYTEST_ARGS, "--continue-on-collection-errors", *paths],
+                      timeout=timeout)
+
+
+@dataclass
+class ControlResult:
+    control: Control
+    result: str
+    seconds: float = 0.0
+    detail: str = ""  # the failing test when caught; the reason otherwise
+    exit_code: int | None = None
+    output_tail: str = ""
+    failed_tests: list[str] = field(default_factory=list)  # node ids that failed with the edit
+
+    def to_json(self) -> dict[str, Any]:
+        c = self.control
+        out: dict[str, Any] = {
+            "id": c.id, "defence": c.defence, "file": c.file, "tests": list(c.tests),
+            "result": self.result, "seconds": round(self.seconds, 2), "detail": self.detail,
+            "exit_code": self.exit_code, "failed_tests": self.failed_tests,
+        }
+        if self.result != "caught" and self.output_tail:
+            out["output_tail"] = self.output_tail
+        return out
+
+
+@dataclass
+class ControlsRun:
+    results: list[ControlResult]
+    baseline: PytestRun | None
+    seconds: float
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        total = len(self.results)
+        by = {r: [x for x in self.results if x.result == r] for r in RESULTS}
+        caught = len(by["caught"])
+        return {
+            "caught": caught,
+            "total": total,
+            "percent": round(100.0 * caught / total, 1) if total else 100.0,
+            **{r: len(by[r]) for r in RESULTS if r != "caught"},
+            "misses": [{"id": x.control.id, "defence": x.control.defence} for x in by["missed"]],
+            "invalid_controls": [{"id": x.control.id, "detail": x.detail} for x in by["invalid"]],
+            "timeouts": [{"id": x.control.id, "seconds": round(x.seconds, 1)}
+                         for x in by["timeout"]],
+        }
+
+    @property
+    def all_caught(self) -> bool:
+        return all(r.result == "caught" for r in self.results)
+
+    def to_json(self) -> dict[str, Any]:
+        baseline = None
+        if self.baseline is not None:
+            listed = sorted({t for r in self.results for t in r.control.tests})
+            baseline = {"tests": len(listed), "seconds": round(self.baseline.seconds, 2),
+                        "failing": failing(self.baseline, listed)}
+        return {**self.settings, "seconds": round(self.seconds, 1), "baseline": baseline,
+                "controls": [r.to_json() for r in self.results], "summary": self.summary()}
+
+
+class Progress:
+    """The table on stderr: one line per control as it finishes."""
+
+    def __init__(self, stream: TextIO | None, total: int) -> None:
+        self.stream = stream
+        self.total = total
+        self.done = 0
+        self._lock = threading.Lock()
+
+    def say(self, text: str) -> None:
+        if self.stream is not None:
+            with self._lock:
+                print(text, file=self.stream, flush=True)
+
+    def header(self) -> None:
+        self.say(f"{'':>9}  {'result':<8}{'seconds':>8}  {'control':<44}failing test / reason")
+
+    def result(self, r: ControlResult) -> None:
+        with self._lock:
+            self.done += 1
+            n = self.done
+        width = len(str(self.total))
+        detail = r.detail
+        if r.result == "caught" and detail:
+            detail = function_id(detail) + ("[...]" if detail.endswith("]") else "")
+        detail = detail if len(detail) <= 90 else detail[:87] + "..."
+        self.say(f"  [{n:>{width}}/{self.total}]  {r.result:<8}{r.seconds:>8.1f}  "
+                 f"{r.control.id:<44}{detail}")
+
+
+class ControlRunner:
+    """Runs controls in a :class:`Workspace`, ``jobs`` at a time.
+
+    With ``stop_at_first`` (the default) pytest runs with ``-x``: a control is settled by its
+    first failing test. Without it every listed test runs under every control, so that the
+    report can say exactly which tests catch which control.
+    """
+
+    def __init__(self, workspace: Workspace, *, jobs: int = 2, timeout: float = 300.0,
+                 progress: TextIO | None = None, stop_at_first: bool = True) -> None:
+        if jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {jobs}")
+        self.ws = workspace
+        self.jobs = jobs
+        self.timeout = timeout
+        self.stream = progress
+        self.stop_at_first = stop_at_first
+        self._progress: Progress | None = None
+
+    def _say(self, text: str) -> None:
+        if self.stream is not None:
+            print(text, file=self.stream, flush=True)
+
+    def check_base(self) -> None:
+        error = self.ws.check_imports(self.ws.base)
+        if error is not None:
+            raise AuditError(f"the unmodified repository does not import: {error}")
+
+    def baseline(self, controls: Sequence[Control]) -> PytestRun:
+        """Run the union of the listed tests on the unmodified base copy."""
+        listed = sorted({t for c in controls for t in c.tests})
+        self._say(f"baseline: running the {len(listed)} listed tests unmodified ...")
+        run = run_suite(self.ws, listed, timeout=max(self.timeout, 600.0))
+        if run.exit_code not in (0, 1):
+            self._say(f"baseline: pytest exited with {run.exit_code}:\n{_tail(run.output)}")
+        bad = failing(run, listed)
+        self._say(f"baseline: {len(listed) - len(bad)}/{len(listed)} listed tests pass "
+                  f"unmodified ({run.seconds:.1f} s)")
+        for f in bad:
+            self._say(f"  FAILS WITHOUT ANY EDIT: {f}")
+        return run
+
+    def run(self, controls: Sequence[Control], baseline: PytestRun | None = None) -> ControlsRun:
+        """Every control's result, in the order given. A control whose listed tests do not
+        all pass on the baseline is invalid (it could not prove anything)."""
+        began = time.perf_counter()
+        self.check_base()
+        # a listed test that does not exist would make pytest refuse the whole baseline run
+        static = problems(self.ws.base, controls)
+        if baseline is None:
+            baseline = self.baseline([c for c in controls if c.id not in static])
+        results: dict[str, ControlResult] = {}
+        progress = self._progress = Progress(self.stream, len(controls))
+        progress.header()
+        runnable = []
+        for c in controls:
+            reasons = static.get(c.id, [])
+            bad = failing(baseline, c.tests)
+            if bad and not reasons:
+                reasons = ["listed test fails without the edit: " + ", ".join(bad)]
+            if reasons:
+                results[c.id] = ControlResult(c, "invalid", detail="; ".join(reasons))
+                progress.result(results[c.id])
+            else:
+                runnable.append(c)
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            for c, r in zip(runnable, pool.map(self._run_one, runnable,
+                                               range(len(runnable))), strict=True):
+                results[c.id] = r
+        return ControlsRun([results[c.id] for c in controls], baseline,
+                           time.perf_counter() - began)
+
+    def _run_one(self, control: Control, index: int) -> ControlResult:
+        result = self._attempt(control, index)
+        if self._progress is not None:
+            self._progress.result(result)
+        return result
+
+    def _attempt(self, control: Control, index: int) -> ControlResult:
+        began = time.perf_counter()
+        try:
+            edited = control.apply((self.ws.base / control.file).read_text(encoding="utf-8"))
+        except (ControlError, OSError) as e:
+            return ControlResult(control, "invalid", detail=str(e))
+        copy = self.ws.make_copy(f"{index:03d}-{control.id}", control.file, edited)
+        timeout = control.timeout or self.timeout
+        try:
+            error = self.ws.check_imports(copy, control.file, timeout=timeout)
+            if error is not None:
+                return ControlResult(control, "invalid", time.perf_counter() - began,
+                                     detail=f"the edited {control.file} no longer imports: "
+                                            f"{error}")
+            args = ["-x", *PYTEST_ARGS] if self.stop_at_first else [*PYTEST_ARGS]
+            run = run_pytest(self.ws, copy, [*args, *control.tests],
+                             timeout=max(1.0, timeout - (time.perf_counter() - began)))
+        finally:
+            self.ws.remove_copy(copy)
+        return classify(control, run, time.perf_counter() - began, timeout)
+
+
+def classify(control: Control, run: PytestRun, seconds: float, timeout: float) -> ControlResult:
+    """caught / missed / invalid / timeout from a pytest run on the edited copy."""
+    tail = _tail(run.output)
+    failed = run.failed()
+    if run.exit_code is None:
+        return ControlResult(control, "timeout", seconds, detail=f"killed after {timeout:.0f} s",
+                             output_tail=tail, failed_tests=failed)
+    if run.exit_code == 1:
+        return ControlResult(control, "caught", seconds, detail=failed[0] if failed else "",
+                             exit_code=1, failed_tests=failed)
+    if run.exit_code == 0:
+        return ControlResult(control, "missed", seconds,
+                             detail="every listed test passes without the defence",
+                             exit_code=0, output_tail=tail)
+    kind = {2: "interrupted or collection error", 3: "internal error", 4: "usage error",
+            5: "no tests collected"}.get(run.exit_code, "crashed")
+    detail = f"pytest exit code {run.exit_code} ({kind})"
+    errors = [ln for ln in run.output.splitlines() if ln.startswith(("E ", "ERROR"))]
+    if errors:
+        detail += ": " + errors[0].removeprefix("E").strip()
+    return ControlResult(control, "invalid", seconds, detail=detail, exit_code=run.exit_code,
+                         output_tail=tail, failed_tests=failed)

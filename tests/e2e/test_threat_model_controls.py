@@ -1,0 +1,85 @@
+"""The controls runner end to end: each edit lands in a throw-away copy, never in the
+repository, and each outcome is classified (caught, missed, invalid)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from secagg.audit import AuditError
+from secagg.audit._workspace import Workspace
+from secagg.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+AEAD = "secagg/hazmat/aead.py"
+UNIT = "tests/unit/test_aead.py"
+
+CONTROLS = f'''
+[[control]]
+id = "demo.caught"
+defence = "fresh nonces"
+file = "{AEAD}"
+find = 'nonce = os.urandom(NONCE_BYTES)'
+replace = 'nonce = bytes(NONCE_BYTES)'
+tests = ["{UNIT}::test_two_seals_of_the_same_plaintext_use_different_nonces"]
+
+[[control]]
+id = "demo.missed"
+defence = "a comment is no defence"
+file = "{AEAD}"
+find = '# defence: hazmat.aead.random-nonce'
+replace = '# nothing'
+tests = ["{UNIT}::test_seal_then_open_round_trips"]
+
+[[control]]
+id = "demo.breaks-import"
+defence = "an edit that breaks the import proves nothing"
+file = "{AEAD}"
+find = 'import os'
+replace = 'import os_that_does_not_exist'
+tests = ["{UNIT}::test_seal_then_open_round_trips"]
+
+[[control]]
+id = "demo.not-found"
+defence = "a find text that is not in the file"
+file = "{AEAD}"
+find = 'this text is nowhere in the file'
+replace = 'x'
+tests = ["{UNIT}::test_seal_then_open_round_trips"]
+'''
+
+
+def test_controls_are_classified_and_the_repository_is_untouched(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    controls = tmp_path / "controls.toml"
+    controls.write_text(CONTROLS)
+    before = hashlib.sha256((ROOT / AEAD).read_bytes()).hexdigest()
+    code = main(["threat-model", "controls", "--repo", str(ROOT), "--controls", str(controls),
+                 "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert hashlib.sha256((ROOT / AEAD).read_bytes()).hexdigest() == before
+    results = {c["id"]: c for c in out["controls"]}
+    assert {k: v["result"] for k, v in results.items()} == {
+        "demo.caught": "caught", "demo.missed": "missed", "demo.breaks-import": "invalid",
+        "demo.not-found": "invalid",
+    }
+    assert results["demo.caught"]["failed_tests"] == [
+        f"{UNIT}::test_two_seals_of_the_same_plaintext_use_different_nonces"]
+    assert "no longer imports" in results["demo.breaks-import"]["detail"]
+    assert "occurs 0 times" in results["demo.not-found"]["detail"]
+    assert out["summary"]["caught"] == 1 and out["summary"]["total"] == 4
+    assert out["summary"]["misses"] == [{"id": "demo.missed",
+                                         "defence": "a comment is no defence"}]
+    assert out["baseline"]["failing"] == []
+    assert code == 1  # not everything was caught
+
+
+def test_a_copy_that_imports_the_installed_package_fails_loudly(tmp_path: Path) -> None:
+    # an empty directory has no secagg/: 'import secagg' would fall through to the editable
+    # install, so the tests would never see an edit
+    with Workspace(ROOT) as ws, pytest.raises(AuditError, match="outside the copy"):
+        ws.check_imports(tmp_path)

@@ -1,0 +1,264 @@
+"""Adversary: an aggregator or a site that makes a CKKS key holder decrypt what it should not.
+
+A key holder that decrypts whatever it is handed leaks: one site's update relabelled as an
+aggregate, or the secret key itself (the decryption of (0, c) is c * s). These are the attacks
+of the issue 6 review, each played against the release path users run
+(:mod:`secagg.ckks.release`), plus the key-announcement, replay and averaging attacks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from secagg.ckks import (
+    CkksClient,
+    CkksRoundConfig,
+    CkksServer,
+    EncryptedAggregate,
+    EncryptedUpdate,
+    KeyHolder,
+    Release,
+    _seal,
+    decrypt_verified_sum,
+    release_average,
+)
+from secagg.ckks._seal import Kind
+from secagg.ckks.presets import FLOOD_FACTOR
+from secagg.errors import (
+    ConfigurationError,
+    InvalidMessage,
+    ProtocolAbort,
+    RefusalReason,
+    RefusedMessage,
+)
+from tests.ckks_kit import CkksRound
+
+
+def _crafted_chunk(r: CkksRound, c0: int, c1: int) -> bytes:
+    """A full ciphertext (c0, c1) with constant polynomials, in our canonical format (in NTT
+    form a constant polynomial has every coefficient equal to it)."""
+    layout = _seal._layout(r.public.seal_context)
+    n = r.config.preset_params.poly_modulus_degree
+    coefficients = np.array([c0] * n + [c1] * n, dtype=np.uint64)
+    return bytes([_seal.FORMAT_VERSION, Kind.FULL]) + layout.kinds[Kind.FULL].packer.pack(
+        coefficients)
+
+
+def _signed(r: CkksRound, site: int, chunks: tuple[bytes, ...], seeded: bool) -> EncryptedUpdate:
+    sig = r.identities[site].sign(EncryptedUpdate.signed_bytes(
+        r.config.params_digest, site, r.config.key_id, seeded, chunks))
+    return EncryptedUpdate(r.config.round_id, r.config.key_id, site, chunks, seeded, sig)
+
+
+def test_one_upload_relabelled_as_the_aggregate_of_three_sites_is_refused() -> None:
+    """The aggregator hands the key holder site 2's upload as "the aggregate of 1, 2, 3"."""
+    r = CkksRound(sites=3, vector_length=100)
+    uploads, aggregate = r.run()
+    lone = uploads[1]
+    forged = replace(aggregate, chunks=tuple(
+        _seal.dump_ciphertext(_seal.load_ciphertext(r.public.seal_context, c,
+                                                    scale=r.config.preset_params.scale),
+                              r.public.seal_context, scale=r.config.preset_params.scale)
+        for c in lone.chunks))
+    with pytest.raises(RefusedMessage) as caught:
+        release_average(r.holder, r.config, forged, uploads)
+    assert caught.value.reason is RefusalReason.AGGREGATE_MISMATCH
+    # ... and with only that site's upload forwarded, too few sites
+    with pytest.raises(ProtocolAbort):
+        release_average(r.holder, r.config, replace(forged, sites=(2,)), [lone])
+    # ... and the same upload forwarded three times counts once
+    with pytest.raises(RefusedMessage) as caught:
+        release_average(r.holder, r.config, forged, [lone, lone, lone])
+    assert caught.value.reason is RefusalReason.DUPLICATE_SITE
+    assert not r.holder.releases
+
+
+def test_crafted_aggregate_with_zero_c0_and_chosen_c1_is_never_decrypted() -> None:
+    """(0, c): its decryption is c * s, the secret key, flooding or not."""
+    r = CkksRound(sites=3, vector_length=100)
+    uploads, aggregate = r.run()
+    crafted = replace(aggregate, chunks=(_crafted_chunk(r, 0, 1 << 20),))
+    with pytest.raises(RefusedMessage) as caught:
+        release_average(r.holder, r.config, crafted, uploads)
+    assert caught.value.reason is RefusalReason.AGGREGATE_MISMATCH
+    # an aggregator cannot forge the sites' upload signatures either
+    forged = replace(uploads[0], chunks=(_crafted_chunk(r, 0, 1 << 20),))
+    with pytest.raises(InvalidMessage):
+        release_average(r.holder, r.config, crafted, [forged, *uploads[1:]])
+    assert not r.holder.releases
+
+
+def test_malicious_site_adding_a_c1_term_to_its_own_upload_gets_no_release() -> None:
+    """With an honest aggregator, a site signs an upload holding (0, c) and hopes to read
+    c * s off the published average. The key holder's own sum then decrypts to values no
+    honest round produces (imaginary parts and padding far above the noise): refused."""
+    r = CkksRound(sites=3, vector_length=100)  # one chunk of 2048 slots
+    for c1 in (1 << 30, 1 << 12):
+        r = CkksRound(sites=3, vector_length=100)
+        honest = [r.client(s).start() for s in (1, 2)]
+        evil = _signed(r, 3, (_crafted_chunk(r, 0, c1),), seeded=False)
+        server = CkksServer(r.config, r.public)
+        for u in (*honest, evil):
+            server.handle(u)  # canonical, correctly signed: the aggregator must accept it
+        aggregate = server.close_stage()[1]
+        with pytest.raises(RefusedMessage) as caught:
+            release_average(r.holder, r.config, aggregate, [*honest, evil])
+        assert caught.value.reason is RefusalReason.OUT_OF_RANGE, c1
+        assert not r.holder.releases
+
+
+def test_key_announcement_not_signed_by_a_key_holder_is_refused_before_encrypting() -> None:
+    """Whoever hands a site its round configuration could name a key of its own."""
+    r = CkksRound(sites=4, vector_length=10)
+    rogue = KeyHolder.generate()
+    unsigned = replace(r.announcement, key_id=rogue.key_id)
+    with pytest.raises(ConfigurationError, match="not signed"):
+        replace(r.config, announcement=unsigned)
+    # signed by a roster site that is not a key holder
+    by_site_3 = rogue.announce(holder=3, identity=r.identities[3], epoch=r.config.round_id)
+    with pytest.raises(ConfigurationError, match="key holders"):
+        replace(r.config, announcement=by_site_3)
+    # signed by the holder's key, but moved to another epoch or preset
+    with pytest.raises(ConfigurationError):
+        replace(r.config, announcement=replace(r.announcement, epoch="later"))
+    with pytest.raises(ConfigurationError):
+        replace(r.config, announcement=replace(r.announcement, max_rounds=100))
+    # a site given the rogue's context for the real announcement cannot encrypt under it
+    with pytest.raises(RefusedMessage):
+        CkksClient(r.config, 2, r.identities[2], rogue.public_context(), r.inputs[2])
+
+
+def test_release_is_identical_every_time_and_for_every_key_holder() -> None:
+    """Independent flooding noise per release would let an observer average it away."""
+    r = CkksRound(sites=3, vector_length=500)
+    sealed_to_2 = KeyHolder.from_secret_context(r.holder.export_secret_context())
+    uploads, aggregate = r.run()
+    first = release_average(r.holder, r.config, aggregate, uploads)
+    again = release_average(r.holder, r.config, aggregate, uploads)
+    other = release_average(sealed_to_2, r.config, aggregate, uploads)
+    np.testing.assert_array_equal(first.average, again.average)
+    np.testing.assert_array_equal(first.average, other.average)
+
+
+def test_release_is_flooded_with_noise_of_the_documented_size_from_the_secret() -> None:
+    """Without flooding the release carries the decryption noise (which leaks the key, Li and
+    Micciancio 2021); with noise from a fixed key anyone could subtract it."""
+    noises = []
+    for _ in range(2):
+        r = CkksRound(sites=3, vector_length=4000, seed=11)  # same inputs, fresh keys
+        uploads, aggregate = r.run()
+        raw, _ = decrypt_verified_sum(r.holder, r.config, uploads)
+        released = release_average(r.holder, r.config, aggregate, uploads)
+        noise = released.average * released.weight_sum - raw
+        sigma = FLOOD_FACTOR * r.config.preset_params.noise_bound(3)
+        assert 0.5 * sigma < float(np.std(noise)) < 2 * sigma
+        noises.append(noise)
+    assert abs(float(np.corrcoef(noises[0], noises[1])[0, 1])) < 0.1
+
+
+def test_second_release_of_a_round_with_other_uploads_is_refused() -> None:
+    """A round restarted under the same id (same key, epoch mode) would let the aggregator
+    release two sums that differ by one site: their difference is that site's update."""
+    r = CkksRound(sites=4, vector_length=50, epoch="epoch-1", max_rounds=5)
+    uploads, aggregate = r.run([1, 2, 3, 4])
+    release_average(r.holder, r.config, aggregate, uploads)
+    again = CkksRound.__new__(CkksRound)
+    again.__dict__.update(r.__dict__)
+    again.server = CkksServer(r.config, r.public)
+    fewer, smaller = again.run([1, 2, 3])
+    with pytest.raises(RefusedMessage) as caught:
+        release_average(r.holder, r.config, smaller, fewer)
+    assert caught.value.reason is RefusalReason.ALREADY_RELEASED
+
+
+def test_fresh_key_per_round_refuses_replayed_uploads_and_a_second_round() -> None:
+    r = CkksRound(sites=3, vector_length=50)  # max_rounds=1: a fresh key per round
+    uploads, aggregate = r.run()
+    release_average(r.holder, r.config, aggregate, uploads)
+    # the same key cannot serve another round ...
+    next_config = replace(r.config, round_id="next", epoch=r.config.epoch)
+    server = CkksServer(next_config, r.public)
+    next_uploads = [CkksClient(next_config, s, r.identities[s],
+                               r.holder if s == 1 else r.public, r.inputs[s]).start()
+                    for s in r.roster]
+    for u in next_uploads:
+        server.handle(u)
+    with pytest.raises(RefusedMessage) as caught:
+        release_average(r.holder, next_config, server.close_stage()[1], next_uploads)
+    assert caught.value.reason is RefusalReason.KEY_EXHAUSTED
+    # ... and a restarted round gets a fresh key: the old uploads no longer verify
+    fresh = CkksRound(sites=3, vector_length=50)
+    with pytest.raises((RefusedMessage, InvalidMessage)):
+        fresh.server.handle(replace(uploads[0], key_id=fresh.config.key_id))
+    with pytest.raises(RefusedMessage):
+        fresh.server.handle(uploads[0])
+
+
+def test_upload_signature_covers_every_chunk() -> None:
+    """Swapping in a chunk of another valid encryption without re-signing is refused (a
+    signature over everything but the ciphertexts would let anyone substitute them)."""
+    r = CkksRound(sites=3, vector_length=3000)
+    a, b = r.client(2).start(), r.client(2).start()
+    swapped = replace(a, chunks=(b.chunks[0], *a.chunks[1:]))
+    with pytest.raises(InvalidMessage):
+        r.server.handle(swapped)
+    with pytest.raises(InvalidMessage):
+        Release(r.holder, r.config).add(swapped)
+
+
+def test_aggregator_refuses_to_be_handed_a_key_holder() -> None:
+    r = CkksRound(sites=3, vector_length=10)
+    with pytest.raises(RefusedMessage) as caught:
+        CkksServer(r.config, r.holder)  # type: ignore[arg-type]
+    assert caught.value.reason is RefusalReason.CONTEXT_HAS_SECRET_KEY
+
+
+@pytest.mark.parametrize("field", ["round_id", "key_id", "site_id", "chunks", "seeded",
+                                   "signature"])
+def test_malformed_upload_fields_are_secagg_errors(field: str) -> None:
+    r = CkksRound(sites=3, vector_length=10)
+    upload = r.client(2).start()
+    bad = {"round_id": 7, "key_id": "k" * 32, "site_id": "2", "chunks": list(upload.chunks),
+           "seeded": 1, "signature": None}[field]
+    with pytest.raises(InvalidMessage):
+        r.server.handle(replace(upload, **{field: bad}))
+    with pytest.raises(InvalidMessage):
+        Release(r.holder, r.config).add(replace(upload, **{field: bad}))
+
+
+def test_sum_beyond_the_range_is_refused_not_wrapped() -> None:
+    """A site encrypting values beyond clip (its own encoder, correctly signed) would make the
+    sum wrap modulo q: 2049 decrypts as -2047. The release refuses anything out of range."""
+    r = CkksRound(sites=3, vector_length=100)
+    honest = [r.client(s).start() for s in (1, 2)]
+    rows = np.zeros((1, r.config.preset_params.slots))
+    rows[0, :100] = 2049.0
+    rows[0, 100] = 0.5
+    from secagg.ckks._chunks import ChunkEncryptor
+
+    enc = ChunkEncryptor.for_context(r.public, seeded=False)
+    evil = _signed(r, 3, (enc.encrypt_row(rows[0]),), seeded=False)
+    server = CkksServer(r.config, r.public)
+    for u in (*honest, evil):
+        server.handle(u)
+    with pytest.raises(RefusedMessage) as caught:
+        release_average(r.holder, r.config, server.close_stage()[1], [*honest, evil])
+    assert caught.value.reason is RefusalReason.OUT_OF_RANGE
+
+
+def test_release_for_another_round_or_key_is_refused() -> None:
+    r = CkksRound(sites=3, vector_length=10)
+    uploads, aggregate = r.run()
+    with pytest.raises(RefusedMessage, match="WRONG_ROUND"):
+        release_average(r.holder, r.config, replace(aggregate, round_id="other"), uploads)
+    other = KeyHolder.generate()
+    with pytest.raises(RefusedMessage, match="WRONG_KEY_ID"):
+        release_average(other, r.config, aggregate, uploads)
+    with pytest.raises(InvalidMessage):
+        release_average(r.holder, r.config, "aggregate", uploads)  # type: ignore[arg-type]
+    assert isinstance(aggregate, EncryptedAggregate)
+    with pytest.raises(ConfigurationError):
+        CkksRoundConfig(r.config.round_id, r.roster, r.announcement, (1,), 10, epoch="")

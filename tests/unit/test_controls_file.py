@@ -1,0 +1,143 @@
+"""The weakened-build controls file is well formed, and every marked defence has a control.
+
+Cheap static checks (no subprocess): running the controls is ``secagg threat-model controls``.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from secagg.audit.controls import (
+    CONTROLS_FILE,
+    AuditError,
+    Control,
+    ControlError,
+    DefinedTests,
+    load_controls,
+    parse_controls,
+    scan_markers,
+    split_node_id,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def controls() -> list[Control]:
+    return load_controls(ROOT / CONTROLS_FILE)
+
+
+def test_ids_are_unique_and_dotted(controls: list[Control]) -> None:
+    counts = Counter(c.id for c in controls)
+    assert [i for i, n in counts.items() if n > 1] == []
+    raw_ids = re.findall(r'^id\s*=\s*"([^"]*)"', (ROOT / CONTROLS_FILE).read_text(), re.M)
+    assert len(raw_ids) == len(controls)  # no entry lost to a TOML quirk
+    assert all("." in c.id for c in controls)
+
+
+def test_every_find_text_occurs_exactly_once_and_the_edit_changes_the_file(
+    controls: list[Control],
+) -> None:
+    bad = []
+    for c in controls:
+        path = ROOT / c.file
+        if not path.is_file():
+            bad.append(f"{c.id}: {c.file} does not exist")
+            continue
+        source = path.read_text(encoding="utf-8")
+        try:
+            edited = c.apply(source)
+        except ControlError as e:
+            bad.append(str(e))
+            continue
+        assert edited != source
+        if c.file.endswith(".py"):
+            try:
+                ast.parse(edited)
+            except SyntaxError as e:
+                bad.append(f"{c.id}: the edited {c.file} does not parse ({e.msg}, line {e.lineno})")
+    assert bad == []
+
+
+def test_every_listed_test_exists(controls: list[Control]) -> None:
+    index = DefinedTests(ROOT)
+    missing = [f"{c.id}: {t}" for c in controls for t in c.tests if not index.defines(t)]
+    assert missing == []
+
+
+def test_every_defence_marker_in_the_code_has_a_control(controls: list[Control]) -> None:
+    ids = {c.id for c in controls}
+    markers = scan_markers(ROOT)
+    assert markers, "no '# defence: <id>' markers found under secagg/"
+    orphans = [f"{m.file}:{m.line}: {m.control_id}" for m in markers if m.control_id not in ids]
+    assert orphans == []
+
+
+def test_a_marked_control_points_at_the_file_that_carries_its_marker(
+    controls: list[Control],
+) -> None:
+    by_id = {c.id: c for c in controls}
+    wrong = [f"{m.file}:{m.line}: {m.control_id} edits {by_id[m.control_id].file}"
+             for m in scan_markers(ROOT)
+             if m.control_id in by_id and by_id[m.control_id].file != m.file]
+    assert wrong == []
+
+
+# ---- the checker itself ----------------------------------------------------------------------
+
+_ENTRY = '''
+[[control]]
+id = "demo.check"
+defence = "a demo defence"
+file = "secagg/_inputs.py"
+find = 'if arr.ndim != 1:'
+replace = 'if False:'
+tests = ["tests/unit/test_inputs.py::test_check_update_refuses_naming_the_parameter"]
+'''
+
+
+def test_parser_refuses_duplicates_unknown_keys_and_bad_ids() -> None:
+    assert [c.id for c in parse_controls(_ENTRY)] == ["demo.check"]
+    with pytest.raises(AuditError, match="duplicate"):
+        parse_controls(_ENTRY + _ENTRY)
+    with pytest.raises(AuditError, match="unknown keys"):
+        parse_controls(_ENTRY.replace("tests =", "test = 1\ntests ="))
+    with pytest.raises(AuditError, match="dotted"):
+        parse_controls(_ENTRY.replace('"demo.check"', '"Demo Check"'))
+    with pytest.raises(AuditError, match="either"):
+        parse_controls(_ENTRY.replace("find =", "edits = []\nfind ="))
+    with pytest.raises(AuditError, match="relative"):
+        parse_controls(_ENTRY.replace("secagg/_inputs.py", "/etc/passwd"))
+    with pytest.raises(AuditError, match="node id"):
+        parse_controls(_ENTRY.replace("::test_check", ":test_check"))
+
+
+def test_find_must_match_exactly_once() -> None:
+    control = parse_controls(_ENTRY)[0]
+    assert control.apply("x\nif arr.ndim != 1:\n") == "x\nif False:\n"
+    with pytest.raises(ControlError, match="occurs 0 times"):
+        control.apply("nothing here")
+    with pytest.raises(ControlError, match="occurs 2 times"):
+        control.apply("if arr.ndim != 1:\nif arr.ndim != 1:\n")
+
+
+def test_node_ids_and_markers_are_read_as_written(tmp_path: Path) -> None:
+    assert split_node_id("tests/a.py::TestX::test_y[1-2]") == ("tests/a.py", ("TestX", "test_y"))
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "t.py").write_text("class TestX:\n    def test_y(self): pass\n"
+                                             "def test_z(): pass\n")
+    index = DefinedTests(tmp_path)
+    assert index.defines("tests/t.py::TestX::test_y[p]")
+    assert index.defines("tests/t.py::test_z")
+    assert not index.defines("tests/t.py::test_y")
+    assert not index.defines("tests/missing.py::test_z")
+    (tmp_path / "secagg").mkdir()
+    (tmp_path / "secagg" / "m.py").write_text(
+        '"""Mark defences with # defence: <id>."""\n'
+        "x = 1  # defence: a.b, c.d\n")
+    assert [(m.line, m.control_id) for m in scan_markers(tmp_path)] == [(2, "a.b"), (2, "c.d")]
