@@ -14,20 +14,34 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def masking_pb2(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every .proto compiled by one protoc run (grpc_tools' protoc may abort when it is run
+    twice in one process)."""
     from grpc_tools import protoc
 
     out = tmp_path_factory.mktemp("pb")
-    rc = protoc.main(["protoc", f"-I{ROOT / 'protos'}", f"--python_out={out}",
-                      str(ROOT / "protos/secagg/v1/masking.proto")])
-    assert rc == 0
+    protos = sorted(str(p) for p in (ROOT / "protos/secagg/v1").glob("*.proto"))
+    assert protoc.main(["protoc", f"-I{ROOT / 'protos'}", f"--python_out={out}", *protos]) == 0
+    return out
+
+
+def _load(compiled: Path, name: str):  # type: ignore[no-untyped-def]
     # loaded from its file: its package name, secagg.v1, would resolve inside our own package
-    spec = importlib.util.spec_from_file_location("masking_pb2",
-                                                  out / "secagg/v1/masking_pb2.py")
+    spec = importlib.util.spec_from_file_location(name, compiled / f"secagg/v1/{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def masking_pb2(compiled: Path):  # type: ignore[no-untyped-def]
+    return _load(compiled, "masking_pb2")
+
+
+@pytest.fixture(scope="module")
+def ckks_pb2(compiled: Path):  # type: ignore[no-untyped-def]
+    return _load(compiled, "ckks_pb2")
 
 
 def _proto_enum(pb2, name: str, prefix: str) -> dict[str, int]:  # type: ignore[no-untyped-def]
@@ -58,3 +72,25 @@ def test_message_fields_match_the_core(masking_pb2) -> None:  # type: ignore[no-
     # the wire adds the word size to the masked input; everything the core has is on the wire
     masked = set(masking_pb2.DESCRIPTOR.message_types_by_name["MaskedInput"].fields_by_name)
     assert {f.name for f in dataclasses.fields(messages.MaskedInput)} | {"word_bits"} == masked
+
+
+def test_ckks_enums_and_messages_match_the_core(ckks_pb2) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    from secagg.ckks import keys
+    from secagg.ckks import round as ckks_round
+    from secagg.errors import RefusalReason
+
+    stages = {v.name: v.number for v in ckks_pb2.CkksStage.DESCRIPTOR.values}
+    assert stages == {
+        s.name if s.name.startswith("CKKS_STAGE_") else f"CKKS_STAGE_{s.name}": s.value
+        for s in ckks_round.CkksStage}
+    reasons = {v.name: v.number for v in ckks_pb2.RefusalReason.DESCRIPTOR.values}
+    assert reasons == {
+        r.name if r.name.startswith("REFUSAL_REASON_") else f"REFUSAL_REASON_{r.name}": r.value
+        for r in RefusalReason}
+    for module, name in ((keys, "KeyAnnouncement"), (ckks_round, "EncryptedUpdate"),
+                         (ckks_round, "EncryptedAggregate"), (ckks_round, "ReleasedAverage")):
+        proto_fields = set(ckks_pb2.DESCRIPTOR.message_types_by_name[name].fields_by_name)
+        core_fields = {f.name for f in dataclasses.fields(getattr(module, name))}
+        assert core_fields == proto_fields, name
