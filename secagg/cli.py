@@ -28,6 +28,12 @@ def _positive(text: str) -> int:
     return value
 
 
+def _neighbors(text: str) -> int | str:
+    if text == "auto":
+        return text
+    return _positive(text)
+
+
 def _demo(args: argparse.Namespace) -> int:
     if args.protocol == "ckks":
         return _demo_ckks(args)
@@ -45,8 +51,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     print(f"secagg demo: pairwise-masking round of {args.sites} simulated hospital sites, "
           f"{args.params:,} parameters each")
-    print(f"  threshold {config.reconstruction_threshold} of {args.sites} "
-          f"(corrupt fraction {config.corrupt_fraction}), complete graph")
+    print(f"  {config.graph.describe()} (corrupt fraction {config.corrupt_fraction})")
     for site, stage in sorted(dropouts.items()):
         print(f"  site {site} will drop out at {stage.name}")
     began = time.perf_counter()
@@ -71,7 +76,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _demo_ckks(args: argparse.Namespace) -> int:
-    from secagg.ckks import CkksClient, CkksRoundConfig, CkksServer, KeyHolder, PublicContext
+    from secagg.ckks import (
+        CkksClient,
+        CkksRoundConfig,
+        CkksServer,
+        KeyHolder,
+        PublicContext,
+        ReleaseRequest,
+    )
     from secagg.hazmat.key_agreement import AgreementKey
     from secagg.masking import make_roster
 
@@ -94,7 +106,9 @@ def _demo_ckks(args: argparse.Namespace) -> int:
     public_bytes = holder.public_context().serialize()
     public = PublicContext.load(public_bytes)
     print(f"  the aggregator got the public context ({len(public_bytes):,} bytes, no secret key)")
-    config = CkksRoundConfig("demo-ckks-1", roster, holder.key_id, (1, 2),
+    announcement = holder.announce(holder=1, identity=identities[1], epoch="demo-ckks-1")
+    print("  site 1 signed the key's announcement (valid for one round: a fresh key per round)")
+    config = CkksRoundConfig("demo-ckks-1", roster, announcement, (1, 2),
                              vector_length=args.params)
     server = CkksServer(config, public)
     inputs = {s: (rng.normal(0, 0.3, args.params), float(rng.integers(100, 5000)) / 5000)
@@ -103,22 +117,26 @@ def _demo_ckks(args: argparse.Namespace) -> int:
     holders = {1: holder, 2: holder2}
     clients = {}
     total_bytes = 0
+    uploads = []
     for site in sorted(roster):
         clients[site] = CkksClient(config, site, identities[site],
                                    holders.get(site, public), inputs[site])
         upload = clients[site].start()
         total_bytes += upload.nbytes
         server.handle(upload)
+        uploads.append(upload)
         mode = "seeded, secret-key" if upload.seeded else "public-key"
         print(f"  site {site} uploaded {upload.nbytes:,} bytes ({mode})")
     aggregate = server.close_stage()[1]
-    released = clients[1].handle(aggregate)
+    released = clients[1].handle(ReleaseRequest(aggregate, uploads))
     elapsed = time.perf_counter() - began
     weights = sum(w for _, w in inputs.values())
     plain_avg = sum(u.clip(-1, 1) * w for u, w in inputs.values()) / weights
     err = float(np.max(np.abs(released.average - plain_avg)))
     print(f"  the aggregator added {len(aggregate.sites)} ciphertext updates; key holder site 1 "
-          f"released the average, rounded to a {released.grid:.1e} grid, in {elapsed:.2f} s")
+          "re-added the signed uploads itself, found the aggregate equal to their sum, and "
+          f"released the average, flooded and rounded to a {released.grid:.1e} grid "
+          f"({elapsed:.2f} s in all)")
     print(f"  max |released average - plaintext average| = {err:.2e}; "
           f"{total_bytes / len(roster) / (args.params + 1):.1f} bytes per value on the wire")
     return 0
@@ -129,7 +147,8 @@ def _bench(args: argparse.Namespace) -> int:
         from secagg.bench.masking import run
 
         out = run(args.clients, args.params, args.dropout, args.neighbors, args.threshold,
-                  args.seed, quiet=args.json, workers=args.workers)
+                  args.seed, quiet=args.json, workers=args.workers,
+                  corrupt_fraction=args.corrupt_fraction, dropout_rate=args.dropout_rate)
     else:
         from secagg.bench.ckks import run as run_ckks
 
@@ -160,8 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     masking.add_argument("--clients", type=_positive, default=100)
     masking.add_argument("--params", type=_positive, default=1_000_000)
     masking.add_argument("--dropout", type=_fraction, default=0.1)
-    masking.add_argument("--neighbors", type=_positive, default=None)
+    masking.add_argument("--neighbors", type=_neighbors, default=None,
+                         help="k for SecAgg+ (even), or 'auto'; default: the complete graph")
     masking.add_argument("--threshold", type=_positive, default=None)
+    masking.add_argument("--corrupt-fraction", type=_fraction, default=0.2,
+                         help="fraction of sites that may collude with the aggregator")
+    masking.add_argument("--dropout-rate", type=_fraction, default=None,
+                         help="expected dropout the SecAgg+ bound plans for "
+                              "(default: --dropout)")
     masking.add_argument("--seed", type=int, default=1)
     masking.add_argument("--workers", type=_positive, default=min(2, os.cpu_count() or 1),
                          help="processes sharing mask expansion (default: cores, at most 2)")
