@@ -13,6 +13,7 @@ no per-call allocation of mask-sized arrays.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -168,6 +169,25 @@ def _worker_combined(terms: Sequence[MaskTerm], start_word: int, length: int,
     return expander.bytes_generated - before
 
 
+class PendingMasks:
+    """Masks whose far ranges helper processes are expanding; apply them once, to one vector."""
+
+    def __init__(self, owner: RangeSplitMasker, terms: list[MaskTerm],
+                 futures: list[Any], lo: int) -> None:
+        self._owner: RangeSplitMasker | None = owner
+        self._terms, self._futures, self._lo = terms, futures, lo
+
+    def apply_to(self, target: np.ndarray) -> int:
+        """``target += sum(sign * mask(seed))``; returns keystream bytes generated."""
+        if self._owner is None:
+            raise RuntimeError("these masks were already applied")
+        owner, self._owner = self._owner, None
+        try:
+            return owner._finish(target, self._terms, self._futures, self._lo)
+        finally:
+            self._terms = []
+
+
 class RangeSplitMasker:
     """Applies masks to vectors of one ``length``, splitting the index range over
     ``processes`` processes (this one included). Start once, reuse for every site and round
@@ -183,37 +203,63 @@ class RangeSplitMasker:
             raise ValueError(f"length must be >= processes, got {length}")
         self.length = length
         self.word_bits = word_bits
+        self.processes = processes
         self._dtype = np.dtype(word_dtype(word_bits)).newbyteorder("<")
-        # equal ranges, each starting on a 16-byte block boundary
-        per_block = _BLOCK // self._dtype.itemsize
-        step = -(-length // processes // per_block) * per_block
-        self._bounds = [min(i * step, length) for i in range(processes)] + [length]
-        self._local = MaskExpander(self._bounds[1], word_bits=word_bits)
-        far = length - self._bounds[1]
-        self._shm = shared_memory.SharedMemory(create=True, size=max(1, far * self._dtype.itemsize))
-        self._far = np.ndarray((far,), dtype=self._dtype, buffer=self._shm.buf)
+        self._local: dict[int, MaskExpander] = {}
+        # room for every range but this process's smallest share
+        self._shm = shared_memory.SharedMemory(create=True,
+                                               size=max(1, length * self._dtype.itemsize))
         self._pool = ProcessPoolExecutor(
             max_workers=processes - 1, mp_context=get_context("spawn"),
             initializer=_worker_attach, initargs=(self._shm.name, word_bits))
 
+    def _bounds(self, local_share: float | None) -> list[int]:
+        """Range boundaries, each on a 16-byte block: this process takes ``local_share`` of
+        the range (default: an equal share), the helpers split the rest equally."""
+        n, p = self.length, self.processes
+        share = 1.0 / p if local_share is None else min(max(float(local_share), 0.05), 0.95)
+        per_block = _BLOCK // self._dtype.itemsize
+        lo = min(-(-int(n * share) // per_block) * per_block, n)
+        step = -(-(n - lo) // (p - 1) // per_block) * per_block
+        return [0] + [min(lo + i * step, n) for i in range(p - 1)] + [n]
+
     def apply(self, target: np.ndarray, terms: Sequence[MaskTerm]) -> int:
-        if target.shape != (self.length,):
-            raise ValueError(f"target must have shape ({self.length},), got {target.shape}")
-        lo = self._bounds[1]
+        return self.submit(terms).apply_to(target)
+
+    def submit(self, terms: Sequence[MaskTerm], *, local_share: float | None = None
+               ) -> PendingMasks:
+        """Start the helper processes on their ranges now; the caller can do other work (say,
+        quantise the input) before :meth:`PendingMasks.apply_to`, and then give itself a
+        smaller ``local_share`` of the range. One pending at a time."""
+        bounds = self._bounds(local_share)
+        lo = bounds[1]
         futures = [
             self._pool.submit(_worker_combined, list(terms), start, end - start, start - lo)
-            for start, end in zip(self._bounds[1:-1], self._bounds[2:], strict=True)
+            for start, end in itertools.pairwise(bounds[1:])
             if end > start
         ]
-        before = self._local.bytes_generated
-        _apply_range(self._local, target[:lo], terms)
-        generated = self._local.bytes_generated - before + sum(f.result() for f in futures)
-        np.add(target[lo:], self._far, out=target[lo:])
+        return PendingMasks(self, list(terms), futures, lo)
+
+    def _finish(self, target: np.ndarray, terms: Sequence[MaskTerm],
+                futures: Sequence[Any], lo: int) -> int:
+        if target.shape != (self.length,):
+            for f in futures:
+                f.result()
+            raise ValueError(f"target must have shape ({self.length},), got {target.shape}")
+        local = self._local.get(lo)
+        if local is None:
+            local = self._local[lo] = MaskExpander(lo, word_bits=self.word_bits)
+        before = local.bytes_generated
+        _apply_range(local, target[:lo], terms)
+        generated: int = local.bytes_generated - before + sum(
+            int(f.result()) for f in futures)
+        far = np.ndarray((self.length - lo,), dtype=self._dtype, buffer=self._shm.buf)
+        np.add(target[lo:], far, out=target[lo:])
+        del far
         return generated
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        del self._far
         self._shm.close()
         self._shm.unlink()
 

@@ -24,9 +24,12 @@ from fractions import Fraction
 from functools import cached_property
 from typing import Literal
 
+import numpy as np
+
 from secagg._encoding import digest
 from secagg.errors import ConfigurationError
 from secagg.hazmat import signing
+from secagg.hazmat.prg import word_dtype
 from secagg.hazmat.quantize import Quantizer
 from secagg.masking import graph
 from secagg.roster import Roster
@@ -207,6 +210,10 @@ class RoundConfig:
     @cached_property
     def quantizer(self) -> Quantizer:
         return Quantizer(self.clip, self.max_weight, len(self.roster), self.word_bits)
+
+    @property
+    def quantizer_dtype(self) -> type[np.unsignedinteger]:
+        return word_dtype(self.word_bits)
 
     @cached_property
     def roster_digest(self) -> bytes:

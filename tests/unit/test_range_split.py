@@ -23,6 +23,21 @@ def splitter() -> Iterator[RangeSplitMasker]:
     assert not os.path.exists(segment)  # closing unlinks the shared memory
 
 
+@pytest.mark.parametrize("share", [0.05, 0.35, 0.5, 0.9])
+def test_uneven_split_submitted_early_equals_local_expansion(splitter: RangeSplitMasker,
+                                                             share: float) -> None:
+    """A site starts the helpers before quantising and keeps a smaller share itself."""
+    terms = [(os.urandom(32), 1 if i % 2 else -1) for i in range(5)]
+    local = np.arange(LENGTH, dtype=np.uint32)
+    split = local.copy()
+    apply_masks(local, terms)
+    pending = splitter.submit(terms, local_share=share)
+    pending.apply_to(split)
+    np.testing.assert_array_equal(split, local)
+    with pytest.raises(RuntimeError, match="already applied"):
+        pending.apply_to(split)
+
+
 def test_split_equals_local_expansion(splitter: RangeSplitMasker) -> None:
     terms = [(os.urandom(32), 1 if i % 3 else -1) for i in range(7)]
     local = np.arange(LENGTH, dtype=np.uint32)
