@@ -8,8 +8,16 @@ element so the aggregate yields the weighted average without a plaintext weight 
 - values are shifted to be non-negative and scaled onto ``levels`` integer steps, with
   ``levels = floor(min(2**word_bits - 1, 2**53) / max_sites)`` so that the sum of ``max_sites``
   encoded vectors never wraps and stays exact in float64: decoding is exact;
-- rounding is stochastic (unbiased), its uniforms drawn from an AES-CTR keystream under a fresh
-  256-bit key from ``os.urandom``: never numpy's global RNG;
+- rounding is stochastic, its uniforms drawn from an AES-CTR keystream under a fresh 256-bit
+  key from ``os.urandom``: never numpy's global RNG. It works in float64, so it has
+  :attr:`Quantizer.rounding_bits` = ``min(32, 52 - bit_length(levels))`` random bits: plenty
+  with 32-bit words (21 or more), but with 64-bit words ``levels`` already uses float64's whole
+  precision, so few sites leave few: for 4 or fewer sites there are *zero* random bits and
+  rounding is a plain floor, and 5 to 8 sites get one bit, 2**20 sites 18 bits. A floor is
+  biased by up to one step (about ``2**-51`` of the range
+  per element, far below the precision of the float64 inputs themselves). With ``b`` bits the
+  rounding is unbiased to within ``2**-b`` of a step. Use 32-bit words when unbiased rounding
+  matters more than resolution;
 - error bound: each encoded value is within one step of the exact scaled value, so a decoded
   sum of ``n`` vectors is within ``n / scale`` of the exact sum of the clipped, weighted inputs
   (``scale`` = :attr:`Quantizer.update_scale` for update elements, :attr:`weight_scale` for the
@@ -71,6 +79,11 @@ class Quantizer:
     def weight_scale(self) -> float:
         return self.levels / self.max_weight
 
+    @property
+    def rounding_bits(self) -> int:
+        """Random bits per stochastic rounding (0: a floor; see the module docstring)."""
+        return min(32, max(0, 52 - self.levels.bit_length()))
+
     def error_bound(self, n_summed: int) -> tuple[float, float]:
         """Max abs error of a decoded sum of ``n_summed`` vectors: (update elements, weight)."""
         return n_summed / self.update_scale, n_summed / self.weight_scale
@@ -80,7 +93,7 @@ class Quantizer:
         update, weight = check_update(update, weight, max_weight=self.max_weight, length=length)
         # Work in units of 2**-f steps, f chosen so every value stays below 2**52: adding an
         # f-bit uniform integer and flooring is then exact float arithmetic.
-        f = min(32, max(0, 52 - self.levels.bit_length()))
+        f = self.rounding_bits
         unit = 2.0**f
         u_scale = weight * self.update_scale * unit
         offset = self.update_range * self.update_scale * unit

@@ -135,3 +135,18 @@ def test_elements_beyond_the_clip_bound_encode_as_the_bound(bits: int) -> None:
     assert list(encoded) == [0, 0, q.levels, q.levels, 0, q.levels]
     weighted, _ = q.decode_sum(encoded.astype(word_dtype(bits)), 1)
     np.testing.assert_allclose(weighted[[0, 3]], [-2.0, 2.0], atol=q.error_bound(1)[0])
+
+
+@pytest.mark.parametrize(("word_bits", "sites", "bits"), [(32, 3, 21), (32, 10_000, 32),
+                                                           (64, 3, 0), (64, 4, 0), (64, 5, 1),
+                                                           (64, 2**20, 18)])
+def test_random_rounding_bits_are_what_the_docs_say(word_bits: int, sites: int,
+                                                    bits: int) -> None:
+    q = Quantizer(1.0, 1.0, sites, word_bits)
+    assert q.rounding_bits == bits
+    x = np.full(2000, 0.123456789)
+    a, b = q.encode(x, 1.0), q.encode(x, 1.0)
+    if bits == 0:  # a floor: deterministic, within one step below the exact value
+        np.testing.assert_array_equal(a, b)
+    else:
+        assert len(set(a[:-1].tolist())) == 2  # both neighbouring steps occur

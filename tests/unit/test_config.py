@@ -109,6 +109,19 @@ def test_graph_depends_only_on_the_signed_roster_not_on_what_a_round_chooses() -
         ({"clip": -1.0}, "clip"),
         ({"max_weight": 0.0}, "max_weight"),
         ({"word_bits": 8}, "word_bits"),
+        ({"corrupt_fraction": -0.1}, "corrupt_fraction"),
+        ({"corrupt_fraction": float("nan")}, "corrupt_fraction"),
+        ({"dropout_rate": 1.0}, "dropout_rate"),
+        ({"security_bits": 39}, "security_bits"),
+        ({"neighbors": 3.5}, "neighbors"),
+        # an infinite product gave a ZeroDivisionError in the server's last stage ...
+        ({"clip": 2.0**40, "max_weight": 2.0**40}, r"clip \* max_weight"),
+        ({"clip": 1e300, "max_weight": 1e300}, "clip"),
+        ({"clip": float("inf")}, "clip"),
+        # ... and a subnormal clip a silently wrong aggregate
+        ({"clip": 5e-324}, "clip"),
+        ({"clip": 2.0**-40, "max_weight": 2.0**-40}, r"clip \* max_weight"),
+        ({"threshold": 4.0}, "threshold"),
     ],
 )
 def test_refusals_name_the_parameter(kwargs: dict[str, object], match: str) -> None:
@@ -132,7 +145,16 @@ def test_refuses_tiny_or_malformed_roster() -> None:
 def test_params_digest_binds_every_parameter() -> None:
     r = roster(6)
     base = RoundConfig("r", r, 4).params_digest
-    for changed in (RoundConfig("r2", r, 4), RoundConfig("r", r, 5),
-                    RoundConfig("r", r, 4, threshold=6), RoundConfig("r", r, 4, clip=2.0),
-                    RoundConfig("r", r, 4, word_bits=64)):
-        assert changed.params_digest != base
+    variants = [RoundConfig("r2", r, 4), RoundConfig("r", r, 5),
+                RoundConfig("r", r, 4, threshold=6), RoundConfig("r", r, 4, clip=2.0),
+                RoundConfig("r", r, 4, max_weight=2.0), RoundConfig("r", r, 4, word_bits=64),
+                RoundConfig("r", r, 4, corrupt_fraction=0.1),
+                RoundConfig("r", r, 4, dropout_rate=0.2),
+                RoundConfig("r", r, 4, security_bits=41),
+                RoundConfig("r", Roster(dict(r), bytes(32)), 4),
+                RoundConfig("r", roster(6), 4)]
+    digests = {v.params_digest for v in variants}
+    assert base not in digests and len(digests) == len(variants)
+    big = roster(40)
+    sparse = {RoundConfig("r", big, 4, neighbors=k).params_digest for k in (26, 28)}
+    assert len(sparse) == 2 and RoundConfig("r", big, 4).params_digest not in sparse
