@@ -1,8 +1,11 @@
-"""The proto is the single source of names: it compiles, and its enums match the core's."""
+"""The proto is the single source of names: its enums and messages match the core's.
+
+(That the committed modules in secagg/v1 are what protos/ compiles to is
+tests/unit/test_generated_code.py.)
+"""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -14,34 +17,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every .proto compiled by one protoc run (grpc_tools' protoc may abort when it is run
-    twice in one process)."""
-    from grpc_tools import protoc
+def masking_pb2():  # type: ignore[no-untyped-def]
+    from secagg.v1 import masking_pb2
 
-    out = tmp_path_factory.mktemp("pb")
-    protos = sorted(str(p) for p in (ROOT / "protos/secagg/v1").glob("*.proto"))
-    assert protoc.main(["protoc", f"-I{ROOT / 'protos'}", f"--python_out={out}", *protos]) == 0
-    return out
-
-
-def _load(compiled: Path, name: str):  # type: ignore[no-untyped-def]
-    # loaded from its file: its package name, secagg.v1, would resolve inside our own package
-    spec = importlib.util.spec_from_file_location(name, compiled / f"secagg/v1/{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return masking_pb2
 
 
 @pytest.fixture(scope="module")
-def masking_pb2(compiled: Path):  # type: ignore[no-untyped-def]
-    return _load(compiled, "masking_pb2")
+def ckks_pb2():  # type: ignore[no-untyped-def]
+    from secagg.v1 import ckks_pb2
 
-
-@pytest.fixture(scope="module")
-def ckks_pb2(compiled: Path):  # type: ignore[no-untyped-def]
-    return _load(compiled, "ckks_pb2")
+    return ckks_pb2
 
 
 def _proto_enum(pb2, name: str, prefix: str) -> dict[str, int]:  # type: ignore[no-untyped-def]
