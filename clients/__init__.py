@@ -1,1 +1,13 @@
-"""The SDK hospital sites embed (gRPC client, torch adapters, integrations). Later issue."""
+"""The site SDK that hospitals embed: :class:`Site` (see :mod:`clients.site`)."""
+
+from clients.errors import (
+    AggregatorRefused,
+    AggregatorUnavailable,
+    ModelMismatch,
+    RoundAborted,
+    SiteError,
+)
+from clients.site import Round, Site
+
+__all__ = ["AggregatorRefused", "AggregatorUnavailable", "ModelMismatch", "Round",
+           "RoundAborted", "Site", "SiteError"]

@@ -202,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_bench)
     from secagg.audit.cli import add_parser as add_threat_model_parser
     add_threat_model_parser(sub)
+    from secagg.federation.cli import add_parser as add_federation_parser
+    add_federation_parser(sub)
+    from aggregator.cli import add_parser as add_aggregator_parser
+    add_aggregator_parser(sub)
     return parser
 
 

@@ -30,6 +30,7 @@ class CkksStage(enum.Enum):
     RELEASE = 2
     COMPLETED = 3
     ABORTED = 4
+    KEY_ANNOUNCEMENT = 5  # the service waits for the round's key holder to announce its key
 
 
 def _positive_finite(name: str, value: object) -> float:

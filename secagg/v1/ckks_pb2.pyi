@@ -14,6 +14,7 @@ class CkksStage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CKKS_STAGE_RELEASE: _ClassVar[CkksStage]
     CKKS_STAGE_COMPLETED: _ClassVar[CkksStage]
     CKKS_STAGE_ABORTED: _ClassVar[CkksStage]
+    CKKS_STAGE_KEY_ANNOUNCEMENT: _ClassVar[CkksStage]
 
 class RefusalReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -33,6 +34,7 @@ CKKS_STAGE_UPLOAD: CkksStage
 CKKS_STAGE_RELEASE: CkksStage
 CKKS_STAGE_COMPLETED: CkksStage
 CKKS_STAGE_ABORTED: CkksStage
+CKKS_STAGE_KEY_ANNOUNCEMENT: CkksStage
 REFUSAL_REASON_UNSPECIFIED: RefusalReason
 REFUSAL_REASON_WRONG_ROUND: RefusalReason
 REFUSAL_REASON_WRONG_KEY_ID: RefusalReason

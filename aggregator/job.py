@@ -1,0 +1,640 @@
+"""A training job: rounds one after another, each a sans-I/O role fed from the wire and the store.
+
+No protocol decision lives here: the roles (:class:`~secagg.masking.MaskingServer`,
+:class:`~secagg.ckks.CkksServer`) decide; this module decodes what sites send, persists it,
+hands it to the role, closes stages at their deadlines, and applies each released average to
+the global model (FedAvg with a server learning rate).
+
+Durability: a site message is acknowledged only after its event is committed in the same
+transaction in which the role accepted it; a stage close is an event too. On start the job
+replays the running round's events into a fresh role (:meth:`Job.recover`), which rebuilds the
+same state, running sums included: the round completes with the result an uninterrupted run
+would have given, and a resubmitted message is recognised (same event) and never counted twice.
+
+Everything here runs on one thread (the service's core executor): no locks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from aggregator.store import BlobRef, Event, Store
+from secagg import wire
+from secagg.ckks import CkksServer, CkksStage, PublicContext
+from secagg.errors import (
+    ConfigurationError,
+    InvalidMessage,
+    PreconditionError,
+    ProtocolAbort,
+    RefusedMessage,
+)
+from secagg.federation.config import FederationConfig
+from secagg.masking import MaskingServer, Stage
+from secagg.masking.messages import (
+    KeyDirectory,
+    ServerMessage,
+    ShareDelivery,
+    SurvivorList,
+    UnmaskRequest,
+)
+from secagg.model import FlatModel
+from secagg.roster import Roster
+from secagg.v1 import service_pb2
+
+log = logging.getLogger("secagg.aggregator")
+
+# status codes, named as gRPC names them (the service maps them; the core imports no gRPC)
+INVALID_ARGUMENT = "INVALID_ARGUMENT"
+FAILED_PRECONDITION = "FAILED_PRECONDITION"
+PERMISSION_DENIED = "PERMISSION_DENIED"
+RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+ABORTED = "ABORTED"
+UNAVAILABLE = "UNAVAILABLE"
+NOT_FOUND = "NOT_FOUND"
+
+
+class ServiceError(Exception):
+    """A refusal with its status code. The message names the reason, never a payload."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+MASKING_KIND_STAGE = {
+    "advertise_keys": Stage.ADVERTISE_KEYS,
+    "share_keys": Stage.SHARE_KEYS,
+    "masked_input": Stage.MASKED_INPUT,
+    "consistency_signature": Stage.CONSISTENCY_CHECK,
+    "unmask_response": Stage.UNMASK,
+}
+CKKS_KIND_STAGE = {
+    "ckks_key": CkksStage.KEY_ANNOUNCEMENT,
+    "ckks_update": CkksStage.UPLOAD,
+    "ckks_release": CkksStage.RELEASE,
+}
+
+
+def round_id_for(config: FederationConfig, job_id: str, number: int) -> str:
+    return f"{config.name or 'federation'}/{job_id}/round-{number}"
+
+
+@dataclass
+class RoundView:
+    """What GetRound tells a site about a round (rebuilt from the store after a restart)."""
+
+    number: int
+    round_id: str
+    protocol: str
+    status: int
+    model: FlatModel
+    model_blob: BlobRef
+    stage: int = 0
+    abort_reason: str = ""
+    result: FlatModel | None = None
+    result_blob: BlobRef | None = None
+    survivors: tuple[int, ...] = ()
+    ckks_key_holder: int = 0
+    ckks_key: service_pb2.CkksKeyOffer | None = None
+
+
+@dataclass
+class _Active:
+    """The running round: its role and what the wire needs besides."""
+
+    view: RoundView
+    role: Any
+    deadline: float
+    expected: set[int]
+    answered: set[int] = field(default_factory=set)
+    outgoing: dict[int, dict[int, Any]] = field(default_factory=dict)  # stage -> site -> msg
+    uploaded: dict[int, int] = field(default_factory=dict)  # site -> bytes stored this round
+    readable: dict[int, set[bytes]] = field(default_factory=dict)  # site (0: all) -> chunk ids
+    ckks_config: Any = None
+    ckks_uploads: dict[int, service_pb2.EncryptedUpdateRef] = field(default_factory=dict)
+    ckks_aggregate: service_pb2.EncryptedAggregateRef | None = None
+    ckks_release: tuple[np.ndarray, tuple[int, ...], wire.Blob, float] | None = None
+
+
+class Job:
+    def __init__(self, config: FederationConfig, roster: Roster, store: Store,
+                 initial_model: FlatModel, *, job_id: str = "job",
+                 clock: Callable[[], float] = time.monotonic,
+                 on_change: Callable[[], None] | None = None) -> None:
+        if len(roster) > config.limits.max_sites:
+            raise ConfigurationError(f"the roster has {len(roster)} sites, [limits] max_sites "
+                                     f"is {config.limits.max_sites}")
+        if initial_model.size > config.limits.max_vector_length:
+            raise ConfigurationError(f"the model has {initial_model.size} values, [limits] "
+                                     f"max_vector_length is {config.limits.max_vector_length}")
+        self.config = config
+        self.roster = roster
+        self.store = store
+        self.job_id = job_id
+        self._clock = clock
+        self._on_change = on_change or (lambda: None)
+        self._initial = initial_model
+        self.rounds: dict[int, RoundView] = {}
+        self.active: _Active | None = None
+        self.done = False
+        self.model = initial_model
+
+    # ---- start, recovery ----------
+
+    def recover(self) -> None:
+        """Load the job from the store; replay the running round, or open the next one."""
+        rows = self.store.rounds()
+        if not rows:
+            self._save_model(self._initial)
+            self._open(1, self._initial)
+            return
+        for row in rows:
+            model = self._load_model(row.model_digest)
+            view = RoundView(row.round, row.round_id, row.protocol, _STATUS[row.status], model,
+                             self._model_blob(row.model_digest))
+            if row.status == "completed":
+                view.result = self._load_model(row.result_digest)
+                view.result_blob = self._model_blob(row.result_digest)
+                view.survivors = tuple(json.loads(row.survivors or "[]"))
+            view.abort_reason = row.abort_reason or ""
+            self.rounds[row.round] = view
+        last = rows[-1]
+        view = self.rounds[last.round]
+        if last.status == "running":
+            self.model = view.model
+            self.active = self._start_role(view)
+            self._replay(view)
+            log.info("recovered round", extra={"event": "round_recovered",
+                                               "round_id": view.round_id})
+        else:
+            self.model = view.result if view.result is not None else view.model
+            self._next_or_done(last.round)
+
+    def _replay(self, view: RoundView) -> None:
+        active = self.active
+        assert active is not None
+        for event in self.store.events(view.number):
+            if event.kind == "message":
+                request = service_pb2.SubmitRequest()
+                request.ParseFromString(event.payload)
+                self._apply(active, event.site, request, replay=True)
+            elif event.kind == "close":
+                self._close(active, replay=True)
+            if self.active is not active:
+                return  # the round finished during replay (its end was not recorded yet)
+
+    # ---- rounds ----------
+
+    def _open(self, number: int, model: FlatModel) -> None:
+        round_id = round_id_for(self.config, self.job_id, number)
+        self.store.open_round(number, round_id, self.config.protocol, model.digest)
+        view = RoundView(number, round_id, self.config.protocol, service_pb2.ROUND_STATUS_RUNNING,
+                         model, self._model_blob(model.digest))
+        self.rounds[number] = view
+        self.model = model
+        self.active = self._start_role(view)
+        log.info("round opened", extra={"event": "round_opened", "round_id": round_id})
+        self._on_change()
+
+    def _start_role(self, view: RoundView) -> _Active:
+        now = self._clock()
+        readable = {0: set(view.model_blob.chunk_ids)}
+        if view.protocol == "masking":
+            config = self.config.masking_round(view.round_id, self.roster, view.model.size)
+            role = MaskingServer(config)
+            view.stage = Stage.ADVERTISE_KEYS.value
+            return _Active(view, role, now + self.config.deadlines.open,
+                           set(role.participants), readable=readable)
+        view.stage = CkksStage.KEY_ANNOUNCEMENT.value
+        view.ckks_key_holder = self.config.key_holder_for(view.number)
+        return _Active(view, None, now + self.config.deadlines.stage, {view.ckks_key_holder},
+                       readable=readable)
+
+    def _next_or_done(self, finished: int) -> None:
+        self.active = None
+        if finished >= self.config.rounds:
+            self.done = True
+            log.info("job done", extra={"event": "job_done"})
+            self._on_change()
+            return
+        self._open(finished + 1, self.model)
+
+    # ---- what sites ask ----------
+
+    def round_info(self, after_round: int) -> service_pb2.RoundInfo | None:
+        """The first round after ``after_round``, or JOB_DONE, or None (not open yet)."""
+        numbers = sorted(n for n in self.rounds if n > after_round)
+        if not numbers:
+            if self.done:
+                return service_pb2.RoundInfo(status=service_pb2.ROUND_STATUS_JOB_DONE,
+                                             total_rounds=self.config.rounds)
+            return None
+        return self._info(self.rounds[numbers[0]])
+
+    def info(self, round_id: str) -> service_pb2.RoundInfo:
+        return self._info(self._view(round_id))
+
+    def _view(self, round_id: str) -> RoundView:
+        for view in self.rounds.values():
+            if view.round_id == round_id:
+                return view
+        raise ServiceError(NOT_FOUND, "no such round")
+
+    def _info(self, view: RoundView) -> service_pb2.RoundInfo:
+        info = service_pb2.RoundInfo(
+            round=view.number, round_id=view.round_id,
+            protocol=(service_pb2.PROTOCOL_MASKING if view.protocol == "masking"
+                      else service_pb2.PROTOCOL_CKKS),
+            status=view.status,  # type: ignore[arg-type]
+            stage=view.stage, abort_reason=view.abort_reason,
+            model=wire.model_to_proto(view.model, _blob(view.model_blob)),
+            total_rounds=self.config.rounds, survivors=list(view.survivors),
+            ckks_key_holder=view.ckks_key_holder)
+        if view.ckks_key is not None:
+            info.ckks_key.CopyFrom(view.ckks_key)
+        if view.result is not None and view.result_blob is not None:
+            info.result.CopyFrom(wire.model_to_proto(view.result, _blob(view.result_blob)))
+        return info
+
+    def submit(self, site: int, request: service_pb2.SubmitRequest) -> bool:
+        """Count one site message; True if it was a repeat of one already counted."""
+        active = self._active_for(request.round_id)
+        kind = request.WhichOneof("message")
+        stage = self._stage_of(active, kind)
+        previous = self.store.event_payload(active.view.number, "message", stage, site)
+        payload = request.SerializeToString(deterministic=True)
+        if previous is not None:
+            if previous == payload:
+                return True
+            raise ServiceError(FAILED_PRECONDITION, "this site already answered this stage")
+        if stage != active.view.stage:
+            raise ServiceError(FAILED_PRECONDITION,
+                               f"the round is at stage {active.view.stage}, not {stage}")
+        if site not in active.expected:
+            raise ServiceError(FAILED_PRECONDITION,
+                               f"site {site} is not a participant of this stage")
+        with self.store.transaction() as conn:
+            self.store.record_event(conn, Event(active.view.number, "message", stage, site,
+                                                payload))
+            self._apply(active, site, request, replay=False)  # raises: nothing is recorded
+        log.info("message counted", extra={"event": "message_counted", "site_id": site,
+                                           "round_id": active.view.round_id, "stage": stage})
+        if active.answered >= active.expected:
+            self._close(active)
+        return False
+
+    def _active_for(self, round_id: str) -> _Active:
+        active = self.active
+        if active is None or active.view.round_id != round_id:
+            view = self._view(round_id)  # NOT_FOUND if unknown
+            if view.status == service_pb2.ROUND_STATUS_ABORTED:
+                raise ServiceError(ABORTED, f"the round aborted: {view.abort_reason}")
+            raise ServiceError(FAILED_PRECONDITION, "the round is not running")
+        return active
+
+    def _stage_of(self, active: _Active, kind: str | None) -> int:
+        table: dict[str, Any] = (MASKING_KIND_STAGE if active.view.protocol == "masking"
+                                 else CKKS_KIND_STAGE)
+        if kind not in table:
+            raise ServiceError(INVALID_ARGUMENT, f"message {kind!r} does not belong to this "
+                                                 "round's protocol")
+        return int(table[kind].value)
+
+    def receive(self, site: int, round_id: str, stage: int) -> service_pb2.ReceiveResponse:
+        view = self._view(round_id)
+        if view.status == service_pb2.ROUND_STATUS_ABORTED:
+            raise ServiceError(ABORTED, f"the round aborted: {view.abort_reason}")
+        active = self.active
+        if active is None or active.view is not view:
+            raise ServiceError(FAILED_PRECONDITION, "the round is not running")
+        messages = active.outgoing.get(stage)
+        if messages is None:
+            return service_pb2.ReceiveResponse(ready=False)
+        message = messages.get(site)
+        if message is None:
+            raise ServiceError(FAILED_PRECONDITION,
+                               f"site {site} dropped out of the round at stage {stage}")
+        return _receive_response(message)
+
+    # ---- chunks ----------
+
+    def may_read(self, site: int, chunk_id: bytes) -> bool:
+        for view in self.rounds.values():
+            if chunk_id in view.model_blob.chunk_ids or (
+                    view.result_blob is not None and chunk_id in view.result_blob.chunk_ids):
+                return True
+        active = self.active
+        if active is None:
+            return False
+        return chunk_id in active.readable.get(0, set()) or chunk_id in active.readable.get(
+            site, set())
+
+    def upload_budget(self, site: int, nbytes: int) -> None:
+        """Refuse a site that uploads far more than its round needs (RESOURCE_EXHAUSTED)."""
+        active = self.active
+        if active is None:
+            raise ServiceError(FAILED_PRECONDITION, "no round is running")
+        size = active.view.model.size + 1
+        expected = (size * self.config.word_bits // 8 if active.view.protocol == "masking"
+                    else 26 * size + (1 << 20))  # CKKS public-key ciphertexts: ~25 B/value
+        if site == active.view.ckks_key_holder:
+            expected += 8 * size + (4 << 20)  # its public context and the released average
+        used = active.uploaded.get(site, 0) + nbytes
+        if used > 2 * expected + (16 << 20):
+            raise ServiceError(RESOURCE_EXHAUSTED, "upload budget for this round exceeded")
+        active.uploaded[site] = used
+
+    @property
+    def current_round(self) -> int | None:
+        return None if self.active is None else self.active.view.number
+
+    # ---- deadlines ----------
+
+    def tick(self) -> None:
+        active = self.active
+        if active is not None and self._clock() >= active.deadline:
+            log.info("stage deadline", extra={"event": "stage_deadline",
+                                              "round_id": active.view.round_id,
+                                              "stage": active.view.stage})
+            self._close(active)
+
+    # ---- applying messages and closes (live and replay) ----------
+
+    def _apply(self, active: _Active, site: int, request: service_pb2.SubmitRequest, *,
+               replay: bool) -> None:
+        kind = request.WhichOneof("message")
+        try:
+            if active.view.protocol == "masking":
+                self._apply_masking(active, site, kind, request)
+            else:
+                self._apply_ckks(active, site, kind, request)
+        except ServiceError:
+            if replay:
+                raise ServiceError(UNAVAILABLE, "the store's events do not replay") from None
+            raise
+        except (InvalidMessage, RefusedMessage, ConfigurationError) as e:
+            raise ServiceError(INVALID_ARGUMENT, f"refused: {e}") from None
+        except PreconditionError as e:
+            raise ServiceError(FAILED_PRECONDITION, str(e)) from None
+        active.answered.add(site)
+
+    def _apply_masking(self, active: _Active, site: int, kind: str | None,
+                       request: service_pb2.SubmitRequest) -> None:
+        role: MaskingServer = active.role
+        if kind == "advertise_keys":
+            msg: Any = wire.advertise_from_proto(request.advertise_keys)
+        elif kind == "share_keys":
+            msg = wire.share_keys_from_proto(request.share_keys)
+        elif kind == "masked_input":
+            ref = request.masked_input
+            data = self._read(wire.Blob.from_proto(ref.masked_input))
+            msg = wire.masked_input_from_ref(ref, data, word_bits=role.config.word_bits,
+                                             length=role.config.vector_length + 1)
+        elif kind == "consistency_signature":
+            msg = wire.consistency_from_proto(request.consistency_signature)
+        else:
+            msg = wire.unmask_from_proto(request.unmask_response)
+        if msg.site_id != site:
+            raise ServiceError(PERMISSION_DENIED,
+                               f"site {site} may not send a message of site {msg.site_id}")
+        role.handle(msg)
+
+    def _apply_ckks(self, active: _Active, site: int, kind: str | None,
+                    request: service_pb2.SubmitRequest) -> None:
+        view = active.view
+        if kind == "ckks_key":
+            if site != view.ckks_key_holder:
+                raise ServiceError(PERMISSION_DENIED, "only this round's key holder announces")
+            offer = request.ckks_key
+            announcement = wire.announcement_from_proto(offer.announcement)
+            if announcement.holder != site or announcement.epoch != view.round_id:
+                raise ServiceError(INVALID_ARGUMENT, "the announcement is not for this round")
+            config = self.config.ckks_round(view.round_id, self.roster, announcement,
+                                            view.model.size)
+            blob = wire.Blob.from_proto(offer.public_context)
+            context = PublicContext.load(self._read(blob))
+            active.role = CkksServer(config, context)
+            active.ckks_config = config
+            view.ckks_key = offer
+            active.readable[0] |= set(blob.chunk_ids)
+        elif kind == "ckks_update":
+            ref = request.ckks_update
+            if ref.site_id != site:
+                raise ServiceError(PERMISSION_DENIED,
+                                   f"site {site} may not send an upload of site {ref.site_id}")
+            if ref.chunk_count != active.ckks_config.chunk_count:
+                raise ServiceError(INVALID_ARGUMENT, "wrong number of ciphertexts")
+            update = wire.update_from_ref(ref, self._read(wire.Blob.from_proto(ref.chunks)))
+            active.role.handle(update)
+            active.ckks_uploads[site] = ref
+        else:
+            if site != view.ckks_key_holder:
+                raise ServiceError(PERMISSION_DENIED, "only this round's key holder releases")
+            ref_r = request.ckks_release
+            data = self._read(wire.Blob.from_proto(ref_r.average))
+            released = wire.release_from_ref(ref_r, data, round_id=view.round_id,
+                                             length=view.model.size)
+            if set(released.sites) != set(active.ckks_uploads):
+                raise ServiceError(INVALID_ARGUMENT, "the release covers other sites than the "
+                                                     "round's uploads")
+            # applied when the stage closes, outside this message's transaction
+            active.ckks_release = (released.average, released.sites,
+                                   wire.Blob.from_proto(ref_r.average), released.weight_sum)
+
+    def _close(self, active: _Active, *, replay: bool = False) -> None:
+        view = active.view
+        if active is not self.active:
+            return
+        if not replay:
+            with self.store.transaction() as conn:
+                self.store.record_event(conn, Event(view.number, "close", view.stage, 0, b""))
+        try:
+            if view.protocol == "masking":
+                self._close_masking(active)
+            else:
+                self._close_ckks(active)
+        except ProtocolAbort as abort:
+            self._abort(active, abort.reason.name)
+            return
+        self._on_change()
+
+    def _close_masking(self, active: _Active) -> None:
+        role: MaskingServer = active.role
+        closing = role.stage
+        out = role.close_stage()
+        if role.stage is Stage.COMPLETED:
+            result = role.result
+            assert result is not None
+            average = result.weighted_sum / result.weight_sum
+            self._complete(active, average, result.survivors, None, result.weight_sum)
+            return
+        active.outgoing[closing.value] = dict(out)
+        active.view.stage = role.stage.value
+        active.expected = set(role.participants)
+        active.answered = set()
+        active.deadline = self._clock() + self.config.deadlines.stage
+
+    def _close_ckks(self, active: _Active) -> None:
+        view = active.view
+        if view.stage == CkksStage.KEY_ANNOUNCEMENT.value:
+            if active.role is None:
+                raise ProtocolAbort(_abort_reason("TOO_FEW_SURVIVORS"),
+                                    "the key holder did not announce a key")
+            view.stage = CkksStage.UPLOAD.value
+            active.expected = set(self.roster)
+            active.answered = set()
+            active.deadline = self._clock() + self.config.deadlines.open
+            return
+        if view.stage == CkksStage.UPLOAD.value:
+            server: CkksServer = active.role
+            aggregate = server.close_stage()[active.ckks_config.key_holders[0]]
+            data = b"".join(aggregate.chunks)
+            blob = self.store.write_blob(data, chunk_bytes=self.config.limits.max_chunk_bytes,
+                                         round_number=view.number)
+            active.ckks_aggregate = wire.aggregate_to_ref(aggregate, _blob(blob))
+            holder = view.ckks_key_holder
+            readable = active.readable.setdefault(holder, set())
+            readable |= set(blob.chunk_ids)
+            for ref in active.ckks_uploads.values():
+                readable |= {bytes(c) for c in ref.chunks.chunk_ids}
+            request = service_pb2.CkksReleaseRequest(
+                aggregate=active.ckks_aggregate,
+                uploads=[active.ckks_uploads[s] for s in sorted(active.ckks_uploads)])
+            active.outgoing[CkksStage.UPLOAD.value] = {holder: request}
+            view.stage = CkksStage.RELEASE.value
+            active.expected = {holder}
+            active.answered = set()
+            active.deadline = self._clock() + self.config.deadlines.release
+            return
+        if active.ckks_release is None:
+            raise ProtocolAbort(_abort_reason("TOO_FEW_SURVIVORS"),
+                                "the key holder did not release the average")
+        average, sites, release_blob, weight_sum = active.ckks_release
+        self._complete(active, average, sites, release_blob, weight_sum)
+
+    def _complete(self, active: _Active, average: np.ndarray, survivors: tuple[int, ...],
+                  release_blob: wire.Blob | None, weight_sum: float) -> None:
+        view = active.view
+        if average.shape != (view.model.size,) or not np.all(np.isfinite(average)):
+            raise ServiceError(INVALID_ARGUMENT, "the average does not fit the model")
+        new = view.model.with_values(view.model.values
+                                     + self.config.server_learning_rate * average)
+        self._save_model(new)
+        if release_blob is None:
+            stored = self.store.write_blob(wire.average_bytes(average),
+                                           chunk_bytes=self.config.limits.max_chunk_bytes,
+                                           round_number=None)
+        else:
+            stored = BlobRef(release_blob.chunk_ids, release_blob.size)
+        with self.store.transaction() as conn:
+            self.store.record_release(conn, view.number, stored, weight_sum, survivors)
+            self.store.finish_round(conn, view.number, "completed", result_digest=new.digest,
+                                    survivors=survivors)
+        if release_blob is not None:  # keep the key holder's release chunks past the purge
+            self.store.write_blob(wire.average_bytes(average),
+                                  chunk_bytes=self.config.limits.max_chunk_bytes,
+                                  round_number=None)
+        view.status = service_pb2.ROUND_STATUS_COMPLETED
+        view.result = new
+        view.result_blob = self._model_blob(new.digest)
+        view.survivors = tuple(survivors)
+        view.stage = (Stage.COMPLETED.value if view.protocol == "masking"
+                      else CkksStage.COMPLETED.value)
+        self.model = new
+        log.info("round completed", extra={"event": "round_completed",
+                                           "round_id": view.round_id})
+        self.store.purge_round_chunks(view.number)
+        self._next_or_done(view.number)
+
+    def _abort(self, active: _Active, reason: str) -> None:
+        view = active.view
+        with self.store.transaction() as conn:
+            self.store.finish_round(conn, view.number, "aborted", abort_reason=reason)
+        view.status = service_pb2.ROUND_STATUS_ABORTED
+        view.abort_reason = reason
+        view.stage = (Stage.ABORTED.value if view.protocol == "masking"
+                      else CkksStage.ABORTED.value)
+        log.warning("round aborted", extra={"event": "round_aborted", "round_id": view.round_id,
+                                            "reason": reason})
+        self.store.purge_round_chunks(view.number)
+        self._next_or_done(view.number)
+
+    # ---- models ----------
+
+    def _save_model(self, model: FlatModel) -> None:
+        blob = self.store.write_blob(wire.average_bytes(model.values),
+                                     chunk_bytes=self.config.limits.max_chunk_bytes,
+                                     round_number=None)
+        spec = json.dumps([[t.name, list(t.shape), t.dtype] for t in model.spec])
+        self.store.save_model(model.digest, spec, blob)
+
+    def _load_model(self, digest: bytes) -> FlatModel:
+        found = self.store.load_model(digest)
+        if found is None:
+            raise ServiceError(UNAVAILABLE, "the store lacks a model it refers to")
+        spec_json, blob = found
+        from secagg.model import TensorSpec
+
+        spec = tuple(TensorSpec(n, tuple(s), d) for n, s, d in json.loads(spec_json))
+        values = np.frombuffer(self.store.read_blob(blob), dtype="<f8").astype(np.float64)
+        model = FlatModel(spec, values)
+        if model.digest != digest:
+            raise ServiceError(UNAVAILABLE, "a stored model does not match its digest")
+        return model
+
+    def _model_blob(self, digest: bytes) -> BlobRef:
+        found = self.store.load_model(digest)
+        if found is None:
+            raise ServiceError(UNAVAILABLE, "the store lacks a model it refers to")
+        return found[1]
+
+    def _read(self, blob: wire.Blob) -> bytes:
+        if blob.size > 16 * (self.config.limits.max_vector_length + 1) + (64 << 20):
+            raise ServiceError(RESOURCE_EXHAUSTED, "payload larger than any round needs")
+        missing = self.store.missing(list(blob.chunk_ids))
+        if missing:
+            raise ServiceError(FAILED_PRECONDITION, f"{len(missing)} chunks of the payload "
+                                                    "have not been uploaded")
+        data = self.store.read_blob(BlobRef(blob.chunk_ids, blob.size))
+        return data
+
+
+_STATUS = {"running": service_pb2.ROUND_STATUS_RUNNING,
+           "completed": service_pb2.ROUND_STATUS_COMPLETED,
+           "aborted": service_pb2.ROUND_STATUS_ABORTED}
+
+
+def _abort_reason(name: str) -> Any:
+    from secagg.errors import AbortReason
+
+    return AbortReason[name]
+
+
+def _blob(ref: BlobRef) -> wire.Blob:
+    return wire.Blob(ref.chunk_ids, ref.size)
+
+
+def _receive_response(message: ServerMessage | service_pb2.CkksReleaseRequest
+                      ) -> service_pb2.ReceiveResponse:
+    if isinstance(message, KeyDirectory):
+        return service_pb2.ReceiveResponse(ready=True,
+                                           key_directory=wire.directory_to_proto(message))
+    if isinstance(message, ShareDelivery):
+        return service_pb2.ReceiveResponse(ready=True,
+                                           share_delivery=wire.delivery_to_proto(message))
+    if isinstance(message, SurvivorList):
+        return service_pb2.ReceiveResponse(ready=True,
+                                           survivor_list=wire.survivors_to_proto(message))
+    if isinstance(message, UnmaskRequest):
+        return service_pb2.ReceiveResponse(
+            ready=True, unmask_request=wire.unmask_request_to_proto(message))
+    if isinstance(message, service_pb2.CkksReleaseRequest):
+        return service_pb2.ReceiveResponse(ready=True, ckks_release_request=message)
+    raise TypeError(type(message).__name__)

@@ -1,0 +1,421 @@
+"""The aggregator's gRPC service (``grpc.aio``): mTLS identity, limits, long polls, chunks.
+
+The job (:mod:`aggregator.job`) runs on one core thread; the event loop only decodes, checks
+identity and limits, hashes chunks (``hashlib`` releases the GIL, so on a pool) and waits. A
+site's id comes from its client certificate's SAN URI (``context.auth_context()``), never from a
+request field; a protocol message that names another site is PERMISSION_DENIED.
+
+Health (``grpc.health.v1``): NOT_SERVING while the job recovers from the store and whenever the
+store stops answering; SERVING otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+
+from aggregator.job import (
+    FAILED_PRECONDITION,
+    INVALID_ARGUMENT,
+    PERMISSION_DENIED,
+    RESOURCE_EXHAUSTED,
+    UNAVAILABLE,
+    Job,
+    ServiceError,
+)
+from aggregator.store import Store, StoreError, sqlite_url
+from secagg.errors import ConfigurationError
+from secagg.federation import pki
+from secagg.federation.config import FederationConfig
+from secagg.federation.kit import ROSTER_FILE, load_roster
+from secagg.model import FlatModel
+from secagg.v1 import service_pb2, service_pb2_grpc
+
+log = logging.getLogger("secagg.aggregator")
+T = TypeVar("T")
+Ctx = grpc.aio.ServicerContext[Any, Any]
+SERVICE_NAME = "secagg.v1.Aggregation"
+MAX_WAIT_MS = 30_000
+MAX_IDS_PER_CALL = 4096
+_PUT_BATCH_BYTES = 16 << 20
+
+
+class Identity:
+    """Site ids from client certificates, cached by certificate."""
+
+    def __init__(self, roster_sites: set[int]) -> None:
+        self._sites = roster_sites
+        self._cache: dict[bytes, int | None] = {}
+
+    async def site(self, context: Ctx) -> int:
+        auth = context.auth_context()
+        pems = list(auth.get("x509_pem_cert") or [])
+        if not pems:
+            await _abort(context, grpc.StatusCode.UNAUTHENTICATED, "a client certificate is "
+                                                                   "required")
+        pem = bytes(pems[0])
+        if pem not in self._cache:
+            self._cache[pem] = pki.site_id_from_pem(pem)
+        site = self._cache[pem]
+        if site is None:
+            log.warning("refused: certificate names no site", extra={
+                "event": "identity_refused", "peer": context.peer()})
+            await _abort(context, grpc.StatusCode.UNAUTHENTICATED,
+                         "the client certificate names no site")
+        if site not in self._sites:
+            log.warning("refused: site not on the roster", extra={
+                "event": "identity_refused", "site_id": site, "peer": context.peer()})
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                         f"site {site} is not on the federation's roster")
+        assert site is not None
+        return site
+
+
+async def _abort(context: Ctx, code: grpc.StatusCode, message: str) -> Any:
+    await context.abort(code, message)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+_CODES = {name: getattr(grpc.StatusCode, name) for name in (
+    "INVALID_ARGUMENT", "FAILED_PRECONDITION", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
+    "ABORTED", "UNAVAILABLE", "NOT_FOUND", "UNAUTHENTICATED", "DEADLINE_EXCEEDED")}
+
+
+class Core:
+    """The job on its one thread; an asyncio condition that wakes long polls on changes."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secagg-core")
+        self.hashers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="secagg-hash")
+        self.changed = asyncio.Event()
+        self.job: Job | None = None
+        self.healthy = False
+
+    def notify(self) -> None:  # called on the core thread
+        self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self.loop.run_in_executor(self.executor, fn, *args)
+
+
+class AggregationService(service_pb2_grpc.AggregationServicer):
+    def __init__(self, core: Core, identity: Identity, config: FederationConfig) -> None:
+        self.core = core
+        self.identity = identity
+        self.config = config
+
+    async def _call(self, context: Ctx, fn: Callable[..., T],
+                    *args: Any) -> T:
+        if self.core.job is None or not self.core.healthy:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, "the aggregator is recovering")
+        try:
+            return await self.core.run(fn, *args)
+        except ServiceError as e:
+            if e.code == UNAVAILABLE:
+                self.core.healthy = False
+            await _abort(context, _CODES.get(e.code, grpc.StatusCode.INTERNAL), str(e))
+        except StoreError as e:
+            self.core.healthy = False
+            log.error("store error", extra={"event": "store_error", "reason": str(e)})
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, "the store is unavailable")
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @property
+    def job(self) -> Job:
+        assert self.core.job is not None
+        return self.core.job
+
+    async def _long_poll(self, context: Ctx, wait_ms: int,
+                         attempt: Callable[[], Awaitable[T | None]]) -> T | None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + min(max(wait_ms, 0), MAX_WAIT_MS) / 1000
+        while True:
+            changed = self.core.changed
+            result = await attempt()
+            if result is not None:
+                return result
+            remaining = end - loop.time()
+            if remaining <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout=min(remaining, 1.0))
+
+    # ---- rounds and stage messages -------------------------------------------------------------
+
+    async def GetRound(self, request: service_pb2.GetRoundRequest,
+                       context: Ctx) -> service_pb2.RoundInfo:
+        await self.identity.site(context)
+
+        async def attempt() -> service_pb2.RoundInfo | None:
+            return await self._call(context, self.job.round_info, int(request.after_round))
+
+        info = await self._long_poll(context, request.wait_ms, attempt)
+        return info if info is not None else service_pb2.RoundInfo()
+
+    async def Submit(self, request: service_pb2.SubmitRequest,
+                     context: Ctx) -> service_pb2.SubmitResponse:
+        site = await self.identity.site(context)
+        if request.WhichOneof("message") is None:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "empty submission")
+        duplicate = await self._call(context, self.job.submit, site, request)
+        return service_pb2.SubmitResponse(duplicate=duplicate)
+
+    async def Receive(self, request: service_pb2.ReceiveRequest,
+                      context: Ctx) -> service_pb2.ReceiveResponse:
+        site = await self.identity.site(context)
+
+        async def attempt() -> service_pb2.ReceiveResponse | None:
+            response = await self._call(context, self.job.receive, site, request.round_id,
+                                        int(request.stage))
+            return response if response.ready else None
+
+        response = await self._long_poll(context, request.wait_ms, attempt)
+        return response if response is not None else service_pb2.ReceiveResponse(ready=False)
+
+    # ---- chunks --------------------------------------------------------------------------------
+
+    def _check_ids(self, ids: list[bytes]) -> str | None:
+        if len(ids) > MAX_IDS_PER_CALL:
+            return f"at most {MAX_IDS_PER_CALL} chunk ids per call"
+        if any(len(i) != 32 for i in ids):
+            return "a chunk id is a 32-byte SHA-256"
+        return None
+
+    async def MissingChunks(self, request: service_pb2.ChunkIds,
+                            context: Ctx) -> service_pb2.ChunkIds:
+        await self.identity.site(context)
+        ids = [bytes(i) for i in request.chunk_ids]
+        problem = self._check_ids(ids)
+        if problem:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+        missing = await self._call(context, self.job.store.missing, ids)
+        return service_pb2.ChunkIds(chunk_ids=missing)
+
+    async def PutChunks(self, request_iterator: AsyncIterator[service_pb2.Chunk],
+                        context: Ctx) -> service_pb2.PutChunksResponse:
+        site = await self.identity.site(context)
+        limit = self.config.limits.max_chunk_bytes
+        idle = self.config.limits.stream_idle_seconds
+        loop = asyncio.get_running_loop()
+        stored = present = 0
+        batch: list[tuple[bytes, bytes]] = []
+        batch_bytes = 0
+        iterator = request_iterator.__aiter__()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(iterator.__anext__(), timeout=idle)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                log.warning("idle upload stream", extra={"event": "stream_idle",
+                                                         "site_id": site})
+                await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"the upload stream was idle for {idle:g} s")
+            data = bytes(chunk.data)
+            cid = bytes(chunk.chunk_id)
+            if not 0 < len(data) <= limit:
+                await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"a chunk must hold 1 to {limit} bytes")
+            digest = await loop.run_in_executor(self.core.hashers, _sha256, data)
+            if digest != cid:
+                log.warning("refused chunk", extra={"event": "chunk_refused", "site_id": site,
+                                                    "reason": "id mismatch"})
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                             "a chunk's bytes do not hash to its id")
+            await self._call(context, self.job.upload_budget, site, len(data))
+            batch.append((cid, data))
+            batch_bytes += len(data)
+            if batch_bytes >= _PUT_BATCH_BYTES:
+                s, p = await self._store(context, batch, site)
+                stored, present, batch, batch_bytes = stored + s, present + p, [], 0
+        if batch:
+            s, p = await self._store(context, batch, site)
+            stored, present = stored + s, present + p
+        return service_pb2.PutChunksResponse(stored=stored, already_present=present)
+
+    async def _store(self, context: Ctx, batch: list[tuple[bytes, bytes]],
+                     site: int) -> tuple[int, int]:
+        job = self.job
+        return await self._call(context, lambda: job.store.put_chunks(
+            batch, round_number=job.current_round, site=site))
+
+    async def GetChunks(self, request: service_pb2.ChunkIds,
+                        context: Ctx) -> AsyncIterator[service_pb2.Chunk]:
+        site = await self.identity.site(context)
+        ids = [bytes(i) for i in request.chunk_ids]
+        problem = self._check_ids(ids)
+        if problem:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+        for cid in ids:
+            allowed = await self._call(context, self.job.may_read, site, cid)
+            if not allowed:
+                await _abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                             "this site may not read that chunk")
+            data = await self._call(context, self.job.store.get_chunk, cid)
+            if data is None:
+                await _abort(context, grpc.StatusCode.NOT_FOUND, "no such chunk")
+            yield service_pb2.Chunk(chunk_id=cid, data=data)
+
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+# ---- the server ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerFiles:
+    config: FederationConfig
+    directory: Path
+    server_key: bytes
+    server_cert: bytes
+    ca_cert: bytes
+
+
+def load_server_files(config_path: Path) -> ServerFiles:
+    config = FederationConfig.load(config_path)
+    d = config_path.parent
+    try:
+        return ServerFiles(config, d, (d / "server.key").read_bytes(),
+                           (d / "server.crt").read_bytes(), (d / "ca.crt").read_bytes())
+    except FileNotFoundError as e:
+        raise ConfigurationError(f"the aggregator directory {d} lacks {Path(e.filename).name}"
+                                 ) from None
+
+
+async def serve(config_path: Path, *, store: str | None = None, listen: str | None = None,
+                ready: Callable[[int], None] | None = None,
+                stop_event: asyncio.Event | None = None) -> int:
+    """Run the aggregator until SIGTERM/SIGINT (or ``stop_event``); returns the exit status."""
+    files = load_server_files(config_path)
+    config = files.config
+    roster = load_roster(files.directory / ROSTER_FILE, config.trust_root)
+    if config.initial_model is None:
+        raise ConfigurationError("[job] initial_model is not set: the job needs a model to "
+                                 "start from")
+    model = FlatModel.load_npz(config.initial_model)
+    loop = asyncio.get_running_loop()
+    core = Core(loop)
+    limits = config.limits
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_send_message_length", limits.max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ])
+    service_pb2_grpc.add_AggregationServicer_to_server(  # type: ignore[no-untyped-call]
+        AggregationService(core, Identity(set(roster)), config), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    credentials = grpc.ssl_server_credentials([(files.server_key, files.server_cert)],
+                                              root_certificates=files.ca_cert,
+                                              require_client_auth=True)
+    address = listen or "[::]:" + config.aggregator.rsplit(":", 1)[1]
+    port = server.add_secure_port(address, credentials)
+    if port == 0:
+        raise ConfigurationError(f"cannot listen on {address}")
+    await _set_health(health, False)
+    await server.start()
+    log.info("listening", extra={"event": "listening", "peer": f"{address} -> {port}"})
+    store_url = sqlite_url(store or str(files.directory / "aggregator.db"))
+    stop = stop_event or asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready(port)
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        opened = await core.run(lambda: Store(store_url))
+        job = Job(config, roster, opened, model, on_change=core.notify)
+        await core.run(job.recover)
+        core.job = job
+        core.healthy = True
+        await _set_health(health, True)
+        log.info("serving", extra={"event": "serving"})
+        tasks = [asyncio.create_task(_ticker(core)), asyncio.create_task(_watch(core, health))]
+        await stop.wait()
+    finally:
+        log.info("shutting down", extra={"event": "shutdown"})
+        for task in tasks:
+            task.cancel()
+        await _set_health(health, False)
+        await server.stop(grace=5)
+        if core.job is not None:
+            await core.run(core.job.store.close)
+        core.executor.shutdown(wait=True)
+        core.hashers.shutdown(wait=False)
+    return 0
+
+
+async def _set_health(health: Any, serving: bool) -> None:
+    status = (health_pb2.HealthCheckResponse.SERVING if serving
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health.set("", status)
+    await health.set(SERVICE_NAME, status)
+
+
+async def _ticker(core: Core) -> None:
+    while True:
+        await asyncio.sleep(0.2)
+        if core.job is not None and core.healthy:
+            try:
+                await core.run(core.job.tick)
+            except (ServiceError, StoreError) as e:
+                log.error("stage close failed", extra={"event": "tick_error",
+                                                       "reason": type(e).__name__})
+                core.healthy = False
+
+
+async def _watch(core: Core, health: Any) -> None:
+    """Health follows the store: NOT_SERVING while it does not answer; on recovery, the job
+    reloads from it (its in-memory state may be ahead of what was committed)."""
+    serving = True
+    while True:
+        await asyncio.sleep(1.0)
+        job = core.job
+        if job is None:
+            continue
+        try:
+            await core.run(job.store.ping)
+            ok = True
+        except StoreError:
+            ok = False
+        if ok and not core.healthy:
+            try:
+                fresh = Job(job.config, job.roster, job.store, job._initial,
+                            on_change=core.notify)
+                await core.run(fresh.recover)
+                core.job = fresh
+                core.healthy = True
+            except (ServiceError, StoreError):
+                ok = False
+        elif not ok:
+            core.healthy = False
+        if ok != serving:
+            await _set_health(health, ok)
+            serving = ok
+            log.warning("health changed", extra={"event": "health",
+                                                 "reason": "serving" if ok else "not serving"})
+
+
+__all__ = ["FAILED_PRECONDITION", "INVALID_ARGUMENT", "PERMISSION_DENIED",
+           "RESOURCE_EXHAUSTED", "AggregationService", "serve"]

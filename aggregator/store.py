@@ -1,0 +1,315 @@
+"""The aggregator's durable state, with SQLAlchemy Core: SQLite by default (one file, nothing to
+start), PostgreSQL with the same code.
+
+What is stored, and why it is enough to survive ``kill -9``:
+- ``chunks``: content-addressed payload chunks (masked inputs, ciphertexts, aggregates, models,
+  released averages), each stored only after its bytes hash to its id;
+- ``events``: every site message the round's role accepted, and every stage close, in order.
+  A role is a deterministic function of these, so on restart the aggregator replays them into a
+  fresh role and gets the same state, running sums included. A message is acknowledged only
+  after its event row is committed; the unique key (round, kind, stage, site) makes a
+  resubmitted message a no-op, never a second count;
+- ``rounds``: each round's status, stage, model and result, ``models``: the global models,
+  ``releases``: the released averages (the released history).
+
+Nothing secret is stored: the aggregator never holds a key, and a stored masked input or
+ciphertext is unreadable without secrets the aggregator does not have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from secagg.errors import SecAggError
+
+SCHEMA_VERSION = 1
+
+metadata = sa.MetaData()
+
+schema_info = sa.Table("schema_info", metadata,
+                       sa.Column("version", sa.Integer, nullable=False))
+
+chunks = sa.Table(
+    "chunks", metadata,
+    sa.Column("chunk_id", sa.LargeBinary(32), primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("round", sa.Integer, nullable=True, index=True),  # NULL: kept (models, releases)
+    sa.Column("site", sa.Integer, nullable=False),  # uploader, 0 for the aggregator
+)
+
+rounds = sa.Table(
+    "rounds", metadata,
+    sa.Column("round", sa.Integer, primary_key=True),
+    sa.Column("round_id", sa.String(200), nullable=False, unique=True),
+    sa.Column("protocol", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("model_digest", sa.LargeBinary(32), nullable=False),
+    sa.Column("result_digest", sa.LargeBinary(32), nullable=True),
+    sa.Column("abort_reason", sa.String(200), nullable=True),
+    sa.Column("survivors", sa.Text, nullable=True),
+    sa.Column("opened_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float, nullable=True),
+)
+
+events = sa.Table(
+    "events", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("round", sa.Integer, nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),  # "message" or "close"
+    sa.Column("stage", sa.Integer, nullable=False),
+    sa.Column("site", sa.Integer, nullable=False),
+    sa.Column("payload", sa.LargeBinary, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.UniqueConstraint("round", "kind", "stage", "site", name="one_event_per_site_stage"),
+)
+
+models = sa.Table(
+    "models", metadata,
+    sa.Column("digest", sa.LargeBinary(32), primary_key=True),
+    sa.Column("spec", sa.Text, nullable=False),
+    sa.Column("blob", sa.Text, nullable=False),
+)
+
+releases = sa.Table(
+    "releases", metadata,
+    sa.Column("round", sa.Integer, primary_key=True),
+    sa.Column("average", sa.Text, nullable=False),  # blob (chunk ids) of the float64 average
+    sa.Column("weight_sum", sa.Float, nullable=False),
+    sa.Column("sites", sa.Text, nullable=False),
+    sa.Column("released_at", sa.Float, nullable=False),
+)
+
+
+class StoreError(SecAggError):
+    """The store is unreachable or does not hold what it should (the service says UNAVAILABLE
+    or refuses to start)."""
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    chunk_ids: tuple[bytes, ...]
+    size: int
+
+    def to_json(self) -> str:
+        return json.dumps({"chunks": [c.hex() for c in self.chunk_ids], "size": self.size})
+
+    @classmethod
+    def from_json(cls, text: str) -> BlobRef:
+        data = json.loads(text)
+        return cls(tuple(bytes.fromhex(c) for c in data["chunks"]), int(data["size"]))
+
+
+@dataclass(frozen=True)
+class Event:
+    round: int
+    kind: str
+    stage: int
+    site: int
+    payload: bytes
+
+
+def chunk_id(data: bytes | memoryview) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+class Store:
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        try:
+            self.engine: Engine = sa.create_engine(url, **kwargs)
+        except (sa.exc.ArgumentError, ImportError) as e:
+            raise StoreError(f"cannot open store {url!r}: {e}") from None
+        if url.startswith("sqlite"):
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.url = url
+        try:
+            self._check_schema(create)
+        except sa.exc.SQLAlchemyError as e:
+            raise StoreError(f"store {url!r} is unreachable: {type(e).__name__}") from None
+
+    def _check_schema(self, create: bool) -> None:
+        inspector = sa.inspect(self.engine)
+        if not inspector.has_table("schema_info"):
+            if inspector.get_table_names():
+                raise StoreError("the store holds tables but no schema version: not ours")
+            if not create:
+                raise StoreError("the store is empty")
+            metadata.create_all(self.engine)
+            with self.engine.begin() as c:
+                c.execute(schema_info.insert().values(version=SCHEMA_VERSION))
+            return
+        with self.engine.connect() as c:
+            version = c.execute(sa.select(schema_info.c.version)).scalar()
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"the store's schema version is {version}, this aggregator "
+                             f"understands {SCHEMA_VERSION} only")
+
+    def ping(self) -> None:
+        try:
+            with self.engine.connect() as c:
+                c.execute(sa.select(1))
+        except sa.exc.SQLAlchemyError as e:
+            raise StoreError(f"store unreachable: {type(e).__name__}") from None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---- chunks ------------------------------------------------------------------------------
+
+    def missing(self, ids: Sequence[bytes]) -> list[bytes]:
+        if not ids:
+            return []
+        with self.engine.connect() as c:
+            present = set(c.execute(sa.select(chunks.c.chunk_id)
+                                    .where(chunks.c.chunk_id.in_(list(ids)))).scalars())
+        return [i for i in ids if i not in present]
+
+    def put_chunks(self, items: Iterable[tuple[bytes, bytes]], *, round_number: int | None,
+                   site: int) -> tuple[int, int]:
+        """Store (id, data) pairs whose ids the caller has checked; (stored, already present)."""
+        stored = present = 0
+        with self.engine.begin() as c:
+            for cid, data in items:
+                exists = c.execute(sa.select(chunks.c.size)
+                                   .where(chunks.c.chunk_id == cid)).first()
+                if exists is not None:
+                    present += 1
+                    continue
+                c.execute(chunks.insert().values(chunk_id=cid, data=data, size=len(data),
+                                                 round=round_number, site=site))
+                stored += 1
+        return stored, present
+
+    def get_chunk(self, cid: bytes) -> bytes | None:
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(chunks.c.data).where(chunks.c.chunk_id == cid)).first()
+        return None if row is None else bytes(row[0])
+
+    def read_blob(self, blob: BlobRef) -> bytes:
+        parts = []
+        for cid in blob.chunk_ids:
+            data = self.get_chunk(cid)
+            if data is None:
+                raise StoreError("a chunk of a referenced payload is missing")
+            parts.append(data)
+        out = b"".join(parts)
+        if len(out) != blob.size:
+            raise StoreError("a referenced payload has the wrong size")
+        return out
+
+    def write_blob(self, data: bytes, *, chunk_bytes: int, round_number: int | None) -> BlobRef:
+        """Store the aggregator's own payload (model, aggregate) as chunks."""
+        view = memoryview(data)
+        pieces = [bytes(view[i:i + chunk_bytes])
+                  for i in range(0, len(view), chunk_bytes)] or [b""]
+        items = [(chunk_id(p), p) for p in pieces]
+        self.put_chunks(items, round_number=round_number, site=0)
+        with self.engine.begin() as c:  # keep: a model or release outlives its round
+            if round_number is None:
+                c.execute(chunks.update().where(chunks.c.chunk_id.in_([i for i, _ in items]))
+                          .values(round=None))
+        return BlobRef(tuple(i for i, _ in items), len(data))
+
+    def purge_round_chunks(self, round_number: int) -> int:
+        """Drop the uploads of a finished round (what models and releases use is kept)."""
+        with self.engine.begin() as c:
+            result = c.execute(chunks.delete().where(chunks.c.round == round_number))
+            return int(result.rowcount or 0)
+
+    # ---- events ------------------------------------------------------------------------------
+
+    def record_event(self, conn: Connection, event: Event) -> bool:
+        """Insert an event in the caller's transaction; False if it was already recorded."""
+        exists = conn.execute(sa.select(events.c.id).where(
+            events.c.round == event.round, events.c.kind == event.kind,
+            events.c.stage == event.stage, events.c.site == event.site)).first()
+        if exists is not None:
+            return False
+        conn.execute(events.insert().values(round=event.round, kind=event.kind,
+                                            stage=event.stage, site=event.site,
+                                            payload=event.payload, at=time.time()))
+        return True
+
+    def event_payload(self, round_number: int, kind: str, stage: int, site: int) -> bytes | None:
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(events.c.payload).where(
+                events.c.round == round_number, events.c.kind == kind, events.c.stage == stage,
+                events.c.site == site)).first()
+        return None if row is None else bytes(row[0])
+
+    def events(self, round_number: int) -> Iterator[Event]:
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(events).where(events.c.round == round_number)
+                             .order_by(events.c.id)).all()
+        for r in rows:
+            yield Event(r.round, r.kind, r.stage, r.site, bytes(r.payload))
+
+    def transaction(self) -> Any:
+        return self.engine.begin()
+
+    # ---- rounds, models, releases ---------------------------------------------------------
+
+    def save_model(self, digest: bytes, spec: str, blob: BlobRef) -> None:
+        with self.engine.begin() as c:
+            if c.execute(sa.select(models.c.digest).where(models.c.digest == digest)).first():
+                return
+            c.execute(models.insert().values(digest=digest, spec=spec, blob=blob.to_json()))
+
+    def load_model(self, digest: bytes) -> tuple[str, BlobRef] | None:
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(models.c.spec, models.c.blob)
+                            .where(models.c.digest == digest)).first()
+        return None if row is None else (row.spec, BlobRef.from_json(row.blob))
+
+    def open_round(self, round_number: int, round_id: str, protocol: str,
+                   model_digest: bytes) -> None:
+        with self.engine.begin() as c:
+            c.execute(rounds.insert().values(round=round_number, round_id=round_id,
+                                             protocol=protocol, status="running",
+                                             model_digest=model_digest, opened_at=time.time()))
+
+    def finish_round(self, conn: Connection, round_number: int, status: str, *,
+                     result_digest: bytes | None = None, abort_reason: str | None = None,
+                     survivors: Sequence[int] = ()) -> None:
+        conn.execute(rounds.update().where(rounds.c.round == round_number).values(
+            status=status, result_digest=result_digest, abort_reason=abort_reason,
+            survivors=json.dumps(list(survivors)), finished_at=time.time()))
+
+    def record_release(self, conn: Connection, round_number: int, average: BlobRef,
+                       weight_sum: float, sites: Sequence[int]) -> None:
+        conn.execute(releases.insert().values(round=round_number, average=average.to_json(),
+                                              weight_sum=weight_sum,
+                                              sites=json.dumps(list(sites)),
+                                              released_at=time.time()))
+
+    def rounds(self) -> list[Any]:
+        with self.engine.connect() as c:
+            return list(c.execute(sa.select(rounds).order_by(rounds.c.round)).all())
+
+    def releases(self) -> list[Any]:
+        with self.engine.connect() as c:
+            return list(c.execute(sa.select(releases).order_by(releases.c.round)).all())
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    # FULL: a committed event (an acknowledged message) survives a crash of the machine too
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def sqlite_url(path: str) -> str:
+    return path if "://" in path else f"sqlite:///{path}"

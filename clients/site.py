@@ -1,0 +1,327 @@
+"""The site SDK: what a hospital's training script calls.
+
+```python
+from clients import Site
+
+site = Site.connect("federation/sites/site-3")
+for rnd in site.rounds():
+    model.load_state_dict(rnd.global_model)
+    n = train(model, local_data)
+    rnd.submit(model.state_dict(), weight=n)   # blocks until the round's average is out
+```
+
+``site.aggregate(state_dict, weight)`` is the one-shot form: it joins the next round and returns
+the averaged state dict. The average comes back with the same names, shapes and dtypes; numpy
+arrays work as well as torch tensors (``tensors="numpy"``/``"torch"``/``"auto"``).
+
+What leaves the site: the delta between its trained state and the round's global model, L2-
+clipped to ``[update] clip_norm``, weighted by ``weight / [update] max_samples`` and then masked
+or encrypted by the protocol roles of :mod:`secagg`; never the plaintext. The site checks the
+round's model digest against the model it holds and refuses a different one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clients import tensors
+from clients.errors import AggregatorRefused, ModelMismatch, RoundAborted, SiteError
+from clients.transport import Connection, Progress
+from secagg import wire
+from secagg.ckks import CkksClient, KeyHolder, PublicContext, Release
+from secagg.ckks.round import CkksStage
+from secagg.errors import ConfigurationError, ProtocolAbort, SecAggError
+from secagg.federation.kit import SiteKit
+from secagg.masking import MaskingClient, Stage
+from secagg.masking.messages import MaskedInput
+from secagg.model import FlatModel
+from secagg.v1 import service_pb2
+
+POLL_MS = 10_000
+_RUNNING = service_pb2.ROUND_STATUS_RUNNING
+
+
+class Site:
+    def __init__(self, kit: SiteKit, connection: Connection, *, tensors_kind: str = "auto",
+                 progress: Progress | None = None) -> None:
+        self.kit = kit
+        self.site_id = kit.site_id
+        self.config = kit.config
+        self._conn = connection
+        self._tensors = tensors_kind
+        self._progress = progress
+        self._last_round = 0
+        self._model_digest: bytes | None = None  # the model this site holds (last result)
+
+    @classmethod
+    def connect(cls, site_dir: str | Path, *, tensors: str = "auto",
+                progress: Progress | None = None, retry_seconds: float = 300.0) -> Site:
+        """Load the site's directory (keys, certificates, signed roster, config) and connect."""
+        if tensors not in ("auto", "numpy", "torch"):
+            raise ValueError(f"tensors must be 'auto', 'numpy' or 'torch', got {tensors!r}")
+        kit = SiteKit.load(site_dir)
+        return cls(kit, Connection(kit, retry_seconds=retry_seconds), tensors_kind=tensors,
+                   progress=progress)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Site:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Site(site_id={self.site_id}, federation={self.config.name!r})"
+
+    # ---- rounds --------------------------------------------------------------------------------
+
+    def rounds(self) -> Iterator[Round]:
+        """The job's rounds as they open, until the job is done."""
+        while True:
+            info = self._next_round_info()
+            if info is None:
+                return
+            rnd = self._join(info)
+            if rnd is not None:
+                yield rnd
+
+    def aggregate(self, state_dict: Mapping[str, Any], weight: float) -> dict[str, Any]:
+        """One round: send ``state_dict`` (against the round's model) and return the average."""
+        for rnd in self.rounds():
+            return rnd.submit(state_dict, weight)
+        raise SiteError("the job is over: no round to take part in")
+
+    def _next_round_info(self) -> service_pb2.RoundInfo | None:
+        while True:
+            info: service_pb2.RoundInfo = self._conn.call(
+                "GetRound", service_pb2.GetRoundRequest(after_round=self._last_round,
+                                                        wait_ms=POLL_MS),
+                timeout=POLL_MS / 1000 + 30)
+            if info.status == service_pb2.ROUND_STATUS_JOB_DONE:
+                return None
+            if info.status == service_pb2.ROUND_STATUS_UNSPECIFIED:
+                continue  # nothing new yet
+            self._last_round = info.round
+            if info.status == _RUNNING:
+                return info
+
+    def _join(self, info: service_pb2.RoundInfo) -> Round | None:
+        digest = bytes(info.model.digest)
+        if self._model_digest is not None and digest != self._model_digest:
+            raise ModelMismatch(f"round {info.round_id} starts from model {digest.hex()[:16]}, "
+                                f"this site holds {self._model_digest.hex()[:16]}")
+        data = self._conn.download(wire.Blob.from_proto(info.model.data),
+                                   progress=self._progress, what="model")
+        model = wire.model_from_proto(info.model, data)
+        self._model_digest = model.digest
+        rnd = Round(self, info, model)
+        if info.protocol == service_pb2.PROTOCOL_CKKS and info.ckks_key_holder == self.site_id:
+            rnd._announce_key()
+        return rnd
+
+    def _accept_result(self, info: service_pb2.RoundInfo) -> FlatModel:
+        data = self._conn.download(wire.Blob.from_proto(info.result.data),
+                                   progress=self._progress, what="result")
+        result = wire.model_from_proto(info.result, data)
+        self._model_digest = result.digest
+        return result
+
+
+class Round:
+    """One round as this site sees it."""
+
+    def __init__(self, site: Site, info: service_pb2.RoundInfo, model: FlatModel) -> None:
+        self._site = site
+        self._conn = site._conn
+        self.number = int(info.round)
+        self.round_id = info.round_id
+        self.protocol = "masking" if info.protocol == service_pb2.PROTOCOL_MASKING else "ckks"
+        self.model = model
+        self._key: KeyHolder | None = None
+        self._submitted = False
+        self.result: FlatModel | None = None
+        self.survivors: tuple[int, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"Round(number={self.number}, round_id={self.round_id!r}, {self.protocol})"
+
+    @property
+    def global_model(self) -> dict[str, Any]:
+        """The model the round starts from, as a state dict (torch tensors or numpy arrays)."""
+        return tensors.as_tensors(self.model.to_arrays(), self._site._tensors)
+
+    def submit(self, state_dict: Mapping[str, Any], weight: float) -> dict[str, Any]:
+        """Send this site's update and wait for the round's result: the new global model."""
+        if self._submitted:
+            raise SiteError("this site already submitted to this round")
+        self._submitted = True
+        config = self._site.config
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not (
+                0 < weight <= config.max_samples):
+            raise ValueError(f"weight must be a number of samples in (0, "
+                             f"{config.max_samples:g}] ([update] max_samples), got {weight!r}")
+        values = tensors.flatten_like(state_dict, self.model)
+        delta, _ = tensors.clip_l2(values - self.model.values, config.clip_norm)
+        scaled_weight = float(weight) / config.max_samples
+        try:
+            if self.protocol == "masking":
+                self._run_masking(delta, scaled_weight)
+            else:
+                self._run_ckks(delta, scaled_weight)
+        except ProtocolAbort as abort:
+            raise RoundAborted(self.round_id, f"this site refused the aggregator's messages: "
+                                              f"{abort}") from None
+        info = self._wait_for_end()
+        self.result = self._site._accept_result(info)
+        self.survivors = tuple(int(s) for s in info.survivors)
+        return tensors.as_tensors(self.result.to_arrays(), self._site._tensors)
+
+    # ---- plumbing --------------------------------------------------------------------------------
+
+    def _progress(self, what: str, done: int, total: int) -> None:
+        if self._site._progress:
+            self._site._progress(what, done, total)
+
+    def _submit(self, **message: Any) -> None:
+        self._conn.call("Submit", service_pb2.SubmitRequest(round_id=self.round_id, **message))
+
+    def _receive(self, stage: int) -> service_pb2.ReceiveResponse:
+        while True:
+            try:
+                response: service_pb2.ReceiveResponse = self._conn.call(
+                    "Receive", service_pb2.ReceiveRequest(round_id=self.round_id, stage=stage,
+                                                          wait_ms=POLL_MS),
+                    timeout=POLL_MS / 1000 + 30)
+            except AggregatorRefused as e:
+                raise RoundAborted(self.round_id, e.reason) from None
+            if response.ready:
+                return response
+
+    def _info(self) -> service_pb2.RoundInfo:
+        info: service_pb2.RoundInfo = self._conn.call(
+            "GetRound", service_pb2.GetRoundRequest(after_round=self.number - 1, wait_ms=0))
+        return info
+
+    def _wait_for_end(self) -> service_pb2.RoundInfo:
+        delay = 0.05
+        while True:
+            info = self._info()
+            if info.status == service_pb2.ROUND_STATUS_COMPLETED:
+                return info
+            if info.status == service_pb2.ROUND_STATUS_ABORTED:
+                raise RoundAborted(self.round_id, info.abort_reason)
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+
+    # ---- masking ---------------------------------------------------------------------------------
+
+    def _run_masking(self, delta: np.ndarray, weight: float) -> None:
+        site = self._site
+        config = site.config.masking_round(self.round_id, site.kit.roster, self.model.size)
+        client = MaskingClient(config, site.site_id, site.kit.identity, (delta, weight))
+        self._progress("stage ADVERTISE_KEYS", 0, 5)
+        self._submit(advertise_keys=wire.advertise_to_proto(client.start()))
+        steps: list[tuple[Stage, Callable[[service_pb2.ReceiveResponse], Any]]] = [
+            (Stage.ADVERTISE_KEYS, lambda r: wire.directory_from_proto(r.key_directory)),
+            (Stage.SHARE_KEYS, lambda r: wire.delivery_from_proto(r.share_delivery)),
+            (Stage.MASKED_INPUT, lambda r: wire.survivors_from_proto(r.survivor_list)),
+            (Stage.CONSISTENCY_CHECK,
+             lambda r: wire.unmask_request_from_proto(r.unmask_request)),
+        ]
+        for done, (stage, decode) in enumerate(steps, 1):
+            response = self._receive(stage.value)
+            reply = client.handle(decode(response))
+            self._progress(f"stage {client.stage.name}", done, 5)
+            self._send_masking(reply, config.word_bits)
+
+    def _send_masking(self, reply: Any, word_bits: int) -> None:
+        from secagg.masking.messages import (
+            ConsistencySignature,
+            ShareKeys,
+            UnmaskResponse,
+        )
+
+        if isinstance(reply, ShareKeys):
+            self._submit(share_keys=wire.share_keys_to_proto(reply))
+        elif isinstance(reply, MaskedInput):
+            blob = self._conn.upload(wire.masked_input_bytes(reply, word_bits),
+                                     progress=self._progress, what="masked input")
+            self._submit(masked_input=wire.masked_input_to_ref(reply, blob, word_bits))
+        elif isinstance(reply, ConsistencySignature):
+            self._submit(consistency_signature=wire.consistency_to_proto(reply))
+        elif isinstance(reply, UnmaskResponse):
+            self._submit(unmask_response=wire.unmask_to_proto(reply))
+
+    # ---- CKKS ------------------------------------------------------------------------------------
+
+    def _announce_key(self) -> None:
+        """This site makes, announces and will release this round's key."""
+        site = self._site
+        key = KeyHolder.generate(site.config.preset)
+        announcement = key.announce(holder=site.site_id, identity=site.kit.identity,
+                                    epoch=self.round_id, max_rounds=1)
+        blob = self._conn.upload(key.public_context().serialize(), progress=self._progress,
+                                 what="public context")
+        self._key = key
+        self._submit(ckks_key=service_pb2.CkksKeyOffer(
+            announcement=wire.announcement_to_proto(announcement),
+            public_context=blob.to_proto()))
+
+    def _run_ckks(self, delta: np.ndarray, weight: float) -> None:
+        site = self._site
+        info = self._info()
+        delay = 0.05
+        while not info.HasField("ckks_key"):
+            if info.status != _RUNNING:
+                raise RoundAborted(self.round_id, info.abort_reason or "no key was announced")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+            info = self._info()
+        announcement = wire.announcement_from_proto(info.ckks_key.announcement)
+        try:
+            config = site.config.ckks_round(self.round_id, site.kit.roster, announcement,
+                                            self.model.size)
+        except ConfigurationError as e:
+            raise RoundAborted(self.round_id, f"the round's key announcement is refused: {e}"
+                               ) from None
+        context: KeyHolder | PublicContext
+        if self._key is not None:
+            context = self._key
+        else:
+            context = PublicContext.load(self._conn.download(
+                wire.Blob.from_proto(info.ckks_key.public_context), what="public context"))
+        client = CkksClient(config, site.site_id, site.kit.identity, context, (delta, weight),
+                            seeded=False,
+                            progress=lambda d, t: self._progress("encrypt", d, t))
+        upload = client.start()
+        blob = self._conn.upload(b"".join(upload.chunks), progress=self._progress,
+                                 what="ciphertexts")
+        self._submit(ckks_update=wire.update_to_ref(upload, blob))
+        if self._key is not None:
+            self._release(config)
+
+    def _release(self, config: Any) -> None:
+        assert self._key is not None
+        request = self._receive(CkksStage.UPLOAD.value).ckks_release_request
+        release = Release(self._key, config)
+        uploads = list(request.uploads)
+        for done, ref in enumerate(uploads, 1):
+            data = self._conn.download(wire.Blob.from_proto(ref.chunks))
+            release.add(wire.update_from_ref(ref, data))  # verify and re-add every upload
+            self._progress("verify uploads", done, len(uploads))
+        aggregate = wire.aggregate_from_ref(request.aggregate, self._conn.download(
+            wire.Blob.from_proto(request.aggregate.chunks)))
+        try:
+            released = release.finish(aggregate)
+        except SecAggError as e:
+            raise RoundAborted(self.round_id, f"the key holder refused to release: {e}"
+                               ) from None
+        blob = self._conn.upload(wire.average_bytes(released.average), what="release")
+        self._submit(ckks_release=wire.release_to_ref(released, blob))

@@ -1,0 +1,61 @@
+"""State dicts to and from flat vectors, clipping and deltas (torch imported only when used).
+
+- names, shapes and dtypes are kept; integer buffers such as BatchNorm's
+  ``num_batches_tracked`` are averaged as floats and rounded back to integers;
+- the update a site sends is the delta between its trained state and the round's global model,
+  clipped to the round's L2 bound (``[update] clip_norm``) before quantisation or encryption.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from secagg.errors import ConfigurationError
+from secagg.model import FlatModel
+
+
+def to_numpy(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    out = {}
+    for name, value in state.items():
+        if hasattr(value, "detach"):  # a torch tensor
+            value = value.detach().cpu().numpy()
+        out[str(name)] = np.asarray(value)
+    return out
+
+
+def as_tensors(arrays: Mapping[str, np.ndarray], kind: str) -> dict[str, Any]:
+    """``kind``: "numpy", "torch", or "auto" (torch if it is installed)."""
+    if kind == "numpy":
+        return dict(arrays)
+    try:
+        import torch
+    except ImportError:
+        if kind == "torch":
+            raise ConfigurationError("tensors='torch' needs torch installed") from None
+        return dict(arrays)
+    return {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
+
+
+def flatten_like(state: Mapping[str, Any], model: FlatModel) -> np.ndarray:
+    """The state's values as a vector in the model's layout; a clear error if they differ."""
+    flat = FlatModel.from_arrays(to_numpy(state))
+    expected = {(t.name, t.shape) for t in model.spec}
+    got = {(t.name, t.shape) for t in flat.spec}
+    if [t.name for t in flat.spec] != [t.name for t in model.spec] or expected != got:
+        missing = sorted(n for n, _ in expected - got)
+        extra = sorted(n for n, _ in got - expected)
+        raise ConfigurationError(
+            "the state dict does not match the round's model (names, shapes, order): "
+            f"missing or reshaped {missing[:5]}, unexpected {extra[:5]}")
+    return flat.values
+
+
+def clip_l2(delta: np.ndarray, bound: float) -> tuple[np.ndarray, float]:
+    """``delta`` scaled down to L2 norm ``bound`` if longer; (clipped, original norm)."""
+    norm = float(np.linalg.norm(delta))
+    if norm > bound > 0:
+        return delta * (bound / norm), norm
+    return delta, norm

@@ -1,0 +1,147 @@
+"""The site's gRPC connection: mTLS, retries with backoff and jitter, resumable chunked transfer.
+
+- Every call is retried on UNAVAILABLE (the aggregator restarting, recovering or unreachable)
+  with exponential backoff and full jitter, up to ``retry_seconds`` in all; every other status is
+  a refusal and surfaces at once as :class:`~clients.errors.AggregatorRefused` naming the code
+  and the aggregator's reason.
+- Uploads are split into 1 MiB content-addressed chunks; the site asks which ones the
+  aggregator lacks and sends only those, so a broken upload resumes where it stopped and a
+  repeated one sends nothing.
+- Downloads check every chunk against its id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from clients.errors import AggregatorRefused, AggregatorUnavailable
+from secagg.federation.kit import SiteKit
+from secagg.v1 import service_pb2, service_pb2_grpc
+from secagg.wire import Blob
+
+T = TypeVar("T")
+CHUNK_BYTES = 1 << 20
+IDS_PER_CALL = 1024
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+
+
+class Connection:
+    def __init__(self, kit: SiteKit, *, retry_seconds: float = 300.0,
+                 call_timeout: float = 60.0) -> None:
+        limits = kit.config.limits
+        credentials = grpc.ssl_channel_credentials(root_certificates=kit.ca_pem,
+                                                   private_key=kit.key_pem,
+                                                   certificate_chain=kit.cert_pem)
+        self.channel = grpc.secure_channel(kit.config.aggregator, credentials, options=[
+            ("grpc.max_receive_message_length", limits.max_message_bytes),
+            ("grpc.max_send_message_length", limits.max_message_bytes),
+            ("grpc.enable_retries", 0),  # we retry ourselves, with jitter, and say why
+        ])
+        self.stub = service_pb2_grpc.AggregationStub(self.channel)  # type: ignore[no-untyped-call]
+        self.retry_seconds = retry_seconds
+        self.call_timeout = call_timeout
+        self._random = random.SystemRandom()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    # ---- calls ---------------------------------------------------------------------------------
+
+    def call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
+        return self._retry(lambda: getattr(self.stub, method)(
+            request, timeout=timeout or self.call_timeout))
+
+    def _retry(self, attempt: Callable[[], T]) -> T:
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.1
+        while True:
+            try:
+                return attempt()
+            except grpc.RpcError as e:
+                code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+                if code not in (grpc.StatusCode.UNAVAILABLE,):
+                    raise AggregatorRefused(code.name, _details(e)) from None
+                if time.monotonic() + delay > deadline:
+                    raise AggregatorUnavailable(
+                        f"the aggregator stayed unavailable for {self.retry_seconds:g} s: "
+                        f"{_details(e)}") from None
+                time.sleep(self._random.uniform(0, delay))  # full jitter
+                delay = min(delay * 2, 5.0)
+
+    # ---- chunks --------------------------------------------------------------------------------
+
+    def upload(self, data: bytes, *, progress: Progress | None = None,
+               what: str = "upload") -> Blob:
+        """Store ``data`` at the aggregator as chunks; resumes after a broken connection."""
+        view = memoryview(data)
+        pieces = [view[i:i + CHUNK_BYTES] for i in range(0, len(view), CHUNK_BYTES)]
+        ids = [hashlib.sha256(p).digest() for p in pieces]
+        by_id = dict(zip(ids, pieces, strict=True))
+        total = len(ids)
+
+        def attempt() -> None:
+            missing: list[bytes] = []
+            for start in range(0, total, IDS_PER_CALL):
+                reply = self.stub.MissingChunks(
+                    service_pb2.ChunkIds(chunk_ids=ids[start:start + IDS_PER_CALL]),
+                    timeout=self.call_timeout)
+                missing.extend(bytes(c) for c in reply.chunk_ids)
+            done = total - len(missing)
+            if progress:
+                progress(what, done, total)
+            if not missing:
+                return
+
+            def stream() -> Iterator[service_pb2.Chunk]:
+                nonlocal done
+                for cid in dict.fromkeys(missing):
+                    yield service_pb2.Chunk(chunk_id=cid, data=bytes(by_id[cid]))
+                    done += 1
+                    if progress:
+                        progress(what, done, total)
+
+            self.stub.PutChunks(stream(), timeout=max(self.call_timeout,
+                                                      len(missing) * 2.0))
+
+        self._retry(attempt)
+        return Blob(tuple(ids), len(data))
+
+    def download(self, blob: Blob, *, progress: Progress | None = None,
+                 what: str = "download") -> bytes:
+        got: dict[bytes, bytes] = {}
+        wanted = list(dict.fromkeys(blob.chunk_ids))
+
+        def attempt() -> None:
+            missing = [c for c in wanted if c not in got]
+            for start in range(0, len(missing), IDS_PER_CALL):
+                request = service_pb2.ChunkIds(chunk_ids=missing[start:start + IDS_PER_CALL])
+                for chunk in self.stub.GetChunks(request, timeout=max(
+                        self.call_timeout, len(missing) * 2.0)):
+                    data = bytes(chunk.data)
+                    if hashlib.sha256(data).digest() != bytes(chunk.chunk_id):
+                        raise AggregatorRefused("DATA_LOSS", "a downloaded chunk does not "
+                                                             "match its id")
+                    got[bytes(chunk.chunk_id)] = data
+                    if progress:
+                        progress(what, len(got), len(wanted))
+
+        self._retry(attempt)
+        out = b"".join(got[c] for c in blob.chunk_ids)
+        if len(out) != blob.size:
+            raise AggregatorRefused("DATA_LOSS", "a downloaded payload has the wrong size")
+        return out
+
+    def download_many(self, blobs: Sequence[Blob]) -> Iterator[bytes]:
+        for blob in blobs:
+            yield self.download(blob)
+
+
+def _details(e: grpc.RpcError) -> str:
+    details = e.details() if hasattr(e, "details") else None
+    return str(details or "no details")

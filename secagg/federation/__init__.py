@@ -1,0 +1,8 @@
+"""Setting up a federation: TLS material (:mod:`.pki`), the config file (:mod:`.config`) and the
+parties' directories (:mod:`.kit`). No network, no database."""
+
+from secagg.federation.config import FederationConfig
+from secagg.federation.kit import SiteKit, init_federation, make_site_request, sign_site_request
+
+__all__ = ["FederationConfig", "SiteKit", "init_federation", "make_site_request",
+           "sign_site_request"]

@@ -1,0 +1,75 @@
+"""``secagg federation init|csr|sign``: set up a federation, or let a site make its own keys."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _site_ids(text: str) -> tuple[int, ...]:
+    try:
+        ids = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected site ids like 1,2, got {text!r}") from None
+    if not ids or any(i < 1 for i in ids):
+        raise argparse.ArgumentTypeError(f"expected site ids >= 1, got {text!r}")
+    return ids
+
+
+def _init(args: argparse.Namespace) -> int:
+    from secagg.federation.kit import init_federation
+
+    init_federation(args.dir, args.sites, protocol=args.protocol,
+                    key_holders=args.key_holders, hosts=args.host,
+                    aggregator=args.aggregator, name=args.name,
+                    initial_model=args.model)
+    d = Path(args.dir)
+    print(f"federation {args.name!r} ({args.protocol}, {args.sites} sites) written to {d}")
+    print(f"  aggregator:  secagg aggregator serve --config {d / 'aggregator' / 'federation.toml'}")
+    print(f"  each site:   {d / 'sites' / 'site-<id>'} (private keys 0600; hand each its own)")
+    print(f"  keep offline: {d / 'ca' / 'ca.key'}, {d / 'trust-root' / 'signer.key'}")
+    return 0
+
+
+def _csr(args: argparse.Namespace) -> int:
+    from secagg.federation.kit import make_site_request
+
+    path = make_site_request(args.dir, args.site)
+    print(f"site {args.site}: keys written to {args.dir} (0600); send {path} to the operator")
+    return 0
+
+
+def _sign(args: argparse.Namespace) -> int:
+    from secagg.federation.kit import sign_site_request
+
+    out = sign_site_request(args.dir, args.request, args.out)
+    print(f"signed; the site's certificate and the re-signed roster are in {out}; every "
+          "party needs the new roster.bin")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    fed = sub.add_parser("federation", help="set up a federation's keys, certificates, roster")
+    fed_sub = fed.add_subparsers(dest="federation_command", required=True)
+    init = fed_sub.add_parser("init", help="write a trial federation into a directory")
+    init.add_argument("--dir", required=True, type=Path)
+    init.add_argument("--sites", required=True, type=int)
+    init.add_argument("--protocol", choices=["masking", "ckks"], default="masking")
+    init.add_argument("--key-holders", type=_site_ids, default=(1,),
+                      help="CKKS: the sites that make and release the round keys, e.g. 1,2")
+    init.add_argument("--host", action="append", default=[],
+                      help="a host name or IP the aggregator's certificate must also name")
+    init.add_argument("--aggregator", default="localhost:50051", help="host:port sites dial")
+    init.add_argument("--name", default="trial")
+    init.add_argument("--model", type=Path, default=None,
+                      help="the job's initial model (.npz of named arrays)")
+    init.set_defaults(func=_init)
+    csr = fed_sub.add_parser("csr", help="make this site's own keys and certificate request")
+    csr.add_argument("--dir", required=True, type=Path)
+    csr.add_argument("--site", required=True, type=int)
+    csr.set_defaults(func=_csr)
+    sign = fed_sub.add_parser("sign", help="sign a site's request and add it to the roster")
+    sign.add_argument("--dir", required=True, type=Path, help="the federation directory")
+    sign.add_argument("--request", required=True, type=Path)
+    sign.add_argument("--out", required=True, type=Path)
+    sign.set_defaults(func=_sign)

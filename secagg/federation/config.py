@@ -1,0 +1,298 @@
+"""The federation config file (TOML): what every party of a federation agrees on.
+
+Written by ``secagg federation init``, read by the aggregator and by every site. Every value is
+checked when the file is loaded, naming the key in error (``[masking] neighbors must be ...``).
+The round configurations of both protocols are built from it (:meth:`masking_round`,
+:meth:`ckks_round`), so their own checks (thresholds, the SecAgg+ bound, CKKS headroom) run
+before any round starts.
+
+```toml
+[federation]
+name = "trial"
+protocol = "masking"             # or "ckks"
+aggregator = "localhost:50051"   # host:port the sites dial
+trust_root = "<hex>"             # the roster signer's Ed25519 public key
+
+[job]
+rounds = 3
+server_learning_rate = 1.0
+initial_model = "model.npz"      # optional, relative to this file (numpy .npz, no pickle)
+
+[update]
+clip_norm = 1.0                  # each site's update (delta) is clipped to this L2 norm
+max_samples = 10000              # weight = samples / max_samples
+
+[masking]
+neighbors = "complete"           # "complete", "auto" or an even k
+threshold = "auto"               # or an integer
+corrupt_fraction = 0.2
+dropout_rate = 0.1
+word_bits = 32
+
+[ckks]
+preset = "add-only-4096"
+key_holders = [1]                # round r's key is made and released by key_holders[r % len]
+min_sites = 3
+
+[deadlines]                      # seconds
+open = 600                       # from a round's opening until its first stage closes
+stage = 60                       # every later stage
+release = 600                    # CKKS: the key holder's verification and release
+
+[limits]
+max_message_bytes = 8388608
+max_chunk_bytes = 4194304
+max_vector_length = 100000000
+max_sites = 10000
+stream_idle_seconds = 30
+```
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from secagg.errors import ConfigurationError
+
+PROTOCOLS = ("masking", "ckks")
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
+
+
+def _get(table: Mapping[str, Any], section: str, key: str, kind: type | tuple[type, ...],
+         default: Any = None) -> Any:
+    value = table.get(key, default)
+    if value is None:
+        raise ConfigurationError(f"[{section}] {key} is missing")
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ConfigurationError(f"[{section}] {key} must be {_kind(kind)}, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigurationError(f"[{section}] {key} must be {_kind(kind)}, got {value!r}")
+    return value
+
+
+def _kind(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({int: "an integer", float: "a number", str: "a string",
+                        bool: "true/false", list: "a list"}.get(k, k.__name__) for k in kinds)
+
+
+def _positive(section: str, key: str, value: float, *, integer: bool = False) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigurationError(f"[{section}] {key} must be positive, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    open: float = 600.0
+    stage: float = 60.0
+    release: float = 600.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_chunk_bytes: int = MAX_CHUNK_BYTES
+    max_vector_length: int = 100_000_000
+    max_sites: int = 10_000
+    stream_idle_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    name: str
+    protocol: str
+    aggregator: str
+    trust_root: bytes
+    rounds: int = 3
+    server_learning_rate: float = 1.0
+    initial_model: Path | None = None
+    clip_norm: float = 1.0
+    max_samples: float = 10_000.0
+    neighbors: int | str = "complete"
+    threshold: int | str = "auto"
+    corrupt_fraction: float = 0.2
+    dropout_rate: float = 0.1
+    word_bits: int = 32
+    preset: str = "add-only-4096"
+    key_holders: tuple[int, ...] = (1,)
+    min_sites: int = 3
+    deadlines: Deadlines = field(default_factory=Deadlines)
+    limits: Limits = field(default_factory=Limits)
+
+    # ---- files -------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: Path | str) -> FederationConfig:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigurationError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigurationError(f"config file {path} is not valid TOML: {e}") from None
+        return cls.from_dict(data, base=path.parent)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, base: Path | None = None) -> FederationConfig:
+        def table(name: str) -> Mapping[str, Any]:
+            value = data.get(name, {})
+            if not isinstance(value, Mapping):
+                raise ConfigurationError(f"[{name}] must be a table")
+            return value
+
+        fed, job, upd = table("federation"), table("job"), table("update")
+        msk, ck, dl, lim = table("masking"), table("ckks"), table("deadlines"), table("limits")
+        protocol = _get(fed, "federation", "protocol", str)
+        if protocol not in PROTOCOLS:
+            raise ConfigurationError(f"[federation] protocol must be one of {PROTOCOLS}, "
+                                     f"got {protocol!r}")
+        try:
+            trust_root = bytes.fromhex(_get(fed, "federation", "trust_root", str))
+        except ValueError:
+            raise ConfigurationError("[federation] trust_root must be hex") from None
+        if len(trust_root) != 32:
+            raise ConfigurationError("[federation] trust_root must be a 32-byte Ed25519 key")
+        initial = job.get("initial_model")
+        if initial is not None and not isinstance(initial, str):
+            raise ConfigurationError("[job] initial_model must be a path")
+        neighbors = msk.get("neighbors", "complete")
+        if not (neighbors in ("complete", "auto") or (isinstance(neighbors, int)
+                                                      and not isinstance(neighbors, bool))):
+            raise ConfigurationError("[masking] neighbors must be \"complete\", \"auto\" or an "
+                                     f"even integer, got {neighbors!r}")
+        threshold = msk.get("threshold", "auto")
+        if not (threshold == "auto" or (isinstance(threshold, int)
+                                        and not isinstance(threshold, bool))):
+            raise ConfigurationError(f"[masking] threshold must be \"auto\" or an integer, "
+                                     f"got {threshold!r}")
+        holders = ck.get("key_holders", [1])
+        if (not isinstance(holders, list) or not holders
+                or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1
+                           for h in holders)):
+            raise ConfigurationError("[ckks] key_holders must be a non-empty list of site ids")
+        config = cls(
+            name=_get(fed, "federation", "name", str, ""),
+            protocol=protocol,
+            aggregator=_get(fed, "federation", "aggregator", str),
+            trust_root=trust_root,
+            rounds=int(_positive("job", "rounds", _get(job, "job", "rounds", int, 3))),
+            server_learning_rate=float(_positive("job", "server_learning_rate", _get(
+                job, "job", "server_learning_rate", (int, float), 1.0))),
+            initial_model=None if initial is None else (base or Path(".")) / initial,
+            clip_norm=float(_positive("update", "clip_norm", _get(
+                upd, "update", "clip_norm", (int, float), 1.0))),
+            max_samples=float(_positive("update", "max_samples", _get(
+                upd, "update", "max_samples", (int, float), 10_000))),
+            neighbors=neighbors,
+            threshold=threshold,
+            corrupt_fraction=float(_get(msk, "masking", "corrupt_fraction", (int, float), 0.2)),
+            dropout_rate=float(_get(msk, "masking", "dropout_rate", (int, float), 0.1)),
+            word_bits=_get(msk, "masking", "word_bits", int, 32),
+            preset=_get(ck, "ckks", "preset", str, "add-only-4096"),
+            key_holders=tuple(holders),
+            min_sites=_get(ck, "ckks", "min_sites", int, 3),
+            deadlines=Deadlines(**{k: float(_positive("deadlines", k, _get(
+                dl, "deadlines", k, (int, float), getattr(Deadlines(), k))))
+                for k in ("open", "stage", "release")}),
+            limits=Limits(
+                max_message_bytes=int(_get(lim, "limits", "max_message_bytes", int,
+                                           MAX_MESSAGE_BYTES)),
+                max_chunk_bytes=int(_get(lim, "limits", "max_chunk_bytes", int,
+                                         MAX_CHUNK_BYTES)),
+                max_vector_length=int(_get(lim, "limits", "max_vector_length", int,
+                                           100_000_000)),
+                max_sites=int(_get(lim, "limits", "max_sites", int, 10_000)),
+                stream_idle_seconds=float(_get(lim, "limits", "stream_idle_seconds",
+                                               (int, float), 30.0))),
+        )
+        config.check()
+        return config
+
+    def check(self) -> None:
+        lim = self.limits
+        if not 1024 <= lim.max_chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ConfigurationError(f"[limits] max_chunk_bytes must be in [1024, "
+                                     f"{MAX_CHUNK_BYTES}], got {lim.max_chunk_bytes}")
+        if not lim.max_chunk_bytes + 4096 <= lim.max_message_bytes <= MAX_MESSAGE_BYTES:
+            raise ConfigurationError(f"[limits] max_message_bytes must be in [max_chunk_bytes "
+                                     f"+ 4096, {MAX_MESSAGE_BYTES}], got {lim.max_message_bytes}")
+        if lim.max_sites < 3 or lim.max_vector_length < 1 or lim.stream_idle_seconds <= 0:
+            raise ConfigurationError("[limits] max_sites >= 3, max_vector_length >= 1 and "
+                                     "stream_idle_seconds > 0 are required")
+        if not 0 <= self.corrupt_fraction < 1 or not 0 <= self.dropout_rate < 1:
+            raise ConfigurationError("[masking] corrupt_fraction and dropout_rate must be in "
+                                     "[0, 1)")
+        if self.word_bits not in (32, 64):
+            raise ConfigurationError(f"[masking] word_bits must be 32 or 64, got "
+                                     f"{self.word_bits}")
+        if ":" not in self.aggregator:
+            raise ConfigurationError(f"[federation] aggregator must be host:port, got "
+                                     f"{self.aggregator!r}")
+
+    def to_toml(self, *, base: Path | None = None) -> str:
+        data: dict[str, Any] = {
+            "federation": {"name": self.name, "protocol": self.protocol,
+                           "aggregator": self.aggregator, "trust_root": self.trust_root.hex()},
+            "job": {"rounds": self.rounds, "server_learning_rate": self.server_learning_rate},
+            "update": {"clip_norm": self.clip_norm, "max_samples": self.max_samples},
+            "masking": {"neighbors": self.neighbors, "threshold": self.threshold,
+                        "corrupt_fraction": self.corrupt_fraction,
+                        "dropout_rate": self.dropout_rate, "word_bits": self.word_bits},
+            "ckks": {"preset": self.preset, "key_holders": list(self.key_holders),
+                     "min_sites": self.min_sites},
+            "deadlines": {"open": self.deadlines.open, "stage": self.deadlines.stage,
+                          "release": self.deadlines.release},
+            "limits": {"max_message_bytes": self.limits.max_message_bytes,
+                       "max_chunk_bytes": self.limits.max_chunk_bytes,
+                       "max_vector_length": self.limits.max_vector_length,
+                       "max_sites": self.limits.max_sites,
+                       "stream_idle_seconds": self.limits.stream_idle_seconds},
+        }
+        if self.initial_model is not None:
+            model = self.initial_model
+            if base is not None and model.is_absolute() and model.is_relative_to(base):
+                model = model.relative_to(base)
+            data["job"]["initial_model"] = str(model)
+        return tomli_w.dumps(data)
+
+    # ---- the protocols' round configurations --------------------------------------------------
+
+    @property
+    def masking_neighbors(self) -> int | str | None:
+        return None if self.neighbors == "complete" else self.neighbors
+
+    @property
+    def masking_threshold(self) -> int | None:
+        return None if self.threshold == "auto" else int(self.threshold)
+
+    def key_holder_for(self, round_number: int) -> int:
+        return self.key_holders[(round_number - 1) % len(self.key_holders)]
+
+    def masking_round(self, round_id: str, roster: Mapping[int, bytes],
+                      vector_length: int) -> Any:
+        """The masking round configuration (its checks run here: thresholds, the bound)."""
+        from secagg.masking import RoundConfig
+
+        return RoundConfig(round_id, roster, vector_length, threshold=self.masking_threshold,
+                           neighbors=self.masking_neighbors,  # type: ignore[arg-type]
+                           corrupt_fraction=self.corrupt_fraction,
+                           dropout_rate=self.dropout_rate, clip=self.clip_norm, max_weight=1.0,
+                           word_bits=self.word_bits)
+
+    def ckks_round(self, round_id: str, roster: Mapping[int, bytes], announcement: Any,
+                   vector_length: int) -> Any:
+        """The CKKS round configuration for a key its holder announced."""
+        from secagg.ckks import CkksRoundConfig
+
+        return CkksRoundConfig(round_id, roster, announcement, (announcement.holder,),
+                               vector_length, preset=self.preset, clip=self.clip_norm,
+                               max_weight=1.0, min_sites=self.min_sites)

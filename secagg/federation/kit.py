@@ -1,0 +1,256 @@
+"""Writing a trial federation: the CA, the roster signer, the aggregator's kit and one kit per site.
+
+Layout of ``secagg federation init --dir DIR``::
+
+    DIR/federation.toml              the federation config (public)
+    DIR/roster.bin                   the signed roster (public)
+    DIR/ca/ca.crt, ca/ca.key         the CA (keep ca.key offline)
+    DIR/trust-root/signer.key        the roster signer's Ed25519 key (keep offline)
+    DIR/aggregator/                  server.crt, server.key, ca.crt, federation.toml, roster.bin
+    DIR/sites/site-<id>/             client.crt, client.key, identity.key, ca.crt,
+                                     federation.toml, roster.bin
+
+Private keys are written 0600 and each one exists in exactly one directory: no private key is
+copied from one party's directory to another's. With ``secagg federation csr`` a site makes its
+own TLS key, identity key and request, so that nothing private ever travels; the operator then
+signs it with ``secagg federation sign``, which also re-signs the roster with the new site in it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from secagg.errors import ConfigurationError, InvalidMessage
+from secagg.federation import pki
+from secagg.federation.config import FederationConfig
+from secagg.hazmat.signing import IdentityKey
+from secagg.roster import Roster, RosterSigner, SignedRoster
+from secagg.v1 import roster_pb2
+
+CONFIG_FILE = "federation.toml"
+ROSTER_FILE = "roster.bin"
+
+
+# ---- the signed roster on disk ------------------------------------------------------------
+
+
+def roster_to_bytes(signed: SignedRoster) -> bytes:
+    r = signed.roster
+    msg = roster_pb2.SignedRoster(
+        roster=roster_pb2.Roster(
+            federation=r.federation, version=r.version, graph_seed=r.graph_seed,
+            sites=[roster_pb2.RosterSite(site_id=s, identity_public_key=r[s]) for s in r]),
+        signature=signed.signature)
+    return msg.SerializeToString(deterministic=True)
+
+
+def roster_from_bytes(data: bytes) -> SignedRoster:
+    msg = roster_pb2.SignedRoster()
+    try:
+        msg.ParseFromString(data)
+    except Exception:  # protobuf's DecodeError and friends
+        raise InvalidMessage("roster") from None
+    sites = {int(s.site_id): bytes(s.identity_public_key) for s in msg.roster.sites}
+    if len(sites) != len(msg.roster.sites):
+        raise InvalidMessage("roster")
+    try:
+        roster = Roster(sites, bytes(msg.roster.graph_seed), federation=msg.roster.federation,
+                        version=msg.roster.version)
+    except ConfigurationError:
+        raise InvalidMessage("roster") from None
+    return SignedRoster(roster, bytes(msg.signature))
+
+
+def load_roster(path: Path, trust_root: bytes) -> Roster:
+    """The roster at ``path``, if the federation's trust root signed it."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigurationError(f"roster file {path} does not exist") from None
+    try:
+        return roster_from_bytes(data).open(trust_root)
+    except InvalidMessage:
+        raise ConfigurationError(f"roster file {path} is not signed by the federation's "
+                                 "trust root") from None
+
+
+# ---- identity keys on disk ----------------------------------------------------------------
+
+
+def identity_to_pem(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def load_identity(path: Path) -> IdentityKey:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigurationError(f"{path} is not an Ed25519 private key")
+    return IdentityKey(key)
+
+
+@dataclass(frozen=True)
+class SiteKit:
+    """A site's directory, loaded: everything ``clients.Site.connect`` needs."""
+
+    directory: Path
+    site_id: int
+    config: FederationConfig
+    roster: Roster
+    identity: IdentityKey
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+
+    @classmethod
+    def load(cls, directory: Path | str) -> SiteKit:
+        d = Path(directory)
+        if not d.is_dir():
+            raise ConfigurationError(f"site directory {d} does not exist")
+        config = FederationConfig.load(d / CONFIG_FILE)
+        roster = load_roster(d / ROSTER_FILE, config.trust_root)
+        try:
+            cert_pem = (d / "client.crt").read_bytes()
+            key_pem = (d / "client.key").read_bytes()
+            ca_pem = (d / "ca.crt").read_bytes()
+        except FileNotFoundError as e:
+            raise ConfigurationError(f"site directory {d} lacks {Path(e.filename).name}"
+                                     ) from None
+        site_id = pki.site_id_from_pem(cert_pem)
+        if site_id is None:
+            raise ConfigurationError(f"{d / 'client.crt'} names no site")
+        identity = load_identity(d / "identity.key")
+        if roster.get(site_id) != identity.public_bytes:
+            raise ConfigurationError(f"site {site_id}'s identity key is not the roster's")
+        return cls(d, site_id, config, roster, identity, ca_pem, cert_pem, key_pem)
+
+
+# ---- init --------------------------------------------------------------------------------
+
+
+def init_federation(directory: Path | str, sites: int, *, protocol: str = "masking",
+                    key_holders: Sequence[int] = (1,), hosts: Sequence[str] = (),
+                    aggregator: str = "localhost:50051", name: str = "trial",
+                    initial_model: Path | None = None, **overrides: object) -> FederationConfig:
+    """Write a whole trial federation into ``directory`` (which must be empty or absent)."""
+    d = Path(directory)
+    if d.exists() and any(d.iterdir()):
+        raise ConfigurationError(f"{d} is not empty: refusing to overwrite a federation")
+    if not 3 <= sites <= 10_000:
+        raise ConfigurationError(f"--sites must be in [3, 10000], got {sites}")
+    if not set(key_holders) <= set(range(1, sites + 1)):
+        raise ConfigurationError(f"--key-holders must be sites in 1..{sites}")
+    d.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_cert = pki.make_ca(name)
+    pki.write_private(d / "ca" / "ca.key", pki.pem_private(ca_key))
+    pki.write_public(d / "ca" / "ca.crt", pki.pem_cert(ca_cert))
+    signer_key = Ed25519PrivateKey.generate()
+    pki.write_private(d / "trust-root" / "signer.key", identity_to_pem(signer_key))
+    signer = RosterSigner(IdentityKey(signer_key))
+
+    identities = {s: Ed25519PrivateKey.generate() for s in range(1, sites + 1)}
+    signed = signer.sign({s: IdentityKey(k).public_bytes for s, k in identities.items()},
+                         federation=name)
+    model_name = None
+    if initial_model is not None:
+        model_name = Path("model.npz")
+        (d / model_name).write_bytes(Path(initial_model).read_bytes())
+    config = FederationConfig(name=name, protocol=protocol, aggregator=aggregator,
+                              trust_root=signer.public_key, key_holders=tuple(key_holders),
+                              initial_model=model_name)
+    if overrides:
+        config = replace(config, **overrides)  # type: ignore[arg-type]
+    config.check()
+    _write_public_files(d, config, signed, ca_cert, model_name)
+
+    server_key, server_cert = pki.issue_server_cert(ca_key, ca_cert, hosts)
+    agg = d / "aggregator"
+    pki.write_private(agg / "server.key", pki.pem_private(server_key))
+    pki.write_public(agg / "server.crt", pki.pem_cert(server_cert))
+    _write_public_files(agg, config, signed, ca_cert, model_name)
+    for s, ident in identities.items():
+        site_dir = d / "sites" / f"site-{s}"
+        tls_key = pki.new_key()
+        cert = pki.issue_site_cert(ca_key, ca_cert, s, tls_key.public_key())
+        pki.write_private(site_dir / "client.key", pki.pem_private(tls_key))
+        pki.write_private(site_dir / "identity.key", identity_to_pem(ident))
+        pki.write_public(site_dir / "client.crt", pki.pem_cert(cert))
+        _write_public_files(site_dir, config, signed, ca_cert, None)
+    return config
+
+
+def _write_public_files(d: Path, config: FederationConfig, signed: SignedRoster,
+                        ca_cert: x509.Certificate, model_name: Path | None) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    pki.write_public(d / "ca.crt", pki.pem_cert(ca_cert))
+    (d / CONFIG_FILE).write_text(config.to_toml())
+    (d / ROSTER_FILE).write_bytes(roster_to_bytes(signed))
+    if model_name is not None and not (d / model_name).exists():
+        src = d.parent / model_name
+        if src.exists():
+            (d / model_name).write_bytes(src.read_bytes())
+
+
+# ---- a site's own keys: csr / sign -----------------------------------------------------------
+
+
+def make_site_request(directory: Path | str, site_id: int) -> Path:
+    """Make a site's TLS key, identity key and request in ``directory``; the request (public
+    only) is what goes to the operator."""
+    d = Path(directory)
+    tls_key = pki.new_key()
+    identity = Ed25519PrivateKey.generate()
+    pki.write_private(d / "client.key", pki.pem_private(tls_key))
+    pki.write_private(d / "identity.key", identity_to_pem(identity))
+    csr = pki.make_csr(site_id, tls_key)
+    request = {
+        "site_id": site_id,
+        "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
+        "identity_public_key": IdentityKey(identity).public_bytes.hex(),
+    }
+    path = d / "request.json"
+    path.write_text(json.dumps(request, indent=2))
+    return path
+
+
+def sign_site_request(federation: Path | str, request_path: Path | str, out: Path | str
+                      ) -> Path:
+    """Sign a site's request: its certificate, and a re-signed roster with its identity key in
+    it (a new roster version and graph seed), written with the public files into ``out``.
+    Every party must then receive the new roster."""
+    fed = Path(federation)
+    try:
+        request = json.loads(Path(request_path).read_text())
+        site_id = int(request["site_id"])
+        csr = x509.load_pem_x509_csr(request["csr"].encode())
+        identity_public = bytes.fromhex(request["identity_public_key"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigurationError(f"cannot read the site request {request_path}: {e}") from None
+    config = FederationConfig.load(fed / CONFIG_FILE)
+    ca_key = pki.load_private(fed / "ca" / "ca.key")
+    ca_cert = pki.load_cert(fed / "ca" / "ca.crt")
+    cert = pki.sign_csr(ca_key, ca_cert, csr, site_id)
+    roster = load_roster(fed / ROSTER_FILE, config.trust_root)
+    if site_id in roster and roster[site_id] != identity_public:
+        raise ConfigurationError(f"site {site_id} is already on the roster with another key")
+    sites = dict(roster)
+    sites[site_id] = identity_public
+    signer_key = serialization.load_pem_private_key(
+        (fed / "trust-root" / "signer.key").read_bytes(), password=None)
+    if not isinstance(signer_key, Ed25519PrivateKey):
+        raise ConfigurationError("the trust root key is not an Ed25519 key")
+    signed = RosterSigner(IdentityKey(signer_key)).sign(
+        sites, federation=roster.federation, version=roster.version + 1)
+    (fed / ROSTER_FILE).write_bytes(roster_to_bytes(signed))
+    (fed / "aggregator" / ROSTER_FILE).write_bytes(roster_to_bytes(signed))
+    o = Path(out)
+    pki.write_public(o / "client.crt", pki.pem_cert(cert))
+    _write_public_files(o, config, signed, ca_cert, None)
+    return o

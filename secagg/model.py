@@ -1,0 +1,101 @@
+"""Models on the wire: a flat float64 vector plus the spec that rebuilds its tensors.
+
+Nothing is ever unpickled: a model travels as its spec (names, shapes, dtypes) and its values
+as little-endian float64, and files are numpy ``.npz`` archives loaded with
+``allow_pickle=False``. Integer tensors (e.g. BatchNorm's ``num_batches_tracked``) ride along as
+float64 and are rounded back to their integer dtype when the tensors are rebuilt, so their
+average is the rounded average of the sites' values.
+
+The digest binds spec and values: a round is bound to the digest of the model it starts from,
+and a site refuses a round whose digest is not that of the model it holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from secagg._encoding import digest, encode, payload_digest
+from secagg.errors import ConfigurationError
+
+_SUPPORTED_KINDS = ("f", "i", "u", "b")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+@dataclass(frozen=True)
+class FlatModel:
+    spec: tuple[TensorSpec, ...]
+    values: np.ndarray  # float64, length = sum of sizes
+
+    def __post_init__(self) -> None:
+        values = np.ascontiguousarray(self.values, dtype="<f8")
+        if values.ndim != 1 or values.shape[0] != sum(t.size for t in self.spec):
+            raise ConfigurationError("model values do not match the model spec")
+        names = [t.name for t in self.spec]
+        if len(set(names)) != len(names):
+            raise ConfigurationError("model spec names a tensor twice")
+        if not np.all(np.isfinite(values)):
+            raise ConfigurationError("model values contain NaN or infinity")
+        object.__setattr__(self, "values", values)
+
+    @property
+    def size(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def digest(self) -> bytes:
+        spec = encode("model-spec", *[encode("tensor", t.name, list(t.shape), t.dtype)
+                                      for t in self.spec])
+        return digest("model", spec, payload_digest(self.values.data))
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, object]) -> FlatModel:
+        """From named arrays (numpy arrays, or anything ``np.asarray`` takes), in order."""
+        spec, parts = [], []
+        for name, value in arrays.items():
+            arr = np.asarray(value)
+            if arr.dtype.kind not in _SUPPORTED_KINDS:
+                raise ConfigurationError(f"tensor {name!r} has unsupported dtype {arr.dtype}")
+            spec.append(TensorSpec(str(name), tuple(int(d) for d in arr.shape), arr.dtype.name))
+            parts.append(arr.astype(np.float64).ravel())
+        values = np.concatenate(parts) if parts else np.zeros(0)
+        return cls(tuple(spec), values)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The named arrays again, in their dtypes (integers and booleans rounded)."""
+        out, pos = {}, 0
+        for t in self.spec:
+            chunk = self.values[pos:pos + t.size]
+            pos += t.size
+            dtype = np.dtype(t.dtype)
+            if dtype.kind in ("i", "u", "b"):
+                chunk = np.rint(chunk)
+            out[t.name] = chunk.astype(dtype).reshape(t.shape)
+        return out
+
+    def with_values(self, values: np.ndarray) -> FlatModel:
+        return FlatModel(self.spec, values)
+
+    def save_npz(self, path: Path | str) -> None:
+        np.savez(Path(path), **self.to_arrays())  # type: ignore[arg-type]
+
+    @classmethod
+    def load_npz(cls, path: Path | str) -> FlatModel:
+        try:
+            with np.load(Path(path), allow_pickle=False) as archive:
+                return cls.from_arrays({name: archive[name] for name in archive.files})
+        except (OSError, ValueError) as e:
+            raise ConfigurationError(f"cannot read model {path}: {e}") from None

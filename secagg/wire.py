@@ -1,0 +1,260 @@
+"""Conversions between the core's message values and their protobuf form (``protos/secagg/v1``).
+
+Both ends of the service use these, so a message means the same thing on either side. Bulk
+payloads are not converted here: a message refers to them as a :class:`Blob` (chunk ids and
+size), and the caller fetches the bytes; ``*_from_proto`` functions that need a payload take
+its bytes. Decoding checks shapes (lengths, counts); the roles check meaning (signatures,
+roster membership). A malformed message is :class:`~secagg.errors.InvalidMessage`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from secagg.ckks.keys import KeyAnnouncement
+from secagg.ckks.round import EncryptedAggregate, EncryptedUpdate, ReleasedAverage
+from secagg.errors import InvalidMessage
+from secagg.masking.messages import (
+    AdvertiseKeys,
+    ConsistencySignature,
+    KeyDirectory,
+    MaskAttestation,
+    MaskedInput,
+    ShareDelivery,
+    ShareKeys,
+    SurvivorList,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from secagg.model import FlatModel, TensorSpec
+from secagg.v1 import ckks_pb2, masking_pb2, service_pb2
+
+WORD_DTYPES: dict[int, np.dtype[np.unsignedinteger]] = {32: np.dtype("<u4"), 64: np.dtype("<u8")}
+
+
+@dataclass(frozen=True)
+class Blob:
+    chunk_ids: tuple[bytes, ...]
+    size: int
+
+    def to_proto(self) -> service_pb2.Blob:
+        return service_pb2.Blob(chunk_ids=list(self.chunk_ids), size=self.size)
+
+    @classmethod
+    def from_proto(cls, msg: service_pb2.Blob) -> Blob:
+        ids = tuple(bytes(c) for c in msg.chunk_ids)
+        if any(len(c) != 32 for c in ids) or (msg.size > 0 and not ids):
+            raise InvalidMessage("blob")
+        return cls(ids, int(msg.size))
+
+
+# ---- masking: site -> server ----------------------------------------------------------------
+
+
+def advertise_to_proto(m: AdvertiseKeys) -> masking_pb2.AdvertiseKeys:
+    return masking_pb2.AdvertiseKeys(site_id=m.site_id,
+                                     encryption_public_key=m.encryption_public_key,
+                                     masking_public_key=m.masking_public_key, signature=m.signature)
+
+
+def advertise_from_proto(p: masking_pb2.AdvertiseKeys) -> AdvertiseKeys:
+    return AdvertiseKeys(int(p.site_id), bytes(p.encryption_public_key),
+                         bytes(p.masking_public_key), bytes(p.signature))
+
+
+def share_keys_to_proto(m: ShareKeys) -> masking_pb2.ShareKeys:
+    return masking_pb2.ShareKeys(site_id=m.site_id, encrypted_shares=dict(m.encrypted_shares),
+                                 self_mask_commitment=m.self_mask_commitment,
+                                 signature=m.signature)
+
+
+def share_keys_from_proto(p: masking_pb2.ShareKeys) -> ShareKeys:
+    return ShareKeys(int(p.site_id), {int(k): bytes(v) for k, v in p.encrypted_shares.items()},
+                     bytes(p.self_mask_commitment), bytes(p.signature))
+
+
+def masked_input_to_ref(m: MaskedInput, blob: Blob, word_bits: int) -> service_pb2.MaskedInputRef:
+    return service_pb2.MaskedInputRef(site_id=m.site_id, word_bits=word_bits,
+                                      masked_input=blob.to_proto(), partners=list(m.partners),
+                                      signature=m.signature)
+
+
+def masked_input_bytes(m: MaskedInput, word_bits: int) -> bytes:
+    return bytes(np.ascontiguousarray(m.masked_input).astype(WORD_DTYPES[word_bits]).tobytes())
+
+
+def masked_input_from_ref(p: service_pb2.MaskedInputRef, data: bytes, *, word_bits: int,
+                          length: int) -> MaskedInput:
+    dtype = WORD_DTYPES.get(p.word_bits)
+    if dtype is None or p.word_bits != word_bits or len(data) != length * dtype.itemsize:
+        raise InvalidMessage("masked input")
+    words = np.frombuffer(data, dtype=dtype).astype(dtype.newbyteorder("="))
+    return MaskedInput(int(p.site_id), words, tuple(int(x) for x in p.partners),
+                       bytes(p.signature))
+
+
+def consistency_to_proto(m: ConsistencySignature) -> masking_pb2.ConsistencySignature:
+    return masking_pb2.ConsistencySignature(site_id=m.site_id, signature=m.signature)
+
+
+def consistency_from_proto(p: masking_pb2.ConsistencySignature) -> ConsistencySignature:
+    return ConsistencySignature(int(p.site_id), bytes(p.signature))
+
+
+def unmask_to_proto(m: UnmaskResponse) -> masking_pb2.UnmaskResponse:
+    return masking_pb2.UnmaskResponse(site_id=m.site_id, self_mask_shares=dict(m.self_mask_shares),
+                                      key_shares=dict(m.key_shares), signature=m.signature)
+
+
+def unmask_from_proto(p: masking_pb2.UnmaskResponse) -> UnmaskResponse:
+    return UnmaskResponse(int(p.site_id),
+                          {int(k): bytes(v) for k, v in p.self_mask_shares.items()},
+                          {int(k): bytes(v) for k, v in p.key_shares.items()}, bytes(p.signature))
+
+
+# ---- masking: server -> site ----------------------------------------------------------------
+
+
+def directory_to_proto(m: KeyDirectory) -> masking_pb2.KeyDirectory:
+    return masking_pb2.KeyDirectory(entries=[advertise_to_proto(e) for e in m.entries])
+
+
+def directory_from_proto(p: masking_pb2.KeyDirectory) -> KeyDirectory:
+    return KeyDirectory(tuple(advertise_from_proto(e) for e in p.entries))
+
+
+def delivery_to_proto(m: ShareDelivery) -> masking_pb2.ShareDelivery:
+    return masking_pb2.ShareDelivery(encrypted_shares=dict(m.encrypted_shares))
+
+
+def delivery_from_proto(p: masking_pb2.ShareDelivery) -> ShareDelivery:
+    return ShareDelivery({int(k): bytes(v) for k, v in p.encrypted_shares.items()})
+
+
+def survivors_to_proto(m: SurvivorList) -> masking_pb2.SurvivorList:
+    return masking_pb2.SurvivorList(
+        survivors=list(m.survivors),
+        attestations={k: masking_pb2.MaskAttestation(partners=list(a.partners),
+                                                     payload_digest=a.payload_digest,
+                                                     signature=a.signature)
+                      for k, a in m.attestations.items()})
+
+
+def survivors_from_proto(p: masking_pb2.SurvivorList) -> SurvivorList:
+    return SurvivorList(tuple(int(s) for s in p.survivors), {
+        int(k): MaskAttestation(tuple(int(x) for x in a.partners), bytes(a.payload_digest),
+                                bytes(a.signature))
+        for k, a in p.attestations.items()})
+
+
+def unmask_request_to_proto(m: UnmaskRequest) -> masking_pb2.UnmaskRequest:
+    return masking_pb2.UnmaskRequest(survivors=list(m.survivors),
+                                     survivor_signatures=dict(m.survivor_signatures),
+                                     dropped=list(m.dropped))
+
+
+def unmask_request_from_proto(p: masking_pb2.UnmaskRequest) -> UnmaskRequest:
+    return UnmaskRequest(tuple(int(s) for s in p.survivors),
+                         {int(k): bytes(v) for k, v in p.survivor_signatures.items()},
+                         tuple(int(s) for s in p.dropped))
+
+
+# ---- CKKS ------------------------------------------------------------------------------------
+
+
+def announcement_to_proto(a: KeyAnnouncement) -> ckks_pb2.KeyAnnouncement:
+    return ckks_pb2.KeyAnnouncement(key_id=a.key_id, preset=a.preset, holder=a.holder,
+                                    epoch=a.epoch, max_rounds=a.max_rounds,
+                                    signature=a.signature)
+
+
+def announcement_from_proto(p: ckks_pb2.KeyAnnouncement) -> KeyAnnouncement:
+    return KeyAnnouncement(bytes(p.key_id), p.preset, int(p.holder), p.epoch,
+                           int(p.max_rounds), bytes(p.signature))
+
+
+def split_fixed(data: bytes, count: int) -> tuple[bytes, ...]:
+    """``count`` equal pieces of ``data`` (canonical ciphertexts have a fixed length)."""
+    if count < 1 or len(data) % count:
+        raise InvalidMessage("ciphertext payload")
+    size = len(data) // count
+    return tuple(data[i * size:(i + 1) * size] for i in range(count))
+
+
+def update_to_ref(u: EncryptedUpdate, blob: Blob) -> service_pb2.EncryptedUpdateRef:
+    return service_pb2.EncryptedUpdateRef(round_id=u.round_id, key_id=u.key_id,
+                                          site_id=u.site_id, chunks=blob.to_proto(),
+                                          chunk_count=len(u.chunks), seeded=u.seeded,
+                                          signature=u.signature)
+
+
+def update_from_ref(p: service_pb2.EncryptedUpdateRef, data: bytes) -> EncryptedUpdate:
+    return EncryptedUpdate(p.round_id, bytes(p.key_id), int(p.site_id),
+                           split_fixed(data, int(p.chunk_count)), bool(p.seeded),
+                           bytes(p.signature))
+
+
+def aggregate_to_ref(a: EncryptedAggregate, blob: Blob) -> service_pb2.EncryptedAggregateRef:
+    return service_pb2.EncryptedAggregateRef(round_id=a.round_id, key_id=a.key_id,
+                                             sites=list(a.sites), chunks=blob.to_proto(),
+                                             chunk_count=len(a.chunks))
+
+
+def aggregate_from_ref(p: service_pb2.EncryptedAggregateRef, data: bytes) -> EncryptedAggregate:
+    return EncryptedAggregate(p.round_id, bytes(p.key_id), tuple(int(s) for s in p.sites),
+                              split_fixed(data, int(p.chunk_count)))
+
+
+def average_bytes(values: np.ndarray) -> bytes:
+    return np.ascontiguousarray(values, dtype="<f8").tobytes()
+
+
+def release_to_ref(r: ReleasedAverage, blob: Blob) -> service_pb2.ReleasedAverageRef:
+    return service_pb2.ReleasedAverageRef(average=blob.to_proto(), weight_sum=r.weight_sum,
+                                          sites=list(r.sites), grid=r.grid)
+
+
+def release_from_ref(p: service_pb2.ReleasedAverageRef, data: bytes, *, round_id: str,
+                     length: int) -> ReleasedAverage:
+    if len(data) != 8 * length:
+        raise InvalidMessage("released average")
+    values = np.frombuffer(data, dtype="<f8").astype(np.float64)
+    if not np.all(np.isfinite(values)) or not np.isfinite(p.weight_sum) or p.weight_sum <= 0:
+        raise InvalidMessage("released average")
+    return ReleasedAverage(values, float(p.weight_sum), round_id,
+                           tuple(int(s) for s in p.sites), float(p.grid))
+
+
+# ---- models ----------------------------------------------------------------------------------
+
+
+def model_to_proto(model: FlatModel, blob: Blob) -> service_pb2.Model:
+    return service_pb2.Model(
+        spec=[service_pb2.Tensor(name=t.name, shape=list(t.shape), dtype=t.dtype)
+              for t in model.spec],
+        data=blob.to_proto(), digest=model.digest)
+
+
+def spec_from_proto(tensors: Sequence[service_pb2.Tensor]) -> tuple[TensorSpec, ...]:
+    try:
+        return tuple(TensorSpec(t.name, tuple(int(d) for d in t.shape), np.dtype(t.dtype).name)
+                     for t in tensors)
+    except TypeError:
+        raise InvalidMessage("model spec") from None
+
+
+def model_from_proto(p: service_pb2.Model, data: bytes) -> FlatModel:
+    """The model, if its bytes and spec hash to the digest it claims."""
+    spec = spec_from_proto(p.spec)
+    if len(data) % 8:
+        raise InvalidMessage("model")
+    try:
+        model = FlatModel(spec, np.frombuffer(data, dtype="<f8").astype(np.float64))
+    except ValueError:
+        raise InvalidMessage("model") from None
+    if model.digest != bytes(p.digest):
+        raise InvalidMessage("model")
+    return model
