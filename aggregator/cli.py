@@ -9,9 +9,11 @@ from pathlib import Path
 
 def _serve(args: argparse.Namespace) -> int:
     from aggregator import logs
-    from aggregator.service import serve
 
     logs.configure(args.log_level)
+    logs.capture_native_stderr()  # before gRPC starts: it reads its log level once
+    from aggregator.service import serve
+
     return asyncio.run(serve(args.config, store=args.store, listen=args.listen))
 
 

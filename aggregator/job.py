@@ -268,6 +268,12 @@ class Job:
         active = self._active_for(request.round_id)
         kind = request.WhichOneof("message")
         stage = self._stage_of(active, kind)
+        claimed = _claimed_site(request, kind)
+        if claimed is not None and claimed != site:
+            log.warning("refused: message names another site", extra={
+                "event": "identity_refused", "site_id": site, "round_id": active.view.round_id})
+            raise ServiceError(PERMISSION_DENIED,
+                               f"site {site} may not send a message of site {claimed}")
         previous = self.store.event_payload(active.view.number, "message", stage, site)
         payload = request.SerializeToString(deterministic=True)
         if previous is not None:
@@ -604,6 +610,15 @@ class Job:
                                                     "have not been uploaded")
         data = self.store.read_blob(BlobRef(blob.chunk_ids, blob.size))
         return data
+
+
+def _claimed_site(request: service_pb2.SubmitRequest, kind: str | None) -> int | None:
+    """The site id a message names in its own fields (checked before anything else)."""
+    if kind in ("ckks_key", "ckks_release") or kind is None:
+        return None
+    if kind == "ckks_update":
+        return int(request.ckks_update.site_id)
+    return int(getattr(request, kind).site_id)
 
 
 _STATUS = {"running": service_pb2.ROUND_STATUS_RUNNING,

@@ -57,6 +57,7 @@ class Site:
         self._progress = progress
         self._last_round = 0
         self._model_digest: bytes | None = None  # the model this site holds (last result)
+        self._held_round = 0  # the round whose result (or starting model) that is
 
     @classmethod
     def connect(cls, site_dir: str | Path, *, tensors: str = "auto",
@@ -115,8 +116,8 @@ class Site:
     def _join(self, info: service_pb2.RoundInfo) -> Round | None:
         digest = bytes(info.model.digest)
         if self._model_digest is not None and digest != self._model_digest:
-            raise ModelMismatch(f"round {info.round_id} starts from model {digest.hex()[:16]}, "
-                                f"this site holds {self._model_digest.hex()[:16]}")
+            self._follow_chain(info.round, digest)
+        self._held_round = info.round - 1
         data = self._conn.download(wire.Blob.from_proto(info.model.data),
                                    progress=self._progress, what="model")
         model = wire.model_from_proto(info.model, data)
@@ -126,11 +127,29 @@ class Site:
             rnd._announce_key()
         return rnd
 
+    def _follow_chain(self, round_number: int, digest: bytes) -> None:
+        """This site missed rounds (it dropped out, or joined late): accept the new model only
+        if the rounds in between lead from the model it holds to it, each starting from the
+        previous one's result (or, if it aborted, from the same model)."""
+        current = self._model_digest
+        for j in range(self._held_round + 1, round_number):
+            past: service_pb2.RoundInfo = self._conn.call(
+                "GetRound", service_pb2.GetRoundRequest(after_round=j - 1, wait_ms=0))
+            if past.round != j or bytes(past.model.digest) != current:
+                break
+            if past.status == service_pb2.ROUND_STATUS_COMPLETED:
+                current = bytes(past.result.digest)
+        if current != digest:
+            raise ModelMismatch(
+                f"round {round_number} starts from model {digest.hex()[:16]}, which does not "
+                f"follow from the model this site holds ({(self._model_digest or b'').hex()[:16]})")
+
     def _accept_result(self, info: service_pb2.RoundInfo) -> FlatModel:
         data = self._conn.download(wire.Blob.from_proto(info.result.data),
                                    progress=self._progress, what="result")
         result = wire.model_from_proto(info.result, data)
         self._model_digest = result.digest
+        self._held_round = info.round
         return result
 
 

@@ -86,7 +86,22 @@ class FlatModel:
             out[t.name] = chunk.astype(dtype).reshape(t.shape)
         return out
 
+    @property
+    def integer_positions(self) -> np.ndarray:
+        """A boolean mask of the values that belong to integer (or boolean) tensors."""
+        mask = np.zeros(self.size, dtype=bool)
+        pos = 0
+        for t in self.spec:
+            if np.dtype(t.dtype).kind in ("i", "u", "b"):
+                mask[pos:pos + t.size] = True
+            pos += t.size
+        return mask
+
     def with_values(self, values: np.ndarray) -> FlatModel:
+        """The same spec with new values; integer tensors' values rounded to integers."""
+        values = np.array(values, dtype=np.float64)
+        mask = self.integer_positions
+        values[mask] = np.rint(values[mask])
         return FlatModel(self.spec, values)
 
     def save_npz(self, path: Path | str) -> None:

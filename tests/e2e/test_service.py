@@ -1,0 +1,131 @@
+"""The service with real processes on loopback: the aggregator and every site are separate
+processes talking gRPC over mTLS; the aggregator is killed with SIGKILL and restarted on the
+same store; sites drop out at every stage."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from secagg.masking import Stage
+from secagg.model import FlatModel
+from tests.service_kit import (
+    fedavg,
+    make_federation,
+    read_reports,
+    run_sites,
+    start_aggregator,
+    start_site,
+)
+
+
+def _initial(fed_dir: Path) -> dict[str, np.ndarray]:
+    with np.load(fed_dir / "model.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def _check_job(reports: dict[int, list[dict]], initial: dict[str, np.ndarray], rounds: int,
+               clip: float, max_samples: float, tolerance: float) -> None:
+    model = initial
+    for r in range(1, rounds + 1):
+        results = [next(x for x in rep if x["round"] == r) for rep in reports.values()
+                   if any(x["round"] == r and "model" in x for x in rep)]
+        assert results, f"no site saw round {r} complete"
+        survivors = results[0]["survivors"]
+        got = np.array(results[0]["model"])
+        for other in results[1:]:  # every site got the same model
+            np.testing.assert_array_equal(np.array(other["model"]), got)
+        expected = fedavg(model, reports, r, survivors, clip, max_samples)
+        assert float(np.max(np.abs(got - expected))) < tolerance, r
+        model = FlatModel(FlatModel.from_arrays(model).spec, got).to_arrays()
+
+
+@pytest.mark.parametrize("protocol", ["masking", "ckks"])
+def test_three_round_job_with_five_site_processes(tmp_path: Path, protocol: str) -> None:
+    fed = make_federation(tmp_path, 5, protocol, rounds=3, key_holders=(1, 2))
+    agg = start_aggregator(fed, tmp_path)
+    try:
+        reports = run_sites(fed, tmp_path)
+    finally:
+        assert agg.stop() == 0  # graceful shutdown on SIGTERM
+    assert all(len([x for x in rep if "model" in x]) == 3 for rep in reports.values())
+    # masking: quantisation error; CKKS: flooding noise of the release
+    tolerance = 1e-6 if protocol == "masking" else 5e-4
+    _check_job(reports, _initial(fed.directory), 3, 1.0, 500.0, tolerance)
+    assert all(x["survivors"] == [1, 2, 3, 4, 5] for rep in reports.values() for x in rep)
+
+
+def test_a_site_dropping_at_each_stage_leaves_each_round_complete(tmp_path: Path) -> None:
+    stages = [Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT,
+              Stage.CONSISTENCY_CHECK, Stage.UNMASK]
+    fed = make_federation(tmp_path, 5, "masking", rounds=len(stages), open_s=12.0,
+                          stage_s=3.0)
+    agg = start_aggregator(fed, tmp_path)
+    drops = [arg for r, stage in enumerate(stages, 1) for arg in ("--drop", f"{r}:{stage.name}")]
+    try:
+        reports = run_sites(fed, tmp_path, extra={5: drops})
+    finally:
+        agg.stop()
+    for r, stage in enumerate(stages, 1):
+        done = [x for rep in reports.values() for x in rep if x["round"] == r and "model" in x]
+        assert done, f"round {r} did not complete with site 5 dropping at {stage.name}"
+        survivors = done[0]["survivors"]
+        # a site that dropped after its masked input was summed is still in the sum
+        assert (5 in survivors) == (stage.value > Stage.MASKED_INPUT.value), (stage, survivors)
+    dropped = [x for x in reports[5] if "error" in x]
+    assert len(dropped) == len(stages)
+
+
+def test_ckks_site_and_key_holder_dropping(tmp_path: Path) -> None:
+    """A non-holder drops at upload: the round completes without it. The next round's key
+    holder dies before announcing: that round aborts, and the job goes on."""
+    fed = make_federation(tmp_path, 4, "ckks", rounds=3, key_holders=(1, 2), stage_s=3.0,
+                          open_s=15.0)
+    agg = start_aggregator(fed, tmp_path)
+    try:
+        reports = run_sites(fed, tmp_path, extra={4: ("--drop", "1:UPLOAD"),
+                                                  2: ("--die", "2:KEY_ANNOUNCEMENT")})
+    finally:
+        agg.stop()
+    first = next(x for x in reports[1] if x["round"] == 1)
+    assert first["survivors"] == [1, 2, 3]
+    second = next(x for x in reports[1] if x["round"] == 2)
+    assert "error" in second and second["error"] == "RoundAborted"
+    third = next(x for x in reports[1] if x["round"] == 3)
+    assert third["survivors"] == [1, 3, 4]  # the key holder of round 3 is site 1 again
+
+
+def test_kill9_during_uploads_and_during_unmasking_then_restart_gives_the_same_result(
+        tmp_path: Path) -> None:
+    fed = make_federation(tmp_path, 4, "masking", rounds=1, shapes={"w": (300, 100)},
+                          open_s=30.0, stage_s=30.0)
+    agg = start_aggregator(fed, tmp_path)
+    # site 4 is slow to upload and to unmask, so the kills land mid-stage
+    procs = {s: start_site(fed, s, tmp_path / f"site-{s}.jsonl",
+                           *(("--slow", "1:MASKED_INPUT", "--slow", "1:UNMASK") if s == 4 else ()))
+             for s in range(1, 5)}
+    try:
+        agg.wait_for(lambda e: e.get("event") == "message_counted" and e.get("stage") == 3)
+        agg.kill9()  # some masked inputs are counted, others are on their way
+        agg.start()
+        agg.wait_for(lambda e: e.get("event") == "message_counted" and e.get("stage") == 5)
+        agg.kill9()  # some sites have revealed their shares
+        agg.start()
+        for p in procs.values():
+            assert p.wait(timeout=120) == 0
+    finally:
+        for p in procs.values():
+            p.kill()
+        agg.stop()
+    reports = {s: read_reports(tmp_path / f"site-{s}.jsonl") for s in procs}
+    _check_job(reports, _initial(fed.directory), 1, 1.0, 400.0, 1e-6)
+    assert sum(e.get("event") == "round_recovered" for e in agg.read()) == 2
+    # nothing counted twice: the released weight sum is the survivors' weights
+    with sqlite3.connect(tmp_path / "aggregator.db") as db:
+        ((weight_sum, sites),) = db.execute("SELECT weight_sum, sites FROM releases").fetchall()
+        assert db.execute("SELECT COUNT(*) FROM events WHERE kind='message'").fetchone()[0] == 20
+    assert sites == "[1, 2, 3, 4]"
+    assert abs(weight_sum - sum(100 * s for s in range(1, 5)) / 400.0) < 1e-6

@@ -1,0 +1,140 @@
+"""Adversary: whoever can reach the aggregator's port: without a certificate, with one from
+another CA or an expired one, with one site's certificate posing as another, or with valid
+identity and bad messages. Each is refused with its status code, and the round goes on for
+the honest sites (real processes on loopback)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from pathlib import Path
+
+import grpc
+import pytest
+
+from secagg import wire
+from secagg.federation import pki
+from secagg.federation.kit import SiteKit
+from secagg.masking import MaskingClient
+from secagg.v1 import service_pb2, service_pb2_grpc
+from tests.service_kit import make_federation, read_reports, start_aggregator, start_site
+
+
+def _channel(port: int, ca: bytes, key: bytes | None = None,
+             cert: bytes | None = None) -> grpc.Channel:
+    creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                         certificate_chain=cert)
+    return grpc.secure_channel(f"localhost:{port}", creds)
+
+
+def _code(call: object) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()  # type: ignore[operator]
+    return caught.value.code()  # type: ignore[no-any-return]
+
+
+def test_identity_and_message_refusals_leave_the_round_intact(tmp_path: Path) -> None:
+    fed = make_federation(tmp_path, 4, "masking", rounds=1, open_s=40.0, stage_s=3.0)
+    agg = start_aggregator(fed, tmp_path)
+    honest = {s: start_site(fed, s, tmp_path / f"site-{s}.jsonl") for s in (1, 2, 3)}
+    try:
+        kit4 = SiteKit.load(fed.site_dir(4))
+        ca = kit4.ca_pem
+        request = service_pb2.GetRoundRequest(after_round=0, wait_ms=0)
+
+        def get_round(channel: grpc.Channel) -> object:
+            stub = service_pb2_grpc.AggregationStub(channel)  # type: ignore[no-untyped-call]
+            return lambda: stub.GetRound(request, timeout=10)
+
+        # no client certificate: the TLS handshake fails
+        assert _code(get_round(_channel(fed.port, ca))) is grpc.StatusCode.UNAVAILABLE
+        # a certificate from another CA
+        other_key, other_ca = pki.make_ca("rogue")
+        key = pki.new_key()
+        rogue = pki.issue_site_cert(other_key, other_ca, 4, key.public_key())
+        assert _code(get_round(_channel(fed.port, ca, pki.pem_private(key), pki.pem_cert(
+            rogue)))) is grpc.StatusCode.UNAVAILABLE
+        # an expired certificate from the right CA
+        ca_key = pki.load_private(fed.directory / "ca" / "ca.key")
+        ca_cert = pki.load_cert(fed.directory / "ca" / "ca.crt")
+        expired = pki.issue_site_cert(ca_key, ca_cert, 4, key.public_key(), days=1,
+                                      not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=3))
+        assert _code(get_round(_channel(fed.port, ca, pki.pem_private(key), pki.pem_cert(
+            expired)))) is grpc.StatusCode.UNAVAILABLE
+
+        # site 4, properly identified
+        channel = _channel(fed.port, ca, kit4.key_pem, kit4.cert_pem)
+        stub = service_pb2_grpc.AggregationStub(channel)  # type: ignore[no-untyped-call]
+        info = stub.GetRound(service_pb2.GetRoundRequest(after_round=0, wait_ms=5000))
+        assert info.status == service_pb2.ROUND_STATUS_RUNNING
+        config = kit4.config.masking_round(info.round_id, kit4.roster, _size(info))
+        client = MaskingClient(config, 4, kit4.identity, (_zeros(info), 0.5))
+        advert = client.start()
+
+        # site 2's certificate sending as site 3
+        kit2 = SiteKit.load(fed.site_dir(2))
+        stub2 = service_pb2_grpc.AggregationStub(  # type: ignore[no-untyped-call]
+            _channel(fed.port, ca, kit2.key_pem, kit2.cert_pem))
+        as_three = wire.advertise_to_proto(advert)
+        as_three.site_id = 3
+        assert _code(lambda: stub2.Submit(service_pb2.SubmitRequest(
+            round_id=info.round_id, advertise_keys=as_three), timeout=10)
+        ) is grpc.StatusCode.PERMISSION_DENIED
+
+        # a valid submission, then a second, different one
+        submit = service_pb2.SubmitRequest(round_id=info.round_id,
+                                           advertise_keys=wire.advertise_to_proto(advert))
+        assert not stub.Submit(submit, timeout=10).duplicate
+        assert stub.Submit(submit, timeout=10).duplicate  # a retry is a no-op
+        second = MaskingClient(config, 4, kit4.identity, (_zeros(info), 0.5)).start()
+        assert _code(lambda: stub.Submit(service_pb2.SubmitRequest(
+            round_id=info.round_id, advertise_keys=wire.advertise_to_proto(second)),
+            timeout=10)) is grpc.StatusCode.FAILED_PRECONDITION
+
+        # a message over the limit
+        huge = service_pb2.Chunk(chunk_id=bytes(32), data=bytes(9 * 1024 * 1024))
+        assert _code(lambda: stub.PutChunks(iter([huge]), timeout=30)
+                     ) is grpc.StatusCode.RESOURCE_EXHAUSTED
+        # a chunk whose bytes do not match its id
+        data = b"not what the id says"
+        wrong = service_pb2.Chunk(chunk_id=hashlib.sha256(b"other").digest(), data=data)
+        assert _code(lambda: stub.PutChunks(iter([wrong]), timeout=10)
+                     ) is grpc.StatusCode.INVALID_ARGUMENT
+        # a message of the other protocol, and an unknown round
+        assert _code(lambda: stub.Submit(service_pb2.SubmitRequest(
+            round_id=info.round_id, ckks_key=service_pb2.CkksKeyOffer()), timeout=10)
+        ) is grpc.StatusCode.INVALID_ARGUMENT
+        assert _code(lambda: stub.Submit(service_pb2.SubmitRequest(
+            round_id="no-such-round", advertise_keys=wire.advertise_to_proto(advert)),
+            timeout=10)) is grpc.StatusCode.NOT_FOUND
+        # reading a chunk it has no business reading
+        assert _code(lambda: list(stub.GetChunks(service_pb2.ChunkIds(
+            chunk_ids=[hashlib.sha256(b"x").digest()]), timeout=10))
+        ) is grpc.StatusCode.PERMISSION_DENIED
+
+        # site 4 goes silent; the honest sites finish the round without it
+        for p in honest.values():
+            assert p.wait(timeout=120) == 0
+    finally:
+        for p in honest.values():
+            p.kill()
+        agg.stop()
+    for s in (1, 2, 3):
+        (report,) = read_reports(tmp_path / f"site-{s}.jsonl")
+        assert report["survivors"] == [1, 2, 3]
+    refused = [e for e in agg.read() if e.get("event") == "identity_refused"]
+    assert refused and refused[0]["site_id"] == 2
+    # the three refused handshakes are logged with their TLS reason
+    tls = [e for e in agg.read() if e.get("event") == "tls_refused"]
+    assert len(tls) >= 3, agg.tail()
+    assert any("CERTIFICATE" in e.get("reason", "") for e in tls)
+
+
+def _size(info: service_pb2.RoundInfo) -> int:
+    return int(info.model.data.size) // 8
+
+
+def _zeros(info: service_pb2.RoundInfo) -> object:
+    import numpy as np
+
+    return np.zeros(_size(info))

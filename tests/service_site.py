@@ -1,0 +1,94 @@
+"""A site process for the service tests: joins every round, "trains" deterministically, reports.
+
+usage: service_site.py SITE_DIR OUT.jsonl [--drop ROUND:STAGE ...] [--die ROUND:STAGE]
+                                          [--slow ROUND:STAGE ...]
+
+Training adds ``site_delta(site, round)`` to the global model (tests/service_kit.py), so the
+test can compute plaintext FedAvg. ``--drop R:S`` makes the site stop answering in round R from
+stage S on (it stays alive and rejoins the next round); ``--die R:S`` exits the process there;
+``--slow R:S`` waits 3 s before sending its stage-S message of round R.
+Stages are the names of secagg's Stage/CkksStage (e.g. MASKED_INPUT, UPLOAD).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+from clients import Site
+from clients.errors import SiteError
+from clients.site import Round
+from secagg.model import FlatModel
+from tests.service_kit import site_delta, site_weight
+
+KIND_STAGE = {"advertise_keys": "ADVERTISE_KEYS", "share_keys": "SHARE_KEYS",
+              "masked_input": "MASKED_INPUT", "consistency_signature": "CONSISTENCY_CHECK",
+              "unmask_response": "UNMASK", "ckks_key": "KEY_ANNOUNCEMENT",
+              "ckks_update": "UPLOAD", "ckks_release": "RELEASE"}
+
+
+class Dropped(SiteError):
+    pass
+
+
+def main() -> int:
+    site_dir, out = sys.argv[1], Path(sys.argv[2])
+    drops: dict[int, str] = {}
+    die: tuple[int, str] | None = None
+    slow: set[tuple[int, str]] = set()
+    args = sys.argv[3:]
+    while args:
+        flag, value = args[0], args[1]
+        args = args[2:]
+        r, stage = value.split(":")
+        if flag == "--drop":
+            drops[int(r)] = stage
+        elif flag == "--die":
+            die = (int(r), stage)
+        elif flag == "--slow":
+            slow.add((int(r), stage))
+    original_submit = Round._submit
+
+    def submit(self: Round, **message: object) -> None:
+        stage = KIND_STAGE[next(iter(message))]
+        if die is not None and (self.number, stage) == die:
+            os._exit(0)
+        if (self.number, stage) in slow:
+            time.sleep(3.0)
+        if drops.get(self.number) == stage:
+            raise Dropped(f"dropping out of round {self.number} at {stage}")
+        original_submit(self, **message)
+
+    Round._submit = submit  # type: ignore[method-assign]
+    site = Site.connect(site_dir, tensors="numpy", retry_seconds=120)
+    with out.open("a") as f:
+        for rnd in site.rounds():
+            model = FlatModel.from_arrays(rnd.global_model)
+            trained = model.with_values(model.values + site_delta(site.site_id, rnd.number,
+                                                                  model.size))
+            state = trained.to_arrays()
+            try:
+                new = rnd.submit(state, weight=site_weight(site.site_id))
+            except SiteError as e:
+                f.write(json.dumps({"round": rnd.number, "error": type(e).__name__,
+                                    "reason": str(e)}) + "\n")
+                f.flush()
+                continue
+            f.write(json.dumps({
+                "round": rnd.number, "survivors": list(rnd.survivors),
+                "model": FlatModel.from_arrays(new).values.tolist(),
+                "steps": int(new["steps"]),
+            }) + "\n")
+            f.flush()
+    site.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
