@@ -49,7 +49,7 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 SERVICE_NAME = "secagg.v1.Aggregation"
 MAX_WAIT_MS = 30_000
 MAX_IDS_PER_CALL = 4096
-_PUT_BATCH_BYTES = 16 << 20
+_PUT_BATCH_BYTES = 1  # store each chunk as it arrives: a broken upload keeps what it sent
 
 
 class Identity:
@@ -303,7 +303,8 @@ def load_server_files(config_path: Path) -> ServerFiles:
 
 async def serve(config_path: Path, *, store: str | None = None, listen: str | None = None,
                 ready: Callable[[int], None] | None = None,
-                stop_event: asyncio.Event | None = None) -> int:
+                stop_event: asyncio.Event | None = None,
+                store_factory: Callable[[str], Store] = Store) -> int:
     """Run the aggregator until SIGTERM/SIGINT (or ``stop_event``); returns the exit status."""
     files = load_server_files(config_path)
     config = files.config
@@ -344,7 +345,7 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
         ready(port)
     tasks: list[asyncio.Task[None]] = []
     try:
-        opened = await core.run(lambda: Store(store_url))
+        opened = await core.run(store_factory, store_url)
         job = Job(config, roster, opened, model, on_change=core.notify)
         await core.run(job.recover)
         core.job = job

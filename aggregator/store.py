@@ -130,8 +130,15 @@ class Store:
             self.engine: Engine = sa.create_engine(url, **kwargs)
         except (sa.exc.ArgumentError, ImportError) as e:
             raise StoreError(f"cannot open store {url!r}: {e}") from None
+        # Chunks are staged data, not acknowledged counts: they are written through a second
+        # engine without a sync per commit (a chunk lost to a power cut is simply asked for
+        # again by MissingChunks); events keep a sync per commit.
+        self.bulk: Engine = sa.create_engine(url, **kwargs)
         if url.startswith("sqlite"):
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            sa.event.listen(self.bulk, "connect", _sqlite_bulk_pragmas)
+        elif url.startswith("postgresql"):
+            sa.event.listen(self.bulk, "connect", _pg_bulk_settings)
         self.url = url
         try:
             self._check_schema(create)
@@ -155,15 +162,23 @@ class Store:
             raise StoreError(f"the store's schema version is {version}, this aggregator "
                              f"understands {SCHEMA_VERSION} only")
 
-    def ping(self) -> None:
+    def ping(self, timeout: float = 1.0) -> None:
+        """Read the schema version within ``timeout`` seconds, or StoreError."""
         try:
             with self.engine.connect() as c:
-                c.execute(sa.select(1))
+                if self.url.startswith("sqlite"):
+                    c.exec_driver_sql(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+                try:
+                    c.execute(sa.select(schema_info.c.version)).scalar()
+                finally:
+                    if self.url.startswith("sqlite"):
+                        c.exec_driver_sql("PRAGMA busy_timeout=30000")
         except sa.exc.SQLAlchemyError as e:
             raise StoreError(f"store unreachable: {type(e).__name__}") from None
 
     def close(self) -> None:
         self.engine.dispose()
+        self.bulk.dispose()
 
     # ---- chunks ------------------------------------------------------------------------------
 
@@ -179,7 +194,7 @@ class Store:
                    site: int) -> tuple[int, int]:
         """Store (id, data) pairs whose ids the caller has checked; (stored, already present)."""
         stored = present = 0
-        with self.engine.begin() as c:
+        with self.bulk.begin() as c:
             for cid, data in items:
                 exists = c.execute(sa.select(chunks.c.size)
                                    .where(chunks.c.chunk_id == cid)).first()
@@ -308,6 +323,19 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # FULL: a committed event (an acknowledged message) survives a crash of the machine too
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _sqlite_bulk_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _pg_bulk_settings(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("SET synchronous_commit = off")
     cursor.close()
 
 

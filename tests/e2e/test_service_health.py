@@ -1,0 +1,81 @@
+"""The gRPC health service reports the real state: NOT_SERVING while the aggregator recovers
+its job from the store and while the store does not answer; SERVING otherwise. (The
+aggregator runs in this process here, on a store whose answers the test controls.)"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from aggregator.service import serve
+from aggregator.store import Store, StoreError
+from secagg.federation.kit import SiteKit
+from tests.service_kit import make_federation
+
+
+class ControlledStore(Store):
+    gate = threading.Event()
+    down = threading.Event()
+
+    def rounds(self):  # type: ignore[no-untyped-def]
+        assert self.gate.wait(timeout=30)  # recovery waits until the test lets it go on
+        return super().rounds()
+
+    def ping(self, timeout: float = 1.0) -> None:
+        if self.down.is_set():
+            raise StoreError("store unreachable: simulated")
+        super().ping(timeout)
+
+
+def test_health_is_not_serving_while_recovering_or_while_the_store_is_down(
+        tmp_path: Path) -> None:
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    ports: list[int] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(serve(fed.aggregator_config, store=str(tmp_path / "a.db"),
+                                      ready=ports.append, stop_event=stop,
+                                      store_factory=ControlledStore))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        while not ports:
+            time.sleep(0.02)
+        kit = SiteKit.load(fed.site_dir(1))
+        channel = grpc.secure_channel(f"localhost:{ports[0]}", grpc.ssl_channel_credentials(
+            kit.ca_pem, kit.key_pem, kit.cert_pem))
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def status() -> int:
+            reply = health.Check(health_pb2.HealthCheckRequest(service="secagg.v1.Aggregation"),
+                                 timeout=5)
+            return int(reply.status)
+
+        def eventually(expected: int) -> None:
+            end = time.monotonic() + 10
+            while status() != expected:
+                assert time.monotonic() < end, f"health stayed {status()}, not {expected}"
+                time.sleep(0.1)
+
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert status() == not_serving  # recovering: the job is not loaded yet
+        ControlledStore.gate.set()
+        eventually(serving)
+        ControlledStore.down.set()
+        eventually(not_serving)
+        ControlledStore.down.clear()
+        eventually(serving)
+        channel.close()
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=30)

@@ -1,0 +1,161 @@
+"""Bulk transfer over the real service: a site whose connection is cut mid-upload resumes by
+sending only the missing chunks; an idle upload stream is cut; payloads arrive intact."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from clients.errors import AggregatorRefused
+from clients.transport import CHUNK_BYTES, Connection
+from secagg.federation.kit import SiteKit
+from secagg.v1 import service_pb2, service_pb2_grpc
+from tests.service_kit import free_port, make_federation, start_aggregator
+
+
+class CuttingProxy:
+    """A TCP proxy that forwards to the aggregator and, once, severs every connection after
+    ``cut_after`` bytes went from the site to the aggregator."""
+
+    def __init__(self, target_port: int, cut_after: int) -> None:
+        self.port = free_port()
+        self.target = target_port
+        self.cut_after = cut_after
+        self.sent = 0
+        self.cut = False
+        self._writers: list[asyncio.StreamWriter] = []
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self._ready.set()
+        async with server:
+            await server.serve_forever()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self._writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                       upstream: bool) -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await src.read(65536):
+                    if upstream:
+                        self.sent += len(data)
+                        if not self.cut and self.sent > self.cut_after:
+                            self.cut = True
+                            for w in self._writers:
+                                w.transport.abort()  # the connection is lost mid-upload
+                            return
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+
+
+def _site_connection(fed_dir: Path, site: int, port: int) -> Connection:
+    kit = SiteKit.load(fed_dir / "sites" / f"site-{site}")
+    kit = dataclasses.replace(kit, config=dataclasses.replace(
+        kit.config, aggregator=f"localhost:{port}"))
+    return Connection(kit, retry_seconds=60, call_timeout=20)
+
+
+def test_upload_cut_mid_way_resumes_with_only_the_missing_chunks(tmp_path: Path) -> None:
+    fed = make_federation(tmp_path, 3, "masking", rounds=1, open_s=60.0)
+    agg = start_aggregator(fed, tmp_path)
+    proxy = CuttingProxy(fed.port, cut_after=int(3.5 * CHUNK_BYTES))
+    connection = _site_connection(fed.directory, 1, proxy.port)
+    sent: list[bytes] = []
+    original = connection.stub.PutChunks
+
+    def counting(chunks, **kwargs):  # type: ignore[no-untyped-def]
+        def spy():  # type: ignore[no-untyped-def]
+            for c in chunks:
+                sent.append(bytes(c.chunk_id))
+                yield c
+        return original(spy(), **kwargs)
+
+    connection.stub.PutChunks = counting
+    progress: list[tuple[str, int, int]] = []
+    data = os.urandom(8 * CHUNK_BYTES + 12345)  # 9 chunks
+    try:
+        blob = connection.upload(data, progress=lambda *a: progress.append(a))
+        assert proxy.cut, "the connection was never cut"
+        # the retry started from what the aggregator already held
+        starts = [done for what, done, total in progress if what == "upload"]
+        restart = next(i for i in range(1, len(starts)) if starts[i] < starts[i - 1])
+        assert 0 < starts[restart] < 9
+        assert len(sent) < 9 + 9, "the whole payload was sent again"
+        assert len(set(sent)) == 9
+        missing = connection.stub.MissingChunks(service_pb2.ChunkIds(
+            chunk_ids=list(blob.chunk_ids)), timeout=10)
+        assert not missing.chunk_ids
+    finally:
+        connection.close()
+        agg.stop()
+    with sqlite3.connect(tmp_path / "aggregator.db") as db:
+        stored = {bytes(k): bytes(v) for k, v in db.execute("SELECT chunk_id, data FROM chunks")}
+    assert b"".join(stored[c] for c in blob.chunk_ids) == data
+
+
+def test_idle_upload_stream_is_cut_after_the_inactivity_timeout(tmp_path: Path) -> None:
+    from secagg.federation.config import Limits
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1, open_s=60.0,
+                          limits=Limits(stream_idle_seconds=1.0))
+    agg = start_aggregator(fed, tmp_path)
+    kit = SiteKit.load(fed.site_dir(1))
+    channel = grpc.secure_channel(f"localhost:{fed.port}", grpc.ssl_channel_credentials(
+        kit.ca_pem, kit.key_pem, kit.cert_pem))
+    stub = service_pb2_grpc.AggregationStub(channel)  # type: ignore[no-untyped-call]
+
+    def slow():  # type: ignore[no-untyped-def]
+        data = b"x" * 1000
+        yield service_pb2.Chunk(chunk_id=hashlib.sha256(data).digest(), data=data)
+        time.sleep(4)  # one byte a second would do the same: the stream is idle
+        yield service_pb2.Chunk(chunk_id=hashlib.sha256(b"y").digest(), data=b"y")
+
+    try:
+        began = time.monotonic()
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.PutChunks(slow(), timeout=20)
+        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - began < 4  # cut by the aggregator, not by the site
+    finally:
+        channel.close()
+        agg.stop()
+
+
+def test_refused_download_of_another_sites_payload_names_its_code(tmp_path: Path) -> None:
+    fed = make_federation(tmp_path, 3, "masking", rounds=1, open_s=60.0)
+    agg = start_aggregator(fed, tmp_path)
+    one = _site_connection(fed.directory, 1, fed.port)
+    two = _site_connection(fed.directory, 2, fed.port)
+    try:
+        blob = one.upload(os.urandom(1000))
+        with pytest.raises(AggregatorRefused) as caught:
+            two.download(blob)
+        assert caught.value.code == "PERMISSION_DENIED"
+    finally:
+        one.close()
+        two.close()
+        agg.stop()
