@@ -1,0 +1,136 @@
+"""Federation set-up: what init writes, where each private key lives, the certificates'
+names, and a site that makes its own keys (csr/sign)."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography import x509
+
+from secagg.errors import ConfigurationError, InvalidMessage
+from secagg.federation import pki
+from secagg.federation.config import FederationConfig
+from secagg.federation.kit import (
+    SiteKit,
+    init_federation,
+    load_roster,
+    make_site_request,
+    roster_from_bytes,
+    roster_to_bytes,
+    sign_site_request,
+)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("fed") / "trial"
+    model = d.parent / "m.npz"
+    np.savez(model, w=np.zeros(3))  # type: ignore[arg-type]
+    init_federation(d, 4, protocol="ckks", key_holders=(1, 2), hosts=["agg.example.org",
+                                                                       "10.0.0.7"],
+                    initial_model=model)
+    return d
+
+
+def test_private_keys_are_0600_and_each_lives_in_one_directory(federation: Path) -> None:
+    keys = [p for p in federation.rglob("*.key")]
+    assert len(keys) == 2 + 1 + 2 * 4  # CA, signer; server; per site TLS + identity
+    contents = [p.read_bytes() for p in keys]
+    assert len(set(contents)) == len(contents)
+    for p in keys:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    for site in range(1, 5):
+        names = {p.name for p in (federation / "sites" / f"site-{site}").iterdir()}
+        assert names == {"client.crt", "client.key", "identity.key", "ca.crt",
+                         "federation.toml", "roster.bin"}
+
+
+def test_certificates_name_the_right_hosts_and_sites(federation: Path) -> None:
+    server = pki.load_cert(federation / "aggregator" / "server.crt")
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = {str(n.value) for n in san}
+    assert {"localhost", "127.0.0.1", "agg.example.org", "10.0.0.7"} <= names
+    for site in range(1, 5):
+        kit = SiteKit.load(federation / "sites" / f"site-{site}")
+        assert kit.site_id == site and kit.roster[site] == kit.identity.public_bytes
+        assert kit.config.protocol == "ckks" and kit.config.key_holders == (1, 2)
+
+
+def test_roster_is_signed_by_the_trust_root_and_tampering_is_refused(federation: Path) -> None:
+    config = FederationConfig.load(federation / "federation.toml")
+    roster = load_roster(federation / "roster.bin", config.trust_root)
+    assert sorted(roster) == [1, 2, 3, 4]
+    signed = roster_from_bytes((federation / "roster.bin").read_bytes())
+    with pytest.raises(InvalidMessage):
+        signed.open(bytes(32))
+    from secagg.roster import Roster, SignedRoster
+
+    swapped = SignedRoster(Roster(dict(roster), bytes(32)), signed.signature)
+    tampered = federation.parent / "tampered.bin"
+    tampered.write_bytes(roster_to_bytes(swapped))
+    with pytest.raises(ConfigurationError, match="not signed"):
+        load_roster(tampered, config.trust_root)
+
+
+def test_init_refuses_a_non_empty_directory_and_bad_arguments(tmp_path: Path) -> None:
+    (tmp_path / "x").write_text("")
+    with pytest.raises(ConfigurationError, match="not empty"):
+        init_federation(tmp_path, 3)
+    with pytest.raises(ConfigurationError, match="sites"):
+        init_federation(tmp_path / "a", 2)
+    with pytest.raises(ConfigurationError, match="key-holders"):
+        init_federation(tmp_path / "b", 3, key_holders=(7,))
+
+
+def test_a_site_makes_its_own_keys_and_only_its_request_travels(federation: Path,
+                                                                tmp_path: Path) -> None:
+    site_dir = tmp_path / "hospital-5"
+    request = make_site_request(site_dir, 5)
+    text = request.read_text()
+    assert "PRIVATE" not in text
+    out = tmp_path / "signed"
+    sign_site_request(federation, request, out)
+    for name in ("client.crt", "ca.crt", "roster.bin", "federation.toml"):
+        (site_dir / name).write_bytes((out / name).read_bytes())
+    kit = SiteKit.load(site_dir)
+    assert kit.site_id == 5
+    config = FederationConfig.load(federation / "federation.toml")
+    roster = load_roster(federation / "roster.bin", config.trust_root)
+    assert roster.version == 2 and sorted(roster) == [1, 2, 3, 4, 5]
+    assert load_roster(federation / "aggregator" / "roster.bin", config.trust_root) == roster
+
+
+def test_the_ca_signs_only_the_site_a_request_names(tmp_path: Path) -> None:
+    ca_key, ca_cert = pki.make_ca("t")
+    key = pki.new_key()
+    csr = pki.make_csr(3, key)
+    with pytest.raises(ConfigurationError, match="site 4"):
+        pki.sign_csr(ca_key, ca_cert, csr, 4)
+    cert = pki.sign_csr(ca_key, ca_cert, csr, 3)
+    assert pki.site_id_from_pem(pki.pem_cert(cert)) == 3
+
+
+@pytest.mark.parametrize(("section", "key", "value", "match"), [
+    ("federation", "protocol", "'paillier'", "protocol"),
+    ("masking", "neighbors", "3.5", "neighbors"),
+    ("limits", "max_message_bytes", "1000000000", "max_message_bytes"),
+    ("update", "clip_norm", "-1", "clip_norm"),
+    ("job", "rounds", "true", "rounds"),
+])
+def test_config_errors_name_the_key(federation: Path, tmp_path: Path, section: str, key: str,
+                                    value: str, match: str) -> None:
+    import tomllib
+
+    import tomli_w
+
+    data = tomllib.loads((federation / "federation.toml").read_text())
+    text = tomli_w.dumps(data).replace(f"\n[{section}]\n", f"\n[{section}]\n{key} = {value}\n")
+    lines = [line for line in text.splitlines()
+             if not (line.startswith(f"{key} = ") and line != f"{key} = {value}")]
+    path = tmp_path / "bad.toml"
+    path.write_text("\n".join(lines))
+    with pytest.raises(ConfigurationError, match=match):
+        FederationConfig.load(path)
