@@ -342,20 +342,17 @@ class Job:
         return chunk_id in active.readable.get(0, set()) or chunk_id in active.readable.get(
             site, set())
 
-    def upload_budget(self, site: int, nbytes: int) -> None:
-        """Refuse a site that uploads far more than its round needs (RESOURCE_EXHAUSTED)."""
+    def upload_limit(self, site: int) -> int:
+        """Bytes a site may store in the current round: twice what it needs, plus slack."""
         active = self.active
         if active is None:
-            raise ServiceError(FAILED_PRECONDITION, "no round is running")
+            return 0
         size = active.view.model.size + 1
         expected = (size * self.config.word_bits // 8 if active.view.protocol == "masking"
                     else 26 * size + (1 << 20))  # CKKS public-key ciphertexts: ~25 B/value
         if site == active.view.ckks_key_holder:
             expected += 8 * size + (4 << 20)  # its public context and the released average
-        used = active.uploaded.get(site, 0) + nbytes
-        if used > 2 * expected + (16 << 20):
-            raise ServiceError(RESOURCE_EXHAUSTED, "upload budget for this round exceeded")
-        active.uploaded[site] = used
+        return 2 * expected + (16 << 20)
 
     @property
     def current_round(self) -> int | None:

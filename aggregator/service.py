@@ -49,7 +49,6 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 SERVICE_NAME = "secagg.v1.Aggregation"
 MAX_WAIT_MS = 30_000
 MAX_IDS_PER_CALL = 4096
-_PUT_BATCH_BYTES = 1  # store each chunk as it arrives: a broken upload keeps what it sent
 
 
 class Identity:
@@ -100,6 +99,7 @@ class Core:
         self.loop = loop
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secagg-core")
         self.hashers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="secagg-hash")
+        self.bulk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secagg-bulk")
         self.changed = asyncio.Event()
         self.job: Job | None = None
         self.healthy = False
@@ -115,11 +115,31 @@ class Core:
         return await self.loop.run_in_executor(self.executor, fn, *args)
 
 
+class UploadBudget:
+    """Bytes each site stored in the current round; far more than a round needs is refused
+    (RESOURCE_EXHAUSTED), so one site cannot fill the aggregator's disk."""
+
+    def __init__(self) -> None:
+        self._round: int | None = None
+        self._used: dict[int, int] = {}
+
+    def charge(self, job: Job, site: int, nbytes: int) -> bool:
+        number = job.current_round
+        if number != self._round:
+            self._round, self._used = number, {}
+        if number is None:
+            return False
+        used = self._used.get(site, 0) + nbytes
+        self._used[site] = used
+        return used <= job.upload_limit(site)
+
+
 class AggregationService(service_pb2_grpc.AggregationServicer):
     def __init__(self, core: Core, identity: Identity, config: FederationConfig) -> None:
         self.core = core
         self.identity = identity
         self.config = config
+        self.budget = UploadBudget()
 
     async def _call(self, context: Ctx, fn: Callable[..., T],
                     *args: Any) -> T:
@@ -164,7 +184,11 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         await self.identity.site(context)
 
         async def attempt() -> service_pb2.RoundInfo | None:
-            return await self._call(context, self.job.round_info, int(request.after_round))
+            info = await self._call(context, self.job.round_info, int(request.after_round))
+            if (request.until_finished and info is not None
+                    and info.status == service_pb2.ROUND_STATUS_RUNNING):
+                return None
+            return info
 
         info = await self._long_poll(context, request.wait_ms, attempt)
         return info if info is not None else service_pb2.RoundInfo()
@@ -205,56 +229,73 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         problem = self._check_ids(ids)
         if problem:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
-        missing = await self._call(context, self.job.store.missing, ids)
+        store = self.job.store
+        try:
+            missing = await self.core.loop.run_in_executor(self.core.bulk, store.missing, ids)
+        except StoreError:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, "the store is unavailable")
         return service_pb2.ChunkIds(chunk_ids=missing)
 
     async def PutChunks(self, request_iterator: AsyncIterator[service_pb2.Chunk],
                         context: Ctx) -> service_pb2.PutChunksResponse:
+        """Receive, hash and store chunks as a pipeline: while chunk i is hashed (on a pool)
+        and stored (on the store's bulk thread), chunk i + 1 is already being received."""
         site = await self.identity.site(context)
         limit = self.config.limits.max_chunk_bytes
         idle = self.config.limits.stream_idle_seconds
         loop = asyncio.get_running_loop()
-        stored = present = 0
-        batch: list[tuple[bytes, bytes]] = []
-        batch_bytes = 0
-        iterator = request_iterator.__aiter__()
-        while True:
-            try:
-                chunk = await asyncio.wait_for(iterator.__anext__(), timeout=idle)
-            except StopAsyncIteration:
-                break
-            except TimeoutError:
-                log.warning("idle upload stream", extra={"event": "stream_idle",
-                                                         "site_id": site})
-                await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
-                             f"the upload stream was idle for {idle:g} s")
-            data = bytes(chunk.data)
-            cid = bytes(chunk.chunk_id)
-            if not 0 < len(data) <= limit:
-                await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"a chunk must hold 1 to {limit} bytes")
+        job = self.job
+        round_number = job.current_round
+        tasks: list[asyncio.Future[tuple[int, int]]] = []
+
+        async def ingest(cid: bytes, data: bytes) -> tuple[int, int]:
             digest = await loop.run_in_executor(self.core.hashers, _sha256, data)
             if digest != cid:
-                log.warning("refused chunk", extra={"event": "chunk_refused", "site_id": site,
-                                                    "reason": "id mismatch"})
-                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                             "a chunk's bytes do not hash to its id")
-            await self._call(context, self.job.upload_budget, site, len(data))
-            batch.append((cid, data))
-            batch_bytes += len(data)
-            if batch_bytes >= _PUT_BATCH_BYTES:
-                s, p = await self._store(context, batch, site)
-                stored, present, batch, batch_bytes = stored + s, present + p, [], 0
-        if batch:
-            s, p = await self._store(context, batch, site)
-            stored, present = stored + s, present + p
-        return service_pb2.PutChunksResponse(stored=stored, already_present=present)
+                raise ServiceError(INVALID_ARGUMENT, "a chunk's bytes do not hash to its id")
+            return await loop.run_in_executor(
+                self.core.bulk, lambda: job.store.put_chunks([(cid, data)],
+                                                             round_number=round_number,
+                                                             site=site))
 
-    async def _store(self, context: Ctx, batch: list[tuple[bytes, bytes]],
-                     site: int) -> tuple[int, int]:
-        job = self.job
-        return await self._call(context, lambda: job.store.put_chunks(
-            batch, round_number=job.current_round, site=site))
+        iterator = request_iterator.__aiter__()
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(iterator.__anext__(), timeout=idle)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    log.warning("idle upload stream", extra={"event": "stream_idle",
+                                                             "site_id": site})
+                    await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                 f"the upload stream was idle for {idle:g} s")
+                data = bytes(chunk.data)
+                if not 0 < len(data) <= limit:
+                    await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"a chunk must hold 1 to {limit} bytes")
+                if not self.budget.charge(job, site, len(data)):
+                    await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 "upload budget for this round exceeded")
+                tasks.append(asyncio.ensure_future(ingest(bytes(chunk.chunk_id), data)))
+                if len(tasks) >= 8:  # bound what is in flight (8 chunks)
+                    await asyncio.wait(tasks[-8:-7])
+                failed = next((t for t in tasks if t.done() and t.exception()), None)
+                if failed is not None:
+                    await failed
+            results = await asyncio.gather(*tasks)
+        except ServiceError as e:
+            log.warning("refused chunk", extra={"event": "chunk_refused", "site_id": site,
+                                                "reason": str(e)})
+            await _abort(context, _CODES[e.code], str(e))
+        except StoreError:
+            self.core.healthy = False
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, "the store is unavailable")
+        finally:
+            for t in tasks:
+                if not t.done():
+                    t.cancel()
+        return service_pb2.PutChunksResponse(stored=sum(r[0] for r in results),
+                                             already_present=sum(r[1] for r in results))
 
     async def GetChunks(self, request: service_pb2.ChunkIds,
                         context: Ctx) -> AsyncIterator[service_pb2.Chunk]:
@@ -364,6 +405,7 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
             await core.run(core.job.store.close)
         core.executor.shutdown(wait=True)
         core.hashers.shutdown(wait=False)
+        core.bulk.shutdown(wait=True)
     return 0
 
 

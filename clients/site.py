@@ -229,15 +229,15 @@ class Round:
         return info
 
     def _wait_for_end(self) -> service_pb2.RoundInfo:
-        delay = 0.05
         while True:
-            info = self._info()
+            info: service_pb2.RoundInfo = self._conn.call(
+                "GetRound", service_pb2.GetRoundRequest(after_round=self.number - 1,
+                                                        wait_ms=POLL_MS, until_finished=True),
+                timeout=POLL_MS / 1000 + 30)
             if info.status == service_pb2.ROUND_STATUS_COMPLETED:
                 return info
             if info.status == service_pb2.ROUND_STATUS_ABORTED:
                 raise RoundAborted(self.round_id, info.abort_reason)
-            time.sleep(delay)
-            delay = min(delay * 1.5, 1.0)
 
     # ---- masking ---------------------------------------------------------------------------------
 

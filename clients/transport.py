@@ -47,6 +47,8 @@ class Connection:
         self.retry_seconds = retry_seconds
         self.call_timeout = call_timeout
         self._random = random.SystemRandom()
+        self.bytes_sent = 0  # request messages and chunk payloads, as sent (retries included)
+        self.bytes_received = 0
 
     def close(self) -> None:
         self.channel.close()
@@ -54,8 +56,13 @@ class Connection:
     # ---- calls ---------------------------------------------------------------------------------
 
     def call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
-        return self._retry(lambda: getattr(self.stub, method)(
-            request, timeout=timeout or self.call_timeout))
+        def attempt() -> Any:
+            self.bytes_sent += request.ByteSize()
+            reply = getattr(self.stub, method)(request, timeout=timeout or self.call_timeout)
+            self.bytes_received += reply.ByteSize()
+            return reply
+
+        return self._retry(attempt)
 
     def _retry(self, attempt: Callable[[], T]) -> T:
         deadline = time.monotonic() + self.retry_seconds
@@ -101,7 +108,9 @@ class Connection:
             def stream() -> Iterator[service_pb2.Chunk]:
                 nonlocal done
                 for cid in dict.fromkeys(missing):
-                    yield service_pb2.Chunk(chunk_id=cid, data=bytes(by_id[cid]))
+                    chunk = service_pb2.Chunk(chunk_id=cid, data=bytes(by_id[cid]))
+                    self.bytes_sent += chunk.ByteSize()
+                    yield chunk
                     done += 1
                     if progress:
                         progress(what, done, total)
@@ -128,6 +137,7 @@ class Connection:
                         raise AggregatorRefused("DATA_LOSS", "a downloaded chunk does not "
                                                              "match its id")
                     got[bytes(chunk.chunk_id)] = data
+                    self.bytes_received += len(data)
                     if progress:
                         progress(what, len(got), len(wanted))
 

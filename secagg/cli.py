@@ -143,7 +143,11 @@ def _demo_ckks(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if args.protocol == "masking":
+    if args.protocol == "service":
+        from secagg.bench.service import run as run_service
+
+        out = run_service(args.service_protocol, args.clients, args.params, quiet=args.json)
+    elif args.protocol == "masking":
         from secagg.bench.masking import run
 
         out = run(args.clients, args.params, args.dropout, args.neighbors, args.threshold,
@@ -198,7 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     ckks.add_argument("--seeded", action="store_true",
                       help="sites hold the secret key: seeded symmetric ciphertexts")
     ckks.add_argument("--json", action="store_true")
-    for p in (masking, ckks):
+    service = bench_sub.add_parser("service", help="a full round over mTLS on loopback")
+    service.add_argument("--protocol", dest="service_protocol", choices=["masking", "ckks"],
+                         default="masking")
+    service.add_argument("--clients", type=_positive, default=10)
+    service.add_argument("--params", type=_positive, default=1_000_000)
+    service.add_argument("--json", action="store_true")
+    for p in (masking, ckks, service):
         p.set_defaults(func=_bench)
     from secagg.audit.cli import add_parser as add_threat_model_parser
     add_threat_model_parser(sub)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,7 @@ class FlatModel:
     def size(self) -> int:
         return int(self.values.shape[0])
 
-    @property
+    @cached_property
     def digest(self) -> bytes:
         spec = encode("model-spec", *[encode("tensor", t.name, list(t.shape), t.dtype)
                                       for t in self.spec])

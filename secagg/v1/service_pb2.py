@@ -26,17 +26,17 @@ from secagg.v1 import ckks_pb2 as secagg_dot_v1_dot_ckks__pb2
 from secagg.v1 import masking_pb2 as secagg_dot_v1_dot_masking__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17secagg/v1/service.proto\x12\tsecagg.v1\x1a\x14secagg/v1/ckks.proto\x1a\x17secagg/v1/masking.proto\"\'\n\x05\x43hunk\x12\x10\n\x08\x63hunk_id\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1d\n\x08\x43hunkIds\x12\x11\n\tchunk_ids\x18\x01 \x03(\x0c\"<\n\x11PutChunksResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x17\n\x0f\x61lready_present\x18\x02 \x01(\r\"\'\n\x04\x42lob\x12\x11\n\tchunk_ids\x18\x01 \x03(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\"4\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\r\n\x05\x64type\x18\x03 \x01(\t\"W\n\x05Model\x12\x1f\n\x04spec\x18\x01 \x03(\x0b\x32\x11.secagg.v1.Tensor\x12\x1d\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x0f.secagg.v1.Blob\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\"i\n\x0c\x43kksKeyOffer\x12\x30\n\x0c\x61nnouncement\x18\x01 \x01(\x0b\x32\x1a.secagg.v1.KeyAnnouncement\x12\'\n\x0epublic_context\x18\x02 \x01(\x0b\x32\x0f.secagg.v1.Blob\"7\n\x0fGetRoundRequest\x12\x13\n\x0b\x61\x66ter_round\x18\x01 \x01(\x04\x12\x0f\n\x07wait_ms\x18\x02 \x01(\r\"\xd0\x02\n\tRoundInfo\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12%\n\x08protocol\x18\x03 \x01(\x0e\x32\x13.secagg.v1.Protocol\x12&\n\x06status\x18\x04 \x01(\x0e\x32\x16.secagg.v1.RoundStatus\x12\x1f\n\x05model\x18\x05 \x01(\x0b\x32\x10.secagg.v1.Model\x12\r\n\x05stage\x18\x06 \x01(\r\x12\x17\n\x0f\x63kks_key_holder\x18\x07 \x01(\x04\x12)\n\x08\x63kks_key\x18\x08 \x01(\x0b\x32\x17.secagg.v1.CkksKeyOffer\x12\x14\n\x0c\x61\x62ort_reason\x18\t \x01(\t\x12 \n\x06result\x18\n \x01(\x0b\x32\x10.secagg.v1.Model\x12\x14\n\x0ctotal_rounds\x18\x0b \x01(\x04\x12\x11\n\tsurvivors\x18\x0c \x03(\x04\"\x80\x01\n\x0eMaskedInputRef\x12\x0f\n\x07site_id\x18\x01 \x01(\x04\x12\x11\n\tword_bits\x18\x02 \x01(\r\x12%\n\x0cmasked_input\x18\x03 \x01(\x0b\x32\x0f.secagg.v1.Blob\x12\x10\n\x08partners\x18\x04 \x03(\x04\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"\xa0\x01\n\x12\x45ncryptedUpdateRef\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\x0c\x12\x0f\n\x07site_id\x18\x03 \x01(\x04\x12\x1f\n\x06\x63hunks\x18\x04 \x01(\x0b\x32\x0f.secagg.v1.Blob\x12\x13\n\x0b\x63hunk_count\x18\x05 \x01(\r\x12\x0e\n\x06seeded\x18\x06 \x01(\x08\x12\x11\n\tsignature\x18\x07 \x01(\x0c\"~\n\x15\x45ncryptedAggregateRef\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\x0c\x12\r\n\x05sites\x18\x03 \x03(\x04\x12\x1f\n\x06\x63hunks\x18\x04 \x01(\x0b\x32\x0f.secagg.v1.Blob\x12\x13\n\x0b\x63hunk_count\x18\x05 \x01(\r\"g\n\x12ReleasedAverageRef\x12 \n\x07\x61verage\x18\x01 \x01(\x0b\x32\x0f.secagg.v1.Blob\x12\x12\n\nweight_sum\x18\x02 \x01(\x01\x12\r\n\x05sites\x18\x03 \x03(\x04\x12\x0c\n\x04grid\x18\x04 \x01(\x01\"y\n\x12\x43kksReleaseRequest\x12\x33\n\taggregate\x18\x01 \x01(\x0b\x32 .secagg.v1.EncryptedAggregateRef\x12.\n\x07uploads\x18\x02 \x03(\x0b\x32\x1d.secagg.v1.EncryptedUpdateRef\"\xd1\x03\n\rSubmitRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x32\n\x0e\x61\x64vertise_keys\x18\x02 \x01(\x0b\x32\x18.secagg.v1.AdvertiseKeysH\x00\x12*\n\nshare_keys\x18\x03 \x01(\x0b\x32\x14.secagg.v1.ShareKeysH\x00\x12\x31\n\x0cmasked_input\x18\x04 \x01(\x0b\x32\x19.secagg.v1.MaskedInputRefH\x00\x12@\n\x15\x63onsistency_signature\x18\x05 \x01(\x0b\x32\x1f.secagg.v1.ConsistencySignatureH\x00\x12\x34\n\x0funmask_response\x18\x06 \x01(\x0b\x32\x19.secagg.v1.UnmaskResponseH\x00\x12+\n\x08\x63kks_key\x18\x07 \x01(\x0b\x32\x17.secagg.v1.CkksKeyOfferH\x00\x12\x34\n\x0b\x63kks_update\x18\x08 \x01(\x0b\x32\x1d.secagg.v1.EncryptedUpdateRefH\x00\x12\x35\n\x0c\x63kks_release\x18\t \x01(\x0b\x32\x1d.secagg.v1.ReleasedAverageRefH\x00\x42\t\n\x07message\"#\n\x0eSubmitResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\"B\n\x0eReceiveRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\r\x12\x0f\n\x07wait_ms\x18\x03 \x01(\r\"\xb6\x02\n\x0fReceiveResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x30\n\rkey_directory\x18\x02 \x01(\x0b\x32\x17.secagg.v1.KeyDirectoryH\x00\x12\x32\n\x0eshare_delivery\x18\x03 \x01(\x0b\x32\x18.secagg.v1.ShareDeliveryH\x00\x12\x30\n\rsurvivor_list\x18\x04 \x01(\x0b\x32\x17.secagg.v1.SurvivorListH\x00\x12\x32\n\x0eunmask_request\x18\x05 \x01(\x0b\x32\x18.secagg.v1.UnmaskRequestH\x00\x12=\n\x14\x63kks_release_request\x18\x06 \x01(\x0b\x32\x1d.secagg.v1.CkksReleaseRequestH\x00\x42\t\n\x07message*M\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x14\n\x10PROTOCOL_MASKING\x10\x01\x12\x11\n\rPROTOCOL_CKKS\x10\x02*\x96\x01\n\x0bRoundStatus\x12\x1c\n\x18ROUND_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14ROUND_STATUS_RUNNING\x10\x01\x12\x1a\n\x16ROUND_STATUS_COMPLETED\x10\x02\x12\x18\n\x14ROUND_STATUS_ABORTED\x10\x03\x12\x19\n\x15ROUND_STATUS_JOB_DONE\x10\x04\x32\xfc\x02\n\x0b\x41ggregation\x12<\n\x08GetRound\x12\x1a.secagg.v1.GetRoundRequest\x1a\x14.secagg.v1.RoundInfo\x12=\n\x06Submit\x12\x18.secagg.v1.SubmitRequest\x1a\x19.secagg.v1.SubmitResponse\x12@\n\x07Receive\x12\x19.secagg.v1.ReceiveRequest\x1a\x1a.secagg.v1.ReceiveResponse\x12\x39\n\rMissingChunks\x12\x13.secagg.v1.ChunkIds\x1a\x13.secagg.v1.ChunkIds\x12=\n\tPutChunks\x12\x10.secagg.v1.Chunk\x1a\x1c.secagg.v1.PutChunksResponse(\x01\x12\x34\n\tGetChunks\x12\x13.secagg.v1.ChunkIds\x1a\x10.secagg.v1.Chunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17secagg/v1/service.proto\x12\tsecagg.v1\x1a\x14secagg/v1/ckks.proto\x1a\x17secagg/v1/masking.proto\"\'\n\x05\x43hunk\x12\x10\n\x08\x63hunk_id\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1d\n\x08\x43hunkIds\x12\x11\n\tchunk_ids\x18\x01 \x03(\x0c\"<\n\x11PutChunksResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x17\n\x0f\x61lready_present\x18\x02 \x01(\r\"\'\n\x04\x42lob\x12\x11\n\tchunk_ids\x18\x01 \x03(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\"4\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\r\n\x05\x64type\x18\x03 \x01(\t\"W\n\x05Model\x12\x1f\n\x04spec\x18\x01 \x03(\x0b\x32\x11.secagg.v1.Tensor\x12\x1d\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x0f.secagg.v1.Blob\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\"i\n\x0c\x43kksKeyOffer\x12\x30\n\x0c\x61nnouncement\x18\x01 \x01(\x0b\x32\x1a.secagg.v1.KeyAnnouncement\x12\'\n\x0epublic_context\x18\x02 \x01(\x0b\x32\x0f.secagg.v1.Blob\"O\n\x0fGetRoundRequest\x12\x13\n\x0b\x61\x66ter_round\x18\x01 \x01(\x04\x12\x0f\n\x07wait_ms\x18\x02 \x01(\r\x12\x16\n\x0euntil_finished\x18\x03 \x01(\x08\"\xd0\x02\n\tRoundInfo\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12%\n\x08protocol\x18\x03 \x01(\x0e\x32\x13.secagg.v1.Protocol\x12&\n\x06status\x18\x04 \x01(\x0e\x32\x16.secagg.v1.RoundStatus\x12\x1f\n\x05model\x18\x05 \x01(\x0b\x32\x10.secagg.v1.Model\x12\r\n\x05stage\x18\x06 \x01(\r\x12\x17\n\x0f\x63kks_key_holder\x18\x07 \x01(\x04\x12)\n\x08\x63kks_key\x18\x08 \x01(\x0b\x32\x17.secagg.v1.CkksKeyOffer\x12\x14\n\x0c\x61\x62ort_reason\x18\t \x01(\t\x12 \n\x06result\x18\n \x01(\x0b\x32\x10.secagg.v1.Model\x12\x14\n\x0ctotal_rounds\x18\x0b \x01(\x04\x12\x11\n\tsurvivors\x18\x0c \x03(\x04\"\x80\x01\n\x0eMaskedInputRef\x12\x0f\n\x07site_id\x18\x01 \x01(\x04\x12\x11\n\tword_bits\x18\x02 \x01(\r\x12%\n\x0cmasked_input\x18\x03 \x01(\x0b\x32\x0f.secagg.v1.Blob\x12\x10\n\x08partners\x18\x04 \x03(\x04\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"\xa0\x01\n\x12\x45ncryptedUpdateRef\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\x0c\x12\x0f\n\x07site_id\x18\x03 \x01(\x04\x12\x1f\n\x06\x63hunks\x18\x04 \x01(\x0b\x32\x0f.secagg.v1.Blob\x12\x13\n\x0b\x63hunk_count\x18\x05 \x01(\r\x12\x0e\n\x06seeded\x18\x06 \x01(\x08\x12\x11\n\tsignature\x18\x07 \x01(\x0c\"~\n\x15\x45ncryptedAggregateRef\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\x0c\x12\r\n\x05sites\x18\x03 \x03(\x04\x12\x1f\n\x06\x63hunks\x18\x04 \x01(\x0b\x32\x0f.secagg.v1.Blob\x12\x13\n\x0b\x63hunk_count\x18\x05 \x01(\r\"g\n\x12ReleasedAverageRef\x12 \n\x07\x61verage\x18\x01 \x01(\x0b\x32\x0f.secagg.v1.Blob\x12\x12\n\nweight_sum\x18\x02 \x01(\x01\x12\r\n\x05sites\x18\x03 \x03(\x04\x12\x0c\n\x04grid\x18\x04 \x01(\x01\"y\n\x12\x43kksReleaseRequest\x12\x33\n\taggregate\x18\x01 \x01(\x0b\x32 .secagg.v1.EncryptedAggregateRef\x12.\n\x07uploads\x18\x02 \x03(\x0b\x32\x1d.secagg.v1.EncryptedUpdateRef\"\xd1\x03\n\rSubmitRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x32\n\x0e\x61\x64vertise_keys\x18\x02 \x01(\x0b\x32\x18.secagg.v1.AdvertiseKeysH\x00\x12*\n\nshare_keys\x18\x03 \x01(\x0b\x32\x14.secagg.v1.ShareKeysH\x00\x12\x31\n\x0cmasked_input\x18\x04 \x01(\x0b\x32\x19.secagg.v1.MaskedInputRefH\x00\x12@\n\x15\x63onsistency_signature\x18\x05 \x01(\x0b\x32\x1f.secagg.v1.ConsistencySignatureH\x00\x12\x34\n\x0funmask_response\x18\x06 \x01(\x0b\x32\x19.secagg.v1.UnmaskResponseH\x00\x12+\n\x08\x63kks_key\x18\x07 \x01(\x0b\x32\x17.secagg.v1.CkksKeyOfferH\x00\x12\x34\n\x0b\x63kks_update\x18\x08 \x01(\x0b\x32\x1d.secagg.v1.EncryptedUpdateRefH\x00\x12\x35\n\x0c\x63kks_release\x18\t \x01(\x0b\x32\x1d.secagg.v1.ReleasedAverageRefH\x00\x42\t\n\x07message\"#\n\x0eSubmitResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\"B\n\x0eReceiveRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\r\x12\x0f\n\x07wait_ms\x18\x03 \x01(\r\"\xb6\x02\n\x0fReceiveResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x30\n\rkey_directory\x18\x02 \x01(\x0b\x32\x17.secagg.v1.KeyDirectoryH\x00\x12\x32\n\x0eshare_delivery\x18\x03 \x01(\x0b\x32\x18.secagg.v1.ShareDeliveryH\x00\x12\x30\n\rsurvivor_list\x18\x04 \x01(\x0b\x32\x17.secagg.v1.SurvivorListH\x00\x12\x32\n\x0eunmask_request\x18\x05 \x01(\x0b\x32\x18.secagg.v1.UnmaskRequestH\x00\x12=\n\x14\x63kks_release_request\x18\x06 \x01(\x0b\x32\x1d.secagg.v1.CkksReleaseRequestH\x00\x42\t\n\x07message*M\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x14\n\x10PROTOCOL_MASKING\x10\x01\x12\x11\n\rPROTOCOL_CKKS\x10\x02*\x96\x01\n\x0bRoundStatus\x12\x1c\n\x18ROUND_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14ROUND_STATUS_RUNNING\x10\x01\x12\x1a\n\x16ROUND_STATUS_COMPLETED\x10\x02\x12\x18\n\x14ROUND_STATUS_ABORTED\x10\x03\x12\x19\n\x15ROUND_STATUS_JOB_DONE\x10\x04\x32\xfc\x02\n\x0b\x41ggregation\x12<\n\x08GetRound\x12\x1a.secagg.v1.GetRoundRequest\x1a\x14.secagg.v1.RoundInfo\x12=\n\x06Submit\x12\x18.secagg.v1.SubmitRequest\x1a\x19.secagg.v1.SubmitResponse\x12@\n\x07Receive\x12\x19.secagg.v1.ReceiveRequest\x1a\x1a.secagg.v1.ReceiveResponse\x12\x39\n\rMissingChunks\x12\x13.secagg.v1.ChunkIds\x1a\x13.secagg.v1.ChunkIds\x12=\n\tPutChunks\x12\x10.secagg.v1.Chunk\x1a\x1c.secagg.v1.PutChunksResponse(\x01\x12\x34\n\tGetChunks\x12\x13.secagg.v1.ChunkIds\x1a\x10.secagg.v1.Chunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'secagg.v1.service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROTOCOL']._serialized_start=2442
-  _globals['_PROTOCOL']._serialized_end=2519
-  _globals['_ROUNDSTATUS']._serialized_start=2522
-  _globals['_ROUNDSTATUS']._serialized_end=2672
+  _globals['_PROTOCOL']._serialized_start=2466
+  _globals['_PROTOCOL']._serialized_end=2543
+  _globals['_ROUNDSTATUS']._serialized_start=2546
+  _globals['_ROUNDSTATUS']._serialized_end=2696
   _globals['_CHUNK']._serialized_start=85
   _globals['_CHUNK']._serialized_end=124
   _globals['_CHUNKIDS']._serialized_start=126
@@ -52,27 +52,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CKKSKEYOFFER']._serialized_start=403
   _globals['_CKKSKEYOFFER']._serialized_end=508
   _globals['_GETROUNDREQUEST']._serialized_start=510
-  _globals['_GETROUNDREQUEST']._serialized_end=565
-  _globals['_ROUNDINFO']._serialized_start=568
-  _globals['_ROUNDINFO']._serialized_end=904
-  _globals['_MASKEDINPUTREF']._serialized_start=907
-  _globals['_MASKEDINPUTREF']._serialized_end=1035
-  _globals['_ENCRYPTEDUPDATEREF']._serialized_start=1038
-  _globals['_ENCRYPTEDUPDATEREF']._serialized_end=1198
-  _globals['_ENCRYPTEDAGGREGATEREF']._serialized_start=1200
-  _globals['_ENCRYPTEDAGGREGATEREF']._serialized_end=1326
-  _globals['_RELEASEDAVERAGEREF']._serialized_start=1328
-  _globals['_RELEASEDAVERAGEREF']._serialized_end=1431
-  _globals['_CKKSRELEASEREQUEST']._serialized_start=1433
-  _globals['_CKKSRELEASEREQUEST']._serialized_end=1554
-  _globals['_SUBMITREQUEST']._serialized_start=1557
-  _globals['_SUBMITREQUEST']._serialized_end=2022
-  _globals['_SUBMITRESPONSE']._serialized_start=2024
-  _globals['_SUBMITRESPONSE']._serialized_end=2059
-  _globals['_RECEIVEREQUEST']._serialized_start=2061
-  _globals['_RECEIVEREQUEST']._serialized_end=2127
-  _globals['_RECEIVERESPONSE']._serialized_start=2130
-  _globals['_RECEIVERESPONSE']._serialized_end=2440
-  _globals['_AGGREGATION']._serialized_start=2675
-  _globals['_AGGREGATION']._serialized_end=3055
+  _globals['_GETROUNDREQUEST']._serialized_end=589
+  _globals['_ROUNDINFO']._serialized_start=592
+  _globals['_ROUNDINFO']._serialized_end=928
+  _globals['_MASKEDINPUTREF']._serialized_start=931
+  _globals['_MASKEDINPUTREF']._serialized_end=1059
+  _globals['_ENCRYPTEDUPDATEREF']._serialized_start=1062
+  _globals['_ENCRYPTEDUPDATEREF']._serialized_end=1222
+  _globals['_ENCRYPTEDAGGREGATEREF']._serialized_start=1224
+  _globals['_ENCRYPTEDAGGREGATEREF']._serialized_end=1350
+  _globals['_RELEASEDAVERAGEREF']._serialized_start=1352
+  _globals['_RELEASEDAVERAGEREF']._serialized_end=1455
+  _globals['_CKKSRELEASEREQUEST']._serialized_start=1457
+  _globals['_CKKSRELEASEREQUEST']._serialized_end=1578
+  _globals['_SUBMITREQUEST']._serialized_start=1581
+  _globals['_SUBMITREQUEST']._serialized_end=2046
+  _globals['_SUBMITRESPONSE']._serialized_start=2048
+  _globals['_SUBMITRESPONSE']._serialized_end=2083
+  _globals['_RECEIVEREQUEST']._serialized_start=2085
+  _globals['_RECEIVEREQUEST']._serialized_end=2151
+  _globals['_RECEIVERESPONSE']._serialized_start=2154
+  _globals['_RECEIVERESPONSE']._serialized_end=2464
+  _globals['_AGGREGATION']._serialized_start=2699
+  _globals['_AGGREGATION']._serialized_end=3079
 # @@protoc_insertion_point(module_scope)

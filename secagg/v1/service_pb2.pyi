@@ -90,12 +90,14 @@ class CkksKeyOffer(_message.Message):
     def __init__(self, announcement: _Optional[_Union[_ckks_pb2.KeyAnnouncement, _Mapping]] = ..., public_context: _Optional[_Union[Blob, _Mapping]] = ...) -> None: ...
 
 class GetRoundRequest(_message.Message):
-    __slots__ = ("after_round", "wait_ms")
+    __slots__ = ("after_round", "wait_ms", "until_finished")
     AFTER_ROUND_FIELD_NUMBER: _ClassVar[int]
     WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FINISHED_FIELD_NUMBER: _ClassVar[int]
     after_round: int
     wait_ms: int
-    def __init__(self, after_round: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
+    until_finished: bool
+    def __init__(self, after_round: _Optional[int] = ..., wait_ms: _Optional[int] = ..., until_finished: _Optional[bool] = ...) -> None: ...
 
 class RoundInfo(_message.Message):
     __slots__ = ("round", "round_id", "protocol", "status", "model", "stage", "ckks_key_holder", "ckks_key", "abort_reason", "result", "total_rounds", "survivors")

@@ -1,0 +1,44 @@
+"""A site process for ``secagg bench service``: joins the round, waits at a barrier, submits.
+
+usage: python -m secagg.bench.service_site SITE_DIR GO_FILE OUT_FILE
+It writes OUT_FILE.ready (as SITE_DIR/../<name>.ready) once connected with the model in hand,
+waits for GO_FILE, submits a fixed update and writes the bytes it sent to OUT_FILE.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> int:
+    from clients import Site
+
+    site_dir, go, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    site = Site.connect(site_dir, tensors="numpy")
+    rnd = next(site.rounds())
+    rng = np.random.default_rng(site.site_id)  # bench data only
+    state = {k: v + rng.normal(0, 0.001, v.shape).astype(v.dtype)
+             for k, v in rnd.global_model.items()}
+    before = site._conn.bytes_sent
+    out.with_suffix(".ready").touch()
+    while not go.exists():
+        time.sleep(0.01)
+    if os.environ.get("SECAGG_BENCH_PROFILE"):
+        import cProfile
+
+        cProfile.runctx("rnd.submit(state, weight=50)", globals(), locals(),
+                        str(out.with_suffix(".prof")))
+    else:
+        rnd.submit(state, weight=50)
+    out.write_text(str(site._conn.bytes_sent - before))
+    site.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
