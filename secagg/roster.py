@@ -46,8 +46,10 @@ class Roster(Mapping[int, bytes]):
                 raise ConfigurationError(f"roster site ids must be integers >= 1, got {site!r}")
             if not isinstance(key, bytes) or len(key) != signing.PUBLIC_KEY_BYTES:
                 raise ConfigurationError(f"roster key of site {site} must be 32 bytes")
+        # defence: roster.distinct-identity-keys
         if len(set(sites.values())) != len(sites):
             raise ConfigurationError("roster lists the same identity key for two sites")
+        # defence: roster.graph-seed-length
         if not isinstance(graph_seed, bytes) or len(graph_seed) != GRAPH_SEED_BYTES:
             raise ConfigurationError(f"graph_seed must be {GRAPH_SEED_BYTES} bytes")
         if not isinstance(federation, str):
@@ -59,11 +61,14 @@ class Roster(Mapping[int, bytes]):
         self.federation = federation
         self.version = version
         listing = b"".join(s.to_bytes(8, "big") + k for s, k in self._sites.items())
+        # defence: roster.digest-binds-graph-seed, roster.digest-binds-sites-and-keys
+        # defence: roster.digest-binds-federation, roster.digest-binds-version
         self._digest = digest("roster", federation, version, listing, graph_seed)
 
     @classmethod
     def new(cls, sites: Mapping[int, bytes], *, federation: str = "", version: int = 1) -> Roster:
         """A roster with a fresh graph seed from the OS CSPRNG (what the roster signer does)."""
+        # defence: roster.fresh-graph-seed
         return cls(sites, os.urandom(GRAPH_SEED_BYTES), federation=federation, version=version)
 
     @property
@@ -106,6 +111,7 @@ class SignedRoster:
 
     def open(self, trust_root_public_key: bytes) -> Roster:
         """The roster, if the trust root signed it; else the opaque InvalidMessage."""
+        # defence: roster.open-verifies-trust-root
         signing.verify(trust_root_public_key, self.signature, self.signed_bytes(self.roster))
         return self.roster
 

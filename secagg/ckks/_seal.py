@@ -357,6 +357,7 @@ def dump_ciphertext(ciphertext: Any, context: Any, *, scale: float) -> bytes:
     spec = layout.kinds[kind]
     if (m.parms_id != layout.parms_id or m.ntt_form != 1 or m.size != 2
             or m.poly_modulus_degree != layout.n or m.coeff_modulus_size != len(layout.primes)
+            # defence: ckks.seal.dump-at-the-given-scale
             or m.scale != scale or m.correction_factor != 1
             or m.coefficients.shape != spec.primes.shape
             or bool((m.coefficients >= spec.primes).any())):
@@ -391,7 +392,9 @@ def _load_seal_bytes(context: Any, layout: _Layout, data: bytes, scale: float) -
         _load_into(ct, context, data)
     except Exception:  # sealapi raises bare C++ errors (RuntimeError, ValueError, ...)
         raise InvalidMessage("ciphertext") from None
+    # defence: ckks.seal.loaded-ntt-form-rechecked
     if (ct.size() != 2 or not ct.is_ntt_form() or tuple(ct.parms_id()) != layout.parms_id
+            # defence: ckks.seal.loaded-scale-rechecked
             or ct.scale != scale or ct.poly_modulus_degree() != layout.n
             or ct.coeff_modulus_size() != len(layout.primes)):
         raise InvalidMessage("ciphertext")
@@ -408,13 +411,16 @@ def load_ciphertext(context: Any, data: bytes, *, scale: float,
     neither throw nor mix levels).
     """
     try:
+        # defence: ckks.seal.bytes-only
         if not isinstance(data, bytes):
             raise InvalidMessage("ciphertext")
         layout = _layout(context)
+        # defence: ckks.seal.format-version
         if len(data) < 2 or data[0] != FORMAT_VERSION or data[1] not in ANY_KIND:
             raise InvalidMessage("ciphertext")
         kind = Kind(data[1])
         spec = layout.kinds[kind]
+        # defence: ckks.seal.accepted-kinds
         if kind not in kinds or len(data) != spec.length:
             raise InvalidMessage("ciphertext")
         start = 2 + (SEED_BYTES if kind is Kind.SEEDED else 0)

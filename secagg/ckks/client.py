@@ -53,6 +53,7 @@ class CkksClient:
         check_site(config.roster, site_id, identity)
         if not callable(model_input):
             config.check_input(*model_input)  # a bad input fails here, not mid-round
+        # defence: ckks.client.context-is-the-rounds-key
         if context.key_id != config.key_id:
             raise RefusedMessage(RefusalReason.WRONG_KEY_ID, "context is not the round's key")
         if context.preset != config.preset_params:

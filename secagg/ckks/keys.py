@@ -37,6 +37,7 @@ def _key_id(preset: Preset, public_key: Any, seal_context: Any) -> bytes:
     except ValueError:  # a loaded context whose public key is not at its key level
         raise InvalidMessage("context") from None
     return digest("ckks-key-id", preset.poly_modulus_degree,
+                  # defence: ckks.keys.key-id-binds-public-key
                   list(preset.coeff_mod_bit_sizes), preset.scale_bits, coefficients)
 
 
@@ -73,6 +74,7 @@ class PublicContext(_Context):
     """CKKS parameters and public key: enough to encrypt (public-key mode) and to add."""
 
     def __init__(self, context: ts.Context) -> None:
+        # defence: ckks.keys.public-context-has-no-secret
         if context.has_secret_key():
             raise RefusedMessage(RefusalReason.CONTEXT_HAS_SECRET_KEY)
         super().__init__(context)
@@ -114,7 +116,10 @@ class KeyAnnouncement:
     signature: bytes
 
     def signed_bytes(self) -> bytes:
+        # defence: ckks.keys.announcement-binds-key-id, ckks.keys.announcement-binds-preset
+        # defence: ckks.keys.announcement-binds-epoch
         return encode("ckks-key-announcement", self.key_id, self.preset, self.holder, self.epoch,
+                      # defence: ckks.keys.announcement-binds-max-rounds
                       self.max_rounds)
 
     def verify(self, roster: Mapping[int, bytes]) -> None:
@@ -125,6 +130,7 @@ class KeyAnnouncement:
                 or not isinstance(self.max_rounds, int) or isinstance(self.max_rounds, bool)
                 or self.max_rounds < 1 or self.holder not in roster):
             raise InvalidMessage("key announcement")
+        # defence: ckks.keys.announcement-signature-verified
         signing.verify(roster[self.holder], self.signature, self.signed_bytes())
 
 
@@ -188,10 +194,12 @@ class KeyHolder(_Context):
         serve. Releasing the same aggregate again is allowed (the release is identical)."""
         previous = self._releases.get(round_id)
         if previous is not None:
+            # defence: ckks.keys.one-aggregate-per-round
             if previous != aggregate_digest:
                 raise RefusedMessage(RefusalReason.ALREADY_RELEASED,
                                      f"round {round_id!r} was released with other uploads")
             return
+        # defence: ckks.keys.round-budget
         if len(self._releases) >= max_rounds:
             raise RefusedMessage(RefusalReason.KEY_EXHAUSTED,
                                  f"this key already served {len(self._releases)} round(s)")
@@ -202,6 +210,7 @@ class KeyHolder(_Context):
         (every holder of this key derives the same one). Never leaves the holder."""
         if self._flood_key is None:
             self._flood_key = digest("ckks-flood-key",
+                                     # defence: ckks.keys.flood-key-from-the-secret
                                      _seal.canonical_members(self._context.secret_key().data))
         return self._flood_key
 
@@ -261,6 +270,7 @@ class KeyHolder(_Context):
         """Open a sealed secret context. Any tampering is the opaque :class:`InvalidMessage`."""
         if sealed.recipient != recipient or sealed.key_id != expected_key_id:
             raise InvalidMessage("sealed secret context")
+        # defence: ckks.keys.sealed-context-signature-verified
         signing.verify(sender_identity_public_key, sealed.signature, sealed.signed_bytes())
         shared = recipient_key.exchange(sealed.ephemeral_public_key)
         key = derive_pair_key(shared, session_id=sealed.key_id, purpose="secret-context",
@@ -268,14 +278,17 @@ class KeyHolder(_Context):
         plain = aead.open_sealed(key, sealed.ciphertext,
                                  _envelope_ad(sealed.key_id, sealed.sender, recipient))
         holder = cls.from_secret_context(plain)
+        # defence: ckks.keys.sealed-context-is-the-announced-key
         if holder.key_id != expected_key_id:
             raise InvalidMessage("sealed secret context")
         return holder
 
     def __repr__(self) -> str:
         return (f"KeyHolder(preset={self.preset.name!r}, key_id={self.key_id.hex()[:16]}, "
+                # defence: ckks.keys.holder-repr-redacts
                 "secret_key=<redacted>)")
 
+    # defence: ckks.keys.holder-refuses-pickling
     def __reduce__(self) -> NoReturn:
         raise TypeError("KeyHolder holds a secret key and cannot be pickled")
 

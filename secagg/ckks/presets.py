@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from secagg.errors import ConfigurationError
 
 # N -> max log2 Q for 128-bit classical security (HE standard, Table 1)
+# defence: ckks.presets.table-is-the-standards
 MAX_LOG_Q_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
 # Release noise: a key holder floods each released value with Gaussian noise of standard
 # deviation FLOOD_FACTOR x noise_bound. An adversarial term that survives the release checks
 # (imaginary parts and padding within the noise bound) is then 2**-6 of the noise per slot; see
 # secagg/ckks/release.py for what that buys.
+# defence: ckks.presets.flooding-far-above-decryption-noise
 FLOOD_FACTOR = 64.0
 MIN_PRIME_BITS = 20
 MAX_PRIME_BITS = 60  # SEAL's limit for one prime
@@ -51,10 +53,12 @@ class Preset:
                 raise ConfigurationError(
                     f"coeff_mod_bit_sizes entries must be in [{MIN_PRIME_BITS}, "
                     f"{MAX_PRIME_BITS}], got {b}")
+        # defence: ckks.presets.within-the-128-bit-table
         if sum(bits) > MAX_LOG_Q_128[n]:
             raise ConfigurationError(
                 f"preset {self.name!r} is below 128-bit security: log2 Q = {sum(bits)} exceeds "
                 f"{MAX_LOG_Q_128[n]} for poly_modulus_degree={n} (HomomorphicEncryption.org table)")
+        # defence: ckks.presets.scale-below-data-bits
         if not 0 < self.scale_bits < self.data_bits - 1:
             raise ConfigurationError(
                 f"scale_bits must be in [1, {self.data_bits - 2}] for data primes of "

@@ -77,6 +77,7 @@ class Release:
     def __init__(self, holder: KeyHolder, config: CkksRoundConfig) -> None:
         if not isinstance(holder, KeyHolder):
             raise TypeError("holder must be a KeyHolder")
+        # defence: ckks.release.holder-holds-the-rounds-key
         if holder.key_id != config.key_id:
             raise RefusedMessage(RefusalReason.WRONG_KEY_ID, "this holder's key is not the round's")
         self._holder = holder
@@ -90,19 +91,26 @@ class Release:
         """Check one signed upload whole and add it to this holder's own sum."""
         config = self._config
         check_update_fields(update)
+        # defence: ckks.release.upload-round
         if update.round_id != config.round_id:
             raise RefusedMessage(RefusalReason.WRONG_ROUND)
+        # defence: ckks.release.upload-key
         if update.key_id != config.key_id:
             raise RefusedMessage(RefusalReason.WRONG_KEY_ID)
+        # defence: ckks.release.upload-site-on-roster
         if update.site_id not in config.roster:
             raise RefusedMessage(RefusalReason.UNKNOWN_SITE)
+        # defence: ckks.release.distinct-sites
         if update.site_id in self._sites:
             raise RefusedMessage(RefusalReason.DUPLICATE_SITE)
+        # defence: ckks.release.upload-shape
         if len(update.chunks) != config.chunk_count:
             raise RefusedMessage(RefusalReason.WRONG_SHAPE)
+        # defence: ckks.release.upload-signature-verified
         signing.verify(config.roster[update.site_id], update.signature,
                        EncryptedUpdate.signed_bytes(config.params_digest, update.site_id,
                                                     update.key_id, update.seeded, update.chunks))
+        # defence: ckks.release.upload-kind-as-signed
         kinds = (_seal.Kind.SEEDED,) if update.seeded else (_seal.Kind.FULL,)
         scale = config.preset_params.scale
         loaded = [_seal.load_ciphertext(self._context, c, scale=scale, kinds=kinds)
@@ -117,22 +125,28 @@ class Release:
     def finish(self, aggregate: EncryptedAggregate) -> ReleasedAverage:
         """Compare with the aggregator's sum, decrypt, check, flood, round, divide, record."""
         config = self._config
+        # defence: ckks.release.aggregate-type
         if not isinstance(aggregate, EncryptedAggregate):
             raise InvalidMessage("aggregate")
+        # defence: ckks.release.aggregate-round
         if aggregate.round_id != config.round_id:
             raise RefusedMessage(RefusalReason.WRONG_ROUND)
+        # defence: ckks.release.aggregate-key
         if aggregate.key_id != config.key_id:
             raise RefusedMessage(RefusalReason.WRONG_KEY_ID)
         if not isinstance(aggregate.sites, tuple) or not isinstance(aggregate.chunks, tuple):
             raise InvalidMessage("aggregate")
+        # defence: ckks.release.min-sites
         if len(self._sites) < config.min_sites or self._sum is None:
             raise ProtocolAbort(AbortReason.TOO_FEW_SURVIVORS,
                                 f"{len(self._sites)} verified uploads, min_sites "
                                 f"{config.min_sites}")
+        # defence: ckks.release.claimed-sites-are-verified-sites
         if tuple(sorted(self._sites)) != aggregate.sites:
             raise RefusedMessage(RefusalReason.AGGREGATE_MISMATCH,
                                  "the claimed sites are not the verified uploads")
         scale = config.preset_params.scale
+        # defence: ckks.release.sum-compared, ckks.release.decrypts-only-its-own-sum
         mine = tuple(_seal.dump_ciphertext(ct, self._context, scale=scale) for ct in self._sum)
         if mine != aggregate.chunks:
             raise RefusedMessage(RefusalReason.AGGREGATE_MISMATCH,
@@ -141,8 +155,10 @@ class Release:
         sites = len(aggregate.sites)
         weighted, weight_sum = self._check_range(values, sites)
         digest = hashlib.sha256(encode("ckks-aggregate", config.params_digest,
+                                       # defence: ckks.release.digest-binds-the-summed-ciphertexts
                                        list(aggregate.sites), *mine)).digest()
         released = self._flood(weighted, weight_sum, sites, digest)
+        # defence: ckks.release.recorded
         self._holder.record_release(config.round_id, digest, config.announcement.max_rounds)
         return released
 
@@ -164,9 +180,13 @@ class Release:
         n = config.vector_length
         max_element, max_weight = config.value_bounds(sites)
         ok = (
+            # defence: ckks.release.range-imaginary-parts
             float(np.max(np.abs(values.imag))) <= bound
+            # defence: ckks.release.range-padding
             and (values.shape[0] == n + 1 or float(np.max(np.abs(values[n + 1:]))) <= bound)
+            # defence: ckks.release.range-elements
             and float(np.max(np.abs(values.real[:n]))) <= max_element + bound
+            # defence: ckks.release.range-weight-sum, ckks.release.range-weight-sum-positive
             and 0.0 < values.real[n] <= max_weight + bound
         )
         if not ok:
@@ -177,11 +197,14 @@ class Release:
     def _flood(self, weighted: np.ndarray, weight_sum: float, sites: int,
                digest: bytes) -> ReleasedAverage:
         bound = self._config.preset_params.noise_bound(sites)
+        # defence: ckks.release.flooding-keyed-by-secret, ckks.release.flooding-deterministic
         key = hmac.new(self._holder.flood_key(), digest, hashlib.sha256).digest()
+        # defence: ckks.release.flooding-added
         noisy = np.append(weighted, weight_sum) + gaussian(weighted.shape[0] + 1,
                                                            FLOOD_FACTOR * bound, key)
         grid = 2.0 ** math.ceil(math.log2(bound))
         rounded = np.round(noisy / grid) * grid
+        # defence: ckks.release.flooded-weight-sum-positive
         if rounded[-1] <= 0:
             raise RefusedMessage(RefusalReason.OUT_OF_RANGE, "weight sum not positive")
         return ReleasedAverage(rounded[:-1] / rounded[-1], float(rounded[-1]),

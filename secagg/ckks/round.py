@@ -93,6 +93,7 @@ class CkksRoundConfig:
             if not isinstance(key, bytes) or len(key) != signing.PUBLIC_KEY_BYTES:
                 raise ConfigurationError(f"roster key of site {site} must be 32 bytes")
         if (not isinstance(self.key_holders, tuple) or not self.key_holders
+                # defence: ckks.round.key-holders-on-roster
                 or not set(self.key_holders) <= set(self.roster)
                 or len(set(self.key_holders)) != len(self.key_holders)):
             raise ConfigurationError(
@@ -103,18 +104,21 @@ class CkksRoundConfig:
         clip = _positive_finite("clip", self.clip)
         max_weight = _positive_finite("max_weight", self.max_weight)
         if (isinstance(self.min_sites, bool) or not isinstance(self.min_sites, int)
+                # defence: ckks.round.min-sites-at-least-three
                 or not MIN_SITES <= self.min_sites <= len(self.roster)):
             raise ConfigurationError(
                 f"min_sites must be in [{MIN_SITES}, {len(self.roster)}], got {self.min_sites}")
         p = self.preset_params  # raises ConfigurationError for an unknown preset
         n = len(self.roster)
         worst = n * max(clip * max_weight, max_weight)
+        # defence: ckks.round.headroom
         if not worst <= p.max_abs_value:
             raise ConfigurationError(
                 f"headroom: {n} sites x clip {clip} x max_weight {max_weight} can sum "
                 f"to {worst:g}, beyond the {p.max_abs_value:g} preset {p.name!r} holds safely; "
                 "lower clip or max_weight (normalise weights), or pick a preset with more "
                 "data bits")
+        # defence: ckks.round.signal-above-flooding
         if clip * max_weight <= FLOOD_FACTOR * p.noise_bound(n):
             raise ConfigurationError(
                 f"clip * max_weight = {clip * max_weight:g} is below the release noise of preset "
@@ -130,17 +134,21 @@ class CkksRoundConfig:
         a = self.announcement
         if not isinstance(a, KeyAnnouncement):
             raise ConfigurationError("announcement must be a KeyAnnouncement")
+        # defence: ckks.round.announcer-is-a-key-holder
         if a.holder not in self.key_holders:
             raise ConfigurationError(f"the key was announced by site {a.holder}, which is not "
                                      "among the round's key holders")
         try:
+            # defence: ckks.round.announcement-verified
             a.verify(self.roster)
         except InvalidMessage:
             raise ConfigurationError(
                 f"the key announcement is not signed by key holder {a.holder}") from None
+        # defence: ckks.round.announced-preset
         if a.preset != self.preset:
             raise ConfigurationError(
                 f"the key was announced for preset {a.preset!r}, the round uses {self.preset!r}")
+        # defence: ckks.round.announced-epoch
         if a.epoch != self.epoch:
             raise ConfigurationError(
                 f"the key is valid for epoch {a.epoch!r}, not for this round's {self.epoch!r}")
@@ -160,9 +168,15 @@ class CkksRoundConfig:
     @cached_property
     def params_digest(self) -> bytes:
         roster = b"".join(s.to_bytes(8, "big") + self.roster[s] for s in sorted(self.roster))
+        # defence: ckks.round.params-binds-round-id, ckks.round.params-binds-roster
         return digest("ckks-round-params", self.round_id, roster,
+                      # defence: ckks.round.params-binds-announcement
+                      # defence: ckks.round.params-binds-key-holders
                       self.announcement.signed_bytes(), sorted(self.key_holders),
+                      # defence: ckks.round.params-binds-vector-length, ckks.round.params-binds-clip
                       self.vector_length, self.preset, repr(float(self.clip)),
+                      # defence: ckks.round.params-binds-max-weight
+                      # defence: ckks.round.params-binds-min-sites
                       repr(float(self.max_weight)), self.min_sites, str(self.epoch))
 
     def value_bounds(self, sites: int) -> tuple[float, float]:
@@ -176,6 +190,7 @@ class CkksRoundConfig:
         """The padded ``(chunk_count, slots)`` array a site encrypts. Checks the input."""
         update, weight = self.check_input(update, weight)
         out = np.zeros(self.chunk_count * self.preset_params.slots, dtype=np.float64)
+        # defence: ckks.round.layout-clips
         np.clip(update, -self.clip, self.clip, out=out[: self.vector_length])
         out[: self.vector_length] *= weight
         out[self.vector_length] = weight
@@ -196,7 +211,9 @@ class EncryptedUpdate:
     @staticmethod
     def signed_bytes(params_digest: bytes, site_id: int, key_id: bytes, seeded: bool,
                      chunks: Sequence[bytes]) -> bytes:
+        # defence: ckks.round.upload-binds-round
         return encode("ckks-update", params_digest, site_id, key_id, int(seeded),
+                      # defence: ckks.round.upload-binds-chunks
                       parts_digest(chunks))
 
     @property
@@ -243,9 +260,11 @@ def check_update_fields(update: object) -> None:
         raise InvalidMessage("upload")
     ok = (isinstance(update.round_id, str)
           and isinstance(update.key_id, bytes) and len(update.key_id) == 32
+          # defence: ckks.round.upload-site-id-is-int
           and isinstance(update.site_id, int) and not isinstance(update.site_id, bool)
           and isinstance(update.seeded, bool)
           and isinstance(update.signature, bytes) and len(update.signature) == 64
+          # defence: ckks.round.upload-chunks-tuple
           and isinstance(update.chunks, tuple)
           and all(isinstance(c, bytes) for c in update.chunks))
     if not ok:

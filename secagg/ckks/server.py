@@ -40,11 +40,13 @@ class CkksServer:
     def __init__(self, config: CkksRoundConfig, context: PublicContext,
                  listener: MetricsListener | None = None) -> None:
         # The aggregator must never hold the secret key, whatever it is handed at run time.
+        # defence: ckks.server.public-context-only
         if isinstance(context, KeyHolder) or not isinstance(context, PublicContext):
             raise RefusedMessage(RefusalReason.CONTEXT_HAS_SECRET_KEY,
                                  "the aggregator takes a PublicContext only")
         if not isinstance(config, CkksRoundConfig):
             raise ConfigurationError("config must be a CkksRoundConfig")
+        # defence: ckks.server.context-is-the-rounds-key
         if context.key_id != config.key_id:
             raise RefusedMessage(RefusalReason.WRONG_KEY_ID, "public context is not the round's")
         if context.preset != config.preset_params:
@@ -66,26 +68,35 @@ class CkksServer:
 
     def handle(self, update: EncryptedUpdate) -> None:
         """Check one upload whole, then add it. Raises (and adds nothing) if it is refused."""
+        # defence: ckks.server.upload-stage
         if self.stage is not CkksStage.UPLOAD:
             raise PreconditionError(f"EncryptedUpdate is not valid in stage {self.stage.name}")
         config = self.config
         check_update_fields(update)
+        # defence: ckks.server.upload-round
         if update.round_id != config.round_id:
             raise RefusedMessage(RefusalReason.WRONG_ROUND)
+        # defence: ckks.server.upload-key
         if update.key_id != config.key_id:
             raise RefusedMessage(RefusalReason.WRONG_KEY_ID)
+        # defence: ckks.server.upload-site-on-roster
         if update.site_id not in config.roster:
             raise RefusedMessage(RefusalReason.UNKNOWN_SITE)
+        # defence: ckks.server.distinct-sites
         if update.site_id in self._sites:
             raise RefusedMessage(RefusalReason.DUPLICATE_SITE)
+        # defence: ckks.server.upload-shape
         if len(update.chunks) != config.chunk_count:
             raise RefusedMessage(RefusalReason.WRONG_SHAPE,
                                  f"{len(update.chunks)} chunks, expected {config.chunk_count}")
         signed = EncryptedUpdate.signed_bytes(config.params_digest, update.site_id, update.key_id,
                                               update.seeded, update.chunks)
+        # defence: ckks.server.upload-signature-verified
         signing.verify(config.roster[update.site_id], update.signature, signed)
         scale = config.preset_params.scale
+        # defence: ckks.server.upload-kind-as-signed
         kinds = (_seal.Kind.SEEDED,) if update.seeded else (_seal.Kind.FULL,)
+        # defence: ckks.server.whole-upload-parsed-before-adding
         loaded = [_seal.load_ciphertext(self._context.seal_context, c, scale=scale, kinds=kinds)
                   for c in update.chunks]
         if self._sum is None:
@@ -99,6 +110,7 @@ class CkksServer:
         """End the upload stage: the aggregate, addressed to each key holder."""
         if self.stage is not CkksStage.UPLOAD:
             raise PreconditionError(f"no stage to close in stage {self.stage.name}")
+        # defence: ckks.server.min-sites
         if self._sum is None or len(self._sites) < self.config.min_sites:
             self.stage = CkksStage.ABORTED
             self._sum = None

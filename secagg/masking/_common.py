@@ -18,6 +18,7 @@ def session_id(params_digest: bytes, entries: Iterable[AdvertiseKeys]) -> bytes:
         e.site_id.to_bytes(8, "big") + e.encryption_public_key + e.masking_public_key
         for e in sorted(entries, key=lambda e: e.site_id)
     )
+    # defence: masking.common.session-binds-directory
     return digest("session", params_digest, listing)
 
 
@@ -32,13 +33,16 @@ def share_key(shared_secret: bytes, session: bytes, a: int, b: int) -> bytes:
 
 
 def share_associated_data(session: bytes, sender: int, receiver: int) -> bytes:
+    # defence: masking.common.share-ad-binds-direction
     return encode("share-ad", session, sender, receiver, "share-keys")
 
 
 def self_mask_commitment(session: bytes, site: int, seed: bytes) -> bytes:
+    # defence: masking.common.commitment-binds-seed
     return digest("self-mask-commitment", session, site, seed)
 
 
 def mask_sign(owner: int, peer: int) -> int:
     """+1 if ``owner`` adds the pair's mask, -1 if it subtracts it (the lower id adds)."""
+    # defence: masking.common.pair-masks-cancel
     return 1 if owner < peer else -1

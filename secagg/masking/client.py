@@ -113,6 +113,7 @@ class MaskingClient:
         self._held_shares: dict[int, tuple[bytes, bytes]] = {}
         self._share_senders: frozenset[int] = frozenset()
         self._signed_survivors: tuple[int, ...] = ()
+        # defence: masking.client.quorum-is-roster-wide
         self._q = config.consistency_quorum
 
     def __repr__(self) -> str:
@@ -152,6 +153,7 @@ class MaskingClient:
                 return handler(message)
             except _LocalInputError as e:
                 raise e.error from None
+            # defence: masking.client.malformed-server-message-aborts
             except (TypeError, ValueError, AttributeError, KeyError, IndexError):
                 # Fields of the wrong type or shape: the server sent something no honest
                 # server sends. One named abort, never a traceback from deep inside.
@@ -167,22 +169,28 @@ class MaskingClient:
         directory: dict[int, AdvertiseKeys] = {}
         seen_keys: set[bytes] = set()
         for entry in msg.entries:
+            # defence: masking.client.directory-known-sites
             if entry.site_id not in self.config.roster:
                 raise ProtocolAbort(AbortReason.UNKNOWN_SITE, f"site {entry.site_id}")
+            # defence: masking.client.directory-one-entry-per-site
             if entry.site_id in directory:
                 raise ProtocolAbort(AbortReason.DUPLICATE_SITE, f"site {entry.site_id}")
             for key in (entry.encryption_public_key, entry.masking_public_key):
+                # defence: masking.client.directory-key-size
                 if not isinstance(key, bytes) or len(key) != PUBLIC_KEY_BYTES:
                     raise ProtocolAbort(AbortReason.WRONG_SIZE_KEY, f"site {entry.site_id}")
+                # defence: masking.client.directory-distinct-keys
                 if key in seen_keys:
                     raise ProtocolAbort(AbortReason.DUPLICATE_KEY, f"site {entry.site_id}")
                 seen_keys.add(key)
+            # defence: masking.client.directory-verifies-neighbours
             if entry.site_id in self._neighbourhood:  # the only keys this site will use
                 self._verify(entry.site_id, entry.signature, AdvertiseKeys.signed_bytes(
                     self.config.params_digest, entry.site_id, entry.encryption_public_key,
                     entry.masking_public_key))
             directory[entry.site_id] = entry
         mine = directory.get(self.site_id)
+        # defence: masking.client.own-keys-in-directory
         if (
             mine is None
             or mine.encryption_public_key != self._encryption_key.public_bytes
@@ -190,14 +198,19 @@ class MaskingClient:
         ):
             raise ProtocolAbort(AbortReason.OWN_KEY_MISSING_OR_ALTERED)
         holders = sorted(self._neighbourhood & directory.keys())
+        # defence: masking.client.directory-threshold
         self._require_at_least(len(holders), "sites with advertised keys in the neighbourhood")
+        # defence: masking.client.directory-windows
         self._check_windows(frozenset(holders), "key directory")
         self._directory = directory
         self._session = _common.session_id(self.config.params_digest, directory.values())
 
+        # defence: masking.client.self-mask-seed-random
         self._self_mask_seed = os.urandom(SEED_BYTES)
+        # defence: masking.client.self-mask-shared-at-threshold
         seed_shares = shamir.split(shamir.secret_from_bytes(self._self_mask_seed), self._t, holders)
         key_shares = shamir.split(
+            # defence: masking.client.masking-key-shared-at-threshold
             shamir.secret_from_bytes(self._masking_key.export_private_bytes()), self._t, holders
         )
         sealed: dict[int, bytes] = {}
@@ -218,19 +231,24 @@ class MaskingClient:
     def _on_share_delivery(self, msg: ShareDelivery) -> MaskedInput:
         allowed = (self._neighbourhood & self._directory.keys()) - {self.site_id}
         for sender in msg.encrypted_shares:
+            # defence: masking.client.share-senders-are-neighbours
             if sender not in allowed:
                 raise ProtocolAbort(AbortReason.UNEXPECTED_SHARE_SENDER, f"site {sender}")
         senders = frozenset(msg.encrypted_shares)
+        # defence: masking.client.share-senders-threshold
         self._require_at_least(len(senders) + 1, "share senders in the neighbourhood")
+        # defence: masking.client.share-senders-windows
         self._check_windows(senders | {self.site_id}, "share senders")
         for sender in sorted(senders):
             try:
                 plain = aead.open_sealed(
                     self._share_key(sender), msg.encrypted_shares[sender],
                     _common.share_associated_data(self._session, sender, self.site_id))
+            # defence: masking.client.share-authentication-aborts
             except InvalidMessage:
                 raise ProtocolAbort(AbortReason.SHARE_AUTHENTICATION_FAILED,
                                     f"from site {sender}") from None
+            # defence: masking.client.share-pair-length
             if len(plain) != _SHARE_PAIR_BYTES:
                 raise ProtocolAbort(AbortReason.MALFORMED_MESSAGE, f"share from site {sender}")
             self._held_shares[sender] = (plain[: shamir.SHARE_BYTES], plain[shamir.SHARE_BYTES :])
@@ -264,27 +282,34 @@ class MaskingClient:
             self.mask_keystream_bytes += apply_masks(masked, terms,
                                                      word_bits=self.config.word_bits)
         del terms
+        # defence: masking.client.attests-true-partners
         partners = tuple(sorted(senders))
         sig = self._sign(MaskedInput.signed_bytes(self._session, self.site_id, masked, partners))
         self.stage = Stage.CONSISTENCY_CHECK
         return MaskedInput(self.site_id, masked, partners, sig)
 
     def _on_survivor_list(self, msg: SurvivorList) -> ConsistencySignature:
+        # defence: masking.client.survivor-ids-checked
         survivors = tuple(msg.survivors)
         self._check_ids(survivors)
+        # defence: masking.client.survivor-list-includes-self
         if self.site_id not in survivors:
             raise ProtocolAbort(AbortReason.SELF_LISTED_AS_DROPPED)
         alive = frozenset(survivors)
         shared = self._share_senders | {self.site_id}
+        # defence: masking.client.survivors-masked-with-me
         if not alive & self._neighbourhood <= shared:
             raise ProtocolAbort(AbortReason.PEER_ALREADY_DROPPED,
                                 "a survivor in the neighbourhood never shared keys")
         self._require_at_least(len(alive & self._neighbourhood), "survivors in the neighbourhood")
+        # defence: masking.client.survivor-list-quorum
         if len(alive) < self._q:
             raise ProtocolAbort(AbortReason.TOO_FEW_SURVIVORS,
                                 f"{len(alive)} survivors, consistency quorum {self._q}")
         if not self.config.complete_graph:
+            # defence: masking.client.no-gap-checked
             self._check_no_gap(alive)
+            # defence: masking.client.attestations-checked
             self._check_attestations(alive, msg.attestations)
         self._signed_survivors = tuple(sorted(survivors))
         sig = self._sign(ConsistencySignature.signed_bytes(self._session, self._signed_survivors))
@@ -296,6 +321,7 @@ class MaskingClient:
         limit = self.config.max_missing_per_side
         assert limit is not None
         site, missing = self.config.worst_missing_window(alive)
+        # defence: masking.client.no-gap-tolerance-is-m
         if missing > limit:
             raise ProtocolAbort(AbortReason.TOO_MANY_MISSING_NEIGHBOURS,
                                 f"site {site} misses {missing} neighbours on one side, "
@@ -306,6 +332,7 @@ class MaskingClient:
         """Rule 2: every surviving neighbour masked with all of its surviving neighbours."""
         for peer in sorted((alive & self._neighbourhood) - {self.site_id}):
             attestation = attestations.get(peer)
+            # defence: masking.client.attestation-required
             if not isinstance(attestation, MaskAttestation):
                 raise ProtocolAbort(AbortReason.MASK_PARTNERS_INCOMPLETE,
                                     f"no attestation from site {peer}")
@@ -315,14 +342,17 @@ class MaskingClient:
                     isinstance(attestation.payload_digest, bytes)
                     and len(attestation.payload_digest) == 32):
                 raise ProtocolAbort(AbortReason.MALFORMED_MESSAGE, f"attestation of site {peer}")
+            # defence: masking.client.attestation-signature-verified
             self._verify(peer, attestation.signature, MaskAttestation.signed_bytes(
                 self._session, peer, attestation.payload_digest, partners))
             needed = (alive & self.config.neighbourhood(peer)) - {peer}
+            # defence: masking.client.attestation-covers-live-neighbours
             if not needed <= set(partners):
                 raise ProtocolAbort(AbortReason.MASK_PARTNERS_INCOMPLETE,
                                     f"site {peer} did not mask with every live neighbour")
 
     def _on_unmask_request(self, msg: UnmaskRequest) -> UnmaskResponse:
+        # defence: masking.client.unmask-for-the-signed-list
         if tuple(sorted(msg.survivors)) != self._signed_survivors or len(
             set(msg.survivors)) != len(msg.survivors):
             raise ProtocolAbort(AbortReason.SURVIVOR_LIST_MISMATCH)
@@ -333,35 +363,46 @@ class MaskingClient:
         # no two honest sites ever act on different lists (a neighbourhood count would not).
         # Once the quorum is verified the rest adds nothing: they are not checked.
         for signer in sorted(msg.survivor_signatures):
+            # defence: masking.client.unmask-signers-on-the-list
             if signer not in survivors:
                 raise ProtocolAbort(AbortReason.SURVIVOR_LIST_MISMATCH, f"signer {signer}")
             if verified < self._q:
+                # defence: masking.client.unmask-signatures-verified
                 self._verify(signer, msg.survivor_signatures[signer], signed)
                 verified += 1
+        # defence: masking.client.unmask-needs-quorum
         if verified < self._q:
             raise ProtocolAbort(AbortReason.TOO_FEW_SURVIVORS,
                                 f"{verified} signatures on the survivor list, quorum {self._q}")
 
+        # defence: masking.client.dropped-ids-checked
         dropped = tuple(msg.dropped)
         self._check_ids(dropped)
+        # defence: masking.client.self-not-dropped
         if self.site_id in dropped:
             raise ProtocolAbort(AbortReason.SELF_LISTED_AS_DROPPED)
         both = survivors & set(dropped)
+        # defence: masking.client.never-alive-and-dropped
         if both:
             raise ProtocolAbort(AbortReason.PEER_BOTH_ALIVE_AND_DROPPED, f"sites {sorted(both)}")
         mine = self._share_senders | {self.site_id}
         dropped_here = set(dropped) & self._neighbourhood
         already_dead = dropped_here - mine
+        # defence: masking.client.no-already-dropped-peer
         if already_dead:
             raise ProtocolAbort(AbortReason.PEER_ALREADY_DROPPED, f"sites {sorted(already_dead)}")
+        # defence: masking.client.dropped-list-matches-signed-list
         if dropped_here != mine - survivors:
             raise ProtocolAbort(AbortReason.SURVIVOR_LIST_MISMATCH,
                                 "dropped list disagrees with the signed survivors")
 
         # Disjoint by the checks above: no peer gets both of its shares revealed.
+        # defence: masking.client.self-mask-shares-only-of-survivors
         self_mask = {p: self._held_shares[p][0] for p in sorted(mine & survivors)}
+        # defence: masking.client.key-shares-only-of-dropped
         keys = {p: self._held_shares[p][1] for p in sorted(dropped_here)}
         sig = self._sign(UnmaskResponse.signed_bytes(self._session, self.site_id, self_mask, keys))
+        # defence: masking.client.one-unmask-only
         self._held_shares.clear()
         self.stage = Stage.COMPLETED
         return UnmaskResponse(self.site_id, self_mask, keys, sig)
@@ -384,6 +425,7 @@ class MaskingClient:
             return
         for window in self.config.windows(self.site_id):
             missing = len(window - present)
+            # defence: masking.client.window-tolerance-is-m
             if missing > limit:
                 raise ProtocolAbort(AbortReason.TOO_MANY_MISSING_NEIGHBOURS,
                                     f"{missing} neighbours on one side missing from the "
@@ -399,6 +441,7 @@ class MaskingClient:
     def _abort(self, reason: AbortReason) -> None:
         self.stage = Stage.ABORTED
         self.abort_reason = reason
+        # defence: masking.client.abort-forgets-secrets
         self._held_shares.clear()
         self._self_mask_seed = b""
 

@@ -45,6 +45,7 @@ MAX_RANGE = 2.0**64
 def minimum_safe_threshold(share_holders: int, corrupt_fraction: float) -> int:
     """Smallest t with t > share_holders * (1 + corrupt_fraction) / 2."""
     bound = Fraction(share_holders) * (1 + Fraction(corrupt_fraction).limit_denominator(10**6)) / 2
+    # defence: masking.config.safe-threshold-strictly-above
     return math.floor(bound) + 1
 
 
@@ -102,6 +103,7 @@ class RoundConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.round_id, str) or not self.round_id:
             raise ConfigurationError("round_id must be a non-empty string")
+        # defence: masking.config.at-least-three-sites
         if not isinstance(self.roster, Mapping) or len(self.roster) < MIN_SITES:
             raise ConfigurationError(f"roster must list at least {MIN_SITES} sites")
         for site, key in self.roster.items():
@@ -109,6 +111,7 @@ class RoundConfig:
                 raise ConfigurationError(f"roster site ids must be integers >= 1, got {site!r}")
             if not isinstance(key, bytes) or len(key) != signing.PUBLIC_KEY_BYTES:
                 raise ConfigurationError(f"roster key of site {site} must be 32 bytes")
+        # defence: masking.config.distinct-identity-keys
         if len(set(self.roster.values())) != len(self.roster):
             raise ConfigurationError("roster lists the same identity key for two sites")
         if (isinstance(self.vector_length, bool) or not isinstance(self.vector_length, int)
@@ -150,6 +153,8 @@ class RoundConfig:
         if k is None:
             safe = minimum_safe_threshold(n, self.corrupt_fraction)
             t = safe if self.threshold is None else self.threshold
+            # defence: masking.config.threshold-at-least-safe
+            # defence: masking.config.threshold-at-most-holders
             if not safe <= t <= n:
                 raise ConfigurationError(
                     f"threshold must be in [{safe}, {n}] for {n} share holders and "
@@ -158,6 +163,7 @@ class RoundConfig:
         if isinstance(k, bool) or not isinstance(k, int):
             raise ConfigurationError(f"neighbors must be an even integer, None or 'auto', "
                                      f"got {k!r}")
+        # defence: masking.config.sparse-graph-needs-signed-seed
         if not isinstance(self.roster, Roster):
             raise ConfigurationError(
                 "a k-regular graph needs the signed roster's graph seed: pass a "
@@ -227,11 +233,19 @@ class RoundConfig:
         """Binds every signature of the round to all its parameters and the roster."""
         g = self._graph
         return digest(
+            # defence: masking.config.params-binds-round-id, masking.config.params-binds-roster
+            # defence: masking.config.params-binds-vector-length
             "round-params", self.round_id, self.roster_digest, self.vector_length,
+            # defence: masking.config.params-binds-threshold, masking.config.params-binds-neighbors
             g.threshold, -1 if g.complete else g.neighbors, g.consistency_quorum,
             -1 if g.max_missing_per_side is None else g.max_missing_per_side,
+            # defence: masking.config.params-binds-corrupt-fraction
+            # defence: masking.config.params-binds-dropout-rate
             repr(float(self.corrupt_fraction)), repr(float(self.dropout_rate)),
+            # defence: masking.config.params-binds-security-bits, masking.config.params-binds-clip
+            # defence: masking.config.params-binds-max-weight
             self.security_bits, repr(float(self.clip)), repr(float(self.max_weight)),
+            # defence: masking.config.params-binds-word-bits
             self.word_bits,
         )
 
@@ -242,6 +256,7 @@ class RoundConfig:
         """Sites in ring order (SecAgg+); the sorted sites for the complete graph."""
         if self.complete_graph:
             return self.sites
+        # defence: masking.config.graph-ignores-round-id
         assert isinstance(self.roster, Roster)
         return tuple(graph.ring_order(self.sites, self.roster.graph_seed))
 

@@ -79,6 +79,7 @@ def expected_dropouts(sites: int, dropout_rate: float) -> int:
 
 def consistency_quorum(sites: int, corrupt_fraction: float) -> int:
     """Smallest q with q > sites * (1 + corrupt_fraction) / 2: two quorums share an honest site."""
+    # defence: masking.graph.quorum-counts-colluders
     return (sites + colluders(sites, corrupt_fraction)) // 2 + 1
 
 
@@ -120,6 +121,7 @@ def tail_log2(population: int, successes: int, draws: int, at_least: int) -> flo
 
 
 def _union_log2(count: int, log2_p: float) -> float:
+    # defence: masking.graph.union-bound-over-sites
     return -math.inf if log2_p == -math.inf else math.log2(count) + log2_p
 
 
@@ -139,7 +141,10 @@ def security_failure_log2(sites: int, neighbors: int, threshold: int, missing_pe
                           corrupt: int) -> float:
     """log2 of the bound P(E1) + P(E2) (see the module docstring)."""
     half = neighbors // 2
+    # defence: masking.graph.bound-counts-threshold-event
     e1 = _union_log2(sites, tail_log2(sites - 1, corrupt, neighbors, threshold))
+    # defence: masking.graph.bound-counts-window-event
+    # defence: masking.graph.window-event-counts-missing-sites
     e2 = _union_log2(sites, tail_log2(sites - 1, corrupt, half, half - missing_per_side))
     if e1 == -math.inf:
         return e2
@@ -220,10 +225,12 @@ def check_sparse_parameters(sites: int, neighbors: int, threshold: int | None,
         raise ConfigurationError(
             f"neighbors must be in [{MIN_NEIGHBORS}, {n - 2}] for {n} sites (use "
             f"neighbors=None for the complete graph or 'auto'), got {k}")
+    # defence: masking.graph.even-degree
     if k % 2:
         raise ConfigurationError(f"neighbors must be even (a Harary graph H(k, n)), got {k}")
     corrupt = colluders(n, corrupt_fraction)
     quorum = consistency_quorum(n, corrupt_fraction)
+    # defence: masking.graph.quorum-survives-dropouts
     if n - expected_dropouts(n, dropout_rate) < quorum:
         raise ConfigurationError(
             f"dropout_rate={dropout_rate} leaves fewer than the consistency quorum of {quorum} "
@@ -236,6 +243,8 @@ def check_sparse_parameters(sites: int, neighbors: int, threshold: int | None,
     else:
         t = threshold
     bound = security_failure_log2(n, k, t, m, corrupt) if m < k // 2 else 0.0
+    # defence: masking.graph.explicit-parameters-meet-the-bound
+    # defence: masking.graph.threshold-within-k-minus-2m
     if highest < 2 or bound > -security_bits or not 2 <= t <= highest:
         best = find_sparse_parameters(n, corrupt_fraction, dropout_rate, security_bits)
         hint = (f"the smallest safe choice is neighbors={best.neighbors}, "
@@ -258,6 +267,7 @@ def check_sparse_parameters(sites: int, neighbors: int, threshold: int | None,
 def ring_order(sites: Sequence[int], seed: bytes) -> list[int]:
     """A uniform permutation of ``sites`` from ``seed``: Fisher-Yates with rejection-sampled
     draws from an AES-256-CTR stream, so every site computes the same ring alone."""
+    # defence: masking.graph.ring-keyed-by-graph-seed
     key = digest("harary-ring", seed, list(sites))
     stream = MaskExpander(4 * len(sites) + 64, word_bits=32).words(key)
     order = list(sites)

@@ -40,6 +40,9 @@ class AdvertiseKeys:
 
     @staticmethod
     def signed_bytes(params_digest: bytes, site_id: int, enc_pk: bytes, mask_pk: bytes) -> bytes:
+        # defence: masking.messages.advertise-binds-round
+        # defence: masking.messages.advertise-binds-encryption-key
+        # defence: masking.messages.advertise-binds-masking-key
         return encode("advertise-keys", params_digest, site_id, enc_pk, mask_pk)
 
 
@@ -57,6 +60,9 @@ class ShareKeys:
         listing = b"".join(
             r.to_bytes(8, "big") + hashlib.sha256(shares[r]).digest() for r in sorted(shares)
         )
+        # defence: masking.messages.share-keys-binds-session
+        # defence: masking.messages.share-keys-binds-shares
+        # defence: masking.messages.share-keys-binds-commitment
         return encode("share-keys", session_id, site_id, listing, commitment)
 
 
@@ -92,6 +98,9 @@ class MaskAttestation:
     @staticmethod
     def signed_bytes(session_id: bytes, site_id: int, digest: bytes,
                      partners: tuple[int, ...]) -> bytes:
+        # defence: masking.messages.masked-input-binds-session
+        # defence: masking.messages.masked-input-binds-payload
+        # defence: masking.messages.masked-input-binds-partners
         return encode("masked-input", session_id, site_id, digest, list(partners))
 
 
@@ -102,6 +111,8 @@ class ConsistencySignature:
 
     @staticmethod
     def signed_bytes(session_id: bytes, survivors: tuple[int, ...]) -> bytes:
+        # defence: masking.messages.consistency-binds-session
+        # defence: masking.messages.consistency-binds-survivors
         return encode("consistency-check", session_id, sorted(survivors))
 
 
@@ -119,6 +130,9 @@ class UnmaskResponse:
         def listing(m: Mapping[int, bytes]) -> bytes:
             return b"".join(s.to_bytes(8, "big") + m[s] for s in sorted(m))
 
+        # defence: masking.messages.unmask-binds-session
+        # defence: masking.messages.unmask-binds-self-mask-shares
+        # defence: masking.messages.unmask-binds-key-shares
         return encode("unmask", session_id, site_id, listing(self_mask), listing(keys))
 
 

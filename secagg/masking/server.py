@@ -108,13 +108,16 @@ class MaskingServer:
         }.get(type(message))
         if expected is None:
             raise PreconditionError(f"unexpected message type {type(message).__name__}")
+        # defence: masking.server.stage-checked
         if self.stage is not expected:
             raise PreconditionError(
                 f"{type(message).__name__} is not valid in stage {self.stage.name}"
             )
         site = message.site_id
+        # defence: masking.server.participants-only
         if site not in self.participants:
             raise PreconditionError(f"site {site} is not a participant of stage {expected.name}")
+        # defence: masking.server.one-answer-per-stage
         if site in self._received():
             raise PreconditionError(f"site {site} already answered stage {expected.name}")
         if isinstance(message, AdvertiseKeys):
@@ -142,6 +145,7 @@ class MaskingServer:
         signing.verify(self.config.roster[site], signature, message)
 
     def _on_advertise(self, msg: AdvertiseKeys) -> None:
+        # defence: masking.server.advertisement-verified
         self._verify(msg.site_id, msg.signature, AdvertiseKeys.signed_bytes(
             self.config.params_digest, msg.site_id, msg.encryption_public_key,
             msg.masking_public_key))
@@ -149,10 +153,13 @@ class MaskingServer:
 
     def _on_share_keys(self, msg: ShareKeys) -> None:
         allowed = (self.config.neighbourhood(msg.site_id) & self._advertised.keys()) - {msg.site_id}
+        # defence: masking.server.share-recipients-are-neighbours
         if not set(msg.encrypted_shares) <= allowed:
             raise InvalidMessage("share recipients")
+        # defence: masking.server.commitment-size
         if len(msg.self_mask_commitment) != 32:
             raise InvalidMessage("commitment")
+        # defence: masking.server.share-keys-verified
         self._verify(msg.site_id, msg.signature, ShareKeys.signed_bytes(
             self._session, msg.site_id, msg.encrypted_shares, msg.self_mask_commitment))
         self._share_keys[msg.site_id] = msg
@@ -161,7 +168,9 @@ class MaskingServer:
         masked = msg.masked_input
         if (
             not isinstance(masked, np.ndarray)
+            # defence: masking.server.masked-input-dtype
             or masked.dtype != self._running_sum.dtype
+            # defence: masking.server.masked-input-shape
             or masked.shape != self._running_sum.shape
         ):
             raise InvalidMessage("masked input")
@@ -169,9 +178,11 @@ class MaskingServer:
         # It must have masked with exactly the neighbours whose shares it was delivered.
         delivered = tuple(sorted(u for u, sk in self._share_keys.items()
                                  if site in sk.encrypted_shares))
+        # defence: masking.server.partners-match-delivery
         if msg.partners != delivered:
             raise InvalidMessage("mask partners")
         digest = payload_digest(np.ascontiguousarray(masked).data)
+        # defence: masking.server.masked-input-verified
         self._verify(site, msg.signature,
                      MaskAttestation.signed_bytes(self._session, site, digest, msg.partners))
         np.add(self._running_sum, masked, out=self._running_sum)
@@ -179,11 +190,13 @@ class MaskingServer:
         self._attestations[site] = MaskAttestation(msg.partners, digest, msg.signature)
 
     def _on_consistency(self, msg: ConsistencySignature) -> None:
+        # defence: masking.server.consistency-signature-verified
         self._verify(msg.site_id, msg.signature,
                      ConsistencySignature.signed_bytes(self._session, self._survivors))
         self._signatures[msg.site_id] = msg.signature
 
     def _on_unmask(self, msg: UnmaskResponse) -> None:
+        # defence: masking.server.unmask-response-verified
         self._verify(msg.site_id, msg.signature, UnmaskResponse.signed_bytes(
             self._session, msg.site_id, msg.self_mask_shares, msg.key_shares))
         self._responses[msg.site_id] = msg
@@ -199,6 +212,7 @@ class MaskingServer:
         try:
             needed = (self.config.consistency_quorum if closing is Stage.CONSISTENCY_CHECK
                       else self._minimum)
+            # defence: masking.server.enough-answers-per-stage
             if len(received) < needed:
                 raise ProtocolAbort(
                     AbortReason.TOO_FEW_SURVIVORS,
@@ -280,15 +294,18 @@ class MaskingServer:
         for u in self._survivors:
             seed = self._reconstruct(u, "self_mask_shares")
             commitment = _common.self_mask_commitment(self._session, u, seed)
+            # defence: masking.server.self-mask-commitment-checked
             if commitment != self._share_keys[u].self_mask_commitment:
                 raise ProtocolAbort(AbortReason.RECONSTRUCTION_FAILED, f"self mask of site {u}")
             terms.append((seed, -1))
         survivors = set(self._survivors)
         for v in sorted(set(self._share_keys) - survivors):
             private = private_key_from_bytes(self._reconstruct(v, "key_shares"))
+            # defence: masking.server.masking-key-checked
             if private.public_key().public_bytes_raw() != self._advertised[v].masking_public_key:
                 raise ProtocolAbort(AbortReason.RECONSTRUCTION_FAILED, f"masking key of site {v}")
             for u in sorted(survivors & self.config.neighbourhood(v)):
+                # defence: masking.server.unmasks-only-applied-pairs
                 if u not in self._share_keys[v].encrypted_shares:
                     continue  # v sent u no share, so u never masked with v
                 try:

@@ -7,6 +7,8 @@ ciphertext format is accepted (one encoding per ciphertext, exact length, strict
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import struct
 import zlib
@@ -19,11 +21,13 @@ import tenseal as ts
 from tenseal import sealapi
 
 from secagg.ckks import (
+    CkksServer,
     EncryptedUpdate,
     KeyHolder,
     PublicContext,
     _seal,
     decrypt_verified_sum,
+    release_average,
 )
 from secagg.ckks._chunks import ChunkEncryptor
 from secagg.ckks._seal import Kind, load_ciphertext
@@ -332,3 +336,52 @@ def test_non_bytes_chunk_is_refused(form: str) -> None:
     make = {"none": lambda c: None, "str": lambda c: c.decode("latin-1"),
             "bytearray": bytearray, "memoryview": memoryview, "int": lambda c: 7}[form]
     _attack_is_refused_and_the_sum_untouched(2, lambda r, c: make(c))
+
+
+def test_upload_relabelled_for_another_round_under_the_same_key_fails_its_signature() -> None:
+    """In epoch mode one key serves several rounds of the same roster. The aggregator relabels
+    a site's upload from round 1 as its round-2 upload (the site may have sat round 2 out).
+    Property: the upload's signature binds round 1's parameters: refused."""
+    r1 = CkksRound(sites=3, vector_length=100, round_id="round-1", epoch="e", max_rounds=2)
+    config2 = replace(r1.config, round_id="round-2")
+    server2 = CkksServer(config2, r1.public)
+    upload = r1.client(2).start()
+    with pytest.raises(InvalidMessage):
+        server2.handle(replace(upload, round_id="round-2"))
+    assert server2.sites == ()
+
+
+def test_aggregator_given_another_keys_context_is_refused() -> None:
+    r = CkksRound(sites=3, vector_length=10)
+    with pytest.raises(RefusedMessage) as caught:
+        CkksServer(r.config, KeyHolder.generate().public_context())
+    assert caught.value.reason is RefusalReason.WRONG_KEY_ID
+
+
+def test_aggregator_cannot_recompute_the_flooding_noise_from_public_values() -> None:
+    """The aggregator knows the aggregate, the round parameters and the public key. If the
+    release noise were keyed by anything derived from those, it could subtract the noise and
+    read the key holder's raw decryption (which leaks the secret key).
+    Property: no key the aggregator can derive reproduces the noise; the holder's does."""
+    from secagg._encoding import digest, encode
+    from secagg.ckks.presets import FLOOD_FACTOR
+    from secagg.ckks.release import gaussian
+
+    r = CkksRound(sites=3, vector_length=2000)
+    uploads, aggregate = r.run()
+    released = release_average(r.holder, r.config, aggregate, uploads)
+    raw, _ = decrypt_verified_sum(r.holder, r.config, uploads)
+    noise = released.average * released.weight_sum - raw
+    aggregate_digest = hashlib.sha256(encode("ckks-aggregate", r.config.params_digest,
+                                             list(aggregate.sites), *aggregate.chunks)).digest()
+    sigma = FLOOD_FACTOR * r.config.preset_params.noise_bound(3)
+
+    def correlation(key: bytes) -> float:
+        prf = hmac.new(key, aggregate_digest, hashlib.sha256).digest()
+        guess = gaussian(raw.shape[0] + 1, sigma, prf)[:-1]
+        return float(np.corrcoef(noise, guess)[0, 1])
+
+    public = [r.config.key_id, r.config.params_digest, b"", bytes(32),
+              digest("ckks-flood-key", _seal.canonical_members(r.public.public_key))]
+    assert all(abs(correlation(k)) < 0.2 for k in public)
+    assert correlation(r.holder.flood_key()) > 0.9

@@ -262,3 +262,242 @@ def test_release_for_another_round_or_key_is_refused() -> None:
     assert isinstance(aggregate, EncryptedAggregate)
     with pytest.raises(ConfigurationError):
         CkksRoundConfig(r.config.round_id, r.roster, r.announcement, (1,), 10, epoch="")
+
+
+# ---- a malicious site encrypts values no honest site produces ---------------------------------
+
+
+def _encrypted_row(r: CkksRound, values: np.ndarray) -> bytes:
+    """One public-key encryption of ``values`` (complex allowed), in the canonical format."""
+    from tenseal import sealapi
+
+    ctx, scale = r.public.seal_context, r.config.preset_params.scale
+    plain = sealapi.Plaintext()
+    sealapi.CKKSEncoder(ctx).encode(values, scale, plain)
+    ct = sealapi.Ciphertext(ctx)
+    sealapi.Encryptor(ctx, r.public.public_key).encrypt(plain, ct)
+    return _seal.dump_ciphertext(ct, ctx, scale=scale)
+
+
+def _release_with(r: CkksRound, evil_values: np.ndarray) -> None:
+    """Sites 1 and 2 upload honestly, site 3 signs an upload of ``evil_values``; the honest
+    aggregator sums all three and the key holder is asked to release."""
+    honest = [r.client(s).start() for s in (1, 2)]
+    evil = _signed(r, 3, (_encrypted_row(r, evil_values),), seeded=False)
+    server = CkksServer(r.config, r.public)
+    for u in (*honest, evil):
+        server.handle(u)
+    release_average(r.holder, r.config, server.close_stage()[1], [*honest, evil])
+
+
+def _honest_looking_row(r: CkksRound) -> np.ndarray:
+    row = np.zeros(r.config.preset_params.slots, dtype=np.complex128)
+    row[: r.config.vector_length] = 0.25
+    row[r.config.vector_length] = 0.5  # its weight
+    return row
+
+
+def test_site_hiding_values_in_the_imaginary_parts_gets_no_release() -> None:
+    """Real parts in range, imaginary parts carrying a term (where a c*s term shows too).
+    Property: OUT_OF_RANGE, nothing released."""
+    r = CkksRound(sites=3, vector_length=100)
+    row = _honest_looking_row(r)
+    row[: r.config.vector_length + 1] += 1j
+    with pytest.raises(RefusedMessage) as caught:
+        _release_with(r, row)
+    assert caught.value.reason is RefusalReason.OUT_OF_RANGE
+    assert not r.holder.releases
+
+
+def test_site_writing_into_the_padding_slots_gets_no_release() -> None:
+    """Values in the slots past the weight (zero in every honest upload)."""
+    r = CkksRound(sites=3, vector_length=100)
+    row = _honest_looking_row(r)
+    row[r.config.vector_length + 1:] = 0.5
+    with pytest.raises(RefusedMessage) as caught:
+        _release_with(r, row)
+    assert caught.value.reason is RefusalReason.OUT_OF_RANGE
+
+
+def test_site_inflating_its_weight_gets_no_release() -> None:
+    """A weight of 50 (max_weight is 1) with in-range elements: the site would own the
+    average. Property: the weight sum exceeds sites * max_weight: OUT_OF_RANGE."""
+    r = CkksRound(sites=3, vector_length=100)
+    row = _honest_looking_row(r)
+    row[r.config.vector_length] = 50.0
+    with pytest.raises(RefusedMessage) as caught:
+        _release_with(r, row)
+    assert caught.value.reason is RefusalReason.OUT_OF_RANGE
+
+
+def test_weight_sum_lost_in_the_flooding_noise_is_refused_not_divided_by() -> None:
+    """Weights so small that the flooded weight sum can round to zero or below (about half
+    the time): dividing by it would release an infinite or sign-flipped average.
+    Property: every release has a positive weight sum, or is refused (OUT_OF_RANGE)."""
+    holder = KeyHolder.generate()
+    for i in range(20):
+        r = CkksRound(sites=3, vector_length=10, holder=holder, round_id=f"tiny-{i}",
+                      epoch="tiny", max_rounds=100)
+        for s, (update, _) in list(r.inputs.items()):
+            r.inputs[s] = (update, 1e-6)
+        uploads, aggregate = r.run()
+        try:
+            released = release_average(holder, r.config, aggregate, uploads)
+        except RefusedMessage as refused:
+            assert refused.reason is RefusalReason.OUT_OF_RANGE
+            continue
+        assert released.weight_sum > 0 and bool(np.all(np.isfinite(released.average)))
+
+
+# ---- the aggregator forwards something other than what it summed -----------------------------
+
+
+def test_key_holder_refuses_an_upload_it_cannot_attribute_or_shape() -> None:
+    """A forwarded upload from a site not on the roster, or signed with fewer chunks than the
+    round has. Property: refused with its reason; no crash, nothing added."""
+    r = CkksRound(sites=3, vector_length=3000)  # two chunks
+    upload = r.client(2).start()
+    with pytest.raises(RefusedMessage) as caught:
+        Release(r.holder, r.config).add(replace(upload, site_id=42))
+    assert caught.value.reason is RefusalReason.UNKNOWN_SITE
+    short = _signed(r, 2, upload.chunks[:1], seeded=False)
+    with pytest.raises(RefusedMessage) as caught:
+        Release(r.holder, r.config).add(short)
+    assert caught.value.reason is RefusalReason.WRONG_SHAPE
+
+
+@pytest.mark.parametrize("change", ["other-kind-than-signed", "one-byte-long"])
+def test_key_holder_parses_every_forwarded_chunk_canonically(change: str) -> None:
+    """The key holder does not rely on the aggregator's parsing: a signed upload whose chunk
+    is of the other kind than its signed flag, or not of the exact length, is refused."""
+    r = CkksRound(sites=3, vector_length=100)
+    seeded = r.client(1).start()  # the key holder's own upload is seeded
+    assert seeded.seeded
+    if change == "other-kind-than-signed":
+        chunk = _encrypted_row(r, np.zeros(r.config.preset_params.slots))
+    else:
+        chunk = seeded.chunks[0] + b"\x00"
+    bad = _signed(r, 1, (chunk,), seeded=True)
+    with pytest.raises(InvalidMessage):
+        Release(r.holder, r.config).add(bad)
+
+
+def test_aggregate_labelled_for_another_key_is_refused() -> None:
+    r = CkksRound(sites=3, vector_length=10)
+    uploads, aggregate = r.run()
+    other = KeyHolder.generate().key_id
+    with pytest.raises(RefusedMessage) as caught:
+        release_average(r.holder, r.config, replace(aggregate, key_id=other), uploads)
+    assert caught.value.reason is RefusalReason.WRONG_KEY_ID
+
+
+def test_aggregate_claiming_more_sites_than_the_forwarded_uploads_is_refused() -> None:
+    """The aggregator sums three uploads but claims four sites: the range checks would then
+    allow a larger sum (and the release would name a site whose update is not in it).
+    Property: AGGREGATE_MISMATCH."""
+    r = CkksRound(sites=4, vector_length=10)
+    uploads, aggregate = r.run([1, 2, 3])
+    with pytest.raises(RefusedMessage) as caught:
+        release_average(r.holder, r.config, replace(aggregate, sites=(1, 2, 3, 4)), uploads)
+    assert caught.value.reason is RefusalReason.AGGREGATE_MISMATCH
+    assert not r.holder.releases
+
+
+def test_restarted_round_with_a_site_reuploading_cannot_be_released_twice() -> None:
+    """The aggregator restarts a round under the same id and has one site upload another
+    update, the same sites otherwise. Two releases that differ in one site's update (with the
+    same noise) hand over the difference of its updates.
+    Property: the second aggregate of the round is refused (ALREADY_RELEASED)."""
+    r = CkksRound(sites=4, vector_length=50, epoch="epoch-1", max_rounds=5)
+    uploads, aggregate = r.run()
+    release_average(r.holder, r.config, aggregate, uploads)
+    server = CkksServer(r.config, r.public)
+    changed = CkksClient(r.config, 4, r.identities[4], r.public,
+                         (np.zeros(50), 1.0)).start()
+    again = [*uploads[:3], changed]
+    for u in again:
+        server.handle(u)
+    with pytest.raises(RefusedMessage) as caught:
+        release_average(r.holder, r.config, server.close_stage()[1], again)
+    assert caught.value.reason is RefusalReason.ALREADY_RELEASED
+
+
+def test_key_announcement_moved_to_another_epoch_or_preset_fails_its_signature() -> None:
+    """The announcement signed for epoch e (one round) re-labelled for a longer epoch, or for
+    another preset, with a round configuration to match.
+    Property: the configuration refuses it as not signed by the key holder."""
+    r = CkksRound(sites=4, vector_length=10)
+    moved = replace(r.announcement, epoch="all-year")
+    with pytest.raises(ConfigurationError, match="not signed"):
+        replace(r.config, announcement=moved, epoch="all-year")
+    relabelled = replace(r.announcement, preset="add-only-8192")
+    with pytest.raises(ConfigurationError, match="not signed"):
+        replace(r.config, announcement=relabelled, preset="add-only-8192")
+
+
+def test_flooding_noise_drowns_the_decryption_noise() -> None:
+    """The raw decryption error depends on the secret key (Li and Micciancio 2021); the
+    release hides it under flooding noise many times larger.
+    Property: the flooding noise's standard deviation is over 256 times the largest
+    decryption error of the round."""
+    r = CkksRound(sites=3, vector_length=4000, seed=5)
+    uploads, aggregate = r.run()
+    raw, _ = decrypt_verified_sum(r.holder, r.config, uploads)
+    decryption_error = float(np.max(np.abs(raw - r.expected()[0])))
+    released = release_average(r.holder, r.config, aggregate, uploads)
+    flooding = released.average * released.weight_sum - raw
+    assert float(np.std(flooding)) > 256 * decryption_error
+
+
+def test_aggregator_counting_one_sites_upload_twice_is_refused() -> None:
+    """The aggregator adds site 3's upload twice (its weight doubles in the average) and
+    forwards it twice, so that the key holder's own sum matches.
+    Property: the key holder counts each site once (DUPLICATE_SITE); nothing is released."""
+    from tenseal import sealapi
+
+    r = CkksRound(sites=3, vector_length=10)
+    uploads, aggregate = r.run()
+    ctx, scale = r.public.seal_context, r.config.preset_params.scale
+    total = [_seal.load_ciphertext(ctx, c, scale=scale) for c in aggregate.chunks]
+    twice = uploads[2]
+    kinds = (Kind.SEEDED,) if twice.seeded else (Kind.FULL,)
+    for acc, c in zip(total, twice.chunks, strict=True):
+        sealapi.Evaluator(ctx).add_inplace(acc, _seal.load_ciphertext(ctx, c, scale=scale,
+                                                                      kinds=kinds))
+    doubled = replace(aggregate, chunks=tuple(_seal.dump_ciphertext(ct, ctx, scale=scale)
+                                              for ct in total))
+    with pytest.raises(RefusedMessage) as caught:
+        release_average(r.holder, r.config, doubled, [*uploads, twice])
+    assert caught.value.reason is RefusalReason.DUPLICATE_SITE
+    assert not r.holder.releases
+
+
+def test_site_cancelling_the_weight_sum_gets_no_release() -> None:
+    """A site that knows (or guesses) the others' weights encrypts a weight that brings the
+    sum just below zero: the flooded weight sum is then positive about half the time, and the
+    release divides by a weight sum no honest round has.
+    Property: every attempt is refused (OUT_OF_RANGE)."""
+    holder = KeyHolder.generate()
+    for i in range(16):
+        r = CkksRound(sites=3, vector_length=10, holder=holder, round_id=f"cancel-{i}",
+                      epoch="cancel", max_rounds=100)
+        row = np.zeros(r.config.preset_params.slots, dtype=np.complex128)
+        row[r.config.vector_length] = -(r.inputs[1][1] + r.inputs[2][1]) - 1e-6
+        with pytest.raises(RefusedMessage) as caught:
+            _release_with(r, row)
+        assert caught.value.reason is RefusalReason.OUT_OF_RANGE
+
+
+def test_key_holder_refuses_an_upload_of_another_round_or_key() -> None:
+    """The aggregator forwards a genuine upload of another round under the same key (epoch
+    mode), or of another key. Property: refused with the reason (WRONG_ROUND, WRONG_KEY_ID)."""
+    r = CkksRound(sites=3, vector_length=10, epoch="e", max_rounds=2)
+    config2 = replace(r.config, round_id="round-2")
+    other_round = CkksClient(config2, 2, r.identities[2], r.public, r.inputs[2]).start()
+    with pytest.raises(RefusedMessage) as caught:
+        Release(r.holder, r.config).add(other_round)
+    assert caught.value.reason is RefusalReason.WRONG_ROUND
+    other_key = CkksRound(sites=3, vector_length=10).client(2).start()
+    with pytest.raises(RefusedMessage) as caught:
+        Release(r.holder, r.config).add(other_key)
+    assert caught.value.reason is RefusalReason.WRONG_KEY_ID

@@ -100,3 +100,31 @@ def test_keys_signed_for_another_round_are_refused() -> None:
     da, db = _directory(a), _directory(b)
     replayed = KeyDirectory((*db.entries[:2], da.entries[2], *db.entries[3:]))
     _expect_abort(b, 1, replayed, AbortReason.BAD_SIGNATURE)
+
+
+def test_client_aborts_if_server_substitutes_its_own_encryption_key_for_a_peer() -> None:
+    """The server swaps a peer's share-encryption key for its own: site 1 would seal its
+    shares for that peer to the server, which could open them (t of them rebuild a secret).
+    Property: site 1 aborts (BAD_SIGNATURE) before sealing anything."""
+    r = Round()
+    d = _directory(r)
+    from secagg.hazmat.key_agreement import AgreementKey
+
+    forged = replace(d.entries[2], encryption_public_key=AgreementKey.generate().public_bytes)
+    _expect_abort(r, 1, KeyDirectory((*d.entries[:2], forged, *d.entries[3:])),
+                  AbortReason.BAD_SIGNATURE)
+
+
+def test_client_aborts_if_server_replays_its_own_advertisement_from_a_restarted_round() -> None:
+    """A round restarted under the same id has the same parameters, so site 1's signed
+    advertisement from the first attempt still verifies; the server puts it in the second
+    attempt's directory in place of site 1's fresh keys (whose private halves the first
+    attempt may have leaked). Property: site 1 aborts (OWN_KEY_MISSING_OR_ALTERED)."""
+    from secagg.masking import make_roster
+
+    identities = make_roster(5)[1]
+    first = Round(round_id="same-round", identities=identities)
+    second = Round(round_id="same-round", identities=identities)
+    old, new = _directory(first), _directory(second)
+    replayed = KeyDirectory((old.entries[0], *new.entries[1:]))
+    _expect_abort(second, 1, replayed, AbortReason.OWN_KEY_MISSING_OR_ALTERED)

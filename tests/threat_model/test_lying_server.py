@@ -13,8 +13,16 @@ from dataclasses import replace
 import pytest
 
 from secagg.errors import AbortReason, PreconditionError, ProtocolAbort
-from secagg.masking import Stage
-from secagg.masking.messages import SurvivorList, UnmaskRequest, UnmaskResponse
+from secagg.masking import Stage, make_roster
+from secagg.masking.messages import (
+    ConsistencySignature,
+    KeyDirectory,
+    MaskedInput,
+    ShareDelivery,
+    SurvivorList,
+    UnmaskRequest,
+    UnmaskResponse,
+)
 from tests.roundkit import Round
 
 
@@ -159,3 +167,92 @@ def test_client_answers_only_one_unmask_request() -> None:
     assert r.clients[1].stage is Stage.COMPLETED
     with pytest.raises(PreconditionError):
         r.clients[1].handle(replace(req, dropped=()))
+
+
+def test_survivor_signatures_from_a_restarted_round_are_refused() -> None:
+    """The server restarts a round under the same id (same parameters, fresh keys) and, in
+    the second attempt, forwards the survivor-list signatures the sites gave in the first.
+    Property: site 1 refuses to unmask (BAD_SIGNATURE): a quorum must sign this session."""
+    identities = make_roster(7)[1]
+    first = Round(sites=7, round_id="same-round", identities=identities)
+    old = _to_unmask(first)
+    second = Round(sites=7, round_id="same-round", identities=identities)
+    second.advance()
+    second.advance()
+    listing = second.advance()[1]
+    assert isinstance(listing, SurvivorList) and listing.survivors == old.survivors
+    mine = second.clients[1].handle(listing)
+    assert isinstance(mine, ConsistencySignature)
+    replayed = {**old.survivor_signatures, 1: mine.signature}
+    _expect(second, 1, UnmaskRequest(old.survivors, replayed, ()), AbortReason.BAD_SIGNATURE)
+
+
+def test_client_aborts_if_survivor_list_names_an_unknown_or_duplicate_site() -> None:
+    """Padding the survivor list with ids no roster site has (or one site twice) to make it
+    look long enough. Property: the site aborts (UNKNOWN_SITE / DUPLICATE_SITE), signs nothing."""
+    for extra, reason in (((77,), AbortReason.UNKNOWN_SITE), ((2,), AbortReason.DUPLICATE_SITE)):
+        r = Round(sites=7)
+        r.advance()
+        r.advance()
+        honest = r.advance()[1]
+        assert isinstance(honest, SurvivorList)
+        with pytest.raises(ProtocolAbort) as caught:
+            r.clients[1].handle(SurvivorList((*honest.survivors, *extra)))
+        assert caught.value.reason is reason
+
+
+def test_client_refuses_a_survivor_list_naming_a_peer_whose_shares_it_never_got() -> None:
+    """The server withholds site 2's shares from site 1 (so 1 never masks with 2), then lists
+    2 as a survivor: 2's mask with 1 would be left in the sum, or 1's input under-masked.
+    Property: site 1 aborts with PEER_ALREADY_DROPPED."""
+    r = Round(sites=7)
+    r.advance()
+    deliveries = r.advance()
+    delivery = deliveries[1]
+    assert isinstance(delivery, ShareDelivery)
+    withheld = ShareDelivery({s: c for s, c in delivery.encrypted_shares.items() if s != 2})
+    assert isinstance(r.clients[1].handle(withheld), MaskedInput)
+    with pytest.raises(ProtocolAbort) as caught:
+        r.clients[1].handle(SurvivorList(tuple(r.config.sites)))
+    assert caught.value.reason is AbortReason.PEER_ALREADY_DROPPED
+
+
+def test_malformed_server_messages_abort_cleanly_never_crash() -> None:
+    """Fields of the wrong type in every server message (what a buggy or hostile server could
+    put on the wire). Property: one named abort (MALFORMED_MESSAGE), never a traceback."""
+    def at(stage: int) -> Round:
+        r = Round(sites=5)
+        for _ in range(stage):
+            r.advance()
+        return r
+
+    cases = [
+        (1, KeyDirectory((None,))),  # type: ignore[arg-type]
+        (2, ShareDelivery(None)),  # type: ignore[arg-type]
+        (3, SurvivorList(None)),  # type: ignore[arg-type]
+    ]
+    for stage, message in cases:
+        r = at(stage)
+        with pytest.raises(ProtocolAbort) as caught:
+            r.clients[1].handle(message)
+        assert caught.value.reason is AbortReason.MALFORMED_MESSAGE
+        assert r.clients[1].stage is Stage.ABORTED
+    r = Round(sites=5)
+    request = _to_unmask(r)
+    with pytest.raises(ProtocolAbort) as caught:
+        r.clients[1].handle(replace(request, survivor_signatures=None))
+    assert caught.value.reason is AbortReason.MALFORMED_MESSAGE
+
+
+def test_signature_from_a_site_not_on_the_list_does_not_count_toward_the_quorum() -> None:
+    """Site 4 dropped (it is not on the list) but colludes: it signs the list anyway, and the
+    server uses its signature to make up a quorum the survivors did not give.
+    Property: site 1 aborts (SURVIVOR_LIST_MISMATCH) rather than count it."""
+    r = Round(sites=7)
+    req = _to_unmask(r, drop_masked=frozenset({4}))
+    q = r.config.consistency_quorum
+    signed = ConsistencySignature.signed_bytes(r.server._session, req.survivors)
+    survivors_sigs = dict(sorted(req.survivor_signatures.items())[: q - 1])
+    sigs = {**survivors_sigs, 4: r.identities[4].sign(signed)}
+    assert len(sigs) == q and 4 not in req.survivors
+    _expect(r, 1, replace(req, survivor_signatures=sigs), AbortReason.SURVIVOR_LIST_MISMATCH)

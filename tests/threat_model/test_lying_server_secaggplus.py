@@ -18,7 +18,7 @@ import pytest
 from secagg.errors import AbortReason, ConfigurationError, InvalidMessage
 from secagg.masking import RoundConfig, make_roster
 from secagg.masking.graph import colluders as colluder_count
-from secagg.masking.messages import KeyDirectory, MaskAttestation, ShareDelivery
+from secagg.masking.messages import KeyDirectory, MaskAttestation, ShareDelivery, SurvivorList
 from secagg.roster import Roster, RosterSigner, SignedRoster
 from tests.threat_model.secaggplus_adversary import Adversary
 
@@ -264,3 +264,90 @@ def test_forged_or_missing_mask_attestation_aborts_the_consistency_check() -> No
     missing.pop(next(iter(sorted((adv.config.neighbourhood(site2) - {site2}) & set(alive)))))
     assert adv._send(site2, replace(listing2, attestations=missing)) is None
     assert adv.aborts[site2].reason is AbortReason.MASK_PARTNERS_INCOMPLETE
+
+
+def test_server_padding_a_mask_attestations_partner_list_is_refused() -> None:
+    """The server withholds one neighbour's shares from the victim (so the victim does not mask
+    with it), then forwards the victim's attestation with that neighbour added to its partners,
+    so the neighbours' check "it masked with every live neighbour" passes.
+    Property: the padded attestation fails its signature; every neighbour aborts."""
+    victim = 1
+    adv = _setup(0, victim=victim)
+    left, _ = adv.config.windows(victim)
+    skipped = sorted(left)[0]
+    adv.keys_and_shares(withhold={victim: [skipped]})
+    alive = sorted(adv.masked)
+    assert victim in alive and skipped in alive
+    listing = adv.survivor_list(alive)
+    genuine = listing.attestations[victim]
+    assert skipped not in genuine.partners
+    padded = MaskAttestation(tuple(sorted({*genuine.partners, skipped})),
+                             genuine.payload_digest, genuine.signature)
+    forged = SurvivorList(listing.survivors, {**listing.attestations, victim: padded})
+    neighbours = sorted(adv.config.neighbourhood(victim) - {victim})
+    for s in neighbours:
+        assert adv._send(s, forged) is None
+    assert {adv.aborts[s].reason for s in neighbours} == {AbortReason.BAD_SIGNATURE}
+
+
+def test_directory_missing_too_many_neighbours_on_one_side_is_refused() -> None:
+    """m + 1 sites on one side of the victim never appear in its key directory (withheld, or
+    dropped): its secrets would go to too few neighbours on that side, and its masked input
+    could not be safely summed. Property: it aborts (TOO_MANY_MISSING_NEIGHBOURS) before
+    sharing anything; with m missing it goes on."""
+    victim = 1
+    for missing, refused in ((0, False), (1, True)):
+        adv = _setup(0, victim=victim)
+        m = adv.config.max_missing_per_side
+        assert m is not None
+        left, _ = adv.config.windows(victim)
+        absent = set(sorted(left)[: m + missing])
+        entries = tuple(c.start() for s, c in adv.clients.items() if s not in absent)
+        reply = adv._send(victim, KeyDirectory(entries))
+        if refused:
+            assert reply is None
+            assert adv.aborts[victim].reason is AbortReason.TOO_MANY_MISSING_NEIGHBOURS
+        else:
+            assert reply is not None
+
+
+def test_survivor_list_missing_one_more_than_m_neighbours_of_a_site_is_refused() -> None:
+    """The server claims m + 1 consecutive sites dropped next to one survivor (each check
+    alone looks small: it is one more than the rule allows), and shows the list to a site far
+    from them. Property: the far site checks the whole list and aborts."""
+    adv = _setup(0)
+    config = adv.config
+    m = config.max_missing_per_side
+    assert m is not None
+    adv.keys_and_shares()
+    ring = config.ring
+    gap = set(ring[1: m + 2])  # m + 1 sites just after ring[0]
+    survivors = [s for s in adv.masked if s not in gap]
+    assert len(survivors) >= config.consistency_quorum
+    far = next(s for s in survivors if not config.neighbourhood(s) & (gap | {ring[0]}))
+    adv.show(far, survivors)
+    assert far in adv.aborts, "the far site signed a list with a gap"
+    assert adv.aborts[far].reason is AbortReason.TOO_MANY_MISSING_NEIGHBOURS
+    assert not adv.signatures
+
+
+def test_client_refuses_to_sign_a_survivor_list_below_the_roster_quorum() -> None:
+    """With a generous dropout tolerance (m = 8 of 17 per side) the server spreads its claimed
+    dropouts so that no window misses more than m, but the list keeps only q - 1 sites.
+    Property: a site refuses to sign (TOO_FEW_SURVIVORS): fewer than a quorum is never the
+    round's list."""
+    adv = _setup(0, dropout_rate=0.2)
+    config = adv.config
+    q = config.consistency_quorum
+    adv.keys_and_shares()
+    ring = config.ring
+    n = len(ring)
+    dropped = {ring[(i * n) // (n - q + 1)] for i in range(n - q + 1)}
+    survivors = frozenset(s for s in adv.masked if s not in dropped)
+    assert len(survivors) == q - 1
+    _, worst = config.worst_missing_window(survivors)
+    assert config.max_missing_per_side is not None and worst <= config.max_missing_per_side
+    site = min(survivors)
+    adv.show(site, survivors)
+    assert site in adv.aborts, "the site signed a list below the quorum"
+    assert adv.aborts[site].reason is AbortReason.TOO_FEW_SURVIVORS

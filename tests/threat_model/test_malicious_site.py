@@ -12,8 +12,15 @@ import numpy as np
 import pytest
 
 from secagg.errors import AbortReason, InvalidMessage, PreconditionError, ProtocolAbort
-from secagg.hazmat import shamir
-from secagg.masking.messages import AdvertiseKeys, MaskedInput, UnmaskResponse
+from secagg.hazmat import aead, shamir
+from secagg.masking import Stage, _common, make_roster
+from secagg.masking.messages import (
+    AdvertiseKeys,
+    ConsistencySignature,
+    MaskedInput,
+    ShareKeys,
+    UnmaskResponse,
+)
 from tests.roundkit import Round
 
 
@@ -173,3 +180,287 @@ def test_bad_input_is_refused_when_the_site_is_created_not_mid_round(
     r = Round()
     with pytest.raises((ValueError, TypeError), match=match):
         MaskingClient(r.config, 1, r.identities[1], (update, weight))  # type: ignore[arg-type]
+
+
+# ---- a site (or an impersonator on the wire) against the server's checks ---------------------
+
+
+def _share_keys(r: Round) -> dict[int, ShareKeys]:
+    """Every site's ShareKeys for the directory the server sent, not yet handed to it."""
+    r.advance()  # advertise
+    out = {s: r.clients[s].handle(m) for s, m in r.outgoing.items()}
+    assert all(isinstance(m, ShareKeys) for m in out.values())
+    return out  # type: ignore[return-value]
+
+
+def _resigned_share_keys(r: Round, msg: ShareKeys, shares: dict[int, bytes],
+                         commitment: bytes) -> ShareKeys:
+    """What a malicious site sends: its own ShareKeys changed, and signed again by it."""
+    sig = r.identities[msg.site_id].sign(ShareKeys.signed_bytes(
+        r.server._session, msg.site_id, shares, commitment))
+    return ShareKeys(msg.site_id, shares, commitment, sig)
+
+
+def _resigned_masked(r: Round, msg: MaskedInput, masked: np.ndarray,
+                     partners: tuple[int, ...]) -> MaskedInput:
+    sig = r.identities[msg.site_id].sign(MaskedInput.signed_bytes(
+        r.server._session, msg.site_id, masked, partners))
+    return MaskedInput(msg.site_id, masked, partners, sig)
+
+
+def test_server_refuses_share_keys_replayed_from_another_round() -> None:
+    """A site's genuine sealed shares from round A, replayed into round B (same sites, same
+    identity keys): they are sealed under A's keys, and would make every recipient abort.
+    Property: the server refuses them (InvalidMessage), so B's round is not derailed."""
+    a = Round(round_id="round-A")
+    b = Round(round_id="round-B", identities=a.identities)
+    replayed = _share_keys(a)[1]
+    b.advance()  # advertise: b's server now takes ShareKeys
+    with pytest.raises(InvalidMessage):
+        b.server.handle(replayed)
+    assert 1 not in b.server._share_keys
+
+
+@pytest.mark.parametrize("change", ["share", "swapped-recipients", "commitment"])
+def test_server_refuses_share_keys_altered_in_transit(change: str) -> None:
+    """Someone between a site and the server changes a sealed share, moves shares between
+    recipients, or swaps the self-mask commitment (so that reconstruction later fails).
+    Property: the signature no longer verifies and the server refuses the message."""
+    r = Round()
+    msg = _share_keys(r)[1]
+    shares = dict(msg.encrypted_shares)
+    commitment = msg.self_mask_commitment
+    if change == "share":
+        flipped = bytearray(shares[2])
+        flipped[-1] ^= 1
+        shares[2] = bytes(flipped)
+    elif change == "swapped-recipients":
+        shares[2], shares[3] = shares[3], shares[2]
+    else:
+        commitment = bytes(a ^ 0xFF for a in commitment)
+    with pytest.raises(InvalidMessage):
+        r.server.handle(ShareKeys(1, shares, commitment, msg.signature))
+
+
+def test_server_refuses_share_keys_with_a_malformed_commitment() -> None:
+    """A malicious site signs a 31-byte self-mask commitment: no reconstructed seed could
+    match it, so accepting it would abort the whole round at unmask."""
+    r = Round()
+    msg = _share_keys(r)[1]
+    bad = _resigned_share_keys(r, msg, dict(msg.encrypted_shares),
+                               msg.self_mask_commitment[:31])
+    with pytest.raises(InvalidMessage):
+        r.server.handle(bad)
+
+
+def test_server_refuses_shares_addressed_outside_the_senders_neighbourhood() -> None:
+    """SecAgg+: a malicious site also seals a share to a site outside its neighbourhood. A
+    server that delivered it would make that honest site abort (UNEXPECTED_SHARE_SENDER).
+    Property: the server refuses the message; the far site is never sent the share."""
+    r = Round(sites=40, vector_length=4, neighbors="auto")
+    assert not r.config.complete_graph
+    msg = _share_keys(r)[1]
+    far = next(s for s in r.config.sites if s not in r.config.neighbourhood(1))
+    shares = {**msg.encrypted_shares, far: next(iter(msg.encrypted_shares.values()))}
+    with pytest.raises(InvalidMessage):
+        r.server.handle(_resigned_share_keys(r, msg, shares, msg.self_mask_commitment))
+
+
+def test_site_sealing_a_malformed_share_pair_to_a_peer_is_caught_by_the_peer() -> None:
+    """A malicious site seals (correctly, under the pair key) a share pair of the wrong length
+    to site 1. Property: site 1 aborts with MALFORMED_MESSAGE at once instead of storing a
+    share it could not reveal."""
+    r = Round()
+    replies = _share_keys(r)
+    evil = replies[3]
+    session = r.clients[3]._session
+    short = aead.seal(r.clients[3]._share_key(1), b"\x01" * 10,
+                      _common.share_associated_data(session, 3, 1))
+    replies[3] = _resigned_share_keys(r, evil, {**evil.encrypted_shares, 1: short},
+                                      evil.self_mask_commitment)
+    for m in replies.values():
+        r.server.handle(m)
+    deliveries = r.server.close_stage()
+    with pytest.raises(ProtocolAbort) as caught:
+        r.clients[1].handle(deliveries[1])
+    assert caught.value.reason is AbortReason.MALFORMED_MESSAGE
+    assert isinstance(r.clients[2].handle(deliveries[2]), MaskedInput)
+
+
+def test_site_advertising_a_copy_of_a_peers_masking_key_is_refused_by_every_site() -> None:
+    """A malicious site 3 advertises (and signs) site 1's masking public key. Every other
+    site v would then derive the same pair seed with 1 and with 3, applied with opposite signs
+    (v is between them), so v's masks with 1 and 3 cancel.
+    Property: every honest site aborts with DUPLICATE_KEY before using the directory."""
+    r = Round(sites=5)
+    r.clients[3]._masking_key.public_bytes = r.clients[1]._masking_key.public_bytes
+    directory = r.advance()
+    for s in (1, 2, 4, 5):
+        with pytest.raises(ProtocolAbort) as caught:
+            r.clients[s].handle(directory[s])
+        assert caught.value.reason is AbortReason.DUPLICATE_KEY
+
+
+def test_server_refuses_masked_input_replayed_from_another_round() -> None:
+    """Site 1's genuine masked input from round A (same sites, same identities) replayed into
+    round B: it is masked with A's seeds, so adding it would corrupt B's sum.
+    Property: the server refuses it."""
+    a = Round(round_id="round-A")
+    b = Round(round_id="round-B", identities=a.identities)
+    replayed = _masked_inputs(a)[1]
+    b.advance()
+    b.advance()
+    with pytest.raises(InvalidMessage):
+        b.server.handle(replayed)
+
+
+@pytest.mark.parametrize("bad", ["one-word", "wide-words", "floats"])
+def test_server_refuses_a_signed_masked_input_of_the_wrong_shape_or_type(bad: str) -> None:
+    """A malicious site signs a vector the server's running sum would broadcast (one word
+    added to every element) or silently cast (64-bit words, floats).
+    Property: refused (InvalidMessage), and the round still sums exactly without it."""
+    r = Round(sites=6)
+    msgs = _masked_inputs(r)
+    length = r.config.vector_length + 1
+    vector = {"one-word": np.array([12345], dtype=np.uint32),
+              "wide-words": np.full(length, 2**40 + 5, dtype=np.uint64),
+              "floats": np.full(length, 0.5)}[bad]
+    with pytest.raises(InvalidMessage):
+        r.server.handle(_resigned_masked(r, msgs[3], vector, msgs[3].partners))
+    for s, m in msgs.items():
+        if s != 3:
+            r.server.handle(m)
+    r.outgoing = r.server.close_stage()
+    r.advance()
+    r.advance()
+    result = r.server.result
+    assert result is not None and result.survivors == (1, 2, 4, 5, 6)
+    exact = sum(np.clip(r.inputs[s][0], -1, 1) * r.inputs[s][1] for s in result.survivors)
+    assert np.max(np.abs(result.weighted_sum - exact)) <= result.error_bound[0]
+
+
+def test_server_refuses_a_masked_input_signed_with_other_partners_than_delivered() -> None:
+    """A malicious site claims (and signs) that it did not mask with site 2, although the
+    server delivered it site 2's share: its attestation would mislead its neighbours.
+    Property: the server refuses it."""
+    r = Round()
+    msg = _masked_inputs(r)[1]
+    partners = tuple(p for p in msg.partners if p != 2)
+    with pytest.raises(InvalidMessage):
+        r.server.handle(_resigned_masked(r, msg, msg.masked_input, partners))
+
+
+def test_server_refuses_masked_input_from_a_site_that_never_shared_keys() -> None:
+    """Site 5's shares never reached the server, so nobody can unmask its self-mask; it
+    sends a (validly signed) masked input anyway. Adding it would make unmasking impossible.
+    Property: the server refuses it (PreconditionError) and the round completes without it."""
+    r = Round()
+    r.advance()
+    r.advance(skip=frozenset({5}))
+    session = r.server._session
+    partners = (1, 2, 3, 4)
+    vector = np.zeros(r.config.vector_length + 1, dtype=np.uint32)
+    sig = r.identities[5].sign(MaskedInput.signed_bytes(session, 5, vector, partners))
+    with pytest.raises(PreconditionError):
+        r.server.handle(MaskedInput(5, vector, partners, sig))
+
+
+def test_server_adds_a_masked_input_only_once() -> None:
+    """A site (or a replaying relay) sends the same masked input twice, to have its update
+    counted twice. Property: the second copy is refused."""
+    r = Round()
+    msg = _masked_inputs(r)[1]
+    r.server.handle(msg)
+    with pytest.raises(PreconditionError, match="already answered"):
+        r.server.handle(msg)
+
+
+def test_server_refuses_a_consistency_signature_forged_in_a_sites_name() -> None:
+    """An impersonator sends site 3's consistency signature: a forged one, or site 3's genuine
+    signature over another survivor list. Forwarded, it would make every site abort.
+    Property: the server refuses both."""
+    r = Round()
+    r.advance()
+    r.advance()
+    r.advance()
+    survivors = r.server._survivors
+    other = tuple(s for s in survivors if s != 2)
+    for sig in (bytes(64), r.identities[4].sign(
+            ConsistencySignature.signed_bytes(r.server._session, survivors)),
+            r.identities[3].sign(ConsistencySignature.signed_bytes(r.server._session, other))):
+        with pytest.raises(InvalidMessage):
+            r.server.handle(ConsistencySignature(3, sig))
+
+
+def test_server_refuses_unmask_response_replayed_from_a_restarted_round() -> None:
+    """A round restarted under the same id (same parameters, fresh keys): site 1's unmask
+    response from the first attempt is replayed into the second.
+    Property: refused; its shares belong to other secrets."""
+    identities = make_roster(5)[1]
+    a = Round(round_id="same-round", identities=identities)
+    b = Round(round_id="same-round", identities=identities)
+    assert a.config.params_digest == b.config.params_digest
+    replayed = _unmask_responses(a)[1]
+    for _ in range(4):
+        b.advance()
+    with pytest.raises(InvalidMessage):
+        b.server.handle(replayed)
+
+
+@pytest.mark.parametrize("field", ["self_mask_shares", "key_shares"])
+def test_server_refuses_unmask_response_altered_in_transit(field: str) -> None:
+    """Someone between a site and the server changes a revealed share (so that the round
+    aborts or, without the commitment checks, unmasks wrongly).
+    Property: the signature no longer verifies; the response is refused."""
+    r = Round(sites=5)
+    r.advance()
+    r.advance()
+    r.advance(skip=frozenset({4}))
+    r.advance()
+    msg = r.clients[1].handle(r.outgoing[1])
+    assert isinstance(msg, UnmaskResponse) and msg.key_shares
+    table = dict(getattr(msg, field))
+    owner = next(iter(table))
+    table[owner] = shamir.share_to_bytes((shamir.share_from_bytes(table[owner]) + 1)
+                                         % shamir.PRIME)
+    with pytest.raises(InvalidMessage):
+        r.server.handle(replace(msg, **{field: table}))
+
+
+def test_site_withholding_a_share_from_one_neighbour_then_dropping_leaves_the_aggregate_exact(
+) -> None:
+    """Malicious site 4 sends its shares to everyone but site 2 (so 2 never masks with 4),
+    then drops. The server must not strip a 2-4 mask that 2 never applied.
+    Property: the aggregate of the survivors is exact."""
+    r = Round(sites=7)
+    replies = _share_keys(r)
+    evil = replies[4]
+    replies[4] = _resigned_share_keys(
+        r, evil, {k: v for k, v in evil.encrypted_shares.items() if k != 2},
+        evil.self_mask_commitment)
+    for m in replies.values():
+        r.server.handle(m)
+    r.outgoing = r.server.close_stage()
+    r.advance(skip=frozenset({4}))  # masked input: 4 drops
+    r.advance()  # consistency check
+    for s, request in r.outgoing.items():
+        try:
+            r.server.handle(r.clients[s].handle(request))
+        except ProtocolAbort:  # site 2 never held 4's shares: it declines to unmask 4
+            assert s == 2
+    r.server.close_stage()
+    result = r.server.result
+    assert result is not None and 4 not in result.survivors
+    exact = sum(np.clip(r.inputs[s][0], -1, 1) * r.inputs[s][1] for s in result.survivors)
+    assert np.max(np.abs(result.weighted_sum - exact)) <= result.error_bound[0]
+
+
+def test_round_aborts_cleanly_when_too_few_sites_answer_a_stage() -> None:
+    """Three of seven sites go silent at the share stage (t = 5): the round cannot finish.
+    Property: the server aborts at once (TOO_FEW_SURVIVORS) instead of delivering shares."""
+    r = Round(sites=7)
+    r.advance()
+    with pytest.raises(ProtocolAbort) as caught:
+        r.advance(skip=frozenset({1, 2, 3}))
+    assert caught.value.reason is AbortReason.TOO_FEW_SURVIVORS
+    assert r.server.stage is Stage.ABORTED

@@ -46,3 +46,23 @@ def test_abort_messages_carry_no_key_material() -> None:
     for entry in d.entries:
         assert entry.masking_public_key.hex()[:8] not in text
     assert r.clients[1]._self_mask_seed == b""
+
+
+def test_an_aborted_site_keeps_no_shares_or_self_mask_seed() -> None:
+    """A site aborts after it drew its self-mask seed and holds shares (its own, others').
+    Whatever later reads the aborted object (a crash dump, a debugger, a leaked reference)
+    must find nothing. Property: the shares and the seed are gone."""
+    from secagg.masking.messages import ShareDelivery
+
+    r = Round()
+    r.advance()
+    delivery = r.advance()[1]
+    assert isinstance(delivery, ShareDelivery)
+    client = r.clients[1]
+    assert client._held_shares and client._self_mask_seed
+    bad = bytearray(delivery.encrypted_shares[2])
+    bad[-1] ^= 1
+    with pytest.raises(ProtocolAbort):
+        client.handle(ShareDelivery({**delivery.encrypted_shares, 2: bytes(bad)}))
+    assert client._held_shares == {}
+    assert client._self_mask_seed == b""

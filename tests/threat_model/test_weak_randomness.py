@@ -14,6 +14,7 @@ from secagg._encoding import encode
 from secagg.hazmat import aead, shamir
 from secagg.hazmat.prg import expand
 from secagg.hazmat.quantize import Quantizer
+from secagg.hazmat.signing import IdentityKey
 
 
 def test_one_share_below_threshold_confines_the_secret_to_no_small_window() -> None:
@@ -72,3 +73,41 @@ def test_mask_depends_on_every_byte_of_its_seed() -> None:
         changed = bytearray(seed)
         changed[i] ^= 0x80
         assert not np.array_equal(expand(bytes(changed), 64), base), f"byte {i}"
+
+
+def test_every_signed_roster_draws_a_fresh_graph_seed() -> None:
+    """A graph seed fixed (or computable) before the sites' keys are would let colluders place
+    themselves around a victim on the SecAgg+ ring by choosing their keys or ids.
+    Property: signing the same roster twice draws two different seeds, hence two rings."""
+    from secagg.masking import RoundConfig
+    from secagg.roster import RosterSigner
+
+    signer = RosterSigner.generate()
+    sites = {s: IdentityKey.generate().public_bytes for s in range(1, 41)}
+    first = signer.sign(sites).open(signer.public_key)
+    second = signer.sign(sites).open(signer.public_key)
+    assert first.graph_seed != second.graph_seed
+    rings = {RoundConfig("r", roster, 4, neighbors="auto").ring for roster in (first, second)}
+    assert len(rings) == 2
+
+
+def test_self_mask_seeds_opened_at_unmask_never_repeat() -> None:
+    """The aggregator sees every survivor's self-mask seed at unmask. A seed that repeats
+    (across sites or rounds) is one it can predict, and a site it then claims dropped keeps
+    only its pairwise masks. Property: all seeds of two rounds are distinct."""
+    from secagg.masking.messages import UnmaskResponse
+    from tests.roundkit import Round
+
+    seen = []
+    for _ in range(2):
+        r = Round(sites=5)
+        for _ in range(4):
+            r.advance()
+        r.advance()
+        t = r.config.reconstruction_threshold
+        responses = [m for m in r.replies.values() if isinstance(m, UnmaskResponse)]
+        for owner in r.config.sites:
+            shares = {resp.site_id: shamir.share_from_bytes(resp.self_mask_shares[owner])
+                      for resp in responses[:t]}
+            seen.append(shamir.secret_to_bytes(shamir.reconstruct(shares, t), 32))
+    assert len(set(seen)) == len(seen) == 10

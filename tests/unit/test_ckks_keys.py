@@ -90,3 +90,21 @@ def test_key_holder_redacts_and_refuses_pickling(holder: KeyHolder) -> None:
 def test_garbage_context_bytes_are_a_clear_error() -> None:
     with pytest.raises(InvalidMessage):
         PublicContext.load(b"\x00" * 100)
+
+
+def test_sealed_context_of_another_key_under_the_expected_key_id_is_refused(
+        holder: KeyHolder) -> None:
+    """A dishonest sender seals a context of its own key, labelled (and signed) with the
+    announced key id: the recipient would then decrypt with a key others never encrypted to,
+    or release under a key it does not know. Property: opening checks what it opened."""
+    sender_identity = IdentityKey.generate()
+    recipient_key = AgreementKey.generate()
+    rogue = KeyHolder.generate()
+    rogue.key_id = holder.key_id  # the label the recipient expects
+    sealed = rogue.seal_for(sender=1, sender_identity=sender_identity, recipient=2,
+                            recipient_public_key=recipient_key.public_bytes)
+    assert sealed.key_id == holder.key_id
+    with pytest.raises(InvalidMessage):
+        KeyHolder.open_sealed(sealed, recipient=2, recipient_key=recipient_key,
+                              sender_identity_public_key=sender_identity.public_bytes,
+                              expected_key_id=holder.key_id)

@@ -69,3 +69,11 @@ def test_round_config_refusals_name_the_parameter(kwargs: dict[str, object], mat
     args.update(kwargs)
     with pytest.raises(ConfigurationError, match=match):
         CkksRoundConfig(**args)  # type: ignore[arg-type]
+
+
+def test_round_whose_values_would_drown_in_the_release_noise_is_refused() -> None:
+    """clip * max_weight below the flooding noise: every released average would be noise."""
+    roster, announcement = announcement_for(5)
+    CkksRoundConfig("r", roster, announcement, (1,), 10, clip=1e-3)
+    with pytest.raises(ConfigurationError, match="noise"):
+        CkksRoundConfig("r", roster, announcement, (1,), 10, clip=1e-5)

@@ -158,3 +158,15 @@ def test_params_digest_binds_every_parameter() -> None:
     big = roster(40)
     sparse = {RoundConfig("r", big, 4, neighbors=k).params_digest for k in (26, 28)}
     assert len(sparse) == 2 and RoundConfig("r", big, 4).params_digest not in sparse
+    # SecAgg+: the same k and quorum with another threshold is another round
+    thresholds = {RoundConfig("r", big, 4, neighbors=26, threshold=t).params_digest
+                  for t in (9, 10)}
+    assert len(thresholds) == 2
+
+
+def test_refuses_a_dropout_rate_that_leaves_fewer_sites_than_the_quorum() -> None:
+    """Expected dropouts beyond n - q: an honest round could never gather the quorum."""
+    r = roster(40)
+    RoundConfig("r", r, 4, neighbors=26, dropout_rate=0.1)
+    with pytest.raises(ConfigurationError, match="fewer than the consistency quorum"):
+        RoundConfig("r", r, 4, neighbors=26, dropout_rate=0.45)
