@@ -214,7 +214,9 @@ class Job:
                            set(role.participants), readable=readable)
         view.stage = CkksStage.KEY_ANNOUNCEMENT.value
         view.ckks_key_holder = self.config.key_holder_for(view.number)
-        return _Active(view, None, now + self.config.deadlines.stage, {view.ckks_key_holder},
+        # the key holder announces as soon as it joins the round: as long as sites may take
+        # to join (open), not one later stage
+        return _Active(view, None, now + self.config.deadlines.open, {view.ckks_key_holder},
                        readable=readable)
 
     def _next_or_done(self, finished: int) -> None:

@@ -1,4 +1,5 @@
-"""The ``secagg`` command: ``secagg demo`` and ``secagg bench {masking,ckks}``."""
+"""The ``secagg`` command: ``demo``, ``simulate``, ``bench``, ``federation``, ``aggregator``,
+``threat-model``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -28,13 +30,44 @@ def _positive(text: str) -> int:
     return value
 
 
+def _sites(text: str) -> int:
+    value = _positive(text)
+    if value < 3:
+        raise argparse.ArgumentTypeError(f"must be >= 3 (the sum of 2 would reveal the "
+                                         f"other's update), got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from clients.demo.run import DemoOptions, run
+
+    summary = run(DemoOptions(protocol=args.protocol, sites=args.sites, rounds=args.rounds,
+                              dataset=args.dataset, dp=args.dp_sgd,
+                              noise_multiplier=args.noise_multiplier,
+                              max_grad_norm=args.max_grad_norm, delta=args.delta,
+                              out=args.out, json=args.json))
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
 def _neighbors(text: str) -> int | str:
     if text == "auto":
         return text
     return _positive(text)
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _simulate(args: argparse.Namespace) -> int:
     if args.protocol == "ckks":
         return _demo_ckks(args)
     from secagg.masking import RoundConfig, Stage, make_roster, simulate_round
@@ -49,7 +82,7 @@ def _demo(args: argparse.Namespace) -> int:
     dropped = rng.choice(config.sites, size=n_drop, replace=False)
     dropouts = {int(s): stages[i % len(stages)] for i, s in enumerate(dropped)}
 
-    print(f"secagg demo: pairwise-masking round of {args.sites} simulated hospital sites, "
+    print(f"secagg simulate: pairwise-masking round of {args.sites} simulated hospital sites, "
           f"{args.params:,} parameters each")
     print(f"  {config.graph.describe()} (corrupt fraction {config.corrupt_fraction})")
     for site, stage in sorted(dropouts.items()):
@@ -89,7 +122,7 @@ def _demo_ckks(args: argparse.Namespace) -> int:
 
     roster, identities = make_roster(args.sites)
     rng = np.random.default_rng(args.seed)  # demo data only
-    print(f"secagg demo: CKKS round of {args.sites} simulated hospital sites, "
+    print(f"secagg simulate: CKKS round of {args.sites} simulated hospital sites, "
           f"{args.params:,} parameters each")
     holder = KeyHolder.generate()
     print(f"  site 1 generated the CKKS key ({holder.preset.name}); key id "
@@ -169,13 +202,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="secagg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run a local round of simulated hospital sites")
-    demo.add_argument("--sites", type=_positive, default=10)
-    demo.add_argument("--params", type=_positive, default=100_000)
-    demo.add_argument("--dropout", type=_fraction, default=0.2)
-    demo.add_argument("--seed", type=int, default=7, help="seed for the demo's made-up data")
-    demo.add_argument("--protocol", choices=["masking", "ckks"], default="masking")
+    demo = sub.add_parser(
+        "demo", help="hospital sites train an image classifier together over the service",
+        description="Creates a federation in a temporary directory, starts the aggregator and "
+                    "one process per site over mTLS on loopback, trains a small CNN on images "
+                    "split non-IID across the sites, and compares with plaintext FedAvg.")
+    demo.add_argument("--protocol", choices=["masking", "ckks", "both"], default="masking")
+    demo.add_argument("--sites", type=_sites, default=5)
+    demo.add_argument("--rounds", type=_positive, default=None,
+                      help="rounds (default: 12 for digits, 20 otherwise)")
+    demo.add_argument("--dataset", default="digits",
+                      help="digits (default), fashion-mnist, or folder:PATH")
+    demo.add_argument("--dp-sgd", action="store_true",
+                      help="also train with DP-SGD (Opacus) and report each site's epsilon")
+    demo.add_argument("--noise-multiplier", type=_positive_float, default=1.0)
+    demo.add_argument("--max-grad-norm", type=_positive_float, default=1.0)
+    demo.add_argument("--delta", type=_fraction, default=1e-5)
+    demo.add_argument("--out", type=Path, default=None,
+                      help="directory for the plot and the JSON summary")
+    demo.add_argument("--json", action="store_true", help="print the JSON summary to stdout")
     demo.set_defaults(func=_demo)
+
+    sim = sub.add_parser("simulate", help="one in-process round of simulated sites (no "
+                                          "network): the protocols alone")
+    sim.add_argument("--sites", type=_positive, default=10)
+    sim.add_argument("--params", type=_positive, default=100_000)
+    sim.add_argument("--dropout", type=_fraction, default=0.2)
+    sim.add_argument("--seed", type=int, default=7, help="seed for the made-up data")
+    sim.add_argument("--protocol", choices=["masking", "ckks"], default="masking")
+    sim.set_defaults(func=_simulate)
 
     bench = sub.add_parser("bench", help="benchmarks that print ratios against machine limits")
     bench_sub = bench.add_subparsers(dest="protocol", required=True)

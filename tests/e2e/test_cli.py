@@ -10,7 +10,7 @@ from secagg.cli import main
 
 
 def test_demo_runs_and_reports_a_bounded_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--sites", "6", "--params", "2000", "--dropout", "0.3"]) == 0
+    assert main(["simulate", "--sites", "6", "--params", "2000", "--dropout", "0.3"]) == 0
     out = capsys.readouterr().out
     assert "survivors:" in out and "will drop out" in out
     err = float(out.split("plaintext average| = ")[1].split()[0])
@@ -34,7 +34,7 @@ def test_bench_masking_prints_the_promised_fields() -> None:
     assert out["max_abs_error"] <= out["error_bound"]
 
 
-@pytest.mark.parametrize("argv", [["demo", "--sites", "0"], ["demo", "--dropout", "1.5"],
+@pytest.mark.parametrize("argv", [["simulate", "--sites", "0"], ["simulate", "--dropout", "1.5"],
                                   ["bench", "masking", "--clients", "-3"]])
 def test_bad_arguments_give_a_usage_error_not_a_traceback(
     argv: list[str], capsys: pytest.CaptureFixture[str]
@@ -53,7 +53,7 @@ def test_unsafe_configuration_is_a_clear_error(capsys: pytest.CaptureFixture[str
 def test_ckks_demo_releases_an_average_close_to_plaintext(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert main(["demo", "--protocol", "ckks", "--sites", "4", "--params", "3000"]) == 0
+    assert main(["simulate", "--protocol", "ckks", "--sites", "4", "--params", "3000"]) == 0
     out = capsys.readouterr().out
     assert "no secret key" in out and "sealed to it" in out
     err = float(out.split("plaintext average| = ")[1].split(";")[0])

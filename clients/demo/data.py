@@ -1,0 +1,152 @@
+"""Data sets for the demo, and the non-IID split across sites.
+
+- ``digits``: scikit-learn's bundled handwritten digits (1,797 8x8 images; nothing downloaded);
+- ``fashion-mnist``: read from the Debian package ``dataset-fashion-mnist``'s IDX files
+  (``/usr/share/datasets/fashion-mnist``, or ``$SECAGG_FASHION_MNIST_DIR``);
+- ``folder:PATH``: one sub-folder of images per class, as a hospital's own data would come;
+  images are read with Pillow, made grayscale and resized to 28x28.
+
+Images are float32 in [0, 1], shaped (N, 1, H, W); labels int64. The held-out test set is a
+stratified 20% (for the folder and digits) or the data set's own test split (Fashion-MNIST).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from secagg.errors import ConfigurationError
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FOLDER_SIZE = 28
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".pgm", ".ppm"}
+
+
+class DataError(ConfigurationError):
+    """A data set is missing or unreadable (one clear line)."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: tuple[str, ...]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.x_train.shape[-1])
+
+
+def load(spec: str, *, seed: int = 0) -> Dataset:
+    if spec == "digits":
+        return _digits(seed)
+    if spec == "fashion-mnist":
+        return _fashion()
+    if spec.startswith("folder:"):
+        return _folder(Path(spec[len("folder:"):]), seed)
+    raise DataError(f"unknown dataset {spec!r}: use digits, fashion-mnist or folder:PATH")
+
+
+def _split(x: np.ndarray, y: np.ndarray, seed: int, name: str,
+           classes: tuple[str, ...]) -> Dataset:
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        test[idx[: max(1, len(idx) // 5)]] = True
+    return Dataset(name, x[~test], y[~test], x[test], y[test], classes)
+
+
+def _digits(seed: int) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
+    y = bunch.target.astype(np.int64)
+    return _split(x, y, seed, "digits", tuple(str(i) for i in range(10)))
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    got, count = struct.unpack(">II", data[:8])
+    if got != magic:
+        raise DataError(f"{path} is not an IDX file of the expected kind")
+    if magic == 2051:
+        rows, cols = struct.unpack(">II", data[8:16])
+        return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(count, rows, cols)
+    return np.frombuffer(data, dtype=np.uint8, offset=8)
+
+
+def _fashion() -> Dataset:
+    d = Path(os.environ.get("SECAGG_FASHION_MNIST_DIR", FASHION_DIR))
+    files = {k: d / f"{k}-idx{'3' if 'images' in k else '1'}-ubyte.gz"
+             for k in ("train-images", "train-labels", "t10k-images", "t10k-labels")}
+    if not all(p.exists() for p in files.values()):
+        raise DataError("Fashion-MNIST is not installed: run `apt-get install -y "
+                        "dataset-fashion-mnist` (or set SECAGG_FASHION_MNIST_DIR)")
+    xtr = _read_idx(files["train-images"], 2051).astype(np.float32)[:, None] / 255.0
+    ytr = _read_idx(files["train-labels"], 2049).astype(np.int64)
+    xte = _read_idx(files["t10k-images"], 2051).astype(np.float32)[:, None] / 255.0
+    yte = _read_idx(files["t10k-labels"], 2049).astype(np.int64)
+    classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+               "Sneaker", "Bag", "Ankle boot")
+    return Dataset("fashion-mnist", xtr, ytr, xte, yte, classes)
+
+
+def _folder(root: Path, seed: int) -> Dataset:
+    from PIL import Image, UnidentifiedImageError
+
+    if not root.is_dir():
+        raise DataError(f"folder data set {root} does not exist")
+    classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
+    if len(classes) < 2:
+        raise DataError(f"folder data set {root} needs one sub-folder per class (at least 2)")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).iterdir()):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(path) as img:
+                    gray = img.convert("L").resize((FOLDER_SIZE, FOLDER_SIZE))
+                    images.append(np.asarray(gray, dtype=np.float32) / 255.0)
+            except (UnidentifiedImageError, OSError):
+                raise DataError(f"cannot read image {path}") from None
+            labels.append(label)
+    if len(images) < 5 * len(classes):
+        raise DataError(f"folder data set {root} has too few images ({len(images)})")
+    return _split(np.stack(images)[:, None], np.array(labels, dtype=np.int64), seed,
+                  f"folder:{root.name}", classes)
+
+
+def dirichlet_split(labels: np.ndarray, sites: int, alpha: float, seed: int,
+                    min_size: int = 10) -> list[np.ndarray]:
+    """Indices of each site's samples: per class, proportions drawn from Dirichlet(alpha)
+    (smaller alpha: more skewed). Redrawn until every site has ``min_size`` samples."""
+    if sites < 1 or alpha <= 0:
+        raise DataError("the split needs sites >= 1 and alpha > 0")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    for _ in range(1000):
+        parts: list[list[int]] = [[] for _ in range(sites)]
+        for c in classes:
+            idx = np.flatnonzero(labels == c)
+            rng.shuffle(idx)
+            shares = rng.dirichlet([alpha] * sites)
+            cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
+            for s, part in enumerate(np.split(idx, cuts)):
+                parts[s].extend(part.tolist())
+        if min(len(p) for p in parts) >= min_size:
+            return [np.array(sorted(p), dtype=np.int64) for p in parts]
+    raise DataError(f"cannot give {sites} sites {min_size} samples each from "
+                    f"{len(labels)} samples")
