@@ -290,10 +290,8 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         except StoreError:
             self.core.healthy = False
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "the store is unavailable")
-        finally:
-            for t in tasks:
-                if not t.done():
-                    t.cancel()
+        # (A broken stream cancels this handler, not the chunks already received: those are
+        # still hashed and stored, so the site's retry sends only what is really missing.)
         return service_pb2.PutChunksResponse(stored=sum(r[0] for r in results),
                                              already_present=sum(r[1] for r in results))
 

@@ -79,6 +79,7 @@ class AbortReason(enum.Enum):
     MALFORMED_MESSAGE = 15
     TOO_MANY_MISSING_NEIGHBOURS = 16
     MASK_PARTNERS_INCOMPLETE = 17
+    AGGREGATE_OUT_OF_RANGE = 18
 
 
 class ProtocolAbort(SecAggError):

@@ -68,12 +68,15 @@ def advertise_from_proto(p: masking_pb2.AdvertiseKeys) -> AdvertiseKeys:
 def share_keys_to_proto(m: ShareKeys) -> masking_pb2.ShareKeys:
     return masking_pb2.ShareKeys(site_id=m.site_id, encrypted_shares=dict(m.encrypted_shares),
                                  self_mask_commitment=m.self_mask_commitment,
+                                 share_commitments=dict(m.share_commitments),
                                  signature=m.signature)
 
 
 def share_keys_from_proto(p: masking_pb2.ShareKeys) -> ShareKeys:
     return ShareKeys(int(p.site_id), {int(k): bytes(v) for k, v in p.encrypted_shares.items()},
-                     bytes(p.self_mask_commitment), bytes(p.signature))
+                     bytes(p.self_mask_commitment),
+                     {int(k): bytes(v) for k, v in p.share_commitments.items()},
+                     bytes(p.signature))
 
 
 def masked_input_to_ref(m: MaskedInput, blob: Blob, word_bits: int) -> service_pb2.MaskedInputRef:

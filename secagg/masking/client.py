@@ -51,6 +51,7 @@ from secagg.masking.messages import (
     SurvivorList,
     UnmaskRequest,
     UnmaskResponse,
+    share_commitment,
 )
 
 InputProvider = Callable[[], tuple[np.ndarray, float]]
@@ -66,6 +67,9 @@ def _local_mask_share(terms: int, processes: int) -> float:
     """The share of the range that balances this process (quantise + its share of ``terms``
     masks) against each of the other ``processes - 1`` (their shares of the masks)."""
     return max(0.05, (terms - _QUANTISE_COST_IN_MASKS * (processes - 1)) / (terms * processes))
+
+
+_SPENT = AgreementKey.generate()  # stands in for a private key this site has forgotten
 
 
 class _LocalInputError(Exception):
@@ -150,11 +154,13 @@ class MaskingClient:
         self._require(expected, type(message).__name__)
         try:
             try:
-                return handler(message)
+                # defence: masking.client.plain-fields
+                return handler(message.normalized())
             except _LocalInputError as e:
                 raise e.error from None
             # defence: masking.client.malformed-server-message-aborts
-            except (TypeError, ValueError, AttributeError, KeyError, IndexError):
+            except (TypeError, ValueError, AttributeError, KeyError, IndexError,
+                    ArithmeticError, RecursionError):
                 # Fields of the wrong type or shape: the server sent something no honest
                 # server sends. One named abort, never a traceback from deep inside.
                 raise ProtocolAbort(AbortReason.MALFORMED_MESSAGE,
@@ -214,9 +220,13 @@ class MaskingClient:
             shamir.secret_from_bytes(self._masking_key.export_private_bytes()), self._t, holders
         )
         sealed: dict[int, bytes] = {}
+        share_commitments: dict[int, bytes] = {}
         for peer in holders:
             pair = (shamir.share_to_bytes(seed_shares[peer]),
                     shamir.share_to_bytes(key_shares[peer]))
+            share_commitments[peer] = (
+                share_commitment(self._session, self.site_id, peer, "self-mask", pair[0])
+                + share_commitment(self._session, self.site_id, peer, "masking-key", pair[1]))
             if peer == self.site_id:
                 self._held_shares[peer] = pair
                 continue
@@ -224,9 +234,10 @@ class MaskingClient:
             sealed[peer] = aead.seal(key, pair[0] + pair[1], _common.share_associated_data(
                 self._session, self.site_id, peer))
         commitment = _common.self_mask_commitment(self._session, self.site_id, self._self_mask_seed)
-        sig = self._sign(ShareKeys.signed_bytes(self._session, self.site_id, sealed, commitment))
+        sig = self._sign(ShareKeys.signed_bytes(self._session, self.site_id, sealed, commitment,
+                                                share_commitments))
         self.stage = Stage.MASKED_INPUT
-        return ShareKeys(self.site_id, sealed, commitment, sig)
+        return ShareKeys(self.site_id, sealed, commitment, share_commitments, sig)
 
     def _on_share_delivery(self, msg: ShareDelivery) -> MaskedInput:
         allowed = (self._neighbourhood & self._directory.keys()) - {self.site_id}
@@ -403,7 +414,7 @@ class MaskingClient:
         keys = {p: self._held_shares[p][1] for p in sorted(dropped_here)}
         sig = self._sign(UnmaskResponse.signed_bytes(self._session, self.site_id, self_mask, keys))
         # defence: masking.client.one-unmask-only
-        self._held_shares.clear()
+        self._forget()
         self.stage = Stage.COMPLETED
         return UnmaskResponse(self.site_id, self_mask, keys, sig)
 
@@ -442,8 +453,17 @@ class MaskingClient:
         self.stage = Stage.ABORTED
         self.abort_reason = reason
         # defence: masking.client.abort-forgets-secrets
+        self._forget()
+
+    def _forget(self) -> None:
+        """Once the round is over for this site, nothing secret stays in it: shares, the
+        self-mask seed, both private keys and the plaintext input."""
         self._held_shares.clear()
         self._self_mask_seed = b""
+        # defence: masking.client.completion-forgets-secrets
+        self._input = (np.empty(0), 0.0)
+        self._encryption_key = _SPENT
+        self._masking_key = _SPENT
 
     def _sign(self, message: bytes) -> bytes:
         return self._identity.sign(message)

@@ -28,6 +28,43 @@ class Stage(enum.Enum):
     ABORTED = 7
 
 
+# ---- plain values only ---------------------------------------------------------------------
+#
+# A message may come from an adversary who builds Python objects, not protobuf: an int subclass
+# equal to one site id but hashing apart from it, a dict whose iteration repeats a key, a deeply
+# nested tuple that crashes hashing. Every role therefore rebuilds what it receives from plain
+# types first (``normalized()``), checking each id is an ``int`` in [1, 2**63) and each byte
+# field is ``bytes``; anything else is malformed (ValueError) before any check, set or count.
+
+MAX_ID = 2**63
+
+
+def plain_id(value: object) -> int:
+    # defence: masking.messages.plain-ids
+    if type(value) is not int or not 0 < value < MAX_ID:
+        raise ValueError("a site id must be an int in [1, 2**63)")
+    return value
+
+
+def plain_ids(values: object) -> tuple[int, ...]:
+    if type(values) not in (tuple, list):
+        raise ValueError("a list of site ids must be a tuple or list")
+    return tuple(plain_id(v) for v in values)  # type: ignore[attr-defined]
+
+
+def plain_bytes(value: object) -> bytes:
+    if type(value) is not bytes:
+        raise ValueError("a byte field must be bytes")
+    return value
+
+
+def plain_map(value: object, convert: object = plain_bytes) -> dict[int, object]:
+    # defence: masking.messages.plain-maps
+    if type(value) is not dict:
+        raise ValueError("a map must be a dict")
+    return {plain_id(k): convert(v) for k, v in dict.items(value)}  # type: ignore[operator]
+
+
 # ---- site -> server -------------------------------------------------------------------------
 
 
@@ -45,25 +82,56 @@ class AdvertiseKeys:
         # defence: masking.messages.advertise-binds-masking-key
         return encode("advertise-keys", params_digest, site_id, enc_pk, mask_pk)
 
+    def normalized(self) -> AdvertiseKeys:
+        return AdvertiseKeys(plain_id(self.site_id), plain_bytes(self.encryption_public_key),
+                             plain_bytes(self.masking_public_key), plain_bytes(self.signature))
+
 
 @dataclass(frozen=True)
 class ShareKeys:
+    """A site's sealed shares for its neighbours, with commitments the server checks them by.
+
+    ``share_commitments[holder]`` is the 64-byte pair (commitment to the holder's share of the
+    self-mask seed, commitment to its share of the masking key), for every holder including the
+    site itself: at unmask the server checks each revealed share against it and drops a
+    responder that reveals a wrong one, so one bad share cannot void the round.
+    """
+
     site_id: int
     encrypted_shares: Mapping[int, bytes]  # recipient -> AES-GCM sealed share pair
     self_mask_commitment: bytes  # SHA-256 binding of the self-mask seed, checked at unmask
+    share_commitments: Mapping[int, bytes]  # holder -> commitments to its two shares (64 B)
     signature: bytes
 
     @staticmethod
     def signed_bytes(
-        session_id: bytes, site_id: int, shares: Mapping[int, bytes], commitment: bytes
+        session_id: bytes, site_id: int, shares: Mapping[int, bytes], commitment: bytes,
+        share_commitments: Mapping[int, bytes],
     ) -> bytes:
         listing = b"".join(
             r.to_bytes(8, "big") + hashlib.sha256(shares[r]).digest() for r in sorted(shares)
         )
+        commitments = b"".join(h.to_bytes(8, "big") + share_commitments[h]
+                               for h in sorted(share_commitments))
         # defence: masking.messages.share-keys-binds-session
         # defence: masking.messages.share-keys-binds-shares
         # defence: masking.messages.share-keys-binds-commitment
-        return encode("share-keys", session_id, site_id, listing, commitment)
+        # defence: masking.messages.share-keys-binds-share-commitments
+        return encode("share-keys", session_id, site_id, listing, commitment, commitments)
+
+    def normalized(self) -> ShareKeys:
+        return ShareKeys(plain_id(self.site_id), plain_map(self.encrypted_shares),  # type: ignore[arg-type]
+                         plain_bytes(self.self_mask_commitment),
+                         plain_map(self.share_commitments),  # type: ignore[arg-type]
+                         plain_bytes(self.signature))
+
+
+def share_commitment(session_id: bytes, owner: int, holder: int, kind: str,
+                     share: bytes) -> bytes:
+    """SHA-256 commitment to one Shamir share (kind "self-mask" or "masking-key"); a share is a
+    uniformly random 521-bit field element, so the commitment hides it."""
+    return hashlib.sha256(encode("share-commitment", session_id, owner, holder, kind,
+                                 share)).digest()
 
 
 @dataclass(frozen=True)
@@ -86,6 +154,12 @@ class MaskedInput:
         data = np.ascontiguousarray(masked).data
         return MaskAttestation.signed_bytes(session_id, site_id, payload_digest(data), partners)
 
+    def normalized(self) -> MaskedInput:
+        if type(self.masked_input) is not np.ndarray:
+            raise ValueError("masked input must be a numpy array")
+        return MaskedInput(plain_id(self.site_id), self.masked_input,
+                           plain_ids(self.partners), plain_bytes(self.signature))
+
 
 @dataclass(frozen=True)
 class MaskAttestation:
@@ -103,6 +177,10 @@ class MaskAttestation:
         # defence: masking.messages.masked-input-binds-partners
         return encode("masked-input", session_id, site_id, digest, list(partners))
 
+    def normalized(self) -> MaskAttestation:
+        return MaskAttestation(plain_ids(self.partners), plain_bytes(self.payload_digest),
+                               plain_bytes(self.signature))
+
 
 @dataclass(frozen=True)
 class ConsistencySignature:
@@ -114,6 +192,9 @@ class ConsistencySignature:
         # defence: masking.messages.consistency-binds-session
         # defence: masking.messages.consistency-binds-survivors
         return encode("consistency-check", session_id, sorted(survivors))
+
+    def normalized(self) -> ConsistencySignature:
+        return ConsistencySignature(plain_id(self.site_id), plain_bytes(self.signature))
 
 
 @dataclass(frozen=True)
@@ -128,12 +209,20 @@ class UnmaskResponse:
         session_id: bytes, site_id: int, self_mask: Mapping[int, bytes], keys: Mapping[int, bytes]
     ) -> bytes:
         def listing(m: Mapping[int, bytes]) -> bytes:
-            return b"".join(s.to_bytes(8, "big") + m[s] for s in sorted(m))
+            # each share length-prefixed: no two different maps encode alike
+            return b"".join(s.to_bytes(8, "big") + len(m[s]).to_bytes(8, "big") + m[s]
+                            for s in sorted(m))
 
         # defence: masking.messages.unmask-binds-session
         # defence: masking.messages.unmask-binds-self-mask-shares
         # defence: masking.messages.unmask-binds-key-shares
         return encode("unmask", session_id, site_id, listing(self_mask), listing(keys))
+
+    def normalized(self) -> UnmaskResponse:
+        return UnmaskResponse(plain_id(self.site_id),
+                              plain_map(self.self_mask_shares),  # type: ignore[arg-type]
+                              plain_map(self.key_shares),  # type: ignore[arg-type]
+                              plain_bytes(self.signature))
 
 
 # ---- server -> site -------------------------------------------------------------------------
@@ -145,12 +234,25 @@ class KeyDirectory:
 
     entries: tuple[AdvertiseKeys, ...]
 
+    def normalized(self) -> KeyDirectory:
+        if type(self.entries) not in (tuple, list):
+            raise ValueError("entries must be a tuple")
+        entries = []
+        for e in self.entries:
+            if type(e) is not AdvertiseKeys:
+                raise ValueError("a directory entry must be AdvertiseKeys")
+            entries.append(e.normalized())
+        return KeyDirectory(tuple(entries))
+
 
 @dataclass(frozen=True)
 class ShareDelivery:
     """The sealed shares addressed to one site, by sender."""
 
     encrypted_shares: Mapping[int, bytes]
+
+    def normalized(self) -> ShareDelivery:
+        return ShareDelivery(plain_map(self.encrypted_shares))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -161,12 +263,26 @@ class SurvivorList:
     survivors: tuple[int, ...]
     attestations: Mapping[int, MaskAttestation] = field(default_factory=dict)
 
+    def normalized(self) -> SurvivorList:
+        def attestation(a: object) -> MaskAttestation:
+            if type(a) is not MaskAttestation:
+                raise ValueError("an attestation must be a MaskAttestation")
+            return a.normalized()
+
+        return SurvivorList(plain_ids(self.survivors),
+                            plain_map(self.attestations, attestation))  # type: ignore[arg-type]
+
 
 @dataclass(frozen=True)
 class UnmaskRequest:
     survivors: tuple[int, ...]
     survivor_signatures: Mapping[int, bytes]  # signer -> signature over the survivor list
     dropped: tuple[int, ...]  # sites that shared keys but sent no masked input
+
+    def normalized(self) -> UnmaskRequest:
+        return UnmaskRequest(plain_ids(self.survivors),
+                             plain_map(self.survivor_signatures),  # type: ignore[arg-type]
+                             plain_ids(self.dropped))
 
 
 SiteMessage = AdvertiseKeys | ShareKeys | MaskedInput | ConsistencySignature | UnmaskResponse

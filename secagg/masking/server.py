@@ -17,11 +17,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from secagg._encoding import payload_digest
 from secagg.errors import AbortReason, InvalidMessage, PreconditionError, ProtocolAbort
 from secagg.hazmat import shamir, signing
-from secagg.hazmat.key_agreement import exchange, private_key_from_bytes
+from secagg.hazmat.key_agreement import PUBLIC_KEY_BYTES, exchange, private_key_from_bytes
 from secagg.hazmat.prg import SEED_BYTES, MaskTerm, RangeSplitMasker, apply_masks, word_dtype
 from secagg.masking import _common
 from secagg.masking.config import RoundConfig
@@ -39,8 +40,22 @@ from secagg.masking.messages import (
     SurvivorList,
     UnmaskRequest,
     UnmaskResponse,
+    share_commitment,
 )
 from secagg.metrics import MetricsListener, NullListener
+
+_PROBE = X25519PrivateKey.generate()
+
+
+def _usable_key(key: bytes) -> bool:
+    """A 32-byte X25519 public key that is not a low-order point."""
+    if len(key) != PUBLIC_KEY_BYTES:
+        return False
+    try:
+        exchange(_PROBE, key)
+    except InvalidMessage:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -79,6 +94,7 @@ class MaskingServer:
         self._survivors: tuple[int, ...] = ()
         self._signatures: dict[int, bytes] = {}
         self._responses: dict[int, UnmaskResponse] = {}
+        self._verified: dict[int, UnmaskResponse] = {}
 
     def __repr__(self) -> str:
         return f"MaskingServer(round_id={self.config.round_id!r}, stage={self.stage.name})"
@@ -113,6 +129,11 @@ class MaskingServer:
             raise PreconditionError(
                 f"{type(message).__name__} is not valid in stage {self.stage.name}"
             )
+        try:  # plain types only: ids that are ints, byte fields that are bytes, dicts
+            # defence: masking.server.plain-fields
+            message = message.normalized()
+        except (TypeError, ValueError, AttributeError, RecursionError):
+            raise InvalidMessage(type(message).__name__) from None
         site = message.site_id
         # defence: masking.server.participants-only
         if site not in self.participants:
@@ -149,6 +170,14 @@ class MaskingServer:
         self._verify(msg.site_id, msg.signature, AdvertiseKeys.signed_bytes(
             self.config.params_digest, msg.site_id, msg.encryption_public_key,
             msg.masking_public_key))
+        # A key that is the wrong size, a copy of another key or a low-order point would make
+        # every honest site abort on the directory: refuse it here and drop only this site.
+        keys = (msg.encryption_public_key, msg.masking_public_key)
+        taken = {k for a in self._advertised.values()
+                 for k in (a.encryption_public_key, a.masking_public_key)}
+        # defence: masking.server.advertised-keys-sound
+        if keys[0] == keys[1] or any(k in taken or not _usable_key(k) for k in keys):
+            raise InvalidMessage("advertised keys")
         self._advertised[msg.site_id] = msg
 
     def _on_share_keys(self, msg: ShareKeys) -> None:
@@ -159,9 +188,15 @@ class MaskingServer:
         # defence: masking.server.commitment-size
         if len(msg.self_mask_commitment) != 32:
             raise InvalidMessage("commitment")
+        # one 64-byte commitment pair per holder: the recipients and the site itself
+        # defence: masking.server.share-commitments-complete
+        if set(msg.share_commitments) != set(msg.encrypted_shares) | {msg.site_id} or any(
+                len(c) != 64 for c in msg.share_commitments.values()):
+            raise InvalidMessage("share commitments")
         # defence: masking.server.share-keys-verified
         self._verify(msg.site_id, msg.signature, ShareKeys.signed_bytes(
-            self._session, msg.site_id, msg.encrypted_shares, msg.self_mask_commitment))
+            self._session, msg.site_id, msg.encrypted_shares, msg.self_mask_commitment,
+            msg.share_commitments))
         self._share_keys[msg.site_id] = msg
 
     def _on_masked_input(self, msg: MaskedInput) -> None:
@@ -265,9 +300,28 @@ class MaskingServer:
         self._listener.round_completed(self.config.round_id, len(self._survivors))
         return {}
 
+    def _verified_responses(self) -> dict[int, UnmaskResponse]:
+        """The unmask responses whose every share matches its owner's signed commitment; a
+        responder that reveals one wrong share is dropped whole (it cannot void the round)."""
+        good: dict[int, UnmaskResponse] = {}
+        for r, response in self._responses.items():
+            ok = True
+            for kind, table, half in (("self-mask", response.self_mask_shares, slice(0, 32)),
+                                      ("masking-key", response.key_shares, slice(32, 64))):
+                for owner, share in table.items():
+                    pairs = (self._share_keys[owner].share_commitments
+                             if owner in self._share_keys else {})
+                    expected = pairs.get(r, b"")[half]
+                    # defence: masking.server.revealed-shares-match-commitments
+                    if share_commitment(self._session, owner, r, kind, share) != expected:
+                        ok = False
+            if ok:
+                good[r] = response
+        return good
+
     def _collect(self, owner: int, field: str) -> dict[int, int]:
         shares: dict[int, int] = {}
-        for responder, response in self._responses.items():
+        for responder, response in self._verified.items():
             raw = getattr(response, field).get(owner)
             if raw is None:
                 continue
@@ -291,6 +345,7 @@ class MaskingServer:
     def _unmask(self) -> None:
         total = self._running_sum
         terms: list[MaskTerm] = []
+        self._verified = self._verified_responses()
         for u in self._survivors:
             seed = self._reconstruct(u, "self_mask_shares")
             commitment = _common.self_mask_commitment(self._session, u, seed)
@@ -322,5 +377,16 @@ class MaskingServer:
         quantizer = self.config.quantizer
         n = len(self._survivors)
         weighted, weight_sum = quantizer.decode_sum(total, n)
-        self.result = AggregateResult(weighted, weight_sum, self._survivors,
-                                      quantizer.error_bound(n))
+        bound = quantizer.error_bound(n)
+        # A site that sent garbage for its masked input cannot be unmasked into a plausible
+        # sum by chance: refuse an aggregate no n clipped, weighted inputs can produce.
+        # Each input is clip(update) * weight, so the sum's elements are within clip times the
+        # weight sum: an average beyond clip is no average of the inputs.
+        # defence: masking.server.aggregate-in-range
+        clip = quantizer.clip
+        if not (0 < weight_sum <= n * quantizer.max_weight + bound[1] and float(
+                np.max(np.abs(weighted), initial=0.0)) <= clip * (weight_sum + bound[1])
+                + bound[0]):
+            raise ProtocolAbort(AbortReason.AGGREGATE_OUT_OF_RANGE,
+                                "the unmasked sum is outside what the inputs can produce")
+        self.result = AggregateResult(weighted, weight_sum, self._survivors, bound)

@@ -38,6 +38,7 @@ class AbortReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ABORT_REASON_MALFORMED_MESSAGE: _ClassVar[AbortReason]
     ABORT_REASON_TOO_MANY_MISSING_NEIGHBOURS: _ClassVar[AbortReason]
     ABORT_REASON_MASK_PARTNERS_INCOMPLETE: _ClassVar[AbortReason]
+    ABORT_REASON_AGGREGATE_OUT_OF_RANGE: _ClassVar[AbortReason]
 STAGE_UNSPECIFIED: Stage
 STAGE_ADVERTISE_KEYS: Stage
 STAGE_SHARE_KEYS: Stage
@@ -64,6 +65,7 @@ ABORT_REASON_RECONSTRUCTION_FAILED: AbortReason
 ABORT_REASON_MALFORMED_MESSAGE: AbortReason
 ABORT_REASON_TOO_MANY_MISSING_NEIGHBOURS: AbortReason
 ABORT_REASON_MASK_PARTNERS_INCOMPLETE: AbortReason
+ABORT_REASON_AGGREGATE_OUT_OF_RANGE: AbortReason
 
 class AdvertiseKeys(_message.Message):
     __slots__ = ("site_id", "encryption_public_key", "masking_public_key", "signature")
@@ -78,8 +80,15 @@ class AdvertiseKeys(_message.Message):
     def __init__(self, site_id: _Optional[int] = ..., encryption_public_key: _Optional[bytes] = ..., masking_public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class ShareKeys(_message.Message):
-    __slots__ = ("site_id", "encrypted_shares", "self_mask_commitment", "signature")
+    __slots__ = ("site_id", "encrypted_shares", "self_mask_commitment", "share_commitments", "signature")
     class EncryptedSharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: bytes
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
+    class ShareCommitmentsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -89,12 +98,14 @@ class ShareKeys(_message.Message):
     SITE_ID_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTED_SHARES_FIELD_NUMBER: _ClassVar[int]
     SELF_MASK_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    SHARE_COMMITMENTS_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     site_id: int
     encrypted_shares: _containers.ScalarMap[int, bytes]
     self_mask_commitment: bytes
+    share_commitments: _containers.ScalarMap[int, bytes]
     signature: bytes
-    def __init__(self, site_id: _Optional[int] = ..., encrypted_shares: _Optional[_Mapping[int, bytes]] = ..., self_mask_commitment: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, site_id: _Optional[int] = ..., encrypted_shares: _Optional[_Mapping[int, bytes]] = ..., self_mask_commitment: _Optional[bytes] = ..., share_commitments: _Optional[_Mapping[int, bytes]] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class MaskedInput(_message.Message):
     __slots__ = ("site_id", "word_bits", "masked_input", "partners", "signature")

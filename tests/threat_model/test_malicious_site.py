@@ -111,8 +111,9 @@ def _unmask_responses(r: Round) -> dict[int, UnmaskResponse]:
 
 
 def test_server_detects_corrupted_self_mask_shares() -> None:
-    """Colluding sites send wrong (but well-signed) shares of site 2's self-mask seed: the
-    reconstructed seed fails its commitment, and the server aborts rather than output garbage."""
+    """Colluding sites send wrong (but well-signed) shares of site 2's self-mask seed: each
+    fails site 2's signed share commitment and its sender is dropped; with too few left the
+    server aborts rather than output garbage."""
     r = Round(sites=5)
     responses = _unmask_responses(r)
     t = r.config.reconstruction_threshold
@@ -127,8 +128,39 @@ def test_server_detects_corrupted_self_mask_shares() -> None:
         r.server.handle(m)
     with pytest.raises(ProtocolAbort) as caught:
         r.server.close_stage()
-    assert caught.value.reason is AbortReason.RECONSTRUCTION_FAILED
+    assert caught.value.reason is AbortReason.TOO_FEW_SURVIVORS
     assert r.server.result is None
+
+
+@pytest.mark.parametrize("kind", ["self-mask", "masking-key"])
+def test_one_site_revealing_a_wrong_share_cannot_void_the_round(kind: str) -> None:
+    """A malicious low-id site reveals a random, well-formed, well-signed share at unmask. The
+    server used to reconstruct from the t lowest ids and abort the whole round; now the share
+    fails its owner's signed commitment, the responder is dropped, and the round completes
+    exactly from the others' shares."""
+    r = Round(sites=7)
+    r.advance()
+    r.advance()
+    r.advance(skip=frozenset({6}))  # site 6 drops: its key shares are asked for
+    r.advance()
+    responses = {s: r.clients[s].handle(m) for s, m in r.outgoing.items()}
+    bad = responses[1]
+    assert isinstance(bad, UnmaskResponse)
+    forged = shamir.share_to_bytes(12345)
+    if kind == "self-mask":
+        self_mask, keys = {**bad.self_mask_shares, 2: forged}, dict(bad.key_shares)
+    else:
+        self_mask, keys = dict(bad.self_mask_shares), {**bad.key_shares, 6: forged}
+    sig = r.identities[1].sign(UnmaskResponse.signed_bytes(r.server._session, 1, self_mask,
+                                                           keys))
+    responses[1] = UnmaskResponse(1, self_mask, keys, sig)
+    for m in responses.values():
+        r.server.handle(m)  # type: ignore[arg-type]
+    r.server.close_stage()
+    result = r.server.result
+    assert result is not None and 1 in result.survivors
+    exact = sum(np.clip(r.inputs[s][0], -1, 1) * r.inputs[s][1] for s in result.survivors)
+    assert np.max(np.abs(result.weighted_sum - exact)) <= result.error_bound[0]
 
 
 def test_server_detects_corrupted_key_shares_of_a_dropped_site() -> None:
@@ -146,7 +178,7 @@ def test_server_detects_corrupted_key_shares_of_a_dropped_site() -> None:
         r.server.handle(UnmaskResponse(s, resp.self_mask_shares, keys, sig))
     with pytest.raises(ProtocolAbort) as caught:
         r.server.close_stage()
-    assert caught.value.reason is AbortReason.RECONSTRUCTION_FAILED
+    assert caught.value.reason is AbortReason.TOO_FEW_SURVIVORS
 
 
 def test_server_refuses_unmask_response_with_forged_signature() -> None:
@@ -156,15 +188,49 @@ def test_server_refuses_unmask_response_with_forged_signature() -> None:
         r.server.handle(replace(responses[1], signature=responses[2].signature))
 
 
-def test_neighbours_abort_if_a_site_signs_a_low_order_masking_key() -> None:
-    """A malicious site advertises (and signs) the all-zero X25519 point: no pairwise seed
-    can be derived with it, and its neighbours say so instead of failing obscurely."""
+@pytest.mark.parametrize("bad", ["low-order", "copy-of-a-peers-key", "own-keys-equal",
+                                 "short"])
+def test_server_refuses_an_advertisement_that_would_make_every_site_abort(bad: str) -> None:
+    """One malicious site advertises (and signs) a low-order X25519 point, a copy of another
+    site's key, the same key twice, or a short key. Put into the directory, it would make every
+    honest site abort the round. Property: the server refuses that site alone and the round
+    completes exactly without it."""
+    r = Round(sites=5)
+    key = r.clients[3]._masking_key
+    key.public_bytes = {"low-order": bytes(32),
+                        "copy-of-a-peers-key": r.clients[1]._masking_key.public_bytes,
+                        "own-keys-equal": r.clients[3]._encryption_key.public_bytes,
+                        "short": bytes(31)}[bad]
+    advert = r.clients[3].start()
+    for s in (1, 2, 4, 5):
+        r.server.handle(r.clients[s].start())
+    with pytest.raises(InvalidMessage):
+        r.server.handle(advert)
+    r.started = True
+    r.outgoing = r.server.close_stage()
+    for _ in range(4):
+        r.advance()
+    result = r.server.result
+    assert result is not None and result.survivors == (1, 2, 4, 5)
+
+
+def test_neighbours_abort_if_a_lying_server_forwards_a_low_order_masking_key() -> None:
+    """A lying server puts site 3's (signed) all-zero X25519 point into the directory anyway:
+    no pairwise seed can be derived with it, and its neighbours say so instead of failing
+    obscurely."""
+    from secagg.masking.messages import KeyDirectory
+
     r = Round(sites=5)
     r.clients[3]._masking_key.public_bytes = bytes(32)  # site 3 advertises and signs it
-    r.advance()  # advertise
-    r.advance()  # share keys go through: only the encryption keys are used there
+    adverts = {s: c.start() for s, c in r.clients.items()}
+    directory = KeyDirectory(tuple(adverts[s] for s in sorted(adverts)))
+    replies = {s: r.clients[s].handle(directory) for s in r.clients}
+    from secagg.masking.messages import ShareDelivery
+
+    delivery = ShareDelivery({u: m.encrypted_shares[1] for u, m in replies.items()
+                              if 1 in m.encrypted_shares})  # type: ignore[union-attr]
     with pytest.raises(ProtocolAbort) as caught:
-        r.clients[1].handle(r.outgoing[1])
+        r.clients[1].handle(delivery)
     assert caught.value.reason is AbortReason.MALFORMED_MESSAGE
 
 
@@ -194,11 +260,15 @@ def _share_keys(r: Round) -> dict[int, ShareKeys]:
 
 
 def _resigned_share_keys(r: Round, msg: ShareKeys, shares: dict[int, bytes],
-                         commitment: bytes) -> ShareKeys:
+                         commitment: bytes,
+                         share_commitments: dict[int, bytes] | None = None) -> ShareKeys:
     """What a malicious site sends: its own ShareKeys changed, and signed again by it."""
+    if share_commitments is None:
+        share_commitments = {h: msg.share_commitments.get(h, bytes(64))
+                             for h in {*shares, msg.site_id}}
     sig = r.identities[msg.site_id].sign(ShareKeys.signed_bytes(
-        r.server._session, msg.site_id, shares, commitment))
-    return ShareKeys(msg.site_id, shares, commitment, sig)
+        r.server._session, msg.site_id, shares, commitment, share_commitments))
+    return ShareKeys(msg.site_id, shares, commitment, share_commitments, sig)
 
 
 def _resigned_masked(r: Round, msg: MaskedInput, masked: np.ndarray,
@@ -221,7 +291,8 @@ def test_server_refuses_share_keys_replayed_from_another_round() -> None:
     assert 1 not in b.server._share_keys
 
 
-@pytest.mark.parametrize("change", ["share", "swapped-recipients", "commitment"])
+@pytest.mark.parametrize("change", ["share", "swapped-recipients", "commitment",
+                                    "share-commitment"])
 def test_server_refuses_share_keys_altered_in_transit(change: str) -> None:
     """Someone between a site and the server changes a sealed share, moves shares between
     recipients, or swaps the self-mask commitment (so that reconstruction later fails).
@@ -236,10 +307,16 @@ def test_server_refuses_share_keys_altered_in_transit(change: str) -> None:
         shares[2] = bytes(flipped)
     elif change == "swapped-recipients":
         shares[2], shares[3] = shares[3], shares[2]
-    else:
+    elif change == "commitment":
         commitment = bytes(a ^ 0xFF for a in commitment)
+    else:
+        pairs = dict(msg.share_commitments)
+        pairs[2] = bytes(64)
+        with pytest.raises(InvalidMessage):
+            r.server.handle(ShareKeys(1, shares, commitment, pairs, msg.signature))
+        return
     with pytest.raises(InvalidMessage):
-        r.server.handle(ShareKeys(1, shares, commitment, msg.signature))
+        r.server.handle(ShareKeys(1, shares, commitment, msg.share_commitments, msg.signature))
 
 
 def test_server_refuses_share_keys_with_a_malformed_commitment() -> None:
@@ -288,16 +365,19 @@ def test_site_sealing_a_malformed_share_pair_to_a_peer_is_caught_by_the_peer() -
 
 
 def test_site_advertising_a_copy_of_a_peers_masking_key_is_refused_by_every_site() -> None:
-    """A malicious site 3 advertises (and signs) site 1's masking public key. Every other
-    site v would then derive the same pair seed with 1 and with 3, applied with opposite signs
-    (v is between them), so v's masks with 1 and 3 cancel.
+    """A malicious site 3 advertises (and signs) site 1's masking public key and a lying server
+    forwards it. Every other site v would then derive the same pair seed with 1 and with 3,
+    applied with opposite signs (v is between them), so v's masks with 1 and 3 cancel.
     Property: every honest site aborts with DUPLICATE_KEY before using the directory."""
+    from secagg.masking.messages import KeyDirectory
+
     r = Round(sites=5)
     r.clients[3]._masking_key.public_bytes = r.clients[1]._masking_key.public_bytes
-    directory = r.advance()
+    adverts = {s: c.start() for s, c in r.clients.items()}
+    directory = KeyDirectory(tuple(adverts[s] for s in sorted(adverts)))
     for s in (1, 2, 4, 5):
         with pytest.raises(ProtocolAbort) as caught:
-            r.clients[s].handle(directory[s])
+            r.clients[s].handle(directory)
         assert caught.value.reason is AbortReason.DUPLICATE_KEY
 
 
@@ -464,3 +544,79 @@ def test_round_aborts_cleanly_when_too_few_sites_answer_a_stage() -> None:
         r.advance(skip=frozenset({1, 2, 3}))
     assert caught.value.reason is AbortReason.TOO_FEW_SURVIVORS
     assert r.server.stage is Stage.ABORTED
+
+
+@pytest.mark.parametrize("bad", ["missing-holder", "short", "extra-holder"])
+def test_server_refuses_share_keys_with_missing_or_short_share_commitments(bad: str) -> None:
+    """Without a commitment for every holder, the server could not check the shares revealed
+    at unmask, and one bad share would again void the round."""
+    r = Round()
+    msg = _share_keys(r)[1]
+    pairs = dict(msg.share_commitments)
+    if bad == "missing-holder":
+        pairs.pop(2)
+    elif bad == "short":
+        pairs[2] = pairs[2][:63]
+    else:
+        pairs[99] = bytes(64)
+    with pytest.raises(InvalidMessage):
+        r.server.handle(_resigned_share_keys(r, msg, dict(msg.encrypted_shares),
+                                             msg.self_mask_commitment, pairs))
+
+
+def test_site_dealing_shares_of_another_self_mask_seed_than_it_committed_to_aborts_cleanly(
+) -> None:
+    """A malicious site 2 commits to one self-mask seed and deals consistent shares of
+    another. Every share matches its own commitment, so no responder is dropped; the seed
+    rebuilt from them is not the committed one. Property: the server aborts with
+    RECONSTRUCTION_FAILED rather than strip the wrong mask and output garbage."""
+    from unittest import mock
+
+    from secagg.masking import _common
+
+    r = Round(sites=5)
+    r.advance()
+    real = _common.self_mask_commitment
+
+    def lying(session: bytes, site: int, seed: bytes) -> bytes:
+        return real(session, site, bytes(32) if site == 2 else seed)
+
+    with mock.patch.object(_common, "self_mask_commitment", lying):
+        replies = {s: r.clients[s].handle(m) for s, m in r.outgoing.items()}
+    for m in replies.values():
+        r.server.handle(m)  # type: ignore[arg-type]
+    r.outgoing = r.server.close_stage()
+    r.started = True
+    r.advance()
+    r.advance()
+    with pytest.raises(ProtocolAbort) as caught:
+        r.advance()
+    assert caught.value.reason is AbortReason.RECONSTRUCTION_FAILED
+    assert r.server.result is None
+
+
+def test_dropped_site_that_dealt_shares_of_another_masking_key_aborts_cleanly() -> None:
+    """A malicious site 4 deals consistent shares of a masking key other than the one it
+    advertised, then drops: the key rebuilt from its shares does not match its advertised
+    public key. Property: the server aborts with RECONSTRUCTION_FAILED instead of removing the
+    wrong pairwise masks."""
+    from unittest import mock
+
+    from secagg.hazmat.key_agreement import AgreementKey
+
+    r = Round(sites=5)
+    r.advance()
+    other = AgreementKey.generate().export_private_bytes()
+    target = r.clients[4]._masking_key
+    real = AgreementKey.export_private_bytes
+
+    def lying(self: AgreementKey) -> bytes:
+        return other if self is target else real(self)
+
+    with mock.patch.object(AgreementKey, "export_private_bytes", lying):
+        r.advance()
+    r.advance(skip=frozenset({4}))
+    r.advance()
+    with pytest.raises(ProtocolAbort) as caught:
+        r.advance()
+    assert caught.value.reason is AbortReason.RECONSTRUCTION_FAILED
