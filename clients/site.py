@@ -329,7 +329,7 @@ class Round:
     def _release(self, config: Any) -> None:
         assert self._key is not None
         request = self._receive(CkksStage.UPLOAD.value).ckks_release_request
-        release = Release(self._key, config)
+        release = Release(self._key, config, site_id=self._site.site_id)
         uploads = list(request.uploads)
         for done, ref in enumerate(uploads, 1):
             data = self._conn.download(wire.Blob.from_proto(ref.chunks))

@@ -34,7 +34,8 @@ def check_update(update: object, weight: object, *, max_weight: float,
         raise TypeError(f"weight must be a number, got {type(weight).__name__}") from None
     # defence: inputs.weight-positive, inputs.weight-bounded
     if not (np.isfinite(w) and 0 < w <= max_weight):
-        raise ValueError(f"weight must be in (0, {max_weight}], got {w}")
+        # The weight (a site's sample count) is not echoed: errors reach logs.
+        raise ValueError(f"weight must be in (0, {max_weight}] and finite")
     return arr, w
 
 

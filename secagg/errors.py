@@ -45,6 +45,7 @@ class RefusalReason(enum.Enum):
     KEY_EXHAUSTED = 8
     AGGREGATE_MISMATCH = 9
     OUT_OF_RANGE = 10
+    NOT_THE_RELEASING_HOLDER = 11
 
 
 class RefusedMessage(SecAggError):

@@ -98,7 +98,7 @@ def run_ours(clients: int, params: int, preset: str, seeded: bool, quiet: bool,
     weighted, _ = decrypt_verified_sum(holder, config, uploads)
     # the release path users run: verify every signed upload and recompute the sum (the
     # key holder's security cost), then compare, decrypt, check ranges, flood, round, divide
-    release = Release(holder, config)
+    release = Release(holder, config, site_id=1)
     t0 = time.perf_counter()
     for upload in uploads:
         release.add(upload)

@@ -142,7 +142,7 @@ def _inproc(protocol: str, clients: int, params: int) -> float:
                             seeded=False).start()
         server.handle(upload)
         uploads.append(upload)
-    release_average(holder, config, server.close_stage()[1], uploads)
+    release_average(holder, config, server.close_stage()[1], uploads, site_id=1)
     return time.perf_counter() - began
 
 
@@ -170,7 +170,8 @@ def run(protocol: str, clients: int, params: int, quiet: bool) -> dict[str, Any]
         agg = subprocess.Popen(  # noqa: S603
             [sys.executable, "-m", "secagg.cli", "aggregator", "serve", "--config",
              str(fed / "aggregator" / "federation.toml"), "--store", str(tmp / "agg.db"),
-             "--log-level", os.environ.get("SECAGG_BENCH_LOG", "warning")], stdout=log, stderr=log, env=_env())
+             "--log-level", os.environ.get("SECAGG_BENCH_LOG", "warning")],
+            stdout=log, stderr=log, env=_env())
         sites: list[subprocess.Popen[bytes]] = []
         try:
             kits = [SiteKit.load(fed / "sites" / f"site-{s}") for s in range(1, clients + 1)]

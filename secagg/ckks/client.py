@@ -133,6 +133,6 @@ class CkksClient:
             raise InvalidMessage("release request")
         assert isinstance(self._context, KeyHolder)
         released = release_average(self._context, self.config, request.aggregate,
-                                   request.uploads)
+                                   request.uploads, site_id=self.site_id)
         self.stage = CkksStage.COMPLETED
         return released

@@ -190,14 +190,17 @@ class KeyHolder(_Context):
                                identity.sign(unsigned.signed_bytes()))
 
     def record_release(self, round_id: str, aggregate_digest: bytes, max_rounds: int) -> None:
-        """Refuse a second, different aggregate for a round, or more rounds than the key may
-        serve. Releasing the same aggregate again is allowed (the release is identical)."""
+        """Spend the round on this aggregate before it is decrypted; refuse a second,
+        different aggregate for a round (even if the first was refused after decryption), or
+        more rounds than the key may serve. The same aggregate again is allowed: its release,
+        or its refusal, is identical."""
         previous = self._releases.get(round_id)
         if previous is not None:
             # defence: ckks.keys.one-aggregate-per-round
             if previous != aggregate_digest:
                 raise RefusedMessage(RefusalReason.ALREADY_RELEASED,
-                                     f"round {round_id!r} was released with other uploads")
+                                     f"round {round_id!r} was already decrypted for other "
+                                     "uploads")
             return
         # defence: ckks.keys.round-budget
         if len(self._releases) >= max_rounds:

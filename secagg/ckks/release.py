@@ -74,12 +74,20 @@ def gaussian(count: int, sigma: float, key: bytes) -> np.ndarray:
 class Release:
     """One key holder's verification and release of one round's aggregate."""
 
-    def __init__(self, holder: KeyHolder, config: CkksRoundConfig) -> None:
+    def __init__(self, holder: KeyHolder, config: CkksRoundConfig, *, site_id: int) -> None:
         if not isinstance(holder, KeyHolder):
             raise TypeError("holder must be a KeyHolder")
         # defence: ckks.release.holder-holds-the-rounds-key
         if holder.key_id != config.key_id:
             raise RefusedMessage(RefusalReason.WRONG_KEY_ID, "this holder's key is not the round's")
+        # One site releases a round: the one that announced its key. Two holders of one key
+        # keep two ledgers; if both released, one could be shown all sites and the other all
+        # but one, and the difference is that site's update.
+        # defence: ckks.release.only-the-announcing-holder
+        if type(site_id) is not int or site_id != config.announcement.holder:
+            raise RefusedMessage(RefusalReason.NOT_THE_RELEASING_HOLDER,
+                                 f"round {config.round_id!r} is released by site "
+                                 f"{config.announcement.holder} alone")
         self._holder = holder
         self._config = config
         self._context = holder.seal_context
@@ -151,16 +159,17 @@ class Release:
         if mine != aggregate.chunks:
             raise RefusedMessage(RefusalReason.AGGREGATE_MISMATCH,
                                  "the aggregate is not the sum of the verified uploads")
-        values = self._decrypt()
-        sites = len(aggregate.sites)
-        weighted, weight_sum = self._check_range(values, sites)
         digest = hashlib.sha256(encode("ckks-aggregate", config.params_digest,
                                        # defence: ckks.release.digest-binds-the-summed-ciphertexts
                                        list(aggregate.sites), *mine)).digest()
-        released = self._flood(weighted, weight_sum, sites, digest)
+        # The round is spent before anything is decrypted: a refusal after decryption (out of
+        # range) must not be repeatable on other sums, or each refusal is an oracle bit.
         # defence: ckks.release.recorded
         self._holder.record_release(config.round_id, digest, config.announcement.max_rounds)
-        return released
+        values = self._decrypt()
+        sites = len(aggregate.sites)
+        weighted, weight_sum = self._check_range(values, sites)
+        return self._flood(weighted, weight_sum, sites, digest)
 
     def _decrypt(self) -> np.ndarray:
         assert self._sum is not None
@@ -212,11 +221,16 @@ class Release:
 
 
 def release_average(holder: KeyHolder, config: CkksRoundConfig, aggregate: EncryptedAggregate,
-                    uploads: Iterable[EncryptedUpdate]) -> ReleasedAverage:
+                    uploads: Iterable[EncryptedUpdate], *, site_id: int) -> ReleasedAverage:
     """Verify ``uploads`` (the signed uploads the aggregator summed), check ``aggregate`` is
-    their sum, and release the flooded, rounded weighted average: the only way out."""
-    release = Release(holder, config)
-    for update in uploads:
+    their sum, and release the flooded, rounded weighted average: the only way out.
+    ``site_id`` is the releasing key holder's own site (the one that announced the key)."""
+    release = Release(holder, config, site_id=site_id)
+    try:
+        items = iter(uploads)
+    except TypeError:
+        raise InvalidMessage("uploads") from None
+    for update in items:
         release.add(update)
     return release.finish(aggregate)
 
@@ -225,7 +239,7 @@ def decrypt_verified_sum(holder: KeyHolder, config: CkksRoundConfig,
                       uploads: Iterable[EncryptedUpdate]) -> tuple[np.ndarray, float]:
     """Hazardous, for noise measurements only: the raw (weighted sum, weight sum) of verified
     uploads, without range checks or flooding. Never release these."""
-    release = Release(holder, config)
+    release = Release(holder, config, site_id=config.announcement.holder)
     for update in uploads:
         release.add(update)
     values = release._decrypt()

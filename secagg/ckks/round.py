@@ -20,6 +20,7 @@ from secagg.ckks.keys import KeyAnnouncement
 from secagg.ckks.presets import DEFAULT_PRESET, FLOOD_FACTOR, Preset, get_preset
 from secagg.errors import ConfigurationError, InvalidMessage
 from secagg.hazmat import signing
+from secagg.masking.graph import colluders
 
 MIN_SITES = 3
 
@@ -58,7 +59,9 @@ class CkksRoundConfig:
     vector_length: update elements per site (the weight is one more value).
     preset: CKKS parameters (see :mod:`secagg.ckks.presets`); must be the announced one.
     clip, max_weight: each update element is clipped to [-clip, clip]; 0 < weight <= max_weight.
-    min_sites: the aggregate of fewer sites is never released.
+    min_sites: the aggregate of fewer sites is never released; 0 (the default) picks
+        colluders + 2, also the least allowed, so any released sum covers two honest sites.
+    corrupt_fraction: the fraction of sites that may collude with the aggregator.
     epoch: the key's validity label this round belongs to (default: the round id, i.e. a fresh
         key per round); must equal the announcement's.
 
@@ -79,7 +82,8 @@ class CkksRoundConfig:
     preset: str = DEFAULT_PRESET
     clip: float = 1.0
     max_weight: float = 1.0
-    min_sites: int = MIN_SITES
+    min_sites: int = 0
+    corrupt_fraction: float = 0.2
     epoch: str | None = None
 
     def __post_init__(self) -> None:
@@ -88,11 +92,17 @@ class CkksRoundConfig:
         if not isinstance(self.roster, Mapping) or len(self.roster) < MIN_SITES:
             raise ConfigurationError(f"roster must list at least {MIN_SITES} sites")
         for site, key in self.roster.items():
-            if not isinstance(site, int) or isinstance(site, bool) or site < 1:
-                raise ConfigurationError(f"roster site ids must be integers >= 1, got {site!r}")
+            if type(site) is not int or not 0 < site < 2**63:
+                raise ConfigurationError(
+                    f"roster site ids must be integers in [1, 2**63), got {site!r}")
             if not isinstance(key, bytes) or len(key) != signing.PUBLIC_KEY_BYTES:
                 raise ConfigurationError(f"roster key of site {site} must be 32 bytes")
+        # defence: ckks.round.one-key-per-site
+        if len(set(self.roster.values())) != len(self.roster):
+            raise ConfigurationError("roster lists the same identity key for two sites (one "
+                                     "party would count as two toward min_sites)")
         if (not isinstance(self.key_holders, tuple) or not self.key_holders
+                or not all(type(h) is int for h in self.key_holders)
                 # defence: ckks.round.key-holders-on-roster
                 or not set(self.key_holders) <= set(self.roster)
                 or len(set(self.key_holders)) != len(self.key_holders)):
@@ -103,11 +113,27 @@ class CkksRoundConfig:
             raise ConfigurationError(f"vector_length must be >= 1, got {self.vector_length}")
         clip = _positive_finite("clip", self.clip)
         max_weight = _positive_finite("max_weight", self.max_weight)
-        if (isinstance(self.min_sites, bool) or not isinstance(self.min_sites, int)
-                # defence: ckks.round.min-sites-at-least-three
-                or not MIN_SITES <= self.min_sites <= len(self.roster)):
+        if (isinstance(self.corrupt_fraction, bool)
+                or not isinstance(self.corrupt_fraction, int | float)
+                or not 0 <= self.corrupt_fraction < 1):
             raise ConfigurationError(
-                f"min_sites must be in [{MIN_SITES}, {len(self.roster)}], got {self.min_sites}")
+                f"corrupt_fraction must be in [0, 1), got {self.corrupt_fraction!r}")
+        # Colluding sites count toward min_sites but subtract their own updates from the sum:
+        # at least two honest sites must remain, or the sum is one site's update.
+        # And never fewer than three: an aggregate of two sites hands each the other's update.
+        # defence: ckks.round.min-sites-at-least-three
+        fewest = max(MIN_SITES, colluders(len(self.roster), self.corrupt_fraction) + 2)
+        if self.min_sites == 0 and type(self.min_sites) is int:
+            object.__setattr__(self, "min_sites", fewest)
+        if type(self.min_sites) is not int or not 1 <= self.min_sites <= len(self.roster):
+            raise ConfigurationError(
+                f"min_sites must be in [{fewest}, {len(self.roster)}], got {self.min_sites}")
+        # defence: ckks.round.min-sites-beyond-colluders
+        if self.min_sites < fewest:
+            raise ConfigurationError(
+                f"min_sites={self.min_sites} lets {fewest - 2} colluding sites and one honest "
+                f"site make up a released sum (corrupt_fraction={self.corrupt_fraction}); it "
+                f"must be at least {fewest}")
         p = self.preset_params  # raises ConfigurationError for an unknown preset
         n = len(self.roster)
         worst = n * max(clip * max_weight, max_weight)
@@ -177,7 +203,9 @@ class CkksRoundConfig:
                       self.vector_length, self.preset, repr(float(self.clip)),
                       # defence: ckks.round.params-binds-max-weight
                       # defence: ckks.round.params-binds-min-sites
-                      repr(float(self.max_weight)), self.min_sites, str(self.epoch))
+                      repr(float(self.max_weight)), self.min_sites, str(self.epoch),
+                      # defence: ckks.round.params-binds-corrupt-fraction
+                      repr(float(self.corrupt_fraction)))
 
     def value_bounds(self, sites: int) -> tuple[float, float]:
         """(max |weighted sum element|, max weight sum) of an honest aggregate of ``sites``."""
@@ -261,7 +289,7 @@ def check_update_fields(update: object) -> None:
     ok = (isinstance(update.round_id, str)
           and isinstance(update.key_id, bytes) and len(update.key_id) == 32
           # defence: ckks.round.upload-site-id-is-int
-          and isinstance(update.site_id, int) and not isinstance(update.site_id, bool)
+          and type(update.site_id) is int and 0 < update.site_id < 2**63
           and isinstance(update.seeded, bool)
           and isinstance(update.signature, bytes) and len(update.signature) == 64
           # defence: ckks.round.upload-chunks-tuple

@@ -32,7 +32,7 @@ word_bits = 32
 [ckks]
 preset = "add-only-4096"
 key_holders = [1]                # round r's key is made and released by key_holders[r % len]
-min_sites = 3
+# min_sites = 4                  # default and least: colluders + 2 ([masking] corrupt_fraction)
 
 [deadlines]                      # seconds
 open = 600                       # from a round's opening until its first stage closes
@@ -124,7 +124,7 @@ class FederationConfig:
     word_bits: int = 32
     preset: str = "add-only-4096"
     key_holders: tuple[int, ...] = (1,)
-    min_sites: int = 3
+    min_sites: int | None = None
     deadlines: Deadlines = field(default_factory=Deadlines)
     limits: Limits = field(default_factory=Limits)
 
@@ -199,7 +199,8 @@ class FederationConfig:
             word_bits=_get(msk, "masking", "word_bits", int, 32),
             preset=_get(ck, "ckks", "preset", str, "add-only-4096"),
             key_holders=tuple(holders),
-            min_sites=_get(ck, "ckks", "min_sites", int, 3),
+            min_sites=(None if ck.get("min_sites") is None
+                       else _get(ck, "ckks", "min_sites", int)),
             deadlines=Deadlines(**{k: float(_positive("deadlines", k, _get(
                 dl, "deadlines", k, (int, float), getattr(Deadlines(), k))))
                 for k in ("open", "stage", "release")}),
@@ -248,7 +249,7 @@ class FederationConfig:
                         "corrupt_fraction": self.corrupt_fraction,
                         "dropout_rate": self.dropout_rate, "word_bits": self.word_bits},
             "ckks": {"preset": self.preset, "key_holders": list(self.key_holders),
-                     "min_sites": self.min_sites},
+                     **({} if self.min_sites is None else {"min_sites": self.min_sites})},
             "deadlines": {"open": self.deadlines.open, "stage": self.deadlines.stage,
                           "release": self.deadlines.release},
             "limits": {"max_message_bytes": self.limits.max_message_bytes,
@@ -295,4 +296,5 @@ class FederationConfig:
 
         return CkksRoundConfig(round_id, roster, announcement, (announcement.holder,),
                                vector_length, preset=self.preset, clip=self.clip_norm,
-                               max_weight=1.0, min_sites=self.min_sites)
+                               max_weight=1.0, min_sites=self.min_sites or 0,
+                               corrupt_fraction=self.corrupt_fraction)

@@ -107,8 +107,9 @@ class RoundConfig:
         if not isinstance(self.roster, Mapping) or len(self.roster) < MIN_SITES:
             raise ConfigurationError(f"roster must list at least {MIN_SITES} sites")
         for site, key in self.roster.items():
-            if not isinstance(site, int) or isinstance(site, bool) or site < 1:
-                raise ConfigurationError(f"roster site ids must be integers >= 1, got {site!r}")
+            if type(site) is not int or not 1 <= site < 2**63:
+                raise ConfigurationError(
+                    f"roster site ids must be integers in [1, 2**63), got {site!r}")
             if not isinstance(key, bytes) or len(key) != signing.PUBLIC_KEY_BYTES:
                 raise ConfigurationError(f"roster key of site {site} must be 32 bytes")
         # defence: masking.config.distinct-identity-keys
@@ -122,11 +123,13 @@ class RoundConfig:
             if isinstance(value, bool) or not isinstance(value, int | float) or not (
                     0 <= value < 1):
                 raise ConfigurationError(f"{name} must be in [0, 1), got {value!r}")
-        if (isinstance(self.security_bits, bool) or not isinstance(self.security_bits, int)
-                or self.security_bits < graph.MIN_SECURITY_BITS):
+        if (type(self.security_bits) is not int
+                or not graph.MIN_SECURITY_BITS <= self.security_bits <= 256):
             raise ConfigurationError(
-                f"security_bits must be an integer >= {graph.MIN_SECURITY_BITS}, "
+                f"security_bits must be an integer in [{graph.MIN_SECURITY_BITS}, 256], "
                 f"got {self.security_bits!r}")
+        if type(self.word_bits) is not int:
+            raise ConfigurationError(f"word_bits must be an integer, got {self.word_bits!r}")
         clip = _check_range("clip", self.clip)
         max_weight = _check_range("max_weight", self.max_weight)
         _check_range("clip * max_weight", clip * max_weight)

@@ -29,6 +29,7 @@ class RefusalReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REFUSAL_REASON_KEY_EXHAUSTED: _ClassVar[RefusalReason]
     REFUSAL_REASON_AGGREGATE_MISMATCH: _ClassVar[RefusalReason]
     REFUSAL_REASON_OUT_OF_RANGE: _ClassVar[RefusalReason]
+    REFUSAL_REASON_NOT_THE_RELEASING_HOLDER: _ClassVar[RefusalReason]
 CKKS_STAGE_UNSPECIFIED: CkksStage
 CKKS_STAGE_UPLOAD: CkksStage
 CKKS_STAGE_RELEASE: CkksStage
@@ -46,6 +47,7 @@ REFUSAL_REASON_ALREADY_RELEASED: RefusalReason
 REFUSAL_REASON_KEY_EXHAUSTED: RefusalReason
 REFUSAL_REASON_AGGREGATE_MISMATCH: RefusalReason
 REFUSAL_REASON_OUT_OF_RANGE: RefusalReason
+REFUSAL_REASON_NOT_THE_RELEASING_HOLDER: RefusalReason
 
 class KeyAnnouncement(_message.Message):
     __slots__ = ("key_id", "preset", "holder", "epoch", "max_rounds", "signature")

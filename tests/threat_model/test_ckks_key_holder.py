@@ -64,14 +64,14 @@ def test_one_upload_relabelled_as_the_aggregate_of_three_sites_is_refused() -> N
                               r.public.seal_context, scale=r.config.preset_params.scale)
         for c in lone.chunks))
     with pytest.raises(RefusedMessage) as caught:
-        release_average(r.holder, r.config, forged, uploads)
+        release_average(r.holder, r.config, forged, uploads, site_id=1)
     assert caught.value.reason is RefusalReason.AGGREGATE_MISMATCH
     # ... and with only that site's upload forwarded, too few sites
     with pytest.raises(ProtocolAbort):
-        release_average(r.holder, r.config, replace(forged, sites=(2,)), [lone])
+        release_average(r.holder, r.config, replace(forged, sites=(2,)), [lone], site_id=1)
     # ... and the same upload forwarded three times counts once
     with pytest.raises(RefusedMessage) as caught:
-        release_average(r.holder, r.config, forged, [lone, lone, lone])
+        release_average(r.holder, r.config, forged, [lone, lone, lone], site_id=1)
     assert caught.value.reason is RefusalReason.DUPLICATE_SITE
     assert not r.holder.releases
 
@@ -82,12 +82,12 @@ def test_crafted_aggregate_with_zero_c0_and_chosen_c1_is_never_decrypted() -> No
     uploads, aggregate = r.run()
     crafted = replace(aggregate, chunks=(_crafted_chunk(r, 0, 1 << 20),))
     with pytest.raises(RefusedMessage) as caught:
-        release_average(r.holder, r.config, crafted, uploads)
+        release_average(r.holder, r.config, crafted, uploads, site_id=1)
     assert caught.value.reason is RefusalReason.AGGREGATE_MISMATCH
     # an aggregator cannot forge the sites' upload signatures either
     forged = replace(uploads[0], chunks=(_crafted_chunk(r, 0, 1 << 20),))
     with pytest.raises(InvalidMessage):
-        release_average(r.holder, r.config, crafted, [forged, *uploads[1:]])
+        release_average(r.holder, r.config, crafted, [forged, *uploads[1:]], site_id=1)
     assert not r.holder.releases
 
 
@@ -105,9 +105,10 @@ def test_malicious_site_adding_a_c1_term_to_its_own_upload_gets_no_release() -> 
             server.handle(u)  # canonical, correctly signed: the aggregator must accept it
         aggregate = server.close_stage()[1]
         with pytest.raises(RefusedMessage) as caught:
-            release_average(r.holder, r.config, aggregate, [*honest, evil])
+            release_average(r.holder, r.config, aggregate, [*honest, evil], site_id=1)
         assert caught.value.reason is RefusalReason.OUT_OF_RANGE, c1
-        assert not r.holder.releases
+        # the round is spent on that aggregate: there is no second, different try
+        assert set(r.holder.releases) == {r.config.round_id}
 
 
 def test_key_announcement_not_signed_by_a_key_holder_is_refused_before_encrypting() -> None:
@@ -136,9 +137,9 @@ def test_release_is_identical_every_time_and_for_every_key_holder() -> None:
     r = CkksRound(sites=3, vector_length=500)
     sealed_to_2 = KeyHolder.from_secret_context(r.holder.export_secret_context())
     uploads, aggregate = r.run()
-    first = release_average(r.holder, r.config, aggregate, uploads)
-    again = release_average(r.holder, r.config, aggregate, uploads)
-    other = release_average(sealed_to_2, r.config, aggregate, uploads)
+    first = release_average(r.holder, r.config, aggregate, uploads, site_id=1)
+    again = release_average(r.holder, r.config, aggregate, uploads, site_id=1)
+    other = release_average(sealed_to_2, r.config, aggregate, uploads, site_id=1)
     np.testing.assert_array_equal(first.average, again.average)
     np.testing.assert_array_equal(first.average, other.average)
 
@@ -151,7 +152,7 @@ def test_release_is_flooded_with_noise_of_the_documented_size_from_the_secret() 
         r = CkksRound(sites=3, vector_length=4000, seed=11)  # same inputs, fresh keys
         uploads, aggregate = r.run()
         raw, _ = decrypt_verified_sum(r.holder, r.config, uploads)
-        released = release_average(r.holder, r.config, aggregate, uploads)
+        released = release_average(r.holder, r.config, aggregate, uploads, site_id=1)
         noise = released.average * released.weight_sum - raw
         sigma = FLOOD_FACTOR * r.config.preset_params.noise_bound(3)
         assert 0.5 * sigma < float(np.std(noise)) < 2 * sigma
@@ -164,20 +165,20 @@ def test_second_release_of_a_round_with_other_uploads_is_refused() -> None:
     release two sums that differ by one site: their difference is that site's update."""
     r = CkksRound(sites=4, vector_length=50, epoch="epoch-1", max_rounds=5)
     uploads, aggregate = r.run([1, 2, 3, 4])
-    release_average(r.holder, r.config, aggregate, uploads)
+    release_average(r.holder, r.config, aggregate, uploads, site_id=1)
     again = CkksRound.__new__(CkksRound)
     again.__dict__.update(r.__dict__)
     again.server = CkksServer(r.config, r.public)
     fewer, smaller = again.run([1, 2, 3])
     with pytest.raises(RefusedMessage) as caught:
-        release_average(r.holder, r.config, smaller, fewer)
+        release_average(r.holder, r.config, smaller, fewer, site_id=1)
     assert caught.value.reason is RefusalReason.ALREADY_RELEASED
 
 
 def test_fresh_key_per_round_refuses_replayed_uploads_and_a_second_round() -> None:
     r = CkksRound(sites=3, vector_length=50)  # max_rounds=1: a fresh key per round
     uploads, aggregate = r.run()
-    release_average(r.holder, r.config, aggregate, uploads)
+    release_average(r.holder, r.config, aggregate, uploads, site_id=1)
     # the same key cannot serve another round ...
     next_config = replace(r.config, round_id="next", epoch=r.config.epoch)
     server = CkksServer(next_config, r.public)
@@ -187,7 +188,7 @@ def test_fresh_key_per_round_refuses_replayed_uploads_and_a_second_round() -> No
     for u in next_uploads:
         server.handle(u)
     with pytest.raises(RefusedMessage) as caught:
-        release_average(r.holder, next_config, server.close_stage()[1], next_uploads)
+        release_average(r.holder, next_config, server.close_stage()[1], next_uploads, site_id=1)
     assert caught.value.reason is RefusalReason.KEY_EXHAUSTED
     # ... and a restarted round gets a fresh key: the old uploads no longer verify
     fresh = CkksRound(sites=3, vector_length=50)
@@ -206,7 +207,7 @@ def test_upload_signature_covers_every_chunk() -> None:
     with pytest.raises(InvalidMessage):
         r.server.handle(swapped)
     with pytest.raises(InvalidMessage):
-        Release(r.holder, r.config).add(swapped)
+        Release(r.holder, r.config, site_id=1).add(swapped)
 
 
 def test_aggregator_refuses_to_be_handed_a_key_holder() -> None:
@@ -226,7 +227,7 @@ def test_malformed_upload_fields_are_secagg_errors(field: str) -> None:
     with pytest.raises(InvalidMessage):
         r.server.handle(replace(upload, **{field: bad}))
     with pytest.raises(InvalidMessage):
-        Release(r.holder, r.config).add(replace(upload, **{field: bad}))
+        Release(r.holder, r.config, site_id=1).add(replace(upload, **{field: bad}))
 
 
 def test_sum_beyond_the_range_is_refused_not_wrapped() -> None:
@@ -245,7 +246,7 @@ def test_sum_beyond_the_range_is_refused_not_wrapped() -> None:
     for u in (*honest, evil):
         server.handle(u)
     with pytest.raises(RefusedMessage) as caught:
-        release_average(r.holder, r.config, server.close_stage()[1], [*honest, evil])
+        release_average(r.holder, r.config, server.close_stage()[1], [*honest, evil], site_id=1)
     assert caught.value.reason is RefusalReason.OUT_OF_RANGE
 
 
@@ -253,12 +254,13 @@ def test_release_for_another_round_or_key_is_refused() -> None:
     r = CkksRound(sites=3, vector_length=10)
     uploads, aggregate = r.run()
     with pytest.raises(RefusedMessage, match="WRONG_ROUND"):
-        release_average(r.holder, r.config, replace(aggregate, round_id="other"), uploads)
+        release_average(r.holder, r.config, replace(aggregate, round_id="other"), uploads,
+                        site_id=1)
     other = KeyHolder.generate()
     with pytest.raises(RefusedMessage, match="WRONG_KEY_ID"):
-        release_average(other, r.config, aggregate, uploads)
+        release_average(other, r.config, aggregate, uploads, site_id=1)
     with pytest.raises(InvalidMessage):
-        release_average(r.holder, r.config, "aggregate", uploads)  # type: ignore[arg-type]
+        release_average(r.holder, r.config, "aggregate", uploads, site_id=1)  # type: ignore[arg-type]
     assert isinstance(aggregate, EncryptedAggregate)
     with pytest.raises(ConfigurationError):
         CkksRoundConfig(r.config.round_id, r.roster, r.announcement, (1,), 10, epoch="")
@@ -287,7 +289,7 @@ def _release_with(r: CkksRound, evil_values: np.ndarray) -> None:
     server = CkksServer(r.config, r.public)
     for u in (*honest, evil):
         server.handle(u)
-    release_average(r.holder, r.config, server.close_stage()[1], [*honest, evil])
+    release_average(r.holder, r.config, server.close_stage()[1], [*honest, evil], site_id=1)
 
 
 def _honest_looking_row(r: CkksRound) -> np.ndarray:
@@ -306,7 +308,7 @@ def test_site_hiding_values_in_the_imaginary_parts_gets_no_release() -> None:
     with pytest.raises(RefusedMessage) as caught:
         _release_with(r, row)
     assert caught.value.reason is RefusalReason.OUT_OF_RANGE
-    assert not r.holder.releases
+    assert set(r.holder.releases) == {r.config.round_id}  # spent: no second try
 
 
 def test_site_writing_into_the_padding_slots_gets_no_release() -> None:
@@ -342,7 +344,7 @@ def test_weight_sum_lost_in_the_flooding_noise_is_refused_not_divided_by() -> No
             r.inputs[s] = (update, 1e-6)
         uploads, aggregate = r.run()
         try:
-            released = release_average(holder, r.config, aggregate, uploads)
+            released = release_average(holder, r.config, aggregate, uploads, site_id=1)
         except RefusedMessage as refused:
             assert refused.reason is RefusalReason.OUT_OF_RANGE
             continue
@@ -358,11 +360,11 @@ def test_key_holder_refuses_an_upload_it_cannot_attribute_or_shape() -> None:
     r = CkksRound(sites=3, vector_length=3000)  # two chunks
     upload = r.client(2).start()
     with pytest.raises(RefusedMessage) as caught:
-        Release(r.holder, r.config).add(replace(upload, site_id=42))
+        Release(r.holder, r.config, site_id=1).add(replace(upload, site_id=42))
     assert caught.value.reason is RefusalReason.UNKNOWN_SITE
     short = _signed(r, 2, upload.chunks[:1], seeded=False)
     with pytest.raises(RefusedMessage) as caught:
-        Release(r.holder, r.config).add(short)
+        Release(r.holder, r.config, site_id=1).add(short)
     assert caught.value.reason is RefusalReason.WRONG_SHAPE
 
 
@@ -379,7 +381,7 @@ def test_key_holder_parses_every_forwarded_chunk_canonically(change: str) -> Non
         chunk = seeded.chunks[0] + b"\x00"
     bad = _signed(r, 1, (chunk,), seeded=True)
     with pytest.raises(InvalidMessage):
-        Release(r.holder, r.config).add(bad)
+        Release(r.holder, r.config, site_id=1).add(bad)
 
 
 def test_aggregate_labelled_for_another_key_is_refused() -> None:
@@ -387,7 +389,7 @@ def test_aggregate_labelled_for_another_key_is_refused() -> None:
     uploads, aggregate = r.run()
     other = KeyHolder.generate().key_id
     with pytest.raises(RefusedMessage) as caught:
-        release_average(r.holder, r.config, replace(aggregate, key_id=other), uploads)
+        release_average(r.holder, r.config, replace(aggregate, key_id=other), uploads, site_id=1)
     assert caught.value.reason is RefusalReason.WRONG_KEY_ID
 
 
@@ -398,7 +400,8 @@ def test_aggregate_claiming_more_sites_than_the_forwarded_uploads_is_refused() -
     r = CkksRound(sites=4, vector_length=10)
     uploads, aggregate = r.run([1, 2, 3])
     with pytest.raises(RefusedMessage) as caught:
-        release_average(r.holder, r.config, replace(aggregate, sites=(1, 2, 3, 4)), uploads)
+        release_average(r.holder, r.config, replace(aggregate, sites=(1, 2, 3, 4)), uploads,
+                        site_id=1)
     assert caught.value.reason is RefusalReason.AGGREGATE_MISMATCH
     assert not r.holder.releases
 
@@ -410,7 +413,7 @@ def test_restarted_round_with_a_site_reuploading_cannot_be_released_twice() -> N
     Property: the second aggregate of the round is refused (ALREADY_RELEASED)."""
     r = CkksRound(sites=4, vector_length=50, epoch="epoch-1", max_rounds=5)
     uploads, aggregate = r.run()
-    release_average(r.holder, r.config, aggregate, uploads)
+    release_average(r.holder, r.config, aggregate, uploads, site_id=1)
     server = CkksServer(r.config, r.public)
     changed = CkksClient(r.config, 4, r.identities[4], r.public,
                          (np.zeros(50), 1.0)).start()
@@ -418,7 +421,7 @@ def test_restarted_round_with_a_site_reuploading_cannot_be_released_twice() -> N
     for u in again:
         server.handle(u)
     with pytest.raises(RefusedMessage) as caught:
-        release_average(r.holder, r.config, server.close_stage()[1], again)
+        release_average(r.holder, r.config, server.close_stage()[1], again, site_id=1)
     assert caught.value.reason is RefusalReason.ALREADY_RELEASED
 
 
@@ -444,7 +447,7 @@ def test_flooding_noise_drowns_the_decryption_noise() -> None:
     uploads, aggregate = r.run()
     raw, _ = decrypt_verified_sum(r.holder, r.config, uploads)
     decryption_error = float(np.max(np.abs(raw - r.expected()[0])))
-    released = release_average(r.holder, r.config, aggregate, uploads)
+    released = release_average(r.holder, r.config, aggregate, uploads, site_id=1)
     flooding = released.average * released.weight_sum - raw
     assert float(np.std(flooding)) > 256 * decryption_error
 
@@ -467,7 +470,7 @@ def test_aggregator_counting_one_sites_upload_twice_is_refused() -> None:
     doubled = replace(aggregate, chunks=tuple(_seal.dump_ciphertext(ct, ctx, scale=scale)
                                               for ct in total))
     with pytest.raises(RefusedMessage) as caught:
-        release_average(r.holder, r.config, doubled, [*uploads, twice])
+        release_average(r.holder, r.config, doubled, [*uploads, twice], site_id=1)
     assert caught.value.reason is RefusalReason.DUPLICATE_SITE
     assert not r.holder.releases
 
@@ -495,9 +498,83 @@ def test_key_holder_refuses_an_upload_of_another_round_or_key() -> None:
     config2 = replace(r.config, round_id="round-2")
     other_round = CkksClient(config2, 2, r.identities[2], r.public, r.inputs[2]).start()
     with pytest.raises(RefusedMessage) as caught:
-        Release(r.holder, r.config).add(other_round)
+        Release(r.holder, r.config, site_id=1).add(other_round)
     assert caught.value.reason is RefusalReason.WRONG_ROUND
     other_key = CkksRound(sites=3, vector_length=10).client(2).start()
     with pytest.raises(RefusedMessage) as caught:
-        Release(r.holder, r.config).add(other_key)
+        Release(r.holder, r.config, site_id=1).add(other_key)
     assert caught.value.reason is RefusalReason.WRONG_KEY_ID
+
+
+def test_each_refusal_after_decryption_spends_the_round_so_refusals_are_no_oracle() -> None:
+    """A key holder that decrypted, refused (out of range) and then decrypted other sums for
+    the same round would answer one yes/no question per try about an exact decryption: 260
+    such questions recovered a site's update. Now the round is spent on the first aggregate
+    decrypted, before decryption: any other aggregate for it is ALREADY_RELEASED, decided
+    before anything is decrypted."""
+    from unittest import mock
+
+    from secagg.ckks import release as release_module
+
+    r = CkksRound(sites=4, vector_length=100)
+    honest = [r.client(s).start() for s in (1, 2, 3)]
+    evil = _signed(r, 4, (_crafted_chunk(r, 0, 1 << 30),), seeded=False)
+    server = CkksServer(r.config, r.public)
+    for u in (*honest, evil):
+        server.handle(u)
+    with pytest.raises(RefusedMessage) as caught:
+        release_average(r.holder, r.config, server.close_stage()[1], [*honest, evil],
+                        site_id=1)
+    assert caught.value.reason is RefusalReason.OUT_OF_RANGE
+    decrypts = mock.Mock(side_effect=AssertionError("decrypted again"))
+    server = CkksServer(r.config, r.public)
+    for u in honest:
+        server.handle(u)
+    with mock.patch.object(release_module.Release, "_decrypt", decrypts), pytest.raises(
+            RefusedMessage) as caught:
+        release_average(r.holder, r.config, server.close_stage()[1], honest, site_id=1)
+    assert caught.value.reason is RefusalReason.ALREADY_RELEASED
+    assert not decrypts.called
+
+
+def test_a_second_key_holder_cannot_release_a_round_another_announced() -> None:
+    """Two sites hold one key (sealed from one to the other). Each keeps its own ledger; if
+    both could release, the aggregator would ask one for all sites and the other for all but
+    one, and subtract. Only the announcing holder releases."""
+    r = CkksRound(sites=4, vector_length=100)
+    copy = KeyHolder.from_secret_context(r.holder.export_secret_context())
+    uploads, aggregate = r.run()
+    release_average(r.holder, r.config, aggregate, uploads, site_id=1)
+    fewer, smaller = uploads[:3], None
+    server = CkksServer(r.config, r.public)
+    for u in fewer:
+        server.handle(u)
+    smaller = server.close_stage()[1]
+    with pytest.raises(RefusedMessage) as caught:
+        release_average(copy, r.config, smaller, fewer, site_id=2)
+    assert caught.value.reason is RefusalReason.NOT_THE_RELEASING_HOLDER
+    assert not copy.releases
+
+
+def test_colluding_sites_cannot_make_up_min_sites_around_one_victim() -> None:
+    """With 2 colluders among 10 sites and min_sites=3, the aggregator could release the sum
+    of {victim, colluder A, colluder B}; the colluders subtract their own updates. min_sites
+    now counts the colluders: at least colluders + 2."""
+    from tests.ckks_kit import announcement_for
+
+    roster, announcement = announcement_for(10)
+    with pytest.raises(ConfigurationError, match="min_sites"):
+        CkksRoundConfig("r", roster, announcement, (1,), 10, min_sites=3)
+    config = CkksRoundConfig("r", roster, announcement, (1,), 10)
+    assert config.min_sites == 4  # floor(0.2 * 10) + 2
+    roster, announcement = announcement_for(100)
+    assert CkksRoundConfig("r", roster, announcement, (1,), 10).min_sites == 22
+
+
+def test_a_roster_naming_one_key_twice_is_refused() -> None:
+    from tests.ckks_kit import announcement_for
+
+    roster, announcement = announcement_for(5)
+    roster[5] = roster[4]
+    with pytest.raises(ConfigurationError, match="same identity key"):
+        CkksRoundConfig("r", roster, announcement, (1,), 10)

@@ -30,6 +30,7 @@ def test_params_digest_binds_every_parameter() -> None:
         replace(base, clip=0.5),
         replace(base, max_weight=0.5),
         replace(base, min_sites=4),
+        replace(base, corrupt_fraction=0.1),
     ]
     digests = {v.params_digest for v in variants}
     assert base.params_digest not in digests and len(digests) == len(variants)
@@ -41,6 +42,6 @@ def test_an_update_beyond_clip_is_clipped_and_the_round_still_releases() -> None
     r = CkksRound(sites=3, vector_length=50)
     r.inputs[2] = (np.full(50, 40.0), 1.0)
     uploads, aggregate = r.run()
-    released = release_average(r.holder, r.config, aggregate, uploads)
+    released = release_average(r.holder, r.config, aggregate, uploads, site_id=1)
     exact_ws, exact_w = r.expected()
     assert float(np.max(np.abs(released.average - exact_ws / exact_w))) < 0.01

@@ -57,7 +57,8 @@ def test_headroom_refuses_rounds_whose_sum_could_overflow() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"key_holders": ()}, "key_holders"), ({"key_holders": (99,)}, "key_holders"),
-     ({"min_sites": 2}, "min_sites"), ({"vector_length": 0}, "vector_length"),
+     ({"min_sites": 2}, "min_sites"), ({"min_sites": 2, "corrupt_fraction": 0.0}, "min_sites"),
+     ({"vector_length": 0}, "vector_length"),
      ({"announcement": b"key id"}, "announcement"), ({"clip": 0.0}, "clip"),
      ({"clip": float("inf")}, "clip"), ({"max_weight": 1e-300}, "max_weight"),
      ({"epoch": "another"}, "epoch"), ({"preset": "add-only-8192"}, "preset")],
