@@ -48,8 +48,11 @@ _RUNNING = service_pb2.ROUND_STATUS_RUNNING
 
 class Site:
     def __init__(self, kit: SiteKit, connection: Connection, *, tensors_kind: str = "auto",
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, workers: int = 1) -> None:
+        if type(workers) is not int or workers < 1:
+            raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
         self.kit = kit
+        self.workers = workers  # CKKS: processes to encrypt with, and (key holder) to release
         self.site_id = kit.site_id
         self.config = kit.config
         self._conn = connection
@@ -61,13 +64,17 @@ class Site:
 
     @classmethod
     def connect(cls, site_dir: str | Path, *, tensors: str = "auto",
-                progress: Progress | None = None, retry_seconds: float = 300.0) -> Site:
-        """Load the site's directory (keys, certificates, signed roster, config) and connect."""
+                progress: Progress | None = None, retry_seconds: float = 300.0,
+                workers: int = 1) -> Site:
+        """Load the site's directory (keys, certificates, signed roster, config) and connect.
+        ``workers``: processes for CKKS encryption and, at the key holder, for verifying and
+        releasing (CKKS work is CPU-bound and TenSEAL holds the GIL; a training script that
+        calls this must then guard its entry point with ``if __name__ == "__main__":``)."""
         if tensors not in ("auto", "numpy", "torch"):
             raise ValueError(f"tensors must be 'auto', 'numpy' or 'torch', got {tensors!r}")
         kit = SiteKit.load(site_dir)
         return cls(kit, Connection(kit, retry_seconds=retry_seconds), tensors_kind=tensors,
-                   progress=progress)
+                   progress=progress, workers=workers)
 
     def close(self) -> None:
         self._conn.close()
@@ -317,7 +324,7 @@ class Round:
             context = PublicContext.load(self._conn.download(
                 wire.Blob.from_proto(info.ckks_key.public_context), what="public context"))
         client = CkksClient(config, site.site_id, site.kit.identity, context, (delta, weight),
-                            seeded=False,
+                            seeded=False, workers=site.workers,
                             progress=lambda d, t: self._progress("encrypt", d, t))
         upload = client.start()
         blob = self._conn.upload(b"".join(upload.chunks), progress=self._progress,
@@ -326,10 +333,7 @@ class Round:
         if self._key is not None:
             self._release(config)
 
-    def _release(self, config: Any) -> None:
-        assert self._key is not None
-        request = self._receive(CkksStage.UPLOAD.value).ckks_release_request
-        release = Release(self._key, config, site_id=self._site.site_id)
+    def _verify_and_release(self, release: Release, request: Any) -> Any:
         uploads = list(request.uploads)
         for done, ref in enumerate(uploads, 1):
             data = self._conn.download(wire.Blob.from_proto(ref.chunks))
@@ -338,9 +342,19 @@ class Round:
         aggregate = wire.aggregate_from_ref(request.aggregate, self._conn.download(
             wire.Blob.from_proto(request.aggregate.chunks)))
         try:
-            released = release.finish(aggregate)
+            return release.finish(aggregate)
         except SecAggError as e:
             raise RoundAborted(self.round_id, f"the key holder refused to release: {e}"
                                ) from None
+
+    def _release(self, config: Any) -> None:
+        assert self._key is not None
+        request = self._receive(CkksStage.UPLOAD.value).ckks_release_request
+        release = Release(self._key, config, site_id=self._site.site_id,
+                          workers=self._site.workers)
+        try:
+            released = self._verify_and_release(release, request)
+        finally:
+            release.close()
         blob = self._conn.upload(wire.average_bytes(released.average), what="release")
         self._submit(ckks_release=wire.release_to_ref(released, blob))

@@ -189,7 +189,8 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         from secagg.bench.ckks import run as run_ckks
 
-        out = run_ckks(args.clients, args.params, args.preset, args.seeded, quiet=args.json)
+        out = run_ckks(args.clients, args.params, args.preset, args.seeded, quiet=args.json,
+                       workers=args.workers)
     if args.json:
         print(json.dumps(out))
     else:
@@ -256,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     ckks.add_argument("--preset", default="add-only-4096")
     ckks.add_argument("--seeded", action="store_true",
                       help="sites hold the secret key: seeded symmetric ciphertexts")
+    ckks.add_argument("--workers", type=_positive, default=os.cpu_count() or 1,
+                      help="processes each site encrypts with (default: the CPU count); "
+                           "one process is measured too")
     ckks.add_argument("--json", action="store_true")
     service = bench_sub.add_parser("service", help="a full round over mTLS on loopback")
     service.add_argument("--protocol", dest="service_protocol", choices=["masking", "ckks"],

@@ -3,11 +3,13 @@
 
 TenSEAL's bindings hold the GIL and are single-threaded, so parallel encryption means several
 processes; each gets the context as bytes over a pipe (never a file) and encrypts a block of
-rows.
+rows. The processes are a pool kept for the life of the process (:func:`shared_pool`).
 """
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -51,19 +53,51 @@ class ChunkEncryptor:
         return _seal.dump_ciphertext(ct, self._context, scale=self._scale)
 
 
-_worker: ChunkEncryptor | None = None
+# --- worker processes ------------------------------------------------------------------
+#
+# One pool per process, started on first use and kept: starting a worker (a Python that
+# imports TenSEAL) costs more than encrypting a million values, so a pool per round would
+# make parallel encryption slower than serial. Each task carries the context bytes and a
+# digest of them; a worker loads a context once and keeps the last few.
+
+_worker_contexts: dict[tuple[bytes, bool], ChunkEncryptor] = {}
 
 
-def worker_init(context_bytes: bytes, seeded: bool) -> None:
-    """Process-pool initialiser: load the context this worker encrypts under."""
+def worker_encrypt(key: bytes, context_bytes: bytes, seeded: bool,
+                   rows: np.ndarray) -> list[bytes]:
+    """In a worker: encrypt ``rows`` under the context ``context_bytes`` (digest ``key``)."""
     from secagg.ckks.keys import KeyHolder, PublicContext
 
-    global _worker
-    context = (KeyHolder.from_secret_context(context_bytes) if seeded
-               else PublicContext.load(context_bytes))
-    _worker = ChunkEncryptor.for_context(context, seeded)
+    encryptor = _worker_contexts.get((key, seeded))
+    if encryptor is None:
+        context = (KeyHolder.from_secret_context(context_bytes) if seeded
+                   else PublicContext.load(context_bytes))
+        if len(_worker_contexts) >= 4:
+            _worker_contexts.clear()
+        encryptor = _worker_contexts[(key, seeded)] = ChunkEncryptor.for_context(context, seeded)
+    return [encryptor.encrypt_row(r) for r in rows]
 
 
-def worker_encrypt(rows: np.ndarray) -> list[bytes]:
-    assert _worker is not None, "worker_init did not run"
-    return [_worker.encrypt_row(r) for r in rows]
+_pool: ProcessPoolExecutor | None = None
+_pool_workers = 0
+
+
+def shared_pool(workers: int) -> ProcessPoolExecutor:
+    """This process's encryption pool with ``workers`` processes (restarted if the count
+    changes or a worker died)."""
+    global _pool, _pool_workers
+    if _pool is not None and (_pool_workers != workers or getattr(_pool, "_broken", False)):
+        _pool.shutdown(wait=False, cancel_futures=True)
+        _pool = None
+    if _pool is None:
+        _pool = ProcessPoolExecutor(max_workers=workers,
+                                    mp_context=multiprocessing.get_context("spawn"))
+        _pool_workers = workers
+    return _pool
+
+
+def shutdown_pool() -> None:
+    global _pool
+    if _pool is not None:
+        _pool.shutdown(wait=True, cancel_futures=True)
+        _pool = None

@@ -8,9 +8,8 @@ recomputes the sum from the signed uploads before decrypting anything.
 
 from __future__ import annotations
 
-import multiprocessing
+import hashlib
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
@@ -108,17 +107,22 @@ class CkksClient:
         context_bytes = (self._context.export_secret_context()
                          if isinstance(self._context, KeyHolder) and self.seeded
                          else self._public_bytes())
-        blocks = np.array_split(rows, min(total, self.workers * 8))
+        key = hashlib.sha256(context_bytes).digest()
+        pool = _chunks.shared_pool(self.workers)
+        # a few blocks per worker: balanced, and progress to report
+        futures = [pool.submit(_chunks.worker_encrypt, key, context_bytes, self.seeded, block)
+                   for block in np.array_split(rows, min(total, self.workers * 4))]
         done = 0
         out = []
-        with ProcessPoolExecutor(
-            max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_chunks.worker_init, initargs=(context_bytes, self.seeded),
-        ) as pool:
-            for block_out in pool.map(_chunks.worker_encrypt, blocks):
+        try:
+            for future in futures:
+                block_out = future.result()
                 out.extend(block_out)
                 done += len(block_out)
                 report(done, total)
+        finally:
+            for future in futures:
+                future.cancel()
         return out
 
     def _public_bytes(self) -> bytes:

@@ -36,13 +36,13 @@ import hashlib
 import hmac
 import math
 from collections.abc import Iterable
-from typing import Any
 
 import numpy as np
-from tenseal import sealapi
 
-from secagg._encoding import encode
+from secagg._encoding import encode, parts_digest
 from secagg.ckks import _seal
+from secagg.ckks._flood import gaussian  # re-exported: the release's noise
+from secagg.ckks._shards import ShardedSum
 from secagg.ckks.keys import KeyHolder
 from secagg.ckks.presets import FLOOD_FACTOR
 from secagg.ckks.round import (
@@ -60,21 +60,17 @@ from secagg.errors import (
     RefusedMessage,
 )
 from secagg.hazmat import signing
-from secagg.hazmat.prg import MaskExpander
 
-
-def gaussian(count: int, sigma: float, key: bytes) -> np.ndarray:
-    """N(0, sigma^2) samples from an AES-256-CTR stream under ``key`` (Box-Muller)."""
-    words = MaskExpander(2 * count, word_bits=32).view(key).astype(np.float64)
-    u1 = (words[:count] + 1.0) * 2.0**-32  # (0, 1]
-    u2 = words[count:] * 2.0**-32
-    return sigma * np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+__all__ = ["Release", "decrypt_verified_sum", "gaussian", "release_average"]
 
 
 class Release:
     """One key holder's verification and release of one round's aggregate."""
 
-    def __init__(self, holder: KeyHolder, config: CkksRoundConfig, *, site_id: int) -> None:
+    def __init__(self, holder: KeyHolder, config: CkksRoundConfig, *, site_id: int,
+                 workers: int = 1) -> None:
+        """``workers`` > 1: parse, add, compare and decrypt in that many worker processes,
+        each owning a range of chunks (:mod:`secagg.ckks._shards`)."""
         if not isinstance(holder, KeyHolder):
             raise TypeError("holder must be a KeyHolder")
         # defence: ckks.release.holder-holds-the-rounds-key
@@ -88,12 +84,14 @@ class Release:
             raise RefusedMessage(RefusalReason.NOT_THE_RELEASING_HOLDER,
                                  f"round {config.round_id!r} is released by site "
                                  f"{config.announcement.holder} alone")
+        if type(workers) is not int or workers < 1:
+            raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
         self._holder = holder
         self._config = config
-        self._context = holder.seal_context
-        self._evaluator = sealapi.Evaluator(self._context)
-        self._sum: list[Any] | None = None
+        self._sum = ShardedSum(holder, config.preset_params.scale, config.preset_params.slots,
+                               config.chunk_count, workers)
         self._sites: set[int] = set()
+        self._upload_digests: dict[int, bytes] = {}  # site -> digest of its signed chunks
 
     def add(self, update: EncryptedUpdate) -> None:
         """Check one signed upload whole and add it to this holder's own sum."""
@@ -114,21 +112,17 @@ class Release:
         # defence: ckks.release.upload-shape
         if len(update.chunks) != config.chunk_count:
             raise RefusedMessage(RefusalReason.WRONG_SHAPE)
+        chunks_digest = parts_digest(update.chunks)
         # defence: ckks.release.upload-signature-verified
         signing.verify(config.roster[update.site_id], update.signature,
                        EncryptedUpdate.signed_bytes(config.params_digest, update.site_id,
-                                                    update.key_id, update.seeded, update.chunks))
+                                                    update.key_id, update.seeded, update.chunks,
+                                                    chunks_digest=chunks_digest))
         # defence: ckks.release.upload-kind-as-signed
         kinds = (_seal.Kind.SEEDED,) if update.seeded else (_seal.Kind.FULL,)
-        scale = config.preset_params.scale
-        loaded = [_seal.load_ciphertext(self._context, c, scale=scale, kinds=kinds)
-                  for c in update.chunks]
-        if self._sum is None:
-            self._sum = loaded
-        else:
-            for acc, ct in zip(self._sum, loaded, strict=True):
-                self._evaluator.add_inplace(acc, ct)
+        self._sum.add(update.chunks, kinds)  # all chunks or none; InvalidMessage if malformed
         self._sites.add(update.site_id)
+        self._upload_digests[update.site_id] = chunks_digest
 
     def finish(self, aggregate: EncryptedAggregate) -> ReleasedAverage:
         """Compare with the aggregator's sum, decrypt, check, flood, round, divide, record."""
@@ -145,7 +139,7 @@ class Release:
         if not isinstance(aggregate.sites, tuple) or not isinstance(aggregate.chunks, tuple):
             raise InvalidMessage("aggregate")
         # defence: ckks.release.min-sites
-        if len(self._sites) < config.min_sites or self._sum is None:
+        if len(self._sites) < config.min_sites or not self._sites:
             raise ProtocolAbort(AbortReason.TOO_FEW_SURVIVORS,
                                 f"{len(self._sites)} verified uploads, min_sites "
                                 f"{config.min_sites}")
@@ -153,71 +147,43 @@ class Release:
         if tuple(sorted(self._sites)) != aggregate.sites:
             raise RefusedMessage(RefusalReason.AGGREGATE_MISMATCH,
                                  "the claimed sites are not the verified uploads")
-        scale = config.preset_params.scale
-        # defence: ckks.release.sum-compared, ckks.release.decrypts-only-its-own-sum
-        mine = tuple(_seal.dump_ciphertext(ct, self._context, scale=scale) for ct in self._sum)
-        if mine != aggregate.chunks:
+        # defence: ckks.release.sum-compared
+        if not self._sum.is_my_sum(aggregate.chunks):
             raise RefusedMessage(RefusalReason.AGGREGATE_MISMATCH,
                                  "the aggregate is not the sum of the verified uploads")
-        digest = hashlib.sha256(encode("ckks-aggregate", config.params_digest,
-                                       # defence: ckks.release.digest-binds-the-summed-ciphertexts
-                                       list(aggregate.sites), *mine)).digest()
+        # The sum is a function of the summed uploads, each named by the digest of its signed
+        # chunks: binding those binds the summed ciphertexts without hashing them again.
+        digest = hashlib.sha256(encode(
+            "ckks-aggregate", config.params_digest, list(aggregate.sites),
+            # defence: ckks.release.digest-binds-the-summed-ciphertexts
+            *(self._upload_digests[site] for site in aggregate.sites))).digest()
         # The round is spent before anything is decrypted: a refusal after decryption (out of
         # range) must not be repeatable on other sums, or each refusal is an oracle bit.
         # defence: ckks.release.recorded
         self._holder.record_release(config.round_id, digest, config.announcement.max_rounds)
-        values = self._decrypt()
         sites = len(aggregate.sites)
-        weighted, weight_sum = self._check_range(values, sites)
-        return self._flood(weighted, weight_sum, sites, digest)
-
-    def _decrypt(self) -> np.ndarray:
-        assert self._sum is not None
-        decryptor = sealapi.Decryptor(self._context, self._holder.secret_key)
-        encoder = sealapi.CKKSEncoder(self._context)
-        slots = self._config.preset_params.slots
-        values = np.empty(len(self._sum) * slots, dtype=np.complex128)
-        for i, ct in enumerate(self._sum):
-            plain = sealapi.Plaintext()
-            decryptor.decrypt(ct, plain)
-            values[i * slots:(i + 1) * slots] = encoder.decode_complex(plain)
-        return values
-
-    def _check_range(self, values: np.ndarray, sites: int) -> tuple[np.ndarray, float]:
-        config = self._config
         bound = config.preset_params.noise_bound(sites)
-        n = config.vector_length
         max_element, max_weight = config.value_bounds(sites)
-        ok = (
-            # defence: ckks.release.range-imaginary-parts
-            float(np.max(np.abs(values.imag))) <= bound
-            # defence: ckks.release.range-padding
-            and (values.shape[0] == n + 1 or float(np.max(np.abs(values[n + 1:]))) <= bound)
-            # defence: ckks.release.range-elements
-            and float(np.max(np.abs(values.real[:n]))) <= max_element + bound
-            # defence: ckks.release.range-weight-sum, ckks.release.range-weight-sum-positive
-            and 0.0 < values.real[n] <= max_weight + bound
-        )
-        if not ok:
+        # Each shard decrypts its own sum and checks its slots; nothing is released unless
+        # every slot of every shard is one an honest round produces.
+        if not self._sum.check_range(config.vector_length, bound, max_element, max_weight):
+            self._sum.stop_soon()
             raise RefusedMessage(RefusalReason.OUT_OF_RANGE,
                                  "the aggregate holds values no honest round produces")
-        return values.real[:n], float(values.real[n])
-
-    def _flood(self, weighted: np.ndarray, weight_sum: float, sites: int,
-               digest: bytes) -> ReleasedAverage:
-        bound = self._config.preset_params.noise_bound(sites)
         # defence: ckks.release.flooding-keyed-by-secret, ckks.release.flooding-deterministic
         key = hmac.new(self._holder.flood_key(), digest, hashlib.sha256).digest()
-        # defence: ckks.release.flooding-added
-        noisy = np.append(weighted, weight_sum) + gaussian(weighted.shape[0] + 1,
-                                                           FLOOD_FACTOR * bound, key)
         grid = 2.0 ** math.ceil(math.log2(bound))
-        rounded = np.round(noisy / grid) * grid
+        rounded = self._sum.flood(key, FLOOD_FACTOR * bound, grid)
+        self._sum.stop_soon()  # the workers' part is done; close() or collection reaps them
         # defence: ckks.release.flooded-weight-sum-positive
         if rounded[-1] <= 0:
             raise RefusedMessage(RefusalReason.OUT_OF_RANGE, "weight sum not positive")
         return ReleasedAverage(rounded[:-1] / rounded[-1], float(rounded[-1]),
-                               self._config.round_id, tuple(sorted(self._sites)), grid)
+                               config.round_id, tuple(sorted(self._sites)), grid)
+
+    def close(self) -> None:
+        """Stop the worker processes (also done by :meth:`finish` and on garbage collection)."""
+        self._sum.close()
 
 
 def release_average(holder: KeyHolder, config: CkksRoundConfig, aggregate: EncryptedAggregate,
@@ -242,6 +208,7 @@ def decrypt_verified_sum(holder: KeyHolder, config: CkksRoundConfig,
     release = Release(holder, config, site_id=config.announcement.holder)
     for update in uploads:
         release.add(update)
-    values = release._decrypt()
+    values = release._sum.decrypt()
+    release.close()
     n = config.vector_length
     return values.real[:n], float(values.real[n])

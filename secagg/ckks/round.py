@@ -238,11 +238,15 @@ class EncryptedUpdate:
 
     @staticmethod
     def signed_bytes(params_digest: bytes, site_id: int, key_id: bytes, seeded: bool,
-                     chunks: Sequence[bytes]) -> bytes:
+                     chunks: Sequence[bytes], *, chunks_digest: bytes | None = None) -> bytes:
+        """What the site signs. ``chunks_digest``: ``parts_digest(chunks)`` if the caller
+        already has it (never taken from the network: computed from the chunks it checks)."""
+        if chunks_digest is None:
+            chunks_digest = parts_digest(chunks)
         # defence: ckks.round.upload-binds-round
         return encode("ckks-update", params_digest, site_id, key_id, int(seeded),
                       # defence: ckks.round.upload-binds-chunks
-                      parts_digest(chunks))
+                      chunks_digest)
 
     @property
     def nbytes(self) -> int:

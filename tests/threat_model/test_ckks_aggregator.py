@@ -363,7 +363,7 @@ def test_aggregator_cannot_recompute_the_flooding_noise_from_public_values() -> 
     release noise were keyed by anything derived from those, it could subtract the noise and
     read the key holder's raw decryption (which leaks the secret key).
     Property: no key the aggregator can derive reproduces the noise; the holder's does."""
-    from secagg._encoding import digest, encode
+    from secagg._encoding import digest, encode, parts_digest
     from secagg.ckks.presets import FLOOD_FACTOR
     from secagg.ckks.release import gaussian
 
@@ -372,8 +372,10 @@ def test_aggregator_cannot_recompute_the_flooding_noise_from_public_values() -> 
     released = release_average(r.holder, r.config, aggregate, uploads, site_id=1)
     raw, _ = decrypt_verified_sum(r.holder, r.config, uploads)
     noise = released.average * released.weight_sum - raw
-    aggregate_digest = hashlib.sha256(encode("ckks-aggregate", r.config.params_digest,
-                                             list(aggregate.sites), *aggregate.chunks)).digest()
+    by_site = {u.site_id: parts_digest(u.chunks) for u in uploads}
+    aggregate_digest = hashlib.sha256(encode(
+        "ckks-aggregate", r.config.params_digest, list(aggregate.sites),
+        *(by_site[s] for s in aggregate.sites))).digest()
     sigma = FLOOD_FACTOR * r.config.preset_params.noise_bound(3)
 
     def correlation(key: bytes) -> float:

@@ -91,6 +91,69 @@ def test_crafted_aggregate_with_zero_c0_and_chosen_c1_is_never_decrypted() -> No
     assert not r.holder.releases
 
 
+class _DecryptSpy:
+    """Stands in for ``sealapi`` inside the release module: records, for every decryption,
+    whether the ciphertext was the holder's own sum or key-free (zero second polynomial)."""
+
+    def __init__(self) -> None:
+        from tenseal import sealapi
+
+        self._real = sealapi
+        self.own_sum: list[object] = []
+        self.seen: list[str] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+    def Decryptor(self, context: object, key: object) -> object:
+        real = self._real.Decryptor(context, key)
+        spy = self
+
+        class Wrapped:
+            def decrypt(self, ct: object, plain: object) -> None:
+                mine = any(ct is c for c in spy.own_sum)
+                spy.seen.append("own sum" if mine else
+                                "key-free" if ct.is_transparent() else "OTHER")  # type: ignore[attr-defined]
+                real.decrypt(ct, plain)
+
+        return Wrapped()
+
+
+@pytest.mark.parametrize("claimed", ["honest", "zero c0, chosen c1", "another upload"])
+def test_a_key_holder_decrypts_only_its_own_sum_or_a_key_free_difference(
+        monkeypatch: pytest.MonkeyPatch, claimed: str) -> None:
+    """Comparing the aggregator's claimed sum with its own, the key holder decrypts only the
+    difference, and only once its second polynomial is zero (then the decryption does not
+    involve the key): never the aggregator's bytes, never anything that mixes in c * s."""
+    from secagg.ckks import _shards
+
+    r = CkksRound(sites=3, vector_length=100)
+    uploads, aggregate = r.run()
+    if claimed == "zero c0, chosen c1":
+        aggregate = replace(aggregate, chunks=(_crafted_chunk(r, 0, 1 << 20),))
+    elif claimed == "another upload":
+        ctx, scale = r.holder.seal_context, r.config.preset_params.scale
+        one = tuple(_seal.dump_ciphertext(_seal.load_ciphertext(ctx, c, scale=scale), ctx,
+                                          scale=scale) for c in uploads[0].chunks)
+        aggregate = replace(aggregate, chunks=one)
+    spy = _DecryptSpy()
+    monkeypatch.setattr(_shards, "sealapi", spy)
+    release = Release(r.holder, r.config, site_id=1)
+    for u in uploads:
+        release.add(u)
+    state = release._sum.local
+    assert state is not None and state.sum is not None
+    spy.own_sum = list(state.sum)
+    if claimed == "honest":
+        release.finish(aggregate)
+        assert "own sum" in spy.seen
+    else:
+        with pytest.raises(RefusedMessage):
+            release.finish(aggregate)
+        assert "own sum" not in spy.seen
+    assert "OTHER" not in spy.seen, spy.seen
+
+
 def test_malicious_site_adding_a_c1_term_to_its_own_upload_gets_no_release() -> None:
     """With an honest aggregator, a site signs an upload holding (0, c) and hopes to read
     c * s off the published average. The key holder's own sum then decrypts to values no
@@ -514,7 +577,7 @@ def test_each_refusal_after_decryption_spends_the_round_so_refusals_are_no_oracl
     before anything is decrypted."""
     from unittest import mock
 
-    from secagg.ckks import release as release_module
+    from secagg.ckks import _shards
 
     r = CkksRound(sites=4, vector_length=100)
     honest = [r.client(s).start() for s in (1, 2, 3)]
@@ -530,7 +593,7 @@ def test_each_refusal_after_decryption_spends_the_round_so_refusals_are_no_oracl
     server = CkksServer(r.config, r.public)
     for u in honest:
         server.handle(u)
-    with mock.patch.object(release_module.Release, "_decrypt", decrypts), pytest.raises(
+    with mock.patch.object(_shards.ShardedSum, "decrypt", decrypts), pytest.raises(
             RefusedMessage) as caught:
         release_average(r.holder, r.config, server.close_stage()[1], honest, site_id=1)
     assert caught.value.reason is RefusalReason.ALREADY_RELEASED
@@ -578,3 +641,47 @@ def test_a_roster_naming_one_key_twice_is_refused() -> None:
     roster[5] = roster[4]
     with pytest.raises(ConfigurationError, match="same identity key"):
         CkksRoundConfig("r", roster, announcement, (1,), 10)
+
+
+def test_sharded_release_adds_an_upload_whole_or_not_at_all() -> None:
+    """With the key holder's sum split over worker processes, a signed upload whose last
+    chunk is malformed must be refused by every shard, not added by the shards whose chunks
+    parsed: the release that follows is exactly the in-process release of the honest sites."""
+    r = CkksRound(sites=4, vector_length=5000)  # 3 chunks: shards [0, 2) and [2, 3)
+    uploads, aggregate = r.run(sites=[1, 2, 3])
+    good = r.client(4).start().chunks
+    evil = _signed(r, 4, (*good[:2], good[2][:-8]), seeded=False)
+    release = Release(r.holder, r.config, site_id=1, workers=2)
+    try:
+        with pytest.raises(InvalidMessage):
+            release.add(evil)
+        for u in uploads:
+            release.add(u)
+        sharded = release.finish(aggregate)
+    finally:
+        release.close()
+    single = release_average(r.holder, r.config, aggregate, uploads, site_id=1)
+    assert np.array_equal(sharded.average, single.average)
+    assert sharded.weight_sum == single.weight_sum and sharded.sites == (1, 2, 3)
+
+
+def test_sharded_release_refuses_when_any_shard_is_out_of_range() -> None:
+    """A site hides a c1 term in its last chunk, which the second of two worker shards
+    holds: the release is refused as a whole (OUT_OF_RANGE), whichever shard saw it."""
+    r = CkksRound(sites=4, vector_length=5000)  # 3 chunks: shards [0, 2) and [2, 3)
+    honest = [r.client(s).start() for s in (1, 2, 3)]
+    good = r.client(4).start().chunks
+    evil = _signed(r, 4, (*good[:2], _crafted_chunk(r, 0, 1 << 30)), seeded=False)
+    server = CkksServer(r.config, r.public)
+    for u in (*honest, evil):
+        server.handle(u)
+    aggregate = server.close_stage()[1]
+    release = Release(r.holder, r.config, site_id=1, workers=2)
+    try:
+        for u in (*honest, evil):
+            release.add(u)
+        with pytest.raises(RefusedMessage) as caught:
+            release.finish(aggregate)
+    finally:
+        release.close()
+    assert caught.value.reason is RefusalReason.OUT_OF_RANGE

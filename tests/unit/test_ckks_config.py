@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from secagg.ckks import CkksRoundConfig, KeyHolder, release_average
 from secagg.masking import make_roster
@@ -45,3 +46,34 @@ def test_an_update_beyond_clip_is_clipped_and_the_round_still_releases() -> None
     released = release_average(r.holder, r.config, aggregate, uploads, site_id=1)
     exact_ws, exact_w = r.expected()
     assert float(np.max(np.abs(released.average - exact_ws / exact_w))) < 0.01
+
+
+def test_flooding_noise_is_gaussian_deterministic_per_key_and_independent_across_keys() -> None:
+    """The release noise: N(0, sigma^2) (mean, spread, tails, normality of both Box-Muller
+    outputs), the same for one key and uncorrelated for another."""
+    import math
+
+    from secagg.ckks.release import gaussian
+
+    a = gaussian(200_001, 3.0, b"k" * 32)
+    assert a.shape == (200_001,)
+    assert abs(a.mean()) < 0.05 and abs(a.std() - 3.0) < 0.03
+    assert 0.04 < float(np.mean(np.abs(a) > 2 * 3.0)) < 0.051  # P(|z| > 2) = 0.0455
+    for half in (a[0::2], a[1::2]):  # the cosine and the sine outputs
+        for z in np.linspace(-3, 3, 13):  # the empirical CDF against the normal one
+            normal = (1 + math.erf(z / math.sqrt(2))) / 2
+            assert abs(float(np.mean(half / 3.0 <= z)) - normal) < 0.006
+    assert np.array_equal(a, gaussian(200_001, 3.0, b"k" * 32))
+    assert abs(np.corrcoef(a, gaussian(200_001, 3.0, b"j" * 32))[0, 1]) < 0.02
+
+
+def test_flooding_noise_of_a_shard_is_its_range_of_the_whole_vectors_noise() -> None:
+    """Shards draw the noise of their own slots: concatenated, exactly the one-shot noise."""
+    from secagg.ckks.release import gaussian
+
+    whole = gaussian(10_001, 2.0, b"k" * 32)
+    parts = [gaussian(4096, 2.0, b"k" * 32), gaussian(4096, 2.0, b"k" * 32, start=4096),
+             gaussian(10_001 - 8192, 2.0, b"k" * 32, start=8192)]
+    assert np.array_equal(np.concatenate(parts), whole)
+    with pytest.raises(ValueError, match="even"):
+        gaussian(10, 1.0, b"k" * 32, start=3)
