@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--protocol", choices=["masking", "ckks", "both"], default="masking")
     demo.add_argument("--sites", type=_sites, default=5)
     demo.add_argument("--rounds", type=_positive, default=None,
-                      help="rounds (default: 12 for digits, 20 otherwise)")
+                      help="rounds (default: 15 for digits, 20 otherwise)")
     demo.add_argument("--dataset", default="digits",
                       help="digits (default), fashion-mnist, or folder:PATH")
     demo.add_argument("--dp-sgd", action="store_true",

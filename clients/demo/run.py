@@ -52,6 +52,10 @@ class RunResult:
     epsilon: list[float | None] = field(default_factory=list)
     aborted: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    models: list[np.ndarray] = field(default_factory=list)  # the baseline's global models
+    # max |secure global model - plaintext global model| per round: in round 1 both average
+    # the same updates, so it is the protocol's error alone; later the runs may drift apart
+    model_diff: list[float | None] = field(default_factory=list)
 
 
 def _say(options: DemoOptions, text: str) -> None:
@@ -106,6 +110,7 @@ def plaintext_fedavg(dataset: Dataset, parts: list[np.ndarray], rounds: int,
             total += w * delta
             weights += w
         flat = flat.with_values(flat.values + total / weights)
+        result.models.append(flat.values.copy())
         global_model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
                                       for k, v in flat.to_arrays().items()})
         result.accuracy.append(accuracy(global_model, dataset.x_test, dataset.y_test))
@@ -196,6 +201,8 @@ def _follow(result: RunResult, work: Path, rounds: int, options: DemoOptions,
     import torch
     from tqdm.auto import tqdm
 
+    from secagg.model import FlatModel
+
     bar = tqdm(total=rounds, desc=label, unit="round", file=sys.stderr, leave=False,
                mininterval=0.5, disable=not sys.stderr.isatty())
     _header(options, dp=train_is_dp(label))
@@ -235,6 +242,7 @@ def _follow(result: RunResult, work: Path, rounds: int, options: DemoOptions,
         reports = _reports(work, options.sites, done + 1)
         if done + 1 in aborted:  # no new model: the round's accuracy is the previous one's
             result.accuracy.append(result.accuracy[-1] if result.accuracy else float("nan"))
+            result.model_diff.append(None)
             result.bytes_per_site.append(0.0)
             result.dropouts.append(options.sites)
             result.epsilon.append(result.epsilon[-1] if result.epsilon else None)
@@ -246,7 +254,13 @@ def _follow(result: RunResult, work: Path, rounds: int, options: DemoOptions,
         elif path.exists() and len(reports) == options.sites:
             time.sleep(0.05)
             with np.load(path) as z:
-                model.load_state_dict({k: torch.from_numpy(z[k]) for k in z.files})
+                arrays = {k: z[k] for k in z.files}
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
+            if train_is_dp(label) or done >= len(baseline.models):
+                result.model_diff.append(None)  # another model (GroupNorm): not comparable
+            else:
+                secure = FlatModel.from_arrays(arrays).values
+                result.model_diff.append(float(np.max(np.abs(secure - baseline.models[done]))))
             acc = accuracy(model, dataset.x_test, dataset.y_test)
             result.accuracy.append(acc)
             sent = [r["bytes_sent"] for r in reports.values() if "dropped" not in r]
@@ -300,7 +314,9 @@ def run(options: DemoOptions) -> dict[str, Any]:
     rounds, train, deadlines = _defaults(dataset)
     rounds = options.rounds or rounds
     clip_norm = 10.0
-    dropper = options.sites
+    # One site drops out in one round, if the round can complete without it: a CKKS round
+    # needs min_sites = max(3, colluders + 2) uploads, so with 3 sites nobody may drop.
+    dropper = options.sites if options.sites >= 4 else None
     drop_round = min(options.drop_round, rounds)
     protocols = ["masking", "ckks"] if options.protocol == "both" else [options.protocol]
     _say(options, f"secagg demo: {options.sites} hospital sites train a CNN on "
@@ -308,19 +324,23 @@ def run(options: DemoOptions) -> dict[str, Any]:
                   f"Dirichlet alpha={ALPHA}; {len(dataset.y_test):,} held out), {rounds} rounds")
     _say(options, "  sites: " + ", ".join(f"{s}: {len(p)} images" for s, p in
                                           enumerate(parts, 1)))
-    _say(options, f"  site {dropper} loses its connection in round {drop_round}; that round "
-                  "completes without it")
+    if dropper is not None:
+        _say(options, f"  site {dropper} loses its connection in round {drop_round}; that "
+                      "round completes without it")
+    else:
+        _say(options, f"  no site drops out: with {options.sites} sites a CKKS round needs "
+                      "them all (min_sites 3)")
     out = Path(options.out) if options.out else Path(tempfile.mkdtemp(prefix="secagg-demo-"))
     out.mkdir(parents=True, exist_ok=True)
     work_root = Path(tempfile.mkdtemp(prefix="secagg-demo-work-"))
     results: list[RunResult] = []
     try:
         baseline = plaintext_fedavg(dataset, parts, rounds, train, clip_norm,
-                                    {drop_round: {dropper}}, options)
+                                    {drop_round: {dropper}} if dropper else {}, options)
         results.append(baseline)
         for protocol in protocols:
             stage = "SHARE_KEYS" if protocol == "masking" else "UPLOAD"
-            drops = {dropper: {drop_round: stage}}
+            drops = {dropper: {drop_round: stage}} if dropper else {}
             _say(options, f"\n  running {protocol} over mTLS: aggregator + {options.sites} site "
                           "processes")
             secure = secure_run(dataset, parts, rounds, train, clip_norm, deadlines, protocol,
@@ -338,7 +358,7 @@ def run(options: DemoOptions) -> dict[str, Any]:
             dp_result = secure_run(dataset, parts, rounds, dp_train, clip_norm, deadlines,
                                    protocols[0], {dropper: {drop_round: "SHARE_KEYS"
                                                             if protocols[0] == "masking"
-                                                            else "UPLOAD"}},
+                                                            else "UPLOAD"}} if dropper else {},
                                    work_root / "dp", options, dp=True, baseline=baseline)
             results.append(dp_result)
     finally:
@@ -379,7 +399,8 @@ def _summary(options: DemoOptions, dataset: Dataset, rounds: int, results: list[
         if r is not baseline:
             entry.update(round_s=r.round_s, bytes_per_site=r.bytes_per_site,
                          dropouts=r.dropouts, aborted_rounds=r.aborted,
-                         gap_vs_plaintext_pp=100 * (r.accuracy[-1] - baseline.accuracy[-1]))
+                         gap_vs_plaintext_pp=100 * (r.accuracy[-1] - baseline.accuracy[-1]),
+                         model_max_abs_diff_vs_plaintext=r.model_diff)
             if any(e is not None for e in r.epsilon):
                 entry.update(epsilon=r.epsilon, delta=options.delta,
                              accuracy_cost_pp=100 * (baseline.accuracy[-1] - r.accuracy[-1]))
