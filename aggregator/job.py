@@ -421,8 +421,8 @@ class Job:
             announcement = wire.announcement_from_proto(offer.announcement)
             if announcement.holder != site or announcement.epoch != view.round_id:
                 raise ServiceError(INVALID_ARGUMENT, "the announcement is not for this round")
-            config = self.config.ckks_round(view.round_id, self.roster, announcement,
-                                            view.model.size)
+            config = self.config.ckks_round(view.number, view.round_id, self.roster,
+                                            announcement, view.model.size)
             blob = wire.Blob.from_proto(offer.public_context)
             context = PublicContext.load(self._read(blob))
             active.role = CkksServer(config, context)

@@ -33,9 +33,9 @@ from clients import tensors
 from clients.errors import AggregatorRefused, ModelMismatch, RoundAborted, SiteError
 from clients.transport import Connection, Progress
 from secagg import wire
-from secagg.ckks import CkksClient, KeyHolder, PublicContext, Release
+from secagg.ckks import CkksClient, KeyHolder, PublicContext, Release, _seal
 from secagg.ckks.round import CkksStage
-from secagg.errors import ConfigurationError, ProtocolAbort, SecAggError
+from secagg.errors import ConfigurationError, InvalidMessage, ProtocolAbort, SecAggError
 from secagg.federation.kit import SiteKit
 from secagg.masking import MaskingClient, Stage
 from secagg.masking.messages import MaskedInput
@@ -130,7 +130,12 @@ class Site:
         model = wire.model_from_proto(info.model, data)
         self._model_digest = model.digest
         rnd = Round(self, info, model)
-        if info.protocol == service_pb2.PROTOCOL_CKKS and info.ckks_key_holder == self.site_id:
+        try:
+            self.config.check_round_id(rnd.round_id, rnd.number)
+        except ConfigurationError as e:
+            raise RoundAborted(rnd.round_id, str(e)) from None
+        if (info.protocol == service_pb2.PROTOCOL_CKKS
+                and self.config.key_holder_for(rnd.number) == self.site_id):
             rnd._announce_key()
         return rnd
 
@@ -312,8 +317,8 @@ class Round:
             info = self._info()
         announcement = wire.announcement_from_proto(info.ckks_key.announcement)
         try:
-            config = site.config.ckks_round(self.round_id, site.kit.roster, announcement,
-                                            self.model.size)
+            config = site.config.ckks_round(self.number, self.round_id, site.kit.roster,
+                                            announcement, self.model.size)
         except ConfigurationError as e:
             raise RoundAborted(self.round_id, f"the round's key announcement is refused: {e}"
                                ) from None
@@ -333,14 +338,32 @@ class Round:
         if self._key is not None:
             self._release(config)
 
-    def _verify_and_release(self, release: Release, request: Any) -> Any:
+    def _verify_and_release(self, release: Release, request: Any, config: Any) -> Any:
+        assert self._key is not None
+        context = self._key.seal_context
         uploads = list(request.uploads)
+        if len(uploads) > len(config.roster):
+            raise InvalidMessage("release request")
+
+        def expected(kind: _seal.Kind) -> int:
+            return int(config.chunk_count) * _seal.encoded_length(context, kind)
+
+        # Sizes are checked against the round's layout before anything is downloaded or
+        # split: the aggregator's chunk counts and blob sizes are claims.
         for done, ref in enumerate(uploads, 1):
-            data = self._conn.download(wire.Blob.from_proto(ref.chunks))
+            size = expected(_seal.Kind.SEEDED if ref.seeded else _seal.Kind.FULL)
+            # defence: sdk.release-sizes-checked
+            if ref.chunk_count != config.chunk_count or ref.chunks.size != size:
+                raise InvalidMessage("upload")
+            data = self._conn.download(wire.Blob.from_proto(ref.chunks), max_size=size)
             release.add(wire.update_from_ref(ref, data))  # verify and re-add every upload
             self._progress("verify uploads", done, len(uploads))
+        size = expected(_seal.Kind.FULL)
+        if (request.aggregate.chunk_count != config.chunk_count
+                or request.aggregate.chunks.size != size):
+            raise InvalidMessage("aggregate")
         aggregate = wire.aggregate_from_ref(request.aggregate, self._conn.download(
-            wire.Blob.from_proto(request.aggregate.chunks)))
+            wire.Blob.from_proto(request.aggregate.chunks), max_size=size))
         try:
             return release.finish(aggregate)
         except SecAggError as e:
@@ -353,7 +376,7 @@ class Round:
         release = Release(self._key, config, site_id=self._site.site_id,
                           workers=self._site.workers)
         try:
-            released = self._verify_and_release(release, request)
+            released = self._verify_and_release(release, request, config)
         finally:
             release.close()
         blob = self._conn.upload(wire.average_bytes(released.average), what="release")

@@ -122,7 +122,13 @@ class Connection:
         return Blob(tuple(ids), len(data))
 
     def download(self, blob: Blob, *, progress: Progress | None = None,
-                 what: str = "download") -> bytes:
+                 what: str = "download", max_size: int | None = None) -> bytes:
+        """The payload ``blob`` names, checked against its chunk ids and size. ``max_size``:
+        the most the caller can need; a larger blob is refused before anything is fetched."""
+        # defence: sdk.download-bounded
+        if max_size is not None and blob.size > max_size:
+            raise AggregatorRefused("OUT_OF_RANGE", f"the aggregator named a {what} of "
+                                                    f"{blob.size} bytes (at most {max_size})")
         got: dict[bytes, bytes] = {}
         wanted = list(dict.fromkeys(blob.chunk_ids))
 
@@ -142,10 +148,11 @@ class Connection:
                         progress(what, len(got), len(wanted))
 
         self._retry(attempt)
-        out = b"".join(got[c] for c in blob.chunk_ids)
-        if len(out) != blob.size:
+        # sized before joining: a blob naming one chunk many times must not make us build it
+        # defence: sdk.download-sized-before-join
+        if sum(len(got[c]) for c in blob.chunk_ids) != blob.size:
             raise AggregatorRefused("DATA_LOSS", "a downloaded payload has the wrong size")
-        return out
+        return b"".join(got[c] for c in blob.chunk_ids)
 
     def download_many(self, blobs: Sequence[Blob]) -> Iterator[bytes]:
         for blob in blobs:

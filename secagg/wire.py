@@ -181,7 +181,8 @@ def announcement_from_proto(p: ckks_pb2.KeyAnnouncement) -> KeyAnnouncement:
 
 def split_fixed(data: bytes, count: int) -> tuple[bytes, ...]:
     """``count`` equal pieces of ``data`` (canonical ciphertexts have a fixed length)."""
-    if count < 1 or len(data) % count:
+    # defence: wire.split-bounded
+    if count < 1 or count > len(data) or len(data) % count:
         raise InvalidMessage("ciphertext payload")
     size = len(data) // count
     return tuple(data[i * size:(i + 1) * size] for i in range(count))

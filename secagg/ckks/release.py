@@ -136,7 +136,9 @@ class Release:
         # defence: ckks.release.aggregate-key
         if aggregate.key_id != config.key_id:
             raise RefusedMessage(RefusalReason.WRONG_KEY_ID)
-        if not isinstance(aggregate.sites, tuple) or not isinstance(aggregate.chunks, tuple):
+        if (not isinstance(aggregate.sites, tuple) or not isinstance(aggregate.chunks, tuple)
+                # defence: ckks.release.aggregate-chunks-are-bytes
+                or not all(type(c) is bytes for c in aggregate.chunks)):
             raise InvalidMessage("aggregate")
         # defence: ckks.release.min-sites
         if len(self._sites) < config.min_sites or not self._sites:

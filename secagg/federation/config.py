@@ -289,12 +289,34 @@ class FederationConfig:
                            dropout_rate=self.dropout_rate, clip=self.clip_norm, max_weight=1.0,
                            word_bits=self.word_bits)
 
-    def ckks_round(self, round_id: str, roster: Mapping[int, bytes], announcement: Any,
-                   vector_length: int) -> Any:
-        """The CKKS round configuration for a key its holder announced."""
+    def check_round_id(self, round_id: str, round_number: int) -> None:
+        """A round id names this federation and this round number (the aggregator's choice of
+        job in between is not checked: keys and sessions are fresh per round anyway)."""
+        prefix = f"{self.name or 'federation'}/"
+        # defence: federation.round-id-checked
+        if (not isinstance(round_id, str) or not round_id.startswith(prefix)
+                or not round_id.endswith(f"/round-{round_number}")):
+            raise ConfigurationError(f"round id {round_id!r} is not round {round_number} of "
+                                     f"federation {self.name!r}")
+
+    def ckks_round(self, round_number: int, round_id: str, roster: Mapping[int, bytes],
+                   announcement: Any, vector_length: int) -> Any:
+        """The CKKS round configuration for a key announced by the key holder this
+        federation's configuration names for ``round_number`` (never whoever the aggregator
+        relays: a site encrypting to another holder would hand it its update), for this
+        round (the announcement's epoch is the round id)."""
         from secagg.ckks import CkksRoundConfig
 
-        return CkksRoundConfig(round_id, roster, announcement, (announcement.holder,),
+        self.check_round_id(round_id, round_number)
+        holder = self.key_holder_for(round_number)
+        # defence: federation.ckks-holder-pinned
+        if getattr(announcement, "holder", None) != holder:
+            raise ConfigurationError(
+                f"round {round_number}'s key must be announced by site {holder} (the "
+                f"federation's key holder for it), not by site "
+                f"{getattr(announcement, 'holder', None)}")
+        # (the announcement's epoch must be the round id: CkksRoundConfig checks it)
+        return CkksRoundConfig(round_id, roster, announcement, (holder,),
                                vector_length, preset=self.preset, clip=self.clip_norm,
                                max_weight=1.0, min_sites=self.min_sites or 0,
                                corrupt_fraction=self.corrupt_fraction)

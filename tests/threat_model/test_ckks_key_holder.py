@@ -685,3 +685,36 @@ def test_sharded_release_refuses_when_any_shard_is_out_of_range() -> None:
     finally:
         release.close()
     assert caught.value.reason is RefusalReason.OUT_OF_RANGE
+
+
+def test_known_limitation_aggregator_and_one_colluding_site_cancel_honest_uploads() -> None:
+    """KNOWN LIMITATION (README, "aggregator + colluding sites", CKKS public-key mode).
+    CKKS ciphertexts are malleable and nothing proves an upload is a fresh encryption of
+    something its site knows: a colluding site signs, as its own upload, the negation of
+    honest site B's upload (which the aggregator holds). The key holder's sum of {A, B, -B}
+    passes every check and is site A's update. min_sites cannot help (one colluder cancels
+    any number of honest uploads). Masking resists this (B's pairwise masks with honest sites
+    stay in the sum). If this test ever fails, a defence exists: update the README's table."""
+    from tenseal import sealapi
+
+    r = CkksRound(sites=5, vector_length=3000)
+    a, b, colluder = 2, 3, 5
+    up_a, up_b = r.client(a).start(), r.client(b).start()
+    ctx, scale = r.public.seal_context, r.config.preset_params.scale
+    evaluator = sealapi.Evaluator(ctx)
+
+    def negated(chunk: bytes) -> bytes:
+        ct = _seal.load_ciphertext(ctx, chunk, scale=scale)
+        evaluator.negate_inplace(ct)
+        return _seal.dump_ciphertext(ct, ctx, scale=scale)
+
+    evil = _signed(r, colluder, tuple(negated(c) for c in up_b.chunks), seeded=False)
+    server = CkksServer(r.config, r.public)
+    for u in (up_a, up_b, evil):
+        server.handle(u)
+    released = release_average(r.holder, r.config, server.close_stage()[1], [up_a, up_b, evil],
+                               site_id=1)
+    update_a, weight_a = r.inputs[a]
+    assert released.weight_sum == pytest.approx(weight_a, abs=1e-3)
+    assert np.max(np.abs(released.average - np.clip(update_a, -r.config.clip, r.config.clip))
+                  ) < 1e-3

@@ -1,0 +1,206 @@
+"""Adversary: the aggregator, lying to one honest site's SDK (`clients/site.py`) about the round.
+
+The SDK takes the round's facts from the aggregator (`RoundInfo`): the round id, the CKKS key
+announcement it relays. Whatever a site acts on must be checked against what the federation's
+own configuration says, or the aggregator chooses it. These tests drive the real site code
+against a fake aggregator connection (no server, no network).
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import numpy as np
+import pytest
+
+from clients.errors import RoundAborted
+from clients.site import Round, Site
+from secagg import wire
+from secagg.ckks import KeyHolder
+from secagg.federation.config import FederationConfig
+from secagg.masking import make_roster
+from secagg.v1 import service_pb2
+
+HONEST, HOLDER, COLLUDER = 2, 1, 5
+
+
+class _LyingAggregator:
+    """Answers GetRound with a CKKS round whose key announcement it chose; records uploads."""
+
+    def __init__(self, announcement: Any, public: bytes, round_id: str) -> None:
+        self.announcement, self.public, self.round_id = announcement, public, round_id
+        self.blob = wire.Blob((b"\x01" * 32,), len(public))
+        self.uploaded: list[bytes] = []
+
+    def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        if method == "GetRound":
+            return service_pb2.RoundInfo(
+                round=1, round_id=self.round_id, protocol=service_pb2.PROTOCOL_CKKS,
+                status=service_pb2.ROUND_STATUS_RUNNING, ckks_key_holder=HOLDER,
+                ckks_key=service_pb2.CkksKeyOffer(
+                    announcement=wire.announcement_to_proto(self.announcement),
+                    public_context=self.blob.to_proto()))
+        raise AssertionError(f"the site should not get as far as {method}")
+
+    def download(self, blob: Any, progress: Any = None, what: str = "") -> bytes:
+        return self.public
+
+    def upload(self, data: bytes, progress: Any = None, what: str = "") -> Any:
+        self.uploaded.append(data)
+        raise AssertionError("the site uploaded its update")
+
+
+def _honest_round(announcer: int, round_id: str = "hospitals/job-1/round-1",
+                  epoch: str | None = None) -> tuple[Round, _LyingAggregator]:
+    roster, identities = make_roster(5)
+    config = FederationConfig.from_dict({
+        "federation": {"name": "hospitals", "protocol": "ckks", "aggregator": "agg:443",
+                       "trust_root": "00" * 32},
+        "ckks": {"key_holders": [HOLDER]},  # only site 1 makes and releases keys
+    })
+    key = KeyHolder.generate(config.preset)
+    announcement = key.announce(holder=announcer, identity=identities[announcer],
+                                epoch=epoch or round_id)
+    aggregator = _LyingAggregator(announcement, key.public_context().serialize(), round_id)
+    aggregator.key, aggregator.identities = key, identities  # type: ignore[attr-defined]
+    kit = types.SimpleNamespace(site_id=HONEST, config=config, roster=roster,
+                                identity=identities[HONEST])
+    site = Site(kit, aggregator)  # type: ignore[arg-type]
+    rnd = Round.__new__(Round)
+    rnd._site, rnd._conn, rnd.number, rnd.round_id = site, aggregator, 1, round_id
+    rnd.protocol, rnd._key, rnd._submitted = "ckks", None, False
+    rnd.model = types.SimpleNamespace(size=1000)  # type: ignore[assignment]
+    return rnd, aggregator
+
+
+def test_site_refuses_a_key_announced_by_a_site_the_federation_did_not_name() -> None:
+    """The aggregator relays a key announced (and correctly signed) by colluding site 5, a
+    roster site but not the federation's key holder: a site that encrypted to it would hand
+    site 5 its update in the clear. The site refuses before encrypting anything."""
+    rnd, aggregator = _honest_round(announcer=COLLUDER)
+    update = np.random.default_rng(7).uniform(-0.03, 0.03, 1000)
+    with pytest.raises(RoundAborted, match="must be announced by site 1"):
+        rnd._run_ckks(update, 0.25)
+    assert aggregator.uploaded == []
+
+
+@pytest.mark.parametrize(("round_id", "epoch", "says"), [
+    ("hospitals/job-1/round-7", None, "is not round 1"),
+    ("other-federation/job-1/round-1", None, "is not round 1"),
+    ("hospitals/job-1/round-1", "hospitals/job-0/round-1", "not for this round"),
+])
+def test_site_refuses_a_round_id_or_key_epoch_that_is_not_this_round(
+        round_id: str, epoch: str | None, says: str) -> None:
+    rnd, aggregator = _honest_round(announcer=HOLDER, round_id=round_id, epoch=epoch)
+    with pytest.raises(RoundAborted, match=says):
+        rnd._run_ckks(np.zeros(1000), 0.25)
+    assert aggregator.uploaded == []
+
+
+# ---- sizes the aggregator claims: checked before memory is spent on them ---------------------
+
+
+class _ChunkStub:
+    """A GetChunks that serves one real chunk, however often it is asked for."""
+
+    def __init__(self, data: bytes) -> None:
+        import hashlib
+
+        self.data, self.cid = data, hashlib.sha256(data).digest()
+        self.served = 0
+
+    def GetChunks(self, request: Any, timeout: float) -> Any:
+        for cid in request.chunk_ids:
+            self.served += 1
+            yield service_pb2.Chunk(chunk_id=cid, data=self.data)
+
+
+def _connection(stub: _ChunkStub) -> Any:
+    import random
+
+    from clients.transport import Connection
+
+    conn = Connection.__new__(Connection)
+    conn.stub, conn.retry_seconds, conn.call_timeout = stub, 1.0, 5.0
+    conn._random, conn.bytes_received, conn.bytes_sent = random.SystemRandom(), 0, 0
+    return conn
+
+
+def test_download_of_one_chunk_named_many_times_is_refused_before_it_is_built() -> None:
+    """A blob naming one 64 KiB chunk 20,000 times claims 1.3 GB: refused by the size the
+    caller can need, and otherwise by the sizes of what arrived, before joining anything."""
+    from clients.errors import AggregatorRefused
+
+    stub = _ChunkStub(b"x" * 65536)
+    conn = _connection(stub)
+    many = wire.Blob((stub.cid,) * 20_000, 65536 * 20_000)
+    with pytest.raises(AggregatorRefused, match="at most"):
+        conn.download(many, max_size=10 * 65536)
+    assert stub.served == 0
+    import tracemalloc
+
+    lying = wire.Blob((stub.cid,) * 2000, 65536)  # claims one chunk's size
+    tracemalloc.start()
+    try:
+        with pytest.raises(AggregatorRefused, match="wrong size"):
+            conn.download(lying)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert stub.served == 1  # fetched once: ids are deduplicated
+    assert peak < 16 * 2**20, peak  # the 131 MB it names were never built
+
+
+def test_split_never_makes_more_pieces_than_bytes() -> None:
+    from secagg.errors import InvalidMessage
+
+    with pytest.raises(InvalidMessage):
+        wire.split_fixed(b"", 3)  # (an aggregator asked for 2^32 - 1: a 34 GB tuple)
+    with pytest.raises(InvalidMessage):
+        wire.split_fixed(b"abcd", 8)
+    assert wire.split_fixed(b"abcdef", 3) == (b"ab", b"cd", b"ef")
+
+
+def test_key_holder_checks_claimed_chunk_counts_and_sizes_before_downloading() -> None:
+    """The aggregator's release request names 2^32 - 1 chunks in an empty blob, or a blob
+    larger than the round's layout allows: refused before anything is fetched or split."""
+    from secagg.ckks import Release
+    from secagg.errors import InvalidMessage
+
+    rnd, aggregator = _honest_round(announcer=HOLDER)
+    config = rnd._site.config.ckks_round(1, rnd.round_id, rnd._site.kit.roster,
+                                         aggregator.announcement, 1000)
+    stub = _ChunkStub(b"")
+    rnd._conn = _connection(stub)
+    rnd._key = aggregator.key  # type: ignore[attr-defined]
+    release = Release.__new__(Release)  # never reached
+    for count, size in ((2**32 - 1, 0), (config.chunk_count, 10**12)):
+        upload = service_pb2.EncryptedUpdateRef(
+            round_id=rnd.round_id, site_id=3, chunk_count=count,
+            chunks=service_pb2.Blob(chunk_ids=[b"\x01" * 32], size=size))
+        request = service_pb2.CkksReleaseRequest(uploads=[upload])
+        with pytest.raises(InvalidMessage):
+            rnd._verify_and_release(release, request, config)
+    assert stub.served == 0
+
+
+@pytest.mark.parametrize("chunk_type", [bytearray, memoryview, str])
+def test_sharded_key_holder_refuses_aggregate_chunks_that_are_not_bytes(chunk_type: Any) -> None:
+    from secagg.ckks import Release
+    from secagg.errors import InvalidMessage
+    from tests.ckks_kit import CkksRound
+
+    r = CkksRound(sites=3, vector_length=5000)
+    uploads, aggregate = r.run()
+    chunks = tuple(c.hex() if chunk_type is str else chunk_type(c) for c in aggregate.chunks)
+    from dataclasses import replace
+
+    release = Release(r.holder, r.config, site_id=1, workers=2)
+    try:
+        for u in uploads:
+            release.add(u)
+        with pytest.raises(InvalidMessage):
+            release.finish(replace(aggregate, chunks=chunks))
+    finally:
+        release.close()
