@@ -17,6 +17,33 @@ def _serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(args.config, store=args.store, listen=args.listen))
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    from aggregator.store import migrate, redacted
+
+    before, after = migrate(args.store)
+    if before == after:
+        print(f"store {redacted(args.store)} is at schema revision {after}: nothing to do")
+    else:
+        print(f"store {redacted(args.store)}: schema revision {before or '(empty)'} -> {after}")
+    return 0
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from aggregator.store import backup, redacted
+
+    size = backup(args.store, args.out)
+    print(f"backed up {redacted(args.store)} to {args.out} ({size:,} bytes)")
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from aggregator.store import redacted, restore
+
+    restore(args.backup, args.store)
+    print(f"restored {args.backup} into {redacted(args.store)}")
+    return 0
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     agg = sub.add_parser("aggregator", help="run the aggregator service")
     agg_sub = agg.add_subparsers(dest="aggregator_command", required=True)
@@ -30,3 +57,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_serve)
+    migrate = agg_sub.add_parser(
+        "migrate", help="bring a store to this aggregator's schema (back it up first)",
+        description="Creates the schema in an empty store, or upgrades one an older aggregator "
+                    "wrote. A store at a revision this aggregator does not know is refused.")
+    migrate.add_argument("--store", required=True, help="SQLite file or database URL")
+    migrate.set_defaults(func=_migrate)
+    backup = agg_sub.add_parser(
+        "backup", help="a consistent copy of the store, taken while the aggregator runs",
+        description="SQLite: the online backup API (one file). PostgreSQL: pg_dump's custom "
+                    "format (pg_dump must be on PATH).")
+    backup.add_argument("--store", required=True, help="SQLite file or database URL")
+    backup.add_argument("--out", required=True, type=Path, help="backup file to write")
+    backup.set_defaults(func=_backup)
+    restore = agg_sub.add_parser(
+        "restore", help="restore a backup into an empty store (the aggregator stopped)",
+        description="SQLite: copies the backup into a store file that does not exist yet. "
+                    "PostgreSQL: pg_restore into an empty database (pg_restore on PATH).")
+    restore.add_argument("--backup", required=True, type=Path, help="backup file to read")
+    restore.add_argument("--store", required=True, help="SQLite file or database URL")
+    restore.set_defaults(func=_restore)

@@ -23,6 +23,7 @@ import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -30,12 +31,12 @@ from sqlalchemy.engine import Connection, Engine
 
 from secagg.errors import SecAggError
 
-SCHEMA_VERSION = 1
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
+# The tables as the queries see them. The schema itself is made and changed only by the
+# Alembic migrations in aggregator/migrations (tests/unit/test_store_schema.py checks that the
+# migrated schema is exactly this one, on SQLite and on PostgreSQL).
 metadata = sa.MetaData()
-
-schema_info = sa.Table("schema_info", metadata,
-                       sa.Column("version", sa.Integer, nullable=False))
 
 chunks = sa.Table(
     "chunks", metadata,
@@ -48,7 +49,7 @@ chunks = sa.Table(
 
 rounds = sa.Table(
     "rounds", metadata,
-    sa.Column("round", sa.Integer, primary_key=True),
+    sa.Column("round", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("round_id", sa.String(200), nullable=False, unique=True),
     sa.Column("protocol", sa.String(16), nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
@@ -81,7 +82,7 @@ models = sa.Table(
 
 releases = sa.Table(
     "releases", metadata,
-    sa.Column("round", sa.Integer, primary_key=True),
+    sa.Column("round", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("average", sa.Text, nullable=False),  # blob (chunk ids) of the float64 average
     sa.Column("weight_sum", sa.Float, nullable=False),
     sa.Column("sites", sa.Text, nullable=False),
@@ -121,19 +122,175 @@ def chunk_id(data: bytes | memoryview) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+def normalize_url(url: str) -> str:
+    """A path is a SQLite file; ``postgresql://`` means the psycopg (3) driver."""
+    if "://" not in url:
+        return f"sqlite:///{url}"
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return "<unparseable store URL>"
+
+
+def _alembic_config(connection: Connection) -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return str(head)
+
+
+def _current_revision(connection: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def migrate(url: str) -> tuple[str | None, str]:
+    """Bring the store at ``url`` to this aggregator's schema: (revision before, after).
+    Refuses a store with tables that are not ours, or at a revision this aggregator does not
+    know (written by a newer one)."""
+    from alembic import command
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    engine = sa.create_engine(normalize_url(url))
+    try:
+        with engine.begin() as c:
+            before = _current_revision(c)
+            if before is None and sa.inspect(c).get_table_names():
+                raise StoreError("the store holds tables but no schema revision: not ours")
+            config = _alembic_config(c)
+            if before is not None:
+                try:
+                    ScriptDirectory.from_config(config).get_revision(before)
+                except CommandError:
+                    raise StoreError(f"the store is at schema revision {before}, which this "
+                                     "aggregator does not know (a newer one wrote it)") from None
+            command.upgrade(config, "head")
+            return before, head_revision()
+    except sa.exc.SQLAlchemyError as e:
+        raise StoreError(f"store {redacted(url)} is unreachable: {type(e).__name__}") from None
+    finally:
+        engine.dispose()
+
+
+def _pg_tool(tool: str, url: str, *args: str) -> None:
+    """Run a libpq tool (pg_dump, pg_restore) on the database at ``url``: the password goes
+    in the environment (PGPASSWORD), never on a command line other users can read."""
+    import os
+    import shutil
+    import subprocess
+
+    parsed = sa.engine.make_url(url)
+    executable = shutil.which(tool)
+    if executable is None:
+        raise StoreError(f"{tool} is not on PATH (install PostgreSQL's client tools)")
+    env = dict(os.environ)
+    if parsed.password:
+        env["PGPASSWORD"] = str(parsed.password)
+    dbname = parsed.set(drivername="postgresql", password=None).render_as_string(
+        hide_password=False)
+    try:
+        subprocess.run([executable, *args, "--dbname", dbname],  # noqa: S603 (our arguments)
+                       check=True, capture_output=True, env=env)
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        raise StoreError(f"{tool} on {redacted(url)} failed: "
+                         f"{detail.decode(errors='replace').strip()[-300:] or e}") from None
+
+
+def backup(url: str, out: Path) -> int:
+    """A consistent copy of the store at ``url`` in ``out`` (size in bytes). SQLite: the
+    online backup API, safe while the aggregator writes. PostgreSQL: ``pg_dump -Fc``."""
+    import sqlite3
+
+    url = normalize_url(url)
+    out = Path(out)
+    if out.exists():
+        raise StoreError(f"{out} exists: a backup never overwrites a file")
+    if url.startswith("sqlite"):
+        path = sa.engine.make_url(url).database
+        if not path or not Path(path).exists():
+            raise StoreError(f"no SQLite store at {path}")
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as source, \
+                sqlite3.connect(out) as target:
+            source.backup(target)
+        target.close()
+    elif url.startswith("postgresql"):
+        _pg_tool("pg_dump", url, "--format=custom", "--no-owner", "--file", str(out))
+    else:
+        raise StoreError(f"no backup for stores of kind {url.split(':', 1)[0]}")
+    out.chmod(0o600)
+    return out.stat().st_size
+
+
+def restore(backup_file: Path, url: str) -> None:
+    """Restore ``backup_file`` into an empty store at ``url``; the result must be a store
+    this aggregator understands (its schema revision is checked)."""
+    import shutil
+
+    url = normalize_url(url)
+    if not Path(backup_file).exists():
+        raise StoreError(f"no backup file {backup_file}")
+    if url.startswith("sqlite"):
+        path = sa.engine.make_url(url).database
+        if not path or Path(path).exists():
+            raise StoreError(f"{path} exists: restore only into a new store file")
+        shutil.copyfile(backup_file, path)
+        Path(path).chmod(0o600)
+    elif url.startswith("postgresql"):
+        engine = sa.create_engine(url)
+        try:
+            with engine.connect() as c:
+                if sa.inspect(c).get_table_names():
+                    raise StoreError("restore only into an empty database")
+        except sa.exc.SQLAlchemyError as e:
+            raise StoreError(f"store {redacted(url)} is unreachable: {type(e).__name__}"
+                             ) from None
+        finally:
+            engine.dispose()
+        _pg_tool("pg_restore", url, "--no-owner", "--exit-on-error", str(backup_file))
+    else:
+        raise StoreError(f"no restore for stores of kind {url.split(':', 1)[0]}")
+    Store(url, create=False).close()  # the restored store is one this aggregator understands
+
+
 class Store:
     def __init__(self, url: str, *, create: bool = True) -> None:
+        url = normalize_url(url)
         kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        elif url.startswith("postgresql"):
+            kwargs["pool_pre_ping"] = True  # a restarted database server is reconnected
         try:
             self.engine: Engine = sa.create_engine(url, **kwargs)
+            # Chunks are staged data, not acknowledged counts: they are written through a
+            # second engine without a sync per commit (a chunk lost to a power cut is simply
+            # asked for again by MissingChunks); events keep a sync per commit.
+            self.bulk: Engine = sa.create_engine(url, **kwargs)
         except (sa.exc.ArgumentError, ImportError) as e:
-            raise StoreError(f"cannot open store {url!r}: {e}") from None
-        # Chunks are staged data, not acknowledged counts: they are written through a second
-        # engine without a sync per commit (a chunk lost to a power cut is simply asked for
-        # again by MissingChunks); events keep a sync per commit.
-        self.bulk: Engine = sa.create_engine(url, **kwargs)
+            raise StoreError(f"cannot open store {redacted(url)}: {e}") from None
         if url.startswith("sqlite"):
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
             sa.event.listen(self.bulk, "connect", _sqlite_bulk_pragmas)
@@ -143,36 +300,45 @@ class Store:
         try:
             self._check_schema(create)
         except sa.exc.SQLAlchemyError as e:
-            raise StoreError(f"store {url!r} is unreachable: {type(e).__name__}") from None
+            raise StoreError(f"store {redacted(url)} is unreachable: {type(e).__name__}"
+                             ) from None
 
     def _check_schema(self, create: bool) -> None:
-        inspector = sa.inspect(self.engine)
-        if not inspector.has_table("schema_info"):
-            if inspector.get_table_names():
-                raise StoreError("the store holds tables but no schema version: not ours")
+        """An empty store is migrated to this aggregator's schema (if ``create``); any other
+        store must be at exactly that revision: an aggregator never runs on a store it does
+        not understand, and never changes one without the operator (`secagg aggregator
+        migrate`)."""
+        with self.engine.connect() as c:
+            current = _current_revision(c)
+            tables = sa.inspect(c).get_table_names()
+        head = head_revision()
+        if current is None:
+            if tables:
+                raise StoreError("the store holds tables but no schema revision: not ours")
             if not create:
                 raise StoreError("the store is empty")
-            metadata.create_all(self.engine)
-            with self.engine.begin() as c:
-                c.execute(schema_info.insert().values(version=SCHEMA_VERSION))
+            migrate(self.url)
             return
-        with self.engine.connect() as c:
-            version = c.execute(sa.select(schema_info.c.version)).scalar()
-        if version != SCHEMA_VERSION:
-            raise StoreError(f"the store's schema version is {version}, this aggregator "
-                             f"understands {SCHEMA_VERSION} only")
+        if current != head:
+            raise StoreError(f"the store is at schema revision {current}; this aggregator "
+                             f"needs {head}: back it up, then run `secagg aggregator migrate "
+                             f"--store URL` (a revision it does not know is refused there too)")
 
     def ping(self, timeout: float = 1.0) -> None:
-        """Read the schema version within ``timeout`` seconds, or StoreError."""
+        """Read the schema revision within ``timeout`` seconds, or StoreError."""
         try:
             with self.engine.connect() as c:
                 if self.url.startswith("sqlite"):
                     c.exec_driver_sql(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+                else:
+                    c.exec_driver_sql(f"SET statement_timeout = {int(timeout * 1000)}")
                 try:
-                    c.execute(sa.select(schema_info.c.version)).scalar()
+                    c.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
                 finally:
                     if self.url.startswith("sqlite"):
                         c.exec_driver_sql("PRAGMA busy_timeout=30000")
+                    else:
+                        c.exec_driver_sql("SET statement_timeout = 0")
         except sa.exc.SQLAlchemyError as e:
             raise StoreError(f"store unreachable: {type(e).__name__}") from None
 
@@ -196,15 +362,25 @@ class Store:
         stored = present = 0
         with self.bulk.begin() as c:
             for cid, data in items:
-                exists = c.execute(sa.select(chunks.c.size)
-                                   .where(chunks.c.chunk_id == cid)).first()
-                if exists is not None:
+                # a chunk two uploaders send at once is stored once: the second insert is a
+                # no-op (ON CONFLICT DO NOTHING on both databases), never an error
+                result = c.execute(self._insert_chunk().values(
+                    chunk_id=cid, data=data, size=len(data), round=round_number, site=site
+                ).returning(chunks.c.chunk_id))
+                if result.first() is not None:
+                    stored += 1
+                else:
                     present += 1
-                    continue
-                c.execute(chunks.insert().values(chunk_id=cid, data=data, size=len(data),
-                                                 round=round_number, site=site))
-                stored += 1
         return stored, present
+
+    def _insert_chunk(self) -> Any:
+        if self.url.startswith("postgresql"):
+            from sqlalchemy.dialects import postgresql
+
+            return postgresql.insert(chunks).on_conflict_do_nothing(index_elements=["chunk_id"])
+        from sqlalchemy.dialects import sqlite
+
+        return sqlite.insert(chunks).on_conflict_do_nothing(index_elements=["chunk_id"])
 
     def get_chunk(self, cid: bytes) -> bytes | None:
         with self.engine.connect() as c:
@@ -340,4 +516,4 @@ def _pg_bulk_settings(dbapi_connection: Any, _record: Any) -> None:
 
 
 def sqlite_url(path: str) -> str:
-    return path if "://" in path else f"sqlite:///{path}"
+    return normalize_url(path)

@@ -92,7 +92,7 @@ def make_federation(tmp: Path, sites: int = 5, protocol: str = "masking", *,
 @dataclass
 class Aggregator:
     federation: Federation
-    store: Path
+    store: Path | str  # a SQLite file or a database URL
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
@@ -153,8 +153,8 @@ class Aggregator:
             return self.process.wait()
 
 
-def start_aggregator(fed: Federation, tmp: Path) -> Aggregator:
-    agg = Aggregator(fed, tmp / "aggregator.db", tmp / "aggregator.log")
+def start_aggregator(fed: Federation, tmp: Path, store: str | None = None) -> Aggregator:
+    agg = Aggregator(fed, store or tmp / "aggregator.db", tmp / "aggregator.log")
     agg.start()
     return agg
 

@@ -4,12 +4,13 @@ same store; sites drop out at every stage."""
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 
+from aggregator.store import normalize_url
 from secagg.masking import Stage
 from secagg.model import FlatModel
 from tests.service_kit import (
@@ -99,10 +100,11 @@ def test_ckks_site_and_key_holder_dropping(tmp_path: Path) -> None:
 
 
 def test_kill9_during_uploads_and_during_unmasking_then_restart_gives_the_same_result(
-        tmp_path: Path) -> None:
+        tmp_path: Path, store_url: str) -> None:
+    """On each store (SQLite file, PostgreSQL database): the same result after two kills."""
     fed = make_federation(tmp_path, 4, "masking", rounds=1, shapes={"w": (300, 100)},
                           open_s=30.0, stage_s=30.0)
-    agg = start_aggregator(fed, tmp_path)
+    agg = start_aggregator(fed, tmp_path, store_url)
     # site 4 is slow to upload and to unmask, so the kills land mid-stage
     procs = {s: start_site(fed, s, tmp_path / f"site-{s}.jsonl",
                            *(("--slow", "1:MASKED_INPUT", "--slow", "1:UNMASK") if s == 4 else ()))
@@ -124,8 +126,14 @@ def test_kill9_during_uploads_and_during_unmasking_then_restart_gives_the_same_r
     _check_job(reports, _initial(fed.directory), 1, 1.0, 400.0, 1e-6)
     assert sum(e.get("event") == "round_recovered" for e in agg.read()) == 2
     # nothing counted twice: the released weight sum is the survivors' weights
-    with sqlite3.connect(tmp_path / "aggregator.db") as db:
-        ((weight_sum, sites),) = db.execute("SELECT weight_sum, sites FROM releases").fetchall()
-        assert db.execute("SELECT COUNT(*) FROM events WHERE kind='message'").fetchone()[0] == 20
+    engine = sa.create_engine(normalize_url(store_url))
+    try:
+        with engine.connect() as db:
+            ((weight_sum, sites),) = db.exec_driver_sql(
+                "SELECT weight_sum, sites FROM releases").fetchall()
+            assert db.exec_driver_sql(
+                "SELECT COUNT(*) FROM events WHERE kind='message'").scalar() == 20
+    finally:
+        engine.dispose()
     assert sites == "[1, 2, 3, 4]"
     assert abs(weight_sum - sum(100 * s for s in range(1, 5)) / 400.0) < 1e-6

@@ -1,0 +1,138 @@
+"""The aggregator's store on SQLite and on PostgreSQL: one schema, made by the Alembic
+migrations; an aggregator never runs on a store it does not understand; backups restore."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from aggregator.store import (
+    Event,
+    Store,
+    StoreError,
+    backup,
+    head_revision,
+    metadata,
+    migrate,
+    normalize_url,
+    restore,
+)
+
+
+def _engine(url: str) -> sa.Engine:
+    return sa.create_engine(normalize_url(url))
+
+
+def test_the_migrated_schema_is_the_schema_the_queries_use(store_url: str) -> None:
+    """Alembic's own comparison finds nothing between the migrations' result and the tables
+    the code queries (columns, types, nullability, keys, indexes)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    Store(store_url).close()
+    engine = _engine(store_url)
+    try:
+        with engine.connect() as c:
+            diff = compare_metadata(MigrationContext.configure(c, opts={"compare_type": True}),
+                                    metadata)
+    finally:
+        engine.dispose()
+    assert diff == []
+
+
+def test_chunks_and_events_are_idempotent(store_url: str) -> None:
+    store = Store(store_url)
+    try:
+        items = [(b"\x01" * 32, b"one"), (b"\x02" * 32, b"two")]
+        assert store.put_chunks(items, round_number=1, site=2) == (2, 0)
+        assert store.put_chunks(items, round_number=1, site=3) == (0, 2)  # a no-op
+        assert store.missing([b"\x01" * 32, b"\x03" * 32]) == [b"\x03" * 32]
+        event = Event(1, "message", 3, 2, b"payload")
+        with store.transaction() as c:
+            assert store.record_event(c, event)
+        with store.transaction() as c:
+            assert not store.record_event(c, event)  # a resubmission is never a second count
+        assert [e.payload for e in store.events(1)] == [b"payload"]
+    finally:
+        store.close()
+
+
+def test_an_aggregator_refuses_a_store_it_does_not_understand(store_url: str) -> None:
+    Store(store_url).close()
+    engine = _engine(store_url)
+    try:
+        with engine.begin() as c:  # as if a newer aggregator had migrated it
+            c.exec_driver_sql("UPDATE alembic_version SET version_num = 'ffff_newer'")
+        with pytest.raises(StoreError, match="needs " + head_revision()):
+            Store(store_url)
+        with pytest.raises(StoreError, match="does not know"):
+            migrate(store_url)  # and migrate will not touch it either
+        with engine.begin() as c:  # tables, but no revision at all: not ours
+            c.exec_driver_sql("DROP TABLE alembic_version")
+        with pytest.raises(StoreError, match="not ours"):
+            Store(store_url)
+    finally:
+        engine.dispose()
+
+
+def test_an_empty_store_is_created_only_when_asked(store_url: str) -> None:
+    with pytest.raises(StoreError, match="empty"):
+        Store(store_url, create=False)
+    assert migrate(store_url) == (None, head_revision())
+    assert migrate(store_url) == (head_revision(), head_revision())  # a no-op
+    Store(store_url, create=False).close()
+
+
+def test_backup_while_open_and_restore_into_a_new_store(store_url: str, tmp_path: Path,
+                                                        postgres_or_sqlite_target: str) -> None:
+    store = Store(store_url)
+    try:
+        store.put_chunks([(b"\x07" * 32, b"seven")], round_number=None, site=0)
+        out = tmp_path / "store.backup"
+        assert backup(store_url, out) > 0  # taken while the store is open
+        assert out.stat().st_mode & 0o777 == 0o600
+        with pytest.raises(StoreError, match="never overwrites"):
+            backup(store_url, out)
+    finally:
+        store.close()
+    if normalize_url(store_url).split(":")[0] != normalize_url(
+            postgres_or_sqlite_target).split(":")[0]:
+        pytest.skip("a backup restores into a store of its own kind")
+    restore(out, postgres_or_sqlite_target)
+    restored = Store(postgres_or_sqlite_target, create=False)
+    try:
+        assert restored.get_chunk(b"\x07" * 32) == b"seven"
+    finally:
+        restored.close()
+    with pytest.raises(StoreError):
+        restore(out, postgres_or_sqlite_target)  # never over an existing store
+
+
+@pytest.fixture
+def postgres_or_sqlite_target(store_url: str, tmp_path: Path) -> object:
+    """An empty store of the same kind as ``store_url`` to restore into."""
+    if normalize_url(store_url).startswith("sqlite"):
+        yield str(tmp_path / "restored.db")
+    else:
+        from tests.conftest import _postgres_database
+
+        yield from _postgres_database()
+
+
+def test_migrate_backup_and_restore_from_the_command_line(tmp_path: Path) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "secagg.cli", "aggregator", *args],
+                              capture_output=True, text=True, timeout=120)
+
+    db = tmp_path / "agg.db"
+    proc = cli("migrate", "--store", str(db))
+    assert proc.returncode == 0 and head_revision() in proc.stdout
+    assert "nothing to do" in cli("migrate", "--store", str(db)).stdout
+    proc = cli("backup", "--store", str(db), "--out", str(tmp_path / "b"))
+    assert proc.returncode == 0, proc.stderr
+    proc = cli("restore", "--backup", str(tmp_path / "b"), "--store", str(db))
+    assert proc.returncode == 2 and "exists" in proc.stderr and "Traceback" not in proc.stderr
