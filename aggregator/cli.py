@@ -14,7 +14,9 @@ def _serve(args: argparse.Namespace) -> int:
     logs.capture_native_stderr()  # before gRPC starts: it reads its log level once
     from aggregator.service import serve
 
-    return asyncio.run(serve(args.config, store=args.store, listen=args.listen))
+    metrics = None if args.metrics == "off" else args.metrics
+    return asyncio.run(serve(args.config, store=args.store, listen=args.listen,
+                             metrics_listen=metrics))
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -54,6 +56,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                        help="SQLite file or database URL (default: aggregator.db beside the "
                             "config)")
     serve.add_argument("--listen", default=None, help="address to bind (default: [::]:PORT)")
+    serve.add_argument("--metrics", default="127.0.0.1:9464", metavar="HOST:PORT",
+                       help="where Prometheus scrapes /metrics (default 127.0.0.1:9464, "
+                            "loopback only; 'off' to disable; port 0 picks one, logged)")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_serve)

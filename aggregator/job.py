@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.metrics import Metrics, NoMetrics
 from aggregator.store import BlobRef, Event, Store
 from secagg import wire
 from secagg.ckks import CkksServer, CkksStage, PublicContext
@@ -121,13 +122,15 @@ class _Active:
     ckks_uploads: dict[int, service_pb2.EncryptedUpdateRef] = field(default_factory=dict)
     ckks_aggregate: service_pb2.EncryptedAggregateRef | None = None
     ckks_release: tuple[np.ndarray, tuple[int, ...], wire.Blob, float] | None = None
+    stage_started: float = 0.0  # the job's clock when the current stage began
 
 
 class Job:
     def __init__(self, config: FederationConfig, roster: Roster, store: Store,
                  initial_model: FlatModel, *, job_id: str = "job",
                  clock: Callable[[], float] = time.monotonic,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None,
+                 metrics: Metrics | None = None) -> None:
         if len(roster) > config.limits.max_sites:
             raise ConfigurationError(f"the roster has {len(roster)} sites, [limits] max_sites "
                                      f"is {config.limits.max_sites}")
@@ -140,6 +143,7 @@ class Job:
         self.job_id = job_id
         self._clock = clock
         self._on_change = on_change or (lambda: None)
+        self.metrics = metrics or NoMetrics()
         self._initial = initial_model
         self.rounds: dict[int, RoundView] = {}
         self.active: _Active | None = None
@@ -173,6 +177,9 @@ class Job:
             self._replay(view)
             log.info("recovered round", extra={"event": "round_recovered",
                                                "round_id": view.round_id})
+            if self.active is not None:
+                self.metrics.round_recovered(view.number, view.stage,
+                                             len(self.active.answered))
         else:
             self.model = view.result if view.result is not None else view.model
             self._next_or_done(last.round)
@@ -201,6 +208,7 @@ class Job:
         self.model = model
         self.active = self._start_role(view)
         log.info("round opened", extra={"event": "round_opened", "round_id": round_id})
+        self.metrics.round_opened(view.protocol, number, view.stage)
         self._on_change()
 
     def _start_role(self, view: RoundView) -> _Active:
@@ -211,19 +219,20 @@ class Job:
             role = MaskingServer(config)
             view.stage = Stage.ADVERTISE_KEYS.value
             return _Active(view, role, now + self.config.deadlines.open,
-                           set(role.participants), readable=readable)
+                           set(role.participants), readable=readable, stage_started=now)
         view.stage = CkksStage.KEY_ANNOUNCEMENT.value
         view.ckks_key_holder = self.config.key_holder_for(view.number)
         # the key holder announces as soon as it joins the round: as long as sites may take
         # to join (open), not one later stage
         return _Active(view, None, now + self.config.deadlines.open, {view.ckks_key_holder},
-                       readable=readable)
+                       readable=readable, stage_started=now)
 
     def _next_or_done(self, finished: int) -> None:
         self.active = None
         if finished >= self.config.rounds:
             self.done = True
             log.info("job done", extra={"event": "job_done"})
+            self.metrics.job_done()
             self._on_change()
             return
         self._open(finished + 1, self.model)
@@ -294,6 +303,7 @@ class Job:
             self._apply(active, site, request, replay=False)  # raises: nothing is recorded
         log.info("message counted", extra={"event": "message_counted", "site_id": site,
                                            "round_id": active.view.round_id, "stage": stage})
+        self.metrics.message_counted(stage)
         if active.answered >= active.expected:
             self._close(active)
         return False
@@ -460,6 +470,8 @@ class Job:
         if not replay:
             with self.store.transaction() as conn:
                 self.store.record_event(conn, Event(view.number, "close", view.stage, 0, b""))
+        closing, missing = view.stage, len(active.expected - active.answered)
+        started, active.stage_started = active.stage_started, self._clock()
         try:
             if view.protocol == "masking":
                 self._close_masking(active)
@@ -468,6 +480,10 @@ class Job:
         except ProtocolAbort as abort:
             self._abort(active, abort.reason.name)
             return
+        finally:
+            if not replay:
+                self.metrics.stage_closed(view.protocol, closing, missing,
+                                          active.stage_started - started, view.stage)
         self._on_change()
 
     def _close_masking(self, active: _Active) -> None:
@@ -555,6 +571,7 @@ class Job:
         self.model = new
         log.info("round completed", extra={"event": "round_completed",
                                            "round_id": view.round_id})
+        self.metrics.round_finished(view.protocol, None)
         self.store.purge_round_chunks(view.number)
         self._next_or_done(view.number)
 
@@ -568,6 +585,7 @@ class Job:
                       else CkksStage.ABORTED.value)
         log.warning("round aborted", extra={"event": "round_aborted", "round_id": view.round_id,
                                             "reason": reason})
+        self.metrics.round_finished(view.protocol, reason)
         self.store.purge_round_chunks(view.number)
         self._next_or_done(view.number)
 

@@ -35,6 +35,7 @@ from aggregator.job import (
     Job,
     ServiceError,
 )
+from aggregator.metrics import Metrics, NoMetrics, serve_metrics
 from aggregator.store import Store, StoreError, sqlite_url
 from secagg.errors import ConfigurationError
 from secagg.federation import pki
@@ -82,7 +83,12 @@ class Identity:
         return site
 
 
+_metrics: Metrics = NoMetrics()  # this process's aggregator's metrics (set by serve)
+
+
 async def _abort(context: Ctx, code: grpc.StatusCode, message: str) -> Any:
+    """Refuse the call with ``code``: every refusal is counted, by status code."""
+    _metrics.refused.labels(code.name).inc()
     await context.abort(code, message)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -270,6 +276,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
                     await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
                                  f"the upload stream was idle for {idle:g} s")
                 data = bytes(chunk.data)
+                _metrics.bytes_received.inc(len(data))
                 if not 0 < len(data) <= limit:
                     await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                                  f"a chunk must hold 1 to {limit} bytes")
@@ -310,6 +317,8 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
             data = await self._call(context, self.job.store.get_chunk, cid)
             if data is None:
                 await _abort(context, grpc.StatusCode.NOT_FOUND, "no such chunk")
+            assert data is not None
+            _metrics.bytes_sent.inc(len(data))
             yield service_pb2.Chunk(chunk_id=cid, data=data)
 
 
@@ -343,8 +352,11 @@ def load_server_files(config_path: Path) -> ServerFiles:
 async def serve(config_path: Path, *, store: str | None = None, listen: str | None = None,
                 ready: Callable[[int], None] | None = None,
                 stop_event: asyncio.Event | None = None,
-                store_factory: Callable[[str], Store] = Store) -> int:
-    """Run the aggregator until SIGTERM/SIGINT (or ``stop_event``); returns the exit status."""
+                store_factory: Callable[[str], Store] = Store,
+                metrics_listen: str | None = None) -> int:
+    """Run the aggregator until SIGTERM/SIGINT (or ``stop_event``); returns the exit status.
+    ``metrics_listen``: HOST:PORT for Prometheus's ``/metrics`` (None: not served)."""
+    global _metrics
     files = load_server_files(config_path)
     config = files.config
     roster = load_roster(files.directory / ROSTER_FILE, config.trust_root)
@@ -352,6 +364,15 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
         raise ConfigurationError("[job] initial_model is not set: the job needs a model to "
                                  "start from")
     model = FlatModel.load_npz(config.initial_model)
+    _metrics = Metrics()
+    metrics_server = None
+    if metrics_listen is not None:
+        try:
+            metrics_server, metrics_port = serve_metrics(_metrics, metrics_listen)
+        except (OSError, ValueError) as e:
+            raise ConfigurationError(f"cannot serve metrics on {metrics_listen}: {e}") from None
+        log.info("metrics", extra={"event": "metrics_listening",
+                                   "peer": f"{metrics_listen} -> {metrics_port}"})
     loop = asyncio.get_running_loop()
     core = Core(loop)
     limits = config.limits
@@ -385,7 +406,9 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
     tasks: list[asyncio.Task[None]] = []
     try:
         opened = await core.run(store_factory, store_url)
-        job = Job(config, roster, opened, model, on_change=core.notify)
+        _metrics.watch_engine(opened.engine)
+        _metrics.watch_engine(opened.bulk)
+        job = Job(config, roster, opened, model, on_change=core.notify, metrics=_metrics)
         await core.run(job.recover)
         core.job = job
         core.healthy = True
@@ -404,6 +427,8 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
         core.executor.shutdown(wait=True)
         core.hashers.shutdown(wait=False)
         core.bulk.shutdown(wait=True)
+        if metrics_server is not None:
+            metrics_server.shutdown()
     return 0
 
 

@@ -104,7 +104,8 @@ class Aggregator:
         log = open(self.log_path, "ab")  # noqa: SIM115 (the process owns it)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "secagg.cli", "aggregator", "serve", "--config",
-             str(self.federation.aggregator_config), "--store", str(self.store)],
+             str(self.federation.aggregator_config), "--store", str(self.store),
+             "--metrics", "127.0.0.1:0"],
             stdout=log, stderr=log, env=env(), cwd=ROOT)
         log.close()
         if wait:

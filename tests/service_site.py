@@ -82,6 +82,7 @@ def main() -> int:
                 continue
             f.write(json.dumps({
                 "round": rnd.number, "survivors": list(rnd.survivors),
+                "bytes_sent": site._conn.bytes_sent, "bytes_received": site._conn.bytes_received,
                 "model": FlatModel.from_arrays(new).values.tolist(),
                 "steps": int(new["steps"]),
             }) + "\n")

@@ -168,7 +168,8 @@ def secure_run(dataset: Dataset, parts: list[np.ndarray], rounds: int, train: Tr
     log = open(work / "aggregator.log", "wb")  # noqa: SIM115 (the aggregator owns it)
     aggregator = subprocess.Popen(  # noqa: S603
         [sys.executable, "-m", "secagg.cli", "aggregator", "serve", "--config",
-         str(fed / "aggregator" / "federation.toml"), "--store", str(work / "aggregator.db")],
+         str(fed / "aggregator" / "federation.toml"), "--store", str(work / "aggregator.db"),
+         "--metrics", "127.0.0.1:0"],
         stdout=log, stderr=log, env=_env(), cwd=ROOT)
     sites = [subprocess.Popen(  # noqa: S603
         [sys.executable, "-m", "clients.demo.site", str(fed / "sites" / f"site-{s}"),

@@ -170,6 +170,7 @@ def run(protocol: str, clients: int, params: int, quiet: bool) -> dict[str, Any]
         agg = subprocess.Popen(  # noqa: S603
             [sys.executable, "-m", "secagg.cli", "aggregator", "serve", "--config",
              str(fed / "aggregator" / "federation.toml"), "--store", str(tmp / "agg.db"),
+             "--metrics", "127.0.0.1:0",
              "--log-level", os.environ.get("SECAGG_BENCH_LOG", "warning")],
             stdout=log, stderr=log, env=_env())
         sites: list[subprocess.Popen[bytes]] = []

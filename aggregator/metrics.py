@@ -1,0 +1,133 @@
+"""Prometheus metrics for operators, served on their own port (``--metrics HOST:PORT``).
+
+What they count is what happened to rounds, stages, sites and bytes; labels are bounded
+(protocol, stage number, abort reason, status code, SQL operation), never a site id, a round id, a
+payload or anything derived from one. Each aggregator has its own registry (tests run several).
+
+- ``secagg_rounds_started_total{protocol}``, ``secagg_rounds_completed_total{protocol}``,
+  ``secagg_rounds_aborted_total{protocol,reason}``
+- ``secagg_round_sites{stage}``: sites whose message for that stage was counted in the current
+  round (reset when a round opens); ``secagg_current_round``, ``secagg_current_stage``
+- ``secagg_dropouts_total{protocol,stage}``: sites expected at a stage but missing when it
+  closed (its deadline passed)
+- ``secagg_refused_total{code}``: requests refused (uploads, messages, identities), by gRPC
+  status code
+- ``secagg_bytes_received_total``, ``secagg_bytes_sent_total``: chunk payload bytes
+- ``secagg_stage_duration_seconds{protocol,stage}``: from a stage's start to its close
+- ``secagg_store_latency_seconds{operation}``: each SQL statement (select, insert, update,
+  delete, other), on the store's connections
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.rounds_started = Counter("secagg_rounds_started", "Rounds opened",
+                                      ["protocol"], registry=r)
+        self.rounds_completed = Counter("secagg_rounds_completed", "Rounds completed",
+                                        ["protocol"], registry=r)
+        self.rounds_aborted = Counter("secagg_rounds_aborted", "Rounds aborted",
+                                      ["protocol", "reason"], registry=r)
+        self.round_sites = Gauge("secagg_round_sites",
+                                 "Sites whose message for a stage was counted this round",
+                                 ["stage"], registry=r)
+        self.current_round = Gauge("secagg_current_round", "The running round (0: none)",
+                                   registry=r)
+        self.current_stage = Gauge("secagg_current_stage", "The running round's stage",
+                                   registry=r)
+        self.dropouts = Counter("secagg_dropouts", "Sites missing when a stage closed",
+                                ["protocol", "stage"], registry=r)
+        self.refused = Counter("secagg_refused", "Requests refused, by gRPC status code",
+                               ["code"], registry=r)
+        self.bytes_received = Counter("secagg_bytes_received", "Chunk bytes received",
+                                      registry=r)
+        self.bytes_sent = Counter("secagg_bytes_sent", "Chunk bytes sent", registry=r)
+        self.stage_duration = Histogram("secagg_stage_duration_seconds",
+                                        "From a stage's start to its close",
+                                        ["protocol", "stage"], buckets=STAGE_BUCKETS,
+                                        registry=r)
+        self.store_latency = Histogram("secagg_store_latency_seconds",
+                                       "SQL statement latency on the store",
+                                       ["operation"], buckets=STORE_BUCKETS, registry=r)
+        self._stages_seen: set[str] = set()
+
+    # ---- rounds and stages (called on the job's thread) ----------
+
+    def round_opened(self, protocol: str, number: int, stage: int) -> None:
+        self.rounds_started.labels(protocol).inc()
+        for stage_label in self._stages_seen:
+            self.round_sites.labels(stage_label).set(0)
+        self.current_round.set(number)
+        self.current_stage.set(stage)
+
+    def round_recovered(self, number: int, stage: int, answered: int) -> None:
+        """After a restart: the replayed round's place (counters restart at zero)."""
+        self.current_round.set(number)
+        self.current_stage.set(stage)
+        self._stages_seen.add(str(stage))
+        self.round_sites.labels(str(stage)).set(answered)
+
+    def message_counted(self, stage: int) -> None:
+        self._stages_seen.add(str(stage))
+        self.round_sites.labels(str(stage)).inc()
+
+    def stage_closed(self, protocol: str, stage: int, missing: int, seconds: float,
+                     next_stage: int) -> None:
+        if missing:
+            self.dropouts.labels(protocol, str(stage)).inc(missing)
+        self.stage_duration.labels(protocol, str(stage)).observe(seconds)
+        self.current_stage.set(next_stage)
+
+    def round_finished(self, protocol: str, aborted_reason: str | None) -> None:
+        if aborted_reason is None:
+            self.rounds_completed.labels(protocol).inc()
+        else:
+            self.rounds_aborted.labels(protocol, aborted_reason).inc()
+        self.current_stage.set(0)
+
+    def job_done(self) -> None:
+        self.current_round.set(0)
+
+    # ---- the store ----------
+
+    def watch_engine(self, engine: Any) -> None:
+        """Time every SQL statement on ``engine``'s connections."""
+        import sqlalchemy as sa
+
+        def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            conn.info.setdefault("secagg_started", []).append(time.perf_counter())
+
+        def after(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            started = conn.info.get("secagg_started")
+            if started:
+                verb = statement.lstrip().split(" ", 1)[0].lower()
+                operation = verb if verb in ("select", "insert", "update", "delete") else "other"
+                self.store_latency.labels(operation).observe(time.perf_counter() - started.pop())
+
+        sa.event.listen(engine, "before_cursor_execute", before)
+        sa.event.listen(engine, "after_cursor_execute", after)
+
+
+class NoMetrics(Metrics):
+    """For a Job used without a service (tests, tools): counts into a registry nobody reads."""
+
+
+def serve_metrics(metrics: Metrics, listen: str) -> tuple[Any, int]:
+    """Serve ``/metrics`` on ``listen`` (HOST:PORT; port 0 picks one): (server, port)."""
+    from prometheus_client import start_http_server
+
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    server, _thread = start_http_server(int(port), addr=host, registry=metrics.registry)
+    return server, int(server.server_address[1])
