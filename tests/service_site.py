@@ -1,13 +1,17 @@
 """A site process for the service tests: joins every round, "trains" deterministically, reports.
 
 usage: service_site.py SITE_DIR OUT.jsonl [--drop ROUND:STAGE ...] [--die ROUND:STAGE]
-                                          [--slow ROUND:STAGE ...]
+                                          [--slow ROUND:STAGE ...] [--record FILE:0]
 
 Training adds ``site_delta(site, round)`` to the global model (tests/service_kit.py), so the
 test can compute plaintext FedAvg. ``--drop R:S`` makes the site stop answering in round R from
 stage S on (it stays alive and rejoins the next round); ``--die R:S`` exits the process there;
 ``--slow R:S`` waits 3 s before sending its stage-S message of round R.
 Stages are the names of secagg's Stage/CkksStage (e.g. MASKED_INPUT, UPLOAD).
+``--record FILE:0`` (for the canary tests) writes, as JSON lines to FILE, every secret this
+site makes (agreement private keys, self-mask seeds, shares, a CKKS secret key and flood key)
+and the start of every payload it uploads; and appends every response and download it
+receives from the aggregator to FILE.received.
 """
 
 from __future__ import annotations
@@ -37,6 +41,84 @@ class Dropped(SiteError):
     pass
 
 
+def _record_secrets(path: Path) -> None:
+    """Wrap where this site's secrets are made and what it receives, and record them."""
+    import base64
+
+    from clients.transport import Connection
+    from secagg.ckks.keys import KeyHolder
+    from secagg.hazmat import shamir
+    from secagg.hazmat.key_agreement import AgreementKey
+    from secagg.masking import client as masking_client
+
+    log = path.open("a")
+    received = path.with_name(path.name + ".received").open("ab")
+
+    def note(kind: str, data: bytes) -> None:
+        log.write(json.dumps({"kind": kind, "b64": base64.b64encode(data).decode()}) + "\n")
+        log.flush()
+
+    generate = AgreementKey.generate.__func__  # type: ignore[attr-defined]
+
+    def recorded_generate(cls: type) -> AgreementKey:
+        key = generate(cls)
+        note("agreement private key", key.export_private_bytes())
+        return key
+
+    AgreementKey.generate = classmethod(recorded_generate)  # type: ignore[method-assign,assignment]
+    urandom = os.urandom
+
+    def recorded_urandom(n: int) -> bytes:
+        data = urandom(n)
+        if n == masking_client.SEED_BYTES:
+            note("seed", data)
+        return data
+
+    masking_client.os.urandom = recorded_urandom  # type: ignore[attr-defined]
+    share_to_bytes = shamir.share_to_bytes
+
+    def recorded_share(y: int) -> bytes:
+        data = share_to_bytes(y)
+        note("share", data)
+        return data
+
+    shamir.share_to_bytes = recorded_share  # type: ignore[assignment]
+    holder_generate = KeyHolder.generate.__func__  # type: ignore[attr-defined]
+
+    def recorded_holder(cls: type, *args: object, **kwargs: object) -> KeyHolder:
+        from secagg.ckks import _seal
+
+        holder = holder_generate(cls, *args, **kwargs)
+        members = _seal.canonical_members(holder.secret_key)
+        note("ckks secret key", members[len(members) // 2:len(members) // 2 + 32])
+        note("ckks flood key", holder.flood_key())
+        return holder
+
+    KeyHolder.generate = classmethod(recorded_holder)  # type: ignore[method-assign,assignment]
+    call, download, upload = Connection.call, Connection.download, Connection.upload
+
+    def recorded_call(self: Connection, method: str, request: object, **kw: object) -> object:
+        response = call(self, method, request, **kw)  # type: ignore[arg-type]
+        if hasattr(response, "SerializeToString"):
+            received.write(response.SerializeToString())
+            received.flush()
+        return response
+
+    def recorded_download(self: Connection, blob: object, **kw: object) -> bytes:
+        data = download(self, blob, **kw)  # type: ignore[arg-type]
+        received.write(data)
+        received.flush()
+        return data
+
+    def recorded_upload(self: Connection, data: bytes, **kw: object) -> object:
+        note("uploaded payload", bytes(data[:64]))
+        return upload(self, data, **kw)  # type: ignore[arg-type]
+
+    Connection.call = recorded_call  # type: ignore[method-assign,assignment]
+    Connection.download = recorded_download  # type: ignore[method-assign,assignment]
+    Connection.upload = recorded_upload  # type: ignore[method-assign,assignment]
+
+
 def main() -> int:
     site_dir, out = sys.argv[1], Path(sys.argv[2])
     drops: dict[int, str] = {}
@@ -53,6 +135,8 @@ def main() -> int:
             die = (int(r), stage)
         elif flag == "--slow":
             slow.add((int(r), stage))
+        elif flag == "--record":
+            _record_secrets(Path(r))
     original_submit = Round._submit
 
     def submit(self: Round, **message: object) -> None:
