@@ -471,6 +471,7 @@ class Job:
             with self.store.transaction() as conn:
                 self.store.record_event(conn, Event(view.number, "close", view.stage, 0, b""))
         closing, missing = view.stage, len(active.expected - active.answered)
+        answered = len(active.answered)
         started, active.stage_started = active.stage_started, self._clock()
         try:
             if view.protocol == "masking":
@@ -484,6 +485,9 @@ class Job:
             if not replay:
                 self.metrics.stage_closed(view.protocol, closing, missing,
                                           active.stage_started - started, view.stage)
+                log.info("stage closed", extra={"event": "stage_closed",
+                                                "round_id": view.round_id, "stage": closing,
+                                                "count": answered})
         self._on_change()
 
     def _close_masking(self, active: _Active) -> None:

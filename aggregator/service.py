@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import signal
@@ -147,12 +148,20 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         self.config = config
         self.budget = UploadBudget()
 
-    async def _call(self, context: Ctx, fn: Callable[..., T],
-                    *args: Any) -> T:
-        if self.core.job is None or not self.core.healthy:
+    async def _ready_job(self, context: Ctx) -> Job:
+        """The job, or UNAVAILABLE while it is recovering (the port is open before the store
+        is: sites that call then retry)."""
+        job = self.core.job
+        if job is None or not self.core.healthy:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "the aggregator is recovering")
+        assert job is not None
+        return job
+
+    async def _call(self, context: Ctx, fn: Callable[[Job], T]) -> T:
+        """``fn(job)`` on the job's thread; its ServiceError becomes the call's status."""
+        job = await self._ready_job(context)
         try:
-            return await self.core.run(fn, *args)
+            return await self.core.run(fn, job)
         except ServiceError as e:
             if e.code == UNAVAILABLE:
                 self.core.healthy = False
@@ -162,11 +171,6 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
             log.error("store error", extra={"event": "store_error", "reason": str(e)})
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "the store is unavailable")
         raise AssertionError("unreachable")  # pragma: no cover
-
-    @property
-    def job(self) -> Job:
-        assert self.core.job is not None
-        return self.core.job
 
     async def _long_poll(self, context: Ctx, wait_ms: int,
                          attempt: Callable[[], Awaitable[T | None]]) -> T | None:
@@ -190,7 +194,8 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         await self.identity.site(context)
 
         async def attempt() -> service_pb2.RoundInfo | None:
-            info = await self._call(context, self.job.round_info, int(request.after_round))
+            info = await self._call(context, lambda job: job.round_info(
+                int(request.after_round)))
             if (request.until_finished and info is not None
                     and info.status == service_pb2.ROUND_STATUS_RUNNING):
                 return None
@@ -204,7 +209,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         site = await self.identity.site(context)
         if request.WhichOneof("message") is None:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "empty submission")
-        duplicate = await self._call(context, self.job.submit, site, request)
+        duplicate = await self._call(context, lambda job: job.submit(site, request))
         return service_pb2.SubmitResponse(duplicate=duplicate)
 
     async def Receive(self, request: service_pb2.ReceiveRequest,
@@ -212,8 +217,8 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         site = await self.identity.site(context)
 
         async def attempt() -> service_pb2.ReceiveResponse | None:
-            response = await self._call(context, self.job.receive, site, request.round_id,
-                                        int(request.stage))
+            response = await self._call(context, lambda job: job.receive(
+                site, request.round_id, int(request.stage)))
             return response if response.ready else None
 
         response = await self._long_poll(context, request.wait_ms, attempt)
@@ -235,7 +240,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         problem = self._check_ids(ids)
         if problem:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
-        store = self.job.store
+        store = (await self._ready_job(context)).store
         try:
             missing = await self.core.loop.run_in_executor(self.core.bulk, store.missing, ids)
         except StoreError:
@@ -250,7 +255,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         limit = self.config.limits.max_chunk_bytes
         idle = self.config.limits.stream_idle_seconds
         loop = asyncio.get_running_loop()
-        job = self.job
+        job = await self._ready_job(context)
         round_number = job.current_round
         tasks: list[asyncio.Future[tuple[int, int]]] = []
 
@@ -311,16 +316,24 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         if problem:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         for cid in ids:
-            allowed = await self._call(context, self.job.may_read, site, cid)
+            allowed = await self._call(context, functools.partial(_may_read, site=site, cid=cid))
             if not allowed:
                 await _abort(context, grpc.StatusCode.PERMISSION_DENIED,
                              "this site may not read that chunk")
-            data = await self._call(context, self.job.store.get_chunk, cid)
+            data = await self._call(context, functools.partial(_get_chunk, cid=cid))
             if data is None:
                 await _abort(context, grpc.StatusCode.NOT_FOUND, "no such chunk")
             assert data is not None
             _metrics.bytes_sent.inc(len(data))
             yield service_pb2.Chunk(chunk_id=cid, data=data)
+
+
+def _may_read(job: Job, *, site: int, cid: bytes) -> bool:
+    return job.may_read(site, cid)
+
+
+def _get_chunk(job: Job, *, cid: bytes) -> bytes | None:
+    return job.store.get_chunk(cid)
 
 
 def _sha256(data: bytes) -> bytes:

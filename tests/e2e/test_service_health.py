@@ -10,11 +10,13 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aggregator.service import serve
 from aggregator.store import Store, StoreError
 from secagg.federation.kit import SiteKit
+from secagg.v1 import service_pb2, service_pb2_grpc
 from tests.service_kit import make_federation
 
 
@@ -69,6 +71,19 @@ def test_health_is_not_serving_while_recovering_or_while_the_store_is_down(
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         serving = health_pb2.HealthCheckResponse.SERVING
         assert status() == not_serving  # recovering: the job is not loaded yet
+        # and every call says UNAVAILABLE (which sites retry), not an internal error
+        stub = service_pb2_grpc.AggregationStub(channel)  # type: ignore[no-untyped-call]
+        for method, request in (("GetRound", service_pb2.GetRoundRequest()),
+                                ("Submit", service_pb2.SubmitRequest(
+                                    round_id="r", masked_input=service_pb2.MaskedInputRef())),
+                                ("Receive", service_pb2.ReceiveRequest()),
+                                ("MissingChunks", service_pb2.ChunkIds()),
+                                ("GetChunks", service_pb2.ChunkIds(chunk_ids=[b"\0" * 32]))):
+            with pytest.raises(grpc.RpcError) as caught:
+                reply = getattr(stub, method)(request, timeout=5)
+                if method == "GetChunks":
+                    list(reply)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, method
         ControlledStore.gate.set()
         eventually(serving)
         ControlledStore.down.set()
