@@ -3,13 +3,10 @@ sending only the missing chunks; an idle upload stream is cut; payloads arrive i
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import os
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
@@ -20,56 +17,8 @@ from clients.errors import AggregatorRefused
 from clients.transport import CHUNK_BYTES, Connection
 from secagg.federation.kit import SiteKit
 from secagg.v1 import service_pb2, service_pb2_grpc
-from tests.service_kit import free_port, make_federation, start_aggregator
-
-
-class CuttingProxy:
-    """A TCP proxy that forwards to the aggregator and, once, severs every connection after
-    ``cut_after`` bytes went from the site to the aggregator."""
-
-    def __init__(self, target_port: int, cut_after: int) -> None:
-        self.port = free_port()
-        self.target = target_port
-        self.cut_after = cut_after
-        self.sent = 0
-        self.cut = False
-        self._writers: list[asyncio.StreamWriter] = []
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        self._ready.wait(10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._serve())
-
-    async def _serve(self) -> None:
-        server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        self._ready.set()
-        async with server:
-            await server.serve_forever()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        self._writers += [writer, up_writer]
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
-                       upstream: bool) -> None:
-            with contextlib.suppress(ConnectionError, OSError):
-                while data := await src.read(65536):
-                    if upstream:
-                        self.sent += len(data)
-                        if not self.cut and self.sent > self.cut_after:
-                            self.cut = True
-                            for w in self._writers:
-                                w.transport.abort()  # the connection is lost mid-upload
-                            return
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+from tests.service_kit import make_federation, start_aggregator
+from tests.tcp_proxy import Proxy
 
 
 def _site_connection(fed_dir: Path, site: int, port: int) -> Connection:
@@ -82,7 +31,8 @@ def _site_connection(fed_dir: Path, site: int, port: int) -> Connection:
 def test_upload_cut_mid_way_resumes_with_only_the_missing_chunks(tmp_path: Path) -> None:
     fed = make_federation(tmp_path, 3, "masking", rounds=1, open_s=60.0)
     agg = start_aggregator(fed, tmp_path)
-    proxy = CuttingProxy(fed.port, cut_after=int(3.5 * CHUNK_BYTES))
+    cut_after = int(3.5 * CHUNK_BYTES)  # the connection is lost mid-upload, once
+    proxy = Proxy(fed.port, cut_every=(cut_after, cut_after), max_cuts=1)
     connection = _site_connection(fed.directory, 1, proxy.port)
     sent: list[bytes] = []
     original = connection.stub.PutChunks
@@ -99,7 +49,7 @@ def test_upload_cut_mid_way_resumes_with_only_the_missing_chunks(tmp_path: Path)
     data = os.urandom(8 * CHUNK_BYTES + 12345)  # 9 chunks
     try:
         blob = connection.upload(data, progress=lambda *a: progress.append(a))
-        assert proxy.cut, "the connection was never cut"
+        assert proxy.cuts == 1, "the connection was never cut"
         # the retry started from what the aggregator already held
         starts = [done for what, done, total in progress if what == "upload"]
         restart = next(i for i in range(1, len(starts)) if starts[i] < starts[i - 1])
