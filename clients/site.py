@@ -199,7 +199,8 @@ class Round:
             raise ValueError(f"weight must be a number of samples in (0, "
                              f"{config.max_samples:g}] ([update] max_samples), got {weight!r}")
         values = tensors.flatten_like(state_dict, self.model)
-        delta, _ = tensors.clip_l2(values - self.model.values, config.clip_norm)
+        delta, _ = tensors.clip_l2(values - self.model.values, config.clip_norm,
+                                   self.model.integer_positions)
         scaled_weight = float(weight) / config.max_samples
         try:
             if self.protocol == "masking":

@@ -203,9 +203,9 @@ def fedavg(model: dict[str, np.ndarray], reports: dict[int, list[dict[str, Any]]
     total, weights = np.zeros(flat.size), 0.0
     for s in survivors:
         delta = site_delta(s, round_number, flat.size)
-        norm = float(np.linalg.norm(delta))
+        norm = float(np.linalg.norm(delta[:-1]))  # the step counter is not in the norm
         if norm > clip:
-            delta = delta * (clip / norm)
+            delta[:-1] *= clip / norm
         w = site_weight(s) / max_samples
         total += w * delta
         weights += w

@@ -87,7 +87,7 @@ def plaintext_fedavg(dataset: Dataset, parts: list[np.ndarray], rounds: int,
     from clients.tensors import clip_l2, to_numpy
     from secagg.model import FlatModel
 
-    torch.set_num_threads(1)  # the site processes share the two cores too
+    torch.set_num_threads(int(os.environ.get("SECAGG_DEMO_THREADS", "1")))  # sites share the cores
     result = RunResult("plaintext FedAvg")
     began = time.perf_counter()
     global_model = make_model(dataset.image_size, len(dataset.classes), seed=SEED)
@@ -105,7 +105,7 @@ def plaintext_fedavg(dataset: Dataset, parts: list[np.ndarray], rounds: int,
             if s in drops.get(r, set()):
                 continue
             trained = FlatModel.from_arrays(to_numpy(trainer.train_round(state, r)))
-            delta, _ = clip_l2(trained.values - flat.values, clip_norm)
+            delta, _ = clip_l2(trained.values - flat.values, clip_norm, flat.integer_positions)
             w = trainer.samples / max_samples
             total += w * delta
             weights += w

@@ -1,0 +1,25 @@
+"""The SDK's tensor helpers: the update's L2 clip (integer counters excluded)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from clients.tensors import clip_l2
+from secagg.model import FlatModel
+
+
+def test_clip_scales_learned_values_to_the_bound_and_leaves_counters_alone() -> None:
+    """A BatchNorm step counter grows by hundreds per epoch; counted in the norm it would
+    shrink every weight of the update to nothing."""
+    model = FlatModel.from_arrays({"w": np.zeros((2, 2), np.float32),
+                                   "num_batches_tracked": np.array(0, np.int64)})
+    delta = np.array([3.0, 4.0, 0.0, 0.0, 205.0])  # weights of norm 5, a counter of 205
+    clipped, norm = clip_l2(delta, 1.0, model.integer_positions)
+    assert norm == 5.0
+    np.testing.assert_allclose(clipped[:4], [0.6, 0.8, 0.0, 0.0])
+    assert clipped[4] == 205.0
+    unclipped, _ = clip_l2(delta, 10.0, model.integer_positions)
+    np.testing.assert_array_equal(unclipped, delta)
+    # without a counter mask every entry counts (plain vectors)
+    plain, norm = clip_l2(np.array([3.0, 4.0]), 1.0)
+    assert norm == 5.0 and np.allclose(plain, [0.6, 0.8])
