@@ -110,6 +110,7 @@ class Core:
         self.changed = asyncio.Event()
         self.job: Job | None = None
         self.healthy = False
+        self.stopping = False
 
     def notify(self) -> None:  # called on the core thread
         self.loop.call_soon_threadsafe(self._wake)
@@ -152,6 +153,8 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         """The job, or UNAVAILABLE while it is recovering (the port is open before the store
         is: sites that call then retry)."""
         job = self.core.job
+        if self.core.stopping:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, "the aggregator is shutting down")
         if job is None or not self.core.healthy:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "the aggregator is recovering")
         assert job is not None
@@ -184,6 +187,10 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
             remaining = end - loop.time()
             if remaining <= 0:
                 return None
+            if self.core.stopping:
+                # a poll cut off by the shutdown would end CANCELLED; UNAVAILABLE says "retry"
+                await _abort(context, grpc.StatusCode.UNAVAILABLE,
+                             "the aggregator is shutting down")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), timeout=min(remaining, 1.0))
 
@@ -432,6 +439,9 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
         await stop.wait()
     finally:
         log.info("shutting down", extra={"event": "shutdown"})
+        # long polls end UNAVAILABLE now (sites retry) rather than CANCELLED at the grace's end
+        core.stopping = True
+        core._wake()
         for task in tasks:
             task.cancel()
         await _set_health(health, False)

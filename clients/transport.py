@@ -1,9 +1,10 @@
 """The site's gRPC connection: mTLS, retries with backoff and jitter, resumable chunked transfer.
 
 - Every call is retried on UNAVAILABLE (the aggregator restarting, recovering or unreachable)
-  with exponential backoff and full jitter, up to ``retry_seconds`` in all; every other status is
-  a refusal and surfaces at once as :class:`~clients.errors.AggregatorRefused` naming the code
-  and the aggregator's reason.
+  and on CANCELLED (a call the aggregator's shutdown cut off) with exponential backoff and
+  full jitter, up to ``retry_seconds`` in all; every other status is a refusal and surfaces at
+  once as :class:`~clients.errors.AggregatorRefused` naming the code and the aggregator's
+  reason.
 - Uploads are split into 1 MiB content-addressed chunks; the site asks which ones the
   aggregator lacks and sends only those, so a broken upload resumes where it stopped and a
   repeated one sends nothing.
@@ -72,7 +73,9 @@ class Connection:
                 return attempt()
             except grpc.RpcError as e:
                 code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
-                if code not in (grpc.StatusCode.UNAVAILABLE,):
+                # CANCELLED: this SDK never cancels its own calls, so a call cut off by the
+                # aggregator's shutdown; retried like UNAVAILABLE (every call is idempotent)
+                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     raise AggregatorRefused(code.name, _details(e)) from None
                 if time.monotonic() + delay > deadline:
                     raise AggregatorUnavailable(

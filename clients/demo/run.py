@@ -106,6 +106,9 @@ def plaintext_fedavg(dataset: Dataset, parts: list[np.ndarray], rounds: int,
                 continue
             trained = FlatModel.from_arrays(to_numpy(trainer.train_round(state, r)))
             delta, _ = clip_l2(trained.values - flat.values, clip_norm, flat.integer_positions)
+            # the quantiser's range, as in the secure run: each value within [-clip, clip]
+            # (this moves only integer counters, which clip_l2 leaves unscaled)
+            delta = np.clip(delta, -clip_norm, clip_norm)
             w = trainer.samples / max_samples
             total += w * delta
             weights += w
