@@ -83,6 +83,9 @@ CKKS_KIND_STAGE = {
 }
 
 
+PURGE_DELAY = 3.0  # seconds after a round ends before its uploads are dropped
+
+
 def round_id_for(config: FederationConfig, job_id: str, number: int) -> str:
     return f"{config.name or 'federation'}/{job_id}/round-{number}"
 
@@ -149,6 +152,12 @@ class Job:
         self.active: _Active | None = None
         self.done = False
         self.model = initial_model
+        # uploads of finished rounds are dropped by a tick a little later, not as the round
+        # ends: freeing 40 MB holds the job's thread a fifth of a second or more, just when
+        # every site asks for the result
+        self._purge_before: int | None = None
+        self._purge_at = 0.0
+        self._hot: tuple[dict[bytes, bytes], dict[bytes, bytes]] = ({}, {})
 
     # ---- start, recovery ----------
 
@@ -171,6 +180,7 @@ class Job:
             self.rounds[row.round] = view
         last = rows[-1]
         view = self.rounds[last.round]
+        self._purge_before = last.round if last.status == "running" else last.round + 1
         if last.status == "running":
             self.model = view.model
             self.active = self._start_role(view)
@@ -372,7 +382,14 @@ class Job:
 
     # ---- deadlines ----------
 
+    def purge(self, *, now: bool = True) -> None:
+        """Drop the uploads of finished rounds (on the ticker once due, and at shutdown)."""
+        if self._purge_before is not None and (now or self._clock() >= self._purge_at):
+            self.store.purge_chunks_before(self._purge_before)
+            self._purge_before = None
+
     def tick(self) -> None:
+        self.purge(now=False)
         active = self.active
         if active is not None and self._clock() >= active.deadline:
             log.info("stage deadline", extra={"event": "stage_deadline",
@@ -576,7 +593,7 @@ class Job:
         log.info("round completed", extra={"event": "round_completed",
                                            "round_id": view.round_id})
         self.metrics.round_finished(view.protocol, None)
-        self.store.purge_round_chunks(view.number)
+        self._purge_before, self._purge_at = view.number + 1, self._clock() + PURGE_DELAY
         self._next_or_done(view.number)
 
     def _abort(self, active: _Active, reason: str) -> None:
@@ -590,17 +607,33 @@ class Job:
         log.warning("round aborted", extra={"event": "round_aborted", "round_id": view.round_id,
                                             "reason": reason})
         self.metrics.round_finished(view.protocol, reason)
-        self.store.purge_round_chunks(view.number)
+        self._purge_before, self._purge_at = view.number + 1, self._clock() + PURGE_DELAY
         self._next_or_done(view.number)
 
     # ---- models ----------
 
     def _save_model(self, model: FlatModel) -> None:
-        blob = self.store.write_blob(wire.average_bytes(model.values),
-                                     chunk_bytes=self.config.limits.max_chunk_bytes,
+        data = wire.average_bytes(model.values)
+        blob = self.store.write_blob(data, chunk_bytes=self.config.limits.max_chunk_bytes,
                                      round_number=None)
         spec = json.dumps([[t.name, list(t.shape), t.dtype] for t in model.spec])
         self.store.save_model(model.digest, spec, blob)
+        self._keep_hot(blob, data)
+
+    def _keep_hot(self, blob: BlobRef, data: bytes) -> None:
+        """Keep the chunks of the two newest models (a round's start and its result, public)
+        in memory: every site downloads them, at the same moment."""
+        step = self.config.limits.max_chunk_bytes
+        chunks = {cid: data[i * step:(i + 1) * step] for i, cid in enumerate(blob.chunk_ids)}
+        self._hot = (self._hot[-1], chunks)
+
+    def hot_chunk(self, cid: bytes) -> bytes | None:
+        """A chunk of one of the two newest models, from memory (any thread may ask)."""
+        for chunks in self._hot:
+            found = chunks.get(cid)
+            if found is not None:
+                return found
+        return None
 
     def _load_model(self, digest: bytes) -> FlatModel:
         found = self.store.load_model(digest)

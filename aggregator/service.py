@@ -107,6 +107,7 @@ class Core:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secagg-core")
         self.hashers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="secagg-hash")
         self.bulk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secagg-bulk")
+        self.readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="secagg-read")
         self.changed = asyncio.Event()
         self.job: Job | None = None
         self.healthy = False
@@ -142,12 +143,59 @@ class UploadBudget:
         return used <= job.upload_limit(site)
 
 
+class ChunkWriter:
+    """Group commit for uploaded chunks: what arrives while the store's bulk thread is writing
+    is written next, together, in one transaction (a commit per chunk was the ingest's
+    bottleneck). Every chunk is acknowledged only once its transaction has committed."""
+
+    Row = tuple[bytes, bytes, int | None, int]
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self._pending: list[tuple[Store, ChunkWriter.Row, asyncio.Future[bool]]] = []
+        self._draining = False
+        self._task: asyncio.Future[None] | None = None
+
+    async def put(self, store: Store, row: ChunkWriter.Row) -> bool:
+        future: asyncio.Future[bool] = self.core.loop.create_future()
+        self._pending.append((store, row, future))
+        if not self._draining:
+            self._draining = True
+            self._task = asyncio.ensure_future(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                store = self._pending[0][0]
+                batch = [p for p in self._pending if p[0] is store][:MAX_CHUNKS_PER_COMMIT]
+                taken = {id(p) for p in batch}
+                self._pending = [p for p in self._pending if id(p) not in taken]
+                try:
+                    results = await self.core.loop.run_in_executor(
+                        self.core.bulk, store.put_chunk_rows, [row for _, row, _ in batch])
+                except Exception as e:  # each waiting upload gets the store's error
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(e)
+                    continue
+                for (_, _, future), is_new in zip(batch, results, strict=True):
+                    if not future.done():
+                        future.set_result(is_new)
+        finally:
+            self._draining = False
+
+
+MAX_CHUNKS_PER_COMMIT = 16
+
+
 class AggregationService(service_pb2_grpc.AggregationServicer):
     def __init__(self, core: Core, identity: Identity, config: FederationConfig) -> None:
         self.core = core
         self.identity = identity
         self.config = config
         self.budget = UploadBudget()
+        self.writer = ChunkWriter(core)
 
     async def _ready_job(self, context: Ctx) -> Job:
         """The job, or UNAVAILABLE while it is recovering (the port is open before the store
@@ -270,10 +318,8 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
             digest = await loop.run_in_executor(self.core.hashers, _sha256, data)
             if digest != cid:
                 raise ServiceError(INVALID_ARGUMENT, "a chunk's bytes do not hash to its id")
-            return await loop.run_in_executor(
-                self.core.bulk, lambda: job.store.put_chunks([(cid, data)],
-                                                             round_number=round_number,
-                                                             site=site))
+            is_new = await self.writer.put(job.store, (cid, data, round_number, site))
+            return (1, 0) if is_new else (0, 1)
 
         iterator = request_iterator.__aiter__()
         try:
@@ -322,12 +368,22 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         problem = self._check_ids(ids)
         if problem:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+        # every id is checked before any byte is sent (on the job's thread, which alone
+        # changes what a site may read); the bytes then come from the two newest models in
+        # memory or from the store on the reader threads, never holding up the job's thread
+        allowed = await self._call(context, functools.partial(_may_read_all, site=site, ids=ids))
+        if not allowed:
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                         "this site may not read that chunk")
+        job = await self._ready_job(context)
+        loop = asyncio.get_running_loop()
         for cid in ids:
-            allowed = await self._call(context, functools.partial(_may_read, site=site, cid=cid))
-            if not allowed:
-                await _abort(context, grpc.StatusCode.PERMISSION_DENIED,
-                             "this site may not read that chunk")
-            data = await self._call(context, functools.partial(_get_chunk, cid=cid))
+            data = job.hot_chunk(cid)
+            if data is None:
+                try:
+                    data = await loop.run_in_executor(self.core.readers, job.store.get_chunk, cid)
+                except StoreError:
+                    await _abort(context, grpc.StatusCode.UNAVAILABLE, "the store is unavailable")
             if data is None:
                 await _abort(context, grpc.StatusCode.NOT_FOUND, "no such chunk")
             assert data is not None
@@ -335,12 +391,8 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
             yield service_pb2.Chunk(chunk_id=cid, data=data)
 
 
-def _may_read(job: Job, *, site: int, cid: bytes) -> bool:
-    return job.may_read(site, cid)
-
-
-def _get_chunk(job: Job, *, cid: bytes) -> bytes | None:
-    return job.store.get_chunk(cid)
+def _may_read_all(job: Job, *, site: int, ids: list[bytes]) -> bool:
+    return all(job.may_read(site, cid) for cid in ids)
 
 
 def _sha256(data: bytes) -> bytes:
@@ -435,7 +487,8 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
         core.healthy = True
         await _set_health(health, True)
         log.info("serving", extra={"event": "serving"})
-        tasks = [asyncio.create_task(_ticker(core)), asyncio.create_task(_watch(core, health))]
+        tasks = [asyncio.create_task(_ticker(core)), asyncio.create_task(_watch(core, health)),
+                 asyncio.create_task(_checkpointer(core))]
         await stop.wait()
     finally:
         log.info("shutting down", extra={"event": "shutdown"})
@@ -447,10 +500,13 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
         await _set_health(health, False)
         await server.stop(grace=5)
         if core.job is not None:
+            with contextlib.suppress(ServiceError, StoreError):
+                await core.run(core.job.purge)
             await core.run(core.job.store.close)
         core.executor.shutdown(wait=True)
         core.hashers.shutdown(wait=False)
         core.bulk.shutdown(wait=True)
+        core.readers.shutdown(wait=True)
         if metrics_server is not None:
             metrics_server.shutdown()
     return 0
@@ -461,6 +517,14 @@ async def _set_health(health: Any, serving: bool) -> None:
               else health_pb2.HealthCheckResponse.NOT_SERVING)
     await health.set("", status)
     await health.set(SERVICE_NAME, status)
+
+
+async def _checkpointer(core: Core) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        if core.job is not None and core.healthy:
+            with contextlib.suppress(Exception):  # a store down is the watcher's to report
+                await core.loop.run_in_executor(core.readers, core.job.store.checkpoint)
 
 
 async def _ticker(core: Core) -> None:

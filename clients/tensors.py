@@ -61,6 +61,8 @@ def clip_l2(delta: np.ndarray, bound: float,
     e.g. BatchNorm's ``num_batches_tracked``). They count steps, not learn: they are left out
     of the norm and not scaled (otherwise a counter's +200 per epoch would shrink every weight
     to nothing); the quantiser still clips each of them to ``[-clip, clip]`` per round."""
+    if counters is not None and not counters.any():
+        counters = None  # no integer tensors: no copy of the learned values
     learned = delta if counters is None else delta[~counters]
     norm = float(np.linalg.norm(learned))
     if norm > bound > 0:

@@ -71,8 +71,9 @@ class FlatModel:
             if arr.dtype.kind not in _SUPPORTED_KINDS:
                 raise ConfigurationError(f"tensor {name!r} has unsupported dtype {arr.dtype}")
             spec.append(TensorSpec(str(name), tuple(int(d) for d in arr.shape), arr.dtype.name))
-            parts.append(arr.astype(np.float64).ravel())
-        values = np.concatenate(parts) if parts else np.zeros(0)
+            parts.append(arr.ravel())
+        # one copy, converting as it goes (every supported kind casts to float64 safely)
+        values = np.concatenate(parts, dtype=np.float64) if parts else np.zeros(0)
         return cls(tuple(spec), values)
 
     def to_arrays(self) -> dict[str, np.ndarray]:

@@ -2,7 +2,8 @@
 
 Figures (all measured in the same run):
 - ``round_s``: from the moment every site process is connected, holds the model and has
-  "trained" (a barrier) until every site has the round's result;
+  "trained" (a barrier) until every site has the round's result (the new model, checked
+  against its digest; the processes' exit is not counted);
 - ``inproc_round_s``: the same protocol, sites and sizes in one process (no network, no
   store); ``overhead_ratio = round_s / inproc_round_s``;
 - ``bytes_per_site``: what a site sent (messages and chunks), median;
@@ -197,15 +198,17 @@ def run(protocol: str, clients: int, params: int, quiet: bool) -> dict[str, Any]
                     env=_env(), stderr=open(tmp / f"site-{s}.err", "wb")))  # noqa: SIM115
             _wait_files([tmp / f"site-{s}.ready" for s in range(1, clients + 1)], sites)
             _say(quiet, "  all sites ready; round starts")
-            began = time.perf_counter()
+            began = time.time()
             go.touch()
             for p in sites:
                 if p.wait(timeout=3600) != 0:
                     raise RuntimeError("a bench site failed: " + (
                         tmp / f"site-{sites.index(p) + 1}.err").read_text()[-2000:])
-            round_s = time.perf_counter() - began
             peak = _peak_rss_mb(agg.pid)
-            sent = [int((tmp / f"site-{s}.txt").read_text()) for s in range(1, clients + 1)]
+            reports = [(tmp / f"site-{s}.txt").read_text().split()
+                       for s in range(1, clients + 1)]
+            sent = [int(r[0]) for r in reports]
+            round_s = max(float(r[1]) for r in reports) - began
         finally:
             for p in sites:
                 if p.poll() is None:

@@ -2,7 +2,8 @@
 
 usage: python -m secagg.bench.service_site SITE_DIR GO_FILE OUT_FILE
 It writes OUT_FILE.ready (as SITE_DIR/../<name>.ready) once connected with the model in hand,
-waits for GO_FILE, submits a fixed update and writes the bytes it sent to OUT_FILE.
+waits for GO_FILE, submits a fixed update and writes to OUT_FILE the bytes it sent and the
+time (time.time()) it had the round's result.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def main() -> int:
                         str(out.with_suffix(".prof")))
     else:
         rnd.submit(state, weight=50)
-    out.write_text(str(site._conn.bytes_sent - before))
+    done_at = time.time()  # the round's result in hand (wall clock: the bench compares)
+    out.write_text(f"{site._conn.bytes_sent - before} {done_at!r}")
     site.close()
     return 0
 
