@@ -187,6 +187,7 @@ class ChunkWriter:
 
 
 MAX_CHUNKS_PER_COMMIT = 16
+MAX_CHUNKS_IN_FLIGHT = 16  # received chunks being hashed or stored, over all upload streams
 
 
 class AggregationService(service_pb2_grpc.AggregationServicer):
@@ -196,6 +197,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         self.config = config
         self.budget = UploadBudget()
         self.writer = ChunkWriter(core)
+        self.in_flight = asyncio.Semaphore(MAX_CHUNKS_IN_FLIGHT)
 
     async def _ready_job(self, context: Ctx) -> Job:
         """The job, or UNAVAILABLE while it is recovering (the port is open before the store
@@ -342,7 +344,14 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
                 if not self.budget.charge(job, site, len(data)):
                     await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                                  "upload budget for this round exceeded")
-                tasks.append(asyncio.ensure_future(ingest(bytes(chunk.chunk_id), data)))
+                # at most MAX_CHUNKS_IN_FLIGHT chunks are hashed or stored at once, over all
+                # streams, so the payload the handlers hold grows by one chunk per uploader at
+                # most (a stream waiting here reads no more: gRPC's flow control holds its
+                # sender). A slot is held while hashing and storing, never while waiting.
+                await self.in_flight.acquire()
+                task = asyncio.ensure_future(ingest(bytes(chunk.chunk_id), data))
+                task.add_done_callback(lambda _t: self.in_flight.release())
+                tasks.append(task)
                 if len(tasks) >= 8:  # bound what is in flight (8 chunks)
                     await asyncio.wait(tasks[-8:-7])
                 failed = next((t for t in tasks if t.done() and t.exception()), None)
