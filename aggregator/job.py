@@ -126,6 +126,7 @@ class _Active:
     ckks_aggregate: service_pb2.EncryptedAggregateRef | None = None
     ckks_release: tuple[np.ndarray, tuple[int, ...], wire.Blob, float] | None = None
     stage_started: float = 0.0  # the job's clock when the current stage began
+    claims: list[bytes] = field(default_factory=list)  # chunks the message being applied read
 
 
 class Job:
@@ -158,6 +159,7 @@ class Job:
         self._purge_before: int | None = None
         self._purge_at = 0.0
         self._hot: tuple[dict[bytes, bytes], dict[bytes, bytes]] = ({}, {})
+        self._public: set[bytes] = set()  # chunk ids of every round's model and result
 
     # ---- start, recovery ----------
 
@@ -172,9 +174,11 @@ class Job:
             model = self._load_model(row.model_digest)
             view = RoundView(row.round, row.round_id, row.protocol, _STATUS[row.status], model,
                              self._model_blob(row.model_digest))
+            self._public.update(view.model_blob.chunk_ids)
             if row.status == "completed":
                 view.result = self._load_model(row.result_digest)
                 view.result_blob = self._model_blob(row.result_digest)
+                self._public.update(view.result_blob.chunk_ids)
                 view.survivors = tuple(json.loads(row.survivors or "[]"))
             view.abort_reason = row.abort_reason or ""
             self.rounds[row.round] = view
@@ -214,6 +218,7 @@ class Job:
         self.store.open_round(number, round_id, self.config.protocol, model.digest)
         view = RoundView(number, round_id, self.config.protocol, service_pb2.ROUND_STATUS_RUNNING,
                          model, self._model_blob(model.digest))
+        self._public.update(view.model_blob.chunk_ids)
         self.rounds[number] = view
         self.model = model
         self.active = self._start_role(view)
@@ -310,7 +315,10 @@ class Job:
         with self.store.transaction() as conn:
             self.store.record_event(conn, Event(active.view.number, "message", stage, site,
                                                 payload))
+            active.claims = []
             self._apply(active, site, request, replay=False)  # raises: nothing is recorded
+            # what the message refers to is this round's until the round is purged
+            self.store.claim_chunks(conn, active.claims, active.view.number)
         log.info("message counted", extra={"event": "message_counted", "site_id": site,
                                            "round_id": active.view.round_id, "stage": stage})
         self.metrics.message_counted(stage)
@@ -354,10 +362,8 @@ class Job:
     # ---- chunks ----------
 
     def may_read(self, site: int, chunk_id: bytes) -> bool:
-        for view in self.rounds.values():
-            if chunk_id in view.model_blob.chunk_ids or (
-                    view.result_blob is not None and chunk_id in view.result_blob.chunk_ids):
-                return True
+        if chunk_id in self._public:  # every round's starting model and result
+            return True
         active = self.active
         if active is None:
             return False
@@ -579,13 +585,12 @@ class Job:
             self.store.record_release(conn, view.number, stored, weight_sum, survivors)
             self.store.finish_round(conn, view.number, "completed", result_digest=new.digest,
                                     survivors=survivors)
-        if release_blob is not None:  # keep the key holder's release chunks past the purge
-            self.store.write_blob(wire.average_bytes(average),
-                                  chunk_bytes=self.config.limits.max_chunk_bytes,
-                                  round_number=None)
+            # the released history outlives the round: the key holder's release chunks too
+            self.store.claim_chunks(conn, list(stored.chunk_ids), None)
         view.status = service_pb2.ROUND_STATUS_COMPLETED
         view.result = new
         view.result_blob = self._model_blob(new.digest)
+        self._public.update(view.result_blob.chunk_ids)
         view.survivors = tuple(survivors)
         view.stage = (Stage.COMPLETED.value if view.protocol == "masking"
                       else CkksStage.COMPLETED.value)
@@ -663,6 +668,8 @@ class Job:
             raise ServiceError(FAILED_PRECONDITION, f"{len(missing)} chunks of the payload "
                                                     "have not been uploaded")
         data = self.store.read_blob(BlobRef(blob.chunk_ids, blob.size))
+        if self.active is not None:
+            self.active.claims.extend(blob.chunk_ids)
         return data
 
 

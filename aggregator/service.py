@@ -188,6 +188,7 @@ class ChunkWriter:
 
 MAX_CHUNKS_PER_COMMIT = 16
 MAX_CHUNKS_IN_FLIGHT = 16  # received chunks being hashed or stored, over all upload streams
+MAX_DOWNLOADS_PER_SITE = 4  # GetChunks streams one site may have open at once
 
 
 class AggregationService(service_pb2_grpc.AggregationServicer):
@@ -198,6 +199,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         self.budget = UploadBudget()
         self.writer = ChunkWriter(core)
         self.in_flight = asyncio.Semaphore(MAX_CHUNKS_IN_FLIGHT)
+        self.downloads: dict[int, int] = {}  # site -> GetChunks streams open
 
     async def _ready_job(self, context: Ctx) -> Job:
         """The job, or UNAVAILABLE while it is recovering (the port is open before the store
@@ -299,7 +301,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         store = (await self._ready_job(context)).store
         try:
-            missing = await self.core.loop.run_in_executor(self.core.bulk, store.missing, ids)
+            missing = await self.core.loop.run_in_executor(self.core.readers, store.missing, ids)
         except StoreError:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "the store is unavailable")
         return service_pb2.ChunkIds(chunk_ids=missing)
@@ -313,14 +315,15 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         idle = self.config.limits.stream_idle_seconds
         loop = asyncio.get_running_loop()
         job = await self._ready_job(context)
-        round_number = job.current_round
         tasks: list[asyncio.Future[tuple[int, int]]] = []
 
         async def ingest(cid: bytes, data: bytes) -> tuple[int, int]:
             digest = await loop.run_in_executor(self.core.hashers, _sha256, data)
             if digest != cid:
                 raise ServiceError(INVALID_ARGUMENT, "a chunk's bytes do not hash to its id")
-            is_new = await self.writer.put(job.store, (cid, data, round_number, site))
+            # labelled with the round current now (a message that refers to it later claims
+            # it for its own round: Job.submit)
+            is_new = await self.writer.put(job.store, (cid, data, job.current_round, site))
             return (1, 0) if is_new else (0, 1)
 
         iterator = request_iterator.__aiter__()
@@ -374,9 +377,22 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
                         context: Ctx) -> AsyncIterator[service_pb2.Chunk]:
         site = await self.identity.site(context)
         ids = [bytes(i) for i in request.chunk_ids]
-        problem = self._check_ids(ids)
+        problem = self._check_ids(ids) or (
+            "a chunk id is asked for twice" if len(set(ids)) != len(ids) else None)
         if problem:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+        if self.downloads.get(site, 0) >= MAX_DOWNLOADS_PER_SITE:
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"at most {MAX_DOWNLOADS_PER_SITE} downloads at once per site")
+        self.downloads[site] = self.downloads.get(site, 0) + 1
+        try:
+            async for chunk in self._serve_chunks(context, site, ids):
+                yield chunk
+        finally:
+            self.downloads[site] -= 1
+
+    async def _serve_chunks(self, context: Ctx, site: int,
+                            ids: list[bytes]) -> AsyncIterator[service_pb2.Chunk]:
         # every id is checked before any byte is sent (on the job's thread, which alone
         # changes what a site may read); the bytes then come from the two newest models in
         # memory or from the store on the reader threads, never holding up the job's thread

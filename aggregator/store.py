@@ -358,9 +358,12 @@ class Store:
     def missing(self, ids: Sequence[bytes]) -> list[bytes]:
         if not ids:
             return []
-        with self.engine.connect() as c:
-            present = set(c.execute(sa.select(chunks.c.chunk_id)
-                                    .where(chunks.c.chunk_id.in_(list(ids)))).scalars())
+        try:
+            with self.engine.connect() as c:
+                present = set(c.execute(sa.select(chunks.c.chunk_id)
+                                        .where(chunks.c.chunk_id.in_(list(ids)))).scalars())
+        except sa.exc.SQLAlchemyError as e:
+            raise StoreError(f"looking up chunks failed: {type(e).__name__}") from None
         return [i for i in ids if i not in present]
 
     def put_chunks(self, items: Iterable[tuple[bytes, bytes]], *, round_number: int | None,
@@ -374,15 +377,31 @@ class Store:
         """Store (id, data, round, uploader) rows whose ids the caller has checked, in one
         transaction; for each, True if it was new."""
         out = []
-        with self.bulk.begin() as c:
-            for cid, data, round_number, site in rows:
-                # a chunk two uploaders send at once is stored once: the second insert is a
-                # no-op (ON CONFLICT DO NOTHING on both databases), never an error
-                result = c.execute(self._insert_chunk().values(
-                    chunk_id=cid, data=data, size=len(data), round=round_number, site=site
-                ).returning(chunks.c.chunk_id))
-                out.append(result.first() is not None)
+        try:
+            with self.bulk.begin() as c:
+                for cid, data, round_number, site in rows:
+                    # a chunk two uploaders send at once is stored once: the second insert is
+                    # a no-op (ON CONFLICT DO NOTHING on both databases), never an error
+                    result = c.execute(self._insert_chunk().values(
+                        chunk_id=cid, data=data, size=len(data), round=round_number, site=site
+                    ).returning(chunks.c.chunk_id))
+                    out.append(result.first() is not None)
+        except sa.exc.SQLAlchemyError as e:
+            raise StoreError(f"storing chunks failed: {type(e).__name__}") from None
         return out
+
+    def claim_chunks(self, conn: Connection, ids: Sequence[bytes],
+                     round_number: int | None) -> None:
+        """In the caller's transaction: the chunks a counted message refers to belong to
+        ``round_number`` (purged with it), or with None to nothing (kept for good). A chunk
+        keeps the round its upload stream was opened in otherwise, and an older round's
+        purge would take the payload of a message this round counted."""
+        if not ids:
+            return
+        query = chunks.update().where(chunks.c.chunk_id.in_(list(dict.fromkeys(ids))))
+        if round_number is not None:
+            query = query.where(chunks.c.round.is_not(None))  # what is kept stays kept
+        conn.execute(query.values(round=round_number))
 
     def _insert_chunk(self) -> Any:
         if self.url.startswith("postgresql"):
@@ -394,8 +413,12 @@ class Store:
         return sqlite.insert(chunks).on_conflict_do_nothing(index_elements=["chunk_id"])
 
     def get_chunk(self, cid: bytes) -> bytes | None:
-        with self.engine.connect() as c:
-            row = c.execute(sa.select(chunks.c.data).where(chunks.c.chunk_id == cid)).first()
+        try:
+            with self.engine.connect() as c:
+                row = c.execute(sa.select(chunks.c.data).where(chunks.c.chunk_id == cid)
+                                ).first()
+        except sa.exc.SQLAlchemyError as e:
+            raise StoreError(f"reading a chunk failed: {type(e).__name__}") from None
         return None if row is None else bytes(row[0])
 
     def read_blob(self, blob: BlobRef) -> bytes:

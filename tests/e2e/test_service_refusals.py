@@ -111,6 +111,12 @@ def test_identity_and_message_refusals_leave_the_round_intact(tmp_path: Path) ->
         assert _code(lambda: list(stub.GetChunks(service_pb2.ChunkIds(
             chunk_ids=[hashlib.sha256(b"x").digest()]), timeout=10))
         ) is grpc.StatusCode.PERMISSION_DENIED
+        # one chunk asked for many times (one request must not become many payloads)
+        model_chunk = bytes(info.model.data.chunk_ids[0])
+        assert len(list(stub.GetChunks(service_pb2.ChunkIds(chunk_ids=[model_chunk]),
+                                       timeout=10))) == 1
+        assert _code(lambda: list(stub.GetChunks(service_pb2.ChunkIds(
+            chunk_ids=[model_chunk] * 64), timeout=10))) is grpc.StatusCode.INVALID_ARGUMENT
 
         # site 4 goes silent; the honest sites finish the round without it
         for p in honest.values():

@@ -1,0 +1,73 @@
+"""Adversary: a site that gets an upload labelled with an earlier round (its upload stream
+was opened then, or it refers to a chunk uploaded then) and makes a later round's message
+refer to it. The purge of finished rounds must never take the payload of a message a running
+round has counted: the round could not finish, and a restart could not replay it."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from aggregator.job import Job
+from aggregator.service import load_server_files
+from aggregator.store import Store
+from secagg import wire
+from secagg.ckks import KeyHolder
+from secagg.federation.kit import ROSTER_FILE, SiteKit, load_roster
+from secagg.model import FlatModel
+from secagg.v1 import service_pb2
+from tests.service_kit import make_federation
+
+
+def test_claimed_chunks_outlive_the_purge_of_older_rounds(store_url: str) -> None:
+    store = Store(store_url)
+    try:
+        old, fresh, kept = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
+        store.put_chunks([(old, b"old"), (fresh, b"fresh")], round_number=1, site=2)
+        store.put_chunks([(kept, b"kept")], round_number=None, site=0)
+        with store.transaction() as c:
+            store.claim_chunks(c, [fresh, kept], 2)
+        assert store.purge_chunks_before(2) == 1
+        assert store.get_chunk(old) is None
+        assert store.get_chunk(fresh) == b"fresh"
+        assert store.get_chunk(kept) == b"kept"  # what is kept is never given back to a round
+        with store.transaction() as c:
+            store.claim_chunks(c, [fresh], None)
+        assert store.purge_chunks_before(10) == 0
+        assert store.get_chunk(fresh) == b"fresh"
+    finally:
+        store.close()
+
+
+def test_a_counted_message_claims_its_payload_for_its_round(tmp_path: Path) -> None:
+    """The key holder's public context, stored under an earlier round's label, is claimed by
+    the round that counts the key offer: the purge of older rounds (which also runs at
+    recovery) leaves it, and the round can go on."""
+    fed = make_federation(tmp_path, 4, "ckks", rounds=2)
+    files = load_server_files(fed.aggregator_config)
+    roster = load_roster(files.directory / ROSTER_FILE, files.config.trust_root)
+    store = Store(str(tmp_path / "aggregator.db"))
+    try:
+        job = Job(files.config, roster, store, FlatModel.load_npz(files.config.initial_model))
+        job.recover()
+        info = job.round_info(0)
+        assert info is not None and info.round == 1
+        holder = files.config.key_holder_for(1)
+        kit = SiteKit.load(fed.site_dir(holder))
+        key = KeyHolder.generate(files.config.preset)
+        announcement = key.announce(holder=holder, identity=kit.identity, epoch=info.round_id,
+                                    max_rounds=1)
+        data = key.public_context().serialize()
+        pieces = [data[i:i + (1 << 20)] for i in range(0, len(data), 1 << 20)]
+        ids = [hashlib.sha256(p).digest() for p in pieces]
+        # uploaded under the label of a round before this one
+        store.put_chunks(list(zip(ids, pieces, strict=True)), round_number=0, site=holder)
+        job.submit(holder, service_pb2.SubmitRequest(
+            round_id=info.round_id, ckks_key=service_pb2.CkksKeyOffer(
+                announcement=wire.announcement_to_proto(announcement),
+                public_context=wire.Blob(tuple(ids), len(data)).to_proto())))
+        store.purge_chunks_before(1)
+        assert store.missing(ids) == []
+        assert all(job.may_read(2, cid) for cid in ids)  # the sites can still fetch it
+    finally:
+        store.close()
