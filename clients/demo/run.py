@@ -52,6 +52,7 @@ class RunResult:
     epsilon: list[float | None] = field(default_factory=list)
     aborted: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    train_s: list[float] = field(default_factory=list)  # baseline: all sites' training per round
     models: list[np.ndarray] = field(default_factory=list)  # the baseline's global models
     # max |secure global model - plaintext global model| per round: in round 1 both average
     # the same updates, so it is the protocol's error alone; later the runs may drift apart
@@ -101,10 +102,13 @@ def plaintext_fedavg(dataset: Dataset, parts: list[np.ndarray], rounds: int,
                  for k, v in flat.to_arrays().items()}
         total = np.zeros(flat.size)
         weights = 0.0
+        train_s = 0.0
         for s, trainer in trainers.items():
             if s in drops.get(r, set()):
                 continue
+            t0 = time.perf_counter()
             trained = FlatModel.from_arrays(to_numpy(trainer.train_round(state, r)))
+            train_s += time.perf_counter() - t0
             delta, _ = clip_l2(trained.values - flat.values, clip_norm, flat.integer_positions)
             # the quantiser's range, as in the secure run: each value within [-clip, clip]
             # (this moves only integer counters, which clip_l2 leaves unscaled)
@@ -113,6 +117,7 @@ def plaintext_fedavg(dataset: Dataset, parts: list[np.ndarray], rounds: int,
             total += w * delta
             weights += w
         flat = flat.with_values(flat.values + total / weights)
+        result.train_s.append(train_s)
         result.models.append(flat.values.copy())
         global_model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
                                       for k, v in flat.to_arrays().items()})
@@ -342,6 +347,13 @@ def run(options: DemoOptions) -> dict[str, Any]:
         baseline = plaintext_fedavg(dataset, parts, rounds, train, clip_norm,
                                     {drop_round: {dropper}} if dropper else {}, options)
         results.append(baseline)
+        if len(dataset.y_train) > 20_000:
+            # Sites train after a round opens, so its first deadline must cover training; a
+            # site that drops out silently is known only when it passes. Sized from the
+            # baseline's training time on this machine (all sites one after another): ample
+            # for the sites training side by side, far shorter than a fixed 10 minutes.
+            slowest = max(baseline.train_s)
+            deadlines = {**deadlines, "open": max(60.0, 4 * slowest)}
         for protocol in protocols:
             stage = "SHARE_KEYS" if protocol == "masking" else "UPLOAD"
             drops = {dropper: {drop_round: stage}} if dropper else {}
@@ -359,7 +371,9 @@ def run(options: DemoOptions) -> dict[str, Any]:
             _say(options, f"\n  running {protocols[0]} with DP-SGD (Opacus; noise multiplier "
                           f"{options.noise_multiplier}, max grad norm {options.max_grad_norm},"
                           f" delta {options.delta})")
-            dp_result = secure_run(dataset, parts, rounds, dp_train, clip_norm, deadlines,
+            # per-sample gradients (Opacus) make local training several times slower
+            dp_deadlines = {**deadlines, "open": deadlines["open"] * 4}
+            dp_result = secure_run(dataset, parts, rounds, dp_train, clip_norm, dp_deadlines,
                                    protocols[0], {dropper: {drop_round: "SHARE_KEYS"
                                                             if protocols[0] == "masking"
                                                             else "UPLOAD"}} if dropper else {},
