@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from aggregator.metrics import Metrics, NoMetrics
-from aggregator.store import BlobRef, Event, Store
+from aggregator.store import BlobRef, Event, Store, split_chunks
 from secagg import wire
 from secagg.ckks import CkksServer, CkksStage, PublicContext
 from secagg.errors import (
@@ -628,9 +628,8 @@ class Job:
     def _keep_hot(self, blob: BlobRef, data: bytes) -> None:
         """Keep the chunks of the two newest models (a round's start and its result, public)
         in memory: every site downloads them, at the same moment."""
-        step = self.config.limits.max_chunk_bytes
-        chunks = {cid: data[i * step:(i + 1) * step] for i, cid in enumerate(blob.chunk_ids)}
-        self._hot = (self._hot[-1], chunks)
+        pieces = split_chunks(data, self.config.limits.max_chunk_bytes)
+        self._hot = (self._hot[-1], dict(zip(blob.chunk_ids, pieces, strict=True)))
 
     def hot_chunk(self, cid: bytes) -> bytes | None:
         """A chunk of one of the two newest models, from memory (any thread may ask)."""

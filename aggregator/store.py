@@ -394,8 +394,8 @@ class Store:
                      round_number: int | None) -> None:
         """In the caller's transaction: the chunks a counted message refers to belong to
         ``round_number`` (purged with it), or with None to nothing (kept for good). A chunk
-        keeps the round its upload stream was opened in otherwise, and an older round's
-        purge would take the payload of a message this round counted."""
+        is otherwise labelled with the round current when it was stored, and an older
+        round's purge would take the payload of a message this round counted."""
         if not ids:
             return
         query = chunks.update().where(chunks.c.chunk_id.in_(list(dict.fromkeys(ids))))
@@ -435,10 +435,7 @@ class Store:
 
     def write_blob(self, data: bytes, *, chunk_bytes: int, round_number: int | None) -> BlobRef:
         """Store the aggregator's own payload (model, aggregate) as chunks."""
-        view = memoryview(data)
-        pieces = [bytes(view[i:i + chunk_bytes])
-                  for i in range(0, len(view), chunk_bytes)] or [b""]
-        items = [(chunk_id(p), p) for p in pieces]
+        items = [(chunk_id(p), p) for p in split_chunks(data, chunk_bytes)]
         self.put_chunks(items, round_number=round_number, site=0)
         with self.engine.begin() as c:  # keep: a model or release outlives its round
             if round_number is None:
@@ -554,6 +551,13 @@ def _pg_bulk_settings(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("SET synchronous_commit = off")
     cursor.close()
+
+
+def split_chunks(data: bytes, chunk_bytes: int) -> list[bytes]:
+    """The aggregator's own payloads as chunks of ``chunk_bytes`` (an empty payload is one
+    empty chunk)."""
+    view = memoryview(data)
+    return [bytes(view[i:i + chunk_bytes]) for i in range(0, len(view), chunk_bytes)] or [b""]
 
 
 def sqlite_url(path: str) -> str:
