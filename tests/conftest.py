@@ -13,6 +13,15 @@ settings.register_profile(
 settings.load_profile("ci")
 
 
+# ---- failed asserts explained briefly, on CI too -------------------------------------------
+# On CI (CI or BUILD_NUMBER set) pytest explains a failed `==` in full, untruncated: for two
+# tuples of ciphertexts of hundreds of KB that is a quadratic ndiff that ran for minutes, so a
+# failing test looked like a hang. pytest reads the variables when it explains a failure, so
+# dropping them here gives the desk's truncated explanation everywhere.
+for _name in ("CI", "BUILD_NUMBER"):
+    os.environ.pop(_name, None)
+
+
 # ---- stores: SQLite always, PostgreSQL when a server is reachable ------------------------------
 # CI (.ci/run) starts PostgreSQL and sets SECAGG_REQUIRE_POSTGRES=1: there a missing server
 # fails the tests that need it instead of skipping them.

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from secagg.audit import AuditError
-from secagg.audit._workspace import Workspace
+from secagg.audit._workspace import Workspace, subprocess_env
 from secagg.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,3 +84,15 @@ def test_a_copy_that_imports_the_installed_package_fails_loudly(tmp_path: Path) 
     # install, so the tests would never see an edit
     with Workspace(ROOT) as ws, pytest.raises(AuditError, match="outside the copy"):
         ws.check_imports(tmp_path)
+
+
+def test_controls_run_pytest_as_on_a_desk_even_on_ci(monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:
+    """On CI pytest explains a failed assert untruncated; for two tuples of ciphertext bytes
+    that explanation took longer than a control's timeout, so a caught control was reported
+    as timed out. The copies' pytest must not see the CI variables."""
+    monkeypatch.setenv("CI", "true")
+    monkeypatch.setenv("BUILD_NUMBER", "7")
+    env = subprocess_env(tmp_path)
+    assert "CI" not in env and "BUILD_NUMBER" not in env
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path)
