@@ -338,7 +338,10 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
                                                              "site_id": site})
                     await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
                                  f"the upload stream was idle for {idle:g} s")
-                data = bytes(chunk.data)
+                # the message is let go before this stream waits for a slot: a waiting
+                # stream holds one copy of its chunk, not two
+                cid, data = bytes(chunk.chunk_id), bytes(chunk.data)
+                del chunk
                 # defence: logs.no-payloads (of a chunk, only its size is ever logged or counted)
                 _metrics.bytes_received.inc(len(data))
                 if not 0 < len(data) <= limit:
@@ -352,7 +355,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
                 # most (a stream waiting here reads no more: gRPC's flow control holds its
                 # sender). A slot is held while hashing and storing, never while waiting.
                 await self.in_flight.acquire()
-                task = asyncio.ensure_future(ingest(bytes(chunk.chunk_id), data))
+                task = asyncio.ensure_future(ingest(cid, data))
                 task.add_done_callback(lambda _t: self.in_flight.release())
                 tasks.append(task)
                 if len(tasks) >= 8:  # bound what is in flight (8 chunks)

@@ -6,6 +6,9 @@ Figures (all measured in the same run):
   against its digest; the processes' exit is not counted);
 - ``inproc_round_s``: the same protocol, sites and sizes in one process (no network, no
   store); ``overhead_ratio = round_s / inproc_round_s``;
+- ``sites_cpu_s`` / ``aggregator_cpu_s``: CPU seconds the site processes (summed) and the
+  aggregator spent within ``round_s``: on 2 cores the round cannot be shorter than half
+  their sum;
 - ``bytes_per_site``: what a site sent (messages and chunks), median;
 - ``aggregator_peak_rss_mb``: the aggregator's peak resident memory (VmHWM);
 - ``grpc_sink_mbps``: raw chunk upload over the same mTLS on loopback into a servicer that
@@ -45,6 +48,15 @@ def _peak_rss_mb(pid: int) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (0 where /proc is not there)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _env() -> dict[str, str]:
@@ -198,6 +210,7 @@ def run(protocol: str, clients: int, params: int, quiet: bool) -> dict[str, Any]
                     env=_env(), stderr=open(tmp / f"site-{s}.err", "wb")))  # noqa: SIM115
             _wait_files([tmp / f"site-{s}.ready" for s in range(1, clients + 1)], sites)
             _say(quiet, "  all sites ready; round starts")
+            agg_cpu = _cpu_s(agg.pid)
             began = time.time()
             go.touch()
             for p in sites:
@@ -205,10 +218,12 @@ def run(protocol: str, clients: int, params: int, quiet: bool) -> dict[str, Any]
                     raise RuntimeError("a bench site failed: " + (
                         tmp / f"site-{sites.index(p) + 1}.err").read_text()[-2000:])
             peak = _peak_rss_mb(agg.pid)
+            agg_cpu = _cpu_s(agg.pid) - agg_cpu
             reports = [(tmp / f"site-{s}.txt").read_text().split()
                        for s in range(1, clients + 1)]
             sent = [int(r[0]) for r in reports]
             round_s = max(float(r[1]) for r in reports) - began
+            sites_cpu = sum(float(r[2]) for r in reports)
         finally:
             for p in sites:
                 if p.poll() is None:
@@ -221,6 +236,7 @@ def run(protocol: str, clients: int, params: int, quiet: bool) -> dict[str, Any]
         return {
             "protocol": protocol, "clients": clients, "params": params,
             "round_s": round_s, "inproc_round_s": inproc, "overhead_ratio": round_s / inproc,
+            "sites_cpu_s": sites_cpu, "aggregator_cpu_s": agg_cpu,
             "bytes_per_site": statistics.median(sent),
             "bytes_per_value": statistics.median(sent) / params,
             "aggregator_peak_rss_mb": peak,
