@@ -9,6 +9,9 @@ Figures (all measured in the same run):
 - ``sites_cpu_s`` / ``aggregator_cpu_s``: CPU seconds the site processes (summed) and the
   aggregator spent within ``round_s``: on 2 cores the round cannot be shorter than half
   their sum;
+- ``transport_floor_s``: the bytes every site sent and received in the round, moved at
+  ``grpc_sink_mbps``: what the transport alone would take with no protocol, store or
+  scheduling (``transport_floor_ratio`` = that over ``inproc_round_s``);
 - ``bytes_per_site``: what a site sent (messages and chunks), median;
 - ``aggregator_peak_rss_mb``: the aggregator's peak resident memory (VmHWM);
 - ``grpc_sink_mbps``: raw chunk upload over the same mTLS on loopback into a servicer that
@@ -224,6 +227,7 @@ def run(protocol: str, clients: int, params: int, quiet: bool) -> dict[str, Any]
             sent = [int(r[0]) for r in reports]
             round_s = max(float(r[1]) for r in reports) - began
             sites_cpu = sum(float(r[2]) for r in reports)
+            moved = sum(int(r[0]) + int(r[3]) for r in reports)
         finally:
             for p in sites:
                 if p.poll() is None:
@@ -233,10 +237,12 @@ def run(protocol: str, clients: int, params: int, quiet: bool) -> dict[str, Any]
             log.close()
         _say(quiet, f"  round {round_s:.2f} s; in-process run follows")
         inproc = _inproc(protocol, clients, params)
+        floor = moved / (sink_mbps * 1e6)
         return {
             "protocol": protocol, "clients": clients, "params": params,
             "round_s": round_s, "inproc_round_s": inproc, "overhead_ratio": round_s / inproc,
             "sites_cpu_s": sites_cpu, "aggregator_cpu_s": agg_cpu,
+            "transport_floor_s": floor, "transport_floor_ratio": floor / inproc,
             "bytes_per_site": statistics.median(sent),
             "bytes_per_value": statistics.median(sent) / params,
             "aggregator_peak_rss_mb": peak,

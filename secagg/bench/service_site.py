@@ -3,7 +3,8 @@
 usage: python -m secagg.bench.service_site SITE_DIR GO_FILE OUT_FILE
 It writes OUT_FILE.ready (as SITE_DIR/../<name>.ready) once connected with the model in hand,
 waits for GO_FILE, submits a fixed update and writes to OUT_FILE the bytes it sent and the
-time (time.time()) it had the round's result, and the CPU seconds it spent from GO to then.
+time (time.time()) it had the round's result, the CPU seconds it spent from GO to then, and
+the bytes it received.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def main() -> int:
     rng = np.random.default_rng(site.site_id)  # bench data only
     state = {k: v + rng.normal(0, 0.001, v.shape).astype(v.dtype)
              for k, v in rnd.global_model.items()}
-    before = site._conn.bytes_sent
+    before, received = site._conn.bytes_sent, site._conn.bytes_received
     out.with_suffix(".ready").touch()
     while not go.exists():
         time.sleep(0.01)
@@ -40,7 +41,8 @@ def main() -> int:
         rnd.submit(state, weight=50)
     done_at = time.time()  # the round's result in hand (wall clock: the bench compares)
     cpu = time.process_time() - cpu
-    out.write_text(f"{site._conn.bytes_sent - before} {done_at!r} {cpu!r}")
+    out.write_text(f"{site._conn.bytes_sent - before} {done_at!r} {cpu!r} "
+                   f"{site._conn.bytes_received - received}")
     site.close()
     return 0
 

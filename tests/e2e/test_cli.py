@@ -34,6 +34,25 @@ def test_bench_masking_prints_the_promised_fields() -> None:
     assert out["max_abs_error"] <= out["error_bound"]
 
 
+@pytest.mark.parametrize("protocol", ["masking", "ckks"])
+def test_bench_service_prints_the_promised_fields(protocol: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "secagg.cli", "bench", "service", "--protocol", protocol,
+         "--clients", "3", "--params", "2000", "--json"],
+        capture_output=True, text=True, check=True, timeout=300,
+    )
+    out = json.loads(proc.stdout)
+    assert out["protocol"] == protocol and out["clients"] == 3
+    assert out["overhead_ratio"] == pytest.approx(out["round_s"] / out["inproc_round_s"])
+    assert out["ingest_ratio"] == pytest.approx(out["ingest_mbps"] / out["grpc_sink_mbps"])
+    assert out["transport_floor_ratio"] == pytest.approx(
+        out["transport_floor_s"] / out["inproc_round_s"])
+    # every site sent its update and received at least the model it started from
+    assert out["bytes_per_site"] > 2000 and out["transport_floor_s"] > 0
+    assert out["sites_cpu_s"] > 0 and out["aggregator_cpu_s"] >= 0
+    assert out["aggregator_peak_rss_mb"] > 10
+
+
 @pytest.mark.parametrize("argv", [["simulate", "--sites", "0"], ["simulate", "--dropout", "1.5"],
                                   ["bench", "masking", "--clients", "-3"]])
 def test_bad_arguments_give_a_usage_error_not_a_traceback(
