@@ -28,7 +28,7 @@ import numpy as np
 from aggregator.metrics import Metrics, NoMetrics
 from aggregator.store import BlobRef, Event, Store, split_chunks
 from secagg import wire
-from secagg.ckks import CkksServer, CkksStage, PublicContext
+from secagg.ckks import CkksServer, CkksStage, PublicContext, _seal
 from secagg.errors import (
     ConfigurationError,
     InvalidMessage,
@@ -59,6 +59,11 @@ RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
 ABORTED = "ABORTED"
 UNAVAILABLE = "UNAVAILABLE"
 NOT_FOUND = "NOT_FOUND"
+
+
+# A public context (public key, no Galois or relinearisation keys) is 0.1-0.4 MB for the
+# presets; the key holder's claim is bounded well above that, not by the vector length.
+MAX_CONTEXT_BYTES = 32 << 20
 
 
 class ServiceError(Exception):
@@ -122,6 +127,7 @@ class _Active:
     uploaded: dict[int, int] = field(default_factory=dict)  # site -> bytes stored this round
     readable: dict[int, set[bytes]] = field(default_factory=dict)  # site (0: all) -> chunk ids
     ckks_config: Any = None
+    ckks_context: Any = None  # the round's public context (the sizes of its ciphertexts)
     ckks_uploads: dict[int, service_pb2.EncryptedUpdateRef] = field(default_factory=dict)
     ckks_aggregate: service_pb2.EncryptedAggregateRef | None = None
     ckks_release: tuple[np.ndarray, tuple[int, ...], wire.Blob, float] | None = None
@@ -432,7 +438,11 @@ class Job:
             msg = wire.share_keys_from_proto(request.share_keys)
         elif kind == "masked_input":
             ref = request.masked_input
-            data = self._read(wire.Blob.from_proto(ref.masked_input))
+            words = wire.WORD_DTYPES.get(ref.word_bits)
+            if words is None or ref.word_bits != role.config.word_bits:
+                raise ServiceError(INVALID_ARGUMENT, "refused: masked input words")
+            data = self._read(wire.Blob.from_proto(ref.masked_input),
+                              size=words.itemsize * (role.config.vector_length + 1))
             msg = wire.masked_input_from_ref(ref, data, word_bits=role.config.word_bits,
                                              length=role.config.vector_length + 1)
         elif kind == "consistency_signature":
@@ -457,8 +467,10 @@ class Job:
             config = self.config.ckks_round(view.number, view.round_id, self.roster,
                                             announcement, view.model.size)
             blob = wire.Blob.from_proto(offer.public_context)
-            context = PublicContext.load(self._read(blob))
+            # defence: service.payload.context-bounded
+            context = PublicContext.load(self._read(blob, limit=MAX_CONTEXT_BYTES))
             active.role = CkksServer(config, context)
+            active.ckks_context = context
             active.ckks_config = config
             view.ckks_key = offer
             active.readable[0] |= set(blob.chunk_ids)
@@ -469,14 +481,18 @@ class Job:
                                    f"site {site} may not send an upload of site {ref.site_id}")
             if ref.chunk_count != active.ckks_config.chunk_count:
                 raise ServiceError(INVALID_ARGUMENT, "wrong number of ciphertexts")
-            update = wire.update_from_ref(ref, self._read(wire.Blob.from_proto(ref.chunks)))
+            sealed = _seal.Kind.SEEDED if ref.seeded else _seal.Kind.FULL
+            size = ref.chunk_count * _seal.encoded_length(active.ckks_context.seal_context,
+                                                          sealed)
+            update = wire.update_from_ref(ref, self._read(wire.Blob.from_proto(ref.chunks),
+                                                          size=size))
             active.role.handle(update)
             active.ckks_uploads[site] = ref
         else:
             if site != view.ckks_key_holder:
                 raise ServiceError(PERMISSION_DENIED, "only this round's key holder releases")
             ref_r = request.ckks_release
-            data = self._read(wire.Blob.from_proto(ref_r.average))
+            data = self._read(wire.Blob.from_proto(ref_r.average), size=8 * view.model.size)
             released = wire.release_from_ref(ref_r, data, round_id=view.round_id,
                                              length=view.model.size)
             if set(released.sites) != set(active.ckks_uploads):
@@ -659,13 +675,35 @@ class Job:
             raise ServiceError(UNAVAILABLE, "the store lacks a model it refers to")
         return found[1]
 
-    def _read(self, blob: wire.Blob) -> bytes:
-        if blob.size > 16 * (self.config.limits.max_vector_length + 1) + (64 << 20):
-            raise ServiceError(RESOURCE_EXHAUSTED, "payload larger than any round needs")
-        missing = self.store.missing(list(blob.chunk_ids))
+    def _read(self, blob: wire.Blob, *, size: int | None = None,
+              limit: int | None = None) -> bytes:
+        """The payload a site's message refers to. Its size and chunk list are the site's
+        claims: they are checked against ``size`` (what the round needs, when it is known)
+        or ``limit``, and against the stored chunks' sizes, before one byte of data is read,
+        so a lie is INVALID_ARGUMENT (never a store failure, which would restart the job and
+        its deadlines for everyone) and no message makes the job read more than the round's
+        own payload (a chunk named 400 times, or 240,000 times)."""
+        # defence: service.payload.sized-before-read
+        if size is not None and blob.size != size:
+            raise ServiceError(INVALID_ARGUMENT, f"the payload holds {blob.size} bytes; this "
+                                                 f"message needs {size}")
+        if blob.size > (limit if limit is not None else
+                        16 * (self.config.limits.max_vector_length + 1) + (64 << 20)):
+            raise ServiceError(RESOURCE_EXHAUSTED, "payload larger than this message needs")
+        ids = list(blob.chunk_ids)
+        # defence: service.payload.chunk-count-before-lookup (each chunk holds a byte or more)
+        if not 0 < len(ids) <= blob.size:
+            raise ServiceError(INVALID_ARGUMENT, f"a payload of {blob.size} bytes cannot be "
+                                                 f"{len(ids)} chunks")
+        sizes = self.store.chunk_sizes(ids)
+        missing = len(set(ids) - sizes.keys())
         if missing:
-            raise ServiceError(FAILED_PRECONDITION, f"{len(missing)} chunks of the payload "
+            raise ServiceError(FAILED_PRECONDITION, f"{missing} chunks of the payload "
                                                     "have not been uploaded")
+        # defence: service.payload.chunks-add-up
+        if sum(sizes[c] for c in ids) != blob.size:
+            raise ServiceError(INVALID_ARGUMENT, "the payload's chunks do not add up to the "
+                                                 "size it claims")
         data = self.store.read_blob(BlobRef(blob.chunk_ids, blob.size))
         if self.active is not None:
             self.active.claims.extend(blob.chunk_ids)

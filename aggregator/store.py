@@ -95,6 +95,9 @@ class StoreError(SecAggError):
     or refuses to start)."""
 
 
+_ID_BATCH = 1000  # chunk ids per IN (...) query: PostgreSQL binds at most 65,535 parameters
+
+
 @dataclass(frozen=True)
 class BlobRef:
     chunk_ids: tuple[bytes, ...]
@@ -366,6 +369,21 @@ class Store:
             raise StoreError(f"looking up chunks failed: {type(e).__name__}") from None
         return [i for i in ids if i not in present]
 
+    def chunk_sizes(self, ids: Iterable[bytes]) -> dict[bytes, int]:
+        """The stored size of each of ``ids`` that is present (no chunk data is read), in
+        batches that stay below PostgreSQL's bind-parameter limit."""
+        distinct = list(dict.fromkeys(ids))
+        found: dict[bytes, int] = {}
+        try:
+            with self.engine.connect() as c:
+                for i in range(0, len(distinct), _ID_BATCH):
+                    rows = c.execute(sa.select(chunks.c.chunk_id, chunks.c.size).where(
+                        chunks.c.chunk_id.in_(distinct[i:i + _ID_BATCH])))
+                    found.update((bytes(cid), int(size)) for cid, size in rows)
+        except sa.exc.SQLAlchemyError as e:
+            raise StoreError(f"looking up chunks failed: {type(e).__name__}") from None
+        return found
+
     def put_chunks(self, items: Iterable[tuple[bytes, bytes]], *, round_number: int | None,
                    site: int) -> tuple[int, int]:
         """Store (id, data) pairs whose ids the caller has checked; (stored, already present)."""
@@ -396,12 +414,12 @@ class Store:
         ``round_number`` (purged with it), or with None to nothing (kept for good). A chunk
         is otherwise labelled with the round current when it was stored, and an older
         round's purge would take the payload of a message this round counted."""
-        if not ids:
-            return
-        query = chunks.update().where(chunks.c.chunk_id.in_(list(dict.fromkeys(ids))))
-        if round_number is not None:
-            query = query.where(chunks.c.round.is_not(None))  # what is kept stays kept
-        conn.execute(query.values(round=round_number))
+        distinct = list(dict.fromkeys(ids))
+        for i in range(0, len(distinct), _ID_BATCH):
+            query = chunks.update().where(chunks.c.chunk_id.in_(distinct[i:i + _ID_BATCH]))
+            if round_number is not None:
+                query = query.where(chunks.c.round.is_not(None))  # what is kept stays kept
+            conn.execute(query.values(round=round_number))
 
     def _insert_chunk(self) -> Any:
         if self.url.startswith("postgresql"):

@@ -1,0 +1,162 @@
+"""Adversary: a roster site whose message refers to its payload with a lying size or chunk
+list: one byte off, a chunk named hundreds of times, chunks that do not add up. A lie about a
+site's own payload is INVALID_ARGUMENT (or RESOURCE_EXHAUSTED), found before one byte of
+payload is read: never a store failure (which would restart the job and its deadlines for
+every site) and never a read larger than the round's own payload."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from aggregator.job import RESOURCE_EXHAUSTED, Job, ServiceError
+from aggregator.service import load_server_files
+from aggregator.store import BlobRef, Store
+from secagg import wire
+from secagg.ckks import KeyHolder, _seal
+from secagg.federation.kit import ROSTER_FILE, SiteKit, load_roster
+from secagg.model import FlatModel
+from secagg.v1 import service_pb2
+from tests.service_kit import make_federation
+
+
+@dataclass
+class Setting:
+    job: Job
+    store: Store
+    round_id: str
+    holder: int
+    reads: list[int]
+
+
+def _put(store: Store, data: bytes, site: int) -> bytes:
+    cid = hashlib.sha256(data).digest()
+    store.put_chunks([(cid, data)], round_number=1, site=site)
+    return cid
+
+
+@pytest.fixture
+def ckks_upload_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Setting]:
+    """A CKKS job in-process whose round 1 is at its upload stage; ``reads`` records the
+    size of every payload the job reads from the store."""
+    fed = make_federation(tmp_path, 4, "ckks", rounds=1)
+    files = load_server_files(fed.aggregator_config)
+    roster = load_roster(files.directory / ROSTER_FILE, files.config.trust_root)
+    store = Store(str(tmp_path / "aggregator.db"))
+    reads: list[int] = []
+    real = store.read_blob
+
+    def recording(blob: BlobRef) -> bytes:
+        reads.append(blob.size)
+        return real(blob)
+
+    monkeypatch.setattr(store, "read_blob", recording)
+    try:
+        job = Job(files.config, roster, store, FlatModel.load_npz(files.config.initial_model))
+        job.recover()
+        info = job.round_info(0)
+        assert info is not None
+        holder = files.config.key_holder_for(1)
+        kit = SiteKit.load(fed.site_dir(holder))
+        key = KeyHolder.generate(files.config.preset)
+        announcement = key.announce(holder=holder, identity=kit.identity, epoch=info.round_id,
+                                    max_rounds=1)
+        data = key.public_context().serialize()
+        offer = service_pb2.CkksKeyOffer(announcement=wire.announcement_to_proto(announcement))
+
+        # the key offer itself: a chunk named again and again, adding up to 40 MiB
+        junk = _put(store, os.urandom(4 << 20), holder)
+        offer.public_context.CopyFrom(wire.Blob((junk,) * 10, 10 * (4 << 20)).to_proto())
+        with pytest.raises(ServiceError) as caught:
+            job.submit(holder, service_pb2.SubmitRequest(round_id=info.round_id,
+                                                         ckks_key=offer))
+        assert caught.value.code == RESOURCE_EXHAUSTED and reads == []
+
+        # more chunks than bytes: refused before the store is even asked for their sizes
+        tiny = tuple(_put(store, bytes([i]), holder) for i in range(3))
+        offer.public_context.CopyFrom(wire.Blob(tiny, 2).to_proto())
+        monkeypatch.setattr(store, "chunk_sizes", None)
+        with pytest.raises(ServiceError) as caught:
+            job.submit(holder, service_pb2.SubmitRequest(round_id=info.round_id,
+                                                         ckks_key=offer))
+        assert caught.value.code == "INVALID_ARGUMENT"
+        monkeypatch.undo()
+        monkeypatch.setattr(store, "read_blob", recording)
+
+        cid = _put(store, data, holder)
+        offer.public_context.CopyFrom(wire.Blob((cid,), len(data)).to_proto())
+        job.submit(holder, service_pb2.SubmitRequest(round_id=info.round_id, ckks_key=offer))
+        assert reads == [len(data)]
+        reads.clear()
+        yield Setting(job, store, info.round_id, holder, reads)
+    finally:
+        store.close()
+
+
+def _update(s: Setting, site: int, blob: wire.Blob) -> service_pb2.SubmitRequest:
+    config = s.job.active.ckks_config  # type: ignore[union-attr]
+    ref = service_pb2.EncryptedUpdateRef(
+        site_id=site, key_id=config.key_id, seeded=False, chunk_count=config.chunk_count,
+        chunks=blob.to_proto(), signature=bytes(64))
+    return service_pb2.SubmitRequest(round_id=s.round_id, ckks_update=ref)
+
+
+def _needed(s: Setting) -> int:
+    active = s.job.active
+    assert active is not None
+    return int(active.ckks_config.chunk_count) * _seal.encoded_length(
+        active.ckks_context.seal_context, _seal.Kind.FULL)
+
+
+def _refused(s: Setting, site: int, blob: wire.Blob) -> str:
+    with pytest.raises(ServiceError) as caught:
+        s.job.submit(site, _update(s, site, blob))
+    assert s.reads == [], "the job read a payload before checking the claims about it"
+    assert s.store.event_payload(1, "message", s.job.active.view.stage, site) is None  # type: ignore[union-attr]
+    return caught.value.code
+
+
+def test_a_chunk_named_many_times_is_refused_before_anything_is_read(
+        ckks_upload_stage: Setting) -> None:
+    """Sizes that add up, to far more than the round's upload: the round's own size is the
+    bound, not the largest vector the federation allows."""
+    s = ckks_upload_stage
+    piece = _put(s.store, os.urandom(64 << 10), 2)
+    assert _refused(s, 2, wire.Blob((piece,) * 400, 400 * (64 << 10))) == "INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize("lie", ["one-byte-more", "one-byte-less", "tiny-chunk-many-times",
+                                 "no-chunks"])
+def test_chunks_that_do_not_add_up_to_the_claimed_size_are_refused(
+        ckks_upload_stage: Setting, lie: str) -> None:
+    s = ckks_upload_stage
+    needed = _needed(s)
+    if lie in ("one-byte-more", "one-byte-less"):
+        # honest chunks of the right total, and a size claim one byte off... or the other way
+        data = os.urandom(needed + (1 if lie == "one-byte-more" else -1))
+        ids = tuple(_put(s.store, data[i:i + (1 << 20)], 2)
+                    for i in range(0, len(data), 1 << 20))
+        blob = wire.Blob(ids, needed)
+    elif lie == "tiny-chunk-many-times":
+        blob = wire.Blob((_put(s.store, b"x", 2),) * 50_000, needed)
+    else:
+        blob = wire.Blob((), needed)
+    assert _refused(s, 2, blob) == "INVALID_ARGUMENT"
+
+
+def test_the_store_stays_healthy_and_an_honest_upload_is_counted_after_the_lies(
+        ckks_upload_stage: Setting) -> None:
+    s = ckks_upload_stage
+    data = os.urandom(_needed(s))
+    ids = tuple(_put(s.store, data[i:i + (1 << 20)], 2) for i in range(0, len(data), 1 << 20))
+    assert _refused(s, 2, wire.Blob(ids, len(data) + 1)) == "INVALID_ARGUMENT"
+    # the same chunks with the true size get past every claim check: what refuses them now
+    # is the upload's signature, after reading exactly the round's payload
+    with pytest.raises(ServiceError) as caught:
+        s.job.submit(2, _update(s, 2, wire.Blob(ids, len(data))))
+    assert caught.value.code == "INVALID_ARGUMENT" and s.reads == [len(data)]
