@@ -94,6 +94,88 @@ async def _abort(context: Ctx, code: grpc.StatusCode, message: str) -> Any:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+class _Undecodable:
+    """What a request whose bytes do not parse becomes: its handler refuses it."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNDECODABLE"
+
+
+UNDECODABLE = _Undecodable()
+NOT_A_MESSAGE = "the request does not parse as its message type"
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception:  # DecodeError, or whatever the parser raises on garbage
+            return UNDECODABLE
+    return deserialize
+
+
+def add_service(servicer: AggregationService, server: Any) -> None:
+    """Register the service as the generated code does, except that a request that does not
+    parse is refused INVALID_ARGUMENT by the service (after the caller's identity is checked)
+    rather than answered UNKNOWN by gRPC with the parser's exception in the details."""
+
+    class _Capture:
+        def __init__(self) -> None:
+            self.handlers: dict[str, Any] = {}
+
+        def add_generic_rpc_handlers(self, _handlers: Any) -> None:
+            pass
+
+        def add_registered_method_handlers(self, _name: str, handlers: Any) -> None:
+            self.handlers = dict(handlers)
+
+    capture = _Capture()
+    service_pb2_grpc.add_AggregationServicer_to_server(  # type: ignore[no-untyped-call]
+        servicer, capture)
+
+    async def refuse(context: Ctx) -> None:
+        await servicer.identity.site(context)  # an outsider hears its own refusal first
+        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, NOT_A_MESSAGE)
+
+    def guard(h: Any) -> Any:
+        # defence: service.wire.undecodable-is-invalid-argument
+        h = h._replace(request_deserializer=_lenient(h.request_deserializer))
+        if h.unary_unary is not None:
+            unary = h.unary_unary
+
+            async def unary_unary(request: Any, context: Ctx) -> Any:
+                if request is UNDECODABLE:
+                    await refuse(context)
+                return await unary(request, context)
+            return h._replace(unary_unary=unary_unary)
+        if h.unary_stream is not None:
+            streaming = h.unary_stream
+
+            async def unary_stream(request: Any, context: Ctx) -> Any:
+                if request is UNDECODABLE:
+                    await refuse(context)
+                async for item in streaming(request, context):
+                    yield item
+            return h._replace(unary_stream=unary_stream)
+        receiving = h.stream_unary
+
+        async def stream_unary(requests: Any, context: Ctx) -> Any:
+            async def checked() -> Any:
+                async for request in requests:
+                    if request is UNDECODABLE:
+                        await refuse(context)
+                    yield request
+            return await receiving(checked(), context)
+        return h._replace(stream_unary=stream_unary)
+
+    handlers = {name: guard(h) for name, h in capture.handlers.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME,
+                                                                          handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 _CODES = {name: getattr(grpc.StatusCode, name) for name in (
     "INVALID_ARGUMENT", "FAILED_PRECONDITION", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
     "ABORTED", "UNAVAILABLE", "NOT_FOUND", "UNAUTHENTICATED", "DEADLINE_EXCEEDED")}
@@ -483,8 +565,7 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ])
-    service_pb2_grpc.add_AggregationServicer_to_server(  # type: ignore[no-untyped-call]
-        AggregationService(core, Identity(set(roster)), config), server)
+    add_service(AggregationService(core, Identity(set(roster)), config), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     credentials = grpc.ssl_server_credentials([(files.server_key, files.server_cert)],

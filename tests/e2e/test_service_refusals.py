@@ -144,3 +144,56 @@ def _zeros(info: service_pb2.RoundInfo) -> object:
     import numpy as np
 
     return np.zeros(_size(info))
+
+
+GARBAGE = [b"\xff\xff\xff", b"\x0a\xff\xff\xff\xff\x0f"]  # no tag; a field cut short
+BAD_UTF8 = b"\x0a\x02\xc3\x28"  # field 1 is round_id (a string) in these requests
+METHODS = {"GetRound": "unary", "Submit": "unary", "Receive": "unary",
+           "MissingChunks": "unary", "GetChunks": "unary-stream", "PutChunks": "stream-unary"}
+
+
+def _raw(channel: grpc.Channel, method: str, data: bytes) -> grpc.StatusCode:
+    path = f"/secagg.v1.Aggregation/{method}"
+    kind = METHODS[method]
+    try:
+        if kind == "unary":
+            channel.unary_unary(path)(data, timeout=10)
+        elif kind == "unary-stream":
+            list(channel.unary_stream(path)(data, timeout=10))
+        else:
+            channel.stream_unary(path)(iter([data]), timeout=10)
+    except grpc.RpcError as e:
+        assert "Error" not in (e.details() or "") and "class" not in (e.details() or ""), \
+            e.details()
+        return e.code()  # type: ignore[no-any-return]
+    raise AssertionError(f"{method} accepted bytes that are not its message")
+
+
+def test_bytes_that_are_not_a_message_are_invalid_argument_not_unknown(tmp_path: Path) -> None:
+    """Undecodable requests (garbage, a truncated field, invalid UTF-8 in a string) are the
+    caller's fault: INVALID_ARGUMENT for a roster site, its identity refusal for anyone else,
+    never UNKNOWN with the parser's exception in the details."""
+    fed = make_federation(tmp_path, 3, "masking", rounds=1, open_s=40.0)
+    agg = start_aggregator(fed, tmp_path)
+    try:
+        kit = SiteKit.load(fed.site_dir(1))
+        site = _channel(fed.port, kit.ca_pem, kit.key_pem, kit.cert_pem)
+        for method in METHODS:
+            for data in GARBAGE:
+                assert _raw(site, method, data) is grpc.StatusCode.INVALID_ARGUMENT, method
+        for method in ("Submit", "Receive"):
+            assert _raw(site, method, BAD_UTF8) is grpc.StatusCode.INVALID_ARGUMENT, method
+        # a certificate from the federation's CA for a site that is not on the roster
+        ca_key = pki.load_private(fed.directory / "ca" / "ca.key")
+        ca_cert = pki.load_cert(fed.directory / "ca" / "ca.crt")
+        key = pki.new_key()
+        stranger = _channel(fed.port, kit.ca_pem, pki.pem_private(key), pki.pem_cert(
+            pki.issue_site_cert(ca_key, ca_cert, 99, key.public_key())))
+        for method in METHODS:
+            assert _raw(stranger, method, GARBAGE[0]) is grpc.StatusCode.PERMISSION_DENIED
+        # and the service still answers well-formed requests
+        stub = service_pb2_grpc.AggregationStub(site)  # type: ignore[no-untyped-call]
+        info = stub.GetRound(service_pb2.GetRoundRequest(after_round=0, wait_ms=0), timeout=10)
+        assert info.status == service_pb2.ROUND_STATUS_RUNNING
+    finally:
+        agg.stop()
