@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+from sqlalchemy.exc import SQLAlchemyError
 
 from aggregator.job import (
     FAILED_PRECONDITION,
@@ -303,9 +304,12 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
             if e.code == UNAVAILABLE:
                 self.core.healthy = False
             await _abort(context, _CODES.get(e.code, grpc.StatusCode.INTERNAL), str(e))
-        except StoreError as e:
+        except (StoreError, SQLAlchemyError) as e:
+            # a database error the store did not wrap is the store's too: UNAVAILABLE (and
+            # its text, which can quote the statement's parameters, is never logged)
             self.core.healthy = False
-            log.error("store error", extra={"event": "store_error", "reason": str(e)})
+            reason = str(e) if isinstance(e, StoreError) else type(e).__name__
+            log.error("store error", extra={"event": "store_error", "reason": reason})
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "the store is unavailable")
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -642,10 +646,12 @@ async def _ticker(core: Core) -> None:
         if core.job is not None and core.healthy:
             try:
                 await core.run(core.job.tick)
-            except (ServiceError, StoreError) as e:
+            # defence: service.ticker-outlives-failures (it alone closes stages at their
+            # deadlines: if it died, no round would ever end for want of a site again)
+            except Exception as e:
                 log.error("stage close failed", extra={"event": "tick_error",
                                                        "reason": type(e).__name__})
-                core.healthy = False
+                core.healthy = False  # the watcher reloads the job from the store
 
 
 async def _watch(core: Core, health: Any) -> None:
@@ -664,12 +670,15 @@ async def _watch(core: Core, health: Any) -> None:
             ok = False
         if ok and not core.healthy:
             try:
+                # defence: service.recovered-job-keeps-metrics
                 fresh = Job(job.config, job.roster, job.store, job._initial,
-                            on_change=core.notify)
+                            on_change=core.notify, metrics=job.metrics)
                 await core.run(fresh.recover)
                 core.job = fresh
                 core.healthy = True
-            except (ServiceError, StoreError):
+            except Exception as e:  # not recovered yet: the next second tries again
+                log.error("recovery failed", extra={"event": "recovery_error",
+                                                    "reason": type(e).__name__})
                 ok = False
         elif not ok:
             core.healthy = False

@@ -1,0 +1,86 @@
+"""The aggregator's background loops: the ticker (which alone closes stages at their
+deadlines) must outlive any failure of a tick, and the job the watcher rebuilds from the store
+after a failure must keep reporting to the same metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+
+from aggregator.job import Job
+from aggregator.metrics import Metrics
+from aggregator.service import Core, _ticker, _watch, load_server_files
+from aggregator.store import Store
+from secagg.federation.kit import ROSTER_FILE, load_roster
+from secagg.model import FlatModel
+from tests.service_kit import make_federation
+
+
+class _Flaky:
+    def __init__(self) -> None:
+        self.ticks = 0
+
+    def tick(self) -> None:
+        self.ticks += 1
+        if self.ticks == 1:
+            raise RuntimeError("a failure nobody foresaw")
+
+
+def _shutdown(core: Core) -> None:
+    for pool in (core.executor, core.hashers, core.bulk, core.readers):
+        pool.shutdown(wait=True)
+
+
+def test_the_ticker_outlives_a_tick_that_fails_unexpectedly() -> None:
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        job = _Flaky()
+        core.job, core.healthy = job, True  # type: ignore[assignment]
+        task = asyncio.create_task(_ticker(core))
+        try:
+            await asyncio.sleep(0.5)
+            assert job.ticks == 1 and core.healthy is False  # for the watcher to reload
+            core.healthy = True  # what the watcher does once the job is reloaded
+            await asyncio.sleep(0.5)
+            assert not task.done(), "the ticker died: no stage would ever close again"
+            assert job.ticks >= 2
+        finally:
+            task.cancel()
+            _shutdown(core)
+
+    asyncio.run(main())
+
+
+def test_the_job_rebuilt_after_a_failure_keeps_its_metrics(tmp_path: Path) -> None:
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    files = load_server_files(fed.aggregator_config)
+    roster = load_roster(files.directory / ROSTER_FILE, files.config.trust_root)
+    store = Store(str(tmp_path / "aggregator.db"))
+    metrics = Metrics()
+
+    async def main() -> Any:
+        core = Core(asyncio.get_running_loop())
+        job = Job(files.config, roster, store, FlatModel.load_npz(files.config.initial_model),
+                  metrics=metrics)
+        await core.run(job.recover)
+        core.job, core.healthy = job, False  # as after a store error
+        task = asyncio.create_task(_watch(core, health_aio.HealthServicer()))
+        try:
+            for _ in range(50):
+                await asyncio.sleep(0.1)
+                if core.healthy:
+                    break
+            assert core.healthy and core.job is not job
+            return core.job
+        finally:
+            task.cancel()
+            _shutdown(core)
+
+    try:
+        fresh = asyncio.run(main())
+        assert fresh.metrics is metrics, "the rebuilt job reports to nobody"
+    finally:
+        store.close()
