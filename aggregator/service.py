@@ -136,9 +136,27 @@ def add_service(servicer: AggregationService, server: Any) -> None:
     service_pb2_grpc.add_AggregationServicer_to_server(  # type: ignore[no-untyped-call]
         servicer, capture)
 
+    calls = servicer.calls
+
     async def refuse(context: Ctx) -> None:
         await servicer.identity.site(context)  # an outsider hears its own refusal first
         await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, NOT_A_MESSAGE)
+
+    async def admit(context: Ctx) -> int:
+        """The caller's site, counted among its calls in progress: a site has no reason for
+        more than a few at once, and each holds a request of up to max_message_bytes."""
+        site = await servicer.identity.site(context)
+        # defence: service.calls-per-site-bounded
+        if calls.get(site, 0) >= MAX_CALLS_PER_SITE:
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"more than {MAX_CALLS_PER_SITE} calls of this site at once")
+        calls[site] = calls.get(site, 0) + 1
+        return site
+
+    def done(site: int) -> None:
+        calls[site] -= 1
+        if not calls[site]:
+            del calls[site]
 
     def guard(h: Any) -> Any:
         # defence: service.wire.undecodable-is-invalid-argument
@@ -149,7 +167,11 @@ def add_service(servicer: AggregationService, server: Any) -> None:
             async def unary_unary(request: Any, context: Ctx) -> Any:
                 if request is UNDECODABLE:
                     await refuse(context)
-                return await unary(request, context)
+                site = await admit(context)
+                try:
+                    return await unary(request, context)
+                finally:
+                    done(site)
             return h._replace(unary_unary=unary_unary)
         if h.unary_stream is not None:
             streaming = h.unary_stream
@@ -157,8 +179,12 @@ def add_service(servicer: AggregationService, server: Any) -> None:
             async def unary_stream(request: Any, context: Ctx) -> Any:
                 if request is UNDECODABLE:
                     await refuse(context)
-                async for item in streaming(request, context):
-                    yield item
+                site = await admit(context)
+                try:
+                    async for item in streaming(request, context):
+                        yield item
+                finally:
+                    done(site)
             return h._replace(unary_stream=unary_stream)
         receiving = h.stream_unary
 
@@ -168,7 +194,11 @@ def add_service(servicer: AggregationService, server: Any) -> None:
                     if request is UNDECODABLE:
                         await refuse(context)
                     yield request
-            return await receiving(checked(), context)
+            site = await admit(context)
+            try:
+                return await receiving(checked(), context)
+            finally:
+                done(site)
         return h._replace(stream_unary=stream_unary)
 
     handlers = {name: guard(h) for name, h in capture.handlers.items()}
@@ -272,12 +302,15 @@ class ChunkWriter:
 MAX_CHUNKS_PER_COMMIT = 16
 MAX_CHUNKS_IN_FLIGHT = 16  # received chunks being hashed or stored, over all upload streams
 MAX_DOWNLOADS_PER_SITE = 4  # GetChunks streams one site may have open at once
+MAX_CALLS_PER_SITE = 8  # calls of one site in progress at once (the SDK makes one at a time)
+MAX_STREAMS_PER_CONNECTION = 8  # HTTP/2: what one connection may have open at once
 
 
 class AggregationService(service_pb2_grpc.AggregationServicer):
     def __init__(self, core: Core, identity: Identity, config: FederationConfig) -> None:
         self.core = core
         self.identity = identity
+        self.calls: dict[int, int] = {}  # site -> its calls in progress (add_service)
         self.config = config
         self.budget = UploadBudget()
         self.writer = ChunkWriter(core)
@@ -568,6 +601,9 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
         ("grpc.max_send_message_length", limits.max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # a client opens no more streams than this on one connection (it queues the rest),
+        # so one connection cannot make the server receive dozens of large requests at once
+        ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
     ])
     add_service(AggregationService(core, Identity(set(roster)), config), server)
     health = health_aio.HealthServicer()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -195,5 +196,48 @@ def test_bytes_that_are_not_a_message_are_invalid_argument_not_unknown(tmp_path:
         stub = service_pb2_grpc.AggregationStub(site)  # type: ignore[no-untyped-call]
         info = stub.GetRound(service_pb2.GetRoundRequest(after_round=0, wait_ms=0), timeout=10)
         assert info.status == service_pb2.ROUND_STATUS_RUNNING
+    finally:
+        agg.stop()
+
+
+def test_one_site_cannot_hold_more_than_a_few_calls_at_once(tmp_path: Path) -> None:
+    """Each call holds a request of up to max_message_bytes: one site's calls in progress
+    are bounded over all its connections (RESOURCE_EXHAUSTED beyond), and the other sites
+    are not affected."""
+    fed = make_federation(tmp_path, 3, "masking", rounds=1, open_s=40.0)
+    agg = start_aggregator(fed, tmp_path)
+    try:
+        kit = SiteKit.load(fed.site_dir(1))
+        stubs = [service_pb2_grpc.AggregationStub(  # type: ignore[no-untyped-call]
+            _channel(fed.port, kit.ca_pem, kit.key_pem, kit.cert_pem)) for _ in range(3)]
+
+        def outcomes(calls: list[Any]) -> list[grpc.StatusCode]:
+            codes = []
+            for call in calls:
+                try:
+                    call.result()
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as e:
+                    codes.append(e.code())
+            return codes
+
+        # long polls for a round that will not open while they wait. On one connection the
+        # server admits 8 streams at a time and the client queues the rest: all succeed
+        poll = service_pb2.GetRoundRequest(after_round=5, wait_ms=1500)
+        codes = outcomes([stubs[0].GetRound.future(poll, timeout=20) for _ in range(12)])
+        assert codes == [grpc.StatusCode.OK] * 12, codes
+        # over three connections, 15 at once: the site's ninth call and beyond are refused
+        poll = service_pb2.GetRoundRequest(after_round=5, wait_ms=4000)
+        calls = [stub.GetRound.future(poll, timeout=20) for stub in stubs for _ in range(5)]
+        codes = outcomes(calls)
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == len(calls) - 8, codes
+        assert codes.count(grpc.StatusCode.OK) == 8
+        # its calls are counted out as they end: it can call again
+        now = service_pb2.GetRoundRequest(after_round=0, wait_ms=0)
+        assert stubs[0].GetRound(now, timeout=10).status == service_pb2.ROUND_STATUS_RUNNING
+        kit2 = SiteKit.load(fed.site_dir(2))
+        other = service_pb2_grpc.AggregationStub(  # type: ignore[no-untyped-call]
+            _channel(fed.port, kit2.ca_pem, kit2.key_pem, kit2.cert_pem))
+        assert other.GetRound(now, timeout=10).status == service_pb2.ROUND_STATUS_RUNNING
     finally:
         agg.stop()
