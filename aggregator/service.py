@@ -153,6 +153,11 @@ def add_service(servicer: AggregationService, server: Any) -> None:
         calls[site] = calls.get(site, 0) + 1
         return site
 
+    async def enter(request: Any, context: Ctx) -> int:
+        if request is UNDECODABLE:
+            await refuse(context)
+        return await admit(context)
+
     def done(site: int) -> None:
         calls[site] -= 1
         if not calls[site]:
@@ -165,9 +170,7 @@ def add_service(servicer: AggregationService, server: Any) -> None:
             unary = h.unary_unary
 
             async def unary_unary(request: Any, context: Ctx) -> Any:
-                if request is UNDECODABLE:
-                    await refuse(context)
-                site = await admit(context)
+                site = await enter(request, context)
                 try:
                     return await unary(request, context)
                 finally:
@@ -177,9 +180,7 @@ def add_service(servicer: AggregationService, server: Any) -> None:
             streaming = h.unary_stream
 
             async def unary_stream(request: Any, context: Ctx) -> Any:
-                if request is UNDECODABLE:
-                    await refuse(context)
-                site = await admit(context)
+                site = await enter(request, context)
                 try:
                     async for item in streaming(request, context):
                         yield item

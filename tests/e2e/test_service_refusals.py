@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -221,11 +222,22 @@ def test_one_site_cannot_hold_more_than_a_few_calls_at_once(tmp_path: Path) -> N
                     codes.append(e.code())
             return codes
 
+        now = service_pb2.GetRoundRequest(after_round=0, wait_ms=0)
+        for _ in range(100):  # until the job is recovered (UNAVAILABLE before: retry)
+            try:
+                stubs[0].GetRound(now, timeout=10)
+                break
+            except grpc.RpcError as e:
+                assert e.code() is grpc.StatusCode.UNAVAILABLE, e
+                time.sleep(0.1)
         # long polls for a round that will not open while they wait. On one connection the
-        # server admits 8 streams at a time and the client queues the rest: all succeed
+        # server admits 8 streams at a time: the client queues the rest (or, racing the
+        # server's settings, has them refused as REFUSED_STREAM, UNAVAILABLE: the SDK
+        # retries), so the site's own limit is never reached through one connection
         poll = service_pb2.GetRoundRequest(after_round=5, wait_ms=1500)
         codes = outcomes([stubs[0].GetRound.future(poll, timeout=20) for _ in range(12)])
-        assert codes == [grpc.StatusCode.OK] * 12, codes
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
+        assert codes.count(grpc.StatusCode.OK) >= 8, codes
         # over three connections, 15 at once: the site's ninth call and beyond are refused
         poll = service_pb2.GetRoundRequest(after_round=5, wait_ms=4000)
         calls = [stub.GetRound.future(poll, timeout=20) for stub in stubs for _ in range(5)]
@@ -233,7 +245,6 @@ def test_one_site_cannot_hold_more_than_a_few_calls_at_once(tmp_path: Path) -> N
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == len(calls) - 8, codes
         assert codes.count(grpc.StatusCode.OK) == 8
         # its calls are counted out as they end: it can call again
-        now = service_pb2.GetRoundRequest(after_round=0, wait_ms=0)
         assert stubs[0].GetRound(now, timeout=10).status == service_pb2.ROUND_STATUS_RUNNING
         kit2 = SiteKit.load(fed.site_dir(2))
         other = service_pb2_grpc.AggregationStub(  # type: ignore[no-untyped-call]
