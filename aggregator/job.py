@@ -495,6 +495,7 @@ class Job:
             data = self._read(wire.Blob.from_proto(ref_r.average), size=8 * view.model.size)
             released = wire.release_from_ref(ref_r, data, round_id=view.round_id,
                                              length=view.model.size)
+            self._next_model(view, released.average)  # refused now, not when the stage closes
             if set(released.sites) != set(active.ckks_uploads):
                 raise ServiceError(INVALID_ARGUMENT, "the release covers other sites than the "
                                                      "round's uploads")
@@ -519,6 +520,14 @@ class Job:
                 self._close_ckks(active)
         except ProtocolAbort as abort:
             self._abort(active, abort.reason.name)
+            return
+        except ServiceError as e:
+            if e.code != INVALID_ARGUMENT:
+                raise  # the store's trouble: the round is replayed once it answers again
+            # defence: service.close.bad-result-aborts (what the round's messages make is no
+            # model: deterministic, so a replay would fail the same way, and the job would
+            # recover into the same failure every second, for good)
+            self._abort(active, "AGGREGATE_OUT_OF_RANGE")
             return
         finally:
             if not replay:
@@ -586,10 +595,7 @@ class Job:
     def _complete(self, active: _Active, average: np.ndarray, survivors: tuple[int, ...],
                   release_blob: wire.Blob | None, weight_sum: float) -> None:
         view = active.view
-        if average.shape != (view.model.size,) or not np.all(np.isfinite(average)):
-            raise ServiceError(INVALID_ARGUMENT, "the average does not fit the model")
-        new = view.model.with_values(view.model.values
-                                     + self.config.server_learning_rate * average)
+        new = self._next_model(view, average)
         self._save_model(new)
         if release_blob is None:
             stored = self.store.write_blob(wire.average_bytes(average),
@@ -616,6 +622,20 @@ class Job:
         self.metrics.round_finished(view.protocol, None)
         self._purge_before, self._purge_at = view.number + 1, self._clock() + PURGE_DELAY
         self._next_or_done(view.number)
+
+    def _next_model(self, view: RoundView, average: np.ndarray) -> FlatModel:
+        """The model a round's average makes, if every site can hold it: an average that
+        would take a value out of its tensor's range (a key holder releasing 1e39 for a
+        float32 weight, or sums that overflow over rounds) is refused, never published."""
+        if average.shape != (view.model.size,) or not np.all(np.isfinite(average)):
+            raise ServiceError(INVALID_ARGUMENT, "the average does not fit the model")
+        with np.errstate(over="ignore", invalid="ignore"):
+            values = view.model.values + self.config.server_learning_rate * average
+        # defence: service.model.representable
+        if not view.model.representable(values):
+            raise ServiceError(INVALID_ARGUMENT, "the average would take the model out of "
+                                                 "its tensors' range")
+        return view.model.with_values(values)
 
     def _abort(self, active: _Active, reason: str) -> None:
         view = active.view
@@ -687,8 +707,10 @@ class Job:
         if size is not None and blob.size != size:
             raise ServiceError(INVALID_ARGUMENT, f"the payload holds {blob.size} bytes; this "
                                                  f"message needs {size}")
-        if blob.size > (limit if limit is not None else
-                        16 * (self.config.limits.max_vector_length + 1) + (64 << 20)):
+        # with ``size`` known it is the bound (a CKKS upload takes 25-50 bytes a value)
+        if size is None and blob.size > (limit if limit is not None else
+                                         16 * (self.config.limits.max_vector_length + 1)
+                                         + (64 << 20)):
             raise ServiceError(RESOURCE_EXHAUSTED, "payload larger than this message needs")
         ids = list(blob.chunk_ids)
         # defence: service.payload.chunk-count-before-lookup (each chunk holds a byte or more)

@@ -99,6 +99,26 @@ class FlatModel:
             pos += t.size
         return mask
 
+    def representable(self, values: np.ndarray) -> bool:
+        """Whether ``values`` (in this spec's layout) fit every tensor's dtype: finite, and in
+        its range (a float32 tensor's values within +-3.4e38, an int8's within [-128, 127]
+        once rounded), so that every site can hold the model they make."""
+        if values.shape != (self.size,) or not np.all(np.isfinite(values)):
+            return False
+        pos = 0
+        for t in self.spec:
+            chunk = values[pos:pos + t.size]
+            pos += t.size
+            dtype = np.dtype(t.dtype)
+            if not chunk.size or dtype.kind not in ("f", "i", "u"):
+                continue
+            info = np.finfo(dtype) if dtype.kind == "f" else np.iinfo(dtype)
+            low, high = (np.rint(chunk.min()), np.rint(chunk.max())) if dtype.kind != "f" else (
+                chunk.min(), chunk.max())
+            if low < float(info.min) or high > float(info.max):
+                return False
+        return True
+
     def with_values(self, values: np.ndarray) -> FlatModel:
         """The same spec with new values; integer tensors' values rounded to integers."""
         values = np.array(values, dtype=np.float64)

@@ -2,6 +2,7 @@
 
 usage: service_site.py SITE_DIR OUT.jsonl [--drop ROUND:STAGE ...] [--die ROUND:STAGE]
                                           [--slow ROUND:STAGE ...] [--record FILE:0]
+                                          [--inflate-release ROUND:VALUE]
 
 Training adds ``site_delta(site, round)`` to the global model (tests/service_kit.py), so the
 test can compute plaintext FedAvg. ``--drop R:S`` makes the site stop answering in round R from
@@ -11,16 +12,21 @@ Stages are the names of secagg's Stage/CkksStage (e.g. MASKED_INPUT, UPLOAD).
 ``--record FILE:0`` (for the canary tests) writes, as JSON lines to FILE, every secret this
 site makes (agreement private keys, self-mask seeds, shares, a CKKS secret key and flood key)
 and the start of every payload it uploads; and appends every response and download it
-receives from the aggregator to FILE.received.
+receives from the aggregator to FILE.received. ``--inflate-release R:V`` (a lying CKKS key
+holder) replaces the first value of its released average in round R with V.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -124,6 +130,7 @@ def main() -> int:
     drops: dict[int, str] = {}
     die: tuple[int, str] | None = None
     slow: set[tuple[int, str]] = set()
+    inflate: dict[int, float] = {}
     args = sys.argv[3:]
     while args:
         flag, value = args[0], args[1]
@@ -137,6 +144,8 @@ def main() -> int:
             slow.add((int(r), stage))
         elif flag == "--record":
             _record_secrets(Path(r))
+        elif flag == "--inflate-release":  # ROUND:VALUE, a key holder lying in its release
+            inflate[int(r)] = float(stage)
     original_submit = Round._submit
 
     def submit(self: Round, **message: object) -> None:
@@ -150,6 +159,17 @@ def main() -> int:
         original_submit(self, **message)
 
     Round._submit = submit  # type: ignore[method-assign]
+    original_release = Round._verify_and_release
+
+    def release(self: Round, *args: Any) -> Any:
+        released = original_release(self, *args)
+        if self.number not in inflate:
+            return released
+        average = np.array(released.average, dtype=np.float64)
+        average[0] = inflate[self.number]  # finite, and beyond what its tensor can hold
+        return dataclasses.replace(released, average=average)
+
+    Round._verify_and_release = release  # type: ignore[method-assign]
     site = Site.connect(site_dir, tensors="numpy", retry_seconds=120)
     with out.open("a") as f:
         for rnd in site.rounds():

@@ -6,6 +6,7 @@ every site) and never a read larger than the round's own payload."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Iterator
@@ -160,3 +161,21 @@ def test_the_store_stays_healthy_and_an_honest_upload_is_counted_after_the_lies(
     with pytest.raises(ServiceError) as caught:
         s.job.submit(2, _update(s, 2, wire.Blob(ids, len(data))))
     assert caught.value.code == "INVALID_ARGUMENT" and s.reads == [len(data)]
+
+
+def test_the_size_a_message_needs_is_its_only_bound(ckks_upload_stage: Setting,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CKKS upload takes 25-50 bytes a value: the bound for payloads of unknown size
+    (16 bytes a value of the largest vector allowed) must not refuse an honest upload whose
+    exact size the round fixes."""
+    s = ckks_upload_stage
+    limits = dataclasses.replace(s.job.config.limits, max_vector_length=10)
+    s.job.config = dataclasses.replace(s.job.config, limits=limits)
+    needed = 65 << 20  # beyond 16 x 11 bytes + 64 MiB
+    cid = b"\x07" * 32
+    monkeypatch.setattr(s.store, "chunk_sizes", lambda ids: {cid: needed})
+    monkeypatch.setattr(s.store, "read_blob", lambda blob: b"read")
+    assert s.job._read(wire.Blob((cid,), needed), size=needed) == b"read"
+    with pytest.raises(ServiceError) as caught:  # unknown size: the general bound holds
+        s.job._read(wire.Blob((cid,), needed))
+    assert caught.value.code == RESOURCE_EXHAUSTED

@@ -1,0 +1,51 @@
+"""Adversary: the round's CKKS key holder, which releases an average no honest round could
+produce: finite, but beyond what its tensor can hold (1e39 for a float32 weight). The
+aggregator must refuse it as the release arrives (nothing recorded), never publish a model the
+sites cannot hold, never answer UNKNOWN, and go on with the job: before, the overflow was
+raised while closing the stage, the job failed over and over on recovery, and a restart on the
+same store exited."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.service_kit import make_federation, run_sites, start_aggregator
+
+
+def test_a_release_no_tensor_can_hold_is_refused_and_the_job_goes_on(tmp_path: Path) -> None:
+    fed = make_federation(tmp_path, 3, "ckks", rounds=2, release_s=5.0)
+    agg = start_aggregator(fed, tmp_path)
+    try:
+        reports = run_sites(fed, tmp_path, extra={1: ["--inflate-release", "1:1e39"]},
+                            timeout=60.0)
+    finally:
+        agg.stop()
+    first = reports[1][0]
+    assert first["round"] == 1 and "range" in first["reason"], reports[1]
+    for s in (2, 3):
+        rounds = {r["round"]: r for r in reports[s]}
+        assert rounds[1].get("error") == "RoundAborted", rounds
+        assert rounds[2]["survivors"] == [1, 2, 3], rounds
+    events = [e.get("event") for e in agg.read()]
+    assert not {"tick_error", "recovery_error", "store_error"} & set(events), agg.tail()
+    assert events.count("round_completed") == 1 and events.count("round_aborted") == 1
+
+
+def test_a_round_whose_result_no_tensor_can_hold_aborts_and_the_job_goes_on(
+        tmp_path: Path) -> None:
+    """What the round's messages make is no model (here an operator's server learning rate
+    of 1e40 overflows float32): found while closing the last stage, deterministically, so the
+    round aborts (AGGREGATE_OUT_OF_RANGE) rather than failing on every recovery."""
+    fed = make_federation(tmp_path, 3, "masking", rounds=2, server_learning_rate=1e40)
+    agg = start_aggregator(fed, tmp_path)
+    try:
+        reports = run_sites(fed, tmp_path, timeout=60.0)
+    finally:
+        agg.stop()
+    for s in (1, 2, 3):
+        assert [r.get("error") for r in reports[s]] == ["RoundAborted"] * 2, reports[s]
+    events = agg.read()
+    names = [e.get("event") for e in events]
+    assert not {"tick_error", "recovery_error", "store_error"} & set(names), agg.tail()
+    aborts = [e.get("reason") for e in events if e.get("event") == "round_aborted"]
+    assert aborts == ["AGGREGATE_OUT_OF_RANGE"] * 2, agg.tail()

@@ -1,0 +1,46 @@
+"""A model the sites can hold: every value finite and within its tensor's dtype. The
+aggregator refuses to publish anything else, and a site refuses to load anything else (a
+lying aggregator could otherwise hand it 1e39 for a float32 weight: infinities once loaded)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from secagg import wire
+from secagg.errors import InvalidMessage
+from secagg.model import FlatModel
+
+
+def _model() -> FlatModel:
+    return FlatModel.from_arrays({"w": np.zeros(3, np.float32), "h": np.zeros(2, np.float16),
+                                  "d": np.zeros(2, np.float64), "i8": np.zeros(2, np.int8),
+                                  "n": np.array(0, np.int64), "b": np.zeros(1, bool)})
+
+
+@pytest.mark.parametrize(("position", "value", "fits"), [
+    (0, 3.0e38, True), (0, 3.5e38, False), (0, -3.5e38, False),
+    (3, 65504.0, True), (3, 70000.0, False),
+    (5, 1e300, True), (5, np.inf, False), (5, np.nan, False),
+    (7, 127.4, True), (7, 127.6, False), (8, -128.4, True), (8, -128.6, False),
+    (9, 2.0**62, True), (10, 5.0, True),
+])
+def test_values_beyond_a_tensors_dtype_are_not_representable(position: int, value: float,
+                                                             fits: bool) -> None:
+    model = _model()
+    values = model.values.copy()
+    values[position] = value
+    assert model.representable(values) is fits
+
+
+def test_a_site_refuses_a_published_model_its_tensors_cannot_hold() -> None:
+    model = _model()
+    values = model.values.copy()
+    values[0] = 1e39  # a float64 digest binds it; float32 cannot hold it
+    lying = FlatModel(model.spec, values)
+    blob = wire.Blob((b"\x00" * 32,), 8 * lying.size)
+    data = wire.average_bytes(lying.values)
+    with pytest.raises(InvalidMessage):
+        wire.model_from_proto(wire.model_to_proto(lying, blob), data)
+    assert wire.model_from_proto(wire.model_to_proto(model, blob),
+                                 wire.average_bytes(model.values)).digest == model.digest
