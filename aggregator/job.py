@@ -496,7 +496,9 @@ class Job:
             released = wire.release_from_ref(ref_r, data, round_id=view.round_id,
                                              length=view.model.size)
             self._next_model(view, released.average)  # refused now, not when the stage closes
-            if set(released.sites) != set(active.ckks_uploads):
+            # defence: service.release.sites-exactly-the-uploads (each once: the published
+            # survivors are this list)
+            if sorted(released.sites) != sorted(active.ckks_uploads):
                 raise ServiceError(INVALID_ARGUMENT, "the release covers other sites than the "
                                                      "round's uploads")
             # applied when the stage closes, outside this message's transaction

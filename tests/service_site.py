@@ -3,6 +3,7 @@
 usage: service_site.py SITE_DIR OUT.jsonl [--drop ROUND:STAGE ...] [--die ROUND:STAGE]
                                           [--slow ROUND:STAGE ...] [--record FILE:0]
                                           [--inflate-release ROUND:VALUE]
+                                          [--repeat-release-site ROUND:0]
 
 Training adds ``site_delta(site, round)`` to the global model (tests/service_kit.py), so the
 test can compute plaintext FedAvg. ``--drop R:S`` makes the site stop answering in round R from
@@ -13,7 +14,8 @@ Stages are the names of secagg's Stage/CkksStage (e.g. MASKED_INPUT, UPLOAD).
 site makes (agreement private keys, self-mask seeds, shares, a CKKS secret key and flood key)
 and the start of every payload it uploads; and appends every response and download it
 receives from the aggregator to FILE.received. ``--inflate-release R:V`` (a lying CKKS key
-holder) replaces the first value of its released average in round R with V.
+holder) replaces the first value of its released average in round R with V;
+``--repeat-release-site R:0`` names one site twice in its release of round R.
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ def main() -> int:
     die: tuple[int, str] | None = None
     slow: set[tuple[int, str]] = set()
     inflate: dict[int, float] = {}
+    repeat: set[int] = set()
     args = sys.argv[3:]
     while args:
         flag, value = args[0], args[1]
@@ -146,6 +149,8 @@ def main() -> int:
             _record_secrets(Path(r))
         elif flag == "--inflate-release":  # ROUND:VALUE, a key holder lying in its release
             inflate[int(r)] = float(stage)
+        elif flag == "--repeat-release-site":  # ROUND:0, the release names a site twice
+            repeat.add(int(r))
     original_submit = Round._submit
 
     def submit(self: Round, **message: object) -> None:
@@ -163,6 +168,9 @@ def main() -> int:
 
     def release(self: Round, *args: Any) -> Any:
         released = original_release(self, *args)
+        if self.number in repeat:
+            released = dataclasses.replace(released, sites=(*released.sites,
+                                                            released.sites[0]))
         if self.number not in inflate:
             return released
         average = np.array(released.average, dtype=np.float64)

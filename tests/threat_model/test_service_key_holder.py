@@ -9,19 +9,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.service_kit import make_federation, run_sites, start_aggregator
 
 
-def test_a_release_no_tensor_can_hold_is_refused_and_the_job_goes_on(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("lie", "refusal"), [
+    (["--inflate-release", "1:1e39"], "range"),
+    (["--repeat-release-site", "1:0"], "other sites"),  # the published survivors
+])
+def test_a_release_no_honest_round_makes_is_refused_and_the_job_goes_on(
+        tmp_path: Path, lie: list[str], refusal: str) -> None:
     fed = make_federation(tmp_path, 3, "ckks", rounds=2, release_s=5.0)
     agg = start_aggregator(fed, tmp_path)
     try:
-        reports = run_sites(fed, tmp_path, extra={1: ["--inflate-release", "1:1e39"]},
-                            timeout=60.0)
+        reports = run_sites(fed, tmp_path, extra={1: lie}, timeout=60.0)
     finally:
         agg.stop()
     first = reports[1][0]
-    assert first["round"] == 1 and "range" in first["reason"], reports[1]
+    assert first["round"] == 1 and refusal in first["reason"], reports[1]
     for s in (2, 3):
         rounds = {r["round"]: r for r in reports[s]}
         assert rounds[1].get("error") == "RoundAborted", rounds
