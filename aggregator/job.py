@@ -438,11 +438,10 @@ class Job:
             msg = wire.share_keys_from_proto(request.share_keys)
         elif kind == "masked_input":
             ref = request.masked_input
-            words = wire.WORD_DTYPES.get(ref.word_bits)
-            if words is None or ref.word_bits != role.config.word_bits:
-                raise ServiceError(INVALID_ARGUMENT, "refused: masked input words")
+            # the round's word size (a message claiming another is refused just below)
+            word = wire.WORD_DTYPES[role.config.word_bits].itemsize
             data = self._read(wire.Blob.from_proto(ref.masked_input),
-                              size=words.itemsize * (role.config.vector_length + 1))
+                              size=word * (role.config.vector_length + 1))
             msg = wire.masked_input_from_ref(ref, data, word_bits=role.config.word_bits,
                                              length=role.config.vector_length + 1)
         elif kind == "consistency_signature":

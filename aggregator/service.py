@@ -136,8 +136,6 @@ def add_service(servicer: AggregationService, server: Any) -> None:
     service_pb2_grpc.add_AggregationServicer_to_server(  # type: ignore[no-untyped-call]
         servicer, capture)
 
-    calls = servicer.calls
-
     async def refuse(context: Ctx) -> None:
         await servicer.identity.site(context)  # an outsider hears its own refusal first
         await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, NOT_A_MESSAGE)
@@ -147,21 +145,15 @@ def add_service(servicer: AggregationService, server: Any) -> None:
         more than a few at once, and each holds a request of up to max_message_bytes."""
         site = await servicer.identity.site(context)
         # defence: service.calls-per-site-bounded
-        if calls.get(site, 0) >= MAX_CALLS_PER_SITE:
+        if not servicer.calls.enter(site, MAX_CALLS_PER_SITE):
             await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                          f"more than {MAX_CALLS_PER_SITE} calls of this site at once")
-        calls[site] = calls.get(site, 0) + 1
         return site
 
     async def enter(request: Any, context: Ctx) -> int:
         if request is UNDECODABLE:
             await refuse(context)
         return await admit(context)
-
-    def done(site: int) -> None:
-        calls[site] -= 1
-        if not calls[site]:
-            del calls[site]
 
     def guard(h: Any) -> Any:
         # defence: service.wire.undecodable-is-invalid-argument
@@ -174,7 +166,7 @@ def add_service(servicer: AggregationService, server: Any) -> None:
                 try:
                     return await unary(request, context)
                 finally:
-                    done(site)
+                    servicer.calls.leave(site)
             return h._replace(unary_unary=unary_unary)
         if h.unary_stream is not None:
             streaming = h.unary_stream
@@ -185,7 +177,7 @@ def add_service(servicer: AggregationService, server: Any) -> None:
                     async for item in streaming(request, context):
                         yield item
                 finally:
-                    done(site)
+                    servicer.calls.leave(site)
             return h._replace(unary_stream=unary_stream)
         receiving = h.stream_unary
 
@@ -199,7 +191,7 @@ def add_service(servicer: AggregationService, server: Any) -> None:
             try:
                 return await receiving(checked(), context)
             finally:
-                done(site)
+                servicer.calls.leave(site)
         return h._replace(stream_unary=stream_unary)
 
     handlers = {name: guard(h) for name, h in capture.handlers.items()}
@@ -257,6 +249,26 @@ class UploadBudget:
         return used <= job.upload_limit(site)
 
 
+class PerSite:
+    """How many of something each site has in progress (calls, downloads), on the event
+    loop's thread."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, int] = {}
+
+    def enter(self, site: int, limit: int) -> bool:
+        """Count one more for ``site`` unless it already has ``limit``."""
+        if self._open.get(site, 0) >= limit:
+            return False
+        self._open[site] = self._open.get(site, 0) + 1
+        return True
+
+    def leave(self, site: int) -> None:
+        self._open[site] -= 1
+        if not self._open[site]:
+            del self._open[site]
+
+
 class ChunkWriter:
     """Group commit for uploaded chunks: what arrives while the store's bulk thread is writing
     is written next, together, in one transaction (a commit per chunk was the ingest's
@@ -311,12 +323,12 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
     def __init__(self, core: Core, identity: Identity, config: FederationConfig) -> None:
         self.core = core
         self.identity = identity
-        self.calls: dict[int, int] = {}  # site -> its calls in progress (add_service)
+        self.calls = PerSite()  # each site's calls in progress (add_service)
         self.config = config
         self.budget = UploadBudget()
         self.writer = ChunkWriter(core)
         self.in_flight = asyncio.Semaphore(MAX_CHUNKS_IN_FLIGHT)
-        self.downloads: dict[int, int] = {}  # site -> GetChunks streams open
+        self.downloads = PerSite()  # each site's GetChunks streams open
 
     async def _ready_job(self, context: Ctx) -> Job:
         """The job, or UNAVAILABLE while it is recovering (the port is open before the store
@@ -504,15 +516,14 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
             "a chunk id is asked for twice" if len(set(ids)) != len(ids) else None)
         if problem:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
-        if self.downloads.get(site, 0) >= MAX_DOWNLOADS_PER_SITE:
+        if not self.downloads.enter(site, MAX_DOWNLOADS_PER_SITE):
             await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                          f"at most {MAX_DOWNLOADS_PER_SITE} downloads at once per site")
-        self.downloads[site] = self.downloads.get(site, 0) + 1
         try:
             async for chunk in self._serve_chunks(context, site, ids):
                 yield chunk
         finally:
-            self.downloads[site] -= 1
+            self.downloads.leave(site)
 
     async def _serve_chunks(self, context: Ctx, site: int,
                             ids: list[bytes]) -> AsyncIterator[service_pb2.Chunk]:

@@ -89,6 +89,20 @@ def make_federation(tmp: Path, sites: int = 5, protocol: str = "masking", *,
     return Federation(d, sites, protocol, port)
 
 
+def ckks_key_offer(fed: Federation, config: Any, round_id: str) -> tuple[int, Any, bytes]:
+    """The key holder of round 1 of an in-process CKKS job: (holder, its signed announcement,
+    its public context's bytes), as the SDK would make them."""
+    from secagg.ckks import KeyHolder
+    from secagg.federation.kit import SiteKit
+
+    holder = config.key_holder_for(1)
+    kit = SiteKit.load(fed.site_dir(holder))
+    key = KeyHolder.generate(config.preset)
+    announcement = key.announce(holder=holder, identity=kit.identity, epoch=round_id,
+                                max_rounds=1)
+    return holder, announcement, key.public_context().serialize()
+
+
 @dataclass
 class Aggregator:
     federation: Federation

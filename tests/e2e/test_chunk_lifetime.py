@@ -12,11 +12,10 @@ from aggregator.job import Job
 from aggregator.service import load_server_files
 from aggregator.store import Store
 from secagg import wire
-from secagg.ckks import KeyHolder
-from secagg.federation.kit import ROSTER_FILE, SiteKit, load_roster
+from secagg.federation.kit import ROSTER_FILE, load_roster
 from secagg.model import FlatModel
 from secagg.v1 import service_pb2
-from tests.service_kit import make_federation
+from tests.service_kit import ckks_key_offer, make_federation
 
 
 def test_claimed_chunks_outlive_the_purge_of_older_rounds(store_url: str) -> None:
@@ -52,12 +51,7 @@ def test_a_counted_message_claims_its_payload_for_its_round(tmp_path: Path) -> N
         job.recover()
         info = job.round_info(0)
         assert info is not None and info.round == 1
-        holder = files.config.key_holder_for(1)
-        kit = SiteKit.load(fed.site_dir(holder))
-        key = KeyHolder.generate(files.config.preset)
-        announcement = key.announce(holder=holder, identity=kit.identity, epoch=info.round_id,
-                                    max_rounds=1)
-        data = key.public_context().serialize()
+        holder, announcement, data = ckks_key_offer(fed, files.config, info.round_id)
         pieces = [data[i:i + (1 << 20)] for i in range(0, len(data), 1 << 20)]
         ids = [hashlib.sha256(p).digest() for p in pieces]
         # uploaded under the label of a round before this one

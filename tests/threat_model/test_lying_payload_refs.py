@@ -19,11 +19,11 @@ from aggregator.job import RESOURCE_EXHAUSTED, Job, ServiceError
 from aggregator.service import load_server_files
 from aggregator.store import BlobRef, Store
 from secagg import wire
-from secagg.ckks import KeyHolder, _seal
-from secagg.federation.kit import ROSTER_FILE, SiteKit, load_roster
+from secagg.ckks import _seal
+from secagg.federation.kit import ROSTER_FILE, load_roster
 from secagg.model import FlatModel
 from secagg.v1 import service_pb2
-from tests.service_kit import make_federation
+from tests.service_kit import ckks_key_offer, make_federation
 
 
 @dataclass
@@ -62,12 +62,7 @@ def ckks_upload_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
         job.recover()
         info = job.round_info(0)
         assert info is not None
-        holder = files.config.key_holder_for(1)
-        kit = SiteKit.load(fed.site_dir(holder))
-        key = KeyHolder.generate(files.config.preset)
-        announcement = key.announce(holder=holder, identity=kit.identity, epoch=info.round_id,
-                                    max_rounds=1)
-        data = key.public_context().serialize()
+        holder, announcement, data = ckks_key_offer(fed, files.config, info.round_id)
         offer = service_pb2.CkksKeyOffer(announcement=wire.announcement_to_proto(announcement))
 
         # the key offer itself: a chunk named again and again, adding up to 40 MiB
