@@ -655,7 +655,7 @@ class Job:
     # ---- models ----------
 
     def _save_model(self, model: FlatModel) -> None:
-        data = wire.average_bytes(model.values)
+        data = model.to_bytes()
         blob = self.store.write_blob(data, chunk_bytes=self.config.limits.max_chunk_bytes,
                                      round_number=None)
         spec = json.dumps([[t.name, list(t.shape), t.dtype] for t in model.spec])
@@ -684,9 +684,11 @@ class Job:
         from secagg.model import TensorSpec
 
         spec = tuple(TensorSpec(n, tuple(s), d) for n, s, d in json.loads(spec_json))
-        values = np.frombuffer(self.store.read_blob(blob), dtype="<f8").astype(np.float64)
-        model = FlatModel(spec, values)
-        if model.digest != digest:
+        try:
+            model = FlatModel.from_bytes(spec, self.store.read_blob(blob))
+        except ValueError:  # (ConfigurationError is one)
+            model = None
+        if model is None or model.digest != digest:
             raise ServiceError(UNAVAILABLE, "a stored model does not match its digest")
         return model
 

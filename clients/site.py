@@ -125,9 +125,7 @@ class Site:
         if self._model_digest is not None and digest != self._model_digest:
             self._follow_chain(info.round, digest)
         self._held_round = info.round - 1
-        data = self._conn.download(wire.Blob.from_proto(info.model.data),
-                                   progress=self._progress, what="model")
-        model = wire.model_from_proto(info.model, data)
+        model = self._download_model(info.model, "model")
         self._model_digest = model.digest
         rnd = Round(self, info, model)
         try:
@@ -156,10 +154,21 @@ class Site:
                 f"round {round_number} starts from model {digest.hex()[:16]}, which does not "
                 f"follow from the model this site holds ({(self._model_digest or b'').hex()[:16]})")
 
+    def _download_model(self, p: service_pb2.Model, what: str) -> FlatModel:
+        """A published model, its size bounded by its spec before a byte is fetched."""
+        spec = wire.spec_from_proto(p.spec)
+        length = sum(t.size for t in spec)
+        # defence: sdk.model-download-bounded
+        if length > self.config.limits.max_vector_length:
+            raise AggregatorRefused("OUT_OF_RANGE", f"the aggregator named a {what} of {length} "
+                                                    "values ([limits] max_vector_length)")
+        # defence: sdk.model-download-sized
+        data = self._conn.download(wire.Blob.from_proto(p.data), progress=self._progress,
+                                   what=what, max_size=max(FlatModel.encoded_sizes(spec)))
+        return wire.model_from_proto(p, data)
+
     def _accept_result(self, info: service_pb2.RoundInfo) -> FlatModel:
-        data = self._conn.download(wire.Blob.from_proto(info.result.data),
-                                   progress=self._progress, what="result")
-        result = wire.model_from_proto(info.result, data)
+        result = self._download_model(info.result, "result")
         self._model_digest = result.digest
         self._held_round = info.round
         return result

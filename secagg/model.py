@@ -1,13 +1,21 @@
 """Models on the wire: a flat float64 vector plus the spec that rebuilds its tensors.
 
-Nothing is ever unpickled: a model travels as its spec (names, shapes, dtypes) and its values
-as little-endian float64, and files are numpy ``.npz`` archives loaded with
-``allow_pickle=False``. Integer tensors (e.g. BatchNorm's ``num_batches_tracked``) ride along as
-float64 and are rounded back to their integer dtype when the tensors are rebuilt, so their
-average is the rounded average of the sites' values.
+Nothing is ever unpickled: a model travels as its spec (names, shapes, dtypes) and its values,
+and files are numpy ``.npz`` archives loaded with ``allow_pickle=False``.
 
-The digest binds spec and values: a round is bound to the digest of the model it starts from,
-and a site refuses a round whose digest is not that of the model it holds.
+In memory a model is one float64 vector. Every value a published model holds is one its
+tensor's dtype can hold exactly (``with_values`` rounds float16/float32 tensors to their dtype
+and integer tensors to integers), so on the wire (``to_bytes``) float16 and float32 tensors
+travel in their own little-endian dtype: a float32 model is 4 bytes a value, not 8. Everything
+else (float64, integer and boolean tensors such as BatchNorm's ``num_batches_tracked``) travels
+as little-endian float64; integer tensors are rounded back to their dtype when the tensors are
+rebuilt, so their average is the rounded average of the sites' values. ``from_bytes`` also
+reads the all-float64 form that stores written before this encoding hold; the two forms have
+the same size only when they are the same bytes.
+
+The digest binds spec and float64 values (not the encoding): a round is bound to the digest of
+the model it starts from, and a site refuses a round whose digest is not that of the model it
+holds.
 """
 
 from __future__ import annotations
@@ -23,6 +31,29 @@ from secagg._encoding import digest, encode, payload_digest
 from secagg.errors import ConfigurationError
 
 _SUPPORTED_KINDS = ("f", "i", "u", "b")
+_F8 = np.dtype("<f8")
+
+
+def _wire_dtype(name: str) -> np.dtype:
+    """How a tensor's values travel: float16/float32 in their own dtype, the rest as float64."""
+    dtype = np.dtype(name)
+    if dtype.kind == "f" and dtype.itemsize < 8:
+        return dtype.newbyteorder("<")
+    return _F8
+
+
+def _runs(spec: tuple[TensorSpec, ...]) -> list[tuple[int, int, np.dtype]]:
+    """(start, end, wire dtype) over the flat vector, neighbours of one wire dtype merged."""
+    runs: list[tuple[int, int, np.dtype]] = []
+    pos = 0
+    for t in spec:
+        dtype = _wire_dtype(t.dtype)
+        if runs and runs[-1][2] == dtype:
+            runs[-1] = (runs[-1][0], pos + t.size, dtype)
+        elif t.size:
+            runs.append((pos, pos + t.size, dtype))
+        pos += t.size
+    return runs
 
 
 @dataclass(frozen=True)
@@ -120,11 +151,50 @@ class FlatModel:
         return True
 
     def with_values(self, values: np.ndarray) -> FlatModel:
-        """The same spec with new values; integer tensors' values rounded to integers."""
+        """The same spec with new values, each rounded to what its tensor holds: integer
+        tensors' to integers, float16/float32 tensors' to their dtype (call ``representable``
+        first: a value out of a tensor's range would round to infinity and be refused)."""
         values = np.array(values, dtype=np.float64)
         mask = self.integer_positions
         values[mask] = np.rint(values[mask])
+        for start, end, dtype in _runs(self.spec):
+            if dtype != _F8:
+                # defence: model.canonical-values
+                with np.errstate(over="ignore"):
+                    values[start:end] = values[start:end].astype(dtype)
         return FlatModel(self.spec, values)
+
+    @staticmethod
+    def encoded_sizes(spec: tuple[TensorSpec, ...]) -> tuple[int, int]:
+        """(bytes of ``to_bytes``, bytes of the all-float64 form) for a model of ``spec``."""
+        size = sum(t.size for t in spec)
+        return sum((end - start) * dtype.itemsize for start, end, dtype in _runs(spec)), 8 * size
+
+    def to_bytes(self) -> bytes:
+        """The values as they travel (module docstring): float16/float32 tensors in their
+        dtype (exact for a model made by ``with_values`` or ``from_arrays``), the rest float64."""
+        runs = _runs(self.spec)
+        if all(dtype == _F8 for _, _, dtype in runs):
+            return self.values.tobytes()
+        return b"".join(self.values[start:end].astype(dtype).tobytes()
+                        for start, end, dtype in runs)
+
+    @classmethod
+    def from_bytes(cls, spec: tuple[TensorSpec, ...], data: bytes | memoryview) -> FlatModel:
+        """The model ``to_bytes`` wrote (or the all-float64 form); ValueError on any other
+        size or on values no model holds (NaN, infinity)."""
+        compact, legacy = cls.encoded_sizes(spec)
+        if len(data) == legacy:
+            return cls(spec, np.frombuffer(data, dtype=_F8).astype(np.float64))
+        if len(data) != compact:
+            raise ValueError("model bytes do not match the model spec")
+        values = np.empty(legacy // 8, dtype=np.float64)
+        offset = 0
+        for start, end, dtype in _runs(spec):
+            values[start:end] = np.frombuffer(data, dtype=dtype, count=end - start,
+                                              offset=offset)
+            offset += (end - start) * dtype.itemsize
+        return cls(spec, values)
 
     def save_npz(self, path: Path | str) -> None:
         np.savez(Path(path), **self.to_arrays())  # type: ignore[arg-type]

@@ -253,10 +253,8 @@ def spec_from_proto(tensors: Sequence[service_pb2.Tensor]) -> tuple[TensorSpec, 
 def model_from_proto(p: service_pb2.Model, data: bytes) -> FlatModel:
     """The model, if its bytes and spec hash to the digest it claims."""
     spec = spec_from_proto(p.spec)
-    if len(data) % 8:
-        raise InvalidMessage("model")
     try:
-        model = FlatModel(spec, np.frombuffer(data, dtype="<f8").astype(np.float64))
+        model = FlatModel.from_bytes(spec, data)
     except ValueError:
         raise InvalidMessage("model") from None
     if model.digest != bytes(p.digest):

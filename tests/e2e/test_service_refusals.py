@@ -139,7 +139,9 @@ def test_identity_and_message_refusals_leave_the_round_intact(tmp_path: Path) ->
 
 
 def _size(info: service_pb2.RoundInfo) -> int:
-    return int(info.model.data.size) // 8
+    from secagg import wire
+
+    return sum(t.size for t in wire.spec_from_proto(info.model.spec))
 
 
 def _zeros(info: service_pb2.RoundInfo) -> object:

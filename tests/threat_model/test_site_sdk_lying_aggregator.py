@@ -204,3 +204,26 @@ def test_sharded_key_holder_refuses_aggregate_chunks_that_are_not_bytes(chunk_ty
             release.finish(replace(aggregate, chunks=chunks))
     finally:
         release.close()
+
+
+def test_model_download_is_bounded_by_the_models_spec_before_it_is_fetched() -> None:
+    """The aggregator names a model whose spec says 1,000 float32 values but whose blob is
+    1.3 GB: the site refuses before fetching a chunk (and a spec beyond the federation's
+    [limits] max_vector_length likewise)."""
+    from clients.errors import AggregatorRefused
+    from secagg.model import FlatModel
+
+    stub = _ChunkStub(b"x" * 65536)
+    model = FlatModel.from_arrays({"w": np.zeros(1000, np.float32)})
+    config = FederationConfig.from_dict({
+        "federation": {"name": "hospitals", "protocol": "masking", "aggregator": "agg:443",
+                       "trust_root": "00" * 32}, "limits": {"max_vector_length": 10_000}})
+    kit = types.SimpleNamespace(site_id=HONEST, config=config)
+    site = Site(kit, _connection(stub))  # type: ignore[arg-type]
+    huge = wire.model_to_proto(model, wire.Blob((stub.cid,) * 20_000, 65536 * 20_000))
+    with pytest.raises(AggregatorRefused, match="at most 8000"):
+        site._download_model(huge, "model")
+    wide = FlatModel.from_arrays({"w": np.zeros(20_000, np.float32)})
+    with pytest.raises(AggregatorRefused, match="max_vector_length"):
+        site._download_model(wire.model_to_proto(wide, wire.Blob((stub.cid,), 65536)), "model")
+    assert stub.served == 0

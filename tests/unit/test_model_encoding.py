@@ -1,0 +1,88 @@
+"""How a model travels: float16/float32 tensors in their own dtype, the rest as float64.
+
+A published model's values are ones its tensors hold exactly (``with_values`` rounds them), so
+the compact form loses nothing: the digest (over float64 values) is the same on both ends.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from secagg.model import FlatModel
+
+
+def _mixed() -> FlatModel:
+    rng = np.random.default_rng(3)  # test data only
+    return FlatModel.from_arrays({
+        "conv": rng.normal(size=(3, 4)).astype(np.float32),
+        "half": rng.normal(size=5).astype(np.float16),
+        "empty": np.zeros((0, 2), np.float64),
+        "bias": rng.normal(size=4).astype(np.float32),
+        "double": rng.normal(size=3),
+        "steps": np.array(7, np.int64),
+        "flag": np.ones(2, bool)})
+
+
+def test_float32_model_travels_at_four_bytes_a_value() -> None:
+    model = FlatModel.from_arrays({"w": np.arange(1000, dtype=np.float32) / 7})
+    data = model.to_bytes()
+    assert len(data) == 4000
+    assert FlatModel.encoded_sizes(model.spec) == (4000, 8000)
+    back = FlatModel.from_bytes(model.spec, data)
+    assert back.digest == model.digest
+    np.testing.assert_array_equal(back.values, model.values)
+
+
+def test_mixed_model_round_trips_and_sizes_add_up() -> None:
+    model = _mixed()
+    data = model.to_bytes()
+    # 16 float32 + 5 float16 + 3 float64 + 1 int64 + 2 bool (the last three as float64)
+    assert len(data) == 16 * 4 + 5 * 2 + (3 + 1 + 2) * 8
+    assert FlatModel.from_bytes(model.spec, data).digest == model.digest
+
+
+def test_the_all_float64_form_of_older_stores_is_still_read() -> None:
+    model = _mixed()
+    legacy = model.values.astype("<f8").tobytes()
+    assert FlatModel.from_bytes(model.spec, legacy).digest == model.digest
+
+
+@pytest.mark.parametrize("cut", [1, 4, 8])
+def test_bytes_of_any_other_size_are_refused(cut: int) -> None:
+    model = _mixed()
+    with pytest.raises(ValueError, match="do not match"):
+        FlatModel.from_bytes(model.spec, model.to_bytes()[:-cut])
+    with pytest.raises(ValueError, match="do not match"):
+        FlatModel.from_bytes(model.spec, model.to_bytes() + b"\0" * cut)
+
+
+def test_an_average_is_rounded_to_what_each_tensor_holds() -> None:
+    """FedAvg's float64 result is rounded per tensor, so the compact form is exact: without
+    the rounding a site would rebuild other values and refuse the model's digest."""
+    model = _mixed()
+    new = model.with_values(model.values + 1 / 3)
+    np.testing.assert_array_equal(new.values[:12], (model.values[:12] + 1 / 3).astype(np.float32))
+    assert new.values[16] == float(np.float16(model.values[16] + 1 / 3))
+    assert new.values[21:24].tolist() == (model.values[21:24] + 1 / 3).tolist()  # float64 kept
+    assert FlatModel.from_bytes(new.spec, new.to_bytes()).digest == new.digest
+
+
+@settings(max_examples=60, deadline=None)
+@given(tensors=st.lists(st.tuples(st.sampled_from(["float16", "float32", "float64", "int32",
+                                                   "uint8", "bool"]),
+                                  st.integers(0, 6)), min_size=1, max_size=6),
+       shift=st.floats(-100, 100, allow_nan=False))
+def test_any_published_model_round_trips_exactly(tensors: list[tuple[str, int]],
+                                                 shift: float) -> None:
+    model = FlatModel.from_arrays({f"t{i}": np.zeros(n, dtype) for i, (dtype, n)
+                                   in enumerate(tensors)})
+    values = model.values + shift
+    if not model.representable(values):
+        return
+    new = model.with_values(values)
+    back = FlatModel.from_bytes(new.spec, new.to_bytes())
+    assert back.digest == new.digest
+    assert len(new.to_bytes()) == FlatModel.encoded_sizes(new.spec)[0]
