@@ -49,6 +49,8 @@ from secagg.model import FlatModel
 from secagg.roster import Roster
 from secagg.v1 import service_pb2
 
+SERVED_CHUNK_BYTES = 1 << 20  # what the aggregator writes for sites to download (Job)
+
 log = logging.getLogger("secagg.aggregator")
 
 # status codes, named as gRPC names them (the service maps them; the core imports no gRPC)
@@ -570,7 +572,7 @@ class Job:
             server: CkksServer = active.role
             aggregate = server.close_stage()[active.ckks_config.key_holders[0]]
             data = b"".join(aggregate.chunks)
-            blob = self.store.write_blob(data, chunk_bytes=self.config.limits.max_chunk_bytes,
+            blob = self.store.write_blob(data, chunk_bytes=self._served_chunk_bytes,
                                          round_number=view.number)
             active.ckks_aggregate = wire.aggregate_to_ref(aggregate, _blob(blob))
             holder = view.ckks_key_holder
@@ -600,7 +602,7 @@ class Job:
         self._save_model(new)
         if release_blob is None:
             stored = self.store.write_blob(wire.average_bytes(average),
-                                           chunk_bytes=self.config.limits.max_chunk_bytes,
+                                           chunk_bytes=self._served_chunk_bytes,
                                            round_number=None)
         else:
             stored = BlobRef(release_blob.chunk_ids, release_blob.size)
@@ -654,9 +656,16 @@ class Job:
 
     # ---- models ----------
 
+    @property
+    def _served_chunk_bytes(self) -> int:
+        """Chunk size of what this aggregator writes for sites to download (models, averages,
+        the CKKS aggregate). A download stream holds the chunk it is sending, so 50 sites
+        fetching a 4 MB model at once hold 50 MiB, not 200 (4 MiB chunks)."""
+        return min(SERVED_CHUNK_BYTES, self.config.limits.max_chunk_bytes)
+
     def _save_model(self, model: FlatModel) -> None:
         data = model.to_bytes()
-        blob = self.store.write_blob(data, chunk_bytes=self.config.limits.max_chunk_bytes,
+        blob = self.store.write_blob(data, chunk_bytes=self._served_chunk_bytes,
                                      round_number=None)
         spec = json.dumps([[t.name, list(t.shape), t.dtype] for t in model.spec])
         self.store.save_model(model.digest, spec, blob)
@@ -665,7 +674,7 @@ class Job:
     def _keep_hot(self, blob: BlobRef, data: bytes) -> None:
         """Keep the chunks of the two newest models (a round's start and its result, public)
         in memory: every site downloads them, at the same moment."""
-        pieces = split_chunks(data, self.config.limits.max_chunk_bytes)
+        pieces = split_chunks(data, self._served_chunk_bytes)
         self._hot = (self._hot[-1], dict(zip(blob.chunk_ids, pieces, strict=True)))
 
     def hot_chunk(self, cid: bytes) -> bytes | None:

@@ -314,6 +314,8 @@ class ChunkWriter:
 
 MAX_CHUNKS_PER_COMMIT = 16
 MAX_CHUNKS_IN_FLIGHT = 16  # received chunks being hashed or stored, over all upload streams
+MAX_CHUNKS_SENDING = 8  # chunks being written to downloading sites, over all GetChunks streams
+SEND_SLOT_LEASE_SECONDS = 1.0  # the longest one chunk's write holds up the others
 MAX_DOWNLOADS_PER_SITE = 4  # GetChunks streams one site may have open at once
 MAX_CALLS_PER_SITE = 8  # calls of one site in progress at once (the SDK makes one at a time)
 MAX_STREAMS_PER_CONNECTION = 8  # HTTP/2: what one connection may have open at once
@@ -328,6 +330,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         self.budget = UploadBudget()
         self.writer = ChunkWriter(core)
         self.in_flight = asyncio.Semaphore(MAX_CHUNKS_IN_FLIGHT)
+        self.sending = asyncio.Semaphore(MAX_CHUNKS_SENDING)
         self.downloads = PerSite()  # each site's GetChunks streams open
 
     async def _ready_job(self, context: Ctx) -> Job:
@@ -537,17 +540,45 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         job = await self._ready_job(context)
         loop = asyncio.get_running_loop()
         for cid in ids:
-            data = job.hot_chunk(cid)
-            if data is None:
-                try:
-                    data = await loop.run_in_executor(self.core.readers, job.store.get_chunk, cid)
-                except StoreError:
-                    await _abort(context, grpc.StatusCode.UNAVAILABLE, "the store is unavailable")
-            if data is None:
-                await _abort(context, grpc.StatusCode.NOT_FOUND, "no such chunk")
-            assert data is not None
-            _metrics.bytes_sent.inc(len(data))
-            yield service_pb2.Chunk(chunk_id=cid, data=data)
+            # A chunk is sent under one of MAX_CHUNKS_SENDING slots over all downloads, held
+            # until gRPC has written it: 50 sites fetching the model at once make the handlers
+            # hold a few chunks' messages at a time, not 50. A slot comes back after
+            # SEND_SLOT_LEASE_SECONDS even if its write has not finished, so a site that does
+            # not read its stream holds up no one for longer than that.
+            # defence: service.download-send-slots
+            release = await self._send_slot()
+            try:
+                data = job.hot_chunk(cid)
+                if data is None:
+                    try:
+                        data = await loop.run_in_executor(self.core.readers, job.store.get_chunk,
+                                                          cid)
+                    except StoreError:
+                        await _abort(context, grpc.StatusCode.UNAVAILABLE,
+                                     "the store is unavailable")
+                if data is None:
+                    await _abort(context, grpc.StatusCode.NOT_FOUND, "no such chunk")
+                assert data is not None
+                _metrics.bytes_sent.inc(len(data))
+                yield service_pb2.Chunk(chunk_id=cid, data=data)
+            finally:
+                release()
+
+    async def _send_slot(self) -> Callable[[], None]:
+        """Take a send slot; returns the function that gives it back (once), which a timer
+        calls SEND_SLOT_LEASE_SECONDS later if the sender has not."""
+        await self.sending.acquire()
+        given_back = False
+
+        def release() -> None:
+            nonlocal given_back
+            if not given_back:
+                given_back = True
+                timer.cancel()
+                self.sending.release()
+        # defence: service.download-slot-lease
+        timer = asyncio.get_running_loop().call_later(SEND_SLOT_LEASE_SECONDS, release)
+        return release
 
 
 def _may_read_all(job: Job, *, site: int, ids: list[bytes]) -> bool:
