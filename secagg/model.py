@@ -20,6 +20,7 @@ holds.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -31,7 +32,13 @@ from secagg._encoding import digest, encode, payload_digest
 from secagg.errors import ConfigurationError
 
 _SUPPORTED_KINDS = ("f", "i", "u", "b")
+# what a tensor may be: what torch and numpy both hold and a float64 holds every value of
+# (within 2**53 for the 64-bit integers); float128, complex, strings and objects are refused
+SUPPORTED_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32",
+                              "int64", "uint8", "uint16", "uint32", "uint64", "bool"})
+MAX_TENSOR_VALUES = 1 << 40  # far above any [limits] max_vector_length; dims are bounded too
 _F8 = np.dtype("<f8")
+_F4 = np.dtype("<f4")
 
 
 def _wire_dtype(name: str) -> np.dtype:
@@ -56,15 +63,48 @@ def _runs(spec: tuple[TensorSpec, ...]) -> list[tuple[int, int, np.dtype]]:
     return runs
 
 
+def _flush_subnormals(values: np.ndarray, spec: tuple[TensorSpec, ...]) -> None:
+    """Subnormal values of float32 tensors become zeros of their sign, in place.
+
+    A site whose training script turned on flush-to-zero (``torch.set_flush_denormal``) reads
+    a float32 subnormal off the wire as 0.0 (the CPU's float32-to-float64 conversion honours
+    denormals-are-zero) and would then refuse the model's digest: models are made
+    (``from_arrays``) and published (``with_values``) without them. A change below 1.2e-38 is
+    nothing a model learns from. float16 is converted without that flag (numpy's conversion,
+    and F16C's, ignore it) and its subnormals, down from 6.1e-5, are values models use: kept."""
+    for start, end, dtype in _runs(spec):
+        if dtype != _F4:
+            continue
+        part = values[start:end]
+        # defence: model.no-subnormals
+        tiny = np.abs(part) < float(np.finfo(dtype).tiny)
+        if tiny.any():
+            part[tiny] = np.copysign(0.0, part[tiny])
+
+
 @dataclass(frozen=True)
 class TensorSpec:
+    """One tensor of a model. Checked when made, whoever made it (a spec comes from the
+    aggregator, the store or a file): a supported dtype, and dims whose product is computed
+    exactly (an int64 product wraps: dims 2**40 and 2**40 * (2**24 - 1) once summed to 0
+    values and let a lying aggregator name a 4 TiB download)."""
+
     name: str
     shape: tuple[int, ...]
     dtype: str
 
+    def __post_init__(self) -> None:
+        # defence: model.spec-checked
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ConfigurationError(f"tensor {self.name[:64]!r} has unsupported dtype "
+                                     f"{self.dtype[:32]!r}")
+        if not all(isinstance(d, int) and 0 <= d <= MAX_TENSOR_VALUES for d in self.shape) or (
+                math.prod(self.shape) > MAX_TENSOR_VALUES):
+            raise ConfigurationError(f"tensor {self.name[:64]!r} has an impossible shape")
+
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)  # exact (Python ints); 1 for a scalar
 
 
 @dataclass(frozen=True)
@@ -105,6 +145,7 @@ class FlatModel:
             parts.append(arr.ravel())
         # one copy, converting as it goes (every supported kind casts to float64 safely)
         values = np.concatenate(parts, dtype=np.float64) if parts else np.zeros(0)
+        _flush_subnormals(values, tuple(spec))
         return cls(tuple(spec), values)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -143,10 +184,15 @@ class FlatModel:
             dtype = np.dtype(t.dtype)
             if not chunk.size or dtype.kind not in ("f", "i", "u"):
                 continue
-            info = np.finfo(dtype) if dtype.kind == "f" else np.iinfo(dtype)
-            low, high = (np.rint(chunk.min()), np.rint(chunk.max())) if dtype.kind != "f" else (
-                chunk.min(), chunk.max())
-            if low < float(info.min) or high > float(info.max):
+            if dtype.kind == "f":
+                finfo = np.finfo(dtype)
+                if chunk.min() < float(finfo.min) or chunk.max() > float(finfo.max):
+                    return False
+                continue
+            # exactly, in Python ints: float(int64 max) rounds up to 2**63, which wraps
+            # defence: model.representable-exact-ints
+            iinfo = np.iinfo(dtype)
+            if int(np.rint(chunk.min())) < iinfo.min or int(np.rint(chunk.max())) > iinfo.max:
                 return False
         return True
 
@@ -162,6 +208,7 @@ class FlatModel:
                 # defence: model.canonical-values
                 with np.errstate(over="ignore"):
                     values[start:end] = values[start:end].astype(dtype)
+        _flush_subnormals(values, self.spec)
         return FlatModel(self.spec, values)
 
     @staticmethod

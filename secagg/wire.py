@@ -246,7 +246,7 @@ def spec_from_proto(tensors: Sequence[service_pb2.Tensor]) -> tuple[TensorSpec, 
     try:
         return tuple(TensorSpec(t.name, tuple(int(d) for d in t.shape), np.dtype(t.dtype).name)
                      for t in tensors)
-    except TypeError:
+    except (TypeError, ValueError, OverflowError):  # an unknown dtype, an impossible shape
         raise InvalidMessage("model spec") from None
 
 

@@ -227,3 +227,31 @@ def test_model_download_is_bounded_by_the_models_spec_before_it_is_fetched() -> 
     with pytest.raises(AggregatorRefused, match="max_vector_length"):
         site._download_model(wire.model_to_proto(wide, wire.Blob((stub.cid,), 65536)), "model")
     assert stub.served == 0
+
+
+@pytest.mark.parametrize(("shapes", "dtypes"), [
+    # int64 products wrap: sizes 2**40 and -2**40 once summed to 0 values, and the download
+    # bound came out at 4 TiB
+    ([[2**40], [2**40, 2**24 - 1]], ["float64", "float32"]),
+    ([[2**32, 2**32]], ["float32"]),  # "size" 0: accepted, then a bare reshape error
+    ([[2**63]], ["float32"]),  # a bare OverflowError from the digest's encoder
+    ([[3]], ["float128"]), ([[3]], ["complex64"]), ([[3]], ["S5"]), ([[3]], ["f8,"]),
+    ([[3]], ["(-1,)f8"]), ([[3]], ["object"]), ([[3]], ["datetime64"]),
+])
+def test_a_model_spec_no_tensor_can_have_is_refused_before_anything_is_fetched(
+        shapes: list[list[int]], dtypes: list[str]) -> None:
+    from secagg.errors import InvalidMessage
+
+    stub = _ChunkStub(b"x" * 65536)
+    config = FederationConfig.from_dict({
+        "federation": {"name": "hospitals", "protocol": "masking", "aggregator": "agg:443",
+                       "trust_root": "00" * 32}})
+    site = Site(types.SimpleNamespace(site_id=HONEST, config=config),  # type: ignore[arg-type]
+                _connection(stub))
+    lying = service_pb2.Model(
+        spec=[service_pb2.Tensor(name=f"t{i}", shape=shape, dtype=dtype)
+              for i, (shape, dtype) in enumerate(zip(shapes, dtypes, strict=True))],
+        data=wire.Blob((stub.cid,) * 300, 300 * 65536).to_proto(), digest=b"\0" * 32)
+    with pytest.raises(InvalidMessage, match="model spec"):
+        site._download_model(lying, "model")
+    assert stub.served == 0

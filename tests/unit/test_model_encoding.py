@@ -86,3 +86,36 @@ def test_any_published_model_round_trips_exactly(tensors: list[tuple[str, int]],
     back = FlatModel.from_bytes(new.spec, new.to_bytes())
     assert back.digest == new.digest
     assert len(new.to_bytes()) == FlatModel.encoded_sizes(new.spec)[0]
+
+
+def test_float32_subnormals_are_flushed_so_sites_with_flush_to_zero_accept_the_model() -> None:
+    """A training script that calls torch.set_flush_denormal(True) makes the CPU read a
+    float32 subnormal as 0 when numpy widens it: the site would rebuild other float64 values
+    than the digest binds and refuse an honest model. Models carry no float32 subnormals."""
+    torch = pytest.importorskip("torch")
+    from secagg import wire
+
+    start = FlatModel.from_arrays({"w": np.array([1e-40, -3e-39, 0.5], np.float32),
+                                   "h": np.array([1e-7, 0.25], np.float16)})
+    assert start.values[:3].tolist() == [0.0, -0.0, 0.5]
+    assert np.signbit(start.values[1])
+    assert start.values[3] == float(np.float16(1e-7)) != 0.0  # float16 subnormals are kept
+    published = start.with_values(np.array([2e-39, 0.5, -1e-45, 3e-6, 1.0]))
+    assert published.values[:3].tolist() == [0.0, 0.5, -0.0]
+    blob = wire.Blob((b"\0" * 32,), len(published.to_bytes()))
+    was = torch.set_flush_denormal(True)
+    try:
+        got = wire.model_from_proto(wire.model_to_proto(published, blob), published.to_bytes())
+    finally:
+        torch.set_flush_denormal(was)
+    assert got.digest == published.digest
+
+
+@pytest.mark.parametrize("dtype", ["float128", "complex64", "object", "U3", "S4", "datetime64"])
+def test_tensors_of_unsupported_dtypes_are_refused(dtype: str) -> None:
+    from secagg.errors import ConfigurationError
+
+    if dtype == "float128" and not hasattr(np, "float128"):
+        pytest.skip("no float128 on this platform")
+    with pytest.raises(ConfigurationError, match="unsupported dtype"):
+        FlatModel.from_arrays({"w": np.zeros(2, dtype=dtype)})
