@@ -21,7 +21,12 @@ def to_numpy(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
     out = {}
     for name, value in state.items():
         if hasattr(value, "detach"):  # a torch tensor
-            value = value.detach().cpu().numpy()
+            try:
+                value = value.detach().cpu().numpy()
+            except TypeError:  # bfloat16 and other dtypes numpy has not got
+                raise ConfigurationError(
+                    f"tensor {str(name)[:64]!r} is {value.dtype}, which models do not carry "
+                    "(float16/32/64, integers, bool): convert it first, e.g. .float()") from None
         out[str(name)] = np.asarray(value)
     return out
 

@@ -138,7 +138,11 @@ class FlatModel:
         """From named arrays (numpy arrays, or anything ``np.asarray`` takes), in order."""
         spec, parts = [], []
         for name, value in arrays.items():
-            arr = np.asarray(value)
+            try:
+                arr = np.asarray(value)
+            except (TypeError, ValueError):  # e.g. a torch bfloat16 tensor: numpy has no such dtype
+                raise ConfigurationError(f"tensor {str(name)[:64]!r} cannot be read as an array "
+                                         f"of a supported dtype") from None
             if arr.dtype.kind not in _SUPPORTED_KINDS:
                 raise ConfigurationError(f"tensor {name!r} has unsupported dtype {arr.dtype}")
             spec.append(TensorSpec(str(name), tuple(int(d) for d in arr.shape), arr.dtype.name))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from clients import tensors
 from clients.tensors import clip_l2
 from secagg.model import FlatModel
 
@@ -23,3 +25,16 @@ def test_clip_scales_learned_values_to_the_bound_and_leaves_counters_alone() -> 
     # without a counter mask every entry counts (plain vectors)
     plain, norm = clip_l2(np.array([3.0, 4.0]), 1.0)
     assert norm == 5.0 and np.allclose(plain, [0.6, 0.8])
+
+
+def test_a_bfloat16_state_dict_is_a_clear_error_not_a_numpy_traceback() -> None:
+    """torch's bfloat16 has no numpy dtype: the site says which tensor and what to do."""
+    torch = pytest.importorskip("torch")
+    from secagg.errors import ConfigurationError
+    from secagg.model import FlatModel
+
+    model = FlatModel.from_arrays({"w": np.zeros(3, np.float32)})
+    with pytest.raises(ConfigurationError, match=r"'w' is torch.bfloat16.*\.float\(\)"):
+        tensors.flatten_like({"w": torch.zeros(3, dtype=torch.bfloat16)}, model)
+    with pytest.raises(ConfigurationError, match="'w' cannot be read"):
+        FlatModel.from_arrays({"w": torch.zeros(3, dtype=torch.bfloat16)})
