@@ -207,9 +207,12 @@ class Round:
                 0 < weight <= config.max_samples):
             raise ValueError(f"weight must be a number of samples in (0, "
                              f"{config.max_samples:g}] ([update] max_samples), got {weight!r}")
-        values = tensors.flatten_like(state_dict, self.model)
-        delta, _ = tensors.clip_l2(values - self.model.values, config.clip_norm,
-                                   self.model.integer_positions)
+        # one vector of the model's size, made by flattening and then worked on in place:
+        # a large model is not copied for the delta and again for the clip
+        delta = tensors.flatten_like(state_dict, self.model)
+        np.subtract(delta, self.model.values, out=delta)
+        delta, _ = tensors.clip_l2(delta, config.clip_norm, self.model.integer_positions,
+                                   in_place=True)
         scaled_weight = float(weight) / config.max_samples
         try:
             if self.protocol == "masking":

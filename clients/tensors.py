@@ -58,19 +58,26 @@ def flatten_like(state: Mapping[str, Any], model: FlatModel) -> np.ndarray:
     return flat.values
 
 
-def clip_l2(delta: np.ndarray, bound: float,
-            counters: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+def clip_l2(delta: np.ndarray, bound: float, counters: np.ndarray | None = None, *,
+            in_place: bool = False) -> tuple[np.ndarray, float]:
     """``delta`` scaled down to L2 norm ``bound`` if longer; (clipped, original norm).
 
     ``counters``: a mask of the entries of integer tensors (``FlatModel.integer_positions``,
     e.g. BatchNorm's ``num_batches_tracked``). They count steps, not learn: they are left out
     of the norm and not scaled (otherwise a counter's +200 per epoch would shrink every weight
-    to nothing); the quantiser still clips each of them to ``[-clip, clip]`` per round."""
+    to nothing); the quantiser still clips each of them to ``[-clip, clip]`` per round.
+    ``in_place``: scale ``delta`` itself (the caller owns it) instead of a copy."""
     if counters is not None and not counters.any():
         counters = None  # no integer tensors: no copy of the learned values
     learned = delta if counters is None else delta[~counters]
     norm = float(np.linalg.norm(learned))
     if norm > bound > 0:
+        if in_place:  # the caller's own array: no second copy of a large model
+            if counters is None:
+                delta *= bound / norm
+            else:
+                delta[~counters] *= bound / norm
+            return delta, norm
         out = delta * (bound / norm)
         if counters is not None:
             out[counters] = delta[counters]

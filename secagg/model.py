@@ -39,6 +39,7 @@ SUPPORTED_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", 
 MAX_TENSOR_VALUES = 1 << 40  # far above any [limits] max_vector_length; dims are bounded too
 _F8 = np.dtype("<f8")
 _F4 = np.dtype("<f4")
+_BLOCK = 1 << 20  # values per block where a pass needs temporaries
 
 
 def _wire_dtype(name: str) -> np.dtype:
@@ -72,14 +73,16 @@ def _flush_subnormals(values: np.ndarray, spec: tuple[TensorSpec, ...]) -> None:
     (``from_arrays``) and published (``with_values``) without them. A change below 1.2e-38 is
     nothing a model learns from. float16 is converted without that flag (numpy's conversion,
     and F16C's, ignore it) and its subnormals, down from 6.1e-5, are values models use: kept."""
+    smallest = float(np.finfo(_F4).tiny)
     for start, end, dtype in _runs(spec):
         if dtype != _F4:
             continue
-        part = values[start:end]
-        # defence: model.no-subnormals
-        tiny = np.abs(part) < float(np.finfo(dtype).tiny)
-        if tiny.any():
-            part[tiny] = np.copysign(0.0, part[tiny])
+        for block in range(start, end, _BLOCK):  # temporaries of a block, not of the model
+            part = values[block:min(block + _BLOCK, end)]
+            # defence: model.no-subnormals
+            tiny = np.abs(part) < smallest
+            if tiny.any():
+                part[tiny] = np.copysign(0.0, part[tiny])
 
 
 @dataclass(frozen=True)

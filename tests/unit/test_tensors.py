@@ -38,3 +38,16 @@ def test_a_bfloat16_state_dict_is_a_clear_error_not_a_numpy_traceback() -> None:
         tensors.flatten_like({"w": torch.zeros(3, dtype=torch.bfloat16)}, model)
     with pytest.raises(ConfigurationError, match="'w' cannot be read"):
         FlatModel.from_arrays({"w": torch.zeros(3, dtype=torch.bfloat16)})
+
+
+def test_clip_in_place_scales_the_callers_array_and_gives_the_same_values() -> None:
+    model = FlatModel.from_arrays({"w": np.zeros((2, 2), np.float32),
+                                   "num_batches_tracked": np.array(0, np.int64)})
+    delta = np.array([3.0, 4.0, 0.0, 0.0, 205.0])
+    expected, norm = clip_l2(delta, 1.0, model.integer_positions)
+    mine = delta.copy()
+    out, norm_in_place = clip_l2(mine, 1.0, model.integer_positions, in_place=True)
+    assert out is mine and norm_in_place == norm
+    np.testing.assert_array_equal(out, expected)
+    plain = np.array([3.0, 4.0])
+    assert clip_l2(plain, 1.0, in_place=True)[0] is plain and np.allclose(plain, [0.6, 0.8])
