@@ -53,6 +53,12 @@ class Metrics:
         self.bytes_received = Counter("secagg_bytes_received", "Chunk bytes received",
                                       registry=r)
         self.bytes_sent = Counter("secagg_bytes_sent", "Chunk bytes sent", registry=r)
+        self.uploads_waiting = Gauge("secagg_uploads_waiting",
+                                     "Sites waiting for an upload slot", registry=r)
+        self.uploads_unadmitted = Counter(
+            "secagg_uploads_unadmitted",
+            "Sites told to send without an upload slot (none came free within their deadline)",
+            registry=r)
         self.stage_duration = Histogram("secagg_stage_duration_seconds",
                                         "From a stage's start to its close",
                                         ["protocol", "stage"], buckets=STAGE_BUCKETS,

@@ -12,6 +12,7 @@ store stops answering; SERVING otherwise.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import hashlib
@@ -269,6 +270,89 @@ class PerSite:
             del self._open[site]
 
 
+class UploadAdmission:
+    """Which sites may send their chunks now: at most ``slots`` at once, over all sites.
+
+    A site asks which chunks the aggregator lacks (MissingChunks) before it sends them
+    (PutChunks); that answer waits, in arrival order, until one of the slots is free. The
+    bytes a site has not been told to send are not in flight, so gRPC buffers nothing for
+    it: 50 sites uploading at the same moment make the aggregator hold ``slots`` uploads'
+    messages, not 50 (gRPC assembles each stream's message, ~2-3 MB per uploading
+    connection). Reading streams only under a slot would not do it: the bytes are already
+    sent, and gRPC holds them in the stream's window.
+
+    Availability first, so a slot is a lease: it comes back when the site's upload stream
+    ends or ``lease`` seconds after it was given, whichever is first. A site that takes a slot
+    and sends nothing, or trickles, holds it for the lease at most and then queues again
+    behind the others; a site holds one slot at most, however many calls it makes. A site
+    not admitted within ``wait`` seconds is answered anyway (never refused for load): the
+    bound holds for bursts of fast uploads, where memory grows; a slow upload (a long WAN
+    link) outlives its lease and goes on without a slot, holding the one message it is
+    sending, as before. Runs on the event loop's thread."""
+
+    def __init__(self, slots: int, lease: float) -> None:
+        self.slots, self.lease = slots, lease
+        self._free = slots
+        self._queue: collections.deque[asyncio.Future[bool]] = collections.deque()
+        self._held: dict[int, asyncio.TimerHandle] = {}
+
+    @property
+    def in_use(self) -> int:
+        return self.slots - self._free
+
+    async def admit(self, site: int, wait: float) -> bool:
+        """Wait (up to ``wait`` s) until ``site`` holds a slot; False if it was not given one."""
+        # defence: service.upload-admission-one-per-site
+        if site in self._held:
+            return True
+        loop = asyncio.get_running_loop()
+        if self._free and not self._queue:
+            self._free -= 1
+        else:
+            turn: asyncio.Future[bool] = loop.create_future()
+            self._queue.append(turn)
+
+            def give_up() -> None:
+                if not turn.done():
+                    turn.set_result(False)
+            # defence: service.upload-admission-wait-bounded
+            timer = loop.call_later(max(wait, 0.0), give_up)
+            try:
+                if not await turn:
+                    return False
+            except asyncio.CancelledError:
+                # the site went away; a slot handed to it in the meantime goes to the next
+                # defence: service.upload-admission-handed-on
+                if turn.done() and not turn.cancelled() and turn.result():
+                    self._hand_on()
+                raise
+            finally:
+                timer.cancel()
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(turn)
+        if site in self._held:  # another call of the same site was admitted meanwhile
+            self._hand_on()
+            return True
+        # defence: service.upload-admission-lease
+        self._held[site] = loop.call_later(self.lease, self.done, site)
+        return True
+
+    def done(self, site: int) -> None:
+        """``site``'s upload ended (or its lease did): its slot, if it holds one, goes on."""
+        timer = self._held.pop(site, None)
+        if timer is not None:
+            timer.cancel()
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        while self._queue:
+            turn = self._queue.popleft()
+            if not turn.done():
+                turn.set_result(True)
+                return
+        self._free += 1
+
+
 class ChunkWriter:
     """Group commit for uploaded chunks: what arrives while the store's bulk thread is writing
     is written next, together, in one transaction (a commit per chunk was the ingest's
@@ -316,6 +400,9 @@ MAX_CHUNKS_PER_COMMIT = 16
 MAX_CHUNKS_IN_FLIGHT = 16  # received chunks being hashed or stored, over all upload streams
 MAX_CHUNKS_SENDING = 8  # chunks being written to downloading sites, over all GetChunks streams
 SEND_SLOT_LEASE_SECONDS = 1.0  # the longest one chunk's write holds up the others
+MAX_UPLOADS_ADMITTED = 8  # sites told to send their chunks now (UploadAdmission)
+UPLOAD_LEASE_SECONDS = 2.0  # the longest one admitted upload holds up the others
+MAX_ADMISSION_WAIT_SECONDS = 20.0  # then a site is answered without a slot
 MAX_DOWNLOADS_PER_SITE = 4  # GetChunks streams one site may have open at once
 MAX_CALLS_PER_SITE = 8  # calls of one site in progress at once (the SDK makes one at a time)
 MAX_STREAMS_PER_CONNECTION = 8  # HTTP/2: what one connection may have open at once
@@ -332,6 +419,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         self.in_flight = asyncio.Semaphore(MAX_CHUNKS_IN_FLIGHT)
         self.sending = asyncio.Semaphore(MAX_CHUNKS_SENDING)
         self.downloads = PerSite()  # each site's GetChunks streams open
+        self.admission = UploadAdmission(MAX_UPLOADS_ADMITTED, UPLOAD_LEASE_SECONDS)
 
     async def _ready_job(self, context: Ctx) -> Job:
         """The job, or UNAVAILABLE while it is recovering (the port is open before the store
@@ -429,7 +517,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
 
     async def MissingChunks(self, request: service_pb2.ChunkIds,
                             context: Ctx) -> service_pb2.ChunkIds:
-        await self.identity.site(context)
+        site = await self.identity.site(context)
         ids = [bytes(i) for i in request.chunk_ids]
         problem = self._check_ids(ids)
         if problem:
@@ -439,6 +527,15 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
             missing = await self.core.loop.run_in_executor(self.core.readers, store.missing, ids)
         except StoreError:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "the store is unavailable")
+        if missing:
+            # the answer is the site's cue to send: given under an upload slot
+            # defence: service.upload-admission
+            _metrics.uploads_waiting.inc()
+            try:
+                if not await self.admission.admit(site, _admission_wait(context)):
+                    _metrics.uploads_unadmitted.inc()
+            finally:
+                _metrics.uploads_waiting.dec()
         return service_pb2.ChunkIds(chunk_ids=missing)
 
     async def PutChunks(self, request_iterator: AsyncIterator[service_pb2.Chunk],
@@ -506,6 +603,9 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         except StoreError:
             self.core.healthy = False
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "the store is unavailable")
+        finally:
+            # defence: service.upload-admission-released
+            self.admission.done(site)  # however the stream ended
         # (A broken stream cancels this handler, not the chunks already received: those are
         # still hashed and stored, so the site's retry sends only what is really missing.)
         return service_pb2.PutChunksResponse(stored=sum(r[0] for r in results),
@@ -579,6 +679,14 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         # defence: service.download-slot-lease
         timer = asyncio.get_running_loop().call_later(SEND_SLOT_LEASE_SECONDS, release)
         return release
+
+
+def _admission_wait(context: Ctx) -> float:
+    """How long a MissingChunks call may wait for an upload slot: within its deadline."""
+    remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
+    if remaining is None:
+        return MAX_ADMISSION_WAIT_SECONDS
+    return max(0.0, min(MAX_ADMISSION_WAIT_SECONDS, remaining - 1.0))
 
 
 def _may_read_all(job: Job, *, site: int, ids: list[bytes]) -> bool:

@@ -1,0 +1,202 @@
+"""Sites are told to send their chunks a few at a time, however many upload at once.
+
+A site asks which chunks the aggregator lacks (MissingChunks) before it sends them; the answer
+comes under one of ``MAX_UPLOADS_ADMITTED`` upload slots, so 40 sites uploading at the same
+moment have a few uploads' bytes in flight (gRPC assembles every uploading stream's message:
+~2-3 MB each), not 40. A slot is a lease: it comes back when the site's PutChunks stream ends,
+however it ends, or after ``UPLOAD_LEASE_SECONDS``; a site holds one slot at most; a site
+not admitted in time is answered anyway. The handlers run against fake calls (no gRPC).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import types
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from aggregator import service as svc
+from aggregator.service import MAX_UPLOADS_ADMITTED, AggregationService, Core
+from secagg.federation.config import FederationConfig
+from secagg.v1 import service_pb2
+
+DATA = b"masked update " * 1000
+CID = hashlib.sha256(DATA).digest()
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    def __init__(self, site: int, remaining: float | None = None) -> None:
+        self.site = site
+        self.remaining = remaining
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+    async def abort(self, code: Any, details: str) -> None:
+        raise _Aborted(f"{code}: {details}")
+
+
+def _service(core: Core) -> AggregationService:
+    config = FederationConfig.from_dict({
+        "federation": {"name": "hospitals", "protocol": "masking", "aggregator": "agg:443",
+                       "trust_root": "00" * 32}})
+
+    async def site(context: _Context) -> int:
+        return context.site
+
+    service = AggregationService(core, types.SimpleNamespace(site=site),  # type: ignore[arg-type]
+                                 config)
+    core.job = types.SimpleNamespace(  # type: ignore[assignment]
+        store=types.SimpleNamespace(missing=lambda ids: list(ids)),
+        current_round=1, upload_limit=lambda site: 1 << 30)
+    core.healthy = True
+    return service
+
+
+def _ask(service: AggregationService, site: int,
+         remaining: float | None = None) -> asyncio.Future[Any]:
+    request = service_pb2.ChunkIds(chunk_ids=[CID])
+    return asyncio.ensure_future(service.MissingChunks(request, _Context(site, remaining)))
+
+
+async def _chunks(*chunks: service_pb2.Chunk) -> AsyncIterator[service_pb2.Chunk]:
+    for chunk in chunks:
+        yield chunk
+
+
+async def _put(service: AggregationService, site: int, *chunks: service_pb2.Chunk) -> Any:
+    return await service.PutChunks(_chunks(*chunks), _Context(site))
+
+
+def _answered(asks: list[asyncio.Future[Any]]) -> list[int]:
+    return [i for i, a in enumerate(asks) if a.done()]
+
+
+def test_forty_sites_uploading_at_once_are_told_to_send_a_few_at_a_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(svc, "UPLOAD_LEASE_SECONDS", 60.0)  # a slow machine: no lease ends
+
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        service = _service(core)
+        asks = [_ask(service, s) for s in range(1, 41)]
+        await asyncio.sleep(0.3)
+        first = _answered(asks)
+        assert len(first) == MAX_UPLOADS_ADMITTED, f"{len(first)} sites told to send at once"
+        assert all(list(asks[i].result().chunk_ids) == [CID] for i in first)
+        # uploads that end (however they end) let the next sites in arrival order send
+        await _put(service, first[0] + 1)  # nothing sent: ended
+        with pytest.raises(_Aborted, match="do not hash"):  # refused: ended
+            await _put(service, first[1] + 1, service_pb2.Chunk(chunk_id=CID, data=b"x" * 9))
+        await asyncio.sleep(0.05)
+        assert _answered(asks) == list(range(MAX_UPLOADS_ADMITTED + 2))
+        for a in asks:
+            a.cancel()
+        core.executor.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_site_holds_one_slot_however_many_times_it_asks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(svc, "UPLOAD_LEASE_SECONDS", 60.0)
+
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        service = _service(core)
+        greedy = [_ask(service, 1) for _ in range(2 * MAX_UPLOADS_ADMITTED)]
+        await asyncio.sleep(0.2)
+        assert all(a.done() for a in greedy)  # it is admitted, once
+        others = [_ask(service, s) for s in range(2, MAX_UPLOADS_ADMITTED + 1)]
+        await asyncio.sleep(0.2)
+        assert all(a.done() for a in others), "one site's calls took the others' slots"
+        core.executor.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_site_that_is_admitted_and_sends_nothing_holds_up_others_only_for_the_lease(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(svc, "UPLOAD_LEASE_SECONDS", 0.2)
+
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        service = _service(core)
+        stuck = [_ask(service, s) for s in range(1, MAX_UPLOADS_ADMITTED + 1)]
+        await asyncio.sleep(0.1)
+        assert all(a.done() for a in stuck)  # every slot taken by a site that sends nothing
+        honest = _ask(service, 99)
+        reply = await asyncio.wait_for(honest, timeout=5)
+        assert list(reply.chunk_ids) == [CID]
+        core.executor.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_site_waiting_for_a_slot_is_answered_within_its_deadline(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(svc, "UPLOAD_LEASE_SECONDS", 60.0)
+
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        service = _service(core)
+        for s in range(1, MAX_UPLOADS_ADMITTED + 1):
+            await _ask(service, s)
+        unadmitted = svc._metrics.uploads_unadmitted._value.get()  # type: ignore[attr-defined]
+        # 1.3 s left: it waits 0.3 s for a slot, then is answered anyway (never refused)
+        reply = await asyncio.wait_for(_ask(service, 99, remaining=1.3), timeout=5)
+        assert list(reply.chunk_ids) == [CID]
+        # and the operator sees it
+        assert svc._metrics.uploads_unadmitted._value.get() == unadmitted + 1  # type: ignore[attr-defined]
+        core.executor.shutdown()
+
+    asyncio.run(main())
+
+
+def test_sites_that_go_away_while_waiting_lose_no_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(svc, "UPLOAD_LEASE_SECONDS", 60.0)
+
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        service = _service(core)
+        holders = [_ask(service, s) for s in range(1, MAX_UPLOADS_ADMITTED + 1)]
+        await asyncio.sleep(0.1)
+        gone = [_ask(service, s) for s in range(100, 110)]
+        await asyncio.sleep(0.1)
+        # a slot handed to a waiter in the same tick as it goes away is handed on
+        await _put(service, 1)
+        for g in gone:
+            g.cancel()
+        for s in range(2, MAX_UPLOADS_ADMITTED + 1):
+            await _put(service, s)
+        assert service.admission.in_use == 0
+        fresh = [_ask(service, s) for s in range(200, 200 + MAX_UPLOADS_ADMITTED)]
+        await asyncio.sleep(0.1)
+        assert all(f.done() for f in fresh)
+        del holders
+        core.executor.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_site_with_nothing_missing_takes_no_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(svc, "UPLOAD_LEASE_SECONDS", 60.0)
+
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        service = _service(core)
+        core.job.store.missing = lambda ids: []  # type: ignore[union-attr]
+        for s in range(1, 3 * MAX_UPLOADS_ADMITTED):
+            reply = await asyncio.wait_for(_ask(service, s), timeout=5)
+            assert list(reply.chunk_ids) == []
+        assert service.admission.in_use == 0
+        core.executor.shutdown()
+
+    asyncio.run(main())
