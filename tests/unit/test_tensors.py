@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from clients import tensors
-from clients.tensors import clip_l2
+from clients.tensors import clip_l2, l2_norm
 from secagg.model import FlatModel
 
 
@@ -51,3 +51,12 @@ def test_clip_in_place_scales_the_callers_array_and_gives_the_same_values() -> N
     np.testing.assert_array_equal(out, expected)
     plain = np.array([3.0, 4.0])
     assert clip_l2(plain, 1.0, in_place=True)[0] is plain and np.allclose(plain, [0.6, 0.8])
+
+
+BLOCK = 1 << 18
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5])
+def test_l2_norm_is_numpys_norm_across_block_edges(size: int) -> None:
+    values = np.random.default_rng(size).normal(0, 3, size)  # test data only
+    assert l2_norm(values) == pytest.approx(float(np.linalg.norm(values)), rel=1e-12, abs=0)
