@@ -111,6 +111,24 @@ def test_float32_subnormals_are_flushed_so_sites_with_flush_to_zero_accept_the_m
     assert got.digest == published.digest
 
 
+def test_subnormals_are_flushed_in_every_block_and_nothing_else_changes() -> None:
+    """The flush runs block by block (64Ki values): subnormals at block edges and in the
+    last, partial block go; zeros of either sign, normals and float64 tensors stay."""
+    rng = np.random.default_rng(7)  # test data only
+    size = 3 * (1 << 16) + 5
+    w = rng.normal(0, 1, size).astype(np.float32)
+    edges = [0, (1 << 16) - 1, 1 << 16, 2 * (1 << 16) + 1, size - 1]
+    w[edges] = np.array([1e-40, -2e-39, 3e-45, -1e-44, 5e-39], np.float32)
+    w[10], w[11] = 0.0, -0.0
+    d = np.array([1e-300, -2e-310])  # float64 tensors keep their (float64) subnormals
+    model = FlatModel.from_arrays({"w": w, "d": d})
+    expected = w.astype(np.float64)
+    expected[edges] = np.copysign(0.0, expected[edges])
+    assert np.array_equal(model.values[:size], expected)
+    assert np.array_equal(np.signbit(model.values[:size]), np.signbit(expected))
+    assert model.values[size:].tolist() == d.tolist()
+
+
 @pytest.mark.parametrize("dtype", ["float128", "complex64", "object", "U3", "S4", "datetime64"])
 def test_tensors_of_unsupported_dtypes_are_refused(dtype: str) -> None:
     from secagg.errors import ConfigurationError
