@@ -18,6 +18,7 @@ import functools
 import hashlib
 import logging
 import signal
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -96,6 +97,20 @@ async def _abort(context: Ctx, code: grpc.StatusCode, message: str) -> Any:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _let_go(error: BaseException) -> None:
+    """Clear the locals of the finished frames an exception passed through on its way out of
+    a handler.
+
+    grpc.aio keeps an aborted call's exception on the call's state (``context.abort`` sets
+    ``abort_exception`` before raising it), and the exception's traceback holds the handler's
+    frames, whose locals hold the context: a reference cycle only the garbage collector
+    breaks, and with it every request and chunk those frames held (up to 8 MiB each). One
+    site sending over-limit chunks on two streams kept 2 GB alive that way, growing, before
+    the collector ran. The frames are finished (the exception has left them), so nothing
+    reads their locals again."""
+    traceback.clear_frames(error.__traceback__)  # (the frame still running is skipped)
+
+
 class _Undecodable:
     """What a request whose bytes do not parse becomes: its handler refuses it."""
 
@@ -159,26 +174,39 @@ def add_service(servicer: AggregationService, server: Any) -> None:
     def guard(h: Any) -> Any:
         # defence: service.wire.undecodable-is-invalid-argument
         h = h._replace(request_deserializer=_lenient(h.request_deserializer))
+        # every refusal (and any other exception) leaves through here: its frames let go of
+        # the requests they held (_let_go), and so does this one
         if h.unary_unary is not None:
             unary = h.unary_unary
 
             async def unary_unary(request: Any, context: Ctx) -> Any:
-                site = await enter(request, context)
                 try:
-                    return await unary(request, context)
-                finally:
-                    servicer.calls.leave(site)
+                    site = await enter(request, context)
+                    try:
+                        return await unary(request, context)
+                    finally:
+                        servicer.calls.leave(site)
+                except BaseException as e:
+                    # defence: service.refused-requests-let-go
+                    _let_go(e)
+                    del request, context  # this frame stays on the traceback grpc keeps
+                    raise
             return h._replace(unary_unary=unary_unary)
         if h.unary_stream is not None:
             streaming = h.unary_stream
 
             async def unary_stream(request: Any, context: Ctx) -> Any:
-                site = await enter(request, context)
                 try:
-                    async for item in streaming(request, context):
-                        yield item
-                finally:
-                    servicer.calls.leave(site)
+                    site = await enter(request, context)
+                    try:
+                        async for item in streaming(request, context):
+                            yield item
+                    finally:
+                        servicer.calls.leave(site)
+                except BaseException as e:
+                    _let_go(e)
+                    del request, context
+                    raise
             return h._replace(unary_stream=unary_stream)
         receiving = h.stream_unary
 
@@ -188,11 +216,17 @@ def add_service(servicer: AggregationService, server: Any) -> None:
                     if request is UNDECODABLE:
                         await refuse(context)
                     yield request
-            site = await admit(context)
             try:
-                return await receiving(checked(), context)
-            finally:
-                servicer.calls.leave(site)
+                site = await admit(context)
+                try:
+                    return await receiving(checked(), context)
+                finally:
+                    servicer.calls.leave(site)
+            except BaseException as e:
+                # defence: service.refused-uploads-let-go
+                _let_go(e)
+                del requests, context  # (cells ``checked`` reads: it is not resumed)
+                raise
         return h._replace(stream_unary=stream_unary)
 
     handlers = {name: guard(h) for name, h in capture.handlers.items()}
@@ -570,18 +604,18 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
                                                              "site_id": site})
                     await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
                                  f"the upload stream was idle for {idle:g} s")
+                size = len(chunk.data)
+                # defence: logs.no-payloads (of a chunk, only its size is ever logged or counted)
+                _metrics.bytes_received.inc(size)
+                if not 0 < size <= limit or not self.budget.charge(job, site, size):
+                    del chunk  # refused before it is copied; let go before the refusal
+                    await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"a chunk must hold 1 to {limit} bytes" if not 0 < size <= limit
+                                 else "upload budget for this round exceeded")
                 # the message is let go before this stream waits for a slot: a waiting
                 # stream holds one copy of its chunk, not two
                 cid, data = bytes(chunk.chunk_id), bytes(chunk.data)
                 del chunk
-                # defence: logs.no-payloads (of a chunk, only its size is ever logged or counted)
-                _metrics.bytes_received.inc(len(data))
-                if not 0 < len(data) <= limit:
-                    await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                 f"a chunk must hold 1 to {limit} bytes")
-                if not self.budget.charge(job, site, len(data)):
-                    await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                 "upload budget for this round exceeded")
                 # at most MAX_CHUNKS_IN_FLIGHT chunks are hashed or stored at once, over all
                 # streams, so the payload the handlers hold grows by one chunk per uploader at
                 # most (a stream waiting here reads no more: gRPC's flow control holds its
