@@ -12,11 +12,11 @@ store stops answering; SERVING otherwise.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
 import hashlib
 import logging
+import math
 import signal
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -308,43 +308,59 @@ class UploadAdmission:
     """Which sites may send their chunks now: at most ``slots`` at once, over all sites.
 
     A site asks which chunks the aggregator lacks (MissingChunks) before it sends them
-    (PutChunks); that answer waits, in arrival order, until one of the slots is free. The
-    bytes a site has not been told to send are not in flight, so gRPC buffers nothing for
-    it: 50 sites uploading at the same moment make the aggregator hold ``slots`` uploads'
-    messages, not 50 (gRPC assembles each stream's message, ~2-3 MB per uploading
-    connection). Reading streams only under a slot would not do it: the bytes are already
-    sent, and gRPC holds them in the stream's window.
+    (PutChunks); that answer waits until one of the slots is free. The bytes a site has not
+    been told to send are not in flight, so gRPC buffers nothing for it: 50 sites uploading
+    at the same moment make the aggregator hold ``slots`` uploads' messages, not 50 (gRPC
+    assembles each stream's message, ~2-3 MB per uploading connection). Reading streams only
+    under a slot would not do it: the bytes are already sent, and gRPC holds them in the
+    stream's window.
 
-    Availability first, so a slot is a lease: it comes back when the site's upload stream
-    ends or ``lease`` seconds after it was given, whichever is first. A site that takes a slot
-    and sends nothing, or trickles, holds it for the lease at most and then queues again
-    behind the others; a site holds one slot at most, however many calls it makes. A site
-    not admitted within ``wait`` seconds is answered anyway (never refused for load): the
-    bound holds for bursts of fast uploads, where memory grows; a slow upload (a long WAN
-    link) outlives its lease and goes on without a slot, holding the one message it is
-    sending, as before. Runs on the event loop's thread."""
+    Availability first:
+    - a slot is a lease: it comes back when the site's upload stream ends or ``lease``
+      seconds after it was given, whichever is first, so a site that takes a slot and sends
+      nothing, or trickles, holds it for the lease at most;
+    - a freed slot goes to the waiting site that was given fewest slots lately (a count that
+      halves every ``memory`` * ln 2 seconds; arrival order among equals), so sites that take
+      slots again and again (colluders holding every slot to make honest uploads miss their
+      deadline) queue behind a site that has not uploaded yet: an honest upload waits for
+      the next slot to come back, one lease at most, however many colluders there are;
+    - a site holds one slot at most, however many calls it makes;
+    - a site not admitted within ``wait`` seconds is answered anyway (never refused for
+      load): the bound holds for bursts of fast uploads, where memory grows; a slow upload (a
+      long WAN link) outlives its lease and goes on without a slot, holding the one message
+      it is sending, as before.
+    Runs on the event loop's thread."""
 
-    def __init__(self, slots: int, lease: float) -> None:
-        self.slots, self.lease = slots, lease
-        self._free = slots
-        self._queue: collections.deque[asyncio.Future[bool]] = collections.deque()
+    def __init__(self, slots: int, lease: float, memory: float = 60.0) -> None:
+        self.slots, self.lease, self.memory = slots, lease, memory
+        self._free = slots  # while a slot is free no one waits (_hand_on gives it first)
+        self._waiting: dict[asyncio.Future[bool], int] = {}  # turn -> site, in arrival order
         self._held: dict[int, asyncio.TimerHandle] = {}
+        self._served: dict[int, tuple[float, float]] = {}  # site -> (decayed count, when)
+        self._closed = False
 
     @property
     def in_use(self) -> int:
         return self.slots - self._free
 
+    def _score(self, site: int, now: float) -> float:
+        count, when = self._served.get(site, (0.0, now))
+        return count * math.exp(-(now - when) / self.memory)
+
     async def admit(self, site: int, wait: float) -> bool:
-        """Wait (up to ``wait`` s) until ``site`` holds a slot; False if it was not given one."""
+        """Wait (up to ``wait`` s) until ``site`` holds a slot; False if it was not given one
+        (or the aggregator is shutting down)."""
+        if self._closed:
+            return False
         # defence: service.upload-admission-one-per-site
         if site in self._held:
             return True
         loop = asyncio.get_running_loop()
-        if self._free and not self._queue:
+        if self._free:
             self._free -= 1
         else:
             turn: asyncio.Future[bool] = loop.create_future()
-            self._queue.append(turn)
+            self._waiting[turn] = site
 
             def give_up() -> None:
                 if not turn.done():
@@ -362,11 +378,12 @@ class UploadAdmission:
                 raise
             finally:
                 timer.cancel()
-                with contextlib.suppress(ValueError):
-                    self._queue.remove(turn)
+                self._waiting.pop(turn, None)
         if site in self._held:  # another call of the same site was admitted meanwhile
             self._hand_on()
             return True
+        now = loop.time()
+        self._served[site] = (self._score(site, now) + 1.0, now)
         # defence: service.upload-admission-lease
         self._held[site] = loop.call_later(self.lease, self.done, site)
         return True
@@ -378,12 +395,22 @@ class UploadAdmission:
             timer.cancel()
             self._hand_on()
 
-    def _hand_on(self) -> None:
-        while self._queue:
-            turn = self._queue.popleft()
+    def close(self) -> None:
+        """The aggregator is shutting down: every site waiting is answered now."""
+        self._closed = True
+        for turn in self._waiting:
             if not turn.done():
-                turn.set_result(True)
-                return
+                turn.set_result(False)
+
+    def _hand_on(self) -> None:
+        now = asyncio.get_running_loop().time()
+        # defence: service.upload-admission-least-served-first
+        waiting = [(self._score(site, now), arrival, turn)
+                   for arrival, (turn, site) in enumerate(self._waiting.items())
+                   if not turn.done()]
+        if waiting:
+            min(waiting, key=lambda w: (w[0], w[1]))[2].set_result(True)
+            return
         self._free += 1
 
 
@@ -434,8 +461,7 @@ MAX_CHUNKS_PER_COMMIT = 16
 MAX_CHUNKS_IN_FLIGHT = 16  # received chunks being hashed or stored, over all upload streams
 MAX_CHUNKS_SENDING = 8  # chunks being written to downloading sites, over all GetChunks streams
 SEND_SLOT_LEASE_SECONDS = 1.0  # the longest one chunk's write holds up the others
-MAX_UPLOADS_ADMITTED = 8  # sites told to send their chunks now (UploadAdmission)
-UPLOAD_LEASE_SECONDS = 2.0  # the longest one admitted upload holds up the others
+UPLOAD_LEASE_SECONDS = 1.0  # the longest one admitted upload holds up the others
 MAX_ADMISSION_WAIT_SECONDS = 20.0  # then a site is answered without a slot
 MAX_DOWNLOADS_PER_SITE = 4  # GetChunks streams one site may have open at once
 MAX_CALLS_PER_SITE = 8  # calls of one site in progress at once (the SDK makes one at a time)
@@ -453,7 +479,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         self.in_flight = asyncio.Semaphore(MAX_CHUNKS_IN_FLIGHT)
         self.sending = asyncio.Semaphore(MAX_CHUNKS_SENDING)
         self.downloads = PerSite()  # each site's GetChunks streams open
-        self.admission = UploadAdmission(MAX_UPLOADS_ADMITTED, UPLOAD_LEASE_SECONDS)
+        self.admission = UploadAdmission(config.limits.upload_slots, UPLOAD_LEASE_SECONDS)
 
     async def _ready_job(self, context: Ctx) -> Job:
         """The job, or UNAVAILABLE while it is recovering (the port is open before the store
@@ -566,10 +592,14 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
             # defence: service.upload-admission
             _metrics.uploads_waiting.inc()
             try:
-                if not await self.admission.admit(site, _admission_wait(context)):
-                    _metrics.uploads_unadmitted.inc()
+                admitted = await self.admission.admit(site, _admission_wait(context))
             finally:
                 _metrics.uploads_waiting.dec()
+            if self.core.stopping:  # a wait cut short by the shutdown: "retry", not "send"
+                await _abort(context, grpc.StatusCode.UNAVAILABLE,
+                             "the aggregator is shutting down")
+            if not admitted:
+                _metrics.uploads_unadmitted.inc()
         return service_pb2.ChunkIds(chunk_ids=missing)
 
     async def PutChunks(self, request_iterator: AsyncIterator[service_pb2.Chunk],
@@ -790,7 +820,8 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
         # so one connection cannot make the server receive dozens of large requests at once
         ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
     ])
-    add_service(AggregationService(core, Identity(set(roster)), config), server)
+    service = AggregationService(core, Identity(set(roster)), config)
+    add_service(service, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     credentials = grpc.ssl_server_credentials([(files.server_key, files.server_cert)],
@@ -829,6 +860,7 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
         # long polls end UNAVAILABLE now (sites retry) rather than CANCELLED at the grace's end
         core.stopping = True
         core._wake()
+        service.admission.close()
         for task in tasks:
             task.cancel()
         await _set_health(health, False)

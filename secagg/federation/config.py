@@ -45,6 +45,7 @@ max_chunk_bytes = 4194304
 max_vector_length = 100000000
 max_sites = 10000
 stream_idle_seconds = 30
+upload_slots = 8                 # sites told to send their chunks at once (aggregator memory)
 ```
 """
 
@@ -104,6 +105,9 @@ class Limits:
     max_vector_length: int = 100_000_000
     max_sites: int = 10_000
     stream_idle_seconds: float = 30.0
+    # how many sites the aggregator tells to send their chunks at once: ~3 MB of aggregator
+    # memory each while they upload; more lets many sites on slow links upload side by side
+    upload_slots: int = 8
 
 
 @dataclass(frozen=True)
@@ -213,7 +217,8 @@ class FederationConfig:
                                            100_000_000)),
                 max_sites=int(_get(lim, "limits", "max_sites", int, 10_000)),
                 stream_idle_seconds=float(_get(lim, "limits", "stream_idle_seconds",
-                                               (int, float), 30.0))),
+                                               (int, float), 30.0)),
+                upload_slots=int(_get(lim, "limits", "upload_slots", int, 8))),
         )
         config.check()
         return config
@@ -229,6 +234,9 @@ class FederationConfig:
         if lim.max_sites < 3 or lim.max_vector_length < 1 or lim.stream_idle_seconds <= 0:
             raise ConfigurationError("[limits] max_sites >= 3, max_vector_length >= 1 and "
                                      "stream_idle_seconds > 0 are required")
+        if not 1 <= lim.upload_slots <= 1024:
+            raise ConfigurationError(f"[limits] upload_slots must be in [1, 1024], got "
+                                     f"{lim.upload_slots}")
         if not 0 <= self.corrupt_fraction < 1 or not 0 <= self.dropout_rate < 1:
             raise ConfigurationError("[masking] corrupt_fraction and dropout_rate must be in "
                                      "[0, 1)")
@@ -256,7 +264,8 @@ class FederationConfig:
                        "max_chunk_bytes": self.limits.max_chunk_bytes,
                        "max_vector_length": self.limits.max_vector_length,
                        "max_sites": self.limits.max_sites,
-                       "stream_idle_seconds": self.limits.stream_idle_seconds},
+                       "stream_idle_seconds": self.limits.stream_idle_seconds,
+                       "upload_slots": self.limits.upload_slots},
         }
         if self.initial_model is not None:
             model = self.initial_model

@@ -117,6 +117,8 @@ def test_the_ca_signs_only_the_site_a_request_names(tmp_path: Path) -> None:
     ("federation", "protocol", "'paillier'", "protocol"),
     ("masking", "neighbors", "3.5", "neighbors"),
     ("limits", "max_message_bytes", "1000000000", "max_message_bytes"),
+    ("limits", "upload_slots", "0", "upload_slots"),
+    ("limits", "upload_slots", "'8'", "upload_slots"),
     ("update", "clip_norm", "-1", "clip_norm"),
     ("job", "rounds", "true", "rounds"),
 ])
@@ -134,3 +136,15 @@ def test_config_errors_name_the_key(federation: Path, tmp_path: Path, section: s
     path.write_text("\n".join(lines))
     with pytest.raises(ConfigurationError, match=match):
         FederationConfig.load(path)
+
+
+def test_upload_slots_are_kept_in_the_config_file(federation: Path, tmp_path: Path) -> None:
+    import dataclasses
+
+    config = FederationConfig.load(federation / "federation.toml")
+    assert config.limits.upload_slots == 8
+    wider = dataclasses.replace(config, limits=dataclasses.replace(config.limits,
+                                                                   upload_slots=32))
+    path = tmp_path / "wider.toml"
+    path.write_text(wider.to_toml(base=tmp_path))
+    assert FederationConfig.load(path).limits.upload_slots == 32

@@ -1,11 +1,13 @@
 """Sites are told to send their chunks a few at a time, however many upload at once.
 
 A site asks which chunks the aggregator lacks (MissingChunks) before it sends them; the answer
-comes under one of ``MAX_UPLOADS_ADMITTED`` upload slots, so 40 sites uploading at the same
+comes under one of ``[limits] upload_slots`` upload slots, so 40 sites uploading at the same
 moment have a few uploads' bytes in flight (gRPC assembles every uploading stream's message:
 ~2-3 MB each), not 40. A slot is a lease: it comes back when the site's PutChunks stream ends,
-however it ends, or after ``UPLOAD_LEASE_SECONDS``; a site holds one slot at most; a site
-not admitted in time is answered anyway. The handlers run against fake calls (no gRPC).
+however it ends, or after ``UPLOAD_LEASE_SECONDS``; a freed slot goes to the waiting site
+given fewest slots lately (colluders taking slots again and again queue behind an honest
+site); a site holds one slot at most; a site not admitted in time is answered anyway; at
+shutdown, waiting sites are told to retry. The handlers run against fake calls (no gRPC).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from typing import Any
 import pytest
 
 from aggregator import service as svc
-from aggregator.service import MAX_UPLOADS_ADMITTED, AggregationService, Core
+from aggregator.service import AggregationService, Core
 from secagg.federation.config import FederationConfig
 from secagg.v1 import service_pb2
 
 DATA = b"masked update " * 1000
+SLOTS = 6  # the federation's [limits] upload_slots (8 unless set)
 CID = hashlib.sha256(DATA).digest()
 
 
@@ -46,7 +49,8 @@ class _Context:
 def _service(core: Core) -> AggregationService:
     config = FederationConfig.from_dict({
         "federation": {"name": "hospitals", "protocol": "masking", "aggregator": "agg:443",
-                       "trust_root": "00" * 32}})
+                       "trust_root": "00" * 32},
+        "limits": {"upload_slots": SLOTS}})
 
     async def site(context: _Context) -> int:
         return context.site
@@ -89,14 +93,14 @@ def test_forty_sites_uploading_at_once_are_told_to_send_a_few_at_a_time(
         asks = [_ask(service, s) for s in range(1, 41)]
         await asyncio.sleep(0.3)
         first = _answered(asks)
-        assert len(first) == MAX_UPLOADS_ADMITTED, f"{len(first)} sites told to send at once"
+        assert len(first) == SLOTS, f"{len(first)} sites told to send at once"
         assert all(list(asks[i].result().chunk_ids) == [CID] for i in first)
         # uploads that end (however they end) let the next sites in arrival order send
         await _put(service, first[0] + 1)  # nothing sent: ended
         with pytest.raises(_Aborted, match="do not hash"):  # refused: ended
             await _put(service, first[1] + 1, service_pb2.Chunk(chunk_id=CID, data=b"x" * 9))
         await asyncio.sleep(0.05)
-        assert _answered(asks) == list(range(MAX_UPLOADS_ADMITTED + 2))
+        assert _answered(asks) == list(range(SLOTS + 2))
         for a in asks:
             a.cancel()
         core.executor.shutdown()
@@ -111,10 +115,10 @@ def test_a_site_holds_one_slot_however_many_times_it_asks(
     async def main() -> None:
         core = Core(asyncio.get_running_loop())
         service = _service(core)
-        greedy = [_ask(service, 1) for _ in range(2 * MAX_UPLOADS_ADMITTED)]
+        greedy = [_ask(service, 1) for _ in range(2 * SLOTS)]
         await asyncio.sleep(0.2)
         assert all(a.done() for a in greedy)  # it is admitted, once
-        others = [_ask(service, s) for s in range(2, MAX_UPLOADS_ADMITTED + 1)]
+        others = [_ask(service, s) for s in range(2, SLOTS + 1)]
         await asyncio.sleep(0.2)
         assert all(a.done() for a in others), "one site's calls took the others' slots"
         core.executor.shutdown()
@@ -129,7 +133,7 @@ def test_a_site_that_is_admitted_and_sends_nothing_holds_up_others_only_for_the_
     async def main() -> None:
         core = Core(asyncio.get_running_loop())
         service = _service(core)
-        stuck = [_ask(service, s) for s in range(1, MAX_UPLOADS_ADMITTED + 1)]
+        stuck = [_ask(service, s) for s in range(1, SLOTS + 1)]
         await asyncio.sleep(0.1)
         assert all(a.done() for a in stuck)  # every slot taken by a site that sends nothing
         honest = _ask(service, 99)
@@ -147,7 +151,7 @@ def test_a_site_waiting_for_a_slot_is_answered_within_its_deadline(
     async def main() -> None:
         core = Core(asyncio.get_running_loop())
         service = _service(core)
-        for s in range(1, MAX_UPLOADS_ADMITTED + 1):
+        for s in range(1, SLOTS + 1):
             await _ask(service, s)
         unadmitted = svc._metrics.uploads_unadmitted._value.get()  # type: ignore[attr-defined]
         # 1.3 s left: it waits 0.3 s for a slot, then is answered anyway (never refused)
@@ -166,7 +170,7 @@ def test_sites_that_go_away_while_waiting_lose_no_slot(monkeypatch: pytest.Monke
     async def main() -> None:
         core = Core(asyncio.get_running_loop())
         service = _service(core)
-        holders = [_ask(service, s) for s in range(1, MAX_UPLOADS_ADMITTED + 1)]
+        holders = [_ask(service, s) for s in range(1, SLOTS + 1)]
         await asyncio.sleep(0.1)
         gone = [_ask(service, s) for s in range(100, 110)]
         await asyncio.sleep(0.1)
@@ -174,10 +178,10 @@ def test_sites_that_go_away_while_waiting_lose_no_slot(monkeypatch: pytest.Monke
         await _put(service, 1)
         for g in gone:
             g.cancel()
-        for s in range(2, MAX_UPLOADS_ADMITTED + 1):
+        for s in range(2, SLOTS + 1):
             await _put(service, s)
         assert service.admission.in_use == 0
-        fresh = [_ask(service, s) for s in range(200, 200 + MAX_UPLOADS_ADMITTED)]
+        fresh = [_ask(service, s) for s in range(200, 200 + SLOTS)]
         await asyncio.sleep(0.1)
         assert all(f.done() for f in fresh)
         del holders
@@ -193,10 +197,60 @@ def test_a_site_with_nothing_missing_takes_no_slot(monkeypatch: pytest.MonkeyPat
         core = Core(asyncio.get_running_loop())
         service = _service(core)
         core.job.store.missing = lambda ids: []  # type: ignore[union-attr]
-        for s in range(1, 3 * MAX_UPLOADS_ADMITTED):
+        for s in range(1, 3 * SLOTS):
             reply = await asyncio.wait_for(_ask(service, s), timeout=5)
             assert list(reply.chunk_ids) == []
         assert service.admission.in_use == 0
+        core.executor.shutdown()
+
+    asyncio.run(main())
+
+
+def test_colluders_taking_slots_again_and_again_queue_behind_an_honest_site(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(svc, "UPLOAD_LEASE_SECONDS", 60.0)
+
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        service = _service(core)
+        colluders = range(1, 2 * SLOTS + 1)
+        # every colluder has taken a slot before (and given it back)
+        for s in colluders:
+            await asyncio.wait_for(_ask(service, s), timeout=5)
+            await _put(service, s)
+        holders = colluders[:SLOTS]
+        for s in holders:  # they hold every slot
+            await asyncio.wait_for(_ask(service, s), timeout=5)
+        queued = [_ask(service, s) for s in colluders[SLOTS:]]  # and queue
+        await asyncio.sleep(0.05)
+        honest = _ask(service, 99)  # last to arrive
+        await asyncio.sleep(0.05)
+        await _put(service, holders[0])  # one slot comes back
+        await asyncio.sleep(0.05)
+        assert honest.done(), "the honest site waits behind colluders that had slots before"
+        assert not any(q.done() for q in queued)
+        for q in queued:
+            q.cancel()
+        core.executor.shutdown()
+
+    asyncio.run(main())
+
+
+def test_sites_waiting_for_a_slot_at_shutdown_are_told_to_retry_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(svc, "UPLOAD_LEASE_SECONDS", 60.0)
+
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        service = _service(core)
+        for s in range(1, SLOTS + 1):
+            await _ask(service, s)
+        waiting = _ask(service, 99)
+        await asyncio.sleep(0.05)
+        core.stopping = True  # as serve() does on SIGTERM
+        service.admission.close()
+        with pytest.raises(_Aborted, match="UNAVAILABLE"):
+            await asyncio.wait_for(waiting, timeout=1)
         core.executor.shutdown()
 
     asyncio.run(main())
