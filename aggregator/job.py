@@ -394,6 +394,13 @@ class Job:
     def current_round(self) -> int | None:
         return None if self.active is None else self.active.view.number
 
+    @property
+    def current_stage(self) -> tuple[int, int] | None:
+        """(round, stage) of the running round; read from other threads (a stale answer only
+        reorders who uploads first)."""
+        active = self.active
+        return None if active is None else (active.view.number, active.view.stage)
+
     # ---- deadlines ----------
 
     def purge(self, *, now: bool = True) -> None:

@@ -16,7 +16,6 @@ import contextlib
 import functools
 import hashlib
 import logging
-import math
 import signal
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -319,11 +318,14 @@ class UploadAdmission:
     - a slot is a lease: it comes back when the site's upload stream ends or ``lease``
       seconds after it was given, whichever is first, so a site that takes a slot and sends
       nothing, or trickles, holds it for the lease at most;
-    - a freed slot goes to the waiting site that was given fewest slots lately (a count that
-      halves every ``memory`` * ln 2 seconds; arrival order among equals), so sites that take
-      slots again and again (colluders holding every slot to make honest uploads miss their
-      deadline) queue behind a site that has not uploaded yet: an honest upload waits for
-      the next slot to come back, one lease at most, however many colluders there are;
+    - a freed slot goes to the waiting site given fewest slots in the running stage (arrival
+      order among equals): every site gets its first slot of a stage before any site gets
+      its second, so sites that take slots again and again (colluders holding every slot to
+      make honest uploads miss their deadline) queue behind every site that has not
+      uploaded in this stage. An honest site's first upload of a stage waits at most for
+      the sites that asked before it for their first slot: (those sites) / ``slots`` leases,
+      however often the colluders ask. (A count over a longer window, tried first, let
+      colluders that had kept quiet pass an honest site that uploads every round.);
     - a site holds one slot at most, however many calls it makes;
     - a site not admitted within ``wait`` seconds is answered anyway (never refused for
       load): the bound holds for bursts of fast uploads, where memory grows; a slow upload (a
@@ -331,27 +333,27 @@ class UploadAdmission:
       it is sending, as before.
     Runs on the event loop's thread."""
 
-    def __init__(self, slots: int, lease: float, memory: float = 60.0) -> None:
-        self.slots, self.lease, self.memory = slots, lease, memory
+    def __init__(self, slots: int, lease: float) -> None:
+        self.slots, self.lease = slots, lease
         self._free = slots  # while a slot is free no one waits (_hand_on gives it first)
         self._waiting: dict[asyncio.Future[bool], int] = {}  # turn -> site, in arrival order
         self._held: dict[int, asyncio.TimerHandle] = {}
-        self._served: dict[int, tuple[float, float]] = {}  # site -> (decayed count, when)
+        self._stage: object = None  # the stage the grant counts are for
+        self._grants: dict[int, int] = {}  # site -> slots given in that stage
         self._closed = False
 
     @property
     def in_use(self) -> int:
         return self.slots - self._free
 
-    def _score(self, site: int, now: float) -> float:
-        count, when = self._served.get(site, (0.0, now))
-        return count * math.exp(-(now - when) / self.memory)
-
-    async def admit(self, site: int, wait: float) -> bool:
+    async def admit(self, site: int, wait: float, stage: object = None) -> bool:
         """Wait (up to ``wait`` s) until ``site`` holds a slot; False if it was not given one
-        (or the aggregator is shutting down)."""
+        (or the aggregator is shutting down). ``stage``: the running stage (any value that
+        changes when it does)."""
         if self._closed:
             return False
+        if stage != self._stage:  # a new stage: everyone's first slot again
+            self._stage, self._grants = stage, {}
         # defence: service.upload-admission-one-per-site
         if site in self._held:
             return True
@@ -382,8 +384,7 @@ class UploadAdmission:
         if site in self._held:  # another call of the same site was admitted meanwhile
             self._hand_on()
             return True
-        now = loop.time()
-        self._served[site] = (self._score(site, now) + 1.0, now)
+        self._grants[site] = self._grants.get(site, 0) + 1
         # defence: service.upload-admission-lease
         self._held[site] = loop.call_later(self.lease, self.done, site)
         return True
@@ -403,9 +404,8 @@ class UploadAdmission:
                 turn.set_result(False)
 
     def _hand_on(self) -> None:
-        now = asyncio.get_running_loop().time()
         # defence: service.upload-admission-least-served-first
-        waiting = [(self._score(site, now), arrival, turn)
+        waiting = [(self._grants.get(site, 0), arrival, turn)
                    for arrival, (turn, site) in enumerate(self._waiting.items())
                    if not turn.done()]
         if waiting:
@@ -582,7 +582,8 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         problem = self._check_ids(ids)
         if problem:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
-        store = (await self._ready_job(context)).store
+        job = await self._ready_job(context)
+        store = job.store
         try:
             missing = await self.core.loop.run_in_executor(self.core.readers, store.missing, ids)
         except StoreError:
@@ -592,7 +593,8 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
             # defence: service.upload-admission
             _metrics.uploads_waiting.inc()
             try:
-                admitted = await self.admission.admit(site, _admission_wait(context))
+                admitted = await self.admission.admit(site, _admission_wait(context),
+                                                      _running_stage(job))
             finally:
                 _metrics.uploads_waiting.dec()
             if self.core.stopping:  # a wait cut short by the shutdown: "retry", not "send"
@@ -743,6 +745,11 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         # defence: service.download-slot-lease
         timer = asyncio.get_running_loop().call_later(SEND_SLOT_LEASE_SECONDS, release)
         return release
+
+
+def _running_stage(job: Job) -> object:
+    """The running stage, for the upload slots' order (None between rounds)."""
+    return getattr(job, "current_stage", None)
 
 
 def _admission_wait(context: Ctx) -> float:

@@ -5,9 +5,10 @@ comes under one of ``[limits] upload_slots`` upload slots, so 40 sites uploading
 moment have a few uploads' bytes in flight (gRPC assembles every uploading stream's message:
 ~2-3 MB each), not 40. A slot is a lease: it comes back when the site's PutChunks stream ends,
 however it ends, or after ``UPLOAD_LEASE_SECONDS``; a freed slot goes to the waiting site
-given fewest slots lately (colluders taking slots again and again queue behind an honest
-site); a site holds one slot at most; a site not admitted in time is answered anyway; at
-shutdown, waiting sites are told to retry. The handlers run against fake calls (no gRPC).
+given fewest slots in the running stage (colluders taking slots again and again queue
+behind an honest site, whatever it uploaded in earlier stages); a site holds one slot at
+most; a site not admitted in time is answered anyway; at shutdown, waiting sites are told
+to retry. The handlers run against fake calls (no gRPC).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _service(core: Core) -> AggregationService:
                                  config)
     core.job = types.SimpleNamespace(  # type: ignore[assignment]
         store=types.SimpleNamespace(missing=lambda ids: list(ids)),
-        current_round=1, upload_limit=lambda site: 1 << 30)
+        current_round=1, current_stage=(1, 3), upload_limit=lambda site: 1 << 30)
     core.healthy = True
     return service
 
@@ -251,6 +252,42 @@ def test_sites_waiting_for_a_slot_at_shutdown_are_told_to_retry_at_once(
         service.admission.close()
         with pytest.raises(_Aborted, match="UNAVAILABLE"):
             await asyncio.wait_for(waiting, timeout=1)
+        core.executor.shutdown()
+
+    asyncio.run(main())
+
+
+def test_an_honest_sites_uploads_in_earlier_stages_do_not_put_it_behind_colluders(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Colluders that kept quiet must not pass a site that uploads every round: only slots
+    given in the running stage count."""
+    monkeypatch.setattr(svc, "UPLOAD_LEASE_SECONDS", 60.0)
+
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        service = _service(core)
+        job: Any = core.job
+        for _ in range(5):  # the honest site uploaded often in earlier stages
+            await asyncio.wait_for(_ask(service, 99), timeout=5)
+            await _put(service, 99)
+        job.current_stage = (2, 3)  # the next round's upload stage
+        colluders = range(1, 2 * SLOTS + 1)
+        for s in colluders:  # each colluder has had a slot in this stage
+            await asyncio.wait_for(_ask(service, s), timeout=5)
+            await _put(service, s)
+        holders = colluders[:SLOTS]
+        for s in holders:
+            await asyncio.wait_for(_ask(service, s), timeout=5)
+        queued = [_ask(service, s) for s in colluders[SLOTS:]]
+        await asyncio.sleep(0.05)
+        honest = _ask(service, 99)
+        await asyncio.sleep(0.05)
+        await _put(service, holders[0])
+        await asyncio.sleep(0.05)
+        assert honest.done(), "the honest site's earlier uploads put it behind colluders"
+        assert not any(q.done() for q in queued)
+        for q in queued:
+            q.cancel()
         core.executor.shutdown()
 
     asyncio.run(main())
