@@ -594,7 +594,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
             _metrics.uploads_waiting.inc()
             try:
                 admitted = await self.admission.admit(site, _admission_wait(context),
-                                                      _running_stage(job))
+                                                      job.current_stage)
             finally:
                 _metrics.uploads_waiting.dec()
             if self.core.stopping:  # a wait cut short by the shutdown: "retry", not "send"
@@ -747,14 +747,9 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         return release
 
 
-def _running_stage(job: Job) -> object:
-    """The running stage, for the upload slots' order (None between rounds)."""
-    return getattr(job, "current_stage", None)
-
-
 def _admission_wait(context: Ctx) -> float:
     """How long a MissingChunks call may wait for an upload slot: within its deadline."""
-    remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
+    remaining = context.time_remaining()
     if remaining is None:
         return MAX_ADMISSION_WAIT_SECONDS
     return max(0.0, min(MAX_ADMISSION_WAIT_SECONDS, remaining - 1.0))

@@ -13,51 +13,27 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import types
 from typing import Any
 
 import pytest
 
 from aggregator import service as svc
 from aggregator.service import MAX_CHUNKS_SENDING, AggregationService, Core
-from secagg.federation.config import FederationConfig
 from secagg.v1 import service_pb2
+from tests.fake_calls import FakeContext, fake_service
 
 DATA = b"model bytes " * 1000
 CID = hashlib.sha256(DATA).digest()
 
 
-class _Aborted(Exception):
-    pass
-
-
-class _Context:
-    def __init__(self, site: int) -> None:
-        self.site = site
-
-    async def abort(self, code: Any, details: str) -> None:
-        raise _Aborted(f"{code}: {details}")
-
-
 def _service(core: Core) -> AggregationService:
-    config = FederationConfig.from_dict({
-        "federation": {"name": "hospitals", "protocol": "masking", "aggregator": "agg:443",
-                       "trust_root": "00" * 32}})
-
-    async def site(context: _Context) -> int:
-        return context.site
-
-    service = AggregationService(core, types.SimpleNamespace(site=site),  # type: ignore[arg-type]
-                                 config)
-    core.job = types.SimpleNamespace(  # type: ignore[assignment]
-        may_read=lambda site, cid: True, hot_chunk=lambda cid: DATA if cid == CID else None)
-    core.healthy = True
-    return service
+    return fake_service(core, may_read=lambda site, cid: True,
+                        hot_chunk=lambda cid: DATA if cid == CID else None)
 
 
 def _download(service: AggregationService, site: int) -> Any:
     request = service_pb2.ChunkIds(chunk_ids=[CID])
-    return service.GetChunks(request, _Context(site)).__aiter__()
+    return service.GetChunks(request, FakeContext(site)).__aiter__()
 
 
 async def _started(service: AggregationService, sites: range) -> tuple[list[Any], list[Any]]:

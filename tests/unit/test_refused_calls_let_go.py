@@ -22,33 +22,9 @@ from typing import Any
 
 import pytest
 
-from aggregator.service import AggregationService, Core, add_service
-from secagg.federation.config import FederationConfig
+from aggregator.service import Core, add_service
 from secagg.v1 import service_pb2
-
-
-class _Aborted(Exception):
-    pass
-
-
-class _CallState:
-    abort_exception: BaseException | None = None
-
-
-class _GrpcLikeContext:
-    """Aborts as grpc.aio's servicer context does: the exception is kept on the call's
-    state before it is raised."""
-
-    def __init__(self, site: int) -> None:
-        self.site = site
-        self._rpc_state = _CallState()
-
-    def time_remaining(self) -> float | None:
-        return None
-
-    async def abort(self, code: Any, details: str) -> None:
-        self._rpc_state.abort_exception = _Aborted(f"{code}: {details}")
-        raise self._rpc_state.abort_exception
+from tests.fake_calls import Aborted, FakeContext, fake_service
 
 
 class _Requests:
@@ -88,19 +64,8 @@ def no_collector() -> Iterator[None]:
 
 
 def _handlers(core: Core) -> dict[str, Any]:
-    config = FederationConfig.from_dict({
-        "federation": {"name": "hospitals", "protocol": "masking", "aggregator": "agg:443",
-                       "trust_root": "00" * 32}})
-
-    async def site(context: _GrpcLikeContext) -> int:
-        return context.site
-
-    service = AggregationService(core, types.SimpleNamespace(site=site),  # type: ignore[arg-type]
-                                 config)
-    core.job = types.SimpleNamespace(  # type: ignore[assignment]
-        store=types.SimpleNamespace(missing=lambda ids: list(ids)),
-        current_round=1, upload_limit=lambda site: 1 << 40)
-    core.healthy = True
+    service = fake_service(core, store=types.SimpleNamespace(missing=lambda ids: list(ids)),
+                           current_round=1, upload_limit=lambda site: 1 << 40)
     server = _Server()
     add_service(service, server)
     return server.handlers
@@ -110,8 +75,8 @@ async def _refused_upload(handlers: dict[str, Any], chunk: service_pb2.Chunk,
                           site: int) -> weakref.ref[_Requests]:
     requests = _Requests(chunk)
     watch = weakref.ref(requests)
-    with pytest.raises(_Aborted):
-        await handlers["PutChunks"].stream_unary(requests, _GrpcLikeContext(site))
+    with pytest.raises(Aborted):
+        await handlers["PutChunks"].stream_unary(requests, FakeContext(site))
     return watch
 
 
@@ -160,8 +125,8 @@ def test_a_refused_request_is_let_go_at_once(no_collector: None) -> None:
         handlers = _handlers(core)
         request = service_pb2.ChunkIds(chunk_ids=[b"short"] * 1000)  # ids are 32 bytes
         base = _refs(request)
-        with pytest.raises(_Aborted):
-            await handlers["MissingChunks"].unary_unary(request, _GrpcLikeContext(1))
+        with pytest.raises(Aborted):
+            await handlers["MissingChunks"].unary_unary(request, FakeContext(1))
         assert _refs(request) == base, "a refused request is still held"
         core.executor.shutdown()
 

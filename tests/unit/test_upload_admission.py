@@ -23,52 +23,24 @@ import pytest
 
 from aggregator import service as svc
 from aggregator.service import AggregationService, Core
-from secagg.federation.config import FederationConfig
 from secagg.v1 import service_pb2
+from tests.fake_calls import Aborted, FakeContext, fake_service
 
 DATA = b"masked update " * 1000
 SLOTS = 6  # the federation's [limits] upload_slots (8 unless set)
 CID = hashlib.sha256(DATA).digest()
 
 
-class _Aborted(Exception):
-    pass
-
-
-class _Context:
-    def __init__(self, site: int, remaining: float | None = None) -> None:
-        self.site = site
-        self.remaining = remaining
-
-    def time_remaining(self) -> float | None:
-        return self.remaining
-
-    async def abort(self, code: Any, details: str) -> None:
-        raise _Aborted(f"{code}: {details}")
-
-
 def _service(core: Core) -> AggregationService:
-    config = FederationConfig.from_dict({
-        "federation": {"name": "hospitals", "protocol": "masking", "aggregator": "agg:443",
-                       "trust_root": "00" * 32},
-        "limits": {"upload_slots": SLOTS}})
-
-    async def site(context: _Context) -> int:
-        return context.site
-
-    service = AggregationService(core, types.SimpleNamespace(site=site),  # type: ignore[arg-type]
-                                 config)
-    core.job = types.SimpleNamespace(  # type: ignore[assignment]
-        store=types.SimpleNamespace(missing=lambda ids: list(ids)),
-        current_round=1, current_stage=(1, 3), upload_limit=lambda site: 1 << 30)
-    core.healthy = True
-    return service
+    return fake_service(core, limits={"upload_slots": SLOTS},
+                        store=types.SimpleNamespace(missing=lambda ids: list(ids)),
+                        current_round=1, current_stage=(1, 3), upload_limit=lambda site: 1 << 30)
 
 
 def _ask(service: AggregationService, site: int,
          remaining: float | None = None) -> asyncio.Future[Any]:
     request = service_pb2.ChunkIds(chunk_ids=[CID])
-    return asyncio.ensure_future(service.MissingChunks(request, _Context(site, remaining)))
+    return asyncio.ensure_future(service.MissingChunks(request, FakeContext(site, remaining)))
 
 
 async def _chunks(*chunks: service_pb2.Chunk) -> AsyncIterator[service_pb2.Chunk]:
@@ -77,7 +49,7 @@ async def _chunks(*chunks: service_pb2.Chunk) -> AsyncIterator[service_pb2.Chunk
 
 
 async def _put(service: AggregationService, site: int, *chunks: service_pb2.Chunk) -> Any:
-    return await service.PutChunks(_chunks(*chunks), _Context(site))
+    return await service.PutChunks(_chunks(*chunks), FakeContext(site))
 
 
 def _answered(asks: list[asyncio.Future[Any]]) -> list[int]:
@@ -98,7 +70,7 @@ def test_forty_sites_uploading_at_once_are_told_to_send_a_few_at_a_time(
         assert all(list(asks[i].result().chunk_ids) == [CID] for i in first)
         # uploads that end (however they end) let the next sites in arrival order send
         await _put(service, first[0] + 1)  # nothing sent: ended
-        with pytest.raises(_Aborted, match="do not hash"):  # refused: ended
+        with pytest.raises(Aborted, match="do not hash"):  # refused: ended
             await _put(service, first[1] + 1, service_pb2.Chunk(chunk_id=CID, data=b"x" * 9))
         await asyncio.sleep(0.05)
         assert _answered(asks) == list(range(SLOTS + 2))
@@ -207,6 +179,29 @@ def test_a_site_with_nothing_missing_takes_no_slot(monkeypatch: pytest.MonkeyPat
     asyncio.run(main())
 
 
+async def _honest_site_gets_the_next_slot(service: AggregationService) -> bool:
+    """Colluders 1..2*SLOTS have each had a slot in this stage; half of them now hold every
+    slot and the rest queue again; the honest site 99 asks last. When one slot comes back,
+    does it go to the honest site (and to no colluder)?"""
+    colluders = range(1, 2 * SLOTS + 1)
+    for s in colluders:
+        await asyncio.wait_for(_ask(service, s), timeout=5)
+        await _put(service, s)
+    holders = colluders[:SLOTS]
+    for s in holders:
+        await asyncio.wait_for(_ask(service, s), timeout=5)
+    queued = [_ask(service, s) for s in colluders[SLOTS:]]
+    await asyncio.sleep(0.05)
+    honest = _ask(service, 99)
+    await asyncio.sleep(0.05)
+    await _put(service, holders[0])  # one slot comes back
+    await asyncio.sleep(0.05)
+    first = honest.done() and not any(q.done() for q in queued)
+    for q in queued:
+        q.cancel()
+    return first
+
+
 def test_colluders_taking_slots_again_and_again_queue_behind_an_honest_site(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(svc, "UPLOAD_LEASE_SECONDS", 60.0)
@@ -214,24 +209,8 @@ def test_colluders_taking_slots_again_and_again_queue_behind_an_honest_site(
     async def main() -> None:
         core = Core(asyncio.get_running_loop())
         service = _service(core)
-        colluders = range(1, 2 * SLOTS + 1)
-        # every colluder has taken a slot before (and given it back)
-        for s in colluders:
-            await asyncio.wait_for(_ask(service, s), timeout=5)
-            await _put(service, s)
-        holders = colluders[:SLOTS]
-        for s in holders:  # they hold every slot
-            await asyncio.wait_for(_ask(service, s), timeout=5)
-        queued = [_ask(service, s) for s in colluders[SLOTS:]]  # and queue
-        await asyncio.sleep(0.05)
-        honest = _ask(service, 99)  # last to arrive
-        await asyncio.sleep(0.05)
-        await _put(service, holders[0])  # one slot comes back
-        await asyncio.sleep(0.05)
-        assert honest.done(), "the honest site waits behind colluders that had slots before"
-        assert not any(q.done() for q in queued)
-        for q in queued:
-            q.cancel()
+        assert await _honest_site_gets_the_next_slot(service), (
+            "the honest site waits behind colluders that had slots before")
         core.executor.shutdown()
 
     asyncio.run(main())
@@ -250,7 +229,7 @@ def test_sites_waiting_for_a_slot_at_shutdown_are_told_to_retry_at_once(
         await asyncio.sleep(0.05)
         core.stopping = True  # as serve() does on SIGTERM
         service.admission.close()
-        with pytest.raises(_Aborted, match="UNAVAILABLE"):
+        with pytest.raises(Aborted, match="UNAVAILABLE"):
             await asyncio.wait_for(waiting, timeout=1)
         core.executor.shutdown()
 
@@ -266,28 +245,13 @@ def test_an_honest_sites_uploads_in_earlier_stages_do_not_put_it_behind_colluder
     async def main() -> None:
         core = Core(asyncio.get_running_loop())
         service = _service(core)
-        job: Any = core.job
         for _ in range(5):  # the honest site uploaded often in earlier stages
             await asyncio.wait_for(_ask(service, 99), timeout=5)
             await _put(service, 99)
+        job: Any = core.job
         job.current_stage = (2, 3)  # the next round's upload stage
-        colluders = range(1, 2 * SLOTS + 1)
-        for s in colluders:  # each colluder has had a slot in this stage
-            await asyncio.wait_for(_ask(service, s), timeout=5)
-            await _put(service, s)
-        holders = colluders[:SLOTS]
-        for s in holders:
-            await asyncio.wait_for(_ask(service, s), timeout=5)
-        queued = [_ask(service, s) for s in colluders[SLOTS:]]
-        await asyncio.sleep(0.05)
-        honest = _ask(service, 99)
-        await asyncio.sleep(0.05)
-        await _put(service, holders[0])
-        await asyncio.sleep(0.05)
-        assert honest.done(), "the honest site's earlier uploads put it behind colluders"
-        assert not any(q.done() for q in queued)
-        for q in queued:
-            q.cancel()
+        assert await _honest_site_gets_the_next_slot(service), (
+            "the honest site's earlier uploads put it behind colluders")
         core.executor.shutdown()
 
     asyncio.run(main())
