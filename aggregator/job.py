@@ -93,10 +93,6 @@ CKKS_KIND_STAGE = {
 PURGE_DELAY = 3.0  # seconds after a round ends before its uploads are dropped
 
 
-def round_id_for(config: FederationConfig, job_id: str, number: int) -> str:
-    return f"{config.name or 'federation'}/{job_id}/round-{number}"
-
-
 @dataclass
 class RoundView:
     """What GetRound tells a site about a round (rebuilt from the store after a restart)."""
@@ -139,7 +135,7 @@ class _Active:
 
 class Job:
     def __init__(self, config: FederationConfig, roster: Roster, store: Store,
-                 initial_model: FlatModel, *, job_id: str = "job",
+                 initial_model: FlatModel, *,
                  clock: Callable[[], float] = time.monotonic,
                  on_change: Callable[[], None] | None = None,
                  metrics: Metrics | None = None) -> None:
@@ -152,7 +148,6 @@ class Job:
         self.config = config
         self.roster = roster
         self.store = store
-        self.job_id = job_id
         self._clock = clock
         self._on_change = on_change or (lambda: None)
         self.metrics = metrics or NoMetrics()
@@ -178,6 +173,14 @@ class Job:
             self._save_model(self._initial)
             self._open(1, self._initial)
             return
+        last_id = rows[-1].round_id
+        if last_id != self.config.round_id_for(rows[-1].round):
+            # (sites accept only this config's round ids: a store of another job, or a config
+            # whose [job] id or name changed under a running job, would run rounds no site joins)
+            raise ConfigurationError(
+                f"the store holds rounds of another job ({last_id!r}); this configuration's "
+                f"rounds are named {self.config.round_id_for(rows[-1].round)!r}: start a new "
+                "job on a new store, or restore the [federation] name and [job] id")
         for row in rows:
             model = self._load_model(row.model_digest)
             view = RoundView(row.round, row.round_id, row.protocol, _STATUS[row.status], model,
@@ -222,7 +225,7 @@ class Job:
     # ---- rounds ----------
 
     def _open(self, number: int, model: FlatModel) -> None:
-        round_id = round_id_for(self.config, self.job_id, number)
+        round_id = self.config.round_id_for(number)
         self.store.open_round(number, round_id, self.config.protocol, model.digest)
         view = RoundView(number, round_id, self.config.protocol, service_pb2.ROUND_STATUS_RUNNING,
                          model, self._model_blob(model.digest))
@@ -238,7 +241,8 @@ class Job:
         now = self._clock()
         readable = {0: set(view.model_blob.chunk_ids)}
         if view.protocol == "masking":
-            config = self.config.masking_round(view.round_id, self.roster, view.model.size)
+            config = self.config.masking_round(view.round_id, self.roster, view.model.size,
+                                               model_digest=view.model.digest)
             role = MaskingServer(config)
             view.stage = Stage.ADVERTISE_KEYS.value
             return _Active(view, role, now + self.config.deadlines.open,
@@ -473,7 +477,8 @@ class Job:
             if announcement.holder != site or announcement.epoch != view.round_id:
                 raise ServiceError(INVALID_ARGUMENT, "the announcement is not for this round")
             config = self.config.ckks_round(view.number, view.round_id, self.roster,
-                                            announcement, view.model.size)
+                                            announcement, view.model.size,
+                                            model_digest=view.model.digest)
             blob = wire.Blob.from_proto(offer.public_context)
             # defence: service.payload.context-bounded
             context = PublicContext.load(self._read(blob, limit=MAX_CONTEXT_BYTES))

@@ -31,11 +31,12 @@ import numpy as np
 
 from clients import tensors
 from clients.errors import AggregatorRefused, ModelMismatch, RoundAborted, SiteError
+from clients.history import History
 from clients.transport import Connection, Progress
 from secagg import wire
 from secagg.ckks import CkksClient, KeyHolder, PublicContext, Release, _seal
 from secagg.ckks.round import CkksStage
-from secagg.errors import ConfigurationError, InvalidMessage, ProtocolAbort, SecAggError
+from secagg.errors import ConfigurationError, InvalidMessage, SecAggError
 from secagg.federation.kit import SiteKit
 from secagg.masking import MaskingClient, Stage
 from secagg.masking.messages import MaskedInput
@@ -44,6 +45,7 @@ from secagg.v1 import service_pb2
 
 POLL_MS = 10_000
 _RUNNING = service_pb2.ROUND_STATUS_RUNNING
+_PROTOCOLS = {"masking": service_pb2.PROTOCOL_MASKING, "ckks": service_pb2.PROTOCOL_CKKS}
 
 
 class Site:
@@ -61,6 +63,7 @@ class Site:
         self._last_round = 0
         self._model_digest: bytes | None = None  # the model this site holds (last result)
         self._held_round = 0  # the round whose result (or starting model) that is
+        self._history = History(getattr(kit, "directory", None))
 
     @classmethod
     def connect(cls, site_dir: str | Path, *, tensors: str = "auto",
@@ -96,7 +99,13 @@ class Site:
             info = self._next_round_info()
             if info is None:
                 return
-            rnd = self._join(info)
+            try:
+                rnd = self._join(info)
+            except SiteError:
+                raise
+            # defence: sdk.lies-are-refusals-join
+            except (SecAggError, ValueError) as e:  # what the aggregator sent does not hold
+                raise RoundAborted(info.round_id, f"this site refused the round: {e}") from None
             if rnd is not None:
                 yield rnd
 
@@ -121,6 +130,23 @@ class Site:
                 return info
 
     def _join(self, info: service_pb2.RoundInfo) -> Round | None:
+        # What the round is comes from this site's own configuration, never from the
+        # aggregator's announcement: the protocol (a masking federation run as CKKS would
+        # hand the updates to a key holder, with none of masking's checks), the round's id
+        # (federation, job, number within [job] rounds) and whether this site already sent
+        # to that round number (clients.history).
+        number, round_id = int(info.round), info.round_id
+        # defence: sdk.protocol-pinned
+        if info.protocol != _PROTOCOLS[self.config.protocol]:
+            raise RoundAborted(round_id, f"the aggregator runs this round as another protocol "
+                                         f"than this federation's ({self.config.protocol})")
+        try:
+            self.config.check_round_id(round_id, number)
+        except ConfigurationError as e:
+            raise RoundAborted(round_id, str(e)) from None
+        problem = self._history.check(self.config.job_id, number)
+        if problem:
+            raise RoundAborted(round_id, problem)
         digest = bytes(info.model.digest)
         if self._model_digest is not None and digest != self._model_digest:
             self._follow_chain(info.round, digest)
@@ -128,10 +154,6 @@ class Site:
         model = self._download_model(info.model, "model")
         self._model_digest = model.digest
         rnd = Round(self, info, model)
-        try:
-            self.config.check_round_id(rnd.round_id, rnd.number)
-        except ConfigurationError as e:
-            raise RoundAborted(rnd.round_id, str(e)) from None
         if (info.protocol == service_pb2.PROTOCOL_CKKS
                 and self.config.key_holder_for(rnd.number) == self.site_id):
             rnd._announce_key()
@@ -182,7 +204,7 @@ class Round:
         self._conn = site._conn
         self.number = int(info.round)
         self.round_id = info.round_id
-        self.protocol = "masking" if info.protocol == service_pb2.PROTOCOL_MASKING else "ckks"
+        self.protocol = site.config.protocol  # (_join checked the announcement agrees)
         self.model = model
         self._key: KeyHolder | None = None
         self._submitted = False
@@ -214,16 +236,23 @@ class Round:
         delta, _ = tensors.clip_l2(delta, config.clip_norm, self.model.integer_positions,
                                    in_place=True)
         scaled_weight = float(weight) / config.max_samples
+        # this round number is spent from here on, whatever becomes of it
+        self._site._history.spend(config.job_id, self.number)
         try:
             if self.protocol == "masking":
                 self._run_masking(delta, scaled_weight)
             else:
                 self._run_ckks(delta, scaled_weight)
-        except ProtocolAbort as abort:
+            info = self._wait_for_end()
+            self.result = self._site._accept_result(info)
+        except SiteError:
+            raise
+        # every lie this site detects (a message, a context, a model that does not hold) is
+        # a refusal of the round, never an internal exception out of the training loop
+        # defence: sdk.lies-are-refusals-round
+        except (SecAggError, ValueError) as abort:
             raise RoundAborted(self.round_id, f"this site refused the aggregator's messages: "
                                               f"{abort}") from None
-        info = self._wait_for_end()
-        self.result = self._site._accept_result(info)
         self.survivors = tuple(int(s) for s in info.survivors)
         return tensors.as_tensors(self.result.to_arrays(), self._site._tensors)
 
@@ -268,7 +297,10 @@ class Round:
 
     def _run_masking(self, delta: np.ndarray, weight: float) -> None:
         site = self._site
-        config = site.config.masking_round(self.round_id, site.kit.roster, self.model.size)
+        # bound to the model this site computed its update against: sites handed different
+        # models sign different round parameters and never complete a round together
+        config = site.config.masking_round(self.round_id, site.kit.roster, self.model.size,
+                                           model_digest=self.model.digest)
         client = MaskingClient(config, site.site_id, site.kit.identity, (delta, weight))
         self._progress("stage ADVERTISE_KEYS", 0, 5)
         self._submit(advertise_keys=wire.advertise_to_proto(client.start()))
@@ -331,7 +363,8 @@ class Round:
         announcement = wire.announcement_from_proto(info.ckks_key.announcement)
         try:
             config = site.config.ckks_round(self.number, self.round_id, site.kit.roster,
-                                            announcement, self.model.size)
+                                            announcement, self.model.size,
+                                            model_digest=self.model.digest)
         except ConfigurationError as e:
             raise RoundAborted(self.round_id, f"the round's key announcement is refused: {e}"
                                ) from None

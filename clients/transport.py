@@ -102,6 +102,11 @@ class Connection:
                     service_pb2.ChunkIds(chunk_ids=ids[start:start + IDS_PER_CALL]),
                     timeout=self.call_timeout)
                 missing.extend(bytes(c) for c in reply.chunk_ids)
+            # defence: sdk.upload-offered-only
+            if not set(missing) <= by_id.keys():
+                raise AggregatorRefused("INVALID_ARGUMENT", f"the aggregator asked for a chunk "
+                                                            f"of the {what} this site did not "
+                                                            "offer")
             done = total - len(missing)
             if progress:
                 progress(what, done, total)
@@ -134,18 +139,31 @@ class Connection:
                                                     f"{blob.size} bytes (at most {max_size})")
         got: dict[bytes, bytes] = {}
         wanted = list(dict.fromkeys(blob.chunk_ids))
+        held = 0  # bytes of the chunks kept so far: never more than the blob's size
 
         def attempt() -> None:
+            nonlocal held
             missing = [c for c in wanted if c not in got]
             for start in range(0, len(missing), IDS_PER_CALL):
-                request = service_pb2.ChunkIds(chunk_ids=missing[start:start + IDS_PER_CALL])
+                asked = missing[start:start + IDS_PER_CALL]
+                pending = set(asked)
+                request = service_pb2.ChunkIds(chunk_ids=asked)
                 for chunk in self.stub.GetChunks(request, timeout=max(
                         self.call_timeout, len(missing) * 2.0)):
-                    data = bytes(chunk.data)
-                    if hashlib.sha256(data).digest() != bytes(chunk.chunk_id):
+                    cid, data = bytes(chunk.chunk_id), bytes(chunk.data)
+                    # only what was asked for, each once, and no more bytes than the blob
+                    # holds: a lying aggregator cannot make a site buffer what it likes
+                    # defence: sdk.download-asked-only
+                    if cid not in pending or held + len(data) > blob.size:
+                        raise AggregatorRefused("DATA_LOSS", f"the aggregator sent a chunk of "
+                                                             f"the {what} that was not asked "
+                                                             "for")
+                    if hashlib.sha256(data).digest() != cid:
                         raise AggregatorRefused("DATA_LOSS", "a downloaded chunk does not "
                                                              "match its id")
-                    got[bytes(chunk.chunk_id)] = data
+                    pending.discard(cid)
+                    got[cid] = data
+                    held += len(data)
                     self.bytes_received += len(data)
                     if progress:
                         progress(what, len(got), len(wanted))

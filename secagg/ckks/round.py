@@ -64,6 +64,10 @@ class CkksRoundConfig:
     corrupt_fraction: the fraction of sites that may collude with the aggregator.
     epoch: the key's validity label this round belongs to (default: the round id, i.e. a fresh
         key per round); must equal the announcement's.
+    model_digest: the digest of the model the round's updates are computed against (32
+        bytes), or empty. Uploads are signed over it, so a key holder handed one model
+        refuses uploads computed against another: an aggregator cannot give sites different
+        models to isolate one site's update in the released sum.
 
     Notes
     -----
@@ -85,10 +89,13 @@ class CkksRoundConfig:
     min_sites: int = 0
     corrupt_fraction: float = 0.2
     epoch: str | None = None
+    model_digest: bytes = b""
 
     def __post_init__(self) -> None:
         if not isinstance(self.round_id, str) or not self.round_id:
             raise ConfigurationError("round_id must be a non-empty string")
+        if not isinstance(self.model_digest, bytes) or len(self.model_digest) not in (0, 32):
+            raise ConfigurationError("model_digest must be 32 bytes (or empty: no model)")
         if not isinstance(self.roster, Mapping) or len(self.roster) < MIN_SITES:
             raise ConfigurationError(f"roster must list at least {MIN_SITES} sites")
         for site, key in self.roster.items():
@@ -205,7 +212,9 @@ class CkksRoundConfig:
                       # defence: ckks.round.params-binds-min-sites
                       repr(float(self.max_weight)), self.min_sites, str(self.epoch),
                       # defence: ckks.round.params-binds-corrupt-fraction
-                      repr(float(self.corrupt_fraction)))
+                      repr(float(self.corrupt_fraction)),
+                      # defence: ckks.round.params-binds-model
+                      *((self.model_digest,) if self.model_digest else ()))
 
     def value_bounds(self, sites: int) -> tuple[float, float]:
         """(max |weighted sum element|, max weight sum) of an honest aggregate of ``sites``."""

@@ -118,6 +118,9 @@ class FederationConfig:
     trust_root: bytes
     rounds: int = 3
     server_learning_rate: float = 1.0
+    # names the job in every round id; a job started again on a fresh store needs a new one
+    # (sites refuse a round they already took part in: clients.site.History)
+    job_id: str = "job"
     initial_model: Path | None = None
     clip_norm: float = 1.0
     max_samples: float = 10_000.0
@@ -189,6 +192,7 @@ class FederationConfig:
             aggregator=_get(fed, "federation", "aggregator", str),
             trust_root=trust_root,
             rounds=int(_positive("job", "rounds", _get(job, "job", "rounds", int, 3))),
+            job_id=_get(job, "job", "id", str, "job"),
             server_learning_rate=float(_positive("job", "server_learning_rate", _get(
                 job, "job", "server_learning_rate", (int, float), 1.0))),
             initial_model=None if initial is None else (base or Path(".")) / initial,
@@ -243,6 +247,10 @@ class FederationConfig:
         if self.word_bits not in (32, 64):
             raise ConfigurationError(f"[masking] word_bits must be 32 or 64, got "
                                      f"{self.word_bits}")
+        if (not isinstance(self.job_id, str) or not 1 <= len(self.job_id) <= 64
+                or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in self.job_id)):
+            raise ConfigurationError("[job] id must be 1-64 letters, digits, '-', '_' or '.', "
+                                     f"got {self.job_id!r}")
         if ":" not in self.aggregator:
             raise ConfigurationError(f"[federation] aggregator must be host:port, got "
                                      f"{self.aggregator!r}")
@@ -251,7 +259,8 @@ class FederationConfig:
         data: dict[str, Any] = {
             "federation": {"name": self.name, "protocol": self.protocol,
                            "aggregator": self.aggregator, "trust_root": self.trust_root.hex()},
-            "job": {"rounds": self.rounds, "server_learning_rate": self.server_learning_rate},
+            "job": {"id": self.job_id, "rounds": self.rounds,
+                    "server_learning_rate": self.server_learning_rate},
             "update": {"clip_norm": self.clip_norm, "max_samples": self.max_samples},
             "masking": {"neighbors": self.neighbors, "threshold": self.threshold,
                         "corrupt_fraction": self.corrupt_fraction,
@@ -288,28 +297,35 @@ class FederationConfig:
         return self.key_holders[(round_number - 1) % len(self.key_holders)]
 
     def masking_round(self, round_id: str, roster: Mapping[int, bytes],
-                      vector_length: int) -> Any:
-        """The masking round configuration (its checks run here: thresholds, the bound)."""
+                      vector_length: int, *, model_digest: bytes) -> Any:
+        """The masking round configuration (its checks run here: thresholds, the bound), bound
+        to the digest of the model the round starts from."""
         from secagg.masking import RoundConfig
 
         return RoundConfig(round_id, roster, vector_length, threshold=self.masking_threshold,
                            neighbors=self.masking_neighbors,  # type: ignore[arg-type]
                            corrupt_fraction=self.corrupt_fraction,
                            dropout_rate=self.dropout_rate, clip=self.clip_norm, max_weight=1.0,
-                           word_bits=self.word_bits)
+                           word_bits=self.word_bits, model_digest=model_digest)
+
+    def round_id_for(self, round_number: int) -> str:
+        """The id of this job's round ``round_number``: what the aggregator names it and the
+        only name a site accepts for it."""
+        return f"{self.name or 'federation'}/{self.job_id}/round-{round_number}"
 
     def check_round_id(self, round_id: str, round_number: int) -> None:
-        """A round id names this federation and this round number (the aggregator's choice of
-        job in between is not checked: keys and sessions are fresh per round anyway)."""
-        prefix = f"{self.name or 'federation'}/"
+        """A round id names this federation, this job and this round number, within the
+        job's rounds: the aggregator cannot replay a round under another job's name or run
+        rounds beyond ``[job] rounds``."""
         # defence: federation.round-id-checked
-        if (not isinstance(round_id, str) or not round_id.startswith(prefix)
-                or not round_id.endswith(f"/round-{round_number}")):
-            raise ConfigurationError(f"round id {round_id!r} is not round {round_number} of "
-                                     f"federation {self.name!r}")
+        if (type(round_number) is not int or not 1 <= round_number <= self.rounds
+                or round_id != self.round_id_for(round_number)):
+            raise ConfigurationError(
+                f"round id {round_id!r} is not round {round_number} of job {self.job_id!r} of "
+                f"federation {self.name!r} (which has rounds 1 to {self.rounds})")
 
     def ckks_round(self, round_number: int, round_id: str, roster: Mapping[int, bytes],
-                   announcement: Any, vector_length: int) -> Any:
+                   announcement: Any, vector_length: int, *, model_digest: bytes) -> Any:
         """The CKKS round configuration for a key announced by the key holder this
         federation's configuration names for ``round_number`` (never whoever the aggregator
         relays: a site encrypting to another holder would hand it its update), for this
@@ -328,4 +344,5 @@ class FederationConfig:
         return CkksRoundConfig(round_id, roster, announcement, (holder,),
                                vector_length, preset=self.preset, clip=self.clip_norm,
                                max_weight=1.0, min_sites=self.min_sites or 0,
-                               corrupt_fraction=self.corrupt_fraction)
+                               corrupt_fraction=self.corrupt_fraction,
+                               model_digest=model_digest)

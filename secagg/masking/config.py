@@ -58,6 +58,11 @@ def _check_range(name: str, value: object) -> float:
     return v
 
 
+def _check_model_digest(value: object) -> None:
+    if not isinstance(value, bytes) or len(value) not in (0, 32):
+        raise ConfigurationError("model_digest must be 32 bytes (or empty: no model)")
+
+
 @dataclass(frozen=True)
 class RoundConfig:
     """Everything the sites and the server must agree on before a masking round starts.
@@ -76,6 +81,11 @@ class RoundConfig:
         missing neighbours from it; a round with more dropouts may abort, never leak).
     security_bits: SecAgg+ only; the bound is ``2**-security_bits`` (at least 40).
     clip, max_weight, word_bits: quantisation (see :mod:`secagg.hazmat.quantize`).
+    model_digest: the digest of the model the round's updates are computed against (32
+        bytes), or empty for a round with no model. Every signature of the round is bound to
+        it, so sites handed different models never complete a round together: an aggregator
+        cannot give the other sites a model whose updates are zero where it wants one site's
+        alone, and read that site's update off the sum.
 
     Notes
     -----
@@ -98,11 +108,13 @@ class RoundConfig:
     clip: float = 1.0
     max_weight: float = 1.0
     word_bits: int = 32
+    model_digest: bytes = b""
     _graph: graph.GraphParameters = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.round_id, str) or not self.round_id:
             raise ConfigurationError("round_id must be a non-empty string")
+        _check_model_digest(self.model_digest)
         # defence: masking.config.at-least-three-sites
         if not isinstance(self.roster, Mapping) or len(self.roster) < MIN_SITES:
             raise ConfigurationError(f"roster must list at least {MIN_SITES} sites")
@@ -250,6 +262,8 @@ class RoundConfig:
             self.security_bits, repr(float(self.clip)), repr(float(self.max_weight)),
             # defence: masking.config.params-binds-word-bits
             self.word_bits,
+            # defence: masking.config.params-binds-model
+            *((self.model_digest,) if self.model_digest else ()),
         )
 
     # ---- the graph ---------------------------------------------------------------------------

@@ -65,3 +65,29 @@ def test_a_counted_message_claims_its_payload_for_its_round(tmp_path: Path) -> N
         assert all(job.may_read(2, cid) for cid in ids)  # the sites can still fetch it
     finally:
         store.close()
+
+
+def test_a_store_of_another_job_is_refused_at_start(tmp_path: Path) -> None:
+    """Sites accept only this configuration's round ids (`<name>/<[job] id>/round-<n>`): an
+    aggregator started on a store whose rounds are named otherwise (another job's store, or a
+    [job] id changed under a running job) would run rounds no site joins. It refuses to
+    start, naming both."""
+    import dataclasses
+
+    import pytest
+
+    from secagg.errors import ConfigurationError
+
+    fed = make_federation(tmp_path, 4, "masking", rounds=2)
+    files = load_server_files(fed.aggregator_config)
+    roster = load_roster(files.directory / ROSTER_FILE, files.config.trust_root)
+    store = Store(str(tmp_path / "aggregator.db"))
+    model = FlatModel.load_npz(files.config.initial_model)
+    try:
+        Job(files.config, roster, store, model).recover()  # round 1 of job "job" opens
+        other = dataclasses.replace(files.config, job_id="job-2")
+        with pytest.raises(ConfigurationError, match="another job"):
+            Job(other, roster, store, model).recover()
+        Job(files.config, roster, store, model).recover()  # its own job still starts
+    finally:
+        store.close()

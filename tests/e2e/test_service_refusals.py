@@ -69,7 +69,8 @@ def test_identity_and_message_refusals_leave_the_round_intact(tmp_path: Path) ->
         stub = service_pb2_grpc.AggregationStub(channel)  # type: ignore[no-untyped-call]
         info = stub.GetRound(service_pb2.GetRoundRequest(after_round=0, wait_ms=5000))
         assert info.status == service_pb2.ROUND_STATUS_RUNNING
-        config = kit4.config.masking_round(info.round_id, kit4.roster, _size(info))
+        config = kit4.config.masking_round(info.round_id, kit4.roster, _size(info),
+                                           model_digest=bytes(info.model.digest))
         client = MaskingClient(config, 4, kit4.identity, (_zeros(info), 0.5))
         advert = client.start()
 

@@ -57,6 +57,7 @@ def _honest_round(announcer: int, round_id: str = "hospitals/job-1/round-1",
     config = FederationConfig.from_dict({
         "federation": {"name": "hospitals", "protocol": "ckks", "aggregator": "agg:443",
                        "trust_root": "00" * 32},
+        "job": {"id": "job-1"},
         "ckks": {"key_holders": [HOLDER]},  # only site 1 makes and releases keys
     })
     key = KeyHolder.generate(config.preset)
@@ -70,7 +71,7 @@ def _honest_round(announcer: int, round_id: str = "hospitals/job-1/round-1",
     rnd = Round.__new__(Round)
     rnd._site, rnd._conn, rnd.number, rnd.round_id = site, aggregator, 1, round_id
     rnd.protocol, rnd._key, rnd._submitted = "ckks", None, False
-    rnd.model = types.SimpleNamespace(size=1000)  # type: ignore[assignment]
+    rnd.model = types.SimpleNamespace(size=1000, digest=b"\x07" * 32)  # type: ignore[assignment]
     return rnd, aggregator
 
 
@@ -170,7 +171,8 @@ def test_key_holder_checks_claimed_chunk_counts_and_sizes_before_downloading() -
 
     rnd, aggregator = _honest_round(announcer=HOLDER)
     config = rnd._site.config.ckks_round(1, rnd.round_id, rnd._site.kit.roster,
-                                         aggregator.announcement, 1000)
+                                         aggregator.announcement, 1000,
+                                         model_digest=rnd.model.digest)
     stub = _ChunkStub(b"")
     rnd._conn = _connection(stub)
     rnd._key = aggregator.key  # type: ignore[attr-defined]
@@ -255,3 +257,187 @@ def test_a_model_spec_no_tensor_can_have_is_refused_before_anything_is_fetched(
     with pytest.raises(InvalidMessage, match="model spec"):
         site._download_model(lying, "model")
     assert stub.served == 0
+
+
+# ---- what a round is comes from the site's own configuration and history ---------------------
+
+
+class _Scripted:
+    """An aggregator connection that announces one round and serves payloads by first chunk
+    id; records what the site sends."""
+
+    def __init__(self, info: Any, payloads: dict[bytes, bytes]) -> None:
+        self.info, self.payloads = info, payloads
+        self.sent: list[str] = []
+        self.fetched: list[str] = []
+
+    def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        if method == "GetRound":
+            return self.info
+        from clients.errors import AggregatorRefused
+
+        self.sent.append(method)
+        raise AggregatorRefused("FAILED_PRECONDITION", "the test's aggregator stops here")
+
+    def download(self, blob: Any, **_: Any) -> bytes:
+        self.fetched.append(blob.chunk_ids[0].hex())
+        return self.payloads[blob.chunk_ids[0]]
+
+    def upload(self, data: bytes, **_: Any) -> Any:
+        self.sent.append("upload")
+        raise AssertionError("the site uploaded something")
+
+
+def _site(protocol: str, info: Any, payloads: dict[bytes, bytes], directory: Any = None,
+          ) -> tuple[Site, _Scripted]:
+    roster, identities = make_roster(5)
+    config = FederationConfig.from_dict({
+        "federation": {"name": "hospitals", "protocol": protocol, "aggregator": "agg:443",
+                       "trust_root": "00" * 32},
+        "job": {"id": "job-1", "rounds": 3}, "ckks": {"key_holders": [HOLDER]}})
+    kit = types.SimpleNamespace(site_id=HONEST, config=config, roster=roster,
+                                identity=identities[HONEST], directory=directory)
+    conn = _Scripted(info, payloads)
+    return Site(kit, conn), conn  # type: ignore[arg-type]
+
+
+def _model_info(number: int, round_id: str, protocol: int = service_pb2.PROTOCOL_MASKING,
+                data: bytes | None = None) -> tuple[Any, dict[bytes, bytes]]:
+    from secagg.model import FlatModel
+
+    model = FlatModel.from_arrays({"w": np.zeros(8, np.float32)})
+    blob = wire.Blob((b"\x03" * 32,), len(model.to_bytes()))
+    info = service_pb2.RoundInfo(round=number, round_id=round_id, protocol=protocol,
+                                 status=service_pb2.ROUND_STATUS_RUNNING,
+                                 model=wire.model_to_proto(model, blob))
+    return info, {blob.chunk_ids[0]: model.to_bytes() if data is None else data}
+
+
+@pytest.mark.parametrize(("number", "round_id"), [
+    (1, "hospitals/jobB/round-1"),  # another job: a replay of round 1 under a new name
+    (1, "hospitals/job-1/round-1/x"),
+    (4, "hospitals/job-1/round-4"),  # beyond [job] rounds = 3
+    (0, "hospitals/job-1/round-0"),
+])
+def test_site_refuses_a_round_of_another_job_or_beyond_the_jobs_rounds(
+        number: int, round_id: str) -> None:
+    info, payloads = _model_info(number, round_id)
+    site, conn = _site("masking", info, payloads)
+    with pytest.raises(RoundAborted, match="is not round"):
+        next(site.rounds())
+    assert conn.fetched == [] and conn.sent == []
+
+
+def test_site_refuses_a_round_run_as_another_protocol_than_its_federations() -> None:
+    """A masking federation's aggregator announces the round as CKKS (its own config edited):
+    the sites would encrypt to a key holder, and one colluder could have it release a single
+    site's update. The site refuses before fetching anything."""
+    info, payloads = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
+    site, conn = _site("masking", info, payloads)
+    with pytest.raises(RoundAborted, match="another protocol"):
+        next(site.rounds())
+    assert conn.fetched == [] and conn.sent == []
+
+
+def test_site_sends_to_each_round_number_once_even_across_restarts(tmp_path: Any) -> None:
+    """The aggregator runs round 2, reports it failed after unmasking, and runs "round 2"
+    again (or round 1) to get a second sum over other sites: the difference would be one
+    site's update. The site recorded round 2 as spent before its first message left, in its
+    directory, so a restarted training script refuses it too."""
+    info, payloads = _model_info(2, "hospitals/job-1/round-2")
+    site, conn = _site("masking", info, payloads, directory=tmp_path)
+    rnd = next(site.rounds())
+    from clients.errors import AggregatorRefused
+
+    with pytest.raises(AggregatorRefused):
+        rnd.submit({"w": np.ones(8, np.float32)}, weight=10)
+    assert conn.sent == ["Submit"]  # its first message left
+    for number in (2, 1):
+        info, payloads = _model_info(number, f"hospitals/job-1/round-{number}")
+        restarted, conn = _site("masking", info, payloads, directory=tmp_path)
+        with pytest.raises(RoundAborted, match="already sent an update to round 2"):
+            next(restarted.rounds())
+        assert conn.fetched == [] and conn.sent == []
+    info, payloads = _model_info(3, "hospitals/job-1/round-3")
+    later, _ = _site("masking", info, payloads, directory=tmp_path)
+    assert next(later.rounds()).number == 3
+
+
+def test_a_damaged_round_history_is_a_clear_error(tmp_path: Any) -> None:
+    from clients.errors import SiteError
+    from clients.history import HISTORY_FILE
+
+    (tmp_path / HISTORY_FILE).write_text('{"version": 1, "last_round": {"job-1": "x"}}')
+    info, payloads = _model_info(1, "hospitals/job-1/round-1")
+    with pytest.raises(SiteError, match="not a round history"):
+        _site("masking", info, payloads, directory=tmp_path)
+
+
+def test_lies_the_site_detects_are_round_refusals_not_internal_errors() -> None:
+    """A model whose bytes do not match its digest, a CKKS public context that does not
+    parse: each is RoundAborted (a SiteError, which a training loop catches), never the
+    library's internal exception."""
+    info, payloads = _model_info(1, "hospitals/job-1/round-1",
+                                 data=np.ones(8, np.float32).tobytes())
+    site, _ = _site("masking", info, payloads)
+    with pytest.raises(RoundAborted, match="refused the round"):
+        next(site.rounds())
+
+    roster, identities = make_roster(5)
+    key = KeyHolder.generate()
+    info, payloads = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
+    info.ckks_key.CopyFrom(service_pb2.CkksKeyOffer(
+        announcement=wire.announcement_to_proto(key.announce(
+            holder=HOLDER, identity=identities[HOLDER], epoch="hospitals/job-1/round-1")),
+        public_context=wire.Blob((b"\x09" * 32,), 5).to_proto()))
+    payloads[b"\x09" * 32] = b"junk!"
+    site, conn = _site("ckks", info, payloads)
+    site.kit.roster, site.kit.identity = roster, identities[HONEST]
+    rnd = next(site.rounds())
+    with pytest.raises(RoundAborted, match="refused the aggregator's messages"):
+        rnd.submit({"w": np.ones(8, np.float32)}, weight=10)
+    assert "upload" not in conn.sent
+
+
+class _ExtraChunks(_ChunkStub):
+    """GetChunks that also sends chunks nobody asked for."""
+
+    def GetChunks(self, request: Any, timeout: float) -> Any:
+        import hashlib
+
+        for cid in request.chunk_ids:
+            yield service_pb2.Chunk(chunk_id=cid, data=self.data)
+        for i in range(100):
+            extra = i.to_bytes(4, "big") * 16384
+            self.served += 1
+            yield service_pb2.Chunk(chunk_id=hashlib.sha256(extra).digest(), data=extra)
+
+
+def test_download_refuses_chunks_that_were_not_asked_for() -> None:
+    """The site asked for one 1 KiB chunk; the aggregator streams 64 KiB chunks it did not
+    ask for (valid ones, each matching its id): refused at the first, nothing kept."""
+    from clients.errors import AggregatorRefused
+
+    stub = _ExtraChunks(b"y" * 1024)
+    with pytest.raises(AggregatorRefused, match="not asked for"):
+        _connection(stub).download(wire.Blob((stub.cid,), 1024), max_size=1024)
+    assert stub.served == 1
+
+
+def test_upload_refuses_an_aggregator_that_asks_for_a_chunk_it_was_not_offered() -> None:
+    from clients.errors import AggregatorRefused
+
+    class _Asks:
+        put = False
+
+        def MissingChunks(self, request: Any, timeout: float) -> Any:
+            return service_pb2.ChunkIds(chunk_ids=[*request.chunk_ids, b"\x05" * 32])
+
+        def PutChunks(self, stream: Any, timeout: float) -> Any:
+            self.put = True
+            return service_pb2.PutChunksResponse()
+
+    stub = _Asks()
+    with pytest.raises(AggregatorRefused, match="did not offer"):
+        _connection(stub).upload(b"data")  # type: ignore[arg-type]
+    assert not stub.put

@@ -32,6 +32,8 @@ def test_params_digest_binds_every_parameter() -> None:
         replace(base, max_weight=0.5),
         replace(base, min_sites=4),
         replace(base, corrupt_fraction=0.1),
+        replace(base, model_digest=bytes(32)),
+        replace(base, model_digest=bytes(31) + b"\x01"),
     ]
     digests = {v.params_digest for v in variants}
     assert base.params_digest not in digests and len(digests) == len(variants)

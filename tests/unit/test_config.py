@@ -152,7 +152,9 @@ def test_params_digest_binds_every_parameter() -> None:
                 RoundConfig("r", r, 4, dropout_rate=0.2),
                 RoundConfig("r", r, 4, security_bits=41),
                 RoundConfig("r", Roster(dict(r), bytes(32)), 4),
-                RoundConfig("r", roster(6), 4)]
+                RoundConfig("r", roster(6), 4),
+                RoundConfig("r", r, 4, model_digest=bytes(32)),
+                RoundConfig("r", r, 4, model_digest=bytes(31) + b"\x01")]
     digests = {v.params_digest for v in variants}
     assert base not in digests and len(digests) == len(variants)
     big = roster(40)
