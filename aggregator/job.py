@@ -29,6 +29,7 @@ from aggregator.metrics import Metrics, NoMetrics
 from aggregator.store import BlobRef, Event, Store, split_chunks
 from secagg import wire
 from secagg.ckks import CkksServer, CkksStage, PublicContext, _seal
+from secagg.ckks.keys import MAX_CONTEXT_BYTES
 from secagg.errors import (
     ConfigurationError,
     InvalidMessage,
@@ -63,9 +64,6 @@ UNAVAILABLE = "UNAVAILABLE"
 NOT_FOUND = "NOT_FOUND"
 
 
-# A public context (public key, no Galois or relinearisation keys) is 0.1-0.4 MB for the
-# presets; the key holder's claim is bounded well above that, not by the vector length.
-MAX_CONTEXT_BYTES = 32 << 20
 
 
 class ServiceError(Exception):
@@ -173,6 +171,14 @@ class Job:
             self._save_model(self._initial)
             self._open(1, self._initial)
             return
+        # defence: service.store-of-this-job
+        first = rows[0]
+        if first.round == 1 and first.model_digest != self._initial.digest:
+            raise ConfigurationError(
+                "the store holds a job that started from another model than this "
+                "configuration's [job] initial_model (another federation's or job's store, or "
+                "the model file changed under a running job): start a new job on a new store, "
+                "or restore the model file")
         last_id = rows[-1].round_id
         if last_id != self.config.round_id_for(rows[-1].round):
             # (sites accept only this config's round ids: a store of another job, or a config

@@ -20,7 +20,7 @@ import signal
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -770,7 +770,7 @@ def _sha256(data: bytes) -> bytes:
 class ServerFiles:
     config: FederationConfig
     directory: Path
-    server_key: bytes
+    server_key: bytes = field(repr=False)  # the TLS private key: never in a repr
     server_cert: bytes
     ca_cert: bytes
 

@@ -14,8 +14,11 @@ site: a crash after that point costs the site that round, never a second sending
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from clients.errors import SiteError
@@ -44,13 +47,29 @@ class History:
         return None
 
     def spend(self, job: str, round_number: int) -> None:
-        """Record ``round_number`` as sent to, durably, before anything of the update leaves."""
-        problem = self.check(job, round_number)
-        if problem:
-            raise SiteError(problem)
-        self._last[job] = round_number
+        """Record ``round_number`` as sent to, durably, before anything of the update leaves.
+        Under an exclusive lock on the directory's history, re-read first: two ``Site``
+        objects on one directory (a training script restarted while the old one still runs,
+        two workers) cannot both send to one round."""
         if self._path is None:
+            problem = self.check(job, round_number)
+            if problem:
+                raise SiteError(problem)
+            self._last[job] = round_number
             return
+        with _locked(self._path.with_name(f".{HISTORY_FILE}.lock")):
+            # defence: sdk.round-once-across-processes
+            if self._path.exists():
+                for name, last in _read(self._path).items():
+                    self._last[name] = max(self._last.get(name, 0), last)
+            problem = self.check(job, round_number)
+            if problem:
+                raise SiteError(problem)
+            self._last[job] = round_number
+            self._write()
+
+    def _write(self) -> None:
+        assert self._path is not None
         data = json.dumps({"version": 1, "last_round": self._last}, sort_keys=True).encode()
         tmp = self._path.with_name(f".{HISTORY_FILE}.tmp")
         try:
@@ -66,10 +85,22 @@ class History:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-        except OSError as e:
-            self._last[job] = round_number  # stays spent in this process either way
+        except OSError as e:  # (the round stays spent in this process either way)
             raise SiteError(f"cannot record this round in {self._path}: {e.strerror}; the "
                             "update was not sent") from None
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise SiteError(f"cannot lock {path}: {e.strerror}; the update was not sent") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (closing releases the lock)
 
 
 def _read(path: Path) -> dict[str, int]:

@@ -35,6 +35,7 @@ from clients.history import History
 from clients.transport import Connection, Progress
 from secagg import wire
 from secagg.ckks import CkksClient, KeyHolder, PublicContext, Release, _seal
+from secagg.ckks.keys import MAX_CONTEXT_BYTES
 from secagg.ckks.round import CkksStage
 from secagg.errors import ConfigurationError, InvalidMessage, SecAggError
 from secagg.federation.kit import SiteKit
@@ -46,6 +47,24 @@ from secagg.v1 import service_pb2
 POLL_MS = 10_000
 _RUNNING = service_pb2.ROUND_STATUS_RUNNING
 _PROTOCOLS = {"masking": service_pb2.PROTOCOL_MASKING, "ckks": service_pb2.PROTOCOL_CKKS}
+
+
+def _why(e: Exception) -> str:
+    return str(e) if isinstance(e, SecAggError) else f"{type(e).__name__}: {e}"
+
+
+def _sample_count(weight: object) -> float | None:
+    """``weight`` as a float if it is a real number (a Python, numpy or 0-d torch scalar:
+    what ``len``, ``y.sum()`` and ``mask.sum()`` return), not a bool, finite; else None."""
+    import math
+    import numbers
+
+    if getattr(weight, "ndim", None) == 0 and hasattr(weight, "item"):
+        weight = weight.item()  # a 0-d array or tensor
+    if isinstance(weight, bool | np.bool_) or not isinstance(weight, numbers.Real):
+        return None
+    value = float(weight)
+    return value if math.isfinite(value) else None
 
 
 class Site:
@@ -104,8 +123,9 @@ class Site:
             except SiteError:
                 raise
             # defence: sdk.lies-are-refusals-join
-            except (SecAggError, ValueError) as e:  # what the aggregator sent does not hold
-                raise RoundAborted(info.round_id, f"this site refused the round: {e}") from None
+            except Exception as e:  # what the aggregator sent does not hold, whatever raised
+                raise RoundAborted(info.round_id, f"this site refused the round: {_why(e)}"
+                                   ) from None
             if rnd is not None:
                 yield rnd
 
@@ -189,8 +209,13 @@ class Site:
                                    what=what, max_size=max(FlatModel.encoded_sizes(spec)))
         return wire.model_from_proto(p, data)
 
-    def _accept_result(self, info: service_pb2.RoundInfo) -> FlatModel:
+    def _accept_result(self, info: service_pb2.RoundInfo, model: FlatModel) -> FlatModel:
         result = self._download_model(info.result, "result")
+        # the new model has the names, shapes and dtypes of the round's (the README's promise)
+        # defence: sdk.result-spec-kept
+        if result.spec != model.spec:
+            raise ModelMismatch("the round's result is not a model of the round's names, shapes "
+                                "and dtypes")
         self._model_digest = result.digest
         self._held_round = info.round
         return result
@@ -223,10 +248,9 @@ class Round:
         """Send this site's update and wait for the round's result: the new global model."""
         if self._submitted:
             raise SiteError("this site already submitted to this round")
-        self._submitted = True
         config = self._site.config
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or not (
-                0 < weight <= config.max_samples):
+        samples = _sample_count(weight)
+        if samples is None or not 0 < samples <= config.max_samples:
             raise ValueError(f"weight must be a number of samples in (0, "
                              f"{config.max_samples:g}] ([update] max_samples), got {weight!r}")
         # one vector of the model's size, made by flattening and then worked on in place:
@@ -235,7 +259,10 @@ class Round:
         np.subtract(delta, self.model.values, out=delta)
         delta, _ = tensors.clip_l2(delta, config.clip_norm, self.model.integer_positions,
                                    in_place=True)
-        scaled_weight = float(weight) / config.max_samples
+        scaled_weight = samples / config.max_samples
+        # the arguments hold: from here on this round is this site's one submission (a wrong
+        # argument above leaves it free to call again)
+        self._submitted = True
         # this round number is spent from here on, whatever becomes of it
         self._site._history.spend(config.job_id, self.number)
         try:
@@ -244,15 +271,15 @@ class Round:
             else:
                 self._run_ckks(delta, scaled_weight)
             info = self._wait_for_end()
-            self.result = self._site._accept_result(info)
+            self.result = self._site._accept_result(info, self.model)
         except SiteError:
             raise
         # every lie this site detects (a message, a context, a model that does not hold) is
         # a refusal of the round, never an internal exception out of the training loop
         # defence: sdk.lies-are-refusals-round
-        except (SecAggError, ValueError) as abort:
+        except Exception as abort:  # (the caller's own input was checked above)
             raise RoundAborted(self.round_id, f"this site refused the aggregator's messages: "
-                                              f"{abort}") from None
+                                              f"{_why(abort)}") from None
         self.survivors = tuple(int(s) for s in info.survivors)
         return tensors.as_tensors(self.result.to_arrays(), self._site._tensors)
 
@@ -372,8 +399,10 @@ class Round:
         if self._key is not None:
             context = self._key
         else:
+            # defence: sdk.context-download-bounded
             context = PublicContext.load(self._conn.download(
-                wire.Blob.from_proto(info.ckks_key.public_context), what="public context"))
+                wire.Blob.from_proto(info.ckks_key.public_context), what="public context",
+                max_size=MAX_CONTEXT_BYTES))
         client = CkksClient(config, site.site_id, site.kit.identity, context, (delta, weight),
                             seeded=False, workers=site.workers,
                             progress=lambda d, t: self._progress("encrypt", d, t))

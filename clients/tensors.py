@@ -42,7 +42,10 @@ def as_tensors(arrays: Mapping[str, np.ndarray], kind: str) -> dict[str, Any]:
         if kind == "torch":
             raise ConfigurationError("tensors='torch' needs torch installed") from None
         return dict(arrays)
-    return {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
+    # np.require keeps a 0-d array 0-d (np.ascontiguousarray made BatchNorm's
+    # num_batches_tracked shape (1,), and the SDK then refused its own output)
+    # defence: sdk.tensor-shapes-kept
+    return {name: torch.from_numpy(np.require(a, requirements="C")) for name, a in arrays.items()}
 
 
 def flatten_like(state: Mapping[str, Any], model: FlatModel) -> np.ndarray:
@@ -56,7 +59,21 @@ def flatten_like(state: Mapping[str, Any], model: FlatModel) -> np.ndarray:
         raise ConfigurationError(
             "the state dict does not match the round's model (names, shapes, order): "
             f"missing or reshaped {missing[:5]}, unexpected {extra[:5]}")
+    # which entries are integers (counters, left out of the clip) is the caller's tensors'
+    # say as much as the spec's: a float tensor where the model has an integer one (a spec
+    # relabelled by the aggregator) would escape the clip
+    # defence: sdk.dtype-kinds-match
+    kinds = [t.name for t, mine in zip(model.spec, flat.spec, strict=True)
+             if _is_float(t.dtype) != _is_float(mine.dtype)]
+    if kinds:
+        raise ConfigurationError(
+            f"the state dict's tensors {kinds[:5]} are floating point where the round's model "
+            "has integers, or the other way round")
     return flat.values
+
+
+def _is_float(dtype: str) -> bool:
+    return np.dtype(dtype).kind in "fc"
 
 
 _NORM_BLOCK = 1 << 18  # values squared at once: a 2 MiB temporary, not one the model's size

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -129,12 +129,13 @@ class Connection:
         self._retry(attempt)
         return Blob(tuple(ids), len(data))
 
-    def download(self, blob: Blob, *, progress: Progress | None = None,
-                 what: str = "download", max_size: int | None = None) -> bytes:
+    def download(self, blob: Blob, *, max_size: int, progress: Progress | None = None,
+                 what: str = "download") -> bytes:
         """The payload ``blob`` names, checked against its chunk ids and size. ``max_size``:
-        the most the caller can need; a larger blob is refused before anything is fetched."""
+        the most the caller can need (required: every size the aggregator names is a claim);
+        a larger blob is refused before anything is fetched."""
         # defence: sdk.download-bounded
-        if max_size is not None and blob.size > max_size:
+        if blob.size > max_size:
             raise AggregatorRefused("OUT_OF_RANGE", f"the aggregator named a {what} of "
                                                     f"{blob.size} bytes (at most {max_size})")
         got: dict[bytes, bytes] = {}
@@ -169,15 +170,16 @@ class Connection:
                         progress(what, len(got), len(wanted))
 
         self._retry(attempt)
+        # a stream that ended without every chunk asked for (the retry covers broken ones)
+        # defence: sdk.download-complete
+        if len(got) != len(wanted):
+            raise AggregatorRefused("DATA_LOSS", f"the aggregator's {what} stream ended "
+                                                 "without every chunk asked for")
         # sized before joining: a blob naming one chunk many times must not make us build it
         # defence: sdk.download-sized-before-join
         if sum(len(got[c]) for c in blob.chunk_ids) != blob.size:
             raise AggregatorRefused("DATA_LOSS", "a downloaded payload has the wrong size")
         return b"".join(got[c] for c in blob.chunk_ids)
-
-    def download_many(self, blobs: Sequence[Blob]) -> Iterator[bytes]:
-        for blob in blobs:
-            yield self.download(blob)
 
 
 def _details(e: grpc.RpcError) -> str:

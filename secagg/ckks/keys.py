@@ -53,6 +53,12 @@ def _preset_of(context: ts.Context) -> Preset:
     return Preset("custom", n, bits, scale_bits)  # validated: an unsafe one raises
 
 
+
+# A public context (public key, no Galois or relinearisation keys) is 0.1-0.4 MB for the
+# presets: what anyone downloads or reads of a key holder's claim is bounded well above that
+# (the aggregator reading the key holder's upload, a site downloading what the aggregator names).
+MAX_CONTEXT_BYTES = 32 << 20
+
 class _Context:
     """What every holder of a CKKS context knows: its preset, key id and public parts."""
 

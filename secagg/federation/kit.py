@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cryptography import x509
@@ -107,7 +107,7 @@ class SiteKit:
     identity: IdentityKey
     ca_pem: bytes
     cert_pem: bytes
-    key_pem: bytes
+    key_pem: bytes = field(repr=False)  # the TLS private key: never in a repr
 
     @classmethod
     def load(cls, directory: Path | str) -> SiteKit:

@@ -88,6 +88,9 @@ def test_a_store_of_another_job_is_refused_at_start(tmp_path: Path) -> None:
         other = dataclasses.replace(files.config, job_id="job-2")
         with pytest.raises(ConfigurationError, match="another job"):
             Job(other, roster, store, model).recover()
+        moved = model.with_values(model.values + 1.0)  # another federation's, or edited
+        with pytest.raises(ConfigurationError, match="another model"):
+            Job(files.config, roster, store, moved).recover()
         Job(files.config, roster, store, model).recover()  # its own job still starts
     finally:
         store.close()

@@ -106,7 +106,7 @@ def test_refused_download_of_another_sites_payload_names_its_code(tmp_path: Path
     try:
         blob = one.upload(os.urandom(1000))
         with pytest.raises(AggregatorRefused) as caught:
-            two.download(blob)
+            two.download(blob, max_size=1000)
         assert caught.value.code == "PERMISSION_DENIED"
     finally:
         one.close()

@@ -66,3 +66,19 @@ def test_an_aborted_site_keeps_no_shares_or_self_mask_seed() -> None:
         client.handle(ShareDelivery({**delivery.encrypted_shares, 2: bytes(bad)}))
     assert client._held_shares == {}
     assert client._self_mask_seed == b""
+
+
+def test_loaded_site_and_aggregator_files_show_no_private_key_in_their_repr(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``print(site.kit)`` or a debugger's view of the aggregator's files must not show the
+    TLS private keys (nor the identity key, which redacts itself)."""
+    from aggregator.service import load_server_files
+    from secagg.federation.kit import SiteKit, init_federation
+
+    init_federation(tmp_path / "fed", 3)
+    kit = SiteKit.load(tmp_path / "fed" / "sites" / "site-1")
+    files = load_server_files(tmp_path / "fed" / "aggregator" / "federation.toml")
+    for obj, secret in ((kit, kit.key_pem), (files, files.server_key)):
+        text = repr(obj)
+        assert "PRIVATE KEY" not in text
+        body = b"".join(secret.splitlines()[1:-1]).decode()
+        assert body[:40] not in text

@@ -145,7 +145,7 @@ def test_download_of_one_chunk_named_many_times_is_refused_before_it_is_built() 
     tracemalloc.start()
     try:
         with pytest.raises(AggregatorRefused, match="wrong size"):
-            conn.download(lying)
+            conn.download(lying, max_size=65536)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -441,3 +441,121 @@ def test_upload_refuses_an_aggregator_that_asks_for_a_chunk_it_was_not_offered()
     with pytest.raises(AggregatorRefused, match="did not offer"):
         _connection(stub).upload(b"data")  # type: ignore[arg-type]
     assert not stub.put
+
+
+def test_a_wrong_argument_to_submit_leaves_the_round_open_to_a_corrected_call() -> None:
+    """A weight of 0 (a typo) is a ValueError and nothing is sent; the corrected call then
+    goes ahead (before, the round was marked submitted first and the retry was told it
+    "already submitted"). Numpy and 0-d torch scalars are numbers of samples too."""
+    import torch
+
+    info, payloads = _model_info(1, "hospitals/job-1/round-1")
+    site, conn = _site("masking", info, payloads)
+    rnd = next(site.rounds())
+    for bad in (0, -1.0, float("nan"), True, "10", np.array([3])):
+        with pytest.raises(ValueError, match="weight must be"):
+            rnd.submit({"w": np.ones(8, np.float32)}, weight=bad)
+    assert conn.sent == []
+    from clients.errors import AggregatorRefused
+
+    with pytest.raises(AggregatorRefused):  # got as far as sending (the stub stops it there)
+        rnd.submit({"w": np.ones(8, np.float32)}, weight=torch.tensor(10))
+    assert conn.sent == ["Submit"]
+    for number, weight in ((2, np.int64(10)), (3, np.float32(2.5))):
+        info, payloads = _model_info(number, f"hospitals/job-1/round-{number}")
+        site, conn = _site("masking", info, payloads)
+        with pytest.raises(AggregatorRefused):
+            next(site.rounds()).submit({"w": np.ones(8, np.float32)}, weight=weight)
+        assert conn.sent == ["Submit"]
+
+
+def test_download_stream_that_ends_short_is_a_refusal_not_a_key_error() -> None:
+    from clients.errors import AggregatorRefused
+
+    class _Short(_ChunkStub):
+        def GetChunks(self, request: Any, timeout: float) -> Any:
+            return iter(())  # ends at once, status OK
+
+    stub = _Short(b"z" * 100)
+    with pytest.raises(AggregatorRefused, match="without every chunk"):
+        _connection(stub).download(wire.Blob((stub.cid,), 100), max_size=100)
+
+
+class _StubServer:
+    """The aggregator's side of a real ``Connection``: GetRound, and GetChunks counting what
+    it serves (it names any size it likes)."""
+
+    def __init__(self, info: Any) -> None:
+        self.info, self.served = info, 0
+
+    def GetRound(self, request: Any, timeout: float) -> Any:
+        return self.info
+
+    def GetChunks(self, request: Any, timeout: float) -> Any:
+        for cid in request.chunk_ids:
+            self.served += 1
+            yield service_pb2.Chunk(chunk_id=cid, data=b"\0" * 1024)
+
+
+def test_a_ckks_site_bounds_the_public_context_download_before_fetching() -> None:
+    """The aggregator relays the key holder's genuine announcement with a context blob it
+    claims is 1 TiB (a real one is ~0.1-0.4 MB): refused before a chunk is fetched."""
+    from clients.errors import AggregatorRefused
+
+    roster, identities = make_roster(5)
+    key = KeyHolder.generate()
+    info, _ = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
+    info.ckks_key.CopyFrom(service_pb2.CkksKeyOffer(
+        announcement=wire.announcement_to_proto(key.announce(
+            holder=HOLDER, identity=identities[HOLDER], epoch="hospitals/job-1/round-1")),
+        public_context=wire.Blob((b"\x09" * 32,) * 1024, 2**40).to_proto()))
+    site, _ = _site("ckks", info, {})
+    site.kit.roster, site.kit.identity = roster, identities[HONEST]
+    from secagg.model import FlatModel
+
+    model = FlatModel.from_arrays({"w": np.zeros(8, np.float32)})
+    rnd = Round(site, info, model)
+    stub = _StubServer(info)
+    rnd._conn = site._conn = _connection(stub)  # type: ignore[assignment]
+    with pytest.raises(AggregatorRefused, match="at most"):
+        rnd.submit({"w": np.ones(8, np.float32)}, weight=10)
+    assert stub.served == 0
+
+
+def test_two_site_objects_on_one_directory_cannot_both_send_to_a_round(tmp_path: Any) -> None:
+    """A training script restarted while the old one still runs: both joined round 1 before
+    either sent. The second to send re-reads the directory's history under its lock and
+    refuses; nothing of its update leaves."""
+    from clients.errors import AggregatorRefused, SiteError
+
+    rounds = []
+    conns = []
+    for _ in range(2):
+        info, payloads = _model_info(1, "hospitals/job-1/round-1")
+        site, conn = _site("masking", info, payloads, directory=tmp_path)
+        rounds.append(next(site.rounds()))
+        conns.append(conn)
+    with pytest.raises(AggregatorRefused):
+        rounds[0].submit({"w": np.ones(8, np.float32)}, weight=10)
+    with pytest.raises(SiteError, match="already sent an update to round 1"):
+        rounds[1].submit({"w": np.ones(8, np.float32)}, weight=10)
+    assert conns[0].sent == ["Submit"] and conns[1].sent == []
+
+
+def test_a_result_of_other_names_shapes_or_dtypes_is_refused() -> None:
+    """The README promises the average back with the round's names, shapes and dtypes; a
+    result relabelled (a float tensor as int64) is refused, not handed to the script."""
+    from clients.errors import ModelMismatch
+    from secagg.model import FlatModel
+
+    info, payloads = _model_info(1, "hospitals/job-1/round-1")
+    site, conn = _site("masking", info, payloads)
+    rnd = next(site.rounds())
+    other = FlatModel.from_arrays({"w": np.zeros(8, np.int64)})
+    blob = wire.Blob((b"\x04" * 32,), len(other.to_bytes()))
+    conn.payloads[blob.chunk_ids[0]] = other.to_bytes()
+    done = service_pb2.RoundInfo(round=1, round_id=rnd.round_id,
+                                 status=service_pb2.ROUND_STATUS_COMPLETED,
+                                 result=wire.model_to_proto(other, blob))
+    with pytest.raises(ModelMismatch, match="names, shapes"):
+        site._accept_result(done, rnd.model)

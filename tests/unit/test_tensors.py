@@ -60,3 +60,31 @@ BLOCK = 1 << 18
 def test_l2_norm_is_numpys_norm_across_block_edges(size: int) -> None:
     values = np.random.default_rng(size).normal(0, 3, size)  # test data only
     assert l2_norm(values) == pytest.approx(float(np.linalg.norm(values)), rel=1e-12, abs=0)
+
+
+def test_torch_tensors_keep_their_shapes_including_0_d() -> None:
+    """BatchNorm's num_batches_tracked is a 0-d int64 tensor: it comes back 0-d (it came back
+    shape (1,), and the SDK then refused its own output as the next state)."""
+    torch = pytest.importorskip("torch")
+    model = FlatModel.from_arrays({"w": np.ones((2, 3), np.float32),
+                                   "num_batches_tracked": np.array(7, np.int64),
+                                   "h": np.zeros(1, np.float16)})
+    state = tensors.as_tensors(model.to_arrays(), "torch")
+    assert {k: tuple(v.shape) for k, v in state.items()} == {
+        "w": (2, 3), "num_batches_tracked": (), "h": (1,)}
+    assert state["num_batches_tracked"].dtype == torch.int64
+    back = tensors.flatten_like(state, model)
+    assert np.array_equal(back, model.values)
+
+
+def test_a_float_tensor_where_the_model_has_integers_is_refused() -> None:
+    """Which entries are integer counters (left out of the clip) must agree between the
+    caller's tensors and the round's spec: a spec that relabels a float weight int64 (an
+    aggregator's lie) would otherwise take it out of the clip."""
+    from secagg.errors import ConfigurationError
+
+    model = FlatModel.from_arrays({"w": np.zeros(4, np.int64)})
+    with pytest.raises(ConfigurationError, match="floating point where"):
+        tensors.flatten_like({"w": np.ones(4, np.float32)}, model)
+    floats = FlatModel.from_arrays({"w": np.zeros(4, np.float32)})
+    assert tensors.flatten_like({"w": np.ones(4, np.float64)}, floats).sum() == 4  # cast
