@@ -137,9 +137,17 @@ class Job:
                  clock: Callable[[], float] = time.monotonic,
                  on_change: Callable[[], None] | None = None,
                  metrics: Metrics | None = None) -> None:
+        # defence: service.key-holders-on-roster
+        if config.protocol == "ckks" and not set(config.key_holders) <= set(roster):
+            raise ConfigurationError(f"[ckks] key_holders {list(config.key_holders)} must be "
+                                     "sites of the roster")
         if len(roster) > config.limits.max_sites:
             raise ConfigurationError(f"the roster has {len(roster)} sites, [limits] max_sites "
                                      f"is {config.limits.max_sites}")
+        # (checked before anything is stored: a store whose round 1 holds an empty model could
+        # never run, even after the model file was fixed)
+        if initial_model.size < 1:
+            raise ConfigurationError("the job's initial model has no values")
         if initial_model.size > config.limits.max_vector_length:
             raise ConfigurationError(f"the model has {initial_model.size} values, [limits] "
                                      f"max_vector_length is {config.limits.max_vector_length}")

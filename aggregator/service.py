@@ -779,11 +779,15 @@ def load_server_files(config_path: Path) -> ServerFiles:
     config = FederationConfig.load(config_path)
     d = config_path.parent
     try:
-        return ServerFiles(config, d, (d / "server.key").read_bytes(),
-                           (d / "server.crt").read_bytes(), (d / "ca.crt").read_bytes())
+        files = ServerFiles(config, d, (d / "server.key").read_bytes(),
+                            (d / "server.crt").read_bytes(), (d / "ca.crt").read_bytes())
     except FileNotFoundError as e:
         raise ConfigurationError(f"the aggregator directory {d} lacks {Path(e.filename).name}"
                                  ) from None
+    except OSError as e:
+        raise ConfigurationError(f"cannot read {e.filename}: {e.strerror}") from None
+    pki.check_tls_files(files.server_key, files.server_cert, files.ca_cert, d)
+    return files
 
 
 async def serve(config_path: Path, *, store: str | None = None, listen: str | None = None,
@@ -830,9 +834,13 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
                                               root_certificates=files.ca_cert,
                                               require_client_auth=True)
     address = listen or "[::]:" + config.aggregator.rsplit(":", 1)[1]
-    port = server.add_secure_port(address, credentials)
+    try:
+        port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpc's "Failed to bind": in use, not an address, no permission
+        port = 0
     if port == 0:
-        raise ConfigurationError(f"cannot listen on {address}")
+        raise ConfigurationError(f"cannot listen on {address} (in use, or not an address "
+                                 "this machine has)")
     await _set_health(health, False)
     await server.start()
     log.info("listening", extra={"event": "listening", "peer": f"{address} -> {port}"})

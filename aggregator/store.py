@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -134,8 +135,26 @@ def normalize_url(url: str) -> str:
     return url
 
 
+def _private_sqlite_file(url: str, create: bool) -> None:
+    """A new SQLite store is made 0600 before SQLite opens it (its -wal and -shm files take
+    the database's mode): it holds every masked input, ciphertext and sealed share."""
+    database = sa.engine.make_url(url).database
+    if not create or not database or database == ":memory:":
+        return
+    path = Path(database)
+    try:
+        # defence: store.private-file
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise StoreError(f"cannot create store {path}: {e.strerror}") from None
+
+
 def redacted(url: str) -> str:
     """The URL without its password, for messages and logs."""
+    if "://" not in url:
+        url = normalize_url(url)
     try:
         return sa.engine.make_url(url).render_as_string(hide_password=True)
     except sa.exc.ArgumentError:
@@ -295,6 +314,7 @@ class Store:
         except (sa.exc.ArgumentError, ImportError) as e:
             raise StoreError(f"cannot open store {redacted(url)}: {e}") from None
         if url.startswith("sqlite"):
+            _private_sqlite_file(url, create)
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
             sa.event.listen(self.bulk, "connect", _sqlite_bulk_pragmas)
         elif url.startswith("postgresql"):

@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 import time
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -284,6 +286,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except SecAggError as e:
         print(f"secagg: error: {e}", file=sys.stderr)
+        return 2
+    # The last resort for what a command did not turn into a SecAggError itself: a path that
+    # is a directory, an unreadable or truncated file, a full disk. One line naming the
+    # cause, not a traceback from deep inside (SECAGG_DEBUG=1 shows it).
+    # defence: cli.no-tracebacks
+    except (OSError, ValueError, zipfile.BadZipFile, sqlite3.Error) as e:
+        if os.environ.get("SECAGG_DEBUG"):
+            raise
+        where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        print(f"secagg: error: {type(e).__name__}{where}: {reason}", file=sys.stderr)
         return 2
 
 

@@ -256,8 +256,27 @@ class FlatModel:
 
     @classmethod
     def load_npz(cls, path: Path | str) -> FlatModel:
+        import zipfile
+
+        path = Path(path)
         try:
-            with np.load(Path(path), allow_pickle=False) as archive:
+            # np.load takes any other file for a pickle and says so (suggesting the unsafe
+            # way to load it): only a zip archive is a model file here
+            if not path.is_file():
+                raise ConfigurationError(f"cannot read model {path}: no such file")
+            if not zipfile.is_zipfile(path):
+                raise ConfigurationError(f"cannot read model {path}: not a .npz archive of "
+                                         "named arrays (numpy.savez)")
+            with np.load(path, allow_pickle=False) as archive:
                 return cls.from_arrays({name: archive[name] for name in archive.files})
-        except (OSError, ValueError) as e:
-            raise ConfigurationError(f"cannot read model {path}: {e}") from None
+        except OSError as e:
+            raise ConfigurationError(f"cannot read model {path}: {e.strerror or e}") from None
+        except zipfile.BadZipFile:
+            raise ConfigurationError(f"cannot read model {path}: a damaged .npz archive"
+                                     ) from None
+        except ValueError as e:
+            if isinstance(e, ConfigurationError):
+                raise
+            reason = ("it holds object arrays, which would need unpickling: refused"
+                      if "pickle" in str(e) else str(e))
+            raise ConfigurationError(f"cannot read model {path}: {reason}") from None

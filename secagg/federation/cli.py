@@ -16,6 +16,16 @@ def _site_ids(text: str) -> tuple[int, ...]:
     return ids
 
 
+def _site_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a site id >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a site id >= 1, got {text!r}")
+    return value
+
+
 def _init(args: argparse.Namespace) -> int:
     from secagg.federation.kit import init_federation
 
@@ -66,7 +76,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     init.set_defaults(func=_init)
     csr = fed_sub.add_parser("csr", help="make this site's own keys and certificate request")
     csr.add_argument("--dir", required=True, type=Path)
-    csr.add_argument("--site", required=True, type=int)
+    csr.add_argument("--site", required=True, type=_site_id)
     csr.set_defaults(func=_csr)
     sign = fed_sub.add_parser("sign", help="sign a site's request and add it to the roster")
     sign.add_argument("--dir", required=True, type=Path, help="the federation directory")

@@ -67,11 +67,26 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
 
 
+_KEYS = {
+    "federation": {"name", "protocol", "aggregator", "trust_root"},
+    "job": {"id", "rounds", "server_learning_rate", "initial_model"},
+    "update": {"clip_norm", "max_samples"},
+    "masking": {"neighbors", "threshold", "corrupt_fraction", "dropout_rate", "word_bits"},
+    "ckks": {"preset", "key_holders", "min_sites"},
+    "deadlines": {"open", "stage", "release"},
+    "limits": {"max_message_bytes", "max_chunk_bytes", "max_vector_length", "max_sites",
+               "stream_idle_seconds", "upload_slots"},
+}
+
+
 def _get(table: Mapping[str, Any], section: str, key: str, kind: type | tuple[type, ...],
          default: Any = None) -> Any:
     value = table.get(key, default)
     if value is None:
         raise ConfigurationError(f"[{section}] {key} is missing")
+    # defence: federation.config-finite
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigurationError(f"[{section}] {key} must be finite, got {value!r}")
     if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
         raise ConfigurationError(f"[{section}] {key} must be {_kind(kind)}, got {value!r}")
     if not isinstance(value, kind):
@@ -141,9 +156,13 @@ class FederationConfig:
     def load(cls, path: Path | str) -> FederationConfig:
         path = Path(path)
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigurationError(f"config file {path} does not exist") from None
+        except OSError as e:  # a directory, unreadable
+            raise ConfigurationError(f"cannot read config file {path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigurationError(f"config file {path} is not UTF-8 text") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigurationError(f"config file {path} is not valid TOML: {e}") from None
         return cls.from_dict(data, base=path.parent)
@@ -155,6 +174,20 @@ class FederationConfig:
             if not isinstance(value, Mapping):
                 raise ConfigurationError(f"[{name}] must be a table")
             return value
+
+        # a misspelt key or table would silently keep its default (a `clip_nrom` leaves the
+        # clip at 1.0): everything must be known
+        # defence: federation.config-keys-known
+        unknown = sorted(set(data) - set(_KEYS))
+        if unknown:
+            raise ConfigurationError(f"unknown table(s) {unknown} in the federation config "
+                                     f"(known: {sorted(_KEYS)})")
+        for name, keys in _KEYS.items():
+            value = data.get(name, {})
+            extra = sorted(set(value) - keys) if isinstance(value, Mapping) else []
+            if extra:
+                raise ConfigurationError(f"unknown key(s) {extra} in [{name}] (known: "
+                                         f"{sorted(keys)})")
 
         fed, job, upd = table("federation"), table("job"), table("update")
         msk, ck, dl, lim = table("masking"), table("ckks"), table("deadlines"), table("limits")
@@ -251,9 +284,18 @@ class FederationConfig:
                 or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in self.job_id)):
             raise ConfigurationError("[job] id must be 1-64 letters, digits, '-', '_' or '.', "
                                      f"got {self.job_id!r}")
-        if ":" not in self.aggregator:
-            raise ConfigurationError(f"[federation] aggregator must be host:port, got "
-                                     f"{self.aggregator!r}")
+        host, _, port = self.aggregator.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigurationError(f"[federation] aggregator must be host:port with a port "
+                                     f"in 1-65535, got {self.aggregator!r}")
+        from secagg.ckks.presets import PRESETS
+
+        if self.preset not in PRESETS:
+            raise ConfigurationError(f"[ckks] preset must be one of {sorted(PRESETS)}, got "
+                                     f"{self.preset!r}")
+        if self.min_sites is not None and not 1 <= self.min_sites <= self.limits.max_sites:
+            raise ConfigurationError(f"[ckks] min_sites must be a number of sites, got "
+                                     f"{self.min_sites}")
 
     def to_toml(self, *, base: Path | None = None) -> str:
         data: dict[str, Any] = {

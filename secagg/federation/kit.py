@@ -19,6 +19,7 @@ signs it with ``secagg federation sign``, which also re-signs the roster with th
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -90,10 +91,23 @@ def identity_to_pem(key: Ed25519PrivateKey) -> bytes:
 
 
 def load_identity(path: Path) -> IdentityKey:
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    try:
+        key = serialization.load_pem_private_key(_read_private(path), password=None)
+    except (ValueError, TypeError):
+        raise ConfigurationError(f"{path} is not an unencrypted PEM private key") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigurationError(f"{path} is not an Ed25519 private key")
     return IdentityKey(key)
+
+
+def _read_private(path: Path) -> bytes:
+    """A private key file's bytes; a warning if others may read it (as ssh refuses to)."""
+    data = path.read_bytes()
+    # defence: federation.key-permissions-warned
+    if path.stat().st_mode & 0o077:
+        warnings.warn(f"{path} can be read by others than its owner (mode "
+                      f"{path.stat().st_mode & 0o777:o}); chmod 600 it", stacklevel=3)
+    return data
 
 
 @dataclass(frozen=True)
@@ -113,20 +127,30 @@ class SiteKit:
     def load(cls, directory: Path | str) -> SiteKit:
         d = Path(directory)
         if not d.is_dir():
-            raise ConfigurationError(f"site directory {d} does not exist")
+            raise ConfigurationError(f"site directory {d} does not exist" if not d.exists()
+                                     else f"{d} is not a directory (a site directory holds "
+                                          "its keys, certificates, roster and config)")
         config = FederationConfig.load(d / CONFIG_FILE)
         roster = load_roster(d / ROSTER_FILE, config.trust_root)
         try:
             cert_pem = (d / "client.crt").read_bytes()
-            key_pem = (d / "client.key").read_bytes()
+            key_pem = _read_private(d / "client.key")
             ca_pem = (d / "ca.crt").read_bytes()
         except FileNotFoundError as e:
             raise ConfigurationError(f"site directory {d} lacks {Path(e.filename).name}"
                                      ) from None
+        except OSError as e:
+            raise ConfigurationError(f"cannot read {e.filename}: {e.strerror}") from None
+        pki.check_tls_files(key_pem, cert_pem, ca_pem, d)
         site_id = pki.site_id_from_pem(cert_pem)
         if site_id is None:
             raise ConfigurationError(f"{d / 'client.crt'} names no site")
-        identity = load_identity(d / "identity.key")
+        try:
+            identity = load_identity(d / "identity.key")
+        except FileNotFoundError:
+            raise ConfigurationError(f"site directory {d} lacks identity.key") from None
+        except OSError as e:
+            raise ConfigurationError(f"cannot read {e.filename}: {e.strerror}") from None
         if roster.get(site_id) != identity.public_bytes:
             raise ConfigurationError(f"site {site_id}'s identity key is not the roster's")
         return cls(d, site_id, config, roster, identity, ca_pem, cert_pem, key_pem)
@@ -147,27 +171,40 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
         raise ConfigurationError(f"--sites must be in [3, 10000], got {sites}")
     if not set(key_holders) <= set(range(1, sites + 1)):
         raise ConfigurationError(f"--key-holders must be sites in 1..{sites}")
-    d.mkdir(parents=True, exist_ok=True)
-    ca_key, ca_cert = pki.make_ca(name)
-    pki.write_private(d / "ca" / "ca.key", pki.pem_private(ca_key))
-    pki.write_public(d / "ca" / "ca.crt", pki.pem_cert(ca_cert))
-    signer_key = Ed25519PrivateKey.generate()
-    pki.write_private(d / "trust-root" / "signer.key", identity_to_pem(signer_key))
-    signer = RosterSigner(IdentityKey(signer_key))
-
-    identities = {s: Ed25519PrivateKey.generate() for s in range(1, sites + 1)}
-    signed = signer.sign({s: IdentityKey(k).public_bytes for s, k in identities.items()},
-                         federation=name)
-    model_name = None
+    # Everything is checked before the first file is written: a failed init used to leave the
+    # CA's and the roster signer's private keys behind, and the re-run was refused.
+    # defence: federation.init-checks-first
+    pki.check_hosts(hosts)
+    if not 1 <= len(name) <= 40 or not name.isprintable():
+        raise ConfigurationError(f"--name must be 1-40 printable characters, got {name!r}")
     if initial_model is not None:
-        model_name = Path("model.npz")
-        (d / model_name).write_bytes(Path(initial_model).read_bytes())
+        from secagg.model import FlatModel
+
+        if FlatModel.load_npz(initial_model).size < 1:
+            raise ConfigurationError(f"the model {initial_model} has no values")
+    signer_key = Ed25519PrivateKey.generate()
+    signer = RosterSigner(IdentityKey(signer_key))
+    model_name = None if initial_model is None else Path("model.npz")
     config = FederationConfig(name=name, protocol=protocol, aggregator=aggregator,
                               trust_root=signer.public_key, key_holders=tuple(key_holders),
                               initial_model=model_name)
     if overrides:
         config = replace(config, **overrides)  # type: ignore[arg-type]
     config.check()
+    ca_key, ca_cert = pki.make_ca(name)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigurationError(f"cannot make {d}: {e.strerror}") from None
+    pki.write_private(d / "ca" / "ca.key", pki.pem_private(ca_key))
+    pki.write_public(d / "ca" / "ca.crt", pki.pem_cert(ca_cert))
+    pki.write_private(d / "trust-root" / "signer.key", identity_to_pem(signer_key))
+
+    identities = {s: Ed25519PrivateKey.generate() for s in range(1, sites + 1)}
+    signed = signer.sign({s: IdentityKey(k).public_bytes for s, k in identities.items()},
+                         federation=name)
+    if initial_model is not None and model_name is not None:
+        (d / model_name).write_bytes(Path(initial_model).read_bytes())
     _write_public_files(d, config, signed, ca_cert, model_name)
 
     server_key, server_cert = pki.issue_server_cert(ca_key, ca_cert, hosts)

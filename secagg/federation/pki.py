@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -87,6 +88,25 @@ def _issue(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
                        critical=False)
         .sign(ca_key, hashes.SHA256())
     )
+
+
+def check_hosts(hosts: Sequence[str]) -> None:
+    """Host names and addresses the aggregator's certificate may name: IP addresses, or DNS
+    names of letters, digits, '-' and '.' (an internationalised name in its A-label form)."""
+    for host in hosts:
+        try:
+            ipaddress.ip_address(host)
+            continue
+        except ValueError:
+            pass
+        labels = host.split(".")
+        if not (0 < len(host) <= 253 and all(
+                0 < len(label) <= 63 and label.isascii()
+                and all(c.isalnum() or c == "-" for c in label)
+                and not label.startswith("-") and not label.endswith("-")
+                for label in labels)):
+            raise ConfigurationError(f"--host {host!r} is not an IP address or a DNS name "
+                                     "(letters, digits, '-', '.'; IDNA A-labels for others)")
 
 
 def issue_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
@@ -205,3 +225,41 @@ def load_private(path: Path) -> ec.EllipticCurvePrivateKey:
 
 def load_cert(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def check_tls_files(key_pem: bytes, cert_pem: bytes, ca_pem: bytes, where: Path) -> None:
+    """That a party's TLS files parse, that the key is the certificate's and that the
+    certificate is the CA's and in date: ConfigurationError naming the file otherwise. (gRPC
+    reports all of these only as a failed handshake: a site was told, after minutes of
+    retries, that the aggregator was unavailable; the aggregator, that it could not bind.)"""
+    try:
+        ca = x509.load_pem_x509_certificate(ca_pem)
+    except ValueError:
+        raise ConfigurationError(f"{where / 'ca.crt'} is not a PEM certificate") from None
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        raise ConfigurationError(f"the certificate in {where} is not a PEM certificate"
+                                 ) from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        raise ConfigurationError(f"the private key in {where} is not an unencrypted PEM key"
+                                 ) from None
+    # defence: federation.tls-files-checked
+    if key.public_key().public_bytes(serialization.Encoding.DER,
+                                     serialization.PublicFormat.SubjectPublicKeyInfo) != \
+            cert.public_key().public_bytes(serialization.Encoding.DER,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo):
+        raise ConfigurationError(f"the private key in {where} is not the key of its "
+                                 "certificate")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise ConfigurationError(f"the certificate in {where} was not issued by its ca.crt "
+                                 "(another federation's?)") from None
+    now = _now()
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise ConfigurationError(f"the certificate in {where} is not valid now (valid "
+                                 f"{cert.not_valid_before_utc:%Y-%m-%d} to "
+                                 f"{cert.not_valid_after_utc:%Y-%m-%d})")

@@ -94,3 +94,42 @@ def test_a_store_of_another_job_is_refused_at_start(tmp_path: Path) -> None:
         Job(files.config, roster, store, model).recover()  # its own job still starts
     finally:
         store.close()
+
+
+def test_ckks_key_holders_off_the_roster_are_refused_at_start(tmp_path: Path) -> None:
+    """A key holder that is no roster site could never announce: every round would wait out
+    its open deadline and abort. Refused when the job is made."""
+    import dataclasses
+
+    import pytest
+
+    from secagg.errors import ConfigurationError
+
+    fed = make_federation(tmp_path, 4, "ckks", rounds=1)
+    files = load_server_files(fed.aggregator_config)
+    roster = load_roster(files.directory / ROSTER_FILE, files.config.trust_root)
+    store = Store(str(tmp_path / "aggregator.db"))
+    try:
+        config = dataclasses.replace(files.config, key_holders=(1, 9))
+        with pytest.raises(ConfigurationError, match="key_holders"):
+            Job(config, roster, store, FlatModel.load_npz(files.config.initial_model))
+    finally:
+        store.close()
+
+
+def test_an_empty_initial_model_is_refused_before_the_store_is_touched(tmp_path: Path) -> None:
+    import numpy as np
+    import pytest
+
+    from secagg.errors import ConfigurationError
+
+    fed = make_federation(tmp_path, 4, "masking", rounds=1)
+    files = load_server_files(fed.aggregator_config)
+    roster = load_roster(files.directory / ROSTER_FILE, files.config.trust_root)
+    store = Store(str(tmp_path / "aggregator.db"))
+    try:
+        with pytest.raises(ConfigurationError, match="no values"):
+            Job(files.config, roster, store, FlatModel.from_arrays({"w": np.zeros(0)}))
+        assert store.rounds() == []
+    finally:
+        store.close()

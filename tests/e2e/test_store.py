@@ -136,3 +136,22 @@ def test_migrate_backup_and_restore_from_the_command_line(tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr
     proc = cli("restore", "--backup", str(tmp_path / "b"), "--store", str(db))
     assert proc.returncode == 2 and "exists" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_new_sqlite_store_and_its_wal_are_private_to_the_aggregator(tmp_path: Path) -> None:
+    """The store holds every masked input, ciphertext and sealed share: 0600 from the start
+    (it was 0644, and its -wal and -shm files with it)."""
+    import os
+
+    path = tmp_path / "agg.db"
+    old = os.umask(0o022)
+    try:
+        store = Store(str(path))
+        try:
+            store.put_chunks([(b"\x01" * 32, b"data")], round_number=1, site=1)
+        finally:
+            store.close()
+    finally:
+        os.umask(old)
+    for f in [path, *tmp_path.glob("agg.db-*")]:
+        assert f.stat().st_mode & 0o777 == 0o600, f

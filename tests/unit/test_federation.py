@@ -121,6 +121,12 @@ def test_the_ca_signs_only_the_site_a_request_names(tmp_path: Path) -> None:
     ("limits", "upload_slots", "'8'", "upload_slots"),
     ("update", "clip_norm", "-1", "clip_norm"),
     ("job", "rounds", "true", "rounds"),
+    # a misspelt key would silently keep its default (clip_norm 1.0): refused, named
+    ("update", "clip_nrom", "0.01", "unknown key.*clip_nrom"),
+    ("limits", "stream_idle_seconds", "nan", "finite"),
+    ("deadlines", "stage", "inf", "finite"),
+    ("ckks", "preset", "'no-such-preset'", "preset"),
+    ("ckks", "min_sites", "-5", "min_sites"),
 ])
 def test_config_errors_name_the_key(federation: Path, tmp_path: Path, section: str, key: str,
                                     value: str, match: str) -> None:
@@ -148,3 +154,94 @@ def test_upload_slots_are_kept_in_the_config_file(federation: Path, tmp_path: Pa
     path = tmp_path / "wider.toml"
     path.write_text(wider.to_toml(base=tmp_path))
     assert FederationConfig.load(path).limits.upload_slots == 32
+
+
+def test_an_unknown_table_is_refused(federation: Path, tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text((federation / "federation.toml").read_text() + "\n[deadline]\nstage = 5.0\n")
+    with pytest.raises(ConfigurationError, match=r"unknown table.*deadline"):
+        FederationConfig.load(path)
+
+
+def _site_copy(federation: Path, tmp_path: Path, site: int = 1) -> Path:
+    import shutil
+
+    d = tmp_path / f"site-{site}"
+    shutil.copytree(federation / "sites" / f"site-{site}", d)
+    return d
+
+
+def test_a_site_directory_with_broken_tls_files_is_refused_at_load_naming_them(
+        federation: Path, tmp_path: Path) -> None:
+    """gRPC reports these only as failed handshakes: the SDK retried for minutes and then
+    called the aggregator unavailable. Now they are refused when the directory is loaded."""
+    from secagg.federation.kit import SiteKit
+
+    d = _site_copy(federation, tmp_path)
+    SiteKit.load(d)
+    other = federation / "sites" / "site-2"
+    (d / "client.key").write_bytes((other / "client.key").read_bytes())
+    with pytest.raises(ConfigurationError, match="not the key of its certificate"):
+        SiteKit.load(d)
+    (d / "client.key").write_bytes(b"-----BEGIN PRIVATE KEY-----\ngarbage\n")
+    with pytest.raises(ConfigurationError, match="not an unencrypted PEM key"):
+        SiteKit.load(d)
+    d = _site_copy(federation, tmp_path / "b")
+    _, ca_cert = pki.make_ca("another federation")
+    (d / "ca.crt").write_bytes(pki.pem_cert(ca_cert))
+    with pytest.raises(ConfigurationError, match="not issued by"):
+        SiteKit.load(d)
+    (d / "ca.crt").write_bytes(b"not a certificate")
+    with pytest.raises(ConfigurationError, match=r"ca\.crt is not a PEM certificate"):
+        SiteKit.load(d)
+
+
+def test_a_private_key_others_can_read_is_warned_about(federation: Path,
+                                                        tmp_path: Path) -> None:
+    from secagg.federation.kit import SiteKit
+
+    d = _site_copy(federation, tmp_path)
+    (d / "client.key").chmod(0o644)
+    with pytest.warns(UserWarning, match="chmod 600"):
+        SiteKit.load(d)
+
+
+@pytest.mark.parametrize("address", ["localhost:99999", "localhost:0", "localhost:abc",
+                                     ":443", "localhost"])
+def test_the_aggregator_address_needs_a_real_port(address: str) -> None:
+    """gRPC took port 99999 modulo 65536 and listened on 34463, on every interface."""
+    with pytest.raises(ConfigurationError, match="1-65535"):
+        FederationConfig.from_dict({"federation": {
+            "name": "f", "protocol": "masking", "aggregator": address, "trust_root": "00" * 32}})
+
+
+def test_a_model_file_that_is_not_an_npz_is_a_clear_error_that_never_suggests_unpickling(
+        tmp_path: Path) -> None:
+    from secagg.model import FlatModel
+
+    text = tmp_path / "model.npz"
+    text.write_text("weights: 1, 2, 3")
+    for path, says in ((text, "not a .npz archive"), (tmp_path / "missing.npz", "no such file"),
+                       (tmp_path, "no such file")):
+        with pytest.raises(ConfigurationError, match=says) as caught:
+            FlatModel.load_npz(path)
+        assert "pickle" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("kwargs", "says"), [
+    ({"hosts": ["bad host"]}, "--host"), ({"hosts": [""]}, "--host"),
+    ({"hosts": ["bücher.de"]}, "--host"), ({"name": "n" * 80}, "--name"),
+    ({"initial_model": "MISSING"}, "no such file"),
+    ({"aggregator": "localhost:99999"}, "1-65535"),
+])
+def test_a_failed_init_writes_nothing_and_can_be_run_again(tmp_path: Path, kwargs: dict,  # type: ignore[type-arg]
+                                                            says: str) -> None:
+    """Every input is checked before the first file is written: a failed init used to leave
+    the CA's and the roster signer's private keys behind, and the re-run was refused."""
+    if kwargs.get("initial_model") == "MISSING":
+        kwargs = {**kwargs, "initial_model": tmp_path / "missing.npz"}
+    d = tmp_path / "fed"
+    with pytest.raises(ConfigurationError, match=says):
+        init_federation(d, 3, **kwargs)
+    assert not d.exists() or not any(d.iterdir())
+    init_federation(d, 3, hosts=["agg.example.org", "10.0.0.7", "xn--bcher-kva.de"])
