@@ -77,6 +77,15 @@ class Connection:
                 # aggregator's shutdown; retried like UNAVAILABLE (every call is idempotent)
                 if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     raise AggregatorRefused(code.name, _details(e)) from None
+                # a certificate the other side will not accept does not get better with
+                # time: said at once, not as "unavailable" after retry_seconds
+                # defence: sdk.certificate-failures-not-retried
+                if any(m in _details(e) for m in _CERTIFICATE_FAILURES):
+                    raise AggregatorRefused(
+                        "UNAUTHENTICATED", "the TLS handshake failed on a certificate: this "
+                        "site's ca.crt is not the CA of the aggregator's certificate, or the "
+                        "aggregator does not accept this site's certificate (another "
+                        f"federation's, or expired): {_details(e)}") from None
                 if time.monotonic() + delay > deadline:
                     raise AggregatorUnavailable(
                         f"the aggregator stayed unavailable for {self.retry_seconds:g} s: "
@@ -180,6 +189,11 @@ class Connection:
         if sum(len(got[c]) for c in blob.chunk_ids) != blob.size:
             raise AggregatorRefused("DATA_LOSS", "a downloaded payload has the wrong size")
         return b"".join(got[c] for c in blob.chunk_ids)
+
+
+_CERTIFICATE_FAILURES = ("CERTIFICATE_VERIFY_FAILED", "TLSV1_ALERT_UNKNOWN_CA",
+                         "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+                         "TLSV1_ALERT_DECRYPT_ERROR")
 
 
 def _details(e: grpc.RpcError) -> str:

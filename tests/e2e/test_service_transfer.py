@@ -112,3 +112,27 @@ def test_refused_download_of_another_sites_payload_names_its_code(tmp_path: Path
         one.close()
         two.close()
         agg.stop()
+
+
+def test_a_site_of_another_federation_is_told_at_once_not_after_minutes(tmp_path: Path) -> None:
+    """A site whose CA is not the aggregator's (the wrong aggregator address, another
+    federation's directory) got "the aggregator stayed unavailable" after retry_seconds;
+    a certificate failure is now a refusal at once."""
+    import time
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    fed = make_federation(tmp_path / "a", 3, "masking", rounds=1, open_s=60.0)
+    other = make_federation(tmp_path / "b", 3, "masking", rounds=1, open_s=60.0)
+    agg = start_aggregator(fed, tmp_path)
+    conn = _site_connection(other.directory, 1, fed.port)
+    conn.retry_seconds = 15
+    try:
+        began = time.monotonic()
+        with pytest.raises(AggregatorRefused) as caught:
+            conn.call("GetRound", service_pb2.GetRoundRequest(after_round=0, wait_ms=0))
+        assert caught.value.code == "UNAUTHENTICATED"
+        assert time.monotonic() - began < 10  # (retry_seconds is 15)
+    finally:
+        conn.close()
+        agg.stop()
