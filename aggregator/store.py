@@ -250,19 +250,31 @@ def backup(url: str, out: Path) -> int:
     out = Path(out)
     if out.exists():
         raise StoreError(f"{out} exists: a backup never overwrites a file")
-    if url.startswith("sqlite"):
-        path = sa.engine.make_url(url).database
-        if not path or not Path(path).exists():
-            raise StoreError(f"no SQLite store at {path}")
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as source, \
-                sqlite3.connect(out) as target:
-            source.backup(target)
-        target.close()
-    elif url.startswith("postgresql"):
-        _pg_tool("pg_dump", url, "--format=custom", "--no-owner", "--file", str(out))
-    else:
+    if not url.startswith(("sqlite", "postgresql")):
         raise StoreError(f"no backup for stores of kind {url.split(':', 1)[0]}")
-    out.chmod(0o600)
+    try:
+        # made 0600 before a byte is copied, and removed if the backup fails (a retry then
+        # finds no half-written file in its way)
+        os.close(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as e:
+        raise StoreError(f"cannot write the backup {out}: {e.strerror}") from None
+    try:
+        if url.startswith("sqlite"):
+            path = sa.engine.make_url(url).database
+            if not path or not Path(path).is_file():
+                raise StoreError(f"no SQLite store at {path}")
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as source, \
+                    sqlite3.connect(out) as target:
+                source.backup(target)
+            target.close()
+        else:
+            _pg_tool("pg_dump", url, "--format=custom", "--no-owner", "--file", str(out))
+    except sqlite3.Error as e:
+        out.unlink(missing_ok=True)
+        raise StoreError(f"cannot back up the store: {e}") from None
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
     return out.stat().st_size
 
 
@@ -278,8 +290,14 @@ def restore(backup_file: Path, url: str) -> None:
         path = sa.engine.make_url(url).database
         if not path or Path(path).exists():
             raise StoreError(f"{path} exists: restore only into a new store file")
-        shutil.copyfile(backup_file, path)
-        Path(path).chmod(0o600)
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            shutil.copyfile(backup_file, path)
+            Store(url, create=False).close()  # one this aggregator understands, or removed
+        except BaseException:
+            Path(path).unlink(missing_ok=True)
+            raise
+        return
     elif url.startswith("postgresql"):
         engine = sa.create_engine(url)
         try:

@@ -19,6 +19,7 @@ signs it with ``secagg federation sign``, which also re-signs the roster with th
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -285,9 +286,16 @@ def sign_site_request(federation: Path | str, request_path: Path | str, out: Pat
         raise ConfigurationError("the trust root key is not an Ed25519 key")
     signed = RosterSigner(IdentityKey(signer_key)).sign(
         sites, federation=roster.federation, version=roster.version + 1)
-    (fed / ROSTER_FILE).write_bytes(roster_to_bytes(signed))
-    (fed / "aggregator" / ROSTER_FILE).write_bytes(roster_to_bytes(signed))
+    # the site's files first, the federation's roster last (each replaced whole): a failure
+    # part way leaves the federation as it was, not re-signed for a site that got nothing
     o = Path(out)
+    if o.exists() and (not o.is_dir() or any(o.iterdir())):
+        raise ConfigurationError(f"{o} exists and is not an empty directory: the signed "
+                                 "files go into a new one")
     pki.write_public(o / "client.crt", pki.pem_cert(cert))
     _write_public_files(o, config, signed, ca_cert, None)
+    for path in (fed / ROSTER_FILE, fed / "aggregator" / ROSTER_FILE):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(roster_to_bytes(signed))
+        os.replace(tmp, path)
     return o

@@ -155,3 +155,23 @@ def test_a_new_sqlite_store_and_its_wal_are_private_to_the_aggregator(tmp_path: 
         os.umask(old)
     for f in [path, *tmp_path.glob("agg.db-*")]:
         assert f.stat().st_mode & 0o777 == 0o600, f
+
+
+def test_a_failed_backup_or_restore_leaves_nothing_in_the_way_of_a_retry(tmp_path: Path) -> None:
+    """A backup of something that is not a store, and a restore of a file that is not a
+    backup, fail naming the cause and leave no file behind (the retry was refused: "exists")."""
+    not_a_store = tmp_path / "notes.txt"
+    not_a_store.write_text("not a database " * 100)
+    out = tmp_path / "b.bak"
+    with pytest.raises(StoreError):
+        backup(str(not_a_store), out)
+    assert not out.exists()
+    target = tmp_path / "restored.db"
+    with pytest.raises(StoreError):
+        restore(not_a_store, str(target))
+    assert not target.exists()
+    good = tmp_path / "agg.db"
+    Store(str(good)).close()
+    assert backup(str(good), out) > 0 and out.stat().st_mode & 0o777 == 0o600
+    restore(out, str(target))
+    assert target.stat().st_mode & 0o777 == 0o600
