@@ -786,7 +786,8 @@ def load_server_files(config_path: Path) -> ServerFiles:
                                  ) from None
     except OSError as e:
         raise ConfigurationError(f"cannot read {e.filename}: {e.strerror}") from None
-    pki.check_tls_files(files.server_key, files.server_cert, files.ca_cert, d)
+    pki.check_tls_files(files.server_key, files.server_cert, files.ca_cert, d,
+                        chain_to_ca=False)
     return files
 
 

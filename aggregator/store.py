@@ -135,6 +135,12 @@ def normalize_url(url: str) -> str:
     return url
 
 
+def _create_private(path: Path) -> None:
+    """Create ``path`` (which must not exist) readable and writable by its owner only."""
+    # defence: store.private-file
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 def _private_sqlite_file(url: str, create: bool) -> None:
     """A new SQLite store is made 0600 before SQLite opens it (its -wal and -shm files take
     the database's mode): it holds every masked input, ciphertext and sealed share."""
@@ -143,8 +149,7 @@ def _private_sqlite_file(url: str, create: bool) -> None:
         return
     path = Path(database)
     try:
-        # defence: store.private-file
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        _create_private(path)
     except FileExistsError:
         pass
     except OSError as e:
@@ -255,7 +260,7 @@ def backup(url: str, out: Path) -> int:
     try:
         # made 0600 before a byte is copied, and removed if the backup fails (a retry then
         # finds no half-written file in its way)
-        os.close(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        _create_private(out)
     except OSError as e:
         raise StoreError(f"cannot write the backup {out}: {e.strerror}") from None
     try:
@@ -291,11 +296,16 @@ def restore(backup_file: Path, url: str) -> None:
         if not path or Path(path).exists():
             raise StoreError(f"{path} exists: restore only into a new store file")
         try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            _create_private(Path(path))
             shutil.copyfile(backup_file, path)
-            Store(url, create=False).close()  # one this aggregator understands, or removed
         except BaseException:
             Path(path).unlink(missing_ok=True)
+            raise
+        try:
+            Store(url, create=False).close()  # one this aggregator understands
+        except StoreError as e:
+            if "migrate" not in str(e):  # (an older store stays, for `aggregator migrate`)
+                Path(path).unlink(missing_ok=True)
             raise
         return
     elif url.startswith("postgresql"):

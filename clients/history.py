@@ -15,7 +15,6 @@ site: a crash after that point costs the site that round, never a second sending
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 from collections.abc import Iterator
@@ -27,8 +26,8 @@ HISTORY_FILE = "history.json"
 
 
 class History:
-    def __init__(self, directory: Path | None) -> None:
-        self._path = None if directory is None else Path(directory) / HISTORY_FILE
+    def __init__(self, directory: str | Path | None) -> None:
+        self._path = None if directory is None else Path(directory).resolve() / HISTORY_FILE
         self._last: dict[str, int] = {}  # job id -> the last round number this site sent to
         if self._path is not None and self._path.exists():
             self._last = _read(self._path)
@@ -97,7 +96,15 @@ def _locked(path: Path) -> Iterator[None]:
     except OSError as e:
         raise SiteError(f"cannot lock {path}: {e.strerror}; the update was not sent") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            import fcntl  # (POSIX; elsewhere the record is kept without a lock)
+
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except ImportError:
+            pass
+        except OSError as e:
+            raise SiteError(f"cannot lock {path}: {e.strerror}; the update was not sent"
+                            ) from None
         yield
     finally:
         os.close(fd)  # (closing releases the lock)

@@ -22,6 +22,7 @@ round's model digest against the model it holds and refuses a different one.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -44,6 +45,7 @@ from secagg.masking.messages import MaskedInput
 from secagg.model import FlatModel
 from secagg.v1 import service_pb2
 
+_log = logging.getLogger("clients")
 POLL_MS = 10_000
 _RUNNING = service_pb2.ROUND_STATUS_RUNNING
 _PROTOCOLS = {"masking": service_pb2.PROTOCOL_MASKING, "ckks": service_pb2.PROTOCOL_CKKS}
@@ -63,13 +65,17 @@ def _sample_count(weight: object) -> float | None:
         weight = weight.item()  # a 0-d array or tensor
     if isinstance(weight, bool | np.bool_) or not isinstance(weight, numbers.Real):
         return None
-    value = float(weight)
+    try:
+        value = float(weight)
+    except OverflowError:  # an int beyond any float
+        return None
     return value if math.isfinite(value) else None
 
 
 class Site:
     def __init__(self, kit: SiteKit, connection: Connection, *, tensors_kind: str = "auto",
-                 progress: Progress | None = None, workers: int = 1) -> None:
+                 progress: Progress | None = None, workers: int = 1,
+                 history_dir: str | Path | None = None) -> None:
         if type(workers) is not int or workers < 1:
             raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
         self.kit = kit
@@ -82,21 +88,25 @@ class Site:
         self._last_round = 0
         self._model_digest: bytes | None = None  # the model this site holds (last result)
         self._held_round = 0  # the round whose result (or starting model) that is
-        self._history = History(getattr(kit, "directory", None))
+        self._history = History(history_dir if history_dir is not None
+                                else getattr(kit, "directory", None))
 
     @classmethod
     def connect(cls, site_dir: str | Path, *, tensors: str = "auto",
                 progress: Progress | None = None, retry_seconds: float = 300.0,
-                workers: int = 1) -> Site:
+                workers: int = 1, history_dir: str | Path | None = None) -> Site:
         """Load the site's directory (keys, certificates, signed roster, config) and connect.
         ``workers``: processes for CKKS encryption and, at the key holder, for verifying and
         releasing (CKKS work is CPU-bound and TenSEAL holds the GIL; a training script that
-        calls this must then guard its entry point with ``if __name__ == "__main__":``)."""
+        calls this must then guard its entry point with ``if __name__ == "__main__":``).
+        ``history_dir``: where the record of rounds sent to is kept (default: the site
+        directory; give a writable one when that is mounted read-only, and keep it across
+        restarts)."""
         if tensors not in ("auto", "numpy", "torch"):
             raise ValueError(f"tensors must be 'auto', 'numpy' or 'torch', got {tensors!r}")
         kit = SiteKit.load(site_dir)
         return cls(kit, Connection(kit, retry_seconds=retry_seconds), tensors_kind=tensors,
-                   progress=progress, workers=workers)
+                   progress=progress, workers=workers, history_dir=history_dir)
 
     def close(self) -> None:
         self._conn.close()
@@ -113,11 +123,17 @@ class Site:
     # ---- rounds --------------------------------------------------------------------------------
 
     def rounds(self) -> Iterator[Round]:
-        """The job's rounds as they open, until the job is done."""
+        """The job's rounds as they open, until the job is done. A round this site already
+        sent to (a training script restarted mid-round) is skipped with a warning: the site
+        takes part from the next one."""
         while True:
             info = self._next_round_info()
             if info is None:
                 return
+            spent = self._history.check(self.config.job_id, int(info.round))
+            if spent and self._is_own_round(info):
+                _log.warning("skipping round %s: %s", info.round_id, spent)
+                continue
             try:
                 rnd = self._join(info)
             except SiteError:
@@ -128,6 +144,13 @@ class Site:
                                    ) from None
             if rnd is not None:
                 yield rnd
+
+    def _is_own_round(self, info: service_pb2.RoundInfo) -> bool:
+        try:
+            self.config.check_round_id(info.round_id, int(info.round))
+        except ConfigurationError:
+            return False
+        return True
 
     def aggregate(self, state_dict: Mapping[str, Any], weight: float) -> dict[str, Any]:
         """One round: send ``state_dict`` (against the round's model) and return the average."""
@@ -250,7 +273,8 @@ class Round:
             raise SiteError("this site already submitted to this round")
         config = self._site.config
         samples = _sample_count(weight)
-        if samples is None or not 0 < samples <= config.max_samples:
+        if samples is None or not 0 < samples <= config.max_samples or (
+                samples / config.max_samples <= 0):
             raise ValueError(f"weight must be a number of samples in (0, "
                              f"{config.max_samples:g}] ([update] max_samples), got {weight!r}")
         # one vector of the model's size, made by flattening and then worked on in place:
@@ -260,11 +284,12 @@ class Round:
         delta, _ = tensors.clip_l2(delta, config.clip_norm, self.model.integer_positions,
                                    in_place=True)
         scaled_weight = samples / config.max_samples
-        # the arguments hold: from here on this round is this site's one submission (a wrong
-        # argument above leaves it free to call again)
-        self._submitted = True
-        # this round number is spent from here on, whatever becomes of it
+        # this round number is spent from here on, whatever becomes of it (if it cannot be
+        # recorded, nothing is sent and the round stays open to another call)
         self._site._history.spend(config.job_id, self.number)
+        # the arguments hold and the round is recorded: this is this site's one submission
+        # (a wrong argument above leaves it free to call again)
+        self._submitted = True
         try:
             if self.protocol == "masking":
                 self._run_masking(delta, scaled_weight)

@@ -193,7 +193,7 @@ class Connection:
 
 _CERTIFICATE_FAILURES = ("CERTIFICATE_VERIFY_FAILED", "TLSV1_ALERT_UNKNOWN_CA",
                          "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_EXPIRED",
-                         "TLSV1_ALERT_DECRYPT_ERROR")
+                         "TLSV1_ALERT_DECRYPT_ERROR", "Hostname Verification Check failed")
 
 
 def _details(e: grpc.RpcError) -> str:

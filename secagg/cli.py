@@ -292,11 +292,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # cause, not a traceback from deep inside (SECAGG_DEBUG=1 shows it).
     # defence: cli.no-tracebacks
     except (OSError, ValueError, zipfile.BadZipFile, sqlite3.Error) as e:
-        if os.environ.get("SECAGG_DEBUG"):
+        if os.environ.get("SECAGG_DEBUG", "") not in ("", "0"):
             raise
         where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        print(f"secagg: error: {type(e).__name__}{where}: {reason}", file=sys.stderr)
+        print(f"secagg: error: {type(e).__name__}{where}: {reason} (SECAGG_DEBUG=1 shows "
+              "where)", file=sys.stderr)
         return 2
 
 

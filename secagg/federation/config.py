@@ -240,7 +240,7 @@ class FederationConfig:
             word_bits=_get(msk, "masking", "word_bits", int, 32),
             preset=_get(ck, "ckks", "preset", str, "add-only-4096"),
             key_holders=tuple(holders),
-            min_sites=(None if ck.get("min_sites") is None
+            min_sites=(None if ck.get("min_sites") in (None, 0)  # (0: the default)
                        else _get(ck, "ckks", "min_sites", int)),
             deadlines=Deadlines(**{k: float(_positive("deadlines", k, _get(
                 dl, "deadlines", k, (int, float), getattr(Deadlines(), k))))

@@ -142,7 +142,7 @@ class SiteKit:
                                      ) from None
         except OSError as e:
             raise ConfigurationError(f"cannot read {e.filename}: {e.strerror}") from None
-        pki.check_tls_files(key_pem, cert_pem, ca_pem, d)
+        pki.check_tls_files(key_pem, cert_pem, ca_pem, d, chain_to_ca=True)
         site_id = pki.site_id_from_pem(cert_pem)
         if site_id is None:
             raise ConfigurationError(f"{d / 'client.crt'} names no site")

@@ -92,21 +92,22 @@ def _issue(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
 
 def check_hosts(hosts: Sequence[str]) -> None:
     """Host names and addresses the aggregator's certificate may name: IP addresses, or DNS
-    names of letters, digits, '-' and '.' (an internationalised name in its A-label form)."""
+    names in ASCII (an internationalised name in its A-label form) with no spaces or control
+    characters; underscores (docker-compose service names), a leading ``*.`` and a trailing
+    dot are kept as they are."""
     for host in hosts:
         try:
             ipaddress.ip_address(host)
             continue
         except ValueError:
             pass
-        labels = host.split(".")
-        if not (0 < len(host) <= 253 and all(
-                0 < len(label) <= 63 and label.isascii()
-                and all(c.isalnum() or c == "-" for c in label)
-                and not label.startswith("-") and not label.endswith("-")
-                for label in labels)):
+        name = host[:-1] if host.endswith(".") else host
+        if not (0 < len(name) <= 253 and name.isascii() and all(
+                label and all(c.isalnum() or c in "-_*" for c in label)
+                for label in name.split("."))):
             raise ConfigurationError(f"--host {host!r} is not an IP address or a DNS name "
-                                     "(letters, digits, '-', '.'; IDNA A-labels for others)")
+                                     "(ASCII letters, digits, '-', '_', '.'; IDNA A-labels "
+                                     "for others)")
 
 
 def issue_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
@@ -227,17 +228,22 @@ def load_cert(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
 
 
-def check_tls_files(key_pem: bytes, cert_pem: bytes, ca_pem: bytes, where: Path) -> None:
-    """That a party's TLS files parse, that the key is the certificate's and that the
-    certificate is the CA's and in date: ConfigurationError naming the file otherwise. (gRPC
-    reports all of these only as a failed handshake: a site was told, after minutes of
-    retries, that the aggregator was unavailable; the aggregator, that it could not bind.)"""
+def check_tls_files(key_pem: bytes, cert_pem: bytes, ca_pem: bytes, where: Path, *,
+                    chain_to_ca: bool) -> None:
+    """That a party's TLS files parse, that the key is its certificate's (the first in the
+    file; intermediates may follow) and the certificate is not expired or far in the future;
+    with ``chain_to_ca``, that it chains through those intermediates to a certificate in
+    ``ca.crt`` (a bundle, during a CA rotation). ConfigurationError naming the file
+    otherwise. (gRPC reports all of these only as a failed handshake: a site was told, after
+    minutes of retries, that the aggregator was unavailable; the aggregator, that it could
+    not bind.) The aggregator's own certificate is not chained to ``ca.crt``: that is the CA
+    of the sites' certificates, which need not be the server certificate's."""
     try:
-        ca = x509.load_pem_x509_certificate(ca_pem)
+        cas = x509.load_pem_x509_certificates(ca_pem)
     except ValueError:
         raise ConfigurationError(f"{where / 'ca.crt'} is not a PEM certificate") from None
     try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
+        chain = x509.load_pem_x509_certificates(cert_pem)
     except ValueError:
         raise ConfigurationError(f"the certificate in {where} is not a PEM certificate"
                                  ) from None
@@ -246,20 +252,42 @@ def check_tls_files(key_pem: bytes, cert_pem: bytes, ca_pem: bytes, where: Path)
     except (ValueError, TypeError):
         raise ConfigurationError(f"the private key in {where} is not an unencrypted PEM key"
                                  ) from None
+    leaf = chain[0]
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
     # defence: federation.tls-files-checked
-    if key.public_key().public_bytes(serialization.Encoding.DER,
-                                     serialization.PublicFormat.SubjectPublicKeyInfo) != \
-            cert.public_key().public_bytes(serialization.Encoding.DER,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo):
+    if (key.public_key().public_bytes(serialization.Encoding.DER, spki)
+            != leaf.public_key().public_bytes(serialization.Encoding.DER, spki)):
         raise ConfigurationError(f"the private key in {where} is not the key of its "
                                  "certificate")
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        raise ConfigurationError(f"the certificate in {where} was not issued by its ca.crt "
-                                 "(another federation's?)") from None
     now = _now()
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise ConfigurationError(f"the certificate in {where} is not valid now (valid "
-                                 f"{cert.not_valid_before_utc:%Y-%m-%d} to "
-                                 f"{cert.not_valid_after_utc:%Y-%m-%d})")
+    if leaf.not_valid_after_utc < now:
+        raise ConfigurationError(f"the certificate in {where} expired on "
+                                 f"{leaf.not_valid_after_utc:%Y-%m-%d}")
+    if leaf.not_valid_before_utc > now + dt.timedelta(hours=1):  # (clock skew allowed)
+        raise ConfigurationError(f"the certificate in {where} is not valid before "
+                                 f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+    if chain_to_ca and not _chains(leaf, chain[1:], cas):
+        raise ConfigurationError(f"the certificate in {where} was not issued by a CA in its "
+                                 "ca.crt (another federation's?)")
+
+
+def _chains(leaf: x509.Certificate, intermediates: Sequence[x509.Certificate],
+            cas: Sequence[x509.Certificate]) -> bool:
+    current = leaf
+    for _ in range(len(intermediates) + 1):
+        for ca in cas:
+            try:
+                current.verify_directly_issued_by(ca)
+                return True
+            except (ValueError, TypeError, InvalidSignature):
+                pass
+        for parent in intermediates:
+            try:
+                current.verify_directly_issued_by(parent)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            current = parent
+            break
+        else:
+            return False
+    return False

@@ -244,4 +244,42 @@ def test_a_failed_init_writes_nothing_and_can_be_run_again(tmp_path: Path, kwarg
     with pytest.raises(ConfigurationError, match=says):
         init_federation(d, 3, **kwargs)
     assert not d.exists() or not any(d.iterdir())
-    init_federation(d, 3, hosts=["agg.example.org", "10.0.0.7", "xn--bcher-kva.de"])
+    init_federation(d, 3, hosts=["agg.example.org", "10.0.0.7", "xn--bcher-kva.de",
+                                 "secagg_aggregator", "*.example.org", "agg.example.org."])
+
+
+def test_tls_files_from_an_operators_own_pki_are_accepted(federation: Path, tmp_path: Path) -> None:
+    """A leaf followed by its intermediate, with the root in a ca.crt bundle beside an old
+    CA (a rotation): what gRPC accepts, the load check accepts."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    root_key, root = pki.make_ca("new root")
+    _, old_root = pki.make_ca("old root")
+    inter_key = pki.new_key()
+    now = dt.datetime.now(dt.UTC)
+    inter = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "inter")]))
+             .issuer_name(root.subject).public_key(inter_key.public_key())
+             .serial_number(x509.random_serial_number())
+             .not_valid_before(now - dt.timedelta(minutes=5))
+             .not_valid_after(now + dt.timedelta(days=30))
+             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+             .sign(root_key, hashes.SHA256()))
+    leaf_key = pki.new_key()
+    leaf = pki.issue_site_cert(inter_key, inter, 1, leaf_key.public_key())
+    pki.check_tls_files(pki.pem_private(leaf_key), pki.pem_cert(leaf) + pki.pem_cert(inter),
+                        pki.pem_cert(old_root) + pki.pem_cert(root), tmp_path, chain_to_ca=True)
+    with pytest.raises(ConfigurationError, match="not issued by"):
+        pki.check_tls_files(pki.pem_private(leaf_key), pki.pem_cert(leaf),
+                            pki.pem_cert(root), tmp_path, chain_to_ca=True)
+
+
+def test_ckks_min_sites_0_means_the_default() -> None:
+    """Configs written with min_sites = 0 ("the default") before stay valid."""
+    config = FederationConfig.from_dict({
+        "federation": {"name": "f", "protocol": "ckks", "aggregator": "a:1",
+                       "trust_root": "00" * 32}, "ckks": {"min_sites": 0}})
+    assert config.min_sites is None
