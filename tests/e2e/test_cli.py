@@ -106,11 +106,15 @@ def test_bench_ckks_unknown_preset_is_a_clear_error(capsys: pytest.CaptureFixtur
 
 def test_an_os_error_is_one_line_not_a_traceback(tmp_path, capsys: pytest.CaptureFixture[str]  # type: ignore[no-untyped-def]
                                                  ) -> None:
-    """What a command does not turn into a clear error itself (here: --dir is a file) is one
-    line naming the cause, never a traceback from deep inside."""
+    """What a command does not turn into a clear error itself (here: a site's --dir under
+    a file, a backup that is a directory) is one line naming the cause, never a traceback
+    from deep inside."""
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
-    assert main(["federation", "init", "--dir", str(not_a_dir / "fed"), "--sites", "3"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("secagg: error: ") and "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1
+    for argv in (["federation", "csr", "--dir", str(not_a_dir / "site"), "--site", "1"],
+                 ["aggregator", "restore", "--backup", str(tmp_path), "--store",
+                  str(tmp_path / "r.db")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("secagg: error: ") and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
