@@ -240,7 +240,8 @@ class FederationConfig:
             word_bits=_get(msk, "masking", "word_bits", int, 32),
             preset=_get(ck, "ckks", "preset", str, "add-only-4096"),
             key_holders=tuple(holders),
-            min_sites=(None if ck.get("min_sites") in (None, 0)  # (0: the default)
+            min_sites=(None if ck.get("min_sites") is None or (  # (0: the default)
+                type(ck.get("min_sites")) is int and ck.get("min_sites") == 0)
                        else _get(ck, "ckks", "min_sites", int)),
             deadlines=Deadlines(**{k: float(_positive("deadlines", k, _get(
                 dl, "deadlines", k, (int, float), getattr(Deadlines(), k))))
