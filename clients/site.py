@@ -175,9 +175,9 @@ class Site:
     def _join(self, info: service_pb2.RoundInfo) -> Round | None:
         # What the round is comes from this site's own configuration, never from the
         # aggregator's announcement: the protocol (a masking federation run as CKKS would
-        # hand the updates to a key holder, with none of masking's checks), the round's id
-        # (federation, job, number within [job] rounds) and whether this site already sent
-        # to that round number (clients.history).
+        # hand the updates to a key holder, with none of masking's checks) and the round's
+        # id (federation, job, number within [job] rounds). (rounds() skipped a round this
+        # site already sent to: clients.history.)
         number, round_id = int(info.round), info.round_id
         # defence: sdk.protocol-pinned
         if info.protocol != _PROTOCOLS[self.config.protocol]:
@@ -187,9 +187,6 @@ class Site:
             self.config.check_round_id(round_id, number)
         except ConfigurationError as e:
             raise RoundAborted(round_id, str(e)) from None
-        problem = self._history.check(self.config.job_id, number)
-        if problem:
-            raise RoundAborted(round_id, problem)
         digest = bytes(info.model.digest)
         if self._model_digest is not None and digest != self._model_digest:
             self._follow_chain(info.round, digest)

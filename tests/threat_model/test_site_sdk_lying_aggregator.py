@@ -315,6 +315,20 @@ def _model_info(number: int, round_id: str, protocol: int = service_pb2.PROTOCOL
     return info, {blob.chunk_ids[0]: model.to_bytes() if data is None else data}
 
 
+def _ckks_site(context: Any, payloads: dict[bytes, bytes]) -> tuple[Site, _Scripted, Any]:
+    """A CKKS site joined to round 1, whose key the federation's holder genuinely announced,
+    with ``context`` the public-context blob the aggregator names for it."""
+    roster, identities = make_roster(5)
+    announcement = KeyHolder.generate().announce(
+        holder=HOLDER, identity=identities[HOLDER], epoch="hospitals/job-1/round-1")
+    info, model = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
+    info.ckks_key.CopyFrom(service_pb2.CkksKeyOffer(
+        announcement=wire.announcement_to_proto(announcement), public_context=context.to_proto()))
+    site, conn = _site("ckks", info, {**model, **payloads})
+    site.kit.roster, site.kit.identity = roster, identities[HONEST]
+    return site, conn, info
+
+
 @pytest.mark.parametrize(("number", "round_id"), [
     (1, "hospitals/jobB/round-1"),  # another job: a replay of round 1 under a new name
     (1, "hospitals/job-1/round-1/x"),
@@ -387,16 +401,7 @@ def test_lies_the_site_detects_are_round_refusals_not_internal_errors() -> None:
     with pytest.raises(RoundAborted, match="refused the round"):
         next(site.rounds())
 
-    roster, identities = make_roster(5)
-    key = KeyHolder.generate()
-    info, payloads = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
-    info.ckks_key.CopyFrom(service_pb2.CkksKeyOffer(
-        announcement=wire.announcement_to_proto(key.announce(
-            holder=HOLDER, identity=identities[HOLDER], epoch="hospitals/job-1/round-1")),
-        public_context=wire.Blob((b"\x09" * 32,), 5).to_proto()))
-    payloads[b"\x09" * 32] = b"junk!"
-    site, conn = _site("ckks", info, payloads)
-    site.kit.roster, site.kit.identity = roster, identities[HONEST]
+    site, conn, _ = _ckks_site(wire.Blob((b"\x09" * 32,), 5), {b"\x09" * 32: b"junk!"})
     rnd = next(site.rounds())
     with pytest.raises(RoundAborted, match="refused the aggregator's messages"):
         rnd.submit({"w": np.ones(8, np.float32)}, weight=10)
@@ -506,15 +511,7 @@ def test_a_ckks_site_bounds_the_public_context_download_before_fetching() -> Non
     claims is 1 TiB (a real one is ~0.1-0.4 MB): refused before a chunk is fetched."""
     from clients.errors import AggregatorRefused
 
-    roster, identities = make_roster(5)
-    key = KeyHolder.generate()
-    info, _ = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
-    info.ckks_key.CopyFrom(service_pb2.CkksKeyOffer(
-        announcement=wire.announcement_to_proto(key.announce(
-            holder=HOLDER, identity=identities[HOLDER], epoch="hospitals/job-1/round-1")),
-        public_context=wire.Blob((b"\x09" * 32,) * 1024, 2**40).to_proto()))
-    site, _ = _site("ckks", info, {})
-    site.kit.roster, site.kit.identity = roster, identities[HONEST]
+    site, _, info = _ckks_site(wire.Blob((b"\x09" * 32,) * 1024, 2**40), {})
     from secagg.model import FlatModel
 
     model = FlatModel.from_arrays({"w": np.zeros(8, np.float32)})
