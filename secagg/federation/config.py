@@ -106,6 +106,10 @@ def _positive(section: str, key: str, value: float, *, integer: bool = False) ->
     return value
 
 
+MAX_ROUNDS = 1_000_000
+MAX_DEADLINE_SECONDS = 30 * 86_400  # a stage waiting 30 days for its sites is a stalled job
+
+
 @dataclass(frozen=True)
 class Deadlines:
     open: float = 600.0
@@ -263,15 +267,30 @@ class FederationConfig:
 
     def check(self) -> None:
         lim = self.limits
+        # ranges past which a value can only be a slip (a deadline of 1e300 s is "never", a
+        # max_samples of 1e300 makes every real weight too small to encode): refused here, by
+        # name, rather than as a stalled job or a refusal at every site's first submit
+        for name, number, low, high in (
+                ("[job] rounds", self.rounds, 1, MAX_ROUNDS),
+                ("[limits] max_sites", lim.max_sites, 3, 1_000_000),
+                ("[limits] max_vector_length", lim.max_vector_length, 1, 2**31 - 1)):
+            # defence: federation.config-ranges
+            if not low <= number <= high:
+                raise ConfigurationError(f"{name} must be in [{low}, {high:,}], got {number!r}")
+        for name, value, top in (
+                ("[job] server_learning_rate", self.server_learning_rate, 1e6),
+                ("[update] max_samples", self.max_samples, 1e12),
+                *((f"[deadlines] {k}", getattr(self.deadlines, k), MAX_DEADLINE_SECONDS)
+                  for k in ("open", "stage", "release")),
+                ("[limits] stream_idle_seconds", lim.stream_idle_seconds, 86_400)):
+            if not (math.isfinite(value) and 0 < value <= top):
+                raise ConfigurationError(f"{name} must be in (0, {top:g}], got {value!r}")
         if not 1024 <= lim.max_chunk_bytes <= MAX_CHUNK_BYTES:
             raise ConfigurationError(f"[limits] max_chunk_bytes must be in [1024, "
                                      f"{MAX_CHUNK_BYTES}], got {lim.max_chunk_bytes}")
         if not lim.max_chunk_bytes + 4096 <= lim.max_message_bytes <= MAX_MESSAGE_BYTES:
             raise ConfigurationError(f"[limits] max_message_bytes must be in [max_chunk_bytes "
                                      f"+ 4096, {MAX_MESSAGE_BYTES}], got {lim.max_message_bytes}")
-        if lim.max_sites < 3 or lim.max_vector_length < 1 or lim.stream_idle_seconds <= 0:
-            raise ConfigurationError("[limits] max_sites >= 3, max_vector_length >= 1 and "
-                                     "stream_idle_seconds > 0 are required")
         if not 1 <= lim.upload_slots <= 1024:
             raise ConfigurationError(f"[limits] upload_slots must be in [1, 1024], got "
                                      f"{lim.upload_slots}")

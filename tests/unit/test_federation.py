@@ -127,6 +127,17 @@ def test_the_ca_signs_only_the_site_a_request_names(tmp_path: Path) -> None:
     ("deadlines", "stage", "inf", "finite"),
     ("ckks", "preset", "'no-such-preset'", "preset"),
     ("ckks", "min_sites", "-5", "min_sites"),
+    # finite but past any real use: a slip, named at load (not a job that never ends a
+    # stage, nor every site refused at its first submit)
+    ("deadlines", "stage", "1e300", r"\[deadlines\] stage must be in"),
+    ("deadlines", "open", "3e6", r"\[deadlines\] open must be in"),
+    ("limits", "stream_idle_seconds", "1e9", "stream_idle_seconds must be in"),
+    ("update", "max_samples", "1e300", "max_samples must be in"),
+    ("job", "server_learning_rate", "1e40", "server_learning_rate must be in"),
+    ("job", "rounds", "10000000", "rounds must be in"),
+    ("limits", "max_vector_length", "1000000000000", "max_vector_length must be in"),
+    ("limits", "max_sites", "1000000000", "max_sites must be in"),
+    ("limits", "max_sites", "2", "max_sites must be in"),
 ])
 def test_config_errors_name_the_key(federation: Path, tmp_path: Path, section: str, key: str,
                                     value: str, match: str) -> None:
@@ -283,3 +294,15 @@ def test_ckks_min_sites_0_means_the_default() -> None:
         "federation": {"name": "f", "protocol": "ckks", "aggregator": "a:1",
                        "trust_root": "00" * 32}, "ckks": {"min_sites": 0}})
     assert config.min_sites is None
+
+
+def test_the_ranges_hold_for_a_config_made_in_code_too(federation: Path) -> None:
+    import dataclasses
+
+    from secagg.federation.config import MAX_DEADLINE_SECONDS, Deadlines
+
+    config = FederationConfig.load(federation / "federation.toml")
+    at_limit = dataclasses.replace(config, deadlines=Deadlines(stage=MAX_DEADLINE_SECONDS))
+    at_limit.check()  # the bound itself is allowed
+    with pytest.raises(ConfigurationError, match="stage"):
+        dataclasses.replace(config, deadlines=Deadlines(stage=MAX_DEADLINE_SECONDS * 2)).check()
