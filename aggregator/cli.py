@@ -11,7 +11,13 @@ def _serve(args: argparse.Namespace) -> int:
     from aggregator import logs
 
     logs.configure(args.log_level)
-    logs.capture_native_stderr()  # before gRPC starts: it reads its log level once
+    def count_tls_refusal(reason: str) -> None:  # (the metrics exist once serve has begun)
+        from aggregator import service
+
+        service._metrics.tls_refused.labels(reason).inc()
+
+    # before gRPC starts: it reads its log level once
+    logs.capture_native_stderr(on_tls_refused=count_tls_refusal)
     from aggregator.service import serve
 
     metrics = None if args.metrics == "off" else args.metrics

@@ -12,6 +12,8 @@ payload or anything derived from one. Each aggregator has its own registry (test
   closed (its deadline passed)
 - ``secagg_refused_total{code}``: requests refused (uploads, messages, identities), by gRPC
   status code
+- ``secagg_tls_refused_total{reason}``: TLS handshakes refused (no certificate, another CA,
+  expired), by TLS reason (a fixed set, else "other")
 - ``secagg_bytes_received_total``, ``secagg_bytes_sent_total``: chunk payload bytes
 - ``secagg_stage_duration_seconds{protocol,stage}``: from a stage's start to its close
 - ``secagg_store_latency_seconds{operation}``: each SQL statement (select, insert, update,
@@ -50,6 +52,9 @@ class Metrics:
                                 ["protocol", "stage"], registry=r)
         self.refused = Counter("secagg_refused", "Requests refused, by gRPC status code",
                                ["code"], registry=r)
+        self.tls_refused = Counter("secagg_tls_refused",
+                                   "TLS handshakes refused (no, expired or foreign certificate)",
+                                   ["reason"], registry=r)
         self.bytes_received = Counter("secagg_bytes_received", "Chunk bytes received",
                                       registry=r)
         self.bytes_sent = Counter("secagg_bytes_sent", "Chunk bytes sent", registry=r)
@@ -129,11 +134,57 @@ class NoMetrics(Metrics):
     """For a Job used without a service (tests, tools): counts into a registry nobody reads."""
 
 
+METRICS_CONNECTIONS = 16  # scrapes served at once; more are closed at once
+METRICS_IDLE_SECONDS = 10.0  # a connection that sends nothing for this long is closed
+
+
 def serve_metrics(metrics: Metrics, listen: str) -> tuple[Any, int]:
-    """Serve ``/metrics`` on ``listen`` (HOST:PORT; port 0 picks one): (server, port)."""
-    from prometheus_client import start_http_server
+    """Serve ``/metrics`` on ``listen`` (HOST:PORT; port 0 picks one): (server, port).
+
+    prometheus_client's own server gives every connection a thread for as long as it stays
+    open: 1,000 idle connections were 1,000 threads. This one serves at most
+    METRICS_CONNECTIONS at once and closes a connection idle for METRICS_IDLE_SECONDS."""
+    import socket
+    import socketserver
+    import threading
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+    from prometheus_client import make_wsgi_app
 
     host, _, port = listen.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
-    server, _thread = start_http_server(int(port), addr=host, registry=metrics.registry)
+    family = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0][0]
+
+    class Handler(WSGIRequestHandler):
+        timeout = METRICS_IDLE_SECONDS
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # (stderr is the JSON log)
+
+    class Server(socketserver.ThreadingMixIn, WSGIServer):
+        address_family = family
+        daemon_threads = True
+        request_queue_size = 64
+        slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            # defence: metrics.connections-bounded
+            if not self.slots.acquire(blocking=False):
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self.slots.release()
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
+
+    server = Server((host, int(port)), Handler)
+    server.set_app(make_wsgi_app(metrics.registry))
+    threading.Thread(target=server.serve_forever, name="secagg-metrics", daemon=True).start()
     return server, int(server.server_address[1])
