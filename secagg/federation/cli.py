@@ -44,7 +44,7 @@ def _init(args: argparse.Namespace) -> int:
 def _csr(args: argparse.Namespace) -> int:
     from secagg.federation.kit import make_site_request
 
-    path = make_site_request(args.dir, args.site)
+    path = make_site_request(args.dir, args.site, identity_key=args.identity)
     print(f"site {args.site}: keys written to {args.dir} (0600); send {path} to the operator")
     return 0
 
@@ -77,6 +77,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     csr = fed_sub.add_parser("csr", help="make this site's own keys and certificate request")
     csr.add_argument("--dir", required=True, type=Path)
     csr.add_argument("--site", required=True, type=_site_id)
+    csr.add_argument("--identity", type=Path, default=None,
+                     help="the site's existing identity.key, to rotate its certificate (the "
+                          "request is signed with it; a new TLS key is made in --dir)")
     csr.set_defaults(func=_csr)
     sign = fed_sub.add_parser("sign", help="sign a site's request and add it to the roster")
     sign.add_argument("--dir", required=True, type=Path, help="the federation directory")

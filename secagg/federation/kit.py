@@ -18,6 +18,7 @@ signs it with ``secagg federation sign``, which also re-signs the roster with th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -32,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from secagg.errors import ConfigurationError, InvalidMessage
 from secagg.federation import pki
 from secagg.federation.config import FederationConfig
+from secagg.hazmat import signing
 from secagg.hazmat.signing import IdentityKey
 from secagg.roster import Roster, RosterSigner, SignedRoster
 from secagg.v1 import roster_pb2
@@ -239,19 +241,44 @@ def _write_public_files(d: Path, config: FederationConfig, signed: SignedRoster,
 # ---- a site's own keys: csr / sign -----------------------------------------------------------
 
 
-def make_site_request(directory: Path | str, site_id: int) -> Path:
-    """Make a site's TLS key, identity key and request in ``directory``; the request (public
-    only) is what goes to the operator."""
+REQUEST_CONTEXT = b"secagg/v1 site certificate request\x00"
+
+
+def _request_message(site_id: int, csr_der: bytes) -> bytes:
+    """What a site's identity key signs in its request: the site id and its TLS key's CSR."""
+    return REQUEST_CONTEXT + site_id.to_bytes(8, "big") + hashlib.sha256(csr_der).digest()
+
+
+def make_site_request(directory: Path | str, site_id: int, *,
+                      identity_key: Path | str | None = None) -> Path:
+    """Make a site's TLS key (and, unless ``identity_key`` names the site's existing one, its
+    identity key) in ``directory`` and its request, signed with the identity key; the request
+    (public only) is what goes to the operator. With ``identity_key`` it is a rotation: a new
+    TLS certificate for a site already on the roster."""
     d = Path(directory)
+    private: Ed25519PrivateKey | None = None
+    if identity_key is not None:
+        identity = load_identity(Path(identity_key))
+    else:
+        if (d / "identity.key").exists():
+            raise ConfigurationError(
+                f"{d / 'identity.key'} exists: to rotate a certificate, make the request in a "
+                "new directory with --identity naming this key")
+        private = Ed25519PrivateKey.generate()
+        identity = IdentityKey(private)
     tls_key = pki.new_key()
-    identity = Ed25519PrivateKey.generate()
-    pki.write_private(d / "client.key", pki.pem_private(tls_key))
-    pki.write_private(d / "identity.key", identity_to_pem(identity))
     csr = pki.make_csr(site_id, tls_key)
+    csr_der = csr.public_bytes(serialization.Encoding.DER)
+    pki.write_private(d / "client.key", pki.pem_private(tls_key))
+    if private is not None:
+        pki.write_private(d / "identity.key", identity_to_pem(private))
     request = {
         "site_id": site_id,
         "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
-        "identity_public_key": IdentityKey(identity).public_bytes.hex(),
+        "identity_public_key": identity.public_bytes.hex(),
+        # proof that whoever asks for site_id's certificate holds its identity key: the
+        # roster's public keys are public, and a request naming one is otherwise anyone's
+        "identity_signature": identity.sign(_request_message(site_id, csr_der)).hex(),
     }
     path = d / "request.json"
     path.write_text(json.dumps(request, indent=2))
@@ -269,8 +296,19 @@ def sign_site_request(federation: Path | str, request_path: Path | str, out: Pat
         site_id = int(request["site_id"])
         csr = x509.load_pem_x509_csr(request["csr"].encode())
         identity_public = bytes.fromhex(request["identity_public_key"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        proof = bytes.fromhex(request.get("identity_signature", ""))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigurationError(f"cannot read the site request {request_path}: {e}") from None
+    # defence: federation.request-proves-identity (a request built from the roster's public
+    # key of another site got that site's certificate: its identity key must sign it)
+    try:
+        signing.verify(identity_public, proof, _request_message(
+            site_id, csr.public_bytes(serialization.Encoding.DER)))
+    except InvalidMessage:
+        raise ConfigurationError(
+            f"the request for site {site_id} is not signed by the identity key it names: only "
+            "a request made with the site's identity key (secagg federation csr, with "
+            "--identity to rotate) is signed") from None
     config = FederationConfig.load(fed / CONFIG_FILE)
     ca_key = pki.load_private(fed / "ca" / "ca.key")
     ca_cert = pki.load_cert(fed / "ca" / "ca.crt")

@@ -306,3 +306,76 @@ def test_the_ranges_hold_for_a_config_made_in_code_too(federation: Path) -> None
     at_limit.check()  # the bound itself is allowed
     with pytest.raises(ConfigurationError, match="stage"):
         dataclasses.replace(config, deadlines=Deadlines(stage=MAX_DEADLINE_SECONDS * 2)).check()
+
+
+@pytest.fixture
+def fresh_federation(tmp_path: Path) -> Path:
+    d = tmp_path / "fed"
+    init_federation(d, 4)
+    return d
+
+
+def test_a_site_rotates_its_certificate_with_a_request_its_identity_key_signs(
+        fresh_federation: Path, tmp_path: Path) -> None:
+    site = fresh_federation / "sites" / "site-2"
+    new = tmp_path / "site-2-rotation"
+    request = make_site_request(new, 2, identity_key=site / "identity.key")
+    assert not (new / "identity.key").exists()  # the identity key stays where it was
+    out = sign_site_request(fresh_federation, request, tmp_path / "signed")
+    config = FederationConfig.load(fresh_federation / "federation.toml")
+    roster = load_roster(fresh_federation / "roster.bin", config.trust_root)
+    assert sorted(roster) == [1, 2, 3, 4] and roster.version == 2
+    assert pki.site_id_from_pem((out / "client.crt").read_bytes()) == 2
+    # and a request into a directory that already holds an identity key is refused, not
+    # a silent new identity over the old one
+    with pytest.raises(ConfigurationError, match="--identity"):
+        make_site_request(site, 2)
+
+
+def _forged_request(federation: Path, tmp_path: Path, victim: int, signer: Path | None,
+                    replay_from: Path | None = None) -> Path:
+    """A request for ``victim``'s certificate made of its public roster key and a TLS key the
+    attacker holds, signed by ``signer`` (another identity key) or by no one, or carrying a
+    signature the victim made for another request."""
+    import json
+
+    from cryptography.hazmat.primitives import serialization
+
+    from secagg.federation import kit
+
+    config = FederationConfig.load(federation / "federation.toml")
+    roster = load_roster(federation / "roster.bin", config.trust_root)
+    csr = pki.make_csr(victim, pki.new_key())
+    der = csr.public_bytes(serialization.Encoding.DER)
+    request = {"site_id": victim, "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
+               "identity_public_key": roster[victim].hex()}
+    if signer is not None:
+        key = kit.load_identity(signer)
+        request["identity_signature"] = key.sign(kit._request_message(victim, der)).hex()
+    if replay_from is not None:
+        request["identity_signature"] = json.loads(replay_from.read_text())["identity_signature"]
+    path = tmp_path / f"forged-{victim}-{len(list(tmp_path.iterdir()))}.json"
+    path.write_text(json.dumps(request))
+    return path
+
+
+def test_a_certificate_for_a_site_needs_that_sites_identity_key(
+        fresh_federation: Path, tmp_path: Path) -> None:
+    """Site 4 asks for site 1's certificate with site 1's public key from the roster: with no
+    signature, its own, or site 1's signature of another request, the operator's ordinary
+    `federation sign` refuses (it issued the certificate before, and site 4 then spoke as the
+    key holder)."""
+    legit = make_site_request(tmp_path / "rotation", 1,
+                              identity_key=fresh_federation / "sites" / "site-1" / "identity.key")
+    attempts = [
+        _forged_request(fresh_federation, tmp_path, 1, None),
+        _forged_request(fresh_federation, tmp_path, 1,
+                        fresh_federation / "sites" / "site-4" / "identity.key"),
+        _forged_request(fresh_federation, tmp_path, 1, None, replay_from=legit),
+    ]
+    for n, path in enumerate(attempts):
+        with pytest.raises(ConfigurationError, match="not signed by the identity key"):
+            sign_site_request(fresh_federation, path, tmp_path / f"out-{n}")
+        assert not (tmp_path / f"out-{n}" / "client.crt").exists()
+    config = FederationConfig.load(fresh_federation / "federation.toml")
+    assert load_roster(fresh_federation / "roster.bin", config.trust_root).version == 1
