@@ -363,6 +363,12 @@ class Round:
         for done, (stage, decode) in enumerate(steps, 1):
             response = self._receive(stage.value)
             reply = client.handle(decode(response))
+            if stage is Stage.SHARE_KEYS and client.unusable_share_senders:
+                # skipped, not fatal (see MaskingClient): said here, since only this site
+                # can see it, so an operator can ask who sealed them
+                _log.warning("round %s: the shares sites %s sealed for this site did not open "
+                             "and were skipped (a site or the aggregator altered them)",
+                             self.round_id, list(client.unusable_share_senders))
             self._progress(f"stage {client.stage.name}", done, 5)
             self._send_masking(reply, config.word_bits)
 

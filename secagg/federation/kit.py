@@ -299,8 +299,9 @@ def sign_site_request(federation: Path | str, request_path: Path | str, out: Pat
         proof = bytes.fromhex(request.get("identity_signature", ""))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigurationError(f"cannot read the site request {request_path}: {e}") from None
-    # defence: federation.request-proves-identity (a request built from the roster's public
-    # key of another site got that site's certificate: its identity key must sign it)
+    # a request built from another site's public roster key got that site's certificate:
+    # the identity key the request names must have signed it
+    # defence: federation.request-proves-identity
     try:
         signing.verify(identity_public, proof, _request_message(
             site_id, csr.public_bytes(serialization.Encoding.DER)))

@@ -116,6 +116,8 @@ class MaskingClient:
         # shares I hold, by owner: (self-mask seed share, masking-key share), each 66 bytes
         self._held_shares: dict[int, tuple[bytes, bytes]] = {}
         self._share_senders: frozenset[int] = frozenset()
+        # senders whose sealed share to this site did not open (skipped: see ShareDelivery)
+        self.unusable_share_senders: tuple[int, ...] = ()
         self._signed_survivors: tuple[int, ...] = ()
         # defence: masking.client.quorum-is-roster-wide
         self._q = config.consistency_quorum
@@ -250,19 +252,33 @@ class MaskingClient:
         self._require_at_least(len(senders) + 1, "share senders in the neighbourhood")
         # defence: masking.client.share-senders-windows
         self._check_windows(senders | {self.site_id}, "share senders")
+        # A share that does not open, or opens to the wrong length, is skipped: never stored,
+        # never revealed. Only its sender (or the server relaying it) can make it so, and it
+        # is needed only to help rebuild that sender's secrets: this site still masks with
+        # the sender (the pair seed comes from the key agreement, not from the share). An
+        # abort here let colluding sites seal junk to a chosen honest site, push it out of the
+        # round and read the sum of the sites left. If no share opens at all, this site's
+        # view of the round is not its peers' (another session, a split key directory):
+        # that aborts.
+        unusable: list[int] = []
         for sender in sorted(senders):
             try:
                 plain = aead.open_sealed(
                     self._share_key(sender), msg.encrypted_shares[sender],
                     _common.share_associated_data(self._session, sender, self.site_id))
-            # defence: masking.client.share-authentication-aborts
             except InvalidMessage:
-                raise ProtocolAbort(AbortReason.SHARE_AUTHENTICATION_FAILED,
-                                    f"from site {sender}") from None
+                plain = b""
             # defence: masking.client.share-pair-length
             if len(plain) != _SHARE_PAIR_BYTES:
-                raise ProtocolAbort(AbortReason.MALFORMED_MESSAGE, f"share from site {sender}")
+                # defence: masking.client.bad-share-skipped
+                unusable.append(sender)
+                continue
             self._held_shares[sender] = (plain[: shamir.SHARE_BYTES], plain[shamir.SHARE_BYTES :])
+        # defence: masking.client.share-authentication-aborts
+        if senders and len(unusable) == len(senders):
+            raise ProtocolAbort(AbortReason.SHARE_AUTHENTICATION_FAILED,
+                                f"no share opens (from sites {unusable[:8]})")
+        self.unusable_share_senders = tuple(unusable)
         self._share_senders = senders
 
         terms: list[MaskTerm] = [(self._self_mask_seed, 1)]
@@ -409,9 +425,11 @@ class MaskingClient:
 
         # Disjoint by the checks above: no peer gets both of its shares revealed.
         # defence: masking.client.self-mask-shares-only-of-survivors
-        self_mask = {p: self._held_shares[p][0] for p in sorted(mine & survivors)}
+        self_mask = {p: self._held_shares[p][0] for p in sorted(mine & survivors)
+                     if p in self._held_shares}
         # defence: masking.client.key-shares-only-of-dropped
-        keys = {p: self._held_shares[p][1] for p in sorted(dropped_here)}
+        keys = {p: self._held_shares[p][1] for p in sorted(dropped_here)
+                if p in self._held_shares}
         sig = self._sign(UnmaskResponse.signed_bytes(self._session, self.site_id, self_mask, keys))
         # defence: masking.client.one-unmask-only
         self._forget()

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from secagg._encoding import payload_digest
 from secagg.errors import AbortReason, InvalidMessage, PreconditionError, ProtocolAbort
-from secagg.hazmat import shamir, signing
+from secagg.hazmat import aead, shamir, signing
 from secagg.hazmat.key_agreement import PUBLIC_KEY_BYTES, exchange, private_key_from_bytes
 from secagg.hazmat.prg import SEED_BYTES, MaskTerm, RangeSplitMasker, apply_masks, word_dtype
 from secagg.masking import _common
@@ -45,6 +45,8 @@ from secagg.masking.messages import (
 from secagg.metrics import MetricsListener, NullListener
 
 _PROBE = X25519PrivateKey.generate()
+
+SEALED_SHARE_BYTES = aead.NONCE_BYTES + 2 * shamir.SHARE_BYTES + aead.TAG_BYTES
 
 
 def _usable_key(key: bytes) -> bool:
@@ -185,6 +187,14 @@ class MaskingServer:
         # defence: masking.server.share-recipients-are-neighbours
         if not set(msg.encrypted_shares) <= allowed:
             raise InvalidMessage("share recipients")
+        # every sealed share is one pair of Shamir shares under AES-GCM, so its size is
+        # known: a larger one made the delivery to its recipient exceed the message limit
+        # (RESOURCE_EXHAUSTED at that site, which then dropped, and nothing named the
+        # sender), and stayed in the store
+        # defence: masking.server.sealed-share-size
+        if any(not isinstance(c, bytes) or len(c) != SEALED_SHARE_BYTES
+               for c in msg.encrypted_shares.values()):
+            raise InvalidMessage("sealed share size")
         # defence: masking.server.commitment-size
         if len(msg.self_mask_commitment) != 32:
             raise InvalidMessage("commitment")

@@ -10,19 +10,20 @@ from __future__ import annotations
 import pytest
 
 from secagg._encoding import encode
-from secagg.errors import AbortReason, InvalidMessage, ProtocolAbort
+from secagg.errors import InvalidMessage
 from secagg.hazmat import signing
 from secagg.hazmat.key_agreement import AgreementKey, derive_pair_key
-from secagg.masking.messages import ShareDelivery, ShareKeys
+from secagg.masking.messages import MaskedInput, ShareDelivery, ShareKeys
 from tests.roundkit import Round
 
 
-def test_client_aborts_if_server_reflects_its_own_share_back_to_it() -> None:
+def test_client_never_takes_its_own_share_reflected_back_to_it() -> None:
     """Site 1's sealed share for site 2, handed back to site 1 as site 2's share for it.
 
     Both ends of a pair derive the same AES key, so only the associated data (sender and
     receiver) tells the two directions apart.
-    Property: the site aborts with SHARE_AUTHENTICATION_FAILED instead of storing its own share.
+    Property: the share does not open; site 1 skips it (stores nothing as site 2's share, and
+    will reveal none) and, every other share opening, goes on masking with site 2.
     """
     r = Round()
     r.advance()
@@ -32,9 +33,10 @@ def test_client_aborts_if_server_reflects_its_own_share_back_to_it() -> None:
     delivery = deliveries[1]
     assert isinstance(delivery, ShareDelivery)
     reflected = {**delivery.encrypted_shares, 2: own.encrypted_shares[2]}
-    with pytest.raises(ProtocolAbort) as caught:
-        r.clients[1].handle(ShareDelivery(reflected))
-    assert caught.value.reason is AbortReason.SHARE_AUTHENTICATION_FAILED
+    reply = r.clients[1].handle(ShareDelivery(reflected))
+    assert isinstance(reply, MaskedInput) and 2 in reply.partners
+    assert r.clients[1].unusable_share_senders == (2,)
+    assert 2 not in r.clients[1]._held_shares
 
 
 def test_pair_key_of_one_session_purpose_or_pair_is_useless_in_another() -> None:

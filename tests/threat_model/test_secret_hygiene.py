@@ -60,10 +60,9 @@ def test_an_aborted_site_keeps_no_shares_or_self_mask_seed() -> None:
     assert isinstance(delivery, ShareDelivery)
     client = r.clients[1]
     assert client._held_shares and client._self_mask_seed
-    bad = bytearray(delivery.encrypted_shares[2])
-    bad[-1] ^= 1
-    with pytest.raises(ProtocolAbort):
-        client.handle(ShareDelivery({**delivery.encrypted_shares, 2: bytes(bad)}))
+    bad = {u: bytes(c[:-1]) + bytes([c[-1] ^ 1]) for u, c in delivery.encrypted_shares.items()}
+    with pytest.raises(ProtocolAbort):  # no share opens: another view of the round
+        client.handle(ShareDelivery(bad))
     assert client._held_shares == {}
     assert client._self_mask_seed == b""
 

@@ -39,10 +39,12 @@ def test_a_release_no_honest_round_makes_is_refused_and_the_job_goes_on(
 
 def test_a_round_whose_result_no_tensor_can_hold_aborts_and_the_job_goes_on(
         tmp_path: Path) -> None:
-    """What the round's messages make is no model (here an operator's server learning rate
-    of 1e40 overflows float32): found while closing the last stage, deterministically, so the
-    round aborts (AGGREGATE_OUT_OF_RANGE) rather than failing on every recovery."""
-    fed = make_federation(tmp_path, 3, "masking", rounds=2, server_learning_rate=1e40)
+    """What the round's messages make is no model (here a server learning rate of 1000
+    takes an int8 step counter, one step a round, from 0 to 1000): found while closing the
+    last stage, deterministically, so the round aborts (AGGREGATE_OUT_OF_RANGE) rather than
+    failing on every recovery."""
+    fed = make_federation(tmp_path, 3, "masking", rounds=2, server_learning_rate=1000.0,
+                          steps_dtype="int8")
     agg = start_aggregator(fed, tmp_path)
     try:
         reports = run_sites(fed, tmp_path, timeout=60.0)
