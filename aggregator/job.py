@@ -548,7 +548,9 @@ class Job:
             else:
                 self._close_ckks(active)
         except ProtocolAbort as abort:
-            self._abort(active, abort.reason.name)
+            # the detail names ids only (whose secret could not be rebuilt: the site whose
+            # shares were junk, or too few answers): the operator's lead to who failed it
+            self._abort(active, abort.reason.name, abort.detail)
             return
         except ServiceError as e:
             if e.code != INVALID_ARGUMENT:
@@ -666,7 +668,7 @@ class Job:
                                                  "its tensors' range")
         return view.model.with_values(values)
 
-    def _abort(self, active: _Active, reason: str) -> None:
+    def _abort(self, active: _Active, reason: str, detail: str = "") -> None:
         view = active.view
         with self.store.transaction() as conn:
             self.store.finish_round(conn, view.number, "aborted", abort_reason=reason)
@@ -674,8 +676,8 @@ class Job:
         view.abort_reason = reason
         view.stage = (Stage.ABORTED.value if view.protocol == "masking"
                       else CkksStage.ABORTED.value)
-        log.warning("round aborted", extra={"event": "round_aborted", "round_id": view.round_id,
-                                            "reason": reason})
+        log.warning(f"round aborted: {detail}" if detail else "round aborted", extra={
+            "event": "round_aborted", "round_id": view.round_id, "reason": reason})
         self.metrics.round_finished(view.protocol, reason)
         self._purge_before, self._purge_at = view.number + 1, self._clock() + PURGE_DELAY
         self._next_or_done(view.number)

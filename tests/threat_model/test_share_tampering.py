@@ -15,6 +15,7 @@ import pytest
 
 from secagg.errors import AbortReason, ProtocolAbort
 from secagg.hazmat import aead
+from secagg.masking import Stage
 from secagg.masking.messages import MaskedInput, ShareDelivery, ShareKeys
 from tests.roundkit import Round
 
@@ -98,16 +99,17 @@ def test_a_share_from_another_session_is_skipped_and_all_of_them_abort() -> None
     _expect(r1, 1, ShareDelivery({u: d2[u] for u in d1}), AbortReason.SHARE_AUTHENTICATION_FAILED)
 
 
-def _junk_for(r: Round, victim: int, senders: tuple[int, ...]) -> None:
+def _junk_for(r: Round, victim: int | None, senders: tuple[int, ...]) -> None:
     """Colluding ``senders`` seal (to the server, correctly sized and signed) junk instead of
-    their shares for ``victim``; the round then runs to its end."""
+    their shares for ``victim`` (None: for everyone); the round then runs to its end."""
     r.advance()  # advertise
     replies = {s: r.clients[s].handle(m) for s, m in r.outgoing.items()}
     for u in senders:
         msg = replies[u]
         assert isinstance(msg, ShareKeys)
         junk = aead.seal(bytes(32), bytes(132), b"junk")  # opens under no pair key
-        shares = {**msg.encrypted_shares, victim: junk}
+        shares = {**msg.encrypted_shares, **{v: junk for v in msg.encrypted_shares
+                                             if victim in (None, v)}}
         sig = r.identities[u].sign(ShareKeys.signed_bytes(
             r.server._session, u, shares, msg.self_mask_commitment, msg.share_commitments))
         replies[u] = ShareKeys(u, shares, msg.self_mask_commitment, msg.share_commitments, sig)
@@ -115,6 +117,8 @@ def _junk_for(r: Round, victim: int, senders: tuple[int, ...]) -> None:
         r.server.handle(reply)
     r.outgoing = r.server.close_stage()
     for _ in range(3):  # masked input, consistency check, unmask
+        if r.server.stage in (Stage.COMPLETED, Stage.ABORTED):
+            return
         r.advance()
 
 
@@ -131,3 +135,17 @@ def test_colluders_sealing_junk_to_a_site_cannot_push_it_out_of_the_round(
     assert result is not None and result.survivors == (1, 2, 3, 4, 5)
     exact = sum(np.clip(r.inputs[s][0], -1, 1) * r.inputs[s][1] for s in result.survivors)
     assert np.max(np.abs(result.weighted_sum - exact)) <= result.error_bound[0]
+
+
+def test_a_site_sealing_junk_to_everyone_fails_the_round_at_unmask_and_is_named() -> None:
+    """Nobody can rebuild site 3's self mask, so the round fails: any one site can fail a
+    masking round. But no honest site is pushed out on the way (they would be counted as
+    dropouts, and the failure blamed on them), and the abort names site 3."""
+    r = Round(sites=5)
+    with pytest.raises(ProtocolAbort) as caught:
+        _junk_for(r, None, (3,))
+    assert caught.value.reason is AbortReason.TOO_FEW_SURVIVORS  # too few shares of site 3
+    assert "site 3" in caught.value.detail
+    for s in (1, 2, 4, 5):
+        assert r.clients[s].unusable_share_senders == (3,)
+        assert r.clients[s].stage is Stage.COMPLETED  # each answered the unmask request
