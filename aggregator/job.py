@@ -317,8 +317,21 @@ class Job:
 
     def submit(self, site: int, request: service_pb2.SubmitRequest) -> bool:
         """Count one site message; True if it was a repeat of one already counted."""
-        active = self._active_for(request.round_id)
         kind = request.WhichOneof("message")
+        view = self._view(request.round_id)  # NOT_FOUND if unknown
+        table: dict[str, Any] = (MASKING_KIND_STAGE if view.protocol == "masking"
+                                 else CKKS_KIND_STAGE)
+        if kind in table:
+            # a message counted just before the aggregator could answer (it was killed, the
+            # connection broke) comes again from its site, perhaps after its round ended
+            # (it was the last one the round waited for): the same bytes are the same
+            # message, acknowledged again, never counted twice, and the site goes on
+            # defence: service.repeat-acknowledged-after-the-round
+            repeat = self.store.event_payload(view.number, "message", int(table[kind].value),
+                                              site)
+            if repeat is not None and repeat == request.SerializeToString(deterministic=True):
+                return True
+        active = self._active_for(request.round_id)
         stage = self._stage_of(active, kind)
         claimed = _claimed_site(request, kind)
         if claimed is not None and claimed != site:
@@ -326,11 +339,9 @@ class Job:
                 "event": "identity_refused", "site_id": site, "round_id": active.view.round_id})
             raise ServiceError(PERMISSION_DENIED,
                                f"site {site} may not send a message of site {claimed}")
-        previous = self.store.event_payload(active.view.number, "message", stage, site)
         payload = request.SerializeToString(deterministic=True)
-        if previous is not None:
-            if previous == payload:
-                return True
+        # (the same message again was acknowledged above: this one differs)
+        if self.store.event_payload(active.view.number, "message", stage, site) is not None:
             raise ServiceError(FAILED_PRECONDITION, "this site already answered this stage")
         if stage != active.view.stage:
             raise ServiceError(FAILED_PRECONDITION,
