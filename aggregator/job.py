@@ -235,6 +235,13 @@ class Job:
                 self._close(active, replay=True)
             if self.active is not active:
                 return  # the round finished during replay (its end was not recorded yet)
+        # the last message a stage waited for was counted, and the aggregator stopped before
+        # it recorded the close: close it now, as counting it would have (the stage would
+        # otherwise wait out its deadline, and a CKKS round stayed at its key stage while
+        # every site, holding the key, was refused its upload)
+        # defence: service.replay-closes-an-answered-stage
+        if active.answered and active.answered >= active.expected:
+            self._close(active)
 
     # ---- rounds ----------
 

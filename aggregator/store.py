@@ -192,6 +192,22 @@ def _current_revision(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
+def _transactional_ddl(engine: Engine) -> None:
+    """Make SQLite run a migration's DDL in its one transaction (SQLAlchemy's recipe): the
+    sqlite3 module starts a transaction only before DML, so CREATE TABLE committed one by one
+    and a kill during a new store's first migration left tables without a schema revision, a
+    store no aggregator would open again."""
+
+    @sa.event.listens_for(engine, "connect")
+    def _no_implicit_transactions(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        # defence: store.migration-atomic
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def migrate(url: str) -> tuple[str | None, str]:
     """Bring the store at ``url`` to this aggregator's schema: (revision before, after).
     Refuses a store with tables that are not ours, or at a revision this aggregator does not
@@ -201,6 +217,8 @@ def migrate(url: str) -> tuple[str | None, str]:
     from alembic.util import CommandError
 
     engine = sa.create_engine(normalize_url(url))
+    if engine.dialect.name == "sqlite":
+        _transactional_ddl(engine)
     try:
         with engine.begin() as c:
             before = _current_revision(c)

@@ -1,11 +1,13 @@
-"""A site's message counted just before the aggregator could answer (it was killed, or the
-connection broke) is sent again by the site, possibly after its round has ended because it was
-the last message the round waited for. The same bytes are the same message: acknowledged
-again, never counted twice; different bytes are refused."""
+"""The aggregator killed around the last message a stage waits for. A message counted just
+before the aggregator could answer is sent again by its site, possibly after its round has
+ended: the same bytes are the same message, acknowledged again, never counted twice; different
+bytes are refused. A stage whose last message was counted but whose close was not recorded is
+closed when the job recovers, not left to wait out its deadline."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,14 +16,17 @@ from aggregator.job import Job, ServiceError
 from aggregator.service import load_server_files
 from aggregator.store import Store
 from secagg import wire
+from secagg.ckks import CkksStage
 from secagg.federation.kit import ROSTER_FILE, load_roster
 from secagg.model import FlatModel
 from secagg.v1 import service_pb2
 from tests.service_kit import ckks_key_offer, make_federation
 
 
-def test_a_message_whose_answer_was_lost_is_acknowledged_after_its_round_ended(
-        tmp_path: Path) -> None:
+def _ckks_job(tmp_path: Path) -> tuple[Callable[[], Job], Store, list[float],
+                                          service_pb2.SubmitRequest, int]:
+    """(a maker of the job on one store, the store, its clock, the key holder's key offer
+    for round 1, the key holder)."""
     fed = make_federation(tmp_path, 4, "ckks", rounds=2)
     files = load_server_files(fed.aggregator_config)
     roster = load_roster(files.directory / ROSTER_FILE, files.config.trust_root)
@@ -34,16 +39,22 @@ def test_a_message_whose_answer_was_lost_is_acknowledged_after_its_round_ended(
         j.recover()
         return j
 
+    info = job().round_info(0)
+    assert info is not None
+    holder, announcement, data = ckks_key_offer(fed, files.config, info.round_id)
+    cid = hashlib.sha256(data).digest()
+    store.put_chunks([(cid, data)], round_number=1, site=holder)
+    offer = service_pb2.CkksKeyOffer(announcement=wire.announcement_to_proto(announcement))
+    offer.public_context.CopyFrom(wire.Blob((cid,), len(data)).to_proto())
+    return job, store, now, service_pb2.SubmitRequest(round_id=info.round_id,
+                                                      ckks_key=offer), holder
+
+
+def test_a_message_whose_answer_was_lost_is_acknowledged_after_its_round_ended(
+        tmp_path: Path) -> None:
+    job, store, now, request, holder = _ckks_job(tmp_path)
     try:
         first = job()
-        info = first.round_info(0)
-        assert info is not None
-        holder, announcement, data = ckks_key_offer(fed, files.config, info.round_id)
-        cid = hashlib.sha256(data).digest()
-        store.put_chunks([(cid, data)], round_number=1, site=holder)
-        offer = service_pb2.CkksKeyOffer(announcement=wire.announcement_to_proto(announcement))
-        offer.public_context.CopyFrom(wire.Blob((cid,), len(data)).to_proto())
-        request = service_pb2.SubmitRequest(round_id=info.round_id, ckks_key=offer)
         assert first.submit(holder, request) is False  # counted; the answer never arrives
         # the round then ends (here: no site uploads before its deadlines) and the next opens
         for _ in range(5):
@@ -62,5 +73,29 @@ def test_a_message_whose_answer_was_lost_is_acknowledged_after_its_round_ended(
         changed.ckks_key.public_context.size += 1
         with pytest.raises(ServiceError):  # not the message it sent: refused
             again.submit(holder, changed)
+    finally:
+        store.close()
+
+
+def test_a_stage_whose_last_message_was_counted_is_closed_on_recovery(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed between counting the key holder's key offer (all the key stage waits for) and
+    recording the stage's close: the restarted job closes the stage itself. It stayed at the
+    key stage, and every site, already holding the key, was refused its upload."""
+    job, store, _now, request, holder = _ckks_job(tmp_path)
+    try:
+        first = job()
+
+        def killed(*_args: object, **_kwargs: object) -> None:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(first, "_close", killed)
+        with pytest.raises(KeyboardInterrupt):
+            first.submit(holder, request)
+        monkeypatch.undo()
+        again = job()
+        assert again.active is not None
+        assert again.active.view.stage == CkksStage.UPLOAD.value
+        assert [e.kind for e in store.events(1)] == ["message", "close"]
     finally:
         store.close()
