@@ -134,7 +134,8 @@ class NoMetrics(Metrics):
     """For a Job used without a service (tests, tools): counts into a registry nobody reads."""
 
 
-METRICS_CONNECTIONS = 16  # scrapes served at once; more are closed at once
+METRICS_CONNECTIONS = 64  # connections served at once; more are closed at once
+METRICS_CONNECTIONS_PER_HOST = 4  # from one address (a scraper needs one)
 METRICS_IDLE_SECONDS = 10.0  # a connection that sends nothing for this long is closed
 
 
@@ -143,7 +144,10 @@ def serve_metrics(metrics: Metrics, listen: str) -> tuple[Any, int]:
 
     prometheus_client's own server gives every connection a thread for as long as it stays
     open: 1,000 idle connections were 1,000 threads. This one serves at most
-    METRICS_CONNECTIONS at once and closes a connection idle for METRICS_IDLE_SECONDS."""
+    METRICS_CONNECTIONS at once, METRICS_CONNECTIONS_PER_HOST from one address (so one host
+    holding connections open does not shut the scraper out), and closes a connection idle
+    for METRICS_IDLE_SECONDS. The port is for a monitoring network, not the internet: many
+    hosts together can still fill it."""
     import socket
     import socketserver
     import threading
@@ -165,24 +169,48 @@ def serve_metrics(metrics: Metrics, listen: str) -> tuple[Any, int]:
         address_family = family
         daemon_threads = True
         request_queue_size = 64
-        slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.lock = threading.Lock()
+            self.open_total = 0
+            self.open_by_host: dict[str, int] = {}
+
+        def _take(self, host: str) -> bool:
+            with self.lock:
+                # defence: metrics.connections-bounded
+                if (self.open_total >= METRICS_CONNECTIONS
+                        or self.open_by_host.get(host, 0) >= METRICS_CONNECTIONS_PER_HOST):
+                    return False
+                self.open_total += 1
+                self.open_by_host[host] = self.open_by_host.get(host, 0) + 1
+                return True
+
+        def _give(self, host: str) -> None:
+            with self.lock:
+                self.open_total -= 1
+                self.open_by_host[host] -= 1
+                if not self.open_by_host[host]:
+                    del self.open_by_host[host]
 
         def process_request(self, request: Any, client_address: Any) -> None:
-            # defence: metrics.connections-bounded
-            if not self.slots.acquire(blocking=False):
+            host = str(client_address[0])
+            if not self._take(host):
                 self.shutdown_request(request)
                 return
             try:
                 super().process_request(request, client_address)
             except BaseException:
-                self.slots.release()
+                self._give(host)
                 raise
 
         def process_request_thread(self, request: Any, client_address: Any) -> None:
             try:
                 super().process_request_thread(request, client_address)
             finally:
-                self.slots.release()
+                self._give(str(client_address[0]))
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            pass  # an idle connection timed out: nothing for the log (it is JSON only)
 
     server = Server((host, int(port)), Handler)
     server.set_app(make_wsgi_app(metrics.registry))

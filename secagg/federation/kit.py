@@ -299,6 +299,9 @@ def sign_site_request(federation: Path | str, request_path: Path | str, out: Pat
         proof = bytes.fromhex(request.get("identity_signature", ""))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigurationError(f"cannot read the site request {request_path}: {e}") from None
+    if not 1 <= site_id < 2**63:
+        raise ConfigurationError(f"the site request names site {site_id}: a site id is a "
+                                 "positive integer below 2**63")
     # a request built from another site's public roster key got that site's certificate:
     # the identity key the request names must have signed it
     # defence: federation.request-proves-identity

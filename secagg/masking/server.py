@@ -184,8 +184,12 @@ class MaskingServer:
 
     def _on_share_keys(self, msg: ShareKeys) -> None:
         allowed = (self.config.neighbourhood(msg.site_id) & self._advertised.keys()) - {msg.site_id}
+        # exactly its neighbours in the directory, as an honest site seals: shares addressed
+        # outside them would make honest non-neighbours abort, and a share left out for one
+        # of them pushed that site under its threshold of senders (colluders chose who
+        # dropped, and read the sum of the sites left)
         # defence: masking.server.share-recipients-are-neighbours
-        if not set(msg.encrypted_shares) <= allowed:
+        if set(msg.encrypted_shares) != allowed:
             raise InvalidMessage("share recipients")
         # every sealed share is one pair of Shamir shares under AES-GCM, so its size is
         # known: a larger one made the delivery to its recipient exceed the message limit

@@ -149,3 +149,35 @@ def test_a_site_sealing_junk_to_everyone_fails_the_round_at_unmask_and_is_named(
     for s in (1, 2, 4, 5):
         assert r.clients[s].unusable_share_senders == (3,)
         assert r.clients[s].stage is Stage.COMPLETED  # each answered the unmask request
+
+
+@pytest.mark.parametrize("colluders", [(4, 5), (3, 4, 5)])
+def test_colluders_leaving_a_site_out_of_their_shares_cannot_push_it_out_of_the_round(
+        colluders: tuple[int, ...]) -> None:
+    """The other route to the same end: colluders seal shares to everyone but site 2, which
+    would then count too few share senders and abort while the round went on without it.
+    Property: the server refuses a ShareKeys that leaves out a neighbour (the colluders drop
+    instead), and site 2 stays in the round."""
+    from secagg.errors import InvalidMessage
+
+    r = Round(sites=5, corrupt_fraction=0.4) if len(colluders) == 2 else Round(sites=5)
+    r.advance()  # advertise
+    replies = {s: r.clients[s].handle(m) for s, m in r.outgoing.items()}
+    for u in colluders:
+        msg = replies.pop(u)
+        assert isinstance(msg, ShareKeys)
+        shares = {v: c for v, c in msg.encrypted_shares.items() if v != 2}
+        commitments = {h: c for h, c in msg.share_commitments.items() if h != 2}
+        sig = r.identities[u].sign(ShareKeys.signed_bytes(
+            r.server._session, u, shares, msg.self_mask_commitment, commitments))
+        with pytest.raises(InvalidMessage, match="share recipients"):
+            r.server.handle(ShareKeys(u, shares, msg.self_mask_commitment, commitments, sig))
+    for reply in replies.values():
+        r.server.handle(reply)
+    try:
+        r.outgoing = r.server.close_stage()
+    except ProtocolAbort:
+        return  # too few sites left for the round: it fails for everyone, no one is singled out
+    delivered = r.outgoing
+    assert all(set(d.encrypted_shares) == set(replies) - {v}  # type: ignore[attr-defined]
+               for v, d in delivered.items())

@@ -379,3 +379,15 @@ def test_a_certificate_for_a_site_needs_that_sites_identity_key(
         assert not (tmp_path / f"out-{n}" / "client.crt").exists()
     config = FederationConfig.load(fresh_federation / "federation.toml")
     assert load_roster(fresh_federation / "roster.bin", config.trust_root).version == 1
+
+
+@pytest.mark.parametrize("site_id", [-1, 0, 2**64])
+def test_a_request_naming_an_impossible_site_id_is_a_clear_error(
+        fresh_federation: Path, tmp_path: Path, site_id: int) -> None:
+    import json
+
+    path = tmp_path / "odd.json"
+    good = json.loads(make_site_request(tmp_path / "s", 5).read_text())
+    path.write_text(json.dumps({**good, "site_id": site_id}))
+    with pytest.raises(ConfigurationError, match="site id"):
+        sign_site_request(fresh_federation, path, tmp_path / "out")

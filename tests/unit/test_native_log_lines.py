@@ -9,7 +9,6 @@ import logging
 import socket
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -76,20 +75,34 @@ def test_a_flood_of_core_lines_is_rate_limited_and_what_was_dropped_is_counted(
 
 
 def test_the_metrics_port_serves_a_bounded_number_of_connections_and_closes_idle_ones(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import http.client
+
     monkeypatch.setattr(metrics, "METRICS_IDLE_SECONDS", 2.0)
     server, port = metrics.serve_metrics(metrics.NoMetrics(), "127.0.0.1:0")
     idle = []
+
+    def scrape(source: str) -> bytes:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5,
+                                          source_address=(source, 0))
+        try:
+            conn.request("GET", "/metrics")
+            return conn.getresponse().read()
+        finally:
+            conn.close()
+
     try:
         before = threading.active_count()
-        for _ in range(40):  # connections that send nothing
+        for _ in range(40):  # connections from one host that send nothing
             idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
         time.sleep(0.5)
-        assert threading.active_count() - before <= metrics.METRICS_CONNECTIONS + 1
-        time.sleep(2.5)  # idle ones are closed, and a scrape is served again
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-        assert b"secagg_rounds_started" in body
+        assert threading.active_count() - before <= metrics.METRICS_CONNECTIONS_PER_HOST + 1
+        # the scraper, on another address, is still served while they hold theirs
+        assert b"secagg_rounds_started" in scrape("127.0.0.2")
+        time.sleep(2.5)  # idle ones are closed, quietly, and that host is served again
+        assert b"secagg_rounds_started" in scrape("127.0.0.1")
         assert threading.active_count() - before <= 2
+        assert "Traceback" not in capsys.readouterr().err
     finally:
         for s in idle:
             s.close()
