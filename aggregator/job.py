@@ -88,6 +88,11 @@ CKKS_KIND_STAGE = {
 }
 
 
+def _kind_stages(protocol: str) -> dict[str, Any]:
+    """The stage each kind of site message belongs to, for a round of ``protocol``."""
+    return MASKING_KIND_STAGE if protocol == "masking" else CKKS_KIND_STAGE
+
+
 PURGE_DELAY = 3.0  # seconds after a round ends before its uploads are dropped
 
 
@@ -326,27 +331,25 @@ class Job:
         """Count one site message; True if it was a repeat of one already counted."""
         kind = request.WhichOneof("message")
         view = self._view(request.round_id)  # NOT_FOUND if unknown
-        table: dict[str, Any] = (MASKING_KIND_STAGE if view.protocol == "masking"
-                                 else CKKS_KIND_STAGE)
-        if kind in table:
+        payload = request.SerializeToString(deterministic=True)
+        if kind in _kind_stages(view.protocol):
             # a message counted just before the aggregator could answer (it was killed, the
             # connection broke) comes again from its site, perhaps after its round ended
             # (it was the last one the round waited for): the same bytes are the same
             # message, acknowledged again, never counted twice, and the site goes on
+            repeat = self.store.event_payload(view.number, "message",
+                                              self._stage_of(view, kind), site)
             # defence: service.repeat-acknowledged-after-the-round
-            repeat = self.store.event_payload(view.number, "message", int(table[kind].value),
-                                              site)
-            if repeat is not None and repeat == request.SerializeToString(deterministic=True):
+            if repeat is not None and repeat == payload:
                 return True
         active = self._active_for(request.round_id)
-        stage = self._stage_of(active, kind)
+        stage = self._stage_of(active.view, kind)
         claimed = _claimed_site(request, kind)
         if claimed is not None and claimed != site:
             log.warning("refused: message names another site", extra={
                 "event": "identity_refused", "site_id": site, "round_id": active.view.round_id})
             raise ServiceError(PERMISSION_DENIED,
                                f"site {site} may not send a message of site {claimed}")
-        payload = request.SerializeToString(deterministic=True)
         # (the same message again was acknowledged above: this one differs)
         if self.store.event_payload(active.view.number, "message", stage, site) is not None:
             raise ServiceError(FAILED_PRECONDITION, "this site already answered this stage")
@@ -379,9 +382,8 @@ class Job:
             raise ServiceError(FAILED_PRECONDITION, "the round is not running")
         return active
 
-    def _stage_of(self, active: _Active, kind: str | None) -> int:
-        table: dict[str, Any] = (MASKING_KIND_STAGE if active.view.protocol == "masking"
-                                 else CKKS_KIND_STAGE)
+    def _stage_of(self, view: RoundView, kind: str | None) -> int:
+        table = _kind_stages(view.protocol)
         if kind not in table:
             raise ServiceError(INVALID_ARGUMENT, f"message {kind!r} does not belong to this "
                                                  "round's protocol")

@@ -169,6 +169,7 @@ def serve_metrics(metrics: Metrics, listen: str) -> tuple[Any, int]:
         address_family = family
         daemon_threads = True
         request_queue_size = 64
+
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.lock = threading.Lock()
