@@ -617,6 +617,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
 
         async def ingest(cid: bytes, data: bytes) -> tuple[int, int]:
             digest = await loop.run_in_executor(self.core.hashers, _sha256, data)
+            # defence: service.chunk-bytes-match-id
             if digest != cid:
                 raise ServiceError(INVALID_ARGUMENT, "a chunk's bytes do not hash to its id")
             # labelled with the round current now (a message that refers to it later claims
