@@ -338,6 +338,12 @@ class Round:
                                                         wait_ms=POLL_MS, until_finished=True),
                 timeout=POLL_MS / 1000 + 30)
             if info.status == service_pb2.ROUND_STATUS_COMPLETED:
+                # the result of this round, not another's: what the site then holds (and
+                # checks the next rounds' models against) is this round's result
+                # defence: sdk.result-of-this-round
+                if int(info.round) != self.number or info.round_id != self.round_id:
+                    raise RoundAborted(self.round_id, "the aggregator answered with the result "
+                                                      "of another round")
                 return info
             if info.status == service_pb2.ROUND_STATUS_ABORTED:
                 raise RoundAborted(self.round_id, info.abort_reason)

@@ -560,3 +560,26 @@ def test_a_result_of_other_names_shapes_or_dtypes_is_refused() -> None:
                                  result=wire.model_to_proto(other, blob))
     with pytest.raises(ModelMismatch, match="names, shapes"):
         site._accept_result(done, rnd.model)
+
+
+@pytest.mark.parametrize(("number", "round_id"), [
+    (3, "hospitals/job-1/round-3"),  # a later round's result
+    (1, "hospitals/job-1/round-3"),  # this round's number under another round's id
+    (3, "hospitals/job-1/round-1"),
+])
+def test_a_site_takes_only_its_own_rounds_result(number: int, round_id: str) -> None:
+    """The aggregator answers "round finished" with another round's info: the site would take
+    that round's result as the model it holds and check the next rounds against it. It
+    refuses, as it accepts this round's own result."""
+    mine, _ = _model_info(1, "hospitals/job-1/round-1")
+    site, _conn = _site("masking", mine, {})
+    finished = service_pb2.RoundInfo()
+    finished.CopyFrom(mine)
+    finished.status = service_pb2.ROUND_STATUS_COMPLETED
+    rnd = Round.__new__(Round)
+    rnd._site, rnd.number, rnd.round_id = site, 1, "hospitals/job-1/round-1"
+    rnd._conn = types.SimpleNamespace(call=lambda *a, **k: finished)  # type: ignore[assignment]
+    assert rnd._wait_for_end() is finished
+    finished.round, finished.round_id = number, round_id
+    with pytest.raises(RoundAborted, match="result of another round"):
+        rnd._wait_for_end()
