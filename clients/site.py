@@ -188,6 +188,7 @@ class Site:
         except ConfigurationError as e:
             raise RoundAborted(round_id, str(e)) from None
         digest = bytes(info.model.digest)
+        # defence: sdk.model-follows-held
         if self._model_digest is not None and digest != self._model_digest:
             self._follow_chain(info.round, digest)
         self._held_round = info.round - 1
@@ -211,6 +212,7 @@ class Site:
                 break
             if past.status == service_pb2.ROUND_STATUS_COMPLETED:
                 current = bytes(past.result.digest)
+        # defence: sdk.model-follows-held-across-missed-rounds
         if current != digest:
             raise ModelMismatch(
                 f"round {round_number} starts from model {digest.hex()[:16]}, which does not "
@@ -451,6 +453,7 @@ class Round:
         assert self._key is not None
         context = self._key.seal_context
         uploads = list(request.uploads)
+        # defence: sdk.release-uploads-bounded
         if len(uploads) > len(config.roster):
             raise InvalidMessage("release request")
 
@@ -468,6 +471,7 @@ class Round:
             release.add(wire.update_from_ref(ref, data))  # verify and re-add every upload
             self._progress("verify uploads", done, len(uploads))
         size = expected(_seal.Kind.FULL)
+        # defence: sdk.release-aggregate-shaped
         if (request.aggregate.chunk_count != config.chunk_count
                 or request.aggregate.chunks.size != size):
             raise InvalidMessage("aggregate")

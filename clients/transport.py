@@ -168,6 +168,7 @@ class Connection:
                         raise AggregatorRefused("DATA_LOSS", f"the aggregator sent a chunk of "
                                                              f"the {what} that was not asked "
                                                              "for")
+                    # defence: sdk.download-chunk-matches-id
                     if hashlib.sha256(data).digest() != cid:
                         raise AggregatorRefused("DATA_LOSS", "a downloaded chunk does not "
                                                              "match its id")

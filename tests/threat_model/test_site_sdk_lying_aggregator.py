@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from clients.errors import RoundAborted
+from clients.errors import ModelMismatch, RoundAborted
 from clients.site import Round, Site
 from secagg import wire
 from secagg.ckks import KeyHolder
@@ -185,6 +185,56 @@ def test_key_holder_checks_claimed_chunk_counts_and_sizes_before_downloading() -
         with pytest.raises(InvalidMessage):
             rnd._verify_and_release(release, request, config)
     assert stub.served == 0
+
+
+def test_key_holder_refuses_more_uploads_than_sites_and_a_misshapen_aggregate_unfetched() -> None:
+    """A release request listing more uploads than the federation has sites (each one shaped
+    as the round's layout says: the holder would fetch and verify them all), or an aggregate
+    of another chunk count or size: refused before anything is fetched."""
+    from secagg.ckks import Release
+    from secagg.ckks import _seal as seal
+    from secagg.errors import InvalidMessage
+
+    rnd, aggregator = _honest_round(announcer=HOLDER)
+    config = rnd._site.config.ckks_round(1, rnd.round_id, rnd._site.kit.roster,
+                                         aggregator.announcement, 1000,
+                                         model_digest=rnd.model.digest)
+    stub = _ChunkStub(b"")
+    rnd._conn = _connection(stub)
+    rnd._key = aggregator.key  # type: ignore[attr-defined]
+    context = aggregator.key.seal_context  # type: ignore[attr-defined]
+    full = int(config.chunk_count) * seal.encoded_length(context, seal.Kind.FULL)
+    release = Release.__new__(Release)  # never reached
+    shaped = [service_pb2.EncryptedUpdateRef(
+        round_id=rnd.round_id, site_id=s % 5 + 1, chunk_count=config.chunk_count,
+        chunks=service_pb2.Blob(chunk_ids=[bytes([s]) * 32], size=full)) for s in range(6)]
+    with pytest.raises(InvalidMessage, match="release request"):
+        rnd._verify_and_release(release, service_pb2.CkksReleaseRequest(uploads=shaped), config)
+    for count, size in ((2**32 - 1, full), (config.chunk_count, full + 1)):
+        aggregate = service_pb2.EncryptedAggregateRef(
+            round_id=rnd.round_id, chunk_count=count,
+            chunks=service_pb2.Blob(chunk_ids=[b"\x02" * 32], size=size))
+        with pytest.raises(InvalidMessage, match="aggregate"):
+            rnd._verify_and_release(release, service_pb2.CkksReleaseRequest(
+                aggregate=aggregate), config)
+    assert stub.served == 0
+
+
+def test_a_downloaded_chunk_must_hash_to_its_id() -> None:
+    """The aggregator answers a chunk id with other bytes of the same size (a model or a
+    payload it would like the site to take): refused, nothing kept."""
+    from clients.errors import AggregatorRefused
+
+    class _Swapped(_ChunkStub):
+        def GetChunks(self, request: Any, timeout: float) -> Any:
+            for cid in request.chunk_ids:
+                self.served += 1
+                yield service_pb2.Chunk(chunk_id=cid, data=b"x" * len(self.data))
+
+    stub = _Swapped(b"y" * 1024)
+    with pytest.raises(AggregatorRefused, match="does not match its id"):
+        _connection(stub).download(wire.Blob((stub.cid,), 1024), max_size=1024)
+    assert stub.served == 1
 
 
 @pytest.mark.parametrize("chunk_type", [bytearray, memoryview, str])
@@ -583,3 +633,54 @@ def test_a_site_takes_only_its_own_rounds_result(number: int, round_id: str) -> 
     finished.round, finished.round_id = number, round_id
     with pytest.raises(RoundAborted, match="result of another round"):
         rnd._wait_for_end()
+
+
+class _Chain(_Scripted):
+    """Announces ``info`` and answers the site's look back at the rounds it missed
+    (GetRound without waiting) from ``past``."""
+
+    def __init__(self, info: Any, payloads: dict[bytes, bytes],
+                 past: dict[int, Any]) -> None:
+        super().__init__(info, payloads)
+        self.past = past
+
+    def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        if method == "GetRound" and request.wait_ms == 0:
+            return self.past.get(request.after_round + 1, service_pb2.RoundInfo())
+        return super().call(method, request, timeout)
+
+
+@pytest.mark.parametrize("missed", [False, True])
+def test_a_site_refuses_a_round_whose_model_does_not_follow_from_the_one_it_holds(
+        missed: bool) -> None:
+    """The site holds round 1's result; the aggregator opens the next round the site joins
+    from another model (one it chose: model substitution). Refused before anything is fetched,
+    whether the site joins round 2 or missed round 2 and joins round 3; a model that does
+    follow (round 2 completed from the held model, and round 3 starts from its result) is
+    taken."""
+    number = 3 if missed else 2
+    info, payloads = _model_info(number, f"hospitals/job-1/round-{number}")
+    announced = bytes(info.model.digest)
+    held = b"\x11" * 32
+
+    def past(result: bytes) -> dict[int, Any]:
+        if not missed:
+            return {}
+        round2 = service_pb2.RoundInfo(round=2, round_id="hospitals/job-1/round-2",
+                                       status=service_pb2.ROUND_STATUS_COMPLETED)
+        round2.model.digest, round2.result.digest = held, result
+        return {2: round2}
+
+    for result, follows in ((b"\x22" * 32, False), (announced, True)):
+        if follows and not missed:
+            continue  # (round 2 follows from round 1 only by starting from its result)
+        site, _ = _site("masking", info, payloads)
+        conn = _Chain(info, payloads, past(result))
+        site._conn = conn  # type: ignore[assignment]
+        site._model_digest, site._held_round = held, 1
+        if follows:
+            assert next(site.rounds()).model.digest == announced
+            continue
+        with pytest.raises(ModelMismatch, match="does not follow"):
+            next(site.rounds())
+        assert conn.fetched == [] and conn.sent == []
