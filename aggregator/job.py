@@ -351,8 +351,10 @@ class Job:
             raise ServiceError(PERMISSION_DENIED,
                                f"site {site} may not send a message of site {claimed}")
         # (the same message again was acknowledged above: this one differs)
+        # defence: service.one-message-per-stage
         if self.store.event_payload(active.view.number, "message", stage, site) is not None:
             raise ServiceError(FAILED_PRECONDITION, "this site already answered this stage")
+        # defence: service.message-of-the-current-stage
         if stage != active.view.stage:
             raise ServiceError(FAILED_PRECONDITION,
                                f"the round is at stage {active.view.stage}, not {stage}")
@@ -779,6 +781,7 @@ class Job:
                                                  f"{len(ids)} chunks")
         sizes = self.store.chunk_sizes(ids)
         missing = len(set(ids) - sizes.keys())
+        # defence: service.payload.chunks-present
         if missing:
             raise ServiceError(FAILED_PRECONDITION, f"{missing} chunks of the payload "
                                                     "have not been uploaded")

@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,6 +34,7 @@ class Setting:
     round_id: str
     holder: int
     reads: list[int]
+    fed: Any = None
 
 
 def _put(store: Store, data: bytes, site: int) -> bytes:
@@ -89,7 +91,7 @@ def ckks_upload_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
         job.submit(holder, service_pb2.SubmitRequest(round_id=info.round_id, ckks_key=offer))
         assert reads == [len(data)]
         reads.clear()
-        yield Setting(job, store, info.round_id, holder, reads)
+        yield Setting(job, store, info.round_id, holder, reads, fed)
     finally:
         store.close()
 
@@ -174,3 +176,69 @@ def test_the_size_a_message_needs_is_its_only_bound(ckks_upload_stage: Setting,
     with pytest.raises(ServiceError) as caught:  # unknown size: the general bound holds
         s.job._read(wire.Blob((cid,), needed))
     assert caught.value.code == RESOURCE_EXHAUSTED
+
+
+# ---- messages out of turn, and payloads that are not there -----------------------------------
+
+
+def _honest_upload(s: Setting, site: int, value: float) -> service_pb2.SubmitRequest:
+    """Site ``site``'s genuine CKKS upload (its chunks stored) for round 1."""
+    import numpy as np
+
+    from secagg.ckks import CkksClient
+    from secagg.federation.kit import SiteKit
+
+    active = s.job.active
+    assert active is not None
+    kit = SiteKit.load(s.fed.site_dir(site))
+    upload = CkksClient(active.ckks_config, site, kit.identity, active.ckks_context,
+                        (np.full(active.view.model.size, value), 0.5), seeded=False).start()
+    data = b"".join(upload.chunks)
+    ids = tuple(_put(s.store, data[i:i + (1 << 20)], site)
+                for i in range(0, len(data), 1 << 20))
+    return service_pb2.SubmitRequest(round_id=s.round_id, ckks_update=wire.update_to_ref(
+        upload, wire.Blob(ids, len(data))))
+
+
+def test_a_message_of_another_stage_is_refused_as_out_of_turn(
+        ckks_upload_stage: Setting) -> None:
+    """The key holder sends a release while the round is still taking uploads (were it
+    handled, the holder's "release" would fix the round's survivors before the others
+    uploaded): FAILED_PRECONDITION, naming the stage, and nothing recorded."""
+    s = ckks_upload_stage
+    events = list(s.store.events(1))
+    release = service_pb2.SubmitRequest(round_id=s.round_id,
+                                        ckks_release=service_pb2.ReleasedAverageRef())
+    with pytest.raises(ServiceError) as caught:
+        s.job.submit(s.holder, release)
+    assert caught.value.code == "FAILED_PRECONDITION" and "is at stage" in str(caught.value)
+    assert list(s.store.events(1)) == events and s.reads == []
+
+
+def test_a_message_naming_chunks_never_uploaded_is_a_precondition_not_an_error(
+        ckks_upload_stage: Setting) -> None:
+    """An upload naming chunks the aggregator never received (the site skipped PutChunks)
+    is FAILED_PRECONDITION saying so, so the SDK uploads and sends again; never an internal
+    error on the job's thread."""
+    s = ckks_upload_stage
+    present = _put(s.store, os.urandom(100), 2)
+    blob = wire.Blob((present, hashlib.sha256(b"never uploaded").digest()), _needed(s))
+    assert _refused(s, 2, blob) == "FAILED_PRECONDITION"
+
+
+def test_a_second_different_upload_in_one_stage_is_refused_and_the_first_stands(
+        ckks_upload_stage: Setting) -> None:
+    """A site whose upload was counted sends another, different one: refused, naming the
+    reason, and the counted one is what the round keeps (the same one again is a no-op)."""
+    s = ckks_upload_stage
+    stage = s.job.active.view.stage  # type: ignore[union-attr]
+    first = _honest_upload(s, 2, 0.01)
+    assert s.job.submit(2, first) is False
+    counted = s.store.event_payload(1, "message", stage, 2)
+    assert counted is not None
+    assert s.job.submit(2, first) is True  # the same message again: acknowledged, not counted
+    with pytest.raises(ServiceError) as caught:
+        s.job.submit(2, _honest_upload(s, 2, -0.01))
+    assert caught.value.code == "FAILED_PRECONDITION"
+    assert "already answered" in str(caught.value)
+    assert s.store.event_payload(1, "message", stage, 2) == counted
