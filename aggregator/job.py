@@ -146,6 +146,7 @@ class Job:
         if config.protocol == "ckks" and not set(config.key_holders) <= set(roster):
             raise ConfigurationError(f"[ckks] key_holders {list(config.key_holders)} must be "
                                      "sites of the roster")
+        # defence: service.start-roster-within-max-sites
         if len(roster) > config.limits.max_sites:
             raise ConfigurationError(f"the roster has {len(roster)} sites, [limits] max_sites "
                                      f"is {config.limits.max_sites}")
@@ -153,6 +154,7 @@ class Job:
         # never run, even after the model file was fixed)
         if initial_model.size < 1:
             raise ConfigurationError("the job's initial model has no values")
+        # defence: service.start-model-within-max-vector-length
         if initial_model.size > config.limits.max_vector_length:
             raise ConfigurationError(f"the model has {initial_model.size} values, [limits] "
                                      f"max_vector_length is {config.limits.max_vector_length}")
@@ -747,6 +749,7 @@ class Job:
             model = FlatModel.from_bytes(spec, self.store.read_blob(blob))
         except ValueError:  # (ConfigurationError is one)
             model = None
+        # defence: service.stored-model-digest
         if model is None or model.digest != digest:
             raise ServiceError(UNAVAILABLE, "a stored model does not match its digest")
         return model

@@ -1,0 +1,71 @@
+"""What a job checks as it starts, before it serves a round: a stored model that no longer
+matches its digest, and a configuration the federation's roster or model cannot run under,
+stop it with a clear error (sites would otherwise refuse every round, one after another)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aggregator.job import Job, ServiceError
+from aggregator.service import load_server_files
+from aggregator.store import Store, chunks
+from secagg.errors import ConfigurationError
+from secagg.federation.kit import ROSTER_FILE, load_roster
+from secagg.model import FlatModel
+from tests.service_kit import make_federation
+
+
+def _parts(tmp_path: Path, sites: int = 4) -> tuple[Any, Any, FlatModel]:
+    fed = make_federation(tmp_path, sites, "masking", rounds=2)
+    files = load_server_files(fed.aggregator_config)
+    roster = load_roster(files.directory / ROSTER_FILE, files.config.trust_root)
+    return files.config, roster, FlatModel.load_npz(files.config.initial_model)
+
+
+def test_a_stored_model_that_does_not_match_its_digest_stops_the_job(tmp_path: Path) -> None:
+    """The bytes of the job's stored model changed under it (a damaged disk, a hand-edited
+    store): the job refuses to start on it rather than serve a model whose digest is not its
+    own; the untouched store starts."""
+    config, roster, model = _parts(tmp_path)
+    store = Store(str(tmp_path / "aggregator.db"))
+    try:
+        Job(config, roster, store, model).recover()
+        Job(config, roster, store, model).recover()  # the store as it was: starts again
+        found = store.load_model(model.digest)
+        assert found is not None
+        first = found[1].chunk_ids[0]
+        data = store.get_chunk(first)
+        assert data is not None
+        changed = bytes([data[0] ^ 1]) + data[1:]  # one bit, same size
+        with store.engine.begin() as c:
+            c.execute(chunks.update().where(chunks.c.chunk_id == first).values(data=changed))
+        with pytest.raises(ServiceError, match="does not match its digest"):
+            Job(config, roster, store, model).recover()
+    finally:
+        store.close()
+
+
+def test_a_roster_or_model_beyond_the_configured_limits_is_refused_at_start(
+        tmp_path: Path) -> None:
+    """[limits] max_sites below the roster's size (the quantiser's headroom is sized for
+    max_sites: more sites could overflow the masked sum), or a model beyond [limits]
+    max_vector_length (every site would refuse it): refused before anything is stored."""
+    config, roster, model = _parts(tmp_path)
+    store_path = tmp_path / "aggregator.db"
+    few_sites = dataclasses.replace(config, limits=dataclasses.replace(
+        config.limits, max_sites=len(roster) - 1))
+    short = dataclasses.replace(config, limits=dataclasses.replace(
+        config.limits, max_vector_length=model.size - 1))
+    store = Store(str(store_path))
+    try:
+        with pytest.raises(ConfigurationError, match="max_sites"):
+            Job(few_sites, roster, store, model)
+        with pytest.raises(ConfigurationError, match="max_vector_length"):
+            Job(short, roster, store, model)
+        assert store.rounds() == []
+    finally:
+        store.close()
