@@ -569,6 +569,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
     # ---- chunks --------------------------------------------------------------------------------
 
     def _check_ids(self, ids: list[bytes]) -> str | None:
+        # defence: service.ids-per-call
         if len(ids) > MAX_IDS_PER_CALL:
             return f"at most {MAX_IDS_PER_CALL} chunk ids per call"
         if any(len(i) != 32 for i in ids):
@@ -640,6 +641,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
                 size = len(chunk.data)
                 # defence: logs.no-payloads (of a chunk, only its size is ever logged or counted)
                 _metrics.bytes_received.inc(size)
+                # defence: service.chunk-size-bounded, service.upload-budget
                 if not 0 < size <= limit or not self.budget.charge(job, site, size):
                     del chunk  # refused before it is copied; let go before the refusal
                     await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -30,7 +30,8 @@ CONTROLS_FILE = "tests/threat_model/controls.toml"
 
 # lower-case words joined by '-', at least two of them joined by '.': "hazmat.aead.random-nonce"
 ID_PATTERN = re.compile(r"[a-z0-9]+(?:[-_][a-z0-9]+)*(?:\.[a-z0-9]+(?:[-_][a-z0-9]+)*)+")
-_MARKER = re.compile(r"#\s*defence:\s*(.*)$")
+# the ids, comma-separated; what follows them on the line (a reason in parentheses) is prose
+_MARKER = re.compile(r"#\s*defence:\s*([\w.-]+(?:\s*,\s*[\w.-]+)*)")
 _NODE_ID = re.compile(r"(?P<path>[^:\[\]]+\.py)(?P<names>(?:::[A-Za-z_]\w*)+)(?P<params>\[.*\])?")
 _REQUIRED = ("id", "defence", "file", "tests")
 _OPTIONAL = ("find", "replace", "edits", "timeout")

@@ -255,3 +255,50 @@ def test_one_site_cannot_hold_more_than_a_few_calls_at_once(tmp_path: Path) -> N
         assert other.GetRound(now, timeout=10).status == service_pb2.ROUND_STATUS_RUNNING
     finally:
         agg.stop()
+
+
+def test_chunks_outside_their_bounds_and_uploads_beyond_the_budget_are_refused(
+        tmp_path: Path) -> None:
+    """A site's uploads are bounded: a chunk of 0 bytes or of more than [limits]
+    max_chunk_bytes (one gRPC allows, up to 8 MiB), more than the round needs from one site
+    (its upload budget: so that one site cannot fill the aggregator's disk), and more chunk
+    ids in one call than MAX_IDS_PER_CALL are refused with their codes; what was stored
+    within the budget stays stored, what went past it is not."""
+    import os
+
+    from aggregator.service import MAX_IDS_PER_CALL
+
+    fed = make_federation(tmp_path, 4, "masking", rounds=1, open_s=60.0)
+    agg = start_aggregator(fed, tmp_path)
+    try:
+        kit = SiteKit.load(fed.site_dir(4))
+        stub = service_pb2_grpc.AggregationStub(  # type: ignore[no-untyped-call]
+            _channel(fed.port, kit.ca_pem, kit.key_pem, kit.cert_pem))
+        info = stub.GetRound(service_pb2.GetRoundRequest(after_round=0, wait_ms=5000))
+        assert info.status == service_pb2.ROUND_STATUS_RUNNING
+
+        def put(data: bytes) -> Any:
+            cid = hashlib.sha256(data).digest()
+            stub.MissingChunks(service_pb2.ChunkIds(chunk_ids=[cid]), timeout=30)
+            return lambda: stub.PutChunks(iter([service_pb2.Chunk(chunk_id=cid, data=data)]),
+                                          timeout=30)
+
+        limit = kit.config.limits.max_chunk_bytes
+        assert limit + 1 < 8 << 20  # (gRPC itself would let it through)
+        assert _code(put(b"")) is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert _code(put(os.urandom(limit + 1))) is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert _code(lambda: stub.MissingChunks(service_pb2.ChunkIds(
+            chunk_ids=[os.urandom(32) for _ in range(MAX_IDS_PER_CALL + 1)]), timeout=30)
+        ) is grpc.StatusCode.INVALID_ARGUMENT
+
+        # the budget: a tiny model's round needs a few bytes a site; the budget is twice that
+        # plus 16 MiB, so the fifth 4 MiB chunk goes past it
+        pieces = [os.urandom(limit) for _ in range(5)]
+        for piece in pieces[:4]:
+            assert put(piece)().stored == 1
+        assert _code(put(pieces[4])) is grpc.StatusCode.RESOURCE_EXHAUSTED
+        ids = [hashlib.sha256(p).digest() for p in pieces]
+        assert list(stub.MissingChunks(service_pb2.ChunkIds(chunk_ids=ids), timeout=30
+                                       ).chunk_ids) == [ids[4]]
+    finally:
+        agg.stop()
