@@ -487,6 +487,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         job = self.core.job
         if self.core.stopping:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "the aggregator is shutting down")
+        # defence: service.no-answers-while-unhealthy
         if job is None or not self.core.healthy:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "the aggregator is recovering")
         assert job is not None
@@ -513,6 +514,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
     async def _long_poll(self, context: Ctx, wait_ms: int,
                          attempt: Callable[[], Awaitable[T | None]]) -> T | None:
         loop = asyncio.get_running_loop()
+        # defence: service.long-poll-capped
         end = loop.time() + min(max(wait_ms, 0), MAX_WAIT_MS) / 1000
         while True:
             changed = self.core.changed
@@ -688,6 +690,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
             "a chunk id is asked for twice" if len(set(ids)) != len(ids) else None)
         if problem:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+        # defence: service.downloads-per-site
         if not self.downloads.enter(site, MAX_DOWNLOADS_PER_SITE):
             await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                          f"at most {MAX_DOWNLOADS_PER_SITE} downloads at once per site")

@@ -88,6 +88,11 @@ def test_health_is_not_serving_while_recovering_or_while_the_store_is_down(
         eventually(serving)
         ControlledStore.down.set()
         eventually(not_serving)
+        # while the store is down the job does not answer from memory (what it holds may be
+        # ahead of what was committed): UNAVAILABLE, which sites retry
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.GetRound(service_pb2.GetRoundRequest(after_round=0, wait_ms=0), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         ControlledStore.down.clear()
         eventually(serving)
         channel.close()

@@ -1,0 +1,73 @@
+"""Bounds on what one site's calls can hold open at the aggregator: downloads in progress at
+once, and how long one long poll waits, whatever the site asks for. (The service runs against
+fake calls, no gRPC.)"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import types
+from typing import Any
+
+import pytest
+
+from aggregator import service as svc
+from aggregator.service import MAX_DOWNLOADS_PER_SITE, AggregationService, Core
+from secagg.v1 import service_pb2
+from tests.fake_calls import Aborted, FakeContext, fake_service
+
+DATA = b"model bytes " * 100
+CID = hashlib.sha256(DATA).digest()
+
+
+def test_one_site_may_have_only_a_few_downloads_open_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site opens downloads and never reads them: past MAX_DOWNLOADS_PER_SITE its next one
+    is RESOURCE_EXHAUSTED (each open download holds a send slot and a chunk), while another
+    site's download goes ahead."""
+    monkeypatch.setattr(svc, "SEND_SLOT_LEASE_SECONDS", 60.0)
+
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        service: AggregationService = fake_service(
+            core, may_read=lambda site, cid: True,
+            hot_chunk=lambda cid: DATA if cid == CID else None)
+
+        def download(site: int) -> Any:
+            return service.GetChunks(service_pb2.ChunkIds(chunk_ids=[CID]),
+                                     FakeContext(site)).__aiter__()
+
+        held = [download(1) for _ in range(MAX_DOWNLOADS_PER_SITE)]
+        firsts = [await asyncio.wait_for(s.__anext__(), timeout=5) for s in held]
+        assert all(f.data == DATA for f in firsts)  # written, never read on: all open
+        with pytest.raises(Aborted, match="RESOURCE_EXHAUSTED"):
+            await asyncio.wait_for(download(1).__anext__(), timeout=5)
+        other = await asyncio.wait_for(download(2).__anext__(), timeout=5)
+        assert other.data == DATA
+        core.executor.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_long_poll_waits_at_most_max_wait_ms_whatever_it_asks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site asks to wait 10^9 ms: the poll ends (with nothing) after MAX_WAIT_MS, so no
+    call of a site is held open for as long as the site likes."""
+    monkeypatch.setattr(svc, "MAX_WAIT_MS", 200)
+
+    async def main() -> float:
+        service = AggregationService.__new__(AggregationService)
+        service.core = types.SimpleNamespace(  # type: ignore[assignment]
+            changed=asyncio.Event(), stopping=False)
+
+        async def nothing() -> None:
+            return None
+
+        began = time.monotonic()
+        result = await asyncio.wait_for(
+            service._long_poll(FakeContext(1), 10**9, nothing), timeout=10)
+        assert result is None
+        return time.monotonic() - began
+
+    assert asyncio.run(main()) < 5  # (0.2 s, with room for a slow machine)
