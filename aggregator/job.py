@@ -512,6 +512,7 @@ class Job:
                 raise ServiceError(PERMISSION_DENIED, "only this round's key holder announces")
             offer = request.ckks_key
             announcement = wire.announcement_from_proto(offer.announcement)
+            # defence: service.announcement-holder (the epoch the CKKS round config checks too)
             if announcement.holder != site or announcement.epoch != view.round_id:
                 raise ServiceError(INVALID_ARGUMENT, "the announcement is not for this round")
             config = self.config.ckks_round(view.number, view.round_id, self.roster,
@@ -530,6 +531,7 @@ class Job:
             if ref.site_id != site:
                 raise ServiceError(PERMISSION_DENIED,
                                    f"site {site} may not send an upload of site {ref.site_id}")
+            # defence: service.upload-ciphertext-count
             if ref.chunk_count != active.ckks_config.chunk_count:
                 raise ServiceError(INVALID_ARGUMENT, "wrong number of ciphertexts")
             sealed = _seal.Kind.SEEDED if ref.seeded else _seal.Kind.FULL

@@ -242,3 +242,46 @@ def test_a_second_different_upload_in_one_stage_is_refused_and_the_first_stands(
     assert caught.value.code == "FAILED_PRECONDITION"
     assert "already answered" in str(caught.value)
     assert s.store.event_payload(1, "message", stage, 2) == counted
+
+
+def test_an_upload_of_another_ciphertext_count_is_refused_before_it_is_read(
+        ckks_upload_stage: Setting) -> None:
+    s = ckks_upload_stage
+    config = s.job.active.ckks_config  # type: ignore[union-attr]
+    request = _update(s, 2, wire.Blob((b"\x09" * 32,), _needed(s)))
+    request.ckks_update.chunk_count = config.chunk_count + 1
+    with pytest.raises(ServiceError, match="wrong number of ciphertexts") as caught:
+        s.job.submit(2, request)
+    assert caught.value.code == "INVALID_ARGUMENT" and s.reads == []
+
+
+@pytest.mark.parametrize("lie", ["another-round", "another-holder"])
+def test_a_key_announcement_for_another_round_or_holder_is_refused(
+        tmp_path: Path, lie: str) -> None:
+    """The key holder offers a genuine announcement of its own made for another round (a
+    replay), or one naming another holder: the aggregator refuses it (INVALID_ARGUMENT),
+    rather than leaving it to every site to refuse the round. (The epoch is checked twice: here
+    and by the round's CKKS configuration.)"""
+    fed = make_federation(tmp_path, 4, "ckks", rounds=1)
+    files = load_server_files(fed.aggregator_config)
+    roster = load_roster(files.directory / ROSTER_FILE, files.config.trust_root)
+    store = Store(str(tmp_path / "aggregator.db"))
+    try:
+        job = Job(files.config, roster, store, FlatModel.load_npz(files.config.initial_model))
+        job.recover()
+        info = job.round_info(0)
+        assert info is not None
+        epoch = "hospitals/other-job/round-1" if lie == "another-round" else info.round_id
+        holder, announcement, data = ckks_key_offer(fed, files.config, epoch)
+        if lie == "another-holder":
+            announcement = dataclasses.replace(announcement, holder=holder % 4 + 1)
+        offer = service_pb2.CkksKeyOffer(announcement=wire.announcement_to_proto(announcement))
+        offer.public_context.CopyFrom(wire.Blob((_put(store, data, holder),),
+                                                len(data)).to_proto())
+        with pytest.raises(ServiceError, match="not for this round") as caught:
+            job.submit(holder, service_pb2.SubmitRequest(round_id=info.round_id,
+                                                         ckks_key=offer))
+        assert caught.value.code == "INVALID_ARGUMENT"
+        assert job.active is not None and job.active.ckks_config is None
+    finally:
+        store.close()
