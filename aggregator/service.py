@@ -499,6 +499,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         try:
             return await self.core.run(fn, job)
         except ServiceError as e:
+            # defence: service.unavailable-marks-unhealthy
             if e.code == UNAVAILABLE:
                 self.core.healthy = False
             await _abort(context, _CODES.get(e.code, grpc.StatusCode.INTERNAL), str(e))

@@ -1,0 +1,38 @@
+"""A call that finds the store wanting (the job's UNAVAILABLE: a model or payload the store
+should hold and does not; or the store's own error) marks the aggregator unhealthy: health
+says NOT_SERVING and the job is rebuilt from the store before it answers again. The call
+itself is UNAVAILABLE, which sites retry. (Fake calls, no gRPC.)"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from aggregator.job import INVALID_ARGUMENT, UNAVAILABLE, ServiceError
+from aggregator.service import Core
+from aggregator.store import StoreError
+from tests.fake_calls import Aborted, FakeContext, fake_service
+
+
+@pytest.mark.parametrize(("error", "unhealthy"), [
+    (ServiceError(UNAVAILABLE, "the store lacks a model it refers to"), True),
+    (StoreError("store unreachable: simulated"), True),
+    (ServiceError(INVALID_ARGUMENT, "a site's bad message"), False),
+])
+def test_a_call_that_finds_the_store_wanting_marks_the_aggregator_unhealthy(
+        error: Exception, unhealthy: bool) -> None:
+    async def main() -> bool:
+        core = Core(asyncio.get_running_loop())
+        service = fake_service(core)
+        core.healthy = True
+
+        def fails(job: object) -> None:
+            raise error
+
+        with pytest.raises(Aborted, match="UNAVAILABLE" if unhealthy else "INVALID_ARGUMENT"):
+            await service._call(FakeContext(1), fails)
+        core.executor.shutdown()
+        return core.healthy
+
+    assert asyncio.run(main()) is not unhealthy
