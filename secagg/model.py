@@ -267,6 +267,7 @@ class FlatModel:
             if not zipfile.is_zipfile(path):
                 raise ConfigurationError(f"cannot read model {path}: not a .npz archive of "
                                          "named arrays (numpy.savez)")
+            # defence: model.npz-never-unpickled
             with np.load(path, allow_pickle=False) as archive:
                 return cls.from_arrays({name: archive[name] for name in archive.files})
         except OSError as e:

@@ -154,6 +154,7 @@ class SiteKit:
             raise ConfigurationError(f"site directory {d} lacks identity.key") from None
         except OSError as e:
             raise ConfigurationError(f"cannot read {e.filename}: {e.strerror}") from None
+        # defence: federation.kit-identity-is-the-rosters
         if roster.get(site_id) != identity.public_bytes:
             raise ConfigurationError(f"site {site_id}'s identity key is not the roster's")
         return cls(d, site_id, config, roster, identity, ca_pem, cert_pem, key_pem)
@@ -318,6 +319,7 @@ def sign_site_request(federation: Path | str, request_path: Path | str, out: Pat
     ca_cert = pki.load_cert(fed / "ca" / "ca.crt")
     cert = pki.sign_csr(ca_key, ca_cert, csr, site_id)
     roster = load_roster(fed / ROSTER_FILE, config.trust_root)
+    # defence: federation.roster-key-kept
     if site_id in roster and roster[site_id] != identity_public:
         raise ConfigurationError(f"site {site_id} is already on the roster with another key")
     sites = dict(roster)
@@ -331,6 +333,7 @@ def sign_site_request(federation: Path | str, request_path: Path | str, out: Pat
     # the site's files first, the federation's roster last (each replaced whole): a failure
     # part way leaves the federation as it was, not re-signed for a site that got nothing
     o = Path(out)
+    # defence: federation.sign-into-empty-directory
     if o.exists() and (not o.is_dir() or any(o.iterdir())):
         raise ConfigurationError(f"{o} exists and is not an empty directory: the signed "
                                  "files go into a new one")

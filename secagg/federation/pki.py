@@ -152,11 +152,13 @@ def sign_csr(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
              csr: x509.CertificateSigningRequest, site_id: int) -> x509.Certificate:
     """Sign a site's request, after checking its signature and that it names ``site_id``
     (and nothing else): the CA never signs an identity it was not asked to vouch for."""
+    # defence: pki.csr-signature-valid
     if not csr.is_signature_valid:
         raise ConfigurationError("the certificate request's signature is invalid")
     if site_ids_of(csr) != [site_id]:
         raise ConfigurationError(f"the certificate request does not name site {site_id} alone")
     public_key = csr.public_key()
+    # defence: pki.csr-ec-key
     if not isinstance(public_key, ec.EllipticCurvePublicKey):
         raise ConfigurationError("the certificate request's key must be an EC key")
     return issue_site_cert(ca_key, ca_cert, site_id, public_key)
@@ -172,6 +174,7 @@ def site_ids_of(item: x509.Certificate | x509.CertificateSigningRequest) -> list
     for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
         if uri.startswith(SITE_URI_PREFIX):
             tail = uri[len(SITE_URI_PREFIX):]
+            # defence: pki.site-id-canonical, pki.site-id-malformed-counted
             if tail.isdigit() and not tail.startswith("0"):
                 out.append(int(tail))
             else:
@@ -186,6 +189,7 @@ def site_id_from_pem(pem: bytes) -> int | None:
     except ValueError:
         return None
     ids = site_ids_of(cert)
+    # defence: pki.site-id-alone
     return ids[0] if len(ids) == 1 and ids[0] > 0 else None
 
 
@@ -204,6 +208,7 @@ def pem_cert(cert: x509.Certificate) -> bytes:
 def write_private(path: Path, data: bytes) -> None:
     """Write a secret file with mode 0600, refusing to overwrite one."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    # defence: pki.private-never-overwritten
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, data)
@@ -260,6 +265,7 @@ def check_tls_files(key_pem: bytes, cert_pem: bytes, ca_pem: bytes, where: Path,
         raise ConfigurationError(f"the private key in {where} is not the key of its "
                                  "certificate")
     now = _now()
+    # defence: pki.certificate-not-expired, pki.certificate-already-valid
     if leaf.not_valid_after_utc < now:
         raise ConfigurationError(f"the certificate in {where} expired on "
                                  f"{leaf.not_valid_after_utc:%Y-%m-%d}")
