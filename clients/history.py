@@ -51,6 +51,7 @@ class History:
         objects on one directory (a training script restarted while the old one still runs,
         two workers) cannot both send to one round."""
         if self._path is None:
+            # defence: sdk.round-once-without-a-directory
             problem = self.check(job, round_number)
             if problem:
                 raise SiteError(problem)
@@ -84,6 +85,7 @@ class History:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+        # defence: sdk.history-write-failure-is-a-site-error
         except OSError as e:  # (the round stays spent in this process either way)
             raise SiteError(f"cannot record this round in {self._path}: {e.strerror}; the "
                             "update was not sent") from None
@@ -99,6 +101,7 @@ def _locked(path: Path) -> Iterator[None]:
         try:
             import fcntl  # (POSIX; elsewhere the record is kept without a lock)
 
+            # defence: sdk.history-locked
             fcntl.flock(fd, fcntl.LOCK_EX)
         except ImportError:
             pass
@@ -114,6 +117,7 @@ def _read(path: Path) -> dict[str, int]:
     try:
         data = json.loads(path.read_bytes())
         last = data["last_round"]
+        # defence: sdk.history-version
         if (data.get("version") != 1 or not isinstance(last, dict)
                 or not all(isinstance(k, str) and type(v) is int and v >= 0
                            for k, v in last.items())):

@@ -53,6 +53,7 @@ def flatten_like(state: Mapping[str, Any], model: FlatModel) -> np.ndarray:
     flat = FlatModel.from_arrays(to_numpy(state))
     expected = {(t.name, t.shape) for t in model.spec}
     got = {(t.name, t.shape) for t in flat.spec}
+    # defence: sdk.state-dict-layout-order, sdk.state-dict-layout-shapes
     if [t.name for t in flat.spec] != [t.name for t in model.spec] or expected != got:
         missing = sorted(n for n, _ in expected - got)
         extra = sorted(n for n, _ in got - expected)

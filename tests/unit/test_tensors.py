@@ -88,3 +88,24 @@ def test_a_float_tensor_where_the_model_has_integers_is_refused() -> None:
         tensors.flatten_like({"w": np.ones(4, np.float32)}, model)
     floats = FlatModel.from_arrays({"w": np.zeros(4, np.float32)})
     assert tensors.flatten_like({"w": np.ones(4, np.float64)}, floats).sum() == 4  # cast
+
+
+@pytest.mark.parametrize("lie", ["transposed", "reordered", "renamed", "missing", "extra"])
+def test_a_state_dict_that_is_not_the_models_layout_is_refused_naming_it(lie: str) -> None:
+    """Same number of values, other layout (a transposed weight, tensors in another order,
+    another name): flattened as they are, the update would land on the wrong weights. Refused
+    with a clear error, as are a missing and an extra tensor."""
+    from secagg.errors import ConfigurationError
+
+    model = FlatModel.from_arrays({"a": np.zeros((2, 3)), "b": np.zeros(4)})
+    a, b = np.ones((2, 3)), np.ones(4)
+    state = {
+        "transposed": {"a": a.T, "b": b},
+        "reordered": {"b": b, "a": a},
+        "renamed": {"a": a, "c": b},
+        "missing": {"a": a},
+        "extra": {"a": a, "b": b, "c": np.ones(1)},
+    }[lie]
+    with pytest.raises(ConfigurationError, match="does not match the round's model"):
+        tensors.flatten_like(state, model)
+    assert tensors.flatten_like({"a": a, "b": b}, model).size == 10
