@@ -206,6 +206,7 @@ class FederationConfig:
         if len(trust_root) != 32:
             raise ConfigurationError("[federation] trust_root must be a 32-byte Ed25519 key")
         initial = job.get("initial_model")
+        # defence: config.initial-model-a-path
         if initial is not None and not isinstance(initial, str):
             raise ConfigurationError("[job] initial_model must be a path")
         neighbors = msk.get("neighbors", "complete")
@@ -285,6 +286,7 @@ class FederationConfig:
                 ("[limits] stream_idle_seconds", lim.stream_idle_seconds, 86_400)):
             if not (math.isfinite(value) and 0 < value <= top):
                 raise ConfigurationError(f"{name} must be in (0, {top:g}], got {value!r}")
+        # defence: config.chunk-bytes-lower-bound
         if not 1024 <= lim.max_chunk_bytes <= MAX_CHUNK_BYTES:
             raise ConfigurationError(f"[limits] max_chunk_bytes must be in [1024, "
                                      f"{MAX_CHUNK_BYTES}], got {lim.max_chunk_bytes}")
@@ -300,6 +302,7 @@ class FederationConfig:
         if self.word_bits not in (32, 64):
             raise ConfigurationError(f"[masking] word_bits must be 32 or 64, got "
                                      f"{self.word_bits}")
+        # defence: config.job-id-shape
         if (not isinstance(self.job_id, str) or not 1 <= len(self.job_id) <= 64
                 or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in self.job_id)):
             raise ConfigurationError("[job] id must be 1-64 letters, digits, '-', '_' or '.', "

@@ -138,6 +138,14 @@ def test_the_ca_signs_only_the_site_a_request_names(tmp_path: Path) -> None:
     ("limits", "max_vector_length", "1000000000000", "max_vector_length must be in"),
     ("limits", "max_sites", "1000000000", "max_sites must be in"),
     ("limits", "max_sites", "2", "max_sites must be in"),
+    # a chunk size of 0 bytes cannot cut a payload; of 1, a chunk a byte
+    ("limits", "max_chunk_bytes", "0", "max_chunk_bytes must be in"),
+    ("limits", "max_chunk_bytes", "1", "max_chunk_bytes must be in"),
+    # a job id is part of every round id and the history's key: no '/', never empty
+    ("job", "id", "''", "id must be 1-64"),
+    ("job", "id", "'a/b'", "id must be 1-64"),
+    ("job", "id", "'" + "x" * 65 + "'", "id must be 1-64"),
+    ("job", "initial_model", "3", "initial_model must be a path"),
 ])
 def test_config_errors_name_the_key(federation: Path, tmp_path: Path, section: str, key: str,
                                     value: str, match: str) -> None:
