@@ -124,6 +124,7 @@ class FlatModel:
         names = [t.name for t in self.spec]
         if len(set(names)) != len(names):
             raise ConfigurationError("model spec names a tensor twice")
+        # defence: model.values-finite
         if not np.all(np.isfinite(values)):
             raise ConfigurationError("model values contain NaN or infinity")
         object.__setattr__(self, "values", values)

@@ -226,6 +226,7 @@ def release_from_ref(p: service_pb2.ReleasedAverageRef, data: bytes, *, round_id
     if len(data) != 8 * length:
         raise InvalidMessage("released average")
     values = np.frombuffer(data, dtype="<f8").astype(np.float64)
+    # defence: wire.release-weight-sum
     if not np.all(np.isfinite(values)) or not np.isfinite(p.weight_sum) or p.weight_sum <= 0:
         raise InvalidMessage("released average")
     return ReleasedAverage(values, float(p.weight_sum), round_id,
@@ -255,6 +256,7 @@ def model_from_proto(p: service_pb2.Model, data: bytes) -> FlatModel:
     spec = spec_from_proto(p.spec)
     try:
         model = FlatModel.from_bytes(spec, data)
+    # defence: wire.model-bytes-invalid-message
     except ValueError:
         raise InvalidMessage("model") from None
     if model.digest != bytes(p.digest):

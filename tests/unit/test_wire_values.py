@@ -1,0 +1,52 @@
+"""What the wire layer lets through of values a peer sends: a released average's weight sum,
+a model's bytes. Anything a lying aggregator or key holder could put there is InvalidMessage
+(a refusal of the round), never a value the training script then uses or a ValueError that
+blames the site's own configuration."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from secagg import wire
+from secagg.errors import ConfigurationError, InvalidMessage
+from secagg.model import FlatModel
+from secagg.v1 import service_pb2
+
+
+@pytest.mark.parametrize("weight_sum", [float("nan"), float("inf"), 0.0, -1.0])
+def test_a_release_whose_weight_sum_is_not_a_positive_number_is_refused(
+        weight_sum: float) -> None:
+    """The key holder's weight sum scales the average into FedAvg's update: NaN would
+    poison the model, 0 or a negative sum flip or blow it up."""
+    data = np.full(4, 0.5).astype("<f8").tobytes()
+    ref = service_pb2.ReleasedAverageRef(weight_sum=weight_sum, sites=[1, 2, 3])
+    with pytest.raises(InvalidMessage, match="released average"):
+        wire.release_from_ref(ref, data, round_id="r", length=4)
+    ref.weight_sum = 1.5
+    assert wire.release_from_ref(ref, data, round_id="r", length=4).weight_sum == 1.5
+
+
+@pytest.mark.parametrize("lie", ["short", "nan"])
+def test_a_model_whose_bytes_do_not_fit_its_spec_is_an_invalid_message(lie: str) -> None:
+    """Bytes one value short of the spec, or a NaN in them, from the aggregator: the site
+    refuses the round (InvalidMessage), not a ValueError out of numpy or a ConfigurationError
+    naming the site's own config."""
+    model = FlatModel.from_arrays({"w": np.zeros(4, np.float32)})
+    good = model.to_bytes()
+    data = good[:-4] if lie == "short" else np.array(
+        [0, 0, np.nan, 0], np.float32).tobytes()
+    proto = wire.model_to_proto(model, wire.Blob((hashlib.sha256(data).digest(),), len(data)))
+    with pytest.raises(InvalidMessage, match="model"):
+        wire.model_from_proto(proto, data)
+    assert wire.model_from_proto(proto, good).digest == model.digest
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_model_with_a_value_that_is_not_finite_cannot_be_made(bad: float) -> None:
+    """At the aggregator's start (the initial model) and at `federation init`: refused, not a
+    job whose every round the sites refuse."""
+    with pytest.raises(ConfigurationError, match="NaN or infinity"):
+        FlatModel.from_arrays({"w": np.array([0.0, bad])})
