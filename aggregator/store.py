@@ -222,6 +222,7 @@ def migrate(url: str) -> tuple[str | None, str]:
     try:
         with engine.begin() as c:
             before = _current_revision(c)
+            # defence: store.migrate-only-ours
             if before is None and sa.inspect(c).get_table_names():
                 raise StoreError("the store holds tables but no schema revision: not ours")
             config = _alembic_config(c)
@@ -295,6 +296,7 @@ def backup(url: str, out: Path) -> int:
     except sqlite3.Error as e:
         out.unlink(missing_ok=True)
         raise StoreError(f"cannot back up the store: {e}") from None
+    # defence: store.failed-backup-removed
     except BaseException:
         out.unlink(missing_ok=True)
         raise

@@ -203,3 +203,30 @@ def test_a_first_migration_cut_short_leaves_a_store_that_opens(store_url: str) -
             assert set(metadata.tables) <= set(sa.inspect(c).get_table_names())
     finally:
         store.close()
+
+
+def test_a_backup_of_a_store_that_is_not_there_leaves_no_file_behind(tmp_path: Path) -> None:
+    """A mistyped store path: the backup fails naming it, and leaves no empty 0600 file that
+    would refuse the corrected retry ("exists")."""
+    out = tmp_path / "b.bak"
+    with pytest.raises(StoreError, match="no SQLite store"):
+        backup(str(tmp_path / "no-such.db"), out)
+    assert not out.exists()
+    good = tmp_path / "agg.db"
+    Store(str(good)).close()
+    assert backup(str(good), out) > 0
+
+
+def test_migrate_refuses_a_database_that_is_not_an_aggregator_store(tmp_path: Path) -> None:
+    """`secagg aggregator migrate --store` pointed at another application's database: refused,
+    and nothing of ours is created in it."""
+    import sqlite3
+
+    other = tmp_path / "other-app.db"
+    with sqlite3.connect(other) as c:
+        c.execute("CREATE TABLE patients (id INTEGER PRIMARY KEY, name TEXT)")
+    with pytest.raises(StoreError, match="not ours"):
+        migrate(str(other))
+    with sqlite3.connect(other) as c:
+        tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == {"patients"}
