@@ -26,11 +26,13 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "message": record.getMessage(),
         }
+        # defence: logs.only-named-fields
         for name in FIELDS:
             value = record.__dict__.get(name)
             if value is not None:
                 line[name] = value
         if record.exc_info and record.exc_info[0] is not None:
+            # defence: logs.exception-type-only
             line["error"] = record.exc_info[0].__name__  # the type only: no payload in a trace
         return json.dumps(line, separators=(",", ":"))
 
@@ -72,6 +74,7 @@ class _LineBudget:
 
     def take(self) -> bool:
         now = time.monotonic()
+        # defence: logs.native-burst-capped
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
         if self.tokens >= 1:
@@ -106,6 +109,7 @@ class NativeLines:
             # kept, but only inside one of our own entries
             # defence: logs.native-lines-wrapped
             if line.strip():
+                # defence: logs.native-lines-cut
                 self._emit(logging.WARNING, line[:500], event="grpc_core", reason="continuation")
             return
         level, source, text = match.groups()

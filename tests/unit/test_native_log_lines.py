@@ -107,3 +107,43 @@ def test_the_metrics_port_serves_a_bounded_number_of_connections_and_closes_idle
         for s in idle:
             s.close()
         server.shutdown()
+
+
+def test_a_log_line_holds_only_the_named_fields_and_an_exceptions_type() -> None:
+    """Whatever a caller passes in ``extra`` beyond the named fields, and whatever an
+    exception's message carries (a store error can quote a statement's parameters), stays
+    out of the line: only the exception's type is written."""
+    formatter = logs.JsonFormatter()
+    record = logging.LogRecord("secagg.aggregator", logging.ERROR, __file__, 1,
+                               "store error", None, None)
+    record.__dict__.update(event="store_error", site_id=3, masked_input="SECRET-INPUT",
+                           share=b"SECRET-SHARE".hex())
+    try:
+        raise ValueError("INSERT ... parameters: SECRET-PARAMETER")
+    except ValueError:
+        import sys
+
+        record.exc_info = sys.exc_info()
+    line = json.loads(formatter.format(record))
+    assert line["event"] == "store_error" and line["site_id"] == 3
+    assert line["error"] == "ValueError"
+    assert "SECRET" not in json.dumps(line)
+
+
+def test_quiet_time_does_not_save_up_more_than_the_burst(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After an hour without a core line, a flood still gets only the burst, then the rate."""
+    clock = [1000.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    budget = logs._LineBudget(rate=20.0, burst=100.0)
+    clock[0] += 3600
+    assert sum(budget.take() for _ in range(1000)) == 100
+
+
+def test_core_lines_are_cut_to_500_characters(
+        lines: tuple[logs.NativeLines, list[dict[str, Any]]]) -> None:
+    """A peer can make gRPC core log text of its choosing (SNI, GOAWAY data): however long,
+    a line is cut, as a continuation and as a core warning."""
+    native, out = lines
+    native.feed("x" * 10_000)
+    native.feed("W0101 00:00:00.000000   123 chttp2_transport.cc:42] " + "y" * 10_000)
+    assert len(out) == 2 and all(len(e["message"]) <= 500 for e in out)
