@@ -2,7 +2,10 @@
 list: one byte off, a chunk named hundreds of times, chunks that do not add up. A lie about a
 site's own payload is INVALID_ARGUMENT (or RESOURCE_EXHAUSTED), found before one byte of
 payload is read: never a store failure (which would restart the job and its deadlines for
-every site) and never a read larger than the round's own payload."""
+every site) and never a read larger than the round's own payload. The same site sending out
+of turn (a message of another stage, a second message in one stage, a payload it never
+uploaded, a key announcement made for another round or holder) is refused with its code and
+reason before the round's role sees it."""
 
 from __future__ import annotations
 
