@@ -46,14 +46,28 @@ def _put(store: Store, data: bytes, site: int) -> bytes:
     return cid
 
 
+def _ckks_federation(tmp_path: Path) -> tuple[Any, Any, Any, Store]:
+    """A 4-site CKKS federation of one round: (federation, config, roster, a new store)."""
+    fed = make_federation(tmp_path, 4, "ckks", rounds=1)
+    files = load_server_files(fed.aggregator_config)
+    roster = load_roster(files.directory / ROSTER_FILE, files.config.trust_root)
+    return fed, files.config, roster, Store(str(tmp_path / "aggregator.db"))
+
+
+def _round_one(config: Any, roster: Any, store: Store) -> tuple[Job, service_pb2.RoundInfo]:
+    """The job in-process on ``store``, recovered, and its round 1 (open)."""
+    job = Job(config, roster, store, FlatModel.load_npz(config.initial_model))
+    job.recover()
+    info = job.round_info(0)
+    assert info is not None
+    return job, info
+
+
 @pytest.fixture
 def ckks_upload_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Setting]:
     """A CKKS job in-process whose round 1 is at its upload stage; ``reads`` records the
     size of every payload the job reads from the store."""
-    fed = make_federation(tmp_path, 4, "ckks", rounds=1)
-    files = load_server_files(fed.aggregator_config)
-    roster = load_roster(files.directory / ROSTER_FILE, files.config.trust_root)
-    store = Store(str(tmp_path / "aggregator.db"))
+    fed, config, roster, store = _ckks_federation(tmp_path)
     reads: list[int] = []
     real = store.read_blob
 
@@ -63,11 +77,8 @@ def ckks_upload_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
 
     monkeypatch.setattr(store, "read_blob", recording)
     try:
-        job = Job(files.config, roster, store, FlatModel.load_npz(files.config.initial_model))
-        job.recover()
-        info = job.round_info(0)
-        assert info is not None
-        holder, announcement, data = ckks_key_offer(fed, files.config, info.round_id)
+        job, info = _round_one(config, roster, store)
+        holder, announcement, data = ckks_key_offer(fed, config, info.round_id)
         offer = service_pb2.CkksKeyOffer(announcement=wire.announcement_to_proto(announcement))
 
         # the key offer itself: a chunk named again and again, adding up to 40 MiB
@@ -265,17 +276,11 @@ def test_a_key_announcement_for_another_round_or_holder_is_refused(
     replay), or one naming another holder: the aggregator refuses it (INVALID_ARGUMENT),
     rather than leaving it to every site to refuse the round. (The epoch is checked twice: here
     and by the round's CKKS configuration.)"""
-    fed = make_federation(tmp_path, 4, "ckks", rounds=1)
-    files = load_server_files(fed.aggregator_config)
-    roster = load_roster(files.directory / ROSTER_FILE, files.config.trust_root)
-    store = Store(str(tmp_path / "aggregator.db"))
+    fed, config, roster, store = _ckks_federation(tmp_path)
     try:
-        job = Job(files.config, roster, store, FlatModel.load_npz(files.config.initial_model))
-        job.recover()
-        info = job.round_info(0)
-        assert info is not None
+        job, info = _round_one(config, roster, store)
         epoch = "hospitals/other-job/round-1" if lie == "another-round" else info.round_id
-        holder, announcement, data = ckks_key_offer(fed, files.config, epoch)
+        holder, announcement, data = ckks_key_offer(fed, config, epoch)
         if lie == "another-holder":
             announcement = dataclasses.replace(announcement, holder=holder % 4 + 1)
         offer = service_pb2.CkksKeyOffer(announcement=wire.announcement_to_proto(announcement))

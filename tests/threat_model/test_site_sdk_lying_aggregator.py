@@ -163,12 +163,9 @@ def test_split_never_makes_more_pieces_than_bytes() -> None:
     assert wire.split_fixed(b"abcdef", 3) == (b"ab", b"cd", b"ef")
 
 
-def test_key_holder_checks_claimed_chunk_counts_and_sizes_before_downloading() -> None:
-    """The aggregator's release request names 2^32 - 1 chunks in an empty blob, or a blob
-    larger than the round's layout allows: refused before anything is fetched or split."""
-    from secagg.ckks import Release
-    from secagg.errors import InvalidMessage
-
+def _releasing_holder() -> tuple[Round, _LyingAggregator, Any, _ChunkStub]:
+    """The key holder at its release, its round's CKKS config, and a GetChunks stub that
+    counts what it serves."""
     rnd, aggregator = _honest_round(announcer=HOLDER)
     config = rnd._site.config.ckks_round(1, rnd.round_id, rnd._site.kit.roster,
                                          aggregator.announcement, 1000,
@@ -176,6 +173,16 @@ def test_key_holder_checks_claimed_chunk_counts_and_sizes_before_downloading() -
     stub = _ChunkStub(b"")
     rnd._conn = _connection(stub)
     rnd._key = aggregator.key  # type: ignore[attr-defined]
+    return rnd, aggregator, config, stub
+
+
+def test_key_holder_checks_claimed_chunk_counts_and_sizes_before_downloading() -> None:
+    """The aggregator's release request names 2^32 - 1 chunks in an empty blob, or a blob
+    larger than the round's layout allows: refused before anything is fetched or split."""
+    from secagg.ckks import Release
+    from secagg.errors import InvalidMessage
+
+    rnd, _, config, stub = _releasing_holder()
     release = Release.__new__(Release)  # never reached
     for count, size in ((2**32 - 1, 0), (config.chunk_count, 10**12)):
         upload = service_pb2.EncryptedUpdateRef(
@@ -195,13 +202,7 @@ def test_key_holder_refuses_more_uploads_than_sites_and_a_misshapen_aggregate_un
     from secagg.ckks import _seal as seal
     from secagg.errors import InvalidMessage
 
-    rnd, aggregator = _honest_round(announcer=HOLDER)
-    config = rnd._site.config.ckks_round(1, rnd.round_id, rnd._site.kit.roster,
-                                         aggregator.announcement, 1000,
-                                         model_digest=rnd.model.digest)
-    stub = _ChunkStub(b"")
-    rnd._conn = _connection(stub)
-    rnd._key = aggregator.key  # type: ignore[attr-defined]
+    rnd, aggregator, config, stub = _releasing_holder()
     context = aggregator.key.seal_context  # type: ignore[attr-defined]
     full = int(config.chunk_count) * seal.encoded_length(context, seal.Kind.FULL)
     release = Release.__new__(Release)  # never reached
