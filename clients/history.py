@@ -10,12 +10,18 @@ store needs a new ``[job] id`` in every party's federation.toml.
 
 The record is written (atomically, synced) before the first message of an update leaves the
 site: a crash after that point costs the site that round, never a second sending.
+
+It also keeps, per job, the model the site holds (the digest of the last round's result it
+accepted, or of the model it last trained from) and the round that model belongs to, so that a
+restarted training script still accepts only a model that follows from it (``Site._join``):
+without it, an aggregator could hand every restarted site a model of its own making.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,16 +30,39 @@ from clients.errors import SiteError
 
 HISTORY_FILE = "history.json"
 
+_log = logging.getLogger("clients.history")
+
 
 class History:
     def __init__(self, directory: str | Path | None) -> None:
         self._path = None if directory is None else Path(directory).resolve() / HISTORY_FILE
         self._last: dict[str, int] = {}  # job id -> the last round number this site sent to
+        # job id -> (round, digest): the model this site holds and the round it belongs to
+        self._held: dict[str, tuple[int, bytes]] = {}
         if self._path is not None and self._path.exists():
-            self._last = _read(self._path)
+            self._last, self._held = _read(self._path)
 
     def last_round(self, job: str) -> int:
         return self._last.get(job, 0)
+
+    def held(self, job: str) -> tuple[int, bytes] | None:
+        """The model this site holds in ``job`` (the round it belongs to, its digest), or None
+        before its first round."""
+        return self._held.get(job)
+
+    def hold(self, job: str, round_number: int, digest: bytes) -> None:
+        """Record the model this site now holds (a round's result it accepted). A failure to
+        record it is logged, not raised: the result is good, and the next round's model is
+        then checked from what was recorded before."""
+        self._held[job] = (round_number, digest)
+        if self._path is None:
+            return
+        try:
+            with _locked(self._path.with_name(f".{HISTORY_FILE}.lock")):
+                self._merge()
+                self._write()
+        except SiteError as e:
+            _log.warning("the model this site holds was not recorded: %s", e)
 
     def check(self, job: str, round_number: int) -> str | None:
         """Why this site must not take part in ``round_number`` of ``job``, or None."""
@@ -45,8 +74,9 @@ class History:
                     f"[job] id)")
         return None
 
-    def spend(self, job: str, round_number: int) -> None:
-        """Record ``round_number`` as sent to, durably, before anything of the update leaves.
+    def spend(self, job: str, round_number: int, model_digest: bytes) -> None:
+        """Record ``round_number`` as sent to, durably, before anything of the update leaves,
+        with the model the update is against (the round's, which this site now holds).
         Under an exclusive lock on the directory's history, re-read first: two ``Site``
         objects on one directory (a training script restarted while the old one still runs,
         two workers) cannot both send to one round."""
@@ -56,21 +86,34 @@ class History:
             if problem:
                 raise SiteError(problem)
             self._last[job] = round_number
+            self._held[job] = (round_number - 1, model_digest)
             return
         with _locked(self._path.with_name(f".{HISTORY_FILE}.lock")):
             # defence: sdk.round-once-across-processes
-            if self._path.exists():
-                for name, last in _read(self._path).items():
-                    self._last[name] = max(self._last.get(name, 0), last)
+            self._merge()
             problem = self.check(job, round_number)
             if problem:
                 raise SiteError(problem)
             self._last[job] = round_number
+            self._held[job] = (round_number - 1, model_digest)
             self._write()
+
+    def _merge(self) -> None:
+        """Take in what another process on this directory recorded (the later of each)."""
+        assert self._path is not None
+        if self._path.exists():
+            last, held = _read(self._path)
+            for name, n in last.items():
+                self._last[name] = max(self._last.get(name, 0), n)
+            for name, h in held.items():
+                if name not in self._held or h[0] > self._held[name][0]:
+                    self._held[name] = h
 
     def _write(self) -> None:
         assert self._path is not None
-        data = json.dumps({"version": 1, "last_round": self._last}, sort_keys=True).encode()
+        data = json.dumps({"version": 1, "last_round": self._last,
+                           "held": {job: [n, digest.hex()] for job, (n, digest)
+                                    in self._held.items()}}, sort_keys=True).encode()
         tmp = self._path.with_name(f".{HISTORY_FILE}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -113,16 +156,23 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)  # (closing releases the lock)
 
 
-def _read(path: Path) -> dict[str, int]:
+def _read(path: Path) -> tuple[dict[str, int], dict[str, tuple[int, bytes]]]:
     try:
         data = json.loads(path.read_bytes())
         last = data["last_round"]
+        held = data.get("held", {})  # (absent in a history written before it was kept)
         # defence: sdk.history-version
         if (data.get("version") != 1 or not isinstance(last, dict)
                 or not all(isinstance(k, str) and type(v) is int and v >= 0
                            for k, v in last.items())):
             raise ValueError("unexpected content")
-        return dict(last)
+        # defence: sdk.history-held-checked
+        if not isinstance(held, dict) or not all(
+                isinstance(k, str) and isinstance(v, list) and len(v) == 2
+                and type(v[0]) is int and v[0] >= 0 and isinstance(v[1], str)
+                and len(v[1]) == 64 for k, v in held.items()):
+            raise ValueError("unexpected content")
+        return dict(last), {k: (v[0], bytes.fromhex(v[1])) for k, v in held.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         reason = e.strerror if isinstance(e, OSError) else "it is not a round history"
         raise SiteError(f"cannot read {path}: {reason}; it records which rounds this site "

@@ -90,6 +90,11 @@ class Site:
         self._held_round = 0  # the round whose result (or starting model) that is
         self._history = History(history_dir if history_dir is not None
                                 else getattr(kit, "directory", None))
+        # a restarted training script holds what the last one held (clients.history)
+        # defence: sdk.held-model-survives-restart
+        held = self._history.held(self.config.job_id)
+        if held is not None:
+            self._held_round, self._model_digest = held
 
     @classmethod
     def connect(cls, site_dir: str | Path, *, tensors: str = "auto",
@@ -240,6 +245,7 @@ class Site:
                                 "and dtypes")
         self._model_digest = result.digest
         self._held_round = info.round
+        self._history.hold(self.config.job_id, info.round, result.digest)
         return result
 
 
@@ -285,7 +291,7 @@ class Round:
         scaled_weight = samples / config.max_samples
         # this round number is spent from here on, whatever becomes of it (if it cannot be
         # recorded, nothing is sent and the round stays open to another call)
-        self._site._history.spend(config.job_id, self.number)
+        self._site._history.spend(config.job_id, self.number, self.model.digest)
         # the arguments hold and the round is recorded: this is this site's one submission
         # (a wrong argument above leaves it free to call again)
         self._submitted = True

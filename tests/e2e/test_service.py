@@ -137,3 +137,31 @@ def test_kill9_during_uploads_and_during_unmasking_then_restart_gives_the_same_r
         engine.dispose()
     assert sites == "[1, 2, 3, 4]"
     assert abs(weight_sum - sum(100 * s for s in range(1, 5)) / 400.0) < 1e-6
+
+
+def test_a_site_whose_script_restarts_checks_the_next_model_against_the_one_it_held(
+        tmp_path: Path) -> None:
+    """Site 4's training script dies in round 1 once its masked input is counted and is
+    started again only after round 2 is over. The model it held is in its directory's
+    history, so the restarted site checks round 3's model against it: rounds 1 and 2 lead
+    from it to round 3's, it takes part, and it ends with the model every other site has.
+    (Without the record a restarted site would take any model; the lying-aggregator tests
+    show it refusing one that does not follow.)"""
+    fed = make_federation(tmp_path, 4, "masking", rounds=3, open_s=10.0, stage_s=3.0)
+    agg = start_aggregator(fed, tmp_path)
+    try:
+        first = start_site(fed, 4, tmp_path / "site-4-first.jsonl", "--die", "1:UNMASK")
+        others = [start_site(fed, s, tmp_path / f"site-{s}.jsonl") for s in (1, 2, 3)]
+        first.wait(timeout=120)
+        agg.wait_for(lambda e: e.get("event") == "round_completed", count=2, timeout=120)
+        again = start_site(fed, 4, tmp_path / "site-4.jsonl")
+        for p in (*others, again):
+            p.wait(timeout=180)
+    finally:
+        agg.stop()
+    reports = {s: read_reports(tmp_path / f"site-{s}.jsonl") for s in (1, 2, 3, 4)}
+    assert [x["round"] for x in reports[4]] == [3], (tmp_path / "site-4.err").read_text()
+    assert "model" in reports[4][0] and 4 in reports[4][0]["survivors"]
+    third = next(x for x in reports[1] if x["round"] == 3)
+    assert reports[4][0]["model"] == third["model"]
+    assert 4 in next(x for x in reports[1] if x["round"] == 1)["survivors"]

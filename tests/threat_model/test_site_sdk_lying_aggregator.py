@@ -426,7 +426,7 @@ def test_site_sends_to_each_round_number_once_even_across_restarts(tmp_path: Any
         assert list(restarted.rounds()) == []
         assert conn.fetched == [] and conn.sent == []
         with pytest.raises(SiteError, match="already sent an update to round 2"):
-            restarted._history.spend("job-1", number)
+            restarted._history.spend("job-1", number, b"\x01" * 32)
     info, payloads = _model_info(3, "hospitals/job-1/round-3")
     later, _ = _site("masking", info, payloads, directory=tmp_path)
     assert next(later.rounds()).number == 3
@@ -685,3 +685,37 @@ def test_a_site_refuses_a_round_whose_model_does_not_follow_from_the_one_it_hold
         with pytest.raises(ModelMismatch, match="does not follow"):
             next(site.rounds())
         assert conn.fetched == [] and conn.sent == []
+
+
+def test_a_restarted_site_still_refuses_a_model_that_does_not_follow_from_the_one_it_held(
+        tmp_path: Any) -> None:
+    """The site took round 1's result, and its training script restarts. The aggregator opens
+    round 2 from a model of its own making (a fresh Site would accept any first model). The
+    model the site held is kept in its directory's history, so the restarted site refuses
+    it, before fetching anything, as the running one would; round 2 from that result is
+    taken."""
+    from secagg.model import FlatModel
+
+    info, payloads = _model_info(1, "hospitals/job-1/round-1")
+    site, conn = _site("masking", info, payloads, directory=tmp_path)
+    rnd = next(site.rounds())
+    result = FlatModel.from_arrays({"w": np.full(8, 0.5, np.float32)})
+    blob = wire.Blob((b"\x05" * 32,), len(result.to_bytes()))
+    conn.payloads[blob.chunk_ids[0]] = result.to_bytes()
+    done = service_pb2.RoundInfo(round=1, round_id=rnd.round_id,
+                                 status=service_pb2.ROUND_STATUS_COMPLETED,
+                                 result=wire.model_to_proto(result, blob))
+    site._accept_result(done, rnd.model)
+
+    made_up, payloads = _model_info(2, "hospitals/job-1/round-2")  # (zeros, not the result)
+    restarted, conn = _site("masking", made_up, payloads, directory=tmp_path)
+    with pytest.raises(ModelMismatch, match="does not follow"):
+        next(restarted.rounds())
+    assert conn.fetched == [] and conn.sent == []
+
+    following = service_pb2.RoundInfo()
+    following.CopyFrom(made_up)
+    following.model.CopyFrom(wire.model_to_proto(result, blob))
+    restarted, _ = _site("masking", following, {blob.chunk_ids[0]: result.to_bytes()},
+                         directory=tmp_path)
+    assert next(restarted.rounds()).model.digest == result.digest

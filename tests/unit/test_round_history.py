@@ -14,6 +14,8 @@ import pytest
 from clients.errors import SiteError
 from clients.history import HISTORY_FILE, History
 
+DIGEST = b"\x07" * 32
+
 
 def test_two_processes_spending_one_round_at_once_cannot_both_send(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -35,7 +37,7 @@ def test_two_processes_spending_one_round_at_once_cannot_both_send(
         history = History(tmp_path)
         start.wait()
         try:
-            history.spend("job-1", 3)
+            history.spend("job-1", 3, DIGEST)
             outcomes.append("sent")
         except SiteError as e:
             outcomes.append("refused" if "already sent an update to round 3" in str(e)
@@ -52,17 +54,21 @@ def test_two_processes_spending_one_round_at_once_cannot_both_send(
 
 def test_a_site_with_no_history_directory_still_sends_to_a_round_once() -> None:
     history = History(None)
-    history.spend("job-1", 2)
+    history.spend("job-1", 2, DIGEST)
     with pytest.raises(SiteError, match="already sent an update to round 2"):
-        history.spend("job-1", 2)
+        history.spend("job-1", 2, DIGEST)
     with pytest.raises(SiteError):
-        history.spend("job-1", 1)
-    history.spend("job-1", 3)
+        history.spend("job-1", 1, DIGEST)
+    history.spend("job-1", 3, DIGEST)
 
 
 @pytest.mark.parametrize("content", [
     {"version": 2, "last_round": {"job-1": 5}},
     {"last_round": {"job-1": 5}},
+    {"version": 1, "last_round": {"job-1": 5}, "held": {"job-1": [4, "ab"]}},
+    {"version": 1, "last_round": {"job-1": 5}, "held": {"job-1": [-1, "ab" * 32]}},
+    {"version": 1, "last_round": {"job-1": 5}, "held": {"job-1": "ab" * 32}},
+    {"version": 1, "last_round": {"job-1": 5}, "held": {"job-1": [4, "zz" * 32]}},
 ])
 def test_a_history_of_another_version_is_refused_not_misread(
         tmp_path: Path, content: dict[str, object]) -> None:
@@ -80,4 +86,40 @@ def test_a_history_that_cannot_be_written_is_a_site_error_and_nothing_is_sent(
 
     monkeypatch.setattr("clients.history.os.fsync", refuse)
     with pytest.raises(SiteError, match=r"No space left on device.*not sent"):
-        history.spend("job-1", 1)
+        history.spend("job-1", 1, DIGEST)
+
+
+def test_the_model_a_site_holds_is_kept_across_restarts_and_the_later_of_two_processes_wins(
+        tmp_path: Path) -> None:
+    """What ``Site`` checks the next round's model against after a restart: the model it
+    trained from (recorded with the round it spent) or the result it accepted, whichever is
+    later, also when two processes share the directory. A history written before the held
+    model was kept reads as holding nothing."""
+    (tmp_path / HISTORY_FILE).write_text(json.dumps({"version": 1, "last_round": {"job-1": 1}}))
+    assert History(tmp_path).held("job-1") is None
+    a, b = History(tmp_path), History(tmp_path)
+    a.spend("job-1", 2, b"\x02" * 32)
+    assert History(tmp_path).held("job-1") == (1, b"\x02" * 32)
+    a.hold("job-1", 2, b"\x03" * 32)
+    b.hold("job-1", 1, b"\x09" * 32)  # (a stale process: the later record is kept)
+    assert History(tmp_path).held("job-1") == (2, b"\x03" * 32)
+    assert History(tmp_path).last_round("job-1") == 2
+
+
+def test_a_held_model_that_cannot_be_recorded_is_a_warning_not_a_lost_result(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The round's result is good whether or not the disk takes the record of it: the site
+    keeps it in memory, says so in the log, and a restart checks from the earlier record."""
+    history = History(tmp_path)
+    history.spend("job-1", 1, b"\x01" * 32)
+
+    def refuse(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("clients.history.os.fsync", refuse)
+    with caplog.at_level("WARNING", logger="clients.history"):
+        history.hold("job-1", 1, b"\x02" * 32)
+    assert history.held("job-1") == (1, b"\x02" * 32)
+    assert "not recorded" in caplog.text and "No space left" in caplog.text
+    assert History(tmp_path).held("job-1") == (0, b"\x01" * 32)
