@@ -29,7 +29,7 @@ from aggregator.metrics import Metrics, NoMetrics
 from aggregator.store import BlobRef, Event, Store, split_chunks
 from secagg import wire
 from secagg.ckks import CkksServer, CkksStage, PublicContext, _seal
-from secagg.ckks.keys import MAX_CONTEXT_BYTES
+from secagg.ckks.keys import public_context_length
 from secagg.errors import (
     ConfigurationError,
     InvalidMessage,
@@ -520,7 +520,9 @@ class Job:
                                             model_digest=view.model.digest)
             blob = wire.Blob.from_proto(offer.public_context)
             # defence: service.payload.context-bounded
-            context = PublicContext.load(self._read(blob, limit=MAX_CONTEXT_BYTES))
+            context = PublicContext.load(
+                self._read(blob, size=public_context_length(config.preset)),
+                preset=config.preset)
             active.role = CkksServer(config, context)
             active.ckks_context = context
             active.ckks_config = config

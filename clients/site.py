@@ -36,7 +36,7 @@ from clients.history import History
 from clients.transport import Connection, Progress
 from secagg import wire
 from secagg.ckks import CkksClient, KeyHolder, PublicContext, Release, _seal
-from secagg.ckks.keys import MAX_CONTEXT_BYTES
+from secagg.ckks.keys import public_context_length
 from secagg.ckks.round import CkksStage
 from secagg.errors import ConfigurationError, InvalidMessage, SecAggError
 from secagg.federation.kit import SiteKit
@@ -444,7 +444,8 @@ class Round:
             # defence: sdk.context-download-bounded
             context = PublicContext.load(self._conn.download(
                 wire.Blob.from_proto(info.ckks_key.public_context), what="public context",
-                max_size=MAX_CONTEXT_BYTES))
+                max_size=public_context_length(config.preset)),
+                preset=config.preset)
         client = CkksClient(config, site.site_id, site.kit.identity, context, (delta, weight),
                             seeded=False, workers=site.workers,
                             progress=lambda d, t: self._progress("encrypt", d, t))

@@ -243,6 +243,53 @@ def public_key_coefficients(public_key: Any, context: Any) -> bytes:
     return m.coefficients.tobytes()
 
 
+class _KeyLayout:
+    """What a context implies about its public key: two polynomials at the key level (every
+    prime, the special one included), NTT form, scale 1, bit-packed like a ciphertext."""
+
+    def __init__(self, context: Any) -> None:
+        parms = context.key_context_data().parms()
+        if parms.scheme().name != "CKKS":
+            raise ValueError("not a CKKS context")
+        moduli = parms.coeff_modulus()
+        self.parms_id = tuple(context.key_parms_id())
+        self.n = parms.poly_modulus_degree()
+        self.primes = tuple(m.value() for m in moduli)
+        bits = tuple(m.bit_count() for m in moduli)
+        self.values = np.tile(np.repeat(np.array(self.primes, dtype=np.uint64), self.n), 2)
+        self.packer = _BitPacker(np.tile(np.repeat(np.array(bits, dtype=np.uint64), self.n), 2))
+        self.length = self.packer.nbytes
+
+
+def public_key_length(context: Any) -> int:
+    """The exact byte length of :func:`dump_public_key`'s output under ``context``."""
+    return _KeyLayout(context).length
+
+
+def dump_public_key(public_key: Any, context: Any) -> bytes:
+    """The public key's coefficients, bit-packed (see :func:`public_key_seal_bytes`)."""
+    layout = _KeyLayout(context)
+    coefficients = np.frombuffer(public_key_coefficients(public_key, context), dtype="<u8")
+    if bool((coefficients >= layout.values).any()):
+        raise ValueError("public key coefficient above its prime")
+    return layout.packer.pack(coefficients)
+
+
+def public_key_seal_bytes(context: Any, data: bytes | memoryview) -> bytes:
+    """SEAL's uncompressed bytes of the public key our packed ``data`` describes, or
+    :class:`InvalidMessage`: only the exact length and coefficients below their primes pass,
+    and nothing but one size-2 key-level ciphertext can come out (no compression, no other
+    parameters, nothing for SEAL's parser to size from the input)."""
+    layout = _KeyLayout(context)
+    if len(data) != layout.length:
+        raise InvalidMessage("public key")
+    coefficients = layout.packer.unpack(data)
+    # defence: ckks.seal.public-key-coefficients-below-primes
+    if bool((coefficients >= layout.values).any()):
+        raise InvalidMessage("public key")
+    return _rebuild(layout, Kind.FULL, coefficients, b"", 1.0)
+
+
 # --- bit packing --------------------------------------------------------------------------
 
 
@@ -367,9 +414,10 @@ def dump_ciphertext(ciphertext: Any, context: Any, *, scale: float) -> bytes:
     return prefix + spec.packer.pack(m.coefficients)
 
 
-def _rebuild(layout: _Layout, kind: Kind, coefficients: np.ndarray, seed: bytes,
+def _rebuild(layout: _Layout | _KeyLayout, kind: Kind, coefficients: np.ndarray, seed: bytes,
              scale: float) -> bytes:
-    """SEAL's uncompressed serialisation of the ciphertext our fields describe."""
+    """SEAL's uncompressed serialisation of the ciphertext our fields describe (a public key
+    is saved as its ciphertext: at the key level, scale 1)."""
     array_bytes = _HEADER.size + _COUNT.size + 8 * coefficients.shape[0]
     info_bytes = _PRNG_INFO_BYTES if kind is Kind.SEEDED else 0
     total = _HEADER.size + _PREAMBLE.size + array_bytes + info_bytes

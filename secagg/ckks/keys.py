@@ -2,7 +2,10 @@
 
 - A key-holding site generates the context (:meth:`KeyHolder.generate`).
 - The aggregator and non-holding sites get :meth:`KeyHolder.public_context`: parameters and the
-  public key only. :meth:`PublicContext.load` refuses a context that carries a secret key.
+  public key only. On the wire it is our format, not TenSEAL's (see ``PublicContext.load``):
+  a preset's name and the public key's coefficients, nothing else, so a context received from
+  anyone can carry neither a secret key nor Galois or relinearisation keys (a few hundred KB of
+  compressed Galois keys parse into gigabytes) nor parameters of the sender's choosing.
 - The secret context goes to each other key holder sealed to that holder's X25519 key
   (:meth:`KeyHolder.seal_for`): ephemeral X25519, HKDF-SHA256, AES-256-GCM with associated
   data binding key id, sender and recipient, and the sender's Ed25519 signature over it all.
@@ -14,17 +17,21 @@
 
 from __future__ import annotations
 
+import functools
+import math
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import tenseal as ts
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from tenseal import sealapi
 
 from secagg._encoding import digest, encode
 from secagg.ckks import _seal
 from secagg.ckks.presets import DEFAULT_PRESET, PRESETS, Preset, get_preset
-from secagg.errors import InvalidMessage, RefusalReason, RefusedMessage
+from secagg.errors import ConfigurationError, InvalidMessage, RefusalReason, RefusedMessage
 from secagg.hazmat import aead, signing
 from secagg.hazmat.key_agreement import AgreementKey, derive_pair_key, exchange
 
@@ -42,22 +49,87 @@ def _key_id(preset: Preset, public_key: Any, seal_context: Any) -> bytes:
 
 
 def _preset_of(context: ts.Context) -> Preset:
-    parms = context.seal_context().data.key_context_data().parms()
-    bits = tuple(m.bit_count() for m in parms.coeff_modulus())
-    n = parms.poly_modulus_degree()
-    scale_bits = round(context.global_scale).bit_length() - 1
+    try:
+        parms = context.seal_context().data.key_context_data().parms()
+        bits = tuple(m.bit_count() for m in parms.coeff_modulus())
+        n = parms.poly_modulus_degree()
+        scale = float(context.global_scale)  # TenSEAL raises "no global scale" for some
+    except Exception:
+        raise InvalidMessage("context") from None
+    if not (math.isfinite(scale) and scale >= 2):  # NaN, infinite, negative: no CKKS scale
+        raise InvalidMessage("context")
+    scale_bits = round(scale).bit_length() - 1
     for preset in PRESETS.values():
         if (preset.poly_modulus_degree, preset.coeff_mod_bit_sizes, preset.scale_bits) == (
                 n, bits, scale_bits):
             return preset
-    return Preset("custom", n, bits, scale_bits)  # validated: an unsafe one raises
+    try:
+        return Preset("custom", n, bits, scale_bits)  # validated: an unsafe one raises
+    except ConfigurationError:
+        raise InvalidMessage("context") from None
 
 
+# --- the public context on the wire ---------------------------------------------------------
+#
+#   offset 0     1 byte   CONTEXT_FORMAT_VERSION (1)
+#   offset 1     1 byte   L, the length of the preset's name (1..64)
+#   offset 2     L bytes  the preset's name (ASCII), one of secagg.ckks.presets.PRESETS
+#   offset 2+L            the public key: 2 polynomials at the key level, NTT form, each
+#                         coefficient bit-packed at its prime's width (_seal.dump_public_key)
+#
+# The length is exact for the preset. Everything else -- the encryption parameters, the scale,
+# public-key encryption, the absence of any other key -- is rebuilt here from the named preset,
+# and what TenSEAL parses is bytes we wrote, never the sender's.
 
-# A public context (public key, no Galois or relinearisation keys) is 0.1-0.4 MB for the
-# presets: what anyone downloads or reads of a key holder's claim is bounded well above that
-# (the aggregator reading the key holder's upload, a site downloading what the aggregator names).
-MAX_CONTEXT_BYTES = 32 << 20
+CONTEXT_FORMAT_VERSION = 1
+_TENSEAL_AUTO_FLAGS = 7  # TenSEAL's default (auto relinearise, rescale, mod switch)
+
+
+def public_context_length(preset: Preset | str) -> int:
+    """The exact byte length of a public context of ``preset`` on the wire."""
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    return 2 + len(p.name.encode()) + 2 * p.poly_modulus_degree * sum(p.coeff_mod_bit_sizes) // 8
+
+
+# The largest public context of any preset: what anyone reads of a key holder's claim when the
+# preset is not known in advance.
+MAX_CONTEXT_BYTES = max(public_context_length(p) for p in PRESETS.values())
+
+
+@functools.cache
+def _preset_parameters(name: str) -> tuple[bytes, Any]:
+    """The named preset's SEAL encryption parameters (serialised) and a SEAL context of them."""
+    p = PRESETS[name]
+    parms = sealapi.EncryptionParameters(sealapi.SCHEME_TYPE.CKKS)
+    parms.set_poly_modulus_degree(p.poly_modulus_degree)
+    parms.set_coeff_modulus(sealapi.CoeffModulus.Create(p.poly_modulus_degree,
+                                                        list(p.coeff_mod_bit_sizes)))
+    return _seal.save_bytes(parms), sealapi.SEALContext(parms, True,
+                                                        sealapi.SEC_LEVEL_TYPE.TC128)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _pb_bytes(field: int, data: bytes) -> bytes:
+    return _varint(field << 3 | 2) + _varint(len(data)) + data
+
+
+def _tenseal_public_context(preset: Preset, public_key_seal: bytes) -> bytes:
+    """TenSEAL's serialised context (``TenSEALContextProto``) with the preset's parameters and
+    scale, public-key encryption and this public key only: fields encryption_parameters (1)
+    and public_context (2) = {public_key (1), auto_flags (2), scale (3)}."""
+    parms, _ = _preset_parameters(preset.name)
+    public = (_pb_bytes(1, public_key_seal) + _varint(2 << 3) + _varint(_TENSEAL_AUTO_FLAGS)
+              + _varint(3 << 3 | 1) + struct.pack("<d", preset.scale))
+    return _pb_bytes(1, parms) + _pb_bytes(2, public)
+
 
 class _Context:
     """What every holder of a CKKS context knows: its preset, key id and public parts."""
@@ -65,7 +137,11 @@ class _Context:
     def __init__(self, context: ts.Context) -> None:
         self._context = context
         self.preset = _preset_of(context)
-        self.key_id = _key_id(self.preset, context.public_key().data, self.seal_context)
+        try:
+            public_key = context.public_key().data
+        except Exception:  # TenSEAL raises bare C++ errors for a context without one
+            raise InvalidMessage("context") from None
+        self.key_id = _key_id(self.preset, public_key, self.seal_context)
 
     @property
     def seal_context(self) -> Any:
@@ -86,17 +162,45 @@ class PublicContext(_Context):
         super().__init__(context)
 
     @classmethod
-    def load(cls, data: bytes) -> PublicContext:
-        """Parse a public context; refuse one that carries a secret key or unsafe parameters."""
+    def load(cls, data: bytes, *, preset: Preset | str | None = None) -> PublicContext:
+        """Parse a public context in our wire format (see :func:`public_context_length`), of
+        ``preset`` if given. Anything else -- another preset, a custom one, another length,
+        a coefficient at or above its prime, TenSEAL's own format -- is
+        :class:`InvalidMessage`, before anything of the size of a key is parsed."""
         try:
-            context = ts.context_from(data)
-        except Exception:  # TenSEAL raises bare C++ errors on garbage
+            if not isinstance(data, bytes) or len(data) < 2 or data[0] != CONTEXT_FORMAT_VERSION:
+                raise InvalidMessage("context")
+            name = data[2:2 + data[1]].decode("ascii", errors="replace")
+            if name not in PRESETS:
+                raise InvalidMessage("context")
+            named = PRESETS[name]
+            expected = (None if preset is None
+                        else get_preset(preset) if isinstance(preset, str) else preset)
+            # defence: ckks.keys.context-of-the-expected-preset
+            if expected is not None and expected != named:
+                raise InvalidMessage("context")
+            if len(data) != public_context_length(named):
+                raise InvalidMessage("context")
+            _, seal_context = _preset_parameters(name)
+            key = _seal.public_key_seal_bytes(seal_context, memoryview(data)[2 + data[1]:])
+            context = ts.context_from(_tenseal_public_context(named, key))
+        except InvalidMessage:
+            raise
+        except Exception:  # TenSEAL raises bare C++ errors; a wrong type is as opaque
             raise InvalidMessage("context") from None
-        return cls(context)
+        public = cls(context)
+        if public.preset != named:
+            raise InvalidMessage("context")
+        return public
 
     def serialize(self) -> bytes:
-        return bytes(self._context.serialize(save_public_key=True, save_secret_key=False,
-                                             save_galois_keys=False, save_relin_keys=False))
+        """Our wire format: the preset's name and the public key (see :meth:`load`)."""
+        name = self.preset.name.encode()
+        if self.preset.name not in PRESETS or PRESETS[self.preset.name] != self.preset:
+            raise ConfigurationError(f"only a named preset's context can be sent, not "
+                                     f"{self.preset.name!r}")
+        return (bytes((CONTEXT_FORMAT_VERSION, len(name))) + name
+                + _seal.dump_public_key(self.public_key, self.seal_context))
 
     def __repr__(self) -> str:
         return f"PublicContext(preset={self.preset.name!r}, key_id={self.key_id.hex()[:16]})"

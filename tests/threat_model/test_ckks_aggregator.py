@@ -68,7 +68,7 @@ def _resign(r: CkksRound, update: EncryptedUpdate, chunks: tuple[bytes, ...]) ->
 def test_aggregator_context_cannot_decrypt() -> None:
     r = CkksRound(sites=3, vector_length=100)
     public = PublicContext.load(r.public.serialize())
-    ctx = ts.context_from(public.serialize())
+    ctx = public._context
     assert not ctx.has_secret_key()
     with pytest.raises(ValueError):
         ctx.secret_key()
@@ -83,9 +83,13 @@ def test_aggregator_context_cannot_decrypt() -> None:
 
 
 def test_public_context_carrying_a_secret_key_is_refused() -> None:
+    """On the wire a secret context is not even in the public context's format; and a
+    TenSEAL context with a secret key cannot be made a PublicContext in process either."""
     holder = KeyHolder.generate()
-    with pytest.raises(RefusedMessage) as caught:
+    with pytest.raises(InvalidMessage):
         PublicContext.load(holder.export_secret_context())
+    with pytest.raises(RefusedMessage) as caught:
+        PublicContext(ts.context_from(holder.export_secret_context()))
     assert caught.value.reason is RefusalReason.CONTEXT_HAS_SECRET_KEY
 
 

@@ -81,13 +81,14 @@ def ckks_upload_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
         holder, announcement, data = ckks_key_offer(fed, config, info.round_id)
         offer = service_pb2.CkksKeyOffer(announcement=wire.announcement_to_proto(announcement))
 
-        # the key offer itself: a chunk named again and again, adding up to 40 MiB
+        # the key offer itself: a chunk named again and again, adding up to 40 MiB (a public
+        # context of the round's preset has one exact length)
         junk = _put(store, os.urandom(4 << 20), holder)
         offer.public_context.CopyFrom(wire.Blob((junk,) * 10, 10 * (4 << 20)).to_proto())
         with pytest.raises(ServiceError) as caught:
             job.submit(holder, service_pb2.SubmitRequest(round_id=info.round_id,
                                                          ckks_key=offer))
-        assert caught.value.code == RESOURCE_EXHAUSTED and reads == []
+        assert caught.value.code == "INVALID_ARGUMENT" and reads == []
 
         # more chunks than bytes: refused before the store is even asked for their sizes
         tiny = tuple(_put(store, bytes([i]), holder) for i in range(3))
