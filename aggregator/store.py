@@ -612,12 +612,23 @@ class Store:
             return list(c.execute(sa.select(releases).order_by(releases.c.round)).all())
 
 
+# The write-ahead log is truncated to this once checkpointed (SQLite otherwise keeps it at its
+# largest, until shutdown: a burst of uploads left gigabytes behind).
+WAL_SIZE_LIMIT = 64 << 20
+
+
+def _limit_wal(cursor: Any) -> None:
+    # defence: store.wal-truncated (on every connection: whichever writes next truncates)
+    cursor.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA page_size=65536")  # a new store only: 1 MiB chunks in 16 pages
     cursor.execute("PRAGMA journal_mode=WAL")
     # FULL: a committed event (an acknowledged message) survives a crash of the machine too
     cursor.execute("PRAGMA synchronous=FULL")
+    _limit_wal(cursor)
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
@@ -627,6 +638,7 @@ def _sqlite_bulk_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA page_size=65536")  # a new store only: 1 MiB chunks in 16 pages
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
+    _limit_wal(cursor)
     # chunk writes never checkpoint (a checkpoint's syncs in the upload path halved the
     # ingest rate): Store.checkpoint does, on its own thread, through the FULL connection
     cursor.execute("PRAGMA wal_autocheckpoint=0")

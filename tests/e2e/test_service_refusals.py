@@ -292,13 +292,37 @@ def test_chunks_outside_their_bounds_and_uploads_beyond_the_budget_are_refused(
         ) is grpc.StatusCode.INVALID_ARGUMENT
 
         # the budget: a tiny model's round needs a few bytes a site; the budget is twice that
-        # plus 16 MiB, so the fifth 4 MiB chunk goes past it
-        pieces = [os.urandom(limit) for _ in range(5)]
-        for piece in pieces[:4]:
+        # plus 16 MiB, each chunk charged its bytes and 64 KiB (a page of the store's log), so
+        # the fourth 4 MiB chunk goes past it
+        pieces = [os.urandom(limit) for _ in range(4)]
+        for piece in pieces[:3]:
             assert put(piece)().stored == 1
-        assert _code(put(pieces[4])) is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert _code(put(pieces[3])) is grpc.StatusCode.RESOURCE_EXHAUSTED
         ids = [hashlib.sha256(p).digest() for p in pieces]
         assert list(stub.MissingChunks(service_pb2.ChunkIds(chunk_ids=ids), timeout=30
-                                       ).chunk_ids) == [ids[4]]
+                                       ).chunk_ids) == [ids[3]]
+
+        # tiny chunks are charged a page each: site 3 sends 3-byte chunks until refused, and
+        # gets at most 16 MiB / 64 KiB of them stored (before, bytes alone were charged: five
+        # million of them, each a page of the log)
+        kit3 = SiteKit.load(fed.site_dir(3))
+        stub3 = service_pb2_grpc.AggregationStub(  # type: ignore[no-untyped-call]
+            _channel(fed.port, kit3.ca_pem, kit3.key_pem, kit3.cert_pem))
+        tiny = [os.urandom(3) for _ in range(2000)]
+        stored = 0
+        for start in range(0, len(tiny), 100):
+            batch = tiny[start:start + 100]
+            try:
+                stored += stub3.PutChunks(iter([service_pb2.Chunk(
+                    chunk_id=hashlib.sha256(d).digest(), data=d) for d in batch]),
+                    timeout=30).stored
+            except grpc.RpcError as e:
+                assert e.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                break
+        else:
+            raise AssertionError("2,000 tiny chunks were all taken")
+        present = len(tiny) - len(stub3.MissingChunks(service_pb2.ChunkIds(
+            chunk_ids=[hashlib.sha256(d).digest() for d in tiny]), timeout=30).chunk_ids)
+        assert 200 <= present <= (16 << 20) // (64 << 10) + 1
     finally:
         agg.stop()

@@ -157,6 +157,35 @@ def test_a_new_sqlite_store_and_its_wal_are_private_to_the_aggregator(tmp_path: 
         assert f.stat().st_mode & 0o777 == 0o600, f
 
 
+def test_the_write_ahead_log_is_truncated_once_checkpointed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny chunks with random ids each dirty a 64 KiB page of the log: a burst of them grew
+    the WAL by gigabytes, and SQLite kept the file at its largest until shutdown. Checkpointed
+    (the service does it every second), it is truncated to WAL_SIZE_LIMIT."""
+    import hashlib
+    import os
+
+    from aggregator import store as store_module
+
+    monkeypatch.setattr(store_module, "WAL_SIZE_LIMIT", 1 << 20)
+    path = tmp_path / "agg.db"
+    store = Store(str(path))
+    try:
+        for _ in range(32):
+            batch = [os.urandom(3) for _ in range(16)]
+            store.put_chunks([(hashlib.sha256(d).digest(), d) for d in batch],
+                             round_number=1, site=1)
+        wal = path.with_name("agg.db-wal")
+        assert wal.stat().st_size > 2 << 20  # what the burst wrote
+        store.checkpoint()
+        store.put_chunks([(hashlib.sha256(b"x").digest(), b"x")], round_number=1, site=1)
+        store.checkpoint()
+        # defence check: the log is back under the limit, not kept at its largest
+        assert wal.stat().st_size <= 1 << 20
+    finally:
+        store.close()
+
+
 def test_a_failed_backup_or_restore_leaves_nothing_in_the_way_of_a_retry(tmp_path: Path) -> None:
     """A backup of something that is not a store, and a restore of a file that is not a
     backup, fail naming the cause and leave no file behind (the retry was refused: "exists")."""
