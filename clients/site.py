@@ -322,6 +322,13 @@ class Round:
     def _submit(self, **message: Any) -> None:
         self._conn.call("Submit", service_pb2.SubmitRequest(round_id=self.round_id, **message))
 
+    def _upload_and_submit(self, data: bytes, what: str,
+                           message: Callable[[wire.Blob], dict[str, Any]]) -> None:
+        """Upload a payload and submit the message that refers to it (sent again if the
+        aggregator lost its chunks: Connection.upload_and_send)."""
+        self._conn.upload_and_send(data, lambda blob: self._submit(**message(blob)),
+                                   progress=self._progress, what=what)
+
     def _receive(self, stage: int) -> service_pb2.ReceiveResponse:
         while True:
             try:
@@ -396,9 +403,9 @@ class Round:
         if isinstance(reply, ShareKeys):
             self._submit(share_keys=wire.share_keys_to_proto(reply))
         elif isinstance(reply, MaskedInput):
-            blob = self._conn.upload(wire.masked_input_bytes(reply, word_bits),
-                                     progress=self._progress, what="masked input")
-            self._submit(masked_input=wire.masked_input_to_ref(reply, blob, word_bits))
+            self._upload_and_submit(
+                wire.masked_input_bytes(reply, word_bits), "masked input",
+                lambda blob: {"masked_input": wire.masked_input_to_ref(reply, blob, word_bits)})
         elif isinstance(reply, ConsistencySignature):
             self._submit(consistency_signature=wire.consistency_to_proto(reply))
         elif isinstance(reply, UnmaskResponse):
@@ -412,12 +419,12 @@ class Round:
         key = KeyHolder.generate(site.config.preset)
         announcement = key.announce(holder=site.site_id, identity=site.kit.identity,
                                     epoch=self.round_id, max_rounds=1)
-        blob = self._conn.upload(key.public_context().serialize(), progress=self._progress,
-                                 what="public context")
         self._key = key
-        self._submit(ckks_key=service_pb2.CkksKeyOffer(
-            announcement=wire.announcement_to_proto(announcement),
-            public_context=blob.to_proto()))
+        self._upload_and_submit(
+            key.public_context().serialize(), "public context",
+            lambda blob: {"ckks_key": service_pb2.CkksKeyOffer(
+                announcement=wire.announcement_to_proto(announcement),
+                public_context=blob.to_proto())})
 
     def _run_ckks(self, delta: np.ndarray, weight: float) -> None:
         site = self._site
@@ -450,9 +457,8 @@ class Round:
                             seeded=False, workers=site.workers,
                             progress=lambda d, t: self._progress("encrypt", d, t))
         upload = client.start()
-        blob = self._conn.upload(b"".join(upload.chunks), progress=self._progress,
-                                 what="ciphertexts")
-        self._submit(ckks_update=wire.update_to_ref(upload, blob))
+        self._upload_and_submit(b"".join(upload.chunks), "ciphertexts",
+                                lambda blob: {"ckks_update": wire.update_to_ref(upload, blob)})
         if self._key is not None:
             self._release(config)
 
@@ -499,5 +505,6 @@ class Round:
             released = self._verify_and_release(release, request, config)
         finally:
             release.close()
-        blob = self._conn.upload(wire.average_bytes(released.average), what="release")
-        self._submit(ckks_release=wire.release_to_ref(released, blob))
+        self._upload_and_submit(
+            wire.average_bytes(released.average), "release",
+            lambda blob: {"ckks_release": wire.release_to_ref(released, blob)})

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,8 @@ from secagg.wire import Blob
 T = TypeVar("T")
 CHUNK_BYTES = 1 << 20
 IDS_PER_CALL = 1024
+LOST_CHUNK_RETRIES = 3
+_log = logging.getLogger("clients")
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 
@@ -105,12 +108,7 @@ class Connection:
         total = len(ids)
 
         def attempt() -> None:
-            missing: list[bytes] = []
-            for start in range(0, total, IDS_PER_CALL):
-                reply = self.stub.MissingChunks(
-                    service_pb2.ChunkIds(chunk_ids=ids[start:start + IDS_PER_CALL]),
-                    timeout=self.call_timeout)
-                missing.extend(bytes(c) for c in reply.chunk_ids)
+            missing = self._missing(ids)
             # defence: sdk.upload-offered-only
             if not set(missing) <= by_id.keys():
                 raise AggregatorRefused("INVALID_ARGUMENT", f"the aggregator asked for a chunk "
@@ -137,6 +135,39 @@ class Connection:
 
         self._retry(attempt)
         return Blob(tuple(ids), len(data))
+
+    def _missing(self, ids: list[bytes]) -> list[bytes]:
+        missing: list[bytes] = []
+        for start in range(0, len(ids), IDS_PER_CALL):
+            reply = self.stub.MissingChunks(
+                service_pb2.ChunkIds(chunk_ids=ids[start:start + IDS_PER_CALL]),
+                timeout=self.call_timeout)
+            missing.extend(bytes(c) for c in reply.chunk_ids)
+        return missing
+
+    def upload_and_send(self, data: bytes, send: Callable[[Blob], T], *,
+                        progress: Progress | None = None, what: str = "upload") -> T:
+        """Upload ``data``, then ``send(blob)``: the call whose request refers to it.
+
+        Chunks the aggregator acknowledged can be lost before a message refers to them: its
+        store crashed before an unsynced commit reached the disk, or was restored from a
+        backup. The call is then refused FAILED_PRECONDITION; if the aggregator now lacks
+        chunks of ``data``, they are sent again and the same request made again (the same
+        bytes, the same message: nothing new leaves), up to LOST_CHUNK_RETRIES times. Before,
+        the site gave up its round."""
+        for attempt in range(LOST_CHUNK_RETRIES + 1):
+            blob = self.upload(data, progress=progress, what=what)
+            ids = list(blob.chunk_ids)
+            try:
+                return send(blob)
+            except AggregatorRefused as e:
+                # defence: sdk.lost-chunks-sent-again
+                if (e.code != "FAILED_PRECONDITION" or attempt == LOST_CHUNK_RETRIES
+                        or not self._retry(lambda: self._missing(ids))):  # noqa: B023
+                    raise
+                _log.warning("the aggregator lost chunks of the %s it had acknowledged; "
+                             "sending them again", what)
+        raise AssertionError("unreachable")
 
     def download(self, blob: Blob, *, max_size: int, progress: Progress | None = None,
                  what: str = "download") -> bytes:

@@ -3,6 +3,7 @@ are retried; every other status is a refusal at once."""
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
@@ -64,3 +65,86 @@ def test_retries_stop_after_retry_seconds() -> None:
     attempt, _ = _failing([grpc.StatusCode.CANCELLED] * 1000)
     with pytest.raises(AggregatorUnavailable, match="stayed unavailable"):
         _connection(retry_seconds=0.3)._retry(attempt)
+
+
+class _ForgetfulAggregator:
+    """MissingChunks / PutChunks / Submit over a dict; the first ``forget`` Submits find the
+    store lost every chunk (a crash before an unsynced commit reached the disk) and are
+    refused as the aggregator refuses them; ``refuse`` refuses every Submit for another
+    reason, with every chunk present."""
+
+    def __init__(self, forget: int, refuse: bool = False) -> None:
+        self.chunks: dict[bytes, bytes] = {}
+        self.forget, self.refuse = forget, refuse
+        self.puts: list[bytes] = []
+        self.submits = 0
+
+    def MissingChunks(self, request: Any, timeout: float) -> Any:
+        from secagg.v1 import service_pb2
+
+        return service_pb2.ChunkIds(chunk_ids=[c for c in request.chunk_ids
+                                               if bytes(c) not in self.chunks])
+
+    def PutChunks(self, chunks: Any, timeout: float) -> Any:
+        from secagg.v1 import service_pb2
+
+        n = 0
+        for chunk in chunks:
+            self.chunks[bytes(chunk.chunk_id)] = bytes(chunk.data)
+            self.puts.append(bytes(chunk.chunk_id))
+            n += 1
+        return service_pb2.PutChunksResponse(stored=n)
+
+    def Submit(self, request: Any, timeout: float) -> Any:
+        from secagg.v1 import service_pb2
+
+        self.submits += 1
+        if self.forget:
+            self.forget -= 1
+            self.chunks.clear()
+        ids = list(request.masked_input.masked_input.chunk_ids)
+        if self.refuse or any(bytes(c) not in self.chunks for c in ids):
+            raise _Status(grpc.StatusCode.FAILED_PRECONDITION)
+        return service_pb2.SubmitResponse()
+
+
+def _submitting(stub: _ForgetfulAggregator) -> tuple[Any, Any]:
+    from secagg.v1 import service_pb2
+
+    conn = _connection()
+    conn.stub, conn.call_timeout, conn.bytes_sent, conn.bytes_received = stub, 5.0, 0, 0
+
+    def request(blob: Any) -> Any:
+        return conn.call("Submit", service_pb2.SubmitRequest(
+            round_id="r", masked_input=service_pb2.MaskedInputRef(
+                site_id=1, masked_input=blob.to_proto())))
+
+    return conn, request
+
+
+def test_chunks_the_aggregator_lost_after_acknowledging_them_are_sent_again() -> None:
+    """The store lost acknowledged chunks before the message referring to them arrived: the
+    site sends the same chunks again and the same message, instead of giving up its round."""
+    stub = _ForgetfulAggregator(forget=2)
+    conn, request = _submitting(stub)
+    data = os.urandom(2_500_000)  # 3 chunks
+    conn.upload_and_send(data, request, what="masked input")
+    assert stub.submits == 3 and len(stub.puts) == 9 and len(set(stub.puts)) == 3
+
+
+def test_a_refusal_with_every_chunk_present_is_not_retried() -> None:
+    stub = _ForgetfulAggregator(forget=0, refuse=True)
+    conn, request = _submitting(stub)
+    with pytest.raises(AggregatorRefused, match="FAILED_PRECONDITION"):
+        conn.upload_and_send(b"x" * 1000, request)
+    assert stub.submits == 1 and len(stub.puts) == 1
+
+
+def test_an_aggregator_that_keeps_losing_chunks_is_given_up_on() -> None:
+    from clients.transport import LOST_CHUNK_RETRIES
+
+    stub = _ForgetfulAggregator(forget=100)
+    conn, request = _submitting(stub)
+    with pytest.raises(AggregatorRefused, match="FAILED_PRECONDITION"):
+        conn.upload_and_send(b"x" * 1000, request)
+    assert stub.submits == LOST_CHUNK_RETRIES + 1
