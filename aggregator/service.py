@@ -39,7 +39,7 @@ from aggregator.job import (
     ServiceError,
 )
 from aggregator.metrics import Metrics, NoMetrics, serve_metrics
-from aggregator.store import Store, StoreError, sqlite_url
+from aggregator.store import Store, StoreError, StoreUnreachable, sqlite_url
 from secagg.errors import ConfigurationError
 from secagg.federation import pki
 from secagg.federation.config import FederationConfig
@@ -248,6 +248,9 @@ class Core:
         self.hashers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="secagg-hash")
         self.bulk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secagg-bulk")
         self.readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="secagg-read")
+        # the health watcher's store ping, on its own thread: on the job's, it queued behind
+        # a store call that hung, and health said SERVING for as long as the store hung
+        self.pinger = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secagg-ping")
         self.changed = asyncio.Event()
         self.job: Job | None = None
         self.healthy = False
@@ -458,6 +461,7 @@ class ChunkWriter:
 
 
 MAX_CHUNKS_PER_COMMIT = 16
+PING_TIMEOUT_SECONDS = 5.0  # a store that does not answer the health ping by then is down
 # What one stored chunk costs beyond its bytes, charged to its site's upload budget: a chunk's
 # row can dirty one 64 KiB SQLite page (and its index's) in the write-ahead log, whatever its
 # size. Charging bytes alone let a site store 3-byte chunks by the million (the WAL grew by
@@ -869,7 +873,9 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
         ready(port)
     tasks: list[asyncio.Task[None]] = []
     try:
-        opened = await core.run(store_factory, store_url)
+        opened = await _open_store(core, store_factory, store_url, stop)
+        if opened is None:
+            return 0  # stopped while waiting for the store
         _metrics.watch_engine(opened.engine)
         _metrics.watch_engine(opened.bulk)
         job = Job(config, roster, opened, model, on_change=core.notify, metrics=_metrics)
@@ -899,9 +905,31 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
         core.hashers.shutdown(wait=False)
         core.bulk.shutdown(wait=True)
         core.readers.shutdown(wait=True)
+        core.pinger.shutdown(wait=False)
         if metrics_server is not None:
             metrics_server.shutdown()
     return 0
+
+
+async def _open_store(core: Core, store_factory: Callable[[str], Store], url: str,
+                      stop: asyncio.Event) -> Store | None:
+    """The store, once its database server answers: an aggregator started while its
+    PostgreSQL is down (a host rebooting, both restarted together) waits NOT_SERVING and tries
+    again, rather than exit; a store it does not understand is still a refusal to start.
+    None if stopped while waiting."""
+    delay = 1.0
+    while True:
+        try:
+            return await core.run(store_factory, url)
+        # defence: service.waits-for-an-unreachable-store
+        except StoreUnreachable as e:
+            log.warning("store unreachable", extra={"event": "store_unreachable",
+                                                    "reason": f"{e}; retrying in {delay:g} s"})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+        if stop.is_set():
+            return None
+        delay = min(delay * 2, 10.0)
 
 
 async def _set_health(health: Any, serving: bool) -> None:
@@ -943,9 +971,11 @@ async def _watch(core: Core, health: Any) -> None:
         if job is None:
             continue
         try:
-            await core.run(job.store.ping)
+            # defence: service.ping-off-the-job-thread
+            await asyncio.wait_for(core.loop.run_in_executor(core.pinger, job.store.ping),
+                                   timeout=PING_TIMEOUT_SECONDS)
             ok = True
-        except StoreError:
+        except (StoreError, TimeoutError):
             ok = False
         if ok and not core.healthy:
             try:

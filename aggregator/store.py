@@ -96,6 +96,22 @@ class StoreError(SecAggError):
     or refuses to start)."""
 
 
+class StoreUnreachable(StoreError):
+    """A database server did not answer (down, restarting, unreachable): the aggregator waits
+    for it, NOT_SERVING, rather than exit."""
+
+
+# libpq settings for a PostgreSQL store, unless its URL sets them: a server that stops
+# answering (a network partition, a host that died without closing its connections) must
+# surface as an error within seconds, not hang the job's thread for the kernel's ~15 minutes.
+PG_CONNECT_ARGS: dict[str, Any] = {
+    "connect_timeout": 10,
+    "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # ms: data sent and not acknowledged
+    "options": "-c statement_timeout=120000",  # ms: a statement the server never finishes
+}
+
+
 _ID_BATCH = 1000  # chunk ids per IN (...) query: PostgreSQL binds at most 65,535 parameters
 
 
@@ -353,6 +369,10 @@ class Store:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         elif url.startswith("postgresql"):
             kwargs["pool_pre_ping"] = True  # a restarted database server is reconnected
+            query = sa.engine.make_url(url).query
+            # defence: store.pg-timeouts
+            kwargs["connect_args"] = {k: v for k, v in PG_CONNECT_ARGS.items()
+                                      if k not in query}
         try:
             self.engine: Engine = sa.create_engine(url, **kwargs)
             # Chunks are staged data, not acknowledged counts: they are written through a
@@ -371,8 +391,9 @@ class Store:
         try:
             self._check_schema(create)
         except sa.exc.SQLAlchemyError as e:
-            raise StoreError(f"store {redacted(url)} is unreachable: {type(e).__name__}"
-                             ) from None
+            self.close()
+            kind = StoreError if url.startswith("sqlite") else StoreUnreachable
+            raise kind(f"store {redacted(url)} is unreachable: {type(e).__name__}") from None
 
     def _check_schema(self, create: bool) -> None:
         """An empty store is migrated to this aggregator's schema (if ``create``); any other
@@ -409,7 +430,7 @@ class Store:
                     if self.url.startswith("sqlite"):
                         c.exec_driver_sql("PRAGMA busy_timeout=30000")
                     else:
-                        c.exec_driver_sql("SET statement_timeout = 0")
+                        c.exec_driver_sql("RESET statement_timeout")
         except sa.exc.SQLAlchemyError as e:
             raise StoreError(f"store unreachable: {type(e).__name__}") from None
 

@@ -18,6 +18,9 @@ class Proxy:
     of bytes in [lo, hi] over it, at most ``max_cuts`` times in all (then the link is good).
     ``trickle_after=n``: once ``n`` bytes went up over all connections, the site's bytes pass
     at one per second.
+    Set ``refusing`` to close every new connection at once (a server that is down), ``frozen``
+    to pass nothing either way, on any connection, until it is cleared (a network partition:
+    connections stay open, nothing answers).
     """
 
     def __init__(self, target_port: int, *, cut_every: tuple[int, int] | None = None,
@@ -29,6 +32,8 @@ class Proxy:
         self.trickle_after = trickle_after
         self.cuts = 0
         self.sent = 0
+        self.refusing = False
+        self.frozen = False
         self._rng = random.Random(seed)  # test faults only
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -48,7 +53,15 @@ class Proxy:
             async with self._server:
                 await self._server.serve_forever()
 
+    async def _thawed(self) -> None:
+        while self.frozen:
+            await asyncio.sleep(0.05)
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.transport.abort()
+            return
+        await self._thawed()
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
         except OSError:
@@ -63,6 +76,7 @@ class Proxy:
             nonlocal sent_here
             with contextlib.suppress(ConnectionError, OSError):
                 while data := await reader.read(65536):
+                    await self._thawed()
                     if self.trickle_after is not None and self.sent >= self.trickle_after:
                         for i in range(len(data)):
                             up_writer.write(data[i:i + 1])
@@ -84,6 +98,7 @@ class Proxy:
         async def downstream() -> None:
             with contextlib.suppress(ConnectionError, OSError):
                 while data := await up_reader.read(65536):
+                    await self._thawed()
                     writer.write(data)
                     await writer.drain()
             writer.close()

@@ -259,3 +259,27 @@ def test_migrate_refuses_a_database_that_is_not_an_aggregator_store(tmp_path: Pa
     with sqlite3.connect(other) as c:
         tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert tables == {"patients"}
+
+
+def test_a_postgresql_store_times_out_what_a_silent_server_would_hang(postgres_url: str) -> None:
+    """Connections carry libpq's connect timeout, TCP keepalives and user timeout and a
+    statement timeout (without them a partitioned server hung the job's thread for the
+    kernel's ~15 minutes), still after a health ping (which sets a short one for itself); a
+    URL that sets one keeps its own."""
+    store = Store(postgres_url)
+    try:
+        store.ping()
+        with store.engine.connect() as c:
+            assert c.exec_driver_sql("SHOW statement_timeout").scalar() == "2min"
+            params = c.connection.dbapi_connection.info.get_parameters()  # type: ignore[union-attr]
+        for key in ("connect_timeout", "keepalives", "keepalives_idle", "tcp_user_timeout"):
+            assert key in params, key
+    finally:
+        store.close()
+    own = Store(postgres_url + "?connect_timeout=3", create=False)
+    try:
+        with own.bulk.connect() as c:
+            params = c.connection.dbapi_connection.info.get_parameters()  # type: ignore[union-attr]
+        assert params["connect_timeout"] == "3" and "keepalives_idle" in params
+    finally:
+        own.close()
