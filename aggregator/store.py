@@ -281,9 +281,36 @@ def _pg_tool(tool: str, url: str, *args: str) -> None:
                          f"{detail.decode(errors='replace').strip()[-300:] or e}") from None
 
 
+def _partial(final: Path, what: str) -> Path:
+    """A private name beside ``final`` to write to before it is complete: a backup or restore
+    cut short (kill -9, a power cut) leaves this name, never ``final``, so a retry is never
+    refused by its half-written file, and nothing half-written is ever taken for a store."""
+    import secrets
+
+    # defence: store.complete-files-only
+    return final.with_name(f".{final.name}.{what}-{secrets.token_hex(4)}")
+
+
+def _publish(partial: Path, final: Path) -> None:
+    """Give the complete ``partial`` its ``final`` name, never over an existing file."""
+    try:
+        os.link(partial, final)
+    except FileExistsError:
+        raise StoreError(f"{final} exists: never overwritten") from None
+    except OSError as e:
+        raise StoreError(f"cannot write {final}: {e.strerror}") from None
+
+
+def _remove_sqlite_files(path: Path) -> None:
+    for f in (path, path.with_name(path.name + "-journal"), path.with_name(path.name + "-wal"),
+              path.with_name(path.name + "-shm")):
+        f.unlink(missing_ok=True)
+
+
 def backup(url: str, out: Path) -> int:
     """A consistent copy of the store at ``url`` in ``out`` (size in bytes). SQLite: the
-    online backup API, safe while the aggregator writes. PostgreSQL: ``pg_dump -Fc``."""
+    online backup API, safe while the aggregator writes. PostgreSQL: ``pg_dump -Fc``. Written
+    under a temporary name beside ``out`` and given its name once complete."""
     import sqlite3
 
     url = normalize_url(url)
@@ -292,10 +319,10 @@ def backup(url: str, out: Path) -> int:
         raise StoreError(f"{out} exists: a backup never overwrites a file")
     if not url.startswith(("sqlite", "postgresql")):
         raise StoreError(f"no backup for stores of kind {url.split(':', 1)[0]}")
+    partial = _partial(out, "backup")
     try:
-        # made 0600 before a byte is copied, and removed if the backup fails (a retry then
-        # finds no half-written file in its way)
-        _create_private(out)
+        # made 0600 before a byte is copied
+        _create_private(partial)
     except OSError as e:
         raise StoreError(f"cannot write the backup {out}: {e.strerror}") from None
     try:
@@ -304,18 +331,17 @@ def backup(url: str, out: Path) -> int:
             if not path or not Path(path).is_file():
                 raise StoreError(f"no SQLite store at {path}")
             with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as source, \
-                    sqlite3.connect(out) as target:
+                    sqlite3.connect(partial) as target:
                 source.backup(target)
             target.close()
         else:
-            _pg_tool("pg_dump", url, "--format=custom", "--no-owner", "--file", str(out))
+            _pg_tool("pg_dump", url, "--format=custom", "--no-owner", "--file", str(partial))
+        _publish(partial, out)
     except sqlite3.Error as e:
-        out.unlink(missing_ok=True)
         raise StoreError(f"cannot back up the store: {e}") from None
-    # defence: store.failed-backup-removed
-    except BaseException:
-        out.unlink(missing_ok=True)
-        raise
+    finally:
+        # defence: store.failed-backup-removed
+        _remove_sqlite_files(partial)
     return out.stat().st_size
 
 
@@ -331,18 +357,22 @@ def restore(backup_file: Path, url: str) -> None:
         path = sa.engine.make_url(url).database
         if not path or Path(path).exists():
             raise StoreError(f"{path} exists: restore only into a new store file")
+        partial = _partial(Path(path), "restoring")
+        older: StoreError | None = None
         try:
-            _create_private(Path(path))
-            shutil.copyfile(backup_file, path)
-        except BaseException:
-            Path(path).unlink(missing_ok=True)
-            raise
-        try:
-            Store(url, create=False).close()  # one this aggregator understands
-        except StoreError as e:
-            if "migrate" not in str(e):  # (an older store stays, for `aggregator migrate`)
-                Path(path).unlink(missing_ok=True)
-            raise
+            _create_private(partial)
+            shutil.copyfile(backup_file, partial)
+            try:
+                Store(str(partial), create=False).close()  # one this aggregator understands
+            except StoreError as e:
+                if "migrate" not in str(e):
+                    raise
+                older = e  # an older store is restored all the same, for `aggregator migrate`
+            _publish(partial, Path(path))
+        finally:
+            _remove_sqlite_files(partial)
+        if older is not None:
+            raise older
         return
     elif url.startswith("postgresql"):
         engine = sa.create_engine(url)
@@ -355,7 +385,10 @@ def restore(backup_file: Path, url: str) -> None:
                              ) from None
         finally:
             engine.dispose()
-        _pg_tool("pg_restore", url, "--no-owner", "--exit-on-error", str(backup_file))
+        # one transaction: a restore cut short (an error, kill -9) leaves the database empty,
+        # never tables without their constraints that an aggregator would take for a store
+        # defence: store.restore-all-or-nothing
+        _pg_tool("pg_restore", url, "--no-owner", "--single-transaction", str(backup_file))
     else:
         raise StoreError(f"no restore for stores of kind {url.split(':', 1)[0]}")
     Store(url, create=False).close()  # the restored store is one this aggregator understands

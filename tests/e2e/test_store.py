@@ -241,6 +241,7 @@ def test_a_backup_of_a_store_that_is_not_there_leaves_no_file_behind(tmp_path: P
     with pytest.raises(StoreError, match="no SQLite store"):
         backup(str(tmp_path / "no-such.db"), out)
     assert not out.exists()
+    assert list(tmp_path.iterdir()) == [], "a failed backup left its temporary file behind"
     good = tmp_path / "agg.db"
     Store(str(good)).close()
     assert backup(str(good), out) > 0
@@ -283,3 +284,94 @@ def test_a_postgresql_store_times_out_what_a_silent_server_would_hang(postgres_u
         assert params["connect_timeout"] == "3" and "keepalives_idle" in params
     finally:
         own.close()
+
+
+_KILLED_MIDWAY = """
+import os, shutil, sys
+from pathlib import Path
+from aggregator import store
+
+def copy_half_then_die(src, dst, **kw):
+    data = Path(src).read_bytes()
+    Path(dst).write_bytes(data[: len(data) // 2])
+    os._exit(9)  # kill -9 in the middle of the copy
+
+real_create = store._create_private
+
+def create_write_then_die(path):
+    real_create(path)
+    Path(path).write_bytes(b"SQLite format 3" + bytes(4000))
+    os._exit(9)  # kill -9 while the backup is being written
+
+if sys.argv[1] == "backup":
+    store._create_private = create_write_then_die
+    store.backup(sys.argv[2], Path(sys.argv[3]))
+else:
+    shutil.copyfile = copy_half_then_die
+    store.restore(Path(sys.argv[2]), sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("operation", ["backup", "restore"])
+def test_a_backup_or_restore_killed_midway_leaves_nothing_taken_for_complete(
+        tmp_path: Path, operation: str) -> None:
+    """kill -9 in the middle of a SQLite backup or restore: the file at the name asked for is
+    never a half-written one (the retry was refused, "exists", and a half-restored store was
+    opened and said "unreachable: DatabaseError"); the retry succeeds."""
+    good = tmp_path / "agg.db"
+    Store(str(good)).close()
+    bak = tmp_path / "b.bak"
+    target = tmp_path / "restored.db"
+    if operation == "restore":
+        assert backup(str(good), bak) > 0
+        args = [str(bak), str(target)]
+        final = target
+    else:
+        args = [str(good), str(bak)]
+        final = bak
+    killed = subprocess.run([sys.executable, "-c", _KILLED_MIDWAY, operation, *args],
+                            cwd=Path(__file__).parents[2], capture_output=True)
+    assert killed.returncode == 9, killed.stderr.decode()[-2000:]
+    assert not final.exists(), "a file cut short holds the name of a complete one"
+    if operation == "restore":
+        restore(bak, str(target))
+        Store(str(target), create=False).close()
+    else:
+        assert backup(str(good), bak) > 0
+        restore(bak, str(target))
+
+
+def test_a_postgresql_restore_that_fails_midway_leaves_the_database_empty(
+        postgres_url: str, tmp_path: Path) -> None:
+    """pg_restore cut short (here: a dump truncated after its schema) ran statement by
+    statement, leaving tables without their constraints that an aggregator would open; in one
+    transaction it leaves the database empty, and the retry restores."""
+    import os
+
+    from tests.conftest import _postgres_database
+
+    store = Store(postgres_url)
+    try:
+        store.put_chunks([(os.urandom(32), os.urandom(200_000)) for _ in range(20)],
+                         round_number=1, site=1)
+    finally:
+        store.close()
+    bak = tmp_path / "pg.dump"
+    backup(postgres_url, bak)
+    cut = tmp_path / "cut.dump"
+    cut.write_bytes(bak.read_bytes()[: bak.stat().st_size * 3 // 4])
+    fresh = _postgres_database()
+    url = next(fresh)
+    try:
+        with pytest.raises(StoreError):
+            restore(cut, url)
+        engine = _engine(url)
+        try:
+            with engine.connect() as c:
+                assert sa.inspect(c).get_table_names() == []
+        finally:
+            engine.dispose()
+        restore(bak, url)
+        Store(url, create=False).close()
+    finally:
+        fresh.close()
