@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import time
+import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,10 +146,24 @@ def chunk_id(data: bytes | memoryview) -> bytes:
 def normalize_url(url: str) -> str:
     """A path is a SQLite file; ``postgresql://`` means the psycopg (3) driver."""
     if "://" not in url:
-        return f"sqlite:///{url}"
+        # quoted: SQLAlchemy decodes %XX in a URL and takes '?' for its query, so the store
+        # 'agg%41.db' was opened as 'aggA.db' and 'a?b.db' as 'a'
+        # defence: store.path-quoted-in-url
+        return "sqlite:///" + urllib.parse.quote(url, safe="/")
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
+
+
+def _engine(url: str, **kwargs: Any) -> Engine:
+    """An engine for ``url`` (normalised); a PostgreSQL one with PG_CONNECT_ARGS (those the
+    URL does not set itself), whatever it is for: the store, a migration, a restore."""
+    url = normalize_url(url)
+    if url.startswith("postgresql"):
+        query = sa.engine.make_url(url).query
+        # defence: store.pg-timeouts
+        kwargs["connect_args"] = {k: v for k, v in PG_CONNECT_ARGS.items() if k not in query}
+    return sa.create_engine(url, **kwargs)
 
 
 def _create_private(path: Path) -> None:
@@ -232,7 +247,7 @@ def migrate(url: str) -> tuple[str | None, str]:
     from alembic.script import ScriptDirectory
     from alembic.util import CommandError
 
-    engine = sa.create_engine(normalize_url(url))
+    engine = _engine(url)
     if engine.dialect.name == "sqlite":
         _transactional_ddl(engine)
     try:
@@ -330,10 +345,23 @@ def backup(url: str, out: Path) -> int:
             path = sa.engine.make_url(url).database
             if not path or not Path(path).is_file():
                 raise StoreError(f"no SQLite store at {path}")
-            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as source, \
+            # the path as a file: URI, escaped: a '#' or '%41' in it made SQLite open (and
+            # create) another file, and the backup was an empty database
+            # defence: store.backup-uri-escaped
+            source_uri = Path(path).resolve().as_uri() + "?mode=ro"
+            with sqlite3.connect(source_uri, uri=True) as source, \
                     sqlite3.connect(partial) as target:
                 source.backup(target)
             target.close()
+            # defence: store.backup-verified
+            with sqlite3.connect(partial.resolve().as_uri() + "?mode=ro", uri=True) as check:
+                tables = {r[0] for r in check.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'")}
+                revision = (check.execute("SELECT version_num FROM alembic_version").fetchone()
+                            if "alembic_version" in tables else None)
+            check.close()
+            if revision is None:
+                raise StoreError(f"{path} holds no aggregator store: nothing backed up")
         else:
             _pg_tool("pg_dump", url, "--format=custom", "--no-owner", "--file", str(partial))
         _publish(partial, out)
@@ -375,7 +403,7 @@ def restore(backup_file: Path, url: str) -> None:
             raise older
         return
     elif url.startswith("postgresql"):
-        engine = sa.create_engine(url)
+        engine = _engine(url)
         try:
             with engine.connect() as c:
                 if sa.inspect(c).get_table_names():
@@ -402,16 +430,12 @@ class Store:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         elif url.startswith("postgresql"):
             kwargs["pool_pre_ping"] = True  # a restarted database server is reconnected
-            query = sa.engine.make_url(url).query
-            # defence: store.pg-timeouts
-            kwargs["connect_args"] = {k: v for k, v in PG_CONNECT_ARGS.items()
-                                      if k not in query}
         try:
-            self.engine: Engine = sa.create_engine(url, **kwargs)
+            self.engine: Engine = _engine(url, **kwargs)
             # Chunks are staged data, not acknowledged counts: they are written through a
             # second engine without a sync per commit (a chunk lost to a power cut is simply
             # asked for again by MissingChunks); events keep a sync per commit.
-            self.bulk: Engine = sa.create_engine(url, **kwargs)
+            self.bulk: Engine = _engine(url, **kwargs)
         except (sa.exc.ArgumentError, ImportError) as e:
             raise StoreError(f"cannot open store {redacted(url)}: {e}") from None
         if url.startswith("sqlite"):

@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-SINK_BYTES_PER_SITE = 14 << 20  # within each site's upload budget (16 MiB + 64 KiB a chunk), with room for its round
+# within each site's upload budget (16 MiB, each chunk charged 64 KiB), with room for its round
+SINK_BYTES_PER_SITE = 14 << 20
 
 
 def _say(quiet: bool, text: str) -> None:

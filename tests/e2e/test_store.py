@@ -375,3 +375,43 @@ def test_a_postgresql_restore_that_fails_midway_leaves_the_database_empty(
         Store(url, create=False).close()
     finally:
         fresh.close()
+
+
+@pytest.mark.parametrize("name", ["agg#1.db", "agg%41.db", "a?b.db"])
+def test_a_backup_of_a_store_whose_path_looks_like_a_uri_copies_that_store(
+        tmp_path: Path, name: str) -> None:
+    """The store's path went into a file: URI unescaped: '#' began a fragment and '%41' was
+    decoded, so SQLite opened (and created) another file, and the backup said it succeeded
+    with an empty database in it. The path is escaped, and a backup that holds no store is
+    refused, never published."""
+    path = tmp_path / name
+    store = Store(str(path))
+    try:
+        store.put_chunks([(b"\x07" * 32, b"seven")], round_number=None, site=0)
+    finally:
+        store.close()
+    out = tmp_path / "b.bak"
+    backup(str(path), out)
+    # nothing but the store (with its -wal, -shm) and the backup: no other file was opened
+    assert {p.name for p in tmp_path.iterdir()} <= {name, name + "-wal", name + "-shm",
+                                                    "b.bak"}
+    target = tmp_path / "restored.db"
+    restore(out, str(target))
+    restored = Store(str(target), create=False)
+    try:
+        assert restored.get_chunk(b"\x07" * 32) == b"seven"
+    finally:
+        restored.close()
+
+
+def test_a_backup_of_an_empty_database_is_refused(tmp_path: Path) -> None:
+    import sqlite3
+
+    empty = tmp_path / "empty.db"  # a database, not an aggregator's store
+    with sqlite3.connect(empty) as c:
+        c.execute("CREATE TABLE notes (x)")
+    c.close()
+    out = tmp_path / "b.bak"
+    with pytest.raises(StoreError, match="no aggregator store"):
+        backup(str(empty), out)
+    assert not out.exists()
