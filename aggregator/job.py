@@ -30,6 +30,7 @@ from aggregator.store import BlobRef, Event, Store, split_chunks
 from secagg import wire
 from secagg.ckks import CkksServer, CkksStage, PublicContext, _seal
 from secagg.ckks.keys import public_context_length
+from secagg.ckks.presets import get_preset
 from secagg.errors import (
     ConfigurationError,
     InvalidMessage,
@@ -37,7 +38,7 @@ from secagg.errors import (
     ProtocolAbort,
     RefusedMessage,
 )
-from secagg.federation.config import FederationConfig
+from secagg.federation.config import SDK_CHUNK_BYTES, FederationConfig
 from secagg.masking import MaskingServer, Stage
 from secagg.masking.messages import (
     KeyDirectory,
@@ -63,7 +64,12 @@ ABORTED = "ABORTED"
 UNAVAILABLE = "UNAVAILABLE"
 NOT_FOUND = "NOT_FOUND"
 
-
+# What one stored chunk costs beyond its bytes, charged to its site's upload budget: a chunk's
+# row can dirty one 64 KiB SQLite page (and its index's) in the write-ahead log, whatever its
+# size. Charging bytes alone let a site store 3-byte chunks by the million (the WAL grew by
+# ~6.4 KB a chunk: 2.8 GB in two rounds); charged a page each, a site's budget holds at most
+# budget / 64 KiB chunks, and an honest upload (1 MiB chunks) pays 6 % more.
+CHUNK_STORAGE_COST = 64 << 10
 
 
 class ServiceError(Exception):
@@ -421,16 +427,26 @@ class Job:
             site, set())
 
     def upload_limit(self, site: int) -> int:
-        """Bytes a site may store in the current round: twice what it needs, plus slack."""
+        """What a site may store in the current round, as UploadBudget charges it (each chunk
+        its bytes and CHUNK_STORAGE_COST): twice what the round needs from it (in the SDK's
+        1 MiB chunks), plus 16 MiB. What it needs is computed from the round's own layout:
+        a fixed bytes-per-value for CKKS was below what the larger presets send (50 B a
+        value at nvflare-default), and honest uploads of large models were refused."""
         active = self.active
         if active is None:
             return 0
         size = active.view.model.size + 1
-        expected = (size * self.config.word_bits // 8 if active.view.protocol == "masking"
-                    else 26 * size + (1 << 20))  # CKKS public-key ciphertexts: ~25 B/value
-        if site == active.view.ckks_key_holder:
-            expected += 8 * size + (4 << 20)  # its public context and the released average
-        return 2 * expected + (16 << 20)
+        if active.view.protocol == "masking":
+            expected = size * self.config.word_bits // 8
+        else:
+            preset = get_preset(self.config.preset)
+            ciphertext = 2 + 2 * preset.poly_modulus_degree * preset.data_bits // 8
+            # defence: service.upload-budget-from-the-layout
+            expected = -(-size // preset.slots) * ciphertext
+            if site == active.view.ckks_key_holder:  # its public context, the released average
+                expected += public_context_length(preset) + 8 * size
+        chunks = max(1, -(-expected // SDK_CHUNK_BYTES))
+        return 2 * (expected + chunks * CHUNK_STORAGE_COST) + (16 << 20)
 
     @property
     def current_round(self) -> int | None:

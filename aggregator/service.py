@@ -30,6 +30,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from sqlalchemy.exc import SQLAlchemyError
 
 from aggregator.job import (
+    CHUNK_STORAGE_COST,
     FAILED_PRECONDITION,
     INVALID_ARGUMENT,
     PERMISSION_DENIED,
@@ -462,12 +463,6 @@ class ChunkWriter:
 
 MAX_CHUNKS_PER_COMMIT = 16
 PING_TIMEOUT_SECONDS = 5.0  # a store that does not answer the health ping by then is down
-# What one stored chunk costs beyond its bytes, charged to its site's upload budget: a chunk's
-# row can dirty one 64 KiB SQLite page (and its index's) in the write-ahead log, whatever its
-# size. Charging bytes alone let a site store 3-byte chunks by the million (the WAL grew by
-# ~6.4 KB a chunk: 2.8 GB in two rounds); charged a page each, a site's budget holds at most
-# budget / 64 KiB chunks, and an honest upload (1 MiB chunks) pays 6 % more.
-CHUNK_STORAGE_COST = 64 << 10
 MAX_CHUNKS_IN_FLIGHT = 16  # received chunks being hashed or stored, over all upload streams
 MAX_CHUNKS_SENDING = 8  # chunks being written to downloading sites, over all GetChunks streams
 SEND_SLOT_LEASE_SECONDS = 1.0  # the longest one chunk's write holds up the others

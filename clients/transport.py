@@ -23,12 +23,13 @@ from typing import Any, TypeVar
 import grpc
 
 from clients.errors import AggregatorRefused, AggregatorUnavailable
+from secagg.federation.config import SDK_CHUNK_BYTES
 from secagg.federation.kit import SiteKit
 from secagg.v1 import service_pb2, service_pb2_grpc
 from secagg.wire import Blob
 
 T = TypeVar("T")
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = SDK_CHUNK_BYTES  # what the aggregator's limits and upload budget assume
 IDS_PER_CALL = 1024
 LOST_CHUNK_RETRIES = 3
 _log = logging.getLogger("clients")

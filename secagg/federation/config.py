@@ -65,6 +65,10 @@ from secagg.errors import ConfigurationError
 PROTOCOLS = ("masking", "ckks")
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
+# The chunk size the SDK uploads in (clients/transport.py), and what the aggregator's upload
+# budget assumes: [limits] max_chunk_bytes may not be below it (every honest chunk would be
+# refused).
+SDK_CHUNK_BYTES = 1024 * 1024
 
 
 _KEYS = {
@@ -287,9 +291,10 @@ class FederationConfig:
             if not (math.isfinite(value) and 0 < value <= top):
                 raise ConfigurationError(f"{name} must be in (0, {top:g}], got {value!r}")
         # defence: config.chunk-bytes-lower-bound
-        if not 1024 <= lim.max_chunk_bytes <= MAX_CHUNK_BYTES:
-            raise ConfigurationError(f"[limits] max_chunk_bytes must be in [1024, "
-                                     f"{MAX_CHUNK_BYTES}], got {lim.max_chunk_bytes}")
+        if not SDK_CHUNK_BYTES <= lim.max_chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ConfigurationError(f"[limits] max_chunk_bytes must be in [{SDK_CHUNK_BYTES} "
+                                     f"(the SDK's chunk), {MAX_CHUNK_BYTES}], got "
+                                     f"{lim.max_chunk_bytes}")
         if not lim.max_chunk_bytes + 4096 <= lim.max_message_bytes <= MAX_MESSAGE_BYTES:
             raise ConfigurationError(f"[limits] max_message_bytes must be in [max_chunk_bytes "
                                      f"+ 4096, {MAX_MESSAGE_BYTES}], got {lim.max_message_bytes}")

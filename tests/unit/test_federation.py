@@ -141,6 +141,8 @@ def test_the_ca_signs_only_the_site_a_request_names(tmp_path: Path) -> None:
     # a chunk size of 0 bytes cannot cut a payload; of 1, a chunk a byte
     ("limits", "max_chunk_bytes", "0", "max_chunk_bytes must be in"),
     ("limits", "max_chunk_bytes", "1", "max_chunk_bytes must be in"),
+    # below the SDK's 1 MiB chunk, every honest upload would be refused
+    ("limits", "max_chunk_bytes", "1048575", "max_chunk_bytes must be in"),
     # a job id is part of every round id and the history's key: no '/', never empty
     ("job", "id", "''", "id must be 1-64"),
     ("job", "id", "'a/b'", "id must be 1-64"),
