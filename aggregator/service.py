@@ -974,6 +974,13 @@ async def _watch(core: Core, health: Any) -> None:
             ok = False
         if ok and not core.healthy:
             try:
+                # serving again needs a write that commits, not only a read: a store that
+                # refused the job's writes (read-only, a full disk) answered the read ping,
+                # and health flapped back to SERVING every second
+                # defence: service.recovery-proves-a-write
+                await asyncio.wait_for(core.loop.run_in_executor(
+                    core.pinger, functools.partial(job.store.ping, write=True)),
+                    timeout=PING_TIMEOUT_SECONDS)
                 # defence: service.recovered-job-keeps-metrics
                 fresh = Job(job.config, job.roster, job.store, job._initial,
                             on_change=core.notify, metrics=job.metrics)

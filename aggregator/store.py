@@ -473,18 +473,33 @@ class Store:
                              f"needs {head}: back it up, then run `secagg aggregator migrate "
                              f"--store URL` (a revision it does not know is refused there too)")
 
-    def ping(self, timeout: float = 1.0) -> None:
-        """Read the schema revision within ``timeout`` seconds, or StoreError."""
+    def ping(self, timeout: float = 1.0, *, write: bool = False) -> None:
+        """Read the schema revision within ``timeout`` seconds, or StoreError. A PostgreSQL
+        that would refuse writes (a hot standby after a failover, default_transaction_read_only)
+        fails the ping too. ``write``: also prove a write commits (an update of the revision
+        row to itself): what the service asks before it serves again after a failed write,
+        so a store that reads but refuses writes (read-only, a full disk) stays NOT_SERVING
+        instead of flapping back to SERVING every second."""
+        sqlite = self.url.startswith("sqlite")
         try:
             with self.engine.connect() as c:
-                if self.url.startswith("sqlite"):
+                if sqlite:
                     c.exec_driver_sql(f"PRAGMA busy_timeout={int(timeout * 1000)}")
                 else:
                     c.exec_driver_sql(f"SET statement_timeout = {int(timeout * 1000)}")
                 try:
                     c.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+                    # defence: store.ping-refuses-a-read-only-postgresql
+                    if not sqlite and c.exec_driver_sql(
+                            "SELECT current_setting('transaction_read_only') = 'on' "
+                            "OR pg_is_in_recovery()").scalar():
+                        raise StoreError("the store refuses writes (read-only)")
+                    if write:
+                        # defence: store.ping-proves-a-write
+                        c.exec_driver_sql("UPDATE alembic_version SET version_num = version_num")
+                        c.commit()
                 finally:
-                    if self.url.startswith("sqlite"):
+                    if sqlite:
                         c.exec_driver_sql("PRAGMA busy_timeout=30000")
                     else:
                         c.exec_driver_sql("RESET statement_timeout")

@@ -8,6 +8,7 @@ import asyncio
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -28,10 +29,10 @@ class ControlledStore(Store):
         assert self.gate.wait(timeout=30)  # recovery waits until the test lets it go on
         return super().rounds()
 
-    def ping(self, timeout: float = 1.0) -> None:
+    def ping(self, timeout: float = 1.0, *, write: bool = False) -> None:
         if self.down.is_set():
             raise StoreError("store unreachable: simulated")
-        super().ping(timeout)
+        super().ping(timeout, write=write)
 
 
 def test_health_is_not_serving_while_recovering_or_while_the_store_is_down(
@@ -165,3 +166,129 @@ def test_an_aggregator_waits_for_its_database_and_says_when_it_stops_answering(
         thread.join(timeout=60)
         proxy.close()
     assert exit_status == [0]
+
+
+class _Running:
+    """The aggregator in this process, in a thread, with a health stub and a site stub."""
+
+    def __init__(self, fed: Any, store: str, **kwargs: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.stop = asyncio.Event()
+        ports: list[int] = []
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(serve(fed.aggregator_config, store=store,
+                                               ready=ports.append, stop_event=self.stop,
+                                               **kwargs))
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        while not ports:
+            time.sleep(0.02)
+        kit = SiteKit.load(fed.site_dir(1))
+        self.channel = grpc.secure_channel(f"localhost:{ports[0]}", grpc.ssl_channel_credentials(
+            kit.ca_pem, kit.key_pem, kit.cert_pem))
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.stub = service_pb2_grpc.AggregationStub(self.channel)  # type: ignore[no-untyped-call]
+
+    def status(self) -> int:
+        return int(self.health.Check(health_pb2.HealthCheckRequest(
+            service="secagg.v1.Aggregation"), timeout=5).status)
+
+    def eventually(self, expected: int, within: float) -> None:
+        end = time.monotonic() + within
+        while self.status() != expected:
+            assert time.monotonic() < end, f"health stayed {self.status()}, not {expected}"
+            time.sleep(0.1)
+
+    def holds(self, expected: int, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            assert self.status() == expected, "health flapped"
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(timeout=60)
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class ReadOnlyStore(Store):
+    """A SQLite store that turns read-only (as on a full disk or a remounted filesystem)
+    while ``read_only`` is set: every write fails, every read answers."""
+
+    read_only = threading.Event()
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        import sqlalchemy as sa
+
+        def checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+            on = 1 if self.read_only.is_set() else 0
+            dbapi_connection.execute(f"PRAGMA query_only = {on}")
+
+        for engine in (self.engine, self.bulk):
+            sa.event.listen(engine, "checkout", checkout)
+
+
+def test_a_store_that_refuses_writes_keeps_health_not_serving(tmp_path: Path) -> None:
+    """The store answers reads and refuses writes: the job's first failed write makes the
+    aggregator NOT_SERVING, and it stays so (it flapped back to SERVING every second, as the
+    read ping answered) until a write commits again."""
+    import hashlib
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    agg = _Running(fed, str(tmp_path / "a.db"), store_factory=ReadOnlyStore)
+    try:
+        agg.eventually(SERVING, within=20)
+        ReadOnlyStore.read_only.set()
+        data = b"a chunk the store cannot take"
+        with pytest.raises(grpc.RpcError) as caught:
+            agg.stub.PutChunks(iter([service_pb2.Chunk(chunk_id=hashlib.sha256(data).digest(),
+                                                       data=data)]), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        agg.eventually(NOT_SERVING, within=5)
+        agg.holds(NOT_SERVING, seconds=4)
+        ReadOnlyStore.read_only.clear()
+        agg.eventually(SERVING, within=10)
+    finally:
+        ReadOnlyStore.read_only.clear()
+        agg.close()
+
+
+def test_a_postgresql_that_turns_read_only_is_not_serving(tmp_path: Path,
+                                                          postgres_url: str) -> None:
+    """A failover leaves the aggregator on a hot standby, or an operator makes the database
+    read-only: health says NOT_SERVING without waiting for a write to fail, and SERVING once
+    the database takes writes again."""
+    import sqlalchemy as sa
+
+    from aggregator.store import normalize_url
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    name = sa.engine.make_url(postgres_url).database
+    admin = sa.create_engine(normalize_url(postgres_url), isolation_level="AUTOCOMMIT")
+
+    def read_only(on: bool) -> None:
+        with admin.connect() as c:
+            c.exec_driver_sql("SET default_transaction_read_only = off")
+            c.exec_driver_sql(f"ALTER DATABASE {name} SET default_transaction_read_only = "
+                              f"{'on' if on else 'off'}")
+            c.exec_driver_sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                              "datname = current_database() AND pid <> pg_backend_pid()")
+
+    agg = _Running(fed, postgres_url)
+    try:
+        agg.eventually(SERVING, within=20)
+        read_only(True)
+        agg.eventually(NOT_SERVING, within=10)
+        read_only(False)
+        agg.eventually(SERVING, within=15)
+    finally:
+        agg.close()
+        admin.dispose()
