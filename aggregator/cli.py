@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
+import threading
+import time
 from pathlib import Path
 
 
@@ -21,8 +25,19 @@ def _serve(args: argparse.Namespace) -> int:
     from aggregator.service import serve
 
     metrics = None if args.metrics == "off" else args.metrics
-    return asyncio.run(serve(args.config, store=args.store, listen=args.listen,
-                             metrics_listen=metrics))
+    status = asyncio.run(serve(args.config, store=args.store, listen=args.listen,
+                               metrics_listen=metrics))
+    # a store call that never returned (serve logged it) would keep the interpreter from
+    # exiting, as it joins every worker thread: exit without it
+    ours = [t for t in threading.enumerate() if t.name.startswith("secagg-")]
+    end = time.monotonic() + 2.0
+    for t in ours:  # idle workers end at once; a stuck one does not
+        t.join(timeout=max(0.0, end - time.monotonic()))
+    # defence: cli.serve-exits-without-a-stuck-thread
+    if any(t.is_alive() for t in ours):
+        logging.shutdown()
+        os._exit(status)
+    return status
 
 
 def _migrate(args: argparse.Namespace) -> int:

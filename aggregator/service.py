@@ -17,6 +17,7 @@ import functools
 import hashlib
 import logging
 import signal
+import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -893,17 +894,34 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
         await _set_health(health, False)
         await server.stop(grace=5)
         if core.job is not None:
-            with contextlib.suppress(ServiceError, StoreError):
-                await core.run(core.job.purge)
-            await core.run(core.job.store.close)
-        core.executor.shutdown(wait=True)
-        core.hashers.shutdown(wait=False)
-        core.bulk.shutdown(wait=True)
-        core.readers.shutdown(wait=True)
-        core.pinger.shutdown(wait=False)
+            with contextlib.suppress(ServiceError, StoreError, TimeoutError):
+                await asyncio.wait_for(core.run(core.job.purge), timeout=SHUTDOWN_STORE_SECONDS)
+        # a store call that hangs (a database that accepts and never answers) must not keep
+        # the process from stopping: what it had not committed is lost as in a crash, which
+        # the store is made for; the command line then exits without the stuck thread
+        # defence: service.shutdown-bounded
+        if await _drained(core):
+            if core.job is not None:
+                await core.run(core.job.store.close)
+        else:
+            log.error("a store call did not return; stopping without it",
+                      extra={"event": "shutdown_stuck"})
+        for executor in (core.executor, core.hashers, core.bulk, core.readers, core.pinger):
+            executor.shutdown(wait=False, cancel_futures=True)
         if metrics_server is not None:
             metrics_server.shutdown()
     return 0
+
+
+SHUTDOWN_STORE_SECONDS = 5.0  # what a store call in progress gets to end, at shutdown
+
+
+async def _drained(core: Core) -> bool:
+    """Whether the store calls in progress end within SHUTDOWN_STORE_SECONDS."""
+    ends = [core.loop.run_in_executor(e, time.sleep, 0)
+            for e in (core.executor, core.bulk, core.readers, core.readers)]
+    _, pending = await asyncio.wait(ends, timeout=SHUTDOWN_STORE_SECONDS)
+    return not pending
 
 
 async def _open_store(core: Core, store_factory: Callable[[str], Store], url: str,
@@ -914,8 +932,16 @@ async def _open_store(core: Core, store_factory: Callable[[str], Store], url: st
     None if stopped while waiting."""
     delay = 1.0
     while True:
+        # defence: service.open-store-races-the-stop (the attempt races the stop: a database
+        # that accepts connections and never answers held the aggregator deaf to SIGTERM)
+        opening = asyncio.ensure_future(core.run(store_factory, url))
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({opening, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not opening.done():
+            return None
         try:
-            return await core.run(store_factory, url)
+            return opening.result()
         # defence: service.waits-for-an-unreachable-store
         except StoreUnreachable as e:
             log.warning("store unreachable", extra={"event": "store_unreachable",

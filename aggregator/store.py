@@ -266,7 +266,8 @@ def migrate(url: str) -> tuple[str | None, str]:
             command.upgrade(config, "head")
             return before, head_revision()
     except sa.exc.SQLAlchemyError as e:
-        raise StoreError(f"store {redacted(url)} is unreachable: {type(e).__name__}") from None
+        kind = StoreError if engine.dialect.name == "sqlite" else StoreUnreachable
+        raise kind(f"store {redacted(url)} is unreachable: {type(e).__name__}") from None
     finally:
         engine.dispose()
 

@@ -45,6 +45,9 @@ class Proxy:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         self._loop.run_until_complete(self._serve())
+        # let the cancelled links finish (else: "Task was destroyed but it is pending")
+        rest = asyncio.all_tasks(self._loop)
+        self._loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
 
     async def _serve(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
@@ -104,7 +107,7 @@ class Proxy:
             writer.close()
 
         with contextlib.suppress(asyncio.CancelledError):  # close() cancels live links
-            await asyncio.gather(upstream(), downstream())
+            await asyncio.gather(upstream(), downstream(), return_exceptions=True)
 
     def close(self) -> None:
         def stop() -> None:

@@ -292,3 +292,79 @@ def test_a_postgresql_that_turns_read_only_is_not_serving(tmp_path: Path,
     finally:
         agg.close()
         admin.dispose()
+
+
+def test_sigterm_stops_the_aggregator_while_a_store_call_hangs(tmp_path: Path,
+                                                               postgres_url: str) -> None:
+    """The database accepts and never answers (a frozen network, a stuck pooler) while a
+    site's chunks are being stored: SIGTERM still stops the aggregator, status 0, within
+    seconds (it waited for the hung thread forever, and exited neither on SIGTERM nor at
+    all)."""
+    import hashlib
+    import os
+
+    import sqlalchemy as sa
+
+    from tests.service_kit import Aggregator
+    from tests.tcp_proxy import Proxy
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    real = sa.engine.make_url(postgres_url)
+    proxy = Proxy(real.port or 5432)
+    url = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    agg = Aggregator(fed, url, tmp_path / "aggregator.log")
+    agg.start()
+    try:
+        kit = SiteKit.load(fed.site_dir(1))
+        channel = grpc.secure_channel(f"localhost:{fed.port}", grpc.ssl_channel_credentials(
+            kit.ca_pem, kit.key_pem, kit.cert_pem))
+        stub = service_pb2_grpc.AggregationStub(channel)  # type: ignore[no-untyped-call]
+        proxy.frozen = True
+        data = os.urandom(1000)
+        call = stub.PutChunks.future(iter([service_pb2.Chunk(
+            chunk_id=hashlib.sha256(data).digest(), data=data)]), timeout=60)
+        time.sleep(2.0)  # the chunk is on its way to the frozen database
+        assert not call.done()
+        began = time.monotonic()
+        assert agg.stop() == 0, agg.tail()
+        assert time.monotonic() - began < 18
+        assert any(e.get("event") == "shutdown_stuck" for e in agg.read()), agg.tail()
+        channel.close()
+    finally:
+        proxy.frozen = False
+        agg.stop()
+        proxy.close()
+
+
+def test_sigterm_stops_an_aggregator_waiting_for_a_silent_database(
+        tmp_path: Path, postgres_url: str) -> None:
+    """Started against a database that accepts connections and never answers, the aggregator
+    waits (NOT_SERVING); SIGTERM stops it at once, not after the connection attempt's
+    timeout (or never, for a call that hangs)."""
+    import sqlalchemy as sa
+
+    from tests.service_kit import Aggregator
+    from tests.tcp_proxy import Proxy
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    real = sa.engine.make_url(postgres_url)
+    proxy = Proxy(real.port or 5432)
+    proxy.frozen = True
+    url = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    agg = Aggregator(fed, url, tmp_path / "aggregator.log")
+    agg.start(wait=False)
+    try:
+        agg.wait_for(lambda e: e.get("event") == "listening")
+        time.sleep(1.0)  # the first connection attempt is under way (it times out at 10 s)
+        began = time.monotonic()
+        status = agg.stop()
+        took = time.monotonic() - began
+        assert status == 0, agg.tail()
+        events = [e.get("event") for e in agg.read()]
+        # it stopped during the attempt, not after it (store_unreachable) or never
+        assert "shutdown" in events and "store_unreachable" not in events, agg.tail()
+        assert took < 9.0, took
+    finally:
+        proxy.frozen = False
+        agg.stop()
+        proxy.close()
