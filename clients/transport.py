@@ -32,6 +32,7 @@ T = TypeVar("T")
 CHUNK_BYTES = SDK_CHUNK_BYTES  # what the aggregator's limits and upload budget assume
 IDS_PER_CALL = 1024
 LOST_CHUNK_RETRIES = 3
+UPLOAD_SEND_FACTOR = 4  # a payload's bytes are sent at most this many times over, in all
 _log = logging.getLogger("clients")
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
@@ -100,8 +101,15 @@ class Connection:
     # ---- chunks --------------------------------------------------------------------------------
 
     def upload(self, data: bytes, *, progress: Progress | None = None,
-               what: str = "upload") -> Blob:
-        """Store ``data`` at the aggregator as chunks; resumes after a broken connection."""
+               what: str = "upload", _allowance: list[int] | None = None) -> Blob:
+        """Store ``data`` at the aggregator as chunks; resumes after a broken connection.
+
+        However often the aggregator asks again (an honest one after a cut connection or a
+        crash), this sends at most UPLOAD_SEND_FACTOR times ``data``'s bytes in all, then
+        refuses (RESOURCE_EXHAUSTED): a lying aggregator that reads every upload and answers
+        UNAVAILABLE made a site send its payload hundreds of times over."""
+        allowance = (_allowance if _allowance is not None
+                     else [UPLOAD_SEND_FACTOR * max(len(data), 1)])
         view = memoryview(data)
         pieces = [view[i:i + CHUNK_BYTES] for i in range(0, len(view), CHUNK_BYTES)]
         ids = [hashlib.sha256(p).digest() for p in pieces]
@@ -120,12 +128,17 @@ class Connection:
                 progress(what, done, total)
             if not missing:
                 return
+            # defence: sdk.upload-resend-bounded
+            if sum(len(by_id[c]) for c in dict.fromkeys(missing)) > allowance[0]:
+                raise AggregatorRefused("RESOURCE_EXHAUSTED", f"the aggregator asked for the "
+                                        f"{what} more than {UPLOAD_SEND_FACTOR} times over")
 
             def stream() -> Iterator[service_pb2.Chunk]:
                 nonlocal done
                 for cid in dict.fromkeys(missing):
                     chunk = service_pb2.Chunk(chunk_id=cid, data=bytes(by_id[cid]))
                     self.bytes_sent += chunk.ByteSize()
+                    allowance[0] -= len(by_id[cid])
                     yield chunk
                     done += 1
                     if progress:
@@ -156,8 +169,9 @@ class Connection:
         chunks of ``data``, they are sent again and the same request made again (the same
         bytes, the same message: nothing new leaves), up to LOST_CHUNK_RETRIES times. Before,
         the site gave up its round."""
+        allowance = [UPLOAD_SEND_FACTOR * max(len(data), 1)]  # over every resubmission
         for attempt in range(LOST_CHUNK_RETRIES + 1):
-            blob = self.upload(data, progress=progress, what=what)
+            blob = self.upload(data, progress=progress, what=what, _allowance=allowance)
             ids = list(blob.chunk_ids)
             try:
                 return send(blob)

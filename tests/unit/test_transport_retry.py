@@ -148,3 +148,39 @@ def test_an_aggregator_that_keeps_losing_chunks_is_given_up_on() -> None:
     with pytest.raises(AggregatorRefused, match="FAILED_PRECONDITION"):
         conn.upload_and_send(b"x" * 1000, request)
     assert stub.submits == LOST_CHUNK_RETRIES + 1
+
+
+class _Insatiable(_ForgetfulAggregator):
+    """Reads every upload whole, then answers UNAVAILABLE; asks for every chunk again."""
+
+    def __init__(self) -> None:
+        super().__init__(forget=0)
+        self.bytes = 0
+
+    def MissingChunks(self, request: Any, timeout: float) -> Any:
+        from secagg.v1 import service_pb2
+
+        return service_pb2.ChunkIds(chunk_ids=list(request.chunk_ids))
+
+    def PutChunks(self, chunks: Any, timeout: float) -> Any:
+        for chunk in chunks:
+            self.bytes += len(chunk.data)
+        raise _Status(grpc.StatusCode.UNAVAILABLE)
+
+
+@pytest.mark.parametrize("via", ["upload", "upload_and_send"])
+def test_a_lying_aggregator_gets_a_payload_at_most_four_times_over(via: str) -> None:
+    """It read each upload whole and said UNAVAILABLE, and the site sent it again for
+    retry_seconds (25 times over in a minute, hundreds in all)."""
+    from clients.transport import UPLOAD_SEND_FACTOR
+
+    stub = _Insatiable()
+    conn, request = _submitting(stub)
+    conn.retry_seconds = 15.0
+    data = os.urandom(2_500_000)
+    with pytest.raises(AggregatorRefused, match="RESOURCE_EXHAUSTED"):
+        if via == "upload":
+            conn.upload(data)
+        else:
+            conn.upload_and_send(data, request)
+    assert len(data) <= stub.bytes <= UPLOAD_SEND_FACTOR * len(data)
