@@ -16,17 +16,19 @@ Everything here runs on one thread (the service's core executor): no locks.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+from sqlalchemy.exc import SQLAlchemyError
 
 from aggregator.metrics import Metrics, NoMetrics
-from aggregator.store import BlobRef, Event, Store, split_chunks
+from aggregator.store import BlobRef, Event, Store, StoreError, split_chunks
 from secagg import wire
 from secagg.ckks import CkksServer, CkksStage, PublicContext, _seal
 from secagg.ckks.keys import public_context_length
@@ -63,6 +65,7 @@ RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
 ABORTED = "ABORTED"
 UNAVAILABLE = "UNAVAILABLE"
 NOT_FOUND = "NOT_FOUND"
+T = TypeVar("T")
 
 # What one stored chunk costs beyond its bytes, charged to its site's upload budget: a chunk's
 # row can dirty one 64 KiB SQLite page (and its index's) in the write-ahead log, whatever its
@@ -70,6 +73,24 @@ NOT_FOUND = "NOT_FOUND"
 # ~6.4 KB a chunk: 2.8 GB in two rounds); charged a page each, a site's budget holds at most
 # budget / 64 KiB chunks, and an honest upload (1 MiB chunks) pays 6 % more.
 CHUNK_STORAGE_COST = 64 << 10
+
+
+def _fresh_only(method: Callable[..., T]) -> Callable[..., T]:
+    """A Job method that refuses (UNAVAILABLE) once the job is stale, and marks it stale when
+    a store call fails inside it."""
+
+    @functools.wraps(method)
+    def guarded(self: Job, *args: Any, **kwargs: Any) -> T:
+        # defence: service.stale-job-refuses
+        if self.stale:
+            raise ServiceError(UNAVAILABLE, "the job is reloading from the store")
+        try:
+            return method(self, *args, **kwargs)
+        except (StoreError, SQLAlchemyError):
+            self.stale = True
+            raise
+
+    return guarded
 
 
 class ServiceError(Exception):
@@ -182,6 +203,10 @@ class Job:
         self._purge_at = 0.0
         self._hot: tuple[dict[bytes, bytes], dict[bytes, bytes]] = ({}, {})
         self._public: set[bytes] = set()  # chunk ids of every round's model and result
+        # set when a store call failed mid-change: what this job holds in memory may be ahead
+        # of what was committed (a message applied whose event never committed), so it serves
+        # nothing more; the service reloads a fresh job from the store
+        self.stale = False
 
     # ---- start, recovery ----------
 
@@ -300,6 +325,7 @@ class Job:
 
     # ---- what sites ask ----------
 
+    @_fresh_only
     def round_info(self, after_round: int) -> service_pb2.RoundInfo | None:
         """The first round after ``after_round``, or JOB_DONE, or None (not open yet)."""
         numbers = sorted(n for n in self.rounds if n > after_round)
@@ -310,6 +336,7 @@ class Job:
             return None
         return self._info(self.rounds[numbers[0]])
 
+    @_fresh_only
     def info(self, round_id: str) -> service_pb2.RoundInfo:
         return self._info(self._view(round_id))
 
@@ -335,6 +362,7 @@ class Job:
             info.result.CopyFrom(wire.model_to_proto(view.result, _blob(view.result_blob)))
         return info
 
+    @_fresh_only
     def submit(self, site: int, request: service_pb2.SubmitRequest) -> bool:
         """Count one site message; True if it was a repeat of one already counted."""
         kind = request.WhichOneof("message")
@@ -399,6 +427,7 @@ class Job:
                                                  "round's protocol")
         return int(table[kind].value)
 
+    @_fresh_only
     def receive(self, site: int, round_id: str, stage: int) -> service_pb2.ReceiveResponse:
         view = self._view(round_id)
         if view.status == service_pb2.ROUND_STATUS_ABORTED:
@@ -467,6 +496,7 @@ class Job:
             self.store.purge_chunks_before(self._purge_before)
             self._purge_before = None
 
+    @_fresh_only
     def tick(self) -> None:
         self.purge(now=False)
         active = self.active

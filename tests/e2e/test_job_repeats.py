@@ -99,3 +99,38 @@ def test_a_stage_whose_last_message_was_counted_is_closed_on_recovery(
         assert [e.kind for e in store.events(1)] == ["message", "close"]
     finally:
         store.close()
+
+
+def test_a_job_whose_commit_failed_serves_nothing_until_reloaded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commit of a message fails after the message was applied in memory: the job's
+    memory is ahead of the store. Calls already queued on its thread ran on it (a stage could
+    close on a message the store never recorded); now every call is UNAVAILABLE until the
+    service reloads the job from the store, which holds the message uncounted."""
+    import sqlalchemy as sa
+
+    from aggregator.job import UNAVAILABLE
+
+    job, store, now, request, holder = _ckks_job(tmp_path)
+    try:
+        first = job()
+
+        def failing_commit(*_args: object, **_kwargs: object) -> None:
+            raise sa.exc.OperationalError("COMMIT", {}, Exception("disk I/O error"))
+
+        monkeypatch.setattr(store, "claim_chunks", failing_commit)
+        with pytest.raises(sa.exc.OperationalError):
+            first.submit(holder, request)
+        monkeypatch.undo()
+        assert first.stale
+        for call in (lambda: first.submit(holder, request), first.tick,
+                     lambda: first.round_info(0),
+                     lambda: first.receive(holder, request.round_id, CkksStage.UPLOAD.value)):
+            with pytest.raises(ServiceError) as caught:
+                call()
+            assert caught.value.code == UNAVAILABLE
+        fresh = job()  # what the service's watcher does
+        assert not fresh.stale
+        assert fresh.submit(holder, request) is False  # the message was never counted
+    finally:
+        store.close()
