@@ -111,7 +111,7 @@ def test_a_job_whose_commit_failed_serves_nothing_until_reloaded(
 
     from aggregator.job import UNAVAILABLE
 
-    job, store, now, request, holder = _ckks_job(tmp_path)
+    job, store, _now, request, holder = _ckks_job(tmp_path)
     try:
         first = job()
 
