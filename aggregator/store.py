@@ -446,6 +446,7 @@ class Store:
         elif url.startswith("postgresql"):
             sa.event.listen(self.bulk, "connect", _pg_bulk_settings)
         self.url = url
+        self._last_chunk_write = 0.0
         try:
             self._check_schema(create)
         except sa.exc.SQLAlchemyError as e:
@@ -509,10 +510,26 @@ class Store:
 
     def checkpoint(self) -> None:
         """Copy the SQLite write-ahead log into the database (PASSIVE: it waits for no one);
-        the service calls it every second, off the job's thread. A no-op on PostgreSQL."""
-        if self.url.startswith("sqlite"):
-            with self.engine.connect() as c:
-                c.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+        the service calls it every second, off the job's thread. Once uploads pause, a log
+        grown past WAL_SIZE_LIMIT is truncated (TRUNCATE waits at most 0.1 s for others).
+        A no-op on PostgreSQL."""
+        if not self.url.startswith("sqlite"):
+            return
+        with self.engine.connect() as c:
+            c.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+            wal = Path(f"{sa.engine.make_url(self.url).database}-wal")
+            try:
+                size = wal.stat().st_size
+            except OSError:
+                return
+            if (size > WAL_SIZE_LIMIT
+                    and time.monotonic() - self._last_chunk_write >= WAL_IDLE_SECONDS):
+                c.exec_driver_sql("PRAGMA busy_timeout=100")
+                try:
+                    # defence: store.wal-truncated
+                    c.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+                finally:
+                    c.exec_driver_sql("PRAGMA busy_timeout=30000")
 
     def close(self) -> None:
         self.engine.dispose()
@@ -568,6 +585,7 @@ class Store:
                     out.append(result.first() is not None)
         except sa.exc.SQLAlchemyError as e:
             raise StoreError(f"storing chunks failed: {type(e).__name__}") from None
+        self._last_chunk_write = time.monotonic()
         return out
 
     def claim_chunks(self, conn: Connection, ids: Sequence[bytes],
@@ -706,14 +724,11 @@ class Store:
             return list(c.execute(sa.select(releases).order_by(releases.c.round)).all())
 
 
-# The write-ahead log is truncated to this once checkpointed (SQLite otherwise keeps it at its
-# largest, until shutdown: a burst of uploads left gigabytes behind).
+# A write-ahead log larger than this is truncated once checkpointed (SQLite otherwise keeps it
+# at its largest, until shutdown: a burst of uploads left gigabytes behind)...
 WAL_SIZE_LIMIT = 64 << 20
-
-
-def _limit_wal(cursor: Any) -> None:
-    # defence: store.wal-truncated (on every connection: whichever writes next truncates)
-    cursor.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+WAL_IDLE_SECONDS = 5.0  # ...once no chunk was written for this long (mid-upload, regrowing
+# the log from a truncated file cost the ingest rate; journal_size_limit did that)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -722,7 +737,6 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     # FULL: a committed event (an acknowledged message) survives a crash of the machine too
     cursor.execute("PRAGMA synchronous=FULL")
-    _limit_wal(cursor)
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
@@ -732,7 +746,6 @@ def _sqlite_bulk_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA page_size=65536")  # a new store only: 1 MiB chunks in 16 pages
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    _limit_wal(cursor)
     # chunk writes never checkpoint (a checkpoint's syncs in the upload path halved the
     # ingest rate): Store.checkpoint does, on its own thread, through the FULL connection
     cursor.execute("PRAGMA wal_autocheckpoint=0")

@@ -161,13 +161,14 @@ def test_the_write_ahead_log_is_truncated_once_checkpointed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tiny chunks with random ids each dirty a 64 KiB page of the log: a burst of them grew
     the WAL by gigabytes, and SQLite kept the file at its largest until shutdown. Checkpointed
-    (the service does it every second), it is truncated to WAL_SIZE_LIMIT."""
+    (the service does it every second) once uploads pause, it is truncated."""
     import hashlib
     import os
 
     from aggregator import store as store_module
 
     monkeypatch.setattr(store_module, "WAL_SIZE_LIMIT", 1 << 20)
+    monkeypatch.setattr(store_module, "WAL_IDLE_SECONDS", 0.0)
     path = tmp_path / "agg.db"
     store = Store(str(path))
     try:
