@@ -386,6 +386,14 @@ def restore(backup_file: Path, url: str) -> None:
         path = sa.engine.make_url(url).database
         if not path or Path(path).exists():
             raise StoreError(f"{path} exists: restore only into a new store file")
+        # a -wal left by a killed aggregator would be replayed onto the restored file
+        # defence: store.restore-refuses-leftover-wal
+        leftovers = [f for f in (f"{path}-wal", f"{path}-shm", f"{path}-journal")
+                     if Path(f).exists()]
+        if leftovers:
+            raise StoreError(f"{', '.join(leftovers)} exist (left by the store that was "
+                             "there: they may hold committed data, and SQLite would replay "
+                             "them onto the restored store): move them away first")
         partial = _partial(Path(path), "restoring")
         older: StoreError | None = None
         try:

@@ -32,7 +32,9 @@ T = TypeVar("T")
 CHUNK_BYTES = SDK_CHUNK_BYTES  # what the aggregator's limits and upload budget assume
 IDS_PER_CALL = 1024
 LOST_CHUNK_RETRIES = 3
-UPLOAD_SEND_FACTOR = 4  # a payload's bytes are sent at most this many times over, in all
+# a payload's bytes are sent at most this many times over, in all: enough for an honest but
+# flaky link (each cut resends only what was not stored), not for hundreds of copies
+UPLOAD_SEND_FACTOR = 16
 _log = logging.getLogger("clients")
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 

@@ -416,3 +416,21 @@ def test_a_backup_of_an_empty_database_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="no aggregator store"):
         backup(str(empty), out)
     assert not out.exists()
+
+
+def test_a_restore_beside_a_killed_stores_wal_is_refused(tmp_path: Path) -> None:
+    """The aggregator was killed (its -wal and -shm stay), the operator removed agg.db and
+    restores a backup there: SQLite would replay the old log onto the restored file, and the
+    restore said ok with neither store in it. Refused, naming the files; the log is kept."""
+    good = tmp_path / "src.db"
+    Store(str(good)).close()
+    bak = tmp_path / "b.bak"
+    backup(str(good), bak)
+    target = tmp_path / "agg.db"
+    wal = tmp_path / "agg.db-wal"
+    wal.write_bytes(b"committed data of the old store")
+    with pytest.raises(StoreError, match=r"agg\.db-wal"):
+        restore(bak, str(target))
+    assert not target.exists() and wal.read_bytes() == b"committed data of the old store"
+    wal.unlink()
+    restore(bak, str(target))

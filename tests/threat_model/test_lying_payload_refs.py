@@ -91,8 +91,10 @@ def ckks_upload_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
         assert caught.value.code == "INVALID_ARGUMENT" and reads == []
 
         # more chunks than bytes: refused before the store is even asked for their sizes
+        # (at the exact size a context of the round's preset has)
         tiny = tuple(_put(store, bytes([i]), holder) for i in range(3))
-        offer.public_context.CopyFrom(wire.Blob(tiny, 2).to_proto())
+        offer.public_context.CopyFrom(wire.Blob(tiny * (len(data) // 3 + 1),
+                                                len(data)).to_proto())
         monkeypatch.setattr(store, "chunk_sizes", None)
         with pytest.raises(ServiceError) as caught:
             job.submit(holder, service_pb2.SubmitRequest(round_id=info.round_id,
