@@ -102,85 +102,20 @@ def test_health_is_not_serving_while_recovering_or_while_the_store_is_down(
         thread.join(timeout=30)
 
 
-def test_an_aggregator_waits_for_its_database_and_says_when_it_stops_answering(
-        tmp_path: Path, postgres_url: str) -> None:
-    """A real PostgreSQL behind a TCP proxy. Started while the database refuses connections
-    (down, rebooting), the aggregator waits NOT_SERVING (it exited, status 2) and serves once
-    the database is back. Then the network freezes (connections open, nothing answers): health
-    says NOT_SERVING within seconds (the ping ran on the job's thread, queued behind the hung
-    store call, and health said SERVING for as long as the store hung); thawed, it serves."""
-    import sqlalchemy as sa
-
-    from tests.tcp_proxy import Proxy
-
-    fed = make_federation(tmp_path, 3, "masking", rounds=1)
-    real = sa.engine.make_url(postgres_url)
-    proxy = Proxy(real.port or 5432)
-    proxy.refusing = True
-    url = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-    ports: list[int] = []
-    exit_status: list[int] = []
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        exit_status.append(loop.run_until_complete(serve(
-            fed.aggregator_config, store=url, ready=ports.append, stop_event=stop)))
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        while not ports:
-            time.sleep(0.02)
-        kit = SiteKit.load(fed.site_dir(1))
-        channel = grpc.secure_channel(f"localhost:{ports[0]}", grpc.ssl_channel_credentials(
-            kit.ca_pem, kit.key_pem, kit.cert_pem))
-        health = health_pb2_grpc.HealthStub(channel)
-
-        def status() -> int:
-            return int(health.Check(health_pb2.HealthCheckRequest(
-                service="secagg.v1.Aggregation"), timeout=5).status)
-
-        def eventually(expected: int, within: float) -> None:
-            end = time.monotonic() + within
-            while status() != expected:
-                assert time.monotonic() < end, f"health stayed {status()}, not {expected}"
-                time.sleep(0.1)
-
-        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-        serving = health_pb2.HealthCheckResponse.SERVING
-        time.sleep(3.0)
-        assert thread.is_alive() and not exit_status, "the aggregator exited: no database"
-        assert status() == not_serving
-        proxy.refusing = False
-        eventually(serving, within=20)
-        proxy.frozen = True
-        eventually(not_serving, within=12)
-        proxy.frozen = False
-        eventually(serving, within=20)
-        channel.close()
-    finally:
-        proxy.frozen = proxy.refusing = False
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(timeout=60)
-        proxy.close()
-    assert exit_status == [0]
-
-
 class _Running:
     """The aggregator in this process, in a thread, with a health stub and a site stub."""
 
     def __init__(self, fed: Any, store: str, **kwargs: Any) -> None:
         self.loop = asyncio.new_event_loop()
         self.stop = asyncio.Event()
+        self.exit_status: list[int] = []
         ports: list[int] = []
 
         def run() -> None:
             asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(serve(fed.aggregator_config, store=store,
-                                               ready=ports.append, stop_event=self.stop,
-                                               **kwargs))
+            self.exit_status.append(self.loop.run_until_complete(serve(
+                fed.aggregator_config, store=store, ready=ports.append, stop_event=self.stop,
+                **kwargs)))
 
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
@@ -216,6 +151,40 @@ class _Running:
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_an_aggregator_waits_for_its_database_and_says_when_it_stops_answering(
+        tmp_path: Path, postgres_url: str) -> None:
+    """A real PostgreSQL behind a TCP proxy. Started while the database refuses connections
+    (down, rebooting), the aggregator waits NOT_SERVING (it exited, status 2) and serves once
+    the database is back. Then the network freezes (connections open, nothing answers): health
+    says NOT_SERVING within seconds (the ping ran on the job's thread, queued behind the hung
+    store call, and health said SERVING for as long as the store hung); thawed, it serves."""
+    import sqlalchemy as sa
+
+    from tests.tcp_proxy import Proxy
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    real = sa.engine.make_url(postgres_url)
+    proxy = Proxy(real.port or 5432)
+    proxy.refusing = True
+    url = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    agg = _Running(fed, url)
+    try:
+        time.sleep(3.0)
+        assert agg.thread.is_alive() and not agg.exit_status, "exited: no database"
+        assert agg.status() == NOT_SERVING
+        proxy.refusing = False
+        agg.eventually(SERVING, within=20)
+        proxy.frozen = True
+        agg.eventually(NOT_SERVING, within=12)
+        proxy.frozen = False
+        agg.eventually(SERVING, within=20)
+    finally:
+        proxy.frozen = proxy.refusing = False
+        agg.close()
+        proxy.close()
+    assert agg.exit_status == [0]
 
 
 class ReadOnlyStore(Store):
