@@ -41,7 +41,7 @@ from aggregator.job import (
     ServiceError,
 )
 from aggregator.metrics import Metrics, NoMetrics, serve_metrics
-from aggregator.store import Store, StoreError, StoreUnreachable, sqlite_url
+from aggregator.store import Store, StoreError, StoreUnreachable, sqlite_url, store_failure
 from secagg.errors import ConfigurationError
 from secagg.federation import pki
 from secagg.federation.config import FederationConfig
@@ -868,14 +868,32 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
     if ready is not None:
         ready(port)
     tasks: list[asyncio.Task[None]] = []
+    store_opened: Store | None = None
     try:
-        opened = await _open_store(core, store_factory, store_url, stop)
+        opened = await _until_the_store_answers(
+            core, functools.partial(store_factory, store_url), stop)
         if opened is None:
             return 0  # stopped while waiting for the store
         _metrics.watch_engine(opened.engine)
         _metrics.watch_engine(opened.bulk)
-        job = Job(config, roster, opened, model, on_change=core.notify, metrics=_metrics)
-        await core.run(job.recover)
+        store_opened = opened
+        metrics = _metrics
+
+        def recovered() -> Job:
+            job = Job(config, roster, opened, model, on_change=core.notify, metrics=metrics)
+            try:
+                job.recover()
+            except SQLAlchemyError as e:
+                raise store_failure(e, "recovering the job from the store failed") from None
+            return job
+
+        # the job's first reads race the stop, and a database that stops answering between
+        # the store's opening and these reads is waited for, NOT_SERVING, as at the opening
+        # (it was a traceback and an exit, or an aggregator deaf to SIGTERM)
+        # defence: service.recovery-waits-for-the-store
+        job = await _until_the_store_answers(core, recovered, stop)
+        if job is None:
+            return 0
         core.job = job
         core.healthy = True
         await _set_health(health, True)
@@ -901,8 +919,8 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
         # the store is made for; the command line then exits without the stuck thread
         # defence: service.shutdown-bounded
         if await _drained(core):
-            if core.job is not None:
-                await core.run(core.job.store.close)
+            if store_opened is not None:
+                await core.run(store_opened.close)
         else:
             log.error("a store call did not return; stopping without it",
                       extra={"event": "shutdown_stuck"})
@@ -924,24 +942,24 @@ async def _drained(core: Core) -> bool:
     return not pending
 
 
-async def _open_store(core: Core, store_factory: Callable[[str], Store], url: str,
-                      stop: asyncio.Event) -> Store | None:
-    """The store, once its database server answers: an aggregator started while its
-    PostgreSQL is down (a host rebooting, both restarted together) waits NOT_SERVING and tries
-    again, rather than exit; a store it does not understand is still a refusal to start.
-    None if stopped while waiting."""
+async def _until_the_store_answers(core: Core, fn: Callable[[], T],
+                                   stop: asyncio.Event) -> T | None:
+    """``fn()`` on the job's thread, once the store's database answers: an aggregator started
+    while its PostgreSQL is down (a host rebooting, both restarted together) waits NOT_SERVING
+    and tries again (StoreUnreachable), rather than exit; a store it does not understand is
+    still a refusal to start. None if stopped first."""
     delay = 1.0
     while True:
         # defence: service.open-store-races-the-stop (the attempt races the stop: a database
         # that accepts connections and never answers held the aggregator deaf to SIGTERM)
-        opening = asyncio.ensure_future(core.run(store_factory, url))
+        attempt = asyncio.ensure_future(core.run(fn))
         stopping = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({opening, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({attempt, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
-        if not opening.done():
+        if not attempt.done():
             return None
         try:
-            return opening.result()
+            return attempt.result()
         # defence: service.waits-for-an-unreachable-store
         except StoreUnreachable as e:
             log.warning("store unreachable", extra={"event": "store_unreachable",

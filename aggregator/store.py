@@ -102,6 +102,20 @@ class StoreUnreachable(StoreError):
     for it, NOT_SERVING, rather than exit."""
 
 
+# What a database raises when it does not answer, as opposed to a store that answers wrongly:
+# a connection refused, reset or timed out, a server restarting, a pool with no connection.
+_UNREACHABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError,
+                sa.exc.TimeoutError)
+
+
+def store_failure(e: BaseException, what: str) -> StoreError:
+    """``what`` failed with ``e`` (a database error): StoreUnreachable when the database did
+    not answer (the service waits for it, NOT_SERVING), StoreError otherwise. Only the error's
+    class is kept: a driver's message can quote the statement and its parameters."""
+    kind = StoreUnreachable if isinstance(e, _UNREACHABLE) else StoreError
+    return kind(f"{what}: {type(e).__name__}")
+
+
 # libpq settings for a PostgreSQL store, unless its URL sets them: a server that stops
 # answering (a network partition, a host that died without closing its connections) must
 # surface as an error within seconds, not hang the job's thread for the kernel's ~15 minutes.
@@ -514,7 +528,7 @@ class Store:
                     else:
                         c.exec_driver_sql("RESET statement_timeout")
         except sa.exc.SQLAlchemyError as e:
-            raise StoreError(f"store unreachable: {type(e).__name__}") from None
+            raise store_failure(e, "store unreachable") from None
 
     def checkpoint(self) -> None:
         """Copy the SQLite write-ahead log into the database (PASSIVE: it waits for no one);
@@ -553,7 +567,7 @@ class Store:
                 present = set(c.execute(sa.select(chunks.c.chunk_id)
                                         .where(chunks.c.chunk_id.in_(list(ids)))).scalars())
         except sa.exc.SQLAlchemyError as e:
-            raise StoreError(f"looking up chunks failed: {type(e).__name__}") from None
+            raise store_failure(e, "looking up chunks failed") from None
         return [i for i in ids if i not in present]
 
     def chunk_sizes(self, ids: Iterable[bytes]) -> dict[bytes, int]:
@@ -568,7 +582,7 @@ class Store:
                         chunks.c.chunk_id.in_(distinct[i:i + _ID_BATCH])))
                     found.update((bytes(cid), int(size)) for cid, size in rows)
         except sa.exc.SQLAlchemyError as e:
-            raise StoreError(f"looking up chunks failed: {type(e).__name__}") from None
+            raise store_failure(e, "looking up chunks failed") from None
         return found
 
     def put_chunks(self, items: Iterable[tuple[bytes, bytes]], *, round_number: int | None,
@@ -592,7 +606,7 @@ class Store:
                     ).returning(chunks.c.chunk_id))
                     out.append(result.first() is not None)
         except sa.exc.SQLAlchemyError as e:
-            raise StoreError(f"storing chunks failed: {type(e).__name__}") from None
+            raise store_failure(e, "storing chunks failed") from None
         self._last_chunk_write = time.monotonic()
         return out
 
@@ -624,7 +638,7 @@ class Store:
                 row = c.execute(sa.select(chunks.c.data).where(chunks.c.chunk_id == cid)
                                 ).first()
         except sa.exc.SQLAlchemyError as e:
-            raise StoreError(f"reading a chunk failed: {type(e).__name__}") from None
+            raise store_failure(e, "reading a chunk failed") from None
         return None if row is None else bytes(row[0])
 
     def read_blob(self, blob: BlobRef) -> bytes:

@@ -337,3 +337,67 @@ def test_sigterm_stops_an_aggregator_waiting_for_a_silent_database(
         proxy.frozen = False
         agg.stop()
         proxy.close()
+
+
+class FlakyRecoveryStore(Store):
+    """The database stops answering right after the store opened: the job's first reads
+    fail (as psycopg's would on a connection reset) ``failures`` times, or hang while ``hang``
+    is set."""
+
+    failures = 0
+    hang = threading.Event()
+    release = threading.Event()
+
+    def rounds(self):  # type: ignore[no-untyped-def]
+        import sqlalchemy as sa
+
+        if self.hang.is_set():
+            self.release.wait(timeout=60)
+        if FlakyRecoveryStore.failures > 0:
+            FlakyRecoveryStore.failures -= 1
+            raise sa.exc.OperationalError("SELECT ...", {}, ConnectionResetError("reset"))
+        return super().rounds()
+
+
+def test_a_database_that_stops_answering_during_recovery_is_waited_for(tmp_path: Path) -> None:
+    """Between the store's opening and the job's first reads the database stops answering:
+    the aggregator waits NOT_SERVING and serves once it answers (it raised the driver's error
+    out of serve: a traceback, and an exit)."""
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    FlakyRecoveryStore.failures = 2
+    agg = _Running(fed, str(tmp_path / "a.db"), store_factory=FlakyRecoveryStore)
+    try:
+        time.sleep(1.5)
+        assert agg.thread.is_alive() and not agg.exit_status, "serve ended"
+        assert agg.status() == NOT_SERVING
+        agg.eventually(SERVING, within=15)
+        assert FlakyRecoveryStore.failures == 0
+        reply = agg.stub.GetRound(service_pb2.GetRoundRequest(after_round=0, wait_ms=0),
+                                  timeout=5)
+        assert reply.round == 1 and reply.round_id
+    finally:
+        agg.close()
+    assert agg.exit_status == [0]
+
+
+def test_sigterm_stops_an_aggregator_whose_recovery_hangs(tmp_path: Path) -> None:
+    """The database stops answering during the job's first reads and the read hangs: the stop
+    still ends serve, status 0, within seconds (the read ran on the event loop's thread or was
+    awaited without the stop, and the aggregator did not stop)."""
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    FlakyRecoveryStore.failures = 0
+    FlakyRecoveryStore.hang.set()
+    try:
+        agg = _Running(fed, str(tmp_path / "a.db"), store_factory=FlakyRecoveryStore)
+        time.sleep(1.0)
+        assert agg.thread.is_alive() and not agg.exit_status
+        began = time.monotonic()
+        agg.loop.call_soon_threadsafe(agg.stop.set)
+        agg.thread.join(timeout=15)
+        assert not agg.thread.is_alive(), "the aggregator did not stop"
+        assert agg.exit_status == [0]
+        assert time.monotonic() - began < 12
+        agg.channel.close()
+    finally:
+        FlakyRecoveryStore.hang.clear()
+        FlakyRecoveryStore.release.set()
