@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
@@ -286,28 +287,37 @@ def migrate(url: str) -> tuple[str | None, str]:
         engine.dispose()
 
 
-def _pg_tool(tool: str, url: str, *args: str) -> None:
-    """Run a libpq tool (pg_dump, pg_restore) on the database at ``url``: the password goes
-    in the environment (PGPASSWORD), never on a command line other users can read."""
+def _pg_tool(tool: str, url: str | None, *args: str) -> bytes:
+    """Run a libpq tool (pg_dump, pg_restore) on the database at ``url`` (None: on a file
+    only); its output. The password goes in the environment (PGPASSWORD), never on a command
+    line other users can read. The connection gets the store's timeouts (PG_CONNECT_ARGS,
+    but no statement timeout: a dump's COPY of the chunks may take long), so a database that
+    stops answering fails the tool within a minute instead of hanging it for good."""
     import os
     import shutil
     import subprocess
 
-    parsed = sa.engine.make_url(url)
     executable = shutil.which(tool)
     if executable is None:
         raise StoreError(f"{tool} is not on PATH (install PostgreSQL's client tools)")
     env = dict(os.environ)
-    if parsed.password:
-        env["PGPASSWORD"] = str(parsed.password)
-    dbname = parsed.set(drivername="postgresql", password=None).render_as_string(
-        hide_password=False)
+    command = [executable, *args]
+    if url is not None:
+        parsed = sa.engine.make_url(url)
+        if parsed.password:
+            env["PGPASSWORD"] = str(parsed.password)
+        # defence: store.pg-tools-time-out
+        timeouts = {k: str(v) for k, v in PG_CONNECT_ARGS.items()
+                    if k != "options" and k not in parsed.query}
+        command += ["--dbname", parsed.set(drivername="postgresql", password=None)
+                    .update_query_dict(timeouts).render_as_string(hide_password=False)]
     try:
-        subprocess.run([executable, *args, "--dbname", dbname],  # noqa: S603 (our arguments)
-                       check=True, capture_output=True, env=env)
+        return subprocess.run(command, check=True, capture_output=True,  # noqa: S603
+                              env=env).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", b"") or b""
-        raise StoreError(f"{tool} on {redacted(url)} failed: "
+        where = "" if url is None else f" on {redacted(url)}"
+        raise StoreError(f"{tool}{where} failed: "
                          f"{detail.decode(errors='replace').strip()[-300:] or e}") from None
 
 
@@ -379,6 +389,15 @@ def backup(url: str, out: Path) -> int:
                 raise StoreError(f"{path} holds no aggregator store: nothing backed up")
         else:
             _pg_tool("pg_dump", url, "--format=custom", "--no-owner", "--file", str(partial))
+            # the dump must hold an aggregator store: a database the URL named by mistake
+            # (empty, or another application's) was backed up and said ok
+            # defence: store.pg-backup-verified
+            revision = _pg_tool("pg_restore", None, "--data-only", "--table=alembic_version",
+                                "--file=-", str(partial))
+            if not re.search(rb"^COPY [\w.]*alembic_version \(version_num\) FROM stdin;\n"
+                             rb"(?!\\\.\n)[^\n]+\n", revision, re.MULTILINE):
+                raise StoreError(f"{redacted(url)} holds no aggregator store: nothing backed "
+                                 "up")
         _publish(partial, out)
     except sqlite3.Error as e:
         raise StoreError(f"cannot back up the store: {e}") from None

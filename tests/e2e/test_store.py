@@ -434,3 +434,59 @@ def test_a_restore_beside_a_killed_stores_wal_is_refused(tmp_path: Path) -> None
     assert not target.exists() and wal.read_bytes() == b"committed data of the old store"
     wal.unlink()
     restore(bak, str(target))
+
+
+def test_a_backup_of_a_postgresql_database_without_a_store_is_refused(
+        tmp_path: Path, postgres_url: str) -> None:
+    """The URL names another application's database (or an empty one): pg_dump succeeds, and
+    the backup said ok with no store in it. Refused, and no file is left."""
+    engine = sa.create_engine(normalize_url(postgres_url))
+    with engine.begin() as c:
+        c.exec_driver_sql("CREATE TABLE notes (x integer)")
+    engine.dispose()
+    out = tmp_path / "b.dump"
+    with pytest.raises(StoreError, match="no aggregator store"):
+        backup(postgres_url, out)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    with engine.begin() as c:
+        c.exec_driver_sql("DROP TABLE notes")
+    engine.dispose()
+    Store(postgres_url).close()  # the same database once it holds a store: backed up
+    assert backup(postgres_url, out) > 0
+
+
+def test_a_postgresql_backup_fails_rather_than_hangs_on_a_silent_database(
+        tmp_path: Path, postgres_url: str) -> None:
+    """The database accepts the connection and never answers (a frozen network, a stuck
+    pooler): the backup fails within seconds, with a StoreError (pg_dump waited forever)."""
+    import threading
+    import time
+
+    from tests.tcp_proxy import Proxy
+
+    Store(postgres_url).close()
+    real = sa.engine.make_url(postgres_url)
+    proxy = Proxy(real.port or 5432)
+    proxy.frozen = True
+    url = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    outcome: list[BaseException | int] = []
+
+    def run() -> None:
+        try:
+            outcome.append(backup(url, tmp_path / "b.dump"))
+        except BaseException as e:
+            outcome.append(e)
+
+    began = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        thread.join(timeout=40)
+        assert outcome, "the backup hung"
+        assert isinstance(outcome[0], StoreError), outcome
+        assert time.monotonic() - began < 30
+        assert not (tmp_path / "b.dump").exists()
+    finally:
+        proxy.frozen = False
+        thread.join(timeout=30)
+        proxy.close()
