@@ -72,14 +72,30 @@ class Connection:
 
         return self._retry(attempt)
 
-    def _retry(self, attempt: Callable[[], T]) -> T:
+    def _retry(self, attempt: Callable[[], T], *, progress: Callable[[], int] | None = None
+               ) -> T:
+        """``attempt()`` until it answers, through UNAVAILABLE and CANCELLED for up to
+        ``retry_seconds``. ``progress``: for a streaming transfer, a count that grows as data
+        moves; an attempt cut by its own deadline (DEADLINE_EXCEEDED) after moving data is a
+        slow link, not a refusal, and is resumed; progress restarts the ``retry_seconds``."""
         deadline = time.monotonic() + self.retry_seconds
         delay = 0.1
         while True:
+            before = progress() if progress is not None else 0
             try:
                 return attempt()
             except grpc.RpcError as e:
                 code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+                # a transfer over a link slower than its deadline assumed (a hospital's
+                # uplink): it was a final DEADLINE_EXCEEDED, and the site dropped out
+                # defence: sdk.slow-transfer-resumed
+                if progress is not None and progress() > before:
+                    deadline = time.monotonic() + self.retry_seconds
+                    delay = 0.1
+                    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        _log.info("a transfer outlasted its deadline while moving data (a "
+                                  "slow link); resuming it")
+                        continue
                 # CANCELLED: this SDK never cancels its own calls, so a call cut off by the
                 # aggregator's shutdown; retried like UNAVAILABLE (every call is idempotent)
                 if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
@@ -117,9 +133,19 @@ class Connection:
         ids = [hashlib.sha256(p).digest() for p in pieces]
         by_id = dict(zip(ids, pieces, strict=True))
         total = len(ids)
+        # chunks put on the wire in all; how many were missing before the last attempt;
+        # whether it ran out of time
+        sent, before, slow = [0], [total], [False]
 
         def attempt() -> None:
             missing = self._missing(ids)
+            # a transfer resumed as slow, after which the aggregator holds no more chunks
+            # than before (a link that cannot carry one chunk within the deadline, an
+            # aggregator that reads and keeps nothing): refused, not resumed again
+            if slow[0] and len(missing) >= before[0]:
+                raise AggregatorRefused("DEADLINE_EXCEEDED", f"the {what} made no progress "
+                                        "within the deadline: no chunk sent was stored")
+            before[0], slow[0] = len(missing), False
             # defence: sdk.upload-offered-only
             if not set(missing) <= by_id.keys():
                 raise AggregatorRefused("INVALID_ARGUMENT", f"the aggregator asked for a chunk "
@@ -141,15 +167,20 @@ class Connection:
                     chunk = service_pb2.Chunk(chunk_id=cid, data=bytes(by_id[cid]))
                     self.bytes_sent += chunk.ByteSize()
                     allowance[0] -= len(by_id[cid])
+                    sent[0] += 1
                     yield chunk
                     done += 1
                     if progress:
                         progress(what, done, total)
 
-            self.stub.PutChunks(stream(), timeout=max(self.call_timeout,
-                                                      len(missing) * 2.0))
+            try:
+                self.stub.PutChunks(stream(), timeout=max(self.call_timeout,
+                                                          len(missing) * 2.0))
+            except grpc.RpcError as e:
+                slow[0] = getattr(e, "code", lambda: None)() == grpc.StatusCode.DEADLINE_EXCEEDED
+                raise
 
-        self._retry(attempt)
+        self._retry(attempt, progress=lambda: sent[0])
         return Blob(tuple(ids), len(data))
 
     def _missing(self, ids: list[bytes]) -> list[bytes]:
@@ -227,7 +258,7 @@ class Connection:
                     if progress:
                         progress(what, len(got), len(wanted))
 
-        self._retry(attempt)
+        self._retry(attempt, progress=lambda: len(got))
         # a stream that ended without every chunk asked for (the retry covers broken ones)
         # defence: sdk.download-complete
         if len(got) != len(wanted):

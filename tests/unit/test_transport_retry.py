@@ -3,6 +3,7 @@ are retried; every other status is a refusal at once."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from typing import Any
@@ -11,7 +12,7 @@ import grpc
 import pytest
 
 from clients.errors import AggregatorRefused, AggregatorUnavailable
-from clients.transport import Connection
+from clients.transport import Blob, Connection
 
 
 class _Status(grpc.RpcError):
@@ -187,3 +188,70 @@ def test_a_lying_aggregator_gets_a_payload_a_bounded_number_of_times_over(
         else:
             conn.upload_and_send(data, request)
     assert len(data) <= stub.bytes <= UPLOAD_SEND_FACTOR * len(data)
+
+
+class _SlowLink(_ForgetfulAggregator):
+    """A link slower than the transfer's deadline: each PutChunks stores ``per_call`` chunks,
+    then the site's own deadline cuts it (DEADLINE_EXCEEDED); each GetChunks serves
+    ``per_call`` chunks, then the same. ``per_call`` 0: the chunks are read and never
+    stored."""
+
+    def __init__(self, per_call: int) -> None:
+        super().__init__(forget=0)
+        self.per_call = per_call
+        self.calls = 0
+
+    def PutChunks(self, chunks: Any, timeout: float) -> Any:
+        self.calls += 1
+        for n, chunk in enumerate(chunks):
+            if n >= self.per_call:
+                break
+            self.chunks[bytes(chunk.chunk_id)] = bytes(chunk.data)
+        raise _Status(grpc.StatusCode.DEADLINE_EXCEEDED)
+
+    def GetChunks(self, request: Any, timeout: float) -> Any:
+        from secagg.v1 import service_pb2
+
+        self.calls += 1
+        for cid in list(request.chunk_ids)[:self.per_call]:
+            yield service_pb2.Chunk(chunk_id=cid, data=self.chunks[bytes(cid)])
+        raise _Status(grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def test_an_upload_over_a_link_slower_than_its_deadline_is_resumed() -> None:
+    """A hospital's uplink slower than the deadline assumed (2 s per chunk): each attempt
+    stores some chunks before the site's own deadline cuts it; the upload resumes from what
+    was stored and completes (the site took its own DEADLINE_EXCEEDED for a refusal and
+    dropped out of the round)."""
+    stub = _SlowLink(per_call=2)
+    conn, _ = _submitting(stub)
+    data = os.urandom(7 * 1024 * 1024 + 5)  # 8 chunks
+    blob = conn.upload(data)
+    assert stub.calls == 4 and set(blob.chunk_ids) <= stub.chunks.keys()
+
+
+def test_a_download_over_a_link_slower_than_its_deadline_is_resumed() -> None:
+    stub = _SlowLink(per_call=3)
+    conn, _ = _submitting(stub)
+    data = os.urandom(7 * 1024 * 1024 + 5)
+    pieces = [data[i:i + (1 << 20)] for i in range(0, len(data), 1 << 20)]
+    stub.chunks = {hashlib.sha256(p).digest(): p for p in pieces}
+    blob = Blob(tuple(hashlib.sha256(p).digest() for p in pieces), len(data))
+    assert conn.download(blob, max_size=len(data)) == data
+    assert stub.calls == 3
+
+
+def test_a_transfer_that_stores_nothing_within_its_deadline_is_refused_at_once() -> None:
+    """Chunks go out and none is stored before the deadline (a link that cannot carry one
+    chunk in time, or an aggregator that reads and keeps nothing): refused DEADLINE_EXCEEDED
+    after one resumption at most, not resent until the allowance runs out."""
+    stub = _SlowLink(per_call=0)
+    conn, _ = _submitting(stub)
+    with pytest.raises(AggregatorRefused, match="DEADLINE_EXCEEDED"):
+        conn.upload(os.urandom(3 * 1024 * 1024))
+    assert stub.calls == 1  # the second attempt found nothing stored, and sent nothing
+    stub = _SlowLink(per_call=0)
+    conn, _ = _submitting(stub)
+    with pytest.raises(AggregatorRefused, match="DEADLINE_EXCEEDED"):
+        conn.download(Blob((b"\1" * 32,), 10), max_size=10)
+    assert stub.calls == 1
