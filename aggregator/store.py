@@ -488,6 +488,7 @@ class Store:
             sa.event.listen(self.bulk, "connect", _pg_bulk_settings)
         self.url = url
         self._last_chunk_write = 0.0
+        self._last_truncate = time.monotonic()
         try:
             self._check_schema(create)
         except sa.exc.SQLAlchemyError as e:
@@ -551,8 +552,9 @@ class Store:
 
     def checkpoint(self) -> None:
         """Copy the SQLite write-ahead log into the database (PASSIVE: it waits for no one);
-        the service calls it every second, off the job's thread. Once uploads pause, a log
-        grown past WAL_SIZE_LIMIT is truncated (TRUNCATE waits at most 0.1 s for others).
+        the service calls it every second, off the job's thread. Once uploads pause (or at
+        least every WAL_TRUNCATE_SECONDS), a log grown past WAL_SIZE_LIMIT is truncated
+        (TRUNCATE waits at most 0.1 s for others).
         A no-op on PostgreSQL."""
         if not self.url.startswith("sqlite"):
             return
@@ -563,8 +565,14 @@ class Store:
                 size = wal.stat().st_size
             except OSError:
                 return
-            if (size > WAL_SIZE_LIMIT
-                    and time.monotonic() - self._last_chunk_write >= WAL_IDLE_SECONDS):
+            now = time.monotonic()
+            # uploads that never pause (a site trickling a chunk every few seconds) kept a
+            # log grown by a burst at its largest: truncated after WAL_TRUNCATE_SECONDS anyway
+            # defence: store.wal-truncated-under-a-trickle
+            due = (now - self._last_chunk_write >= WAL_IDLE_SECONDS
+                   or now - self._last_truncate >= WAL_TRUNCATE_SECONDS)
+            if size > WAL_SIZE_LIMIT and due:
+                self._last_truncate = now
                 c.exec_driver_sql("PRAGMA busy_timeout=100")
                 try:
                     # defence: store.wal-truncated
@@ -770,6 +778,7 @@ class Store:
 WAL_SIZE_LIMIT = 64 << 20
 WAL_IDLE_SECONDS = 5.0  # ...once no chunk was written for this long (mid-upload, regrowing
 # the log from a truncated file cost the ingest rate; journal_size_limit did that)
+WAL_TRUNCATE_SECONDS = 60.0  # ...or, if uploads never pause that long, this often
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

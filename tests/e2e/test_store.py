@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,38 @@ def test_the_write_ahead_log_is_truncated_once_checkpointed(
         store.put_chunks([(hashlib.sha256(b"x").digest(), b"x")], round_number=1, site=1)
         store.checkpoint()
         # defence check: the log is back under the limit, not kept at its largest
+        assert wal.stat().st_size <= 1 << 20
+    finally:
+        store.close()
+
+
+def test_the_write_ahead_log_is_truncated_under_a_trickle_of_uploads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a burst, a site trickles a chunk every few seconds, so uploads never pause: the
+    log stayed at its largest for as long as the trickle went on. Truncated after
+    WAL_TRUNCATE_SECONDS anyway."""
+    import hashlib
+    import os
+
+    from aggregator import store as store_module
+
+    monkeypatch.setattr(store_module, "WAL_SIZE_LIMIT", 1 << 20)
+    monkeypatch.setattr(store_module, "WAL_IDLE_SECONDS", 3600.0)  # never idle
+    monkeypatch.setattr(store_module, "WAL_TRUNCATE_SECONDS", 0.5)
+    path = tmp_path / "agg.db"
+    store = Store(str(path))
+    try:
+        for _ in range(32):
+            batch = [os.urandom(3) for _ in range(16)]
+            store.put_chunks([(hashlib.sha256(d).digest(), d) for d in batch],
+                             round_number=1, site=1)
+        wal = path.with_name("agg.db-wal")
+        assert wal.stat().st_size > 2 << 20
+        for n in range(3):  # the trickle, a checkpoint after each chunk
+            time.sleep(0.3)
+            data = f"trickle {n}".encode()
+            store.put_chunks([(hashlib.sha256(data).digest(), data)], round_number=1, site=1)
+            store.checkpoint()
         assert wal.stat().st_size <= 1 << 20
     finally:
         store.close()
