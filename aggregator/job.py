@@ -207,6 +207,10 @@ class Job:
         # of what was committed (a message applied whose event never committed), so it serves
         # nothing more; the service reloads a fresh job from the store
         self.stale = False
+        # (round, {site: what its uploads the store holds cost}) as recovered: the upload
+        # budget starts from it, not from nothing (a restart gave every site a new budget)
+        # nor from what was charged before (chunks the store lost are sent again)
+        self.stored_uploads: tuple[int | None, dict[int, int]] = (None, {})
 
     # ---- start, recovery ----------
 
@@ -250,6 +254,9 @@ class Job:
         self._purge_before = last.round if last.status == "running" else last.round + 1
         if last.status == "running":
             self.model = view.model
+            self.stored_uploads = (last.round, {
+                site: nbytes + n * CHUNK_STORAGE_COST
+                for site, (nbytes, n) in self.store.round_uploads(last.round).items()})
             self.active = self._start_role(view)
             self._replay(view)
             log.info("recovered round", extra={"event": "round_recovered",

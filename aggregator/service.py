@@ -271,15 +271,25 @@ class Core:
 
 class UploadBudget:
     """Bytes each site stored in the current round; far more than a round needs is refused
-    (RESOURCE_EXHAUSTED), so one site cannot fill the aggregator's disk."""
+    (RESOURCE_EXHAUSTED), so one site cannot fill the aggregator's disk. A job reloaded from
+    the store (a restart, a database that failed) starts from what the store holds of each
+    site's uploads: chunks the store lost and the site sends again are not charged twice
+    (two database crashes in a round took an honest site past twice its upload, and dropped
+    it), and a restart does not give a site a new budget."""
 
     def __init__(self) -> None:
+        self._job: Job | None = None
         self._round: int | None = None
         self._used: dict[int, int] = {}
 
     def charge(self, job: Job, site: int, nbytes: int) -> bool:
         number = job.current_round
-        if number != self._round:
+        # defence: service.upload-budget-from-the-store
+        if job is not self._job:
+            self._job = job
+            recovered, stored = job.stored_uploads
+            self._round, self._used = number, dict(stored) if recovered == number else {}
+        elif number != self._round:
             self._round, self._used = number, {}
         if number is None:
             return False

@@ -690,6 +690,16 @@ class Store:
                           .values(round=None))
         return BlobRef(tuple(i for i, _ in items), len(data))
 
+    def round_uploads(self, round_number: int) -> dict[int, tuple[int, int]]:
+        """What each site stored for ``round_number`` and the store still holds: {site:
+        (bytes, chunks)} (the aggregator's own payloads, site 0, are not uploads)."""
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(chunks.c.site, sa.func.sum(chunks.c.size),
+                                       sa.func.count()).where(chunks.c.round == round_number,
+                                                              chunks.c.site != 0)
+                             .group_by(chunks.c.site))
+            return {int(site): (int(nbytes or 0), int(n)) for site, nbytes, n in rows}
+
     def purge_chunks_before(self, round_number: int) -> int:
         """Drop the uploads of the rounds before ``round_number``, all finished (what models
         and releases use has no round and is kept)."""

@@ -6,6 +6,7 @@ not much more."""
 from __future__ import annotations
 
 import types
+from typing import Any
 
 import pytest
 
@@ -56,3 +57,77 @@ def test_an_honest_masked_input_fits_twice(size: int, word_bits: int) -> None:
     honest = _charged((size + 1) * word_bits // 8)
     limit = _limit("masking", size, word_bits=word_bits)
     assert 2 * honest <= limit <= 2 * honest + (17 << 20)
+
+
+def _stored_job(tmp_path: Any) -> tuple[Any, Any]:
+    """(a maker of a masking job recovered from one store, the store)."""
+    from aggregator.service import load_server_files
+    from aggregator.store import Store
+    from secagg.federation.kit import ROSTER_FILE, load_roster
+    from secagg.model import FlatModel
+    from tests.service_kit import make_federation
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    files = load_server_files(fed.aggregator_config)
+    roster = load_roster(files.directory / ROSTER_FILE, files.config.trust_root)
+    store = Store(str(tmp_path / "aggregator.db"))
+    model = FlatModel.load_npz(files.config.initial_model)
+
+    def job() -> Job:
+        j = Job(files.config, roster, store, model)
+        j.recover()
+        return j
+
+    return job, store
+
+
+def _upload(budget: Any, job: Job, store: Any, nbytes: int) -> bool:
+    """Site 1 uploads ``nbytes`` in the SDK's chunks, charged as the service charges them;
+    whether the budget took every chunk."""
+    import os
+
+    from aggregator.store import chunk_id
+
+    for start in range(0, nbytes, SDK_CHUNK_BYTES):
+        data = os.urandom(min(SDK_CHUNK_BYTES, nbytes - start))
+        if not budget.charge(job, 1, len(data) + CHUNK_STORAGE_COST):
+            return False
+        store.put_chunks([(chunk_id(data), data)], round_number=job.current_round, site=1)
+    return True
+
+
+def test_chunks_a_store_lost_are_not_charged_twice(tmp_path: Any) -> None:
+    """The database loses the site's acknowledged chunks twice in one round (crashes before
+    unsynced commits): the job reloads from the store each time and the site sends them again.
+    Its budget counts what the store holds, so the third upload fits (charged three times, an
+    honest site was refused RESOURCE_EXHAUSTED and dropped)."""
+
+    from aggregator.service import UploadBudget
+    from aggregator.store import chunks
+
+    job, store = _stored_job(tmp_path)
+    try:
+        budget = UploadBudget()
+        current = job()
+        payload = int(current.upload_limit(1) * 0.4)
+        for _ in range(3):
+            assert _upload(budget, current, store, payload)
+            with store.engine.begin() as c:  # lost before it reached the disk
+                c.execute(chunks.delete().where(chunks.c.site == 1))
+            current = job()  # what the service's watcher does once the store answers again
+    finally:
+        store.close()
+
+
+def test_a_restart_does_not_give_a_site_a_new_budget(tmp_path: Any) -> None:
+    from aggregator.service import UploadBudget
+
+    job, store = _stored_job(tmp_path)
+    try:
+        first = job()
+        limit = first.upload_limit(1)
+        assert _upload(UploadBudget(), first, store, int(limit * 0.8))
+        restarted = job()  # a new process: a new UploadBudget, the same store
+        assert not _upload(UploadBudget(), restarted, store, int(limit * 0.3))
+    finally:
+        store.close()
