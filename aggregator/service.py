@@ -17,7 +17,7 @@ import functools
 import hashlib
 import logging
 import signal
-import time
+import threading
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -241,6 +241,9 @@ _CODES = {name: getattr(grpc.StatusCode, name) for name in (
     "ABORTED", "UNAVAILABLE", "NOT_FOUND", "UNAUTHENTICATED", "DEADLINE_EXCEEDED")}
 
 
+READER_THREADS = 2  # downloads and lookups read the store on these, beside the job's thread
+
+
 class Core:
     """The job on its one thread; an asyncio condition that wakes long polls on changes."""
 
@@ -249,7 +252,8 @@ class Core:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secagg-core")
         self.hashers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="secagg-hash")
         self.bulk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secagg-bulk")
-        self.readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="secagg-read")
+        self.readers = ThreadPoolExecutor(max_workers=READER_THREADS,
+                                          thread_name_prefix="secagg-read")
         # the health watcher's store ping, on its own thread: on the job's, it queued behind
         # a store call that hung, and health said SERVING for as long as the store hung
         self.pinger = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secagg-ping")
@@ -945,11 +949,18 @@ SHUTDOWN_STORE_SECONDS = 5.0  # what a store call in progress gets to end, at sh
 
 
 async def _drained(core: Core) -> bool:
-    """Whether the store calls in progress end within SHUTDOWN_STORE_SECONDS."""
-    ends = [core.loop.run_in_executor(e, time.sleep, 0)
-            for e in (core.executor, core.bulk, core.readers, core.readers)]
-    _, pending = await asyncio.wait(ends, timeout=SHUTDOWN_STORE_SECONDS)
-    return not pending
+    """Whether the store calls in progress end within SHUTDOWN_STORE_SECONDS: every thread
+    of every pool that calls the store must be free at once (one task per thread, each
+    waiting at a barrier for the others: two tasks on a two-thread pool both ran on its one
+    free thread, and a stuck one went unseen)."""
+    ends = []
+    for pool, threads in ((core.executor, 1), (core.bulk, 1), (core.readers, READER_THREADS),
+                          (core.pinger, 1)):
+        # defence: service.drained-means-every-thread
+        barrier = threading.Barrier(threads, timeout=SHUTDOWN_STORE_SECONDS)
+        ends += [core.loop.run_in_executor(pool, barrier.wait) for _ in range(threads)]
+    done, pending = await asyncio.wait(ends, timeout=SHUTDOWN_STORE_SECONDS)
+    return not pending and all(f.exception() is None for f in done)
 
 
 async def _until_the_store_answers(core: Core, fn: Callable[[], T],
