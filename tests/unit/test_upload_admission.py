@@ -34,7 +34,8 @@ CID = hashlib.sha256(DATA).digest()
 def _service(core: Core) -> AggregationService:
     return fake_service(core, limits={"upload_slots": SLOTS},
                         store=types.SimpleNamespace(missing=lambda ids: list(ids)),
-                        current_round=1, current_stage=(1, 3), upload_limit=lambda site: 1 << 30)
+                        current_round=1, current_stage=(1, 3), upload_limit=lambda site: 1 << 30,
+                        stored_uploads=(None, {}))
 
 
 def _ask(service: AggregationService, site: int,
