@@ -17,6 +17,7 @@ Everything here runs on one thread (the service's core executor): no locks.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import time
@@ -163,6 +164,9 @@ class _Active:
     claims: list[bytes] = field(default_factory=list)  # chunks the message being applied read
 
 
+_GENERATIONS = itertools.count(1)
+
+
 class Job:
     def __init__(self, config: FederationConfig, roster: Roster, store: Store,
                  initial_model: FlatModel, *,
@@ -211,6 +215,7 @@ class Job:
         # budget starts from it, not from nothing (a restart gave every site a new budget)
         # nor from what was charged before (chunks the store lost are sent again)
         self.stored_uploads: tuple[int | None, dict[int, int]] = (None, {})
+        self.generation = next(_GENERATIONS)  # jobs made later (reloads) have larger ones
 
     # ---- start, recovery ----------
 

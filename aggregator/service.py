@@ -282,18 +282,21 @@ class UploadBudget:
     it), and a restart does not give a site a new budget."""
 
     def __init__(self) -> None:
-        self._job: Job | None = None
+        self._generation = 0
         self._round: int | None = None
         self._used: dict[int, int] = {}
 
     def charge(self, job: Job, site: int, nbytes: int) -> bool:
         number = job.current_round
+        # only ever forward, to a job loaded later: a stream opened before a reload still
+        # holds the older job, and switching back and forth reset the counts each time (one
+        # site stored 4x its budget); the service also ends such streams (PutChunks)
         # defence: service.upload-budget-from-the-store
-        if job is not self._job:
-            self._job = job
+        if job.generation > self._generation:
+            self._generation = job.generation
             recovered, stored = job.stored_uploads
             self._round, self._used = number, dict(stored) if recovered == number else {}
-        elif number != self._round:
+        elif number != self._round and job.generation == self._generation:
             self._round, self._used = number, {}
         if number is None:
             return False
@@ -661,6 +664,14 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
                                                              "site_id": site})
                     await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
                                  f"the upload stream was idle for {idle:g} s")
+                # the job was reloaded from the store under this stream (a database that
+                # failed, then answered): its chunks go to the reloaded job, through a new
+                # stream (the SDK resumes with MissingChunks)
+                # defence: service.stream-ends-with-its-job
+                if self.core.job is not job:
+                    del chunk
+                    await _abort(context, grpc.StatusCode.UNAVAILABLE,
+                                 "the aggregator reloaded its job; send the rest again")
                 size = len(chunk.data)
                 # defence: logs.no-payloads (of a chunk, only its size is ever logged or counted)
                 _metrics.bytes_received.inc(size)

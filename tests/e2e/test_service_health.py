@@ -401,3 +401,56 @@ def test_sigterm_stops_an_aggregator_whose_recovery_hangs(tmp_path: Path) -> Non
     finally:
         FlakyRecoveryStore.hang.clear()
         FlakyRecoveryStore.release.set()
+
+
+class BlinkingStore(Store):
+    """A store whose database stops answering pings while ``down`` is set (a blip)."""
+
+    down = threading.Event()
+
+    def ping(self, timeout: float = 1.0, *, write: bool = False) -> None:
+        if self.down.is_set():
+            raise StoreError("store unreachable: simulated")
+        super().ping(timeout, write=write)
+
+
+def test_an_upload_stream_open_across_a_reload_ends_unavailable(tmp_path: Path) -> None:
+    """A site's upload stream stays open while the database blinks and the job is reloaded
+    from the store: its next chunk ends it UNAVAILABLE (the site resumes on a new stream).
+    Kept open, it charged the older job, and taking turns with a stream on the reloaded job
+    reset the site's upload budget at every switch."""
+    import hashlib
+    import os
+    import queue
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    agg = _Running(fed, str(tmp_path / "a.db"), store_factory=BlinkingStore)
+    chunks: queue.Queue[service_pb2.Chunk | None] = queue.Queue()
+
+    def stream() -> Any:
+        while (chunk := chunks.get()) is not None:
+            yield chunk
+
+    def chunk() -> service_pb2.Chunk:
+        data = os.urandom(1000)
+        return service_pb2.Chunk(chunk_id=hashlib.sha256(data).digest(), data=data)
+
+    try:
+        agg.eventually(SERVING, within=20)
+        call = agg.stub.PutChunks.future(stream(), timeout=60)
+        chunks.put(chunk())
+        time.sleep(0.5)
+        BlinkingStore.down.set()
+        agg.eventually(NOT_SERVING, within=10)
+        BlinkingStore.down.clear()
+        agg.eventually(SERVING, within=10)  # the job was reloaded from the store
+        assert not call.done()
+        chunks.put(chunk())
+        with pytest.raises(grpc.RpcError) as caught:
+            call.result(timeout=20)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "reloaded" in (caught.value.details() or "")
+    finally:
+        chunks.put(None)
+        BlinkingStore.down.clear()
+        agg.close()

@@ -66,7 +66,7 @@ def no_collector() -> Iterator[None]:
 def _handlers(core: Core) -> dict[str, Any]:
     service = fake_service(core, store=types.SimpleNamespace(missing=lambda ids: list(ids)),
                            current_round=1, upload_limit=lambda site: 1 << 40,
-                           stored_uploads=(None, {}))
+                           stored_uploads=(None, {}), generation=1)
     server = _Server()
     add_service(service, server)
     return server.handlers

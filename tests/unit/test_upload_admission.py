@@ -35,7 +35,7 @@ def _service(core: Core) -> AggregationService:
     return fake_service(core, limits={"upload_slots": SLOTS},
                         store=types.SimpleNamespace(missing=lambda ids: list(ids)),
                         current_round=1, current_stage=(1, 3), upload_limit=lambda site: 1 << 30,
-                        stored_uploads=(None, {}))
+                        stored_uploads=(None, {}), generation=1)
 
 
 def _ask(service: AggregationService, site: int,

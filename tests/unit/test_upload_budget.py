@@ -131,3 +131,26 @@ def test_a_restart_does_not_give_a_site_a_new_budget(tmp_path: Any) -> None:
         assert not _upload(UploadBudget(), restarted, store, int(limit * 0.3))
     finally:
         store.close()
+
+
+def test_streams_on_either_side_of_a_reload_share_one_budget(tmp_path: Any) -> None:
+    """A site keeps an upload stream open across a reload (it holds the older job) and opens
+    another after it, and alternates chunks between them: the counts were reset to the
+    store's at every switch, and the site stored 3x its budget. They only move forward."""
+    from aggregator.service import UploadBudget
+
+    job, store = _stored_job(tmp_path)
+    try:
+        old, new = job(), job()  # before and after the watcher's reload
+        limit = new.upload_limit(1)
+        budget = UploadBudget()
+        stored, n = 0, 0
+        while stored <= 3 * limit:
+            current = new if n % 2 == 0 else old
+            n += 1
+            if not _upload(budget, current, store, SDK_CHUNK_BYTES):
+                break
+            stored += SDK_CHUNK_BYTES + CHUNK_STORAGE_COST
+        assert stored <= limit
+    finally:
+        store.close()
