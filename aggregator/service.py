@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from sqlalchemy.exc import SQLAlchemyError
@@ -910,6 +911,15 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
                 job.recover()
             except SQLAlchemyError as e:
                 raise store_failure(e, "recovering the job from the store failed") from None
+            # a store that answers with what the job cannot load (a damaged model chunk, a
+            # torn restore) is a refusal to start that names the cause, not a traceback
+            # defence: service.damaged-store-refused-clearly
+            except ServiceError as e:
+                raise StoreError(f"the store holds a job this aggregator cannot load: {e}"
+                                 ) from None
+            except (ValueError, KeyError, TypeError, DecodeError) as e:  # a damaged record
+                raise StoreError("the store holds a job this aggregator cannot load: a "
+                                 f"damaged record ({type(e).__name__})") from None
             return job
 
         # the job's first reads race the stop, and a database that stops answering between

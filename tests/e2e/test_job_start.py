@@ -69,3 +69,27 @@ def test_a_roster_or_model_beyond_the_configured_limits_is_refused_at_start(
         assert store.rounds() == []
     finally:
         store.close()
+
+
+def test_an_aggregator_on_a_damaged_store_refuses_to_start_in_one_line(tmp_path: Path) -> None:
+    """The aggregator command on a store whose model chunk was damaged (bit rot, a torn
+    restore): exit status 2 and one line naming the cause (it was a Python traceback and
+    status 1)."""
+    import sqlalchemy as sa
+
+    from tests.service_kit import start_aggregator
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    agg = start_aggregator(fed, tmp_path)
+    assert agg.stop() == 0
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'aggregator.db'}")
+    with engine.begin() as c:
+        assert c.exec_driver_sql("UPDATE chunks SET data = zeroblob(size) WHERE site = 0"
+                                 ).rowcount
+    engine.dispose()
+    agg.start(wait=False)
+    assert agg.process is not None
+    assert agg.process.wait(timeout=60) == 2
+    log = (tmp_path / "aggregator.log").read_text()
+    assert "Traceback" not in log
+    assert "cannot load" in log and "does not match its digest" in log
