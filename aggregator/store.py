@@ -109,12 +109,25 @@ _UNREACHABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.Disconnec
                 sa.exc.TimeoutError)
 
 
+# ...and PostgreSQL's SQLSTATEs for a server that cannot take the job's work for now, whatever
+# the driver's class: a read-only transaction (a hot standby during a failover, 25006), a
+# connection exception (08), insufficient resources (53: a full disk, too many connections),
+# an operator intervention (57P: shutting down, starting up), a serialization failure or
+# deadlock (40).
+_UNREACHABLE_SQLSTATES = ("25006", "08", "53", "57P", "40")
+
+
 def store_failure(e: BaseException, what: str) -> StoreError:
     """``what`` failed with ``e`` (a database error): StoreUnreachable when the database did
-    not answer (the service waits for it, NOT_SERVING), StoreError otherwise. Only the error's
-    class is kept: a driver's message can quote the statement and its parameters."""
-    kind = StoreUnreachable if isinstance(e, _UNREACHABLE) else StoreError
-    return kind(f"{what}: {type(e).__name__}")
+    not answer or cannot take work for now (the service waits for it, NOT_SERVING),
+    StoreError otherwise. Only the error's class and SQLSTATE are kept: a driver's message
+    can quote the statement and its parameters."""
+    state = str(getattr(getattr(e, "orig", None), "sqlstate", None) or "")
+    # defence: store.unreachable-told-apart
+    unreachable = (isinstance(e, _UNREACHABLE)
+                   or (state != "" and state.startswith(_UNREACHABLE_SQLSTATES)))
+    kind = StoreUnreachable if unreachable else StoreError
+    return kind(f"{what}: {type(e).__name__}" + (f" (SQLSTATE {state})" if state else ""))
 
 
 # libpq settings for a PostgreSQL store, unless its URL sets them: a server that stops

@@ -235,22 +235,8 @@ def test_a_postgresql_that_turns_read_only_is_not_serving(tmp_path: Path,
     """A failover leaves the aggregator on a hot standby, or an operator makes the database
     read-only: health says NOT_SERVING without waiting for a write to fail, and SERVING once
     the database takes writes again."""
-    import sqlalchemy as sa
-
-    from aggregator.store import normalize_url
-
     fed = make_federation(tmp_path, 3, "masking", rounds=1)
-    name = sa.engine.make_url(postgres_url).database
-    admin = sa.create_engine(normalize_url(postgres_url), isolation_level="AUTOCOMMIT")
-
-    def read_only(on: bool) -> None:
-        with admin.connect() as c:
-            c.exec_driver_sql("SET default_transaction_read_only = off")
-            c.exec_driver_sql(f"ALTER DATABASE {name} SET default_transaction_read_only = "
-                              f"{'on' if on else 'off'}")
-            c.exec_driver_sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
-                              "datname = current_database() AND pid <> pg_backend_pid()")
-
+    read_only = _ReadOnlySwitch(postgres_url)
     agg = _Running(fed, postgres_url)
     try:
         agg.eventually(SERVING, within=20)
@@ -260,7 +246,54 @@ def test_a_postgresql_that_turns_read_only_is_not_serving(tmp_path: Path,
         agg.eventually(SERVING, within=15)
     finally:
         agg.close()
-        admin.dispose()
+        read_only.close()
+
+
+class _ReadOnlySwitch:
+    """Makes a PostgreSQL database read-only, or writable again, for every session (as a
+    failover to a hot standby does), ending the sessions that were open."""
+
+    def __init__(self, url: str) -> None:
+        import sqlalchemy as sa
+
+        from aggregator.store import normalize_url
+
+        self.name = sa.engine.make_url(url).database
+        self.admin = sa.create_engine(normalize_url(url), isolation_level="AUTOCOMMIT")
+
+    def __call__(self, on: bool) -> None:
+        with self.admin.connect() as c:
+            c.exec_driver_sql("SET default_transaction_read_only = off")
+            c.exec_driver_sql(f"ALTER DATABASE {self.name} SET default_transaction_read_only = "
+                              f"{'on' if on else 'off'}")
+            c.exec_driver_sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                              "datname = current_database() AND pid <> pg_backend_pid()")
+
+    def close(self) -> None:
+        self.admin.dispose()
+
+
+def test_an_aggregator_started_on_a_read_only_postgresql_waits_for_it(
+        tmp_path: Path, postgres_url: str) -> None:
+    """Started while its database is read-only (a failover under way), the aggregator's
+    first writes fail with PostgreSQL's read-only error (an InternalError to the driver):
+    it waits NOT_SERVING and serves once the database takes writes (it exited, status 2)."""
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    Store(postgres_url).close()  # the schema exists: the job's first writes are what fail
+    read_only = _ReadOnlySwitch(postgres_url)
+    read_only(True)
+    agg = _Running(fed, postgres_url)
+    try:
+        time.sleep(2.0)
+        assert agg.thread.is_alive() and not agg.exit_status, "serve ended"
+        assert agg.status() == NOT_SERVING
+        read_only(False)
+        agg.eventually(SERVING, within=20)
+    finally:
+        read_only(False)
+        agg.close()
+        read_only.close()
+    assert agg.exit_status == [0]
 
 
 def test_sigterm_stops_the_aggregator_while_a_store_call_hangs(tmp_path: Path,
