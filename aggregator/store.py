@@ -234,6 +234,29 @@ def _alembic_config(connection: Connection) -> Any:
     return config
 
 
+STORE_TABLES = frozenset({"chunks", "rounds", "events", "models", "releases"})
+
+
+def known_revisions() -> frozenset[str]:
+    """Every schema revision this aggregator's migrations define."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return frozenset(str(r.revision) for r in ScriptDirectory.from_config(config)
+                     .walk_revisions())
+
+
+def _is_store(revision: str | None, tables: set[str], where: str) -> None:
+    """Refuse what is not an aggregator store: one of our schema revisions and our tables
+    (another application's database managed by Alembic has a revision too)."""
+    # defence: store.ours-by-revision-and-tables
+    if revision not in known_revisions() or not tables >= STORE_TABLES:
+        raise StoreError(f"{where} holds no aggregator store (its schema revision or tables "
+                         "are not this aggregator's)")
+
+
 def head_revision() -> str:
     from alembic.config import Config
     from alembic.script import ScriptDirectory
@@ -395,22 +418,28 @@ def backup(url: str, out: Path) -> int:
             with sqlite3.connect(partial.resolve().as_uri() + "?mode=ro", uri=True) as check:
                 tables = {r[0] for r in check.execute(
                     "SELECT name FROM sqlite_master WHERE type = 'table'")}
-                revision = (check.execute("SELECT version_num FROM alembic_version").fetchone()
-                            if "alembic_version" in tables else None)
+                row = (check.execute("SELECT version_num FROM alembic_version").fetchone()
+                       if "alembic_version" in tables else None)
             check.close()
-            if revision is None:
+            if row is None:
                 raise StoreError(f"{path} holds no aggregator store: nothing backed up")
+            _is_store(str(row[0]), tables, str(path))
         else:
             _pg_tool("pg_dump", url, "--format=custom", "--no-owner", "--file", str(partial))
             # the dump must hold an aggregator store: a database the URL named by mistake
             # (empty, or another application's) was backed up and said ok
             # defence: store.pg-backup-verified
-            revision = _pg_tool("pg_restore", None, "--data-only", "--table=alembic_version",
-                                "--file=-", str(partial))
-            if not re.search(rb"^COPY [\w.]*alembic_version \(version_num\) FROM stdin;\n"
-                             rb"(?!\\\.\n)[^\n]+\n", revision, re.MULTILINE):
+            data = _pg_tool("pg_restore", None, "--data-only", "--table=alembic_version",
+                            "--file=-", str(partial))
+            found = re.search(rb"^COPY [\w.]*alembic_version \(version_num\) FROM stdin;\n"
+                              rb"(?!\\\.\n)([^\n]+)\n", data, re.MULTILINE)
+            if not found:
                 raise StoreError(f"{redacted(url)} holds no aggregator store: nothing backed "
                                  "up")
+            listing = _pg_tool("pg_restore", None, "--list", str(partial)).decode(
+                errors="replace")
+            tables = set(re.findall(r"^\d+; [\d ]+ TABLE \S+ (\S+) ", listing, re.MULTILINE))
+            _is_store(found.group(1).decode(errors="replace"), tables, redacted(url))
         _publish(partial, out)
     except sqlite3.Error as e:
         raise StoreError(f"cannot back up the store: {e}") from None
@@ -518,6 +547,8 @@ class Store:
             current = _current_revision(c)
             tables = sa.inspect(c).get_table_names()
         head = head_revision()
+        if current is not None and current in known_revisions():
+            _is_store(current, set(tables), "the store")
         if current is None:
             if tables:
                 raise StoreError("the store holds tables but no schema revision: not ours")

@@ -523,3 +523,33 @@ def test_a_postgresql_backup_fails_rather_than_hangs_on_a_silent_database(
         proxy.frozen = False
         thread.join(timeout=30)
         proxy.close()
+
+
+def test_another_alembic_applications_database_is_not_taken_for_a_store(
+        store_url: str, tmp_path: Path) -> None:
+    """A database of another application that Alembic manages too (its own tables, its own
+    revision, or even one named like ours): a backup of it said ok, and the aggregator
+    opened it as its store. Refused by both."""
+    import sqlite3
+
+    from aggregator.store import head_revision
+
+    if store_url.startswith("postgresql"):
+        engine = sa.create_engine(normalize_url(store_url))
+        with engine.begin() as c:
+            c.exec_driver_sql("CREATE TABLE invoices (id integer)")
+            c.exec_driver_sql("CREATE TABLE alembic_version (version_num varchar(32) NOT NULL)")
+            c.execute(sa.text("INSERT INTO alembic_version VALUES (:v)"), {"v": head_revision()})
+        engine.dispose()
+    else:
+        with sqlite3.connect(store_url) as c:
+            c.execute("CREATE TABLE invoices (id integer)")
+            c.execute("CREATE TABLE alembic_version (version_num varchar(32) NOT NULL)")
+            c.execute("INSERT INTO alembic_version VALUES (?)", (head_revision(),))
+        c.close()
+    out = tmp_path / "b.bak"
+    with pytest.raises(StoreError, match="no aggregator store"):
+        backup(store_url, out)
+    assert not out.exists()
+    with pytest.raises(StoreError, match="no aggregator store"):
+        Store(store_url)
