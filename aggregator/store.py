@@ -332,6 +332,7 @@ def _pg_tool(tool: str, url: str | None, *args: str) -> bytes:
     import os
     import shutil
     import subprocess
+    import tempfile
 
     executable = shutil.which(tool)
     if executable is None:
@@ -347,14 +348,50 @@ def _pg_tool(tool: str, url: str | None, *args: str) -> bytes:
                     if k != "options" and k not in parsed.query}
         command += ["--dbname", parsed.set(drivername="postgresql", password=None)
                     .update_query_dict(timeouts).render_as_string(hide_password=False)]
+    where = "" if url is None else f" on {redacted(url)}"
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            process = subprocess.Popen(command, stdout=out, stderr=err,  # noqa: S603
+                                       env=env)
+        except OSError as e:
+            raise StoreError(f"{tool}{where} failed: {e}") from None
+        # a database that stops answering mid-dump (a stuck backend or pooler: its TCP stack
+        # still acknowledges) leaves the tool waiting to read, which no connection timeout
+        # ends: it is stopped once its I/O has not moved for PG_TOOL_STALL_SECONDS
+        # defence: store.pg-tools-stall-watchdog
+        moved, last = time.monotonic(), _io_count(process.pid)
+        while process.poll() is None:
+            time.sleep(0.5)
+            count = _io_count(process.pid)
+            if count != last:
+                moved, last = time.monotonic(), count
+            elif count is not None and time.monotonic() - moved > PG_TOOL_STALL_SECONDS:
+                process.kill()
+                process.wait()
+                raise StoreError(f"{tool}{where} made no progress for "
+                                 f"{PG_TOOL_STALL_SECONDS:g} s (the database stopped "
+                                 "answering): stopped")
+        out.seek(0)
+        err.seek(0)
+        if process.returncode != 0:
+            detail = err.read().decode(errors="replace").strip()[-300:]
+            raise StoreError(f"{tool}{where} failed: "
+                             f"{detail or f'exit status {process.returncode}'}")
+        return out.read()
+
+
+PG_TOOL_STALL_SECONDS = 120.0  # pg_dump/pg_restore with no I/O for this long are stopped
+
+
+def _io_count(pid: int) -> int | None:
+    """Bytes a process has read and written so far (sockets included), or None where the
+    system does not say (not Linux)."""
     try:
-        return subprocess.run(command, check=True, capture_output=True,  # noqa: S603
-                              env=env).stdout
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", b"") or b""
-        where = "" if url is None else f" on {redacted(url)}"
-        raise StoreError(f"{tool}{where} failed: "
-                         f"{detail.decode(errors='replace').strip()[-300:] or e}") from None
+        with open(f"/proc/{pid}/io") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["rchar"]) + int(fields["wchar"])
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def _partial(final: Path, what: str) -> Path:
@@ -425,7 +462,8 @@ def backup(url: str, out: Path) -> int:
                 raise StoreError(f"{path} holds no aggregator store: nothing backed up")
             _is_store(str(row[0]), tables, str(path))
         else:
-            _pg_tool("pg_dump", url, "--format=custom", "--no-owner", "--file", str(partial))
+            _pg_tool("pg_dump", url, "--format=custom", "--no-owner", "--lock-wait-timeout=60s",
+                     "--file", str(partial))
             # the dump must hold an aggregator store: a database the URL named by mistake
             # (empty, or another application's) was backed up and said ok
             # defence: store.pg-backup-verified

@@ -553,3 +553,53 @@ def test_another_alembic_applications_database_is_not_taken_for_a_store(
     assert not out.exists()
     with pytest.raises(StoreError, match="no aggregator store"):
         Store(store_url)
+
+
+def test_a_postgresql_backup_stops_when_the_database_goes_silent_mid_dump(
+        tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database stops answering after the dump has begun (a stuck backend or pooler whose
+    TCP stack still acknowledges): pg_dump only waits to read, which no connection timeout
+    ends, and the backup hung for good. Stopped once its I/O stalls; no file is left."""
+    import os
+    import threading
+    import time
+
+    from aggregator import store as store_module
+    from aggregator.store import chunk_id
+    from tests.tcp_proxy import Proxy
+
+    monkeypatch.setattr(store_module, "PG_TOOL_STALL_SECONDS", 3.0)
+    store = Store(postgres_url)
+    for _ in range(24):
+        data = os.urandom(1 << 20)
+        store.put_chunks([(chunk_id(data), data)], round_number=1, site=1)
+    store.close()
+    real = sa.engine.make_url(postgres_url)
+    proxy = Proxy(real.port or 5432)
+    url = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    out = tmp_path / "dump"
+    out.mkdir()
+    outcome: list[BaseException | int] = []
+
+    def run() -> None:
+        try:
+            outcome.append(backup(url, out / "b.dump"))
+        except BaseException as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        began = time.monotonic()
+        while not any(f.stat().st_size > 0 for f in out.iterdir()):  # the dump has begun
+            assert time.monotonic() - began < 30 and not outcome, outcome
+            time.sleep(0.005)
+        proxy.frozen = True
+        thread.join(timeout=30)
+        assert outcome, "the backup hung"
+        assert isinstance(outcome[0], StoreError) and "no progress" in str(outcome[0])
+        assert list(out.iterdir()) == []
+    finally:
+        proxy.frozen = False
+        thread.join(timeout=30)
+        proxy.close()
