@@ -35,6 +35,9 @@ LOST_CHUNK_RETRIES = 3
 # a payload's bytes are sent at most this many times over, in all: enough for an honest but
 # flaky link (each cut resends only what was not stored), not for hundreds of copies
 UPLOAD_SEND_FACTOR = 16
+# the slowest link a transfer is given time for: a 1 MiB chunk within the aggregator's
+# [limits] stream_idle_seconds (60 s) is ~17 KB/s
+MIN_LINK_BYTES_PER_SECOND = 16_000
 _log = logging.getLogger("clients")
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
@@ -72,15 +75,25 @@ class Connection:
 
         return self._retry(attempt)
 
-    def _retry(self, attempt: Callable[[], T], *, progress: Callable[[], int] | None = None
-               ) -> T:
+    def _retry(self, attempt: Callable[[], T], *, progress: Callable[[], int] | None = None,
+               nbytes: int = 0) -> T:
         """``attempt()`` until it answers, through UNAVAILABLE and CANCELLED for up to
-        ``retry_seconds``. ``progress``: for a streaming transfer, a count that grows as data
-        moves; an attempt cut by its own deadline (DEADLINE_EXCEEDED) after moving data is a
-        slow link, not a refusal, and is resumed; progress restarts the ``retry_seconds``."""
-        deadline = time.monotonic() + self.retry_seconds
+        ``retry_seconds``. ``progress``: for a streaming transfer of ``nbytes``, a count that
+        grows as data moves; an attempt cut by its own deadline (DEADLINE_EXCEEDED) after
+        moving data is a slow link, not a refusal, and is resumed; progress restarts the
+        ``retry_seconds``, but the transfer as a whole gets no longer than the slowest link
+        the federation supports needs (MIN_LINK_BYTES_PER_SECOND), plus ``retry_seconds``:
+        an aggregator that trickles a chunk per deadline cannot hold a site for hours."""
+        began = time.monotonic()
+        deadline = began + self.retry_seconds
+        # defence: sdk.transfer-time-bounded
+        overall = deadline + nbytes / MIN_LINK_BYTES_PER_SECOND
         delay = 0.1
         while True:
+            if progress is not None and time.monotonic() > overall:
+                raise AggregatorUnavailable(
+                    f"a transfer of {nbytes} bytes took {time.monotonic() - began:.0f} s, "
+                    f"longer than a link of {MIN_LINK_BYTES_PER_SECOND // 1000} KB/s needs")
             before = progress() if progress is not None else 0
             try:
                 return attempt()
@@ -90,7 +103,7 @@ class Connection:
                 # uplink): it was a final DEADLINE_EXCEEDED, and the site dropped out
                 # defence: sdk.slow-transfer-resumed
                 if progress is not None and progress() > before:
-                    deadline = time.monotonic() + self.retry_seconds
+                    deadline = min(time.monotonic() + self.retry_seconds, overall)
                     delay = 0.1
                     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                         _log.info("a transfer outlasted its deadline while moving data (a "
@@ -180,7 +193,7 @@ class Connection:
                 slow[0] = getattr(e, "code", lambda: None)() == grpc.StatusCode.DEADLINE_EXCEEDED
                 raise
 
-        self._retry(attempt, progress=lambda: sent[0])
+        self._retry(attempt, progress=lambda: sent[0], nbytes=len(data))
         return Blob(tuple(ids), len(data))
 
     def _missing(self, ids: list[bytes]) -> list[bytes]:
@@ -258,7 +271,7 @@ class Connection:
                     if progress:
                         progress(what, len(got), len(wanted))
 
-        self._retry(attempt, progress=lambda: len(got))
+        self._retry(attempt, progress=lambda: len(got), nbytes=blob.size)
         # a stream that ended without every chunk asked for (the retry covers broken ones)
         # defence: sdk.download-complete
         if len(got) != len(wanted):

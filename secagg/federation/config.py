@@ -44,7 +44,7 @@ max_message_bytes = 8388608
 max_chunk_bytes = 4194304
 max_vector_length = 100000000
 max_sites = 10000
-stream_idle_seconds = 30
+stream_idle_seconds = 60         # the most a 1 MiB chunk may take: links down to ~20 KB/s
 upload_slots = 8                 # sites told to send their chunks at once (aggregator memory)
 ```
 """
@@ -127,7 +127,9 @@ class Limits:
     max_chunk_bytes: int = MAX_CHUNK_BYTES
     max_vector_length: int = 100_000_000
     max_sites: int = 10_000
-    stream_idle_seconds: float = 30.0
+    # as long as the SDK's shortest transfer deadline (60 s): a 1 MiB chunk may take that
+    # long, so links down to ~20 KB/s upload (30 s refused links under ~35 KB/s)
+    stream_idle_seconds: float = 60.0
     # how many sites the aggregator tells to send their chunks at once: ~3 MB of aggregator
     # memory each while they upload; more lets many sites on slow links upload side by side
     upload_slots: int = 8

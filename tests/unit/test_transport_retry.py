@@ -255,3 +255,33 @@ def test_a_transfer_that_stores_nothing_within_its_deadline_is_refused_at_once()
     with pytest.raises(AggregatorRefused, match="DEADLINE_EXCEEDED"):
         conn.download(Blob((b"\1" * 32,), 10), max_size=10)
     assert stub.calls == 1
+
+
+def test_an_aggregator_trickling_a_chunk_per_deadline_cannot_hold_a_site_for_hours(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lying aggregator serves one chunk per GetChunks call, then stalls until the site's
+    deadline (200 s): each chunk was progress, restarting the retry window, and a 100-chunk
+    download held the site about 5.5 hours. The transfer now gets what the slowest supported
+    link needs, plus retry_seconds."""
+    import clients.transport
+    from clients.transport import MIN_LINK_BYTES_PER_SECOND
+
+    clock = [0.0]
+    monkeypatch.setattr(clients.transport.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(clients.transport.time, "sleep", lambda s: clock.__setitem__(
+        0, clock[0] + s))
+
+    class Trickling(_SlowLink):
+        def GetChunks(self, request: Any, timeout: float) -> Any:
+            clock[0] += timeout  # the stall, until the site's own deadline
+            yield from super().GetChunks(request, timeout)
+
+    stub = Trickling(per_call=1)
+    conn, _ = _submitting(stub)
+    pieces = [os.urandom(1 << 20) for _ in range(100)]
+    stub.chunks = {hashlib.sha256(p).digest(): p for p in pieces}
+    blob = Blob(tuple(hashlib.sha256(p).digest() for p in pieces), sum(map(len, pieces)))
+    with pytest.raises(AggregatorUnavailable, match="longer than a link"):
+        conn.download(blob, max_size=blob.size)
+    assert clock[0] <= conn.retry_seconds + blob.size / MIN_LINK_BYTES_PER_SECOND + 200
+    assert stub.calls < 50
