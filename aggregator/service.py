@@ -43,7 +43,7 @@ from aggregator.job import (
 )
 from aggregator.metrics import Metrics, NoMetrics, serve_metrics
 from aggregator.store import Store, StoreError, StoreUnreachable, sqlite_url, store_failure
-from secagg.errors import ConfigurationError
+from secagg.errors import ConfigurationError, SecAggError
 from secagg.federation import pki
 from secagg.federation.config import FederationConfig
 from secagg.federation.kit import ROSTER_FILE, load_roster
@@ -909,6 +909,8 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
             job = Job(config, roster, opened, model, on_change=core.notify, metrics=metrics)
             try:
                 job.recover()
+            except SecAggError:  # already a clear refusal (a store of another job) or a wait
+                raise
             except SQLAlchemyError as e:
                 raise store_failure(e, "recovering the job from the store failed") from None
             # a store that answers with what the job cannot load (a damaged model chunk, a

@@ -93,3 +93,21 @@ def test_an_aggregator_on_a_damaged_store_refuses_to_start_in_one_line(tmp_path:
     log = (tmp_path / "aggregator.log").read_text()
     assert "Traceback" not in log
     assert "cannot load" in log and "does not match its digest" in log
+
+
+def test_an_aggregator_on_another_jobs_store_names_both_jobs(tmp_path: Path) -> None:
+    """The [job] id changed under a running job: the refusal names the job the store holds
+    and says what to do (a generic "cannot load" message hid it)."""
+    from tests.service_kit import start_aggregator
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    agg = start_aggregator(fed, tmp_path)
+    assert agg.stop() == 0
+    config = fed.aggregator_config
+    config.write_text(config.read_text().replace('id = "job"', 'id = "job-2"', 1))
+    agg.start(wait=False)
+    assert agg.process is not None
+    assert agg.process.wait(timeout=60) == 2
+    log = (tmp_path / "aggregator.log").read_text()
+    assert "Traceback" not in log and "cannot load" not in log
+    assert "rounds of another job" in log and "job-2" in log
