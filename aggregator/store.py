@@ -215,12 +215,19 @@ def _private_sqlite_file(url: str, create: bool) -> None:
         raise StoreError(f"cannot create store {path}: {e.strerror}") from None
 
 
+# query parameters of a database URL that hold secrets (libpq's): masked like the password
+_SECRET_PARAMETERS = frozenset({"password", "sslpassword", "passfile", "sslkey"})
+
+
 def redacted(url: str) -> str:
-    """The URL without its password, for messages and logs."""
+    """The URL without its password, or secrets in its query, for messages and logs."""
     if "://" not in url:
         url = normalize_url(url)
     try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
+        parsed = sa.engine.make_url(url)
+        # defence: store.url-secrets-redacted
+        secret = {k: "***" for k in parsed.query if k.lower() in _SECRET_PARAMETERS}
+        return parsed.update_query_dict(secret).render_as_string(hide_password=True)
     except sa.exc.ArgumentError:
         return "<unparseable store URL>"
 
@@ -341,13 +348,26 @@ def _pg_tool(tool: str, url: str | None, *args: str) -> bytes:
     command = [executable, *args]
     if url is not None:
         parsed = sa.engine.make_url(url)
-        if parsed.password:
-            env["PGPASSWORD"] = str(parsed.password)
+        # the password, wherever the URL holds it (user:password@, or ?password=), goes in
+        # the environment: a command line is readable by every user of the machine (ps)
+        # defence: store.pg-password-off-the-command-line
+        query_password = parsed.query.get("password")
+        if isinstance(query_password, tuple):
+            query_password = query_password[-1]
+        password = parsed.password or query_password
+        if password:
+            env["PGPASSWORD"] = str(password)
+        parsed = parsed.difference_update_query(["password"])
         # defence: store.pg-tools-time-out
         timeouts = {k: str(v) for k, v in PG_CONNECT_ARGS.items()
                     if k != "options" and k not in parsed.query}
-        command += ["--dbname", parsed.set(drivername="postgresql", password=None)
-                    .update_query_dict(timeouts).render_as_string(hide_password=False)]
+        # (URL.set(password=None) keeps the password: None there means "unchanged", and the
+        # password went on the command line; a new URL is made without it)
+        bare = sa.engine.URL.create("postgresql", username=parsed.username, host=parsed.host,
+                                    port=parsed.port, database=parsed.database,
+                                    query=parsed.query)
+        command += ["--dbname", bare.update_query_dict(timeouts).render_as_string(
+            hide_password=False)]
     where = "" if url is None else f" on {redacted(url)}"
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         try:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -323,6 +324,7 @@ def test_a_postgresql_store_times_out_what_a_silent_server_would_hang(postgres_u
 _KILLED_MIDWAY = """
 import os, shutil, sys
 from pathlib import Path
+from typing import Any
 from aggregator import store
 
 def copy_half_then_die(src, dst, **kw):
@@ -603,3 +605,43 @@ def test_a_postgresql_backup_stops_when_the_database_goes_silent_mid_dump(
         proxy.frozen = False
         thread.join(timeout=30)
         proxy.close()
+
+
+def test_a_password_in_the_urls_query_stays_off_command_lines_and_messages(
+        tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's password, given as user:password@ or as libpq's ``?password=``, went into
+    pg_dump's --dbname, which any user of the machine reads with ps (SQLAlchemy's
+    URL.set(password=None) keeps the password), and ``?password=`` into error messages. Now
+    it goes in the environment, and messages mask it."""
+    import subprocess
+
+    from aggregator.store import redacted
+
+    real = sa.engine.make_url(postgres_url)
+    secret = str(real.password)
+    in_query = sa.engine.URL.create(real.drivername, username=real.username, host=real.host,
+                                    port=real.port, database=real.database,
+                                    query={"password": secret}).render_as_string(
+                                        hide_password=False)
+    in_user = real.render_as_string(hide_password=False)
+    Store(in_query).close()
+    command_lines: list[list[str]] = []
+    popen = subprocess.Popen
+
+    def recording(args: Any, *a: Any, **k: Any) -> Any:
+        command_lines.append([str(x) for x in args])
+        return popen(args, *a, **k)
+
+    monkeypatch.setattr(subprocess, "Popen", recording)
+    # (the test database's password may equal its user name: look for it as a password)
+    leaks = (f"password={secret}", f":{secret}@")
+    for n, url in enumerate((in_query, in_user)):
+        command_lines.clear()
+        assert backup(url, tmp_path / f"b{n}.dump") > 0
+        assert command_lines
+        assert not any(leak in x for line in command_lines for x in line for leak in leaks), (
+            [x for line in command_lines for x in line if "postgres" in x])
+        assert not any(leak in redacted(url) for leak in leaks)
+        with pytest.raises(StoreError) as caught:
+            backup(url, tmp_path / f"b{n}.dump")  # exists: refused, naming the store
+        assert not any(leak in str(caught.value) for leak in leaks)
