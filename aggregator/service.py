@@ -863,6 +863,9 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
+        # a ping's answer can wait behind a slow link's queued chunks: 20 s (the default)
+        # closed healthy connections of sites on ~20 KB/s links
+        ("grpc.keepalive_timeout_ms", 60_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         # a client opens no more streams than this on one connection (it queues the rest),
         # so one connection cannot make the server receive dozens of large requests at once

@@ -75,25 +75,38 @@ class Connection:
 
         return self._retry(attempt)
 
+    def _transfer_end(self, nbytes: int) -> float:
+        """When a transfer of ``nbytes`` must be over: what the slowest link the federation
+        supports (MIN_LINK_BYTES_PER_SECOND) needs for it, plus ``retry_seconds``."""
+        # defence: sdk.transfer-time-bounded
+        return time.monotonic() + self.retry_seconds + nbytes / MIN_LINK_BYTES_PER_SECOND
+
+    def _stream_timeout(self, nbytes: int, end: float) -> float:
+        """The deadline of one streaming call moving ``nbytes``: what the slowest supported
+        link needs (at least ``call_timeout``), and never past the transfer's ``end``: a
+        lying aggregator that names many chunks cannot stretch one call for days."""
+        wanted = max(self.call_timeout, nbytes / MIN_LINK_BYTES_PER_SECOND)
+        # defence: sdk.stream-deadline-within-the-transfer
+        return max(1.0, min(wanted, end - time.monotonic()))
+
     def _retry(self, attempt: Callable[[], T], *, progress: Callable[[], int] | None = None,
-               nbytes: int = 0) -> T:
+               end: float | None = None) -> T:
         """``attempt()`` until it answers, through UNAVAILABLE and CANCELLED for up to
-        ``retry_seconds``. ``progress``: for a streaming transfer of ``nbytes``, a count that
-        grows as data moves; an attempt cut by its own deadline (DEADLINE_EXCEEDED) after
-        moving data is a slow link, not a refusal, and is resumed; progress restarts the
-        ``retry_seconds``, but the transfer as a whole gets no longer than the slowest link
-        the federation supports needs (MIN_LINK_BYTES_PER_SECOND), plus ``retry_seconds``:
-        an aggregator that trickles a chunk per deadline cannot hold a site for hours."""
+        ``retry_seconds``. ``progress``: for a streaming transfer that must be over by
+        ``end`` (``_transfer_end``), a count that grows as data moves; an attempt cut by its
+        own deadline (DEADLINE_EXCEEDED) after moving data is a slow link, not a refusal, and
+        is resumed, and progress restarts the ``retry_seconds``; but past ``end`` the
+        transfer fails: an aggregator trickling a chunk per deadline cannot hold a site for
+        hours."""
         began = time.monotonic()
         deadline = began + self.retry_seconds
-        # defence: sdk.transfer-time-bounded
-        overall = deadline + nbytes / MIN_LINK_BYTES_PER_SECOND
+        overall = end if end is not None else float("inf")
         delay = 0.1
         while True:
-            if progress is not None and time.monotonic() > overall:
+            if time.monotonic() > overall:
                 raise AggregatorUnavailable(
-                    f"a transfer of {nbytes} bytes took {time.monotonic() - began:.0f} s, "
-                    f"longer than a link of {MIN_LINK_BYTES_PER_SECOND // 1000} KB/s needs")
+                    f"a transfer took {time.monotonic() - began:.0f} s, longer than a link of "
+                    f"{MIN_LINK_BYTES_PER_SECOND // 1000} KB/s needs")
             before = progress() if progress is not None else 0
             try:
                 return attempt()
@@ -146,6 +159,7 @@ class Connection:
         ids = [hashlib.sha256(p).digest() for p in pieces]
         by_id = dict(zip(ids, pieces, strict=True))
         total = len(ids)
+        end = self._transfer_end(len(data))
         # chunks put on the wire in all; how many were missing before the last attempt;
         # whether it ran out of time
         sent, before, slow = [0], [total], [False]
@@ -186,23 +200,32 @@ class Connection:
                     if progress:
                         progress(what, done, total)
 
+            nbytes = sum(len(by_id[c]) for c in dict.fromkeys(missing))
             try:
-                self.stub.PutChunks(stream(), timeout=max(self.call_timeout,
-                                                          len(missing) * 2.0))
+                self.stub.PutChunks(stream(), timeout=self._stream_timeout(nbytes, end))
             except grpc.RpcError as e:
                 slow[0] = getattr(e, "code", lambda: None)() == grpc.StatusCode.DEADLINE_EXCEEDED
                 raise
 
-        self._retry(attempt, progress=lambda: sent[0], nbytes=len(data))
+        self._retry(attempt, progress=lambda: sent[0], end=end)
         return Blob(tuple(ids), len(data))
 
     def _missing(self, ids: list[bytes]) -> list[bytes]:
         missing: list[bytes] = []
+        ids = list(dict.fromkeys(ids))  # a payload's repeated pieces are one chunk
         for start in range(0, len(ids), IDS_PER_CALL):
-            reply = self.stub.MissingChunks(
-                service_pb2.ChunkIds(chunk_ids=ids[start:start + IDS_PER_CALL]),
-                timeout=self.call_timeout)
-            missing.extend(bytes(c) for c in reply.chunk_ids)
+            asked = ids[start:start + IDS_PER_CALL]
+            reply = self.stub.MissingChunks(service_pb2.ChunkIds(chunk_ids=asked),
+                                            timeout=self.call_timeout)
+            named = [bytes(c) for c in reply.chunk_ids]
+            # each missing chunk once, and only chunks asked about: a reply naming one chunk
+            # 200,000 times stretched the upload's deadline to days
+            # defence: sdk.missing-chunks-checked
+            if len(set(named)) != len(named) or not set(named) <= set(asked):
+                raise AggregatorRefused("INVALID_ARGUMENT", "the aggregator's list of missing "
+                                                            "chunks names a chunk twice, or "
+                                                            "one not asked about")
+            missing.extend(named)
         return missing
 
     def upload_and_send(self, data: bytes, send: Callable[[Blob], T], *,
@@ -239,6 +262,14 @@ class Connection:
         if blob.size > max_size:
             raise AggregatorRefused("OUT_OF_RANGE", f"the aggregator named a {what} of "
                                                     f"{blob.size} bytes (at most {max_size})")
+        # every chunk holds a byte at least (an empty payload is one empty chunk): a blob
+        # naming more chunks than it has bytes is a lie, and would stretch the transfer
+        # defence: sdk.download-chunk-count-bounded
+        if len(blob.chunk_ids) > max(1, blob.size):
+            raise AggregatorRefused("OUT_OF_RANGE", f"the aggregator named a {what} of "
+                                                    f"{blob.size} bytes in "
+                                                    f"{len(blob.chunk_ids)} chunks")
+        end = self._transfer_end(blob.size)
         got: dict[bytes, bytes] = {}
         wanted = list(dict.fromkeys(blob.chunk_ids))
         held = 0  # bytes of the chunks kept so far: never more than the blob's size
@@ -250,8 +281,8 @@ class Connection:
                 asked = missing[start:start + IDS_PER_CALL]
                 pending = set(asked)
                 request = service_pb2.ChunkIds(chunk_ids=asked)
-                for chunk in self.stub.GetChunks(request, timeout=max(
-                        self.call_timeout, len(missing) * 2.0)):
+                for chunk in self.stub.GetChunks(request, timeout=self._stream_timeout(
+                        blob.size - held, end)):
                     cid, data = bytes(chunk.chunk_id), bytes(chunk.data)
                     # only what was asked for, each once, and no more bytes than the blob
                     # holds: a lying aggregator cannot make a site buffer what it likes
@@ -271,7 +302,7 @@ class Connection:
                     if progress:
                         progress(what, len(got), len(wanted))
 
-        self._retry(attempt, progress=lambda: len(got), nbytes=blob.size)
+        self._retry(attempt, progress=lambda: len(got), end=end)
         # a stream that ended without every chunk asked for (the retry covers broken ones)
         # defence: sdk.download-complete
         if len(got) != len(wanted):

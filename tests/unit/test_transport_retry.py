@@ -285,3 +285,72 @@ def test_an_aggregator_trickling_a_chunk_per_deadline_cannot_hold_a_site_for_hou
         conn.download(blob, max_size=blob.size)
     assert clock[0] <= conn.retry_seconds + blob.size / MIN_LINK_BYTES_PER_SECOND + 200
     assert stub.calls < 50
+
+
+class _Listing(_ForgetfulAggregator):
+    """Answers MissingChunks with what ``answer`` makes of the ids asked about; records the
+    deadline of every streaming call."""
+
+    def __init__(self, answer: Any) -> None:
+        super().__init__(forget=0)
+        self.answer = answer
+        self.timeouts: list[float] = []
+
+    def MissingChunks(self, request: Any, timeout: float) -> Any:
+        from secagg.v1 import service_pb2
+
+        return service_pb2.ChunkIds(chunk_ids=self.answer(list(request.chunk_ids)))
+
+    def PutChunks(self, chunks: Any, timeout: float) -> Any:
+        self.timeouts.append(timeout)
+        return super().PutChunks(chunks, timeout)
+
+
+@pytest.mark.parametrize("lie", ["repeated", "not asked"])
+def test_a_missing_chunks_reply_that_repeats_or_invents_ids_is_refused(lie: str) -> None:
+    """A lying aggregator named one chunk 200,000 times (the upload's deadline grew with the
+    count, to days), or a chunk the site never asked about."""
+    stub = _Listing(lambda ids: ids[:1] * 1000 if lie == "repeated" else [b"\7" * 32])
+    conn, _ = _submitting(stub)
+    with pytest.raises(AggregatorRefused, match="INVALID_ARGUMENT"):
+        conn.upload(os.urandom(3 * 1024 * 1024))
+    assert stub.puts == []
+
+
+def test_a_payload_with_repeated_pieces_uploads_once_each() -> None:
+    """Repeated content (a model of zeros) has repeated chunk ids: asked about once each, so
+    an honest answer lists each once."""
+    stub = _Listing(lambda ids: ids)
+    conn, _ = _submitting(stub)
+    blob = conn.upload(bytes(3 * 1024 * 1024))
+    assert len(blob.chunk_ids) == 3 and len(set(blob.chunk_ids)) == 1
+    assert len(stub.puts) == 1
+
+
+def test_a_streaming_calls_deadline_never_passes_the_transfers_end() -> None:
+    """Each call's deadline comes from its bytes at the slowest supported link, never past
+    the transfer's own end."""
+    import time
+
+    from clients.transport import MIN_LINK_BYTES_PER_SECOND
+
+    stub = _Listing(lambda ids: ids)
+    conn, _ = _submitting(stub)
+    conn.call_timeout = 60.0
+    now = time.monotonic()
+    assert conn._stream_timeout(10, now + 1000) == 60.0
+    assert conn._stream_timeout(200 * MIN_LINK_BYTES_PER_SECOND, now + 1000) == 200.0
+    assert conn._stream_timeout(10 ** 12, now + 30) <= 30.0
+    conn.retry_seconds = 5.0
+    data = os.urandom(2 * 1024 * 1024)
+    conn.upload(data)
+    assert stub.timeouts and max(stub.timeouts) <= 5.0 + len(data) / MIN_LINK_BYTES_PER_SECOND
+
+
+def test_a_blob_naming_more_chunks_than_bytes_is_refused_before_fetching() -> None:
+    stub = _SlowLink(per_call=1)
+    conn, _ = _submitting(stub)
+    blob = Blob(tuple(bytes([i % 256, i // 256]) * 16 for i in range(1000)), 10)
+    with pytest.raises(AggregatorRefused, match="OUT_OF_RANGE"):
+        conn.download(blob, max_size=10)
+    assert stub.calls == 0
