@@ -259,11 +259,11 @@ class Job:
         self._purge_before = last.round if last.status == "running" else last.round + 1
         if last.status == "running":
             self.model = view.model
+            self.active = self._start_role(view)
+            self._replay(view)
             self.stored_uploads = (last.round, {
                 site: nbytes + n * CHUNK_STORAGE_COST
                 for site, (nbytes, n) in self.store.round_uploads(last.round).items()})
-            self.active = self._start_role(view)
-            self._replay(view)
             log.info("recovered round", extra={"event": "round_recovered",
                                                "round_id": view.round_id})
             if self.active is not None:

@@ -665,14 +665,18 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
                                                              "site_id": site})
                     await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
                                  f"the upload stream was idle for {idle:g} s")
-                # the job was reloaded from the store under this stream (a database that
-                # failed, then answered): its chunks go to the reloaded job, through a new
-                # stream (the SDK resumes with MissingChunks)
+                # the store failed under this stream (the job is to be reloaded from it), or
+                # the job was reloaded: its chunks go to the reloaded job, through a new
+                # stream (the SDK resumes with MissingChunks). Storing on while the job
+                # reloads put chunks beside the budget's snapshot of the store.
                 # defence: service.stream-ends-with-its-job
-                if self.core.job is not job:
+                if self.core.job is not job or (
+                        # defence: service.stream-ends-when-the-store-fails
+                        not self.core.healthy):
                     del chunk
                     await _abort(context, grpc.StatusCode.UNAVAILABLE,
-                                 "the aggregator reloaded its job; send the rest again")
+                                 "the aggregator is reloading its job from the store; send "
+                                 "the rest again")
                 size = len(chunk.data)
                 # defence: logs.no-payloads (of a chunk, only its size is ever logged or counted)
                 _metrics.bytes_received.inc(size)

@@ -482,7 +482,43 @@ def test_an_upload_stream_open_across_a_reload_ends_unavailable(tmp_path: Path) 
         with pytest.raises(grpc.RpcError) as caught:
             call.result(timeout=20)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "reloaded" in (caught.value.details() or "")
+        assert "reloading" in (caught.value.details() or "")
+    finally:
+        chunks.put(None)
+        BlinkingStore.down.clear()
+        agg.close()
+
+
+def test_an_upload_stream_ends_when_the_store_fails(tmp_path: Path) -> None:
+    """The database fails while a site's upload stream is open: its next chunk ends it
+    UNAVAILABLE, before the job is reloaded (it stored on while the reloaded job took its
+    snapshot of the site's uploads, and those chunks were never charged)."""
+    import hashlib
+    import os
+    import queue
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    agg = _Running(fed, str(tmp_path / "a.db"), store_factory=BlinkingStore)
+    chunks: queue.Queue[service_pb2.Chunk | None] = queue.Queue()
+
+    def stream() -> Any:
+        while (chunk := chunks.get()) is not None:
+            yield chunk
+
+    try:
+        agg.eventually(SERVING, within=20)
+        call = agg.stub.PutChunks.future(stream(), timeout=60)
+        data = os.urandom(1000)
+        chunks.put(service_pb2.Chunk(chunk_id=hashlib.sha256(data).digest(), data=data))
+        time.sleep(0.5)
+        BlinkingStore.down.set()
+        agg.eventually(NOT_SERVING, within=10)
+        data = os.urandom(1000)
+        chunks.put(service_pb2.Chunk(chunk_id=hashlib.sha256(data).digest(), data=data))
+        with pytest.raises(grpc.RpcError) as caught:
+            call.result(timeout=20)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "reloading" in (caught.value.details() or "")
     finally:
         chunks.put(None)
         BlinkingStore.down.clear()
