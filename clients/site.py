@@ -23,6 +23,7 @@ round's model digest against the model it holds and refuses a different one.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -47,6 +48,26 @@ from secagg.v1 import service_pb2
 
 _log = logging.getLogger("clients")
 POLL_MS = 10_000
+
+
+class _Pacer:
+    """Long polls that come back early with nothing new are spaced out (0.1 s, doubling to
+    5 s, with jitter): an honest aggregator answers "nothing new" only once the poll's wait
+    is over, and a lying one answering at once (each reply up to the message limit) made a
+    site call it a hundred times a second and receive gigabytes."""
+
+    def __init__(self) -> None:
+        self._delay = 0.0
+        self._random = random.SystemRandom()
+
+    def nothing_new(self, began: float) -> None:
+        """A poll begun at ``began`` (time.monotonic()) brought nothing new."""
+        # defence: sdk.long-polls-paced
+        if time.monotonic() - began >= POLL_MS / 2000:
+            self._delay = 0.0
+            return
+        self._delay = min(max(2 * self._delay, 0.1), 5.0)
+        time.sleep(self._random.uniform(self._delay / 2, self._delay))
 _RUNNING = service_pb2.ROUND_STATUS_RUNNING
 _PROTOCOLS = {"masking": service_pb2.PROTOCOL_MASKING, "ckks": service_pb2.PROTOCOL_CKKS}
 
@@ -164,15 +185,23 @@ class Site:
         raise SiteError("the job is over: no round to take part in")
 
     def _next_round_info(self) -> service_pb2.RoundInfo | None:
+        pacer = _Pacer()
         while True:
+            began = time.monotonic()
             info: service_pb2.RoundInfo = self._conn.call(
                 "GetRound", service_pb2.GetRoundRequest(after_round=self._last_round,
                                                         wait_ms=POLL_MS),
                 timeout=POLL_MS / 1000 + 30)
             if info.status == service_pb2.ROUND_STATUS_JOB_DONE:
                 return None
-            if info.status == service_pb2.ROUND_STATUS_UNSPECIFIED:
-                continue  # nothing new yet
+            # nothing new yet; or a finished round this site already passed, or beyond the
+            # job's rounds (neither is news: the site still waits for its next round; a
+            # running round is checked as it is joined)
+            if (info.status == service_pb2.ROUND_STATUS_UNSPECIFIED
+                    or (info.status != _RUNNING
+                        and not self._last_round < info.round <= self.config.rounds)):
+                pacer.nothing_new(began)
+                continue
             self._last_round = info.round
             if info.status == _RUNNING:
                 return info
@@ -330,7 +359,9 @@ class Round:
                                    progress=self._progress, what=what)
 
     def _receive(self, stage: int) -> service_pb2.ReceiveResponse:
+        pacer = _Pacer()
         while True:
+            began = time.monotonic()
             try:
                 response: service_pb2.ReceiveResponse = self._conn.call(
                     "Receive", service_pb2.ReceiveRequest(round_id=self.round_id, stage=stage,
@@ -340,6 +371,7 @@ class Round:
                 raise RoundAborted(self.round_id, e.reason) from None
             if response.ready:
                 return response
+            pacer.nothing_new(began)
 
     def _info(self) -> service_pb2.RoundInfo:
         info: service_pb2.RoundInfo = self._conn.call(
@@ -347,7 +379,9 @@ class Round:
         return info
 
     def _wait_for_end(self) -> service_pb2.RoundInfo:
+        pacer = _Pacer()
         while True:
+            began = time.monotonic()
             info: service_pb2.RoundInfo = self._conn.call(
                 "GetRound", service_pb2.GetRoundRequest(after_round=self.number - 1,
                                                         wait_ms=POLL_MS, until_finished=True),
@@ -362,6 +396,7 @@ class Round:
                 return info
             if info.status == service_pb2.ROUND_STATUS_ABORTED:
                 raise RoundAborted(self.round_id, info.abort_reason)
+            pacer.nothing_new(began)
 
     # ---- masking ---------------------------------------------------------------------------------
 

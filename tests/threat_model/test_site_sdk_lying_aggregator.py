@@ -719,3 +719,46 @@ def test_a_restarted_site_still_refuses_a_model_that_does_not_follow_from_the_on
     restarted, _ = _site("masking", following, {blob.chunk_ids[0]: result.to_bytes()},
                          directory=tmp_path)
     assert next(restarted.rounds()).model.digest == result.digest
+
+
+@pytest.mark.parametrize("poll", ["wait_for_end", "receive", "next_round"])
+def test_long_polls_answered_at_once_with_nothing_new_are_spaced_out(
+        poll: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lying aggregator answers every long poll at once with "nothing new" (each reply up
+    to the message limit): the site called it a hundred times a second and received
+    gigabytes. Such polls are now spaced out, up to 5 s apart."""
+    import clients.site
+
+    clock = [0.0]
+    monkeypatch.setattr(clients.site.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(clients.site.time, "sleep",
+                        lambda s: clock.__setitem__(0, clock[0] + s))
+    mine, _ = _model_info(1, "hospitals/job-1/round-1")
+    site, _conn = _site("masking", mine, {})
+    calls = [0]
+
+    def call(method: str, request: Any, **_kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] < 40:  # nothing new, at once
+            return (service_pb2.ReceiveResponse(ready=False) if method == "Receive"
+                    else service_pb2.RoundInfo())
+        if method == "Receive":
+            return service_pb2.ReceiveResponse(ready=True)
+        done = service_pb2.RoundInfo()
+        done.CopyFrom(mine)
+        done.status = (service_pb2.ROUND_STATUS_COMPLETED if poll == "wait_for_end"
+                       else service_pb2.ROUND_STATUS_JOB_DONE)
+        return done
+
+    rnd = Round.__new__(Round)
+    rnd._site, rnd.number, rnd.round_id = site, 1, "hospitals/job-1/round-1"
+    rnd._conn = types.SimpleNamespace(call=call)  # type: ignore[assignment]
+    site._conn = types.SimpleNamespace(call=call)  # type: ignore[assignment]
+    if poll == "wait_for_end":
+        rnd._wait_for_end()
+    elif poll == "receive":
+        rnd._receive(1)
+    else:
+        assert site._next_round_info() is None
+    assert calls[0] == 40
+    assert clock[0] >= 60.0  # 39 early answers: about 2 s apart on average, at least
