@@ -472,15 +472,10 @@ def backup(url: str, out: Path) -> int:
                 source.backup(target)
             target.close()
             # defence: store.backup-verified
-            with sqlite3.connect(partial.resolve().as_uri() + "?mode=ro", uri=True) as check:
-                tables = {r[0] for r in check.execute(
-                    "SELECT name FROM sqlite_master WHERE type = 'table'")}
-                row = (check.execute("SELECT version_num FROM alembic_version").fetchone()
-                       if "alembic_version" in tables else None)
-            check.close()
-            if row is None:
+            revision, tables = _sqlite_revision_and_tables(partial)
+            if revision is None:
                 raise StoreError(f"{path} holds no aggregator store: nothing backed up")
-            _is_store(str(row[0]), tables, str(path))
+            _is_store(revision, tables, str(path))
         else:
             _pg_tool("pg_dump", url, "--format=custom", "--no-owner", "--lock-wait-timeout=60s",
                      "--file", str(partial))
@@ -505,6 +500,22 @@ def backup(url: str, out: Path) -> int:
         # defence: store.failed-backup-removed
         _remove_sqlite_files(partial)
     return out.stat().st_size
+
+
+def _sqlite_revision_and_tables(path: Path) -> tuple[str | None, set[str]]:
+    """The schema revision and tables of the SQLite file at ``path``, opened read-only."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True) as check:
+            tables = {r[0] for r in check.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            row = (check.execute("SELECT version_num FROM alembic_version").fetchone()
+                   if "alembic_version" in tables else None)
+        check.close()
+    except sqlite3.Error as e:
+        raise StoreError(f"{path.name} is not a SQLite store: {e}") from None
+    return (None if row is None else str(row[0])), tables
 
 
 def restore(backup_file: Path, url: str) -> None:
@@ -532,6 +543,10 @@ def restore(backup_file: Path, url: str) -> None:
         try:
             _create_private(partial)
             shutil.copyfile(backup_file, partial)
+            # one of this aggregator's stores, at a revision it knows (an older one is
+            # restored for `aggregator migrate`; another application's file is not)
+            # defence: store.restore-only-ours
+            _is_store(*_sqlite_revision_and_tables(partial), str(backup_file))
             try:
                 Store(str(partial), create=False).close()  # one this aggregator understands
             except StoreError as e:

@@ -645,3 +645,22 @@ def test_a_password_in_the_urls_query_stays_off_command_lines_and_messages(
         with pytest.raises(StoreError) as caught:
             backup(url, tmp_path / f"b{n}.dump")  # exists: refused, naming the store
         assert not any(leak in str(caught.value) for leak in leaks)
+
+
+def test_a_restore_of_another_applications_database_is_refused(tmp_path: Path) -> None:
+    """A SQLite file of another application that Alembic manages, at a revision this
+    aggregator does not know: its "run migrate" refusal was taken for an older store of ours,
+    and the file was restored as the store. Refused; nothing is left."""
+    import sqlite3
+
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as c:
+        c.execute("CREATE TABLE invoices (id integer)")
+        c.execute("CREATE TABLE alembic_version (version_num varchar(32) NOT NULL)")
+        c.execute("INSERT INTO alembic_version VALUES ('3f2a9c1d7e4b')")
+    c.close()
+    target = tmp_path / "agg.db"
+    with pytest.raises(StoreError, match="no aggregator store"):
+        restore(other, str(target))
+    assert not target.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db"]
