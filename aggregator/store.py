@@ -334,8 +334,9 @@ def _pg_tool(tool: str, url: str | None, *args: str) -> bytes:
     """Run a libpq tool (pg_dump, pg_restore) on the database at ``url`` (None: on a file
     only); its output. The password goes in the environment (PGPASSWORD), never on a command
     line other users can read. The connection gets the store's timeouts (PG_CONNECT_ARGS,
-    but no statement timeout: a dump's COPY of the chunks may take long), so a database that
-    stops answering fails the tool within a minute instead of hanging it for good."""
+    but no statement timeout: a dump's COPY of the chunks may take long), and a watchdog
+    stops a tool whose I/O stalls, so a database that stops answering fails the tool within
+    minutes instead of hanging it for good."""
     import os
     import shutil
     import subprocess
@@ -491,7 +492,8 @@ def backup(url: str, out: Path) -> int:
                                  "up")
             listing = _pg_tool("pg_restore", None, "--list", str(partial)).decode(
                 errors="replace")
-            tables = set(re.findall(r"^\d+; [\d ]+ TABLE \S+ (\S+) ", listing, re.MULTILINE))
+            tables = set(re.findall(r"^\d+; [\d ]+ TABLE \S+ (\S+)(?: |$)", listing,
+                                    re.MULTILINE))
             _is_store(found.group(1).decode(errors="replace"), tables, redacted(url))
         _publish(partial, out)
     except sqlite3.Error as e:
@@ -621,7 +623,7 @@ class Store:
             tables = sa.inspect(c).get_table_names()
         head = head_revision()
         if current is not None and current in known_revisions():
-            _is_store(current, set(tables), "the store")
+            _is_store(current, set(tables), "the database")
         if current is None:
             if tables:
                 raise StoreError("the store holds tables but no schema revision: not ours")

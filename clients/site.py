@@ -68,6 +68,8 @@ class _Pacer:
             return
         self._delay = min(max(2 * self._delay, 0.1), 5.0)
         time.sleep(self._random.uniform(self._delay / 2, self._delay))
+
+
 _RUNNING = service_pb2.ROUND_STATUS_RUNNING
 _PROTOCOLS = {"masking": service_pb2.PROTOCOL_MASKING, "ckks": service_pb2.PROTOCOL_CKKS}
 
