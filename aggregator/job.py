@@ -211,9 +211,10 @@ class Job:
         # of what was committed (a message applied whose event never committed), so it serves
         # nothing more; the service reloads a fresh job from the store
         self.stale = False
-        # (round, {site: what its uploads the store holds cost}) as recovered: the upload
-        # budget starts from it, not from nothing (a restart gave every site a new budget)
-        # nor from what was charged before (chunks the store lost are sent again)
+        # (round, {site: what the store holds of its uploads, charged as the budget charges
+        # it}) as recovered: the upload budget starts from it, not from nothing (a restart
+        # gave every site a new budget) nor from what was charged before (chunks the store
+        # lost are sent again)
         self.stored_uploads: tuple[int | None, dict[int, int]] = (None, {})
         self.generation = next(_GENERATIONS)  # jobs made later (reloads) have larger ones
 
