@@ -18,6 +18,7 @@ ciphertext is unreadable without secrets the aggregator does not have.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -244,15 +245,21 @@ def _alembic_config(connection: Connection) -> Any:
 STORE_TABLES = frozenset({"chunks", "rounds", "events", "models", "releases"})
 
 
-def known_revisions() -> frozenset[str]:
-    """Every schema revision this aggregator's migrations define."""
+@functools.cache
+def _scripts() -> Any:
+    """This aggregator's migrations (alembic's ScriptDirectory; they do not change while it
+    runs)."""
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    return frozenset(str(r.revision) for r in ScriptDirectory.from_config(config)
-                     .walk_revisions())
+    return ScriptDirectory.from_config(config)
+
+
+def known_revisions() -> frozenset[str]:
+    """Every schema revision this aggregator's migrations define."""
+    return frozenset(str(r.revision) for r in _scripts().walk_revisions())
 
 
 def _is_store(revision: str | None, tables: set[str], where: str) -> None:
@@ -265,12 +272,7 @@ def _is_store(revision: str | None, tables: set[str], where: str) -> None:
 
 
 def head_revision() -> str:
-    from alembic.config import Config
-    from alembic.script import ScriptDirectory
-
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    head = ScriptDirectory.from_config(config).get_current_head()
+    head = _scripts().get_current_head()
     assert head is not None
     return str(head)
 

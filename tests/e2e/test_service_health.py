@@ -447,44 +447,60 @@ class BlinkingStore(Store):
         super().ping(timeout, write=write)
 
 
+class _OpenUpload:
+    """A PutChunks stream kept open; ``send()`` puts one random chunk on it."""
+
+    def __init__(self, agg: _Running) -> None:
+        import queue
+
+        self._chunks: queue.Queue[service_pb2.Chunk | None] = queue.Queue()
+
+        def stream() -> Any:
+            while (chunk := self._chunks.get()) is not None:
+                yield chunk
+
+        self.call = agg.stub.PutChunks.future(stream(), timeout=60)
+
+    def send(self) -> None:
+        import hashlib
+        import os
+
+        data = os.urandom(1000)
+        self._chunks.put(service_pb2.Chunk(chunk_id=hashlib.sha256(data).digest(), data=data))
+
+    def end(self) -> None:
+        self._chunks.put(None)
+
+    def refused_as_reloading(self) -> None:
+        with pytest.raises(grpc.RpcError) as caught:
+            self.call.result(timeout=20)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "reloading" in (caught.value.details() or "")
+
+
 def test_an_upload_stream_open_across_a_reload_ends_unavailable(tmp_path: Path) -> None:
     """A site's upload stream stays open while the database blinks and the job is reloaded
     from the store: its next chunk ends it UNAVAILABLE (the site resumes on a new stream).
     Kept open, it charged the older job, and taking turns with a stream on the reloaded job
     reset the site's upload budget at every switch."""
-    import hashlib
-    import os
-    import queue
-
     fed = make_federation(tmp_path, 3, "masking", rounds=1)
     agg = _Running(fed, str(tmp_path / "a.db"), store_factory=BlinkingStore)
-    chunks: queue.Queue[service_pb2.Chunk | None] = queue.Queue()
-
-    def stream() -> Any:
-        while (chunk := chunks.get()) is not None:
-            yield chunk
-
-    def chunk() -> service_pb2.Chunk:
-        data = os.urandom(1000)
-        return service_pb2.Chunk(chunk_id=hashlib.sha256(data).digest(), data=data)
-
+    upload: _OpenUpload | None = None
     try:
         agg.eventually(SERVING, within=20)
-        call = agg.stub.PutChunks.future(stream(), timeout=60)
-        chunks.put(chunk())
+        upload = _OpenUpload(agg)
+        upload.send()
         time.sleep(0.5)
         BlinkingStore.down.set()
         agg.eventually(NOT_SERVING, within=10)
         BlinkingStore.down.clear()
         agg.eventually(SERVING, within=10)  # the job was reloaded from the store
-        assert not call.done()
-        chunks.put(chunk())
-        with pytest.raises(grpc.RpcError) as caught:
-            call.result(timeout=20)
-        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "reloading" in (caught.value.details() or "")
+        assert not upload.call.done()
+        upload.send()
+        upload.refused_as_reloading()
     finally:
-        chunks.put(None)
+        if upload is not None:
+            upload.end()
         BlinkingStore.down.clear()
         agg.close()
 
@@ -493,33 +509,20 @@ def test_an_upload_stream_ends_when_the_store_fails(tmp_path: Path) -> None:
     """The database fails while a site's upload stream is open: its next chunk ends it
     UNAVAILABLE, before the job is reloaded (it stored on while the reloaded job took its
     snapshot of the site's uploads, and those chunks were never charged)."""
-    import hashlib
-    import os
-    import queue
-
     fed = make_federation(tmp_path, 3, "masking", rounds=1)
     agg = _Running(fed, str(tmp_path / "a.db"), store_factory=BlinkingStore)
-    chunks: queue.Queue[service_pb2.Chunk | None] = queue.Queue()
-
-    def stream() -> Any:
-        while (chunk := chunks.get()) is not None:
-            yield chunk
-
+    upload: _OpenUpload | None = None
     try:
         agg.eventually(SERVING, within=20)
-        call = agg.stub.PutChunks.future(stream(), timeout=60)
-        data = os.urandom(1000)
-        chunks.put(service_pb2.Chunk(chunk_id=hashlib.sha256(data).digest(), data=data))
+        upload = _OpenUpload(agg)
+        upload.send()
         time.sleep(0.5)
         BlinkingStore.down.set()
         agg.eventually(NOT_SERVING, within=10)
-        data = os.urandom(1000)
-        chunks.put(service_pb2.Chunk(chunk_id=hashlib.sha256(data).digest(), data=data))
-        with pytest.raises(grpc.RpcError) as caught:
-            call.result(timeout=20)
-        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "reloading" in (caught.value.details() or "")
+        upload.send()
+        upload.refused_as_reloading()
     finally:
-        chunks.put(None)
+        if upload is not None:
+            upload.end()
         BlinkingStore.down.clear()
         agg.close()

@@ -159,13 +159,25 @@ def test_a_new_sqlite_store_and_its_wal_are_private_to_the_aggregator(tmp_path: 
         assert f.stat().st_mode & 0o777 == 0o600, f
 
 
+def _burst_of_tiny_chunks(store: Store, path: Path) -> Path:
+    """Store 512 three-byte chunks with random ids (each dirties a 64 KiB page of the log);
+    the store's write-ahead log."""
+    import hashlib
+    import os
+
+    for _ in range(32):
+        batch = [os.urandom(3) for _ in range(16)]
+        store.put_chunks([(hashlib.sha256(d).digest(), d) for d in batch],
+                         round_number=1, site=1)
+    return path.with_name(f"{path.name}-wal")
+
+
 def test_the_write_ahead_log_is_truncated_once_checkpointed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tiny chunks with random ids each dirty a 64 KiB page of the log: a burst of them grew
     the WAL by gigabytes, and SQLite kept the file at its largest until shutdown. Checkpointed
     (the service does it every second) once uploads pause, it is truncated."""
     import hashlib
-    import os
 
     from aggregator import store as store_module
 
@@ -174,11 +186,7 @@ def test_the_write_ahead_log_is_truncated_once_checkpointed(
     path = tmp_path / "agg.db"
     store = Store(str(path))
     try:
-        for _ in range(32):
-            batch = [os.urandom(3) for _ in range(16)]
-            store.put_chunks([(hashlib.sha256(d).digest(), d) for d in batch],
-                             round_number=1, site=1)
-        wal = path.with_name("agg.db-wal")
+        wal = _burst_of_tiny_chunks(store, path)
         assert wal.stat().st_size > 2 << 20  # what the burst wrote
         store.checkpoint()
         store.put_chunks([(hashlib.sha256(b"x").digest(), b"x")], round_number=1, site=1)
@@ -195,7 +203,6 @@ def test_the_write_ahead_log_is_truncated_under_a_trickle_of_uploads(
     log stayed at its largest for as long as the trickle went on. Truncated after
     WAL_TRUNCATE_SECONDS anyway."""
     import hashlib
-    import os
 
     from aggregator import store as store_module
 
@@ -205,11 +212,7 @@ def test_the_write_ahead_log_is_truncated_under_a_trickle_of_uploads(
     path = tmp_path / "agg.db"
     store = Store(str(path))
     try:
-        for _ in range(32):
-            batch = [os.urandom(3) for _ in range(16)]
-            store.put_chunks([(hashlib.sha256(d).digest(), d) for d in batch],
-                             round_number=1, site=1)
-        wal = path.with_name("agg.db-wal")
+        wal = _burst_of_tiny_chunks(store, path)
         assert wal.stat().st_size > 2 << 20
         for n in range(3):  # the trickle, a checkpoint after each chunk
             time.sleep(0.3)
