@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -92,7 +92,7 @@ class Identity:
 _metrics: Metrics = NoMetrics()  # this process's aggregator's metrics (set by serve)
 
 
-async def _abort(context: Ctx, code: grpc.StatusCode, message: str) -> Any:
+async def _abort(context: Ctx, code: grpc.StatusCode, message: str) -> NoReturn:
     """Refuse the call with ``code``: every refusal is counted, by status code."""
     _metrics.refused.labels(code.name).inc()
     await context.abort(code, message)
@@ -287,8 +287,10 @@ class UploadBudget:
         self._round: int | None = None
         self._used: dict[int, int] = {}
 
-    def charge(self, job: Job, site: int, nbytes: int) -> bool:
-        number = job.current_round
+    def charge(self, job: Job, site: int, number: int | None, nbytes: int) -> bool:
+        """Charge ``nbytes`` to ``site`` in round ``number`` (the job's current round, read
+        once by the caller, who labels the chunk with it); False if that is over its limit
+        or there is no round."""
         # only ever forward, to a job loaded later: a stream opened before a reload still
         # holds the older job, and switching back and forth reset the counts each time (one
         # site stored 4x its budget); the service also ends such streams (PutChunks)
@@ -643,14 +645,16 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         job = await self._ready_job(context)
         tasks: list[asyncio.Future[tuple[int, int]]] = []
 
-        async def ingest(cid: bytes, data: bytes) -> tuple[int, int]:
+        async def ingest(cid: bytes, data: bytes, number: int) -> tuple[int, int]:
             digest = await loop.run_in_executor(self.core.hashers, _sha256, data)
             # defence: service.chunk-bytes-match-id
             if digest != cid:
                 raise ServiceError(INVALID_ARGUMENT, "a chunk's bytes do not hash to its id")
-            # labelled with the round current now (a message that refers to it later claims
-            # it for its own round: Job.submit)
-            is_new = await self.writer.put(job.store, (cid, data, job.current_round, site))
+            # labelled with the round it was charged to (a message that refers to it later
+            # claims it for its own round: Job.submit). Read again here, after the hashing,
+            # a round that closed meanwhile labelled it with no round: kept for good.
+            # defence: service.chunk-labelled-with-its-charged-round
+            is_new = await self.writer.put(job.store, (cid, data, number, site))
             return (1, 0) if is_new else (0, 1)
 
         iterator = request_iterator.__aiter__()
@@ -682,8 +686,13 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
                 _metrics.bytes_received.inc(size)
                 # defence: service.chunk-size-bounded, service.upload-budget
                 # defence: service.upload-budget-per-chunk
-                if not 0 < size <= limit or not self.budget.charge(job, site,
-                                                                   size + CHUNK_STORAGE_COST):
+                number = job.current_round  # the round this chunk is charged to and kept for
+                if number is None:  # between rounds, or the job is over
+                    del chunk
+                    await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                                 "no round is open: there is nothing to upload for now")
+                if not 0 < size <= limit or not self.budget.charge(
+                        job, site, number, size + CHUNK_STORAGE_COST):
                     del chunk  # refused before it is copied; let go before the refusal
                     await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                                  f"a chunk must hold 1 to {limit} bytes" if not 0 < size <= limit
@@ -697,7 +706,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
                 # most (a stream waiting here reads no more: gRPC's flow control holds its
                 # sender). A slot is held while hashing and storing, never while waiting.
                 await self.in_flight.acquire()
-                task = asyncio.ensure_future(ingest(cid, data))
+                task = asyncio.ensure_future(ingest(cid, data, number))
                 task.add_done_callback(lambda _t: self.in_flight.release())
                 tasks.append(task)
                 if len(tasks) >= 8:  # bound what is in flight (8 chunks)

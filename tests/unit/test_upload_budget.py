@@ -90,7 +90,7 @@ def _upload(budget: Any, job: Job, store: Any, nbytes: int) -> bool:
 
     for start in range(0, nbytes, SDK_CHUNK_BYTES):
         data = os.urandom(min(SDK_CHUNK_BYTES, nbytes - start))
-        if not budget.charge(job, 1, len(data) + CHUNK_STORAGE_COST):
+        if not budget.charge(job, 1, job.current_round, len(data) + CHUNK_STORAGE_COST):
             return False
         store.put_chunks([(chunk_id(data), data)], round_number=job.current_round, site=1)
     return True
@@ -154,3 +154,88 @@ def test_streams_on_either_side_of_a_reload_share_one_budget(tmp_path: Any) -> N
         assert stored <= limit
     finally:
         store.close()
+
+
+
+def _stored_while_the_round_closes(next_round: int | None) -> list[tuple[Any, ...]]:
+    """Site 2 uploads one chunk in round 3; the round ends (to ``next_round``) while the chunk
+    is being hashed. The rows the store was given. (Fake calls, no gRPC.)"""
+    import asyncio
+    import concurrent.futures
+    import hashlib
+
+    from aggregator.service import Core
+    from secagg.v1 import service_pb2
+    from tests.fake_calls import FakeContext, fake_service
+
+    stored: list[tuple[Any, ...]] = []
+
+    def put_chunk_rows(rows: list[tuple[Any, ...]]) -> list[bool]:
+        stored.extend(rows)
+        return [True] * len(rows)
+
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        service = fake_service(core, store=types.SimpleNamespace(put_chunk_rows=put_chunk_rows),
+                               current_round=3, upload_limit=lambda site: 1 << 40,
+                               stored_uploads=(None, {}), generation=1)
+        job = core.job
+
+        class ClosingWhileHashing(concurrent.futures.ThreadPoolExecutor):
+            def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+                job.current_round = next_round  # type: ignore[union-attr]
+                return super().submit(fn, *args, **kwargs)
+
+        core.hashers = ClosingWhileHashing(max_workers=1)
+        data = b"update bytes"
+
+        async def requests() -> Any:
+            yield service_pb2.Chunk(chunk_id=hashlib.sha256(data).digest(), data=data)
+
+        assert (await service.PutChunks(requests(), FakeContext(2))).stored == 1
+        core.executor.shutdown()
+        core.hashers.shutdown()
+
+    asyncio.run(main())
+    return stored
+
+
+@pytest.mark.parametrize("next_round", [None, 4])
+def test_a_chunk_is_kept_for_the_round_it_was_charged_to(next_round: int | None) -> None:
+    """A chunk is stored labelled with the round it was charged to (purged with it), not with
+    the round current once it is hashed: between rounds that was none, which kept it for
+    good; or the next round, whose budget it did not pay into."""
+    rows = _stored_while_the_round_closes(next_round)
+    assert [(r[2], r[3]) for r in rows] == [(3, 2)], (
+        f"a chunk charged to round 3 was kept for round {rows[0][2]}")
+
+
+def test_an_upload_between_rounds_is_refused_as_out_of_stage() -> None:
+    """No round is open: a chunk is refused FAILED_PRECONDITION (the wrong stage), not as a
+    budget exceeded, and nothing is stored."""
+    import asyncio
+    import hashlib
+
+    from aggregator.service import Core
+    from secagg.v1 import service_pb2
+    from tests.fake_calls import Aborted, FakeContext, fake_service
+
+    stored: list[Any] = []
+
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        service = fake_service(core, store=types.SimpleNamespace(put_chunk_rows=stored.extend),
+                               current_round=None, upload_limit=lambda site: 1 << 40,
+                               stored_uploads=(None, {}), generation=1)
+
+        async def requests() -> Any:
+            yield service_pb2.Chunk(chunk_id=hashlib.sha256(b"x").digest(), data=b"x")
+
+        try:
+            with pytest.raises(Aborted, match=r"FAILED_PRECONDITION.*no round is open"):
+                await service.PutChunks(requests(), FakeContext(2))
+        finally:
+            core.executor.shutdown()
+
+    asyncio.run(main())
+    assert stored == []
