@@ -278,12 +278,31 @@ class Job:
         active = self.active
         assert active is not None
         for event in self.store.events(view.number):
-            if event.kind == "message":
+            # each event is one the live path would have recorded at this point of the
+            # round (its kind, the stage the round is at, a site expected there that has not
+            # answered, a message of that stage for this round); any other means the store
+            # was damaged or edited under the job: refused, not replayed as far as it goes
+            # defence: service.replay-refuses-unknown-events, service.replay-checks-the-stage
+            # defence: service.replay-checks-the-message-kind, service.replay-checks-the-round-id
+            # defence: service.replay-checks-each-close
+            # (a site the stage does not expect is refused by the protocol roles as well)
+            if event.kind == "message" and event.stage == view.stage:
                 request = service_pb2.SubmitRequest()
                 request.ParseFromString(event.payload)
+                stage = _kind_stages(view.protocol).get(request.WhichOneof("message"))
+                if (request.round_id != view.round_id
+                        or stage is None or int(stage.value) != view.stage
+                        or event.site not in active.expected or event.site in active.answered):
+                    raise ServiceError(UNAVAILABLE, "the store's events do not replay: a "
+                                                    f"message of round {view.number} does "
+                                                    "not fit where it was recorded")
                 self._apply(active, event.site, request, replay=True)
-            elif event.kind == "close":
+            elif event.kind == "close" and event.stage == view.stage and event.site == 0:
                 self._close(active, replay=True)
+            else:
+                raise ServiceError(UNAVAILABLE, "the store's events do not replay: an event "
+                                                f"of round {view.number} ({event.kind!r}, "
+                                                f"stage {event.stage}) does not fit the round")
             if self.active is not active:
                 return  # the round finished during replay (its end was not recorded yet)
         # the last message a stage waited for was counted, and the aggregator stopped before
@@ -529,15 +548,21 @@ class Job:
                 self._apply_masking(active, site, kind, request)
             else:
                 self._apply_ckks(active, site, kind, request)
-        except ServiceError:
-            if replay:
-                raise ServiceError(UNAVAILABLE, "the store's events do not replay") from None
-            raise
+        except ServiceError as e:
+            refusal = e
         except (InvalidMessage, RefusedMessage, ConfigurationError) as e:
-            raise ServiceError(INVALID_ARGUMENT, f"refused: {e}") from None
+            refusal = ServiceError(INVALID_ARGUMENT, f"refused: {e}")
         except PreconditionError as e:
-            raise ServiceError(FAILED_PRECONDITION, str(e)) from None
-        active.answered.add(site)
+            refusal = ServiceError(FAILED_PRECONDITION, str(e))
+        else:
+            active.answered.add(site)
+            return
+        # a message the job counted and recorded, refused when it is replayed: not the site's
+        # doing (it is not on the call) but the store's, damaged or edited under the job
+        if replay:
+            raise ServiceError(UNAVAILABLE, "the store's events do not replay: a recorded "
+                                            f"message is refused now ({refusal})") from None
+        raise refusal from None
 
     def _apply_masking(self, active: _Active, site: int, kind: str | None,
                        request: service_pb2.SubmitRequest) -> None:

@@ -134,3 +134,69 @@ def test_a_job_whose_commit_failed_serves_nothing_until_reloaded(
         assert fresh.submit(holder, request) is False  # the message was never counted
     finally:
         store.close()
+
+
+def _replaced_message(request: service_pb2.SubmitRequest, **changes: object) -> bytes:
+    changed = service_pb2.SubmitRequest()
+    changed.CopyFrom(request)
+    for name, value in changes.items():
+        setattr(changed, name, value)
+    return changed.SerializeToString()
+
+
+@pytest.mark.parametrize("damage", [
+    "unknown kind", "message at another stage", "message of another site",
+    "message of another round", "message of another stage's kind", "close at another stage",
+    "close of a site", "event beyond the round"])
+def test_a_store_whose_events_were_damaged_is_refused_not_replayed(
+        tmp_path: Path, damage: str) -> None:
+    """The round's recorded events changed under the job (bit rot, a hand edit, a restore of
+    another store's rows): each event is checked as the live path checked it when it was
+    recorded, and one that does not fit stops the job's recovery (the service refuses the
+    store) instead of being skipped or replayed as far as it goes. The untouched store
+    recovers."""
+    import sqlalchemy as sa
+
+    from aggregator.job import UNAVAILABLE
+    from aggregator.store import events
+
+    job, store, _now, request, holder = _ckks_job(tmp_path)
+    try:
+        assert job().submit(holder, request) is False  # counted; the key stage closes
+        assert [(e.kind, e.stage, e.site) for e in store.events(1)] == [
+            ("message", CkksStage.KEY_ANNOUNCEMENT.value, holder),
+            ("close", CkksStage.KEY_ANNOUNCEMENT.value, 0)]
+        assert job().active is not None  # the untouched store replays
+        other = next(s for s in (1, 2, 3, 4) if s != holder)
+        message = events.c.kind == "message"
+        close = events.c.kind == "close"
+        with store.engine.begin() as c:
+            if damage == "unknown kind":
+                c.execute(events.update().where(message).values(kind="massage"))
+            elif damage == "message at another stage":
+                c.execute(events.update().where(message).values(
+                    stage=CkksStage.UPLOAD.value))
+            elif damage == "message of another site":
+                c.execute(events.update().where(message).values(site=other))
+            elif damage == "message of another round":
+                c.execute(events.update().where(message).values(payload=_replaced_message(
+                    request, round_id=request.round_id.replace("round-1", "round-2"))))
+            elif damage == "message of another stage's kind":  # a key offer at the upload
+                c.execute(events.insert().values(round=1, kind="message", site=holder,
+                                                 stage=CkksStage.UPLOAD.value, at=0.0,
+                                                 payload=request.SerializeToString()))
+            elif damage == "close at another stage":
+                c.execute(events.update().where(close).values(stage=CkksStage.UPLOAD.value))
+            elif damage == "close of a site":
+                c.execute(events.update().where(close).values(site=holder))
+            else:
+                c.execute(events.insert().values(round=1, kind="close", stage=99, site=0,
+                                                 payload=b"", at=0.0))
+            inserted = damage in ("event beyond the round", "message of another stage's kind")
+            assert c.execute(sa.select(sa.func.count()).select_from(events)).scalar() == (
+                3 if inserted else 2)  # each damage changed or added one event
+        with pytest.raises(ServiceError, match="do not replay") as caught:
+            job()
+        assert caught.value.code == UNAVAILABLE
+    finally:
+        store.close()
