@@ -334,14 +334,13 @@ def migrate(url: str) -> tuple[str | None, str]:
 
 def _pg_tool(tool: str, url: str | None, *args: str) -> bytes:
     """Run a libpq tool (pg_dump, pg_restore) on the database at ``url`` (None: on a file
-    only); its output. The password goes in the environment (PGPASSWORD), never on a command
-    line other users can read. The connection gets the store's timeouts (PG_CONNECT_ARGS,
-    but no statement timeout: a dump's COPY of the chunks may take long), and a watchdog
-    stops a tool whose I/O stalls, so a database that stops answering fails the tool within
-    minutes instead of hanging it for good."""
-    import os
+    only); its output. The password goes in the environment (PGPASSWORD), the other
+    connection parameters in a service file only this user reads: none is on the command
+    line, which every user of the machine reads. The connection gets the store's timeouts
+    (PG_CONNECT_ARGS, but no statement timeout: a dump's COPY of the chunks may take long),
+    and a watchdog stops a tool whose I/O stalls, so a database that stops answering fails
+    the tool within minutes instead of hanging it for good."""
     import shutil
-    import subprocess
     import tempfile
 
     executable = shutil.which(tool)
@@ -349,6 +348,7 @@ def _pg_tool(tool: str, url: str | None, *args: str) -> bytes:
         raise StoreError(f"{tool} is not on PATH (install PostgreSQL's client tools)")
     env = dict(os.environ)
     command = [executable, *args]
+    private: str | None = None
     if url is not None:
         parsed = sa.engine.make_url(url)
         # the password, wherever the URL holds it (user:password@, or ?password=), goes in
@@ -364,14 +364,36 @@ def _pg_tool(tool: str, url: str | None, *args: str) -> bytes:
         # defence: store.pg-tools-time-out
         timeouts = {k: str(v) for k, v in PG_CONNECT_ARGS.items()
                     if k != "options" and k not in parsed.query}
-        # (URL.set(password=None) keeps the password: None there means "unchanged", and the
-        # password went on the command line; a new URL is made without it)
-        bare = sa.engine.URL.create("postgresql", username=parsed.username, host=parsed.host,
-                                    port=parsed.port, database=parsed.database,
-                                    query=parsed.query)
-        command += ["--dbname", bare.update_query_dict(timeouts).render_as_string(
-            hide_password=False)]
-    where = "" if url is None else f" on {redacted(url)}"
+        # every other connection parameter goes in a service file only this user reads, for
+        # the tool's run: the command line names the service alone (``sslpassword``, the
+        # client key's passphrase, has no environment variable, and was on it)
+        # defence: store.pg-parameters-off-the-command-line
+        parameters = {"host": parsed.host, "port": parsed.port, "dbname": parsed.database,
+                      "user": parsed.username, **timeouts,
+                      **{k: v[-1] if isinstance(v, tuple) else v
+                         for k, v in parsed.query.items()}}
+        lines = [f"{k}={v}" for k, v in parameters.items() if v is not None and v != ""]
+        if any(c in line for line in lines for c in "\r\n\0"):
+            raise StoreError(f"a parameter of the store URL {redacted(url)} holds a line break")
+        private = tempfile.mkdtemp(prefix="secagg-pg-")  # 0700
+        service_file = Path(private) / "pg_service.conf"
+        fd = os.open(service_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("[secagg]\n" + "\n".join(lines) + "\n")
+        env["PGSERVICEFILE"] = str(service_file)
+        env.pop("PGSERVICE", None)
+        command += ["--dbname", "service=secagg"]
+    try:
+        return _run_tool(tool, command, env, "" if url is None else f" on {redacted(url)}")
+    finally:
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
+
+
+def _run_tool(tool: str, command: list[str], env: dict[str, str], where: str) -> bytes:
+    import subprocess
+    import tempfile
+
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         try:
             process = subprocess.Popen(command, stdout=out, stderr=err,  # noqa: S603

@@ -615,35 +615,50 @@ def test_a_password_in_the_urls_query_stays_off_command_lines_and_messages(
     """The store's password, given as user:password@ or as libpq's ``?password=``, went into
     pg_dump's --dbname, which any user of the machine reads with ps (SQLAlchemy's
     URL.set(password=None) keeps the password), and ``?password=`` into error messages. Now
-    it goes in the environment, and messages mask it."""
+    it goes in the environment, and messages mask it. ``?sslpassword=`` (the client key's
+    passphrase: libpq has no environment variable for it) was on the command line too: the
+    tools now get every parameter but the password from a service file only the aggregator's
+    user reads, gone once they end; the password is in neither."""
+    import os
+    import stat
     import subprocess
 
     from aggregator.store import redacted
 
     real = sa.engine.make_url(postgres_url)
     secret = str(real.password)
+    passphrase = "key-passphrase-" + os.urandom(6).hex()
     in_query = sa.engine.URL.create(real.drivername, username=real.username, host=real.host,
                                     port=real.port, database=real.database,
-                                    query={"password": secret}).render_as_string(
-                                        hide_password=False)
+                                    query={"password": secret, "sslpassword": passphrase}
+                                    ).render_as_string(hide_password=False)
     in_user = real.render_as_string(hide_password=False)
     Store(in_query).close()
     command_lines: list[list[str]] = []
+    service_files: list[tuple[Path, str, int]] = []
     popen = subprocess.Popen
 
     def recording(args: Any, *a: Any, **k: Any) -> Any:
         command_lines.append([str(x) for x in args])
+        if "PGSERVICEFILE" in k["env"]:  # (a tool reading a dump file connects nowhere)
+            service = Path(k["env"]["PGSERVICEFILE"])
+            service_files.append((service, service.read_text(), service.stat().st_mode))
         return popen(args, *a, **k)
 
     monkeypatch.setattr(subprocess, "Popen", recording)
     # (the test database's password may equal its user name: look for it as a password)
-    leaks = (f"password={secret}", f":{secret}@")
+    leaks = (f"password={secret}", f":{secret}@", passphrase)
     for n, url in enumerate((in_query, in_user)):
         command_lines.clear()
+        service_files.clear()
         assert backup(url, tmp_path / f"b{n}.dump") > 0
         assert command_lines
         assert not any(leak in x for line in command_lines for x in line for leak in leaks), (
             [x for line in command_lines for x in line if "postgres" in x])
+        for service, text, mode in service_files:
+            assert not any(leak in text for leak in leaks[:2]), "the password was written"
+            assert stat.S_IMODE(mode) == 0o600 and not service.exists()
+        assert service_files and (passphrase in service_files[0][1]) is (n == 0)
         assert not any(leak in redacted(url) for leak in leaks)
         with pytest.raises(StoreError) as caught:
             backup(url, tmp_path / f"b{n}.dump")  # exists: refused, naming the store
