@@ -694,7 +694,9 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
                 if not 0 < size <= limit or not self.budget.charge(
                         job, site, number, size + CHUNK_STORAGE_COST):
                     del chunk  # refused before it is copied; let go before the refusal
-                    await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    # (an empty chunk is malformed, not over a limit)
+                    await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED if size
+                                 else grpc.StatusCode.INVALID_ARGUMENT,
                                  f"a chunk must hold 1 to {limit} bytes" if not 0 < size <= limit
                                  else "upload budget for this round exceeded")
                 # the message is let go before this stream waits for a slot: a waiting

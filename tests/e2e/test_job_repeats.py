@@ -200,3 +200,22 @@ def test_a_store_whose_events_were_damaged_is_refused_not_replayed(
         assert caught.value.code == UNAVAILABLE
     finally:
         store.close()
+
+
+def test_fields_the_aggregator_does_not_know_are_not_stored(tmp_path: Path) -> None:
+    """A site pads its message with a field of a number no .proto names (no signature covers
+    it; Python's protobuf keeps it): the message counts, and the store keeps the message
+    the roles read, not the padding (8 MiB a message, never purged, grew the store by 40 MB
+    a round)."""
+    job, store, _now, request, holder = _ckks_job(tmp_path)
+    try:
+        padding = b"\0" * (1 << 20)
+        field_999 = b"\xba\x3e" + bytes([0x80, 0x80, 0x40])  # tag (999, bytes); length 2**20
+        padded = service_pb2.SubmitRequest()
+        padded.ParseFromString(request.SerializeToString() + field_999 + padding)
+        assert len(padded.SerializeToString()) > len(padding)  # the padding is in the message
+        assert job().submit(holder, padded) is False  # counted
+        (message,) = [e for e in store.events(1) if e.kind == "message"]
+        assert message.payload == request.SerializeToString(deterministic=True)
+    finally:
+        store.close()

@@ -285,7 +285,7 @@ def test_chunks_outside_their_bounds_and_uploads_beyond_the_budget_are_refused(
 
         limit = kit.config.limits.max_chunk_bytes
         assert limit + 1 < 8 << 20  # (gRPC itself would let it through)
-        assert _code(put(b"")) is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert _code(put(b"")) is grpc.StatusCode.INVALID_ARGUMENT  # malformed
         assert _code(put(os.urandom(limit + 1))) is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert _code(lambda: stub.MissingChunks(service_pb2.ChunkIds(
             chunk_ids=[os.urandom(32) for _ in range(MAX_IDS_PER_CALL + 1)]), timeout=30)
