@@ -196,12 +196,16 @@ class Site:
                 timeout=POLL_MS / 1000 + 30)
             if info.status == service_pb2.ROUND_STATUS_JOB_DONE:
                 return None
-            # nothing new yet; or a finished round this site already passed, or beyond the
-            # job's rounds (neither is news: the site still waits for its next round; a
-            # running round is checked as it is joined)
+            # nothing new yet; or a round this site already passed, running or finished (an
+            # honest aggregator answers rounds after ``after_round`` only: a lying one
+            # announcing the round the site skipped, at once, again and again, had it spin
+            # and log a warning each time), or a finished round beyond the job's rounds
+            # (neither is news: the site still waits for its next round; a running round is
+            # checked as it is joined)
+            # defence: sdk.passed-rounds-are-not-news
             if (info.status == service_pb2.ROUND_STATUS_UNSPECIFIED
-                    or (info.status != _RUNNING
-                        and not self._last_round < info.round <= self.config.rounds)):
+                    or 0 < info.round <= self._last_round
+                    or (info.status != _RUNNING and info.round > self.config.rounds)):
                 pacer.nothing_new(began)
                 continue
             self._last_round = info.round

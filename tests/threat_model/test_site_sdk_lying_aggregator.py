@@ -762,3 +762,33 @@ def test_long_polls_answered_at_once_with_nothing_new_are_spaced_out(
         assert site._next_round_info() is None
     assert calls[0] == 40
     assert clock[0] >= 60.0  # 39 early answers: about 2 s apart on average, at least
+
+
+def test_a_round_the_site_passed_announced_at_once_again_and_again_is_paced(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lying aggregator answers every GetRound at once with the running round this site
+    already passed (asked for the rounds after it): the site skipped it, asked again and
+    spun, thousands of calls and warnings a second. It is not news: paced like "nothing
+    new", until the job's end."""
+    import clients.site
+
+    clock = [0.0]
+    monkeypatch.setattr(clients.site.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(clients.site.time, "sleep",
+                        lambda s: clock.__setitem__(0, clock[0] + s))
+    mine, _ = _model_info(1, "hospitals/job-1/round-1")
+    site, _conn = _site("masking", mine, {})
+    site._last_round = 1  # the site passed round 1 (skipped it, or took part)
+    calls = [0]
+
+    def call(method: str, request: Any, **_kwargs: Any) -> Any:
+        calls[0] += 1
+        assert method == "GetRound" and request.after_round == 1
+        if calls[0] < 40:
+            return mine  # round 1, running, at once
+        return service_pb2.RoundInfo(status=service_pb2.ROUND_STATUS_JOB_DONE)
+
+    site._conn = types.SimpleNamespace(call=call)  # type: ignore[assignment]
+    assert site._next_round_info() is None
+    assert calls[0] == 40
+    assert clock[0] >= 60.0
