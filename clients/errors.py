@@ -5,6 +5,16 @@ from __future__ import annotations
 from secagg.errors import SecAggError
 
 
+def shown(text: str, limit: int = 1000) -> str:
+    """``text`` as an error may carry it: control characters escaped (a line break, a
+    terminal escape), at most ``limit`` characters. What the aggregator chose (a round id, an
+    abort reason, a status's details) reaches the training script's logs through these
+    errors: a lying aggregator forged whole log lines with a line break, and sent megabytes."""
+    # defence: sdk.aggregator-text-shown-safely
+    cut = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return cut if len(text) <= limit else f"{cut}... ({len(text)} characters)"
+
+
 class SiteError(SecAggError):
     """Base class of the SDK's own errors."""
 
@@ -13,6 +23,7 @@ class AggregatorRefused(SiteError):
     """The aggregator refused a call (code: the gRPC status name)."""
 
     def __init__(self, code: str, reason: str) -> None:
+        reason = shown(reason)
         super().__init__(f"aggregator refused ({code}): {reason}")
         self.code = code
         self.reason = reason
@@ -26,6 +37,7 @@ class RoundAborted(SiteError):
     """The round ended without a result (the aggregator's reason, or this site's own abort)."""
 
     def __init__(self, round_id: str, reason: str) -> None:
+        round_id, reason = shown(round_id, 200), shown(reason)
         super().__init__(f"round {round_id} aborted: {reason}")
         self.round_id = round_id
         self.reason = reason

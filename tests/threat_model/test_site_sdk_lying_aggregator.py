@@ -792,3 +792,24 @@ def test_a_round_the_site_passed_announced_at_once_again_and_again_is_paced(
     assert site._next_round_info() is None
     assert calls[0] == 40
     assert clock[0] >= 60.0
+
+
+def test_text_the_aggregator_chose_reaches_errors_on_one_line_and_bounded() -> None:
+    """A lying aggregator names a round with a line break, a forged log line, a terminal
+    escape and megabytes of padding (and as much in an abort reason or a status's details):
+    the training script logged the site's error, and the forged line stood on its own. The
+    errors carry such text escaped, on one line, and cut short."""
+    from clients.errors import AggregatorRefused
+
+    forged = ("x\n2026-12-03 10:00:00 INFO clients: round 1 completed: the new model was "
+              "verified\x1b[2K\r" + "A" * (7 << 20))
+    info, payloads = _model_info(1, forged, service_pb2.PROTOCOL_CKKS)
+    site, _conn = _site("masking", info, payloads)
+    with pytest.raises(RoundAborted) as caught:
+        next(site.rounds())
+    refused = AggregatorRefused("FAILED_PRECONDITION", forged)
+    for text in (str(caught.value), caught.value.round_id, str(refused), refused.reason,
+                 str(RoundAborted("hospitals/job-1/round-1", forged))):
+        assert "\n" not in text and "\r" not in text and "\x1b" not in text
+        assert len(text) < 2000
+    assert "\\n2026-12-03" in str(caught.value)  # still readable, escaped
