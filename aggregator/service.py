@@ -874,7 +874,16 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
     loop = asyncio.get_running_loop()
     core = Core(loop)
     limits = config.limits
+    connections = _connection_limit(len(roster))
     server = grpc.aio.server(options=[
+        # connections, handshaking or not, are bounded below the open-files limit, and a TLS
+        # handshake gets HANDSHAKE_SECONDS: an outsider with no certificate held 1,224 silent
+        # connections (each kept 120 s), took every file descriptor, and the store could not
+        # be opened (NOT_SERVING, no round). A flood now keeps new sites out at worst, for
+        # as long as it lasts; the aggregator and the sites connected stay up.
+        # defence: service.connections-bounded, service.handshake-timeout
+        ("grpc.max_allowed_incoming_connections", connections),
+        ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_SECONDS * 1000)),
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
@@ -1031,6 +1040,34 @@ async def _until_the_store_answers(core: Core, fn: Callable[[], T],
         if stop.is_set():
             return None
         delay = min(delay * 2, 10.0)
+
+
+HANDSHAKE_SECONDS = 10.0  # a TLS handshake takes a few round trips, even on slow links
+RESERVED_FILES = 256  # descriptors kept from connections: store, logs, metrics, tools
+MAX_CONNECTIONS = 16_384  # ~20-25 KB each while handshaking: at most ~400 MB
+
+
+def _connection_limit(sites: int) -> int:
+    """Raise the soft limit of open files to the hard one (a server's usual first step: the
+    soft default is often 1024); the connections to allow: RESERVED_FILES below it, at most
+    MAX_CONNECTIONS. Logs a warning if that leaves too little for the roster."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    files = MAX_CONNECTIONS + RESERVED_FILES if soft == resource.RLIM_INFINITY else soft
+    allowed = max(1, min(MAX_CONNECTIONS, files - RESERVED_FILES))
+    if allowed < 2 * sites + 16:
+        log.warning("few connections", extra={
+            "event": "connections_limited",
+            "reason": f"{allowed} connections for {sites} sites: the open-files limit "
+                      f"({soft}) is too low; raise it (systemd: LimitNOFILE)"})
+    log.info("connections", extra={"event": "connections_allowed",
+                                   "reason": f"at most {allowed} connections"})
+    return allowed
 
 
 async def _set_health(health: Any, serving: bool) -> None:

@@ -113,15 +113,24 @@ class Aggregator:
     starts: int = 0
     _log_offset: int = 0
     lines: list[dict[str, Any]] = field(default_factory=list)
+    open_files: int | None = None  # the process's open-files limit (soft and hard), if set
 
     def start(self, *, wait: bool = True) -> None:
         self.starts += 1
         log = open(self.log_path, "ab")  # noqa: SIM115 (the process owns it)
+        limit = self.open_files
+
+        def limited() -> None:
+            import resource
+
+            if limit is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
         self.process = subprocess.Popen(
             [sys.executable, "-m", "secagg.cli", "aggregator", "serve", "--config",
              str(self.federation.aggregator_config), "--store", str(self.store),
              "--metrics", "127.0.0.1:0"],
-            stdout=log, stderr=log, env=env(), cwd=ROOT)
+            stdout=log, stderr=log, env=env(), cwd=ROOT, preexec_fn=limited)
         log.close()
         if wait:
             self.wait_for(lambda e: e.get("event") == "serving", count=self.starts)

@@ -326,3 +326,69 @@ def test_chunks_outside_their_bounds_and_uploads_beyond_the_budget_are_refused(
         assert 200 <= present <= (17 << 20) // (64 << 10)  # the budget: 16 MiB + a little
     finally:
         agg.stop()
+
+
+def _open_files(pid: int) -> int:
+    import os
+
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_flood_of_silent_connections_from_an_outsider_leaves_the_aggregator_up(
+        tmp_path: Path) -> None:
+    """An outsider with no certificate opens connections faster than they are closed, each
+    sending the start of a TLS record and then nothing. They took every file descriptor of
+    an aggregator under the common 1024 open-files limit (each was kept 120 s): the store
+    could not be opened, health said NOT_SERVING, and no round ran. Connections are now
+    bounded below the open-files limit, and a handshake gets 10 s: the aggregator keeps
+    descriptors for its store, the silent connections are closed, and the round completes
+    for the sites once the flood is over."""
+    import socket
+
+    from aggregator.service import HANDSHAKE_SECONDS, RESERVED_FILES
+    from tests.service_kit import Aggregator
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1, open_s=120.0, stage_s=30.0)
+    limit = RESERVED_FILES + 64
+    agg = Aggregator(fed, tmp_path / "aggregator.db", tmp_path / "aggregator.log",
+                     open_files=limit)
+    agg.start()
+    assert agg.process is not None
+    flood: list[socket.socket] = []
+    try:
+        began = time.monotonic()
+        for _ in range(limit + 100):  # more than the process may open
+            s = socket.create_connection(("127.0.0.1", fed.port), timeout=5)
+            s.sendall(b"\x16\x03\x01\x02\x00")  # a TLS handshake record's header, no more
+            flood.append(s)
+        time.sleep(1.0)
+        # the aggregator kept its reserve: it opened no more than its connection bound
+        assert _open_files(agg.process.pid) < limit - RESERVED_FILES // 2, agg.tail()
+        # the handshakes it took are closed once their time is up
+        open_ones = list(flood)
+        while open_ones and time.monotonic() - began < HANDSHAKE_SECONDS + 20:
+            for s in list(open_ones):
+                s.setblocking(False)
+                try:
+                    if s.recv(1) == b"":
+                        open_ones.remove(s)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    open_ones.remove(s)
+            time.sleep(0.5)
+        assert not open_ones, f"{len(open_ones)} silent connections still open"
+    finally:
+        for s in flood:
+            s.close()
+    try:
+        sites = [start_site(fed, s, tmp_path / f"site-{s}.jsonl") for s in (1, 2, 3)]
+        for p in sites:
+            assert p.wait(timeout=120) == 0
+    finally:
+        agg.stop()
+    for s in (1, 2, 3):
+        (report,) = read_reports(tmp_path / f"site-{s}.jsonl")
+        assert report["survivors"] == [1, 2, 3]
+    assert not [e for e in agg.read() if e.get("event") in (
+        "store_unreachable", "store_error", "recovery_error")], agg.tail()

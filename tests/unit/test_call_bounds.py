@@ -71,3 +71,24 @@ def test_a_long_poll_waits_at_most_max_wait_ms_whatever_it_asks(
         return time.monotonic() - began
 
     assert asyncio.run(main()) < 5  # (0.2 s, with room for a slow machine)
+
+
+def test_the_open_files_limit_is_raised_and_connections_kept_below_it() -> None:
+    """A soft open-files limit below the hard one (often 1024 against far more) is raised
+    to it, and the connections allowed stay RESERVED_FILES below it (at most
+    MAX_CONNECTIONS)."""
+    import resource
+
+    from aggregator.service import MAX_CONNECTIONS, RESERVED_FILES, _connection_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < RESERVED_FILES + 128:
+        pytest.skip("this machine's hard open-files limit is too low to test with")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (RESERVED_FILES + 64, hard))
+        allowed = _connection_limit(3)
+        raised = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert raised == hard or hard == resource.RLIM_INFINITY
+        assert allowed == min(MAX_CONNECTIONS, raised - RESERVED_FILES)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
