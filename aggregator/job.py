@@ -35,6 +35,7 @@ from secagg.ckks import CkksServer, CkksStage, PublicContext, _seal
 from secagg.ckks.keys import public_context_length
 from secagg.ckks.presets import get_preset
 from secagg.errors import (
+    AbortReason,
     ConfigurationError,
     InvalidMessage,
     PreconditionError,
@@ -694,6 +695,8 @@ class Job:
         if role.stage is Stage.COMPLETED:
             result = role.result
             assert result is not None
+            self._check_clip_norm(active.view.model, result.weighted_sum, result.weight_sum,
+                                  result.error_bound)
             average = result.weighted_sum / result.weight_sum
             self._complete(active, average, result.survivors, None, result.weight_sum)
             return
@@ -785,6 +788,26 @@ class Job:
             raise ServiceError(INVALID_ARGUMENT, "the average would take the model out of "
                                                  "its tensors' range")
         return view.model.with_values(values)
+
+    def _check_clip_norm(self, model: FlatModel, weighted_sum: np.ndarray, weight_sum: float,
+                         error: tuple[float, float]) -> None:
+        """Refuse (abort the round) a masked sum no clipped inputs can make. Each site sends
+        weight * delta with the delta's learned values (integer tensors' counters aside)
+        clipped to L2 norm ``clip_norm``: their sum's learned values are within
+        clip_norm * weight_sum of zero, give or take the quantiser's error. The masking role
+        checks each element only (it knows no model): one site sending +clip in every
+        element, at three times the largest weight, moved the published model 33 times as
+        far as any site within its limits could (L2 31 against 0.94)."""
+        # defence: service.masked-sum-within-the-clip-norm
+        counters = model.integer_positions
+        learned = weighted_sum[~counters] if counters.any() else weighted_sum
+        norm = float(np.sqrt(np.dot(learned, learned)))
+        element, weight = error
+        limit = (self.config.clip_norm * (weight_sum + weight) * (1 + 1e-9)
+                 + float(np.sqrt(learned.size)) * element)
+        if not norm <= limit:
+            raise ProtocolAbort(AbortReason.AGGREGATE_OUT_OF_RANGE,
+                                "the unmasked sum is longer than clipped inputs can make")
 
     def _abort(self, active: _Active, reason: str, detail: str = "") -> None:
         view = active.view

@@ -134,6 +134,7 @@ def main() -> int:
     slow: set[tuple[int, str]] = set()
     inflate: dict[int, float] = {}
     repeat: set[int] = set()
+    unclipped: dict[int, float] = {}
     args = sys.argv[3:]
     while args:
         flag, value = args[0], args[1]
@@ -151,6 +152,8 @@ def main() -> int:
             inflate[int(r)] = float(stage)
         elif flag == "--repeat-release-site":  # ROUND:0, the release names a site twice
             repeat.add(int(r))
+        elif flag == "--unclipped":  # ROUND:VALUE, a site sending VALUE in every learned
+            unclipped[int(r)] = float(stage)  # element, past the SDK's clip
     original_submit = Round._submit
 
     def submit(self: Round, **message: object) -> None:
@@ -182,8 +185,13 @@ def main() -> int:
     with out.open("a") as f:
         for rnd in site.rounds():
             model = FlatModel.from_arrays(rnd.global_model)
-            trained = model.with_values(model.values + site_delta(site.site_id, rnd.number,
-                                                                  model.size))
+            delta = site_delta(site.site_id, rnd.number, model.size)
+            if rnd.number in unclipped:
+                import clients.tensors
+
+                clients.tensors.clip_l2 = lambda d, *a, **k: (d, 0.0)  # type: ignore[assignment]
+                delta = np.where(model.integer_positions, delta, unclipped[rnd.number])
+            trained = model.with_values(model.values + delta)
             state = trained.to_arrays()
             try:
                 new = rnd.submit(state, weight=site_weight(site.site_id))

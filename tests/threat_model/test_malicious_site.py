@@ -7,6 +7,7 @@ at unmask are caught by the self-mask commitment or the advertised public key.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -635,3 +636,62 @@ def test_dropped_site_that_dealt_shares_of_another_masking_key_aborts_cleanly() 
     with pytest.raises(ProtocolAbort) as caught:
         r.advance()
     assert caught.value.reason is AbortReason.RECONSTRUCTION_FAILED
+
+
+def test_a_site_sending_past_the_clip_norm_aborts_the_round_over_the_service(
+        tmp_path: Any) -> None:
+    """A roster site skips the SDK's clip and sends +clip_norm in every learned element: each
+    element is within what the masking role checks, but the update is sqrt(n) times longer
+    than any clipped one, and it moved the published model 33 times as far as a site within
+    its limits could. The aggregator, which knows the model, checks the unmasked sum's L2
+    norm against clip_norm times the weight sum: the round aborts, out of range, and no
+    model is published from it."""
+    from tests.service_kit import make_federation, read_reports, start_aggregator, start_site
+
+    fed = make_federation(tmp_path, 4, "masking", rounds=1, open_s=60.0, stage_s=20.0)
+    agg = start_aggregator(fed, tmp_path)
+    sites = {s: start_site(fed, s, tmp_path / f"site-{s}.jsonl",
+                           *(("--unclipped", "1:1.0") if s == 4 else ())) for s in (1, 2, 3, 4)}
+    try:
+        for p in sites.values():
+            assert p.wait(timeout=120) == 0
+    finally:
+        for p in sites.values():
+            p.kill()
+        agg.stop()
+    for s in (1, 2, 3, 4):
+        (report,) = read_reports(tmp_path / f"site-{s}.jsonl")
+        assert report.get("error") == "RoundAborted", report
+        assert "AGGREGATE_OUT_OF_RANGE" in report["reason"]
+    aborted = [e for e in agg.read() if e.get("event") == "round_aborted"]
+    assert [e["reason"] for e in aborted] == ["AGGREGATE_OUT_OF_RANGE"], agg.tail()
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (1e-4, 0.3, 1.0, 2e-3)])
+def test_honest_inputs_at_the_clip_norm_pass_the_aggregators_norm_check(
+        weights: tuple[float, ...]) -> None:
+    """The least slack there is: every site's delta exactly clip_norm long, all in one
+    direction (their sum as long as clipped inputs can make it), with small and large
+    weights; quantised, masked and unmasked for real. The aggregator's L2 check takes it."""
+    import types
+
+    from aggregator.job import Job
+    from secagg.masking import RoundConfig, simulate_round
+    from secagg.model import FlatModel
+
+    size = 4096
+    roster, identities = make_roster(len(weights))
+    config = RoundConfig("norm-check", roster, size)
+    direction = np.random.default_rng(7).normal(size=size)  # test data only
+    direction *= config.quantizer.clip / np.linalg.norm(direction)
+    inputs = {s: (direction.copy(), w) for s, w in zip(sorted(identities), weights, strict=True)}
+    result = simulate_round(config, identities, inputs).result
+    assert result is not None
+    model = FlatModel.from_arrays({"w": np.zeros(size, np.float32)})
+    job = types.SimpleNamespace(config=types.SimpleNamespace(clip_norm=config.quantizer.clip))
+    Job._check_clip_norm(job, model, result.weighted_sum,  # type: ignore[arg-type]
+                         result.weight_sum, result.error_bound)
+    longer = result.weighted_sum * 1.001
+    with pytest.raises(ProtocolAbort):
+        Job._check_clip_norm(job, model, longer, result.weight_sum,  # type: ignore[arg-type]
+                             result.error_bound)
