@@ -862,6 +862,13 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
         raise ConfigurationError("[job] initial_model is not set: the job needs a model to "
                                  "start from")
     model = FlatModel.load_npz(config.initial_model)
+    # the sites take round 1 only from the model their config names: started from another
+    # one, the job would run rounds every site refuses
+    if config.initial_model_digest is not None and model.digest != config.initial_model_digest:
+        raise ConfigurationError(
+            f"[job] initial_model ({config.initial_model}) is not the model "
+            "[job] initial_model_digest names (the sites' configs name it too): restore the "
+            "model file, or give every party a config naming the new model")
     _metrics = Metrics()
     metrics_server = None
     if metrics_listen is not None:

@@ -118,6 +118,11 @@ class Site:
         held = self._history.held(self.config.job_id)
         if held is not None:
             self._held_round, self._model_digest = held
+        elif self.config.initial_model_digest is not None:
+            # a site that holds nothing yet holds the job's first model, as its config names
+            # it: round 1 must start from it, and a later round must follow from it
+            # defence: sdk.first-model-pinned
+            self._model_digest = self.config.initial_model_digest
 
     @classmethod
     def connect(cls, site_dir: str | Path, *, tensors: str = "auto",

@@ -17,6 +17,7 @@ trust_root = "<hex>"             # the roster signer's Ed25519 public key
 rounds = 3
 server_learning_rate = 1.0
 initial_model = "model.npz"      # optional, relative to this file (numpy .npz, no pickle)
+initial_model_digest = "<hex>"   # optional: the digest of round 1's model, which sites check
 
 [update]
 clip_norm = 1.0                  # each site's update (delta) is clipped to this L2 norm
@@ -73,7 +74,7 @@ SDK_CHUNK_BYTES = 1024 * 1024
 
 _KEYS = {
     "federation": {"name", "protocol", "aggregator", "trust_root"},
-    "job": {"id", "rounds", "server_learning_rate", "initial_model"},
+    "job": {"id", "rounds", "server_learning_rate", "initial_model", "initial_model_digest"},
     "update": {"clip_norm", "max_samples"},
     "masking": {"neighbors", "threshold", "corrupt_fraction", "dropout_rate", "word_bits"},
     "ckks": {"preset", "key_holders", "min_sites"},
@@ -147,6 +148,10 @@ class FederationConfig:
     # (sites refuse a round they already took part in: clients.site.History)
     job_id: str = "job"
     initial_model: Path | None = None
+    # the digest (FlatModel.digest) of the model round 1 starts from: a site holding no model
+    # yet takes only a job that starts from it (the aggregator could otherwise hand every
+    # site a first model of its own choosing; `federation init --model` writes it)
+    initial_model_digest: bytes | None = None
     clip_norm: float = 1.0
     max_samples: float = 10_000.0
     neighbors: int | str = "complete"
@@ -215,6 +220,13 @@ class FederationConfig:
         # defence: config.initial-model-a-path
         if initial is not None and not isinstance(initial, str):
             raise ConfigurationError("[job] initial_model must be a path")
+        pinned = job.get("initial_model_digest")
+        try:
+            initial_digest = None if pinned is None else bytes.fromhex(pinned)
+        except (TypeError, ValueError):
+            initial_digest = b""
+        if initial_digest is not None and len(initial_digest) != 32:
+            raise ConfigurationError("[job] initial_model_digest must be 64 hex digits")
         neighbors = msk.get("neighbors", "complete")
         if not (neighbors in ("complete", "auto") or (isinstance(neighbors, int)
                                                       and not isinstance(neighbors, bool))):
@@ -240,6 +252,7 @@ class FederationConfig:
             server_learning_rate=float(_positive("job", "server_learning_rate", _get(
                 job, "job", "server_learning_rate", (int, float), 1.0))),
             initial_model=None if initial is None else (base or Path(".")) / initial,
+            initial_model_digest=initial_digest,
             clip_norm=float(_positive("update", "clip_norm", _get(
                 upd, "update", "clip_norm", (int, float), 1.0))),
             max_samples=float(_positive("update", "max_samples", _get(
@@ -348,6 +361,8 @@ class FederationConfig:
                        "stream_idle_seconds": self.limits.stream_idle_seconds,
                        "upload_slots": self.limits.upload_slots},
         }
+        if self.initial_model_digest is not None:
+            data["job"]["initial_model_digest"] = self.initial_model_digest.hex()
         if self.initial_model is not None:
             model = self.initial_model
             if base is not None and model.is_absolute() and model.is_relative_to(base):

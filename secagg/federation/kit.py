@@ -181,17 +181,20 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
     pki.check_hosts(hosts)
     if not 1 <= len(name) <= 40 or not name.isprintable():
         raise ConfigurationError(f"--name must be 1-40 printable characters, got {name!r}")
+    initial_digest = None
     if initial_model is not None:
         from secagg.model import FlatModel
 
-        if FlatModel.load_npz(initial_model).size < 1:
+        loaded = FlatModel.load_npz(initial_model)
+        if loaded.size < 1:
             raise ConfigurationError(f"the model {initial_model} has no values")
+        initial_digest = loaded.digest
     signer_key = Ed25519PrivateKey.generate()
     signer = RosterSigner(IdentityKey(signer_key))
     model_name = None if initial_model is None else Path("model.npz")
     config = FederationConfig(name=name, protocol=protocol, aggregator=aggregator,
                               trust_root=signer.public_key, key_holders=tuple(key_holders),
-                              initial_model=model_name)
+                              initial_model=model_name, initial_model_digest=initial_digest)
     if overrides:
         config = replace(config, **overrides)  # type: ignore[arg-type]
     config.check()

@@ -111,3 +111,26 @@ def test_an_aggregator_on_another_jobs_store_names_both_jobs(tmp_path: Path) -> 
     log = (tmp_path / "aggregator.log").read_text()
     assert "Traceback" not in log and "cannot load" not in log
     assert "rounds of another job" in log and "job-2" in log
+
+
+def test_an_aggregator_whose_model_file_is_not_the_one_the_config_names_refuses_to_start(
+        tmp_path: Path) -> None:
+    """The model file changed after `federation init` (the sites' configs name the digest of
+    the first model): the job would open round 1 from a model every site refuses. The
+    aggregator refuses to start, in one line, naming both settings."""
+    import numpy as np
+
+    from tests.service_kit import Aggregator
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    config = load_server_files(fed.aggregator_config).config
+    assert config.initial_model_digest is not None and config.initial_model is not None
+    arrays = dict(np.load(config.initial_model))
+    arrays = {k: v + 1 if v.dtype.kind == "f" else v for k, v in arrays.items()}
+    np.savez(config.initial_model, **arrays)
+    agg = Aggregator(fed, tmp_path / "aggregator.db", tmp_path / "aggregator.log")
+    agg.start(wait=False)
+    assert agg.process is not None
+    assert agg.process.wait(timeout=60) == 2
+    log = (tmp_path / "aggregator.log").read_text()
+    assert "Traceback" not in log and "initial_model_digest" in log

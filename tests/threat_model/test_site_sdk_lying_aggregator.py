@@ -813,3 +813,35 @@ def test_text_the_aggregator_chose_reaches_errors_on_one_line_and_bounded() -> N
         assert "\n" not in text and "\r" not in text and "\x1b" not in text
         assert len(text) < 2000
     assert "\\n2026-12-03" in str(caught.value)  # still readable, escaped
+
+
+@pytest.mark.parametrize("number", [1, 3])
+def test_a_site_holding_no_model_yet_takes_only_the_first_model_its_config_names(
+        number: int) -> None:
+    """The aggregator opens the job (round 1, or round 3 for a site joining late) from a
+    model of its own making: a site that held no model took any. Its config names the first
+    model's digest (`federation init --model` writes it): a round that does not start from
+    it, or follow from it, is refused before anything is fetched; the named model is
+    taken."""
+    import dataclasses
+
+    from secagg.model import FlatModel
+
+    info, payloads = _model_info(number, f"hospitals/job-1/round-{number}")
+    made_up = FlatModel.from_arrays({"w": np.zeros(8, np.float32)})
+    first = FlatModel.from_arrays({"w": np.full(8, 0.25, np.float32)})
+    site, conn = _site("masking", info, payloads)
+    site.config = dataclasses.replace(site.config, initial_model_digest=first.digest)
+    site._model_digest = first.digest  # as Site() sets it from such a config
+    assert made_up.digest != first.digest
+    with pytest.raises(ModelMismatch, match="does not follow"):
+        next(site.rounds())
+    assert conn.fetched == [] and conn.sent == []
+
+    pinned, _ = _site("masking", info, payloads)
+    kit = pinned.kit
+    kit.config = dataclasses.replace(kit.config, initial_model_digest=made_up.digest)
+    assert Site(kit, conn)._model_digest == made_up.digest  # type: ignore[arg-type]
+    if number == 1:
+        fresh = Site(kit, _Scripted(info, payloads))  # type: ignore[arg-type]
+        assert next(fresh.rounds()).model.digest == made_up.digest
