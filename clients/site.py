@@ -70,6 +70,18 @@ class _Pacer:
         time.sleep(self._random.uniform(self._delay / 2, self._delay))
 
 
+# An honest aggregator ends a round within its stage deadlines: the open stage, five stages
+# at most, the key holder's release. A site gives a round twice that, and five minutes more
+# (an aggregator restarted mid-round starts the stage's deadline again), from its submit on.
+ROUND_PATIENCE = 2.0
+ROUND_GRACE_SECONDS = 300.0
+
+
+def _round_patience(config: Any) -> float:
+    d = config.deadlines
+    return float(ROUND_PATIENCE * (d.open + 5 * d.stage + d.release) + ROUND_GRACE_SECONDS)
+
+
 _RUNNING = service_pb2.ROUND_STATUS_RUNNING
 _PROTOCOLS = {"masking": service_pb2.PROTOCOL_MASKING, "ckks": service_pb2.PROTOCOL_CKKS}
 
@@ -303,6 +315,7 @@ class Round:
         self._submitted = False
         self.result: FlatModel | None = None
         self.survivors: tuple[int, ...] = ()
+        self._deadline = time.monotonic() + _round_patience(site.config)  # again at submit
 
     def __repr__(self) -> str:
         return f"Round(number={self.number}, round_id={self.round_id!r}, {self.protocol})"
@@ -335,6 +348,7 @@ class Round:
         # the arguments hold and the round is recorded: this is this site's one submission
         # (a wrong argument above leaves it free to call again)
         self._submitted = True
+        self._deadline = time.monotonic() + _round_patience(config)
         try:
             if self.protocol == "masking":
                 self._run_masking(delta, scaled_weight)
@@ -382,7 +396,16 @@ class Round:
                 raise RoundAborted(self.round_id, e.reason) from None
             if response.ready:
                 return response
+            self._in_time()
             pacer.nothing_new(began)
+
+    def _in_time(self) -> None:
+        """RoundAborted once the round has outlasted what its deadlines allow: a lying
+        aggregator answering every wait with "not yet" held a site in submit() for good."""
+        # defence: sdk.round-waits-bounded
+        if time.monotonic() > self._deadline:
+            raise RoundAborted(self.round_id, "the aggregator did not end the round within "
+                                              "twice what this federation's [deadlines] allow")
 
     def _info(self) -> service_pb2.RoundInfo:
         info: service_pb2.RoundInfo = self._conn.call(
@@ -407,6 +430,7 @@ class Round:
                 return info
             if info.status == service_pb2.ROUND_STATUS_ABORTED:
                 raise RoundAborted(self.round_id, info.abort_reason)
+            self._in_time()
             pacer.nothing_new(began)
 
     # ---- masking ---------------------------------------------------------------------------------
@@ -479,6 +503,7 @@ class Round:
         while not info.HasField("ckks_key"):
             if info.status != _RUNNING:
                 raise RoundAborted(self.round_id, info.abort_reason or "no key was announced")
+            self._in_time()
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)
             info = self._info()
