@@ -288,13 +288,27 @@ class Site:
                                    what=what, max_size=max(FlatModel.encoded_sizes(spec)))
         return wire.model_from_proto(p, data)
 
-    def _accept_result(self, info: service_pb2.RoundInfo, model: FlatModel) -> FlatModel:
+    def _accept_result(self, info: service_pb2.RoundInfo, model: FlatModel,
+                       released: np.ndarray | None = None) -> FlatModel:
+        """The round's result, checked; ``released``: the average this site released (a CKKS
+        key holder), which the result must apply exactly as the aggregator applies it."""
         result = self._download_model(info.result, "result")
         # the new model has the names, shapes and dtypes of the round's (the README's promise)
         # defence: sdk.result-spec-kept
         if result.spec != model.spec:
             raise ModelMismatch("the round's result is not a model of the round's names, shapes "
                                 "and dtypes")
+        if released is not None:
+            # the key holder knows the average: the result is the round's model plus the
+            # server learning rate times it, to the bit (a lying aggregator published a
+            # made-up result, and the key holder took it as the others did)
+            # defence: sdk.key-holder-checks-the-result
+            with np.errstate(over="ignore", invalid="ignore"):
+                expected = model.with_values(
+                    model.values + self.config.server_learning_rate * released)
+            if expected.digest != result.digest:
+                raise ModelMismatch("the round's result is not the round's model plus the "
+                                    "average this site released")
         self._model_digest = result.digest
         self._held_round = info.round
         self._history.hold(self.config.job_id, info.round, result.digest)
@@ -316,6 +330,7 @@ class Round:
         self.result: FlatModel | None = None
         self.survivors: tuple[int, ...] = ()
         self._deadline = time.monotonic() + _round_patience(site.config)  # again at submit
+        self._released: np.ndarray | None = None  # the average this site released (key holder)
 
     def __repr__(self) -> str:
         return f"Round(number={self.number}, round_id={self.round_id!r}, {self.protocol})"
@@ -355,7 +370,7 @@ class Round:
             else:
                 self._run_ckks(delta, scaled_weight)
             info = self._wait_for_end()
-            self.result = self._site._accept_result(info, self.model)
+            self.result = self._site._accept_result(info, self.model, self._released)
         except SiteError:
             raise
         # every lie this site detects (a message, a context, a model that does not hold) is
@@ -579,3 +594,4 @@ class Round:
         self._upload_and_submit(
             wire.average_bytes(released.average), "release",
             lambda blob: {"ckks_release": wire.release_to_ref(released, blob)})
+        self._released = np.asarray(released.average, dtype=np.float64)

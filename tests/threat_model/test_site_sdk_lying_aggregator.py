@@ -889,3 +889,31 @@ def test_a_round_the_aggregator_never_ends_is_given_up(
         else:
             rnd._run_ckks(np.zeros(8), 0.5)
     assert patience <= clock[0] <= patience + 30
+
+
+def test_a_key_holder_takes_only_the_result_its_release_makes() -> None:
+    """A CKKS key holder released the round's average; the aggregator publishes a result of
+    its own making (one weight moved by 1e-3). The key holder computes the result as the
+    aggregator must (the round's model plus the server learning rate times the average, in
+    the model's dtypes) and refuses any other, before it holds it; the honest one is taken
+    (the real rounds of tests/e2e take it too)."""
+    from secagg.model import FlatModel
+
+    info, payloads = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
+    site, conn = _site("ckks", info, payloads)
+    model = FlatModel.from_arrays({"w": np.zeros(8, np.float32)})
+    released = np.linspace(-0.5, 0.5, 8) / 3
+    honest = model.with_values(model.values + site.config.server_learning_rate * released)
+    made_up = honest.with_values(honest.values + np.eye(8)[3] * 1e-3)
+    for n, result in enumerate((made_up, honest)):
+        blob = wire.Blob((bytes([0x40 + n]) * 32,), len(result.to_bytes()))
+        conn.payloads[blob.chunk_ids[0]] = result.to_bytes()
+        done = service_pb2.RoundInfo(round=1, round_id=info.round_id,
+                                     status=service_pb2.ROUND_STATUS_COMPLETED,
+                                     result=wire.model_to_proto(result, blob))
+        if result is made_up:
+            with pytest.raises(ModelMismatch, match="average this site released"):
+                site._accept_result(done, model, released)
+            assert site._model_digest != made_up.digest  # not held
+        else:
+            assert site._accept_result(done, model, released).digest == honest.digest
