@@ -355,6 +355,7 @@ def test_a_flood_of_silent_connections_from_an_outsider_leaves_the_aggregator_up
     agg.start()
     assert agg.process is not None
     flood: list[socket.socket] = []
+    sites: list[Any] = []
     try:
         began = time.monotonic()
         for _ in range(limit + 100):  # more than the process may open
@@ -378,14 +379,16 @@ def test_a_flood_of_silent_connections_from_an_outsider_leaves_the_aggregator_up
                     open_ones.remove(s)
             time.sleep(0.5)
         assert not open_ones, f"{len(open_ones)} silent connections still open"
-    finally:
         for s in flood:
             s.close()
-    try:
-        sites = [start_site(fed, s, tmp_path / f"site-{s}.jsonl") for s in (1, 2, 3)]
+        sites.extend(start_site(fed, n, tmp_path / f"site-{n}.jsonl") for n in (1, 2, 3))
         for p in sites:
             assert p.wait(timeout=120) == 0
     finally:
+        for s in flood:
+            s.close()
+        for p in sites:
+            p.kill()
         agg.stop()
     for s in (1, 2, 3):
         (report,) = read_reports(tmp_path / f"site-{s}.jsonl")
