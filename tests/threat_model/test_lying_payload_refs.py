@@ -238,8 +238,7 @@ def test_a_message_naming_chunks_never_uploaded_is_a_precondition_not_an_error(
     is FAILED_PRECONDITION saying so, so the SDK uploads and sends again; never an internal
     error on the job's thread."""
     s = ckks_upload_stage
-    present = _put(s.store, os.urandom(100), 2)
-    blob = wire.Blob((present, hashlib.sha256(b"never uploaded").digest()), _needed(s))
+    blob = wire.Blob((hashlib.sha256(b"never uploaded").digest(),), _needed(s))
     assert _refused(s, 2, blob) == "FAILED_PRECONDITION"
 
 
@@ -296,3 +295,20 @@ def test_a_key_announcement_for_another_round_or_holder_is_refused(
         assert job.active is not None and job.active.ckks_config is None
     finally:
         store.close()
+
+
+def test_a_payload_of_many_small_chunks_is_refused_before_a_lookup(
+        ckks_upload_stage: Setting, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks that add up to the round's payload, but each of 1 KiB: the job looked each up
+    (one store query per id, on its only thread) before a signature could refuse it, and a
+    message of 8 MiB names 246,000 ids, sent again and again. A payload's chunks must hold
+    64 KiB each on average (the page each chunk is charged): refused before the store is
+    asked."""
+    s = ckks_upload_stage
+    data = os.urandom(_needed(s))
+    ids = tuple(_put(s.store, data[i:i + 1024], 2) for i in range(0, len(data), 1024))
+    lookups: list[int] = []
+    sizes = s.store.chunk_sizes
+    monkeypatch.setattr(s.store, "chunk_sizes", lambda i: lookups.append(len(i)) or sizes(i))
+    assert _refused(s, 2, wire.Blob(ids, len(data))) == "INVALID_ARGUMENT"
+    assert lookups == [] and s.reads == []
