@@ -221,11 +221,12 @@ class Site:
             # checked as it is joined)
             # defence: sdk.passed-rounds-are-not-news
             if (info.status == service_pb2.ROUND_STATUS_UNSPECIFIED
-                    or 0 < info.round <= self._last_round
-                    or (info.status != _RUNNING and info.round > self.config.rounds)):
+                    or (info.status != _RUNNING
+                        and not self._last_round < info.round <= self.config.rounds)
+                    or (info.status == _RUNNING and 0 < info.round <= self._last_round)):
                 pacer.nothing_new(began)
                 continue
-            self._last_round = info.round
+            self._last_round = max(self._last_round, info.round)  # (round 0 is refused)
             if info.status == _RUNNING:
                 return info
 

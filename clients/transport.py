@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from clients.errors import AggregatorRefused, AggregatorUnavailable
+from clients.errors import AggregatorRefused, AggregatorUnavailable, shown
 from secagg.federation.config import SDK_CHUNK_BYTES
 from secagg.federation.kit import SiteKit
 from secagg.v1 import service_pb2, service_pb2_grpc
@@ -320,5 +320,8 @@ _CERTIFICATE_FAILURES = ("CERTIFICATE_VERIFY_FAILED", "TLSV1_ALERT_UNKNOWN_CA",
 
 
 def _details(e: grpc.RpcError) -> str:
+    """The status's details, as the aggregator chose them: escaped and cut short (they
+    reach AggregatorUnavailable's message, which training scripts log)."""
     details = e.details() if hasattr(e, "details") else None
-    return str(details or "no details")
+    # defence: sdk.status-details-shown-safely
+    return shown(str(details or "no details"))

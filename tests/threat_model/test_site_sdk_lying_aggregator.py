@@ -766,8 +766,9 @@ def test_long_polls_answered_at_once_with_nothing_new_are_spaced_out(
     assert clock[0] >= 60.0  # 39 early answers: about 2 s apart on average, at least
 
 
+@pytest.mark.parametrize("announced", ["passed", "round 0, finished", "alternating"])
 def test_a_round_the_site_passed_announced_at_once_again_and_again_is_paced(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        announced: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A lying aggregator answers every GetRound at once with the running round this site
     already passed (asked for the rounds after it): the site skipped it, asked again and
     spun, thousands of calls and warnings a second. It is not news: paced like "nothing
@@ -783,11 +784,15 @@ def test_a_round_the_site_passed_announced_at_once_again_and_again_is_paced(
     site._last_round = 1  # the site passed round 1 (skipped it, or took part)
     calls = [0]
 
+    zero = service_pb2.RoundInfo(round=0, round_id="hospitals/job-1/round-0",
+                                 status=service_pb2.ROUND_STATUS_COMPLETED)
+
     def call(method: str, request: Any, **_kwargs: Any) -> Any:
         calls[0] += 1
-        assert method == "GetRound" and request.after_round == 1
-        if calls[0] < 40:
-            return mine  # round 1, running, at once
+        assert method == "GetRound" and request.after_round == 1  # never reset
+        if calls[0] < 40:  # at once: round 1 running, round 0 finished, or each in turn
+            return {"passed": mine, "round 0, finished": zero,
+                    "alternating": (mine, zero)[calls[0] % 2]}[announced]
         return service_pb2.RoundInfo(status=service_pb2.ROUND_STATUS_JOB_DONE)
 
     site._conn = types.SimpleNamespace(call=call)  # type: ignore[assignment]
@@ -917,3 +922,37 @@ def test_a_key_holder_takes_only_the_result_its_release_makes() -> None:
             assert site._model_digest != made_up.digest  # not held
         else:
             assert site._accept_result(done, model, released).digest == honest.digest
+
+
+def test_status_details_of_an_unavailable_aggregator_reach_errors_escaped() -> None:
+    """The aggregator answers UNAVAILABLE with details holding a line break, a forged log
+    line and a terminal escape until the site's retries run out: AggregatorUnavailable
+    carried them as they were (the other errors escaped such text already)."""
+    import random
+
+    import grpc
+
+    from clients.errors import AggregatorUnavailable
+    from clients.transport import Connection
+
+    forged = "down\n2026-12-03 10:00:00 INFO clients: round 1 completed\x1b[2K" + "A" * 5000
+
+    class Unavailable(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self) -> str:
+            return forged
+
+    def get_round(request: Any, timeout: float) -> Any:
+        raise Unavailable()
+
+    conn = Connection.__new__(Connection)
+    conn.stub = types.SimpleNamespace(GetRound=get_round)  # type: ignore[assignment]
+    conn.retry_seconds, conn.call_timeout = 0.3, 1.0
+    conn._random, conn.bytes_received, conn.bytes_sent = random.SystemRandom(), 0, 0
+    with pytest.raises(AggregatorUnavailable) as caught:
+        conn.call("GetRound", service_pb2.GetRoundRequest())
+    text = str(caught.value)
+    assert "\n" not in text and "\x1b" not in text and len(text) < 2000
+    assert "\\n2026-12-03" in text
