@@ -375,6 +375,17 @@ def _pg_tool(tool: str, url: str | None, *args: str) -> bytes:
         lines = [f"{k}={v}" for k, v in parameters.items() if v is not None and v != ""]
         if any(c in line for line in lines for c in "\r\n\0"):
             raise StoreError(f"a parameter of the store URL {redacted(url)} holds a line break")
+        if "service" in parameters:
+            # the URL names a service of the operator's own service file: a service file
+            # cannot name another, so the tools get the operator's file and a command line
+            # of the rest, none of them secret (those belong in that file)
+            secret = sorted(k for k in parameters if k.lower() in _SECRET_PARAMETERS)
+            if secret:
+                raise StoreError(f"the store URL {redacted(url)} names a libpq service and "
+                                 f"{', '.join(secret)}: put those in the service file")
+            return _run_tool(tool, [*command, "--dbname", " ".join(
+                f"{k}='{_conninfo_quoted(str(v))}'" for k, v in parameters.items()
+                if v is not None and v != "")], env, f" on {redacted(url)}")
         private = tempfile.mkdtemp(prefix="secagg-pg-")  # 0700
         service_file = Path(private) / "pg_service.conf"
         fd = os.open(service_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -388,6 +399,11 @@ def _pg_tool(tool: str, url: str | None, *args: str) -> bytes:
     finally:
         if private is not None:
             shutil.rmtree(private, ignore_errors=True)
+
+
+def _conninfo_quoted(value: str) -> str:
+    """A value for a libpq conninfo string's single quotes."""
+    return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def _run_tool(tool: str, command: list[str], env: dict[str, str], where: str) -> bytes:

@@ -682,3 +682,25 @@ def test_a_restore_of_another_applications_database_is_refused(tmp_path: Path) -
         restore(other, str(target))
     assert not target.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db"]
+
+
+def test_a_store_url_naming_a_libpq_service_backs_up(
+        tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator's store URL names a service of their own libpq service file
+    (``postgresql:///?service=NAME``): the aggregator connected, but the backup copied it
+    into a service file of its own, and libpq refused the nested service. The tools now get
+    the operator's file, and a secret beside the service name in the URL is refused with
+    the advice to put it in that file."""
+    real = sa.engine.make_url(postgres_url)
+    services = tmp_path / "pg_service.conf"
+    services.write_text(f"[secagg-test]\nhost={real.host}\nport={real.port or 5432}\n"
+                        f"dbname={real.database}\nuser={real.username}\n"
+                        f"password={real.password}\n")
+    services.chmod(0o600)
+    monkeypatch.setenv("PGSERVICEFILE", str(services))
+    url = "postgresql:///?service=secagg-test"
+    Store(url).close()
+    assert backup(url, tmp_path / "b.dump") > 0
+    with pytest.raises(StoreError, match="put those in the service file"):
+        backup(url + "&sslpassword=passphrase", tmp_path / "c.dump")
+    assert not (tmp_path / "c.dump").exists()
