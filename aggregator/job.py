@@ -20,6 +20,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from aggregator.store import BlobRef, Event, Store, StoreError, split_chunks
 from secagg import wire
 from secagg.ckks import CkksServer, CkksStage, PublicContext, _seal
 from secagg.ckks.keys import public_context_length
-from secagg.ckks.presets import get_preset
+from secagg.ckks.presets import FLOOD_FACTOR, get_preset
 from secagg.errors import (
     AbortReason,
     ConfigurationError,
@@ -742,7 +743,33 @@ class Job:
             raise ProtocolAbort(_abort_reason("TOO_FEW_SURVIVORS"),
                                 "the key holder did not release the average")
         average, sites, release_blob, weight_sum = active.ckks_release
+        self._check_released_norm(active, average, len(sites), weight_sum)
         self._complete(active, average, sites, release_blob, weight_sum)
+
+    def _check_released_norm(self, active: _Active, average: np.ndarray, sites: int,
+                             weight_sum: float) -> None:
+        """The L2 check of _check_clip_norm for a CKKS release: the key holder checks each
+        element only, and one site past the SDK's clip moved the model by L2 9.0 with
+        clip_norm 1. The released vector is the sum (within ``clip_norm * W`` of zero for its
+        learned values) plus CKKS's error (``bound`` an element), the flooding noise
+        (Gaussian, sigma = FLOOD_FACTOR * bound: its norm is below sigma * (sqrt(d) + 12)
+        but with probability e**-72) and the rounding to ``grid``; the weight sum W carries
+        the same per-element terms."""
+        # defence: service.released-average-within-the-clip-norm
+        params = active.ckks_config.preset_params
+        bound = params.noise_bound(sites)
+        grid = 2.0 ** math.ceil(math.log2(bound))
+        sigma, tail = FLOOD_FACTOR * bound, 12.0
+        per_element = bound + grid / 2
+        counters = active.view.model.integer_positions
+        learned = average[~counters] if counters.any() else average
+        root = math.sqrt(learned.size)
+        norm = abs(weight_sum) * float(np.sqrt(np.dot(learned, learned)))
+        limit = (self.config.clip_norm * (weight_sum + tail * sigma + per_element) * (1 + 1e-9)
+                 + root * per_element + sigma * (root + tail))
+        if not norm <= limit:
+            raise ProtocolAbort(AbortReason.AGGREGATE_OUT_OF_RANGE,
+                                "the released average is longer than clipped inputs can make")
 
     def _complete(self, active: _Active, average: np.ndarray, survivors: tuple[int, ...],
                   release_blob: wire.Blob | None, weight_sum: float) -> None:

@@ -638,17 +638,19 @@ def test_dropped_site_that_dealt_shares_of_another_masking_key_aborts_cleanly() 
     assert caught.value.reason is AbortReason.RECONSTRUCTION_FAILED
 
 
+@pytest.mark.parametrize("protocol", ["masking", "ckks"])
 def test_a_site_sending_past_the_clip_norm_aborts_the_round_over_the_service(
-        tmp_path: Any) -> None:
+        tmp_path: Any, protocol: str) -> None:
     """A roster site skips the SDK's clip and sends +clip_norm in every learned element: each
     element is within what the masking role checks, but the update is sqrt(n) times longer
     than any clipped one, and it moved the published model 33 times as far as a site within
     its limits could. The aggregator, which knows the model, checks the unmasked sum's L2
-    norm against clip_norm times the weight sum: the round aborts, out of range, and no
-    model is published from it."""
+    norm (CKKS: the released average's, times the weight sum, beside the flooding noise's)
+    against clip_norm times the weight sum: the round aborts, out of range, and no model is
+    published from it."""
     from tests.service_kit import make_federation, read_reports, start_aggregator, start_site
 
-    fed = make_federation(tmp_path, 4, "masking", rounds=1, open_s=60.0, stage_s=20.0)
+    fed = make_federation(tmp_path, 4, protocol, rounds=1, open_s=60.0, stage_s=20.0)
     agg = start_aggregator(fed, tmp_path)
     sites = {s: start_site(fed, s, tmp_path / f"site-{s}.jsonl",
                            *(("--unclipped", "1:1.0") if s == 4 else ())) for s in (1, 2, 3, 4)}
@@ -695,3 +697,42 @@ def test_honest_inputs_at_the_clip_norm_pass_the_aggregators_norm_check(
     with pytest.raises(ProtocolAbort):
         Job._check_clip_norm(job, model, longer, result.weight_sum,  # type: ignore[arg-type]
                              result.error_bound)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (1e-3, 0.3, 1.0, 2e-2)])
+def test_honest_ckks_inputs_at_the_clip_norm_pass_the_aggregators_norm_check(
+        weights: tuple[float, ...]) -> None:
+    """As for masking: every site's delta exactly clip long, all in one direction, encrypted,
+    summed and released for real (flooding noise and all): the aggregator's L2 check of the
+    release takes it, and refuses it 1% longer."""
+    import types
+
+    from aggregator.job import Job
+    from secagg.ckks import CkksClient, CkksRoundConfig, CkksServer, KeyHolder, release_average
+    from secagg.model import FlatModel
+
+    size = 2048
+    roster, identities = make_roster(len(weights))
+    holder = KeyHolder.generate()
+    announcement = holder.announce(holder=1, identity=identities[1], epoch="norm-check")
+    config = CkksRoundConfig("norm-check", roster, announcement, (1,), size)
+    direction = np.random.default_rng(7).normal(size=size)  # test data only
+    direction *= config.clip / np.linalg.norm(direction)
+    public = holder.public_context()
+    server = CkksServer(config, public)
+    uploads = []
+    for s, w in zip(sorted(identities), weights, strict=True):
+        upload = CkksClient(config, s, identities[s], holder if s == 1 else public,
+                            (direction.copy(), w), seeded=False).start()
+        server.handle(upload)
+        uploads.append(upload)
+    released = release_average(holder, config, server.close_stage()[1], uploads, site_id=1)
+    model = FlatModel.from_arrays({"w": np.zeros(size, np.float32)})
+    job = types.SimpleNamespace(config=types.SimpleNamespace(clip_norm=config.clip))
+    active = types.SimpleNamespace(ckks_config=config, view=types.SimpleNamespace(model=model))
+    sites = len(released.sites)
+    Job._check_released_norm(job, active, released.average, sites,  # type: ignore[arg-type]
+                             released.weight_sum)
+    with pytest.raises(ProtocolAbort):
+        Job._check_released_norm(job, active, released.average * 1.01,  # type: ignore[arg-type]
+                                 sites, released.weight_sum)
