@@ -651,8 +651,8 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
             if digest != cid:
                 raise ServiceError(INVALID_ARGUMENT, "a chunk's bytes do not hash to its id")
             # labelled with the round it was charged to (a message that refers to it later
-            # claims it for its own round: Job.submit). Read again here, after the hashing,
-            # a round that closed meanwhile labelled it with no round: kept for good.
+            # claims it for its own round: Job.submit), not with the round current now: a
+            # round that closed while it was hashed left it with no round (kept for good)
             # defence: service.chunk-labelled-with-its-charged-round
             is_new = await self.writer.put(job.store, (cid, data, number, site))
             return (1, 0) if is_new else (0, 1)
