@@ -761,10 +761,9 @@ class Job:
         grid = 2.0 ** math.ceil(math.log2(bound))
         sigma, tail = FLOOD_FACTOR * bound, 12.0
         per_element = bound + grid / 2
-        counters = active.view.model.integer_positions
-        learned = average[~counters] if counters.any() else average
-        root = math.sqrt(learned.size)
-        norm = abs(weight_sum) * float(np.sqrt(np.dot(learned, learned)))
+        length, d = _learned_norm(active.view.model, average)
+        root = math.sqrt(d)
+        norm = abs(weight_sum) * length
         limit = (self.config.clip_norm * (weight_sum + tail * sigma + per_element) * (1 + 1e-9)
                  + root * per_element + sigma * (root + tail))
         if not norm <= limit:
@@ -826,12 +825,10 @@ class Job:
         element, at three times the largest weight, moved the published model 33 times as
         far as any site within its limits could (L2 31 against 0.94)."""
         # defence: service.masked-sum-within-the-clip-norm
-        counters = model.integer_positions
-        learned = weighted_sum[~counters] if counters.any() else weighted_sum
-        norm = float(np.sqrt(np.dot(learned, learned)))
+        norm, d = _learned_norm(model, weighted_sum)
         element, weight = error
         limit = (self.config.clip_norm * (weight_sum + weight) * (1 + 1e-9)
-                 + float(np.sqrt(learned.size)) * element)
+                 + math.sqrt(d) * element)
         if not norm <= limit:
             raise ProtocolAbort(AbortReason.AGGREGATE_OUT_OF_RANGE,
                                 "the unmasked sum is longer than clipped inputs can make")
@@ -944,6 +941,14 @@ class Job:
         if self.active is not None:
             self.active.claims.extend(blob.chunk_ids)
         return data
+
+
+def _learned_norm(model: FlatModel, values: np.ndarray) -> tuple[float, int]:
+    """The L2 norm of ``values``' learned entries (integer tensors' counters aside, as the
+    SDK clips them: clients.tensors.clip_l2), and how many there are."""
+    counters = model.integer_positions
+    learned = values[~counters] if counters.any() else values
+    return float(np.sqrt(np.dot(learned, learned))), int(learned.size)
 
 
 def _claimed_site(request: service_pb2.SubmitRequest, kind: str | None) -> int | None:

@@ -722,18 +722,24 @@ def test_a_restarted_site_still_refuses_a_model_that_does_not_follow_from_the_on
     assert next(restarted.rounds()).model.digest == result.digest
 
 
-@pytest.mark.parametrize("poll", ["wait_for_end", "receive", "next_round"])
-def test_long_polls_answered_at_once_with_nothing_new_are_spaced_out(
-        poll: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A lying aggregator answers every long poll at once with "nothing new" (each reply up
-    to the message limit): the site called it a hundred times a second and received
-    gigabytes. Such polls are now spaced out, up to 5 s apart."""
+def _fake_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The SDK's clock as a list of one value, which its sleeps advance (no real waiting)."""
     import clients.site
 
     clock = [0.0]
     monkeypatch.setattr(clients.site.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(clients.site.time, "sleep",
                         lambda s: clock.__setitem__(0, clock[0] + s))
+    return clock
+
+
+@pytest.mark.parametrize("poll", ["wait_for_end", "receive", "next_round"])
+def test_long_polls_answered_at_once_with_nothing_new_are_spaced_out(
+        poll: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lying aggregator answers every long poll at once with "nothing new" (each reply up
+    to the message limit): the site called it a hundred times a second and received
+    gigabytes. Such polls are now spaced out, up to 5 s apart."""
+    clock = _fake_clock(monkeypatch)
     mine, _ = _model_info(1, "hospitals/job-1/round-1")
     site, _conn = _site("masking", mine, {})
     calls = [0]
@@ -773,12 +779,7 @@ def test_a_round_the_site_passed_announced_at_once_again_and_again_is_paced(
     already passed (asked for the rounds after it): the site skipped it, asked again and
     spun, thousands of calls and warnings a second. It is not news: paced like "nothing
     new", until the job's end."""
-    import clients.site
-
-    clock = [0.0]
-    monkeypatch.setattr(clients.site.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(clients.site.time, "sleep",
-                        lambda s: clock.__setitem__(0, clock[0] + s))
+    clock = _fake_clock(monkeypatch)
     mine, _ = _model_info(1, "hospitals/job-1/round-1")
     site, _conn = _site("masking", mine, {})
     site._last_round = 1  # the site passed round 1 (skipped it, or took part)
@@ -863,13 +864,7 @@ def test_a_round_the_aggregator_never_ends_is_given_up(
     minutes more, then gives it up (RoundAborted); the training script goes on."""
     import clients.site
 
-    clock = [0.0]
-    monkeypatch.setattr(clients.site.time, "monotonic", lambda: clock[0])
-
-    def sleep(seconds: float) -> None:
-        clock[0] += seconds
-
-    monkeypatch.setattr(clients.site.time, "sleep", sleep)
+    clock = _fake_clock(monkeypatch)
     mine, _ = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS
                           if wait == "ckks_key" else service_pb2.PROTOCOL_MASKING)
     site, _conn = _site("ckks" if wait == "ckks_key" else "masking", mine, {})
@@ -928,12 +923,9 @@ def test_status_details_of_an_unavailable_aggregator_reach_errors_escaped() -> N
     """The aggregator answers UNAVAILABLE with details holding a line break, a forged log
     line and a terminal escape until the site's retries run out: AggregatorUnavailable
     carried them as they were (the other errors escaped such text already)."""
-    import random
-
     import grpc
 
     from clients.errors import AggregatorUnavailable
-    from clients.transport import Connection
 
     forged = "down\n2026-12-03 10:00:00 INFO clients: round 1 completed\x1b[2K" + "A" * 5000
 
@@ -947,10 +939,8 @@ def test_status_details_of_an_unavailable_aggregator_reach_errors_escaped() -> N
     def get_round(request: Any, timeout: float) -> Any:
         raise Unavailable()
 
-    conn = Connection.__new__(Connection)
-    conn.stub = types.SimpleNamespace(GetRound=get_round)  # type: ignore[assignment]
-    conn.retry_seconds, conn.call_timeout = 0.3, 1.0
-    conn._random, conn.bytes_received, conn.bytes_sent = random.SystemRandom(), 0, 0
+    conn = _connection(types.SimpleNamespace(GetRound=get_round))  # type: ignore[arg-type]
+    conn.retry_seconds = 0.3
     with pytest.raises(AggregatorUnavailable) as caught:
         conn.call("GetRound", service_pb2.GetRoundRequest())
     text = str(caught.value)
