@@ -143,6 +143,7 @@ class RoundView:
     survivors: tuple[int, ...] = ()
     ckks_key_holder: int = 0
     ckks_key: service_pb2.CkksKeyOffer | None = None
+    result_signature: bytes = b""  # CKKS: the key holder's signature of the result
 
 
 @dataclass
@@ -161,7 +162,7 @@ class _Active:
     ckks_context: Any = None  # the round's public context (the sizes of its ciphertexts)
     ckks_uploads: dict[int, service_pb2.EncryptedUpdateRef] = field(default_factory=dict)
     ckks_aggregate: service_pb2.EncryptedAggregateRef | None = None
-    ckks_release: tuple[np.ndarray, tuple[int, ...], wire.Blob, float] | None = None
+    ckks_release: tuple[np.ndarray, tuple[int, ...], wire.Blob, float, bytes] | None = None
     stage_started: float = 0.0  # the job's clock when the current stage began
     claims: list[bytes] = field(default_factory=list)  # chunks the message being applied read
 
@@ -255,6 +256,9 @@ class Job:
                 view.result_blob = self._model_blob(row.result_digest)
                 self._public.update(view.result_blob.chunk_ids)
                 view.survivors = tuple(json.loads(row.survivors or "[]"))
+                if row.protocol == "ckks":
+                    # defence: service.result-signature-recovered
+                    view.result_signature = self._recorded_result_signature(row.round)
             view.abort_reason = row.abort_reason or ""
             self.rounds[row.round] = view
         last = rows[-1]
@@ -275,6 +279,16 @@ class Job:
         else:
             self.model = view.result if view.result is not None else view.model
             self._next_or_done(last.round)
+
+    def _recorded_result_signature(self, number: int) -> bytes:
+        """The key holder's result signature of a completed CKKS round, from its release as
+        recorded (the events outlive their round)."""
+        payload = self.store.event_payload(number, "message", CkksStage.RELEASE.value,
+                                           self.config.key_holder_for(number))
+        request = service_pb2.SubmitRequest()
+        if payload is not None:
+            request.ParseFromString(payload)
+        return bytes(request.ckks_release.result_signature)
 
     def _replay(self, view: RoundView) -> None:
         active = self.active
@@ -389,7 +403,7 @@ class Job:
             stage=view.stage, abort_reason=view.abort_reason,
             model=wire.model_to_proto(view.model, _blob(view.model_blob)),
             total_rounds=self.config.rounds, survivors=list(view.survivors),
-            ckks_key_holder=view.ckks_key_holder)
+            ckks_key_holder=view.ckks_key_holder, result_signature=view.result_signature)
         if view.ckks_key is not None:
             info.ckks_key.CopyFrom(view.ckks_key)
         if view.result is not None and view.result_blob is not None:
@@ -642,7 +656,20 @@ class Job:
             data = self._read(wire.Blob.from_proto(ref_r.average), size=8 * view.model.size)
             released = wire.release_from_ref(ref_r, data, round_id=view.round_id,
                                              length=view.model.size)
-            self._next_model(view, released.average)  # refused now, not when the stage closes
+            new = self._next_model(view, released.average)  # refused now, not at the close
+            # the key holder signs the model its release makes; the aggregator publishes that
+            # signature beside the result, so every site can check the result with the roster
+            # alone (a release this aggregator would apply otherwise is refused now: the same
+            # [job] server_learning_rate is the usual reason)
+            # defence: service.release-signs-the-result
+            try:
+                wire.verify_result(self.roster[site], ref_r.result_signature,
+                                   round_id=view.round_id, model_digest=view.model.digest,
+                                   result_digest=new.digest)
+            except InvalidMessage:
+                raise ServiceError(INVALID_ARGUMENT, "the release's result signature does not "
+                                   "sign the model this aggregator makes of the average (does "
+                                   "[job] server_learning_rate agree in every config?)") from None
             # defence: service.release.sites-exactly-the-uploads (each once: the published
             # survivors are this list)
             if sorted(released.sites) != sorted(active.ckks_uploads):
@@ -650,7 +677,8 @@ class Job:
                                                      "round's uploads")
             # applied when the stage closes, outside this message's transaction
             active.ckks_release = (released.average, released.sites,
-                                   wire.Blob.from_proto(ref_r.average), released.weight_sum)
+                                   wire.Blob.from_proto(ref_r.average), released.weight_sum,
+                                   bytes(ref_r.result_signature))
 
     def _close(self, active: _Active, *, replay: bool = False) -> None:
         view = active.view
@@ -742,8 +770,9 @@ class Job:
         if active.ckks_release is None:
             raise ProtocolAbort(_abort_reason("TOO_FEW_SURVIVORS"),
                                 "the key holder did not release the average")
-        average, sites, release_blob, weight_sum = active.ckks_release
+        average, sites, release_blob, weight_sum, signature = active.ckks_release
         self._check_released_norm(active, average, len(sites), weight_sum)
+        view.result_signature = signature
         self._complete(active, average, sites, release_blob, weight_sum)
 
     def _check_released_norm(self, active: _Active, average: np.ndarray, sites: int,

@@ -23,6 +23,7 @@ round's model digest against the model it holds and refuses a different one.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -86,6 +87,40 @@ _RUNNING = service_pb2.ROUND_STATUS_RUNNING
 _PROTOCOLS = {"masking": service_pb2.PROTOCOL_MASKING, "ckks": service_pb2.PROTOCOL_CKKS}
 
 
+def _masked_average_bound(quantizer: Any, weight: float, learned: int) -> float | None:
+    """How long (L2, over ``learned`` values) the average of a masking round can be, for a
+    site whose input of weight ``weight`` is in it: the weighted sum of updates clipped to
+    ``quantizer.clip`` is within ``clip * W`` of zero, and the decoded sum within
+    ``sqrt(learned) * e`` of the true one (e: the quantiser's bound per element, W's own
+    error ``e_w``); the average divides by the decoded weight sum, at least ``weight - e_w``.
+    None if the weight is below the quantiser's resolution (nothing to bound with)."""
+    element, weight_error = quantizer.error_bound(quantizer.max_sites)
+    low = weight - weight_error
+    if not low > 0:
+        return None
+    return float(quantizer.clip * (1 + weight_error / low)
+                 + math.sqrt(learned) * element / low)
+
+
+def _least_step(model: FlatModel, result: FlatModel) -> float:
+    """The shortest change (L2, integer tensors' counters aside) of ``model``'s values that
+    rounds to ``result``: each value's change less what rounding to its tensor's dtype can
+    add (a spacing at the result's value, and float32's flush of subnormals)."""
+    step = np.abs(result.values - model.values)
+    pos = 0
+    for t in model.spec:
+        dtype = np.dtype(t.dtype)
+        end = pos + t.size
+        if dtype.kind == "f":
+            part = np.abs(result.values[pos:end]).astype(dtype)
+            slack = np.spacing(part).astype(np.float64) + float(np.finfo(dtype).tiny)
+            np.subtract(step[pos:end], slack, out=step[pos:end])
+        pos = end
+    np.maximum(step, 0.0, out=step)
+    learned = step[~model.integer_positions]
+    return float(math.sqrt(np.dot(learned, learned)))
+
+
 def _why(e: Exception) -> str:
     return str(e) if isinstance(e, SecAggError) else f"{type(e).__name__}: {e}"
 
@@ -93,7 +128,6 @@ def _why(e: Exception) -> str:
 def _sample_count(weight: object) -> float | None:
     """``weight`` as a float if it is a real number (a Python, numpy or 0-d torch scalar:
     what ``len``, ``y.sum()`` and ``mask.sum()`` return), not a bool, finite; else None."""
-    import math
     import numbers
 
     if getattr(weight, "ndim", None) == 0 and hasattr(weight, "item"):
@@ -269,6 +303,10 @@ class Site:
             if past.round != j or bytes(past.model.digest) != current:
                 break
             if past.status == service_pb2.ROUND_STATUS_COMPLETED:
+                # a CKKS round this site missed: its result is the one the key holder signed
+                # defence: sdk.missed-ckks-results-signed
+                if self.config.protocol == "ckks":
+                    self._check_result_signature(past, current, bytes(past.result.digest))
                 current = bytes(past.result.digest)
         # defence: sdk.model-follows-held-across-missed-rounds
         if current != digest:
@@ -289,10 +327,34 @@ class Site:
                                    what=what, max_size=max(FlatModel.encoded_sizes(spec)))
         return wire.model_from_proto(p, data)
 
+    def _result_of(self, model: FlatModel, average: np.ndarray) -> FlatModel:
+        """The model a round's average makes, as the aggregator makes it (Job._next_model)."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            return model.with_values(model.values + self.config.server_learning_rate * average)
+
+    def _check_result_signature(self, info: service_pb2.RoundInfo, model_digest: bytes,
+                                result_digest: bytes) -> None:
+        """A CKKS round's result is the one its key holder (named by this site's config, its
+        key from the signed roster) signed: the model its release makes. Only the key holder
+        and the aggregator see the average; before, the other sites took any model a lying
+        aggregator published, so long as its digest matched its bytes."""
+        holder = self.config.key_holder_for(int(info.round))
+        # defence: sdk.ckks-result-signed-by-the-key-holder
+        try:
+            wire.verify_result(self.kit.roster[holder], bytes(info.result_signature),
+                               round_id=info.round_id, model_digest=model_digest,
+                               result_digest=result_digest)
+        except (InvalidMessage, KeyError):
+            raise ModelMismatch(f"round {int(info.round)}'s result is not the one its key holder "
+                                f"(site {holder}) signed") from None
+
     def _accept_result(self, info: service_pb2.RoundInfo, model: FlatModel,
-                       released: np.ndarray | None = None) -> FlatModel:
+                       released: np.ndarray | None = None,
+                       average_bound: float | None = None) -> FlatModel:
         """The round's result, checked; ``released``: the average this site released (a CKKS
-        key holder), which the result must apply exactly as the aggregator applies it."""
+        key holder), which the result must apply exactly as the aggregator applies it;
+        ``average_bound``: how long (L2, counters aside) the round's average can be (masking,
+        a site whose input is in the sum: _masked_average_bound)."""
         result = self._download_model(info.result, "result")
         # the new model has the names, shapes and dtypes of the round's (the README's promise)
         # defence: sdk.result-spec-kept
@@ -304,12 +366,26 @@ class Site:
             # server learning rate times it, to the bit (a lying aggregator published a
             # made-up result, and the key holder took it as the others did)
             # defence: sdk.key-holder-checks-the-result
-            with np.errstate(over="ignore", invalid="ignore"):
-                expected = model.with_values(
-                    model.values + self.config.server_learning_rate * released)
-            if expected.digest != result.digest:
+            if self._result_of(model, released).digest != result.digest:
                 raise ModelMismatch("the round's result is not the round's model plus the "
                                     "average this site released")
+        elif self.config.protocol == "ckks":
+            self._check_result_signature(info, model.digest, result.digest)
+        elif average_bound is not None:
+            # masking: no site sees the sum, so none can check the result to the bit; but the
+            # average of clipped updates is at most clip_norm long (give or take the
+            # quantiser), so the result is at most the server learning rate times that from
+            # the round's model. Before, a lying aggregator could publish any model (a trap
+            # for the next round's updates); now it moves the model no further a round than
+            # an honest round can
+            # defence: sdk.masked-result-within-the-clip-norm
+            limit = self.config.server_learning_rate * average_bound * (1 + 1e-9)
+            step = _least_step(model, result)
+            if not step <= limit:
+                raise ModelMismatch(
+                    f"the round's result moved the model by L2 {step:.4g}, further than the "
+                    f"average of clipped updates can ({limit:.4g}: [update] clip_norm times "
+                    "[job] server_learning_rate, which must agree in every config)")
         self._model_digest = result.digest
         self._held_round = info.round
         self._history.hold(self.config.job_id, info.round, result.digest)
@@ -332,6 +408,8 @@ class Round:
         self.survivors: tuple[int, ...] = ()
         self._deadline = time.monotonic() + _round_patience(site.config)  # again at submit
         self._released: np.ndarray | None = None  # the average this site released (key holder)
+        # masking, once this site's input is in the sum: how long the round's average can be
+        self._average_bound: float | None = None
 
     def __repr__(self) -> str:
         return f"Round(number={self.number}, round_id={self.round_id!r}, {self.protocol})"
@@ -371,7 +449,8 @@ class Round:
             else:
                 self._run_ckks(delta, scaled_weight)
             info = self._wait_for_end()
-            self.result = self._site._accept_result(info, self.model, self._released)
+            self.result = self._site._accept_result(info, self.model, self._released,
+                                                    self._average_bound)
         except SiteError:
             raise
         # every lie this site detects (a message, a context, a model that does not hold) is
@@ -478,6 +557,11 @@ class Round:
                              self.round_id, list(client.unusable_share_senders))
             self._progress(f"stage {client.stage.name}", done, 5)
             self._send_masking(reply, config.word_bits)
+        # this site was in the survivor list every site signed, and revealed its self-mask
+        # seed's shares: its input (and weight) is in the sum, which bounds the average
+        # defence: sdk.masked-average-bounded-once-in-the-sum
+        self._average_bound = _masked_average_bound(
+            config.quantizer, weight, int(np.count_nonzero(~self.model.integer_positions)))
 
     def _send_masking(self, reply: Any, word_bits: int) -> None:
         from secagg.masking.messages import (
@@ -592,7 +676,13 @@ class Round:
             released = self._verify_and_release(release, request, config)
         finally:
             release.close()
+        self._released = np.asarray(released.average, dtype=np.float64)
+        # the model this release makes, signed: the other sites take only a result this
+        # site signed (_accept_result), and this site only the one it computed
+        result = self._site._result_of(self.model, self._released)
+        signature = self._site.kit.identity.sign(wire.result_signed_bytes(
+            self.round_id, self.model.digest, result.digest))
         self._upload_and_submit(
             wire.average_bytes(released.average), "release",
-            lambda blob: {"ckks_release": wire.release_to_ref(released, blob)})
-        self._released = np.asarray(released.average, dtype=np.float64)
+            lambda blob: {"ckks_release": wire.release_to_ref(released, blob,
+                                                              result_signature=signature)})

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from secagg._encoding import encode
 from secagg.ckks.keys import KeyAnnouncement
 from secagg.ckks.round import EncryptedAggregate, EncryptedUpdate, ReleasedAverage
 from secagg.errors import InvalidMessage
+from secagg.hazmat import signing
 from secagg.masking.messages import (
     AdvertiseKeys,
     ConsistencySignature,
@@ -216,9 +218,28 @@ def average_bytes(values: np.ndarray) -> bytes:
     return np.ascontiguousarray(values, dtype="<f8").tobytes()
 
 
-def release_to_ref(r: ReleasedAverage, blob: Blob) -> service_pb2.ReleasedAverageRef:
+def release_to_ref(r: ReleasedAverage, blob: Blob, *,
+                   result_signature: bytes = b"") -> service_pb2.ReleasedAverageRef:
     return service_pb2.ReleasedAverageRef(average=blob.to_proto(), weight_sum=r.weight_sum,
-                                          sites=list(r.sites), grid=r.grid)
+                                          sites=list(r.sites), grid=r.grid,
+                                          result_signature=result_signature)
+
+
+def result_signed_bytes(round_id: str, model_digest: bytes, result_digest: bytes) -> bytes:
+    """What a CKKS round's key holder signs once it has released the average: the model the
+    round started from and the model its release makes (the round's model plus the server
+    learning rate times the average), which the aggregator must publish. Only the key holder
+    and the aggregator see the average; the signature lets every other site check that the
+    published result is the one the release makes, with nothing but the roster."""
+    # defence: wire.result-signature-binds-round, wire.result-signature-binds-model
+    return encode("ckks-round-result", round_id, model_digest, result_digest)
+
+
+def verify_result(public_key: bytes, signature: bytes, *, round_id: str, model_digest: bytes,
+                  result_digest: bytes) -> None:
+    """InvalidMessage unless ``public_key`` (the key holder's roster key) signed this result."""
+    signing.verify(public_key, bytes(signature),
+                   result_signed_bytes(round_id, model_digest, result_digest))
 
 
 def release_from_ref(p: service_pb2.ReleasedAverageRef, data: bytes, *, round_id: str,

@@ -100,7 +100,7 @@ class GetRoundRequest(_message.Message):
     def __init__(self, after_round: _Optional[int] = ..., wait_ms: _Optional[int] = ..., until_finished: _Optional[bool] = ...) -> None: ...
 
 class RoundInfo(_message.Message):
-    __slots__ = ("round", "round_id", "protocol", "status", "model", "stage", "ckks_key_holder", "ckks_key", "abort_reason", "result", "total_rounds", "survivors")
+    __slots__ = ("round", "round_id", "protocol", "status", "model", "stage", "ckks_key_holder", "ckks_key", "abort_reason", "result", "total_rounds", "survivors", "result_signature")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,7 @@ class RoundInfo(_message.Message):
     RESULT_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     round: int
     round_id: str
     protocol: Protocol
@@ -125,7 +126,8 @@ class RoundInfo(_message.Message):
     result: Model
     total_rounds: int
     survivors: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, round: _Optional[int] = ..., round_id: _Optional[str] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., status: _Optional[_Union[RoundStatus, str]] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., stage: _Optional[int] = ..., ckks_key_holder: _Optional[int] = ..., ckks_key: _Optional[_Union[CkksKeyOffer, _Mapping]] = ..., abort_reason: _Optional[str] = ..., result: _Optional[_Union[Model, _Mapping]] = ..., total_rounds: _Optional[int] = ..., survivors: _Optional[_Iterable[int]] = ...) -> None: ...
+    result_signature: bytes
+    def __init__(self, round: _Optional[int] = ..., round_id: _Optional[str] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., status: _Optional[_Union[RoundStatus, str]] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., stage: _Optional[int] = ..., ckks_key_holder: _Optional[int] = ..., ckks_key: _Optional[_Union[CkksKeyOffer, _Mapping]] = ..., abort_reason: _Optional[str] = ..., result: _Optional[_Union[Model, _Mapping]] = ..., total_rounds: _Optional[int] = ..., survivors: _Optional[_Iterable[int]] = ..., result_signature: _Optional[bytes] = ...) -> None: ...
 
 class MaskedInputRef(_message.Message):
     __slots__ = ("site_id", "word_bits", "masked_input", "partners", "signature")
@@ -174,16 +176,18 @@ class EncryptedAggregateRef(_message.Message):
     def __init__(self, round_id: _Optional[str] = ..., key_id: _Optional[bytes] = ..., sites: _Optional[_Iterable[int]] = ..., chunks: _Optional[_Union[Blob, _Mapping]] = ..., chunk_count: _Optional[int] = ...) -> None: ...
 
 class ReleasedAverageRef(_message.Message):
-    __slots__ = ("average", "weight_sum", "sites", "grid")
+    __slots__ = ("average", "weight_sum", "sites", "grid", "result_signature")
     AVERAGE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_SUM_FIELD_NUMBER: _ClassVar[int]
     SITES_FIELD_NUMBER: _ClassVar[int]
     GRID_FIELD_NUMBER: _ClassVar[int]
+    RESULT_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     average: Blob
     weight_sum: float
     sites: _containers.RepeatedScalarFieldContainer[int]
     grid: float
-    def __init__(self, average: _Optional[_Union[Blob, _Mapping]] = ..., weight_sum: _Optional[float] = ..., sites: _Optional[_Iterable[int]] = ..., grid: _Optional[float] = ...) -> None: ...
+    result_signature: bytes
+    def __init__(self, average: _Optional[_Union[Blob, _Mapping]] = ..., weight_sum: _Optional[float] = ..., sites: _Optional[_Iterable[int]] = ..., grid: _Optional[float] = ..., result_signature: _Optional[bytes] = ...) -> None: ...
 
 class CkksReleaseRequest(_message.Message):
     __slots__ = ("aggregate", "uploads")

@@ -946,3 +946,138 @@ def test_status_details_of_an_unavailable_aggregator_reach_errors_escaped() -> N
     text = str(caught.value)
     assert "\n" not in text and "\x1b" not in text and len(text) < 2000
     assert "\\n2026-12-03" in text
+
+
+def _signed_ckks_site() -> tuple[Site, _Scripted, Any, dict[int, Any]]:
+    """A site of a CKKS federation (key holder: HOLDER) joined to round 1, with the
+    federation's identities, so a test can sign as any roster site."""
+    info, payloads = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
+    site, conn = _site("ckks", info, payloads)
+    roster, identities = make_roster(5)
+    site.kit.roster, site.kit.identity = roster, identities[HONEST]
+    return site, conn, info, identities
+
+
+def _completed(conn: _Scripted, number: int, result: Any, signature: bytes,
+               tag: int) -> Any:
+    blob = wire.Blob((bytes([tag]) * 32,), len(result.to_bytes()))
+    conn.payloads[blob.chunk_ids[0]] = result.to_bytes()
+    return service_pb2.RoundInfo(round=number, round_id=f"hospitals/job-1/round-{number}",
+                                 protocol=service_pb2.PROTOCOL_CKKS,
+                                 status=service_pb2.ROUND_STATUS_COMPLETED,
+                                 result=wire.model_to_proto(result, blob),
+                                 result_signature=signature)
+
+
+@pytest.mark.parametrize("lie", ["unsigned", "another-result", "another-signer",
+                                 "another-round", "another-start"])
+def test_a_ckks_site_takes_only_the_result_its_key_holder_signed(lie: str) -> None:
+    """Only the key holder and the aggregator see a CKKS round's average; the other sites
+    took whatever model the aggregator published, so long as its bytes matched its digest
+    (a lying aggregator could publish a model of its choosing: a trap for the next round's
+    updates). The key holder signs the model its release makes; a site takes a result only
+    with that signature, from the holder its own config names (the roster's key): not one
+    unsigned, signed for another result, by another roster site, for another round, or from
+    another starting model. The genuine one is taken."""
+    from secagg.model import FlatModel
+
+    site, conn, info, identities = _signed_ckks_site()
+    model = FlatModel.from_arrays({"w": np.zeros(8, np.float32)})
+    honest = model.with_values(np.linspace(-0.1, 0.1, 8))
+    made_up = honest.with_values(honest.values + np.eye(8)[3])
+    signer, round_id, start, result = HOLDER, info.round_id, model.digest, honest
+    if lie == "another-result":
+        result = made_up  # the holder signed the honest result; the made-up one is published
+    elif lie == "another-signer":
+        signer, result = COLLUDER, made_up
+    elif lie == "another-round":
+        round_id, result = "hospitals/job-1/round-2", made_up
+    elif lie == "another-start":
+        start, result = b"\x09" * 32, made_up
+    signature = identities[signer].sign(wire.result_signed_bytes(
+        round_id, start, (honest if lie == "another-result" else result).digest))
+    done = _completed(conn, 1, result, b"" if lie == "unsigned" else signature, 0x50)
+    with pytest.raises(ModelMismatch, match="key holder \\(site 1\\) signed"):
+        site._accept_result(done, model)
+    assert site._model_digest != result.digest  # not held
+
+    genuine = identities[HOLDER].sign(wire.result_signed_bytes(
+        info.round_id, model.digest, honest.digest))
+    done = _completed(conn, 1, honest, genuine, 0x51)
+    assert site._accept_result(done, model).digest == honest.digest
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_a_ckks_site_that_missed_a_round_takes_its_result_only_signed(signed: bool) -> None:
+    """The site holds round 1's result and missed round 2; round 3 starts from round 2's
+    published result. That result, which the site never saw made, is taken only with round
+    2's key holder's signature; unsigned, the site refuses round 3 before fetching
+    anything."""
+    from secagg.model import FlatModel
+
+    site, _conn, _info, identities = _signed_ckks_site()
+    info, payloads = _model_info(3, "hospitals/job-1/round-3", service_pb2.PROTOCOL_CKKS)
+    announced = bytes(info.model.digest)
+    held = b"\x11" * 32
+    start = FlatModel.from_arrays({"w": np.ones(8, np.float32)})
+    round2 = _completed(_Scripted(info, {}), 2, start, b"", 0x52)
+    round2.model.digest, round2.result.digest = held, announced
+    if signed:
+        round2.result_signature = identities[HOLDER].sign(
+            wire.result_signed_bytes(round2.round_id, held, announced))
+    conn = _Chain(info, payloads, {2: round2})
+    site._conn = conn  # type: ignore[assignment]
+    site._model_digest, site._held_round = held, 1
+    if signed:
+        assert next(site.rounds()).model.digest == announced
+        return
+    with pytest.raises(ModelMismatch, match="round 2's result is not the one"):
+        next(site.rounds())
+    assert conn.fetched == [] and conn.sent == []
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (1e-4, 0.3, 1.0, 2e-3)])
+def test_a_masking_site_takes_no_result_further_than_clipped_updates_move_the_model(
+        weights: tuple[float, ...]) -> None:
+    """No site sees a masking round's sum, so none can check the result to the bit: a lying
+    aggregator published any model it liked (a trap for the next round's updates). A site
+    whose input is in the sum knows the average of clipped updates is at most clip_norm
+    long (give or take the quantiser, divided by at least its own weight): it takes no
+    result further than the server learning rate times that from the round's model. The
+    least slack there is passes, for each site's own weight, small or large: every update
+    exactly clip_norm long, all in one direction, quantised, masked and unmasked for real,
+    and the result rounded to float32 from a model of values ~1. The same result 1% further
+    out, or with one value moved by 0.2, is refused before it is held."""
+    from clients.site import _masked_average_bound
+    from secagg.masking import RoundConfig, simulate_round
+    from secagg.model import FlatModel
+
+    size = 4096
+    roster, identities = make_roster(len(weights))
+    config = RoundConfig("norm-check", roster, size)
+    rng = np.random.default_rng(7)  # test data only
+    direction = rng.normal(size=size)
+    direction *= config.quantizer.clip / np.linalg.norm(direction)
+    inputs = {s: (direction.copy(), w) for s, w in zip(sorted(identities), weights, strict=True)}
+    sums = simulate_round(config, identities, inputs).result
+    assert sums is not None
+    average = sums.weighted_sum / sums.weight_sum
+    info, payloads = _model_info(1, "hospitals/job-1/round-1")
+    site, conn = _site("masking", info, payloads)
+    lr = site.config.server_learning_rate
+    model = FlatModel.from_arrays({"w": rng.normal(size=size).astype(np.float32)})
+    honest = model.with_values(model.values + lr * average)
+    further = model.with_values(model.values + 1.01 * lr * average)
+    nudged = honest.with_values(honest.values + 0.2 * np.eye(size)[9])
+    for n, weight in enumerate(weights):
+        bound = _masked_average_bound(config.quantizer, weight, size)
+        assert bound is not None
+        for m, result in enumerate((further, nudged, honest)):
+            done = _completed(conn, 1, result, b"", 0x60 + 3 * n + m)
+            done.protocol = service_pb2.PROTOCOL_MASKING
+            if result is honest:
+                assert site._accept_result(done, model, None, bound).digest == honest.digest
+                continue
+            with pytest.raises(ModelMismatch, match="further than the average of clipped"):
+                site._accept_result(done, model, None, bound)
+            assert site._model_digest != result.digest  # not held
