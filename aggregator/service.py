@@ -61,8 +61,9 @@ MAX_IDS_PER_CALL = 4096
 class Identity:
     """Site ids from client certificates, cached by certificate."""
 
-    def __init__(self, roster_sites: set[int]) -> None:
+    def __init__(self, roster_sites: set[int], ca_pem: bytes | None = None) -> None:
         self._sites = roster_sites
+        self._issuers = () if ca_pem is None else pki.direct_issuers(ca_pem)
         self._cache: dict[bytes, int | None] = {}
 
     async def site(self, context: Ctx) -> int:
@@ -73,13 +74,14 @@ class Identity:
                                                                    "required")
         pem = bytes(pems[0])
         if pem not in self._cache:
-            self._cache[pem] = pki.site_id_from_pem(pem)
+            self._cache[pem] = pki.site_id_from_pem(pem, self._issuers)
         site = self._cache[pem]
         if site is None:
             log.warning("refused: certificate names no site", extra={
                 "event": "identity_refused", "peer": context.peer()})
             await _abort(context, grpc.StatusCode.UNAUTHENTICATED,
-                         "the client certificate names no site")
+                         "the client certificate names no site, or is not issued by the "
+                         "federation's CA itself")
         if site not in self._sites:
             log.warning("refused: site not on the roster", extra={
                 "event": "identity_refused", "site_id": site, "peer": context.peer()})
@@ -902,7 +904,8 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
         # so one connection cannot make the server receive dozens of large requests at once
         ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
     ])
-    service = AggregationService(core, Identity(set(roster)), config)
+    # defence: service.identity-knows-the-ca (site certificates issued by the CA itself)
+    service = AggregationService(core, Identity(set(roster), files.ca_cert), config)
     add_service(service, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

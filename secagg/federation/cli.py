@@ -21,8 +21,8 @@ def _site_id(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a site id >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a site id >= 1, got {text!r}")
+    if not 1 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected a site id in [1, 2**63), got {text!r}")
     return value
 
 
@@ -50,11 +50,25 @@ def _csr(args: argparse.Namespace) -> int:
 
 
 def _sign(args: argparse.Namespace) -> int:
-    from secagg.federation.kit import sign_site_request
+    from secagg.federation import pki
+    from secagg.federation.config import FederationConfig
+    from secagg.federation.kit import CONFIG_FILE, ROSTER_FILE, load_roster, sign_site_request
 
-    out = sign_site_request(args.dir, args.request, args.out)
-    print(f"signed; the site's certificate and the re-signed roster are in {out}; every "
-          "party needs the new roster.bin")
+    def roster() -> list[int]:
+        config = FederationConfig.load(Path(args.dir) / CONFIG_FILE)
+        return sorted(load_roster(Path(args.dir) / ROSTER_FILE, config.trust_root))
+
+    before = roster()
+    out = sign_site_request(args.dir, args.request, args.out, add_site=args.add_site)
+    site = pki.site_id_from_pem((Path(out) / "client.crt").read_bytes())
+    after = roster()
+    # what was approved, said: a new seat and a rotation looked alike
+    if site in before:
+        print(f"signed site {site}: a new TLS certificate, its identity key unchanged")
+    else:
+        print(f"signed site {site}: ADDED to the roster ({len(before)} -> {len(after)} sites)")
+    print(f"  the certificate and the re-signed roster are in {out}; every party needs the "
+          "new roster.bin")
     return 0
 
 
@@ -85,4 +99,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     sign.add_argument("--dir", required=True, type=Path, help="the federation directory")
     sign.add_argument("--request", required=True, type=Path)
     sign.add_argument("--out", required=True, type=Path)
+    sign.add_argument("--add-site", action="store_true",
+                      help="the request adds a new site to the roster (confirm with it out of "
+                           "band first); without it only a rotation is signed")
     sign.set_defaults(func=_sign)

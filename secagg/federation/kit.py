@@ -18,11 +18,13 @@ signs it with ``secagg federation sign``, which also re-signs the roster with th
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -178,6 +180,11 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
     # Everything is checked before the first file is written: a failed init used to leave the
     # CA's and the roster signer's private keys behind, and the re-run was refused.
     # defence: federation.init-checks-first
+    # the host sites dial must be one the server certificate names (every site failed the
+    # hostname check when --aggregator named a host and --host did not repeat it)
+    # defence: federation.init-names-the-aggregator-host
+    dialled = _dial_host(aggregator)
+    hosts = [*hosts, *([dialled] if dialled and dialled not in (*hosts, *DEFAULT_HOSTS) else [])]
     pki.check_hosts(hosts)
     if not 1 <= len(name) <= 40 or not name.isprintable():
         raise ConfigurationError(f"--name must be 1-40 printable characters, got {name!r}")
@@ -201,6 +208,13 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
     ca_key, ca_cert = pki.make_ca(name)
     try:
         d.mkdir(parents=True, exist_ok=True)
+        # modes set, not left to the umask: under umask 000 the directories holding ca.key
+        # and signer.key were world-writable (anyone could swap the keys or the roster);
+        # the directories of private keys are made 0700 (pki.write_private)
+        # defence: federation.init-directory-modes
+        d.chmod(0o755)
+        (d / "sites").mkdir(mode=0o755)
+        (d / "sites").chmod(0o755)
     except OSError as e:
         raise ConfigurationError(f"cannot make {d}: {e.strerror}") from None
     pki.write_private(d / "ca" / "ca.key", pki.pem_private(ca_key))
@@ -211,7 +225,7 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
     signed = signer.sign({s: IdentityKey(k).public_bytes for s, k in identities.items()},
                          federation=name)
     if initial_model is not None and model_name is not None:
-        (d / model_name).write_bytes(Path(initial_model).read_bytes())
+        pki.write_public(d / model_name, Path(initial_model).read_bytes())
     _write_public_files(d, config, signed, ca_cert, model_name)
 
     server_key, server_cert = pki.issue_server_cert(ca_key, ca_cert, hosts)
@@ -230,16 +244,28 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
     return config
 
 
+DEFAULT_HOSTS = ("localhost", "127.0.0.1")  # named by every server certificate
+
+
+def _dial_host(address: str) -> str | None:
+    """The host of a ``host:port`` (``[v6]:port``) address (None if there is none: the
+    config's own check then says what is wrong with the address)."""
+    host, sep, _port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host if sep and host else None
+
+
 def _write_public_files(d: Path, config: FederationConfig, signed: SignedRoster,
                         ca_cert: x509.Certificate, model_name: Path | None) -> None:
     d.mkdir(parents=True, exist_ok=True)
     pki.write_public(d / "ca.crt", pki.pem_cert(ca_cert))
-    (d / CONFIG_FILE).write_text(config.to_toml())
-    (d / ROSTER_FILE).write_bytes(roster_to_bytes(signed))
+    pki.write_public(d / CONFIG_FILE, config.to_toml().encode())
+    pki.write_public(d / ROSTER_FILE, roster_to_bytes(signed))
     if model_name is not None and not (d / model_name).exists():
         src = d.parent / model_name
         if src.exists():
-            (d / model_name).write_bytes(src.read_bytes())
+            pki.write_public(d / model_name, src.read_bytes())
 
 
 # ---- a site's own keys: csr / sign -----------------------------------------------------------
@@ -260,6 +286,9 @@ def make_site_request(directory: Path | str, site_id: int, *,
     (public only) is what goes to the operator. With ``identity_key`` it is a rotation: a new
     TLS certificate for a site already on the roster."""
     d = Path(directory)
+    # defence: federation.csr-site-id-bounded (checked before a key is written)
+    if isinstance(site_id, bool) or not isinstance(site_id, int) or not 1 <= site_id < 2**63:
+        raise ConfigurationError(f"a site id is a positive integer below 2**63, got {site_id!r}")
     private: Ed25519PrivateKey | None = None
     if identity_key is not None:
         identity = load_identity(Path(identity_key))
@@ -285,24 +314,33 @@ def make_site_request(directory: Path | str, site_id: int, *,
         "identity_signature": identity.sign(_request_message(site_id, csr_der)).hex(),
     }
     path = d / "request.json"
-    path.write_text(json.dumps(request, indent=2))
+    pki.write_public(path, json.dumps(request, indent=2).encode())
     return path
 
 
-def sign_site_request(federation: Path | str, request_path: Path | str, out: Path | str
-                      ) -> Path:
+def sign_site_request(federation: Path | str, request_path: Path | str, out: Path | str, *,
+                      add_site: bool = False) -> Path:
     """Sign a site's request: its certificate, and a re-signed roster with its identity key in
     it (a new roster version and graph seed), written with the public files into ``out``.
-    Every party must then receive the new roster."""
+    Every party must then receive the new roster. A request for a site the roster does not
+    hold yet is refused unless ``add_site``: adding a seat is the operator's decision, made
+    knowingly (one party asking for a second site id looked like a rotation)."""
     fed = Path(federation)
     try:
         request = json.loads(Path(request_path).read_text())
-        site_id = int(request["site_id"])
+        site_id = request["site_id"]
+        # defence: federation.request-site-id-integer (1.5 and true were taken as site 1)
+        if isinstance(site_id, bool) or not isinstance(site_id, int):
+            raise ValueError("site_id is not an integer")
         csr = x509.load_pem_x509_csr(request["csr"].encode())
         identity_public = bytes.fromhex(request["identity_public_key"])
         proof = bytes.fromhex(request.get("identity_signature", ""))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ConfigurationError(f"cannot read the site request {request_path}: {e}") from None
+    # (a number beyond a float, or JSON nested 100,000 deep, raised out of here)
+    # defence: federation.request-parse-errors-are-configuration-errors
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError,
+            RecursionError) as e:
+        raise ConfigurationError(f"cannot read the site request {request_path}: "
+                                 f"{type(e).__name__}") from None
     if not 1 <= site_id < 2**63:
         raise ConfigurationError(f"the site request names site {site_id}: a site id is a "
                                  "positive integer below 2**63")
@@ -317,6 +355,29 @@ def sign_site_request(federation: Path | str, request_path: Path | str, out: Pat
             f"the request for site {site_id} is not signed by the identity key it names: only "
             "a request made with the site's identity key (secagg federation csr, with "
             "--identity to rotate) is signed") from None
+    with _federation_lock(fed):
+        return _sign_locked(fed, site_id, csr, identity_public, out, add_site)
+
+
+@contextlib.contextmanager
+def _federation_lock(fed: Path) -> Iterator[None]:
+    """One ``sign`` at a time per federation directory: two at once both read roster
+    version n and wrote two different rosters n+1 (the federation's and the aggregator's
+    disagreeing)."""
+    # defence: federation.sign-serialised
+    try:
+        fd = os.open(fed / ".sign.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise ConfigurationError(f"cannot lock {fed}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _sign_locked(fed: Path, site_id: int, csr: x509.CertificateSigningRequest,
+                 identity_public: bytes, out: Path | str, add_site: bool) -> Path:
     config = FederationConfig.load(fed / CONFIG_FILE)
     ca_key = pki.load_private(fed / "ca" / "ca.key")
     ca_cert = pki.load_cert(fed / "ca" / "ca.crt")
@@ -325,6 +386,12 @@ def sign_site_request(federation: Path | str, request_path: Path | str, out: Pat
     # defence: federation.roster-key-kept
     if site_id in roster and roster[site_id] != identity_public:
         raise ConfigurationError(f"site {site_id} is already on the roster with another key")
+    # defence: federation.adding-a-site-is-explicit
+    if site_id not in roster and not add_site:
+        raise ConfigurationError(
+            f"the request adds site {site_id} to the roster (now {sorted(roster)}): confirm "
+            "with that site, out of band, that it asked for this id, then sign again with "
+            "--add-site (a rotation names a site already on the roster)")
     sites = dict(roster)
     sites[site_id] = identity_public
     signer_key = serialization.load_pem_private_key(
@@ -343,7 +410,5 @@ def sign_site_request(federation: Path | str, request_path: Path | str, out: Pat
     pki.write_public(o / "client.crt", pki.pem_cert(cert))
     _write_public_files(o, config, signed, ca_cert, None)
     for path in (fed / ROSTER_FILE, fed / "aggregator" / ROSTER_FILE):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(roster_to_bytes(signed))
-        os.replace(tmp, path)
+        pki.write_public(path, roster_to_bytes(signed))  # (replaced whole)
     return o

@@ -13,9 +13,11 @@ Private keys are written with mode 0600 (:func:`write_private`), created exclusi
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from secagg.errors import ConfigurationError
 SITE_URI_PREFIX = "urn:secagg:site:"
 AGGREGATOR_URI = "urn:secagg:aggregator"
 DEFAULT_DAYS = 365
+TLS_CURVES = frozenset({"secp256r1", "secp384r1"})  # what the CA signs: gRPC's TLS takes both
 
 
 def _now() -> dt.datetime:
@@ -73,6 +76,9 @@ def _issue(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
            sans: Sequence[x509.GeneralName], usage: x509.ObjectIdentifier, *,
            days: int = DEFAULT_DAYS, not_before: dt.datetime | None = None) -> x509.Certificate:
     start = not_before or (_now() - dt.timedelta(minutes=5))
+    # never past the CA's own end: a certificate outliving its CA fails every handshake
+    # defence: pki.certificate-within-the-ca
+    end = min(start + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
     return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
@@ -80,7 +86,7 @@ def _issue(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
-        .not_valid_after(start + dt.timedelta(days=days))
+        .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
@@ -161,6 +167,17 @@ def sign_csr(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
     # defence: pki.csr-ec-key
     if not isinstance(public_key, ec.EllipticCurvePublicKey):
         raise ConfigurationError("the certificate request's key must be an EC key")
+    # P-256 or P-384 only: the CA signed P-192 (96-bit security) and secp256k1, brainpool
+    # and P-521 keys, whose certificates gRPC's TLS then refused at every handshake
+    # defence: pki.csr-curve
+    if public_key.curve.name not in TLS_CURVES:
+        raise ConfigurationError(f"the certificate request's key is on {public_key.curve.name}"
+                                 f": use one of {', '.join(sorted(TLS_CURVES))}")
+    # defence: pki.ca-in-date
+    if ca_cert.not_valid_after_utc < _now():
+        raise ConfigurationError(f"the federation's CA expired on "
+                                 f"{ca_cert.not_valid_after_utc:%Y-%m-%d}: make a new CA "
+                                 "(a new ca.crt everywhere) before signing")
     return issue_site_cert(ca_key, ca_cert, site_id, public_key)
 
 
@@ -170,23 +187,54 @@ def site_ids_of(item: x509.Certificate | x509.CertificateSigningRequest) -> list
         san = item.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return []
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        # (a certificate or request carrying the SAN extension twice, or one that does not
+        # parse: it names no site, rather than raising out of the caller)
+        # defence: pki.unreadable-extensions-name-no-site
+        return [-1]
     out = []
     for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
         if uri.startswith(SITE_URI_PREFIX):
             tail = uri[len(SITE_URI_PREFIX):]
+            # ASCII digits only, at most 19 (site ids are below 2**63): a 5,000-digit id
+            # made int() raise (Python's 4,300-digit limit) inside the aggregator's call
             # defence: pki.site-id-canonical, pki.site-id-malformed-counted
-            if tail.isdigit() and not tail.startswith("0"):
+            if (tail.isascii() and tail.isdigit() and not tail.startswith("0")
+                    and len(tail) <= 19 and int(tail) < 2**63):
                 out.append(int(tail))
             else:
                 out.append(-1)  # malformed: never matches a site
     return out
 
 
-def site_id_from_pem(pem: bytes) -> int | None:
-    """The one site id a client certificate names, or None."""
+def direct_issuers(ca_pem: bytes) -> tuple[x509.Certificate, ...]:
+    """The CAs of a ``ca.crt`` bundle, if every one of them must issue client certificates
+    itself (path length 0, as every CA ``federation init`` makes); none if one allows
+    intermediates (the server sees the leaf only, and TLS has checked a chain exists)."""
+    cas = x509.load_pem_x509_certificates(ca_pem)
+    return tuple(cas) if all(_path_length(ca) == 0 for ca in cas) else ()
+
+
+def _path_length(ca: x509.Certificate) -> int | None:
+    """A CA's path length constraint (None: none; -1: not a CA)."""
+    try:
+        constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except (x509.ExtensionNotFound, ValueError, x509.DuplicateExtension):
+        return -1
+    return constraints.path_length if constraints.ca else -1
+
+
+def site_id_from_pem(pem: bytes, issuers: Sequence[x509.Certificate] = ()) -> int | None:
+    """The one site id a client certificate names, or None; with ``issuers``, None unless
+    one of them signed it directly (direct_issuers). TLS stacks do not all enforce a trust
+    anchor's path length: BoringSSL, under gRPC, took a site certificate from an
+    intermediate CA that the federation's CA (path length 0) had signed."""
     try:
         cert = x509.load_pem_x509_certificate(pem)
     except ValueError:
+        return None
+    # defence: pki.site-certificate-issued-by-the-ca-itself
+    if issuers and not any(_issued_by(cert, ca) for ca in issuers):
         return None
     ids = site_ids_of(cert)
     # defence: pki.site-id-alone
@@ -207,7 +255,8 @@ def pem_cert(cert: x509.Certificate) -> bytes:
 
 def write_private(path: Path, data: bytes) -> None:
     """Write a secret file with mode 0600, refusing to overwrite one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # defence: pki.private-directories-0700
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     # defence: pki.private-never-overwritten
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -218,8 +267,21 @@ def write_private(path: Path, data: bytes) -> None:
 
 
 def write_public(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    """Write a public file (mode 0644) whole: through a new file renamed over ``path``,
+    so a reader never sees half of it and a symlink at ``path`` is replaced, not followed
+    (``csr`` wrote its request through a link planted in its directory)."""
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            os.fchmod(f.fileno(), 0o644)
+        # defence: pki.public-files-replace-links
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def load_private(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -265,6 +327,12 @@ def check_tls_files(key_pem: bytes, cert_pem: bytes, ca_pem: bytes, where: Path,
         raise ConfigurationError(f"the private key in {where} is not the key of its "
                                  "certificate")
     now = _now()
+    # a CA past its end makes every handshake fail with nothing but "unavailable": said here
+    # defence: pki.ca-bundle-in-date
+    if all(ca.not_valid_after_utc < now for ca in cas):
+        raise ConfigurationError(f"the CA certificate in {where / 'ca.crt'} expired on "
+                                 f"{max(ca.not_valid_after_utc for ca in cas):%Y-%m-%d}: the "
+                                 "federation needs a new CA")
     # defence: pki.certificate-not-expired, pki.certificate-already-valid
     if leaf.not_valid_after_utc < now:
         raise ConfigurationError(f"the certificate in {where} expired on "
@@ -277,23 +345,34 @@ def check_tls_files(key_pem: bytes, cert_pem: bytes, ca_pem: bytes, where: Path,
                                  "ca.crt (another federation's?)")
 
 
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
 def _chains(leaf: x509.Certificate, intermediates: Sequence[x509.Certificate],
             cas: Sequence[x509.Certificate]) -> bool:
-    current = leaf
+    """Whether ``leaf`` chains through ``intermediates`` (each a CA) to one of ``cas`` whose
+    path length allows that many intermediates below it (gRPC's TLS does not check a trust
+    anchor's path length: a CA of path length 0, as `federation init` makes, was taken with
+    an intermediate under it)."""
+    current, depth = leaf, 0
     for _ in range(len(intermediates) + 1):
         for ca in cas:
-            try:
-                current.verify_directly_issued_by(ca)
+            limit = _path_length(ca)
+            # defence: pki.ca-path-length-enforced
+            if _issued_by(current, ca) and (limit is None or depth <= limit):
                 return True
-            except (ValueError, TypeError, InvalidSignature):
-                pass
         for parent in intermediates:
-            try:
-                current.verify_directly_issued_by(parent)
-            except (ValueError, TypeError, InvalidSignature):
+            # defence: pki.intermediates-are-cas
+            if _path_length(parent) == -1 or not _issued_by(current, parent):
                 continue
-            current = parent
+            current, depth = parent, depth + 1
             break
         else:
             return False
+    return False
     return False

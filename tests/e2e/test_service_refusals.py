@@ -395,3 +395,51 @@ def test_a_flood_of_silent_connections_from_an_outsider_leaves_the_aggregator_up
         assert report["survivors"] == [1, 2, 3]
     assert not [e for e in agg.read() if e.get("event") in (
         "store_unreachable", "store_error", "recovery_error")], agg.tail()
+
+
+def test_certificates_the_tls_stack_takes_but_the_federation_never_issues_are_refused(
+        tmp_path: Path) -> None:
+    """Two client certificates that pass gRPC's TLS: one for site 1 from an intermediate CA
+    under the federation's CA (path length 0, which BoringSSL does not enforce on a trust
+    anchor), and one from the CA itself naming a 5,000-digit site id (int() raised inside the
+    call: UNKNOWN, with Python's message, nothing logged). Both are UNAUTHENTICATED, logged;
+    site 1's own certificate is served."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    fed = make_federation(tmp_path, 4, "masking", rounds=1)
+    agg = start_aggregator(fed, tmp_path)
+    try:
+        kit = SiteKit.load(fed.site_dir(1))
+        ca_key = pki.load_private(fed.directory / "ca" / "ca.key")
+        ca_cert = pki.load_cert(fed.directory / "ca" / "ca.crt")
+        now = dt.datetime.now(dt.UTC)
+        inter_key = pki.new_key()
+        inter = (x509.CertificateBuilder()
+                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "inter")]))
+                 .issuer_name(ca_cert.subject).public_key(inter_key.public_key())
+                 .serial_number(x509.random_serial_number())
+                 .not_valid_before(now - dt.timedelta(minutes=5))
+                 .not_valid_after(now + dt.timedelta(days=30))
+                 .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                 .sign(ca_key, hashes.SHA256()))
+        key = pki.new_key()
+        chained = pki.pem_cert(pki.issue_site_cert(inter_key, inter, 1, key.public_key()))
+        long_id = pki.pem_cert(pki._issue(
+            ca_key, ca_cert, key.public_key(), "site",
+            [x509.UniformResourceIdentifier(pki.SITE_URI_PREFIX + "9" * 5000)],
+            ExtendedKeyUsageOID.CLIENT_AUTH))
+        request = service_pb2.GetRoundRequest(after_round=0, wait_ms=0)
+        for cert in (chained + pki.pem_cert(inter), long_id):
+            stub = service_pb2_grpc.AggregationStub(  # type: ignore[no-untyped-call]
+                _channel(fed.port, kit.ca_pem, pki.pem_private(key), cert))
+            assert _code(lambda: stub.GetRound(request, timeout=10)  # noqa: B023
+                         ) is grpc.StatusCode.UNAUTHENTICATED
+        own = service_pb2_grpc.AggregationStub(  # type: ignore[no-untyped-call]
+            _channel(fed.port, kit.ca_pem, kit.key_pem, kit.cert_pem))
+        assert own.GetRound(request, timeout=10).round == 1
+    finally:
+        agg.stop()
+    refused = [e for e in agg.read() if e.get("event") == "identity_refused"]
+    assert len(refused) == 2, agg.tail()

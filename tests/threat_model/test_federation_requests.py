@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -62,7 +63,7 @@ def test_signed_files_never_go_into_a_directory_that_holds_files(
     shutil.copytree(fed / "sites" / "site-2", live)
     before = {p.name: p.read_bytes() for p in live.iterdir()}
     with pytest.raises(ConfigurationError, match="not an empty directory"):
-        sign_site_request(fed, request, live)
+        sign_site_request(fed, request, live, add_site=True)
     assert {p.name: p.read_bytes() for p in live.iterdir()} == before
     assert _roster_version(fed) == 1
 
@@ -108,6 +109,9 @@ def test_the_ca_signs_only_a_request_that_proves_an_ec_key() -> None:
     (["urn:secagg:site:3", "urn:secagg:site:3x"], None),  # a malformed extra one
     (["urn:secagg:site:x"], None),
     (["urn:secagg:site:0"], None),
+    ([f"urn:secagg:site:{2**63 - 1}"], 2**63 - 1),
+    ([f"urn:secagg:site:{2**63}"], None),  # beyond a site id
+    (["urn:secagg:site:" + "9" * 5000], None),  # beyond int()'s digits: raised before
 ])
 def test_a_certificate_names_a_site_only_unambiguously(uris: list[str], site: int | None) -> None:
     """Certificates from an operator's own CA are accepted: one that names two sites, a site
@@ -170,3 +174,265 @@ def test_a_model_file_that_carries_a_pickle_is_refused_without_running_it(
     with pytest.raises(ConfigurationError):
         FlatModel.load_npz(crafted)
     assert not marker.exists()
+
+
+def _intermediate(ca_key: Any, ca_cert: x509.Certificate) -> tuple[Any, x509.Certificate]:
+    """A CA certificate signed by ``ca_key`` (what the federation's CA never issues)."""
+    key = pki.new_key()
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "intermediate")]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256()))
+    return key, cert
+
+
+def test_a_site_certificate_from_an_intermediate_under_the_federations_ca_names_no_site(
+        fed: Path, tmp_path: Path) -> None:
+    """The federation's CA has path length 0: it issues site certificates itself. gRPC's TLS
+    does not enforce a trust anchor's path length, and took a site-1 certificate issued by an
+    intermediate CA under it (were the CA key ever used to sign a CA). The aggregator's
+    identity check (site_id_from_pem with the bundle's direct issuers) and a site's load
+    check (check_tls_files) both refuse it; the CA's own site certificates pass."""
+    ca_pem = (fed / "ca" / "ca.crt").read_bytes()
+    ca_key = pki.load_private(fed / "ca" / "ca.key")
+    ca_cert = pki.load_cert(fed / "ca" / "ca.crt")
+    inter_key, inter = _intermediate(ca_key, ca_cert)
+    leaf_key = pki.new_key()
+    leaf = pki.issue_site_cert(inter_key, inter, 1, leaf_key.public_key())
+    issuers = pki.direct_issuers(ca_pem)
+    assert issuers  # (every CA `init` makes has path length 0)
+    assert pki.site_id_from_pem(pki.pem_cert(leaf), issuers) is None
+    own = (fed / "sites" / "site-1" / "client.crt").read_bytes()
+    assert pki.site_id_from_pem(own, issuers) == 1
+    with pytest.raises(ConfigurationError, match="not issued by"):
+        pki.check_tls_files(pki.pem_private(leaf_key), pki.pem_cert(leaf) + pki.pem_cert(inter),
+                            ca_pem, tmp_path, chain_to_ca=True)
+
+
+def _request_with_csr(tmp_path: Path, site_id: int, csr_der: bytes) -> Path:
+    """A site request around ``csr_der``, properly signed by a fresh identity key."""
+    import json
+
+    from secagg.federation.kit import _request_message
+
+    identity = ed25519.Ed25519PrivateKey.generate()
+    pem = x509.load_der_x509_csr(csr_der).public_bytes(serialization.Encoding.PEM).decode()
+    path = tmp_path / f"request-{site_id}.json"
+    path.write_text(json.dumps({
+        "site_id": site_id, "csr": pem,
+        "identity_public_key": identity.public_key().public_bytes_raw().hex(),
+        "identity_signature": identity.sign(_request_message(site_id, csr_der)).hex()}))
+    return path
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    n = len(body)
+    size = bytes([n]) if n < 128 else bytes([0x80 | ((n.bit_length() + 7) // 8)]) + n.to_bytes(
+        (n.bit_length() + 7) // 8, "big")
+    return bytes([tag]) + size + body
+
+
+def test_a_request_carrying_its_site_name_twice_is_a_clear_refusal(
+        fed: Path, tmp_path: Path) -> None:
+    """A CSR with the SAN extension twice (re-signed, so it verifies): cryptography raises
+    DuplicateExtension, which is no ValueError, and `federation sign` ended in a traceback
+    (so did a client certificate like it at the aggregator: UNKNOWN). It names no site."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ObjectIdentifier
+
+    key = pki.new_key()
+    tbs = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
+           .add_extension(x509.SubjectAlternativeName(
+               [x509.UniformResourceIdentifier(f"{pki.SITE_URI_PREFIX}5")]), critical=False)
+           .add_extension(x509.UnrecognizedExtension(ObjectIdentifier("2.5.29.99"), b"\x30\x00"),
+                          critical=False)
+           .sign(key, hashes.SHA256()).tbs_certrequest_bytes)
+    tbs = tbs.replace(bytes.fromhex("0603551d63"), bytes.fromhex("0603551d11"))  # 2nd SAN
+    algorithm = _der(0x30, _der(0x06, bytes.fromhex("2a8648ce3d040302")))  # ecdsa-with-SHA256
+    signature = key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+    csr_der = _der(0x30, tbs + algorithm + _der(0x03, b"\x00" + signature))
+    csr = x509.load_der_x509_csr(csr_der)
+    assert csr.is_signature_valid
+    assert pki.site_ids_of(csr) == [-1]
+    with pytest.raises(ConfigurationError, match="does not name site 5 alone"):
+        sign_site_request(fed, _request_with_csr(tmp_path, 5, csr_der), tmp_path / "out",
+                          add_site=True)
+    assert not (tmp_path / "out").exists() and _roster_version(fed) == 1
+
+
+@pytest.mark.parametrize(("curve", "signed"), [
+    ("SECP192R1", False), ("SECP256K1", False), ("BrainpoolP256R1", False),
+    ("SECP521R1", False), ("SECP384R1", True), ("SECP256R1", True)])
+def test_the_ca_signs_only_keys_on_curves_tls_takes(curve: str, signed: bool) -> None:
+    """P-192 (96-bit security), secp256k1, brainpool and P-521 keys were signed, and every
+    handshake with them then failed at the aggregator ("unavailable"): refused, naming the
+    curves taken."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ca_key, ca_cert = pki.make_ca("t")
+    key = ec.generate_private_key(getattr(ec, curve)())
+    csr = _csr(f"{pki.SITE_URI_PREFIX}3", key)
+    if signed:
+        assert pki.site_id_from_pem(pki.pem_cert(pki.sign_csr(ca_key, ca_cert, csr, 3))) == 3
+        return
+    with pytest.raises(ConfigurationError, match="secp256r1, secp384r1"):
+        pki.sign_csr(ca_key, ca_cert, csr, 3)
+
+
+def test_an_expired_ca_is_said_at_load_and_signs_nothing(fed: Path, tmp_path: Path) -> None:
+    """The CA expired (its site certificates still in date): sites got only "unavailable"
+    (the TLS handshake's "certificate has expired" in gRPC's own log), and `sign` issued a
+    year-long certificate under it. SiteKit.load says it, naming the date; `sign` refuses;
+    a certificate is never issued past its CA's end."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key = pki.load_private(fed / "ca" / "ca.key")
+    ca_cert = pki.load_cert(fed / "ca" / "ca.crt")
+
+    def ca_ending(end: dt.datetime) -> x509.Certificate:
+        return (x509.CertificateBuilder().subject_name(ca_cert.subject)
+                .issuer_name(ca_cert.subject).public_key(ca_key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(days=30)).not_valid_after(end)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .sign(ca_key, hashes.SHA256()))
+
+    expired = ca_ending(now - dt.timedelta(days=1))
+    site = tmp_path / "site-2"
+    shutil.copytree(fed / "sites" / "site-2", site)
+    (site / "ca.crt").write_bytes(pki.pem_cert(expired))
+    with pytest.raises(ConfigurationError, match=r"CA certificate .* expired on"):
+        SiteKit.load(site)
+    csr = _csr(f"{pki.SITE_URI_PREFIX}3", ec.generate_private_key(ec.SECP256R1()))
+    with pytest.raises(ConfigurationError, match="CA expired"):
+        pki.sign_csr(ca_key, expired, csr, 3)
+    ending = ca_ending(now + dt.timedelta(days=10))
+    cert = pki.sign_csr(ca_key, ending, csr, 3)
+    assert cert.not_valid_after_utc <= ending.not_valid_after_utc
+
+
+@pytest.mark.parametrize("site_id", ["Infinity", "1e400", "1.5", "true", "deep"])
+def test_a_request_file_that_is_no_request_is_a_clear_error(
+        fed: Path, tmp_path: Path, site_id: str) -> None:
+    """A site id beyond any float, a fraction, a boolean, or JSON nested 100,000 deep:
+    OverflowError and RecursionError came out of `federation sign` as tracebacks, and 1.5
+    was taken as site 1."""
+    import json
+
+    good = make_site_request(tmp_path / "s", 5).read_text()
+    path = tmp_path / "odd.json"
+    if site_id == "deep":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        path.write_text(good.replace('"site_id": 5', f'"site_id": {site_id}'))
+        assert json.loads(good)["site_id"] == 5
+    with pytest.raises(ConfigurationError, match=r"cannot read the site request|site id"):
+        sign_site_request(fed, path, tmp_path / "out", add_site=True)
+    assert _roster_version(fed) == 1
+
+
+def test_csr_refuses_an_impossible_site_id_before_writing_a_key(tmp_path: Path) -> None:
+    """2**64 raised OverflowError after client.key and identity.key were written (and the
+    retry was then refused: "identity.key exists"); 2**63 was made, only for `sign` to
+    refuse it."""
+    for site_id in (2**64, 2**63, 0):
+        with pytest.raises(ConfigurationError, match="below 2\\*\\*63"):
+            make_site_request(tmp_path / "big", site_id)
+        assert not (tmp_path / "big").exists()
+
+
+def test_csr_replaces_a_link_planted_at_its_request_instead_of_writing_through_it(
+        tmp_path: Path) -> None:
+    """request.json was written through a symlink planted in the site's directory,
+    overwriting the link's target. The link is replaced; the target is untouched; the
+    request is a 0644 file."""
+    d = tmp_path / "site"
+    d.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (d / "request.json").symlink_to(victim)
+    path = make_site_request(d, 5)
+    assert victim.read_text() == "precious"
+    assert not path.is_symlink() and "csr" in path.read_text()
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_two_signs_at_once_leave_one_consistent_roster(
+        fed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two operators (or scripts) sign at once: both read roster version 1 and wrote two
+    different version-2 rosters, the federation's and the aggregator's disagreeing (one run
+    also died on the other's temporary file). Signs are serialised: both sites end up on
+    one roster, version 3, the same in both places. (Signing the roster is slowed, so the
+    two overlap whenever nothing serialises them.)"""
+    import threading
+    import time
+
+    from secagg.roster import RosterSigner
+
+    real = RosterSigner.sign
+
+    def slow(self: RosterSigner, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.3)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(RosterSigner, "sign", slow)
+
+    requests = {s: make_site_request(tmp_path / f"site-{s}", s) for s in (40, 41)}
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def sign(s: int) -> None:
+        start.wait()
+        try:
+            sign_site_request(fed, requests[s], tmp_path / f"out-{s}", add_site=True)
+        except BaseException as e:  # (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=sign, args=(s,)) for s in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    config = FederationConfig.load(fed / "federation.toml")
+    ours = load_roster(fed / "roster.bin", config.trust_root)
+    theirs = load_roster(fed / "aggregator" / "roster.bin", config.trust_root)
+    assert sorted(ours) == [1, 2, 3, 4, 40, 41] and ours.version == 3
+    assert (fed / "roster.bin").read_bytes() == (fed / "aggregator" / "roster.bin").read_bytes()
+    assert theirs.version == 3
+
+
+def test_init_sets_its_modes_whatever_the_umask_and_names_the_dialled_host(
+        tmp_path: Path) -> None:
+    """Under umask 000 the directories holding ca.key and signer.key were world-writable,
+    and the public files 0666. And `--aggregator agg.example.org:50051` alone made a server
+    certificate naming only localhost, which every site's hostname check then refused."""
+    import os
+    import stat
+
+    old = os.umask(0)
+    try:
+        init_federation(tmp_path / "f", 3, aggregator="agg.example.org:50051")
+    finally:
+        os.umask(old)
+    d = tmp_path / "f"
+
+    def mode(p: Path) -> int:
+        return stat.S_IMODE(p.stat().st_mode)
+
+    for private in ("ca", "trust-root", "aggregator", "sites/site-1"):
+        assert mode(d / private) == 0o700, private
+    for public in (".", "sites"):
+        assert mode(d / public) == 0o755, public
+    for public in ("ca/ca.crt", "federation.toml", "roster.bin", "sites/site-1/client.crt"):
+        assert mode(d / public) == 0o644, public
+    server = pki.load_cert(d / "aggregator" / "server.crt")
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "agg.example.org" in names.get_values_for_type(x509.DNSName)

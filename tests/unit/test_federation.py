@@ -92,7 +92,10 @@ def test_a_site_makes_its_own_keys_and_only_its_request_travels(federation: Path
     text = request.read_text()
     assert "PRIVATE" not in text
     out = tmp_path / "signed"
-    sign_site_request(federation, request, out)
+    with pytest.raises(ConfigurationError, match="adds site 5 to the roster"):
+        sign_site_request(federation, request, out)  # a new seat is the operator's decision
+    assert not out.exists()
+    sign_site_request(federation, request, out, add_site=True)
     for name in ("client.crt", "ca.crt", "roster.bin", "federation.toml"):
         (site_dir / name).write_bytes((out / name).read_bytes())
     kit = SiteKit.load(site_dir)
@@ -270,17 +273,26 @@ def test_a_failed_init_writes_nothing_and_can_be_run_again(tmp_path: Path, kwarg
 
 
 def test_tls_files_from_an_operators_own_pki_are_accepted(federation: Path, tmp_path: Path) -> None:
-    """A leaf followed by its intermediate, with the root in a ca.crt bundle beside an old
-    CA (a rotation): what gRPC accepts, the load check accepts."""
+    """A leaf followed by its intermediate, with the root (one that allows intermediates)
+    in a ca.crt bundle beside an old CA (a rotation): accepted. Under a root of path length
+    0 (as `federation init` makes) the same chain is refused, as the aggregator refuses it
+    (gRPC's TLS does not)."""
     import datetime as dt
 
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import NameOID
 
-    root_key, root = pki.make_ca("new root")
+    now = dt.datetime.now(dt.UTC)
+    root_key = pki.new_key()
+    root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "operator root")])
+    root = (x509.CertificateBuilder().subject_name(root_name).issuer_name(root_name)
+            .public_key(root_key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=90))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+            .sign(root_key, hashes.SHA256()))
     _, old_root = pki.make_ca("old root")
     inter_key = pki.new_key()
-    now = dt.datetime.now(dt.UTC)
     inter = (x509.CertificateBuilder()
              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "inter")]))
              .issuer_name(root.subject).public_key(inter_key.public_key())
@@ -296,6 +308,24 @@ def test_tls_files_from_an_operators_own_pki_are_accepted(federation: Path, tmp_
     with pytest.raises(ConfigurationError, match="not issued by"):
         pki.check_tls_files(pki.pem_private(leaf_key), pki.pem_cert(leaf),
                             pki.pem_cert(root), tmp_path, chain_to_ca=True)
+    # a site leaf (no CA) that signed another leaf: no chain, even under a root that allows
+    # intermediates
+    site_leaf = pki.issue_site_cert(root_key, root, 1, leaf_key.public_key())
+    fake_key = pki.new_key()
+    fake = pki.issue_site_cert(leaf_key, site_leaf, 2, fake_key.public_key())
+    with pytest.raises(ConfigurationError, match="not issued by"):
+        pki.check_tls_files(pki.pem_private(fake_key), pki.pem_cert(fake) + pki.pem_cert(
+            site_leaf), pki.pem_cert(root), tmp_path, chain_to_ca=True)
+    strict_key, strict = pki.make_ca("federation")  # path length 0
+    inter = (x509.CertificateBuilder().subject_name(inter.subject).issuer_name(strict.subject)
+             .public_key(inter_key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - dt.timedelta(minutes=5))
+             .not_valid_after(now + dt.timedelta(days=30))
+             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+             .sign(strict_key, hashes.SHA256()))
+    with pytest.raises(ConfigurationError, match="not issued by"):
+        pki.check_tls_files(pki.pem_private(leaf_key), pki.pem_cert(leaf) + pki.pem_cert(inter),
+                            pki.pem_cert(strict), tmp_path, chain_to_ca=True)
 
 
 def test_ckks_min_sites_0_means_the_default() -> None:
