@@ -15,6 +15,11 @@ It also keeps, per job, the model the site holds (the digest of the last round's
 accepted, or of the model it last trained from) and the round that model belongs to, so that a
 restarted training script still accepts only a model that follows from it (``Site._join``):
 without it, an aggregator could hand every restarted site a model of its own making.
+
+And, per job, the last masking round whose sum holds this site's input, with how far that
+round's average can be from zero (``in_sum``): a site that did not see the round's result
+(told the round aborted, or restarted while it waited) still checks the result it later
+finds in the chain of rounds it missed against that bound.
 """
 
 from __future__ import annotations
@@ -39,8 +44,30 @@ class History:
         self._last: dict[str, int] = {}  # job id -> the last round number this site sent to
         # job id -> (round, digest): the model this site holds and the round it belongs to
         self._held: dict[str, tuple[int, bytes]] = {}
+        # job id -> (round, (L2 bound, element bound)): the last round whose sum holds this
+        # site's input, and how far that round's average can be from zero
+        self._in_sum: dict[str, tuple[int, tuple[float, float]]] = {}
         if self._path is not None and self._path.exists():
-            self._last, self._held = _read(self._path)
+            self._last, self._held, self._in_sum = _read(self._path)
+
+    def in_sum(self, job: str, round_number: int) -> tuple[float, float] | None:
+        """The bound on ``round_number``'s average, if this site's input is in its sum."""
+        found = self._in_sum.get(job)
+        return found[1] if found is not None and found[0] == round_number else None
+
+    def record_in_sum(self, job: str, round_number: int, bound: tuple[float, float]) -> None:
+        """Record that this site's input is in ``round_number``'s sum, with the bound on its
+        average (logged, not raised, if it cannot be written: the running round still checks
+        its result with the bound it holds)."""
+        self._in_sum[job] = (round_number, (float(bound[0]), float(bound[1])))
+        if self._path is None:
+            return
+        try:
+            with _locked(self._path.with_name(f".{HISTORY_FILE}.lock")):
+                self._merge()
+                self._write()
+        except SiteError as e:
+            _log.warning("the round this site's input is in was not recorded: %s", e)
 
     def last_round(self, job: str) -> int:
         return self._last.get(job, 0)
@@ -102,18 +129,23 @@ class History:
         """Take in what another process on this directory recorded (the later of each)."""
         assert self._path is not None
         if self._path.exists():
-            last, held = _read(self._path)
+            last, held, in_sum = _read(self._path)
             for name, n in last.items():
                 self._last[name] = max(self._last.get(name, 0), n)
             for name, h in held.items():
                 if name not in self._held or h[0] > self._held[name][0]:
                     self._held[name] = h
+            for name, b in in_sum.items():
+                if name not in self._in_sum or b[0] > self._in_sum[name][0]:
+                    self._in_sum[name] = b
 
     def _write(self) -> None:
         assert self._path is not None
         data = json.dumps({"version": 1, "last_round": self._last,
                            "held": {job: [n, digest.hex()] for job, (n, digest)
-                                    in self._held.items()}}, sort_keys=True).encode()
+                                    in self._held.items()},
+                           "in_sum": {job: [n, list(bound)] for job, (n, bound)
+                                      in self._in_sum.items()}}, sort_keys=True).encode()
         tmp = self._path.with_name(f".{HISTORY_FILE}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -156,11 +188,13 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)  # (closing releases the lock)
 
 
-def _read(path: Path) -> tuple[dict[str, int], dict[str, tuple[int, bytes]]]:
+def _read(path: Path) -> tuple[dict[str, int], dict[str, tuple[int, bytes]],
+                              dict[str, tuple[int, tuple[float, float]]]]:
     try:
         data = json.loads(path.read_bytes())
         last = data["last_round"]
         held = data.get("held", {})  # (absent in a history written before it was kept)
+        in_sum = data.get("in_sum", {})  # (likewise)
         # defence: sdk.history-version
         if (data.get("version") != 1 or not isinstance(last, dict)
                 or not all(isinstance(k, str) and type(v) is int and v >= 0
@@ -172,7 +206,15 @@ def _read(path: Path) -> tuple[dict[str, int], dict[str, tuple[int, bytes]]]:
                 and type(v[0]) is int and v[0] >= 0 and isinstance(v[1], str)
                 and len(v[1]) == 64 for k, v in held.items()):
             raise ValueError("unexpected content")
-        return dict(last), {k: (v[0], bytes.fromhex(v[1])) for k, v in held.items()}
+        # defence: sdk.history-in-sum-checked
+        if not isinstance(in_sum, dict) or not all(
+                isinstance(k, str) and isinstance(v, list) and len(v) == 2
+                and type(v[0]) is int and v[0] > 0 and isinstance(v[1], list)
+                and len(v[1]) == 2 and all(type(x) is float and x > 0 for x in v[1])
+                for k, v in in_sum.items()):
+            raise ValueError("unexpected content")
+        return (dict(last), {k: (v[0], bytes.fromhex(v[1])) for k, v in held.items()},
+                {k: (v[0], (v[1][0], v[1][1])) for k, v in in_sum.items()})
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         reason = e.strerror if isinstance(e, OSError) else "it is not a round history"
         raise SiteError(f"cannot read {path}: {reason}; it records which rounds this site "

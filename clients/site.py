@@ -28,7 +28,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -87,38 +87,62 @@ _RUNNING = service_pb2.ROUND_STATUS_RUNNING
 _PROTOCOLS = {"masking": service_pb2.PROTOCOL_MASKING, "ckks": service_pb2.PROTOCOL_CKKS}
 
 
-def _masked_average_bound(quantizer: Any, weight: float, learned: int) -> float | None:
-    """How long (L2, over ``learned`` values) the average of a masking round can be, for a
-    site whose input of weight ``weight`` is in it: the weighted sum of updates clipped to
-    ``quantizer.clip`` is within ``clip * W`` of zero, and the decoded sum within
-    ``sqrt(learned) * e`` of the true one (e: the quantiser's bound per element, W's own
-    error ``e_w``); the average divides by the decoded weight sum, at least ``weight - e_w``.
-    None if the weight is below the quantiser's resolution (nothing to bound with)."""
+class AverageBound(NamedTuple):
+    """How far a masking round's average can be from zero, for a site whose input is in it:
+    ``l2`` over the learned values, ``element`` for each value (integer counters too)."""
+
+    l2: float
+    element: float
+
+
+def _masked_average_bound(quantizer: Any, weight: float, learned: int) -> AverageBound | None:
+    """How long the average of a masking round can be, for a site whose input of weight
+    ``weight`` is in it: the weighted sum of updates clipped to ``quantizer.clip`` (L2 over
+    the learned values; each element, counters too, by the quantiser) is within ``clip * W``
+    of zero, and the decoded sum within ``e`` an element of the true one (``sqrt(learned) *
+    e`` in L2; ``e_w`` for the weight sum); the average divides by the decoded weight sum,
+    at least ``weight - e_w``. None if the weight is below the quantiser's resolution."""
     element, weight_error = quantizer.error_bound(quantizer.max_sites)
     low = weight - weight_error
     if not low > 0:
         return None
-    return float(quantizer.clip * (1 + weight_error / low)
-                 + math.sqrt(learned) * element / low)
+    clip = quantizer.clip * (1 + weight_error / low)
+    return AverageBound(float(clip + math.sqrt(learned) * element / low),
+                        float(clip + element / low))
 
 
-def _least_step(model: FlatModel, result: FlatModel) -> float:
-    """The shortest change (L2, integer tensors' counters aside) of ``model``'s values that
-    rounds to ``result``: each value's change less what rounding to its tensor's dtype can
-    add (a spacing at the result's value, and float32's flush of subnormals)."""
-    step = np.abs(result.values - model.values)
+def _steps(model: FlatModel, result: FlatModel) -> tuple[float, float]:
+    """The shortest change of ``model``'s values that rounds to ``result``: its L2 over the
+    learned values (integer tensors' counters aside), and its largest integer value's change
+    (the counters, before rounding: less 0.5). Each float value's change is less half the
+    gap between its result and the next value of its dtype toward the model's (what rounding
+    to nearest can add; float32's flush of subnormals, below 1.2e-38, too): never a whole
+    spacing at the result, which is infinite at a dtype's largest value (a result of
+    +-65504 in a float16 tensor cost nothing, wherever the model was)."""
+    with np.errstate(over="ignore"):  # (a change near float64's largest value: inf, refused)
+        step = np.abs(result.values - model.values)
+    integer = model.integer_positions
     pos = 0
     for t in model.spec:
         dtype = np.dtype(t.dtype)
         end = pos + t.size
         if dtype.kind == "f":
-            part = np.abs(result.values[pos:end]).astype(dtype)
-            slack = np.spacing(part).astype(np.float64) + float(np.finfo(dtype).tiny)
+            got = result.values[pos:end].astype(dtype)
+            toward = np.nextafter(got, model.values[pos:end].astype(dtype))
+            # defence: sdk.result-rounding-slack-is-half-a-gap
+            slack = np.abs(got.astype(np.float64) - toward.astype(np.float64)) / 2
+            if dtype.itemsize == 4:
+                slack += float(np.finfo(dtype).tiny)
+            # (float64's own rounding of the sum, relative: finite at any value)
+            slack += np.abs(result.values[pos:end]) * 2.0**-52
             np.subtract(step[pos:end], slack, out=step[pos:end])
         pos = end
     np.maximum(step, 0.0, out=step)
-    learned = step[~model.integer_positions]
-    return float(math.sqrt(np.dot(learned, learned)))
+    learned = step[~integer]
+    counters = step[integer]
+    with np.errstate(over="ignore"):
+        l2 = float(math.sqrt(np.dot(learned, learned)))
+    return l2, float(counters.max()) if counters.size else 0.0
 
 
 def _why(e: Exception) -> str:
@@ -302,7 +326,22 @@ class Site:
                 "GetRound", service_pb2.GetRoundRequest(after_round=j - 1, wait_ms=0))
             if past.round != j or bytes(past.model.digest) != current:
                 break
+            # the round's own id (federation, job, number): a key holder's signature of
+            # another job's round 1 from the same model passed for this job's
+            # defence: sdk.missed-rounds-named-by-this-config
+            try:
+                self.config.check_round_id(past.round_id, j)
+            except ConfigurationError:
+                break
             if past.status == service_pb2.ROUND_STATUS_COMPLETED:
+                bound = self._history.in_sum(self.config.job_id, j)
+                if bound is not None:
+                    # a masking round this site's input is in, whose result it did not see
+                    # (told it aborted, or restarted): its bound holds all the same
+                    # defence: sdk.missed-round-in-the-sum-bounded
+                    self._check_masked_step(self._download_model(past.model, "model"),
+                                            self._download_model(past.result, "result"),
+                                            AverageBound(*bound))
                 # a CKKS round this site missed: its result is the one the key holder signed
                 # defence: sdk.missed-ckks-results-signed
                 if self.config.protocol == "ckks":
@@ -348,9 +387,35 @@ class Site:
             raise ModelMismatch(f"round {int(info.round)}'s result is not the one its key holder "
                                 f"(site {holder}) signed") from None
 
+    def _check_masked_step(self, model: FlatModel, result: FlatModel,
+                           bound: AverageBound) -> None:
+        """Masking: no site sees the sum, so none can check the result to the bit; but the
+        average of clipped updates is at most ``bound`` from zero (a site whose input is in
+        it), so the result is at most the server learning rate times that from the round's
+        model, in L2 and (counters too) in each value. Before, a lying aggregator could
+        publish any model (a trap for the next round's updates); now it moves the model no
+        further a round than an honest round can."""
+        if model.spec != result.spec:  # (_accept_result checked it; the chain did not)
+            raise ModelMismatch("the round's result is not a model of the round's names, shapes "
+                                "and dtypes")
+        rate = self.config.server_learning_rate
+        l2, counter = _steps(model, result)
+        # defence: sdk.masked-result-within-the-clip-norm
+        if not l2 <= rate * bound.l2 * (1 + 1e-9):
+            raise ModelMismatch(
+                f"the round's result moved the model by L2 {l2:.4g}, further than the average "
+                f"of clipped updates can ({rate * bound.l2:.4g}: [update] clip_norm times [job] "
+                "server_learning_rate, which must agree in every config)")
+        # (an integer value is the rounded sum: half a step more)
+        # defence: sdk.masked-result-counters-bounded
+        if not counter <= rate * bound.element * (1 + 1e-9) + 0.5:
+            raise ModelMismatch(
+                f"the round's result moved an integer value by {counter:.4g}, further than "
+                f"the average of clipped updates can ({rate * bound.element:.4g} and rounding)")
+
     def _accept_result(self, info: service_pb2.RoundInfo, model: FlatModel,
                        released: np.ndarray | None = None,
-                       average_bound: float | None = None) -> FlatModel:
+                       average_bound: AverageBound | None = None) -> FlatModel:
         """The round's result, checked; ``released``: the average this site released (a CKKS
         key holder), which the result must apply exactly as the aggregator applies it;
         ``average_bound``: how long (L2, counters aside) the round's average can be (masking,
@@ -372,20 +437,7 @@ class Site:
         elif self.config.protocol == "ckks":
             self._check_result_signature(info, model.digest, result.digest)
         elif average_bound is not None:
-            # masking: no site sees the sum, so none can check the result to the bit; but the
-            # average of clipped updates is at most clip_norm long (give or take the
-            # quantiser), so the result is at most the server learning rate times that from
-            # the round's model. Before, a lying aggregator could publish any model (a trap
-            # for the next round's updates); now it moves the model no further a round than
-            # an honest round can
-            # defence: sdk.masked-result-within-the-clip-norm
-            limit = self.config.server_learning_rate * average_bound * (1 + 1e-9)
-            step = _least_step(model, result)
-            if not step <= limit:
-                raise ModelMismatch(
-                    f"the round's result moved the model by L2 {step:.4g}, further than the "
-                    f"average of clipped updates can ({limit:.4g}: [update] clip_norm times "
-                    "[job] server_learning_rate, which must agree in every config)")
+            self._check_masked_step(model, result, average_bound)
         self._model_digest = result.digest
         self._held_round = info.round
         self._history.hold(self.config.job_id, info.round, result.digest)
@@ -409,7 +461,7 @@ class Round:
         self._deadline = time.monotonic() + _round_patience(site.config)  # again at submit
         self._released: np.ndarray | None = None  # the average this site released (key holder)
         # masking, once this site's input is in the sum: how long the round's average can be
-        self._average_bound: float | None = None
+        self._average_bound: AverageBound | None = None
 
     def __repr__(self) -> str:
         return f"Round(number={self.number}, round_id={self.round_id!r}, {self.protocol})"
@@ -562,6 +614,15 @@ class Round:
         # defence: sdk.masked-average-bounded-once-in-the-sum
         self._average_bound = _masked_average_bound(
             config.quantizer, weight, int(np.count_nonzero(~self.model.integer_positions)))
+        if self._average_bound is None:
+            _log.warning("round %s: this site's weight is below the quantiser's resolution: "
+                         "it cannot bound the round's result (raise the weight, or lower "
+                         "[update] max_samples)", self.round_id)
+        else:
+            # kept for a result this site does not see now (told the round aborted, or
+            # restarted while it waited): the chain of missed rounds checks it then
+            # defence: sdk.in-sum-recorded
+            site._history.record_in_sum(site.config.job_id, self.number, self._average_bound)
 
     def _send_masking(self, reply: Any, word_bits: int) -> None:
         from secagg.masking.messages import (
@@ -679,9 +740,15 @@ class Round:
         self._released = np.asarray(released.average, dtype=np.float64)
         # the model this release makes, signed: the other sites take only a result this
         # site signed (_accept_result), and this site only the one it computed
-        result = self._site._result_of(self.model, self._released)
-        signature = self._site.kit.identity.sign(wire.result_signed_bytes(
-            self.round_id, self.model.digest, result.digest))
+        try:
+            result = self._site._result_of(self.model, self._released)
+        except (ValueError, ConfigurationError):
+            # no model (a value beyond its tensor's range: no honest release makes one);
+            # sent unsigned, for the aggregator to refuse as it refuses any such release
+            signature = b""
+        else:
+            signature = self._site.kit.identity.sign(wire.result_signed_bytes(
+                self.round_id, self.model.digest, result.digest))
         self._upload_and_submit(
             wire.average_bytes(released.average), "release",
             lambda blob: {"ckks_release": wire.release_to_ref(released, blob,

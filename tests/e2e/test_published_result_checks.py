@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clients.history import History
 from clients.transport import Connection
 from secagg import wire
 from secagg.federation.kit import CONFIG_FILE, SiteKit
@@ -97,3 +98,7 @@ def test_masking_sites_refuse_a_result_moved_further_than_clipped_updates_can(
         (report,) = reports[s]
         assert report.get("error") == "ModelMismatch", report
         assert "server_learning_rate" in report["reason"]
+        # each site recorded that its input is in round 1's sum, with the bound (for a
+        # result it would find later, in the chain of rounds it missed)
+        bound = History(fed.site_dir(s)).in_sum(SiteKit.load(fed.site_dir(s)).config.job_id, 1)
+        assert bound is not None and bound[0] > 0

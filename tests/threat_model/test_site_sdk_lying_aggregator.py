@@ -436,10 +436,13 @@ def test_a_damaged_round_history_is_a_clear_error(tmp_path: Any) -> None:
     from clients.errors import SiteError
     from clients.history import HISTORY_FILE
 
-    (tmp_path / HISTORY_FILE).write_text('{"version": 1, "last_round": {"job-1": "x"}}')
     info, payloads = _model_info(1, "hospitals/job-1/round-1")
-    with pytest.raises(SiteError, match="not a round history"):
-        _site("masking", info, payloads, directory=tmp_path)
+    for damaged in ('{"version": 1, "last_round": {"job-1": "x"}}',
+                    '{"version": 1, "last_round": {}, "in_sum": {"job-1": [1, [1e9, -1.0]]}}',
+                    '{"version": 1, "last_round": {}, "in_sum": {"job-1": [1, "big"]}}'):
+        (tmp_path / HISTORY_FILE).write_text(damaged)
+        with pytest.raises(SiteError, match="not a round history"):
+            _site("masking", info, payloads, directory=tmp_path)
 
 
 def test_lies_the_site_detects_are_round_refusals_not_internal_errors() -> None:
@@ -1036,6 +1039,48 @@ def test_a_ckks_site_that_missed_a_round_takes_its_result_only_signed(signed: bo
     assert conn.fetched == [] and conn.sent == []
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_a_masking_bound_is_not_bought_with_rounding_slack(dtype: str) -> None:
+    """The rounding a result may carry is half the gap toward the model's value, never a
+    whole spacing at the result's: at a dtype's largest value that spacing is infinite, and
+    a lying aggregator set float16 weights to +-65504 (L2 2e7 against a limit of 1) for
+    nothing; a whole spacing let it push 1M float16 ones by a step each, every round. Both
+    are refused; and integer counters move no further than the average's per-value bound
+    (plus rounding), where they were not bounded at all."""
+    from clients.site import AverageBound
+    from secagg.model import FlatModel
+
+    info, payloads = _model_info(1, "hospitals/job-1/round-1")
+    site, conn = _site("masking", info, payloads)
+    size = 4096
+    rng = np.random.default_rng(3)  # test data only
+    model = FlatModel.from_arrays({"w": rng.normal(0, 0.02, size).astype(dtype),
+                                   "ones": np.ones(size, dtype),
+                                   "steps": np.array(7, np.int64)})
+    bound = AverageBound(0.01, 0.01)
+    values = model.values.copy()
+    top = float(np.finfo(dtype).max)
+    at_max = values.copy()
+    at_max[:64] = np.where(np.arange(64) % 2 == 0, top, -top)
+    ones = slice(size, 2 * size)
+    stepped = values.copy()
+    stepped[ones] = np.nextafter(np.ones(size, dtype), np.full(size, 2, dtype)).astype(float)
+    counted = values.copy()
+    counted[-1] += 100
+    for n, moved in enumerate((at_max, stepped, counted)):
+        result = model.with_values(moved)
+        done = _completed(conn, 1, result, b"", 0x70 + n)
+        if dtype != "float16" and moved is stepped:  # (a float32/64 step is ~nothing)
+            site._accept_result(done, model, None, bound)
+            continue
+        with pytest.raises(ModelMismatch, match="further than"):
+            site._accept_result(done, model, None, bound)
+    one_step = values.copy()
+    one_step[-1] += 1  # an honest round's counter step (clipped to 1, lr 1... and rounded)
+    done = _completed(conn, 1, model.with_values(one_step), b"", 0x7F)
+    assert site._accept_result(done, model, None, AverageBound(1.0, 1.0)) is not None
+
+
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (1e-4, 0.3, 1.0, 2e-3)])
 def test_a_masking_site_takes_no_result_further_than_clipped_updates_move_the_model(
         weights: tuple[float, ...]) -> None:
@@ -1069,15 +1114,90 @@ def test_a_masking_site_takes_no_result_further_than_clipped_updates_move_the_mo
     honest = model.with_values(model.values + lr * average)
     further = model.with_values(model.values + 1.01 * lr * average)
     nudged = honest.with_values(honest.values + 0.2 * np.eye(size)[9])
+    model16 = FlatModel.from_arrays({"w": rng.normal(size=size).astype(np.float16)})
+    honest16 = model16.with_values(model16.values + lr * average)
     for n, weight in enumerate(weights):
         bound = _masked_average_bound(config.quantizer, weight, size)
         assert bound is not None
-        for m, result in enumerate((further, nudged, honest)):
-            done = _completed(conn, 1, result, b"", 0x60 + 3 * n + m)
+        for m, result in enumerate((further, nudged, honest, honest16)):
+            done = _completed(conn, 1, result, b"", 0x60 + 4 * n + m)
             done.protocol = service_pb2.PROTOCOL_MASKING
+            if result is honest16:
+                assert site._accept_result(done, model16, None, bound).digest == result.digest
+                continue
             if result is honest:
                 assert site._accept_result(done, model, None, bound).digest == honest.digest
                 continue
             with pytest.raises(ModelMismatch, match="further than the average of clipped"):
                 site._accept_result(done, model, None, bound)
             assert site._model_digest != result.digest  # not held
+
+
+def test_a_masking_round_the_site_was_in_stays_bounded_when_told_it_aborted(
+        tmp_path: Any) -> None:
+    """The site's input is in round 1's sum (it finished unmasking; its history says so,
+    with the bound); the aggregator tells it round 1 aborted, then opens round 2 from a
+    model of its own making and, asked about round 1 as the site follows the chain, says
+    it completed with that model. The bound holds in the chain too (and for a site that
+    restarted while it waited): refused before round 2 is joined; a result within the bound
+    is followed."""
+    from clients.history import History
+    from clients.site import AverageBound
+    from secagg.model import FlatModel
+
+    start = FlatModel.from_arrays({"w": np.zeros(8, np.float32)})
+    for far, follows in ((5.0, False), (0.05, True)):
+        made = start.with_values(start.values + far / np.sqrt(8))
+        info, payloads = _model_info(2, "hospitals/job-1/round-2")
+        blob = wire.Blob((b"\x31" * 32,), len(made.to_bytes()))
+        info.model.CopyFrom(wire.model_to_proto(made, blob))
+        start_blob = wire.Blob((b"\x32" * 32,), len(start.to_bytes()))
+        payloads = {blob.chunk_ids[0]: made.to_bytes(), start_blob.chunk_ids[0]: start.to_bytes()}
+        directory = tmp_path / ("far" if not follows else "near")
+        directory.mkdir()
+        history = History(directory)
+        history.spend("job-1", 1, start.digest)
+        history.record_in_sum("job-1", 1, AverageBound(1.0, 1.0))
+        round1 = service_pb2.RoundInfo(round=1, round_id="hospitals/job-1/round-1",
+                                       protocol=service_pb2.PROTOCOL_MASKING,
+                                       status=service_pb2.ROUND_STATUS_COMPLETED,
+                                       model=wire.model_to_proto(start, start_blob),
+                                       result=wire.model_to_proto(made, blob))
+        site, _ = _site("masking", info, payloads, directory=directory)
+        conn = _Chain(info, payloads, {1: round1})
+        site._conn = conn  # type: ignore[assignment]
+        if follows:
+            assert next(site.rounds()).model.digest == made.digest
+            continue
+        with pytest.raises(ModelMismatch, match="further than"):
+            next(site.rounds())
+        assert conn.sent == []
+
+
+def test_a_missed_ckks_rounds_signature_counts_only_under_this_jobs_round_id() -> None:
+    """The key holder signed round 1 of another job of the federation that started from the
+    same model; the aggregator replays that round, signature and all, as this job's round 1
+    in the chain a site follows. The round id the signature binds must be this config's
+    for that number: refused; this job's own signed round is followed."""
+    from secagg.model import FlatModel
+
+    info, payloads = _model_info(2, "hospitals/job-1/round-2", service_pb2.PROTOCOL_CKKS)
+    announced = bytes(info.model.digest)
+    held = b"\x11" * 32
+    for round_id, follows in (("hospitals/job-0/round-1", False),
+                              ("hospitals/job-1/round-1", True)):
+        site, _conn, _info, identities = _signed_ckks_site()
+        site._model_digest, site._held_round = held, 0
+        past = _completed(_Scripted(info, {}), 1, FlatModel.from_arrays(
+            {"w": np.ones(8, np.float32)}), b"", 0x53)
+        past.round_id = round_id
+        past.model.digest, past.result.digest = held, announced
+        past.result_signature = identities[HOLDER].sign(
+            wire.result_signed_bytes(round_id, held, announced))
+        conn = _Chain(info, payloads, {1: past})
+        site._conn = conn  # type: ignore[assignment]
+        if follows:
+            assert next(site.rounds()).model.digest == announced
+            return
+        with pytest.raises(ModelMismatch, match="does not follow"):
+            next(site.rounds())
