@@ -56,6 +56,7 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 SERVICE_NAME = "secagg.v1.Aggregation"
 MAX_WAIT_MS = 30_000
 MAX_IDS_PER_CALL = 4096
+IDENTITY_CACHE_SIZE = 4096  # certificates (and presented chains) whose site id is kept
 
 
 class Identity:
@@ -63,8 +64,8 @@ class Identity:
 
     def __init__(self, roster_sites: set[int], ca_pem: bytes | None = None) -> None:
         self._sites = roster_sites
-        self._issuers = () if ca_pem is None else pki.direct_issuers(ca_pem)
-        self._cache: dict[bytes, int | None] = {}
+        self._anchors = () if ca_pem is None else pki.trust_anchors(ca_pem)
+        self._cache: dict[tuple[bytes, bytes], int | None] = {}
 
     async def site(self, context: Ctx) -> int:
         auth = context.auth_context()
@@ -73,9 +74,15 @@ class Identity:
             await _abort(context, grpc.StatusCode.UNAUTHENTICATED, "a client certificate is "
                                                                    "required")
         pem = bytes(pems[0])
-        if pem not in self._cache:
-            self._cache[pem] = pki.site_id_from_pem(pem, self._issuers)
-        site = self._cache[pem]
+        # the intermediates the client presented (TLS verified a chain; this checks the CA's
+        # path length over it, which BoringSSL does not)
+        chain = b"".join(bytes(c) for c in auth.get("x509_pem_cert_chain") or [])
+        key = (pem, chain)
+        if key not in self._cache:
+            if len(self._cache) >= IDENTITY_CACHE_SIZE:
+                self._cache.clear()
+            self._cache[key] = pki.site_id_from_pem(pem, self._anchors, chain)
+        site = self._cache[key]
         if site is None:
             log.warning("refused: certificate names no site", extra={
                 "event": "identity_refused", "peer": context.peer()})

@@ -19,7 +19,6 @@ signs it with ``secagg federation sign``, which also re-signs the roster with th
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -207,14 +206,12 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
     config.check()
     ca_key, ca_cert = pki.make_ca(name)
     try:
-        d.mkdir(parents=True, exist_ok=True)
         # modes set, not left to the umask: under umask 000 the directories holding ca.key
         # and signer.key were world-writable (anyone could swap the keys or the roster);
-        # the directories of private keys are made 0700 (pki.write_private)
+        # the directories of private keys are made 0700 (pki.write_private). A directory
+        # that exists (empty: a mount point, one the operator made) keeps its mode.
         # defence: federation.init-directory-modes
-        d.chmod(0o755)
-        (d / "sites").mkdir(mode=0o755)
-        (d / "sites").chmod(0o755)
+        pki.make_dirs(d / "sites", 0o755)
     except OSError as e:
         raise ConfigurationError(f"cannot make {d}: {e.strerror}") from None
     pki.write_private(d / "ca" / "ca.key", pki.pem_private(ca_key))
@@ -248,12 +245,23 @@ DEFAULT_HOSTS = ("localhost", "127.0.0.1")  # named by every server certificate
 
 
 def _dial_host(address: str) -> str | None:
-    """The host of a ``host:port`` (``[v6]:port``) address (None if there is none: the
-    config's own check then says what is wrong with the address)."""
+    """The host of a ``host:port`` (``[v6]:port``, or a gRPC target such as
+    ``dns:///host:port``) address, if it is a host name or address a certificate can name;
+    else None (the config's own check then says what is wrong with the address)."""
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if address.startswith(scheme):
+            address = address[len(scheme):]
+            break
     host, sep, _port = address.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    return host if sep and host else None
+    if not sep or not host:
+        return None
+    try:
+        pki.check_hosts([host])
+    except ConfigurationError:
+        return None
+    return host
 
 
 def _write_public_files(d: Path, config: FederationConfig, signed: SignedRoster,
@@ -364,13 +372,30 @@ def _federation_lock(fed: Path) -> Iterator[None]:
     """One ``sign`` at a time per federation directory: two at once both read roster
     version n and wrote two different rosters n+1 (the federation's and the aggregator's
     disagreeing)."""
-    # defence: federation.sign-serialised
+    # defence: federation.sign-only-in-a-federation
+    if not (fed / CONFIG_FILE).is_file() or not (fed / "ca" / "ca.key").is_file():
+        raise ConfigurationError(f"{fed} is not a federation directory (no {CONFIG_FILE} or "
+                                 "ca/ca.key)")
     try:
-        fd = os.open(fed / ".sign.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        # (a link planted at the lock's name is not followed)
+        # defence: federation.sign-lock-no-follow
+        fd = os.open(fed / ".sign.lock",
+                     os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
     except OSError as e:
         raise ConfigurationError(f"cannot lock {fed}: {e.strerror}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            import fcntl  # (POSIX; elsewhere sign runs unlocked)
+        except ImportError:
+            yield
+            return
+        # defence: federation.sign-serialised
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            warnings.warn(f"waiting for another `federation sign` on {fed} to finish",
+                          stacklevel=1)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)

@@ -173,7 +173,10 @@ def sign_csr(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
     if public_key.curve.name not in TLS_CURVES:
         raise ConfigurationError(f"the certificate request's key is on {public_key.curve.name}"
                                  f": use one of {', '.join(sorted(TLS_CURVES))}")
-    # defence: pki.ca-in-date
+    # defence: pki.ca-in-date, pki.ca-already-valid
+    if not ca_cert.not_valid_before_utc <= _now() + dt.timedelta(hours=1):
+        raise ConfigurationError(f"the federation's CA is not valid before "
+                                 f"{ca_cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
     if ca_cert.not_valid_after_utc < _now():
         raise ConfigurationError(f"the federation's CA expired on "
                                  f"{ca_cert.not_valid_after_utc:%Y-%m-%d}: make a new CA "
@@ -207,12 +210,10 @@ def site_ids_of(item: x509.Certificate | x509.CertificateSigningRequest) -> list
     return out
 
 
-def direct_issuers(ca_pem: bytes) -> tuple[x509.Certificate, ...]:
-    """The CAs of a ``ca.crt`` bundle, if every one of them must issue client certificates
-    itself (path length 0, as every CA ``federation init`` makes); none if one allows
-    intermediates (the server sees the leaf only, and TLS has checked a chain exists)."""
-    cas = x509.load_pem_x509_certificates(ca_pem)
-    return tuple(cas) if all(_path_length(ca) == 0 for ca in cas) else ()
+def trust_anchors(ca_pem: bytes) -> tuple[x509.Certificate, ...]:
+    """The CA certificates of a ``ca.crt`` bundle (anything else in it anchors nothing)."""
+    return tuple(ca for ca in x509.load_pem_x509_certificates(ca_pem)
+                 if _path_length(ca) != -1)
 
 
 def _path_length(ca: x509.Certificate) -> int | None:
@@ -224,17 +225,22 @@ def _path_length(ca: x509.Certificate) -> int | None:
     return constraints.path_length if constraints.ca else -1
 
 
-def site_id_from_pem(pem: bytes, issuers: Sequence[x509.Certificate] = ()) -> int | None:
-    """The one site id a client certificate names, or None; with ``issuers``, None unless
-    one of them signed it directly (direct_issuers). TLS stacks do not all enforce a trust
-    anchor's path length: BoringSSL, under gRPC, took a site certificate from an
-    intermediate CA that the federation's CA (path length 0) had signed."""
+def site_id_from_pem(pem: bytes, anchors: Sequence[x509.Certificate] = (),
+                     chain_pem: bytes = b"") -> int | None:
+    """The one site id a client certificate names, or None; with ``anchors`` (the CAs of
+    ``ca.crt``: trust_anchors), None unless it chains through the intermediates the client
+    presented (``chain_pem``) to one of them within that CA's path length. TLS stacks do
+    not all enforce a trust anchor's path length: BoringSSL, under gRPC, took a site
+    certificate from an intermediate CA that the federation's CA (path length 0) had
+    signed."""
     try:
         cert = x509.load_pem_x509_certificate(pem)
+        presented = x509.load_pem_x509_certificates(chain_pem) if chain_pem.strip() else []
     except ValueError:
         return None
+    intermediates = [c for c in presented if c != cert]
     # defence: pki.site-certificate-issued-by-the-ca-itself
-    if issuers and not any(_issued_by(cert, ca) for ca in issuers):
+    if anchors and not _chains(cert, intermediates, anchors):
         return None
     ids = site_ids_of(cert)
     # defence: pki.site-id-alone
@@ -256,7 +262,7 @@ def pem_cert(cert: x509.Certificate) -> bytes:
 def write_private(path: Path, data: bytes) -> None:
     """Write a secret file with mode 0600, refusing to overwrite one."""
     # defence: pki.private-directories-0700
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_dirs(path.parent, 0o700)
     # defence: pki.private-never-overwritten
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -266,16 +272,35 @@ def write_private(path: Path, data: bytes) -> None:
     os.chmod(path, 0o600)
 
 
+def make_dirs(d: Path, mode: int) -> None:
+    """Make ``d`` and its missing parents: ``d`` with ``mode``, the parents 0755, at most
+    (the umask can only take more away): under umask 000 they were made 0777, and anyone
+    could swap a directory of keys for their own. Directories that exist are left as they
+    are."""
+    missing = []
+    p = d
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for n, new in enumerate(reversed(missing)):
+        last = n == len(missing) - 1
+        # defence: pki.new-directories-modes-set
+        with contextlib.suppress(FileExistsError):  # (made meanwhile by another process)
+            new.mkdir(mode=mode if last else 0o755)
+
+
 def write_public(path: Path, data: bytes) -> None:
     """Write a public file (mode 0644) whole: through a new file renamed over ``path``,
     so a reader never sees half of it and a symlink at ``path`` is replaced, not followed
     (``csr`` wrote its request through a link planted in its directory)."""
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    make_dirs(path.parent, 0o755)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            os.fchmod(f.fileno(), 0o644)
+        os.chmod(tmp, 0o644)  # (os.fchmod is POSIX-only before Python 3.13)
         # defence: pki.public-files-replace-links
         os.replace(tmp, path)
     except BaseException:
@@ -333,6 +358,14 @@ def check_tls_files(key_pem: bytes, cert_pem: bytes, ca_pem: bytes, where: Path,
         raise ConfigurationError(f"the CA certificate in {where / 'ca.crt'} expired on "
                                  f"{max(ca.not_valid_after_utc for ca in cas):%Y-%m-%d}: the "
                                  "federation needs a new CA")
+    # (a chain counts only to a CA in date: an expired one beside its successor, during a
+    # rotation, anchors nothing)
+    # defence: pki.only-cas-in-date-anchor
+    cas = [ca for ca in cas
+           if ca.not_valid_before_utc <= now + dt.timedelta(hours=1) <= ca.not_valid_after_utc
+           + dt.timedelta(hours=1)]
+    if not cas:
+        raise ConfigurationError(f"no CA certificate in {where / 'ca.crt'} is valid now")
     # defence: pki.certificate-not-expired, pki.certificate-already-valid
     if leaf.not_valid_after_utc < now:
         raise ConfigurationError(f"the certificate in {where} expired on "

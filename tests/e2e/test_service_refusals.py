@@ -403,18 +403,30 @@ def test_certificates_the_tls_stack_takes_but_the_federation_never_issues_are_re
     under the federation's CA (path length 0, which BoringSSL does not enforce on a trust
     anchor), and one from the CA itself naming a 5,000-digit site id (int() raised inside the
     call: UNKNOWN, with Python's message, nothing logged). Both are UNAUTHENTICATED, logged;
-    site 1's own certificate is served."""
+    site 1's own certificate is served. The aggregator's ca.crt also holds an operator CA
+    that allows intermediates (a rotation to the operator's own PKI): the federation CA's
+    path length still holds for what it issued."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     fed = make_federation(tmp_path, 4, "masking", rounds=1)
+    operator_key, operator = pki.make_ca("operator")
+    now = dt.datetime.now(dt.UTC)
+    operator = (x509.CertificateBuilder().subject_name(operator.subject)
+                .issuer_name(operator.subject).public_key(operator_key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5))
+                .not_valid_after(now + dt.timedelta(days=30))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .sign(operator_key, hashes.SHA256()))
+    bundle = fed.directory / "aggregator" / "ca.crt"
+    bundle.write_bytes(bundle.read_bytes() + pki.pem_cert(operator))
     agg = start_aggregator(fed, tmp_path)
     try:
         kit = SiteKit.load(fed.site_dir(1))
         ca_key = pki.load_private(fed.directory / "ca" / "ca.key")
         ca_cert = pki.load_cert(fed.directory / "ca" / "ca.crt")
-        now = dt.datetime.now(dt.UTC)
         inter_key = pki.new_key()
         inter = (x509.CertificateBuilder()
                  .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "inter")]))

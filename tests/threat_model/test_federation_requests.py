@@ -204,11 +204,16 @@ def test_a_site_certificate_from_an_intermediate_under_the_federations_ca_names_
     inter_key, inter = _intermediate(ca_key, ca_cert)
     leaf_key = pki.new_key()
     leaf = pki.issue_site_cert(inter_key, inter, 1, leaf_key.public_key())
-    issuers = pki.direct_issuers(ca_pem)
-    assert issuers  # (every CA `init` makes has path length 0)
-    assert pki.site_id_from_pem(pki.pem_cert(leaf), issuers) is None
-    own = (fed / "sites" / "site-1" / "client.crt").read_bytes()
-    assert pki.site_id_from_pem(own, issuers) == 1
+    # the aggregator's check, with the bundle alone and with another CA beside it that
+    # allows intermediates (an operator's own PKI, mid-rotation), and a non-CA certificate
+    _, other = _intermediate(*pki.make_ca("operator"))
+    for bundle in (ca_pem, ca_pem + pki.pem_cert(other),
+                   ca_pem + (fed / "sites" / "site-2" / "client.crt").read_bytes()):
+        anchors = pki.trust_anchors(bundle)
+        for presented in (pki.pem_cert(inter), b""):
+            assert pki.site_id_from_pem(pki.pem_cert(leaf), anchors, presented) is None
+        own = (fed / "sites" / "site-1" / "client.crt").read_bytes()
+        assert pki.site_id_from_pem(own, anchors) == 1
     with pytest.raises(ConfigurationError, match="not issued by"):
         pki.check_tls_files(pki.pem_private(leaf_key), pki.pem_cert(leaf) + pki.pem_cert(inter),
                             ca_pem, tmp_path, chain_to_ca=True)
@@ -409,6 +414,80 @@ def test_two_signs_at_once_leave_one_consistent_roster(
     assert theirs.version == 3
 
 
+def test_the_sdk_and_csr_work_without_posix_only_modules(tmp_path: Path) -> None:
+    """The SDK is meant for Windows too: `import fcntl` at the top of the federation kit
+    broke `import clients` there, and os.fchmod (POSIX-only before Python 3.13) broke `csr`
+    after it had written the keys."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys; sys.modules['fcntl'] = None; del os.fchmod; import clients.site; "
+            "from secagg.federation.kit import make_site_request; "
+            f"make_site_request({str(tmp_path / 'site')!r}, 5)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "site" / "request.json").is_file()
+
+
+def test_ca_validity_windows_and_the_sign_lock(fed: Path, tmp_path: Path) -> None:
+    """A CA not valid yet signs nothing; in a rotation bundle an expired CA anchors
+    nothing (a certificate made under it by other tooling passed the load check); a link
+    planted at the sign lock's name is not followed; and `sign` on a directory that is no
+    federation leaves no lock file there."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key = pki.load_private(fed / "ca" / "ca.key")
+    ca_cert = pki.load_cert(fed / "ca" / "ca.crt")
+
+    def ca(begin: dt.datetime, end: dt.datetime) -> x509.Certificate:
+        return (x509.CertificateBuilder().subject_name(ca_cert.subject)
+                .issuer_name(ca_cert.subject).public_key(ca_key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(begin).not_valid_after(end)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .sign(ca_key, hashes.SHA256()))
+
+    csr = _csr(f"{pki.SITE_URI_PREFIX}3", ec.generate_private_key(ec.SECP256R1()))
+    later = ca(now + dt.timedelta(days=7), now + dt.timedelta(days=70))
+    with pytest.raises(ConfigurationError, match="not valid before"):
+        pki.sign_csr(ca_key, later, csr, 3)
+    old_key, old = pki.make_ca("old")
+    old = (x509.CertificateBuilder().subject_name(old.subject).issuer_name(old.subject)
+           .public_key(old_key.public_key()).serial_number(x509.random_serial_number())
+           .not_valid_before(now - dt.timedelta(days=60))
+           .not_valid_after(now - dt.timedelta(days=1))
+           .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+           .sign(old_key, hashes.SHA256()))
+    leaf_key = pki.new_key()
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "site 2")]))
+            .issuer_name(old.subject)
+            .public_key(leaf_key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=2))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(pki.site_uri(2))]), critical=False)
+            .sign(old_key, hashes.SHA256()))
+    with pytest.raises(ConfigurationError, match="not issued by"):
+        pki.check_tls_files(pki.pem_private(leaf_key), pki.pem_cert(leaf),
+                            pki.pem_cert(old) + pki.pem_cert(ca_cert), tmp_path,
+                            chain_to_ca=True)
+
+    target = tmp_path / "created-by-sign"
+    (fed / ".sign.lock").unlink(missing_ok=True)
+    (fed / ".sign.lock").symlink_to(target)
+    request = make_site_request(tmp_path / "site-5", 5)
+    with pytest.raises(ConfigurationError, match="cannot lock"):
+        sign_site_request(fed, request, tmp_path / "out", add_site=True)
+    assert not target.exists()
+    site_dir = fed / "sites" / "site-1"
+    with pytest.raises(ConfigurationError, match="not a federation directory"):
+        sign_site_request(site_dir, request, tmp_path / "out", add_site=True)
+    assert not (site_dir / ".sign.lock").exists()
+
+
 def test_init_sets_its_modes_whatever_the_umask_and_names_the_dialled_host(
         tmp_path: Path) -> None:
     """Under umask 000 the directories holding ca.key and signer.key were world-writable,
@@ -419,20 +498,30 @@ def test_init_sets_its_modes_whatever_the_umask_and_names_the_dialled_host(
 
     old = os.umask(0)
     try:
-        init_federation(tmp_path / "f", 3, aggregator="agg.example.org:50051")
+        init_federation(tmp_path / "new" / "parent" / "f", 3,
+                        aggregator="agg.example.org:50051")
+        kept = tmp_path / "kept"
+        kept.mkdir(mode=0o700)  # an empty directory the operator made: its mode is kept
+        init_federation(kept, 3, aggregator="dns:///grpc.example.org:443")
     finally:
         os.umask(old)
-    d = tmp_path / "f"
+    d = tmp_path / "new" / "parent" / "f"
 
     def mode(p: Path) -> int:
         return stat.S_IMODE(p.stat().st_mode)
 
     for private in ("ca", "trust-root", "aggregator", "sites/site-1"):
         assert mode(d / private) == 0o700, private
-    for public in (".", "sites"):
+    for public in (".", "sites", "..", "../.."):
         assert mode(d / public) == 0o755, public
+    assert mode(kept) == 0o700
     for public in ("ca/ca.crt", "federation.toml", "roster.bin", "sites/site-1/client.crt"):
         assert mode(d / public) == 0o644, public
     server = pki.load_cert(d / "aggregator" / "server.crt")
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "agg.example.org" in names.get_values_for_type(x509.DNSName)
+    server = pki.load_cert(kept / "aggregator" / "server.crt")
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "grpc.example.org" in names.get_values_for_type(x509.DNSName)
+    with pytest.raises(ConfigurationError, match=r"\[federation\] aggregator must be host:port"):
+        init_federation(tmp_path / "noport", 3, aggregator="[::1]")
