@@ -87,8 +87,8 @@ class Identity:
             log.warning("refused: certificate names no site", extra={
                 "event": "identity_refused", "peer": context.peer()})
             await _abort(context, grpc.StatusCode.UNAUTHENTICATED,
-                         "the client certificate names no site, or is not issued by the "
-                         "federation's CA itself")
+                         "the client certificate names no site, or does not chain to a CA "
+                         "of the federation within that CA's path length")
         if site not in self._sites:
             log.warning("refused: site not on the roster", extra={
                 "event": "identity_refused", "site_id": site, "peer": context.peer()})

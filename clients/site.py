@@ -418,8 +418,8 @@ class Site:
                        average_bound: AverageBound | None = None) -> FlatModel:
         """The round's result, checked; ``released``: the average this site released (a CKKS
         key holder), which the result must apply exactly as the aggregator applies it;
-        ``average_bound``: how long (L2, counters aside) the round's average can be (masking,
-        a site whose input is in the sum: _masked_average_bound)."""
+        ``average_bound``: how far the round's average can be from zero (masking, a site whose
+        input is in the sum: _masked_average_bound)."""
         result = self._download_model(info.result, "result")
         # the new model has the names, shapes and dtypes of the round's (the README's promise)
         # defence: sdk.result-spec-kept
