@@ -60,14 +60,7 @@ class History:
         average (logged, not raised, if it cannot be written: the running round still checks
         its result with the bound it holds)."""
         self._in_sum[job] = (round_number, (float(bound[0]), float(bound[1])))
-        if self._path is None:
-            return
-        try:
-            with _locked(self._path.with_name(f".{HISTORY_FILE}.lock")):
-                self._merge()
-                self._write()
-        except SiteError as e:
-            _log.warning("the round this site's input is in was not recorded: %s", e)
+        self._save("the round this site's input is in")
 
     def last_round(self, job: str) -> int:
         return self._last.get(job, 0)
@@ -82,6 +75,11 @@ class History:
         record it is logged, not raised: the result is good, and the next round's model is
         then checked from what was recorded before."""
         self._held[job] = (round_number, digest)
+        self._save("the model this site holds")
+
+    def _save(self, what: str) -> None:
+        """Write the history (merged with another process's) under its lock; a failure is
+        logged, naming ``what`` went unrecorded, not raised."""
         if self._path is None:
             return
         try:
@@ -89,7 +87,7 @@ class History:
                 self._merge()
                 self._write()
         except SiteError as e:
-            _log.warning("the model this site holds was not recorded: %s", e)
+            _log.warning("%s was not recorded: %s", what, e)
 
     def check(self, job: str, round_number: int) -> str | None:
         """Why this site must not take part in ``round_number`` of ``job``, or None."""

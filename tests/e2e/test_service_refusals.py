@@ -410,16 +410,22 @@ def test_certificates_the_tls_stack_takes_but_the_federation_never_issues_are_re
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+    def ca_allowing_intermediates(name: str, issuer: x509.Name | None = None,
+                                  issuer_key: Any = None) -> tuple[Any, x509.Certificate]:
+        key = pki.new_key()
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = dt.datetime.now(dt.UTC)
+        return key, (x509.CertificateBuilder().subject_name(subject)
+                     .issuer_name(issuer or subject).public_key(key.public_key())
+                     .serial_number(x509.random_serial_number())
+                     .not_valid_before(now - dt.timedelta(minutes=5))
+                     .not_valid_after(now + dt.timedelta(days=30))
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=None),
+                                    critical=True)
+                     .sign(issuer_key or key, hashes.SHA256()))
+
     fed = make_federation(tmp_path, 4, "masking", rounds=1)
-    operator_key, operator = pki.make_ca("operator")
-    now = dt.datetime.now(dt.UTC)
-    operator = (x509.CertificateBuilder().subject_name(operator.subject)
-                .issuer_name(operator.subject).public_key(operator_key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(minutes=5))
-                .not_valid_after(now + dt.timedelta(days=30))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .sign(operator_key, hashes.SHA256()))
+    _, operator = ca_allowing_intermediates("operator")
     bundle = fed.directory / "aggregator" / "ca.crt"
     bundle.write_bytes(bundle.read_bytes() + pki.pem_cert(operator))
     agg = start_aggregator(fed, tmp_path)
@@ -427,15 +433,7 @@ def test_certificates_the_tls_stack_takes_but_the_federation_never_issues_are_re
         kit = SiteKit.load(fed.site_dir(1))
         ca_key = pki.load_private(fed.directory / "ca" / "ca.key")
         ca_cert = pki.load_cert(fed.directory / "ca" / "ca.crt")
-        inter_key = pki.new_key()
-        inter = (x509.CertificateBuilder()
-                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "inter")]))
-                 .issuer_name(ca_cert.subject).public_key(inter_key.public_key())
-                 .serial_number(x509.random_serial_number())
-                 .not_valid_before(now - dt.timedelta(minutes=5))
-                 .not_valid_after(now + dt.timedelta(days=30))
-                 .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                 .sign(ca_key, hashes.SHA256()))
+        inter_key, inter = ca_allowing_intermediates("inter", ca_cert.subject, ca_key)
         key = pki.new_key()
         chained = pki.pem_cert(pki.issue_site_cert(inter_key, inter, 1, key.public_key()))
         long_id = pki.pem_cert(pki._issue(
