@@ -2,7 +2,14 @@
 parties' directories (:mod:`.kit`). No network, no database."""
 
 from secagg.federation.config import FederationConfig
-from secagg.federation.kit import SiteKit, init_federation, make_site_request, sign_site_request
+from secagg.federation.kit import (
+    SignedRequest,
+    SiteKit,
+    init_federation,
+    make_site_request,
+    sign_request,
+    sign_site_request,
+)
 
-__all__ = ["FederationConfig", "SiteKit", "init_federation", "make_site_request",
-           "sign_site_request"]
+__all__ = ["FederationConfig", "SignedRequest", "SiteKit", "init_federation",
+           "make_site_request", "sign_request", "sign_site_request"]

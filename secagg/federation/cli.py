@@ -50,25 +50,19 @@ def _csr(args: argparse.Namespace) -> int:
 
 
 def _sign(args: argparse.Namespace) -> int:
-    from secagg.federation import pki
-    from secagg.federation.config import FederationConfig
-    from secagg.federation.kit import CONFIG_FILE, ROSTER_FILE, load_roster, sign_site_request
+    from secagg.federation.kit import sign_request
 
-    def roster() -> list[int]:
-        config = FederationConfig.load(Path(args.dir) / CONFIG_FILE)
-        return sorted(load_roster(Path(args.dir) / ROSTER_FILE, config.trust_root))
-
-    before = roster()
-    out = sign_site_request(args.dir, args.request, args.out, add_site=args.add_site)
-    site = pki.site_id_from_pem((Path(out) / "client.crt").read_bytes())
-    after = roster()
+    # (the rosters before and after are this sign's, read under its lock: read here, around
+    # the call, a sign racing this one made an addition look like a rotation)
+    done = sign_request(args.dir, args.request, args.out, add_site=args.add_site)
     # what was approved, said: a new seat and a rotation looked alike
-    if site in before:
-        print(f"signed site {site}: a new TLS certificate, its identity key unchanged")
+    if done.added:
+        print(f"signed site {done.site_id}: ADDED to the roster "
+              f"({len(done.sites_before)} -> {len(done.sites_after)} sites)")
     else:
-        print(f"signed site {site}: ADDED to the roster ({len(before)} -> {len(after)} sites)")
-    print(f"  the certificate and the re-signed roster are in {out}; every party needs the "
-          "new roster.bin")
+        print(f"signed site {done.site_id}: a new TLS certificate, its identity key unchanged")
+    print(f"  the certificate and the re-signed roster are in {done.out}; every party needs "
+          "the new roster.bin")
     return 0
 
 
@@ -95,7 +89,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                      help="the site's existing identity.key, to rotate its certificate (the "
                           "request is signed with it; a new TLS key is made in --dir)")
     csr.set_defaults(func=_csr)
-    sign = fed_sub.add_parser("sign", help="sign a site's request and add it to the roster")
+    sign = fed_sub.add_parser(
+        "sign", help="sign a site's request: a new certificate (with --add-site, a new seat)")
     sign.add_argument("--dir", required=True, type=Path, help="the federation directory")
     sign.add_argument("--request", required=True, type=Path)
     sign.add_argument("--out", required=True, type=Path)

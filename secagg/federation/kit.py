@@ -326,8 +326,30 @@ def make_site_request(directory: Path | str, site_id: int, *,
     return path
 
 
+@dataclass(frozen=True)
+class SignedRequest:
+    """What one ``sign`` did, read under the federation's lock (the roster before and after
+    this sign, not another one's racing it)."""
+
+    out: Path
+    site_id: int
+    sites_before: tuple[int, ...]
+    sites_after: tuple[int, ...]
+
+    @property
+    def added(self) -> bool:
+        """The site was not on the roster before: a new seat, not a rotation."""
+        return self.site_id not in self.sites_before
+
+
 def sign_site_request(federation: Path | str, request_path: Path | str, out: Path | str, *,
                       add_site: bool = False) -> Path:
+    """Sign a site's request; see :func:`sign_request`. Returns the output directory."""
+    return sign_request(federation, request_path, out, add_site=add_site).out
+
+
+def sign_request(federation: Path | str, request_path: Path | str, out: Path | str, *,
+                 add_site: bool = False) -> SignedRequest:
     """Sign a site's request: its certificate, and a re-signed roster with its identity key in
     it (a new roster version and graph seed), written with the public files into ``out``.
     Every party must then receive the new roster. A request for a site the roster does not
@@ -402,7 +424,7 @@ def _federation_lock(fed: Path) -> Iterator[None]:
 
 
 def _sign_locked(fed: Path, site_id: int, csr: x509.CertificateSigningRequest,
-                 identity_public: bytes, out: Path | str, add_site: bool) -> Path:
+                 identity_public: bytes, out: Path | str, add_site: bool) -> SignedRequest:
     config = FederationConfig.load(fed / CONFIG_FILE)
     ca_key = pki.load_private(fed / "ca" / "ca.key")
     ca_cert = pki.load_cert(fed / "ca" / "ca.crt")
@@ -436,4 +458,4 @@ def _sign_locked(fed: Path, site_id: int, csr: x509.CertificateSigningRequest,
     _write_public_files(o, config, signed, ca_cert, None)
     for path in (fed / ROSTER_FILE, fed / "aggregator" / ROSTER_FILE):
         pki.write_public(path, roster_to_bytes(signed))  # (replaced whole)
-    return o
+    return SignedRequest(o, site_id, tuple(sorted(roster)), tuple(sorted(sites)))

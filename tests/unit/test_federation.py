@@ -372,6 +372,23 @@ def test_a_site_rotates_its_certificate_with_a_request_its_identity_key_signs(
         make_site_request(site, 2)
 
 
+def test_sign_says_whether_it_added_a_seat_or_rotated_a_certificate(
+        fresh_federation: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI's line reports this sign's own before/after rosters (read under its lock)."""
+    from secagg.cli import main
+
+    added = make_site_request(tmp_path / "site-9", 9)
+    assert main(["federation", "sign", "--dir", str(fresh_federation), "--request",
+                 str(added), "--out", str(tmp_path / "s9"), "--add-site"]) == 0
+    assert "signed site 9: ADDED to the roster (4 -> 5 sites)" in capsys.readouterr().out
+    rotated = make_site_request(tmp_path / "site-2", 2,
+                                identity_key=fresh_federation / "sites" / "site-2" / "identity.key")
+    assert main(["federation", "sign", "--dir", str(fresh_federation), "--request",
+                 str(rotated), "--out", str(tmp_path / "s2"), "--add-site"]) == 0
+    out = capsys.readouterr().out
+    assert "signed site 2: a new TLS certificate" in out and "ADDED" not in out
+
+
 def _forged_request(federation: Path, tmp_path: Path, victim: int, signer: Path | None,
                     replay_from: Path | None = None) -> Path:
     """A request for ``victim``'s certificate made of its public roster key and a TLS key the
