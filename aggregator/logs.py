@@ -6,16 +6,19 @@ seed, share or plaintext (the fields below are the only ones copied into a line)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import socket
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
-FIELDS = ("event", "round_id", "site_id", "stage", "reason", "code", "peer", "count")
+FIELDS = ("event", "round_id", "site_id", "stage", "reason", "code", "peer", "count", "dropped")
 
 
 class JsonFormatter(logging.Formatter):
@@ -37,13 +40,64 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, separators=(",", ":"))
 
 
+# what a peer can make us log as often as it likes (a refused certificate, message or chunk,
+# an idle stream): each (event, site) may log a burst, then PEER_LINES_PER_SECOND
+PEER_EVENTS = frozenset({"identity_refused", "chunk_refused", "stream_idle"})
+PEER_LINES_PER_SECOND = 1.0
+PEER_LINES_BURST = 20.0
+PEER_BUDGETS = 4096  # (event, site) pairs remembered; the oldest is forgotten first
+
+
+class PeerLineBudget(logging.Filter):
+    """Rate-limits the log lines a peer causes, per (event, site id): 2,000 refused calls
+    from one off-roster certificate wrote 336 KB of log in 2.3 s. A line that follows
+    dropped ones says how many in ``dropped`` (the refusals are all counted in the
+    metrics)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+        self.budgets: OrderedDict[tuple[object, object], _LineBudget] = OrderedDict()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        event = record.__dict__.get("event")
+        if event not in PEER_EVENTS:
+            return True
+        key = (event, record.__dict__.get("site_id"))
+        with self.lock:
+            budget = self.budgets.get(key)
+            if budget is None:
+                budget = self.budgets[key] = _LineBudget(PEER_LINES_PER_SECOND,
+                                                         PEER_LINES_BURST)
+                if len(self.budgets) > PEER_BUDGETS:
+                    self.budgets.popitem(last=False)
+            else:
+                self.budgets.move_to_end(key)
+            # defence: logs.peer-lines-rate-limited
+            if not budget.take():
+                return False
+            if budget.dropped:
+                record.dropped = budget.dropped
+                budget.dropped = 0
+        return True
+
+
 def configure(level: str = "info") -> None:
+    """JSON lines on stderr for ours (``secagg.*``, at ``level``) and, at WARNING, for every
+    other logger and for Python warnings: asyncio's "Task exception was never retrieved" and
+    other libraries' messages went through logging's last resort as raw text and tracebacks."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    root = logging.getLogger("secagg")
+    handler.addFilter(PeerLineBudget())
+    ours = logging.getLogger("secagg")
+    ours.handlers[:] = [handler]
+    ours.setLevel(level.upper())
+    ours.propagate = False
+    # defence: logs.every-logger-json
+    root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
+    root.setLevel(logging.WARNING)
+    logging.captureWarnings(True)
 
 
 _NATIVE = re.compile(r"^([IWEF])\d{4} [\d:.]+\s+\d+ ([\w.]+):\d+\] (.*)$")
@@ -60,6 +114,7 @@ TLS_REASONS = frozenset({
     "NO_SHARED_GROUP", "WRONG_SIGNATURE_TYPE", "BAD_SIGNATURE", "CERT_DECODE_ERROR"})
 NATIVE_LINES_PER_SECOND = 20.0  # gRPC core lines logged at most (a burst of 100 first)
 NATIVE_LINES_BURST = 100.0
+NATIVE_MESSAGE_BYTES = 1 << 16  # what is read of one message of the core (the rest is cut)
 
 
 class _LineBudget:
@@ -102,18 +157,28 @@ class NativeLines:
             self.budget.dropped = 0
         self.log.log(level, message, extra=extra)
 
-    def feed(self, line: str) -> None:
-        match = _NATIVE.match(line)
+    def feed(self, message: str) -> None:
+        """One message of the core: what it wrote in one go (its first line is the core's
+        header; any further line is text of the same message, which a peer may have put
+        there)."""
+        first, _, rest = message.partition("\n")
+        match = _NATIVE.match(first)
         if match is None:
-            # a line the core did not start (the rest of a message with a newline in it):
-            # kept, but only inside one of our own entries
+            # not a message the core started (what a pipe split off a message after a
+            # newline the peer put in it, or something else on fd 2): kept, but only inside
+            # one of our own entries
             # defence: logs.native-lines-wrapped
-            if line.strip():
+            if message.strip():
                 # defence: logs.native-lines-cut
-                self._emit(logging.WARNING, line[:500], event="grpc_core", reason="continuation")
+                cut = message[:500]
+                self._emit(logging.WARNING, cut, event="grpc_core", reason="continuation")
             return
         level, source, text = match.groups()
-        if "Handshake failed" in text:
+        text = f"{text}\n{rest}" if rest.strip() else text
+        # only the core's own handshake line counts, never text that merely holds the words
+        # (an SNI name is logged by the same file: "No match found for server name: ...")
+        # defence: logs.tls-refusal-from-the-core-only
+        if source == "ssl_transport_security.cc" and text.startswith("Handshake failed"):
             found = _SSL_REASON.search(text)
             # defence: logs.tls-reason-known
             reason = found.group(1) if found and found.group(1) in TLS_REASONS else "other"
@@ -135,20 +200,42 @@ def capture_native_stderr(on_tls_refused: Callable[[str], None] | None = None) -
     warnings and errors of the core become ``grpc_core`` events; the rest of the core's INFO
     chatter is dropped. No line of the core reaches the log as it is: what a peer controls
     can appear in it (an SNI name, an HTTP/2 GOAWAY's debug data), newlines included, and a
-    raw line could pass for one of ours. Lines are rate-limited (NATIVE_LINES_PER_SECOND).
+    raw line could pass for one of ours. Each message the core writes is read whole (one
+    datagram), so text it carries never passes for a message of its own. Messages are
+    rate-limited (NATIVE_LINES_PER_SECOND).
     """
     os.environ.setdefault("GRPC_VERBOSITY", "INFO")
     original = os.dup(2)
-    read_fd, write_fd = os.pipe()
-    os.dup2(write_fd, 2)
-    os.close(write_fd)
+    # fd 2 is one end of a datagram socket pair, not a pipe: the core writes each message in
+    # one write, and a datagram keeps it whole. Through a pipe, a message whose peer text
+    # held a newline became two lines, the second of them (an SNI of "x\nE1203 ... ] STORE
+    # CORRUPT") a line of the core's own format: a forged core error, and a forged
+    # "Handshake failed" counted as a refusal.
+    # defence: logs.native-messages-kept-whole
+    ours: socket.socket | None = None
+    theirs: socket.socket | None = None
+    with contextlib.suppress(AttributeError, OSError):  # (else a pipe: a line a message)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if theirs is not None:
+        os.dup2(theirs.fileno(), 2)
+        theirs.close()
+    else:
+        read_fd, write_fd = os.pipe()
+        os.dup2(write_fd, 2)
+        os.close(write_fd)
     sys.stderr = os.fdopen(os.dup(original), "w", buffering=1)
-    for handler in logging.getLogger("secagg").handlers:
-        if isinstance(handler, logging.StreamHandler):
-            handler.setStream(sys.stderr)
+    for name in ("secagg", ""):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler):
+                handler.setStream(sys.stderr)
     native = NativeLines(on_tls_refused)
 
     def pump() -> None:
+        if ours is not None:
+            with ours:
+                while True:
+                    native.feed(ours.recv(NATIVE_MESSAGE_BYTES).decode(errors="replace")
+                                .rstrip("\n"))
         with os.fdopen(read_fd, "r", errors="replace") as lines:
             for raw in lines:
                 native.feed(raw.rstrip("\n"))

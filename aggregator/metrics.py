@@ -148,8 +148,10 @@ def serve_metrics(metrics: Metrics, listen: str) -> tuple[Any, int]:
     holding connections open does not shut the scraper out), and closes a connection idle
     for METRICS_IDLE_SECONDS. The port is for a monitoring network, not the internet: many
     hosts together can still fill it."""
+    import io
     import socket
     import socketserver
+    import sys
     import threading
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
@@ -164,6 +166,11 @@ def serve_metrics(metrics: Metrics, listen: str) -> tuple[Any, int]:
 
         def log_message(self, format: str, *args: Any) -> None:
             pass  # (stderr is the JSON log)
+
+        def get_stderr(self) -> Any:
+            # wsgiref printed a failed request's traceback here (stderr, the JSON log)
+            # defence: metrics.no-tracebacks
+            return io.StringIO()
 
     class Server(socketserver.ThreadingMixIn, WSGIServer):
         address_family = family
@@ -213,7 +220,19 @@ def serve_metrics(metrics: Metrics, listen: str) -> tuple[Any, int]:
         def handle_error(self, request: Any, client_address: Any) -> None:
             pass  # an idle connection timed out: nothing for the log (it is JSON only)
 
+    app = make_wsgi_app(metrics.registry)
+
+    def guarded(environ: dict[str, Any], start_response: Any) -> Any:
+        # a request prometheus_client cannot answer (an Accept header of "text/plain;
+        # version=abc" raised TypeError in it) is a 400, not a 500 with a traceback
+        # defence: metrics.bad-request-answered
+        try:
+            return app(environ, start_response)
+        except Exception:
+            start_response("400 Bad Request", [("Content-Type", "text/plain")], sys.exc_info())
+            return [b"bad request\n"]
+
     server = Server((host, int(port)), Handler)
-    server.set_app(make_wsgi_app(metrics.registry))
+    server.set_app(guarded)
     threading.Thread(target=server.serve_forever, name="secagg-metrics", daemon=True).start()
     return server, int(server.server_address[1])

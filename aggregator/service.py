@@ -666,6 +666,16 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
             is_new = await self.writer.put(job.store, (cid, data, number, site))
             return (1, 0) if is_new else (0, 1)
 
+        def settled(task: asyncio.Future[tuple[int, int]]) -> None:
+            self.in_flight.release()
+            # a chunk still being stored when its stream was refused (idle, over budget, a
+            # later chunk's bad hash) has its outcome read here: left unread, asyncio logged
+            # "Task exception was never retrieved" with a traceback for every refused stream
+            # defence: service.orphan-chunk-outcomes-read
+            error = None if task.cancelled() else task.exception()
+            if isinstance(error, StoreError):
+                self.core.healthy = False  # (as a stream that sees it: reload from the store)
+
         iterator = request_iterator.__aiter__()
         try:
             while True:
@@ -718,7 +728,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
                 # sender). A slot is held while hashing and storing, never while waiting.
                 await self.in_flight.acquire()
                 task = asyncio.ensure_future(ingest(cid, data, number))
-                task.add_done_callback(lambda _t: self.in_flight.release())
+                task.add_done_callback(settled)
                 tasks.append(task)
                 if len(tasks) >= 8:  # bound what is in flight (8 chunks)
                     await asyncio.wait(tasks[-8:-7])

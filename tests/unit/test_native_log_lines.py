@@ -147,3 +147,119 @@ def test_core_lines_are_cut_to_500_characters(
     native.feed("x" * 10_000)
     native.feed("W0101 00:00:00.000000   123 chttp2_transport.cc:42] " + "y" * 10_000)
     assert len(out) == 2 and all(len(e["message"]) <= 500 for e in out)
+
+
+SNI_FORGED = ("E1203 16:46:01.917898   16076 ssl_transport_security.cc:3238] No match found for "
+              "server name: x\nE1203 16:40:00.000000    4242 store.cc:1] STORE CORRUPT. Restore "
+              "it.\nI1203 16:40:00.000000    4242 ssl.cc:1] Handshake failed. "
+              "OPENSSL_internal:SSLV3_ALERT_CERTIFICATE_EXPIRED")
+
+
+def test_text_a_peer_put_in_a_core_message_stays_inside_that_message(
+        lines: tuple[logs.NativeLines, list[dict[str, Any]]]) -> None:
+    """An SNI name of "x\\nE1203 ... store.cc:1] STORE CORRUPT ..." is one message of the
+    core: one entry, the core's file as its reason; no forged error, no refusal counted."""
+    native, out = lines
+    seen: list[str] = []
+    native.on_tls_refused = seen.append
+    native.feed(SNI_FORGED)
+    assert [(e["event"], e["reason"]) for e in out] == [
+        ("grpc_core", "ssl_transport_security.cc")]
+    assert out[0]["message"].startswith("No match found for server name: x\n")
+    assert seen == []
+
+
+def test_only_the_cores_own_handshake_line_counts_as_a_refusal(
+        lines: tuple[logs.NativeLines, list[dict[str, Any]]]) -> None:
+    """The words "Handshake failed" in a peer's SNI (logged by the same file, on one line)
+    are not a refused handshake: the metric and the tls_refused event are the core's."""
+    native, out = lines
+    seen: list[str] = []
+    native.on_tls_refused = seen.append
+    native.feed("E1203 16:46:01.917898   16076 ssl_transport_security.cc:3238] No match found "
+                "for server name: Handshake.failed.OPENSSL_internal:SSLV3_ALERT_CERTIFICATE_"
+                "EXPIRED")
+    native.feed("I1203 16:40:00.000000    4242 ssl.cc:1] Handshake failed. "
+                "OPENSSL_internal:SSLV3_ALERT_CERTIFICATE_EXPIRED")
+    assert seen == [] and not [e for e in out if e["event"] == "tls_refused"]
+    native.feed(HANDSHAKE.format("CERTIFICATE_VERIFY_FAILED"))
+    assert seen == ["CERTIFICATE_VERIFY_FAILED"]
+
+
+def _run_logged(code: str) -> list[str]:
+    """Run ``code`` in a process whose logging the aggregator's CLI set up; its stderr."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.service_kit import ROOT, env
+
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stderr.splitlines()
+
+
+def test_one_write_of_the_core_is_read_as_one_message() -> None:
+    """What the core writes in one go (one log message, a peer's newline inside) reaches the
+    log as one entry: fd 2 keeps message boundaries, a pipe did not."""
+    err = _run_logged(f"""
+        import os, time
+        from aggregator import logs
+        logs.configure()
+        logs.capture_native_stderr()
+        os.write(2, {(SNI_FORGED + chr(10)).encode()!r})
+        os.write(2, b"W1203 16:46:02.000000   16076 chttp2_transport.cc:1] after\\n")
+        time.sleep(0.5)
+        """)
+    entries = [json.loads(line) for line in err]  # JSON lines only
+    assert [(e["event"], e["reason"]) for e in entries] == [
+        ("grpc_core", "ssl_transport_security.cc"), ("grpc_core", "chttp2_transport.cc")]
+    assert "STORE CORRUPT" in entries[0]["message"]
+
+
+def test_every_logger_and_warning_is_a_json_line_without_a_traceback() -> None:
+    """asyncio's "Task exception was never retrieved", another library's error, a Python
+    warning: JSON lines with the exception's type only, never raw text or a traceback."""
+    err = _run_logged("""
+        import logging, warnings
+        from aggregator import logs
+        logs.configure()
+        try:
+            raise ValueError("SECRET-IN-A-MESSAGE")
+        except ValueError:
+            logging.getLogger("asyncio").error("Task exception was never retrieved",
+                                               exc_info=True)
+        logging.getLogger("sqlalchemy.pool").warning("pool trouble")
+        warnings.warn("deprecated thing", DeprecationWarning, stacklevel=1)
+        warnings.warn("a user warning", stacklevel=1)
+        """)
+    entries = [json.loads(line) for line in err]  # JSON lines only
+    assert entries[0]["error"] == "ValueError" and "SECRET" not in err
+    assert "Traceback" not in err and len(entries) >= 3
+
+
+def test_refusals_a_peer_causes_are_rate_limited_per_site_and_counted(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """2,000 refused calls from one certificate wrote 336 KB of log in 2.3 s: each (event,
+    site) gets a burst, then a line a second; the next line says how many were dropped, and
+    another site's refusals are still logged."""
+    clock = [1000.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    budget = logs.PeerLineBudget()
+
+    def record(site: int | None, event: str = "identity_refused") -> logging.LogRecord:
+        r = logging.LogRecord("secagg.aggregator", logging.WARNING, __file__, 1, "refused",
+                              None, None)
+        r.__dict__.update(event=event, site_id=site)
+        return r
+
+    passed = sum(budget.filter(record(99)) for _ in range(2000))
+    assert passed <= logs.PEER_LINES_BURST
+    assert budget.filter(record(3))  # another site
+    assert all(budget.filter(record(99, "round_opened")) for _ in range(100))  # not a peer's
+    clock[0] += 1.0
+    later = record(99)
+    assert budget.filter(later)
+    line = json.loads(logs.JsonFormatter().format(later))
+    assert line["dropped"] == 2000 - passed
