@@ -225,6 +225,22 @@ class Job:
 
     def recover(self) -> None:
         """Load the job from the store; replay the running round, or open the next one."""
+        # a store is bound to one federation (its trust root) and one job at first start:
+        # another federation's store, its job started from the same model under the same
+        # default name and job id, was served to this one's sites as its own
+        # defence: service.store-of-this-federation
+        name = self.config.round_id_for(0).rsplit("/", 1)[0]
+        bound = self.store.bind_job(self.config.trust_root, name)
+        if bound[0] != self.config.trust_root:
+            raise ConfigurationError(
+                "the store belongs to another federation (it was bound to another trust "
+                "root than this configuration's [federation] trust_root): start this job on "
+                "a new store, or run that federation's aggregator on it")
+        if bound[1] != name:
+            raise ConfigurationError(
+                f"the store holds rounds of another job ({bound[1]!r}); this configuration's "
+                f"rounds are named {self.config.round_id_for(1)!r} on: start a new job on a "
+                "new store, or restore the [federation] name and [job] id")
         rows = self.store.rounds()
         if not rows:
             self._save_model(self._initial)

@@ -93,6 +93,13 @@ releases = sa.Table(
     sa.Column("released_at", sa.Float, nullable=False),
 )
 
+job = sa.Table(
+    "job", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),  # one row, id 1
+    sa.Column("trust_root", sa.LargeBinary(32), nullable=False),  # the federation's
+    sa.Column("job", sa.String(200), nullable=False),  # its round ids' prefix: name/job id
+)
+
 
 class StoreError(SecAggError):
     """The store is unreachable or does not hold what it should (the service says UNAVAILABLE
@@ -242,7 +249,7 @@ def _alembic_config(connection: Connection) -> Any:
     return config
 
 
-STORE_TABLES = frozenset({"chunks", "rounds", "events", "models", "releases"})
+STORE_TABLES = frozenset({"chunks", "rounds", "events", "models", "releases"})  # (0001's)
 
 
 @functools.cache
@@ -932,6 +939,17 @@ class Store:
                                               weight_sum=weight_sum,
                                               sites=json.dumps(list(sites)),
                                               released_at=time.time()))
+
+    def bind_job(self, trust_root: bytes, name: str) -> tuple[bytes, str]:
+        """The (trust root, job) this store belongs to: written by the first aggregator that
+        runs on it (these, if none is), read ever after."""
+        with self.engine.begin() as c:
+            row = c.execute(sa.select(job.c.trust_root, job.c.job)
+                            .where(job.c.id == 1)).first()
+            if row is not None:
+                return bytes(row.trust_root), str(row.job)
+            c.execute(job.insert().values(id=1, trust_root=trust_root, job=name))
+        return trust_root, name
 
     def rounds(self) -> list[Any]:
         with self.engine.connect() as c:

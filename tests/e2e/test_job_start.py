@@ -134,3 +134,27 @@ def test_an_aggregator_whose_model_file_is_not_the_one_the_config_names_refuses_
     assert agg.process.wait(timeout=60) == 2
     log = (tmp_path / "aggregator.log").read_text()
     assert "Traceback" not in log and "initial_model_digest" in log
+
+
+def test_an_aggregator_on_another_federations_store_refuses_to_start(tmp_path: Path) -> None:
+    """Two trial federations, the same default name and job id, the same first model: B's
+    aggregator on A's store served A's job (its rounds, its results) to B's sites as B's.
+    The store is bound to the federation that first ran on it."""
+    from tests.service_kit import Aggregator, start_aggregator
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = make_federation(tmp_path / "a", 3, "masking", rounds=1)
+    b = make_federation(tmp_path / "b", 3, "masking", rounds=1)
+    store = tmp_path / "a" / "aggregator.db"
+    first = start_aggregator(a, tmp_path / "a", str(store))
+    first.wait_for(lambda e: e.get("event") == "round_opened")
+    assert first.stop() == 0
+    other = Aggregator(b, store, tmp_path / "b.log")
+    other.start(wait=False)
+    assert other.process is not None and other.process.wait(timeout=30) == 2
+    log = (tmp_path / "b.log").read_text()
+    assert "Traceback" not in log and "another federation" in log
+    again = start_aggregator(a, tmp_path / "a", str(store))  # A's own still runs on it
+    again.wait_for(lambda e: e.get("event") == "serving", count=2)  # (one log for both)
+    assert again.stop() == 0

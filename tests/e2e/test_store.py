@@ -89,6 +89,35 @@ def test_an_empty_store_is_created_only_when_asked(store_url: str) -> None:
     Store(store_url, create=False).close()
 
 
+def test_a_store_of_the_first_schema_migrates_and_is_bound_to_the_first_job(
+        store_url: str) -> None:
+    """0001 stores hold no job binding: `migrate` adds the table with its data kept, and
+    the first aggregator to run on the store binds it; another federation's is then refused
+    by the job (tests/e2e/test_job_start.py)."""
+    from alembic import command
+
+    from aggregator.store import _alembic_config
+
+    engine = _engine(store_url)
+    try:
+        with engine.begin() as c:
+            command.upgrade(_alembic_config(c), "0001")
+            c.execute(sa.text("INSERT INTO models VALUES (:d, '[]', :b)"),
+                      {"d": b"m" * 32, "b": '{"chunks": [], "size": 0}'})
+    finally:
+        engine.dispose()
+    with pytest.raises(StoreError, match="needs " + head_revision()):
+        Store(store_url)
+    assert migrate(store_url) == ("0001", head_revision())
+    store = Store(store_url, create=False)
+    try:
+        assert store.load_model(b"m" * 32) is not None  # kept
+        assert store.bind_job(b"\x01" * 32, "trial/job") == (b"\x01" * 32, "trial/job")
+        assert store.bind_job(b"\x02" * 32, "other/job") == (b"\x01" * 32, "trial/job")
+    finally:
+        store.close()
+
+
 def test_backup_while_open_and_restore_into_a_new_store(store_url: str, tmp_path: Path,
                                                         postgres_or_sqlite_target: str) -> None:
     store = Store(store_url)
