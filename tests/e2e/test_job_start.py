@@ -152,7 +152,10 @@ def test_an_aggregator_on_another_federations_store_refuses_to_start(tmp_path: P
     assert first.stop() == 0
     other = Aggregator(b, store, tmp_path / "b.log")
     other.start(wait=False)
-    assert other.process is not None and other.process.wait(timeout=30) == 2
+    try:
+        assert other.process is not None and other.process.wait(timeout=30) == 2
+    finally:
+        other.stop()
     log = (tmp_path / "b.log").read_text()
     assert "Traceback" not in log and "another federation" in log
     again = start_aggregator(a, tmp_path / "a", str(store))  # A's own still runs on it
