@@ -168,8 +168,8 @@ def serve_metrics(metrics: Metrics, listen: str) -> tuple[Any, int]:
             pass  # (stderr is the JSON log)
 
         def get_stderr(self) -> Any:
-            # wsgiref printed a failed request's traceback here (stderr, the JSON log)
-            # defence: metrics.no-tracebacks
+            # wsgiref printed a failed request's traceback here (stderr, the JSON log); the
+            # app below answers what it can, this keeps whatever else fails out of the log
             return io.StringIO()
 
     class Server(socketserver.ThreadingMixIn, WSGIServer):

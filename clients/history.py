@@ -146,7 +146,12 @@ class History:
                                       in self._in_sum.items()}}, sort_keys=True).encode()
         tmp = self._path.with_name(f".{HISTORY_FILE}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            # a new file, never one found there: a link planted at the temporary name (in a
+            # shared history_dir) had its target overwritten with the history
+            # defence: sdk.history-temp-never-followed
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)  # (a leftover of a crash, or a planted link: not its target)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
             try:
                 os.write(fd, data)
                 os.fsync(fd)
@@ -164,10 +169,14 @@ class History:
                             "update was not sent") from None
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        # defence: sdk.history-lock-never-followed
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
     except OSError as e:
         raise SiteError(f"cannot lock {path}: {e.strerror}; the update was not sent") from None
     try:

@@ -123,3 +123,27 @@ def test_a_held_model_that_cannot_be_recorded_is_a_warning_not_a_lost_result(
     assert history.held("job-1") == (1, b"\x02" * 32)
     assert "not recorded" in caplog.text and "No space left" in caplog.text
     assert History(tmp_path).held("job-1") == (0, b"\x01" * 32)
+
+
+def test_links_planted_in_a_shared_history_directory_are_never_written_through(
+        tmp_path: Path) -> None:
+    """A history_dir others can write to: a link at the history's temporary name had its
+    target overwritten with the history; a link at the lock's name was created through.
+    The temporary link is replaced by a new file (the target untouched); the lock's is a
+    clear SiteError, nothing sent."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / f".{HISTORY_FILE}.tmp").symlink_to(victim)
+    History(shared).spend("job-1", 1, DIGEST)
+    assert victim.read_text() == "precious"
+    assert not (shared / HISTORY_FILE).is_symlink()
+    assert History(shared).last_round("job-1") == 1
+
+    elsewhere = tmp_path / "not-yet"
+    (shared / f".{HISTORY_FILE}.lock").unlink()
+    (shared / f".{HISTORY_FILE}.lock").symlink_to(elsewhere)
+    with pytest.raises(SiteError, match=r"cannot lock.*not sent"):
+        History(shared).spend("job-1", 2, DIGEST)
+    assert not elsewhere.exists()
