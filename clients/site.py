@@ -484,9 +484,17 @@ class Round:
         # one vector of the model's size, made by flattening and then worked on in place:
         # a large model is not copied for the delta and again for the clip
         delta = tensors.flatten_like(state_dict, self.model)
-        np.subtract(delta, self.model.values, out=delta)
-        delta, _ = tensors.clip_l2(delta, config.clip_norm, self.model.integer_positions,
-                                   in_place=True)
+        with np.errstate(over="ignore", invalid="ignore"):  # (an overflow is refused below)
+            np.subtract(delta, self.model.values, out=delta)
+            delta, norm = tensors.clip_l2(delta, config.clip_norm,
+                                          self.model.integer_positions, in_place=True)
+        # finite values whose difference from the model overflows float64 (1e308 - -1e308)
+        # made an infinite delta, clipped to NaN: refused here, before the round is spent
+        # defence: sdk.delta-finite
+        if not math.isfinite(norm):
+            raise ConfigurationError(
+                "the update's difference from the round's model is not finite (values near "
+                "float64's largest): check the trained state for diverged values")
         scaled_weight = samples / config.max_samples
         # this round number is spent from here on, whatever becomes of it (if it cannot be
         # recorded, nothing is sent and the round stays open to another call)

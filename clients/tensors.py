@@ -19,17 +19,46 @@ from secagg.model import FlatModel
 
 
 def to_numpy(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A state dict's values as numpy arrays; a clear ConfigurationError for what is not a
+    state dict or holds a tensor with no values numpy can take."""
+    # defence: sdk.state-dict-is-a-mapping
+    if not isinstance(state, Mapping):
+        hint = (" (a module: pass model.state_dict())" if hasattr(state, "state_dict")
+                else "")
+        raise ConfigurationError(f"a state dict maps names to tensors; got "
+                                 f"{type(state).__name__}{hint}")
     out = {}
     for name, value in state.items():
         if hasattr(value, "detach"):  # a torch tensor
-            try:
-                value = value.detach().cpu().numpy()
-            except TypeError:  # bfloat16 and other dtypes numpy has not got
-                raise ConfigurationError(
-                    f"tensor {str(name)[:64]!r} is {value.dtype}, which models do not carry "
-                    "(float16/32/64, integers, bool): convert it first, e.g. .float()") from None
+            value = _torch_values(str(name)[:64], value)
         out[str(name)] = np.asarray(value)
     return out
+
+
+def _torch_values(name: str, tensor: Any) -> np.ndarray:
+    # (each of these raised from inside torch: a traceback, or a misleading dtype message)
+    # defence: sdk.torch-tensor-kinds-named
+    layout = str(getattr(tensor, "layout", "torch.strided"))
+    if layout != "torch.strided":
+        raise ConfigurationError(f"tensor {name!r} is {layout.removeprefix('torch.')}: "
+                                 "convert it first, e.g. .to_dense()")
+    if getattr(tensor, "is_meta", False):
+        raise ConfigurationError(f"tensor {name!r} is on the meta device and holds no "
+                                 "values: load the trained weights first")
+    try:
+        tensor = tensor.detach().cpu()
+        if tensor.is_conj():
+            tensor = tensor.resolve_conj()
+        if tensor.is_neg():
+            tensor = tensor.resolve_neg()
+        return tensor.numpy()  # type: ignore[no-any-return]
+    except TypeError:  # bfloat16 and other dtypes numpy has not got
+        raise ConfigurationError(
+            f"tensor {name!r} is {tensor.dtype}, which models do not carry "
+            "(float16/32/64, integers, bool): convert it first, e.g. .float()") from None
+    except RuntimeError as e:
+        raise ConfigurationError(f"tensor {name!r} ({tensor.dtype}) cannot be read as an "
+                                 f"array: {str(e).splitlines()[0][:120]}") from None
 
 
 def as_tensors(arrays: Mapping[str, np.ndarray], kind: str) -> dict[str, Any]:
@@ -86,13 +115,30 @@ def l2_norm(values: np.ndarray) -> float:
     ``np.linalg.norm`` is OpenBLAS's ``ddot``, whose worker threads then spin for ~0.1 s
     waiting for more work: ~0.1 CPU-s a round taken from the training script (or, on a
     machine running several sites, from the others) for a sum that takes ~2 ms."""
+    with np.errstate(over="ignore"):
+        total = _sum_of_squares(values, 1.0)
+    if math.isinf(total) and values.size:
+        # the squares overflowed (values beyond ~1e154): again, scaled by the largest, so a
+        # finite vector has a finite norm (an infinite one was clipped to all zeros)
+        # defence: sdk.norm-without-overflow
+        largest = float(np.max(np.abs(values)))
+        if math.isfinite(largest):
+            return largest * math.sqrt(_sum_of_squares(values, largest))
+    return math.sqrt(total)
+
+
+def _sum_of_squares(values: np.ndarray, scale: float) -> float:
     total = 0.0
     square = np.empty(min(values.size, _NORM_BLOCK))
     for start in range(0, values.size, _NORM_BLOCK):
-        part = values[start:start + _NORM_BLOCK]
-        np.square(part, out=square[:part.size])
-        total += float(square[:part.size].sum())
-    return math.sqrt(total)
+        part = square[:min(_NORM_BLOCK, values.size - start)]
+        if scale == 1.0:
+            np.square(values[start:start + part.size], out=part)
+        else:
+            np.divide(values[start:start + part.size], scale, out=part)
+            np.square(part, out=part)
+        total += float(part.sum())
+    return total
 
 
 def clip_l2(delta: np.ndarray, bound: float, counters: np.ndarray | None = None, *,

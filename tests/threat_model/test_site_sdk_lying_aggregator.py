@@ -355,10 +355,11 @@ def _site(protocol: str, info: Any, payloads: dict[bytes, bytes], directory: Any
 
 
 def _model_info(number: int, round_id: str, protocol: int = service_pb2.PROTOCOL_MASKING,
-                data: bytes | None = None) -> tuple[Any, dict[bytes, bytes]]:
+                data: bytes | None = None, w: np.ndarray | None = None
+                ) -> tuple[Any, dict[bytes, bytes]]:
     from secagg.model import FlatModel
 
-    model = FlatModel.from_arrays({"w": np.zeros(8, np.float32)})
+    model = FlatModel.from_arrays({"w": np.zeros(8, np.float32) if w is None else w})
     blob = wire.Blob((b"\x03" * 32,), len(model.to_bytes()))
     info = service_pb2.RoundInfo(round=number, round_id=round_id, protocol=protocol,
                                  status=service_pb2.ROUND_STATUS_RUNNING,
@@ -530,6 +531,45 @@ def test_a_wrong_argument_to_submit_leaves_the_round_open_to_a_corrected_call() 
         with pytest.raises(AggregatorRefused):
             next(site.rounds()).submit({"w": np.ones(8, np.float32)}, weight=weight)
         assert conn.sent == ["Submit"]
+
+
+def test_what_is_not_a_state_dict_of_readable_tensors_is_a_clear_error_and_nothing_is_sent(
+        ) -> None:
+    """A module instead of its state dict, a list, a sparse or meta tensor, a complex
+    conjugate view: each raised from inside torch (or as a misleading dtype message); and an
+    update whose difference from a float64 model overflows was clipped to NaN after the round
+    was spent. Each is a ConfigurationError before anything is sent, and the round stays
+    open to the corrected call."""
+    import torch
+
+    from clients.errors import AggregatorRefused
+    from secagg.errors import ConfigurationError
+
+    info, payloads = _model_info(1, "hospitals/job-1/round-1")
+    site, conn = _site("masking", info, payloads)
+    rnd = next(site.rounds())
+    linear = torch.nn.Linear(2, 4)
+    bad: list[tuple[Any, str]] = [
+        (linear, r"got Linear \(a module: pass model.state_dict\(\)\)"),
+        ([np.ones(8, np.float32)], "got list"),
+        ({"w": torch.ones(8).to_sparse()}, "'w' is sparse_coo"),
+        ({"w": torch.ones(8, device="meta")}, "'w' is on the meta device"),
+        ({"w": torch.ones(8, dtype=torch.complex64).conj()}, "."),
+    ]
+    for state, match in bad:
+        with pytest.raises(ConfigurationError, match=match):
+            rnd.submit(state, weight=10)
+    assert conn.sent == []
+    huge = np.full(8, -1.5e308)
+    info, payloads = _model_info(1, "hospitals/job-1/round-1", w=huge)
+    site, conn = _site("masking", info, payloads)
+    rnd = next(site.rounds())
+    with pytest.raises(ConfigurationError, match="not finite"):
+        rnd.submit({"w": -huge}, weight=10)
+    assert conn.sent == []
+    with pytest.raises(AggregatorRefused):  # the corrected call goes ahead
+        rnd.submit({"w": huge * 0.9}, weight=10)
+    assert conn.sent == ["Submit"]
 
 
 def test_download_stream_that_ends_short_is_a_refusal_not_a_key_error() -> None:

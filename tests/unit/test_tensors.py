@@ -109,3 +109,13 @@ def test_a_state_dict_that_is_not_the_models_layout_is_refused_naming_it(lie: st
     with pytest.raises(ConfigurationError, match="does not match the round's model"):
         tensors.flatten_like(state, model)
     assert tensors.flatten_like({"a": a, "b": b}, model).size == 10
+
+
+def test_the_norm_of_large_finite_values_is_finite_and_they_are_clipped_not_zeroed() -> None:
+    """Squares beyond float64 (values past ~1e154) made the norm infinite and the clip
+    multiplied every value by bound / inf: an update of zeros. Scaled, the norm is right."""
+    values = np.array([3e200, 4e200, 0.0])
+    assert l2_norm(values) == pytest.approx(5e200, rel=1e-12)
+    clipped, norm = clip_l2(values, 1.0)
+    np.testing.assert_allclose(clipped, [0.6, 0.8, 0.0], rtol=1e-12)
+    assert l2_norm(np.array([np.inf, 1.0])) == np.inf  # an infinite one stays infinite
