@@ -40,6 +40,11 @@ _log = logging.getLogger("clients.history")
 
 class History:
     def __init__(self, directory: str | Path | None) -> None:
+        # (a missing one, or a file, was found out only at the first submit, after training)
+        # defence: sdk.history-dir-checked
+        if directory is not None and not Path(directory).is_dir():
+            raise SiteError(f"the history directory {directory} is not a directory (it must "
+                            "exist, be writable, and be kept across restarts)")
         self._path = None if directory is None else Path(directory).resolve() / HISTORY_FILE
         self._last: dict[str, int] = {}  # job id -> the last round number this site sent to
         # job id -> (round, digest): the model this site holds and the round it belongs to

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +46,12 @@ Progress = Callable[[str, int, int], None]  # (what, done, total)
 class Connection:
     def __init__(self, kit: SiteKit, *, retry_seconds: float = 300.0,
                  call_timeout: float = 60.0) -> None:
+        # ("5" failed at the first call; NaN retried an unreachable aggregator for ever)
+        # defence: sdk.retry-seconds-checked
+        for name, value in (("retry_seconds", retry_seconds), ("call_timeout", call_timeout)):
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not 0 <= value < math.inf):
+                raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
         limits = kit.config.limits
         credentials = grpc.ssl_channel_credentials(root_certificates=kit.ca_pem,
                                                    private_key=kit.key_pem,

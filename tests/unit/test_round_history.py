@@ -147,3 +147,11 @@ def test_links_planted_in_a_shared_history_directory_are_never_written_through(
     with pytest.raises(SiteError, match=r"cannot lock.*not sent"):
         History(shared).spend("job-1", 2, DIGEST)
     assert not elsewhere.exists()
+
+
+def test_a_history_directory_that_is_not_one_is_said_at_connect(tmp_path: Path) -> None:
+    """A missing history_dir, or a file, was found out at the first submit, after training."""
+    (tmp_path / "file").write_text("x")
+    for bad in (tmp_path / "missing", tmp_path / "file"):
+        with pytest.raises(SiteError, match="is not a directory"):
+            History(bad)

@@ -116,6 +116,6 @@ def test_the_norm_of_large_finite_values_is_finite_and_they_are_clipped_not_zero
     multiplied every value by bound / inf: an update of zeros. Scaled, the norm is right."""
     values = np.array([3e200, 4e200, 0.0])
     assert l2_norm(values) == pytest.approx(5e200, rel=1e-12)
-    clipped, norm = clip_l2(values, 1.0)
+    clipped, _ = clip_l2(values, 1.0)
     np.testing.assert_allclose(clipped, [0.6, 0.8, 0.0], rtol=1e-12)
     assert l2_norm(np.array([np.inf, 1.0])) == np.inf  # an infinite one stays infinite

@@ -354,3 +354,15 @@ def test_a_blob_naming_more_chunks_than_bytes_is_refused_before_fetching() -> No
     with pytest.raises(AggregatorRefused, match="OUT_OF_RANGE"):
         conn.download(blob, max_size=10)
     assert stub.calls == 0
+
+
+@pytest.mark.parametrize("bad", ["5", float("nan"), float("inf"), -1.0, True, None])
+def test_a_retry_time_that_is_not_a_number_of_seconds_is_refused_at_connect(bad: object) -> None:
+    """"5" failed only at the first call (a TypeError from inside), NaN retried an
+    unreachable aggregator for ever: both said at connect, before training."""
+    from clients.transport import Connection
+
+    with pytest.raises(ValueError, match="retry_seconds must be a number of seconds"):
+        Connection(None, retry_seconds=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="call_timeout must be"):
+        Connection(None, call_timeout=bad)  # type: ignore[arg-type]
