@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +116,30 @@ def _settings(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             "timeout": args.timeout}
 
 
+@contextlib.contextmanager
+def _end_through_finally_on_sigterm() -> Iterator[None]:
+    """A SIGTERM (CI's timeout, an operator) ends the run through its ``finally`` blocks, so
+    the throw-away copies in the temporary directory are removed (killed by the default
+    action, a run left them behind)."""
+    import signal
+
+    try:
+        before = signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    except ValueError:  # (not the main thread: left as it is)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def _controls_command(args: argparse.Namespace) -> int:
+    with _end_through_finally_on_sigterm():
+        return _controls(args)
+
+
+def _controls(args: argparse.Namespace) -> int:
     from secagg.audit._workspace import Workspace
     from secagg.audit.runner import ControlRunner
 
@@ -154,10 +179,17 @@ def _controls_command(args: argparse.Namespace) -> int:
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    from secagg.audit.report import build_report, write_report
+    with _end_through_finally_on_sigterm():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from secagg.audit.report import build_report, prepare_out, write_report
 
     began = time.perf_counter()
     try:
+        # defence: audit.out-checked-first
+        prepare_out(args.out)
         root = _root(args)
         controls = _load(args, root)
         print(f"secagg threat-model run: {len(controls)} controls, {args.jobs} jobs",

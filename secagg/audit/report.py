@@ -389,6 +389,21 @@ def build_report(root: Path, controls: Sequence[Control], *, jobs: int, timeout:
                              {"root": str(root), "commit": commit, "dirty": dirty}, now)
 
 
+def prepare_out(out_dir: Path) -> None:
+    """Make the report's directory and check it takes files, before the suite runs: a bad
+    --out (a file, a directory not writable) was said only after the whole run, lost."""
+    from secagg.audit.controls import AuditError
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".{REPORT_NAME}.probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise AuditError(f"cannot write the report into {out_dir}: "
+                         f"{e.strerror or type(e).__name__}") from None
+
+
 def write_report(report: ThreatModelReport, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / f"{REPORT_NAME}.md"

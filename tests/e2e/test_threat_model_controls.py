@@ -96,3 +96,17 @@ def test_controls_run_pytest_as_on_a_desk_even_on_ci(monkeypatch: pytest.MonkeyP
     env = subprocess_env(tmp_path)
     assert "CI" not in env and "BUILD_NUMBER" not in env
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path)
+
+
+def test_a_report_directory_that_cannot_be_written_is_said_before_the_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+        ) -> None:
+    """`threat-model run --out FILE` ran the whole suite, then failed to write the report."""
+    from secagg.audit import report
+
+    ran: list[bool] = []
+    monkeypatch.setattr(report, "build_report", lambda *a, **k: ran.append(True))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert main(["threat-model", "run", "--out", str(a_file)]) == 2
+    assert not ran and "cannot write the report" in capsys.readouterr().err
