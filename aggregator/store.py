@@ -18,6 +18,7 @@ ciphertext is unreadable without secrets the aggregator does not have.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -25,6 +26,7 @@ import os
 import re
 import time
 import urllib.parse
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,7 +220,14 @@ def _private_sqlite_file(url: str, create: bool) -> None:
     try:
         _create_private(path)
     except FileExistsError:
-        pass
+        # (a store file made beforehand, by touch or a restore by hand, kept its mode, and
+        # SQLite gives the -wal and -shm files the same one)
+        # defence: store.loose-mode-warned
+        with contextlib.suppress(OSError):
+            mode = path.stat().st_mode & 0o777
+            if mode & 0o077:
+                warnings.warn(f"the store {path} can be read by others than its owner (mode "
+                              f"{mode:o}); chmod 600 it", stacklevel=2)
     except OSError as e:
         raise StoreError(f"cannot create store {path}: {e.strerror}") from None
 

@@ -188,6 +188,22 @@ def test_a_new_sqlite_store_and_its_wal_are_private_to_the_aggregator(tmp_path: 
         assert f.stat().st_mode & 0o777 == 0o600, f
 
 
+def test_a_store_file_made_beforehand_with_a_loose_mode_is_warned_about(tmp_path: Path) -> None:
+    """`touch agg.db` (0644) before the first start: the store kept that mode, and its -wal
+    and -shm files took it, without a word. The aggregator says so (as for a loose key)."""
+    path = tmp_path / "agg.db"
+    path.touch()
+    path.chmod(0o644)
+    with pytest.warns(UserWarning, match="read by others.*644.*chmod 600"):
+        Store(str(path)).close()
+    path.chmod(0o600)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Store(str(path)).close()
+
+
 def _burst_of_tiny_chunks(store: Store, path: Path) -> Path:
     """Store 512 three-byte chunks with random ids (each dirties a 64 KiB page of the log);
     the store's write-ahead log."""
