@@ -301,12 +301,18 @@ def make_site_request(directory: Path | str, site_id: int, *,
     if identity_key is not None:
         identity = load_identity(Path(identity_key))
     else:
-        if (d / "identity.key").exists():
+        # (lexists: a dangling link there made the write fail after client.key was written,
+        # and every retry then failed on client.key)
+        # defence: federation.csr-checks-before-writing
+        if os.path.lexists(d / "identity.key"):
             raise ConfigurationError(
                 f"{d / 'identity.key'} exists: to rotate a certificate, make the request in a "
                 "new directory with --identity naming this key")
         private = Ed25519PrivateKey.generate()
         identity = IdentityKey(private)
+    if os.path.lexists(d / "client.key"):
+        raise ConfigurationError(f"{d / 'client.key'} exists: a request was made in {d} "
+                                 "already; make a new one in a new directory")
     tls_key = pki.new_key()
     csr = pki.make_csr(site_id, tls_key)
     csr_der = csr.public_bytes(serialization.Encoding.DER)

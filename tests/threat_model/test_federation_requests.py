@@ -353,6 +353,24 @@ def test_csr_refuses_an_impossible_site_id_before_writing_a_key(tmp_path: Path) 
         assert not (tmp_path / "big").exists()
 
 
+def test_csr_writes_no_key_when_one_of_its_keys_is_already_there(tmp_path: Path) -> None:
+    """A dangling link at identity.key passed the exists() check: client.key was written,
+    then identity.key failed, and every retry failed on client.key. Both names are checked
+    (links too) before any key is written."""
+    d = tmp_path / "site"
+    d.mkdir()
+    (d / "identity.key").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ConfigurationError, match=r"identity\.key exists"):
+        make_site_request(d, 5)
+    assert not (d / "client.key").exists()
+    e = tmp_path / "site-b"
+    e.mkdir()
+    (e / "client.key").write_text("an earlier request's")
+    with pytest.raises(ConfigurationError, match=r"client\.key exists"):
+        make_site_request(e, 5)
+    assert not (e / "identity.key").exists()
+
+
 def test_csr_replaces_a_link_planted_at_its_request_instead_of_writing_through_it(
         tmp_path: Path) -> None:
     """request.json was written through a symlink planted in the site's directory,
