@@ -299,6 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"secagg: error: {type(e).__name__}{where}: {reason} (SECAGG_DEBUG=1 shows "
               "where)", file=sys.stderr)
         return 2
+    except MemoryError:  # (simulate --params 10**11 asked numpy for 800 GB)
+        if os.environ.get("SECAGG_DEBUG", "") not in ("", "0"):
+            raise
+        print("secagg: error: out of memory: the command asked for more than this machine "
+              "has (fewer parameters or sites?)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

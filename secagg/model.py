@@ -264,7 +264,8 @@ class FlatModel:
             # np.load takes any other file for a pickle and says so (suggesting the unsafe
             # way to load it): only a zip archive is a model file here
             if not path.is_file():
-                raise ConfigurationError(f"cannot read model {path}: no such file")
+                raise ConfigurationError(f"cannot read model {path}: "
+                                         f"{'a directory' if path.is_dir() else 'no such file'}")
             if not zipfile.is_zipfile(path):
                 raise ConfigurationError(f"cannot read model {path}: not a .npz archive of "
                                          "named arrays (numpy.savez)")

@@ -297,14 +297,20 @@ class FederationConfig:
             # defence: federation.config-ranges
             if not low <= number <= high:
                 raise ConfigurationError(f"{name} must be in [{low}, {high:,}], got {number!r}")
-        for name, value, top in (
-                ("[job] server_learning_rate", self.server_learning_rate, 1e6),
-                ("[update] max_samples", self.max_samples, 1e12),
-                *((f"[deadlines] {k}", getattr(self.deadlines, k), MAX_DEADLINE_SECONDS)
+        # (and below: a deadline or idle timeout of 1e-320 s closed every stage at once, a
+        # clip_norm of 1e308 left the quantiser no resolution)
+        for name, value, bottom, top in (
+                ("[job] server_learning_rate", self.server_learning_rate, 1e-6, 1e6),
+                ("[update] clip_norm", self.clip_norm, 1e-6, 1e6),
+                ("[update] max_samples", self.max_samples, 0, 1e12),
+                *((f"[deadlines] {k}", getattr(self.deadlines, k), 1, MAX_DEADLINE_SECONDS)
                   for k in ("open", "stage", "release")),
-                ("[limits] stream_idle_seconds", lim.stream_idle_seconds, 86_400)):
-            if not (math.isfinite(value) and 0 < value <= top):
-                raise ConfigurationError(f"{name} must be in (0, {top:g}], got {value!r}")
+                ("[limits] stream_idle_seconds", lim.stream_idle_seconds, 1, 86_400)):
+            # defence: config.number-ranges
+            if not (math.isfinite(value) and value <= top
+                    and (bottom <= value if bottom else value > 0)):
+                lo = f"[{bottom:g}" if bottom else "(0"
+                raise ConfigurationError(f"{name} must be in {lo}, {top:g}], got {value!r}")
         # defence: config.chunk-bytes-lower-bound
         if not SDK_CHUNK_BYTES <= lim.max_chunk_bytes <= MAX_CHUNK_BYTES:
             raise ConfigurationError(f"[limits] max_chunk_bytes must be in [{SDK_CHUNK_BYTES} "

@@ -222,6 +222,10 @@ def check_sparse_parameters(sites: int, neighbors: int, threshold: int | None,
     """Resolve and check an explicit k (and t, or the smallest safe t); refuse a miss."""
     n, k = sites, neighbors
     if not MIN_NEIGHBORS <= k < n - 1:
+        if n - 2 < MIN_NEIGHBORS:  # (the range said was empty: "[4, 3]")
+            raise ConfigurationError(
+                f"{n} sites are too few for a sparse graph (neighbors needs at least "
+                f"{MIN_NEIGHBORS + 2} sites): use neighbors=None for the complete graph")
         raise ConfigurationError(
             f"neighbors must be in [{MIN_NEIGHBORS}, {n - 2}] for {n} sites (use "
             f"neighbors=None for the complete graph or 'auto'), got {k}")

@@ -118,3 +118,30 @@ def test_an_os_error_is_one_line_not_a_traceback(tmp_path, capsys: pytest.Captur
         err = capsys.readouterr().err
         assert err.startswith("secagg: error: ") and "Traceback" not in err
         assert len(err.strip().splitlines()) == 1
+
+
+def test_out_of_memory_is_one_line_not_a_traceback(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`simulate --params 100000000000` asked numpy for 800 GB: a traceback, exit 1."""
+    import argparse
+
+    from secagg import cli
+
+    def huge(_: argparse.Namespace) -> int:
+        raise MemoryError
+
+    class Parser:
+        def parse_args(self, argv: object) -> argparse.Namespace:
+            return argparse.Namespace(func=huge)
+
+    monkeypatch.setattr(cli, "build_parser", Parser)
+    monkeypatch.delenv("SECAGG_DEBUG", raising=False)
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("secagg: error: out of memory") and "Traceback" not in err
+
+
+def test_too_few_sites_for_a_sparse_graph_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    """5 sites with --neighbors 3 said "neighbors must be in [4, 3]", an empty range."""
+    assert main(["bench", "masking", "--clients", "5", "--params", "10", "--neighbors", "4"]) == 2
+    assert "too few for a sparse graph" in capsys.readouterr().err

@@ -137,6 +137,12 @@ def test_the_ca_signs_only_the_site_a_request_names(tmp_path: Path) -> None:
     ("limits", "stream_idle_seconds", "1e9", "stream_idle_seconds must be in"),
     ("update", "max_samples", "1e300", "max_samples must be in"),
     ("job", "server_learning_rate", "1e40", "server_learning_rate must be in"),
+    # and below: every stage closed at once; the quantiser had no resolution left
+    ("deadlines", "stage", "1e-320", r"\[deadlines\] stage must be in \[1,"),
+    ("limits", "stream_idle_seconds", "0.001", "stream_idle_seconds must be in"),
+    ("job", "server_learning_rate", "1e-320", "server_learning_rate must be in"),
+    ("update", "clip_norm", "1e308", "clip_norm must be in"),
+    ("update", "clip_norm", "1e-9", "clip_norm must be in"),
     ("job", "rounds", "10000000", "rounds must be in"),
     ("limits", "max_vector_length", "1000000000000", "max_vector_length must be in"),
     ("limits", "max_sites", "1000000000", "max_sites must be in"),
@@ -246,7 +252,7 @@ def test_a_model_file_that_is_not_an_npz_is_a_clear_error_that_never_suggests_un
     text = tmp_path / "model.npz"
     text.write_text("weights: 1, 2, 3")
     for path, says in ((text, "not a .npz archive"), (tmp_path / "missing.npz", "no such file"),
-                       (tmp_path, "no such file")):
+                       (tmp_path, "a directory")):
         with pytest.raises(ConfigurationError, match=says) as caught:
             FlatModel.load_npz(path)
         assert "pickle" not in str(caught.value)
