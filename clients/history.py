@@ -227,7 +227,7 @@ def _read(path: Path) -> tuple[dict[str, int], dict[str, tuple[int, bytes]],
             raise ValueError("unexpected content")
         return (dict(last), {k: (v[0], bytes.fromhex(v[1])) for k, v in held.items()},
                 {k: (v[0], (v[1][0], v[1][1])) for k, v in in_sum.items()})
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         reason = e.strerror if isinstance(e, OSError) else "it is not a round history"
         raise SiteError(f"cannot read {path}: {reason}; it records which rounds this site "
                         "took part in (restore it from a backup rather than delete it)") from None

@@ -155,3 +155,9 @@ def test_a_history_directory_that_is_not_one_is_said_at_connect(tmp_path: Path) 
     for bad in (tmp_path / "missing", tmp_path / "file"):
         with pytest.raises(SiteError, match="is not a directory"):
             History(bad)
+
+
+def test_a_history_nested_too_deep_is_a_site_error(tmp_path: Path) -> None:
+    (tmp_path / HISTORY_FILE).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(SiteError, match="not a round history"):
+        History(tmp_path)
