@@ -223,14 +223,8 @@ class Job:
 
     # ---- start, recovery ----------
 
-    def recover(self) -> None:
-        """Load the job from the store; replay the running round, or open the next one."""
-        # a store is bound to one federation (its trust root) and one job at first start:
-        # another federation's store, its job started from the same model under the same
-        # default name and job id, was served to this one's sites as its own
+    def _check_binding(self, bound: tuple[bytes, str], name: str) -> None:
         # defence: service.store-of-this-federation
-        name = self.config.round_id_for(0).rsplit("/", 1)[0]
-        bound = self.store.bind_job(self.config.trust_root, name)
         if bound[0] != self.config.trust_root:
             raise ConfigurationError(
                 "the store belongs to another federation (it was bound to another trust "
@@ -241,8 +235,23 @@ class Job:
                 f"the store holds rounds of another job ({bound[1]!r}); this configuration's "
                 f"rounds are named {self.config.round_id_for(1)!r} on: start a new job on a "
                 "new store, or restore the [federation] name and [job] id")
+
+    def _bind(self, bound: tuple[bytes, str] | None, name: str) -> None:
+        if bound is None:  # (another aggregator that bound it first is checked against)
+            self._check_binding(self.store.bind_job(self.config.trust_root, name), name)
+
+    def recover(self) -> None:
+        """Load the job from the store; replay the running round, or open the next one."""
+        # a store is bound to one federation (its trust root) and one job at first start:
+        # another federation's store, its job started from the same model under the same
+        # default name and job id, was served to this one's sites as its own
+        name = self.config.round_id_for(0).rsplit("/", 1)[0]
+        bound = self.store.job_binding()
+        if bound is not None:
+            self._check_binding(bound, name)
         rows = self.store.rounds()
         if not rows:
+            self._bind(bound, name)
             self._save_model(self._initial)
             self._open(1, self._initial)
             return
@@ -262,6 +271,10 @@ class Job:
                 f"the store holds rounds of another job ({last_id!r}); this configuration's "
                 f"rounds are named {self.config.round_id_for(rows[-1].round)!r}: start a new "
                 "job on a new store, or restore the [federation] name and [job] id")
+        # (a store of the first schema, with rounds, is bound only once they passed: a start
+        # refused by them bound it, and the store's own job was then refused for good)
+        # defence: service.store-bound-only-after-the-checks
+        self._bind(bound, name)
         for row in rows:
             model = self._load_model(row.model_digest)
             view = RoundView(row.round, row.round_id, row.protocol, _STATUS[row.status], model,

@@ -949,16 +949,25 @@ class Store:
                                               sites=json.dumps(list(sites)),
                                               released_at=time.time()))
 
-    def bind_job(self, trust_root: bytes, name: str) -> tuple[bytes, str]:
-        """The (trust root, job) this store belongs to: written by the first aggregator that
-        runs on it (these, if none is), read ever after."""
-        with self.engine.begin() as c:
+    def job_binding(self) -> tuple[bytes, str] | None:
+        """The (trust root, job) this store belongs to, if an aggregator has bound it."""
+        with self.engine.connect() as c:
             row = c.execute(sa.select(job.c.trust_root, job.c.job)
                             .where(job.c.id == 1)).first()
-            if row is not None:
-                return bytes(row.trust_root), str(row.job)
-            c.execute(job.insert().values(id=1, trust_root=trust_root, job=name))
-        return trust_root, name
+        return None if row is None else (bytes(row.trust_root), str(row.job))
+
+    def bind_job(self, trust_root: bytes, name: str) -> tuple[bytes, str]:
+        """Bind the store to (trust root, job) unless it is bound already; the binding it
+        holds now (another aggregator's, if one bound it first)."""
+        try:
+            with self.engine.begin() as c:
+                if c.execute(sa.select(job.c.id).where(job.c.id == 1)).first() is None:
+                    c.execute(job.insert().values(id=1, trust_root=trust_root, job=name))
+        except sa.exc.IntegrityError:
+            pass  # (two first starts at once: the other's insert won; it is read below)
+        bound = self.job_binding()
+        assert bound is not None
+        return bound
 
     def rounds(self) -> list[Any]:
         with self.engine.connect() as c:

@@ -161,3 +161,27 @@ def test_an_aggregator_on_another_federations_store_refuses_to_start(tmp_path: P
     again = start_aggregator(a, tmp_path / "a", str(store))  # A's own still runs on it
     again.wait_for(lambda e: e.get("event") == "serving", count=2)  # (one log for both)
     assert again.stop() == 0
+
+
+def test_a_refused_start_does_not_bind_a_store_of_the_first_schema(tmp_path: Path) -> None:
+    """A store from before the binding (schema 0001, rounds but no `job` row): a start with
+    a typo in [job] id, refused by the round-id check, bound the store to the typo, and the
+    right configuration was then refused for good. Only a start that passes binds it."""
+    import sqlalchemy as sa
+
+    from aggregator.store import job
+
+    config, roster, model = _parts(tmp_path)
+    store = Store(str(tmp_path / "aggregator.db"))
+    try:
+        Job(config, roster, store, model).recover()
+        with store.engine.begin() as c:  # as a store migrated from 0001 holds it
+            c.execute(sa.delete(job))
+        typo = dataclasses.replace(config, job_id="jbo")
+        with pytest.raises(ConfigurationError, match="another job"):
+            Job(typo, roster, store, model).recover()
+        assert store.job_binding() is None
+        Job(config, roster, store, model).recover()  # the store's own job starts, and binds
+        assert store.job_binding() == (config.trust_root, config.round_id_for(0).rsplit("/", 1)[0])
+    finally:
+        store.close()
