@@ -144,17 +144,25 @@ class NativeLines:
 
     def __init__(self, on_tls_refused: Callable[[str], None] | None = None) -> None:
         self.on_tls_refused = on_tls_refused
+        # refused handshakes and the core's other lines have a budget each: a site's flood of
+        # lines the core logs at error (a bad grpc-timeout header, say: the core's lines
+        # name no peer) used up the one budget and hid outsiders' refused handshakes
+        # defence: logs.native-budgets-apart
         self.budget = _LineBudget(NATIVE_LINES_PER_SECOND, NATIVE_LINES_BURST)
+        self.tls_budget = _LineBudget(NATIVE_LINES_PER_SECOND, NATIVE_LINES_BURST)
         self.log = logging.getLogger("secagg.aggregator")
 
-    def _emit(self, level: int, message: str, **extra: str) -> None:
+    def _emit(self, level: int, message: str, budget: _LineBudget | None = None,
+              **extra: str) -> None:
+        budget = budget or self.budget
         # defence: logs.native-rate-limited
-        if not self.budget.take():
+        if not budget.take():
             return
-        if self.budget.dropped:
+        if budget.dropped:
             self.log.warning("gRPC core lines dropped by the rate limit", extra={
-                "event": "grpc_core_dropped", "count": self.budget.dropped})
-            self.budget.dropped = 0
+                "event": "grpc_core_dropped", "count": budget.dropped,
+                "reason": extra.get("event", "grpc_core")})
+            budget.dropped = 0
         self.log.log(level, message, extra=extra)
 
     def feed(self, message: str) -> None:
@@ -184,8 +192,8 @@ class NativeLines:
             reason = found.group(1) if found and found.group(1) in TLS_REASONS else "other"
             if self.on_tls_refused is not None:
                 self.on_tls_refused(reason)
-            self._emit(logging.WARNING, "TLS handshake refused", event="tls_refused",
-                       reason=reason)
+            self._emit(logging.WARNING, "TLS handshake refused", self.tls_budget,
+                       event="tls_refused", reason=reason)
         elif level in ("W", "E", "F") and "not suitable for production" not in text:
             self._emit(logging.ERROR if level in ("E", "F") else logging.WARNING, text[:500],
                        event="grpc_core", reason=source)
@@ -217,6 +225,8 @@ def capture_native_stderr(on_tls_refused: Callable[[str], None] | None = None) -
     with contextlib.suppress(AttributeError, OSError):  # (else a pipe: a line a message)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     if theirs is not None:
+        with contextlib.suppress(OSError):  # (room for bursts while the reader waits)
+            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         os.dup2(theirs.fileno(), 2)
         theirs.close()
     else:
@@ -230,14 +240,21 @@ def capture_native_stderr(on_tls_refused: Callable[[str], None] | None = None) -
                 handler.setStream(sys.stderr)
     native = NativeLines(on_tls_refused)
 
+    def feed(message: str) -> None:
+        # the reader must outlive anything one message does to it: if it stopped, the
+        # core's threads would block writing to fd 2 once its buffer is full
+        # (nothing to log a failure with that could not fail the same way)
+        with contextlib.suppress(Exception):
+            native.feed(message)
+
     def pump() -> None:
         if ours is not None:
             with ours:
                 while True:
-                    native.feed(ours.recv(NATIVE_MESSAGE_BYTES).decode(errors="replace")
-                                .rstrip("\n"))
+                    feed(ours.recv(NATIVE_MESSAGE_BYTES).decode(errors="replace")
+                         .rstrip("\n"))
         with os.fdopen(read_fd, "r", errors="replace") as lines:
             for raw in lines:
-                native.feed(raw.rstrip("\n"))
+                feed(raw.rstrip("\n"))
 
     threading.Thread(target=pump, name="secagg-native-log", daemon=True).start()

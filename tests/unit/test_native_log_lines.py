@@ -68,7 +68,7 @@ def test_a_flood_of_core_lines_is_rate_limited_and_what_was_dropped_is_counted(
     for _ in range(2000):  # 600 unauthenticated connections made 900 lines in 0.9 s
         native.feed(HANDSHAKE.format("PEER_DID_NOT_RETURN_A_CERTIFICATE"))
     assert len(out) <= logs.NATIVE_LINES_BURST + 5
-    native.budget.stamp -= 1.0  # a second later
+    native.tls_budget.stamp -= 1.0  # a second later
     native.feed(HANDSHAKE.format("PEER_DID_NOT_RETURN_A_CERTIFICATE"))
     summary = [e for e in out if e["event"] == "grpc_core_dropped"]
     assert summary and int(summary[0]["count"]) >= 2000 - logs.NATIVE_LINES_BURST - 5
@@ -263,3 +263,16 @@ def test_refusals_a_peer_causes_are_rate_limited_per_site_and_counted(
     assert budget.filter(later)
     line = json.loads(logs.JsonFormatter().format(later))
     assert line["dropped"] == 2000 - passed
+
+
+def test_a_flood_of_core_errors_does_not_hide_refused_handshakes(
+        lines: tuple[logs.NativeLines, list[dict[str, Any]]]) -> None:
+    """A site can make the core log errors at will (a bad grpc-timeout header), and the
+    core's lines name no peer: with one budget, that flood left outsiders' refused
+    handshakes as a dropped count. Refused handshakes have their own."""
+    native, out = lines
+    for _ in range(1000):
+        native.feed("E1203 17:00:00.000000   1 hpack_parser.cc:1] Error parsing 'grpc-timeout' "
+                    "metadata: invalid value")
+    native.feed(HANDSHAKE.format("PEER_DID_NOT_RETURN_A_CERTIFICATE"))
+    assert [e for e in out if e["event"] == "tls_refused"]
