@@ -28,8 +28,11 @@ import contextlib
 import json
 import logging
 import os
+import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from clients.errors import SiteError
 
@@ -175,6 +178,40 @@ class History:
 
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+HISTORY_LOCK_SECONDS = 30.0  # another Site on the directory holds it for one write at most
+MAX_HISTORY_BYTES = 1 << 20
+
+
+def _flock_within(fd: int, path: Path, fcntl: Any) -> None:
+    """The exclusive lock, or a SiteError after HISTORY_LOCK_SECONDS: a lock held for good
+    (by another user of a shared history_dir) hung the site after training, silently."""
+    # defence: sdk.history-lock-bounded
+    end = time.monotonic() + HISTORY_LOCK_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= end:
+                raise SiteError(f"{path} has been locked by another process for "
+                                f"{HISTORY_LOCK_SECONDS:g} s (another Site on this history "
+                                "directory?); the update was not sent") from None
+            time.sleep(0.05)
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The history file's bytes: a regular file, not followed through a link, bounded (a link
+    to a FIFO hung the site at connect, one to /dev/zero filled its memory)."""
+    # defence: sdk.history-read-regular-file
+    fd = os.open(path, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_HISTORY_BYTES:
+            raise ValueError("not a regular file of a history's size")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(MAX_HISTORY_BYTES + 1)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -189,7 +226,7 @@ def _locked(path: Path) -> Iterator[None]:
             import fcntl  # (POSIX; elsewhere the record is kept without a lock)
 
             # defence: sdk.history-locked
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _flock_within(fd, path, fcntl)
         except ImportError:
             pass
         except OSError as e:
@@ -203,7 +240,7 @@ def _locked(path: Path) -> Iterator[None]:
 def _read(path: Path) -> tuple[dict[str, int], dict[str, tuple[int, bytes]],
                               dict[str, tuple[int, tuple[float, float]]]]:
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(_read_bytes(path))
         last = data["last_round"]
         held = data.get("held", {})  # (absent in a history written before it was kept)
         in_sum = data.get("in_sum", {})  # (likewise)

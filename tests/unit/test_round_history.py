@@ -161,3 +161,53 @@ def test_a_history_nested_too_deep_is_a_site_error(tmp_path: Path) -> None:
     (tmp_path / HISTORY_FILE).write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(SiteError, match="not a round history"):
         History(tmp_path)
+
+
+def test_a_planted_history_or_a_lock_held_for_good_is_an_error_not_a_hang(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another user of a shared history_dir: history.json a link to a FIFO hung the site at
+    connect (one to /dev/zero filled its memory); a lock held for good hung it after
+    training, silently. Both are SiteErrors, in bounded time."""
+    import fcntl
+    import os
+
+    from clients import history as history_module
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / HISTORY_FILE).symlink_to(tmp_path / "fifo")
+    outcome: list[object] = []
+
+    def load() -> None:
+        try:
+            History(tmp_path)
+            outcome.append("read")
+        except SiteError as e:
+            outcome.append(e)
+
+    reader = threading.Thread(target=load, daemon=True)
+    reader.start()
+    reader.join(timeout=5)
+    assert outcome and isinstance(outcome[0], SiteError)
+    (tmp_path / HISTORY_FILE).unlink()
+
+    monkeypatch.setattr(history_module, "HISTORY_LOCK_SECONDS", 0.3)
+    held = os.open(tmp_path / f".{HISTORY_FILE}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process's (an open file of its own)
+        outcome.clear()
+
+        def spend() -> None:
+            try:
+                History(tmp_path).spend("job-1", 1, DIGEST)
+                outcome.append("sent")
+            except SiteError as e:
+                outcome.append(e)
+
+        spender = threading.Thread(target=spend, daemon=True)
+        spender.start()
+        spender.join(timeout=5)
+        assert outcome and "locked by another process" in str(outcome[0])
+        assert "not sent" in str(outcome[0])
+    finally:
+        os.close(held)
+    History(tmp_path).spend("job-1", 1, DIGEST)  # released: it goes ahead
