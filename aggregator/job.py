@@ -233,8 +233,8 @@ class Job:
         if bound[1] != name:
             raise ConfigurationError(
                 f"the store holds rounds of another job ({bound[1]!r}); this configuration's "
-                f"rounds are named {self.config.round_id_for(1)!r} on: start a new job on a "
-                "new store, or restore the [federation] name and [job] id")
+                f"rounds are named {self.config.round_id_for(1)!r} and on: start a new job "
+                "on a new store, or restore the [federation] name and [job] id")
 
     def _bind(self, bound: tuple[bytes, str] | None, name: str) -> None:
         if bound is None:  # (another aggregator that bound it first is checked against)
