@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from aggregator.metrics import Metrics, NoMetrics
 from aggregator.store import BlobRef, Event, Store, StoreError, split_chunks
@@ -232,7 +232,7 @@ class Job:
                 "a new store, or run that federation's aggregator on it")
         if bound[1] != name:
             raise ConfigurationError(
-                f"the store holds rounds of another job ({bound[1]!r}); this configuration's "
+                f"the store belongs to another job ({bound[1]!r}); this configuration's "
                 f"rounds are named {self.config.round_id_for(1)!r} and on: start a new job "
                 "on a new store, or restore the [federation] name and [job] id")
 
@@ -252,8 +252,13 @@ class Job:
         rows = self.store.rounds()
         if not rows:
             self._bind(bound, name)
-            self._save_model(self._initial)
-            self._open(1, self._initial)
+            try:
+                self._save_model(self._initial)
+                self._open(1, self._initial)
+            except IntegrityError:  # (what the other's inserts left: said, not a bare error)
+                raise ConfigurationError(
+                    "another aggregator started this job on the same store at the same "
+                    "moment: run one aggregator per store") from None
             return
         # defence: service.store-of-this-job
         first = rows[0]

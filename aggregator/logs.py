@@ -158,11 +158,14 @@ class NativeLines:
         # defence: logs.native-rate-limited
         if not budget.take():
             return
-        if budget.dropped:
-            self.log.warning("gRPC core lines dropped by the rate limit", extra={
-                "event": "grpc_core_dropped", "count": budget.dropped,
-                "reason": extra.get("event", "grpc_core")})
-            budget.dropped = 0
+        # what either budget dropped is said with the next line that passes either (a flood
+        # of one kind followed by lines of the other only never said it)
+        # defence: logs.native-dropped-said
+        for kind, spent in (("grpc_core", self.budget), ("tls_refused", self.tls_budget)):
+            if spent.dropped:
+                self.log.warning("gRPC core lines dropped by the rate limit", extra={
+                    "event": "grpc_core_dropped", "count": spent.dropped, "reason": kind})
+                spent.dropped = 0
         self.log.log(level, message, extra=extra)
 
     def feed(self, message: str) -> None:
@@ -190,10 +193,10 @@ class NativeLines:
             found = _SSL_REASON.search(text)
             # defence: logs.tls-reason-known
             reason = found.group(1) if found and found.group(1) in TLS_REASONS else "other"
-            if self.on_tls_refused is not None:
-                self.on_tls_refused(reason)
             self._emit(logging.WARNING, "TLS handshake refused", self.tls_budget,
                        event="tls_refused", reason=reason)
+            if self.on_tls_refused is not None:  # (after the line: a failing count loses it not)
+                self.on_tls_refused(reason)
         elif level in ("W", "E", "F") and "not suitable for production" not in text:
             self._emit(logging.ERROR if level in ("E", "F") else logging.WARNING, text[:500],
                        event="grpc_core", reason=source)

@@ -39,6 +39,7 @@ from clients.errors import SiteError
 HISTORY_FILE = "history.json"
 
 _log = logging.getLogger("clients.history")
+NOT_SENT = "; the update was not sent"  # what a failure to record a spent round means
 
 
 class History:
@@ -91,9 +92,10 @@ class History:
         if self._path is None:
             return
         try:
-            with _locked(self._path.with_name(f".{HISTORY_FILE}.lock")):
+            # (nothing is being sent here: the failure says only what went unrecorded)
+            with _locked(self._path.with_name(f".{HISTORY_FILE}.lock"), after=""):
                 self._merge()
-                self._write()
+                self._write(after="")
         except SiteError as e:
             _log.warning("%s was not recorded: %s", what, e)
 
@@ -145,7 +147,7 @@ class History:
                 if name not in self._in_sum or b[0] > self._in_sum[name][0]:
                     self._in_sum[name] = b
 
-    def _write(self) -> None:
+    def _write(self, after: str = NOT_SENT) -> None:
         assert self._path is not None
         data = json.dumps({"version": 1, "last_round": self._last,
                            "held": {job: [n, digest.hex()] for job, (n, digest)
@@ -173,8 +175,8 @@ class History:
                 os.close(dir_fd)
         # defence: sdk.history-write-failure-is-a-site-error
         except OSError as e:  # (the round stays spent in this process either way)
-            raise SiteError(f"cannot record this round in {self._path}: {e.strerror}; the "
-                            "update was not sent") from None
+            raise SiteError(f"cannot record this round in {self._path}: {e.strerror}"
+                            f"{after}") from None
 
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -182,7 +184,7 @@ HISTORY_LOCK_SECONDS = 30.0  # another Site on the directory holds it for one wr
 MAX_HISTORY_BYTES = 1 << 20
 
 
-def _flock_within(fd: int, path: Path, fcntl: Any) -> None:
+def _flock_within(fd: int, path: Path, fcntl: Any, after: str) -> None:
     """The exclusive lock, or a SiteError after HISTORY_LOCK_SECONDS: a lock held for good
     (by another user of a shared history_dir) hung the site after training, silently."""
     # defence: sdk.history-lock-bounded
@@ -195,7 +197,7 @@ def _flock_within(fd: int, path: Path, fcntl: Any) -> None:
             if time.monotonic() >= end:
                 raise SiteError(f"{path} has been locked by another process for "
                                 f"{HISTORY_LOCK_SECONDS:g} s (another Site on this history "
-                                "directory?); the update was not sent") from None
+                                f"directory?){after}") from None
             time.sleep(0.05)
 
 
@@ -215,23 +217,22 @@ def _read_bytes(path: Path) -> bytes:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path, after: str = NOT_SENT) -> Iterator[None]:
     try:
         # defence: sdk.history-lock-never-followed
         fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
     except OSError as e:
-        raise SiteError(f"cannot lock {path}: {e.strerror}; the update was not sent") from None
+        raise SiteError(f"cannot lock {path}: {e.strerror}{after}") from None
     try:
         try:
             import fcntl  # (POSIX; elsewhere the record is kept without a lock)
 
             # defence: sdk.history-locked
-            _flock_within(fd, path, fcntl)
+            _flock_within(fd, path, fcntl, after)
         except ImportError:
             pass
         except OSError as e:
-            raise SiteError(f"cannot lock {path}: {e.strerror}; the update was not sent"
-                            ) from None
+            raise SiteError(f"cannot lock {path}: {e.strerror}{after}") from None
         yield
     finally:
         os.close(fd)  # (closing releases the lock)

@@ -276,3 +276,16 @@ def test_a_flood_of_core_errors_does_not_hide_refused_handshakes(
                     "metadata: invalid value")
     native.feed(HANDSHAKE.format("PEER_DID_NOT_RETURN_A_CERTIFICATE"))
     assert [e for e in out if e["event"] == "tls_refused"]
+
+
+def test_what_one_budget_dropped_is_said_with_a_line_of_the_other(
+        lines: tuple[logs.NativeLines, list[dict[str, Any]]]) -> None:
+    """After a flood of core errors, only refused handshakes followed: the count of the
+    dropped core errors was never said."""
+    native, out = lines
+    for _ in range(1000):
+        native.feed("E1203 17:00:00.000000   1 hpack_parser.cc:1] Error parsing 'grpc-timeout' "
+                    "metadata: invalid value")
+    native.feed(HANDSHAKE.format("PEER_DID_NOT_RETURN_A_CERTIFICATE"))
+    summary = [e for e in out if e["event"] == "grpc_core_dropped"]
+    assert summary and summary[0]["reason"] == "grpc_core" and summary[0]["count"] >= 800
