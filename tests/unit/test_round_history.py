@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -175,39 +176,32 @@ def test_a_planted_history_or_a_lock_held_for_good_is_an_error_not_a_hang(
 
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / HISTORY_FILE).symlink_to(tmp_path / "fifo")
-    outcome: list[object] = []
 
-    def load() -> None:
-        try:
-            History(tmp_path)
-            outcome.append("read")
-        except SiteError as e:
-            outcome.append(e)
+    def within_5_s(call: Callable[[], object]) -> object:
+        """What ``call`` returned or raised, run on a thread that may hang (None if so)."""
+        outcome: list[object] = []
 
-    reader = threading.Thread(target=load, daemon=True)
-    reader.start()
-    reader.join(timeout=5)
-    assert outcome and isinstance(outcome[0], SiteError)
+        def run() -> None:
+            try:
+                outcome.append(call())
+            except SiteError as e:
+                outcome.append(e)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(timeout=5)
+        return outcome[0] if outcome else None
+
+    assert isinstance(within_5_s(lambda: History(tmp_path)), SiteError)
     (tmp_path / HISTORY_FILE).unlink()
 
     monkeypatch.setattr(history_module, "HISTORY_LOCK_SECONDS", 0.3)
     held = os.open(tmp_path / f".{HISTORY_FILE}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(held, fcntl.LOCK_EX)  # another process's (an open file of its own)
-        outcome.clear()
-
-        def spend() -> None:
-            try:
-                History(tmp_path).spend("job-1", 1, DIGEST)
-                outcome.append("sent")
-            except SiteError as e:
-                outcome.append(e)
-
-        spender = threading.Thread(target=spend, daemon=True)
-        spender.start()
-        spender.join(timeout=5)
-        assert outcome and "locked by another process" in str(outcome[0])
-        assert "not sent" in str(outcome[0])
+        refused = within_5_s(lambda: History(tmp_path).spend("job-1", 1, DIGEST))
+        assert isinstance(refused, SiteError) and "locked by another process" in str(refused)
+        assert "not sent" in str(refused)
     finally:
         os.close(held)
     History(tmp_path).spend("job-1", 1, DIGEST)  # released: it goes ahead
