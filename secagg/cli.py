@@ -202,7 +202,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from secagg import __version__
+
     parser = argparse.ArgumentParser(prog="secagg", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"secagg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser(

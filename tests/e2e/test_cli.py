@@ -64,6 +64,15 @@ def test_bad_arguments_give_a_usage_error_not_a_traceback(
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_version_is_the_packages(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out.strip() == f"secagg {version('secagg')}"
+
+
 def test_unsafe_configuration_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "masking", "--clients", "10", "--params", "10", "--threshold", "3"]) == 2
     assert "threshold must be in" in capsys.readouterr().err
