@@ -37,6 +37,7 @@ SUPPORTED_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", 
                               "int64", "uint8", "uint16", "uint32", "uint64", "bool"})
 MAX_TENSOR_VALUES = 1 << 40  # far above any [limits] max_vector_length; dims are bounded too
 _F8 = np.dtype("<f8")
+_EXACT_INT = 1 << 53  # every integer of magnitude up to this is exactly a float64
 _F4 = np.dtype("<f4")
 _FLUSH_BLOCK = 1 << 16  # values per block of the subnormal flush (its temporaries)
 
@@ -151,6 +152,15 @@ class FlatModel:
                                          f"of a supported dtype") from None
             # (TensorSpec refuses a dtype models do not carry, naming the tensor)
             spec.append(TensorSpec(str(name), tuple(int(d) for d in arr.shape), arr.dtype.name))
+            # defence: model.int64-within-float64
+            if arr.dtype.kind in "iu" and arr.dtype.itemsize == 8 and arr.size and (
+                    int(arr.min()) < -_EXACT_INT or int(arr.max()) > _EXACT_INT):
+                # a float64 carries integers exactly up to 2**53: beyond, a value would be
+                # rounded (or, near 2**63, wrap round on the way back) and the model a site
+                # receives would not be the one given here
+                raise ConfigurationError(
+                    f"tensor {str(name)[:64]!r} holds integers beyond +-2**53, which the "
+                    f"model's values (float64) cannot carry exactly")
             parts.append(arr.ravel())
         # one copy, converting as it goes (every supported kind casts to float64 safely)
         values = np.concatenate(parts, dtype=np.float64) if parts else np.zeros(0)

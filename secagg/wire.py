@@ -250,6 +250,10 @@ def release_from_ref(p: service_pb2.ReleasedAverageRef, data: bytes, *, round_id
     # defence: wire.release-weight-sum
     if not np.all(np.isfinite(values)) or not np.isfinite(p.weight_sum) or p.weight_sum <= 0:
         raise InvalidMessage("released average")
+    # the grid the key holder rounded to (a power of two; reported to operators and users)
+    # defence: wire.release-grid
+    if not np.isfinite(p.grid) or p.grid <= 0:
+        raise InvalidMessage("released average")
     return ReleasedAverage(values, float(p.weight_sum), round_id,
                            tuple(int(s) for s in p.sites), float(p.grid))
 

@@ -449,14 +449,31 @@ def _load_seal_bytes(context: Any, layout: _Layout, data: bytes, scale: float) -
     return ct
 
 
+def add_inplace(evaluator: Any, accumulator: Any, ciphertext: Any) -> None:
+    """``accumulator += ciphertext`` for two ciphertexts :func:`load_ciphertext` made (or sums
+    of them). SEAL adds, then throws if the result is "transparent" (its second polynomial
+    zero): a running sum can pass through that state (two sites each sending a second
+    polynomial of zeros, or one sending the negation of another's, which a seeded upload
+    shows), and the sum is then right and must stay usable: the throw would leave an upload
+    half-counted. Transparency is harmless here: a transparent sum decrypts without the key
+    to what it holds, and the key holder checks every sum it decrypts. Any other error is
+    raised."""
+    try:
+        evaluator.add_inplace(accumulator, ciphertext)
+    except RuntimeError:
+        # defence: ckks.seal.transparent-sum-kept
+        if not accumulator.is_transparent():
+            raise
+
+
 def load_ciphertext(context: Any, data: bytes, *, scale: float,
                     kinds: Collection[Kind] = ANY_KIND) -> Any:
     """A fresh, add-ready ciphertext from our bytes, or :class:`InvalidMessage`.
 
     Only the exact length for the kind, version ``FORMAT_VERSION``, a kind in ``kinds`` and
     coefficients below their primes are accepted; the result is a size-2, NTT-form
-    ciphertext at the context's first data level with the given scale (so adding it can
-    neither throw nor mix levels).
+    ciphertext at the context's first data level with the given scale (so adding it with
+    :func:`add_inplace` can neither throw nor mix levels).
     """
     try:
         # defence: ckks.seal.bytes-only

@@ -69,7 +69,7 @@ class ShardState:
             self.sum = loaded
         else:
             for acc, ct in zip(self.sum, loaded, strict=True):
-                self._evaluator.add_inplace(acc, ct)
+                _seal.add_inplace(self._evaluator, acc, ct)
 
     def drop(self) -> None:
         self._pending = None
@@ -304,6 +304,7 @@ class ShardedSum:
         self._slots = slots
         self._local: ShardState | None = None
         self._workers: list[_Worker] = []
+        self._broken = False
         if workers == 1:
             self._local = ShardState(holder.seal_context, holder.secret_key, scale, slots)
         else:
@@ -323,21 +324,45 @@ class ShardedSum:
         """The in-process shard (``workers`` == 1), for tests."""
         return self._local
 
+    def _gather(self) -> list[Any]:
+        """Every worker's answer to the command just sent. All are read even when one failed
+        (an unread answer would be taken for the next command's), and then the sum is
+        unusable: the shards no longer hold one sum."""
+        results: list[Any] = []
+        failure: SecAggError | None = None
+        for w in self._workers:
+            try:
+                results.append(w.recv())
+            except SecAggError as e:
+                failure = failure or e
+                results.append(None)
+        # defence: ckks.release.worker-answers-all-read
+        if failure is not None:
+            self._broken = True
+            raise failure
+        return results
+
+    def _check_usable(self) -> None:
+        if self._broken:
+            raise SecAggError("a release worker failed earlier: this sum cannot be released")
+
     def _broadcast(self, command: str) -> list[Any]:
+        self._check_usable()
         for w in self._workers:
             w.send(command)
-        return [w.recv() for w in self._workers]
+        return self._gather()
 
     def _with_chunks(self, command: str, chunks: Sequence[bytes], *args: Any) -> bool:
         """Send each worker its range of ``chunks`` through its buffer: all workers' answers
         (False at once if a range does not fit its buffer: no honest message is that long)."""
+        self._check_usable()
         lengths = [w.buffer.write(chunks[r]) for w, r in zip(self._workers, self._ranges,
                                                               strict=True)]
         if any(n is None for n in lengths):
             return False
         for w, n in zip(self._workers, lengths, strict=True):
             w.send(command, n, *args)
-        return all([w.recv() for w in self._workers])
+        return all(self._gather())
 
     def add(self, chunks: Sequence[bytes], kinds: Collection[_seal.Kind]) -> None:
         """Add one upload's chunks, all or nothing; ``InvalidMessage`` if any is malformed."""
@@ -370,18 +395,20 @@ class ShardedSum:
         offsets = [r.start * self._slots for r in self._ranges]
         if self._local is not None:
             return self._local.check_range(0, n, bound, max_element, max_weight)
+        self._check_usable()
         for w, offset in zip(self._workers, offsets, strict=True):
             w.send("check_range", offset, n, bound, max_element, max_weight)
         # defence: ckks.release.every-shard-in-range
-        return all([w.recv() for w in self._workers])
+        return all(self._gather())
 
     def flood(self, key: bytes, sigma: float, grid: float) -> np.ndarray:
         """The released values (elements, then the weight sum), flooded and rounded."""
         if self._local is not None:
             return self._local.flood(0, key, sigma, grid)
+        self._check_usable()
         for w, r in zip(self._workers, self._ranges, strict=True):
             w.send("flood", r.start * self._slots, key, sigma, grid)
-        sizes = [w.recv() for w in self._workers]
+        sizes = self._gather()
         return np.concatenate([w.buffer.released[:size]
                                for w, size in zip(self._workers, sizes, strict=True)])
 

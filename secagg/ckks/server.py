@@ -103,7 +103,7 @@ class CkksServer:
             self._sum = loaded
         else:
             for acc, ct in zip(self._sum, loaded, strict=True):
-                self._evaluator.add_inplace(acc, ct)
+                _seal.add_inplace(self._evaluator, acc, ct)
         self._sites.append(update.site_id)
 
     def close_stage(self) -> dict[int, EncryptedAggregate]:

@@ -18,6 +18,7 @@ from secagg.errors import InvalidMessage
 
 PUBLIC_KEY_BYTES = 32
 PRIVATE_KEY_BYTES = 32
+_FIELD_PRIME = 2**255 - 19  # Curve25519's: a canonical u-coordinate is below it
 
 
 class AgreementKey:
@@ -53,6 +54,12 @@ def exchange(private: X25519PrivateKey, peer_public: bytes) -> bytes:
     """X25519(private, peer_public); a malformed or low-order peer key is InvalidMessage."""
     # defence: hazmat.key-agreement.malformed-peer-key
     if not isinstance(peer_public, bytes) or len(peer_public) != PUBLIC_KEY_BYTES:
+        raise InvalidMessage("public key")
+    # X25519 ignores bit 255 and reduces u mod p, so a point has other encodings than the
+    # one every honest key has (u < p, bit 255 clear): with one, a copy of another site's key
+    # would pass a byte comparison ("no two sites share a key") as a different key
+    # defence: hazmat.key-agreement.canonical-peer-key
+    if int.from_bytes(peer_public, "little") >= _FIELD_PRIME:
         raise InvalidMessage("public key")
     try:
         return private.exchange(X25519PublicKey.from_public_bytes(peer_public))

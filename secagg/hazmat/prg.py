@@ -51,6 +51,9 @@ def word_dtype(word_bits: int) -> type[np.unsignedinteger]:
         raise ValueError(f"word_bits must be 32 or 64, got {word_bits}") from None
 
 
+MAX_WORDS = 1 << 40  # the longest index range an expander covers
+
+
 class MaskExpander:
     """Expands seeds into mask words for one index range ``[start_word, start_word + length)``.
 
@@ -63,6 +66,14 @@ class MaskExpander:
             raise ValueError(f"length must be >= 0, got {length}")
         if start_word < 0:
             raise ValueError(f"start_word must be >= 0, got {start_word}")
+        # far beyond any vector (their length is below 2**31): a clear error, not a request
+        # for exabytes; and the range ends within the 128-bit block counter, which would
+        # otherwise wrap round and repeat the keystream
+        # defence: hazmat.prg.index-range-bounded
+        if length > MAX_WORDS:
+            raise ValueError(f"length must be at most 2**40, got {length}")
+        if (start_word + length) * word_dtype(word_bits)(0).itemsize > _BLOCK << 128:
+            raise ValueError("the index range runs past the end of the 128-bit block counter")
         self.dtype = np.dtype(word_dtype(word_bits)).newbyteorder("<")
         self.length = length
         word_bytes = self.dtype.itemsize

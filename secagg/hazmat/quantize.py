@@ -26,6 +26,7 @@ element so the aggregate yields the weighted average without a plaintext weight 
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -54,12 +55,20 @@ class Quantizer:
         if not (np.isfinite(self.max_weight) and self.max_weight > 0):
             raise ValueError(f"max_weight must be a positive finite number, got {self.max_weight}")
         # defence: hazmat.quantize.max-sites-positive
-        if self.max_sites < 1:
-            raise ValueError(f"max_sites must be >= 1, got {self.max_sites}")
+        if (not isinstance(self.max_sites, numbers.Integral) or isinstance(self.max_sites, bool)
+                or self.max_sites < 1):
+            raise ValueError(f"max_sites must be an int >= 1, got {self.max_sites!r}")
         if self.levels < 2:
             raise ValueError(
                 f"word_bits={self.word_bits} leaves no precision for max_sites={self.max_sites}"
             )
+        # clip * max_weight, and the scales derived from it, must be normal floats: a range
+        # that overflows made every update encode to 0, a subnormal one an infinite scale
+        # defence: hazmat.quantize.range-and-scales-finite
+        if not all(np.isfinite(v) and v >= np.finfo(np.float64).tiny for v in
+                   (self.update_range, self.update_scale, self.weight_scale)):
+            raise ValueError(f"clip * max_weight must be a normal, finite float: clip "
+                             f"{self.clip} and max_weight {self.max_weight} are out of range")
 
     @property
     def levels(self) -> int:
@@ -126,6 +135,9 @@ class Quantizer:
         # defence: hazmat.quantize.decode-within-max-sites
         if not 0 < n_summed <= self.max_sites:
             raise ValueError(f"n_summed must be in [1, {self.max_sites}], got {n_summed}")
+        # defence: hazmat.quantize.decode-shape
+        if not isinstance(summed, np.ndarray) or summed.ndim != 1 or summed.size < 1:
+            raise ValueError("summed must be a 1-D array of encoded elements and the weight")
         values = summed.astype(np.float64)
         weighted = values[:-1] / self.update_scale - n_summed * self.update_range
         return weighted, float(values[-1] / self.weight_scale)

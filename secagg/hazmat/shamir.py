@@ -25,6 +25,9 @@ def _check_xs(xs: Iterable[int]) -> list[int]:
     if len(set(out)) != len(out):
         raise ValueError("share x-coordinates must be distinct")
     for x in out:
+        # defence: hazmat.shamir.x-is-an-int
+        if not isinstance(x, int) or isinstance(x, bool):
+            raise ValueError(f"share x-coordinate must be an int, got {type(x).__name__}")
         # defence: hazmat.shamir.x-nonzero, hazmat.shamir.x-below-prime
         if not 0 < x < PRIME:
             raise ValueError(f"share x-coordinate must be in [1, p), got {x}")
@@ -67,10 +70,17 @@ def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
 
 def reconstruct(shares: Mapping[int, int], threshold: int) -> int:
     """f(0) from at least ``threshold`` shares (the ``threshold`` lowest x-coordinates are used)."""
+    # defence: hazmat.shamir.reconstruct-threshold-positive
+    if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 1:
+        raise ValueError(f"threshold must be a positive int, got {threshold!r}")
     # defence: hazmat.shamir.enough-shares
     if len(shares) < threshold:
         raise ValueError(f"need {threshold} shares, got {len(shares)}")
     xs = tuple(sorted(_check_xs(shares))[:threshold])
+    # defence: hazmat.shamir.reconstruct-shares-in-field
+    if not all(isinstance(y := shares[x], int) and not isinstance(y, bool) and 0 <= y < PRIME
+               for x in xs):
+        raise ValueError("a share is not a field element")
     lambdas = _lagrange_at_zero(xs)
     return sum(lam * shares[x] for lam, x in zip(lambdas, xs, strict=True)) % PRIME
 

@@ -111,8 +111,13 @@ def test_two_encodings_of_the_same_update_round_differently() -> None:
     ({"max_weight": 0.0}, "max_weight"),
     ({"max_weight": float("inf")}, "max_weight"),
     ({"max_sites": 0}, "max_sites"),
+    ({"max_sites": 2.5}, "max_sites"),
+    ({"clip": 1e308, "max_weight": 1e308}, "clip \\* max_weight"),
+    ({"clip": 1e-320}, "clip \\* max_weight"),
+    ({"clip": 1e-300, "max_weight": 1e-10}, "clip \\* max_weight"),
 ], ids=["clip-inf", "clip-nan", "clip-negative", "max_weight-0", "max_weight-inf",
-        "max_sites-0"])
+        "max_sites-0", "max_sites-fraction", "range-overflows", "clip-subnormal",
+        "range-subnormal"])
 def test_refuses_unsafe_parameters_naming_them(kwargs: dict[str, float], match: str) -> None:
     params = {"clip": 1.0, "max_weight": 1.0, "max_sites": 3, **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -150,3 +155,11 @@ def test_random_rounding_bits_are_what_the_docs_say(word_bits: int, sites: int,
         np.testing.assert_array_equal(a, b)
     else:
         assert len(set(a[:-1].tolist())) == 2  # both neighbouring steps occur
+
+
+@pytest.mark.parametrize("summed", [np.zeros(0, np.uint32), np.zeros((2, 2), np.uint32), [1, 2]],
+                         ids=["empty", "2-d", "list"])
+def test_decoding_anything_but_a_vector_with_its_weight_is_a_clear_error(summed: object) -> None:
+    q = Quantizer(clip=1.0, max_weight=1.0, max_sites=3)
+    with pytest.raises(ValueError, match="1-D array"):
+        q.decode_sum(summed, 1)  # type: ignore[arg-type]

@@ -72,6 +72,22 @@ def test_refuses_x_coordinates_congruent_to_zero_and_threshold_zero() -> None:
         shamir.split(5, 0, [1, 2, 3])
 
 
+def test_reconstruct_refuses_what_split_would_refuse() -> None:
+    """A threshold of 0 "reconstructed" 0 and a negative one sliced the shares from the end;
+    x = True or 1.0 passed as x = 1; a share outside the field was reduced silently."""
+    shares = shamir.split(5, 2, [1, 2, 3])
+    for threshold in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="threshold must be a positive int"):
+            shamir.reconstruct(shares, threshold)  # type: ignore[arg-type]
+    for x in (True, 1.0):
+        with pytest.raises(ValueError, match="must be an int"):
+            shamir.reconstruct({x: shares[1], 2: shares[2]}, 2)  # type: ignore[dict-item]
+    for y in (shamir.PRIME + shares[1], -1, 1.0, True):
+        with pytest.raises(ValueError, match="not a field element"):
+            shamir.reconstruct({1: y, 2: shares[2]}, 2)  # type: ignore[dict-item]
+    assert shamir.reconstruct(shares, 2) == 5
+
+
 def test_coefficients_are_uniform_over_the_field() -> None:
     # threshold 2: the share at x = 1 minus the secret is the one random coefficient. Drawn
     # uniformly below p it is >= 2**256 except with probability 2**-265 per draw.

@@ -687,6 +687,34 @@ def test_sharded_release_refuses_when_any_shard_is_out_of_range() -> None:
     assert caught.value.reason is RefusalReason.OUT_OF_RANGE
 
 
+def test_a_sharded_sum_whose_worker_failed_answers_nothing_more() -> None:
+    """One worker of two fails a command (here flooding a shard whose range check failed,
+    while the other shard's passed) and the other answers. Its answer must be read with the
+    failure, and the sum refuse every later call: an unread answer would be taken for the
+    next command's (a stale flood size read as "this chunk is my sum")."""
+    from secagg.ckks._shards import ShardedSum
+    from secagg.errors import SecAggError
+
+    r = CkksRound(sites=3, vector_length=3000)  # 2 chunks: one per worker
+    for s in r.roster:  # the second chunk's elements zero: only shard 1 is out of range
+        values, weight = r.inputs[s]
+        values[2048:] = 0.0
+        r.inputs[s] = (values, weight)
+    uploads, aggregate = r.run()
+    params = r.config.preset_params
+    shards = ShardedSum(r.holder, params.scale, params.slots, r.config.chunk_count, workers=2)
+    try:
+        for u in uploads:
+            shards.add(u.chunks, (Kind.SEEDED, Kind.FULL))
+        assert not shards.check_range(3000, 0.01, 0.0, 100.0)
+        with pytest.raises(SecAggError):
+            shards.flood(bytes(32), 0.0, 2.0 ** -20)
+        with pytest.raises(SecAggError, match="failed earlier"):
+            shards.is_my_sum(aggregate.chunks)
+    finally:
+        shards.close()
+
+
 def test_known_limitation_aggregator_and_one_colluding_site_cancel_honest_uploads() -> None:
     """KNOWN LIMITATION (README, "aggregator + colluding sites", CKKS public-key mode).
     CKKS ciphertexts are malleable and nothing proves an upload is a fresh encryption of

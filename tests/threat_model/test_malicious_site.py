@@ -189,8 +189,14 @@ def test_server_refuses_unmask_response_with_forged_signature() -> None:
         r.server.handle(replace(responses[1], signature=responses[2].signature))
 
 
+def _other_encoding(key: bytes, *, bit_255: bool) -> bytes:
+    """Another encoding of the X25519 point ``key``: bit 255 set, or u + p (for a u < 19)."""
+    u = int.from_bytes(key, "little")
+    return ((u | 1 << 255) if bit_255 else u + 2**255 - 19).to_bytes(32, "little")
+
+
 @pytest.mark.parametrize("bad", ["low-order", "copy-of-a-peers-key", "own-keys-equal",
-                                 "short"])
+                                 "short", "copy-with-bit-255-set", "u-plus-the-prime"])
 def test_server_refuses_an_advertisement_that_would_make_every_site_abort(bad: str) -> None:
     """One malicious site advertises (and signs) a low-order X25519 point, a copy of another
     site's key, the same key twice, or a short key. Put into the directory, it would make every
@@ -201,7 +207,12 @@ def test_server_refuses_an_advertisement_that_would_make_every_site_abort(bad: s
     key.public_bytes = {"low-order": bytes(32),
                         "copy-of-a-peers-key": r.clients[1]._masking_key.public_bytes,
                         "own-keys-equal": r.clients[3]._encryption_key.public_bytes,
-                        "short": bytes(31)}[bad]
+                        "short": bytes(31),
+                        # the same point as site 1's key, in another encoding
+                        "copy-with-bit-255-set": _other_encoding(
+                            r.clients[1]._masking_key.public_bytes, bit_255=True),
+                        "u-plus-the-prime": _other_encoding(
+                            (9).to_bytes(32, "little"), bit_255=False)}[bad]
     advert = r.clients[3].start()
     for s in (1, 2, 4, 5):
         r.server.handle(r.clients[s].start())
@@ -736,3 +747,98 @@ def test_honest_ckks_inputs_at_the_clip_norm_pass_the_aggregators_norm_check(
     with pytest.raises(ProtocolAbort):
         Job._check_released_norm(job, active, released.average * 1.01,  # type: ignore[arg-type]
                                  sites, released.weight_sum)
+
+
+# ---- CKKS: uploads whose second polynomial is zero ("transparent") -------------------------
+
+
+def _transparent(r: Any, update: Any, how: str) -> Any:
+    """``update`` re-signed by its site with its second polynomial zero: "decrypted" (the
+    plaintext the honest ciphertext holds, as an unencrypted ciphertext: decrypts, without the
+    key, to the same values) or "zeroed" (the first polynomial kept: garbage)."""
+    from tenseal import sealapi
+
+    from secagg.ckks import _seal
+    from secagg.ckks.round import EncryptedUpdate
+
+    ctx = r.public.seal_context
+    packer = _seal._layout(ctx).kinds[_seal.Kind.FULL].packer
+    chunks = []
+    for chunk in update.chunks:
+        values = packer.unpack(memoryview(chunk)[2:]).copy()
+        half = values.size // 2
+        if how == "decrypted":
+            ct = _seal.load_ciphertext(ctx, chunk, scale=r.config.preset_params.scale)
+            plain = sealapi.Plaintext()
+            sealapi.Decryptor(r.holder.seal_context, r.holder.secret_key).decrypt(ct, plain)
+            assert plain.coeff_count() == half
+            values[:half] = [plain.data(i) for i in range(half)]
+        values[half:] = 0
+        chunks.append(chunk[:2] + packer.pack(values))
+    signed = EncryptedUpdate.signed_bytes(r.config.params_digest, update.site_id,
+                                          update.key_id, update.seeded, tuple(chunks))
+    return replace(update, chunks=tuple(chunks),
+                   signature=r.identities[update.site_id].sign(signed))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_two_sites_sending_transparent_uploads_first_leave_the_ckks_round_exact(
+        workers: int) -> None:
+    """Two sites whose ciphertexts have a zero second polynomial, counted first, make the
+    running sum transparent for a moment. SEAL throws after such an addition: before, the
+    aggregator's and the key holder's sums kept the second upload without counting it (the
+    round then refused as AGGREGATE_MISMATCH: two sites could void any round). Now the
+    round completes with the right average: a transparent sum is still the sum."""
+    from secagg.ckks import CkksServer, Release
+
+    r = _make_ckks_round()
+    honest = {s: r.client(s, seeded=False).start() for s in sorted(r.roster)}
+    uploads = [_transparent(r, honest[2], "decrypted"), _transparent(r, honest[3], "decrypted")]
+    uploads += [honest[s] for s in (1, 4, 5)]
+    server = CkksServer(r.config, r.public)
+    for u in uploads:
+        server.handle(u)
+    aggregate = server.close_stage()[1]
+    assert aggregate.sites == (1, 2, 3, 4, 5)
+    release = Release(r.holder, r.config, site_id=1, workers=workers)
+    try:
+        for u in uploads:
+            release.add(u)
+        released = release.finish(aggregate)
+    finally:
+        release.close()
+    ws, w = r.expected()
+    np.testing.assert_allclose(released.average, ws / w, atol=1e-3)
+
+
+def test_a_transparent_upload_cancelling_the_sum_is_counted_whole_on_both_sides() -> None:
+    """A site whose second polynomial cancels the running sum's (its colluder's, read from a
+    seeded upload or made zero): the addition that throws in SEAL has happened, and the
+    upload is counted; the aggregator's sum and the key holder's stay equal (a garbage
+    upload is then the range check's to refuse, as any out-of-range upload is)."""
+    from secagg.ckks import CkksServer, Release
+    from secagg.errors import RefusalReason, RefusedMessage
+
+    r = _make_ckks_round()
+    honest = {s: r.client(s, seeded=False).start() for s in sorted(r.roster)}
+    uploads = [_transparent(r, honest[2], "zeroed"), _transparent(r, honest[3], "zeroed")]
+    uploads += [honest[s] for s in (1, 4, 5)]
+    server = CkksServer(r.config, r.public)
+    for u in uploads:
+        server.handle(u)
+    aggregate = server.close_stage()[1]
+    release = Release(r.holder, r.config, site_id=1)
+    try:
+        for u in uploads:
+            release.add(u)
+        with pytest.raises(RefusedMessage) as refused:
+            release.finish(aggregate)
+    finally:
+        release.close()
+    assert refused.value.reason is RefusalReason.OUT_OF_RANGE, refused.value
+
+
+def _make_ckks_round() -> Any:
+    from tests.ckks_kit import CkksRound
+
+    return CkksRound(sites=5, vector_length=3000)  # two chunks: two release workers

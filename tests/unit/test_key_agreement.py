@@ -57,3 +57,16 @@ def test_low_order_peer_key_never_yields_a_shared_secret() -> None:
 def test_private_key_of_the_wrong_length_is_an_opaque_error(size: int) -> None:
     with pytest.raises(InvalidMessage, match="private key"):
         private_key_from_bytes(bytes(size))
+
+
+def test_a_point_in_another_encoding_is_refused_though_x25519_would_take_it() -> None:
+    """Bit 255 set, or u >= p: X25519 would agree on the same secret as with the canonical
+    encoding, so a copied key would pass a byte comparison as another key."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    private, peer = X25519PrivateKey.generate(), AgreementKey.generate()
+    u = int.from_bytes(peer.public_bytes, "little")
+    assert exchange(private, peer.public_bytes)
+    for other in (u | 1 << 255, 9 + 2**255 - 19):
+        with pytest.raises(InvalidMessage, match="public key"):
+            exchange(private, other.to_bytes(32, "little"))

@@ -140,3 +140,20 @@ def test_tensors_of_unsupported_dtypes_are_refused(dtype: str) -> None:
         pytest.skip("no float128 on this platform")
     with pytest.raises(ConfigurationError, match="unsupported dtype"):
         FlatModel.from_arrays({"w": np.zeros(2, dtype=dtype)})
+
+
+@pytest.mark.parametrize(("dtype", "value"), [("int64", 2**63 - 1), ("int64", -2**53 - 1),
+                                              ("uint64", 2**64 - 1), ("uint64", 2**53 + 1)])
+def test_64_bit_integers_a_float64_cannot_carry_are_refused_naming_the_tensor(
+        dtype: str, value: int) -> None:
+    """Beyond 2**53 a value would be rounded, and near 2**63 wrap round on the way back
+    (int64 max came back as int64 min): the model every site receives would not be the one
+    given, so `federation init` and the SDK refuse it where it is given."""
+    from secagg.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=r"'step' holds integers beyond \+-2\*\*53"):
+        FlatModel.from_arrays({"w": np.zeros(3, np.float32),
+                               "step": np.array([0, value], dtype=dtype)})
+    edge = FlatModel.from_arrays({"step": np.array([2**53, 0 if dtype == "uint64" else -2**53],
+                                                   dtype=dtype)})
+    assert edge.to_arrays()["step"].tolist() == [2**53, 0 if dtype == "uint64" else -2**53]

@@ -62,3 +62,14 @@ def test_mask_words_use_their_full_width(bits: int) -> None:
     assert int(words.max()) >= 2 ** (bits - 1)  # the top bit is set in about half of them
     top_bits = np.right_shift(words, bits - 8).astype(np.uint8)
     assert len(np.unique(top_bits)) > 200
+
+
+@pytest.mark.parametrize(("start", "length", "error"), [
+    (0, 2**62, "at most 2\\*\\*40"), (2**130 - 3, 4, "128-bit block counter")])
+def test_an_index_range_past_the_bound_is_refused_before_allocating(start: int, length: int,
+                                                                     error: str) -> None:
+    """Past the bound an expander would ask for exabytes (OverflowError or MemoryError from
+    deep inside) or run its 128-bit counter round, repeating the keystream."""
+    with pytest.raises(ValueError, match=error):
+        MaskExpander(length, start_word=start)
+    assert expand(b"\x01" * 32, 4, start_word=2**130 - 4).shape == (4,)  # the last 4 words

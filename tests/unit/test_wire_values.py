@@ -22,11 +22,23 @@ def test_a_release_whose_weight_sum_is_not_a_positive_number_is_refused(
     """The key holder's weight sum scales the average into FedAvg's update: NaN would
     poison the model, 0 or a negative sum flip or blow it up."""
     data = np.full(4, 0.5).astype("<f8").tobytes()
-    ref = service_pb2.ReleasedAverageRef(weight_sum=weight_sum, sites=[1, 2, 3])
+    ref = service_pb2.ReleasedAverageRef(weight_sum=weight_sum, sites=[1, 2, 3], grid=2.0**-20)
     with pytest.raises(InvalidMessage, match="released average"):
         wire.release_from_ref(ref, data, round_id="r", length=4)
     ref.weight_sum = 1.5
     assert wire.release_from_ref(ref, data, round_id="r", length=4).weight_sum == 1.5
+
+
+@pytest.mark.parametrize("grid", [float("nan"), float("inf"), 0.0, -1.0])
+def test_a_release_whose_grid_is_not_a_positive_number_is_refused(grid: float) -> None:
+    """The grid is only reported (to the operator and the training script), but a report of
+    "rounded to a nan grid" is a lie the key holder should not be able to tell."""
+    data = np.full(4, 0.5).astype("<f8").tobytes()
+    ref = service_pb2.ReleasedAverageRef(weight_sum=1.5, sites=[1, 2, 3], grid=grid)
+    with pytest.raises(InvalidMessage, match="released average"):
+        wire.release_from_ref(ref, data, round_id="r", length=4)
+    ref.grid = 2.0**-20
+    assert wire.release_from_ref(ref, data, round_id="r", length=4).grid == 2.0**-20
 
 
 @pytest.mark.parametrize("lie", ["short", "nan"])
