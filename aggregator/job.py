@@ -540,6 +540,8 @@ class Job:
         active = self.active
         if active is None:
             return False
+        # what every site may read (key 0), and what this site's stage grants it alone
+        # defence: service.chunks.read-granted-per-site
         return chunk_id in active.readable.get(0, set()) or chunk_id in active.readable.get(
             site, set())
 

@@ -69,6 +69,7 @@ class PeerLineBudget(logging.Filter):
             if budget is None:
                 budget = self.budgets[key] = _LineBudget(PEER_LINES_PER_SECOND,
                                                          PEER_LINES_BURST)
+                # defence: logs.peer-budgets-bounded
                 if len(self.budgets) > PEER_BUDGETS:
                     self.budgets.popitem(last=False)
             else:

@@ -158,6 +158,7 @@ def serve_metrics(metrics: Metrics, listen: str) -> tuple[Any, int]:
     from prometheus_client import make_wsgi_app
 
     host, _, port = listen.rpartition(":")
+    # defence: metrics.loopback-by-default
     host = host.strip("[]") or "127.0.0.1"
     family = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0][0]
 

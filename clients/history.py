@@ -139,11 +139,13 @@ class History:
         if self._path.exists():
             last, held, in_sum = _read(self._path)
             for name, n in last.items():
+                # defence: sdk.history-merge-keeps-the-later-round
                 self._last[name] = max(self._last.get(name, 0), n)
             for name, h in held.items():
                 if name not in self._held or h[0] > self._held[name][0]:
                     self._held[name] = h
             for name, b in in_sum.items():
+                # defence: sdk.history-merge-keeps-the-later-bound
                 if name not in self._in_sum or b[0] > self._in_sum[name][0]:
                     self._in_sum[name] = b
 

@@ -324,6 +324,7 @@ class Site:
         for j in range(self._held_round + 1, round_number):
             past: service_pb2.RoundInfo = self._conn.call(
                 "GetRound", service_pb2.GetRoundRequest(after_round=j - 1, wait_ms=0))
+            # defence: sdk.missed-round-starts-from-held
             if past.round != j or bytes(past.model.digest) != current:
                 break
             # the round's own id (federation, job, number): a key holder's signature of
@@ -333,6 +334,7 @@ class Site:
                 self.config.check_round_id(past.round_id, j)
             except ConfigurationError:
                 break
+            # defence: sdk.missed-round-moves-only-if-completed
             if past.status == service_pb2.ROUND_STATUS_COMPLETED:
                 bound = self._history.in_sum(self.config.job_id, j)
                 if bound is not None:
@@ -395,6 +397,7 @@ class Site:
         model, in L2 and (counters too) in each value. Before, a lying aggregator could
         publish any model (a trap for the next round's updates); now it moves the model no
         further a round than an honest round can."""
+        # defence: sdk.missed-round-result-keeps-spec
         if model.spec != result.spec:  # (_accept_result checked it; the chain did not)
             raise ModelMismatch("the round's result is not a model of the round's names, shapes "
                                 "and dtypes")

@@ -56,6 +56,7 @@ class Connection:
         credentials = grpc.ssl_channel_credentials(root_certificates=kit.ca_pem,
                                                    private_key=kit.key_pem,
                                                    certificate_chain=kit.cert_pem)
+        # defence: sdk.reply-size-bounded
         self.channel = grpc.secure_channel(kit.config.aggregator, credentials, options=[
             ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.max_send_message_length", limits.max_message_bytes),

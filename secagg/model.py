@@ -123,6 +123,7 @@ class FlatModel:
         if values.ndim != 1 or values.shape[0] != sum(t.size for t in self.spec):
             raise ConfigurationError("model values do not match the model spec")
         names = [t.name for t in self.spec]
+        # defence: model.spec-names-distinct
         if len(set(names)) != len(names):
             raise ConfigurationError("model spec names a tensor twice")
         # defence: model.values-finite

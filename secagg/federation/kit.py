@@ -63,6 +63,7 @@ def roster_from_bytes(data: bytes) -> SignedRoster:
     except Exception:  # protobuf's DecodeError and friends
         raise InvalidMessage("roster") from None
     sites = {int(s.site_id): bytes(s.identity_public_key) for s in msg.roster.sites}
+    # defence: roster.sites-distinct
     if len(sites) != len(msg.roster.sites):
         raise InvalidMessage("roster")
     try:
@@ -99,6 +100,7 @@ def load_identity(path: Path) -> IdentityKey:
         key = serialization.load_pem_private_key(_read_private(path), password=None)
     except (ValueError, TypeError):
         raise ConfigurationError(f"{path} is not an unencrypted PEM private key") from None
+    # defence: kit.identity-ed25519
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigurationError(f"{path} is not an Ed25519 private key")
     return IdentityKey(key)

@@ -263,7 +263,7 @@ def write_private(path: Path, data: bytes) -> None:
     """Write a secret file with mode 0600, refusing to overwrite one."""
     # defence: pki.private-directories-0700
     make_dirs(path.parent, 0o700)
-    # defence: pki.private-never-overwritten
+    # defence: pki.private-never-overwritten, pki.private-created-0600
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, data)

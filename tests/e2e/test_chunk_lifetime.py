@@ -133,3 +133,26 @@ def test_an_empty_initial_model_is_refused_before_the_store_is_touched(tmp_path:
         assert store.rounds() == []
     finally:
         store.close()
+
+
+def test_what_the_key_holder_may_read_no_other_site_may(tmp_path: Path) -> None:
+    """In a CKKS round's release stage the key holder (alone) may fetch the aggregate and the
+    uploads: they are granted to it, not to every site (each is a ciphertext under its key,
+    but what a site may fetch is what its stage needs, nothing else)."""
+    fed = make_federation(tmp_path, 4, "ckks", rounds=1)
+    files = load_server_files(fed.aggregator_config)
+    roster = load_roster(files.directory / ROSTER_FILE, files.config.trust_root)
+    store = Store(str(tmp_path / "aggregator.db"))
+    try:
+        job = Job(files.config, roster, store, FlatModel.load_npz(files.config.initial_model))
+        job.recover()
+        active = job.active
+        assert active is not None
+        granted = b"\x05" * 32
+        active.readable.setdefault(3, set()).add(granted)  # as the release stage grants it
+        assert job.may_read(3, granted)
+        assert not any(job.may_read(s, granted) for s in (1, 2, 4))
+        model_chunk = next(iter(active.readable[0]))
+        assert all(job.may_read(s, model_chunk) for s in (1, 2, 3, 4))
+    finally:
+        store.close()

@@ -136,3 +136,35 @@ def test_a_site_of_another_federation_is_told_at_once_not_after_minutes(tmp_path
     finally:
         conn.close()
         agg.stop()
+
+
+def test_a_reply_over_the_message_limit_is_refused_by_the_site(tmp_path: Path) -> None:
+    """A lying aggregator answers GetRound with a 9 MiB message (the federation's limit is
+    8 MiB): the site's channel refuses it (RESOURCE_EXHAUSTED) rather than taking in
+    whatever size the aggregator sends."""
+    from concurrent import futures
+
+    from aggregator.service import load_server_files
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    files = load_server_files(fed.aggregator_config)
+
+    class Huge(service_pb2_grpc.AggregationServicer):
+        def GetRound(self, request: object, context: object) -> service_pb2.RoundInfo:
+            return service_pb2.RoundInfo(round=1, result_signature=b"\0" * (9 << 20))
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=[
+        ("grpc.max_send_message_length", 16 << 20)])
+    service_pb2_grpc.add_AggregationServicer_to_server(Huge(), server)  # type: ignore[no-untyped-call]
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+        [(files.server_key, files.server_cert)], root_certificates=files.ca_cert,
+        require_client_auth=True))
+    server.start()
+    conn = _site_connection(fed.directory, 1, port)
+    try:
+        with pytest.raises(AggregatorRefused) as caught:
+            conn.call("GetRound", service_pb2.GetRoundRequest(after_round=0, wait_ms=0))
+        assert caught.value.code == "RESOURCE_EXHAUSTED"
+    finally:
+        conn.close()
+        server.stop(grace=None)

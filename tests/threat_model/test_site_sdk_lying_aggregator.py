@@ -731,6 +731,31 @@ def test_a_site_refuses_a_round_whose_model_does_not_follow_from_the_one_it_hold
         assert conn.fetched == [] and conn.sent == []
 
 
+@pytest.mark.parametrize("lie", ["starts-from-another-model", "aborted-but-moved"])
+def test_a_missed_round_moves_the_held_model_only_from_it_and_only_if_completed(
+        lie: str) -> None:
+    """The site holds round 1's result and missed round 2; the aggregator opens round 3
+    from a model of its choosing and says round 2 led there: from another model than the
+    one the site holds, or as a round that aborted (whose model does not move) but still
+    carries a "result". Either is model substitution: refused before anything is fetched."""
+    info, payloads = _model_info(3, "hospitals/job-1/round-3")
+    announced = bytes(info.model.digest)
+    held = b"\x11" * 32
+    round2 = service_pb2.RoundInfo(
+        round=2, round_id="hospitals/job-1/round-2",
+        status=(service_pb2.ROUND_STATUS_ABORTED if lie == "aborted-but-moved"
+                else service_pb2.ROUND_STATUS_COMPLETED))
+    round2.model.digest = b"\x33" * 32 if lie == "starts-from-another-model" else held
+    round2.result.digest = announced
+    site, _ = _site("masking", info, payloads)
+    conn = _Chain(info, payloads, {2: round2})
+    site._conn = conn  # type: ignore[assignment]
+    site._model_digest, site._held_round = held, 1
+    with pytest.raises(ModelMismatch, match="does not follow"):
+        next(site.rounds())
+    assert conn.fetched == [] and conn.sent == []
+
+
 def test_a_restarted_site_still_refuses_a_model_that_does_not_follow_from_the_one_it_held(
         tmp_path: Any) -> None:
     """The site took round 1's result, and its training script restarts. The aggregator opens
@@ -1212,6 +1237,38 @@ def test_a_masking_round_the_site_was_in_stays_bounded_when_told_it_aborted(
         with pytest.raises(ModelMismatch, match="further than"):
             next(site.rounds())
         assert conn.sent == []
+
+
+def test_a_missed_masking_round_the_site_was_in_keeps_its_names_shapes_and_dtypes(
+        tmp_path: Any) -> None:
+    """As above, but round 1's "result" is the held model's values under another name (no
+    step at all, so within any bound): a relabelled model is refused in the chain as it is
+    when the site sees the result itself."""
+    from clients.history import History
+    from clients.site import AverageBound
+    from secagg.model import FlatModel
+
+    start = FlatModel.from_arrays({"w": np.zeros(8, np.float32)})
+    made = FlatModel.from_arrays({"v": np.zeros(8, np.float32)})
+    info, _ = _model_info(2, "hospitals/job-1/round-2")
+    blob = wire.Blob((b"\x31" * 32,), len(made.to_bytes()))
+    info.model.CopyFrom(wire.model_to_proto(made, blob))
+    start_blob = wire.Blob((b"\x32" * 32,), len(start.to_bytes()))
+    payloads = {blob.chunk_ids[0]: made.to_bytes(), start_blob.chunk_ids[0]: start.to_bytes()}
+    history = History(tmp_path)
+    history.spend("job-1", 1, start.digest)
+    history.record_in_sum("job-1", 1, AverageBound(1.0, 1.0))
+    round1 = service_pb2.RoundInfo(round=1, round_id="hospitals/job-1/round-1",
+                                   protocol=service_pb2.PROTOCOL_MASKING,
+                                   status=service_pb2.ROUND_STATUS_COMPLETED,
+                                   model=wire.model_to_proto(start, start_blob),
+                                   result=wire.model_to_proto(made, blob))
+    site, _ = _site("masking", info, payloads, directory=tmp_path)
+    conn = _Chain(info, payloads, {1: round1})
+    site._conn = conn  # type: ignore[assignment]
+    with pytest.raises(ModelMismatch, match="names, shapes"):
+        next(site.rounds())
+    assert conn.sent == []
 
 
 def test_a_missed_ckks_rounds_signature_counts_only_under_this_jobs_round_id() -> None:

@@ -454,3 +454,45 @@ def test_a_request_naming_an_impossible_site_id_is_a_clear_error(
     path.write_text(json.dumps({**good, "site_id": site_id}))
     with pytest.raises(ConfigurationError, match="site id"):
         sign_site_request(fresh_federation, path, tmp_path / "out")
+
+
+def test_a_private_key_is_never_readable_by_others_even_before_its_chmod(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is created 0600: a chmod after the write would leave a window in which
+    another user (umask 022) could read the key."""
+    import os
+
+    monkeypatch.setattr(os, "chmod", lambda *a, **k: None)  # the window, held open
+    old = os.umask(0o022)
+    try:
+        pki.write_private(tmp_path / "keys" / "a.key", b"secret")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "keys" / "a.key").stat().st_mode) == 0o600
+
+
+def test_a_roster_naming_a_site_twice_is_refused(federation: Path) -> None:
+    """Two entries for one site id (two keys for it): the roster as signed is not the
+    roster a dict of it would keep."""
+    from secagg.v1 import roster_pb2
+
+    msg = roster_pb2.SignedRoster()
+    msg.ParseFromString((federation / "roster.bin").read_bytes())
+    msg.roster.sites.append(msg.roster.sites[0])
+    with pytest.raises(InvalidMessage, match="roster"):
+        roster_from_bytes(msg.SerializeToString())
+
+
+def test_an_identity_key_of_another_kind_is_a_clear_error(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from secagg.federation.kit import load_identity
+
+    path = tmp_path / "identity.key"
+    path.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    path.chmod(0o600)
+    with pytest.raises(ConfigurationError, match="not an Ed25519 private key"):
+        load_identity(path)

@@ -157,3 +157,13 @@ def test_64_bit_integers_a_float64_cannot_carry_are_refused_naming_the_tensor(
     edge = FlatModel.from_arrays({"step": np.array([2**53, 0 if dtype == "uint64" else -2**53],
                                                    dtype=dtype)})
     assert edge.to_arrays()["step"].tolist() == [2**53, 0 if dtype == "uint64" else -2**53]
+
+
+def test_a_spec_naming_a_tensor_twice_is_refused() -> None:
+    """From the wire or a store: to_arrays would keep one of the two and drop the other."""
+    from secagg.errors import ConfigurationError
+    from secagg.model import TensorSpec
+
+    spec = (TensorSpec("w", (2,), "float32"), TensorSpec("w", (2,), "float32"))
+    with pytest.raises(ConfigurationError, match="names a tensor twice"):
+        FlatModel(spec, np.zeros(4))

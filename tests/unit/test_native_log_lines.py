@@ -289,3 +289,31 @@ def test_what_one_budget_dropped_is_said_with_a_line_of_the_other(
     native.feed(HANDSHAKE.format("PEER_DID_NOT_RETURN_A_CERTIFICATE"))
     summary = [e for e in out if e["event"] == "grpc_core_dropped"]
     assert summary and summary[0]["reason"] == "grpc_core" and summary[0]["count"] >= 800
+
+
+def test_the_per_site_budgets_a_peer_makes_are_bounded_oldest_first(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each (event, site) seen gets a budget; refusals naming ever new site ids (a peer
+    cannot choose its certificate's site, but refused calls name what they claim) must not
+    grow the log filter's memory without bound: the oldest is forgotten first."""
+    monkeypatch.setattr(logs, "PEER_BUDGETS", 8)
+    budget = logs.PeerLineBudget()
+    for site in range(100):
+        r = logging.LogRecord("secagg.aggregator", logging.WARNING, __file__, 1, "refused",
+                              None, None)
+        r.__dict__.update(event="identity_refused", site_id=site)
+        budget.filter(r)
+    assert len(budget.budgets) == 8
+    assert ("identity_refused", 99) in budget.budgets
+    assert ("identity_refused", 0) not in budget.budgets
+
+
+def test_metrics_without_a_host_listen_on_loopback_only() -> None:
+    """`--metrics :PORT` is the local host, never every interface: the port is for a
+    monitoring agent, not for the network the sites reach."""
+    server, _port = metrics.serve_metrics(metrics.NoMetrics(), ":0")
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+    finally:
+        server.shutdown()
+

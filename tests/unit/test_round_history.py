@@ -107,6 +107,29 @@ def test_the_model_a_site_holds_is_kept_across_restarts_and_the_later_of_two_pro
     assert History(tmp_path).last_round("job-1") == 2
 
 
+def test_merging_an_older_history_never_takes_this_process_back(tmp_path: Path) -> None:
+    """The file under a running site is replaced by an older one (a backup restored, a
+    stale process's copy, a write of this process's that failed). The next merge takes the
+    later of each record: the round number this process spent, the bound of the round its
+    input is in, and the model it holds stay; the older file would have let it send to
+    round 3 again and forget round 3's bound."""
+    older = tmp_path / "older"
+    older.mkdir()
+    stale = History(older)
+    stale.spend("job-1", 1, b"\x01" * 32)
+    stale.record_in_sum("job-1", 1, (1.0, 1.0))
+    stale.hold("job-1", 1, b"\x02" * 32)
+    history = History(tmp_path)
+    history.spend("job-1", 3, b"\x03" * 32)
+    history.record_in_sum("job-1", 3, (2.0, 3.0))
+    (tmp_path / HISTORY_FILE).write_bytes((older / HISTORY_FILE).read_bytes())
+    history.hold("job-1", 2, b"\x04" * 32)  # merges the older file in, then writes
+    for h in (history, History(tmp_path)):
+        assert h.last_round("job-1") == 3 and h.check("job-1", 3) is not None
+        assert h.in_sum("job-1", 3) == (2.0, 3.0)
+        assert h.held("job-1") == (2, b"\x04" * 32)
+
+
 def test_a_held_model_that_cannot_be_recorded_is_a_warning_not_a_lost_result(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
