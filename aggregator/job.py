@@ -482,6 +482,7 @@ class Job:
         if stage != active.view.stage:
             raise ServiceError(FAILED_PRECONDITION,
                                f"the round is at stage {active.view.stage}, not {stage}")
+        # defence: service.stage-participants-only
         if site not in active.expected:
             raise ServiceError(FAILED_PRECONDITION,
                                f"site {site} is not a participant of this stage")
@@ -650,6 +651,7 @@ class Job:
                     request: service_pb2.SubmitRequest) -> None:
         view = active.view
         if kind == "ckks_key":
+            # defence: service.only-the-key-holder-announces
             if site != view.ckks_key_holder:
                 raise ServiceError(PERMISSION_DENIED, "only this round's key holder announces")
             offer = request.ckks_key

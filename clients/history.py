@@ -93,6 +93,7 @@ class History:
             return
         try:
             # (nothing is being sent here: the failure says only what went unrecorded)
+            # defence: sdk.history-records-under-the-lock
             with _locked(self._path.with_name(f".{HISTORY_FILE}.lock"), after=""):
                 self._merge()
                 self._write(after="")

@@ -476,10 +476,12 @@ class Round:
 
     def submit(self, state_dict: Mapping[str, Any], weight: float) -> dict[str, Any]:
         """Send this site's update and wait for the round's result: the new global model."""
+        # defence: sdk.submit-once-per-round-object
         if self._submitted:
             raise SiteError("this site already submitted to this round")
         config = self._site.config
         samples = _sample_count(weight)
+        # defence: sdk.weight-within-max-samples
         if samples is None or not 0 < samples <= config.max_samples or (
                 samples / config.max_samples <= 0):
             raise ValueError(f"weight must be a number of samples in (0, "

@@ -214,6 +214,7 @@ class FederationConfig:
             trust_root = bytes.fromhex(_get(fed, "federation", "trust_root", str))
         except ValueError:
             raise ConfigurationError("[federation] trust_root must be hex") from None
+        # defence: config.trust-root-32-bytes
         if len(trust_root) != 32:
             raise ConfigurationError("[federation] trust_root must be a 32-byte Ed25519 key")
         initial = job.get("initial_model")
@@ -225,6 +226,7 @@ class FederationConfig:
             initial_digest = None if pinned is None else bytes.fromhex(pinned)
         except (TypeError, ValueError):
             initial_digest = b""
+        # defence: config.initial-digest-32-bytes
         if initial_digest is not None and len(initial_digest) != 32:
             raise ConfigurationError("[job] initial_model_digest must be 64 hex digits")
         neighbors = msk.get("neighbors", "complete")
@@ -238,6 +240,7 @@ class FederationConfig:
             raise ConfigurationError(f"[masking] threshold must be \"auto\" or an integer, "
                                      f"got {threshold!r}")
         holders = ck.get("key_holders", [1])
+        # defence: config.key-holders-site-ids
         if (not isinstance(holders, list) or not holders
                 or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1
                            for h in holders)):
@@ -322,6 +325,7 @@ class FederationConfig:
         if not 1 <= lim.upload_slots <= 1024:
             raise ConfigurationError(f"[limits] upload_slots must be in [1, 1024], got "
                                      f"{lim.upload_slots}")
+        # defence: config.fractions-in-range
         if not 0 <= self.corrupt_fraction < 1 or not 0 <= self.dropout_rate < 1:
             raise ConfigurationError("[masking] corrupt_fraction and dropout_rate must be in "
                                      "[0, 1)")

@@ -156,3 +156,39 @@ def test_what_the_key_holder_may_read_no_other_site_may(tmp_path: Path) -> None:
         assert all(job.may_read(s, model_chunk) for s in (1, 2, 3, 4))
     finally:
         store.close()
+
+
+def test_only_this_rounds_key_holder_announces_a_key(tmp_path: Path) -> None:
+    """Another roster site relays the key holder's signed announcement as its own message:
+    refused as a site that is no participant of the key stage (FAILED_PRECONDITION), and,
+    were it one, as a site that is not the round's key holder (PERMISSION_DENIED)."""
+    import pytest
+
+    from aggregator.job import ServiceError
+
+    fed = make_federation(tmp_path, 4, "ckks", rounds=1)
+    files = load_server_files(fed.aggregator_config)
+    roster = load_roster(files.directory / ROSTER_FILE, files.config.trust_root)
+    store = Store(str(tmp_path / "aggregator.db"))
+    try:
+        job = Job(files.config, roster, store, FlatModel.load_npz(files.config.initial_model))
+        job.recover()
+        info = job.round_info(0)
+        assert info is not None
+        holder, announcement, data = ckks_key_offer(fed, files.config, info.round_id)
+        other = next(s for s in (1, 2, 3, 4) if s != holder)
+        request = service_pb2.SubmitRequest(
+            round_id=info.round_id, ckks_key=service_pb2.CkksKeyOffer(
+                announcement=wire.announcement_to_proto(announcement),
+                public_context=wire.Blob((hashlib.sha256(data).digest(),),
+                                         len(data)).to_proto()))
+        with pytest.raises(ServiceError) as caught:
+            job.submit(other, request)
+        assert caught.value.code == "FAILED_PRECONDITION"
+        active = job.active
+        assert active is not None
+        with pytest.raises(ServiceError) as caught:
+            job._apply_ckks(active, other, "ckks_key", request)
+        assert caught.value.code == "PERMISSION_DENIED"
+    finally:
+        store.close()

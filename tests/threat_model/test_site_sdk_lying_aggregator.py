@@ -516,14 +516,18 @@ def test_a_wrong_argument_to_submit_leaves_the_round_open_to_a_corrected_call() 
     info, payloads = _model_info(1, "hospitals/job-1/round-1")
     site, conn = _site("masking", info, payloads)
     rnd = next(site.rounds())
-    for bad in (0, -1.0, float("nan"), True, "10", np.array([3]), 1e-320, 10**400):
+    over = site.config.max_samples * 2  # above [update] max_samples: refused before spending
+    for bad in (0, -1.0, float("nan"), True, "10", np.array([3]), 1e-320, 10**400, over):
         with pytest.raises(ValueError, match="weight must be"):
             rnd.submit({"w": np.ones(8, np.float32)}, weight=bad)
     assert conn.sent == []
-    from clients.errors import AggregatorRefused
+    from clients.errors import AggregatorRefused, SiteError
 
     with pytest.raises(AggregatorRefused):  # got as far as sending (the stub stops it there)
         rnd.submit({"w": np.ones(8, np.float32)}, weight=torch.tensor(10))
+    assert conn.sent == ["Submit"]
+    with pytest.raises(SiteError, match="already submitted to this round"):
+        rnd.submit({"w": np.ones(8, np.float32)}, weight=10)
     assert conn.sent == ["Submit"]
     for number, weight in ((2, np.int64(10)), (3, np.float32(2.5))):
         info, payloads = _model_info(number, f"hospitals/job-1/round-{number}")

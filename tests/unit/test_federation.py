@@ -157,6 +157,13 @@ def test_the_ca_signs_only_the_site_a_request_names(tmp_path: Path) -> None:
     ("job", "id", "'a/b'", "id must be 1-64"),
     ("job", "id", "'" + "x" * 65 + "'", "id must be 1-64"),
     ("job", "initial_model", "3", "initial_model must be a path"),
+    ("federation", "trust_root", "'abcd'", "trust_root must be a 32-byte"),
+    ("job", "initial_model_digest", "'abcd'", "initial_model_digest must be 64 hex"),
+    ("ckks", "key_holders", "[0]", "key_holders must be a non-empty list"),
+    ("ckks", "key_holders", "[true]", "key_holders must be a non-empty list"),
+    ("ckks", "key_holders", "[]", "key_holders must be a non-empty list"),
+    ("masking", "corrupt_fraction", "1.0", "corrupt_fraction and dropout_rate"),
+    ("masking", "dropout_rate", "-0.1", "corrupt_fraction and dropout_rate"),
 ])
 def test_config_errors_name_the_key(federation: Path, tmp_path: Path, section: str, key: str,
                                     value: str, match: str) -> None:
@@ -165,11 +172,9 @@ def test_config_errors_name_the_key(federation: Path, tmp_path: Path, section: s
     import tomli_w
 
     data = tomllib.loads((federation / "federation.toml").read_text())
-    text = tomli_w.dumps(data).replace(f"\n[{section}]\n", f"\n[{section}]\n{key} = {value}\n")
-    lines = [line for line in text.splitlines()
-             if not (line.startswith(f"{key} = ") and line != f"{key} = {value}")]
+    data[section][key] = tomllib.loads(f"v = {value}")["v"]
     path = tmp_path / "bad.toml"
-    path.write_text("\n".join(lines))
+    path.write_text(tomli_w.dumps(data))
     with pytest.raises(ConfigurationError, match=match):
         FederationConfig.load(path)
 

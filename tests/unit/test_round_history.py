@@ -228,3 +228,30 @@ def test_a_planted_history_or_a_lock_held_for_good_is_an_error_not_a_hang(
     finally:
         os.close(held)
     History(tmp_path).spend("job-1", 1, DIGEST)  # released: it goes ahead
+
+
+def test_recording_a_held_model_waits_for_another_process_holding_the_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Recording what a site holds merges and writes under the directory's lock, as sending
+    does: while another process holds it (mid-merge), nothing is written over its work; here
+    it holds it past the bound, and the record is a warning, not a lost or torn file."""
+    import fcntl
+    import os
+
+    from clients import history as history_module
+
+    monkeypatch.setattr(history_module, "HISTORY_LOCK_SECONDS", 0.3)
+    history = History(tmp_path)
+    history.spend("job-1", 1, b"\x01" * 32)
+    before = (tmp_path / HISTORY_FILE).read_bytes()
+    fd = os.open(tmp_path / f".{HISTORY_FILE}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another process, mid-merge
+        with caplog.at_level("WARNING", logger="clients.history"):
+            history.hold("job-1", 1, b"\x02" * 32)
+    finally:
+        os.close(fd)
+    assert "not recorded" in caplog.text
+    assert (tmp_path / HISTORY_FILE).read_bytes() == before
+    assert history.held("job-1") == (1, b"\x02" * 32)  # kept in memory all the same
