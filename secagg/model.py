@@ -209,10 +209,13 @@ class FlatModel:
                 if chunk.min() < float(finfo.min) or chunk.max() > float(finfo.max):
                     return False
                 continue
-            # exactly, in Python ints: float(int64 max) rounds up to 2**63, which wraps
-            # defence: model.representable-exact-ints
+            # exactly, in Python ints (float(int64 max) rounds up to 2**63, which wraps)
+            # (64-bit integers within +-2**53, as from_arrays takes them: a float64 carries
+            # them exactly, and every site can submit against the model)
+            # defence: model.representable-int64-within-float64
             iinfo = np.iinfo(dtype)
-            if int(np.rint(chunk.min())) < iinfo.min or int(np.rint(chunk.max())) > iinfo.max:
+            low, high = max(int(iinfo.min), -_EXACT_INT), min(int(iinfo.max), _EXACT_INT)
+            if int(np.rint(chunk.min())) < low or int(np.rint(chunk.max())) > high:
                 return False
         return True
 
@@ -223,6 +226,15 @@ class FlatModel:
         values = np.array(values, dtype=np.float64)
         mask = self.integer_positions
         values[mask] = np.rint(values[mask])
+        # a bool tensor's value is what the sites make of it (any nonzero value is True): 0
+        # or 1, so the model's values and digest are those of the tensors the sites hold
+        # defence: model.bools-are-0-or-1
+        start = 0
+        for t in self.spec:
+            if np.dtype(t.dtype).kind == "b":
+                chunk = values[start:start + t.size]
+                np.not_equal(chunk, 0.0, out=chunk, casting="unsafe")
+            start += t.size
         for start, end, dtype in _runs(self.spec):
             if dtype != _F8:
                 # defence: model.canonical-values

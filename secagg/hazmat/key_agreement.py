@@ -68,6 +68,21 @@ def exchange(private: X25519PrivateKey, peer_public: bytes) -> bytes:
         raise InvalidMessage("public key") from None
 
 
+_CLASS_PROBE = X25519PrivateKey.generate()  # this process's; classes compare within it
+
+
+def key_class(peer_public: bytes) -> bytes:
+    """What X25519 makes of ``peer_public`` with any clamped private key, as bytes to compare
+    in this process: two keys of one class agree on every shared secret. X25519 clamps
+    private keys to multiples of 8, so a point plus any of the curve's eight small-order
+    points (P + T: another canonical encoding, e.g. 1/u) gives the same secrets as P: "no two
+    sites share a key" must compare classes, not bytes. The class is the shared secret with a
+    private probe key (equal for P and P + T; for two points of the prime-order subgroup,
+    equal only if they are one point). InvalidMessage for a key ``exchange`` refuses."""
+    # defence: hazmat.key-agreement.keys-compared-by-class
+    return exchange(_CLASS_PROBE, peer_public)
+
+
 def private_key_from_bytes(raw: bytes) -> X25519PrivateKey:
     # defence: hazmat.key-agreement.private-key-length
     if len(raw) != PRIVATE_KEY_BYTES:

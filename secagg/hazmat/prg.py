@@ -14,6 +14,7 @@ no per-call allocation of mask-sized arrays.
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,7 +52,7 @@ def word_dtype(word_bits: int) -> type[np.unsignedinteger]:
         raise ValueError(f"word_bits must be 32 or 64, got {word_bits}") from None
 
 
-MAX_WORDS = 1 << 40  # the longest index range an expander covers
+MAX_WORDS = 1 << 31  # the longest index range an expander covers (a vector and its weight)
 
 
 class MaskExpander:
@@ -62,6 +63,10 @@ class MaskExpander:
     """
 
     def __init__(self, length: int, *, word_bits: int = 32, start_word: int = 0) -> None:
+        try:  # ints (numpy's too), never floats: an index is exact
+            length, start_word = operator.index(length), operator.index(start_word)
+        except TypeError:
+            raise ValueError("length and start_word must be integers") from None
         if length < 0:
             raise ValueError(f"length must be >= 0, got {length}")
         if start_word < 0:
@@ -71,7 +76,7 @@ class MaskExpander:
         # otherwise wrap round and repeat the keystream
         # defence: hazmat.prg.index-range-bounded
         if length > MAX_WORDS:
-            raise ValueError(f"length must be at most 2**40, got {length}")
+            raise ValueError(f"length must be at most 2**31, got {length}")
         if (start_word + length) * word_dtype(word_bits)(0).itemsize > _BLOCK << 128:
             raise ValueError("the index range runs past the end of the 128-bit block counter")
         self.dtype = np.dtype(word_dtype(word_bits)).newbyteorder("<")

@@ -65,8 +65,10 @@ class Quantizer:
         # clip * max_weight, and the scales derived from it, must be normal floats: a range
         # that overflows made every update encode to 0, a subnormal one an infinite scale
         # defence: hazmat.quantize.range-and-scales-finite
+        # (the largest factor encode multiplies by: weight * update_scale * 2**rounding_bits)
         if not all(np.isfinite(v) and v >= np.finfo(np.float64).tiny for v in
-                   (self.update_range, self.update_scale, self.weight_scale)):
+                   (self.update_range, self.update_scale, self.weight_scale,
+                    self.max_weight * self.update_scale * 2.0**32)):
             raise ValueError(f"clip * max_weight must be a normal, finite float: clip "
                              f"{self.clip} and max_weight {self.max_weight} are out of range")
 

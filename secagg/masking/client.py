@@ -33,7 +33,7 @@ import numpy as np
 from secagg._inputs import check_site, check_update
 from secagg.errors import AbortReason, InvalidMessage, PreconditionError, ProtocolAbort
 from secagg.hazmat import aead, shamir, signing
-from secagg.hazmat.key_agreement import PUBLIC_KEY_BYTES, AgreementKey
+from secagg.hazmat.key_agreement import PUBLIC_KEY_BYTES, AgreementKey, key_class
 from secagg.hazmat.prg import SEED_BYTES, MaskTerm, RangeSplitMasker, apply_masks
 from secagg.masking import _common
 from secagg.masking.config import RoundConfig
@@ -187,10 +187,17 @@ class MaskingClient:
                 # defence: masking.client.directory-key-size
                 if not isinstance(key, bytes) or len(key) != PUBLIC_KEY_BYTES:
                     raise ProtocolAbort(AbortReason.WRONG_SIZE_KEY, f"site {entry.site_id}")
+                # compared by class (key_class): a copy of a key in another encoding agrees
+                # on every secret with it, as the copy itself does
+                try:
+                    cls = key_class(key)
+                except InvalidMessage:  # low-order or not canonical: the server refuses these
+                    raise ProtocolAbort(AbortReason.MALFORMED_MESSAGE,
+                                        f"key of site {entry.site_id}") from None
                 # defence: masking.client.directory-distinct-keys
-                if key in seen_keys:
+                if cls in seen_keys:
                     raise ProtocolAbort(AbortReason.DUPLICATE_KEY, f"site {entry.site_id}")
-                seen_keys.add(key)
+                seen_keys.add(cls)
             # defence: masking.client.directory-verifies-neighbours
             if entry.site_id in self._neighbourhood:  # the only keys this site will use
                 self._verify(entry.site_id, entry.signature, AdvertiseKeys.signed_bytes(

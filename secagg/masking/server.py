@@ -17,12 +17,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from secagg._encoding import payload_digest
 from secagg.errors import AbortReason, InvalidMessage, PreconditionError, ProtocolAbort
 from secagg.hazmat import aead, shamir, signing
-from secagg.hazmat.key_agreement import PUBLIC_KEY_BYTES, exchange, private_key_from_bytes
+from secagg.hazmat.key_agreement import (
+    PUBLIC_KEY_BYTES,
+    exchange,
+    key_class,
+    private_key_from_bytes,
+)
 from secagg.hazmat.prg import SEED_BYTES, MaskTerm, RangeSplitMasker, apply_masks, word_dtype
 from secagg.masking import _common
 from secagg.masking.config import RoundConfig
@@ -44,20 +48,18 @@ from secagg.masking.messages import (
 )
 from secagg.metrics import MetricsListener, NullListener
 
-_PROBE = X25519PrivateKey.generate()
-
 SEALED_SHARE_BYTES = aead.NONCE_BYTES + 2 * shamir.SHARE_BYTES + aead.TAG_BYTES
 
 
-def _usable_key(key: bytes) -> bool:
-    """A 32-byte X25519 public key that is not a low-order point."""
+def _key_class(key: bytes) -> bytes | None:
+    """The class of a 32-byte, canonical X25519 public key that is not a low-order point
+    (``key_class``: keys of one class agree on every secret), or None."""
     if len(key) != PUBLIC_KEY_BYTES:
-        return False
+        return None
     try:
-        exchange(_PROBE, key)
+        return key_class(key)
     except InvalidMessage:
-        return False
-    return True
+        return None
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class MaskingServer:
         self._listener = listener or NullListener()
         self._t = config.reconstruction_threshold
         self._advertised: dict[int, AdvertiseKeys] = {}
+        self._key_classes: dict[int, tuple[bytes, bytes]] = {}  # site -> (encryption, masking)
         self._session = b""
         self._share_keys: dict[int, ShareKeys] = {}
         self._running_sum = np.zeros(config.vector_length + 1, dtype=word_dtype(config.word_bits))
@@ -174,13 +177,15 @@ class MaskingServer:
             msg.masking_public_key))
         # A key that is the wrong size, a copy of another key or a low-order point would make
         # every honest site abort on the directory: refuse it here and drop only this site.
-        keys = (msg.encryption_public_key, msg.masking_public_key)
-        taken = {k for a in self._advertised.values()
-                 for k in (a.encryption_public_key, a.masking_public_key)}
+        # (compared by class: a copy in another encoding agrees on every secret too)
+        classes = [_key_class(k) for k in (msg.encryption_public_key, msg.masking_public_key)]
+        taken = {c for pair in self._key_classes.values() for c in pair}
         # defence: masking.server.advertised-keys-sound
-        if keys[0] == keys[1] or any(k in taken or not _usable_key(k) for k in keys):
+        enc, mask = classes
+        if enc is None or mask is None or enc == mask or enc in taken or mask in taken:
             raise InvalidMessage("advertised keys")
         self._advertised[msg.site_id] = msg
+        self._key_classes[msg.site_id] = (enc, mask)
 
     def _on_share_keys(self, msg: ShareKeys) -> None:
         allowed = (self.config.neighbourhood(msg.site_id) & self._advertised.keys()) - {msg.site_id}
@@ -371,7 +376,8 @@ class MaskingServer:
         for v in sorted(set(self._share_keys) - survivors):
             private = private_key_from_bytes(self._reconstruct(v, "key_shares"))
             # defence: masking.server.masking-key-checked
-            if private.public_key().public_bytes_raw() != self._advertised[v].masking_public_key:
+            # (by class: the key v advertised may be its key in another encoding)
+            if key_class(private.public_key().public_bytes_raw()) != self._key_classes[v][1]:
                 raise ProtocolAbort(AbortReason.RECONSTRUCTION_FAILED, f"masking key of site {v}")
             for u in sorted(survivors & self.config.neighbourhood(v)):
                 # defence: masking.server.unmasks-only-applied-pairs

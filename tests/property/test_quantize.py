@@ -115,9 +115,10 @@ def test_two_encodings_of_the_same_update_round_differently() -> None:
     ({"clip": 1e308, "max_weight": 1e308}, "clip \\* max_weight"),
     ({"clip": 1e-320}, "clip \\* max_weight"),
     ({"clip": 1e-300, "max_weight": 1e-10}, "clip \\* max_weight"),
+    ({"clip": 1e-296}, "clip \\* max_weight"),  # the range is normal, encode's factor is not
 ], ids=["clip-inf", "clip-nan", "clip-negative", "max_weight-0", "max_weight-inf",
         "max_sites-0", "max_sites-fraction", "range-overflows", "clip-subnormal",
-        "range-subnormal"])
+        "range-subnormal", "encode-factor-overflows"])
 def test_refuses_unsafe_parameters_naming_them(kwargs: dict[str, float], match: str) -> None:
     params = {"clip": 1.0, "max_weight": 1.0, "max_sites": 3, **kwargs}
     with pytest.raises(ValueError, match=match):

@@ -189,6 +189,14 @@ def test_server_refuses_unmask_response_with_forged_signature() -> None:
         r.server.handle(replace(responses[1], signature=responses[2].signature))
 
 
+def _plus_small_order_point(key: bytes) -> bytes:
+    """``key``'s point plus the point of order 2, (0, 0): u becomes 1/u, a canonical encoding
+    of another point that agrees with ``key`` on every X25519 secret (private keys are
+    clamped to multiples of 8)."""
+    p = 2**255 - 19
+    return pow(int.from_bytes(key, "little"), -1, p).to_bytes(32, "little")
+
+
 def _other_encoding(key: bytes, *, bit_255: bool) -> bytes:
     """Another encoding of the X25519 point ``key``: bit 255 set, or u + p (for a u < 19)."""
     u = int.from_bytes(key, "little")
@@ -196,7 +204,8 @@ def _other_encoding(key: bytes, *, bit_255: bool) -> bytes:
 
 
 @pytest.mark.parametrize("bad", ["low-order", "copy-of-a-peers-key", "own-keys-equal",
-                                 "short", "copy-with-bit-255-set", "u-plus-the-prime"])
+                                 "short", "copy-with-bit-255-set", "u-plus-the-prime",
+                                 "copy-plus-a-small-order-point"])
 def test_server_refuses_an_advertisement_that_would_make_every_site_abort(bad: str) -> None:
     """One malicious site advertises (and signs) a low-order X25519 point, a copy of another
     site's key, the same key twice, or a short key. Put into the directory, it would make every
@@ -212,7 +221,9 @@ def test_server_refuses_an_advertisement_that_would_make_every_site_abort(bad: s
                         "copy-with-bit-255-set": _other_encoding(
                             r.clients[1]._masking_key.public_bytes, bit_255=True),
                         "u-plus-the-prime": _other_encoding(
-                            (9).to_bytes(32, "little"), bit_255=False)}[bad]
+                            (9).to_bytes(32, "little"), bit_255=False),
+                        "copy-plus-a-small-order-point": _plus_small_order_point(
+                            r.clients[1]._masking_key.public_bytes)}[bad]
     advert = r.clients[3].start()
     for s in (1, 2, 4, 5):
         r.server.handle(r.clients[s].start())
@@ -228,22 +239,18 @@ def test_server_refuses_an_advertisement_that_would_make_every_site_abort(bad: s
 
 def test_neighbours_abort_if_a_lying_server_forwards_a_low_order_masking_key() -> None:
     """A lying server puts site 3's (signed) all-zero X25519 point into the directory anyway:
-    no pairwise seed can be derived with it, and its neighbours say so instead of failing
-    obscurely."""
+    no pairwise seed can be derived with it, and every other site says so as it reads the
+    directory (where it compares the keys) instead of failing obscurely."""
     from secagg.masking.messages import KeyDirectory
 
     r = Round(sites=5)
     r.clients[3]._masking_key.public_bytes = bytes(32)  # site 3 advertises and signs it
     adverts = {s: c.start() for s, c in r.clients.items()}
     directory = KeyDirectory(tuple(adverts[s] for s in sorted(adverts)))
-    replies = {s: r.clients[s].handle(directory) for s in r.clients}
-    from secagg.masking.messages import ShareDelivery
-
-    delivery = ShareDelivery({u: m.encrypted_shares[1] for u, m in replies.items()
-                              if 1 in m.encrypted_shares})  # type: ignore[union-attr]
-    with pytest.raises(ProtocolAbort) as caught:
-        r.clients[1].handle(delivery)
-    assert caught.value.reason is AbortReason.MALFORMED_MESSAGE
+    for s in (1, 2, 4, 5):
+        with pytest.raises(ProtocolAbort) as caught:
+            r.clients[s].handle(directory)
+        assert caught.value.reason is AbortReason.MALFORMED_MESSAGE
 
 
 @pytest.mark.parametrize(("update", "weight", "match"), [
@@ -384,15 +391,20 @@ def test_site_sealing_a_malformed_share_pair_to_a_peer_is_refused_and_never_stor
     assert r.clients[1].unusable_share_senders == (3,) and 3 not in r.clients[1]._held_shares
 
 
-def test_site_advertising_a_copy_of_a_peers_masking_key_is_refused_by_every_site() -> None:
+@pytest.mark.parametrize("encoding", ["same-bytes", "plus-a-small-order-point"])
+def test_site_advertising_a_copy_of_a_peers_masking_key_is_refused_by_every_site(
+        encoding: str) -> None:
     """A malicious site 3 advertises (and signs) site 1's masking public key and a lying server
     forwards it. Every other site v would then derive the same pair seed with 1 and with 3,
     applied with opposite signs (v is between them), so v's masks with 1 and 3 cancel.
-    Property: every honest site aborts with DUPLICATE_KEY before using the directory."""
+    Property: every honest site aborts with DUPLICATE_KEY before using the directory, also
+    for the copy in another encoding of its class (the same secrets, other bytes)."""
     from secagg.masking.messages import KeyDirectory
 
     r = Round(sites=5)
-    r.clients[3]._masking_key.public_bytes = r.clients[1]._masking_key.public_bytes
+    copied = r.clients[1]._masking_key.public_bytes
+    r.clients[3]._masking_key.public_bytes = (
+        copied if encoding == "same-bytes" else _plus_small_order_point(copied))
     adverts = {s: c.start() for s, c in r.clients.items()}
     directory = KeyDirectory(tuple(adverts[s] for s in sorted(adverts)))
     for s in (1, 2, 4, 5):
@@ -842,3 +854,23 @@ def _make_ckks_round() -> Any:
     from tests.ckks_kit import CkksRound
 
     return CkksRound(sites=5, vector_length=3000)  # two chunks: two release workers
+
+
+def test_a_site_advertising_its_own_key_in_another_encoding_cannot_void_the_round() -> None:
+    """Site 4 advertises its masking key plus the point of order 2 (1/u: the same secrets
+    with everyone), then drops after sharing its keys. The server reconstructs its private
+    key and checks it against the advertised key by class, as every comparison of keys is:
+    compared by bytes, the check failed (RECONSTRUCTION_FAILED) and one site voided the
+    round. The round completes, exactly, without site 4."""
+    r = Round(sites=5)
+    key = r.clients[4]._masking_key
+    key.public_bytes = _plus_small_order_point(key.public_bytes)
+    r.advance()
+    r.advance()
+    r.advance(skip=frozenset({4}))
+    r.advance()
+    r.advance()
+    result = r.server.result
+    assert result is not None and result.survivors == (1, 2, 3, 5)
+    exact = sum(np.clip(r.inputs[s][0], -1, 1) * r.inputs[s][1] for s in result.survivors)
+    assert np.max(np.abs(result.weighted_sum - exact)) <= result.error_bound[0]

@@ -70,3 +70,21 @@ def test_a_point_in_another_encoding_is_refused_though_x25519_would_take_it() ->
     for other in (u | 1 << 255, 9 + 2**255 - 19):
         with pytest.raises(InvalidMessage, match="public key"):
             exchange(private, other.to_bytes(32, "little"))
+
+
+def test_keys_of_one_class_agree_on_every_secret_and_compare_equal() -> None:
+    """P and P + T (T of small order; here (0, 0): u -> 1/u) are different canonical bytes
+    but the same secrets with every clamped private key: key_class says they are one key,
+    and tells two honest keys apart."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from secagg.hazmat.key_agreement import key_class
+
+    a, b = AgreementKey.generate(), AgreementKey.generate()
+    other = pow(int.from_bytes(a.public_bytes, "little"), -1, 2**255 - 19).to_bytes(32, "little")
+    assert other != a.public_bytes
+    private = X25519PrivateKey.generate()
+    assert exchange(private, other) == exchange(private, a.public_bytes)
+    assert key_class(other) == key_class(a.public_bytes) != key_class(b.public_bytes)
+    with pytest.raises(InvalidMessage):
+        key_class(bytes(32))

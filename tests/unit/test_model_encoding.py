@@ -167,3 +167,23 @@ def test_a_spec_naming_a_tensor_twice_is_refused() -> None:
     spec = (TensorSpec("w", (2,), "float32"), TensorSpec("w", (2,), "float32"))
     with pytest.raises(ConfigurationError, match="names a tensor twice"):
         FlatModel(spec, np.zeros(4))
+
+
+def test_a_bool_tensors_values_are_what_the_sites_hold() -> None:
+    """FedAvg with a server learning rate above 1 can take a bool buffer to 2 or -1: the
+    sites hold True there (any nonzero value), so the published values and digest say 1."""
+    model = FlatModel.from_arrays({"flag": np.array([True, False, True, False]),
+                                   "w": np.zeros(2, np.float32)})
+    new = model.with_values(np.array([3.0, -2.0, 0.4, 0.6, 1.5, 2.5]))
+    assert new.values[:4].tolist() == [1.0, 1.0, 0.0, 1.0]
+    again = FlatModel.from_arrays(new.to_arrays())
+    assert again.digest == new.digest
+
+
+def test_a_published_64_bit_integer_stays_within_what_a_site_can_submit() -> None:
+    """The aggregator publishes only models every site can hold and submit against: an
+    int64 value past 2**53 (which from_arrays refuses at the site) is not representable."""
+    model = FlatModel.from_arrays({"steps": np.array(5, np.int64)})
+    assert model.representable(np.array([2.0**53]))
+    assert not model.representable(np.array([2.0**53 + 2]))
+    assert not model.representable(np.array([-(2.0**53) - 2]))

@@ -23,9 +23,12 @@ def _model() -> FlatModel:
     (3, 65504.0, True), (3, 70000.0, False),
     (5, 1e300, True), (5, np.inf, False), (5, np.nan, False),
     (7, 127.4, True), (7, 127.6, False), (8, -128.4, True), (8, -128.6, False),
-    (9, 2.0**62, True), (10, 5.0, True),
-    # float(int64 max) is 2**63: compared as floats, 2**63 passed and wrapped to -2**63
-    (9, 2.0**63, False), (9, 2.0**63 - 1024, True), (9, -2.0**63, True),
+    (9, 2.0**53, True), (10, 5.0, True),
+    # float(int64 max) is 2**63: compared as floats, 2**63 passed and wrapped to -2**63; and
+    # 64-bit integers are published only within +-2**53, what a float64 carries exactly and
+    # what from_arrays takes from a site (beyond, no site could submit against the model)
+    (9, 2.0**63, False), (9, 2.0**62, False), (9, 2.0**53 + 2, False), (9, -2.0**63, False),
+    (9, -2.0**53, True),
 ])
 def test_values_beyond_a_tensors_dtype_are_not_representable(position: int, value: float,
                                                              fits: bool) -> None:
@@ -50,5 +53,6 @@ def test_a_site_refuses_a_published_model_its_tensors_cannot_hold() -> None:
 
 def test_uint64_values_are_compared_exactly_at_the_top_of_the_range() -> None:
     model = FlatModel.from_arrays({"u": np.zeros(1, np.uint64)})
-    assert model.representable(np.array([2.0**64 - 2048]))
+    assert model.representable(np.array([2.0**53]))
+    assert not model.representable(np.array([2.0**53 + 2]))
     assert not model.representable(np.array([2.0**64]))  # would wrap to 0

@@ -65,7 +65,8 @@ def test_mask_words_use_their_full_width(bits: int) -> None:
 
 
 @pytest.mark.parametrize(("start", "length", "error"), [
-    (0, 2**62, "at most 2\\*\\*40"), (2**130 - 3, 4, "128-bit block counter")])
+    (0, 2**62, "at most 2\\*\\*31"), (0, 2**31 + 1, "at most 2\\*\\*31"),
+    (2**130 - 3, 4, "128-bit block counter"), (0.0, 4, "integers"), (4.0, 0, "integers")])
 def test_an_index_range_past_the_bound_is_refused_before_allocating(start: int, length: int,
                                                                      error: str) -> None:
     """Past the bound an expander would ask for exabytes (OverflowError or MemoryError from
