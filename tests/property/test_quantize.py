@@ -105,11 +105,11 @@ def test_two_encodings_of_the_same_update_round_differently() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"clip": float("inf")}, "clip"),
-    ({"clip": float("nan")}, "clip"),
-    ({"clip": -1.0}, "clip"),
-    ({"max_weight": 0.0}, "max_weight"),
-    ({"max_weight": float("inf")}, "max_weight"),
+    ({"clip": float("inf")}, "clip must be a positive finite"),
+    ({"clip": float("nan")}, "clip must be a positive finite"),
+    ({"clip": -1.0}, "clip must be a positive finite"),
+    ({"max_weight": 0.0}, "max_weight must be a positive finite"),
+    ({"max_weight": float("inf")}, "max_weight must be a positive finite"),
     ({"max_sites": 0}, "max_sites"),
     ({"max_sites": 2.5}, "max_sites"),
     ({"clip": 1e308, "max_weight": 1e308}, "clip \\* max_weight"),
