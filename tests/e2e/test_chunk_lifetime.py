@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 from aggregator.job import Job
 from aggregator.service import load_server_files
@@ -135,17 +136,24 @@ def test_an_empty_initial_model_is_refused_before_the_store_is_touched(tmp_path:
         store.close()
 
 
-def test_what_the_key_holder_may_read_no_other_site_may(tmp_path: Path) -> None:
-    """In a CKKS round's release stage the key holder (alone) may fetch the aggregate and the
-    uploads: they are granted to it, not to every site (each is a ciphertext under its key,
-    but what a site may fetch is what its stage needs, nothing else)."""
+def _ckks_job(tmp_path: Path) -> tuple[Any, Any, Job, Store]:
+    """A one-round CKKS job of four sites in this process, recovered: (federation, server
+    files, job, store); the caller closes the store."""
     fed = make_federation(tmp_path, 4, "ckks", rounds=1)
     files = load_server_files(fed.aggregator_config)
     roster = load_roster(files.directory / ROSTER_FILE, files.config.trust_root)
     store = Store(str(tmp_path / "aggregator.db"))
+    job = Job(files.config, roster, store, FlatModel.load_npz(files.config.initial_model))
+    job.recover()
+    return fed, files, job, store
+
+
+def test_what_the_key_holder_may_read_no_other_site_may(tmp_path: Path) -> None:
+    """In a CKKS round's release stage the key holder (alone) may fetch the aggregate and the
+    uploads: they are granted to it, not to every site (each is a ciphertext under its key,
+    but what a site may fetch is what its stage needs, nothing else)."""
+    _, _, job, store = _ckks_job(tmp_path)
     try:
-        job = Job(files.config, roster, store, FlatModel.load_npz(files.config.initial_model))
-        job.recover()
         active = job.active
         assert active is not None
         granted = b"\x05" * 32
@@ -166,13 +174,8 @@ def test_only_this_rounds_key_holder_announces_a_key(tmp_path: Path) -> None:
 
     from aggregator.job import ServiceError
 
-    fed = make_federation(tmp_path, 4, "ckks", rounds=1)
-    files = load_server_files(fed.aggregator_config)
-    roster = load_roster(files.directory / ROSTER_FILE, files.config.trust_root)
-    store = Store(str(tmp_path / "aggregator.db"))
+    fed, files, job, store = _ckks_job(tmp_path)
     try:
-        job = Job(files.config, roster, store, FlatModel.load_npz(files.config.initial_model))
-        job.recover()
         info = job.round_info(0)
         assert info is not None
         holder, announcement, data = ckks_key_offer(fed, files.config, info.round_id)
