@@ -14,6 +14,7 @@ no per-call allocation of mask-sized arrays.
 from __future__ import annotations
 
 import itertools
+import numbers
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -46,10 +47,14 @@ def _zero_input(nbytes: int) -> memoryview:
 
 
 def word_dtype(word_bits: int) -> type[np.unsignedinteger]:
+    # defence: hazmat.prg.word-bits-is-an-int
+    # (32.0 or numpy.float64(32) would hash to the same key and slip through as a float)
+    if not isinstance(word_bits, numbers.Integral) or isinstance(word_bits, bool):
+        raise ValueError(f"word_bits must be the int 32 or 64, got {word_bits!r}")
     try:
-        return WORD_DTYPES[word_bits]
+        return WORD_DTYPES[int(word_bits)]
     except KeyError:
-        raise ValueError(f"word_bits must be 32 or 64, got {word_bits}") from None
+        raise ValueError(f"word_bits must be 32 or 64, got {word_bits!r}") from None
 
 
 MAX_WORDS = 1 << 31  # the longest index range an expander covers (a vector and its weight)

@@ -48,6 +48,17 @@ class Quantizer:
 
     def __post_init__(self) -> None:
         word_dtype(self.word_bits)
+        # defence: hazmat.quantize.bounds-are-real-numbers
+        # (a str or None made numpy raise from deep inside; True passed as a clip of 1)
+        for name in ("clip", "max_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise ValueError(f"{name} must be a real number, got {type(value).__name__}")
+            # defence: hazmat.quantize.bounds-taken-as-floats
+            try:  # one type from here on (a Fraction or numpy.float32 is not a ufunc input)
+                object.__setattr__(self, name, float(value))
+            except OverflowError:
+                raise ValueError(f"{name} is beyond the float range") from None
         # defence: hazmat.quantize.clip-finite, hazmat.quantize.clip-positive
         if not (np.isfinite(self.clip) and self.clip > 0):
             raise ValueError(f"clip must be a positive finite number, got {self.clip}")
@@ -97,6 +108,7 @@ class Quantizer:
 
     def error_bound(self, n_summed: int) -> tuple[float, float]:
         """Max abs error of a decoded sum of ``n_summed`` vectors: (update elements, weight)."""
+        self._check_n_summed(n_summed)
         return n_summed / self.update_scale, n_summed / self.weight_scale
 
     def encode(self, update: np.ndarray, weight: float, *, length: int | None = None) -> np.ndarray:
@@ -132,14 +144,27 @@ class Quantizer:
         np.minimum(scaled, self.levels, out=scaled)  # float rounding at the very top
         return scaled.astype(word_dtype(self.word_bits))
 
-    def decode_sum(self, summed: np.ndarray, n_summed: int) -> tuple[np.ndarray, float]:
-        """(sum of weighted updates, sum of weights) from the sum of ``n_summed`` encodings."""
+    def _check_n_summed(self, n_summed: int) -> None:
+        # defence: hazmat.quantize.n-summed-is-an-int
+        # (1.5 sites decoded to a silently wrong sum)
+        if not isinstance(n_summed, numbers.Integral) or isinstance(n_summed, bool):
+            raise ValueError(f"n_summed must be an int, got {type(n_summed).__name__}")
         # defence: hazmat.quantize.decode-within-max-sites
         if not 0 < n_summed <= self.max_sites:
             raise ValueError(f"n_summed must be in [1, {self.max_sites}], got {n_summed}")
+
+    def decode_sum(self, summed: np.ndarray, n_summed: int) -> tuple[np.ndarray, float]:
+        """(sum of weighted updates, sum of weights) from the sum of ``n_summed`` encodings."""
+        self._check_n_summed(n_summed)
         # defence: hazmat.quantize.decode-shape
         if not isinstance(summed, np.ndarray) or summed.ndim != 1 or summed.size < 1:
             raise ValueError("summed must be a 1-D array of encoded elements and the weight")
+        # defence: hazmat.quantize.decode-word-dtype
+        # (a float, signed or wider array is not a sum of encodings taken modulo 2**word_bits:
+        # decoding it would be silently wrong, and a str array made numpy raise from inside)
+        if summed.dtype != word_dtype(self.word_bits):
+            raise ValueError(f"summed must hold {self.word_bits}-bit unsigned words, got dtype "
+                             f"{summed.dtype}")
         values = summed.astype(np.float64)
         weighted = values[:-1] / self.update_scale - n_summed * self.update_range
         return weighted, float(values[-1] / self.weight_scale)

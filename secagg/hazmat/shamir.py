@@ -19,6 +19,10 @@ PRIME = 2**521 - 1  # a Mersenne prime
 SHARE_BYTES = (PRIME.bit_length() + 7) // 8  # 66
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_xs(xs: Iterable[int]) -> list[int]:
     out = list(xs)
     # defence: hazmat.shamir.distinct-xs
@@ -37,6 +41,11 @@ def _check_xs(xs: Iterable[int]) -> list[int]:
 def split(secret: int, threshold: int, xs: Sequence[int]) -> dict[int, int]:
     """Shares ``{x: f(x)}`` of a random degree ``threshold - 1`` polynomial with f(0) = secret."""
     xs = _check_xs(xs)
+    # defence: hazmat.shamir.split-ints
+    # (a float secret made float "shares" that reconstruct nothing; a str one a deep TypeError)
+    if not (_is_int(secret) and _is_int(threshold)):
+        raise ValueError(f"secret and threshold must be ints, got {type(secret).__name__} and "
+                         f"{type(threshold).__name__}")
     # defence: hazmat.shamir.secret-in-field
     if not 0 <= secret < PRIME:
         raise ValueError("secret must be a field element")
@@ -73,6 +82,10 @@ def reconstruct(shares: Mapping[int, int], threshold: int) -> int:
     # defence: hazmat.shamir.reconstruct-threshold-positive
     if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 1:
         raise ValueError(f"threshold must be a positive int, got {threshold!r}")
+    # defence: hazmat.shamir.reconstruct-takes-a-mapping
+    # (a list of (x, y) pairs raised IndexError from inside; items() was read as x-coordinates)
+    if not isinstance(shares, Mapping):
+        raise ValueError(f"shares must be a mapping of x to y, got {type(shares).__name__}")
     # defence: hazmat.shamir.enough-shares
     if len(shares) < threshold:
         raise ValueError(f"need {threshold} shares, got {len(shares)}")
@@ -91,13 +104,18 @@ def secret_from_bytes(raw: bytes) -> int:
 
 def secret_to_bytes(secret: int, length: int) -> bytes:
     """Inverse of :func:`secret_from_bytes`; a value too large means a failed reconstruction."""
-    # defence: hazmat.shamir.secret-fits
-    if secret >= 1 << (8 * length):
+    # defence: hazmat.shamir.secret-fits, hazmat.shamir.secret-to-bytes-ints
+    if not (_is_int(secret) and _is_int(length) and length >= 0
+            and 0 <= secret < 1 << (8 * length)):
         raise ValueError("reconstructed value does not fit the secret's length")
     return secret.to_bytes(length, "big")
 
 
 def share_to_bytes(y: int) -> bytes:
+    # defence: hazmat.shamir.share-to-bytes-in-field
+    # (PRIME itself fits in 66 bytes: its encoding would be refused by the receiver)
+    if not (_is_int(y) and 0 <= y < PRIME):
+        raise ValueError("share is not a field element")
     return y.to_bytes(SHARE_BYTES, "big")
 
 

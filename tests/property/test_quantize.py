@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -116,13 +118,44 @@ def test_two_encodings_of_the_same_update_round_differently() -> None:
     ({"clip": 1e-320}, "clip \\* max_weight"),
     ({"clip": 1e-300, "max_weight": 1e-10}, "clip \\* max_weight"),
     ({"clip": 1e-296}, "clip \\* max_weight"),  # the range is normal, encode's factor is not
+    ({"clip": "1"}, "clip must be a real number, got str"),
+    ({"clip": None}, "clip must be a real number, got NoneType"),
+    ({"clip": True}, "clip must be a real number, got bool"),
+    ({"max_weight": 1j}, "max_weight must be a real number, got complex"),
+    ({"word_bits": 32.0}, "word_bits must be the int 32 or 64"),
+    ({"word_bits": "32"}, "word_bits must be the int 32 or 64"),
 ], ids=["clip-inf", "clip-nan", "clip-negative", "max_weight-0", "max_weight-inf",
         "max_sites-0", "max_sites-fraction", "range-overflows", "clip-subnormal",
-        "range-subnormal", "encode-factor-overflows"])
+        "range-subnormal", "encode-factor-overflows", "clip-str", "clip-none", "clip-bool",
+        "max_weight-complex", "word_bits-float", "word_bits-str"])
 def test_refuses_unsafe_parameters_naming_them(kwargs: dict[str, float], match: str) -> None:
     params = {"clip": 1.0, "max_weight": 1.0, "max_sites": 3, **kwargs}
     with pytest.raises(ValueError, match=match):
         Quantizer(**params)  # type: ignore[arg-type]
+
+
+def test_other_real_numbers_are_taken_as_floats() -> None:
+    q = Quantizer(clip=Fraction(1, 2), max_weight=np.float32(2.0), max_sites=np.int64(3))
+    assert (type(q.clip), type(q.max_weight)) == (float, float)
+    assert (q.clip, q.max_weight) == (0.5, 2.0)
+
+
+def test_decoding_takes_an_int_count_and_the_word_dtype() -> None:
+    """1.5 sites decoded to a silently wrong sum, and so did a float or wider array; a str
+    array raised from inside numpy."""
+    q = Quantizer(clip=1.0, max_weight=1.0, max_sites=3)
+    summed = q.encode(np.zeros(4), 1.0)
+    for n in (1.5, "1", None, True):
+        with pytest.raises(ValueError, match="n_summed must be an int"):
+            q.decode_sum(summed, n)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="n_summed must be an int"):
+            q.error_bound(n)  # type: ignore[arg-type]
+    for bad in (summed.astype(np.float64), summed.astype(np.int64), summed.astype(np.uint64),
+                np.array(["a", "b"])):
+        with pytest.raises(ValueError, match="summed must hold 32-bit unsigned words"):
+            q.decode_sum(bad, 1)
+    _, weight = q.decode_sum(summed, np.int64(1))
+    assert weight == pytest.approx(1.0, abs=q.error_bound(1)[1])
 
 
 def test_decoding_more_sites_than_configured_is_refused() -> None:

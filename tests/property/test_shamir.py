@@ -107,3 +107,30 @@ def test_reconstructed_value_too_large_for_the_secret_is_refused() -> None:
     with pytest.raises(ValueError, match="does not fit"):
         shamir.secret_to_bytes(1 << 256, 32)
     assert shamir.secret_to_bytes((1 << 256) - 1, 32) == b"\xff" * 32
+
+
+def test_split_takes_only_int_secret_and_threshold() -> None:
+    """A float secret made float "shares" that reconstructed nothing; a str one, or a
+    non-int threshold, raised TypeError from inside the polynomial arithmetic."""
+    for secret, threshold in ((5.0, 2), ("5", 2), (True, 2), (5, 2.0), (5, "2"), (5, True)):
+        with pytest.raises(ValueError, match="secret and threshold must be ints"):
+            shamir.split(secret, threshold, [1, 2, 3])  # type: ignore[arg-type]
+    assert shamir.reconstruct(shamir.split(5, 2, [1, 2, 3]), 2) == 5
+
+
+def test_reconstruct_takes_only_a_mapping() -> None:
+    shares = shamir.split(5, 2, [1, 2, 3])
+    for bad in (list(shares.items()), shares.items(), None, [1, 2, 3]):
+        with pytest.raises(ValueError, match="shares must be a mapping"):
+            shamir.reconstruct(bad, 2)  # type: ignore[arg-type]
+
+
+def test_encoders_refuse_values_outside_their_range() -> None:
+    # PRIME fits in 66 bytes, but its encoding is not a share: refuse it where it is made
+    for y in (shamir.PRIME, -1, 1.0):
+        with pytest.raises(ValueError, match="not a field element"):
+            shamir.share_to_bytes(y)  # type: ignore[arg-type]
+    for secret in (-1, 1.0, True):
+        with pytest.raises(ValueError, match="does not fit"):
+            shamir.secret_to_bytes(secret, 32)  # type: ignore[arg-type]
+    assert shamir.share_to_bytes(shamir.PRIME - 1) == (shamir.PRIME - 1).to_bytes(66, "big")
