@@ -5,6 +5,7 @@ Errors name the parameter and never echo values of the update itself.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 
 import numpy as np
@@ -23,14 +24,27 @@ def check_update(update: object, weight: object, *, max_weight: float,
     if length is not None and arr.shape[0] != length:
         raise ValueError(f"update must have shape ({length},), got {arr.shape}")
     # defence: inputs.numeric-update
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+    # (by dtype kind: numpy counts timedelta64 as an integer type, and it failed mid-round)
+    if arr.dtype.kind not in "fiu":
         raise TypeError(f"update must be numeric, got dtype {arr.dtype}")
     # defence: inputs.finite-update
     if not np.all(np.isfinite(arr)):
         raise ValueError("update contains NaN or infinity")
+    # defence: inputs.update-as-float64
+    # Every role works in float64 from here. Kept as float16 or float32, numpy computed the
+    # quantiser's products in that type: float16 overflowed to inf (a silently wrong
+    # average), float32 lost precision beyond the documented error bound. A longdouble
+    # beyond float64's range becomes +-inf, which the clip takes to +-clip like any value
+    # beyond it.
+    with np.errstate(over="ignore"):
+        arr = np.asarray(arr, dtype=np.float64)
+    # defence: inputs.weight-is-a-real-number
+    # (float() also took the str "0.5" and True)
+    if not isinstance(weight, numbers.Real) or isinstance(weight, bool | np.bool_):
+        raise TypeError(f"weight must be a number, got {type(weight).__name__}")
     try:
-        w = float(weight)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+        w = float(weight)
+    except (TypeError, ValueError, OverflowError):
         raise TypeError(f"weight must be a number, got {type(weight).__name__}") from None
     # defence: inputs.weight-positive, inputs.weight-bounded
     if not (np.isfinite(w) and 0 < w <= max_weight):

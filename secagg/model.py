@@ -88,6 +88,42 @@ def _flush_subnormals(values: np.ndarray, spec: tuple[TensorSpec, ...]) -> None:
             np.copysign(0.0, part, out=part, where=tiny[:n])  # zeros stay as they are
 
 
+def _int_bounds(dtype: np.dtype) -> tuple[int, int]:
+    """The integers a model's integer tensor of ``dtype`` holds: its range, within +-2**53
+    for the 64-bit ones (a float64 carries them exactly; from_arrays refuses the rest)."""
+    iinfo = np.iinfo(dtype)
+    return max(int(iinfo.min), -_EXACT_INT), min(int(iinfo.max), _EXACT_INT)
+
+
+def _check_held_exactly(values: np.ndarray, spec: tuple[TensorSpec, ...]) -> None:
+    """Every value is one its tensor holds exactly, so that the model's values and digest are
+    those of the tensors ``to_arrays`` gives. Built directly or read off the wire, 300 in an
+    int8 tensor came back as 44, 2.5 in an integer tensor as 2, 7 in a bool one as True and
+    0.1 in a float32 one as 0.1000000015: each under the digest of values no site holds."""
+    pos = 0
+    for t in spec:
+        chunk = values[pos:pos + t.size]
+        pos += t.size
+        dtype = np.dtype(t.dtype)
+        if not chunk.size or dtype == _F8:
+            continue
+        # defence: model.values-held-exactly
+        if dtype.kind == "b":
+            held = bool(np.all((chunk == 0.0) | (chunk == 1.0)))
+        elif dtype.kind in "iu":
+            low, high = _int_bounds(dtype)
+            held = bool(np.all(np.rint(chunk) == chunk)) and low <= chunk.min() and (
+                chunk.max() <= high)
+        else:  # float16/float32: the value survives the round trip through its dtype
+            with np.errstate(over="ignore"):
+                held = bool(np.array_equal(chunk.astype(dtype).astype(np.float64), chunk))
+            if held and dtype == _F4:  # and float32 subnormals are flushed (_flush_subnormals)
+                held = not np.any((chunk != 0.0) & (np.abs(chunk) < float(np.finfo(_F4).tiny)))
+        if not held:
+            raise ConfigurationError(f"tensor {t.name[:64]!r} holds values its dtype "
+                                     f"{t.dtype} cannot hold exactly")
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One tensor of a model. Checked when made, whoever made it (a spec comes from the
@@ -100,6 +136,16 @@ class TensorSpec:
     dtype: str
 
     def __post_init__(self) -> None:
+        # defence: model.spec-field-types
+        # (a name of None made a spec whose digest raised TypeError; an int name with a bad
+        # dtype raised from inside the error message; True passed as a dim of 1)
+        if not isinstance(self.name, str) or not isinstance(self.dtype, str) or not (
+                isinstance(self.shape, tuple)
+                and all(type(d) is int for d in self.shape)):  # (no bool, no float)
+            raise ConfigurationError(
+                f"a tensor spec is a str name, a tuple of int dims and a str dtype; got "
+                f"{type(self.name).__name__}, {type(self.shape).__name__} and "
+                f"{type(self.dtype).__name__}")
         # defence: model.spec-checked
         if self.dtype not in SUPPORTED_DTYPES:
             raise ConfigurationError(f"tensor {self.name[:64]!r} has unsupported dtype "
@@ -129,6 +175,7 @@ class FlatModel:
         # defence: model.values-finite
         if not np.all(np.isfinite(values)):
             raise ConfigurationError("model values contain NaN or infinity")
+        _check_held_exactly(values, self.spec)
         object.__setattr__(self, "values", values)
 
     @property
@@ -144,8 +191,17 @@ class FlatModel:
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, object]) -> FlatModel:
         """From named arrays (numpy arrays, or anything ``np.asarray`` takes), in order."""
+        # defence: model.from-arrays-takes-a-mapping
+        if not isinstance(arrays, Mapping):
+            raise ConfigurationError(f"a model is a mapping of names to arrays; got "
+                                     f"{type(arrays).__name__}")
         spec, parts = [], []
         for name, value in arrays.items():
+            # defence: model.no-masked-arrays
+            # (np.asarray takes a masked array's hidden values as they are, silently)
+            if isinstance(value, np.ma.MaskedArray):
+                raise ConfigurationError(f"tensor {str(name)[:64]!r} is a masked array: fill "
+                                         f"it first (.filled())")
             try:
                 arr = np.asarray(value)
             except (TypeError, ValueError):  # e.g. a torch bfloat16 tensor: numpy has no such dtype
@@ -195,6 +251,10 @@ class FlatModel:
         """Whether ``values`` (in this spec's layout) fit every tensor's dtype: finite, and in
         its range (a float32 tensor's values within +-3.4e38, an int8's within [-128, 127]
         once rounded), so that every site can hold the model they make."""
+        # defence: model.representable-numeric-vector
+        # (a list raised AttributeError, a str or object array TypeError from inside numpy)
+        if not isinstance(values, np.ndarray) or values.dtype.kind not in "fiu":
+            return False
         if values.shape != (self.size,) or not np.all(np.isfinite(values)):
             return False
         pos = 0
@@ -213,8 +273,7 @@ class FlatModel:
             # (64-bit integers within +-2**53, as from_arrays takes them: a float64 carries
             # them exactly, and every site can submit against the model)
             # defence: model.representable-int64-within-float64
-            iinfo = np.iinfo(dtype)
-            low, high = max(int(iinfo.min), -_EXACT_INT), min(int(iinfo.max), _EXACT_INT)
+            low, high = _int_bounds(dtype)
             if int(np.rint(chunk.min())) < low or int(np.rint(chunk.max())) > high:
                 return False
         return True
@@ -222,10 +281,19 @@ class FlatModel:
     def with_values(self, values: np.ndarray) -> FlatModel:
         """The same spec with new values, each rounded to what its tensor holds: integer
         tensors' to integers, float16/float32 tensors' to their dtype (call ``representable``
-        first: a value out of a tensor's range would round to infinity and be refused)."""
+        first: a value out of a tensor's range is refused, a ConfigurationError)."""
+        # defence: model.with-values-checked
+        # (a wrong length raised IndexError, a 2-D array a broadcast error, from inside numpy)
+        if not (isinstance(values, np.ndarray) and values.dtype.kind in "fiu"
+                and values.shape == (self.size,)):
+            raise ConfigurationError(f"values must be a numeric vector of the model's "
+                                     f"{self.size} values")
         values = np.array(values, dtype=np.float64)
         mask = self.integer_positions
-        values[mask] = np.rint(values[mask])
+        # + 0.0: an integer tensor holds no -0.0 (rint(-1e-9) is -0.0, under another digest
+        # than the 0 the sites' tensors hold)
+        # defence: model.integers-have-no-negative-zero
+        values[mask] = np.rint(values[mask]) + 0.0
         # a bool tensor's value is what the sites make of it (any nonzero value is True): 0
         # or 1, so the model's values and digest are those of the tensors the sites hold
         # defence: model.bools-are-0-or-1

@@ -6,12 +6,16 @@ the compact form loses nothing: the digest (over float64 values) is the same on 
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secagg.model import FlatModel
+from secagg import wire
+from secagg.errors import ConfigurationError, InvalidMessage
+from secagg.model import FlatModel, TensorSpec
 
 
 def _mixed() -> FlatModel:
@@ -187,3 +191,72 @@ def test_a_published_64_bit_integer_stays_within_what_a_site_can_submit() -> Non
     assert model.representable(np.array([2.0**53]))
     assert not model.representable(np.array([2.0**53 + 2]))
     assert not model.representable(np.array([-(2.0**53) - 2]))
+
+
+@pytest.mark.parametrize(("dtype", "value"), [
+    ("int8", 300.0), ("int8", -129.0), ("uint64", -1.0), ("int64", 2.0**63), ("int32", 2.5),
+    ("bool", 7.0), ("bool", -1e300), ("float32", 0.1), ("float32", 1e-40), ("float16", 0.1)],
+    ids=["int8-300", "int8-neg", "uint64-neg", "int64-2**63", "int-fraction", "bool-7",
+         "bool-huge", "float32-not-f32", "float32-subnormal", "float16-not-f16"])
+def test_a_model_holds_only_values_its_tensors_hold_exactly(dtype: str, value: float) -> None:
+    """Built directly, published by with_values or read off the wire, a value a tensor cannot
+    hold (300 in int8 came back as 44, 2.5 in an integer tensor as 2, 7 in a bool as True)
+    would sit under the digest of values no site's tensors have."""
+    spec = FlatModel.from_arrays({"t": np.zeros(2, dtype)}).spec
+    values = np.array([0.0, value])
+    with pytest.raises(ConfigurationError, match=r"holds values its dtype .* cannot hold"):
+        FlatModel(spec, values)
+    data = values.tobytes()  # the all-float64 form: what a lying aggregator can send
+    proto = wire.model_to_proto(FlatModel(spec, np.zeros(2)),
+                                wire.Blob((hashlib.sha256(data).digest(),), len(data)))
+    with pytest.raises(InvalidMessage, match="model"):
+        wire.model_from_proto(proto, data)
+    if dtype.startswith(("int", "uint")) and value != 2.5:  # out of range: refused, not wrapped
+        with pytest.raises(ConfigurationError, match="cannot hold"):
+            FlatModel(spec, np.zeros(2)).with_values(values)
+    held = FlatModel(spec, np.zeros(2)).with_values(np.array([0.0, 1.0]))
+    assert FlatModel(spec, held.values).digest == held.digest  # what with_values makes is held
+
+
+def test_a_published_integer_at_zero_is_a_positive_zero() -> None:
+    """rint(-1e-9) is -0.0: published so, its digest was not that of the 0 the sites hold,
+    and a site rebuilding the model from its tensors (or an .npz) found another digest."""
+    model = FlatModel.from_arrays({"counter": np.zeros(3, np.int64), "w": np.zeros(2)})
+    new = model.with_values(np.array([-1e-9, -0.3, 0.0, -0.0, 1.0]))
+    assert not np.any(np.signbit(new.values[:3]))
+    assert np.signbit(new.values[3])  # a float tensor keeps its -0.0: the sites hold it
+    assert FlatModel.from_arrays(new.to_arrays()).digest == new.digest
+
+
+@pytest.mark.parametrize("bad", [np.zeros(3), np.zeros((2, 3)), [0.0] * 6,
+                                 np.array(["a"] * 6), np.zeros(6, dtype=object)],
+                         ids=["short", "2d", "list", "str", "object"])
+def test_with_values_and_representable_take_only_a_numeric_vector(bad: object) -> None:
+    model = FlatModel.from_arrays({"w": np.zeros(6)})
+    with pytest.raises(ConfigurationError, match="numeric vector of the model's 6 values"):
+        model.with_values(bad)  # type: ignore[arg-type]
+    assert model.representable(bad) is False  # type: ignore[arg-type]
+    assert model.representable(np.zeros(6, np.int64)) is True
+
+
+@pytest.mark.parametrize("bad", [None, [("w", np.zeros(2))], "w"], ids=["none", "pairs", "str"])
+def test_from_arrays_takes_only_a_mapping(bad: object) -> None:
+    with pytest.raises(ConfigurationError, match="a model is a mapping of names to arrays"):
+        FlatModel.from_arrays(bad)  # type: ignore[arg-type]
+
+
+def test_a_masked_array_is_refused_rather_than_its_hidden_values_taken() -> None:
+    masked = np.ma.MaskedArray([1.0, 99.0], mask=[False, True])
+    with pytest.raises(ConfigurationError, match="masked array: fill it first"):
+        FlatModel.from_arrays({"w": masked})
+    assert FlatModel.from_arrays({"w": masked.filled(0.0)}).values.tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize(("name", "shape", "dtype"), [
+    (None, (1,), "float32"), (5, (1,), "nope"), ("x", (True,), "float32"),
+    ("x", (2.0,), "float32"), ("x", [2], "float32"), ("x", (2,), np.float32)],
+    ids=["name-none", "name-int", "dim-bool", "dim-float", "shape-list", "dtype-type"])
+def test_a_tensor_spec_of_the_wrong_types_is_refused(name: object, shape: object,
+                                                     dtype: object) -> None:
+    with pytest.raises(ConfigurationError, match="a tensor spec is a str name"):
+        TensorSpec(name, shape, dtype)  # type: ignore[arg-type]
