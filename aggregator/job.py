@@ -34,7 +34,8 @@ from aggregator.store import BlobRef, Event, Store, StoreError, split_chunks
 from secagg import wire
 from secagg.ckks import CkksServer, CkksStage, PublicContext, _seal
 from secagg.ckks.keys import public_context_length
-from secagg.ckks.presets import FLOOD_FACTOR, get_preset
+from secagg.ckks.presets import get_preset
+from secagg.ckks.release import check_released_norm, least_l2_weight_sum
 from secagg.errors import (
     AbortReason,
     ConfigurationError,
@@ -192,6 +193,8 @@ class Job:
         if initial_model.size > config.limits.max_vector_length:
             raise ConfigurationError(f"the model has {initial_model.size} values, [limits] "
                                      f"max_vector_length is {config.limits.max_vector_length}")
+        if config.protocol == "ckks":
+            _check_releasable(config, len(roster), initial_model)
         self.config = config
         self.roster = roster
         self.store = store
@@ -699,11 +702,22 @@ class Job:
             # signature beside the result, so every site can check the result with the roster
             # alone (a release this aggregator would apply otherwise is refused now: the same
             # [job] server_learning_rate is the usual reason)
+            # A release the L2 check refuses comes unsigned (the key holder makes the check
+            # too, where a lying aggregator cannot skip it): taken unsigned, for the close to
+            # abort the round as out of range; it is never published.
+            try:
+                self._check_released_norm(active, released.average, len(released.sites),
+                                          released.weight_sum)
+            except ProtocolAbort:
+                signed = False
+            else:
+                signed = True
             # defence: service.release-signs-the-result
             try:
-                wire.verify_result(self.roster[site], ref_r.result_signature,
-                                   round_id=view.round_id, model_digest=view.model.digest,
-                                   result_digest=new.digest)
+                if signed:
+                    wire.verify_result(self.roster[site], ref_r.result_signature,
+                                       round_id=view.round_id, model_digest=view.model.digest,
+                                       result_digest=new.digest)
             except InvalidMessage:
                 raise ServiceError(INVALID_ARGUMENT, "the release's result signature does not "
                                    "sign the model this aggregator makes of the average (does "
@@ -815,27 +829,13 @@ class Job:
 
     def _check_released_norm(self, active: _Active, average: np.ndarray, sites: int,
                              weight_sum: float) -> None:
-        """The L2 check of _check_clip_norm for a CKKS release: the key holder checks each
-        element only, and one site past the SDK's clip moved the model by L2 9.0 with
-        clip_norm 1. The released vector is the sum (within ``clip_norm * W`` of zero for its
-        learned values) plus CKKS's error (``bound`` an element), the flooding noise
-        (Gaussian, sigma = FLOOD_FACTOR * bound: its norm is below sigma * (sqrt(d) + 12)
-        but with probability e**-72) and the rounding to ``grid``; the weight sum W carries
-        the same per-element terms."""
-        # defence: service.released-average-within-the-clip-norm
-        params = active.ckks_config.preset_params
-        bound = params.noise_bound(sites)
-        grid = 2.0 ** math.ceil(math.log2(bound))
-        sigma, tail = FLOOD_FACTOR * bound, 12.0
-        per_element = bound + grid / 2
+        """The L2 check of _check_clip_norm for a CKKS release (secagg.ckks.release.
+        check_released_norm): the key holder checks each element only, and one site past the
+        SDK's clip moved the model by L2 9.0 with clip_norm 1; and a weight sum too small for
+        the flooding noise made an average of noise (L2 22 for clip_norm 1), published."""
         length, d = _learned_norm(active.view.model, average)
-        root = math.sqrt(d)
-        norm = abs(weight_sum) * length
-        limit = (self.config.clip_norm * (weight_sum + tail * sigma + per_element) * (1 + 1e-9)
-                 + root * per_element + sigma * (root + tail))
-        if not norm <= limit:
-            raise ProtocolAbort(AbortReason.AGGREGATE_OUT_OF_RANGE,
-                                "the released average is longer than clipped inputs can make")
+        check_released_norm(active.ckks_config.preset_params, sites, self.config.clip_norm,
+                            weight_sum, length, d)
 
     def _complete(self, active: _Active, average: np.ndarray, survivors: tuple[int, ...],
                   release_blob: wire.Blob | None, weight_sum: float) -> None:
@@ -876,11 +876,12 @@ class Job:
             raise ServiceError(INVALID_ARGUMENT, "the average does not fit the model")
         with np.errstate(over="ignore", invalid="ignore"):
             values = view.model.values + self.config.server_learning_rate * average
-        # defence: service.model.representable
-        if not view.model.representable(values):
+        # (with_values refuses what representable refuses: model.with-values-representable)
+        try:
+            return view.model.with_values(values)
+        except ConfigurationError:
             raise ServiceError(INVALID_ARGUMENT, "the average would take the model out of "
-                                                 "its tensors' range")
-        return view.model.with_values(values)
+                                                 "its tensors' range") from None
 
     def _check_clip_norm(self, model: FlatModel, weighted_sum: np.ndarray, weight_sum: float,
                          error: tuple[float, float]) -> None:
@@ -1008,6 +1009,23 @@ class Job:
         if self.active is not None:
             self.active.claims.extend(blob.chunk_ids)
         return data
+
+
+def _check_releasable(config: FederationConfig, sites: int, model: FlatModel) -> None:
+    """A CKKS job some round of which could be released: the L2 check of a release refuses a
+    weight sum below least_l2_weight_sum (the noise over it above a tenth of clip_norm); if
+    every site at full weight (max_samples samples: weight 1) is below it, every round would
+    be spent and refused, which only shows once the sites have trained and encrypted."""
+    learned = int(np.count_nonzero(~model.integer_positions))
+    least = least_l2_weight_sum(get_preset(config.preset), sites, config.clip_norm, learned)
+    # defence: service.start-ckks-releasable
+    if not sites * 1.0 >= least:
+        raise ConfigurationError(
+            f"no CKKS round of this job could be released: at {learned} learned values and "
+            f"[update] clip_norm {config.clip_norm:g}, the release noise of preset "
+            f"{config.preset!r} stays under a tenth of clip_norm only for a weight sum of "
+            f"{least:.3g} or more, and {sites} sites at full weight sum to {sites}; raise "
+            "clip_norm, or use more sites or a preset with less noise")
 
 
 def _learned_norm(model: FlatModel, values: np.ndarray) -> tuple[float, int]:

@@ -39,8 +39,9 @@ from clients.transport import Connection, Progress
 from secagg import wire
 from secagg.ckks import CkksClient, KeyHolder, PublicContext, Release, _seal
 from secagg.ckks.keys import public_context_length
+from secagg.ckks.release import check_released_norm
 from secagg.ckks.round import CkksStage
-from secagg.errors import ConfigurationError, InvalidMessage, SecAggError
+from secagg.errors import ConfigurationError, InvalidMessage, ProtocolAbort, SecAggError
 from secagg.federation.kit import SiteKit
 from secagg.masking import MaskingClient, Stage
 from secagg.masking.messages import MaskedInput
@@ -367,6 +368,29 @@ class Site:
         data = self._conn.download(wire.Blob.from_proto(p.data), progress=self._progress,
                                    what=what, max_size=max(FlatModel.encoded_sizes(spec)))
         return wire.model_from_proto(p, data)
+
+    def _signable_result(self, model: FlatModel, released: Any, params: Any,
+                         round_id: str) -> FlatModel | None:
+        """The model a CKKS release (this key holder's) makes, if this site signs it: None
+        for a release the aggregator's L2 check refuses (longer than the clip allows, or
+        mostly noise: secagg.ckks.release.check_released_norm), checked here where a lying
+        aggregator cannot skip it, or for one that takes a value out of its tensor's range
+        (no honest release makes either)."""
+        counters = model.integer_positions
+        average = np.asarray(released.average, dtype=np.float64)
+        learned = average[~counters] if counters.any() else average
+        try:
+            # defence: sdk.key-holder-checks-the-released-norm
+            check_released_norm(params, len(released.sites), self.config.clip_norm,
+                                released.weight_sum, float(np.sqrt(np.dot(learned, learned))),
+                                int(learned.size))
+            return self._result_of(model, average)
+        except ProtocolAbort as e:
+            _log.warning("round %s: this key holder does not sign the round's result: %s",
+                         round_id, e)
+        except (ValueError, ConfigurationError):
+            pass
+        return None
 
     def _result_of(self, model: FlatModel, average: np.ndarray) -> FlatModel:
         """The model a round's average makes, as the aggregator makes it (Job._next_model)."""
@@ -757,11 +781,9 @@ class Round:
         self._released = np.asarray(released.average, dtype=np.float64)
         # the model this release makes, signed: the other sites take only a result this
         # site signed (_accept_result), and this site only the one it computed
-        try:
-            result = self._site._result_of(self.model, self._released)
-        except (ValueError, ConfigurationError):
-            # no model (a value beyond its tensor's range: no honest release makes one);
-            # sent unsigned, for the aggregator to refuse as it refuses any such release
+        result = self._site._signable_result(self.model, released, config.preset_params,
+                                             self.round_id)
+        if result is None:  # sent unsigned, for the aggregator to refuse
             signature = b""
         else:
             signature = self._site.kit.identity.sign(wire.result_signed_bytes(

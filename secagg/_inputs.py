@@ -5,6 +5,7 @@ Errors name the parameter and never echo values of the update itself.
 
 from __future__ import annotations
 
+import decimal
 import numbers
 from collections.abc import Mapping
 
@@ -40,12 +41,13 @@ def check_update(update: object, weight: object, *, max_weight: float,
         arr = np.asarray(arr, dtype=np.float64)
     # defence: inputs.weight-is-a-real-number
     # (float() also took the str "0.5" and True)
-    if not isinstance(weight, numbers.Real) or isinstance(weight, bool | np.bool_):
+    if not isinstance(weight, numbers.Real | decimal.Decimal) or isinstance(
+            weight, bool | np.bool_):
         raise TypeError(f"weight must be a number, got {type(weight).__name__}")
     try:
         w = float(weight)
-    except (TypeError, ValueError, OverflowError):
-        raise TypeError(f"weight must be a number, got {type(weight).__name__}") from None
+    except OverflowError:
+        raise ValueError("weight is beyond the float range") from None
     # defence: inputs.weight-positive, inputs.weight-bounded
     if not (np.isfinite(w) and 0 < w <= max_weight):
         # The weight (a site's sample count) is not echoed: errors reach logs.

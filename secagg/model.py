@@ -119,6 +119,9 @@ def _check_held_exactly(values: np.ndarray, spec: tuple[TensorSpec, ...]) -> Non
                 held = bool(np.array_equal(chunk.astype(dtype).astype(np.float64), chunk))
             if held and dtype == _F4:  # and float32 subnormals are flushed (_flush_subnormals)
                 held = not np.any((chunk != 0.0) & (np.abs(chunk) < float(np.finfo(_F4).tiny)))
+        # defence: model.integers-hold-no-negative-zero
+        if dtype.kind in "biu" and held:  # and the zero they hold is +0.0 (with_values)
+            held = not np.any(np.signbit(chunk) & (chunk == 0.0))
         if not held:
             raise ConfigurationError(f"tensor {t.name[:64]!r} holds values its dtype "
                                      f"{t.dtype} cannot hold exactly")
@@ -280,14 +283,21 @@ class FlatModel:
 
     def with_values(self, values: np.ndarray) -> FlatModel:
         """The same spec with new values, each rounded to what its tensor holds: integer
-        tensors' to integers, float16/float32 tensors' to their dtype (call ``representable``
-        first: a value out of a tensor's range is refused, a ConfigurationError)."""
+        tensors' to integers, float16/float32 tensors' to their dtype. What ``representable``
+        refuses (a value out of its tensor's range, NaN, infinity) is a ConfigurationError."""
         # defence: model.with-values-checked
         # (a wrong length raised IndexError, a 2-D array a broadcast error, from inside numpy)
         if not (isinstance(values, np.ndarray) and values.dtype.kind in "fiu"
                 and values.shape == (self.size,)):
             raise ConfigurationError(f"values must be a numeric vector of the model's "
                                      f"{self.size} values")
+        # defence: model.with-values-representable
+        # (what representable refuses, with_values refuses too: NaN in a bool tensor became
+        # True, and a float16 value in (65504, 65520) was rounded down to 65504, so a key
+        # holder signed a result the aggregator then refused)
+        if not self.representable(values):
+            raise ConfigurationError("the values hold NaN or infinity, or a value beyond its "
+                                     "tensor's range")
         values = np.array(values, dtype=np.float64)
         mask = self.integer_positions
         # + 0.0: an integer tensor holds no -0.0 (rint(-1e-9) is -0.0, under another digest

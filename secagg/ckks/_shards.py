@@ -108,8 +108,8 @@ class ShardState:
         """Decrypt this shard's own sum (its first slot is slot ``offset`` of the round's
         layout: ``n`` elements, then the weight sum, then padding) and check that every slot
         is one an honest round produces: imaginary parts and padding within the noise bound,
-        elements within ``max_element`` and the weight sum within ``(0, max_weight]`` (each
-        plus the bound). The real parts to release are kept for :meth:`flood`."""
+        elements within ``max_element`` and the weight sum at most ``max_weight`` (each plus
+        the bound). The real parts to release are kept for :meth:`flood`."""
         values = self.decrypt().reshape(-1)
         self._released = None
         elements = values.real[:max(0, min(values.size, n - offset))]
@@ -123,8 +123,10 @@ class ShardState:
             and (padding.size == 0 or float(np.max(np.abs(padding))) <= bound)
             # defence: ckks.release.range-elements
             and (elements.size == 0 or float(np.max(np.abs(elements))) <= max_element + bound)
-            # defence: ckks.release.range-weight-sum, ckks.release.range-weight-sum-positive
-            and (weight is None or 0.0 < weight <= max_weight + bound)
+            # (a weight sum too small, or not positive, is refused once flooded: the release's
+            # noise floor, which implies it is positive, in secagg.ckks.release)
+            # defence: ckks.release.range-weight-sum
+            and (weight is None or weight <= max_weight + bound)
         )
         if ok:
             self._released = values.real[:max(0, min(values.size, n + 1 - offset))].copy()

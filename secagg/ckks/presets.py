@@ -26,6 +26,11 @@ MAX_LOG_Q_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 88
 # secagg/ckks/release.py for what that buys.
 # defence: ckks.presets.flooding-far-above-decryption-noise
 FLOOD_FACTOR = 64.0
+TAIL = 12.0  # a flooding draw beyond TAIL sigma: probability below 4e-33 a value
+# The most noise a released average may carry, as a share of the clip and of the weight sum:
+# below, the weight sum is too small for the release to be anything but noise (and one site's
+# negative weight, cancelling the others', could amplify the sum past the clip through it)
+MAX_NOISE_SHARE = 0.1
 MIN_PRIME_BITS = 20
 MAX_PRIME_BITS = 60  # SEAL's limit for one prime
 ERROR_STDDEV = 3.2  # SEAL's noise standard deviation (seal/util/globals.h: 3.2)
@@ -110,3 +115,20 @@ def get_preset(name: str) -> Preset:
     except KeyError:
         raise ConfigurationError(
             f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
+
+
+def release_noise(params: Preset, sites: int) -> tuple[float, float]:
+    """(sigma of a release's flooding noise, per-value CKKS error plus the rounding to the
+    release's grid) for a sum of ``sites`` uploads."""
+    bound = params.noise_bound(sites)
+    grid = 2.0 ** math.ceil(math.log2(bound))
+    return FLOOD_FACTOR * bound, bound + grid / 2
+
+
+def least_weight_sum(params: Preset, sites: int, clip: float) -> float:
+    """The least weight sum whose release the key holder takes: the per-value noise (a
+    TAIL-sigma flooding draw, CKKS's error, the rounding) at most MAX_NOISE_SHARE of ``clip``
+    times it in each element, and of the weight sum itself (so that it is positive)."""
+    sigma, per_value = release_noise(params, sites)
+    # defence: ckks.release.weight-sum-noise-held-to-the-weight-sum
+    return (TAIL * sigma + per_value) / (MAX_NOISE_SHARE * min(clip, 1.0))

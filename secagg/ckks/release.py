@@ -11,12 +11,14 @@ decryption is c * s. So a key holder never decrypts what it is handed. :class:`R
    (a mismatch is AGGREGATE_MISMATCH: the aggregator lied or erred);
 3. decrypts its own sum, and refuses to release unless every value is one an honest round can
    produce: imaginary parts and padding slots within the noise bound B, weighted elements
-   within ``sites * clip * max_weight`` and the weight sum within ``(0, sites * max_weight]``
+   within ``sites * clip * max_weight`` and the weight sum at most ``sites * max_weight``
    (each plus B);
 4. adds Gaussian flooding noise of standard deviation ``FLOOD_FACTOR * B`` drawn from AES-CTR
    keyed by HMAC(flood key, aggregate): deterministic, so every release of one aggregate, by
    any holder of the key, is identical and averaging releases removes nothing; then rounds to
-   a power-of-two grid at least B and divides;
+   a power-of-two grid at least B; refuses unless the noise a value carries is at most
+   ``MAX_NOISE_SHARE`` of ``clip`` times the weight sum W (so W is positive) and every
+   weighted element is within ``clip * W`` (plus that noise); and divides;
 5. records the release: one aggregate per round, at most ``max_rounds`` rounds per key.
 
 What this leaves (also in the README): a site's own upload is never checked for being a fresh
@@ -44,7 +46,14 @@ from secagg.ckks import _seal
 from secagg.ckks._flood import gaussian  # re-exported: the release's noise
 from secagg.ckks._shards import ShardedSum
 from secagg.ckks.keys import KeyHolder
-from secagg.ckks.presets import FLOOD_FACTOR
+from secagg.ckks.presets import (
+    FLOOD_FACTOR,
+    MAX_NOISE_SHARE,
+    TAIL,
+    Preset,
+    least_weight_sum,
+    release_noise,
+)
 from secagg.ckks.round import (
     CkksRoundConfig,
     EncryptedAggregate,
@@ -61,7 +70,46 @@ from secagg.errors import (
 )
 from secagg.hazmat import signing
 
-__all__ = ["Release", "decrypt_verified_sum", "gaussian", "release_average"]
+__all__ = ["MAX_NOISE_SHARE", "Release", "check_released_norm", "decrypt_verified_sum",
+           "gaussian", "least_l2_weight_sum", "release_average"]
+
+def _l2_slack(params: Preset, sites: int, clip_norm: float, learned: int) -> float:
+    sigma, per_value = release_noise(params, sites)
+    root = math.sqrt(learned)
+    return clip_norm * (TAIL * sigma + per_value) + root * per_value + sigma * (root + TAIL)
+
+
+def least_l2_weight_sum(params: Preset, sites: int, clip_norm: float, learned: int) -> float:
+    """The least weight sum whose release :func:`check_released_norm` takes."""
+    return _l2_slack(params, sites, clip_norm, learned) / (MAX_NOISE_SHARE * clip_norm)
+
+
+def check_released_norm(params: Preset, sites: int, clip_norm: float, weight_sum: float,
+                        norm: float, learned: int) -> None:
+    """The L2 check of a released average (``norm`` over its ``learned`` values, integer
+    counters aside) for one that knows the round's L2 clip, which the key holder's element
+    checks do not: the aggregator before publishing, the key holder before signing.
+
+    The released vector times the weight sum W is the sum (within ``clip_norm * W`` of zero)
+    plus CKKS's error and the grid's rounding (``e`` a value), and the flooding noise
+    (Gaussian, sigma a value: its norm is below ``sigma * (sqrt(d) + TAIL)`` but with
+    probability e**-72); W carries the same per-value terms. So an average longer than
+    ``clip_norm`` by more than that slack over W no clipped inputs make; and where the slack
+    over W is above ``MAX_NOISE_SHARE * clip_norm`` the average is mostly noise (a small
+    weight sum: the sites' weights, or a site's negative one), refused rather than applied."""
+    slack = _l2_slack(params, sites, clip_norm, learned)
+    # defence: ckks.released-norm.noise-floor
+    if not slack <= MAX_NOISE_SHARE * clip_norm * weight_sum:
+        raise ProtocolAbort(
+            AbortReason.AGGREGATE_OUT_OF_RANGE,
+            f"the weight sum is below {slack / (MAX_NOISE_SHARE * clip_norm):.3g}, the least "
+            f"for which the release noise stays under {MAX_NOISE_SHARE:g} x clip_norm: the "
+            "average would be noise; bring [update] max_samples nearer the sites' sample "
+            "counts (weights nearer 1)")
+    # defence: service.released-average-within-the-clip-norm
+    if not abs(weight_sum) * norm <= clip_norm * weight_sum * (1 + 1e-9) + slack:
+        raise ProtocolAbort(AbortReason.AGGREGATE_OUT_OF_RANGE,
+                            "the released average is longer than clipped inputs can make")
 
 
 class Release:
@@ -138,7 +186,10 @@ class Release:
             raise RefusedMessage(RefusalReason.WRONG_KEY_ID)
         if (not isinstance(aggregate.sites, tuple) or not isinstance(aggregate.chunks, tuple)
                 # defence: ckks.release.aggregate-chunks-are-bytes
-                or not all(type(c) is bytes for c in aggregate.chunks)):
+                or not all(type(c) is bytes for c in aggregate.chunks)
+                # defence: ckks.release.aggregate-sites-are-ints
+                # (numpy ints compared equal and then raised AttributeError from encode)
+                or not all(type(s) is int for s in aggregate.sites)):
             raise InvalidMessage("aggregate")
         # defence: ckks.release.min-sites
         if len(self._sites) < config.min_sites or not self._sites:
@@ -177,9 +228,32 @@ class Release:
         grid = 2.0 ** math.ceil(math.log2(bound))
         rounded = self._sum.flood(key, FLOOD_FACTOR * bound, grid)
         self._sum.stop_soon()  # the workers' part is done; close() or collection reaps them
-        # defence: ckks.release.flooded-weight-sum-positive
-        if rounded[-1] <= 0:
-            raise RefusedMessage(RefusalReason.OUT_OF_RANGE, "weight sum not positive")
+        weight, clip = float(rounded[-1]), float(config.clip)
+        sigma, per_value = release_noise(config.preset_params, sites)
+        noise = TAIL * sigma + per_value  # what a released value carries beyond the sum
+        # An average whose every value may be more noise than a tenth of the clip is noise: a
+        # weight sum that small (the sites' weights, or one site's negative weight cancelling
+        # the others') would divide the noise, or a malicious site's share, up past the clip.
+        # The weight sum's own noise is held to a tenth of it too (min(clip, 1)): with a clip
+        # above 10 the first alone let W be below its noise, so the true weight sum could be
+        # zero or negative and a site's share amplified 3-5 times past the clip. So the floor
+        # is above zero: a weight sum not positive, before or after the noise, is refused here.
+        # defence: ckks.release.weight-sum-above-the-noise
+        least = least_weight_sum(config.preset_params, sites, clip)
+        if not weight >= least:
+            raise RefusedMessage(
+                RefusalReason.OUT_OF_RANGE,
+                f"the weight sum is below {least:.3g}, the least for which the release noise "
+                f"stays under {MAX_NOISE_SHARE:g} x clip in each value and {MAX_NOISE_SHARE:g} "
+                "of the weight sum: the average would be noise; weights nearer max_weight "
+                "are needed")
+        # Each weighted element is within clip * W of zero (weights are positive): the step 3
+        # bound, sites * clip * max_weight, let a site past the clip, with small weights all
+        # round, release an average of 100 with clip 1.
+        # defence: ckks.release.elements-within-clip-times-weight-sum
+        if float(np.max(np.abs(rounded[:-1]), initial=0.0)) > clip * (weight + noise) + noise:
+            raise RefusedMessage(RefusalReason.OUT_OF_RANGE,
+                                 "the weighted elements exceed clip times the weight sum")
         return ReleasedAverage(rounded[:-1] / rounded[-1], float(rounded[-1]),
                                config.round_id, tuple(sorted(self._sites)), grid)
 

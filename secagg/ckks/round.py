@@ -17,7 +17,12 @@ import numpy as np
 from secagg._encoding import digest, encode, parts_digest
 from secagg._inputs import check_update
 from secagg.ckks.keys import KeyAnnouncement
-from secagg.ckks.presets import DEFAULT_PRESET, FLOOD_FACTOR, Preset, get_preset
+from secagg.ckks.presets import (
+    DEFAULT_PRESET,
+    Preset,
+    get_preset,
+    least_weight_sum,
+)
 from secagg.errors import ConfigurationError, InvalidMessage
 from secagg.hazmat import signing
 from secagg.masking.graph import colluders
@@ -151,12 +156,17 @@ class CkksRoundConfig:
                 f"to {worst:g}, beyond the {p.max_abs_value:g} preset {p.name!r} holds safely; "
                 "lower clip or max_weight (normalise weights), or pick a preset with more "
                 "data bits")
-        # defence: ckks.round.signal-above-flooding
-        if clip * max_weight <= FLOOD_FACTOR * p.noise_bound(n):
+        # (the key holder refuses a release whose weight sum is below least_weight_sum: if
+        # even every site at max_weight is below it, no round could ever be released, and it
+        # would show only once every site had encrypted and the round was spent)
+        # defence: ckks.round.some-weight-sum-releasable
+        least = least_weight_sum(p, n, clip)
+        if not n * max_weight >= least:
             raise ConfigurationError(
-                f"clip * max_weight = {clip * max_weight:g} is below the release noise of preset "
-                f"{p.name!r} at {n} sites: the "
-                "released average would be noise")
+                f"no round could be released: the key holder takes a weight sum of at least "
+                f"{least:.3g} (preset {p.name!r}'s release noise under a tenth of clip "
+                f"{clip:g} and of the weight sum), and {n} sites at max_weight {max_weight:g} "
+                f"sum to {n * max_weight:g}; raise clip or max_weight")
         if self.epoch is None:
             object.__setattr__(self, "epoch", self.round_id)
         elif not isinstance(self.epoch, str) or not self.epoch:

@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from aggregator.job import Job, ServiceError
@@ -183,5 +184,25 @@ def test_a_refused_start_does_not_bind_a_store_of_the_first_schema(tmp_path: Pat
         assert store.job_binding() is None
         Job(config, roster, store, model).recover()  # the store's own job starts, and binds
         assert store.job_binding() == (config.trust_root, config.round_id_for(0).rsplit("/", 1)[0])
+    finally:
+        store.close()
+
+
+def test_a_ckks_job_no_round_of_which_could_be_released_is_refused_at_start(
+        tmp_path: Path) -> None:
+    """A CKKS job whose release noise, at its model's size, is above a tenth of clip_norm
+    even with every site at full weight: the L2 check would refuse every round, and only
+    once the sites had trained and encrypted. Refused at start, naming clip_norm; the same
+    job with a workable clip_norm starts."""
+    config, roster, _ = _parts(tmp_path)
+    big = FlatModel.from_arrays({"w": np.zeros(1_000_000, np.float32)})
+    ckks = dataclasses.replace(config, protocol="ckks", key_holders=(1,))
+    store = Store(str(tmp_path / "aggregator.db"))
+    try:
+        with pytest.raises(ConfigurationError, match=r"no CKKS round of this job could be "
+                                                     r"released.*clip_norm 0.01"):
+            Job(dataclasses.replace(ckks, clip_norm=0.01), roster, store, big)
+        assert store.rounds() == []
+        Job(dataclasses.replace(ckks, clip_norm=1.0), roster, store, big)
     finally:
         store.close()

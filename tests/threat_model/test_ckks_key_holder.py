@@ -746,3 +746,123 @@ def test_known_limitation_aggregator_and_one_colluding_site_cancel_honest_upload
     assert released.weight_sum == pytest.approx(weight_a, abs=1e-3)
     assert np.max(np.abs(released.average - np.clip(update_a, -r.config.clip, r.config.clip))
                   ) < 1e-3
+
+
+# ---- small weight sums: the release must not be mostly noise, nor amplify a site ---------------
+
+
+def _zero_inputs(r: CkksRound, weights: dict[int, float]) -> None:
+    for s, w in weights.items():
+        r.inputs[s] = (np.zeros(r.config.vector_length), w)
+
+
+def test_elements_beyond_clip_times_the_weight_sum_get_no_release() -> None:
+    """Every site's weight 0.01; site 3 sends 2 * clip in every element. The sum's elements
+    were checked against sites * clip * max_weight (3 here) only: the key holder released an
+    average of 100 with clip 1. Each weighted element is within clip * W of zero.
+    Property: OUT_OF_RANGE; and the same round with site 3 within its clip is released."""
+    for evil, refused in ((2.0, True), (0.01, False)):
+        r = CkksRound(sites=3, vector_length=100)
+        for s in (1, 2):
+            r.inputs[s] = (r.inputs[s][0], 0.01)
+        row = np.zeros(r.config.preset_params.slots, dtype=np.complex128)
+        row[: r.config.vector_length] = evil * r.config.clip
+        row[r.config.vector_length] = 0.01
+        if refused:
+            with pytest.raises(RefusedMessage, match="exceed clip times the weight sum") as caught:
+                _release_with(r, row)
+            assert caught.value.reason is RefusalReason.OUT_OF_RANGE
+        else:
+            _release_with(r, row)
+
+
+@pytest.mark.parametrize("case", ["honest-tiny-weights", "negative-weight-cancelling"])
+def test_a_weight_sum_too_small_for_the_release_noise_gets_no_release(case: str) -> None:
+    """A weight sum the flooding noise swamps: honest sites with tiny weights (the noise,
+    divided by W, made an average of L2 22 from inputs of L2 1), or a site whose negative
+    weight cancels the others' to a tiny positive sum (dividing its share, or the noise, up
+    past the clip). Property: OUT_OF_RANGE naming the least weight sum, whatever made it."""
+    r = CkksRound(sites=3, vector_length=100)
+    if case == "honest-tiny-weights":
+        _zero_inputs(r, {1: 1e-4, 2: 1e-4, 3: 1e-4})
+        call = r.run
+        with pytest.raises(RefusedMessage, match="weight sum is below") as caught:
+            uploads, aggregate = call()
+            release_average(r.holder, r.config, aggregate, uploads, site_id=1)
+    else:
+        _zero_inputs(r, {1: 0.5, 2: 0.6})
+        row = np.zeros(r.config.preset_params.slots, dtype=np.complex128)
+        row[r.config.vector_length] = -1.1 + 1e-4
+        with pytest.raises(RefusedMessage, match="weight sum is below") as caught:
+            _release_with(r, row)
+    assert caught.value.reason is RefusalReason.OUT_OF_RANGE
+
+
+def test_an_honest_round_well_above_the_noise_floor_is_released() -> None:
+    """Weights of 0.01 each (W = 0.03, ten times the floor at this preset and size)."""
+    r = CkksRound(sites=3, vector_length=100)
+    for s in r.inputs:
+        r.inputs[s] = (r.inputs[s][0], 0.01)
+    uploads, aggregate = r.run()
+    released = release_average(r.holder, r.config, aggregate, uploads, site_id=1)
+    exact, weight = r.expected()
+    assert abs(released.weight_sum - weight) < 1e-3
+    assert np.max(np.abs(released.average - exact / weight)) < 0.1 * r.config.clip
+
+
+def test_an_aggregate_naming_its_sites_by_anything_but_ints_is_an_invalid_message() -> None:
+    """numpy ints compare equal to the verified sites, then raised AttributeError from inside
+    the digest's encoding (no SecAggError): refused as malformed, before the round is spent."""
+    r = CkksRound(sites=3, vector_length=10)
+    uploads, aggregate = r.run()
+    for sites in (tuple(np.int64(s) for s in aggregate.sites),
+                  tuple(float(s) for s in aggregate.sites)):
+        with pytest.raises(InvalidMessage):
+            release_average(r.holder, r.config, replace(aggregate, sites=sites),  # type: ignore[arg-type]
+                            uploads, site_id=1)
+    assert not r.holder.releases
+    release_average(r.holder, r.config, aggregate, uploads, site_id=1)
+
+
+def test_an_element_just_past_sites_times_clip_is_refused_before_the_noise() -> None:
+    """The range check before flooding is exact (B a value): every weight 1, sites 1 and 2 at
+    +clip in element 0, site 3 at clip + 1e-4 there. The sum, 3 * clip + 1e-4, is within
+    what the flooded check (clip * W plus the noise, ~5e-4) would take, and beyond
+    sites * clip * max_weight: OUT_OF_RANGE."""
+    r = CkksRound(sites=3, vector_length=100)
+    for s in (1, 2):
+        update = np.zeros(r.config.vector_length)
+        update[0] = r.config.clip
+        r.inputs[s] = (update, 1.0)
+    row = np.zeros(r.config.preset_params.slots, dtype=np.complex128)
+    row[0] = r.config.clip + 1e-4
+    row[r.config.vector_length] = 1.0
+    with pytest.raises(RefusedMessage, match="no honest round produces") as caught:
+        _release_with(r, row)
+    assert caught.value.reason is RefusalReason.OUT_OF_RANGE
+
+
+def test_a_weight_sum_below_its_own_noise_gets_no_release_whatever_the_clip() -> None:
+    """With a clip of 100, a floor of a tenth of clip * W in each element let W itself be
+    below its noise: a site whose negative weight cancels the others' to 2e-4 released an
+    average 3 to 5 times the clip. The weight sum's noise is held to a tenth of it too.
+    Property: OUT_OF_RANGE; an honest round at this clip is released."""
+    r = CkksRound(sites=3, vector_length=100, clip=100.0)
+    _zero_inputs(r, {1: 0.5, 2: 0.6})
+    row = np.zeros(r.config.preset_params.slots, dtype=np.complex128)
+    row[r.config.vector_length] = -1.1 + 2e-4
+    with pytest.raises(RefusedMessage, match="weight sum is below") as caught:
+        _release_with(r, row)
+    assert caught.value.reason is RefusalReason.OUT_OF_RANGE
+    honest = CkksRound(sites=3, vector_length=100, clip=100.0)
+    uploads, aggregate = honest.run()
+    release_average(honest.holder, honest.config, aggregate, uploads, site_id=1)
+
+
+def test_a_config_no_round_of_which_could_be_released_is_refused() -> None:
+    """clip 1e-4 at add-only-4096: the release's noise floor asks for a weight sum of ~25,
+    three sites at max_weight make 3. Every round would be spent and refused once the sites
+    had encrypted; the config is refused, naming the least weight sum. clip 1e-2 is taken."""
+    with pytest.raises(ConfigurationError, match="no round could be released"):
+        CkksRound(sites=3, vector_length=10, clip=1e-4)
+    CkksRound(sites=3, vector_length=10, clip=1e-2)

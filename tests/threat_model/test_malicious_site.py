@@ -756,7 +756,7 @@ def test_honest_ckks_inputs_at_the_clip_norm_pass_the_aggregators_norm_check(
     sites = len(released.sites)
     Job._check_released_norm(job, active, released.average, sites,  # type: ignore[arg-type]
                              released.weight_sum)
-    with pytest.raises(ProtocolAbort):
+    with pytest.raises(ProtocolAbort, match="longer than clipped inputs can make"):
         Job._check_released_norm(job, active, released.average * 1.01,  # type: ignore[arg-type]
                                  sites, released.weight_sum)
 

@@ -1302,3 +1302,30 @@ def test_a_missed_ckks_rounds_signature_counts_only_under_this_jobs_round_id() -
             return
         with pytest.raises(ModelMismatch, match="does not follow"):
             next(site.rounds())
+
+
+@pytest.mark.parametrize("case", ["honest", "too-long", "too-little-weight"])
+def test_a_key_holder_signs_no_result_the_aggregators_norm_check_refuses(case: str) -> None:
+    """The aggregator's L2 check of a CKKS release (longer than clip_norm allows, or a
+    weight sum so small the average is mostly noise) is made by the key holder too, before
+    it signs the result: a lying aggregator skipping its own check gets no signature, and
+    the other sites take no unsigned result."""
+    from secagg.ckks.presets import get_preset
+    from secagg.ckks.round import ReleasedAverage
+    from secagg.model import FlatModel
+
+    info, payloads = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
+    site, _ = _site("ckks", info, payloads)
+    model = FlatModel.from_arrays({"w": np.zeros(8, np.float32)})
+    clip = site.config.clip_norm
+    average = np.full(8, clip / np.sqrt(8))  # exactly clip_norm long: the longest honest one
+    weight = {"honest": 3.0, "too-long": 3.0, "too-little-weight": 1e-6}[case]
+    if case == "too-long":
+        average *= 1.01
+    released = ReleasedAverage(average, weight, info.round_id, (1, 2, 3), 2.0**-20)
+    result = site._signable_result(model, released, get_preset("add-only-4096"), info.round_id)
+    if case == "honest":
+        assert result is not None
+        assert result.digest == site._result_of(model, average).digest
+    else:
+        assert result is None

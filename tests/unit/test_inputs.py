@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from fractions import Fraction
 
 import numpy as np
@@ -58,9 +59,11 @@ def test_narrow_updates_encode_within_the_documented_bound(dtype: type) -> None:
 
 
 def test_check_update_accepts_real_number_weights() -> None:
-    for weight in (1, np.float32(0.5), np.int64(1), Fraction(1, 2)):
+    for weight in (1, np.float32(0.5), np.int64(1), Fraction(1, 2), Decimal("0.5")):
         _, w = check_update(np.zeros(2), weight, max_weight=1.0)
         assert type(w) is float
+    with pytest.raises(ValueError, match="weight is beyond the float range"):
+        check_update(np.zeros(2), Fraction(10**400, 3), max_weight=1.0)
 
 
 def test_check_site_refuses_unknown_site_and_foreign_identity() -> None:

@@ -212,7 +212,7 @@ def test_a_model_holds_only_values_its_tensors_hold_exactly(dtype: str, value: f
     with pytest.raises(InvalidMessage, match="model"):
         wire.model_from_proto(proto, data)
     if dtype.startswith(("int", "uint")) and value != 2.5:  # out of range: refused, not wrapped
-        with pytest.raises(ConfigurationError, match="cannot hold"):
+        with pytest.raises(ConfigurationError, match="beyond its tensor's range"):
             FlatModel(spec, np.zeros(2)).with_values(values)
     held = FlatModel(spec, np.zeros(2)).with_values(np.array([0.0, 1.0]))
     assert FlatModel(spec, held.values).digest == held.digest  # what with_values makes is held
@@ -260,3 +260,29 @@ def test_a_tensor_spec_of_the_wrong_types_is_refused(name: object, shape: object
                                                      dtype: object) -> None:
     with pytest.raises(ConfigurationError, match="a tensor spec is a str name"):
         TensorSpec(name, shape, dtype)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint64", "bool"])
+def test_an_integer_or_bool_tensor_holds_no_negative_zero(dtype: str) -> None:
+    """-0.0 compares equal to 0: a lying aggregator (or an older store) could serve the same
+    tensors under another digest, which a site reloading them from its own arrays or an
+    .npz would not find again. What an integer tensor holds is +0.0."""
+    spec = FlatModel.from_arrays({"t": np.zeros(2, dtype)}).spec
+    with pytest.raises(ConfigurationError, match="cannot hold exactly"):
+        FlatModel(spec, np.array([0.0, -0.0]))
+    assert FlatModel(spec, np.array([0.0, 0.0])).digest == FlatModel.from_arrays(
+        {"t": np.zeros(2, dtype)}).digest
+
+
+@pytest.mark.parametrize(("dtype", "value"), [("bool", np.nan), ("bool", np.inf),
+                                              ("float16", 65510.0), ("int8", 127.6)])
+def test_with_values_refuses_what_representable_refuses(dtype: str, value: float) -> None:
+    """NaN in a bool tensor became True and 65510 in a float16 one was rounded down to 65504,
+    where representable refuses both: a CKKS key holder signed a result the aggregator then
+    refused. Now with_values refuses them too."""
+    model = FlatModel.from_arrays({"t": np.zeros(2, dtype)})
+    values = np.array([0.0, value])
+    assert model.representable(values) is False
+    with pytest.raises(ConfigurationError, match="NaN or infinity, or a value beyond"):
+        model.with_values(values)
+    assert model.with_values(np.array([0.0, 1.0])).values.tolist() == [0.0, 1.0]
