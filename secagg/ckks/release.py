@@ -17,8 +17,9 @@ decryption is c * s. So a key holder never decrypts what it is handed. :class:`R
    keyed by HMAC(flood key, aggregate): deterministic, so every release of one aggregate, by
    any holder of the key, is identical and averaging releases removes nothing; then rounds to
    a power-of-two grid at least B; refuses unless the noise a value carries is at most
-   ``MAX_NOISE_SHARE`` of ``clip`` times the weight sum W (so W is positive) and every
-   weighted element is within ``clip * W`` (plus that noise); and divides;
+   ``MAX_NOISE_SHARE`` of ``min(clip, 1)`` times the weight sum W (so W is positive and
+   the average a tenth noise at most) and every weighted element is within ``clip * W``
+   (plus that noise); and divides;
 5. records the release: one aggregate per round, at most ``max_rounds`` rounds per key.
 
 What this leaves (also in the README): a site's own upload is never checked for being a fresh
@@ -73,7 +74,10 @@ from secagg.hazmat import signing
 __all__ = ["MAX_NOISE_SHARE", "Release", "check_released_norm", "decrypt_verified_sum",
            "gaussian", "least_l2_weight_sum", "release_average"]
 
+
 def _l2_slack(params: Preset, sites: int, clip_norm: float, learned: int) -> float:
+    """How much longer than ``clip_norm * W`` a release of ``learned`` values times its
+    weight sum W can be from noise alone (see :func:`check_released_norm`)."""
     sigma, per_value = release_noise(params, sites)
     root = math.sqrt(learned)
     return clip_norm * (TAIL * sigma + per_value) + root * per_value + sigma * (root + TAIL)
