@@ -756,6 +756,17 @@ def _zero_inputs(r: CkksRound, weights: dict[int, float]) -> None:
         r.inputs[s] = (np.zeros(r.config.vector_length), w)
 
 
+def _refused_cancelling(r: CkksRound, leftover: float) -> None:
+    """Sites 1 and 2 upload zeros at weights 0.5 and 0.6; site 3's weight cancels theirs down
+    to ``leftover``. Refused (OUT_OF_RANGE), naming the least weight sum."""
+    _zero_inputs(r, {1: 0.5, 2: 0.6})
+    row = np.zeros(r.config.preset_params.slots, dtype=np.complex128)
+    row[r.config.vector_length] = -1.1 + leftover
+    with pytest.raises(RefusedMessage, match="weight sum is below") as caught:
+        _release_with(r, row)
+    assert caught.value.reason is RefusalReason.OUT_OF_RANGE
+
+
 def test_elements_beyond_clip_times_the_weight_sum_get_no_release() -> None:
     """Every site's weight 0.01; site 3 sends 2 * clip in every element. The sum's elements
     were checked against sites * clip * max_weight (3 here) only: the key holder released an
@@ -783,18 +794,13 @@ def test_a_weight_sum_too_small_for_the_release_noise_gets_no_release(case: str)
     weight cancels the others' to a tiny positive sum (dividing its share, or the noise, up
     past the clip). Property: OUT_OF_RANGE naming the least weight sum, whatever made it."""
     r = CkksRound(sites=3, vector_length=100)
-    if case == "honest-tiny-weights":
-        _zero_inputs(r, {1: 1e-4, 2: 1e-4, 3: 1e-4})
-        call = r.run
-        with pytest.raises(RefusedMessage, match="weight sum is below") as caught:
-            uploads, aggregate = call()
-            release_average(r.holder, r.config, aggregate, uploads, site_id=1)
-    else:
-        _zero_inputs(r, {1: 0.5, 2: 0.6})
-        row = np.zeros(r.config.preset_params.slots, dtype=np.complex128)
-        row[r.config.vector_length] = -1.1 + 1e-4
-        with pytest.raises(RefusedMessage, match="weight sum is below") as caught:
-            _release_with(r, row)
+    if case == "negative-weight-cancelling":
+        _refused_cancelling(r, 1e-4)
+        return
+    _zero_inputs(r, {1: 1e-4, 2: 1e-4, 3: 1e-4})
+    uploads, aggregate = r.run()
+    with pytest.raises(RefusedMessage, match="weight sum is below") as caught:
+        release_average(r.holder, r.config, aggregate, uploads, site_id=1)
     assert caught.value.reason is RefusalReason.OUT_OF_RANGE
 
 
@@ -847,13 +853,7 @@ def test_a_weight_sum_below_its_own_noise_gets_no_release_whatever_the_clip() ->
     below its noise: a site whose negative weight cancels the others' to 2e-4 released an
     average 3 to 5 times the clip. The weight sum's noise is held to a tenth of it too.
     Property: OUT_OF_RANGE; an honest round at this clip is released."""
-    r = CkksRound(sites=3, vector_length=100, clip=100.0)
-    _zero_inputs(r, {1: 0.5, 2: 0.6})
-    row = np.zeros(r.config.preset_params.slots, dtype=np.complex128)
-    row[r.config.vector_length] = -1.1 + 2e-4
-    with pytest.raises(RefusedMessage, match="weight sum is below") as caught:
-        _release_with(r, row)
-    assert caught.value.reason is RefusalReason.OUT_OF_RANGE
+    _refused_cancelling(CkksRound(sites=3, vector_length=100, clip=100.0), 2e-4)
     honest = CkksRound(sites=3, vector_length=100, clip=100.0)
     uploads, aggregate = honest.run()
     release_average(honest.holder, honest.config, aggregate, uploads, site_id=1)
@@ -866,3 +866,19 @@ def test_a_config_no_round_of_which_could_be_released_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="no round could be released"):
         CkksRound(sites=3, vector_length=10, clip=1e-4)
     CkksRound(sites=3, vector_length=10, clip=1e-2)
+
+
+def test_a_config_whose_values_outgrow_the_encodings_precision_is_refused() -> None:
+    """nvflare-default's headroom takes sums up to 3e17, but CKKS encodes through float64,
+    whose rounding grows with the values: at 3 sites a clip of 3e8 made every honest round
+    look out of range. Refused when the config is made, naming the precision; a clip of 6e7,
+    within the margin, releases an honest round."""
+    with pytest.raises(ConfigurationError, match=r"precision: 3 sites x clip 1e\+09"):
+        CkksRound(sites=3, vector_length=100, clip=1e9, preset="nvflare-default")
+    r = CkksRound(sites=3, vector_length=100, clip=6e7, preset="nvflare-default")
+    for s in r.inputs:
+        r.inputs[s] = (r.inputs[s][0] * 6e7, 1.0)
+    uploads, aggregate = r.run()
+    released = release_average(r.holder, r.config, aggregate, uploads, site_id=1)
+    exact, weight = r.expected()
+    assert np.max(np.abs(released.average - exact / weight)) < 1e-3 * r.config.clip
