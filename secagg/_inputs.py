@@ -17,6 +17,11 @@ from secagg.hazmat import signing
 def check_update(update: object, weight: object, *, max_weight: float,
                  length: int | None = None) -> tuple[np.ndarray, float]:
     """The update as a flat numeric array and the weight as a float, or a clear error."""
+    # defence: inputs.no-masked-array
+    # (np.asarray drops a masked array's mask: its masked entries, junk, were sent as values)
+    if isinstance(update, np.ma.MaskedArray):
+        raise TypeError("update must be a plain array, got a numpy masked array "
+                        "(fill its masked entries first: update.filled(0))")
     arr = np.asarray(update)
     # defence: inputs.flat-update
     if arr.ndim != 1:

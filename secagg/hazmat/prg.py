@@ -140,6 +140,26 @@ def _apply_range(expander: MaskExpander, target: np.ndarray, terms: Sequence[Mas
             expander.subtract_from(target, seed)
 
 
+def _check_masking(target: object, terms: Sequence[MaskTerm], word_bits: int) -> None:
+    """A flat vector of exactly ``word_bits``-bit words and signs of +1 or -1, or a clear error.
+
+    Anything else was masked silently wrong: a uint32 target with 64-bit words took the low
+    halves, an int64 or float64 one did not wrap at 2**32, a 2-D one took broadcast words, and
+    a sign of 0, NaN or -7 subtracted the mask (5 added it).
+    """
+    # defence: prg.apply-masks-target
+    dtype = np.dtype(word_dtype(word_bits))
+    if not isinstance(target, np.ndarray) or target.ndim != 1 or target.dtype != dtype:
+        got = (f"{type(target).__name__} {getattr(target, 'dtype', '')} "
+               f"of shape {getattr(target, 'shape', '?')}")
+        raise TypeError(f"target must be a flat array of {dtype} words, got {got}")
+    # defence: prg.apply-masks-signs
+    for term in terms:
+        sign = term[1] if isinstance(term, tuple) and len(term) == 2 else None
+        if isinstance(sign, bool) or not isinstance(sign, int) or sign not in (1, -1):
+            raise ValueError(f"each mask term must be (seed, +1 or -1), got sign {sign!r}")
+
+
 def apply_masks(target: np.ndarray, terms: Sequence[MaskTerm], *, word_bits: int = 32,
                 splitter: RangeSplitMasker | None = None) -> int:
     """``target += sum(sign * mask(seed))`` modulo 2**bits; returns keystream bytes generated.
@@ -147,6 +167,7 @@ def apply_masks(target: np.ndarray, terms: Sequence[MaskTerm], *, word_bits: int
     With a :class:`RangeSplitMasker` for this length, the index range is shared between this
     process and the splitter's workers.
     """
+    _check_masking(target, terms, word_bits)
     if splitter is not None and splitter.length == target.shape[0] and len(terms) > 1:
         return splitter.apply(target, terms)
     expander = MaskExpander(target.shape[0], word_bits=word_bits)

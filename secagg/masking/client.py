@@ -159,6 +159,8 @@ class MaskingClient:
                 # defence: masking.client.plain-fields
                 return handler(message.normalized())
             except _LocalInputError as e:
+                # defence: masking.client.input-error-forgets-secrets
+                self._forget()  # the input is gone: nothing secret stays for a retry to use
                 raise e.error from None
             # defence: masking.client.malformed-server-message-aborts
             except (TypeError, ValueError, AttributeError, KeyError, IndexError,
@@ -303,7 +305,10 @@ class MaskingClient:
             update, weight = self._input() if callable(self._input) else self._input
             masked = self.config.quantizer.encode(update, weight,
                                                   length=self.config.vector_length)
-        except (TypeError, ValueError) as e:
+        # defence: masking.client.provider-error-is-local
+        # (any exception: a KeyError or ZeroDivisionError from the site's own training code was
+        # reported as a malformed message from the server, its cause hidden)
+        except Exception as e:
             if pending is not None:
                 pending.apply_to(np.zeros(self.config.vector_length + 1,
                                           dtype=self.config.quantizer_dtype))

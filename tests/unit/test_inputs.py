@@ -28,9 +28,11 @@ from secagg.hazmat.signing import IdentityKey
     (np.zeros(16), "0.5", TypeError, "weight must be a number, got str"),
     (np.zeros(16), True, TypeError, "weight must be a number, got bool"),
     (np.zeros(16), np.True_, TypeError, "weight must be a number, got bool"),
+    (np.ma.masked_array(np.r_[np.zeros(15), 1e6], mask=[False] * 15 + [True]), 0.5,
+     TypeError, "masked array"),
 ], ids=["short", "2d", "bool", "complex", "str", "inf", "weight-0", "weight-negative",
         "weight-above-max", "weight-str", "timedelta", "weight-numeric-str", "weight-true",
-        "weight-numpy-true"])
+        "weight-numpy-true", "masked-array"])
 def test_check_update_refuses_naming_the_parameter(update: np.ndarray, weight: object,
                                                    error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):

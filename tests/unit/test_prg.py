@@ -74,3 +74,39 @@ def test_an_index_range_past_the_bound_is_refused_before_allocating(start: int, 
     with pytest.raises(ValueError, match=error):
         MaskExpander(length, start_word=start)
     assert expand(b"\x01" * 32, 4, start_word=2**130 - 4).shape == (4,)  # the last 4 words
+
+
+@pytest.mark.parametrize(("bits", "target"), [
+    (64, np.zeros(4, np.uint32)),   # took the low halves of 64-bit words
+    (32, np.zeros(4, np.uint64)),   # did not wrap at 2**32
+    (32, np.zeros(4, np.int64)),
+    (32, np.zeros(4, np.float64)),
+    (32, np.zeros((2, 2), np.uint32)),  # took words broadcast across its rows
+    (32, [0, 0, 0, 0]),
+])
+def test_apply_masks_refuses_a_target_that_is_not_flat_words(bits: int, target: object) -> None:
+    from secagg.hazmat.prg import apply_masks
+
+    with pytest.raises(TypeError, match="flat array of"):
+        apply_masks(target, [(SEED, 1)], word_bits=bits)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("sign", [0, -7, 5, float("nan"), 1.0, True, None])
+def test_apply_masks_refuses_a_sign_other_than_plus_or_minus_one(sign: object) -> None:
+    from secagg.hazmat.prg import apply_masks
+
+    target = np.zeros(4, np.uint32)
+    with pytest.raises(ValueError, match=r"\+1 or -1"):
+        apply_masks(target, [(SEED, 1), (SEED, sign)])  # type: ignore[list-item]
+    assert not target.any()  # checked before any mask is applied
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_apply_masks_adds_and_subtracts_exact_words(bits: int) -> None:
+    from secagg.hazmat.prg import apply_masks, word_dtype
+
+    target = np.zeros(100, word_dtype(bits))
+    apply_masks(target, [(SEED, 1)], word_bits=bits)
+    np.testing.assert_array_equal(target, expand(SEED, 100, word_bits=bits))
+    apply_masks(target, [(SEED, -1)], word_bits=bits)
+    assert not target.any()
