@@ -161,11 +161,12 @@ class CkksRoundConfig:
         # out of range (nvflare-default's headroom takes sums up to 3e17; at 3 sites a clip of
         # 3e8 failed every round, 2e8 passed). 2**-50 keeps a margin of about 4.
         # defence: ckks.round.values-within-float64-precision
-        if not worst * 2.0**-50 <= p.noise_bound(n):
+        bound = p.noise_bound(n)
+        if not worst * 2.0**-50 <= bound:
             raise ConfigurationError(
                 f"precision: {n} sites x clip {clip:g} x max_weight {max_weight:g} can sum to "
                 f"{worst:g}, where preset {p.name!r}'s float64 encoding loses more than its "
-                f"noise bound ({p.noise_bound(n):.3g} a value): every honest round would be "
+                f"noise bound ({bound:.3g} a value): every honest round would be "
                 "refused; lower clip or max_weight")
         # (the key holder refuses a release whose weight sum is below least_weight_sum: if
         # even every site at max_weight is below it, no round could ever be released, and it
