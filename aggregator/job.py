@@ -194,6 +194,8 @@ class Job:
             raise ConfigurationError(f"the model has {initial_model.size} values, [limits] "
                                      f"max_vector_length is {config.limits.max_vector_length}")
         if config.protocol == "ckks":
+            # defence: service.start-ckks-round-parameters
+            config.check_ckks_roster(len(roster))
             _check_releasable(config, len(roster), initial_model)
         self.config = config
         self.roster = roster

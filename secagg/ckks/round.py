@@ -48,6 +48,75 @@ def _positive_finite(name: str, value: object) -> float:
     return v
 
 
+def check_round_parameters(sites: int, *, preset: str, clip: float, max_weight: float,
+                           min_sites: int, corrupt_fraction: float) -> int:
+    """Check what a CKKS round of ``sites`` roster sites is configured with, before any key
+    exists, and return its ``min_sites`` (0 resolved to the default). :class:`CkksRoundConfig`
+    runs it on construction; the aggregator runs it as a job starts, so that a configuration
+    no round can use is refused then, not at every round's key announcement."""
+    if type(sites) is not int or sites < MIN_SITES:
+        raise ConfigurationError(f"roster must list at least {MIN_SITES} sites")
+    clip = _positive_finite("clip", clip)
+    max_weight = _positive_finite("max_weight", max_weight)
+    if (isinstance(corrupt_fraction, bool) or not isinstance(corrupt_fraction, int | float)
+            or not 0 <= corrupt_fraction < 1):
+        raise ConfigurationError(f"corrupt_fraction must be in [0, 1), got {corrupt_fraction!r}")
+    if not isinstance(preset, str):
+        raise ConfigurationError(f"preset must be a preset's name, got {type(preset).__name__}")
+    # Colluding sites count toward min_sites but subtract their own updates from the sum:
+    # at least two honest sites must remain, or the sum is one site's update.
+    # And never fewer than three: an aggregate of two sites hands each the other's update.
+    # defence: ckks.round.min-sites-at-least-three
+    fewest = max(MIN_SITES, colluders(sites, corrupt_fraction) + 2)
+    if type(min_sites) is not int:
+        raise ConfigurationError(f"min_sites must be an integer, got {type(min_sites).__name__}")
+    if min_sites == 0:
+        min_sites = fewest
+    if not 1 <= min_sites <= sites:
+        raise ConfigurationError(
+            f"min_sites must be in [{fewest}, {sites}], got {min_sites}")
+    # defence: ckks.round.min-sites-beyond-colluders
+    if min_sites < fewest:
+        raise ConfigurationError(
+            f"min_sites={min_sites} lets {fewest - 2} colluding sites and one honest "
+            f"site make up a released sum (corrupt_fraction={corrupt_fraction}); it "
+            f"must be at least {fewest}")
+    p = get_preset(preset)  # raises ConfigurationError for an unknown preset
+    n = sites
+    worst = n * max(clip * max_weight, max_weight)
+    # defence: ckks.round.headroom
+    if not worst <= p.max_abs_value:
+        raise ConfigurationError(
+            f"headroom: {n} sites x clip {clip} x max_weight {max_weight} can sum "
+            f"to {worst:g}, beyond the {p.max_abs_value:g} preset {p.name!r} holds safely; "
+            "lower clip or max_weight (normalise weights), or pick a preset with more "
+            "data bits")
+    # CKKS encodes through float64 (an FFT), whose rounding error grows with the values,
+    # about worst * 2**-52 a value: past the noise bound B it made every honest round look
+    # out of range (nvflare-default's headroom takes sums up to 3e17; at 3 sites a clip of
+    # 3e8 failed every round, 2e8 passed). 2**-50 keeps a margin of about 4.
+    # defence: ckks.round.values-within-float64-precision
+    bound = p.noise_bound(n)
+    if not worst * 2.0**-50 <= bound:
+        raise ConfigurationError(
+            f"precision: {n} sites x clip {clip:g} x max_weight {max_weight:g} can sum to "
+            f"{worst:g}, where preset {p.name!r}'s float64 encoding loses more than its "
+            f"noise bound ({bound:.3g} a value): every honest round would be "
+            "refused; lower clip or max_weight")
+    # (the key holder refuses a release whose weight sum is below least_weight_sum: if
+    # even every site at max_weight is below it, no round could ever be released, and it
+    # would show only once every site had encrypted and the round was spent)
+    # defence: ckks.round.some-weight-sum-releasable
+    least = least_weight_sum(p, n, clip)
+    if not n * max_weight >= least:
+        raise ConfigurationError(
+            f"no round could be released: the key holder takes a weight sum of at least "
+            f"{least:.3g} (preset {p.name!r}'s release noise under a tenth of clip "
+            f"{clip:g} and of the weight sum), and {n} sites at max_weight {max_weight:g} "
+            f"sum to {n * max_weight:g}; raise clip or max_weight")
+    return min_sites
+
+
 @dataclass(frozen=True)
 class CkksRoundConfig:
     """What the sites, key holders and aggregator agree on before a CKKS round.
@@ -123,62 +192,9 @@ class CkksRoundConfig:
         if (isinstance(self.vector_length, bool) or not isinstance(self.vector_length, int)
                 or self.vector_length < 1):
             raise ConfigurationError(f"vector_length must be >= 1, got {self.vector_length}")
-        clip = _positive_finite("clip", self.clip)
-        max_weight = _positive_finite("max_weight", self.max_weight)
-        if (isinstance(self.corrupt_fraction, bool)
-                or not isinstance(self.corrupt_fraction, int | float)
-                or not 0 <= self.corrupt_fraction < 1):
-            raise ConfigurationError(
-                f"corrupt_fraction must be in [0, 1), got {self.corrupt_fraction!r}")
-        # Colluding sites count toward min_sites but subtract their own updates from the sum:
-        # at least two honest sites must remain, or the sum is one site's update.
-        # And never fewer than three: an aggregate of two sites hands each the other's update.
-        # defence: ckks.round.min-sites-at-least-three
-        fewest = max(MIN_SITES, colluders(len(self.roster), self.corrupt_fraction) + 2)
-        if self.min_sites == 0 and type(self.min_sites) is int:
-            object.__setattr__(self, "min_sites", fewest)
-        if type(self.min_sites) is not int or not 1 <= self.min_sites <= len(self.roster):
-            raise ConfigurationError(
-                f"min_sites must be in [{fewest}, {len(self.roster)}], got {self.min_sites}")
-        # defence: ckks.round.min-sites-beyond-colluders
-        if self.min_sites < fewest:
-            raise ConfigurationError(
-                f"min_sites={self.min_sites} lets {fewest - 2} colluding sites and one honest "
-                f"site make up a released sum (corrupt_fraction={self.corrupt_fraction}); it "
-                f"must be at least {fewest}")
-        p = self.preset_params  # raises ConfigurationError for an unknown preset
-        n = len(self.roster)
-        worst = n * max(clip * max_weight, max_weight)
-        # defence: ckks.round.headroom
-        if not worst <= p.max_abs_value:
-            raise ConfigurationError(
-                f"headroom: {n} sites x clip {clip} x max_weight {max_weight} can sum "
-                f"to {worst:g}, beyond the {p.max_abs_value:g} preset {p.name!r} holds safely; "
-                "lower clip or max_weight (normalise weights), or pick a preset with more "
-                "data bits")
-        # CKKS encodes through float64 (an FFT), whose rounding error grows with the values,
-        # about worst * 2**-52 a value: past the noise bound B it made every honest round look
-        # out of range (nvflare-default's headroom takes sums up to 3e17; at 3 sites a clip of
-        # 3e8 failed every round, 2e8 passed). 2**-50 keeps a margin of about 4.
-        # defence: ckks.round.values-within-float64-precision
-        bound = p.noise_bound(n)
-        if not worst * 2.0**-50 <= bound:
-            raise ConfigurationError(
-                f"precision: {n} sites x clip {clip:g} x max_weight {max_weight:g} can sum to "
-                f"{worst:g}, where preset {p.name!r}'s float64 encoding loses more than its "
-                f"noise bound ({bound:.3g} a value): every honest round would be "
-                "refused; lower clip or max_weight")
-        # (the key holder refuses a release whose weight sum is below least_weight_sum: if
-        # even every site at max_weight is below it, no round could ever be released, and it
-        # would show only once every site had encrypted and the round was spent)
-        # defence: ckks.round.some-weight-sum-releasable
-        least = least_weight_sum(p, n, clip)
-        if not n * max_weight >= least:
-            raise ConfigurationError(
-                f"no round could be released: the key holder takes a weight sum of at least "
-                f"{least:.3g} (preset {p.name!r}'s release noise under a tenth of clip "
-                f"{clip:g} and of the weight sum), and {n} sites at max_weight {max_weight:g} "
-                f"sum to {n * max_weight:g}; raise clip or max_weight")
+        object.__setattr__(self, "min_sites", check_round_parameters(
+            len(self.roster), preset=self.preset, clip=self.clip, max_weight=self.max_weight,
+            min_sites=self.min_sites, corrupt_fraction=self.corrupt_fraction))
         if self.epoch is None:
             object.__setattr__(self, "epoch", self.round_id)
         elif not isinstance(self.epoch, str) or not self.epoch:

@@ -421,6 +421,23 @@ class FederationConfig:
                 f"round id {round_id!r} is not round {round_number} of job {self.job_id!r} of "
                 f"federation {self.name!r} (which has rounds 1 to {self.rounds})")
 
+    def _ckks_parameters(self) -> dict[str, Any]:
+        return {"preset": self.preset, "clip": self.clip_norm, "max_weight": 1.0,
+                "min_sites": self.min_sites or 0, "corrupt_fraction": self.corrupt_fraction}
+
+    def check_ckks_roster(self, sites: int) -> None:
+        """Refuse, as a job starts, a CKKS configuration no round of a roster of ``sites``
+        sites could use (min_sites beyond the roster or below the colluders' reach, a clip
+        past the preset's headroom or float64's precision): each round's key announcement
+        would otherwise be refused, one round deadline after another."""
+        from secagg.ckks.round import check_round_parameters
+
+        try:
+            check_round_parameters(sites, **self._ckks_parameters())
+        except ConfigurationError as e:
+            raise ConfigurationError(f"no CKKS round of this job could run with {sites} "
+                                     f"sites: {e}") from None
+
     def ckks_round(self, round_number: int, round_id: str, roster: Mapping[int, bytes],
                    announcement: Any, vector_length: int, *, model_digest: bytes) -> Any:
         """The CKKS round configuration for a key announced by the key holder this
@@ -438,8 +455,5 @@ class FederationConfig:
                 f"federation's key holder for it), not by site "
                 f"{getattr(announcement, 'holder', None)}")
         # (the announcement's epoch must be the round id: CkksRoundConfig checks it)
-        return CkksRoundConfig(round_id, roster, announcement, (holder,),
-                               vector_length, preset=self.preset, clip=self.clip_norm,
-                               max_weight=1.0, min_sites=self.min_sites or 0,
-                               corrupt_fraction=self.corrupt_fraction,
-                               model_digest=model_digest)
+        return CkksRoundConfig(round_id, roster, announcement, (holder,), vector_length,
+                               model_digest=model_digest, **self._ckks_parameters())

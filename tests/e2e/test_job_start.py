@@ -206,3 +206,30 @@ def test_a_ckks_job_no_round_of_which_could_be_released_is_refused_at_start(
         Job(dataclasses.replace(ckks, clip_norm=1.0), roster, store, big)
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"min_sites": 5}, r"min_sites must be in \[3, 4\], got 5"),  # beyond the 4-site roster
+    ({"min_sites": 2}, r"min_sites=2 lets 1 colluding sites"),  # an aggregate of two
+    ({"clip_norm": 1000.0}, r"headroom: 4 sites x clip 1000"),  # past add-only-4096's 1024
+])
+def test_a_ckks_job_whose_rounds_could_not_be_configured_is_refused_at_start(
+        tmp_path: Path, change: dict[str, Any], named: str) -> None:
+    """A CKKS configuration every round of which the key announcement would refuse (min_sites
+    beyond the roster or below what keeps two honest sites in a sum, a clip_norm whose sum
+    outgrows the preset): FederationConfig.check cannot see it without the roster, so the job
+    refuses it as it starts, naming the setting, before anything is stored; rather than open
+    round after round that waits out its open deadline and aborts."""
+    config, roster, model = _parts(tmp_path)
+    ckks = dataclasses.replace(config, protocol="ckks", key_holders=(1,))
+    ckks.check()
+    dataclasses.replace(ckks, **change).check()  # (the config alone passes)
+    store = Store(str(tmp_path / "aggregator.db"))
+    try:
+        with pytest.raises(ConfigurationError,
+                           match=r"no CKKS round of this job could run with 4 sites: " + named):
+            Job(dataclasses.replace(ckks, **change), roster, store, model)
+        assert store.rounds() == []
+        Job(ckks, roster, store, model)
+    finally:
+        store.close()
