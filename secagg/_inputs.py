@@ -60,11 +60,21 @@ def check_update(update: object, weight: object, *, max_weight: float,
     return arr, w
 
 
-def check_site(roster: Mapping[int, bytes], site_id: int,
-               identity: signing.IdentityKey) -> None:
+def check_site(roster: Mapping[int, bytes], site_id: object,
+               identity: signing.IdentityKey) -> int:
+    """The site id as a plain int (a numpy integer is one; a bool or a float is not), on the
+    roster under ``identity``'s key, or a clear error."""
+    # defence: inputs.site-id-an-integer
+    if isinstance(site_id, bool | np.bool_) or not isinstance(site_id, numbers.Integral):
+        raise TypeError(f"site_id must be an integer, got {type(site_id).__name__}")
+    # defence: inputs.site-id-as-int
+    site_id = int(site_id)
+    if not isinstance(identity, signing.IdentityKey):
+        raise TypeError(f"identity must be a signing.IdentityKey, got {type(identity).__name__}")
     # defence: inputs.site-on-roster
     if site_id not in roster:
         raise ValueError(f"site_id {site_id} is not on the round's roster")
     # defence: inputs.identity-matches-roster
     if roster[site_id] != identity.public_bytes:
         raise ValueError(f"identity does not match the roster's key for site {site_id}")
+    return site_id

@@ -42,8 +42,10 @@ class Roster(Mapping[int, bytes]):
         if not isinstance(sites, Mapping):
             raise ConfigurationError("roster sites must be a mapping of site id to key")
         for site, key in sites.items():
-            if not isinstance(site, int) or isinstance(site, bool) or site < 1:
-                raise ConfigurationError(f"roster site ids must be integers >= 1, got {site!r}")
+            # defence: roster.site-ids-in-64-bits
+            if not isinstance(site, int) or isinstance(site, bool) or not 1 <= site < 2**63:
+                raise ConfigurationError(
+                    f"roster site ids must be integers in [1, 2**63), got {site!r}")
             if not isinstance(key, bytes) or len(key) != signing.PUBLIC_KEY_BYTES:
                 raise ConfigurationError(f"roster key of site {site} must be 32 bytes")
         # defence: roster.distinct-identity-keys

@@ -49,9 +49,15 @@ class CkksClient:
         workers: int = 1,
         progress: ProgressCallback | None = None,
     ) -> None:
-        check_site(config.roster, site_id, identity)
+        if not isinstance(config, CkksRoundConfig):
+            raise TypeError(f"config must be a CkksRoundConfig, got {type(config).__name__}")
+        site_id = check_site(config.roster, site_id, identity)
         if not callable(model_input):
             config.check_input(*model_input)  # a bad input fails here, not mid-round
+        # defence: ckks.client.context-type
+        if not isinstance(context, PublicContext | KeyHolder):
+            raise TypeError("context must be the round's PublicContext (or the KeyHolder "
+                            f"that made it), got {type(context).__name__}")
         # defence: ckks.client.context-is-the-rounds-key
         if context.key_id != config.key_id:
             raise RefusedMessage(RefusalReason.WRONG_KEY_ID, "context is not the round's key")
@@ -63,6 +69,8 @@ class CkksClient:
         if seeded and not holds_key:
             raise ValueError("seeded encryption needs the secret key: this site has only the "
                              "public context (use seeded=False)")
+        if isinstance(workers, bool) or not isinstance(workers, int):
+            raise TypeError(f"workers must be an int, got {type(workers).__name__}")
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.config = config

@@ -25,6 +25,7 @@ from secagg.ckks.presets import (
 )
 from secagg.errors import ConfigurationError, InvalidMessage
 from secagg.hazmat import signing
+from secagg.hazmat.prg import MAX_WORDS
 from secagg.masking.graph import colluders
 
 MIN_SITES = 3
@@ -190,8 +191,12 @@ class CkksRoundConfig:
             raise ConfigurationError(
                 "key_holders must be a non-empty tuple of distinct roster sites")
         if (isinstance(self.vector_length, bool) or not isinstance(self.vector_length, int)
-                or self.vector_length < 1):
-            raise ConfigurationError(f"vector_length must be >= 1, got {self.vector_length}")
+                # defence: ckks.round.vector-length-bounded
+                or not 1 <= self.vector_length < MAX_WORDS):
+            # (the masking protocol's bound, far beyond any model a site sends: a length past
+            # it is a slip, refused here rather than as a multi-gigabyte layout)
+            raise ConfigurationError(
+                f"vector_length must be in [1, 2**31 - 1], got {self.vector_length}")
         object.__setattr__(self, "min_sites", check_round_parameters(
             len(self.roster), preset=self.preset, clip=self.clip, max_weight=self.max_weight,
             min_sites=self.min_sites, corrupt_fraction=self.corrupt_fraction))

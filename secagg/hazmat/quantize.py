@@ -48,6 +48,10 @@ class Quantizer:
 
     def __post_init__(self) -> None:
         word_dtype(self.word_bits)
+        # (a numpy integer, which word_dtype takes, is held as an int: 2**numpy.int64(64)
+        # wraps to 0, and the quantiser then claimed it had no precision)
+        # defence: hazmat.quantize.word-bits-as-int
+        object.__setattr__(self, "word_bits", int(self.word_bits))
         # defence: hazmat.quantize.bounds-are-real-numbers
         # (a str or None made numpy raise from deep inside; True passed as a clip of 1)
         for name in ("clip", "max_weight"):
@@ -69,6 +73,7 @@ class Quantizer:
         if (not isinstance(self.max_sites, numbers.Integral) or isinstance(self.max_sites, bool)
                 or self.max_sites < 1):
             raise ValueError(f"max_sites must be an int >= 1, got {self.max_sites!r}")
+        object.__setattr__(self, "max_sites", int(self.max_sites))
         if self.levels < 2:
             raise ValueError(
                 f"word_bits={self.word_bits} leaves no precision for max_sites={self.max_sites}"

@@ -94,7 +94,9 @@ class MaskingClient:
         *,
         splitter: RangeSplitMasker | None = None,
     ) -> None:
-        check_site(config.roster, site_id, identity)
+        if not isinstance(config, RoundConfig):
+            raise TypeError(f"config must be a RoundConfig, got {type(config).__name__}")
+        site_id = check_site(config.roster, site_id, identity)
         if not callable(model_input):  # a bad input fails here, not in the middle of a round
             check_update(*model_input, max_weight=config.max_weight,
                          length=config.vector_length)

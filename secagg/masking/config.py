@@ -29,7 +29,7 @@ import numpy as np
 from secagg._encoding import digest
 from secagg.errors import ConfigurationError
 from secagg.hazmat import signing
-from secagg.hazmat.prg import word_dtype
+from secagg.hazmat.prg import MAX_WORDS, word_dtype
 from secagg.hazmat.quantize import Quantizer
 from secagg.masking import graph
 from secagg.roster import Roster
@@ -128,8 +128,12 @@ class RoundConfig:
         if len(set(self.roster.values())) != len(self.roster):
             raise ConfigurationError("roster lists the same identity key for two sites")
         if (isinstance(self.vector_length, bool) or not isinstance(self.vector_length, int)
-                or self.vector_length < 1):
-            raise ConfigurationError(f"vector_length must be >= 1, got {self.vector_length}")
+                # defence: masking.config.vector-length-bounded
+                or not 1 <= self.vector_length < MAX_WORDS):
+            # (with the weight, at most MAX_WORDS = 2**31 values: what the mask expander
+            # covers, and far beyond any model a site sends)
+            raise ConfigurationError(
+                f"vector_length must be in [1, 2**31 - 1], got {self.vector_length}")
         for name in ("corrupt_fraction", "dropout_rate"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not (

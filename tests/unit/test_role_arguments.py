@@ -1,0 +1,94 @@
+"""What a site hands the protocol roles' constructors, checked there with an error naming the
+argument: never an AttributeError from inside, or a TypeError after the update was encrypted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pytest
+
+from secagg.ckks import CkksClient, CkksRoundConfig
+from secagg.errors import ConfigurationError
+from secagg.hazmat.quantize import Quantizer
+from secagg.masking import MaskingClient, RoundConfig
+from secagg.roster import Roster
+from tests.ckks_kit import CkksRound, announcement_for
+from tests.roundkit import Round
+
+
+def test_a_numpy_integer_site_id_is_taken_as_an_int_by_both_clients() -> None:
+    """A site id read from an array (numpy.int64) is the same site: the CKKS upload signs and
+    verifies (it failed with a TypeError after encrypting), the masking client advertises."""
+    r = CkksRound(sites=4, vector_length=16)
+    ckks = CkksClient(r.config, np.int64(2), r.identities[2], r.public, r.inputs[2])
+    assert type(ckks.site_id) is int
+    upload = ckks.start()
+    assert upload.site_id == 2
+    r.server.handle(upload)  # verifies its signature
+
+    m = Round(sites=4, vector_length=8)
+    masking = MaskingClient(m.config, np.int64(3), m.identities[3], m.inputs[3])
+    assert type(masking.site_id) is int
+    assert masking.start().site_id == 3
+
+
+@pytest.mark.parametrize("site_id", [True, 2.0, "2", None])
+def test_a_site_id_that_is_not_an_integer_is_refused_by_name(site_id: Any) -> None:
+    r = CkksRound(sites=4, vector_length=16)
+    with pytest.raises(TypeError, match="site_id must be an integer"):
+        CkksClient(r.config, site_id, r.identities[2], r.public, r.inputs[2])
+    m = Round(sites=4, vector_length=8)
+    with pytest.raises(TypeError, match="site_id must be an integer"):
+        MaskingClient(m.config, site_id, m.identities[2], m.inputs[2])
+
+
+def test_the_wrong_kind_of_config_identity_or_context_is_refused_by_name() -> None:
+    r = CkksRound(sites=4, vector_length=16)
+    m = Round(sites=4, vector_length=8)
+    with pytest.raises(TypeError, match="config must be a CkksRoundConfig, got RoundConfig"):
+        CkksClient(m.config, 2, r.identities[2], r.public, r.inputs[2])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="config must be a RoundConfig, got CkksRoundConfig"):
+        MaskingClient(r.config, 2, m.identities[2], m.inputs[2])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"identity must be a signing\.IdentityKey, got bytes"):
+        CkksClient(r.config, 2, r.roster[2], r.public, r.inputs[2])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="context must be the round's PublicContext"):
+        CkksClient(r.config, 2, r.identities[2], None, r.inputs[2])  # type: ignore[arg-type]
+    for workers in ("2", 2.5, True):
+        with pytest.raises(TypeError, match="workers must be an int"):
+            CkksClient(r.config, 2, r.identities[2], r.public, r.inputs[2],
+                       workers=workers)  # type: ignore[arg-type]
+
+
+def test_a_roster_site_id_beyond_64_bits_is_a_configuration_error() -> None:
+    """Site ids are encoded in 8 bytes: 2**63 and beyond is refused by name (it was a bare
+    OverflowError from int.to_bytes)."""
+    key = bytes(32)
+    with pytest.raises(ConfigurationError, match=r"integers in \[1, 2\*\*63\)"):
+        Roster({2**63: key}, bytes(32))
+    with pytest.raises(ConfigurationError, match=r"integers in \[1, 2\*\*63\)"):
+        Roster({2**64: key}, bytes(32))
+    Roster({2**63 - 1: key}, bytes(32))
+
+
+def test_a_vector_length_beyond_what_a_round_can_mask_is_refused_by_both_configs() -> None:
+    """A vector and its weight are at most 2**31 words (what the mask expander covers): a
+    vector_length of 2**31 was accepted by the config and failed only when masking."""
+    m = Round(sites=4, vector_length=8)
+    with pytest.raises(ConfigurationError, match=r"vector_length must be in \[1, 2\*\*31 - 1\]"):
+        dataclasses.replace(m.config, vector_length=2**31)
+    dataclasses.replace(m.config, vector_length=2**31 - 1)
+    roster, announcement = announcement_for(4)
+    with pytest.raises(ConfigurationError, match=r"vector_length must be in \[1, 2\*\*31 - 1\]"):
+        CkksRoundConfig("r", roster, announcement, (1,), 2**31)
+    assert isinstance(m.config, RoundConfig)
+
+
+def test_a_quantizer_given_numpy_integers_is_the_one_given_ints() -> None:
+    """word_bits=numpy.int64(64) was taken, then 2**word_bits wrapped to 0 and the quantiser
+    claimed it had no precision for the sites."""
+    q = Quantizer(clip=1.0, max_weight=1.0, max_sites=np.int64(10), word_bits=np.int64(64))
+    assert q == Quantizer(clip=1.0, max_weight=1.0, max_sites=10, word_bits=64)
+    assert type(q.word_bits) is int and type(q.max_sites) is int
