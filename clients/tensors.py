@@ -31,6 +31,12 @@ def to_numpy(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
     for name, value in state.items():
         if hasattr(value, "detach"):  # a torch tensor
             value = _torch_values(str(name)[:64], value)
+        # defence: sdk.no-masked-array
+        # (np.asarray drops a masked array's mask: its masked entries, junk, went out as
+        # values; FlatModel.from_arrays refuses one, but sees only what this returns)
+        if isinstance(value, np.ma.MaskedArray):
+            raise ConfigurationError(f"tensor {str(name)[:64]!r} is a numpy masked array: "
+                                     "fill its masked entries first, e.g. .filled(0)")
         out[str(name)] = np.asarray(value)
     return out
 
@@ -79,11 +85,19 @@ def as_tensors(arrays: Mapping[str, np.ndarray], kind: str) -> dict[str, Any]:
 
 def flatten_like(state: Mapping[str, Any], model: FlatModel) -> np.ndarray:
     """The state's values as a vector in the model's layout; a clear error if they differ."""
-    flat = FlatModel.from_arrays(to_numpy(state))
+    arrays = to_numpy(state)
+    names = [t.name for t in model.spec]
+    # tensors are placed by name, as load_state_dict does: a state dict built in another
+    # order (parameters, then buffers) is the same model, its values where the model's go
+    # defence: sdk.state-dict-placed-by-name
+    if list(arrays) != names and set(arrays) == set(names):
+        arrays = {n: arrays[n] for n in names}
+    flat = FlatModel.from_arrays(arrays)
     expected = {(t.name, t.shape) for t in model.spec}
     got = {(t.name, t.shape) for t in flat.spec}
-    # defence: sdk.state-dict-layout-order, sdk.state-dict-layout-shapes
-    if [t.name for t in flat.spec] != [t.name for t in model.spec] or expected != got:
+    # (placed by name above, the tensors come in the model's order whenever the names match)
+    # defence: sdk.state-dict-layout-shapes
+    if expected != got:
         missing = sorted(n for n, _ in expected - got)
         extra = sorted(n for n, _ in got - expected)
         raise ConfigurationError(

@@ -90,24 +90,35 @@ def test_a_float_tensor_where_the_model_has_integers_is_refused() -> None:
     assert tensors.flatten_like({"w": np.ones(4, np.float64)}, floats).sum() == 4  # cast
 
 
-@pytest.mark.parametrize("lie", ["transposed", "reordered", "renamed", "missing", "extra"])
+def test_a_state_dict_in_another_order_is_placed_by_name() -> None:
+    """The same tensors in another order (an init file written from named_parameters() then
+    named_buffers(), a state dict from state_dict()): each value lands on its own weight, by
+    name, as load_state_dict places them; flattened in the dict's order they would land on
+    the wrong weights (it was refused, with an error naming nothing)."""
+    model = FlatModel.from_arrays({"a": np.zeros(2), "b": np.zeros(3), "c": np.zeros(1)})
+    state = {"c": np.array([7.0]), "a": np.array([1.0, 2.0]), "b": np.array([3.0, 4.0, 5.0])}
+    assert tensors.flatten_like(state, model).tolist() == [1, 2, 3, 4, 5, 7]
+
+
+@pytest.mark.parametrize("lie", ["transposed", "renamed", "missing", "extra"])
 def test_a_state_dict_that_is_not_the_models_layout_is_refused_naming_it(lie: str) -> None:
-    """Same number of values, other layout (a transposed weight, tensors in another order,
-    another name): flattened as they are, the update would land on the wrong weights. Refused
-    with a clear error, as are a missing and an extra tensor."""
+    """Same number of values, other layout (a transposed weight, another name): flattened as
+    they are, the update would land on the wrong weights. Refused with a clear error naming
+    the tensors, as are a missing and an extra tensor."""
     from secagg.errors import ConfigurationError
 
     model = FlatModel.from_arrays({"a": np.zeros((2, 3)), "b": np.zeros(4)})
     a, b = np.ones((2, 3)), np.ones(4)
     state = {
         "transposed": {"a": a.T, "b": b},
-        "reordered": {"b": b, "a": a},
         "renamed": {"a": a, "c": b},
         "missing": {"a": a},
         "extra": {"a": a, "b": b, "c": np.ones(1)},
     }[lie]
-    with pytest.raises(ConfigurationError, match="does not match the round's model"):
+    with pytest.raises(ConfigurationError, match="does not match the round's model") as e:
         tensors.flatten_like(state, model)
+    assert {"transposed": "['a']", "renamed": "['b']", "missing": "['b']",
+            "extra": "unexpected ['c']"}[lie] in str(e.value)
     assert tensors.flatten_like({"a": a, "b": b}, model).size == 10
 
 
@@ -119,3 +130,17 @@ def test_the_norm_of_large_finite_values_is_finite_and_they_are_clipped_not_zero
     clipped, _ = clip_l2(values, 1.0)
     np.testing.assert_allclose(clipped, [0.6, 0.8, 0.0], rtol=1e-12)
     assert l2_norm(np.array([np.inf, 1.0])) == np.inf  # an infinite one stays infinite
+
+
+def test_a_masked_array_in_a_state_dict_is_refused_not_sent_with_its_hidden_values() -> None:
+    """np.asarray drops a masked array's mask: its masked entries (junk, here 999) went out
+    as the site's values on the submit path, past FlatModel.from_arrays' own refusal."""
+    from secagg.errors import ConfigurationError
+
+    model = FlatModel.from_arrays({"w": np.zeros(4, np.float32)})
+    hidden = np.ma.masked_array(np.array([0.1, 0.2, 999.0, 0.4]), mask=[0, 0, 1, 0])
+    with pytest.raises(ConfigurationError, match="'w' is a numpy masked array"):
+        tensors.flatten_like({"w": hidden}, model)
+    with pytest.raises(ConfigurationError, match="'w' is a numpy masked array"):
+        tensors.to_numpy({"w": hidden})
+    assert tensors.flatten_like({"w": hidden.filled(0)}, model)[2] == 0
