@@ -230,6 +230,7 @@ class Site:
         """The job's rounds as they open, until the job is done. A round this site already
         sent to (a training script restarted mid-round) is skipped with a warning: the site
         takes part from the next one."""
+        self._conn.check_open()
         while True:
             info = self._next_round_info()
             if info is None:
@@ -507,6 +508,10 @@ class Round:
         # defence: sdk.submit-once-per-round-object
         if self._submitted:
             raise SiteError("this site already submitted to this round")
+        # (before the round is spent: a closed connection sends nothing, and the site may
+        # still take part in this round once connected again)
+        # defence: sdk.submit-on-a-closed-site-spends-nothing
+        self._site._conn.check_open()
         config = self._site.config
         samples = _sample_count(weight)
         # defence: sdk.weight-within-max-samples

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from clients.errors import AggregatorRefused, AggregatorUnavailable, shown
+from clients.errors import AggregatorRefused, AggregatorUnavailable, SiteError, shown
 from secagg.federation.config import SDK_CHUNK_BYTES
 from secagg.federation.kit import SiteKit
 from secagg.v1 import service_pb2, service_pb2_grpc
@@ -68,9 +68,19 @@ class Connection:
         self._random = random.SystemRandom()
         self.bytes_sent = 0  # request messages and chunk payloads, as sent (retries included)
         self.bytes_received = 0
+        self.closed = False
 
     def close(self) -> None:
+        self.closed = True
         self.channel.close()
+
+    def check_open(self) -> None:
+        """A clear error for a call on a closed connection (grpc's is a ValueError from deep
+        inside, which the SDK then took for the aggregator's doing)."""
+        # defence: sdk.closed-connection-named
+        if self.closed:
+            raise SiteError("this site's connection is closed (Site.close(), or the end of its "
+                            "with block): connect again with Site.connect")
 
     # ---- calls ---------------------------------------------------------------------------------
 
@@ -106,6 +116,7 @@ class Connection:
         is resumed, and progress restarts the ``retry_seconds``; but past ``end`` the
         transfer fails: an aggregator trickling a chunk per deadline cannot hold a site for
         hours."""
+        self.check_open()
         began = time.monotonic()
         deadline = began + self.retry_seconds
         overall = end if end is not None else float("inf")
@@ -118,6 +129,9 @@ class Connection:
             before = progress() if progress is not None else 0
             try:
                 return attempt()
+            except ValueError:
+                self.check_open()  # closed by another thread mid-call: said as such
+                raise
             except grpc.RpcError as e:
                 code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
                 # a transfer over a link slower than its deadline assumed (a hospital's

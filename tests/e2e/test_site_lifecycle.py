@@ -1,0 +1,35 @@
+"""A Site used after it was closed: a clear SiteError, and nothing spent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clients import Site
+from clients.errors import SiteError
+from tests.service_kit import make_federation, start_aggregator
+
+
+def test_a_closed_site_says_so_and_does_not_spend_its_round(tmp_path: Path) -> None:
+    """rounds() and submit() on a closed Site raised grpc's "Cannot invoke RPC on closed
+    channel!" from deep inside; submit's was reported as the aggregator's doing, and the
+    round was recorded as spent, so the site, connected again, skipped a round it had sent
+    nothing to. Now: a SiteError naming the closed connection, and the reconnected site
+    joins the same round."""
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    agg = start_aggregator(fed, tmp_path)
+    try:
+        site = Site.connect(fed.site_dir(1), tensors="numpy", retry_seconds=30)
+        rnd = next(site.rounds())
+        state = {name: np.asarray(value) for name, value in rnd.global_model.items()}
+        site.close()
+        with pytest.raises(SiteError, match="connection is closed"):
+            next(site.rounds())
+        with pytest.raises(SiteError, match="connection is closed"):
+            rnd.submit(state, weight=1)
+        with Site.connect(fed.site_dir(1), tensors="numpy", retry_seconds=30) as again:
+            assert next(again.rounds()).number == rnd.number  # not skipped: nothing was sent
+    finally:
+        agg.stop()
