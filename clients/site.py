@@ -167,6 +167,8 @@ def _sample_count(weight: object) -> float | None:
 
 
 class Site:
+    _closed = False  # (set by close)
+
     def __init__(self, kit: SiteKit, connection: Connection, *, tensors_kind: str = "auto",
                  progress: Progress | None = None, workers: int = 1,
                  history_dir: str | Path | None = None) -> None:
@@ -213,7 +215,16 @@ class Site:
                    progress=progress, workers=workers, history_dir=history_dir)
 
     def close(self) -> None:
+        self._closed = True
         self._conn.close()
+
+    def _check_open(self) -> None:
+        # (grpc's error is a ValueError from deep inside, which the SDK then took for the
+        # aggregator's doing)
+        # defence: sdk.closed-site-named
+        if self._closed:
+            raise SiteError("this site's connection is closed (Site.close(), or the end of its "
+                            "with block): connect again with Site.connect")
 
     def __enter__(self) -> Site:
         return self
@@ -230,7 +241,7 @@ class Site:
         """The job's rounds as they open, until the job is done. A round this site already
         sent to (a training script restarted mid-round) is skipped with a warning: the site
         takes part from the next one."""
-        self._conn.check_open()
+        self._check_open()
         while True:
             info = self._next_round_info()
             if info is None:
@@ -511,7 +522,7 @@ class Round:
         # (before the round is spent: a closed connection sends nothing, and the site may
         # still take part in this round once connected again)
         # defence: sdk.submit-on-a-closed-site-spends-nothing
-        self._site._conn.check_open()
+        self._site._check_open()
         config = self._site.config
         samples = _sample_count(weight)
         # defence: sdk.weight-within-max-samples

@@ -44,6 +44,8 @@ Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 
 class Connection:
+    closed = False  # (set by close)
+
     def __init__(self, kit: SiteKit, *, retry_seconds: float = 300.0,
                  call_timeout: float = 60.0) -> None:
         # ("5" failed at the first call; NaN retried an unreachable aggregator for ever)
@@ -68,7 +70,6 @@ class Connection:
         self._random = random.SystemRandom()
         self.bytes_sent = 0  # request messages and chunk payloads, as sent (retries included)
         self.bytes_received = 0
-        self.closed = False
 
     def close(self) -> None:
         self.closed = True
