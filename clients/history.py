@@ -16,6 +16,14 @@ accepted, or of the model it last trained from) and the round that model belongs
 restarted training script still accepts only a model that follows from it (``Site._join``):
 without it, an aggregator could hand every restarted site a model of its own making.
 
+And, per job, the last round whose update left this site, with the model it was computed
+against (``sent_against``): a site sends one update per model. An aggregator that reported
+a round aborted after summing it (or published its model again as its result) and opened the
+next round from the same model, without one site, had the other sites train again from it:
+with deterministic training (full-batch, or seeded apart from the round), the difference of
+the two sums was that site's update, exactly, under either protocol (a helper's attack). The
+record is written before the update leaves, so a restart cannot lose it.
+
 And, per job, the last masking round whose sum holds this site's input, with how far that
 round's average can be from zero (``in_sum``): a site that did not see the round's result
 (told the round aborted, or restarted while it waited) still checks the result it later
@@ -56,8 +64,28 @@ class History:
         # job id -> (round, (L2 bound, element bound)): the last round whose sum holds this
         # site's input, and how far that round's average can be from zero
         self._in_sum: dict[str, tuple[int, tuple[float, float]]] = {}
+        # job id -> (round, digest): the last round whose update left this site, and the
+        # model that update was computed against
+        self._sent: dict[str, tuple[int, bytes]] = {}
         if self._path is not None and self._path.exists():
-            self._last, self._held, self._in_sum = _read(self._path)
+            self._last, self._held, self._in_sum, self._sent = _read(self._path)
+
+    def sent_against(self, job: str) -> tuple[int, bytes] | None:
+        """The last round of ``job`` whose update left this site, and the digest of the model
+        it was computed against, or None."""
+        return self._sent.get(job)
+
+    def record_sent(self, job: str, round_number: int, model_digest: bytes) -> None:
+        """Record, durably and before it leaves, that ``round_number``'s update (computed
+        against ``model_digest``) is being sent; a SiteError if it cannot be recorded (then
+        it is not sent)."""
+        if self._path is None:
+            self._sent[job] = (round_number, model_digest)
+            return
+        with _locked(self._path.with_name(f".{HISTORY_FILE}.lock")):
+            self._merge()
+            self._sent[job] = (round_number, model_digest)
+            self._write()
 
     def in_sum(self, job: str, round_number: int) -> tuple[float, float] | None:
         """The bound on ``round_number``'s average, if this site's input is in its sum."""
@@ -138,7 +166,7 @@ class History:
         """Take in what another process on this directory recorded (the later of each)."""
         assert self._path is not None
         if self._path.exists():
-            last, held, in_sum = _read(self._path)
+            last, held, in_sum, sent = _read(self._path)
             for name, n in last.items():
                 # defence: sdk.history-merge-keeps-the-later-round
                 self._last[name] = max(self._last.get(name, 0), n)
@@ -149,6 +177,10 @@ class History:
                 # defence: sdk.history-merge-keeps-the-later-bound
                 if name not in self._in_sum or b[0] > self._in_sum[name][0]:
                     self._in_sum[name] = b
+            for name, h in sent.items():
+                # defence: sdk.history-merge-keeps-the-later-sent
+                if name not in self._sent or h[0] > self._sent[name][0]:
+                    self._sent[name] = h
 
     def _write(self, after: str = NOT_SENT) -> None:
         assert self._path is not None
@@ -156,7 +188,9 @@ class History:
                            "held": {job: [n, digest.hex()] for job, (n, digest)
                                     in self._held.items()},
                            "in_sum": {job: [n, list(bound)] for job, (n, bound)
-                                      in self._in_sum.items()}}, sort_keys=True).encode()
+                                      in self._in_sum.items()},
+                           "sent": {job: [n, digest.hex()] for job, (n, digest)
+                                    in self._sent.items()}}, sort_keys=True).encode()
         tmp = self._path.with_name(f".{HISTORY_FILE}.tmp")
         try:
             # a new file, never one found there: a link planted at the temporary name (in a
@@ -242,12 +276,14 @@ def _locked(path: Path, after: str = NOT_SENT) -> Iterator[None]:
 
 
 def _read(path: Path) -> tuple[dict[str, int], dict[str, tuple[int, bytes]],
-                              dict[str, tuple[int, tuple[float, float]]]]:
+                              dict[str, tuple[int, tuple[float, float]]],
+                              dict[str, tuple[int, bytes]]]:
     try:
         data = json.loads(_read_bytes(path))
         last = data["last_round"]
         held = data.get("held", {})  # (absent in a history written before it was kept)
         in_sum = data.get("in_sum", {})  # (likewise)
+        sent = data.get("sent", {})  # (likewise)
         # defence: sdk.history-version
         if (data.get("version") != 1 or not isinstance(last, dict)
                 or not all(isinstance(k, str) and type(v) is int and v >= 0
@@ -266,8 +302,15 @@ def _read(path: Path) -> tuple[dict[str, int], dict[str, tuple[int, bytes]],
                 and len(v[1]) == 2 and all(type(x) is float and x > 0 for x in v[1])
                 for k, v in in_sum.items()):
             raise ValueError("unexpected content")
+        # defence: sdk.history-sent-checked
+        if not isinstance(sent, dict) or not all(
+                isinstance(k, str) and isinstance(v, list) and len(v) == 2
+                and type(v[0]) is int and v[0] > 0 and isinstance(v[1], str)
+                and len(v[1]) == 64 for k, v in sent.items()):
+            raise ValueError("unexpected content")
         return (dict(last), {k: (v[0], bytes.fromhex(v[1])) for k, v in held.items()},
-                {k: (v[0], (v[1][0], v[1][1])) for k, v in in_sum.items()})
+                {k: (v[0], (v[1][0], v[1][1])) for k, v in in_sum.items()},
+                {k: (v[0], bytes.fromhex(v[1])) for k, v in sent.items()})
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         reason = e.strerror if isinstance(e, OSError) else "it is not a round history"
         raise SiteError(f"cannot read {path}: {reason}; it records which rounds this site "

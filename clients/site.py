@@ -320,6 +320,20 @@ class Site:
         # defence: sdk.model-follows-held
         if self._model_digest is not None and digest != self._model_digest:
             self._follow_chain(info.round, digest)
+        # one update per model (clients.history): the aggregator reported the round this
+        # site last sent to as aborted, or published its model again as its result, and
+        # opens another from the same model; a second update against it would let it
+        # subtract two rounds' sums that differ by one site
+        sent = self._history.sent_against(self.config.job_id)
+        # defence: sdk.one-update-per-model
+        if sent is not None and sent[1] == digest and sent[0] < number:
+            raise RoundAborted(round_id, (
+                f"this round starts from the model this site already sent an update against, "
+                f"in round {sent[0]}, which did not move the model on: a second update against "
+                "one model would let the aggregator subtract the sums of two rounds over "
+                "other sites and learn one site's update, so this site sends one update per "
+                "model (a job started again needs a new [job] id in every site's "
+                "federation.toml)"))
         self._held_round = info.round - 1
         model = self._download_model(info.model, "model")
         self._model_digest = model.digest
@@ -691,6 +705,10 @@ class Round:
         if isinstance(reply, ShareKeys):
             self._submit(share_keys=wire.share_keys_to_proto(reply))
         elif isinstance(reply, MaskedInput):
+            # (recorded before the update leaves: clients.history, one update per model)
+            # defence: sdk.masked-input-recorded-as-sent
+            self._site._history.record_sent(self._site.config.job_id, self.number,
+                                            self.model.digest)
             self._upload_and_submit(
                 wire.masked_input_bytes(reply, word_bits), "masked input",
                 lambda blob: {"masked_input": wire.masked_input_to_ref(reply, blob, word_bits)})
@@ -746,6 +764,8 @@ class Round:
                             seeded=False, workers=site.workers,
                             progress=lambda d, t: self._progress("encrypt", d, t))
         upload = client.start()
+        # defence: sdk.ciphertexts-recorded-as-sent
+        site._history.record_sent(site.config.job_id, self.number, self.model.digest)
         self._upload_and_submit(b"".join(upload.chunks), "ciphertexts",
                                 lambda blob: {"ckks_update": wire.update_to_ref(upload, blob)})
         if self._key is not None:

@@ -114,6 +114,8 @@ class Aggregator:
     _log_offset: int = 0
     lines: list[dict[str, Any]] = field(default_factory=list)
     open_files: int | None = None  # the process's open-files limit (soft and hard), if set
+    # the command before "aggregator serve ..." (default: the real secagg command line)
+    launcher: tuple[str, ...] = ("-m", "secagg.cli")
 
     def start(self, *, wait: bool = True) -> None:
         self.starts += 1
@@ -127,7 +129,7 @@ class Aggregator:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "secagg.cli", "aggregator", "serve", "--config",
+            [sys.executable, *self.launcher, "aggregator", "serve", "--config",
              str(self.federation.aggregator_config), "--store", str(self.store),
              "--metrics", "127.0.0.1:0"],
             stdout=log, stderr=log, env=env(), cwd=ROOT, preexec_fn=limited)

@@ -255,3 +255,30 @@ def test_recording_a_held_model_waits_for_another_process_holding_the_lock(
     assert "not recorded" in caplog.text
     assert (tmp_path / HISTORY_FILE).read_bytes() == before
     assert history.held("job-1") == (1, b"\x02" * 32)  # kept in memory all the same
+
+
+def test_the_model_an_update_was_sent_against_survives_restarts_and_older_files(
+        tmp_path: Path) -> None:
+    """What the one-update-per-model check (Site._join) reads: the last round whose update
+    left the site and the model it was against. Kept across restarts; a history from before
+    it was kept reads as none; a merge with an older file (a backup restored under a running
+    site) keeps the later record; a damaged record is a clear error, not a check skipped."""
+    (tmp_path / HISTORY_FILE).write_text(json.dumps({"version": 1, "last_round": {"job-1": 1}}))
+    assert History(tmp_path).sent_against("job-1") is None
+    older = tmp_path / "older"
+    older.mkdir()
+    History(older).record_sent("job-1", 1, b"\x01" * 32)
+    history = History(tmp_path)
+    history.record_sent("job-1", 3, b"\x03" * 32)
+    assert History(tmp_path).sent_against("job-1") == (3, b"\x03" * 32)
+    (tmp_path / HISTORY_FILE).write_bytes((older / HISTORY_FILE).read_bytes())
+    history.hold("job-1", 3, b"\x04" * 32)  # merges the older file in, then writes
+    for h in (history, History(tmp_path)):
+        assert h.sent_against("job-1") == (3, b"\x03" * 32)
+    assert History(None).sent_against("job-1") is None
+    for damaged in ({"job-1": [0, "03" * 32]}, {"job-1": [3, "03" * 31]},
+                    {"job-1": [3, None]}, ["job-1"]):
+        (tmp_path / HISTORY_FILE).write_text(json.dumps(
+            {"version": 1, "last_round": {}, "sent": damaged}))
+        with pytest.raises(SiteError, match="not a round history"):
+            History(tmp_path)

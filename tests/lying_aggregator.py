@@ -1,0 +1,42 @@
+"""The real aggregator, lying about round 1 once it holds that round's sum (for
+tests/threat_model/test_aggregator_reruns_a_model.py).
+
+usage: lying_aggregator.py MODE aggregator serve ...   (the secagg command line after MODE)
+
+MODE ``abort``: round 1 is reported aborted after it was unmasked (masking) or released (CKKS);
+``zero``: round 1 is published completed with its own model as its result (a zero step, which
+a masking site's bound on the result takes). Either way round 2 opens from round 1's model:
+were the sites to train from it again, the difference of two rounds' sums over different sites
+would be one site's update.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+import aggregator.job as job
+from secagg.cli import main
+
+MODE = sys.argv.pop(1)
+_complete = job.Job._complete
+
+
+def _lying_complete(self: Any, active: Any, average: np.ndarray, survivors: Any,
+                    release_blob: Any, weight_sum: float) -> None:
+    if active.view.number == 1 and MODE == "abort":
+        return self._abort(active, "TOO_FEW_SURVIVORS", "a lie: the round was summed")
+    if active.view.number == 1 and MODE == "zero":
+        return _complete(self, active, np.zeros_like(average), survivors, None, weight_sum)
+    return _complete(self, active, average, survivors, release_blob, weight_sum)
+
+
+job.Job._complete = _lying_complete  # type: ignore[method-assign]
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
