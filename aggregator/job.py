@@ -198,6 +198,7 @@ class Job:
             config.check_ckks_roster(len(roster))
             _check_releasable(config, len(roster), initial_model)
         self.config = config
+        self._settings_digest = config.settings_digest()
         self.roster = roster
         self.store = store
         self._clock = clock
@@ -442,7 +443,9 @@ class Job:
             stage=view.stage, abort_reason=view.abort_reason,
             model=wire.model_to_proto(view.model, _blob(view.model_blob)),
             total_rounds=self.config.rounds, survivors=list(view.survivors),
-            ckks_key_holder=view.ckks_key_holder, result_signature=view.result_signature)
+            ckks_key_holder=view.ckks_key_holder, result_signature=view.result_signature,
+            # defence: service.settings-digest-published
+            settings_digest=self._settings_digest)
         if view.ckks_key is not None:
             info.ckks_key.CopyFrom(view.ckks_key)
         if view.result is not None and view.result_blob is not None:

@@ -166,6 +166,27 @@ def _sample_count(weight: object) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _warn_capped_counters(model: FlatModel, delta: np.ndarray, clip: float,
+                          round_id: str) -> None:
+    """Warn (naming the tensors, not their values) when an integer tensor changed by more
+    than ``clip`` at some entry: the protocols encode each value within [-clip, clip], so
+    that change is capped in the average (a step counter that grows faster lags behind)."""
+    counters = model.integer_positions
+    if not counters.any():
+        return
+    names, pos = [], 0
+    for t in model.spec:
+        end = pos + t.size
+        if counters[pos:end].any() and np.any(np.abs(delta[pos:end]) > clip):
+            names.append(t.name[:64])
+        pos = end
+    if names:
+        _log.warning("round %s: integer tensors %s changed by more than [update] clip_norm "
+                     "(%g) this round; each value's change is capped at it in the average "
+                     "(the range the protocols encode), so they lag behind", round_id,
+                     names[:5], clip)
+
+
 class Site:
     _closed = False  # (set by close)
 
@@ -308,6 +329,14 @@ class Site:
         # id (federation, job, number within [job] rounds). (rounds() skipped a round this
         # site already sent to: clients.history.)
         number, round_id = int(info.round), info.round_id
+        # (a diagnostic: see FederationConfig.settings_digest)
+        theirs = bytes(info.settings_digest)
+        # defence: sdk.settings-digest-compared
+        if theirs and theirs != self.config.settings_digest():
+            raise RoundAborted(round_id, (
+                "this site's federation.toml differs from the aggregator's in a setting every "
+                "party must share (the protocol, [federation] name, [job] id, [update] "
+                "clip_norm or max_samples, [masking], [ckks]): make it the federation's"))
         # defence: sdk.protocol-pinned
         if info.protocol != _PROTOCOLS[self.config.protocol]:
             raise RoundAborted(round_id, f"the aggregator runs this round as another protocol "
@@ -340,7 +369,20 @@ class Site:
         rnd = Round(self, info, model)
         if (info.protocol == service_pb2.PROTOCOL_CKKS
                 and self.config.key_holder_for(rnd.number) == self.site_id):
-            rnd._announce_key()
+            try:
+                rnd._announce_key()
+            except AggregatorRefused as e:
+                # the round has a key already: this key holder's own, announced before its
+                # training script restarted, whose secret key went with that process (it is
+                # never stored); no one can release this round, so it is skipped here, not
+                # raised at every restart until the round's deadline
+                # defence: sdk.key-holder-restart-skips-the-round
+                if e.code != "FAILED_PRECONDITION":
+                    raise
+                _log.warning("skipping round %s: the aggregator refused this key holder's "
+                             "key (%s): a key it announced before a restart is lost, and "
+                             "this round cannot be released", round_id, e.reason)
+                return None
         return rnd
 
     def _follow_chain(self, round_number: int, digest: bytes) -> None:
@@ -558,6 +600,7 @@ class Round:
             raise ConfigurationError(
                 "the update's difference from the round's model is not finite (values near "
                 "float64's largest): check the trained state for diverged values")
+        _warn_capped_counters(self.model, delta, config.clip_norm, self.round_id)
         scaled_weight = samples / config.max_samples
         # this round number is spent from here on, whatever becomes of it (if it cannot be
         # recorded, nothing is sent and the round stays open to another call)

@@ -390,6 +390,29 @@ class FederationConfig:
     def masking_threshold(self) -> int | None:
         return None if self.threshold == "auto" else int(self.threshold)
 
+    def settings_digest(self) -> bytes:
+        """A digest of the settings each party reads from its own copy of this config and
+        that must agree for a round to mean what every site thinks: the protocol, the job,
+        how a site clips and weighs its update ([update] clip_norm, max_samples: a site with
+        another max_samples weighed itself wrongly, silently), and the protocols' parameters.
+        The aggregator publishes its own with every round; a site whose own differs names
+        its config as the cause, where it would otherwise see a refused signature or a
+        wrong average. (Not a defence: a lying aggregator can publish any value, and gains
+        nothing by it; deadlines, limits and addresses are each party's own.)"""
+        import json
+
+        from secagg._encoding import digest
+
+        shared = {"protocol": self.protocol, "federation": self.name,
+                  "trust_root": self.trust_root.hex(), "job": self.job_id,
+                  "clip_norm": self.clip_norm, "max_samples": self.max_samples,
+                  "neighbors": self.neighbors, "threshold": self.threshold,
+                  "corrupt_fraction": self.corrupt_fraction,
+                  "dropout_rate": self.dropout_rate, "word_bits": self.word_bits,
+                  "preset": self.preset, "key_holders": list(self.key_holders),
+                  "min_sites": self.min_sites}
+        return digest("federation-settings", json.dumps(shared, sort_keys=True))
+
     def key_holder_for(self, round_number: int) -> int:
         return self.key_holders[(round_number - 1) % len(self.key_holders)]
 

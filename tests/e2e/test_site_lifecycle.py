@@ -33,3 +33,28 @@ def test_a_closed_site_says_so_and_does_not_spend_its_round(tmp_path: Path) -> N
             assert next(again.rounds()).number == rnd.number  # not skipped: nothing was sent
     finally:
         agg.stop()
+
+
+def test_a_site_whose_config_differs_in_max_samples_is_told_so_by_the_round(
+        tmp_path: Path) -> None:
+    """Site 3's engineer raised [update] max_samples in its own federation.toml: it weighed
+    itself by another scale than the others, and the average came out wrong, silently. The
+    aggregator publishes its settings' digest with the round; site 3 refuses the round
+    naming its config, and sends nothing."""
+    import re
+
+    from secagg.federation.kit import CONFIG_FILE
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1, open_s=4.0)
+    path = fed.site_dir(3) / CONFIG_FILE
+    text = path.read_text()
+    path.write_text(re.sub(r"(?m)^max_samples = .*$", "max_samples = 3000.0", text))
+    agg = start_aggregator(fed, tmp_path)
+    try:
+        with Site.connect(fed.site_dir(3), tensors="numpy", retry_seconds=30) as site, \
+                pytest.raises(SiteError, match=r"federation\.toml differs from the aggregator's"):
+            next(site.rounds())
+    finally:
+        agg.stop()
+    assert not any(e.get("site_id") == 3 for e in agg.read()
+                   if e.get("event") == "message_counted")
