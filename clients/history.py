@@ -16,13 +16,16 @@ accepted, or of the model it last trained from) and the round that model belongs
 restarted training script still accepts only a model that follows from it (``Site._join``):
 without it, an aggregator could hand every restarted site a model of its own making.
 
-And, per job, the last round whose update left this site, with the model it was computed
-against (``sent_against``): a site sends one update per model. An aggregator that reported
-a round aborted after summing it (or published its model again as its result) and opened the
-next round from the same model, without one site, had the other sites train again from it:
-with deterministic training (full-batch, or seeded apart from the round), the difference of
-the two sums was that site's update, exactly, under either protocol (a helper's attack). The
-record is written before the update leaves, so a restart cannot lose it.
+And every model this site sent an update against, in any job kept in this directory, with
+the job and round it was for (``sent_against``): a site sends one update per model. An
+aggregator that reported a round aborted after summing it (or published its model again as
+its result, or led the model A -> B -> A) and opened another round from the same model,
+without one site, had the other sites train again from it: with deterministic training
+(full-batch, or seeded apart from the round), the difference of the two sums was that site's
+update, exactly, under either protocol (helpers' attacks). The record is checked and written
+under the lock, after taking in what another process on the directory recorded, before the
+update leaves: neither a restart nor a second Site on the directory can send twice against
+one model.
 
 And, per job, the last masking round whose sum holds this site's input, with how far that
 round's average can be from zero (``in_sum``): a site that did not see the round's result
@@ -64,27 +67,38 @@ class History:
         # job id -> (round, (L2 bound, element bound)): the last round whose sum holds this
         # site's input, and how far that round's average can be from zero
         self._in_sum: dict[str, tuple[int, tuple[float, float]]] = {}
-        # job id -> (round, digest): the last round whose update left this site, and the
-        # model that update was computed against
-        self._sent: dict[str, tuple[int, bytes]] = {}
+        # model digest -> (job id, round): every model an update of this site was computed
+        # against, and the round it was sent to
+        self._sent: dict[bytes, tuple[str, int]] = {}
         if self._path is not None and self._path.exists():
             self._last, self._held, self._in_sum, self._sent = _read(self._path)
 
-    def sent_against(self, job: str) -> tuple[int, bytes] | None:
-        """The last round of ``job`` whose update left this site, and the digest of the model
-        it was computed against, or None."""
-        return self._sent.get(job)
+    def sent_against(self, model_digest: bytes) -> tuple[str, int] | None:
+        """The job and round of an update this site sent against the model
+        ``model_digest``, or None (re-read: another Site on the directory may have sent)."""
+        if self._path is not None and self._path.exists():
+            self._merge()
+        return self._sent.get(model_digest)
 
     def record_sent(self, job: str, round_number: int, model_digest: bytes) -> None:
         """Record, durably and before it leaves, that ``round_number``'s update (computed
-        against ``model_digest``) is being sent; a SiteError if it cannot be recorded (then
-        it is not sent)."""
+        against ``model_digest``) is being sent. A SiteError, and nothing is sent, if this
+        site already sent an update against that model (in another round or job: checked
+        here, under the lock, after taking in what another process recorded) or if it cannot
+        be recorded."""
+        def add() -> None:
+            found = self._sent.get(model_digest)
+            # defence: sdk.sent-model-checked-when-recorded
+            if found is not None and found != (job, round_number):
+                raise SiteError(one_update_per_model(found) + NOT_SENT)
+            self._sent[model_digest] = (job, round_number)
+
         if self._path is None:
-            self._sent[job] = (round_number, model_digest)
+            add()
             return
         with _locked(self._path.with_name(f".{HISTORY_FILE}.lock")):
             self._merge()
-            self._sent[job] = (round_number, model_digest)
+            add()
             self._write()
 
     def in_sum(self, job: str, round_number: int) -> tuple[float, float] | None:
@@ -177,10 +191,9 @@ class History:
                 # defence: sdk.history-merge-keeps-the-later-bound
                 if name not in self._in_sum or b[0] > self._in_sum[name][0]:
                     self._in_sum[name] = b
-            for name, h in sent.items():
-                # defence: sdk.history-merge-keeps-the-later-sent
-                if name not in self._sent or h[0] > self._sent[name][0]:
-                    self._sent[name] = h
+            for model, jr in sent.items():
+                # defence: sdk.history-merge-keeps-every-sent
+                self._sent.setdefault(model, jr)
 
     def _write(self, after: str = NOT_SENT) -> None:
         assert self._path is not None
@@ -189,7 +202,7 @@ class History:
                                     in self._held.items()},
                            "in_sum": {job: [n, list(bound)] for job, (n, bound)
                                       in self._in_sum.items()},
-                           "sent": {job: [n, digest.hex()] for job, (n, digest)
+                           "sent": {digest.hex(): [job, n] for digest, (job, n)
                                     in self._sent.items()}}, sort_keys=True).encode()
         tmp = self._path.with_name(f".{HISTORY_FILE}.tmp")
         try:
@@ -216,9 +229,19 @@ class History:
                             f"{after}") from None
 
 
+def one_update_per_model(found: tuple[str, int], model: str = "this model") -> str:
+    """Why a site sends no second update against a model (``found``: the job and round of
+    its first)."""
+    return (f"this site already sent an update against {model} (job {found[0]!r}, round "
+            f"{found[1]}): a second one would let the aggregator subtract the sums of two "
+            "rounds over other sites and learn one site's update, so a site sends one update "
+            "per model (a job must start from a model no site has trained from in this "
+            "federation)")
+
+
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 HISTORY_LOCK_SECONDS = 30.0  # another Site on the directory holds it for one write at most
-MAX_HISTORY_BYTES = 1 << 20
+MAX_HISTORY_BYTES = 16 << 20  # (about 100 bytes a round sent to: some 160,000 rounds)
 
 
 def _flock_within(fd: int, path: Path, fcntl: Any, after: str) -> None:
@@ -277,7 +300,7 @@ def _locked(path: Path, after: str = NOT_SENT) -> Iterator[None]:
 
 def _read(path: Path) -> tuple[dict[str, int], dict[str, tuple[int, bytes]],
                               dict[str, tuple[int, tuple[float, float]]],
-                              dict[str, tuple[int, bytes]]]:
+                              dict[bytes, tuple[str, int]]]:
     try:
         data = json.loads(_read_bytes(path))
         last = data["last_round"]
@@ -304,13 +327,13 @@ def _read(path: Path) -> tuple[dict[str, int], dict[str, tuple[int, bytes]],
             raise ValueError("unexpected content")
         # defence: sdk.history-sent-checked
         if not isinstance(sent, dict) or not all(
-                isinstance(k, str) and isinstance(v, list) and len(v) == 2
-                and type(v[0]) is int and v[0] > 0 and isinstance(v[1], str)
-                and len(v[1]) == 64 for k, v in sent.items()):
+                isinstance(k, str) and len(k) == 64 and isinstance(v, list) and len(v) == 2
+                and isinstance(v[0], str) and type(v[1]) is int and v[1] > 0
+                for k, v in sent.items()):
             raise ValueError("unexpected content")
         return (dict(last), {k: (v[0], bytes.fromhex(v[1])) for k, v in held.items()},
                 {k: (v[0], (v[1][0], v[1][1])) for k, v in in_sum.items()},
-                {k: (v[0], bytes.fromhex(v[1])) for k, v in sent.items()})
+                {bytes.fromhex(k): (v[0], v[1]) for k, v in sent.items()})
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         reason = e.strerror if isinstance(e, OSError) else "it is not a round history"
         raise SiteError(f"cannot read {path}: {reason}; it records which rounds this site "

@@ -34,7 +34,7 @@ import numpy as np
 
 from clients import tensors
 from clients.errors import AggregatorRefused, ModelMismatch, RoundAborted, SiteError
-from clients.history import History
+from clients.history import History, one_update_per_model
 from clients.transport import Connection, Progress
 from secagg import wire
 from secagg.ckks import CkksClient, KeyHolder, PublicContext, Release, _seal
@@ -349,20 +349,16 @@ class Site:
         # defence: sdk.model-follows-held
         if self._model_digest is not None and digest != self._model_digest:
             self._follow_chain(info.round, digest)
-        # one update per model (clients.history): the aggregator reported the round this
-        # site last sent to as aborted, or published its model again as its result, and
-        # opens another from the same model; a second update against it would let it
-        # subtract two rounds' sums that differ by one site
-        sent = self._history.sent_against(self.config.job_id)
+        # one update per model (clients.history): the aggregator reported a round this site
+        # sent to as aborted, or published its model again as its result, or led the model
+        # back to it, and opens another from it: a second update against it would let it
+        # subtract two rounds' sums that differ by one site (checked again, under the lock,
+        # as the update is recorded before it leaves)
+        sent = self._history.sent_against(digest)
         # defence: sdk.one-update-per-model
-        if sent is not None and sent[1] == digest and sent[0] < number:
-            raise RoundAborted(round_id, (
-                f"this round starts from the model this site already sent an update against, "
-                f"in round {sent[0]}, which did not move the model on: a second update against "
-                "one model would let the aggregator subtract the sums of two rounds over "
-                "other sites and learn one site's update, so this site sends one update per "
-                "model (a job started again needs a new [job] id in every site's "
-                "federation.toml)"))
+        if sent is not None and sent != (self.config.job_id, number):
+            raise RoundAborted(round_id, one_update_per_model(
+                sent, "the model this round starts from"))
         self._held_round = info.round - 1
         model = self._download_model(info.model, "model")
         self._model_digest = model.digest

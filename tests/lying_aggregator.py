@@ -5,9 +5,11 @@ usage: lying_aggregator.py MODE aggregator serve ...   (the secagg command line 
 
 MODE ``abort``: round 1 is reported aborted after it was unmasked (masking) or released (CKKS);
 ``zero``: round 1 is published completed with its own model as its result (a zero step, which
-a masking site's bound on the result takes). Either way round 2 opens from round 1's model:
-were the sites to train from it again, the difference of two rounds' sums over different sites
-would be one site's update.
+a masking site's bound on the result takes). Either way round 2 opens from round 1's model.
+``aba`` (masking): round 1 completes honestly (A -> B), and round 2 is published with A as its
+result (a step as long as round 1's: within the bound), so round 3 opens from A again. Were
+the sites to train from a model again, the difference of two rounds' sums over different
+sites would be one site's update.
 """
 
 from __future__ import annotations
@@ -27,8 +29,18 @@ MODE = sys.argv.pop(1)
 _complete = job.Job._complete
 
 
+_FIRST: dict[str, Any] = {}
+
+
 def _lying_complete(self: Any, active: Any, average: np.ndarray, survivors: Any,
                     release_blob: Any, weight_sum: float) -> None:
+    if MODE == "aba":
+        if active.view.number == 1:
+            _FIRST["model"] = active.view.model
+        elif active.view.number == 2:
+            back = (_FIRST["model"].values - active.view.model.values)
+            return _complete(self, active, back / self.config.server_learning_rate,
+                             survivors, None, weight_sum)
     if active.view.number == 1 and MODE == "abort":
         return self._abort(active, "TOO_FEW_SURVIVORS", "a lie: the round was summed")
     if active.view.number == 1 and MODE == "zero":

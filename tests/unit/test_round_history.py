@@ -257,28 +257,55 @@ def test_recording_a_held_model_waits_for_another_process_holding_the_lock(
     assert history.held("job-1") == (1, b"\x02" * 32)  # kept in memory all the same
 
 
-def test_the_model_an_update_was_sent_against_survives_restarts_and_older_files(
+def test_every_model_an_update_was_sent_against_is_kept_across_restarts_and_jobs(
         tmp_path: Path) -> None:
-    """What the one-update-per-model check (Site._join) reads: the last round whose update
-    left the site and the model it was against. Kept across restarts; a history from before
-    it was kept reads as none; a merge with an older file (a backup restored under a running
-    site) keeps the later record; a damaged record is a clear error, not a check skipped."""
+    """What the one-update-per-model check reads: every model an update of this site left
+    against, with its job and round. Kept across restarts; a history from before it was kept
+    reads as none; a merge with an older file (a backup restored under a running site) loses
+    none; a damaged record is a clear error, not a check skipped."""
+    a, b, c = b"\x0a" * 32, b"\x0b" * 32, b"\x0c" * 32
     (tmp_path / HISTORY_FILE).write_text(json.dumps({"version": 1, "last_round": {"job-1": 1}}))
-    assert History(tmp_path).sent_against("job-1") is None
+    assert History(tmp_path).sent_against(a) is None
     older = tmp_path / "older"
     older.mkdir()
-    History(older).record_sent("job-1", 1, b"\x01" * 32)
+    History(older).record_sent("job-1", 1, a)
     history = History(tmp_path)
-    history.record_sent("job-1", 3, b"\x03" * 32)
-    assert History(tmp_path).sent_against("job-1") == (3, b"\x03" * 32)
+    history.record_sent("job-1", 1, a)
+    history.record_sent("job-1", 2, b)
+    history.record_sent("job-1", 2, b)  # (the same round's update, recorded again: as it was)
+    assert History(tmp_path).sent_against(b) == ("job-1", 2)
     (tmp_path / HISTORY_FILE).write_bytes((older / HISTORY_FILE).read_bytes())
-    history.hold("job-1", 3, b"\x04" * 32)  # merges the older file in, then writes
+    history.record_sent("job-2", 1, c)  # merges the older file in, then writes
     for h in (history, History(tmp_path)):
-        assert h.sent_against("job-1") == (3, b"\x03" * 32)
-    assert History(None).sent_against("job-1") is None
-    for damaged in ({"job-1": [0, "03" * 32]}, {"job-1": [3, "03" * 31]},
-                    {"job-1": [3, None]}, ["job-1"]):
+        assert [h.sent_against(d) for d in (a, b, c)] == [("job-1", 1), ("job-1", 2),
+                                                          ("job-2", 1)]
+    assert History(None).sent_against(a) is None
+    for damaged in ({"0a" * 32: ["job-1", 0]}, {"0a" * 31: ["job-1", 1]},
+                    {"0a" * 32: [1, 1]}, {"0a" * 32: ["job-1", None]}, ["job-1"]):
         (tmp_path / HISTORY_FILE).write_text(json.dumps(
             {"version": 1, "last_round": {}, "sent": damaged}))
         with pytest.raises(SiteError, match="not a round history"):
             History(tmp_path)
+
+
+@pytest.mark.parametrize("case", ["a-b-a", "another-job", "a-second-site-object",
+                                  "no-directory"])
+def test_no_second_update_is_recorded_against_a_model_whatever_came_between(
+        tmp_path: Path, case: str) -> None:
+    """Recording an update against a model this site already sent one against is refused,
+    under the lock, before anything leaves: after other models in between (the aggregator
+    led the model A -> B -> A: a record of the last model alone let the update through), in
+    another job of the same directory, or from a second Site object on the directory made
+    before the first sent (its own memory was stale)."""
+    a, b = b"\x0a" * 32, b"\x0b" * 32
+    first = History(None if case == "no-directory" else tmp_path)
+    second = first if case in ("a-b-a", "another-job", "no-directory") else History(tmp_path)
+    first.record_sent("job-1", 1, a)
+    if case in ("a-b-a", "no-directory"):
+        first.record_sent("job-1", 2, b)
+    job, number = ("job-2", 1) if case == "another-job" else ("job-1", 3)
+    assert second.sent_against(a) == ("job-1", 1)
+    with pytest.raises(SiteError, match=r"already sent an update against this model \(job "
+                                        r"'job-1', round 1\).*was not sent"):
+        second.record_sent(job, number, a)
+    assert second.sent_against(a) == ("job-1", 1)
