@@ -16,8 +16,9 @@ accepted, or of the model it last trained from) and the round that model belongs
 restarted training script still accepts only a model that follows from it (``Site._join``):
 without it, an aggregator could hand every restarted site a model of its own making.
 
-And every model this site sent an update against, in any job kept in this directory, with
-the job and round it was for (``sent_against``): a site sends one update per model. An
+And every model this site sent an update against (by ``FlatModel.training_digest``: what
+training sees of it, so a re-encoding is the same model), in any job kept in this directory,
+with the job and round it was for (``sent_against``): a site sends one update per model. An
 aggregator that reported a round aborted after summing it (or published its model again as
 its result, or led the model A -> B -> A) and opened another round from the same model,
 without one site, had the other sites train again from it: with deterministic training

@@ -167,24 +167,27 @@ def _sample_count(weight: object) -> float | None:
 
 
 def _warn_capped_counters(model: FlatModel, delta: np.ndarray, clip: float,
-                          round_id: str) -> None:
+                          round_id: str, warned: set[str]) -> None:
     """Warn (naming the tensors, not their values) when an integer tensor changed by more
     than ``clip`` at some entry: the protocols encode each value within [-clip, clip], so
-    that change is capped in the average (a step counter that grows faster lags behind)."""
+    that change is capped in the average (a step counter that grows faster lags behind).
+    Once per tensor (``warned``: those already named): a counter does so every round."""
     counters = model.integer_positions
     if not counters.any():
         return
     names, pos = [], 0
     for t in model.spec:
         end = pos + t.size
-        if counters[pos:end].any() and np.any(np.abs(delta[pos:end]) > clip):
+        if (t.name not in warned and counters[pos:end].any()
+                and np.any(np.abs(delta[pos:end]) > clip)):
             names.append(t.name[:64])
+            warned.add(t.name)
         pos = end
     if names:
         _log.warning("round %s: integer tensors %s changed by more than [update] clip_norm "
                      "(%g) this round; each value's change is capped at it in the average "
-                     "(the range the protocols encode), so they lag behind", round_id,
-                     names[:5], clip)
+                     "(the range the protocols encode), so they lag behind (said once)",
+                     round_id, names[:5], clip)
 
 
 class Site:
@@ -196,6 +199,7 @@ class Site:
         if type(workers) is not int or workers < 1:
             raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
         self.kit = kit
+        self._capped_warned: set[str] = set()  # integer tensors warned of (_warn_capped_counters)
         self.workers = workers  # CKKS: processes to encrypt with, and (key holder) to release
         self.site_id = kit.site_id
         self.config = kit.config
@@ -349,18 +353,19 @@ class Site:
         # defence: sdk.model-follows-held
         if self._model_digest is not None and digest != self._model_digest:
             self._follow_chain(info.round, digest)
+        model = self._download_model(info.model, "model")
         # one update per model (clients.history): the aggregator reported a round this site
         # sent to as aborted, or published its model again as its result, or led the model
-        # back to it, and opens another from it: a second update against it would let it
-        # subtract two rounds' sums that differ by one site (checked again, under the lock,
-        # as the update is recorded before it leaves)
-        sent = self._history.sent_against(digest)
+        # back to it (or to a re-encoding of it: the check is on what training sees), and
+        # opens another from it: a second update against it would let it subtract two
+        # rounds' sums that differ by one site (checked again, under the lock, as the update
+        # is recorded before it leaves)
+        sent = self._history.sent_against(model.training_digest)
         # defence: sdk.one-update-per-model
         if sent is not None and sent != (self.config.job_id, number):
             raise RoundAborted(round_id, one_update_per_model(
                 sent, "the model this round starts from"))
         self._held_round = info.round - 1
-        model = self._download_model(info.model, "model")
         self._model_digest = model.digest
         rnd = Round(self, info, model)
         if (info.protocol == service_pb2.PROTOCOL_CKKS
@@ -596,7 +601,8 @@ class Round:
             raise ConfigurationError(
                 "the update's difference from the round's model is not finite (values near "
                 "float64's largest): check the trained state for diverged values")
-        _warn_capped_counters(self.model, delta, config.clip_norm, self.round_id)
+        _warn_capped_counters(self.model, delta, config.clip_norm, self.round_id,
+                              self._site._capped_warned)
         scaled_weight = samples / config.max_samples
         # this round number is spent from here on, whatever becomes of it (if it cannot be
         # recorded, nothing is sent and the round stays open to another call)
@@ -747,7 +753,7 @@ class Round:
             # (recorded before the update leaves: clients.history, one update per model)
             # defence: sdk.masked-input-recorded-as-sent
             self._site._history.record_sent(self._site.config.job_id, self.number,
-                                            self.model.digest)
+                                            self.model.training_digest)
             self._upload_and_submit(
                 wire.masked_input_bytes(reply, word_bits), "masked input",
                 lambda blob: {"masked_input": wire.masked_input_to_ref(reply, blob, word_bits)})
@@ -804,7 +810,8 @@ class Round:
                             progress=lambda d, t: self._progress("encrypt", d, t))
         upload = client.start()
         # defence: sdk.ciphertexts-recorded-as-sent
-        site._history.record_sent(site.config.job_id, self.number, self.model.digest)
+        site._history.record_sent(site.config.job_id, self.number,
+                                  self.model.training_digest)
         self._upload_and_submit(b"".join(upload.chunks), "ciphertexts",
                                 lambda blob: {"ckks_update": wire.update_to_ref(upload, blob)})
         if self._key is not None:

@@ -191,6 +191,27 @@ class FlatModel:
                                       for t in self.spec])
         return digest("model", spec, payload_digest(self.values.data))
 
+    @cached_property
+    def training_digest(self) -> bytes:
+        """The digest of what a site's training sees of this model: each tensor's name, shape
+        and values, in name order, the values as float64 with -0.0 as 0.0; not the tensors'
+        order or dtypes (a state dict is loaded by name and cast into the site's own
+        tensors). The one-update-per-model rule (clients.history) keys on it: a model
+        re-encoded (its tensors reordered, a float32 tensor declared float64, a zero's sign
+        flipped) has another ``digest`` but trains the same, and is the same model to it."""
+        where, pos = {}, 0
+        for t in self.spec:
+            where[t.name] = (pos, pos + t.size, t.shape)
+            pos += t.size
+        parts = []
+        # defence: model.training-digest-in-name-order
+        for name in sorted(where):
+            start, end, shape = where[name]
+            # defence: model.training-digest-folds-signed-zeros
+            values = self.values[start:end] + 0.0  # (-0.0 + 0.0 is 0.0)
+            parts.append(encode("tensor", name, list(shape)) + payload_digest(values.data))
+        return digest("model-training", *parts)
+
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, object]) -> FlatModel:
         """From named arrays (numpy arrays, or anything ``np.asarray`` takes), in order."""
