@@ -68,15 +68,16 @@ class History:
         # job id -> (round, (L2 bound, element bound)): the last round whose sum holds this
         # site's input, and how far that round's average can be from zero
         self._in_sum: dict[str, tuple[int, tuple[float, float]]] = {}
-        # model digest -> (job id, round): every model an update of this site was computed
-        # against, and the round it was sent to
+        # training digest (FlatModel.training_digest) -> (job id, round): every model an
+        # update of this site was computed against, and the round it was sent to
         self._sent: dict[bytes, tuple[str, int]] = {}
         if self._path is not None and self._path.exists():
             self._last, self._held, self._in_sum, self._sent = _read(self._path)
 
     def sent_against(self, model_digest: bytes) -> tuple[str, int] | None:
-        """The job and round of an update this site sent against the model
-        ``model_digest``, or None (re-read: another Site on the directory may have sent)."""
+        """The job and round of an update this site sent against the model whose
+        ``training_digest`` is ``model_digest``, or None (re-read: another Site on the
+        directory may have sent since)."""
         if self._path is not None and self._path.exists():
             self._merge()
         return self._sent.get(model_digest)
@@ -178,7 +179,8 @@ class History:
             self._write()
 
     def _merge(self) -> None:
-        """Take in what another process on this directory recorded (the later of each)."""
+        """Take in what another process on this directory recorded (the later of each, and
+        every model sent against)."""
         assert self._path is not None
         if self._path.exists():
             last, held, in_sum, sent = _read(self._path)

@@ -366,3 +366,32 @@ def test_a_retry_time_that_is_not_a_number_of_seconds_is_refused_at_connect(bad:
         Connection(None, retry_seconds=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="call_timeout must be"):
         Connection(None, call_timeout=bad)  # type: ignore[arg-type]
+
+
+def test_a_call_on_a_closed_connection_is_a_site_error_not_grpcs_value_error() -> None:
+    """A connection closed before a call, or by another thread during one (grpc then raises
+    "Cannot invoke RPC on closed channel!", a ValueError the SDK took for the aggregator's
+    doing): a SiteError naming the closed connection, and the attempt is not made again. A
+    ValueError on an open connection is not disguised as one."""
+    from clients.errors import SiteError
+
+    conn = _connection()
+    calls = []
+
+    def closed_under_it() -> str:
+        calls.append(1)
+        conn.closed = True
+        raise ValueError("Cannot invoke RPC on closed channel!")
+
+    with pytest.raises(SiteError, match="connection is closed"):
+        conn._retry(closed_under_it)
+    assert calls == [1]
+    with pytest.raises(SiteError, match="connection is closed"):
+        conn._retry(lambda: "never made")
+    fresh = _connection()
+
+    def bad() -> str:
+        raise ValueError("something else")
+
+    with pytest.raises(ValueError, match="something else"):
+        fresh._retry(bad)
