@@ -35,7 +35,7 @@ import numpy as np
 from clients import tensors
 from clients.errors import AggregatorRefused, ModelMismatch, RoundAborted, SiteError
 from clients.history import History, one_update_per_model
-from clients.transport import Connection, Progress
+from clients.transport import CLOSED, Connection, Progress
 from secagg import wire
 from secagg.ckks import CkksClient, KeyHolder, PublicContext, Release, _seal
 from secagg.ckks.keys import public_context_length
@@ -248,8 +248,7 @@ class Site:
         # aggregator's doing)
         # defence: sdk.closed-site-named
         if self._closed:
-            raise SiteError("this site's connection is closed (Site.close(), or the end of its "
-                            "with block): connect again with Site.connect")
+            raise SiteError(CLOSED)
 
     def __enter__(self) -> Site:
         return self

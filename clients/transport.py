@@ -43,6 +43,10 @@ _log = logging.getLogger("clients")
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 
+CLOSED = ("this site's connection is closed (Site.close(), or the end of its with block): "
+          "connect again with Site.connect")
+
+
 class Connection:
     closed = False  # (set by close)
 
@@ -80,8 +84,7 @@ class Connection:
         inside, which the SDK then took for the aggregator's doing)."""
         # defence: sdk.closed-connection-named
         if self.closed:
-            raise SiteError("this site's connection is closed (Site.close(), or the end of its "
-                            "with block): connect again with Site.connect")
+            raise SiteError(CLOSED)
 
     # ---- calls ---------------------------------------------------------------------------------
 
