@@ -124,6 +124,8 @@ def _kind_stages(protocol: str) -> dict[str, Any]:
     return MASKING_KIND_STAGE if protocol == "masking" else CKKS_KIND_STAGE
 
 
+# a masking round whose average may be off by more than this share of clip_norm is logged
+PRECISION_WARNING_SHARE = 0.01
 PURGE_DELAY = 3.0  # seconds after a round ends before its uploads are dropped
 
 
@@ -783,6 +785,7 @@ class Job:
             assert result is not None
             self._check_clip_norm(active.view.model, result.weighted_sum, result.weight_sum,
                                   result.error_bound)
+            self._note_masking_precision(active, result.weight_sum, result.error_bound)
             average = result.weighted_sum / result.weight_sum
             self._complete(active, average, result.survivors, None, result.weight_sum)
             return
@@ -906,6 +909,23 @@ class Job:
             raise ProtocolAbort(AbortReason.AGGREGATE_OUT_OF_RANGE,
                                 "the unmasked sum is longer than clipped inputs can make")
 
+    def _note_masking_precision(self, active: _Active, weight_sum: float,
+                                error: tuple[float, float]) -> None:
+        """Warn the operator when a masking round's weight sum is small for the quantiser:
+        the average's rounding error (up to ``error`` over the weight sum) is then a
+        visible share of clip_norm, and nothing else would say so (weights of 100 samples
+        under ``max_samples = 1e6`` made averages off by ~1% of clip_norm, silently)."""
+        learned = int(np.count_nonzero(~active.view.model.integer_positions))
+        share = masking_error_share(error, weight_sum, learned, self.config.clip_norm)
+        # defence: service.masking-precision-warned
+        if share > PRECISION_WARNING_SHARE:
+            log.warning(
+                f"round's average may be off by up to {share:.2g} x clip_norm (L2): its weight "
+                f"sum {weight_sum:.3g} is small for the quantiser; bring [update] max_samples "
+                "nearer the sites' sample counts (weights nearer 1), or set [masking] "
+                "word_bits = 64", extra={"event": "masking_precision_low",
+                                         "round_id": active.view.round_id})
+
     def _abort(self, active: _Active, reason: str, detail: str = "") -> None:
         view = active.view
         with self.store.transaction() as conn:
@@ -1014,6 +1034,20 @@ class Job:
         if self.active is not None:
             self.active.claims.extend(blob.chunk_ids)
         return data
+
+
+def masking_error_share(error: tuple[float, float], weight_sum: float, learned: int,
+                        clip_norm: float) -> float:
+    """The most a masking round's average can be off (L2 over ``learned`` values), as a share
+    of ``clip_norm``: the decoded sum is within ``e`` an element of the true one and the
+    weight sum within ``e_w``, so the average S'/W' is off by at most (sqrt(learned) * e +
+    clip_norm * e_w) / (W' - e_w) (its true length being at most clip_norm). Infinite when
+    the weight sum is within its own error of zero."""
+    element, weight_error = error
+    low = weight_sum - weight_error
+    if not low > 0:
+        return math.inf
+    return (math.sqrt(learned) * element + clip_norm * weight_error) / low / clip_norm
 
 
 def _check_releasable(config: FederationConfig, sites: int, model: FlatModel) -> None:
