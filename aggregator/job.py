@@ -53,6 +53,7 @@ from secagg.masking.messages import (
     SurvivorList,
     UnmaskRequest,
 )
+from secagg.masking.precision import PRECISION_MARGIN, error_share
 from secagg.model import FlatModel
 from secagg.roster import Roster
 from secagg.v1 import service_pb2
@@ -124,8 +125,6 @@ def _kind_stages(protocol: str) -> dict[str, Any]:
     return MASKING_KIND_STAGE if protocol == "masking" else CKKS_KIND_STAGE
 
 
-# a masking round whose average may be off by more than this share of clip_norm is logged
-PRECISION_WARNING_SHARE = 0.01
 PURGE_DELAY = 3.0  # seconds after a round ends before its uploads are dropped
 
 
@@ -914,11 +913,12 @@ class Job:
         """Warn the operator when a masking round's weight sum is small for the quantiser:
         the average's rounding error (up to ``error`` over the weight sum) is then a
         visible share of clip_norm, and nothing else would say so (weights of 100 samples
-        under ``max_samples = 1e6`` made averages off by ~1% of clip_norm, silently)."""
+        under ``max_samples = 1e6`` made averages off by ~1% of clip_norm, silently). A round
+        within the margin is never refused by an honest site (secagg.masking.precision)."""
         learned = int(np.count_nonzero(~active.view.model.integer_positions))
-        share = masking_error_share(error, weight_sum, learned, self.config.clip_norm)
+        share = error_share(error, weight_sum, learned, self.config.clip_norm)
         # defence: service.masking-precision-warned
-        if share > PRECISION_WARNING_SHARE:
+        if share > PRECISION_MARGIN:
             log.warning(
                 f"round's average may be off by up to {share:.2g} x clip_norm (L2): its weight "
                 f"sum {weight_sum:.3g} is small for the quantiser; bring [update] max_samples "
@@ -1034,20 +1034,6 @@ class Job:
         if self.active is not None:
             self.active.claims.extend(blob.chunk_ids)
         return data
-
-
-def masking_error_share(error: tuple[float, float], weight_sum: float, learned: int,
-                        clip_norm: float) -> float:
-    """The most a masking round's average can be off (L2 over ``learned`` values), as a share
-    of ``clip_norm``: the decoded sum is within ``e`` an element of the true one and the
-    weight sum within ``e_w``, so the average S'/W' is off by at most (sqrt(learned) * e +
-    clip_norm * e_w) / (W' - e_w) (its true length being at most clip_norm). Infinite when
-    the weight sum is within its own error of zero."""
-    element, weight_error = error
-    low = weight_sum - weight_error
-    if not low > 0:
-        return math.inf
-    return (math.sqrt(learned) * element + clip_norm * weight_error) / low / clip_norm
 
 
 def _check_releasable(config: FederationConfig, sites: int, model: FlatModel) -> None:

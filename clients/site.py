@@ -45,6 +45,7 @@ from secagg.errors import ConfigurationError, InvalidMessage, ProtocolAbort, Sec
 from secagg.federation.kit import SiteKit
 from secagg.masking import MaskingClient, Stage
 from secagg.masking.messages import MaskedInput
+from secagg.masking.precision import result_bound
 from secagg.model import FlatModel
 from secagg.v1 import service_pb2
 
@@ -96,20 +97,13 @@ class AverageBound(NamedTuple):
     element: float
 
 
-def _masked_average_bound(quantizer: Any, weight: float, learned: int) -> AverageBound | None:
-    """How long the average of a masking round can be, for a site whose input of weight
-    ``weight`` is in it: the weighted sum of updates clipped to ``quantizer.clip`` (L2 over
-    the learned values; each element, counters too, by the quantiser) is within ``clip * W``
-    of zero, and the decoded sum within ``e`` an element of the true one (``sqrt(learned) *
-    e`` in L2; ``e_w`` for the weight sum); the average divides by the decoded weight sum,
-    at least ``weight - e_w``. None if the weight is below the quantiser's resolution."""
-    element, weight_error = quantizer.error_bound(quantizer.max_sites)
-    low = weight - weight_error
-    if not low > 0:
-        return None
-    clip = quantizer.clip * (1 + weight_error / low)
-    return AverageBound(float(clip + math.sqrt(learned) * element / low),
-                        float(clip + element / low))
+def _masked_average_bound(quantizer: Any, learned: int) -> AverageBound:
+    """How long the average of a masking round can be, in L2 over the learned values and in
+    each element (secagg.masking.precision.result_bound): public, the same for every site
+    of the round (a bound built from this site's weight made its accept/refuse of a result
+    an oracle on its sample count)."""
+    # defence: sdk.masked-bound-independent-of-the-weight
+    return AverageBound(*result_bound(quantizer, learned))
 
 
 def _steps(model: FlatModel, result: FlatModel) -> tuple[float, float]:
@@ -728,16 +722,15 @@ class Round:
         # seed's shares: its input (and weight) is in the sum, which bounds the average
         # defence: sdk.masked-average-bounded-once-in-the-sum
         self._average_bound = _masked_average_bound(
-            config.quantizer, weight, int(np.count_nonzero(~self.model.integer_positions)))
-        if self._average_bound is None:
+            config.quantizer, int(np.count_nonzero(~self.model.integer_positions)))
+        if weight * config.quantizer.weight_scale < 1:  # (said here only: nothing changes)
             _log.warning("round %s: this site's weight is below the quantiser's resolution: "
-                         "it cannot bound the round's result (raise the weight, or lower "
+                         "its update is mostly lost to rounding (raise the weight, or lower "
                          "[update] max_samples)", self.round_id)
-        else:
-            # kept for a result this site does not see now (told the round aborted, or
-            # restarted while it waited): the chain of missed rounds checks it then
-            # defence: sdk.in-sum-recorded
-            site._history.record_in_sum(site.config.job_id, self.number, self._average_bound)
+        # kept for a result this site does not see now (told the round aborted, or
+        # restarted while it waited): the chain of missed rounds checks it then
+        # defence: sdk.in-sum-recorded
+        site._history.record_in_sum(site.config.job_id, self.number, self._average_bound)
 
     def _send_masking(self, reply: Any, word_bits: int) -> None:
         from secagg.masking.messages import (

@@ -94,6 +94,7 @@ def test_masking_sites_refuse_a_result_moved_further_than_clipped_updates_can(
     finally:
         agg.stop()
     assert any(e.get("event") == "round_completed" for e in agg.read())
+    bounds = set()
     for s in (1, 2, 3, 4):
         (report,) = reports[s]
         assert report.get("error") == "ModelMismatch", report
@@ -102,3 +103,8 @@ def test_masking_sites_refuse_a_result_moved_further_than_clipped_updates_can(
         # result it would find later, in the chain of rounds it missed)
         bound = History(fed.site_dir(s)).in_sum(SiteKit.load(fed.site_dir(s)).config.job_id, 1)
         assert bound is not None and bound[0] > 0
+        bounds.add(tuple(bound))
+    # the same bound at every site, whatever its weight (100 to 400 samples here): one built
+    # from a site's weight made its accept or refusal of a result an oracle on its sample
+    # count, for an aggregator publishing steps between two weights' limits
+    assert len(bounds) == 1, bounds

@@ -12,8 +12,9 @@ import types
 import numpy as np
 import pytest
 
-from aggregator.job import PRECISION_WARNING_SHARE, Job, masking_error_share
+from aggregator.job import Job
 from secagg.masking import RoundConfig, make_roster, simulate_round
+from secagg.masking.precision import PRECISION_MARGIN, error_share
 from secagg.model import FlatModel
 
 SIZE = 4096
@@ -50,12 +51,12 @@ def _note(config: RoundConfig, result: object, caplog: pytest.LogCaptureFixture)
 def test_a_small_weight_sum_is_warned_with_the_fix(caplog: pytest.LogCaptureFixture) -> None:
     config, exact, result = _round((1e-6, 2e-6, 1e-6))
     average = result.weighted_sum / result.weight_sum  # type: ignore[attr-defined]
-    share = masking_error_share(result.error_bound, result.weight_sum,  # type: ignore[attr-defined]
+    share = error_share(result.error_bound, result.weight_sum,  # type: ignore[attr-defined]
                                 SIZE, config.quantizer.clip)
     # the bound holds, and the error it bounds is really there (not a worst case only)
     error = float(np.linalg.norm(average - exact))
     assert error <= share * config.quantizer.clip
-    assert error > PRECISION_WARNING_SHARE * config.quantizer.clip / 10
+    assert error > PRECISION_MARGIN * config.quantizer.clip / 10
     (message,) = _note(config, result, caplog)
     assert "max_samples" in message and "word_bits" in message
 
@@ -68,5 +69,5 @@ def test_weights_near_one_are_not_warned(caplog: pytest.LogCaptureFixture) -> No
 
 
 def test_a_weight_sum_within_its_own_error_is_infinitely_imprecise() -> None:
-    assert masking_error_share((1e-9, 1e-3), 1e-3, 100, 1.0) == math.inf
-    assert masking_error_share((0.0, 0.0), 2.0, 100, 1.0) == 0.0
+    assert error_share((1e-9, 1e-3), 1e-3, 100, 1.0) == math.inf
+    assert error_share((0.0, 0.0), 2.0, 100, 1.0) == 0.0
