@@ -458,13 +458,6 @@ class Job:
         """Count one site message; True if it was a repeat of one already counted."""
         kind = request.WhichOneof("message")
         view = self._view(request.round_id)  # NOT_FOUND if unknown
-        # what is stored (for good: the events outlive their round) is what the roles read:
-        # fields this aggregator does not know are dropped, not kept beside the message (a
-        # site padded each message with 8 MiB of them, which no signature covers: 40 MB of
-        # store a round that no purge took)
-        # defence: service.unknown-fields-not-stored
-        request.DiscardUnknownFields()
-        payload = request.SerializeToString(deterministic=True)
         if kind in _kind_stages(view.protocol):
             # a message counted just before the aggregator could answer (it was killed, the
             # connection broke) comes again from its site, perhaps after its round ended
@@ -473,7 +466,7 @@ class Job:
             repeat = self.store.event_payload(view.number, "message",
                                               self._stage_of(view, kind), site)
             # defence: service.repeat-acknowledged-after-the-round
-            if repeat is not None and repeat == payload:
+            if repeat is not None and repeat == _stored_form(request):
                 return True
         active = self._active_for(request.round_id)
         stage = self._stage_of(active.view, kind)
@@ -495,6 +488,9 @@ class Job:
         if site not in active.expected:
             raise ServiceError(FAILED_PRECONDITION,
                                f"site {site} is not a participant of this stage")
+        # (the message is serialised only now: a site sending 8 MiB messages to a finished
+        # round, or out of turn, made the job's thread serialise each before refusing it)
+        payload = _stored_form(request)
         with self.store.transaction() as conn:
             self.store.record_event(conn, Event(active.view.number, "message", stage, site,
                                                 payload))
@@ -1034,6 +1030,16 @@ class Job:
         if self.active is not None:
             self.active.claims.extend(blob.chunk_ids)
         return data
+
+
+def _stored_form(request: service_pb2.SubmitRequest) -> bytes:
+    """What is stored of a site message (for good: the events outlive their round), which is
+    what the roles read: fields this aggregator does not know are dropped, not kept beside
+    the message (a site padded each message with 8 MiB of them, which no signature covers:
+    40 MB of store a round that no purge took)."""
+    # defence: service.unknown-fields-not-stored
+    request.DiscardUnknownFields()
+    return request.SerializeToString(deterministic=True)
 
 
 def _check_releasable(config: FederationConfig, sites: int, model: FlatModel) -> None:

@@ -621,6 +621,10 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         problem = self._check_ids(ids)
         if problem:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+        # each id once (a blob may hold one chunk twice, a model of zeros: asked, not refused;
+        # 4096 copies of one id were looked up, and answered, 4096 times)
+        # defence: service.missing-ids-distinct
+        ids = list(dict.fromkeys(ids))
         job = await self._ready_job(context)
         store = job.store
         try:
@@ -700,6 +704,13 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
                     await _abort(context, grpc.StatusCode.UNAVAILABLE,
                                  "the aggregator is reloading its job from the store; send "
                                  "the rest again")
+                # (an id of another length is malformed, said as such, and refused before a
+                # byte is hashed or charged)
+                # defence: service.chunk-id-length
+                if len(chunk.chunk_id) != 32:
+                    del chunk
+                    await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                                 "a chunk id is a 32-byte SHA-256")
                 size = len(chunk.data)
                 # defence: logs.no-payloads (of a chunk, only its size is ever logged or counted)
                 _metrics.bytes_received.inc(size)

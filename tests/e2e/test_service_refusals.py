@@ -103,6 +103,15 @@ def test_identity_and_message_refusals_leave_the_round_intact(tmp_path: Path) ->
         wrong = service_pb2.Chunk(chunk_id=hashlib.sha256(b"other").digest(), data=data)
         assert _code(lambda: stub.PutChunks(iter([wrong]), timeout=10)
                      ) is grpc.StatusCode.INVALID_ARGUMENT
+        # a chunk id of another length: said as such (not "does not hash to its id")
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.PutChunks(iter([service_pb2.Chunk(chunk_id=b"\1", data=data)]), timeout=10)
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "32-byte" in (refused.value.details() or "")
+        # one unknown id asked about many times is looked up and answered once
+        unknown = hashlib.sha256(b"never uploaded").digest()
+        assert list(stub.MissingChunks(service_pb2.ChunkIds(chunk_ids=[unknown] * 64),
+                                       timeout=30).chunk_ids) == [unknown]
         # a message of the other protocol, and an unknown round
         assert _code(lambda: stub.Submit(service_pb2.SubmitRequest(
             round_id=info.round_id, ckks_key=service_pb2.CkksKeyOffer()), timeout=10)
