@@ -230,6 +230,15 @@ class Site:
         if tensors not in ("auto", "numpy", "torch"):
             raise ValueError(f"tensors must be 'auto', 'numpy' or 'torch', got {tensors!r}")
         kit = SiteKit.load(site_dir)
+        # with no first model pinned, the aggregator chose the model every site starts from
+        # (an operator who added [job] initial_model to the aggregator's config only had
+        # every site train from a model of its choosing, unwarned)
+        # defence: sdk.first-model-required
+        if kit.config.initial_model_digest is None:
+            raise ConfigurationError(
+                f"{Path(site_dir) / 'federation.toml'} pins no [job] initial_model_digest: the "
+                "aggregator would choose the model this site starts from; ask the federation's "
+                "operator for it (secagg federation init --model writes it)")
         return cls(kit, Connection(kit, retry_seconds=retry_seconds), tensors_kind=tensors,
                    progress=progress, workers=workers, history_dir=history_dir)
 

@@ -79,8 +79,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                       help="a host name or IP the aggregator's certificate must also name")
     init.add_argument("--aggregator", default="localhost:50051", help="host:port sites dial")
     init.add_argument("--name", default="trial")
-    init.add_argument("--model", type=Path, default=None,
-                      help="the job's initial model (.npz of named arrays)")
+    init.add_argument("--model", type=Path, required=True,
+                      help="the job's initial model (.npz of named arrays); its digest is "
+                           "pinned in every site's config, so the aggregator cannot choose it")
     init.set_defaults(func=_init)
     csr = fed_sub.add_parser("csr", help="make this site's own keys and certificate request")
     csr.add_argument("--dir", required=True, type=Path)

@@ -174,6 +174,10 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
     d = Path(directory)
     if d.exists() and any(d.iterdir()):
         raise ConfigurationError(f"{d} is not empty: refusing to overwrite a federation")
+    # an existing directory keeps its mode: one others can write let any local user swap
+    # the config's trust root and the roster for the operator's next `sign` to re-sign
+    # defence: federation.init-refuses-a-shared-directory
+    _check_not_shared(d)
     if not 3 <= sites <= 10_000:
         raise ConfigurationError(f"--sites must be in [3, 10000], got {sites}")
     if not set(key_holders) <= set(range(1, sites + 1)):
@@ -244,6 +248,22 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
 
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")  # named by every server certificate
+
+
+def _check_not_shared(d: Path) -> None:
+    """Refuse a federation directory that users other than its owner can write (group or
+    world write, a sticky /tmp too: another user's files there are theirs to replace)."""
+    try:
+        mode = d.stat().st_mode
+    except FileNotFoundError:
+        return  # (made by init, 0755)
+    except OSError as e:
+        raise ConfigurationError(f"cannot read {d}: {e.strerror}") from None
+    if mode & 0o022:
+        raise ConfigurationError(
+            f"{d} is writable by other users (mode {mode & 0o777:o}): anyone who can write "
+            "there can replace the federation's config and roster; chmod go-w it, or name "
+            "a directory only you can write")
 
 
 def _dial_host(address: str) -> str | None:
@@ -406,6 +426,8 @@ def _federation_lock(fed: Path) -> Iterator[None]:
     if not (fed / CONFIG_FILE).is_file() or not (fed / "ca" / "ca.key").is_file():
         raise ConfigurationError(f"{fed} is not a federation directory (no {CONFIG_FILE} or "
                                  "ca/ca.key)")
+    # defence: federation.sign-refuses-a-shared-directory
+    _check_not_shared(fed)
     try:
         # (a link planted at the lock's name is not followed)
         # defence: federation.sign-lock-no-follow
@@ -434,10 +456,23 @@ def _federation_lock(fed: Path) -> Iterator[None]:
 def _sign_locked(fed: Path, site_id: int, csr: x509.CertificateSigningRequest,
                  identity_public: bytes, out: Path | str, add_site: bool) -> SignedRequest:
     config = FederationConfig.load(fed / CONFIG_FILE)
+    signer_key = serialization.load_pem_private_key(
+        (fed / "trust-root" / "signer.key").read_bytes(), password=None)
+    if not isinstance(signer_key, Ed25519PrivateKey):
+        raise ConfigurationError("the trust root key is not an Ed25519 key")
+    signer = RosterSigner(IdentityKey(signer_key))
+    # the roster is opened with the signer's own key, never with the trust root the
+    # (editable) config names: a roster signed under a trust root of someone's making was
+    # re-signed with the real one, naming their identity key for a site
+    # defence: federation.sign-trusts-its-own-signer
+    if config.trust_root != signer.public_key:
+        raise ConfigurationError(
+            f"{fed / CONFIG_FILE} names a trust root that is not this federation's signer key "
+            "(trust-root/signer.key): the config was changed; restore it before signing")
     ca_key = pki.load_private(fed / "ca" / "ca.key")
     ca_cert = pki.load_cert(fed / "ca" / "ca.crt")
     cert = pki.sign_csr(ca_key, ca_cert, csr, site_id)
-    roster = load_roster(fed / ROSTER_FILE, config.trust_root)
+    roster = load_roster(fed / ROSTER_FILE, signer.public_key)
     # defence: federation.roster-key-kept
     if site_id in roster and roster[site_id] != identity_public:
         raise ConfigurationError(f"site {site_id} is already on the roster with another key")
@@ -449,11 +484,7 @@ def _sign_locked(fed: Path, site_id: int, csr: x509.CertificateSigningRequest,
             "--add-site (a rotation names a site already on the roster)")
     sites = dict(roster)
     sites[site_id] = identity_public
-    signer_key = serialization.load_pem_private_key(
-        (fed / "trust-root" / "signer.key").read_bytes(), password=None)
-    if not isinstance(signer_key, Ed25519PrivateKey):
-        raise ConfigurationError("the trust root key is not an Ed25519 key")
-    signed = RosterSigner(IdentityKey(signer_key)).sign(
+    signed = signer.sign(
         sites, federation=roster.federation, version=roster.version + 1)
     # the site's files first, the federation's roster last (each replaced whole): a failure
     # part way leaves the federation as it was, not re-signed for a site that got nothing

@@ -58,3 +58,16 @@ def test_a_site_whose_config_differs_in_max_samples_is_told_so_by_the_round(
         agg.stop()
     assert not any(e.get("site_id") == 3 for e in agg.read()
                    if e.get("event") == "message_counted")
+
+
+def test_a_site_whose_config_pins_no_first_model_refuses_to_connect(tmp_path: Path) -> None:
+    """A federation made without --model pinned no first model in the sites' configs: the
+    operator then named a model in the aggregator's config only, and every site trained
+    from a model of the aggregator's choosing, unwarned. Site.connect refuses such a
+    config, naming the setting, before it dials."""
+    from secagg.errors import ConfigurationError
+    from secagg.federation.kit import init_federation
+
+    init_federation(tmp_path / "fed", 3)
+    with pytest.raises(ConfigurationError, match="initial_model_digest"):
+        Site.connect(tmp_path / "fed" / "sites" / "site-1", retry_seconds=1)

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 
-from secagg.errors import ConfigurationError
+from secagg.errors import ConfigurationError, InvalidMessage
 from secagg.federation import pki
 from secagg.federation.config import FederationConfig
 from secagg.federation.kit import (
@@ -543,3 +543,52 @@ def test_init_sets_its_modes_whatever_the_umask_and_names_the_dialled_host(
     assert "grpc.example.org" in names.get_values_for_type(x509.DNSName)
     with pytest.raises(ConfigurationError, match=r"\[federation\] aggregator must be host:port"):
         init_federation(tmp_path / "noport", 3, aggregator="[::1]")
+
+
+def test_sign_opens_the_roster_with_its_own_signer_key_not_the_configs_trust_root(
+        fed: Path, tmp_path: Path) -> None:
+    """Someone who can write the federation's config and roster (a directory left writable)
+    names their own trust root in federation.toml and a roster signed with it that puts
+    their identity key at site 2. The operator's next routine `sign --add-site` re-signed
+    that roster with the real signer key: site 2 was theirs under the real trust root.
+    `sign` now trusts only its own signer key: refused, nothing re-signed."""
+    from secagg.federation.kit import roster_from_bytes, roster_to_bytes
+    from secagg.hazmat.signing import IdentityKey
+    from secagg.roster import RosterSigner
+
+    config_text = (fed / "federation.toml").read_text()
+    real = FederationConfig.load(fed / "federation.toml")
+    sites = dict(load_roster(fed / "roster.bin", real.trust_root))
+    theirs = RosterSigner(IdentityKey(ed25519.Ed25519PrivateKey.generate()))
+    sites[2] = IdentityKey(ed25519.Ed25519PrivateKey.generate()).public_bytes
+    (fed / "roster.bin").write_bytes(roster_to_bytes(theirs.sign(sites, federation=real.name)))
+    (fed / "federation.toml").write_text(
+        config_text.replace(real.trust_root.hex(), theirs.public_key.hex()))
+    request = make_site_request(tmp_path / "site-5", 5)
+    with pytest.raises(ConfigurationError, match="not this federation's signer key"):
+        sign_site_request(fed, request, tmp_path / "out", add_site=True)
+    assert not (tmp_path / "out").exists()
+    signed = roster_from_bytes((fed / "roster.bin").read_bytes())
+    with pytest.raises(InvalidMessage):  # (still theirs: never signed with the real key)
+        signed.open(real.trust_root)
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o1777])
+def test_init_and_sign_refuse_a_directory_others_can_write(tmp_path: Path, mode: int) -> None:
+    """`init` into an existing directory kept its mode: a world-writable one let any local
+    user replace the config and the roster. Refused, nothing written; and `sign` refuses a
+    federation directory that has become writable by others."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    with pytest.raises(ConfigurationError, match="writable by other users"):
+        init_federation(shared, 3)
+    assert list(shared.iterdir()) == []
+    fed = tmp_path / "fed"
+    init_federation(fed, 3)
+    fed.chmod(mode)
+    request = make_site_request(tmp_path / "site-4", 4)
+    with pytest.raises(ConfigurationError, match="writable by other users"):
+        sign_site_request(fed, request, tmp_path / "out", add_site=True)
+    fed.chmod(0o755)
+    sign_site_request(fed, request, tmp_path / "out", add_site=True)
