@@ -962,7 +962,7 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
     store_opened: Store | None = None
     try:
         opened = await _until_the_store_answers(
-            core, functools.partial(store_factory, store_url), stop)
+            core, functools.partial(_open_leased, store_factory, store_url), stop)
         if opened is None:
             return 0  # stopped while waiting for the store
         _metrics.watch_engine(opened.engine)
@@ -1034,6 +1034,17 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
 
 
 SHUTDOWN_STORE_SECONDS = 5.0  # what a store call in progress gets to end, at shutdown
+
+
+def _open_leased(store_factory: Callable[[str], Store], url: str) -> Store:
+    """The store, held for this aggregator alone (Store.take_lease), or StoreError."""
+    store = store_factory(url)
+    try:
+        store.take_lease()
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 async def _drained(core: Core) -> bool:

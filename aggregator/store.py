@@ -232,6 +232,10 @@ def _private_sqlite_file(url: str, create: bool) -> None:
         raise StoreError(f"cannot create store {path}: {e.strerror}") from None
 
 
+# the PostgreSQL advisory lock a serving aggregator holds on its database (Store.take_lease)
+_LEASE_KEY = int.from_bytes(hashlib.sha256(b"secagg aggregator lease").digest()[:8], "big",
+                            signed=True)
+
 # query parameters of a database URL that hold secrets (libpq's): masked like the password
 _SECRET_PARAMETERS = frozenset({"password", "sslpassword", "passfile", "sslkey"})
 
@@ -660,6 +664,8 @@ class Store:
         elif url.startswith("postgresql"):
             sa.event.listen(self.bulk, "connect", _pg_bulk_settings)
         self.url = url
+        self._lease: Connection | None = None  # (take_lease)
+        self._lease_fd: int | None = None
         self._last_chunk_write = 0.0
         self._last_truncate = time.monotonic()
         try:
@@ -714,6 +720,8 @@ class Store:
                             "OR pg_is_in_recovery()").scalar():
                         raise StoreError("the store refuses writes (read-only)")
                     if write:
+                        # (and that this aggregator still holds the store: check_lease)
+                        self.check_lease()
                         # defence: store.ping-proves-a-write
                         c.exec_driver_sql("UPDATE alembic_version SET version_num = version_num")
                         c.commit()
@@ -755,7 +763,84 @@ class Store:
                 finally:
                     c.exec_driver_sql("PRAGMA busy_timeout=30000")
 
+    # ---- one serving aggregator per store ------------------------------------------------------
+
+    def take_lease(self) -> None:
+        """Hold this store for one serving aggregator, or StoreError: two aggregators on one
+        store (SQLite file or PostgreSQL database) each recovered the same round and then
+        diverged, writing over each other's stage closes, and every site's round aborted.
+        SQLite: an exclusive lock on ``<store>.lock`` beside it; PostgreSQL: a session
+        advisory lock on a connection of its own. Both end with the process (a kill -9
+        leaves nothing to clean up)."""
+        if self.url.startswith("sqlite"):
+            self._lease_sqlite()
+        else:
+            self._lease_postgresql()
+
+    def check_lease(self) -> None:
+        """StoreError unless this aggregator still holds the store: a PostgreSQL restart ends
+        the lease's session, and the lease is taken again (refused if another aggregator
+        took it meanwhile) before this one serves again (Store.ping with ``write``)."""
+        if self._lease is None or self.url.startswith("sqlite"):
+            return
+        try:
+            self._lease.exec_driver_sql("SELECT 1").scalar()
+            self._lease.rollback()
+            return
+        except sa.exc.SQLAlchemyError:
+            with contextlib.suppress(sa.exc.SQLAlchemyError):
+                self._lease.close()
+            self._lease = None
+        self._lease_postgresql()
+
+    def _lease_sqlite(self) -> None:
+        database = sa.engine.make_url(self.url).database
+        if not database or database == ":memory:":
+            return
+        import fcntl
+
+        path = Path(f"{database}.lock")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except OSError as e:
+            raise StoreError(f"cannot lock the store ({path}): {e.strerror}") from None
+        try:
+            # defence: store.one-serving-aggregator
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(f"the store {database} is in use by another aggregator (it "
+                             f"holds {path}): stop that one first") from None
+        self._lease_fd = fd
+
+    def _lease_postgresql(self) -> None:
+        try:
+            conn = self.engine.connect()
+        except sa.exc.SQLAlchemyError as e:
+            raise store_failure(e, "taking the store's lease failed") from None
+        try:
+            held = conn.execute(sa.text("SELECT pg_try_advisory_lock(:key)"),
+                                {"key": _LEASE_KEY}).scalar()
+            conn.commit()
+        except sa.exc.SQLAlchemyError as e:
+            with contextlib.suppress(sa.exc.SQLAlchemyError):
+                conn.close()
+            raise store_failure(e, "taking the store's lease failed") from None
+        # defence: store.one-serving-aggregator-postgresql
+        if not held:
+            conn.close()
+            raise StoreError(f"the store {redacted(self.url)} is in use by another aggregator "
+                             "(it holds the store's advisory lock): stop that one first")
+        self._lease = conn
+
     def close(self) -> None:
+        if self._lease is not None:
+            with contextlib.suppress(sa.exc.SQLAlchemyError):
+                self._lease.close()
+            self._lease = None
+        if self._lease_fd is not None:
+            os.close(self._lease_fd)  # (the lock goes with it)
+            self._lease_fd = None
         self.engine.dispose()
         self.bulk.dispose()
 

@@ -749,3 +749,72 @@ def test_a_store_url_naming_a_libpq_service_backs_up(
     with pytest.raises(StoreError, match="put those in the service file"):
         backup(url + "&sslpassword=passphrase", tmp_path / "c.dump")
     assert not (tmp_path / "c.dump").exists()
+
+
+def test_one_store_serves_one_aggregator_at_a_time(store_url: str) -> None:
+    """Two aggregators on one store each recovered the same round and diverged, writing over
+    each other's stage closes: every site's round aborted. A serving aggregator holds the
+    store (a lock beside the SQLite file; a PostgreSQL advisory lock): a second is refused,
+    naming the cause, until the first lets go."""
+    first = Store(store_url)
+    second = Store(store_url, create=False)
+    try:
+        first.take_lease()
+        with pytest.raises(StoreError, match="in use by another aggregator"):
+            second.take_lease()
+        first.close()
+        second.take_lease()
+        second.ping(write=True)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_postgresql_lease_lost_with_its_session_is_taken_again_or_refused(
+        postgres_url: str) -> None:
+    """A PostgreSQL restart ends the session that holds the lease: the aggregator takes it
+    again before it serves again (the write ping), and is refused if another aggregator
+    took it meanwhile."""
+    first = Store(postgres_url)
+    other = Store(postgres_url, create=False)
+    admin = _engine(postgres_url)
+    kill = sa.text("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = "
+                   "'advisory' AND granted AND database = (SELECT oid FROM pg_database "
+                   "WHERE datname = current_database())")
+    try:
+        first.take_lease()
+        with admin.connect() as c:
+            c.execute(kill)
+            c.commit()
+        first.ping(write=True)  # taken again
+        with pytest.raises(StoreError, match="in use by another aggregator"):
+            other.take_lease()
+        with admin.connect() as c:
+            c.execute(kill)
+            c.commit()
+        other.take_lease()  # the other aggregator takes it while the first's session is gone
+        with pytest.raises(StoreError, match="in use by another aggregator"):
+            first.ping(write=True)
+    finally:
+        first.close()
+        other.close()
+        admin.dispose()
+
+
+def test_a_second_aggregator_on_a_served_store_exits_with_one_line(tmp_path: Path) -> None:
+    from tests.service_kit import env, free_port, make_federation, start_aggregator
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    agg = start_aggregator(fed, tmp_path)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "secagg.cli", "aggregator", "serve", "--config",
+             str(fed.aggregator_config), "--store", str(tmp_path / "aggregator.db"),
+             "--listen", f"127.0.0.1:{free_port()}"],
+            capture_output=True, text=True, timeout=60, env=env())
+        assert proc.returncode != 0
+        assert "in use by another aggregator" in proc.stderr and "Traceback" not in proc.stderr
+        agg.wait_for(lambda e: e.get("event") == "serving")  # the first serves on
+        assert agg.process is not None and agg.process.poll() is None
+    finally:
+        agg.stop()
