@@ -127,6 +127,25 @@ _UNREACHABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.Disconnec
 _UNREACHABLE_SQLSTATES = ("25006", "08", "53", "57P", "40")
 
 
+# what a driver's message says, for the causes an operator fixes by hand, as our own words
+# (a driver's message is never passed on: it can quote statements and parameters)
+_KNOWN_CAUSES = (
+    (("file is not a database",), "it is not a SQLite database (or its first page is damaged)"),
+    (("database disk image is malformed",), "the SQLite file is damaged (restore a backup)"),
+    (("database \"", "does not exist"), "the database does not exist (create it, or name "
+                                        "another)"),
+    (("password authentication failed",), "password authentication failed"),
+)
+
+
+def _known_cause(e: BaseException) -> str | None:
+    text = str(getattr(e, "orig", None) or "")
+    for needles, cause in _KNOWN_CAUSES:
+        if all(n in text for n in needles):
+            return cause
+    return None
+
+
 def store_failure(e: BaseException, what: str) -> StoreError:
     """``what`` failed with ``e`` (a database error): StoreUnreachable when the database did
     not answer or cannot take work for now (the service waits for it, NOT_SERVING),
@@ -329,6 +348,9 @@ def migrate(url: str) -> tuple[str | None, str]:
 
     engine = _engine(url)
     if engine.dialect.name == "sqlite":
+        # (a store that migrate makes is as private as one serve makes: 0600)
+        # defence: store.migrate-makes-a-private-file
+        _private_sqlite_file(normalize_url(url), True)
         _transactional_ddl(engine)
     try:
         with engine.begin() as c:
@@ -346,6 +368,9 @@ def migrate(url: str) -> tuple[str | None, str]:
             command.upgrade(config, "head")
             return before, head_revision()
     except sa.exc.SQLAlchemyError as e:
+        hint = _known_cause(e)
+        if hint is not None:
+            raise StoreError(f"store {redacted(url)} cannot be opened: {hint}") from None
         kind = StoreError if engine.dialect.name == "sqlite" else StoreUnreachable
         raise kind(f"store {redacted(url)} is unreachable: {type(e).__name__}") from None
     finally:
@@ -672,6 +697,9 @@ class Store:
             self._check_schema(create)
         except sa.exc.SQLAlchemyError as e:
             self.close()
+            hint = _known_cause(e)
+            if hint is not None:
+                raise StoreError(f"store {redacted(url)} cannot be opened: {hint}") from None
             kind = StoreError if url.startswith("sqlite") else StoreUnreachable
             raise kind(f"store {redacted(url)} is unreachable: {type(e).__name__}") from None
 

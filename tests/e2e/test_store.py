@@ -16,6 +16,7 @@ from aggregator.store import (
     Event,
     Store,
     StoreError,
+    StoreUnreachable,
     backup,
     head_revision,
     metadata,
@@ -818,3 +819,34 @@ def test_a_second_aggregator_on_a_served_store_exits_with_one_line(tmp_path: Pat
         assert agg.process is not None and agg.process.poll() is None
     finally:
         agg.stop()
+
+
+def test_a_store_made_by_migrate_is_private_too(tmp_path: Path) -> None:
+    """`aggregator migrate --store new.db` made the file 0644 (serve and restore make 0600)."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        migrate(str(tmp_path / "new.db"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new.db").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_store_that_is_not_a_database_is_named_so_not_unreachable(
+        tmp_path: Path, postgres_url: str) -> None:
+    """A truncated or foreign file was "unreachable: DatabaseError"; a PostgreSQL database
+    that does not exist "unreachable: OperationalError" (and waited for as if it would
+    come). Each is now one line naming the cause, and refused."""
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"not a database" * 100)
+    bad.chmod(0o600)
+    with pytest.raises(StoreError, match="not a SQLite database"):
+        Store(str(bad))
+    with pytest.raises(StoreError, match="not a SQLite database"):
+        migrate(str(bad))
+    missing = sa.engine.make_url(normalize_url(postgres_url)).set(
+        database="secagg_no_such_database").render_as_string(hide_password=False)
+    with pytest.raises(StoreError, match="does not exist") as refused:
+        Store(missing)
+    assert not isinstance(refused.value, StoreUnreachable)
