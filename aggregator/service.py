@@ -874,6 +874,12 @@ def load_server_files(config_path: Path) -> ServerFiles:
         raise ConfigurationError(f"cannot read {e.filename}: {e.strerror}") from None
     pki.check_tls_files(files.server_key, files.server_cert, files.ca_cert, d,
                         chain_to_ca=False)
+    # a site's client certificate put in as server.crt started a server no site could
+    # connect to (each failed the handshake, told only "unavailable")
+    # defence: service.server-certificate-for-servers
+    if not pki.is_server_certificate(files.server_cert):
+        raise ConfigurationError(f"{d / 'server.crt'} is not a server certificate (its "
+                                 "extended key usage lacks serverAuth: a site's?)")
     return files
 
 
@@ -885,6 +891,12 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
     """Run the aggregator until SIGTERM/SIGINT (or ``stop_event``); returns the exit status.
     ``metrics_listen``: HOST:PORT for Prometheus's ``/metrics`` (None: not served)."""
     global _metrics
+    # (a port past 65535 was a traceback for --metrics, and for --listen another port,
+    # silently: gRPC bound 99999 - 65536)
+    # defence: service.addresses-checked
+    for value, flag in ((listen, "--listen"), (metrics_listen, "--metrics")):
+        if value is not None:
+            check_address(value, flag)
     files = load_server_files(config_path)
     config = files.config
     roster = load_roster(files.directory / ROSTER_FILE, config.trust_root)
@@ -1034,6 +1046,16 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
 
 
 SHUTDOWN_STORE_SECONDS = 5.0  # what a store call in progress gets to end, at shutdown
+
+
+def check_address(value: str, flag: str) -> None:
+    """A HOST:PORT ([v6]:PORT) to bind, its port in 0..65535 (0: any free one), or a
+    ConfigurationError naming the flag."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or (
+            host.startswith("[") != host.endswith("]")):
+        raise ConfigurationError(f"{flag} must be HOST:PORT with a port in 0..65535, got "
+                                 f"{value!r}")
 
 
 def _open_leased(store_factory: Callable[[str], Store], url: str) -> Store:

@@ -282,7 +282,7 @@ class FederationConfig:
                                            100_000_000)),
                 max_sites=int(_get(lim, "limits", "max_sites", int, 10_000)),
                 stream_idle_seconds=float(_get(lim, "limits", "stream_idle_seconds",
-                                               (int, float), 30.0)),
+                                               (int, float), 60.0)),
                 upload_slots=int(_get(lim, "limits", "upload_slots", int, 8))),
         )
         config.check()

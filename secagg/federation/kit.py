@@ -182,6 +182,9 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
         raise ConfigurationError(f"--sites must be in [3, 10000], got {sites}")
     if not set(key_holders) <= set(range(1, sites + 1)):
         raise ConfigurationError(f"--key-holders must be sites in 1..{sites}")
+    # defence: federation.init-key-holders-distinct
+    if len(set(key_holders)) != len(tuple(key_holders)):
+        raise ConfigurationError("--key-holders names a site twice")
     # Everything is checked before the first file is written: a failed init used to leave the
     # CA's and the roster signer's private keys behind, and the re-run was refused.
     # defence: federation.init-checks-first
@@ -189,6 +192,12 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
     # hostname check when --aggregator named a host and --host did not repeat it)
     # defence: federation.init-names-the-aggregator-host
     dialled = _dial_host(aggregator)
+    # (a host no certificate can name, "bad host:50051", was written to every config, and
+    # every site would fail the TLS check)
+    # defence: federation.init-aggregator-host-nameable
+    if dialled is None and ":" in aggregator and not aggregator.startswith(("unix:", "[")):
+        raise ConfigurationError(f"--aggregator {aggregator!r} names no host a certificate can "
+                                 "name: give HOST:PORT with a DNS name or an IP address")
     hosts = [*hosts, *([dialled] if dialled and dialled not in (*hosts, *DEFAULT_HOSTS) else [])]
     pki.check_hosts(hosts)
     if not 1 <= len(name) <= 40 or not name.isprintable():

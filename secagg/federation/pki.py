@@ -320,6 +320,17 @@ def load_cert(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
 
 
+def is_server_certificate(cert_pem: bytes) -> bool:
+    """Whether the first certificate of ``cert_pem`` may serve TLS: no extended key usage,
+    or one that names serverAuth."""
+    leaf = x509.load_pem_x509_certificates(cert_pem)[0]
+    try:
+        usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return ExtendedKeyUsageOID.SERVER_AUTH in usage
+
+
 def check_tls_files(key_pem: bytes, cert_pem: bytes, ca_pem: bytes, where: Path, *,
                     chain_to_ca: bool) -> None:
     """That a party's TLS files parse, that the key is its certificate's (the first in the

@@ -225,10 +225,11 @@ def check_sparse_parameters(sites: int, neighbors: int, threshold: int | None,
         if n - 2 < MIN_NEIGHBORS:  # (the range said was empty: "[4, 3]")
             raise ConfigurationError(
                 f"{n} sites are too few for a sparse graph (neighbors needs at least "
-                f"{MIN_NEIGHBORS + 2} sites): use neighbors=None for the complete graph")
+                f"{MIN_NEIGHBORS + 2} sites): use the complete graph (neighbors = \"complete\" in "
+                "federation.toml, None from Python)")
         raise ConfigurationError(
-            f"neighbors must be in [{MIN_NEIGHBORS}, {n - 2}] for {n} sites (use "
-            f"neighbors=None for the complete graph or 'auto'), got {k}")
+            f"neighbors must be in [{MIN_NEIGHBORS}, {n - 2}] for {n} sites (or \"complete\" "
+            f"(None from Python) or \"auto\"), got {k}")
     # defence: masking.graph.even-degree
     if k % 2:
         raise ConfigurationError(f"neighbors must be even (a Harary graph H(k, n)), got {k}")
@@ -253,7 +254,7 @@ def check_sparse_parameters(sites: int, neighbors: int, threshold: int | None,
         best = find_sparse_parameters(n, corrupt_fraction, dropout_rate, security_bits)
         hint = (f"the smallest safe choice is neighbors={best.neighbors}, "
                 f"threshold={best.threshold}" if best is not None
-                else "only the complete graph (neighbors=None) is safe for this roster")
+                else "only the complete graph (neighbors = \"complete\") is safe for this roster")
         why = (f"up to {m} of each {k // 2}-site window may drop out, leaving no threshold "
                "that lets the round finish" if highest < 2 else
                f"P(failure) <= 2^{bound:.1f} and threshold must be in [2, {highest}]")

@@ -154,3 +154,15 @@ def test_too_few_sites_for_a_sparse_graph_says_so(capsys: pytest.CaptureFixture[
     """5 sites with --neighbors 3 said "neighbors must be in [4, 3]", an empty range."""
     assert main(["bench", "masking", "--clients", "5", "--params", "10", "--neighbors", "4"]) == 2
     assert "too few for a sparse graph" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--listen", "127.0.0.1:99999"],
+                                   ["--metrics", "127.0.0.1:70000"],
+                                   ["--listen", "no-port"]])
+def test_an_address_out_of_range_is_one_line_before_anything_binds(
+        flags: list[str], capfd: pytest.CaptureFixture[str]) -> None:
+    """--metrics HOST:70000 was a traceback (OverflowError from bind), and --listen
+    HOST:99999 bound another port silently (gRPC took 99999 - 65536)."""
+    assert main(["aggregator", "serve", "--config", "/nonexistent.toml", *flags]) == 2
+    err = capfd.readouterr().err
+    assert f"{flags[0]} must be HOST:PORT" in err and "Traceback" not in err

@@ -268,6 +268,8 @@ def test_a_model_file_that_is_not_an_npz_is_a_clear_error_that_never_suggests_un
     ({"hosts": ["bücher.de"]}, "--host"), ({"name": "n" * 80}, "--name"),
     ({"initial_model": "MISSING"}, "no such file"),
     ({"aggregator": "localhost:99999"}, "1-65535"),
+    ({"aggregator": "bad host:50051"}, "names no host"),
+    ({"key_holders": (1, 1)}, "names a site twice"),
 ])
 def test_a_failed_init_writes_nothing_and_can_be_run_again(tmp_path: Path, kwargs: dict,  # type: ignore[type-arg]
                                                             says: str) -> None:
@@ -501,3 +503,29 @@ def test_an_identity_key_of_another_kind_is_a_clear_error(tmp_path: Path) -> Non
     path.chmod(0o600)
     with pytest.raises(ConfigurationError, match="not an Ed25519 private key"):
         load_identity(path)
+
+
+def test_a_server_started_with_a_sites_certificate_is_refused(federation: Path,
+                                                              tmp_path: Path) -> None:
+    """A site's client certificate and key put in as server.crt and server.key: the server
+    started, and every site failed its handshake, told only "unavailable". Refused, naming
+    the file."""
+    import shutil
+
+    from aggregator.service import load_server_files
+
+    agg = tmp_path / "aggregator"
+    shutil.copytree(federation / "aggregator", agg)
+    load_server_files(agg / "federation.toml")  # as made: taken
+    shutil.copy(federation / "sites" / "site-1" / "client.crt", agg / "server.crt")
+    shutil.copy(federation / "sites" / "site-1" / "client.key", agg / "server.key")
+    with pytest.raises(ConfigurationError, match="not a server certificate"):
+        load_server_files(agg / "federation.toml")
+
+
+def test_the_idle_timeout_left_out_is_the_documented_one() -> None:
+    """The loader's default was 30 s where the README, the template and the dataclass say 60."""
+    config = FederationConfig.from_dict({
+        "federation": {"name": "n", "protocol": "masking", "aggregator": "a:1",
+                       "trust_root": "00" * 32}, "job": {"id": "j", "rounds": 1}})
+    assert config.limits.stream_idle_seconds == 60.0
