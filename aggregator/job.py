@@ -182,22 +182,7 @@ class Job:
         if config.protocol == "ckks" and not set(config.key_holders) <= set(roster):
             raise ConfigurationError(f"[ckks] key_holders {list(config.key_holders)} must be "
                                      "sites of the roster")
-        # defence: service.start-roster-within-max-sites
-        if len(roster) > config.limits.max_sites:
-            raise ConfigurationError(f"the roster has {len(roster)} sites, [limits] max_sites "
-                                     f"is {config.limits.max_sites}")
-        # (checked before anything is stored: a store whose round 1 holds an empty model could
-        # never run, even after the model file was fixed)
-        if initial_model.size < 1:
-            raise ConfigurationError("the job's initial model has no values")
-        # defence: service.start-model-within-max-vector-length
-        if initial_model.size > config.limits.max_vector_length:
-            raise ConfigurationError(f"the model has {initial_model.size} values, [limits] "
-                                     f"max_vector_length is {config.limits.max_vector_length}")
-        if config.protocol == "ckks":
-            # defence: service.start-ckks-round-parameters
-            config.check_ckks_roster(len(roster))
-            _check_releasable(config, len(roster), initial_model)
+        check_job(config, roster, initial_model)
         self.config = config
         self._settings_digest = config.settings_digest()
         self.roster = roster
@@ -1040,6 +1025,33 @@ def _stored_form(request: service_pb2.SubmitRequest) -> bytes:
     # defence: service.unknown-fields-not-stored
     request.DiscardUnknownFields()
     return request.SerializeToString(deterministic=True)
+
+
+def check_job(config: FederationConfig, roster: Roster, initial_model: FlatModel) -> None:
+    """ConfigurationError for a job no round of which could run: checked as the job starts,
+    and by `aggregator serve` before it binds its port (a threshold, a graph or a vector
+    length out of range was reported after the "listening" line)."""
+    # defence: service.start-roster-within-max-sites
+    if len(roster) > config.limits.max_sites:
+        raise ConfigurationError(f"the roster has {len(roster)} sites, [limits] max_sites "
+                                 f"is {config.limits.max_sites}")
+    # (checked before anything is stored: a store whose round 1 holds an empty model could
+    # never run, even after the model file was fixed)
+    if initial_model.size < 1:
+        raise ConfigurationError("the job's initial model has no values")
+    # defence: service.start-model-within-max-vector-length
+    if initial_model.size > config.limits.max_vector_length:
+        raise ConfigurationError(f"the model has {initial_model.size} values, [limits] "
+                                 f"max_vector_length is {config.limits.max_vector_length}")
+    if config.protocol == "ckks":
+        # defence: service.start-ckks-round-parameters
+        config.check_ckks_roster(len(roster))
+        _check_releasable(config, len(roster), initial_model)
+    if config.protocol == "masking":
+        # (round 1's parameters: every round's are these, but for the round id)
+        # defence: service.start-masking-round-parameters
+        config.masking_round(config.round_id_for(1), roster, initial_model.size,
+                             model_digest=initial_model.digest)
 
 
 def _check_releasable(config: FederationConfig, sites: int, model: FlatModel) -> None:

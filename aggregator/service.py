@@ -40,6 +40,7 @@ from aggregator.job import (
     UNAVAILABLE,
     Job,
     ServiceError,
+    check_job,
 )
 from aggregator.metrics import Metrics, NoMetrics, serve_metrics
 from aggregator.store import Store, StoreError, StoreUnreachable, sqlite_url, store_failure
@@ -911,6 +912,8 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
             f"[job] initial_model ({config.initial_model}) is not the model "
             "[job] initial_model_digest names (the sites' configs name it too): restore the "
             "model file, or give every party a config naming the new model")
+    # every check of the job that needs no store, before the port is bound
+    check_job(config, roster, model)
     _metrics = Metrics()
     metrics_server = None
     if metrics_listen is not None:

@@ -233,3 +233,21 @@ def test_a_ckks_job_whose_rounds_could_not_be_configured_is_refused_at_start(
         Job(ckks, roster, store, model)
     finally:
         store.close()
+
+
+def test_a_masking_job_no_round_of_which_could_run_is_refused_before_the_port_is_bound(
+        tmp_path: Path) -> None:
+    """A sparse graph for a roster too small for one (a threshold or a graph out of range)
+    was found only when round 1 opened, after the "listening" line, with the store already
+    bound to the job. Now: status 2 and one line, before anything listens or is stored."""
+    from tests.service_kit import Aggregator
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1, neighbors=4)
+    agg = Aggregator(fed, tmp_path / "aggregator.db", tmp_path / "aggregator.log")
+    agg.start(wait=False)
+    assert agg.process is not None
+    assert agg.process.wait(timeout=60) == 2
+    log = (tmp_path / "aggregator.log").read_text()
+    assert "too few for a sparse graph" in log and "Traceback" not in log
+    assert '"listening"' not in log
+    assert not (tmp_path / "aggregator.db").exists()
