@@ -1,4 +1,4 @@
-"""``secagg federation init|csr|sign``: set up a federation, or let a site make its own keys."""
+"""``secagg federation init|csr|sign|remove-site``: set up a federation and its roster."""
 
 from __future__ import annotations
 
@@ -38,6 +38,17 @@ def _init(args: argparse.Namespace) -> int:
     print(f"  aggregator:  secagg aggregator serve --config {d / 'aggregator' / 'federation.toml'}")
     print(f"  each site:   {d / 'sites' / 'site-<id>'} (private keys 0600; hand each its own)")
     print(f"  keep offline: {d / 'ca' / 'ca.key'}, {d / 'trust-root' / 'signer.key'}")
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    from secagg.federation.kit import remove_site
+
+    done = remove_site(args.dir, args.site)
+    print(f"site {done.site_id} REMOVED from the roster ({len(done.sites_before)} -> "
+          f"{len(done.sites_after)} sites)")
+    print(f"  the re-signed roster is in {Path(args.dir) / 'roster.bin'} and the aggregator's "
+          "directory; every party needs it, and the aggregator a restart")
     return 0
 
 
@@ -99,3 +110,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                       help="the request adds a new site to the roster (confirm with it out of "
                            "band first); without it only a rotation is signed")
     sign.set_defaults(func=_sign)
+    remove = fed_sub.add_parser(
+        "remove-site", help="re-sign the roster without a site (its certificate is then "
+                            "refused by an aggregator started with the new roster)")
+    remove.add_argument("--dir", required=True, type=Path, help="the federation directory")
+    remove.add_argument("--site", required=True, type=_site_id)
+    remove.set_defaults(func=_remove)

@@ -465,19 +465,10 @@ def _federation_lock(fed: Path) -> Iterator[None]:
 def _sign_locked(fed: Path, site_id: int, csr: x509.CertificateSigningRequest,
                  identity_public: bytes, out: Path | str, add_site: bool) -> SignedRequest:
     config = FederationConfig.load(fed / CONFIG_FILE)
-    signer_key = serialization.load_pem_private_key(
-        (fed / "trust-root" / "signer.key").read_bytes(), password=None)
-    if not isinstance(signer_key, Ed25519PrivateKey):
-        raise ConfigurationError("the trust root key is not an Ed25519 key")
-    signer = RosterSigner(IdentityKey(signer_key))
     # the roster is opened with the signer's own key, never with the trust root the
     # (editable) config names: a roster signed under a trust root of someone's making was
     # re-signed with the real one, naming their identity key for a site
-    # defence: federation.sign-trusts-its-own-signer
-    if config.trust_root != signer.public_key:
-        raise ConfigurationError(
-            f"{fed / CONFIG_FILE} names a trust root that is not this federation's signer key "
-            "(trust-root/signer.key): the config was changed; restore it before signing")
+    signer = _federation_signer(fed, config)
     ca_key = pki.load_private(fed / "ca" / "ca.key")
     ca_cert = pki.load_cert(fed / "ca" / "ca.crt")
     cert = pki.sign_csr(ca_key, ca_cert, csr, site_id)
@@ -507,3 +498,54 @@ def _sign_locked(fed: Path, site_id: int, csr: x509.CertificateSigningRequest,
     for path in (fed / ROSTER_FILE, fed / "aggregator" / ROSTER_FILE):
         pki.write_public(path, roster_to_bytes(signed))  # (replaced whole)
     return SignedRequest(o, site_id, tuple(sorted(roster)), tuple(sorted(sites)))
+
+
+@dataclass(frozen=True)
+class RemovedSite:
+    site_id: int
+    sites_before: tuple[int, ...]
+    sites_after: tuple[int, ...]
+
+
+def remove_site(federation: Path | str, site_id: int) -> RemovedSite:
+    """Re-sign the federation's roster without ``site_id`` (a new version and graph seed),
+    into the federation's and the aggregator's directories: the aggregator, started with
+    it, refuses the site's certificate (a site is who the roster names), and no round counts
+    it. Every party must then receive the new roster. A site the federation's config names
+    as a CKKS key holder is refused (name another in every config first), as is a roster
+    that would fall below three sites."""
+    fed = Path(federation)
+    with _federation_lock(fed):
+        config = FederationConfig.load(fed / CONFIG_FILE)
+        signer = _federation_signer(fed, config)
+        roster = load_roster(fed / ROSTER_FILE, signer.public_key)
+        if site_id not in roster:
+            raise ConfigurationError(f"site {site_id} is not on the roster (now "
+                                     f"{sorted(roster)})")
+        # defence: federation.remove-keeps-key-holders
+        if config.protocol == "ckks" and site_id in config.key_holders:
+            raise ConfigurationError(f"site {site_id} is a [ckks] key holder: name another in "
+                                     "every party's config first")
+        sites = {s: key for s, key in roster.items() if s != site_id}
+        if len(sites) < 3:
+            raise ConfigurationError("a roster needs at least 3 sites")
+        signed = signer.sign(sites, federation=roster.federation, version=roster.version + 1)
+        for path in (fed / ROSTER_FILE, fed / "aggregator" / ROSTER_FILE):
+            pki.write_public(path, roster_to_bytes(signed))  # (replaced whole)
+        return RemovedSite(site_id, tuple(sorted(roster)), tuple(sorted(sites)))
+
+
+def _federation_signer(fed: Path, config: FederationConfig) -> RosterSigner:
+    """The federation's roster signer (trust-root/signer.key), if the config names its key
+    as the trust root; ConfigurationError otherwise (see _sign_locked)."""
+    signer_key = serialization.load_pem_private_key(
+        (fed / "trust-root" / "signer.key").read_bytes(), password=None)
+    if not isinstance(signer_key, Ed25519PrivateKey):
+        raise ConfigurationError("the trust root key is not an Ed25519 key")
+    signer = RosterSigner(IdentityKey(signer_key))
+    # defence: federation.sign-trusts-its-own-signer
+    if config.trust_root != signer.public_key:
+        raise ConfigurationError(
+            f"{fed / CONFIG_FILE} names a trust root that is not this federation's signer key "
+            "(trust-root/signer.key): the config was changed; restore it before signing")
+    return signer

@@ -592,3 +592,29 @@ def test_init_and_sign_refuse_a_directory_others_can_write(tmp_path: Path, mode:
         sign_site_request(fed, request, tmp_path / "out", add_site=True)
     fed.chmod(0o755)
     sign_site_request(fed, request, tmp_path / "out", add_site=True)
+
+
+def test_remove_site_re_signs_the_roster_without_it(tmp_path: Path) -> None:
+    """A site that ended a job (its shares did not reconstruct: the aggregator's log names
+    it) is taken off the roster: a new version signed by the trust root, without it, in the
+    federation's and the aggregator's directories; the aggregator started with it refuses
+    the site (it is who the roster names). A CKKS key holder, an unknown site, or a roster
+    that would fall below three sites are refused, and nothing is re-signed."""
+    from secagg.cli import main
+    from secagg.federation.kit import remove_site
+
+    fed = tmp_path / "fed"
+    init_federation(fed, 4, protocol="ckks", key_holders=(1,))
+    with pytest.raises(ConfigurationError, match="key holder"):
+        remove_site(fed, 1)
+    with pytest.raises(ConfigurationError, match="not on the roster"):
+        remove_site(fed, 9)
+    assert _roster_version(fed) == 1
+    assert main(["federation", "remove-site", "--dir", str(fed), "--site", "3"]) == 0
+    config = FederationConfig.load(fed / "federation.toml")
+    for where in (fed, fed / "aggregator"):
+        roster = load_roster(where / "roster.bin", config.trust_root)
+        assert sorted(roster) == [1, 2, 4] and roster.version == 2
+    with pytest.raises(ConfigurationError, match="at least 3 sites"):
+        remove_site(fed, 2)
+    assert _roster_version(fed) == 2
