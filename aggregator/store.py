@@ -827,7 +827,9 @@ class Store:
             return
         import fcntl
 
-        path = Path(f"{database}.lock")
+        # (beside the file itself: a store named through a symlink or another relative path
+        # is the same store, and takes the same lock)
+        path = Path(f"{os.path.realpath(database)}.lock")
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
         except OSError as e:
