@@ -15,6 +15,8 @@ payload or anything derived from one. Each aggregator has its own registry (test
 - ``secagg_tls_refused_total{reason}``: TLS handshakes refused (no certificate, another CA,
   expired), by TLS reason (a fixed set, else "other")
 - ``secagg_bytes_received_total``, ``secagg_bytes_sent_total``: chunk payload bytes
+- ``secagg_calls_paced_total``: calls held back because their site outran its work budget
+  (a site flooding the aggregator; honest sites stay far below it)
 - ``secagg_stage_duration_seconds{protocol,stage}``: from a stage's start to its close
 - ``secagg_store_latency_seconds{operation}``: each SQL statement (select, insert, update,
   delete, other), on the store's connections
@@ -60,6 +62,9 @@ class Metrics:
         self.bytes_sent = Counter("secagg_bytes_sent", "Chunk bytes sent", registry=r)
         self.uploads_waiting = Gauge("secagg_uploads_waiting",
                                      "Sites waiting for an upload slot", registry=r)
+        self.calls_paced = Counter(
+            "secagg_calls_paced", "Calls held back because their site outran its work budget",
+            registry=r)
         self.uploads_unadmitted = Counter(
             "secagg_uploads_unadmitted",
             "Sites told to send without an upload slot (none came free within their deadline)",

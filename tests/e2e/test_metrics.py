@@ -57,6 +57,8 @@ def test_metrics_during_and_after_a_job_match_what_happened(tmp_path: Path) -> N
     assert _value(after, "secagg_rounds_completed_total", protocol="masking") == 2
     assert not any(name == "secagg_rounds_aborted_total" for name, _ in after)
     assert _value(after, "secagg_dropouts_total", protocol="masking", stage="2") == 1
+    # honest sites (one call at a time) never outrun their work budget
+    assert _value(after, "secagg_calls_paced_total") == 0
     assert sum(v for (name, _), v in after.items() if name == "secagg_dropouts_total") == 1
     assert _value(after, "secagg_refused_total", code="INVALID_ARGUMENT") == 1
     # every stage of both rounds closed once: 5 stages x 2 rounds
@@ -73,3 +75,30 @@ def test_metrics_during_and_after_a_job_match_what_happened(tmp_path: Path) -> N
     assert masked_inputs <= received <= sent
     assert _value(after, "secagg_bytes_sent_total") > 0  # models, to every site
     assert _value(after, "secagg_store_latency_seconds_count", operation="insert") > 0
+
+
+def test_a_site_flooding_large_requests_is_paced_not_refused(tmp_path: Path) -> None:
+    """A site sending 1 MiB messages to no round, as fast as it can (within its concurrent
+    calls), made the aggregator's one job thread serialise each before refusing it, and
+    every honest round slowed. Each site's calls are paced by the work they ask for: past
+    its burst, the flood waits (counted), and each call still gets its own answer."""
+    from clients.errors import AggregatorRefused
+    from clients.transport import Connection
+    from secagg.federation.kit import SiteKit
+    from secagg.v1 import service_pb2
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    agg = start_aggregator(fed, tmp_path)
+    try:
+        port = _metrics_port(agg)
+        conn = Connection(SiteKit.load(fed.site_dir(1)), retry_seconds=30)
+        padding = service_pb2.SubmitRequest(round_id="no-such-round" + "x" * (1 << 20))
+        for _ in range(3):
+            with pytest.raises(AggregatorRefused) as refused:
+                conn.call("Submit", padding, timeout=30)
+            assert refused.value.code == "INVALID_ARGUMENT"  # (its own answer, not a pacing one)
+        conn.close()
+        paced = _value(_scrape(port), "secagg_calls_paced_total")
+    finally:
+        agg.stop()
+    assert paced >= 2

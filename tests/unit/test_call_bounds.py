@@ -92,3 +92,20 @@ def test_the_open_files_limit_is_raised_and_connections_kept_below_it() -> None:
         assert allowed == min(MAX_CONNECTIONS, raised - RESERVED_FILES)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_the_work_pacer_lets_a_burst_through_then_paces_at_its_rate() -> None:
+    """Each site's budget: a burst of units, refilled at a rate; a call costs at most the
+    burst (a 4 GiB blob's 4096 chunk ids wait a few seconds, never for good); sites are
+    paced apart."""
+    from aggregator.service import WorkPacer
+
+    now = [0.0]
+    pacer = WorkPacer(rate=10.0, burst=20.0, clock=lambda: now[0])
+    assert pacer.delay(1, 15) == 0.0
+    assert pacer.delay(1, 5) == 0.0
+    assert pacer.delay(1, 10) == 1.0  # 10 units short, at 10 a second
+    assert pacer.delay(2, 20) == 0.0  # another site's budget is its own
+    now[0] += 3.0  # 30 units refill the 10 owed, and 20 more (the burst)
+    assert pacer.delay(1, 20) == 0.0
+    assert pacer.delay(1, 1e9) == 2.0  # capped at the burst: 20 units owed
