@@ -737,9 +737,11 @@ class Round:
                          "its update is mostly lost to rounding (raise the weight, or lower "
                          "[update] max_samples)", self.round_id)
         # kept for a result this site does not see now (told the round aborted, or
-        # restarted while it waited): the chain of missed rounds checks it then
-        # defence: sdk.in-sum-recorded
-        site._history.record_in_sum(site.config.job_id, self.number, self._average_bound)
+        # restarted while it waited): the chain of missed rounds checks it then (a bound
+        # that is no bound, a quantiser of next to no levels per site, is not kept)
+        if math.isfinite(self._average_bound.l2):
+            # defence: sdk.in-sum-recorded
+            site._history.record_in_sum(site.config.job_id, self.number, self._average_bound)
 
     def _send_masking(self, reply: Any, word_bits: int) -> None:
         from secagg.masking.messages import (
