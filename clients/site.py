@@ -707,6 +707,18 @@ class Round:
         config = site.config.masking_round(self.round_id, site.kit.roster, self.model.size,
                                            model_digest=self.model.digest)
         client = MaskingClient(config, site.site_id, site.kit.identity, (delta, weight))
+        # how far the round's average can be from zero: public (the same at every site), and
+        # recorded as the masked input leaves (_send_masking): from then on the input may be
+        # in the sum, whether or not the aggregator lets this site answer the unmasking (a
+        # site it told "dropped out" after signing the survivor list was in the sum, had
+        # recorded no bound, and took a made-up result of any size as a missed round's)
+        # defence: sdk.masked-average-bounded-once-in-the-sum
+        self._average_bound = _masked_average_bound(
+            config.quantizer, int(np.count_nonzero(~self.model.integer_positions)))
+        if weight * config.quantizer.weight_scale < 1:  # (said here only: nothing changes)
+            _log.warning("round %s: this site's weight is below the quantiser's resolution: "
+                         "its update is mostly lost to rounding (raise the weight, or lower "
+                         "[update] max_samples)", self.round_id)
         self._progress("stage ADVERTISE_KEYS", 0, 5)
         self._submit(advertise_keys=wire.advertise_to_proto(client.start()))
         steps: list[tuple[Stage, Callable[[service_pb2.ReceiveResponse], Any]]] = [
@@ -727,21 +739,6 @@ class Round:
                              self.round_id, list(client.unusable_share_senders))
             self._progress(f"stage {client.stage.name}", done, 5)
             self._send_masking(reply, config.word_bits)
-        # this site was in the survivor list every site signed, and revealed its self-mask
-        # seed's shares: its input (and weight) is in the sum, which bounds the average
-        # defence: sdk.masked-average-bounded-once-in-the-sum
-        self._average_bound = _masked_average_bound(
-            config.quantizer, int(np.count_nonzero(~self.model.integer_positions)))
-        if weight * config.quantizer.weight_scale < 1:  # (said here only: nothing changes)
-            _log.warning("round %s: this site's weight is below the quantiser's resolution: "
-                         "its update is mostly lost to rounding (raise the weight, or lower "
-                         "[update] max_samples)", self.round_id)
-        # kept for a result this site does not see now (told the round aborted, or
-        # restarted while it waited): the chain of missed rounds checks it then (a bound
-        # that is no bound, a quantiser of next to no levels per site, is not kept)
-        if math.isfinite(self._average_bound.l2):
-            # defence: sdk.in-sum-recorded
-            site._history.record_in_sum(site.config.job_id, self.number, self._average_bound)
 
     def _send_masking(self, reply: Any, word_bits: int) -> None:
         from secagg.masking.messages import (
@@ -753,6 +750,14 @@ class Round:
         if isinstance(reply, ShareKeys):
             self._submit(share_keys=wire.share_keys_to_proto(reply))
         elif isinstance(reply, MaskedInput):
+            bound = self._average_bound
+            # kept, before the input leaves, for a result this site does not see now (told
+            # it dropped out or the round aborted, or restarted while it waited): the chain
+            # of missed rounds checks it then (a bound that is no bound, a quantiser of next
+            # to no levels per site, is not kept)
+            if bound is not None and math.isfinite(bound.l2):
+                # defence: sdk.in-sum-recorded
+                self._site._history.record_in_sum(self._site.config.job_id, self.number, bound)
             # (recorded before the update leaves: clients.history, one update per model)
             # defence: sdk.masked-input-recorded-as-sent
             self._site._history.record_sent(self._site.config.job_id, self.number,

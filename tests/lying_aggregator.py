@@ -10,6 +10,10 @@ a masking site's bound on the result takes). Either way round 2 opens from round
 result (a step as long as round 1's: within the bound), so round 3 opens from A again. Were
 the sites to train from a model again, the difference of two rounds' sums over different
 sites would be one site's update.
+``cutoff`` (masking): site 3 is told it dropped out instead of being asked to unmask round 1
+(after the survivor list every site signed named it: its input is in the sum, unmasked with
+the others' shares), and round 1 is published with a made-up result (every learned value
++7), far past what clipped updates make. Round 2 opens from it.
 """
 
 from __future__ import annotations
@@ -27,13 +31,28 @@ from secagg.cli import main
 
 MODE = sys.argv.pop(1)
 _complete = job.Job._complete
+_receive = job.Job.receive
 
 
 _FIRST: dict[str, Any] = {}
 
 
+def _lying_receive(self: Any, site: int, round_id: str, stage: int) -> Any:
+    from secagg.masking.messages import Stage
+
+    if (MODE == "cutoff" and site == 3 and round_id.endswith("round-1")
+            and stage == Stage.CONSISTENCY_CHECK.value and self.active is not None
+            and self.active.outgoing.get(stage) is not None):
+        raise job.ServiceError(job.FAILED_PRECONDITION,
+                               f"site {site} dropped out of the round at stage {stage}")
+    return _receive(self, site, round_id, stage)
+
+
 def _lying_complete(self: Any, active: Any, average: np.ndarray, survivors: Any,
                     release_blob: Any, weight_sum: float) -> None:
+    if MODE == "cutoff" and active.view.number == 1:
+        made = np.where(active.view.model.integer_positions, average, 7.0)
+        return _complete(self, active, made, survivors, None, weight_sum)
     if MODE == "aba":
         if active.view.number == 1:
             _FIRST["model"] = active.view.model
@@ -49,6 +68,7 @@ def _lying_complete(self: Any, active: Any, average: np.ndarray, survivors: Any,
 
 
 job.Job._complete = _lying_complete  # type: ignore[method-assign]
+job.Job.receive = _lying_receive  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -108,3 +108,32 @@ def test_masking_sites_refuse_a_result_moved_further_than_clipped_updates_can(
     # from a site's weight made its accept or refusal of a result an oracle on its sample
     # count, for an aggregator publishing steps between two weights' limits
     assert len(bounds) == 1, bounds
+
+
+def test_a_site_told_it_dropped_out_after_its_input_was_summed_still_bounds_the_result(
+        tmp_path: Path) -> None:
+    """The aggregator never asks site 3 to unmask round 1 and tells it it dropped out, after
+    the survivor list every site signed named it: the other sites' shares unmask its input
+    all the same, so it is in the sum. The site had recorded no bound (it recorded one only
+    once it had unmasked), so when the aggregator published a made-up result (every learned
+    value +7: L2 127 against a bound of 1.01) it took it as a missed round's and trained
+    from it. The bound is now recorded before the masked input leaves: every site, site 3
+    too, refuses the result and trains from nothing of the aggregator's making."""
+    from tests.service_kit import ROOT, Aggregator
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=2, open_s=8.0, stage_s=3.0)
+    agg = Aggregator(fed, tmp_path / "aggregator.db", tmp_path / "aggregator.log",
+                     launcher=(str(ROOT / "tests" / "lying_aggregator.py"), "cutoff"))
+    agg.start()
+    try:
+        reports = run_sites(fed, tmp_path, timeout=150)
+        agg.wait_for(lambda e: e.get("event") == "job_done", timeout=60)
+    finally:
+        agg.stop()
+    counted = [e for e in agg.read() if e.get("round_id", "").endswith("round-2")
+               and e.get("event") == "message_counted"]
+    assert counted == [], counted  # no site took round 2, which starts from the made-up model
+    err = (tmp_path / "site-3.err").read_text()
+    assert "further than the average of clipped updates" in err, (reports[3], err[-1500:])
+    bound = History(fed.site_dir(3)).in_sum(SiteKit.load(fed.site_dir(3)).config.job_id, 1)
+    assert bound is not None
