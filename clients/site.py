@@ -393,6 +393,7 @@ class Site:
         if the rounds in between lead from the model it holds to it, each starting from the
         previous one's result (or, if it aborted, from the same model)."""
         current = self._model_digest
+        moved: list[service_pb2.RoundInfo] = []  # completed masking rounds: steps to check
         for j in range(self._held_round + 1, round_number):
             past: service_pb2.RoundInfo = self._conn.call(
                 "GetRound", service_pb2.GetRoundRequest(after_round=j - 1, wait_ms=0))
@@ -408,14 +409,8 @@ class Site:
                 break
             # defence: sdk.missed-round-moves-only-if-completed
             if past.status == service_pb2.ROUND_STATUS_COMPLETED:
-                bound = self._history.in_sum(self.config.job_id, j)
-                if bound is not None:
-                    # a masking round this site's input is in, whose result it did not see
-                    # (told it aborted, or restarted): its bound holds all the same
-                    # defence: sdk.missed-round-in-the-sum-bounded
-                    self._check_masked_step(self._download_model(past.model, "model"),
-                                            self._download_model(past.result, "result"),
-                                            AverageBound(*bound))
+                if self.config.protocol == "masking":
+                    moved.append(past)
                 # a CKKS round this site missed: its result is the one the key holder signed
                 # defence: sdk.missed-ckks-results-signed
                 if self.config.protocol == "ckks":
@@ -426,6 +421,25 @@ class Site:
             raise ModelMismatch(
                 f"round {round_number} starts from model {digest.hex()[:16]}, which does not "
                 f"follow from the model this site holds ({(self._model_digest or b'').hex()[:16]})")
+        # the chain holds by its digests (nothing fetched for one that does not); then each
+        # masking round this site did not see end (it missed it, was told it dropped out or
+        # that the round aborted, or restarted) moved the model no further than an honest
+        # round's step can (the public bound: an aggregator claimed a round 1 that led from
+        # the pinned first model to any model it liked, and a late site took it)
+        fetched: FlatModel | None = None  # the last round's result, which the next starts from
+        for past in moved:
+            model = (fetched if fetched is not None and fetched.digest == bytes(past.model.digest)
+                     else self._download_model(past.model, "model"))
+            fetched = self._download_model(past.result, "result")
+            # defence: sdk.missed-round-in-the-sum-bounded
+            self._check_masked_step(model, fetched, self._public_bound(past.round_id, model))
+
+    def _public_bound(self, round_id: str, model: FlatModel) -> AverageBound:
+        """The bound every site of masking round ``round_id`` holds its average to."""
+        config = self.config.masking_round(round_id, self.kit.roster, model.size,
+                                           model_digest=model.digest)
+        return _masked_average_bound(config.quantizer,
+                                     int(np.count_nonzero(~model.integer_positions)))
 
     def _download_model(self, p: service_pb2.Model, what: str) -> FlatModel:
         """A published model, its size bounded by its spec before a byte is fetched."""
@@ -707,11 +721,10 @@ class Round:
         config = site.config.masking_round(self.round_id, site.kit.roster, self.model.size,
                                            model_digest=self.model.digest)
         client = MaskingClient(config, site.site_id, site.kit.identity, (delta, weight))
-        # how far the round's average can be from zero: public (the same at every site), and
-        # recorded as the masked input leaves (_send_masking): from then on the input may be
-        # in the sum, whether or not the aggregator lets this site answer the unmasking (a
-        # site it told "dropped out" after signing the survivor list was in the sum, had
-        # recorded no bound, and took a made-up result of any size as a missed round's)
+        # how far the round's average can be from zero: public (the same at every site), so
+        # set before anything is sent (a result this site does not see end, because it was
+        # told it dropped out or the round aborted, is checked with it in the chain of
+        # missed rounds: _follow_chain)
         # defence: sdk.masked-average-bounded-once-in-the-sum
         self._average_bound = _masked_average_bound(
             config.quantizer, int(np.count_nonzero(~self.model.integer_positions)))
@@ -751,12 +764,9 @@ class Round:
             self._submit(share_keys=wire.share_keys_to_proto(reply))
         elif isinstance(reply, MaskedInput):
             bound = self._average_bound
-            # kept, before the input leaves, for a result this site does not see now (told
-            # it dropped out or the round aborted, or restarted while it waited): the chain
-            # of missed rounds checks it then (a bound that is no bound, a quantiser of next
-            # to no levels per site, is not kept)
+            # the site's record of the bound it holds the round's result to (an auditor's
+            # trail; the chain of missed rounds recomputes it, from public values only)
             if bound is not None and math.isfinite(bound.l2):
-                # defence: sdk.in-sum-recorded
                 self._site._history.record_in_sum(self._site.config.job_id, self.number, bound)
             # (recorded before the update leaves: clients.history, one update per model)
             # defence: sdk.masked-input-recorded-as-sent

@@ -99,8 +99,7 @@ def test_masking_sites_refuse_a_result_moved_further_than_clipped_updates_can(
         (report,) = reports[s]
         assert report.get("error") == "ModelMismatch", report
         assert "server_learning_rate" in report["reason"]
-        # each site recorded that its input is in round 1's sum, with the bound (for a
-        # result it would find later, in the chain of rounds it missed)
+        # each site recorded the bound it held round 1's result to
         bound = History(fed.site_dir(s)).in_sum(SiteKit.load(fed.site_dir(s)).config.job_id, 1)
         assert bound is not None and bound[0] > 0
         bounds.add(tuple(bound))
@@ -117,8 +116,9 @@ def test_a_site_told_it_dropped_out_after_its_input_was_summed_still_bounds_the_
     all the same, so it is in the sum. The site had recorded no bound (it recorded one only
     once it had unmasked), so when the aggregator published a made-up result (every learned
     value +7: L2 127 against a bound of 1.01) it took it as a missed round's and trained
-    from it. The bound is now recorded before the masked input leaves: every site, site 3
-    too, refuses the result and trains from nothing of the aggregator's making."""
+    from it. Every completed masking round a site did not see end is now held to the public
+    bound in the chain: every site, site 3 too, refuses the result and trains from nothing
+    of the aggregator's making."""
     from tests.service_kit import ROOT, Aggregator
 
     fed = make_federation(tmp_path, 3, "masking", rounds=2, open_s=8.0, stage_s=3.0)
@@ -135,5 +135,3 @@ def test_a_site_told_it_dropped_out_after_its_input_was_summed_still_bounds_the_
     assert counted == [], counted  # no site took round 2, which starts from the made-up model
     err = (tmp_path / "site-3.err").read_text()
     assert "further than the average of clipped updates" in err, (reports[3], err[-1500:])
-    bound = History(fed.site_dir(3)).in_sum(SiteKit.load(fed.site_dir(3)).config.job_id, 1)
-    assert bound is not None

@@ -705,19 +705,26 @@ def test_a_site_refuses_a_round_whose_model_does_not_follow_from_the_one_it_hold
     """The site holds round 1's result; the aggregator opens the next round the site joins
     from another model (one it chose: model substitution). Refused before anything is fetched,
     whether the site joins round 2 or missed round 2 and joins round 3; a model that does
-    follow (round 2 completed from the held model, and round 3 starts from its result) is
-    taken."""
+    follow (round 2 completed from the held model, within an honest round's step, and
+    round 3 starts from its result) is taken."""
+    from secagg.model import FlatModel
+
     number = 3 if missed else 2
     info, payloads = _model_info(number, f"hospitals/job-1/round-{number}")
     announced = bytes(info.model.digest)
-    held = b"\x11" * 32
+    held_model = FlatModel.from_arrays({"w": np.full(8, 0.1, np.float32)})
+    held_blob = wire.Blob((b"\x12" * 32,), len(held_model.to_bytes()))
+    payloads[held_blob.chunk_ids[0]] = held_model.to_bytes()
+    held = held_model.digest
 
     def past(result: bytes) -> dict[int, Any]:
         if not missed:
             return {}
         round2 = service_pb2.RoundInfo(round=2, round_id="hospitals/job-1/round-2",
                                        status=service_pb2.ROUND_STATUS_COMPLETED)
-        round2.model.digest, round2.result.digest = held, result
+        round2.model.CopyFrom(wire.model_to_proto(held_model, held_blob))
+        round2.result.CopyFrom(info.model)
+        round2.result.digest = result
         return {2: round2}
 
     for result, follows in ((b"\x22" * 32, False), (announced, True)):
@@ -1233,6 +1240,42 @@ def test_a_masking_round_the_site_was_in_stays_bounded_when_told_it_aborted(
                                        model=wire.model_to_proto(start, start_blob),
                                        result=wire.model_to_proto(made, blob))
         site, _ = _site("masking", info, payloads, directory=directory)
+        conn = _Chain(info, payloads, {1: round1})
+        site._conn = conn  # type: ignore[assignment]
+        if follows:
+            assert next(site.rounds()).model.digest == made.digest
+            continue
+        with pytest.raises(ModelMismatch, match="further than"):
+            next(site.rounds())
+        assert conn.sent == []
+
+
+def test_a_late_site_takes_no_first_model_the_aggregator_made_up() -> None:
+    """A site that has taken part in nothing holds the first model its config pins. The
+    aggregator opens round 2 from a model of its making and, as the site follows the chain,
+    says round 1 led there from the pinned model: under masking the site was in no sum and
+    checked nothing, so it trained from any model the aggregator liked (the pin was moot).
+    Every completed missed masking round is now held to the public bound on an honest
+    round's step: a made-up model is refused before anything is sent; one an honest round
+    could make is followed."""
+    from secagg.model import FlatModel
+
+    pinned = FlatModel.from_arrays({"w": np.zeros(8, np.float32)})
+    for far, follows in ((1234.5, False), (0.05, True)):
+        made = pinned.with_values(pinned.values + far / np.sqrt(8))
+        info, _ = _model_info(2, "hospitals/job-1/round-2")
+        blob = wire.Blob((b"\x41" * 32,), len(made.to_bytes()))
+        info.model.CopyFrom(wire.model_to_proto(made, blob))
+        pinned_blob = wire.Blob((b"\x42" * 32,), len(pinned.to_bytes()))
+        payloads = {blob.chunk_ids[0]: made.to_bytes(),
+                    pinned_blob.chunk_ids[0]: pinned.to_bytes()}
+        round1 = service_pb2.RoundInfo(round=1, round_id="hospitals/job-1/round-1",
+                                       protocol=service_pb2.PROTOCOL_MASKING,
+                                       status=service_pb2.ROUND_STATUS_COMPLETED,
+                                       model=wire.model_to_proto(pinned, pinned_blob),
+                                       result=wire.model_to_proto(made, blob))
+        site, _ = _site("masking", info, payloads)
+        site._model_digest, site._held_round = pinned.digest, 0  # (as a pinned config sets)
         conn = _Chain(info, payloads, {1: round1})
         site._conn = conn  # type: ignore[assignment]
         if follows:
