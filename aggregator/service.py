@@ -44,7 +44,14 @@ from aggregator.job import (
     check_job,
 )
 from aggregator.metrics import Metrics, NoMetrics, serve_metrics
-from aggregator.store import Store, StoreError, StoreUnreachable, sqlite_url, store_failure
+from aggregator.store import (
+    Store,
+    StoreBusy,
+    StoreError,
+    StoreUnreachable,
+    sqlite_url,
+    store_failure,
+)
 from secagg.errors import ConfigurationError, SecAggError
 from secagg.federation import pki
 from secagg.federation.config import FederationConfig
@@ -1153,8 +1160,10 @@ async def _until_the_store_answers(core: Core, fn: Callable[[], T],
             return attempt.result()
         # defence: service.waits-for-an-unreachable-store
         except StoreUnreachable as e:
-            log.warning("store unreachable", extra={"event": "store_unreachable",
-                                                    "reason": f"{e}; retrying in {delay:g} s"})
+            busy = isinstance(e, StoreBusy)
+            log.warning("store in use" if busy else "store unreachable", extra={
+                "event": "store_busy" if busy else "store_unreachable",
+                "reason": f"{e}; retrying in {delay:g} s"})
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=delay)
         if stop.is_set():

@@ -113,6 +113,12 @@ class StoreUnreachable(StoreError):
     for it, NOT_SERVING, rather than exit."""
 
 
+class StoreBusy(StoreUnreachable):
+    """Another aggregator serves the store (it holds its lease: Store.take_lease). Waited
+    for like a database that does not answer: this aggregator serves once the other stops
+    (a standby), and never beside it."""
+
+
 # What a database raises when it does not answer, as opposed to a store that answers wrongly:
 # a connection refused, reset or timed out, a server restarting, a pool with no connection.
 _UNREACHABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError,
@@ -747,9 +753,13 @@ class Store:
                             "SELECT current_setting('transaction_read_only') = 'on' "
                             "OR pg_is_in_recovery()").scalar():
                         raise StoreError("the store refuses writes (read-only)")
+                    # that this aggregator still holds the store, every ping (a lease's
+                    # session ended by a restart, a DBA's timeout or a network cut was
+                    # noticed only after a failed write, and a second aggregator served
+                    # beside this one meanwhile)
+                    # defence: store.lease-checked-before-serving-again
+                    self.check_lease()
                     if write:
-                        # (and that this aggregator still holds the store: check_lease)
-                        self.check_lease()
                         # defence: store.ping-proves-a-write
                         c.exec_driver_sql("UPDATE alembic_version SET version_num = version_num")
                         c.commit()
@@ -827,21 +837,22 @@ class Store:
             return
         import fcntl
 
-        # (beside the file itself: a store named through a symlink or another relative path
-        # is the same store, and takes the same lock)
-        path = Path(f"{os.path.realpath(database)}.lock")
+        # an flock on the database file itself: a store named through a symlink, a hard link
+        # or another path is the same file, and takes the same lock (a lock file beside it
+        # was one per name). flock is apart from SQLite's own POSIX locks; the descriptor is
+        # closed only after every connection (closing a descriptor of the file drops the
+        # process's POSIX locks on it: Store.close).
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            fd = os.open(database, os.O_RDONLY)
         except OSError as e:
-            raise StoreError(f"cannot lock the store ({path}): {e.strerror}") from None
+            raise StoreError(f"cannot lock the store {database}: {e.strerror}") from None
+        self._lease_fd = fd
         try:
             # defence: store.one-serving-aggregator
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
-            raise StoreError(f"the store {database} is in use by another aggregator (it "
-                             f"holds {path}): stop that one first") from None
-        self._lease_fd = fd
+            raise StoreBusy(f"the store {database} is in use by another aggregator; this one "
+                            "serves once that one stops") from None
 
     def _lease_postgresql(self) -> None:
         try:
@@ -849,6 +860,18 @@ class Store:
         except sa.exc.SQLAlchemyError as e:
             raise store_failure(e, "taking the store's lease failed") from None
         try:
+            # the lease's session must outlive a DBA's idle timeouts (idle_session_timeout
+            # ended it, silently), and end soon after this aggregator's host is lost (the
+            # server's own keepalives, 2 hours by default, kept a dead host's lease and
+            # refused its replacement): set for this session alone
+            # defence: store.lease-session-settings
+            for setting in ("idle_session_timeout = 0",
+                            "idle_in_transaction_session_timeout = 0",
+                            "tcp_keepalives_idle = 10", "tcp_keepalives_interval = 5",
+                            "tcp_keepalives_count = 3", "tcp_user_timeout = 30000"):
+                with (contextlib.suppress(sa.exc.ProgrammingError, sa.exc.DataError),
+                      conn.begin_nested()):
+                    conn.exec_driver_sql(f"SET {setting}")
             held = conn.execute(sa.text("SELECT pg_try_advisory_lock(:key)"),
                                 {"key": _LEASE_KEY}).scalar()
             conn.commit()
@@ -859,8 +882,9 @@ class Store:
         # defence: store.one-serving-aggregator-postgresql
         if not held:
             conn.close()
-            raise StoreError(f"the store {redacted(self.url)} is in use by another aggregator "
-                             "(it holds the store's advisory lock): stop that one first")
+            raise StoreBusy(f"the store {redacted(self.url)} is in use by another aggregator "
+                            "(it holds the store's advisory lock); this one serves once that "
+                            "one stops")
         self._lease = conn
 
     def close(self) -> None:
@@ -868,11 +892,11 @@ class Store:
             with contextlib.suppress(sa.exc.SQLAlchemyError):
                 self._lease.close()
             self._lease = None
-        if self._lease_fd is not None:
-            os.close(self._lease_fd)  # (the lock goes with it)
-            self._lease_fd = None
         self.engine.dispose()
         self.bulk.dispose()
+        if self._lease_fd is not None:  # (after the connections: see _lease_sqlite)
+            os.close(self._lease_fd)  # (the lock goes with it)
+            self._lease_fd = None
 
     # ---- chunks ------------------------------------------------------------------------------
 

@@ -116,6 +116,7 @@ class Aggregator:
     open_files: int | None = None  # the process's open-files limit (soft and hard), if set
     # the command before "aggregator serve ..." (default: the real secagg command line)
     launcher: tuple[str, ...] = ("-m", "secagg.cli")
+    listen: str | None = None  # --listen (default: the config's port)
 
     def start(self, *, wait: bool = True) -> None:
         self.starts += 1
@@ -131,7 +132,7 @@ class Aggregator:
         self.process = subprocess.Popen(
             [sys.executable, *self.launcher, "aggregator", "serve", "--config",
              str(self.federation.aggregator_config), "--store", str(self.store),
-             "--metrics", "127.0.0.1:0"],
+             "--metrics", "127.0.0.1:0", *(("--listen", self.listen) if self.listen else ())],
             stdout=log, stderr=log, env=env(), cwd=ROOT, preexec_fn=limited)
         log.close()
         if wait:

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from aggregator.store import (
     Event,
     Store,
+    StoreBusy,
     StoreError,
     StoreUnreachable,
     backup,
@@ -763,15 +764,30 @@ def test_one_store_serves_one_aggregator_at_a_time(store_url: str) -> None:
         first.take_lease()
         with pytest.raises(StoreError, match="in use by another aggregator"):
             second.take_lease()
-        if not store_url.startswith("postgresql"):  # the same file by another name
+        if not store_url.startswith("postgresql"):  # the same file by other names
+            import os
+
             link = Path(store_url).with_name("link.db")
             link.symlink_to(Path(store_url).name)
+            (Path(store_url).parent / "elsewhere").mkdir()
+            hard = Path(store_url).parent / "elsewhere" / "agg.db"
+            os.link(store_url, hard)
             third = Store(str(link), create=False)
             try:
-                with pytest.raises(StoreError, match="in use by another aggregator"):
+                with pytest.raises(StoreBusy, match="in use by another aggregator"):
                     third.take_lease()
             finally:
                 third.close()
+            # (the lock is the file's own, which a hard link shares: SQLite itself will not
+            # open the store under that name beside the first, its -wal being another file)
+            import fcntl
+
+            fd = os.open(hard, os.O_RDONLY)
+            try:
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(fd)
         first.close()
         second.take_lease()
         second.ping(write=True)
@@ -782,9 +798,10 @@ def test_one_store_serves_one_aggregator_at_a_time(store_url: str) -> None:
 
 def test_a_postgresql_lease_lost_with_its_session_is_taken_again_or_refused(
         postgres_url: str) -> None:
-    """A PostgreSQL restart ends the session that holds the lease: the aggregator takes it
-    again before it serves again (the write ping), and is refused if another aggregator
-    took it meanwhile."""
+    """A PostgreSQL restart (or a network cut) ends the session that holds the lease; the
+    aggregator noticed only after a failed write, and a second one served beside it
+    meanwhile. Every ping (each second) now checks the lease: taken again, or StoreBusy
+    (NOT_SERVING) if another aggregator took it meanwhile."""
     first = Store(postgres_url)
     other = Store(postgres_url, create=False)
     admin = _engine(postgres_url)
@@ -796,38 +813,64 @@ def test_a_postgresql_lease_lost_with_its_session_is_taken_again_or_refused(
         with admin.connect() as c:
             c.execute(kill)
             c.commit()
-        first.ping(write=True)  # taken again
-        with pytest.raises(StoreError, match="in use by another aggregator"):
+        first.ping()  # taken again
+        with pytest.raises(StoreBusy, match="in use by another aggregator"):
             other.take_lease()
         with admin.connect() as c:
             c.execute(kill)
             c.commit()
         other.take_lease()  # the other aggregator takes it while the first's session is gone
-        with pytest.raises(StoreError, match="in use by another aggregator"):
-            first.ping(write=True)
+        with pytest.raises(StoreBusy, match="in use by another aggregator"):
+            first.ping()
     finally:
         first.close()
         other.close()
         admin.dispose()
 
 
-def test_a_second_aggregator_on_a_served_store_exits_with_one_line(tmp_path: Path) -> None:
-    from tests.service_kit import env, free_port, make_federation, start_aggregator
+def test_a_postgresql_lease_outlives_a_dbas_idle_session_timeout(postgres_url: str) -> None:
+    """A database whose sessions end after a second idle (idle_session_timeout, a common
+    setting) ended the lease's session silently. The lease's session sets its own."""
+    import time
+
+    admin = _engine(postgres_url)
+    name = sa.engine.make_url(normalize_url(postgres_url)).database
+    with admin.connect() as c:
+        c.execute(sa.text(f"ALTER DATABASE {name} SET idle_session_timeout = '1s'"))
+        c.commit()
+    first = Store(postgres_url)
+    other = Store(postgres_url, create=False)
+    try:
+        first.take_lease()
+        time.sleep(2.5)  # (the server ends sessions idle for 1 s)
+        with pytest.raises(StoreBusy):
+            other.take_lease()
+    finally:
+        first.close()
+        other.close()
+        admin.dispose()
+
+
+def test_a_second_aggregator_on_a_served_store_waits_and_serves_once_the_first_stops(
+        tmp_path: Path) -> None:
+    """A second aggregator on a store another serves does not serve beside it (two diverged
+    and aborted every round): it waits, NOT_SERVING, saying why, and serves once the first
+    has stopped (a standby), from the store the first left."""
+    from tests.service_kit import Aggregator, free_port, make_federation, start_aggregator
 
     fed = make_federation(tmp_path, 3, "masking", rounds=1)
-    agg = start_aggregator(fed, tmp_path)
+    first = start_aggregator(fed, tmp_path)
+    second = Aggregator(fed, tmp_path / "aggregator.db", tmp_path / "second.log")
+    second.listen = f"127.0.0.1:{free_port()}"
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "secagg.cli", "aggregator", "serve", "--config",
-             str(fed.aggregator_config), "--store", str(tmp_path / "aggregator.db"),
-             "--listen", f"127.0.0.1:{free_port()}"],
-            capture_output=True, text=True, timeout=60, env=env())
-        assert proc.returncode != 0
-        assert "in use by another aggregator" in proc.stderr and "Traceback" not in proc.stderr
-        agg.wait_for(lambda e: e.get("event") == "serving")  # the first serves on
-        assert agg.process is not None and agg.process.poll() is None
+        second.start(wait=False)
+        second.wait_for(lambda e: e.get("event") == "store_busy")
+        assert not any(e.get("event") == "serving" for e in second.read())
+        assert first.stop() == 0
+        second.wait_for(lambda e: e.get("event") == "serving", timeout=60)
     finally:
-        agg.stop()
+        first.stop()
+        second.stop()
 
 
 def test_a_store_made_by_migrate_is_private_too(tmp_path: Path) -> None:
