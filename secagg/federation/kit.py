@@ -259,20 +259,48 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")  # named by every server certificate
 
 
-def _check_not_shared(d: Path) -> None:
-    """Refuse a federation directory that users other than its owner can write (group or
-    world write, a sticky /tmp too: another user's files there are theirs to replace)."""
-    try:
-        mode = d.stat().st_mode
-    except FileNotFoundError:
-        return  # (made by init, 0755)
-    except OSError as e:
-        raise ConfigurationError(f"cannot read {d}: {e.strerror}") from None
-    if mode & 0o022:
-        raise ConfigurationError(
-            f"{d} is writable by other users (mode {mode & 0o777:o}): anyone who can write "
-            "there can replace the federation's config and roster; chmod go-w it, or name "
-            "a directory only you can write")
+def _check_not_shared(d: Path, *, inside: Sequence[str] = ()) -> None:
+    """Refuse a federation directory another user could change: one (or, with ``inside``,
+    one of those entries in it) that is not its user's own or that others can write, or
+    under a directory others can write without the sticky bit or another user owns (who
+    could swap the whole directory). A sticky /tmp is fine: others cannot move what is
+    ours there."""
+    euid = os.geteuid() if hasattr(os, "geteuid") else None
+    if euid is None:  # (no POSIX owners: nothing to check)
+        return
+    for path in (d, *(d / name for name in inside)):
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            continue  # (made by init, ours)
+        except OSError as e:
+            raise ConfigurationError(f"cannot read {path}: {e.strerror}") from None
+        # defence: federation.directory-owned-by-its-user
+        if st.st_uid != euid or st.st_mode & 0o022:
+            raise ConfigurationError(
+                f"{path} is writable by other users, or not this user's (mode "
+                f"{st.st_mode & 0o777:o}, owner uid {st.st_uid}): anyone who can write there "
+                "can replace the federation's config, keys and roster; chmod go-w it and make "
+                "it yours, or name a directory only you can write")
+    for parent in d.resolve().parents:
+        try:
+            st = parent.stat()
+        except FileNotFoundError:
+            continue  # (made by init, ours)
+        sticky = st.st_mode & 0o1000
+        # defence: federation.directory-ancestors-safe
+        if st.st_uid not in (0, euid) or (st.st_mode & 0o022 and not sticky):
+            raise ConfigurationError(
+                f"{parent}, above the federation directory, is writable by other users or "
+                f"not this user's or root's (mode {st.st_mode & 0o7777:o}): whoever can write "
+                "it can swap the federation's directory; keep the federation under "
+                "directories only you (or root) can change")
+
+
+# what sign and remove-site read and write in a federation's directory (_check_not_shared)
+FEDERATION_ENTRIES = ("ca", "ca/ca.key", "ca/ca.crt", "trust-root", "trust-root/signer.key",
+                      CONFIG_FILE, ROSTER_FILE, "aggregator", f"aggregator/{ROSTER_FILE}",
+                      "sites")
 
 
 def _dial_host(address: str) -> str | None:
@@ -435,8 +463,10 @@ def _federation_lock(fed: Path) -> Iterator[None]:
     if not (fed / CONFIG_FILE).is_file() or not (fed / "ca" / "ca.key").is_file():
         raise ConfigurationError(f"{fed} is not a federation directory (no {CONFIG_FILE} or "
                                  "ca/ca.key)")
+    # (and the entries sign and remove-site read and write: a 0777 ca/ let anyone swap in
+    # their own CA key, and the new site got its certificate and trusted CA from them)
     # defence: federation.sign-refuses-a-shared-directory
-    _check_not_shared(fed)
+    _check_not_shared(fed, inside=FEDERATION_ENTRIES)
     try:
         # (a link planted at the lock's name is not followed)
         # defence: federation.sign-lock-no-follow
@@ -469,6 +499,7 @@ def _sign_locked(fed: Path, site_id: int, csr: x509.CertificateSigningRequest,
     # (editable) config names: a roster signed under a trust root of someone's making was
     # re-signed with the real one, naming their identity key for a site
     signer = _federation_signer(fed, config)
+    _sync_rosters(fed, signer)
     ca_key = pki.load_private(fed / "ca" / "ca.key")
     ca_cert = pki.load_cert(fed / "ca" / "ca.crt")
     cert = pki.sign_csr(ca_key, ca_cert, csr, site_id)
@@ -518,6 +549,7 @@ def remove_site(federation: Path | str, site_id: int) -> RemovedSite:
     with _federation_lock(fed):
         config = FederationConfig.load(fed / CONFIG_FILE)
         signer = _federation_signer(fed, config)
+        _sync_rosters(fed, signer)
         roster = load_roster(fed / ROSTER_FILE, signer.public_key)
         if site_id not in roster:
             raise ConfigurationError(f"site {site_id} is not on the roster (now "
@@ -533,6 +565,23 @@ def remove_site(federation: Path | str, site_id: int) -> RemovedSite:
         for path in (fed / ROSTER_FILE, fed / "aggregator" / ROSTER_FILE):
             pki.write_public(path, roster_to_bytes(signed))  # (replaced whole)
         return RemovedSite(site_id, tuple(sorted(roster)), tuple(sorted(sites)))
+
+
+def _sync_rosters(fed: Path, signer: RosterSigner) -> None:
+    """The aggregator's copy of the roster brought to the federation's when it is older: a
+    sign or remove-site that failed between the two writes (a full disk, a kill) left them
+    disagreeing, and no command brought them back in line."""
+    ours, theirs = fed / ROSTER_FILE, fed / "aggregator" / ROSTER_FILE
+    federation = load_roster(ours, signer.public_key)
+    try:
+        aggregator = load_roster(theirs, signer.public_key).version
+    except ConfigurationError:
+        aggregator = 0  # (missing or not the signer's: replaced by the federation's)
+    # defence: federation.rosters-brought-in-line
+    if aggregator < federation.version:
+        pki.write_public(theirs, ours.read_bytes())
+        warnings.warn(f"{theirs} was an older roster than {ours} (a sign or remove-site cut "
+                      "short): brought in line", stacklevel=3)
 
 
 def _federation_signer(fed: Path, config: FederationConfig) -> RosterSigner:

@@ -7,6 +7,7 @@ handed to a new key, no certificate naming a site ambiguously, no key file overw
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -618,3 +619,70 @@ def test_remove_site_re_signs_the_roster_without_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="at least 3 sites"):
         remove_site(fed, 2)
     assert _roster_version(fed) == 2
+
+
+@pytest.mark.parametrize("where", ["ca", "trust-root", "aggregator", "ca/ca.key",
+                                   "federation.toml"])
+def test_sign_refuses_a_federation_whose_keys_or_config_others_can_write(
+        tmp_path: Path, where: str) -> None:
+    """A 0777 ca/ let anyone swap in their own CA key and certificate: the next site got its
+    certificate, and the CA it trusts for the aggregator, from them. Every entry sign and
+    remove-site read or write is checked, not only the directory."""
+    import os
+
+    from secagg.federation.kit import remove_site
+
+    fed = tmp_path / "fed"
+    init_federation(fed, 4)
+    path = fed / where
+    path.chmod(path.stat().st_mode | 0o022)
+    request = make_site_request(tmp_path / "site-5", 5)
+    with pytest.raises(ConfigurationError, match="writable by other users"):
+        sign_site_request(fed, request, tmp_path / "out", add_site=True)
+    with pytest.raises(ConfigurationError, match="writable by other users"):
+        remove_site(fed, 4)
+    assert _roster_version(fed) == 1
+    os.chmod(path, path.stat().st_mode & ~0o022)
+    sign_site_request(fed, request, tmp_path / "out", add_site=True)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="giving a directory to another user needs root")
+def test_init_and_sign_refuse_a_directory_another_user_owns(tmp_path: Path) -> None:
+    """A directory another user made (mode 0755: not writable by others by its mode) is
+    still theirs to change: they rewrote federation.toml, and the operator's next sign
+    handed a new site a config of their writing. Refused, as is a federation under a
+    directory others can write without the sticky bit (they could swap it whole)."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(ConfigurationError, match="not this user's"):
+        init_federation(theirs, 3)
+    fed = tmp_path / "fed"
+    init_federation(fed, 3)
+    os.chown(fed, 65534, 65534)
+    request = make_site_request(tmp_path / "site-4", 4)
+    with pytest.raises(ConfigurationError, match="not this user's"):
+        sign_site_request(fed, request, tmp_path / "out", add_site=True)
+    open_parent = tmp_path / "open"
+    open_parent.mkdir()
+    open_parent.chmod(0o777)
+    with pytest.raises(ConfigurationError, match="above the federation directory"):
+        init_federation(open_parent / "fed", 3)
+
+
+def test_rosters_left_apart_by_a_cut_short_sign_are_brought_in_line(tmp_path: Path) -> None:
+    """remove-site (or sign) writes the federation's roster, then the aggregator's: cut
+    short between the two (a full disk, a kill), they disagreed, and a re-run only said the
+    site was gone. The next sign or remove-site brings the aggregator's copy in line."""
+    from secagg.federation.kit import remove_site
+
+    fed = tmp_path / "fed"
+    init_federation(fed, 5)
+    old = (fed / "aggregator" / "roster.bin").read_bytes()
+    remove_site(fed, 5)
+    (fed / "aggregator" / "roster.bin").write_bytes(old)  # the second write never happened
+    with pytest.warns(UserWarning, match="brought in line"), \
+            pytest.raises(ConfigurationError, match="not on the roster"):
+        remove_site(fed, 5)
+    assert (fed / "aggregator" / "roster.bin").read_bytes() == (fed / "roster.bin").read_bytes()
