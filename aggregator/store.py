@@ -807,18 +807,18 @@ class Store:
         """Hold this store for one serving aggregator, or StoreError: two aggregators on one
         store (SQLite file or PostgreSQL database) each recovered the same round and then
         diverged, writing over each other's stage closes, and every site's round aborted.
-        SQLite: an exclusive lock on ``<store>.lock`` beside it; PostgreSQL: a session
-        advisory lock on a connection of its own. Both end with the process (a kill -9
-        leaves nothing to clean up)."""
+        SQLite: an flock on the database file; PostgreSQL: a session advisory lock on a
+        connection of its own. Both end with the process (a kill -9 leaves nothing to clean
+        up). StoreBusy (a StoreUnreachable: waited for) if another aggregator holds it."""
         if self.url.startswith("sqlite"):
             self._lease_sqlite()
         else:
             self._lease_postgresql()
 
     def check_lease(self) -> None:
-        """StoreError unless this aggregator still holds the store: a PostgreSQL restart ends
-        the lease's session, and the lease is taken again (refused if another aggregator
-        took it meanwhile) before this one serves again (Store.ping with ``write``)."""
+        """StoreError unless this aggregator still holds the store (called by every ping): a
+        PostgreSQL restart, a network cut or a DBA ends the lease's session, and the lease
+        is taken again, or StoreBusy if another aggregator took it meanwhile."""
         if self._lease is None or self.url.startswith("sqlite"):
             return
         try:
