@@ -1224,30 +1224,39 @@ def test_a_masking_round_the_site_was_in_stays_bounded_when_told_it_aborted(
     start = FlatModel.from_arrays({"w": np.zeros(8, np.float32)})
     for far, follows in ((5.0, False), (0.05, True)):
         made = start.with_values(start.values + far / np.sqrt(8))
-        info, payloads = _model_info(2, "hospitals/job-1/round-2")
-        blob = wire.Blob((b"\x31" * 32,), len(made.to_bytes()))
-        info.model.CopyFrom(wire.model_to_proto(made, blob))
-        start_blob = wire.Blob((b"\x32" * 32,), len(start.to_bytes()))
-        payloads = {blob.chunk_ids[0]: made.to_bytes(), start_blob.chunk_ids[0]: start.to_bytes()}
         directory = tmp_path / ("far" if not follows else "near")
         directory.mkdir()
         history = History(directory)
         history.spend("job-1", 1, start.digest)
         history.record_in_sum("job-1", 1, AverageBound(1.0, 1.0))
-        round1 = service_pb2.RoundInfo(round=1, round_id="hospitals/job-1/round-1",
-                                       protocol=service_pb2.PROTOCOL_MASKING,
-                                       status=service_pb2.ROUND_STATUS_COMPLETED,
-                                       model=wire.model_to_proto(start, start_blob),
-                                       result=wire.model_to_proto(made, blob))
-        site, _ = _site("masking", info, payloads, directory=directory)
-        conn = _Chain(info, payloads, {1: round1})
-        site._conn = conn  # type: ignore[assignment]
-        if follows:
-            assert next(site.rounds()).model.digest == made.digest
-            continue
-        with pytest.raises(ModelMismatch, match="further than"):
-            next(site.rounds())
-        assert conn.sent == []
+        _round_1_claimed_to_lead(start, made, follows, directory)
+
+
+def _round_1_claimed_to_lead(start: Any, made: Any, follows: bool, directory: Any = None,
+                             pinned: bool = False, refusal: str = "further than") -> None:
+    """A masking site holding ``start`` is offered round 2 from ``made``, the aggregator
+    claiming a completed round 1 led there: followed, or refused before anything is sent."""
+    info, _ = _model_info(2, "hospitals/job-1/round-2")
+    blob = wire.Blob((b"\x31" * 32,), len(made.to_bytes()))
+    info.model.CopyFrom(wire.model_to_proto(made, blob))
+    start_blob = wire.Blob((b"\x32" * 32,), len(start.to_bytes()))
+    payloads = {blob.chunk_ids[0]: made.to_bytes(), start_blob.chunk_ids[0]: start.to_bytes()}
+    round1 = service_pb2.RoundInfo(round=1, round_id="hospitals/job-1/round-1",
+                                   protocol=service_pb2.PROTOCOL_MASKING,
+                                   status=service_pb2.ROUND_STATUS_COMPLETED,
+                                   model=wire.model_to_proto(start, start_blob),
+                                   result=wire.model_to_proto(made, blob))
+    site, _ = _site("masking", info, payloads, directory=directory)
+    if pinned:
+        site._model_digest, site._held_round = start.digest, 0  # (as a pinned config sets)
+    conn = _Chain(info, payloads, {1: round1})
+    site._conn = conn  # type: ignore[assignment]
+    if follows:
+        assert next(site.rounds()).model.digest == made.digest
+        return
+    with pytest.raises(ModelMismatch, match=refusal):
+        next(site.rounds())
+    assert conn.sent == []
 
 
 def test_a_late_site_takes_no_first_model_the_aggregator_made_up() -> None:
@@ -1263,27 +1272,7 @@ def test_a_late_site_takes_no_first_model_the_aggregator_made_up() -> None:
     pinned = FlatModel.from_arrays({"w": np.zeros(8, np.float32)})
     for far, follows in ((1234.5, False), (0.05, True)):
         made = pinned.with_values(pinned.values + far / np.sqrt(8))
-        info, _ = _model_info(2, "hospitals/job-1/round-2")
-        blob = wire.Blob((b"\x41" * 32,), len(made.to_bytes()))
-        info.model.CopyFrom(wire.model_to_proto(made, blob))
-        pinned_blob = wire.Blob((b"\x42" * 32,), len(pinned.to_bytes()))
-        payloads = {blob.chunk_ids[0]: made.to_bytes(),
-                    pinned_blob.chunk_ids[0]: pinned.to_bytes()}
-        round1 = service_pb2.RoundInfo(round=1, round_id="hospitals/job-1/round-1",
-                                       protocol=service_pb2.PROTOCOL_MASKING,
-                                       status=service_pb2.ROUND_STATUS_COMPLETED,
-                                       model=wire.model_to_proto(pinned, pinned_blob),
-                                       result=wire.model_to_proto(made, blob))
-        site, _ = _site("masking", info, payloads)
-        site._model_digest, site._held_round = pinned.digest, 0  # (as a pinned config sets)
-        conn = _Chain(info, payloads, {1: round1})
-        site._conn = conn  # type: ignore[assignment]
-        if follows:
-            assert next(site.rounds()).model.digest == made.digest
-            continue
-        with pytest.raises(ModelMismatch, match="further than"):
-            next(site.rounds())
-        assert conn.sent == []
+        _round_1_claimed_to_lead(pinned, made, follows, pinned=True)
 
 
 def test_a_missed_masking_round_the_site_was_in_keeps_its_names_shapes_and_dtypes(
@@ -1297,25 +1286,10 @@ def test_a_missed_masking_round_the_site_was_in_keeps_its_names_shapes_and_dtype
 
     start = FlatModel.from_arrays({"w": np.zeros(8, np.float32)})
     made = FlatModel.from_arrays({"v": np.zeros(8, np.float32)})
-    info, _ = _model_info(2, "hospitals/job-1/round-2")
-    blob = wire.Blob((b"\x31" * 32,), len(made.to_bytes()))
-    info.model.CopyFrom(wire.model_to_proto(made, blob))
-    start_blob = wire.Blob((b"\x32" * 32,), len(start.to_bytes()))
-    payloads = {blob.chunk_ids[0]: made.to_bytes(), start_blob.chunk_ids[0]: start.to_bytes()}
     history = History(tmp_path)
     history.spend("job-1", 1, start.digest)
     history.record_in_sum("job-1", 1, AverageBound(1.0, 1.0))
-    round1 = service_pb2.RoundInfo(round=1, round_id="hospitals/job-1/round-1",
-                                   protocol=service_pb2.PROTOCOL_MASKING,
-                                   status=service_pb2.ROUND_STATUS_COMPLETED,
-                                   model=wire.model_to_proto(start, start_blob),
-                                   result=wire.model_to_proto(made, blob))
-    site, _ = _site("masking", info, payloads, directory=tmp_path)
-    conn = _Chain(info, payloads, {1: round1})
-    site._conn = conn  # type: ignore[assignment]
-    with pytest.raises(ModelMismatch, match="names, shapes"):
-        next(site.rounds())
-    assert conn.sent == []
+    _round_1_claimed_to_lead(start, made, False, tmp_path, refusal="names, shapes")
 
 
 def test_a_missed_ckks_rounds_signature_counts_only_under_this_jobs_round_id() -> None:
