@@ -988,6 +988,11 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
         # as long as it lasts; the aggregator and the sites connected stay up.
         # defence: service.connections-bounded, service.handshake-timeout
         ("grpc.max_allowed_incoming_connections", connections),
+        # a second aggregator on this port fails to bind rather than share it: with the
+        # port shared (gRPC's default), a standby answering "unavailable" took sites'
+        # connections until they gave up
+        # defence: service.port-not-shared
+        ("grpc.so_reuseport", 0),
         ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_SECONDS * 1000)),
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),

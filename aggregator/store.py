@@ -695,7 +695,9 @@ class Store:
         elif url.startswith("postgresql"):
             sa.event.listen(self.bulk, "connect", _pg_bulk_settings)
         self.url = url
-        self._lease: Connection | None = None  # (take_lease)
+        self._leased = False  # (take_lease: this store is held for a serving aggregator)
+        self._lease: Connection | None = None
+        self._lease_pid: int | None = None  # (the PostgreSQL backend holding the lease)
         self._lease_fd: int | None = None
         self._last_chunk_write = 0.0
         self._last_truncate = time.monotonic()
@@ -810,6 +812,7 @@ class Store:
         SQLite: an flock on the database file; PostgreSQL: a session advisory lock on a
         connection of its own. Both end with the process (a kill -9 leaves nothing to clean
         up). StoreBusy (a StoreUnreachable: waited for) if another aggregator holds it."""
+        self._leased = True
         if self.url.startswith("sqlite"):
             self._lease_sqlite()
         else:
@@ -819,16 +822,20 @@ class Store:
         """StoreError unless this aggregator still holds the store (called by every ping): a
         PostgreSQL restart, a network cut or a DBA ends the lease's session, and the lease
         is taken again, or StoreBusy if another aggregator took it meanwhile."""
-        if self._lease is None or self.url.startswith("sqlite"):
+        if not self._leased or self.url.startswith("sqlite"):
             return
-        try:
-            self._lease.exec_driver_sql("SELECT 1").scalar()
-            self._lease.rollback()
-            return
-        except sa.exc.SQLAlchemyError:
-            with contextlib.suppress(sa.exc.SQLAlchemyError):
-                self._lease.close()
-            self._lease = None
+        if self._lease is not None:
+            try:
+                self._lease.exec_driver_sql("SELECT 1").scalar()
+                self._lease.rollback()
+                return
+            except sa.exc.SQLAlchemyError:
+                with contextlib.suppress(sa.exc.SQLAlchemyError):
+                    self._lease.close()
+                self._lease, self._lease_pid = None, None
+        # (retaken, or StoreBusy on this ping and every next one until it is: a lease once
+        # lost is never "not needed", which let an aggregator whose retake failed serve again)
+        # defence: store.lost-lease-stays-lost
         self._lease_postgresql()
 
     def _lease_sqlite(self) -> None:
@@ -874,6 +881,7 @@ class Store:
                     conn.exec_driver_sql(f"SET {setting}")
             held = conn.execute(sa.text("SELECT pg_try_advisory_lock(:key)"),
                                 {"key": _LEASE_KEY}).scalar()
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
             conn.commit()
         except sa.exc.SQLAlchemyError as e:
             with contextlib.suppress(sa.exc.SQLAlchemyError):
@@ -885,7 +893,7 @@ class Store:
             raise StoreBusy(f"the store {redacted(self.url)} is in use by another aggregator "
                             "(it holds the store's advisory lock); this one serves once that "
                             "one stops")
-        self._lease = conn
+        self._lease, self._lease_pid = conn, int(pid or 0)
 
     def close(self) -> None:
         if self._lease is not None:
@@ -1050,8 +1058,25 @@ class Store:
         for r in rows:
             yield Event(r.round, r.kind, r.stage, r.site, bytes(r.payload))
 
-    def transaction(self) -> Any:
-        return self.engine.begin()
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A write transaction of the job's; on a leased PostgreSQL store, fenced by the
+        lease: it commits only while this aggregator's lease session still holds the lock
+        (an aggregator paused past its lease's end, a VM frozen, wrote a stale round abort
+        into the store the aggregator that took over was serving)."""
+        with self.engine.begin() as c:
+            self._fence(c)
+            yield c
+
+    def _fence(self, c: Connection) -> None:
+        if not self._leased or self.url.startswith("sqlite"):
+            return  # (SQLite's lock is the process's for life; an unleased store: tools)
+        # defence: store.writes-fenced-by-the-lease
+        if self._lease_pid is None or not c.execute(
+                sa.text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                        "AND granted AND pid = :pid"), {"pid": self._lease_pid}).scalar():
+            raise StoreBusy("this aggregator's lease on the store ended (another may serve "
+                            "it now): nothing is written until it is taken again")
 
     # ---- rounds, models, releases ---------------------------------------------------------
 
@@ -1069,7 +1094,7 @@ class Store:
 
     def open_round(self, round_number: int, round_id: str, protocol: str,
                    model_digest: bytes) -> None:
-        with self.engine.begin() as c:
+        with self.transaction() as c:
             c.execute(rounds.insert().values(round=round_number, round_id=round_id,
                                              protocol=protocol, status="running",
                                              model_digest=model_digest, opened_at=time.time()))

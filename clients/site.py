@@ -517,7 +517,9 @@ class Site:
             raise ModelMismatch(
                 f"the round's result moved the model by L2 {l2:.4g}, further than the average "
                 f"of clipped updates can ({rate * bound.l2:.4g}: [update] clip_norm times [job] "
-                "server_learning_rate, which must agree in every config)")
+                "server_learning_rate, which must agree in every config; or the round's weight "
+                "sum was too small for the quantiser, which the aggregator's log says: "
+                "masking_precision_low)")
         # (an integer value is the rounded sum: half a step more)
         # defence: sdk.masked-result-counters-bounded
         if not counter <= rate * bound.element * (1 + 1e-9) + 0.5:

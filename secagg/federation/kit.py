@@ -268,9 +268,12 @@ def _check_not_shared(d: Path, *, inside: Sequence[str] = ()) -> None:
     euid = os.geteuid() if hasattr(os, "geteuid") else None
     if euid is None:  # (no POSIX owners: nothing to check)
         return
+    linked: list[Path] = []  # entries that are symlinks: where they lead is checked too
     for path in (d, *(d / name for name in inside)):
         try:
-            st = path.lstat()
+            st = path.stat()  # (a symlink's own mode is always 777: its target's counts)
+            if path.is_symlink():
+                linked.append(path.resolve())
         except FileNotFoundError:
             continue  # (made by init, ours)
         except OSError as e:
@@ -278,11 +281,11 @@ def _check_not_shared(d: Path, *, inside: Sequence[str] = ()) -> None:
         # defence: federation.directory-owned-by-its-user
         if st.st_uid != euid or st.st_mode & 0o022:
             raise ConfigurationError(
-                f"{path} is writable by other users, or not this user's (mode "
+                f"{path} is writable by its group or other users, or not this user's (mode "
                 f"{st.st_mode & 0o777:o}, owner uid {st.st_uid}): anyone who can write there "
                 "can replace the federation's config, keys and roster; chmod go-w it and make "
                 "it yours, or name a directory only you can write")
-    for parent in d.resolve().parents:
+    for parent in {p for target in (d.resolve(), *linked) for p in target.parents}:
         try:
             st = parent.stat()
         except FileNotFoundError:
@@ -291,9 +294,9 @@ def _check_not_shared(d: Path, *, inside: Sequence[str] = ()) -> None:
         # defence: federation.directory-ancestors-safe
         if st.st_uid not in (0, euid) or (st.st_mode & 0o022 and not sticky):
             raise ConfigurationError(
-                f"{parent}, above the federation directory, is writable by other users or "
-                f"not this user's or root's (mode {st.st_mode & 0o7777:o}): whoever can write "
-                "it can swap the federation's directory; keep the federation under "
+                f"{parent}, above the federation directory, is writable by its group or other "
+                f"users, or not this user's or root's (mode {st.st_mode & 0o7777:o}): whoever "
+                "can write it can swap the federation's directory; keep the federation under "
                 "directories only you (or root) can change")
 
 

@@ -822,6 +822,16 @@ def test_a_postgresql_lease_lost_with_its_session_is_taken_again_or_refused(
         other.take_lease()  # the other aggregator takes it while the first's session is gone
         with pytest.raises(StoreBusy, match="in use by another aggregator"):
             first.ping()
+        # and on every ping after (a failed retake was then taken for "no lease needed", and
+        # the first served again beside the other)
+        with pytest.raises(StoreBusy, match="in use by another aggregator"):
+            first.ping(write=True)
+        # its writes are fenced too (a paused aggregator's stale timer wrote a round abort
+        # into the store the other served)
+        with pytest.raises(StoreBusy, match="lease on the store ended"), first.transaction():
+            pass
+        with other.transaction():
+            pass
     finally:
         first.close()
         other.close()
@@ -902,3 +912,24 @@ def test_a_store_that_is_not_a_database_is_named_so_not_unreachable(
     with pytest.raises(StoreError, match="does not exist") as refused:
         Store(missing)
     assert not isinstance(refused.value, StoreUnreachable)
+
+
+def test_a_second_aggregator_on_the_same_port_does_not_share_it(tmp_path: Path) -> None:
+    """gRPC shares a port between processes by default (SO_REUSEPORT): a standby started
+    with the same config answered "unavailable" to the sites whose connections landed on
+    it, until they gave up. The port is not shared: the second one cannot listen, says so
+    in one line, and the first serves on."""
+    from tests.service_kit import Aggregator, make_federation, start_aggregator
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    first = start_aggregator(fed, tmp_path)
+    second = Aggregator(fed, tmp_path / "other.db", tmp_path / "second.log")
+    try:
+        second.start(wait=False)
+        assert second.process is not None and second.process.wait(timeout=60) == 2
+        log = (tmp_path / "second.log").read_text()
+        assert "cannot listen" in log and "Traceback" not in log
+        assert first.process is not None and first.process.poll() is None
+    finally:
+        first.stop()
+        second.stop()

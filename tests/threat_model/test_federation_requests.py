@@ -582,14 +582,14 @@ def test_init_and_sign_refuse_a_directory_others_can_write(tmp_path: Path, mode:
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(mode)
-    with pytest.raises(ConfigurationError, match="writable by other users"):
+    with pytest.raises(ConfigurationError, match="writable by its group or other users"):
         init_federation(shared, 3)
     assert list(shared.iterdir()) == []
     fed = tmp_path / "fed"
     init_federation(fed, 3)
     fed.chmod(mode)
     request = make_site_request(tmp_path / "site-4", 4)
-    with pytest.raises(ConfigurationError, match="writable by other users"):
+    with pytest.raises(ConfigurationError, match="writable by its group or other users"):
         sign_site_request(fed, request, tmp_path / "out", add_site=True)
     fed.chmod(0o755)
     sign_site_request(fed, request, tmp_path / "out", add_site=True)
@@ -637,9 +637,9 @@ def test_sign_refuses_a_federation_whose_keys_or_config_others_can_write(
     path = fed / where
     path.chmod(path.stat().st_mode | 0o022)
     request = make_site_request(tmp_path / "site-5", 5)
-    with pytest.raises(ConfigurationError, match="writable by other users"):
+    with pytest.raises(ConfigurationError, match="writable by its group or other users"):
         sign_site_request(fed, request, tmp_path / "out", add_site=True)
-    with pytest.raises(ConfigurationError, match="writable by other users"):
+    with pytest.raises(ConfigurationError, match="writable by its group or other users"):
         remove_site(fed, 4)
     assert _roster_version(fed) == 1
     os.chmod(path, path.stat().st_mode & ~0o022)
@@ -686,3 +686,23 @@ def test_rosters_left_apart_by_a_cut_short_sign_are_brought_in_line(tmp_path: Pa
             pytest.raises(ConfigurationError, match="not on the roster"):
         remove_site(fed, 5)
     assert (fed / "aggregator" / "roster.bin").read_bytes() == (fed / "roster.bin").read_bytes()
+
+
+def test_a_ca_kept_offline_through_a_symlink_is_taken_and_its_target_checked(
+        tmp_path: Path) -> None:
+    """init's own advice is to keep ca/ offline: moved away and linked back, it was refused
+    (a symlink's own mode is always 777, and chmod cannot change it). The link's target and
+    the directories above it are checked instead: taken when they are the operator's own,
+    refused when the target is writable by others."""
+    from secagg.federation.kit import remove_site
+
+    fed = tmp_path / "fed"
+    init_federation(fed, 5)
+    offline = tmp_path / "offline"
+    offline.mkdir(mode=0o700)
+    (fed / "ca").rename(offline / "ca")
+    (fed / "ca").symlink_to(offline / "ca")
+    remove_site(fed, 5)
+    (offline / "ca").chmod(0o777)
+    with pytest.raises(ConfigurationError, match="writable by its group or other users"):
+        remove_site(fed, 4)
