@@ -1044,6 +1044,11 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
         metrics = _metrics
 
         def recovered() -> Job:
+            # (the lease, lost while the job waited to recover (a database restarted, or
+            # made writable again, ends its session), is taken again first: the job's writes
+            # are fenced by it, and no ping runs yet to retake it)
+            # defence: service.recovery-retakes-the-lease
+            opened.check_lease()
             job = Job(config, roster, opened, model, on_change=core.notify, metrics=metrics)
             try:
                 job.recover()

@@ -885,7 +885,7 @@ class Store:
             conn.commit()
         except sa.exc.SQLAlchemyError as e:
             with contextlib.suppress(sa.exc.SQLAlchemyError):
-                conn.close()
+                conn.invalidate()  # (its session ends: a lock it may hold goes with it)
             raise store_failure(e, "taking the store's lease failed") from None
         # defence: store.one-serving-aggregator-postgresql
         if not held:
