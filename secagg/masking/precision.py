@@ -34,9 +34,10 @@ PRECISION_MARGIN = 0.01
 
 def error_share(error: tuple[float, float], weight_sum: float, learned: int,
                 clip: float) -> float:
-    """The most a round's average can be off (L2; per element when that is larger), as a share
-    of ``clip``, for a decoded weight sum ``weight_sum`` and a sum decoded within ``error`` =
-    (e, e_w). Infinite when the weight sum is within its own error of zero."""
+    """The most a round's average can be off, in L2 over ``learned`` values (one: per
+    element), as a share of ``clip``, for a decoded weight sum ``weight_sum`` and a sum
+    decoded within ``error`` = (e, e_w). Infinite when the weight sum is within its own
+    error of zero."""
     element, weight_error = error
     low = weight_sum - weight_error
     if not low > 0:
@@ -46,15 +47,14 @@ def error_share(error: tuple[float, float], weight_sum: float, learned: int,
 
 def result_bound(quantizer: Quantizer, learned: int) -> tuple[float, float]:
     """How far from zero a site takes a masking round's average to be, (L2 over the learned
-    values, each element): ``clip`` plus the rounding error at a weight sum of one full
-    weight (``max_weight``, 1 in a federation: ``samples / max_samples``), plus the margin.
-    The same for every site of the round: nothing in it is a site's own."""
+    values, each element): ``clip`` plus the margin plus the rounding error at a weight sum
+    of one full weight (``max_weight``, 1 in a federation: ``samples / max_samples``); infinite
+    for a quantiser with next to no levels per site. The same for every site of the round:
+    nothing in it is a site's own."""
     clip = quantizer.clip
-    element, weight_error = quantizer.error_bound(quantizer.max_sites)
-    low = quantizer.max_weight - weight_error
-    if not low > 0:  # (a quantiser with next to no levels per site: nothing to bound with)
-        return math.inf, math.inf
-    margin = PRECISION_MARGIN * clip
-    slack_w = clip * weight_error / low
-    return (clip + margin + (math.sqrt(max(learned, 1)) * element) / low + slack_w,
-            clip + margin + element / low + slack_w)
+    error = quantizer.error_bound(quantizer.max_sites)
+    def bound(values: int) -> float:
+        return clip * (1 + PRECISION_MARGIN
+                       + error_share(error, quantizer.max_weight, values, clip))
+
+    return bound(learned), bound(1)
