@@ -32,6 +32,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from aggregator.metrics import Metrics, NoMetrics
 from aggregator.store import BlobRef, Event, Store, StoreError, split_chunks
 from secagg import wire
+from secagg._norm import l2_norm
 from secagg.ckks import CkksServer, CkksStage, PublicContext, _seal
 from secagg.ckks.keys import public_context_length
 from secagg.ckks.presets import get_preset
@@ -1076,7 +1077,7 @@ def _learned_norm(model: FlatModel, values: np.ndarray) -> tuple[float, int]:
     SDK clips them: clients.tensors.clip_l2), and how many there are."""
     counters = model.integer_positions
     learned = values[~counters] if counters.any() else values
-    return float(np.sqrt(np.dot(learned, learned))), int(learned.size)
+    return l2_norm(learned), int(learned.size)  # (without BLAS: secagg._norm)
 
 
 def _claimed_site(request: service_pb2.SubmitRequest, kind: str | None) -> int | None:

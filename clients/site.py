@@ -37,6 +37,7 @@ from clients.errors import AggregatorRefused, ModelMismatch, RoundAborted, SiteE
 from clients.history import History, one_update_per_model
 from clients.transport import CLOSED, Connection, Progress
 from secagg import wire
+from secagg._norm import l2_norm
 from secagg.ckks import CkksClient, KeyHolder, PublicContext, Release, _seal
 from secagg.ckks.keys import public_context_length
 from secagg.ckks.release import check_released_norm
@@ -106,6 +107,9 @@ def _masked_average_bound(quantizer: Any, learned: int) -> AverageBound:
     return AverageBound(*result_bound(quantizer, learned))
 
 
+_STEP_BLOCK = 1 << 15  # values at once: 256 KiB float64 temporaries
+
+
 def _steps(model: FlatModel, result: FlatModel) -> tuple[float, float]:
     """The shortest change of ``model``'s values that rounds to ``result``: its L2 over the
     learned values (integer tensors' counters aside), and its largest integer value's change
@@ -114,30 +118,37 @@ def _steps(model: FlatModel, result: FlatModel) -> tuple[float, float]:
     to nearest can add; float32's flush of subnormals, below 1.2e-38, too): never a whole
     spacing at the result, which is infinite at a dtype's largest value (a result of
     +-65504 in a float16 tensor cost nothing, wherever the model was)."""
-    with np.errstate(over="ignore"):  # (a change near float64's largest value: inf, refused)
-        step = np.abs(result.values - model.values)
-    integer = model.integer_positions
+    learned_squares, counters = 0.0, 0.0
     pos = 0
-    for t in model.spec:
+    for t in model.spec:  # (in cache-sized blocks: a few quick passes over each)
         dtype = np.dtype(t.dtype)
-        end = pos + t.size
-        if dtype.kind == "f":
-            got = result.values[pos:end].astype(dtype)
-            toward = np.nextafter(got, model.values[pos:end].astype(dtype))
-            # defence: sdk.result-rounding-slack-is-half-a-gap
-            slack = np.abs(got.astype(np.float64) - toward.astype(np.float64)) / 2
-            if dtype.itemsize == 4:
-                slack += float(np.finfo(dtype).tiny)
-            # (float64's own rounding of the sum, relative: finite at any value)
-            slack += np.abs(result.values[pos:end]) * 2.0**-52
-            np.subtract(step[pos:end], slack, out=step[pos:end])
-        pos = end
-    np.maximum(step, 0.0, out=step)
-    learned = step[~integer]
-    counters = step[integer]
-    with np.errstate(over="ignore"):
-        l2 = float(math.sqrt(np.dot(learned, learned)))
-    return l2, float(counters.max()) if counters.size else 0.0
+        start, pos = pos, pos + t.size
+        for block in range(start, pos, _STEP_BLOCK):
+            end = min(block + _STEP_BLOCK, pos)
+            got64, had64 = result.values[block:end], model.values[block:end]
+            with np.errstate(over="ignore"):  # (a change near float64's largest: inf, refused)
+                step = np.abs(got64 - had64)
+            if dtype.kind == "f":
+                got = got64.astype(dtype)
+                toward = np.nextafter(got, had64.astype(dtype))
+                # defence: sdk.result-rounding-slack-is-half-a-gap
+                slack = np.abs(got.astype(np.float64) - toward.astype(np.float64)) / 2
+                if dtype.itemsize == 4:
+                    slack += float(np.finfo(dtype).tiny)
+                # (float64's own rounding of the sum, relative: finite at any value)
+                slack += np.abs(got64) * 2.0**-52
+                np.subtract(step, slack, out=step)
+            np.maximum(step, 0.0, out=step)
+            if not step.size:
+                continue
+            if dtype.kind in "iub":
+                counters = max(counters, float(step.max()))
+            else:
+                with np.errstate(over="ignore"):  # (squares past float64's range: inf, refused)
+                    np.square(step, out=step)
+                    learned_squares += float(step.sum())
+    # (summed here without BLAS: np.dot's OpenBLAS threads spin ~0.1 CPU-s after it)
+    return math.sqrt(learned_squares), counters
 
 
 def _why(e: Exception) -> str:
@@ -467,7 +478,7 @@ class Site:
         try:
             # defence: sdk.key-holder-checks-the-released-norm
             check_released_norm(params, len(released.sites), self.config.clip_norm,
-                                released.weight_sum, float(np.sqrt(np.dot(learned, learned))),
+                                released.weight_sum, l2_norm(learned),
                                 int(learned.size))
             return self._result_of(model, average)
         except ProtocolAbort as e:

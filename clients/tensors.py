@@ -8,12 +8,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from secagg._inputs import is_masked_array
+from secagg._norm import l2_norm
 from secagg.errors import ConfigurationError
 from secagg.model import FlatModel
 
@@ -34,7 +35,7 @@ def to_numpy(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
         # defence: sdk.no-masked-array
         # (np.asarray drops a masked array's mask: its masked entries, junk, went out as
         # values; FlatModel.from_arrays refuses one, but sees only what this returns)
-        if isinstance(value, np.ma.MaskedArray):
+        if is_masked_array(value):
             raise ConfigurationError(f"tensor {str(name)[:64]!r} is a numpy masked array: "
                                      "fill its masked entries first, e.g. .filled(0)")
         out[str(name)] = np.asarray(value)
@@ -118,41 +119,6 @@ def flatten_like(state: Mapping[str, Any], model: FlatModel) -> np.ndarray:
 
 def _is_float(dtype: str) -> bool:
     return np.dtype(dtype).kind in "fc"
-
-
-_NORM_BLOCK = 1 << 18  # values squared at once: a 2 MiB temporary, not one the model's size
-
-
-def l2_norm(values: np.ndarray) -> float:
-    """The L2 norm of a float64 vector, block by block, without BLAS.
-
-    ``np.linalg.norm`` is OpenBLAS's ``ddot``, whose worker threads then spin for ~0.1 s
-    waiting for more work: ~0.1 CPU-s a round taken from the training script (or, on a
-    machine running several sites, from the others) for a sum that takes ~2 ms."""
-    with np.errstate(over="ignore"):
-        total = _sum_of_squares(values, 1.0)
-    if math.isinf(total) and values.size:
-        # the squares overflowed (values beyond ~1e154): again, scaled by the largest, so a
-        # finite vector has a finite norm (an infinite one was clipped to all zeros)
-        # defence: sdk.norm-without-overflow
-        largest = float(np.max(np.abs(values)))
-        if math.isfinite(largest):
-            return largest * math.sqrt(_sum_of_squares(values, largest))
-    return math.sqrt(total)
-
-
-def _sum_of_squares(values: np.ndarray, scale: float) -> float:
-    total = 0.0
-    square = np.empty(min(values.size, _NORM_BLOCK))
-    for start in range(0, values.size, _NORM_BLOCK):
-        part = square[:min(_NORM_BLOCK, values.size - start)]
-        if scale == 1.0:
-            np.square(values[start:start + part.size], out=part)
-        else:
-            np.divide(values[start:start + part.size], scale, out=part)
-            np.square(part, out=part)
-        total += float(part.sum())
-    return total
 
 
 def clip_l2(delta: np.ndarray, bound: float, counters: np.ndarray | None = None, *,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import decimal
 import numbers
+import sys
 from collections.abc import Mapping
 
 import numpy as np
@@ -14,12 +15,20 @@ import numpy as np
 from secagg.hazmat import signing
 
 
+def is_masked_array(value: object) -> bool:
+    """Whether ``value`` is a numpy masked array, without importing numpy.ma where nothing
+    has (~50 ms of a site's CPU, each round's first: ``np.ma`` is a lazy import): no masked
+    array exists before numpy.ma is imported."""
+    ma = sys.modules.get("numpy.ma")
+    return ma is not None and isinstance(value, ma.MaskedArray)
+
+
 def check_update(update: object, weight: object, *, max_weight: float,
                  length: int | None = None) -> tuple[np.ndarray, float]:
     """The update as a flat numeric array and the weight as a float, or a clear error."""
     # defence: inputs.no-masked-array
     # (np.asarray drops a masked array's mask: its masked entries, junk, were sent as values)
-    if isinstance(update, np.ma.MaskedArray):
+    if is_masked_array(update):
         raise TypeError("update must be a plain array, got a numpy masked array "
                         "(fill its masked entries first: update.filled(0))")
     arr = np.asarray(update)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from secagg._encoding import digest, encode, payload_digest
+from secagg._inputs import is_masked_array
 from secagg.errors import ConfigurationError
 
 # what a tensor may be: what torch and numpy both hold and a float64 holds every value of
@@ -223,7 +224,7 @@ class FlatModel:
         for name, value in arrays.items():
             # defence: model.no-masked-arrays
             # (np.asarray takes a masked array's hidden values as they are, silently)
-            if isinstance(value, np.ma.MaskedArray):
+            if is_masked_array(value):
                 raise ConfigurationError(f"tensor {str(name)[:64]!r} is a masked array: fill "
                                          f"it first (.filled())")
             try:
