@@ -214,6 +214,11 @@ class Site:
         self._last_round = 0
         self._model_digest: bytes | None = None  # the model this site holds (last result)
         self._held_round = 0  # the round whose result (or starting model) that is
+        # the names, shapes and dtypes of the job's models, once this process has held one:
+        # every later model and result is fetched only if it has them (a result claiming
+        # 1e8 float64 values, its blob one 4 MiB chunk named 200 times, cost 1.6 GB)
+        self._spec: tuple[Any, ...] | None = None
+        self._refused_beyond = False  # a running round past [job] rounds was refused
         self._history = History(history_dir if history_dir is not None
                                 else getattr(kit, "directory", None))
         # a restarted training script holds what the last one held (clients.history)
@@ -335,6 +340,17 @@ class Site:
                     or (info.status == _RUNNING and 0 < info.round <= self._last_round)):
                 pacer.nothing_new(began)
                 continue
+            # a running round beyond the job's rounds is refused as it is joined (the first
+            # one: later ones are not news), and is not a round this site passed: it made
+            # 2**64-1 the round the site waits after, and the site never joined another
+            # round of the job (its script catching RoundAborted polled for ever)
+            # defence: sdk.rounds-beyond-the-job-not-passed
+            if info.status == _RUNNING and info.round > self.config.rounds:
+                if self._refused_beyond:
+                    pacer.nothing_new(began)
+                    continue
+                self._refused_beyond = True
+                return info
             self._last_round = max(self._last_round, info.round)  # (round 0 is refused)
             if info.status == _RUNNING:
                 return info
@@ -366,7 +382,8 @@ class Site:
         # defence: sdk.model-follows-held
         if self._model_digest is not None and digest != self._model_digest:
             self._follow_chain(info.round, digest)
-        model = self._download_model(info.model, "model")
+        model = self._download_model(info.model, "model", self._spec)
+        self._spec = model.spec
         # one update per model (clients.history): the aggregator reported a round this site
         # sent to as aborted, or published its model again as its result, or led the model
         # back to it (or to a re-encoding of it: the check is on what training sees), and
@@ -440,8 +457,10 @@ class Site:
         fetched: FlatModel | None = None  # the last round's result, which the next starts from
         for past in moved:
             model = (fetched if fetched is not None and fetched.digest == bytes(past.model.digest)
-                     else self._download_model(past.model, "model"))
-            fetched = self._download_model(past.result, "result")
+                     else self._download_model(past.model, "model", self._spec))
+            # (a result of the round's names, shapes and dtypes, or nothing is fetched)
+            fetched = self._download_model(past.result, "result", model.spec)
+            self._spec = model.spec
             # defence: sdk.missed-round-in-the-sum-bounded
             self._check_masked_step(model, fetched, self._public_bound(past.round_id, model))
 
@@ -452,9 +471,17 @@ class Site:
         return _masked_average_bound(config.quantizer,
                                      int(np.count_nonzero(~model.integer_positions)))
 
-    def _download_model(self, p: service_pb2.Model, what: str) -> FlatModel:
-        """A published model, its size bounded by its spec before a byte is fetched."""
+    def _download_model(self, p: service_pb2.Model, what: str,
+                        expected: tuple[Any, ...] | None = None) -> FlatModel:
+        """A published model, its size bounded by its spec before a byte is fetched; with
+        ``expected``, only a model of those names, shapes and dtypes is fetched at all."""
         spec = wire.spec_from_proto(p.spec)
+        # the new model has the names, shapes and dtypes of the round's (the README's
+        # promise), checked before its bytes are: a result's size is the model's
+        # defence: sdk.result-spec-kept
+        if expected is not None and spec != expected:
+            raise ModelMismatch(f"the round's {what} is not a model of the round's names, "
+                                "shapes and dtypes")
         length = sum(t.size for t in spec)
         # defence: sdk.model-download-bounded
         if length > self.config.limits.max_vector_length:
@@ -517,10 +544,7 @@ class Site:
         model, in L2 and (counters too) in each value. Before, a lying aggregator could
         publish any model (a trap for the next round's updates); now it moves the model no
         further a round than an honest round can."""
-        # defence: sdk.missed-round-result-keeps-spec
-        if model.spec != result.spec:  # (_accept_result checked it; the chain did not)
-            raise ModelMismatch("the round's result is not a model of the round's names, shapes "
-                                "and dtypes")
+        # (a result of the model's names, shapes and dtypes: _download_model)
         rate = self.config.server_learning_rate
         l2, counter = _steps(model, result)
         # defence: sdk.masked-result-within-the-clip-norm
@@ -545,12 +569,7 @@ class Site:
         key holder), which the result must apply exactly as the aggregator applies it;
         ``average_bound``: how far the round's average can be from zero (masking, a site whose
         input is in the sum: _masked_average_bound)."""
-        result = self._download_model(info.result, "result")
-        # the new model has the names, shapes and dtypes of the round's (the README's promise)
-        # defence: sdk.result-spec-kept
-        if result.spec != model.spec:
-            raise ModelMismatch("the round's result is not a model of the round's names, shapes "
-                                "and dtypes")
+        result = self._download_model(info.result, "result", model.spec)
         if released is not None:
             # the key holder knows the average: the result is the round's model plus the
             # server learning rate times it, to the bit (a lying aggregator published a

@@ -1346,3 +1346,57 @@ def test_a_key_holder_signs_no_result_the_aggregators_norm_check_refuses(case: s
         assert result.digest == site._result_of(model, average).digest
     else:
         assert result is None
+
+
+def test_a_result_of_another_spec_is_refused_before_a_byte_is_fetched() -> None:
+    """The round's model is 8 float32 values; the aggregator publishes a "result" of 10M
+    float64 values whose blob names one real chunk again and again: the site joined and
+    hashed ~40x what it received before refusing the spec. The spec is compared first now,
+    for the round's result, for the next round's model and for a missed round's result."""
+    from clients.errors import ModelMismatch
+    from secagg.model import FlatModel
+
+    info, payloads = _model_info(1, "hospitals/job-1/round-1")
+    site, conn = _site("masking", info, payloads)
+    rnd = next(site.rounds())
+    wide = FlatModel.from_arrays({"w": np.zeros(10_000_000, np.float64)})
+    bomb = wire.Blob((b"\x05" * 32,) * 20, 80_000_000)
+    conn.payloads[bomb.chunk_ids[0]] = b"x" * (4 << 20)
+    done = service_pb2.RoundInfo(round=1, round_id=rnd.round_id,
+                                 status=service_pb2.ROUND_STATUS_COMPLETED,
+                                 result=wire.model_to_proto(wide, bomb))
+    fetched = list(conn.fetched)
+    with pytest.raises(ModelMismatch, match="names, shapes"):
+        site._accept_result(done, rnd.model)
+    assert conn.fetched == fetched  # nothing of the "result" was asked for
+    # the next round's model, likewise: the site holds a model of 8 float32 values
+    with pytest.raises(ModelMismatch, match="names, shapes"):
+        site._download_model(wire.model_to_proto(wide, bomb), "model", site._spec)
+    assert conn.fetched == fetched
+
+
+def test_a_running_round_beyond_the_jobs_rounds_does_not_end_the_sites_part(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lying aggregator announces running round 2**64-1: refused as the site joined it, it
+    first became the round the site waits after, and the site never joined round 1 (nor any
+    other). It is refused once and is not news after that: the site goes on to the job's
+    own round."""
+    _fake_clock(monkeypatch)
+    mine, payloads = _model_info(1, "hospitals/job-1/round-1")
+    site, conn = _site("masking", mine, payloads)
+    beyond = service_pb2.RoundInfo()
+    beyond.CopyFrom(mine)
+    beyond.round, beyond.round_id = 2**64 - 1, f"hospitals/job-1/round-{2**64 - 1}"
+    asked: list[int] = []
+
+    def call(method: str, request: Any, **_kwargs: Any) -> Any:
+        asked.append(request.after_round)
+        assert len(asked) < 20, "the site waits for rounds after the one it refused"
+        return beyond if len(asked) < 5 else mine
+
+    conn.call = call  # type: ignore[method-assign]
+    with pytest.raises(RoundAborted, match="is not round"):
+        next(site.rounds())
+    rnd = next(site.rounds())  # the script caught it and went on
+    assert rnd.number == 1
+    assert asked == [0] * 5
