@@ -250,6 +250,22 @@ class MaskingServer:
         self._signatures[msg.site_id] = msg.signature
 
     def _on_unmask(self, msg: UnmaskResponse) -> None:
+        r = msg.site_id
+        survivors = set(self._survivors)
+
+        def held_by_r(owner: int) -> bool:  # r holds shares of owner's secrets (or is it)
+            return owner in self._share_keys and r in self._share_keys[owner].share_commitments
+
+        # only shares r holds, of survivors' self-masks and dropped sites' keys, each one
+        # share long: a site signed 105,000 made-up entries (7.8 MB a round) and the
+        # aggregator kept them, the round's record growing by that for good
+        # defence: masking.server.unmask-shares-bounded
+        if any(not (held_by_r(o) and o in survivors) for o in msg.self_mask_shares) or any(
+                not (held_by_r(o) and o not in survivors) for o in msg.key_shares) or any(
+                len(share) != shamir.SHARE_BYTES for table in (msg.self_mask_shares,
+                                                               msg.key_shares)
+                for share in table.values()):
+            raise InvalidMessage("unmask shares")
         # defence: masking.server.unmask-response-verified
         self._verify(msg.site_id, msg.signature, UnmaskResponse.signed_bytes(
             self._session, msg.site_id, msg.self_mask_shares, msg.key_shares))

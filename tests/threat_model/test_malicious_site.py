@@ -874,3 +874,46 @@ def test_a_site_advertising_its_own_key_in_another_encoding_cannot_void_the_roun
     assert result is not None and result.survivors == (1, 2, 3, 5)
     exact = sum(np.clip(r.inputs[s][0], -1, 1) * r.inputs[s][1] for s in result.survivors)
     assert np.max(np.abs(result.weighted_sum - exact)) <= result.error_bound[0]
+
+
+@pytest.mark.parametrize("bad", ["unknown owner", "many junk entries", "survivor's key",
+                                 "dropped site's self-mask", "long share", "short share"])
+def test_server_refuses_unmask_shares_the_site_does_not_hold(bad: str) -> None:
+    """A site signs an unmask response with shares it cannot hold: of sites outside the
+    round, 105,000 made-up entries (7.8 MB the aggregator kept in the round's record for
+    good), a key share of a survivor, a self-mask share of a dropped site, or a share of
+    another length. Refused whole; the round completes from the others' shares."""
+    r = Round(sites=6)
+    r.advance()
+    r.advance()
+    r.advance(skip=frozenset({6}))  # site 6 drops: its key shares are asked for
+    r.advance()
+    responses = {s: r.clients[s].handle(m) for s, m in r.outgoing.items()}
+    mine = responses[1]
+    assert isinstance(mine, UnmaskResponse) and 6 in mine.key_shares
+    self_mask, keys = dict(mine.self_mask_shares), dict(mine.key_shares)
+    share = shamir.share_to_bytes(12345)
+    if bad == "unknown owner":
+        self_mask[99] = share
+    elif bad == "many junk entries":
+        self_mask.update({1000 + i: share for i in range(105_000)})
+    elif bad == "survivor's key":
+        keys[2] = share
+    elif bad == "dropped site's self-mask":
+        self_mask[6] = share
+    elif bad == "long share":
+        self_mask[2] = share + b"\0"
+    else:
+        keys[6] = share[:-1]
+    sig = r.identities[1].sign(UnmaskResponse.signed_bytes(r.server._session, 1, self_mask,
+                                                           keys))
+    with pytest.raises(InvalidMessage, match="unmask shares"):
+        r.server.handle(UnmaskResponse(1, self_mask, keys, sig))
+    for s, m in responses.items():
+        if s != 1:
+            r.server.handle(m)  # type: ignore[arg-type]
+    r.server.close_stage()
+    result = r.server.result
+    assert result is not None
+    exact = sum(np.clip(r.inputs[s][0], -1, 1) * r.inputs[s][1] for s in result.survivors)
+    assert np.max(np.abs(result.weighted_sum - exact)) <= result.error_bound[0]
