@@ -55,7 +55,13 @@ from aggregator.store import (
 from secagg.errors import ConfigurationError, SecAggError
 from secagg.federation import pki
 from secagg.federation.config import FederationConfig
-from secagg.federation.kit import ROSTER_FILE, load_roster
+from secagg.federation.kit import (
+    AGGREGATOR_ENTRIES,
+    ROSTER_FILE,
+    check_kit_directory,
+    load_roster,
+    read_private_key,
+)
 from secagg.model import FlatModel
 from secagg.v1 import service_pb2, service_pb2_grpc
 
@@ -916,10 +922,11 @@ class ServerFiles:
 
 
 def load_server_files(config_path: Path) -> ServerFiles:
-    config = FederationConfig.load(config_path)
     d = config_path.parent
+    check_kit_directory(d, (config_path.name, *AGGREGATOR_ENTRIES))
+    config = FederationConfig.load(config_path)
     try:
-        files = ServerFiles(config, d, (d / "server.key").read_bytes(),
+        files = ServerFiles(config, d, read_private_key(d / "server.key"),
                             (d / "server.crt").read_bytes(), (d / "ca.crt").read_bytes())
     except FileNotFoundError as e:
         raise ConfigurationError(f"the aggregator directory {d} lacks {Path(e.filename).name}"

@@ -302,6 +302,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"secagg: error: {type(e).__name__}{where}: {reason} (SECAGG_DEBUG=1 shows "
               "where)", file=sys.stderr)
         return 2
+    # Ctrl-C: one line and the shell's status for it, not a traceback (init names a
+    # directory it left half-written when it is run again)
+    # defence: cli.interrupt-is-one-line
+    except KeyboardInterrupt:
+        if os.environ.get("SECAGG_DEBUG", "") not in ("", "0"):
+            raise
+        print("secagg: interrupted", file=sys.stderr)
+        return 130
     except MemoryError:  # (simulate --params 10**11 asked numpy for 800 GB)
         if os.environ.get("SECAGG_DEBUG", "") not in ("", "0"):
             raise

@@ -337,6 +337,14 @@ class FederationConfig:
                 or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in self.job_id)):
             raise ConfigurationError("[job] id must be 1-64 letters, digits, '-', '_' or '.', "
                                      f"got {self.job_id!r}")
+        # the name starts every round id ("name/job/round-n") and names the CA: '/' made
+        # one federation's round ids read as another's, and a line break or escape in it
+        # reached every log line naming a round
+        # defence: config.federation-name-shape
+        if (not isinstance(self.name, str) or len(self.name) > 64
+                or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in self.name)):
+            raise ConfigurationError("[federation] name must be up to 64 letters, digits, '-', "
+                                     f"'_' or '.', got {self.name!r}")
         host, _, port = self.aggregator.rpartition(":")
         if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise ConfigurationError(f"[federation] aggregator must be host:port with a port "

@@ -96,8 +96,9 @@ def identity_to_pem(key: Ed25519PrivateKey) -> bytes:
 
 
 def load_identity(path: Path) -> IdentityKey:
+    data = read_private_key(path)
     try:
-        key = serialization.load_pem_private_key(_read_private(path), password=None)
+        key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
         raise ConfigurationError(f"{path} is not an unencrypted PEM private key") from None
     # defence: kit.identity-ed25519
@@ -106,14 +107,30 @@ def load_identity(path: Path) -> IdentityKey:
     return IdentityKey(key)
 
 
-def _read_private(path: Path) -> bytes:
-    """A private key file's bytes; a warning if others may read it (as ssh refuses to)."""
+def read_private_key(path: Path) -> bytes:
+    """A private key file's bytes; refused if others than its owner may read or write it
+    (as ssh refuses such a key; it was a warning, and a key at 0666 was used and served)."""
     data = path.read_bytes()
-    # defence: federation.key-permissions-warned
+    # defence: federation.key-permissions-refused
     if path.stat().st_mode & 0o077:
-        warnings.warn(f"{path} can be read by others than its owner (mode "
-                      f"{path.stat().st_mode & 0o777:o}); chmod 600 it", stacklevel=3)
+        raise ConfigurationError(f"{path} can be read or written by others than its owner "
+                                 f"(mode {path.stat().st_mode & 0o777:o}): chmod 600 it")
     return data
+
+
+# what a site's and the aggregator's directories hold that others must not be able to
+# change (check_kit_directory)
+SITE_ENTRIES = (CONFIG_FILE, ROSTER_FILE, "ca.crt", "client.crt", "client.key", "identity.key")
+AGGREGATOR_ENTRIES = (CONFIG_FILE, ROSTER_FILE, "ca.crt", "server.crt", "server.key")
+
+
+def check_kit_directory(d: Path, entries: Sequence[str]) -> None:
+    """Refuse a site's or the aggregator's directory another user could change (the
+    directory, its ``entries`` or a directory above it: _check_not_shared). Only `sign`,
+    `remove-site` and `init` checked: the aggregator served, and a site connected, from a
+    0777 directory whose config (its trust root), roster and CA anyone could replace."""
+    # defence: federation.kit-directory-not-shared
+    _check_not_shared(d, inside=entries)
 
 
 @dataclass(frozen=True)
@@ -136,11 +153,12 @@ class SiteKit:
             raise ConfigurationError(f"site directory {d} does not exist" if not d.exists()
                                      else f"{d} is not a directory (a site directory holds "
                                           "its keys, certificates, roster and config)")
+        check_kit_directory(d, SITE_ENTRIES)
         config = FederationConfig.load(d / CONFIG_FILE)
         roster = load_roster(d / ROSTER_FILE, config.trust_root)
         try:
             cert_pem = (d / "client.crt").read_bytes()
-            key_pem = _read_private(d / "client.key")
+            key_pem = read_private_key(d / "client.key")
             ca_pem = (d / "ca.crt").read_bytes()
         except FileNotFoundError as e:
             raise ConfigurationError(f"site directory {d} lacks {Path(e.filename).name}"
@@ -172,6 +190,9 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
                     initial_model: Path | None = None, **overrides: object) -> FederationConfig:
     """Write a whole trial federation into ``directory`` (which must be empty or absent)."""
     d = Path(directory)
+    if (d / INIT_INCOMPLETE).exists():
+        raise ConfigurationError(f"{d} holds a federation whose `init` was cut short (it has "
+                                 "no aggregator directory): remove it and run init again")
     if d.exists() and any(d.iterdir()):
         raise ConfigurationError(f"{d} is not empty: refusing to overwrite a federation")
     # an existing directory keeps its mode: one others can write let any local user swap
@@ -229,6 +250,11 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
         pki.make_dirs(d / "sites", 0o755)
     except OSError as e:
         raise ConfigurationError(f"cannot make {d}: {e.strerror}") from None
+    # until the last file is written: an init cut short (Ctrl-C, a full disk) is named as
+    # such, and its aggregator directory, written last, does not exist: no aggregator serves
+    # a roster of 2000 sites of which 408 have keys (it did, and opened round 1)
+    # defence: federation.init-cut-short-not-served
+    (d / INIT_INCOMPLETE).write_bytes(b"")
     pki.write_private(d / "ca" / "ca.key", pki.pem_private(ca_key))
     pki.write_public(d / "ca" / "ca.crt", pki.pem_cert(ca_cert))
     pki.write_private(d / "trust-root" / "signer.key", identity_to_pem(signer_key))
@@ -240,11 +266,6 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
         pki.write_public(d / model_name, Path(initial_model).read_bytes())
     _write_public_files(d, config, signed, ca_cert, model_name)
 
-    server_key, server_cert = pki.issue_server_cert(ca_key, ca_cert, hosts)
-    agg = d / "aggregator"
-    pki.write_private(agg / "server.key", pki.pem_private(server_key))
-    pki.write_public(agg / "server.crt", pki.pem_cert(server_cert))
-    _write_public_files(agg, config, signed, ca_cert, model_name)
     for s, ident in identities.items():
         site_dir = d / "sites" / f"site-{s}"
         tls_key = pki.new_key()
@@ -253,9 +274,18 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
         pki.write_private(site_dir / "identity.key", identity_to_pem(ident))
         pki.write_public(site_dir / "client.crt", pki.pem_cert(cert))
         _write_public_files(site_dir, config, signed, ca_cert, None)
+    server_key, server_cert = pki.issue_server_cert(ca_key, ca_cert, hosts)
+    # the aggregator's directory is made whole under another name and renamed into place
+    building = d / ".aggregator.init"
+    pki.write_private(building / "server.key", pki.pem_private(server_key))
+    pki.write_public(building / "server.crt", pki.pem_cert(server_cert))
+    _write_public_files(building, config, signed, ca_cert, model_name)
+    building.rename(d / "aggregator")
+    (d / INIT_INCOMPLETE).unlink()
     return config
 
 
+INIT_INCOMPLETE = ".init-incomplete"  # in a federation directory while init writes it
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")  # named by every server certificate
 
 
@@ -278,8 +308,9 @@ def _check_not_shared(d: Path, *, inside: Sequence[str] = ()) -> None:
             continue  # (made by init, ours)
         except OSError as e:
             raise ConfigurationError(f"cannot read {path}: {e.strerror}") from None
+        # (root's own is fine: root can change anything anyway)
         # defence: federation.directory-owned-by-its-user
-        if st.st_uid != euid or st.st_mode & 0o022:
+        if st.st_uid not in (euid, 0) or st.st_mode & 0o022:
             raise ConfigurationError(
                 f"{path} is writable by its group or other users, or not this user's (mode "
                 f"{st.st_mode & 0o777:o}, owner uid {st.st_uid}): anyone who can write there "

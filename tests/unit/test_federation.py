@@ -156,6 +156,11 @@ def test_the_ca_signs_only_the_site_a_request_names(tmp_path: Path) -> None:
     ("job", "id", "''", "id must be 1-64"),
     ("job", "id", "'a/b'", "id must be 1-64"),
     ("job", "id", "'" + "x" * 65 + "'", "id must be 1-64"),
+    # the name starts every round id: '/' read as another federation's, a line break forged
+    # log lines naming a round
+    ("federation", "name", "'a/../b'", "name must be up to 64"),
+    ("federation", "name", "'na\u00efve'", "name must be up to 64"),
+    ("federation", "name", '"x\\ny"', "name must be up to 64"),
     ("job", "initial_model", "3", "initial_model must be a path"),
     ("federation", "trust_root", "'abcd'", "trust_root must be a 32-byte"),
     ("job", "initial_model_digest", "'abcd'", "initial_model_digest must be 64 hex"),
@@ -231,14 +236,48 @@ def test_a_site_directory_with_broken_tls_files_is_refused_at_load_naming_them(
         SiteKit.load(d)
 
 
-def test_a_private_key_others_can_read_is_warned_about(federation: Path,
-                                                        tmp_path: Path) -> None:
+@pytest.mark.parametrize("key", ["client.key", "identity.key"])
+def test_a_private_key_others_can_read_is_refused(federation: Path, tmp_path: Path,
+                                                  key: str) -> None:
     from secagg.federation.kit import SiteKit
 
     d = _site_copy(federation, tmp_path)
-    (d / "client.key").chmod(0o644)
-    with pytest.warns(UserWarning, match="chmod 600"):
+    (d / key).chmod(0o644)
+    with pytest.raises(ConfigurationError, match="chmod 600"):
         SiteKit.load(d)
+    (d / key).chmod(0o600)
+    SiteKit.load(d)
+
+
+@pytest.mark.parametrize("where", ["directory", "config", "roster", "ca", "server key"])
+def test_a_site_or_aggregator_directory_others_can_change_is_refused(
+        federation: Path, tmp_path: Path, where: str) -> None:
+    """The aggregator served, and a site connected, from a 0777 directory (or with a config,
+    roster or CA anyone could rewrite, or a 0666 server key): refused, as sign refuses."""
+    import shutil
+
+    from aggregator.service import load_server_files
+    from secagg.federation.kit import SiteKit
+
+    site = _site_copy(federation, tmp_path)
+    agg = tmp_path / "agg"
+    shutil.copytree(federation / "aggregator", agg)
+    entry = {"directory": ".", "config": "federation.toml", "roster": "roster.bin",
+             "ca": "ca.crt", "server key": "server.key"}[where]
+    for d in (site, agg):
+        target = d / entry
+        if where == "server key" and d is site:
+            continue
+        mode = target.stat().st_mode & 0o777
+        target.chmod(mode | 0o022 | (0o044 if where == "server key" else 0))
+        with pytest.raises(ConfigurationError, match=r"other users|others than its owner"):
+            if d is site:
+                SiteKit.load(d)
+            else:
+                load_server_files(d / "federation.toml")
+        target.chmod(mode)
+    SiteKit.load(site)
+    load_server_files(agg / "federation.toml")
 
 
 @pytest.mark.parametrize("address", ["localhost:99999", "localhost:0", "localhost:abc",
@@ -529,3 +568,45 @@ def test_the_idle_timeout_left_out_is_the_documented_one() -> None:
         "federation": {"name": "n", "protocol": "masking", "aggregator": "a:1",
                        "trust_root": "00" * 32}, "job": {"id": "j", "rounds": 1}})
     assert config.limits.stream_idle_seconds == 60.0
+
+
+def test_an_init_cut_short_leaves_no_federation_an_aggregator_serves(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C during `federation init` of many sites left a roster of all of them, keys for
+    some, and an aggregator directory the aggregator served (and opened round 1 with). The
+    aggregator's directory is written last, whole; a rerun names the cut-short init; and the
+    CLI says "interrupted" on one line with status 130, not a traceback."""
+    from aggregator.service import load_server_files
+    from secagg.cli import main
+
+    model = tmp_path / "m.npz"
+    np.savez(model, w=np.zeros(3))  # type: ignore[arg-type]
+    real, made = pki.issue_site_cert, [0]
+
+    def interrupted(*args: object, **kwargs: object) -> object:
+        made[0] += 1
+        if made[0] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pki, "issue_site_cert", interrupted)
+    d = tmp_path / "fed"
+    try:
+        status = main(["federation", "init", "--dir", str(d), "--sites", "5",
+                       "--model", str(model)])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C left the CLI as a KeyboardInterrupt traceback")
+    assert status == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "secagg: interrupted"
+    assert (d / "sites" / "site-2" / "client.crt").exists()
+    with pytest.raises(ConfigurationError):
+        load_server_files(d / "aggregator" / "federation.toml")
+    monkeypatch.setattr(pki, "issue_site_cert", real)
+    with pytest.raises(ConfigurationError, match="cut short"):
+        init_federation(d, 5, initial_model=model)
+    done = tmp_path / "done"
+    init_federation(done, 5, initial_model=model)
+    assert sorted(p.name for p in done.iterdir() if p.name.startswith(".")) == []
+    load_server_files(done / "aggregator" / "federation.toml")
