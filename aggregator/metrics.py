@@ -241,4 +241,15 @@ def serve_metrics(metrics: Metrics, listen: str) -> tuple[Any, int]:
     server = Server((host, int(port)), Handler)
     server.set_app(guarded)
     threading.Thread(target=server.serve_forever, name="secagg-metrics", daemon=True).start()
-    return server, int(server.server_address[1])
+    bound = int(server.server_address[1])
+    # /metrics is plain HTTP with no client certificate: on every interface, anyone who can
+    # reach the host reads the job's progress and which sites are active (it was silent)
+    # defence: metrics.every-interface-warned
+    if host in ("0.0.0.0", "::", "*"):  # noqa: S104 (recognised, not bound here)
+        import logging
+
+        logging.getLogger("secagg.aggregator").warning(
+            f"metrics are served over plain HTTP on every interface ({listen}): bind them to "
+            f"a private address (e.g. 127.0.0.1:{bound}) or keep the port behind a firewall",
+            extra={"event": "metrics_on_every_interface"})
+    return server, bound

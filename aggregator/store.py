@@ -22,11 +22,11 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import time
 import urllib.parse
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,6 +235,9 @@ def _create_private(path: Path) -> None:
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
+_LOOSE_WARNED: set[str] = set()  # store files whose loose mode was logged
+
+
 def _private_sqlite_file(url: str, create: bool) -> None:
     """A new SQLite store is made 0600 before SQLite opens it (its -wal and -shm files take
     the database's mode): it holds every masked input, ciphertext and sealed share."""
@@ -250,9 +253,12 @@ def _private_sqlite_file(url: str, create: bool) -> None:
         # defence: store.loose-mode-warned
         with contextlib.suppress(OSError):
             mode = path.stat().st_mode & 0o777
-            if mode & 0o077:
-                warnings.warn(f"the store {path} can be read by others than its owner (mode "
-                              f"{mode:o}); chmod 600 it", stacklevel=2)
+            # (a log event of its own, not a warning inside another line; once a process)
+            if mode & 0o077 and str(path) not in _LOOSE_WARNED:
+                _LOOSE_WARNED.add(str(path))
+                logging.getLogger("secagg.aggregator").warning(
+                    f"the store {path} can be read by others than its owner (mode {mode:o}); "
+                    "chmod 600 it", extra={"event": "store_mode_loose"})
     except OSError as e:
         raise StoreError(f"cannot create store {path}: {e.strerror}") from None
 

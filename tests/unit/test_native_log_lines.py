@@ -317,3 +317,20 @@ def test_metrics_without_a_host_listen_on_loopback_only() -> None:
     finally:
         server.shutdown()
 
+
+
+def test_metrics_on_every_interface_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """`--metrics 0.0.0.0:PORT` served plain-HTTP metrics to every network the host is on
+    without a word; it is allowed (a monitoring network may need it) and logged."""
+    import logging
+
+    for listen, warned in (("0.0.0.0:0", True), ("127.0.0.1:0", False), (":0", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="secagg.aggregator"):
+            server, port = metrics.serve_metrics(metrics.NoMetrics(), listen)
+        server.shutdown()
+        events = [r for r in caplog.records
+                  if getattr(r, "event", None) == "metrics_on_every_interface"]
+        assert len(events) == warned, listen
+        if warned:
+            assert f"127.0.0.1:{port}" in events[0].getMessage()
