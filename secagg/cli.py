@@ -32,6 +32,18 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """A seed for made-up data: an integer >= 0 (numpy's generators refuse the rest, from
+    inside, as "ValueError: expected non-negative integer")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _sites(text: str) -> int:
     value = _positive(text)
     if value < 3:
@@ -234,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--sites", type=_positive, default=10)
     sim.add_argument("--params", type=_positive, default=100_000)
     sim.add_argument("--dropout", type=_fraction, default=0.2)
-    sim.add_argument("--seed", type=int, default=7, help="seed for the made-up data")
+    sim.add_argument("--seed", type=_seed, default=7, help="seed for the made-up data")
     sim.add_argument("--protocol", choices=["masking", "ckks"], default="masking")
     sim.set_defaults(func=_simulate)
 
@@ -252,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     masking.add_argument("--dropout-rate", type=_fraction, default=None,
                          help="expected dropout the SecAgg+ bound plans for "
                               "(default: --dropout)")
-    masking.add_argument("--seed", type=int, default=1)
+    masking.add_argument("--seed", type=_seed, default=1)
     masking.add_argument("--workers", type=_positive, default=min(2, os.cpu_count() or 1),
                          help="processes sharing mask expansion (default: cores, at most 2)")
     masking.add_argument("--json", action="store_true")

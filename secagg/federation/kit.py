@@ -392,7 +392,11 @@ def make_site_request(directory: Path | str, site_id: int, *,
         raise ConfigurationError(f"a site id is a positive integer below 2**63, got {site_id!r}")
     private: Ed25519PrivateKey | None = None
     if identity_key is not None:
-        identity = load_identity(Path(identity_key))
+        try:
+            identity = load_identity(Path(identity_key))
+        except OSError as e:  # (a bare "FileNotFoundError (nope.key)" before)
+            raise ConfigurationError(f"cannot read --identity {identity_key}: "
+                                     f"{e.strerror or e}") from None
     else:
         # (lexists: a dangling link there made the write fail after client.key was written,
         # and every retry then failed on client.key)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,7 +55,10 @@ def test_bench_service_prints_the_promised_fields(protocol: str) -> None:
 
 
 @pytest.mark.parametrize("argv", [["simulate", "--sites", "0"], ["simulate", "--dropout", "1.5"],
-                                  ["bench", "masking", "--clients", "-3"]])
+                                  ["bench", "masking", "--clients", "-3"],
+                                  # (numpy's "expected non-negative integer", from inside)
+                                  ["simulate", "--seed", "-5"],
+                                  ["bench", "masking", "--seed", "-1"]])
 def test_bad_arguments_give_a_usage_error_not_a_traceback(
     argv: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -166,3 +170,12 @@ def test_an_address_out_of_range_is_one_line_before_anything_binds(
     assert main(["aggregator", "serve", "--config", "/nonexistent.toml", *flags]) == 2
     err = capfd.readouterr().err
     assert f"{flags[0]} must be HOST:PORT" in err and "Traceback" not in err
+
+
+def test_a_missing_identity_key_for_csr_is_named_as_the_flag(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["federation", "csr", "--dir", str(tmp_path / "new"), "--site", "3",
+                 "--identity", str(tmp_path / "nope.key")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("secagg: error: cannot read --identity ") and "No such file" in err
+    assert err.count("\n") == 1
