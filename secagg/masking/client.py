@@ -78,6 +78,16 @@ class _LocalInputError(Exception):
         self.error = error
 
 
+def _field_elements(pair: bytes) -> bool:
+    """Whether a share pair's two halves are Shamir shares (field elements)."""
+    try:
+        shamir.share_from_bytes(pair[:shamir.SHARE_BYTES])
+        shamir.share_from_bytes(pair[shamir.SHARE_BYTES:])
+    except ValueError:
+        return False
+    return True
+
+
 class MaskingClient:
     """One site in one masking round.
 
@@ -282,6 +292,13 @@ class MaskingClient:
             # defence: masking.client.share-pair-length
             if len(plain) != _SHARE_PAIR_BYTES:
                 # defence: masking.client.bad-share-skipped
+                unusable.append(sender)
+                continue
+            # two 66-byte values that are not field elements (>= PRIME), sealed and committed
+            # by their dealer: held and revealed at unmask, they made the server abort the
+            # round naming this site, not the dealer; skipped like a share that does not open
+            # defence: masking.client.shares-are-field-elements
+            if not _field_elements(plain):
                 unusable.append(sender)
                 continue
             self._held_shares[sender] = (plain[: shamir.SHARE_BYTES], plain[shamir.SHARE_BYTES :])

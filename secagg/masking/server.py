@@ -77,6 +77,14 @@ class AggregateResult:
         return self.weighted_sum / self.weight_sum
 
 
+def _is_share(raw: bytes) -> bool:
+    try:
+        shamir.share_from_bytes(raw)
+    except ValueError:
+        return False
+    return True
+
+
 class MaskingServer:
     def __init__(self, config: RoundConfig, listener: MetricsListener | None = None, *,
                  splitter: RangeSplitMasker | None = None) -> None:
@@ -350,6 +358,10 @@ class MaskingServer:
                     # defence: masking.server.revealed-shares-match-commitments
                     if share_commitment(self._session, owner, r, kind, share) != expected:
                         ok = False
+                    # a share that is no field element (committed so by its dealer) drops
+                    # its revealer like a wrong one: it aborted the round, naming the holder
+                    # defence: masking.server.revealed-shares-in-the-field
+                    ok = ok and _is_share(share)
             if ok:
                 good[r] = response
         return good

@@ -917,3 +917,70 @@ def test_server_refuses_unmask_shares_the_site_does_not_hold(bad: str) -> None:
     assert result is not None
     exact = sum(np.clip(r.inputs[s][0], -1, 1) * r.inputs[s][1] for s in result.survivors)
     assert np.max(np.abs(result.weighted_sum - exact)) <= result.error_bound[0]
+
+
+def _deal_a_share_outside_the_field(r: Round, dealer: int, holder: int) -> None:
+    """Advance ``r`` through ShareKeys with ``dealer`` sealing ``holder`` a self-mask share
+    of 66 bytes that is no field element (>= PRIME), sealed and committed properly."""
+    from unittest import mock
+
+    import secagg.masking.client as client_module
+
+    r.advance()
+    real_split, first = shamir.split, [True]
+
+    def split(secret: int, t: int, holders: Any) -> Any:
+        out = dict(real_split(secret, t, holders))
+        if first[0]:  # the self-mask seed's split
+            first[0] = False
+            out[holder] = shamir.PRIME + 5
+        return out
+
+    replies = {}
+    for s, msg in r.outgoing.items():
+        if s == dealer:
+            with mock.patch.object(client_module.shamir, "split", split), \
+                    mock.patch.object(client_module.shamir, "share_to_bytes",
+                                      lambda y: y.to_bytes(shamir.SHARE_BYTES, "big")):
+                replies[s] = r.clients[s].handle(msg)
+        else:
+            replies[s] = r.clients[s].handle(msg)
+    for m in replies.values():
+        r.server.handle(m)  # type: ignore[arg-type]
+    r.outgoing = r.server.close_stage()
+
+
+def test_a_share_outside_the_field_is_its_dealers_fault_not_its_holders() -> None:
+    """Site 1 deals site 2 a self-mask share >= PRIME, sealed and committed: site 2 held it,
+    revealed it at unmask, and the server aborted the round as MALFORMED_MESSAGE "share from
+    site 2", blaming the honest holder. Site 2 now takes site 1 for an unusable share sender
+    (as for a share that does not open) and the round completes."""
+    r = Round(sites=5, vector_length=4)
+    _deal_a_share_outside_the_field(r, dealer=1, holder=2)
+    r.advance()
+    assert 1 in r.clients[2].unusable_share_senders
+    r.advance()
+    r.advance()
+    assert r.server.stage is Stage.COMPLETED
+    result = r.server.result
+    assert result is not None
+    exact = sum(np.clip(r.inputs[s][0], -1, 1) * r.inputs[s][1] for s in result.survivors)
+    assert np.max(np.abs(result.weighted_sum - exact)) <= result.error_bound[0]
+
+
+def test_a_revealed_share_outside_the_field_drops_its_revealer_not_the_round() -> None:
+    """The holder colludes and reveals the dealer's share >= PRIME (it matches the dealer's
+    commitment): the server dropped nothing and aborted the round. The revealer is dropped
+    like one revealing a wrong share, and the round completes from the others."""
+    from unittest import mock
+
+    import secagg.masking.client as client_module
+
+    r = Round(sites=5, vector_length=4)
+    _deal_a_share_outside_the_field(r, dealer=1, holder=2)
+    with mock.patch.object(client_module, "_field_elements", lambda pair: True):
+        r.advance()
+    r.advance()
+    r.advance()
+    assert r.server.stage is Stage.COMPLETED
+    assert r.server.result is not None
