@@ -700,6 +700,12 @@ class Job:
                 signed = False
             else:
                 signed = True
+            # an unsigned release carries no signature (a 6 MiB one rode along, unchecked,
+            # and was recorded for good); a signed one's is verified below
+            # defence: service.release-unsigned-carries-no-signature
+            if not signed and ref_r.result_signature:
+                raise ServiceError(INVALID_ARGUMENT, "a release the L2 check refuses comes "
+                                                     "unsigned: it carries no result signature")
             # defence: service.release-signs-the-result
             try:
                 if signed:

@@ -69,3 +69,65 @@ def test_a_round_whose_result_no_tensor_can_hold_aborts_and_the_job_goes_on(
     assert aborts == ["AGGREGATE_OUT_OF_RANGE"], agg.tail()
     assert any(e.get("event") == "round_opened" and e["round_id"].endswith("round-2")
                for e in events), agg.tail()
+
+
+@pytest.mark.parametrize("signature", [b"\0" * (6 << 20), b"\0" * 64])
+def test_an_unsigned_release_carrying_a_signature_is_refused_and_not_recorded(
+        tmp_path: Path, signature: bytes) -> None:
+    """The key holder releases an average beyond the clip (which the aggregator takes
+    unsigned, to abort the round as out of range) padded with a 6 MiB result signature: the
+    signature went unchecked and was recorded with the message, for good. Refused now."""
+    import hashlib
+
+    import numpy as np
+
+    from aggregator.job import Job, ServiceError
+    from aggregator.service import load_server_files
+    from aggregator.store import Store
+    from secagg import wire
+    from secagg.ckks import CkksClient
+    from secagg.federation.kit import ROSTER_FILE, SiteKit, load_roster
+    from secagg.model import FlatModel
+    from secagg.v1 import service_pb2
+    from tests.service_kit import ckks_key_offer
+
+    fed = make_federation(tmp_path, 3, "ckks", rounds=1)
+    files = load_server_files(fed.aggregator_config)
+    config = files.config
+    store = Store(str(tmp_path / "aggregator.db"))
+    job = Job(config, load_roster(files.directory / ROSTER_FILE, config.trust_root), store,
+              FlatModel.load_npz(config.initial_model))
+    job.recover()
+    info = job.round_info(0)
+    holder, announcement, context = ckks_key_offer(fed, config, info.round_id)
+
+    def put(data: bytes, site: int) -> bytes:
+        cid = hashlib.sha256(data).digest()
+        store.put_chunks([(cid, data)], round_number=1, site=site)
+        return cid
+
+    offer = service_pb2.CkksKeyOffer(announcement=wire.announcement_to_proto(announcement))
+    offer.public_context.CopyFrom(wire.Blob((put(context, holder),), len(context)).to_proto())
+    job.submit(holder, service_pb2.SubmitRequest(round_id=info.round_id, ckks_key=offer))
+    active = job.active
+    for site in sorted(active.expected):
+        kit = SiteKit.load(fed.site_dir(site))
+        up = CkksClient(active.ckks_config, site, kit.identity, active.ckks_context,
+                        (np.full(active.view.model.size, 0.01), 0.5), seeded=False).start()
+        data = b"".join(up.chunks)
+        ids = tuple(put(data[i:i + (1 << 20)], site) for i in range(0, len(data), 1 << 20))
+        job.submit(site, service_pb2.SubmitRequest(
+            round_id=info.round_id, ckks_update=wire.update_to_ref(up, wire.Blob(ids, len(data)))))
+    active = job.active
+    average = np.full(active.view.model.size, 1e6).astype("<f8").tobytes()
+    release = service_pb2.ReleasedAverageRef(
+        average=wire.Blob((put(average, holder),), len(average)).to_proto(), weight_sum=1.0,
+        sites=sorted(active.ckks_uploads), grid=2.0**-20, result_signature=signature)
+    stage = active.view.stage
+    try:
+        with pytest.raises(ServiceError, match="carries no result signature"):
+            job.submit(holder, service_pb2.SubmitRequest(round_id=info.round_id,
+                                                         ckks_release=release))
+        assert store.event_payload(1, "message", stage, holder) is None
+    finally:
+        store.close()
