@@ -316,7 +316,23 @@ def _check_not_shared(d: Path, *, inside: Sequence[str] = ()) -> None:
                 f"{st.st_mode & 0o777:o}, owner uid {st.st_uid}): anyone who can write there "
                 "can replace the federation's config, keys and roster; chmod go-w it and make "
                 "it yours, or name a directory only you can write")
-    for parent in {p for target in (d.resolve(), *linked) for p in target.parents}:
+    # every directory passed through to reach the directory and its entries, following each
+    # symlink on the way (the parents of the resolved path alone let a link in a 0777
+    # directory, shared/link/site-1, be repointed by anyone), and every symlink met
+    traversed: set[Path] = set()
+    links: set[Path] = set()
+    for path in (d, *(d / name for name in inside)):
+        _traverse(path, traversed, links)
+    for link in sorted(links):
+        # a link another user owns, in a sticky directory such as /tmp, is theirs to replace
+        # defence: federation.directory-links-owned
+        if link.lstat().st_uid not in (0, euid):
+            raise ConfigurationError(
+                f"{link}, on the way to the federation directory, is a symbolic link another "
+                "user owns: they can point it elsewhere; use a link of your own or the path "
+                "it leads to")
+    for parent in sorted(traversed | {p for target in (d.resolve(), *linked)
+                                      for p in target.parents}):
         try:
             st = parent.stat()
         except FileNotFoundError:
@@ -329,6 +345,29 @@ def _check_not_shared(d: Path, *, inside: Sequence[str] = ()) -> None:
                 f"users, or not this user's or root's (mode {st.st_mode & 0o7777:o}): whoever "
                 "can write it can swap the federation's directory; keep the federation under "
                 "directories only you (or root) can change")
+
+
+def _traverse(path: Path, dirs: set[Path], links: set[Path], depth: int = 0) -> Path:
+    """Walk ``path`` as the kernel resolves it: add each directory an entry is looked up in
+    to ``dirs`` and each symbolic link met to ``links``; return where it leads (stopping at
+    the first part that does not exist)."""
+    if depth > 40:  # (a loop of links: the stat of the path says so itself)
+        return path
+    current = Path(path.absolute().anchor)
+    for name in path.absolute().parts[1:]:
+        dirs.add(current)
+        step = current / name
+        try:
+            is_link = step.is_symlink()
+        except OSError:
+            return step
+        if is_link:
+            links.add(step)
+            target = Path(os.readlink(step))
+            step = _traverse(target if target.is_absolute() else current / target, dirs,
+                             links, depth + 1)
+        current = step
+    return current
 
 
 # what sign and remove-site read and write in a federation's directory (_check_not_shared)

@@ -706,3 +706,39 @@ def test_a_ca_kept_offline_through_a_symlink_is_taken_and_its_target_checked(
     (offline / "ca").chmod(0o777)
     with pytest.raises(ConfigurationError, match="writable by its group or other users"):
         remove_site(fed, 4)
+
+
+def test_a_site_directory_reached_through_links_others_can_change_is_refused(
+        tmp_path: Path) -> None:
+    """Only the parents of the resolved path were checked: a site directory reached as
+    shared/link/site-1, the link in a 0777 directory anyone could repoint, was taken, and so
+    was a roster reached through a link another user owns. Every directory passed through
+    and every link met on the way is checked now; links of one's own are taken."""
+    import os
+    import shutil
+
+    from secagg.federation.kit import SiteKit
+
+    fed = tmp_path / "fed"
+    init_federation(fed, 3)
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    shutil.copytree(fed / "sites" / "site-1", real / "site-1")
+    own = tmp_path / "own"
+    own.mkdir(mode=0o755)
+    (own / "link").symlink_to(real)
+    SiteKit.load(own / "link" / "site-1")  # links of one's own, in one's own directories
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (shared / "link").symlink_to(real)
+    with pytest.raises(ConfigurationError, match=r"shared.*writable by its group or other"):
+        SiteKit.load(shared / "link" / "site-1")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    (real / "site-1" / "roster.bin").rename(real / "roster.bin")
+    (theirs / "roster.bin").symlink_to(real / "roster.bin")
+    os.chown(theirs / "roster.bin", 65534, 65534, follow_symlinks=False)
+    (real / "site-1" / "roster.bin").symlink_to(theirs / "roster.bin")
+    with pytest.raises(ConfigurationError, match="symbolic link another user owns"):
+        SiteKit.load(real / "site-1")
