@@ -144,6 +144,19 @@ METRICS_CONNECTIONS_PER_HOST = 4  # from one address (a scraper needs one)
 METRICS_IDLE_SECONDS = 10.0  # a connection that sends nothing for this long is closed
 
 
+def _unspecified(bound: str) -> bool:
+    """Whether an address bound is every interface's (0.0.0.0, ::, or :: as ::ffff:0.0.0.0),
+    however it was written (0:PORT and [::0]:PORT bind the same)."""
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(bound.split("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_unspecified or bool(mapped is not None and mapped.is_unspecified)
+
+
 def serve_metrics(metrics: Metrics, listen: str) -> tuple[Any, int]:
     """Serve ``/metrics`` on ``listen`` (HOST:PORT; port 0 picks one): (server, port).
 
@@ -245,7 +258,7 @@ def serve_metrics(metrics: Metrics, listen: str) -> tuple[Any, int]:
     # /metrics is plain HTTP with no client certificate: on every interface, anyone who can
     # reach the host reads the job's progress and which sites are active (it was silent)
     # defence: metrics.every-interface-warned
-    if host in ("0.0.0.0", "::", "*"):  # noqa: S104 (recognised, not bound here)
+    if _unspecified(str(server.server_address[0])):
         import logging
 
         logging.getLogger("secagg.aggregator").warning(

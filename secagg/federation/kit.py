@@ -111,10 +111,16 @@ def read_private_key(path: Path) -> bytes:
     """A private key file's bytes; refused if others than its owner may read or write it
     (as ssh refuses such a key; it was a warning, and a key at 0666 was used and served)."""
     data = path.read_bytes()
+    st = path.stat()
+    euid = os.geteuid() if hasattr(os, "geteuid") else st.st_uid
+    # this user's key: 0600 at most; root's, read through the service's group: 0640 at most
+    # (PostgreSQL's rule for its TLS key); another user's: refused (theirs to change)
     # defence: federation.key-permissions-refused
-    if path.stat().st_mode & 0o077:
-        raise ConfigurationError(f"{path} can be read or written by others than its owner "
-                                 f"(mode {path.stat().st_mode & 0o777:o}): chmod 600 it")
+    if st.st_uid not in (euid, 0) or st.st_mode & (0o077 if st.st_uid == euid else 0o037):
+        raise ConfigurationError(
+            f"{path} can be read or written by others than its owner, or is another user's "
+            f"(mode {st.st_mode & 0o777:o}, owner uid {st.st_uid}): chmod 600 it (a key root "
+            "owns may be 0640, for the service's group)")
     return data
 
 

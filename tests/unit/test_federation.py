@@ -3,6 +3,7 @@ names, and a site that makes its own keys (csr/sign)."""
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -247,6 +248,44 @@ def test_a_private_key_others_can_read_is_refused(federation: Path, tmp_path: Pa
         SiteKit.load(d)
     (d / key).chmod(0o600)
     SiteKit.load(d)
+
+
+def test_a_key_root_owns_may_be_read_through_the_services_group(
+        federation: Path, tmp_path: Path) -> None:
+    """A root-owned TLS key at 0640 in the service's group (/etc/ssl/private and ssl-cert;
+    PostgreSQL's rule) was refused, with advice the service user could not follow. Taken
+    when root owns it; 0644, or another user's key, is still refused."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv, to read the key as another user")
+    top = Path(tempfile.mkdtemp(prefix="secagg-group-key-"))  # (pytest's own dir is 0700)
+    top.chmod(0o755)
+    d = _site_copy(federation, top)
+    os.chown(d, 65534, 65534)
+    for entry in d.iterdir():
+        os.chown(entry, 0 if entry.name == "client.key" else 65534, 65534)
+    code = ("import sys; from secagg.federation.kit import SiteKit\n"
+            "try:\n    SiteKit.load(sys.argv[1]); print('taken')\n"
+            "except Exception as e:\n    print('refused', e)\n")
+
+    def load_as_service(mode: int) -> str:
+        (d / "client.key").chmod(mode)
+        return subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+             "-c", code, str(d)], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parents[2]).stdout
+
+    try:
+        assert load_as_service(0o640).startswith("taken")
+        assert load_as_service(0o644).startswith("refused")
+        os.chown(d / "client.key", 12345, 65534)
+        assert load_as_service(0o640).startswith("refused")
+    finally:
+        shutil.rmtree(top)
 
 
 @pytest.mark.parametrize("where", ["directory", "config", "roster", "ca", "server key"])

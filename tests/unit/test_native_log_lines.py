@@ -324,7 +324,8 @@ def test_metrics_on_every_interface_are_warned_about(caplog: pytest.LogCaptureFi
     without a word; it is allowed (a monitoring network may need it) and logged."""
     import logging
 
-    for listen, warned in (("0.0.0.0:0", True), ("127.0.0.1:0", False), (":0", False)):
+    for listen, warned in (("0.0.0.0:0", True), ("127.0.0.1:0", False), (":0", False),
+                           ("0:0", True), ("[::0]:0", True), ("[::1]:0", False)):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="secagg.aggregator"):
             server, port = metrics.serve_metrics(metrics.NoMetrics(), listen)
