@@ -133,18 +133,24 @@ def test_server_detects_corrupted_self_mask_shares() -> None:
     assert r.server.result is None
 
 
+def _unmask_with_site_6_dropped(sites: int) -> tuple[Round, dict[int, Any]]:
+    """A round of ``sites`` in which site 6 drops before its masked input (its key shares
+    are asked for), and every other site's unmask response."""
+    r = Round(sites=sites)
+    r.advance()
+    r.advance()
+    r.advance(skip=frozenset({6}))
+    r.advance()
+    return r, {s: r.clients[s].handle(m) for s, m in r.outgoing.items()}
+
+
 @pytest.mark.parametrize("kind", ["self-mask", "masking-key"])
 def test_one_site_revealing_a_wrong_share_cannot_void_the_round(kind: str) -> None:
     """A malicious low-id site reveals a random, well-formed, well-signed share at unmask. The
     server used to reconstruct from the t lowest ids and abort the whole round; now the share
     fails its owner's signed commitment, the responder is dropped, and the round completes
     exactly from the others' shares."""
-    r = Round(sites=7)
-    r.advance()
-    r.advance()
-    r.advance(skip=frozenset({6}))  # site 6 drops: its key shares are asked for
-    r.advance()
-    responses = {s: r.clients[s].handle(m) for s, m in r.outgoing.items()}
+    r, responses = _unmask_with_site_6_dropped(sites=7)
     bad = responses[1]
     assert isinstance(bad, UnmaskResponse)
     forged = shamir.share_to_bytes(12345)
@@ -883,12 +889,7 @@ def test_server_refuses_unmask_shares_the_site_does_not_hold(bad: str) -> None:
     round, 105,000 made-up entries (7.8 MB the aggregator kept in the round's record for
     good), a key share of a survivor, a self-mask share of a dropped site, or a share of
     another length. Refused whole; the round completes from the others' shares."""
-    r = Round(sites=6)
-    r.advance()
-    r.advance()
-    r.advance(skip=frozenset({6}))  # site 6 drops: its key shares are asked for
-    r.advance()
-    responses = {s: r.clients[s].handle(m) for s, m in r.outgoing.items()}
+    r, responses = _unmask_with_site_6_dropped(sites=6)
     mine = responses[1]
     assert isinstance(mine, UnmaskResponse) and 6 in mine.key_shares
     self_mask, keys = dict(mine.self_mask_shares), dict(mine.key_shares)
