@@ -79,13 +79,10 @@ class _LocalInputError(Exception):
 
 
 def _field_elements(pair: bytes) -> bool:
-    """Whether a share pair's two halves are Shamir shares (field elements)."""
-    try:
-        shamir.share_from_bytes(pair[:shamir.SHARE_BYTES])
-        shamir.share_from_bytes(pair[shamir.SHARE_BYTES:])
-    except ValueError:
-        return False
-    return True
+    """Whether a share pair's two halves, read as integers, are field elements (below
+    PRIME); their lengths are checked on their own, before."""
+    half = shamir.SHARE_BYTES
+    return all(int.from_bytes(part, "big") < shamir.PRIME for part in (pair[:half], pair[half:]))
 
 
 class MaskingClient:
