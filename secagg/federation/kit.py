@@ -304,12 +304,9 @@ def _check_not_shared(d: Path, *, inside: Sequence[str] = ()) -> None:
     euid = os.geteuid() if hasattr(os, "geteuid") else None
     if euid is None:  # (no POSIX owners: nothing to check)
         return
-    linked: list[Path] = []  # entries that are symlinks: where they lead is checked too
     for path in (d, *(d / name for name in inside)):
         try:
             st = path.stat()  # (a symlink's own mode is always 777: its target's counts)
-            if path.is_symlink():
-                linked.append(path.resolve())
         except FileNotFoundError:
             continue  # (made by init, ours)
         except OSError as e:
@@ -337,8 +334,7 @@ def _check_not_shared(d: Path, *, inside: Sequence[str] = ()) -> None:
                 f"{link}, on the way to the federation directory, is a symbolic link another "
                 "user owns: they can point it elsewhere; use a link of your own or the path "
                 "it leads to")
-    for parent in sorted(traversed | {p for target in (d.resolve(), *linked)
-                                      for p in target.parents}):
+    for parent in sorted(traversed):  # (where each link leads, too: _traverse)
         try:
             st = parent.stat()
         except FileNotFoundError:
