@@ -173,6 +173,11 @@ def _controls(args: argparse.Namespace) -> int:
           file=sys.stderr)
     for m in s["misses"]:
         print(f"  MISSED {m['id']}: {m['defence']}", file=sys.stderr)
+    # repeated after the table: a CI log often keeps only its tail
+    for m in s["invalid_controls"]:
+        print(f"  INVALID {m['id']}: {m['detail']}", file=sys.stderr)
+    for m in s["timeouts"]:
+        print(f"  TIMED OUT {m['id']} after {m['seconds']} s", file=sys.stderr)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     return 0 if result.all_caught else 1

@@ -8,6 +8,11 @@ Results per control:
   once, a listed test does not exist or already fails without the edit (baseline), the edited
   file no longer imports, or pytest exited 2-5 (collection or usage error);
 - ``timeout``: pytest ran longer than the control's timeout and was killed.
+
+A control whose pytest run ends invalid (a crash, an interruption) or timed out is run once
+more, and a listed test that fails on the unmodified baseline is run once more alone: one
+flaky run on a loaded machine must not fail CI, and every second attempt is said on stderr
+(``retried``, ``FLAKY``) and kept in the JSON (``attempts``), never hidden.
 """
 
 from __future__ import annotations
@@ -115,6 +120,8 @@ class ControlResult:
     exit_code: int | None = None
     output_tail: str = ""
     failed_tests: list[str] = field(default_factory=list)  # node ids that failed with the edit
+    attempts: int = 1
+    first_attempt: str = ""  # what the first attempt came to, when there were two
 
     def to_json(self) -> dict[str, Any]:
         c = self.control
@@ -122,7 +129,10 @@ class ControlResult:
             "id": c.id, "defence": c.defence, "file": c.file, "tests": list(c.tests),
             "result": self.result, "seconds": round(self.seconds, 2), "detail": self.detail,
             "exit_code": self.exit_code, "failed_tests": self.failed_tests,
+            "attempts": self.attempts,
         }
+        if self.first_attempt:
+            out["first_attempt"] = self.first_attempt
         if self.result != "caught" and self.output_tail:
             out["output_tail"] = self.output_tail
         return out
@@ -230,6 +240,8 @@ class ControlRunner:
         if run.exit_code not in (0, 1):
             self._say(f"baseline: pytest exited with {run.exit_code}:\n{_tail(run.output)}")
         bad = failing(run, listed)
+        if bad and run.exit_code is not None:
+            run, bad = self._baseline_again(run, listed, bad)
         self._say(f"baseline: {len(listed) - len(bad)}/{len(listed)} listed tests pass "
                   f"unmodified ({run.seconds:.1f} s)")
         for f in bad:
@@ -266,8 +278,33 @@ class ControlRunner:
         return ControlsRun([results[c.id] for c in controls], baseline,
                            time.perf_counter() - began)
 
+    def _baseline_again(self, run: PytestRun, listed: Sequence[str],
+                        bad: list[str]) -> tuple[PytestRun, list[str]]:
+        """Run the listed tests that failed on the baseline once more, alone; one that passes
+        then is flaky (said), not a reason to call its controls invalid."""
+        again = sorted({t for t in listed if failing(run, [t])})
+        self._say(f"baseline: running the {len(again)} failing listed tests once more ...")
+        second = run_suite(self.ws, again, timeout=max(self.timeout, 600.0))
+        outcomes = dict(run.outcomes)
+        for t in again:
+            outcomes.update(matching(t, second.outcomes))
+        merged = PytestRun(run.exit_code, run.output, run.seconds + second.seconds, outcomes,
+                           {**run.collection_errors, **second.collection_errors})
+        still = failing(merged, listed)
+        for f in sorted(set(bad) - set(still)):
+            self._say(f"  FLAKY (failed, then passed when run again): {f}")
+        return merged, still
+
     def _run_one(self, control: Control, index: int) -> ControlResult:
         result = self._attempt(control, index)
+        if result.result == "timeout" or (result.result == "invalid"
+                                          and result.exit_code is not None):
+            first = f"{result.result}: {result.detail}"
+            if self._progress is not None:
+                self._progress.say(f"  retried {control.id}: its first attempt was {first}")
+            result = self._attempt(control, index)
+            result.attempts = 2
+            result.first_attempt = first
         if self._progress is not None:
             self._progress.result(result)
         return result

@@ -61,7 +61,8 @@ def test_controls_are_classified_and_the_repository_is_untouched(
     before = hashlib.sha256((ROOT / AEAD).read_bytes()).hexdigest()
     code = main(["threat-model", "controls", "--repo", str(ROOT), "--controls", str(controls),
                  "--json"])
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
     assert hashlib.sha256((ROOT / AEAD).read_bytes()).hexdigest() == before
     results = {c["id"]: c for c in out["controls"]}
     assert {k: v["result"] for k, v in results.items()} == {
@@ -77,6 +78,11 @@ def test_controls_are_classified_and_the_repository_is_untouched(
                                          "defence": "a comment is no defence"}]
     assert out["baseline"]["failing"] == []
     assert code == 1  # not everything was caught
+    # what did not count is named again after the table, where a CI log's tail keeps it
+    tail = captured.err.rsplit("caught 1/4", 1)[1]
+    assert "MISSED demo.missed" in tail
+    assert "INVALID demo.breaks-import: the edited" in tail
+    assert "INVALID demo.not-found:" in tail
 
 
 def test_a_copy_that_imports_the_installed_package_fails_loudly(tmp_path: Path) -> None:
