@@ -62,6 +62,7 @@ from secagg.federation.kit import (
     load_roster,
     read_private_key,
 )
+from secagg.hazmat.secret import SecretBytes, reveal
 from secagg.model import FlatModel
 from secagg.v1 import service_pb2, service_pb2_grpc
 
@@ -916,9 +917,14 @@ def _sha256(data: bytes) -> bytes:
 class ServerFiles:
     config: FederationConfig
     directory: Path
-    server_key: bytes = field(repr=False)  # the TLS private key: never in a repr
+    tls_key: SecretBytes = field(repr=False)  # the TLS private key: never in a repr
     server_cert: bytes
     ca_cert: bytes
+
+    @property
+    def server_key(self) -> bytes:
+        """The TLS private key's PEM bytes (for gRPC's credentials)."""
+        return reveal(self.tls_key)
 
 
 def load_server_files(config_path: Path) -> ServerFiles:
@@ -933,7 +939,7 @@ def load_server_files(config_path: Path) -> ServerFiles:
                                  ) from None
     except OSError as e:
         raise ConfigurationError(f"cannot read {e.filename}: {e.strerror}") from None
-    pki.check_tls_files(files.server_key, files.server_cert, files.ca_cert, d,
+    pki.check_tls_files(files.tls_key, files.server_cert, files.ca_cert, d,
                         chain_to_ca=False)
     # a site's client certificate put in as server.crt started a server no site could
     # connect to (each failed the handshake, told only "unavailable")

@@ -227,10 +227,21 @@ class Release:
             self._sum.stop_soon()
             raise RefusedMessage(RefusalReason.OUT_OF_RANGE,
                                  "the aggregate holds values no honest round produces")
-        # defence: ckks.release.flooding-keyed-by-secret, ckks.release.flooding-deterministic
-        key = hmac.new(self._holder.flood_key(), digest, hashlib.sha256).digest()
+        try:
+            return self._flooded(digest, sites, bound)
+        except RefusedMessage as e:
+            # The refused sum, decrypted, and the flooding key were the refusing frame's
+            # locals: a traceback that shows locals (pytest -l, an error tracker) showed what
+            # the refusal withholds. Raised again from here, that frame is not in it.
+            # defence: ckks.release.refusal-drops-decrypted-locals
+            raise e.with_traceback(None) from None
+
+    def _flooded(self, digest: bytes, sites: int, bound: float) -> ReleasedAverage:
+        config = self._config
         grid = 2.0 ** math.ceil(math.log2(bound))
-        rounded = self._sum.flood(key, FLOOD_FACTOR * bound, grid)
+        # defence: ckks.release.flooding-keyed-by-secret, ckks.release.flooding-deterministic
+        rounded = self._sum.flood(hmac.new(self._holder.flood_key(), digest,
+                                           hashlib.sha256).digest(), FLOOD_FACTOR * bound, grid)
         self._sum.stop_soon()  # the workers' part is done; close() or collection reaps them
         weight, clip = float(rounded[-1]), float(config.clip)
         sigma, per_value = release_noise(config.preset_params, sites)

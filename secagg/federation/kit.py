@@ -35,6 +35,7 @@ from secagg.errors import ConfigurationError, InvalidMessage
 from secagg.federation import pki
 from secagg.federation.config import FederationConfig
 from secagg.hazmat import signing
+from secagg.hazmat.secret import SecretBytes, reveal
 from secagg.hazmat.signing import IdentityKey
 from secagg.roster import Roster, RosterSigner, SignedRoster
 from secagg.v1 import roster_pb2
@@ -98,7 +99,7 @@ def identity_to_pem(key: Ed25519PrivateKey) -> bytes:
 def load_identity(path: Path) -> IdentityKey:
     data = read_private_key(path)
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        key = serialization.load_pem_private_key(reveal(data), password=None)
     except (ValueError, TypeError):
         raise ConfigurationError(f"{path} is not an unencrypted PEM private key") from None
     # defence: kit.identity-ed25519
@@ -107,11 +108,19 @@ def load_identity(path: Path) -> IdentityKey:
     return IdentityKey(key)
 
 
-def read_private_key(path: Path) -> bytes:
+def read_private_key(path: Path) -> SecretBytes:
     """A private key file's bytes; refused if others than its owner may read or write it
-    (as ssh refuses such a key; it was a warning, and a key at 0666 was used and served)."""
-    data = path.read_bytes()
-    st = path.stat()
+    (as ssh refuses such a key; it was a warning, and a key at 0666 was used and served).
+    Checked on the opened file before a byte is read, and held as :class:`SecretBytes`: the
+    refusal's traceback showed the key in its frame's locals."""
+    with path.open("rb") as f:
+        st = os.fstat(f.fileno())
+        _check_key_mode(path, st)
+        # defence: federation.key-bytes-held-secret
+        return SecretBytes(f.read())
+
+
+def _check_key_mode(path: Path, st: os.stat_result) -> None:
     euid = os.geteuid() if hasattr(os, "geteuid") else st.st_uid
     # this user's key: 0600 at most; root's, read through the service's group: 0640 at most
     # (PostgreSQL's rule for its TLS key); another user's: refused (theirs to change)
@@ -121,7 +130,6 @@ def read_private_key(path: Path) -> bytes:
             f"{path} can be read or written by others than its owner, or is another user's "
             f"(mode {st.st_mode & 0o777:o}, owner uid {st.st_uid}): chmod 600 it (a key root "
             "owns may be 0640, for the service's group)")
-    return data
 
 
 # what a site's and the aggregator's directories hold that others must not be able to
@@ -150,7 +158,12 @@ class SiteKit:
     identity: IdentityKey
     ca_pem: bytes
     cert_pem: bytes
-    key_pem: bytes = field(repr=False)  # the TLS private key: never in a repr
+    tls_key: SecretBytes = field(repr=False)  # the TLS private key: never in a repr
+
+    @property
+    def key_pem(self) -> bytes:
+        """The TLS private key's PEM bytes (for gRPC's credentials)."""
+        return reveal(self.tls_key)
 
     @classmethod
     def load(cls, directory: Path | str) -> SiteKit:
@@ -261,9 +274,9 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
     # a roster of 2000 sites of which 408 have keys (it did, and opened round 1)
     # defence: federation.init-cut-short-not-served
     (d / INIT_INCOMPLETE).write_bytes(b"")
-    pki.write_private(d / "ca" / "ca.key", pki.pem_private(ca_key))
+    pki.write_private(d / "ca" / "ca.key", SecretBytes(pki.pem_private(ca_key)))
     pki.write_public(d / "ca" / "ca.crt", pki.pem_cert(ca_cert))
-    pki.write_private(d / "trust-root" / "signer.key", identity_to_pem(signer_key))
+    pki.write_private(d / "trust-root" / "signer.key", SecretBytes(identity_to_pem(signer_key)))
 
     identities = {s: Ed25519PrivateKey.generate() for s in range(1, sites + 1)}
     signed = signer.sign({s: IdentityKey(k).public_bytes for s, k in identities.items()},
@@ -276,14 +289,14 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
         site_dir = d / "sites" / f"site-{s}"
         tls_key = pki.new_key()
         cert = pki.issue_site_cert(ca_key, ca_cert, s, tls_key.public_key())
-        pki.write_private(site_dir / "client.key", pki.pem_private(tls_key))
-        pki.write_private(site_dir / "identity.key", identity_to_pem(ident))
+        pki.write_private(site_dir / "client.key", SecretBytes(pki.pem_private(tls_key)))
+        pki.write_private(site_dir / "identity.key", SecretBytes(identity_to_pem(ident)))
         pki.write_public(site_dir / "client.crt", pki.pem_cert(cert))
         _write_public_files(site_dir, config, signed, ca_cert, None)
     server_key, server_cert = pki.issue_server_cert(ca_key, ca_cert, hosts)
     # the aggregator's directory is made whole under another name and renamed into place
     building = d / ".aggregator.init"
-    pki.write_private(building / "server.key", pki.pem_private(server_key))
+    pki.write_private(building / "server.key", SecretBytes(pki.pem_private(server_key)))
     pki.write_public(building / "server.crt", pki.pem_cert(server_cert))
     _write_public_files(building, config, signed, ca_cert, model_name)
     building.rename(d / "aggregator")
@@ -454,9 +467,9 @@ def make_site_request(directory: Path | str, site_id: int, *,
     tls_key = pki.new_key()
     csr = pki.make_csr(site_id, tls_key)
     csr_der = csr.public_bytes(serialization.Encoding.DER)
-    pki.write_private(d / "client.key", pki.pem_private(tls_key))
+    pki.write_private(d / "client.key", SecretBytes(pki.pem_private(tls_key)))
     if private is not None:
-        pki.write_private(d / "identity.key", identity_to_pem(private))
+        pki.write_private(d / "identity.key", SecretBytes(identity_to_pem(private)))
     request = {
         "site_id": site_id,
         "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),

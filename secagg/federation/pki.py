@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from secagg.errors import ConfigurationError
+from secagg.hazmat.secret import SecretBytes, reveal
 
 SITE_URI_PREFIX = "urn:secagg:site:"
 AGGREGATOR_URI = "urn:secagg:aggregator"
@@ -259,14 +260,14 @@ def pem_cert(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes | SecretBytes) -> None:
     """Write a secret file with mode 0600, refusing to overwrite one."""
     # defence: pki.private-directories-0700
     make_dirs(path.parent, 0o700)
     # defence: pki.private-never-overwritten, pki.private-created-0600
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, data)
+        os.write(fd, reveal(data))
     finally:
         os.close(fd)
     os.chmod(path, 0o600)
@@ -331,7 +332,7 @@ def is_server_certificate(cert_pem: bytes) -> bool:
     return ExtendedKeyUsageOID.SERVER_AUTH in usage
 
 
-def check_tls_files(key_pem: bytes, cert_pem: bytes, ca_pem: bytes, where: Path, *,
+def check_tls_files(key_pem: bytes | SecretBytes, cert_pem: bytes, ca_pem: bytes, where: Path, *,
                     chain_to_ca: bool) -> None:
     """That a party's TLS files parse, that the key is its certificate's (the first in the
     file; intermediates may follow) and the certificate is not expired or far in the future;
@@ -351,7 +352,7 @@ def check_tls_files(key_pem: bytes, cert_pem: bytes, ca_pem: bytes, where: Path,
         raise ConfigurationError(f"the certificate in {where} is not a PEM certificate"
                                  ) from None
     try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
+        key = serialization.load_pem_private_key(reveal(key_pem), password=None)
     except (ValueError, TypeError):
         raise ConfigurationError(f"the private key in {where} is not an unencrypted PEM key"
                                  ) from None

@@ -8,6 +8,8 @@ of the issue 6 review, each played against the release path users run
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import replace
 
 import numpy as np
@@ -882,3 +884,43 @@ def test_a_config_whose_values_outgrow_the_encodings_precision_is_refused() -> N
     released = release_average(r.holder, r.config, aggregate, uploads, site_id=1)
     exact, weight = r.expected()
     assert np.max(np.abs(released.average - exact / weight)) < 1e-3 * r.config.clip
+
+
+def test_a_refusal_after_decryption_leaves_the_decrypted_sum_in_no_frame() -> None:
+    """A key holder's refusal after decrypting (the weight sum or the elements out of range)
+    withholds the sum; its traceback held the decrypted, flooded sum and the flooding key as
+    the refusing frame's locals, shown by ``pytest -l`` and sent by error trackers that record
+    locals. Property: no frame of the refusal (or its chain) holds a float vector of the
+    round's length + 1 or a 32-byte key."""
+    for r, row in ((CkksRound(sites=3, vector_length=100, clip=100.0), None),
+                   (CkksRound(sites=3, vector_length=100), "beyond-clip")):
+        if row is None:
+            _zero_inputs(r, {1: 0.5, 2: 0.6})
+            evil = np.zeros(r.config.preset_params.slots, dtype=np.complex128)
+            evil[r.config.vector_length] = -1.1 + 2e-4
+        else:
+            for s in (1, 2):
+                r.inputs[s] = (r.inputs[s][0], 0.01)
+            evil = np.zeros(r.config.preset_params.slots, dtype=np.complex128)
+            evil[: r.config.vector_length] = 2.0 * r.config.clip
+            evil[r.config.vector_length] = 0.01
+        with pytest.raises(RefusedMessage) as caught:
+            _release_with(r, evil)
+        assert caught.value.reason is RefusalReason.OUT_OF_RANGE
+        frames = []
+        chain: BaseException | None = caught.value
+        while chain is not None:
+            tb = chain.__traceback__
+            while tb is not None:
+                frames.append(tb.tb_frame)
+                tb = tb.tb_next
+            chain = chain.__cause__ or chain.__context__
+        # the flooding key is keyed by the holder's secret and the (public) sum's digest
+        digests = [f.f_locals["digest"] for f in frames if "digest" in f.f_locals]
+        assert digests
+        keys = {hmac.new(r.holder.flood_key(), d, hashlib.sha256).digest() for d in digests}
+        held = [(f.f_code.co_name, name) for f in frames for name, value in f.f_locals.items()
+                if (isinstance(value, np.ndarray)
+                    and value.shape == (r.config.vector_length + 1,)) or (
+                        isinstance(value, bytes) and value in keys)]
+        assert held == []
