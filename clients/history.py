@@ -47,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 from clients.errors import SiteError
+from secagg.errors import ConfigurationError
+from secagg.federation.kit import check_history_directory
 
 HISTORY_FILE = "history.json"
 
@@ -61,6 +63,12 @@ class History:
         if directory is not None and not Path(directory).is_dir():
             raise SiteError(f"the history directory {directory} is not a directory (it must "
                             "exist, be writable, and be kept across restarts)")
+        if directory is not None:
+            try:
+                check_history_directory(Path(directory),
+                                        (HISTORY_FILE, f".{HISTORY_FILE}.lock"))
+            except ConfigurationError as e:
+                raise SiteError(str(e)) from None
         self._path = None if directory is None else Path(directory).resolve() / HISTORY_FILE
         self._last: dict[str, int] = {}  # job id -> the last round number this site sent to
         # job id -> (round, digest): the model this site holds and the round it belongs to

@@ -138,6 +138,20 @@ SITE_ENTRIES = (CONFIG_FILE, ROSTER_FILE, "ca.crt", "client.crt", "client.key", 
 AGGREGATOR_ENTRIES = (CONFIG_FILE, ROSTER_FILE, "ca.crt", "server.crt", "server.key")
 
 
+def check_history_directory(d: Path, entries: Sequence[str]) -> None:
+    """Refuse a site's history directory (clients.history) another user could change, as
+    :func:`check_kit_directory` refuses its kit's: a user who could delete or roll back the
+    record of the models this site sent updates against could have it send a second update
+    against one, and an aggregator subtract two sums to learn one site's update. It was not
+    checked: a 0777 ``history_dir``, or a history file another user owned at 0666, was
+    taken."""
+    # defence: sdk.history-directory-not-shared
+    _check_not_shared(d, inside=entries, kind="the site's history directory",
+                      holds="the record of the models this site sent updates against (a "
+                            "second update against one lets an aggregator learn this site's "
+                            "update)")
+
+
 def check_kit_directory(d: Path, entries: Sequence[str]) -> None:
     """Refuse a site's or the aggregator's directory another user could change (the
     directory, its ``entries`` or a directory above it: _check_not_shared). Only `sign`,
@@ -308,12 +322,15 @@ INIT_INCOMPLETE = ".init-incomplete"  # in a federation directory while init wri
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")  # named by every server certificate
 
 
-def _check_not_shared(d: Path, *, inside: Sequence[str] = ()) -> None:
+def _check_not_shared(d: Path, *, inside: Sequence[str] = (),
+                      holds: str = "the federation's config, keys and roster",
+                      kind: str = "the federation directory") -> None:
     """Refuse a federation directory another user could change: one (or, with ``inside``,
     one of those entries in it) that is not its user's own or that others can write, or
     under a directory others can write without the sticky bit or another user owns (who
     could swap the whole directory). A sticky /tmp is fine: others cannot move what is
-    ours there."""
+    ours there. ``holds`` and ``kind`` name what the directory holds and is, in the
+    refusal."""
     euid = os.geteuid() if hasattr(os, "geteuid") else None
     if euid is None:  # (no POSIX owners: nothing to check)
         return
@@ -330,7 +347,7 @@ def _check_not_shared(d: Path, *, inside: Sequence[str] = ()) -> None:
             raise ConfigurationError(
                 f"{path} is writable by its group or other users, or not this user's (mode "
                 f"{st.st_mode & 0o777:o}, owner uid {st.st_uid}): anyone who can write there "
-                "can replace the federation's config, keys and roster; chmod go-w it and make "
+                f"can replace {holds}; chmod go-w it and make "
                 "it yours, or name a directory only you can write")
     # every directory passed through to reach the directory and its entries, following each
     # symlink on the way (the parents of the resolved path alone let a link in a 0777
@@ -344,7 +361,7 @@ def _check_not_shared(d: Path, *, inside: Sequence[str] = ()) -> None:
         # defence: federation.directory-links-owned
         if link.lstat().st_uid not in (0, euid):
             raise ConfigurationError(
-                f"{link}, on the way to the federation directory, is a symbolic link another "
+                f"{link}, on the way to {kind}, is a symbolic link another "
                 "user owns: they can point it elsewhere; use a link of your own or the path "
                 "it leads to")
     for parent in sorted(traversed):  # (where each link leads, too: _traverse)
@@ -356,9 +373,9 @@ def _check_not_shared(d: Path, *, inside: Sequence[str] = ()) -> None:
         # defence: federation.directory-ancestors-safe
         if st.st_uid not in (0, euid) or (st.st_mode & 0o022 and not sticky):
             raise ConfigurationError(
-                f"{parent}, above the federation directory, is writable by its group or other "
+                f"{parent}, above {kind}, is writable by its group or other "
                 f"users, or not this user's or root's (mode {st.st_mode & 0o7777:o}): whoever "
-                "can write it can swap the federation's directory; keep the federation under "
+                f"can write it can swap {kind}; keep it under "
                 "directories only you (or root) can change")
 
 

@@ -309,3 +309,31 @@ def test_no_second_update_is_recorded_against_a_model_whatever_came_between(
                                         r"'job-1', round 1\).*was not sent"):
         second.record_sent(job, number, a)
     assert second.sent_against(a) == ("job-1", 1)
+
+
+def test_a_history_directory_or_file_others_can_change_is_refused_at_connect(
+        tmp_path: Path) -> None:
+    """A history_dir others can write (or a history file another user can write) was taken:
+    whoever can change it can delete or roll back the record of the models this site sent
+    updates against, so that it sends a second update against one, and an aggregator subtract
+    the two sums to learn this site's update. Refused at connect, as a shared kit directory
+    is; the same directory made private is taken."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(SiteError, match=r"shared is writable by its group or other users.*"
+                                        r"second update"):
+        History(shared)
+    shared.chmod(0o700)
+    History(shared).spend("job-1", 1, DIGEST)
+    (shared / HISTORY_FILE).chmod(0o666)
+    with pytest.raises(SiteError, match=rf"{HISTORY_FILE} is writable by its group"):
+        History(shared)
+    (shared / HISTORY_FILE).chmod(0o600)
+    inner = shared / "inner"
+    inner.mkdir(mode=0o700)
+    shared.chmod(0o777)  # a directory above it others can write: they can swap it
+    with pytest.raises(SiteError, match="above the site's history directory"):
+        History(inner)
+    shared.chmod(0o700)
+    assert History(inner).last_round("job-1") == 0
