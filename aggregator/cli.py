@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +24,10 @@ def _serve(args: argparse.Namespace) -> int:
     # before gRPC starts: it reads its log level once
     logs.capture_native_stderr(on_tls_refused=count_tls_refusal)
     from aggregator.service import serve
+    from aggregator.store import warn_secret_on_command_line
 
+    warn_secret_on_command_line(args.store, lambda text: logging.getLogger(
+        "secagg.aggregator").warning(text, extra={"event": "store_password_on_command_line"}))
     metrics = None if args.metrics == "off" else args.metrics
     status = asyncio.run(serve(args.config, store=args.store, listen=args.listen,
                                metrics_listen=metrics))
@@ -43,6 +47,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _migrate(args: argparse.Namespace) -> int:
     from aggregator.store import migrate, redacted
 
+    _warn_secret(args.store)
+
     before, after = migrate(args.store)
     if before == after:
         print(f"store {redacted(args.store)} is at schema revision {after}: nothing to do")
@@ -54,13 +60,24 @@ def _migrate(args: argparse.Namespace) -> int:
 def _backup(args: argparse.Namespace) -> int:
     from aggregator.store import backup, redacted
 
+    _warn_secret(args.store)
+
     size = backup(args.store, args.out)
     print(f"backed up {redacted(args.store)} to {args.out} ({size:,} bytes)")
     return 0
 
 
+def _warn_secret(store: str) -> None:
+    from aggregator.store import warn_secret_on_command_line
+
+    warn_secret_on_command_line(store, lambda text: print(f"secagg: warning: {text}",
+                                                          file=sys.stderr))
+
+
 def _restore(args: argparse.Namespace) -> int:
     from aggregator.store import redacted, restore
+
+    _warn_secret(args.store)
 
     restore(args.backup, args.store)
     print(f"restored {args.backup} into {redacted(args.store)}")

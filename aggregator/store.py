@@ -27,7 +27,7 @@ import os
 import re
 import time
 import urllib.parse
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,6 +269,30 @@ _LEASE_KEY = int.from_bytes(hashlib.sha256(b"secagg aggregator lease").digest()[
 
 # query parameters of a database URL that hold secrets (libpq's): masked like the password
 _SECRET_PARAMETERS = frozenset({"password", "sslpassword", "passfile", "sslkey"})
+
+
+def holds_secret(url: str) -> bool:
+    """Whether a store URL holds a password (``user:password@``) or another secret in its
+    query (``?password=``, ``sslpassword=``...)."""
+    if "://" not in url:
+        return False  # (an SQLite file path)
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        return False
+    return bool(parsed.password) or any(k.lower() in ("password", "sslpassword")
+                                        for k in parsed.query)
+
+
+def warn_secret_on_command_line(url: str | None, warn: Callable[[str], None]) -> None:
+    """Say (with ``warn``) that a store URL given on the command line holds a password: every
+    local user reads a process's command line (``ps``, /proc). It is taken (refusing would
+    stop a running deployment at its next restart), and said at every start."""
+    # defence: store.password-on-the-command-line-warned
+    if url is not None and holds_secret(url):
+        warn(f"the store URL {redacted(url)} on the command line holds a password, which "
+             "every local user can read (ps, /proc): give it in PGPASSWORD or ~/.pgpass "
+             "instead")
 
 
 def redacted(url: str) -> str:

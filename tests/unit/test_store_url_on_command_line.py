@@ -1,0 +1,57 @@
+"""A store URL that holds a password, given on the command line, is warned about: every local
+user reads a process's command line (ps, /proc). It is taken, as before (refusing would stop a
+running deployment at its next restart); the warning names the remedy, never the password."""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+import pytest
+
+from aggregator.store import holds_secret, warn_secret_on_command_line
+from secagg.cli import main
+
+PASSWORD = secrets.token_hex(12)  # made at test time, as every test secret is
+
+
+@pytest.mark.parametrize(("url", "secret"), [
+    (f"postgresql://secagg:{PASSWORD}@127.0.0.1:1/db", True),
+    (f"postgresql://secagg@127.0.0.1:1/db?password={PASSWORD}", True),
+    (f"postgresql+psycopg://secagg@127.0.0.1:1/db?sslpassword={PASSWORD}", True),
+    ("postgresql://secagg@127.0.0.1:1/db?sslkey=/etc/key.pem", False),
+    ("postgresql://secagg@127.0.0.1:1/db", False),
+    ("/var/lib/secagg/store.db", False),
+    ("sqlite:///store.db", False),
+])
+def test_a_password_in_the_store_url_is_found(url: str, secret: bool) -> None:
+    assert holds_secret(url) is secret
+    said: list[str] = []
+    warn_secret_on_command_line(url, said.append)
+    assert len(said) == secret
+    assert not any(PASSWORD in text for text in said)
+    assert all("PGPASSWORD" in text for text in said)
+
+
+@pytest.mark.parametrize("command", [["migrate"], ["backup", "--out", "{tmp}/b.dump"]])
+def test_the_store_commands_warn_of_a_password_on_their_command_line(
+        command: list[str], tmp_path: pytest.TempPathFactory,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"postgresql://secagg:{PASSWORD}@127.0.0.1:1/db?connect_timeout=1"
+    args = [a.replace("{tmp}", str(tmp_path)) for a in command]
+    assert main(["aggregator", *args[:1], "--store", url, *args[1:]]) != 0  # nothing there
+    err = capsys.readouterr().err
+    assert "warning: the store URL" in err and "PGPASSWORD" in err and PASSWORD not in err
+
+
+def test_serve_logs_a_password_on_its_command_line_as_an_event(
+        tmp_path: pytest.TempPathFactory, capfd: pytest.CaptureFixture[str]) -> None:
+    url = f"postgresql://secagg:{PASSWORD}@127.0.0.1:1/db"
+    # (no such config: serve stops there, after the warning)
+    assert main(["aggregator", "serve", "--config", f"{tmp_path}/none.toml", "--store",
+                 url]) != 0
+    lines = [json.loads(line) for line in capfd.readouterr().err.splitlines()
+             if line.startswith("{")]
+    events = [e for e in lines if e.get("event") == "store_password_on_command_line"]
+    assert len(events) == 1 and events[0]["level"] == "warning"
+    assert PASSWORD not in json.dumps(lines)
