@@ -161,7 +161,12 @@ def _sample_count(weight: object) -> float | None:
     import numbers
 
     if getattr(weight, "ndim", None) == 0 and hasattr(weight, "item"):
-        weight = weight.item()  # a 0-d array or tensor
+        # (a meta tensor's item() raised from inside torch)
+        # defence: sdk.weight-item-error-named
+        try:
+            weight = weight.item()  # a 0-d array or tensor
+        except (RuntimeError, TypeError, ValueError):
+            return None
     if isinstance(weight, bool | np.bool_) or not isinstance(weight, numbers.Real):
         return None
     try:
@@ -202,7 +207,7 @@ class Site:
                  progress: Progress | None = None, workers: int = 1,
                  history_dir: str | Path | None = None) -> None:
         if type(workers) is not int or workers < 1:
-            raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+            raise ConfigurationError(f"workers must be an integer >= 1, got {workers!r}")
         self.kit = kit
         self._capped_warned: set[str] = set()  # integer tensors warned of (_warn_capped_counters)
         self.workers = workers  # CKKS: processes to encrypt with, and (key holder) to release
@@ -244,7 +249,8 @@ class Site:
         directory; give a writable one when that is mounted read-only, and keep it across
         restarts)."""
         if tensors not in ("auto", "numpy", "torch"):
-            raise ValueError(f"tensors must be 'auto', 'numpy' or 'torch', got {tensors!r}")
+            raise ConfigurationError(
+                f"tensors must be 'auto', 'numpy' or 'torch', got {tensors!r}")
         kit = SiteKit.load(site_dir)
         # with no first model pinned, the aggregator chose the model every site starts from
         # (an operator who added [job] initial_model to the aggregator's config only had
@@ -633,7 +639,7 @@ class Round:
         # defence: sdk.weight-within-max-samples
         if samples is None or not 0 < samples <= config.max_samples or (
                 samples / config.max_samples <= 0):
-            raise ValueError(f"weight must be a number of samples in (0, "
+            raise ConfigurationError(f"weight must be a number of samples in (0, "
                              f"{config.max_samples:g}] ([update] max_samples), got {weight!r}")
         # one vector of the model's size, made by flattening and then worked on in place:
         # a large model is not copied for the delta and again for the clip

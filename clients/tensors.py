@@ -38,7 +38,17 @@ def to_numpy(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if is_masked_array(value):
             raise ConfigurationError(f"tensor {str(name)[:64]!r} is a numpy masked array: "
                                      "fill its masked entries first, e.g. .filled(0)")
-        out[str(name)] = np.asarray(value)
+        # (a list of tensors that need grad, are bfloat16 or on the meta device, or a ragged
+        # list, raised from inside numpy or torch, naming no tensor)
+        # defence: sdk.array-conversion-named
+        try:
+            out[str(name)] = np.asarray(value)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise ConfigurationError(
+                f"tensor {str(name)[:64]!r} cannot be read as an array "
+                f"({type(value).__name__}): {str(e).splitlines()[0][:120] if str(e) else ''}"
+                " (give a tensor or an array: e.g. torch.stack(...).detach().float())"
+            ) from None
     return out
 
 
@@ -114,6 +124,19 @@ def flatten_like(state: Mapping[str, Any], model: FlatModel) -> np.ndarray:
         raise ConfigurationError(
             f"the state dict's tensors {kinds[:5]} are floating point where the round's model "
             "has integers, or the other way round")
+    # A value the round's model cannot hold in that tensor's dtype (-1 given for a uint8
+    # buffer, 65505 in a float32 copy of a float16 tensor) was sent: with a large enough
+    # weight the average was out of range too, the aggregator aborted the summed round, and
+    # every site, having sent against its model, could go no further: one site's input
+    # ended the job. The averages of values each tensor holds are values it holds.
+    # defence: sdk.values-within-the-rounds-dtypes
+    beyond = model.beyond_range(flat.values)
+    if beyond is not None:
+        dtype = next(t.dtype for t in model.spec if t.name == beyond)
+        raise ConfigurationError(
+            f"tensor {beyond[:64]!r} holds a value its dtype in the round's model ({dtype}) "
+            "cannot hold: keep it in that dtype's range (e.g. load it into the model and "
+            "take model.state_dict())")
     return flat.values
 
 

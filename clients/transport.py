@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import grpc
 
 from clients.errors import AggregatorRefused, AggregatorUnavailable, SiteError, shown
+from secagg.errors import ConfigurationError
 from secagg.federation.config import SDK_CHUNK_BYTES
 from secagg.federation.kit import SiteKit
 from secagg.v1 import service_pb2, service_pb2_grpc
@@ -57,7 +58,8 @@ class Connection:
         for name, value in (("retry_seconds", retry_seconds), ("call_timeout", call_timeout)):
             if (isinstance(value, bool) or not isinstance(value, (int, float))
                     or not 0 <= value < math.inf):
-                raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
+                raise ConfigurationError(
+                    f"{name} must be a number of seconds >= 0, got {value!r}")
         limits = kit.config.limits
         credentials = grpc.ssl_channel_credentials(root_certificates=kit.ca_pem,
                                                    private_key=kit.key_pem,

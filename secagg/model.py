@@ -282,6 +282,11 @@ class FlatModel:
             return False
         if values.shape != (self.size,) or not np.all(np.isfinite(values)):
             return False
+        return self.beyond_range(values) is None
+
+    def beyond_range(self, values: np.ndarray) -> str | None:
+        """The name of the first tensor whose finite ``values`` (a float or integer vector in
+        this spec's layout) its dtype cannot hold, or None."""
         pos = 0
         for t in self.spec:
             chunk = values[pos:pos + t.size]
@@ -292,7 +297,7 @@ class FlatModel:
             if dtype.kind == "f":
                 finfo = np.finfo(dtype)
                 if chunk.min() < float(finfo.min) or chunk.max() > float(finfo.max):
-                    return False
+                    return t.name
                 continue
             # exactly, in Python ints (float(int64 max) rounds up to 2**63, which wraps)
             # (64-bit integers within +-2**53, as from_arrays takes them: a float64 carries
@@ -300,8 +305,8 @@ class FlatModel:
             # defence: model.representable-int64-within-float64
             low, high = _int_bounds(dtype)
             if int(np.rint(chunk.min())) < low or int(np.rint(chunk.max())) > high:
-                return False
-        return True
+                return t.name
+        return None
 
     def with_values(self, values: np.ndarray) -> FlatModel:
         """The same spec with new values, each rounded to what its tensor holds: integer

@@ -517,8 +517,13 @@ def test_a_wrong_argument_to_submit_leaves_the_round_open_to_a_corrected_call() 
     site, conn = _site("masking", info, payloads)
     rnd = next(site.rounds())
     over = site.config.max_samples * 2  # above [update] max_samples: refused before spending
-    for bad in (0, -1.0, float("nan"), True, "10", np.array([3]), 1e-320, 10**400, over):
-        with pytest.raises(ValueError, match="weight must be"):
+
+    from secagg.errors import ConfigurationError
+
+    meta = torch.tensor(3.0, device="meta")  # (its .item() raised from inside torch)
+    for bad in (0, -1.0, float("nan"), True, "10", np.array([3]), 1e-320, 10**400, over, meta):
+        # (a ConfigurationError, which is a ValueError: what `except SecAggError` catches)
+        with pytest.raises(ConfigurationError, match="weight must be"):
             rnd.submit({"w": np.ones(8, np.float32)}, weight=bad)
     assert conn.sent == []
     from clients.errors import AggregatorRefused, SiteError

@@ -7,6 +7,7 @@ import pytest
 
 from clients import tensors
 from clients.tensors import clip_l2, l2_norm
+from secagg.errors import ConfigurationError
 from secagg.model import FlatModel
 
 
@@ -144,3 +145,43 @@ def test_a_masked_array_in_a_state_dict_is_refused_not_sent_with_its_hidden_valu
     with pytest.raises(ConfigurationError, match="'w' is a numpy masked array"):
         tensors.to_numpy({"w": hidden})
     assert tensors.flatten_like({"w": hidden.filled(0)}, model)[2] == 0
+
+
+@pytest.mark.parametrize(("spec_dtype", "given", "value", "held"), [
+    (np.uint8, np.int64, -1, 0),
+    (np.uint8, np.int64, 256, 255),
+    (np.int8, np.int32, -129, -128),
+    (np.float16, np.float32, 65505.0, 65504.0),
+    (np.float32, np.float64, 3.5e38, 3.4e38),
+])
+def test_a_value_the_rounds_dtype_cannot_hold_is_refused_naming_the_tensor(
+        spec_dtype: type, given: type, value: float, held: float) -> None:
+    """A site's int64 copy of a uint8 buffer holding -1 (or a float32 copy of a float16 tensor
+    holding 65505) passed the dtype-kind check and was sent; at a large weight the average
+    was out of the tensor's range, the aggregator aborted the summed round, and every site,
+    having sent against its model, could go no further: one site's input ended the job.
+    Property: refused before anything is sent, naming the tensor and its dtype; the nearest
+    value the dtype holds is taken."""
+    model = FlatModel.from_arrays({"w": np.zeros(3, np.float32),
+                                   "buf": np.zeros(2, spec_dtype)})
+    state = {"w": np.zeros(3, np.float32), "buf": np.array([0, value], dtype=given)}
+    with pytest.raises(ConfigurationError, match=rf"'buf' holds a value its dtype in the "
+                                                 rf"round's model \({np.dtype(spec_dtype)}\)"):
+        tensors.flatten_like(state, model)
+    state["buf"] = np.array([0, held], dtype=given)
+    assert tensors.flatten_like(state, model)[-1] == pytest.approx(held, rel=1e-6)
+
+
+def test_a_list_numpy_cannot_take_is_refused_naming_the_tensor() -> None:
+    """A state dict value that is a list of tensors needing grad, of bfloat16 or meta tensors,
+    or a ragged list, raised from inside numpy or torch, naming no tensor."""
+    import torch
+
+    model = FlatModel.from_arrays({"w": np.zeros((2, 2), np.float32)})
+    for bad in ([torch.ones(2, requires_grad=True), torch.ones(2, requires_grad=True)],
+                [torch.ones(2, dtype=torch.bfloat16)] * 2,
+                [torch.ones(2, device="meta")] * 2,
+                [[1.0, 2.0], [3.0]]):
+        with pytest.raises(ConfigurationError, match=r"tensor 'w' cannot be read as an array"):
+            tensors.flatten_like({"w": bad}, model)
+    assert tensors.flatten_like({"w": [[1.0, 2.0], [3.0, 4.0]]}, model).tolist() == [1, 2, 3, 4]
