@@ -217,6 +217,9 @@ class Site:
         self._tensors = tensors_kind
         self._progress = progress
         self._last_round = 0
+        # the round last handed to the training script, until it is submitted to: offered
+        # again by the next rounds() (or aggregate()) while it is still running
+        self._pending: Round | None = None
         self._model_digest: bytes | None = None  # the model this site holds (last result)
         self._held_round = 0  # the round whose result (or starting model) that is
         # the names, shapes and dtypes of the job's models, once this process has held one:
@@ -289,8 +292,17 @@ class Site:
     def rounds(self) -> Iterator[Round]:
         """The job's rounds as they open, until the job is done. A round this site already
         sent to (a training script restarted mid-round) is skipped with a warning: the site
-        takes part from the next one."""
+        takes part from the next one. A round handed out before and not submitted to (a
+        wrong argument refused, before anything was sent) is handed out again first, while
+        the aggregator still runs it."""
         self._check_open()
+        # (the round had been passed: aggregate() called again after a refused argument
+        # waited for the next round while this one waited for this site, until its deadline)
+        # defence: sdk.unsubmitted-round-offered-again
+        pending, self._pending = self._pending, None
+        if pending is not None and not pending._submitted and self._still_running(pending):
+            self._pending = pending
+            yield pending
         while True:
             info = self._next_round_info()
             if info is None:
@@ -308,7 +320,16 @@ class Site:
                 raise RoundAborted(info.round_id, f"this site refused the round: {_why(e)}"
                                    ) from None
             if rnd is not None:
+                self._pending = rnd
                 yield rnd
+
+    def _still_running(self, rnd: Round) -> bool:
+        """Whether the aggregator still runs ``rnd`` (asked, not waited for)."""
+        info: service_pb2.RoundInfo = self._conn.call(
+            "GetRound", service_pb2.GetRoundRequest(after_round=rnd.number - 1, wait_ms=0),
+            timeout=30)
+        return (info.status == _RUNNING and info.round == rnd.number
+                and info.round_id == rnd.round_id)
 
     def _is_own_round(self, info: service_pb2.RoundInfo) -> bool:
         try:

@@ -1405,3 +1405,34 @@ def test_a_running_round_beyond_the_jobs_rounds_does_not_end_the_sites_part(
     rnd = next(site.rounds())  # the script caught it and went on
     assert rnd.number == 1
     assert asked == [0] * 5
+
+
+def test_a_round_whose_submit_refused_an_argument_is_offered_again_while_it_runs() -> None:
+    """``site.aggregate(bad, w)`` raised (nothing sent), and the retry ``site.aggregate(good,
+    w)`` waited for the next round while this one waited for this site, until its deadline:
+    rounds() had passed it. The round is handed out again while the aggregator still runs it,
+    and not once it runs another."""
+    from clients.errors import AggregatorRefused, SiteError
+    from secagg.errors import ConfigurationError
+
+    info, payloads = _model_info(1, "hospitals/job-1/round-1")
+    site, conn = _site("masking", info, payloads)
+    conn.then_done = True  # (a round after round 1: the job is over)
+    with pytest.raises(ConfigurationError, match="weight must be"):
+        site.aggregate({"w": np.ones(8, np.float32)}, weight=0)
+    assert conn.sent == []
+    with pytest.raises(AggregatorRefused):  # round 1 again: sent (the stub stops it there)
+        site.aggregate({"w": np.ones(8, np.float32)}, weight=10)
+    assert conn.sent == ["Submit"]
+    with pytest.raises(SiteError, match="the job is over"):  # submitted: not offered again
+        site.aggregate({"w": np.ones(8, np.float32)}, weight=10)
+
+    site, conn = _site("masking", info, payloads)
+    conn.then_done = True
+    with pytest.raises(ConfigurationError):
+        site.aggregate({"w": np.ones(8, np.float32)}, weight=0)
+    conn.info = service_pb2.RoundInfo(round=1, round_id="hospitals/job-1/round-1",
+                                      status=service_pb2.ROUND_STATUS_COMPLETED)
+    with pytest.raises(SiteError, match="the job is over"):  # round 1 ended meanwhile
+        site.aggregate({"w": np.ones(8, np.float32)}, weight=10)
+    assert conn.sent == []
