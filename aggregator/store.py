@@ -248,6 +248,12 @@ def _private_sqlite_file(url: str, create: bool) -> None:
     try:
         _create_private(path)
     except FileExistsError:
+        # a link to a store not made yet: its target is made private here (O_EXCL refuses
+        # the link itself, and SQLite made the target with the umask's mode, 0644)
+        # defence: store.private-file-through-a-link
+        if path.is_symlink() and not path.exists():
+            with contextlib.suppress(FileExistsError):
+                _create_private(path.resolve())
         # (a store file made beforehand, by touch or a restore by hand, kept its mode, and
         # SQLite gives the -wal and -shm files the same one)
         # defence: store.loose-mode-warned

@@ -190,6 +190,29 @@ def test_a_new_sqlite_store_and_its_wal_are_private_to_the_aggregator(tmp_path: 
         assert f.stat().st_mode & 0o777 == 0o600, f
 
 
+def test_a_new_sqlite_store_reached_through_a_link_is_private_too(tmp_path: Path) -> None:
+    """--store a symbolic link to a store not made yet: O_EXCL refused the link, and SQLite
+    made its target 0644 (with its -wal and -shm files), readable by every local user."""
+    import os
+
+    (tmp_path / "data").mkdir()
+    link = tmp_path / "agg.db"
+    link.symlink_to(tmp_path / "data" / "store.db")
+    old = os.umask(0o022)
+    try:
+        store = Store(str(link))
+        try:
+            store.put_chunks([(b"\x01" * 32, b"data")], round_number=1, site=1)
+        finally:
+            store.close()
+    finally:
+        os.umask(old)
+    made = list((tmp_path / "data").glob("store.db*"))
+    assert tmp_path / "data" / "store.db" in made
+    for f in made:
+        assert f.stat().st_mode & 0o777 == 0o600, f
+
+
 def test_a_store_file_made_beforehand_with_a_loose_mode_is_warned_about(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """`touch agg.db` (0644) before the first start: the store kept that mode, and its -wal
