@@ -243,8 +243,11 @@ class FederationConfig:
         # defence: config.key-holders-site-ids
         if (not isinstance(holders, list) or not holders
                 or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1
-                           for h in holders)):
-            raise ConfigurationError("[ckks] key_holders must be a non-empty list of site ids")
+                           for h in holders)
+                # (init refused [1, 1]; the config took it)
+                or len(set(holders)) != len(holders)):
+            raise ConfigurationError("[ckks] key_holders must be a non-empty list of distinct "
+                                     "site ids")
         config = cls(
             name=_get(fed, "federation", "name", str, ""),
             protocol=protocol,

@@ -165,6 +165,7 @@ def test_the_ca_signs_only_the_site_a_request_names(tmp_path: Path) -> None:
     ("job", "initial_model", "3", "initial_model must be a path"),
     ("federation", "trust_root", "'abcd'", "trust_root must be a 32-byte"),
     ("federation", "aggregator", "'http://localhost:50761'", "aggregator must be host:port"),
+    ("ckks", "key_holders", "[1, 1]", "key_holders must be a non-empty list of distinct"),
     ("federation", "aggregator", "'local host:50761'", "aggregator must be host:port"),
     ("federation", "aggregator", "'localhost:\u0665\u0660\u0667\u0666\u0661'",
      "aggregator must be host:port"),
