@@ -402,12 +402,25 @@ def migrate(url: str) -> tuple[str | None, str]:
                 raise StoreError("the store holds tables but no schema revision: not ours")
             config = _alembic_config(c)
             if before is not None:
-                try:
-                    ScriptDirectory.from_config(config).get_revision(before)
-                except CommandError:
-                    raise StoreError(f"the store is at schema revision {before}, which this "
-                                     "aggregator does not know (a newer one wrote it)") from None
-            command.upgrade(config, "head")
+                # (an empty revision raised AssertionError from inside alembic: a traceback)
+                # defence: store.migrate-revision-known
+                script = ScriptDirectory.from_config(config)
+                if before not in {r.revision for r in script.walk_revisions()}:
+                    raise StoreError(f"the store is at schema revision {before!r}, which this "
+                                     "aggregator does not know (a newer one wrote it)")
+            try:
+                command.upgrade(config, "head")
+            except (sa.exc.SQLAlchemyError, CommandError) as e:
+                # (a store whose tables are not at the revision it names failed here, and
+                # was called unreachable)
+                # defence: store.migrate-failure-named
+                cause = getattr(e, "orig", None) or e
+                first = (str(cause).splitlines() or [""])[0][:160]
+                raise StoreError(f"store {redacted(url)}: upgrading its schema from revision "
+                                 f"{before or '(empty)'} failed ({type(cause).__name__}: "
+                                 f"{first}); nothing was changed (the upgrade is one "
+                                 "transaction): restore a backup, or check the store's "
+                                 "alembic_version row") from None
             return before, head_revision()
     except sa.exc.SQLAlchemyError as e:
         hint = _known_cause(e)

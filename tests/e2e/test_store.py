@@ -924,6 +924,31 @@ def test_a_store_made_by_migrate_is_private_too(tmp_path: Path) -> None:
     assert (tmp_path / "new.db").stat().st_mode & 0o777 == 0o600
 
 
+def test_migrate_names_a_revision_it_does_not_know_and_an_upgrade_that_fails(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A store whose alembic_version row is empty raised AssertionError from inside alembic (a
+    traceback); one relabelled to an older revision than its tables was "unreachable:
+    OperationalError". Both are one line naming what is wrong, and the row is left as it
+    was."""
+    import sqlite3
+
+    from secagg.cli import main
+
+    path = tmp_path / "s.db"
+    migrate(str(path))
+    for row, said in (("", "at schema revision '', which this aggregator does not know"),
+                      ("0001", "upgrading its schema from revision 0001 failed")):
+        with sqlite3.connect(path) as c:
+            c.execute("UPDATE alembic_version SET version_num = ?", (row,))
+        c.close()
+        assert main(["aggregator", "migrate", "--store", str(path)]) != 0
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+        with sqlite3.connect(path) as c:
+            assert c.execute("SELECT version_num FROM alembic_version").fetchall() == [(row,)]
+        c.close()
+
+
 def test_a_store_that_is_not_a_database_is_named_so_not_unreachable(
         tmp_path: Path, postgres_url: str) -> None:
     """A truncated or foreign file was "unreachable: DatabaseError"; a PostgreSQL database
