@@ -32,6 +32,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _clients(text: str) -> int:
+    """A number of sites for a benchmark: as many as a federation may have (init's 10,000);
+    99,999,999,999 ran silently, its memory growing until the machine ran out."""
+    value = _positive(text)
+    # defence: cli.bench-clients-bounded
+    if value > 10_000:
+        raise argparse.ArgumentTypeError(f"must be at most 10000 (a federation's most sites), "
+                                         f"got {text}")
+    return value
+
+
 def _seed(text: str) -> int:
     """A seed for made-up data: an integer >= 0 (numpy's generators refuse the rest, from
     inside, as "ValueError: expected non-negative integer")."""
@@ -253,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks that print ratios against machine limits")
     bench_sub = bench.add_subparsers(dest="protocol", required=True)
     masking = bench_sub.add_parser("masking")
-    masking.add_argument("--clients", type=_positive, default=100)
+    masking.add_argument("--clients", type=_clients, default=100)
     masking.add_argument("--params", type=_positive, default=1_000_000)
     masking.add_argument("--dropout", type=_fraction, default=0.1)
     masking.add_argument("--neighbors", type=_neighbors, default=None,
@@ -269,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="processes sharing mask expansion (default: cores, at most 2)")
     masking.add_argument("--json", action="store_true")
     ckks = bench_sub.add_parser("ckks")
-    ckks.add_argument("--clients", type=_positive, default=100)
+    ckks.add_argument("--clients", type=_clients, default=100)
     ckks.add_argument("--params", type=_positive, default=1_000_000)
     ckks.add_argument("--preset", default="add-only-4096")
     ckks.add_argument("--seeded", action="store_true",
@@ -281,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     service = bench_sub.add_parser("service", help="a full round over mTLS on loopback")
     service.add_argument("--protocol", dest="service_protocol", choices=["masking", "ckks"],
                          default="masking")
-    service.add_argument("--clients", type=_positive, default=10)
+    service.add_argument("--clients", type=_clients, default=10)
     service.add_argument("--params", type=_positive, default=1_000_000)
     service.add_argument("--json", action="store_true")
     for p in (masking, ckks, service):

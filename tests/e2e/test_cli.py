@@ -68,6 +68,21 @@ def test_bad_arguments_give_a_usage_error_not_a_traceback(
     assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("bench", ["masking", "ckks", "service"])
+def test_a_benchmark_of_more_sites_than_a_federation_has_is_a_usage_error(
+        bench: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`bench masking --clients 99999999999` ran silently, its memory growing until the
+    machine ran out. (Parsed only: nothing runs, with or without the bound.)"""
+    from secagg.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["bench", bench, "--clients", "10000"]).clients == 10_000
+    with pytest.raises(SystemExit) as caught:
+        parser.parse_args(["bench", bench, "--clients", "99999999999"])
+    assert caught.value.code == 2
+    assert "at most 10000" in capsys.readouterr().err
+
+
 def test_version_is_the_packages(capsys: pytest.CaptureFixture[str]) -> None:
     from importlib.metadata import version
 
