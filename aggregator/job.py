@@ -432,7 +432,9 @@ class Job:
             total_rounds=self.config.rounds, survivors=list(view.survivors),
             ckks_key_holder=view.ckks_key_holder, result_signature=view.result_signature,
             # defence: service.settings-digest-published
-            settings_digest=self._settings_digest)
+            settings_digest=self._settings_digest,
+            # defence: service.roster-digest-published
+            roster_digest=self.roster.digest, roster_version=self.roster.version)
         if view.ckks_key is not None:
             info.ckks_key.CopyFrom(view.ckks_key)
         if view.result is not None and view.result_blob is not None:

@@ -397,6 +397,17 @@ class Site:
                 "this site's federation.toml differs from the aggregator's in a setting every "
                 "party must share (the protocol, [federation] name, [job] id, [update] "
                 "clip_norm or max_samples, [masking], [ckks]): make it the federation's"))
+        # (a diagnostic too: a site whose roster is older than the aggregator's, after
+        # `federation sign` added or removed a site, was refused as "invalid signature")
+        # defence: sdk.roster-digest-compared
+        theirs = bytes(info.roster_digest)
+        if theirs and theirs != self.kit.roster.digest:
+            mine = self.kit.roster.version
+            raise RoundAborted(round_id, (
+                f"this site's roster (version {mine}) is not the aggregator's (version "
+                f"{int(info.roster_version)}): copy the federation's current roster.bin into "
+                "this site's directory" + (" (the federation signed a newer one)"
+                                           if int(info.roster_version) > mine else "")))
         # defence: sdk.protocol-pinned
         if info.protocol != _PROTOCOLS[self.config.protocol]:
             raise RoundAborted(round_id, f"the aggregator runs this round as another protocol "

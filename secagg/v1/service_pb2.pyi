@@ -100,7 +100,7 @@ class GetRoundRequest(_message.Message):
     def __init__(self, after_round: _Optional[int] = ..., wait_ms: _Optional[int] = ..., until_finished: _Optional[bool] = ...) -> None: ...
 
 class RoundInfo(_message.Message):
-    __slots__ = ("round", "round_id", "protocol", "status", "model", "stage", "ckks_key_holder", "ckks_key", "abort_reason", "result", "total_rounds", "survivors", "result_signature", "settings_digest")
+    __slots__ = ("round", "round_id", "protocol", "status", "model", "stage", "ckks_key_holder", "ckks_key", "abort_reason", "result", "total_rounds", "survivors", "result_signature", "settings_digest", "roster_digest", "roster_version")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,8 @@ class RoundInfo(_message.Message):
     SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     RESULT_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     round: int
     round_id: str
     protocol: Protocol
@@ -129,7 +131,9 @@ class RoundInfo(_message.Message):
     survivors: _containers.RepeatedScalarFieldContainer[int]
     result_signature: bytes
     settings_digest: bytes
-    def __init__(self, round: _Optional[int] = ..., round_id: _Optional[str] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., status: _Optional[_Union[RoundStatus, str]] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., stage: _Optional[int] = ..., ckks_key_holder: _Optional[int] = ..., ckks_key: _Optional[_Union[CkksKeyOffer, _Mapping]] = ..., abort_reason: _Optional[str] = ..., result: _Optional[_Union[Model, _Mapping]] = ..., total_rounds: _Optional[int] = ..., survivors: _Optional[_Iterable[int]] = ..., result_signature: _Optional[bytes] = ..., settings_digest: _Optional[bytes] = ...) -> None: ...
+    roster_digest: bytes
+    roster_version: int
+    def __init__(self, round: _Optional[int] = ..., round_id: _Optional[str] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., status: _Optional[_Union[RoundStatus, str]] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., stage: _Optional[int] = ..., ckks_key_holder: _Optional[int] = ..., ckks_key: _Optional[_Union[CkksKeyOffer, _Mapping]] = ..., abort_reason: _Optional[str] = ..., result: _Optional[_Union[Model, _Mapping]] = ..., total_rounds: _Optional[int] = ..., survivors: _Optional[_Iterable[int]] = ..., result_signature: _Optional[bytes] = ..., settings_digest: _Optional[bytes] = ..., roster_digest: _Optional[bytes] = ..., roster_version: _Optional[int] = ...) -> None: ...
 
 class MaskedInputRef(_message.Message):
     __slots__ = ("site_id", "word_bits", "masked_input", "partners", "signature")

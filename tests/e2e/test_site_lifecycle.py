@@ -60,6 +60,28 @@ def test_a_site_whose_config_differs_in_max_samples_is_told_so_by_the_round(
                    if e.get("event") == "message_counted")
 
 
+def test_a_site_whose_roster_is_older_than_the_aggregators_is_told_so_by_the_round(
+        tmp_path: Path) -> None:
+    """The operator removed site 4 (a new roster, version 2, for the aggregator); site 1
+    still held version 1. Its messages were refused as "invalid signature", and its rounds()
+    waited on. The aggregator publishes its roster's digest and version with the round: site
+    1 refuses the round naming both versions and what to do, and sends nothing."""
+    from secagg.federation.kit import remove_site
+
+    fed = make_federation(tmp_path, 4, "masking", rounds=1, open_s=4.0)
+    remove_site(fed.directory, 4)
+    agg = start_aggregator(fed, tmp_path)
+    try:
+        with Site.connect(fed.site_dir(1), tensors="numpy", retry_seconds=30) as site, \
+                pytest.raises(SiteError, match=r"this site's roster \(version 1\) is not the "
+                                               r"aggregator's \(version 2\).*roster\.bin.*newer"):
+            next(site.rounds())
+    finally:
+        agg.stop()
+    assert not any(e.get("site_id") == 1 for e in agg.read()
+                   if e.get("event") == "message_counted")
+
+
 def test_a_site_whose_config_pins_no_first_model_refuses_to_connect(tmp_path: Path) -> None:
     """A federation made without --model pinned no first model in the sites' configs: the
     operator then named a model in the aggregator's config only, and every site trained
