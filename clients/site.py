@@ -689,6 +689,26 @@ class Round:
                 "float64's largest): check the trained state for diverged values")
         _warn_capped_counters(self.model, delta, config.clip_norm, self.round_id,
                               self._site._capped_warned)
+        # With a server learning rate above 1 the result, g + rate * average, can leave a
+        # dtype's range though every site's values are in it (a uint8 buffer 250 -> 255 at
+        # rate 2 is 260): the round was refused after every site had sent, ending the job.
+        # Each site's own g + rate * delta in range keeps the average's in range (at rate <= 1
+        # it lies between the model and values flatten_like checked).
+        # defence: sdk.result-within-range-at-the-learning-rate
+        rate = config.server_learning_rate
+        if rate > 1.0:
+            proposed = self.model.values + rate * delta
+            counters = self.model.integer_positions  # (their change is capped at the clip)
+            if counters.any():
+                proposed[counters] = self.model.values[counters] + rate * np.clip(
+                    delta[counters], -config.clip_norm, config.clip_norm)
+            beyond = self.model.beyond_range(proposed)
+            if beyond is not None:
+                dtype = next(t.dtype for t in self.model.spec if t.name == beyond)
+                raise ConfigurationError(
+                    f"with [job] server_learning_rate {rate:g}, this update would move tensor "
+                    f"{beyond[:64]!r} past what its dtype ({dtype}) holds, and the round's "
+                    "result could not be published: keep it further from the dtype's limits")
         scaled_weight = samples / config.max_samples
         # this round number is spent from here on, whatever becomes of it (if it cannot be
         # recorded, nothing is sent and the round stays open to another call)

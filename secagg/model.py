@@ -295,8 +295,15 @@ class FlatModel:
             if not chunk.size or dtype.kind not in ("f", "i", "u"):
                 continue
             if dtype.kind == "f":
+                # what the dtype rounds to a finite value: up to its largest plus half a step
+                # (the protocols' error, ~1e-5, put an honest float16 buffer held at -65504
+                # just past it, and the round was refused after every site had sent)
+                # defence: model.representable-float-rounding
                 finfo = np.finfo(dtype)
-                if chunk.min() < float(finfo.min) or chunk.max() > float(finfo.max):
+                top = finfo.max
+                step = float(top) - float(np.nextafter(top, dtype.type(0)))  # its last step
+                limit = float(top) + step / 2
+                if chunk.min() <= -limit or chunk.max() >= limit:
                     return t.name
                 continue
             # exactly, in Python ints (float(int64 max) rounds up to 2**63, which wraps)

@@ -1436,3 +1436,34 @@ def test_a_round_whose_submit_refused_an_argument_is_offered_again_while_it_runs
     with pytest.raises(SiteError, match="the job is over"):  # round 1 ended meanwhile
         site.aggregate({"w": np.ones(8, np.float32)}, weight=10)
     assert conn.sent == []
+
+
+def test_an_update_the_learning_rate_would_carry_past_its_dtype_is_refused_before_sending(
+        ) -> None:
+    """[job] server_learning_rate 2: a uint8 buffer moving 250 -> 255 at every site makes a
+    result of 260, which no uint8 holds; the round was refused after every site had sent,
+    ending the job. The site refuses its update before anything is sent, naming the tensor;
+    252 (a result of 254) goes ahead."""
+    from dataclasses import replace
+
+    from clients.errors import AggregatorRefused
+    from secagg.errors import ConfigurationError
+
+    info, payloads = _model_info(1, "hospitals/job-1/round-1",
+                                 w=np.full(8, 250, np.uint8))
+    site, conn = _site("masking", info, payloads)
+    site.config = replace(site.config, server_learning_rate=2.0, clip_norm=10.0)
+    rnd = next(site.rounds())
+    with pytest.raises(ConfigurationError, match=r"server_learning_rate 2.*tensor 'w' past "
+                                                 r"what its dtype \(uint8\) holds"):
+        rnd.submit({"w": np.full(8, 255, np.uint8)}, weight=10)
+    assert conn.sent == []
+    with pytest.raises(AggregatorRefused):  # sent (the stub stops it there)
+        rnd.submit({"w": np.full(8, 252, np.uint8)}, weight=10)
+    assert conn.sent == ["Submit"]
+    # at clip_norm 1 a counter's change is capped at 1 in the average: 250 + 2 * 1 is held
+    site, conn = _site("masking", info, payloads)
+    site.config = replace(site.config, server_learning_rate=2.0, clip_norm=1.0)
+    with pytest.raises(AggregatorRefused):
+        next(site.rounds()).submit({"w": np.full(8, 255, np.uint8)}, weight=10)
+    assert conn.sent == ["Submit"]
