@@ -60,8 +60,8 @@ from secagg.federation.kit import (
     ROSTER_FILE,
     check_kit_directory,
     load_roster,
-    read_private_key,
 )
+from secagg.federation.pki import read_private_key
 from secagg.hazmat.secret import SecretBytes, reveal
 from secagg.model import FlatModel
 from secagg.v1 import service_pb2, service_pb2_grpc

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from secagg.errors import ConfigurationError, InvalidMessage
 from secagg.federation import pki
 from secagg.federation.config import FederationConfig
+from secagg.federation.pki import read_private_key
 from secagg.hazmat import signing
 from secagg.hazmat.secret import SecretBytes, reveal
 from secagg.hazmat.signing import IdentityKey
@@ -106,30 +107,6 @@ def load_identity(path: Path) -> IdentityKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigurationError(f"{path} is not an Ed25519 private key")
     return IdentityKey(key)
-
-
-def read_private_key(path: Path) -> SecretBytes:
-    """A private key file's bytes; refused if others than its owner may read or write it
-    (as ssh refuses such a key; it was a warning, and a key at 0666 was used and served).
-    Checked on the opened file before a byte is read, and held as :class:`SecretBytes`: the
-    refusal's traceback showed the key in its frame's locals."""
-    with path.open("rb") as f:
-        st = os.fstat(f.fileno())
-        _check_key_mode(path, st)
-        # defence: federation.key-bytes-held-secret
-        return SecretBytes(f.read())
-
-
-def _check_key_mode(path: Path, st: os.stat_result) -> None:
-    euid = os.geteuid() if hasattr(os, "geteuid") else st.st_uid
-    # this user's key: 0600 at most; root's, read through the service's group: 0640 at most
-    # (PostgreSQL's rule for its TLS key); another user's: refused (theirs to change)
-    # defence: federation.key-permissions-refused
-    if st.st_uid not in (euid, 0) or st.st_mode & (0o077 if st.st_uid == euid else 0o037):
-        raise ConfigurationError(
-            f"{path} can be read or written by others than its owner, or is another user's "
-            f"(mode {st.st_mode & 0o777:o}, owner uid {st.st_uid}): chmod 600 it (a key root "
-            "owns may be 0640, for the service's group)")
 
 
 # what a site's and the aggregator's directories hold that others must not be able to
@@ -696,8 +673,9 @@ def _sync_rosters(fed: Path, signer: RosterSigner) -> None:
 def _federation_signer(fed: Path, config: FederationConfig) -> RosterSigner:
     """The federation's roster signer (trust-root/signer.key), if the config names its key
     as the trust root; ConfigurationError otherwise (see _sign_locked)."""
+    # defence: federation.signer-key-permissions
     signer_key = serialization.load_pem_private_key(
-        (fed / "trust-root" / "signer.key").read_bytes(), password=None)
+        pki.read_private_key(fed / "trust-root" / "signer.key").reveal(), password=None)
     if not isinstance(signer_key, Ed25519PrivateKey):
         raise ConfigurationError("the trust root key is not an Ed25519 key")
     signer = RosterSigner(IdentityKey(signer_key))

@@ -17,6 +17,7 @@ import contextlib
 import datetime as dt
 import ipaddress
 import os
+import stat
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -310,8 +311,42 @@ def write_public(path: Path, data: bytes) -> None:
         raise
 
 
+def read_private_key(path: Path) -> SecretBytes:
+    """A private key file's bytes; refused if others than its owner may read or write it
+    (as ssh refuses such a key; it was a warning, and a key at 0666 was used and served).
+    Checked on the opened file before a byte is read, and held as :class:`SecretBytes`: the
+    refusal's traceback showed the key in its frame's locals."""
+    # (a FIFO put there hung every start at open(), a link to /dev/zero read for ever)
+    # defence: federation.key-file-regular
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigurationError(f"{path} is not a regular file (a private key file is)")
+        _check_key_mode(path, st)
+        # defence: federation.key-bytes-held-secret
+        return SecretBytes(f.read(MAX_KEY_FILE_BYTES))
+
+
+def _check_key_mode(path: Path, st: os.stat_result) -> None:
+    euid = os.geteuid() if hasattr(os, "geteuid") else st.st_uid
+    # this user's key: 0600 at most; root's, read through the service's group: 0640 at most
+    # (PostgreSQL's rule for its TLS key); another user's: refused (theirs to change)
+    # defence: federation.key-permissions-refused
+    if st.st_uid not in (euid, 0) or st.st_mode & (0o077 if st.st_uid == euid else 0o037):
+        raise ConfigurationError(
+            f"{path} can be read or written by others than its owner, or is another user's "
+            f"(mode {st.st_mode & 0o777:o}, owner uid {st.st_uid}): chmod 600 it (a key root "
+            "owns may be 0640, for the service's group)")
+
+
+MAX_KEY_FILE_BYTES = 1 << 20  # (a PEM key is a few hundred bytes)
+
+
 def load_private(path: Path) -> ec.EllipticCurvePrivateKey:
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    # (the CA's key: held to the rule every other key is, 0600; 0644 was used to sign)
+    # defence: pki.ca-key-permissions
+    key = serialization.load_pem_private_key(read_private_key(path).reveal(), password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ConfigurationError(f"{path} is not an EC private key")
     return key

@@ -44,7 +44,9 @@ class SecretBytes:
         return hmac.compare_digest(self._data, other._data)
 
     def __hash__(self) -> int:
-        raise TypeError("SecretBytes is not hashable")
+        # by length only (equal secrets hash alike): a SiteKit, a frozen dataclass holding
+        # one, stayed hashable; a hash of the bytes would be a value derived from the key
+        return hash((SecretBytes, len(self._data)))
 
     # defence: hazmat.secret.no-pickle
     def __reduce__(self) -> NoReturn:

@@ -167,3 +167,4 @@ def test_secret_bytes_show_and_pickle_nothing() -> None:
         pickle.dumps(s)
     assert reveal(s) == s.reveal() == reveal(s.reveal()) and len(s) == 53
     assert s == SecretBytes(s.reveal()) and s != SecretBytes(b"other")
+    assert hash(s) == hash(SecretBytes(s.reveal()))  # (a SiteKit holding one is hashable)

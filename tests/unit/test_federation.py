@@ -654,3 +654,29 @@ def test_an_init_cut_short_leaves_no_federation_an_aggregator_serves(
     init_federation(done, 5, initial_model=model)
     assert sorted(p.name for p in done.iterdir() if p.name.startswith(".")) == []
     load_server_files(done / "aggregator" / "federation.toml")
+
+
+@pytest.mark.parametrize("key", ["ca/ca.key", "trust-root/signer.key"])
+def test_the_federations_own_keys_others_can_read_are_refused_when_signing(
+        fresh_federation: Path, tmp_path: Path, key: str) -> None:
+    """`federation sign` signed with a CA key (or roster signer key) at 0644, where a site's
+    key at 0644 is refused: the federation's own keys are held to the same rule."""
+    request = make_site_request(tmp_path / "site-9", 9)
+    (fresh_federation / key).chmod(0o644)
+    with pytest.raises(ConfigurationError, match="chmod 600"):
+        sign_site_request(fresh_federation, request, tmp_path / "refused", add_site=True)
+    (fresh_federation / key).chmod(0o600)
+    sign_site_request(fresh_federation, request, tmp_path / "signed", add_site=True)
+
+
+def test_a_key_file_that_is_not_a_regular_file_is_refused_not_waited_on(
+        federation: Path, tmp_path: Path) -> None:
+    """client.key a FIFO: every start hung in open() for ever (a link to /dev/zero read for
+    ever). Refused at once, naming the file."""
+    from secagg.federation.kit import SiteKit
+
+    d = _site_copy(federation, tmp_path)
+    (d / "client.key").unlink()
+    os.mkfifo(d / "client.key", 0o600)
+    with pytest.raises(ConfigurationError, match=r"client\.key is not a regular file"):
+        SiteKit.load(d)
