@@ -251,9 +251,14 @@ def _private_sqlite_file(url: str, create: bool) -> None:
         # a link to a store not made yet: its target is made private here (O_EXCL refuses
         # the link itself, and SQLite made the target with the umask's mode, 0644)
         # defence: store.private-file-through-a-link
-        if path.is_symlink() and not path.exists():
-            with contextlib.suppress(FileExistsError):
-                _create_private(path.resolve())
+        # (a link loop raised RuntimeError from resolve(): a traceback)
+        try:
+            if path.is_symlink() and not path.exists():
+                with contextlib.suppress(FileExistsError):
+                    _create_private(path.resolve())
+        except (OSError, RuntimeError) as e:
+            raise StoreError(f"cannot create store {path}: "
+                             f"{getattr(e, 'strerror', None) or e}") from None
         # (a store file made beforehand, by touch or a restore by hand, kept its mode, and
         # SQLite gives the -wal and -shm files the same one)
         # defence: store.loose-mode-warned
@@ -360,8 +365,16 @@ def head_revision() -> str:
 
 def _current_revision(connection: Connection) -> str | None:
     from alembic.runtime.migration import MigrationContext
+    from alembic.util import CommandError
 
-    return MigrationContext.configure(connection).get_current_revision()
+    # (two rows in alembic_version raised CommandError from inside alembic: a traceback)
+    # defence: store.revision-row-checked
+    try:
+        return MigrationContext.configure(connection).get_current_revision()
+    except CommandError:
+        raise StoreError("the store's alembic_version table holds more than one schema "
+                         "revision: not a store this aggregator wrote, or one changed by "
+                         "hand; restore a backup") from None
 
 
 def _transactional_ddl(engine: Engine) -> None:

@@ -190,6 +190,19 @@ def test_a_new_sqlite_store_and_its_wal_are_private_to_the_aggregator(tmp_path: 
         assert f.stat().st_mode & 0o777 == 0o600, f
 
 
+def test_a_store_path_that_is_a_link_loop_is_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--store loop.db, a link to itself: RuntimeError ("Symlink loop") from inside pathlib,
+    a traceback."""
+    from secagg.cli import main
+
+    (tmp_path / "loop.db").symlink_to(tmp_path / "loop.db")
+    assert main(["aggregator", "migrate", "--store", str(tmp_path / "loop.db")]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "cannot create store" in err
+
+
 def test_a_new_sqlite_store_reached_through_a_link_is_private_too(tmp_path: Path) -> None:
     """--store a symbolic link to a store not made yet: O_EXCL refused the link, and SQLite
     made its target 0644 (with its -wal and -shm files), readable by every local user."""
@@ -947,6 +960,13 @@ def test_migrate_names_a_revision_it_does_not_know_and_an_upgrade_that_fails(
         with sqlite3.connect(path) as c:
             assert c.execute("SELECT version_num FROM alembic_version").fetchall() == [(row,)]
         c.close()
+    # two rows: CommandError from inside alembic, for migrate and serve alike
+    with sqlite3.connect(path) as c:
+        c.execute("INSERT INTO alembic_version VALUES ('0002')")
+    c.close()
+    assert main(["aggregator", "migrate", "--store", str(path)]) != 0
+    err = capsys.readouterr().err
+    assert "holds more than one schema revision" in err and "Traceback" not in err
 
 
 def test_a_store_that_is_not_a_database_is_named_so_not_unreachable(
