@@ -287,9 +287,11 @@ def holds_secret(url: str) -> bool:
     query (``?password=``, ``sslpassword=``...)."""
     if "://" not in url:
         return False  # (an SQLite file path)
+    if _userinfo_with_at(url):
+        return True
     try:
         parsed = sa.engine.make_url(url)
-    except sa.exc.ArgumentError:
+    except (sa.exc.ArgumentError, ValueError):
         return False
     return bool(parsed.password) or any(k.lower() in ("password", "sslpassword")
                                         for k in parsed.query)
@@ -306,10 +308,25 @@ def warn_secret_on_command_line(url: str | None, warn: Callable[[str], None]) ->
              "instead")
 
 
+def _userinfo_with_at(url: str) -> str | None:
+    """The URL with its user and password replaced by ``***`` if its authority holds more
+    than one '@' (a password with a raw '@': SQLAlchemy splits at the first, and the rest of
+    the password read as the host), else None."""
+    scheme, _, rest = url.partition("://")
+    ends = [i for i in (rest.find("/"), rest.find("?")) if i >= 0]
+    end = min(ends) if ends else len(rest)
+    authority = rest[:end]
+    if authority.count("@") < 2:
+        return None
+    return f"{scheme}://***:***@{authority.rsplit('@', 1)[1]}{rest[end:]}"
+
+
 def redacted(url: str) -> str:
     """The URL without its password, or secrets in its query, for messages and logs."""
     if "://" not in url:
         url = normalize_url(url)
+    # defence: store.url-password-with-at-redacted
+    url = _userinfo_with_at(url) or url
     try:
         parsed = sa.engine.make_url(url)
         # defence: store.url-secrets-redacted
