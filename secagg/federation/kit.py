@@ -387,22 +387,32 @@ FEDERATION_ENTRIES = ("ca", "ca/ca.key", "ca/ca.crt", "trust-root", "trust-root/
 
 def _dial_host(address: str) -> str | None:
     """The host of a ``host:port`` (``[v6]:port``, or a gRPC target such as
-    ``dns:///host:port``) address, if it is a host name or address a certificate can name;
-    else None (the config's own check then says what is wrong with the address)."""
-    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
-        if address.startswith(scheme):
-            address = address[len(scheme):]
-            break
-    host, sep, _port = address.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host:
-        return None
-    try:
-        pki.check_hosts([host])
-    except ConfigurationError:
-        return None
-    return host
+    ``dns:///host:port``, ``dns://resolver/host:port`` or ``ipv4:a:port,b:port``) address, if
+    it is a host name or address a certificate can name (every one, in a list); else None
+    (the config's own check then says what is wrong with the address)."""
+    targets = [address]
+    if address.startswith("dns://"):  # (a resolver named before the target: dns://8.8.8.8/)
+        targets = [address[len("dns://"):].partition("/")[2]]
+    elif address.startswith("dns:"):
+        targets = [address[len("dns:"):]]
+    elif address.startswith(("ipv4:", "ipv6:")):
+        targets = address[len("ipv4:"):].split(",")
+    hosts = []
+    for target in targets:
+        host, sep, port = target.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:  # an IPv6 address needs its brackets: '::1:50051' is ambiguous
+            return None
+        # (a wildcard names no host a site can dial)
+        if not sep or not host or "*" in host or not (port.isascii() and port.isdigit()):
+            return None
+        try:
+            pki.check_hosts([host])
+        except ConfigurationError:
+            return None
+        hosts.append(host)
+    return hosts[0] if hosts else None
 
 
 def _write_public_files(d: Path, config: FederationConfig, signed: SignedRoster,

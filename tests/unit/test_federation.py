@@ -166,6 +166,8 @@ def test_the_ca_signs_only_the_site_a_request_names(tmp_path: Path) -> None:
     ("federation", "trust_root", "'abcd'", "trust_root must be a 32-byte"),
     ("federation", "aggregator", "'http://localhost:50761'", "aggregator must be host:port"),
     ("ckks", "key_holders", "[1, 1]", "key_holders must be a non-empty list of distinct"),
+    ("federation", "aggregator", "'*.example.org:50051'", "aggregator must be host:port"),
+    ("federation", "aggregator", "'::1:50051'", "aggregator must be host:port"),
     ("federation", "aggregator", "'local host:50761'", "aggregator must be host:port"),
     ("federation", "aggregator", "'localhost:\u0665\u0660\u0667\u0666\u0661'",
      "aggregator must be host:port"),
@@ -680,3 +682,17 @@ def test_a_key_file_that_is_not_a_regular_file_is_refused_not_waited_on(
     os.mkfifo(d / "client.key", 0o600)
     with pytest.raises(ConfigurationError, match=r"client\.key is not a regular file"):
         SiteKit.load(d)
+
+
+@pytest.mark.parametrize("address", [
+    "localhost:50051", "[::1]:50051", "dns:///agg.example.org:50051",
+    "dns://8.8.8.8/agg.example.org:50051", "ipv4:10.0.0.1:50051,10.0.0.2:50051",
+    "ipv6:[::1]:50051"])
+def test_a_grpc_target_a_site_can_dial_is_a_valid_aggregator_address(address: str) -> None:
+    """gRPC's own target forms (a resolver named, a list of addresses) were refused once the
+    address was checked as init checks it; they are dialable, and taken."""
+    config = FederationConfig.from_dict({
+        "federation": {"name": "h", "protocol": "masking", "aggregator": address,
+                       "trust_root": "00" * 32},
+        "job": {"id": "job-1", "rounds": 1}})
+    assert config.aggregator == address
