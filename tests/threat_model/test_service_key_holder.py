@@ -51,9 +51,21 @@ def test_a_round_whose_result_no_tensor_can_hold_aborts_and_the_job_goes_on(
     takes an int8 step counter, one step a round, from 0 to 1000): found while closing the
     last stage, deterministically, so the round aborts (AGGREGATE_OUT_OF_RANGE) rather than
     failing on every recovery; the job opens round 2, which the sites, whose updates were
-    in round 1's sum, refuse (one update per model)."""
+    in round 1's sum, refuse (one update per model). (The sites' own configs say a rate of
+    1: a site that knows the rate refuses, before sending, an update it would carry past
+    its dtype; the aggregator's check is for the sites that do not.)"""
+    import re
+
+    from secagg.federation.kit import CONFIG_FILE
+
     fed = make_federation(tmp_path, 3, "masking", rounds=2, server_learning_rate=1000.0,
                           steps_dtype="int8")
+    for s in (1, 2, 3):
+        path = fed.site_dir(s) / CONFIG_FILE
+        text, n = re.subn(r"(?m)^server_learning_rate = .*$", "server_learning_rate = 1.0",
+                          path.read_text())
+        assert n == 1
+        path.write_text(text)
     agg = start_aggregator(fed, tmp_path)
     try:
         reports = run_sites(fed, tmp_path, timeout=60.0)
