@@ -702,7 +702,7 @@ class Round:
             if counters.any():
                 proposed[counters] = self.model.values[counters] + rate * np.clip(
                     delta[counters], -config.clip_norm, config.clip_norm)
-            beyond = self.model.beyond_range(proposed)
+            beyond = self.model.beyond_range(proposed, strict=True)
             if beyond is not None:
                 dtype = next(t.dtype for t in self.model.spec if t.name == beyond)
                 raise ConfigurationError(

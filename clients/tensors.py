@@ -130,7 +130,7 @@ def flatten_like(state: Mapping[str, Any], model: FlatModel) -> np.ndarray:
     # every site, having sent against its model, could go no further: one site's input
     # ended the job. The averages of values each tensor holds are values it holds.
     # defence: sdk.values-within-the-rounds-dtypes
-    beyond = model.beyond_range(flat.values)
+    beyond = model.beyond_range(flat.values, strict=True)
     if beyond is not None:
         dtype = next(t.dtype for t in model.spec if t.name == beyond)
         raise ConfigurationError(

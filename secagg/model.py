@@ -284,9 +284,11 @@ class FlatModel:
             return False
         return self.beyond_range(values) is None
 
-    def beyond_range(self, values: np.ndarray) -> str | None:
+    def beyond_range(self, values: np.ndarray, *, strict: bool = False) -> str | None:
         """The name of the first tensor whose finite ``values`` (a float or integer vector in
-        this spec's layout) its dtype cannot hold, or None."""
+        this spec's layout) its dtype cannot hold, or None. ``strict``: within the dtype's
+        own largest and smallest, with no rounding allowance (a site's check of what it
+        sends: the protocols' error, added to a value at the allowance's edge, crossed it)."""
         pos = 0
         for t in self.spec:
             chunk = values[pos:pos + t.size]
@@ -303,6 +305,9 @@ class FlatModel:
                 top = finfo.max
                 step = float(top) - float(np.nextafter(top, dtype.type(0)))  # its last step
                 limit = float(top) + step / 2
+                # defence: model.strict-range-for-what-a-site-sends
+                if strict and (chunk.min() < -float(top) or chunk.max() > float(top)):
+                    return t.name
                 if chunk.min() <= -limit or chunk.max() >= limit:
                     return t.name
                 continue
@@ -311,6 +316,8 @@ class FlatModel:
             # them exactly, and every site can submit against the model)
             # defence: model.representable-int64-within-float64
             low, high = _int_bounds(dtype)
+            if strict and (chunk.min() < low or chunk.max() > high):
+                return t.name
             if int(np.rint(chunk.min())) < low or int(np.rint(chunk.max())) > high:
                 return t.name
         return None

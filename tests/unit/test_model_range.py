@@ -62,3 +62,19 @@ def test_uint64_values_are_compared_exactly_at_the_top_of_the_range() -> None:
     assert model.representable(np.array([2.0**53]))
     assert not model.representable(np.array([2.0**53 + 2]))
     assert not model.representable(np.array([2.0**64]))  # would wrap to 0
+
+
+@pytest.mark.parametrize(("position", "value"), [
+    (3, 65504.5), (3, -65519.0), (0, float(np.finfo(np.float32).max) + 1e31),
+    (7, 127.4), (8, -128.3)])
+def test_what_a_site_sends_is_held_to_the_dtype_strictly(position: int, value: float) -> None:
+    """What the aggregator takes (rounded into the dtype) a site does not send: the protocols'
+    error, added to a value at the rounding allowance's edge (65519.99999 for float16; a
+    counter at 254 + 2 x 0.7499999 at a learning rate of 2), crossed it, and the round was
+    refused after every site had sent. Property: strict refuses these, lenient takes them."""
+    model = _model()
+    values = model.values.copy()
+    values[position] = value
+    assert model.beyond_range(values) is None
+    assert model.beyond_range(values, strict=True) == model.spec[
+        [0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 5][position]].name
