@@ -387,32 +387,43 @@ FEDERATION_ENTRIES = ("ca", "ca/ca.key", "ca/ca.crt", "trust-root", "trust-root/
 
 def _dial_host(address: str) -> str | None:
     """The host of a ``host:port`` (``[v6]:port``, or a gRPC target such as
-    ``dns:///host:port``, ``dns://resolver/host:port`` or ``ipv4:a:port,b:port``) address, if
-    it is a host name or address a certificate can name (every one, in a list); else None
-    (the config's own check then says what is wrong with the address)."""
-    targets = [address]
+    ``dns:///host:port``, ``dns://resolver/host:port``, ``ipv4:a.b.c.d:port`` or
+    ``ipv6:[v6]:port``) address, if it is a host name or address a certificate can name and
+    a site can dial; else None (the config's own check then says what is wrong with it).
+    A list of addresses (``ipv4:a:port,b:port``) is not taken: gRPC checks the server's
+    certificate against the whole target, so no site could connect."""
+    import ipaddress
+
+    target, kind = address, None
     if address.startswith("dns://"):  # (a resolver named before the target: dns://8.8.8.8/)
-        targets = [address[len("dns://"):].partition("/")[2]]
+        target = address[len("dns://"):].partition("/")[2]
     elif address.startswith("dns:"):
-        targets = [address[len("dns:"):]]
+        target = address[len("dns:"):]
     elif address.startswith(("ipv4:", "ipv6:")):
-        targets = address[len("ipv4:"):].split(",")
-    hosts = []
-    for target in targets:
-        host, sep, port = target.rpartition(":")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        elif ":" in host:  # an IPv6 address needs its brackets: '::1:50051' is ambiguous
-            return None
-        # (a wildcard names no host a site can dial)
-        if not sep or not host or "*" in host or not (port.isascii() and port.isdigit()):
-            return None
+        kind, target = address[:4], address[len("ipv4:"):]
+    if "," in target:
+        return None
+    host, sep, port = target.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:  # an IPv6 address needs its brackets: '::1:50051' is ambiguous
+        return None
+    # (a wildcard names no host a site can dial)
+    # (the port's range is the config's to say)
+    if not sep or not host or "*" in host or not (port.isascii() and port.isdigit()):
+        return None
+    if kind is not None:  # ipv4: and ipv6: take numeric addresses of their family only
         try:
-            pki.check_hosts([host])
-        except ConfigurationError:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
             return None
-        hosts.append(host)
-    return hosts[0] if hosts else None
+        if ip.version != int(kind[3]):
+            return None
+    try:
+        pki.check_hosts([host])
+    except ConfigurationError:
+        return None
+    return host
 
 
 def _write_public_files(d: Path, config: FederationConfig, signed: SignedRoster,
