@@ -288,11 +288,12 @@ def holds_secret(url: str) -> bool:
     if "://" not in url:
         return False  # (an SQLite file path)
     if _userinfo_with_at(url):
-        return True
+        return True  # (or a user name holding '@' more than once: said all the same)
     try:
         parsed = sa.engine.make_url(url)
     except (sa.exc.ArgumentError, ValueError):
-        return False
+        # (unparseable: a password may be there all the same, user:password@)
+        return ":" in url.partition("://")[2].rpartition("@")[0]
     return bool(parsed.password) or any(k.lower() in ("password", "sslpassword")
                                         for k in parsed.query)
 
@@ -309,16 +310,14 @@ def warn_secret_on_command_line(url: str | None, warn: Callable[[str], None]) ->
 
 
 def _userinfo_with_at(url: str) -> str | None:
-    """The URL with its user and password replaced by ``***`` if its authority holds more
-    than one '@' (a password with a raw '@': SQLAlchemy splits at the first, and the rest of
-    the password read as the host), else None."""
-    scheme, _, rest = url.partition("://")
-    ends = [i for i in (rest.find("/"), rest.find("?")) if i >= 0]
-    end = min(ends) if ends else len(rest)
-    authority = rest[:end]
-    if authority.count("@") < 2:
+    """``scheme://***`` if the URL holds more than one '@' anywhere (a password with a raw
+    '@', which may hold '/' or '?' after it too: SQLAlchemy splits at the first '@', and the
+    rest of the password read as the host or the database), else None. Nothing past the
+    scheme can be shown as surely not the password."""
+    if url.count("@") < 2:
         return None
-    return f"{scheme}://***:***@{authority.rsplit('@', 1)[1]}{rest[end:]}"
+    return f"{url.partition('://')[0]}://*** (hidden: it holds '@' more than once; write an "\
+           "'@' in a password as %40)"
 
 
 def redacted(url: str) -> str:
@@ -326,13 +325,15 @@ def redacted(url: str) -> str:
     if "://" not in url:
         url = normalize_url(url)
     # defence: store.url-password-with-at-redacted
-    url = _userinfo_with_at(url) or url
+    hidden = _userinfo_with_at(url)
+    if hidden is not None:
+        return hidden
     try:
         parsed = sa.engine.make_url(url)
         # defence: store.url-secrets-redacted
         secret = {k: "***" for k in parsed.query if k.lower() in _SECRET_PARAMETERS}
         return parsed.update_query_dict(secret).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
+    except (sa.exc.ArgumentError, ValueError):  # (ValueError: a port that is no number)
         return "<unparseable store URL>"
 
 
@@ -444,13 +445,15 @@ def migrate(url: str) -> tuple[str | None, str]:
                 # (a store whose tables are not at the revision it names failed here, and
                 # was called unreachable)
                 # defence: store.migrate-failure-named
+                # (the class and SQLSTATE only, as store_failure says a store's errors: a
+                # driver's message may quote values)
                 cause = getattr(e, "orig", None) or e
-                first = (str(cause).splitlines() or [""])[0][:160]
+                code = getattr(cause, "sqlstate", None)
                 raise StoreError(f"store {redacted(url)}: upgrading its schema from revision "
-                                 f"{before or '(empty)'} failed ({type(cause).__name__}: "
-                                 f"{first}); nothing was changed (the upgrade is one "
-                                 "transaction): restore a backup, or check the store's "
-                                 "alembic_version row") from None
+                                 f"{before or '(empty)'} failed ({type(cause).__name__}"
+                                 f"{f', SQLSTATE {code}' if code else ''}); nothing was "
+                                 "changed (the upgrade is one transaction): restore a "
+                                 "backup, or check the store's alembic_version row") from None
             return before, head_revision()
     except sa.exc.SQLAlchemyError as e:
         hint = _known_cause(e)

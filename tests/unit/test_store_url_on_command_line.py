@@ -22,6 +22,9 @@ PASSWORD = secrets.token_hex(12)  # made at test time, as every test secret is
     ("postgresql://secagg@127.0.0.1:1/db?sslkey=/etc/key.pem", False),
     # a raw '@' in the password: SQLAlchemy split at the first, and showed the rest as host
     (f"postgresql://secagg:{PASSWORD[:8]}@{PASSWORD[8:]}@127.0.0.1:1/db", True),
+    (f"postgresql://secagg:{PASSWORD[:8]}@/{PASSWORD[8:]}@127.0.0.1:1/db", True),
+    (f"postgresql://secagg:{PASSWORD[:8]}@?{PASSWORD[8:]}@127.0.0.1:1/db", True),
+    (f"postgresql://secagg:{PASSWORD}@127.0.0.1:notaport/db", True),
     ("postgresql://secagg@127.0.0.1:notaport/db", False),
     ("postgresql://secagg@127.0.0.1:1/db", False),
     ("/var/lib/secagg/store.db", False),
