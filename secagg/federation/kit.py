@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -318,6 +319,10 @@ def _check_not_shared(d: Path, *, inside: Sequence[str] = (),
             continue  # (made by init, ours)
         except OSError as e:
             raise ConfigurationError(f"cannot read {path}: {e.strerror}") from None
+        # (a FIFO at roster.bin, ca.crt or federation.toml hung every start when read)
+        # defence: federation.entries-regular-files
+        if path != d and not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise ConfigurationError(f"{path} is not a regular file or a directory")
         # (root's own is fine: root can change anything anyway)
         # defence: federation.directory-owned-by-its-user
         if st.st_uid not in (euid, 0) or st.st_mode & 0o022:

@@ -324,6 +324,10 @@ def read_private_key(path: Path) -> SecretBytes:
         if not stat.S_ISREG(st.st_mode):
             raise ConfigurationError(f"{path} is not a regular file (a private key file is)")
         _check_key_mode(path, st)
+        # (a larger one was cut short, and then "not a PEM key")
+        if st.st_size > MAX_KEY_FILE_BYTES:
+            raise ConfigurationError(f"{path} is {st.st_size:,} bytes, larger than any private "
+                                     "key file")
         # defence: federation.key-bytes-held-secret
         return SecretBytes(f.read(MAX_KEY_FILE_BYTES))
 

@@ -3,6 +3,7 @@ names, and a site that makes its own keys (csr/sign)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from pathlib import Path
@@ -686,6 +687,56 @@ def test_a_key_file_that_is_not_a_regular_file_is_refused_not_waited_on(
     (d / "client.key").unlink()
     os.mkfifo(d / "client.key", 0o600)
     with pytest.raises(ConfigurationError, match=r"client\.key is not a regular file"):
+        SiteKit.load(d)
+    # and a key named outside a kit (csr --identity), which no directory check sees first
+    os.mkfifo(tmp_path / "identity.fifo", 0o600)
+    with pytest.raises(ConfigurationError, match=r"identity\.fifo is not a regular file"):
+        make_site_request(tmp_path / "request", 5, identity_key=tmp_path / "identity.fifo")
+
+
+@pytest.mark.parametrize("entry", ["roster.bin", "ca.crt", "federation.toml"])
+def test_a_kit_entry_that_is_not_a_regular_file_is_refused_not_waited_on(
+        federation: Path, tmp_path: Path, entry: str) -> None:
+    """A FIFO at roster.bin, ca.crt or federation.toml hung every start when read."""
+    import threading
+
+    from secagg.federation.kit import SiteKit
+
+    d = _site_copy(federation, tmp_path)
+    (d / entry).unlink()
+    os.mkfifo(d / entry, 0o644)
+    raised: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            SiteKit.load(d)
+        except BaseException as e:
+            raised.append(e)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(10)
+    hung = thread.is_alive()
+    if hung:  # (a writer that closes at once gives the reader end-of-file: it ends)
+        for _ in range(100):
+            with contextlib.suppress(OSError):
+                os.close(os.open(d / entry, os.O_WRONLY | os.O_NONBLOCK))
+            thread.join(0.1)
+            if not thread.is_alive():
+                break
+    assert not hung, f"SiteKit.load waited on the FIFO at {entry}"
+    assert len(raised) == 1 and isinstance(raised[0], ConfigurationError)
+    assert f"{entry} is not a regular file" in str(raised[0])
+
+
+def test_a_key_file_larger_than_any_key_is_said_so(federation: Path, tmp_path: Path) -> None:
+    """A key file past 1 MiB was cut short and then called "not a PEM key"."""
+    from secagg.federation.kit import SiteKit
+
+    d = _site_copy(federation, tmp_path)
+    key = d / "identity.key"
+    key.write_bytes(b"#" * (2 << 20) + key.read_bytes())
+    with pytest.raises(ConfigurationError, match=r"identity\.key is 2,097,\d+ bytes, larger"):
         SiteKit.load(d)
 
 
