@@ -171,12 +171,11 @@ def test_migrate_backup_and_restore_from_the_command_line(tmp_path: Path) -> Non
     assert proc.returncode == 2 and "exists" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_a_new_sqlite_store_and_its_wal_are_private_to_the_aggregator(tmp_path: Path) -> None:
-    """The store holds every masked input, ciphertext and sealed share: 0600 from the start
-    (it was 0644, and its -wal and -shm files with it)."""
+def _write_a_chunk_under_umask_022(path: Path) -> None:
+    """A new store at ``path`` with one chunk written (so its -wal and -shm files exist),
+    under the common umask that makes new files 0644."""
     import os
 
-    path = tmp_path / "agg.db"
     old = os.umask(0o022)
     try:
         store = Store(str(path))
@@ -186,6 +185,13 @@ def test_a_new_sqlite_store_and_its_wal_are_private_to_the_aggregator(tmp_path: 
             store.close()
     finally:
         os.umask(old)
+
+
+def test_a_new_sqlite_store_and_its_wal_are_private_to_the_aggregator(tmp_path: Path) -> None:
+    """The store holds every masked input, ciphertext and sealed share: 0600 from the start
+    (it was 0644, and its -wal and -shm files with it)."""
+    path = tmp_path / "agg.db"
+    _write_a_chunk_under_umask_022(path)
     for f in [path, *tmp_path.glob("agg.db-*")]:
         assert f.stat().st_mode & 0o777 == 0o600, f
 
@@ -206,20 +212,10 @@ def test_a_store_path_that_is_a_link_loop_is_one_line(
 def test_a_new_sqlite_store_reached_through_a_link_is_private_too(tmp_path: Path) -> None:
     """--store a symbolic link to a store not made yet: O_EXCL refused the link, and SQLite
     made its target 0644 (with its -wal and -shm files), readable by every local user."""
-    import os
-
     (tmp_path / "data").mkdir()
     link = tmp_path / "agg.db"
     link.symlink_to(tmp_path / "data" / "store.db")
-    old = os.umask(0o022)
-    try:
-        store = Store(str(link))
-        try:
-            store.put_chunks([(b"\x01" * 32, b"data")], round_number=1, site=1)
-        finally:
-            store.close()
-    finally:
-        os.umask(old)
+    _write_a_chunk_under_umask_022(link)
     made = list((tmp_path / "data").glob("store.db*"))
     assert tmp_path / "data" / "store.db" in made
     for f in made:
