@@ -217,6 +217,13 @@ def test_a_planted_history_or_a_lock_held_for_good_is_an_error_not_a_hang(
 
     assert isinstance(within_5_s(lambda: History(tmp_path)), SiteError)
     (tmp_path / HISTORY_FILE).unlink()
+    # planted after connect (the directory check at connect refuses a FIFO there too): the
+    # history is read again, under the lock, as the round is spent
+    history = History(tmp_path)
+    (tmp_path / HISTORY_FILE).symlink_to(tmp_path / "fifo")
+    refused = within_5_s(lambda: history.spend("job-1", 1, DIGEST))
+    assert isinstance(refused, SiteError), refused
+    (tmp_path / HISTORY_FILE).unlink()
 
     monkeypatch.setattr(history_module, "HISTORY_LOCK_SECONDS", 0.3)
     held = os.open(tmp_path / f".{HISTORY_FILE}.lock", os.O_RDWR | os.O_CREAT, 0o600)
