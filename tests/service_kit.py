@@ -104,6 +104,11 @@ def ckks_key_offer(fed: Federation, config: Any, round_id: str) -> tuple[int, An
     return holder, announcement, key.public_context().serialize()
 
 
+_LIMIT_THEN_EXEC = ("import os, resource, sys; n = int(sys.argv[1]); "
+                    "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); "
+                    "os.execv(sys.argv[2], sys.argv[2:])")
+
+
 @dataclass
 class Aggregator:
     federation: Federation
@@ -121,19 +126,18 @@ class Aggregator:
     def start(self, *, wait: bool = True) -> None:
         self.starts += 1
         log = open(self.log_path, "ab")  # noqa: SIM115 (the process owns it)
-        limit = self.open_files
-
-        def limited() -> None:
-            import resource
-
-            if limit is not None:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
-
-        self.process = subprocess.Popen(
-            [sys.executable, *self.launcher, "aggregator", "serve", "--config",
-             str(self.federation.aggregator_config), "--store", str(self.store),
-             "--metrics", "127.0.0.1:0", *(("--listen", self.listen) if self.listen else ())],
-            stdout=log, stderr=log, env=env(), cwd=ROOT, preexec_fn=limited)
+        command = [sys.executable, *self.launcher, "aggregator", "serve", "--config",
+                   str(self.federation.aggregator_config), "--store", str(self.store),
+                   "--metrics", "127.0.0.1:0",
+                   *(("--listen", self.listen) if self.listen else ())]
+        if self.open_files is not None:
+            # set by a small Python that then execs the command, never by a preexec_fn: one
+            # makes subprocess fork this (gRPC-threaded) test process and run Python in the
+            # child, where gRPC's fork handlers started a poller whose epoll descriptor
+            # close_fds then closed ("epoll_wait error: Bad file descriptor"): the child died
+            # before exec, and a test failed with "aggregator exited" (CI, once)
+            command = [sys.executable, "-c", _LIMIT_THEN_EXEC, str(self.open_files), *command]
+        self.process = subprocess.Popen(command, stdout=log, stderr=log, env=env(), cwd=ROOT)
         log.close()
         if wait:
             self.wait_for(lambda e: e.get("event") == "serving", count=self.starts)
