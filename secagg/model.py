@@ -296,6 +296,7 @@ class FlatModel:
             dtype = np.dtype(t.dtype)
             if not chunk.size or dtype.kind not in ("f", "i", "u"):
                 continue
+            least, most = chunk.min(), chunk.max()
             if dtype.kind == "f":
                 # what the dtype rounds to a finite value: up to its largest plus half a step
                 # (the protocols' error, ~1e-5, put an honest float16 buffer held at -65504
@@ -306,9 +307,9 @@ class FlatModel:
                 step = float(top) - float(np.nextafter(top, dtype.type(0)))  # its last step
                 limit = float(top) + step / 2
                 # defence: model.strict-range-for-what-a-site-sends
-                if strict and (chunk.min() < -float(top) or chunk.max() > float(top)):
+                if strict and (least < -float(top) or most > float(top)):
                     return t.name
-                if chunk.min() <= -limit or chunk.max() >= limit:
+                if least <= -limit or most >= limit:
                     return t.name
                 continue
             # exactly, in Python ints (float(int64 max) rounds up to 2**63, which wraps)
@@ -316,9 +317,9 @@ class FlatModel:
             # them exactly, and every site can submit against the model)
             # defence: model.representable-int64-within-float64
             low, high = _int_bounds(dtype)
-            if strict and (chunk.min() < low or chunk.max() > high):
+            if strict and (least < low or most > high):
                 return t.name
-            if int(np.rint(chunk.min())) < low or int(np.rint(chunk.max())) > high:
+            if int(np.rint(least)) < low or int(np.rint(most)) > high:
                 return t.name
         return None
 
