@@ -35,6 +35,7 @@ import numpy as np
 from clients import tensors
 from clients.errors import AggregatorRefused, ModelMismatch, RoundAborted, SiteError
 from clients.history import History, one_update_per_model
+from clients.progress import guarded as progress_guarded
 from clients.transport import CLOSED, Connection, Progress
 from secagg import wire
 from secagg._norm import l2_norm
@@ -87,6 +88,9 @@ def _round_patience(config: Any) -> float:
 
 
 _RUNNING = service_pb2.ROUND_STATUS_RUNNING
+# what the aggregator answers a message to a round it no longer runs for this site: the
+# wrong stage or a round no longer running (FAILED_PRECONDITION), an aborted round (ABORTED)
+_ROUND_ENDED_CODES = frozenset({"FAILED_PRECONDITION", "ABORTED"})
 _PROTOCOLS = {"masking": service_pb2.PROTOCOL_MASKING, "ckks": service_pb2.PROTOCOL_CKKS}
 
 
@@ -215,7 +219,7 @@ class Site:
         self.config = kit.config
         self._conn = connection
         self._tensors = tensors_kind
-        self._progress = progress
+        self._progress = progress_guarded(progress)
         self._last_round = 0
         # the round last handed to the training script, until it is submitted to: offered
         # again by the next rounds() (or aggregate()) while it is still running
@@ -725,6 +729,14 @@ class Round:
             info = self._wait_for_end()
             self.result = self._site._accept_result(info, self.model, self._released,
                                                     self._average_bound)
+        # a round the aggregator ends or has ended (a submit past the deadline, an abort for
+        # too few survivors) is RoundAborted, as documented: it came as AggregatorRefused,
+        # and a training loop that caught RoundAborted ended there, missing the next rounds
+        # defence: sdk.round-ended-is-round-aborted
+        except AggregatorRefused as e:
+            if e.code in _ROUND_ENDED_CODES:
+                raise RoundAborted(self.round_id, e.reason) from None
+            raise
         except SiteError:
             raise
         # every lie this site detects (a message, a context, a model that does not hold) is

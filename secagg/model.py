@@ -294,9 +294,17 @@ class FlatModel:
             chunk = values[pos:pos + t.size]
             pos += t.size
             dtype = np.dtype(t.dtype)
-            if not chunk.size or dtype.kind not in ("f", "i", "u"):
+            if not chunk.size or dtype.kind not in ("f", "i", "u", "b"):
                 continue
             least, most = chunk.min(), chunk.max()
+            if dtype.kind == "b":
+                # a site sends 0 or 1 (an int64 -1 given for a bool buffer reads as True, but
+                # was averaged as -1, and the result flipped the site's values); the
+                # aggregator takes any value, as a site does: nonzero is True (with_values)
+                # defence: model.strict-bool-range
+                if strict and (least < 0 or most > 1):
+                    return t.name
+                continue
             if dtype.kind == "f":
                 # what the dtype rounds to a finite value: up to its largest plus half a step
                 # (the protocols' error, ~1e-5, put an honest float16 buffer held at -65504

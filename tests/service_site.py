@@ -135,6 +135,8 @@ def main() -> int:
     inflate: dict[int, float] = {}
     repeat: set[int] = set()
     unclipped: dict[int, float] = {}
+    progress_calls: list[str] = []
+    broken_progress = False
     args = sys.argv[3:]
     while args:
         flag, value = args[0], args[1]
@@ -154,6 +156,8 @@ def main() -> int:
             repeat.add(int(r))
         elif flag == "--unclipped":  # ROUND:VALUE, a site sending VALUE in every learned
             unclipped[int(r)] = float(stage)  # element, past the SDK's clip
+        elif flag == "--broken-progress":  # 0:0, a progress callback that always raises
+            broken_progress = True
     original_submit = Round._submit
 
     def submit(self: Round, **message: object) -> None:
@@ -181,7 +185,12 @@ def main() -> int:
         return dataclasses.replace(released, average=average)
 
     Round._verify_and_release = release  # type: ignore[method-assign]
-    site = Site.connect(site_dir, tensors="numpy", retry_seconds=120)
+    def broken(what: str, done: int, total: int) -> None:
+        progress_calls.append(what)
+        raise RuntimeError("the progress bar broke")
+
+    site = Site.connect(site_dir, tensors="numpy", retry_seconds=120,
+                        progress=broken if broken_progress else None)
     with out.open("a") as f:
         for rnd in site.rounds():
             model = FlatModel.from_arrays(rnd.global_model)
@@ -204,7 +213,7 @@ def main() -> int:
                 "round": rnd.number, "survivors": list(rnd.survivors),
                 "bytes_sent": site._conn.bytes_sent, "bytes_received": site._conn.bytes_received,
                 "model": FlatModel.from_arrays(new).values.tolist(),
-                "steps": int(new["steps"]),
+                "steps": int(new["steps"]), "progress_calls": len(progress_calls),
             }) + "\n")
             f.flush()
     site.close()

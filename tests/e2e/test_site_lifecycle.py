@@ -93,3 +93,26 @@ def test_a_site_whose_config_pins_no_first_model_refuses_to_connect(tmp_path: Pa
     init_federation(tmp_path / "fed", 3)
     with pytest.raises(ConfigurationError, match="initial_model_digest"):
         Site.connect(tmp_path / "fed" / "sites" / "site-1", retry_seconds=1)
+
+
+def test_a_progress_callback_that_raises_costs_the_site_nothing(tmp_path: Path) -> None:
+    """A training script's progress bar raised: on gRPC's request-stream thread the upload
+    failed as "Exception iterating requests!" (UNKNOWN, blamed on the aggregator); in a stage
+    the round was refused as the aggregator's doing and spent, and the others waited out the
+    stage's deadline. Now the callback's first exception is logged once, no report follows,
+    and the site's round completes with every site in it."""
+    from tests.service_kit import run_sites
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    agg = start_aggregator(fed, tmp_path)
+    try:
+        reports = run_sites(fed, tmp_path, extra={1: ("--broken-progress", "0:0")})
+    finally:
+        agg.stop()
+    for s in (1, 2, 3):
+        (report,) = reports[s]
+        assert "error" not in report, report
+        assert report["survivors"] == [1, 2, 3]
+    assert reports[1][0]["progress_calls"] == 1  # (no report after the first raised)
+    err = (tmp_path / "site-1.err").read_text()
+    assert err.count("the progress callback raised RuntimeError (the progress bar broke)") == 1

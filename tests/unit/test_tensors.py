@@ -155,6 +155,10 @@ def test_a_masked_array_in_a_state_dict_is_refused_not_sent_with_its_hidden_valu
     # holds exactly, leaving the rounding allowance to the protocols' error)
     (np.float16, np.float32, 65505.0, 65504.0),
     (np.float32, np.float64, 3.5e38, 3.4e38),
+    # (an int64 -1 for a bool buffer reads as True, but was averaged as -1: the round's
+    # result flipped the site's True to False and its False to True, unwarned)
+    (np.bool_, np.int64, -1, 1),
+    (np.bool_, np.int64, 2, 1),
 ])
 def test_a_value_the_rounds_dtype_cannot_hold_is_refused_naming_the_tensor(
         spec_dtype: type, given: type, value: float, held: float) -> None:
