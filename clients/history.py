@@ -48,7 +48,7 @@ from typing import Any
 
 from clients.errors import SiteError
 from secagg.errors import ConfigurationError
-from secagg.federation.kit import check_history_directory
+from secagg.federation.kit import check_history_directory, directory_path
 
 HISTORY_FILE = "history.json"
 
@@ -59,6 +59,8 @@ NOT_SENT = "; the update was not sent"  # what a failure to record a spent round
 class History:
     def __init__(self, directory: str | Path | None) -> None:
         # (a missing one, or a file, was found out only at the first submit, after training)
+        if directory is not None:
+            directory = directory_path(directory, "history directory")
         # defence: sdk.history-dir-checked
         if directory is not None and not Path(directory).is_dir():
             raise SiteError(f"the history directory {directory} is not a directory (it must "
@@ -157,9 +159,12 @@ class History:
         last = self.last_round(job)
         # defence: sdk.round-once
         if round_number <= last:
-            return (f"this site already sent an update to round {last} of job {job!r}; it "
-                    f"takes part in each round once, in order (a job started again needs a new "
-                    f"[job] id)")
+            # (a round is recorded before its first message leaves: one interrupted before
+            # anything left was reported as "already sent an update")
+            return (f"this site already took part in round {last} of job {job!r} (a round is "
+                    f"recorded before its first message leaves, and not taken up again if "
+                    f"interrupted); it takes part in each round once, in order (a job started "
+                    f"again needs a new [job] id)")
         return None
 
     def spend(self, job: str, round_number: int, model_digest: bytes) -> None:

@@ -62,6 +62,13 @@ def _torch_values(name: str, tensor: Any) -> np.ndarray:
     if getattr(tensor, "is_meta", False):
         raise ConfigurationError(f"tensor {name!r} is on the meta device and holds no "
                                  "values: load the trained weights first")
+    from torch.nn.parameter import is_lazy
+
+    # (a LazyLinear's UninitializedParameter raised torch's own ValueError, naming no tensor)
+    # defence: sdk.lazy-parameters-named
+    if is_lazy(tensor):
+        raise ConfigurationError(f"tensor {name!r} is an uninitialized (lazy) parameter and "
+                                 "holds no values: run a forward pass first")
     try:
         tensor = tensor.detach().cpu()
         if tensor.is_conj():

@@ -116,6 +116,17 @@ SITE_ENTRIES = (CONFIG_FILE, ROSTER_FILE, "ca.crt", "client.crt", "client.key", 
 AGGREGATOR_ENTRIES = (CONFIG_FILE, ROSTER_FILE, "ca.crt", "server.crt", "server.key")
 
 
+def directory_path(directory: object, what: str) -> Path:
+    """``directory`` (a str or an os.PathLike of one) as a Path; a ConfigurationError naming
+    ``what`` for anything else (bytes, None and 3 raised pathlib's TypeError)."""
+    # defence: kit.directory-argument-typed
+    if isinstance(directory, str | os.PathLike):
+        with contextlib.suppress(TypeError):  # (a PathLike of bytes)
+            return Path(directory)
+    raise ConfigurationError(f"the {what} must be a path (str or pathlib.Path), got "
+                             f"{type(directory).__name__}")
+
+
 def check_history_directory(d: Path, entries: Sequence[str]) -> None:
     """Refuse a site's history directory (clients.history) another user could change, as
     :func:`check_kit_directory` refuses its kit's: a user who could delete or roll back the
@@ -159,7 +170,7 @@ class SiteKit:
 
     @classmethod
     def load(cls, directory: Path | str) -> SiteKit:
-        d = Path(directory)
+        d = directory_path(directory, "site directory")
         if not d.is_dir():
             raise ConfigurationError(f"site directory {d} does not exist" if not d.exists()
                                      else f"{d} is not a directory (a site directory holds "

@@ -430,7 +430,7 @@ def test_site_sends_to_each_round_number_once_even_across_restarts(tmp_path: Any
         conn.then_done = True  # type: ignore[attr-defined]
         assert list(restarted.rounds()) == []
         assert conn.fetched == [] and conn.sent == []
-        with pytest.raises(SiteError, match="already sent an update to round 2"):
+        with pytest.raises(SiteError, match="already took part in round 2"):
             restarted._history.spend("job-1", number, b"\x01" * 32)
     info, payloads = _model_info(3, "hospitals/job-1/round-3")
     later, _ = _site("masking", info, payloads, directory=tmp_path)
@@ -568,6 +568,8 @@ def test_what_is_not_a_state_dict_of_readable_tensors_is_a_clear_error_and_nothi
         ({"w": torch.ones(8).to_sparse()}, "'w' is sparse_coo"),
         ({"w": torch.ones(8, device="meta")}, "'w' is on the meta device"),
         ({"w": torch.ones(8, dtype=torch.complex64).conj()}, "."),
+        # (a LazyLinear's parameter raised torch's own ValueError, naming no tensor)
+        ({"w": torch.nn.LazyLinear(8).weight}, "'w' is an uninitialized \\(lazy\\) parameter"),
     ]
     for state, match in bad:
         with pytest.raises(ConfigurationError, match=match):
@@ -645,7 +647,7 @@ def test_two_site_objects_on_one_directory_cannot_both_send_to_a_round(tmp_path:
         conns.append(conn)
     with pytest.raises(AggregatorRefused):
         rounds[0].submit({"w": np.ones(8, np.float32)}, weight=10)
-    with pytest.raises(SiteError, match="already sent an update to round 1"):
+    with pytest.raises(SiteError, match="already took part in round 1"):
         rounds[1].submit({"w": np.ones(8, np.float32)}, weight=10)
     assert conns[0].sent == ["Submit"] and conns[1].sent == []
 

@@ -41,7 +41,7 @@ def test_two_processes_spending_one_round_at_once_cannot_both_send(
             history.spend("job-1", 3, DIGEST)
             outcomes.append("sent")
         except SiteError as e:
-            outcomes.append("refused" if "already sent an update to round 3" in str(e)
+            outcomes.append("refused" if "already took part in round 3" in str(e)
                             else f"failed: {e}")
 
     threads = [threading.Thread(target=spend) for _ in range(2)]
@@ -56,7 +56,7 @@ def test_two_processes_spending_one_round_at_once_cannot_both_send(
 def test_a_site_with_no_history_directory_still_sends_to_a_round_once() -> None:
     history = History(None)
     history.spend("job-1", 2, DIGEST)
-    with pytest.raises(SiteError, match="already sent an update to round 2"):
+    with pytest.raises(SiteError, match="already took part in round 2"):
         history.spend("job-1", 2, DIGEST)
     with pytest.raises(SiteError):
         history.spend("job-1", 1, DIGEST)

@@ -29,3 +29,23 @@ def test_an_integer_tensor_changed_beyond_the_clip_is_named_in_a_warning(
         caplog.clear()
         _warn_capped_counters(model, np.array([0.0, 0, 0, 25.0]), 1.0, "r-2", warned)
     assert caplog.text == ""  # (said once: a counter does so every round)
+
+
+@pytest.mark.parametrize("given", [b"fed/sites/site-1", None, 3])
+def test_a_site_directory_that_is_not_a_path_is_named_as_such(given: object,
+                                                              tmp_path: object) -> None:
+    """Site.connect(b"..."), Site.connect(None) and Site.connect(3) raised pathlib's
+    TypeError from inside; a history_dir of such a type too. Each is a ConfigurationError
+    naming the argument and what it was given."""
+    from clients import Site
+    from secagg.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=rf"site directory must be a path .*got "
+                                                 rf"{type(given).__name__}"):
+        Site.connect(given)  # type: ignore[arg-type]
+    from clients.history import History
+
+    if given is not None:  # (None is the site directory's history, the default)
+        with pytest.raises(ConfigurationError, match=rf"history directory must be a path .*"
+                                                     rf"got {type(given).__name__}"):
+            History(given)  # type: ignore[arg-type]
