@@ -127,6 +127,9 @@ def _kind_stages(protocol: str) -> dict[str, Any]:
 
 
 PURGE_DELAY = 3.0  # seconds after a round ends before its uploads are dropped
+# refused messages a site may send to one stage of a round (Job.submit): each can make the
+# job read and check the round's whole payload (a valid chunk list under a wrong signature)
+REFUSED_MESSAGES_PER_STAGE = 3
 
 
 @dataclass
@@ -168,6 +171,7 @@ class _Active:
     ckks_release: tuple[np.ndarray, tuple[int, ...], wire.Blob, float, bytes] | None = None
     stage_started: float = 0.0  # the job's clock when the current stage began
     claims: list[bytes] = field(default_factory=list)  # chunks the message being applied read
+    refused: dict[tuple[int, int], int] = field(default_factory=dict)  # (stage, site) -> count
 
 
 _GENERATIONS = itertools.count(1)
@@ -476,16 +480,32 @@ class Job:
         if site not in active.expected:
             raise ServiceError(FAILED_PRECONDITION,
                                f"site {site} is not a participant of this stage")
+        # A refused message costs the job what it read to refuse it: one that names the
+        # round's whole payload (its chunks uploaded once) under a wrong signature made the
+        # job read and check 16 MiB each time, ~50 times a second from one site, while every
+        # honest call waited. Past a few refusals in a stage a site's messages to it are
+        # refused before any work (an honest site sends one; a lost chunk's retry is
+        # FAILED_PRECONDITION, found before a byte is read, and not counted).
+        # defence: service.refused-messages-bounded
+        if active.refused.get((stage, site), 0) >= REFUSED_MESSAGES_PER_STAGE:
+            raise ServiceError(RESOURCE_EXHAUSTED, f"this site's messages to stage {stage} were "
+                                                   f"refused {REFUSED_MESSAGES_PER_STAGE} times: "
+                                                   "it may send no more to it")
         # (the message is serialised only now: a site sending 8 MiB messages to a finished
         # round, or out of turn, made the job's thread serialise each before refusing it)
         payload = _stored_form(request)
-        with self.store.transaction() as conn:
-            self.store.record_event(conn, Event(active.view.number, "message", stage, site,
-                                                payload))
-            active.claims = []
-            self._apply(active, site, request, replay=False)  # raises: nothing is recorded
-            # what the message refers to is this round's until the round is purged
-            self.store.claim_chunks(conn, active.claims, active.view.number)
+        try:
+            with self.store.transaction() as conn:
+                self.store.record_event(conn, Event(active.view.number, "message", stage,
+                                                    site, payload))
+                active.claims = []
+                self._apply(active, site, request, replay=False)  # raises: nothing recorded
+                # what the message refers to is this round's until the round is purged
+                self.store.claim_chunks(conn, active.claims, active.view.number)
+        except ServiceError as e:
+            if e.code != FAILED_PRECONDITION:
+                active.refused[stage, site] = active.refused.get((stage, site), 0) + 1
+            raise
         log.info("message counted", extra={"event": "message_counted", "site_id": site,
                                            "round_id": active.view.round_id, "stage": stage})
         self.metrics.message_counted(stage)

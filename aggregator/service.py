@@ -1021,7 +1021,7 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
     # defence: service.identity-knows-the-ca (site certificates issued by the CA itself)
     service = AggregationService(core, Identity(set(roster), files.ca_cert), config)
     add_service(service, server)
-    health = health_aio.HealthServicer()
+    health = BoundedHealth()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     credentials = grpc.ssl_server_credentials([(files.server_key, files.server_cert)],
                                               root_certificates=files.ca_cert,
@@ -1220,6 +1220,46 @@ def _connection_limit(sites: int) -> int:
     log.info("connections", extra={"event": "connections_allowed",
                                    "reason": f"at most {allowed} connections"})
     return allowed
+
+
+MAX_HEALTH_WATCHES = 1024  # Watch streams open at once, over all callers
+MAX_HEALTH_WATCHES_PER_CALLER = 4  # and of one client certificate
+
+
+class BoundedHealth(health_aio.HealthServicer):  # type: ignore[misc]
+    """gRPC's health service with its Watch streams bounded. They are long-lived and held
+    outside the service's per-site call limits: one site opened thousands (~25 KB each,
+    ~3 GB at the connection limit), and a Watch of any service name it chose kept an entry
+    for that name. A Watch names this aggregator's services ("" or secagg.v1.Aggregation)
+    or is NOT_FOUND (as Check answers), and at most a few are open per client certificate
+    and ``MAX_HEALTH_WATCHES`` in all (RESOURCE_EXHAUSTED beyond: Check, what probes use,
+    is always answered)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watching: dict[bytes, int] = {}
+        self._watches = 0
+
+    async def Watch(self, request: Any, context: Any) -> None:
+        # defence: service.health-watches-name-the-aggregator
+        if request.service not in ("", SERVICE_NAME):
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such service")
+        # defence: service.health-watches-bounded
+        caller = hashlib.sha256(b"".join(
+            bytes(c) for c in context.auth_context().get("x509_pem_cert") or [])).digest()
+        if (self._watching.get(caller, 0) >= MAX_HEALTH_WATCHES_PER_CALLER
+                or self._watches >= MAX_HEALTH_WATCHES):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                "too many health watches open (use Check)")
+        self._watching[caller] = self._watching.get(caller, 0) + 1
+        self._watches += 1
+        try:
+            await super().Watch(request, context)
+        finally:
+            self._watches -= 1
+            self._watching[caller] -= 1
+            if not self._watching[caller]:
+                del self._watching[caller]
 
 
 async def _set_health(health: Any, serving: bool) -> None:

@@ -526,3 +526,53 @@ def test_an_upload_stream_ends_when_the_store_fails(tmp_path: Path) -> None:
             upload.end()
         BlinkingStore.down.clear()
         agg.close()
+
+
+def test_health_watches_are_bounded_per_certificate_and_name_only_the_aggregator(
+        tmp_path: Path) -> None:
+    """One site opened thousands of health Watch streams (outside the service's per-site
+    call limits; ~25 KB each, ~3 GB at the connection limit), each of a service name of its
+    choosing. Now a Watch of another service is NOT_FOUND, a certificate holds a few at
+    most (RESOURCE_EXHAUSTED beyond), another site still gets its own, and Check, what
+    probes use, is answered throughout."""
+    from aggregator.service import MAX_HEALTH_WATCHES_PER_CALLER
+    from tests.service_kit import start_aggregator
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    agg = start_aggregator(fed, tmp_path)
+    channels, calls = [], []
+    try:
+        def stub(site: int) -> Any:
+            kit = SiteKit.load(fed.site_dir(site))
+            channel = grpc.secure_channel(f"localhost:{fed.port}",
+                                          grpc.ssl_channel_credentials(
+                                              kit.ca_pem, kit.key_pem, kit.cert_pem))
+            channels.append(channel)
+            return health_pb2_grpc.HealthStub(channel)
+
+        def first(call: Any) -> Any:
+            return next(iter(call))
+
+        one = stub(1)
+        other = one.Watch(health_pb2.HealthCheckRequest(service="x" * 1000), timeout=10)
+        with pytest.raises(grpc.RpcError) as refused:
+            first(other)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        for _ in range(MAX_HEALTH_WATCHES_PER_CALLER):
+            calls.append(one.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30))
+            assert first(calls[-1]).status == SERVING
+        extra = one.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        with pytest.raises(grpc.RpcError) as refused:
+            first(extra)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert one.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == SERVING
+        two = stub(2)
+        calls.append(two.Watch(health_pb2.HealthCheckRequest(service="secagg.v1.Aggregation"),
+                               timeout=30))
+        assert first(calls[-1]).status == SERVING
+    finally:
+        for call in calls:
+            call.cancel()
+        for channel in channels:
+            channel.close()
+        agg.stop()

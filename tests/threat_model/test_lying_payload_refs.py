@@ -312,3 +312,32 @@ def test_a_payload_of_many_small_chunks_is_refused_before_a_lookup(
     monkeypatch.setattr(s.store, "chunk_sizes", lambda i: lookups.append(len(i)) or sizes(i))
     assert _refused(s, 2, wire.Blob(ids, len(data))) == "INVALID_ARGUMENT"
     assert lookups == [] and s.reads == []
+
+
+def test_a_site_whose_messages_are_refused_again_and_again_costs_the_job_no_more_reads(
+        ckks_upload_stage: Setting) -> None:
+    """Chunks uploaded once and named again and again under a wrong signature: each Submit
+    (~200 bytes) made the job read and check the round's whole payload, ~50 times a second
+    from one site, while every honest call waited. After a few refusals in a stage the site's
+    messages to it are refused before anything is read; a retry after missing chunks (an
+    honest site's, found before a read) is not counted, and another site is not touched."""
+    from aggregator.job import REFUSED_MESSAGES_PER_STAGE
+
+    s = ckks_upload_stage
+    data = os.urandom(_needed(s))
+    ids = tuple(_put(s.store, data[i:i + (1 << 20)], 2) for i in range(0, len(data), 1 << 20))
+    missing = wire.Blob((hashlib.sha256(b"never uploaded").digest(),), len(data))
+    for _ in range(REFUSED_MESSAGES_PER_STAGE + 2):
+        assert _refused(s, 2, missing) == "FAILED_PRECONDITION"  # (not counted)
+    for n in range(REFUSED_MESSAGES_PER_STAGE):
+        with pytest.raises(ServiceError) as caught:
+            s.job.submit(2, _update(s, 2, wire.Blob(ids, len(data))))
+        assert caught.value.code == "INVALID_ARGUMENT"
+        assert s.reads == [len(data)] * (n + 1)
+    s.reads.clear()
+    for _ in range(3):
+        assert _refused(s, 2, wire.Blob(ids, len(data))) == "RESOURCE_EXHAUSTED"
+    # another site's message is still read and checked
+    with pytest.raises(ServiceError) as caught:
+        s.job.submit(3, _update(s, 3, wire.Blob(ids, len(data))))
+    assert caught.value.code == "INVALID_ARGUMENT" and s.reads == [len(data)], caught.value
