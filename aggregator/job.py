@@ -463,6 +463,10 @@ class Job:
         active = self._active_for(request.round_id)
         stage = self._stage_of(active.view, kind)
         claimed = _claimed_site(request, kind)
+        # (site 0 is no site: a message naming none is malformed, not another site's)
+        # defence: service.message-names-a-site
+        if claimed == 0:
+            raise ServiceError(INVALID_ARGUMENT, "the message names no site (site_id is unset)")
         if claimed is not None and claimed != site:
             log.warning("refused: message names another site", extra={
                 "event": "identity_refused", "site_id": site, "round_id": active.view.round_id})
@@ -534,6 +538,11 @@ class Job:
         view = self._view(round_id)
         if view.status == service_pb2.ROUND_STATUS_ABORTED:
             raise ServiceError(ABORTED, f"the round aborted: {view.abort_reason}")
+        # (a stage no message of the round's protocol closes was waited on, "not yet", for
+        # as long as the site asked)
+        # defence: service.receive-stage-of-the-protocol
+        if stage not in {int(s.value) for s in _kind_stages(view.protocol).values()}:
+            raise ServiceError(INVALID_ARGUMENT, f"a {view.protocol} round has no stage {stage}")
         active = self.active
         if active is None or active.view is not view:
             raise ServiceError(FAILED_PRECONDITION, "the round is not running")

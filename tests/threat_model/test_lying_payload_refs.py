@@ -341,3 +341,20 @@ def test_a_site_whose_messages_are_refused_again_and_again_costs_the_job_no_more
     with pytest.raises(ServiceError) as caught:
         s.job.submit(3, _update(s, 3, wire.Blob(ids, len(data))))
     assert caught.value.code == "INVALID_ARGUMENT" and s.reads == [len(data)], caught.value
+
+
+def test_a_message_naming_no_site_and_a_wait_on_no_stage_are_bad_input(
+        ckks_upload_stage: Setting) -> None:
+    """A message with its site id unset was refused PERMISSION_DENIED ("may not send a
+    message of site 0"), an identity refusal for what is malformed; and a Receive for a stage
+    the round's protocol does not have was answered "not yet" for as long as the site asked.
+    Both are INVALID_ARGUMENT (status codes keep one meaning each)."""
+    s = ckks_upload_stage
+    blob = wire.Blob((_put(s.store, b"x" * 100, 2),), 100)
+    with pytest.raises(ServiceError) as caught:
+        s.job.submit(2, _update(s, 0, blob))
+    assert caught.value.code == "INVALID_ARGUMENT" and "names no site" in str(caught.value)
+    with pytest.raises(ServiceError) as caught:
+        s.job.receive(2, s.round_id, 99)
+    assert caught.value.code == "INVALID_ARGUMENT"
+    assert not s.job.receive(2, s.round_id, 1).ready  # (the upload stage: not yet)
