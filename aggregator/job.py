@@ -702,9 +702,15 @@ class Job:
             # defence: service.upload-ciphertext-count
             if ref.chunk_count != active.ckks_config.chunk_count:
                 raise ServiceError(INVALID_ARGUMENT, "wrong number of ciphertexts")
-            sealed = _seal.Kind.SEEDED if ref.seeded else _seal.Kind.FULL
+            # (seeded needs the secret key: the service's sites hold the public context, and
+            # the SDK never sends one; taken, it was a forged second polynomial the key holder
+            # then decrypted against)
+            # defence: service.ckks-uploads-full
+            if ref.seeded:
+                raise ServiceError(INVALID_ARGUMENT, "a seeded upload needs the secret key, which "
+                                                     "this federation's sites do not hold")
             size = ref.chunk_count * _seal.encoded_length(active.ckks_context.seal_context,
-                                                          sealed)
+                                                          _seal.Kind.FULL)
             update = wire.update_from_ref(ref, self._read(wire.Blob.from_proto(ref.chunks),
                                                           size=size))
             active.role.handle(update)

@@ -951,7 +951,13 @@ class Round:
         # Sizes are checked against the round's layout before anything is downloaded or
         # split: the aggregator's chunk counts and blob sizes are claims.
         for done, ref in enumerate(uploads, 1):
-            size = expected(_seal.Kind.SEEDED if ref.seeded else _seal.Kind.FULL)
+            # a seeded ciphertext needs the secret key, which no site of a service federation
+            # but its key holder holds, and no site makes one here: one could only be a site's
+            # forgery (a second polynomial it chose by the seed), never worth decrypting
+            # defence: sdk.release-uploads-full
+            if ref.seeded:
+                raise InvalidMessage("upload")
+            size = expected(_seal.Kind.FULL)
             # defence: sdk.release-sizes-checked
             if ref.chunk_count != config.chunk_count or ref.chunks.size != size:
                 raise InvalidMessage("upload")

@@ -358,3 +358,26 @@ def test_a_message_naming_no_site_and_a_wait_on_no_stage_are_bad_input(
         s.job.receive(2, s.round_id, 99)
     assert caught.value.code == "INVALID_ARGUMENT"
     assert not s.job.receive(2, s.round_id, 1).ready  # (the upload stage: not yet)
+
+
+@pytest.mark.parametrize("kind", ["full-size", "seeded-size"])
+def test_an_upload_flagged_seeded_is_refused_before_it_is_read(ckks_upload_stage: Setting,
+                                                               kind: str) -> None:
+    """A seeded ciphertext needs the secret key, which a service federation's sites do not
+    hold (the SDK never sends one): one flagged seeded was taken, a second polynomial its
+    site chose by the seed, which the key holder then decrypted against. Refused
+    INVALID_ARGUMENT before a byte is read, whatever size it claims."""
+    s = ckks_upload_stage
+    active = s.job.active
+    assert active is not None
+    kinds = {"full-size": _seal.Kind.FULL, "seeded-size": _seal.Kind.SEEDED}
+    size = int(active.ckks_config.chunk_count) * _seal.encoded_length(
+        active.ckks_context.seal_context, kinds[kind])
+    data = os.urandom(size)
+    ids = tuple(_put(s.store, data[i:i + (1 << 20)], 2) for i in range(0, size, 1 << 20))
+    request = _update(s, 2, wire.Blob(ids, size))
+    request.ckks_update.seeded = True
+    with pytest.raises(ServiceError) as caught:
+        s.job.submit(2, request)
+    assert caught.value.code == "INVALID_ARGUMENT" and "seeded" in str(caught.value)
+    assert s.reads == []

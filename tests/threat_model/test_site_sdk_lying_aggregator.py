@@ -184,9 +184,19 @@ def test_key_holder_checks_claimed_chunk_counts_and_sizes_before_downloading() -
 
     rnd, _, config, stub = _releasing_holder()
     release = Release.__new__(Release)  # never reached
-    for count, size in ((2**32 - 1, 0), (config.chunk_count, 10**12)):
+    from secagg.ckks import _seal as seal
+
+    full = int(config.chunk_count) * seal.encoded_length(
+        rnd._key.seal_context, seal.Kind.FULL)  # type: ignore[union-attr]
+    # (and an upload flagged seeded, of a full one's size or a seeded one's: a seeded
+    # ciphertext needs the secret key, so it is a forgery)
+    seeded = int(config.chunk_count) * seal.encoded_length(
+        rnd._key.seal_context, seal.Kind.SEEDED)  # type: ignore[union-attr]
+    for count, size, is_seeded in ((2**32 - 1, 0, False), (config.chunk_count, 10**12, False),
+                                   (config.chunk_count, full, True),
+                                   (config.chunk_count, seeded, True)):
         upload = service_pb2.EncryptedUpdateRef(
-            round_id=rnd.round_id, site_id=3, chunk_count=count,
+            round_id=rnd.round_id, site_id=3, chunk_count=count, seeded=is_seeded,
             chunks=service_pb2.Blob(chunk_ids=[b"\x01" * 32], size=size))
         request = service_pb2.CkksReleaseRequest(uploads=[upload])
         with pytest.raises(InvalidMessage):
