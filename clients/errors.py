@@ -34,13 +34,18 @@ class AggregatorUnavailable(SiteError):
 
 
 class RoundAborted(SiteError):
-    """The round ended without a result (the aggregator's reason, or this site's own abort)."""
+    """The round ended without a result for this site (the aggregator's reason, or this
+    site's own abort). ``code``: the gRPC status name when the aggregator answered with it
+    (FAILED_PRECONDITION: the round went on or ended without this site; ABORTED: the round
+    aborted), else None."""
 
-    def __init__(self, round_id: str, reason: str) -> None:
+    def __init__(self, round_id: str, reason: str, code: str | None = None) -> None:
         round_id, reason = shown(round_id, 200), shown(reason)
-        super().__init__(f"round {round_id} aborted: {reason}")
+        super().__init__(f"round {round_id} aborted: {reason}" if code is None
+                         else f"round {round_id} aborted for this site ({code}): {reason}")
         self.round_id = round_id
         self.reason = reason
+        self.code = code
 
 
 class ModelMismatch(SiteError):

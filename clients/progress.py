@@ -13,6 +13,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from secagg.errors import ConfigurationError
+
 Progress = Callable[[str, int, int], None]
 
 _log = logging.getLogger("clients")
@@ -26,6 +28,15 @@ def guarded(callback: Progress | None) -> Progress | None:
     spent, and the other sites waited out the stage's deadline."""
     if callback is None:
         return None
+    # (the factory passed for the callback, or something not callable, failed at every
+    # report: a warning, and no progress, for a slip Site.connect can name)
+    # defence: sdk.progress-callback-checked
+    if callback is tqdm_progress:  # type: ignore[comparison-overlap]
+        raise ConfigurationError("progress=tqdm_progress makes a callback: pass "
+                                 "progress=tqdm_progress()")
+    if not callable(callback):
+        raise ConfigurationError(f"progress must be a callable (what, done, total), got "
+                                 f"{type(callback).__name__}")
     broken = threading.Event()
 
     def report(what: str, done: int, total: int) -> None:
@@ -37,9 +48,12 @@ def guarded(callback: Progress | None) -> Progress | None:
         except Exception as e:  # (KeyboardInterrupt still stops the script)
             if not broken.is_set():
                 broken.set()
+                try:  # (an exception whose str() raised escaped the guard)
+                    text = str(e).splitlines()[0][:200] if str(e) else ""
+                except Exception:
+                    text = "?"
                 _log.warning("the progress callback raised %s (%s); progress is no longer "
-                             "reported", type(e).__name__, str(e).splitlines()[0][:200]
-                             if str(e) else "")
+                             "reported", type(e).__name__, text)
 
     return report
 

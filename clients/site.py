@@ -258,6 +258,7 @@ class Site:
         if tensors not in ("auto", "numpy", "torch"):
             raise ConfigurationError(
                 f"tensors must be 'auto', 'numpy' or 'torch', got {tensors!r}")
+        progress_guarded(progress)  # (checked before anything is dialled)
         kit = SiteKit.load(site_dir)
         # with no first model pinned, the aggregator chose the model every site starts from
         # (an operator who added [job] initial_model to the aggregator's config only had
@@ -706,6 +707,15 @@ class Round:
             if counters.any():
                 proposed[counters] = self.model.values[counters] + rate * np.clip(
                     delta[counters], -config.clip_norm, config.clip_norm)
+            # (a bool result saturates, with_values making above 0 True and the rest False:
+            # every site whose bool changed was refused at rates above 1)
+            # defence: sdk.learning-rate-bools-saturate
+            start = 0
+            for t in self.model.spec:
+                if np.dtype(t.dtype).kind == "b":
+                    np.clip(proposed[start:start + t.size], 0.0, 1.0,
+                            out=proposed[start:start + t.size])
+                start += t.size
             beyond = self.model.beyond_range(proposed, strict=True)
             if beyond is not None:
                 dtype = next(t.dtype for t in self.model.spec if t.name == beyond)
@@ -735,7 +745,10 @@ class Round:
         # defence: sdk.round-ended-is-round-aborted
         except AggregatorRefused as e:
             if e.code in _ROUND_ENDED_CODES:
-                raise RoundAborted(self.round_id, e.reason) from None
+                why = e.reason if e.code == "ABORTED" else (
+                    f"{e.reason} (the round went on or ended without this site: one that "
+                    "misses a stage's [deadlines] drops out of that round)")
+                raise RoundAborted(self.round_id, why, code=e.code) from None
             raise
         except SiteError:
             raise

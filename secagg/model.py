@@ -300,7 +300,7 @@ class FlatModel:
             if dtype.kind == "b":
                 # a site sends 0 or 1 (an int64 -1 given for a bool buffer reads as True, but
                 # was averaged as -1, and the result flipped the site's values); the
-                # aggregator takes any value, as a site does: nonzero is True (with_values)
+                # aggregator takes any value, which saturates (with_values: above 0 is True)
                 # defence: model.strict-bool-range
                 if strict and (least < 0 or most > 1):
                     return t.name
@@ -354,14 +354,16 @@ class FlatModel:
         # than the 0 the sites' tensors hold)
         # defence: model.integers-have-no-negative-zero
         values[mask] = np.rint(values[mask]) + 0.0
-        # a bool tensor's value is what the sites make of it (any nonzero value is True): 0
-        # or 1, so the model's values and digest are those of the tensors the sites hold
+        # a bool tensor's value is 0 or 1, so the model's values and digest are those of the
+        # tensors the sites hold; a value beyond (FedAvg at a server learning rate above 1)
+        # saturates: above 0 is True, else False (nonzero-is-True took a True that every site
+        # turned False, 1 + 2 x -1 = -1, to True)
         # defence: model.bools-are-0-or-1
         start = 0
         for t in self.spec:
             if np.dtype(t.dtype).kind == "b":
                 chunk = values[start:start + t.size]
-                np.not_equal(chunk, 0.0, out=chunk, casting="unsafe")
+                np.greater(chunk, 0.0, out=chunk, casting="unsafe")
             start += t.size
         for start, end, dtype in _runs(self.spec):
             if dtype != _F8:

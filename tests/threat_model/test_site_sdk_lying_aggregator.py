@@ -431,8 +431,11 @@ def test_site_sends_to_each_round_number_once_even_across_restarts(tmp_path: Any
     # (a round the aggregator says is no longer running is RoundAborted, as documented; it
     # was AggregatorRefused, and a training loop catching RoundAborted ended there)
     conn.stop_code = "FAILED_PRECONDITION"
-    with pytest.raises(RoundAborted, match="the test's aggregator stops here"):
+    with pytest.raises(RoundAborted, match=r"aborted for this site \(FAILED_PRECONDITION\): "
+                                           r"the test's aggregator stops here \(the round went "
+                                           r"on or ended without this site") as caught:
         rnd.submit({"w": np.ones(8, np.float32)}, weight=10)
+    assert caught.value.code == "FAILED_PRECONDITION"
     assert conn.sent == ["Submit"]  # its first message left
     for number in (2, 1):  # skipped (a restarted script goes on to the next round)
         info, payloads = _model_info(number, f"hospitals/job-1/round-{number}")
@@ -1482,4 +1485,12 @@ def test_an_update_the_learning_rate_would_carry_past_its_dtype_is_refused_befor
     site.config = replace(site.config, server_learning_rate=2.0, clip_norm=1.0)
     with pytest.raises(AggregatorRefused):
         next(site.rounds()).submit({"w": np.full(8, 255, np.uint8)}, weight=10)
+    assert conn.sent == ["Submit"]
+    # a bool result saturates (above 0 is True): every site whose bool changed was refused
+    info, payloads = _model_info(1, "hospitals/job-1/round-1",
+                                 w=np.array([True, False] * 4))
+    site, conn = _site("masking", info, payloads)
+    site.config = replace(site.config, server_learning_rate=2.0, clip_norm=10.0)
+    with pytest.raises(AggregatorRefused):  # sent (the stub stops it there)
+        next(site.rounds()).submit({"w": np.array([False, True] * 4)}, weight=10)
     assert conn.sent == ["Submit"]

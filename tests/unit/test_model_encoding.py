@@ -175,11 +175,13 @@ def test_a_spec_naming_a_tensor_twice_is_refused() -> None:
 
 def test_a_bool_tensors_values_are_what_the_sites_hold() -> None:
     """FedAvg with a server learning rate above 1 can take a bool buffer to 2 or -1: the
-    sites hold True there (any nonzero value), so the published values and digest say 1."""
+    published values are 0 or 1 (and the digest that of the tensors the sites hold), the
+    value saturating: above 0 is True, else False (a True every site turned False, at rate 2
+    1 + 2 x -1 = -1, was published True when any nonzero value was)."""
     model = FlatModel.from_arrays({"flag": np.array([True, False, True, False]),
                                    "w": np.zeros(2, np.float32)})
-    new = model.with_values(np.array([3.0, -2.0, 0.4, 0.6, 1.5, 2.5]))
-    assert new.values[:4].tolist() == [1.0, 1.0, 0.0, 1.0]
+    new = model.with_values(np.array([3.0, -1.0, 0.4, 0.6, 1.5, 2.5]))
+    assert new.values[:4].tolist() == [1.0, 0.0, 0.0, 1.0]
     again = FlatModel.from_arrays(new.to_arrays())
     assert again.digest == new.digest
 

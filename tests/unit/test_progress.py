@@ -1,8 +1,12 @@
 from __future__ import annotations
 
 import io
+import logging
 
-from clients.progress import tqdm_progress
+import pytest
+
+from clients.progress import guarded, tqdm_progress
+from secagg.errors import ConfigurationError
 
 
 def test_tqdm_adapter_shows_one_bar_per_kind_of_work_and_restarts_on_a_retry() -> None:
@@ -15,3 +19,31 @@ def test_tqdm_adapter_shows_one_bar_per_kind_of_work_and_restarts_on_a_retry() -
     progress("upload", 4, 4)
     text = out.getvalue()
     assert "upload" in text and "encrypt" in text and "4/4" in text
+
+
+def test_a_progress_callback_cannot_cost_the_round_and_a_slip_is_named(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The guard logs a callback's first exception once (even one whose str() raises) and
+    calls it no more; passing the factory (progress=tqdm_progress) or something not callable
+    failed at every report, and is a ConfigurationError naming the fix."""
+    class Odd(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    calls = []
+
+    def broken(what: str, done: int, total: int) -> None:
+        calls.append(what)
+        raise Odd()
+
+    report = guarded(broken)
+    assert report is not None
+    with caplog.at_level(logging.WARNING, logger="clients"):
+        report("upload", 1, 2)
+        report("upload", 2, 2)
+    assert calls == ["upload"]
+    assert caplog.text.count("the progress callback raised Odd") == 1
+    with pytest.raises(ConfigurationError, match=r"pass progress=tqdm_progress\(\)"):
+        guarded(tqdm_progress)
+    with pytest.raises(ConfigurationError, match="must be a callable"):
+        guarded("bar")  # type: ignore[arg-type]
