@@ -35,14 +35,15 @@ class AggregatorUnavailable(SiteError):
 
 class RoundAborted(SiteError):
     """The round ended without a result for this site (the aggregator's reason, or this
-    site's own abort). ``code``: the gRPC status name when the aggregator answered with it
-    (FAILED_PRECONDITION: the round went on or ended without this site; ABORTED: the round
-    aborted), else None."""
+    site's own abort). ``code``: what the aggregator answered, a gRPC status name
+    (FAILED_PRECONDITION: it no longer takes this site's message, a dropout among others;
+    ABORTED: the round aborted, also when its status said so), or None for this site's own
+    refusals."""
 
     def __init__(self, round_id: str, reason: str, code: str | None = None) -> None:
         round_id, reason = shown(round_id, 200), shown(reason)
         super().__init__(f"round {round_id} aborted: {reason}" if code is None
-                         else f"round {round_id} aborted for this site ({code}): {reason}")
+                         else f"round {round_id} aborted ({code}): {reason}")
         self.round_id = round_id
         self.reason = reason
         self.code = code

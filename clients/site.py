@@ -746,8 +746,9 @@ class Round:
         except AggregatorRefused as e:
             if e.code in _ROUND_ENDED_CODES:
                 why = e.reason if e.code == "ABORTED" else (
-                    f"{e.reason} (the round went on or ended without this site: one that "
-                    "misses a stage's [deadlines] drops out of that round)")
+                    f"{e.reason} (the aggregator no longer takes this site's message in this "
+                    "round: a stage's [deadlines] passed, the round ended, or the stage was "
+                    "answered already)")
                 raise RoundAborted(self.round_id, why, code=e.code) from None
             raise
         except SiteError:
@@ -787,7 +788,7 @@ class Round:
                                                           wait_ms=POLL_MS),
                     timeout=POLL_MS / 1000 + 30)
             except AggregatorRefused as e:
-                raise RoundAborted(self.round_id, e.reason) from None
+                raise RoundAborted(self.round_id, e.reason, code=e.code) from None
             if response.ready:
                 return response
             self._in_time()
@@ -823,7 +824,7 @@ class Round:
                                                       "of another round")
                 return info
             if info.status == service_pb2.ROUND_STATUS_ABORTED:
-                raise RoundAborted(self.round_id, info.abort_reason)
+                raise RoundAborted(self.round_id, info.abort_reason, code="ABORTED")
             self._in_time()
             pacer.nothing_new(began)
 

@@ -431,9 +431,9 @@ def test_site_sends_to_each_round_number_once_even_across_restarts(tmp_path: Any
     # (a round the aggregator says is no longer running is RoundAborted, as documented; it
     # was AggregatorRefused, and a training loop catching RoundAborted ended there)
     conn.stop_code = "FAILED_PRECONDITION"
-    with pytest.raises(RoundAborted, match=r"aborted for this site \(FAILED_PRECONDITION\): "
-                                           r"the test's aggregator stops here \(the round went "
-                                           r"on or ended without this site") as caught:
+    with pytest.raises(RoundAborted, match=r"aborted \(FAILED_PRECONDITION\): the test's "
+                                           r"aggregator stops here \(the aggregator no longer "
+                                           r"takes this site's message") as caught:
         rnd.submit({"w": np.ones(8, np.float32)}, weight=10)
     assert caught.value.code == "FAILED_PRECONDITION"
     assert conn.sent == ["Submit"]  # its first message left
