@@ -467,6 +467,8 @@ class Job:
         # defence: service.message-names-a-site
         if claimed == 0:
             raise ServiceError(INVALID_ARGUMENT, "the message names no site (site_id is unset)")
+        # (and again where each kind is parsed: the site a message is of is its certificate's)
+        # defence: service.messages-of-the-calling-site
         if claimed is not None and claimed != site:
             log.warning("refused: message names another site", extra={
                 "event": "identity_refused", "site_id": site, "round_id": active.view.round_id})

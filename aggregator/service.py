@@ -105,6 +105,7 @@ class Identity:
             await _abort(context, grpc.StatusCode.UNAUTHENTICATED,
                          "the client certificate names no site, or does not chain to a CA "
                          "of the federation within that CA's path length")
+        # defence: service.identity-on-the-roster
         if site not in self._sites:
             log.warning("refused: site not on the roster", extra={
                 "event": "identity_refused", "site_id": site, "peer": context.peer()})

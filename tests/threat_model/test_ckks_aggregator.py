@@ -138,15 +138,6 @@ def test_upload_for_the_wrong_round_is_refused() -> None:
     assert caught.value.reason is RefusalReason.WRONG_ROUND
 
 
-def test_upload_relabelled_for_another_round_fails_its_signature() -> None:
-    holder = KeyHolder.generate()
-    r1 = CkksRound(sites=3, vector_length=100, round_id="round-1", holder=holder)
-    r2 = CkksRound(sites=3, vector_length=100, round_id="round-2", holder=holder)
-    upload = r1.client(2).start()
-    with pytest.raises(InvalidMessage):
-        r2.server.handle(replace(upload, round_id="round-2"))
-
-
 @pytest.mark.parametrize("corruption", ["truncate-half", "truncate-8", "empty", "random",
                                         "header-flip", "append-garbage"])
 def test_corrupted_ciphertext_bytes_are_a_clear_error_and_add_nothing(corruption: str) -> None:
