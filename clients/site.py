@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -43,7 +44,14 @@ from secagg.ckks import CkksClient, KeyHolder, PublicContext, Release, _seal
 from secagg.ckks.keys import public_context_length
 from secagg.ckks.release import check_released_norm
 from secagg.ckks.round import CkksStage
-from secagg.errors import ConfigurationError, InvalidMessage, ProtocolAbort, SecAggError
+from secagg.errors import (
+    WORKERS_GUARD_HINT,
+    ConfigurationError,
+    InvalidMessage,
+    ProtocolAbort,
+    SecAggError,
+    WorkersFailed,
+)
 from secagg.federation.kit import SiteKit
 from secagg.masking import MaskingClient, Stage
 from secagg.masking.messages import MaskedInput
@@ -255,6 +263,14 @@ class Site:
         ``history_dir``: where the record of rounds sent to is kept (default: the site
         directory; give a writable one when that is mounted read-only, and keep it across
         restarts)."""
+        # A worker process (workers > 1: started with spawn) imports the training script
+        # again as it starts; unguarded, the copy ran the script as another instance of this
+        # site: it spent later rounds in history.json, announced keys, and the parent hung
+        # in encryption until the round aborted. The copy is refused here, which stops it.
+        # defence: sdk.not-in-a-starting-worker
+        if getattr(multiprocessing.current_process(), "_inheriting", False):
+            raise WorkersFailed(f"Site.connect was called by a worker process as it started: "
+                                f"{WORKERS_GUARD_HINT}")
         if tensors not in ("auto", "numpy", "torch"):
             raise ConfigurationError(
                 f"tensors must be 'auto', 'numpy' or 'torch', got {tensors!r}")
@@ -752,6 +768,8 @@ class Round:
                 raise RoundAborted(self.round_id, why, code=e.code) from None
             raise
         except SiteError:
+            raise
+        except WorkersFailed:  # (this site's own set-up, named: not the aggregator's doing)
             raise
         # every lie this site detects (a message, a context, a model that does not hold) is
         # a refusal of the round, never an internal exception out of the training loop

@@ -20,6 +20,15 @@ class ConfigurationError(SecAggError, ValueError):
     """A round or preset parameter is invalid or unsafe. The message names the parameter."""
 
 
+class WorkersFailed(ConfigurationError):
+    """Worker processes (``workers`` > 1) died or could not start: usually a training script
+    that did not guard its entry point, which every worker imports again."""
+
+
+WORKERS_GUARD_HINT = ("a script that passes workers > 1 must guard its entry point with "
+                      "`if __name__ == \"__main__\":` (each worker process imports it again)")
+
+
 class PreconditionError(SecAggError):
     """An event arrived that is not valid in the current protocol state (e.g. wrong stage)."""
 

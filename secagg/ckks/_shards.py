@@ -34,7 +34,7 @@ from tenseal import sealapi
 
 from secagg.ckks import _seal
 from secagg.ckks._flood import gaussian
-from secagg.errors import InvalidMessage, SecAggError
+from secagg.errors import WORKERS_GUARD_HINT, InvalidMessage, SecAggError, WorkersFailed
 
 
 class ShardState:
@@ -266,13 +266,15 @@ class _Worker:
         try:
             self.conn.send((command, args))
         except (OSError, ValueError):
-            raise SecAggError("a release worker process died") from None
+            raise WorkersFailed(f"a release worker process died: {WORKERS_GUARD_HINT}"
+                                ) from None
 
     def recv(self) -> Any:
         try:
             status, result = self.conn.recv()
         except (EOFError, OSError):
-            raise SecAggError("a release worker process died") from None
+            raise WorkersFailed(f"a release worker process died: {WORKERS_GUARD_HINT}"
+                                ) from None
         if status != "ok":
             raise SecAggError(f"a release worker failed ({result})")
         return result

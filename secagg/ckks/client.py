@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
@@ -25,10 +26,12 @@ from secagg.ckks.round import (
     ReleaseRequest,
 )
 from secagg.errors import (
+    WORKERS_GUARD_HINT,
     InvalidMessage,
     PreconditionError,
     RefusalReason,
     RefusedMessage,
+    WorkersFailed,
 )
 from secagg.hazmat import signing
 
@@ -124,7 +127,15 @@ class CkksClient:
         out = []
         try:
             for future in futures:
-                block_out = future.result()
+                # (a worker that died, one that ran an unguarded training script's
+                # Site.connect as it started among them, broke the pool: raw
+                # multiprocessing text, or a hang while the copy ran the script)
+                # defence: ckks.workers-failed-named
+                try:
+                    block_out = future.result()
+                except BrokenProcessPool:
+                    raise WorkersFailed(f"the encryption worker processes died: "
+                                        f"{WORKERS_GUARD_HINT}") from None
                 out.extend(block_out)
                 done += len(block_out)
                 report(done, total)

@@ -49,3 +49,45 @@ def test_a_site_directory_that_is_not_a_path_is_named_as_such(given: object,
         with pytest.raises(ConfigurationError, match=rf"history directory must be a path .*"
                                                      rf"got {type(given).__name__}"):
             History(given)  # type: ignore[arg-type]
+
+
+def test_a_worker_process_importing_an_unguarded_script_is_stopped_and_named(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """workers=2 in a training script without `if __name__ == "__main__":`: each spawned
+    worker imported the script again and ran it as another copy of the site (it spent later
+    rounds in history.json and announced keys), while the parent hung in encryption until
+    the round aborted. Site.connect in a starting worker is refused, before it reads a
+    file, naming the guard."""
+    import multiprocessing
+
+    from clients import Site
+    from secagg.errors import WorkersFailed
+
+    monkeypatch.setattr(multiprocessing.current_process(), "_inheriting", True, raising=False)
+    with pytest.raises(WorkersFailed, match=r"if __name__ == \"__main__\""):
+        Site.connect("/nonexistent/site-dir")
+
+
+def test_a_broken_encryption_pool_is_named_not_raw_multiprocessing_text(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool broken by a worker that died (the copy an unguarded script made of the site,
+    stopped at Site.connect) raised multiprocessing's own text; now WorkersFailed (a
+    ConfigurationError) naming the guard."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    from secagg.ckks import CkksClient, _chunks
+    from secagg.errors import WorkersFailed
+    from tests.ckks_kit import CkksRound
+
+    class Broken:
+        def submit(self, *args: object) -> Future[object]:
+            future: Future[object] = Future()
+            future.set_exception(BrokenProcessPool("A child process terminated abruptly"))
+            return future
+
+    monkeypatch.setattr(_chunks, "shared_pool", lambda workers: Broken())
+    r = CkksRound(sites=3, vector_length=20_000)
+    client = CkksClient(r.config, 2, r.identities[2], r.public, r.inputs[2], workers=2)
+    with pytest.raises(WorkersFailed, match=r"encryption worker processes died: .*__main__"):
+        client.start()
