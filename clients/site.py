@@ -726,12 +726,8 @@ class Round:
             # (a bool result saturates, with_values making above 0 True and the rest False:
             # every site whose bool changed was refused at rates above 1)
             # defence: sdk.learning-rate-bools-saturate
-            start = 0
-            for t in self.model.spec:
-                if np.dtype(t.dtype).kind == "b":
-                    np.clip(proposed[start:start + t.size], 0.0, 1.0,
-                            out=proposed[start:start + t.size])
-                start += t.size
+            bools = self.model.bool_positions
+            proposed[bools] = np.clip(proposed[bools], 0.0, 1.0)
             beyond = self.model.beyond_range(proposed, strict=True)
             if beyond is not None:
                 dtype = next(t.dtype for t in self.model.spec if t.name == beyond)
@@ -767,9 +763,8 @@ class Round:
                     "answered already)")
                 raise RoundAborted(self.round_id, why, code=e.code) from None
             raise
-        except SiteError:
-            raise
-        except WorkersFailed:  # (this site's own set-up, named: not the aggregator's doing)
+        # (WorkersFailed: this site's own set-up, named as such, not the aggregator's doing)
+        except (SiteError, WorkersFailed):
             raise
         # every lie this site detects (a message, a context, a model that does not hold) is
         # a refusal of the round, never an internal exception out of the training loop

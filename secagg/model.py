@@ -264,10 +264,18 @@ class FlatModel:
     @property
     def integer_positions(self) -> np.ndarray:
         """A boolean mask of the values that belong to integer (or boolean) tensors."""
+        return self._positions(("i", "u", "b"))
+
+    @property
+    def bool_positions(self) -> np.ndarray:
+        """A boolean mask of the values that belong to boolean tensors."""
+        return self._positions(("b",))
+
+    def _positions(self, kinds: tuple[str, ...]) -> np.ndarray:
         mask = np.zeros(self.size, dtype=bool)
         pos = 0
         for t in self.spec:
-            if np.dtype(t.dtype).kind in ("i", "u", "b"):
+            if np.dtype(t.dtype).kind in kinds:
                 mask[pos:pos + t.size] = True
             pos += t.size
         return mask
@@ -359,12 +367,8 @@ class FlatModel:
         # saturates: above 0 is True, else False (nonzero-is-True took a True that every site
         # turned False, 1 + 2 x -1 = -1, to True)
         # defence: model.bools-are-0-or-1
-        start = 0
-        for t in self.spec:
-            if np.dtype(t.dtype).kind == "b":
-                chunk = values[start:start + t.size]
-                np.greater(chunk, 0.0, out=chunk, casting="unsafe")
-            start += t.size
+        bools = self.bool_positions
+        values[bools] = values[bools] > 0.0
         for start, end, dtype in _runs(self.spec):
             if dtype != _F8:
                 # defence: model.canonical-values
