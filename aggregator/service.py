@@ -1225,16 +1225,18 @@ def _connection_limit(sites: int) -> int:
 
 MAX_HEALTH_WATCHES = 1024  # Watch streams open at once, over all callers
 MAX_HEALTH_WATCHES_PER_CALLER = 4  # and of one client certificate
+MAX_HEALTH_SERVICE_NAME = 256  # bytes of the service name a Watch names
 
 
 class BoundedHealth(health_aio.HealthServicer):  # type: ignore[misc]
     """gRPC's health service with its Watch streams bounded. They are long-lived and held
     outside the service's per-site call limits: one site opened thousands (~25 KB each,
-    ~3 GB at the connection limit), and a Watch of any service name it chose kept an entry
-    for that name. A Watch names this aggregator's services ("" or secagg.v1.Aggregation)
-    or is NOT_FOUND (as Check answers), and at most a few are open per client certificate
-    and ``MAX_HEALTH_WATCHES`` in all (RESOURCE_EXHAUSTED beyond: Check, what probes use,
-    is always answered)."""
+    ~3 GB at the connection limit), each naming a service of its choosing (up to the
+    message limit long, held while the stream is open). At most a few are open per client
+    certificate and ``MAX_HEALTH_WATCHES`` in all (RESOURCE_EXHAUSTED beyond: Check, what
+    probes use, is always answered), and a service name is at most
+    ``MAX_HEALTH_SERVICE_NAME`` bytes (INVALID_ARGUMENT). Within those, a Watch of a service
+    this aggregator does not serve streams SERVICE_UNKNOWN, as the health protocol says."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1242,9 +1244,10 @@ class BoundedHealth(health_aio.HealthServicer):  # type: ignore[misc]
         self._watches = 0
 
     async def Watch(self, request: Any, context: Any) -> None:
-        # defence: service.health-watches-name-the-aggregator
-        if request.service not in ("", SERVICE_NAME):
-            await context.abort(grpc.StatusCode.NOT_FOUND, "no such service")
+        # defence: service.health-watch-names-short
+        if len(request.service.encode()) > MAX_HEALTH_SERVICE_NAME:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"service name over {MAX_HEALTH_SERVICE_NAME} bytes")
         # defence: service.health-watches-bounded
         caller = hashlib.sha256(b"".join(
             bytes(c) for c in context.auth_context().get("x509_pem_cert") or [])).digest()

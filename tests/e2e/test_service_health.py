@@ -528,14 +528,15 @@ def test_an_upload_stream_ends_when_the_store_fails(tmp_path: Path) -> None:
         agg.close()
 
 
-def test_health_watches_are_bounded_per_certificate_and_name_only_the_aggregator(
+def test_health_watches_are_bounded_per_certificate_and_by_name_length(
         tmp_path: Path) -> None:
     """One site opened thousands of health Watch streams (outside the service's per-site
     call limits; ~25 KB each, ~3 GB at the connection limit), each of a service name of its
-    choosing. Now a Watch of another service is NOT_FOUND, a certificate holds a few at
-    most (RESOURCE_EXHAUSTED beyond), another site still gets its own, and Check, what
-    probes use, is answered throughout."""
-    from aggregator.service import MAX_HEALTH_WATCHES_PER_CALLER
+    choosing and up to the message limit long. Now a name over the cap is INVALID_ARGUMENT,
+    a Watch of a service the aggregator does not serve streams SERVICE_UNKNOWN (the health
+    protocol), a certificate holds a few at most (RESOURCE_EXHAUSTED beyond), another site
+    still gets its own, and Check, what probes use, is answered throughout."""
+    from aggregator.service import MAX_HEALTH_SERVICE_NAME, MAX_HEALTH_WATCHES_PER_CALLER
     from tests.service_kit import start_aggregator
 
     fed = make_federation(tmp_path, 3, "masking", rounds=1)
@@ -554,11 +555,15 @@ def test_health_watches_are_bounded_per_certificate_and_name_only_the_aggregator
             return next(iter(call))
 
         one = stub(1)
-        other = one.Watch(health_pb2.HealthCheckRequest(service="x" * 1000), timeout=10)
+        long = one.Watch(health_pb2.HealthCheckRequest(
+            service="x" * (MAX_HEALTH_SERVICE_NAME + 1)), timeout=10)
         with pytest.raises(grpc.RpcError) as refused:
-            first(other)
-        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
-        for _ in range(MAX_HEALTH_WATCHES_PER_CALLER):
+            first(long)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        calls.append(one.Watch(health_pb2.HealthCheckRequest(
+            service="x" * MAX_HEALTH_SERVICE_NAME), timeout=30))
+        assert first(calls[-1]).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        for _ in range(MAX_HEALTH_WATCHES_PER_CALLER - 1):
             calls.append(one.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30))
             assert first(calls[-1]).status == SERVING
         extra = one.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
