@@ -17,7 +17,9 @@ restarted training script still accepts only a model that follows from it (``Sit
 without it, an aggregator could hand every restarted site a model of its own making.
 
 And every model this site sent an update against (by ``FlatModel.training_digest``: what
-training sees of it, so a re-encoding is the same model), in any job kept in this directory,
+training sees of it, so a re-encoding is the same model; and by ``training_digest_as`` the
+dtypes of the state the site submitted, so a float64 model moved below the precision of the
+site's float32 training is the same model too), in any job kept in this directory,
 with the job and round it was for (``sent_against``): a site sends one update per model. An
 aggregator that reported a round aborted after summing it (or published its model again as
 its result, or led the model A -> B -> A) and opened another round from the same model,
@@ -92,18 +94,21 @@ class History:
             self._merge()
         return self._sent.get(model_digest)
 
-    def record_sent(self, job: str, round_number: int, model_digest: bytes) -> None:
+    def record_sent(self, job: str, round_number: int, *model_digests: bytes) -> None:
         """Record, durably and before it leaves, that ``round_number``'s update (computed
-        against ``model_digest``) is being sent. A SiteError, and nothing is sent, if this
-        site already sent an update against that model (in another round or job: checked
-        here, under the lock, after taking in what another process recorded) or if it cannot
-        be recorded."""
+        against the model whose training digests are ``model_digests``: the model's, and the
+        model's as the site's tensors hold it) is being sent. A SiteError, and nothing is
+        sent, if this site already sent an update against that model (in another round or
+        job: checked here, under the lock, after taking in what another process recorded)
+        or if it cannot be recorded."""
         def add() -> None:
-            found = self._sent.get(model_digest)
-            # defence: sdk.sent-model-checked-when-recorded
-            if found is not None and found != (job, round_number):
-                raise SiteError(one_update_per_model(found) + NOT_SENT)
-            self._sent[model_digest] = (job, round_number)
+            for model_digest in model_digests:
+                found = self._sent.get(model_digest)
+                # defence: sdk.sent-model-checked-when-recorded
+                if found is not None and found != (job, round_number):
+                    raise SiteError(one_update_per_model(found) + NOT_SENT)
+            for model_digest in model_digests:
+                self._sent[model_digest] = (job, round_number)
 
         if self._path is None:
             add()

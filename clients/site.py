@@ -663,6 +663,7 @@ class Round:
         self.model = model
         self._key: KeyHolder | None = None
         self._submitted = False
+        self._trained_digest = b""  # (the model as the site's tensors hold it: set by submit)
         self.result: FlatModel | None = None
         self.survivors: tuple[int, ...] = ()
         self._deadline = time.monotonic() + _round_patience(site.config)  # again at submit
@@ -696,7 +697,17 @@ class Round:
                              f"{config.max_samples:g}] ([update] max_samples), got {weight!r}")
         # one vector of the model's size, made by flattening and then worked on in place:
         # a large model is not copied for the delta and again for the clip
-        delta = tensors.flatten_like(state_dict, self.model)
+        delta, dtypes = tensors.flatten_with_dtypes(state_dict, self.model)
+        # one update per model, as this site's tensors hold it: a float64 model nudged below
+        # float32's precision (2**-40 of each value) was another model to the rule though a
+        # float32 training script trained from it exactly as from the one it had sent an
+        # update against (a helper's rerun, exact with deterministic training)
+        trained = self.model.training_digest_as(dtypes)
+        sent = self._site._history.sent_against(trained)
+        # defence: sdk.one-update-per-model-as-trained
+        if sent is not None and sent != (config.job_id, self.number):
+            raise RoundAborted(self.round_id, one_update_per_model(
+                sent, "the model this round starts from (as this site's tensors hold it)"))
         with np.errstate(over="ignore", invalid="ignore"):  # (an overflow is refused below)
             np.subtract(delta, self.model.values, out=delta)
             delta, norm = tensors.clip_l2(delta, config.clip_norm,
@@ -742,6 +753,7 @@ class Round:
         # the arguments hold and the round is recorded: this is this site's one submission
         # (a wrong argument above leaves it free to call again)
         self._submitted = True
+        self._trained_digest = trained
         self._deadline = time.monotonic() + _round_patience(config)
         try:
             if self.protocol == "masking":
@@ -900,7 +912,7 @@ class Round:
             # (recorded before the update leaves: clients.history, one update per model)
             # defence: sdk.masked-input-recorded-as-sent
             self._site._history.record_sent(self._site.config.job_id, self.number,
-                                            self.model.training_digest)
+                                            self.model.training_digest, self._trained_digest)
             self._upload_and_submit(
                 wire.masked_input_bytes(reply, word_bits), "masked input",
                 lambda blob: {"masked_input": wire.masked_input_to_ref(reply, blob, word_bits)})
@@ -958,7 +970,7 @@ class Round:
         upload = client.start()
         # defence: sdk.ciphertexts-recorded-as-sent
         site._history.record_sent(site.config.job_id, self.number,
-                                  self.model.training_digest)
+                                  self.model.training_digest, self._trained_digest)
         self._upload_and_submit(b"".join(upload.chunks), "ciphertexts",
                                 lambda blob: {"ckks_update": wire.update_to_ref(upload, blob)})
         if self._key is not None:

@@ -103,6 +103,13 @@ def as_tensors(arrays: Mapping[str, np.ndarray], kind: str) -> dict[str, Any]:
 
 def flatten_like(state: Mapping[str, Any], model: FlatModel) -> np.ndarray:
     """The state's values as a vector in the model's layout; a clear error if they differ."""
+    return flatten_with_dtypes(state, model)[0]
+
+
+def flatten_with_dtypes(state: Mapping[str, Any], model: FlatModel,
+                        ) -> tuple[np.ndarray, dict[str, str]]:
+    """``flatten_like``, and the dtype each of the state's tensors has (name -> numpy dtype
+    name): the precision the site trains in, which may be less than the model's."""
     arrays = to_numpy(state)
     names = [t.name for t in model.spec]
     # tensors are placed by name, as load_state_dict does: a state dict built in another
@@ -144,7 +151,7 @@ def flatten_like(state: Mapping[str, Any], model: FlatModel) -> np.ndarray:
             f"tensor {beyond[:64]!r} holds a value its dtype in the round's model ({dtype}) "
             "cannot hold: keep it in that dtype's range (e.g. load it into the model and "
             "take model.state_dict())")
-    return flat.values
+    return flat.values, {t.name: t.dtype for t in flat.spec}
 
 
 def _is_float(dtype: str) -> bool:

@@ -89,6 +89,14 @@ def _flush_subnormals(values: np.ndarray, spec: tuple[TensorSpec, ...]) -> None:
             np.copysign(0.0, part, out=part, where=tiny[:n])  # zeros stay as they are
 
 
+def _rounds_coarser(own: str, held: str) -> bool:
+    """Whether a float tensor of dtype ``own`` loses precision loaded into one of ``held``."""
+    if held not in SUPPORTED_DTYPES:
+        return False
+    a, b = np.dtype(own), np.dtype(held)
+    return a.kind == "f" and b.kind == "f" and b.itemsize < a.itemsize
+
+
 def _int_bounds(dtype: np.dtype) -> tuple[int, int]:
     """The integers a model's integer tensor of ``dtype`` holds: its range, within +-2**53
     for the 64-bit ones (a float64 carries them exactly; from_arrays refuses the rest)."""
@@ -200,16 +208,32 @@ class FlatModel:
         tensors). The one-update-per-model rule (clients.history) keys on it: a model
         re-encoded (its tensors reordered, a float32 tensor declared float64, a zero's sign
         flipped) has another ``digest`` but trains the same, and is the same model to it."""
+        return self.training_digest_as({})
+
+    def training_digest_as(self, dtypes: Mapping[str, str]) -> bytes:
+        """``training_digest`` of this model as tensors of ``dtypes`` (name -> numpy dtype
+        name) hold it: a float tensor that a site trains in a less precise float dtype than
+        the model's (a float64 model loaded into float32 parameters, torch's default) is
+        hashed as that dtype rounds it. A model nudged below the site's precision (2**-40 of
+        each float64 value, a "new" model to the float64 digest) trains the same, and is the
+        same model to the one-update rule; a tensor not named, of another kind or of a dtype
+        at least as precise, as ``training_digest``."""
         where, pos = {}, 0
         for t in self.spec:
-            where[t.name] = (pos, pos + t.size, t.shape)
+            where[t.name] = (pos, pos + t.size, t.shape, t.dtype)
             pos += t.size
         parts = []
         # defence: model.training-digest-in-name-order
         for name in sorted(where):
-            start, end, shape = where[name]
+            start, end, shape, own = where[name]
+            values = self.values[start:end]
+            held = dtypes.get(name)
+            # defence: model.training-digest-as-the-site-holds-it
+            if held is not None and _rounds_coarser(own, held):
+                with np.errstate(over="ignore"):  # (beyond float16's range: inf, as held)
+                    values = values.astype(held).astype(np.float64)
             # defence: model.training-digest-folds-signed-zeros
-            values = self.values[start:end] + 0.0  # (-0.0 + 0.0 is 0.0)
+            values = values + 0.0  # (-0.0 + 0.0 is 0.0)
             parts.append(encode("tensor", name, list(shape)) + payload_digest(values.data))
         return digest("model-training", *parts)
 

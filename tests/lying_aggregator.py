@@ -10,6 +10,9 @@ a masking site's bound on the result takes). Either way round 2 opens from round
 result (a step as long as round 1's: within the bound), so round 3 opens from A again. Were
 the sites to train from a model again, the difference of two rounds' sums over different
 sites would be one site's update.
+``nudge`` (masking): round 1 is published with its own model moved by 2**-40 of each float
+value as its result (below float32's precision: a float32 training script trains from the same
+numbers), and round 2 opens from it.
 ``cutoff`` (masking): site 3 is told it dropped out instead of being asked to unmask round 1
 (after the survivor list every site signed named it: its input is in the sum, unmasked with
 the others' shares), and round 1 is published with a made-up result (every learned value
@@ -62,6 +65,11 @@ def _lying_complete(self: Any, active: Any, average: np.ndarray, survivors: Any,
                              survivors, None, weight_sum)
     if active.view.number == 1 and MODE == "abort":
         return self._abort(active, "TOO_FEW_SURVIVORS", "a lie: the round was summed")
+    if active.view.number == 1 and MODE == "nudge":
+        model = active.view.model
+        step = np.where(model.integer_positions, 0.0, model.values * 2.0**-40)
+        return _complete(self, active, step / self.config.server_learning_rate, survivors,
+                         None, weight_sum)
     if active.view.number == 1 and MODE == "zero":
         return _complete(self, active, np.zeros_like(average), survivors, None, weight_sum)
     return _complete(self, active, average, survivors, release_blob, weight_sum)

@@ -32,9 +32,10 @@ def free_port() -> int:
 
 
 def initial_model(path: Path, shapes: dict[str, tuple[int, ...]] | None = None,
-                  steps_dtype: str = "int64") -> Path:
+                  steps_dtype: str = "int64", float_dtype: str = "float32") -> Path:
     rng = np.random.default_rng(0)
-    arrays = {k: rng.normal(0, 0.1, v).astype(np.float32) for k, v in (shapes or SHAPES).items()}
+    arrays = {k: rng.normal(0, 0.1, v).astype(float_dtype)
+              for k, v in (shapes or SHAPES).items()}
     arrays["steps"] = np.array(0, dtype=steps_dtype)
     np.savez(path, **arrays)  # type: ignore[arg-type]
     return path
@@ -77,11 +78,12 @@ def make_federation(tmp: Path, sites: int = 5, protocol: str = "masking", *,
                     rounds: int = 3, open_s: float = 20.0, stage_s: float = 4.0,
                     release_s: float = 30.0, key_holders: Sequence[int] = (1,),
                     shapes: dict[str, tuple[int, ...]] | None = None,
-                    steps_dtype: str = "int64", **overrides: Any) -> Federation:
+                    steps_dtype: str = "int64", float_dtype: str = "float32",
+                    **overrides: Any) -> Federation:
     from secagg.federation.config import Deadlines
 
     port = free_port()
-    model = initial_model(tmp / "init.npz", shapes, steps_dtype)
+    model = initial_model(tmp / "init.npz", shapes, steps_dtype, float_dtype)
     d = tmp / "federation"
     init_federation(d, sites, protocol=protocol, key_holders=key_holders,
                     aggregator=f"localhost:{port}", initial_model=model, rounds=rounds,

@@ -4,6 +4,7 @@ usage: service_site.py SITE_DIR OUT.jsonl [--drop ROUND:STAGE ...] [--die ROUND:
                                           [--slow ROUND:STAGE ...] [--record FILE:0]
                                           [--inflate-release ROUND:VALUE]
                                           [--repeat-release-site ROUND:0]
+                                          [--train-float32 0:0]
 
 Training adds ``site_delta(site, round)`` to the global model (tests/service_kit.py), so the
 test can compute plaintext FedAvg. ``--drop R:S`` makes the site stop answering in round R from
@@ -16,6 +17,8 @@ and the start of every payload it uploads; and appends every response and downlo
 receives from the aggregator to FILE.received. ``--inflate-release R:V`` (a lying CKKS key
 holder) replaces the first value of its released average in round R with V;
 ``--repeat-release-site R:0`` names one site twice in its release of round R.
+``--train-float32 0:0`` trains as a float32 torch model would: float tensors are cast to
+float32 before training, and the state submitted is float32.
 """
 
 from __future__ import annotations
@@ -137,6 +140,7 @@ def main() -> int:
     unclipped: dict[int, float] = {}
     progress_calls: list[str] = []
     broken_progress = False
+    float32 = False
     args = sys.argv[3:]
     while args:
         flag, value = args[0], args[1]
@@ -158,6 +162,8 @@ def main() -> int:
             unclipped[int(r)] = float(stage)  # element, past the SDK's clip
         elif flag == "--broken-progress":  # 0:0, a progress callback that always raises
             broken_progress = True
+        elif flag == "--train-float32":  # 0:0
+            float32 = True
     original_submit = Round._submit
 
     def submit(self: Round, **message: object) -> None:
@@ -200,6 +206,10 @@ def main() -> int:
 
                 clients.tensors.clip_l2 = lambda d, *a, **k: (d, 0.0)  # type: ignore[assignment]
                 delta = np.where(model.integer_positions, delta, unclipped[rnd.number])
+            if float32:  # what a float32 script sees of the model, and trains from
+                model = FlatModel.from_arrays({
+                    k: v.astype(np.float32) if v.dtype == np.float64 else v
+                    for k, v in model.to_arrays().items()})
             trained = model.with_values(model.values + delta)
             state = trained.to_arrays()
             try:

@@ -21,23 +21,35 @@ from tests.service_kit import ROOT, Aggregator, make_federation, run_sites
 
 
 @pytest.mark.parametrize(("protocol", "mode"), [("masking", "abort"), ("masking", "zero"),
-                                                ("masking", "aba"), ("ckks", "abort")])
+                                                ("masking", "aba"), ("ckks", "abort"),
+                                                ("masking", "nudge")])
 def test_no_site_sends_a_second_update_against_a_model_it_already_sent_one_against(
         tmp_path: Path, protocol: str, mode: str) -> None:
+    """``nudge``: a float64 model, float32 training scripts, and round 1's model moved below
+    float32's precision published as its result: another model to the float64 digest, the
+    same numbers to the sites' training. They refuse at submit, where their dtypes are known."""
     rerun = 3 if mode == "aba" else 2  # the round that starts from a model sent against
-    fed = make_federation(tmp_path, 3, protocol, rounds=rerun, open_s=6.0)
+    nudge = mode == "nudge"
+    fed = make_federation(tmp_path, 3, protocol, rounds=rerun, open_s=6.0,
+                          float_dtype="float64" if nudge else "float32")
 
     agg = Aggregator(fed, tmp_path / "aggregator.db", tmp_path / "aggregator.log",
                      launcher=(str(ROOT / "tests" / "lying_aggregator.py"), mode))
     agg.start()
     try:
-        reports = run_sites(fed, tmp_path, timeout=120)
+        reports = run_sites(fed, tmp_path, timeout=120, extra={
+            s: ("--train-float32", "0:0") for s in range(1, 4)} if nudge else None)
         agg.wait_for(lambda e: e.get("event") == "job_done")
     finally:
         agg.stop()
     counted = [e for e in agg.read() if e.get("round_id", "").endswith(f"round-{rerun}")
                and e.get("event") == "message_counted"]
     for site in range(1, 4):
+        if nudge:  # (refused by submit: a RoundAborted the site script reports)
+            assert [r["round"] for r in reports[site]] == [1, 2], reports[site]
+            assert "sends one update per model" in reports[site][1].get("reason", ""), (
+                reports[site])
+            continue
         err = (tmp_path / f"site-{site}.err").read_text()
         assert "sends one update per model" in err, (site, reports[site], err[-1500:])
         # the rounds before were the site's only ones
@@ -99,3 +111,66 @@ def test_a_round_from_a_re_encoding_of_a_model_sent_against_is_refused(tmp_path:
                                            r"round starts from \(job 'job-1', round 1\)"):
         next(site.rounds())
     assert conn.sent == []
+
+
+def _float64_round(tmp_path: Path, values: object) -> tuple[object, object]:
+    from secagg import wire
+    from secagg.model import FlatModel
+    from secagg.v1 import service_pb2
+    from tests.threat_model.test_site_sdk_lying_aggregator import _site
+
+    model = FlatModel.from_arrays({"w": values})
+    blob = wire.Blob((b"\x03" * 32,), len(model.to_bytes()))
+    info = service_pb2.RoundInfo(round=2, round_id="hospitals/job-1/round-2",
+                                 protocol=service_pb2.PROTOCOL_MASKING,
+                                 status=service_pb2.ROUND_STATUS_RUNNING,
+                                 model=wire.model_to_proto(model, blob))
+    site, conn = _site("masking", info, {blob.chunk_ids[0]: model.to_bytes()},
+                       directory=tmp_path)
+    site._model_digest = None  # (whatever it holds: the chain is another check's business)
+    return site, conn
+
+
+def test_a_model_nudged_below_the_sites_precision_is_the_model_it_sent_against(
+        tmp_path: Path) -> None:
+    """A float64 federation model, trained by a script in float32 (torch's default: the
+    state dict is cast into float32 parameters). The site sent an update against M in round
+    1; the aggregator publishes M moved by 2**-40 of each value (within any result bound) and
+    opens round 2 from it without another site: a new model to the float64 digest, but the
+    site's float32 training starts from the same numbers, so with deterministic training the
+    two sums differ by the left-out site's update (a helper's rerun). The site refuses at
+    submit, where its tensors' dtypes are known, before anything is sent; a site that trains
+    in float64 sees another model and takes part."""
+    import numpy as np
+
+    from clients.errors import RoundAborted
+    from secagg.model import FlatModel
+
+    rng = np.random.default_rng(5)  # test data only
+    m = rng.normal(0, 0.1, 16)
+    nudged = m * (1 + 2.0**-40)
+    first, again = FlatModel.from_arrays({"w": m}), FlatModel.from_arrays({"w": nudged})
+    assert first.training_digest != again.training_digest
+    trained = {"w": nudged.astype(np.float32) + np.float32(0.01)}
+
+    site, conn = _float64_round(tmp_path, nudged)
+    # what round 1's submit recorded for a float32 site: both digests of M
+    site._history.record_sent("job-1", 1, first.training_digest,
+                              first.training_digest_as({"w": "float32"}))
+    rnd = next(site.rounds())
+    with pytest.raises(RoundAborted, match="already sent an update against the model this "
+                                           r"round starts from \(as this site's tensors"):
+        rnd.submit(trained, weight=1)
+    assert conn.sent == []
+    assert site._history.last_round("job-1") == 0  # not spent: nothing of it left
+
+    # a float64 script trains from other numbers: the round is its to take part in
+    (tmp_path / "f64").mkdir()
+    site64, conn64 = _float64_round(tmp_path / "f64", nudged)
+    site64._history.record_sent("job-1", 1, first.training_digest,
+                                first.training_digest_as({"w": "float64"}))
+    rnd64 = next(site64.rounds())
+    with pytest.raises(Exception) as went_on:
+        rnd64.submit({"w": nudged + 0.01}, weight=1)
+    assert "one update per model" not in str(went_on.value)
+    assert conn64.sent  # its advertisement left: the round is its to take part in
