@@ -53,6 +53,7 @@ from secagg.errors import (
     WorkersFailed,
 )
 from secagg.federation.kit import SiteKit
+from secagg.hazmat.secret import scrubs_locals
 from secagg.masking import MaskingClient, Stage
 from secagg.masking.messages import MaskedInput
 from secagg.masking.precision import result_bound
@@ -679,6 +680,10 @@ class Round:
         """The model the round starts from, as a state dict (torch tensors or numpy arrays)."""
         return tensors.as_tensors(self.model.to_arrays(), self._site._tensors)
 
+    # (an exception leaves the SDK's frames without their locals, which held the site's
+    # update, its seeds and the shares other sites sealed to it: hazmat.secret.scrub_locals)
+    # defence: sdk.submit-leaves-no-locals
+    @scrubs_locals
     def submit(self, state_dict: Mapping[str, Any], weight: float) -> dict[str, Any]:
         """Send this site's update and wait for the round's result: the new global model."""
         # defence: sdk.submit-once-per-round-object

@@ -34,6 +34,7 @@ from secagg.errors import (
     WorkersFailed,
 )
 from secagg.hazmat import signing
+from secagg.hazmat.secret import scrubs_locals
 
 ProgressCallback = Callable[[int, int], None]  # (chunks done, chunks total)
 InputProvider = Callable[[], tuple[np.ndarray, float]]
@@ -89,6 +90,8 @@ class CkksClient:
     def __repr__(self) -> str:
         return f"CkksClient(site_id={self.site_id}, stage={self.stage.name})"
 
+    # defence: ckks.client.exceptions-leave-no-locals
+    @scrubs_locals  # (its frames hold the site's update: hazmat.secret.scrub_locals)
     def start(self) -> EncryptedUpdate:
         if self.stage is not CkksStage.UPLOAD:
             raise PreconditionError(f"start is not valid in stage {self.stage.name}")

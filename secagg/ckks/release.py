@@ -70,6 +70,7 @@ from secagg.errors import (
     RefusedMessage,
 )
 from secagg.hazmat import signing
+from secagg.hazmat.secret import scrubs_locals
 
 __all__ = ["MAX_NOISE_SHARE", "Release", "check_released_norm", "decrypt_verified_sum",
            "gaussian", "least_l2_weight_sum", "release_average"]
@@ -176,6 +177,8 @@ class Release:
         self._sites.add(update.site_id)
         self._upload_digests[update.site_id] = chunks_digest
 
+    # defence: ckks.release.exceptions-leave-no-locals
+    @scrubs_locals  # (decrypted sums and the flooding key: hazmat.secret.scrub_locals)
     def finish(self, aggregate: EncryptedAggregate) -> ReleasedAverage:
         """Compare with the aggregator's sum, decrypt, check, flood, round, divide, record."""
         config = self._config
@@ -227,14 +230,9 @@ class Release:
             self._sum.stop_soon()
             raise RefusedMessage(RefusalReason.OUT_OF_RANGE,
                                  "the aggregate holds values no honest round produces")
-        try:
-            return self._flooded(digest, sites, bound)
-        except RefusedMessage as e:
-            # The refused sum, decrypted, and the flooding key were the refusing frame's
-            # locals: a traceback that shows locals (pytest -l, an error tracker) showed what
-            # the refusal withholds. Raised again from here, that frame is not in it.
-            # defence: ckks.release.refusal-drops-decrypted-locals
-            raise e.with_traceback(None) from None
+        # (a refusal from _flooded leaves its frame, which held the decrypted sum and the
+        # flooding key, without locals: the decorator above)
+        return self._flooded(digest, sites, bound)
 
     def _flooded(self, digest: bytes, sites: int, bound: float) -> ReleasedAverage:
         config = self._config

@@ -10,8 +10,17 @@ needs them (``serialization.load_pem_private_key(s.reveal(), None)``).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hmac
-from typing import NoReturn
+import inspect
+from collections.abc import Callable
+from types import TracebackType
+from typing import NoReturn, ParamSpec, TypeVar
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_SUSPENDABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
 
 class SecretBytes:
@@ -56,3 +65,49 @@ class SecretBytes:
 def reveal(data: bytes | SecretBytes) -> bytes:
     """``data``'s bytes, whichever of the two it is."""
     return data.reveal() if isinstance(data, SecretBytes) else data
+
+
+def scrub_locals(error: BaseException) -> None:
+    """Clear the local variables of every frame ``error`` has left (its traceback's, and
+    those of the exceptions it was raised from or while handling, and of a group's members),
+    so a tool that shows a traceback's locals shows none of them. The frames' code lines stay.
+
+    A site interrupted mid-round (Ctrl-C, a SIGTERM handler's ``sys.exit``, a MemoryError, an
+    exception from its own input provider) raised through frames holding its mask seeds, the
+    Shamir shares other sites sealed to it and its quantised update: ``pytest -l``, rich's and
+    IPython's verbose tracebacks and error trackers that record locals (Sentry's default)
+    printed them. The frame the exception is being handled in, still running, is left as it
+    is (whoever catches it holds it), and so are generators' and coroutines' frames (clearing
+    a suspended one would close it)."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        tb: TracebackType | None = e.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            if not frame.f_code.co_flags & _SUSPENDABLE:
+                with contextlib.suppress(RuntimeError):  # a frame still running (the
+                    frame.clear()                        # handler's own): left as it is
+            tb = tb.tb_next
+        pending += [e.__cause__, e.__context__]
+        if isinstance(e, BaseExceptionGroup):
+            pending += list(e.exceptions)
+
+
+def scrubs_locals(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``fn``, whose exceptions leave with the locals of the frames below it cleared
+    (:func:`scrub_locals`): for the entry points of code that holds secrets in its frames."""
+    @functools.wraps(fn)
+    def scrubbed(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return fn(*args, **kwargs)
+        # defence: hazmat.secret.exceptions-leave-no-locals
+        except BaseException as e:
+            scrub_locals(e)
+            raise
+
+    return scrubbed

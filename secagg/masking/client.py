@@ -35,6 +35,7 @@ from secagg.errors import AbortReason, InvalidMessage, PreconditionError, Protoc
 from secagg.hazmat import aead, shamir, signing
 from secagg.hazmat.key_agreement import PUBLIC_KEY_BYTES, AgreementKey, key_class
 from secagg.hazmat.prg import SEED_BYTES, MaskTerm, RangeSplitMasker, apply_masks
+from secagg.hazmat.secret import scrubs_locals
 from secagg.masking import _common
 from secagg.masking.config import RoundConfig
 from secagg.masking.messages import (
@@ -150,6 +151,8 @@ class MaskingClient:
         self.stage = Stage.SHARE_KEYS
         return AdvertiseKeys(self.site_id, enc_pk, mask_pk, sig)
 
+    # defence: masking.client.exceptions-leave-no-locals
+    @scrubs_locals  # (its frames hold seeds and shares: hazmat.secret.scrub_locals)
     def handle(self, message: ServerMessage) -> SiteMessage:
         """Process one server message and return the reply. Raises on refusal (see module doc)."""
         handlers: dict[type, tuple[Stage, Callable[..., SiteMessage]]] = {
