@@ -644,7 +644,11 @@ class Job:
         # doing (it is not on the call) but the store's, damaged or edited under the job
         if replay:
             raise ServiceError(UNAVAILABLE, "the store's events do not replay: a recorded "
-                                            f"message is refused now ({refusal})") from None
+                                            f"message is refused now ({refusal}); if the "
+                                            "federation config changed since the round began "
+                                            "(its [update], [masking] or [ckks] settings make "
+                                            "the round's parameters, which sites sign), "
+                                            "restore it, or start a new [job] id") from None
         raise refusal from None
 
     def _apply_masking(self, active: _Active, site: int, kind: str | None,

@@ -208,6 +208,10 @@ def chunk_id(data: bytes | memoryview) -> bytes:
 
 def normalize_url(url: str) -> str:
     """A path is a SQLite file; ``postgresql://`` means the psycopg (3) driver."""
+    # (an empty --store was SQLite's in-memory database: `aggregator migrate --store ""`
+    # reported a migration of a store that is gone when it exits)
+    if not url.strip():
+        raise StoreError("the store is empty: name a SQLite file or a database URL")
     if "://" not in url:
         # quoted: SQLAlchemy decodes %XX in a URL and takes '?' for its query, so the store
         # 'agg%41.db' was opened as 'aggA.db' and 'a?b.db' as 'a'

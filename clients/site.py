@@ -57,7 +57,7 @@ from secagg.hazmat.secret import scrubs_locals
 from secagg.masking import MaskingClient, Stage
 from secagg.masking.messages import MaskedInput
 from secagg.masking.precision import result_bound
-from secagg.model import FlatModel
+from secagg.model import TRAINING_FLOATS, FlatModel
 from secagg.v1 import service_pb2
 
 _log = logging.getLogger("clients")
@@ -218,9 +218,14 @@ class Site:
 
     def __init__(self, kit: SiteKit, connection: Connection, *, tensors_kind: str = "auto",
                  progress: Progress | None = None, workers: int = 1,
-                 history_dir: str | Path | None = None) -> None:
+                 history_dir: str | Path | None = None,
+                 training_dtype: str | None = None) -> None:
         if type(workers) is not int or workers < 1:
             raise ConfigurationError(f"workers must be an integer >= 1, got {workers!r}")
+        if training_dtype is not None and training_dtype not in TRAINING_FLOATS:
+            raise ConfigurationError(f"training_dtype must be one of "
+                                     f"{sorted(TRAINING_FLOATS)} or None, got {training_dtype!r}")
+        self.training_dtype = training_dtype
         self.kit = kit
         self._capped_warned: set[str] = set()  # integer tensors warned of (_warn_capped_counters)
         self.workers = workers  # CKKS: processes to encrypt with, and (key holder) to release
@@ -256,14 +261,19 @@ class Site:
     @classmethod
     def connect(cls, site_dir: str | Path, *, tensors: str = "auto",
                 progress: Progress | None = None, retry_seconds: float = 300.0,
-                workers: int = 1, history_dir: str | Path | None = None) -> Site:
+                workers: int = 1, history_dir: str | Path | None = None,
+                training_dtype: str | None = None) -> Site:
         """Load the site's directory (keys, certificates, signed roster, config) and connect.
         ``workers``: processes for CKKS encryption and, at the key holder, for verifying and
         releasing (CKKS work is CPU-bound and TenSEAL holds the GIL; a training script that
         calls this must then guard its entry point with ``if __name__ == "__main__":``).
         ``history_dir``: where the record of rounds sent to is kept (default: the site
         directory; give a writable one when that is mounted read-only, and keep it across
-        restarts)."""
+        restarts). ``training_dtype``: the float precision training computes in when it is
+        coarser than the state dict's tensors ("bfloat16" or "float16" under
+        ``torch.autocast``; a bfloat16 or float16 state dict says so itself): a site sends
+        one update per model as training reads it, so a model moved below that precision
+        is the model it already sent against."""
         # A worker process (workers > 1: started with spawn) imports the training script
         # again as it starts; unguarded, the copy ran the script as another instance of this
         # site: it spent later rounds in history.json, announced keys, and the parent hung
@@ -287,7 +297,8 @@ class Site:
                 "aggregator would choose the model this site starts from; ask the federation's "
                 "operator for it (secagg federation init --model writes it)")
         return cls(kit, Connection(kit, retry_seconds=retry_seconds), tensors_kind=tensors,
-                   progress=progress, workers=workers, history_dir=history_dir)
+                   progress=progress, workers=workers, history_dir=history_dir,
+                   training_dtype=training_dtype)
 
     def close(self) -> None:
         self._closed = True
@@ -360,6 +371,8 @@ class Site:
             return False
         return True
 
+    # defence: sdk.aggregate-leaves-no-locals
+    @scrubs_locals  # (its frame holds the state dict: hazmat.secret.scrub_locals)
     def aggregate(self, state_dict: Mapping[str, Any], weight: float) -> dict[str, Any]:
         """One round: send ``state_dict`` (against the round's model) and return the average."""
         for rnd in self.rounds():
@@ -707,6 +720,12 @@ class Round:
         # float32's precision (2**-40 of each value) was another model to the rule though a
         # float32 training script trained from it exactly as from the one it had sent an
         # update against (a helper's rerun, exact with deterministic training)
+        computes = self._site.training_dtype
+        # defence: sdk.training-dtype-rounds-the-model
+        if computes is not None:  # (autocast: coarser than the tensors it keeps)
+            dtypes = {name: computes if dtype in TRAINING_FLOATS
+                      and TRAINING_FLOATS[computes] < TRAINING_FLOATS[dtype] else dtype
+                      for name, dtype in dtypes.items()}
         trained = self.model.training_digest_as(dtypes)
         sent = self._site._history.sent_against(trained)
         # defence: sdk.one-update-per-model-as-trained

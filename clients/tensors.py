@@ -19,9 +19,12 @@ from secagg.errors import ConfigurationError
 from secagg.model import FlatModel
 
 
-def to_numpy(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def to_numpy(state: Mapping[str, Any], bfloat16: set[str] | None = None,
+             ) -> dict[str, np.ndarray]:
     """A state dict's values as numpy arrays; a clear ConfigurationError for what is not a
-    state dict or holds a tensor with no values numpy can take."""
+    state dict or holds a tensor with no values numpy can take. A bfloat16 tensor (numpy has
+    no such dtype) comes as float32, which holds its every value, its name added to
+    ``bfloat16`` if given."""
     # defence: sdk.state-dict-is-a-mapping
     if not isinstance(state, Mapping):
         hint = (" (a module: pass model.state_dict())" if hasattr(state, "state_dict")
@@ -31,6 +34,11 @@ def to_numpy(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
     out = {}
     for name, value in state.items():
         if hasattr(value, "detach"):  # a torch tensor
+            if str(getattr(value, "dtype", "")) == "torch.bfloat16":
+                # defence: sdk.bfloat16-training-precision-kept
+                if bfloat16 is not None:
+                    bfloat16.add(str(name))
+                value = value.float()
             value = _torch_values(str(name)[:64], value)
         # defence: sdk.no-masked-array
         # (np.asarray drops a masked array's mask: its masked entries, junk, went out as
@@ -76,10 +84,11 @@ def _torch_values(name: str, tensor: Any) -> np.ndarray:
         if tensor.is_neg():
             tensor = tensor.resolve_neg()
         return tensor.numpy()  # type: ignore[no-any-return]
-    except TypeError:  # bfloat16 and other dtypes numpy has not got
+    except TypeError:  # dtypes numpy has not got (bfloat16 is converted above)
         raise ConfigurationError(
             f"tensor {name!r} is {tensor.dtype}, which models do not carry "
-            "(float16/32/64, integers, bool): convert it first, e.g. .float()") from None
+            "(float16/32/64, bfloat16, integers, bool): convert it first, e.g. .float()"
+            ) from None
     except RuntimeError as e:
         raise ConfigurationError(f"tensor {name!r} ({tensor.dtype}) cannot be read as an "
                                  f"array: {str(e).splitlines()[0][:120]}") from None
@@ -109,8 +118,10 @@ def flatten_like(state: Mapping[str, Any], model: FlatModel) -> np.ndarray:
 def flatten_with_dtypes(state: Mapping[str, Any], model: FlatModel,
                         ) -> tuple[np.ndarray, dict[str, str]]:
     """``flatten_like``, and the dtype each of the state's tensors has (name -> numpy dtype
-    name): the precision the site trains in, which may be less than the model's."""
-    arrays = to_numpy(state)
+    name, or "bfloat16"): the precision the site trains in, which may be less than the
+    model's."""
+    bfloat16: set[str] = set()
+    arrays = to_numpy(state, bfloat16)
     names = [t.name for t in model.spec]
     # tensors are placed by name, as load_state_dict does: a state dict built in another
     # order (parameters, then buffers) is the same model, its values where the model's go
@@ -151,7 +162,8 @@ def flatten_with_dtypes(state: Mapping[str, Any], model: FlatModel,
             f"tensor {beyond[:64]!r} holds a value its dtype in the round's model ({dtype}) "
             "cannot hold: keep it in that dtype's range (e.g. load it into the model and "
             "take model.state_dict())")
-    return flat.values, {t.name: t.dtype for t in flat.spec}
+    return flat.values, {t.name: "bfloat16" if t.name in bfloat16 else t.dtype
+                         for t in flat.spec}
 
 
 def _is_float(dtype: str) -> bool:

@@ -89,12 +89,35 @@ def _flush_subnormals(values: np.ndarray, spec: tuple[TensorSpec, ...]) -> None:
             np.copysign(0.0, part, out=part, where=tiny[:n])  # zeros stay as they are
 
 
+# the float precisions a site may train in, by bytes a value: bfloat16 (torch's; numpy has
+# none) is what training in it, or autocast to it, reads of a float32 or float64 tensor
+TRAINING_FLOATS = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
+
+
 def _rounds_coarser(own: str, held: str) -> bool:
     """Whether a float tensor of dtype ``own`` loses precision loaded into one of ``held``."""
-    if held not in SUPPORTED_DTYPES:
+    if held not in TRAINING_FLOATS or np.dtype(own).kind != "f":
         return False
-    a, b = np.dtype(own), np.dtype(held)
-    return a.kind == "f" and b.kind == "f" and b.itemsize < a.itemsize
+    return TRAINING_FLOATS[held] < np.dtype(own).itemsize
+
+
+def _as_held(values: np.ndarray, held: str) -> np.ndarray:
+    """``values`` rounded as torch rounds them into a tensor of ``held`` (to float32 first,
+    then to a 16-bit float from there: torch's casts from float64 go through float), back as
+    float64."""
+    with np.errstate(over="ignore"):  # (beyond a 16-bit float's range: inf, as held)
+        single = values.astype(np.float32)
+        if held == "float16":
+            return single.astype(np.float16).astype(np.float64)
+        if held == "bfloat16":  # round to nearest even on the top 16 bits
+            wide = single.view(np.uint32).astype(np.uint64)
+            wide += np.uint64(0x7FFF) + ((wide >> np.uint64(16)) & np.uint64(1))
+            wide &= np.uint64(0xFFFF0000)
+            rounded = wide.astype(np.uint32).view(np.float32)
+            # (NaN is not a model value; a value past bfloat16's largest rounds to inf,
+            # as torch's does)
+            return rounded.astype(np.float64)
+        return single.astype(np.float64)
 
 
 def _int_bounds(dtype: np.dtype) -> tuple[int, int]:
@@ -211,13 +234,20 @@ class FlatModel:
         return self.training_digest_as({})
 
     def training_digest_as(self, dtypes: Mapping[str, str]) -> bytes:
-        """``training_digest`` of this model as tensors of ``dtypes`` (name -> numpy dtype
-        name) hold it: a float tensor that a site trains in a less precise float dtype than
-        the model's (a float64 model loaded into float32 parameters, torch's default) is
-        hashed as that dtype rounds it. A model nudged below the site's precision (2**-40 of
-        each float64 value, a "new" model to the float64 digest) trains the same, and is the
-        same model to the one-update rule; a tensor not named, of another kind or of a dtype
-        at least as precise, as ``training_digest``."""
+        """``training_digest`` of this model as tensors of ``dtypes`` (name -> a float
+        precision of ``TRAINING_FLOATS``) hold it: a float tensor that a site trains in a
+        less precise float than the model's (a float64 model loaded into float32 parameters,
+        torch's default; bfloat16 training, or autocast) is hashed as that precision rounds
+        it. A model nudged below the site's precision (2**-40 of each float64 value, a "new"
+        model to the float64 digest) trains the same, and is the same model to the
+        one-update rule; a tensor not named, of another kind or of a dtype at least as
+        precise, as ``training_digest``.
+
+        Integer and bool tensors count by name and shape, not values: a made-up result
+        moving only a counter that training does not read (BatchNorm's
+        ``num_batches_tracked``) gave the sites' exact updates again, and an honest round
+        moves the float values too (one that moves none is the model published again, which
+        the rule refuses anyway)."""
         where, pos = {}, 0
         for t in self.spec:
             where[t.name] = (pos, pos + t.size, t.shape, t.dtype)
@@ -226,12 +256,15 @@ class FlatModel:
         # defence: model.training-digest-in-name-order
         for name in sorted(where):
             start, end, shape, own = where[name]
+            # defence: model.training-digest-leaves-out-counters
+            if np.dtype(own).kind != "f":
+                parts.append(encode("counter", name, list(shape)))
+                continue
             values = self.values[start:end]
             held = dtypes.get(name)
             # defence: model.training-digest-as-the-site-holds-it
             if held is not None and _rounds_coarser(own, held):
-                with np.errstate(over="ignore"):  # (beyond float16's range: inf, as held)
-                    values = values.astype(held).astype(np.float64)
+                values = _as_held(values, held)
             # defence: model.training-digest-folds-signed-zeros
             values = values + 0.0  # (-0.0 + 0.0 is 0.0)
             parts.append(encode("tensor", name, list(shape)) + payload_digest(values.data))

@@ -41,6 +41,8 @@ InputProvider = Callable[[], tuple[np.ndarray, float]]
 
 
 class CkksClient:
+    # defence: ckks.client.refusals-at-construction-leave-no-locals
+    @scrubs_locals  # (a refused input: the update in the checks' frames)
     def __init__(
         self,
         config: CkksRoundConfig,
@@ -88,7 +90,10 @@ class CkksClient:
         self.stage = CkksStage.UPLOAD
 
     def __repr__(self) -> str:
-        return f"CkksClient(site_id={self.site_id}, stage={self.stage.name})"
+        # (getattr: a half-built client, in a traceback's locals, made the report itself fail)
+        stage = getattr(self, "stage", None)
+        return (f"CkksClient(site_id={getattr(self, 'site_id', None)}, "
+                f"stage={stage.name if stage is not None else None})")
 
     # defence: ckks.client.exceptions-leave-no-locals
     @scrubs_locals  # (its frames hold the site's update: hazmat.secret.scrub_locals)

@@ -120,6 +120,8 @@ def check_released_norm(params: Preset, sites: int, clip_norm: float, weight_sum
 class Release:
     """One key holder's verification and release of one round's aggregate."""
 
+    # defence: ckks.release.construction-leaves-no-locals
+    @scrubs_locals  # (the workers are handed the secret context: _shards)
     def __init__(self, holder: KeyHolder, config: CkksRoundConfig, *, site_id: int,
                  workers: int = 1) -> None:
         """``workers`` > 1: parse, add, compare and decrypt in that many worker processes,

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import hmac
 import inspect
+import sys
 from collections.abc import Callable
 from types import TracebackType
 from typing import NoReturn, ParamSpec, TypeVar
@@ -67,7 +68,7 @@ def reveal(data: bytes | SecretBytes) -> bytes:
     return data.reveal() if isinstance(data, SecretBytes) else data
 
 
-def scrub_locals(error: BaseException) -> None:
+def scrub_locals(error: BaseException, keep: BaseException | None = None) -> None:
     """Clear the local variables of every frame ``error`` has left (its traceback's, and
     those of the exceptions it was raised from or while handling, and of a group's members),
     so a tool that shows a traceback's locals shows none of them. The frames' code lines stay.
@@ -78,8 +79,10 @@ def scrub_locals(error: BaseException) -> None:
     IPython's verbose tracebacks and error trackers that record locals (Sentry's default)
     printed them. The frame the exception is being handled in, still running, is left as it
     is (whoever catches it holds it), and so are generators' and coroutines' frames (clearing
-    a suspended one would close it)."""
-    seen: set[int] = set()
+    a suspended one would close it). ``keep``, the exception the caller was handling when it
+    called in (the context of anything raised inside), is left with its chain: those frames
+    are the caller's own, and keep their values for its debugging."""
+    seen: set[int] = set() if keep is None else {id(keep)}
     pending: list[BaseException | None] = [error]
     while pending:
         e = pending.pop()
@@ -103,11 +106,16 @@ def scrubs_locals(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     (:func:`scrub_locals`): for the entry points of code that holds secrets in its frames."""
     @functools.wraps(fn)
     def scrubbed(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        handling = sys.exc_info()[1]  # the caller's, if it calls from an except block
         try:
             return fn(*args, **kwargs)
         # defence: hazmat.secret.exceptions-leave-no-locals
         except BaseException as e:
-            scrub_locals(e)
+            scrub_locals(e, keep=handling)
+            # this frame, still running, is in the traceback too: its arguments (a site's
+            # trained state dict passed to submit) go before the exception leaves it
+            # defence: hazmat.secret.wrapper-drops-its-arguments
+            del args, kwargs
             raise
 
     return scrubbed

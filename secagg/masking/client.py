@@ -93,6 +93,8 @@ class MaskingClient:
     masked-input stage (so a site can train while keys are exchanged).
     """
 
+    # defence: masking.client.refusals-at-construction-leave-no-locals
+    @scrubs_locals  # (a refused input: the update in the checks' frames)
     def __init__(
         self,
         config: RoundConfig,
@@ -133,7 +135,10 @@ class MaskingClient:
         self._q = config.consistency_quorum
 
     def __repr__(self) -> str:
-        return f"MaskingClient(site_id={self.site_id}, stage={self.stage.name})"
+        # (getattr: a half-built client, in a traceback's locals, made the report itself fail)
+        stage = getattr(self, "stage", None)
+        return (f"MaskingClient(site_id={getattr(self, 'site_id', None)}, "
+                f"stage={stage.name if stage is not None else None})")
 
     def __reduce__(self) -> NoReturn:
         raise TypeError("MaskingClient holds secrets and cannot be pickled")

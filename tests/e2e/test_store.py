@@ -370,6 +370,14 @@ def test_a_backup_of_a_store_that_is_not_there_leaves_no_file_behind(tmp_path: P
     assert backup(str(good), out) > 0
 
 
+def test_an_empty_store_name_is_refused_not_taken_for_an_in_memory_database() -> None:
+    """`migrate --store ""` reported migrating SQLite's in-memory database, gone at exit."""
+    with pytest.raises(StoreError, match="the store is empty"):
+        migrate("")
+    with pytest.raises(StoreError, match="the store is empty"):
+        Store("  ")
+
+
 def test_migrate_refuses_a_database_that_is_not_an_aggregator_store(tmp_path: Path) -> None:
     """`secagg aggregator migrate --store` pointed at another application's database: refused,
     and nothing of ours is created in it."""

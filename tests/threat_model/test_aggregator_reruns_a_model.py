@@ -174,3 +174,89 @@ def test_a_model_nudged_below_the_sites_precision_is_the_model_it_sent_against(
         rnd64.submit({"w": nudged + 0.01}, weight=1)
     assert "one update per model" not in str(went_on.value)
     assert conn64.sent  # its advertisement left: the round is its to take part in
+
+
+def test_a_model_that_differs_only_in_a_counter_is_the_model_sent_against(
+        tmp_path: Path) -> None:
+    """A made-up result moving only an integer buffer training does not read (BatchNorm's
+    ``num_batches_tracked`` + 1) had every site's next update bit for bit the same (a
+    second-round helper's rerun). Integer tensors count by name and shape only: the round
+    is refused before anything is sent. (An honest round moves the float values too.)"""
+    import numpy as np
+
+    from clients.errors import RoundAborted
+    from secagg import wire
+    from secagg.model import FlatModel
+    from secagg.v1 import service_pb2
+    from tests.threat_model.test_site_sdk_lying_aggregator import _site
+
+    w = np.linspace(-1, 1, 8).astype(np.float32)
+    a = FlatModel.from_arrays({"w": w, "n": np.array(5, np.int64)})
+    bumped = FlatModel.from_arrays({"w": w, "n": np.array(6, np.int64)})
+    assert a.training_digest == bumped.training_digest
+    assert FlatModel.from_arrays({"w": w + 1, "n": np.array(5, np.int64)}
+                                 ).training_digest != a.training_digest
+    blob = wire.Blob((b"\x03" * 32,), len(bumped.to_bytes()))
+    info = service_pb2.RoundInfo(round=2, round_id="hospitals/job-1/round-2",
+                                 protocol=service_pb2.PROTOCOL_MASKING,
+                                 status=service_pb2.ROUND_STATUS_RUNNING,
+                                 model=wire.model_to_proto(bumped, blob))
+    site, conn = _site("masking", info, {blob.chunk_ids[0]: bumped.to_bytes()},
+                       directory=tmp_path)
+    site._history.record_sent("job-1", 1, a.training_digest)
+    site._model_digest = None
+    with pytest.raises(RoundAborted, match="already sent an update against"):
+        next(site.rounds())
+    assert conn.sent == []
+
+
+@pytest.mark.parametrize("how", ["bfloat16-state-dict", "autocast"])
+def test_a_model_nudged_below_a_16_bit_training_precision_is_the_model_sent_against(
+        tmp_path: Path, how: str) -> None:
+    """A site that trains in bfloat16 (its state dict bfloat16; or float32 weights read in
+    bfloat16 under autocast, which it says with ``training_dtype``) reads a float32 model
+    moved below bfloat16's precision as the same numbers: refused at submit. Without the
+    knob, the float32 state dict is all the SDK knows: another model to it."""
+    import numpy as np
+    import torch
+
+    from clients.errors import RoundAborted
+    from secagg.model import FlatModel
+
+    m = np.array([0.5, 0.25, -1.0, 0.125] * 4, np.float32)  # exact in bfloat16
+    nudged = (m * np.float32(1 + 2.0**-12)).astype(np.float32)  # below bfloat16's 2**-8
+    first = FlatModel.from_arrays({"w": m})
+    assert FlatModel.from_arrays({"w": nudged}).training_digest != first.training_digest
+
+    site, conn = _float64_round(tmp_path, nudged)
+    site._history.record_sent("job-1", 1, first.training_digest,
+                              first.training_digest_as({"w": "bfloat16"}))
+    rnd = next(site.rounds())
+    if how == "autocast":
+        site.training_dtype = "bfloat16"
+        state: dict[str, object] = {"w": nudged + np.float32(0.01)}
+    else:
+        state = {"w": torch.from_numpy(nudged + np.float32(0.01)).to(torch.bfloat16)}
+    with pytest.raises(RoundAborted, match="as this site's tensors hold it"):
+        rnd.submit(state, weight=1)
+    assert conn.sent == []
+
+    (tmp_path / "f32").mkdir()
+    site32, conn32 = _float64_round(tmp_path / "f32", nudged)
+    site32._history.record_sent("job-1", 1, first.training_digest,
+                                first.training_digest_as({"w": "float32"}))
+    with pytest.raises(Exception) as went_on:
+        next(site32.rounds()).submit({"w": nudged + np.float32(0.01)}, weight=1)
+    assert "one update per model" not in str(went_on.value)
+    assert conn32.sent
+
+
+def test_training_dtype_is_a_float_precision() -> None:
+    from clients.site import Site
+    from secagg.errors import ConfigurationError
+    from tests.threat_model.test_site_sdk_lying_aggregator import _site
+
+    site, conn = _site("masking", None, {})
+    for bad in ("int8", "float128", 16, "bf16"):
+        with pytest.raises(ConfigurationError, match="training_dtype must be one of"):
+            Site(site.kit, conn, training_dtype=bad)  # type: ignore[arg-type]

@@ -171,3 +171,90 @@ def test_an_interruption_of_submit_leaves_no_update_in_the_traceback(
     with pytest.raises(KeyboardInterrupt) as caught:
         rnd.submit({"w": np.full(8, 0.123456789, np.float32)}, weight=1)
     assert _shown_locals(caught.value) == []
+
+
+def test_the_entry_points_own_frame_drops_the_arguments_it_was_called_with(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wrapper's frame, still running as it clears the others, is in the traceback too,
+    and held submit's arguments: the trained state dict, passed as a temporary (a second-round
+    helper's finding). So did ``Site.aggregate``'s frame, which was not wrapped."""
+    import clients.tensors
+    from tests.threat_model.test_site_sdk_lying_aggregator import _model_info, _site
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(clients.tensors, "clip_l2", interrupted)
+    for call in ("submit", "aggregate"):
+        info, payloads = _model_info(1, "hospitals/job-1/round-1")
+        site, _ = _site("masking", info, payloads)
+        with pytest.raises(KeyboardInterrupt) as caught:
+            if call == "submit":
+                next(site.rounds()).submit({"w": np.full(8, 0.123456789, np.float32)}, 1)
+            else:
+                site.aggregate({"w": np.full(8, 0.123456789, np.float32)}, 1)
+        shown = [(f.f_code.co_name, sorted(set(f.f_locals) - {"fn", "handling"}))
+                 for f in _frames(caught.value) if f.f_code.co_filename != __file__]
+        assert [(name, kept) for name, kept in shown if kept] == [], call
+        assert "0.1234567" not in _report(caught.value), call
+
+
+def test_the_callers_own_frames_keep_their_locals() -> None:
+    """Called from the script's own ``except`` block, submit's exception has the script's
+    exception as its context: that chain is the script's, and keeps its values."""
+    from tests.threat_model.test_site_sdk_lying_aggregator import _model_info, _site
+
+    info, payloads = _model_info(1, "hospitals/job-1/round-1")
+    site, _ = _site("masking", info, payloads)
+    rnd = next(site.rounds())
+
+    def evaluate() -> None:
+        accuracy = 0.25  # noqa: F841 (the script's own local, for its debugging)
+        raise ValueError("evaluation failed")
+
+    try:
+        evaluate()
+    except ValueError:
+        with pytest.raises(Exception) as caught:
+            rnd.submit({"w": np.zeros(8, np.float32)}, weight=0)  # (refused: weight 0)
+    context = caught.value.__context__
+    assert isinstance(context, ValueError)
+    frames = [f for f in _frames(context) if f.f_code.co_name == "evaluate"]
+    assert frames and frames[0].f_locals.get("accuracy") == 0.25
+
+
+def test_a_refused_input_leaves_no_update_in_the_traceback() -> None:
+    """The clients check their input when built: a refusal there passed through the checks'
+    frames, which held the update."""
+    from secagg.ckks import CkksClient
+    from secagg.masking import MaskingClient
+    from tests.ckks_kit import CkksRound
+
+    r = MaskingRound(sites=3, vector_length=16)
+    bad = np.full(16, np.nan)
+    with pytest.raises(Exception) as caught:
+        MaskingClient(r.config, 1, r.identities[1], (bad, 1.0))
+    assert _shown_locals(caught.value) == []
+    c = CkksRound(sites=3, vector_length=16)
+    with pytest.raises(Exception) as caught:
+        CkksClient(c.config, 2, c.identities[2], c.public, (bad, 1.0))
+    assert _shown_locals(caught.value) == []
+
+
+def test_release_workers_that_fail_to_start_leave_no_secret_context_in_the_traceback(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With workers, the key holder's secret context is exported for them: a failure while
+    starting them passed through the frame that held it."""
+    from secagg.ckks import _shards
+    from secagg.ckks.release import Release
+    from tests.ckks_kit import CkksRound
+
+    r = CkksRound(sites=3, vector_length=20000)
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("cannot start a worker")
+
+    monkeypatch.setattr(_shards, "_Worker", failing)
+    with pytest.raises(OSError) as caught:
+        Release(r.holder, r.config, site_id=1, workers=2)
+    assert _shown_locals(caught.value) == []

@@ -28,15 +28,21 @@ def test_clip_scales_learned_values_to_the_bound_and_leaves_counters_alone() -> 
     assert norm == 5.0 and np.allclose(plain, [0.6, 0.8])
 
 
-def test_a_bfloat16_state_dict_is_a_clear_error_not_a_numpy_traceback() -> None:
-    """torch's bfloat16 has no numpy dtype: the site says which tensor and what to do."""
+def test_a_bfloat16_state_dict_is_taken_and_its_precision_kept_for_the_digest() -> None:
+    """torch's bfloat16 has no numpy dtype: its values come as float32 (which holds each
+    exactly), and the site knows it trains in bfloat16 (the one-update rule rounds the
+    round's model to it). A dtype numpy has not got and float32 cannot hold is a clear error
+    naming the tensor and what to do."""
     torch = pytest.importorskip("torch")
     from secagg.errors import ConfigurationError
     from secagg.model import FlatModel
 
     model = FlatModel.from_arrays({"w": np.zeros(3, np.float32)})
-    with pytest.raises(ConfigurationError, match=r"'w' is torch.bfloat16.*\.float\(\)"):
-        tensors.flatten_like({"w": torch.zeros(3, dtype=torch.bfloat16)}, model)
+    values, dtypes = tensors.flatten_with_dtypes(
+        {"w": torch.tensor([0.5, 1.0078125, -3.0], dtype=torch.bfloat16)}, model)
+    assert values.tolist() == [0.5, 1.0078125, -3.0] and dtypes == {"w": "bfloat16"}
+    with pytest.raises(ConfigurationError, match=r"'w' is torch.float8_e4m3fn.*\.float\(\)"):
+        tensors.flatten_like({"w": torch.zeros(3, dtype=torch.float8_e4m3fn)}, model)
     with pytest.raises(ConfigurationError, match="'w' cannot be read"):
         FlatModel.from_arrays({"w": torch.zeros(3, dtype=torch.bfloat16)})
 
