@@ -38,6 +38,7 @@ finds in the chain of rounds it missed against that bound.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -49,10 +50,13 @@ from pathlib import Path
 from typing import Any
 
 from clients.errors import SiteError
-from secagg.errors import ConfigurationError
+from secagg.ckks.keys import KeyHolder
+from secagg.errors import ConfigurationError, SecAggError
 from secagg.federation.kit import check_history_directory, directory_path
+from secagg.hazmat.secret import scrubs_locals
 
 HISTORY_FILE = "history.json"
+KEY_FILE = "ckks-round-key.json"  # a CKKS key holder's key for its running round (0600)
 
 _log = logging.getLogger("clients.history")
 NOT_SENT = "; the update was not sent"  # what a failure to record a spent round means
@@ -225,29 +229,91 @@ class History:
                                       in self._in_sum.items()},
                            "sent": {digest.hex(): [job, n] for digest, (job, n)
                                     in self._sent.items()}}, sort_keys=True).encode()
-        tmp = self._path.with_name(f".{HISTORY_FILE}.tmp")
         try:
-            # a new file, never one found there: a link planted at the temporary name (in a
-            # shared history_dir) had its target overwritten with the history
-            # defence: sdk.history-temp-never-followed
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)  # (a leftover of a crash, or a planted link: not its target)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self._path)
-            dir_fd = os.open(self._path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            _write_private(self._path, data)
         # defence: sdk.history-write-failure-is-a-site-error
         except OSError as e:  # (the round stays spent in this process either way)
             raise SiteError(f"cannot record this round in {self._path}: {e.strerror}"
                             f"{after}") from None
+
+    # ---- a CKKS key holder's round key --------------------------------------------------------
+
+    @scrubs_locals  # (the secret context passes through its frame)
+    def save_key(self, round_id: str, key: KeyHolder) -> None:
+        """Keep this key holder's key for ``round_id`` (and the aggregates it released under
+        it) in ``KEY_FILE`` beside the history, 0600, durably: a training script restarted
+        mid-round then releases its round (``load_key``), where the round, and with it every
+        site's update against its model, was lost. Called before the key is announced and
+        before a release leaves; one file, for the running round (``drop_key`` at its end).
+        Without a history directory, nothing is kept. A SiteError if it cannot be written."""
+        if self._path is None:
+            return
+        try:
+            _write_private(self._path.with_name(KEY_FILE), json.dumps({
+                "version": 1, "round_id": round_id, "key_id": key.key_id.hex(),
+                "releases": {r: d.hex() for r, d in key.releases.items()},
+                "context": base64.b64encode(key.export_secret_context()).decode()}).encode())
+        except OSError as e:
+            raise SiteError(f"cannot keep this key holder's round key in "
+                            f"{self._path.parent}: {e.strerror}") from None
+
+    @scrubs_locals
+    def load_key(self, round_id: str) -> KeyHolder | None:
+        """The key kept for ``round_id`` with the releases made under it, or None (none kept,
+        another round's, or unreadable: logged)."""
+        if self._path is None:
+            return None
+        path = self._path.with_name(KEY_FILE)
+        try:
+            kept = json.loads(_read_bytes(path))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            _log.warning("the round key in %s cannot be read: %s", path, type(e).__name__)
+            return None
+        try:
+            if kept.get("version") != 1 or kept.get("round_id") != round_id:
+                return None
+            releases = {str(r): bytes.fromhex(d) for r, d in kept["releases"].items()}
+            key = KeyHolder.from_secret_context(base64.b64decode(kept.pop("context")),
+                                                releases=releases)
+            # defence: sdk.kept-key-is-the-recorded-one
+            if key.key_id.hex() != kept["key_id"]:
+                raise ValueError("another key")
+            return key
+        except (KeyError, TypeError, ValueError, AttributeError, SecAggError) as e:
+            _log.warning("the round key in %s cannot be used: %s", path, type(e).__name__)
+            return None
+
+    def drop_key(self) -> None:
+        """Delete the kept round key (its round is over: keys are fresh per round)."""
+        if self._path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path.with_name(KEY_FILE))
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``, atomically and durably, readable by its owner only."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    # a new file, never one found there: a link planted at the temporary name (in a
+    # shared history_dir) had its target overwritten with the history
+    # defence: sdk.history-temp-never-followed
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # (a leftover of a crash, or a planted link: not its target)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
+    try:
+        view = memoryview(data)
+        while view:  # (a write may take fewer bytes than it was given)
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def one_update_per_model(found: tuple[str, int], model: str = "this model") -> str:

@@ -342,6 +342,9 @@ class Site:
                 return
             spent = self._history.check(self.config.job_id, int(info.round))
             if spent and self._is_own_round(info):
+                # defence: sdk.key-holder-restart-releases-its-round
+                if self._resume_release(info):
+                    continue
                 _log.warning("skipping round %s: %s", info.round_id, spent)
                 continue
             try:
@@ -473,13 +476,20 @@ class Site:
         rnd = Round(self, info, model)
         if (info.protocol == service_pb2.PROTOCOL_CKKS
                 and self.config.key_holder_for(rnd.number) == self.site_id):
+            kept = self._kept_key(info)
+            if kept is not None:  # announced before a restart, and kept: it goes on
+                _log.warning("round %s: this key holder restarted after announcing its key; "
+                             "it takes part with the key it kept", round_id)
+                rnd._key = kept
+                return rnd
             try:
                 rnd._announce_key()
             except AggregatorRefused as e:
                 # the round has a key already: this key holder's own, announced before its
-                # training script restarted, whose secret key went with that process (it is
-                # never stored); no one can release this round, so it is skipped here, not
-                # raised at every restart until the round's deadline
+                # training script restarted, whose secret key went with that process (not
+                # kept: no history directory, or it could not be written, or it is another
+                # key); no one can release this round, so it is skipped here, not raised at
+                # every restart until the round's deadline
                 # defence: sdk.key-holder-restart-skips-the-round
                 if e.code != "FAILED_PRECONDITION":
                     raise
@@ -488,6 +498,58 @@ class Site:
                              "this round cannot be released", round_id, e.reason)
                 return None
         return rnd
+
+    def _kept_key(self, info: service_pb2.RoundInfo) -> KeyHolder | None:
+        """The key this key holder kept for the round, if it is the key the round announces
+        (clients.history.History.save_key)."""
+        key = self._history.load_key(info.round_id)
+        if key is None or not info.HasField("ckks_key"):
+            return None
+        # defence: sdk.kept-key-is-the-rounds
+        if bytes(info.ckks_key.announcement.key_id) != key.key_id:
+            return None
+        return key
+
+    def _resume_release(self, info: service_pb2.RoundInfo) -> bool:
+        """A CKKS key holder whose training script restarted after it sent its update (the
+        round is spent in its history) releases the round with the key it kept: the round,
+        and every site's update against its model, was lost. True if it took this up."""
+        number = int(info.round)
+        if (info.protocol != service_pb2.PROTOCOL_CKKS
+                or self.config.key_holder_for(number) != self.site_id):
+            return False
+        key = self._kept_key(info)
+        held = self._history.held(self.config.job_id)
+        # (the model it sent against is the round's: spend recorded it as held)
+        if key is None or held is None or held != (number - 1, bytes(info.model.digest)):
+            return False
+        _log.warning("round %s: this key holder restarted after sending its update; it "
+                     "releases the round with the key it kept", info.round_id)
+        try:
+            model = self._download_model(info.model, "model", self._spec)
+            if model.digest != held[1]:
+                return False
+            self._spec = model.spec
+            announcement = wire.announcement_from_proto(info.ckks_key.announcement)
+            config = self.config.ckks_round(number, info.round_id, self.kit.roster,
+                                            announcement, model.size,
+                                            model_digest=model.digest)
+            rnd = Round(self, info, model)
+            rnd._key, rnd._submitted = key, True
+            rnd._release(config)
+            end = rnd._wait_for_end()
+            rnd.result = self._accept_result(end, model, rnd._released, None)
+        except WorkersFailed:
+            raise
+        # (a refusal, a release the aggregator counted before the restart, a round that
+        # ended meanwhile: the site goes on to the next round, whose model it checks by the
+        # chain of rounds, this one's signed result included)
+        except Exception as e:
+            _log.warning("round %s: the release after a restart did not complete: %s",
+                         info.round_id, _why(e))
+        finally:
+            self._history.drop_key()
+        return True
 
     def _follow_chain(self, round_number: int, digest: bytes) -> None:
         """This site missed rounds (it dropped out, or joined late): accept the new model only
@@ -779,37 +841,48 @@ class Round:
         self._submitted = True
         self._trained_digest = trained
         self._deadline = time.monotonic() + _round_patience(config)
+        # a key holder's kept round key goes when its round has ended, either way (a
+        # restart mid-round releases with it: clients.history.History.save_key)
         try:
-            if self.protocol == "masking":
-                self._run_masking(delta, scaled_weight)
-            else:
-                self._run_ckks(delta, scaled_weight)
-            info = self._wait_for_end()
-            self.result = self._site._accept_result(info, self.model, self._released,
-                                                    self._average_bound)
-        # a round the aggregator ends or has ended (a submit past the deadline, an abort for
-        # too few survivors) is RoundAborted, as documented: it came as AggregatorRefused,
-        # and a training loop that caught RoundAborted ended there, missing the next rounds
-        # defence: sdk.round-ended-is-round-aborted
-        except AggregatorRefused as e:
-            if e.code in _ROUND_ENDED_CODES:
-                why = e.reason if e.code == "ABORTED" else (
-                    f"{e.reason} (the aggregator no longer takes this site's message in this "
-                    "round: a stage's [deadlines] passed, the round ended, or the stage was "
-                    "answered already)")
-                raise RoundAborted(self.round_id, why, code=e.code) from None
+            try:
+                if self.protocol == "masking":
+                    self._run_masking(delta, scaled_weight)
+                else:
+                    self._run_ckks(delta, scaled_weight)
+                info = self._wait_for_end()
+                self.result = self._site._accept_result(info, self.model, self._released,
+                                                        self._average_bound)
+            # a round the aggregator ends or has ended (a submit past the deadline, an abort for
+            # too few survivors) is RoundAborted, as documented: it came as AggregatorRefused,
+            # and a training loop that caught RoundAborted ended there, missing the next rounds
+            # defence: sdk.round-ended-is-round-aborted
+            except AggregatorRefused as e:
+                if e.code in _ROUND_ENDED_CODES:
+                    why = e.reason if e.code == "ABORTED" else (
+                        f"{e.reason} (the aggregator no longer takes this site's message in this "
+                        "round: a stage's [deadlines] passed, the round ended, or the stage was "
+                        "answered already)")
+                    raise RoundAborted(self.round_id, why, code=e.code) from None
+                raise
+            # (WorkersFailed: this site's own set-up, named as such, not the aggregator's doing)
+            except (SiteError, WorkersFailed):
+                raise
+            # every lie this site detects (a message, a context, a model that does not hold) is
+            # a refusal of the round, never an internal exception out of the training loop
+            # defence: sdk.lies-are-refusals-round
+            except Exception as abort:  # (the caller's own input was checked above)
+                raise RoundAborted(self.round_id, f"this site refused the aggregator's messages: "
+                                                  f"{_why(abort)}") from None
+        except RoundAborted:
+            self._drop_key()
             raise
-        # (WorkersFailed: this site's own set-up, named as such, not the aggregator's doing)
-        except (SiteError, WorkersFailed):
-            raise
-        # every lie this site detects (a message, a context, a model that does not hold) is
-        # a refusal of the round, never an internal exception out of the training loop
-        # defence: sdk.lies-are-refusals-round
-        except Exception as abort:  # (the caller's own input was checked above)
-            raise RoundAborted(self.round_id, f"this site refused the aggregator's messages: "
-                                              f"{_why(abort)}") from None
+        self._drop_key()
         self.survivors = tuple(int(s) for s in info.survivors)
         return tensors.as_tensors(self.result.to_arrays(), self._site._tensors)
+
+    def _drop_key(self) -> None:
+        if self._key is not None:
+            self._site._history.drop_key()
 
     # ---- plumbing --------------------------------------------------------------------------------
 
@@ -954,6 +1027,15 @@ class Round:
         announcement = key.announce(holder=site.site_id, identity=site.kit.identity,
                                     epoch=self.round_id, max_rounds=1)
         self._key = key
+        # kept before it is announced: a training script restarted in this round releases
+        # it (Site._join, Site._resume_release), where the round was lost, and the job with
+        # it (every site had sent against the round's model)
+        try:
+            # defence: sdk.key-holder-keeps-its-round-key
+            site._history.save_key(self.round_id, key)
+        except SiteError as e:
+            _log.warning("round %s: the key is not kept (%s): a restart in this round "
+                         "cannot release it", self.round_id, e)
         self._upload_and_submit(
             key.public_context().serialize(), "public context",
             lambda blob: {"ckks_key": service_pb2.CkksKeyOffer(
@@ -1049,6 +1131,16 @@ class Round:
             released = self._verify_and_release(release, request, config)
         finally:
             release.close()
+        # the aggregate this key released is kept with the key before the release leaves:
+        # after a restart it releases that aggregate again, or none (a lying aggregator
+        # offering the restarted holder other uploads would get a second sum)
+        try:
+            # defence: sdk.kept-key-records-its-release
+            self._site._history.save_key(self.round_id, self._key)
+        except SiteError as e:
+            _log.warning("round %s: the release is not recorded with the kept key (%s): the "
+                         "key is dropped", self.round_id, e)
+            self._site._history.drop_key()  # (an OSError here: nothing is released)
         self._released = np.asarray(released.average, dtype=np.float64)
         # the model this release makes, signed: the other sites take only a result this
         # site signed (_accept_result), and this site only the one it computed

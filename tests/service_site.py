@@ -9,7 +9,8 @@ usage: service_site.py SITE_DIR OUT.jsonl [--drop ROUND:STAGE ...] [--die ROUND:
 Training adds ``site_delta(site, round)`` to the global model (tests/service_kit.py), so the
 test can compute plaintext FedAvg. ``--drop R:S`` makes the site stop answering in round R from
 stage S on (it stays alive and rejoins the next round); ``--die R:S`` exits the process there;
-``--slow R:S`` waits 3 s before sending its stage-S message of round R.
+``--slow R:S`` waits 3 s before sending its stage-S message of round R; ``--die R:TRAINING``
+exits as round R is handed to the training loop.
 Stages are the names of secagg's Stage/CkksStage (e.g. MASKED_INPUT, UPLOAD).
 ``--record FILE:0`` (for the canary tests) writes, as JSON lines to FILE, every secret this
 site makes (agreement private keys, self-mask seeds, shares, a CKKS secret key and flood key)
@@ -199,6 +200,8 @@ def main() -> int:
                         progress=broken if broken_progress else None)
     with out.open("a") as f:
         for rnd in site.rounds():
+            if die == (rnd.number, "TRAINING"):  # killed while training: nothing sent yet
+                os._exit(0)
             model = FlatModel.from_arrays(rnd.global_model)
             delta = site_delta(site.site_id, rnd.number, model.size)
             if rnd.number in unclipped:

@@ -4,6 +4,7 @@ same store; sites drop out at every stage."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,44 @@ def test_ckks_site_and_key_holder_dropping(tmp_path: Path) -> None:
     assert "error" in second and second["error"] == "RoundAborted"
     third = next(x for x in reports[1] if x["round"] == 3)
     assert third["survivors"] == [1, 3, 4]  # the key holder of round 3 is site 1 again
+
+
+@pytest.mark.parametrize("dies", ["TRAINING", "UPLOAD", "RELEASE"])
+def test_a_ckks_key_holder_whose_script_restarts_mid_round_releases_it(
+        tmp_path: Path, dies: str) -> None:
+    """The key holder's training script dies in round 1 (while training, after announcing
+    its key; as its update goes out; as its release goes out) and is started again. It kept
+    the round's key (0600, beside its history): the round completes, released by it, and
+    the job goes on with every site. (Its secret key went with the process before: the
+    round aborted, and every site that had sent against its model could go no further.)"""
+    fed = make_federation(tmp_path, 4, "ckks", rounds=2, key_holders=(1,), stage_s=6.0,
+                          open_s=20.0, release_s=30.0)
+    agg = start_aggregator(fed, tmp_path)
+    try:
+        first = start_site(fed, 1, tmp_path / "site-1-first.jsonl", "--die", f"1:{dies}")
+        others = [start_site(fed, s, tmp_path / f"site-{s}.jsonl") for s in (2, 3, 4)]
+        assert first.wait(timeout=120) == 0
+        kept = json.loads((fed.site_dir(1) / "ckks-round-key.json").read_text())
+        assert kept["round_id"].endswith("round-1")
+        assert (fed.site_dir(1) / "ckks-round-key.json").stat().st_mode & 0o077 == 0
+        # the aggregate it released is kept with the key before the release leaves
+        assert list(kept["releases"]) == ([kept["round_id"]] if dies == "RELEASE" else [])
+        again = start_site(fed, 1, tmp_path / "site-1.jsonl")
+        for p in (*others, again):
+            assert p.wait(timeout=180) == 0, (tmp_path / "site-1.err").read_text()[-3000:]
+    finally:
+        agg.stop()
+    reports = {s: read_reports(tmp_path / f"site-{s}.jsonl") for s in (1, 2, 3, 4)}
+    one = [next(x for x in reports[s] if x["round"] == 1) for s in (2, 3, 4)]
+    assert all("model" in x for x in one), one
+    # the key holder's own update is in round 1 unless it died as the update went out (the
+    # restarted script trains round 1 again if it died before that)
+    assert (1 in one[0]["survivors"]) == (dies != "UPLOAD"), one[0]["survivors"]
+    two = [next(x for x in reports[s] if x["round"] == 2) for s in (1, 2, 3, 4)]
+    assert all("model" in x for x in two), two
+    assert all(x["model"] == two[0]["model"] for x in two)
+    assert 1 in two[0]["survivors"]
+    assert not (fed.site_dir(1) / "ckks-round-key.json").exists()
 
 
 def test_kill9_during_uploads_and_during_unmasking_then_restart_gives_the_same_result(
