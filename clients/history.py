@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -51,7 +52,7 @@ from typing import Any
 
 from clients.errors import SiteError
 from secagg.ckks.keys import KeyHolder
-from secagg.errors import ConfigurationError, SecAggError
+from secagg.errors import ConfigurationError, RefusalReason, RefusedMessage, SecAggError
 from secagg.federation.kit import check_history_directory, directory_path
 from secagg.hazmat.secret import scrubs_locals
 
@@ -239,57 +240,142 @@ class History:
     # ---- a CKKS key holder's round key --------------------------------------------------------
 
     @scrubs_locals  # (the secret context passes through its frame)
-    def save_key(self, round_id: str, key: KeyHolder) -> None:
-        """Keep this key holder's key for ``round_id`` (and the aggregates it released under
-        it) in ``KEY_FILE`` beside the history, 0600, durably: a training script restarted
-        mid-round then releases its round (``load_key``), where the round, and with it every
-        site's update against its model, was lost. Called before the key is announced and
-        before a release leaves; one file, for the running round (``drop_key`` at its end).
-        Without a history directory, nothing is kept. A SiteError if it cannot be written."""
+    def keep_key(self, job: str, round_number: int, round_id: str, key: KeyHolder) -> None:
+        """Keep this key holder's key for the round in ``KEY_FILE`` beside the history, 0600,
+        durably, and have every release under it recorded there first (``_record_release``):
+        a training script restarted mid-round then releases its round (``load_key``), where
+        the round, and with it every site's update against its model, was lost. Called
+        before the key is announced; one file, for the running round (``drop_key`` at its
+        end, ``drop_stale_key`` at the next). Without a history directory, nothing is kept.
+        A SiteError if it cannot be written (the key is then this process's alone)."""
         if self._path is None:
             return
-        try:
-            _write_private(self._path.with_name(KEY_FILE), json.dumps({
-                "version": 1, "round_id": round_id, "key_id": key.key_id.hex(),
-                "releases": {r: d.hex() for r, d in key.releases.items()},
-                "context": base64.b64encode(key.export_secret_context()).decode()}).encode())
-        except OSError as e:
-            raise SiteError(f"cannot keep this key holder's round key in "
-                            f"{self._path.parent}: {e.strerror}") from None
+        with _locked(self._lock_path(), after=""):
+            self._write_key({"version": 1, "job": job, "round": round_number,
+                             "round_id": round_id, "key_id": key.key_id.hex(),
+                             "releases": {r: d.hex() for r, d in key.releases.items()},
+                             "context": base64.b64encode(key.export_secret_context()).decode()})
+        key.release_recorder = functools.partial(self._record_release, key.key_id)
 
     @scrubs_locals
     def load_key(self, round_id: str) -> KeyHolder | None:
-        """The key kept for ``round_id`` with the releases made under it, or None (none kept,
-        another round's, or unreadable: logged)."""
+        """The key kept for ``round_id`` with the releases made under it (every further
+        release recorded first, as ``keep_key``'s), or None: none kept, another round's, or
+        unusable (logged; one that others could read or write is deleted)."""
         if self._path is None:
             return None
         path = self._path.with_name(KEY_FILE)
-        try:
-            kept = json.loads(_read_bytes(path))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as e:
-            _log.warning("the round key in %s cannot be read: %s", path, type(e).__name__)
+        with _locked(self._lock_path(), after=""):
+            kept = self._read_key()
+        if kept is None or kept.get("round_id") != round_id:
             return None
         try:
-            if kept.get("version") != 1 or kept.get("round_id") != round_id:
-                return None
             releases = {str(r): bytes.fromhex(d) for r, d in kept["releases"].items()}
             key = KeyHolder.from_secret_context(base64.b64decode(kept.pop("context")),
                                                 releases=releases)
             # defence: sdk.kept-key-is-the-recorded-one
             if key.key_id.hex() != kept["key_id"]:
                 raise ValueError("another key")
-            return key
         except (KeyError, TypeError, ValueError, AttributeError, SecAggError) as e:
             _log.warning("the round key in %s cannot be used: %s", path, type(e).__name__)
             return None
+        key.release_recorder = functools.partial(self._record_release, key.key_id)
+        return key
+
+    def _record_release(self, key_id: bytes, round_id: str, aggregate: bytes) -> None:
+        """Record, under the history's lock and before it is decrypted, that the kept key
+        releases ``aggregate`` for ``round_id``; refuse what another process holding the key
+        (a script restarted while the old one still runs, a second Site on the directory)
+        released, or spent, first: two releases of two aggregates are one site's update."""
+        assert self._path is not None
+        with _locked(self._lock_path(), after=""):
+            kept = self._read_key()
+            # (the record of what was released under the key went with it: a process still
+            # holding the key after its round ended, or after another round's key replaced
+            # it, could release an aggregate other than the one released)
+            if kept is None:
+                raise RefusedMessage(RefusalReason.ALREADY_RELEASED,
+                                     f"the kept key of round {round_id!r} is gone (another "
+                                     "process on this directory ended its round)")
+            # defence: sdk.kept-key-is-still-the-rounds
+            if kept.get("round_id") != round_id or kept.get("key_id") != key_id.hex():
+                raise RefusedMessage(RefusalReason.ALREADY_RELEASED,
+                                     f"the kept key of round {round_id!r} was replaced by "
+                                     "another round's (another process on this directory)")
+            releases = kept.get("releases")
+            if not isinstance(releases, dict):
+                raise RefusedMessage(RefusalReason.ALREADY_RELEASED, "the kept key's record "
+                                     "of its releases cannot be read")
+            previous = releases.get(round_id)
+            # defence: sdk.kept-key-release-recorded-first
+            if previous is not None and previous != aggregate.hex():
+                raise RefusedMessage(RefusalReason.ALREADY_RELEASED,
+                                     f"round {round_id!r} was already decrypted for other "
+                                     "uploads (by another process holding the kept key)")
+            releases[round_id] = aggregate.hex()
+            try:
+                self._write_key(kept)
+            except SiteError as e:
+                raise RefusedMessage(RefusalReason.ALREADY_RELEASED,
+                                     f"the release cannot be recorded with the kept key: "
+                                     f"{e}") from None
 
     def drop_key(self) -> None:
         """Delete the kept round key (its round is over: keys are fresh per round)."""
         if self._path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._path.with_name(KEY_FILE))
+            for name in (KEY_FILE, f".{KEY_FILE}.tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path.with_name(name))
+
+    def drop_stale_key(self, job: str, round_number: int) -> None:
+        """Delete a kept key that is not for ``round_number`` of ``job`` (the round running
+        now): its round ended while this site was away, or the job did (``round_number`` 0)."""
+        if self._path is None or not (self._path.with_name(KEY_FILE).exists()
+                                      or self._path.with_name(f".{KEY_FILE}.tmp").exists()):
+            return
+        with _locked(self._lock_path(), after=""):
+            kept = self._read_key()
+            # defence: sdk.stale-round-key-deleted
+            if kept is None or (kept.get("job"), kept.get("round")) != (job, round_number):
+                self.drop_key()
+
+    def _lock_path(self) -> Path:
+        assert self._path is not None
+        return self._path.with_name(f".{HISTORY_FILE}.lock")
+
+    @scrubs_locals
+    def _write_key(self, kept: dict[str, Any]) -> None:
+        assert self._path is not None
+        try:
+            _write_private(self._path.with_name(KEY_FILE), json.dumps(kept).encode())
+        except OSError as e:
+            raise SiteError(f"cannot keep this key holder's round key in "
+                            f"{self._path.parent}: {e.strerror}") from None
+
+    @scrubs_locals
+    def _read_key(self) -> dict[str, Any] | None:
+        """The kept key's record, or None (none, or unusable: logged; one another user could
+        read or write is deleted, as it may be known)."""
+        assert self._path is not None
+        path = self._path.with_name(KEY_FILE)
+        try:
+            info = os.lstat(path)
+            # defence: sdk.kept-key-private
+            if info.st_mode & 0o077 or info.st_uid != os.geteuid():
+                _log.warning("the round key in %s is readable or writable by others, or "
+                             "not this user's: deleted, not used", path)
+                self.drop_key()
+                return None
+            kept = json.loads(_read_bytes(path))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            _log.warning("the round key in %s cannot be read: %s", path, type(e).__name__)
+            return None
+        if not isinstance(kept, dict) or kept.get("version") != 1:
+            _log.warning("the round key in %s cannot be read: unexpected content", path)
+            return None
+        return kept
 
 
 def _write_private(path: Path, data: bytes) -> None:

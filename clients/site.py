@@ -338,6 +338,10 @@ class Site:
             yield pending
         while True:
             info = self._next_round_info()
+            # a kept round key of a round that ended while this site was away (or of the
+            # job, now done) goes: keys are for their round only
+            self._history.drop_stale_key(self.config.job_id,
+                                         int(info.round) if info is not None else 0)
             if info is None:
                 return
             spent = self._history.check(self.config.job_id, int(info.round))
@@ -510,6 +514,7 @@ class Site:
             return None
         return key
 
+    @scrubs_locals  # (the kept key, and the release's decrypted sum below it)
     def _resume_release(self, info: service_pb2.RoundInfo) -> bool:
         """A CKKS key holder whose training script restarted after it sent its update (the
         round is spent in its history) releases the round with the key it kept: the round,
@@ -519,16 +524,19 @@ class Site:
                 or self.config.key_holder_for(number) != self.site_id):
             return False
         key = self._kept_key(info)
+        if key is None:
+            return False
         held = self._history.held(self.config.job_id)
         # (the model it sent against is the round's: spend recorded it as held)
-        if key is None or held is None or held != (number - 1, bytes(info.model.digest)):
+        if held is None or held != (number - 1, bytes(info.model.digest)):
+            self._history.drop_key()  # (a round it cannot release: its key goes)
             return False
         _log.warning("round %s: this key holder restarted after sending its update; it "
                      "releases the round with the key it kept", info.round_id)
         try:
             model = self._download_model(info.model, "model", self._spec)
             if model.digest != held[1]:
-                return False
+                return True  # (dropped below)
             self._spec = model.spec
             announcement = wire.announcement_from_proto(info.ckks_key.announcement)
             config = self.config.ckks_round(number, info.round_id, self.kit.roster,
@@ -873,7 +881,9 @@ class Round:
             except Exception as abort:  # (the caller's own input was checked above)
                 raise RoundAborted(self.round_id, f"this site refused the aggregator's messages: "
                                                   f"{_why(abort)}") from None
-        except RoundAborted:
+        # (not on KeyboardInterrupt or SystemExit: the script is stopped, and its restart
+        # releases the round with the kept key)
+        except Exception:
             self._drop_key()
             raise
         self._drop_key()
@@ -1032,7 +1042,7 @@ class Round:
         # it (every site had sent against the round's model)
         try:
             # defence: sdk.key-holder-keeps-its-round-key
-            site._history.save_key(self.round_id, key)
+            site._history.keep_key(site.config.job_id, self.number, self.round_id, key)
         except SiteError as e:
             _log.warning("round %s: the key is not kept (%s): a restart in this round "
                          "cannot release it", self.round_id, e)
@@ -1131,16 +1141,9 @@ class Round:
             released = self._verify_and_release(release, request, config)
         finally:
             release.close()
-        # the aggregate this key released is kept with the key before the release leaves:
-        # after a restart it releases that aggregate again, or none (a lying aggregator
-        # offering the restarted holder other uploads would get a second sum)
-        try:
-            # defence: sdk.kept-key-records-its-release
-            self._site._history.save_key(self.round_id, self._key)
-        except SiteError as e:
-            _log.warning("round %s: the release is not recorded with the kept key (%s): the "
-                         "key is dropped", self.round_id, e)
-            self._site._history.drop_key()  # (an OSError here: nothing is released)
+        # (a kept key records the aggregate it releases with it, under the history's lock,
+        # before decrypting: History.keep_key; another process holding it, a restarted
+        # script, releases that aggregate again or none)
         self._released = np.asarray(released.average, dtype=np.float64)
         # the model this release makes, signed: the other sites take only a result this
         # site signed (_accept_result), and this site only the one it computed

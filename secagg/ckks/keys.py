@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -283,6 +283,10 @@ class KeyHolder(_Context):
         # beside the key: a holder must never release two different aggregates of one round)
         self._releases: dict[str, bytes] = dict(releases or {})
         self._flood_key: bytes | None = None
+        # called with (round id, aggregate digest) as a new release is spent, before the
+        # aggregate is decrypted: a holder that keeps its key on disk records it there, under
+        # a lock, refusing (by raising) what another process holding the key released
+        self.release_recorder: Callable[[str, bytes], None] | None = None
 
     @property
     def releases(self) -> Mapping[str, bytes]:
@@ -316,6 +320,8 @@ class KeyHolder(_Context):
         if len(self._releases) >= max_rounds:
             raise RefusedMessage(RefusalReason.KEY_EXHAUSTED,
                                  f"this key already served {len(self._releases)} round(s)")
+        if self.release_recorder is not None:
+            self.release_recorder(round_id, aggregate_digest)
         self._releases[round_id] = aggregate_digest
 
     def flood_key(self) -> bytes:

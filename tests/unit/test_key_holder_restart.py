@@ -51,8 +51,8 @@ def test_a_kept_round_key_is_private_durable_and_the_announced_one(tmp_path) -> 
 
     history = History(tmp_path)
     key = KeyHolder.generate()
-    key.record_release("hospitals/job-1/round-1", b"\x07" * 32, 1)
-    history.save_key("hospitals/job-1/round-1", key)
+    history.keep_key("job-1", 1, "hospitals/job-1/round-1", key)
+    key.record_release("hospitals/job-1/round-1", b"\x07" * 32, 1)  # recorded on disk first
     path = tmp_path / KEY_FILE
     assert path.stat().st_mode & 0o777 == 0o600
     back = history.load_key("hospitals/job-1/round-1")
@@ -77,3 +77,92 @@ def test_a_kept_round_key_is_private_durable_and_the_announced_one(tmp_path) -> 
     assert history.load_key("hospitals/job-1/round-1") is None
     history.drop_key()
     assert not path.exists()
+
+
+def _kept(tmp_path):  # type: ignore[no-untyped-def]
+    from clients.history import History
+    from secagg.ckks import KeyHolder
+
+    history = History(tmp_path)
+    key = KeyHolder.generate()
+    history.keep_key("job-1", 1, "hospitals/job-1/round-1", key)
+    return history, key
+
+
+@pytest.mark.parametrize("first", ["running", "restarted"])
+def test_two_processes_holding_the_kept_key_release_one_aggregate_between_them(
+        tmp_path, first: str) -> None:  # type: ignore[no-untyped-def]
+    """A script restarted while the old one still waits for its release request (or a
+    second Site on the directory) loads the kept key with the releases recorded so far; a
+    lying aggregator then hands each process another aggregate (all sites; all but one),
+    and the two releases were one site's update (a helper's race). Each release is recorded
+    on disk, under the history's lock, before it is decrypted, and the other process's is
+    refused; once the round's key is dropped, a process still holding it releases nothing."""
+    from clients.history import History
+    from secagg.errors import RefusalReason, RefusedMessage
+
+    history, running = _kept(tmp_path)
+    restarted = History(tmp_path).load_key("hospitals/job-1/round-1")
+    assert restarted is not None and restarted.releases == {}
+    one, other = (running, restarted) if first == "running" else (restarted, running)
+    one.record_release("hospitals/job-1/round-1", b"\x01" * 32, 1)
+    one.record_release("hospitals/job-1/round-1", b"\x01" * 32, 1)  # the same again: taken
+    with pytest.raises(RefusedMessage) as refused:
+        other.record_release("hospitals/job-1/round-1", b"\x02" * 32, 1)
+    assert refused.value.reason is RefusalReason.ALREADY_RELEASED
+    other.record_release("hospitals/job-1/round-1", b"\x01" * 32, 1)  # the same: identical
+
+    history.drop_key()
+    late = _load(tmp_path)
+    assert late is None
+    with pytest.raises(RefusedMessage, match="is gone"):
+        running.record_release("hospitals/job-1/round-2", b"\x03" * 32, 2)
+
+
+def _load(tmp_path):  # type: ignore[no-untyped-def]
+    from clients.history import History
+
+    return History(tmp_path).load_key("hospitals/job-1/round-1")
+
+
+def test_a_kept_key_goes_when_its_round_is_not_the_running_one_or_others_can_read_it(
+        tmp_path, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    from clients.history import KEY_FILE
+
+    history, _ = _kept(tmp_path)
+    path = tmp_path / KEY_FILE
+    history.drop_stale_key("job-1", 1)
+    assert path.exists()  # (its round is the running one)
+    history.drop_stale_key("job-1", 2)
+    assert not path.exists()
+    history, _ = _kept(tmp_path)
+    history.drop_stale_key("job-2", 1)
+    assert not path.exists()
+    history, _ = _kept(tmp_path)
+    history.drop_stale_key("job-1", 0)  # (the job is done)
+    assert not path.exists()
+
+    history, _ = _kept(tmp_path)
+    os.chmod(path, 0o644)
+    with caplog.at_level(logging.WARNING, logger="clients.history"):
+        assert history.load_key("hospitals/job-1/round-1") is None
+    assert "readable or writable by others" in caplog.text and not path.exists()
+
+
+def test_a_process_holding_a_replaced_round_key_releases_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Process B released round 1 under the kept key and went on to hold round 2's (which
+    replaces the file); process A, still holding round 1's key, loaded before B's release,
+    would release another aggregate of round 1 with no record left to refuse it."""
+    from clients.history import History
+    from secagg.ckks import KeyHolder
+    from secagg.errors import RefusedMessage
+
+    history, b_key = _kept(tmp_path)
+    a_key = History(tmp_path).load_key("hospitals/job-1/round-1")
+    assert a_key is not None
+    b_key.record_release("hospitals/job-1/round-1", b"\x01" * 32, 1)
+    history.keep_key("job-1", 2, "hospitals/job-1/round-2", KeyHolder.generate())
+    with pytest.raises(RefusedMessage, match="replaced by another round"):
+        a_key.record_release("hospitals/job-1/round-1", b"\x02" * 32, 1)
