@@ -41,6 +41,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -57,7 +58,7 @@ from secagg.federation.kit import check_history_directory, directory_path
 from secagg.hazmat.secret import scrubs_locals
 
 HISTORY_FILE = "history.json"
-KEY_FILE = "ckks-round-key.json"  # a CKKS key holder's key for its running round (0600)
+KEY_FILE_PREFIX = "ckks-round-key-"  # a CKKS key holder's key for a job's running round
 
 _log = logging.getLogger("clients.history")
 NOT_SENT = "; the update was not sent"  # what a failure to record a spent round means
@@ -239,34 +240,57 @@ class History:
 
     # ---- a CKKS key holder's round key --------------------------------------------------------
 
+    def key_path(self, job: str) -> Path | None:
+        """Where this site keeps its round key in ``job`` (one file a job: jobs sharing the
+        history directory keep theirs apart), or None without a history directory."""
+        if self._path is None:
+            return None
+        # defence: sdk.kept-key-per-job
+        return self._path.with_name(
+            f"{KEY_FILE_PREFIX}{hashlib.sha256(job.encode()).hexdigest()[:16]}.json")
+
     @scrubs_locals  # (the secret context passes through its frame)
     def keep_key(self, job: str, round_number: int, round_id: str, key: KeyHolder) -> None:
-        """Keep this key holder's key for the round in ``KEY_FILE`` beside the history, 0600,
-        durably, and have every release under it recorded there first (``_record_release``):
-        a training script restarted mid-round then releases its round (``load_key``), where
-        the round, and with it every site's update against its model, was lost. Called
-        before the key is announced; one file, for the running round (``drop_key`` at its
-        end, ``drop_stale_key`` at the next). Without a history directory, nothing is kept.
-        A SiteError if it cannot be written (the key is then this process's alone)."""
-        if self._path is None:
+        """Keep this key holder's key for the round (``key_path``: 0600, durably) and have
+        every release under it recorded there first (``_record_release``): a training script
+        restarted mid-round then releases its round (``load_key``), where the round, and with
+        it every site's update against its model, was lost. Called before the key is
+        announced; one file a job, for its running round (``drop_key`` at its end,
+        ``drop_stale_key`` at the next). Without a history directory, nothing is kept. A
+        SiteError if it cannot be written: the file is then deleted, or if that fails too,
+        every release under the key is refused (a file may hold it with no record)."""
+        path = self.key_path(job)
+        if path is None:
             return
+        recorder = functools.partial(self._record_release, job, key.key_id)
         with _locked(self._lock_path(), after=""):
-            self._write_key({"version": 1, "job": job, "round": round_number,
-                             "round_id": round_id, "key_id": key.key_id.hex(),
-                             "releases": {r: d.hex() for r, d in key.releases.items()},
-                             "context": base64.b64encode(key.export_secret_context()).decode()})
-        key.release_recorder = functools.partial(self._record_release, key.key_id)
+            try:
+                self._write_key(path, {
+                    "version": 1, "job": job, "round": round_number, "round_id": round_id,
+                    "key_id": key.key_id.hex(),
+                    "releases": {r: d.hex() for r, d in key.releases.items()},
+                    "context": base64.b64encode(key.export_secret_context()).decode()})
+            except SiteError:
+                # (the write can fail after the file was put in place: a directory fsync's
+                # EIO. A file left holding the key with no record of its releases would let
+                # another process release another aggregate: deleted, or, if it cannot be,
+                # every release is recorded, and refused when it cannot be)
+                # defence: sdk.kept-key-failed-write-leaves-no-key
+                if not _unlink_all(path):
+                    key.release_recorder = recorder
+                raise
+        key.release_recorder = recorder
 
     @scrubs_locals
-    def load_key(self, round_id: str) -> KeyHolder | None:
+    def load_key(self, job: str, round_id: str) -> KeyHolder | None:
         """The key kept for ``round_id`` with the releases made under it (every further
         release recorded first, as ``keep_key``'s), or None: none kept, another round's, or
         unusable (logged; one that others could read or write is deleted)."""
-        if self._path is None:
+        path = self.key_path(job)
+        if path is None:
             return None
-        path = self._path.with_name(KEY_FILE)
         with _locked(self._lock_path(), after=""):
-            kept = self._read_key()
+            kept = self._read_key(path)
         if kept is None or kept.get("round_id") != round_id:
             return None
         try:
@@ -279,17 +303,19 @@ class History:
         except (KeyError, TypeError, ValueError, AttributeError, SecAggError) as e:
             _log.warning("the round key in %s cannot be used: %s", path, type(e).__name__)
             return None
-        key.release_recorder = functools.partial(self._record_release, key.key_id)
+        key.release_recorder = functools.partial(self._record_release, job, key.key_id)
         return key
 
-    def _record_release(self, key_id: bytes, round_id: str, aggregate: bytes) -> None:
+    @scrubs_locals
+    def _record_release(self, job: str, key_id: bytes, round_id: str, aggregate: bytes) -> None:
         """Record, under the history's lock and before it is decrypted, that the kept key
         releases ``aggregate`` for ``round_id``; refuse what another process holding the key
         (a script restarted while the old one still runs, a second Site on the directory)
         released, or spent, first: two releases of two aggregates are one site's update."""
-        assert self._path is not None
+        path = self.key_path(job)
+        assert path is not None
         with _locked(self._lock_path(), after=""):
-            kept = self._read_key()
+            kept = self._read_key(path)
             # (the record of what was released under the key went with it: a process still
             # holding the key after its round ended, or after another round's key replaced
             # it, could release an aggregate other than the one released)
@@ -314,57 +340,71 @@ class History:
                                      "uploads (by another process holding the kept key)")
             releases[round_id] = aggregate.hex()
             try:
-                self._write_key(kept)
+                self._write_key(path, kept)
             except SiteError as e:
                 raise RefusedMessage(RefusalReason.ALREADY_RELEASED,
                                      f"the release cannot be recorded with the kept key: "
                                      f"{e}") from None
 
-    def drop_key(self) -> None:
-        """Delete the kept round key (its round is over: keys are fresh per round)."""
-        if self._path is not None:
-            for name in (KEY_FILE, f".{KEY_FILE}.tmp"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._path.with_name(name))
-
-    def drop_stale_key(self, job: str, round_number: int) -> None:
-        """Delete a kept key that is not for ``round_number`` of ``job`` (the round running
-        now): its round ended while this site was away, or the job did (``round_number`` 0)."""
-        if self._path is None or not (self._path.with_name(KEY_FILE).exists()
-                                      or self._path.with_name(f".{KEY_FILE}.tmp").exists()):
+    @scrubs_locals
+    def drop_key(self, job: str, round_id: str) -> None:
+        """Delete the key kept for ``round_id`` (its round is over: keys are fresh per
+        round); not another round's, which another process on the directory may hold now.
+        A failure is logged, not raised."""
+        path = self.key_path(job)
+        if path is None:
             return
-        with _locked(self._lock_path(), after=""):
-            kept = self._read_key()
-            # defence: sdk.stale-round-key-deleted
-            if kept is None or (kept.get("job"), kept.get("round")) != (job, round_number):
-                self.drop_key()
+        try:
+            with _locked(self._lock_path(), after=""):
+                kept = self._read_key(path)
+                # defence: sdk.kept-key-dropped-only-for-its-round
+                if kept is None or kept.get("round_id") == round_id:
+                    _unlink_all(path, quiet=False)
+        except (SiteError, OSError) as e:
+            _log.warning("the round key in %s could not be deleted: %s", path,
+                         getattr(e, "strerror", None) or e)
+
+    @scrubs_locals
+    def drop_stale_key(self, job: str, round_number: int) -> None:
+        """Delete the key kept in ``job`` if it is not for ``round_number`` (the round
+        running now): its round ended while this site was away, or the job did
+        (``round_number`` 0). A failure is logged, not raised."""
+        path = self.key_path(job)
+        if path is None or not (path.exists() or _tmp(path).exists()):
+            return
+        try:
+            with _locked(self._lock_path(), after=""):
+                kept = self._read_key(path)
+                # defence: sdk.stale-round-key-deleted
+                if kept is None or kept.get("round") != round_number:
+                    _unlink_all(path, quiet=False)
+        except (SiteError, OSError) as e:
+            _log.warning("the round key in %s could not be deleted: %s", path,
+                         getattr(e, "strerror", None) or e)
 
     def _lock_path(self) -> Path:
         assert self._path is not None
         return self._path.with_name(f".{HISTORY_FILE}.lock")
 
     @scrubs_locals
-    def _write_key(self, kept: dict[str, Any]) -> None:
-        assert self._path is not None
+    def _write_key(self, path: Path, kept: dict[str, Any]) -> None:
         try:
-            _write_private(self._path.with_name(KEY_FILE), json.dumps(kept).encode())
+            _write_private(path, json.dumps(kept).encode())
         except OSError as e:
             raise SiteError(f"cannot keep this key holder's round key in "
-                            f"{self._path.parent}: {e.strerror}") from None
+                            f"{path.parent}: {e.strerror}") from None
 
     @scrubs_locals
-    def _read_key(self) -> dict[str, Any] | None:
+    def _read_key(self, path: Path) -> dict[str, Any] | None:
         """The kept key's record, or None (none, or unusable: logged; one another user could
         read or write is deleted, as it may be known)."""
-        assert self._path is not None
-        path = self._path.with_name(KEY_FILE)
         try:
             info = os.lstat(path)
             # defence: sdk.kept-key-private
             if info.st_mode & 0o077 or info.st_uid != os.geteuid():
                 _log.warning("the round key in %s is readable or writable by others, or "
                              "not this user's: deleted, not used", path)
-                self.drop_key()
+                _unlink_all(path)
                 return None
             kept = json.loads(_read_bytes(path))
         except FileNotFoundError:
@@ -378,9 +418,28 @@ class History:
         return kept
 
 
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _unlink_all(path: Path, quiet: bool = True) -> bool:
+    """Delete ``path`` and its temporary; True if neither is left (``quiet``: an OSError is
+    a False; else raised)."""
+    for p in (path, _tmp(path)):
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            if not quiet:
+                raise
+            return False
+    return True
+
+
 def _write_private(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data``, atomically and durably, readable by its owner only."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _tmp(path)
     # a new file, never one found there: a link planted at the temporary name (in a
     # shared history_dir) had its target overwritten with the history
     # defence: sdk.history-temp-never-followed

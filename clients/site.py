@@ -506,7 +506,7 @@ class Site:
     def _kept_key(self, info: service_pb2.RoundInfo) -> KeyHolder | None:
         """The key this key holder kept for the round, if it is the key the round announces
         (clients.history.History.save_key)."""
-        key = self._history.load_key(info.round_id)
+        key = self._history.load_key(self.config.job_id, info.round_id)
         if key is None or not info.HasField("ckks_key"):
             return None
         # defence: sdk.kept-key-is-the-rounds
@@ -529,7 +529,8 @@ class Site:
         held = self._history.held(self.config.job_id)
         # (the model it sent against is the round's: spend recorded it as held)
         if held is None or held != (number - 1, bytes(info.model.digest)):
-            self._history.drop_key()  # (a round it cannot release: its key goes)
+            # (a round it cannot release: its key goes)
+            self._history.drop_key(self.config.job_id, info.round_id)
             return False
         _log.warning("round %s: this key holder restarted after sending its update; it "
                      "releases the round with the key it kept", info.round_id)
@@ -556,7 +557,7 @@ class Site:
             _log.warning("round %s: the release after a restart did not complete: %s",
                          info.round_id, _why(e))
         finally:
-            self._history.drop_key()
+            self._history.drop_key(self.config.job_id, info.round_id)
         return True
 
     def _follow_chain(self, round_number: int, digest: bytes) -> None:
@@ -892,7 +893,7 @@ class Round:
 
     def _drop_key(self) -> None:
         if self._key is not None:
-            self._site._history.drop_key()
+            self._site._history.drop_key(self._site.config.job_id, self.round_id)
 
     # ---- plumbing --------------------------------------------------------------------------------
 
@@ -1046,11 +1047,17 @@ class Round:
         except SiteError as e:
             _log.warning("round %s: the key is not kept (%s): a restart in this round "
                          "cannot release it", self.round_id, e)
-        self._upload_and_submit(
-            key.public_context().serialize(), "public context",
-            lambda blob: {"ckks_key": service_pb2.CkksKeyOffer(
-                announcement=wire.announcement_to_proto(announcement),
-                public_context=blob.to_proto())})
+        try:
+            self._upload_and_submit(
+                key.public_context().serialize(), "public context",
+                lambda blob: {"ckks_key": service_pb2.CkksKeyOffer(
+                    announcement=wire.announcement_to_proto(announcement),
+                    public_context=blob.to_proto())})
+        # a key not announced is no round's: it goes (not on Ctrl-C, which may have come
+        # after the announcement reached the aggregator: the restart takes it up)
+        except Exception:
+            site._history.drop_key(site.config.job_id, self.round_id)
+            raise
 
     def _run_ckks(self, delta: np.ndarray, weight: float) -> None:
         site = self._site

@@ -45,7 +45,7 @@ def test_a_kept_round_key_is_private_durable_and_the_announced_one(tmp_path) -> 
     import json
     import os
 
-    from clients.history import KEY_FILE, History
+    from clients.history import History
     from secagg import wire
     from secagg.ckks import KeyHolder
 
@@ -53,12 +53,13 @@ def test_a_kept_round_key_is_private_durable_and_the_announced_one(tmp_path) -> 
     key = KeyHolder.generate()
     history.keep_key("job-1", 1, "hospitals/job-1/round-1", key)
     key.record_release("hospitals/job-1/round-1", b"\x07" * 32, 1)  # recorded on disk first
-    path = tmp_path / KEY_FILE
+    path = history.key_path("job-1")
+    assert path is not None
     assert path.stat().st_mode & 0o777 == 0o600
-    back = history.load_key("hospitals/job-1/round-1")
+    back = history.load_key("job-1", "hospitals/job-1/round-1")
     assert back is not None and back.key_id == key.key_id
     assert back.releases == {"hospitals/job-1/round-1": b"\x07" * 32}
-    assert history.load_key("hospitals/job-1/round-2") is None
+    assert history.load_key("job-1", "hospitals/job-1/round-2") is None
 
     info, payloads = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
     site, _ = _site("ckks", info, payloads, directory=tmp_path)
@@ -74,8 +75,8 @@ def test_a_kept_round_key_is_private_durable_and_the_announced_one(tmp_path) -> 
     kept["key_id"] = other.key_id.hex()  # names another key than the one it holds
     path.write_text(json.dumps(kept))
     os.chmod(path, 0o600)
-    assert history.load_key("hospitals/job-1/round-1") is None
-    history.drop_key()
+    assert history.load_key("job-1", "hospitals/job-1/round-1") is None
+    history.drop_key("job-1", "hospitals/job-1/round-1")
     assert not path.exists()
 
 
@@ -102,7 +103,7 @@ def test_two_processes_holding_the_kept_key_release_one_aggregate_between_them(
     from secagg.errors import RefusalReason, RefusedMessage
 
     history, running = _kept(tmp_path)
-    restarted = History(tmp_path).load_key("hospitals/job-1/round-1")
+    restarted = History(tmp_path).load_key("job-1", "hospitals/job-1/round-1")
     assert restarted is not None and restarted.releases == {}
     one, other = (running, restarted) if first == "running" else (restarted, running)
     one.record_release("hospitals/job-1/round-1", b"\x01" * 32, 1)
@@ -112,7 +113,7 @@ def test_two_processes_holding_the_kept_key_release_one_aggregate_between_them(
     assert refused.value.reason is RefusalReason.ALREADY_RELEASED
     other.record_release("hospitals/job-1/round-1", b"\x01" * 32, 1)  # the same: identical
 
-    history.drop_key()
+    history.drop_key("job-1", "hospitals/job-1/round-1")
     late = _load(tmp_path)
     assert late is None
     with pytest.raises(RefusedMessage, match="is gone"):
@@ -122,23 +123,24 @@ def test_two_processes_holding_the_kept_key_release_one_aggregate_between_them(
 def _load(tmp_path):  # type: ignore[no-untyped-def]
     from clients.history import History
 
-    return History(tmp_path).load_key("hospitals/job-1/round-1")
+    return History(tmp_path).load_key("job-1", "hospitals/job-1/round-1")
 
 
 def test_a_kept_key_goes_when_its_round_is_not_the_running_one_or_others_can_read_it(
         tmp_path, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
     import os
 
-    from clients.history import KEY_FILE
-
     history, _ = _kept(tmp_path)
-    path = tmp_path / KEY_FILE
+    path = history.key_path("job-1")
+    assert path is not None
     history.drop_stale_key("job-1", 1)
     assert path.exists()  # (its round is the running one)
     history.drop_stale_key("job-1", 2)
     assert not path.exists()
     history, _ = _kept(tmp_path)
-    history.drop_stale_key("job-2", 1)
+    history.drop_stale_key("job-2", 1)  # (another job's rounds: its key is its own)
+    assert path.exists()
+    history.drop_stale_key("job-1", 3)
     assert not path.exists()
     history, _ = _kept(tmp_path)
     history.drop_stale_key("job-1", 0)  # (the job is done)
@@ -147,7 +149,7 @@ def test_a_kept_key_goes_when_its_round_is_not_the_running_one_or_others_can_rea
     history, _ = _kept(tmp_path)
     os.chmod(path, 0o644)
     with caplog.at_level(logging.WARNING, logger="clients.history"):
-        assert history.load_key("hospitals/job-1/round-1") is None
+        assert history.load_key("job-1", "hospitals/job-1/round-1") is None
     assert "readable or writable by others" in caplog.text and not path.exists()
 
 
@@ -160,9 +162,86 @@ def test_a_process_holding_a_replaced_round_key_releases_nothing(tmp_path) -> No
     from secagg.errors import RefusedMessage
 
     history, b_key = _kept(tmp_path)
-    a_key = History(tmp_path).load_key("hospitals/job-1/round-1")
+    a_key = History(tmp_path).load_key("job-1", "hospitals/job-1/round-1")
     assert a_key is not None
     b_key.record_release("hospitals/job-1/round-1", b"\x01" * 32, 1)
     history.keep_key("job-1", 2, "hospitals/job-1/round-2", KeyHolder.generate())
     with pytest.raises(RefusedMessage, match="replaced by another round"):
         a_key.record_release("hospitals/job-1/round-1", b"\x02" * 32, 1)
+
+
+def test_jobs_sharing_a_directory_and_processes_on_later_rounds_keep_each_others_keys(
+        tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Two jobs on one history directory (the README's advice, for the one-update rule) had
+    one key file: job 2's key replaced job 1's, and job 1's release was refused, ending its
+    job. And a process ending round 1 deleted the key another process on the directory had
+    kept for round 2 (a helper's findings): keys are kept per job, and a round's end
+    deletes its own key only."""
+    from clients.history import History
+    from secagg.ckks import KeyHolder
+
+    history = History(tmp_path)
+    one, two = KeyHolder.generate(), KeyHolder.generate()
+    history.keep_key("job-1", 1, "hospitals/job-1/round-1", one)
+    history.keep_key("job-2", 1, "hospitals/job-2/round-1", two)
+    one.record_release("hospitals/job-1/round-1", b"\x01" * 32, 1)
+    two.record_release("hospitals/job-2/round-1", b"\x02" * 32, 1)
+
+    later = KeyHolder.generate()
+    history.keep_key("job-1", 2, "hospitals/job-1/round-2", later)
+    history.drop_key("job-1", "hospitals/job-1/round-1")  # the old process's round ends
+    back = history.load_key("job-1", "hospitals/job-1/round-2")
+    assert back is not None and back.key_id == later.key_id
+
+
+def test_a_key_whose_write_failed_is_deleted_or_releases_nothing(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The write put the file in place and then failed (a directory fsync's EIO): the key
+    was on disk with no record of its releases and no recorder, and a second process could
+    release another aggregate (a helper's finding). The file is deleted; if it cannot be,
+    every release under the key is recorded, and refused when it cannot be."""
+    import clients.history as history_module
+    from clients.errors import SiteError
+    from clients.history import History
+    from secagg.ckks import KeyHolder
+    from secagg.errors import RefusedMessage
+
+    written = history_module._write_private
+
+    def half(path, data):  # type: ignore[no-untyped-def]
+        written(path, data)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(history_module, "_write_private", half)
+    history = History(tmp_path)
+    key = KeyHolder.generate()
+    with pytest.raises(SiteError, match="cannot keep"):
+        history.keep_key("job-1", 1, "hospitals/job-1/round-1", key)
+    assert list(tmp_path.glob("ckks-round-key-*")) == []
+    assert History(tmp_path).load_key("job-1", "hospitals/job-1/round-1") is None
+
+    monkeypatch.setattr(history_module, "_unlink_all", lambda path, quiet=True: False)
+    stuck = KeyHolder.generate()
+    with pytest.raises(SiteError, match="cannot keep"):
+        history.keep_key("job-1", 1, "hospitals/job-1/round-1", stuck)
+    with pytest.raises(RefusedMessage):
+        stuck.record_release("hospitals/job-1/round-1", b"\x01" * 32, 1)
+
+
+def test_a_key_that_cannot_be_deleted_is_logged_not_raised_through_the_rounds_loop(
+        tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    """An unlink refused (a history directory remounted read-only) raised an OSError out of
+    rounds(), a generator whose frames are not cleared, with the kept key's record (the
+    secret context) as a local: a crash reporter had the key (a helper's finding)."""
+    import os
+
+    history, _ = _kept(tmp_path)
+
+    def refused(path):  # type: ignore[no-untyped-def]
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "unlink", refused)
+    with caplog.at_level(logging.WARNING, logger="clients.history"):
+        history.drop_stale_key("job-1", 2)
+        history.drop_key("job-1", "hospitals/job-1/round-1")
+    assert caplog.text.count("could not be deleted") == 2
