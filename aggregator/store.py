@@ -210,6 +210,7 @@ def normalize_url(url: str) -> str:
     """A path is a SQLite file; ``postgresql://`` means the psycopg (3) driver."""
     # (an empty --store was SQLite's in-memory database: `aggregator migrate --store ""`
     # reported a migration of a store that is gone when it exits)
+    # defence: store.empty-name-refused
     if not url.strip():
         raise StoreError("the store is empty: name a SQLite file or a database URL")
     if "://" not in url:

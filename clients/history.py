@@ -250,7 +250,8 @@ class History:
             f"{KEY_FILE_PREFIX}{hashlib.sha256(job.encode()).hexdigest()[:16]}.json")
 
     @scrubs_locals  # (the secret context passes through its frame)
-    def keep_key(self, job: str, round_number: int, round_id: str, key: KeyHolder) -> None:
+    def keep_key(self, job: str, round_number: int, round_id: str, key: KeyHolder,
+                 expires_in: float = 86400.0) -> None:
         """Keep this key holder's key for the round (``key_path``: 0600, durably) and have
         every release under it recorded there first (``_record_release``): a training script
         restarted mid-round then releases its round (``load_key``), where the round, and with
@@ -258,15 +259,30 @@ class History:
         announced; one file a job, for its running round (``drop_key`` at its end,
         ``drop_stale_key`` at the next). Without a history directory, nothing is kept. A
         SiteError if it cannot be written: the file is then deleted, or if that fails too,
-        every release under the key is refused (a file may hold it with no record)."""
+        every release under the key is refused (a file may hold it with no record); one if
+        another process on the directory keeps another key for the round. ``expires_in``: the
+        seconds after which the round is over whatever became of it (``drop_expired_keys``)."""
         path = self.key_path(job)
         if path is None:
             return
         recorder = functools.partial(self._record_release, job, key.key_id)
         with _locked(self._lock_path(), after=""):
             try:
+                kept = self._read_key(path)
+            except OSError as e:
+                raise SiteError(f"cannot read {path}: {e.strerror}") from None
+            # (two processes on the directory joining one round: the second's key, never
+            # announced if the first's was, replaced the first's, whose releases were then
+            # refused as "replaced")
+            # defence: sdk.kept-key-not-replaced-within-its-round
+            if (kept is not None and kept.get("round_id") == round_id
+                    and kept.get("key_id") != key.key_id.hex()):
+                raise SiteError(f"another process on {path.parent} keeps a key for "
+                                f"round {round_id!r}")
+            try:
                 self._write_key(path, {
                     "version": 1, "job": job, "round": round_number, "round_id": round_id,
+                    "expires": time.time() + max(0.0, float(expires_in)),
                     "key_id": key.key_id.hex(),
                     "releases": {r: d.hex() for r, d in key.releases.items()},
                     "context": base64.b64encode(key.export_secret_context()).decode()})
@@ -279,6 +295,7 @@ class History:
                 if not _unlink_all(path):
                     key.release_recorder = recorder
                 raise
+        # defence: sdk.kept-key-releases-recorded
         key.release_recorder = recorder
 
     @scrubs_locals
@@ -289,8 +306,13 @@ class History:
         path = self.key_path(job)
         if path is None:
             return None
-        with _locked(self._lock_path(), after=""):
-            kept = self._read_key(path)
+        try:
+            with _locked(self._lock_path(), after=""):
+                kept = self._read_key(path)
+        except (SiteError, OSError) as e:
+            _log.warning("the round key in %s cannot be read: %s", path,
+                         getattr(e, "strerror", None) or e)
+            return None
         if kept is None or kept.get("round_id") != round_id:
             return None
         try:
@@ -315,7 +337,11 @@ class History:
         path = self.key_path(job)
         assert path is not None
         with _locked(self._lock_path(), after=""):
-            kept = self._read_key(path)
+            try:
+                kept = self._read_key(path)
+            except OSError as e:
+                raise RefusedMessage(RefusalReason.ALREADY_RELEASED, f"the kept key's record "
+                                     f"of its releases cannot be read: {e.strerror}") from None
             # (the record of what was released under the key went with it: a process still
             # holding the key after its round ended, or after another round's key replaced
             # it, could release an aggregate other than the one released)
@@ -347,10 +373,10 @@ class History:
                                      f"{e}") from None
 
     @scrubs_locals
-    def drop_key(self, job: str, round_id: str) -> None:
-        """Delete the key kept for ``round_id`` (its round is over: keys are fresh per
-        round); not another round's, which another process on the directory may hold now.
-        A failure is logged, not raised."""
+    def drop_key(self, job: str, round_id: str, key_id: bytes) -> None:
+        """Delete the key ``key_id`` kept for ``round_id`` (its round is over: keys are fresh
+        per round); not another round's or another key, which another process on the
+        directory may hold now. A failure is logged, not raised."""
         path = self.key_path(job)
         if path is None:
             return
@@ -358,7 +384,8 @@ class History:
             with _locked(self._lock_path(), after=""):
                 kept = self._read_key(path)
                 # defence: sdk.kept-key-dropped-only-for-its-round
-                if kept is None or kept.get("round_id") == round_id:
+                if kept is None or (kept.get("round_id"), kept.get("key_id")) == (
+                        round_id, key_id.hex()):
                     _unlink_all(path, quiet=False)
         except (SiteError, OSError) as e:
             _log.warning("the round key in %s could not be deleted: %s", path,
@@ -382,6 +409,26 @@ class History:
             _log.warning("the round key in %s could not be deleted: %s", path,
                          getattr(e, "strerror", None) or e)
 
+    @scrubs_locals
+    def drop_expired_keys(self) -> None:
+        """Delete every kept round key (of any job) whose round is over by its time: a key
+        holder away when its job ended, which never polls that job again, kept it for good.
+        A failure is logged, not raised."""
+        if self._path is None:
+            return
+        for path in sorted(self._path.parent.glob(f"{KEY_FILE_PREFIX}*.json")):
+            try:
+                with _locked(self._lock_path(), after=""):
+                    kept = self._read_key(path)
+                    expires = kept.get("expires") if kept is not None else None
+                    # defence: sdk.expired-round-keys-deleted
+                    if kept is None or not isinstance(expires, int | float) or (
+                            expires < time.time()):
+                        _unlink_all(path, quiet=False)
+            except (SiteError, OSError) as e:
+                _log.warning("the round key in %s could not be deleted: %s", path,
+                             getattr(e, "strerror", None) or e)
+
     def _lock_path(self) -> Path:
         assert self._path is not None
         return self._path.with_name(f".{HISTORY_FILE}.lock")
@@ -397,7 +444,8 @@ class History:
     @scrubs_locals
     def _read_key(self, path: Path) -> dict[str, Any] | None:
         """The kept key's record, or None (none, or unusable: logged; one another user could
-        read or write is deleted, as it may be known)."""
+        read or write is deleted, as it may be known). An OSError but a missing file is
+        raised."""
         try:
             info = os.lstat(path)
             # defence: sdk.kept-key-private
@@ -409,7 +457,9 @@ class History:
             kept = json.loads(_read_bytes(path))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as e:
+        # (an I/O error says nothing of the key: raised, never taken for "no key", which
+        # deleted a live one or refused its release as gone)
+        except ValueError as e:  # (content: unusable, whoever wrote it)
             _log.warning("the round key in %s cannot be read: %s", path, type(e).__name__)
             return None
         if not isinstance(kept, dict) or kept.get("version") != 1:

@@ -222,7 +222,8 @@ class Site:
                  training_dtype: str | None = None) -> None:
         if type(workers) is not int or workers < 1:
             raise ConfigurationError(f"workers must be an integer >= 1, got {workers!r}")
-        if training_dtype is not None and training_dtype not in TRAINING_FLOATS:
+        if training_dtype is not None and (not isinstance(training_dtype, str)
+                                           or training_dtype not in TRAINING_FLOATS):
             raise ConfigurationError(f"training_dtype must be one of "
                                      f"{sorted(TRAINING_FLOATS)} or None, got {training_dtype!r}")
         self.training_dtype = training_dtype
@@ -247,6 +248,8 @@ class Site:
         self._refused_beyond = False  # a running round past [job] rounds was refused
         self._history = History(history_dir if history_dir is not None
                                 else getattr(kit, "directory", None))
+        # a kept round key whose round's time is over goes (its site was away as it ended)
+        self._history.drop_expired_keys()
         # a restarted training script holds what the last one held (clients.history)
         # defence: sdk.held-model-survives-restart
         held = self._history.held(self.config.job_id)
@@ -470,7 +473,11 @@ class Site:
         # opens another from it: a second update against it would let it subtract two
         # rounds' sums that differ by one site (checked again, under the lock, as the update
         # is recorded before it leaves)
-        sent = self._history.sent_against(model.training_digest)
+        # (and by the digest sites recorded before integer tensors were left out of it: a
+        # model sent against before an upgrade is the same model after it)
+        sent = (self._history.sent_against(model.training_digest)
+                # defence: sdk.one-update-per-model-legacy-records
+                or self._history.sent_against(model.legacy_training_digest))
         # defence: sdk.one-update-per-model
         if sent is not None and sent != (self.config.job_id, number):
             raise RoundAborted(round_id, one_update_per_model(
@@ -481,6 +488,7 @@ class Site:
         if (info.protocol == service_pb2.PROTOCOL_CKKS
                 and self.config.key_holder_for(rnd.number) == self.site_id):
             kept = self._kept_key(info)
+            # defence: sdk.restarted-holder-takes-up-its-kept-key
             if kept is not None:  # announced before a restart, and kept: it goes on
                 _log.warning("round %s: this key holder restarted after announcing its key; "
                              "it takes part with the key it kept", round_id)
@@ -505,7 +513,7 @@ class Site:
 
     def _kept_key(self, info: service_pb2.RoundInfo) -> KeyHolder | None:
         """The key this key holder kept for the round, if it is the key the round announces
-        (clients.history.History.save_key)."""
+        (clients.history.History.keep_key)."""
         key = self._history.load_key(self.config.job_id, info.round_id)
         if key is None or not info.HasField("ckks_key"):
             return None
@@ -530,14 +538,14 @@ class Site:
         # (the model it sent against is the round's: spend recorded it as held)
         if held is None or held != (number - 1, bytes(info.model.digest)):
             # (a round it cannot release: its key goes)
-            self._history.drop_key(self.config.job_id, info.round_id)
+            self._history.drop_key(self.config.job_id, info.round_id, key.key_id)
             return False
         _log.warning("round %s: this key holder restarted after sending its update; it "
                      "releases the round with the key it kept", info.round_id)
         try:
             model = self._download_model(info.model, "model", self._spec)
             if model.digest != held[1]:
-                return True  # (dropped below)
+                raise ModelMismatch("the round's model is not the one this site sent against")
             self._spec = model.spec
             announcement = wire.announcement_from_proto(info.ckks_key.announcement)
             config = self.config.ckks_round(number, info.round_id, self.kit.roster,
@@ -549,6 +557,7 @@ class Site:
             end = rnd._wait_for_end()
             rnd.result = self._accept_result(end, model, rnd._released, None)
         except WorkersFailed:
+            self._history.drop_key(self.config.job_id, info.round_id, key.key_id)
             raise
         # (a refusal, a release the aggregator counted before the restart, a round that
         # ended meanwhile: the site goes on to the next round, whose model it checks by the
@@ -556,8 +565,8 @@ class Site:
         except Exception as e:
             _log.warning("round %s: the release after a restart did not complete: %s",
                          info.round_id, _why(e))
-        finally:
-            self._history.drop_key(self.config.job_id, info.round_id)
+        # (not on Ctrl-C: the next restart takes it up again)
+        self._history.drop_key(self.config.job_id, info.round_id, key.key_id)
         return True
 
     def _follow_chain(self, round_number: int, digest: bytes) -> None:
@@ -851,7 +860,7 @@ class Round:
         self._trained_digest = trained
         self._deadline = time.monotonic() + _round_patience(config)
         # a key holder's kept round key goes when its round has ended, either way (a
-        # restart mid-round releases with it: clients.history.History.save_key)
+        # restart mid-round releases with it: clients.history.History.keep_key)
         try:
             try:
                 if self.protocol == "masking":
@@ -893,7 +902,8 @@ class Round:
 
     def _drop_key(self) -> None:
         if self._key is not None:
-            self._site._history.drop_key(self._site.config.job_id, self.round_id)
+            self._site._history.drop_key(self._site.config.job_id, self.round_id,
+                                         self._key.key_id)
 
     # ---- plumbing --------------------------------------------------------------------------------
 
@@ -1019,6 +1029,7 @@ class Round:
                 self._site._history.record_in_sum(self._site.config.job_id, self.number, bound)
             # (recorded before the update leaves: clients.history, one update per model)
             # defence: sdk.masked-input-recorded-as-sent
+            # defence: sdk.masked-input-records-the-model-as-trained
             self._site._history.record_sent(self._site.config.job_id, self.number,
                                             self.model.training_digest, self._trained_digest)
             self._upload_and_submit(
@@ -1043,7 +1054,8 @@ class Round:
         # it (every site had sent against the round's model)
         try:
             # defence: sdk.key-holder-keeps-its-round-key
-            site._history.keep_key(site.config.job_id, self.number, self.round_id, key)
+            site._history.keep_key(site.config.job_id, self.number, self.round_id, key,
+                                   expires_in=_round_patience(site.config))
         except SiteError as e:
             _log.warning("round %s: the key is not kept (%s): a restart in this round "
                          "cannot release it", self.round_id, e)
@@ -1056,7 +1068,7 @@ class Round:
         # a key not announced is no round's: it goes (not on Ctrl-C, which may have come
         # after the announcement reached the aggregator: the restart takes it up)
         except Exception:
-            site._history.drop_key(site.config.job_id, self.round_id)
+            site._history.drop_key(site.config.job_id, self.round_id, key.key_id)
             raise
 
     def _run_ckks(self, delta: np.ndarray, weight: float) -> None:

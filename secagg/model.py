@@ -89,16 +89,17 @@ def _flush_subnormals(values: np.ndarray, spec: tuple[TensorSpec, ...]) -> None:
             np.copysign(0.0, part, out=part, where=tiny[:n])  # zeros stay as they are
 
 
-# the float precisions a site may train in, by bytes a value: bfloat16 (torch's; numpy has
-# none) is what training in it, or autocast to it, reads of a float32 or float64 tensor
-TRAINING_FLOATS = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
+# the float precisions a site may train in, by their significands' bits: bfloat16 (torch's;
+# numpy has none) is what training in it, or autocast to it, reads of a float16, float32 or
+# float64 tensor (bfloat16 and float16 are both 2 bytes: bfloat16 is the coarser)
+TRAINING_FLOATS = {"bfloat16": 8, "float16": 11, "float32": 24, "float64": 53}
 
 
 def _rounds_coarser(own: str, held: str) -> bool:
     """Whether a float tensor of dtype ``own`` loses precision loaded into one of ``held``."""
-    if held not in TRAINING_FLOATS or np.dtype(own).kind != "f":
+    if held not in TRAINING_FLOATS or own not in TRAINING_FLOATS:
         return False
-    return TRAINING_FLOATS[held] < np.dtype(own).itemsize
+    return TRAINING_FLOATS[held] < TRAINING_FLOATS[own]
 
 
 def _as_held(values: np.ndarray, held: str) -> np.ndarray:
@@ -243,11 +244,28 @@ class FlatModel:
         one-update rule; a tensor not named, of another kind or of a dtype at least as
         precise, as ``training_digest``.
 
-        Integer and bool tensors count by name and shape, not values: a made-up result
-        moving only a counter that training does not read (BatchNorm's
-        ``num_batches_tracked``) gave the sites' exact updates again, and an honest round
-        moves the float values too (one that moves none is the model published again, which
-        the rule refuses anyway)."""
+        In a model with float tensors, integer and bool tensors count by name and shape, not
+        values: a made-up result moving only a counter that training does not read
+        (BatchNorm's ``num_batches_tracked``) gave the sites' exact updates again, and an
+        honest round moves the float values too (one that moves none is the model published
+        again, which the rule refuses anyway; so is a round that moves only the integers of
+        a model whose float values are frozen). A model of integers and bools alone (counts,
+        masks) counts by its values, or every round after the first were refused."""
+        # defence: model.integer-models-count-by-values
+        return self._training_digest(dtypes, counters=not self._has_floats)
+
+    @cached_property
+    def legacy_training_digest(self) -> bytes:
+        """The training digest as sites recorded it before integer tensors were left out
+        (their values counted): checked too, so a model sent against before an upgrade is
+        still the same model to the rule."""
+        return self._training_digest({}, counters=True)
+
+    @cached_property
+    def _has_floats(self) -> bool:
+        return any(np.dtype(t.dtype).kind == "f" for t in self.spec)
+
+    def _training_digest(self, dtypes: Mapping[str, str], counters: bool) -> bytes:
         where, pos = {}, 0
         for t in self.spec:
             where[t.name] = (pos, pos + t.size, t.shape, t.dtype)
@@ -257,7 +275,7 @@ class FlatModel:
         for name in sorted(where):
             start, end, shape, own = where[name]
             # defence: model.training-digest-leaves-out-counters
-            if np.dtype(own).kind != "f":
+            if np.dtype(own).kind != "f" and not counters:
                 parts.append(encode("counter", name, list(shape)))
                 continue
             values = self.values[start:end]

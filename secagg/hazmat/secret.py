@@ -103,7 +103,12 @@ def scrub_locals(error: BaseException, keep: BaseException | None = None) -> Non
 
 def scrubs_locals(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """``fn``, whose exceptions leave with the locals of the frames below it cleared
-    (:func:`scrub_locals`): for the entry points of code that holds secrets in its frames."""
+    (:func:`scrub_locals`): for the entry points of code that holds secrets in its frames.
+    Not for a generator or coroutine function: its body runs after this returns."""
+    if inspect.isgeneratorfunction(fn) or inspect.iscoroutinefunction(fn) or (
+            inspect.isasyncgenfunction(fn)):
+        raise TypeError(f"scrubs_locals cannot wrap {fn.__qualname__}: its body runs after "
+                        "the call returns")
     @functools.wraps(fn)
     def scrubbed(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         handling = sys.exc_info()[1]  # the caller's, if it calls from an except block

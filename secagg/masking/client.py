@@ -83,7 +83,10 @@ def _field_elements(pair: bytes) -> bool:
     """Whether a share pair's two halves, read as integers, are field elements (below
     PRIME); their lengths are checked on their own, before."""
     half = shamir.SHARE_BYTES
-    return all(int.from_bytes(part, "big") < shamir.PRIME for part in (pair[:half], pair[half:]))
+    # (two comparisons, not a generator expression: a generator's frame, holding a share
+    # half, is left as it is when an exception's frames are cleared)
+    return (int.from_bytes(pair[:half], "big") < shamir.PRIME
+            and int.from_bytes(pair[half:], "big") < shamir.PRIME)
 
 
 class MaskingClient:

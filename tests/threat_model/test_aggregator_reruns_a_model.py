@@ -260,3 +260,37 @@ def test_training_dtype_is_a_float_precision() -> None:
     for bad in ("int8", "float128", 16, "bf16"):
         with pytest.raises(ConfigurationError, match="training_dtype must be one of"):
             Site(site.kit, conn, training_dtype=bad)  # type: ignore[arg-type]
+
+
+def test_a_model_of_integers_alone_counts_by_its_values_and_old_records_still_hold(
+        tmp_path: Path) -> None:
+    """Leaving integer tensors out of the training digest made every round of a model of
+    integers and bools alone (counts, masks: federated analytics) the same model, refused
+    from round 2; such a model counts by its values. And a model a site sent against
+    before the upgrade, recorded by the digest with its counters' values, is still the same
+    model: that digest is checked too (an auditor's findings)."""
+    import numpy as np
+
+    from clients.errors import RoundAborted
+    from secagg import wire
+    from secagg.model import FlatModel
+    from secagg.v1 import service_pb2
+    from tests.threat_model.test_site_sdk_lying_aggregator import _site
+
+    counts = FlatModel.from_arrays({"c": np.array([1, 2, 3]), "m": np.array([True, False])})
+    later = FlatModel.from_arrays({"c": np.array([5, 9, 3]), "m": np.array([True, True])})
+    assert counts.training_digest != later.training_digest
+
+    a = FlatModel.from_arrays({"w": np.ones(8, np.float32), "n": np.array(5, np.int64)})
+    assert a.legacy_training_digest != a.training_digest
+    blob = wire.Blob((b"\x03" * 32,), len(a.to_bytes()))
+    info = service_pb2.RoundInfo(round=2, round_id="hospitals/job-1/round-2",
+                                 protocol=service_pb2.PROTOCOL_MASKING,
+                                 status=service_pb2.ROUND_STATUS_RUNNING,
+                                 model=wire.model_to_proto(a, blob))
+    site, conn = _site("masking", info, {blob.chunk_ids[0]: a.to_bytes()}, directory=tmp_path)
+    site._history.record_sent("job-1", 1, a.legacy_training_digest)  # (an older SDK's record)
+    site._model_digest = None
+    with pytest.raises(RoundAborted, match="already sent an update against"):
+        next(site.rounds())
+    assert conn.sent == []

@@ -76,7 +76,10 @@ def test_a_kept_round_key_is_private_durable_and_the_announced_one(tmp_path) -> 
     path.write_text(json.dumps(kept))
     os.chmod(path, 0o600)
     assert history.load_key("job-1", "hospitals/job-1/round-1") is None
-    history.drop_key("job-1", "hospitals/job-1/round-1")
+    # (the record now names `other`: a drop of another key leaves it)
+    history.drop_key("job-1", "hospitals/job-1/round-1", key.key_id)
+    assert path.exists()
+    history.drop_key("job-1", "hospitals/job-1/round-1", other.key_id)
     assert not path.exists()
 
 
@@ -113,7 +116,7 @@ def test_two_processes_holding_the_kept_key_release_one_aggregate_between_them(
     assert refused.value.reason is RefusalReason.ALREADY_RELEASED
     other.record_release("hospitals/job-1/round-1", b"\x01" * 32, 1)  # the same: identical
 
-    history.drop_key("job-1", "hospitals/job-1/round-1")
+    history.drop_key("job-1", "hospitals/job-1/round-1", running.key_id)
     late = _load(tmp_path)
     assert late is None
     with pytest.raises(RefusedMessage, match="is gone"):
@@ -189,7 +192,7 @@ def test_jobs_sharing_a_directory_and_processes_on_later_rounds_keep_each_others
 
     later = KeyHolder.generate()
     history.keep_key("job-1", 2, "hospitals/job-1/round-2", later)
-    history.drop_key("job-1", "hospitals/job-1/round-1")  # the old process's round ends
+    history.drop_key("job-1", "hospitals/job-1/round-1", one.key_id)  # the old round ends
     back = history.load_key("job-1", "hospitals/job-1/round-2")
     assert back is not None and back.key_id == later.key_id
 
@@ -243,5 +246,52 @@ def test_a_key_that_cannot_be_deleted_is_logged_not_raised_through_the_rounds_lo
     monkeypatch.setattr(os, "unlink", refused)
     with caplog.at_level(logging.WARNING, logger="clients.history"):
         history.drop_stale_key("job-1", 2)
-        history.drop_key("job-1", "hospitals/job-1/round-1")
+        history.drop_key("job-1", "hospitals/job-1/round-1", _.key_id)
     assert caplog.text.count("could not be deleted") == 2
+
+
+def test_a_second_process_joining_the_round_does_not_replace_the_kept_key(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Two processes on the directory joined one round before either announcement was
+    visible: the second's key replaced the first's on disk, and whichever was announced,
+    one of them could no longer release (an auditor's finding). The second is refused."""
+    from clients.errors import SiteError
+    from clients.history import History
+    from secagg.ckks import KeyHolder
+
+    _history, first = _kept(tmp_path)
+    with pytest.raises(SiteError, match="another process"):
+        History(tmp_path).keep_key("job-1", 1, "hospitals/job-1/round-1", KeyHolder.generate())
+    first.record_release("hospitals/job-1/round-1", b"\x01" * 32, 1)  # still its own
+
+
+def test_a_kept_key_whose_round_time_is_over_goes_at_the_next_connect(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A key holder away when its job ended, which never polls that job again, kept the key
+    for good (with the aggregator's stored uploads, every site's update of that round):
+    keys carry their round's time, and any job's expired key goes when a Site is made."""
+    from clients.history import History
+    from secagg.ckks import KeyHolder
+
+    history = History(tmp_path)
+    history.keep_key("old-job", 3, "hospitals/old-job/round-3", KeyHolder.generate(),
+                     expires_in=0.0)
+    history.keep_key("job-1", 1, "hospitals/job-1/round-1", KeyHolder.generate(),
+                     expires_in=600.0)
+    history.drop_expired_keys()
+    assert history.key_path("old-job").exists() is False  # type: ignore[union-attr]
+    assert history.key_path("job-1").exists()  # type: ignore[union-attr]
+
+
+def test_an_io_error_reading_the_kept_key_neither_deletes_it_nor_takes_it_for_gone(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    import clients.history as history_module
+
+    history, key = _kept(tmp_path)
+    path = history.key_path("job-1")
+
+    def failing(p):  # type: ignore[no-untyped-def]
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(history_module, "_read_bytes", failing)
+    history.drop_stale_key("job-1", 2)
+    history.drop_key("job-1", "hospitals/job-1/round-1", key.key_id)
+    assert path.exists()  # type: ignore[union-attr]
