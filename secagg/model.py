@@ -232,7 +232,8 @@ class FlatModel:
         tensors). The one-update-per-model rule (clients.history) keys on it: a model
         re-encoded (its tensors reordered, a float32 tensor declared float64, a zero's sign
         flipped) has another ``digest`` but trains the same, and is the same model to it."""
-        return self.training_digest_as({})
+        # defence: model.integer-models-count-by-values
+        return self._training_digest({}, counters=not self._has_floats)
 
     def training_digest_as(self, dtypes: Mapping[str, str]) -> bytes:
         """``training_digest`` of this model as tensors of ``dtypes`` (name -> a float
@@ -251,14 +252,20 @@ class FlatModel:
         again, which the rule refuses anyway; so is a round that moves only the integers of
         a model whose float values are frozen). A model of integers and bools alone (counts,
         masks) counts by its values, or every round after the first were refused."""
-        # defence: model.integer-models-count-by-values
+        # (the usual case, a state dict of the model's own dtypes, is the cached digest: each
+        # digest hashes the whole model, ten sites' at once on the upload's critical path)
+        if not any(_rounds_coarser(t.dtype, dtypes[t.name]) for t in self.spec
+                   if t.name in dtypes):
+            return self.training_digest
         return self._training_digest(dtypes, counters=not self._has_floats)
 
     @cached_property
     def legacy_training_digest(self) -> bytes:
         """The training digest as sites recorded it before integer tensors were left out
         (their values counted): checked too, so a model sent against before an upgrade is
-        still the same model to the rule."""
+        still the same model to the rule (the same digest for a model without them)."""
+        if not self._has_floats or all(np.dtype(t.dtype).kind == "f" for t in self.spec):
+            return self.training_digest
         return self._training_digest({}, counters=True)
 
     @cached_property
