@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -90,36 +91,32 @@ def test_a_round_from_a_re_encoding_of_a_model_sent_against_is_refused(tmp_path:
     import numpy as np
 
     from clients.errors import RoundAborted
-    from secagg import wire
     from secagg.model import FlatModel
-    from secagg.v1 import service_pb2
-    from tests.threat_model.test_site_sdk_lying_aggregator import _site
 
     w, b = np.ones(4, np.float32), np.zeros(2, np.float32)
     a = FlatModel.from_arrays({"w": w, "b": b})
     reordered = FlatModel.from_arrays({"b": b, "w": w})
-    blob = wire.Blob((b"\x03" * 32,), len(reordered.to_bytes()))
-    info = service_pb2.RoundInfo(round=2, round_id="hospitals/job-1/round-2",
-                                 protocol=service_pb2.PROTOCOL_MASKING,
-                                 status=service_pb2.ROUND_STATUS_RUNNING,
-                                 model=wire.model_to_proto(reordered, blob))
-    site, conn = _site("masking", info, {blob.chunk_ids[0]: reordered.to_bytes()},
-                       directory=tmp_path)
+    site, conn = _round_two(tmp_path, reordered)
     site._history.record_sent("job-1", 1, a.training_digest)
-    site._model_digest = None  # (whatever it holds: the chain is another check's business)
     with pytest.raises(RoundAborted, match="already sent an update against the model this "
                                            r"round starts from \(job 'job-1', round 1\)"):
         next(site.rounds())
     assert conn.sent == []
 
 
-def _float64_round(tmp_path: Path, values: object) -> tuple[object, object]:
-    from secagg import wire
+def _float64_round(tmp_path: Path, values: object) -> tuple[Any, Any]:
     from secagg.model import FlatModel
+
+    return _round_two(tmp_path, FlatModel.from_arrays({"w": values}))
+
+
+def _round_two(tmp_path: Path, model: Any) -> tuple[Any, Any]:
+    """A site (its history in ``tmp_path``) offered round 2 of job-1, starting from
+    ``model``: (site, its scripted connection)."""
+    from secagg import wire
     from secagg.v1 import service_pb2
     from tests.threat_model.test_site_sdk_lying_aggregator import _site
 
-    model = FlatModel.from_arrays({"w": values})
     blob = wire.Blob((b"\x03" * 32,), len(model.to_bytes()))
     info = service_pb2.RoundInfo(round=2, round_id="hospitals/job-1/round-2",
                                  protocol=service_pb2.PROTOCOL_MASKING,
@@ -185,10 +182,7 @@ def test_a_model_that_differs_only_in_a_counter_is_the_model_sent_against(
     import numpy as np
 
     from clients.errors import RoundAborted
-    from secagg import wire
     from secagg.model import FlatModel
-    from secagg.v1 import service_pb2
-    from tests.threat_model.test_site_sdk_lying_aggregator import _site
 
     w = np.linspace(-1, 1, 8).astype(np.float32)
     a = FlatModel.from_arrays({"w": w, "n": np.array(5, np.int64)})
@@ -196,15 +190,8 @@ def test_a_model_that_differs_only_in_a_counter_is_the_model_sent_against(
     assert a.training_digest == bumped.training_digest
     assert FlatModel.from_arrays({"w": w + 1, "n": np.array(5, np.int64)}
                                  ).training_digest != a.training_digest
-    blob = wire.Blob((b"\x03" * 32,), len(bumped.to_bytes()))
-    info = service_pb2.RoundInfo(round=2, round_id="hospitals/job-1/round-2",
-                                 protocol=service_pb2.PROTOCOL_MASKING,
-                                 status=service_pb2.ROUND_STATUS_RUNNING,
-                                 model=wire.model_to_proto(bumped, blob))
-    site, conn = _site("masking", info, {blob.chunk_ids[0]: bumped.to_bytes()},
-                       directory=tmp_path)
+    site, conn = _round_two(tmp_path, bumped)
     site._history.record_sent("job-1", 1, a.training_digest)
-    site._model_digest = None
     with pytest.raises(RoundAborted, match="already sent an update against"):
         next(site.rounds())
     assert conn.sent == []
@@ -272,10 +259,7 @@ def test_a_model_of_integers_alone_counts_by_its_values_and_old_records_still_ho
     import numpy as np
 
     from clients.errors import RoundAborted
-    from secagg import wire
     from secagg.model import FlatModel
-    from secagg.v1 import service_pb2
-    from tests.threat_model.test_site_sdk_lying_aggregator import _site
 
     counts = FlatModel.from_arrays({"c": np.array([1, 2, 3]), "m": np.array([True, False])})
     later = FlatModel.from_arrays({"c": np.array([5, 9, 3]), "m": np.array([True, True])})
@@ -283,14 +267,8 @@ def test_a_model_of_integers_alone_counts_by_its_values_and_old_records_still_ho
 
     a = FlatModel.from_arrays({"w": np.ones(8, np.float32), "n": np.array(5, np.int64)})
     assert a.legacy_training_digest != a.training_digest
-    blob = wire.Blob((b"\x03" * 32,), len(a.to_bytes()))
-    info = service_pb2.RoundInfo(round=2, round_id="hospitals/job-1/round-2",
-                                 protocol=service_pb2.PROTOCOL_MASKING,
-                                 status=service_pb2.ROUND_STATUS_RUNNING,
-                                 model=wire.model_to_proto(a, blob))
-    site, conn = _site("masking", info, {blob.chunk_ids[0]: a.to_bytes()}, directory=tmp_path)
+    site, conn = _round_two(tmp_path, a)
     site._history.record_sent("job-1", 1, a.legacy_training_digest)  # (an older SDK's record)
-    site._model_digest = None
     with pytest.raises(RoundAborted, match="already sent an update against"):
         next(site.rounds())
     assert conn.sent == []
