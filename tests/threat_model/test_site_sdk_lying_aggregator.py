@@ -658,8 +658,17 @@ def test_two_site_objects_on_one_directory_cannot_both_send_to_a_round(tmp_path:
         site, conn = _site("masking", info, payloads, directory=tmp_path)
         rounds.append(next(site.rounds()))
         conns.append(conn)
-    with pytest.raises(AggregatorRefused):
-        rounds[0].submit({"w": np.ones(8, np.float32)}, weight=10)
+    # the race: the second has passed its own checks (which read the history too) when the
+    # first records the round and sends; only the re-read under the lock stops the second
+    history = rounds[1]._site._history
+    spend = history.spend
+
+    def first_sends_meanwhile(*args: Any, **kwargs: Any) -> None:
+        with pytest.raises(AggregatorRefused):
+            rounds[0].submit({"w": np.ones(8, np.float32)}, weight=10)
+        spend(*args, **kwargs)
+
+    history.spend = first_sends_meanwhile  # type: ignore[method-assign]
     with pytest.raises(SiteError, match="already took part in round 1"):
         rounds[1].submit({"w": np.ones(8, np.float32)}, weight=10)
     assert conns[0].sent == ["Submit"] and conns[1].sent == []
