@@ -111,9 +111,11 @@ def test_a_ckks_key_holder_whose_script_restarts_mid_round_releases_it(
     fed = make_federation(tmp_path, 4, "ckks", rounds=2, key_holders=(1,), stage_s=6.0,
                           open_s=20.0, release_s=30.0)
     agg = start_aggregator(fed, tmp_path)
+    procs = []
     try:
         first = start_site(fed, 1, tmp_path / "site-1-first.jsonl", "--die", f"1:{dies}")
         others = [start_site(fed, s, tmp_path / f"site-{s}.jsonl") for s in (2, 3, 4)]
+        procs += [first, *others]
         assert first.wait(timeout=120) == 0
         (kept_file,) = fed.site_dir(1).glob("ckks-round-key-*.json")
         kept = json.loads(kept_file.read_text())
@@ -122,9 +124,12 @@ def test_a_ckks_key_holder_whose_script_restarts_mid_round_releases_it(
         # the aggregate it released is kept with the key before the release leaves
         assert list(kept["releases"]) == ([kept["round_id"]] if dies == "RELEASE" else [])
         again = start_site(fed, 1, tmp_path / "site-1.jsonl")
+        procs.append(again)
         for p in (*others, again):
             assert p.wait(timeout=180) == 0, (tmp_path / "site-1.err").read_text()[-3000:]
     finally:
+        for p in procs:  # (a failed run left them waiting for rounds, into the next tests)
+            p.kill()
         agg.stop()
     reports = {s: read_reports(tmp_path / f"site-{s}.jsonl") for s in (1, 2, 3, 4)}
     one = [next(x for x in reports[s] if x["round"] == 1) for s in (2, 3, 4)]
