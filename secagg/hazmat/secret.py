@@ -15,8 +15,8 @@ import functools
 import hmac
 import inspect
 import sys
-from collections.abc import Callable
-from types import TracebackType
+from collections.abc import Callable, Iterator
+from types import FrameType, TracebackType
 from typing import NoReturn, ParamSpec, TypeVar
 
 _P = ParamSpec("_P")
@@ -82,6 +82,17 @@ def scrub_locals(error: BaseException, keep: BaseException | None = None) -> Non
     a suspended one would close it). ``keep``, the exception the caller was handling when it
     called in (the context of anything raised inside), is left with its chain: those frames
     are the caller's own, and keep their values for its debugging."""
+    for frame in exception_frames(error, keep):
+        if not frame.f_code.co_flags & _SUSPENDABLE:
+            with contextlib.suppress(RuntimeError):  # a frame still running (the
+                frame.clear()                        # handler's own): left as it is
+
+
+def exception_frames(error: BaseException, keep: BaseException | None = None,
+                     ) -> Iterator[FrameType]:
+    """Every frame of ``error``'s traceback, and of the exceptions it was raised from or
+    while handling, and of a group's members (each exception once; ``keep`` and its chain
+    left out)."""
     seen: set[int] = set() if keep is None else {id(keep)}
     pending: list[BaseException | None] = [error]
     while pending:
@@ -91,10 +102,7 @@ def scrub_locals(error: BaseException, keep: BaseException | None = None) -> Non
         seen.add(id(e))
         tb: TracebackType | None = e.__traceback__
         while tb is not None:
-            frame = tb.tb_frame
-            if not frame.f_code.co_flags & _SUSPENDABLE:
-                with contextlib.suppress(RuntimeError):  # a frame still running (the
-                    frame.clear()                        # handler's own): left as it is
+            yield tb.tb_frame
             tb = tb.tb_next
         pending += [e.__cause__, e.__context__]
         if isinstance(e, BaseExceptionGroup):

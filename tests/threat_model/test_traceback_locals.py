@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from secagg.hazmat.secret import exception_frames
 from tests.roundkit import Round as MaskingRound
 
 _OWN = (__file__, "scrubbed")  # this file's frames, and the wrapper's (it holds the call's
@@ -29,18 +30,7 @@ _OWN = (__file__, "scrubbed")  # this file's frames, and the wrapper's (it holds
 
 
 def _frames(exc: BaseException) -> Iterator[Any]:
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
-    while pending:
-        e = pending.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        tb = e.__traceback__
-        while tb is not None:
-            yield tb.tb_frame
-            tb = tb.tb_next
-        pending += [e.__cause__, e.__context__]
+    return exception_frames(exc)
 
 
 def _shown_locals(exc: BaseException) -> list[tuple[str, list[str]]]:
