@@ -35,8 +35,8 @@ from secagg import wire
 from secagg._norm import l2_norm
 from secagg.ckks import CkksServer, CkksStage, PublicContext, _seal
 from secagg.ckks.keys import public_context_length
-from secagg.ckks.presets import get_preset
-from secagg.ckks.release import check_released_norm, least_l2_weight_sum
+from secagg.ckks.presets import MAX_NOISE_SHARE, get_preset
+from secagg.ckks.release import check_released_norm, least_l2_weight_sum, release_noise_share
 from secagg.errors import (
     AbortReason,
     ConfigurationError,
@@ -862,6 +862,7 @@ class Job:
                                 "the key holder did not release the average")
         average, sites, release_blob, weight_sum, signature = active.ckks_release
         self._check_released_norm(active, average, len(sites), weight_sum)
+        self._note_ckks_precision(active, len(sites), weight_sum)
         view.result_signature = signature
         self._complete(active, average, sites, release_blob, weight_sum)
 
@@ -956,6 +957,25 @@ class Job:
                 "nearer the sites' sample counts (weights nearer 1), or set [masking] "
                 "word_bits = 64", extra={"event": "masking_precision_low",
                                          "round_id": active.view.round_id})
+
+    def _note_ckks_precision(self, active: _Active, sites: int, weight_sum: float) -> None:
+        """Warn the operator when a CKKS round's release is near the noise floor: the
+        flooding noise over the weight sum is then more than half the share of clip_norm at
+        which the release is refused as noise (secagg.ckks.release.check_released_norm), so
+        the average is visibly noisy and a round with a site fewer, or smaller weights, may
+        be spent and refused; nothing else would say so before that."""
+        learned = int(np.count_nonzero(~active.view.model.integer_positions))
+        share = release_noise_share(active.ckks_config.preset_params, sites,
+                                    self.config.clip_norm, weight_sum, learned)
+        # defence: service.ckks-precision-warned
+        if share > MAX_NOISE_SHARE / 2:
+            log.warning(
+                f"round's average may be off by up to {share:.2g} x clip_norm (L2) from the "
+                f"release noise (refused above {MAX_NOISE_SHARE:g}): its weight sum "
+                f"{weight_sum:.3g} is small for preset {self.config.preset!r}; bring [update] "
+                "max_samples nearer the sites' sample counts (weights nearer 1), raise "
+                "clip_norm, or use a preset with less noise",
+                extra={"event": "ckks_precision_low", "round_id": active.view.round_id})
 
     def _abort(self, active: _Active, reason: str, detail: str = "") -> None:
         view = active.view

@@ -73,7 +73,7 @@ from secagg.hazmat import signing
 from secagg.hazmat.secret import scrubs_locals
 
 __all__ = ["MAX_NOISE_SHARE", "Release", "check_released_norm", "decrypt_verified_sum",
-           "gaussian", "least_l2_weight_sum", "release_average"]
+           "gaussian", "least_l2_weight_sum", "release_average", "release_noise_share"]
 
 
 def _l2_slack(params: Preset, sites: int, clip_norm: float, learned: int) -> float:
@@ -87,6 +87,16 @@ def _l2_slack(params: Preset, sites: int, clip_norm: float, learned: int) -> flo
 def least_l2_weight_sum(params: Preset, sites: int, clip_norm: float, learned: int) -> float:
     """The least weight sum whose release :func:`check_released_norm` takes."""
     return _l2_slack(params, sites, clip_norm, learned) / (MAX_NOISE_SHARE * clip_norm)
+
+
+def release_noise_share(params: Preset, sites: int, clip_norm: float, weight_sum: float,
+                        learned: int) -> float:
+    """How far (L2, as a share of ``clip_norm``) a release of ``learned`` values can be from
+    the exact average by noise alone, at weight sum ``weight_sum``: the slack of
+    :func:`check_released_norm` over the weight sum (it refuses above MAX_NOISE_SHARE)."""
+    if not weight_sum > 0:
+        return math.inf
+    return _l2_slack(params, sites, clip_norm, learned) / (clip_norm * weight_sum)
 
 
 def check_released_norm(params: Preset, sites: int, clip_norm: float, weight_sum: float,
