@@ -959,18 +959,18 @@ class Job:
                                          "round_id": active.view.round_id})
 
     def _note_ckks_precision(self, active: _Active, sites: int, weight_sum: float) -> None:
-        """Warn the operator when a CKKS round's release is near the noise floor: the
-        flooding noise over the weight sum is then more than half the share of clip_norm at
-        which the release is refused as noise (secagg.ckks.release.check_released_norm), so
-        the average is visibly noisy and a round with a site fewer, or smaller weights, may
-        be spent and refused; nothing else would say so before that."""
+        """Warn the operator when a CKKS round's weight sum is small for its preset: the
+        release's flooding noise over the weight sum may then be off by more than the share
+        of clip_norm masking warns at (PRECISION_MARGIN), and nothing else would say so until
+        a round is spent and refused as noise (above MAX_NOISE_SHARE:
+        secagg.ckks.release.check_released_norm)."""
         learned = int(np.count_nonzero(~active.view.model.integer_positions))
-        share = release_noise_share(active.ckks_config.preset_params, sites,
+        noise = release_noise_share(active.ckks_config.preset_params, sites,
                                     self.config.clip_norm, weight_sum, learned)
         # defence: service.ckks-precision-warned
-        if share > MAX_NOISE_SHARE / 2:
+        if noise > PRECISION_MARGIN:
             log.warning(
-                f"round's average may be off by up to {share:.2g} x clip_norm (L2) from the "
+                f"round's average may be off by up to {noise:.2g} x clip_norm (L2) from the "
                 f"release noise (refused above {MAX_NOISE_SHARE:g}): its weight sum "
                 f"{weight_sum:.3g} is small for preset {self.config.preset!r}; bring [update] "
                 "max_samples nearer the sites' sample counts (weights nearer 1), raise "
