@@ -58,6 +58,12 @@ from secagg.federation.kit import check_history_directory, directory_path
 from secagg.hazmat.secret import scrubs_locals
 
 HISTORY_FILE = "history.json"
+
+
+class AnotherKeyKept(SiteError):
+    """``History.keep_key``: the directory may keep another key for the round (another
+    process's, or one kept before a restart): this key must not be announced (two keys of
+    one round, each released over other sites, are one site's update)."""
 KEY_FILE_PREFIX = "ckks-round-key-"  # a CKKS key holder's key for a job's running round
 
 _log = logging.getLogger("clients.history")
@@ -270,15 +276,15 @@ class History:
             try:
                 kept = self._read_key(path)
             except OSError as e:
-                raise SiteError(f"cannot read {path}: {e.strerror}") from None
+                raise AnotherKeyKept(f"cannot read {path}: {e.strerror}") from None
             # (two processes on the directory joining one round: the second's key, never
             # announced if the first's was, replaced the first's, whose releases were then
             # refused as "replaced")
             # defence: sdk.kept-key-not-replaced-within-its-round
             if (kept is not None and kept.get("round_id") == round_id
                     and kept.get("key_id") != key.key_id.hex()):
-                raise SiteError(f"another process on {path.parent} keeps a key for "
-                                f"round {round_id!r}")
+                raise AnotherKeyKept(f"another process on {path.parent} keeps a key for "
+                                     f"round {round_id!r}")
             try:
                 self._write_key(path, {
                     "version": 1, "job": job, "round": round_number, "round_id": round_id,

@@ -35,7 +35,7 @@ import numpy as np
 
 from clients import tensors
 from clients.errors import AggregatorRefused, ModelMismatch, RoundAborted, SiteError
-from clients.history import History, one_update_per_model
+from clients.history import AnotherKeyKept, History, one_update_per_model
 from clients.progress import guarded as progress_guarded
 from clients.transport import CLOSED, Connection, Progress
 from secagg import wire
@@ -487,15 +487,35 @@ class Site:
         rnd = Round(self, info, model)
         if (info.protocol == service_pb2.PROTOCOL_CKKS
                 and self.config.key_holder_for(rnd.number) == self.site_id):
-            kept = self._kept_key(info)
+            kept = self._history.load_key(self.config.job_id, round_id)
+            announced = (bytes(info.ckks_key.announcement.key_id)
+                         if info.HasField("ckks_key") else None)
             # defence: sdk.restarted-holder-takes-up-its-kept-key
-            if kept is not None:  # announced before a restart, and kept: it goes on
+            if kept is not None and announced == kept.key_id:
+                # announced before a restart, and kept: it goes on
                 _log.warning("round %s: this key holder restarted after announcing its key; "
                              "it takes part with the key it kept", round_id)
                 rnd._key = kept
                 return rnd
+            # a round has one key of this holder's, the one it keeps: a restarted script
+            # shown the round without it (or with another) made a second, and a lying
+            # aggregator that took both released the round under each, over two sets of
+            # sites, the second by the restart after (a helper's finding). So the kept key
+            # is announced again (the same announcement: its first may never have arrived),
+            # and a round announcing another key, or a key the directory may keep for it
+            # (another process's), is skipped
+            # defence: sdk.one-key-per-round-at-the-holder
+            if kept is not None and announced is not None:
+                _log.warning("skipping round %s: it announces another key than the one this "
+                             "key holder keeps for it", round_id)
+                return None
             try:
-                rnd._announce_key()
+                # defence: sdk.kept-key-announced-again
+                rnd._announce_key(kept)
+            except AnotherKeyKept as e:
+                _log.warning("skipping round %s: this key holder's directory keeps another "
+                             "key for it (%s)", round_id, e)
+                return None
             except AggregatorRefused as e:
                 # the round has a key already: this key holder's own, announced before its
                 # training script restarted, whose secret key went with that process (not
@@ -1042,10 +1062,11 @@ class Round:
 
     # ---- CKKS ------------------------------------------------------------------------------------
 
-    def _announce_key(self) -> None:
-        """This site makes, announces and will release this round's key."""
+    def _announce_key(self, kept: KeyHolder | None = None) -> None:
+        """This site makes, announces and will release this round's key (``kept``: the key
+        it kept for the round before a restart, announced again)."""
         site = self._site
-        key = KeyHolder.generate(site.config.preset)
+        key = kept if kept is not None else KeyHolder.generate(site.config.preset)
         announcement = key.announce(holder=site.site_id, identity=site.kit.identity,
                                     epoch=self.round_id, max_rounds=1)
         self._key = key
@@ -1053,10 +1074,14 @@ class Round:
         # it (Site._join, Site._resume_release), where the round was lost, and the job with
         # it (every site had sent against the round's model)
         try:
-            # defence: sdk.key-holder-keeps-its-round-key
-            site._history.keep_key(site.config.job_id, self.number, self.round_id, key,
-                                   expires_in=_round_patience(site.config))
-        except SiteError as e:
+            if kept is None:
+                # defence: sdk.key-holder-keeps-its-round-key
+                site._history.keep_key(site.config.job_id, self.number, self.round_id, key,
+                                       expires_in=_round_patience(site.config))
+        # defence: sdk.another-kept-key-not-announced
+        except AnotherKeyKept:
+            raise  # (never announced: Site._join skips the round)
+        except SiteError as e:  # (nothing kept for the round: the file went with the error)
             _log.warning("round %s: the key is not kept (%s): a restart in this round "
                          "cannot release it", self.round_id, e)
         try:

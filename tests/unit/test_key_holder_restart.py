@@ -25,7 +25,7 @@ def test_a_key_holder_whose_key_is_refused_as_already_announced_skips_the_round(
     site.site_id = HOLDER
     conn.then_done = True  # type: ignore[attr-defined]
 
-    def refused(self: Round) -> None:
+    def refused(self: Round, kept: object = None) -> None:
         raise AggregatorRefused(code, "this site already answered this stage")
 
     monkeypatch.setattr(Round, "_announce_key", refused)
@@ -295,3 +295,92 @@ def test_an_io_error_reading_the_kept_key_neither_deletes_it_nor_takes_it_for_go
     history.drop_stale_key("job-1", 2)
     history.drop_key("job-1", "hospitals/job-1/round-1", key.key_id)
     assert path.exists()  # type: ignore[union-attr]
+
+
+class _Accepting:
+    """A lying aggregator's connection: GetRound answers ``info``; every upload and Submit is
+    taken; the key announcements submitted are recorded."""
+
+    def __init__(self, info, payloads) -> None:  # type: ignore[no-untyped-def]
+        self.info, self.payloads, self.offers = info, payloads, []
+
+    def call(self, method, request, timeout=None):  # type: ignore[no-untyped-def]
+        if method == "GetRound":
+            return self.info
+        if method == "Submit" and request.HasField("ckks_key"):
+            self.offers.append(bytes(request.ckks_key.announcement.key_id))
+        return None
+
+    def upload_and_send(self, data, send, **_):  # type: ignore[no-untyped-def]
+        from secagg import wire
+
+        return send(wire.Blob((b"\x09" * 32,), len(data)))
+
+    def download(self, blob, **_):  # type: ignore[no-untyped-def]
+        return self.payloads[blob.chunk_ids[0]]
+
+
+def _holder(tmp_path, announced=None):  # type: ignore[no-untyped-def]
+    """The key holder's Site on ``tmp_path``, shown round 1 of a CKKS job (announcing
+    ``announced``'s key, or none yet), and its connection."""
+    import types
+
+    from clients.site import Site
+    from secagg import wire
+    from secagg.masking import make_roster
+    from tests.threat_model.test_site_sdk_lying_aggregator import _site
+
+    roster, identities = make_roster(5)
+    info, payloads = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
+    if announced is not None:
+        info.ckks_key.CopyFrom(service_pb2.CkksKeyOffer(
+            announcement=wire.announcement_to_proto(announced.announce(
+                holder=HOLDER, identity=identities[HOLDER], epoch=info.round_id))))
+    config = _site("ckks", info, payloads)[0].config
+    kit = types.SimpleNamespace(site_id=HOLDER, config=config, roster=roster,
+                                identity=identities[HOLDER], directory=tmp_path)
+    conn = _Accepting(info, payloads)
+    return Site(kit, conn), conn  # type: ignore[arg-type]
+
+
+def test_a_restarted_key_holder_announces_no_second_key_for_its_round(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A key holder restarted mid-round, shown the round without its key (or with another),
+    made and announced a second key; a lying aggregator took both, gave each to other
+    sites, and had the round released under each (the second by the restart after, with
+    the kept first key): two averages over two sets of sites (a helper's attack). A round
+    has one key of its holder's, the one its directory keeps: announced again, never
+    replaced; a round announcing another key is skipped, and so is one whose directory
+    another process keeps a key for."""
+    from clients.history import History
+    from secagg.ckks import KeyHolder
+
+    first, conn = _holder(tmp_path)
+    rnd = first._join(conn.info)
+    assert rnd is not None and rnd._key is not None
+    key = rnd._key
+    assert conn.offers == [key.key_id]
+
+    # restarted, shown the round with no key: the kept one is announced again
+    again, conn = _holder(tmp_path)
+    rnd = again._join(conn.info)
+    assert rnd is not None and rnd._key is not None and rnd._key.key_id == key.key_id
+    assert conn.offers == [key.key_id]
+
+    # shown the round with its key: it takes part with it, announcing nothing
+    taken, conn = _holder(tmp_path, announced=key)
+    rnd = taken._join(conn.info)
+    assert rnd is not None and rnd._key is not None and rnd._key.key_id == key.key_id
+    assert conn.offers == []
+
+    # shown the round with another key of this holder's: skipped, nothing announced
+    other, conn = _holder(tmp_path, announced=KeyHolder.generate())
+    assert other._join(conn.info) is None and conn.offers == []
+
+    # the kept key unseen at the join (another process kept it meanwhile): not announced
+    racing, conn = _holder(tmp_path)
+    monkeypatch.setattr(History, "load_key", lambda self, job, round_id: None)
+    assert racing._join(conn.info) is None and conn.offers == []
+    monkeypatch.undo()
+    back = History(tmp_path).load_key("job-1", "hospitals/job-1/round-1")
+    assert back is not None and back.key_id == key.key_id
