@@ -104,7 +104,11 @@ def exception_frames(error: BaseException, keep: BaseException | None = None,
         while tb is not None:
             yield tb.tb_frame
             tb = tb.tb_next
+        # (a crash report prints them: "The above exception was the direct cause...",
+        # "During handling...", a group's members, each frame with its locals)
+        # defence: hazmat.secret.causes-scrubbed, hazmat.secret.contexts-scrubbed
         pending += [e.__cause__, e.__context__]
+        # defence: hazmat.secret.group-members-scrubbed
         if isinstance(e, BaseExceptionGroup):
             pending += list(e.exceptions)
 
