@@ -114,6 +114,7 @@ class History:
         job: checked here, under the lock, after taking in what another process recorded)
         or if it cannot be recorded."""
         def add() -> None:
+            # defence: sdk.every-digest-checked-when-recorded
             for model_digest in model_digests:
                 found = self._sent.get(model_digest)
                 # defence: sdk.sent-model-checked-when-recorded
@@ -345,6 +346,7 @@ class History:
         with _locked(self._lock_path(), after=""):
             try:
                 kept = self._read_key(path)
+            # defence: sdk.kept-key-unreadable-record-refuses
             except OSError as e:
                 raise RefusedMessage(RefusalReason.ALREADY_RELEASED, f"the kept key's record "
                                      f"of its releases cannot be read: {e.strerror}") from None
@@ -403,6 +405,7 @@ class History:
         running now): its round ended while this site was away, or the job did
         (``round_number`` 0). A failure is logged, not raised."""
         path = self.key_path(job)
+        # defence: sdk.stale-key-temporary-swept
         if path is None or not (path.exists() or _tmp(path).exists()):
             return
         try:
@@ -434,6 +437,19 @@ class History:
             except (SiteError, OSError) as e:
                 _log.warning("the round key in %s could not be deleted: %s", path,
                              getattr(e, "strerror", None) or e)
+        # a key's temporary left by a crash mid-write (every key is written under the lock:
+        # under it, none is being written) holds the secret context as well, under a name
+        # the glob above does not match; a job never polled again kept it for good
+        # defence: sdk.orphan-key-temporaries-deleted
+        for tmp in sorted(self._path.parent.glob(f".{KEY_FILE_PREFIX}*.json.tmp")):
+            try:
+                with _locked(self._lock_path(), after=""):
+                    os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            except (SiteError, OSError) as e:
+                _log.warning("the round key's temporary %s could not be deleted: %s", tmp,
+                             getattr(e, "strerror", None) or e)
 
     def _lock_path(self) -> Path:
         assert self._path is not None
@@ -454,7 +470,7 @@ class History:
         raised."""
         try:
             info = os.lstat(path)
-            # defence: sdk.kept-key-private
+            # defence: sdk.kept-key-private, sdk.kept-key-owned
             if info.st_mode & 0o077 or info.st_uid != os.geteuid():
                 _log.warning("the round key in %s is readable or writable by others, or "
                              "not this user's: deleted, not used", path)
@@ -468,6 +484,7 @@ class History:
         except ValueError as e:  # (content: unusable, whoever wrote it)
             _log.warning("the round key in %s cannot be read: %s", path, type(e).__name__)
             return None
+        # defence: sdk.kept-key-format-checked
         if not isinstance(kept, dict) or kept.get("version") != 1:
             _log.warning("the round key in %s cannot be read: unexpected content", path)
             return None
@@ -481,6 +498,7 @@ def _tmp(path: Path) -> Path:
 def _unlink_all(path: Path, quiet: bool = True) -> bool:
     """Delete ``path`` and its temporary; True if neither is left (``quiet``: an OSError is
     a False; else raised)."""
+    # defence: sdk.kept-key-temporary-deleted-with-it
     for p in (path, _tmp(path)):
         try:
             os.unlink(p)

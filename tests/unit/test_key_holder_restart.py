@@ -384,3 +384,85 @@ def test_a_restarted_key_holder_announces_no_second_key_for_its_round(
     monkeypatch.undo()
     back = History(tmp_path).load_key("job-1", "hospitals/job-1/round-1")
     assert back is not None and back.key_id == key.key_id
+
+
+def test_a_kept_key_of_another_owner_or_format_is_not_used(
+        tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    """A 0600 key file another user owns (it could have written it: a shared directory, or
+    a root-run script's) is deleted, not used; a record of another format is not read."""
+    import json
+    import os
+
+    history, _ = _kept(tmp_path)
+    path = history.key_path("job-1")
+    assert path is not None
+    uid = os.geteuid()
+    monkeypatch.setattr(os, "geteuid", lambda: uid + 1)  # (the file is now another user's)
+    with caplog.at_level(logging.WARNING, logger="clients.history"):
+        assert history.load_key("job-1", "hospitals/job-1/round-1") is None
+    assert "not this user's" in caplog.text and not path.exists()
+    monkeypatch.undo()
+
+    history, _ = _kept(tmp_path)
+    kept = json.loads(path.read_text())
+    kept["version"] = 2
+    path.write_text(json.dumps(kept))
+    os.chmod(path, 0o600)
+    assert history.load_key("job-1", "hospitals/job-1/round-1") is None
+
+
+def test_a_release_whose_record_cannot_be_read_is_refused(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Unrecorded, a release could be followed by another process's release of another
+    aggregate of the round: an I/O error reading the record refuses it."""
+    import clients.history as history_module
+    from secagg.errors import RefusedMessage
+
+    _, key = _kept(tmp_path)
+
+    def failing(p):  # type: ignore[no-untyped-def]
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(history_module, "_read_bytes", failing)
+    with pytest.raises(RefusedMessage, match="cannot be read"):
+        key.record_release("hospitals/job-1/round-1", b"\x01" * 32, 1)
+    assert key.releases == {}
+
+
+def test_a_kept_keys_temporary_left_by_a_crash_goes_with_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A crash between writing a key's temporary and renaming it leaves the secret context
+    in ``.ckks-round-key-*.json.tmp``: deleted with its key, by a stale-key sweep even
+    when the key itself is gone, and, for a job never polled again, at the next connect."""
+    from clients.history import History
+
+    history, key = _kept(tmp_path)
+    path = history.key_path("job-1")
+    assert path is not None
+    tmp = path.with_name(f".{path.name}.tmp")
+    leftovers = []
+    for drop in ("key", "stale", "expired"):
+        tmp.write_bytes(path.read_bytes() if path.exists() else b"{\"context\": \"...\"")
+        if drop == "key":
+            history.drop_key("job-1", "hospitals/job-1/round-1", key.key_id)
+        elif drop == "stale":
+            assert not path.exists()
+            history.drop_stale_key("job-1", 2)
+        else:
+            History(tmp_path).drop_expired_keys()
+        leftovers.append((drop, sorted(p.name for p in tmp_path.glob("*ckks-round-key-*"))))
+    assert leftovers == [("key", []), ("stale", []), ("expired", [])]
+
+
+def test_the_as_trained_digest_is_checked_under_the_lock(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Another process on the directory sent against the model as this site's tensors
+    hold it (a nudge below their precision) after this one checked: recording the send
+    re-reads the history under the lock and refuses on either digest."""
+    from clients.errors import SiteError
+    from clients.history import History
+
+    here, there = History(tmp_path), History(tmp_path)
+    model, nudged, as_trained = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
+    assert here.sent_against(as_trained) is None  # (this process's check: nothing yet)
+    there.record_sent("job-1", 1, model, as_trained)
+    with pytest.raises(SiteError, match="already sent an update"):
+        here.record_sent("job-1", 2, nudged, as_trained)
