@@ -92,6 +92,7 @@ def _flush_subnormals(values: np.ndarray, spec: tuple[TensorSpec, ...]) -> None:
 # the float precisions a site may train in, by their significands' bits: bfloat16 (torch's;
 # numpy has none) is what training in it, or autocast to it, reads of a float16, float32 or
 # float64 tensor (bfloat16 and float16 are both 2 bytes: bfloat16 is the coarser)
+# defence: model.training-floats-ranked-as-torch
 TRAINING_FLOATS = {"bfloat16": 8, "float16": 11, "float32": 24, "float64": 53}
 
 
@@ -109,9 +110,11 @@ def _as_held(values: np.ndarray, held: str) -> np.ndarray:
     with np.errstate(over="ignore"):  # (beyond a 16-bit float's range: inf, as held)
         single = values.astype(np.float32)
         if held == "float16":
+            # defence: model.float16-rounded-through-float32
             return single.astype(np.float16).astype(np.float64)
         if held == "bfloat16":  # round to nearest even on the top 16 bits
             wide = single.view(np.uint32).astype(np.uint64)
+            # defence: model.bfloat16-rounded-to-nearest-even
             wide += np.uint64(0x7FFF) + ((wide >> np.uint64(16)) & np.uint64(1))
             wide &= np.uint64(0xFFFF0000)
             rounded = wide.astype(np.uint32).view(np.float32)
