@@ -85,6 +85,7 @@ def _field_elements(pair: bytes) -> bool:
     half = shamir.SHARE_BYTES
     # (two comparisons, not a generator expression: a generator's frame, holding a share
     # half, is left as it is when an exception's frames are cleared)
+    # defence: masking.client.both-share-halves-in-the-field
     return (int.from_bytes(pair[:half], "big") < shamir.PRIME
             and int.from_bytes(pair[half:], "big") < shamir.PRIME)
 

@@ -911,21 +911,22 @@ def test_server_refuses_unmask_shares_the_site_does_not_hold(bad: str) -> None:
     assert np.max(np.abs(result.weighted_sum - exact)) <= result.error_bound[0]
 
 
-def _deal_a_share_outside_the_field(r: Round, dealer: int, holder: int) -> None:
-    """Advance ``r`` through ShareKeys with ``dealer`` sealing ``holder`` a self-mask share
-    of 66 bytes that is no field element (>= PRIME), sealed and committed properly."""
+def _deal_a_share_outside_the_field(r: Round, dealer: int, holder: int, which: int = 0) -> None:
+    """Advance ``r`` through ShareKeys with ``dealer`` sealing ``holder`` a share of 66
+    bytes that is no field element (>= PRIME), sealed and committed properly: of its
+    self-mask seed (``which`` 0, the first split) or of its key (1, the second)."""
     from unittest import mock
 
     import secagg.masking.client as client_module
 
     r.advance()
-    real_split, first = shamir.split, [True]
+    real_split, calls = shamir.split, [0]
 
     def split(secret: int, t: int, holders: Any) -> Any:
         out = dict(real_split(secret, t, holders))
-        if first[0]:  # the self-mask seed's split
-            first[0] = False
+        if calls[0] == which:
             out[holder] = shamir.PRIME + 5
+        calls[0] += 1
         return out
 
     replies = {}
@@ -942,13 +943,14 @@ def _deal_a_share_outside_the_field(r: Round, dealer: int, holder: int) -> None:
     r.outgoing = r.server.close_stage()
 
 
-def test_a_share_outside_the_field_is_its_dealers_fault_not_its_holders() -> None:
+@pytest.mark.parametrize("which", [0, 1], ids=["self-mask-share", "key-share"])
+def test_a_share_outside_the_field_is_its_dealers_fault_not_its_holders(which: int) -> None:
     """Site 1 deals site 2 a self-mask share >= PRIME, sealed and committed: site 2 held it,
     revealed it at unmask, and the server aborted the round as MALFORMED_MESSAGE "share from
     site 2", blaming the honest holder. Site 2 now takes site 1 for an unusable share sender
-    (as for a share that does not open) and the round completes."""
+    (as for a share that does not open) and the round completes. (Either half of the pair.)"""
     r = Round(sites=5, vector_length=4)
-    _deal_a_share_outside_the_field(r, dealer=1, holder=2)
+    _deal_a_share_outside_the_field(r, dealer=1, holder=2, which=which)
     r.advance()
     assert 1 in r.clients[2].unusable_share_senders
     r.advance()
