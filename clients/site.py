@@ -249,6 +249,7 @@ class Site:
         self._history = History(history_dir if history_dir is not None
                                 else getattr(kit, "directory", None))
         # a kept round key whose round's time is over goes (its site was away as it ended)
+        # defence: sdk.connect-drops-expired-keys
         self._history.drop_expired_keys()
         # a restarted training script holds what the last one held (clients.history)
         # defence: sdk.held-model-survives-restart
@@ -343,6 +344,7 @@ class Site:
             info = self._next_round_info()
             # a kept round key of a round that ended while this site was away (or of the
             # job, now done) goes: keys are for their round only
+            # defence: sdk.polls-drop-stale-keys
             self._history.drop_stale_key(self.config.job_id,
                                          int(info.round) if info is not None else 0)
             if info is None:
@@ -556,6 +558,7 @@ class Site:
             return False
         held = self._history.held(self.config.job_id)
         # (the model it sent against is the round's: spend recorded it as held)
+        # defence: sdk.resumed-release-of-the-model-sent-against
         if held is None or held != (number - 1, bytes(info.model.digest)):
             # (a round it cannot release: its key goes)
             self._history.drop_key(self.config.job_id, info.round_id, key.key_id)
@@ -586,6 +589,7 @@ class Site:
             _log.warning("round %s: the release after a restart did not complete: %s",
                          info.round_id, _why(e))
         # (not on Ctrl-C: the next restart takes it up again)
+        # defence: sdk.resumed-release-drops-its-key
         self._history.drop_key(self.config.job_id, info.round_id, key.key_id)
         return True
 
@@ -913,6 +917,7 @@ class Round:
                                                   f"{_why(abort)}") from None
         # (not on KeyboardInterrupt or SystemExit: the script is stopped, and its restart
         # releases the round with the kept key)
+        # defence: sdk.submit-drops-its-round-key
         except Exception:
             self._drop_key()
             raise
@@ -1092,6 +1097,7 @@ class Round:
                     public_context=blob.to_proto())})
         # a key not announced is no round's: it goes (not on Ctrl-C, which may have come
         # after the announcement reached the aggregator: the restart takes it up)
+        # defence: sdk.unannounced-key-dropped
         except Exception:
             site._history.drop_key(site.config.job_id, self.round_id, key.key_id)
             raise

@@ -466,3 +466,118 @@ def test_the_as_trained_digest_is_checked_under_the_lock(tmp_path) -> None:  # t
     there.record_sent("job-1", 1, model, as_trained)
     with pytest.raises(SiteError, match="already sent an update"):
         here.record_sent("job-1", 2, nudged, as_trained)
+
+
+def _key_files(tmp_path):  # type: ignore[no-untyped-def]
+    return sorted(p.name for p in tmp_path.glob("*ckks-round-key-*"))
+
+
+def test_a_key_whose_announcement_fails_goes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A key the aggregator did not take (a refusal other than "announced already") is no
+    round's: not left on disk."""
+    site, conn = _holder(tmp_path)
+
+    def refusing(method, request, timeout=None):  # type: ignore[no-untyped-def]
+        if method == "Submit":
+            raise AggregatorRefused("INTERNAL", "the test's aggregator fails")
+        return conn.info
+
+    conn.call = refusing  # type: ignore[method-assign]
+    with pytest.raises(AggregatorRefused):
+        site._join(conn.info)
+    assert _key_files(tmp_path) == []
+
+
+def test_keys_of_ended_rounds_go_when_a_site_is_made_and_when_it_polls(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Through the Site, not History alone: an expired key of any job goes when a Site is
+    made; this job's key goes when the aggregator shows the job done."""
+    from clients.history import History
+    from secagg.ckks import KeyHolder
+
+    History(tmp_path).keep_key("old-job", 3, "hospitals/old-job/round-3",
+                               KeyHolder.generate(), expires_in=0.0)
+    site, conn = _holder(tmp_path)
+    assert _key_files(tmp_path) == []
+
+    History(tmp_path).keep_key("job-1", 1, "hospitals/job-1/round-1", KeyHolder.generate())
+    conn.info = service_pb2.RoundInfo(status=service_pb2.ROUND_STATUS_JOB_DONE)
+    assert list(site.rounds()) == []
+    assert _key_files(tmp_path) == []
+
+
+def _spent_holder(tmp_path, model_w=None):  # type: ignore[no-untyped-def]
+    """A key holder that announced round 1's key, kept it and spent the round (its script
+    then restarted): a new Site on the directory, shown the round with that key (and, with
+    ``model_w``, another model than the one it sent against)."""
+    import numpy as np
+
+    from secagg import wire
+    from secagg.model import FlatModel
+
+    first, conn = _holder(tmp_path)
+    rnd = first._join(conn.info)
+    assert rnd is not None and rnd._key is not None
+    first._history.spend("job-1", 1, rnd.model.digest)
+    site, conn = _holder(tmp_path, announced=rnd._key)
+    if model_w is not None:
+        model = FlatModel.from_arrays({"w": np.asarray(model_w, np.float32)})
+        blob = wire.Blob((b"\x05" * 32,), len(model.to_bytes()))
+        conn.info.model.CopyFrom(wire.model_to_proto(model, blob))
+        conn.payloads[blob.chunk_ids[0]] = model.to_bytes()
+    fetched: list[bytes] = []
+    download = conn.download
+
+    def recording(blob, **kw):  # type: ignore[no-untyped-def]
+        fetched.append(bytes(blob.chunk_ids[0]))
+        return download(blob, **kw)
+
+    conn.download = recording  # type: ignore[method-assign]
+    return site, conn, fetched
+
+
+def test_a_resumed_release_that_fails_drops_its_key(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    site, conn, _ = _spent_holder(tmp_path)
+    assert _key_files(tmp_path) != []
+    assert site._resume_release(conn.info) is True  # (taken up; this aggregator fails it)
+    assert _key_files(tmp_path) == []
+
+
+def test_a_restarted_holder_releases_no_round_of_another_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The round shown after the restart starts from another model than the one the key
+    holder sent against: not released (nothing fetched), and its key goes."""
+    site, conn, fetched = _spent_holder(tmp_path, model_w=[1.0] * 8)
+    assert site._resume_release(conn.info) is False
+    assert fetched == [] and _key_files(tmp_path) == []
+
+
+def test_a_submit_drops_its_round_key_as_it_ends_either_way(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The round's key goes as submit returns (or raises), not at some later poll: a
+    script that stops after its last round left it on disk until its expiry."""
+    import numpy as np
+
+    from clients.errors import RoundAborted
+    from secagg import wire
+    from secagg.model import FlatModel
+
+    for ends in ("completed", "refused"):
+        for p in tmp_path.iterdir():
+            p.unlink()
+        site, conn = _holder(tmp_path)
+        rnd = site._join(conn.info)
+        assert rnd is not None and rnd._key is not None
+        announced = wire.announcement_to_proto(rnd._key.announce(
+            holder=HOLDER, identity=site.kit.identity, epoch=rnd.round_id))
+        conn.info.ckks_key.CopyFrom(service_pb2.CkksKeyOffer(announcement=announced))
+        if ends == "completed":
+            monkeypatch.setattr(Round, "_run_ckks", lambda self, delta, weight: None)
+            monkeypatch.setattr(Round, "_wait_for_end", lambda self, info=conn.info: info)
+            monkeypatch.setattr(type(site), "_accept_result",
+                                lambda self, info, model, released, bound: model)
+            rnd.submit({"w": np.zeros(8, np.float32)}, weight=1)
+        else:  # (the public context it is handed is not there: a refusal of the round)
+            with pytest.raises(RoundAborted):
+                rnd.submit({"w": np.zeros(8, np.float32)}, weight=1)
+        monkeypatch.undo()
+        assert _key_files(tmp_path) == [], ends
+        assert isinstance(rnd.model, FlatModel)
