@@ -62,8 +62,14 @@ HISTORY_FILE = "history.json"
 
 class AnotherKeyKept(SiteError):
     """``History.keep_key``: the directory may keep another key for the round (another
-    process's, or one kept before a restart): this key must not be announced (two keys of
-    one round, each released over other sites, are one site's update)."""
+    process's, or one kept before a restart), or the round was sent to already: this key
+    must not be announced (two keys of one round, each released over other sites, are one
+    site's update)."""
+
+
+class KeyNotWritten(SiteError):
+    """``History.keep_key``: the key could not be written, and no file holds it (or every
+    release under it is recorded first, and refused if it cannot be)."""
 KEY_FILE_PREFIX = "ckks-round-key-"  # a CKKS key holder's key for a job's running round
 
 _log = logging.getLogger("clients.history")
@@ -185,12 +191,14 @@ class History:
                     f"again needs a new [job] id)")
         return None
 
-    def spend(self, job: str, round_number: int, model_digest: bytes) -> None:
+    def spend(self, job: str, round_number: int, model_digest: bytes,
+              key: tuple[str, bytes] | None = None) -> None:
         """Record ``round_number`` as sent to, durably, before anything of the update leaves,
         with the model the update is against (the round's, which this site now holds).
         Under an exclusive lock on the directory's history, re-read first: two ``Site``
         objects on one directory (a training script restarted while the old one still runs,
-        two workers) cannot both send to one round."""
+        two workers) cannot both send to one round. ``key``: a CKKS key holder's (round id,
+        key id), refused if the directory keeps another key for the round."""
         if self._path is None:
             # defence: sdk.round-once-without-a-directory
             problem = self.check(job, round_number)
@@ -205,6 +213,8 @@ class History:
             problem = self.check(job, round_number)
             if problem:
                 raise SiteError(problem)
+            if key is not None:
+                self._check_own_key(job, *key)
             self._last[job] = round_number
             self._held[job] = (round_number - 1, model_digest)
             self._write()
@@ -272,8 +282,28 @@ class History:
         path = self.key_path(job)
         if path is None:
             return
+        try:
+            self._keep_key(path, job, round_number, round_id, key, expires_in)
+        except (AnotherKeyKept, KeyNotWritten):
+            raise
+        # (the lock not taken: another process may be keeping its key for the round now)
+        # defence: sdk.key-unkept-for-want-of-the-lock-not-announced
+        except SiteError as e:
+            raise AnotherKeyKept(str(e)) from None
+
+    def _keep_key(self, path: Path, job: str, round_number: int, round_id: str,
+                  key: KeyHolder, expires_in: float) -> None:
         recorder = functools.partial(self._record_release, job, key.key_id)
         with _locked(self._lock_path(), after=""):
+            # a round this directory sent to has had its key (kept, or gone with the
+            # process that sent): a new one for it, kept by a process whose view of the
+            # history was older, was released by the next restart as the round's second
+            # (a helper's finding)
+            # defence: sdk.no-key-kept-for-a-spent-round
+            self._merge()
+            if self.check(job, round_number):
+                raise AnotherKeyKept(f"round {round_id!r} was sent to already (by another "
+                                     "process on this directory)")
             try:
                 kept = self._read_key(path)
             except OSError as e:
@@ -293,7 +323,7 @@ class History:
                     "key_id": key.key_id.hex(),
                     "releases": {r: d.hex() for r, d in key.releases.items()},
                     "context": base64.b64encode(key.export_secret_context()).decode()})
-            except SiteError:
+            except SiteError as e:
                 # (the write can fail after the file was put in place: a directory fsync's
                 # EIO. A file left holding the key with no record of its releases would let
                 # another process release another aggregate: deleted, or, if it cannot be,
@@ -301,7 +331,7 @@ class History:
                 # defence: sdk.kept-key-failed-write-leaves-no-key
                 if not _unlink_all(path):
                     key.release_recorder = recorder
-                raise
+                raise KeyNotWritten(str(e)) from None
         # defence: sdk.kept-key-releases-recorded
         key.release_recorder = recorder
 
@@ -450,6 +480,22 @@ class History:
             except (SiteError, OSError) as e:
                 _log.warning("the round key's temporary %s could not be deleted: %s", tmp,
                              getattr(e, "strerror", None) or e)
+
+    def _check_own_key(self, job: str, round_id: str, key_id: bytes) -> None:
+        """(Under the lock.) The round is sent to by the process whose key is the one kept
+        for it, if one is: a process whose key was not kept (its write failed, or its lock
+        timed out) sent first and released, and the restart after released the kept one."""
+        path = self.key_path(job)
+        assert path is not None
+        try:
+            kept = self._read_key(path)
+        except OSError as e:
+            raise SiteError(f"cannot read {path}: {e.strerror}") from None
+        # defence: sdk.round-spent-only-with-its-kept-key
+        if (kept is not None and kept.get("round_id") == round_id
+                and kept.get("key_id") != key_id.hex()):
+            raise SiteError(f"this directory keeps another key for round {round_id!r} (another "
+                            "process's): this process's key is not the round's")
 
     def _lock_path(self) -> Path:
         assert self._path is not None

@@ -35,7 +35,7 @@ import numpy as np
 
 from clients import tensors
 from clients.errors import AggregatorRefused, ModelMismatch, RoundAborted, SiteError
-from clients.history import AnotherKeyKept, History, one_update_per_model
+from clients.history import AnotherKeyKept, History, KeyNotWritten, one_update_per_model
 from clients.progress import guarded as progress_guarded
 from clients.transport import CLOSED, Connection, Progress
 from secagg import wire
@@ -877,7 +877,10 @@ class Round:
         scaled_weight = samples / config.max_samples
         # this round number is spent from here on, whatever becomes of it (if it cannot be
         # recorded, nothing is sent and the round stays open to another call)
-        self._site._history.spend(config.job_id, self.number, self.model.digest)
+        # defence: sdk.submit-spends-with-its-key
+        self._site._history.spend(config.job_id, self.number, self.model.digest,
+                                  key=None if self._key is None else (self.round_id,
+                                                                       self._key.key_id))
         # the arguments hold and the round is recorded: this is this site's one submission
         # (a wrong argument above leaves it free to call again)
         self._submitted = True
@@ -1086,7 +1089,7 @@ class Round:
         # defence: sdk.another-kept-key-not-announced
         except AnotherKeyKept:
             raise  # (never announced: Site._join skips the round)
-        except SiteError as e:  # (nothing kept for the round: the file went with the error)
+        except KeyNotWritten as e:  # (nothing kept for the round: the file went with the error)
             _log.warning("round %s: the key is not kept (%s): a restart in this round "
                          "cannot release it", self.round_id, e)
         try:

@@ -581,3 +581,69 @@ def test_a_submit_drops_its_round_key_as_it_ends_either_way(
         monkeypatch.undo()
         assert _key_files(tmp_path) == [], ends
         assert isinstance(rnd.model, FlatModel)
+
+
+def test_no_key_is_kept_for_a_round_already_sent_to(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A second process made before the first sent (its view of the history older) was
+    shown the round after the first had sent, released and deleted its key: it kept and
+    announced a new key, and the restart after it released the round again under that key
+    (a helper's attack). keep_key re-reads the history under its lock: a round sent to gets
+    no new key."""
+    second, conn2 = _holder(tmp_path)  # (made before the round is sent to)
+    first, conn = _holder(tmp_path)
+    rnd = first._join(conn.info)
+    assert rnd is not None and rnd._key is not None
+    first._history.spend("job-1", 1, rnd.model.digest, key=(rnd.round_id, rnd._key.key_id))
+    rnd._drop_key()  # (its round ended)
+    assert _key_files(tmp_path) == []
+    assert second._join(conn2.info) is None
+    assert conn2.offers == [] and _key_files(tmp_path) == []
+
+
+def test_a_key_kept_under_no_lock_is_not_announced(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The history's lock could not be taken (held past its timeout, or not opened): another
+    process may be keeping its key for the round at that moment, so this one's is not
+    announced (it was, unkept, and both were released)."""
+    from clients.errors import SiteError
+    from clients.history import History
+
+    def stuck(self, *args):  # type: ignore[no-untyped-def]
+        raise SiteError("the history's lock was not taken within 30 s")
+
+    monkeypatch.setattr(History, "_keep_key", stuck)
+    site, conn = _holder(tmp_path)
+    assert site._join(conn.info) is None and conn.offers == []
+
+
+def test_a_process_whose_key_was_not_kept_cannot_send_while_another_key_is_kept(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A key that could not be written is announced unkept; if another process then kept
+    its own key for the round, the unkept one sent first and released, and a restart
+    released the kept one. The round is sent to only with the key kept for it, if any."""
+    import numpy as np
+
+    from clients.errors import SiteError
+    from clients.history import History, KeyNotWritten
+    from secagg import wire
+
+    real = History.keep_key
+
+    def unwritable(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyNotWritten("cannot keep this key holder's round key: No space left on device")
+
+    monkeypatch.setattr(History, "keep_key", unwritable)
+    unkept, conn = _holder(tmp_path)
+    rnd = unkept._join(conn.info)
+    assert rnd is not None and rnd._key is not None and conn.offers == [rnd._key.key_id]
+    monkeypatch.setattr(History, "keep_key", real)
+    kept, conn2 = _holder(tmp_path)
+    other = kept._join(conn2.info)
+    assert other is not None and other._key is not None and _key_files(tmp_path) != []
+
+    conn.info.ckks_key.CopyFrom(service_pb2.CkksKeyOffer(
+        announcement=wire.announcement_to_proto(rnd._key.announce(
+            holder=HOLDER, identity=unkept.kit.identity, epoch=rnd.round_id))))
+    with pytest.raises(SiteError, match="keeps another key"):
+        rnd.submit({"w": np.zeros(8, np.float32)}, weight=1)
+    assert unkept._history.check("job-1", 1) is None  # (not spent: the kept key's may send)
