@@ -604,6 +604,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
             # a database error the store did not wrap is the store's too: UNAVAILABLE (and
             # its text, which can quote the statement's parameters, is never logged)
             self.core.healthy = False
+            # defence: service.raw-database-errors-logged-by-type
             reason = str(e) if isinstance(e, StoreError) else type(e).__name__
             log.error("store error", extra={"event": "store_error", "reason": reason})
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "the store is unavailable")

@@ -1081,10 +1081,12 @@ class Store:
         parts = []
         for cid in blob.chunk_ids:
             data = self.get_chunk(cid)
+            # defence: store.read-blob-chunks-all-there
             if data is None:
                 raise StoreError("a chunk of a referenced payload is missing")
             parts.append(data)
         out = b"".join(parts)
+        # defence: store.read-blob-size-exact
         if len(out) != blob.size:
             raise StoreError("a referenced payload has the wrong size")
         return out

@@ -36,3 +36,33 @@ def test_a_call_that_finds_the_store_wanting_marks_the_aggregator_unhealthy(
         return core.healthy
 
     assert asyncio.run(main()) is not unhealthy
+
+
+def test_a_raw_database_error_is_logged_by_its_type_not_its_text(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A database error the store did not wrap quotes its statement and parameters (a
+    chunk's bytes, a message's fields) in its text: the log names its type only."""
+    import logging
+
+    from sqlalchemy.exc import OperationalError
+
+    canary = "payload-canary-7f3a"
+    error = OperationalError("INSERT INTO chunks VALUES (:data)", {"data": canary},
+                             Exception(canary))
+
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        service = fake_service(core)
+
+        def fails(job: object) -> None:
+            raise error
+
+        with pytest.raises(Aborted, match="UNAVAILABLE"):
+            await service._call(FakeContext(1), fails)
+        core.executor.shutdown()
+
+    with caplog.at_level(logging.DEBUG):
+        asyncio.run(main())
+    logged = [(r.getMessage(), getattr(r, "reason", "")) for r in caplog.records]
+    assert ("store error", "OperationalError") in logged
+    assert canary not in repr(logged) and canary not in caplog.text
