@@ -523,6 +523,7 @@ class Job:
         active = self.active
         if active is None or active.view.round_id != round_id:
             view = self._view(round_id)  # NOT_FOUND if unknown
+            # defence: service.submit-to-an-aborted-round-is-aborted
             if view.status == service_pb2.ROUND_STATUS_ABORTED:
                 raise ServiceError(ABORTED, f"the round aborted: {view.abort_reason}")
             raise ServiceError(FAILED_PRECONDITION, "the round is not running")
@@ -538,6 +539,7 @@ class Job:
     @_fresh_only
     def receive(self, site: int, round_id: str, stage: int) -> service_pb2.ReceiveResponse:
         view = self._view(round_id)
+        # defence: service.receive-of-an-aborted-round-is-aborted
         if view.status == service_pb2.ROUND_STATUS_ABORTED:
             raise ServiceError(ABORTED, f"the round aborted: {view.abort_reason}")
         # (a stage no message of the round's protocol closes was waited on, "not yet", for
@@ -552,6 +554,7 @@ class Job:
         if messages is None:
             return service_pb2.ReceiveResponse(ready=False)
         message = messages.get(site)
+        # defence: service.dropped-site-told-at-once
         if message is None:
             raise ServiceError(FAILED_PRECONDITION,
                                f"site {site} dropped out of the round at stage {stage}")
@@ -911,6 +914,7 @@ class Job:
         """The model a round's average makes, if every site can hold it: an average that
         would take a value out of its tensor's range (a key holder releasing 1e39 for a
         float32 weight, or sums that overflow over rounds) is refused, never published."""
+        # defence: service.average-fits-the-model
         if average.shape != (view.model.size,) or not np.all(np.isfinite(average)):
             raise ServiceError(INVALID_ARGUMENT, "the average does not fit the model")
         with np.errstate(over="ignore", invalid="ignore"):

@@ -95,6 +95,7 @@ class Identity:
         chain = b"".join(bytes(c) for c in auth.get("x509_pem_cert_chain") or [])
         key = (pem, chain)
         if key not in self._cache:
+            # defence: service.identity-cache-bounded
             if len(self._cache) >= IDENTITY_CACHE_SIZE:
                 self._cache.clear()
             self._cache[key] = pki.site_id_from_pem(pem, self._anchors, chain)

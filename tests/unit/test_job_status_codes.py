@@ -1,0 +1,107 @@
+"""What the job answers a site about a round that ended or left it out, by status: the SDK
+turns ABORTED into RoundAborted with the round's own reason (TOO_FEW_SURVIVORS, ...), and a
+site told at once it dropped out of a stage (FAILED_PRECONDITION) does not long-poll for a
+message that will never come until the round's deadline. (The job in-process.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aggregator.job import ABORTED, FAILED_PRECONDITION, ServiceError
+from secagg.ckks import CkksStage
+from secagg.v1 import service_pb2
+from tests.threat_model.test_lying_payload_refs import _ckks_federation, _round_one
+
+
+def _code(call) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    with pytest.raises(ServiceError) as refused:
+        call()
+    return refused.value.code, str(refused.value)
+
+
+def test_an_aborted_round_is_aborted_with_its_reason_to_receive_and_submit(
+        tmp_path: Path) -> None:
+    _, config, roster, store = _ckks_federation(tmp_path)
+    try:
+        job, info = _round_one(config, roster, store)
+        assert job.active is not None
+        job._abort(job.active, "TOO_FEW_SURVIVORS")
+        request = service_pb2.SubmitRequest(round_id=info.round_id)
+        request.ckks_update.site_id = 2
+        for call in (lambda: job.receive(2, info.round_id, CkksStage.UPLOAD.value),
+                     lambda: job.submit(2, request)):
+            code, why = _code(call)
+            assert code == ABORTED and "TOO_FEW_SURVIVORS" in why
+    finally:
+        store.close()
+
+
+def test_a_site_left_out_of_a_stage_is_told_at_once(tmp_path: Path) -> None:
+    _, config, roster, store = _ckks_federation(tmp_path)
+    try:
+        job, info = _round_one(config, roster, store)
+        assert job.active is not None
+        stage = CkksStage.UPLOAD.value
+        job.active.outgoing[stage] = {1: service_pb2.CkksReleaseRequest()}
+        code, why = _code(lambda: job.receive(2, info.round_id, stage))
+        assert code == FAILED_PRECONDITION and "dropped out" in why
+        assert job.receive(1, info.round_id, stage).ready
+    finally:
+        store.close()
+
+
+def test_an_average_that_fits_no_model_is_refused_before_it_makes_one(tmp_path: Path) -> None:
+    """A release or sum of the wrong length, or with a value that is not finite, is refused
+    as such (INVALID_ARGUMENT), before a model is made of it."""
+    import numpy as np
+
+    from aggregator.job import INVALID_ARGUMENT
+
+    _, config, roster, store = _ckks_federation(tmp_path)
+    try:
+        job, _ = _round_one(config, roster, store)
+        assert job.active is not None
+        view = job.active.view
+        size = view.model.size
+        assert job._next_model(view, np.zeros(size)).digest == view.model.digest
+        for average in (np.zeros(size + 1), np.zeros(size - 1),
+                        np.where(np.arange(size) == 0, np.nan, 0.0),
+                        np.where(np.arange(size) == 0, np.inf, 0.0)):
+            code, why = _code(lambda a=average: job._next_model(view, a))
+            assert code == INVALID_ARGUMENT and "does not fit the model" in why
+    finally:
+        store.close()
+
+
+def test_the_identity_cache_is_bounded_whatever_certificates_are_presented() -> None:
+    """Each distinct certificate (and presented chain) is a cache entry, and a client
+    chooses them: the cache is emptied at its bound, not grown without one."""
+    import asyncio
+
+    from aggregator.service import IDENTITY_CACHE_SIZE, Identity
+    from tests.fake_calls import Aborted
+
+    class _Presenting:
+        def __init__(self, n: int) -> None:
+            self.pem = b"-----BEGIN CERTIFICATE-----\n%d\n" % n
+
+        def auth_context(self) -> dict[str, list[bytes]]:
+            return {"x509_pem_cert": [self.pem]}
+
+        def peer(self) -> str:
+            return "ipv4:127.0.0.1:1"
+
+        async def abort(self, code: object, details: str) -> None:
+            raise Aborted(details)
+
+    identity = Identity({1, 2, 3})
+
+    async def main() -> None:
+        for n in range(IDENTITY_CACHE_SIZE + 50):
+            with pytest.raises(Aborted, match="names no site"):
+                await identity.site(_Presenting(n))  # type: ignore[arg-type]
+            assert len(identity._cache) <= IDENTITY_CACHE_SIZE
+
+    asyncio.run(main())
