@@ -583,6 +583,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         """The job, or UNAVAILABLE while it is recovering (the port is open before the store
         is: sites that call then retry)."""
         job = self.core.job
+        # defence: service.no-calls-served-while-stopping
         if self.core.stopping:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "the aggregator is shutting down")
         # defence: service.no-answers-while-unhealthy
@@ -624,6 +625,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
             remaining = end - loop.time()
             if remaining <= 0:
                 return None
+            # defence: service.polls-end-unavailable-at-a-shutdown
             if self.core.stopping:
                 # a poll cut off by the shutdown would end CANCELLED; UNAVAILABLE says "retry"
                 await _abort(context, grpc.StatusCode.UNAVAILABLE,
@@ -651,6 +653,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
     async def Submit(self, request: service_pb2.SubmitRequest,
                      context: Ctx) -> service_pb2.SubmitResponse:
         site = await self.identity.site(context)
+        # defence: service.empty-submission-refused
         if request.WhichOneof("message") is None:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "empty submission")
         duplicate = await self._call(context, lambda job: job.submit(site, request))

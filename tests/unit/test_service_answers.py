@@ -1,0 +1,78 @@
+"""What the service handlers answer before and around the job, by status (fake calls, no
+gRPC): an empty Submit is INVALID_ARGUMENT before the job sees it; during a shutdown every
+call, and a long poll already waiting, is UNAVAILABLE ("retry"), where a cut-off poll ended
+CANCELLED and a call went on to a job being closed."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from aggregator.service import Core
+from secagg.v1 import service_pb2
+from tests.fake_calls import Aborted, FakeContext, fake_service
+
+
+def _run(main: Any) -> Any:
+    async def wrapped() -> Any:
+        core = Core(asyncio.get_running_loop())
+        try:
+            return await main(core)
+        finally:
+            core.executor.shutdown()
+
+    return asyncio.run(wrapped())
+
+
+def test_an_empty_submission_is_refused_before_the_job() -> None:
+    seen: list[object] = []
+
+    async def main(core: Core) -> None:
+        service = fake_service(core, submit=lambda site, request: seen.append(request))
+        with pytest.raises(Aborted, match=r"INVALID_ARGUMENT.*empty submission"):
+            await service.Submit(service_pb2.SubmitRequest(round_id="r"), FakeContext(1))
+
+    _run(main)
+    assert seen == []
+
+
+def test_calls_during_a_shutdown_are_unavailable_not_served() -> None:
+    seen: list[object] = []
+
+    async def main(core: Core) -> None:
+        service = fake_service(core, round_info=lambda after: seen.append(after))
+        core.stopping = True
+        with pytest.raises(Aborted, match=r"UNAVAILABLE.*shutting down"):
+            await service.GetRound(service_pb2.GetRoundRequest(), FakeContext(1))
+
+    _run(main)
+    assert seen == []
+
+
+def test_a_long_poll_waiting_at_a_shutdown_ends_unavailable_at_once() -> None:
+    """The shutdown comes while the poll waits: it ends UNAVAILABLE then, without waiting
+    for the job to change (up to a second a time) or asking it again."""
+    asked: list[int] = []
+    waited: list[int] = []
+
+    class _Watched(asyncio.Event):
+        async def wait(self) -> Any:
+            waited.append(1)
+            return await super().wait()
+
+    async def main(core: Core) -> None:
+        def receive(site: int, round_id: str, stage: int) -> service_pb2.ReceiveResponse:
+            asked.append(site)
+            core.stopping = True  # (the shutdown begins as the first answer is made)
+            return service_pb2.ReceiveResponse(ready=False)
+
+        service = fake_service(core, receive=receive)
+        core.changed = _Watched()
+        request = service_pb2.ReceiveRequest(round_id="r", stage=1, wait_ms=5_000)
+        with pytest.raises(Aborted, match=r"UNAVAILABLE.*shutting down"):
+            await service.Receive(request, FakeContext(1))
+
+    _run(main)
+    assert asked == [1] and waited == []
