@@ -905,6 +905,7 @@ def _admission_wait(context: Ctx) -> float:
     remaining = context.time_remaining()
     if remaining is None:
         return MAX_ADMISSION_WAIT_SECONDS
+    # defence: service.admission-answers-before-the-deadline
     return max(0.0, min(MAX_ADMISSION_WAIT_SECONDS, remaining - 1.0))
 
 
@@ -1137,6 +1138,7 @@ def check_address(value: str, flag: str) -> None:
     """A HOST:PORT ([v6]:PORT) to bind, its port in 0..65535 (0: any free one), or a
     ConfigurationError naming the flag."""
     host, sep, port = value.rpartition(":")
+    # defence: service.address-brackets-balanced
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or (
             host.startswith("[") != host.endswith("]")):
         raise ConfigurationError(f"{flag} must be HOST:PORT with a port in 0..65535, got "

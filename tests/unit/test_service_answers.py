@@ -76,3 +76,27 @@ def test_a_long_poll_waiting_at_a_shutdown_ends_unavailable_at_once() -> None:
 
     _run(main)
     assert asked == [1] and waited == []
+
+
+@pytest.mark.parametrize("value", ["[::1:50051", "::1]:50051", "host:", "host", "h:65536",
+                                   "h:-1", "h:5x"])
+def test_an_address_to_bind_that_is_not_host_port_is_refused_naming_the_flag(
+        value: str) -> None:
+    from aggregator.service import check_address
+    from secagg.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="--listen must be HOST:PORT"):
+        check_address(value, "--listen")
+    for good in ("[::1]:50051", "127.0.0.1:0", "agg.example.org:65535"):
+        check_address(good, "--listen")
+
+
+def test_an_admission_wait_ends_a_second_before_the_callers_deadline() -> None:
+    """Answered at its deadline, the answer arrives after the caller gave up
+    (DEADLINE_EXCEEDED, and a slot granted to no one)."""
+    from aggregator.service import MAX_ADMISSION_WAIT_SECONDS, _admission_wait
+
+    assert _admission_wait(FakeContext(1, remaining=5.0)) == pytest.approx(4.0)
+    assert _admission_wait(FakeContext(1, remaining=0.5)) == 0.0
+    assert _admission_wait(FakeContext(1, remaining=None)) == MAX_ADMISSION_WAIT_SECONDS
+    assert _admission_wait(FakeContext(1, remaining=1e6)) == MAX_ADMISSION_WAIT_SECONDS
