@@ -875,6 +875,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
                     except StoreError:
                         await _abort(context, grpc.StatusCode.UNAVAILABLE,
                                      "the store is unavailable")
+                # defence: service.missing-chunk-not-found
                 if data is None:
                     await _abort(context, grpc.StatusCode.NOT_FOUND, "no such chunk")
                 assert data is not None

@@ -100,3 +100,32 @@ def test_an_admission_wait_ends_a_second_before_the_callers_deadline() -> None:
     assert _admission_wait(FakeContext(1, remaining=0.5)) == 0.0
     assert _admission_wait(FakeContext(1, remaining=None)) == MAX_ADMISSION_WAIT_SECONDS
     assert _admission_wait(FakeContext(1, remaining=1e6)) == MAX_ADMISSION_WAIT_SECONDS
+
+
+@pytest.mark.parametrize("store_fails", [False, True])
+def test_a_readable_chunk_the_store_lacks_is_not_found_and_a_failing_store_unavailable(
+        store_fails: bool) -> None:
+    """A chunk a site may read (the job says so) that the store does not hold is NOT_FOUND
+    (the SDK refetches the round, not retries); a store failing to read it is UNAVAILABLE."""
+    import hashlib
+    import types
+
+    from aggregator.store import StoreError
+
+    cid = hashlib.sha256(b"a chunk").digest()
+
+    def get_chunk(c: bytes) -> bytes | None:
+        if store_fails:
+            raise StoreError("store unreachable: simulated")
+        return None
+
+    async def main(core: Core) -> None:
+        service = fake_service(core, may_read=lambda site, c: True, hot_chunk=lambda c: None,
+                               store=types.SimpleNamespace(get_chunk=get_chunk))
+        stream = service.GetChunks(service_pb2.ChunkIds(chunk_ids=[cid]), FakeContext(1))
+        expected = r"UNAVAILABLE.*store is unavailable" if store_fails else r"NOT_FOUND"
+        with pytest.raises(Aborted, match=expected):
+            async for _ in stream:
+                pass
+
+    _run(main)
