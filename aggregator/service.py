@@ -744,6 +744,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
             # "Task exception was never retrieved" with a traceback for every refused stream
             # defence: service.orphan-chunk-outcomes-read
             error = None if task.cancelled() else task.exception()
+            # defence: service.late-chunk-store-failure-marks-unhealthy
             if isinstance(error, StoreError):
                 self.core.healthy = False  # (as a stream that sees it: reload from the store)
 
