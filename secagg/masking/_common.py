@@ -9,11 +9,14 @@ from secagg.hazmat.key_agreement import derive_pair_key
 from secagg.masking.messages import AdvertiseKeys
 
 PURPOSE_MASK = "pairwise-mask-seed"
+# defence: masking.share-keys-separate-from-mask-seeds
 PURPOSE_SHARE = "share-encryption"
 
 
 def session_id(params_digest: bytes, entries: Iterable[AdvertiseKeys]) -> bytes:
     """SHA-256 over the round parameters and every advertised key, in site order."""
+    # defence: masking.session-binds-site-ids, masking.session-binds-encryption-keys
+    # defence: masking.session-binds-masking-keys
     listing = b"".join(
         e.site_id.to_bytes(8, "big") + e.encryption_public_key + e.masking_public_key
         for e in sorted(entries, key=lambda e: e.site_id)

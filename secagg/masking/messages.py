@@ -130,6 +130,8 @@ def share_commitment(session_id: bytes, owner: int, holder: int, kind: str,
                      share: bytes) -> bytes:
     """SHA-256 commitment to one Shamir share (kind "self-mask" or "masking-key"); a share is a
     uniformly random 521-bit field element, so the commitment hides it."""
+    # defence: masking.commitment-binds-session, masking.commitment-binds-owner
+    # defence: masking.commitment-binds-holder, masking.commitment-binds-kind
     return hashlib.sha256(encode("share-commitment", session_id, owner, holder, kind,
                                  share)).digest()
 
