@@ -189,6 +189,7 @@ class TensorSpec:
         if self.dtype not in SUPPORTED_DTYPES:
             raise ConfigurationError(f"tensor {self.name[:64]!r} has unsupported dtype "
                                      f"{self.dtype[:32]!r}")
+        # defence: model.spec-dims-non-negative
         if not all(isinstance(d, int) and 0 <= d <= MAX_TENSOR_VALUES for d in self.shape) or (
                 math.prod(self.shape) > MAX_TENSOR_VALUES):
             raise ConfigurationError(f"tensor {self.name[:64]!r} has an impossible shape")

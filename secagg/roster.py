@@ -54,8 +54,10 @@ class Roster(Mapping[int, bytes]):
         # defence: roster.graph-seed-length
         if not isinstance(graph_seed, bytes) or len(graph_seed) != GRAPH_SEED_BYTES:
             raise ConfigurationError(f"graph_seed must be {GRAPH_SEED_BYTES} bytes")
+        # defence: roster.federation-a-string
         if not isinstance(federation, str):
             raise ConfigurationError("federation must be a string")
+        # defence: roster.version-from-one
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise ConfigurationError(f"roster version must be an integer >= 1, got {version!r}")
         self._sites = {s: sites[s] for s in sorted(sites)}

@@ -238,6 +238,7 @@ class KeyAnnouncement:
                 or not isinstance(self.preset, str) or not isinstance(self.epoch, str)
                 or not isinstance(self.holder, int) or isinstance(self.holder, bool)
                 or not isinstance(self.max_rounds, int) or isinstance(self.max_rounds, bool)
+                # defence: ckks.keys.announcement-budget-from-one
                 or self.max_rounds < 1 or self.holder not in roster):
             raise InvalidMessage("key announcement")
         # defence: ckks.keys.announcement-signature-verified

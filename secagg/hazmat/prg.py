@@ -74,6 +74,7 @@ class MaskExpander:
             raise ValueError("length and start_word must be integers") from None
         if length < 0:
             raise ValueError(f"length must be >= 0, got {length}")
+        # defence: hazmat.prg.start-non-negative
         if start_word < 0:
             raise ValueError(f"start_word must be >= 0, got {start_word}")
         # far beyond any vector (their length is below 2**31): a clear error, not a request

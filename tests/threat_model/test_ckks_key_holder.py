@@ -922,3 +922,26 @@ def test_a_refusal_after_decryption_leaves_the_decrypted_sum_in_no_frame() -> No
                     and value.shape == (r.config.vector_length + 1,)) or (
                         isinstance(value, bytes) and len(value) == 32)]
         assert held == []
+
+
+def test_an_aggregate_off_the_sum_in_its_first_polynomial_alone_is_refused() -> None:
+    """The aggregator's claimed sum is the key holder's own in its second polynomial (so
+    the difference is key-free) but off by one in one coefficient of the first: not the sum
+    of the uploads, refused before anything is released."""
+    r = CkksRound(sites=3, vector_length=100)
+    uploads, aggregate = r.run()
+    layout = _seal._layout(r.public.seal_context)
+    packer = layout.kinds[Kind.FULL].packer
+    (chunk,) = aggregate.chunks
+    coefficients = packer.unpack(memoryview(chunk)[2:]).copy()
+    x = int(coefficients[0])
+    coefficients[0] = np.uint64(x - 1 if x > 0 else x + 1)
+    nudged = bytes(chunk[:2]) + packer.pack(coefficients)
+    assert nudged != chunk
+    with pytest.raises(RefusedMessage):
+        release_average(r.holder, r.config, replace(aggregate, chunks=(nudged,)), uploads,
+                        site_id=1)
+    # (and the honest aggregate is released: the test refuses only the nudge)
+    r2 = CkksRound(sites=3, vector_length=100)
+    uploads2, aggregate2 = r2.run()
+    release_average(r2.holder, r2.config, aggregate2, uploads2, site_id=1)
