@@ -689,4 +689,7 @@ def _read(path: Path) -> tuple[dict[str, int], dict[str, tuple[int, bytes]],
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         reason = e.strerror if isinstance(e, OSError) else "it is not a round history"
         raise SiteError(f"cannot read {path}: {reason}; it records which rounds this site "
-                        "took part in (restore it from a backup rather than delete it)") from None
+                        "took part in and which models it sent against: put back only a copy "
+                        "as recent as this site's last round (an older one, or none, would let "
+                        "an aggregator have this site send against a model again); without "
+                        "one, take part only in a new job") from None
