@@ -222,6 +222,7 @@ def _path_length(ca: x509.Certificate) -> int | None:
     """A CA's path length constraint (None: none; -1: not a CA)."""
     try:
         constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+    # defence: pki.no-basic-constraints-no-ca
     except (x509.ExtensionNotFound, ValueError, x509.DuplicateExtension):
         return -1
     return constraints.path_length if constraints.ca else -1

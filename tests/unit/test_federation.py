@@ -751,3 +751,43 @@ def test_a_grpc_target_a_site_can_dial_is_a_valid_aggregator_address(address: st
                        "trust_root": "00" * 32},
         "job": {"id": "job-1", "rounds": 1}})
     assert config.aggregator == address
+
+
+def test_a_certificate_without_basic_constraints_is_no_ca(tmp_path: Path) -> None:
+    """A certificate that says nothing of being a CA (no BasicConstraints) anchors nothing
+    in a ca.crt bundle and is no intermediate in a presented chain: taken for a CA with no
+    path limit, any such certificate an operator's PKI issued could issue site leaves."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    root_key = pki.new_key()
+    root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "operator root")])
+    root = (x509.CertificateBuilder().subject_name(root_name).issuer_name(root_name)
+            .public_key(root_key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=90))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+            .sign(root_key, hashes.SHA256()))
+    plain_key = pki.new_key()
+    plain_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "no constraints")])
+
+    def plain(issuer: x509.Name, key: object) -> x509.Certificate:
+        return (x509.CertificateBuilder().subject_name(plain_name).issuer_name(issuer)
+                .public_key(plain_key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5))
+                .not_valid_after(now + dt.timedelta(days=30))
+                .sign(key, hashes.SHA256()))  # type: ignore[arg-type]
+
+    self_signed = plain(plain_name, plain_key)
+    assert pki.trust_anchors(pki.pem_cert(self_signed) + pki.pem_cert(root)) == (root,)
+    inter = plain(root_name, root_key)
+    leaf_key = pki.new_key()
+    leaf = pki.issue_site_cert(plain_key, inter, 1, leaf_key.public_key())
+    with pytest.raises(ConfigurationError, match="not issued by"):
+        pki.check_tls_files(pki.pem_private(leaf_key), pki.pem_cert(leaf) + pki.pem_cert(inter),
+                            pki.pem_cert(root), tmp_path, chain_to_ca=True)
+    assert pki.site_id_from_pem(pki.pem_cert(leaf), pki.trust_anchors(pki.pem_cert(root)),
+                                pki.pem_cert(inter)) is None
