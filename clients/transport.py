@@ -146,6 +146,7 @@ class Connection:
                 if progress is not None and progress() > before:
                     deadline = min(time.monotonic() + self.retry_seconds, overall)
                     delay = 0.1
+                    # defence: sdk.only-deadlines-resumed-after-progress
                     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                         _log.info("a transfer outlasted its deadline while moving data (a "
                                   "slow link); resuming it")

@@ -235,6 +235,7 @@ class FederationConfig:
             raise ConfigurationError("[masking] neighbors must be \"complete\", \"auto\" or an "
                                      f"even integer, got {neighbors!r}")
         threshold = msk.get("threshold", "auto")
+        # defence: config.threshold-an-integer
         if not (threshold == "auto" or (isinstance(threshold, int)
                                         and not isinstance(threshold, bool))):
             raise ConfigurationError(f"[masking] threshold must be \"auto\" or an integer, "

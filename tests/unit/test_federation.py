@@ -791,3 +791,12 @@ def test_a_certificate_without_basic_constraints_is_no_ca(tmp_path: Path) -> Non
                             pki.pem_cert(root), tmp_path, chain_to_ca=True)
     assert pki.site_id_from_pem(pki.pem_cert(leaf), pki.trust_anchors(pki.pem_cert(root)),
                                 pki.pem_cert(inter)) is None
+
+
+@pytest.mark.parametrize("threshold", [7.9, "abc", True, 7.0])
+def test_a_masking_threshold_is_auto_or_an_integer(threshold: object) -> None:
+    """7.9 was truncated to 7 (a lower threshold than written), "abc" a ValueError."""
+    with pytest.raises(ConfigurationError, match="threshold must be"):
+        FederationConfig.from_dict({
+            "federation": {"name": "f", "protocol": "masking", "aggregator": "a:1",
+                           "trust_root": "00" * 32}, "masking": {"threshold": threshold}})

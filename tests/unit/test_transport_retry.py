@@ -395,3 +395,23 @@ def test_a_call_on_a_closed_connection_is_a_site_error_not_grpcs_value_error() -
 
     with pytest.raises(ValueError, match="something else"):
         fresh._retry(bad)
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.PERMISSION_DENIED,
+                                  grpc.StatusCode.INVALID_ARGUMENT,
+                                  grpc.StatusCode.RESOURCE_EXHAUSTED])
+def test_a_refusal_after_progress_surfaces_at_once_too(code: grpc.StatusCode) -> None:
+    """A transfer that moved data and is then refused is refused: only a deadline cut
+    after progress (a slow link) is resumed."""
+    import time
+
+    moved = [0]
+    attempt, calls = _failing([code])
+
+    def moving() -> str:
+        moved[0] += 1  # (data moved before the refusal)
+        return attempt()
+
+    with pytest.raises(AggregatorRefused, match=code.name):
+        _connection()._retry(moving, progress=lambda: moved[0], end=time.monotonic() + 30)
+    assert len(calls) == 1
