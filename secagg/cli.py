@@ -57,6 +57,7 @@ def _seed(text: str) -> int:
 
 def _sites(text: str) -> int:
     value = _positive(text)
+    # defence: cli.three-sites-at-least
     if value < 3:
         raise argparse.ArgumentTypeError(f"must be >= 3 (the sum of 2 would reveal the "
                                          f"other's update), got {text}")
@@ -68,6 +69,7 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    # defence: cli.dp-parameters-positive
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
