@@ -186,6 +186,7 @@ class FederationConfig:
     def from_dict(cls, data: Mapping[str, Any], *, base: Path | None = None) -> FederationConfig:
         def table(name: str) -> Mapping[str, Any]:
             value = data.get(name, {})
+            # defence: config.tables-are-tables
             if not isinstance(value, Mapping):
                 raise ConfigurationError(f"[{name}] must be a table")
             return value
@@ -333,6 +334,7 @@ class FederationConfig:
         if not 0 <= self.corrupt_fraction < 1 or not 0 <= self.dropout_rate < 1:
             raise ConfigurationError("[masking] corrupt_fraction and dropout_rate must be in "
                                      "[0, 1)")
+        # defence: config.word-bits-32-or-64
         if self.word_bits not in (32, 64):
             raise ConfigurationError(f"[masking] word_bits must be 32 or 64, got "
                                      f"{self.word_bits}")

@@ -250,6 +250,7 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
         from secagg.model import FlatModel
 
         loaded = FlatModel.load_npz(initial_model)
+        # defence: kit.initial-model-not-empty
         if loaded.size < 1:
             raise ConfigurationError(f"the model {initial_model} has no values")
         initial_digest = loaded.digest

@@ -800,3 +800,24 @@ def test_a_masking_threshold_is_auto_or_an_integer(threshold: object) -> None:
         FederationConfig.from_dict({
             "federation": {"name": "f", "protocol": "masking", "aggregator": "a:1",
                            "trust_root": "00" * 32}, "masking": {"threshold": threshold}})
+
+
+@pytest.mark.parametrize(("tables", "message"), [
+    ({"masking": {"word_bits": 48}}, "word_bits must be 32 or 64"),
+    ({"masking": "x"}, r"\[masking\] must be a table"),
+    ({"update": [1, 2]}, r"\[update\] must be a table"),
+])
+def test_config_shapes_are_refused_as_such(tables: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        FederationConfig.from_dict({
+            "federation": {"name": "f", "protocol": "masking", "aggregator": "a:1",
+                           "trust_root": "00" * 32}, **tables})
+
+
+def test_a_federation_starts_from_no_empty_model(tmp_path: Path) -> None:
+    import numpy as np
+
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, w=np.zeros(0, np.float32))
+    with pytest.raises(ConfigurationError, match="has no values"):
+        init_federation(tmp_path / "fed", 3, initial_model=empty)
