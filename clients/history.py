@@ -282,14 +282,9 @@ class History:
         path = self.key_path(job)
         if path is None:
             return
-        try:
-            self._keep_key(path, job, round_number, round_id, key, expires_in)
-        except (AnotherKeyKept, KeyNotWritten):
-            raise
-        # (the lock not taken: another process may be keeping its key for the round now)
-        # defence: sdk.key-unkept-for-want-of-the-lock-not-announced
-        except SiteError as e:
-            raise AnotherKeyKept(str(e)) from None
+        # (any other SiteError, the lock not taken or the history unreadable, is raised as
+        # it is: the key is not announced, and the script is told why)
+        self._keep_key(path, job, round_number, round_id, key, expires_in)
 
     def _keep_key(self, path: Path, job: str, round_number: int, round_id: str,
                   key: KeyHolder, expires_in: float) -> None:

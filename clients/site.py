@@ -1089,7 +1089,11 @@ class Round:
         # defence: sdk.another-kept-key-not-announced
         except AnotherKeyKept:
             raise  # (never announced: Site._join skips the round)
-        except KeyNotWritten as e:  # (nothing kept for the round: the file went with the error)
+        # (the key could not be written: its file went with the error, or, if it could not
+        # be deleted, every release under the key is recorded first; any other SiteError,
+        # a lock not taken, is raised: the key is not announced)
+        # defence: sdk.key-unkept-for-want-of-the-lock-not-announced
+        except KeyNotWritten as e:
             _log.warning("round %s: the key is not kept (%s): a restart in this round "
                          "cannot release it", self.round_id, e)
         try:

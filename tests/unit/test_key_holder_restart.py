@@ -604,7 +604,8 @@ def test_a_key_kept_under_no_lock_is_not_announced(
         tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """The history's lock could not be taken (held past its timeout, or not opened): another
     process may be keeping its key for the round at that moment, so this one's is not
-    announced (it was, unkept, and both were released)."""
+    announced (it was, unkept, and both were released); the script is told why (a lock that
+    never works would otherwise skip every round with a warning)."""
     from clients.errors import SiteError
     from clients.history import History
 
@@ -613,7 +614,9 @@ def test_a_key_kept_under_no_lock_is_not_announced(
 
     monkeypatch.setattr(History, "_keep_key", stuck)
     site, conn = _holder(tmp_path)
-    assert site._join(conn.info) is None and conn.offers == []
+    with pytest.raises(SiteError, match="lock was not taken"):
+        site._join(conn.info)
+    assert conn.offers == []
 
 
 def test_a_process_whose_key_was_not_kept_cannot_send_while_another_key_is_kept(
