@@ -58,6 +58,9 @@ from secagg.federation.kit import check_history_directory, directory_path
 from secagg.hazmat.secret import scrubs_locals
 
 HISTORY_FILE = "history.json"
+KEY_FILE_PREFIX = "ckks-round-key-"  # a CKKS key holder's key for a job's running round
+
+_log = logging.getLogger("clients.history")
 
 
 class AnotherKeyKept(SiteError):
@@ -70,9 +73,8 @@ class AnotherKeyKept(SiteError):
 class KeyNotWritten(SiteError):
     """``History.keep_key``: the key could not be written, and no file holds it (or every
     release under it is recorded first, and refused if it cannot be)."""
-KEY_FILE_PREFIX = "ckks-round-key-"  # a CKKS key holder's key for a job's running round
 
-_log = logging.getLogger("clients.history")
+
 NOT_SENT = "; the update was not sent"  # what a failure to record a spent round means
 
 
