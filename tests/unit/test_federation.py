@@ -387,14 +387,7 @@ def test_tls_files_from_an_operators_own_pki_are_accepted(federation: Path, tmp_
     from cryptography.x509.oid import NameOID
 
     now = dt.datetime.now(dt.UTC)
-    root_key = pki.new_key()
-    root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "operator root")])
-    root = (x509.CertificateBuilder().subject_name(root_name).issuer_name(root_name)
-            .public_key(root_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=90))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-            .sign(root_key, hashes.SHA256()))
+    root_key, root = _operator_root()
     _, old_root = pki.make_ca("old root")
     inter_key = pki.new_key()
     inter = (x509.CertificateBuilder()
@@ -763,14 +756,8 @@ def test_a_certificate_without_basic_constraints_is_no_ca(tmp_path: Path) -> Non
     from cryptography.x509.oid import NameOID
 
     now = dt.datetime.now(dt.UTC)
-    root_key = pki.new_key()
-    root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "operator root")])
-    root = (x509.CertificateBuilder().subject_name(root_name).issuer_name(root_name)
-            .public_key(root_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=90))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-            .sign(root_key, hashes.SHA256()))
+    root_key, root = _operator_root()
+    root_name = root.subject
     plain_key = pki.new_key()
     plain_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "no constraints")])
 
@@ -821,3 +808,21 @@ def test_a_federation_starts_from_no_empty_model(tmp_path: Path) -> None:
     np.savez(empty, w=np.zeros(0, np.float32))
     with pytest.raises(ConfigurationError, match="has no values"):
         init_federation(tmp_path / "fed", 3, initial_model=empty)
+
+
+def _operator_root() -> tuple[pki.ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """An operator's own root CA that allows one intermediate (path length 1)."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    key = pki.new_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "operator root")])
+    return key, (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                 .not_valid_before(now - dt.timedelta(minutes=5))
+                 .not_valid_after(now + dt.timedelta(days=90))
+                 .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+                 .sign(key, hashes.SHA256()))
