@@ -45,12 +45,16 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from aggregator.store import migrate, redacted
+    from aggregator.store import migrate, redacted, sqlite_path
 
     _warn_secret(args.store)
 
+    path = sqlite_path(args.store)
+    new = path is not None and not path.exists()
     before, after = migrate(args.store)
-    if before == after:
+    if new:  # (a mistyped path made a new store, and said only "(empty) -> 0002")
+        print(f"created a new store {path} (there was none): schema revision {after}")
+    elif before == after:
         print(f"store {redacted(args.store)} is at schema revision {after}: nothing to do")
     else:
         print(f"store {redacted(args.store)}: schema revision {before or '(empty)'} -> {after}")

@@ -989,6 +989,9 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
             "model file, or give every party a config naming the new model")
     # every check of the job that needs no store, before the port is bound
     check_job(config, roster, model)
+    # (an empty --store, an unset "$DB_URL", is refused, not taken for the default)
+    # defence: service.empty-store-not-the-default
+    store_url = sqlite_url(str(files.directory / "aggregator.db") if store is None else store)
     _metrics = Metrics()
     metrics_server = None
     if metrics_listen is not None:
@@ -1046,7 +1049,6 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
     await _set_health(health, False)
     await server.start()
     log.info("listening", extra={"event": "listening", "peer": f"{address} -> {port}"})
-    store_url = sqlite_url(store or str(files.directory / "aggregator.db"))
     stop = stop_event or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):

@@ -141,7 +141,27 @@ _KNOWN_CAUSES = (
     (("database \"", "does not exist"), "the database does not exist (create it, or name "
                                         "another)"),
     (("password authentication failed",), "password authentication failed"),
+    (("unable to open database file",), "SQLite cannot open the file (its directory is "
+                                        "missing or not writable)"),
 )
+# Why a database did not answer: the store stays unreachable (the service waits for it), the
+# operator is told the reason (it was "unreachable: OperationalError", with none).
+_UNREACHABLE_CAUSES = (
+    (("Connection refused",), "the database server refused the connection (is it running, "
+                              "on that host and port?)"),
+    (("timeout expired",), "the database server did not answer within the connect timeout"),
+    (("could not translate host name",), "the database host name does not resolve"),
+)
+
+
+def _unreachable(e: BaseException) -> str:
+    """Why a database was unreachable: a fixed text (a driver's own may quote values), or
+    the error's class."""
+    text = str(getattr(e, "orig", None) or "")
+    for needles, cause in _UNREACHABLE_CAUSES:
+        if all(n in text for n in needles):
+            return cause
+    return type(e).__name__
 
 
 def _known_cause(e: BaseException) -> str | None:
@@ -214,12 +234,22 @@ def normalize_url(url: str) -> str:
     if not url.strip():
         raise StoreError("the store is empty: name a SQLite file or a database URL")
     if "://" not in url:
+        # (a directory was opened as a store and reported as "unreachable: OperationalError")
+        # defence: store.directory-named
+        if Path(url).is_dir():
+            raise StoreError(f"the store {url} is a directory: name a SQLite file in it")
         # quoted: SQLAlchemy decodes %XX in a URL and takes '?' for its query, so the store
         # 'agg%41.db' was opened as 'aggA.db' and 'a?b.db' as 'a'
         # defence: store.path-quoted-in-url
         return "sqlite:///" + urllib.parse.quote(url, safe="/")
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
+    # (another database's URL reached SQLAlchemy, which answered "No module named
+    # 'MySQLdb'" or "Can't load plugin: sqlalchemy.dialects:http")
+    # defence: store.other-kinds-named
+    if not url.startswith(("sqlite:", "sqlite+pysqlite:", "postgresql:", "postgresql+psycopg:")):
+        raise StoreError(f"stores of kind {url.split(':', 1)[0]!r} are not supported: name a "
+                         "SQLite file (or sqlite:///PATH) or a postgresql:// URL")
     return url
 
 
@@ -465,7 +495,7 @@ def migrate(url: str) -> tuple[str | None, str]:
         if hint is not None:
             raise StoreError(f"store {redacted(url)} cannot be opened: {hint}") from None
         kind = StoreError if engine.dialect.name == "sqlite" else StoreUnreachable
-        raise kind(f"store {redacted(url)} is unreachable: {type(e).__name__}") from None
+        raise kind(f"store {redacted(url)} is unreachable: {_unreachable(e)}") from None
     finally:
         engine.dispose()
 
@@ -682,8 +712,10 @@ def backup(url: str, out: Path) -> int:
     return out.stat().st_size
 
 
-def _sqlite_revision_and_tables(path: Path) -> tuple[str | None, set[str]]:
-    """The schema revision and tables of the SQLite file at ``path``, opened read-only."""
+def _sqlite_revision_and_tables(path: Path, name: str | None = None
+                                ) -> tuple[str | None, set[str]]:
+    """The schema revision and tables of the SQLite file at ``path``, opened read-only
+    (``name``: the file to name in an error, when ``path`` is a copy of it)."""
     import sqlite3
 
     try:
@@ -694,7 +726,7 @@ def _sqlite_revision_and_tables(path: Path) -> tuple[str | None, set[str]]:
                    if "alembic_version" in tables else None)
         check.close()
     except sqlite3.Error as e:
-        raise StoreError(f"{path.name} is not a SQLite store: {e}") from None
+        raise StoreError(f"{name or path.name} is not a SQLite store: {e}") from None
     return (None if row is None else str(row[0])), tables
 
 
@@ -726,7 +758,8 @@ def restore(backup_file: Path, url: str) -> None:
             # one of this aggregator's stores, at a revision it knows (an older one is
             # restored for `aggregator migrate`; another application's file is not)
             # defence: store.restore-only-ours
-            _is_store(*_sqlite_revision_and_tables(partial), str(backup_file))
+            _is_store(*_sqlite_revision_and_tables(partial, str(backup_file)),
+                      str(backup_file))
             try:
                 Store(str(partial), create=False).close()  # one this aggregator understands
             except StoreError as e:
@@ -746,7 +779,7 @@ def restore(backup_file: Path, url: str) -> None:
                 if sa.inspect(c).get_table_names():
                     raise StoreError("restore only into an empty database")
         except sa.exc.SQLAlchemyError as e:
-            raise StoreError(f"store {redacted(url)} is unreachable: {type(e).__name__}"
+            raise StoreError(f"store {redacted(url)} is unreachable: {_unreachable(e)}"
                              ) from None
         finally:
             engine.dispose()
@@ -796,7 +829,7 @@ class Store:
             if hint is not None:
                 raise StoreError(f"store {redacted(url)} cannot be opened: {hint}") from None
             kind = StoreError if url.startswith("sqlite") else StoreUnreachable
-            raise kind(f"store {redacted(url)} is unreachable: {type(e).__name__}") from None
+            raise kind(f"store {redacted(url)} is unreachable: {_unreachable(e)}") from None
 
     def _check_schema(self, create: bool) -> None:
         """An empty store is migrated to this aggregator's schema (if ``create``); any other
@@ -1271,6 +1304,16 @@ def split_chunks(data: bytes, chunk_bytes: int) -> list[bytes]:
     empty chunk)."""
     view = memoryview(data)
     return [bytes(view[i:i + chunk_bytes]) for i in range(0, len(view), chunk_bytes)] or [b""]
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite store named by ``url`` (a path or sqlite:///), else None."""
+    try:
+        url = normalize_url(url)
+    except StoreError:
+        return None
+    database = sa.engine.make_url(url).database if url.startswith("sqlite") else None
+    return None if not database or database == ":memory:" else Path(database)
 
 
 def sqlite_url(path: str) -> str:

@@ -194,3 +194,30 @@ def test_a_missing_identity_key_for_csr_is_named_as_the_flag(
     err = capsys.readouterr().err
     assert err.startswith("secagg: error: cannot read --identity ") and "No such file" in err
     assert err.count("\n") == 1
+
+
+def test_an_empty_store_for_serve_is_refused_before_anything_binds(tmp_path: Path) -> None:
+    """`--store "$DB_URL"` with the variable unset served on the default aggregator.db beside
+    the config, silently (a PostgreSQL deployment would start a fresh SQLite job)."""
+    from tests.service_kit import make_federation
+
+    fed = make_federation(tmp_path, sites=3)
+    try:  # (a serve that took the default would serve on: killed at the timeout)
+        proc = subprocess.run(
+            [sys.executable, "-m", "secagg.cli", "aggregator", "serve", "--config",
+             str(fed.aggregator_config), "--store", "", "--metrics", "off"],
+            capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("serve ran with an empty --store")
+    assert proc.returncode == 2 and "the store is empty" in proc.stderr
+    assert not (fed.aggregator_config.parent / "aggregator.db").exists()
+
+
+def test_migrate_says_when_it_made_a_new_store(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A mistyped --store path was made into a new store, and migrate said only
+    "(empty) -> 0002", as if it had upgraded the operator's store."""
+    assert main(["aggregator", "migrate", "--store", str(tmp_path / "typo.db")]) == 0
+    assert f"created a new store {tmp_path / 'typo.db'} (there was none)" in capsys.readouterr().out
+    assert main(["aggregator", "migrate", "--store", str(tmp_path / "typo.db")]) == 0
+    assert "nothing to do" in capsys.readouterr().out

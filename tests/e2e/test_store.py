@@ -3,6 +3,7 @@ migrations; an aggregator never runs on a store it does not understand; backups 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -1011,3 +1012,42 @@ def test_a_second_aggregator_on_the_same_port_does_not_share_it(tmp_path: Path) 
     finally:
         first.stop()
         second.stop()
+
+
+@pytest.mark.parametrize("url", ["mysql://x@y/z", "http://x/y", "oracle+cx_oracle://h/d"])
+def test_a_store_url_of_another_kind_is_refused_by_name(url: str) -> None:
+    """Another database's URL reached SQLAlchemy, which answered "No module named 'MySQLdb'"
+    or "Can't load plugin: sqlalchemy.dialects:http": an operator was told of modules."""
+    kind = url.split(":", 1)[0]
+    for open_it in (Store, migrate):
+        with pytest.raises(StoreError, match=re.escape(f"stores of kind '{kind}' are not")) as e:
+            open_it(url)
+        assert "Module" not in str(e.value) and "plugin" not in str(e.value)
+
+
+def test_a_store_path_that_is_a_directory_is_named_as_one(tmp_path: Path) -> None:
+    """--store DIR was warned about as a loose file, then called "unreachable:
+    OperationalError"."""
+    for open_it in (Store, migrate):
+        with pytest.raises(StoreError, match="is a directory"):
+            open_it(str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_connection_is_said_as_one() -> None:
+    """A PostgreSQL store nobody listens on was "unreachable: OperationalError", no reason."""
+    with pytest.raises(StoreUnreachable, match="refused the connection") as e:
+        Store("postgresql://secagg@127.0.0.1:1/db?connect_timeout=2")
+    assert "127.0.0.1:1" in str(e.value)
+
+
+def test_a_restore_of_a_file_that_is_no_database_names_that_file(tmp_path: Path) -> None:
+    """The error named the restore's own temporary file (.agg.db.restoring-...), not the
+    operator's backup."""
+    bad = tmp_path / "text.db"
+    bad.write_text("not a database, just text " * 200)
+    with pytest.raises(StoreError) as e:
+        restore(bad, str(tmp_path / "agg.db"))
+    assert str(e.value).startswith(f"{bad} is not a SQLite store")
+    assert "restoring" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text.db"]
