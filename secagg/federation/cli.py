@@ -27,10 +27,14 @@ def _site_id(text: str) -> int:
 
 
 def _init(args: argparse.Namespace) -> int:
+    from secagg.errors import ConfigurationError
     from secagg.federation.kit import init_federation
 
+    # (taken with masking, and written to the config as if it meant something there)
+    if args.key_holders is not None and args.protocol != "ckks":
+        raise ConfigurationError("--key-holders applies only to --protocol ckks")
     init_federation(args.dir, args.sites, protocol=args.protocol,
-                    key_holders=args.key_holders, hosts=args.host,
+                    key_holders=args.key_holders or (1,), hosts=args.host,
                     aggregator=args.aggregator, name=args.name,
                     initial_model=args.model)
     d = Path(args.dir)
@@ -84,8 +88,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     init.add_argument("--dir", required=True, type=Path)
     init.add_argument("--sites", required=True, type=int)
     init.add_argument("--protocol", choices=["masking", "ckks"], default="masking")
-    init.add_argument("--key-holders", type=_site_ids, default=(1,),
-                      help="CKKS: the sites that make and release the round keys, e.g. 1,2")
+    init.add_argument("--key-holders", type=_site_ids, default=None,
+                      help="CKKS: the sites that make and release the round keys, e.g. 1,2 "
+                           "(default 1)")
     init.add_argument("--host", action="append", default=[],
                       help="a host name or IP the aggregator's certificate must also name")
     init.add_argument("--aggregator", default="localhost:50051", help="host:port sites dial")

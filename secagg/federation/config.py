@@ -207,10 +207,8 @@ class FederationConfig:
 
         fed, job, upd = table("federation"), table("job"), table("update")
         msk, ck, dl, lim = table("masking"), table("ckks"), table("deadlines"), table("limits")
-        protocol = _get(fed, "federation", "protocol", str)
-        if protocol not in PROTOCOLS:
-            raise ConfigurationError(f"[federation] protocol must be one of {PROTOCOLS}, "
-                                     f"got {protocol!r}")
+        protocol = _get(fed, "federation", "protocol", str)  # (one of PROTOCOLS: check())
+        # defence: config.hex-fields-named
         try:
             trust_root = bytes.fromhex(_get(fed, "federation", "trust_root", str))
         except ValueError:
@@ -242,12 +240,7 @@ class FederationConfig:
             raise ConfigurationError(f"[masking] threshold must be \"auto\" or an integer, "
                                      f"got {threshold!r}")
         holders = ck.get("key_holders", [1])
-        # defence: config.key-holders-site-ids
-        if (not isinstance(holders, list) or not holders
-                or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1
-                           for h in holders)
-                # (init refused [1, 1]; the config took it)
-                or len(set(holders)) != len(holders)):
+        if not isinstance(holders, list):  # (its items: check())
             raise ConfigurationError("[ckks] key_holders must be a non-empty list of distinct "
                                      "site ids")
         config = cls(
@@ -295,6 +288,19 @@ class FederationConfig:
 
     def check(self) -> None:
         lim = self.limits
+        # (only loading a config checked these: `init_federation(protocol="paillier")` or
+        # with no key holders wrote a whole federation that every party then refused)
+        # defence: config.protocol-and-holders-checked-when-made
+        if self.protocol not in PROTOCOLS:
+            raise ConfigurationError(f"[federation] protocol must be one of {PROTOCOLS}, "
+                                     f"got {self.protocol!r}")
+        # defence: config.key-holders-site-ids
+        if (not isinstance(self.key_holders, tuple) or not self.key_holders
+                or not all(type(h) is int and h >= 1 for h in self.key_holders)
+                # (init refused [1, 1]; the config took it)
+                or len(set(self.key_holders)) != len(self.key_holders)):
+            raise ConfigurationError("[ckks] key_holders must be a non-empty list of distinct "
+                                     "site ids")
         # ranges past which a value can only be a slip (a deadline of 1e300 s is "never", a
         # max_samples of 1e300 makes every real weight too small to encode): refused here, by
         # name, rather than as a stalled job or a refusal at every site's first submit
@@ -324,9 +330,11 @@ class FederationConfig:
             raise ConfigurationError(f"[limits] max_chunk_bytes must be in [{SDK_CHUNK_BYTES} "
                                      f"(the SDK's chunk), {MAX_CHUNK_BYTES}], got "
                                      f"{lim.max_chunk_bytes}")
+        # defence: config.message-bytes-above-a-chunk
         if not lim.max_chunk_bytes + 4096 <= lim.max_message_bytes <= MAX_MESSAGE_BYTES:
             raise ConfigurationError(f"[limits] max_message_bytes must be in [max_chunk_bytes "
                                      f"+ 4096, {MAX_MESSAGE_BYTES}], got {lim.max_message_bytes}")
+        # defence: config.upload-slots-bounded
         if not 1 <= lim.upload_slots <= 1024:
             raise ConfigurationError(f"[limits] upload_slots must be in [1, 1024], got "
                                      f"{lim.upload_slots}")

@@ -390,6 +390,7 @@ def _traverse(path: Path, dirs: set[Path], links: set[Path], depth: int = 0) -> 
         if is_link:
             links.add(step)
             target = Path(os.readlink(step))
+            # defence: federation.relative-links-from-their-directory
             step = _traverse(target if target.is_absolute() else current / target, dirs,
                              links, depth + 1)
         current = step

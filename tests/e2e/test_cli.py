@@ -221,3 +221,20 @@ def test_migrate_says_when_it_made_a_new_store(
     assert f"created a new store {tmp_path / 'typo.db'} (there was none)" in capsys.readouterr().out
     assert main(["aggregator", "migrate", "--store", str(tmp_path / "typo.db")]) == 0
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_key_holders_for_a_masking_federation_are_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Taken with --protocol masking, and written to the config as if it meant something."""
+    import numpy as np
+
+    np.savez(tmp_path / "init.npz", w=np.zeros(4, np.float32))
+    assert main(["federation", "init", "--dir", str(tmp_path / "fed"), "--sites", "3",
+                 "--model", str(tmp_path / "init.npz"), "--key-holders", "2"]) == 2
+    assert "--key-holders applies only to --protocol ckks" in capsys.readouterr().err
+    assert not (tmp_path / "fed").exists()
+    assert main(["federation", "init", "--dir", str(tmp_path / "fed"), "--sites", "3",
+                 "--model", str(tmp_path / "init.npz"), "--protocol", "ckks",
+                 "--key-holders", "2"]) == 0
+    assert "key_holders = [\n    2,\n]" in (tmp_path / "fed" / "federation.toml").read_text() \
+        or "key_holders = [2]" in (tmp_path / "fed" / "federation.toml").read_text()

@@ -742,3 +742,29 @@ def test_a_site_directory_reached_through_links_others_can_change_is_refused(
     (real / "site-1" / "roster.bin").symlink_to(theirs / "roster.bin")
     with pytest.raises(ConfigurationError, match="symbolic link another user owns"):
         SiteKit.load(real / "site-1")
+
+
+def test_a_relative_link_is_followed_from_its_own_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A link's relative target is looked up from the link's directory, as the kernel does:
+    followed from the working directory instead, the check walked other directories, and a
+    site directory reached through own/link -> ../shared/real, with shared/ writable by
+    anyone, was taken."""
+    import shutil
+
+    from secagg.federation.kit import SiteKit
+
+    fed = tmp_path / "fed"
+    init_federation(fed, 3)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shutil.copytree(fed / "sites" / "site-1", shared / "real" / "site-1")
+    (shared / "real").chmod(0o700)
+    own = tmp_path / "own"
+    own.mkdir(mode=0o755)
+    (own / "link").symlink_to(Path("..") / "shared" / "real")
+    monkeypatch.chdir("/")
+    SiteKit.load(own / "link" / "site-1")  # shared/ still the operator's own, 0755
+    shared.chmod(0o777)
+    with pytest.raises(ConfigurationError, match=r"shared.*writable by its group or other"):
+        SiteKit.load(own / "link" / "site-1")

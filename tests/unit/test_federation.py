@@ -183,6 +183,16 @@ def test_the_ca_signs_only_the_site_a_request_names(tmp_path: Path) -> None:
     ("ckks", "key_holders", "[]", "key_holders must be a non-empty list"),
     ("masking", "corrupt_fraction", "1.0", "corrupt_fraction and dropout_rate"),
     ("masking", "dropout_rate", "-0.1", "corrupt_fraction and dropout_rate"),
+    # a message limit below a chunk refused every upload: a stalled job with no cause named
+    ("limits", "max_message_bytes", "1000", "max_message_bytes must be in"),
+    # each slot invites an upload at once (MBs each): 100000 of them, an aggregator's memory
+    ("limits", "upload_slots", "1025", "upload_slots must be in"),
+    ("limits", "upload_slots", "0", "upload_slots must be in"),
+    ("federation", "trust_root", "'zz'", "trust_root must be hex"),
+    ("job", "initial_model_digest", "'zz'", "initial_model_digest must be 64 hex"),
+    ("federation", "protocol", "'paillier'", "protocol must be one of"),
+    ("ckks", "key_holders", "3", "key_holders must be a non-empty list"),
+    ("ckks", "key_holders", "[1.0]", "key_holders must be a non-empty list"),
 ])
 def test_config_errors_name_the_key(federation: Path, tmp_path: Path, section: str, key: str,
                                     value: str, match: str) -> None:
@@ -826,3 +836,25 @@ def _operator_root() -> tuple[pki.ec.EllipticCurvePrivateKey, x509.Certificate]:
                  .not_valid_after(now + dt.timedelta(days=90))
                  .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
                  .sign(key, hashes.SHA256()))
+
+
+@pytest.mark.parametrize("made", [{"protocol": "paillier"}, {"key_holders": ()},
+                                  {"key_holders": (1, 2.0)}])
+def test_init_refuses_a_protocol_or_key_holders_no_config_would_load(
+        tmp_path: Path, made: dict[str, object]) -> None:
+    """Only loading a config checked these: init wrote a whole federation (keys and
+    certificates for every site) that every party then refused to load."""
+    with pytest.raises(ConfigurationError, match="protocol must be one of|key_holders must"):
+        init_federation(tmp_path / "fed", 3, **made)  # type: ignore[arg-type]
+    assert not (tmp_path / "fed").exists() or list((tmp_path / "fed").iterdir()) == []
+
+
+def test_a_config_that_cannot_be_read_is_named_with_the_reason(tmp_path: Path) -> None:
+    (tmp_path / "dir.toml").mkdir()
+    (tmp_path / "latin1.toml").write_bytes(b"[federation]\nname = '\xe9'\n")
+    (tmp_path / "bad.toml").write_text("[federation\n")
+    for name, reason in (("dir.toml", "cannot read config file"), ("latin1.toml", "not UTF-8"),
+                         ("bad.toml", "is not valid TOML"), ("none.toml", "does not exist")):
+        with pytest.raises(ConfigurationError, match=reason) as e:
+            FederationConfig.load(tmp_path / name)
+        assert str(tmp_path / name) in str(e.value)
