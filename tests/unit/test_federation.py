@@ -844,7 +844,7 @@ def test_init_refuses_a_protocol_or_key_holders_no_config_would_load(
         tmp_path: Path, made: dict[str, object]) -> None:
     """Only loading a config checked these: init wrote a whole federation (keys and
     certificates for every site) that every party then refused to load."""
-    with pytest.raises(ConfigurationError, match="protocol must be one of|key_holders must"):
+    with pytest.raises(ConfigurationError, match=r"protocol must be one of|key_holders must"):
         init_federation(tmp_path / "fed", 3, **made)  # type: ignore[arg-type]
     assert not (tmp_path / "fed").exists() or list((tmp_path / "fed").iterdir()) == []
 
