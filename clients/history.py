@@ -301,6 +301,8 @@ class History:
             if self.check(job, round_number):
                 raise AnotherKeyKept(f"round {round_id!r} was sent to already (by another "
                                      "process on this directory)")
+            # (an unreadable key is not taken for no key: it would be replaced)
+            # defence: sdk.unreadable-kept-key-not-replaced
             try:
                 kept = self._read_key(path)
             except OSError as e:
@@ -484,6 +486,7 @@ class History:
         timed out) sent first and released, and the restart after released the kept one."""
         path = self.key_path(job)
         assert path is not None
+        # defence: sdk.unreadable-kept-key-not-sent-past
         try:
             kept = self._read_key(path)
         except OSError as e:
@@ -565,6 +568,7 @@ def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
     try:
         view = memoryview(data)
+        # defence: sdk.history-written-whole
         while view:  # (a write may take fewer bytes than it was given)
             view = view[os.write(fd, view):]
         os.fsync(fd)
@@ -573,6 +577,8 @@ def _write_private(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
+        # (without it a power cut can undo the rename: the history rolls back)
+        # defence: sdk.history-rename-durable
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)

@@ -213,6 +213,15 @@ def _warn_capped_counters(model: FlatModel, delta: np.ndarray, clip: float,
                      round_id, names[:5], clip)
 
 
+def _check_options(workers: object, training_dtype: object) -> None:
+    if type(workers) is not int or workers < 1:
+        raise ConfigurationError(f"workers must be an integer >= 1, got {workers!r}")
+    if training_dtype is not None and (not isinstance(training_dtype, str)
+                                       or training_dtype not in TRAINING_FLOATS):
+        raise ConfigurationError(f"training_dtype must be one of "
+                                 f"{sorted(TRAINING_FLOATS)} or None, got {training_dtype!r}")
+
+
 class Site:
     _closed = False  # (set by close)
 
@@ -220,12 +229,7 @@ class Site:
                  progress: Progress | None = None, workers: int = 1,
                  history_dir: str | Path | None = None,
                  training_dtype: str | None = None) -> None:
-        if type(workers) is not int or workers < 1:
-            raise ConfigurationError(f"workers must be an integer >= 1, got {workers!r}")
-        if training_dtype is not None and (not isinstance(training_dtype, str)
-                                           or training_dtype not in TRAINING_FLOATS):
-            raise ConfigurationError(f"training_dtype must be one of "
-                                     f"{sorted(TRAINING_FLOATS)} or None, got {training_dtype!r}")
+        _check_options(workers, training_dtype)
         self.training_dtype = training_dtype
         self.kit = kit
         self._capped_warned: set[str] = set()  # integer tensors warned of (_warn_capped_counters)
@@ -286,9 +290,13 @@ class Site:
         if getattr(multiprocessing.current_process(), "_inheriting", False):
             raise WorkersFailed(f"Site.connect was called by a worker process as it started: "
                                 f"{WORKERS_GUARD_HINT}")
+        # (checked before anything is loaded or dialled: workers=0 or "2" was taken, and a
+        # CKKS site refused it only after spending its round, blaming the aggregator)
+        # defence: sdk.site-options-checked-first
         if tensors not in ("auto", "numpy", "torch"):
             raise ConfigurationError(
                 f"tensors must be 'auto', 'numpy' or 'torch', got {tensors!r}")
+        _check_options(workers, training_dtype)
         progress_guarded(progress)  # (checked before anything is dialled)
         kit = SiteKit.load(site_dir)
         # with no first model pinned, the aggregator chose the model every site starts from

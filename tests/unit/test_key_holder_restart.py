@@ -650,3 +650,30 @@ def test_a_process_whose_key_was_not_kept_cannot_send_while_another_key_is_kept(
     with pytest.raises(SiteError, match="keeps another key"):
         rnd.submit({"w": np.zeros(8, np.float32)}, weight=1)
     assert unkept._history.check("job-1", 1) is None  # (not spent: the kept key's may send)
+
+
+def test_a_kept_key_that_cannot_be_read_is_neither_replaced_nor_sent_past(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """An I/O error reading the kept key (EIO, a file the site's user cannot read) was taken
+    for no key: a second process kept its own over it, and sent to the round with a key
+    that was not the kept one: two keys of one round. Both now refuse."""
+    from clients.errors import SiteError
+    from clients.history import AnotherKeyKept, History
+    from secagg.ckks import KeyHolder
+
+    history, _key = _kept(tmp_path)
+    path = history.key_path("job-1")
+    before = path.read_bytes()  # type: ignore[union-attr]
+
+    def failing(self, p):  # type: ignore[no-untyped-def]
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(History, "_read_key", failing)
+    other = KeyHolder.generate()
+    with pytest.raises(AnotherKeyKept, match="cannot read"):
+        History(tmp_path).keep_key("job-1", 1, "hospitals/job-1/round-1", other)
+    assert path.read_bytes() == before  # type: ignore[union-attr]
+    second = History(tmp_path)
+    with pytest.raises(SiteError, match="cannot read"):
+        second.spend("job-1", 1, b"\x01" * 32, key=("hospitals/job-1/round-1", other.key_id))
+    assert History(tmp_path).check("job-1", 1) is None  # (not spent)

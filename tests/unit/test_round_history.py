@@ -344,3 +344,32 @@ def test_a_history_directory_or_file_others_can_change_is_refused_at_connect(
         History(inner)
     shared.chmod(0o700)
     assert History(inner).last_round("job-1") == 0
+
+
+def test_the_history_is_written_whole_and_its_rename_made_durable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that takes a few bytes at a time still saves the whole history, and the
+    directory is synced after the rename: without it a power cut can undo the rename, the
+    history rolls back, and the site sends against a model again."""
+    import os
+    import stat
+
+    import clients.history as history_module
+
+    real_write, real_fsync = os.write, os.fsync
+    synced: list[tuple[bool, str]] = []
+
+    def short(fd: int, data: bytes | memoryview) -> int:
+        return real_write(fd, bytes(data[:5]))
+
+    def fsync(fd: int) -> None:
+        is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+        synced.append((is_dir, HISTORY_FILE if (tmp_path / HISTORY_FILE).exists() else ""))
+        real_fsync(fd)
+
+    monkeypatch.setattr(history_module.os, "write", short)
+    monkeypatch.setattr(history_module.os, "fsync", fsync)
+    History(tmp_path).spend("job-1", 4, DIGEST)
+    monkeypatch.undo()
+    assert History(tmp_path).check("job-1", 4) is not None
+    assert (False, "") in synced and synced[-1] == (True, HISTORY_FILE), synced

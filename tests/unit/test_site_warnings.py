@@ -91,3 +91,22 @@ def test_a_broken_encryption_pool_is_named_not_raw_multiprocessing_text(
     client = CkksClient(r.config, 2, r.identities[2], r.public, r.inputs[2], workers=2)
     with pytest.raises(WorkersFailed, match=r"encryption worker processes died: .*__main__"):
         client.start()
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    ({"workers": 0}, "workers must be an integer >= 1"),
+    ({"workers": "2"}, "workers must be an integer >= 1"),
+    ({"workers": True}, "workers must be an integer >= 1"),
+    ({"training_dtype": "float8"}, "training_dtype must be one of"),
+    ({"tensors": "np"}, "tensors must be 'auto', 'numpy' or 'torch'"),
+])
+def test_site_options_are_refused_before_anything_is_read(options: dict[str, object],
+                                                          match: str) -> None:
+    """workers=0 or "2" was taken: masking ignored it, and a CKKS site refused it only after
+    spending its round, as "this site refused the aggregator's messages". A site directory
+    that does not exist shows they are checked first."""
+    from clients import Site
+    from secagg.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=match):
+        Site.connect("/nonexistent/site-dir", **options)  # type: ignore[arg-type]
