@@ -134,11 +134,17 @@ def flatten_with_dtypes(state: Mapping[str, Any], model: FlatModel,
     # (placed by name above, the tensors come in the model's order whenever the names match)
     # defence: sdk.state-dict-layout-shapes
     if expected != got:
-        missing = sorted(n for n, _ in expected - got)
-        extra = sorted(n for n, _ in got - expected)
+        # (a tensor of another shape was "missing or reshaped ['w'], unexpected ['w']")
+        want, have = dict(expected), dict(got)
+        reshaped = sorted(n for n in want.keys() & have.keys() if want[n] != have[n])
+        missing = sorted(want.keys() - have.keys())
+        extra = sorted(have.keys() - want.keys())
         raise ConfigurationError(
-            "the state dict does not match the round's model (names, shapes, order): "
-            f"missing or reshaped {missing[:5]}, unexpected {extra[:5]}")
+            "the state dict does not match the round's model: " + "; ".join(part for part in (
+                ", ".join(f"{n!r} has shape {tuple(have[n])}, the model's is {tuple(want[n])}"
+                          for n in reshaped[:5]),
+                f"missing {missing[:5]}" if missing else "",
+                f"unexpected {extra[:5]}" if extra else "") if part))
     # which entries are integers (counters, left out of the clip) is the caller's tensors'
     # say as much as the spec's: a float tensor where the model has an integer one (a spec
     # relabelled by the aggregator) would escape the clip

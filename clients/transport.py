@@ -65,6 +65,7 @@ class Connection:
                                                    private_key=kit.key_pem,
                                                    certificate_chain=kit.cert_pem)
         # defence: sdk.reply-size-bounded
+        self._aggregator = kit.config.aggregator
         self.channel = grpc.secure_channel(kit.config.aggregator, credentials, options=[
             ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.max_send_message_length", limits.max_message_bytes),
@@ -158,6 +159,15 @@ class Connection:
                 # a certificate the other side will not accept does not get better with
                 # time: said at once, not as "unavailable" after retry_seconds
                 # defence: sdk.certificate-failures-not-retried
+                # (a certificate that does not name the host dialled was told as one of
+                # another CA, the cause cut off at the end of gRPC's text)
+                if "Hostname Verification" in _details(e):
+                    raise AggregatorRefused(
+                        "UNAUTHENTICATED", "the aggregator's certificate does not name the "
+                        f"host this site dials ([federation] aggregator = "
+                        f"{self._aggregator!r}): dial a name its certificate holds, or have "
+                        "the operator issue one naming this host (federation init --host)"
+                        ) from None
                 if any(m in _details(e) for m in _CERTIFICATE_FAILURES):
                     raise AggregatorRefused(
                         "UNAUTHENTICATED", "the TLS handshake failed on a certificate: this "
@@ -166,8 +176,10 @@ class Connection:
                         f"federation's, or expired): {_details(e)}") from None
                 if time.monotonic() + delay > deadline:
                     raise AggregatorUnavailable(
-                        f"the aggregator stayed unavailable for {self.retry_seconds:g} s: "
-                        f"{_details(e)}") from None
+                        # (the time it was tried for: it said retry_seconds, 5 s, after 2)
+                        f"the aggregator stayed unavailable for "
+                        f"{time.monotonic() - began:.1f} s (the next try would be past "
+                        f"retry_seconds={self.retry_seconds:g}): {_details(e)}") from None
                 time.sleep(self._random.uniform(0, delay))  # full jitter
                 delay = min(delay * 2, 5.0)
 

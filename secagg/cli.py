@@ -26,7 +26,10 @@ def _fraction(text: str) -> float:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:  # (argparse said "invalid _positive value: 'abc'")
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
     return value
@@ -256,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="one in-process round of simulated sites (no "
                                           "network): the protocols alone")
-    sim.add_argument("--sites", type=_positive, default=10)
+    sim.add_argument("--sites", type=_sites, default=10)
     sim.add_argument("--params", type=_positive, default=100_000)
     sim.add_argument("--dropout", type=_fraction, default=0.2)
     sim.add_argument("--seed", type=_seed, default=7, help="seed for the made-up data")

@@ -171,7 +171,9 @@ class FederationConfig:
     def load(cls, path: Path | str) -> FederationConfig:
         path = Path(path)
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            # ("utf-8-sig": a byte-order mark, which editors on Windows write, was "Invalid
+            # statement (at line 1, column 1)")
+            data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
         except FileNotFoundError:
             raise ConfigurationError(f"config file {path} does not exist") from None
         except OSError as e:  # a directory, unreadable

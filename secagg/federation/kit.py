@@ -83,11 +83,19 @@ def load_roster(path: Path, trust_root: bytes) -> Roster:
         data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigurationError(f"roster file {path} does not exist") from None
+    # (a damaged file was called "not signed by the federation's trust root", as if it were
+    # another federation's)
     try:
-        return roster_from_bytes(data).open(trust_root)
+        signed = roster_from_bytes(data)
+    except InvalidMessage:
+        raise ConfigurationError(f"roster file {path} is damaged (not a signed roster: "
+                                 "truncated, or another file): copy it again") from None
+    try:
+        return signed.open(trust_root)
     except InvalidMessage:
         raise ConfigurationError(f"roster file {path} is not signed by the federation's "
-                                 "trust root") from None
+                                 "trust root (another federation's roster, or the config's "
+                                 "[federation] trust_root is another federation's)") from None
 
 
 # ---- identity keys on disk ----------------------------------------------------------------
@@ -559,8 +567,18 @@ def sign_request(federation: Path | str, request_path: Path | str, out: Path | s
     # defence: federation.request-parse-errors-are-configuration-errors
     except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError,
             RecursionError) as e:
-        raise ConfigurationError(f"cannot read the site request {request_path}: "
-                                 f"{type(e).__name__}") from None
+        # (the reason, not only the exception's class: "KeyError", "UnicodeDecodeError")
+        if isinstance(e, OSError):
+            reason = e.strerror or type(e).__name__
+        elif isinstance(e, KeyError):
+            reason = f"it has no {e.args[0]!r} field"
+        elif isinstance(e, UnicodeDecodeError | json.JSONDecodeError):
+            reason = "it is not JSON text"
+        else:
+            reason = f"{type(e).__name__}"
+        raise ConfigurationError(f"cannot read the site request {request_path}: {reason} (a "
+                                 "request is the request.json `secagg federation csr` "
+                                 "writes)") from None
     if not 1 <= site_id < 2**63:
         raise ConfigurationError(f"the site request names site {site_id}: a site id is a "
                                  "positive integer below 2**63")

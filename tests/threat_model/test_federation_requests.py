@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -768,3 +769,25 @@ def test_a_relative_link_is_followed_from_its_own_directory(
     shared.chmod(0o777)
     with pytest.raises(ConfigurationError, match=r"shared.*writable by its group or other"):
         SiteKit.load(own / "link" / "site-1")
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    (b"\x93NUMPY\x01\x00binary", "it is not JSON text"),
+    (b'{"site": "x"}', "it has no 'site_id' field"),
+    (b"[]", "TypeError"),
+    (None, "No such file or directory"),
+])
+def test_a_request_that_is_not_one_says_why(tmp_path: Path, content: bytes | None,
+                                            reason: str) -> None:
+    """`federation sign --request init.npz` said "cannot read the site request init.npz:
+    UnicodeDecodeError"; a missing field, "KeyError"."""
+    from secagg.federation.kit import sign_request
+
+    fed = tmp_path / "fed"
+    init_federation(fed, 3)
+    request = tmp_path / "request.json"
+    if content is not None:
+        request.write_bytes(content)
+    with pytest.raises(ConfigurationError, match=re.escape(f"{request}: {reason}")) as e:
+        sign_request(fed, request, tmp_path / "out")
+    assert "secagg federation csr" in str(e.value)

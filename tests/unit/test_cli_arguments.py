@@ -24,3 +24,18 @@ def test_a_noise_multiplier_or_clip_is_positive(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="must be > 0"):
         _positive_float(text)
     assert _positive_float("0.5") == 0.5 and math.isinf(_positive_float("inf"))
+
+
+def test_an_integer_argument_that_is_none_is_said_so_not_named_by_its_function(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`--threshold abc` said "invalid _positive value"; `simulate --sites 1` said "must be
+    >= 1" at 0 and then "roster must list at least 3 sites" at 1."""
+    from secagg.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "masking", "--threshold", "abc"])
+    err = capsys.readouterr().err
+    assert "--threshold: must be an integer, got 'abc'" in err and "_positive" not in err
+    with pytest.raises(SystemExit):
+        main(["simulate", "--sites", "1"])
+    assert "must be >= 3" in capsys.readouterr().err

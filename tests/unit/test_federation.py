@@ -858,3 +858,31 @@ def test_a_config_that_cannot_be_read_is_named_with_the_reason(tmp_path: Path) -
         with pytest.raises(ConfigurationError, match=reason) as e:
             FederationConfig.load(tmp_path / name)
         assert str(tmp_path / name) in str(e.value)
+
+
+def test_a_damaged_roster_is_told_from_another_federations(federation: Path,
+                                                           tmp_path: Path) -> None:
+    """A truncated roster.bin was "not signed by the federation's trust root", as if it were
+    another federation's."""
+    from secagg.federation.kit import load_roster
+
+    config = FederationConfig.load(federation / "federation.toml")
+    cut = tmp_path / "roster.bin"
+    cut.write_bytes((federation / "roster.bin").read_bytes()[:50])
+    with pytest.raises(ConfigurationError, match="is damaged"):
+        load_roster(cut, config.trust_root)
+    with pytest.raises(ConfigurationError, match="not signed by the federation's trust root"):
+        load_roster(federation / "roster.bin", bytes(32))
+
+
+def test_a_config_with_a_byte_order_mark_loads(federation: Path, tmp_path: Path) -> None:
+    """Saved by an editor that writes a BOM, it was "Invalid statement (at line 1, column
+    1)"."""
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + (federation / "federation.toml").read_bytes())
+    import dataclasses
+
+    loaded, plain = FederationConfig.load(path), FederationConfig.load(federation /
+                                                                       "federation.toml")
+    assert dataclasses.replace(loaded, initial_model=None) == dataclasses.replace(
+        plain, initial_model=None)

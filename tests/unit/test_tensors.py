@@ -124,7 +124,8 @@ def test_a_state_dict_that_is_not_the_models_layout_is_refused_naming_it(lie: st
     }[lie]
     with pytest.raises(ConfigurationError, match="does not match the round's model") as e:
         tensors.flatten_like(state, model)
-    assert {"transposed": "['a']", "renamed": "['b']", "missing": "['b']",
+    assert {"transposed": "'a' has shape (3, 2), the model's is (2, 3)",
+            "renamed": "missing ['b']; unexpected ['c']", "missing": "missing ['b']",
             "extra": "unexpected ['c']"}[lie] in str(e.value)
     assert tensors.flatten_like({"a": a, "b": b}, model).size == 10
 

@@ -30,6 +30,7 @@ def _connection(retry_seconds: float = 5.0) -> Any:
     conn = Connection.__new__(Connection)  # no channel: _retry only needs these
     conn.retry_seconds = retry_seconds
     conn._random = random.SystemRandom()
+    conn._aggregator = "vm.example.org:50051"
     return conn
 
 
@@ -64,8 +65,30 @@ def test_refusals_surface_at_once_naming_the_code(code: grpc.StatusCode) -> None
 
 def test_retries_stop_after_retry_seconds() -> None:
     attempt, _ = _failing([grpc.StatusCode.CANCELLED] * 1000)
-    with pytest.raises(AggregatorUnavailable, match="stayed unavailable"):
+    with pytest.raises(AggregatorUnavailable, match="stayed unavailable") as e:
         _connection(retry_seconds=0.3)._retry(attempt)
+    assert "retry_seconds=0.3" in str(e.value)
+
+
+class _HostnameFailure(_Status):
+    def details(self) -> str:
+        return ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:5: "
+                "Ssl handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: Hostname "
+                "Verification Check failed")
+
+
+def test_a_certificate_that_does_not_name_the_host_dialled_is_said_so_at_once() -> None:
+    """Told as "ca.crt is not the CA of the aggregator's certificate, or another
+    federation's, or expired", the cause cut off at the end of gRPC's text."""
+    calls = []
+
+    def attempt() -> str:
+        calls.append(1)
+        raise _HostnameFailure(grpc.StatusCode.UNAVAILABLE)
+
+    with pytest.raises(AggregatorRefused, match="does not name the host this site dials") as e:
+        _connection()._retry(attempt)
+    assert "vm.example.org:50051" in str(e.value) and len(calls) == 1
 
 
 class _ForgetfulAggregator:
