@@ -1122,6 +1122,7 @@ class Round:
         info = self._info()
         delay = 0.05
         while not info.HasField("ckks_key"):
+            # defence: sdk.key-wait-ends-with-the-round
             if info.status != _RUNNING:
                 raise RoundAborted(self.round_id, info.abort_reason or "no key was announced")
             self._in_time()

@@ -207,6 +207,14 @@ class SiteKit:
             raise ConfigurationError(f"cannot read {e.filename}: {e.strerror}") from None
         # defence: federation.kit-identity-is-the-rosters
         if roster.get(site_id) != identity.public_bytes:
+            # (another site's client.crt beside this site's identity.key was told as a wrong
+            # identity key of that other site)
+            owner = next((s for s, k in roster.items() if k == identity.public_bytes), None)
+            if owner is not None:
+                raise ConfigurationError(
+                    f"site {site_id}'s identity key is not the roster's: {d / 'client.crt'} is "
+                    f"site {site_id}'s certificate, but identity.key is site {owner}'s (the "
+                    f"files of two sites are mixed in {d})")
             raise ConfigurationError(f"site {site_id}'s identity key is not the roster's")
         return cls(d, site_id, config, roster, identity, ca_pem, cert_pem, key_pem)
 

@@ -1503,3 +1503,23 @@ def test_an_update_the_learning_rate_would_carry_past_its_dtype_is_refused_befor
     with pytest.raises(AggregatorRefused):  # sent (the stub stops it there)
         next(site.rounds()).submit({"w": np.array([False, True] * 4)}, weight=10)
     assert conn.sent == ["Submit"]
+
+
+def test_a_ckks_round_aborted_before_its_key_is_told_with_the_aggregators_reason(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site waiting for the round's key stops when the round stops running, with the
+    aggregator's reason: not at the end of twice the round's deadlines, as "did not end the
+    round"."""
+    import clients.site
+
+    monkeypatch.setattr(clients.site, "_round_patience", lambda config: 3.0)  # (if missed)
+    info, payloads = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
+    site, conn = _site("ckks", info, payloads)
+    rnd = next(site.rounds())
+    conn.info = service_pb2.RoundInfo()
+    conn.info.CopyFrom(info)
+    conn.info.status = service_pb2.ROUND_STATUS_ABORTED
+    conn.info.abort_reason = "fewer than min_sites joined"
+    with pytest.raises(RoundAborted, match="fewer than min_sites joined"):
+        rnd.submit({"w": np.ones(8, np.float32)}, weight=10)
+    assert "upload" not in conn.sent

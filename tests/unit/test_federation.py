@@ -886,3 +886,23 @@ def test_a_config_with_a_byte_order_mark_loads(federation: Path, tmp_path: Path)
                                                                        "federation.toml")
     assert dataclasses.replace(loaded, initial_model=None) == dataclasses.replace(
         plain, initial_model=None)
+
+
+def test_another_sites_certificate_in_a_site_directory_is_named_as_mixed_files(
+        federation: Path, tmp_path: Path) -> None:
+    """site-2's client.crt and client.key in site-1's directory: told as "site 2's identity
+    key is not the roster's", where the identity key was right and the certificate wrong."""
+    import os
+
+    from secagg.federation.kit import SiteKit
+
+    d = _site_copy(federation, tmp_path)
+    other = federation / "sites" / "site-2"
+    for name in ("client.crt", "client.key"):
+        (d / name).unlink()
+        (d / name).write_bytes((other / name).read_bytes())
+        os.chmod(d / name, 0o600)
+    with pytest.raises(ConfigurationError, match=r"is site 2's certificate, but identity\.key "
+                                                 r"is site 1's") as e:
+        SiteKit.load(d)
+    assert "site 2's identity key is not the roster's" in str(e.value)
