@@ -358,6 +358,8 @@ class Site:
             if info is None:
                 return
             spent = self._history.check(self.config.job_id, int(info.round))
+            # (only a round of this job is skipped as spent: another's is refused)
+            # defence: sdk.only-own-rounds-skipped-as-spent
             if spent and self._is_own_round(info):
                 # defence: sdk.key-holder-restart-releases-its-round
                 if self._resume_release(info):
@@ -966,6 +968,8 @@ class Round:
                     "Receive", service_pb2.ReceiveRequest(round_id=self.round_id, stage=stage,
                                                           wait_ms=POLL_MS),
                     timeout=POLL_MS / 1000 + 30)
+            # (any refusal: a training loop catches RoundAborted, as documented)
+            # defence: sdk.receive-refusal-is-round-aborted
             except AggregatorRefused as e:
                 raise RoundAborted(self.round_id, e.reason, code=e.code) from None
             if response.ready:

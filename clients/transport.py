@@ -174,6 +174,7 @@ class Connection:
                         "site's ca.crt is not the CA of the aggregator's certificate, or the "
                         "aggregator does not accept this site's certificate (another "
                         f"federation's, or expired): {_details(e)}") from None
+                # defence: sdk.retries-end-after-retry-seconds
                 if time.monotonic() + delay > deadline:
                     raise AggregatorUnavailable(
                         # (the time it was tried for: it said retry_seconds, 5 s, after 2)
@@ -181,6 +182,8 @@ class Connection:
                         f"{time.monotonic() - began:.1f} s (the next try would be past "
                         f"retry_seconds={self.retry_seconds:g}): {_details(e)}") from None
                 time.sleep(self._random.uniform(0, delay))  # full jitter
+                # (every site retrying a restarting aggregator 20 times a second)
+                # defence: sdk.retries-back-off
                 delay = min(delay * 2, 5.0)
 
     # ---- chunks --------------------------------------------------------------------------------

@@ -335,6 +335,11 @@ class _Scripted:
 
     def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         if method == "GetRound":
+            self.polls = getattr(self, "polls", 0) + 1
+            # (a test that expects a refusal at the first answer ends the job after a few,
+            # so a site that skips the round instead fails the test rather than hang it)
+            if self.polls > getattr(self, "max_polls", float("inf")):
+                return service_pb2.RoundInfo(status=service_pb2.ROUND_STATUS_JOB_DONE)
             if getattr(self, "then_done", False) and request.after_round >= self.info.round:
                 return service_pb2.RoundInfo(status=service_pb2.ROUND_STATUS_JOB_DONE)
             return self.info
@@ -402,6 +407,7 @@ def test_site_refuses_a_round_of_another_job_or_beyond_the_jobs_rounds(
         number: int, round_id: str) -> None:
     info, payloads = _model_info(number, round_id)
     site, conn = _site("masking", info, payloads)
+    conn.max_polls = 2  # type: ignore[attr-defined]
     with pytest.raises(RoundAborted, match="is not round"):
         next(site.rounds())
     assert conn.fetched == [] and conn.sent == []
@@ -1523,3 +1529,23 @@ def test_a_ckks_round_aborted_before_its_key_is_told_with_the_aggregators_reason
     with pytest.raises(RoundAborted, match="fewer than min_sites joined"):
         rnd.submit({"w": np.ones(8, np.float32)}, weight=10)
     assert "upload" not in conn.sent
+
+
+@pytest.mark.parametrize("code", ["NOT_FOUND", "INVALID_ARGUMENT", "PERMISSION_DENIED"])
+def test_a_refused_receive_is_the_round_aborted_whatever_its_code(code: str) -> None:
+    """A Receive refused with a code an honest aggregator does not use for it left submit()
+    as AggregatorRefused: a training loop catching RoundAborted, as documented, died there,
+    and the site took no further part in the job."""
+    from clients.errors import AggregatorRefused
+
+    mine, _ = _model_info(1, "hospitals/job-1/round-1")
+    site, _conn = _site("masking", mine, {})
+
+    def call(method: str, request: Any, **_kwargs: Any) -> Any:
+        raise AggregatorRefused(code, "the test's aggregator refuses")
+
+    rnd = Round(site, mine, None)  # type: ignore[arg-type]
+    rnd._conn = types.SimpleNamespace(call=call)  # type: ignore[assignment]
+    with pytest.raises(RoundAborted, match="the test's aggregator refuses") as e:
+        rnd._receive(1)
+    assert e.value.code == code

@@ -63,11 +63,18 @@ def test_refusals_surface_at_once_naming_the_code(code: grpc.StatusCode) -> None
     assert len(calls) == 1
 
 
-def test_retries_stop_after_retry_seconds() -> None:
-    attempt, _ = _failing([grpc.StatusCode.CANCELLED] * 1000)
+def test_retries_stop_after_retry_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    import clients.transport
+
+    clock = [0.0]  # (a fake clock: a retry loop that never stops fails at the cap, at once)
+    monkeypatch.setattr(clients.transport.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(clients.transport.time, "sleep",
+                        lambda s: clock.__setitem__(0, clock[0] + s))
+    attempt, calls = _failing([grpc.StatusCode.CANCELLED] * 1000)
     with pytest.raises(AggregatorUnavailable, match="stayed unavailable") as e:
-        _connection(retry_seconds=0.3)._retry(attempt)
-    assert "retry_seconds=0.3" in str(e.value)
+        _connection(retry_seconds=30)._retry(attempt)
+    assert "retry_seconds=30" in str(e.value) and 25 <= clock[0] <= 30
+    assert len(calls) < 100  # backed off, not hammering the aggregator
 
 
 class _HostnameFailure(_Status):
