@@ -536,6 +536,8 @@ class MaskingClient:
     def _exchange(own: AgreementKey, peer_public: bytes, peer: int) -> bytes:
         try:
             return own.exchange(peer_public)
+        # (a second layer under the key directory's check: an all-zero secret is a public mask)
+        # defence: masking.client.exchange-refuses-low-order-keys
         except InvalidMessage:  # a signed but low-order key: the peer itself misbehaves
             raise ProtocolAbort(AbortReason.MALFORMED_MESSAGE, f"key of site {peer}") from None
 

@@ -206,6 +206,8 @@ def find_sparse_parameters(sites: int, corrupt_fraction: float, dropout_rate: fl
     complete graph does (small rosters)."""
     corrupt = colluders(sites, corrupt_fraction)
     quorum = consistency_quorum(sites, corrupt_fraction)
+    # (a sparse graph whose quorum the expected dropouts break aborts every round)
+    # defence: masking.graph.auto-keeps-the-quorum
     if sites - expected_dropouts(sites, dropout_rate) < quorum:
         return None
     for k in range(MIN_NEIGHBORS, sites - 1, 2):

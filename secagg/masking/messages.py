@@ -80,6 +80,7 @@ class AdvertiseKeys:
         # defence: masking.messages.advertise-binds-round
         # defence: masking.messages.advertise-binds-encryption-key
         # defence: masking.messages.advertise-binds-masking-key
+        # defence: masking.messages.signatures-bind-the-sender
         return encode("advertise-keys", params_digest, site_id, enc_pk, mask_pk)
 
     def normalized(self) -> AdvertiseKeys:
@@ -117,6 +118,7 @@ class ShareKeys:
         # defence: masking.messages.share-keys-binds-shares
         # defence: masking.messages.share-keys-binds-commitment
         # defence: masking.messages.share-keys-binds-share-commitments
+        # defence: masking.messages.signatures-bind-the-sender
         return encode("share-keys", session_id, site_id, listing, commitment, commitments)
 
     def normalized(self) -> ShareKeys:
@@ -177,6 +179,7 @@ class MaskAttestation:
         # defence: masking.messages.masked-input-binds-session
         # defence: masking.messages.masked-input-binds-payload
         # defence: masking.messages.masked-input-binds-partners
+        # defence: masking.messages.signatures-bind-the-sender
         return encode("masked-input", session_id, site_id, digest, list(partners))
 
     def normalized(self) -> MaskAttestation:
@@ -218,6 +221,7 @@ class UnmaskResponse:
         # defence: masking.messages.unmask-binds-session
         # defence: masking.messages.unmask-binds-self-mask-shares
         # defence: masking.messages.unmask-binds-key-shares
+        # defence: masking.messages.signatures-bind-the-sender
         return encode("unmask", session_id, site_id, listing(self_mask), listing(keys))
 
     def normalized(self) -> UnmaskResponse:

@@ -172,3 +172,15 @@ def test_refuses_a_dropout_rate_that_leaves_fewer_sites_than_the_quorum() -> Non
     RoundConfig("r", r, 4, neighbors=26, dropout_rate=0.1)
     with pytest.raises(ConfigurationError, match="fewer than the consistency quorum"):
         RoundConfig("r", r, 4, neighbors=26, dropout_rate=0.45)
+
+
+def test_auto_neighbours_pick_no_sparse_graph_whose_quorum_the_expected_dropouts_break() -> None:
+    """300 sites, 20% corrupt, 45% dropping out: 165 expected survivors, below the
+    consistency quorum of 181. A sparse graph (k=296) met the bound, but every round
+    would abort at the consistency check: "auto" must fall back to the complete graph."""
+    from secagg.masking import graph
+
+    assert graph.expected_dropouts(300, 0.45) == 135
+    assert graph.consistency_quorum(300, 0.2) == 181
+    assert graph.find_sparse_parameters(300, 0.2, 0.45) is None
+    assert graph.find_sparse_parameters(300, 0.2, 0.1) is not None

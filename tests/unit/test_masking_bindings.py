@@ -53,3 +53,39 @@ def test_pairwise_seeds_and_share_keys_are_separate_derivations() -> None:
                for a, b in itertools.permutations((1, 2))]
     # one value per purpose; the two sites of a pair derive the same (in either order)
     assert len(set(derived)) == 2
+
+
+def test_every_signed_masking_message_binds_its_senders_site_id() -> None:
+    """Each signature is checked with the claimed site's roster key, so a message signed for
+    one id fails under another today; the signed bytes must still name the sender, so that
+    no refactor of the key lookup lets a signature be replayed under another id."""
+    import numpy as np
+
+    from secagg.masking.messages import MaskAttestation, MaskedInput, ShareKeys, UnmaskResponse
+
+    session = b"\x03" * 32
+    for signed in (
+            lambda s: AdvertiseKeys.signed_bytes(session, s, b"\x01" * 32, b"\x02" * 32),
+            lambda s: ShareKeys.signed_bytes(session, s, {2: b"share"}, b"\x04" * 32,
+                                             {2: b"\x05" * 32}),
+            lambda s: MaskedInput.signed_bytes(session, s, np.arange(4, dtype=np.uint32),
+                                               (2, 3)),
+            lambda s: MaskAttestation.signed_bytes(session, s, b"\x06" * 32, (2, 3)),
+            lambda s: UnmaskResponse.signed_bytes(session, s, {2: b"a"}, {3: b"b"})):
+        assert signed(1) != signed(7)
+
+
+def test_a_low_order_peer_key_aborts_the_exchange_not_a_public_mask() -> None:
+    """A signed but low-order X25519 key makes an all-zero shared secret: a mask anyone could
+    compute. The exchange refuses it (a second layer under the key directory's check)."""
+    import pytest
+
+    from secagg.errors import AbortReason, ProtocolAbort
+    from secagg.hazmat.key_agreement import AgreementKey
+    from secagg.masking.client import MaskingClient
+
+    own = AgreementKey.generate()
+    for low_order in (bytes(32), bytes([1]) + bytes(31)):
+        with pytest.raises(ProtocolAbort) as e:
+            MaskingClient._exchange(own, low_order, 4)
+        assert e.value.reason is AbortReason.MALFORMED_MESSAGE and "site 4" in str(e.value)
