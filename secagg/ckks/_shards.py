@@ -183,6 +183,8 @@ class _Buffer:
     def write(self, chunks: Sequence[bytes]) -> list[int] | None:
         """Copy ``chunks`` in; their lengths, or None if they do not fit (never honest)."""
         lengths = [len(c) for c in chunks]
+        # (a lying aggregator's oversized chunk: a raw error from the buffer, not a refusal)
+        # defence: ckks.shards.chunks-fit-the-buffer
         if sum(lengths) > self.input_bytes:
             return None
         pos = 0
@@ -363,6 +365,7 @@ class ShardedSum:
         self._check_usable()
         lengths = [w.buffer.write(chunks[r]) for w, r in zip(self._workers, self._ranges,
                                                               strict=True)]
+        # defence: ckks.shards.unfit-range-refused
         if any(n is None for n in lengths):
             return False
         for w, n in zip(self._workers, lengths, strict=True):

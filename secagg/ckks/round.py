@@ -59,6 +59,8 @@ def check_round_parameters(sites: int, *, preset: str, clip: float, max_weight: 
         raise ConfigurationError(f"roster must list at least {MIN_SITES} sites")
     clip = _positive_finite("clip", clip)
     max_weight = _positive_finite("max_weight", max_weight)
+    # (a negative one took the weakest min_sites, as 0 does)
+    # defence: ckks.round.corrupt-fraction-in-range
     if (isinstance(corrupt_fraction, bool) or not isinstance(corrupt_fraction, int | float)
             or not 0 <= corrupt_fraction < 1):
         raise ConfigurationError(f"corrupt_fraction must be in [0, 1), got {corrupt_fraction!r}")
@@ -73,6 +75,8 @@ def check_round_parameters(sites: int, *, preset: str, clip: float, max_weight: 
         raise ConfigurationError(f"min_sites must be an integer, got {type(min_sites).__name__}")
     if min_sites == 0:
         min_sites = fewest
+    # (above the roster's size, no round could ever be released)
+    # defence: ckks.round.min-sites-at-most-the-roster
     if not 1 <= min_sites <= sites:
         raise ConfigurationError(
             f"min_sites must be in [{fewest}, {sites}], got {min_sites}")

@@ -945,3 +945,26 @@ def test_an_aggregate_off_the_sum_in_its_first_polynomial_alone_is_refused() -> 
     r2 = CkksRound(sites=3, vector_length=100)
     uploads2, aggregate2 = r2.run()
     release_average(r2.holder, r2.config, aggregate2, uploads2, site_id=1)
+
+
+@pytest.mark.parametrize("where", ["last", "first"])
+def test_a_sharded_release_refuses_an_oversized_aggregate_chunk_as_a_mismatch(
+        where: str) -> None:
+    """A lying aggregator's aggregate with one chunk far longer than any ciphertext: with
+    the sum split over worker processes, the chunk did not fit its worker's buffer and the
+    key holder failed with a raw error (or broke its sum for good) instead of refusing the
+    aggregate as not its own sum."""
+    r = CkksRound(sites=4, vector_length=5000)  # 3 chunks: shards [0, 2) and [2, 3)
+    uploads, aggregate = r.run(sites=[1, 2, 3])
+    chunks = list(aggregate.chunks)
+    at = -1 if where == "last" else 0
+    chunks[at] = chunks[at] * 40
+    release = Release(r.holder, r.config, site_id=1, workers=2)
+    try:
+        for u in uploads:
+            release.add(u)
+        with pytest.raises(RefusedMessage) as caught:
+            release.finish(replace(aggregate, chunks=tuple(chunks)))
+    finally:
+        release.close()
+    assert caught.value.reason is RefusalReason.AGGREGATE_MISMATCH

@@ -79,3 +79,23 @@ def test_flooding_noise_of_a_shard_is_its_range_of_the_whole_vectors_noise() -> 
     assert np.array_equal(np.concatenate(parts), whole)
     with pytest.raises(ValueError, match="even"):
         gaussian(10, 1.0, b"k" * 32, start=3)
+
+
+@pytest.mark.parametrize(("changed", "match"), [
+    # a typo'd negative fraction took the weakest min_sites (3), as 0 does, not colluders + 2
+    ({"corrupt_fraction": -0.3}, "corrupt_fraction must be in"),
+    ({"corrupt_fraction": 1.0}, "corrupt_fraction must be in"),
+    # more sites than the roster holds: every site encrypts, no round can ever be released
+    ({"min_sites": 11}, r"min_sites must be in \[4, 10\]"),
+    ({"min_sites": -1}, "min_sites must be in"),
+])
+def test_round_parameters_no_round_can_use_are_refused(changed: dict[str, object],
+                                                       match: str) -> None:
+    from secagg.ckks.round import check_round_parameters
+    from secagg.errors import ConfigurationError
+
+    good: dict[str, object] = {"preset": "add-only-4096", "clip": 1.0, "max_weight": 10.0,
+                               "min_sites": 0, "corrupt_fraction": 0.2}
+    assert check_round_parameters(10, **good) == 4  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=match):
+        check_round_parameters(10, **{**good, **changed})  # type: ignore[arg-type]
