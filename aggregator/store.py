@@ -151,6 +151,7 @@ _UNREACHABLE_CAUSES = (
                               "on that host and port?)"),
     (("timeout expired",), "the database server did not answer within the connect timeout"),
     (("could not translate host name",), "the database host name does not resolve"),
+    (("failed to resolve host",), "the database host name does not resolve"),  # (psycopg 3)
 )
 
 
@@ -234,6 +235,13 @@ def normalize_url(url: str) -> str:
     if not url.strip():
         raise StoreError("the store is empty: name a SQLite file or a database URL")
     if "://" not in url:
+        # (a libpq connection string, "host=db user=agg password=...", was made a SQLite
+        # file of that name, and the name, password and all, printed)
+        # defence: store.libpq-string-refused
+        if _LIBPQ_KEYWORD.search(url):
+            raise StoreError("the store looks like a libpq connection string (key=value): "
+                             "give a postgresql:// URL, with the password in PGPASSWORD or a "
+                             "service file")
         # (a directory was opened as a store and reported as "unreachable: OperationalError")
         # defence: store.directory-named
         if Path(url).is_dir():
@@ -242,15 +250,34 @@ def normalize_url(url: str) -> str:
         # 'agg%41.db' was opened as 'aggA.db' and 'a?b.db' as 'a'
         # defence: store.path-quoted-in-url
         return "sqlite:///" + urllib.parse.quote(url, safe="/")
-    if url.startswith("postgresql://") or url.startswith("postgres://"):
-        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    scheme, rest = url.split("://", 1)
+    scheme = scheme.lower()  # (a URL's scheme is case-insensitive: POSTGRESQL:// was refused)
+    if scheme in ("postgresql", "postgres"):
+        return "postgresql+psycopg://" + rest
     # (another database's URL reached SQLAlchemy, which answered "No module named
-    # 'MySQLdb'" or "Can't load plugin: sqlalchemy.dialects:http")
+    # 'MySQLdb'" or "Can't load plugin: sqlalchemy.dialects:http"; the scheme is named only
+    # when it is one: "PGPASSWORD=... postgresql" is not shown)
     # defence: store.other-kinds-named
-    if not url.startswith(("sqlite:", "sqlite+pysqlite:", "postgresql:", "postgresql+psycopg:")):
-        raise StoreError(f"stores of kind {url.split(':', 1)[0]!r} are not supported: name a "
-                         "SQLite file (or sqlite:///PATH) or a postgresql:// URL")
+    if scheme not in ("sqlite", "sqlite+pysqlite", "postgresql+psycopg"):
+        kind = f"stores of kind {scheme!r} are" if _SCHEME.fullmatch(scheme) else \
+            "this store URL's kind is"
+        raise StoreError(f"{kind} not supported: name a SQLite file (or sqlite:///PATH) or a "
+                         "postgresql:// URL")
+    url = f"{scheme}://{rest}"
+    if scheme.startswith("sqlite"):
+        try:
+            database = sa.engine.make_url(url).database
+        except sa.exc.ArgumentError:
+            raise StoreError("the store URL cannot be parsed") from None
+        # defence: store.directory-named-in-a-url
+        if database and database != ":memory:" and Path(database).is_dir():
+            raise StoreError(f"the store {database} is a directory: name a SQLite file in it")
     return url
+
+
+_LIBPQ_KEYWORD = re.compile(r"(?:^|\s)(?:host|hostaddr|port|dbname|user|password|passfile|"
+                            r"sslmode|service)\s*=")
+_SCHEME = re.compile(r"[a-z][a-z0-9_+.-]*")
 
 
 def _engine(url: str, **kwargs: Any) -> Engine:
@@ -738,9 +765,15 @@ def restore(backup_file: Path, url: str) -> None:
     url = normalize_url(url)
     if not Path(backup_file).exists():
         raise StoreError(f"no backup file {backup_file}")
+    # (a directory raised IsADirectoryError from the copy)
+    if not Path(backup_file).is_file():
+        raise StoreError(f"the backup {backup_file} is not a file")
     if url.startswith("sqlite"):
         path = sa.engine.make_url(url).database
-        if not path or Path(path).exists():
+        # (an in-memory store said "None exists", or made a file named ':memory:')
+        if not path or path == ":memory:":
+            raise StoreError("restore into a store file: an in-memory store is gone at exit")
+        if Path(path).exists():
             raise StoreError(f"{path} exists: restore only into a new store file")
         # a -wal left by a killed aggregator would be replayed onto the restored file
         # defence: store.restore-refuses-leftover-wal

@@ -174,14 +174,18 @@ class Connection:
                         "site's ca.crt is not the CA of the aggregator's certificate, or the "
                         "aggregator does not accept this site's certificate (another "
                         f"federation's, or expired): {_details(e)}") from None
+                # the wait before the next try (full jitter); the tries end where the next
+                # would start past the deadline (the full delay was compared: a site gave up
+                # with a third of retry_seconds left)
+                pause = self._random.uniform(0, delay)
                 # defence: sdk.retries-end-after-retry-seconds
-                if time.monotonic() + delay > deadline:
+                if time.monotonic() + pause > deadline:
                     raise AggregatorUnavailable(
                         # (the time it was tried for: it said retry_seconds, 5 s, after 2)
                         f"the aggregator stayed unavailable for "
                         f"{time.monotonic() - began:.1f} s (the next try would be past "
                         f"retry_seconds={self.retry_seconds:g}): {_details(e)}") from None
-                time.sleep(self._random.uniform(0, delay))  # full jitter
+                time.sleep(pause)
                 # (every site retrying a restarting aggregator 20 times a second)
                 # defence: sdk.retries-back-off
                 delay = min(delay * 2, 5.0)

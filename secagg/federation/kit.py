@@ -239,6 +239,11 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
     _check_not_shared(d)
     if not 3 <= sites <= 10_000:
         raise ConfigurationError(f"--sites must be in [3, 10000], got {sites}")
+    # (an int raised TypeError from tuple(); a masking federation's holders are written
+    # and unused: the demo makes both protocols' federations with one call)
+    if isinstance(key_holders, str | bytes) or not isinstance(key_holders, Sequence):
+        raise ConfigurationError(f"key_holders must be a sequence of site ids, got "
+                                 f"{key_holders!r}")
     if not set(key_holders) <= set(range(1, sites + 1)):
         raise ConfigurationError(f"--key-holders must be sites in 1..{sites}")
     # defence: federation.init-key-holders-distinct
@@ -563,7 +568,7 @@ def sign_request(federation: Path | str, request_path: Path | str, out: Path | s
     knowingly (one party asking for a second site id looked like a rotation)."""
     fed = Path(federation)
     try:
-        request = json.loads(Path(request_path).read_text())
+        request = json.loads(Path(request_path).read_text(encoding="utf-8-sig"))  # (a BOM)
         site_id = request["site_id"]
         # defence: federation.request-site-id-integer (1.5 and true were taken as site 1)
         if isinstance(site_id, bool) or not isinstance(site_id, int):

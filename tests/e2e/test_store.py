@@ -1014,11 +1014,12 @@ def test_a_second_aggregator_on_the_same_port_does_not_share_it(tmp_path: Path) 
         second.stop()
 
 
-@pytest.mark.parametrize("url", ["mysql://x@y/z", "http://x/y", "oracle+cx_oracle://h/d"])
+@pytest.mark.parametrize("url", ["mysql://x@y/z", "http://x/y", "oracle+cx_oracle://h/d",
+                                 "MySQL://x@y/z"])
 def test_a_store_url_of_another_kind_is_refused_by_name(url: str) -> None:
     """Another database's URL reached SQLAlchemy, which answered "No module named 'MySQLdb'"
     or "Can't load plugin: sqlalchemy.dialects:http": an operator was told of modules."""
-    kind = url.split(":", 1)[0]
+    kind = url.split(":", 1)[0].lower()
     for open_it in (Store, migrate):
         with pytest.raises(StoreError, match=re.escape(f"stores of kind '{kind}' are not")) as e:
             open_it(url)
@@ -1029,8 +1030,9 @@ def test_a_store_path_that_is_a_directory_is_named_as_one(tmp_path: Path) -> Non
     """--store DIR was warned about as a loose file, then called "unreachable:
     OperationalError"."""
     for open_it in (Store, migrate):
-        with pytest.raises(StoreError, match="is a directory"):
-            open_it(str(tmp_path))
+        for spelled in (str(tmp_path), f"sqlite:///{tmp_path}", f"SQLite:///{tmp_path}"):
+            with pytest.raises(StoreError, match="is a directory"):
+                open_it(spelled)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -1051,3 +1053,45 @@ def test_a_restore_of_a_file_that_is_no_database_names_that_file(tmp_path: Path)
     assert str(e.value).startswith(f"{bad} is not a SQLite store")
     assert "restoring" not in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["text.db"]
+
+
+@pytest.mark.parametrize("store", ["host=db user=agg password={pw} dbname=agg",
+                                   "dbname=agg password={pw}"])
+def test_a_libpq_connection_string_is_refused_never_made_a_file(
+        tmp_path: Path, store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Taken for a SQLite file name: a file of that name was made, and `migrate` printed it,
+    password and all."""
+    import secrets
+
+    pw = secrets.token_hex(8)
+    monkeypatch.chdir(tmp_path)
+    for open_it in (Store, migrate):
+        with pytest.raises(StoreError, match="libpq connection string") as e:
+            open_it(store.format(pw=pw))
+        assert pw not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_scheme_is_case_insensitive_and_a_non_scheme_is_not_shown() -> None:
+    """POSTGRESQL:// was "not supported: name a postgresql:// URL"; a value with an
+    assignment pasted before the URL had it shown as the store's kind."""
+    assert normalize_url("POSTGRESQL://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert normalize_url("SQLite:///x.db") == "sqlite:///x.db"
+    with pytest.raises(StoreError, match="this store URL's kind is not supported") as e:
+        normalize_url("PGPASSWORD=s3cr3t postgresql://u@h/db")
+    assert "s3cr3t" not in str(e.value)
+
+
+def test_a_restore_into_no_file_or_from_a_directory_is_refused_by_name(tmp_path: Path) -> None:
+    """Into 'sqlite://' it said "None exists"; into ':memory:' it made a file of that name;
+    from a directory it raised IsADirectoryError from the copy."""
+    good = tmp_path / "agg.db"
+    Store(str(good)).close()
+    out = tmp_path / "agg.bak"
+    backup(str(good), out)
+    for into in ("sqlite://", "sqlite:///:memory:"):
+        with pytest.raises(StoreError, match="restore into a store file"):
+            restore(out, into)
+    with pytest.raises(StoreError, match="is not a file"):
+        restore(tmp_path, str(tmp_path / "new.db"))
+    assert not (tmp_path / "new.db").exists() and not (tmp_path / ":memory:").exists()

@@ -906,3 +906,9 @@ def test_another_sites_certificate_in_a_site_directory_is_named_as_mixed_files(
                                                  r"is site 1's") as e:
         SiteKit.load(d)
     assert "site 2's identity key is not the roster's" in str(e.value)
+
+
+def test_init_refuses_key_holders_that_are_no_sequence(tmp_path: Path) -> None:
+    """key_holders=2 raised TypeError from tuple()."""
+    with pytest.raises(ConfigurationError, match="key_holders must be a sequence"):
+        init_federation(tmp_path / "a", 3, protocol="ckks", key_holders=2)  # type: ignore[arg-type]
