@@ -58,6 +58,7 @@ class CkksClient:
         if not isinstance(config, CkksRoundConfig):
             raise TypeError(f"config must be a CkksRoundConfig, got {type(config).__name__}")
         site_id = check_site(config.roster, site_id, identity)
+        # defence: ckks.client.input-checked-at-construction
         if not callable(model_input):
             config.check_input(*model_input)  # a bad input fails here, not mid-round
         # defence: ckks.client.context-type
@@ -77,6 +78,7 @@ class CkksClient:
                              "public context (use seeded=False)")
         if isinstance(workers, bool) or not isinstance(workers, int):
             raise TypeError(f"workers must be an int, got {type(workers).__name__}")
+        # defence: ckks.client.workers-at-least-one
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.config = config

@@ -92,3 +92,14 @@ def test_a_quantizer_given_numpy_integers_is_the_one_given_ints() -> None:
     q = Quantizer(clip=1.0, max_weight=1.0, max_sites=np.int64(10), word_bits=np.int64(64))
     assert q == Quantizer(clip=1.0, max_weight=1.0, max_sites=10, word_bits=64)
     assert type(q.word_bits) is int and type(q.max_sites) is int
+
+
+def test_a_ckks_clients_workers_and_input_fail_at_construction_not_mid_round() -> None:
+    """workers=0 and an update of the wrong length failed only at start(), after the site
+    had joined the round."""
+    r = CkksRound(sites=4, vector_length=16)
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        CkksClient(r.config, 2, r.identities[2], r.public, r.inputs[2], workers=0)
+    values, weight = r.inputs[2]
+    with pytest.raises(ValueError, match=r"update must have shape \(16,\)"):
+        CkksClient(r.config, 2, r.identities[2], r.public, (values[:-1], weight))
