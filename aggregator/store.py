@@ -155,22 +155,20 @@ _UNREACHABLE_CAUSES = (
 )
 
 
-def _unreachable(e: BaseException) -> str:
-    """Why a database was unreachable: a fixed text (a driver's own may quote values), or
-    the error's class."""
+def _cause(e: BaseException, causes: tuple[tuple[tuple[str, ...], str], ...]) -> str | None:
+    """The fixed text of the first of ``causes`` whose needles are all in the driver's
+    message (a driver's own text may quote values: it is never shown)."""
     text = str(getattr(e, "orig", None) or "")
-    for needles, cause in _UNREACHABLE_CAUSES:
-        if all(n in text for n in needles):
-            return cause
-    return type(e).__name__
+    return next((cause for needles, cause in causes if all(n in text for n in needles)), None)
+
+
+def _unreachable(e: BaseException) -> str:
+    """Why a database was unreachable: a fixed text, or the error's class."""
+    return _cause(e, _UNREACHABLE_CAUSES) or type(e).__name__
 
 
 def _known_cause(e: BaseException) -> str | None:
-    text = str(getattr(e, "orig", None) or "")
-    for needles, cause in _KNOWN_CAUSES:
-        if all(n in text for n in needles):
-            return cause
-    return None
+    return _cause(e, _KNOWN_CAUSES)
 
 
 def store_failure(e: BaseException, what: str) -> StoreError:
@@ -303,10 +301,9 @@ _LOOSE_WARNED: set[str] = set()  # store files whose loose mode was logged
 def _private_sqlite_file(url: str, create: bool) -> None:
     """A new SQLite store is made 0600 before SQLite opens it (its -wal and -shm files take
     the database's mode): it holds every masked input, ciphertext and sealed share."""
-    database = sa.engine.make_url(url).database
-    if not create or not database or database == ":memory:":
+    path = _sqlite_file(url)
+    if not create or path is None:
         return
-    path = Path(database)
     try:
         _create_private(path)
     except FileExistsError:
@@ -769,11 +766,11 @@ def restore(backup_file: Path, url: str) -> None:
     if not Path(backup_file).is_file():
         raise StoreError(f"the backup {backup_file} is not a file")
     if url.startswith("sqlite"):
-        path = sa.engine.make_url(url).database
+        path = _sqlite_file(url)
         # (an in-memory store said "None exists", or made a file named ':memory:')
-        if not path or path == ":memory:":
+        if path is None:
             raise StoreError("restore into a store file: an in-memory store is gone at exit")
-        if Path(path).exists():
+        if path.exists():
             raise StoreError(f"{path} exists: restore only into a new store file")
         # a -wal left by a killed aggregator would be replayed onto the restored file
         # defence: store.restore-refuses-leftover-wal
@@ -783,7 +780,7 @@ def restore(backup_file: Path, url: str) -> None:
             raise StoreError(f"{', '.join(leftovers)} exist (left by the store that was "
                              "there: they may hold committed data, and SQLite would replay "
                              "them onto the restored store): move them away first")
-        partial = _partial(Path(path), "restoring")
+        partial = _partial(path, "restoring")
         older: StoreError | None = None
         try:
             _create_private(partial)
@@ -799,7 +796,7 @@ def restore(backup_file: Path, url: str) -> None:
                 if "migrate" not in str(e):
                     raise
                 older = e  # an older store is restored all the same, for `aggregator migrate`
-            _publish(partial, Path(path))
+            _publish(partial, path)
         finally:
             _remove_sqlite_files(partial)
         if older is not None:
@@ -992,8 +989,8 @@ class Store:
         self._lease_postgresql()
 
     def _lease_sqlite(self) -> None:
-        database = sa.engine.make_url(self.url).database
-        if not database or database == ":memory:":
+        database = _sqlite_file(self.url)
+        if database is None:
             return
         import fcntl
 
@@ -1345,7 +1342,12 @@ def sqlite_path(url: str) -> Path | None:
         url = normalize_url(url)
     except StoreError:
         return None
-    database = sa.engine.make_url(url).database if url.startswith("sqlite") else None
+    return _sqlite_file(url) if url.startswith("sqlite") else None
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file of the SQLite store at ``url`` (normalised), or None (in memory)."""
+    database = sa.engine.make_url(url).database
     return None if not database or database == ":memory:" else Path(database)
 
 
