@@ -15,13 +15,24 @@ from pathlib import Path
 
 import numpy as np
 
-from secagg.errors import SecAggError
+from secagg.errors import ConfigurationError, SecAggError
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:  # (argparse said "invalid _fraction value: 'abc'")
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _delta(text: str) -> float:
+    """DP-SGD's delta, in (0, 1): at 0 no epsilon is finite."""
+    value = _fraction(text)
+    if value == 0.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
     return value
 
 
@@ -81,11 +92,20 @@ def _positive_float(text: str) -> float:
 def _demo(args: argparse.Namespace) -> int:
     from clients.demo.run import DemoOptions, run
 
+    given = [f"--{name.replace('_', '-')}" for name in ("noise_multiplier", "max_grad_norm",
+                                                         "delta")
+             if getattr(args, name) is not None]
+    # (without --dp-sgd they were ignored: the demo trained with no privacy and said nothing,
+    # to someone who had asked for a noise multiplier)
+    # defence: cli.dp-parameters-need-dp-sgd
+    if given and not args.dp_sgd:
+        raise ConfigurationError(f"{', '.join(given)} "
+                                 f"{'applies' if len(given) == 1 else 'apply'} only with --dp-sgd")
+    chosen = {name: getattr(args, name) for name in ("noise_multiplier", "max_grad_norm", "delta")
+              if getattr(args, name) is not None}
     summary = run(DemoOptions(protocol=args.protocol, sites=args.sites, rounds=args.rounds,
-                              dataset=args.dataset, dp=args.dp_sgd,
-                              noise_multiplier=args.noise_multiplier,
-                              max_grad_norm=args.max_grad_norm, delta=args.delta,
-                              out=args.out, json=args.json))
+                              dataset=args.dataset, dp=args.dp_sgd, out=args.out,
+                              json=args.json, **chosen))
     if args.json:
         print(json.dumps(summary))
     return 0
@@ -249,9 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="digits (default), fashion-mnist, or folder:PATH")
     demo.add_argument("--dp-sgd", action="store_true",
                       help="also train with DP-SGD (Opacus) and report each site's epsilon")
-    demo.add_argument("--noise-multiplier", type=_positive_float, default=1.0)
-    demo.add_argument("--max-grad-norm", type=_positive_float, default=1.0)
-    demo.add_argument("--delta", type=_fraction, default=1e-5)
+    demo.add_argument("--noise-multiplier", type=_positive_float, default=None,
+                      help="with --dp-sgd (default: 1.0)")
+    demo.add_argument("--max-grad-norm", type=_positive_float, default=None,
+                      help="with --dp-sgd (default: 1.0)")
+    demo.add_argument("--delta", type=_delta, default=None,
+                      help="with --dp-sgd (default: 1e-5)")
     demo.add_argument("--out", type=Path, default=None,
                       help="directory for the plot and the JSON summary")
     demo.add_argument("--json", action="store_true", help="print the JSON summary to stdout")

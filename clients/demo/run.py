@@ -21,6 +21,7 @@ import numpy as np
 
 from clients.demo.data import Dataset, dirichlet_split, load
 from clients.demo.train import TrainConfig
+from secagg.errors import ConfigurationError
 
 ROOT = Path(__file__).resolve().parents[2]
 ALPHA = 0.5
@@ -318,6 +319,13 @@ def _ts(text: str) -> float:
 
 def run(options: DemoOptions) -> dict[str, Any]:
     began = time.perf_counter()
+    # (made first: a --out that is a file was refused only after the data set was read)
+    out = Path(options.out) if options.out else Path(tempfile.mkdtemp(prefix="secagg-demo-"))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "not a directory" if out.exists() else (e.strerror or type(e).__name__)
+        raise ConfigurationError(f"cannot use {out} as the output directory: {why}") from None
     dataset = load(options.dataset, seed=SEED)
     parts = dirichlet_split(dataset.y_train, options.sites, ALPHA, SEED)
     rounds, train, deadlines = _defaults(dataset)
@@ -339,8 +347,6 @@ def run(options: DemoOptions) -> dict[str, Any]:
     else:
         _say(options, f"  no site drops out: with {options.sites} sites a CKKS round needs "
                       "them all (min_sites 3)")
-    out = Path(options.out) if options.out else Path(tempfile.mkdtemp(prefix="secagg-demo-"))
-    out.mkdir(parents=True, exist_ok=True)
     work_root = Path(tempfile.mkdtemp(prefix="secagg-demo-work-"))
     results: list[RunResult] = []
     try:

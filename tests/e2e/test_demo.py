@@ -181,6 +181,12 @@ def test_demo_help_lists_the_flags() -> None:
     (["--dataset", "imagenet"], "unknown dataset"),
     (["--dataset", "folder:/nonexistent/images"], "does not exist"),
     (["--dataset", "fashion-mnist"], "apt-get install"),
+    # DP parameters without --dp-sgd trained with no privacy and said nothing
+    (["--noise-multiplier", "2"], "--noise-multiplier applies only with --dp-sgd"),
+    (["--max-grad-norm", "2", "--delta", "1e-3"], "--max-grad-norm, --delta apply only with"),
+    (["--dp-sgd", "--delta", "0"], "--delta: must be in (0, 1)"),
+    (["--dp-sgd", "--delta", "abc"], "--delta: must be a number"),
+    (["--out", "/etc/passwd"], "/etc/passwd as the output directory: not a directory"),
 ])
 def test_bad_flags_or_a_missing_data_set_are_one_clear_line(args: list[str], says: str) -> None:
     proc = _cli(*args, env={"SECAGG_FASHION_MNIST_DIR": "/nonexistent"})
