@@ -119,7 +119,10 @@ def _neighbors(text: str) -> int | str:
 
 def _simulate(args: argparse.Namespace) -> int:
     if args.protocol == "ckks":
+        if args.dropout is not None:  # (it was ignored: every site took part)
+            raise ConfigurationError("--dropout applies only to --protocol masking")
         return _demo_ckks(args)
+    dropout = 0.2 if args.dropout is None else args.dropout
     from secagg.masking import RoundConfig, Stage, make_roster, simulate_round
 
     roster, identities = make_roster(args.sites)
@@ -128,7 +131,7 @@ def _simulate(args: argparse.Namespace) -> int:
     inputs = {s: (rng.normal(0, 0.3, args.params), float(rng.integers(100, 5000)) / 5000)
               for s in config.sites}
     stages = [Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.CONSISTENCY_CHECK, Stage.UNMASK]
-    n_drop = round(args.dropout * args.sites)
+    n_drop = round(dropout * args.sites)
     dropped = rng.choice(config.sites, size=n_drop, replace=False)
     dropouts = {int(s): stages[i % len(stages)] for i, s in enumerate(dropped)}
 
@@ -284,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "network): the protocols alone")
     sim.add_argument("--sites", type=_sites, default=10)
     sim.add_argument("--params", type=_positive, default=100_000)
-    sim.add_argument("--dropout", type=_fraction, default=0.2)
+    sim.add_argument("--dropout", type=_fraction, default=None,
+                     help="fraction of sites that drop out, masking only (default: 0.2)")
     sim.add_argument("--seed", type=_seed, default=7, help="seed for the made-up data")
     sim.add_argument("--protocol", choices=["masking", "ckks"], default="masking")
     sim.set_defaults(func=_simulate)

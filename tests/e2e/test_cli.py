@@ -238,3 +238,10 @@ def test_key_holders_for_a_masking_federation_are_refused(
                  "--key-holders", "2"]) == 0
     assert "key_holders = [\n    2,\n]" in (tmp_path / "fed" / "federation.toml").read_text() \
         or "key_holders = [2]" in (tmp_path / "fed" / "federation.toml").read_text()
+
+
+def test_a_dropout_for_a_ckks_simulation_is_refused_not_ignored(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`simulate --protocol ckks --dropout 0.5` ran with every site taking part."""
+    assert main(["simulate", "--protocol", "ckks", "--dropout", "0.5"]) == 2
+    assert "--dropout applies only to --protocol masking" in capsys.readouterr().err
