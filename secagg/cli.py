@@ -345,6 +345,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SecAggError as e:
         print(f"secagg: error: {e}", file=sys.stderr)
         return 2
+    # `secagg ... | head` closed the pipe: stop quietly with the shell's status for it, as a
+    # Unix command does (it printed "error: BrokenPipeError", and Python's own complaint as
+    # it flushed stdout on the way out)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     # The last resort for what a command did not turn into a SecAggError itself: a path that
     # is a directory, an unreadable or truncated file, a full disk. One line naming the
     # cause, not a traceback from deep inside (SECAGG_DEBUG=1 shows it).

@@ -245,3 +245,22 @@ def test_a_dropout_for_a_ckks_simulation_is_refused_not_ignored(
     """`simulate --protocol ckks --dropout 0.5` ran with every site taking part."""
     assert main(["simulate", "--protocol", "ckks", "--dropout", "0.5"]) == 2
     assert "--dropout applies only to --protocol masking" in capsys.readouterr().err
+
+
+def test_output_into_a_closed_pipe_stops_quietly(tmp_path: Path) -> None:
+    """`secagg threat-model controls --list | head -1` ended in "secagg: error:
+    BrokenPipeError" and Python's own complaint as it flushed stdout."""
+    controls = Path(__file__).resolve().parents[1] / "threat_model" / "controls.toml"
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True, timeout=60)
+    proc = subprocess.Popen([sys.executable, "-m", "secagg.cli", "threat-model", "controls",
+                             "--list", "--repo", str(tmp_path), "--controls", str(controls)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline()  # the listing is larger than the pipe's buffer
+    proc.stdout.close()
+    try:
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=60) == 141, err
+    finally:
+        proc.kill()
+    assert err == ""
