@@ -19,6 +19,7 @@ def _field(value: bytes | bytearray | memoryview | str | int) -> bytes:
     if isinstance(value, str):
         raw = value.encode("utf-8")
     elif isinstance(value, int):
+        # defence: encoding.ints-fixed-width
         raw = value.to_bytes(8, "big", signed=True)
     else:
         raw = bytes(value)

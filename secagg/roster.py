@@ -64,6 +64,7 @@ class Roster(Mapping[int, bytes]):
         self.graph_seed = graph_seed
         self.federation = federation
         self.version = version
+        # defence: roster.digest-binds-each-sites-id
         listing = b"".join(s.to_bytes(8, "big") + k for s, k in self._sites.items())
         # defence: roster.digest-binds-graph-seed, roster.digest-binds-sites-and-keys
         # defence: roster.digest-binds-federation, roster.digest-binds-version
@@ -111,6 +112,7 @@ class SignedRoster:
 
     @staticmethod
     def signed_bytes(roster: Roster) -> bytes:
+        # defence: roster.signed-bytes-labelled
         return encode("signed-roster", roster.digest)
 
     def open(self, trust_root_public_key: bytes) -> Roster:

@@ -61,6 +61,7 @@ class Quantizer:
             # defence: hazmat.quantize.bounds-taken-as-floats
             try:  # one type from here on (a Fraction or numpy.float32 is not a ufunc input)
                 object.__setattr__(self, name, float(value))
+            # defence: hazmat.quantize.bounds-in-float-range
             except OverflowError:
                 raise ValueError(f"{name} is beyond the float range") from None
         # defence: hazmat.quantize.clip-finite, hazmat.quantize.clip-positive
@@ -74,6 +75,8 @@ class Quantizer:
                 or self.max_sites < 1):
             raise ValueError(f"max_sites must be an int >= 1, got {self.max_sites!r}")
         object.__setattr__(self, "max_sites", int(self.max_sites))
+        # (one level a site: every update encoded to 0 or 1)
+        # defence: hazmat.quantize.levels-two-at-least
         if self.levels < 2:
             raise ValueError(
                 f"word_bits={self.word_bits} leaves no precision for max_sites={self.max_sites}"

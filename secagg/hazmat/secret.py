@@ -28,6 +28,8 @@ class SecretBytes:
     __slots__ = ("_data",)
 
     def __init__(self, data: bytes) -> None:
+        # (SecretBytes(32) was bytes(32): a key of 32 zero bytes)
+        # defence: hazmat.secret.holds-bytes-only
         if not isinstance(data, bytes | bytearray):
             raise TypeError("SecretBytes holds bytes")
         self._data = bytes(data)
@@ -51,11 +53,13 @@ class SecretBytes:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SecretBytes):
             return NotImplemented
+        # defence: hazmat.secret.constant-time-equality
         return hmac.compare_digest(self._data, other._data)
 
     def __hash__(self) -> int:
         # by length only (equal secrets hash alike): a SiteKit, a frozen dataclass holding
         # one, stayed hashable; a hash of the bytes would be a value derived from the key
+        # defence: hazmat.secret.hash-by-length
         return hash((SecretBytes, len(self._data)))
 
     # defence: hazmat.secret.no-pickle
@@ -83,6 +87,7 @@ def scrub_locals(error: BaseException, keep: BaseException | None = None) -> Non
     called in (the context of anything raised inside), is left with its chain: those frames
     are the caller's own, and keep their values for its debugging."""
     for frame in exception_frames(error, keep):
+        # defence: hazmat.secret.suspended-frames-left
         if not frame.f_code.co_flags & _SUSPENDABLE:
             with contextlib.suppress(RuntimeError):  # a frame still running (the
                 frame.clear()                        # handler's own): left as it is

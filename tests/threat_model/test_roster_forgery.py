@@ -53,6 +53,19 @@ def test_roster_with_a_substituted_added_or_removed_site_fails_the_trust_roots_s
             _forged(signed, forged).open(signer.public_key)
 
 
+def test_roster_with_its_sites_renumbered_fails_the_trust_roots_signature() -> None:
+    """The same keys in the same order under other ids: the ids are the Shamir points and
+    place each site in the SecAgg+ graph, so a renumbering (shown to some sites only) would
+    let the aggregator choose a victim's neighbours among its colluders."""
+    signer, signed = _signed()
+    keys = list(dict(signed.roster).values())
+    for ids in ([1, 2, 3, 4, 5, 7], [2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 6, 5]):
+        renumbered = dict(zip(ids, keys, strict=True))
+        assert renumbered != dict(signed.roster)
+        with pytest.raises(InvalidMessage):
+            _forged(signed, renumbered).open(signer.public_key)
+
+
 def test_roster_relabelled_for_another_federation_or_version_fails_the_signature() -> None:
     """An old roster version (a site since removed for misbehaving) or another federation's
     roster presented as this one."""

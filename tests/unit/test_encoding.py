@@ -52,3 +52,30 @@ def test_parts_digest_covers_every_part() -> None:
     assert parts_digest([b"a", b"b", b"d"]) != base
     assert parts_digest([b"a", b"b"]) != base
     assert parts_digest([b"a", b"b", b"c", b""]) != base
+
+
+def test_encode_is_the_documented_layout_byte_for_byte() -> None:
+    """Every field an 8-byte big-endian length and its bytes: the version, the label, then a
+    str as UTF-8, an int as 8 signed big-endian bytes, bytes as they are, a list of ints as
+    one field of 8 bytes each. (Signatures are over these bytes: any change of layout is a
+    change of the wire contract, and must fail here, not pass as a new self-consistent one.)"""
+    def field(raw: bytes) -> bytes:
+        return len(raw).to_bytes(8, "big") + raw
+
+    expected = b"".join([
+        field(b"secagg/v1"), field(b"label"), field("s\u00e9".encode()),
+        field((-2).to_bytes(8, "big", signed=True)), field(b"\x00\xff"),
+        field((1).to_bytes(8, "big") + (2**40).to_bytes(8, "big")),
+    ])
+    assert encode("label", "s\u00e9", -2, b"\x00\xff", [1, 2**40]) == expected
+
+
+def test_the_trust_root_signs_a_labelled_roster_digest() -> None:
+    """The roster signer's key signs only rosters today; the label keeps a signed digest from
+    passing for any other message signed with it later."""
+    from secagg.hazmat.signing import IdentityKey
+    from secagg.roster import Roster, SignedRoster
+
+    roster = Roster.new({1: IdentityKey.generate().public_bytes})
+    assert SignedRoster.signed_bytes(roster) == encode("signed-roster", roster.digest)
+    assert SignedRoster.signed_bytes(roster) != roster.digest

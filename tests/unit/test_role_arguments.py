@@ -103,3 +103,20 @@ def test_a_ckks_clients_workers_and_input_fail_at_construction_not_mid_round() -
     values, weight = r.inputs[2]
     with pytest.raises(ValueError, match=r"update must have shape \(16,\)"):
         CkksClient(r.config, 2, r.identities[2], r.public, (values[:-1], weight))
+
+
+def test_a_quantiser_with_one_level_per_site_is_refused() -> None:
+    """At more than 2**31 sites on 32-bit words each site had one level: every update
+    encoded to 0 or 1."""
+    assert Quantizer(clip=1.0, max_weight=1.0, max_sites=2**30).levels == 3
+    for sites in (2**31, 2**32 - 1):
+        with pytest.raises(ValueError, match="leaves no precision"):
+            Quantizer(clip=1.0, max_weight=1.0, max_sites=sites)
+
+
+def test_a_quantisers_bound_beyond_the_float_range_is_a_value_error() -> None:
+    """An int clip of 10**400 raised OverflowError from float(), not the ValueError the
+    other bad bounds raise."""
+    for field in ("clip", "max_weight"):
+        with pytest.raises(ValueError, match=f"{field} is beyond the float range"):
+            Quantizer(**{"clip": 1.0, "max_weight": 1.0, field: 10**400}, max_sites=3)

@@ -74,3 +74,55 @@ def test_the_frames_of_a_chained_or_grouped_exception_are_cleared_too(how: str) 
         _chained(how)
     assert _SECRET in "".join(traceback.TracebackException.from_exception(
         bare.value, capture_locals=True).format())
+
+
+def test_a_suspended_generator_in_a_traceback_is_left_running() -> None:
+    """A generator caught an exception and went on: its frame, suspended, is in that
+    exception's traceback. Clearing it would close the generator under whoever iterates it
+    (an error path that scrubs would silently end the caller's live generator)."""
+    from secagg.hazmat.secret import scrub_locals
+
+    caught: list[BaseException] = []
+
+    def gen() -> Iterator[str]:
+        try:
+            raise ValueError("inside")
+        except ValueError as e:
+            caught.append(e)
+        yield "first"
+        yield "still alive"
+
+    g = gen()
+    assert next(g) == "first"
+    scrub_locals(caught[0])
+    assert next(g) == "still alive"
+
+
+def test_secret_bytes_holds_bytes_only() -> None:
+    """``SecretBytes(32)`` was ``bytes(32)``: 32 zero bytes, a key anyone knows."""
+    from secagg.hazmat.secret import SecretBytes
+
+    for wrong in (32, "k" * 32, [0] * 32, None):
+        with pytest.raises(TypeError, match="holds bytes"):
+            SecretBytes(wrong)  # type: ignore[arg-type]
+    assert SecretBytes(bytearray(b"k" * 32)).reveal() == b"k" * 32
+
+
+def test_secret_bytes_hash_and_compare_reveal_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its hash is its length's (a hash of the bytes is a value derived from the key, for
+    anything that logs or orders by hash); equality is constant-time."""
+    import secagg.hazmat.secret as secret
+
+    a, b = secret.SecretBytes(b"\x01" * 32), secret.SecretBytes(b"\x02" * 32)
+    assert hash(a) == hash(b) and hash(a) != hash(secret.SecretBytes(b"\x01" * 16))
+    compared: list[tuple[bytes, bytes]] = []
+    real = secret.hmac.compare_digest
+
+    def spy(x: bytes, y: bytes) -> bool:
+        compared.append((x, y))
+        return real(x, y)
+
+    monkeypatch.setattr(secret.hmac, "compare_digest", spy)
+    assert a != b and a == secret.SecretBytes(b"\x01" * 32)
+    assert len(compared) == 2
+    assert (a == b"\x01" * 32) is False  # (bytes are not a secret of the same value)
