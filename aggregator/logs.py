@@ -42,9 +42,11 @@ class JsonFormatter(logging.Formatter):
 
 # what a peer can make us log as often as it likes (a refused certificate, message or chunk,
 # an idle stream): each (event, site) may log a burst, then PEER_LINES_PER_SECOND
+# defence: logs.every-peer-event-budgeted
 PEER_EVENTS = frozenset({"identity_refused", "chunk_refused", "stream_idle"})
 PEER_LINES_PER_SECOND = 1.0
 PEER_LINES_BURST = 20.0
+# defence: logs.peer-budgets-bounded-by-default
 PEER_BUDGETS = 4096  # (event, site) pairs remembered; the oldest is forgotten first
 
 
@@ -248,12 +250,15 @@ def capture_native_stderr(on_tls_refused: Callable[[str], None] | None = None) -
         # the reader must outlive anything one message does to it: if it stopped, the
         # core's threads would block writing to fd 2 once its buffer is full
         # (nothing to log a failure with that could not fail the same way)
+        # defence: logs.reader-outlives-a-failing-message
         with contextlib.suppress(Exception):
             native.feed(message)
 
     def pump() -> None:
         if ours is not None:
             with ours:
+                # (any bytes: a peer's text in a message need not be UTF-8)
+                # defence: logs.reader-decodes-any-bytes
                 while True:
                     feed(ours.recv(NATIVE_MESSAGE_BYTES).decode(errors="replace")
                          .rstrip("\n"))

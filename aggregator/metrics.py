@@ -139,6 +139,7 @@ class NoMetrics(Metrics):
     """For a Job used without a service (tests, tools): counts into a registry nobody reads."""
 
 
+# defence: metrics.connection-limits-by-default
 METRICS_CONNECTIONS = 64  # connections served at once; more are closed at once
 METRICS_CONNECTIONS_PER_HOST = 4  # from one address (a scraper needs one)
 METRICS_IDLE_SECONDS = 10.0  # a connection that sends nothing for this long is closed
@@ -154,6 +155,7 @@ def _unspecified(bound: str) -> bool:
     except ValueError:
         return False
     mapped = getattr(address, "ipv4_mapped", None)
+    # defence: metrics.mapped-unspecified-warned
     return address.is_unspecified or bool(mapped is not None and mapped.is_unspecified)
 
 
@@ -216,6 +218,7 @@ def serve_metrics(metrics: Metrics, listen: str) -> tuple[Any, int]:
             with self.lock:
                 self.open_total -= 1
                 self.open_by_host[host] -= 1
+                # defence: metrics.closed-hosts-forgotten
                 if not self.open_by_host[host]:
                     del self.open_by_host[host]
 

@@ -158,6 +158,7 @@ def _check_held_exactly(values: np.ndarray, spec: tuple[TensorSpec, ...]) -> Non
         # defence: model.integers-hold-no-negative-zero
         if dtype.kind in "biu" and held:  # and the zero they hold is +0.0 (with_values)
             held = not np.any(np.signbit(chunk) & (chunk == 0.0))
+        # defence: model.tensor-name-cut-in-errors
         if not held:
             raise ConfigurationError(f"tensor {t.name[:64]!r} holds values its dtype "
                                      f"{t.dtype} cannot hold exactly")
@@ -206,6 +207,7 @@ class FlatModel:
 
     def __post_init__(self) -> None:
         values = np.ascontiguousarray(self.values, dtype="<f8")
+        # defence: model.values-match-the-spec
         if values.ndim != 1 or values.shape[0] != sum(t.size for t in self.spec):
             raise ConfigurationError("model values do not match the model spec")
         names = [t.name for t in self.spec]

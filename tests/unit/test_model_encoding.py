@@ -289,3 +289,20 @@ def test_with_values_refuses_what_representable_refuses(dtype: str, value: float
     with pytest.raises(ConfigurationError, match="NaN or infinity, or a value beyond"):
         model.with_values(values)
     assert model.with_values(np.array([0.0, 1.0])).values.tolist() == [0.0, 1.0]
+
+
+def test_a_tensor_name_the_aggregator_chose_is_cut_in_the_error() -> None:
+    """A spec read off the wire names its tensors as the aggregator likes: a 10,000-character
+    name went whole into the error a site logs and shows."""
+    name = "n" * 10_000
+    spec = FlatModel.from_arrays({name: np.zeros(2, "int8")}).spec
+    with pytest.raises(ConfigurationError, match="cannot hold exactly") as caught:
+        FlatModel(spec, np.array([300.0, 0.0]))
+    assert len(str(caught.value)) < 300
+
+
+def test_model_values_of_another_length_than_the_spec_are_refused() -> None:
+    spec = FlatModel.from_arrays({"t": np.zeros(3, "float32")}).spec
+    for wrong in (np.zeros(4), np.zeros(2), np.zeros((3, 1))):
+        with pytest.raises(ConfigurationError, match="do not match the model spec"):
+            FlatModel(spec, wrong)
