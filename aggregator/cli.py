@@ -54,6 +54,7 @@ def _migrate(args: argparse.Namespace) -> int:
     before, after = migrate(args.store)
     if new:  # (a mistyped path made a new store, and said only "(empty) -> 0002")
         print(f"created a new store {path} (there was none): schema revision {after}")
+    # defence: cli.store-output-redacted
     elif before == after:
         print(f"store {redacted(args.store)} is at schema revision {after}: nothing to do")
     else:
@@ -98,6 +99,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                        help="SQLite file or database URL (default: aggregator.db beside the "
                             "config)")
     serve.add_argument("--listen", default=None, help="address to bind (default: [::]:PORT)")
+    # defence: cli.metrics-on-loopback-by-default
     serve.add_argument("--metrics", default="127.0.0.1:9464", metavar="HOST:PORT",
                        help="where Prometheus scrapes /metrics (default 127.0.0.1:9464, "
                             "loopback only; 'off' to disable; port 0 picks one, logged)")

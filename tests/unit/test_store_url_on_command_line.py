@@ -61,3 +61,35 @@ def test_serve_logs_a_password_on_its_command_line_as_an_event(
     events = [e for e in lines if e.get("event") == "store_password_on_command_line"]
     assert len(events) == 1 and events[0]["level"] == "warning"
     assert PASSWORD not in json.dumps(lines)
+
+
+@pytest.mark.parametrize("command", ["migrate", "migrate-again", "backup", "restore"])
+def test_what_a_store_command_prints_names_the_store_without_its_password(
+        command: str, tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Their output goes to cron mail and CI logs: each names the store as redacted."""
+    from aggregator import store
+
+    url = f"postgresql://secagg:{PASSWORD}@127.0.0.1:1/db"
+    revisions = ("0002", "0002") if command == "migrate-again" else (None, "0002")
+    monkeypatch.setattr(store, "migrate", lambda _url: revisions)
+    monkeypatch.setattr(store, "backup", lambda _url, _out: 1234)
+    monkeypatch.setattr(store, "restore", lambda _backup, _url: None)
+    args = {"migrate": ["migrate"], "migrate-again": ["migrate"],
+            "backup": ["backup", "--out", f"{tmp_path}/b.dump"],
+            "restore": ["restore", "--backup", f"{tmp_path}/b.dump"]}[command]
+    assert main(["aggregator", *args, "--store", url]) == 0
+    out, err = capsys.readouterr()
+    assert "127.0.0.1" in out and PASSWORD not in out + err
+
+
+def test_serve_publishes_metrics_on_loopback_unless_told_otherwise() -> None:
+    """/metrics is plain HTTP with no client certificate: the command's default is the local
+    host, never every interface."""
+    import ipaddress
+
+    from secagg.cli import build_parser
+
+    args = build_parser().parse_args(["aggregator", "serve", "--config", "x.toml"])
+    host = args.metrics.rpartition(":")[0].strip("[]")
+    assert ipaddress.ip_address(host).is_loopback
