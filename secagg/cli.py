@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sqlite3
@@ -92,17 +93,15 @@ def _positive_float(text: str) -> float:
 def _demo(args: argparse.Namespace) -> int:
     from clients.demo.run import DemoOptions, run
 
-    given = [f"--{name.replace('_', '-')}" for name in ("noise_multiplier", "max_grad_norm",
-                                                         "delta")
-             if getattr(args, name) is not None]
+    chosen = {name: getattr(args, name) for name in ("noise_multiplier", "max_grad_norm", "delta")
+              if getattr(args, name) is not None}
+    given = [f"--{name.replace('_', '-')}" for name in chosen]
     # (without --dp-sgd they were ignored: the demo trained with no privacy and said nothing,
     # to someone who had asked for a noise multiplier)
     # defence: cli.dp-parameters-need-dp-sgd
     if given and not args.dp_sgd:
         raise ConfigurationError(f"{', '.join(given)} "
                                  f"{'applies' if len(given) == 1 else 'apply'} only with --dp-sgd")
-    chosen = {name: getattr(args, name) for name in ("noise_multiplier", "max_grad_norm", "delta")
-              if getattr(args, name) is not None}
     summary = run(DemoOptions(protocol=args.protocol, sites=args.sites, rounds=args.rounds,
                               dataset=args.dataset, dp=args.dp_sgd, out=args.out,
                               json=args.json, **chosen))
@@ -349,7 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Unix command does (it printed "error: BrokenPipeError", and Python's own complaint as
     # it flushed stdout on the way out)
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        with contextlib.suppress(OSError, ValueError):  # (a stdout with no file: nothing)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     # The last resort for what a command did not turn into a SecAggError itself: a path that
     # is a directory, an unreadable or truncated file, a full disk. One line naming the

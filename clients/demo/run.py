@@ -320,12 +320,14 @@ def _ts(text: str) -> float:
 def run(options: DemoOptions) -> dict[str, Any]:
     began = time.perf_counter()
     # (made first: a --out that is a file was refused only after the data set was read)
-    out = Path(options.out) if options.out else Path(tempfile.mkdtemp(prefix="secagg-demo-"))
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        why = "not a directory" if out.exists() else (e.strerror or type(e).__name__)
-        raise ConfigurationError(f"cannot use {out} as the output directory: {why}") from None
+    if options.out:
+        out = Path(options.out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            why = "not a directory" if out.exists() else (e.strerror or type(e).__name__)
+            raise ConfigurationError(f"cannot use {out} as the output directory: {why}"
+                                     ) from None
     dataset = load(options.dataset, seed=SEED)
     parts = dirichlet_split(dataset.y_train, options.sites, ALPHA, SEED)
     rounds, train, deadlines = _defaults(dataset)
@@ -347,6 +349,8 @@ def run(options: DemoOptions) -> dict[str, Any]:
     else:
         _say(options, f"  no site drops out: with {options.sites} sites a CKKS round needs "
                       "them all (min_sites 3)")
+    if not options.out:
+        out = Path(tempfile.mkdtemp(prefix="secagg-demo-"))
     work_root = Path(tempfile.mkdtemp(prefix="secagg-demo-work-"))
     results: list[RunResult] = []
     try:
