@@ -346,18 +346,24 @@ def test_what_one_budget_dropped_is_said_with_a_line_of_the_other(
     assert summary and summary[0]["reason"] == "grpc_core" and summary[0]["count"] >= 800
 
 
+def _refusals_from(sites: range) -> logs.PeerLineBudget:
+    """A fresh budget filter that has seen one refusal from each of ``sites``."""
+    budget = logs.PeerLineBudget()
+    for site in sites:
+        r = logging.LogRecord("secagg.aggregator", logging.WARNING, __file__, 1, "refused",
+                              None, None)
+        r.__dict__.update(event="identity_refused", site_id=site)
+        budget.filter(r)
+    return budget
+
+
 def test_the_per_site_budgets_a_peer_makes_are_bounded_oldest_first(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Each (event, site) seen gets a budget; refusals naming ever new site ids (a peer
     cannot choose its certificate's site, but refused calls name what they claim) must not
     grow the log filter's memory without bound: the oldest is forgotten first."""
     monkeypatch.setattr(logs, "PEER_BUDGETS", 8)
-    budget = logs.PeerLineBudget()
-    for site in range(100):
-        r = logging.LogRecord("secagg.aggregator", logging.WARNING, __file__, 1, "refused",
-                              None, None)
-        r.__dict__.update(event="identity_refused", site_id=site)
-        budget.filter(r)
+    budget = _refusals_from(range(100))
     assert len(budget.budgets) == 8
     assert ("identity_refused", 99) in budget.budgets
     assert ("identity_refused", 0) not in budget.budgets
@@ -365,12 +371,7 @@ def test_the_per_site_budgets_a_peer_makes_are_bounded_oldest_first(
 
 def test_the_per_site_budgets_are_bounded_at_their_default_too() -> None:
     """(The test above sets the bound: this one holds the default to a few thousand.)"""
-    budget = logs.PeerLineBudget()
-    for site in range(5000):
-        r = logging.LogRecord("secagg.aggregator", logging.WARNING, __file__, 1, "refused",
-                              None, None)
-        r.__dict__.update(event="identity_refused", site_id=site)
-        budget.filter(r)
+    budget = _refusals_from(range(5000))
     assert len(budget.budgets) <= 4096
 
 
