@@ -299,6 +299,7 @@ class Job:
             self.model = view.model
             self.active = self._start_role(view)
             self._replay(view)
+            # defence: job.recovered-budget-charges-chunks
             self.stored_uploads = (last.round, {
                 site: nbytes + n * CHUNK_STORAGE_COST
                 for site, (nbytes, n) in self.store.round_uploads(last.round).items()})
@@ -521,6 +522,7 @@ class Job:
 
     def _active_for(self, round_id: str) -> _Active:
         active = self.active
+        # defence: job.submit-to-the-running-round-only
         if active is None or active.view.round_id != round_id:
             view = self._view(round_id)  # NOT_FOUND if unknown
             # defence: service.submit-to-an-aborted-round-is-aborted
@@ -566,6 +568,7 @@ class Job:
         if chunk_id in self._public:  # every round's starting model and result
             return True
         active = self.active
+        # defence: job.no-reads-after-the-job
         if active is None:
             return False
         # what every site may read (key 0), and what this site's stage grants it alone
@@ -610,6 +613,7 @@ class Job:
 
     def purge(self, *, now: bool = True) -> None:
         """Drop the uploads of finished rounds (on the ticker once due, and at shutdown)."""
+        # defence: job.finished-uploads-purged-after-delay
         if self._purge_before is not None and (now or self._clock() >= self._purge_at):
             self.store.purge_chunks_before(self._purge_before)
             self._purge_before = None
@@ -665,6 +669,7 @@ class Job:
             ref = request.masked_input
             # the round's word size (a message claiming another is refused just below)
             word = wire.WORD_DTYPES[role.config.word_bits].itemsize
+            # defence: job.masked-input-exact-size
             data = self._read(wire.Blob.from_proto(ref.masked_input),
                               size=word * (role.config.vector_length + 1))
             msg = wire.masked_input_from_ref(ref, data, word_bits=role.config.word_bits,
@@ -728,6 +733,7 @@ class Job:
             if site != view.ckks_key_holder:
                 raise ServiceError(PERMISSION_DENIED, "only this round's key holder releases")
             ref_r = request.ckks_release
+            # defence: job.ckks-release-exact-size
             data = self._read(wire.Blob.from_proto(ref_r.average), size=8 * view.model.size)
             released = wire.release_from_ref(ref_r, data, round_id=view.round_id,
                                              length=view.model.size)
@@ -793,6 +799,7 @@ class Job:
             self._abort(active, abort.reason.name, abort.detail)
             return
         except ServiceError as e:
+            # defence: job.close-store-trouble-not-an-abort
             if e.code != INVALID_ARGUMENT:
                 raise  # the store's trouble: the round is replayed once it answers again
             # defence: service.close.bad-result-aborts (what the round's messages make is no
@@ -831,6 +838,7 @@ class Job:
     def _close_ckks(self, active: _Active) -> None:
         view = active.view
         if view.stage == CkksStage.KEY_ANNOUNCEMENT.value:
+            # defence: job.ckks-unannounced-key-aborts
             if active.role is None:
                 raise ProtocolAbort(_abort_reason("TOO_FEW_SURVIVORS"),
                                     "the key holder did not announce a key")
@@ -847,6 +855,7 @@ class Job:
                                          round_number=view.number)
             active.ckks_aggregate = wire.aggregate_to_ref(aggregate, _blob(blob))
             holder = view.ckks_key_holder
+            # defence: job.release-inputs-granted-to-holder
             readable = active.readable.setdefault(holder, set())
             readable |= set(blob.chunk_ids)
             for ref in active.ckks_uploads.values():

@@ -206,6 +206,7 @@ def add_service(servicer: AggregationService, server: Any) -> None:
             try:
                 await asyncio.sleep(wait)
             except BaseException:
+                # defence: service.calls-left-when-cancelled-while-paced
                 servicer.calls.leave(site)
                 raise
         return site
@@ -241,6 +242,7 @@ def add_service(servicer: AggregationService, server: Any) -> None:
                         async for item in streaming(request, context):
                             yield item
                     finally:
+                        # defence: service.calls-left-by-downloads
                         servicer.calls.leave(site)
                 except BaseException as e:
                     _let_go(e)
@@ -260,6 +262,7 @@ def add_service(servicer: AggregationService, server: Any) -> None:
                 try:
                     return await receiving(checked(), context)
                 finally:
+                    # defence: service.calls-left-by-uploads
                     servicer.calls.leave(site)
             except BaseException as e:
                 # defence: service.refused-uploads-let-go
@@ -388,6 +391,7 @@ class WorkPacer:
         """Charge ``site`` for a call of ``cost`` units: how long it must wait first."""
         now = self._clock()
         units, then = self._units.get(site, (self.burst, now))
+        # defence: service.pace-burst-capped
         units = min(self.burst, units + (now - then) * self.rate) - min(cost, self.burst)
         self._units[site] = (units, now)
         return max(0.0, -units / self.rate)
@@ -396,6 +400,7 @@ class WorkPacer:
 def request_cost(request: Any) -> float:
     """The work units a request asks for (WorkPacer): one, plus one per 4 KiB of it."""
     size = request.ByteSize() if hasattr(request, "ByteSize") else 0
+    # defence: service.pace-cost-by-request-size
     return 1.0 + size / PACE_BYTES_PER_UNIT
 
 
@@ -488,6 +493,7 @@ class UploadAdmission:
     def done(self, site: int) -> None:
         """``site``'s upload ended (or its lease did): its slot, if it holds one, goes on."""
         timer = self._held.pop(site, None)
+        # defence: service.upload-admission-slotless-end-adds-no-slot
         if timer is not None:
             timer.cancel()
             self._hand_on()
@@ -738,6 +744,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
             return (1, 0) if is_new else (0, 1)
 
         def settled(task: asyncio.Future[tuple[int, int]]) -> None:
+            # defence: service.chunk-in-flight-permits-returned
             self.in_flight.release()
             # a chunk still being stored when its stream was refused (idle, over budget, a
             # later chunk's bad hash) has its outcome read here: left unread, asyncio logged
@@ -846,6 +853,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
             async for chunk in self._serve_chunks(context, site, ids):
                 yield chunk
         finally:
+            # defence: service.downloads-left
             self.downloads.leave(site)
 
     async def _serve_chunks(self, context: Ctx, site: int,
@@ -893,6 +901,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
 
         def release() -> None:
             nonlocal given_back
+            # defence: service.download-slot-given-back-once
             if not given_back:
                 given_back = True
                 timer.cancel()
@@ -1271,6 +1280,7 @@ class BoundedHealth(health_aio.HealthServicer):  # type: ignore[misc]
         try:
             await super().Watch(request, context)
         finally:
+            # defence: service.health-watches-given-back
             self._watches -= 1
             self._watching[caller] -= 1
             if not self._watching[caller]:

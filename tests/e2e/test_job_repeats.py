@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -217,5 +218,149 @@ def test_fields_the_aggregator_does_not_know_are_not_stored(tmp_path: Path) -> N
         assert job().submit(holder, padded) is False  # counted
         (message,) = [e for e in store.events(1) if e.kind == "message"]
         assert message.payload == request.SerializeToString(deterministic=True)
+    finally:
+        store.close()
+
+
+def _two_round_ckks(tmp_path: Path) -> tuple[Any, Any, Callable[[], Job], Store, list[float]]:
+    """(the federation, its server files, a maker of its two-round CKKS job on one store, the
+    store, the job's clock)."""
+    fed = make_federation(tmp_path, 4, "ckks", rounds=2)
+    files = load_server_files(fed.aggregator_config)
+    roster = load_roster(files.directory / ROSTER_FILE, files.config.trust_root)
+    store = Store(str(tmp_path / "aggregator.db"))
+    now = [0.0]
+    model = FlatModel.load_npz(files.config.initial_model)
+
+    def job() -> Job:
+        j = Job(files.config, roster, store, model, clock=lambda: now[0])
+        j.recover()
+        return j
+
+    return fed, files, job, store, now
+
+
+def _key_offer(fed: Any, config: Any, store: Store, number: int) -> service_pb2.SubmitRequest:
+    """Round ``number``'s key holder's genuine key offer (its public context stored)."""
+    from secagg.ckks import KeyHolder
+    from secagg.federation.kit import SiteKit
+
+    holder = config.key_holder_for(number)
+    round_id = config.round_id_for(number)
+    key = KeyHolder.generate(config.preset)
+    identity = SiteKit.load(fed.site_dir(holder)).identity
+    announcement = key.announce(holder=holder, identity=identity, epoch=round_id, max_rounds=1)
+    data = key.public_context().serialize()
+    cid = hashlib.sha256(data).digest()
+    store.put_chunks([(cid, data)], round_number=number, site=holder)
+    offer = service_pb2.CkksKeyOffer(announcement=wire.announcement_to_proto(announcement),
+                                     public_context=wire.Blob((cid,), len(data)).to_proto())
+    return service_pb2.SubmitRequest(round_id=round_id, ckks_key=offer)
+
+
+def _tick_past_the_deadline(job: Job, now: list[float]) -> None:
+    assert job.active is not None
+    now[0] = job.active.deadline + 1.0
+    job.tick()
+
+
+def test_a_key_holder_that_never_announces_aborts_the_round_at_its_deadline(
+        tmp_path: Path) -> None:
+    """The key holder never offers its key: at the key stage's deadline the round aborts
+    (TOO_FEW_SURVIVORS) and the next opens. Without the check the round moved on to its
+    upload stage with no CKKS role: every upload failed (None has no handle) and its close
+    raised AttributeError on the job's thread, every tick, for good."""
+    _, _, job, store, now = _two_round_ckks(tmp_path)
+    try:
+        first = job()
+        _tick_past_the_deadline(first, now)
+        assert first.rounds[1].status == service_pb2.ROUND_STATUS_ABORTED
+        assert first.rounds[1].abort_reason == "TOO_FEW_SURVIVORS"
+        assert first.current_stage == (2, CkksStage.KEY_ANNOUNCEMENT.value)
+        assert [r.status for r in store.rounds()] == ["aborted", "running"]
+    finally:
+        store.close()
+
+
+def test_a_message_of_the_running_round_sent_under_an_ended_rounds_id_is_refused(
+        tmp_path: Path) -> None:
+    """Round 2's key holder sends round 2's genuine key offer under round 1's round id
+    (round 1 has ended): refused, nothing recorded. Without the check the job handed it to
+    the running round, which counted it (it checks the message against its own round), and
+    recorded it with a round id that is not its round's: the store's events no longer
+    replayed, and no restart could load the job."""
+    fed, files, job, store, now = _two_round_ckks(tmp_path)
+    try:
+        first = job()
+        _tick_past_the_deadline(first, now)  # round 1 ends (no key); round 2 opens
+        assert first.current_round == 2
+        offer = _key_offer(fed, files.config, store, 2)
+        misnamed = service_pb2.SubmitRequest()
+        misnamed.CopyFrom(offer)
+        misnamed.round_id = files.config.round_id_for(1)
+        holder = files.config.key_holder_for(2)
+        with pytest.raises(ServiceError) as caught:
+            first.submit(holder, misnamed)
+        assert caught.value.code in ("ABORTED", "FAILED_PRECONDITION")
+        assert list(store.events(2)) == []
+        again = job()  # a restart loads the job, and the offer under its own id is counted
+        assert again.submit(holder, offer) is False
+        assert again.current_stage == (2, CkksStage.UPLOAD.value)
+    finally:
+        store.close()
+
+
+def test_a_finished_rounds_uploads_are_purged_once_the_purge_delay_passed(
+        tmp_path: Path) -> None:
+    """Chunks uploaded to round 1, which then ends: the ticker drops them PURGE_DELAY
+    seconds later (not at once, nor never). Without the clock check they were kept until
+    the aggregator shut down: every round's uploads, gigabytes over a long job."""
+    from aggregator.job import PURGE_DELAY
+
+    _, _, job, store, now = _two_round_ckks(tmp_path)
+    try:
+        first = job()
+        data = b"an upload of round 1"
+        cid = hashlib.sha256(data).digest()
+        store.put_chunks([(cid, data)], round_number=1, site=2)
+        _tick_past_the_deadline(first, now)
+        assert first.current_round == 2
+        ended = now[0]
+        now[0] = ended + PURGE_DELAY / 2
+        first.tick()
+        assert store.get_chunk(cid) == data  # not yet
+        now[0] = ended + PURGE_DELAY
+        first.tick()
+        assert first.current_round == 2  # (round 2's deadline is later)
+        assert store.get_chunk(cid) is None
+    finally:
+        store.close()
+
+
+def test_a_store_failure_while_a_stage_closes_leaves_the_round_running(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store fails (UNAVAILABLE: it lacks a model it refers to) while the key stage
+    closes: the close is UNAVAILABLE and the round stays running, to be replayed once the
+    store answers. Without the check any refusal in a close aborted the round as
+    AGGREGATE_OUT_OF_RANGE: a round lost, for good, to the store's passing trouble."""
+    from aggregator.job import UNAVAILABLE
+
+    _, _, job, store, now = _two_round_ckks(tmp_path)
+    try:
+        first = job()
+
+        def store_trouble(*_args: object, **_kwargs: object) -> None:
+            raise ServiceError(UNAVAILABLE, "the store lacks a model it refers to")
+
+        monkeypatch.setattr(first, "_close_ckks", store_trouble)
+        with pytest.raises(ServiceError) as caught:
+            _tick_past_the_deadline(first, now)
+        assert caught.value.code == UNAVAILABLE
+        monkeypatch.undo()
+        assert first.rounds[1].status == service_pb2.ROUND_STATUS_RUNNING
+        assert [r.status for r in store.rounds()] == ["running"]
+        # the restarted job replays the recorded close, with the store answering: the key
+        # holder never announced, so the round aborts for that, not for its sum
+        assert job().rounds[1].abort_reason == "TOO_FEW_SURVIVORS"
     finally:
         store.close()

@@ -581,3 +581,45 @@ def test_health_watches_are_bounded_per_certificate_and_by_name_length(
         for channel in channels:
             channel.close()
         agg.stop()
+
+
+def test_closed_health_watches_give_back_their_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Open Watch streams are counted against MAX_HEALTH_WATCHES over all callers. Without a
+    closed one given back, MAX_HEALTH_WATCHES watches in the aggregator's life (probes that
+    reconnect, sites that restart) left every later Watch RESOURCE_EXHAUSTED for good. (The
+    health servicer runs here against fake calls, no gRPC.)"""
+    from aggregator import service as svc
+
+    monkeypatch.setattr(svc, "MAX_HEALTH_WATCHES", 2)
+
+    class Refused(Exception):
+        pass
+
+    class Call:
+        def __init__(self, cert: bytes) -> None:
+            self.cert = cert
+            self.written: list[Any] = []
+
+        def auth_context(self) -> dict[str, list[bytes]]:
+            return {"x509_pem_cert": [self.cert]}
+
+        async def write(self, message: Any) -> None:
+            self.written.append(message)
+
+        async def abort(self, code: Any, details: str) -> None:
+            raise Refused(f"{code}: {details}")
+
+    async def main() -> None:
+        health = svc.BoundedHealth()
+        for i in range(3 * svc.MAX_HEALTH_WATCHES):
+            call = Call(b"site certificate %d" % i)
+            watch = asyncio.ensure_future(
+                health.Watch(health_pb2.HealthCheckRequest(service=""), call))
+            await asyncio.sleep(0.01)
+            assert not watch.done(), f"watch {i} refused: {watch.exception()!r}"
+            assert call.written[0].status == SERVING
+            watch.cancel()  # the watcher goes away
+            with pytest.raises(asyncio.CancelledError):
+                await watch
+
+    asyncio.run(main())

@@ -381,3 +381,102 @@ def test_an_upload_flagged_seeded_is_refused_before_it_is_read(ckks_upload_stage
         s.job.submit(2, request)
     assert caught.value.code == "INVALID_ARGUMENT" and "seeded" in str(caught.value)
     assert s.reads == []
+
+
+def test_a_release_payload_larger_than_the_average_is_refused_before_it_is_read(
+        ckks_upload_stage: Setting) -> None:
+    """The key holder's release names an average one value longer than the model (chunks
+    that add up to what it claims, within the general bound): refused INVALID_ARGUMENT before
+    a byte is read. Without the exact size the job read whatever the holder named, up to
+    16 bytes a value of the largest vector allowed plus 64 MiB, before refusing it."""
+    s = ckks_upload_stage
+    active = s.job.active
+    assert active is not None
+    size = 8 * (active.view.model.size + 1)
+    blob = wire.Blob((_put(s.store, os.urandom(size), s.holder),), size)
+    request = service_pb2.SubmitRequest(round_id=s.round_id, ckks_release=(
+        service_pb2.ReleasedAverageRef(average=blob.to_proto())))
+    with pytest.raises(ServiceError) as caught:  # (as Submit applies it, out of turn aside)
+        s.job._apply(active, s.holder, request, replay=False)
+    assert s.reads == [], "the job read a payload larger than the message needs"
+    assert caught.value.code == "INVALID_ARGUMENT" and "needs" in str(caught.value)
+
+
+def test_a_masked_input_payload_larger_than_the_round_needs_is_refused_before_it_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A masking site's masked input names one word more than the round's vector (chunks
+    that add up to what it claims, within the general bound): refused INVALID_ARGUMENT before
+    a byte is read. Without the exact size the job read whatever the site named, up to 16
+    bytes a value of the largest vector allowed plus 64 MiB, before refusing it."""
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    files = load_server_files(fed.aggregator_config)
+    roster = load_roster(files.directory / ROSTER_FILE, files.config.trust_root)
+    store = Store(str(tmp_path / "aggregator.db"))
+    try:
+        job, info = _round_one(files.config, roster, store)
+        active = job.active
+        assert active is not None
+        role = active.role
+        word = wire.WORD_DTYPES[role.config.word_bits].itemsize
+        size = word * (role.config.vector_length + 2)
+        blob = wire.Blob((_put(store, os.urandom(size), 2),), size)
+        reads: list[int] = []
+        real = store.read_blob
+        monkeypatch.setattr(store, "read_blob", lambda b: reads.append(b.size) or real(b))
+        request = service_pb2.SubmitRequest(round_id=info.round_id)
+        request.masked_input.site_id = 2
+        request.masked_input.masked_input.CopyFrom(blob.to_proto())
+        with pytest.raises(ServiceError) as caught:  # (as Submit applies it, out of turn aside)
+            job._apply(active, 2, request, replay=False)
+        assert reads == [], "the job read a payload larger than the message needs"
+        assert caught.value.code == "INVALID_ARGUMENT" and "needs" in str(caught.value)
+    finally:
+        store.close()
+
+
+def test_the_aggregate_and_the_uploads_are_granted_to_the_key_holder_alone(
+        ckks_upload_stage: Setting) -> None:
+    """Every site uploads and the upload stage closes (the real close): the aggregate it
+    writes, and each site's upload, may be read by the key holder (it decrypts them) and by
+    no other site. Without the grant being the holder's own, they were readable by every
+    site (what a site may fetch is what its stage needs, nothing else)."""
+    from secagg.ckks import CkksStage
+
+    s = ckks_upload_stage
+    for site in (1, 2, 3, 4):
+        s.job.submit(site, _honest_upload(s, site, 0.01 * site))
+    active = s.job.active
+    assert active is not None and active.view.stage == CkksStage.RELEASE.value
+    assert active.ckks_aggregate is not None
+    aggregate = [bytes(c) for c in active.ckks_aggregate.chunks.chunk_ids]
+    uploads = [bytes(c) for ref in active.ckks_uploads.values() for c in ref.chunks.chunk_ids]
+    assert aggregate and uploads
+    others = [site for site in (1, 2, 3, 4) if site != s.holder]
+    for cid in aggregate + uploads:
+        assert s.job.may_read(s.holder, cid)
+        assert not any(s.job.may_read(site, cid) for site in others)
+
+
+def test_after_the_job_is_done_no_site_reads_a_rounds_uploads(tmp_path: Path) -> None:
+    """The job's last round ends (here: its key holder never announced): a site's upload
+    to it may be read by no site, while the rounds' models stay public. Without the check,
+    with no round running, every chunk in the store was readable by every site."""
+    _, config, roster, store = _ckks_federation(tmp_path)
+    try:
+        now = [0.0]
+        job = Job(config, roster, store, FlatModel.load_npz(config.initial_model),
+                  clock=lambda: now[0])
+        job.recover()
+        active = job.active
+        assert active is not None
+        upload = _put(store, b"site 2's upload", 2)
+        active.readable.setdefault(2, set()).add(upload)  # as a stage grants it
+        model_chunk = next(iter(active.readable[0]))
+        assert job.may_read(2, upload)
+        now[0] = active.deadline + 1.0
+        job.tick()
+        assert job.done and job.active is None
+        assert not any(job.may_read(site, upload) for site in (1, 2, 3, 4))
+        assert all(job.may_read(site, model_chunk) for site in (1, 2, 3, 4))
+    finally:
+        store.close()

@@ -109,3 +109,32 @@ def test_the_work_pacer_lets_a_burst_through_then_paces_at_its_rate() -> None:
     now[0] += 3.0  # 30 units refill the 10 owed, and 20 more (the burst)
     assert pacer.delay(1, 20) == 0.0
     assert pacer.delay(1, 1e9) == 2.0  # capped at the burst: 20 units owed
+
+
+def test_an_idle_site_saves_up_no_more_than_the_burst() -> None:
+    """A site that keeps quiet refills its budget up to the burst, no further: without the
+    cap, a site idle for an hour saved up 230,400 units and could then make the aggregator
+    serialise or look up as fast as it sends, unpaced, for minutes."""
+    from aggregator.service import WorkPacer
+
+    now = [0.0]
+    pacer = WorkPacer(rate=10.0, burst=20.0, clock=lambda: now[0])
+    assert pacer.delay(1, 20) == 0.0
+    now[0] += 1000.0  # idle: 10,000 units' worth of time, capped at 20
+    assert pacer.delay(1, 20) == 0.0
+    assert pacer.delay(1, 20) == 2.0  # the burst spent: 20 units owed, at 10 a second
+
+
+def test_a_large_request_costs_more_work_units_than_a_small_one() -> None:
+    """A call costs one unit plus one per 4 KiB of its request: without the size counted,
+    a site's 8 MiB messages or 4096-id lookups cost as little as an empty call, and were
+    served 256 at a time and then 64 a second."""
+    from aggregator.service import PACE_BYTES_PER_UNIT, request_cost
+
+    small = service_pb2.ChunkIds(chunk_ids=[CID])
+    large = service_pb2.ChunkIds(chunk_ids=[CID] * 4096)
+    size = large.ByteSize()  # 4096 ids of 32 bytes: over 128 KiB
+    small_cost, large_cost = request_cost(small), request_cost(large)
+    assert small_cost < 2.0
+    assert large_cost == 1.0 + size / PACE_BYTES_PER_UNIT, f"{large_cost} units for {size} B"
+    assert large_cost > 32.0

@@ -88,3 +88,31 @@ def test_sites_that_do_not_read_hold_up_other_downloads_only_for_the_lease(
         _close(core, stuck, firsts)
 
     asyncio.run(main())
+
+
+def test_a_send_slot_its_lease_gave_back_is_not_given_back_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A send slot whose lease ended (the site did not read its chunk) was given back by its
+    timer; when the stream then goes on or ends, the slot is not given back a second time.
+    Without that check every such site added a send slot for good, and the bound on the
+    chunks written at once was gone."""
+    monkeypatch.setattr(svc, "SEND_SLOT_LEASE_SECONDS", 0.1)
+
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        service = _service(core)
+        for site in (1, 2, 3):
+            stream = _download(service, site)
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout=5)  # written, not read
+            assert chunk.data == DATA
+            await asyncio.sleep(0.3)  # the lease ends: its timer gives the slot back
+            with pytest.raises(StopAsyncIteration):  # the site reads on: the stream ends
+                await asyncio.wait_for(stream.__anext__(), timeout=5)
+        assert service.sending._value == MAX_CHUNKS_SENDING, "send slots were added"
+        monkeypatch.setattr(svc, "SEND_SLOT_LEASE_SECONDS", 60.0)
+        streams, firsts = await _started(service, range(10, 10 + 2 * MAX_CHUNKS_SENDING))
+        writing = sum(f.done() for f in firsts)
+        assert writing == MAX_CHUNKS_SENDING, f"{writing} chunks written at once"
+        _close(core, streams, firsts)
+
+    asyncio.run(main())

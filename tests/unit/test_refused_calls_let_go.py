@@ -138,3 +138,94 @@ def _refs(obj: object) -> int:
     import sys
 
     return sys.getrefcount(obj)
+
+
+DATA = b"model bytes " * 100
+CID = hashlib.sha256(DATA).digest()
+
+
+def _registered(service: Any) -> dict[str, Any]:
+    server = _Server()
+    add_service(service, server)
+    return server.handlers
+
+
+def test_finished_and_abandoned_downloads_give_back_the_sites_counts() -> None:
+    """A site's download (GetChunks) counts among its calls in progress (at most
+    MAX_CALLS_PER_SITE) and its downloads open (at most MAX_DOWNLOADS_PER_SITE) while it
+    runs. Without either given back when the stream ends (read to the end, or abandoned by
+    the site), a few downloads in a site's life locked it out of downloading, or of every
+    call, for good."""
+    from aggregator.service import MAX_CALLS_PER_SITE, MAX_DOWNLOADS_PER_SITE
+
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        handlers = _registered(fake_service(
+            core, may_read=lambda site, cid: True,
+            hot_chunk=lambda cid: DATA if cid == CID else None))
+        get = handlers["GetChunks"].unary_stream
+        for i in range(MAX_CALLS_PER_SITE + MAX_DOWNLOADS_PER_SITE + 2):
+            stream = get(service_pb2.ChunkIds(chunk_ids=[CID]), FakeContext(1)).__aiter__()
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout=5)
+            assert chunk.data == DATA
+            if i % 2:
+                with pytest.raises(StopAsyncIteration):
+                    await asyncio.wait_for(stream.__anext__(), timeout=5)
+            else:  # the site goes away mid-stream
+                await stream.aclose()
+                await asyncio.sleep(0.01)  # the abandoned handler is closed by the loop
+        core.executor.shutdown()
+
+    asyncio.run(main())
+
+
+def test_finished_uploads_give_back_the_sites_call_count() -> None:
+    """An upload stream (PutChunks) counts among its site's calls in progress while it runs.
+    Without the count given back when it ends, however it ends, MAX_CALLS_PER_SITE uploads in
+    a site's life locked the site out of every call for good."""
+    from aggregator.service import MAX_CALLS_PER_SITE
+
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        put = _handlers(core)["PutChunks"].stream_unary
+        over = service_pb2.Chunk(chunk_id=b"\1" * 32, data=b"\0" * (5 << 20))  # over 4 MiB
+        for i in range(2 * MAX_CALLS_PER_SITE):
+            if i % 2:
+                reply = await asyncio.wait_for(put(_Requests(), FakeContext(1)), timeout=5)
+                assert reply.stored == 0
+            else:
+                with pytest.raises(Aborted, match="RESOURCE_EXHAUSTED: a chunk must hold"):
+                    await asyncio.wait_for(put(_Requests(over), FakeContext(1)), timeout=5)
+        core.executor.shutdown()
+
+    asyncio.run(main())
+
+
+def test_calls_cancelled_while_paced_give_back_the_sites_call_count() -> None:
+    """A call waiting for its site's work units (paced) counts among the site's calls in
+    progress. Without the count given back when such a call is cancelled (the site gave up,
+    its deadline passed), MAX_CALLS_PER_SITE cancelled calls locked the site out of every
+    call for good."""
+    from aggregator.service import MAX_CALLS_PER_SITE, WorkPacer
+
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        service = fake_service(core, store=types.SimpleNamespace(missing=lambda ids: []))
+        now = [0.0]
+        service.pacer = WorkPacer(rate=1.0, burst=1.0, clock=lambda: now[0])
+        ask = _registered(service)["MissingChunks"].unary_unary
+        request = service_pb2.ChunkIds(chunk_ids=[CID])
+        await asyncio.wait_for(ask(request, FakeContext(1)), timeout=5)  # the burst: at once
+        for _ in range(MAX_CALLS_PER_SITE):
+            call = asyncio.ensure_future(ask(request, FakeContext(1)))
+            await asyncio.sleep(0.01)
+            assert not call.done()  # paced: waiting for its units
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+        now[0] += 1000.0  # the budget refilled: the next call is served at once
+        reply = await asyncio.wait_for(ask(request, FakeContext(1)), timeout=5)
+        assert list(reply.chunk_ids) == []
+        core.executor.shutdown()
+
+    asyncio.run(main())

@@ -256,3 +256,57 @@ def test_an_honest_sites_uploads_in_earlier_stages_do_not_put_it_behind_colluder
         core.executor.shutdown()
 
     asyncio.run(main())
+
+
+def test_every_chunk_received_gives_back_its_in_flight_permit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each received chunk holds one of MAX_CHUNKS_IN_FLIGHT permits while it is hashed and
+    stored. Without the permit given back when its chunk is settled, the permits are used up
+    after 16 chunks in the aggregator's life, and every later upload waits for good (here:
+    past the 5 s bound on each stream)."""
+    monkeypatch.setattr(svc, "UPLOAD_LEASE_SECONDS", 60.0)
+
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        service = _service(core)
+        core.job.store.put_chunk_rows = (  # type: ignore[union-attr]
+            lambda rows: [True] * len(rows))
+        sent = 0
+        for site in (1, 2, 3):  # 24 chunks in all, past the 16 permits
+            data = [bytes([site, i]) * 500 for i in range(8)]
+            chunks = [service_pb2.Chunk(chunk_id=hashlib.sha256(d).digest(), data=d)
+                      for d in data]
+            reply = await asyncio.wait_for(_put(service, site, *chunks), timeout=5)
+            assert reply.stored == len(chunks)
+            sent += len(chunks)
+        assert sent > svc.MAX_CHUNKS_IN_FLIGHT
+        await asyncio.sleep(0)
+        assert service.in_flight._value == svc.MAX_CHUNKS_IN_FLIGHT, "permits not given back"
+        core.executor.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_site_holding_no_slot_that_ends_an_upload_adds_no_slot(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every PutChunks stream gives back its site's slot when it ends, but only a site that
+    holds one gives anything back. Without that check, every stream of a site holding no slot
+    (one that never asked MissingChunks) added a slot: a site could make the slots unbounded
+    and every uploader's bytes be in flight at once."""
+    monkeypatch.setattr(svc, "UPLOAD_LEASE_SECONDS", 60.0)
+
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        service = _service(core)
+        for site in (100, 101, 102):  # no slot held, nothing sent: ended
+            await asyncio.wait_for(_put(service, site), timeout=5)
+        asks = [_ask(service, s) for s in range(1, 2 * SLOTS + 1)]
+        await asyncio.sleep(0.2)
+        answered = len(_answered(asks))
+        assert answered == SLOTS, f"{answered} sites told to send at once, {SLOTS} slots"
+        assert service.admission.in_use == SLOTS
+        for a in asks:
+            a.cancel()
+        core.executor.shutdown()
+
+    asyncio.run(main())

@@ -239,3 +239,30 @@ def test_an_upload_between_rounds_is_refused_as_out_of_stage() -> None:
 
     asyncio.run(main())
     assert stored == []
+
+
+def test_a_restart_charges_the_stored_chunks_their_storage_cost(tmp_path: Any) -> None:
+    """A site stores 1-byte chunks, charged CHUNK_STORAGE_COST each, up to most of its
+    budget; the aggregator restarts. The budget recovered from the store charges each chunk
+    its cost again, so the site may store little more. Without it the store's 1-byte chunks
+    counted a byte each after a restart: every restart gave the site a whole new budget of
+    chunks (each a page of the write-ahead log)."""
+    from aggregator.service import UploadBudget
+    from aggregator.store import chunk_id
+
+    job, store = _stored_job(tmp_path)
+    try:
+        first = job()
+        limit = first.upload_limit(1)
+        n = int(limit * 0.8) // (1 + CHUNK_STORAGE_COST)
+        assert 0 < n <= 256  # (distinct one-byte chunks)
+        budget = UploadBudget()
+        for i in range(n):
+            data = bytes([i])
+            assert budget.charge(first, 1, first.current_round, 1 + CHUNK_STORAGE_COST)
+            store.put_chunks([(chunk_id(data), data)], round_number=first.current_round, site=1)
+        restarted = job()  # a new process: a new UploadBudget, the same store
+        assert restarted.stored_uploads == (1, {1: n * (1 + CHUNK_STORAGE_COST)})
+        assert not _upload(UploadBudget(), restarted, store, int(limit * 0.3))
+    finally:
+        store.close()
