@@ -130,6 +130,12 @@ class Workspace:
             except OSError:
                 shutil.copy2(src, dest)
         target = copy / edited_file
+        # a file reached through a link in the repository (a directory linked to /etc, or
+        # the file itself a link) was rewritten where the link led: outside the copy
+        # defence: audit.edit-stays-in-the-copy
+        if target.is_symlink() or not target.parent.resolve().is_relative_to(copy.resolve()):
+            raise AuditError(f"{edited_file} is reached through a symbolic link: a control "
+                             "edits a file of the repository, never one a link leads to")
         mode = target.stat().st_mode if target.exists() else 0o644
         target.unlink(missing_ok=True)  # break the hard link: the base must stay pristine
         target.write_text(edited_text, encoding="utf-8")

@@ -338,9 +338,16 @@ def classify(control: Control, run: PytestRun, seconds: float, timeout: float) -
     if run.exit_code is None:
         return ControlResult(control, "timeout", seconds, detail=f"killed after {timeout:.0f} s",
                              output_tail=tail, failed_tests=failed)
-    if run.exit_code == 1:
-        return ControlResult(control, "caught", seconds, detail=failed[0] if failed else "",
+    # (pytest's status alone said "caught" for an edit that ended the run with no test
+    # failing, e.g. one that made the process exit: a listed test must have failed)
+    # defence: audit.caught-needs-a-failed-test
+    if run.exit_code == 1 and failed:
+        return ControlResult(control, "caught", seconds, detail=failed[0],
                              exit_code=1, failed_tests=failed)
+    if run.exit_code == 1:
+        return ControlResult(control, "invalid", seconds, exit_code=1, output_tail=tail,
+                             detail="pytest failed, but no listed test did (the edit "
+                                    "stopped the run itself?)")
     if run.exit_code == 0:
         return ControlResult(control, "missed", seconds,
                              detail="every listed test passes without the defence",

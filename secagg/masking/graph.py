@@ -70,6 +70,7 @@ _SMALL = 1e-9  # keeps floor(fraction * n) from losing a site to float rounding
 
 
 def colluders(sites: int, corrupt_fraction: float) -> int:
+    # defence: masking.graph.colluders-survive-rounding
     return math.floor(corrupt_fraction * sites + _SMALL)
 
 
@@ -291,6 +292,7 @@ def ring_order(sites: Sequence[int], seed: bytes) -> list[int]:
             pos += 1
             if draw < limit:
                 break
+        # defence: masking.graph.ring-uniform
         j = draw % bound
         order[i], order[j] = order[j], order[i]
     return order

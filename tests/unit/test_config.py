@@ -184,3 +184,24 @@ def test_auto_neighbours_pick_no_sparse_graph_whose_quorum_the_expected_dropouts
     assert graph.consistency_quorum(300, 0.2) == 181
     assert graph.find_sparse_parameters(300, 0.2, 0.45) is None
     assert graph.find_sparse_parameters(300, 0.2, 0.1) is not None
+
+
+def test_the_ring_is_a_uniform_permutation_not_only_a_cycle() -> None:
+    """Fisher-Yates draws j in [0, i]; in [0, i) (Sattolo's algorithm) it makes only the
+    cyclic permutations: of 3 sites, 2 rings of the 6, none with a site in its own place, so
+    whoever knows the roster narrows down every victim's neighbours."""
+    from collections import Counter
+
+    from secagg.masking.graph import ring_order
+
+    rings = Counter(tuple(ring_order([1, 2, 3], i.to_bytes(32, "big"))) for i in range(600))
+    assert len(rings) == 6 and min(rings.values()) >= 60, rings
+
+
+def test_counts_of_colluders_and_dropouts_survive_float_rounding() -> None:
+    """0.29 * 100 is 28.999999999999996 in floats: floor() lost the 29th colluder (a
+    weaker bound than the one configured) and the 29th expected dropout."""
+    from secagg.masking.graph import colluders, expected_dropouts
+
+    assert colluders(100, 0.29) == 29 and expected_dropouts(100, 0.29) == 29
+    assert colluders(100, 0.2) == 20 and colluders(7, 0.5) == 3

@@ -98,3 +98,47 @@ def test_a_baseline_failure_is_run_once_more_alone(
     assert (base.outcomes[TEST] == "passed") is flaky
     assert ("FLAKY (failed, then passed when run again)" in stream.getvalue()) is flaky
     assert ("FAILS WITHOUT ANY EDIT" in stream.getvalue()) is not flaky
+
+
+def test_a_failed_run_with_no_listed_test_failing_is_invalid_not_caught() -> None:
+    """An edit that ends the run itself (``os._exit(1)`` at import, a crash of the
+    interpreter with pytest's failure status) took pytest's status alone for "caught":
+    an auditor read that the defence's test had failed when no test had run."""
+    from secagg.audit.runner import classify
+
+    died = PytestRun(1, "", 1.0, {}, {})
+    result = classify(_control(), died, 1.0, 300.0)
+    assert result.result == "invalid" and "no listed test did" in result.detail
+    failed = PytestRun(1, "", 1.0, {TEST: "failed"}, {})
+    assert classify(_control(), failed, 1.0, 300.0).result == "caught"
+    passed = PytestRun(1, "", 1.0, {TEST: "passed"}, {})
+    assert classify(_control(), passed, 1.0, 300.0).result == "invalid"
+
+
+def test_a_control_edit_reached_through_a_link_is_refused_and_nothing_outside_changes(
+        tmp_path: Path) -> None:
+    """A repository whose directory links outside it (``lnk -> /elsewhere``) and a control
+    whose file is ``lnk/notes.txt``: the copy held the link, and the edit rewrote the file
+    it led to, outside the copy, for good."""
+    import subprocess
+
+    from secagg.audit import AuditError
+    from secagg.audit._workspace import Workspace
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "notes.txt").write_text("keep me")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "lnk").symlink_to(outside)
+    (repo / "direct.txt").symlink_to(outside / "notes.txt")
+    (repo / "plain.txt").write_text("mine")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True, timeout=60)
+    with Workspace(repo) as ws:
+        for edited in ("lnk/notes.txt", "direct.txt"):
+            with pytest.raises(AuditError, match="reached through a symbolic link"):
+                ws.make_copy(edited.replace("/", "-"), edited, "rewritten")
+        copy = ws.make_copy("plain", "plain.txt", "edited")
+        assert (copy / "plain.txt").read_text() == "edited"
+    assert (outside / "notes.txt").read_text() == "keep me"
+    assert (repo / "plain.txt").read_text() == "mine"
