@@ -167,6 +167,7 @@ class RoundConfig:
                      if isinstance(self.roster, Roster) else None)
             k = None if found is None else found.neighbors
             object.__setattr__(self, "neighbors", k)
+            # defence: masking.config.auto-keeps-an-explicit-threshold
             if found is not None and self.threshold is None:
                 return found
         if k is None:

@@ -116,6 +116,7 @@ def tail_log2(population: int, successes: int, draws: int, at_least: int) -> flo
     """log2 P[X >= at_least] for X ~ Hypergeometric(population, successes, draws)."""
     if at_least <= 0:
         return 0.0
+    # defence: masking.graph.tail-counts-all-draws
     if at_least > draws:
         return -math.inf
     return _log_tails(population, successes, draws)[at_least] / math.log(2)
@@ -151,6 +152,7 @@ def security_failure_log2(sites: int, neighbors: int, threshold: int, missing_pe
         return e2
     if e2 == -math.inf:
         return e1
+    # defence: masking.graph.bound-sums-both-events
     return math.log2(2.0**e1 + 2.0**e2) if max(e1, e2) > -1000 else max(e1, e2) + 1
 
 

@@ -205,3 +205,44 @@ def test_counts_of_colluders_and_dropouts_survive_float_rounding() -> None:
 
     assert colluders(100, 0.29) == 29 and expected_dropouts(100, 0.29) == 29
     assert colluders(100, 0.2) == 20 and colluders(7, 0.5) == 3
+
+
+def test_auto_neighbours_keep_an_explicit_threshold() -> None:
+    """neighbors="auto" with threshold=25: the found graph's own smallest t (21) was taken and
+    the operator's 25 dropped unsaid; one below the bound's is still refused."""
+    config = RoundConfig("r", roster(100), 4, neighbors="auto", threshold=25)
+    assert config.graph.neighbors == 62 and config.reconstruction_threshold == 25
+    with pytest.raises(ConfigurationError, match="misses"):
+        RoundConfig("r", config.roster, 4, neighbors="auto", threshold=20)
+
+
+def test_the_hypergeometric_tail_is_exact_at_its_edges() -> None:
+    """P[X >= draws] is P[X = draws], not 0: dropped, a window wholly of colluders vanished
+    from the bound (the SecAgg+ graph's E2 with m = 0)."""
+    import math
+    from fractions import Fraction
+
+    from secagg.masking.graph import tail_log2
+
+    def exact(population: int, successes: int, draws: int, at_least: int) -> float:
+        total = math.comb(population, draws)
+        p = sum(Fraction(math.comb(successes, x) * math.comb(population - successes,
+                                                               draws - x), total)
+                for x in range(at_least, min(successes, draws) + 1))
+        return math.log2(p) if p else -math.inf
+
+    for args in ((10, 5, 3, 3), (10, 5, 3, 2), (99, 19, 31, 31), (99, 19, 31, 10), (10, 2, 3, 3)):
+        assert tail_log2(*args) == pytest.approx(exact(*args), rel=1e-9), args
+
+
+def test_the_bound_is_the_sum_of_both_events_not_the_larger() -> None:
+    import math
+
+    from secagg.masking.graph import _union_log2, security_failure_log2, tail_log2
+
+    n, k, t, m, corrupt = 100, 62, 20, 14, 20  # (both events possible)
+    e1 = _union_log2(n, tail_log2(n - 1, corrupt, k, t))
+    e2 = _union_log2(n, tail_log2(n - 1, corrupt, k // 2, k // 2 - m))
+    assert abs(e1 - e2) < 30  # both count
+    assert security_failure_log2(n, k, t, m, corrupt) == pytest.approx(
+        math.log2(2.0**e1 + 2.0**e2))
