@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import io
+import math
 import re
 import tokenize
 import tomllib
@@ -141,9 +142,11 @@ def _control(entry: Any, index: int, lines: Sequence[int]) -> Control:
     for t in tests:
         split_node_id(t)
     timeout = entry.get("timeout")
+    # (inf was a traceback from the runner; nan was taken)
+    # defence: audit.control-timeout-finite
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
-                                or timeout <= 0):
-        raise AuditError(f"{where}: 'timeout' must be a positive number of seconds")
+                                or not 0 < timeout < math.inf):
+        raise AuditError(f"{where}: 'timeout' must be a positive, finite number of seconds")
     return Control(
         id=control_id,
         defence=_string(entry, "defence", where),
@@ -168,6 +171,10 @@ def parse_controls(text: str, source: str = CONTROLS_FILE) -> list[Control]:
     if not isinstance(entries, list):
         raise AuditError(f"{source}: 'control' must be an array of tables ([[control]])")
     lines = [n for n, line in enumerate(text.splitlines(), 1) if line.strip() == "[[control]]"]
+    # (an empty or mistyped file ran nothing and reported 100% caught, status 0)
+    # defence: audit.controls-file-not-empty
+    if not entries:
+        raise AuditError(f"{source}: no controls ([[control]] tables) in it")
     controls = [_control(entry, i, lines) for i, entry in enumerate(entries)]
     seen: set[str] = set()
     for c in controls:

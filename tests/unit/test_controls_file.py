@@ -122,6 +122,19 @@ def test_parser_refuses_duplicates_unknown_keys_and_bad_ids() -> None:
         parse_controls(_ENTRY.replace("::test_check", ":test_check"))
 
 
+def test_parser_refuses_an_empty_file_and_a_timeout_that_is_not_finite() -> None:
+    """An empty (or mistyped: `[[controls]]` is refused as an unknown key) controls file ran
+    nothing and reported 100% caught, status 0; a timeout of inf was a traceback from the
+    runner, nan was taken."""
+    for empty in ("", "# nothing yet\n", "control = []\n"):
+        with pytest.raises(AuditError, match="no controls"):
+            parse_controls(empty)
+    for bad in ("inf", "nan", "-1.0", "0", "true", '"60"'):
+        with pytest.raises(AuditError, match="positive, finite"):
+            parse_controls(_ENTRY + f"timeout = {bad}\n")
+    assert parse_controls(_ENTRY + "timeout = 30\n")[0].timeout == 30.0
+
+
 def test_find_must_match_exactly_once() -> None:
     control = parse_controls(_ENTRY)[0]
     assert control.apply("x\nif arr.ndim != 1:\n") == "x\nif False:\n"
