@@ -871,9 +871,10 @@ class Job:
             return
         if active.ckks_release is None:
             raise ProtocolAbort(_abort_reason("TOO_FEW_SURVIVORS"),
-                                "the key holder did not release the average (it is gone, or it "
-                                "refused the sum: out of range or not the uploads' sum, which "
-                                "any one site can cause; its own error names the check)")
+                                "the key holder did not release the average (it is gone, it "
+                                "refused the sum, out of range or not the uploads' sum, which "
+                                "any one site can cause, or this aggregator refused its "
+                                "release: its own error and this log say which)")
         average, sites, release_blob, weight_sum, signature = active.ckks_release
         self._check_released_norm(active, average, len(sites), weight_sum)
         self._note_ckks_precision(active, len(sites), weight_sum)

@@ -31,8 +31,11 @@ def _fraction(text: str) -> float:
 
 def _delta(text: str) -> float:
     """DP-SGD's delta, in (0, 1): at 0 no epsilon is finite."""
-    value = _fraction(text)
-    if value == 0.0:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
     return value
 
@@ -338,19 +341,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # `secagg ... | head` closed the pipe: stop quietly with the shell's status for it, as a
+    # Unix command does (it printed "error: BrokenPipeError", and Python's own complaint as
+    # it flushed stdout on the way out; output small enough to sit in stdout's buffer met
+    # the closed pipe only then, and a closed stderr broke the error message itself)
+    try:
+        status = _main(argv)
+        # defence: cli.output-flushed-before-exit
+        sys.stdout.flush()  # (here, not at exit, where a closed pipe is a complaint)
+        return status
+    # defence: cli.closed-pipe-is-quiet
+    except BrokenPipeError:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # (a stream with no file: nothing)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        return 141
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args))
     except SecAggError as e:
         print(f"secagg: error: {e}", file=sys.stderr)
         return 2
-    # `secagg ... | head` closed the pipe: stop quietly with the shell's status for it, as a
-    # Unix command does (it printed "error: BrokenPipeError", and Python's own complaint as
-    # it flushed stdout on the way out)
     except BrokenPipeError:
-        with contextlib.suppress(OSError, ValueError):  # (a stdout with no file: nothing)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+        raise  # (for main: not the last resort's OSError below)
     # The last resort for what a command did not turn into a SecAggError itself: a path that
     # is a directory, an unreadable or truncated file, a full disk. One line naming the
     # cause, not a traceback from deep inside (SECAGG_DEBUG=1 shows it).

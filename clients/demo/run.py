@@ -324,8 +324,14 @@ def run(options: DemoOptions) -> dict[str, Any]:
         out = Path(options.out)
         try:
             out.mkdir(parents=True, exist_ok=True)
+            # (a directory it cannot write, /proc or a read-only mount, failed at the end)
+            # defence: demo.out-writable-before-work
+            with tempfile.TemporaryFile(dir=out):
+                pass
         except OSError as e:
-            why = "not a directory" if out.exists() else (e.strerror or type(e).__name__)
+            cause = e.strerror or type(e).__name__
+            why = ("not a directory" if out.exists() and not out.is_dir()
+                   else f"cannot write into it ({cause})" if out.is_dir() else cause)
             raise ConfigurationError(f"cannot use {out} as the output directory: {why}"
                                      ) from None
     dataset = load(options.dataset, seed=SEED)

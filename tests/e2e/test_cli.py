@@ -264,3 +264,30 @@ def test_output_into_a_closed_pipe_stops_quietly(tmp_path: Path) -> None:
     finally:
         proc.kill()
     assert err == ""
+
+
+@pytest.mark.parametrize("closed", ["stdout", "stderr"])
+def test_a_short_output_or_an_error_into_a_closed_pipe_stops_quietly(
+        closed: str, tmp_path: Path) -> None:
+    """Output small enough to sit in stdout's buffer met the closed pipe only as Python
+    flushed it on the way out (its complaint, status 120); with stderr closed, the error
+    message itself broke (status 120)."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)  # closed before the command writes a byte
+    log = tmp_path / "other.txt"
+    argv = ([sys.executable, "-m", "secagg.cli", "simulate", "--sites", "3", "--params", "10"]
+            if closed == "stdout" else
+            [sys.executable, "-m", "secagg.cli", "simulate", "--protocol", "ckks",
+             "--dropout", "0.1"])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    try:
+        with log.open("w") as other:
+            streams = ({"stdout": write, "stderr": other} if closed == "stdout"
+                       else {"stdout": other, "stderr": write})
+            proc = subprocess.run(argv, timeout=120, env=env, **streams)  # type: ignore[call-overload]
+    finally:
+        os.close(write)
+    assert proc.returncode == 141, log.read_text()
+    assert log.read_text() == ""

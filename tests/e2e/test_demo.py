@@ -187,6 +187,9 @@ def test_demo_help_lists_the_flags() -> None:
     (["--dp-sgd", "--delta", "0"], "--delta: must be in (0, 1)"),
     (["--dp-sgd", "--delta", "abc"], "--delta: must be a number"),
     (["--out", "/etc/passwd"], "/etc/passwd as the output directory: not a directory"),
+    # (a directory it cannot write failed only at the end, after the training)
+    (["--out", "/proc"], "/proc as the output directory: cannot write into it"),
+    (["--dp-sgd", "--delta", "1"], "--delta: must be in (0, 1), got 1"),
 ])
 def test_bad_flags_or_a_missing_data_set_are_one_clear_line(args: list[str], says: str) -> None:
     proc = _cli(*args, env={"SECAGG_FASHION_MNIST_DIR": "/nonexistent"})
