@@ -98,6 +98,16 @@ def _module_name(rel: str) -> str | None:
     return ".".join(parts) if parts else None
 
 
+def _inside(top: Path, dest: Path, rel: str) -> None:
+    """Refuse to write ``dest`` unless its directory is inside ``top``: a file listed under a
+    directory the work tree has as a link (``secagg/sub -> ../../elsewhere``) was copied
+    through the link, over a file outside the repository and the workspace."""
+    # defence: audit.copies-stay-in-the-workspace
+    if not dest.parent.resolve().is_relative_to(top.resolve()):
+        raise AuditError(f"{rel} is reached through a symbolic link: a control edits a file "
+                         "of the repository, never one a link leads to")
+
+
 class Workspace:
     """A temporary directory with the base copy and one copy per control."""
 
@@ -111,16 +121,22 @@ class Workspace:
         self.plugin_dir = self.dir / "plugin"
         self.plugin_dir.mkdir()
         shutil.copy(Path(_pytest_plugin.__file__), self.plugin_dir / f"{PLUGIN_MODULE}.py")
-        for rel in self.files:
-            dest = self.base / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(root / rel, dest, follow_symlinks=False)
+        try:
+            for rel in self.files:
+                dest = self.base / rel
+                _inside(self.base, dest, rel)  # (before mkdir: it would make directories there)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(root / rel, dest, follow_symlinks=False)
+        except BaseException:
+            self.close()  # (the workspace is nobody's yet: no with-block will remove it)
+            raise
 
     def make_copy(self, name: str, edited_file: str, edited_text: str) -> Path:
         """A copy of the base (hard links) in which only ``edited_file`` is rewritten."""
         copy = self.dir / "controls" / name
         for rel in self.files:
             src, dest = self.base / rel, copy / rel
+            _inside(copy, dest, rel)
             dest.parent.mkdir(parents=True, exist_ok=True)
             if src.is_symlink():
                 shutil.copy2(src, dest, follow_symlinks=False)

@@ -12,7 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from secagg.audit.controls import CONTROLS_FILE, AuditError, Control, load_controls
+from secagg.audit.controls import (
+    CONTROLS_FILE,
+    MAX_TIMEOUT,
+    AuditError,
+    Control,
+    load_controls,
+)
 
 
 def _positive_int(text: str) -> int:
@@ -23,9 +29,12 @@ def _positive_int(text: str) -> int:
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 < value <= MAX_TIMEOUT:  # (inf was a traceback)
+        raise argparse.ArgumentTypeError(f"must be > 0 and at most {MAX_TIMEOUT:.0f}, got {text}")
     return value
 
 
@@ -85,10 +94,15 @@ def _load(args: argparse.Namespace, root: Path) -> list[Control]:
 
 
 def _relative(root: Path, text: str) -> str:
+    """A --files path as a control names its file: relative to the repository's root, as
+    `git diff --name-only` prints it, wherever the command runs from (from a sub-directory
+    it was read against that, and every control went unselected, status 0)."""
     path = Path(text)
-    for candidate in (path, Path.cwd() / path):
-        if candidate.is_absolute() and candidate.resolve().is_relative_to(root):
-            return candidate.resolve().relative_to(root).as_posix()
+    # defence: audit.files-from-the-root
+    candidates = [path] if path.is_absolute() else [root / path, Path.cwd() / path]
+    for candidate in candidates:
+        if candidate.exists() and candidate.resolve().is_relative_to(root.resolve()):
+            return candidate.resolve().relative_to(root.resolve()).as_posix()
     return path.as_posix()
 
 

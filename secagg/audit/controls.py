@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ast
 import io
-import math
 import re
 import tokenize
 import tomllib
@@ -28,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 CONTROLS_FILE = "tests/threat_model/controls.toml"
+MAX_TIMEOUT = 1e6  # seconds a control may take (what the runner's clock can wait)
 
 # lower-case words joined by '-', at least two of them joined by '.': "hazmat.aead.random-nonce"
 ID_PATTERN = re.compile(r"[a-z0-9]+(?:[-_][a-z0-9]+)*(?:\.[a-z0-9]+(?:[-_][a-z0-9]+)*)+")
@@ -134,6 +134,7 @@ def _control(entry: Any, index: int, lines: Sequence[int]) -> Control:
         raise AuditError(f"{where}: id must be dotted lower-case words, e.g. 'hazmat.aead.nonce'")
     file = _string(entry, "file", where)
     posix = PurePosixPath(file)
+    file = posix.as_posix()  # ("./secagg/x.py" is secagg/x.py: --files selects it by that)
     if posix.is_absolute() or ".." in posix.parts or "\\" in file:
         raise AuditError(f"{where}: 'file' must be a path relative to the repository root")
     tests = entry.get("tests")
@@ -142,11 +143,12 @@ def _control(entry: Any, index: int, lines: Sequence[int]) -> Control:
     for t in tests:
         split_node_id(t)
     timeout = entry.get("timeout")
-    # (inf was a traceback from the runner; nan was taken)
+    # (inf or 1e10 was a traceback from the runner; nan was taken)
     # defence: audit.control-timeout-finite
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
-                                or not 0 < timeout < math.inf):
-        raise AuditError(f"{where}: 'timeout' must be a positive, finite number of seconds")
+                                or not 0 < timeout <= MAX_TIMEOUT):
+        raise AuditError(f"{where}: 'timeout' must be a positive, finite number of seconds "
+                         f"(at most {MAX_TIMEOUT:.0f})")
     return Control(
         id=control_id,
         defence=_string(entry, "defence", where),

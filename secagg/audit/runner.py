@@ -334,7 +334,11 @@ class ControlRunner:
 def classify(control: Control, run: PytestRun, seconds: float, timeout: float) -> ControlResult:
     """caught / missed / invalid / timeout from a pytest run on the edited copy."""
     tail = _tail(run.output)
-    failed = run.failed()
+    # only a listed test's failure counts (a test the repository's own pytest configuration
+    # adds, failing whatever the edit, made a control "caught")
+    # defence: audit.caught-by-a-listed-test
+    failed = sorted({k for t in control.tests for k, v in matching(t, run.outcomes).items()
+                     if v in ("failed", "error")})
     if run.exit_code is None:
         return ControlResult(control, "timeout", seconds, detail=f"killed after {timeout:.0f} s",
                              output_tail=tail, failed_tests=failed)

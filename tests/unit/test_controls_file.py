@@ -129,10 +129,27 @@ def test_parser_refuses_an_empty_file_and_a_timeout_that_is_not_finite() -> None
     for empty in ("", "# nothing yet\n", "control = []\n"):
         with pytest.raises(AuditError, match="no controls"):
             parse_controls(empty)
-    for bad in ("inf", "nan", "-1.0", "0", "true", '"60"'):
+    for bad in ("inf", "nan", "-1.0", "0", "true", '"60"', "1e10"):
         with pytest.raises(AuditError, match="positive, finite"):
             parse_controls(_ENTRY + f"timeout = {bad}\n")
     assert parse_controls(_ENTRY + "timeout = 30\n")[0].timeout == 30.0
+
+
+def test_files_select_controls_by_their_path_from_the_root_wherever_the_command_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--files $(git diff --name-only)` gives paths from the repository's root: run from a
+    sub-directory they were read against it, and a control naming `./secagg/x.py` was never
+    selected by `secagg/x.py`: no control selected, status 0."""
+    from secagg.audit.cli import select
+
+    (tmp_path / "secagg" / "secagg").mkdir(parents=True)  # (both readings name a file)
+    (tmp_path / "secagg" / "_inputs.py").write_text("")
+    (tmp_path / "secagg" / "secagg" / "_inputs.py").write_text("")
+    dotted = parse_controls(_ENTRY.replace('"secagg/_inputs.py"', '"./secagg/_inputs.py"'))
+    assert dotted[0].file == "secagg/_inputs.py"
+    monkeypatch.chdir(tmp_path / "secagg")
+    for given in ("secagg/_inputs.py", str(tmp_path / "secagg" / "_inputs.py"), "_inputs.py"):
+        assert [c.id for c in select(dotted, None, [given], tmp_path)] == ["demo.check"], given
 
 
 def test_find_must_match_exactly_once() -> None:

@@ -142,3 +142,44 @@ def test_a_control_edit_reached_through_a_link_is_refused_and_nothing_outside_ch
         assert (copy / "plain.txt").read_text() == "edited"
     assert (outside / "notes.txt").read_text() == "keep me"
     assert (repo / "plain.txt").read_text() == "mine"
+
+
+def test_a_file_listed_under_a_linked_directory_is_not_copied_through_the_link(
+        tmp_path: Path) -> None:
+    """`secagg/sub/x.py` committed, and `secagg/sub` in the work tree a link out of the
+    repository: making the workspace copied the file through the link, over the file
+    outside, whatever any control said."""
+    import subprocess
+
+    from secagg.audit import AuditError
+    from secagg.audit._workspace import Workspace
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.py").write_text("PRECIOUS = True\n")
+    repo = tmp_path / "repo"
+    (repo / "secagg" / "sub").mkdir(parents=True)
+    (repo / "secagg" / "sub" / "x.py").write_text("A = 1\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True, timeout=60)
+    subprocess.run([*git, "add", "-A"], check=True, timeout=60)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True, timeout=60)
+    (repo / "secagg" / "sub" / "x.py").unlink()
+    (repo / "secagg" / "sub").rmdir()
+    (repo / "secagg" / "sub").symlink_to(outside)
+    with pytest.raises(AuditError, match="reached through a symbolic link"):
+        Workspace(repo)
+    assert (outside / "x.py").read_text() == "PRECIOUS = True\n"
+
+
+def test_only_a_listed_tests_failure_makes_a_control_caught() -> None:
+    """A test the repository's own pytest configuration adds to every run (addopts), failing
+    whatever the edit, made a control whose listed test passed "caught"."""
+    from secagg.audit.runner import classify
+
+    other = "tests/unit/test_other.py::test_fails_anyway"
+    run = PytestRun(1, "", 1.0, {TEST: "passed", other: "failed"}, {})
+    result = classify(_control(), run, 1.0, 300.0)
+    assert result.result == "invalid" and other not in result.failed_tests
+    run = PytestRun(1, "", 1.0, {TEST: "failed", other: "failed"}, {})
+    assert classify(_control(), run, 1.0, 300.0).failed_tests == [TEST]
