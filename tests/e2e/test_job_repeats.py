@@ -24,10 +24,9 @@ from secagg.v1 import service_pb2
 from tests.service_kit import ckks_key_offer, make_federation
 
 
-def _ckks_job(tmp_path: Path) -> tuple[Callable[[], Job], Store, list[float],
-                                          service_pb2.SubmitRequest, int]:
-    """(a maker of the job on one store, the store, its clock, the key holder's key offer
-    for round 1, the key holder)."""
+def _two_round_ckks(tmp_path: Path) -> tuple[Any, Any, Callable[[], Job], Store, list[float]]:
+    """(the federation, its server files, a maker of its two-round CKKS job on one store, the
+    store, the job's clock)."""
     fed = make_federation(tmp_path, 4, "ckks", rounds=2)
     files = load_server_files(fed.aggregator_config)
     roster = load_roster(files.directory / ROSTER_FILE, files.config.trust_root)
@@ -40,6 +39,14 @@ def _ckks_job(tmp_path: Path) -> tuple[Callable[[], Job], Store, list[float],
         j.recover()
         return j
 
+    return fed, files, job, store, now
+
+
+def _ckks_job(tmp_path: Path) -> tuple[Callable[[], Job], Store, list[float],
+                                          service_pb2.SubmitRequest, int]:
+    """(a maker of the job on one store, the store, its clock, the key holder's key offer
+    for round 1, the key holder)."""
+    fed, files, job, store, now = _two_round_ckks(tmp_path)
     info = job().round_info(0)
     assert info is not None
     holder, announcement, data = ckks_key_offer(fed, files.config, info.round_id)
@@ -220,24 +227,6 @@ def test_fields_the_aggregator_does_not_know_are_not_stored(tmp_path: Path) -> N
         assert message.payload == request.SerializeToString(deterministic=True)
     finally:
         store.close()
-
-
-def _two_round_ckks(tmp_path: Path) -> tuple[Any, Any, Callable[[], Job], Store, list[float]]:
-    """(the federation, its server files, a maker of its two-round CKKS job on one store, the
-    store, the job's clock)."""
-    fed = make_federation(tmp_path, 4, "ckks", rounds=2)
-    files = load_server_files(fed.aggregator_config)
-    roster = load_roster(files.directory / ROSTER_FILE, files.config.trust_root)
-    store = Store(str(tmp_path / "aggregator.db"))
-    now = [0.0]
-    model = FlatModel.load_npz(files.config.initial_model)
-
-    def job() -> Job:
-        j = Job(files.config, roster, store, model, clock=lambda: now[0])
-        j.recover()
-        return j
-
-    return fed, files, job, store, now
 
 
 def _key_offer(fed: Any, config: Any, store: Store, number: int) -> service_pb2.SubmitRequest:
