@@ -19,11 +19,15 @@ import numpy as np
 from secagg.errors import ConfigurationError, SecAggError
 
 
-def _fraction(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:  # (argparse said "invalid _fraction value: 'abc'")
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+
+
+def _fraction(text: str) -> float:
+    value = _number(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
@@ -31,10 +35,7 @@ def _fraction(text: str) -> float:
 
 def _delta(text: str) -> float:
     """DP-SGD's delta, in (0, 1): at 0 no epsilon is finite."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    value = _number(text)
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
     return value
@@ -83,10 +84,7 @@ def _sites(text: str) -> int:
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    value = _number(text)
     # defence: cli.dp-parameters-positive
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")

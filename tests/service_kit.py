@@ -92,13 +92,14 @@ def make_federation(tmp: Path, sites: int = 5, protocol: str = "masking", *,
     return Federation(d, sites, protocol, port)
 
 
-def ckks_key_offer(fed: Federation, config: Any, round_id: str) -> tuple[int, Any, bytes]:
-    """The key holder of round 1 of an in-process CKKS job: (holder, its signed announcement,
-    its public context's bytes), as the SDK would make them."""
+def ckks_key_offer(fed: Federation, config: Any, round_id: str,
+                   number: int = 1) -> tuple[int, Any, bytes]:
+    """The key holder of round ``number`` of an in-process CKKS job: (holder, its signed
+    announcement, its public context's bytes), as the SDK would make them."""
     from secagg.ckks import KeyHolder
     from secagg.federation.kit import SiteKit
 
-    holder = config.key_holder_for(1)
+    holder = config.key_holder_for(number)
     kit = SiteKit.load(fed.site_dir(holder))
     key = KeyHolder.generate(config.preset)
     announcement = key.announce(holder=holder, identity=kit.identity, epoch=round_id,

@@ -42,20 +42,26 @@ def _two_round_ckks(tmp_path: Path) -> tuple[Any, Any, Callable[[], Job], Store,
     return fed, files, job, store, now
 
 
+def _key_offer(fed: Any, config: Any, store: Store, number: int) -> service_pb2.SubmitRequest:
+    """Round ``number``'s key holder's genuine key offer (its public context stored)."""
+    round_id = config.round_id_for(number)
+    holder, announcement, data = ckks_key_offer(fed, config, round_id, number)
+    cid = hashlib.sha256(data).digest()
+    store.put_chunks([(cid, data)], round_number=number, site=holder)
+    offer = service_pb2.CkksKeyOffer(announcement=wire.announcement_to_proto(announcement),
+                                     public_context=wire.Blob((cid,), len(data)).to_proto())
+    return service_pb2.SubmitRequest(round_id=round_id, ckks_key=offer)
+
+
 def _ckks_job(tmp_path: Path) -> tuple[Callable[[], Job], Store, list[float],
                                           service_pb2.SubmitRequest, int]:
     """(a maker of the job on one store, the store, its clock, the key holder's key offer
     for round 1, the key holder)."""
     fed, files, job, store, now = _two_round_ckks(tmp_path)
     info = job().round_info(0)
-    assert info is not None
-    holder, announcement, data = ckks_key_offer(fed, files.config, info.round_id)
-    cid = hashlib.sha256(data).digest()
-    store.put_chunks([(cid, data)], round_number=1, site=holder)
-    offer = service_pb2.CkksKeyOffer(announcement=wire.announcement_to_proto(announcement))
-    offer.public_context.CopyFrom(wire.Blob((cid,), len(data)).to_proto())
-    return job, store, now, service_pb2.SubmitRequest(round_id=info.round_id,
-                                                      ckks_key=offer), holder
+    assert info is not None and info.round_id == files.config.round_id_for(1)
+    return (job, store, now, _key_offer(fed, files.config, store, 1),
+            files.config.key_holder_for(1))
 
 
 def test_a_message_whose_answer_was_lost_is_acknowledged_after_its_round_ended(
@@ -227,24 +233,6 @@ def test_fields_the_aggregator_does_not_know_are_not_stored(tmp_path: Path) -> N
         assert message.payload == request.SerializeToString(deterministic=True)
     finally:
         store.close()
-
-
-def _key_offer(fed: Any, config: Any, store: Store, number: int) -> service_pb2.SubmitRequest:
-    """Round ``number``'s key holder's genuine key offer (its public context stored)."""
-    from secagg.ckks import KeyHolder
-    from secagg.federation.kit import SiteKit
-
-    holder = config.key_holder_for(number)
-    round_id = config.round_id_for(number)
-    key = KeyHolder.generate(config.preset)
-    identity = SiteKit.load(fed.site_dir(holder)).identity
-    announcement = key.announce(holder=holder, identity=identity, epoch=round_id, max_rounds=1)
-    data = key.public_context().serialize()
-    cid = hashlib.sha256(data).digest()
-    store.put_chunks([(cid, data)], round_number=number, site=holder)
-    offer = service_pb2.CkksKeyOffer(announcement=wire.announcement_to_proto(announcement),
-                                     public_context=wire.Blob((cid,), len(data)).to_proto())
-    return service_pb2.SubmitRequest(round_id=round_id, ckks_key=offer)
 
 
 def _tick_past_the_deadline(job: Job, now: list[float]) -> None:
