@@ -43,6 +43,7 @@ from secagg.errors import (
     InvalidMessage,
     PreconditionError,
     ProtocolAbort,
+    RefusalReason,
     RefusedMessage,
 )
 from secagg.federation.config import SDK_CHUNK_BYTES, FederationConfig
@@ -118,6 +119,7 @@ CKKS_KIND_STAGE = {
     "ckks_key": CkksStage.KEY_ANNOUNCEMENT,
     "ckks_update": CkksStage.UPLOAD,
     "ckks_release": CkksStage.RELEASE,
+    "ckks_refusal": CkksStage.RELEASE,  # the key holder's answer instead of a release
 }
 
 
@@ -169,6 +171,7 @@ class _Active:
     ckks_uploads: dict[int, service_pb2.EncryptedUpdateRef] = field(default_factory=dict)
     ckks_aggregate: service_pb2.EncryptedAggregateRef | None = None
     ckks_release: tuple[np.ndarray, tuple[int, ...], wire.Blob, float, bytes] | None = None
+    ckks_refused: bool = False  # the key holder refused the sum as out of range (signed)
     stage_started: float = 0.0  # the job's clock when the current stage began
     claims: list[bytes] = field(default_factory=list)  # chunks the message being applied read
     refused: dict[tuple[int, int], int] = field(default_factory=dict)  # (stage, site) -> count
@@ -729,6 +732,8 @@ class Job:
                                                           size=size))
             active.role.handle(update)
             active.ckks_uploads[site] = ref
+        elif kind == "ckks_refusal":
+            self._apply_refusal(active, site, request.ckks_refusal)
         else:
             if site != view.ckks_key_holder:
                 raise ServiceError(PERMISSION_DENIED, "only this round's key holder releases")
@@ -777,6 +782,29 @@ class Job:
             active.ckks_release = (released.average, released.sites,
                                    wire.Blob.from_proto(ref_r.average), released.weight_sum,
                                    bytes(ref_r.result_signature))
+
+    def _apply_refusal(self, active: _Active, site: int,
+                       refusal: service_pb2.CkksReleaseRefusal) -> None:
+        """The key holder's signed refusal of the sum as out of range: the round aborts as
+        the stage closes (at once: the key holder is the stage's one participant), not at
+        the release deadline. The one bit it tells, the key holder's silence told before."""
+        # (layered: the stage's one participant is the key holder, and submit() refuses
+        # anyone else first, FAILED_PRECONDITION)
+        if site != active.view.ckks_key_holder:
+            raise ServiceError(PERMISSION_DENIED, "only this round's key holder refuses its sum")
+        # defence: job.refusal-out-of-range-only
+        if refusal.reason != RefusalReason.OUT_OF_RANGE.value:
+            raise ServiceError(INVALID_ARGUMENT, "a key holder refuses a sum for one reason "
+                                                 "the aggregator does not know: out of range")
+        # defence: job.refusal-signed-by-the-key-holder
+        try:
+            wire.verify_refusal(self.roster[site], refusal.signature,
+                                params_digest=active.ckks_config.params_digest, site_id=site,
+                                reason=refusal.reason)
+        except InvalidMessage:
+            raise ServiceError(INVALID_ARGUMENT, "the refusal's signature is not the key "
+                                                 "holder's for this round") from None
+        active.ckks_refused = True
 
     def _close(self, active: _Active, *, replay: bool = False) -> None:
         view = active.view
@@ -869,6 +897,13 @@ class Job:
             active.answered = set()
             active.deadline = self._clock() + self.config.deadlines.release
             return
+        # defence: job.refusal-aborts-the-round
+        if active.ckks_refused:
+            raise ProtocolAbort(_abort_reason("AGGREGATE_OUT_OF_RANGE"),
+                                "the key holder refused the sum: its values are out of range "
+                                "(a site's upload past its limits, or weights too small for "
+                                "the release noise; the key holder sees the sum only, so no "
+                                "site is named)")
         if active.ckks_release is None:
             raise ProtocolAbort(_abort_reason("TOO_FEW_SURVIVORS"),
                                 "the key holder did not release the average (it is gone, it "
@@ -1167,7 +1202,7 @@ def _learned_norm(model: FlatModel, values: np.ndarray) -> tuple[float, int]:
 
 def _claimed_site(request: service_pb2.SubmitRequest, kind: str | None) -> int | None:
     """The site id a message names in its own fields (checked before anything else)."""
-    if kind in ("ckks_key", "ckks_release") or kind is None:
+    if kind in ("ckks_key", "ckks_release", "ckks_refusal") or kind is None:
         return None
     if kind == "ckks_update":
         return int(request.ckks_update.site_id)

@@ -49,6 +49,8 @@ from secagg.errors import (
     ConfigurationError,
     InvalidMessage,
     ProtocolAbort,
+    RefusalReason,
+    RefusedMessage,
     SecAggError,
     WorkersFailed,
 )
@@ -58,7 +60,7 @@ from secagg.masking import MaskingClient, Stage
 from secagg.masking.messages import MaskedInput
 from secagg.masking.precision import result_bound
 from secagg.model import TRAINING_FLOATS, FlatModel
-from secagg.v1 import service_pb2
+from secagg.v1 import ckks_pb2, service_pb2
 
 _log = logging.getLogger("clients")
 POLL_MS = 10_000
@@ -1199,8 +1201,28 @@ class Round:
         try:
             return release.finish(aggregate)
         except SecAggError as e:
+            # the one refusal an honest aggregator meets (a site's doing, or the weights'),
+            # told to it so the round aborts now, not at its release deadline
+            # defence: sdk.key-holder-tells-its-refusal
+            if isinstance(e, RefusedMessage) and e.reason is RefusalReason.OUT_OF_RANGE:
+                self._tell_refusal(config)
             raise RoundAborted(self.round_id, f"the key holder refused to release: {e}"
                                ) from None
+
+    def _tell_refusal(self, config: Any) -> None:
+        """Send the aggregator this key holder's signed refusal of the round's sum as out of
+        range (service.proto: CkksReleaseRefusal). It learns nothing its silence did not tell:
+        the round was spent before anything was decrypted (Release.finish), so this is one bit
+        a round. Best effort: if it is not counted the round aborts at its release deadline."""
+        reason = ckks_pb2.REFUSAL_REASON_OUT_OF_RANGE  # (RefusalReason.OUT_OF_RANGE's value)
+        signature = self._site.kit.identity.sign(wire.refusal_signed_bytes(
+            config.params_digest, self._site.site_id, int(reason)))
+        try:
+            self._submit(ckks_refusal=service_pb2.CkksReleaseRefusal(reason=reason,
+                                                                     signature=signature))
+        except SiteError as e:
+            _log.warning("round %s: the aggregator did not take this key holder's refusal: %s",
+                         self.round_id, _why(e))
 
     def _release(self, config: Any) -> None:
         assert self._key is not None

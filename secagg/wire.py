@@ -242,6 +242,21 @@ def verify_result(public_key: bytes, signature: bytes, *, round_id: str, model_d
                    result_signed_bytes(round_id, model_digest, result_digest))
 
 
+def refusal_signed_bytes(params_digest: bytes, site_id: int, reason: int) -> bytes:
+    """What a CKKS round's key holder signs when it refuses the sum it was asked to release:
+    the round's parameters (its id, roster, key and settings), its own id and the reason (a
+    RefusalReason value; service.proto: CkksReleaseRefusal)."""
+    # defence: wire.refusal-signature-binds-the-round
+    return encode("ckks-release-refusal", params_digest, site_id, reason)
+
+
+def verify_refusal(public_key: bytes, signature: bytes, *, params_digest: bytes,
+                   site_id: int, reason: int) -> None:
+    """InvalidMessage unless ``public_key`` (the key holder's roster key) signed this refusal."""
+    signing.verify(public_key, bytes(signature),
+                   refusal_signed_bytes(params_digest, site_id, reason))
+
+
 def release_from_ref(p: service_pb2.ReleasedAverageRef, data: bytes, *, round_id: str,
                      length: int) -> ReleasedAverage:
     if len(data) != 8 * length:

@@ -5,6 +5,7 @@ usage: service_site.py SITE_DIR OUT.jsonl [--drop ROUND:STAGE ...] [--die ROUND:
                                           [--inflate-release ROUND:VALUE]
                                           [--repeat-release-site ROUND:0]
                                           [--train-float32 0:0]
+                                          [--past-the-clip ROUND:VALUE]
 
 Training adds ``site_delta(site, round)`` to the global model (tests/service_kit.py), so the
 test can compute plaintext FedAvg. ``--drop R:S`` makes the site stop answering in round R from
@@ -19,7 +20,9 @@ receives from the aggregator to FILE.received. ``--inflate-release R:V`` (a lyin
 holder) replaces the first value of its released average in round R with V;
 ``--repeat-release-site R:0`` names one site twice in its release of round R.
 ``--train-float32 0:0`` trains as a float32 torch model would: float tensors are cast to
-float32 before training, and the state submitted is float32.
+float32 before training, and the state submitted is float32. ``--past-the-clip R:V`` (a
+malicious CKKS site) sends V in every learned element of round R, past the SDK's L2 clip and
+past the per-element clip of the CKKS layout as well.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ from tests.service_kit import site_delta, site_weight
 KIND_STAGE = {"advertise_keys": "ADVERTISE_KEYS", "share_keys": "SHARE_KEYS",
               "masked_input": "MASKED_INPUT", "consistency_signature": "CONSISTENCY_CHECK",
               "unmask_response": "UNMASK", "ckks_key": "KEY_ANNOUNCEMENT",
-              "ckks_update": "UPLOAD", "ckks_release": "RELEASE"}
+              "ckks_update": "UPLOAD", "ckks_release": "RELEASE",
+              "ckks_refusal": "RELEASE"}
 
 
 class Dropped(SiteError):
@@ -139,6 +143,7 @@ def main() -> int:
     inflate: dict[int, float] = {}
     repeat: set[int] = set()
     unclipped: dict[int, float] = {}
+    past: dict[int, float] = {}
     progress_calls: list[str] = []
     broken_progress = False
     float32 = False
@@ -161,6 +166,8 @@ def main() -> int:
             repeat.add(int(r))
         elif flag == "--unclipped":  # ROUND:VALUE, a site sending VALUE in every learned
             unclipped[int(r)] = float(stage)  # element, past the SDK's clip
+        elif flag == "--past-the-clip":  # ROUND:VALUE, as --unclipped, and unclipped in
+            past[int(r)] = float(stage)  # the CKKS layout too (each element past the clip)
         elif flag == "--broken-progress":  # 0:0, a progress callback that always raises
             broken_progress = True
         elif flag == "--train-float32":  # 0:0
@@ -209,6 +216,9 @@ def main() -> int:
 
                 clients.tensors.clip_l2 = lambda d, *a, **k: (d, 0.0)  # type: ignore[assignment]
                 delta = np.where(model.integer_positions, delta, unclipped[rnd.number])
+            if rnd.number in past:
+                _skip_every_clip()
+                delta = np.where(model.integer_positions, delta, past[rnd.number])
             if float32:  # what a float32 script sees of the model, and trains from
                 model = FlatModel.from_arrays({
                     k: v.astype(np.float32) if v.dtype == np.float64 else v
@@ -231,6 +241,22 @@ def main() -> int:
             f.flush()
     site.close()
     return 0
+
+
+def _skip_every_clip() -> None:
+    """This process's SDK sends its update as it is: no L2 clip, no CKKS element clip."""
+    import clients.tensors
+    from secagg.ckks.round import CkksRoundConfig
+
+    def layout(self: CkksRoundConfig, update: np.ndarray, weight: float) -> np.ndarray:
+        update, weight = self.check_input(update, weight)
+        out = np.zeros(self.chunk_count * self.preset_params.slots, dtype=np.float64)
+        out[: self.vector_length] = update * weight
+        out[self.vector_length] = weight
+        return out.reshape(self.chunk_count, self.preset_params.slots)
+
+    clients.tensors.clip_l2 = lambda d, *a, **k: (d, 0.0)  # type: ignore[assignment]
+    CkksRoundConfig.layout = layout  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

@@ -195,6 +195,14 @@ class ReleasedAverageRef(_message.Message):
     result_signature: bytes
     def __init__(self, average: _Optional[_Union[Blob, _Mapping]] = ..., weight_sum: _Optional[float] = ..., sites: _Optional[_Iterable[int]] = ..., grid: _Optional[float] = ..., result_signature: _Optional[bytes] = ...) -> None: ...
 
+class CkksReleaseRefusal(_message.Message):
+    __slots__ = ("reason", "signature")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    reason: _ckks_pb2.RefusalReason
+    signature: bytes
+    def __init__(self, reason: _Optional[_Union[_ckks_pb2.RefusalReason, str]] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
 class CkksReleaseRequest(_message.Message):
     __slots__ = ("aggregate", "uploads")
     AGGREGATE_FIELD_NUMBER: _ClassVar[int]
@@ -204,7 +212,7 @@ class CkksReleaseRequest(_message.Message):
     def __init__(self, aggregate: _Optional[_Union[EncryptedAggregateRef, _Mapping]] = ..., uploads: _Optional[_Iterable[_Union[EncryptedUpdateRef, _Mapping]]] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("round_id", "advertise_keys", "share_keys", "masked_input", "consistency_signature", "unmask_response", "ckks_key", "ckks_update", "ckks_release")
+    __slots__ = ("round_id", "advertise_keys", "share_keys", "masked_input", "consistency_signature", "unmask_response", "ckks_key", "ckks_update", "ckks_release", "ckks_refusal")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     ADVERTISE_KEYS_FIELD_NUMBER: _ClassVar[int]
     SHARE_KEYS_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +222,7 @@ class SubmitRequest(_message.Message):
     CKKS_KEY_FIELD_NUMBER: _ClassVar[int]
     CKKS_UPDATE_FIELD_NUMBER: _ClassVar[int]
     CKKS_RELEASE_FIELD_NUMBER: _ClassVar[int]
+    CKKS_REFUSAL_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     advertise_keys: _masking_pb2.AdvertiseKeys
     share_keys: _masking_pb2.ShareKeys
@@ -223,7 +232,8 @@ class SubmitRequest(_message.Message):
     ckks_key: CkksKeyOffer
     ckks_update: EncryptedUpdateRef
     ckks_release: ReleasedAverageRef
-    def __init__(self, round_id: _Optional[str] = ..., advertise_keys: _Optional[_Union[_masking_pb2.AdvertiseKeys, _Mapping]] = ..., share_keys: _Optional[_Union[_masking_pb2.ShareKeys, _Mapping]] = ..., masked_input: _Optional[_Union[MaskedInputRef, _Mapping]] = ..., consistency_signature: _Optional[_Union[_masking_pb2.ConsistencySignature, _Mapping]] = ..., unmask_response: _Optional[_Union[_masking_pb2.UnmaskResponse, _Mapping]] = ..., ckks_key: _Optional[_Union[CkksKeyOffer, _Mapping]] = ..., ckks_update: _Optional[_Union[EncryptedUpdateRef, _Mapping]] = ..., ckks_release: _Optional[_Union[ReleasedAverageRef, _Mapping]] = ...) -> None: ...
+    ckks_refusal: CkksReleaseRefusal
+    def __init__(self, round_id: _Optional[str] = ..., advertise_keys: _Optional[_Union[_masking_pb2.AdvertiseKeys, _Mapping]] = ..., share_keys: _Optional[_Union[_masking_pb2.ShareKeys, _Mapping]] = ..., masked_input: _Optional[_Union[MaskedInputRef, _Mapping]] = ..., consistency_signature: _Optional[_Union[_masking_pb2.ConsistencySignature, _Mapping]] = ..., unmask_response: _Optional[_Union[_masking_pb2.UnmaskResponse, _Mapping]] = ..., ckks_key: _Optional[_Union[CkksKeyOffer, _Mapping]] = ..., ckks_update: _Optional[_Union[EncryptedUpdateRef, _Mapping]] = ..., ckks_release: _Optional[_Union[ReleasedAverageRef, _Mapping]] = ..., ckks_refusal: _Optional[_Union[CkksReleaseRefusal, _Mapping]] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
     __slots__ = ("duplicate",)

@@ -689,6 +689,41 @@ def test_a_site_sending_past_the_clip_norm_aborts_the_round_over_the_service(
     assert [e["reason"] for e in aborted] == ["AGGREGATE_OUT_OF_RANGE"], agg.tail()
 
 
+def test_a_ckks_site_past_the_element_clip_aborts_the_round_when_the_key_holder_refuses(
+        tmp_path: Any) -> None:
+    """A roster site skips every clip and sends 50 in each learned element of its CKKS upload
+    (the layout's per-element clip too). The key holder decrypts the sum, finds it out of
+    range and refuses it; it tells the aggregator (a signed CkksReleaseRefusal), which aborts
+    the round as AGGREGATE_OUT_OF_RANGE at once. Before, the key holder only stopped, and
+    every site waited for the release deadline (here 240 s: the sites are given 60) for an
+    abort that named no cause."""
+    import time
+
+    from tests.service_kit import make_federation, read_reports, start_aggregator, start_site
+
+    fed = make_federation(tmp_path, 4, "ckks", rounds=1, open_s=60.0, stage_s=20.0,
+                          release_s=240.0)
+    agg = start_aggregator(fed, tmp_path)
+    began = time.monotonic()
+    sites = {s: start_site(fed, s, tmp_path / f"site-{s}.jsonl",
+                           *(("--past-the-clip", "1:50.0") if s == 4 else ()))
+             for s in (1, 2, 3, 4)}
+    try:
+        for p in sites.values():
+            assert p.wait(timeout=max(1.0, 60 - (time.monotonic() - began))) == 0
+    finally:
+        for p in sites.values():
+            p.kill()
+        agg.stop()
+    for s in (1, 2, 3, 4):
+        (report,) = read_reports(tmp_path / f"site-{s}.jsonl")
+        assert report.get("error") == "RoundAborted", report
+        assert ("OUT_OF_RANGE" if s == 1 else "AGGREGATE_OUT_OF_RANGE") in report["reason"]
+    aborted = [e for e in agg.read() if e.get("event") == "round_aborted"]
+    assert [e["reason"] for e in aborted] == ["AGGREGATE_OUT_OF_RANGE"], agg.tail()
+    assert "key holder refused the sum" in aborted[0]["message"], aborted
+
+
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (1e-4, 0.3, 1.0, 2e-3)])
 def test_honest_inputs_at_the_clip_norm_pass_the_aggregators_norm_check(
         weights: tuple[float, ...]) -> None:

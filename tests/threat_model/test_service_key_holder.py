@@ -14,6 +14,7 @@ second sum from the same model without one site would give that site's update aw
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,63 +84,189 @@ def test_a_round_whose_result_no_tensor_can_hold_aborts_and_the_job_goes_on(
                for e in events), agg.tail()
 
 
+class _AtRelease:
+    """An in-process CKKS job of 3 sites brought to its release stage: the key holder has
+    announced, every site has uploaded (each a real, signed CKKS upload)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        import numpy as np
+
+        from aggregator.job import Job
+        from aggregator.service import load_server_files
+        from aggregator.store import Store
+        from secagg import wire
+        from secagg.ckks import CkksClient
+        from secagg.federation.kit import ROSTER_FILE, SiteKit, load_roster
+        from secagg.model import FlatModel
+        from secagg.v1 import service_pb2
+        from tests.service_kit import ckks_key_offer
+
+        self.fed = fed = make_federation(tmp_path, 3, "ckks", rounds=1)
+        files = load_server_files(fed.aggregator_config)
+        self.config = config = files.config
+        self.store_path = str(tmp_path / "aggregator.db")
+        self.store = store = Store(self.store_path)
+        self.roster = load_roster(files.directory / ROSTER_FILE, config.trust_root)
+        self.initial = FlatModel.load_npz(config.initial_model)
+        self.job = job = Job(config, self.roster, store, self.initial)
+        job.recover()
+        info = job.round_info(0)
+        self.round_id = info.round_id
+        holder, announcement, context = ckks_key_offer(fed, config, info.round_id)
+        self.holder = holder
+        offer = service_pb2.CkksKeyOffer(announcement=wire.announcement_to_proto(announcement))
+        offer.public_context.CopyFrom(wire.Blob((self.put(context, holder),),
+                                                len(context)).to_proto())
+        job.submit(holder, service_pb2.SubmitRequest(round_id=info.round_id, ckks_key=offer))
+        active = job.active
+        assert active is not None
+        for site in sorted(active.expected):
+            kit = SiteKit.load(fed.site_dir(site))
+            up = CkksClient(active.ckks_config, site, kit.identity, active.ckks_context,
+                            (np.full(active.view.model.size, 0.01), 0.5), seeded=False).start()
+            data = b"".join(up.chunks)
+            ids = tuple(self.put(data[i:i + (1 << 20)], site)
+                        for i in range(0, len(data), 1 << 20))
+            job.submit(site, service_pb2.SubmitRequest(
+                round_id=info.round_id,
+                ckks_update=wire.update_to_ref(up, wire.Blob(ids, len(data)))))
+        assert job.active is active and active.view.stage == 2  # RELEASE
+
+    def put(self, data: bytes, site: int) -> bytes:
+        import hashlib
+
+        cid = hashlib.sha256(data).digest()
+        self.store.put_chunks([(cid, data)], round_number=1, site=site)
+        return cid
+
+    def refusal(self, *, signer: int | None = None, reason: int = 10,
+                params_digest: bytes | None = None) -> Any:
+        """A SubmitRequest with the key holder's refusal, signed by ``signer``'s roster key
+        over this round's parameters (or ``params_digest``) and ``reason``."""
+        from secagg import wire
+        from secagg.federation.kit import SiteKit
+        from secagg.v1 import service_pb2
+
+        assert self.job.active is not None
+        digest = (self.job.active.ckks_config.params_digest if params_digest is None
+                  else params_digest)
+        kit = SiteKit.load(self.fed.site_dir(self.holder if signer is None else signer))
+        signature = kit.identity.sign(wire.refusal_signed_bytes(digest, self.holder, reason))
+        return service_pb2.SubmitRequest(round_id=self.round_id, ckks_refusal=(
+            service_pb2.CkksReleaseRefusal(reason=reason, signature=signature)))  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("signature", [b"\0" * (6 << 20), b"\0" * 64])
 def test_an_unsigned_release_carrying_a_signature_is_refused_and_not_recorded(
         tmp_path: Path, signature: bytes) -> None:
     """The key holder releases an average beyond the clip (which the aggregator takes
     unsigned, to abort the round as out of range) padded with a 6 MiB result signature: the
     signature went unchecked and was recorded with the message, for good. Refused now."""
-    import hashlib
-
     import numpy as np
 
-    from aggregator.job import Job, ServiceError
-    from aggregator.service import load_server_files
-    from aggregator.store import Store
+    from aggregator.job import ServiceError
     from secagg import wire
-    from secagg.ckks import CkksClient
-    from secagg.federation.kit import ROSTER_FILE, SiteKit, load_roster
-    from secagg.model import FlatModel
     from secagg.v1 import service_pb2
-    from tests.service_kit import ckks_key_offer
 
-    fed = make_federation(tmp_path, 3, "ckks", rounds=1)
-    files = load_server_files(fed.aggregator_config)
-    config = files.config
-    store = Store(str(tmp_path / "aggregator.db"))
-    job = Job(config, load_roster(files.directory / ROSTER_FILE, config.trust_root), store,
-              FlatModel.load_npz(config.initial_model))
-    job.recover()
-    info = job.round_info(0)
-    holder, announcement, context = ckks_key_offer(fed, config, info.round_id)
-
-    def put(data: bytes, site: int) -> bytes:
-        cid = hashlib.sha256(data).digest()
-        store.put_chunks([(cid, data)], round_number=1, site=site)
-        return cid
-
-    offer = service_pb2.CkksKeyOffer(announcement=wire.announcement_to_proto(announcement))
-    offer.public_context.CopyFrom(wire.Blob((put(context, holder),), len(context)).to_proto())
-    job.submit(holder, service_pb2.SubmitRequest(round_id=info.round_id, ckks_key=offer))
-    active = job.active
-    for site in sorted(active.expected):
-        kit = SiteKit.load(fed.site_dir(site))
-        up = CkksClient(active.ckks_config, site, kit.identity, active.ckks_context,
-                        (np.full(active.view.model.size, 0.01), 0.5), seeded=False).start()
-        data = b"".join(up.chunks)
-        ids = tuple(put(data[i:i + (1 << 20)], site) for i in range(0, len(data), 1 << 20))
-        job.submit(site, service_pb2.SubmitRequest(
-            round_id=info.round_id, ckks_update=wire.update_to_ref(up, wire.Blob(ids, len(data)))))
-    active = job.active
-    average = np.full(active.view.model.size, 1e6).astype("<f8").tobytes()
-    release = service_pb2.ReleasedAverageRef(
-        average=wire.Blob((put(average, holder),), len(average)).to_proto(), weight_sum=1.0,
-        sites=sorted(active.ckks_uploads), grid=2.0**-20, result_signature=signature)
-    stage = active.view.stage
+    r = _AtRelease(tmp_path)
+    job, holder = r.job, r.holder
     try:
+        active = job.active
+        assert active is not None
+        average = np.full(active.view.model.size, 1e6).astype("<f8").tobytes()
+        release = service_pb2.ReleasedAverageRef(
+            average=wire.Blob((r.put(average, holder),), len(average)).to_proto(),
+            weight_sum=1.0, sites=sorted(active.ckks_uploads), grid=2.0**-20,
+            result_signature=signature)
+        stage = active.view.stage
         with pytest.raises(ServiceError, match="carries no result signature"):
-            job.submit(holder, service_pb2.SubmitRequest(round_id=info.round_id,
+            job.submit(holder, service_pb2.SubmitRequest(round_id=r.round_id,
                                                          ckks_release=release))
-        assert store.event_payload(1, "message", stage, holder) is None
+        assert r.store.event_payload(1, "message", stage, holder) is None
+    finally:
+        r.store.close()
+
+
+def test_the_key_holders_signed_refusal_aborts_the_round_at_once_and_after_a_crash(
+        tmp_path: Path) -> None:
+    """The key holder refuses the sum as out of range (a site's upload past its limits; it
+    sees the sum only). Its signed refusal ends the round at once, AGGREGATE_OUT_OF_RANGE,
+    not at the release deadline; and the refusal is a counted message like any other: an
+    aggregator killed after counting it, before the round's end was written, aborts the round
+    on recovery, not waiting again for a key holder that has gone."""
+    from unittest import mock
+
+    from aggregator.job import Job
+    from aggregator.store import Store
+    from secagg.v1 import service_pb2
+
+    r = _AtRelease(tmp_path)
+    try:
+        with mock.patch.object(Job, "_close", lambda self, active, replay=False: None):
+            assert r.job.submit(r.holder, r.refusal()) is False  # counted, the close "lost"
+        view = r.job.rounds[1]
+        assert view.status == service_pb2.ROUND_STATUS_RUNNING
+    finally:
+        r.store.close()
+    store = Store(r.store_path)
+    try:
+        job = Job(r.config, r.roster, store, r.initial)
+        job.recover()
+        view = job.rounds[1]
+        assert view.status == service_pb2.ROUND_STATUS_ABORTED
+        assert view.abort_reason == "AGGREGATE_OUT_OF_RANGE"
+        # the same refusal again (its answer lost) is acknowledged, not an error
+        assert job.submit(r.holder, service_pb2.SubmitRequest.FromString(
+            store.event_payload(1, "message", 2, r.holder) or b"")) is True
     finally:
         store.close()
+
+
+def test_the_live_refusal_ends_the_round_when_it_is_counted(tmp_path: Path) -> None:
+    from secagg.v1 import service_pb2
+
+    r = _AtRelease(tmp_path)
+    try:
+        assert r.job.submit(r.holder, r.refusal()) is False
+        view = r.job.rounds[1]
+        assert view.status == service_pb2.ROUND_STATUS_ABORTED
+        assert view.abort_reason == "AGGREGATE_OUT_OF_RANGE"
+    finally:
+        r.store.close()
+
+
+@pytest.mark.parametrize("lie", ["another-sites-key", "another-round", "another-reason",
+                                 "garbage", "another-reason-signed-as-out-of-range"])
+def test_a_refusal_counts_only_signed_by_the_key_holder_for_this_round_and_out_of_range(
+        tmp_path: Path, lie: str) -> None:
+    """Only the key holder's own refusal, of this round, for the one reason it tells,
+    ends the round; anything else is INVALID_ARGUMENT, nothing is recorded, and the round
+    still waits for the release (the key holder's real answer is then taken)."""
+    import hashlib
+
+    from aggregator.job import ServiceError
+    from secagg.v1 import service_pb2
+
+    r = _AtRelease(tmp_path)
+    try:
+        if lie == "another-sites-key":
+            request = r.refusal(signer=2 if r.holder != 2 else 3)
+        elif lie == "another-round":
+            request = r.refusal(params_digest=hashlib.sha256(b"another round").digest())
+        elif lie == "another-reason":
+            request = r.refusal(reason=9)  # AGGREGATE_MISMATCH, validly signed
+        elif lie == "another-reason-signed-as-out-of-range":
+            request = r.refusal()
+            request.ckks_refusal.reason = 9  # type: ignore[assignment]
+        else:
+            request = r.refusal()
+            request.ckks_refusal.signature = b"\1" * 64
+        with pytest.raises(ServiceError) as caught:
+            r.job.submit(r.holder, request)
+        assert caught.value.code == "INVALID_ARGUMENT", caught.value
+        assert r.store.event_payload(1, "message", 2, r.holder) is None
+        assert r.job.rounds[1].status == service_pb2.ROUND_STATUS_RUNNING
+        r.job.submit(r.holder, r.refusal())
+        assert r.job.rounds[1].abort_reason == "AGGREGATE_OUT_OF_RANGE"
+    finally:
+        r.store.close()
