@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -185,6 +187,12 @@ def clip_l2(delta: np.ndarray, bound: float, counters: np.ndarray | None = None,
     of the norm and not scaled (otherwise a counter's +200 per epoch would shrink every weight
     to nothing); the quantiser still clips each of them to ``[-clip, clip]`` per round.
     ``in_place``: scale ``delta`` itself (the caller owns it) instead of a copy."""
+    # (a bound of NaN, 0, a negative number or inf left the update unclipped, silently: the
+    # `norm > bound > 0` below is False for each; True clipped to 1; a str raised from '>')
+    # defence: sdk.clip-bound-positive-finite
+    if isinstance(bound, bool | np.bool_) or not isinstance(bound, numbers.Real) or not (
+            math.isfinite(bound) and bound > 0):
+        raise ValueError(f"bound must be a positive finite number, got {bound!r:.40}")
     if counters is not None and not counters.any():
         counters = None  # no integer tensors: no copy of the learned values
     learned = delta if counters is None else delta[~counters]

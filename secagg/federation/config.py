@@ -111,6 +111,54 @@ def _positive(section: str, key: str, value: float, *, integer: bool = False) ->
     return value
 
 
+def _wrong_type(config: FederationConfig) -> str | None:
+    """The first field of a config made in Python (``init_federation(**overrides)``,
+    ``dataclasses.replace``) whose type the TOML loader would refuse, named as the file does."""
+    def integer(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def number(v: object) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    lim, dl = config.limits, config.deadlines
+    checks: list[tuple[str, bool, str]] = [
+        ("[federation] name", isinstance(config.name, str), "a string"),
+        ("[federation] protocol", isinstance(config.protocol, str), "a string"),
+        ("[federation] aggregator", isinstance(config.aggregator, str), "a string"),
+        ("[federation] trust_root", isinstance(config.trust_root, bytes)
+         and len(config.trust_root) == 32, "a 32-byte Ed25519 key"),
+        ("[job] id", isinstance(config.job_id, str), "a string"),
+        ("[job] rounds", integer(config.rounds), "an integer"),
+        ("[job] initial_model_digest", config.initial_model_digest is None or (
+            isinstance(config.initial_model_digest, bytes)
+            and len(config.initial_model_digest) == 32), "32 bytes"),
+        ("[masking] neighbors", config.neighbors in ("complete", "auto")
+         or integer(config.neighbors), "\"complete\", \"auto\" or an even integer"),
+        ("[masking] threshold", config.threshold == "auto" or integer(config.threshold),
+         "\"auto\" or an integer"),
+        ("[masking] word_bits", integer(config.word_bits), "an integer"),
+        ("[ckks] preset", isinstance(config.preset, str), "a string"),
+        ("[ckks] min_sites", config.min_sites is None or integer(config.min_sites),
+         "an integer"),
+        *((f"[limits] {k}", integer(getattr(lim, k)), "an integer")
+          for k in ("max_message_bytes", "max_chunk_bytes", "max_vector_length", "max_sites",
+                    "upload_slots")),
+        *((name, number(value), "a number") for name, value in (
+            ("[job] server_learning_rate", config.server_learning_rate),
+            ("[update] clip_norm", config.clip_norm),
+            ("[update] max_samples", config.max_samples),
+            ("[masking] corrupt_fraction", config.corrupt_fraction),
+            ("[masking] dropout_rate", config.dropout_rate),
+            ("[deadlines] open", dl.open), ("[deadlines] stage", dl.stage),
+            ("[deadlines] release", dl.release),
+            ("[limits] stream_idle_seconds", lim.stream_idle_seconds))),
+    ]
+    for name, ok, kind in checks:
+        if not ok:
+            return f"{name} must be {kind}"
+    return None
+
+
 MAX_ROUNDS = 1_000_000
 MAX_DEADLINE_SECONDS = 30 * 86_400  # a stage waiting 30 days for its sites is a stalled job
 
@@ -289,6 +337,13 @@ class FederationConfig:
         return config
 
     def check(self) -> None:
+        # (check() compared values whatever their type: init_federation(threshold=7.9) or
+        # rounds=True wrote a federation every party refused, masking_round() truncated a
+        # threshold of 7.9 to 7, and clip_norm="1" raised TypeError from math.isfinite)
+        # defence: config.field-types-when-made
+        wrong = _wrong_type(self)
+        if wrong is not None:
+            raise ConfigurationError(wrong)
         lim = self.limits
         # (only loading a config checked these: `init_federation(protocol="paillier")` or
         # with no key holders wrote a whole federation that every party then refused)

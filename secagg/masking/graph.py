@@ -202,11 +202,33 @@ def _sparse_candidate(sites: int, k: int, corrupt: int, dropout_rate: float,
     return None
 
 
+def _check_inputs(sites: object, corrupt_fraction: object, dropout_rate: object,
+                  security_bits: object) -> None:
+    """What RoundConfig checks before it calls the two functions below, for direct callers: a
+    security_bits of -5 returned a graph with P(failure) <= 2^4.7, a negative corrupt_fraction
+    a threshold of 2, and a NaN dropout_rate raised ValueError from math.floor."""
+    def fraction(v: object) -> bool:
+        return (isinstance(v, int | float) and not isinstance(v, bool)
+                and 0 <= v < 1)  # (NaN fails the comparison)
+
+    wrong = next((f"{name} must be {kind}, got {value!r:.40}" for name, value, ok, kind in (
+        ("sites", sites, type(sites) is int and sites >= 1, "a positive integer"),
+        ("corrupt_fraction", corrupt_fraction, fraction(corrupt_fraction), "in [0, 1)"),
+        ("dropout_rate", dropout_rate, fraction(dropout_rate), "in [0, 1)"),
+        ("security_bits", security_bits, type(security_bits) is int
+         and MIN_SECURITY_BITS <= security_bits <= 256,
+         f"an integer in [{MIN_SECURITY_BITS}, 256]")) if not ok), None)
+    # defence: masking.graph.inputs-checked
+    if wrong is not None:
+        raise ConfigurationError(wrong)
+
+
 @lru_cache(maxsize=256)
 def find_sparse_parameters(sites: int, corrupt_fraction: float, dropout_rate: float,
                            security_bits: int = MIN_SECURITY_BITS) -> GraphParameters | None:
     """The smallest even k (and its smallest t) meeting the bound, or None if only the
     complete graph does (small rosters)."""
+    _check_inputs(sites, corrupt_fraction, dropout_rate, security_bits)
     corrupt = colluders(sites, corrupt_fraction)
     quorum = consistency_quorum(sites, corrupt_fraction)
     # (a sparse graph whose quorum the expected dropouts break aborts every round)
@@ -225,6 +247,13 @@ def check_sparse_parameters(sites: int, neighbors: int, threshold: int | None,
                             corrupt_fraction: float, dropout_rate: float,
                             security_bits: int) -> GraphParameters:
     """Resolve and check an explicit k (and t, or the smallest safe t); refuse a miss."""
+    _check_inputs(sites, corrupt_fraction, dropout_rate, security_bits)
+    # defence: masking.graph.integer-degree-and-threshold
+    if (isinstance(neighbors, bool) or not isinstance(neighbors, int)
+            or (threshold is not None and (isinstance(threshold, bool)
+                                           or not isinstance(threshold, int)))):
+        raise ConfigurationError(f"neighbors and threshold must be integers, got "
+                                 f"{neighbors!r:.20} and {threshold!r:.20}")
     n, k = sites, neighbors
     if not MIN_NEIGHBORS <= k < n - 1:
         if n - 2 < MIN_NEIGHBORS:  # (the range said was empty: "[4, 3]")
