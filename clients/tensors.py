@@ -35,6 +35,10 @@ def to_numpy(state: Mapping[str, Any], bfloat16: set[str] | None = None,
                                  f"{type(state).__name__}{hint}")
     out = {}
     for name, value in state.items():
+        # (keys 1 and "1" were one tensor, the second silently replacing the first)
+        # defence: sdk.tensor-names-distinct-as-strings
+        if str(name) in out:
+            raise ConfigurationError(f"two tensors are named {str(name)[:64]!r}")
         if hasattr(value, "detach"):  # a torch tensor
             if str(getattr(value, "dtype", "")) == "torch.bfloat16":
                 # defence: sdk.bfloat16-training-precision-kept

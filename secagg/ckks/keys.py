@@ -296,10 +296,20 @@ class KeyHolder(_Context):
     def announce(self, *, holder: int, identity: signing.IdentityKey, epoch: str,
                  max_rounds: int = 1) -> KeyAnnouncement:
         """Sign this key's announcement with the holder's roster identity key."""
-        if not isinstance(max_rounds, int) or isinstance(max_rounds, bool) or max_rounds < 1:
-            raise ValueError(f"max_rounds must be an integer >= 1, got {max_rounds!r}")
+        # (the wire's field is a uint32: 2**64 raised OverflowError from the encoder)
+        if (not isinstance(max_rounds, int) or isinstance(max_rounds, bool)
+                or not 1 <= max_rounds < 2**32):
+            raise ValueError(f"max_rounds must be an integer in [1, 2**32), got "
+                             f"{max_rounds!r:.40}")
         if not isinstance(epoch, str) or not epoch:
             raise ValueError("epoch must be a non-empty string")
+        # (True or "1" signed an announcement refused later as "not signed by key holder True")
+        # defence: ckks.keys.announce-holder-a-site-id
+        if type(holder) is not int or not 1 <= holder < 2**63:
+            raise ValueError(f"holder must be a site id (an integer >= 1), got {holder!r:.40}")
+        if not isinstance(identity, signing.IdentityKey):
+            raise TypeError(f"identity must be the holder's IdentityKey, got "
+                            f"{type(identity).__name__}")
         unsigned = KeyAnnouncement(self.key_id, self.preset.name, holder, epoch, max_rounds, b"")
         return KeyAnnouncement(self.key_id, self.preset.name, holder, epoch, max_rounds,
                                identity.sign(unsigned.signed_bytes()))
@@ -336,6 +346,9 @@ class KeyHolder(_Context):
 
     @classmethod
     def generate(cls, preset: Preset | str = DEFAULT_PRESET) -> KeyHolder:
+        if not isinstance(preset, Preset | str):
+            raise TypeError(f"preset must be a preset name or a Preset, got "
+                            f"{type(preset).__name__}")
         p = get_preset(preset) if isinstance(preset, str) else preset
         context = ts.context(ts.SCHEME_TYPE.CKKS, p.poly_modulus_degree,
                              coeff_mod_bit_sizes=list(p.coeff_mod_bit_sizes))

@@ -112,9 +112,10 @@ DEFAULT_PRESET = "add-only-4096"
 def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
-    except KeyError:
-        raise ConfigurationError(
-            f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
+    # (a list raised TypeError: unhashable)
+    except (KeyError, TypeError):
+        raise ConfigurationError(f"unknown preset {name!r:.60}; known presets: "
+                                 f"{', '.join(sorted(PRESETS))}") from None
 
 
 def release_noise(params: Preset, sites: int) -> tuple[float, float]:

@@ -361,6 +361,13 @@ class FederationConfig:
         # ranges past which a value can only be a slip (a deadline of 1e300 s is "never", a
         # max_samples of 1e300 makes every real weight too small to encode): refused here, by
         # name, rather than as a stalled job or a refusal at every site's first submit
+        # (a degree or threshold of -1 or 0 loaded, and was refused only as the first round
+        # was made, without its key's name; the roster size bounds them further there)
+        # defence: config.degree-and-threshold-ranges
+        for name, value in (("[masking] neighbors", self.neighbors),
+                            ("[masking] threshold", self.threshold)):
+            if isinstance(value, int) and not 1 <= value < 1_000_000:
+                raise ConfigurationError(f"{name} must be in [1, 1,000,000), got {value!r}")
         for name, number, low, high in (
                 ("[job] rounds", self.rounds, 1, MAX_ROUNDS),
                 ("[limits] max_sites", lim.max_sites, 3, 1_000_000),

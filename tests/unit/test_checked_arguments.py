@@ -46,3 +46,48 @@ def test_clip_bound_must_be_positive_finite(bound: object) -> None:
 def test_graph_helpers_check_their_inputs(call: str, args: tuple) -> None:
     with pytest.raises(ConfigurationError):
         getattr(graph, call)(*args)
+
+
+def test_the_ckks_key_api_names_a_wrong_argument() -> None:
+    """Programming slips under the SDK: each a clear error at the call, not an AttributeError
+    from inside, an OverflowError from the encoder, or an announcement signed for key holder
+    True that every site then refuses as another holder's."""
+    from secagg.ckks.keys import KeyHolder
+    from secagg.ckks.presets import get_preset
+    from secagg.masking.simulation import make_roster
+
+    with pytest.raises(TypeError, match="preset"):
+        KeyHolder.generate(123)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="unknown preset"):
+        get_preset(["x"])  # type: ignore[arg-type]
+    key = KeyHolder.generate()
+    _, identities = make_roster(3)
+    for holder in (True, "1", 0, -1, 1.0):
+        with pytest.raises(ValueError, match="holder"):
+            key.announce(holder=holder, identity=identities[1], epoch="r")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_rounds"):
+        key.announce(holder=1, identity=identities[1], epoch="r", max_rounds=2**32)
+    with pytest.raises(TypeError, match="identity"):
+        key.announce(holder=1, identity=None, epoch="r")  # type: ignore[arg-type]
+    assert key.announce(holder=1, identity=identities[1], epoch="r",
+                        max_rounds=2**32 - 1).holder == 1
+
+
+def test_two_tensors_of_one_name_as_strings_are_refused() -> None:
+    from clients.tensors import to_numpy
+
+    with pytest.raises(ConfigurationError, match="two tensors are named '1'"):
+        to_numpy({1: np.ones(2), "1": np.zeros(3)})
+    assert set(to_numpy({"a": np.ones(2), "b": np.zeros(3)})) == {"a", "b"}
+
+
+@pytest.mark.parametrize(("key", "value"), [("neighbors", -1), ("neighbors", 0),
+                                            ("threshold", 0), ("threshold", -1),
+                                            ("threshold", 2**64)])
+def test_a_masking_degree_or_threshold_out_of_range_is_refused_as_the_file_loads(
+        key: str, value: int) -> None:
+    base = {"federation": {"name": "t", "protocol": "masking", "aggregator": "localhost:50051",
+                           "trust_root": "00" * 32}}
+    with pytest.raises(ConfigurationError, match=rf"\[masking\] {key} must be in"):
+        FederationConfig.from_dict({**base, "masking": {key: value}})
+    FederationConfig.from_dict({**base, "masking": {key: 8}})
