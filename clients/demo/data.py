@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from secagg.errors import ConfigurationError
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FOLDER_SIZE = 28
+IDX_MAX_BYTES = 128 << 20  # Fashion-MNIST's largest file is 47 MB unpacked
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".pgm", ".ppm"}
 
 
@@ -76,15 +78,41 @@ def _digits(seed: int) -> Dataset:
 
 
 def _read_idx(path: Path, magic: int) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
+    """An IDX file's array, or DataError naming the file: not gzip, truncated, of another
+    kind, or holding another number of values than its header says."""
+    # (a file that is no gzip was "BadGzipFile: Not a gzipped file", naming no file)
+    # defence: demo.idx-unreadable-named
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read(IDX_MAX_BYTES + 1)
+    except (OSError, EOFError, zlib.error):
+        raise DataError(f"cannot read {path}: not a complete gzip file") from None
+    header = 16 if magic == 2051 else 8
+    if len(data) < header or len(data) > IDX_MAX_BYTES:
+        raise DataError(f"{path} is not an IDX file of the expected kind")
     got, count = struct.unpack(">II", data[:8])
     if got != magic:
         raise DataError(f"{path} is not an IDX file of the expected kind")
-    if magic == 2051:
-        rows, cols = struct.unpack(">II", data[8:16])
-        return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(count, rows, cols)
-    return np.frombuffer(data, dtype=np.uint8, offset=8)
+    rows, cols = struct.unpack(">II", data[8:16]) if magic == 2051 else (1, 1)
+    # (a truncated file raised numpy's "cannot reshape array of size ..."; one with more
+    # values than its header counts was read in part, silently)
+    # defence: demo.idx-size-matches-its-header
+    if len(data) - header != count * rows * cols:
+        raise DataError(f"{path} holds {len(data) - header} values, its header says "
+                        f"{count * rows * cols}: the file is damaged")
+    values = np.frombuffer(data, dtype=np.uint8, offset=header)
+    return values.reshape(count, rows, cols) if magic == 2051 else values
+
+
+def _pair(images: np.ndarray, labels: np.ndarray, what: str) -> None:
+    """DataError unless every image has one label (and no label is past the classes)."""
+    # (30 images with 25 labels loaded, and training paired them wrongly)
+    # defence: demo.images-and-labels-pair
+    if len(images) != len(labels):
+        raise DataError(f"Fashion-MNIST's {what} files hold {len(images)} images and "
+                        f"{len(labels)} labels")
+    if labels.size and int(labels.max()) >= 10:
+        raise DataError(f"Fashion-MNIST's {what} labels go past its 10 classes")
 
 
 def _fashion() -> Dataset:
@@ -98,6 +126,8 @@ def _fashion() -> Dataset:
     ytr = _read_idx(files["train-labels"], 2049).astype(np.int64)
     xte = _read_idx(files["t10k-images"], 2051).astype(np.float32)[:, None] / 255.0
     yte = _read_idx(files["t10k-labels"], 2049).astype(np.int64)
+    _pair(xtr, ytr, "training")
+    _pair(xte, yte, "test")
     classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                "Sneaker", "Bag", "Ankle boot")
     return Dataset("fashion-mnist", xtr, ytr, xte, yte, classes)

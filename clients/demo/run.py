@@ -226,6 +226,7 @@ def _follow(result: RunResult, work: Path, rounds: int, options: DemoOptions,
     done = 0
     deadline = time.monotonic() + 3600
     while done < rounds:
+        # defence: demo.follow-times-out
         if time.monotonic() > deadline:
             raise RuntimeError("the demo timed out")
         with open(work / "aggregator.log", "rb") as f:
@@ -234,6 +235,7 @@ def _follow(result: RunResult, work: Path, rounds: int, options: DemoOptions,
         complete = chunk[: chunk.rfind(b"\n") + 1]
         offset += len(complete)
         for line in complete.splitlines():
+            # defence: demo.stray-log-lines-skipped
             try:
                 events.append(json.loads(line))
             except ValueError:
@@ -261,11 +263,13 @@ def _follow(result: RunResult, work: Path, rounds: int, options: DemoOptions,
             bar.clear()
             _line(options, result, baseline, done - 1)
             bar.update(1)
+        # defence: demo.round-read-after-every-report
         elif path.exists() and len(reports) == options.sites:
             time.sleep(0.05)
             with np.load(path) as z:
                 arrays = {k: z[k] for k in z.files}
             model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
+            # defence: demo.dp-model-not-compared
             if train_is_dp(label) or done >= len(baseline.models):
                 result.model_diff.append(None)  # another model (GroupNorm): not comparable
             else:
@@ -286,6 +290,7 @@ def _follow(result: RunResult, work: Path, rounds: int, options: DemoOptions,
             bar.update(1)
         for p in [*sites, aggregator]:
             code = p.poll()
+            # defence: demo.failed-process-ends-the-demo
             if code not in (None, 0):
                 who = "the aggregator" if p is aggregator else f"site {sites.index(p) + 1}"
                 raise RuntimeError(f"{who} failed (exit {code}); see {work}")
@@ -341,6 +346,7 @@ def run(options: DemoOptions) -> dict[str, Any]:
     clip_norm = 10.0
     # One site drops out in one round, if the round can complete without it: a CKKS round
     # needs min_sites = max(3, colluders + 2) uploads, so with 3 sites nobody may drop.
+    # defence: demo.no-dropout-with-three-sites
     dropper = options.sites if options.sites >= 4 else None
     drop_round = min(options.drop_round, rounds)
     protocols = ["masking", "ckks"] if options.protocol == "both" else [options.protocol]
@@ -380,6 +386,7 @@ def run(options: DemoOptions) -> dict[str, Any]:
                                 baseline=baseline)
             results.append(secure)
         if options.dp:
+            # defence: demo.dp-run-trains-with-dp-sgd
             dp_train = TrainConfig(**{**asdict(train), "dp": True,
                                       "noise_multiplier": options.noise_multiplier,
                                       "max_grad_norm": options.max_grad_norm,
@@ -396,6 +403,7 @@ def run(options: DemoOptions) -> dict[str, Any]:
                                    work_root / "dp", options, dp=True, baseline=baseline)
             results.append(dp_result)
     finally:
+        # defence: demo.site-data-copies-removed
         if not os.environ.get("SECAGG_DEMO_KEEP"):
             shutil.rmtree(work_root, ignore_errors=True)
     summary = _summary(options, dataset, rounds, results, out, time.perf_counter() - began)

@@ -45,6 +45,7 @@ class LocalTrainer:
                                          momentum=config.momentum)
         self.loader = loader
         self.engine = None
+        # defence: demo.trainer-makes-dp-private
         if config.dp:
             from opacus import PrivacyEngine
 

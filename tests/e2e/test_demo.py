@@ -133,6 +133,42 @@ def test_fashion_mnist_reads_the_debian_packages_idx_files(
         load("fashion-mnist")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "longer", "not gzip", "cut gzip",
+                                    "fewer labels", "label past the classes"])
+def test_a_damaged_fashion_mnist_file_is_one_line_naming_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str) -> None:
+    """A truncated or padded IDX file, one that is no gzip, and images and labels that do
+    not pair: each a DataError naming the file or the pair, never numpy's reshape error or
+    images silently paired with other images' labels."""
+    rng = np.random.default_rng(0)
+    images = tmp_path / "train-images-idx3-ubyte.gz"
+    _idx(images, 2051, rng.integers(0, 256, (30, 28, 28)))
+    _idx(tmp_path / "train-labels-idx1-ubyte.gz", 2049, np.arange(30) % 10)
+    _idx(tmp_path / "t10k-images-idx3-ubyte.gz", 2051, rng.integers(0, 256, (10, 28, 28)))
+    _idx(tmp_path / "t10k-labels-idx1-ubyte.gz", 2049, np.arange(10))
+    monkeypatch.setenv("SECAGG_FASHION_MNIST_DIR", str(tmp_path))
+    assert load("fashion-mnist").x_train.shape == (30, 1, 28, 28)
+    raw = gzip.decompress(images.read_bytes())
+    if damage == "truncated":
+        images.write_bytes(gzip.compress(raw[:-100]))
+    elif damage == "longer":
+        images.write_bytes(gzip.compress(raw + bytes(28 * 28)))
+    elif damage == "not gzip":
+        images.write_bytes(b"hello, not gzip")
+    elif damage == "cut gzip":
+        images.write_bytes(images.read_bytes()[:200])
+    elif damage == "fewer labels":
+        _idx(tmp_path / "train-labels-idx1-ubyte.gz", 2049, np.arange(25) % 10)
+    else:
+        _idx(tmp_path / "train-labels-idx1-ubyte.gz", 2049, np.arange(30) % 11)
+    with pytest.raises(DataError) as caught:
+        load("fashion-mnist")
+    text = str(caught.value)
+    assert "\n" not in text
+    assert ("train-images" in text if damage in ("truncated", "longer", "not gzip", "cut gzip")
+            else "training" in text), text
+
+
 def test_missing_fashion_mnist_says_how_to_install_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SECAGG_FASHION_MNIST_DIR", str(tmp_path / "nowhere"))

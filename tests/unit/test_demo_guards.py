@@ -1,0 +1,225 @@
+"""The demo's orchestration guards, without the service: following the aggregator's log (a
+failed process, a stuck run, stray log lines, late reports), the run's plan (who drops out,
+DP-SGD really on) and its clean-up of the hospital data it copies."""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from clients.demo import run as demo
+from clients.demo.run import DemoOptions, RunResult
+
+
+class _Proc:
+    """A stand-in for a site or aggregator process: ``on_poll`` runs at each poll."""
+
+    def __init__(self, code: int | None = None, on_poll: Any = None) -> None:
+        self.code = code
+        self.on_poll = on_poll
+        self.polls = 0
+
+    def poll(self) -> int | None:
+        self.polls += 1
+        if self.on_poll is not None:
+            self.on_poll(self.polls)
+        return self.code
+
+    def wait(self, timeout: float | None = None) -> int:
+        return 0
+
+
+class _Model:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def _follow(tmp_path: Path, sites: list[_Proc], aggregator: _Proc, *, rounds: int = 1,
+            label: str = "secure (masking)", baseline: RunResult | None = None) -> RunResult:
+    result = RunResult(label)
+    options = DemoOptions(sites=len(sites), json=True)
+    demo._follow(result, tmp_path, rounds, options, sites, aggregator,  # type: ignore[arg-type]
+                 types.SimpleNamespace(x_test=None, y_test=None), _Model(),
+                 lambda model, x, y: 0.5, label,
+                 baseline or RunResult("plaintext FedAvg", accuracy=[0.5] * rounds))
+    return result
+
+
+def _event(event: str, round_number: int) -> str:
+    return json.dumps({"event": event, "round_id": f"demo-round-{round_number}",
+                       "time": "2026-01-01T00:00:00.000000Z"}) + "\n"
+
+
+def _clock(monkeypatch: pytest.MonkeyPatch, step: float) -> None:
+    """A clock that moves ``step`` seconds a poll; a run that polls 50 times is stuck."""
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += step
+        if now[0] > 50 * step:
+            raise AssertionError("the demo kept waiting")
+
+    monkeypatch.setattr(demo, "time", types.SimpleNamespace(monotonic=lambda: now[0],
+                                                            sleep=sleep))
+
+
+def test_a_site_that_fails_ends_the_demo_with_its_name_not_a_wait(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "aggregator.log").write_text("")
+    _clock(monkeypatch, 1.0)
+    sites = [_Proc(), _Proc(code=1), _Proc()]
+    with pytest.raises(RuntimeError, match=r"site 2 failed \(exit 1\)"):
+        _follow(tmp_path, sites, _Proc())
+
+
+def test_a_demo_that_stops_moving_times_out(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "aggregator.log").write_text("")
+    _clock(monkeypatch, 600.0)  # ten minutes a poll: the hour is up after six
+    with pytest.raises(RuntimeError, match="timed out"):
+        _follow(tmp_path, [_Proc(), _Proc(), _Proc()], _Proc())
+
+
+def test_stray_log_lines_missing_reports_and_an_aborted_round(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A line that is not JSON (a warning on the aggregator's stderr), a line read while the
+    aggregator is half-way through writing it, sites that have not reported yet and a round
+    that aborts: the round is shown as aborted, no traceback and no wait."""
+    _clock(monkeypatch, 1.0)
+    aborted = _event("round_aborted", 1)
+    log = tmp_path / "aggregator.log"
+    log.write_text("a warning, not JSON\n" + _event("round_opened", 1) + aborted[:20])
+
+    def rest(polls: int) -> None:
+        if polls == 2:
+            with log.open("a") as f:
+                f.write(aborted[20:])
+
+    result = _follow(tmp_path, [_Proc(), _Proc(), _Proc()], _Proc(on_poll=rest))
+    assert result.aborted == [1] and result.dropouts == [3]
+
+
+def test_a_round_is_read_only_once_every_site_has_reported(tmp_path: Path) -> None:
+    """The reporter's model lands before the other sites' reports: epsilon and dropouts are
+    read once all sites have reported, not from the first report (an understated epsilon)."""
+    (tmp_path / "aggregator.log").write_text(_event("round_opened", 1))
+    np.savez(tmp_path / "model-round-1.npz", w=np.zeros(3, dtype=np.float32))
+
+    def report(site: int, epsilon: float) -> None:
+        with (tmp_path / f"site-{site}.jsonl").open("a") as f:
+            f.write(json.dumps({"round": 1, "bytes_sent": 100, "survivors": [1, 2, 3],
+                                "epsilon": epsilon}) + "\n")
+
+    report(1, 1.0)
+
+    def later(polls: int) -> None:
+        if polls == 3:
+            report(2, 2.0)
+            report(3, 5.0)
+
+    result = _follow(tmp_path, [_Proc(), _Proc(), _Proc()], _Proc(on_poll=later),
+                     label="secure (masking, DP-SGD)")
+    assert result.epsilon == [5.0] and result.dropouts == [0]
+
+
+def test_a_dp_run_is_not_compared_with_the_plaintext_model(tmp_path: Path) -> None:
+    """The DP-SGD model (GroupNorm) has another shape than the baseline's: no comparison."""
+    (tmp_path / "aggregator.log").write_text(_event("round_opened", 1))
+    np.savez(tmp_path / "model-round-1.npz", w=np.zeros(3, dtype=np.float32))
+    for s in (1, 2, 3):
+        (tmp_path / f"site-{s}.jsonl").write_text(json.dumps(
+            {"round": 1, "bytes_sent": 100, "survivors": [1, 2, 3], "epsilon": 1.0}) + "\n")
+    baseline = RunResult("plaintext FedAvg", accuracy=[0.5], models=[np.zeros(5)])
+    result = _follow(tmp_path, [_Proc(), _Proc(), _Proc()], _Proc(),
+                     label="secure (masking, DP-SGD)", baseline=baseline)
+    assert result.model_diff == [None]
+
+
+# ---- the run's plan -------------------------------------------------------------------------
+
+
+def _plan(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, options: DemoOptions,
+          fail: bool = False) -> list[dict[str, Any]]:
+    calls: list[dict[str, Any]] = []
+    monkeypatch.delenv("SECAGG_DEMO_KEEP", raising=False)
+
+    def baseline(dataset: Any, parts: Any, rounds: int, train: Any, clip: float,
+                 drops: Any, options: Any) -> RunResult:
+        calls.append({"run": "baseline", "drops": drops})
+        return RunResult("plaintext FedAvg", accuracy=[0.5] * rounds, train_s=[0.1] * rounds)
+
+    def secure(dataset: Any, parts: Any, rounds: int, train: Any, clip: float,
+               deadlines: Any, protocol: str, drops: Any, work: Path, options: Any,
+               dp: bool, baseline: Any) -> RunResult:
+        work.mkdir(parents=True)
+        (work / "site-1.npz").write_bytes(b"a hospital's images")
+        calls.append({"run": protocol, "drops": drops, "train": train, "dp": dp, "work": work})
+        if fail:
+            raise RuntimeError("site 2 failed")
+        return RunResult("secure", accuracy=[0.5] * rounds)
+
+    monkeypatch.setattr(demo, "plaintext_fedavg", baseline)
+    monkeypatch.setattr(demo, "secure_run", secure)
+    monkeypatch.setattr(demo, "_summary", lambda *a: {})
+    options.out, options.json = tmp_path, True
+    if fail:
+        with pytest.raises(RuntimeError):
+            demo.run(options)
+    else:
+        demo.run(options)
+    return calls
+
+
+def test_who_drops_out_fits_the_sites_and_rounds(monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    """With 3 sites a CKKS round needs them all: nobody drops (a drop aborted the round);
+    with fewer rounds than the drop round, the drop comes in the last round."""
+    calls = _plan(monkeypatch, tmp_path, DemoOptions(protocol="ckks", sites=3, rounds=2))
+    assert [c["drops"] for c in calls] == [{}, {}]
+    calls = _plan(monkeypatch, tmp_path, DemoOptions(protocol="ckks", sites=4, rounds=1))
+    assert [c["drops"] for c in calls] == [{1: {4}}, {4: {1: "UPLOAD"}}]
+
+
+def test_dp_sgd_run_trains_with_the_asked_privacy(monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Path) -> None:
+    calls = _plan(monkeypatch, tmp_path, DemoOptions(sites=3, rounds=1, dp=True,
+                                                     noise_multiplier=2.5, max_grad_norm=0.5,
+                                                     delta=1e-4))
+    dp_run = calls[-1]
+    assert dp_run["dp"] and dp_run["train"].dp
+    assert (dp_run["train"].noise_multiplier, dp_run["train"].max_grad_norm,
+            dp_run["train"].delta) == (2.5, 0.5, 1e-4)
+    assert not calls[1]["dp"] and not calls[1]["train"].dp
+
+
+def test_the_copies_of_the_sites_data_are_removed_even_when_a_run_fails(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    calls = _plan(monkeypatch, tmp_path, DemoOptions(sites=3, rounds=1), fail=True)
+    work_root = calls[-1]["work"].parent
+    assert not work_root.exists()
+
+
+# ---- training and the model -------------------------------------------------------------------
+
+
+def test_dp_model_has_no_batch_norm_and_its_trainer_spends_privacy() -> None:
+    """Opacus refuses BatchNorm (it mixes samples); the DP trainer reports a growing epsilon."""
+    from torch import nn
+
+    from clients.demo.model import make_model
+    from clients.demo.train import LocalTrainer, TrainConfig
+
+    model = make_model(8, 3, dp=True, seed=0)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    rng = np.random.default_rng(0)
+    x = rng.random((16, 1, 8, 8), dtype=np.float32)
+    y = rng.integers(0, 3, 16).astype(np.int64)
+    trainer = LocalTrainer(model, x, y, TrainConfig(epochs=1, batch_size=8, dp=True), seed=1)
+    trainer.train_round({k: v.clone() for k, v in trainer.module.state_dict().items()}, 1)
+    eps = trainer.epsilon()
+    assert eps is not None and eps > 0
