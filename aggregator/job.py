@@ -798,9 +798,11 @@ class Job:
                                                  "the aggregator does not know: out of range")
         # defence: job.refusal-signed-by-the-key-holder
         try:
+            assert active.ckks_aggregate is not None  # (the release stage's request)
             wire.verify_refusal(self.roster[site], refusal.signature,
                                 params_digest=active.ckks_config.params_digest, site_id=site,
-                                reason=refusal.reason)
+                                reason=refusal.reason,
+                                aggregate_chunk_ids=active.ckks_aggregate.chunks.chunk_ids)
         except InvalidMessage:
             raise ServiceError(INVALID_ARGUMENT, "the refusal's signature is not the key "
                                                  "holder's for this round") from None

@@ -1205,18 +1205,18 @@ class Round:
             # told to it so the round aborts now, not at its release deadline
             # defence: sdk.key-holder-tells-its-refusal
             if isinstance(e, RefusedMessage) and e.reason is RefusalReason.OUT_OF_RANGE:
-                self._tell_refusal(config)
+                self._tell_refusal(config, request.aggregate.chunks.chunk_ids)
             raise RoundAborted(self.round_id, f"the key holder refused to release: {e}"
                                ) from None
 
-    def _tell_refusal(self, config: Any) -> None:
+    def _tell_refusal(self, config: Any, aggregate_chunk_ids: Any) -> None:
         """Send the aggregator this key holder's signed refusal of the round's sum as out of
         range (service.proto: CkksReleaseRefusal). It learns nothing its silence did not tell:
         the round was spent before anything was decrypted (Release.finish), so this is one bit
         a round. Best effort: if it is not counted the round aborts at its release deadline."""
         reason = ckks_pb2.REFUSAL_REASON_OUT_OF_RANGE  # (RefusalReason.OUT_OF_RANGE's value)
         signature = self._site.kit.identity.sign(wire.refusal_signed_bytes(
-            config.params_digest, self._site.site_id, int(reason)))
+            config.params_digest, self._site.site_id, int(reason), aggregate_chunk_ids))
         try:
             self._submit(ckks_refusal=service_pb2.CkksReleaseRefusal(reason=reason,
                                                                      signature=signature))

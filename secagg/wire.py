@@ -9,6 +9,7 @@ roster membership). A malformed message is :class:`~secagg.errors.InvalidMessage
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -242,19 +243,23 @@ def verify_result(public_key: bytes, signature: bytes, *, round_id: str, model_d
                    result_signed_bytes(round_id, model_digest, result_digest))
 
 
-def refusal_signed_bytes(params_digest: bytes, site_id: int, reason: int) -> bytes:
+def refusal_signed_bytes(params_digest: bytes, site_id: int, reason: int,
+                         aggregate_chunk_ids: Sequence[bytes]) -> bytes:
     """What a CKKS round's key holder signs when it refuses the sum it was asked to release:
-    the round's parameters (its id, roster, key and settings), its own id and the reason (a
-    RefusalReason value; service.proto: CkksReleaseRefusal)."""
-    # defence: wire.refusal-signature-binds-the-round
-    return encode("ckks-release-refusal", params_digest, site_id, reason)
+    the round's parameters (its id, roster, key and settings), its own id, the reason (a
+    RefusalReason value; service.proto: CkksReleaseRefusal) and the sum it refuses (the
+    chunk ids of the aggregate's ciphertexts, each the SHA-256 of its bytes), so a stored
+    refusal says which sum was refused and none is signed before the sum is seen."""
+    # defence: wire.refusal-signature-binds-the-round, wire.refusal-signature-binds-the-sum
+    return encode("ckks-release-refusal", params_digest, site_id, reason,
+                  hashlib.sha256(b"".join(bytes(c) for c in aggregate_chunk_ids)).digest())
 
 
 def verify_refusal(public_key: bytes, signature: bytes, *, params_digest: bytes,
-                   site_id: int, reason: int) -> None:
+                   site_id: int, reason: int, aggregate_chunk_ids: Sequence[bytes]) -> None:
     """InvalidMessage unless ``public_key`` (the key holder's roster key) signed this refusal."""
     signing.verify(public_key, bytes(signature),
-                   refusal_signed_bytes(params_digest, site_id, reason))
+                   refusal_signed_bytes(params_digest, site_id, reason, aggregate_chunk_ids))
 
 
 def release_from_ref(p: service_pb2.ReleasedAverageRef, data: bytes, *, round_id: str,

@@ -140,18 +140,23 @@ class _AtRelease:
         return cid
 
     def refusal(self, *, signer: int | None = None, reason: int = 10,
-                params_digest: bytes | None = None) -> Any:
+                params_digest: bytes | None = None,
+                aggregate_chunk_ids: tuple[bytes, ...] | None = None) -> Any:
         """A SubmitRequest with the key holder's refusal, signed by ``signer``'s roster key
-        over this round's parameters (or ``params_digest``) and ``reason``."""
+        over this round's parameters (or ``params_digest``), ``reason`` and the aggregate
+        the round asked it to release (or ``aggregate_chunk_ids``)."""
         from secagg import wire
         from secagg.federation.kit import SiteKit
         from secagg.v1 import service_pb2
 
-        assert self.job.active is not None
-        digest = (self.job.active.ckks_config.params_digest if params_digest is None
-                  else params_digest)
+        active = self.job.active
+        assert active is not None and active.ckks_aggregate is not None
+        digest = active.ckks_config.params_digest if params_digest is None else params_digest
+        ids = (tuple(active.ckks_aggregate.chunks.chunk_ids) if aggregate_chunk_ids is None
+               else aggregate_chunk_ids)
         kit = SiteKit.load(self.fed.site_dir(self.holder if signer is None else signer))
-        signature = kit.identity.sign(wire.refusal_signed_bytes(digest, self.holder, reason))
+        signature = kit.identity.sign(wire.refusal_signed_bytes(digest, self.holder, reason,
+                                                                ids))
         return service_pb2.SubmitRequest(round_id=self.round_id, ckks_refusal=(
             service_pb2.CkksReleaseRefusal(reason=reason, signature=signature)))  # type: ignore[arg-type]
 
@@ -236,12 +241,14 @@ def test_the_live_refusal_ends_the_round_when_it_is_counted(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("lie", ["another-sites-key", "another-round", "another-reason",
-                                 "garbage", "another-reason-signed-as-out-of-range"])
+                                 "garbage", "another-reason-signed-as-out-of-range",
+                                 "another-sum"])
 def test_a_refusal_counts_only_signed_by_the_key_holder_for_this_round_and_out_of_range(
         tmp_path: Path, lie: str) -> None:
-    """Only the key holder's own refusal, of this round, for the one reason it tells,
-    ends the round; anything else is INVALID_ARGUMENT, nothing is recorded, and the round
-    still waits for the release (the key holder's real answer is then taken)."""
+    """Only the key holder's own refusal, of this round and of the sum the round asked it
+    to release, for the one reason it tells, ends the round; anything else is
+    INVALID_ARGUMENT, nothing is recorded, and the round still waits for the release (the
+    key holder's real answer is then taken)."""
     import hashlib
 
     from aggregator.job import ServiceError
@@ -255,6 +262,8 @@ def test_a_refusal_counts_only_signed_by_the_key_holder_for_this_round_and_out_o
             request = r.refusal(params_digest=hashlib.sha256(b"another round").digest())
         elif lie == "another-reason":
             request = r.refusal(reason=9)  # AGGREGATE_MISMATCH, validly signed
+        elif lie == "another-sum":  # (signed before the sum was seen, or for another)
+            request = r.refusal(aggregate_chunk_ids=(hashlib.sha256(b"a sum").digest(),))
         elif lie == "another-reason-signed-as-out-of-range":
             request = r.refusal()
             request.ckks_refusal.reason = 9  # type: ignore[assignment]
