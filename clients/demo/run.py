@@ -190,6 +190,8 @@ def secure_run(dataset: Dataset, parts: list[np.ndarray], rounds: int, train: Tr
         _follow(result, work, rounds, options, sites, aggregator, dataset, model, accuracy,
                 label, baseline)
     finally:
+        # (a run that fails or is interrupted leaves no aggregator or site behind)
+        # defence: demo.processes-stopped-when-the-run-ends
         for p in sites:
             if p.poll() is None:
                 p.kill()

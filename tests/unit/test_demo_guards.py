@@ -223,3 +223,50 @@ def test_dp_model_has_no_batch_norm_and_its_trainer_spends_privacy() -> None:
     trainer.train_round({k: v.clone() for k, v in trainer.module.state_dict().items()}, 1)
     eps = trainer.epsilon()
     assert eps is not None and eps > 0
+
+
+def test_a_run_that_fails_stops_every_process_it_started(monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Path) -> None:
+    """However the secure run ends (here its follower raises), the aggregator and every
+    site it started are stopped: none is left serving, or training, after the demo."""
+    import subprocess
+
+    from clients.demo.data import Dataset
+    from clients.demo.train import TrainConfig
+
+    started: list[Any] = []
+
+    class FakePopen:
+        def __init__(self, args: list[str], **kwargs: Any) -> None:
+            self.args, self.stopped = args, ""
+            started.append(self)
+
+        def poll(self) -> int | None:
+            return -9 if self.stopped else None
+
+        def kill(self) -> None:
+            self.stopped = "killed"
+
+        def terminate(self) -> None:
+            self.stopped = "terminated"
+
+        def wait(self, timeout: float | None = None) -> int:
+            return 0
+
+    def stuck(*args: Any) -> None:
+        raise RuntimeError("the follower failed")
+
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(demo, "_follow", stuck)
+    x = np.zeros((12, 1, 8, 8), dtype=np.float32)
+    y = (np.arange(12) % 2).astype(np.int64)
+    dataset = Dataset("tiny", x, y, x[:4], y[:4], ("a", "b"))
+    parts = [np.arange(0, 4), np.arange(4, 8), np.arange(8, 12)]
+    with pytest.raises(RuntimeError, match="the follower failed"):
+        demo.secure_run(dataset, parts, 1, TrainConfig(), 1.0,
+                        {"open": 10.0, "stage": 10.0, "release": 10.0}, "masking", {},
+                        tmp_path / "work", DemoOptions(sites=3, json=True), False,
+                        RunResult("plaintext FedAvg"))
+    assert len(started) == 4  # the aggregator, then three sites
+    assert started[0].stopped == "terminated"
+    assert [p.stopped for p in started[1:]] == ["killed"] * 3
