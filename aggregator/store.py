@@ -195,6 +195,7 @@ PG_CONNECT_ARGS: dict[str, Any] = {
 }
 
 
+# defence: store.chunk-ids-batched
 _ID_BATCH = 1000  # chunk ids per IN (...) query: PostgreSQL binds at most 65,535 parameters
 
 
@@ -565,6 +566,7 @@ def _pg_tool(tool: str, url: str | None, *args: str) -> bytes:
                       **{k: v[-1] if isinstance(v, tuple) else v
                          for k, v in parsed.query.items()}}
         lines = [f"{k}={v}" for k, v in parameters.items() if v is not None and v != ""]
+        # defence: store.pg-service-file-one-line-per-parameter
         if any(c in line for line in lines for c in "\r\n\0"):
             raise StoreError(f"a parameter of the store URL {redacted(url)} holds a line break")
         if "service" in parameters:
@@ -626,6 +628,7 @@ def _run_tool(tool: str, command: list[str], env: dict[str, str], where: str) ->
                                  "answering): stopped")
         out.seek(0)
         err.seek(0)
+        # defence: store.pg-tool-failure-named
         if process.returncode != 0:
             detail = err.read().decode(errors="replace").strip()[-300:]
             raise StoreError(f"{tool}{where} failed: "
@@ -660,6 +663,7 @@ def _partial(final: Path, what: str) -> Path:
 def _publish(partial: Path, final: Path) -> None:
     """Give the complete ``partial`` its ``final`` name, never over an existing file."""
     try:
+        # defence: store.publish-never-overwrites
         os.link(partial, final)
     except FileExistsError:
         raise StoreError(f"{final} exists: never overwritten") from None
@@ -806,6 +810,7 @@ def restore(backup_file: Path, url: str) -> None:
         engine = _engine(url)
         try:
             with engine.connect() as c:
+                # defence: store.pg-restore-into-an-empty-database-only
                 if sa.inspect(c).get_table_names():
                     raise StoreError("restore only into an empty database")
         except sa.exc.SQLAlchemyError as e:
@@ -837,6 +842,7 @@ class Store:
             # asked for again by MissingChunks); events keep a sync per commit.
             self.bulk: Engine = _engine(url, **kwargs)
         except (sa.exc.ArgumentError, ImportError) as e:
+            # defence: store.open-failure-redacted
             raise StoreError(f"cannot open store {redacted(url)}: {e}") from None
         if url.startswith("sqlite"):
             _private_sqlite_file(url, create)
@@ -859,6 +865,7 @@ class Store:
             if hint is not None:
                 raise StoreError(f"store {redacted(url)} cannot be opened: {hint}") from None
             kind = StoreError if url.startswith("sqlite") else StoreUnreachable
+            # defence: store.unreachable-store-redacted
             raise kind(f"store {redacted(url)} is unreachable: {_unreachable(e)}") from None
 
     def _check_schema(self, create: bool) -> None:
@@ -950,6 +957,7 @@ class Store:
                 try:
                     # defence: store.wal-truncated
                     c.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+                # defence: store.checkpoint-gives-back-the-long-busy-timeout
                 finally:
                     c.exec_driver_sql("PRAGMA busy_timeout=30000")
 
@@ -1159,6 +1167,7 @@ class Store:
         items = [(chunk_id(p), p) for p in split_chunks(data, chunk_bytes)]
         self.put_chunks(items, round_number=round_number, site=0)
         with self.engine.begin() as c:  # keep: a model or release outlives its round
+            # defence: store.kept-payload-unlabelled
             if round_number is None:
                 c.execute(chunks.update().where(chunks.c.chunk_id.in_([i for i, _ in items]))
                           .values(round=None))
@@ -1168,6 +1177,7 @@ class Store:
         """What each site stored for ``round_number`` and the store still holds: {site:
         (bytes, chunks)} (the aggregator's own payloads, site 0, are not uploads)."""
         with self.engine.connect() as c:
+            # defence: store.recovered-uploads-of-that-round
             rows = c.execute(sa.select(chunks.c.site, sa.func.sum(chunks.c.size),
                                        sa.func.count()).where(chunks.c.round == round_number,
                                                               chunks.c.site != 0)
@@ -1186,6 +1196,7 @@ class Store:
 
     def record_event(self, conn: Connection, event: Event) -> bool:
         """Insert an event in the caller's transaction; False if it was already recorded."""
+        # defence: store.event-duplicate-per-round-and-site
         exists = conn.execute(sa.select(events.c.id).where(
             events.c.round == event.round, events.c.kind == event.kind,
             events.c.stage == event.stage, events.c.site == event.site)).first()
@@ -1205,6 +1216,7 @@ class Store:
 
     def events(self, round_number: int) -> Iterator[Event]:
         with self.engine.connect() as c:
+            # defence: store.replay-reads-its-round-only
             rows = c.execute(sa.select(events).where(events.c.round == round_number)
                              .order_by(events.c.id)).all()
         for r in rows:
@@ -1234,6 +1246,7 @@ class Store:
 
     def save_model(self, digest: bytes, spec: str, blob: BlobRef) -> None:
         with self.engine.begin() as c:
+            # defence: store.model-saved-once
             if c.execute(sa.select(models.c.digest).where(models.c.digest == digest)).first():
                 return
             c.execute(models.insert().values(digest=digest, spec=spec, blob=blob.to_json()))
@@ -1254,6 +1267,7 @@ class Store:
     def finish_round(self, conn: Connection, round_number: int, status: str, *,
                      result_digest: bytes | None = None, abort_reason: str | None = None,
                      survivors: Sequence[int] = ()) -> None:
+        # defence: store.finish-round-its-row-only
         conn.execute(rounds.update().where(rounds.c.round == round_number).values(
             status=status, result_digest=result_digest, abort_reason=abort_reason,
             survivors=json.dumps(list(survivors)), finished_at=time.time()))
@@ -1307,6 +1321,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA page_size=65536")  # a new store only: 1 MiB chunks in 16 pages
     cursor.execute("PRAGMA journal_mode=WAL")
     # FULL: a committed event (an acknowledged message) survives a crash of the machine too
+    # defence: store.events-synced-every-commit
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
