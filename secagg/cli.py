@@ -52,12 +52,18 @@ def _positive(text: str) -> int:
 
 
 def _clients(text: str) -> int:
-    """A number of sites for a benchmark: as many as a federation may have (init's 10,000);
-    99,999,999,999 ran silently, its memory growing until the machine ran out."""
+    """A number of sites for a benchmark: as many as a federation may have (init's 3 to
+    10,000); 99,999,999,999 ran silently, its memory growing until the machine ran out, and
+    2 was refused from inside as "roster must list at least 3 sites" or "--sites must be
+    in [3, 10000]", naming a flag the command does not have."""
     value = _positive(text)
     # defence: cli.bench-clients-bounded
     if value > 10_000:
         raise argparse.ArgumentTypeError(f"must be at most 10000 (a federation's most sites), "
+                                         f"got {text}")
+    # defence: cli.bench-clients-at-least-three
+    if value < 3:
+        raise argparse.ArgumentTypeError(f"must be at least 3 (a federation's fewest sites), "
                                          f"got {text}")
     return value
 

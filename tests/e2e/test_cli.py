@@ -81,6 +81,12 @@ def test_a_benchmark_of_more_sites_than_a_federation_has_is_a_usage_error(
         parser.parse_args(["bench", bench, "--clients", "99999999999"])
     assert caught.value.code == 2
     assert "at most 10000" in capsys.readouterr().err
+    for few in ("1", "2"):  # (refused from inside, naming --sites or the roster)
+        with pytest.raises(SystemExit) as caught:
+            parser.parse_args(["bench", bench, "--clients", few])
+        assert caught.value.code == 2
+        assert "--clients: must be at least 3" in capsys.readouterr().err
+    assert parser.parse_args(["bench", bench, "--clients", "3"]).clients == 3
 
 
 def test_version_is_the_packages(capsys: pytest.CaptureFixture[str]) -> None:
