@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from clients.errors import AggregatorRefused
 from tests.service_kit import ROOT, Aggregator, make_federation, run_sites
 
 
@@ -167,9 +168,9 @@ def test_a_model_nudged_below_the_sites_precision_is_the_model_it_sent_against(
     site64._history.record_sent("job-1", 1, first.training_digest,
                                 first.training_digest_as({"w": "float64"}))
     rnd64 = next(site64.rounds())
-    with pytest.raises(Exception) as went_on:
+    # (the scripted aggregator refuses the first message the site sends: it went on)
+    with pytest.raises(AggregatorRefused, match="the test's aggregator stops here"):
         rnd64.submit({"w": nudged + 0.01}, weight=1)
-    assert "one update per model" not in str(went_on.value)
     assert conn64.sent  # its advertisement left: the round is its to take part in
 
 
@@ -232,9 +233,8 @@ def test_a_model_nudged_below_a_16_bit_training_precision_is_the_model_sent_agai
     site32, conn32 = _float64_round(tmp_path / "f32", nudged)
     site32._history.record_sent("job-1", 1, first.training_digest,
                                 first.training_digest_as({"w": "float32"}))
-    with pytest.raises(Exception) as went_on:
+    with pytest.raises(AggregatorRefused, match="the test's aggregator stops here"):
         next(site32.rounds()).submit({"w": nudged + np.float32(0.01)}, weight=1)
-    assert "one update per model" not in str(went_on.value)
     assert conn32.sent
 
 

@@ -338,3 +338,18 @@ def test_random_bytes_of_the_right_length_never_crash_and_load_only_as_valid_cip
     assert ct.parms_id() == k.ctx.first_parms_id()
     acc = k.load(good(Kind.FULL))
     sealapi.Evaluator(k.ctx).add_inplace(acc, ct)  # adds without throwing
+
+
+def test_a_zero_body_of_each_kind_loads_and_no_other_header_does() -> None:
+    """The property above checks what loads only when a random draw happens to load; here,
+    deterministically: a header of the format's version and the length's own kind with an
+    all-zero body (every coefficient 0, below every modulus) loads as a ciphertext of the
+    round's parameters, and the same body under any other version or kind is refused."""
+    k = kit()
+    for kind in Kind:
+        size = encoded_length(k.ctx, kind) - 2
+        ct = k.load(bytes((1, kind)) + bytes(size))
+        assert (ct.size(), ct.is_ntt_form(), ct.scale) == (2, True, k.scale)
+        for header in ((0, kind), (2, kind), (1, 0), (1, 3), (1, 3 - kind)):
+            with pytest.raises(InvalidMessage):
+                k.load(bytes(header) + bytes(size))
