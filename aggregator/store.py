@@ -251,8 +251,20 @@ def normalize_url(url: str) -> str:
         return "sqlite:///" + urllib.parse.quote(url, safe="/")
     scheme, rest = url.split("://", 1)
     scheme = scheme.lower()  # (a URL's scheme is case-insensitive: POSTGRESQL:// was refused)
-    if scheme in ("postgresql", "postgres"):
-        return "postgresql+psycopg://" + rest
+    if scheme in ("postgresql", "postgres", "postgresql+psycopg"):
+        url = "postgresql+psycopg://" + rest
+        # (a port that is no number, as in "postgresql://user:password" with no host, raised
+        # ValueError from SQLAlchemy, whose message quoted the "port": the password)
+        try:
+            port = sa.engine.make_url(url).port
+        except (sa.exc.ArgumentError, ValueError):
+            port = -1
+        # defence: store.unparseable-url-named
+        if port is not None and not 1 <= port <= 65535:
+            raise StoreError("the store URL cannot be parsed: its port is not a number in "
+                             "1-65535 (give postgresql://USER@HOST:PORT/DATABASE, the "
+                             "password in PGPASSWORD or ~/.pgpass)")
+        return url
     # (another database's URL reached SQLAlchemy, which answered "No module named
     # 'MySQLdb'" or "Can't load plugin: sqlalchemy.dialects:http"; the scheme is named only
     # when it is one: "PGPASSWORD=... postgresql" is not shown)

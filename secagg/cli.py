@@ -51,6 +51,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _params(text: str) -> int:
+    """A number of parameters: at most a round's longest vector (2**31 - 1); more was refused
+    from inside as "vector_length must be in [1, 2**31 - 1]", naming no flag."""
+    value = _positive(text)
+    # defence: cli.params-bounded
+    if value > 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"must be at most 2**31 - 1 (a round's longest "
+                                         f"vector), got {text}")
+    return value
+
+
 def _clients(text: str) -> int:
     """A number of sites for a benchmark: as many as a federation may have (init's 3 to
     10,000); 99,999,999,999 ran silently, its memory growing until the machine ran out, and
@@ -86,6 +97,21 @@ def _sites(text: str) -> int:
     if value < 3:
         raise argparse.ArgumentTypeError(f"must be >= 3 (the sum of 2 would reveal the "
                                          f"other's update), got {text}")
+    # (`simulate --sites 100000` ran on and on; a federation has at most 10,000)
+    # defence: cli.sites-at-most-ten-thousand
+    if value > 10_000:
+        raise argparse.ArgumentTypeError(f"must be at most 10000 (a federation's most sites), "
+                                         f"got {text}")
+    return value
+
+
+def _workers(text: str) -> int:
+    """Worker processes for a benchmark: at most 256 (99,999 was taken, and masking's then
+    raised "length must be >= processes" from inside; CKKS's said it released with them)."""
+    value = _positive(text)
+    # defence: cli.bench-workers-bounded
+    if value > 256:
+        raise argparse.ArgumentTypeError(f"must be at most 256, got {text}")
     return value
 
 
@@ -243,7 +269,9 @@ def _bench(args: argparse.Namespace) -> int:
         from secagg.bench.masking import run
 
         out = run(args.clients, args.params, args.dropout, args.neighbors, args.threshold,
-                  args.seed, quiet=args.json, workers=args.workers,
+                  args.seed, quiet=args.json,
+                  # (more processes than values: "length must be >= processes" from inside)
+                  workers=min(args.workers, args.params),
                   corrupt_fraction=args.corrupt_fraction, dropout_rate=args.dropout_rate)
     else:
         from secagg.bench.ckks import run as run_ckks
@@ -292,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="one in-process round of simulated sites (no "
                                           "network): the protocols alone")
     sim.add_argument("--sites", type=_sites, default=10)
-    sim.add_argument("--params", type=_positive, default=100_000)
+    sim.add_argument("--params", type=_params, default=100_000)
     sim.add_argument("--dropout", type=_fraction, default=None,
                      help="fraction of sites that drop out, masking only (default: 0.2)")
     sim.add_argument("--seed", type=_seed, default=7, help="seed for the made-up data")
@@ -303,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="protocol", required=True)
     masking = bench_sub.add_parser("masking")
     masking.add_argument("--clients", type=_clients, default=100)
-    masking.add_argument("--params", type=_positive, default=1_000_000)
+    masking.add_argument("--params", type=_params, default=1_000_000)
     masking.add_argument("--dropout", type=_fraction, default=0.1)
     masking.add_argument("--neighbors", type=_neighbors, default=None,
                          help="k for SecAgg+ (even), or 'auto'; default: the complete graph")
@@ -314,16 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
                          help="expected dropout the SecAgg+ bound plans for "
                               "(default: --dropout)")
     masking.add_argument("--seed", type=_seed, default=1)
-    masking.add_argument("--workers", type=_positive, default=min(2, os.cpu_count() or 1),
+    masking.add_argument("--workers", type=_workers, default=min(2, os.cpu_count() or 1),
                          help="processes sharing mask expansion (default: cores, at most 2)")
     masking.add_argument("--json", action="store_true")
     ckks = bench_sub.add_parser("ckks")
     ckks.add_argument("--clients", type=_clients, default=100)
-    ckks.add_argument("--params", type=_positive, default=1_000_000)
+    ckks.add_argument("--params", type=_params, default=1_000_000)
     ckks.add_argument("--preset", default="add-only-4096")
     ckks.add_argument("--seeded", action="store_true",
                       help="sites hold the secret key: seeded symmetric ciphertexts")
-    ckks.add_argument("--workers", type=_positive, default=os.cpu_count() or 1,
+    ckks.add_argument("--workers", type=_workers, default=os.cpu_count() or 1,
                       help="processes each site encrypts with (default: the CPU count); "
                            "one process is measured too")
     ckks.add_argument("--json", action="store_true")
@@ -331,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     service.add_argument("--protocol", dest="service_protocol", choices=["masking", "ckks"],
                          default="masking")
     service.add_argument("--clients", type=_clients, default=10)
-    service.add_argument("--params", type=_positive, default=1_000_000)
+    service.add_argument("--params", type=_params, default=1_000_000)
     service.add_argument("--json", action="store_true")
     for p in (masking, ckks, service):
         p.set_defaults(func=_bench)
@@ -378,6 +406,12 @@ def _main(argv: Sequence[str] | None) -> int:
     except (OSError, ValueError, zipfile.BadZipFile, sqlite3.Error) as e:
         if os.environ.get("SECAGG_DEBUG", "") not in ("", "0"):
             raise
+        if isinstance(e, OSError) and e.filename and e.strerror:
+            # (the file and the system's reason: "NotADirectoryError (m.npz): Not a
+            # directory" named a Python class an operator has no use for)
+            print(f"secagg: error: cannot use {e.filename}: {e.strerror} (SECAGG_DEBUG=1 "
+                  "shows where)", file=sys.stderr)
+            return 2
         where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         print(f"secagg: error: {type(e).__name__}{where}: {reason} (SECAGG_DEBUG=1 shows "

@@ -509,8 +509,13 @@ class FlatModel:
             # np.load takes any other file for a pickle and says so (suggesting the unsafe
             # way to load it): only a zip archive is a model file here
             if not path.is_file():
-                raise ConfigurationError(f"cannot read model {path}: "
-                                         f"{'a directory' if path.is_dir() else 'no such file'}")
+                # (a FIFO, or a link in a loop, was "no such file")
+                # defence: model.not-a-file-said-what-it-is
+                what = ("a directory" if path.is_dir() else
+                        "not a regular file" if path.exists() else
+                        "a symbolic link that leads nowhere" if path.is_symlink() else
+                        "no such file")
+                raise ConfigurationError(f"cannot read model {path}: {what}")
             if not zipfile.is_zipfile(path):
                 raise ConfigurationError(f"cannot read model {path}: not a .npz archive of "
                                          "named arrays (numpy.savez)")

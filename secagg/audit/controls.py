@@ -187,10 +187,18 @@ def parse_controls(text: str, source: str = CONTROLS_FILE) -> list[Control]:
 
 
 def load_controls(path: Path) -> list[Control]:
+    # (a FIFO was waited on for ever; a file not UTF-8 was "UnicodeDecodeError: 'utf-8'
+    # codec can't decode byte 0xff")
+    # defence: audit.controls-file-regular-utf8
+    if path.exists() and not path.is_file():
+        raise AuditError(f"cannot read the controls file {path}: not a regular file")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise AuditError(f"cannot read the controls file: {e}") from None
+        raise AuditError(f"cannot read the controls file {path}: "
+                         f"{e.strerror or type(e).__name__}") from None
+    except UnicodeDecodeError:
+        raise AuditError(f"cannot read the controls file {path}: not UTF-8 text") from None
     return parse_controls(text, str(path))
 
 

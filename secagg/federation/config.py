@@ -230,7 +230,13 @@ class FederationConfig:
             raise ConfigurationError(f"config file {path} is not UTF-8 text") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigurationError(f"config file {path} is not valid TOML: {e}") from None
-        return cls.from_dict(data, base=path.parent)
+        # (a value's error named the key, not the file: "[federation] protocol is missing"
+        # for an empty file, where an operator holds several configs)
+        try:
+            return cls.from_dict(data, base=path.parent)
+        # defence: config.errors-name-the-file
+        except ConfigurationError as e:
+            raise ConfigurationError(f"{path}: {e}") from None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, base: Path | None = None) -> FederationConfig:

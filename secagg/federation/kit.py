@@ -567,6 +567,12 @@ def sign_request(federation: Path | str, request_path: Path | str, out: Path | s
     hold yet is refused unless ``add_site``: adding a seat is the operator's decision, made
     knowingly (one party asking for a second site id looked like a rotation)."""
     fed = Path(federation)
+    # (a FIFO, or a device, given as the request: the read waited for a writer for ever)
+    # defence: federation.request-regular-file
+    if Path(request_path).exists() and not Path(request_path).is_file():
+        raise ConfigurationError(f"cannot read the site request {request_path}: not a regular "
+                                 "file (a request is the request.json `secagg federation csr` "
+                                 "writes)")
     try:
         request = json.loads(Path(request_path).read_text(encoding="utf-8-sig"))  # (a BOM)
         site_id = request["site_id"]

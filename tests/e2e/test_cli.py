@@ -297,3 +297,74 @@ def test_a_short_output_or_an_error_into_a_closed_pipe_stops_quietly(
         os.close(write)
     assert proc.returncode == 141, log.read_text()
     assert log.read_text() == ""
+
+
+@pytest.mark.parametrize("argv", [["simulate"], ["bench", "masking"], ["bench", "ckks"],
+                                  ["bench", "service"]])
+def test_more_params_than_a_round_holds_is_a_usage_error_naming_params(
+        argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """`simulate --params 99999999999` said "vector_length must be in [1, 2**31 - 1]", naming
+    no flag. (Parsed only: nothing runs, with or without the bound.)"""
+    from secagg.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args([*argv, "--params", str(2**31 - 1)]).params == 2**31 - 1
+    with pytest.raises(SystemExit) as caught:
+        parser.parse_args([*argv, "--params", str(2**31)])
+    assert caught.value.code == 2
+    assert "--params: must be at most 2**31 - 1" in capsys.readouterr().err
+
+
+def test_an_os_error_names_the_file_not_a_python_class(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`federation csr --dir FILE` said "NotADirectoryError (FILE/client.key): Not a
+    directory"."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    assert main(["federation", "csr", "--dir", str(not_a_dir), "--site", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"secagg: error: cannot use {not_a_dir}/client.key: Not a directory")
+    assert "NotADirectoryError" not in err
+
+
+def test_a_model_that_is_a_fifo_is_said_to_be_one_not_missing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`federation init --model FIFO` said "cannot read model FIFO: no such file"."""
+    import os
+
+    fifo = tmp_path / "model.npz"
+    os.mkfifo(fifo)
+    assert main(["federation", "init", "--dir", str(tmp_path / "fed"), "--sites", "3",
+                 "--model", str(fifo)]) == 2
+    assert capsys.readouterr().err.strip() == (f"secagg: error: cannot read model {fifo}: "
+                                               "not a regular file")
+
+
+def test_a_bad_value_in_a_config_file_names_the_file(tmp_path: Path) -> None:
+    """An operator holds several configs: "[federation] protocol is missing" did not say
+    which file lacked it."""
+    from secagg.errors import ConfigurationError
+    from secagg.federation.config import FederationConfig
+
+    empty = tmp_path / "federation.toml"
+    empty.write_text("")
+    with pytest.raises(ConfigurationError) as caught:
+        FederationConfig.load(empty)
+    assert str(caught.value).startswith(f"{empty}: ") and "protocol" in str(caught.value)
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["simulate", "--sites", "100000"], "--sites: must be at most 10000"),
+    (["bench", "masking", "--workers", "99999"], "--workers: must be at most 256"),
+    (["bench", "ckks", "--workers", "257"], "--workers: must be at most 256"),
+])
+def test_counts_past_what_a_run_can_use_are_usage_errors(
+        argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`simulate --sites 100000` ran on and on; `bench masking --workers 99999` raised
+    "length must be >= processes" from inside, and CKKS's said it used them."""
+    from secagg.cli import build_parser
+
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args(argv)
+    assert caught.value.code == 2
+    assert says in capsys.readouterr().err

@@ -791,3 +791,33 @@ def test_a_request_that_is_not_one_says_why(tmp_path: Path, content: bytes | Non
     with pytest.raises(ConfigurationError, match=re.escape(f"{request}: {reason}")) as e:
         sign_request(fed, request, tmp_path / "out")
     assert "secagg federation csr" in str(e.value)
+
+
+def test_a_request_that_is_a_fifo_is_refused_not_waited_for(tmp_path: Path) -> None:
+    """`federation sign --request FIFO` waited for a writer for ever."""
+    import threading
+
+    from secagg.federation.kit import sign_request
+
+    fed = tmp_path / "fed"
+    init_federation(fed, 3)
+    request = tmp_path / "request.json"
+    os.mkfifo(request)
+    raised: list[BaseException] = []
+
+    def sign() -> None:
+        try:
+            sign_request(fed, request, tmp_path / "out")
+        except BaseException as e:  # (asserted below)
+            raised.append(e)
+
+    thread = threading.Thread(target=sign, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    if thread.is_alive():
+        with open(request, "wb"):  # (release the waiting read)
+            pass
+        thread.join(timeout=20)
+        pytest.fail("sign_request waited on a FIFO for a writer")
+    assert len(raised) == 1 and isinstance(raised[0], ConfigurationError)
+    assert f"{request}: not a regular file" in str(raised[0])

@@ -6,6 +6,7 @@ Cheap static checks (no subprocess): running the controls is ``secagg threat-mod
 from __future__ import annotations
 
 import ast
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -180,3 +181,29 @@ def test_node_ids_and_markers_are_read_as_written(tmp_path: Path) -> None:
         '"""Mark defences with # defence: <id>."""\n'
         "x = 1  # defence: a.b, c.d\n")
     assert [(m.line, m.control_id) for m in scan_markers(tmp_path)] == [(2, "a.b"), (2, "c.d")]
+
+
+def test_a_controls_file_that_is_a_fifo_or_not_utf8_is_one_line(tmp_path: Path) -> None:
+    # (a FIFO was waited on for ever; a file not UTF-8 was a UnicodeDecodeError)
+    import threading
+
+    from secagg.audit.controls import AuditError, load_controls
+
+    fifo = tmp_path / "controls.toml"
+    os.mkfifo(fifo)
+
+    def release() -> None:  # (an empty write end, after a while: a waiting read ends)
+        for _ in range(50):
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                return
+            except OSError:  # (no reader yet, or none at all: refused at once)
+                threading.Event().wait(0.1)
+
+    threading.Thread(target=release, daemon=True).start()
+    with pytest.raises(AuditError, match=re.escape(f"controls file {fifo}: not a regular file")):
+        load_controls(fifo)
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(AuditError, match=re.escape(f"controls file {binary}: not UTF-8 text")):
+        load_controls(binary)

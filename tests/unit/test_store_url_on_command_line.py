@@ -93,3 +93,20 @@ def test_serve_publishes_metrics_on_loopback_unless_told_otherwise() -> None:
     args = build_parser().parse_args(["aggregator", "serve", "--config", "x.toml"])
     host = args.metrics.rpartition(":")[0].strip("[]")
     assert ipaddress.ip_address(host).is_loopback
+
+
+@pytest.mark.parametrize("url", [f"postgresql://secagg:{PASSWORD}",
+                                 f"postgresql://secagg:{PASSWORD}@127.0.0.1:{PASSWORD}/db",
+                                 "postgresql://secagg@127.0.0.1:99999/db"])
+@pytest.mark.parametrize("command", [["migrate"], ["backup", "--out", "{tmp}/b.dump"]])
+def test_a_store_url_with_a_bad_port_is_named_never_its_password(
+        url: str, command: list[str], tmp_path: pytest.TempPathFactory,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # ("postgresql://user:password", no host: the password was read as the port, and
+    # SQLAlchemy's ValueError quoted it: "invalid literal for int() with base 10: '...'")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in command]
+    assert main(["aggregator", *args[:1], "--store", url, *args[1:]]) == 2
+    err = capsys.readouterr().err
+    assert PASSWORD not in err and "ValueError" not in err
+    assert err.splitlines()[-1].startswith("secagg: error: the store URL cannot be parsed: "
+                                           "its port")
