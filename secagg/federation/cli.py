@@ -81,11 +81,20 @@ def _sign(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dir_path(text: str) -> Path:
+    """A directory argument: an empty one (an unset "$FED_DIR") was the working directory,
+    and `csr` wrote a site's private keys there."""
+    # defence: federation.cli-dir-not-empty
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a directory, got an empty string")
+    return Path(text)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     fed = sub.add_parser("federation", help="set up a federation's keys, certificates, roster")
     fed_sub = fed.add_subparsers(dest="federation_command", required=True)
     init = fed_sub.add_parser("init", help="write a trial federation into a directory")
-    init.add_argument("--dir", required=True, type=Path)
+    init.add_argument("--dir", required=True, type=_dir_path)
     init.add_argument("--sites", required=True, type=int)
     init.add_argument("--protocol", choices=["masking", "ckks"], default="masking")
     init.add_argument("--key-holders", type=_site_ids, default=None,
@@ -100,7 +109,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                            "pinned in every site's config, so the aggregator cannot choose it")
     init.set_defaults(func=_init)
     csr = fed_sub.add_parser("csr", help="make this site's own keys and certificate request")
-    csr.add_argument("--dir", required=True, type=Path)
+    csr.add_argument("--dir", required=True, type=_dir_path)
     csr.add_argument("--site", required=True, type=_site_id)
     csr.add_argument("--identity", type=Path, default=None,
                      help="the site's existing identity.key, to rotate its certificate (the "
@@ -108,7 +117,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     csr.set_defaults(func=_csr)
     sign = fed_sub.add_parser(
         "sign", help="sign a site's request: a new certificate (with --add-site, a new seat)")
-    sign.add_argument("--dir", required=True, type=Path, help="the federation directory")
+    sign.add_argument("--dir", required=True, type=_dir_path, help="the federation directory")
     sign.add_argument("--request", required=True, type=Path)
     sign.add_argument("--out", required=True, type=Path)
     sign.add_argument("--add-site", action="store_true",
@@ -118,6 +127,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     remove = fed_sub.add_parser(
         "remove-site", help="re-sign the roster without a site (its certificate is then "
                             "refused by an aggregator started with the new roster)")
-    remove.add_argument("--dir", required=True, type=Path, help="the federation directory")
+    remove.add_argument("--dir", required=True, type=_dir_path, help="the federation directory")
     remove.add_argument("--site", required=True, type=_site_id)
     remove.set_defaults(func=_remove)

@@ -110,12 +110,20 @@ def check_hosts(hosts: Sequence[str]) -> None:
         except ValueError:
             pass
         name = host[:-1] if host.endswith(".") else host
+        labels = name.split(".")
+        # (a "*" was taken in any label: "ex*ample" and "f*.example.com" went into the
+        # certificate, partial wildcards that verifiers match in their own ways; a wildcard
+        # is a whole first label over at least two more. An all-digit last label is no DNS
+        # name but a mistyped address: 256.1.1.1 was certified as a name)
+        # defence: pki.host-wildcards-whole-first-label
+        wildcard = labels[0] == "*" and len(labels) >= 3
         if not (0 < len(name) <= 253 and name.isascii() and all(
-                label and all(c.isalnum() or c in "-_*" for c in label)
-                for label in name.split("."))):
+                label and all(c.isalnum() or c in "-_" for c in label)
+                for label in labels[1 if wildcard else 0:])
+                and not labels[-1].isdigit()):
             raise ConfigurationError(f"--host {host!r} is not an IP address or a DNS name "
-                                     "(ASCII letters, digits, '-', '_', '.'; IDNA A-labels "
-                                     "for others)")
+                                     "(ASCII letters, digits, '-', '_', '.', a leading '*.'; "
+                                     "IDNA A-labels for others)")
 
 
 def issue_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,

@@ -368,3 +368,19 @@ def test_counts_past_what_a_run_can_use_are_usage_errors(
         build_parser().parse_args(argv)
     assert caught.value.code == 2
     assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["federation", "init", "--sites", "3", "--model", "m.npz"],
+                                     ["federation", "csr", "--site", "4"],
+                                     ["federation", "remove-site", "--site", "2"]])
+@pytest.mark.parametrize("empty", ["", " "])
+def test_an_empty_directory_argument_is_a_usage_error(
+        command: list[str], empty: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """An unset "$FED_DIR" made `--dir ""`, which was the working directory: `csr` wrote a
+    site's private keys into wherever the operator stood."""
+    from secagg.cli import build_parser
+
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args([*command, "--dir", empty])
+    assert caught.value.code == 2
+    assert "--dir: must name a directory" in capsys.readouterr().err

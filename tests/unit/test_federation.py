@@ -912,3 +912,15 @@ def test_init_refuses_key_holders_that_are_no_sequence(tmp_path: Path) -> None:
     """key_holders=2 raised TypeError from tuple()."""
     with pytest.raises(ConfigurationError, match="key_holders must be a sequence"):
         init_federation(tmp_path / "a", 3, protocol="ckks", key_holders=2)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("host", ["ex*ample", "f*.example.org", "*.org", "a.*.example.org",
+                                  "256.1.1.1", "10.0.0.300", "*"])
+def test_a_host_with_a_partial_wildcard_or_a_mistyped_address_is_refused(
+        tmp_path: Path, host: str) -> None:
+    """A wildcard is a whole first label over at least two more ("*.example.org"); "ex*ample"
+    and "f*.example.org" (partial wildcards, matched differently by each verifier) and a
+    mistyped address taken for a DNS name went into the aggregator's certificate."""
+    with pytest.raises(ConfigurationError, match="is not an IP address or a DNS name"):
+        init_federation(tmp_path / "fed", 3, hosts=[host])
+    assert not (tmp_path / "fed").exists() or not any((tmp_path / "fed").iterdir())
