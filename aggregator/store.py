@@ -245,6 +245,10 @@ def normalize_url(url: str) -> str:
         # defence: store.directory-named
         if Path(url).is_dir():
             raise StoreError(f"the store {url} is a directory: name a SQLite file in it")
+        # (a FIFO or a device was "unreachable: OperationalError", or waited for a writer)
+        # defence: store.special-file-named
+        if Path(url).exists() and not Path(url).is_file():
+            raise StoreError(f"the store {url} is not a regular file: name a SQLite file")
         # quoted: SQLAlchemy decodes %XX in a URL and takes '?' for its query, so the store
         # 'agg%41.db' was opened as 'aggA.db' and 'a?b.db' as 'a'
         # defence: store.path-quoted-in-url
@@ -283,6 +287,10 @@ def normalize_url(url: str) -> str:
         # defence: store.directory-named-in-a-url
         if database and database != ":memory:" and Path(database).is_dir():
             raise StoreError(f"the store {database} is a directory: name a SQLite file in it")
+        # defence: store.special-file-named-in-a-url
+        if database and database != ":memory:" and (Path(database).exists()
+                                                     and not Path(database).is_file()):
+            raise StoreError(f"the store {database} is not a regular file: name a SQLite file")
     return url
 
 

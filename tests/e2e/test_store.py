@@ -1036,6 +1036,18 @@ def test_a_store_path_that_is_a_directory_is_named_as_one(tmp_path: Path) -> Non
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_store_path_that_is_a_fifo_or_a_device_is_named_as_one(tmp_path: Path) -> None:
+    """--store FIFO was "unreachable: OperationalError" (or waited on the FIFO)."""
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for open_it in (Store, migrate):
+        for spelled in (str(fifo), f"sqlite:///{fifo}", "/dev/null"):
+            with pytest.raises(StoreError, match="is not a regular file"):
+                open_it(spelled)
+
+
 def test_a_refused_connection_is_said_as_one() -> None:
     """A PostgreSQL store nobody listens on was "unreachable: OperationalError", no reason."""
     with pytest.raises(StoreUnreachable, match="refused the connection") as e:
