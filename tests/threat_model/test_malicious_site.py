@@ -668,25 +668,40 @@ def test_a_site_sending_past_the_clip_norm_aborts_the_round_over_the_service(
     norm (CKKS: the released average's, times the weight sum, beside the flooding noise's)
     against clip_norm times the weight sum: the round aborts, out of range, and no model is
     published from it."""
+    reports, aborted = _four_sites_one_malicious(tmp_path, protocol, ("--unclipped", "1:1.0"),
+                                                 within=120.0)
+    assert all("AGGREGATE_OUT_OF_RANGE" in r["reason"] for r in reports.values()), reports
+    assert [e["reason"] for e in aborted] == ["AGGREGATE_OUT_OF_RANGE"], aborted
+
+
+def _four_sites_one_malicious(tmp_path: Any, protocol: str, flag: tuple[str, str], *,
+                              within: float, **deadlines: float
+                              ) -> tuple[dict[int, Any], list[dict[str, Any]]]:
+    """One round of 4 site processes over the service, site 4 run with ``flag``; each must
+    end (RoundAborted) ``within`` seconds of the start. (Each site's report, the
+    aggregator's round_aborted events.)"""
+    import time
+
     from tests.service_kit import make_federation, read_reports, start_aggregator, start_site
 
-    fed = make_federation(tmp_path, 4, protocol, rounds=1, open_s=60.0, stage_s=20.0)
+    fed = make_federation(tmp_path, 4, protocol, rounds=1, open_s=60.0, stage_s=20.0,
+                          **deadlines)
     agg = start_aggregator(fed, tmp_path)
-    sites = {s: start_site(fed, s, tmp_path / f"site-{s}.jsonl",
-                           *(("--unclipped", "1:1.0") if s == 4 else ())) for s in (1, 2, 3, 4)}
+    began = time.monotonic()
+    sites = {s: start_site(fed, s, tmp_path / f"site-{s}.jsonl", *(flag if s == 4 else ()))
+             for s in (1, 2, 3, 4)}
     try:
         for p in sites.values():
-            assert p.wait(timeout=120) == 0
+            assert p.wait(timeout=max(1.0, within - (time.monotonic() - began))) == 0
     finally:
         for p in sites.values():
             p.kill()
         agg.stop()
+    reports = {}
     for s in (1, 2, 3, 4):
-        (report,) = read_reports(tmp_path / f"site-{s}.jsonl")
-        assert report.get("error") == "RoundAborted", report
-        assert "AGGREGATE_OUT_OF_RANGE" in report["reason"]
-    aborted = [e for e in agg.read() if e.get("event") == "round_aborted"]
-    assert [e["reason"] for e in aborted] == ["AGGREGATE_OUT_OF_RANGE"], agg.tail()
+        (reports[s],) = read_reports(tmp_path / f"site-{s}.jsonl")
+        assert reports[s].get("error") == "RoundAborted", reports[s]
+    return reports, [e for e in agg.read() if e.get("event") == "round_aborted"]
 
 
 def test_a_ckks_site_past_the_element_clip_aborts_the_round_when_the_key_holder_refuses(
@@ -697,30 +712,11 @@ def test_a_ckks_site_past_the_element_clip_aborts_the_round_when_the_key_holder_
     the round as AGGREGATE_OUT_OF_RANGE at once. Before, the key holder only stopped, and
     every site waited for the release deadline (here 240 s: the sites are given 60) for an
     abort that named no cause."""
-    import time
-
-    from tests.service_kit import make_federation, read_reports, start_aggregator, start_site
-
-    fed = make_federation(tmp_path, 4, "ckks", rounds=1, open_s=60.0, stage_s=20.0,
-                          release_s=240.0)
-    agg = start_aggregator(fed, tmp_path)
-    began = time.monotonic()
-    sites = {s: start_site(fed, s, tmp_path / f"site-{s}.jsonl",
-                           *(("--past-the-clip", "1:50.0") if s == 4 else ()))
-             for s in (1, 2, 3, 4)}
-    try:
-        for p in sites.values():
-            assert p.wait(timeout=max(1.0, 60 - (time.monotonic() - began))) == 0
-    finally:
-        for p in sites.values():
-            p.kill()
-        agg.stop()
-    for s in (1, 2, 3, 4):
-        (report,) = read_reports(tmp_path / f"site-{s}.jsonl")
-        assert report.get("error") == "RoundAborted", report
+    reports, aborted = _four_sites_one_malicious(tmp_path, "ckks", ("--past-the-clip", "1:50.0"),
+                                                 within=60.0, release_s=240.0)
+    for s, report in reports.items():
         assert ("OUT_OF_RANGE" if s == 1 else "AGGREGATE_OUT_OF_RANGE") in report["reason"]
-    aborted = [e for e in agg.read() if e.get("event") == "round_aborted"]
-    assert [e["reason"] for e in aborted] == ["AGGREGATE_OUT_OF_RANGE"], agg.tail()
+    assert [e["reason"] for e in aborted] == ["AGGREGATE_OUT_OF_RANGE"], aborted
     assert "key holder refused the sum" in aborted[0]["message"], aborted
 
 
