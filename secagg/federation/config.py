@@ -269,7 +269,8 @@ class FederationConfig:
             trust_root = bytes.fromhex(_get(fed, "federation", "trust_root", str))
         except ValueError:
             raise ConfigurationError("[federation] trust_root must be hex") from None
-        # defence: config.trust-root-32-bytes
+        # (a second layer since check() refuses any trust root not of 32 bytes first:
+        # config.field-types-when-made)
         if len(trust_root) != 32:
             raise ConfigurationError("[federation] trust_root must be a 32-byte Ed25519 key")
         initial = job.get("initial_model")
@@ -290,7 +291,8 @@ class FederationConfig:
             raise ConfigurationError("[masking] neighbors must be \"complete\", \"auto\" or an "
                                      f"even integer, got {neighbors!r}")
         threshold = msk.get("threshold", "auto")
-        # defence: config.threshold-an-integer
+        # (a second layer since check() refuses a threshold of another type first:
+        # config.field-types-when-made)
         if not (threshold == "auto" or (isinstance(threshold, int)
                                         and not isinstance(threshold, bool))):
             raise ConfigurationError(f"[masking] threshold must be \"auto\" or an integer, "
