@@ -255,6 +255,12 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
     # the host sites dial must be one the server certificate names (every site failed the
     # hostname check when --aggregator named a host and --host did not repeat it)
     # defence: federation.init-names-the-aggregator-host
+    # (named as the flag: "[federation] aggregator must be host:port" named a file init had
+    # not written yet)
+    port = aggregator.rpartition(":")[2] if isinstance(aggregator, str) else ""
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ConfigurationError(f"--aggregator must be HOST:PORT with a port in 1-65535, got "
+                                 f"{aggregator!r:.80}")
     dialled = _dial_host(aggregator)
     # (a host no certificate can name, "bad host:50051", was written to every config, and
     # every site would fail the TLS check)
@@ -498,6 +504,13 @@ def make_site_request(directory: Path | str, site_id: int, *,
     # defence: federation.csr-site-id-bounded (checked before a key is written)
     if isinstance(site_id, bool) or not isinstance(site_id, int) or not 1 <= site_id < 2**63:
         raise ConfigurationError(f"a site id is a positive integer below 2**63, got {site_id!r}")
+    # (the operator's directory: the site's private keys beside the CA's, and a request.json
+    # the operator then signs from their own federation root)
+    # defence: federation.csr-not-in-a-federation-root
+    if os.path.lexists(d / "ca" / "ca.key"):
+        raise ConfigurationError(
+            f"{d} is a federation's directory (the operator's): make a site's request in the "
+            "site's own directory")
     private: Ed25519PrivateKey | None = None
     if identity_key is not None:
         try:

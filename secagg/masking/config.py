@@ -134,16 +134,8 @@ class RoundConfig:
             # covers, and far beyond any model a site sends)
             raise ConfigurationError(
                 f"vector_length must be in [1, 2**31 - 1], got {self.vector_length}")
-        for name in ("corrupt_fraction", "dropout_rate"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not (
-                    0 <= value < 1):
-                raise ConfigurationError(f"{name} must be in [0, 1), got {value!r}")
-        if (type(self.security_bits) is not int
-                or not graph.MIN_SECURITY_BITS <= self.security_bits <= 256):
-            raise ConfigurationError(
-                f"security_bits must be an integer in [{graph.MIN_SECURITY_BITS}, 256], "
-                f"got {self.security_bits!r}")
+        graph.check_inputs(len(self.roster), self.corrupt_fraction, self.dropout_rate,
+                           self.security_bits)
         if type(self.word_bits) is not int:
             raise ConfigurationError(f"word_bits must be an integer, got {self.word_bits!r}")
         clip = _check_range("clip", self.clip)

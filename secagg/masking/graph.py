@@ -202,11 +202,12 @@ def _sparse_candidate(sites: int, k: int, corrupt: int, dropout_rate: float,
     return None
 
 
-def _check_inputs(sites: object, corrupt_fraction: object, dropout_rate: object,
-                  security_bits: object) -> None:
-    """What RoundConfig checks before it calls the two functions below, for direct callers: a
-    security_bits of -5 returned a graph with P(failure) <= 2^4.7, a negative corrupt_fraction
-    a threshold of 2, and a NaN dropout_rate raised ValueError from math.floor."""
+def check_inputs(sites: object, corrupt_fraction: object, dropout_rate: object,
+                 security_bits: object) -> None:
+    """Refuse what the two functions below cannot size a graph for (RoundConfig calls this
+    too, so there is one check): a security_bits of -5 returned a graph with P(failure) <=
+    2^4.7, a negative corrupt_fraction a threshold of 2, and a NaN dropout_rate raised
+    ValueError from math.floor."""
     def fraction(v: object) -> bool:
         return (isinstance(v, int | float) and not isinstance(v, bool)
                 and 0 <= v < 1)  # (NaN fails the comparison)
@@ -228,7 +229,7 @@ def find_sparse_parameters(sites: int, corrupt_fraction: float, dropout_rate: fl
                            security_bits: int = MIN_SECURITY_BITS) -> GraphParameters | None:
     """The smallest even k (and its smallest t) meeting the bound, or None if only the
     complete graph does (small rosters)."""
-    _check_inputs(sites, corrupt_fraction, dropout_rate, security_bits)
+    check_inputs(sites, corrupt_fraction, dropout_rate, security_bits)
     corrupt = colluders(sites, corrupt_fraction)
     quorum = consistency_quorum(sites, corrupt_fraction)
     # (a sparse graph whose quorum the expected dropouts break aborts every round)
@@ -247,7 +248,7 @@ def check_sparse_parameters(sites: int, neighbors: int, threshold: int | None,
                             corrupt_fraction: float, dropout_rate: float,
                             security_bits: int) -> GraphParameters:
     """Resolve and check an explicit k (and t, or the smallest safe t); refuse a miss."""
-    _check_inputs(sites, corrupt_fraction, dropout_rate, security_bits)
+    check_inputs(sites, corrupt_fraction, dropout_rate, security_bits)
     # defence: masking.graph.integer-degree-and-threshold
     if (isinstance(neighbors, bool) or not isinstance(neighbors, int)
             or (threshold is not None and (isinstance(threshold, bool)

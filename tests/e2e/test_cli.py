@@ -246,6 +246,20 @@ def test_key_holders_for_a_masking_federation_are_refused(
         or "key_holders = [2]" in (tmp_path / "fed" / "federation.toml").read_text()
 
 
+@pytest.mark.parametrize("address", ["no-port", "host:99999", "host:", "host:5x"])
+def test_a_bad_aggregator_address_is_named_as_the_flag(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], address: str) -> None:
+    """It was "[federation] aggregator must be host:port": a key of a file not yet written."""
+    import numpy as np
+
+    np.savez(tmp_path / "init.npz", w=np.zeros(4, np.float32))
+    assert main(["federation", "init", "--dir", str(tmp_path / "fed"), "--sites", "3",
+                 "--model", str(tmp_path / "init.npz"), "--aggregator", address]) == 2
+    assert capsys.readouterr().err == (f"secagg: error: --aggregator must be HOST:PORT with a "
+                                       f"port in 1-65535, got {address!r}\n")
+    assert not (tmp_path / "fed").exists()
+
+
 def test_a_dropout_for_a_ckks_simulation_is_refused_not_ignored(
         capsys: pytest.CaptureFixture[str]) -> None:
     """`simulate --protocol ckks --dropout 0.5` ran with every site taking part."""

@@ -48,6 +48,22 @@ def test_graph_helpers_check_their_inputs(call: str, args: tuple) -> None:
         getattr(graph, call)(*args)
 
 
+@pytest.mark.parametrize(("key", "value"), [
+    ("security_bits", -5), ("security_bits", 40.0), ("security_bits", 257),
+    ("dropout_rate", math.nan), ("dropout_rate", 1.0), ("corrupt_fraction", -0.5),
+    ("corrupt_fraction", True),
+])
+def test_round_config_refuses_what_the_graph_cannot_size(key: str, value: object) -> None:
+    """RoundConfig relies on the graph helpers' one check (for a complete graph too, which
+    never asks them for a graph)."""
+    from secagg.masking import RoundConfig, make_roster
+
+    roster = make_roster(5)[0]
+    RoundConfig("r", roster, 4)
+    with pytest.raises(ConfigurationError, match=key):
+        RoundConfig("r", roster, 4, **{key: value})  # type: ignore[arg-type]
+
+
 def test_the_ckks_key_api_names_a_wrong_argument() -> None:
     """Programming slips under the SDK: each a clear error at the call, not an AttributeError
     from inside, an OverflowError from the encoder, or an announcement signed for key holder

@@ -479,6 +479,14 @@ def test_a_site_rotates_its_certificate_with_a_request_its_identity_key_signs(
         make_site_request(site, 2)
 
 
+def test_a_request_is_not_made_in_a_federations_own_directory(fresh_federation: Path) -> None:
+    """`federation csr --dir FED` wrote a site's private keys beside the CA's key."""
+    before = sorted(p.name for p in fresh_federation.iterdir())
+    with pytest.raises(ConfigurationError, match="federation's directory"):
+        make_site_request(fresh_federation, 9)
+    assert sorted(p.name for p in fresh_federation.iterdir()) == before
+
+
 def test_sign_says_whether_it_added_a_seat_or_rotated_a_certificate(
         fresh_federation: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The CLI's line reports this sign's own before/after rosters (read under its lock)."""
