@@ -346,8 +346,9 @@ def run(options: DemoOptions) -> dict[str, Any]:
     rounds, train, deadlines = _defaults(dataset)
     rounds = options.rounds or rounds
     clip_norm = 10.0
-    # One site drops out in one round, if the round can complete without it: a CKKS round
-    # needs min_sites = max(3, colluders + 2) uploads, so with 3 sites nobody may drop.
+    # One site drops out in one round, if the round can complete without it: a sum covers at
+    # least 3 sites in either protocol (CKKS's min_sites, masking's threshold), so with 3
+    # sites nobody may drop.
     # defence: demo.no-dropout-with-three-sites
     dropper = options.sites if options.sites >= 4 else None
     drop_round = min(options.drop_round, rounds)

@@ -1,9 +1,10 @@
 """Round configuration for pairwise masking, validated eagerly, with the graph and threshold rules.
 
 Complete graph (SecAgg, ``neighbors=None``): every site masks with every other and shares its
-secrets with all ``n`` sites. The threshold must satisfy ``t > n(1 + corrupt_fraction)/2``; it is
-also the consistency quorum, so two survivor lists would need ``2t - n`` colluders to both pass
-(more than there are). This holds with certainty.
+secrets with all ``n`` sites. The threshold must satisfy ``t > n(1 + corrupt_fraction)/2`` and
+``t >= 3`` (a sum of two sites hands each the other's update); it is also the consistency
+quorum, so two survivor lists would need ``2t - n`` colluders to both pass (more than there
+are). This holds with certainty.
 
 Sparse graph (SecAgg+, ``neighbors=k`` or ``neighbors="auto"``): each site masks with and shares
 its secrets among its ``k`` neighbours in a Harary graph drawn from the signed roster's graph
@@ -73,7 +74,7 @@ class RoundConfig:
     roster: the federation's :class:`~secagg.roster.Roster` (site id -> Ed25519 identity key,
         plus the graph seed). A plain ``{site: key}`` mapping is accepted for the complete graph.
     vector_length: number of update elements per site (the weight element is added on top).
-    threshold: Shamir threshold; ``None`` picks the smallest safe value.
+    threshold: Shamir threshold; ``None`` picks the smallest safe value (at least 3).
     neighbors: ``None`` for the complete graph; an even k for a k-regular graph (SecAgg+);
         ``"auto"`` for the smallest k that meets the bound.
     corrupt_fraction: the fraction of sites that may collude with the aggregator.
@@ -163,14 +164,19 @@ class RoundConfig:
             if found is not None and self.threshold is None:
                 return found
         if k is None:
-            safe = minimum_safe_threshold(n, self.corrupt_fraction)
+            # and never below three: every site receives the released sum, and a sum of two
+            # hands each of them the other's update (a lying aggregator has only to claim the
+            # third of a 3-site federation dropped). With n >= 4, t > n/2 is at least 3 anyway.
+            # defence: masking.config.sum-of-at-least-three
+            safe = max(minimum_safe_threshold(n, self.corrupt_fraction), MIN_SITES)
             t = safe if self.threshold is None else self.threshold
             # defence: masking.config.threshold-at-least-safe
             # defence: masking.config.threshold-at-most-holders
             if not safe <= t <= n:
                 raise ConfigurationError(
                     f"threshold must be in [{safe}, {n}] for {n} share holders and "
-                    f"corrupt_fraction={self.corrupt_fraction} (t > n*(1+corrupt)/2), got {t}")
+                    f"corrupt_fraction={self.corrupt_fraction} (t > n*(1+corrupt)/2, and at "
+                    f"least {MIN_SITES}: a sum of two sites reveals each to the other), got {t}")
             return graph.GraphParameters(n, n - 1, t, t, None, -math.inf, complete=True)
         if isinstance(k, bool) or not isinstance(k, int):
             raise ConfigurationError(f"neighbors must be an even integer, None or 'auto', "

@@ -159,6 +159,23 @@ def test_client_aborts_if_survivor_list_omits_itself() -> None:
     assert caught.value.reason is AbortReason.SELF_LISTED_AS_DROPPED
 
 
+def test_a_three_site_sum_never_shrinks_to_two() -> None:
+    """With 3 sites the safe threshold was 2: the server claimed site 3 dropped and released
+    the sum of 1 and 2, and each of them, given the average, had the other's update. The
+    threshold (so the quorum) is now never below three, as CKKS's min_sites."""
+    r = Round(sites=3)
+    assert r.config.reconstruction_threshold == 3 == r.config.consistency_quorum
+    r.advance()  # advertise
+    r.advance()  # share keys
+    with pytest.raises(ProtocolAbort, match="TOO_FEW_SURVIVORS"):  # the honest server stops
+        r.advance(skip=frozenset({3}))  # masked input: site 3 "dropped"
+    for site in (1, 2):
+        with pytest.raises(ProtocolAbort) as caught:
+            r.clients[site].handle(SurvivorList((1, 2)))
+        assert caught.value.reason is AbortReason.TOO_FEW_SURVIVORS
+        assert r.clients[site].stage is not Stage.COMPLETED
+
+
 def test_client_answers_only_one_unmask_request() -> None:
     """A second request (say, with a different dropped list) is refused outright."""
     r = Round(sites=7)
