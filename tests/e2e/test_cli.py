@@ -354,6 +354,26 @@ def test_a_model_that_is_a_fifo_is_said_to_be_one_not_missing(
                                                "not a regular file")
 
 
+def test_a_model_that_is_a_dangling_link_is_said_to_be_one(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A symbolic link to a removed model said "no such file" while `ls` shows the name."""
+    link = tmp_path / "model.npz"
+    link.symlink_to(tmp_path / "gone.npz")
+    assert main(["federation", "init", "--dir", str(tmp_path / "fed"), "--sites", "3",
+                 "--model", str(link)]) == 2
+    assert capsys.readouterr().err.strip() == (f"secagg: error: cannot read model {link}: "
+                                               "a symbolic link that leads nowhere")
+
+
+def test_a_masking_benchmark_uses_no_more_workers_than_params(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`bench masking --params 1 --workers 200` raised "length must be >= processes" from
+    inside the keystream split: the workers are clamped to the values."""
+    assert main(["bench", "masking", "--clients", "3", "--params", "1", "--workers", "200",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["workers"] == 1
+
+
 def test_a_bad_value_in_a_config_file_names_the_file(tmp_path: Path) -> None:
     """An operator holds several configs: "[federation] protocol is missing" did not say
     which file lacked it."""

@@ -169,6 +169,63 @@ def test_a_damaged_fashion_mnist_file_is_one_line_naming_it(
             else "training" in text), text
 
 
+def _fashion_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    _idx(tmp_path / "train-images-idx3-ubyte.gz", 2051, rng.integers(0, 256, (30, 28, 28)))
+    _idx(tmp_path / "train-labels-idx1-ubyte.gz", 2049, np.arange(30) % 10)
+    _idx(tmp_path / "t10k-images-idx3-ubyte.gz", 2051, rng.integers(0, 256, (10, 28, 28)))
+    _idx(tmp_path / "t10k-labels-idx1-ubyte.gz", 2049, np.arange(10))
+    monkeypatch.setenv("SECAGG_FASHION_MNIST_DIR", str(tmp_path))
+    load("fashion-mnist")
+
+
+@pytest.mark.parametrize("kept", [4, 12])
+def test_an_idx_file_shorter_than_its_header_is_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kept: int) -> None:
+    """A file cut inside its header raised struct.error ("unpack requires a buffer of 8
+    bytes"), naming no file."""
+    _fashion_files(tmp_path, monkeypatch)
+    images = tmp_path / "train-images-idx3-ubyte.gz"
+    images.write_bytes(gzip.compress(gzip.decompress(images.read_bytes())[:kept]))
+    with pytest.raises(DataError, match=r"train-images.* is not an IDX file"):
+        load("fashion-mnist")
+
+
+def test_an_idx_file_past_the_size_bound_is_refused_not_read_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An IDX file unpacks to at most IDX_MAX_BYTES (a gzip bomb is not read into memory);
+    past it, even one whose header counts its values, is refused naming the file."""
+    import clients.demo.data as data
+
+    _fashion_files(tmp_path, monkeypatch)
+    monkeypatch.setattr(data, "IDX_MAX_BYTES", 30 * 28 * 28)  # < the images' 16 + 23,520
+    with pytest.raises(DataError, match=r"train-images.* is not an IDX file"):
+        load("fashion-mnist")
+
+
+def test_an_idx_file_with_corrupt_deflate_data_is_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gzip file whose compressed bytes are damaged raised zlib.error ("invalid code
+    lengths set" and the like), naming no file."""
+    _fashion_files(tmp_path, monkeypatch)
+    images = tmp_path / "train-images-idx3-ubyte.gz"
+    raw = bytearray(images.read_bytes())
+    raw[10:40] = b"\xff" * 30  # (just past the 10-byte gzip header: the deflate blocks)
+    images.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"cannot read .*train-images.*not a complete gzip"):
+        load("fashion-mnist")
+
+
+def test_test_images_and_labels_that_do_not_pair_are_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test set is paired as the training set is: 10 test images with 7 labels were
+    evaluated against labels of other images (or numpy's broadcast error)."""
+    _fashion_files(tmp_path, monkeypatch)
+    _idx(tmp_path / "t10k-labels-idx1-ubyte.gz", 2049, np.arange(7))
+    with pytest.raises(DataError, match="test files hold 10 images and 7 labels"):
+        load("fashion-mnist")
+
+
 def test_missing_fashion_mnist_says_how_to_install_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SECAGG_FASHION_MNIST_DIR", str(tmp_path / "nowhere"))

@@ -107,3 +107,40 @@ def test_a_masking_degree_or_threshold_out_of_range_is_refused_as_the_file_loads
     with pytest.raises(ConfigurationError, match=rf"\[masking\] {key} must be in"):
         FederationConfig.from_dict({**base, "masking": {key: value}})
     FederationConfig.from_dict({**base, "masking": {key: 8}})
+
+
+@pytest.mark.parametrize("trust_root", [b"\0" * 31, b"\0" * 33, "00" * 32, None])
+def test_config_made_in_python_refuses_a_trust_root_that_is_no_32_byte_key(
+        trust_root: object) -> None:
+    """The trust root every party pins: one of 31 bytes, or its hex string, made a federation
+    no party could load (the loader's own length check is only the TOML file's)."""
+    with pytest.raises(ConfigurationError, match=r"\[federation\] trust_root must be a 32-byte"):
+        replace(_BASE, trust_root=trust_root).check()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("initial_model_digest", b"x"), ("initial_model_digest", "00" * 32),
+    ("aggregator", 5), ("server_learning_rate", True), ("corrupt_fraction", "0.2"),
+    ("dropout_rate", "0.1"), ("max_samples", "5"), ("preset", ["a"]),
+])
+def test_config_made_in_python_names_each_wrongly_typed_field(key: str, value: object) -> None:
+    """A pinned model digest of another length was accepted; the others raised TypeError or
+    AttributeError from inside instead of naming the field."""
+    replace(_BASE, initial_model_digest=b"\1" * 32).check()
+    with pytest.raises(ConfigurationError, match=key):
+        replace(_BASE, **{key: value}).check()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("sites", [0, -3, 100.0, True, "100"])
+def test_graph_helpers_refuse_a_roster_size_that_is_no_positive_integer(sites: object) -> None:
+    with pytest.raises(ConfigurationError, match="sites must be a positive integer"):
+        graph.find_sparse_parameters(sites, 0.2, 0.1, 40)
+    with pytest.raises(ConfigurationError, match="sites must be a positive integer"):
+        graph.check_sparse_parameters(sites, 62, None, 0.2, 0.1, 40)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("neighbors", [62.0, True, "62"])
+def test_graph_helpers_refuse_a_degree_that_is_no_integer(neighbors: object) -> None:
+    with pytest.raises(ConfigurationError, match="neighbors and threshold must be integers"):
+        graph.check_sparse_parameters(100, neighbors, None, 0.2, 0.1, 40)  # type: ignore[arg-type]
+    assert graph.check_sparse_parameters(100, 62, None, 0.2, 0.1, 40).neighbors == 62

@@ -677,3 +677,40 @@ def test_a_kept_key_that_cannot_be_read_is_neither_replaced_nor_sent_past(
     with pytest.raises(SiteError, match="cannot read"):
         second.spend("job-1", 1, b"\x01" * 32, key=("hospitals/job-1/round-1", other.key_id))
     assert History(tmp_path).check("job-1", 1) is None  # (not spent)
+
+
+@pytest.mark.parametrize(("reason", "told"), [("OUT_OF_RANGE", True),
+                                              ("AGGREGATE_MISMATCH", False),
+                                              ("ALREADY_RELEASED", False)])
+def test_the_key_holder_signs_a_refusal_only_of_a_sum_out_of_range(
+        monkeypatch: pytest.MonkeyPatch, reason: str, told: bool) -> None:
+    """The signed refusal says "out of range" (a site's doing, or the weights'): a sum the
+    aggregator made wrongly (AGGREGATE_MISMATCH) must not be answered with it, or a lying
+    aggregator holds the key holder's signature blaming the sites for its own forgery."""
+    from types import SimpleNamespace
+
+    from clients.errors import RoundAborted
+    from secagg import wire
+    from secagg.ckks import _seal
+    from secagg.errors import RefusalReason, RefusedMessage
+
+    def refuse(_aggregate: object) -> None:
+        raise RefusedMessage(RefusalReason[reason])
+
+    monkeypatch.setattr(_seal, "encoded_length", lambda _context, _kind: 7)
+    monkeypatch.setattr(wire.Blob, "from_proto", staticmethod(lambda _p: None))
+    monkeypatch.setattr(wire, "aggregate_from_ref", lambda _ref, _data: "aggregate")
+    r = Round.__new__(Round)
+    r.round_id = "r1"
+    r._key = SimpleNamespace(seal_context=None)  # type: ignore[assignment]
+    r._conn = SimpleNamespace(download=lambda *_a, **_k: b"")  # type: ignore[assignment]
+    sent: list[object] = []
+    r._tell_refusal = lambda _config, ids: sent.append(list(ids))  # type: ignore[method-assign, assignment]
+    request = service_pb2.CkksReleaseRequest()
+    request.aggregate.chunk_count = 1
+    request.aggregate.chunks.size = 7
+    request.aggregate.chunks.chunk_ids.append(b"\1" * 32)
+    config = SimpleNamespace(roster=[1, 2, 3], chunk_count=1)
+    with pytest.raises(RoundAborted, match=reason):
+        r._verify_and_release(SimpleNamespace(finish=refuse), request, config)  # type: ignore[arg-type]
+    assert sent == ([[b"\1" * 32]] if told else [])
