@@ -14,7 +14,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
-from secagg._inputs import check_site
+from secagg._inputs import check_site, input_pair
 from secagg.ckks import _chunks
 from secagg.ckks.keys import KeyHolder, PublicContext
 from secagg.ckks.release import release_average
@@ -60,7 +60,7 @@ class CkksClient:
         site_id = check_site(config.roster, site_id, identity)
         # defence: ckks.client.input-checked-at-construction
         if not callable(model_input):
-            config.check_input(*model_input)  # a bad input fails here, not mid-round
+            config.check_input(*input_pair(model_input))  # a bad input fails here, not mid-round
         # defence: ckks.client.context-type
         if not isinstance(context, PublicContext | KeyHolder):
             raise TypeError("context must be the round's PublicContext (or the KeyHolder "
@@ -102,7 +102,7 @@ class CkksClient:
     def start(self) -> EncryptedUpdate:
         if self.stage is not CkksStage.UPLOAD:
             raise PreconditionError(f"start is not valid in stage {self.stage.name}")
-        update, weight = self._input() if callable(self._input) else self._input
+        update, weight = input_pair(self._input() if callable(self._input) else self._input)
         self._input = (np.empty(0), 0.0)
         rows = self.config.layout(update, weight)
         chunks = tuple(self._encrypt(rows))

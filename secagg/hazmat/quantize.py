@@ -130,8 +130,11 @@ class Quantizer:
         offset = self.update_range * self.update_scale * unit
         half_width = self.clip * weight * self.update_scale * unit
         scaled = np.empty(update.shape[0] + 1, dtype=np.float64)
-        np.multiply(update, u_scale, out=scaled[:-1])
-        scaled[:-1] += offset
+        # (a finite value past ~1e292 overflows to +-inf here, which the clip below brings back
+        # to the bound: not worth numpy's RuntimeWarning on the site's console)
+        with np.errstate(over="ignore"):
+            np.multiply(update, u_scale, out=scaled[:-1])
+            scaled[:-1] += offset
         # clipping after scaling == clipping the update to [-clip, clip] (weight > 0)
         # defence: hazmat.quantize.clip-update
         np.clip(scaled[:-1], offset - half_width, offset + half_width, out=scaled[:-1])

@@ -30,7 +30,7 @@ from typing import NoReturn
 
 import numpy as np
 
-from secagg._inputs import check_site, check_update
+from secagg._inputs import check_site, check_update, input_pair
 from secagg.errors import AbortReason, InvalidMessage, PreconditionError, ProtocolAbort
 from secagg.hazmat import aead, shamir, signing
 from secagg.hazmat.key_agreement import PUBLIC_KEY_BYTES, AgreementKey, key_class
@@ -112,7 +112,7 @@ class MaskingClient:
             raise TypeError(f"config must be a RoundConfig, got {type(config).__name__}")
         site_id = check_site(config.roster, site_id, identity)
         if not callable(model_input):  # a bad input fails here, not in the middle of a round
-            check_update(*model_input, max_weight=config.max_weight,
+            check_update(*input_pair(model_input), max_weight=config.max_weight,
                          length=config.vector_length)
         self.config = config
         self.site_id = site_id
@@ -330,7 +330,7 @@ class MaskingClient:
                    if self._splitter is not None
                    and self._splitter.length == self.config.vector_length + 1 else None)
         try:
-            update, weight = self._input() if callable(self._input) else self._input
+            update, weight = input_pair(self._input() if callable(self._input) else self._input)
             masked = self.config.quantizer.encode(update, weight,
                                                   length=self.config.vector_length)
         # defence: masking.client.provider-error-is-local

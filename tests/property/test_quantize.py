@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -170,8 +171,11 @@ def test_decoding_more_sites_than_configured_is_refused() -> None:
 @pytest.mark.parametrize("bits", [32, 64])
 def test_elements_beyond_the_clip_bound_encode_as_the_bound(bits: int) -> None:
     q = Quantizer(clip=1.0, max_weight=2.0, max_sites=8, word_bits=bits)
-    encoded = q.encode(np.array([-5.0, -1.0, 1.0, 5.0, -1e12, 1e12]), 2.0)[:-1]
-    assert list(encoded) == [0, 0, q.levels, q.levels, 0, q.levels]
+    with warnings.catch_warnings():  # (1e300 overflowed to inf, with numpy's RuntimeWarning)
+        warnings.simplefilter("error")
+        encoded = q.encode(np.array([-5.0, -1.0, 1.0, 5.0, -1e12, 1e12, -1e300, 1.7e308]),
+                           2.0)[:-1]
+    assert list(encoded) == [0, 0, q.levels, q.levels, 0, q.levels, 0, q.levels]
     weighted, _ = q.decode_sum(encoded.astype(word_dtype(bits)), 1)
     np.testing.assert_allclose(weighted[[0, 3]], [-2.0, 2.0], atol=q.error_bound(1)[0])
 

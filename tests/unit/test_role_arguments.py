@@ -5,6 +5,7 @@ argument: never an AttributeError from inside, or a TypeError after the update w
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import numpy as np
@@ -120,3 +121,25 @@ def test_a_quantisers_bound_beyond_the_float_range_is_a_value_error() -> None:
     for field in ("clip", "max_weight"):
         with pytest.raises(ValueError, match=f"{field} is beyond the float range"):
             Quantizer(**{"clip": 1.0, "max_weight": 1.0, field: 10**400}, max_sites=3)
+
+
+@pytest.mark.parametrize("bad", [None, (), (np.zeros(8),), (np.zeros(8), 1.0, 2.0), "ab",
+                                 np.zeros(2), {"update": 1, "weight": 2}])
+def test_a_model_input_that_is_no_update_weight_pair_is_refused_by_name(bad: Any) -> None:
+    """It was "check_update() argument after * must be an iterable, not NoneType" or "too many
+    values to unpack (expected 2)", from the constructor or, for a provider, mid-round."""
+    r = CkksRound(sites=4, vector_length=16)
+    m = Round(sites=4, vector_length=8)
+    words = "model input must be an (update, weight) pair"
+    with pytest.raises(TypeError, match=re.escape(words)):
+        CkksClient(r.config, 2, r.identities[2], r.public, bad)
+    with pytest.raises(TypeError, match=re.escape(words)):
+        MaskingClient(m.config, 2, m.identities[2], bad)
+    ckks = CkksClient(r.config, 2, r.identities[2], r.public, lambda: bad)
+    with pytest.raises(TypeError, match=re.escape(words)):
+        ckks.start()
+    m.clients[1] = MaskingClient(m.config, 1, m.identities[1], lambda: bad)
+    m.advance()
+    m.advance()
+    with pytest.raises(TypeError, match=re.escape(words)):
+        m.clients[1].handle(m.outgoing[1])
