@@ -121,7 +121,8 @@ def test_a_site_told_it_dropped_out_after_its_input_was_summed_still_bounds_the_
     of the aggregator's making."""
     from tests.service_kit import ROOT, Aggregator
 
-    fed = make_federation(tmp_path, 3, "masking", rounds=2, open_s=8.0, stage_s=3.0)
+    # (4 sites: with 3, the unmask quorum is all three, and cutting site 3 off aborts)
+    fed = make_federation(tmp_path, 4, "masking", rounds=2, open_s=8.0, stage_s=3.0)
     agg = Aggregator(fed, tmp_path / "aggregator.db", tmp_path / "aggregator.log",
                      launcher=(str(ROOT / "tests" / "lying_aggregator.py"), "cutoff"))
     agg.start()

@@ -543,7 +543,7 @@ def test_init_sets_its_modes_whatever_the_umask_and_names_the_dialled_host(
     server = pki.load_cert(kept / "aggregator" / "server.crt")
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "grpc.example.org" in names.get_values_for_type(x509.DNSName)
-    with pytest.raises(ConfigurationError, match=r"\[federation\] aggregator must be host:port"):
+    with pytest.raises(ConfigurationError, match="--aggregator must be HOST:PORT"):
         init_federation(tmp_path / "noport", 3, aggregator="[::1]")
 
 
