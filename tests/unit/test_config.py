@@ -132,7 +132,7 @@ def test_refusals_name_the_parameter(kwargs: dict[str, object], match: str) -> N
 
 
 def test_refuses_tiny_or_malformed_roster() -> None:
-    with pytest.raises(ConfigurationError, match="at least 3"):
+    with pytest.raises(ConfigurationError, match="roster must list at least 3 sites"):
         RoundConfig("r", roster(2), 4)
     with pytest.raises(ConfigurationError, match="site ids"):
         RoundConfig("r", {0: b"a" * 32, 1: b"b" * 32, 2: b"c" * 32}, 4)
