@@ -390,12 +390,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
 
 
+def _one_line(text: object) -> str:
+    """An error as one line: a path or value holding a line break or an escape sequence (a
+    --dir of "x\nsecagg: done") printed a second line the operator read as the tool's own."""
+    # defence: cli.errors-one-line
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def _main(argv: Sequence[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args))
     except SecAggError as e:
-        print(f"secagg: error: {e}", file=sys.stderr)
+        print(f"secagg: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         raise  # (for main: not the last resort's OSError below)
@@ -409,13 +416,13 @@ def _main(argv: Sequence[str] | None) -> int:
         if isinstance(e, OSError) and e.filename and e.strerror:
             # (the file and the system's reason: "NotADirectoryError (m.npz): Not a
             # directory" named a Python class an operator has no use for)
-            print(f"secagg: error: cannot use {e.filename}: {e.strerror} (SECAGG_DEBUG=1 "
-                  "shows where)", file=sys.stderr)
+            print(f"secagg: error: cannot use {_one_line(e.filename)}: {e.strerror} "
+                  "(SECAGG_DEBUG=1 shows where)", file=sys.stderr)
             return 2
         where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        print(f"secagg: error: {type(e).__name__}{where}: {reason} (SECAGG_DEBUG=1 shows "
-              "where)", file=sys.stderr)
+        print(f"secagg: error: {type(e).__name__}{_one_line(where)}: {_one_line(reason)} "
+              "(SECAGG_DEBUG=1 shows where)", file=sys.stderr)
         return 2
     # Ctrl-C: one line and the shell's status for it, not a traceback (init names a
     # directory it left half-written when it is run again)

@@ -418,3 +418,16 @@ def test_an_empty_directory_argument_is_a_usage_error(
         build_parser().parse_args([*command, "--dir", empty])
     assert caught.value.code == 2
     assert "--dir: must name a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["/nope\nsecagg: federation written", "/nope\x1b[2K\rok"])
+def test_an_error_naming_a_path_with_a_line_break_stays_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], model: str) -> None:
+    """A path holding a line break (or a terminal escape) printed a second line, or rewrote
+    the first, that the operator read as the tool's own."""
+    assert main(["federation", "init", "--dir", str(tmp_path / "fed"), "--sites", "3",
+                 "--model", model]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("secagg: error: ")
+    assert all(c.isprintable() for c in err[:-1])
+    assert repr(model)[1:-1] in err
