@@ -362,8 +362,8 @@ def run(options: DemoOptions) -> dict[str, Any]:
         _say(options, f"  site {dropper} loses its connection in round {drop_round}; that "
                       "round completes without it")
     else:
-        _say(options, f"  no site drops out: with {options.sites} sites a CKKS round needs "
-                      "them all (min_sites 3)")
+        _say(options, f"  no site drops out: with {options.sites} sites a round needs them "
+                      "all (a sum covers at least 3 sites, in either protocol)")
     if not options.out:
         out = Path(tempfile.mkdtemp(prefix="secagg-demo-"))
     work_root = Path(tempfile.mkdtemp(prefix="secagg-demo-work-"))

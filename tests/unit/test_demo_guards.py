@@ -177,8 +177,8 @@ def _plan(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, options: DemoOptions,
 
 def test_who_drops_out_fits_the_sites_and_rounds(monkeypatch: pytest.MonkeyPatch,
                                                  tmp_path: Path) -> None:
-    """With 3 sites a CKKS round needs them all: nobody drops (a drop aborted the round);
-    with fewer rounds than the drop round, the drop comes in the last round."""
+    """With 3 sites a round needs them all (either protocol): nobody drops (a drop aborted the
+    round); with fewer rounds than the drop round, the drop comes in the last round."""
     calls = _plan(monkeypatch, tmp_path, DemoOptions(protocol="ckks", sites=3, rounds=2))
     assert [c["drops"] for c in calls] == [{}, {}]
     calls = _plan(monkeypatch, tmp_path, DemoOptions(protocol="ckks", sites=4, rounds=1))
