@@ -431,14 +431,12 @@ class FederationConfig:
                 or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in self.name)):
             raise ConfigurationError("[federation] name must be up to 64 letters, digits, '-', "
                                      f"'_' or '.', got {self.name!r}")
-        from secagg.federation.kit import _dial_host
+        from secagg.federation.kit import _dial_host, _port_ok
 
-        host, _, port = self.aggregator.rpartition(":")
-        # the port in ASCII digits (str.isdigit took '٥٠٧٦١', which no socket does) and the
-        # host one a certificate can name, as init checks it ('http://host:1' and 'a b:1'
-        # were loaded, served, and could not be dialled)
+        # the port (as init checks it) and the host one a certificate can name ('http://host:1'
+        # and 'a b:1' were loaded, served, and could not be dialled)
         # defence: config.aggregator-address-dialable
-        if (not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535
+        if (not self.aggregator.rpartition(":")[0] or not _port_ok(self.aggregator)
                 or _dial_host(self.aggregator) is None):
             raise ConfigurationError(f"[federation] aggregator must be host:port with a port "
                                      f"in 1-65535, got {self.aggregator!r}")

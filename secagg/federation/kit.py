@@ -257,8 +257,7 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
     # defence: federation.init-names-the-aggregator-host
     # (named as the flag: "[federation] aggregator must be host:port" named a file init had
     # not written yet)
-    port = aggregator.rpartition(":")[2] if isinstance(aggregator, str) else ""
-    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+    if not _port_ok(aggregator):
         raise ConfigurationError(f"--aggregator must be HOST:PORT with a port in 1-65535, got "
                                  f"{aggregator!r:.80}")
     dialled = _dial_host(aggregator)
@@ -428,6 +427,13 @@ def _traverse(path: Path, dirs: set[Path], links: set[Path], depth: int = 0) -> 
 FEDERATION_ENTRIES = ("ca", "ca/ca.key", "ca/ca.crt", "trust-root", "trust-root/signer.key",
                       CONFIG_FILE, ROSTER_FILE, "aggregator", f"aggregator/{ROSTER_FILE}",
                       "sites")
+
+
+def _port_ok(address: object) -> bool:
+    """Whether ``address`` ends in ``:PORT``, the port in ASCII digits (str.isdigit took
+    '٥٠٧٦١', which no socket does) and in 1-65535."""
+    port = address.rpartition(":")[2] if isinstance(address, str) else ""
+    return port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
 
 
 def _dial_host(address: str) -> str | None:
