@@ -29,6 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
     warn_secret_on_command_line(args.store, lambda text: logging.getLogger(
         "secagg.aggregator").warning(text, extra={"event": "store_password_on_command_line"}))
     # ("OFF", " off": an operator's spelling, not a host named "OFF" to bind)
+    # defence: cli.serve-metrics-off-any-case
     metrics = None if args.metrics.strip().lower() == "off" else args.metrics
     status = asyncio.run(serve(args.config, store=args.store, listen=args.listen,
                                metrics_listen=metrics))

@@ -20,7 +20,7 @@ def input_pair(model_input: object) -> tuple[Any, Any]:
     """``(update, weight)`` from what a site gave as its input (or its provider returned), or a
     clear error: None or a tuple of another length raised "argument after * must be an
     iterable" or "too many values to unpack", naming neither the input nor the pair."""
-    # defence: inputs.an-update-weight-pair
+    # defence: inputs.an-update-weight-pair, inputs.a-list-pair-is-a-pair
     if not isinstance(model_input, tuple | list) or len(model_input) != 2:
         raise TypeError("the model input must be an (update, weight) pair, or a callable "
                         f"returning one, got {type(model_input).__name__}"

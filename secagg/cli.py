@@ -416,11 +416,13 @@ def _main(argv: Sequence[str] | None) -> int:
         if isinstance(e, OSError) and e.filename and e.strerror:
             # (the file and the system's reason: "NotADirectoryError (m.npz): Not a
             # directory" named a Python class an operator has no use for)
+            # defence: cli.errors-one-line-os-error-path
             print(f"secagg: error: cannot use {_one_line(e.filename)}: {e.strerror} "
                   "(SECAGG_DEBUG=1 shows where)", file=sys.stderr)
             return 2
         where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        # defence: cli.errors-one-line-last-resort
         print(f"secagg: error: {type(e).__name__}{_one_line(where)}: {_one_line(reason)} "
               "(SECAGG_DEBUG=1 shows where)", file=sys.stderr)
         return 2

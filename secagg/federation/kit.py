@@ -433,6 +433,7 @@ def _port_ok(address: object) -> bool:
     """Whether ``address`` ends in ``:PORT``, the port in ASCII digits (str.isdigit took
     '٥٠٧٦١', which no socket does) and in 1-65535."""
     port = address.rpartition(":")[2] if isinstance(address, str) else ""
+    # defence: federation.aggregator-port-ascii-digits, federation.aggregator-port-at-most-65535
     return port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
 
 
@@ -512,7 +513,7 @@ def make_site_request(directory: Path | str, site_id: int, *,
         raise ConfigurationError(f"a site id is a positive integer below 2**63, got {site_id!r}")
     # (the operator's directory: the site's private keys beside the CA's, and a request.json
     # the operator then signs from their own federation root)
-    # defence: federation.csr-not-in-a-federation-root
+    # defence: federation.csr-not-in-a-federation-root, federation.csr-not-beside-a-linked-ca-key
     if os.path.lexists(d / "ca" / "ca.key"):
         raise ConfigurationError(
             f"{d} is a federation's directory (the operator's): make a site's request in the "

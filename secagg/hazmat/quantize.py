@@ -132,6 +132,7 @@ class Quantizer:
         scaled = np.empty(update.shape[0] + 1, dtype=np.float64)
         # (a finite value past ~1e292 overflows to +-inf here, which the clip below brings back
         # to the bound: not worth numpy's RuntimeWarning on the site's console)
+        # defence: hazmat.quantize.overflow-quiet
         with np.errstate(over="ignore"):
             np.multiply(update, u_scale, out=scaled[:-1])
             scaled[:-1] += offset

@@ -135,6 +135,7 @@ class RoundConfig:
             # covers, and far beyond any model a site sends)
             raise ConfigurationError(
                 f"vector_length must be in [1, 2**31 - 1], got {self.vector_length}")
+        # defence: masking.config.graph-inputs-checked-once
         graph.check_inputs(len(self.roster), self.corrupt_fraction, self.dropout_rate,
                            self.security_bits)
         if type(self.word_bits) is not int:

@@ -246,7 +246,8 @@ def test_key_holders_for_a_masking_federation_are_refused(
         or "key_holders = [2]" in (tmp_path / "fed" / "federation.toml").read_text()
 
 
-@pytest.mark.parametrize("address", ["no-port", "host:99999", "host:", "host:5x"])
+@pytest.mark.parametrize("address", ["no-port", "host:99999", "host:", "host:5x", "host:65536",
+                                     "host:\u0665\u0660\u0667\u0666\u0661"])
 def test_a_bad_aggregator_address_is_named_as_the_flag(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], address: str) -> None:
     """It was "[federation] aggregator must be host:port": a key of a file not yet written."""
@@ -431,3 +432,63 @@ def test_an_error_naming_a_path_with_a_line_break_stays_one_line(
     assert err.count("\n") == 1 and err.startswith("secagg: error: ")
     assert all(c.isprintable() for c in err[:-1])
     assert repr(model)[1:-1] in err
+
+
+def test_an_os_error_naming_a_path_with_a_line_break_stays_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The file an OSError names (here a site's --dir under a file) is printed as it is
+    spelled: its line break printed a second line the operator read as the tool's own."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    site = str(not_a_dir / "site\nsecagg: request written\x1b[2K")
+    assert main(["federation", "csr", "--dir", site, "--site", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("secagg: error: cannot use ") and err.count("\n") == 1
+    assert all(c.isprintable() for c in err[:-1])
+    assert "site\\nsecagg: request written\\x1b[2K" in err
+
+
+@pytest.mark.parametrize("error", [ValueError("bad value\nsecagg: federation written"),
+                                   OSError(5, None, "/x\nsecagg: federation written")])
+def test_an_unexpected_error_holding_a_line_break_stays_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        error: Exception) -> None:
+    """The last resort's message (an error no command turned into its own) and the file it
+    names are one printable line too."""
+    import argparse
+
+    from secagg import cli
+
+    def fails(_: argparse.Namespace) -> int:
+        raise error
+
+    class Parser:
+        def parse_args(self, argv: object) -> argparse.Namespace:
+            return argparse.Namespace(func=fails)
+
+    monkeypatch.setattr(cli, "build_parser", Parser)
+    monkeypatch.delenv("SECAGG_DEBUG", raising=False)
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("secagg: error: ") and err.count("\n") == 1
+    assert all(c.isprintable() for c in err[:-1])
+    assert "\\nsecagg: federation written" in err
+
+
+@pytest.mark.parametrize("off", ["OFF", " Off "])
+def test_metrics_off_in_any_case_serves_no_metrics(tmp_path: Path, off: str) -> None:
+    """`--metrics OFF` was taken as an address (a host named "OFF") and refused: "off" is the
+    operator's word, whatever its case or spaces. (Serve stops at the empty store, before
+    anything binds: --metrics was not refused first.)"""
+    from tests.service_kit import make_federation
+
+    fed = make_federation(tmp_path, sites=3)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "secagg.cli", "aggregator", "serve", "--config",
+             str(fed.aggregator_config), "--store", "", "--metrics", off],
+            capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("serve ran with an empty --store")
+    assert proc.returncode == 2 and "the store is empty" in proc.stderr
+    assert "--metrics" not in proc.stderr

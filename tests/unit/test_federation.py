@@ -487,6 +487,17 @@ def test_a_request_is_not_made_in_a_federations_own_directory(fresh_federation: 
     assert sorted(p.name for p in fresh_federation.iterdir()) == before
 
 
+def test_a_request_is_not_made_beside_a_ca_key_kept_offline(tmp_path: Path) -> None:
+    """A federation whose ca/ca.key is a link to a key kept offline (a removable disk, not
+    mounted now) is the operator's directory all the same: no site's keys are written there."""
+    fed = tmp_path / "fed"
+    (fed / "ca").mkdir(parents=True)
+    (fed / "ca" / "ca.key").symlink_to(tmp_path / "offline" / "ca.key")
+    with pytest.raises(ConfigurationError, match="federation's directory"):
+        make_site_request(fed, 9)
+    assert sorted(p.name for p in fed.iterdir()) == ["ca"]
+
+
 def test_sign_says_whether_it_added_a_seat_or_rotated_a_certificate(
         fresh_federation: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The CLI's line reports this sign's own before/after rosters (read under its lock)."""

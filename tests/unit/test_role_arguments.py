@@ -143,3 +143,21 @@ def test_a_model_input_that_is_no_update_weight_pair_is_refused_by_name(bad: Any
     m.advance()
     with pytest.raises(TypeError, match=re.escape(words)):
         m.clients[1].handle(m.outgoing[1])
+
+
+def test_a_model_input_given_as_a_list_pair_is_still_taken() -> None:
+    """``[update, weight]`` unpacked as a pair before the input was checked to be one; the
+    check refuses what is no pair, not a list that is one (given, or returned by a provider)."""
+    r = CkksRound(sites=4, vector_length=16)
+    r.inputs = {s: [u, w] for s, (u, w) in r.inputs.items()}  # type: ignore[misc]
+    uploads, _ = r.run()
+    assert len(uploads) == 4
+    CkksClient(r.config, 2, r.identities[2], r.public, lambda: [np.zeros(16), 1.0]).start()
+    m = Round(sites=4, vector_length=8)
+    for s, (u, w) in m.inputs.items():
+        given: Any = [u, w] if s % 2 else (lambda u=u, w=w: [u, w])
+        m.clients[s] = MaskingClient(m.config, s, m.identities[s], given)
+    m.advance()
+    m.advance()
+    m.advance()  # every site's masked input was taken
+    assert set(m.replies) == set(m.config.sites)
