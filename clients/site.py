@@ -310,6 +310,10 @@ class Site:
                 f"{Path(site_dir) / 'federation.toml'} pins no [job] initial_model_digest: the "
                 "aggregator would choose the model this site starts from; ask the federation's "
                 "operator for it (secagg federation init --model writes it)")
+        # (before anything is dialled: clients.history.History.check_roster)
+        # defence: sdk.connect-checks-the-roster-version
+        History(history_dir if history_dir is not None else kit.directory).check_roster(
+            kit.config.trust_root, kit.roster.version)
         return cls(kit, Connection(kit, retry_seconds=retry_seconds), tensors_kind=tensors,
                    progress=progress, workers=workers, history_dir=history_dir,
                    training_dtype=training_dtype)

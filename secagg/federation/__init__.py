@@ -7,9 +7,10 @@ from secagg.federation.kit import (
     SiteKit,
     init_federation,
     make_site_request,
+    pin_trust_root,
     sign_request,
     sign_site_request,
 )
 
 __all__ = ["FederationConfig", "SignedRequest", "SiteKit", "init_federation",
-           "make_site_request", "sign_request", "sign_site_request"]
+           "make_site_request", "pin_trust_root", "sign_request", "sign_site_request"]

@@ -1,4 +1,4 @@
-"""``secagg federation init|csr|sign|remove-site``: set up a federation and its roster."""
+"""``secagg federation init|csr|pin|sign|remove-site``: set up a federation and its roster."""
 
 from __future__ import annotations
 
@@ -33,15 +33,18 @@ def _init(args: argparse.Namespace) -> int:
     # (taken with masking, and written to the config as if it meant something there)
     if args.key_holders is not None and args.protocol != "ckks":
         raise ConfigurationError("--key-holders applies only to --protocol ckks")
-    init_federation(args.dir, args.sites, protocol=args.protocol,
-                    key_holders=args.key_holders or (1,), hosts=args.host,
-                    aggregator=args.aggregator, name=args.name,
-                    initial_model=args.model)
+    config = init_federation(args.dir, args.sites, protocol=args.protocol,
+                             key_holders=args.key_holders or (1,), hosts=args.host,
+                             aggregator=args.aggregator, name=args.name,
+                             initial_model=args.model)
     d = Path(args.dir)
     print(f"federation {args.name!r} ({args.protocol}, {args.sites} sites) written to {d}")
     print(f"  aggregator:  secagg aggregator serve --config {d / 'aggregator' / 'federation.toml'}")
     print(f"  each site:   {d / 'sites' / 'site-<id>'} (private keys 0600; hand each its own)")
     print(f"  keep offline: {d / 'ca' / 'ca.key'}, {d / 'trust-root' / 'signer.key'}")
+    # (what a site pins: `csr --trust-root`, told out of band, not read from files in transit)
+    print(f"  trust root:  {config.trust_root.hex()} (give it to a site that makes its own "
+          "keys, out of band: csr --trust-root)")
     return 0
 
 
@@ -59,9 +62,30 @@ def _remove(args: argparse.Namespace) -> int:
 def _csr(args: argparse.Namespace) -> int:
     from secagg.federation.kit import make_site_request
 
-    path = make_site_request(args.dir, args.site, identity_key=args.identity)
+    path = make_site_request(args.dir, args.site, trust_root=args.trust_root,
+                             identity_key=args.identity)
     print(f"site {args.site}: keys written to {args.dir} (0600); send {path} to the operator")
+    print(f"  pinned trust root {args.trust_root.hex()}: the files the operator sends back are "
+          "taken only if they are that federation's")
     return 0
+
+
+def _pin(args: argparse.Namespace) -> int:
+    from secagg.federation.kit import pin_trust_root
+
+    pin_trust_root(args.dir, args.trust_root)
+    print(f"site directory {args.dir}: pinned trust root {args.trust_root.hex()}")
+    return 0
+
+
+def _trust_root(text: str) -> bytes:
+    from secagg.errors import ConfigurationError
+    from secagg.federation.kit import parse_trust_root
+
+    try:
+        return parse_trust_root(text)
+    except ConfigurationError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _sign(args: argparse.Namespace) -> int:
@@ -114,7 +138,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     csr.add_argument("--identity", type=Path, default=None,
                      help="the site's existing identity.key, to rotate its certificate (the "
                           "request is signed with it; a new TLS key is made in --dir)")
+    csr.add_argument("--trust-root", required=True, type=_trust_root, metavar="HEX",
+                     help="the federation's trust root (64 hex digits), as its operator gave "
+                          "it to you out of band: the files sent back are taken only if they "
+                          "are that federation's")
     csr.set_defaults(func=_csr)
+    pin = fed_sub.add_parser("pin", help="pin the federation's trust root in a site directory "
+                                         "(one made before pins were kept)")
+    pin.add_argument("--dir", required=True, type=_dir_path, help="the site directory")
+    pin.add_argument("--trust-root", required=True, type=_trust_root, metavar="HEX",
+                     help="the federation's trust root, as its operator gave it to you out of "
+                          "band (never the one in the files you were sent)")
+    pin.set_defaults(func=_pin)
     sign = fed_sub.add_parser(
         "sign", help="sign a site's request: a new certificate (with --add-site, a new seat)")
     sign.add_argument("--dir", required=True, type=_dir_path, help="the federation directory")

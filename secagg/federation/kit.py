@@ -8,12 +8,14 @@ Layout of ``secagg federation init --dir DIR``::
     DIR/trust-root/signer.key        the roster signer's Ed25519 key (keep offline)
     DIR/aggregator/                  server.crt, server.key, ca.crt, federation.toml, roster.bin
     DIR/sites/site-<id>/             client.crt, client.key, identity.key, ca.crt,
-                                     federation.toml, roster.bin
+                                     federation.toml, roster.bin, trust-root.pin
 
 Private keys are written 0600 and each one exists in exactly one directory: no private key is
 copied from one party's directory to another's. With ``secagg federation csr`` a site makes its
 own TLS key, identity key and request, so that nothing private ever travels; the operator then
 signs it with ``secagg federation sign``, which also re-signs the roster with the new site in it.
+A site takes the federation's files only under the trust root it pinned (``trust-root.pin``,
+signed with its identity key: :func:`write_trust_pin`), given to it out of band.
 """
 
 from __future__ import annotations
@@ -118,9 +120,108 @@ def load_identity(path: Path) -> IdentityKey:
     return IdentityKey(key)
 
 
+# ---- the trust root a site accepted ------------------------------------------------------
+
+PIN_FILE = "trust-root.pin"
+PIN_CONTEXT = b"secagg/v1 site trust root pin\x00"
+MAX_PIN_BYTES = 4096  # (a pin is ~200 bytes)
+
+
+def parse_trust_root(text: object) -> bytes:
+    """A federation's trust root as its operator reads it out: 64 hex digits (the
+    ``[federation] trust_root`` of the operator's own federation.toml, as ``init`` prints it);
+    spaces and colons between them are allowed."""
+    if isinstance(text, bytes) and len(text) == 32:
+        return text
+    value = b""
+    if isinstance(text, str):
+        try:
+            value = bytes.fromhex("".join(text.split()).replace(":", ""))
+        except ValueError:
+            value = b""
+    # defence: federation.trust-root-32-bytes
+    if len(value) != 32:
+        raise ConfigurationError(
+            f"a trust root is 64 hex digits (the federation's [federation] trust_root, which "
+            f"its operator gives each site out of band), got {text!r:.80}")
+    return value
+
+
+def write_trust_pin(d: Path, identity: IdentityKey, trust_root: bytes) -> None:
+    """Pin, in a site's directory, the federation's trust root the site accepted (from the
+    operator, out of band), signed with the site's identity key: whoever carries the
+    federation's files to the site cannot write a pin of their own without that key."""
+    pin = {"trust_root": trust_root.hex(),
+           "signature": identity.sign(PIN_CONTEXT + trust_root).hex()}
+    pki.write_public(d / PIN_FILE, json.dumps(pin, indent=2).encode())
+
+
+def _read_small(path: Path, limit: int) -> bytes:
+    """A small public file's bytes: a regular file of at most ``limit`` bytes (a FIFO there
+    would hang the read, a link to /dev/zero fill the memory)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            raise ValueError("not a small regular file")
+        return f.read(limit + 1)
+
+
+def load_trust_pin(d: Path, identity: IdentityKey) -> bytes:
+    """The trust root this site pinned (:func:`write_trust_pin`), if its identity key signed
+    the pin."""
+    path = d / PIN_FILE
+    try:
+        data = _read_small(path, MAX_PIN_BYTES)
+    except FileNotFoundError:
+        raise ConfigurationError(
+            f"site directory {d} lacks {PIN_FILE}, the federation trust root this site "
+            "accepted (`federation init` and `federation csr --trust-root` write it): ask the "
+            "federation's operator for the trust root out of band, never from the files "
+            f"you were sent, and run `secagg federation pin --dir {d} --trust-root HEX`"
+        ) from None
+    except OSError as e:
+        raise ConfigurationError(f"cannot read {path}: {e.strerror}") from None
+    # (a FIFO there hung the site at connect, a link to /dev/zero filled its memory)
+    # defence: federation.pin-read-bounded
+    except ValueError:
+        raise ConfigurationError(f"{path} is not a regular file of at most {MAX_PIN_BYTES} "
+                                 "bytes (a trust root pin is)") from None
+    try:
+        pin = json.loads(data)
+        trust_root = bytes.fromhex(pin["trust_root"])
+        signature = bytes.fromhex(pin["signature"])
+        if len(trust_root) != 32:
+            raise ValueError("not a key")
+        # defence: federation.pin-signed-by-the-sites-identity
+        signing.verify(identity.public_bytes, signature, PIN_CONTEXT + trust_root)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, InvalidMessage):
+        raise ConfigurationError(
+            f"{path} is not a trust root pinned by this site's identity key (damaged, or "
+            "written by someone else): ask the federation's operator for the trust root out "
+            f"of band and run `secagg federation pin --dir {d} --trust-root HEX`") from None
+    return trust_root
+
+
+def pin_trust_root(directory: Path | str, trust_root: object) -> bytes:
+    """Pin ``trust_root`` in an existing site directory (``secagg federation pin``)."""
+    d = directory_path(directory, "site directory")
+    value = parse_trust_root(trust_root)
+    try:
+        identity = load_identity(d / "identity.key")
+    except FileNotFoundError:
+        raise ConfigurationError(f"{d} holds no identity.key: pin the trust root in a site's "
+                                 "directory") from None
+    except OSError as e:
+        raise ConfigurationError(f"cannot read {e.filename}: {e.strerror}") from None
+    write_trust_pin(d, identity, value)
+    return value
+
+
 # what a site's and the aggregator's directories hold that others must not be able to
 # change (check_kit_directory)
-SITE_ENTRIES = (CONFIG_FILE, ROSTER_FILE, "ca.crt", "client.crt", "client.key", "identity.key")
+SITE_ENTRIES = (CONFIG_FILE, ROSTER_FILE, "ca.crt", "client.crt", "client.key", "identity.key",
+                PIN_FILE)
 AGGREGATOR_ENTRIES = (CONFIG_FILE, ROSTER_FILE, "ca.crt", "server.crt", "server.key")
 
 
@@ -216,6 +317,19 @@ class SiteKit:
                     f"site {site_id}'s certificate, but identity.key is site {owner}'s (the "
                     f"files of two sites are mixed in {d})")
             raise ConfigurationError(f"site {site_id}'s identity key is not the roster's")
+        # The files that name the federation (its config's trust root, then the roster and CA
+        # that root vouches for) reach a site from its operator, through hands that may be the
+        # aggregator's: a whole federation of someone else's making (their CA and signer, a
+        # roster of their sites beside this one), taken as this site's, had its update alone
+        # in a "sum" (a helper's attack on csr/sign). The site trusts only the root it pinned.
+        # defence: federation.kit-trust-root-pinned
+        pinned = load_trust_pin(d, identity)
+        if pinned != config.trust_root:
+            raise ConfigurationError(
+                f"{d / CONFIG_FILE} names the trust root {config.trust_root.hex()[:16]}..., not "
+                f"{pinned.hex()[:16]}..., the one this site pinned: these files are another "
+                "federation's (check the trust root with the federation's operator, out of "
+                "band, before using them)")
         return cls(d, site_id, config, roster, identity, ca_pem, cert_pem, key_pem)
 
 
@@ -321,6 +435,8 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
         cert = pki.issue_site_cert(ca_key, ca_cert, s, tls_key.public_key())
         pki.write_private(site_dir / "client.key", SecretBytes(pki.pem_private(tls_key)))
         pki.write_private(site_dir / "identity.key", SecretBytes(identity_to_pem(ident)))
+        # defence: federation.init-pins-the-trust-root
+        write_trust_pin(site_dir, IdentityKey(ident), signer.public_key)
         pki.write_public(site_dir / "client.crt", pki.pem_cert(cert))
         _write_public_files(site_dir, config, signed, ca_cert, None)
     server_key, server_cert = pki.issue_server_cert(ca_key, ca_cert, hosts)
@@ -501,16 +617,20 @@ def _request_message(site_id: int, csr_der: bytes) -> bytes:
     return REQUEST_CONTEXT + site_id.to_bytes(8, "big") + hashlib.sha256(csr_der).digest()
 
 
-def make_site_request(directory: Path | str, site_id: int, *,
+def make_site_request(directory: Path | str, site_id: int, *, trust_root: object,
                       identity_key: Path | str | None = None) -> Path:
     """Make a site's TLS key (and, unless ``identity_key`` names the site's existing one, its
     identity key) in ``directory`` and its request, signed with the identity key; the request
     (public only) is what goes to the operator. With ``identity_key`` it is a rotation: a new
-    TLS certificate for a site already on the roster."""
+    TLS certificate for a site already on the roster. ``trust_root``: the federation's, as its
+    operator gave it out of band (hex, or 32 bytes), pinned in ``directory``
+    (:func:`write_trust_pin`): the files the operator sends back are taken only if they are
+    that federation's."""
     d = Path(directory)
     # defence: federation.csr-site-id-bounded (checked before a key is written)
     if isinstance(site_id, bool) or not isinstance(site_id, int) or not 1 <= site_id < 2**63:
         raise ConfigurationError(f"a site id is a positive integer below 2**63, got {site_id!r}")
+    root = parse_trust_root(trust_root)
     # (the operator's directory: the site's private keys beside the CA's, and a request.json
     # the operator then signs from their own federation root)
     # defence: federation.csr-not-in-a-federation-root, federation.csr-not-beside-a-linked-ca-key
@@ -544,6 +664,8 @@ def make_site_request(directory: Path | str, site_id: int, *,
     pki.write_private(d / "client.key", SecretBytes(pki.pem_private(tls_key)))
     if private is not None:
         pki.write_private(d / "identity.key", SecretBytes(identity_to_pem(private)))
+    # defence: federation.csr-pins-the-trust-root
+    write_trust_pin(d, identity, root)
     request = {
         "site_id": site_id,
         "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),

@@ -9,6 +9,8 @@ import pytest
 
 from secagg.cli import main
 
+PIN = ["--trust-root", "ab" * 32]  # what csr pins (a federation's trust root)
+
 
 def test_demo_runs_and_reports_a_bounded_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["simulate", "--sites", "6", "--params", "2000", "--dropout", "0.3"]) == 0
@@ -145,7 +147,7 @@ def test_an_os_error_is_one_line_not_a_traceback(tmp_path, capsys: pytest.Captur
     from deep inside."""
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
-    for argv in (["federation", "csr", "--dir", str(not_a_dir / "site"), "--site", "1"],
+    for argv in (["federation", "csr", "--dir", str(not_a_dir / "site"), "--site", "1", *PIN],
                  ["aggregator", "restore", "--backup", str(tmp_path), "--store",
                   str(tmp_path / "r.db")]):
         assert main(argv) == 2
@@ -196,6 +198,7 @@ def test_an_address_out_of_range_is_one_line_before_anything_binds(
 def test_a_missing_identity_key_for_csr_is_named_as_the_flag(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["federation", "csr", "--dir", str(tmp_path / "new"), "--site", "3",
+                 *PIN,
                  "--identity", str(tmp_path / "nope.key")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("secagg: error: cannot read --identity ") and "No such file" in err
@@ -336,7 +339,7 @@ def test_an_os_error_names_the_file_not_a_python_class(
     directory"."""
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
-    assert main(["federation", "csr", "--dir", str(not_a_dir), "--site", "1"]) == 2
+    assert main(["federation", "csr", "--dir", str(not_a_dir), "--site", "1", *PIN]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"secagg: error: cannot use {not_a_dir}/client.key: Not a directory")
     assert "NotADirectoryError" not in err
@@ -406,7 +409,7 @@ def test_counts_past_what_a_run_can_use_are_usage_errors(
 
 
 @pytest.mark.parametrize("command", [["federation", "init", "--sites", "3", "--model", "m.npz"],
-                                     ["federation", "csr", "--site", "4"],
+                                     ["federation", "csr", "--site", "4", *PIN],
                                      ["federation", "remove-site", "--site", "2"]])
 @pytest.mark.parametrize("empty", ["", " "])
 def test_an_empty_directory_argument_is_a_usage_error(
@@ -441,7 +444,7 @@ def test_an_os_error_naming_a_path_with_a_line_break_stays_one_line(
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
     site = str(not_a_dir / "site\nsecagg: request written\x1b[2K")
-    assert main(["federation", "csr", "--dir", site, "--site", "1"]) == 2
+    assert main(["federation", "csr", "--dir", site, "--site", "1", *PIN]) == 2
     err = capsys.readouterr().err
     assert err.startswith("secagg: error: cannot use ") and err.count("\n") == 1
     assert all(c.isprintable() for c in err[:-1])

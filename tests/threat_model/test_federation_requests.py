@@ -31,6 +31,9 @@ from secagg.federation.kit import (
     sign_site_request,
 )
 
+# a federation's trust root, for a request whose site directory is never loaded here
+ANY_ROOT = bytes(range(32))
+
 
 @pytest.fixture
 def fed(tmp_path: Path) -> Path:
@@ -49,7 +52,7 @@ def test_a_request_for_a_site_on_the_roster_with_a_new_identity_key_is_refused(
     """A request for site 1's id made with fresh keys (properly signed by its own new
     identity key): issuing it would put the requester's key on the roster as site 1 and give
     it site 1's certificate. Refused; the roster stays as it was."""
-    request = make_site_request(tmp_path / "not-site-1", 1)
+    request = make_site_request(tmp_path / "not-site-1", 1, trust_root=ANY_ROOT)
     with pytest.raises(ConfigurationError, match="already on the roster with another key"):
         sign_site_request(fed, request, tmp_path / "out")
     assert not (tmp_path / "out" / "client.crt").exists()
@@ -60,7 +63,7 @@ def test_signed_files_never_go_into_a_directory_that_holds_files(
         fed: Path, tmp_path: Path) -> None:
     """`federation sign --out` pointed at a live site's directory would replace its
     certificate, config and roster: refused, the directory untouched."""
-    request = make_site_request(tmp_path / "site-5", 5)
+    request = make_site_request(tmp_path / "site-5", 5, trust_root=ANY_ROOT)
     live = tmp_path / "live"
     shutil.copytree(fed / "sites" / "site-2", live)
     before = {p.name: p.read_bytes() for p in live.iterdir()}
@@ -333,7 +336,7 @@ def test_a_request_file_that_is_no_request_is_a_clear_error(
     was taken as site 1."""
     import json
 
-    good = make_site_request(tmp_path / "s", 5).read_text()
+    good = make_site_request(tmp_path / "s", 5, trust_root=ANY_ROOT).read_text()
     path = tmp_path / "odd.json"
     if site_id == "deep":
         path.write_text("[" * 100_000 + "]" * 100_000)
@@ -351,7 +354,7 @@ def test_csr_refuses_an_impossible_site_id_before_writing_a_key(tmp_path: Path) 
     refuse it."""
     for site_id in (2**64, 2**63, 0):
         with pytest.raises(ConfigurationError, match="below 2\\*\\*63"):
-            make_site_request(tmp_path / "big", site_id)
+            make_site_request(tmp_path / "big", site_id, trust_root=ANY_ROOT)
         assert not (tmp_path / "big").exists()
 
 
@@ -363,13 +366,13 @@ def test_csr_writes_no_key_when_one_of_its_keys_is_already_there(tmp_path: Path)
     d.mkdir()
     (d / "identity.key").symlink_to(tmp_path / "nowhere")
     with pytest.raises(ConfigurationError, match=r"identity\.key exists"):
-        make_site_request(d, 5)
+        make_site_request(d, 5, trust_root=ANY_ROOT)
     assert not (d / "client.key").exists()
     e = tmp_path / "site-b"
     e.mkdir()
     (e / "client.key").write_text("an earlier request's")
     with pytest.raises(ConfigurationError, match=r"client\.key exists"):
-        make_site_request(e, 5)
+        make_site_request(e, 5, trust_root=ANY_ROOT)
     assert not (e / "identity.key").exists()
 
 
@@ -383,7 +386,7 @@ def test_csr_replaces_a_link_planted_at_its_request_instead_of_writing_through_i
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     (d / "request.json").symlink_to(victim)
-    path = make_site_request(d, 5)
+    path = make_site_request(d, 5, trust_root=ANY_ROOT)
     assert victim.read_text() == "precious"
     assert not path.is_symlink() and "csr" in path.read_text()
     assert path.stat().st_mode & 0o777 == 0o644
@@ -409,7 +412,8 @@ def test_two_signs_at_once_leave_one_consistent_roster(
 
     monkeypatch.setattr(RosterSigner, "sign", slow)
 
-    requests = {s: make_site_request(tmp_path / f"site-{s}", s) for s in (40, 41)}
+    requests = {s: make_site_request(tmp_path / f"site-{s}", s, trust_root=ANY_ROOT)
+                for s in (40, 41)}
     errors: list[BaseException] = []
     start = threading.Barrier(2)
 
@@ -443,7 +447,7 @@ def test_the_sdk_and_csr_work_without_posix_only_modules(tmp_path: Path) -> None
 
     code = ("import os, sys; sys.modules['fcntl'] = None; del os.fchmod; import clients.site; "
             "from secagg.federation.kit import make_site_request; "
-            f"make_site_request({str(tmp_path / 'site')!r}, 5)")
+            f"make_site_request({str(tmp_path / 'site')!r}, 5, trust_root='ab' * 32)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[2], timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -498,7 +502,7 @@ def test_ca_validity_windows_and_the_sign_lock(fed: Path, tmp_path: Path) -> Non
     target = tmp_path / "created-by-sign"
     (fed / ".sign.lock").unlink(missing_ok=True)
     (fed / ".sign.lock").symlink_to(target)
-    request = make_site_request(tmp_path / "site-5", 5)
+    request = make_site_request(tmp_path / "site-5", 5, trust_root=ANY_ROOT)
     with pytest.raises(ConfigurationError, match="cannot lock"):
         sign_site_request(fed, request, tmp_path / "out", add_site=True)
     assert not target.exists()
@@ -566,7 +570,7 @@ def test_sign_opens_the_roster_with_its_own_signer_key_not_the_configs_trust_roo
     (fed / "roster.bin").write_bytes(roster_to_bytes(theirs.sign(sites, federation=real.name)))
     (fed / "federation.toml").write_text(
         config_text.replace(real.trust_root.hex(), theirs.public_key.hex()))
-    request = make_site_request(tmp_path / "site-5", 5)
+    request = make_site_request(tmp_path / "site-5", 5, trust_root=ANY_ROOT)
     with pytest.raises(ConfigurationError, match="not this federation's signer key"):
         sign_site_request(fed, request, tmp_path / "out", add_site=True)
     assert not (tmp_path / "out").exists()
@@ -589,7 +593,7 @@ def test_init_and_sign_refuse_a_directory_others_can_write(tmp_path: Path, mode:
     fed = tmp_path / "fed"
     init_federation(fed, 3)
     fed.chmod(mode)
-    request = make_site_request(tmp_path / "site-4", 4)
+    request = make_site_request(tmp_path / "site-4", 4, trust_root=ANY_ROOT)
     with pytest.raises(ConfigurationError, match="writable by its group or other users"):
         sign_site_request(fed, request, tmp_path / "out", add_site=True)
     fed.chmod(0o755)
@@ -637,7 +641,7 @@ def test_sign_refuses_a_federation_whose_keys_or_config_others_can_write(
     init_federation(fed, 4)
     path = fed / where
     path.chmod(path.stat().st_mode | 0o022)
-    request = make_site_request(tmp_path / "site-5", 5)
+    request = make_site_request(tmp_path / "site-5", 5, trust_root=ANY_ROOT)
     with pytest.raises(ConfigurationError, match="writable by its group or other users"):
         sign_site_request(fed, request, tmp_path / "out", add_site=True)
     with pytest.raises(ConfigurationError, match="writable by its group or other users"):
@@ -662,7 +666,7 @@ def test_init_and_sign_refuse_a_directory_another_user_owns(tmp_path: Path) -> N
     fed = tmp_path / "fed"
     init_federation(fed, 3)
     os.chown(fed, 65534, 65534)
-    request = make_site_request(tmp_path / "site-4", 4)
+    request = make_site_request(tmp_path / "site-4", 4, trust_root=ANY_ROOT)
     with pytest.raises(ConfigurationError, match="not this user's"):
         sign_site_request(fed, request, tmp_path / "out", add_site=True)
     open_parent = tmp_path / "open"

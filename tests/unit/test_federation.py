@@ -25,6 +25,9 @@ from secagg.federation.kit import (
     sign_site_request,
 )
 
+# a federation's trust root, for a request whose site directory is never loaded here
+ANY_ROOT = bytes(range(32))
+
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -47,7 +50,7 @@ def test_private_keys_are_0600_and_each_lives_in_one_directory(federation: Path)
     for site in range(1, 5):
         names = {p.name for p in (federation / "sites" / f"site-{site}").iterdir()}
         assert names == {"client.crt", "client.key", "identity.key", "ca.crt",
-                         "federation.toml", "roster.bin"}
+                         "federation.toml", "roster.bin", "trust-root.pin"}
 
 
 def test_certificates_name_the_right_hosts_and_sites(federation: Path) -> None:
@@ -90,7 +93,8 @@ def test_init_refuses_a_non_empty_directory_and_bad_arguments(tmp_path: Path) ->
 def test_a_site_makes_its_own_keys_and_only_its_request_travels(federation: Path,
                                                                 tmp_path: Path) -> None:
     site_dir = tmp_path / "hospital-5"
-    request = make_site_request(site_dir, 5)
+    root = FederationConfig.load(federation / "federation.toml").trust_root
+    request = make_site_request(site_dir, 5, trust_root=root.hex())  # (told out of band)
     text = request.read_text()
     assert "PRIVATE" not in text
     out = tmp_path / "signed"
@@ -466,7 +470,7 @@ def test_a_site_rotates_its_certificate_with_a_request_its_identity_key_signs(
         fresh_federation: Path, tmp_path: Path) -> None:
     site = fresh_federation / "sites" / "site-2"
     new = tmp_path / "site-2-rotation"
-    request = make_site_request(new, 2, identity_key=site / "identity.key")
+    request = make_site_request(new, 2, trust_root=ANY_ROOT, identity_key=site / "identity.key")
     assert not (new / "identity.key").exists()  # the identity key stays where it was
     out = sign_site_request(fresh_federation, request, tmp_path / "signed")
     config = FederationConfig.load(fresh_federation / "federation.toml")
@@ -476,14 +480,14 @@ def test_a_site_rotates_its_certificate_with_a_request_its_identity_key_signs(
     # and a request into a directory that already holds an identity key is refused, not
     # a silent new identity over the old one
     with pytest.raises(ConfigurationError, match="--identity"):
-        make_site_request(site, 2)
+        make_site_request(site, 2, trust_root=ANY_ROOT)
 
 
 def test_a_request_is_not_made_in_a_federations_own_directory(fresh_federation: Path) -> None:
     """`federation csr --dir FED` wrote a site's private keys beside the CA's key."""
     before = sorted(p.name for p in fresh_federation.iterdir())
     with pytest.raises(ConfigurationError, match="federation's directory"):
-        make_site_request(fresh_federation, 9)
+        make_site_request(fresh_federation, 9, trust_root=ANY_ROOT)
     assert sorted(p.name for p in fresh_federation.iterdir()) == before
 
 
@@ -494,7 +498,7 @@ def test_a_request_is_not_made_beside_a_ca_key_kept_offline(tmp_path: Path) -> N
     (fed / "ca").mkdir(parents=True)
     (fed / "ca" / "ca.key").symlink_to(tmp_path / "offline" / "ca.key")
     with pytest.raises(ConfigurationError, match="federation's directory"):
-        make_site_request(fed, 9)
+        make_site_request(fed, 9, trust_root=ANY_ROOT)
     assert sorted(p.name for p in fed.iterdir()) == ["ca"]
 
 
@@ -503,11 +507,11 @@ def test_sign_says_whether_it_added_a_seat_or_rotated_a_certificate(
     """The CLI's line reports this sign's own before/after rosters (read under its lock)."""
     from secagg.cli import main
 
-    added = make_site_request(tmp_path / "site-9", 9)
+    added = make_site_request(tmp_path / "site-9", 9, trust_root=ANY_ROOT)
     assert main(["federation", "sign", "--dir", str(fresh_federation), "--request",
                  str(added), "--out", str(tmp_path / "s9"), "--add-site"]) == 0
     assert "signed site 9: ADDED to the roster (4 -> 5 sites)" in capsys.readouterr().out
-    rotated = make_site_request(tmp_path / "site-2", 2,
+    rotated = make_site_request(tmp_path / "site-2", 2, trust_root=ANY_ROOT,
                                 identity_key=fresh_federation / "sites" / "site-2" / "identity.key")
     assert main(["federation", "sign", "--dir", str(fresh_federation), "--request",
                  str(rotated), "--out", str(tmp_path / "s2"), "--add-site"]) == 0
@@ -548,7 +552,7 @@ def test_a_certificate_for_a_site_needs_that_sites_identity_key(
     signature, its own, or site 1's signature of another request, the operator's ordinary
     `federation sign` refuses (it issued the certificate before, and site 4 then spoke as the
     key holder)."""
-    legit = make_site_request(tmp_path / "rotation", 1,
+    legit = make_site_request(tmp_path / "rotation", 1, trust_root=ANY_ROOT,
                               identity_key=fresh_federation / "sites" / "site-1" / "identity.key")
     attempts = [
         _forged_request(fresh_federation, tmp_path, 1, None),
@@ -570,7 +574,7 @@ def test_a_request_naming_an_impossible_site_id_is_a_clear_error(
     import json
 
     path = tmp_path / "odd.json"
-    good = json.loads(make_site_request(tmp_path / "s", 5).read_text())
+    good = json.loads(make_site_request(tmp_path / "s", 5, trust_root=ANY_ROOT).read_text())
     path.write_text(json.dumps({**good, "site_id": site_id}))
     with pytest.raises(ConfigurationError, match="site id"):
         sign_site_request(fresh_federation, path, tmp_path / "out")
@@ -691,7 +695,7 @@ def test_the_federations_own_keys_others_can_read_are_refused_when_signing(
         fresh_federation: Path, tmp_path: Path, key: str) -> None:
     """`federation sign` signed with a CA key (or roster signer key) at 0644, where a site's
     key at 0644 is refused: the federation's own keys are held to the same rule."""
-    request = make_site_request(tmp_path / "site-9", 9)
+    request = make_site_request(tmp_path / "site-9", 9, trust_root=ANY_ROOT)
     (fresh_federation / key).chmod(0o644)
     with pytest.raises(ConfigurationError, match="chmod 600"):
         sign_site_request(fresh_federation, request, tmp_path / "refused", add_site=True)
@@ -713,7 +717,8 @@ def test_a_key_file_that_is_not_a_regular_file_is_refused_not_waited_on(
     # and a key named outside a kit (csr --identity), which no directory check sees first
     os.mkfifo(tmp_path / "identity.fifo", 0o600)
     with pytest.raises(ConfigurationError, match=r"identity\.fifo is not a regular file"):
-        make_site_request(tmp_path / "request", 5, identity_key=tmp_path / "identity.fifo")
+        make_site_request(tmp_path / "request", 5, trust_root=ANY_ROOT,
+                          identity_key=tmp_path / "identity.fifo")
 
 
 @pytest.mark.parametrize("entry", ["roster.bin", "ca.crt", "federation.toml"])

@@ -1,0 +1,216 @@
+"""Adversary: whoever carries a federation's files to a site (the aggregator's operator, a mail
+server, a shared drive), without the federation's CA or roster signer key.
+
+A site that makes its own keys (``federation csr``) receives its certificate, the CA, the
+roster and the config back from the operator. Carried by an attacker, they can be a whole
+federation of the attacker's making: its CA, its roster signer, a roster of its own sites
+beside this one. The site then sent its update into a "sum" of its own update and the
+attacker's zeros, and the weights (revealed) gave the update back exactly (a helper's attack).
+The site trusts only the trust root it pinned, signed with its own identity key, from the
+operator out of band: at ``csr``, at ``init``, or with ``federation pin``.
+
+Every roster a signer ever signed stays validly signed: an old one, from before a site was
+removed, put back in a site's directory, brought the removed site back into the sums. A site
+refuses a roster older than one it has used (``clients.history``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clients import Site
+from secagg.cli import main
+from secagg.errors import ConfigurationError
+from secagg.federation.config import FederationConfig
+from secagg.federation.kit import (
+    PIN_CONTEXT,
+    PIN_FILE,
+    SiteKit,
+    init_federation,
+    load_roster,
+    make_site_request,
+    remove_site,
+    sign_site_request,
+)
+from secagg.hazmat.signing import IdentityKey
+
+RETURNED = ("client.crt", "ca.crt", "roster.bin", "federation.toml")  # what `sign` writes
+
+
+def _federation(d: Path, sites: int) -> Path:
+    model = d.parent / f"{d.name}.npz"
+    np.savez(model, w=np.zeros(4, np.float32))  # type: ignore[arg-type]
+    init_federation(d, sites, initial_model=model)
+    return d
+
+
+def _root(fed: Path) -> bytes:
+    return FederationConfig.load(fed / "federation.toml").trust_root
+
+
+def _install(out: Path, site: Path, names: tuple[str, ...] = RETURNED) -> None:
+    for name in names:
+        shutil.copy(out / name, site / name)
+
+
+@pytest.fixture
+def real(tmp_path: Path) -> Path:
+    return _federation(tmp_path / "real", 4)
+
+
+@pytest.fixture
+def forged(tmp_path: Path) -> Path:
+    """The attacker's own federation: its CA and signer, three sites of its own."""
+    return _federation(tmp_path / "forged", 3)
+
+
+def test_a_federation_of_the_carriers_making_is_refused(real: Path, forged: Path,
+                                                        tmp_path: Path) -> None:
+    site = tmp_path / "site-5"
+    request = make_site_request(site, 5, trust_root=_root(real).hex())
+    # the attacker signs the site's (public) request with its own federation
+    _install(sign_site_request(forged, request, tmp_path / "forged-out", add_site=True), site)
+    with pytest.raises(ConfigurationError, match="another federation's") as caught:
+        SiteKit.load(site)
+    assert "out of band" in str(caught.value)
+    with pytest.raises(ConfigurationError, match="another federation's"):
+        Site.connect(site)  # nothing is dialled
+    # the operator's own answer to the same request is taken
+    _install(sign_site_request(real, request, tmp_path / "real-out", add_site=True), site)
+    kit = SiteKit.load(site)
+    assert kit.site_id == 5 and kit.config.trust_root == _root(real)
+
+
+def test_a_pin_the_carrier_writes_is_refused(real: Path, forged: Path, tmp_path: Path) -> None:
+    """The carrier sends a pin along with its federation: its own site's (signed with that
+    site's identity key), or one it signed with a key of its own. Neither is this site's."""
+    site = tmp_path / "site-5"
+    request = make_site_request(site, 5, trust_root=_root(real))
+    out = sign_site_request(forged, request, tmp_path / "forged-out", add_site=True)
+    _install(out, site)
+    shutil.copy(forged / "sites" / "site-1" / PIN_FILE, site / PIN_FILE)
+    with pytest.raises(ConfigurationError, match="not a trust root pinned by this site's "
+                                                 "identity key"):
+        SiteKit.load(site)
+    key = IdentityKey.generate()
+    root = _root(forged)
+    (site / PIN_FILE).write_text(json.dumps(
+        {"trust_root": root.hex(), "signature": key.sign(PIN_CONTEXT + root).hex()}))
+    with pytest.raises(ConfigurationError, match="not a trust root pinned"):
+        SiteKit.load(site)
+    # nor is a signature this site's key made for something else: its request's (public)
+    signature = json.loads(request.read_text())["identity_signature"]
+    (site / PIN_FILE).write_text(json.dumps({"trust_root": root.hex(), "signature": signature}))
+    with pytest.raises(ConfigurationError, match="not a trust root pinned"):
+        SiteKit.load(site)
+
+
+@pytest.mark.parametrize("damage", ["", "{", '{"trust_root": "00"}', "[]",
+                                    '{"trust_root": 5, "signature": "00"}'])
+def test_a_damaged_pin_is_refused_clearly(real: Path, damage: str) -> None:
+    site = real / "sites" / "site-2"
+    (site / PIN_FILE).write_text(damage)
+    with pytest.raises(ConfigurationError, match="not a trust root pinned"):
+        SiteKit.load(site)
+
+
+def test_a_site_without_a_pin_is_told_how_to_make_one(real: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    site = real / "sites" / "site-2"
+    (site / PIN_FILE).unlink()
+    with pytest.raises(ConfigurationError, match=f"lacks {PIN_FILE}") as caught:
+        SiteKit.load(site)
+    assert "secagg federation pin" in str(caught.value) and "out of band" in str(caught.value)
+    # pinned with another root: the site's files are refused as another federation's
+    assert main(["federation", "pin", "--dir", str(site), "--trust-root", "ab" * 32]) == 0
+    with pytest.raises(ConfigurationError, match="another federation's"):
+        SiteKit.load(site)
+    # with its own (read out in groups, as on a phone call)
+    spaced = " ".join(_root(real).hex()[i:i + 8] for i in range(0, 64, 8))
+    assert main(["federation", "pin", "--dir", str(site), "--trust-root", spaced]) == 0
+    assert SiteKit.load(site).site_id == 2
+    assert _root(real).hex() in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [[], ["--trust-root", "ab" * 31], ["--trust-root", "zz" * 32]])
+def test_csr_needs_the_trust_root_before_it_writes_a_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    site = tmp_path / "site-5"
+    with pytest.raises(SystemExit) as caught:
+        main(["federation", "csr", "--dir", str(site), "--site", "5", *argv])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "--trust-root" in err and "Traceback" not in err
+    assert not site.exists()
+    with pytest.raises(ConfigurationError, match="64 hex digits"):
+        make_site_request(site, 5, trust_root="ab")
+    assert not site.exists()
+
+
+def test_init_prints_the_trust_root_sites_pin(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    model = tmp_path / "m.npz"
+    np.savez(model, w=np.zeros(3, np.float32))  # type: ignore[arg-type]
+    assert main(["federation", "init", "--dir", str(tmp_path / "fed"), "--sites", "3",
+                 "--model", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert f"trust root:  {_root(tmp_path / 'fed').hex()}" in out
+    for s in (1, 2, 3):  # and every site init made has it pinned
+        assert SiteKit.load(tmp_path / "fed" / "sites" / f"site-{s}").site_id == s
+
+
+def test_an_older_roster_than_one_used_is_refused(real: Path, tmp_path: Path) -> None:
+    site = real / "sites" / "site-1"
+    old = (site / "roster.bin").read_bytes()
+    Site.connect(site).close()  # version 1, recorded
+    remove_site(real, 4)  # site 4 removed: version 2
+    shutil.copy(real / "roster.bin", site / "roster.bin")
+    Site.connect(site).close()
+    assert load_roster(site / "roster.bin", _root(real)).version == 2
+    (site / "roster.bin").write_bytes(old)  # the carrier puts version 1 back
+    with pytest.raises(ConfigurationError, match="older than version 2"):
+        Site.connect(site)
+    # a history kept elsewhere keeps it too; a new one has seen nothing
+    elsewhere = tmp_path / "history"
+    elsewhere.mkdir(mode=0o700)
+    shutil.copy(real / "roster.bin", site / "roster.bin")
+    Site.connect(site, history_dir=elsewhere).close()
+    (site / "roster.bin").write_bytes(old)
+    with pytest.raises(ConfigurationError, match="older than version 2"):
+        Site.connect(site, history_dir=elsewhere)
+
+
+def test_rosters_of_two_federations_are_kept_apart(real: Path, forged: Path,
+                                                   tmp_path: Path) -> None:
+    """A version is compared only with versions under the same trust root: a second
+    federation's roster version 1 is not an older roster of the first's."""
+    history = tmp_path / "history"
+    history.mkdir(mode=0o700)
+    remove_site(real, 4)
+    site = real / "sites" / "site-1"
+    shutil.copy(real / "roster.bin", site / "roster.bin")
+    Site.connect(site, history_dir=history).close()  # version 2 under the real root
+    Site.connect(forged / "sites" / "site-1", history_dir=history).close()  # 1, another root
+
+
+@pytest.mark.parametrize("kind", ["fifo", "huge", "directory", "zeros"])
+def test_a_pin_that_is_no_small_file_is_refused_not_waited_on(real: Path, kind: str) -> None:
+    import os
+
+    site = real / "sites" / "site-3"
+    (site / PIN_FILE).unlink()
+    if kind == "fifo":
+        os.mkfifo(site / PIN_FILE, 0o644)
+    elif kind == "huge":
+        (site / PIN_FILE).write_bytes(b" " * 100_000)
+    elif kind == "directory":
+        (site / PIN_FILE).mkdir()
+    else:  # (read whole, it filled the memory)
+        (site / PIN_FILE).symlink_to("/dev/zero")
+    with pytest.raises(ConfigurationError, match=f"{PIN_FILE}" + (
+            " is not a regular file of at most 4096 bytes" if kind == "huge" else "")):
+        SiteKit.load(site)
