@@ -988,7 +988,8 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
     if config.initial_model is None:
         raise ConfigurationError("[job] initial_model is not set: the job needs a model to "
                                  "start from")
-    model = FlatModel.load_npz(config.initial_model)
+    model = FlatModel.load_npz(config.initial_model,
+                               max_values=config.limits.max_vector_length)
     # the sites take round 1 only from the model their config names: started from another
     # one, the job would run rounds every site refuses
     if config.initial_model_digest is not None and model.digest != config.initial_model_digest:

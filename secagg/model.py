@@ -216,7 +216,16 @@ class FlatModel:
             raise ConfigurationError("model spec names a tensor twice")
         # defence: model.values-finite
         if not np.all(np.isfinite(values)):
-            raise ConfigurationError("model values contain NaN or infinity")
+            # (the tensor named, not its values: a state dict holds dozens)
+            first = int(np.argmin(np.isfinite(values)))
+            at, name = 0, "?"
+            for t in self.spec:
+                if first < at + t.size:
+                    name = t.name
+                    break
+                at += t.size
+            raise ConfigurationError(f"model values contain NaN or infinity (in tensor "
+                                     f"{name!r:.80})")
         _check_held_exactly(values, self.spec)
         object.__setattr__(self, "values", values)
 
@@ -501,7 +510,10 @@ class FlatModel:
         np.savez(Path(path), **self.to_arrays())  # type: ignore[arg-type]
 
     @classmethod
-    def load_npz(cls, path: Path | str) -> FlatModel:
+    def load_npz(cls, path: Path | str, *, max_values: int | None = None) -> FlatModel:
+        """The named arrays of a ``numpy.savez`` archive, never unpickled. ``max_values``:
+        refuse, before any array is read, an archive whose arrays' headers declare more
+        values in all (a 4 MB archive declaring 10^9 float32 values took 23 GB to load)."""
         import zipfile
 
         path = Path(path)
@@ -519,6 +531,13 @@ class FlatModel:
             if not zipfile.is_zipfile(path):
                 raise ConfigurationError(f"cannot read model {path}: not a .npz archive of "
                                          "named arrays (numpy.savez)")
+            if max_values is not None:
+                # defence: model.npz-declared-size-bounded
+                declared = _declared_values(path)
+                if declared > max_values:
+                    raise ConfigurationError(
+                        f"cannot read model {path}: its arrays declare {declared:,} values, "
+                        f"more than [limits] max_vector_length ({max_values:,})")
             # defence: model.npz-never-unpickled
             with np.load(path, allow_pickle=False) as archive:
                 return cls.from_arrays({name: archive[name] for name in archive.files})
@@ -533,3 +552,23 @@ class FlatModel:
             reason = ("it holds object arrays, which would need unpickling: refused"
                       if "pickle" in str(e) else str(e))
             raise ConfigurationError(f"cannot read model {path}: {reason}") from None
+
+
+def _declared_values(path: Path) -> int:
+    """How many values the arrays of a .npz archive declare in their headers, read without
+    reading an array; a ValueError for a member that is no .npy array (np.load returned such
+    a member's bytes whole, however large they decompress)."""
+    import math
+    import zipfile
+
+    total = 0
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            with archive.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, _ = np.lib.format.read_array_header_1_0(f)
+                else:  # (2.0 and 3.0 share the header's layout)
+                    shape, _, _ = np.lib.format.read_array_header_2_0(f)
+            total += math.prod(int(n) for n in shape)
+    return total

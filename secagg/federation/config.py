@@ -230,6 +230,12 @@ class FederationConfig:
             raise ConfigurationError(f"config file {path} is not UTF-8 text") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigurationError(f"config file {path} is not valid TOML: {e}") from None
+        # (arrays nested thousands deep: tomllib's RecursionError, ~3,000 lines of traceback
+        # from `serve` and from Site.connect)
+        # defence: config.nesting-is-a-configuration-error
+        except RecursionError:
+            raise ConfigurationError(f"config file {path} is not a federation config: its "
+                                     "values are nested too deep") from None
         # (a value's error named the key, not the file: "[federation] protocol is missing"
         # for an empty file, where an operator holds several configs)
         try:

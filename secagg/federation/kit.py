@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from secagg.errors import ConfigurationError, InvalidMessage
 from secagg.federation import pki
-from secagg.federation.config import FederationConfig
+from secagg.federation.config import FederationConfig, Limits
 from secagg.federation.pki import read_private_key
 from secagg.hazmat import signing
 from secagg.hazmat.secret import SecretBytes, reveal
@@ -389,7 +389,9 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
     if initial_model is not None:
         from secagg.model import FlatModel
 
-        loaded = FlatModel.load_npz(initial_model)
+        limits = overrides.get("limits", Limits())
+        loaded = FlatModel.load_npz(initial_model, max_values=getattr(
+            limits, "max_vector_length", Limits().max_vector_length))
         # defence: kit.initial-model-not-empty
         if loaded.size < 1:
             raise ConfigurationError(f"the model {initial_model} has no values")

@@ -877,8 +877,10 @@ def test_a_config_that_cannot_be_read_is_named_with_the_reason(tmp_path: Path) -
     (tmp_path / "dir.toml").mkdir()
     (tmp_path / "latin1.toml").write_bytes(b"[federation]\nname = '\xe9'\n")
     (tmp_path / "bad.toml").write_text("[federation\n")
+    (tmp_path / "deep.toml").write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
     for name, reason in (("dir.toml", "cannot read config file"), ("latin1.toml", "not UTF-8"),
-                         ("bad.toml", "is not valid TOML"), ("none.toml", "does not exist")):
+                         ("bad.toml", "is not valid TOML"), ("none.toml", "does not exist"),
+                         ("deep.toml", "nested too deep")):
         with pytest.raises(ConfigurationError, match=reason) as e:
             FederationConfig.load(tmp_path / name)
         assert str(tmp_path / name) in str(e.value)
@@ -948,3 +950,83 @@ def test_a_host_with_a_partial_wildcard_or_a_mistyped_address_is_refused(
     with pytest.raises(ConfigurationError, match="is not an IP address or a DNS name"):
         init_federation(tmp_path / "fed", 3, hosts=[host])
     assert not (tmp_path / "fed").exists() or not any((tmp_path / "fed").iterdir())
+
+
+def _npz_declaring(path: Path, values: int, data: bytes = b"\0" * 16) -> Path:
+    """A .npz whose one array's header declares ``values`` float32 values (its data cut
+    short: what a few MB of deflated zeros can claim)."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": (values,)})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("w.npy", header.getvalue() + data)
+    return path
+
+
+def test_a_model_declaring_more_values_than_the_limit_is_refused_before_it_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 4 MB archive declaring 10^9 float32 values took 23 GB to load at init (a helper's
+    finding), past [limits] max_vector_length. Its headers are read first."""
+    from secagg.model import FlatModel
+
+    bomb = _npz_declaring(tmp_path / "bomb.npz", 10**9)
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("np.load read an archive declaring too many values")
+
+    monkeypatch.setattr(np, "load", never)
+    with pytest.raises(ConfigurationError, match=r"declare 1,000,000,000 values, more than "
+                                                 r"\[limits\] max_vector_length"):
+        init_federation(tmp_path / "fed", 3, initial_model=bomb)
+    assert not (tmp_path / "fed").exists()
+    with pytest.raises(ConfigurationError, match="declare 1,000,000,000"):
+        FlatModel.load_npz(bomb, max_values=10**8)
+    monkeypatch.undo()
+    fits = tmp_path / "fits.npz"
+    np.savez(fits, a=np.zeros((10, 10), np.float32), b=np.zeros(5))  # type: ignore[arg-type]
+    assert FlatModel.load_npz(fits, max_values=105).size == 105
+    with pytest.raises(ConfigurationError, match="declare 105 values"):
+        FlatModel.load_npz(fits, max_values=104)
+
+
+def test_a_model_archive_member_that_is_no_array_is_refused_not_read_whole(
+        tmp_path: Path) -> None:
+    """np.load returned a member without the .npy magic as its bytes, however large they
+    decompressed to."""
+    import zipfile
+
+    from secagg.model import FlatModel
+
+    path = tmp_path / "m.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("w.npy", b"\0" * 1000)
+    with pytest.raises(ConfigurationError, match="cannot read model"):
+        FlatModel.load_npz(path, max_values=10**8)
+
+
+@pytest.mark.parametrize(("setting", "says"), [
+    ("threshold = 1", r"threshold must be in \[4, 5\]"),
+    ("threshold = 999999", r"threshold must be in \[4, 5\]"),
+    ("neighbors = 2", "too few for a sparse graph")])
+def test_masking_settings_the_roster_cannot_take_are_refused_at_connect(
+        tmp_path: Path, setting: str, says: str) -> None:
+    """They were found at the first submit, after the round was spent, and told as "this
+    site refused the aggregator's messages"."""
+    import re
+
+    from clients import Site
+
+    model = tmp_path / "m.npz"
+    np.savez(model, w=np.zeros(3, np.float32))  # type: ignore[arg-type]
+    init_federation(tmp_path / "fed", 5, initial_model=model)
+    site = tmp_path / "fed" / "sites" / "site-1"
+    Site.connect(site).close()
+    key = setting.split(" =")[0]
+    config = site / "federation.toml"
+    config.write_text(re.sub(rf"(?m)^{key} = .*$", setting, config.read_text()))
+    with pytest.raises(ConfigurationError, match=says) as caught:
+        Site.connect(site)
+    assert str(config) in str(caught.value)

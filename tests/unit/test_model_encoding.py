@@ -308,3 +308,14 @@ def test_model_values_of_another_length_than_the_spec_are_refused() -> None:
     for wrong in (np.zeros(4), np.zeros(2), np.zeros((3, 1))):
         with pytest.raises(ConfigurationError, match="do not match the model spec"):
             FlatModel(spec, wrong)
+
+
+def test_a_nan_in_a_model_names_its_tensor_not_its_values() -> None:
+    """A state dict holds dozens of tensors: "model values contain NaN" left the engineer to
+    search them all."""
+    arrays = {"conv.weight": np.zeros((2, 3)), "fc.bias": np.array([0.123456, np.nan]),
+              "fc.weight": np.array([np.inf])}
+    with pytest.raises(ConfigurationError, match=r"NaN or infinity \(in tensor 'fc.bias'\)") \
+            as caught:
+        FlatModel.from_arrays(arrays)
+    assert "0.123456" not in str(caught.value)
