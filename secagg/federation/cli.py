@@ -1,4 +1,4 @@
-"""``secagg federation init|csr|pin|sign|remove-site``: set up a federation and its roster."""
+"""``secagg federation init|csr|pin|sign|sign-config|remove-site``: a federation and its roster."""
 
 from __future__ import annotations
 
@@ -78,6 +78,17 @@ def _pin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sign_config(args: argparse.Namespace) -> int:
+    from secagg.federation.kit import CONFIG_FILE, sign_settings
+
+    config = args.config if args.config is not None else Path(args.dir) / CONFIG_FILE
+    path = sign_settings(args.dir, config)
+    print(f"signed the shared settings of {config} into {path}")
+    print("  every site needs this settings.sig beside a federation.toml with these settings "
+          "(the aggregator too, with its own copy of them)")
+    return 0
+
+
 def _trust_root(text: str) -> bytes:
     from secagg.errors import ConfigurationError
     from secagg.federation.kit import parse_trust_root
@@ -143,6 +154,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                           "it to you out of band: the files sent back are taken only if they "
                           "are that federation's")
     csr.set_defaults(func=_csr)
+    sign_config = fed_sub.add_parser(
+        "sign-config", help="sign a config's shared settings (after changing one: the job, "
+                            "[update], [masking], [ckks]); sites refuse settings unsigned")
+    sign_config.add_argument("--dir", required=True, type=_dir_path,
+                             help="the federation directory")
+    sign_config.add_argument("--config", type=Path, default=None,
+                             help="the config to sign (default: the federation's own "
+                                  "federation.toml); settings.sig is written beside it")
+    sign_config.set_defaults(func=_sign_config)
     pin = fed_sub.add_parser("pin", help="pin the federation's trust root in a site directory "
                                          "(one made before pins were kept)")
     pin.add_argument("--dir", required=True, type=_dir_path, help="the site directory")

@@ -518,6 +518,17 @@ class FederationConfig:
                   "min_sites": self.min_sites}
         return digest("federation-settings", json.dumps(shared, sort_keys=True))
 
+    def signed_settings_digest(self) -> bytes:
+        """What the federation's trust root signs of this config (a site's ``settings.sig``,
+        secagg.federation.kit): every setting of :meth:`settings_digest`, and the job's start
+        and length (the initial model's digest, the rounds, the server learning rate). Not
+        the addresses, deadlines or limits: each party's own, which a site may change."""
+        from secagg._encoding import digest
+
+        return digest("federation-signed-settings", self.settings_digest(),
+                      (self.initial_model_digest or b"").hex(), self.rounds,
+                      repr(float(self.server_learning_rate)))
+
     def key_holder_for(self, round_number: int) -> int:
         return self.key_holders[(round_number - 1) % len(self.key_holders)]
 

@@ -41,7 +41,7 @@ from secagg.federation.pki import read_private_key
 from secagg.hazmat import signing
 from secagg.hazmat.secret import SecretBytes, reveal
 from secagg.hazmat.signing import IdentityKey
-from secagg.roster import Roster, RosterSigner, SignedRoster
+from secagg.roster import Roster, RosterSigner, SignedRoster, signed_settings_message
 from secagg.v1 import roster_pb2
 
 CONFIG_FILE = "federation.toml"
@@ -218,10 +218,76 @@ def pin_trust_root(directory: Path | str, trust_root: object) -> bytes:
     return value
 
 
+# ---- the federation's signature over its shared settings ------------------------------------
+
+SETTINGS_SIG_FILE = "settings.sig"
+
+
+def write_settings_signature(d: Path, config: FederationConfig, signer: RosterSigner) -> None:
+    """Sign, with the federation's roster signer, the settings of ``config`` every party
+    shares (``FederationConfig.signed_settings_digest``), into ``d/settings.sig``."""
+    signature = signer.sign_settings(config.signed_settings_digest())
+    pki.write_public(d / SETTINGS_SIG_FILE,
+                     json.dumps({"signature": signature.hex()}, indent=2).encode())
+
+
+def check_settings_signature(d: Path, config: FederationConfig) -> None:
+    """Refuse a site's config whose shared settings its (pinned) trust root did not sign."""
+    path = d / SETTINGS_SIG_FILE
+    remedy = ("the federation's operator signs them with `secagg federation sign-config` "
+              "(init and sign write settings.sig)")
+    try:
+        data = _read_small(path, MAX_PIN_BYTES)
+    except FileNotFoundError:
+        raise ConfigurationError(
+            f"site directory {d} lacks {SETTINGS_SIG_FILE}, the federation's signature over "
+            f"the settings every party shares: {remedy}") from None
+    except OSError as e:
+        raise ConfigurationError(f"cannot read {path}: {e.strerror}") from None
+    except ValueError:
+        raise ConfigurationError(f"{path} is not a regular file of at most {MAX_PIN_BYTES} "
+                                 "bytes (a settings signature is)") from None
+    try:
+        signature = bytes.fromhex(json.loads(data)["signature"])
+        # defence: federation.settings-signed-by-the-trust-root
+        signing.verify(config.trust_root, signature,
+                       signed_settings_message(config.signed_settings_digest()))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, InvalidMessage):
+        raise ConfigurationError(
+            f"the shared settings of {d / CONFIG_FILE} (the protocol, [job] id, rounds and "
+            "initial model, [update], [masking], [ckks]) are not the ones the federation's "
+            f"trust root signed in {path}: whoever carried the files may have changed them; "
+            f"{remedy}") from None
+
+
+def sign_settings(federation: Path | str, config_path: Path | str | None = None) -> Path:
+    """``secagg federation sign-config``: sign the shared settings of ``config_path`` (by
+    default the federation's own federation.toml) with the federation's roster signer,
+    into settings.sig beside it. Returns that file's path."""
+    fed = Path(federation)
+    path = Path(config_path) if config_path is not None else fed / CONFIG_FILE
+    own = FederationConfig.load(fed / CONFIG_FILE)
+    with _federation_lock(fed):
+        signer = _federation_signer(fed, own)
+        config = FederationConfig.load(path)
+        config.check()
+        # defence: federation.sign-config-own-trust-root
+        if signer.public_key != config.trust_root:
+            raise ConfigurationError(f"{path} names another trust root than this federation's "
+                                     "signer: it is not this federation's config")
+        # settings the roster cannot take are never signed (sites refuse them at connect)
+        roster = load_roster(fed / ROSTER_FILE, signer.public_key)
+        # defence: federation.sign-config-refuses-what-the-roster-cannot-take
+        if config.protocol == "masking":
+            config.masking_round(config.round_id_for(1), roster, 1, model_digest=bytes(32))
+        write_settings_signature(path.parent, config, signer)
+    return path.parent / SETTINGS_SIG_FILE
+
+
 # what a site's and the aggregator's directories hold that others must not be able to
 # change (check_kit_directory)
 SITE_ENTRIES = (CONFIG_FILE, ROSTER_FILE, "ca.crt", "client.crt", "client.key", "identity.key",
-                PIN_FILE)
+                PIN_FILE, SETTINGS_SIG_FILE)
 AGGREGATOR_ENTRIES = (CONFIG_FILE, ROSTER_FILE, "ca.crt", "server.crt", "server.key")
 
 
@@ -330,6 +396,11 @@ class SiteKit:
                 f"{pinned.hex()[:16]}..., the one this site pinned: these files are another "
                 "federation's (check the trust root with the federation's operator, out of "
                 "band, before using them)")
+        # and the settings every party shares, which the same hands carry: a site told
+        # another key holder encrypted to whoever that was, one told a lower threshold shared
+        # its keys more thinly, one told another initial model trained from it
+        # defence: federation.kit-settings-signed
+        check_settings_signature(d, config)
         return cls(d, site_id, config, roster, identity, ca_pem, cert_pem, key_pem)
 
 
@@ -429,7 +500,7 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
                          federation=name)
     if initial_model is not None and model_name is not None:
         pki.write_public(d / model_name, Path(initial_model).read_bytes())
-    _write_public_files(d, config, signed, ca_cert, model_name)
+    _write_public_files(d, config, signed, ca_cert, model_name, signer)
 
     for s, ident in identities.items():
         site_dir = d / "sites" / f"site-{s}"
@@ -440,13 +511,13 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
         # defence: federation.init-pins-the-trust-root
         write_trust_pin(site_dir, IdentityKey(ident), signer.public_key)
         pki.write_public(site_dir / "client.crt", pki.pem_cert(cert))
-        _write_public_files(site_dir, config, signed, ca_cert, None)
+        _write_public_files(site_dir, config, signed, ca_cert, None, signer)
     server_key, server_cert = pki.issue_server_cert(ca_key, ca_cert, hosts)
     # the aggregator's directory is made whole under another name and renamed into place
     building = d / ".aggregator.init"
     pki.write_private(building / "server.key", SecretBytes(pki.pem_private(server_key)))
     pki.write_public(building / "server.crt", pki.pem_cert(server_cert))
-    _write_public_files(building, config, signed, ca_cert, model_name)
+    _write_public_files(building, config, signed, ca_cert, model_name, signer)
     building.rename(d / "aggregator")
     (d / INIT_INCOMPLETE).unlink()
     return config
@@ -597,10 +668,13 @@ def _dial_host(address: str) -> str | None:
 
 
 def _write_public_files(d: Path, config: FederationConfig, signed: SignedRoster,
-                        ca_cert: x509.Certificate, model_name: Path | None) -> None:
+                        ca_cert: x509.Certificate, model_name: Path | None,
+                        signer: RosterSigner) -> None:
     d.mkdir(parents=True, exist_ok=True)
     pki.write_public(d / "ca.crt", pki.pem_cert(ca_cert))
     pki.write_public(d / CONFIG_FILE, config.to_toml().encode())
+    # defence: federation.settings-signature-written
+    write_settings_signature(d, config, signer)
     pki.write_public(d / ROSTER_FILE, roster_to_bytes(signed))
     if model_name is not None and not (d / model_name).exists():
         src = d.parent / model_name
@@ -831,7 +905,7 @@ def _sign_locked(fed: Path, site_id: int, csr: x509.CertificateSigningRequest,
         raise ConfigurationError(f"{o} exists and is not an empty directory: the signed "
                                  "files go into a new one")
     pki.write_public(o / "client.crt", pki.pem_cert(cert))
-    _write_public_files(o, config, signed, ca_cert, None)
+    _write_public_files(o, config, signed, ca_cert, None, signer)
     for path in (fed / ROSTER_FILE, fed / "aggregator" / ROSTER_FILE):
         pki.write_public(path, roster_to_bytes(signed))  # (replaced whole)
     return SignedRequest(o, site_id, tuple(sorted(roster)), tuple(sorted(sites)))

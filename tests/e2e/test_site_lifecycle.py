@@ -37,18 +37,20 @@ def test_a_closed_site_says_so_and_does_not_spend_its_round(tmp_path: Path) -> N
 
 def test_a_site_whose_config_differs_in_max_samples_is_told_so_by_the_round(
         tmp_path: Path) -> None:
-    """Site 3's engineer raised [update] max_samples in its own federation.toml: it weighed
-    itself by another scale than the others, and the average came out wrong, silently. The
-    aggregator publishes its settings' digest with the round; site 3 refuses the round
-    naming its config, and sends nothing."""
+    """Site 3 was given a config with another [update] max_samples (signed: the operator
+    changed it for site 3 alone): it weighed itself by another scale than the others, and
+    the average came out wrong, silently. The aggregator publishes its settings' digest with
+    the round; site 3 refuses the round naming its config, and sends nothing. (Changed in
+    transit, unsigned, the config is refused at connect: test_federation_in_transit.)"""
     import re
 
-    from secagg.federation.kit import CONFIG_FILE
+    from secagg.federation.kit import CONFIG_FILE, sign_settings
 
     fed = make_federation(tmp_path, 3, "masking", rounds=1, open_s=4.0)
     path = fed.site_dir(3) / CONFIG_FILE
     text = path.read_text()
     path.write_text(re.sub(r"(?m)^max_samples = .*$", "max_samples = 3000.0", text))
+    sign_settings(fed.directory, path)
     agg = start_aggregator(fed, tmp_path)
     try:
         with Site.connect(fed.site_dir(3), tensors="numpy", retry_seconds=30) as site, \

@@ -38,7 +38,7 @@ from secagg.federation.kit import (
 )
 from secagg.hazmat.signing import IdentityKey
 
-RETURNED = ("client.crt", "ca.crt", "roster.bin", "federation.toml")  # what `sign` writes
+RETURNED = ("client.crt", "ca.crt", "roster.bin", "federation.toml", "settings.sig")  # `sign`'s
 
 
 def _federation(d: Path, sites: int) -> Path:
@@ -214,3 +214,107 @@ def test_a_pin_that_is_no_small_file_is_refused_not_waited_on(real: Path, kind: 
     with pytest.raises(ConfigurationError, match=f"{PIN_FILE}" + (
             " is not a regular file of at most 4096 bytes" if kind == "huge" else "")):
         SiteKit.load(site)
+
+
+def _edit(config: Path, key: str, value: str) -> None:
+    import re
+
+    pattern = rf"(?ms)^{key} = \[.*?\]" if value.startswith("[") else rf"(?m)^{key} = .*$"
+    text, n = re.subn(pattern, f"{key} = {value}", config.read_text())
+    if n == 0:  # (a key init leaves out: added to its table)
+        table = {"min_sites": "[ckks]", "initial_model_digest": "[job]"}[key]
+        text = text.replace(f"{table}\n", f"{table}\n{key} = {value}\n")
+    config.write_text(text)
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("key_holders", "[3]"),  # the site would encrypt to site 3's key (a colluder's)
+    ("min_sites", "3"),
+    ("preset", '"add-only-8192"'),
+    ("id", '"job-2"'),
+    ("rounds", "50"),
+    ("clip_norm", "100.0"),
+    ("max_samples", "10.0"),
+    ("server_learning_rate", "2.0"),
+    ("initial_model_digest", '"' + "ab" * 32 + '"'),  # a model of the carrier's choosing
+    ("protocol", '"masking"')])
+def test_a_shared_setting_changed_in_transit_is_refused(tmp_path: Path, key: str,
+                                                        value: str) -> None:
+    """The config's shared settings are signed by the trust root (settings.sig): whoever
+    carries a site's files cannot change which site holds the CKKS key, the thresholds, the
+    job or the model it starts from."""
+    model = tmp_path / "m.npz"
+    np.savez(model, w=np.zeros(4, np.float32))  # type: ignore[arg-type]
+    init_federation(tmp_path / "fed", 5, protocol="ckks", key_holders=(1,),
+                    initial_model=model)
+    site = tmp_path / "fed" / "sites" / "site-2"
+    SiteKit.load(site)
+    _edit(site / "federation.toml", key, value)
+    with pytest.raises(ConfigurationError, match="not the ones the federation's trust root "
+                                                 "signed") as caught:
+        SiteKit.load(site)
+    assert "sign-config" in str(caught.value)
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("threshold", "5"), ("corrupt_fraction", "0.0"), ("neighbors", '"auto"'),
+    ("dropout_rate", "0.3"), ("word_bits", "64")])
+def test_a_masking_setting_changed_in_transit_is_refused(real: Path, key: str,
+                                                         value: str) -> None:
+    site = real / "sites" / "site-3"
+    _edit(site / "federation.toml", key, value)
+    with pytest.raises(ConfigurationError, match="not the ones the federation's trust root"):
+        SiteKit.load(site)
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("aggregator", '"agg.internal:443"'), ("stage", "120.0"), ("upload_slots", "2"),
+    ("stream_idle_seconds", "30.0")])
+def test_a_sites_own_settings_stay_its_own(real: Path, key: str, value: str) -> None:
+    """Addresses, deadlines and limits are each party's own: a site behind a proxy points its
+    config elsewhere without the federation's signer."""
+    site = real / "sites" / "site-3"
+    _edit(site / "federation.toml", key, value)
+    assert SiteKit.load(site).site_id == 3
+
+
+def test_a_settings_signature_is_the_trust_roots_over_these_settings(real: Path) -> None:
+    site = real / "sites" / "site-1"
+    (site / "settings.sig").unlink()
+    with pytest.raises(ConfigurationError, match=r"lacks settings\.sig") as caught:
+        SiteKit.load(site)
+    assert "sign-config" in str(caught.value)
+    # the roster's signature (the same key's, over its own labelled bytes) is no settings one
+    from secagg.federation.kit import roster_from_bytes
+
+    signed = roster_from_bytes((site / "roster.bin").read_bytes())
+    (site / "settings.sig").write_text(json.dumps({"signature": signed.signature.hex()}))
+    with pytest.raises(ConfigurationError, match="not the ones the federation's trust root"):
+        SiteKit.load(site)
+    # another site's settings.sig of the federation is the same: it signs settings, no site
+    shutil.copy(real / "sites" / "site-2" / "settings.sig", site / "settings.sig")
+    assert SiteKit.load(site).site_id == 1
+    for damage in ("", "{}", '{"signature": "zz"}', "[1]"):
+        (site / "settings.sig").write_text(damage)
+        with pytest.raises(ConfigurationError, match="not the ones the federation's trust"):
+            SiteKit.load(site)
+
+
+def test_the_operator_signs_a_changed_setting_with_sign_config(
+        real: Path, forged: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A new job: the operator changes [job] id in the federation's config and signs it; a
+    site given the new config and settings.sig loads it, and one given the new config alone
+    is refused."""
+    _edit(real / "federation.toml", "id", '"job-2"')
+    site = real / "sites" / "site-2"
+    shutil.copy(real / "federation.toml", site / "federation.toml")
+    with pytest.raises(ConfigurationError, match="not the ones"):
+        SiteKit.load(site)
+    assert main(["federation", "sign-config", "--dir", str(real)]) == 0
+    assert "settings.sig" in capsys.readouterr().out
+    shutil.copy(real / "settings.sig", site / "settings.sig")
+    assert SiteKit.load(site).config.job_id == "job-2"
+    # a config naming another federation's trust root is not signed with this one's key
+    assert main(["federation", "sign-config", "--dir", str(real), "--config",
+                 str(forged / "federation.toml")]) == 2
+    assert "another trust root" in capsys.readouterr().err

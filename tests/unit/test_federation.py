@@ -50,7 +50,7 @@ def test_private_keys_are_0600_and_each_lives_in_one_directory(federation: Path)
     for site in range(1, 5):
         names = {p.name for p in (federation / "sites" / f"site-{site}").iterdir()}
         assert names == {"client.crt", "client.key", "identity.key", "ca.crt",
-                         "federation.toml", "roster.bin", "trust-root.pin"}
+                         "federation.toml", "roster.bin", "trust-root.pin", "settings.sig"}
 
 
 def test_certificates_name_the_right_hosts_and_sites(federation: Path) -> None:
@@ -102,7 +102,9 @@ def test_a_site_makes_its_own_keys_and_only_its_request_travels(federation: Path
         sign_site_request(federation, request, out)  # a new seat is the operator's decision
     assert not out.exists()
     sign_site_request(federation, request, out, add_site=True)
-    for name in ("client.crt", "ca.crt", "roster.bin", "federation.toml"):
+    assert {p.name for p in out.iterdir()} == {"client.crt", "ca.crt", "roster.bin",
+                                               "federation.toml", "settings.sig"}
+    for name in ("client.crt", "ca.crt", "roster.bin", "federation.toml", "settings.sig"):
         (site_dir / name).write_bytes((out / name).read_bytes())
     kit = SiteKit.load(site_dir)
     assert kit.site_id == 5
@@ -1014,10 +1016,13 @@ def test_a_model_archive_member_that_is_no_array_is_refused_not_read_whole(
 def test_masking_settings_the_roster_cannot_take_are_refused_at_connect(
         tmp_path: Path, setting: str, says: str) -> None:
     """They were found at the first submit, after the round was spent, and told as "this
-    site refused the aggregator's messages"."""
+    site refused the aggregator's messages". `sign-config` refuses to sign them; signed
+    another way (the signer's key used from Python), the site still refuses them."""
     import re
 
     from clients import Site
+    from secagg.federation.kit import load_identity, sign_settings, write_settings_signature
+    from secagg.roster import RosterSigner
 
     model = tmp_path / "m.npz"
     np.savez(model, w=np.zeros(3, np.float32))  # type: ignore[arg-type]
@@ -1027,6 +1032,10 @@ def test_masking_settings_the_roster_cannot_take_are_refused_at_connect(
     key = setting.split(" =")[0]
     config = site / "federation.toml"
     config.write_text(re.sub(rf"(?m)^{key} = .*$", setting, config.read_text()))
+    with pytest.raises(ConfigurationError, match=says):
+        sign_settings(tmp_path / "fed", config)
+    signer = RosterSigner(load_identity(tmp_path / "fed" / "trust-root" / "signer.key"))
+    write_settings_signature(site, FederationConfig.load(config), signer)
     with pytest.raises(ConfigurationError, match=says) as caught:
         Site.connect(site)
     assert str(config) in str(caught.value)
