@@ -216,6 +216,36 @@ def test_a_store_whose_events_were_damaged_is_refused_not_replayed(
         store.close()
 
 
+def test_a_recorded_message_its_role_refuses_on_replay_is_the_stores_damage(
+        tmp_path: Path) -> None:
+    """A recorded message that fits where it was recorded (its round, stage, kind and site)
+    but that the round's role refuses when it is replayed (here the key holder's signature
+    on its announcement changed under the job): the store's doing, not a site's, so the
+    recovery is refused UNAVAILABLE, "do not replay" (never the site's INVALID_ARGUMENT out of
+    a recovery no site called)."""
+    from aggregator.job import UNAVAILABLE
+    from aggregator.store import events
+
+    job, store, _now, request, holder = _ckks_job(tmp_path)
+    try:
+        assert job().submit(holder, request) is False  # counted and recorded
+        assert job().active is not None  # the untouched store replays
+        damaged = service_pb2.SubmitRequest()
+        damaged.CopyFrom(request)
+        signature = bytearray(damaged.ckks_key.announcement.signature)
+        signature[0] ^= 1
+        damaged.ckks_key.announcement.signature = bytes(signature)
+        with store.engine.begin() as c:
+            c.execute(events.update().where(events.c.kind == "message").values(
+                payload=damaged.SerializeToString()))
+        with pytest.raises(ServiceError, match="do not replay: a recorded message is refused "
+                                               "now") as caught:
+            job()
+        assert caught.value.code == UNAVAILABLE
+    finally:
+        store.close()
+
+
 def test_fields_the_aggregator_does_not_know_are_not_stored(tmp_path: Path) -> None:
     """A site pads its message with a field of a number no .proto names (no signature covers
     it; Python's protobuf keeps it): the message counts, and the store keeps the message

@@ -17,6 +17,7 @@ from aggregator.store import Store, chunks
 from secagg.errors import ConfigurationError
 from secagg.federation.kit import ROSTER_FILE, load_roster
 from secagg.model import FlatModel
+from secagg.v1 import service_pb2
 from tests.service_kit import make_federation
 
 
@@ -251,3 +252,64 @@ def test_a_masking_job_no_round_of_which_could_run_is_refused_before_the_port_is
     assert "too few for a sparse graph" in log and "Traceback" not in log
     assert '"listening"' not in log
     assert not (tmp_path / "aggregator.db").exists()
+
+
+def test_a_store_bound_to_another_job_before_its_first_round_is_refused(tmp_path: Path) -> None:
+    """The store is bound to this federation's trust root but to another job's name, and
+    holds no round yet (that job's aggregator stopped between binding the store and opening
+    its round 1, or bound it first at the same moment): the round-id check has no round to
+    compare, so the binding alone refuses this job."""
+    config, roster, model = _parts(tmp_path)
+    name = config.round_id_for(0).rsplit("/", 1)[0]
+    store = Store(str(tmp_path / "aggregator.db"))
+    try:
+        assert store.bind_job(config.trust_root, name + "-other") == (
+            config.trust_root, name + "-other")
+        with pytest.raises(ConfigurationError, match="another job"):
+            Job(config, roster, store, model).recover()
+        assert store.rounds() == []  # refused before round 1 was opened on it
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("message", [
+    {"ckks_update": service_pb2.EncryptedUpdateRef(site_id=1)},  # another protocol's message
+    {"ckks_refusal": service_pb2.CkksReleaseRefusal()},
+    {},  # none at all
+])
+def test_a_message_of_another_protocol_is_refused_as_malformed(tmp_path: Path,
+                                                               message: dict[str, Any]) -> None:
+    """A site sends a masking round a CKKS message (or a request with no message): refused
+    INVALID_ARGUMENT, naming the message, before the round's stages are looked at (not a
+    KeyError out of the job's thread); the round runs on and nothing is recorded."""
+    config, roster, model = _parts(tmp_path)
+    store = Store(str(tmp_path / "aggregator.db"))
+    try:
+        job = Job(config, roster, store, model)
+        job.recover()
+        info = job.round_info(0)
+        assert info is not None
+        with pytest.raises(ServiceError, match="does not belong to this round's protocol") as e:
+            job.submit(1, service_pb2.SubmitRequest(round_id=info.round_id, **message))
+        assert e.value.code == "INVALID_ARGUMENT"
+        after = job.round_info(0)
+        assert after is not None and after.status == service_pb2.ROUND_STATUS_RUNNING
+    finally:
+        store.close()
+
+
+def test_a_job_whose_initial_model_holds_no_values_is_refused_before_it_stores_a_round(
+        tmp_path: Path) -> None:
+    """A model of no values (one empty tensor) could never run a round: the job refuses it
+    as it is made, naming it, and the store is left without a round 1 made of it (a store
+    whose round 1 holds an empty model could never run, even after the file was fixed)."""
+    config, roster, _ = _parts(tmp_path)
+    empty = FlatModel.from_arrays({"w": np.zeros(0, np.float32)})
+    assert empty.size == 0
+    store = Store(str(tmp_path / "aggregator.db"))
+    try:
+        with pytest.raises(ConfigurationError, match="initial model has no values"):
+            Job(config, roster, store, empty).recover()
+        assert store.rounds() == []
+    finally:
+        store.close()

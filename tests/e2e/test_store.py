@@ -379,6 +379,24 @@ def test_an_empty_store_name_is_refused_not_taken_for_an_in_memory_database() ->
         Store("  ")
 
 
+def test_an_aggregator_never_started_on_another_applications_database_says_not_ours(
+        tmp_path: Path) -> None:
+    """`secagg aggregator run --store` pointed at another application's database, with or
+    without leave to create the store: refused as not an aggregator store (not "empty",
+    which sends the operator to `migrate`), and nothing of ours is created in it."""
+    import sqlite3
+
+    other = tmp_path / "other-app.db"
+    with sqlite3.connect(other) as c:
+        c.execute("CREATE TABLE patients (id INTEGER PRIMARY KEY, name TEXT)")
+    for create in (False, True):
+        with pytest.raises(StoreError, match="not ours"):
+            Store(str(other), create=create)
+    with sqlite3.connect(other) as c:
+        tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == {"patients"}
+
+
 def test_migrate_refuses_a_database_that_is_not_an_aggregator_store(tmp_path: Path) -> None:
     """`secagg aggregator migrate --store` pointed at another application's database: refused,
     and nothing of ours is created in it."""
@@ -1107,3 +1125,12 @@ def test_a_restore_into_no_file_or_from_a_directory_is_refused_by_name(tmp_path:
     with pytest.raises(StoreError, match="is not a file"):
         restore(tmp_path, str(tmp_path / "new.db"))
     assert not (tmp_path / "new.db").exists() and not (tmp_path / ":memory:").exists()
+
+
+def test_a_restore_from_a_backup_that_is_not_there_says_so(tmp_path: Path) -> None:
+    """A mistyped backup path: "no backup file" naming it (not "is not a file", which reads
+    as a directory or a device given by mistake), and no store is made."""
+    missing = tmp_path / "agg.bak"
+    with pytest.raises(StoreError, match=r"no backup file .*agg\.bak"):
+        restore(missing, str(tmp_path / "new.db"))
+    assert not (tmp_path / "new.db").exists()

@@ -279,3 +279,27 @@ def test_a_refusal_counts_only_signed_by_the_key_holder_for_this_round_and_out_o
         assert r.job.rounds[1].abort_reason == "AGGREGATE_OUT_OF_RANGE"
     finally:
         r.store.close()
+
+
+def test_a_key_holder_that_never_releases_aborts_the_round_at_the_release_deadline(
+        tmp_path: Path) -> None:
+    """Every site uploaded, and the key holder neither releases nor refuses (it is gone):
+    at the release stage's deadline the round aborts, TOO_FEW_SURVIVORS, its end recorded,
+    and no model is published (never a TypeError closing the stage on the job's thread,
+    every tick, for good)."""
+    from secagg.v1 import service_pb2
+
+    r = _AtRelease(tmp_path)
+    job = r.job
+    try:
+        active = job.active
+        assert active is not None and active.ckks_release is None
+        active.deadline = float("-inf")  # (the release deadline has passed)
+        job.tick()
+        view = job.rounds[1]
+        assert view.status == service_pb2.ROUND_STATUS_ABORTED
+        assert view.abort_reason == "TOO_FEW_SURVIVORS" and view.result is None
+        assert job.active is None and job.done  # (a job of one round)
+        assert [row.status for row in r.store.rounds()] == ["aborted"]
+    finally:
+        r.store.close()

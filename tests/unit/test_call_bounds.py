@@ -138,3 +138,39 @@ def test_a_large_request_costs_more_work_units_than_a_small_one() -> None:
     assert small_cost < 2.0
     assert large_cost == 1.0 + size / PACE_BYTES_PER_UNIT, f"{large_cost} units for {size} B"
     assert large_cost > 32.0
+
+
+@pytest.mark.parametrize("length", [0, 31, 33])
+def test_a_chunk_id_of_another_length_is_refused_as_malformed_before_any_lookup(
+        length: int) -> None:
+    """A chunk id is a SHA-256: 32 bytes. One of another length, asked about or asked for,
+    is refused INVALID_ARGUMENT, named as malformed, before the store is read or an upload
+    slot or a download slot is taken (it was looked up, answered "missing", and the site
+    given a slot to send a chunk no id of which could ever be stored)."""
+    looked_up: list[list[bytes]] = []
+    read: list[bytes] = []
+
+    def missing(ids: list[bytes]) -> list[bytes]:
+        looked_up.append(ids)
+        return list(ids)
+
+    def may_read(site: int, cid: bytes) -> bool:
+        read.append(cid)
+        return True
+
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        service: AggregationService = fake_service(
+            core, store=types.SimpleNamespace(missing=missing), current_round=1,
+            current_stage=(1, 1), upload_limit=lambda site: 1 << 30, stored_uploads=(None, {}),
+            generation=1, may_read=may_read, hot_chunk=lambda cid: DATA)
+        ids = service_pb2.ChunkIds(chunk_ids=[CID, b"\x01" * length])
+        with pytest.raises(Aborted, match=r"INVALID_ARGUMENT.*32-byte SHA-256"):
+            await service.MissingChunks(ids, FakeContext(1))  # type: ignore[arg-type]
+        with pytest.raises(Aborted, match=r"INVALID_ARGUMENT.*32-byte SHA-256"):
+            async for _ in service.GetChunks(ids, FakeContext(1)):  # type: ignore[arg-type]
+                pass
+        core.executor.shutdown()
+
+    asyncio.run(main())
+    assert looked_up == [] and read == []

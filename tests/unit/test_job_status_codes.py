@@ -105,3 +105,59 @@ def test_the_identity_cache_is_bounded_whatever_certificates_are_presented() -> 
             assert len(identity._cache) <= IDENTITY_CACHE_SIZE
 
     asyncio.run(main())
+
+
+def test_an_average_past_its_tensors_range_is_refused_as_invalid_argument(
+        tmp_path: Path) -> None:
+    """A finite average that takes a value past what its tensor's dtype holds (1e39 for a
+    float32 weight) is the sender's error, INVALID_ARGUMENT naming the range, as the message
+    arrives: never the model's ConfigurationError out of the job's thread (UNKNOWN to the
+    site, and an error the job met again on every replay)."""
+    import numpy as np
+
+    from aggregator.job import INVALID_ARGUMENT
+
+    _, config, roster, store = _ckks_federation(tmp_path)
+    try:
+        job, _ = _round_one(config, roster, store)
+        assert job.active is not None
+        view = job.active.view
+        average = np.where(np.arange(view.model.size) == 0, 1e39, 0.0)
+        code, why = _code(lambda: job._next_model(view, average))
+        assert code == INVALID_ARGUMENT and "tensors' range" in why
+    finally:
+        store.close()
+
+
+def test_a_call_without_a_client_certificate_is_unauthenticated() -> None:
+    """A call whose TLS context holds no client certificate (the server requires one, so
+    only a server set up otherwise, or a transport in front of it, lets one through) is
+    refused UNAUTHENTICATED, saying a certificate is required: never an IndexError (UNKNOWN)
+    and never another site's identity."""
+    import asyncio
+
+    from aggregator.service import Identity
+    from tests.fake_calls import Aborted
+
+    class _Anonymous:
+        def __init__(self, auth: dict[str, list[bytes]]) -> None:
+            self.auth = auth
+
+        def auth_context(self) -> dict[str, list[bytes]]:
+            return self.auth
+
+        def peer(self) -> str:
+            return "ipv4:127.0.0.1:1"
+
+        async def abort(self, code: object, details: str) -> None:
+            raise Aborted(f"{code}: {details}")
+
+    identity = Identity({1, 2, 3})
+
+    async def main() -> None:
+        anonymous: tuple[dict[str, list[bytes]], ...] = ({}, {"x509_pem_cert": []})
+        for auth in anonymous:
+            with pytest.raises(Aborted, match=r"UNAUTHENTICATED.*client certificate is required"):
+                await identity.site(_Anonymous(auth))  # type: ignore[arg-type]
+
+    asyncio.run(main())
