@@ -103,31 +103,44 @@ class History:
         # training digest (FlatModel.training_digest) -> (job id, round): every model an
         # update of this site was computed against, and the round it was sent to
         self._sent: dict[bytes, tuple[str, int]] = {}
-        # trust root (hex) -> the highest roster version this site has used under it
-        self._rosters: dict[str, int] = {}
+        # trust root (hex) -> the highest roster version and settings serial this site has
+        # used under it
+        self._federations: dict[str, tuple[int, int]] = {}
         if self._path is not None and self._path.exists():
-            self._last, self._held, self._in_sum, self._sent, self._rosters = _read(self._path)
+            (self._last, self._held, self._in_sum, self._sent,
+             self._federations) = _read(self._path)
 
-    def check_roster(self, trust_root: bytes, version: int) -> None:
-        """Refuse a roster older than one this site has already used under the same trust
-        root; record a newer one. Every roster a federation's signer ever signed stays
-        validly signed: one from before ``remove-site``, put back in a site's directory by
-        whoever carries its files, brought the removed site (a colluder, or one whose keys
-        leaked) back into the sums (a helper's attack). A failure to record is logged, not
-        raised (nothing is sent here; the roster in use was checked)."""
+    def check_federation(self, trust_root: bytes, roster_version: int,
+                         settings_serial: int) -> None:
+        """Refuse a roster, or signed settings, older than this site has already used under
+        the same trust root; record newer ones. Every roster a federation's signer signed
+        stays validly signed, and so do its settings: a roster from before ``remove-site``,
+        put back in a site's directory by whoever carries its files, brought the removed
+        site (a colluder, or one whose keys leaked) back into the sums, and settings from
+        before a hardening (a higher threshold, another CKKS key holder) took it back (a
+        helper's attacks). A failure to record is logged, not raised (nothing is sent here;
+        what is in use was checked)."""
         if self._path is not None and self._path.exists():
             self._merge()
         key = trust_root.hex()
-        seen = self._rosters.get(key, 0)
+        seen_roster, seen_serial = self._federations.get(key, (0, 0))
         # defence: sdk.roster-never-rolled-back
-        if version < seen:
+        if roster_version < seen_roster:
             raise ConfigurationError(
-                f"the roster is version {version}, older than version {seen}, which this site "
-                "has already used: an old roster (one from before a site was removed) is "
-                "refused; ask the federation's operator for its current roster.bin")
-        if version > seen:
-            self._rosters[key] = version
-            self._save("the roster version this site uses")
+                f"the roster is version {roster_version}, older than version {seen_roster}, "
+                "which this site has already used: an old roster (one from before a site was "
+                "removed) is refused; ask the federation's operator for its current roster.bin")
+        # defence: sdk.settings-never-rolled-back
+        if settings_serial < seen_serial:
+            raise ConfigurationError(
+                f"the config's signed settings are serial {settings_serial}, older than "
+                f"serial {seen_serial}, which this site has already used: old settings are "
+                "refused; ask the federation's operator for its current federation.toml and "
+                "settings.sig")
+        if (roster_version, settings_serial) != (seen_roster, seen_serial):
+            self._federations[key] = (max(roster_version, seen_roster),
+                                      max(settings_serial, seen_serial))
+            self._save("the roster and settings this site uses")
 
     def sent_against(self, model_digest: bytes) -> tuple[str, int] | None:
         """The job and round of an update this site sent against the model whose
@@ -249,10 +262,11 @@ class History:
         every model sent against)."""
         assert self._path is not None
         if self._path.exists():
-            last, held, in_sum, sent, rosters = _read(self._path)
-            for root, version in rosters.items():
+            last, held, in_sum, sent, federations = _read(self._path)
+            for root, (version, serial) in federations.items():
+                mine = self._federations.get(root, (0, 0))
                 # defence: sdk.history-merge-keeps-the-later-roster
-                self._rosters[root] = max(self._rosters.get(root, 0), version)
+                self._federations[root] = (max(mine[0], version), max(mine[1], serial))
             for name, n in last.items():
                 # defence: sdk.history-merge-keeps-the-later-round
                 self._last[name] = max(self._last.get(name, 0), n)
@@ -276,7 +290,9 @@ class History:
                                       in self._in_sum.items()},
                            "sent": {digest.hex(): [job, n] for digest, (job, n)
                                     in self._sent.items()},
-                           "rosters": self._rosters}, sort_keys=True).encode()
+                           "federations": {root: list(seen) for root, seen
+                                           in self._federations.items()}},
+                          sort_keys=True).encode()
         try:
             _write_private(self._path, data)
         # defence: sdk.history-write-failure-is-a-site-error
@@ -682,14 +698,14 @@ def _locked(path: Path, after: str = NOT_SENT) -> Iterator[None]:
 
 def _read(path: Path) -> tuple[dict[str, int], dict[str, tuple[int, bytes]],
                               dict[str, tuple[int, tuple[float, float]]],
-                              dict[bytes, tuple[str, int]], dict[str, int]]:
+                              dict[bytes, tuple[str, int]], dict[str, tuple[int, int]]]:
     try:
         data = json.loads(_read_bytes(path))
         last = data["last_round"]
         held = data.get("held", {})  # (absent in a history written before it was kept)
         in_sum = data.get("in_sum", {})  # (likewise)
         sent = data.get("sent", {})  # (likewise)
-        rosters = data.get("rosters", {})  # (likewise)
+        federations = data.get("federations", {})  # (likewise)
         # defence: sdk.history-version
         if (data.get("version") != 1 or not isinstance(last, dict)
                 or not all(isinstance(k, str) and type(v) is int and v >= 0
@@ -715,13 +731,15 @@ def _read(path: Path) -> tuple[dict[str, int], dict[str, tuple[int, bytes]],
                 for k, v in sent.items()):
             raise ValueError("unexpected content")
         # defence: sdk.history-rosters-checked
-        if not isinstance(rosters, dict) or not all(
-                isinstance(k, str) and len(k) == 64 and type(v) is int and v >= 1
-                for k, v in rosters.items()):
+        if not isinstance(federations, dict) or not all(
+                isinstance(k, str) and len(k) == 64 and isinstance(v, list) and len(v) == 2
+                and all(type(x) is int and x >= 0 for x in v)
+                for k, v in federations.items()):
             raise ValueError("unexpected content")
         return (dict(last), {k: (v[0], bytes.fromhex(v[1])) for k, v in held.items()},
                 {k: (v[0], (v[1][0], v[1][1])) for k, v in in_sum.items()},
-                {bytes.fromhex(k): (v[0], v[1]) for k, v in sent.items()}, dict(rosters))
+                {bytes.fromhex(k): (v[0], v[1]) for k, v in sent.items()},
+                {k: (v[0], v[1]) for k, v in federations.items()})
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         reason = e.strerror if isinstance(e, OSError) else "it is not a round history"
         raise SiteError(f"cannot read {path}: {reason}; it records which rounds this site "

@@ -320,10 +320,10 @@ class Site:
                                          model_digest=bytes(32))
             except ConfigurationError as e:
                 raise ConfigurationError(f"{Path(site_dir) / 'federation.toml'}: {e}") from None
-        # (before anything is dialled: clients.history.History.check_roster)
+        # (before anything is dialled: clients.history.History.check_federation)
         # defence: sdk.connect-checks-the-roster-version
-        History(history_dir if history_dir is not None else kit.directory).check_roster(
-            kit.config.trust_root, kit.roster.version)
+        History(history_dir if history_dir is not None else kit.directory).check_federation(
+            kit.config.trust_root, kit.roster.version, kit.settings_serial)
         return cls(kit, Connection(kit, retry_seconds=retry_seconds), tensors_kind=tensors,
                    progress=progress, workers=workers, history_dir=history_dir,
                    training_dtype=training_dtype)

@@ -144,9 +144,9 @@ class RosterSigner:
         roster = Roster.new(sites, federation=federation, version=version)
         return SignedRoster(roster, self._identity.sign(SignedRoster.signed_bytes(roster)))
 
-    def sign_settings(self, settings_digest: bytes) -> bytes:
+    def sign_settings(self, settings_digest: bytes, serial: int) -> bytes:
         """Sign a federation config's shared settings (``signed_settings_message``)."""
-        return self._identity.sign(signed_settings_message(settings_digest))
+        return self._identity.sign(signed_settings_message(settings_digest, serial))
 
     def __repr__(self) -> str:
         return f"RosterSigner(public={self.public_key.hex()[:16]}..., private=<redacted>)"
@@ -155,7 +155,8 @@ class RosterSigner:
         raise TypeError("RosterSigner holds a secret and cannot be pickled")
 
 
-def signed_settings_message(settings_digest: bytes) -> bytes:
-    """What the trust root signs of a config's shared settings: labelled apart from a
-    roster's signed bytes, so neither signature passes for the other."""
-    return encode("signed-settings", settings_digest)
+def signed_settings_message(settings_digest: bytes, serial: int) -> bytes:
+    """What the trust root signs of a config's shared settings, with their serial (each
+    signing's is the federation's next: a site refuses settings older than it has used):
+    labelled apart from a roster's signed bytes, so neither signature passes for the other."""
+    return encode("signed-settings", settings_digest, serial)

@@ -1,4 +1,4 @@
-"""``secagg federation init|csr|pin|sign|sign-config|remove-site``: a federation and its roster."""
+"""``secagg federation ...``: set up a federation, its roster and its sites' directories."""
 
 from __future__ import annotations
 
@@ -73,8 +73,24 @@ def _csr(args: argparse.Namespace) -> int:
 def _pin(args: argparse.Namespace) -> int:
     from secagg.federation.kit import pin_trust_root
 
-    pin_trust_root(args.dir, args.trust_root)
+    pin_trust_root(args.dir, args.trust_root, replace=args.replace)
     print(f"site directory {args.dir}: pinned trust root {args.trust_root.hex()}")
+    return 0
+
+
+def _install(args: argparse.Namespace) -> int:
+    from clients.history import History
+    from secagg.federation.kit import SiteKit, install_signed_files
+
+    def used_before(kit: SiteKit) -> None:
+        history = args.history_dir if args.history_dir is not None else kit.directory
+        History(history).check_federation(kit.config.trust_root, kit.roster.version,
+                                          kit.settings_serial)
+
+    kit = install_signed_files(args.dir, args.signed, check=used_before)
+    print(f"installed into {args.dir}: site {kit.site_id} of federation {kit.config.name!r}, "
+          f"roster version {kit.roster.version} ({len(kit.roster)} sites), job "
+          f"{kit.config.job_id!r}, settings serial {kit.settings_serial}")
     return 0
 
 
@@ -100,7 +116,7 @@ def _trust_root(text: str) -> bytes:
 
 
 def _sign(args: argparse.Namespace) -> int:
-    from secagg.federation.kit import sign_request
+    from secagg.federation.kit import SIGNED_FILES, sign_request
 
     # (the rosters before and after are this sign's, read under its lock: read here, around
     # the call, a sign racing this one made an addition look like a rotation)
@@ -113,6 +129,8 @@ def _sign(args: argparse.Namespace) -> int:
         print(f"signed site {done.site_id}: a new TLS certificate, its identity key unchanged")
     print(f"  the certificate and the re-signed roster are in {done.out}; every party needs "
           "the new roster.bin")
+    print(f"  the site installs {done.out} as it is ({', '.join(SIGNED_FILES)}): secagg "
+          "federation install --dir SITE --from OUT")
     return 0
 
 
@@ -169,7 +187,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     pin.add_argument("--trust-root", required=True, type=_trust_root, metavar="HEX",
                      help="the federation's trust root, as its operator gave it to you out of "
                           "band (never the one in the files you were sent)")
+    pin.add_argument("--replace", action="store_true",
+                     help="replace a pin of another trust root (a new federation's)")
     pin.set_defaults(func=_pin)
+    install = fed_sub.add_parser(
+        "install", help="install the files `sign` wrote (its --out, as the operator sent it) "
+                        "into this site's directory, checked")
+    install.add_argument("--dir", required=True, type=_dir_path, help="the site directory")
+    install.add_argument("--from", dest="signed", required=True, type=_dir_path,
+                         metavar="OUT", help="the directory `federation sign` wrote")
+    install.add_argument("--history-dir", type=Path, default=None,
+                         help="the site's history directory, if Site.connect is given one")
+    install.set_defaults(func=_install)
     sign = fed_sub.add_parser(
         "sign", help="sign a site's request: a new certificate (with --add-site, a new seat)")
     sign.add_argument("--dir", required=True, type=_dir_path, help="the federation directory")

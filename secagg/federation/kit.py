@@ -26,7 +26,7 @@ import json
 import os
 import stat
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -203,8 +203,11 @@ def load_trust_pin(d: Path, identity: IdentityKey) -> bytes:
     return trust_root
 
 
-def pin_trust_root(directory: Path | str, trust_root: object) -> bytes:
-    """Pin ``trust_root`` in an existing site directory (``secagg federation pin``)."""
+def pin_trust_root(directory: Path | str, trust_root: object, *,
+                   replace: bool = False) -> bytes:
+    """Pin ``trust_root`` in an existing site directory (``secagg federation pin``). A pin of
+    another root is replaced only with ``replace``: a note in a parcel saying "your pin is
+    outdated, run pin ..." replaced it silently."""
     d = directory_path(directory, "site directory")
     value = parse_trust_root(trust_root)
     try:
@@ -214,6 +217,16 @@ def pin_trust_root(directory: Path | str, trust_root: object) -> bytes:
                                  "directory") from None
     except OSError as e:
         raise ConfigurationError(f"cannot read {e.filename}: {e.strerror}") from None
+    try:
+        pinned: bytes | None = load_trust_pin(d, identity)
+    except ConfigurationError:
+        pinned = None  # (none, or not this site's: nothing of this site's to keep)
+    # defence: federation.pin-kept-unless-replaced
+    if pinned is not None and pinned != value and not replace:
+        raise ConfigurationError(
+            f"{d} pins another trust root ({pinned.hex()[:16]}...): a federation's trust root "
+            "does not change; to pin a new federation's (confirmed with its operator out of "
+            "band), give --replace")
     write_trust_pin(d, identity, value)
     return value
 
@@ -221,18 +234,25 @@ def pin_trust_root(directory: Path | str, trust_root: object) -> bytes:
 # ---- the federation's signature over its shared settings ------------------------------------
 
 SETTINGS_SIG_FILE = "settings.sig"
+SETTINGS_SERIAL_FILE = "trust-root/settings.serial"  # the federation's last serial (operator's)
 
 
-def write_settings_signature(d: Path, config: FederationConfig, signer: RosterSigner) -> None:
+def write_settings_signature(d: Path, config: FederationConfig, signer: RosterSigner,
+                             serial: int) -> None:
     """Sign, with the federation's roster signer, the settings of ``config`` every party
-    shares (``FederationConfig.signed_settings_digest``), into ``d/settings.sig``."""
-    signature = signer.sign_settings(config.signed_settings_digest())
-    pki.write_public(d / SETTINGS_SIG_FILE,
-                     json.dumps({"signature": signature.hex()}, indent=2).encode())
+    shares (``FederationConfig.signed_settings_digest``) and their ``serial``, into
+    ``d/settings.sig``."""
+    pki.write_public(d / SETTINGS_SIG_FILE, _settings_sig_bytes(config, signer, serial))
 
 
-def check_settings_signature(d: Path, config: FederationConfig) -> None:
-    """Refuse a site's config whose shared settings its (pinned) trust root did not sign."""
+def _settings_sig_bytes(config: FederationConfig, signer: RosterSigner, serial: int) -> bytes:
+    signature = signer.sign_settings(config.signed_settings_digest(), serial)
+    return json.dumps({"serial": serial, "signature": signature.hex()}, indent=2).encode()
+
+
+def check_settings_signature(d: Path, config: FederationConfig) -> int:
+    """The serial of a site's config's shared settings, if its (pinned) trust root signed
+    them; a ConfigurationError otherwise."""
     path = d / SETTINGS_SIG_FILE
     remedy = ("the federation's operator signs them with `secagg federation sign-config` "
               "(init and sign write settings.sig)")
@@ -248,22 +268,45 @@ def check_settings_signature(d: Path, config: FederationConfig) -> None:
         raise ConfigurationError(f"{path} is not a regular file of at most {MAX_PIN_BYTES} "
                                  "bytes (a settings signature is)") from None
     try:
-        signature = bytes.fromhex(json.loads(data)["signature"])
+        record = json.loads(data)
+        serial = record["serial"]
+        if type(serial) is not int or not 1 <= serial < 2**63:
+            raise ValueError("not a serial")
+        signature = bytes.fromhex(record["signature"])
         # defence: federation.settings-signed-by-the-trust-root
         signing.verify(config.trust_root, signature,
-                       signed_settings_message(config.signed_settings_digest()))
+                       signed_settings_message(config.signed_settings_digest(), serial))
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError, InvalidMessage):
         raise ConfigurationError(
             f"the shared settings of {d / CONFIG_FILE} (the protocol, [job] id, rounds and "
             "initial model, [update], [masking], [ckks]) are not the ones the federation's "
             f"trust root signed in {path}: whoever carried the files may have changed them; "
             f"{remedy}") from None
+    return int(serial)
+
+
+def _next_settings_serial(fed: Path) -> int:
+    """The federation's next settings serial, counted in its own (operator's) directory:
+    every signing gets a serial above every earlier one's."""
+    path = fed / SETTINGS_SERIAL_FILE
+    try:
+        last = int(_read_small(path, 64).decode("ascii").strip())
+    except FileNotFoundError:
+        last = 0
+    except (OSError, ValueError):
+        raise ConfigurationError(f"cannot read {path}, the federation's last settings serial "
+                                 "(an integer): restore it; a serial lower than one sites "
+                                 "have seen is refused by them") from None
+    # defence: federation.settings-serial-increases
+    serial = last + 1
+    pki.write_public(path, f"{serial}\n".encode())
+    return serial
 
 
 def sign_settings(federation: Path | str, config_path: Path | str | None = None) -> Path:
     """``secagg federation sign-config``: sign the shared settings of ``config_path`` (by
-    default the federation's own federation.toml) with the federation's roster signer,
-    into settings.sig beside it. Returns that file's path."""
+    default the federation's own federation.toml) with the federation's roster signer and
+    its next serial, into settings.sig beside it. Returns that file's path."""
     fed = Path(federation)
     path = Path(config_path) if config_path is not None else fed / CONFIG_FILE
     own = FederationConfig.load(fed / CONFIG_FILE)
@@ -280,7 +323,7 @@ def sign_settings(federation: Path | str, config_path: Path | str | None = None)
         # defence: federation.sign-config-refuses-what-the-roster-cannot-take
         if config.protocol == "masking":
             config.masking_round(config.round_id_for(1), roster, 1, model_digest=bytes(32))
-        write_settings_signature(path.parent, config, signer)
+        write_settings_signature(path.parent, config, signer, _next_settings_serial(fed))
     return path.parent / SETTINGS_SIG_FILE
 
 
@@ -337,6 +380,7 @@ class SiteKit:
     ca_pem: bytes
     cert_pem: bytes
     tls_key: SecretBytes = field(repr=False)  # the TLS private key: never in a repr
+    settings_serial: int = 0  # the serial of the signed settings (settings.sig)
 
     @property
     def key_pem(self) -> bytes:
@@ -400,8 +444,8 @@ class SiteKit:
         # another key holder encrypted to whoever that was, one told a lower threshold shared
         # its keys more thinly, one told another initial model trained from it
         # defence: federation.kit-settings-signed
-        check_settings_signature(d, config)
-        return cls(d, site_id, config, roster, identity, ca_pem, cert_pem, key_pem)
+        serial = check_settings_signature(d, config)
+        return cls(d, site_id, config, roster, identity, ca_pem, cert_pem, key_pem, serial)
 
 
 # ---- init --------------------------------------------------------------------------------
@@ -500,7 +544,9 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
                          federation=name)
     if initial_model is not None and model_name is not None:
         pki.write_public(d / model_name, Path(initial_model).read_bytes())
-    _write_public_files(d, config, signed, ca_cert, model_name, signer)
+    pki.write_public(d / SETTINGS_SERIAL_FILE, b"1\n")
+    settings_sig = _settings_sig_bytes(config, signer, 1)
+    _write_public_files(d, config, signed, ca_cert, model_name, settings_sig)
 
     for s, ident in identities.items():
         site_dir = d / "sites" / f"site-{s}"
@@ -511,13 +557,13 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
         # defence: federation.init-pins-the-trust-root
         write_trust_pin(site_dir, IdentityKey(ident), signer.public_key)
         pki.write_public(site_dir / "client.crt", pki.pem_cert(cert))
-        _write_public_files(site_dir, config, signed, ca_cert, None, signer)
+        _write_public_files(site_dir, config, signed, ca_cert, None, settings_sig)
     server_key, server_cert = pki.issue_server_cert(ca_key, ca_cert, hosts)
     # the aggregator's directory is made whole under another name and renamed into place
     building = d / ".aggregator.init"
     pki.write_private(building / "server.key", SecretBytes(pki.pem_private(server_key)))
     pki.write_public(building / "server.crt", pki.pem_cert(server_cert))
-    _write_public_files(building, config, signed, ca_cert, model_name, signer)
+    _write_public_files(building, config, signed, ca_cert, model_name, settings_sig)
     building.rename(d / "aggregator")
     (d / INIT_INCOMPLETE).unlink()
     return config
@@ -669,12 +715,12 @@ def _dial_host(address: str) -> str | None:
 
 def _write_public_files(d: Path, config: FederationConfig, signed: SignedRoster,
                         ca_cert: x509.Certificate, model_name: Path | None,
-                        signer: RosterSigner) -> None:
+                        settings_sig: bytes) -> None:
     d.mkdir(parents=True, exist_ok=True)
     pki.write_public(d / "ca.crt", pki.pem_cert(ca_cert))
     pki.write_public(d / CONFIG_FILE, config.to_toml().encode())
     # defence: federation.settings-signature-written
-    write_settings_signature(d, config, signer)
+    pki.write_public(d / SETTINGS_SIG_FILE, settings_sig)
     pki.write_public(d / ROSTER_FILE, roster_to_bytes(signed))
     if model_name is not None and not (d / model_name).exists():
         src = d.parent / model_name
@@ -834,6 +880,72 @@ def sign_request(federation: Path | str, request_path: Path | str, out: Path | s
         return _sign_locked(fed, site_id, csr, identity_public, out, add_site)
 
 
+# what `sign` writes to --out: the files a site installs (install_signed_files)
+SIGNED_FILES = ("client.crt", "ca.crt", ROSTER_FILE, CONFIG_FILE, SETTINGS_SIG_FILE)
+MAX_SIGNED_FILE_BYTES = 64 << 20  # (a roster of 10,000 sites is ~0.5 MB)
+
+
+def install_signed_files(site_dir: Path | str, signed: Path | str, *,
+                         check: Callable[[SiteKit], None] | None = None) -> SiteKit:
+    """``secagg federation install``: put the files ``sign`` wrote (``signed``, as the
+    operator sent it) into a site directory, exactly those, and only if the directory then
+    loads (its pin, the settings' signature, its own keys) with a roster and settings no
+    older than the site has used. A parcel holding any other file is refused whole: a
+    ``cp out/* site/`` took a kept CKKS round key, or a history.json, planted beside them
+    (a helper's attacks). ``check``: what else the loaded directory must pass (the SDK's
+    record of the roster and settings the site used). On a refusal the directory is as it
+    was."""
+    d = directory_path(site_dir, "site directory")
+    o = directory_path(signed, "signed files' directory")
+    if not o.is_dir():
+        raise ConfigurationError(f"{o} is not a directory (it is the --out directory "
+                                 "`federation sign` wrote)")
+    names = {p.name for p in o.iterdir()}
+    # defence: federation.install-takes-only-what-sign-writes
+    extra = sorted(names - set(SIGNED_FILES))
+    if extra:
+        raise ConfigurationError(
+            f"{o} holds files `federation sign` never writes ({', '.join(extra)[:200]}): "
+            "someone added them; nothing was installed (install from the directory as the "
+            "operator's sign wrote it)")
+    missing = sorted(set(SIGNED_FILES) - names)
+    if missing:
+        raise ConfigurationError(f"{o} lacks {', '.join(missing)}: it is not what `federation "
+                                 "sign` writes")
+    for name in ("client.key", "identity.key", PIN_FILE):
+        if not os.path.lexists(d / name):
+            raise ConfigurationError(f"{d} holds no {name}: install into the site directory "
+                                     "where `federation csr` made the request")
+    new: dict[str, bytes] = {}
+    for name in SIGNED_FILES:
+        path = o / name
+        try:
+            # (not through a link: a parcel is files, and a link leads elsewhere)
+            if path.is_symlink():
+                raise ValueError("a link")
+            new[name] = _read_small(path, MAX_SIGNED_FILE_BYTES)
+        except (OSError, ValueError):
+            raise ConfigurationError(f"{path} is not a regular file of at most "
+                                     f"{MAX_SIGNED_FILE_BYTES >> 20} MiB") from None
+    old = {name: (d / name).read_bytes() for name in SIGNED_FILES if (d / name).is_file()}
+    try:
+        for name, data in new.items():
+            pki.write_public(d / name, data)
+        kit = SiteKit.load(d)
+        if check is not None:
+            check(kit)
+    except BaseException:
+        # defence: federation.install-leaves-the-directory-as-it-was
+        for name in SIGNED_FILES:  # (each replaced whole, as it was)
+            with contextlib.suppress(OSError):
+                if name in old:
+                    pki.write_public(d / name, old[name])
+                else:
+                    (d / name).unlink()
+        raise
+    return kit
+
+
 @contextlib.contextmanager
 def _federation_lock(fed: Path) -> Iterator[None]:
     """One ``sign`` at a time per federation directory: two at once both read roster
@@ -879,6 +991,16 @@ def _sign_locked(fed: Path, site_id: int, csr: x509.CertificateSigningRequest,
     # (editable) config names: a roster signed under a trust root of someone's making was
     # re-signed with the real one, naming their identity key for a site
     signer = _federation_signer(fed, config)
+    # the site gets the settings the operator signed, never an edit of them signed unseen
+    # defence: federation.sign-sends-signed-settings
+    try:
+        check_settings_signature(fed, config)
+    except ConfigurationError:
+        raise ConfigurationError(
+            f"the shared settings of {fed / CONFIG_FILE} are not the ones "
+            f"{fed / SETTINGS_SIG_FILE} signs (changed since): sign them first (secagg "
+            f"federation sign-config --dir {fed})") from None
+    settings_sig = (fed / SETTINGS_SIG_FILE).read_bytes()
     _sync_rosters(fed, signer)
     ca_key = pki.load_private(fed / "ca" / "ca.key")
     ca_cert = pki.load_cert(fed / "ca" / "ca.crt")
@@ -905,7 +1027,7 @@ def _sign_locked(fed: Path, site_id: int, csr: x509.CertificateSigningRequest,
         raise ConfigurationError(f"{o} exists and is not an empty directory: the signed "
                                  "files go into a new one")
     pki.write_public(o / "client.crt", pki.pem_cert(cert))
-    _write_public_files(o, config, signed, ca_cert, None, signer)
+    _write_public_files(o, config, signed, ca_cert, None, settings_sig)
     for path in (fed / ROSTER_FILE, fed / "aggregator" / ROSTER_FILE):
         pki.write_public(path, roster_to_bytes(signed))  # (replaced whole)
     return SignedRequest(o, site_id, tuple(sorted(roster)), tuple(sorted(sites)))

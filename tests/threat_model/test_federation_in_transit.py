@@ -31,6 +31,7 @@ from secagg.federation.kit import (
     PIN_FILE,
     SiteKit,
     init_federation,
+    install_signed_files,
     load_roster,
     make_site_request,
     remove_site,
@@ -129,11 +130,18 @@ def test_a_site_without_a_pin_is_told_how_to_make_one(real: Path,
     assert main(["federation", "pin", "--dir", str(site), "--trust-root", "ab" * 32]) == 0
     with pytest.raises(ConfigurationError, match="another federation's"):
         SiteKit.load(site)
-    # with its own (read out in groups, as on a phone call)
+    # with its own (read out in groups, as on a phone call); a pin of another root is
+    # replaced only when the site says so (a parcel's note "run pin ..." replaced it)
     spaced = " ".join(_root(real).hex()[i:i + 8] for i in range(0, 64, 8))
-    assert main(["federation", "pin", "--dir", str(site), "--trust-root", spaced]) == 0
+    assert main(["federation", "pin", "--dir", str(site), "--trust-root", spaced]) == 2
+    assert "--replace" in capsys.readouterr().err
+    with pytest.raises(ConfigurationError, match="another federation's"):
+        SiteKit.load(site)
+    assert main(["federation", "pin", "--dir", str(site), "--trust-root", spaced,
+                 "--replace"]) == 0
     assert SiteKit.load(site).site_id == 2
     assert _root(real).hex() in capsys.readouterr().out
+    assert main(["federation", "pin", "--dir", str(site), "--trust-root", spaced]) == 0
 
 
 @pytest.mark.parametrize("argv", [[], ["--trust-root", "ab" * 31], ["--trust-root", "zz" * 32]])
@@ -318,3 +326,95 @@ def test_the_operator_signs_a_changed_setting_with_sign_config(
     assert main(["federation", "sign-config", "--dir", str(real), "--config",
                  str(forged / "federation.toml")]) == 2
     assert "another trust root" in capsys.readouterr().err
+
+
+def _state(site: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in site.iterdir() if p.is_file()}
+
+
+def test_install_takes_exactly_what_sign_wrote(real: Path, forged: Path,
+                                               tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`federation install` puts the five files `sign` writes into the site directory, and
+    nothing else: a parcel with a file added (a kept CKKS round key of the carrier's making,
+    which the key holder then announced as its own; a history.json that forgot the newest
+    roster and every model sent against) is refused whole, as is a federation of the
+    carrier's making; each time the directory is left as it was."""
+    site = tmp_path / "site-5"
+    request = make_site_request(site, 5, trust_root=_root(real))
+    out = sign_site_request(real, request, tmp_path / "out", add_site=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted(RETURNED)
+    for planted in ("ckks-round-key-0123456789abcdef.json", "history.json"):
+        parcel = tmp_path / f"parcel-{planted}"
+        shutil.copytree(out, parcel)
+        (parcel / planted).write_text("{}")
+        before = _state(site)
+        assert main(["federation", "install", "--dir", str(site), "--from", str(parcel)]) == 2
+        err = capsys.readouterr().err
+        assert planted in err and "never writes" in err
+        assert _state(site) == before
+    forged_out = sign_site_request(forged, request, tmp_path / "forged-out", add_site=True)
+    before = _state(site)
+    assert main(["federation", "install", "--dir", str(site), "--from", str(forged_out)]) == 2
+    assert "another federation's" in capsys.readouterr().err
+    assert _state(site) == before  # (the files it wrote first taken back)
+    assert main(["federation", "install", "--dir", str(site), "--from", str(out)]) == 0
+    assert "site 5" in capsys.readouterr().out
+    assert SiteKit.load(site).roster.version == 2
+    Site.connect(site).close()
+
+
+def test_install_refuses_a_roster_or_settings_older_than_used(real: Path,
+                                                              tmp_path: Path) -> None:
+    site = tmp_path / "site-5"
+    request = make_site_request(site, 5, trust_root=_root(real))
+    first = sign_site_request(real, request, tmp_path / "first", add_site=True)
+    install_signed_files(site, first, check=_used_before)  # roster version 2
+    remove_site(real, 4)  # version 3, which the operator sends every site
+    shutil.copy(real / "roster.bin", site / "roster.bin")
+    Site.connect(site).close()  # version 3 recorded
+    # the carrier sends the first parcel again (its roster still names site 4)
+    with pytest.raises(ConfigurationError, match="version 2, older than version 3"):
+        install_signed_files(site, first, check=_used_before)
+    assert SiteKit.load(site).roster.version == 3
+
+
+def _used_before(kit: SiteKit) -> None:
+    from clients.history import History
+
+    History(kit.directory).check_federation(kit.config.trust_root, kit.roster.version,
+                                            kit.settings_serial)
+
+
+def test_older_signed_settings_than_used_are_refused(real: Path) -> None:
+    """The operator hardened the settings (a higher threshold) and signed them; the site
+    used them. The carrier puts back the earlier config with its (valid) settings.sig: the
+    signed serial is older than the site used, and refused."""
+    site = real / "sites" / "site-1"
+    old_config, old_sig = (site / "federation.toml").read_bytes(), (site / "settings.sig"
+                                                                    ).read_bytes()
+    Site.connect(site).close()  # serial 1
+    _edit(real / "federation.toml", "threshold", "4")
+    assert main(["federation", "sign-config", "--dir", str(real)]) == 0
+    for name in ("federation.toml", "settings.sig"):
+        shutil.copy(real / name, site / name)
+    with Site.connect(site) as connected:  # serial 2, recorded
+        assert connected.kit.settings_serial == 2
+    (site / "federation.toml").write_bytes(old_config)
+    (site / "settings.sig").write_bytes(old_sig)
+    assert SiteKit.load(site).settings_serial == 1  # validly signed, but
+    with pytest.raises(ConfigurationError, match="serial 1, older than serial 2"):
+        Site.connect(site)
+
+
+def test_sign_sends_only_settings_the_operator_signed(real: Path, tmp_path: Path) -> None:
+    """An edit of the federation's config not yet signed is not signed unseen by the next
+    `sign` (it signed whatever the config said)."""
+    _edit(real / "federation.toml", "threshold", "4")
+    request = make_site_request(tmp_path / "site-5", 5, trust_root=_root(real))
+    with pytest.raises(ConfigurationError, match="sign-config"):
+        sign_site_request(real, request, tmp_path / "out", add_site=True)
+    assert not (tmp_path / "out").exists()
+    assert main(["federation", "sign-config", "--dir", str(real)]) == 0
+    out = sign_site_request(real, request, tmp_path / "out", add_site=True)
+    assert json.loads((out / "settings.sig").read_text())["serial"] == 2

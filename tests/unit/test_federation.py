@@ -1035,7 +1035,7 @@ def test_masking_settings_the_roster_cannot_take_are_refused_at_connect(
     with pytest.raises(ConfigurationError, match=says):
         sign_settings(tmp_path / "fed", config)
     signer = RosterSigner(load_identity(tmp_path / "fed" / "trust-root" / "signer.key"))
-    write_settings_signature(site, FederationConfig.load(config), signer)
+    write_settings_signature(site, FederationConfig.load(config), signer, 5)
     with pytest.raises(ConfigurationError, match=says) as caught:
         Site.connect(site)
     assert str(config) in str(caught.value)
