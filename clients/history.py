@@ -103,43 +103,54 @@ class History:
         # training digest (FlatModel.training_digest) -> (job id, round): every model an
         # update of this site was computed against, and the round it was sent to
         self._sent: dict[bytes, tuple[str, int]] = {}
-        # trust root (hex) -> the highest roster version and settings serial this site has
-        # used under it
-        self._federations: dict[str, tuple[int, int]] = {}
+        # trust root (hex) -> the highest roster version this site has used under it and
+        # that roster's digest, the highest settings serial and those settings' digest (hex)
+        self._federations: dict[str, tuple[int, str, int, str]] = {}
         if self._path is not None and self._path.exists():
             (self._last, self._held, self._in_sum, self._sent,
              self._federations) = _read(self._path)
 
-    def check_federation(self, trust_root: bytes, roster_version: int,
-                         settings_serial: int) -> None:
+    def check_federation(self, trust_root: bytes, roster_version: int, roster_digest: bytes,
+                         settings_serial: int, settings_digest: bytes) -> None:
         """Refuse a roster, or signed settings, older than this site has already used under
-        the same trust root; record newer ones. Every roster a federation's signer signed
-        stays validly signed, and so do its settings: a roster from before ``remove-site``,
-        put back in a site's directory by whoever carries its files, brought the removed
-        site (a colluder, or one whose keys leaked) back into the sums, and settings from
-        before a hardening (a higher threshold, another CKKS key holder) took it back (a
+        the same trust root, or another one under the same version or serial; record newer
+        ones. Every roster a federation's signer signed stays validly signed, and so do its
+        settings: a roster from before ``remove-site``, put back in a site's directory by
+        whoever carries its files, brought the removed site (a colluder, or one whose keys
+        leaked) back into the sums, and settings from before a hardening (a higher
+        threshold, another CKKS key holder) took it back; a sign cut short left a second
+        roster of one version, and a lost serial file a second settings of one serial (a
         helper's attacks). A failure to record is logged, not raised (nothing is sent here;
         what is in use was checked)."""
         if self._path is not None and self._path.exists():
             self._merge()
         key = trust_root.hex()
-        seen_roster, seen_serial = self._federations.get(key, (0, 0))
+        seen = self._federations.get(key, (0, "", 0, ""))
+        roster = (roster_version, roster_digest.hex())
+        settings = (settings_serial, settings_digest.hex())
         # defence: sdk.roster-never-rolled-back
-        if roster_version < seen_roster:
+        if roster[0] < seen[0] or (roster[0] == seen[0] and roster[1] != seen[1]):
             raise ConfigurationError(
-                f"the roster is version {roster_version}, older than version {seen_roster}, "
-                "which this site has already used: an old roster (one from before a site was "
-                "removed) is refused; ask the federation's operator for its current roster.bin")
+                f"the roster is version {roster_version}, " + (
+                    f"older than version {seen[0]}, which this site has already used: an old "
+                    "roster (one from before a site was removed) is refused"
+                    if roster[0] < seen[0] else
+                    "but not the version-" + str(seen[0]) + " roster this site has already "
+                    "used (two rosters of one version: one of them from a sign cut short)")
+                + "; ask the federation's operator for its current roster.bin")
         # defence: sdk.settings-never-rolled-back
-        if settings_serial < seen_serial:
+        if settings[0] < seen[2] or (settings[0] == seen[2] and settings[1] != seen[3]):
             raise ConfigurationError(
-                f"the config's signed settings are serial {settings_serial}, older than "
-                f"serial {seen_serial}, which this site has already used: old settings are "
-                "refused; ask the federation's operator for its current federation.toml and "
+                f"the config's signed settings are serial {settings_serial}, " + (
+                    f"older than serial {seen[2]}, which this site has already used: old "
+                    "settings are refused" if settings[0] < seen[2] else
+                    f"but not the serial-{seen[2]} settings this site has already used (two "
+                    "settings of one serial)")
+                + "; ask the federation's operator for its current federation.toml and "
                 "settings.sig")
-        if (roster_version, settings_serial) != (seen_roster, seen_serial):
-            self._federations[key] = (max(roster_version, seen_roster),
-                                      max(settings_serial, seen_serial))
+        newest = (*max(roster, seen[:2]), *max(settings, seen[2:]))
+        if newest != seen:
+            self._federations[key] = newest
             self._save("the roster and settings this site uses")
 
     def sent_against(self, model_digest: bytes) -> tuple[str, int] | None:
@@ -263,10 +274,11 @@ class History:
         assert self._path is not None
         if self._path.exists():
             last, held, in_sum, sent, federations = _read(self._path)
-            for root, (version, serial) in federations.items():
-                mine = self._federations.get(root, (0, 0))
+            for root, theirs in federations.items():
+                mine = self._federations.get(root, (0, "", 0, ""))
                 # defence: sdk.history-merge-keeps-the-later-roster
-                self._federations[root] = (max(mine[0], version), max(mine[1], serial))
+                self._federations[root] = (*max(mine[:2], theirs[:2]),
+                                           *max(mine[2:], theirs[2:]))
             for name, n in last.items():
                 # defence: sdk.history-merge-keeps-the-later-round
                 self._last[name] = max(self._last.get(name, 0), n)
@@ -698,7 +710,8 @@ def _locked(path: Path, after: str = NOT_SENT) -> Iterator[None]:
 
 def _read(path: Path) -> tuple[dict[str, int], dict[str, tuple[int, bytes]],
                               dict[str, tuple[int, tuple[float, float]]],
-                              dict[bytes, tuple[str, int]], dict[str, tuple[int, int]]]:
+                              dict[bytes, tuple[str, int]],
+                              dict[str, tuple[int, str, int, str]]]:
     try:
         data = json.loads(_read_bytes(path))
         last = data["last_round"]
@@ -732,14 +745,15 @@ def _read(path: Path) -> tuple[dict[str, int], dict[str, tuple[int, bytes]],
             raise ValueError("unexpected content")
         # defence: sdk.history-rosters-checked
         if not isinstance(federations, dict) or not all(
-                isinstance(k, str) and len(k) == 64 and isinstance(v, list) and len(v) == 2
-                and all(type(x) is int and x >= 0 for x in v)
+                isinstance(k, str) and len(k) == 64 and isinstance(v, list) and len(v) == 4
+                and type(v[0]) is int and v[0] >= 0 and type(v[2]) is int and v[2] >= 0
+                and all(isinstance(x, str) and len(x) in (0, 64) for x in (v[1], v[3]))
                 for k, v in federations.items()):
             raise ValueError("unexpected content")
         return (dict(last), {k: (v[0], bytes.fromhex(v[1])) for k, v in held.items()},
                 {k: (v[0], (v[1][0], v[1][1])) for k, v in in_sum.items()},
                 {bytes.fromhex(k): (v[0], v[1]) for k, v in sent.items()},
-                {k: (v[0], v[1]) for k, v in federations.items()})
+                {k: (v[0], v[1], v[2], v[3]) for k, v in federations.items()})
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         reason = e.strerror if isinstance(e, OSError) else "it is not a round history"
         raise SiteError(f"cannot read {path}: {reason}; it records which rounds this site "

@@ -224,6 +224,15 @@ def _check_options(workers: object, training_dtype: object) -> None:
                                  f"{sorted(TRAINING_FLOATS)} or None, got {training_dtype!r}")
 
 
+def check_used_before(kit: SiteKit, history_dir: str | Path | None = None) -> None:
+    """Refuse a site directory whose roster or signed settings are older than (or another
+    than, at the same version or serial) what this site has used: its history's record
+    (``History.check_federation``, kept in ``history_dir``, by default the directory)."""
+    History(history_dir if history_dir is not None else kit.directory).check_federation(
+        kit.config.trust_root, kit.roster.version, kit.roster.digest, kit.settings_serial,
+        kit.config.signed_settings_digest())
+
+
 class Site:
     _closed = False  # (set by close)
 
@@ -322,8 +331,7 @@ class Site:
                 raise ConfigurationError(f"{Path(site_dir) / 'federation.toml'}: {e}") from None
         # (before anything is dialled: clients.history.History.check_federation)
         # defence: sdk.connect-checks-the-roster-version
-        History(history_dir if history_dir is not None else kit.directory).check_federation(
-            kit.config.trust_root, kit.roster.version, kit.settings_serial)
+        check_used_before(kit, history_dir)
         return cls(kit, Connection(kit, retry_seconds=retry_seconds), tensors_kind=tensors,
                    progress=progress, workers=workers, history_dir=history_dir,
                    training_dtype=training_dtype)

@@ -416,8 +416,10 @@ def _main(argv: Sequence[str] | None) -> int:
         if isinstance(e, OSError) and e.filename and e.strerror:
             # (the file and the system's reason: "NotADirectoryError (m.npz): Not a
             # directory" named a Python class an operator has no use for)
+            # (a rename's failure names its destination, not the temporary file renamed)
+            named = e.filename2 if getattr(e, "filename2", None) else e.filename
             # defence: cli.errors-one-line-os-error-path
-            print(f"secagg: error: cannot use {_one_line(e.filename)}: {e.strerror} "
+            print(f"secagg: error: cannot use {_one_line(named)}: {e.strerror} "
                   "(SECAGG_DEBUG=1 shows where)", file=sys.stderr)
             return 2
         where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""

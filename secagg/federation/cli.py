@@ -79,15 +79,13 @@ def _pin(args: argparse.Namespace) -> int:
 
 
 def _install(args: argparse.Namespace) -> int:
-    from clients.history import History
+    from clients.site import check_used_before
     from secagg.federation.kit import SiteKit, install_signed_files
 
     def used_before(kit: SiteKit) -> None:
-        history = args.history_dir if args.history_dir is not None else kit.directory
-        History(history).check_federation(kit.config.trust_root, kit.roster.version,
-                                          kit.settings_serial)
+        check_used_before(kit, args.history_dir)
 
-    kit = install_signed_files(args.dir, args.signed, check=used_before)
+    kit = install_signed_files(args.dir, args.signed, check=used_before, key=args.key)
     print(f"installed into {args.dir}: site {kit.site_id} of federation {kit.config.name!r}, "
           f"roster version {kit.roster.version} ({len(kit.roster)} sites), job "
           f"{kit.config.job_id!r}, settings serial {kit.settings_serial}")
@@ -95,13 +93,26 @@ def _install(args: argparse.Namespace) -> int:
 
 
 def _sign_config(args: argparse.Namespace) -> int:
+    import json
+
+    from secagg.federation.config import FederationConfig
     from secagg.federation.kit import CONFIG_FILE, sign_settings
 
-    config = args.config if args.config is not None else Path(args.dir) / CONFIG_FILE
-    path = sign_settings(args.dir, config)
-    print(f"signed the shared settings of {config} into {path}")
-    print("  every site needs this settings.sig beside a federation.toml with these settings "
-          "(the aggregator too, with its own copy of them)")
+    config_path = Path(args.dir) / CONFIG_FILE
+    path = sign_settings(args.dir, config_path)
+    serial = json.loads(path.read_text())["serial"]
+    c = FederationConfig.load(config_path)
+    # what was signed, said: every site takes it, and refuses every earlier serial
+    shared = (f"{c.protocol}, job {c.job_id!r} ({c.rounds} rounds), clip_norm {c.clip_norm}, "
+              f"max_samples {c.max_samples}, " + (
+                  f"neighbors {c.neighbors}, threshold {c.threshold}, corrupt_fraction "
+                  f"{c.corrupt_fraction}, dropout_rate {c.dropout_rate}"
+                  if c.protocol == "masking" else
+                  f"preset {c.preset}, key holders {list(c.key_holders)}, min_sites "
+                  f"{c.min_sites or 'default'}"))
+    print(f"signed the shared settings of {config_path} as serial {serial}: {shared}")
+    print(f"  every party needs this federation.toml and {path.name} (sites refuse every "
+          "earlier serial from now on)")
     return 0
 
 
@@ -177,9 +188,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                             "[update], [masking], [ckks]); sites refuse settings unsigned")
     sign_config.add_argument("--dir", required=True, type=_dir_path,
                              help="the federation directory")
-    sign_config.add_argument("--config", type=Path, default=None,
-                             help="the config to sign (default: the federation's own "
-                                  "federation.toml); settings.sig is written beside it")
     sign_config.set_defaults(func=_sign_config)
     pin = fed_sub.add_parser("pin", help="pin the federation's trust root in a site directory "
                                          "(one made before pins were kept)")
@@ -196,8 +204,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     install.add_argument("--dir", required=True, type=_dir_path, help="the site directory")
     install.add_argument("--from", dest="signed", required=True, type=_dir_path,
                          metavar="OUT", help="the directory `federation sign` wrote")
-    install.add_argument("--history-dir", type=Path, default=None,
+    install.add_argument("--history-dir", type=_dir_path, default=None,
                          help="the site's history directory, if Site.connect is given one")
+    install.add_argument("--key", type=Path, default=None, metavar="NEW/client.key",
+                         help="a rotation: the new TLS key `csr --identity` made in another "
+                              "directory, installed into --dir (the site's own, with its "
+                              "identity key and history) with the new certificate")
     install.set_defaults(func=_install)
     sign = fed_sub.add_parser(
         "sign", help="sign a site's request: a new certificate (with --add-site, a new seat)")

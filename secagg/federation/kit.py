@@ -286,19 +286,31 @@ def check_settings_signature(d: Path, config: FederationConfig) -> int:
 
 
 def _next_settings_serial(fed: Path) -> int:
-    """The federation's next settings serial, counted in its own (operator's) directory:
-    every signing gets a serial above every earlier one's."""
+    """The federation's next settings serial: above the one its counter
+    (trust-root/settings.serial, the operator's) and its own settings.sig hold. A counter
+    lost (a directory rebuilt from the offline keys) restarted at 1, and a second settings
+    of one serial passed a site's record (a helper's attack); one that is no positive
+    integer is refused."""
     path = fed / SETTINGS_SERIAL_FILE
     try:
-        last = int(_read_small(path, 64).decode("ascii").strip())
+        text = _read_small(path, 64).decode("ascii").strip()
+        last = int(text) if text.isdigit() else -1
     except FileNotFoundError:
         last = 0
-    except (OSError, ValueError):
-        raise ConfigurationError(f"cannot read {path}, the federation's last settings serial "
-                                 "(an integer): restore it; a serial lower than one sites "
-                                 "have seen is refused by them") from None
+    except (OSError, ValueError, UnicodeDecodeError):
+        last = -1
+    # defence: federation.settings-serial-file-checked
+    if last < 0:
+        raise ConfigurationError(f"{path}, the federation's last settings serial, is not a "
+                                 "positive integer: restore it (sites refuse a serial below "
+                                 "one they have used)")
+    try:  # (the serial the federation's own settings were last signed with: a floor)
+        signed = json.loads(_read_small(fed / SETTINGS_SIG_FILE, MAX_PIN_BYTES))["serial"]
+        signed = signed if type(signed) is int else 0
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        signed = 0
     # defence: federation.settings-serial-increases
-    serial = last + 1
+    serial = max(last, signed) + 1
     pki.write_public(path, f"{serial}\n".encode())
     return serial
 
@@ -886,15 +898,20 @@ MAX_SIGNED_FILE_BYTES = 64 << 20  # (a roster of 10,000 sites is ~0.5 MB)
 
 
 def install_signed_files(site_dir: Path | str, signed: Path | str, *,
-                         check: Callable[[SiteKit], None] | None = None) -> SiteKit:
+                         check: Callable[[SiteKit], None] | None = None,
+                         key: Path | str | None = None) -> SiteKit:
     """``secagg federation install``: put the files ``sign`` wrote (``signed``, as the
     operator sent it) into a site directory, exactly those, and only if the directory then
     loads (its pin, the settings' signature, its own keys) with a roster and settings no
     older than the site has used. A parcel holding any other file is refused whole: a
     ``cp out/* site/`` took a kept CKKS round key, or a history.json, planted beside them
     (a helper's attacks). ``check``: what else the loaded directory must pass (the SDK's
-    record of the roster and settings the site used). On a refusal the directory is as it
-    was."""
+    record of the roster and settings the site used). ``key``: a rotation's new TLS key
+    (``csr --identity`` made it in another directory), installed with the new certificate
+    into the site's own directory, whose identity key and history stay (installed into the
+    rotation's directory, the site started again with no history: a helper's attack). On a
+    refusal the directory is as it was (a kill part way leaves it refused at connect until
+    install runs again)."""
     d = directory_path(site_dir, "site directory")
     o = directory_path(signed, "signed files' directory")
     if not o.is_dir():
@@ -914,8 +931,15 @@ def install_signed_files(site_dir: Path | str, signed: Path | str, *,
                                  "sign` writes")
     for name in ("client.key", "identity.key", PIN_FILE):
         if not os.path.lexists(d / name):
-            raise ConfigurationError(f"{d} holds no {name}: install into the site directory "
-                                     "where `federation csr` made the request")
+            raise ConfigurationError(
+                f"{d} holds no {name}: install into the site's own directory (where `federation "
+                "csr` made its keys; for a rotation, that directory with --key NEW/client.key)")
+    new_key: SecretBytes | None = None
+    if key is not None:
+        try:
+            new_key = pki.read_private_key(Path(key))
+        except OSError as e:
+            raise ConfigurationError(f"cannot read --key {key}: {e.strerror or e}") from None
     new: dict[str, bytes] = {}
     for name in SIGNED_FILES:
         path = o / name
@@ -928,9 +952,12 @@ def install_signed_files(site_dir: Path | str, signed: Path | str, *,
             raise ConfigurationError(f"{path} is not a regular file of at most "
                                      f"{MAX_SIGNED_FILE_BYTES >> 20} MiB") from None
     old = {name: (d / name).read_bytes() for name in SIGNED_FILES if (d / name).is_file()}
+    old_key = pki.read_private_key(d / "client.key") if new_key is not None else None
     try:
         for name, data in new.items():
             pki.write_public(d / name, data)
+        if new_key is not None:
+            _replace_private(d / "client.key", new_key)
         kit = SiteKit.load(d)
         if check is not None:
             check(kit)
@@ -942,8 +969,21 @@ def install_signed_files(site_dir: Path | str, signed: Path | str, *,
                     pki.write_public(d / name, old[name])
                 else:
                     (d / name).unlink()
+        # defence: federation.install-key-put-back
+        if old_key is not None:
+            with contextlib.suppress(OSError):
+                _replace_private(d / "client.key", old_key)
         raise
     return kit
+
+
+def _replace_private(path: Path, data: SecretBytes) -> None:
+    """Replace a private file whole (a new file, 0600, renamed over it)."""
+    tmp = path.with_name(f".{path.name}.new")
+    if os.path.lexists(tmp):
+        tmp.unlink()
+    pki.write_private(tmp, data)
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -1063,6 +1103,16 @@ def remove_site(federation: Path | str, site_id: int) -> RemovedSite:
         sites = {s: key for s, key in roster.items() if s != site_id}
         if len(sites) < 3:
             raise ConfigurationError("a roster needs at least 3 sites")
+        # (a threshold of 5 left for a roster of 4: every site refused it at connect)
+        # defence: federation.remove-site-keeps-settings-feasible
+        if config.protocol == "masking":
+            try:
+                config.masking_round(config.round_id_for(1), sites, 1, model_digest=bytes(32))
+            except ConfigurationError as e:
+                raise ConfigurationError(
+                    f"without site {site_id}, the federation's masking settings do not fit "
+                    f"its roster ({e}): change them first (then secagg federation "
+                    "sign-config)") from None
         signed = signer.sign(sites, federation=roster.federation, version=roster.version + 1)
         for path in (fed / ROSTER_FILE, fed / "aggregator" / ROSTER_FILE):
             pki.write_public(path, roster_to_bytes(signed))  # (replaced whole)

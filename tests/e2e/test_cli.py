@@ -495,3 +495,30 @@ def test_metrics_off_in_any_case_serves_no_metrics(tmp_path: Path, off: str) -> 
         pytest.fail("serve ran with an empty --store")
     assert proc.returncode == 2 and "the store is empty" in proc.stderr
     assert "--metrics" not in proc.stderr
+
+
+def test_a_failed_rename_names_the_file_not_its_temporary(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A directory where a site's settings.sig goes: the error named the temporary file the
+    write renames (".settings.sig.5pc_c5ei"), not settings.sig."""
+    import shutil
+
+    import numpy as np
+
+    from secagg.federation.kit import init_federation, make_site_request
+
+    model = tmp_path / "m.npz"
+    np.savez(model, w=np.zeros(3, np.float32))  # type: ignore[arg-type]
+    init_federation(tmp_path / "fed", 3, initial_model=model)
+    root = (tmp_path / "fed" / "federation.toml").read_text().split('trust_root = "')[1][:64]
+    site = tmp_path / "site-4"
+    request = make_site_request(site, 4, trust_root=root)
+    assert main(["federation", "sign", "--dir", str(tmp_path / "fed"), "--request",
+                 str(request), "--out", str(tmp_path / "out"), "--add-site"]) == 0
+    (site / "settings.sig").mkdir()
+    capsys.readouterr()
+    assert main(["federation", "install", "--dir", str(site), "--from",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{site / 'settings.sig'}:" in err and ".settings.sig." not in err, err
+    shutil.rmtree(site / "settings.sig")

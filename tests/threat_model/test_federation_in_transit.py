@@ -35,6 +35,7 @@ from secagg.federation.kit import (
     load_roster,
     make_site_request,
     remove_site,
+    sign_settings,
     sign_site_request,
 )
 from secagg.hazmat.signing import IdentityKey
@@ -323,9 +324,8 @@ def test_the_operator_signs_a_changed_setting_with_sign_config(
     shutil.copy(real / "settings.sig", site / "settings.sig")
     assert SiteKit.load(site).config.job_id == "job-2"
     # a config naming another federation's trust root is not signed with this one's key
-    assert main(["federation", "sign-config", "--dir", str(real), "--config",
-                 str(forged / "federation.toml")]) == 2
-    assert "another trust root" in capsys.readouterr().err
+    with pytest.raises(ConfigurationError, match="another trust root"):
+        sign_settings(real, forged / "federation.toml")
 
 
 def _state(site: Path) -> dict[str, bytes]:
@@ -380,10 +380,9 @@ def test_install_refuses_a_roster_or_settings_older_than_used(real: Path,
 
 
 def _used_before(kit: SiteKit) -> None:
-    from clients.history import History
+    from clients.site import check_used_before
 
-    History(kit.directory).check_federation(kit.config.trust_root, kit.roster.version,
-                                            kit.settings_serial)
+    check_used_before(kit)
 
 
 def test_older_signed_settings_than_used_are_refused(real: Path) -> None:
@@ -418,3 +417,96 @@ def test_sign_sends_only_settings_the_operator_signed(real: Path, tmp_path: Path
     assert main(["federation", "sign-config", "--dir", str(real)]) == 0
     out = sign_site_request(real, request, tmp_path / "out", add_site=True)
     assert json.loads((out / "settings.sig").read_text())["serial"] == 2
+
+
+def test_a_rotation_is_installed_into_the_sites_own_directory_and_keeps_its_history(
+        real: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Installed into the rotation's new directory, the site started again with no history
+    (no record of the roster it used, of the rounds it sent to, of the models it sent
+    against), and the carrier's old roster was taken (a helper's attack). `install --key`
+    takes the new TLS key into the site's own directory beside its identity key and
+    history; a refusal leaves its old key."""
+    site = real / "sites" / "site-2"
+    old_key = (site / "client.key").read_bytes()
+    Site.connect(site).close()  # history: roster 1
+    old_roster = (site / "roster.bin").read_bytes()
+    remove_site(real, 4)
+    shutil.copy(real / "roster.bin", site / "roster.bin")
+    Site.connect(site).close()  # history: roster 2
+    new = tmp_path / "rotation"
+    request = make_site_request(new, 2, trust_root=_root(real),
+                                identity_key=site / "identity.key")
+    out = sign_site_request(real, request, tmp_path / "out")
+    assert main(["federation", "install", "--dir", str(new), "--from", str(out)]) == 2
+    assert "--key" in capsys.readouterr().err  # (the rotation's directory holds no identity)
+    stale = tmp_path / "stale"  # the parcel with the carrier's old roster
+    shutil.copytree(out, stale)
+    (stale / "roster.bin").write_bytes(old_roster)
+    assert main(["federation", "install", "--dir", str(site), "--from", str(stale), "--key",
+                 str(new / "client.key")]) == 2
+    assert "older than version" in capsys.readouterr().err
+    assert (site / "client.key").read_bytes() == old_key
+    assert main(["federation", "install", "--dir", str(site), "--from", str(out), "--key",
+                 str(new / "client.key")]) == 0
+    assert (site / "client.key").read_bytes() == (new / "client.key").read_bytes()
+    assert (site / "client.key").stat().st_mode & 0o077 == 0
+    Site.connect(site).close()
+
+
+def test_a_second_roster_of_one_version_is_refused(real: Path, tmp_path: Path) -> None:
+    """A sign cut short after writing its parcel left a roster of version n+1 (naming a new
+    site); the operator's next remove-site made another version n+1. A site that used the
+    latter took the former, with the removed site back in it."""
+    import secagg.federation.kit as kit_module
+
+    site = real / "sites" / "site-1"
+    request = make_site_request(tmp_path / "site-9", 9, trust_root=_root(real))
+    real_write = kit_module.pki.write_public
+
+    def full_disk(path: Path, data: bytes) -> None:
+        if path == real / "roster.bin":
+            raise OSError(28, "No space left on device")
+        real_write(path, data)
+
+    kit_module.pki.write_public = full_disk  # type: ignore[assignment]
+    try:
+        with pytest.raises(OSError):
+            sign_site_request(real, request, tmp_path / "cut-short", add_site=True)
+    finally:
+        kit_module.pki.write_public = real_write  # type: ignore[assignment]
+    remove_site(real, 4)  # version 2 too
+    shutil.copy(real / "roster.bin", site / "roster.bin")
+    Site.connect(site).close()
+    shutil.copy(tmp_path / "cut-short" / "roster.bin", site / "roster.bin")
+    assert load_roster(site / "roster.bin", _root(real)).version == 2
+    with pytest.raises(ConfigurationError, match="not the version-2 roster"):
+        Site.connect(site)
+
+
+def test_the_settings_serial_survives_a_lost_counter_and_a_bad_one_is_refused(
+        real: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The counter lost (a directory rebuilt from the offline keys) restarted at 1: a second
+    settings of serial 2 passed a site that had used the first."""
+    _edit(real / "federation.toml", "threshold", "4")
+    assert main(["federation", "sign-config", "--dir", str(real)]) == 0
+    out = capsys.readouterr().out
+    assert "as serial 2" in out and "threshold 4" in out and "corrupt_fraction 0.2" in out
+    (real / "trust-root" / "settings.serial").unlink()
+    _edit(real / "federation.toml", "corrupt_fraction", "0.1")
+    assert main(["federation", "sign-config", "--dir", str(real)]) == 0
+    assert "as serial 3" in capsys.readouterr().out  # (from the federation's settings.sig)
+    for bad in ("-7", "x", ""):
+        (real / "trust-root" / "settings.serial").write_text(bad)
+        assert main(["federation", "sign-config", "--dir", str(real)]) == 2
+        assert "not a positive integer" in capsys.readouterr().err
+
+
+def test_remove_site_refuses_to_leave_settings_the_roster_cannot_take(real: Path) -> None:
+    """threshold = 4 of 4 sites; removing one left a threshold no site could take, and every
+    site refused it at connect."""
+    _edit(real / "federation.toml", "threshold", "4")
+    sign_settings(real)
+    with pytest.raises(ConfigurationError, match="without site 4, the federation's masking "
+                                                 "settings do not fit"):
+        remove_site(real, 4)
+    assert load_roster(real / "roster.bin", _root(real)).version == 1

@@ -70,11 +70,12 @@ def test_a_site_with_no_history_directory_still_sends_to_a_round_once() -> None:
     {"version": 1, "last_round": {"job-1": 5}, "held": {"job-1": [-1, "ab" * 32]}},
     {"version": 1, "last_round": {"job-1": 5}, "held": {"job-1": "ab" * 32}},
     {"version": 1, "last_round": {"job-1": 5}, "held": {"job-1": [4, "zz" * 32]}},
-    {"version": 1, "last_round": {}, "federations": {"ab" * 32: [-1, 0]}},
-    {"version": 1, "last_round": {}, "federations": {"ab" * 32: ["3", 1]}},
-    {"version": 1, "last_round": {}, "federations": {"ab" * 32: [3]}},
-    {"version": 1, "last_round": {}, "federations": {"ab": [3, 1]}},
-    {"version": 1, "last_round": {}, "federations": [["ab" * 32, 3, 1]]},
+    {"version": 1, "last_round": {}, "federations": {"ab" * 32: [-1, "", 0, ""]}},
+    {"version": 1, "last_round": {}, "federations": {"ab" * 32: ["3", "", 1, ""]}},
+    {"version": 1, "last_round": {}, "federations": {"ab" * 32: [3, "ab", 1, ""]}},
+    {"version": 1, "last_round": {}, "federations": {"ab" * 32: [3, 1]}},
+    {"version": 1, "last_round": {}, "federations": {"ab": [3, "", 1, ""]}},
+    {"version": 1, "last_round": {}, "federations": [["ab" * 32, 3, "", 1, ""]]},
 ])
 def test_a_history_of_another_version_is_refused_not_misread(
         tmp_path: Path, content: dict[str, object]) -> None:
@@ -382,29 +383,35 @@ def test_the_history_is_written_whole_and_its_rename_made_durable(
 
 def test_the_newest_roster_and_settings_used_are_kept_across_processes_and_an_older_file(
         tmp_path: Path) -> None:
-    """A roster, or signed settings, older than the site used is refused (a rollback past
-    remove-site, or past a hardening of the settings); the record survives a second process
+    """A roster, or signed settings, older than the site used (a rollback past remove-site,
+    or past a hardening of the settings), or another one of the same version or serial (a
+    sign cut short, a serial counter lost), is refused; the record survives a second process
     on the directory and an older history file put back."""
     from secagg.errors import ConfigurationError
 
     root, other = b"\x01" * 32, b"\x02" * 32
+    r = {n: bytes([n]) * 32 for n in range(1, 9)}  # digests
     older = tmp_path / "older"
     older.mkdir()
-    History(older).check_federation(root, 1, 1)
+    History(older).check_federation(root, 1, r[1], 1, r[1])
     first, second = History(tmp_path), History(tmp_path)
-    first.check_federation(root, 3, 4)
-    second.check_federation(other, 1, 1)  # another federation's: apart
+    first.check_federation(root, 3, r[3], 4, r[4])
+    second.check_federation(other, 1, r[1], 1, r[1])  # another federation's: apart
     (tmp_path / HISTORY_FILE).write_bytes((older / HISTORY_FILE).read_bytes())
-    second.check_federation(other, 2, 2)  # merges the older file in, then writes
+    second.check_federation(other, 2, r[2], 2, r[2])  # merges the older file in, then writes
     for h in (History(tmp_path), first, second):
         with pytest.raises(ConfigurationError, match="version 2, older than version 3"):
-            h.check_federation(root, 2, 4)
+            h.check_federation(root, 2, r[2], 4, r[4])
+        with pytest.raises(ConfigurationError, match="not the version-3 roster"):
+            h.check_federation(root, 3, r[5], 4, r[4])
         with pytest.raises(ConfigurationError, match="serial 3, older than serial 4"):
-            h.check_federation(root, 3, 3)
-        h.check_federation(root, 3, 4)
+            h.check_federation(root, 3, r[3], 3, r[3])
+        with pytest.raises(ConfigurationError, match="not the serial-4 settings"):
+            h.check_federation(root, 3, r[3], 4, r[6])
+        h.check_federation(root, 3, r[3], 4, r[4])
         with pytest.raises(ConfigurationError, match="older"):
-            h.check_federation(other, 1, 2)
+            h.check_federation(other, 1, r[1], 2, r[2])
     no_directory = History(None)
-    no_directory.check_federation(root, 5, 5)
+    no_directory.check_federation(root, 5, r[5], 5, r[5])
     with pytest.raises(ConfigurationError, match="older"):
-        no_directory.check_federation(root, 4, 5)
+        no_directory.check_federation(root, 4, r[4], 5, r[5])
