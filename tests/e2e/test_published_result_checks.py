@@ -17,7 +17,7 @@ import numpy as np
 from clients.history import History
 from clients.transport import Connection
 from secagg import wire
-from secagg.federation.kit import CONFIG_FILE, SiteKit
+from secagg.federation.kit import CONFIG_FILE, SiteKit, sign_settings
 from secagg.v1 import service_pb2
 from tests.service_kit import make_federation, run_sites, start_aggregator
 
@@ -57,6 +57,7 @@ def test_a_release_that_does_not_sign_the_aggregators_result_is_refused(
     for every site."""
     fed = make_federation(tmp_path, 4, "ckks", rounds=1, key_holders=(1,), release_s=5.0)
     _set_learning_rate(fed.site_dir(1) / CONFIG_FILE, 0.5)
+    sign_settings(fed.directory, fed.site_dir(1) / CONFIG_FILE)  # (the operator's doing)
     agg = start_aggregator(fed, tmp_path)
     try:
         reports = run_sites(fed, tmp_path)

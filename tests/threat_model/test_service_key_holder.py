@@ -57,7 +57,7 @@ def test_a_round_whose_result_no_tensor_can_hold_aborts_and_the_job_goes_on(
     its dtype; the aggregator's check is for the sites that do not.)"""
     import re
 
-    from secagg.federation.kit import CONFIG_FILE
+    from secagg.federation.kit import CONFIG_FILE, sign_settings
 
     fed = make_federation(tmp_path, 3, "masking", rounds=2, server_learning_rate=1000.0,
                           steps_dtype="int8")
@@ -67,6 +67,7 @@ def test_a_round_whose_result_no_tensor_can_hold_aborts_and_the_job_goes_on(
                           path.read_text())
         assert n == 1
         path.write_text(text)
+        sign_settings(fed.directory, path)  # (signed: the operator gave the sites this rate)
     agg = start_aggregator(fed, tmp_path)
     try:
         reports = run_sites(fed, tmp_path, timeout=60.0)
