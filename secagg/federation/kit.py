@@ -8,7 +8,8 @@ Layout of ``secagg federation init --dir DIR``::
     DIR/trust-root/signer.key        the roster signer's Ed25519 key (keep offline)
     DIR/aggregator/                  server.crt, server.key, ca.crt, federation.toml, roster.bin
     DIR/sites/site-<id>/             client.crt, client.key, identity.key, ca.crt,
-                                     federation.toml, roster.bin, trust-root.pin
+                                     federation.toml, settings.sig, roster.bin,
+                                     trust-root.pin
 
 Private keys are written 0600 and each one exists in exactly one directory: no private key is
 copied from one party's directory to another's. With ``secagg federation csr`` a site makes its
@@ -439,11 +440,13 @@ class SiteKit:
                     f"site {site_id}'s certificate, but identity.key is site {owner}'s (the "
                     f"files of two sites are mixed in {d})")
             raise ConfigurationError(f"site {site_id}'s identity key is not the roster's")
-        # The files that name the federation (its config's trust root, then the roster and CA
-        # that root vouches for) reach a site from its operator, through hands that may be the
-        # aggregator's: a whole federation of someone else's making (their CA and signer, a
-        # roster of their sites beside this one), taken as this site's, had its update alone
-        # in a "sum" (a helper's attack on csr/sign). The site trusts only the root it pinned.
+        # The files that name the federation (its config's trust root, then the roster that
+        # root signs) reach a site from its operator, through hands that may be the
+        # aggregator's (ca.crt too, which no root vouches for: a CA of theirs only lets them
+        # stand in for the aggregator, whom every message's roster signature distrusts): a
+        # whole federation of someone else's making (their CA and signer, a roster of their
+        # sites beside this one), taken as this site's, had its update alone in a "sum" (a
+        # helper's attack on csr/sign). The site trusts only the root it pinned.
         # defence: federation.kit-trust-root-pinned
         pinned = load_trust_pin(d, identity)
         if pinned != config.trust_root:
