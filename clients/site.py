@@ -319,16 +319,14 @@ class Site:
                 f"{Path(site_dir) / 'federation.toml'} pins no [job] initial_model_digest: the "
                 "aggregator would choose the model this site starts from; ask the federation's "
                 "operator for it (secagg federation init --model writes it)")
-        # masking settings the roster cannot take (a threshold above its size, a SecAgg+
-        # degree too small for it) were found at the first submit, after the round was
-        # spent, and told as "this site refused the aggregator's messages"
+        # settings the roster cannot take (a threshold above its size, a SecAgg+ degree too
+        # small for it, a key holder not on it) were found at the first submit, after the
+        # round was spent, and told as "this site refused the aggregator's messages"
         # defence: sdk.masking-settings-checked-at-connect
-        if kit.config.protocol == "masking":
-            try:
-                kit.config.masking_round(kit.config.round_id_for(1), kit.roster, 1,
-                                         model_digest=bytes(32))
-            except ConfigurationError as e:
-                raise ConfigurationError(f"{Path(site_dir) / 'federation.toml'}: {e}") from None
+        try:
+            kit.config.check_fits_roster(kit.roster)
+        except ConfigurationError as e:
+            raise ConfigurationError(f"{Path(site_dir) / 'federation.toml'}: {e}") from None
         # (before anything is dialled: clients.history.History.check_federation)
         # defence: sdk.connect-checks-the-roster-version
         check_used_before(kit, history_dir)

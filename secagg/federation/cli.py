@@ -93,26 +93,37 @@ def _install(args: argparse.Namespace) -> int:
 
 
 def _sign_config(args: argparse.Namespace) -> int:
-    import json
+    from typing import Any
 
     from secagg.federation.config import FederationConfig
     from secagg.federation.kit import CONFIG_FILE, sign_settings
 
     config_path = Path(args.dir) / CONFIG_FILE
-    path = sign_settings(args.dir, config_path)
-    serial = json.loads(path.read_text())["serial"]
-    c = FederationConfig.load(config_path)
-    # what was signed, said: every site takes it, and refuses every earlier serial
-    shared = (f"{c.protocol}, job {c.job_id!r} ({c.rounds} rounds), clip_norm {c.clip_norm}, "
-              f"max_samples {c.max_samples}, " + (
-                  f"neighbors {c.neighbors}, threshold {c.threshold}, corrupt_fraction "
-                  f"{c.corrupt_fraction}, dropout_rate {c.dropout_rate}"
-                  if c.protocol == "masking" else
-                  f"preset {c.preset}, key holders {list(c.key_holders)}, min_sites "
-                  f"{c.min_sites or 'default'}"))
-    print(f"signed the shared settings of {config_path} as serial {serial}: {shared}")
-    print(f"  every party needs this federation.toml and {path.name} (sites refuse every "
-          "earlier serial from now on)")
+
+    # what was signed, said, one fact a line (read under the lock, as it was signed): every
+    # site takes it, and refuses every earlier serial
+    def describe(c: FederationConfig, made: Any, serial: int) -> None:
+        model = c.initial_model_digest.hex()[:16] + "..." if c.initial_model_digest else "none"
+        facts = [("federation", f"{c.name!r}, {c.protocol}"),
+                 ("job", f"{c.job_id!r}, {c.rounds} rounds, server_learning_rate "
+                         f"{c.server_learning_rate}"),
+                 ("initial model", model),
+                 ("update", f"clip_norm {c.clip_norm}, max_samples {c.max_samples}")]
+        if made is not None:
+            facts.append(("masking", f"threshold {made.reconstruction_threshold} (the config: "
+                                     f"{c.threshold}), neighbors {c.neighbors}, "
+                                     f"corrupt_fraction {c.corrupt_fraction}, dropout_rate "
+                                     f"{c.dropout_rate}, word_bits {c.word_bits}"))
+        else:
+            facts.append(("ckks", f"preset {c.preset}, key holders {list(c.key_holders)}, "
+                                  f"min_sites {c.min_sites or 'default'}"))
+        print(f"signed the shared settings of {config_path} as serial {serial}:")
+        for name, fact in facts:
+            print(f"  {name + ':':15}{fact}")
+
+    path = sign_settings(args.dir, config_path, describe=describe)
+    print(f"every party needs this federation.toml and {path} (sites refuse every earlier "
+          "serial from now on)")
     return 0
 
 

@@ -564,6 +564,21 @@ class FederationConfig:
         return {"preset": self.preset, "clip": self.clip_norm, "max_weight": 1.0,
                 "min_sites": self.min_sites or 0, "corrupt_fraction": self.corrupt_fraction}
 
+    def check_fits_roster(self, roster: Mapping[int, bytes]) -> Any:
+        """Refuse settings no round of this roster could run (masking: a threshold outside
+        its range, a SecAgg+ degree for too few sites; CKKS: min_sites beyond the roster, a
+        key holder not on it); for masking, the round configuration they make (its
+        threshold). Checked where a site connects, and where the operator signs settings or
+        removes a site: each was found only at a round, one deadline after another."""
+        if self.protocol == "masking":
+            return self.masking_round(self.round_id_for(1), roster, 1, model_digest=bytes(32))
+        missing = sorted(set(self.key_holders) - set(roster))
+        if missing:
+            raise ConfigurationError(f"[ckks] key_holders names site {missing[0]}, which the "
+                                     "roster does not hold")
+        self.check_ckks_roster(len(roster))
+        return None
+
     def check_ckks_roster(self, sites: int) -> None:
         """Refuse, as a job starts, a CKKS configuration no round of a roster of ``sites``
         sites could use (min_sites beyond the roster or below the colluders' reach, a clip

@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -316,10 +317,13 @@ def _next_settings_serial(fed: Path) -> int:
     return serial
 
 
-def sign_settings(federation: Path | str, config_path: Path | str | None = None) -> Path:
+def sign_settings(federation: Path | str, config_path: Path | str | None = None, *,
+                  describe: Callable[[FederationConfig, Any, int], None] | None = None) -> Path:
     """``secagg federation sign-config``: sign the shared settings of ``config_path`` (by
     default the federation's own federation.toml) with the federation's roster signer and
-    its next serial, into settings.sig beside it. Returns that file's path."""
+    its next serial, into settings.sig beside it. Returns that file's path. ``describe``:
+    told, under the federation's lock, the config signed, its masking round configuration
+    (None for CKKS) and the serial."""
     fed = Path(federation)
     path = Path(config_path) if config_path is not None else fed / CONFIG_FILE
     own = FederationConfig.load(fed / CONFIG_FILE)
@@ -334,9 +338,11 @@ def sign_settings(federation: Path | str, config_path: Path | str | None = None)
         # settings the roster cannot take are never signed (sites refuse them at connect)
         roster = load_roster(fed / ROSTER_FILE, signer.public_key)
         # defence: federation.sign-config-refuses-what-the-roster-cannot-take
-        if config.protocol == "masking":
-            config.masking_round(config.round_id_for(1), roster, 1, model_digest=bytes(32))
-        write_settings_signature(path.parent, config, signer, _next_settings_serial(fed))
+        made = config.check_fits_roster(roster)
+        serial = _next_settings_serial(fed)
+        write_settings_signature(path.parent, config, signer, serial)
+        if describe is not None:
+            describe(config, made, serial)
     return path.parent / SETTINGS_SIG_FILE
 
 
@@ -563,9 +569,11 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
     settings_sig = _settings_sig_bytes(config, signer, 1)
     _write_public_files(d, config, signed, ca_cert, model_name, settings_sig)
 
+    issued = []
     for s, ident in identities.items():
         site_dir = d / "sites" / f"site-{s}"
         tls_key = pki.new_key()
+        issued.append(_key_fingerprint(tls_key.public_key()))
         cert = pki.issue_site_cert(ca_key, ca_cert, s, tls_key.public_key())
         pki.write_private(site_dir / "client.key", SecretBytes(pki.pem_private(tls_key)))
         pki.write_private(site_dir / "identity.key", SecretBytes(identity_to_pem(ident)))
@@ -573,6 +581,7 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
         write_trust_pin(site_dir, IdentityKey(ident), signer.public_key)
         pki.write_public(site_dir / "client.crt", pki.pem_cert(cert))
         _write_public_files(site_dir, config, signed, ca_cert, None, settings_sig)
+    pki.write_public(d / ISSUED_FILE, json.dumps(issued).encode())
     server_key, server_cert = pki.issue_server_cert(ca_key, ca_cert, hosts)
     # the aggregator's directory is made whole under another name and renamed into place
     building = d / ".aggregator.init"
@@ -895,6 +904,27 @@ def sign_request(federation: Path | str, request_path: Path | str, out: Path | s
         return _sign_locked(fed, site_id, csr, identity_public, out, add_site)
 
 
+ISSUED_FILE = "ca/issued.json"  # every TLS key the CA certified (SHA-256 of its SPKI)
+
+
+def _key_fingerprint(public_key: Any) -> str:
+    return hashlib.sha256(public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+
+
+def _issued(fed: Path) -> list[str]:
+    try:
+        issued = json.loads(_read_small(fed / ISSUED_FILE, MAX_SIGNED_FILE_BYTES))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, RecursionError):
+        issued = None
+    if not isinstance(issued, list) or not all(isinstance(k, str) for k in issued):
+        raise ConfigurationError(f"{fed / ISSUED_FILE}, the record of the keys the CA "
+                                 "certified, is damaged: restore it")
+    return issued
+
+
 # what `sign` writes to --out: the files a site installs (install_signed_files)
 SIGNED_FILES = ("client.crt", "ca.crt", ROSTER_FILE, CONFIG_FILE, SETTINGS_SIG_FILE)
 MAX_SIGNED_FILE_BYTES = 64 << 20  # (a roster of 10,000 sites is ~0.5 MB)
@@ -939,10 +969,18 @@ def install_signed_files(site_dir: Path | str, signed: Path | str, *,
                 "csr` made its keys; for a rotation, that directory with --key NEW/client.key)")
     new_key: SecretBytes | None = None
     if key is not None:
+        # (the key is moved: the one file it was in is this directory's own)
+        if Path(key).resolve() == (d / "client.key").resolve():
+            raise ConfigurationError(f"--key {key} is {d}'s own client.key: give the new key "
+                                     "`csr --identity` made in another directory")
         try:
             new_key = pki.read_private_key(Path(key))
+            serialization.load_pem_private_key(reveal(new_key), password=None)
         except OSError as e:
             raise ConfigurationError(f"cannot read --key {key}: {e.strerror or e}") from None
+        except (ValueError, TypeError):
+            raise ConfigurationError(f"--key {key} is not an unencrypted PEM private key (the "
+                                     "client.key `csr --identity` made)") from None
     new: dict[str, bytes] = {}
     for name in SIGNED_FILES:
         path = o / name
@@ -954,8 +992,12 @@ def install_signed_files(site_dir: Path | str, signed: Path | str, *,
         except (OSError, ValueError):
             raise ConfigurationError(f"{path} is not a regular file of at most "
                                      f"{MAX_SIGNED_FILE_BYTES >> 20} MiB") from None
-    old = {name: (d / name).read_bytes() for name in SIGNED_FILES if (d / name).is_file()}
     old_key = pki.read_private_key(d / "client.key") if new_key is not None else None
+    # (a rotation's certificate without its key was "the private key in DIR is not the key
+    # of its certificate", with no word of --key)
+    _check_certificate_for(new["client.crt"], new_key if new_key is not None
+                           else pki.read_private_key(d / "client.key"), o, key is not None)
+    old = {name: (d / name).read_bytes() for name in SIGNED_FILES if (d / name).is_file()}
     try:
         for name, data in new.items():
             pki.write_public(d / name, data)
@@ -977,7 +1019,30 @@ def install_signed_files(site_dir: Path | str, signed: Path | str, *,
             with contextlib.suppress(OSError):
                 _replace_private(d / "client.key", old_key)
         raise
+    if key is not None:  # (moved: a private key lives in one directory)
+        with contextlib.suppress(OSError):
+            Path(key).unlink()
     return kit
+
+
+def _check_certificate_for(cert_pem: bytes, key_pem: SecretBytes, out: Path,
+                           rotation: bool) -> None:
+    """Refuse a parcel whose certificate is not for the TLS key being installed."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        private = serialization.load_pem_private_key(reveal(key_pem), password=None)
+    except (ValueError, TypeError):
+        return  # (SiteKit.load names what is wrong with either)
+    same = (cert.public_key().public_bytes(serialization.Encoding.DER,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+            == private.public_key().public_bytes(serialization.Encoding.DER,
+                                                 serialization.PublicFormat.SubjectPublicKeyInfo))
+    # defence: federation.install-certificate-for-the-key
+    if not same:
+        raise ConfigurationError(
+            f"the certificate in {out} is not for " + (
+                "the --key given" if rotation else
+                "this site's TLS key (for a rotation, give the new key: --key NEW/client.key)"))
 
 
 def _replace_private(path: Path, data: SecretBytes) -> None:
@@ -1047,6 +1112,16 @@ def _sign_locked(fed: Path, site_id: int, csr: x509.CertificateSigningRequest,
     _sync_rosters(fed, signer)
     ca_key = pki.load_private(fed / "ca" / "ca.key")
     ca_cert = pki.load_cert(fed / "ca" / "ca.crt")
+    # a request carries no date: one replayed (a site's first, or the one before its
+    # rotation) certified again the key the site had given up (a helper's attack)
+    issued = _issued(fed)
+    fingerprint = _key_fingerprint(csr.public_key())
+    # defence: federation.sign-never-certifies-a-key-twice
+    if fingerprint in issued:
+        raise ConfigurationError(
+            f"the request's TLS key was certified before (a request sent again, or a key "
+            f"used again): a new certificate for site {site_id} needs a new key (secagg "
+            "federation csr)")
     cert = pki.sign_csr(ca_key, ca_cert, csr, site_id)
     roster = load_roster(fed / ROSTER_FILE, signer.public_key)
     # defence: federation.roster-key-kept
@@ -1069,6 +1144,7 @@ def _sign_locked(fed: Path, site_id: int, csr: x509.CertificateSigningRequest,
     if o.exists() and (not o.is_dir() or any(o.iterdir())):
         raise ConfigurationError(f"{o} exists and is not an empty directory: the signed "
                                  "files go into a new one")
+    pki.write_public(fed / ISSUED_FILE, json.dumps([*issued, fingerprint]).encode())
     pki.write_public(o / "client.crt", pki.pem_cert(cert))
     _write_public_files(o, config, signed, ca_cert, None, settings_sig)
     for path in (fed / ROSTER_FILE, fed / "aggregator" / ROSTER_FILE):
@@ -1106,16 +1182,15 @@ def remove_site(federation: Path | str, site_id: int) -> RemovedSite:
         sites = {s: key for s, key in roster.items() if s != site_id}
         if len(sites) < 3:
             raise ConfigurationError("a roster needs at least 3 sites")
-        # (a threshold of 5 left for a roster of 4: every site refused it at connect)
+        # (a threshold of 5 left for a roster of 4, min_sites 4 for a roster of 3: every
+        # site refused it at connect)
         # defence: federation.remove-site-keeps-settings-feasible
-        if config.protocol == "masking":
-            try:
-                config.masking_round(config.round_id_for(1), sites, 1, model_digest=bytes(32))
-            except ConfigurationError as e:
-                raise ConfigurationError(
-                    f"without site {site_id}, the federation's masking settings do not fit "
-                    f"its roster ({e}): change them first (then secagg federation "
-                    "sign-config)") from None
+        try:
+            config.check_fits_roster(sites)
+        except ConfigurationError as e:
+            raise ConfigurationError(
+                f"without site {site_id}, the federation's settings do not fit its roster "
+                f"({e}): change them first (then secagg federation sign-config)") from None
         signed = signer.sign(sites, federation=roster.federation, version=roster.version + 1)
         for path in (fed / ROSTER_FILE, fed / "aggregator" / ROSTER_FILE):
             pki.write_public(path, roster_to_bytes(signed))  # (replaced whole)

@@ -328,10 +328,12 @@ def read_private_key(path: Path) -> SecretBytes:
     # (a FIFO put there hung every start at open(), a link to /dev/zero read for ever)
     # defence: federation.key-file-regular
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    st = os.fstat(fd)
+    # (checked before fdopen: a directory there was "cannot use 3: Is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ConfigurationError(f"{path} is not a regular file (a private key file is)")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigurationError(f"{path} is not a regular file (a private key file is)")
         _check_key_mode(path, st)
         # (a larger one was cut short, and then "not a PEM key")
         if st.st_size > MAX_KEY_FILE_BYTES:

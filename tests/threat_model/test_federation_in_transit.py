@@ -446,10 +446,25 @@ def test_a_rotation_is_installed_into_the_sites_own_directory_and_keeps_its_hist
                  str(new / "client.key")]) == 2
     assert "older than version" in capsys.readouterr().err
     assert (site / "client.key").read_bytes() == old_key
+    # without --key, the parcel's certificate is not for the site's key, and it says so
+    assert main(["federation", "install", "--dir", str(site), "--from", str(out)]) == 2
+    assert "for a rotation, give the new key: --key" in capsys.readouterr().err
+    # a --key that is no key, or the directory's own key, is named as such
+    (tmp_path / "not-a-key").write_text("hello")
+    (tmp_path / "not-a-key").chmod(0o600)
+    assert main(["federation", "install", "--dir", str(site), "--from", str(out), "--key",
+                 str(tmp_path / "not-a-key")]) == 2
+    assert "is not an unencrypted PEM private key" in capsys.readouterr().err
+    assert main(["federation", "install", "--dir", str(site), "--from", str(out), "--key",
+                 str(site / "client.key")]) == 2
+    assert "own client.key" in capsys.readouterr().err
+    assert (site / "client.key").read_bytes() == old_key
+    rotated = (new / "client.key").read_bytes()
     assert main(["federation", "install", "--dir", str(site), "--from", str(out), "--key",
                  str(new / "client.key")]) == 0
-    assert (site / "client.key").read_bytes() == (new / "client.key").read_bytes()
+    assert (site / "client.key").read_bytes() == rotated
     assert (site / "client.key").stat().st_mode & 0o077 == 0
+    assert not (new / "client.key").exists()  # (moved: a private key lives in one place)
     Site.connect(site).close()
 
 
@@ -506,7 +521,72 @@ def test_remove_site_refuses_to_leave_settings_the_roster_cannot_take(real: Path
     site refused it at connect."""
     _edit(real / "federation.toml", "threshold", "4")
     sign_settings(real)
-    with pytest.raises(ConfigurationError, match="without site 4, the federation's masking "
+    with pytest.raises(ConfigurationError, match="without site 4, the federation's "
                                                  "settings do not fit"):
         remove_site(real, 4)
     assert load_roster(real / "roster.bin", _root(real)).version == 1
+
+
+def test_a_request_sent_again_is_not_signed_again(real: Path, tmp_path: Path) -> None:
+    """A request carries no date: sent again after the site rotated (its first, or the one
+    before the rotation), it certified again the key the site had given up, which rotation
+    is the remedy for (a helper's attack)."""
+    site = tmp_path / "site-5"
+    request = make_site_request(site, 5, trust_root=_root(real))
+    sign_site_request(real, request, tmp_path / "first", add_site=True)
+    with pytest.raises(ConfigurationError, match="certified before"):
+        sign_site_request(real, request, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+    rotation = make_site_request(tmp_path / "rotation", 5, trust_root=_root(real),
+                                 identity_key=site / "identity.key")
+    sign_site_request(real, rotation, tmp_path / "rotated")
+    with pytest.raises(ConfigurationError, match="certified before"):
+        sign_site_request(real, request, tmp_path / "old-one")
+    # and a key init certified is not certified again either
+    with pytest.raises(ConfigurationError, match="certified before"):
+        sign_site_request(real, _request_for_key(real, 1, tmp_path), tmp_path / "init-key")
+
+
+def _request_for_key(fed: Path, site_id: int, tmp_path: Path) -> Path:
+    """A request of site ``site_id`` (its identity key) for the TLS key init gave it."""
+    from cryptography.hazmat.primitives import serialization
+
+    from secagg.federation import pki
+    from secagg.federation.kit import _request_message, load_identity
+
+    d = fed / "sites" / f"site-{site_id}"
+    tls = serialization.load_pem_private_key((d / "client.key").read_bytes(), None)
+    csr = pki.make_csr(site_id, tls)  # type: ignore[arg-type]
+    identity = load_identity(d / "identity.key")
+    der = csr.public_bytes(serialization.Encoding.DER)
+    path = tmp_path / f"request-{site_id}.json"
+    path.write_text(json.dumps({
+        "site_id": site_id, "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
+        "identity_public_key": identity.public_bytes.hex(),
+        "identity_signature": identity.sign(_request_message(site_id, der)).hex()}))
+    return path
+
+
+def test_ckks_settings_are_checked_against_the_roster_where_they_are_signed(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """sign-config and remove-site checked masking settings only: min_sites 4 was left for
+    a roster of 3, and key_holders = [9] signed with no site 9."""
+    model = tmp_path / "m.npz"
+    np.savez(model, w=np.zeros(4, np.float32))  # type: ignore[arg-type]
+    fed = tmp_path / "fed"
+    init_federation(fed, 4, protocol="ckks", key_holders=(1,), initial_model=model)
+    _edit(fed / "federation.toml", "key_holders", "[9]")
+    with pytest.raises(ConfigurationError, match="key_holders names site 9"):
+        sign_settings(fed)
+    _edit(fed / "federation.toml", "key_holders", "[1]")
+    _edit(fed / "federation.toml", "min_sites", "4")
+    assert main(["federation", "sign-config", "--dir", str(fed)]) == 0
+    out = capsys.readouterr().out
+    assert "serial 2:" in out and "min_sites 4" in out and "key holders [1]" in out
+    with pytest.raises(ConfigurationError, match="without site 4, the federation's settings "
+                                                 "do not fit"):
+        remove_site(fed, 4)
+    site = fed / "sites" / "site-2"
+    for name in ("federation.toml", "settings.sig"):
+        shutil.copy(fed / name, site / name)
+    assert SiteKit.load(site).settings_serial == 2

@@ -1039,3 +1039,11 @@ def test_masking_settings_the_roster_cannot_take_are_refused_at_connect(
     with pytest.raises(ConfigurationError, match=says) as caught:
         Site.connect(site)
     assert str(config) in str(caught.value)
+
+
+def test_a_private_key_that_is_a_directory_is_named_by_its_path(tmp_path: Path) -> None:
+    """os.fdopen refused the directory before the regular-file check: "cannot use 3: Is a
+    directory" named a file descriptor."""
+    (tmp_path / "client.key").mkdir()
+    with pytest.raises(ConfigurationError, match=r"client\.key is not a regular file"):
+        pki.read_private_key(tmp_path / "client.key")
