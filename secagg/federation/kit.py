@@ -169,26 +169,31 @@ def _read_small(path: Path, limit: int) -> bytes:
         return f.read(limit + 1)
 
 
-def load_trust_pin(d: Path, identity: IdentityKey) -> bytes:
-    """The trust root this site pinned (:func:`write_trust_pin`), if its identity key signed
-    the pin."""
-    path = d / PIN_FILE
+def _read_site_file(path: Path, what: str, missing: str) -> bytes:
+    """A pin's or a settings signature's bytes; a ConfigurationError saying ``missing`` if
+    there is none, or what is wrong with the file."""
     try:
-        data = _read_small(path, MAX_PIN_BYTES)
+        return _read_small(path, MAX_PIN_BYTES)
     except FileNotFoundError:
-        raise ConfigurationError(
-            f"site directory {d} lacks {PIN_FILE}, the federation trust root this site "
-            "accepted (`federation init` and `federation csr --trust-root` write it): ask the "
-            "federation's operator for the trust root out of band, never from the files "
-            f"you were sent, and run `secagg federation pin --dir {d} --trust-root HEX`"
-        ) from None
+        raise ConfigurationError(missing) from None
     except OSError as e:
         raise ConfigurationError(f"cannot read {path}: {e.strerror}") from None
     # (a FIFO there hung the site at connect, a link to /dev/zero filled its memory)
     # defence: federation.pin-read-bounded
     except ValueError:
         raise ConfigurationError(f"{path} is not a regular file of at most {MAX_PIN_BYTES} "
-                                 "bytes (a trust root pin is)") from None
+                                 f"bytes ({what} is)") from None
+
+
+def load_trust_pin(d: Path, identity: IdentityKey) -> bytes:
+    """The trust root this site pinned (:func:`write_trust_pin`), if its identity key signed
+    the pin."""
+    path = d / PIN_FILE
+    data = _read_site_file(path, "a trust root pin", (
+        f"site directory {d} lacks {PIN_FILE}, the federation trust root this site "
+        "accepted (`federation init` and `federation csr --trust-root` write it): ask the "
+        "federation's operator for the trust root out of band, never from the files you "
+        f"were sent, and run `secagg federation pin --dir {d} --trust-root HEX`"))
     try:
         pin = json.loads(data)
         trust_root = bytes.fromhex(pin["trust_root"])
@@ -258,17 +263,9 @@ def check_settings_signature(d: Path, config: FederationConfig) -> int:
     path = d / SETTINGS_SIG_FILE
     remedy = ("the federation's operator signs them with `secagg federation sign-config` "
               "(init and sign write settings.sig)")
-    try:
-        data = _read_small(path, MAX_PIN_BYTES)
-    except FileNotFoundError:
-        raise ConfigurationError(
-            f"site directory {d} lacks {SETTINGS_SIG_FILE}, the federation's signature over "
-            f"the settings every party shares: {remedy}") from None
-    except OSError as e:
-        raise ConfigurationError(f"cannot read {path}: {e.strerror}") from None
-    except ValueError:
-        raise ConfigurationError(f"{path} is not a regular file of at most {MAX_PIN_BYTES} "
-                                 "bytes (a settings signature is)") from None
+    data = _read_site_file(path, "a settings signature", (
+        f"site directory {d} lacks {SETTINGS_SIG_FILE}, the federation's signature over the "
+        f"settings every party shares: {remedy}"))
     try:
         record = json.loads(data)
         serial = record["serial"]
