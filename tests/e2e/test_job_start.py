@@ -90,8 +90,11 @@ def test_an_aggregator_on_a_damaged_store_refuses_to_start_in_one_line(tmp_path:
                                  ).rowcount
     engine.dispose()
     agg.start(wait=False)
-    assert agg.process is not None
-    assert agg.process.wait(timeout=60) == 2
+    try:
+        assert agg.process is not None
+        assert agg.process.wait(timeout=60) == 2
+    finally:
+        agg.stop()  # (one that serves on, in a weakened build, is not left running)
     log = (tmp_path / "aggregator.log").read_text()
     assert "Traceback" not in log
     assert "cannot load" in log and "does not match its digest" in log
@@ -108,8 +111,11 @@ def test_an_aggregator_on_another_jobs_store_names_both_jobs(tmp_path: Path) -> 
     config = fed.aggregator_config
     config.write_text(config.read_text().replace('id = "job"', 'id = "job-2"', 1))
     agg.start(wait=False)
-    assert agg.process is not None
-    assert agg.process.wait(timeout=60) == 2
+    try:
+        assert agg.process is not None
+        assert agg.process.wait(timeout=60) == 2
+    finally:
+        agg.stop()  # (one that serves on, in a weakened build, is not left running)
     log = (tmp_path / "aggregator.log").read_text()
     assert "Traceback" not in log and "cannot load" not in log
     assert "another job" in log and "job-2" in log
@@ -132,8 +138,11 @@ def test_an_aggregator_whose_model_file_is_not_the_one_the_config_names_refuses_
     np.savez(config.initial_model, **arrays)
     agg = Aggregator(fed, tmp_path / "aggregator.db", tmp_path / "aggregator.log")
     agg.start(wait=False)
-    assert agg.process is not None
-    assert agg.process.wait(timeout=60) == 2
+    try:
+        assert agg.process is not None
+        assert agg.process.wait(timeout=60) == 2
+    finally:
+        agg.stop()  # (one that serves on, in a weakened build, is not left running)
     log = (tmp_path / "aggregator.log").read_text()
     assert "Traceback" not in log and "initial_model_digest" in log
 
@@ -246,8 +255,11 @@ def test_a_masking_job_no_round_of_which_could_run_is_refused_before_the_port_is
     fed = make_federation(tmp_path, 3, "masking", rounds=1, neighbors=4)
     agg = Aggregator(fed, tmp_path / "aggregator.db", tmp_path / "aggregator.log")
     agg.start(wait=False)
-    assert agg.process is not None
-    assert agg.process.wait(timeout=60) == 2
+    try:
+        assert agg.process is not None
+        assert agg.process.wait(timeout=60) == 2
+    finally:
+        agg.stop()  # (one that serves on, in a weakened build, is not left running)
     log = (tmp_path / "aggregator.log").read_text()
     assert "too few for a sparse graph" in log and "Traceback" not in log
     assert '"listening"' not in log
