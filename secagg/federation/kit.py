@@ -260,6 +260,12 @@ def _settings_sig_bytes(config: FederationConfig, signer: RosterSigner, serial: 
 def check_settings_signature(d: Path, config: FederationConfig) -> int:
     """The serial of a site's config's shared settings, if its (pinned) trust root signed
     them; a ConfigurationError otherwise."""
+    return _verified_settings_sig(d, config)[0]
+
+
+def _verified_settings_sig(d: Path, config: FederationConfig) -> tuple[int, bytes]:
+    """check_settings_signature's serial and the bytes of the settings.sig it verified (sign
+    hands on those bytes, not a second read of a file that may have changed since)."""
     path = d / SETTINGS_SIG_FILE
     remedy = ("the federation's operator signs them with `secagg federation sign-config` "
               "(init and sign write settings.sig)")
@@ -281,7 +287,7 @@ def check_settings_signature(d: Path, config: FederationConfig) -> int:
             "initial model, [update], [masking], [ckks]) are not the ones the federation's "
             f"trust root signed in {path}: whoever carried the files may have changed them; "
             f"{remedy}") from None
-    return int(serial)
+    return int(serial), data
 
 
 def _next_settings_serial(fed: Path) -> int:
@@ -1099,13 +1105,12 @@ def _sign_locked(fed: Path, site_id: int, csr: x509.CertificateSigningRequest,
     # the site gets the settings the operator signed, never an edit of them signed unseen
     # defence: federation.sign-sends-signed-settings
     try:
-        check_settings_signature(fed, config)
+        settings_sig = _verified_settings_sig(fed, config)[1]
     except ConfigurationError:
         raise ConfigurationError(
             f"the shared settings of {fed / CONFIG_FILE} are not the ones "
             f"{fed / SETTINGS_SIG_FILE} signs (changed since): sign them first (secagg "
             f"federation sign-config --dir {fed})") from None
-    settings_sig = (fed / SETTINGS_SIG_FILE).read_bytes()
     _sync_rosters(fed, signer)
     ca_key = pki.load_private(fed / "ca" / "ca.key")
     ca_cert = pki.load_cert(fed / "ca" / "ca.crt")
