@@ -1208,6 +1208,10 @@ class Round:
             # defence: sdk.release-sizes-checked
             if ref.chunk_count != config.chunk_count or ref.chunks.size != size:
                 raise InvalidMessage("upload")
+            # an aggregator trickling each upload's download held the holder here for
+            # (uploads) x (retries + size at the slowest pace), outside the round's time
+            # defence: sdk.release-downloads-in-time
+            self._in_time()
             data = self._conn.download(wire.Blob.from_proto(ref.chunks), max_size=size)
             release.add(wire.update_from_ref(ref, data))  # verify and re-add every upload
             self._progress("verify uploads", done, len(uploads))

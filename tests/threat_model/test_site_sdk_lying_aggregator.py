@@ -231,6 +231,30 @@ def test_key_holder_refuses_more_uploads_than_sites_and_a_misshapen_aggregate_un
     assert stub.served == 0
 
 
+def test_a_key_holder_stops_verifying_uploads_when_the_round_is_out_of_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The aggregator trickles each upload the key holder must verify before it releases
+    (each download near its slowest allowed pace): the holder was held for the uploads'
+    count times that, outside the round's time. Past the round's patience it downloads no
+    further upload and gives the round up (RoundAborted)."""
+    from secagg.ckks import Release
+    from secagg.ckks import _seal as seal
+
+    clock = _fake_clock(monkeypatch)
+    rnd, aggregator, config, stub = _releasing_holder()
+    full = int(config.chunk_count) * seal.encoded_length(
+        aggregator.key.seal_context, seal.Kind.FULL)  # type: ignore[attr-defined]
+    shaped = [service_pb2.EncryptedUpdateRef(
+        round_id=rnd.round_id, site_id=s + 1, chunk_count=config.chunk_count,
+        chunks=service_pb2.Blob(chunk_ids=[bytes([s]) * 32], size=full)) for s in range(3)]
+    rnd._deadline = 600.0  # (as submit sets it)
+    clock[0] = 601.0  # the trickled downloads so far took the round's time
+    with pytest.raises(RoundAborted, match="did not end the round"):
+        rnd._verify_and_release(Release.__new__(Release),
+                                service_pb2.CkksReleaseRequest(uploads=shaped), config)
+    assert stub.served == 0
+
+
 def test_a_downloaded_chunk_must_hash_to_its_id() -> None:
     """The aggregator answers a chunk id with other bytes of the same size (a model or a
     payload it would like the site to take): refused, nothing kept."""
