@@ -696,9 +696,16 @@ class Site:
         if length > self.config.limits.max_vector_length:
             raise AggregatorRefused("OUT_OF_RANGE", f"the aggregator named a {what} of {length} "
                                                     "values ([limits] max_vector_length)")
+        # a model of no expected spec (the first this process fetches) is as large as the
+        # aggregator says: its digest is checked before it is built, so that one chunk named
+        # many times makes no site build a model of 10^8 values to refuse it
+        # defence: sdk.unsized-model-checked-before-built
+        check = None if expected is not None else (
+            lambda parts: wire.check_model_parts(p, spec, parts))
         # defence: sdk.model-download-sized
         data = self._conn.download(wire.Blob.from_proto(p.data), progress=self._progress,
-                                   what=what, max_size=max(FlatModel.encoded_sizes(spec)))
+                                   what=what, max_size=max(FlatModel.encoded_sizes(spec)),
+                                   check=check)
         return wire.model_from_proto(p, data)
 
     def _signable_result(self, model: FlatModel, released: Any, params: Any,

@@ -301,10 +301,13 @@ class Connection:
         raise AssertionError("unreachable")
 
     def download(self, blob: Blob, *, max_size: int, progress: Progress | None = None,
-                 what: str = "download") -> bytes:
+                 what: str = "download",
+                 check: Callable[[list[bytes]], None] | None = None) -> bytes:
         """The payload ``blob`` names, checked against its chunk ids and size. ``max_size``:
         the most the caller can need (required: every size the aggregator names is a claim);
-        a larger blob is refused before anything is fetched."""
+        a larger blob is refused before anything is fetched. ``check``: called with the
+        payload's parts in order (the chunks received, each once) before they are joined; it
+        raises to refuse a payload the caller can tell is not the one it wants."""
         # defence: sdk.download-bounded
         if blob.size > max_size:
             raise AggregatorRefused("OUT_OF_RANGE", f"the aggregator named a {what} of "
@@ -359,6 +362,8 @@ class Connection:
         # defence: sdk.download-sized-before-join
         if sum(len(got[c]) for c in blob.chunk_ids) != blob.size:
             raise AggregatorRefused("DATA_LOSS", "a downloaded payload has the wrong size")
+        if check is not None:
+            check([got[c] for c in blob.chunk_ids])
         return b"".join(got[c] for c in blob.chunk_ids)
 
 

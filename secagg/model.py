@@ -20,15 +20,17 @@ holds.
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from secagg._encoding import digest, encode, payload_digest
+from secagg._encoding import PAYLOAD_CHUNK_BYTES, digest, encode, payload_digest
 from secagg._inputs import is_masked_array
 from secagg.errors import ConfigurationError
 
@@ -49,6 +51,31 @@ def _wire_dtype(name: str) -> np.dtype:
     if dtype.kind == "f" and dtype.itemsize < 8:
         return dtype.newbyteorder("<")
     return _F8
+
+
+def _spec_encoding(spec: tuple[TensorSpec, ...]) -> bytes:
+    return encode("model-spec", *[encode("tensor", t.name, list(t.shape), t.dtype)
+                                  for t in spec])
+
+
+class _PartsReader:
+    """Byte ranges of the concatenation of ``parts``, without concatenating them."""
+
+    def __init__(self, parts: Sequence[bytes | memoryview]) -> None:
+        self._parts = [memoryview(p).cast("B") for p in parts]
+        self._starts = np.cumsum([0] + [len(p) for p in self._parts]).tolist()
+
+    def read(self, offset: int, length: int) -> bytes:
+        out = []
+        i = bisect.bisect_right(self._starts, offset) - 1
+        while length > 0:
+            part = self._parts[i]
+            piece = part[offset - self._starts[i]:offset - self._starts[i] + length]
+            out.append(piece)
+            offset += len(piece)
+            length -= len(piece)
+            i += 1
+        return b"".join(out)
 
 
 def _runs(spec: tuple[TensorSpec, ...]) -> list[tuple[int, int, np.dtype]]:
@@ -235,9 +262,7 @@ class FlatModel:
 
     @cached_property
     def digest(self) -> bytes:
-        spec = encode("model-spec", *[encode("tensor", t.name, list(t.shape), t.dtype)
-                                      for t in self.spec])
-        return digest("model", spec, payload_digest(self.values.data))
+        return digest("model", _spec_encoding(self.spec), payload_digest(self.values.data))
 
     @cached_property
     def training_digest(self) -> bytes:
@@ -488,6 +513,48 @@ class FlatModel:
             return self.values.tobytes()
         return b"".join(self.values[start:end].astype(dtype).tobytes()
                         for start, end, dtype in runs)
+
+    @classmethod
+    def digest_of_parts(cls, spec: tuple[TensorSpec, ...],
+                        parts: Sequence[bytes | memoryview]) -> bytes:
+        """``from_bytes(spec, b"".join(parts)).digest``, worked out 1 MiB of values at a time:
+        neither the joined bytes nor the model are built. A site checks a model it cannot
+        size in advance (the first it fetches) this way: a lying aggregator naming a model of
+        10^8 values in one 1 MiB chunk repeated had it build 1.7 GB before the digest
+        refused it. ValueError on a size ``from_bytes`` refuses."""
+        compact, legacy = cls.encoded_sizes(spec)
+        total = sum(len(part) for part in parts)
+        if total == legacy:
+            runs = [(0, legacy // 8, _F8)]
+        elif total == compact:
+            runs = _runs(spec)
+        else:
+            raise ValueError("model bytes do not match the model spec")
+        stream = _PartsReader(parts)
+        step = PAYLOAD_CHUNK_BYTES // 8  # payload_digest's chunks, in float64 values
+        block = np.empty(step, dtype=np.float64)
+        hashes = []
+        placed, offset = [], 0
+        for start, end, dtype in runs:  # (each run's place in the bytes)
+            placed.append((start, end, dtype, offset))
+            offset += (end - start) * dtype.itemsize
+        index = 0
+        for first in range(0, legacy // 8, step):
+            last = min(first + step, legacy // 8)
+            pos = first
+            while pos < last:
+                start, end, dtype, offset = placed[index]
+                if pos >= end:
+                    index += 1
+                    continue
+                stop = min(end, last)
+                block[pos - first:stop - first] = np.frombuffer(stream.read(
+                    offset + (pos - start) * dtype.itemsize, (stop - pos) * dtype.itemsize),
+                    dtype=dtype)
+                pos = stop
+            hashes.append(hashlib.sha256(block[:last - first].data).digest())
+        return digest("model", _spec_encoding(spec),
+                      digest("payload", legacy, b"".join(hashes)))
 
     @classmethod
     def from_bytes(cls, spec: tuple[TensorSpec, ...], data: bytes | memoryview) -> FlatModel:

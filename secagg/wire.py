@@ -296,6 +296,17 @@ def spec_from_proto(tensors: Sequence[service_pb2.Tensor]) -> tuple[TensorSpec, 
         raise InvalidMessage("model spec") from None
 
 
+def check_model_parts(p: service_pb2.Model, spec: tuple[TensorSpec, ...],
+                      parts: list[bytes]) -> None:
+    """InvalidMessage unless ``parts``, joined, are a model of ``spec`` hashing to the
+    digest ``p`` claims; checked without joining them (FlatModel.digest_of_parts)."""
+    try:
+        if FlatModel.digest_of_parts(spec, parts) != bytes(p.digest):
+            raise InvalidMessage("model")
+    except ValueError:
+        raise InvalidMessage("model") from None
+
+
 def model_from_proto(p: service_pb2.Model, data: bytes) -> FlatModel:
     """The model, if its bytes and spec hash to the digest it claims."""
     spec = spec_from_proto(p.spec)

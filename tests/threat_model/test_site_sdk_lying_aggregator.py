@@ -8,6 +8,7 @@ against a fake aggregator connection (no server, no network).
 
 from __future__ import annotations
 
+import hashlib
 import types
 from typing import Any
 
@@ -314,6 +315,56 @@ def test_model_download_is_bounded_by_the_models_spec_before_it_is_fetched() -> 
     with pytest.raises(AggregatorRefused, match="max_vector_length"):
         site._download_model(wire.model_to_proto(wide, wire.Blob((stub.cid,), 65536)), "model")
     assert stub.served == 0
+
+
+def test_a_first_model_of_one_chunk_named_many_times_is_refused_before_it_is_built() -> None:
+    """A site that holds no model yet (the first of its process, or after a restart) takes
+    the model's size from the aggregator, up to [limits] max_vector_length. A lying
+    aggregator names 8 M float64 values (64 MiB) in one 1 MiB chunk named 64 times (the
+    digest is the real first model's, the spec its own): the site built the joined 64 MiB
+    and the model's copy (1.7 GB at the default limit) to refuse it. The digest is checked
+    part by part first: refused with a few MiB in hand; an honest first model is taken."""
+    import tracemalloc
+
+    from secagg.errors import InvalidMessage
+    from secagg.model import FlatModel
+
+    stub = _ChunkStub(bytes(1 << 20))
+    config = FederationConfig.from_dict({
+        "federation": {"name": "hospitals", "protocol": "masking", "aggregator": "agg:443",
+                       "trust_root": "00" * 32}})
+    site = Site(types.SimpleNamespace(site_id=HONEST, config=config),  # type: ignore[arg-type]
+                _connection(stub))
+    claimed = FlatModel.from_arrays({"w": np.zeros(1000, np.float32)})
+    lie = wire.model_to_proto(claimed, wire.Blob((stub.cid,) * 64, 64 << 20))
+    del lie.spec[:]
+    lie.spec.add(name="w", shape=[8 << 20], dtype="float64")
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidMessage):
+            site._download_model(lie, "model")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert stub.served == 1
+    assert peak < 16 << 20, f"{peak >> 20} MiB built to refuse a model sent in 1 MiB"
+
+    honest = FlatModel.from_arrays({"w": np.zeros(3 << 17, np.float32),
+                                    "b": np.arange(5, dtype=np.float64)})
+    data = honest.to_bytes()
+    cuts = [data[:1 << 20], data[1 << 20:]]
+    stub_parts = {hashlib.sha256(c).digest(): c for c in cuts}
+
+    class _Parts(_ChunkStub):
+        def GetChunks(self, request: Any, timeout: float) -> Any:
+            for cid in request.chunk_ids:
+                yield service_pb2.Chunk(chunk_id=cid, data=stub_parts[cid])
+
+    fresh = Site(types.SimpleNamespace(site_id=HONEST, config=config),  # type: ignore[arg-type]
+                 _connection(_Parts(b"")))
+    got = fresh._download_model(wire.model_to_proto(
+        honest, wire.Blob(tuple(stub_parts), len(data))), "model")
+    assert got.digest == honest.digest
 
 
 @pytest.mark.parametrize(("shapes", "dtypes"), [

@@ -94,6 +94,35 @@ def test_any_published_model_round_trips_exactly(tensors: list[tuple[str, int]],
     assert len(new.to_bytes()) == FlatModel.encoded_sizes(new.spec)[0]
 
 
+@settings(max_examples=60, deadline=None)
+@given(tensors=st.lists(st.tuples(st.sampled_from(["float16", "float32", "float64", "int32"]),
+                                  st.integers(0, 200_000)), min_size=1, max_size=4),
+       cuts=st.lists(st.integers(1, 1 << 21), min_size=0, max_size=4),
+       legacy=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_a_models_digest_worked_out_part_by_part_is_its_digest(
+        tensors: list[tuple[str, int]], cuts: list[int], legacy: bool, seed: int) -> None:
+    """FlatModel.digest_of_parts (how a site checks a first model before building it) is
+    the digest of the model the joined parts make, however the bytes are cut (chunks of
+    any size, across tensors and across payload_digest's 1 MiB blocks), in either form; a
+    byte changed, or one too many or too few, is another digest or refused."""
+    rng = np.random.default_rng(seed)
+    model = FlatModel.from_arrays({f"t{i}": rng.standard_normal(n).astype(dtype)
+                                   for i, (dtype, n) in enumerate(tensors)})
+    data = model.values.tobytes() if legacy else model.to_bytes()
+    ends = sorted({min(c, len(data)) for c in cuts} | {len(data)})
+    parts = [data[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+    assert b"".join(parts) == data
+    assert FlatModel.digest_of_parts(model.spec, parts) == model.digest
+    if data:
+        changed = bytearray(data)
+        changed[len(data) // 2] ^= 1
+        assert FlatModel.digest_of_parts(model.spec, [bytes(changed)]) != model.digest
+        with pytest.raises(ValueError, match="do not match"):
+            FlatModel.digest_of_parts(model.spec, [data[:-1]])
+    with pytest.raises(ValueError, match="do not match"):
+        FlatModel.digest_of_parts(model.spec, [data, b"\0"])
+
+
 def test_float32_subnormals_are_flushed_so_sites_with_flush_to_zero_accept_the_model() -> None:
     """A training script that calls torch.set_flush_denormal(True) makes the CPU read a
     float32 subnormal as 0 when numpy widens it: the site would rebuild other float64 values
