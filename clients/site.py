@@ -809,7 +809,13 @@ class Site:
 
 
 class Round:
-    """One round as this site sees it."""
+    """One round as this site sees it.
+
+    After ``submit``, ``survivors`` are the sites whose updates the round's sum holds, as
+    far as this site can know them: masking, the survivor list it signed (every survivor
+    signs the same list, or nobody unmasks); a CKKS key holder, the sites whose uploads it
+    verified and released; any other CKKS site, the aggregator's word (no party signs it
+    for them)."""
 
     def __init__(self, site: Site, info: service_pb2.RoundInfo, model: FlatModel) -> None:
         self._site = site
@@ -823,6 +829,8 @@ class Round:
         self._trained_digest = b""  # (the model as the site's tensors hold it: set by submit)
         self.result: FlatModel | None = None
         self.survivors: tuple[int, ...] = ()
+        # the sum's sites as this site knows them (signed or released): not the aggregator's
+        self._known_survivors: tuple[int, ...] | None = None
         self._deadline = time.monotonic() + _round_patience(site.config)  # again at submit
         self._released: np.ndarray | None = None  # the average this site released (key holder)
         # masking, once this site's input is in the sum: how long the round's average can be
@@ -964,8 +972,24 @@ class Round:
             self._drop_key()
             raise
         self._drop_key()
-        self.survivors = tuple(int(s) for s in info.survivors)
+        self.survivors = self._survivors(info)
         return tensors.as_tensors(self.result.to_arrays(), self._site._tensors)
+
+    def _survivors(self, info: service_pb2.RoundInfo) -> tuple[int, ...]:
+        """The round's survivors: the ones this site signed or released, where it has them
+        (a lying aggregator reported two sites where five were summed, hiding who an update
+        was averaged with: said in the log); else the aggregator's list."""
+        claimed = tuple(sorted({int(s) for s in info.survivors}))
+        # defence: sdk.survivors-are-the-signed-ones
+        known = self._known_survivors
+        if known is None:
+            return claimed
+        if claimed != known:
+            _log.warning("round %s: the aggregator says sites %s are in the round's sum; "
+                         "this site %s sites %s", self.round_id, list(claimed)[:64],
+                         "signed" if self.protocol == "masking" else "released",
+                         list(known))
+        return known
 
     def _drop_key(self) -> None:
         if self._key is not None:
@@ -1080,6 +1104,7 @@ class Round:
                              self.round_id, list(client.unusable_share_senders))
             self._progress(f"stage {client.stage.name}", done, 5)
             self._send_masking(reply, config.word_bits)
+        self._known_survivors = client.signed_survivors
 
     def _send_masking(self, reply: Any, word_bits: int) -> None:
         from secagg.masking.messages import (
@@ -1268,6 +1293,7 @@ class Round:
         # before decrypting: History.keep_key; another process holding it, a restarted
         # script, releases that aggregate again or none)
         self._released = np.asarray(released.average, dtype=np.float64)
+        self._known_survivors = tuple(sorted(released.sites))
         # the model this release makes, signed: the other sites take only a result this
         # site signed (_accept_result), and this site only the one it computed
         result = self._site._signable_result(self.model, released, config.preset_params,

@@ -149,6 +149,12 @@ class MaskingClient:
 
     # ---- driving ----------------------------------------------------------------------------
 
+    @property
+    def signed_survivors(self) -> tuple[int, ...]:
+        """The survivor list this site signed (sorted; empty before it signs one): the sites
+        whose masked inputs the round's sum holds, as every survivor's signature fixes it."""
+        return self._signed_survivors
+
     def start(self) -> AdvertiseKeys:
         """The first message of the round."""
         self._require(Stage.ADVERTISE_KEYS, "start")

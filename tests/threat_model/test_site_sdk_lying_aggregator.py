@@ -1624,3 +1624,25 @@ def test_a_refused_receive_is_the_round_aborted_whatever_its_code(code: str) -> 
     with pytest.raises(RoundAborted, match="the test's aggregator refuses") as e:
         rnd._receive(1)
     assert e.value.code == code
+
+
+@pytest.mark.parametrize("protocol", ["masking", "ckks"])
+def test_a_site_reports_the_survivors_it_signed_not_the_aggregators_word(
+        protocol: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A lying aggregator ends an honest round of five sites saying only sites 1 and 2 were
+    in its sum (fewer than any sum may hold, and hiding who an update was averaged with):
+    every site took its word into ``rnd.survivors``, a site's only record of it. A site
+    reports the list it signed (masking) or the sites it released (a CKKS key holder), and
+    logs the aggregator's claim; with nothing of its own (another CKKS site) the claim."""
+    rnd = Round.__new__(Round)
+    rnd.round_id, rnd.protocol = "hospitals/job-1/round-1", protocol
+    rnd._known_survivors = (1, 2, 3, 4, 5)
+    lie = service_pb2.RoundInfo(survivors=[2, 1])
+    with caplog.at_level("WARNING", logger="clients"):
+        assert rnd._survivors(lie) == (1, 2, 3, 4, 5)
+    assert "the aggregator says sites [1, 2]" in caplog.text
+    caplog.clear()
+    assert rnd._survivors(service_pb2.RoundInfo(survivors=[5, 4, 3, 2, 1])) == (1, 2, 3, 4, 5)
+    assert caplog.text == ""
+    rnd._known_survivors = None
+    assert rnd._survivors(lie) == (1, 2)
