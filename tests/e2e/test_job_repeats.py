@@ -344,6 +344,41 @@ def test_a_finished_rounds_uploads_are_purged_once_the_purge_delay_passed(
         store.close()
 
 
+def test_rounds_ending_in_quick_succession_do_not_postpone_each_others_purge(
+        tmp_path: Path) -> None:
+    """Round 1 ends, round 2 ends 2 s later (fast rounds: a small model, little training):
+    round 1's uploads go PURGE_DELAY after round 1's end, round 2's after round 2's. Each
+    round's end pushed back the one pending purge: a burst of fast rounds kept every round's
+    uploads (a site's junk included, up to its budget each round) until 3 s passed with no
+    round ending (a helper held 90 MiB over six rounds)."""
+    from aggregator.job import PURGE_DELAY
+
+    _, _, job, store, now = _two_round_ckks(tmp_path)
+    try:
+        first = job()
+        first.purge()  # (what recovery left)
+        ids = []
+        for number in (1, 2):
+            data = f"an upload of round {number}".encode()
+            ids.append(hashlib.sha256(data).digest())
+            store.put_chunks([(ids[-1], data)], round_number=number, site=2)
+        now[0] = 100.0
+        first._schedule_purge(2)  # round 1 ended
+        now[0] = 100.0 + PURGE_DELAY - 1
+        first._schedule_purge(3)  # round 2 ended
+        first.purge(now=False)
+        assert store.get_chunk(ids[0]) is not None and store.get_chunk(ids[1]) is not None
+        now[0] = 100.0 + PURGE_DELAY
+        first.purge(now=False)
+        assert store.get_chunk(ids[0]) is None  # round 1's time came
+        assert store.get_chunk(ids[1]) is not None
+        now[0] = 100.0 + 2 * PURGE_DELAY - 1
+        first.purge(now=False)
+        assert store.get_chunk(ids[1]) is None
+    finally:
+        store.close()
+
+
 def test_a_store_failure_while_a_stage_closes_leaves_the_round_running(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The store fails (UNAVAILABLE: it lacks a model it refers to) while the key stage
