@@ -38,7 +38,11 @@ than that are adjacent; the honest survivor just after such a run has its whole 
 R, at most m of it missing by rule 3, so (E2) some left window holds at least k/2 - m colluders.
 If neither happens, H is connected and every edge in it carries a pairwise mask applied at both
 ends (rule 2) whose seed the aggregator cannot compute (neither end's key is ever revealed by
-an honest site: rule 1), so the masked inputs of H reveal only their sum.
+an honest site: rule 1), so the masked inputs of H reveal only their sum. Rule 2 reaches the
+edges between survivors that never sign L as well: a survivor's self-mask is removed only
+with t shares of it, more than the colluders hold (not E1), so some honest neighbour of each
+survivor signs L, and it signs only if that survivor's attestation names all of the
+survivor's live neighbours.
 
     P(E1) <= n * P[Hyp(n - 1, C, k) >= t],    P(E2) <= n * P[Hyp(n - 1, C, k/2) >= k/2 - m]
 
