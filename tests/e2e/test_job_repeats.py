@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from aggregator.job import Job, ServiceError
@@ -404,5 +405,93 @@ def test_a_store_failure_while_a_stage_closes_leaves_the_round_running(
         # the restarted job replays the recorded close, with the store answering: the key
         # holder never announced, so the round aborts for that, not for its sum
         assert job().rounds[1].abort_reason == "TOO_FEW_SURVIVORS"
+    finally:
+        store.close()
+
+
+def test_every_due_purge_is_done_at_once_and_shutdown_does_the_pending_ones(
+        tmp_path: Path) -> None:
+    """Two rounds' purges fall due before the ticker looks: one purge drops both rounds'
+    uploads (popping only the oldest, or purging only before its bound, left the later
+    round's uploads to later ticks, one round a tick). At shutdown (now=True) every pending
+    purge is done, due or not: the uploads of the rounds that ended are not kept on disk."""
+    from aggregator.job import PURGE_DELAY
+
+    _, _, job, store, now = _two_round_ckks(tmp_path)
+    try:
+        first = job()
+        first.purge()  # (what recovery left)
+
+        def uploads() -> list[bytes]:
+            ids = []
+            for number in (1, 2):
+                data = f"an upload of round {number} at {now[0]}".encode()
+                ids.append(hashlib.sha256(data).digest())
+                store.put_chunks([(ids[-1], data)], round_number=number, site=2)
+            return ids
+
+        now[0] = 100.0
+        ids = uploads()
+        first._schedule_purge(2)
+        now[0] = 101.0
+        first._schedule_purge(3)
+        now[0] = 101.0 + PURGE_DELAY  # both due
+        first.purge(now=False)
+        assert store.get_chunk(ids[0]) is None and store.get_chunk(ids[1]) is None
+        assert not first._purges
+
+        now[0] = 500.0
+        ids = uploads()
+        first._schedule_purge(2)
+        first._schedule_purge(3)
+        first.purge()  # shutdown: neither due yet
+        assert store.get_chunk(ids[0]) is None and store.get_chunk(ids[1]) is None
+    finally:
+        store.close()
+
+
+def test_a_restarted_aggregator_purges_the_finished_rounds_uploads_at_its_first_tick(
+        tmp_path: Path) -> None:
+    """Round 1 ends and the aggregator restarts before round 1's purge was due: the restarted
+    job drops round 1's uploads at its first tick (recovery's purge is due at once), not
+    PURGE_DELAY later nor never (a job whose last round had ended kept them for good)."""
+    _, _, job, store, now = _two_round_ckks(tmp_path)
+    try:
+        first = job()
+        data = b"an upload of round 1"
+        cid = hashlib.sha256(data).digest()
+        store.put_chunks([(cid, data)], round_number=1, site=2)
+        _tick_past_the_deadline(first, now)
+        assert first.current_round == 2
+        assert store.get_chunk(cid) == data  # (round 1's purge not due yet)
+        again = job()  # restarted, at the same moment
+        assert again.current_round == 2
+        again.tick()
+        assert store.get_chunk(cid) is None
+    finally:
+        store.close()
+
+
+def test_a_completed_rounds_own_uploads_are_purged_once_the_purge_delay_passed(
+        tmp_path: Path) -> None:
+    """Round 1 completes (its release taken): PURGE_DELAY later the ticker drops round 1's
+    uploads, not only the rounds' before it (they were kept until the next round ended, and
+    the last round's until the aggregator stopped)."""
+    from aggregator.job import PURGE_DELAY
+
+    _, _, job, store, now = _two_round_ckks(tmp_path)
+    try:
+        first = job()
+        data = b"an upload of round 1"
+        cid = hashlib.sha256(data).digest()
+        store.put_chunks([(cid, data)], round_number=1, site=2)
+        assert first.active is not None and first.current_round == 1
+        now[0] = 10.0
+        first._complete(first.active, np.zeros(first.model.size), (1, 2, 3, 4), None, 4.0)
+        assert first.current_round == 2
+        now[0] = 10.0 + PURGE_DELAY
+        first.tick()
+        assert first.current_round == 2  # (round 2's deadline is later)
+        assert store.get_chunk(cid) is None
     finally:
         store.close()

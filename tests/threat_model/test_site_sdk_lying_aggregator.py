@@ -1646,3 +1646,161 @@ def test_a_site_reports_the_survivors_it_signed_not_the_aggregators_word(
     assert caplog.text == ""
     rnd._known_survivors = None
     assert rnd._survivors(lie) == (1, 2)
+
+
+def test_a_masking_sites_survivors_after_submit_are_the_list_it_signed(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A whole masking submit (the protocol's messages stubbed): the site signs the survivor
+    list 1..5 when the aggregator sends it (not before), and the round ends with the
+    aggregator saying only sites 1 and 2 were summed. ``rnd.survivors`` is the list the
+    site signed, as submit leaves it (the list must be taken once signed, after the stages,
+    and submit must report it rather than the aggregator's claim)."""
+    import clients.site as site_module
+    from secagg.masking import Stage
+
+    signed = (1, 2, 3, 4, 5)
+
+    class _Client:
+        def __init__(self, *_args: Any, **_kwargs: Any) -> None:
+            self.stage, self.unusable_share_senders = Stage.ADVERTISE_KEYS, ()
+            self._signed: tuple[int, ...] = ()
+
+        def start(self) -> Any:
+            return None
+
+        def handle(self, _message: Any) -> Any:
+            if self.stage is Stage.MASKED_INPUT:  # the survivor list: signed here
+                self._signed = signed
+            self.stage = Stage(self.stage.value + 1)
+            return None
+
+        @property
+        def signed_survivors(self) -> tuple[int, ...]:
+            return self._signed
+
+    for name in ("advertise_to_proto", "directory_from_proto", "delivery_from_proto",
+                 "survivors_from_proto", "unmask_request_from_proto"):
+        monkeypatch.setattr(wire, name, lambda p: p)
+    monkeypatch.setattr(site_module, "MaskingClient", _Client)
+    info, payloads = _model_info(1, "hospitals/job-1/round-1")
+    site, _conn = _site("masking", info, payloads)
+    rnd = next(site.rounds())
+    lie = service_pb2.RoundInfo()
+    lie.CopyFrom(info)
+    lie.status = service_pb2.ROUND_STATUS_COMPLETED
+    del lie.survivors[:]
+    lie.survivors.extend([2, 1])
+    monkeypatch.setattr(rnd, "_submit", lambda **_: None)
+    monkeypatch.setattr(rnd, "_send_masking", lambda *_: None)
+    monkeypatch.setattr(rnd, "_receive", lambda _stage: service_pb2.ReceiveResponse())
+    monkeypatch.setattr(rnd, "_wait_for_end", lambda: lie)
+    monkeypatch.setattr(site, "_accept_result", lambda *_: rnd.model)
+    with caplog.at_level("WARNING", logger="clients"):
+        rnd.submit({"w": np.ones(8, np.float32)}, weight=10)
+    assert rnd.survivors == signed
+    assert "the aggregator says sites [1, 2]" in caplog.text
+
+
+def test_a_masking_clients_signed_survivors_are_the_sorted_list_it_signed() -> None:
+    """MaskingClient.signed_survivors (what a site reports as the round's survivors) is
+    empty until the site signs a survivor list, then that list, sorted: here site 5 drops
+    out before its masked input, and every other site signed 1..4."""
+    from secagg.masking import Stage
+    from tests.roundkit import Round as HandRound
+
+    r = HandRound(sites=5)
+    r.advance()  # keys advertised
+    r.advance()  # shares delivered
+    assert all(c.signed_survivors == () for c in r.clients.values())
+    r.advance(skip=frozenset({5}))  # masked inputs: site 5 drops out
+    assert all(c.signed_survivors == () for c in r.clients.values())
+    r.advance(skip=frozenset({5}))  # the survivor list, signed
+    for s in (1, 2, 3, 4):
+        assert r.clients[s].stage is not Stage.ADVERTISE_KEYS
+        assert r.clients[s].signed_survivors == (1, 2, 3, 4), s
+
+
+def test_a_key_holders_survivors_are_the_sites_it_released(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CKKS key holder's release (verification stubbed) of the sum of sites 1..5: the
+    round's survivors as it reports them are those five, whatever the aggregator says at
+    the end."""
+    import clients.site as site_module
+
+    class _Release:
+        def __init__(self, *_args: Any, **_kwargs: Any) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    info, payloads = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
+    site, _conn = _site("ckks", info, payloads)
+    rnd = Round(site, info, None)  # type: ignore[arg-type]
+    rnd._key = object()  # type: ignore[assignment]
+    released = types.SimpleNamespace(average=np.zeros(8), sites=(1, 2, 3, 4, 5))
+    monkeypatch.setattr(site_module, "Release", _Release)
+    monkeypatch.setattr(rnd, "_receive", lambda _stage: service_pb2.ReceiveResponse())
+    monkeypatch.setattr(rnd, "_verify_and_release", lambda *_: released)
+    monkeypatch.setattr(rnd, "_upload_and_submit", lambda *_args, **_kwargs: None)
+    monkeypatch.setattr(site, "_signable_result", lambda *_: None)
+    rnd._release(types.SimpleNamespace(preset_params=None))
+    assert rnd._survivors(service_pb2.RoundInfo(survivors=[2, 1])) == (1, 2, 3, 4, 5)
+
+
+def test_a_site_with_no_survivor_list_of_its_own_reports_the_aggregators_sorted_once() -> None:
+    """A CKKS site that is not the key holder signs no survivor list: its round's survivors
+    are the aggregator's, sorted, each once (not an empty tuple)."""
+    info, payloads = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
+    site, _conn = _site("ckks", info, payloads)
+    rnd = Round(site, info, None)  # type: ignore[arg-type]
+    assert rnd._survivors(service_pb2.RoundInfo(survivors=[3, 1, 2, 1])) == (1, 2, 3)
+
+
+def test_an_honest_first_model_whose_chunks_repeat_is_taken() -> None:
+    """An honest first model whose 1 MiB chunks repeat (zeros, ones, zeros: the aggregator
+    stores the zeros once and names that chunk twice): the part-by-part digest check sees
+    the parts in the blob's order, each as often as named, and takes it (checking the
+    distinct chunks, or another order, refused an honest model)."""
+    from secagg.model import FlatModel
+
+    n = 1 << 17  # 1 MiB of float64
+    honest = FlatModel.from_arrays({"w": np.concatenate(
+        [np.zeros(n), np.ones(n), np.zeros(n)])})
+    data = honest.to_bytes()
+    cuts = [data[i:i + (1 << 20)] for i in range(0, len(data), 1 << 20)]
+    assert cuts[0] == cuts[2] and cuts[0] != cuts[1]
+    stored = {hashlib.sha256(c).digest(): c for c in cuts}
+
+    class _Parts(_ChunkStub):
+        def GetChunks(self, request: Any, timeout: float) -> Any:
+            for cid in request.chunk_ids:
+                yield service_pb2.Chunk(chunk_id=cid, data=stored[cid])
+
+    config = FederationConfig.from_dict({
+        "federation": {"name": "hospitals", "protocol": "masking", "aggregator": "agg:443",
+                       "trust_root": "00" * 32}})
+    site = Site(types.SimpleNamespace(site_id=HONEST, config=config),  # type: ignore[arg-type]
+                _connection(_Parts(b"")))
+    blob = wire.Blob(tuple(hashlib.sha256(c).digest() for c in cuts), len(data))
+    got = site._download_model(wire.model_to_proto(honest, blob), "model")
+    assert got.digest == honest.digest
+
+
+def test_a_first_model_of_neither_encoded_size_is_an_invalid_message() -> None:
+    """A first model whose bytes are neither of its spec's sizes (6000 bytes for 1000
+    float32 values: 4000 compact, 8000 all-float64) is InvalidMessage from the part-by-part
+    check, as every other lie about a model is, not a bare ValueError."""
+    from secagg.errors import InvalidMessage
+    from secagg.model import FlatModel
+
+    stub = _ChunkStub(bytes(6000))
+    config = FederationConfig.from_dict({
+        "federation": {"name": "hospitals", "protocol": "masking", "aggregator": "agg:443",
+                       "trust_root": "00" * 32}})
+    site = Site(types.SimpleNamespace(site_id=HONEST, config=config),  # type: ignore[arg-type]
+                _connection(stub))
+    model = FlatModel.from_arrays({"w": np.zeros(1000, np.float32)})
+    with pytest.raises(InvalidMessage):
+        site._download_model(wire.model_to_proto(model, wire.Blob((stub.cid,), 6000)), "model")
+    assert stub.served == 1
