@@ -58,18 +58,29 @@ def guarded(callback: Progress | None) -> Progress | None:
     return report
 
 
-def tqdm_progress(**tqdm_kwargs: Any) -> Progress:
-    """A callback that drives one tqdm bar per kind of work (``what``)."""
+def tqdm_progress(*, desc: str | None = None, leave: bool = False,
+                  **tqdm_kwargs: Any) -> Progress:
+    """A callback that drives one tqdm bar per kind of work (``what``). ``desc``: a prefix
+    to each bar's description (the kind of work); ``leave``: keep finished bars; the other
+    keyword arguments go to tqdm. A bar's ``total`` is its work's own: not a keyword."""
     from tqdm.auto import tqdm
 
+    # (desc, total or leave reached tqdm twice: a TypeError at the first report, logged once
+    # as a warning, and no bar ever after: the script never heard of it)
+    # defence: sdk.tqdm-keywords-checked
+    if "total" in tqdm_kwargs:
+        raise ConfigurationError("tqdm_progress sets each bar's total to its work's size: "
+                                 "do not pass total")
     bars: dict[str, Any] = {}
+    prefix = "" if desc is None else f"{desc}: "
 
     def update(what: str, done: int, total: int) -> None:
         bar = bars.get(what)
         if bar is None or bar.total != total or done < bar.n:
             if bar is not None:
                 bar.close()
-            bar = bars[what] = tqdm(total=total, desc=what, leave=False, **tqdm_kwargs)
+            bar = bars[what] = tqdm(total=total, desc=prefix + what, leave=leave,
+                                    **tqdm_kwargs)
         bar.update(done - bar.n)
         if done >= total:
             bar.close()

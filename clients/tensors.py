@@ -56,13 +56,20 @@ def to_numpy(state: Mapping[str, Any], bfloat16: set[str] | None = None,
         # list, raised from inside numpy or torch, naming no tensor)
         # defence: sdk.array-conversion-named
         try:
-            out[str(name)] = np.asarray(value)
+            array = np.asarray(value)
         except (ValueError, TypeError, RuntimeError) as e:
             raise ConfigurationError(
                 f"tensor {str(name)[:64]!r} cannot be read as an array "
                 f"({type(value).__name__}): {str(e).splitlines()[0][:120] if str(e) else ''}"
                 " (give a tensor or an array: e.g. torch.stack(...).detach().float())"
             ) from None
+        # (None or a string became an array of dtype object or str, told as an unsupported
+        # dtype: not that the value is no tensor at all)
+        # defence: sdk.non-numeric-value-named
+        if array.dtype.kind in "OSUV":
+            raise ConfigurationError(f"tensor {str(name)[:64]!r} is a {type(value).__name__}, "
+                                     "not a tensor or an array of numbers")
+        out[str(name)] = array
     return out
 
 

@@ -53,6 +53,11 @@ def load(spec: str, *, seed: int = 0) -> Dataset:
     if spec == "fashion-mnist":
         return _fashion()
     if spec.startswith("folder:"):
+        # (an empty path read the working directory, named "." in the error)
+        # defence: demo.folder-path-given
+        if not spec[len("folder:"):].strip():
+            raise DataError("folder: needs the path of a folder of class sub-folders, e.g. "
+                            "folder:/data/xrays")
         return _folder(Path(spec[len("folder:"):]), seed)
     raise DataError(f"unknown dataset {spec!r}: use digits, fashion-mnist or folder:PATH")
 

@@ -273,6 +273,8 @@ def test_demo_help_lists_the_flags() -> None:
     (["--noise-multiplier", "-1"], "--noise-multiplier"),
     (["--dataset", "imagenet"], "unknown dataset"),
     (["--dataset", "folder:/nonexistent/images"], "does not exist"),
+    # (an empty path read the working directory, named "." in the error)
+    (["--dataset", "folder:"], "folder: needs the path of a folder"),
     (["--dataset", "fashion-mnist"], "apt-get install"),
     # DP parameters without --dp-sgd trained with no privacy and said nothing
     (["--noise-multiplier", "2"], "--noise-multiplier applies only with --dp-sgd"),

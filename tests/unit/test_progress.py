@@ -47,3 +47,17 @@ def test_a_progress_callback_cannot_cost_the_round_and_a_slip_is_named(
         guarded(tqdm_progress)
     with pytest.raises(ConfigurationError, match="must be a callable"):
         guarded("bar")  # type: ignore[arg-type]
+
+
+def test_the_tqdm_adapter_takes_a_description_prefix_and_leave_and_refuses_total() -> None:
+    """tqdm_progress(desc=...) (or leave=, or total=) reached tqdm twice: a TypeError at the
+    first report, logged once, and no bar ever after. desc prefixes each bar, leave keeps the
+    finished ones, total (each bar's own) is refused where the adapter is made."""
+    out = io.StringIO()
+    progress = tqdm_progress(desc="site 3", leave=True, file=out, mininterval=0)
+    progress("upload", 1, 2)
+    progress("upload", 2, 2)
+    text = out.getvalue()
+    assert "site 3: upload" in text and "2/2" in text
+    with pytest.raises(ConfigurationError, match="do not pass total"):
+        tqdm_progress(total=5)

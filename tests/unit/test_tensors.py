@@ -198,3 +198,16 @@ def test_a_list_numpy_cannot_take_is_refused_naming_the_tensor() -> None:
         with pytest.raises(ConfigurationError, match=r"tensor 'w' cannot be read as an array"):
             tensors.flatten_like({"w": bad}, model)
     assert tensors.flatten_like({"w": [[1.0, 2.0], [3.0, 4.0]]}, model).tolist() == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("bad", [None, "abc", b"\x00\x01", {"nested": 1}, [None, None]])
+def test_a_value_that_is_no_tensor_is_named_as_such_not_as_a_dtype(bad: object) -> None:
+    """A state dict entry of None or a string became an array of dtype object or str, and
+    was refused as "unsupported dtype 'object'": a hospital engineer looked for a dtype
+    problem. It is named for what it is, with its tensor."""
+    model = FlatModel.from_arrays({"w": np.zeros(2, np.float32)})
+    with pytest.raises(ConfigurationError,
+                       match=rf"tensor 'w' is a {type(bad).__name__}, not a tensor"):
+        tensors.flatten_like({"w": bad}, model)
+    with pytest.raises(ConfigurationError, match="not a tensor or an array of numbers"):
+        tensors.to_numpy({"w": bad})
