@@ -260,6 +260,11 @@ class Site:
         # every later model and result is fetched only if it has them (a result claiming
         # 1e8 float64 values, its blob one 4 MiB chunk named 200 times, cost 1.6 GB)
         self._spec: tuple[Any, ...] | None = None
+        # the model this process holds (the result it took, or the round's it joined): a
+        # round that starts from it is not fetched again (every site fetched each round's
+        # model twice, as the last round's result and as this one's model: a site on a slow
+        # link that could fetch it once in the open deadline missed every round after the first)
+        self._held_model: FlatModel | None = None
         self._refused_beyond = False  # a running round past [job] rounds was refused
         self._history = History(history_dir if history_dir is not None
                                 else getattr(kit, "directory", None))
@@ -499,8 +504,8 @@ class Site:
         # defence: sdk.model-follows-held
         if self._model_digest is not None and digest != self._model_digest:
             self._follow_chain(info.round, digest)
-        model = self._download_model(info.model, "model", self._spec)
-        self._spec = model.spec
+        model = self._round_model(info.model)
+        self._spec, self._held_model = model.spec, model
         # one update per model (clients.history): the aggregator reported a round this site
         # sent to as aborted, or published its model again as its result, or led the model
         # back to it (or to a re-encoding of it: the check is on what training sees), and
@@ -527,8 +532,9 @@ class Site:
             # defence: sdk.restarted-holder-takes-up-its-kept-key
             if kept is not None and announced == kept.key_id:
                 # announced before a restart, and kept: it goes on
-                _log.warning("round %s: this key holder restarted after announcing its key; "
-                             "it takes part with the key it kept", round_id)
+                _log.warning("round %s: this key holder restarted after announcing its key "
+                             "(or another process uses this site directory: one Site per "
+                             "site directory); it takes part with the key it kept", round_id)
                 rnd._key = kept
                 return rnd
             # a round has one key of this holder's, the one it keeps: a restarted script
@@ -595,8 +601,9 @@ class Site:
             # (a round it cannot release: its key goes)
             self._history.drop_key(self.config.job_id, info.round_id, key.key_id)
             return False
-        _log.warning("round %s: this key holder restarted after sending its update; it "
-                     "releases the round with the key it kept", info.round_id)
+        _log.warning("round %s: this key holder restarted after sending its update (or "
+                     "another process uses this site directory: one Site per site "
+                     "directory); it releases the round with the key it kept", info.round_id)
         try:
             model = self._download_model(info.model, "model", self._spec)
             if model.digest != held[1]:
@@ -679,6 +686,18 @@ class Site:
                                            model_digest=model.digest)
         return _masked_average_bound(config.quantizer,
                                      int(np.count_nonzero(~model.integer_positions)))
+
+    def _round_model(self, p: service_pb2.Model) -> FlatModel:
+        """The model a round starts from: the one this process holds if it is that model
+        (its digest binds its names, shapes, dtypes and values, and nothing has written into
+        them since: rnd.result is the caller's), else fetched."""
+        held = self._held_model
+        # defence: sdk.held-model-not-fetched-again
+        if (held is not None and bytes(p.digest) == held.digest
+                # defence: sdk.held-model-intact
+                and held.digest_now() == held.digest):
+            return held
+        return self._download_model(p, "model", self._spec)
 
     def _download_model(self, p: service_pb2.Model, what: str,
                         expected: tuple[Any, ...] | None = None) -> FlatModel:
@@ -802,7 +821,7 @@ class Site:
             self._check_result_signature(info, model.digest, result.digest)
         elif average_bound is not None:
             self._check_masked_step(model, result, average_bound)
-        self._model_digest = result.digest
+        self._model_digest, self._held_model = result.digest, result
         self._held_round = info.round
         self._history.hold(self.config.job_id, info.round, result.digest)
         return result

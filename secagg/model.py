@@ -262,6 +262,11 @@ class FlatModel:
 
     @cached_property
     def digest(self) -> bytes:
+        return self.digest_now()
+
+    def digest_now(self) -> bytes:
+        """The digest of the values as they are now (``digest`` is worked out once: a holder
+        that handed ``values`` out checks with this that nothing wrote into them)."""
         return digest("model", _spec_encoding(self.spec), payload_digest(self.values.data))
 
     @cached_property

@@ -1804,3 +1804,27 @@ def test_a_first_model_of_neither_encoded_size_is_an_invalid_message() -> None:
     with pytest.raises(InvalidMessage):
         site._download_model(wire.model_to_proto(model, wire.Blob((stub.cid,), 6000)), "model")
     assert stub.served == 1
+
+
+def test_a_round_that_starts_from_the_model_a_site_holds_is_not_fetched_again() -> None:
+    """A site takes round 1's result at its end, and round 2 starts from it: every site
+    fetched that model again (twice a round's bytes down; a site on a slow link that could
+    fetch it once within the open deadline missed every round after the first, a tester's
+    live run). The model held is used, unless something wrote into its values since (the
+    caller holds rnd.result): then it is fetched, and the fetched one is taken."""
+    from secagg.model import FlatModel
+
+    info, payloads = _model_info(2, "hospitals/job-1/round-2", w=np.full(8, 0.5, np.float32))
+    held = FlatModel.from_arrays({"w": np.full(8, 0.5, np.float32)})
+    assert held.digest == bytes(info.model.digest)
+    site, conn = _site("masking", info, payloads)
+    site._held_model, site._model_digest, site._held_round = held, held.digest, 1
+    rnd = next(site.rounds())
+    assert conn.fetched == [] and rnd.model is held
+
+    written, conn2 = _site("masking", info, payloads)
+    written._held_model, written._model_digest, written._held_round = held, held.digest, 1
+    held.values[0] = 7.0  # (the training script wrote into the model it was handed)
+    rnd = next(written.rounds())
+    assert conn2.fetched == [info.model.data.chunk_ids[0].hex()]
+    assert rnd.model is not held and rnd.model.values[0] == 0.5
