@@ -1,9 +1,12 @@
 """The exceptions secagg raises, all in one place.
 
-Callers catch :class:`SecAggError` for "anything secagg refused". Boundary checks raise
-``ValueError``/``TypeError`` subclasses naming the offending parameter; protocol outcomes have
-their own types. Any failure to authenticate, decrypt or unmask is the single opaque
-:class:`InvalidMessage` (it never says which check failed: no oracle for an attacker).
+Callers catch :class:`SecAggError` for "anything secagg refused" of a message or a
+configuration (:class:`ConfigurationError`). The protocol roles' checks of the caller's own
+arguments (a site's update and weight: ``secagg._inputs``) raise plain ``ValueError`` or
+``TypeError`` naming the offending parameter, as Python's own functions do: the caller's
+mistake, not something secagg refused. Protocol outcomes have their own types. Any failure
+to authenticate, decrypt or unmask is the single opaque :class:`InvalidMessage` (it never
+says which check failed: no oracle for an attacker).
 No message ever carries key material, seeds, shares or plaintext.
 """
 

@@ -197,6 +197,12 @@ class Release:
         # defence: ckks.release.aggregate-type
         if not isinstance(aggregate, EncryptedAggregate):
             raise InvalidMessage("aggregate")
+        # (types before any comparison: a numpy array as the round id raised from inside
+        # the comparison; a tuple subclass claiming another length, from zip)
+        # defence: ckks.release.aggregate-field-types
+        if (type(aggregate.round_id) is not str or type(aggregate.key_id) is not bytes
+                or type(aggregate.sites) is not tuple or type(aggregate.chunks) is not tuple):
+            raise InvalidMessage("aggregate")
         # defence: ckks.release.aggregate-round
         if aggregate.round_id != config.round_id:
             raise RefusedMessage(RefusalReason.WRONG_ROUND)

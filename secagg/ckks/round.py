@@ -346,14 +346,16 @@ def check_update_fields(update: object) -> None:
     """Every field of an upload has its type and size, or the opaque InvalidMessage."""
     if not isinstance(update, EncryptedUpdate):
         raise InvalidMessage("upload")
-    ok = (isinstance(update.round_id, str)
-          and isinstance(update.key_id, bytes) and len(update.key_id) == 32
+    # (exact types: a tuple subclass claiming another length was taken with no chunks, and
+    # every honest upload after it raised from zip)
+    ok = (type(update.round_id) is str
+          and type(update.key_id) is bytes and len(update.key_id) == 32
           # defence: ckks.round.upload-site-id-is-int
           and type(update.site_id) is int and 0 < update.site_id < 2**63
           and isinstance(update.seeded, bool)
-          and isinstance(update.signature, bytes) and len(update.signature) == 64
+          and type(update.signature) is bytes and len(update.signature) == 64
           # defence: ckks.round.upload-chunks-tuple
-          and isinstance(update.chunks, tuple)
-          and all(isinstance(c, bytes) for c in update.chunks))
+          and type(update.chunks) is tuple
+          and all(type(c) is bytes for c in update.chunks))
     if not ok:
         raise InvalidMessage("upload")

@@ -188,6 +188,10 @@ class MaskingClient:
             except _LocalInputError as e:
                 # defence: masking.client.input-error-forgets-secrets
                 self._forget()  # the input is gone: nothing secret stays for a retry to use
+                # (and the round is over for this client: left at its stage, a retry was told
+                # that no share opened, blaming the peers for the site's own input)
+                # defence: masking.client.input-error-ends-the-round
+                self.stage = Stage.ABORTED
                 raise e.error from None
             # defence: masking.client.malformed-server-message-aborts
             except (TypeError, ValueError, AttributeError, KeyError, IndexError,

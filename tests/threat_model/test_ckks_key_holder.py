@@ -966,3 +966,45 @@ def test_a_sharded_release_refuses_an_oversized_aggregate_chunk_as_a_mismatch(
     finally:
         release.close()
     assert caught.value.reason is RefusalReason.AGGREGATE_MISMATCH
+
+
+class _LyingTuple(tuple):  # type: ignore[type-arg]
+    """A tuple that claims one element whatever it holds."""
+
+    def __len__(self) -> int:
+        return 1
+
+
+@pytest.mark.parametrize("field", ["round_id", "key_id", "sites", "chunks"])
+def test_an_aggregate_of_the_wrong_field_types_is_an_invalid_message_before_any_compare(
+        field: str) -> None:
+    """A release request whose aggregate has a numpy array as its round id or key id raised
+    ValueError from inside the comparison ("truth value of an empty array is ambiguous"); a
+    tuple subclass claiming another length raised from zip. Each field's exact type is
+    checked first: InvalidMessage, and the round is not spent (the honest aggregate is
+    released after it)."""
+    r = CkksRound(sites=3, vector_length=10)
+    uploads, aggregate = r.run()
+    bad = {"round_id": np.zeros(0), "key_id": np.zeros(0), "sites": list(aggregate.sites),
+           "chunks": _LyingTuple(())}[field]
+    with pytest.raises(InvalidMessage, match="aggregate"):
+        release_average(r.holder, r.config, replace(aggregate, **{field: bad}), uploads,
+                        site_id=1)
+    assert release_average(r.holder, r.config, aggregate, uploads, site_id=1).sites == (1, 2, 3)
+
+
+def test_an_upload_whose_chunks_are_a_lying_tuple_is_refused_and_the_round_goes_on() -> None:
+    """A site uploads (signed with its own key) chunks in a tuple subclass that claims the
+    round's chunk count: the server took it with no chunks, and every honest upload after it
+    raised ValueError from zip (the round aborted). Refused as InvalidMessage; the honest
+    uploads are counted."""
+    r = CkksRound(sites=3, vector_length=10)
+    honest = r.client(3).start()
+    evil = _signed(r, 3, _LyingTuple(()), seeded=honest.seeded)
+    server = CkksServer(r.config, r.public)
+    with pytest.raises(InvalidMessage):
+        server.handle(evil)
+    with pytest.raises(InvalidMessage):
+        Release(r.holder, r.config, site_id=1).add(evil)
+    for site in (1, 2, 3):
+        server.handle(r.client(site).start())

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from secagg.errors import ProtocolAbort
+from secagg.errors import PreconditionError, ProtocolAbort
 from secagg.masking import MaskingClient
+from secagg.masking.messages import Stage
 from tests.roundkit import Round
 
 
@@ -31,3 +32,8 @@ def test_an_input_provider_error_reaches_the_caller_as_itself(error: Exception) 
     # the round is over for this site: nothing secret stays for a retry to use
     assert client._self_mask_seed == b""
     assert not client._held_shares
+    # and the client says so: handed the same delivery again, it was told that no share
+    # opened (blaming the peers for its own input); now a precondition, its stage ABORTED
+    assert client.stage is Stage.ABORTED
+    with pytest.raises(PreconditionError):
+        client.handle(r.outgoing[1])
