@@ -318,6 +318,17 @@ def test_a_message_of_the_running_round_sent_under_an_ended_rounds_id_is_refused
         store.close()
 
 
+def _ended_round_1_with_an_upload(job: Job, store: Store, now: list[float]
+                                  ) -> tuple[bytes, bytes]:
+    """(id, bytes) of a chunk site 2 uploaded to round 1, which then ended at its deadline."""
+    data = b"an upload of round 1"
+    cid = hashlib.sha256(data).digest()
+    store.put_chunks([(cid, data)], round_number=1, site=2)
+    _tick_past_the_deadline(job, now)
+    assert job.current_round == 2
+    return cid, data
+
+
 def test_a_finished_rounds_uploads_are_purged_once_the_purge_delay_passed(
         tmp_path: Path) -> None:
     """Chunks uploaded to round 1, which then ends: the ticker drops them PURGE_DELAY
@@ -328,11 +339,7 @@ def test_a_finished_rounds_uploads_are_purged_once_the_purge_delay_passed(
     _, _, job, store, now = _two_round_ckks(tmp_path)
     try:
         first = job()
-        data = b"an upload of round 1"
-        cid = hashlib.sha256(data).digest()
-        store.put_chunks([(cid, data)], round_number=1, site=2)
-        _tick_past_the_deadline(first, now)
-        assert first.current_round == 2
+        cid, data = _ended_round_1_with_an_upload(first, store, now)
         ended = now[0]
         now[0] = ended + PURGE_DELAY / 2
         first.tick()
@@ -458,11 +465,7 @@ def test_a_restarted_aggregator_purges_the_finished_rounds_uploads_at_its_first_
     _, _, job, store, now = _two_round_ckks(tmp_path)
     try:
         first = job()
-        data = b"an upload of round 1"
-        cid = hashlib.sha256(data).digest()
-        store.put_chunks([(cid, data)], round_number=1, site=2)
-        _tick_past_the_deadline(first, now)
-        assert first.current_round == 2
+        cid, data = _ended_round_1_with_an_upload(first, store, now)
         assert store.get_chunk(cid) == data  # (round 1's purge not due yet)
         again = job()  # restarted, at the same moment
         assert again.current_round == 2

@@ -129,6 +129,15 @@ def _connection(stub: _ChunkStub) -> Any:
     return conn
 
 
+def _fresh_site(conn: Any) -> Site:
+    """A masking site of a bare federation that holds no model yet (its process's first)."""
+    config = FederationConfig.from_dict({
+        "federation": {"name": "hospitals", "protocol": "masking", "aggregator": "agg:443",
+                       "trust_root": "00" * 32}})
+    return Site(types.SimpleNamespace(site_id=HONEST, config=config),  # type: ignore[arg-type]
+                conn)
+
+
 def test_download_of_one_chunk_named_many_times_is_refused_before_it_is_built() -> None:
     """A blob naming one 64 KiB chunk 20,000 times claims 1.3 GB: refused by the size the
     caller can need, and otherwise by the sizes of what arrived, before joining anything."""
@@ -330,11 +339,7 @@ def test_a_first_model_of_one_chunk_named_many_times_is_refused_before_it_is_bui
     from secagg.model import FlatModel
 
     stub = _ChunkStub(bytes(1 << 20))
-    config = FederationConfig.from_dict({
-        "federation": {"name": "hospitals", "protocol": "masking", "aggregator": "agg:443",
-                       "trust_root": "00" * 32}})
-    site = Site(types.SimpleNamespace(site_id=HONEST, config=config),  # type: ignore[arg-type]
-                _connection(stub))
+    site = _fresh_site(_connection(stub))
     claimed = FlatModel.from_arrays({"w": np.zeros(1000, np.float32)})
     lie = wire.model_to_proto(claimed, wire.Blob((stub.cid,) * 64, 64 << 20))
     del lie.spec[:]
@@ -360,8 +365,7 @@ def test_a_first_model_of_one_chunk_named_many_times_is_refused_before_it_is_bui
             for cid in request.chunk_ids:
                 yield service_pb2.Chunk(chunk_id=cid, data=stub_parts[cid])
 
-    fresh = Site(types.SimpleNamespace(site_id=HONEST, config=config),  # type: ignore[arg-type]
-                 _connection(_Parts(b"")))
+    fresh = _fresh_site(_connection(_Parts(b"")))
     got = fresh._download_model(wire.model_to_proto(
         honest, wire.Blob(tuple(stub_parts), len(data))), "model")
     assert got.digest == honest.digest
@@ -381,11 +385,7 @@ def test_a_model_spec_no_tensor_can_have_is_refused_before_anything_is_fetched(
     from secagg.errors import InvalidMessage
 
     stub = _ChunkStub(b"x" * 65536)
-    config = FederationConfig.from_dict({
-        "federation": {"name": "hospitals", "protocol": "masking", "aggregator": "agg:443",
-                       "trust_root": "00" * 32}})
-    site = Site(types.SimpleNamespace(site_id=HONEST, config=config),  # type: ignore[arg-type]
-                _connection(stub))
+    site = _fresh_site(_connection(stub))
     lying = service_pb2.Model(
         spec=[service_pb2.Tensor(name=f"t{i}", shape=shape, dtype=dtype)
               for i, (shape, dtype) in enumerate(zip(shapes, dtypes, strict=True))],
@@ -1795,11 +1795,7 @@ def test_a_first_model_of_neither_encoded_size_is_an_invalid_message() -> None:
     from secagg.model import FlatModel
 
     stub = _ChunkStub(bytes(6000))
-    config = FederationConfig.from_dict({
-        "federation": {"name": "hospitals", "protocol": "masking", "aggregator": "agg:443",
-                       "trust_root": "00" * 32}})
-    site = Site(types.SimpleNamespace(site_id=HONEST, config=config),  # type: ignore[arg-type]
-                _connection(stub))
+    site = _fresh_site(_connection(stub))
     model = FlatModel.from_arrays({"w": np.zeros(1000, np.float32)})
     with pytest.raises(InvalidMessage):
         site._download_model(wire.model_to_proto(model, wire.Blob((stub.cid,), 6000)), "model")
