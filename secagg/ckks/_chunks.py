@@ -9,6 +9,9 @@ rows. The processes are a pool kept for the life of the process (:func:`shared_p
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -68,10 +71,16 @@ def worker_encrypt(key: bytes, context_bytes: bytes, seeded: bool,
     """In a worker: encrypt ``rows`` under the context ``context_bytes`` (digest ``key``)."""
     from secagg.ckks.keys import KeyHolder, PublicContext
 
+    # a secret context (seeded encryption, a key holder's) is never kept: the pool outlives
+    # the round, and its workers held up to four rounds' secret keys after their key files
+    # were gone
+    # defence: ckks.workers-keep-no-secret-context
+    if seeded:
+        secret = ChunkEncryptor.for_context(KeyHolder.from_secret_context(context_bytes), True)
+        return [secret.encrypt_row(r) for r in rows]
     encryptor = _worker_contexts.get((key, seeded))
     if encryptor is None:
-        context = (KeyHolder.from_secret_context(context_bytes) if seeded
-                   else PublicContext.load(context_bytes))
+        context = PublicContext.load(context_bytes)
         if len(_worker_contexts) >= 4:
             _worker_contexts.clear()
         encryptor = _worker_contexts[(key, seeded)] = ChunkEncryptor.for_context(context, seeded)
@@ -82,6 +91,17 @@ _pool: ProcessPoolExecutor | None = None
 _pool_workers = 0
 
 
+def _end_with_parent(parent: int) -> None:
+    """In each worker: exit once the process that started the pool is gone (a site killed
+    with kill -9 left its encryption workers, and their semaphores, running under init)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="secagg-parent-watch").start()
+
+
 def shared_pool(workers: int) -> ProcessPoolExecutor:
     """This process's encryption pool with ``workers`` processes (restarted if the count
     changes or a worker died)."""
@@ -90,8 +110,10 @@ def shared_pool(workers: int) -> ProcessPoolExecutor:
         _pool.shutdown(wait=False, cancel_futures=True)
         _pool = None
     if _pool is None:
+        # defence: ckks.workers-end-with-their-parent
         _pool = ProcessPoolExecutor(max_workers=workers,
-                                    mp_context=multiprocessing.get_context("spawn"))
+                                    mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=_end_with_parent, initargs=(os.getpid(),))
         _pool_workers = workers
     return _pool
 

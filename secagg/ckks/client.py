@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 import numpy as np
 
@@ -130,12 +131,20 @@ class CkksClient:
                          else self._public_bytes())
         key = hashlib.sha256(context_bytes).digest()
         pool = _chunks.shared_pool(self.workers)
-        # a few blocks per worker: balanced, and progress to report
-        futures = [pool.submit(_chunks.worker_encrypt, key, context_bytes, self.seeded, block)
-                   for block in np.array_split(rows, min(total, self.workers * 4))]
+        futures: list[Any] = []
         done = 0
         out = []
         try:
+            # a few blocks per worker: balanced, and progress to report (a worker that dies
+            # while they are handed out breaks the pool at submit: named as below)
+            # defence: ckks.workers-failed-at-submit-named
+            try:
+                for block in np.array_split(rows, min(total, self.workers * 4)):
+                    futures.append(pool.submit(_chunks.worker_encrypt, key, context_bytes,
+                                               self.seeded, block))
+            except BrokenProcessPool:
+                raise WorkersFailed(f"the encryption worker processes died: "
+                                    f"{WORKERS_GUARD_HINT}") from None
             for future in futures:
                 # (a worker that died, one that ran an unguarded training script's
                 # Site.connect as it started among them, broke the pool: raw

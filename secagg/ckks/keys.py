@@ -21,7 +21,7 @@ import functools
 import math
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import tenseal as ts
@@ -253,7 +253,8 @@ class SealedSecretContext:
     sender: int
     recipient: int
     ephemeral_public_key: bytes
-    ciphertext: bytes
+    # (sealed, but ~500 KB: the dataclass repr printed it whole into any log line)
+    ciphertext: bytes = field(repr=False)
     signature: bytes
 
     def signed_bytes(self) -> bytes:

@@ -13,10 +13,11 @@ no per-call allocation of mask-sized arrays.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import numbers
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -231,6 +232,22 @@ class PendingMasks:
             self._terms = []
 
 
+@contextlib.contextmanager
+def _named_pool_failure() -> Iterator[None]:
+    """A helper process that died (killed, out of memory) is WorkersFailed, not
+    multiprocessing's raw BrokenProcessPool; the masker is then spent."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        yield
+    # defence: prg.masker-workers-failed-named
+    except BrokenProcessPool:
+        from secagg.errors import WorkersFailed
+
+        raise WorkersFailed("a masking helper process died: close this RangeSplitMasker and "
+                            "start another") from None
+
+
 class RangeSplitMasker:
     """Applies masks to vectors of one ``length``, splitting the index range over
     ``processes`` processes (this one included). Start once, reuse for every site and round
@@ -276,28 +293,35 @@ class RangeSplitMasker:
         smaller ``local_share`` of the range. One pending at a time."""
         bounds = self._bounds(local_share)
         lo = bounds[1]
-        futures = [
-            self._pool.submit(_worker_combined, list(terms), start, end - start, start - lo)
-            for start, end in itertools.pairwise(bounds[1:])
-            if end > start
-        ]
+        with _named_pool_failure():
+            futures = [
+                self._pool.submit(_worker_combined, list(terms), start, end - start, start - lo)
+                for start, end in itertools.pairwise(bounds[1:])
+                if end > start
+            ]
         return PendingMasks(self, list(terms), futures, lo)
 
     def _finish(self, target: np.ndarray, terms: Sequence[MaskTerm],
                 futures: Sequence[Any], lo: int) -> int:
         if target.shape != (self.length,):
-            for f in futures:
-                f.result()
+            with _named_pool_failure():
+                for f in futures:
+                    f.result()
             raise ValueError(f"target must have shape ({self.length},), got {target.shape}")
         local = self._local.get(lo)
         if local is None:
             local = self._local[lo] = MaskExpander(lo, word_bits=self.word_bits)
         before = local.bytes_generated
         _apply_range(local, target[:lo], terms)
-        generated: int = local.bytes_generated - before + sum(
-            int(f.result()) for f in futures)
+        with _named_pool_failure():
+            generated: int = local.bytes_generated - before + sum(
+                int(f.result()) for f in futures)
         far = np.ndarray((self.length - lo,), dtype=self._dtype, buffer=self._shm.buf)
         np.add(target[lo:], far, out=target[lo:])
+        # (the combined mask, with the masked input, is the site's input: not left in the
+        # shared memory until the masker is closed)
+        # defence: prg.shared-mask-zeroed-after-use
+        far[:] = 0
         del far
         return generated
 

@@ -73,3 +73,29 @@ def test_round_with_a_splitter_is_exact(splitter: RangeSplitMasker) -> None:
 def test_refuses_a_split_into_one_process() -> None:
     with pytest.raises(ValueError, match="processes"):
         RangeSplitMasker(100, processes=1)
+
+
+def test_the_shared_memory_holds_no_mask_once_it_is_applied(splitter: RangeSplitMasker) -> None:
+    """The helpers' combined mask, with the site's masked input, is the site's input: it
+    stayed in the (0600) shared memory until the masker was closed. Zeroed once added."""
+    terms = [(os.urandom(32), 1), (os.urandom(32), 1)]
+    splitter.apply(np.zeros(LENGTH, dtype=np.uint32), terms)
+    assert not any(splitter._shm.buf)
+
+
+def test_a_helper_that_died_is_workers_failed_not_a_raw_broken_pool() -> None:
+    """A helper killed (out of memory, kill -9) broke the pool: multiprocessing's raw
+    BrokenProcessPool at the next mask, and at every one after. WorkersFailed, naming what
+    to do."""
+    import signal
+
+    from secagg.errors import WorkersFailed
+
+    terms = [(os.urandom(32), 1)]
+    with RangeSplitMasker(LENGTH, processes=2) as masker:
+        masker.apply(np.zeros(LENGTH, dtype=np.uint32), terms)  # (the helper is up)
+        for pid in list(masker._pool._processes):  # type: ignore[attr-defined]
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(WorkersFailed, match="masking helper process died"):
+            for _ in range(50):  # (the pool sees its helper gone within a few tries)
+                masker.apply(np.zeros(LENGTH, dtype=np.uint32), terms)

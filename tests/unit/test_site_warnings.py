@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,3 +111,96 @@ def test_site_options_are_refused_before_anything_is_read(options: dict[str, obj
 
     with pytest.raises(ConfigurationError, match=match):
         Site.connect("/nonexistent/site-dir", **options)  # type: ignore[arg-type]
+
+
+def test_a_pool_broken_while_its_blocks_are_handed_out_is_named_too(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that dies while the blocks are still being handed out breaks the pool at
+    submit: raw BrokenProcessPool, which the SDK then told as the aggregator's doing ("this
+    site refused the aggregator's messages"). WorkersFailed, as for a result."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    from secagg.ckks import CkksClient, _chunks
+    from secagg.errors import WorkersFailed
+    from tests.ckks_kit import CkksRound
+
+    class BreaksAtTheThird:
+        calls = 0
+
+        def submit(self, *args: object) -> Future[object]:
+            self.calls += 1
+            if self.calls == 3:
+                raise BrokenProcessPool("A child process terminated abruptly")
+            return Future()  # (never done: the site must not wait for it)
+
+    monkeypatch.setattr(_chunks, "shared_pool", lambda workers: BreaksAtTheThird())
+    r = CkksRound(sites=3, vector_length=20_000)
+    client = CkksClient(r.config, 2, r.identities[2], r.public, r.inputs[2], workers=2)
+    with pytest.raises(WorkersFailed, match=r"encryption worker processes died"):
+        client.start()
+
+
+def test_an_encryption_worker_keeps_no_secret_context(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeded encryption (a key holder's, with its secret key) in a pool worker: the worker
+    kept the secret context in its cache, and the pool outlives the round (up to four rounds'
+    secret keys after their key files were gone). Only public contexts are kept."""
+    import hashlib
+
+    from secagg.ckks import KeyHolder, _chunks
+
+    monkeypatch.setattr(_chunks, "_worker_contexts", {})
+    holder = KeyHolder.generate()
+    secret = holder.export_secret_context()
+    rows = np.zeros((1, 8))
+    assert len(_chunks.worker_encrypt(hashlib.sha256(secret).digest(), secret, True, rows)) == 1
+    assert _chunks._worker_contexts == {}
+    public = holder.public_context().serialize()
+    _chunks.worker_encrypt(hashlib.sha256(public).digest(), public, False, rows)
+    assert [seeded for _, seeded in _chunks._worker_contexts] == [False]
+
+
+def test_encryption_workers_end_when_their_site_is_killed(tmp_path: Path) -> None:
+    """A site process killed with kill -9 left its encryption pool's workers running under
+    init (and multiprocessing's semaphores in /dev/shm). Each worker watches its parent and
+    exits once it is gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "site.py"
+    script.write_text(
+        "import os, time\n"
+        "from secagg.ckks import _chunks\n"
+        "if __name__ == '__main__':\n"
+        "    pool = _chunks.shared_pool(2)\n"
+        "    pids = {pool.submit(os.getpid).result() for _ in range(8)}\n"
+        "    print(' '.join(map(str, sorted(pids))), flush=True)\n"
+        "    time.sleep(600)\n")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        assert proc.stdout is not None
+        workers = [int(p) for p in proc.stdout.readline().split()]
+        assert workers and proc.pid not in workers
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+        except (FileNotFoundError, IndexError):
+            return False
+
+    end = time.monotonic() + 20
+    while any(alive(p) for p in workers) and time.monotonic() < end:
+        time.sleep(0.2)
+    left = [p for p in workers if alive(p)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "encryption workers outlived their killed site"
