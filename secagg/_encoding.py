@@ -74,7 +74,13 @@ def payload_digest(data: bytes | bytearray | memoryview) -> bytes:
     n = len(view)
     # defence: encoding.payload-digest-every-chunk
     parts = [view[i : i + PAYLOAD_CHUNK_BYTES] for i in range(0, n, PAYLOAD_CHUNK_BYTES)]
-    return digest("payload", n, b"".join(_digests(parts)))
+    return payload_digest_of(n, _digests(parts))
+
+
+def payload_digest_of(length: int, chunk_digests: Sequence[bytes]) -> bytes:
+    """:func:`payload_digest` of a ``length``-byte payload from its 1 MiB chunks' SHA-256
+    digests, in order (for a receiver that hashed them as they came)."""
+    return digest("payload", length, b"".join(chunk_digests))
 
 
 def parts_digest(parts: Sequence[bytes]) -> bytes:

@@ -30,7 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-from secagg._encoding import PAYLOAD_CHUNK_BYTES, digest, encode, payload_digest
+from secagg._encoding import (
+    PAYLOAD_CHUNK_BYTES,
+    digest,
+    encode,
+    payload_digest,
+    payload_digest_of,
+)
 from secagg._inputs import is_masked_array
 from secagg.errors import ConfigurationError
 
@@ -558,8 +564,7 @@ class FlatModel:
                     dtype=dtype)
                 pos = stop
             hashes.append(hashlib.sha256(block[:last - first].data).digest())
-        return digest("model", _spec_encoding(spec),
-                      digest("payload", legacy, b"".join(hashes)))
+        return digest("model", _spec_encoding(spec), payload_digest_of(legacy, hashes))
 
     @classmethod
     def from_bytes(cls, spec: tuple[TensorSpec, ...], data: bytes | memoryview) -> FlatModel:
