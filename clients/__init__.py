@@ -3,11 +3,12 @@
 from clients.errors import (
     AggregatorRefused,
     AggregatorUnavailable,
+    DirectoryInUse,
     ModelMismatch,
     RoundAborted,
     SiteError,
 )
 from clients.site import Round, Site
 
-__all__ = ["AggregatorRefused", "AggregatorUnavailable", "ModelMismatch", "Round",
-           "RoundAborted", "Site", "SiteError"]
+__all__ = ["AggregatorRefused", "AggregatorUnavailable", "DirectoryInUse", "ModelMismatch",
+           "Round", "RoundAborted", "Site", "SiteError"]

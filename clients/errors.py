@@ -19,6 +19,11 @@ class SiteError(SecAggError):
     """Base class of the SDK's own errors."""
 
 
+class DirectoryInUse(SiteError):
+    """``Site.connect``: another process runs a Site of this site directory (or of its
+    ``history_dir``)."""
+
+
 class AggregatorRefused(SiteError):
     """The aggregator refused a call (code: the gRPC status name)."""
 

@@ -46,18 +46,20 @@ import json
 import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from clients.errors import SiteError
+from clients.errors import DirectoryInUse, SiteError
 from secagg.ckks.keys import KeyHolder
 from secagg.errors import ConfigurationError, RefusalReason, RefusedMessage, SecAggError
 from secagg.federation.kit import check_history_directory, directory_path
 from secagg.hazmat.secret import scrubs_locals
 
 HISTORY_FILE = "history.json"
+IN_USE_FILE = ".site-in-use.lock"  # locked by the process a Site of the directory runs in
 KEY_FILE_PREFIX = "ckks-round-key-"  # a CKKS key holder's key for a job's running round
 
 _log = logging.getLogger("clients.history")
@@ -90,7 +92,7 @@ class History:
         if directory is not None:
             try:
                 check_history_directory(Path(directory),
-                                        (HISTORY_FILE, f".{HISTORY_FILE}.lock"))
+                                        (HISTORY_FILE, f".{HISTORY_FILE}.lock", IN_USE_FILE))
             except ConfigurationError as e:
                 raise SiteError(str(e)) from None
         self._path = None if directory is None else Path(directory).resolve() / HISTORY_FILE
@@ -669,6 +671,79 @@ def _flock_within(fd: int, path: Path, fcntl: Any, after: str) -> None:
                                 f"{HISTORY_LOCK_SECONDS:g} s (another Site on this history "
                                 f"directory?){after}") from None
             time.sleep(0.05)
+
+
+_claims_lock = threading.Lock()
+_claims: dict[Path, list[int]] = {}  # lock file -> [its descriptor, Sites holding it]
+
+
+class DirectoryClaim:
+    """This process's claim on a history directory (``claim_directory``), until ``release``."""
+
+    def __init__(self, path: Path) -> None:
+        self._path: Path | None = path
+
+    def release(self) -> None:
+        with _claims_lock:
+            path, self._path = self._path, None
+            if path is None:
+                return
+            held = _claims[path]
+            held[1] -= 1
+            if held[1] == 0:
+                del _claims[path]
+                os.close(held[0])  # (closing releases the lock)
+
+
+def claim_directory(directory: str | Path) -> DirectoryClaim:
+    """Lock ``directory``'s IN_USE_FILE for this process, or refuse with DirectoryInUse
+    naming the process that holds it. Two processes on one site directory stayed safe (the
+    record is checked under a lock before anything leaves) but the second was told only at
+    its first submit, after training a round for nothing; now it is told at connect. Sites
+    of one process share the claim (each is safe beside the other as before); a process
+    that ends, however, lets it go (the lock is the kernel's, on the open file)."""
+    path = Path(directory).resolve() / IN_USE_FILE
+    with _claims_lock:
+        held = _claims.get(path)
+        if held is not None:
+            held[1] += 1
+            return DirectoryClaim(path)
+        try:  # (check_history_directory refused a link there already)
+            fd = os.open(path, os.O_CREAT | os.O_RDWR | _NOFOLLOW, 0o600)
+        except OSError as e:
+            raise SiteError(f"cannot lock {path}: {e.strerror}") from None
+        try:
+            import fcntl  # (POSIX; elsewhere a second process is told at its submit)
+        except ImportError:
+            _claims[path] = [fd, 1]
+            return DirectoryClaim(path)
+        try:
+            # defence: sdk.directory-claimed-at-connect
+            fcntl.flock(fd, fcntl.LOCK_NB | fcntl.LOCK_EX)
+        except OSError as e:
+            holder = _holder(fd)
+            os.close(fd)
+            if isinstance(e, BlockingIOError):
+                raise DirectoryInUse(
+                    f"another process{holder} runs a Site of {Path(directory)} (a training "
+                    "script of this site already running?): one process per site; stop it "
+                    "first, or wait for it to end") from None
+            raise SiteError(f"cannot lock {path}: {e.strerror}") from None
+        try:  # (the holder's pid, for the next process's message only)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError:
+            pass
+        _claims[path] = [fd, 1]
+        return DirectoryClaim(path)
+
+
+def _holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 16, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (pid {int(text)})" if text.isdigit() and len(text) <= 10 else ""
 
 
 def _read_bytes(path: Path) -> bytes:

@@ -27,6 +27,7 @@ import math
 import multiprocessing
 import random
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -35,7 +36,14 @@ import numpy as np
 
 from clients import tensors
 from clients.errors import AggregatorRefused, ModelMismatch, RoundAborted, SiteError
-from clients.history import AnotherKeyKept, History, KeyNotWritten, one_update_per_model
+from clients.history import (
+    AnotherKeyKept,
+    DirectoryClaim,
+    History,
+    KeyNotWritten,
+    claim_directory,
+    one_update_per_model,
+)
 from clients.progress import guarded as progress_guarded
 from clients.transport import CLOSED, Connection, Progress
 from secagg import wire
@@ -235,6 +243,7 @@ def check_used_before(kit: SiteKit, history_dir: str | Path | None = None) -> No
 
 class Site:
     _closed = False  # (set by close)
+    _claim: DirectoryClaim | None = None  # (set by connect: clients.history.claim_directory)
 
     def __init__(self, kit: SiteKit, connection: Connection, *, tensors_kind: str = "auto",
                  progress: Progress | None = None, workers: int = 1,
@@ -335,13 +344,25 @@ class Site:
         # (before anything is dialled: clients.history.History.check_federation)
         # defence: sdk.connect-checks-the-roster-version
         check_used_before(kit, history_dir)
-        return cls(kit, Connection(kit, retry_seconds=retry_seconds), tensors_kind=tensors,
-                   progress=progress, workers=workers, history_dir=history_dir,
-                   training_dtype=training_dtype)
+        # a second process on the directory is told now, not at its first submit (after a
+        # round's training for nothing)
+        claim = claim_directory(history_dir if history_dir is not None else kit.directory)
+        try:
+            site = cls(kit, Connection(kit, retry_seconds=retry_seconds), tensors_kind=tensors,
+                       progress=progress, workers=workers, history_dir=history_dir,
+                       training_dtype=training_dtype)
+        except BaseException:
+            claim.release()
+            raise
+        site._claim = claim
+        weakref.finalize(site, claim.release)  # (a Site let go unclosed lets it go too)
+        return site
 
     def close(self) -> None:
         self._closed = True
         self._conn.close()
+        if self._claim is not None:
+            self._claim.release()
 
     def _check_open(self) -> None:
         # (grpc's error is a ValueError from deep inside, which the SDK then took for the

@@ -36,6 +36,10 @@ from secagg.ckks import _seal
 from secagg.ckks._flood import gaussian
 from secagg.errors import WORKERS_GUARD_HINT, InvalidMessage, SecAggError, WorkersFailed
 
+# a worker's answer to one command (a range of one upload's chunks: well under a second for
+# 1M values) is waited for this long at most, then the worker is ended and the sum broken
+WORKER_ANSWER_SECONDS = 300.0
+
 
 class ShardState:
     """One shard's running sum, its comparison with the aggregator's, and its decryption."""
@@ -274,6 +278,13 @@ class _Worker:
 
     def recv(self) -> Any:
         try:
+            # a worker that neither answers nor dies (stopped with SIGSTOP, or swapped out
+            # for good) held its key holder in this call for ever, past every round's end
+            # defence: ckks.shards.worker-answer-bounded
+            if not self.conn.poll(WORKER_ANSWER_SECONDS):
+                self.process.kill()
+                raise WorkersFailed(f"a release worker process gave no answer in "
+                                    f"{WORKER_ANSWER_SECONDS:g} s (stopped?); it was ended")
             status, result = self.conn.recv()
         except (EOFError, OSError):
             raise WorkersFailed(f"a release worker process died: {WORKERS_GUARD_HINT}"

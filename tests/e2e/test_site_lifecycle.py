@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from clients import Site
-from clients.errors import SiteError
+from clients.errors import DirectoryInUse, SiteError
 from tests.service_kit import make_federation, start_aggregator
 
 
@@ -118,3 +120,53 @@ def test_a_progress_callback_that_raises_costs_the_site_nothing(tmp_path: Path) 
     assert reports[1][0]["progress_calls"] == 1  # (no report after the first raised)
     err = (tmp_path / "site-1.err").read_text()
     assert err.count("the progress callback raised RuntimeError (the progress bar broke)") == 1
+
+
+_HOLD = """
+import sys
+from clients import Site
+site = Site.connect(sys.argv[1], tensors="numpy")
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def _other_process_connects(site_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", _HOLD, str(site_dir)], input="",
+                          capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+
+
+def test_a_second_process_on_a_site_directory_is_told_at_connect(tmp_path: Path) -> None:
+    """Two processes on one site directory stayed safe (the history is checked under a lock
+    before an update leaves) but the second was told only at its first submit, after
+    training a round for nothing. Now Site.connect refuses, naming the process that holds
+    the directory; Sites of one process share it, and closing (or letting go) the last one,
+    or the holder ending, frees it."""
+    import gc
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(fed.site_dir(1))],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(DirectoryInUse, match=rf"another process \(pid {holder.pid}\) runs "
+                                                 r"a Site of .*site-1"):
+            Site.connect(fed.site_dir(1), tensors="numpy")
+        Site.connect(fed.site_dir(2), tensors="numpy").close()  # (another site's: free)
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    first = Site.connect(fed.site_dir(1), tensors="numpy")  # the holder ended: free
+    second = Site.connect(fed.site_dir(1), tensors="numpy")  # one process: shared
+    first.close()
+    assert "DirectoryInUse" in _other_process_connects(fed.site_dir(1)).stderr
+    second.close()
+    assert _other_process_connects(fed.site_dir(1)).returncode == 0
+    unclosed = Site.connect(fed.site_dir(1), tensors="numpy")
+    assert "DirectoryInUse" in _other_process_connects(fed.site_dir(1)).stderr
+    del unclosed
+    gc.collect()
+    assert _other_process_connects(fed.site_dir(1)).returncode == 0

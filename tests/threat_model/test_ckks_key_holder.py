@@ -713,6 +713,53 @@ def test_a_sharded_sum_whose_worker_failed_answers_nothing_more() -> None:
         shards.close()
 
 
+
+def test_a_release_worker_that_stops_answering_is_ended_not_waited_for_ever(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A release worker stopped with SIGSTOP (neither answering nor dead) held its key
+    holder in the pipe's recv for ever, past every round's end. Now an answer is waited for
+    WORKER_ANSWER_SECONDS at most: then the worker is killed, the call is WorkersFailed and
+    the sum refuses every later call."""
+    import os
+    import signal
+    import threading
+
+    from secagg.ckks import _shards
+    from secagg.errors import SecAggError, WorkersFailed
+
+    monkeypatch.setattr(_shards, "WORKER_ANSWER_SECONDS", 3.0)
+    r = CkksRound(sites=3, vector_length=3000)  # 2 chunks: one per worker
+    uploads, aggregate = r.run()
+    params = r.config.preset_params
+    shards = _shards.ShardedSum(r.holder, params.scale, params.slots, r.config.chunk_count,
+                                workers=2)
+    raised: list[BaseException] = []
+
+    def add() -> None:
+        try:
+            shards.add(uploads[0].chunks, (Kind.SEEDED, Kind.FULL))
+        except BaseException as e:
+            raised.append(e)
+
+    try:
+        stopped = shards._workers[1].process
+        os.kill(stopped.pid, signal.SIGSTOP)
+        caller = threading.Thread(target=add, daemon=True)
+        caller.start()
+        caller.join(timeout=15)
+        waited_for_ever = caller.is_alive()
+        stopped.kill()  # (else a caller still waiting would wait for ever)
+        caller.join(timeout=10)
+        assert not waited_for_ever, "the key holder still waits for its stopped worker"
+        assert len(raised) == 1 and isinstance(raised[0], WorkersFailed), raised
+        assert "gave no answer in 3 s" in str(raised[0])
+        stopped.join(timeout=10)
+        assert not stopped.is_alive()
+        with pytest.raises(SecAggError, match="failed earlier"):
+            shards.is_my_sum(aggregate.chunks)
+    finally:
+        shards.close()
+
 def test_known_limitation_aggregator_and_one_colluding_site_cancel_honest_uploads() -> None:
     """KNOWN LIMITATION (README, "aggregator + colluding sites", CKKS public-key mode).
     CKKS ciphertexts are malleable and nothing proves an upload is a fresh encryption of
