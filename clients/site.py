@@ -26,6 +26,7 @@ import logging
 import math
 import multiprocessing
 import random
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -197,6 +198,20 @@ def _sample_count(weight: object) -> float | None:
     except OverflowError:  # an int beyond any float
         return None
     return value if math.isfinite(value) else None
+
+
+def _shown_weight(weight: object, samples: float | None) -> str:
+    """A refused weight as its error shows it: a number as itself, anything else by its
+    type and shape only. The value was echoed whole: a label tensor passed for ``len(y)``
+    printed every patient's label into the exception (and the logs and crash reports it
+    reaches), a string its text."""
+    # defence: sdk.refused-weight-not-echoed
+    if samples is not None:
+        return f"{samples:g}"
+    shape = getattr(weight, "shape", None)
+    if isinstance(shape, tuple) and all(isinstance(d, int) for d in shape):
+        return f"a {type(weight).__name__} of shape {tuple(shape)}"
+    return f"a {type(weight).__name__}"
 
 
 def _warn_capped_counters(model: FlatModel, delta: np.ndarray, clip: float,
@@ -866,6 +881,7 @@ class Round:
         self.model = model
         self._key: KeyHolder | None = None
         self._submitted = False
+        self._submitting = threading.Lock()  # (held while submit runs)
         self._trained_digest = b""  # (the model as the site's tensors hold it: set by submit)
         self.result: FlatModel | None = None
         self.survivors: tuple[int, ...] = ()
@@ -890,6 +906,18 @@ class Round:
     @scrubs_locals
     def submit(self, state_dict: Mapping[str, Any], weight: float) -> dict[str, Any]:
         """Send this site's update and wait for the round's result: the new global model."""
+        # (a second thread's call, made while the first ran, was told of restarts and job
+        # ids by the history's record of the spent round: safe, but not what happened)
+        # defence: sdk.one-submit-at-a-time
+        if not self._submitting.acquire(blocking=False):
+            raise SiteError("another thread is submitting to this round: a site submits "
+                            "once a round")
+        try:
+            return self._submit_once(state_dict, weight)
+        finally:
+            self._submitting.release()
+
+    def _submit_once(self, state_dict: Mapping[str, Any], weight: float) -> dict[str, Any]:
         # defence: sdk.submit-once-per-round-object
         if self._submitted:
             raise SiteError("this site already submitted to this round")
@@ -903,7 +931,8 @@ class Round:
         if samples is None or not 0 < samples <= config.max_samples or (
                 samples / config.max_samples <= 0):
             raise ConfigurationError(f"weight must be a number of samples in (0, "
-                             f"{config.max_samples:g}] ([update] max_samples), got {weight!r}")
+                                     f"{config.max_samples:g}] ([update] max_samples), got "
+                                     f"{_shown_weight(weight, samples)}")
         # one vector of the model's size, made by flattening and then worked on in place:
         # a large model is not copied for the delta and again for the clip
         delta, dtypes = tensors.flatten_with_dtypes(state_dict, self.model)

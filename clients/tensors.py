@@ -128,6 +128,20 @@ def flatten_like(state: Mapping[str, Any], model: FlatModel) -> np.ndarray:
     return flatten_with_dtypes(state, model)[0]
 
 
+def _wrapped_hint(missing: list[str], extra: list[str]) -> str:
+    """When every unexpected name is a missing one under one prefix (a wrapped module's
+    state dict: Opacus's ``_module.``, torch.compile's ``_orig_mod.``, DataParallel's
+    ``module.``), say so and what to pass instead."""
+    if not missing or len(missing) != len(extra) or "." not in extra[0]:
+        return ""
+    prefix = extra[0][:extra[0].index(".") + 1]
+    if sorted(e[len(prefix):] for e in extra if e.startswith(prefix)) != missing:
+        return ""
+    inner = prefix[:-1]
+    return (f"every name has the prefix {prefix!r}: a wrapped model's state dict (pass the "
+            f"wrapped module's, e.g. model.{inner}.state_dict())")
+
+
 def flatten_with_dtypes(state: Mapping[str, Any], model: FlatModel,
                         ) -> tuple[np.ndarray, dict[str, str]]:
     """``flatten_like``, and the dtype each of the state's tensors has (name -> numpy dtype
@@ -157,7 +171,8 @@ def flatten_with_dtypes(state: Mapping[str, Any], model: FlatModel,
                 ", ".join(f"{n!r} has shape {tuple(have[n])}, the model's is {tuple(want[n])}"
                           for n in reshaped[:5]),
                 f"missing {missing[:5]}" if missing else "",
-                f"unexpected {extra[:5]}" if extra else "") if part))
+                f"unexpected {extra[:5]}" if extra else "",
+                _wrapped_hint(missing, extra)) if part))
     # which entries are integers (counters, left out of the clip) is the caller's tensors'
     # say as much as the spec's: a float tensor where the model has an integer one (a spec
     # relabelled by the aggregator) would escape the clip

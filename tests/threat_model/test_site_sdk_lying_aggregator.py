@@ -1516,6 +1516,76 @@ def test_a_running_round_beyond_the_jobs_rounds_does_not_end_the_sites_part(
     assert asked == [0] * 5
 
 
+
+def test_a_refused_weight_is_shown_by_its_type_not_its_contents() -> None:
+    """A label tensor passed as the weight (``weight=y`` for ``len(y)``) was echoed whole in
+    the refusal: every patient's label, in the exception and every log and crash report it
+    reaches; a string weight (a name) verbatim. A refused number is still shown as itself."""
+    import torch
+
+    from secagg.errors import ConfigurationError
+
+    info, payloads = _model_info(1, "hospitals/job-1/round-1")
+    site, conn = _site("masking", info, payloads)
+    rnd = next(site.rounds())
+    labels = torch.tensor([7654321] * 600)
+    cases = ((labels, "got a Tensor of shape (600,)"),
+             (labels.numpy(), "got a ndarray of shape (600,)"),
+             ([7654321] * 600, "got a list"),
+             ("Jane Doe 7654321", "got a str"),
+             (-7654321, "got -7.65432e+06"))
+    for bad, shown in cases:
+        with pytest.raises(ConfigurationError) as caught:
+            rnd.submit({"w": np.ones(8, np.float32)}, weight=bad)
+        message = str(caught.value)
+        assert message.endswith(shown), message
+        assert "7654321" not in message and "Jane" not in message
+    assert conn.sent == []
+
+
+def test_a_second_thread_submitting_to_the_round_is_told_so() -> None:
+    """Two threads calling submit on one Round at once: one update went out (safe), and the
+    other thread was told of restarts and job ids (the history's record of a spent round).
+    It is now told another thread is submitting, and sends nothing."""
+    import threading
+
+    from clients.errors import AggregatorRefused, SiteError
+
+    inside, go_on = threading.Event(), threading.Event()
+
+    class _Held(_Scripted):
+        def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+            if method != "GetRound":
+                inside.set()
+                go_on.wait(30)
+            return super().call(method, request, timeout)
+
+    info, payloads = _model_info(1, "hospitals/job-1/round-1")
+    site, _ = _site("masking", info, payloads)
+    site._conn = conn = _Held(info, payloads)
+    rnd = next(site.rounds())
+    raised: list[BaseException] = []
+
+    def first() -> None:
+        try:
+            rnd.submit({"w": np.ones(8, np.float32)}, weight=10)
+        except BaseException as e:
+            raised.append(e)
+
+    thread = threading.Thread(target=first, daemon=True)
+    thread.start()
+    try:
+        assert inside.wait(30)
+        with pytest.raises(SiteError, match="another thread is submitting to this round"):
+            rnd.submit({"w": np.ones(8, np.float32)}, weight=10)
+    finally:
+        go_on.set()
+        thread.join(30)
+    assert len(raised) == 1 and isinstance(raised[0], AggregatorRefused)
+    assert conn.sent == ["Submit"]
+    with pytest.raises(SiteError, match="already submitted to this round"):
+        rnd.submit({"w": np.ones(8, np.float32)}, weight=10)
+
 def test_a_round_whose_submit_refused_an_argument_is_offered_again_while_it_runs() -> None:
     """``site.aggregate(bad, w)`` raised (nothing sent), and the retry ``site.aggregate(good,
     w)`` waited for the next round while this one waited for this site, until its deadline:

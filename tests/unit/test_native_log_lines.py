@@ -320,6 +320,28 @@ def test_refusals_a_peer_causes_are_rate_limited_per_site_and_counted(
     assert line["dropped"] == 2000 - passed
 
 
+
+def test_grpc_librarys_own_lines_a_site_causes_are_rate_limited(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A roster site's compressed messages refused past the size limit each made gRPC's
+    Python library log "ExecuteBatchError raised in core by servicer method" at error, as
+    often as the site liked (153 lines in one tester's run): its lines share one budget."""
+    clock = [1000.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    budget = logs.PeerLineBudget()
+
+    def record(name: str) -> logging.LogRecord:
+        return logging.LogRecord(name, logging.ERROR, __file__, 1,
+                                 "ExecuteBatchError raised in core by servicer method "
+                                 "[/secagg.v1.Aggregation/PutChunks]", None, None)
+
+    passed = sum(budget.filter(record("grpc._cython.cygrpc")) for _ in range(2000))
+    assert passed <= logs.PEER_LINES_BURST
+    assert all(budget.filter(record("asyncio")) for _ in range(100))  # not gRPC's
+    assert all(budget.filter(record("grpcio_other")) for _ in range(100))
+    clock[0] += 1.0
+    assert budget.filter(record("grpc"))
+
 def test_a_flood_of_core_errors_does_not_hide_refused_handshakes(
         lines: tuple[logs.NativeLines, list[dict[str, Any]]]) -> None:
     """A site can make the core log errors at will (a bad grpc-timeout header), and the

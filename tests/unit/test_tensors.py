@@ -130,6 +130,26 @@ def test_a_state_dict_that_is_not_the_models_layout_is_refused_naming_it(lie: st
     assert tensors.flatten_like({"a": a, "b": b}, model).size == 10
 
 
+
+@pytest.mark.parametrize("prefix", ["_module.", "_orig_mod.", "module."])
+def test_a_wrapped_models_state_dict_is_refused_with_what_to_pass(prefix: str) -> None:
+    """Opacus's GradSampleModule, torch.compile and DataParallel prefix every name: the
+    refusal listed missing and unexpected names and left the engineer to see why. It now
+    names the prefix and the wrapped module's state dict to pass; a mere rename does not
+    get the hint."""
+    from secagg.errors import ConfigurationError
+
+    model = FlatModel.from_arrays({"fc.weight": np.zeros((2, 3)), "fc.bias": np.zeros(2)})
+    wrapped = {prefix + "fc.weight": np.ones((2, 3)), prefix + "fc.bias": np.ones(2)}
+    with pytest.raises(ConfigurationError) as e:
+        tensors.flatten_like(wrapped, model)
+    assert (f"every name has the prefix {prefix!r}: a wrapped model's state dict (pass the "
+            f"wrapped module's, e.g. model.{prefix[:-1]}.state_dict())") in str(e.value)
+    renamed = {prefix + "fc.weight": np.ones((2, 3)), "other.fc.bias": np.ones(2)}
+    with pytest.raises(ConfigurationError) as e:
+        tensors.flatten_like(renamed, model)
+    assert "prefix" not in str(e.value)
+
 def test_the_norm_of_large_finite_values_is_finite_and_they_are_clipped_not_zeroed() -> None:
     """Squares beyond float64 (values past ~1e154) made the norm infinite and the clip
     multiplied every value by bound / inf: an update of zeros. Scaled, the norm is right."""
