@@ -498,3 +498,25 @@ def test_a_completed_rounds_own_uploads_are_purged_once_the_purge_delay_passed(
         assert store.get_chunk(cid) is None
     finally:
         store.close()
+
+
+def test_a_restarted_aggregator_keeps_the_running_rounds_uploads(tmp_path: Path) -> None:
+    """The aggregator restarts while round 1 runs, a site's upload to it already stored:
+    recovery's purge (due at once) drops only the rounds before the running one, so the
+    restarted job's first tick and its shutdown keep round 1's upload, which the round still
+    sums (a purge bound past the running round dropped it, and the round with it)."""
+    _, _, job, store, _ = _two_round_ckks(tmp_path)
+    try:
+        first = job()
+        assert first.current_round == 1
+        data = b"an upload of round 1, still running"
+        cid = hashlib.sha256(data).digest()
+        store.put_chunks([(cid, data)], round_number=1, site=2)
+        again = job()  # restarted, at the same moment
+        assert again.current_round == 1 and again.active is not None
+        again.tick()
+        assert store.get_chunk(cid) == data
+        again.purge()  # (shutdown)
+        assert store.get_chunk(cid) == data
+    finally:
+        store.close()

@@ -9,6 +9,7 @@ of the issue 6 review, each played against the release path users run
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -1055,3 +1056,81 @@ def test_an_upload_whose_chunks_are_a_lying_tuple_is_refused_and_the_round_goes_
         Release(r.holder, r.config, site_id=1).add(evil)
     for site in (1, 2, 3):
         server.handle(r.client(site).start())
+
+
+class _AgreeingTuple(tuple):  # type: ignore[type-arg]
+    """A tuple that says it equals whatever it is compared with (Python asks a subclass on
+    the right of == or != first)."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __ne__(self, other: object) -> bool:
+        return False
+
+    __hash__ = tuple.__hash__
+
+
+def test_an_aggregate_whose_sites_are_a_tuple_claiming_equality_is_an_invalid_message() -> None:
+    """The aggregate names sites 1 and 2 in a tuple subclass that compares equal to the
+    verified sites (1, 2, 3): taken as a tuple, it passed the claimed-sites check and the
+    release was of two sites' names over three sites' sum. Its exact type is checked first:
+    InvalidMessage, and the honest aggregate is released after it."""
+    r = CkksRound(sites=3, vector_length=10)
+    uploads, aggregate = r.run()
+    with pytest.raises(InvalidMessage, match="aggregate"):
+        release_average(r.holder, r.config,
+                        replace(aggregate, sites=_AgreeingTuple((1, 2))), uploads, site_id=1)
+    assert release_average(r.holder, r.config, aggregate, uploads, site_id=1).sites == (1, 2, 3)
+
+
+class _RaisingStr(str):
+    """A str that raises from any comparison or len (a caller's object, not the wire's)."""
+
+    def __eq__(self, other: object) -> bool:
+        raise ValueError("compared")
+
+    __ne__ = __eq__
+    __hash__ = str.__hash__
+
+    def __len__(self) -> int:
+        raise ValueError("measured")
+
+
+class _RaisingBytes(bytes):
+    """A bytes that raises from any comparison or len."""
+
+    def __eq__(self, other: object) -> bool:
+        raise ValueError("compared")
+
+    __ne__ = __eq__
+    __hash__ = bytes.__hash__
+
+    def __len__(self) -> int:
+        raise ValueError("measured")
+
+
+@pytest.mark.parametrize("field", ["round_id", "key_id", "signature", "chunk"])
+def test_an_upload_field_of_a_subclassed_type_is_an_invalid_message_and_the_round_goes_on(
+        field: str) -> None:
+    """An upload whose round id is a str subclass, or whose key id, signature or a chunk is
+    a bytes subclass, is refused as the opaque InvalidMessage by the aggregator's server and
+    by the key holder, before any comparison or len can raise something else from inside
+    (a raw ValueError broke the round); the honest uploads are counted after it."""
+    r = CkksRound(sites=3, vector_length=10)
+    honest = r.client(3).start()
+    if field == "chunk":
+        evil = replace(honest, chunks=(_RaisingBytes(honest.chunks[0]), *honest.chunks[1:]))
+    else:
+        value = getattr(honest, field)
+        lying: dict[str, Any] = {field: (_RaisingStr if field == "round_id"
+                                         else _RaisingBytes)(value)}
+        evil = replace(honest, **lying)
+    server = CkksServer(r.config, r.public)
+    with pytest.raises(InvalidMessage):
+        server.handle(evil)
+    with pytest.raises(InvalidMessage):
+        Release(r.holder, r.config, site_id=1).add(evil)
+    for site in (1, 2, 3):
+        server.handle(r.client(site).start())
+    assert server.sites == (1, 2, 3)

@@ -419,6 +419,27 @@ def test_sign_sends_only_settings_the_operator_signed(real: Path, tmp_path: Path
     assert json.loads((out / "settings.sig").read_text())["serial"] == 2
 
 
+def test_sign_sends_the_settings_sig_it_verified_not_a_second_read(
+        real: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """settings.sig changes on disk just after `sign` verified it (another operator's
+    sign-config, or a carrier's edit): the parcel holds the bytes sign verified, not a second
+    read of the file (which sent a site settings.sig bytes nobody checked)."""
+    import secagg.federation.kit as kit
+
+    verified = kit._verified_settings_sig
+    signed = (real / "settings.sig").read_bytes()
+
+    def then_changed(d: Path, config: FederationConfig) -> tuple[int, bytes]:
+        answer = verified(d, config)
+        (d / "settings.sig").write_bytes(b'{"serial": 99, "changed": "after the check"}')
+        return answer
+
+    monkeypatch.setattr(kit, "_verified_settings_sig", then_changed)
+    request = make_site_request(tmp_path / "site-5", 5, trust_root=_root(real))
+    out = sign_site_request(real, request, tmp_path / "out", add_site=True)
+    assert (out / "settings.sig").read_bytes() == signed
+
+
 def test_a_rotation_is_installed_into_the_sites_own_directory_and_keeps_its_history(
         real: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Installed into the rotation's new directory, the site started again with no history

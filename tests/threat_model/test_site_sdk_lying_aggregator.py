@@ -848,6 +848,9 @@ def test_a_site_refuses_a_round_whose_model_does_not_follow_from_the_one_it_hold
         conn = _Chain(info, payloads, past(result))
         site._conn = conn  # type: ignore[assignment]
         site._model_digest, site._held_round = held, 1
+        # (the site holds the model too: it is not the one the round starts from, so the
+        # round's own is fetched, not the held one used)
+        site._held_model = held_model
         if follows:
             assert next(site.rounds()).model.digest == announced
             continue
@@ -1894,3 +1897,47 @@ def test_a_round_that_starts_from_the_model_a_site_holds_is_not_fetched_again() 
     rnd = next(written.rounds())
     assert conn2.fetched == [info.model.data.chunk_ids[0].hex()]
     assert rnd.model is not held and rnd.model.values[0] == 0.5
+
+
+def test_a_result_a_site_took_is_the_model_it_holds_for_the_next_round() -> None:
+    """The site joins round 1 (fetching its model) and takes round 1's result; round 2
+    starts from that result: the site uses the result it took, fetched once, not twice (the
+    result taken is the model held, not round 1's model)."""
+    from secagg.model import FlatModel
+
+    info, payloads = _model_info(1, "hospitals/job-1/round-1")
+    site, conn = _site("masking", info, payloads)
+    rnd = next(site.rounds())
+    result = FlatModel.from_arrays({"w": np.full(8, 0.5, np.float32)})
+    blob = wire.Blob((b"\x05" * 32,), len(result.to_bytes()))
+    conn.payloads[blob.chunk_ids[0]] = result.to_bytes()
+    done = service_pb2.RoundInfo(round=1, round_id=rnd.round_id,
+                                 status=service_pb2.ROUND_STATUS_COMPLETED,
+                                 result=wire.model_to_proto(result, blob))
+    site._accept_result(done, rnd.model)
+    assert conn.fetched == ["03" * 32, "05" * 32]
+
+    conn.info = service_pb2.RoundInfo(round=2, round_id="hospitals/job-1/round-2",
+                                      protocol=service_pb2.PROTOCOL_MASKING,
+                                      status=service_pb2.ROUND_STATUS_RUNNING,
+                                      model=wire.model_to_proto(result, blob))
+    rnd2 = next(site.rounds())
+    assert rnd2.round_id == "hospitals/job-1/round-2"
+    assert conn.fetched == ["03" * 32, "05" * 32]  # (the result: not fetched again)
+    assert rnd2.model.digest == result.digest
+
+
+def test_a_round_joined_and_not_sent_to_leaves_its_model_held() -> None:
+    """The site joins round 1 and sends nothing (the round aborts without it). Round 2
+    starts from the same model: the one the site holds is used, not fetched again."""
+    info, payloads = _model_info(1, "hospitals/job-1/round-1")
+    site, conn = _site("masking", info, payloads)
+    rnd1 = next(site.rounds())
+    assert conn.fetched == ["03" * 32]
+
+    conn.info = service_pb2.RoundInfo()
+    conn.info.CopyFrom(info)
+    conn.info.round, conn.info.round_id = 2, "hospitals/job-1/round-2"
+    rnd2 = next(site.rounds())
+    assert rnd2.round_id == "hospitals/job-1/round-2"
+    assert conn.fetched == ["03" * 32] and rnd2.model is rnd1.model

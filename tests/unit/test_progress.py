@@ -59,5 +59,10 @@ def test_the_tqdm_adapter_takes_a_description_prefix_and_leave_and_refuses_total
     progress("upload", 2, 2)
     text = out.getvalue()
     assert "site 3: upload" in text and "2/2" in text
+    assert text.endswith("\n")  # (leave=True: the finished bar is kept)
+    cleared = io.StringIO()
+    progress = tqdm_progress(file=cleared, mininterval=0)  # (leave defaults to False)
+    progress("upload", 2, 2)
+    assert not cleared.getvalue().endswith("\n")  # (the finished bar is cleared)
     with pytest.raises(ConfigurationError, match="do not pass total"):
         tqdm_progress(total=5)

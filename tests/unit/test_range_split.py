@@ -99,3 +99,26 @@ def test_a_helper_that_died_is_workers_failed_not_a_raw_broken_pool() -> None:
         with pytest.raises(WorkersFailed, match="masking helper process died"):
             for _ in range(50):  # (the pool sees its helper gone within a few tries)
                 masker.apply(np.zeros(LENGTH, dtype=np.uint32), terms)
+        # (and at every mask after it: the broken pool refuses the helpers' work at submit)
+        for _ in range(2):
+            with pytest.raises(WorkersFailed, match="masking helper process died"):
+                masker.submit(terms)
+
+
+def test_a_helper_that_died_is_workers_failed_when_the_target_is_refused_too() -> None:
+    """The helpers' work is waited for before a target of the wrong shape is refused (they
+    write into the shared memory): a helper that died there is WorkersFailed as well, not a
+    raw BrokenProcessPool."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    from secagg.errors import WorkersFailed
+    from secagg.hazmat.prg import PendingMasks
+
+    terms = [(os.urandom(32), 1)]
+    with RangeSplitMasker(LENGTH, processes=2) as masker:
+        died: Future[int] = Future()
+        died.set_exception(BrokenProcessPool("a child process terminated abruptly"))
+        pending = PendingMasks(masker, terms, [died], masker._bounds(None)[1])
+        with pytest.raises(WorkersFailed, match="masking helper process died"):
+            pending.apply_to(np.zeros(LENGTH - 1, dtype=np.uint32))

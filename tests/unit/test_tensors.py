@@ -220,7 +220,8 @@ def test_a_list_numpy_cannot_take_is_refused_naming_the_tensor() -> None:
     assert tensors.flatten_like({"w": [[1.0, 2.0], [3.0, 4.0]]}, model).tolist() == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("bad", [None, "abc", b"\x00\x01", {"nested": 1}, [None, None]])
+@pytest.mark.parametrize("bad", [None, "abc", b"\x00\x01", {"nested": 1}, [None, None],
+                                 np.zeros(2, dtype=[("a", "f4")])])
 def test_a_value_that_is_no_tensor_is_named_as_such_not_as_a_dtype(bad: object) -> None:
     """A state dict entry of None or a string became an array of dtype object or str, and
     was refused as "unsupported dtype 'object'": a hospital engineer looked for a dtype
