@@ -63,6 +63,7 @@ from secagg.errors import (
     SecAggError,
     WorkersFailed,
 )
+from secagg.federation.config import FederationConfig
 from secagg.federation.kit import SiteKit
 from secagg.hazmat.secret import scrubs_locals
 from secagg.masking import MaskingClient, Stage
@@ -214,6 +215,53 @@ def _shown_weight(weight: object, samples: float | None) -> str:
     return f"a {type(weight).__name__}"
 
 
+# what a site is told beside the abort reasons whose cause it can act on (the aggregator's
+# log says which; the reason alone named none)
+_ABORT_HINTS = {
+    "AGGREGATE_OUT_OF_RANGE": (
+        "the round's sum is beyond what clipped updates make (a site past its clip) or, "
+        "under CKKS, its weight sum too small for the key holder's release noise ([update] "
+        "max_samples far above the sites' sample counts); no site sends twice against one "
+        "model, so a round from the same model cannot follow"),
+    "TOO_FEW_SURVIVORS": "fewer sites than the federation's threshold took part in time",
+}
+
+
+def _explained(reason: str) -> str:
+    """An aborted round's reason as the aggregator gave it, with what it means when it is
+    one of _ABORT_HINTS' (the aggregator's text is shown as it is, never interpreted)."""
+    hint = _ABORT_HINTS.get(reason)
+    # defence: sdk.abort-reasons-explained
+    return reason if hint is None else f"{reason} ({hint})"
+
+
+def _warn_weight_below_release(config: FederationConfig, samples: float, sites: int,
+                               learned: int) -> bool:
+    """Warn (True) when a CKKS round in which every roster site had this site's weight would
+    be refused by its key holder: its weight sum below the least whose release noise stays
+    under a tenth of the clip. The README's advice for a sensitive sample count, weight=1,
+    under the default max_samples of 10,000, did just that: every site spent round 1, the
+    key holder refused it, and no site could send again against the job's model (one
+    update per model), so the job ended after its first round."""
+    from secagg.ckks.presets import PRESETS, least_weight_sum
+    from secagg.ckks.release import least_l2_weight_sum
+
+    params, clip = PRESETS[config.preset], config.clip_norm
+    least = max(least_weight_sum(params, sites, clip),
+                least_l2_weight_sum(params, sites, clip, max(learned, 1)))
+    # defence: sdk.small-ckks-weight-warned
+    if samples / config.max_samples * sites >= least:
+        return False
+    _log.warning(
+        f"weight {samples:g} is small for [update] max_samples {config.max_samples:g}: were "
+        f"every site's this small, the key holder would refuse the round's release (a weight "
+        f"sum under {least * config.max_samples:.3g} samples: its noise would swamp the "
+        "average), and a refused round ends the job (no site sends twice against one model); "
+        "keep max_samples near the sites' sample counts (weight=1 at every site: "
+        "max_samples = 1)")
+    return True
+
+
 def _warn_capped_counters(model: FlatModel, delta: np.ndarray, clip: float,
                           round_id: str, warned: set[str]) -> None:
     """Warn (naming the tensors, not their values) when an integer tensor changed by more
@@ -268,6 +316,7 @@ class Site:
         self.training_dtype = training_dtype
         self.kit = kit
         self._capped_warned: set[str] = set()  # integer tensors warned of (_warn_capped_counters)
+        self._weight_warned = False  # (_warn_weight_below_release: said once)
         self.workers = workers  # CKKS: processes to encrypt with, and (key holder) to release
         self.site_id = kit.site_id
         self.config = kit.config
@@ -991,6 +1040,10 @@ class Round:
                     f"{beyond[:64]!r} past what its dtype ({dtype}) holds, and the round's "
                     "result could not be published: keep it further from the dtype's limits")
         scaled_weight = samples / config.max_samples
+        if self.protocol == "ckks" and not self._site._weight_warned:
+            self._site._weight_warned = _warn_weight_below_release(
+                config, samples, len(self._site.kit.roster),
+                int(np.count_nonzero(~self.model.integer_positions)))
         # this round number is spent from here on, whatever becomes of it (if it cannot be
         # recorded, nothing is sent and the round stays open to another call)
         # defence: sdk.submit-spends-with-its-key
@@ -1129,7 +1182,8 @@ class Round:
                                                       "of another round")
                 return info
             if info.status == service_pb2.ROUND_STATUS_ABORTED:
-                raise RoundAborted(self.round_id, info.abort_reason, code="ABORTED")
+                raise RoundAborted(self.round_id, _explained(info.abort_reason),
+                                   code="ABORTED")
             self._in_time()
             pacer.nothing_new(began)
 
@@ -1251,7 +1305,8 @@ class Round:
         while not info.HasField("ckks_key"):
             # defence: sdk.key-wait-ends-with-the-round
             if info.status != _RUNNING:
-                raise RoundAborted(self.round_id, info.abort_reason or "no key was announced")
+                raise RoundAborted(self.round_id, _explained(info.abort_reason)
+                                   or "no key was announced")
             self._in_time()
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)

@@ -16,6 +16,18 @@ def _site_ids(text: str) -> tuple[int, ...]:
     return ids
 
 
+def _samples(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text[:40]!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text[:40]!r}")
+    return value
+
+
 def _site_id(text: str) -> int:
     try:
         value = int(text)
@@ -36,7 +48,7 @@ def _init(args: argparse.Namespace) -> int:
     config = init_federation(args.dir, args.sites, protocol=args.protocol,
                              key_holders=args.key_holders or (1,), hosts=args.host,
                              aggregator=args.aggregator, name=args.name,
-                             initial_model=args.model)
+                             initial_model=args.model, max_samples=args.max_samples)
     d = Path(args.dir)
     print(f"federation {args.name!r} ({args.protocol}, {args.sites} sites) written to {d}")
     print(f"  aggregator:  secagg aggregator serve --config {d / 'aggregator' / 'federation.toml'}")
@@ -182,6 +194,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     init.add_argument("--model", type=Path, required=True,
                       help="the job's initial model (.npz of named arrays); its digest is "
                            "pinned in every site's config, so the aggregator cannot choose it")
+    init.add_argument("--max-samples", type=_samples, default=10_000.0, metavar="N",
+                      help="[update] max_samples: weights are samples / N; keep N near the "
+                           "sites' sample counts (with weight=1 at every site: 1) "
+                           "(default 10000)")
     init.set_defaults(func=_init)
     csr = fed_sub.add_parser("csr", help="make this site's own keys and certificate request")
     csr.add_argument("--dir", required=True, type=_dir_path)

@@ -249,6 +249,27 @@ def test_key_holders_for_a_masking_federation_are_refused(
         or "key_holders = [2]" in (tmp_path / "fed" / "federation.toml").read_text()
 
 
+def test_init_sets_max_samples_and_refuses_one_that_is_not_a_positive_number(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With weight=1 at every site (the README's advice for a sensitive sample count), the
+    default max_samples of 10,000 made weights of 1e-4, too small for a CKKS release: an
+    operator had to edit and re-sign every party's config. `init --max-samples` sets it."""
+    import numpy as np
+
+    from secagg.federation.kit import SiteKit
+
+    np.savez(tmp_path / "init.npz", w=np.zeros(4, np.float32))
+    for bad in ("0", "-1", "nan", "inf", "many"):
+        with pytest.raises(SystemExit):
+            main(["federation", "init", "--dir", str(tmp_path / "fed"), "--sites", "3",
+                  "--model", str(tmp_path / "init.npz"), "--max-samples", bad])
+        assert "--max-samples" in capsys.readouterr().err
+        assert not (tmp_path / "fed").exists()
+    assert main(["federation", "init", "--dir", str(tmp_path / "fed"), "--sites", "3",
+                 "--model", str(tmp_path / "init.npz"), "--protocol", "ckks",
+                 "--max-samples", "1"]) == 0
+    assert SiteKit.load(tmp_path / "fed" / "sites" / "site-2").config.max_samples == 1.0
+
 @pytest.mark.parametrize("address", ["no-port", "host:99999", "host:", "host:5x", "host:65536",
                                      "host:\u0665\u0660\u0667\u0666\u0661"])
 def test_a_bad_aggregator_address_is_named_as_the_flag(

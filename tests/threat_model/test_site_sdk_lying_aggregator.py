@@ -1589,6 +1589,38 @@ def test_a_second_thread_submitting_to_the_round_is_told_so() -> None:
     with pytest.raises(SiteError, match="already submitted to this round"):
         rnd.submit({"w": np.ones(8, np.float32)}, weight=10)
 
+
+def test_a_ckks_weight_too_small_for_any_release_is_warned_before_the_round_is_spent(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """weight=1 at every site (the README's advice for a sensitive sample count) under the
+    default max_samples of 10,000: the key holder refused round 1's release as noise, and,
+    every site having spent the model, the job ended. A CKKS site whose weight would be
+    refused were every site's as small is warned, naming the fix, before it sends; a weight
+    that could be released is not, and masking sites never are (no noise floor)."""
+    import logging
+
+    from clients.errors import RoundAborted
+
+    def submit_with(weight: float, protocol: str) -> list[str]:
+        kind = (service_pb2.PROTOCOL_CKKS if protocol == "ckks"
+                else service_pb2.PROTOCOL_MASKING)
+        info, payloads = _model_info(1, "hospitals/job-1/round-1", protocol=kind)
+        site, conn = _site(protocol, info, payloads)
+        conn.max_polls = 2  # (then the job is done: the key wait ends)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="clients"), pytest.raises(
+                (RoundAborted, SiteError)):
+            next(site.rounds()).submit({"w": np.ones(8, np.float32)}, weight=weight)
+        return [r.getMessage() for r in caplog.records if "max_samples" in r.getMessage()]
+
+    from clients.errors import SiteError
+
+    warned = submit_with(1, "ckks")
+    assert len(warned) == 1 and "weight 1 is small for [update] max_samples 10000" in warned[0]
+    assert "max_samples = 1" in warned[0]
+    assert submit_with(5000, "ckks") == []
+    assert submit_with(1, "masking") == []
+
 def test_a_round_whose_submit_refused_an_argument_is_offered_again_while_it_runs() -> None:
     """``site.aggregate(bad, w)`` raised (nothing sent), and the retry ``site.aggregate(good,
     w)`` waited for the next round while this one waited for this site, until its deadline:
@@ -1678,6 +1710,29 @@ def test_a_ckks_round_aborted_before_its_key_is_told_with_the_aggregators_reason
         rnd.submit({"w": np.ones(8, np.float32)}, weight=10)
     assert "upload" not in conn.sent
 
+
+
+@pytest.mark.parametrize("reason", ["AGGREGATE_OUT_OF_RANGE", "TOO_FEW_SURVIVORS"])
+def test_an_abort_reason_a_site_can_act_on_is_explained(
+        reason: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sites of a CKKS round whose key holder refused the release as noise (weights too
+    small for max_samples) were told "AGGREGATE_OUT_OF_RANGE" and nothing more. The reasons
+    a site can act on now come with what they mean."""
+    import clients.site
+
+    monkeypatch.setattr(clients.site, "_round_patience", lambda config: 3.0)  # (if missed)
+    info, payloads = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
+    site, conn = _site("ckks", info, payloads)
+    rnd = next(site.rounds())
+    conn.info = service_pb2.RoundInfo()
+    conn.info.CopyFrom(info)
+    conn.info.status = service_pb2.ROUND_STATUS_ABORTED
+    conn.info.abort_reason = reason
+    with pytest.raises(RoundAborted) as caught:
+        rnd.submit({"w": np.ones(8, np.float32)}, weight=5000)
+    assert {"AGGREGATE_OUT_OF_RANGE": "max_samples far above the sites' sample counts",
+            "TOO_FEW_SURVIVORS": "fewer sites than the federation's threshold"}[reason] in str(
+                caught.value)
 
 @pytest.mark.parametrize("code", ["NOT_FOUND", "INVALID_ARGUMENT", "PERMISSION_DENIED"])
 def test_a_refused_receive_is_the_round_aborted_whatever_its_code(code: str) -> None:
