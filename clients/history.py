@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -674,58 +675,95 @@ def _flock_within(fd: int, path: Path, fcntl: Any, after: str) -> None:
 
 
 _claims_lock = threading.Lock()
-_claims: dict[Path, list[int]] = {}  # lock file -> [its descriptor, Sites holding it]
+# lock file -> [its descriptor, Sites holding it, the process that locked it]
+_claims: dict[Path, list[int]] = {}
 
 
 class DirectoryClaim:
-    """This process's claim on a history directory (``claim_directory``), until ``release``."""
+    """This process's claim on a site's directories (``claim_directory``), until
+    ``release``."""
 
-    def __init__(self, path: Path) -> None:
-        self._path: Path | None = path
+    def __init__(self, paths: list[Path]) -> None:
+        self._paths: list[Path] | None = paths
 
     def release(self) -> None:
         with _claims_lock:
-            path, self._path = self._path, None
-            if path is None:
-                return
-            held = _claims[path]
-            held[1] -= 1
-            if held[1] == 0:
-                del _claims[path]
-                os.close(held[0])  # (closing releases the lock)
+            paths, self._paths = self._paths, None
+            for path in paths or ():
+                held = _claims.get(path)
+                if held is None or held[2] != os.getpid():
+                    continue  # (a forked child's copy: the lock is its parent's)
+                held[1] -= 1
+                if held[1] == 0:
+                    del _claims[path]
+                    os.close(held[0])  # (closing releases the lock)
 
 
-def claim_directory(directory: str | Path) -> DirectoryClaim:
-    """Lock ``directory``'s IN_USE_FILE for this process, or refuse with DirectoryInUse
-    naming the process that holds it. Two processes on one site directory stayed safe (the
-    record is checked under a lock before anything leaves) but the second was told only at
-    its first submit, after training a round for nothing; now it is told at connect. Sites
-    of one process share the claim (each is safe beside the other as before); a process
-    that ends, however, lets it go (the lock is the kernel's, on the open file)."""
-    path = Path(directory).resolve() / IN_USE_FILE
+def claim_directory(directory: str | Path, also: str | Path | None = None) -> DirectoryClaim:
+    """Lock ``directory``'s IN_USE_FILE (and, where it can be written, ``also``'s: the site
+    directory, when the history is kept elsewhere) for this process, or refuse with
+    DirectoryInUse naming the process that holds it. Two processes on one site directory
+    stayed safe (the record is checked under a lock before anything leaves) but the second
+    was told only at its first submit, after training a round for nothing; now it is told
+    at connect. Two processes of one site that keep their histories apart (each its own
+    ``history_dir``) were never safe, each sending against the models the other had sent
+    against: the site directory's lock refuses the second too (unless that directory is
+    read-only, the one reason to keep the history elsewhere).
+
+    Sites of one process share the claim (each is safe beside the other as before). The
+    lock is a POSIX record lock, which belongs to the process: a process that ends lets it
+    go, and a child forked from the training script (a DataLoader worker) holds none of it
+    (an ``flock`` would have been shared with the child, which kept the directory locked
+    after its parent closed its Site, in the parent's name)."""
+    paths = [Path(directory).resolve() / IN_USE_FILE]
+    if also is not None and (Path(also).resolve() / IN_USE_FILE) != paths[0]:
+        paths.append(Path(also).resolve() / IN_USE_FILE)
+    taken: list[Path] = []
+    try:
+        for number, path in enumerate(paths):
+            if _claim(path, path.parent if number == 0 else Path(also or directory),
+                      optional=number > 0):
+                taken.append(path)
+    except BaseException:
+        DirectoryClaim(taken).release()
+        raise
+    return DirectoryClaim(taken)
+
+
+def _claim(path: Path, directory: Path, optional: bool) -> bool:
+    """Lock one IN_USE_FILE (True), or for an ``optional`` one that cannot be written
+    (a read-only site directory), nothing (False)."""
     with _claims_lock:
         held = _claims.get(path)
+        if held is not None and held[2] != os.getpid():
+            # a forked child's copy of its parent's registry: the parent's lock, not ours
+            del _claims[path]
+            with contextlib.suppress(OSError):
+                os.close(held[0])  # (a record lock is the process's: the parent keeps it)
+            held = None
         if held is not None:
             held[1] += 1
-            return DirectoryClaim(path)
+            return True
         try:  # (check_history_directory refused a link there already)
             fd = os.open(path, os.O_CREAT | os.O_RDWR | _NOFOLLOW, 0o600)
         except OSError as e:
+            if optional and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                return False
             raise SiteError(f"cannot lock {path}: {e.strerror}") from None
         try:
             import fcntl  # (POSIX; elsewhere a second process is told at its submit)
         except ImportError:
-            _claims[path] = [fd, 1]
-            return DirectoryClaim(path)
+            _claims[path] = [fd, 1, os.getpid()]
+            return True
         try:
             # defence: sdk.directory-claimed-at-connect
-            fcntl.flock(fd, fcntl.LOCK_NB | fcntl.LOCK_EX)
+            fcntl.lockf(fd, fcntl.LOCK_NB | fcntl.LOCK_EX)
         except OSError as e:
             holder = _holder(fd)
             os.close(fd)
-            if isinstance(e, BlockingIOError):
+            if e.errno in (errno.EAGAIN, errno.EACCES):
                 raise DirectoryInUse(
-                    f"another process{holder} runs a Site of {Path(directory)} (a training "
+                    f"another process{holder} runs a Site of {directory} (a training "
                     "script of this site already running?): one process per site; stop it "
                     "first, or wait for it to end") from None
             raise SiteError(f"cannot lock {path}: {e.strerror}") from None
@@ -734,8 +772,8 @@ def claim_directory(directory: str | Path) -> DirectoryClaim:
             os.pwrite(fd, str(os.getpid()).encode(), 0)
         except OSError:
             pass
-        _claims[path] = [fd, 1]
-        return DirectoryClaim(path)
+        _claims[path] = [fd, 1, os.getpid()]
+        return True
 
 
 def _holder(fd: int) -> str:

@@ -237,28 +237,33 @@ def _explained(reason: str) -> str:
 
 def _warn_weight_below_release(config: FederationConfig, samples: float, sites: int,
                                learned: int) -> bool:
-    """Warn (True) when a CKKS round in which every roster site had this site's weight would
-    be refused by its key holder: its weight sum below the least whose release noise stays
-    under a tenth of the clip. The README's advice for a sensitive sample count, weight=1,
-    under the default max_samples of 10,000, did just that: every site spent round 1, the
-    key holder refused it, and no site could send again against the job's model (one
-    update per model), so the job ended after its first round."""
+    """Warn (True) when a CKKS round of the fewest sites a release takes (``min_sites``),
+    each with this site's weight, would be refused by its key holder: its weight sum below
+    the least whose release noise stays under a tenth of the clip. The README's advice for
+    a sensitive sample count, weight=1, under the default max_samples of 10,000, did just
+    that: every site spent round 1, the key holder refused it, and no site could send
+    again against the job's model (one update per model), so the job ended after its first
+    round. The fewest sites are the worst case: the least weight sum grows more slowly
+    than the number of sites (a round a dropout took down to them was refused, where one
+    of the whole roster was not)."""
     from secagg.ckks.presets import PRESETS, least_weight_sum
     from secagg.ckks.release import least_l2_weight_sum
+    from secagg.ckks.round import check_round_parameters
 
+    fewest = check_round_parameters(sites, **config._ckks_parameters())
     params, clip = PRESETS[config.preset], config.clip_norm
-    least = max(least_weight_sum(params, sites, clip),
-                least_l2_weight_sum(params, sites, clip, max(learned, 1)))
+    least = max(least_weight_sum(params, fewest, clip),
+                least_l2_weight_sum(params, fewest, clip, max(learned, 1)))
     # defence: sdk.small-ckks-weight-warned
-    if samples / config.max_samples * sites >= least:
+    if samples / config.max_samples * fewest >= least:
         return False
     _log.warning(
-        f"weight {samples:g} is small for [update] max_samples {config.max_samples:g}: were "
-        f"every site's this small, the key holder would refuse the round's release (a weight "
-        f"sum under {least * config.max_samples:.3g} samples: its noise would swamp the "
-        "average), and a refused round ends the job (no site sends twice against one model); "
-        "keep max_samples near the sites' sample counts (weight=1 at every site: "
-        "max_samples = 1)")
+        f"weight {samples:g} is small for [update] max_samples {config.max_samples:g}: a "
+        f"round of {fewest} sites (the fewest the key holder releases) each this light would "
+        f"be refused (its weight sum under {least * config.max_samples:.3g} samples: the "
+        "release noise would swamp the average), and a refused round ends the job (no site "
+        "sends twice against one model); keep max_samples near the sites' sample counts "
+        "(weight=1 at every site: max_samples = 1)")
     return True
 
 
@@ -410,7 +415,9 @@ class Site:
         check_used_before(kit, history_dir)
         # a second process on the directory is told now, not at its first submit (after a
         # round's training for nothing)
-        claim = claim_directory(history_dir if history_dir is not None else kit.directory)
+        # defence: sdk.site-directory-claimed-beside-its-history
+        claim = claim_directory(history_dir if history_dir is not None else kit.directory,
+                                also=kit.directory)
         try:
             site = cls(kit, Connection(kit, retry_seconds=retry_seconds), tensors_kind=tensors,
                        progress=progress, workers=workers, history_dir=history_dir,

@@ -125,14 +125,17 @@ def test_a_progress_callback_that_raises_costs_the_site_nothing(tmp_path: Path) 
 _HOLD = """
 import sys
 from clients import Site
-site = Site.connect(sys.argv[1], tensors="numpy")
+history = sys.argv[2] if len(sys.argv) > 2 else None
+site = Site.connect(sys.argv[1], tensors="numpy", history_dir=history)
 print("held", flush=True)
 sys.stdin.read()
 """
 
 
-def _other_process_connects(site_dir: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", _HOLD, str(site_dir)], input="",
+def _other_process_connects(site_dir: Path, history_dir: Path | None = None,
+                            ) -> subprocess.CompletedProcess[str]:
+    extra = [] if history_dir is None else [str(history_dir)]
+    return subprocess.run([sys.executable, "-c", _HOLD, str(site_dir), *extra], input="",
                           capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[2])
 
@@ -170,3 +173,59 @@ def test_a_second_process_on_a_site_directory_is_told_at_connect(tmp_path: Path)
     del unclosed
     gc.collect()
     assert _other_process_connects(fed.site_dir(1)).returncode == 0
+
+
+
+def test_two_processes_of_a_site_with_separate_histories_are_refused_too(
+        tmp_path: Path) -> None:
+    """Two processes of one site, each keeping its history in its own history_dir, each
+    sent against the models the other had sent against (two updates against one model: an
+    aggregator's difference of two sums is one site's update). The site directory is
+    claimed beside the history's, so the second is refused at connect however its history
+    is kept; a site directory that cannot be written is not claimed (history_dir is how a
+    read-only one is run)."""
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    first, second = tmp_path / "history-a", tmp_path / "history-b"
+    first.mkdir(mode=0o700)
+    second.mkdir(mode=0o700)
+    with Site.connect(fed.site_dir(1), tensors="numpy", history_dir=first):
+        assert "DirectoryInUse" in _other_process_connects(fed.site_dir(1), second).stderr
+        assert "DirectoryInUse" in _other_process_connects(fed.site_dir(1)).stderr
+    assert _other_process_connects(fed.site_dir(1), second).returncode == 0
+
+
+def test_a_child_forked_by_the_training_script_holds_no_claim(tmp_path: Path) -> None:
+    """A DataLoader worker forked while the Site was open shared its flock: with the Site
+    closed and connected again while the child lived, the parent was refused "another
+    process (pid <its own>)". The claim is a POSIX record lock, the process's own: a forked
+    child holds none of it (and, connecting itself, is refused as another process)."""
+    import os
+    import signal
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    site = Site.connect(fed.site_dir(1), tensors="numpy")
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # (the child: try to connect, report, then linger like a worker)
+        try:
+            os.close(read)
+            try:
+                Site.connect(fed.site_dir(1), tensors="numpy")
+                os.write(write, b"connected")
+            except DirectoryInUse:
+                os.write(write, b"refused")
+            os.close(write)
+            signal.pause()
+        finally:
+            os._exit(0)
+    try:
+        os.close(write)
+        assert os.read(read, 64) == b"refused"
+        site.close()
+        with Site.connect(fed.site_dir(1), tensors="numpy"):
+            pass  # (the child lives on: the claim was never its)
+        assert _other_process_connects(fed.site_dir(1)).returncode == 0
+    finally:
+        os.close(read)
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)

@@ -1620,6 +1620,10 @@ def test_a_ckks_weight_too_small_for_any_release_is_warned_before_the_round_is_s
     assert "max_samples = 1" in warned[0]
     assert submit_with(5000, "ckks") == []
     assert submit_with(1, "masking") == []
+    # released by a round of all 5 roster sites at this weight, refused by one a dropout
+    # took down to the 3 a release needs at least: warned
+    light = submit_with(17, "ckks")
+    assert len(light) == 1 and "a round of 3 sites" in light[0], light
 
 def test_a_round_whose_submit_refused_an_argument_is_offered_again_while_it_runs() -> None:
     """``site.aggregate(bad, w)`` raised (nothing sent), and the retry ``site.aggregate(good,

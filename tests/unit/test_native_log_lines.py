@@ -337,6 +337,12 @@ def test_grpc_librarys_own_lines_a_site_causes_are_rate_limited(
 
     passed = sum(budget.filter(record("grpc._cython.cygrpc")) for _ in range(2000))
     assert passed <= logs.PEER_LINES_BURST
+    # another of the library's messages (a servicer's own exception: a fault of ours) has
+    # a budget of its own, not the flood's
+    fault = logging.LogRecord("grpc._cython.cygrpc", logging.ERROR, __file__, 1,
+                              "Unexpected [%s] raised by servicer method [%s]",
+                              ("ValueError", "/secagg.v1.Aggregation/Submit"), None)
+    assert budget.filter(fault)
     assert all(budget.filter(record("asyncio")) for _ in range(100))  # not gRPC's
     assert all(budget.filter(record("grpcio_other")) for _ in range(100))
     clock[0] += 1.0
