@@ -625,7 +625,13 @@ class Job:
         while self._purges and (now or self._clock() >= self._purges[0][1]):
             before = self._purges.popleft()[0]
         if before is not None:
-            self.store.purge_chunks_before(before)
+            try:
+                self.store.purge_chunks_before(before)
+            except BaseException:
+                # (kept for the next try: a purge a full disk refused was forgotten)
+                # defence: job.failed-purge-kept
+                self._purges.appendleft((before, self._clock()))
+                raise
 
     def _schedule_purge(self, before: int) -> None:
         """Drop the uploads of the rounds before ``before`` PURGE_DELAY from now; a purge
@@ -851,8 +857,14 @@ class Job:
             return
         finally:
             if not replay:
+                # the stage the job is at now: the closed round's next, the next round's
+                # first, or none (a stage closed after the close had opened the next round,
+                # or ended the job, showed the closed round's "stage 6" all through it)
+                # defence: metrics.current-stage-after-the-close
+                now = self.active
                 self.metrics.stage_closed(view.protocol, closing, missing,
-                                          active.stage_started - started, view.stage)
+                                          active.stage_started - started,
+                                          now.view.stage if now is not None else 0)
                 log.info("stage closed", extra={"event": "stage_closed",
                                                 "round_id": view.round_id, "stage": closing,
                                                 "count": answered})

@@ -1307,6 +1307,14 @@ async def _checkpointer(core: Core) -> None:
                 await core.loop.run_in_executor(core.readers, core.job.store.checkpoint)
 
 
+def _failure(e: BaseException) -> str:
+    """What a log line says of a failure: a StoreError's own text (ours: the class, the
+    SQLSTATE and a known cause, such as a full disk, never a driver's message), else the
+    class alone (it was the class alone for both: "StoreError", naming no cause)."""
+    # defence: service.store-failures-told-with-their-cause
+    return str(e) if isinstance(e, StoreError) else type(e).__name__
+
+
 async def _ticker(core: Core) -> None:
     while True:
         await asyncio.sleep(0.2)
@@ -1317,7 +1325,7 @@ async def _ticker(core: Core) -> None:
             # deadlines: if it died, no round would ever end for want of a site again)
             except Exception as e:
                 log.error("stage close failed", extra={"event": "tick_error",
-                                                       "reason": type(e).__name__})
+                                                       "reason": _failure(e)})
                 core.healthy = False  # the watcher reloads the job from the store
 
 
@@ -1354,7 +1362,7 @@ async def _watch(core: Core, health: Any) -> None:
                 core.healthy = True
             except Exception as e:  # not recovered yet: the next second tries again
                 log.error("recovery failed", extra={"event": "recovery_error",
-                                                    "reason": type(e).__name__})
+                                                    "reason": _failure(e)})
                 ok = False
         elif not ok:
             core.healthy = False

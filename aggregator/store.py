@@ -181,7 +181,17 @@ def store_failure(e: BaseException, what: str) -> StoreError:
     unreachable = (isinstance(e, _UNREACHABLE)
                    or (state != "" and state.startswith(_UNREACHABLE_SQLSTATES)))
     kind = StoreUnreachable if unreachable else StoreError
-    return kind(f"{what}: {type(e).__name__}" + (f" (SQLSTATE {state})" if state else ""))
+    # a full disk was told as "OperationalError" alone (SQLite) and the operator had to
+    # guess; it is named, in our words (a driver's message is never shown)
+    # defence: store.full-disk-named
+    full = (state == "53100" or _cause(e, _FULL_CAUSES) is not None)
+    return kind(f"{what}: {type(e).__name__}" + (f" (SQLSTATE {state})" if state else "")
+                + (f": {DISK_FULL}" if full else ""))
+
+
+_FULL_CAUSES = ((("database or disk is full",), "full"),)  # (SQLite's SQLITE_FULL)
+DISK_FULL = ("the disk holding the store is full (free space on it: SQLite's write-ahead log "
+             "can take the store's size again, up to 64 MB more, before it is trimmed)")
 
 
 # libpq settings for a PostgreSQL store, unless its URL sets them: a server that stops
@@ -1207,10 +1217,15 @@ class Store:
     def purge_chunks_before(self, round_number: int) -> int:
         """Drop the uploads of the rounds before ``round_number``, all finished (what models
         and releases use has no round and is kept)."""
-        with self.engine.begin() as c:
-            result = c.execute(chunks.delete().where(chunks.c.round.is_not(None),
-                                                     chunks.c.round < round_number))
-            return int(result.rowcount or 0)
+        # (a raw driver error: a full disk at shutdown's purge was a traceback)
+        # defence: store.purge-errors-named
+        try:
+            with self.engine.begin() as c:
+                result = c.execute(chunks.delete().where(chunks.c.round.is_not(None),
+                                                         chunks.c.round < round_number))
+                return int(result.rowcount or 0)
+        except sa.exc.SQLAlchemyError as e:
+            raise store_failure(e, "dropping finished rounds' uploads failed") from None
 
     # ---- events ------------------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ def test_metrics_during_and_after_a_job_match_what_happened(tmp_path: Path) -> N
         port = _metrics_port(agg)
         during = _scrape(port)
         assert _value(during, "secagg_current_round") == 1
+        assert _value(during, "secagg_current_stage") == 1
         assert _value(during, "secagg_rounds_started_total", protocol="masking") == 1
         conn = Connection(SiteKit.load(fed.site_dir(1)), retry_seconds=5)
         with pytest.raises(AggregatorRefused):  # a chunk id that is not 32 bytes
@@ -66,6 +67,8 @@ def test_metrics_during_and_after_a_job_match_what_happened(tmp_path: Path) -> N
         assert _value(after, "secagg_stage_duration_seconds_count", protocol="masking",
                       stage=stage) == 2
     assert _value(after, "secagg_current_round") == 0  # the job is done
+    # (the last stage's close, counted after the round ended, set it to masking's "stage 6")
+    assert _value(after, "secagg_current_stage") == 0
     # round 2: every site counted at every stage
     assert _value(after, "secagg_round_sites", stage="3") == 5
     # bytes: at least every survivor's masked input, at most what the sites sent in all

@@ -108,3 +108,70 @@ def test_a_chunk_whose_store_fails_after_its_stream_was_refused_marks_unhealthy(
         return core.healthy
 
     assert asyncio.run(main()) is False
+
+
+def test_a_full_disk_is_named_in_our_words_and_a_failed_purge_is_kept_for_the_next_try(
+        tmp_path: pytest.TempPathFactory) -> None:
+    """An operator whose SQLite volume filled saw "store unreachable: OperationalError" and
+    "recovery failed: StoreError" each second, never why, and a shutdown on a full disk,
+    purging finished rounds' uploads, ended in a raw SQLAlchemy traceback. A full disk
+    (SQLITE_FULL, or PostgreSQL's SQLSTATE 53100) is named, in our words only; the purge's
+    failure is a StoreError (what shutdown and the ticker handle), and the purge it failed
+    is done at the next try rather than forgotten."""
+    import sqlite3
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import sqlalchemy as sa
+
+    from aggregator import service
+    from aggregator.store import DISK_FULL, Store, store_failure
+
+    canary = "payload-canary-7f3a"
+    full = sa.exc.OperationalError("DELETE FROM chunks WHERE x = :x", {"x": canary},
+                                   sqlite3.OperationalError("database or disk is full"))
+    told = store_failure(full, "storing chunks failed")
+    assert str(told) == f"storing chunks failed: OperationalError: {DISK_FULL}"
+    pg_full = sa.exc.OperationalError("INSERT", {}, Exception(canary))
+    pg_full.orig.sqlstate = "53100"  # type: ignore[union-attr]
+    assert DISK_FULL in str(store_failure(pg_full, "x")) and canary not in str(
+        store_failure(pg_full, "x"))
+    other = sa.exc.OperationalError("INSERT", {}, sqlite3.OperationalError("disk I/O error"))
+    assert DISK_FULL not in str(store_failure(other, "x"))
+    assert service._failure(told) == str(told)  # (the log line's reason)
+    assert service._failure(full) == "OperationalError"  # (a raw one: its class only)
+
+    store = Store(f"sqlite:///{Path(str(tmp_path)) / 'agg.db'}")
+    try:
+        def refuses(*_: object, **__: object) -> None:
+            raise full
+
+        real = store.engine
+        store.engine = SimpleNamespace(begin=refuses)  # type: ignore[assignment]
+        try:
+            with pytest.raises(StoreError, match="dropping finished rounds' uploads failed"):
+                store.purge_chunks_before(3)
+        finally:
+            store.engine = real
+    finally:
+        store.close()
+
+    from aggregator.job import Job
+
+    job = Job.__new__(Job)
+    calls: list[int] = []
+
+    def purge_fails_once(before: int) -> int:
+        calls.append(before)
+        if len(calls) == 1:
+            raise told
+        return 0
+
+    job.store = SimpleNamespace(purge_chunks_before=purge_fails_once)  # type: ignore[assignment]
+    job._clock = lambda: 100.0
+    from collections import deque
+    job._purges = deque([(3, 50.0)])
+    with pytest.raises(StoreError):
+        job.purge()
+    job.purge(now=False)  # (due: kept, with its time)
+    assert calls == [3, 3] and not job._purges
