@@ -744,7 +744,7 @@ def _claim(path: Path, directory: Path, optional: bool) -> bool:
         if held is not None:
             held[1] += 1
             return True
-        try:  # (check_history_directory refused a link there already)
+        try:  # (never through a link: its target would be truncated and written to)
             fd = os.open(path, os.O_CREAT | os.O_RDWR | _NOFOLLOW, 0o600)
         except OSError as e:
             if optional and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):

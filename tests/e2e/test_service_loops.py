@@ -84,3 +84,56 @@ def test_the_job_rebuilt_after_a_failure_keeps_its_metrics(tmp_path: Path) -> No
         assert fresh.metrics is metrics, "the rebuilt job reports to nobody"
     finally:
         store.close()
+
+
+def test_the_loops_log_a_store_failures_cause_not_its_class_alone() -> None:
+    """A full disk was told each second as "stage close failed: StoreError" and "recovery
+    failed: StoreError", naming no cause: the ticker's and the recovery's lines give a
+    StoreError's own text (ours: never a driver's message), and a raw error's class alone."""
+    import logging
+    import types
+
+    from aggregator.store import DISK_FULL, StoreError
+
+    told = StoreError(f"storing chunks failed: OperationalError: {DISK_FULL}")
+    records: list[logging.LogRecord] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    class _Full:
+        def tick(self) -> None:
+            raise told
+
+    def ping(write: bool = False) -> None:
+        if write:
+            raise told
+
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        core.job, core.healthy = _Full(), True  # type: ignore[assignment]
+        ticker = asyncio.create_task(_ticker(core))
+        try:
+            await asyncio.sleep(0.5)
+        finally:
+            ticker.cancel()
+        core.job = types.SimpleNamespace(  # type: ignore[assignment]
+            store=types.SimpleNamespace(ping=ping))
+        watcher = asyncio.create_task(_watch(core, health_aio.HealthServicer()))
+        try:
+            await asyncio.sleep(1.5)
+        finally:
+            watcher.cancel()
+            _shutdown(core)
+
+    handler = _Keep(level=logging.ERROR)
+    logger = logging.getLogger("secagg.aggregator")
+    logger.addHandler(handler)
+    try:
+        asyncio.run(main())
+    finally:
+        logger.removeHandler(handler)
+    reasons = {r.__dict__.get("event"): r.__dict__.get("reason") for r in records}
+    assert reasons.get("tick_error") == str(told), reasons
+    assert reasons.get("recovery_error") == str(told), reasons

@@ -229,3 +229,115 @@ def test_a_child_forked_by_the_training_script_holds_no_claim(tmp_path: Path) ->
         os.close(read)
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
+
+
+def test_a_site_closed_and_then_collected_lets_go_of_its_share_only(tmp_path: Path) -> None:
+    """Sites of one process share the claim, each holding a share of it: a Site closed
+    (twice, then collected, its finalizer run) gives up its own share once, not the other
+    Site's, which still keeps the directory from a second process."""
+    import gc
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    first = Site.connect(fed.site_dir(1), tensors="numpy")
+    second = Site.connect(fed.site_dir(1), tensors="numpy")
+    first.close()
+    first.close()
+    del first
+    gc.collect()
+    assert "DirectoryInUse" in _other_process_connects(fed.site_dir(1)).stderr
+    second.close()
+    assert _other_process_connects(fed.site_dir(1)).returncode == 0
+
+
+def test_a_refused_or_failed_connect_keeps_no_claim(tmp_path: Path) -> None:
+    """A connect refused for the site directory (another process holds it) after its
+    history_dir was claimed, or one that failed after its claim (a bad retry_seconds),
+    let nothing go: the history directory stayed locked in this process's name, and a
+    descriptor was kept each try, until the process ended. Both let go of all they took."""
+    import os
+
+    from secagg.errors import ConfigurationError
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    history = tmp_path / "history"
+    history.mkdir(mode=0o700)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(fed.site_dir(1))],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        descriptors = len(os.listdir("/proc/self/fd")) if Path("/proc/self/fd").is_dir() else 0
+        with pytest.raises(DirectoryInUse):
+            Site.connect(fed.site_dir(1), tensors="numpy", history_dir=history)
+        if descriptors:
+            assert len(os.listdir("/proc/self/fd")) == descriptors  # (none kept)
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert _other_process_connects(fed.site_dir(1), history).returncode == 0
+    with pytest.raises(ConfigurationError, match="retry_seconds"):
+        Site.connect(fed.site_dir(2), tensors="numpy", retry_seconds=-1)
+    assert _other_process_connects(fed.site_dir(2)).returncode == 0
+
+
+def test_a_link_at_the_in_use_file_is_refused_not_followed(tmp_path: Path) -> None:
+    """The in-use file is opened without following a link (it is truncated and written
+    with the holder's pid): a link there is refused, its target untouched, whether the
+    file is the history's or the site directory's beside a separate history_dir (whose
+    claim is skipped for a read-only directory only, not for any error)."""
+    from clients.history import IN_USE_FILE
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    history = tmp_path / "history"
+    history.mkdir(mode=0o700)
+    target = tmp_path / "precious"
+    target.write_text("keep me")
+    target.chmod(0o600)
+    (fed.site_dir(1) / IN_USE_FILE).symlink_to(target)
+    for history_dir in (None, history):
+        with pytest.raises(SiteError, match="cannot lock"):
+            Site.connect(fed.site_dir(1), tensors="numpy", history_dir=history_dir)
+    assert target.read_text() == "keep me"
+
+
+def test_a_read_only_site_directory_with_a_history_dir_connects(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """history_dir is how a read-only site directory is run: its in-use file, which cannot
+    be made there, is not claimed (the history directory's is), and Site.connect goes on."""
+    import errno
+    import os
+
+    from clients.history import IN_USE_FILE
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    history = tmp_path / "history"
+    history.mkdir(mode=0o700)
+    lock = fed.site_dir(1).resolve() / IN_USE_FILE
+    real_open = os.open
+
+    def read_only(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        if Path(str(path)) == lock:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "open", read_only)  # (clients.history opens it through os)
+        site = Site.connect(fed.site_dir(1), tensors="numpy", history_dir=history)
+    try:
+        assert "DirectoryInUse" in _other_process_connects(fed.site_dir(1), history).stderr
+    finally:
+        site.close()
+
+
+def test_an_in_use_file_others_can_write_is_refused(tmp_path: Path) -> None:
+    """The in-use file is checked as the history's own files are: one its group or other
+    users can write (who could lock it, keeping the site out, or write a pid) is refused."""
+    from clients.history import IN_USE_FILE
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    lock = fed.site_dir(1) / IN_USE_FILE
+    lock.touch()
+    lock.chmod(0o666)
+    with pytest.raises(SiteError, match="writable by its group or other users"):
+        Site.connect(fed.site_dir(1), tensors="numpy")

@@ -2000,3 +2000,18 @@ def test_a_round_joined_and_not_sent_to_leaves_its_model_held() -> None:
     rnd2 = next(site.rounds())
     assert rnd2.round_id == "hospitals/job-1/round-2"
     assert conn.fetched == ["03" * 32] and rnd2.model is rnd1.model
+
+
+def test_an_abort_reason_told_after_the_upload_is_explained_too() -> None:
+    """A CKKS round whose key holder refused the release as noise is aborted after every
+    site uploaded: a site learns it waiting for the round's end, not for its key, and the
+    reason it is told there comes with what it means as well."""
+    info, payloads = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
+    site, conn = _site("ckks", info, payloads)
+    rnd = next(site.rounds())
+    conn.info = service_pb2.RoundInfo()
+    conn.info.CopyFrom(info)
+    conn.info.status = service_pb2.ROUND_STATUS_ABORTED
+    conn.info.abort_reason = "AGGREGATE_OUT_OF_RANGE"
+    with pytest.raises(RoundAborted, match="max_samples far above the sites' sample counts"):
+        rnd._wait_for_end()

@@ -431,3 +431,18 @@ def test_metrics_on_every_interface_are_warned_about(caplog: pytest.LogCaptureFi
         assert len(events) == warned, listen
         if warned:
             assert f"127.0.0.1:{port}" in events[0].getMessage()
+
+
+def test_a_grpc_library_flood_is_budgeted_by_its_message_not_its_text(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """gRPC's library lines share a budget by their format string: a flood of one of its
+    messages whose arguments differ line to line (the method a site names, the error's
+    class) is one flood, not a fresh budget for each text."""
+    clock = [1000.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    budget = logs.PeerLineBudget()
+    passed = sum(budget.filter(logging.LogRecord(
+        "grpc._cython.cygrpc", logging.ERROR, __file__, 1,
+        "Unexpected [%s] raised by servicer method [%s]",
+        (f"Error{i}", f"/secagg.v1.Aggregation/Method{i}"), None)) for i in range(2000))
+    assert passed <= logs.PEER_LINES_BURST
