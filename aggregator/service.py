@@ -1366,6 +1366,13 @@ async def _watch(core: Core, health: Any) -> None:
                 ok = False
         elif not ok:
             core.healthy = False
+            # a store that hangs (rather than fails) marked nothing stale: the call it held
+            # returned when it woke, the tick queued behind it found the stage's deadline
+            # passed during the hang and closed it, and the round (every site's update spent)
+            # aborted, ending the job. Stale, the job refuses everything until it is rebuilt
+            # from the store, with its deadlines started again, as after a failure.
+            # defence: service.hung-store-marks-the-job-stale
+            job.stale = True
         if ok != serving:
             await _set_health(health, ok)
             serving = ok

@@ -8,6 +8,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
 from aggregator.job import Job
@@ -137,3 +138,41 @@ def test_the_loops_log_a_store_failures_cause_not_its_class_alone() -> None:
     reasons = {r.__dict__.get("event"): r.__dict__.get("reason") for r in records}
     assert reasons.get("tick_error") == str(told), reasons
     assert reasons.get("recovery_error") == str(told), reasons
+
+
+def test_a_store_that_hangs_marks_the_job_stale_as_one_that_fails_does(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database frozen for 30-40 s (its backends stopped: a hung volume, a VM pause) was
+    only NOT_SERVING: no store call failed, so the job was not stale. When it woke, the call
+    it had held returned, the tick queued behind it found the stage's deadline passed during
+    the hang and closed the stage, and the round aborted with every site's update spent: the
+    job was over. A ping that times out now marks the job stale too, so it refuses every
+    call (the queued tick included) until the watcher rebuilds it with fresh deadlines."""
+    import threading
+    import types
+
+    from aggregator import service
+
+    monkeypatch.setattr(service, "PING_TIMEOUT_SECONDS", 0.2)
+    woken = threading.Event()
+
+    def hangs(write: bool = False) -> None:
+        woken.wait(5)
+
+    job = types.SimpleNamespace(stale=False, store=types.SimpleNamespace(ping=hangs))
+
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        core.job, core.healthy = job, True  # type: ignore[assignment]
+        watcher = asyncio.create_task(_watch(core, health_aio.HealthServicer()))
+        try:
+            await asyncio.sleep(1.6)
+            assert core.healthy is False
+        finally:
+            watcher.cancel()
+            woken.set()
+            _shutdown(core)
+            core.pinger.shutdown(wait=True)
+
+    asyncio.run(main())
+    assert job.stale is True, "a hung store left the job to close stages on its return"
