@@ -1191,8 +1191,9 @@ async def _until_the_store_answers(core: Core, fn: Callable[[], T],
     while its PostgreSQL is down (a host rebooting, both restarted together) waits NOT_SERVING
     and tries again (StoreUnreachable), rather than exit; a store it does not understand is
     still a refusal to start. None if stopped first."""
-    delay = 1.0
+    delay, told_busy = 1.0, False
     while True:
+        busy = False
         # defence: service.open-store-races-the-stop (the attempt races the stop: a database
         # that accepts connections and never answers held the aggregator deaf to SIGTERM)
         attempt = asyncio.ensure_future(core.run(fn))
@@ -1206,16 +1207,23 @@ async def _until_the_store_answers(core: Core, fn: Callable[[], T],
         # defence: service.waits-for-an-unreachable-store
         except StoreUnreachable as e:
             busy = isinstance(e, StoreBusy)
-            log.warning("store in use" if busy else "store unreachable", extra={
-                "event": "store_busy" if busy else "store_unreachable",
-                "reason": f"{e}; retrying in {delay:g} s"})
+            # (a standby waits as long as the other serves: warned once, then told at info)
+            log.log(logging.INFO if busy and told_busy else logging.WARNING,
+                    "store in use" if busy else "store unreachable", extra={
+                        "event": "store_busy" if busy else "store_unreachable",
+                        "reason": f"{e}; retrying in {delay:g} s"})
+            told_busy = told_busy or busy
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=delay)
         if stop.is_set():
             return None
-        delay = min(delay * 2, 10.0)
+        # a standby tries the lease every 2 s at most (it took over up to 10 s after the
+        # serving aggregator died); a database that does not answer, every 10 s
+        # defence: service.standby-retries-the-lease-often
+        delay = min(delay * 2, STANDBY_RETRY_SECONDS if busy else 10.0)
 
 
+STANDBY_RETRY_SECONDS = 2.0
 HANDSHAKE_SECONDS = 10.0  # a TLS handshake takes a few round trips, even on slow links
 RESERVED_FILES = 256  # descriptors kept from connections: store, logs, metrics, tools
 # each connection still in its TLS handshake holds ~100 KB (an outside tester's flood of
@@ -1338,13 +1346,16 @@ async def _watch(core: Core, health: Any) -> None:
         job = core.job
         if job is None:
             continue
+        why = ""
         try:
             # defence: service.ping-off-the-job-thread
             await asyncio.wait_for(core.loop.run_in_executor(core.pinger, job.store.ping),
                                    timeout=PING_TIMEOUT_SECONDS)
             ok = True
-        except (StoreError, TimeoutError):
-            ok = False
+        except StoreError as e:
+            ok, why = False, _failure(e)
+        except TimeoutError:
+            ok, why = False, f"the store did not answer within {PING_TIMEOUT_SECONDS:g} s"
         if ok and not core.healthy:
             try:
                 # serving again needs a write that commits, not only a read: a store that
@@ -1363,7 +1374,7 @@ async def _watch(core: Core, health: Any) -> None:
             except Exception as e:  # not recovered yet: the next second tries again
                 log.error("recovery failed", extra={"event": "recovery_error",
                                                     "reason": _failure(e)})
-                ok = False
+                ok, why = False, f"recovery failed: {_failure(e)}"
         elif not ok:
             core.healthy = False
             # a store that hangs (rather than fails) marked nothing stale: the call it held
@@ -1376,8 +1387,11 @@ async def _watch(core: Core, health: Any) -> None:
         if ok != serving:
             await _set_health(health, ok)
             serving = ok
-            log.warning("health changed", extra={"event": "health",
-                                                 "reason": "serving" if ok else "not serving"})
+            # (the line said "not serving", never why: a hung store, a lost lease and a
+            # full disk read the same)
+            # defence: service.health-change-says-why
+            log.warning("health changed", extra={
+                "event": "health", "reason": "serving" if ok else f"not serving: {why}"})
 
 
 __all__ = ["FAILED_PRECONDITION", "INVALID_ARGUMENT", "PERMISSION_DENIED",

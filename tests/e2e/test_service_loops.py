@@ -5,6 +5,7 @@ after a failure must keep reporting to the same metrics."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -174,5 +175,74 @@ def test_a_store_that_hangs_marks_the_job_stale_as_one_that_fails_does(
             _shutdown(core)
             core.pinger.shutdown(wait=True)
 
-    asyncio.run(main())
+    records = _kept_records()
+    try:
+        asyncio.run(main())
+    finally:
+        records.close()
     assert job.stale is True, "a hung store left the job to close stages on its return"
+    # and the health line says why (it said "not serving" alone)
+    health = [r.__dict__.get("reason") for r in records if r.__dict__.get("event") == "health"]
+    assert health == ["not serving: the store did not answer within 0.2 s"], health
+
+
+class _Records(list):  # type: ignore[type-arg]
+    handler: logging.Handler
+    level: int
+
+    def close(self) -> None:
+        logger = logging.getLogger("secagg.aggregator")
+        logger.removeHandler(self.handler)
+        logger.setLevel(self.level)
+
+
+def _kept_records() -> _Records:
+    kept = _Records()
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            kept.append(record)
+
+    kept.handler = _Keep(level=logging.DEBUG)
+    logger = logging.getLogger("secagg.aggregator")
+    kept.level = logger.level
+    logger.addHandler(kept.handler)
+    logger.setLevel(logging.DEBUG)
+    return kept
+
+
+def test_a_standby_tries_the_lease_every_two_seconds_and_warns_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A standby's tries of the store's lease backed off to 10 s (it took over up to 10 s
+    after the serving aggregator died) and warned "store in use" every 10 s for as long as
+    it waited, a normal state. It now tries every STANDBY_RETRY_SECONDS, warns once and
+    then tells it at info; an unreachable database still backs off further."""
+    from aggregator import service
+    from aggregator.store import StoreBusy
+
+    monkeypatch.setattr(service, "STANDBY_RETRY_SECONDS", 0.1)
+    tries = [0]
+
+    def busy_three_times() -> str:
+        tries[0] += 1
+        if tries[0] <= 3:
+            raise StoreBusy("another aggregator serves this store")
+        return "opened"
+
+    async def main() -> str | None:
+        core = Core(asyncio.get_running_loop())
+        try:
+            return await service._until_the_store_answers(core, busy_three_times,
+                                                           asyncio.Event())
+        finally:
+            _shutdown(core)
+
+    records = _kept_records()
+    try:
+        assert asyncio.run(main()) == "opened"
+    finally:
+        records.close()
+    busy = [(r.levelno, r.__dict__.get("reason", "").rsplit("; ", 1)[-1]) for r in records
+            if r.__dict__.get("event") == "store_busy"]
+    assert busy == [(logging.WARNING, "retrying in 1 s"), (logging.INFO, "retrying in 0.1 s"),
+                    (logging.INFO, "retrying in 0.1 s")], busy
