@@ -1176,10 +1176,21 @@ class Round:
         pacer = _Pacer()
         while True:
             began = time.monotonic()
-            info: service_pb2.RoundInfo = self._conn.call(
-                "GetRound", service_pb2.GetRoundRequest(after_round=self.number - 1,
-                                                        wait_ms=POLL_MS, until_finished=True),
-                timeout=POLL_MS / 1000 + 30)
+            try:
+                info: service_pb2.RoundInfo = self._conn.call(
+                    "GetRound", service_pb2.GetRoundRequest(
+                        after_round=self.number - 1, wait_ms=POLL_MS, until_finished=True),
+                    timeout=POLL_MS / 1000 + 30)
+            except AggregatorRefused as e:
+                # a long poll the aggregator did not answer in time (its store hung: it
+                # answers UNAVAILABLE only once it notices) is no refusal: asked again
+                # until the round's patience is spent (it left submit as AggregatorRefused
+                # at one site while another, waiting elsewhere, was told RoundAborted)
+                # defence: sdk.result-wait-outlives-a-deadline
+                if e.code != "DEADLINE_EXCEEDED":
+                    raise
+                self._in_time()
+                continue
             if info.status == service_pb2.ROUND_STATUS_COMPLETED:
                 # the result of this round, not another's: what the site then holds (and
                 # checks the next rounds' models against) is this round's result

@@ -1050,13 +1050,7 @@ def test_an_upload_whose_chunks_are_a_lying_tuple_is_refused_and_the_round_goes_
     r = CkksRound(sites=3, vector_length=10)
     honest = r.client(3).start()
     evil = _signed(r, 3, _LyingTuple(()), seeded=honest.seeded)
-    server = CkksServer(r.config, r.public)
-    with pytest.raises(InvalidMessage):
-        server.handle(evil)
-    with pytest.raises(InvalidMessage):
-        Release(r.holder, r.config, site_id=1).add(evil)
-    for site in (1, 2, 3):
-        server.handle(r.client(site).start())
+    _refused_then_the_honest_counted(r, evil)
 
 
 class _AgreeingTuple(tuple):  # type: ignore[type-arg]
@@ -1085,30 +1079,30 @@ def test_an_aggregate_whose_sites_are_a_tuple_claiming_equality_is_an_invalid_me
     assert release_average(r.holder, r.config, aggregate, uploads, site_id=1).sites == (1, 2, 3)
 
 
-class _RaisingStr(str):
-    """A str that raises from any comparison or len (a caller's object, not the wire's)."""
+def _refused_then_the_honest_counted(r: Any, evil: Any) -> Any:
+    """``evil`` refused as InvalidMessage by the aggregator's role and the key holder's
+    release, then every site's honest upload handled: the aggregator's role."""
+    server = CkksServer(r.config, r.public)
+    with pytest.raises(InvalidMessage):
+        server.handle(evil)
+    with pytest.raises(InvalidMessage):
+        Release(r.holder, r.config, site_id=1).add(evil)
+    for site in (1, 2, 3):
+        server.handle(r.client(site).start())
+    return server
 
-    def __eq__(self, other: object) -> bool:
-        raise ValueError("compared")
+def _raising(base: type) -> type:
+    """A subclass of ``base`` (str or bytes) that raises from any comparison or len (a
+    caller's object, not the wire's)."""
 
-    __ne__ = __eq__
-    __hash__ = str.__hash__
+    def raises(self: object, *_: object) -> Any:
+        raise ValueError("compared or measured")
 
-    def __len__(self) -> int:
-        raise ValueError("measured")
+    return type(f"_Raising{base.__name__.title()}", (base,), {
+        "__eq__": raises, "__ne__": raises, "__hash__": base.__hash__, "__len__": raises})
 
 
-class _RaisingBytes(bytes):
-    """A bytes that raises from any comparison or len."""
-
-    def __eq__(self, other: object) -> bool:
-        raise ValueError("compared")
-
-    __ne__ = __eq__
-    __hash__ = bytes.__hash__
-
-    def __len__(self) -> int:
-        raise ValueError("measured")
+_RaisingStr, _RaisingBytes = _raising(str), _raising(bytes)
 
 
 @pytest.mark.parametrize("field", ["round_id", "key_id", "signature", "chunk"])
@@ -1127,11 +1121,5 @@ def test_an_upload_field_of_a_subclassed_type_is_an_invalid_message_and_the_roun
         lying: dict[str, Any] = {field: (_RaisingStr if field == "round_id"
                                          else _RaisingBytes)(value)}
         evil = replace(honest, **lying)
-    server = CkksServer(r.config, r.public)
-    with pytest.raises(InvalidMessage):
-        server.handle(evil)
-    with pytest.raises(InvalidMessage):
-        Release(r.holder, r.config, site_id=1).add(evil)
-    for site in (1, 2, 3):
-        server.handle(r.client(site).start())
+    server = _refused_then_the_honest_counted(r, evil)
     assert server.sites == (1, 2, 3)

@@ -884,18 +884,11 @@ def test_a_missed_round_moves_the_held_model_only_from_it_and_only_if_completed(
     assert conn.fetched == [] and conn.sent == []
 
 
-def test_a_restarted_site_still_refuses_a_model_that_does_not_follow_from_the_one_it_held(
-        tmp_path: Any) -> None:
-    """The site took round 1's result, and its training script restarts. The aggregator opens
-    round 2 from a model of its own making (a fresh Site would accept any first model). The
-    model the site held is kept in its directory's history, so the restarted site refuses
-    it, before fetching anything, as the running one would; round 2 from that result is
-    taken."""
+def _take_round_1_result(site: Site, conn: Any, rnd: Any) -> tuple[Any, Any]:
+    """Round 1's result (every value 0.5), served by ``conn``, taken by ``site`` at the end
+    of ``rnd``: the result and its blob."""
     from secagg.model import FlatModel
 
-    info, payloads = _model_info(1, "hospitals/job-1/round-1")
-    site, conn = _site("masking", info, payloads, directory=tmp_path)
-    rnd = next(site.rounds())
     result = FlatModel.from_arrays({"w": np.full(8, 0.5, np.float32)})
     blob = wire.Blob((b"\x05" * 32,), len(result.to_bytes()))
     conn.payloads[blob.chunk_ids[0]] = result.to_bytes()
@@ -903,6 +896,20 @@ def test_a_restarted_site_still_refuses_a_model_that_does_not_follow_from_the_on
                                  status=service_pb2.ROUND_STATUS_COMPLETED,
                                  result=wire.model_to_proto(result, blob))
     site._accept_result(done, rnd.model)
+    return result, blob
+
+def test_a_restarted_site_still_refuses_a_model_that_does_not_follow_from_the_one_it_held(
+        tmp_path: Any) -> None:
+    """The site took round 1's result, and its training script restarts. The aggregator opens
+    round 2 from a model of its own making (a fresh Site would accept any first model). The
+    model the site held is kept in its directory's history, so the restarted site refuses
+    it, before fetching anything, as the running one would; round 2 from that result is
+    taken."""
+
+    info, payloads = _model_info(1, "hospitals/job-1/round-1")
+    site, conn = _site("masking", info, payloads, directory=tmp_path)
+    rnd = next(site.rounds())
+    result, blob = _take_round_1_result(site, conn, rnd)
 
     made_up, payloads = _model_info(2, "hospitals/job-1/round-2")  # (zeros, not the result)
     restarted, conn = _site("masking", made_up, payloads, directory=tmp_path)
@@ -1695,6 +1702,18 @@ def test_an_update_the_learning_rate_would_carry_past_its_dtype_is_refused_befor
     assert conn.sent == ["Submit"]
 
 
+def _ckks_round_then_aborted(reason: str) -> tuple[Any, Any]:
+    """A CKKS site's round 1, joined, which the aggregator then says aborted for
+    ``reason``: the round and the connection."""
+    info, payloads = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
+    site, conn = _site("ckks", info, payloads)
+    rnd = next(site.rounds())
+    conn.info = service_pb2.RoundInfo()
+    conn.info.CopyFrom(info)
+    conn.info.status = service_pb2.ROUND_STATUS_ABORTED
+    conn.info.abort_reason = reason
+    return rnd, conn
+
 def test_a_ckks_round_aborted_before_its_key_is_told_with_the_aggregators_reason(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A site waiting for the round's key stops when the round stops running, with the
@@ -1703,18 +1722,43 @@ def test_a_ckks_round_aborted_before_its_key_is_told_with_the_aggregators_reason
     import clients.site
 
     monkeypatch.setattr(clients.site, "_round_patience", lambda config: 3.0)  # (if missed)
-    info, payloads = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
-    site, conn = _site("ckks", info, payloads)
-    rnd = next(site.rounds())
-    conn.info = service_pb2.RoundInfo()
-    conn.info.CopyFrom(info)
-    conn.info.status = service_pb2.ROUND_STATUS_ABORTED
-    conn.info.abort_reason = "fewer than min_sites joined"
+    rnd, conn = _ckks_round_then_aborted("fewer than min_sites joined")
     with pytest.raises(RoundAborted, match="fewer than min_sites joined"):
         rnd.submit({"w": np.ones(8, np.float32)}, weight=10)
     assert "upload" not in conn.sent
 
 
+
+def test_a_result_wait_the_aggregator_leaves_unanswered_past_its_deadline_goes_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long poll for the round's end that the aggregator left unanswered past its
+    deadline (its database hung for 40 s) left submit as AggregatorRefused
+    ("DEADLINE_EXCEEDED", gRPC's raw text), though the round went on. It is asked again
+    until the round's patience is spent; other refusals still end the wait."""
+    import clients.site
+    from clients.errors import AggregatorRefused
+
+    monkeypatch.setattr(clients.site, "_round_patience", lambda config: 30.0)
+    info, payloads = _model_info(1, "hospitals/job-1/round-1")
+    site, _conn = _site("masking", info, payloads)
+    rnd = next(site.rounds())
+    done = service_pb2.RoundInfo()
+    done.CopyFrom(info)
+    done.status = service_pb2.ROUND_STATUS_COMPLETED
+    answers: list[Any] = [AggregatorRefused("DEADLINE_EXCEEDED", "Deadline Exceeded")] * 2
+    answers.append(done)
+
+    def call(method: str, request: Any, timeout: float | None = None) -> Any:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    rnd._conn.call = call  # type: ignore[method-assign]
+    assert rnd._wait_for_end() is done and not answers
+    answers[:] = [AggregatorRefused("PERMISSION_DENIED", "no")]
+    with pytest.raises(AggregatorRefused, match="PERMISSION_DENIED"):
+        rnd._wait_for_end()
 
 @pytest.mark.parametrize("reason", ["AGGREGATE_OUT_OF_RANGE", "TOO_FEW_SURVIVORS"])
 def test_an_abort_reason_a_site_can_act_on_is_explained(
@@ -1725,13 +1769,7 @@ def test_an_abort_reason_a_site_can_act_on_is_explained(
     import clients.site
 
     monkeypatch.setattr(clients.site, "_round_patience", lambda config: 3.0)  # (if missed)
-    info, payloads = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
-    site, conn = _site("ckks", info, payloads)
-    rnd = next(site.rounds())
-    conn.info = service_pb2.RoundInfo()
-    conn.info.CopyFrom(info)
-    conn.info.status = service_pb2.ROUND_STATUS_ABORTED
-    conn.info.abort_reason = reason
+    rnd, _ = _ckks_round_then_aborted(reason)
     with pytest.raises(RoundAborted) as caught:
         rnd.submit({"w": np.ones(8, np.float32)}, weight=5000)
     assert {"AGGREGATE_OUT_OF_RANGE": "max_samples far above the sites' sample counts",
@@ -1962,18 +2000,11 @@ def test_a_result_a_site_took_is_the_model_it_holds_for_the_next_round() -> None
     """The site joins round 1 (fetching its model) and takes round 1's result; round 2
     starts from that result: the site uses the result it took, fetched once, not twice (the
     result taken is the model held, not round 1's model)."""
-    from secagg.model import FlatModel
 
     info, payloads = _model_info(1, "hospitals/job-1/round-1")
     site, conn = _site("masking", info, payloads)
     rnd = next(site.rounds())
-    result = FlatModel.from_arrays({"w": np.full(8, 0.5, np.float32)})
-    blob = wire.Blob((b"\x05" * 32,), len(result.to_bytes()))
-    conn.payloads[blob.chunk_ids[0]] = result.to_bytes()
-    done = service_pb2.RoundInfo(round=1, round_id=rnd.round_id,
-                                 status=service_pb2.ROUND_STATUS_COMPLETED,
-                                 result=wire.model_to_proto(result, blob))
-    site._accept_result(done, rnd.model)
+    result, blob = _take_round_1_result(site, conn, rnd)
     assert conn.fetched == ["03" * 32, "05" * 32]
 
     conn.info = service_pb2.RoundInfo(round=2, round_id="hospitals/job-1/round-2",
@@ -2006,12 +2037,6 @@ def test_an_abort_reason_told_after_the_upload_is_explained_too() -> None:
     """A CKKS round whose key holder refused the release as noise is aborted after every
     site uploaded: a site learns it waiting for the round's end, not for its key, and the
     reason it is told there comes with what it means as well."""
-    info, payloads = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
-    site, conn = _site("ckks", info, payloads)
-    rnd = next(site.rounds())
-    conn.info = service_pb2.RoundInfo()
-    conn.info.CopyFrom(info)
-    conn.info.status = service_pb2.ROUND_STATUS_ABORTED
-    conn.info.abort_reason = "AGGREGATE_OUT_OF_RANGE"
+    rnd, _ = _ckks_round_then_aborted("AGGREGATE_OUT_OF_RANGE")
     with pytest.raises(RoundAborted, match="max_samples far above the sites' sample counts"):
         rnd._wait_for_end()
