@@ -219,11 +219,13 @@ def _shown_weight(weight: object, samples: float | None) -> str:
 # log says which; the reason alone named none)
 _ABORT_HINTS = {
     "AGGREGATE_OUT_OF_RANGE": (
-        "the round's sum is beyond what clipped updates make (a site past its clip) or, "
+        "as the aggregator reports it: the round's sum is beyond what clipped updates make "
+        "(a site past its clip) or, "
         "under CKKS, its weight sum too small for the key holder's release noise ([update] "
         "max_samples far above the sites' sample counts); no site sends twice against one "
         "model, so a round from the same model cannot follow"),
-    "TOO_FEW_SURVIVORS": "fewer sites than the federation's threshold took part in time",
+    "TOO_FEW_SURVIVORS": ("as the aggregator reports it: fewer sites than the federation's "
+                          "threshold took part in time"),
 }
 
 
@@ -1132,12 +1134,17 @@ class Round:
             self._site._progress(what, done, total)
 
     def _submit(self, **message: Any) -> None:
+        # (only the waits were bounded: past the round's patience, a site whose stage
+        # answers came back "ready" still sent its Submits and uploads, hours more)
+        # defence: sdk.sends-within-the-rounds-patience
+        self._in_time()
         self._conn.call("Submit", service_pb2.SubmitRequest(round_id=self.round_id, **message))
 
     def _upload_and_submit(self, data: bytes, what: str,
                            message: Callable[[wire.Blob], dict[str, Any]]) -> None:
         """Upload a payload and submit the message that refers to it (sent again if the
         aggregator lost its chunks: Connection.upload_and_send)."""
+        self._in_time()
         self._conn.upload_and_send(data, lambda blob: self._submit(**message(blob)),
                                    progress=self._progress, what=what)
 
@@ -1190,6 +1197,9 @@ class Round:
                 if e.code != "DEADLINE_EXCEEDED":
                     raise
                 self._in_time()
+                # (paced as "nothing new" is: answered at once, it was a hot loop)
+                # defence: sdk.deadline-retry-paced
+                pacer.nothing_new(began)
                 continue
             if info.status == service_pb2.ROUND_STATUS_COMPLETED:
                 # the result of this round, not another's: what the site then holds (and

@@ -1755,10 +1755,32 @@ def test_a_result_wait_the_aggregator_leaves_unanswered_past_its_deadline_goes_o
         return answer
 
     rnd._conn.call = call  # type: ignore[method-assign]
+    slept: list[float] = []
+    monkeypatch.setattr(clients.site.time, "sleep", slept.append)
     assert rnd._wait_for_end() is done and not answers
+    # each answered at once: paced as "nothing new" is (it was a hot loop, 4,600 polls a
+    # second over real gRPC)
+    assert len(slept) == 2 and all(pause > 0 for pause in slept), slept
     answers[:] = [AggregatorRefused("PERMISSION_DENIED", "no")]
     with pytest.raises(AggregatorRefused, match="PERMISSION_DENIED"):
         rnd._wait_for_end()
+
+
+def test_a_site_sends_nothing_once_the_rounds_patience_is_spent() -> None:
+    """Only the waits checked the round's patience: past it, a site whose stage answers
+    came back "ready" still sent its Submits and its uploads (with retries, hours past the
+    README's give-up time). Each Submit and each upload is now checked first."""
+    import time
+
+    info, payloads = _model_info(1, "hospitals/job-1/round-1")
+    site, conn = _site("masking", info, payloads)
+    rnd = next(site.rounds())
+    rnd._deadline = time.monotonic() - 1.0
+    with pytest.raises(RoundAborted, match="did not end the round within"):
+        rnd._submit()
+    with pytest.raises(RoundAborted, match="did not end the round within"):
+        rnd._upload_and_submit(b"masked input", "masked input", lambda blob: {})
+    assert conn.sent == []
 
 @pytest.mark.parametrize("reason", ["AGGREGATE_OUT_OF_RANGE", "TOO_FEW_SURVIVORS"])
 def test_an_abort_reason_a_site_can_act_on_is_explained(
