@@ -77,11 +77,50 @@ def _store_bytes(db: Path) -> bytes:
 _PROTOCOL_DATA = {"uploaded payload", "share", "seed"}
 
 
+def _postgres_store_bytes(url: str) -> bytes:
+    """Every row of every table of the PostgreSQL database (reflected, so a table added later
+    is searched too), each value as stored: bytea raw, anything else as text."""
+    import sqlalchemy as sa
+
+    from aggregator.store import normalize_url
+
+    engine = sa.create_engine(normalize_url(url))
+    raw = b""
+    try:
+        meta = sa.MetaData()
+        meta.reflect(engine)
+        assert {"chunks", "events", "rounds", "models", "releases", "job"} <= set(meta.tables)
+        with engine.connect() as conn:
+            for table in meta.sorted_tables:
+                for row in conn.execute(sa.select(table)):
+                    raw += b"".join(bytes(v) if isinstance(v, bytes | memoryview)
+                                    else str(v).encode() for v in row)
+    finally:
+        engine.dispose()
+    return raw
+
+
 @pytest.mark.parametrize("protocol", ["masking", "ckks"])
 def test_no_canary_reaches_logs_metrics_store_or_other_sites(tmp_path: Path,
                                                             protocol: str) -> None:
+    _canary_round(tmp_path, protocol, None)
+
+
+@pytest.mark.parametrize("protocol", ["masking", "ckks"])
+def test_no_canary_reaches_a_postgresql_store(tmp_path: Path, protocol: str,
+                                              postgres_url: str) -> None:
+    """The same round and search with the aggregator on PostgreSQL (skipped, or failed under
+    SECAGG_REQUIRE_POSTGRES, when no server is reachable): every row of every table of its
+    database is searched, so what the service writes through the PostgreSQL dialect (bytea,
+    text) is held to the same promise as the SQLite file."""
+    _canary_round(tmp_path, protocol, postgres_url)
+
+
+def _canary_round(tmp_path: Path, protocol: str, store_url: str | None) -> None:
+    """One round of ``protocol`` through the real service on ``store_url`` (None: a SQLite
+    file), then the search."""
     fed = make_federation(tmp_path, SITES, protocol, rounds=1, key_holders=(1,))
-    agg = start_aggregator(fed, tmp_path)
+    agg = start_aggregator(fed, tmp_path, store_url)
     agg.wait_for(lambda e: e.get("event") == "metrics_listening")
     port = int(next(e for e in agg.lines if e.get("event") == "metrics_listening")["peer"]
                .rsplit(" -> ", 1)[1])
@@ -101,7 +140,8 @@ def test_no_canary_reaches_logs_metrics_store_or_other_sites(tmp_path: Path,
         else {"ckks secret key", "ckks flood key", "uploaded payload"}
     assert expected <= kinds, kinds  # the recording hooks really ran
     logs = (tmp_path / "aggregator.log").read_bytes()
-    store = _store_bytes(tmp_path / "aggregator.db")
+    store = (_store_bytes(tmp_path / "aggregator.db") if store_url is None
+             else _postgres_store_bytes(store_url))
     received = {s: (tmp_path / f"secrets-{s}.jsonl.received").read_bytes()
                 for s in range(1, SITES + 1)}
     found = []
