@@ -175,3 +175,22 @@ def test_a_full_disk_is_named_in_our_words_and_a_failed_purge_is_kept_for_the_ne
         job.purge()
     job.purge(now=False)  # (due: kept, with its time)
     assert calls == [3, 3] and not job._purges
+
+
+def test_an_unhealthy_aggregator_answers_no_call_from_a_job_that_is_not_stale() -> None:
+    """A tick that failed for a reason not the store's (a fault of ours) marks the aggregator
+    unhealthy without making its job stale (only a store's failure, or a ping that times
+    out, does): every call is UNAVAILABLE until the watcher has rebuilt the job from the
+    store, whose memory may be ahead of what was committed; nothing runs on it."""
+    ran: list[str] = []
+
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        service = fake_service(core, stale=False)
+        core.healthy = False
+        with pytest.raises(Aborted, match="UNAVAILABLE"):
+            await service._call(FakeContext(1), lambda job: ran.append("ran"))
+        core.executor.shutdown()
+
+    asyncio.run(main())
+    assert ran == []
