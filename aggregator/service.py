@@ -1372,9 +1372,10 @@ async def _watch(core: Core, health: Any) -> None:
                 core.job = fresh
                 core.healthy = True
             except Exception as e:  # not recovered yet: the next second tries again
+                failure = _failure(e)
                 log.error("recovery failed", extra={"event": "recovery_error",
-                                                    "reason": _failure(e)})
-                ok, why = False, f"recovery failed: {_failure(e)}"
+                                                    "reason": failure})
+                ok, why = False, f"recovery failed: {failure}"
         elif not ok:
             core.healthy = False
             # a store that hangs (rather than fails) marked nothing stale: the call it held

@@ -715,15 +715,14 @@ def claim_directory(directory: str | Path, also: str | Path | None = None) -> Di
     go, and a child forked from the training script (a DataLoader worker) holds none of it
     (an ``flock`` would have been shared with the child, which kept the directory locked
     after its parent closed its Site, in the parent's name)."""
-    paths = [Path(directory).resolve() / IN_USE_FILE]
-    if also is not None and (Path(also).resolve() / IN_USE_FILE) != paths[0]:
-        paths.append(Path(also).resolve() / IN_USE_FILE)
+    folders = [(Path(directory).resolve(), False)]
+    if also is not None and Path(also).resolve() != folders[0][0]:
+        folders.append((Path(also).resolve(), True))
     taken: list[Path] = []
     try:
-        for number, path in enumerate(paths):
-            if _claim(path, path.parent if number == 0 else Path(also or directory),
-                      optional=number > 0):
-                taken.append(path)
+        for folder, optional in folders:
+            if _claim(folder / IN_USE_FILE, folder, optional=optional):
+                taken.append(folder / IN_USE_FILE)
     except BaseException:
         DirectoryClaim(taken).release()
         raise
