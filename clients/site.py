@@ -1138,7 +1138,28 @@ class Round:
         # answers came back "ready" still sent its Submits and uploads, hours more)
         # defence: sdk.sends-within-the-rounds-patience
         self._in_time()
-        self._conn.call("Submit", service_pb2.SubmitRequest(round_id=self.round_id, **message))
+        self._round_call("Submit", service_pb2.SubmitRequest(round_id=self.round_id, **message))
+
+    def _round_call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        """A call of this round, asked again while the aggregator lets the call's own deadline
+        pass (DEADLINE_EXCEEDED: its store hung, and it answers UNAVAILABLE only once it
+        notices) until the round's patience is spent (RoundAborted). Every call is
+        idempotent: a Submit counted before its answer was lost is acknowledged again. A
+        Submit or a stage's wait cut by its deadline left submit as AggregatorRefused, or
+        aborted the round at once, where the long poll for the result waited on."""
+        pacer = _Pacer()
+        while True:
+            began = time.monotonic()
+            try:
+                return self._conn.call(method, request, timeout=timeout)
+            except AggregatorRefused as e:
+                # defence: sdk.round-calls-outlive-a-deadline
+                if e.code != "DEADLINE_EXCEEDED":
+                    raise
+                self._in_time()
+                # (paced as "nothing new" is: answered at once, it was a hot loop)
+                # defence: sdk.deadline-retry-paced
+                pacer.nothing_new(began)
 
     def _upload_and_submit(self, data: bytes, what: str,
                            message: Callable[[wire.Blob], dict[str, Any]]) -> None:
@@ -1153,7 +1174,7 @@ class Round:
         while True:
             began = time.monotonic()
             try:
-                response: service_pb2.ReceiveResponse = self._conn.call(
+                response: service_pb2.ReceiveResponse = self._round_call(
                     "Receive", service_pb2.ReceiveRequest(round_id=self.round_id, stage=stage,
                                                           wait_ms=POLL_MS),
                     timeout=POLL_MS / 1000 + 30)
@@ -1183,24 +1204,14 @@ class Round:
         pacer = _Pacer()
         while True:
             began = time.monotonic()
-            try:
-                info: service_pb2.RoundInfo = self._conn.call(
-                    "GetRound", service_pb2.GetRoundRequest(
-                        after_round=self.number - 1, wait_ms=POLL_MS, until_finished=True),
-                    timeout=POLL_MS / 1000 + 30)
-            except AggregatorRefused as e:
-                # a long poll the aggregator did not answer in time (its store hung: it
-                # answers UNAVAILABLE only once it notices) is no refusal: asked again
-                # until the round's patience is spent (it left submit as AggregatorRefused
-                # at one site while another, waiting elsewhere, was told RoundAborted)
-                # defence: sdk.result-wait-outlives-a-deadline
-                if e.code != "DEADLINE_EXCEEDED":
-                    raise
-                self._in_time()
-                # (paced as "nothing new" is: answered at once, it was a hot loop)
-                # defence: sdk.deadline-retry-paced
-                pacer.nothing_new(began)
-                continue
+            # a long poll the aggregator did not answer in time is no refusal (it left submit
+            # as AggregatorRefused at one site while another, waiting elsewhere, was told
+            # RoundAborted): asked again until the round's patience is spent
+            # defence: sdk.result-wait-outlives-a-deadline
+            info: service_pb2.RoundInfo = self._round_call(
+                "GetRound", service_pb2.GetRoundRequest(
+                    after_round=self.number - 1, wait_ms=POLL_MS, until_finished=True),
+                timeout=POLL_MS / 1000 + 30)
             if info.status == service_pb2.ROUND_STATUS_COMPLETED:
                 # the result of this round, not another's: what the site then holds (and
                 # checks the next rounds' models against) is this round's result

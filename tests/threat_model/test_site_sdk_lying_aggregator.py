@@ -1766,6 +1766,65 @@ def test_a_result_wait_the_aggregator_leaves_unanswered_past_its_deadline_goes_o
         rnd._wait_for_end()
 
 
+@pytest.mark.parametrize("method", ["Submit", "Receive"])
+def test_a_round_call_the_aggregator_leaves_unanswered_past_its_deadline_is_asked_again(
+        method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Submit cut by its own deadline (the aggregator's store hung for 40 s) left submit as
+    AggregatorRefused("DEADLINE_EXCEEDED"), and a stage's wait cut so aborted the round at
+    once, while the long poll for the result waited on. Each is asked again (paced, every
+    call is idempotent) until the round's patience is spent; other refusals still end it."""
+    import time
+
+    import clients.site
+    from clients.errors import AggregatorRefused
+
+    info, payloads = _model_info(1, "hospitals/job-1/round-1")
+    site, _conn = _site("masking", info, payloads)
+    rnd = next(site.rounds())
+    rnd._deadline = time.monotonic() + 30.0
+    ok: Any = (service_pb2.SubmitResponse() if method == "Submit"
+               else service_pb2.ReceiveResponse(ready=True))
+    answers: list[Any] = [AggregatorRefused("DEADLINE_EXCEEDED", "Deadline Exceeded")] * 2
+    answers.append(ok)
+    asked: list[str] = []
+
+    def call(name: str, request: Any, timeout: float | None = None) -> Any:
+        asked.append(name)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def run() -> Any:
+        return rnd._submit() if method == "Submit" else rnd._receive(1)
+
+    rnd._conn.call = call  # type: ignore[method-assign]
+    slept: list[float] = []
+    monkeypatch.setattr(clients.site.time, "sleep", slept.append)
+    run()
+    assert asked == [method] * 3 and not answers
+    assert len(slept) == 2 and all(pause > 0 for pause in slept), slept
+    # past the round's patience: given up, as a round the aggregator did not end
+    answers[:] = [AggregatorRefused("DEADLINE_EXCEEDED", "Deadline Exceeded")]
+    rnd._deadline = time.monotonic() + 0.05
+    monkeypatch.setattr(clients.site.time, "sleep", lambda s: None)
+    real_in_time = rnd._in_time
+
+    def late() -> None:
+        rnd._deadline = time.monotonic() - 1.0
+        real_in_time()
+
+    rnd._in_time = late  # type: ignore[method-assign]
+    with pytest.raises(RoundAborted, match="did not end the round within"):
+        run()
+    rnd._in_time = real_in_time  # type: ignore[method-assign]
+    rnd._deadline = time.monotonic() + 30.0
+    answers[:] = [AggregatorRefused("PERMISSION_DENIED", "no")]
+    with pytest.raises((AggregatorRefused, RoundAborted), match="PERMISSION_DENIED"):
+        run()
+    assert not answers
+
+
 def test_a_site_sends_nothing_once_the_rounds_patience_is_spent() -> None:
     """Only the waits checked the round's patience: past it, a site whose stage answers
     came back "ready" still sent its Submits and its uploads (with retries, hours past the
