@@ -225,6 +225,33 @@ def test_dp_model_has_no_batch_norm_and_its_trainer_spends_privacy() -> None:
     assert eps is not None and eps > 0
 
 
+def test_dp_noise_and_sampling_are_secret_and_fresh_each_round() -> None:
+    """The DP trainer's noise, sampling and dropout came from torch generators seeded with
+    (public seed, round): anyone could train the demo's public config on dummy data, replay
+    the noise, and subtract it from the update it was to hide. Two DP trainers alike in
+    everything now train apart; without DP, training stays deterministic given the seed
+    (the demo's plaintext baseline relies on it)."""
+    import torch
+
+    from clients.demo.model import make_model
+    from clients.demo.train import LocalTrainer, TrainConfig
+
+    rng = np.random.default_rng(0)
+    x = rng.random((32, 1, 8, 8), dtype=np.float32)
+    y = rng.integers(0, 3, 32).astype(np.int64)
+
+    def trained(dp: bool) -> dict[str, Any]:
+        model = make_model(8, 3, dp=dp, seed=0)
+        trainer = LocalTrainer(model, x, y, TrainConfig(epochs=1, batch_size=8, dp=dp), seed=1)
+        start = {k: v.clone() for k, v in trainer.module.state_dict().items()}
+        return trainer.train_round(start, 1)
+
+    a, b = trained(True), trained(True)
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+    c, d = trained(False), trained(False)
+    assert all(torch.equal(c[k], d[k]) for k in c)
+
+
 def test_a_run_that_fails_stops_every_process_it_started(monkeypatch: pytest.MonkeyPatch,
                                                          tmp_path: Path) -> None:
     """However the secure run ends (here its follower raises), the aggregator and every
