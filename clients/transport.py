@@ -17,6 +17,7 @@ import hashlib
 import logging
 import math
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -46,6 +47,32 @@ Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 CLOSED = ("this site's connection is closed (Site.close(), or the end of its with block): "
           "connect again with Site.connect")
+
+
+class _RateWatch:
+    """Cancels a streaming download once ``due()`` (a time.monotonic() value that moves on as
+    bytes arrive) has passed. An aggregator that named a large payload and then sent nothing
+    held a site in one call whose deadline was set from the size it claimed (800 MB: 14
+    hours, not a byte moving); now the bytes must keep arriving at the slowest supported
+    link's pace, after the transfer's allowance (Connection.download)."""
+
+    def __init__(self, call: Any, due: Callable[[], float]) -> None:
+        self.fired = False
+        self._call, self._due = call, due
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="secagg-download-watch",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(max(0.0, min(1.0, self._due() - time.monotonic()))):
+            if time.monotonic() >= self._due():
+                self.fired = True
+                self._call.cancel()
+                return
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 class Connection:
@@ -319,10 +346,19 @@ class Connection:
             raise AggregatorRefused("OUT_OF_RANGE", f"the aggregator named a {what} of "
                                                     f"{blob.size} bytes in "
                                                     f"{len(blob.chunk_ids)} chunks")
+        began = time.monotonic()
         end = self._transfer_end(blob.size)
         got: dict[bytes, bytes] = {}
         wanted = list(dict.fromkeys(blob.chunk_ids))
         held = 0  # bytes of the chunks kept so far: never more than the blob's size
+
+        def due() -> float:
+            """When the next chunk must have arrived: the transfer's allowance
+            (retry_seconds), and time for what has arrived and one chunk more at the slowest
+            supported link's pace: not the size the aggregator claims."""
+            # defence: sdk.download-keeps-its-pace
+            return (began + self.retry_seconds
+                    + (held + CHUNK_BYTES) / MIN_LINK_BYTES_PER_SECOND)
 
         def attempt() -> None:
             nonlocal held
@@ -331,26 +367,41 @@ class Connection:
                 asked = missing[start:start + IDS_PER_CALL]
                 pending = set(asked)
                 request = service_pb2.ChunkIds(chunk_ids=asked)
-                for chunk in self.stub.GetChunks(request, timeout=self._stream_timeout(
-                        blob.size - held, end)):
-                    cid, data = bytes(chunk.chunk_id), bytes(chunk.data)
-                    # only what was asked for, each once, and no more bytes than the blob
-                    # holds: a lying aggregator cannot make a site buffer what it likes
-                    # defence: sdk.download-asked-only
-                    if cid not in pending or held + len(data) > blob.size:
-                        raise AggregatorRefused("DATA_LOSS", f"the aggregator sent a chunk of "
-                                                             f"the {what} that was not asked "
-                                                             "for")
-                    # defence: sdk.download-chunk-matches-id
-                    if hashlib.sha256(data).digest() != cid:
-                        raise AggregatorRefused("DATA_LOSS", "a downloaded chunk does not "
-                                                             "match its id")
-                    pending.discard(cid)
-                    got[cid] = data
-                    held += len(data)
-                    self.bytes_received += len(data)
-                    if progress:
-                        progress(what, len(got), len(wanted))
+                call = self.stub.GetChunks(request, timeout=self._stream_timeout(
+                    blob.size - held, end))
+                watch = _RateWatch(call, due) if hasattr(call, "cancel") else None
+                try:
+                    for chunk in call:
+                        cid, data = bytes(chunk.chunk_id), bytes(chunk.data)
+                        # only what was asked for, each once, and no more bytes than the
+                        # blob holds: a lying aggregator cannot make a site buffer what it
+                        # likes
+                        # defence: sdk.download-asked-only
+                        if cid not in pending or held + len(data) > blob.size:
+                            raise AggregatorRefused("DATA_LOSS", f"the aggregator sent a chunk "
+                                                                 f"of the {what} that was not "
+                                                                 "asked for")
+                        # defence: sdk.download-chunk-matches-id
+                        if hashlib.sha256(data).digest() != cid:
+                            raise AggregatorRefused("DATA_LOSS", "a downloaded chunk does not "
+                                                                 "match its id")
+                        pending.discard(cid)
+                        got[cid] = data
+                        held += len(data)
+                        self.bytes_received += len(data)
+                        if progress:
+                            progress(what, len(got), len(wanted))
+                except grpc.RpcError:
+                    # defence: sdk.download-pace-refused
+                    if watch is not None and watch.fired:
+                        raise AggregatorRefused(
+                            "DEADLINE_EXCEEDED", f"the aggregator sent the {what} slower than "
+                            f"{MIN_LINK_BYTES_PER_SECOND // 1000} KB/s ({held} of "
+                            f"{blob.size} bytes in {time.monotonic() - began:.0f} s)") from None
+                    raise
+                finally:
+                    if watch is not None:
+                        watch.close()
 
         self._retry(attempt, progress=lambda: len(got), end=end)
         # a stream that ended without every chunk asked for (the retry covers broken ones)

@@ -45,6 +45,10 @@ from secagg.errors import ConfigurationError
 SUPPORTED_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32",
                               "int64", "uint8", "uint16", "uint32", "uint64", "bool"})
 MAX_TENSOR_VALUES = 1 << 40  # far above any [limits] max_vector_length; dims are bounded too
+# tensors a model may have: far above a vision model's state dict (hundreds) or a large
+# transformer's (thousands). A lying aggregator's spec of 360,000 one-value tensors (7.5 MB,
+# within the message limit) cost a site 526 MB and 6.5 CPU seconds before it was refused.
+MAX_MODEL_TENSORS = 1 << 16
 _F8 = np.dtype("<f8")
 _EXACT_INT = 1 << 53  # every integer of magnitude up to this is exactly a float64
 _F4 = np.dtype("<f4")
@@ -233,12 +237,20 @@ class TensorSpec:
         return math.prod(self.shape)  # exact (Python ints); 1 for a scalar
 
 
+def _check_tensor_count(count: int) -> None:
+    # defence: model.tensor-count-bounded
+    if count > MAX_MODEL_TENSORS:
+        raise ConfigurationError(f"a model of {count:,} tensors: at most {MAX_MODEL_TENSORS:,} "
+                                 "(merge small tensors, or send them as one)")
+
+
 @dataclass(frozen=True)
 class FlatModel:
     spec: tuple[TensorSpec, ...]
     values: np.ndarray  # float64, length = sum of sizes
 
     def __post_init__(self) -> None:
+        _check_tensor_count(len(self.spec))
         values = np.ascontiguousarray(self.values, dtype="<f8")
         # defence: model.values-match-the-spec
         if values.ndim != 1 or values.shape[0] != sum(t.size for t in self.spec):
@@ -353,6 +365,7 @@ class FlatModel:
         if not isinstance(arrays, Mapping):
             raise ConfigurationError(f"a model is a mapping of names to arrays; got "
                                      f"{type(arrays).__name__}")
+        _check_tensor_count(len(arrays))  # (before any is read)
         spec, parts = [], []
         for name, value in arrays.items():
             # defence: model.no-masked-arrays

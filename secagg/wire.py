@@ -32,7 +32,7 @@ from secagg.masking.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from secagg.model import FlatModel, TensorSpec
+from secagg.model import MAX_MODEL_TENSORS, FlatModel, TensorSpec
 from secagg.v1 import ckks_pb2, masking_pb2, service_pb2
 
 WORD_DTYPES: dict[int, np.dtype[np.unsignedinteger]] = {32: np.dtype("<u4"), 64: np.dtype("<u8")}
@@ -289,6 +289,10 @@ def model_to_proto(model: FlatModel, blob: Blob) -> service_pb2.Model:
 
 
 def spec_from_proto(tensors: Sequence[service_pb2.Tensor]) -> tuple[TensorSpec, ...]:
+    # counted before a tensor is read (secagg.model.MAX_MODEL_TENSORS)
+    # defence: wire.spec-tensor-count-bounded
+    if len(tensors) > MAX_MODEL_TENSORS:
+        raise InvalidMessage("model spec")
     try:
         return tuple(TensorSpec(t.name, tuple(int(d) for d in t.shape), np.dtype(t.dtype).name)
                      for t in tensors)

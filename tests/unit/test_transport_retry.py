@@ -317,6 +317,85 @@ def test_an_aggregator_trickling_a_chunk_per_deadline_cannot_hold_a_site_for_hou
     assert stub.calls < 50
 
 
+class _PacedCall:
+    """A GetChunks stream as gRPC's client gives it: iterable and cancellable. It sends
+    ``chunks``, each after ``gap`` seconds, then (``stall``) nothing until cancelled or until
+    ``deadline`` seconds have passed (the call's own deadline, DEADLINE_EXCEEDED)."""
+
+    def __init__(self, chunks: list[Any], gap: float, stall: bool, deadline: float) -> None:
+        import threading
+
+        self.chunks, self.gap, self.stall, self.deadline = chunks, gap, stall, deadline
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def __iter__(self) -> Any:
+        for chunk in self.chunks:
+            if self.cancelled.wait(self.gap):
+                raise _Status(grpc.StatusCode.CANCELLED)
+            yield chunk
+        if self.stall:
+            if self.cancelled.wait(self.deadline):
+                raise _Status(grpc.StatusCode.CANCELLED)
+            raise _Status(grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@pytest.mark.parametrize("served", [0, 2])
+def test_a_download_the_aggregator_stops_sending_is_refused_at_the_slowest_links_pace(
+        served: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An aggregator that named a first model of 800 MB and then sent nothing held a site in
+    one GetChunks call whose deadline came from the size it claimed (14 hours, not a byte
+    moving). The bytes must now keep arriving at the slowest supported link's pace, after
+    the transfer's allowance: here (a link of 2 chunks a second, no allowance) the stall is
+    refused within a chunk's time of the last chunk, naming the pace."""
+    import time
+
+    import clients.transport
+    from secagg.v1 import service_pb2
+
+    monkeypatch.setattr(clients.transport, "MIN_LINK_BYTES_PER_SECOND",
+                        clients.transport.CHUNK_BYTES * 2)
+    pieces = [os.urandom(1000) for _ in range(5)]
+    ids = [hashlib.sha256(p).digest() for p in pieces]
+    chunks = [service_pb2.Chunk(chunk_id=c, data=p) for c, p in zip(ids, pieces, strict=True)]
+
+    class Stub:
+        def GetChunks(self, request: Any, timeout: float) -> Any:
+            return _PacedCall(chunks[:served], gap=0.01, stall=True, deadline=5.0)
+
+    conn, _ = _submitting(_ForgetfulAggregator(forget=0))
+    conn.stub, conn.retry_seconds = Stub(), 0.0
+    began = time.monotonic()
+    with pytest.raises(AggregatorRefused, match=r"DEADLINE_EXCEEDED.*slower than") as e:
+        conn.download(Blob(tuple(ids), 5000), max_size=10**9)
+    assert time.monotonic() - began < 3.0
+    assert f"{served * 1000} of 5000 bytes" in str(e.value)
+
+
+def test_a_download_at_the_slowest_links_pace_is_not_cut(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pace is on what has arrived: a download whose chunks keep coming at the slowest
+    link's pace is not cut, though it lasts far longer than one chunk's time in all."""
+    import clients.transport
+    from secagg.v1 import service_pb2
+
+    size = clients.transport.CHUNK_BYTES
+    monkeypatch.setattr(clients.transport, "MIN_LINK_BYTES_PER_SECOND", size * 2)
+    pieces = [os.urandom(size) for _ in range(4)]
+    ids = [hashlib.sha256(p).digest() for p in pieces]
+    chunks = [service_pb2.Chunk(chunk_id=c, data=p) for c, p in zip(ids, pieces, strict=True)]
+
+    class Stub:
+        def GetChunks(self, request: Any, timeout: float) -> Any:
+            return _PacedCall(chunks, gap=0.25, stall=False, deadline=0.0)
+
+    conn, _ = _submitting(_ForgetfulAggregator(forget=0))
+    conn.stub, conn.retry_seconds = Stub(), 0.0
+    assert conn.download(Blob(tuple(ids), 4 * size), max_size=10**9) == b"".join(pieces)
+
+
 class _Listing(_ForgetfulAggregator):
     """Answers MissingChunks with what ``answer`` makes of the ids asked about; records the
     deadline of every streaming call."""

@@ -62,3 +62,30 @@ def test_a_model_with_a_value_that_is_not_finite_cannot_be_made(bad: float) -> N
     job whose every round the sites refuse."""
     with pytest.raises(ConfigurationError, match="NaN or infinity"):
         FlatModel.from_arrays({"w": np.array([0.0, bad])})
+
+
+def test_a_spec_of_more_tensors_than_a_model_may_have_is_refused_before_any_is_read() -> None:
+    """A lying aggregator's spec of 360,000 one-value tensors (7.5 MB, within the message
+    limit) cost a site 526 MB and 6.5 CPU seconds before the model was refused. The tensors
+    are counted first; a spec at the bound is read."""
+    from secagg.model import MAX_MODEL_TENSORS
+
+    model = service_pb2.Model()
+    model.spec.extend(service_pb2.Tensor(name=f"t{i}", shape=[1], dtype="float32")
+                      for i in range(MAX_MODEL_TENSORS + 1))
+    with pytest.raises(InvalidMessage, match="model spec"):
+        wire.spec_from_proto(model.spec)
+    del model.spec[-1]
+    assert len(wire.spec_from_proto(model.spec)) == MAX_MODEL_TENSORS
+
+
+def test_a_model_of_more_tensors_than_a_model_may_have_is_refused_naming_the_bound() -> None:
+    """The same bound for a model made here (a state dict, a model file): said with the
+    count, before an array is read."""
+    from secagg.model import MAX_MODEL_TENSORS
+
+    arrays = {f"t{i}": np.zeros(1, np.float32) for i in range(MAX_MODEL_TENSORS + 1)}
+    with pytest.raises(ConfigurationError, match=f"{MAX_MODEL_TENSORS + 1:,} tensors"):
+        FlatModel.from_arrays(arrays)
+    del arrays[f"t{MAX_MODEL_TENSORS}"]
+    assert len(FlatModel.from_arrays(arrays).spec) == MAX_MODEL_TENSORS
