@@ -76,24 +76,38 @@ _log = logging.getLogger("clients")
 POLL_MS = 10_000
 
 
+# what answers that bring nothing new may bring in, on average: far above an honest "not
+# yet" (a few bytes, or a round's info: its model's names and shapes); a lying aggregator
+# padding each to the message limit and holding it just past the pacer's threshold had a
+# site receive ~6 MB a second until the round's patience ran out (20 GB)
+POLL_BYTES_PER_SECOND = 64 * 1024
+
+
 class _Pacer:
     """Long polls that come back early with nothing new are spaced out (0.1 s, doubling to
     5 s, with jitter): an honest aggregator answers "nothing new" only once the poll's wait
     is over, and a lying one answering at once (each reply up to the message limit) made a
-    site call it a hundred times a second and receive gigabytes."""
+    site call it a hundred times a second and receive gigabytes. And a poll's answer of
+    ``nbytes`` takes at least ``nbytes / POLL_BYTES_PER_SECOND`` from its start to the next
+    poll, however long it was held."""
 
     def __init__(self) -> None:
         self._delay = 0.0
         self._random = random.SystemRandom()
 
-    def nothing_new(self, began: float) -> None:
-        """A poll begun at ``began`` (time.monotonic()) brought nothing new."""
+    def nothing_new(self, began: float, nbytes: int = 0) -> None:
+        """A poll begun at ``began`` (time.monotonic()) brought nothing new, in ``nbytes``."""
+        elapsed = time.monotonic() - began
+        # defence: sdk.polls-paced-by-their-bytes
+        owed = nbytes / POLL_BYTES_PER_SECOND - elapsed
         # defence: sdk.long-polls-paced
-        if time.monotonic() - began >= POLL_MS / 2000:
+        if elapsed >= POLL_MS / 2000:
             self._delay = 0.0
+            if owed > 0:
+                time.sleep(owed)
             return
         self._delay = min(max(2 * self._delay, 0.1), 5.0)
-        time.sleep(self._random.uniform(self._delay / 2, self._delay))
+        time.sleep(max(self._random.uniform(self._delay / 2, self._delay), owed))
 
 
 # An honest aggregator ends a round within its stage deadlines: the open stage, five stages
@@ -543,7 +557,7 @@ class Site:
                     or (info.status != _RUNNING
                         and not self._last_round < info.round <= self.config.rounds)
                     or (info.status == _RUNNING and 0 < info.round <= self._last_round)):
-                pacer.nothing_new(began)
+                pacer.nothing_new(began, info.ByteSize())
                 continue
             # a running round beyond the job's rounds is refused as it is joined (the first
             # one: later ones are not news), and is not a round this site passed: it made
@@ -552,7 +566,7 @@ class Site:
             # defence: sdk.rounds-beyond-the-job-not-passed
             if info.status == _RUNNING and info.round > self.config.rounds:
                 if self._refused_beyond:
-                    pacer.nothing_new(began)
+                    pacer.nothing_new(began, info.ByteSize())
                     continue
                 self._refused_beyond = True
                 return info
@@ -1183,9 +1197,27 @@ class Round:
             except AggregatorRefused as e:
                 raise RoundAborted(self.round_id, e.reason, code=e.code) from None
             if response.ready:
+                self._check_entry_counts(response)
                 return response
             self._in_time()
-            pacer.nothing_new(began)
+            pacer.nothing_new(began, response.ByteSize())
+
+    def _check_entry_counts(self, response: service_pb2.ReceiveResponse) -> None:
+        """RoundAborted for a stage's answer with more entries in a list than the roster has
+        sites (no honest one has: a key, a share, a survivor, an upload per site at most),
+        counted before a Python object is made of any: a key directory padded to 8 MB cost
+        a site 762 MB and 8 CPU seconds to refuse as DUPLICATE_SITE."""
+        kind = response.WhichOneof("message")
+        if kind is None:
+            return
+        message = getattr(response, kind)
+        sites = len(self._site.kit.roster)
+        for field in message.DESCRIPTOR.fields:
+            # defence: sdk.stage-answer-entries-counted
+            if field.is_repeated and len(getattr(message, field.name)) > sites:
+                raise RoundAborted(self.round_id, (
+                    f"the aggregator's {kind} names {len(getattr(message, field.name))} "
+                    f"{field.name}, more than the roster's {sites} sites"))
 
     def _in_time(self) -> None:
         """RoundAborted once the round has outlasted what its deadlines allow: a lying
@@ -1224,7 +1256,7 @@ class Round:
                 raise RoundAborted(self.round_id, _explained(info.abort_reason),
                                    code="ABORTED")
             self._in_time()
-            pacer.nothing_new(began)
+            pacer.nothing_new(began, info.ByteSize())
 
     # ---- masking ---------------------------------------------------------------------------------
 
@@ -1339,6 +1371,7 @@ class Round:
 
     def _run_ckks(self, delta: np.ndarray, weight: float) -> None:
         site = self._site
+        began = time.monotonic()
         info = self._info()
         delay = 0.05
         while not info.HasField("ckks_key"):
@@ -1347,8 +1380,12 @@ class Round:
                 raise RoundAborted(self.round_id, _explained(info.abort_reason)
                                    or "no key was announced")
             self._in_time()
-            time.sleep(delay)
+            # (and by its bytes: "no key yet" padded to 6 MB, answered at once, was 6 MB/s)
+            # defence: sdk.key-wait-paced-by-its-bytes
+            time.sleep(max(delay, info.ByteSize() / POLL_BYTES_PER_SECOND
+                           - (time.monotonic() - began)))
             delay = min(delay * 1.5, 1.0)
+            began = time.monotonic()
             info = self._info()
         announcement = wire.announcement_from_proto(info.ckks_key.announcement)
         try:

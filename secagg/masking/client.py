@@ -515,7 +515,10 @@ class MaskingClient:
             raise ProtocolAbort(AbortReason.DUPLICATE_SITE)
         unknown = [i for i in ids if i not in self.config.roster]
         if unknown:
-            raise ProtocolAbort(AbortReason.UNKNOWN_SITE, f"sites {unknown}")
+            # (a few named: a lying aggregator's million unknown ids made a 16 MB text)
+            # defence: masking.client.unknown-sites-named-briefly
+            raise ProtocolAbort(AbortReason.UNKNOWN_SITE, f"sites {unknown[:16]}" + (
+                f" and {len(unknown) - 16} more" if len(unknown) > 16 else ""))
 
     def _abort(self, reason: AbortReason) -> None:
         self.stage = Stage.ABORTED

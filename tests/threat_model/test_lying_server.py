@@ -74,6 +74,17 @@ def test_client_aborts_if_unmask_request_lists_unknown_site() -> None:
     _expect(r, 1, replace(req, dropped=(*req.dropped, 77)), AbortReason.UNKNOWN_SITE)
 
 
+def test_an_abort_for_many_unknown_sites_names_a_few() -> None:
+    """An unmask request naming a million unknown sites made an abort text of 16 MB (every
+    id), built before anything cut it: it names sixteen and counts the rest."""
+    r = Round(sites=7)
+    req = _to_unmask(r, drop_masked=frozenset({4}))
+    with pytest.raises(ProtocolAbort) as caught:
+        r.clients[1].handle(replace(req, dropped=(*req.dropped, *range(100, 1100))))
+    assert caught.value.reason is AbortReason.UNKNOWN_SITE
+    assert "and 984 more" in str(caught.value) and len(str(caught.value)) < 300
+
+
 def test_client_aborts_if_unmask_request_lists_duplicate_id() -> None:
     r = Round(sites=7)
     req = _to_unmask(r, drop_masked=frozenset({4}))

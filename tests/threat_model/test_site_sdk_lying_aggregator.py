@@ -975,6 +975,130 @@ def test_long_polls_answered_at_once_with_nothing_new_are_spaced_out(
     assert clock[0] >= 60.0  # 39 early answers: about 2 s apart on average, at least
 
 
+def _padded(message: Any, nbytes: int) -> Any:
+    """``message`` with an unknown field of ``nbytes`` (what a lying aggregator pads an
+    answer with: a parser keeps it, and it costs the site's link and memory all the same)."""
+    payload = b"\0" * nbytes
+    size, length = bytearray(), len(payload)
+    while True:  # (the length as a protobuf varint)
+        size.append((length & 0x7F) | (0x80 if length > 0x7F else 0))
+        length >>= 7
+        if not length:
+            break
+    padded = type(message)()
+    padded.CopyFrom(message)
+    padded.MergeFromString(b"\xba\x3e" + bytes(size) + payload)  # (field 999, bytes)
+    return padded
+
+
+@pytest.mark.parametrize("poll", ["wait_for_end", "receive", "next_round"])
+def test_polls_padded_and_held_past_the_pacers_threshold_are_paced_by_their_bytes(
+        poll: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lying aggregator padded each "nothing new" answer to the message limit and held it
+    just past the point where the pacer takes it for an honest long poll: ~6 MB a second
+    until the round's patience ran out. An answer of n bytes now takes n /
+    POLL_BYTES_PER_SECOND from its start to the next poll."""
+    from clients.site import POLL_BYTES_PER_SECOND, POLL_MS
+
+    clock = _fake_clock(monkeypatch)
+    mine, _ = _model_info(1, "hospitals/job-1/round-1")
+    site, _conn = _site("masking", mine, {})
+    calls, pad = [0], 1 << 20
+
+    def call(method: str, request: Any, **_kwargs: Any) -> Any:
+        calls[0] += 1
+        clock[0] += POLL_MS / 2000 + 0.05  # held just past the pacer's threshold
+        if calls[0] <= 10:
+            return _padded(service_pb2.ReceiveResponse(ready=False) if method == "Receive"
+                           else service_pb2.RoundInfo(), pad)
+        if method == "Receive":
+            return service_pb2.ReceiveResponse(ready=True)
+        done = service_pb2.RoundInfo()
+        done.CopyFrom(mine)
+        done.status = (service_pb2.ROUND_STATUS_COMPLETED if poll == "wait_for_end"
+                       else service_pb2.ROUND_STATUS_JOB_DONE)
+        return done
+
+    rnd = Round.__new__(Round)
+    rnd._site, rnd.number, rnd.round_id = site, 1, "hospitals/job-1/round-1"
+    rnd._deadline = float("inf")
+    rnd._conn = types.SimpleNamespace(call=call)  # type: ignore[assignment]
+    site._conn = types.SimpleNamespace(call=call)  # type: ignore[assignment]
+    if poll == "wait_for_end":
+        rnd._wait_for_end()
+    elif poll == "receive":
+        rnd._receive(1)
+    else:
+        assert site._next_round_info() is None
+    assert calls[0] == 11
+    assert clock[0] >= 10 * pad / POLL_BYTES_PER_SECOND  # (held alone: 10 x 5.05 s)
+
+
+def test_a_ckks_key_wait_answered_padded_at_once_is_paced_by_its_bytes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CKKS site waiting for the round's key asked once a second (no long poll), and a
+    lying aggregator answered "no key yet" padded to 6 MB each time, at once: 6 MB a second
+    until the round's patience ran out. The wait is paced by the answers' bytes too."""
+    import clients.site
+    from clients.site import POLL_BYTES_PER_SECOND
+
+    clock = _fake_clock(monkeypatch)
+    monkeypatch.setattr(clients.site, "_round_patience", lambda config: 1e9)
+    rnd, conn = _ckks_round_then_aborted("no key came")
+    aborted = conn.info
+    running = service_pb2.RoundInfo()
+    running.CopyFrom(aborted)
+    running.status = service_pb2.ROUND_STATUS_RUNNING
+    running = _padded(running, 1 << 20)
+    answers = [running] * 5 + [aborted]
+
+    def call(method: str, request: Any, timeout: float | None = None) -> Any:
+        assert method == "GetRound"
+        return answers.pop(0)
+
+    conn.call = call  # type: ignore[method-assign]
+    with pytest.raises(RoundAborted, match="no key came"):
+        rnd.submit({"w": np.ones(8, np.float32)}, weight=10)
+    assert not answers
+    assert clock[0] >= 5 * running.ByteSize() / POLL_BYTES_PER_SECOND - 1
+
+
+@pytest.mark.parametrize("kind", ["key_directory", "share_delivery", "survivor_list",
+                                  "unmask_request", "ckks_release_request"])
+def test_a_stage_answer_with_more_entries_than_the_roster_has_sites_is_refused_first(
+        kind: str) -> None:
+    """A key directory padded to 8 MB with entries cost a site 762 MB and 8 CPU seconds to
+    decode before it was refused as DUPLICATE_SITE (a release request of 1.3 million uploads,
+    498 MB). No honest answer names more entries than the roster has sites: counted before
+    a Python object is made of any."""
+    from secagg.v1 import masking_pb2
+
+    info, payloads = _model_info(1, "hospitals/job-1/round-1")
+    site, _conn = _site("masking", info, payloads)
+    sites = len(site.kit.roster)
+    too_many = {
+        "key_directory": lambda n: masking_pb2.KeyDirectory(
+            entries=[masking_pb2.AdvertiseKeys(site_id=1)] * n),
+        "share_delivery": lambda n: masking_pb2.ShareDelivery(
+            encrypted_shares={i: b"x" for i in range(1, n + 1)}),
+        "survivor_list": lambda n: masking_pb2.SurvivorList(survivors=[1] * n),
+        "unmask_request": lambda n: masking_pb2.UnmaskRequest(dropped=[2] * n),
+        "ckks_release_request": lambda n: service_pb2.CkksReleaseRequest(
+            uploads=[service_pb2.EncryptedUpdateRef(site_id=1)] * n),
+    }[kind]
+    rnd = Round.__new__(Round)
+    rnd._site, rnd.number, rnd.round_id = site, 1, "hospitals/job-1/round-1"
+    rnd._deadline = float("inf")
+    answer: list[Any] = []
+    rnd._conn = types.SimpleNamespace(  # type: ignore[assignment]
+        call=lambda *_a, **_k: answer[0])
+    answer.append(service_pb2.ReceiveResponse(ready=True, **{kind: too_many(sites)}))
+    assert rnd._receive(1) is answer[0]  # (as many as the roster's sites: read)
+    answer[0] = service_pb2.ReceiveResponse(ready=True, **{kind: too_many(sites + 1)})
+    with pytest.raises(RoundAborted, match=f"names {sites + 1} .*more than the roster's"):
+        rnd._receive(1)
+
+
 @pytest.mark.parametrize("announced", ["passed", "round 0, finished", "alternating"])
 def test_a_round_the_site_passed_announced_at_once_again_and_again_is_paced(
         announced: str, monkeypatch: pytest.MonkeyPatch) -> None:
