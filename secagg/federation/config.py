@@ -32,7 +32,7 @@ word_bits = 32
 
 [ckks]
 preset = "add-only-4096"
-key_holders = [1]                # round r's key is made and released by key_holders[r % len]
+key_holders = [1]                # round r's key is made and released by key_holders[(r - 1) % len]
 # min_sites = 4                  # default and least: colluders + 2 ([masking] corrupt_fraction)
 
 [deadlines]                      # seconds

@@ -406,6 +406,19 @@ def test_older_signed_settings_than_used_are_refused(real: Path) -> None:
         Site.connect(site)
 
 
+def test_a_settings_serial_raised_in_transit_is_refused(real: Path) -> None:
+    """The carrier keeps the settings and their (valid) signature but raises the serial in
+    settings.sig, so that settings the operator has since replaced would pass a site's
+    "not older than used" check: the signature binds the serial, and the file is refused."""
+    site = real / "sites" / "site-1"
+    assert SiteKit.load(site).settings_serial == 1
+    record = json.loads((site / "settings.sig").read_text())
+    record["serial"] = 99
+    (site / "settings.sig").write_text(json.dumps(record))
+    with pytest.raises(ConfigurationError, match="trust root signed"):
+        SiteKit.load(site)
+
+
 def test_sign_sends_only_settings_the_operator_signed(real: Path, tmp_path: Path) -> None:
     """An edit of the federation's config not yet signed is not signed unseen by the next
     `sign` (it signed whatever the config said)."""

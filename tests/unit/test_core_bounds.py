@@ -52,3 +52,14 @@ def test_a_key_announcement_for_no_round_is_refused_even_signed() -> None:
         signed = replace(unsigned, signature=identities[1].sign(unsigned.signed_bytes()))
         with pytest.raises(InvalidMessage):
             signed.verify(roster)
+
+
+@pytest.mark.parametrize("shape", [(2**41, 0), (0, 2**70), (2**64, 0, 3)])
+def test_a_tensor_spec_with_a_huge_dim_beside_an_empty_one_is_impossible(
+        shape: tuple[int, ...]) -> None:
+    """Its size is 0, but no array has such a dim: a lying aggregator's spec of (2**70, 0)
+    raised numpy's "maximum supported dimension" ValueError at the site rebuilding the
+    tensors, not the spec's refusal."""
+    with pytest.raises(ConfigurationError, match="impossible shape"):
+        TensorSpec("w", shape, "float32")
+    assert TensorSpec("w", (2**20, 0), "float32").size == 0

@@ -199,6 +199,8 @@ def test_the_ca_signs_only_the_site_a_request_names(tmp_path: Path) -> None:
     ("federation", "protocol", "'paillier'", "protocol must be one of"),
     ("ckks", "key_holders", "3", "key_holders must be a non-empty list"),
     ("ckks", "key_holders", "[1.0]", "key_holders must be a non-empty list"),
+    # above [limits] max_sites (10000): no roster this federation takes could release a round
+    ("ckks", "min_sites", "10001", "min_sites must be a number of sites"),
 ])
 def test_config_errors_name_the_key(federation: Path, tmp_path: Path, section: str, key: str,
                                     value: str, match: str) -> None:
@@ -1047,3 +1049,109 @@ def test_a_private_key_that_is_a_directory_is_named_by_its_path(tmp_path: Path) 
     (tmp_path / "client.key").mkdir()
     with pytest.raises(ConfigurationError, match=r"client\.key is not a regular file"):
         pki.read_private_key(tmp_path / "client.key")
+
+
+def test_a_missing_required_key_is_said_to_be_missing(federation: Path, tmp_path: Path) -> None:
+    """Not "must be a string, got None": the file lacks the key."""
+    import tomllib
+
+    import tomli_w
+
+    data = tomllib.loads((federation / "federation.toml").read_text())
+    del data["federation"]["aggregator"]
+    path = tmp_path / "bad.toml"
+    path.write_text(tomli_w.dumps(data))
+    with pytest.raises(ConfigurationError, match=r"\[federation\] aggregator is missing"):
+        FederationConfig.load(path)
+
+
+def _ten_site_roster() -> dict[int, bytes]:
+    return {i: bytes([i]) * 32 for i in range(1, 11)}
+
+
+def test_the_ckks_min_sites_floor_follows_the_configured_corrupt_fraction() -> None:
+    """corrupt_fraction 0.2 of 10 sites is 2 colluders: a released sum needs 4 sites, or 2
+    colluders and one honest site make one up (and subtract their own updates from it)."""
+    base = dict(name="f", protocol="ckks", aggregator="localhost:50051", trust_root=bytes(32))
+    roster = _ten_site_roster()
+    FederationConfig(**base, corrupt_fraction=0.2, min_sites=4).check_fits_roster(roster)
+    FederationConfig(**base, corrupt_fraction=0.0, min_sites=3).check_fits_roster(roster)
+    with pytest.raises(ConfigurationError, match="colluding"):
+        FederationConfig(**base, corrupt_fraction=0.2, min_sites=3).check_fits_roster(roster)
+
+
+def test_the_masking_round_takes_the_configured_clip_word_and_fractions() -> None:
+    """The round configuration every site quantises with is the config's: a clip of 1.0
+    where [update] clip_norm is 5 clipped every update above 1 (a wrong average), a 32-bit
+    ring where word_bits is 64 lost the precision the operator chose."""
+    config = FederationConfig(name="f", protocol="masking", aggregator="localhost:50051",
+                              trust_root=bytes(32), clip_norm=5.0, word_bits=64,
+                              corrupt_fraction=0.1, dropout_rate=0.05)
+    made = config.masking_round(config.round_id_for(1), _ten_site_roster(), 10,
+                                model_digest=bytes(32))
+    assert made.clip == 5.0 and made.word_bits == 64 and made.max_weight == 1.0
+    assert made.corrupt_fraction == 0.1 and made.dropout_rate == 0.05
+    assert made.round_id == "f/job/round-1" and made.vector_length == 10
+
+
+def test_a_damaged_model_archive_is_a_clear_error(tmp_path: Path) -> None:
+    """A byte of an array changed (a bad copy): zipfile's CRC check, named as a damaged
+    archive, not zipfile.BadZipFile's traceback."""
+    from secagg.model import FlatModel
+
+    path = tmp_path / "model.npz"
+    np.savez(path, w=np.arange(64, dtype=np.float64))  # stored, not compressed
+    data = bytearray(path.read_bytes())
+    at = data.index(np.float64(33.0).tobytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    for max_values in (None, 1000):
+        with pytest.raises(ConfigurationError, match="damaged"):
+            FlatModel.load_npz(path, max_values=max_values)
+
+
+def test_a_model_archive_of_object_arrays_is_refused_without_suggesting_unpickling(
+        tmp_path: Path) -> None:
+    from secagg.model import FlatModel
+
+    path = tmp_path / "model.npz"
+    np.savez(path, w=np.array([{"a": 1}, None], dtype=object))  # (pickled by numpy)
+    with pytest.raises(ConfigurationError, match="would need unpickling: refused") as caught:
+        FlatModel.load_npz(path)
+    assert "allow_pickle" not in str(caught.value)
+
+
+def test_a_model_archive_with_version_2_array_headers_loads_within_the_limit(
+        tmp_path: Path) -> None:
+    """numpy writes a 2.0 header for arrays whose header outgrows 1.0's; the size check
+    reads it as such (read as 1.0, a valid model was refused)."""
+    import zipfile
+
+    from secagg.model import FlatModel
+
+    path = tmp_path / "model.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, arr, version in (("a", np.arange(6, dtype=np.float32), (2, 0)),
+                                   ("b", np.ones(3), (1, 0))):
+            with archive.open(f"{name}.npy", "w") as f:
+                np.lib.format.write_array(f, arr, version=version)
+    model = FlatModel.load_npz(path, max_values=9)
+    assert model.size == 9
+    with pytest.raises(ConfigurationError, match="declare 9 values"):
+        FlatModel.load_npz(path, max_values=8)
+
+
+def test_a_config_names_its_initial_model_relative_to_its_own_directory(tmp_path: Path) -> None:
+    """Written with a base, an initial model inside it is named relative to the file, so the
+    federation's directory can be moved (an absolute path named the old place)."""
+    import shutil
+
+    d = tmp_path / "fed"
+    d.mkdir()
+    config = FederationConfig(name="f", protocol="masking", aggregator="localhost:50051",
+                              trust_root=bytes(32), initial_model=d / "model.npz")
+    (d / "federation.toml").write_text(config.to_toml(base=d))
+    assert 'initial_model = "model.npz"' in (d / "federation.toml").read_text()
+    moved = shutil.move(d, tmp_path / "moved")
+    assert FederationConfig.load(Path(moved) / "federation.toml").initial_model == (
+        tmp_path / "moved" / "model.npz")

@@ -76,3 +76,17 @@ def test_check_site_refuses_unknown_site_and_foreign_identity() -> None:
         check_site(roster, 3, mine)
     with pytest.raises(ValueError, match="does not match the roster"):
         check_site(roster, 1, other)
+
+
+@pytest.mark.skipif(np.finfo(np.longdouble).max <= np.finfo(np.float64).max,
+                    reason="longdouble is float64 here")
+def test_a_longdouble_update_beyond_float64_becomes_infinity_without_a_warning() -> None:
+    """A finite longdouble beyond float64's range becomes +-inf, which the clip takes to
+    +-clip: quietly (a site's script that turns warnings into errors crashed mid-submit)."""
+    import warnings
+
+    update = np.array([np.longdouble("1e400"), -np.longdouble("1e400"), 1], np.longdouble)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        arr, w = check_update(update, 0.5, max_weight=1.0)
+    assert arr.dtype == np.float64 and arr.tolist() == [np.inf, -np.inf, 1.0] and w == 0.5

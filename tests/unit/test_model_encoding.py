@@ -348,3 +348,57 @@ def test_a_nan_in_a_model_names_its_tensor_not_its_values() -> None:
             as caught:
         FlatModel.from_arrays(arrays)
     assert "0.123456" not in str(caught.value)
+
+
+def test_an_empty_64_bit_integer_tensor_is_taken() -> None:
+    """The int64 range check of from_arrays on a tensor with no values (a buffer torch keeps
+    empty) raised numpy's "zero-size array" ValueError."""
+    model = FlatModel.from_arrays({"w": np.ones(3, np.float32), "none": np.zeros(0, np.int64),
+                                   "none_u": np.zeros((2, 0), np.uint64)})
+    assert model.size == 3
+    assert model.to_arrays()["none"].dtype == np.int64
+    assert model.to_arrays()["none_u"].shape == (2, 0)
+
+
+def test_with_values_leaves_the_callers_vector_as_it_was() -> None:
+    """with_values rounds a copy: the aggregator's float64 average (or a site's) is not
+    rounded in place behind its back."""
+    model = FlatModel.from_arrays({"w": np.zeros(2, np.float32), "n": np.zeros(2, np.int64),
+                                   "flag": np.zeros(1, bool)})
+    values = np.array([0.1, 1e-40, 2.4, -0.3, 0.7])
+    before = values.copy()
+    made = model.with_values(values)
+    assert np.array_equal(values, before)
+    assert made.values.tolist() == [float(np.float32(0.1)), 0.0, 2.0, 0.0, 1.0]
+
+
+def test_a_model_holding_a_float32_subnormal_is_refused() -> None:
+    """A float32 subnormal reads as 0.0 at a site whose training turned on flush-to-zero,
+    which would then refuse the model's digest while other sites take it: built directly or
+    read off the wire, a model holds none (from_arrays and with_values flush them)."""
+    spec = (TensorSpec("w", (2,), "float32"),)
+    subnormal = float(np.float32(1e-40))
+    assert subnormal != 0.0 and float(np.float32(subnormal)) == subnormal
+    with pytest.raises(ConfigurationError, match="cannot hold exactly"):
+        FlatModel(spec, np.array([1.0, subnormal]))
+    with pytest.raises(ConfigurationError, match="cannot hold exactly"):
+        FlatModel.from_bytes(spec, np.array([1.0, subnormal], dtype="<f4").tobytes())
+    # float16 subnormals are values models use: kept
+    half = float(np.float16(1e-6))
+    assert FlatModel((TensorSpec("h", (1,), "float16"),), np.array([half])).values[0] == half
+
+
+def test_a_model_with_nan_names_the_tensor_that_holds_it() -> None:
+    spec = (TensorSpec("first", (2,), "float64"), TensorSpec("second", (2,), "float64"))
+    for at, name in ((0, "first"), (1, "first"), (2, "second"), (3, "second")):
+        values = np.zeros(4)
+        values[at] = np.nan
+        with pytest.raises(ConfigurationError, match=f"in tensor '{name}'"):
+            FlatModel(spec, values)
+
+
+def test_a_model_of_no_tensors_is_built_not_a_numpy_error() -> None:
+    """from_arrays({}) is the empty model (the kit refuses it as a job's start, by name),
+    not numpy's "need at least one array to concatenate"."""
+    empty = FlatModel.from_arrays({})
+    assert empty.size == 0 and empty.spec == () and empty.to_arrays() == {}
