@@ -117,7 +117,21 @@ def select(controls: list[Control], only: list[str] | None, files: list[str] | N
         chosen = [c for c in chosen if c.id in set(only)]
     if files is not None:
         wanted = {_relative(root, f) for f in files}
+        # (a typo or a directory selected nothing, and the run said "100%" of nothing with
+        # status 0: a path that is no file is an error; a file no control edits is not, as
+        # `--files $(git diff --name-only main)` names such files)
+        # defence: audit.files-must-be-files
+        missing = sorted(w for w in wanted if not (root / w).is_file()
+                         and not any(c.file == w for c in controls))
+        if missing:
+            raise AuditError(f"--files names no file of the repository: {', '.join(missing)}")
         chosen = [c for c in chosen if c.file in wanted]
+        # (an id asked for by --only, dropped by --files, was silently not run)
+        # defence: audit.only-not-dropped-by-files
+        if only and len(chosen) < len(set(only)):
+            dropped = sorted(set(only) - {c.id for c in chosen})
+            raise AuditError(f"--only names controls of files --files leaves out: "
+                             f"{', '.join(dropped)}")
     return chosen
 
 
@@ -165,10 +179,12 @@ def _controls(args: argparse.Namespace) -> int:
                 print(f"{c.id:<44} {c.file:<32} {c.defence}")
             return 0
         if not chosen:
-            print("secagg threat-model: no controls selected", file=sys.stderr)
+            # (only files no control edits, as a change's `git diff` may name: nothing to
+            # run; the paths were checked to be files, the ids to be run, in select())
+            print("secagg threat-model: no control edits the files given", file=sys.stderr)
             if args.json:
                 print(json.dumps({**_settings(args, root), "controls": [],
-                                  "summary": {"caught": 0, "total": 0, "percent": 100.0}}))
+                                  "summary": {"caught": 0, "total": 0, "percent": None}}))
             return 0
         print(f"secagg threat-model controls: {len(chosen)} controls, {args.jobs} jobs, "
               f"timeout {args.timeout:.0f} s", file=sys.stderr)

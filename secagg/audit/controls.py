@@ -17,7 +17,9 @@ This module only reads and checks the file; :mod:`secagg.audit.runner` runs the 
 from __future__ import annotations
 
 import ast
+import builtins
 import io
+import keyword
 import re
 import tokenize
 import tomllib
@@ -234,11 +236,93 @@ class DefinedTests:
         return defined is not None and names in defined
 
 
+_DUNDERS = frozenset({"__file__", "__name__", "__doc__", "__spec__", "__builtins__",
+                      "__package__", "__loader__", "__path__", "__debug__"})
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _code_lines(text: str) -> list[str]:
+    """``text``'s lines without comments, trailing blanks or empty lines (indentation kept:
+    in Python it is code). Quotes are followed within a line, so a '#' in a string stays."""
+    kept = []
+    for line in text.splitlines():
+        quote, i, cut = "", 0, len(line)
+        while i < len(line):
+            ch = line[i]
+            if quote:
+                if ch == "\\":
+                    i += 1
+                elif line.startswith(quote, i):
+                    i += len(quote) - 1
+                    quote = ""
+            elif ch == "#":
+                cut = i
+                break
+            elif ch in "'\"":
+                quote = ch * 3 if line.startswith(ch * 3, i) else ch
+                i += len(quote) - 1
+            i += 1
+        code = line[:cut].rstrip()
+        if code:
+            kept.append(code)
+    return kept
+
+
+def code_problems(path: str, source: str, edits: Sequence[Edit], edited: str,
+                  words: Mapping[str, set[str]] | None = None) -> list[str]:
+    """What makes an edit of a Python file prove nothing: it does not parse; it changes no
+    code (a comment or blank lines only: a flaky test then "caught" it); or it reads a name
+    the file never mentions and the edit does not bind (``x < zero``: the code then raises
+    NameError wherever it runs, and a test of the happy path "caught" a defence it never
+    tests). ``words``: the words of the unedited files, by path (a cache)."""
+    try:
+        after = ast.parse(edited, path)
+    except SyntaxError as e:
+        return [f"the edited {path} does not parse: {e.msg} (line {e.lineno})"]
+    # defence: audit.edit-changes-code
+    if all(_code_lines(e.find) == _code_lines(e.replace) for e in edits):
+        return [f"the edit changes no code in {path} (a comment or blank lines only)"]
+    # names the edits bring that the file never mentions (a word in a string is no name:
+    # only those the edited code reads and does not bind count)
+    known = words.get(path) if words is not None else None
+    new = {w for e in edits for w in _WORD.findall(e.replace)} - (
+        known if known is not None else set(_WORD.findall(source)))
+    new -= set(dir(builtins)) | _DUNDERS | set(keyword.kwlist)
+    if not new:
+        return []
+    read = {n.id for n in ast.walk(after)
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id in new}
+    # defence: audit.edit-reads-no-undefined-name
+    unknown = sorted(n for n in read if not _bound_in(after, n))
+    if unknown:
+        return [f"the edit reads {', '.join(unknown)}, which {path} does not define (the "
+                "code would raise NameError, not run without the defence)"]
+    return []
+
+
+def _bound_in(tree: ast.AST, name: str) -> bool:
+    """Whether ``name`` is bound in ``tree`` (assigned, imported, defined, an argument)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id == name and not isinstance(node.ctx,
+                                                                             ast.Load):
+            return True
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and (
+                node.name == name):
+            return True
+        if isinstance(node, ast.arg) and node.arg == name:
+            return True
+        if isinstance(node, ast.alias) and (node.asname or node.name).split(".")[0] == name:
+            return True
+    return False
+
+
 def problems(root: Path, controls: Iterable[Control]) -> dict[str, list[str]]:
     """Per control id, what makes it unusable: a missing file, a find text that does not match
-    exactly once, an edit that no longer parses, a listed test that does not exist."""
+    exactly once, an edit that no longer parses, changes no code or reads a name the file
+    never defines (:func:`code_problems`), a listed test that does not exist."""
     index = DefinedTests(root)
     found: dict[str, list[str]] = {}
+    words: dict[str, set[str]] = {}
     for c in controls:
         issues = found.setdefault(c.id, [])
         try:
@@ -252,11 +336,9 @@ def problems(root: Path, controls: Iterable[Control]) -> dict[str, list[str]]:
                 issues.append(str(e).removeprefix(f"{c.id}: "))
             else:
                 if c.file.endswith(".py"):
-                    try:
-                        ast.parse(edited, c.file)
-                    except SyntaxError as e:
-                        issues.append(f"the edited {c.file} does not parse: {e.msg} "
-                                      f"(line {e.lineno})")
+                    if c.file not in words:
+                        words[c.file] = set(_WORD.findall(source))
+                    issues.extend(code_problems(c.file, source, c.edits, edited, words))
         issues.extend(f"listed test {t} is not defined" for t in c.tests if not index.defines(t))
     return {k: v for k, v in found.items() if v}
 

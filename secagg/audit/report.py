@@ -340,6 +340,9 @@ class ThreatModelReport:
             f"unmodified code. Controls: {s['caught']} of {s['total']} caught "
             f"({s['percent']:.1f}%), {s['missed']} missed, {s['invalid']} invalid, "
             f"{s['timeout']} timed out; {run.seconds:.0f} s.",
+            *([f"Flaky on the baseline (failed, then passed when run again; a control they "
+               f"catch is run twice): {', '.join(f'`{t}`' for t in run.baseline.flaky)}."]
+              if run.baseline is not None and run.baseline.flaky else []),
             "",
             "| Control | Defence removed | File | Result | Failing tests |",
             "|---|---|---|---|---|",

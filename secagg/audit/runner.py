@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -46,6 +46,7 @@ class PytestRun:
     seconds: float
     outcomes: dict[str, str]  # node id -> passed / failed / error / skipped
     collection_errors: dict[str, str]
+    flaky: tuple[str, ...] = ()  # (the baseline's: failed, then passed when run again)
 
     def failed(self) -> list[str]:
         return [k for k, v in self.outcomes.items() if v in ("failed", "error")]
@@ -169,7 +170,8 @@ class ControlsRun:
         if self.baseline is not None:
             listed = sorted({t for r in self.results for t in r.control.tests})
             baseline = {"tests": len(listed), "seconds": round(self.baseline.seconds, 2),
-                        "failing": failing(self.baseline, listed)}
+                        "failing": failing(self.baseline, listed),
+                        "flaky": list(self.baseline.flaky)}
         return {**self.settings, "seconds": round(self.seconds, 1), "baseline": baseline,
                 "controls": [r.to_json() for r in self.results], "summary": self.summary()}
 
@@ -222,6 +224,7 @@ class ControlRunner:
         self.stream = progress
         self.stop_at_first = stop_at_first
         self._progress: Progress | None = None
+        self._flaky: tuple[str, ...] = ()  # the baseline's flaky tests
 
     def _say(self, text: str) -> None:
         if self.stream is not None:
@@ -257,6 +260,7 @@ class ControlRunner:
         static = problems(self.ws.base, controls)
         if baseline is None:
             baseline = self.baseline([c for c in controls if c.id not in static])
+        self._flaky = baseline.flaky
         results: dict[str, ControlResult] = {}
         progress = self._progress = Progress(self.stream, len(controls))
         progress.header()
@@ -291,14 +295,23 @@ class ControlRunner:
         merged = PytestRun(run.exit_code, run.output, run.seconds + second.seconds, outcomes,
                            {**run.collection_errors, **second.collection_errors})
         still = failing(merged, listed)
-        for f in sorted(set(bad) - set(still)):
+        flaky = sorted(f.rsplit(" (", 1)[0] for f in set(bad) - set(still))
+        for f in flaky:
             self._say(f"  FLAKY (failed, then passed when run again): {f}")
-        return merged, still
+        # (kept in the run, so the report says it and a control it "catches" is confirmed)
+        # defence: audit.flaky-baseline-kept
+        return replace(merged, flaky=tuple(flaky)), still
 
     def _run_one(self, control: Control, index: int) -> ControlResult:
         result = self._attempt(control, index)
-        if result.result == "timeout" or (result.result == "invalid"
-                                          and result.exit_code is not None):
+        # caught only by tests that were flaky on the baseline: it may be their flakiness,
+        # not the edit (a comment-only control came out "caught"); confirmed by a second run
+        flaky = {function_id(f) for f in self._flaky}
+        # defence: audit.caught-by-flaky-tests-confirmed
+        confirm = (result.result == "caught" and bool(result.failed_tests)
+                   and all(function_id(t) in flaky for t in result.failed_tests))
+        if confirm or result.result == "timeout" or (result.result == "invalid"
+                                                     and result.exit_code is not None):
             first = f"{result.result}: {result.detail}"
             if self._progress is not None:
                 self._progress.say(f"  retried {control.id}: its first attempt was {first}")

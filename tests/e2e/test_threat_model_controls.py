@@ -29,10 +29,26 @@ tests = ["{UNIT}::test_two_seals_of_the_same_plaintext_use_different_nonces"]
 
 [[control]]
 id = "demo.missed"
-defence = "a comment is no defence"
+defence = "a test of the round trip does not test the nonce"
+file = "{AEAD}"
+find = 'nonce = os.urandom(NONCE_BYTES)'
+replace = 'nonce = bytes(NONCE_BYTES)'
+tests = ["{UNIT}::test_seal_then_open_round_trips"]
+
+[[control]]
+id = "demo.comment-only"
+defence = "a comment is no defence: an edit of one proves nothing"
 file = "{AEAD}"
 find = '# defence: hazmat.aead.random-nonce'
 replace = '# nothing'
+tests = ["{UNIT}::test_seal_then_open_round_trips"]
+
+[[control]]
+id = "demo.undefined-name"
+defence = "an edit that reads a name the file never defines raises wherever it runs"
+file = "{AEAD}"
+find = 'nonce = os.urandom(NONCE_BYTES)'
+replace = 'nonce = os.urandom(NONCE_BYTES_NOWHERE)'
 tests = ["{UNIT}::test_seal_then_open_round_trips"]
 
 [[control]]
@@ -67,19 +83,24 @@ def test_controls_are_classified_and_the_repository_is_untouched(
     results = {c["id"]: c for c in out["controls"]}
     assert {k: v["result"] for k, v in results.items()} == {
         "demo.caught": "caught", "demo.missed": "missed", "demo.breaks-import": "invalid",
-        "demo.not-found": "invalid",
+        "demo.not-found": "invalid", "demo.comment-only": "invalid",
+        "demo.undefined-name": "invalid",
     }
+    # (an auditor's findings: a comment-only edit was "caught" by a flaky test, and
+    # ``x < zero`` by a test of the happy path that the NameError broke)
+    assert "changes no code" in results["demo.comment-only"]["detail"]
+    assert "NONCE_BYTES_NOWHERE" in results["demo.undefined-name"]["detail"]
     assert results["demo.caught"]["failed_tests"] == [
         f"{UNIT}::test_two_seals_of_the_same_plaintext_use_different_nonces"]
     assert "no longer imports" in results["demo.breaks-import"]["detail"]
     assert "occurs 0 times" in results["demo.not-found"]["detail"]
-    assert out["summary"]["caught"] == 1 and out["summary"]["total"] == 4
-    assert out["summary"]["misses"] == [{"id": "demo.missed",
-                                         "defence": "a comment is no defence"}]
-    assert out["baseline"]["failing"] == []
+    assert out["summary"]["caught"] == 1 and out["summary"]["total"] == 6
+    assert out["summary"]["misses"] == [{
+        "id": "demo.missed", "defence": "a test of the round trip does not test the nonce"}]
+    assert out["baseline"]["failing"] == [] and out["baseline"]["flaky"] == []
     assert code == 1  # not everything was caught
     # what did not count is named again after the table, where a CI log's tail keeps it
-    tail = captured.err.rsplit("caught 1/4", 1)[1]
+    tail = captured.err.rsplit("caught 1/6", 1)[1]
     assert "MISSED demo.missed" in tail
     assert "INVALID demo.breaks-import: the edited" in tail
     assert "INVALID demo.not-found:" in tail

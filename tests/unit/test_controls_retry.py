@@ -183,3 +183,85 @@ def test_only_a_listed_tests_failure_makes_a_control_caught() -> None:
     assert result.result == "invalid" and other not in result.failed_tests
     run = PytestRun(1, "", 1.0, {TEST: "failed", other: "failed"}, {})
     assert classify(_control(), run, 1.0, 300.0).failed_tests == [TEST]
+
+
+def test_a_control_caught_only_by_a_test_flaky_on_the_baseline_is_run_once_more(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An auditor's comment-only control came out "caught" by a test that was flaky on the
+    baseline: such a verdict is confirmed by a second run, and stands only if it holds."""
+    results = [ControlResult(_control(), "caught", detail=TEST, exit_code=1,
+                             failed_tests=[TEST]),
+               ControlResult(_control(), "missed", exit_code=0)]
+    monkeypatch.setattr(ControlRunner, "_attempt", lambda self, c, i: results.pop(0))
+    runner = _runner(io.StringIO())
+    runner._flaky = (TEST,)
+    got = runner._run_one(_control(), 0)
+    assert got.result == "missed" and got.attempts == 2 and results == []
+    # caught by a test that was not flaky: once
+    results[:] = [ControlResult(_control(), "caught", detail=TEST, exit_code=1,
+                                failed_tests=[TEST])]
+    runner._flaky = ("tests/unit/test_x.py::test_other",)
+    assert runner._run_one(_control(), 0).attempts == 1
+
+
+def test_a_flaky_baseline_test_is_kept_in_the_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    """"FLAKY" went to stderr only: the JSON said `failing: []` and nothing else."""
+    runs = [_run("failed"), _run("passed")]
+    monkeypatch.setattr(runner_module, "run_suite", lambda ws, paths, *, timeout: runs.pop(0))
+    base = _runner(io.StringIO()).baseline([_control()])
+    assert base.flaky == (TEST,)
+    from secagg.audit.runner import ControlsRun
+
+    js = ControlsRun([ControlResult(_control(), "caught", failed_tests=[TEST])], base,
+                     1.0).to_json()
+    assert js["baseline"]["flaky"] == [TEST] and js["baseline"]["failing"] == []
+
+
+@pytest.mark.parametrize(("find", "replace", "said"), [
+    ("x = a  # check", "x = a  # nothing", "changes no code"),
+    ("x = a\n", "x = a\n\n# gone\n", "changes no code"),
+    ("x = a", "x = zero_nowhere", "zero_nowhere"),
+    ("x = a", "x = 'a # not a comment'", None),
+    ("x = a", "x = a2 = b", None),
+    ("x = a", "x = len(a)", None),
+])
+def test_an_edit_that_changes_no_code_or_reads_an_undefined_name_proves_nothing(
+        find: str, replace: str, said: str | None) -> None:
+    """An auditor's two misleading controls: a comment-only edit (a flaky test "caught" it)
+    and ``x < zero`` (the NameError failed a test of the happy path). Both are invalid; a
+    '#' in a string, a name the edit binds, a builtin are code like any."""
+    from secagg.audit.controls import code_problems
+
+    source = "import os\n\nb = 1\na = b\nx = a  # check\n"
+    edits = (Edit(find, replace),)
+    edited = source.replace(find, replace, 1)
+    found = code_problems("secagg/x.py", source, edits, edited)
+    if said is None:
+        assert found == []
+    else:
+        assert len(found) == 1 and said in found[0]
+
+
+@pytest.mark.parametrize(("files", "only", "said"), [
+    (["secagg/no_such_file.py"], None, "names no file of the repository"),
+    (["secagg"], None, "names no file of the repository"),
+    (["secagg/x.py"], ["demo.flaky", "demo.other"], "--files leaves out: demo.other"),
+])
+def test_a_filter_that_names_no_file_or_drops_an_asked_control_is_an_error(
+        files: list[str], only: list[str] | None, said: str, tmp_path: Path) -> None:
+    """A --files typo or directory exited 0 with "100%" of nothing; a control asked for by
+    --only and left out by --files was silently not run."""
+    from secagg.audit import AuditError
+    from secagg.audit.cli import select
+
+    (tmp_path / "secagg").mkdir()
+    (tmp_path / "secagg" / "x.py").write_text("a = 1\n")
+    (tmp_path / "secagg" / "y.py").write_text("a = 1\n")
+    controls = [_control(), Control(id="demo.other", defence="d", file="secagg/y.py",
+                                    edits=(Edit("a", "b"),), tests=(TEST,))]
+    with pytest.raises(AuditError, match=said):
+        select(controls, only, files, tmp_path)
+    # a file no control edits (a change's `git diff` names such files): nothing, no error
+    (tmp_path / "README.md").write_text("x")
+    assert select(controls, None, ["README.md"], tmp_path) == []
+    assert select(controls, ["demo.other"], ["secagg/y.py"], tmp_path) == [controls[1]]
