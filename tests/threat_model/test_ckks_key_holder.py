@@ -1123,3 +1123,121 @@ def test_an_upload_field_of_a_subclassed_type_is_an_invalid_message_and_the_roun
         evil = replace(honest, **lying)
     server = _refused_then_the_honest_counted(r, evil)
     assert server.sites == (1, 2, 3)
+
+
+# ---- range checks at the layout's edges, and sharded sums of unusual shapes -------------------
+
+
+def test_an_element_just_past_sites_times_clip_in_the_last_element_is_refused() -> None:
+    """As the test above, at the layout's last element (index vector_length - 1, just before
+    the weight): the range check before flooding covers every element, not all but the last
+    (the flooded check alone, clip * W plus the noise, would take clip + 1e-4 there)."""
+    r = CkksRound(sites=3, vector_length=100)
+    last = r.config.vector_length - 1
+    for s in (1, 2):
+        update = np.zeros(r.config.vector_length)
+        update[last] = r.config.clip
+        r.inputs[s] = (update, 1.0)
+    row = np.zeros(r.config.preset_params.slots, dtype=np.complex128)
+    row[last] = r.config.clip + 1e-4
+    row[r.config.vector_length] = 1.0
+    with pytest.raises(RefusedMessage, match="no honest round produces") as caught:
+        _release_with(r, row)
+    assert caught.value.reason is RefusalReason.OUT_OF_RANGE
+
+
+def test_site_writing_into_the_first_padding_slot_alone_gets_no_release() -> None:
+    """A value in the one slot just past the weight, every other padding slot zero: the
+    padding check starts right after the weight, not a slot later."""
+    r = CkksRound(sites=3, vector_length=100)
+    row = _honest_looking_row(r)
+    row[r.config.vector_length + 1] = 0.5
+    with pytest.raises(RefusedMessage) as caught:
+        _release_with(r, row)
+    assert caught.value.reason is RefusalReason.OUT_OF_RANGE
+
+
+def test_a_sharded_release_checks_a_weight_that_opens_its_shard() -> None:
+    """vector_length = slots: the weight is the first slot of the second chunk, so the
+    second worker shard's range starts at the weight (its offset into the layout is exactly
+    vector_length). A site inflating its weight to 50 there must still be refused
+    (OUT_OF_RANGE): the weight check covers offset 0 of a shard, not only later slots."""
+    r = CkksRound(sites=3, vector_length=2048)  # 2 chunks: elements | weight, padding
+    slots = r.config.preset_params.slots
+    assert r.config.vector_length == slots and r.config.chunk_count == 2
+    honest = [r.client(s).start() for s in (1, 2)]
+    elements = np.full(slots, 0.25, dtype=np.complex128)
+    weight = np.zeros(slots, dtype=np.complex128)
+    weight[0] = 50.0
+    evil = _signed(r, 3, (_encrypted_row(r, elements), _encrypted_row(r, weight)),
+                   seeded=False)
+    server = CkksServer(r.config, r.public)
+    for u in (*honest, evil):
+        server.handle(u)
+    aggregate = server.close_stage()[1]
+    release = Release(r.holder, r.config, site_id=1, workers=2)
+    try:
+        for u in (*honest, evil):
+            release.add(u)
+        with pytest.raises(RefusedMessage) as caught:
+            release.finish(aggregate)
+    finally:
+        release.close()
+    assert caught.value.reason is RefusalReason.OUT_OF_RANGE
+
+
+def test_a_sharded_release_refuses_an_aggregate_with_a_chunk_too_many() -> None:
+    """The aggregate is the honest sum plus one more chunk: with the sum split over worker
+    processes, each worker is handed its own range of the chunks, so a chunk past the last
+    range was never looked at and the aggregate taken as the sum. Refused as a mismatch,
+    before the round is spent; the honest aggregate is released after it."""
+    r = CkksRound(sites=3, vector_length=3000)  # 2 chunks: one per worker
+    uploads, aggregate = r.run()
+    longer = replace(aggregate, chunks=(*aggregate.chunks, aggregate.chunks[-1]))
+    release = Release(r.holder, r.config, site_id=1, workers=2)
+    try:
+        for u in uploads:
+            release.add(u)
+        with pytest.raises(RefusedMessage) as caught:
+            release.finish(longer)
+        assert caught.value.reason is RefusalReason.AGGREGATE_MISMATCH
+        assert not r.holder.releases
+        assert release.finish(aggregate).sites == (1, 2, 3)
+    finally:
+        release.close()
+
+
+@pytest.mark.parametrize("chunk", ["truncated", "seeded", "empty"])
+def test_an_aggregate_chunk_that_is_no_canonical_sum_is_a_mismatch(chunk: str) -> None:
+    """An aggregate chunk that does not parse as a full canonical ciphertext (a sum is
+    never seeded) is not the key holder's sum: AGGREGATE_MISMATCH, as documented, not the
+    parser's InvalidMessage escaping the comparison; the round is not spent."""
+    r = CkksRound(sites=3, vector_length=100)
+    uploads, aggregate = r.run()
+    first = aggregate.chunks[0]
+    seeded = next(u for u in uploads if u.seeded).chunks[0]
+    bad = {"truncated": first[:-1], "seeded": seeded, "empty": b""}[chunk]
+    with pytest.raises(RefusedMessage) as caught:
+        release_average(r.holder, r.config, replace(aggregate, chunks=(bad,)), uploads,
+                        site_id=1)
+    assert caught.value.reason is RefusalReason.AGGREGATE_MISMATCH
+    assert not r.holder.releases
+
+
+def test_a_release_with_more_workers_than_chunks_runs_as_many_as_there_are_chunks() -> None:
+    """A key holder configured with more release workers than the round has chunks (a site
+    with 4 workers, a 2-chunk model) releases exactly what the in-process release does:
+    a worker with no chunk of its own is never started (its empty buffer could not be
+    mapped)."""
+    r = CkksRound(sites=3, vector_length=3000)  # 2 chunks
+    uploads, aggregate = r.run()
+    release = Release(r.holder, r.config, site_id=1, workers=4)
+    try:
+        for u in uploads:
+            release.add(u)
+        sharded = release.finish(aggregate)
+    finally:
+        release.close()
+    single = release_average(KeyHolder.from_secret_context(r.holder.export_secret_context()),
+                             r.config, aggregate, uploads, site_id=1)
+    assert np.array_equal(sharded.average, single.average)

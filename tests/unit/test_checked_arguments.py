@@ -144,3 +144,31 @@ def test_graph_helpers_refuse_a_degree_that_is_no_integer(neighbors: object) -> 
     with pytest.raises(ConfigurationError, match="neighbors and threshold must be integers"):
         graph.check_sparse_parameters(100, neighbors, None, 0.2, 0.1, 40)  # type: ignore[arg-type]
     assert graph.check_sparse_parameters(100, 62, None, 0.2, 0.1, 40).neighbors == 62
+
+
+def test_a_ckks_release_names_a_wrong_holder_worker_count_or_upload_list() -> None:
+    """A Release made of the round's public context (its key id is the round's) is a
+    TypeError naming the holder, not an AttributeError from the sum's set-up; a worker count
+    that is not an integer >= 1 a ValueError naming it; uploads that are no iterable, or an
+    upload that is no EncryptedUpdate, the opaque InvalidMessage (the aggregator's
+    ReleaseRequest), not a raw TypeError or AttributeError."""
+    from secagg.ckks import Release, release_average
+    from secagg.errors import InvalidMessage
+    from tests.ckks_kit import CkksRound
+
+    r = CkksRound(sites=3, vector_length=10)
+    with pytest.raises(TypeError, match="holder must be a KeyHolder"):
+        Release(r.public, r.config, site_id=1)  # type: ignore[arg-type]
+    for workers in (0, -1, "2", 2.5, True, None):
+        with pytest.raises(ValueError, match="workers must be an integer >= 1"):
+            Release(r.holder, r.config, site_id=1, workers=workers)  # type: ignore[arg-type]
+    uploads, aggregate = r.run()
+    for bad in (None, 5):
+        with pytest.raises(InvalidMessage, match="uploads"):
+            release_average(r.holder, r.config, aggregate, bad, site_id=1)  # type: ignore[arg-type]
+    for listed in ([None], [*uploads[:2], object()]):  # an upload that is no EncryptedUpdate
+        with pytest.raises(InvalidMessage, match="upload"):
+            release_average(r.holder, r.config, aggregate, listed, site_id=1)  # type: ignore[arg-type]
+    assert not r.holder.releases
+    assert release_average(r.holder, r.config, aggregate, iter(uploads), site_id=1).sites == (
+        1, 2, 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -99,3 +100,68 @@ def test_round_parameters_no_round_can_use_are_refused(changed: dict[str, object
     assert check_round_parameters(10, **good) == 4  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match=match):
         check_round_parameters(10, **{**good, **changed})  # type: ignore[arg-type]
+
+
+def _config_with(**changed: object) -> CkksRoundConfig:
+    roster, identities = make_roster(5)
+    holder = KeyHolder.generate()
+    announcement = holder.announce(holder=1, identity=identities[1], epoch="e")
+    fields: dict[str, object] = {"round_id": "r", "roster": dict(roster),
+                                 "announcement": announcement, "key_holders": (1,),
+                                 "vector_length": 4, "epoch": "e"}
+    return CkksRoundConfig(**{**fields, **changed})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("change", [
+    "clip=0", "clip=-1", "clip=1e-25", "clip=True", "clip='1'", "max_weight=0",
+    "max_weight=-1", "max_weight=None", "min_sites=4.0", "round_id=''", "model_digest=16",
+    "roster-site-0", "roster-site-negative", "roster-site-2**63", "roster-key-31-bytes",
+    "key_holders-repeated", "key_holders-list", "key_holders-float", "key_holders-True",
+    "announcement-None",
+])
+def test_a_ckks_round_config_of_impossible_fields_is_a_configuration_error(
+        change: str) -> None:
+    """Each field of the round's configuration is checked as the config is made, with a
+    ConfigurationError: a clip or max_weight that is no positive number (a negative clip
+    passed every later check and clipped every update to a constant), a min_sites that is
+    no integer, an empty round id, a model digest that is no SHA-256, roster site ids
+    outside [1, 2**63) or keys that are no Ed25519 key, key holders that are not a tuple of
+    distinct ints, an announcement that is no KeyAnnouncement."""
+    from secagg.errors import ConfigurationError
+
+    base = _config_with()
+    roster = dict(base.roster)
+    variants: dict[str, dict[str, Any]] = {
+        "clip=0": {"clip": 0.0}, "clip=-1": {"clip": -1.0}, "clip=1e-25": {"clip": 1e-25},
+        "clip=True": {"clip": True}, "clip='1'": {"clip": "1"},
+        "max_weight=0": {"max_weight": 0}, "max_weight=-1": {"max_weight": -1.0},
+        "max_weight=None": {"max_weight": None}, "min_sites=4.0": {"min_sites": 4.0},
+        "round_id=''": {"round_id": ""}, "model_digest=16": {"model_digest": bytes(16)},
+        "roster-site-0": {"roster": {**roster, 0: make_roster(1)[0][1]}},
+        "roster-site-negative": {"roster": {**roster, -6: make_roster(1)[0][1]}},
+        "roster-site-2**63": {"roster": {**roster, 2**63: make_roster(1)[0][1]}},
+        "roster-key-31-bytes": {"roster": {**roster, 6: make_roster(1)[0][1][:31]}},
+        "key_holders-repeated": {"key_holders": (1, 1)},
+        "key_holders-list": {"key_holders": [1]},
+        "key_holders-float": {"key_holders": (1.0,)},
+        "key_holders-True": {"key_holders": (True,)},
+        "announcement-None": {"announcement": None},
+    }
+    changed = variants[change]
+    with pytest.raises(ConfigurationError):
+        replace(base, **changed)
+
+
+def test_round_parameters_of_too_few_sites_are_refused() -> None:
+    """check_round_parameters is also run by the aggregator, on a federation's site count
+    alone: fewer than three sites is refused there too (an aggregate of two sites hands
+    each the other's update)."""
+    from secagg.ckks.round import check_round_parameters
+    from secagg.errors import ConfigurationError
+
+    good: dict[str, object] = {"preset": "add-only-4096", "clip": 1.0, "max_weight": 1.0,
+                               "min_sites": 0, "corrupt_fraction": 0.2}
+    assert check_round_parameters(3, **good) == 3  # type: ignore[arg-type]
+    for sites in (2, 1, 0, -1):
+        with pytest.raises(ConfigurationError, match="at least 3 sites"):
+            check_round_parameters(sites, **good)  # type: ignore[arg-type]

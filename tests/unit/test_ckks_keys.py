@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -110,3 +111,86 @@ def test_sealed_context_of_another_key_under_the_expected_key_id_is_refused(
         KeyHolder.open_sealed(sealed, recipient=2, recipient_key=recipient_key,
                               sender_identity_public_key=sender_identity.public_bytes,
                               expected_key_id=holder.key_id)
+
+
+# ---- what a key holder is made of, and what it announces ------------------------------------
+
+
+def test_secret_context_bytes_that_hold_no_secret_key_are_an_invalid_message(
+        holder: KeyHolder) -> None:
+    """A kept key file, or an opened envelope, whose bytes are not a secret context: garbage
+    (TenSEAL's parser raises bare C++ errors) or a public context (no secret key) is the
+    opaque InvalidMessage, and a KeyHolder is never made of a public context."""
+    import tenseal as ts
+
+    public_bytes = bytes(holder.public_context()._context.serialize())
+    for data in (b"", b"\x00" * 100, b"\x0a\x05hello", public_bytes):
+        with pytest.raises(InvalidMessage):
+            KeyHolder.from_secret_context(data)
+    with pytest.raises(ValueError, match="needs a context with a secret key"):
+        KeyHolder(ts.context_from(public_bytes))
+    again = KeyHolder.from_secret_context(holder.export_secret_context())
+    assert again.key_id == holder.key_id
+
+
+def _signed_announcement(key: KeyHolder, **fields: Any):  # type: ignore[no-untyped-def]
+    """An announcement by site 1 of a 3-site roster, with ``fields`` changed and signed by
+    site 1's own identity key (a key holder's slip, not a forgery)."""
+    from secagg.masking import make_roster
+
+    roster, identities = make_roster(3)
+    good = key.announce(holder=1, identity=identities[1], epoch="r")
+    unsigned = replace(good, signature=b"", **fields)
+    return roster, replace(unsigned, signature=identities[1].sign(unsigned.signed_bytes()))
+
+
+@pytest.mark.parametrize("field", ["key_id-31-bytes", "key_id-33-bytes", "holder-True",
+                                   "preset-bytes", "epoch-bytes"])
+def test_a_signed_announcement_of_the_wrong_shape_is_an_invalid_message(
+        holder: KeyHolder, field: str) -> None:
+    """Signed by the roster's key of its holder, and still refused: a key id that is no
+    SHA-256 (no upload could name it), holder True (the roster's site 1 by hash and
+    equality), a preset or epoch that is not a string."""
+    variants: dict[str, dict[str, Any]] = {
+        "key_id-31-bytes": {"key_id": holder.key_id[:31]},
+        "key_id-33-bytes": {"key_id": holder.key_id + b"\x00"},
+        "holder-True": {"holder": True},
+        "preset-bytes": {"preset": holder.preset.name.encode()},
+        "epoch-bytes": {"epoch": b"r"},
+    }
+    roster, announcement = _signed_announcement(holder, **variants[field])
+    with pytest.raises(InvalidMessage):
+        announcement.verify(roster)
+    roster, good = _signed_announcement(holder)
+    good.verify(roster)
+
+
+def test_announcing_for_an_empty_or_non_string_epoch_is_refused(holder: KeyHolder) -> None:
+    from secagg.hazmat.signing import IdentityKey
+
+    identity = IdentityKey.generate()
+    for epoch in ("", None, b"r", 1):
+        with pytest.raises(ValueError, match="epoch must be a non-empty string"):
+            holder.announce(holder=1, identity=identity, epoch=epoch)  # type: ignore[arg-type]
+    assert holder.announce(holder=1, identity=identity, epoch="r").epoch == "r"
+
+
+def test_only_a_named_presets_context_is_serialised() -> None:
+    """A context of a custom preset (or of one named like a preset with other parameters)
+    has no wire form: serialising it is a ConfigurationError at the sender, not bytes that
+    every receiver refuses."""
+    from secagg.ckks.presets import Preset
+    from secagg.errors import ConfigurationError
+
+    custom = KeyHolder.generate(Preset("custom", 4096, (40, 40), 30))
+    with pytest.raises(ConfigurationError, match="only a named preset's context"):
+        custom.public_context().serialize()
+
+
+@pytest.mark.parametrize("form", ["bytearray", "memoryview"])
+def test_a_public_context_given_as_anything_but_bytes_is_an_invalid_message(
+        holder: KeyHolder, form: str) -> None:
+    data = holder.public_context().serialize()
+    with pytest.raises(InvalidMessage):
+        PublicContext.load({"bytearray": bytearray, "memoryview": memoryview}[form](data))
+    assert PublicContext.load(data).key_id == holder.key_id

@@ -353,3 +353,99 @@ def test_a_zero_body_of_each_kind_loads_and_no_other_header_does() -> None:
         for header in ((0, kind), (2, kind), (1, 0), (1, 3), (1, 3 - kind)):
             with pytest.raises(InvalidMessage):
                 k.load(bytes(header) + bytes(size))
+
+
+# --- reading SEAL's own output: only the layout we know -------------------------------------
+
+
+class _Saved:
+    """Stands in for a SEAL object: its ``save(path)`` writes the given bytes."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def save(self, path: str) -> None:
+        with open(path, "wb") as f:
+            f.write(self.data)
+
+
+def _seal_object(members: bytes, *, compr: int = 0, magic: int = 0xA15E,
+                 size: int | None = None) -> _Saved:
+    major, minor = _seal._version()
+    total = 16 + len(members) if size is None else size
+    return _Saved(struct.pack("<HBBBBHQ", magic, 16, major, minor, compr, 0, total) + members)
+
+
+def _zstd_frame(payload: bytes, *, content_size: int | None) -> bytes:
+    """One zstd frame holding ``payload`` as a raw block: with a 4-byte content size field,
+    or (None) with none, so that its content size is unknown."""
+    if content_size is None:
+        header = bytes((0x00, 0x00))  # no content size, not single-segment; window 1 KB
+    else:
+        header = bytes((0xA0,)) + struct.pack("<I", content_size)  # 4-byte size, single segment
+    block = ((len(payload) << 3) | 1).to_bytes(3, "little")  # last block, raw
+    return b"\x28\xb5\x2f\xfd" + header + block + payload
+
+
+def test_what_seal_saved_is_read_only_in_the_layout_and_compressions_we_know() -> None:
+    """The key id and every dumped ciphertext are derived from SEAL's serialisation: a
+    header that is not SEAL's (magic, size), a compression that does not decompress, or a
+    zstd frame that names no content size (or the wrong one) is a ValueError, not members
+    read from bytes that are something else."""
+    members = _seal._uncompressed_members(kit().load(good(Kind.FULL)))
+    assert _seal._uncompressed_members(_seal_object(members)) == members
+    assert _seal._uncompressed_members(_seal_object(zlib.compress(members), compr=1)) == members
+    assert _seal._uncompressed_members(
+        _seal_object(_zstd_frame(members[:1000], content_size=1000), compr=2)) == members[:1000]
+    bad = {
+        "magic": _seal_object(members, magic=0xA15F),
+        "size": _seal_object(members, size=17 + len(members)),
+        "short": _Saved(b"\x5e\xa1\x10"),
+        "compression-mode": _seal_object(members, compr=3),
+        "zlib-corrupt": _seal_object(zlib.compress(members)[:-4], compr=1),
+        "zstd-not-a-frame": _seal_object(members, compr=2),
+        "zstd-unknown-size": _seal_object(_zstd_frame(members[:1000], content_size=None),
+                                          compr=2),
+        "zstd-size-too-large": _seal_object(_zstd_frame(members[:1000], content_size=1 << 27),
+                                            compr=2),
+        "zstd-short-of-its-size": _seal_object(_zstd_frame(members[:1000], content_size=1001),
+                                               compr=2),
+    }
+    for name, obj in bad.items():
+        with pytest.raises(ValueError):
+            _seal._uncompressed_members(obj)
+            pytest.fail(name)
+
+
+def test_seal_ciphertext_members_are_parsed_strictly() -> None:
+    """SEAL's ``Ciphertext`` members (after the header) parse only in the layout the module
+    docstring gives: another DynArray header, bytes after the array that are not exactly one
+    Blake2xb PRNG info, or another PRNG type are a ValueError."""
+    k = kit()
+    full = _seal._uncompressed_members(k.encrypt(k.values(), Kind.FULL))
+    seeded = _seal._uncompressed_members(k.encrypt(k.values(), Kind.SEEDED))
+    assert _seal._parse_members(full).seed is None
+    assert len(_seal._parse_members(seeded).seed or b"") == _seal.SEED_BYTES
+    array_at = _seal._PREAMBLE.size
+    info_at = len(seeded) - _seal._PRNG_INFO_BYTES
+
+    def changed(raw: bytes, at: int, value: bytes) -> bytes:
+        return raw[:at] + value + raw[at + len(value):]
+
+    bad = {
+        "array-magic": changed(full, array_at, b"\x5f\xa1"),
+        "array-compressed": changed(full, array_at + 5, b"\x02"),
+        "array-reserved": changed(full, array_at + 6, b"\x01"),
+        "full-then-junk": full + bytes(_seal._PRNG_INFO_BYTES),
+        "seeded-then-junk": seeded + b"junk",
+        "seeded-cut": seeded[:-1],
+        "prng-magic": changed(seeded, info_at, b"\x5f\xa1"),
+        "prng-type": changed(seeded, info_at + 16, b"\x02"),
+        "prng-size": changed(seeded, info_at + 8,
+                             struct.pack("<Q", _seal._PRNG_INFO_BYTES + 4)),
+        "truncated": full[:20],
+    }
+    for name, raw in bad.items():
+        with pytest.raises(ValueError):
+            _seal._parse_members(raw)
+            pytest.fail(name)

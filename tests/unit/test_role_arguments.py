@@ -161,3 +161,43 @@ def test_a_model_input_given_as_a_list_pair_is_still_taken() -> None:
     m.advance()
     m.advance()  # every site's masked input was taken
     assert set(m.replies) == set(m.config.sites)
+
+
+def test_seeded_encryption_without_the_secret_key_is_refused_at_construction() -> None:
+    """seeded=True with only the public context: a clear error naming the cause when the
+    client is made, not an error from inside the encryptor at start()."""
+    r = CkksRound(sites=4, vector_length=16)
+    with pytest.raises(ValueError, match="seeded encryption needs the secret key"):
+        CkksClient(r.config, 2, r.identities[2], r.public, r.inputs[2], seeded=True)
+    assert not CkksClient(r.config, 2, r.identities[2], r.public, r.inputs[2]).seeded
+
+
+def test_a_ckks_client_takes_each_step_once_and_in_its_stage() -> None:
+    """start() once (a second call is a PreconditionError naming the stage, not an input
+    error); a site that holds no key completes at its upload and handles no release; the
+    key holder handles only a ReleaseRequest (else InvalidMessage), after its upload."""
+    from secagg.ckks import CkksStage, ReleaseRequest
+    from secagg.errors import InvalidMessage, PreconditionError
+
+    r = CkksRound(sites=3, vector_length=16)
+    holder = r.client(1)
+    with pytest.raises(PreconditionError, match="not valid in stage UPLOAD"):
+        holder.handle(ReleaseRequest(None, ()))  # type: ignore[arg-type]
+    uploads = [holder.start()]
+    with pytest.raises(PreconditionError, match="start is not valid in stage RELEASE"):
+        holder.start()
+    others = [r.client(s) for s in (2, 3)]
+    uploads += [c.start() for c in others]
+    assert [c.stage for c in others] == [CkksStage.COMPLETED] * 2
+    with pytest.raises(PreconditionError, match="start is not valid in stage COMPLETED"):
+        others[0].start()
+    for u in uploads:
+        r.server.handle(u)
+    aggregate = r.server.close_stage()[1]
+    with pytest.raises(PreconditionError, match="not valid in stage COMPLETED"):
+        others[0].handle(ReleaseRequest(aggregate, uploads))
+    with pytest.raises(InvalidMessage, match="release request"):
+        holder.handle((aggregate, uploads))  # type: ignore[arg-type]
+    assert holder.stage is CkksStage.RELEASE
+    assert holder.handle(ReleaseRequest(aggregate, uploads)).sites == (1, 2, 3)
+    assert holder.stage is CkksStage.COMPLETED  # type: ignore[comparison-overlap]

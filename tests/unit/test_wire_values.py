@@ -89,3 +89,61 @@ def test_a_model_of_more_tensors_than_a_model_may_have_is_refused_naming_the_bou
         FlatModel.from_arrays(arrays)
     del arrays[f"t{MAX_MODEL_TENSORS}"]
     assert len(FlatModel.from_arrays(arrays).spec) == MAX_MODEL_TENSORS
+@pytest.mark.parametrize("lie", ["one-value-short", "one-value-long", "empty", "odd-bytes"])
+def test_a_release_of_another_length_than_the_round_is_refused(lie: str) -> None:
+    """The released average's bytes hold exactly the round's vector: fewer values (or a
+    tail that is no whole float64) would be a shorter average taken as the model's update,
+    more would be values the round never had."""
+    good = np.full(4, 0.5).astype("<f8").tobytes()
+    data = {"one-value-short": good[:-8], "one-value-long": good + good[:8], "empty": b"",
+            "odd-bytes": good[:-3]}[lie]
+    ref = service_pb2.ReleasedAverageRef(weight_sum=1.5, sites=[1, 2, 3], grid=2.0**-20)
+    with pytest.raises(InvalidMessage, match="released average"):
+        wire.release_from_ref(ref, data, round_id="r", length=4)
+    assert wire.release_from_ref(ref, good, round_id="r", length=4).average.shape == (4,)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_release_whose_average_holds_a_value_that_is_not_finite_is_refused(
+        bad: float) -> None:
+    """A NaN or infinity in the released average (not its weight sum) would go into the
+    model's update and poison every later round: refused at the wire."""
+    data = np.array([0.5, bad, 0.5, 0.5]).astype("<f8").tobytes()
+    ref = service_pb2.ReleasedAverageRef(weight_sum=1.5, sites=[1, 2, 3], grid=2.0**-20)
+    with pytest.raises(InvalidMessage, match="released average"):
+        wire.release_from_ref(ref, data, round_id="r", length=4)
+
+
+@pytest.mark.parametrize("ids", [[b"\x01" * 31], [b"\x01" * 33], [bytes(32), b""], []])
+def test_a_blob_whose_chunk_ids_are_no_sha256_or_missing_is_refused(ids: list[bytes]) -> None:
+    """A blob names its chunks by SHA-256 (32 bytes each); a blob of a positive size names at
+    least one. Anything else is refused as the message is decoded."""
+    with pytest.raises(InvalidMessage, match="blob"):
+        wire.Blob.from_proto(service_pb2.Blob(chunk_ids=ids, size=10))
+    assert wire.Blob.from_proto(service_pb2.Blob(chunk_ids=[bytes(32)], size=10)).size == 10
+    assert wire.Blob.from_proto(service_pb2.Blob(chunk_ids=[], size=0)).chunk_ids == ()
+
+
+@pytest.mark.parametrize("lie", ["other-word-bits", "unknown-word-bits", "one-word-short",
+                                 "one-word-long", "half-a-word-more"])
+def test_a_masked_input_of_another_word_size_or_length_is_refused(lie: str) -> None:
+    """A masked input's words are the round's (word_bits, vector length): the round's
+    length in 32-bit words in a 64-bit round, or a length off by a word (or by less), is
+    refused as the message is decoded, not summed modulo the wrong word size or at the
+    wrong length."""
+    length = 4
+    good = np.arange(length, dtype="<u8").tobytes()
+    word_bits, data = {
+        "other-word-bits": (32, np.arange(length, dtype="<u4").tobytes()),
+        "unknown-word-bits": (16, good),
+        "one-word-short": (64, good[:-8]),
+        "one-word-long": (64, good + good[:8]),
+        "half-a-word-more": (64, good + good[:4]),
+    }[lie]
+    ref = service_pb2.MaskedInputRef(site_id=2, word_bits=word_bits, partners=[1, 3],
+                                     signature=bytes(64))
+    with pytest.raises(InvalidMessage, match="masked input"):
+        wire.masked_input_from_ref(ref, data, word_bits=64, length=length)
+    ref.word_bits = 64
+    taken = wire.masked_input_from_ref(ref, good, word_bits=64, length=length)
+    assert taken.masked_input.dtype == np.uint64 and list(taken.masked_input) == [0, 1, 2, 3]
