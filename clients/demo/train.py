@@ -80,11 +80,14 @@ class LocalTrainer:
             self._generator.manual_seed(self.seed * 1000 + round_number)
             torch.manual_seed(self.seed * 1000 + round_number)
         else:
-            # the noise (its own generator), the Poisson sampling and dropout (torch's global
-            # one): secret, fresh each round (see the module's docstring)
+            # the noise (its own generator), the Poisson sampling (Opacus's DPDataLoader
+            # takes the loader's generator) and dropout (torch's global one): secret, fresh
+            # each round (see the module's docstring)
             # defence: demo.dp-randomness-secret
             self._noise.manual_seed(secrets.randbits(63))
             torch.manual_seed(secrets.randbits(63))
+            # defence: demo.dp-sampling-secret
+            self._generator.manual_seed(secrets.randbits(63))
         self.model.train()
         loss_fn = nn.CrossEntropyLoss()
         for _ in range(self.config.epochs):

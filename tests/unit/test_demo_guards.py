@@ -248,6 +248,19 @@ def test_dp_noise_and_sampling_are_secret_and_fresh_each_round() -> None:
 
     a, b = trained(True), trained(True)
     assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+    # which records each batch holds (Opacus's Poisson sampling, from the loader's
+    # generator): secret too, else anyone replays the batches the epsilon counts as secret
+    batches, seeds = [], []
+    for _ in range(2):
+        trainer = LocalTrainer(make_model(8, 3, dp=True, seed=0), x, y,
+                               TrainConfig(epochs=1, batch_size=8, dp=True), seed=1)
+        trainer.train_round({k: v.clone() for k, v in trainer.module.state_dict().items()}, 1)
+        # the noise's generator and torch's global one (dropout) were seeded from secrets,
+        # not from (seed, round): each on its own, as either alone lets the other be replayed
+        seeds.append((trainer._noise.initial_seed(), torch.initial_seed()))
+        batches.append([tuple(yb.tolist()) for _, yb in trainer.loader])
+    assert batches[0] != batches[1]
+    assert all(a != b and 1001 not in (a, b) for a, b in zip(*seeds, strict=True))
     c, d = trained(False), trained(False)
     assert all(torch.equal(c[k], d[k]) for k in c)
 
