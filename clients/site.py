@@ -81,6 +81,10 @@ POLL_MS = 10_000
 # padding each to the message limit and holding it just past the pacer's threshold had a
 # site receive ~6 MB a second until the round's patience ran out (20 GB)
 POLL_BYTES_PER_SECOND = 64 * 1024
+# what a "nothing new" answer may hold beyond the round's info the site joined with (an
+# honest one repeats it, with its model's names and shapes: 4.6 MB for 65,536 tensors, which
+# slept 70 s a poll) before its bytes pace the next poll: a round id, a survivor list
+POLL_SLACK_BYTES = 64 * 1024
 
 
 class _Pacer:
@@ -91,23 +95,28 @@ class _Pacer:
     ``nbytes`` takes at least ``nbytes / POLL_BYTES_PER_SECOND`` from its start to the next
     poll, however long it was held."""
 
-    def __init__(self) -> None:
+    def __init__(self, allowance: int = POLL_SLACK_BYTES, until: float = math.inf) -> None:
         self._delay = 0.0
         self._random = random.SystemRandom()
+        self._allowance = allowance  # bytes an answer may hold unpaced
+        self._until = until  # (no sleep past it: the round's patience)
 
     def nothing_new(self, began: float, nbytes: int = 0) -> None:
         """A poll begun at ``began`` (time.monotonic()) brought nothing new, in ``nbytes``."""
         elapsed = time.monotonic() - began
         # defence: sdk.polls-paced-by-their-bytes
-        owed = nbytes / POLL_BYTES_PER_SECOND - elapsed
+        owed = max(0, nbytes - self._allowance) / POLL_BYTES_PER_SECOND - elapsed
         # defence: sdk.long-polls-paced
         if elapsed >= POLL_MS / 2000:
             self._delay = 0.0
-            if owed > 0:
-                time.sleep(owed)
-            return
-        self._delay = min(max(2 * self._delay, 0.1), 5.0)
-        time.sleep(max(self._random.uniform(self._delay / 2, self._delay), owed))
+            pause = owed
+        else:
+            self._delay = min(max(2 * self._delay, 0.1), 5.0)
+            pause = max(self._random.uniform(self._delay / 2, self._delay), owed)
+        # defence: sdk.pacing-ends-with-the-patience
+        pause = min(pause, max(0.0, self._until - time.monotonic()) + 0.01)
+        if pause > 0:
+            time.sleep(pause)
 
 
 # An honest aggregator ends a round within its stage deadlines: the open stage, five stages
@@ -360,6 +369,8 @@ class Site:
         # link that could fetch it once in the open deadline missed every round after the first)
         self._held_model: FlatModel | None = None
         self._refused_beyond = False  # a running round past [job] rounds was refused
+        # what a "nothing new" answer may hold unpaced: the last round's info as joined
+        self._poll_allowance = POLL_SLACK_BYTES
         self._history = History(history_dir if history_dir is not None
                                 else getattr(kit, "directory", None))
         # a kept round key whose round's time is over goes (its site was away as it ended)
@@ -537,7 +548,7 @@ class Site:
         raise SiteError("the job is over: no round to take part in")
 
     def _next_round_info(self) -> service_pb2.RoundInfo | None:
-        pacer = _Pacer()
+        pacer = _Pacer(self._poll_allowance)
         while True:
             began = time.monotonic()
             info: service_pb2.RoundInfo = self._conn.call(
@@ -632,6 +643,7 @@ class Site:
         self._held_round = info.round - 1
         self._model_digest = model.digest
         rnd = Round(self, info, model)
+        self._poll_allowance = rnd._poll_allowance
         if (info.protocol == service_pb2.PROTOCOL_CKKS
                 and self.config.key_holder_for(rnd.number) == self.site_id):
             kept = self._history.load_key(self.config.job_id, round_id)
@@ -935,6 +947,10 @@ class Site:
         return result
 
 
+def _poll_slack(site: Any) -> int:
+    return POLL_SLACK_BYTES + 16 * len(site.kit.roster)
+
+
 class Round:
     """One round as this site sees it.
 
@@ -960,6 +976,8 @@ class Round:
         # the sum's sites as this site knows them (signed or released): not the aggregator's
         self._known_survivors: tuple[int, ...] | None = None
         self._deadline = time.monotonic() + _round_patience(site.config)  # again at submit
+        # what an answer bringing nothing new may hold unpaced: the round's info as joined
+        self._poll_allowance = info.ByteSize() + _poll_slack(site)
         self._released: np.ndarray | None = None  # the average this site released (key holder)
         # masking, once this site's input is in the sum: how long the round's average can be
         self._average_bound: AverageBound | None = None
@@ -1161,7 +1179,7 @@ class Round:
         idempotent: a Submit counted before its answer was lost is acknowledged again. A
         Submit or a stage's wait cut by its deadline left submit as AggregatorRefused, or
         aborted the round at once, where the long poll for the result waited on."""
-        pacer = _Pacer()
+        pacer = self._pacer()
         while True:
             began = time.monotonic()
             try:
@@ -1183,8 +1201,11 @@ class Round:
         self._conn.upload_and_send(data, lambda blob: self._submit(**message(blob)),
                                    progress=self._progress, what=what)
 
+    def _pacer(self) -> _Pacer:
+        return _Pacer(getattr(self, "_poll_allowance", POLL_SLACK_BYTES), self._deadline)
+
     def _receive(self, stage: int) -> service_pb2.ReceiveResponse:
-        pacer = _Pacer()
+        pacer = self._pacer()
         while True:
             began = time.monotonic()
             try:
@@ -1233,7 +1254,7 @@ class Round:
         return info
 
     def _wait_for_end(self) -> service_pb2.RoundInfo:
-        pacer = _Pacer()
+        pacer = self._pacer()
         while True:
             began = time.monotonic()
             # a long poll the aggregator did not answer in time is no refusal (it left submit
@@ -1382,8 +1403,9 @@ class Round:
             self._in_time()
             # (and by its bytes: "no key yet" padded to 6 MB, answered at once, was 6 MB/s)
             # defence: sdk.key-wait-paced-by-its-bytes
-            time.sleep(max(delay, info.ByteSize() / POLL_BYTES_PER_SECOND
-                           - (time.monotonic() - began)))
+            owed = (max(0, info.ByteSize() - getattr(self, "_poll_allowance", 0))
+                    / POLL_BYTES_PER_SECOND - (time.monotonic() - began))
+            time.sleep(min(max(delay, owed), max(0.0, self._deadline - time.monotonic()) + 0.01))
             delay = min(delay * 1.5, 1.0)
             began = time.monotonic()
             info = self._info()

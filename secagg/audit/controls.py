@@ -269,12 +269,12 @@ def _code_lines(text: str) -> list[str]:
 
 
 def code_problems(path: str, source: str, edits: Sequence[Edit], edited: str,
-                  words: Mapping[str, set[str]] | None = None) -> list[str]:
+                  words: dict[str, set[str] | None] | None = None) -> list[str]:
     """What makes an edit of a Python file prove nothing: it does not parse; it changes no
     code (a comment or blank lines only: a flaky test then "caught" it); or it reads a name
     the file never mentions and the edit does not bind (``x < zero``: the code then raises
     NameError wherever it runs, and a test of the happy path "caught" a defence it never
-    tests). ``words``: the words of the unedited files, by path (a cache)."""
+    tests). ``words``: the names the unedited files mention, by path (a cache)."""
     try:
         after = ast.parse(edited, path)
     except SyntaxError as e:
@@ -284,10 +284,24 @@ def code_problems(path: str, source: str, edits: Sequence[Edit], edited: str,
         return [f"the edit changes no code in {path} (a comment or blank lines only)"]
     # names the edits bring that the file never mentions (a word in a string is no name:
     # only those the edited code reads and does not bind count)
-    known = words.get(path) if words is not None else None
-    new = {w for e in edits for w in _WORD.findall(e.replace)} - (
-        known if known is not None else set(_WORD.findall(source)))
-    new -= set(dir(builtins)) | _DUNDERS | set(keyword.kwlist)
+    new = {w for e in edits for w in _WORD.findall(e.replace)} - set(dir(builtins)) - (
+        _DUNDERS | set(keyword.kwlist))
+    if not new:
+        return []
+    # the names the unedited file's code mentions (not its comments or docstrings: a name
+    # found only there is no name of the code)
+    if words is None or path not in words:
+        try:
+            mentioned = _mentioned(ast.parse(source, path))
+        except SyntaxError:
+            mentioned = None
+        if words is not None:
+            words[path] = mentioned
+    else:
+        mentioned = words[path]
+    if mentioned is None:  # (a star import, or a file that does not parse: not judged)
+        return []
+    new -= mentioned
     if not new:
         return []
     read = {n.id for n in ast.walk(after)
@@ -300,20 +314,41 @@ def code_problems(path: str, source: str, edits: Sequence[Edit], edited: str,
     return []
 
 
-def _bound_in(tree: ast.AST, name: str) -> bool:
-    """Whether ``name`` is bound in ``tree`` (assigned, imported, defined, an argument)."""
+def _binds(node: ast.AST) -> set[str]:
+    """The names ``node`` itself binds (an assignment target, a definition, an argument, an
+    import, an ``except ... as``, a match capture, a global or nonlocal declaration)."""
+    if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+        return {node.id}
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+        return {node.name}
+    if isinstance(node, ast.arg):
+        return {node.arg}
+    if isinstance(node, ast.alias):
+        return {(node.asname or node.name).split(".")[0]}
+    if isinstance(node, ast.ExceptHandler | ast.MatchAs | ast.MatchStar) and node.name:
+        return {node.name}
+    if isinstance(node, ast.MatchMapping) and node.rest:
+        return {node.rest}
+    if isinstance(node, ast.Global | ast.Nonlocal):
+        return set(node.names)
+    return set()
+
+
+def _mentioned(tree: ast.AST) -> set[str] | None:
+    """Every name ``tree`` reads or binds; None if it star-imports (its names are unknown)."""
+    names: set[str] = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and node.id == name and not isinstance(node.ctx,
-                                                                             ast.Load):
-            return True
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and (
-                node.name == name):
-            return True
-        if isinstance(node, ast.arg) and node.arg == name:
-            return True
-        if isinstance(node, ast.alias) and (node.asname or node.name).split(".")[0] == name:
-            return True
-    return False
+        if isinstance(node, ast.ImportFrom) and any(a.name == "*" for a in node.names):
+            return None
+        names |= _binds(node)
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+    return names
+
+
+def _bound_in(tree: ast.AST, name: str) -> bool:
+    """Whether ``name`` is bound anywhere in ``tree``."""
+    return any(name in _binds(node) for node in ast.walk(tree))
 
 
 def problems(root: Path, controls: Iterable[Control]) -> dict[str, list[str]]:
@@ -322,7 +357,7 @@ def problems(root: Path, controls: Iterable[Control]) -> dict[str, list[str]]:
     never defines (:func:`code_problems`), a listed test that does not exist."""
     index = DefinedTests(root)
     found: dict[str, list[str]] = {}
-    words: dict[str, set[str]] = {}
+    words: dict[str, set[str] | None] = {}
     for c in controls:
         issues = found.setdefault(c.id, [])
         try:
@@ -336,8 +371,6 @@ def problems(root: Path, controls: Iterable[Control]) -> dict[str, list[str]]:
                 issues.append(str(e).removeprefix(f"{c.id}: "))
             else:
                 if c.file.endswith(".py"):
-                    if c.file not in words:
-                        words[c.file] = set(_WORD.findall(source))
                     issues.extend(code_problems(c.file, source, c.edits, edited, words))
         issues.extend(f"listed test {t} is not defined" for t in c.tests if not index.defines(t))
     return {k: v for k, v in found.items() if v}

@@ -998,7 +998,7 @@ def test_polls_padded_and_held_past_the_pacers_threshold_are_paced_by_their_byte
     just past the point where the pacer takes it for an honest long poll: ~6 MB a second
     until the round's patience ran out. An answer of n bytes now takes n /
     POLL_BYTES_PER_SECOND from its start to the next poll."""
-    from clients.site import POLL_BYTES_PER_SECOND, POLL_MS
+    from clients.site import POLL_BYTES_PER_SECOND, POLL_MS, POLL_SLACK_BYTES
 
     clock = _fake_clock(monkeypatch)
     mine, _ = _model_info(1, "hospitals/job-1/round-1")
@@ -1031,7 +1031,43 @@ def test_polls_padded_and_held_past_the_pacers_threshold_are_paced_by_their_byte
     else:
         assert site._next_round_info() is None
     assert calls[0] == 11
-    assert clock[0] >= 10 * pad / POLL_BYTES_PER_SECOND  # (held alone: 10 x 5.05 s)
+    # (held alone: 10 x 5.05 s; the allowance is what the round's info as joined holds)
+    assert clock[0] >= 10 * (pad - POLL_SLACK_BYTES) / POLL_BYTES_PER_SECOND
+
+
+@pytest.mark.parametrize("case", ["honest", "patience"])
+def test_a_polls_byte_pacing_spares_the_rounds_own_info_and_ends_with_its_patience(
+        case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An honest "nothing new" repeats the round's info, with its model's names and shapes
+    (4.6 MB for 65,536 tensors): paced by its bytes, it slept 70 s a poll. What the info as
+    joined holds is allowed; and no pacing sleeps past the round's patience (it slept up to
+    128 s beyond it)."""
+    from clients.site import POLL_MS
+
+    clock = _fake_clock(monkeypatch)
+    mine, _ = _model_info(1, "hospitals/job-1/round-1")
+    site, _conn = _site("masking", mine, {})
+    pad, calls = 4 << 20, [0]
+
+    def call(method: str, request: Any, **_kwargs: Any) -> Any:
+        calls[0] += 1
+        clock[0] += POLL_MS / 2000 + 0.05
+        return (_padded(service_pb2.ReceiveResponse(ready=False), pad) if calls[0] <= 3
+                else service_pb2.ReceiveResponse(ready=True))
+
+    rnd = Round.__new__(Round)
+    rnd._site, rnd.number, rnd.round_id = site, 1, "hospitals/job-1/round-1"
+    rnd._conn = types.SimpleNamespace(call=call)  # type: ignore[assignment]
+    if case == "honest":
+        rnd._deadline = float("inf")
+        rnd._poll_allowance = pad + 1024  # (the round's info as joined was this large)
+        rnd._receive(1)
+        assert calls[0] == 4 and clock[0] < 4 * (POLL_MS / 2000 + 0.05) + 1  # held, not paced
+    else:
+        rnd._deadline = 7.0
+        with pytest.raises(RoundAborted, match="did not end the round within"):
+            rnd._receive(1)
+        assert calls[0] == 2 and clock[0] < 7.0 + 2 * (POLL_MS / 2000 + 0.05)
 
 
 def test_a_ckks_key_wait_answered_padded_at_once_is_paced_by_its_bytes(
@@ -1060,7 +1096,7 @@ def test_a_ckks_key_wait_answered_padded_at_once_is_paced_by_its_bytes(
     with pytest.raises(RoundAborted, match="no key came"):
         rnd.submit({"w": np.ones(8, np.float32)}, weight=10)
     assert not answers
-    assert clock[0] >= 5 * running.ByteSize() / POLL_BYTES_PER_SECOND - 1
+    assert clock[0] >= 5 * (running.ByteSize() - rnd._poll_allowance) / POLL_BYTES_PER_SECOND - 1
 
 
 @pytest.mark.parametrize("kind", ["key_directory", "share_delivery", "survivor_list",

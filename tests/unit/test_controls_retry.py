@@ -224,6 +224,8 @@ def test_a_flaky_baseline_test_is_kept_in_the_report(monkeypatch: pytest.MonkeyP
     ("x = a", "x = 'a # not a comment'", None),
     ("x = a", "x = a2 = b", None),
     ("x = a", "x = len(a)", None),
+    ("x = a", "x = ghost", "ghost"),  # (named in the docstring only: no name of the code)
+    ("x = a", "try:\n    x = a\nexcept OSError as err:\n    x = err", None),
 ])
 def test_an_edit_that_changes_no_code_or_reads_an_undefined_name_proves_nothing(
         find: str, replace: str, said: str | None) -> None:
@@ -232,7 +234,7 @@ def test_an_edit_that_changes_no_code_or_reads_an_undefined_name_proves_nothing(
     '#' in a string, a name the edit binds, a builtin are code like any."""
     from secagg.audit.controls import code_problems
 
-    source = "import os\n\nb = 1\na = b\nx = a  # check\n"
+    source = '"""Says ghost."""\nimport os\n\nb = 1\na = b\nx = a  # check\n'
     edits = (Edit(find, replace),)
     edited = source.replace(find, replace, 1)
     found = code_problems("secagg/x.py", source, edits, edited)
