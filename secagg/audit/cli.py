@@ -151,8 +151,16 @@ def _end_through_finally_on_sigterm() -> Iterator[None]:
     action, a run left them behind)."""
     import signal
 
+    from secagg.audit.runner import stop_running
+
+    def end(signum: int, _frame: object) -> None:
+        # (the controls' pytest processes run in sessions of their own: a SIGTERM ended
+        # the runner and left them running, and the queued controls still started)
+        stop_running()
+        sys.exit(128 + signum)
+
     try:
-        before = signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+        before = signal.signal(signal.SIGTERM, end)
     except ValueError:  # (not the main thread: left as it is)
         yield
         return

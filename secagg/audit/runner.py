@@ -17,6 +17,7 @@ flaky run on a loaded machine must not fail CI, and every second attempt is said
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -52,10 +53,32 @@ class PytestRun:
         return [k for k, v in self.outcomes.items() if v in ("failed", "error")]
 
 
+# the pytest processes running now (each in its own session): ended with the run, however
+# it ends (a SIGTERM ended the runner and left them running, orphans, for up to a
+# control's timeout)
+_running: set[int] = set()
+_running_lock = threading.Lock()
+_stopping = threading.Event()
+
+
+def stop_running() -> None:
+    """Kill every pytest process group this process started and has not seen end, and start
+    no more (the controls still queued end at once)."""
+    _stopping.set()
+    with _running_lock:
+        pids = list(_running)
+    for pid in pids:
+        # defence: audit.sigterm-stops-the-tests
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
 def run_pytest(ws: Workspace, copy: Path, args: Sequence[str], *,
                timeout: float) -> PytestRun:
     """``python -m pytest ARGS`` with cwd and PYTHONPATH = ``copy``, recording each test's
     outcome; the whole process group is killed at the timeout."""
+    if _stopping.is_set():
+        raise AuditError("the run was stopped")
     fd, name = tempfile.mkstemp(prefix="outcomes-", suffix=".json", dir=ws.dir)
     os.close(fd)
     began = time.perf_counter()
@@ -63,6 +86,10 @@ def run_pytest(ws: Workspace, copy: Path, args: Sequence[str], *,
         [sys.executable, "-m", "pytest", "-p", PLUGIN_MODULE, *args], cwd=copy,
         env=subprocess_env(copy, {_pytest_plugin.ENV: name}, ws.plugin_dir),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    with _running_lock:
+        _running.add(proc.pid)
+        if _stopping.is_set():  # (stopped as it started)
+            os.killpg(proc.pid, signal.SIGKILL)
     try:
         out, _ = proc.communicate(timeout=timeout)
         code: int | None = proc.returncode
@@ -70,6 +97,9 @@ def run_pytest(ws: Workspace, copy: Path, args: Sequence[str], *,
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         code = None
+    finally:
+        with _running_lock:
+            _running.discard(proc.pid)
     seconds = time.perf_counter() - began
     try:
         data = json.loads(Path(name).read_text(encoding="utf-8") or "{}")

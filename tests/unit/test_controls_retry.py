@@ -267,3 +267,28 @@ def test_a_filter_that_names_no_file_or_drops_an_asked_control_is_an_error(
     (tmp_path / "README.md").write_text("x")
     assert select(controls, None, ["README.md"], tmp_path) == []
     assert select(controls, ["demo.other"], ["secagg/y.py"], tmp_path) == [controls[1]]
+
+
+def test_stopping_the_run_kills_the_running_tests_and_starts_no_more() -> None:
+    """The controls' pytest processes run in sessions of their own: a SIGTERM ended the
+    runner and left them running (orphans, up to a control's timeout), and the controls
+    still queued started. Stopping kills their process groups and refuses new runs."""
+    import subprocess
+    import sys
+
+    from secagg.audit import AuditError
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                            start_new_session=True)
+    runner_module._running.add(proc.pid)
+    try:
+        runner_module.stop_running()
+        assert proc.wait(timeout=10) == -9
+        with pytest.raises(AuditError, match="stopped"):
+            runner_module.run_pytest(_Workspace(), Path("/nonexistent"), [],  # type: ignore[arg-type]
+                                     timeout=1.0)
+    finally:
+        runner_module._stopping.clear()
+        runner_module._running.discard(proc.pid)
+        if proc.poll() is None:
+            proc.kill()
