@@ -228,7 +228,9 @@ def check_inputs(sites: object, corrupt_fraction: object, dropout_rate: object,
         raise ConfigurationError(wrong)
 
 
-@lru_cache(maxsize=256)
+# (typed: 100.0 found 100's cached answer, never checked)
+# defence: masking.graph.cache-typed
+@lru_cache(maxsize=256, typed=True)
 def find_sparse_parameters(sites: int, corrupt_fraction: float, dropout_rate: float,
                            security_bits: int = MIN_SECURITY_BITS) -> GraphParameters | None:
     """The smallest even k (and its smallest t) meeting the bound, or None if only the

@@ -101,3 +101,30 @@ def test_no_dropouts_both_word_sizes(word_bits: int) -> None:
 
 def test_k_regular_graph_with_one_dropout_is_exact() -> None:
     _run(40, {3: Stage.MASKED_INPUT, 17: Stage.SHARE_KEYS}, neighbors="auto")
+
+
+def test_k_regular_graph_round_with_dropouts_completes_at_its_own_threshold() -> None:
+    """SecAgg+ shares each secret among k + 1 sites with a threshold t well below the
+    roster-wide quorum: the server rebuilds each secret from t shares (not from a quorum's
+    worth, which a neighbourhood with dropouts no longer holds), and the round completes,
+    exactly.
+    (_run above returns early on any abort of a k-regular round.)"""
+    roster, identities = make_roster(40)
+    config = RoundConfig("prop", roster, vector_length=LENGTH, neighbors="auto")
+    assert not config.complete_graph
+    assert config.reconstruction_threshold < config.consistency_quorum
+    rng = np.random.default_rng(40)
+    inputs = {s: (rng.uniform(-1.5, 1.5, LENGTH), float(rng.uniform(0.05, 1.0)))
+              for s in config.sites}
+    # three ring-neighbours of one site drop (at most m = 4 of a window may): that site's
+    # secrets keep k + 1 - 3 = 24 holders, fewer than the quorum of 25, at least t = 9
+    dropped = set(config.ring[1:4])
+    assert len(dropped) <= (config.max_missing_per_side or 0)
+    assert config.share_holders - len(dropped) < config.consistency_quorum
+    report = simulate_round(config, identities, inputs,
+                            dropouts=dict.fromkeys(dropped, Stage.MASKED_INPUT))
+    assert report.result is not None, (report.abort, report.client_aborts)
+    survivors = set(config.sites) - dropped - set(report.client_aborts)
+    assert set(report.result.survivors) == survivors
+    exact = sum(np.clip(inputs[s][0], -1, 1) * inputs[s][1] for s in survivors)
+    assert np.all(np.abs(report.result.weighted_sum - exact) <= report.result.error_bound[0])

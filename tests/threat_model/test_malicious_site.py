@@ -202,7 +202,8 @@ def _other_encoding(key: bytes, *, bit_255: bool) -> bytes:
 
 @pytest.mark.parametrize("bad", ["low-order", "copy-of-a-peers-key", "own-keys-equal",
                                  "short", "copy-with-bit-255-set", "u-plus-the-prime",
-                                 "copy-plus-a-small-order-point"])
+                                 "copy-plus-a-small-order-point", "encryption-key-low-order",
+                                 "encryption-key-copy-of-a-peers"])
 def test_server_refuses_an_advertisement_that_would_make_every_site_abort(bad: str) -> None:
     """One malicious site advertises (and signs) a low-order X25519 point, a copy of another
     site's key, the same key twice, or a short key. Put into the directory, it would make every
@@ -210,7 +211,14 @@ def test_server_refuses_an_advertisement_that_would_make_every_site_abort(bad: s
     completes exactly without it."""
     r = Round(sites=5)
     key = r.clients[3]._masking_key
-    key.public_bytes = {"low-order": bytes(32),
+    # the encryption key is checked like the masking key: a low-order one, or a copy of a
+    # peer's, sealed shares no site could open (or that two sites could)
+    encryption = {"encryption-key-low-order": bytes(32),
+                  "encryption-key-copy-of-a-peers": r.clients[1]._encryption_key.public_bytes}
+    if bad in encryption:
+        r.clients[3]._encryption_key.public_bytes = encryption[bad]
+        bad = "as-is"  # (the masking key left as it is)
+    key.public_bytes = {"as-is": key.public_bytes, "low-order": bytes(32),
                         "copy-of-a-peers-key": r.clients[1]._masking_key.public_bytes,
                         "own-keys-equal": r.clients[3]._encryption_key.public_bytes,
                         "short": bytes(31),
@@ -582,10 +590,11 @@ def test_round_aborts_cleanly_when_too_few_sites_answer_a_stage() -> None:
     assert r.server.stage is Stage.ABORTED
 
 
-@pytest.mark.parametrize("bad", ["missing-holder", "short", "extra-holder"])
+@pytest.mark.parametrize("bad", ["missing-holder", "short", "extra-holder", "long"])
 def test_server_refuses_share_keys_with_missing_or_short_share_commitments(bad: str) -> None:
     """Without a commitment for every holder, the server could not check the shares revealed
-    at unmask, and one bad share would again void the round."""
+    at unmask, and one bad share would again void the round. A longer one (a pair and junk,
+    stored for the round) is refused too: each is exactly 64 bytes."""
     r = Round()
     msg = _share_keys(r)[1]
     pairs = dict(msg.share_commitments)
@@ -593,6 +602,8 @@ def test_server_refuses_share_keys_with_missing_or_short_share_commitments(bad: 
         pairs.pop(2)
     elif bad == "short":
         pairs[2] = pairs[2][:63]
+    elif bad == "long":
+        pairs[2] = pairs[2] + b"\0"
     else:
         pairs[99] = bytes(64)
     with pytest.raises(InvalidMessage):
@@ -1009,3 +1020,145 @@ def test_a_revealed_share_outside_the_field_drops_its_revealer_not_the_round() -
     r.advance()
     assert r.server.stage is Stage.COMPLETED
     assert r.server.result is not None
+
+
+def test_closing_a_stage_once_the_round_has_ended_is_a_named_refusal() -> None:
+    """A driver that closes a stage again after the round completed (or aborted) is told so
+    (PreconditionError), not sent a KeyError from the server's stage tables."""
+    r = Round(sites=5)
+    for _ in range(5):
+        r.advance()
+    assert r.server.stage is Stage.COMPLETED and r.server.result is not None
+    with pytest.raises(PreconditionError, match="no stage to close"):
+        r.server.close_stage()
+    aborted = Round(sites=5)
+    with pytest.raises(ProtocolAbort):
+        aborted.advance(skip=frozenset(aborted.config.sites))
+    assert aborted.server.stage is Stage.ABORTED
+    with pytest.raises(PreconditionError, match="no stage to close"):
+        aborted.server.close_stage()
+
+
+@pytest.mark.parametrize("stage", ["share-keys", "consistency-check", "unmask"])
+def test_server_refuses_a_signed_message_from_a_site_that_left_at_an_earlier_stage(
+        stage: str) -> None:
+    """Site 6 drops out at one stage and then sends (validly signed) the next stage's message
+    anyway: ShareKeys without having advertised keys (its shares would reach honest sites
+    from a sender missing from their directory), a consistency signature without a masked
+    input (counted towards the quorum for a list it is not on), an unmask response without
+    having signed the survivor list. Each is refused: only the sites still in the round at
+    a stage may answer it."""
+    from secagg.masking.server import SEALED_SHARE_BYTES
+
+    r = Round(sites=6)
+    me = r.identities[6]
+    if stage == "share-keys":
+        r.advance(skip=frozenset({6}))
+        shares = {u: bytes(SEALED_SHARE_BYTES) for u in range(1, 6)}
+        pairs = {h: bytes(64) for h in range(1, 7)}
+        msg: Any = ShareKeys(6, shares, bytes(32), pairs, me.sign(ShareKeys.signed_bytes(
+            r.server._session, 6, shares, bytes(32), pairs)))
+    elif stage == "consistency-check":
+        r.advance()
+        r.advance()
+        r.advance(skip=frozenset({6}))
+        assert 6 not in r.server._survivors
+        msg = ConsistencySignature(6, me.sign(ConsistencySignature.signed_bytes(
+            r.server._session, r.server._survivors)))
+    else:
+        r.advance()
+        r.advance()
+        r.advance()
+        r.advance(skip=frozenset({6}))
+        msg = UnmaskResponse(6, {}, {}, me.sign(UnmaskResponse.signed_bytes(
+            r.server._session, 6, {}, {})))
+    with pytest.raises(PreconditionError, match="not a participant"):
+        r.server.handle(msg)
+
+
+def _masked_inputs_and_encodings(r: Round) -> tuple[dict[int, MaskedInput],
+                                                     dict[int, np.ndarray]]:
+    """Every site's masked input, and the quantised encoding each one masked."""
+    from unittest import mock
+
+    from secagg.hazmat.quantize import Quantizer
+
+    r.advance()
+    r.advance()
+    encodings: dict[int, np.ndarray] = {}
+    real = Quantizer.encode
+
+    def recording(self: Quantizer, update: np.ndarray, weight: float, **kw: Any) -> np.ndarray:
+        out = real(self, update, weight, **kw)
+        encodings[next(s for s, (u, _) in r.inputs.items() if u is update)] = out.copy()
+        return out
+
+    with mock.patch.object(Quantizer, "encode", recording):
+        masked = {s: r.clients[s].handle(m) for s, m in r.outgoing.items()}
+    return masked, encodings  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("steer", ["zero-weight-sum", "weight-sum-past-the-survivors-max"])
+def test_a_site_steering_the_unmasked_weight_sum_out_of_range_gets_an_out_of_range_abort(
+        steer: str) -> None:
+    """A malicious site 3 adds its own offsets to its masked input (signed normally) so that
+    the unmasked sum is one no clipped, weighted inputs produce: a weight sum of exactly 0
+    (with every weighted element 0: the published average 0/0), or a weight sum above
+    max_weight times the survivors (4 of 5 here: a site weighing as much as the missing one
+    and more, diluting every honest update). Both are refused as AGGREGATE_OUT_OF_RANGE."""
+    r = Round(sites=5)
+    masked, encodings = _masked_inputs_and_encodings(r)
+    survivors = (1, 2, 3, 4, 5) if steer == "zero-weight-sum" else (1, 2, 3, 4)
+    q = r.config.quantizer
+    honest = np.zeros_like(encodings[1])
+    for s in survivors:
+        honest += encodings[s]
+    target = honest.copy()
+    if steer == "zero-weight-sum":
+        target[:-1] = len(survivors) * q.levels // 2  # every weighted element decodes to ~0
+        target[-1] = 0
+    else:
+        target[-1] = (len(survivors) + 1) * q.levels - 1  # a weight sum of ~5 for 4 sites
+    bad = masked[3].masked_input + (target - honest)
+    for s in survivors:
+        r.server.handle(_resigned_masked(r, masked[3], bad, masked[3].partners) if s == 3
+                        else masked[s])
+    r.outgoing = r.server.close_stage()
+    r.advance()
+    with pytest.raises(ProtocolAbort) as caught:
+        r.advance()
+    assert caught.value.reason is AbortReason.AGGREGATE_OUT_OF_RANGE
+    assert r.server.result is None
+
+
+def test_site_dealing_shares_of_a_secret_too_long_for_a_seed_aborts_cleanly() -> None:
+    """A malicious site 2 deals consistent, committed shares of a "self-mask seed" of 301
+    bits: every share passes its commitment, and the value rebuilt from them fits no 32-byte
+    seed. Property: the round aborts, RECONSTRUCTION_FAILED, with the server in ABORTED (not
+    a ValueError out of close_stage leaving it in UNMASK)."""
+    from unittest import mock
+
+    import secagg.masking.client as client_module
+
+    r = Round(sites=5)
+    r.advance()
+    real_split, calls = shamir.split, [0]
+
+    def split(secret: int, t: int, holders: Any) -> Any:
+        calls[0] += 1
+        return real_split(1 << 300 if calls[0] == 1 else secret, t, holders)
+
+    replies = {}
+    for s, msg in r.outgoing.items():
+        with mock.patch.object(client_module.shamir, "split",
+                               split if s == 2 else real_split):
+            replies[s] = r.clients[s].handle(msg)
+    for m in replies.values():
+        r.server.handle(m)  # type: ignore[arg-type]
+    r.outgoing = r.server.close_stage()
+    r.advance()
+    r.advance()
+    with pytest.raises(ProtocolAbort) as caught:
+        r.advance()
+    assert caught.value.reason is AbortReason.RECONSTRUCTION_FAILED
+    assert r.server.stage is Stage.ABORTED and r.server.result is None

@@ -153,3 +153,97 @@ def test_a_site_keeps_no_secret_once_it_has_answered_the_unmask_request() -> Non
     assert client._held_shares == {} and client._self_mask_seed == b""
     assert client._input[0].size == 0
     assert client._masking_key.public_bytes != r.server._advertised[1].masking_public_key
+
+
+class Agreeable(bytes):
+    """Bytes that claim to equal anything: a commitment compared with it always matches."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __ne__(self, other: object) -> bool:
+        return False
+
+    __hash__ = bytes.__hash__
+
+
+class SubArray(np.ndarray):  # type: ignore[type-arg]
+    """An ndarray subclass: it may override any ufunc, the server's running-sum add too."""
+
+
+@pytest.mark.parametrize("bad", ["commitment-bytearray", "commitment-bytes-subclass",
+                                 "masked-input-ndarray-subclass"])
+def test_server_refuses_byte_fields_and_arrays_that_are_not_exactly_bytes_or_ndarray(
+        bad: str) -> None:
+    """Same contents, validly signed, in another type: a bytearray (mutable, and encoded apart
+    from bytes), a bytes subclass whose == says yes to any commitment, an ndarray subclass
+    whose ufuncs are its own. The server takes exact bytes and ndarray only (InvalidMessage)."""
+    from secagg.masking.messages import MaskedInput, ShareKeys
+
+    r = Round(sites=5)
+    r.advance()
+    if bad.startswith("commitment"):
+        msg = r.clients[1].handle(r.outgoing[1])
+        assert isinstance(msg, ShareKeys)
+        kind = bytearray if bad == "commitment-bytearray" else Agreeable
+        forged: object = replace(msg, self_mask_commitment=kind(msg.self_mask_commitment))
+    else:
+        r.advance()
+        msg = r.clients[1].handle(r.outgoing[1])
+        assert isinstance(msg, MaskedInput)
+        forged = replace(msg, masked_input=msg.masked_input.view(SubArray))
+    with pytest.raises(InvalidMessage):
+        r.server.handle(forged)  # type: ignore[arg-type]
+    r.server.handle(msg)  # the genuine one is still taken
+
+
+class Duck:
+    """Not the message class the field holds, but it normalizes into a genuine one."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+
+    def normalized(self) -> object:
+        return self.inner.normalized()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("bad", ["directory-entry-duck", "attestation-duck",
+                                 "attestation-partners-clones", "unmask-dropped-clone"])
+def test_a_lying_servers_objects_of_another_type_are_malformed_at_the_site(bad: str) -> None:
+    """A lying server hands a site a directory entry or mask attestation that is some other
+    object (one whose normalized() it wrote), an attestation whose partner ids are int
+    subclasses, or an unmask request naming a dropped site by a clone of its id. Each is
+    MALFORMED_MESSAGE before any check reads it."""
+    from secagg.masking.messages import KeyDirectory
+
+    if bad == "directory-entry-duck":
+        r = Round(sites=5)
+        r.advance()
+        directory = r.outgoing[1]
+        assert isinstance(directory, KeyDirectory)
+        message: object = KeyDirectory(tuple(Duck(e) for e in directory.entries))  # type: ignore[misc]
+        site = 1
+    elif bad.startswith("attestation"):
+        r = Round(sites=40, vector_length=4, neighbors="auto")
+        assert not r.config.complete_graph
+        for _ in range(3):
+            r.advance()
+        site = 1
+        listing = r.outgoing[site]
+        assert isinstance(listing, SurvivorList) and listing.attestations
+        peer = min(listing.attestations)
+        genuine = listing.attestations[peer]
+        swapped: object = (Duck(genuine) if bad == "attestation-duck" else
+                           replace(genuine, partners=tuple(Clone(p) for p in genuine.partners)))
+        message = replace(listing, attestations={**listing.attestations, peer: swapped})
+    else:
+        r = Round(sites=6)
+        r.advance()
+        r.advance()
+        r.advance(skip=frozenset({6}))
+        r.advance()
+        site = 1
+        request = r.outgoing[site]
+        assert isinstance(request, UnmaskRequest) and request.dropped == (6,)
+        message = replace(request, dropped=(Clone(6),))
+    assert _abort_reason(r, site, message) is AbortReason.MALFORMED_MESSAGE

@@ -139,6 +139,15 @@ def test_graph_helpers_refuse_a_roster_size_that_is_no_positive_integer(sites: o
         graph.check_sparse_parameters(sites, 62, None, 0.2, 0.1, 40)  # type: ignore[arg-type]
 
 
+def test_a_roster_size_equal_to_one_already_answered_is_still_checked() -> None:
+    """find_sparse_parameters is cached, and 100.0 is the same key as 100 to a plain cache:
+    once 100 had been answered, 100.0 got its answer unchecked (a test failed only when
+    another ran before it)."""
+    graph.find_sparse_parameters(100, 0.2, 0.1, 40)
+    with pytest.raises(ConfigurationError, match="sites must be a positive integer"):
+        graph.find_sparse_parameters(100.0, 0.2, 0.1, 40)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("neighbors", [62.0, True, "62"])
 def test_graph_helpers_refuse_a_degree_that_is_no_integer(neighbors: object) -> None:
     with pytest.raises(ConfigurationError, match="neighbors and threshold must be integers"):

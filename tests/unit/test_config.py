@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from secagg.errors import ConfigurationError
-from secagg.masking import RoundConfig, make_roster, minimum_safe_threshold
+from secagg.masking import RoundConfig, graph, make_roster, minimum_safe_threshold
 from secagg.roster import Roster
 
 
@@ -246,3 +247,122 @@ def test_the_bound_is_the_sum_of_both_events_not_the_larger() -> None:
     assert abs(e1 - e2) < 30  # both count
     assert security_failure_log2(n, k, t, m, corrupt) == pytest.approx(
         math.log2(2.0**e1 + 2.0**e2))
+
+
+@pytest.mark.parametrize("bad", ["bool-site-id", "site-id-2**63", "bytearray-key", "str-key"])
+def test_refuses_roster_ids_and_keys_of_another_type_or_range(bad: str) -> None:
+    """A roster is the federation's list of who may take part: site ids are ints in
+    [1, 2**63) (True equals 1 but is no site id; 2**63 fits in no message's id field) and
+    keys are 32 immutable bytes (a bytearray could change under a round that holds it, a
+    str verifies no signature)."""
+    keys = [k for _, k in sorted(roster(3).items())]
+    plain: dict[object, object] = {1: keys[0], 2: keys[1], 3: keys[2]}
+    if bad == "bool-site-id":
+        plain = {True: keys[0], 2: keys[1], 3: keys[2]}
+    elif bad == "site-id-2**63":
+        plain = {1: keys[0], 2: keys[1], 2**63: keys[2]}
+    elif bad == "bytearray-key":
+        plain[3] = bytearray(keys[2])
+    else:
+        plain[3] = "k" * 32
+    with pytest.raises(ConfigurationError, match="roster"):
+        RoundConfig("r", plain, 4)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"vector_length": True}, "vector_length"),
+    ({"word_bits": np.int64(32)}, "word_bits"),
+    ({"clip": True}, "clip"),
+    ({"max_weight": True}, "max_weight"),
+    ({"model_digest": bytes(31)}, "model_digest"),
+    ({"model_digest": bytes(64)}, "model_digest"),
+    ({"model_digest": bytearray(32)}, "model_digest"),
+    ({"model_digest": "m" * 32}, "model_digest"),
+], ids=["vector-length-bool", "word-bits-numpy", "clip-bool", "max-weight-bool",
+        "digest-31-bytes", "digest-64-bytes", "digest-bytearray", "digest-str"])
+def test_refuses_parameters_of_another_type_even_if_they_compare_equal(
+        kwargs: dict[str, object], match: str) -> None:
+    """Each parameter is bound into every signature of the round: a value that equals the
+    right one (True == 1, numpy.int64(32) == 32) but is another type, or a model digest of
+    another length or type, is refused when the config is made, not left to encode apart (or
+    alike) at each site."""
+    args: dict[str, object] = {"round_id": "r", "roster": roster(5), "vector_length": 4}
+    args.update(kwargs)
+    with pytest.raises(ConfigurationError, match=match):
+        RoundConfig(**args)  # type: ignore[arg-type]
+
+
+def test_a_plain_rosters_digest_binds_each_site_id_to_its_key() -> None:
+    """The same keys in the same order under other site ids are another roster: a round's
+    signatures (bound to the params digest) do not carry over to it."""
+    keys = [k for _, k in sorted(roster(4).items())]
+    one = RoundConfig("r", {1: keys[0], 2: keys[1], 3: keys[2], 4: keys[3]}, 4)
+    other = RoundConfig("r", {1: keys[0], 2: keys[1], 3: keys[2], 5: keys[3]}, 4)
+    assert one.roster_digest != other.roster_digest
+    assert one.params_digest != other.params_digest
+
+
+def test_auto_neighbours_with_a_plain_roster_take_the_complete_graph() -> None:
+    """A plain {site: key} mapping has no signed graph seed: neighbors="auto" must not pick a
+    sparse graph for it (its ring would have no seed the sites agree on), however large."""
+    plain = dict(roster(100))
+    config = RoundConfig("r", plain, 4, neighbors="auto")
+    assert config.complete_graph and config.neighbors is None
+    assert config.ring == config.sites
+
+
+@pytest.mark.parametrize(("n", "k"), [(21, 20), (20, 20), (20, 22)])
+def test_refuses_a_degree_of_the_whole_roster_or_more(n: int, k: int) -> None:
+    """k = n - 1 is the complete graph (taken by its own rules, not the sparse bound), and
+    k >= n would put a site in its own windows: refused, with the range of degrees named."""
+    with pytest.raises(ConfigurationError, match=r"neighbors must be in \[4, "):
+        graph.check_sparse_parameters(n, k, None, 0.2, 0.1, 40)
+
+
+def test_auto_neighbours_never_pick_a_degree_below_the_minimum() -> None:
+    """With no colluders and no dropouts every degree meets the bound; "auto" still takes
+    k >= 4, the least an explicit k may be (a k of 2 it picked would be refused as written)."""
+    found = graph.find_sparse_parameters(100, 0.0, 0.0, 40)
+    assert found is not None and found.neighbors >= graph.MIN_NEIGHBORS
+
+
+def test_ring_draws_past_the_last_whole_multiple_are_rejected_not_folded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fisher-Yates takes j = draw % (i + 1) only for draws below the largest multiple of
+    i + 1 that fits in 32 bits: a draw above it, folded, would favour low j. With a stream
+    whose first word is such a draw, that word is skipped; and a stream all of such draws
+    is extended under a new key, not read again."""
+    import numpy as np
+
+    streams: dict[bytes, list[int]] = {}
+
+    class Stream:
+        def __init__(self, length: int, *, word_bits: int) -> None:
+            self.length = length
+
+        def words(self, key: bytes) -> np.ndarray:
+            if streams and key in streams:
+                raise AssertionError("the same key was read again")
+            streams[key] = []
+            first = len(streams) == 1
+            head = [2**32 - 1, 2, 1] if first else [2, 1]
+            return np.array(head + [0] * (self.length - len(head)), dtype=np.uint32)
+
+    monkeypatch.setattr(graph, "MaskExpander", Stream)
+    # i = 2 (bound 3): 2**32 - 1 is past 3 * floor(2**32 / 3) and skipped; 2 keeps site 3 in
+    # place; i = 1: 1 keeps site 2. Folded, 2**32 - 1 % 3 = 0 would have swapped 3 and 1.
+    assert graph.ring_order([1, 2, 3], b"seed") == [1, 2, 3]
+
+    class Exhausted(Stream):
+        def words(self, key: bytes) -> np.ndarray:
+            if key in streams:
+                raise AssertionError("the same key was read again")
+            streams[key] = []
+            if len(streams) == 1:
+                return np.full(self.length, 2**32 - 1, dtype=np.uint32)
+            return np.array([2, 1] + [0] * (self.length - 2), dtype=np.uint32)
+
+    streams.clear()
+    monkeypatch.setattr(graph, "MaskExpander", Exhausted)
+    assert graph.ring_order([1, 2, 3], b"seed") == [1, 2, 3]
+    assert len(streams) == 2
