@@ -642,6 +642,25 @@ def test_a_roster_naming_one_key_twice_is_refused() -> None:
         CkksRoundConfig("r", roster, announcement, (1,), 10)
 
 
+def _sharded_refusal(r: Any, uploads: Any, aggregate: Any = None) -> RefusalReason:
+    """Why a key holder whose sum is split over two workers refuses to release ``uploads``
+    (summed by the aggregator, or ``aggregate``)."""
+    if aggregate is None:
+        server = CkksServer(r.config, r.public)
+        for u in uploads:
+            server.handle(u)
+        aggregate = server.close_stage()[1]
+    release = Release(r.holder, r.config, site_id=1, workers=2)
+    try:
+        for u in uploads:
+            release.add(u)
+        with pytest.raises(RefusedMessage) as caught:
+            release.finish(aggregate)
+    finally:
+        release.close()
+    return caught.value.reason
+
+
 def test_sharded_release_adds_an_upload_whole_or_not_at_all() -> None:
     """With the key holder's sum split over worker processes, a signed upload whose last
     chunk is malformed must be refused by every shard, not added by the shards whose chunks
@@ -671,19 +690,7 @@ def test_sharded_release_refuses_when_any_shard_is_out_of_range() -> None:
     honest = [r.client(s).start() for s in (1, 2, 3)]
     good = r.client(4).start().chunks
     evil = _signed(r, 4, (*good[:2], _crafted_chunk(r, 0, 1 << 30)), seeded=False)
-    server = CkksServer(r.config, r.public)
-    for u in (*honest, evil):
-        server.handle(u)
-    aggregate = server.close_stage()[1]
-    release = Release(r.holder, r.config, site_id=1, workers=2)
-    try:
-        for u in (*honest, evil):
-            release.add(u)
-        with pytest.raises(RefusedMessage) as caught:
-            release.finish(aggregate)
-    finally:
-        release.close()
-    assert caught.value.reason is RefusalReason.OUT_OF_RANGE
+    assert _sharded_refusal(r, (*honest, evil)) is RefusalReason.OUT_OF_RANGE
 
 
 def test_a_sharded_sum_whose_worker_failed_answers_nothing_more() -> None:
@@ -1006,15 +1013,8 @@ def test_a_sharded_release_refuses_an_oversized_aggregate_chunk_as_a_mismatch(
     chunks = list(aggregate.chunks)
     at = -1 if where == "last" else 0
     chunks[at] = chunks[at] * 40
-    release = Release(r.holder, r.config, site_id=1, workers=2)
-    try:
-        for u in uploads:
-            release.add(u)
-        with pytest.raises(RefusedMessage) as caught:
-            release.finish(replace(aggregate, chunks=tuple(chunks)))
-    finally:
-        release.close()
-    assert caught.value.reason is RefusalReason.AGGREGATE_MISMATCH
+    assert _sharded_refusal(r, uploads, replace(aggregate, chunks=tuple(chunks))) is (
+        RefusalReason.AGGREGATE_MISMATCH)
 
 
 class _LyingTuple(tuple):  # type: ignore[type-arg]
@@ -1171,19 +1171,7 @@ def test_a_sharded_release_checks_a_weight_that_opens_its_shard() -> None:
     weight[0] = 50.0
     evil = _signed(r, 3, (_encrypted_row(r, elements), _encrypted_row(r, weight)),
                    seeded=False)
-    server = CkksServer(r.config, r.public)
-    for u in (*honest, evil):
-        server.handle(u)
-    aggregate = server.close_stage()[1]
-    release = Release(r.holder, r.config, site_id=1, workers=2)
-    try:
-        for u in (*honest, evil):
-            release.add(u)
-        with pytest.raises(RefusedMessage) as caught:
-            release.finish(aggregate)
-    finally:
-        release.close()
-    assert caught.value.reason is RefusalReason.OUT_OF_RANGE
+    assert _sharded_refusal(r, (*honest, evil)) is RefusalReason.OUT_OF_RANGE
 
 
 def test_a_sharded_release_refuses_an_aggregate_with_a_chunk_too_many() -> None:

@@ -936,6 +936,33 @@ def _fake_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     return clock
 
 
+def _poll_done(mine: Any, method: str, poll: str) -> Any:
+    """The answer that ends ``poll``: a stage's answer, the round completed, the job done."""
+    if method == "Receive":
+        return service_pb2.ReceiveResponse(ready=True)
+    done = service_pb2.RoundInfo()
+    done.CopyFrom(mine)
+    done.status = (service_pb2.ROUND_STATUS_COMPLETED if poll == "wait_for_end"
+                   else service_pb2.ROUND_STATUS_JOB_DONE)
+    return done
+
+
+def _run_poll(site: Any, call: Any, poll: str) -> None:
+    """``poll`` (the wait for the round's end, a stage's answer, or the next round) of
+    round 1 at ``site``, its calls answered by ``call``."""
+    rnd = Round.__new__(Round)
+    rnd._site, rnd.number, rnd.round_id = site, 1, "hospitals/job-1/round-1"
+    rnd._deadline = float("inf")
+    rnd._conn = types.SimpleNamespace(call=call)  # type: ignore[assignment]
+    site._conn = types.SimpleNamespace(call=call)
+    if poll == "wait_for_end":
+        rnd._wait_for_end()
+    elif poll == "receive":
+        rnd._receive(1)
+    else:
+        assert site._next_round_info() is None
+
+
 @pytest.mark.parametrize("poll", ["wait_for_end", "receive", "next_round"])
 def test_long_polls_answered_at_once_with_nothing_new_are_spaced_out(
         poll: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -952,25 +979,9 @@ def test_long_polls_answered_at_once_with_nothing_new_are_spaced_out(
         if calls[0] < 40:  # nothing new, at once
             return (service_pb2.ReceiveResponse(ready=False) if method == "Receive"
                     else service_pb2.RoundInfo())
-        if method == "Receive":
-            return service_pb2.ReceiveResponse(ready=True)
-        done = service_pb2.RoundInfo()
-        done.CopyFrom(mine)
-        done.status = (service_pb2.ROUND_STATUS_COMPLETED if poll == "wait_for_end"
-                       else service_pb2.ROUND_STATUS_JOB_DONE)
-        return done
+        return _poll_done(mine, method, poll)
 
-    rnd = Round.__new__(Round)
-    rnd._site, rnd.number, rnd.round_id = site, 1, "hospitals/job-1/round-1"
-    rnd._deadline = float("inf")
-    rnd._conn = types.SimpleNamespace(call=call)  # type: ignore[assignment]
-    site._conn = types.SimpleNamespace(call=call)  # type: ignore[assignment]
-    if poll == "wait_for_end":
-        rnd._wait_for_end()
-    elif poll == "receive":
-        rnd._receive(1)
-    else:
-        assert site._next_round_info() is None
+    _run_poll(site, call, poll)
     assert calls[0] == 40
     assert clock[0] >= 60.0  # 39 early answers: about 2 s apart on average, at least
 
@@ -1011,25 +1022,9 @@ def test_polls_padded_and_held_past_the_pacers_threshold_are_paced_by_their_byte
         if calls[0] <= 10:
             return _padded(service_pb2.ReceiveResponse(ready=False) if method == "Receive"
                            else service_pb2.RoundInfo(), pad)
-        if method == "Receive":
-            return service_pb2.ReceiveResponse(ready=True)
-        done = service_pb2.RoundInfo()
-        done.CopyFrom(mine)
-        done.status = (service_pb2.ROUND_STATUS_COMPLETED if poll == "wait_for_end"
-                       else service_pb2.ROUND_STATUS_JOB_DONE)
-        return done
+        return _poll_done(mine, method, poll)
 
-    rnd = Round.__new__(Round)
-    rnd._site, rnd.number, rnd.round_id = site, 1, "hospitals/job-1/round-1"
-    rnd._deadline = float("inf")
-    rnd._conn = types.SimpleNamespace(call=call)  # type: ignore[assignment]
-    site._conn = types.SimpleNamespace(call=call)  # type: ignore[assignment]
-    if poll == "wait_for_end":
-        rnd._wait_for_end()
-    elif poll == "receive":
-        rnd._receive(1)
-    else:
-        assert site._next_round_info() is None
+    _run_poll(site, call, poll)
     assert calls[0] == 11
     # (held alone: 10 x 5.05 s; the allowance is what the round's info as joined holds)
     assert clock[0] >= 10 * (pad - POLL_SLACK_BYTES) / POLL_BYTES_PER_SECOND
