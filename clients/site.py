@@ -960,6 +960,9 @@ class Round:
     verified and released; any other CKKS site, the aggregator's word (no party signs it
     for them)."""
 
+    # what an answer bringing nothing new may hold unpaced (each round: its info as joined)
+    _poll_allowance = POLL_SLACK_BYTES
+
     def __init__(self, site: Site, info: service_pb2.RoundInfo, model: FlatModel) -> None:
         self._site = site
         self._conn = site._conn
@@ -1202,7 +1205,7 @@ class Round:
                                    progress=self._progress, what=what)
 
     def _pacer(self) -> _Pacer:
-        return _Pacer(getattr(self, "_poll_allowance", POLL_SLACK_BYTES), self._deadline)
+        return _Pacer(self._poll_allowance, self._deadline)
 
     def _receive(self, stage: int) -> service_pb2.ReceiveResponse:
         pacer = self._pacer()
@@ -1403,7 +1406,7 @@ class Round:
             self._in_time()
             # (and by its bytes: "no key yet" padded to 6 MB, answered at once, was 6 MB/s)
             # defence: sdk.key-wait-paced-by-its-bytes
-            owed = (max(0, info.ByteSize() - getattr(self, "_poll_allowance", 0))
+            owed = (max(0, info.ByteSize() - self._poll_allowance)
                     / POLL_BYTES_PER_SECOND - (time.monotonic() - began))
             time.sleep(min(max(delay, owed), max(0.0, self._deadline - time.monotonic()) + 0.01))
             delay = min(delay * 1.5, 1.0)

@@ -290,15 +290,13 @@ def code_problems(path: str, source: str, edits: Sequence[Edit], edited: str,
         return []
     # the names the unedited file's code mentions (not its comments or docstrings: a name
     # found only there is no name of the code)
-    if words is None or path not in words:
+    cache = {} if words is None else words
+    if path not in cache:
         try:
-            mentioned = _mentioned(ast.parse(source, path))
+            cache[path] = _mentioned(ast.parse(source, path))
         except SyntaxError:
-            mentioned = None
-        if words is not None:
-            words[path] = mentioned
-    else:
-        mentioned = words[path]
+            cache[path] = None
+    mentioned = cache[path]
     if mentioned is None:  # (a star import, or a file that does not parse: not judged)
         return []
     new -= mentioned
