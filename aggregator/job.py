@@ -153,6 +153,7 @@ class RoundView:
     ckks_key_holder: int = 0
     ckks_key: service_pb2.CkksKeyOffer | None = None
     result_signature: bytes = b""  # CKKS: the key holder's signature of the result
+    sites_signature: bytes = b""  # CKKS: the key holder's signature of the survivors
 
 
 @dataclass
@@ -171,7 +172,8 @@ class _Active:
     ckks_context: Any = None  # the round's public context (the sizes of its ciphertexts)
     ckks_uploads: dict[int, service_pb2.EncryptedUpdateRef] = field(default_factory=dict)
     ckks_aggregate: service_pb2.EncryptedAggregateRef | None = None
-    ckks_release: tuple[np.ndarray, tuple[int, ...], wire.Blob, float, bytes] | None = None
+    ckks_release: tuple[np.ndarray, tuple[int, ...], wire.Blob, float, bytes,
+                        bytes] | None = None
     ckks_refused: bool = False  # the key holder refused the sum as out of range (signed)
     stage_started: float = 0.0  # the job's clock when the current stage began
     claims: list[bytes] = field(default_factory=list)  # chunks the message being applied read
@@ -295,7 +297,8 @@ class Job:
                 view.survivors = tuple(json.loads(row.survivors or "[]"))
                 if row.protocol == "ckks":
                     # defence: service.result-signature-recovered
-                    view.result_signature = self._recorded_result_signature(row.round)
+                    (view.result_signature,
+                     view.sites_signature) = self._recorded_signatures(row.round)
             view.abort_reason = row.abort_reason or ""
             self.rounds[row.round] = view
         last = rows[-1]
@@ -319,15 +322,16 @@ class Job:
             self.model = view.result if view.result is not None else view.model
             self._next_or_done(last.round)
 
-    def _recorded_result_signature(self, number: int) -> bytes:
-        """The key holder's result signature of a completed CKKS round, from its release as
-        recorded (the events outlive their round)."""
+    def _recorded_signatures(self, number: int) -> tuple[bytes, bytes]:
+        """The key holder's result and sites signatures of a completed CKKS round, from its
+        release as recorded (the events outlive their round)."""
         payload = self.store.event_payload(number, "message", CkksStage.RELEASE.value,
                                            self.config.key_holder_for(number))
         request = service_pb2.SubmitRequest()
         if payload is not None:
             request.ParseFromString(payload)
-        return bytes(request.ckks_release.result_signature)
+        return (bytes(request.ckks_release.result_signature),
+                bytes(request.ckks_release.sites_signature))
 
     def _replay(self, view: RoundView) -> None:
         active = self.active
@@ -443,6 +447,7 @@ class Job:
             model=wire.model_to_proto(view.model, _blob(view.model_blob)),
             total_rounds=self.config.rounds, survivors=list(view.survivors),
             ckks_key_holder=view.ckks_key_holder, result_signature=view.result_signature,
+            sites_signature=view.sites_signature,
             # defence: service.settings-digest-published
             settings_digest=self._settings_digest,
             # defence: service.roster-digest-published
@@ -778,9 +783,9 @@ class Job:
             # an unsigned release carries no signature (a 6 MiB one rode along, unchecked,
             # and was recorded for good); a signed one's is verified below
             # defence: service.release-unsigned-carries-no-signature
-            if not signed and ref_r.result_signature:
+            if not signed and (ref_r.result_signature or ref_r.sites_signature):
                 raise ServiceError(INVALID_ARGUMENT, "a release the L2 check refuses comes "
-                                                     "unsigned: it carries no result signature")
+                                                     "unsigned: it carries no signature")
             # defence: service.release-signs-the-result
             try:
                 if signed:
@@ -796,10 +801,20 @@ class Job:
             if sorted(released.sites) != sorted(active.ckks_uploads):
                 raise ServiceError(INVALID_ARGUMENT, "the release covers other sites than the "
                                                      "round's uploads")
+            # the key holder signs the sites too, published as the survivors' signature: the
+            # other sites report who their update was averaged with from it
+            # defence: service.release-signs-the-sites
+            try:
+                if signed:
+                    wire.verify_sites(self.roster[site], ref_r.sites_signature,
+                                      round_id=view.round_id, sites=released.sites)
+            except InvalidMessage:
+                raise ServiceError(INVALID_ARGUMENT, "the release's sites signature does not "
+                                                     "sign the sites it covers") from None
             # applied when the stage closes, outside this message's transaction
             active.ckks_release = (released.average, released.sites,
                                    wire.Blob.from_proto(ref_r.average), released.weight_sum,
-                                   bytes(ref_r.result_signature))
+                                   bytes(ref_r.result_signature), bytes(ref_r.sites_signature))
 
     def _apply_refusal(self, active: _Active, site: int,
                        refusal: service_pb2.CkksReleaseRefusal) -> None:
@@ -936,10 +951,11 @@ class Job:
                                 "refused the sum, out of range or not the uploads' sum, which "
                                 "any one site can cause, or this aggregator refused its "
                                 "release: its own error and this log say which)")
-        average, sites, release_blob, weight_sum, signature = active.ckks_release
+        (average, sites, release_blob, weight_sum, signature,
+         sites_signature) = active.ckks_release
         self._check_released_norm(active, average, len(sites), weight_sum)
         self._note_ckks_precision(active, len(sites), weight_sum)
-        view.result_signature = signature
+        view.result_signature, view.sites_signature = signature, sites_signature
         self._complete(active, average, sites, release_blob, weight_sum)
 
     def _check_released_norm(self, active: _Active, average: np.ndarray, sites: int,

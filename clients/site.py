@@ -957,8 +957,8 @@ class Round:
     After ``submit``, ``survivors`` are the sites whose updates the round's sum holds, as
     far as this site can know them: masking, the survivor list it signed (every survivor
     signs the same list, or nobody unmasks); a CKKS key holder, the sites whose uploads it
-    verified and released; any other CKKS site, the aggregator's word (no party signs it
-    for them)."""
+    verified and released; any other CKKS site, the sites the key holder signed beside the
+    result (empty if the aggregator's list is not the signed one)."""
 
     # what an answer bringing nothing new may hold unpaced (each round: its info as joined)
     _poll_allowance = POLL_SLACK_BYTES
@@ -1144,10 +1144,24 @@ class Round:
     def _survivors(self, info: service_pb2.RoundInfo) -> tuple[int, ...]:
         """The round's survivors: the ones this site signed or released, where it has them
         (a lying aggregator reported two sites where five were summed, hiding who an update
-        was averaged with: said in the log); else the aggregator's list."""
+        was averaged with: said in the log); a CKKS site that is not the key holder, the ones
+        the key holder signed (none, said in the log, if the aggregator's list is not them)."""
         claimed = tuple(sorted({int(s) for s in info.survivors}))
         # defence: sdk.survivors-are-the-signed-ones
         known = self._known_survivors
+        if known is None and self.protocol == "ckks":
+            holder = self._site.config.key_holder_for(int(info.round))
+            # defence: sdk.ckks-survivors-signed-by-the-key-holder
+            try:
+                wire.verify_sites(self._site.kit.roster[holder], bytes(info.sites_signature),
+                                  round_id=self.round_id, sites=claimed)
+            except (InvalidMessage, KeyError):
+                _log.warning("round %s: the aggregator says sites %s are in the round's sum, "
+                             "but the key holder (site %s) did not sign them: this site does "
+                             "not know who its update was averaged with", self.round_id,
+                             list(claimed)[:64], holder)
+                return ()
+            return claimed
         if known is None:
             return claimed
         if claimed != known:
@@ -1524,11 +1538,14 @@ class Round:
         result = self._site._signable_result(self.model, released, config.preset_params,
                                              self.round_id)
         if result is None:  # sent unsigned, for the aggregator to refuse
-            signature = b""
+            signature = sites_signature = b""
         else:
             signature = self._site.kit.identity.sign(wire.result_signed_bytes(
                 self.round_id, self.model.digest, result.digest))
+            # (the sites, for the other sites' Round.survivors)
+            sites_signature = self._site.kit.identity.sign(wire.sites_signed_bytes(
+                self.round_id, released.sites))
         self._upload_and_submit(
             wire.average_bytes(released.average), "release",
-            lambda blob: {"ckks_release": wire.release_to_ref(released, blob,
-                                                              result_signature=signature)})
+            lambda blob: {"ckks_release": wire.release_to_ref(
+                released, blob, result_signature=signature, sites_signature=sites_signature)})

@@ -219,11 +219,12 @@ def average_bytes(values: np.ndarray) -> bytes:
     return np.ascontiguousarray(values, dtype="<f8").tobytes()
 
 
-def release_to_ref(r: ReleasedAverage, blob: Blob, *,
-                   result_signature: bytes = b"") -> service_pb2.ReleasedAverageRef:
+def release_to_ref(r: ReleasedAverage, blob: Blob, *, result_signature: bytes = b"",
+                   sites_signature: bytes = b"") -> service_pb2.ReleasedAverageRef:
     return service_pb2.ReleasedAverageRef(average=blob.to_proto(), weight_sum=r.weight_sum,
                                           sites=list(r.sites), grid=r.grid,
-                                          result_signature=result_signature)
+                                          result_signature=result_signature,
+                                          sites_signature=sites_signature)
 
 
 def result_signed_bytes(round_id: str, model_digest: bytes, result_digest: bytes) -> bytes:
@@ -241,6 +242,21 @@ def verify_result(public_key: bytes, signature: bytes, *, round_id: str, model_d
     """InvalidMessage unless ``public_key`` (the key holder's roster key) signed this result."""
     signing.verify(public_key, bytes(signature),
                    result_signed_bytes(round_id, model_digest, result_digest))
+
+
+def sites_signed_bytes(round_id: str, sites: Sequence[int]) -> bytes:
+    """What a CKKS round's key holder signs beside the result: the sites whose uploads it
+    verified and released, sorted. The result signature does not cover them (and a change to
+    what it signs would void every stored one), so before this the other sites reported the
+    aggregator's word for who their update was averaged with."""
+    # defence: wire.sites-signature-binds-the-round
+    return encode("ckks-round-sites", round_id, sorted(int(s) for s in sites))
+
+
+def verify_sites(public_key: bytes, signature: bytes, *, round_id: str,
+                 sites: Sequence[int]) -> None:
+    """InvalidMessage unless ``public_key`` (the key holder's roster key) signed these sites."""
+    signing.verify(public_key, bytes(signature), sites_signed_bytes(round_id, sites))
 
 
 def refusal_signed_bytes(params_digest: bytes, site_id: int, reason: int,

@@ -100,7 +100,7 @@ class GetRoundRequest(_message.Message):
     def __init__(self, after_round: _Optional[int] = ..., wait_ms: _Optional[int] = ..., until_finished: _Optional[bool] = ...) -> None: ...
 
 class RoundInfo(_message.Message):
-    __slots__ = ("round", "round_id", "protocol", "status", "model", "stage", "ckks_key_holder", "ckks_key", "abort_reason", "result", "total_rounds", "survivors", "result_signature", "settings_digest", "roster_digest", "roster_version")
+    __slots__ = ("round", "round_id", "protocol", "status", "model", "stage", "ckks_key_holder", "ckks_key", "abort_reason", "result", "total_rounds", "survivors", "result_signature", "settings_digest", "roster_digest", "roster_version", "sites_signature")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,7 @@ class RoundInfo(_message.Message):
     SETTINGS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     ROSTER_DIGEST_FIELD_NUMBER: _ClassVar[int]
     ROSTER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SITES_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     round: int
     round_id: str
     protocol: Protocol
@@ -133,7 +134,8 @@ class RoundInfo(_message.Message):
     settings_digest: bytes
     roster_digest: bytes
     roster_version: int
-    def __init__(self, round: _Optional[int] = ..., round_id: _Optional[str] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., status: _Optional[_Union[RoundStatus, str]] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., stage: _Optional[int] = ..., ckks_key_holder: _Optional[int] = ..., ckks_key: _Optional[_Union[CkksKeyOffer, _Mapping]] = ..., abort_reason: _Optional[str] = ..., result: _Optional[_Union[Model, _Mapping]] = ..., total_rounds: _Optional[int] = ..., survivors: _Optional[_Iterable[int]] = ..., result_signature: _Optional[bytes] = ..., settings_digest: _Optional[bytes] = ..., roster_digest: _Optional[bytes] = ..., roster_version: _Optional[int] = ...) -> None: ...
+    sites_signature: bytes
+    def __init__(self, round: _Optional[int] = ..., round_id: _Optional[str] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., status: _Optional[_Union[RoundStatus, str]] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., stage: _Optional[int] = ..., ckks_key_holder: _Optional[int] = ..., ckks_key: _Optional[_Union[CkksKeyOffer, _Mapping]] = ..., abort_reason: _Optional[str] = ..., result: _Optional[_Union[Model, _Mapping]] = ..., total_rounds: _Optional[int] = ..., survivors: _Optional[_Iterable[int]] = ..., result_signature: _Optional[bytes] = ..., settings_digest: _Optional[bytes] = ..., roster_digest: _Optional[bytes] = ..., roster_version: _Optional[int] = ..., sites_signature: _Optional[bytes] = ...) -> None: ...
 
 class MaskedInputRef(_message.Message):
     __slots__ = ("site_id", "word_bits", "masked_input", "partners", "signature")
@@ -182,18 +184,20 @@ class EncryptedAggregateRef(_message.Message):
     def __init__(self, round_id: _Optional[str] = ..., key_id: _Optional[bytes] = ..., sites: _Optional[_Iterable[int]] = ..., chunks: _Optional[_Union[Blob, _Mapping]] = ..., chunk_count: _Optional[int] = ...) -> None: ...
 
 class ReleasedAverageRef(_message.Message):
-    __slots__ = ("average", "weight_sum", "sites", "grid", "result_signature")
+    __slots__ = ("average", "weight_sum", "sites", "grid", "result_signature", "sites_signature")
     AVERAGE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_SUM_FIELD_NUMBER: _ClassVar[int]
     SITES_FIELD_NUMBER: _ClassVar[int]
     GRID_FIELD_NUMBER: _ClassVar[int]
     RESULT_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SITES_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     average: Blob
     weight_sum: float
     sites: _containers.RepeatedScalarFieldContainer[int]
     grid: float
     result_signature: bytes
-    def __init__(self, average: _Optional[_Union[Blob, _Mapping]] = ..., weight_sum: _Optional[float] = ..., sites: _Optional[_Iterable[int]] = ..., grid: _Optional[float] = ..., result_signature: _Optional[bytes] = ...) -> None: ...
+    sites_signature: bytes
+    def __init__(self, average: _Optional[_Union[Blob, _Mapping]] = ..., weight_sum: _Optional[float] = ..., sites: _Optional[_Iterable[int]] = ..., grid: _Optional[float] = ..., result_signature: _Optional[bytes] = ..., sites_signature: _Optional[bytes] = ...) -> None: ...
 
 class CkksReleaseRefusal(_message.Message):
     __slots__ = ("reason", "signature")

@@ -25,8 +25,8 @@ from tests.service_kit import make_federation, run_sites, start_aggregator
 def test_the_key_holders_result_signature_is_published_and_survives_a_restart(
         tmp_path: Path) -> None:
     """A round completes; the aggregator is stopped and started again on its store; the
-    round's result, as any site then reads it, carries the key holder's signature of
-    (round, its model, its result), which verifies against the roster."""
+    round's result, as any site then reads it, carries the key holder's signatures of
+    (round, its model, its result) and of its sites, which verify against the roster."""
     fed = make_federation(tmp_path, 4, "ckks", rounds=1, key_holders=(2,))
     agg = start_aggregator(fed, tmp_path)
     try:
@@ -47,6 +47,11 @@ def test_the_key_holders_result_signature_is_published_and_survives_a_restart(
     wire.verify_result(kit.roster[2], bytes(info.result_signature), round_id=info.round_id,
                        model_digest=bytes(info.model.digest),
                        result_digest=bytes(info.result.digest))
+    # the key holder signs the sites too: every site, key holder or not, reports those four
+    wire.verify_sites(kit.roster[2], bytes(info.sites_signature), round_id=info.round_id,
+                      sites=list(info.survivors))
+    assert sorted(info.survivors) == [1, 2, 3, 4]
+    assert all(rep[0]["survivors"] == [1, 2, 3, 4] for rep in reports.values()), reports
 
 
 def test_a_release_that_does_not_sign_the_aggregators_result_is_refused(

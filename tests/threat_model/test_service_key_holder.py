@@ -162,9 +162,10 @@ class _AtRelease:
             service_pb2.CkksReleaseRefusal(reason=reason, signature=signature)))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("field", ["result_signature", "sites_signature"])
 @pytest.mark.parametrize("signature", [b"\0" * (6 << 20), b"\0" * 64])
 def test_an_unsigned_release_carrying_a_signature_is_refused_and_not_recorded(
-        tmp_path: Path, signature: bytes) -> None:
+        tmp_path: Path, signature: bytes, field: str) -> None:
     """The key holder releases an average beyond the clip (which the aggregator takes
     unsigned, to abort the round as out of range) padded with a 6 MiB result signature: the
     signature went unchecked and was recorded with the message, for good. Refused now."""
@@ -183,9 +184,9 @@ def test_an_unsigned_release_carrying_a_signature_is_refused_and_not_recorded(
         release = service_pb2.ReleasedAverageRef(
             average=wire.Blob((r.put(average, holder),), len(average)).to_proto(),
             weight_sum=1.0, sites=sorted(active.ckks_uploads), grid=2.0**-20,
-            result_signature=signature)
+            **{field: signature})
         stage = active.view.stage
-        with pytest.raises(ServiceError, match="carries no result signature"):
+        with pytest.raises(ServiceError, match="carries no signature"):
             job.submit(holder, service_pb2.SubmitRequest(round_id=r.round_id,
                                                          ckks_release=release))
         assert r.store.event_payload(1, "message", stage, holder) is None
@@ -302,5 +303,56 @@ def test_a_key_holder_that_never_releases_aborts_the_round_at_the_release_deadli
         assert view.abort_reason == "TOO_FEW_SURVIVORS" and view.result is None
         assert job.active is None and job.done  # (a job of one round)
         assert [row.status for row in r.store.rounds()] == ["aborted"]
+    finally:
+        r.store.close()
+
+
+@pytest.mark.parametrize("lie", ["other-sites", "another-signer", "unsigned", None])
+def test_a_signed_release_must_sign_its_sites(tmp_path: Path, lie: str | None) -> None:
+    """The key holder signs the sites its release covers beside the result, and the
+    aggregator publishes that signature as the survivors' (every other site reports the sites
+    from it). A release whose sites signature is missing, over other sites, or by another
+    site is refused, INVALID_ARGUMENT, and not recorded; the key holder's own is taken."""
+    import numpy as np
+
+    from aggregator.job import ServiceError
+    from secagg import wire
+    from secagg.federation.kit import SiteKit
+    from secagg.v1 import service_pb2
+
+    r = _AtRelease(tmp_path)
+    job, holder = r.job, r.holder
+    try:
+        active = job.active
+        assert active is not None
+        view = active.view
+        values = np.zeros(view.model.size)
+        sites = sorted(active.ckks_uploads)
+        data = values.astype("<f8").tobytes()
+        new = job._next_model(view, values)
+        signer = SiteKit.load(r.fed.site_dir(
+            holder if lie != "another-signer" else next(s for s in sites if s != holder)))
+        own = SiteKit.load(r.fed.site_dir(holder)).identity
+        sites_signature = b"" if lie == "unsigned" else signer.identity.sign(
+            wire.sites_signed_bytes(r.round_id, sites[:2] if lie == "other-sites" else sites))
+        release = service_pb2.ReleasedAverageRef(
+            average=wire.Blob((r.put(data, holder),), len(data)).to_proto(),
+            weight_sum=1.5, sites=sites, grid=2.0**-20,
+            result_signature=own.sign(wire.result_signed_bytes(
+                r.round_id, view.model.digest, new.digest)),
+            sites_signature=sites_signature)
+        stage = view.stage
+        request = service_pb2.SubmitRequest(round_id=r.round_id, ckks_release=release)
+        if lie is None:
+            job.submit(holder, request)
+            assert r.store.event_payload(1, "message", stage, holder) is not None
+            info = job.round_info(0)
+            assert info.status == service_pb2.ROUND_STATUS_COMPLETED
+            assert bytes(info.sites_signature) == sites_signature
+            assert sorted(info.survivors) == sites
+            return
+        with pytest.raises(ServiceError, match="sites signature does not sign"):
+            job.submit(holder, request)
+        assert r.store.event_payload(1, "message", stage, holder) is None
     finally:
         r.store.close()

@@ -2050,8 +2050,41 @@ def test_a_site_reports_the_survivors_it_signed_not_the_aggregators_word(
     caplog.clear()
     assert rnd._survivors(service_pb2.RoundInfo(survivors=[5, 4, 3, 2, 1])) == (1, 2, 3, 4, 5)
     assert caplog.text == ""
+    if protocol == "masking":
+        rnd._known_survivors = None
+        assert rnd._survivors(lie) == (1, 2)
+
+
+def test_a_ckks_sites_survivors_are_the_ones_its_key_holder_signed(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A CKKS site that is not the key holder has no survivors of its own: it took the
+    aggregator's word, and a lie of two sites where five were summed was its only record of
+    who its update was averaged with. The key holder now signs the sites it released; the
+    site reports them when the aggregator's list is the signed one, and none (logged)
+    otherwise: a list of other sites, of another round, signed by another site, or unsigned."""
+    info, payloads = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
+    site, _conn = _site("ckks", info, payloads)
+    rnd = Round.__new__(Round)
+    rnd._site, rnd.round_id, rnd.protocol = site, info.round_id, "ckks"
     rnd._known_survivors = None
-    assert rnd._survivors(lie) == (1, 2)
+    roster, identities = make_roster(5)
+    site.kit.roster = roster
+
+    def ended(survivors: list[int], signer: int = HOLDER, signed: list[int] | None = None,
+              round_id: str = info.round_id) -> Any:
+        signature = identities[signer].sign(wire.sites_signed_bytes(
+            round_id, survivors if signed is None else signed))
+        return service_pb2.RoundInfo(round=1, survivors=survivors, sites_signature=signature)
+
+    assert rnd._survivors(ended([5, 4, 3, 2, 1])) == (1, 2, 3, 4, 5)
+    assert caplog.text == ""
+    for lie in (ended([2, 1], signed=[1, 2, 3, 4, 5]), ended([1, 2, 3, 4, 5], signer=HONEST),
+                ended([1, 2, 3, 4, 5], round_id="hospitals/job-1/round-2"),
+                service_pb2.RoundInfo(round=1, survivors=[1, 2, 3, 4, 5])):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="clients"):
+            assert rnd._survivors(lie) == ()
+        assert f"the key holder (site {HOLDER}) did not sign them" in caplog.text
 
 
 def test_a_masking_sites_survivors_after_submit_are_the_list_it_signed(
