@@ -81,7 +81,7 @@ class Identity:
     def __init__(self, roster_sites: set[int], ca_pem: bytes | None = None) -> None:
         self._sites = roster_sites
         self._anchors = () if ca_pem is None else pki.trust_anchors(ca_pem)
-        self._cache: dict[tuple[bytes, bytes], int | None] = {}
+        self._cache: dict[bytes, int | None] = {}
 
     async def site(self, context: Ctx) -> int:
         auth = context.auth_context()
@@ -93,7 +93,11 @@ class Identity:
         # the intermediates the client presented (TLS verified a chain; this checks the CA's
         # path length over it, which BoringSSL does not)
         chain = b"".join(bytes(c) for c in auth.get("x509_pem_cert_chain") or [])
-        key = (pem, chain)
+        # an entry is a digest of what was presented, not the presented bytes: a site sending
+        # a fresh 100 KB chain of junk beside its certificate on each connection held 4,096 of
+        # them (530 MB) in a cache bounded by its count of entries alone
+        # defence: service.identity-cache-keyed-by-digest
+        key = hashlib.sha256(len(pem).to_bytes(8, "big") + pem + chain).digest()
         if key not in self._cache:
             # defence: service.identity-cache-bounded
             if len(self._cache) >= IDENTITY_CACHE_SIZE:

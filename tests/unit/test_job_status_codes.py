@@ -107,6 +107,51 @@ def test_the_identity_cache_is_bounded_whatever_certificates_are_presented() -> 
     asyncio.run(main())
 
 
+def test_the_identity_cache_keeps_no_presented_bytes() -> None:
+    """A site sent a fresh 100 KB chain of junk beside its certificate on each connection:
+    the cache, bounded by its count of entries, held each chain (530 MB at its bound, live).
+    200 such connections now leave well under what one chain of them weighs twice over."""
+    import asyncio
+    import gc
+    import tracemalloc
+
+    from aggregator.service import Identity
+    from tests.fake_calls import Aborted
+
+    class _Presenting:
+        def __init__(self, n: int) -> None:
+            self.chain = b"-----BEGIN CERTIFICATE-----\n%d\n" % n + b"A" * 100_000
+
+        def auth_context(self) -> dict[str, list[bytes]]:
+            return {"x509_pem_cert": [b"-----BEGIN CERTIFICATE-----\n"],
+                    "x509_pem_cert_chain": [self.chain]}
+
+        def peer(self) -> str:
+            return "ipv4:127.0.0.1:1"
+
+        async def abort(self, code: object, details: str) -> None:
+            raise Aborted(details)
+
+    identity = Identity({1, 2, 3})
+
+    async def main() -> None:
+        for n in range(200):
+            with pytest.raises(Aborted, match="names no site"):
+                await identity.site(_Presenting(n))  # type: ignore[arg-type]
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        asyncio.run(main())
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(identity._cache) == 200
+    assert kept < 200_000, kept
+
+
 def test_an_average_past_its_tensors_range_is_refused_as_invalid_argument(
         tmp_path: Path) -> None:
     """A finite average that takes a value past what its tensor's dtype holds (1e39 for a
