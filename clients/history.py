@@ -237,7 +237,10 @@ class History:
         if round_number <= last:
             # (a round is recorded before its first message leaves: one interrupted before
             # anything left was reported as "already sent an update")
-            return (f"this site already took part in round {last} of job {job!r} (a round is "
+            # (an older round than the last named the last as the one taken part in again)
+            which = (f"round {last}" if round_number == last else
+                     f"round {last}, after round {round_number}")
+            return (f"this site already took part in {which} of job {job!r} (a round is "
                     f"recorded before its first message leaves, and not taken up again if "
                     f"interrupted); it takes part in each round once, in order (a job started "
                     f"again needs a new [job] id)")

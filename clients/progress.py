@@ -8,6 +8,7 @@ an exception it raises is logged once and stops the reports: it never costs the 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from collections.abc import Callable
@@ -64,6 +65,7 @@ def tqdm_progress(*, desc: str | None = None, leave: bool = False,
     to each bar's description (the kind of work); ``leave``: keep finished bars; the other
     keyword arguments go to tqdm. A bar's ``total`` is its work's own: not a keyword."""
     from tqdm.auto import tqdm
+    from tqdm.std import tqdm as std_tqdm
 
     # (desc, total or leave reached tqdm twice: a TypeError at the first report, logged once
     # as a warning, and no bar ever after: the script never heard of it)
@@ -71,6 +73,16 @@ def tqdm_progress(*, desc: str | None = None, leave: bool = False,
     if "total" in tqdm_kwargs:
         raise ConfigurationError("tqdm_progress sets each bar's total to its work's size: "
                                  "do not pass total")
+    # (a misspelt keyword, ncol=80, was tqdm's error at the first bar, mid-submit: logged
+    # once, and no bar ever shown)
+    # defence: sdk.tqdm-unknown-keywords-refused
+    # (tqdm.auto's class takes **kwargs and hands them to tqdm.std's, which names them all;
+    # tqdm.notebook's takes display as well)
+    known = {*inspect.signature(std_tqdm.__init__).parameters, "display"} - {
+        "self", "kwargs", "iterable", "total"}
+    unknown = sorted(set(tqdm_kwargs) - known)
+    if unknown:
+        raise ConfigurationError(f"tqdm_progress: tqdm takes no keyword {unknown[0]!r:.60}")
     bars: dict[str, Any] = {}
     prefix = "" if desc is None else f"{desc}: "
 

@@ -81,6 +81,9 @@ POLL_MS = 10_000
 # padding each to the message limit and holding it just past the pacer's threshold had a
 # site receive ~6 MB a second until the round's patience ran out (20 GB)
 POLL_BYTES_PER_SECOND = 64 * 1024
+# an update longer than this many times [update] clip_norm is told in the log (it goes out
+# clipped, moving the model by the full clip in its direction: usually diverged training)
+DIVERGED_CLIP_FACTOR = 1000.0
 # what a "nothing new" answer may hold beyond the round's info the site joined with (an
 # honest one repeats it, with its model's names and shapes: 4.6 MB for 65,536 tensors, which
 # slept 70 s a poll) before its bytes pace the next poll: a round id, a survivor list
@@ -290,6 +293,17 @@ def _warn_weight_below_release(config: FederationConfig, samples: float, sites: 
         "sends twice against one model); keep max_samples near the sites' sample counts "
         "(weight=1 at every site: max_samples = 1)")
     return True
+
+
+def _warn_diverged(norm: float, clip: float, round_id: str) -> None:
+    """Warn (not naming the norm: the update's) when the update is longer than
+    DIVERGED_CLIP_FACTOR times the clip: finite but diverged values (1e30 in a float32 layer)
+    went out clipped, moving the model by the full clip in their direction, with no word."""
+    if norm > DIVERGED_CLIP_FACTOR * clip:
+        _log.warning("round %s: the update's L2 norm is more than %g times [update] clip_norm; "
+                     "it goes out clipped to clip_norm, moving the model by the full clip in "
+                     "its direction (diverged training? check the loss)", round_id,
+                     DIVERGED_CLIP_FACTOR)
 
 
 def _warn_capped_counters(model: FlatModel, delta: np.ndarray, clip: float,
@@ -1056,6 +1070,7 @@ class Round:
             raise ConfigurationError(
                 "the update's difference from the round's model is not finite (values near "
                 "float64's largest): check the trained state for diverged values")
+        _warn_diverged(norm, config.clip_norm, self.round_id)
         _warn_capped_counters(self.model, delta, config.clip_norm, self.round_id,
                               self._site._capped_warned)
         # With a server learning rate above 1 the result, g + rate * average, can leave a

@@ -66,3 +66,16 @@ def test_the_tqdm_adapter_takes_a_description_prefix_and_leave_and_refuses_total
     assert not cleared.getvalue().endswith("\n")  # (the finished bar is cleared)
     with pytest.raises(ConfigurationError, match="do not pass total"):
         tqdm_progress(total=5)
+
+
+def test_the_tqdm_adapter_refuses_a_keyword_tqdm_does_not_take() -> None:
+    """A misspelt keyword (ncol=80) was tqdm's error at the first bar, mid-submit: logged
+    once as a warning, and no bar ever shown. Refused where the adapter is made, naming it;
+    tqdm's own keywords are taken."""
+    with pytest.raises(ConfigurationError, match="no keyword 'ncol'"):
+        tqdm_progress(ncol=80)
+    out = io.StringIO()
+    progress = tqdm_progress(ncols=60, unit="B", unit_scale=True, colour="green", file=out,
+                             mininterval=0, disable=False, position=0, dynamic_ncols=False)
+    progress("upload", 2, 2)
+    assert "upload" in out.getvalue()

@@ -58,7 +58,8 @@ def test_a_site_with_no_history_directory_still_sends_to_a_round_once() -> None:
     history.spend("job-1", 2, DIGEST)
     with pytest.raises(SiteError, match="already took part in round 2"):
         history.spend("job-1", 2, DIGEST)
-    with pytest.raises(SiteError):
+    # (an older round: named as older, not as the round taken part in again)
+    with pytest.raises(SiteError, match="already took part in round 2, after round 1 "):
         history.spend("job-1", 1, DIGEST)
     history.spend("job-1", 3, DIGEST)
 

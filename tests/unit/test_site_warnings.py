@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients.site import _warn_capped_counters
+from clients.site import DIVERGED_CLIP_FACTOR, _warn_capped_counters, _warn_diverged
 from secagg.model import FlatModel
 
 
@@ -30,6 +30,18 @@ def test_an_integer_tensor_changed_beyond_the_clip_is_named_in_a_warning(
         caplog.clear()
         _warn_capped_counters(model, np.array([0.0, 0, 0, 25.0]), 1.0, "r-2", warned)
     assert caplog.text == ""  # (said once: a counter does so every round)
+
+
+def test_an_update_far_past_the_clip_is_told_in_a_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A layer trained to 1e30 (finite, diverged) went out clipped to clip_norm, moving the
+    model by the full clip in its direction, with no word. An update more than
+    DIVERGED_CLIP_FACTOR times the clip is now told (not its norm); one at that bound is not."""
+    with caplog.at_level(logging.WARNING, logger="clients"):
+        _warn_diverged(DIVERGED_CLIP_FACTOR * 2.0, 2.0, "r-1")
+        assert caplog.text == ""
+        _warn_diverged(1e30, 2.0, "r-1")
+    assert "r-1" in caplog.text and "diverged" in caplog.text and "1e+30" not in caplog.text
 
 
 @pytest.mark.parametrize("given", [b"fed/sites/site-1", None, 3])
