@@ -2189,11 +2189,15 @@ def test_a_key_holders_survivors_are_the_sites_it_released(
 
 def test_a_site_with_no_survivor_list_of_its_own_reports_the_aggregators_sorted_once() -> None:
     """A CKKS site that is not the key holder signs no survivor list: its round's survivors
-    are the aggregator's, sorted, each once (not an empty tuple)."""
+    are the aggregator's, sorted, each once (not an empty tuple), when the key holder signed
+    them (test_a_ckks_sites_survivors_are_the_ones_its_key_holder_signed)."""
     info, payloads = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
     site, _conn = _site("ckks", info, payloads)
+    site.kit.roster, identities = make_roster(5)
     rnd = Round(site, info, None)  # type: ignore[arg-type]
-    assert rnd._survivors(service_pb2.RoundInfo(survivors=[3, 1, 2, 1])) == (1, 2, 3)
+    signature = identities[HOLDER].sign(wire.sites_signed_bytes(info.round_id, [1, 2, 3]))
+    assert rnd._survivors(service_pb2.RoundInfo(round=1, survivors=[3, 1, 2, 1],
+                                                sites_signature=signature)) == (1, 2, 3)
 
 
 def test_an_honest_first_model_whose_chunks_repeat_is_taken() -> None:
