@@ -2313,3 +2313,183 @@ def test_an_abort_reason_told_after_the_upload_is_explained_too() -> None:
     rnd, _ = _ckks_round_then_aborted("AGGREGATE_OUT_OF_RANGE")
     with pytest.raises(RoundAborted, match="max_samples far above the sites' sample counts"):
         rnd._wait_for_end()
+
+
+# ---- sdk32: checks a weakened build got past (mutation review) -------------------------------
+
+
+@pytest.mark.parametrize("poll", ["wait_for_end", "receive", "next_round"])
+def test_polls_padded_and_answered_at_once_are_paced_by_their_bytes_too(
+        poll: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lying aggregator pads each "nothing new" answer to 1 MiB and answers at once (below
+    the pacer's threshold for an honest long poll): the early-answer backoff alone (up to
+    5 s) let ~200 KB a second in. The answer's bytes pace the next poll there too."""
+    from clients.site import POLL_BYTES_PER_SECOND, POLL_SLACK_BYTES
+
+    clock = _fake_clock(monkeypatch)
+    mine, _ = _model_info(1, "hospitals/job-1/round-1")
+    site, _conn = _site("masking", mine, {})
+    calls, pad = [0], 1 << 20
+
+    def call(method: str, request: Any, **_kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] <= 10:  # at once: no time passes
+            return _padded(service_pb2.ReceiveResponse(ready=False) if method == "Receive"
+                           else service_pb2.RoundInfo(), pad)
+        return _poll_done(mine, method, poll)
+
+    _run_poll(site, call, poll)
+    assert calls[0] == 11
+    assert clock[0] >= 10 * (pad - POLL_SLACK_BYTES) / POLL_BYTES_PER_SECOND
+
+
+def test_a_site_waits_for_a_round_as_long_as_its_deadlines_allow(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's promise: a site gives a round up only once it outlasts twice what the
+    federation's [deadlines] allow (the open stage, five stages, the key holder's release)
+    plus five minutes. An honest aggregator that restarted mid-round and ends the round
+    just inside that is waited for; one that never ends it is given up after it."""
+    clock = _fake_clock(monkeypatch)
+    mine, _ = _model_info(1, "hospitals/job-1/round-1")
+    site, _conn = _site("masking", mine, {})
+    d = site.config.deadlines
+    promised = 2 * (d.open + 5 * d.stage + d.release) + 300
+    rnd = Round(site, mine, None)  # type: ignore[arg-type]
+
+    def call(method: str, request: Any, **_kwargs: Any) -> Any:
+        clock[0] += 10.0  # each long poll waits its full 10 s, as an honest one does
+        if clock[0] < promised - 20:
+            return mine  # still running
+        return _poll_done(mine, method, "wait_for_end")
+
+    rnd._conn = types.SimpleNamespace(call=call)  # type: ignore[assignment]
+    assert rnd._wait_for_end().status == service_pb2.ROUND_STATUS_COMPLETED
+    assert promised - 20 <= clock[0] < promised
+
+
+def test_a_long_training_does_not_count_against_the_rounds_patience(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The round's patience runs from the submit, not from the join: a site whose training
+    took longer than the patience (a large model on a slow GPU) and submits while the round
+    still runs sends its update, instead of giving the round up unsent."""
+    import clients.site
+
+    clock = _fake_clock(monkeypatch)
+    info, payloads = _model_info(1, "hospitals/job-1/round-1")
+    site, conn = _site("masking", info, payloads)
+    rnd = next(site.rounds())
+    clock[0] += clients.site._round_patience(site.config) + 600  # training
+    from clients.errors import AggregatorRefused
+
+    with pytest.raises(AggregatorRefused, match="stops here"):  # (the stub's refusal)
+        rnd.submit({"w": np.ones(8, np.float32)}, weight=10)
+    assert conn.sent == ["Submit"]
+
+
+def test_a_key_holder_takes_no_result_when_its_release_makes_no_model() -> None:
+    """The key holder's released average makes no model (values past the tensor's range):
+    the aggregator's result cannot be the round's, whatever it published; the key holder
+    refuses it rather than take it unchecked."""
+    from secagg.model import FlatModel
+
+    info, payloads = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
+    site, conn = _site("ckks", info, payloads)
+    model = FlatModel.from_arrays({"w": np.zeros(8, np.float32)})
+    made_up = model.with_values(model.values + 0.01)
+    blob = wire.Blob((b"\x4f" * 32,), len(made_up.to_bytes()))
+    conn.payloads[blob.chunk_ids[0]] = made_up.to_bytes()
+    done = service_pb2.RoundInfo(round=1, round_id=info.round_id,
+                                 status=service_pb2.ROUND_STATUS_COMPLETED,
+                                 result=wire.model_to_proto(made_up, blob))
+    with pytest.raises(ModelMismatch, match="average this site released"):
+        site._accept_result(done, model, np.full(8, 1e300))
+    assert site._model_digest != made_up.digest
+
+
+def test_a_key_holders_norm_check_leaves_integer_counters_out() -> None:
+    """Integer tensors (BatchNorm's num_batches_tracked) count steps: they are left out of
+    the clip, so the key holder's L2 check of the release leaves them out too. An honest
+    release whose learned values are exactly clip_norm long and whose counter moved by
+    clip_norm is signed."""
+    from secagg.ckks.presets import get_preset
+    from secagg.ckks.round import ReleasedAverage
+    from secagg.model import FlatModel
+
+    info, payloads = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
+    site, _ = _site("ckks", info, payloads)
+    model = FlatModel.from_arrays({"w": np.zeros(8, np.float32),
+                                   "n": np.array(100, np.int64)})
+    clip = site.config.clip_norm
+    average = np.concatenate([np.full(8, clip / np.sqrt(8)), [clip]])
+    released = ReleasedAverage(average, 3.0, info.round_id, (1, 2, 3), 2.0**-20)
+    result = site._signable_result(model, released, get_preset("add-only-4096"), info.round_id)
+    assert result is not None
+    assert result.digest == site._result_of(model, average).digest
+
+
+def _served(conn: Any, model: Any, tag: int) -> Any:
+    """``model`` as a round's model or result, its bytes served by ``conn``."""
+    blob = wire.Blob((bytes([tag]) * 32,), len(model.to_bytes()))
+    conn.payloads[blob.chunk_ids[0]] = model.to_bytes()
+    return wire.model_to_proto(model, blob)
+
+
+@pytest.mark.parametrize("last", ["joined", "took-the-result"])
+def test_a_site_follows_the_rounds_it_missed_from_the_last_round_it_joined(last: str) -> None:
+    """The site joined round 2 as its first (and sent nothing), or took round 1's result;
+    round 2 completed honestly without it, and the site joins round 3 from round 2's
+    result: the chain of rounds it missed starts after the round whose model it holds, and
+    is followed (an honest round's model refused for a stale start is a site out of the
+    job)."""
+    from secagg.model import FlatModel
+
+    first = 2 if last == "joined" else 1
+    info, payloads = _model_info(first, f"hospitals/job-1/round-{first}")
+    site, conn = _site("masking", info, payloads)
+    rnd = next(site.rounds())
+    held = rnd.model
+    if last == "took-the-result":
+        held, _ = _take_round_1_result(site, conn, rnd)
+    result2 = held.with_values(held.values + 0.01)
+    round2 = service_pb2.RoundInfo(round=2, round_id="hospitals/job-1/round-2",
+                                   status=service_pb2.ROUND_STATUS_COMPLETED,
+                                   model=_served(conn, held, 0x71),
+                                   result=_served(conn, result2, 0x72))
+    round3 = service_pb2.RoundInfo(round=3, round_id="hospitals/job-1/round-3",
+                                   protocol=service_pb2.PROTOCOL_MASKING,
+                                   status=service_pb2.ROUND_STATUS_RUNNING,
+                                   model=_served(conn, result2, 0x73))
+    chain = _Chain(round3, conn.payloads, {2: round2})
+    site._conn = chain  # type: ignore[assignment]
+    assert isinstance(held, FlatModel)
+    rnd3 = next(site.rounds())
+    assert rnd3.round_id == "hospitals/job-1/round-3"
+    assert rnd3.model.digest == result2.digest
+
+
+def test_a_finished_round_beyond_the_jobs_rounds_is_not_a_round_the_site_passed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lying aggregator answers the site's wait for its next round with a finished round
+    numbered 2**32 (beyond [job] rounds = 3): taken as passed, it made the site wait for
+    the rounds after it, and it never joined another round of the job. It is no news: the
+    site still waits after the round it passed, and joins round 1."""
+    _fake_clock(monkeypatch)
+    mine, _ = _model_info(1, "hospitals/job-1/round-1")
+    site, _conn = _site("masking", mine, {})
+    beyond = service_pb2.RoundInfo(round=2**32, round_id="hospitals/job-1/round-4294967296",
+                                   status=service_pb2.ROUND_STATUS_COMPLETED)
+    calls, asked = [0], []
+
+    def call(method: str, request: Any, **_kwargs: Any) -> Any:
+        calls[0] += 1
+        asked.append(request.after_round)
+        if calls[0] <= 3:
+            return beyond
+        if calls[0] <= 6:
+            return mine
+        return service_pb2.RoundInfo(status=service_pb2.ROUND_STATUS_JOB_DONE)
+
+    site._conn = types.SimpleNamespace(call=call)  # type: ignore[assignment]
+    info = site._next_round_info()
+    assert info is not None and info.round == 1
+    assert set(asked) == {0}

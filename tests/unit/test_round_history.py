@@ -416,3 +416,31 @@ def test_the_newest_roster_and_settings_used_are_kept_across_processes_and_an_ol
     no_directory.check_federation(root, 5, r[5], 5, r[5])
     with pytest.raises(ConfigurationError, match="older"):
         no_directory.check_federation(root, 4, r[4], 5, r[5])
+
+
+def test_a_directory_stays_claimed_while_any_site_of_the_process_holds_it(tmp_path: Path) -> None:
+    """Two Sites of one process share the directory's claim: closing the first leaves it
+    locked for the second (another process is still refused at connect), and closing the
+    last lets it go."""
+    import subprocess
+    import sys
+
+    from clients.history import IN_USE_FILE, claim_directory
+
+    probe = ("import fcntl, os, sys\n"
+             "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+             "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+             "except OSError:\n    sys.exit(3)\n")
+
+    def locked_elsewhere() -> bool:
+        done = subprocess.run([sys.executable, "-c", probe, str(tmp_path / IN_USE_FILE)],
+                              timeout=60)
+        return done.returncode == 3
+
+    first, second = claim_directory(tmp_path), claim_directory(tmp_path)
+    assert locked_elsewhere()
+    first.release()
+    first.release()  # (once per claim: a second release takes nothing of the other's)
+    assert locked_elsewhere()
+    second.release()
+    assert not locked_elsewhere()

@@ -524,3 +524,116 @@ def test_a_refusal_after_progress_surfaces_at_once_too(code: grpc.StatusCode) ->
     with pytest.raises(AggregatorRefused, match=code.name):
         _connection()._retry(moving, progress=lambda: moved[0], end=time.monotonic() + 30)
     assert len(calls) == 1
+
+
+# ---- sdk32: the retry policy's backoff (mutation review) --------------------------------------
+
+
+def test_retries_wait_a_random_part_of_a_doubling_delay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full jitter: each wait is drawn from [0, delay], the delay doubling from 0.1 s to 5 s.
+    Every site waiting the whole delay retried a restarting aggregator in lockstep, all at
+    once; a wait above the delay, or a delay that did not grow, hammered it."""
+    import clients.transport
+
+    clock, pauses = [0.0], []
+    monkeypatch.setattr(clients.transport.time, "monotonic", lambda: clock[0])
+
+    def sleep(s: float) -> None:
+        pauses.append(s)
+        clock[0] += s
+
+    monkeypatch.setattr(clients.transport.time, "sleep", sleep)
+    attempt, calls = _failing([grpc.StatusCode.UNAVAILABLE] * 12)
+    assert len(calls) == 0
+    assert _connection(retry_seconds=1000)._retry(attempt) == "answer"
+    delays = [min(0.1 * 2**n, 5.0) for n in range(12)]
+    assert len(pauses) == 12 and len(calls) == 13
+    assert all(0 <= p <= d for p, d in zip(pauses, delays, strict=True))
+    assert sum(pauses) < 0.9 * sum(delays)  # (drawn, not the whole delay each time)
+    assert sum(pauses[6:]) > 1.0  # (the delay grew)
+
+
+def test_a_transfer_that_moved_data_retries_soon_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transfer cut by UNAVAILABLE after it moved data starts its backoff again at 0.1 s:
+    a resumed upload over a flaky link waited up to 5 s a cut, for a delay grown before."""
+    import clients.transport
+
+    clock, pauses = [0.0], []
+    monkeypatch.setattr(clients.transport.time, "monotonic", lambda: clock[0])
+
+    def sleep(s: float) -> None:
+        pauses.append(s)
+        clock[0] += s
+
+    monkeypatch.setattr(clients.transport.time, "sleep", sleep)
+    moved = [0]
+    codes = [grpc.StatusCode.UNAVAILABLE] * 40
+
+    def attempt() -> str:
+        if len(pauses) >= 8 and moved[0] < 30:  # after 8 bare retries, data moves each try
+            moved[0] += 1
+        if codes:
+            codes.pop()
+            raise _Status(grpc.StatusCode.UNAVAILABLE)
+        return "answer"
+
+    assert _connection(retry_seconds=1000)._retry(attempt, progress=lambda: moved[0],
+                                                 end=1e9) == "answer"
+    assert len(pauses) == 40
+    assert max(pauses[8:38]) <= 0.1  # (each try after progress: the delay starts over)
+
+
+def test_a_call_keeps_the_deadline_its_caller_gave() -> None:
+    """A long poll is given its own deadline (its wait and a margin), a quick question a
+    short one; only a call given none gets ``call_timeout``."""
+    seen: list[float] = []
+
+    class Stub:
+        def GetRound(self, request: Any, timeout: float) -> Any:
+            seen.append(timeout)
+            return request
+
+    from secagg.v1 import service_pb2
+
+    conn = _connection()
+    conn.stub, conn.call_timeout, conn.bytes_sent, conn.bytes_received = Stub(), 60.0, 0, 0
+    conn.call("GetRound", service_pb2.GetRoundRequest(), timeout=7.5)
+    conn.call("GetRound", service_pb2.GetRoundRequest())
+    assert seen == [7.5, 60.0]
+
+
+class _ReadsTenTimesThenForgets(_ForgetfulAggregator):
+    """Reads each upload whole and says UNAVAILABLE ten times, stores it the eleventh, and
+    has lost it again by the Submit that refers to it (FAILED_PRECONDITION)."""
+
+    def __init__(self) -> None:
+        super().__init__(forget=100)
+        self.bytes, self.puts_seen = 0, 0
+
+    def PutChunks(self, chunks: Any, timeout: float) -> Any:
+        self.puts_seen += 1
+        if self.puts_seen % 11:
+            for chunk in chunks:
+                self.bytes += len(chunk.data)
+            raise _Status(grpc.StatusCode.UNAVAILABLE)
+        chunks = list(chunks)
+        self.bytes += sum(len(c.data) for c in chunks)
+        return super().PutChunks(iter(chunks), timeout)
+
+
+def test_the_upload_bound_holds_across_resubmissions_of_lost_chunks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bound of 16 times a payload's bytes is over every resubmission of one message
+    (Connection.upload_and_send), not per upload: an aggregator that read each upload ten
+    times over and then lost it had a site send it 44 times over."""
+    import clients.transport
+    from clients.transport import UPLOAD_SEND_FACTOR
+
+    monkeypatch.setattr(clients.transport.time, "sleep", lambda _s: None)  # the backoff
+    stub = _ReadsTenTimesThenForgets()
+    conn, request = _submitting(stub)
+    conn.retry_seconds = 30.0
+    data = os.urandom(300_000)
+    with pytest.raises(AggregatorRefused):
+        conn.upload_and_send(data, request)
+    assert len(data) <= stub.bytes <= UPLOAD_SEND_FACTOR * len(data)
