@@ -31,9 +31,11 @@ update leaves: neither a restart nor a second Site on the directory can send twi
 one model.
 
 And, per job, the last masking round whose sum holds this site's input, with how far that
-round's average can be from zero (``in_sum``): a site that did not see the round's result
-(told the round aborted, or restarted while it waited) still checks the result it later
-finds in the chain of rounds it missed against that bound.
+round's average can be from zero (``in_sum``): an auditor's record of the bound the site
+holds that round's result to. The site itself does not read it back: a site that did not see
+the round's result (told the round aborted, or restarted while it waited) checks the result
+it later finds in the chain of rounds it missed against the same bound, recomputed from
+public values (``Site._follow_chain``).
 """
 
 from __future__ import annotations
