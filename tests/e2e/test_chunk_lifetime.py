@@ -195,3 +195,28 @@ def test_only_this_rounds_key_holder_announces_a_key(tmp_path: Path) -> None:
         assert caught.value.code == "PERMISSION_DENIED"
     finally:
         store.close()
+
+
+def test_a_ckks_release_outlives_the_purge_of_its_round(tmp_path: Path) -> None:
+    """The key holder uploads the released average during its round (labelled with it);
+    the round's completion keeps those chunks for good, as the released history it records
+    refers to them: the purge of the finished round's uploads leaves them readable."""
+    import numpy as np
+
+    from aggregator.store import BlobRef
+
+    _, files, job, store = _ckks_job(tmp_path)
+    try:
+        active = job.active
+        assert active is not None
+        holder = files.config.key_holder_for(1)
+        average = np.zeros(active.view.model.size)
+        data = wire.average_bytes(average)
+        cid = hashlib.sha256(data).digest()
+        store.put_chunks([(cid, data)], round_number=1, site=holder)
+        job._complete(active, average, (1, 2), wire.Blob((cid,), len(data)), 2.0)
+        store.purge_chunks_before(2)
+        (release,) = store.releases()
+        assert store.read_blob(BlobRef.from_json(release.average)) == data
+    finally:
+        store.close()

@@ -520,3 +520,89 @@ def test_a_restarted_aggregator_keeps_the_running_rounds_uploads(tmp_path: Path)
         assert store.get_chunk(cid) == data
     finally:
         store.close()
+
+
+def test_a_restarted_job_answers_for_its_ended_rounds_as_before(tmp_path: Path) -> None:
+    """Both rounds of the job end (aborted: no site uploads). Before and after a restart,
+    GetRound after round 1 is round 2 (never round 1 again), round 1 keeps its abort reason
+    (which the SDK raises as RoundAborted), and after round 2 the answer is JOB_DONE, not
+    "no round yet", which every site would long-poll for good."""
+    _fed, files, job, store, now = _two_round_ckks(tmp_path)
+    try:
+        first = job()
+        for _ in range(20):
+            if first.done:
+                break
+            now[0] += 10_000.0
+            first.tick()
+        assert first.done
+        for j in (first, job()):
+            after_one = j.round_info(1)
+            assert after_one is not None and after_one.round == 2
+            one = j.info(files.config.round_id_for(1))
+            assert one.status == service_pb2.ROUND_STATUS_ABORTED
+            assert one.abort_reason == "TOO_FEW_SURVIVORS"
+            done = j.round_info(2)
+            assert done is not None and done.status == service_pb2.ROUND_STATUS_JOB_DONE
+    finally:
+        store.close()
+
+
+def test_a_site_asking_for_a_stage_of_a_round_that_is_not_running_is_told_so(
+        tmp_path: Path) -> None:
+    """Receive of a round that completed while the job runs the next one is
+    FAILED_PRECONDITION ("not running": the SDK fetches the round again), never "not ready"
+    nor the running round's message for that stage: a site told "not ready" long-polls for
+    a message that never comes."""
+    _fed, files, job, store, now = _two_round_ckks(tmp_path)
+    try:
+        j = job()
+        for _ in range(5):
+            if j.current_round != 1:
+                break
+            now[0] += 10_000.0
+            j.tick()
+        assert j.current_round == 2
+        j.rounds[1].status = service_pb2.ROUND_STATUS_COMPLETED  # (as a completed round's)
+        with pytest.raises(ServiceError) as refused:
+            j.receive(2, files.config.round_id_for(1), CkksStage.UPLOAD.value)
+        assert refused.value.code == "FAILED_PRECONDITION"
+        assert "not running" in str(refused.value)
+    finally:
+        store.close()
+
+
+def test_a_job_restarted_between_a_rounds_completion_and_the_next_rounds_opening(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after round 1's completion was committed and before round 2 was opened: the
+    restarted job opens round 2 from round 1's result (not from the initial model, which
+    would undo the round every site trained for), and tells round 1's survivors as
+    before."""
+    _fed, files, job, store, _now = _two_round_ckks(tmp_path)
+    try:
+        first = job()
+        active = first.active
+        assert active is not None
+        holder = files.config.key_holder_for(1)
+        average = np.full(active.view.model.size, 0.01)
+        data = wire.average_bytes(average)
+        cid = hashlib.sha256(data).digest()
+        store.put_chunks([(cid, data)], round_number=1, site=holder)
+
+        def killed(*_args: object, **_kwargs: object) -> None:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(first, "_open", killed)
+        with pytest.raises(KeyboardInterrupt):
+            first._complete(active, average, (1, 2, 4), wire.Blob((cid,), len(data)), 3.0)
+        monkeypatch.undo()
+        result = first.rounds[1].result
+        assert result is not None and result.digest != first.rounds[1].model.digest
+
+        again = job()
+        two = again.round_info(1)
+        assert two is not None and two.round == 2
+        assert again.rounds[2].model.digest == result.digest
+        assert list(again.info(files.config.round_id_for(1)).survivors) == [1, 2, 4]
+    finally:
+        store.close()

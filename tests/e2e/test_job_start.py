@@ -325,3 +325,24 @@ def test_a_job_whose_initial_model_holds_no_values_is_refused_before_it_stores_a
         assert store.rounds() == []
     finally:
         store.close()
+
+
+def test_an_aggregator_whose_config_names_no_initial_model_refuses_to_start(
+        tmp_path: Path) -> None:
+    """[job] initial_model unset: the aggregator refuses to start with a configuration error
+    naming the setting (it was a TypeError from the model loader, a traceback), before it
+    listens or touches a store."""
+    import asyncio
+    import re
+
+    from aggregator.service import serve
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    path = fed.aggregator_config
+    text = path.read_text()
+    unset = re.sub(r"(?m)^initial_model\s*=.*\n", "", text)
+    assert unset != text
+    path.write_text(unset)
+    with pytest.raises(ConfigurationError, match="initial_model is not set"):
+        asyncio.run(serve(path, store=str(tmp_path / "aggregator.db")))
+    assert not (tmp_path / "aggregator.db").exists()

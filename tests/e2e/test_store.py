@@ -310,6 +310,35 @@ def test_the_write_ahead_log_is_truncated_under_a_trickle_of_uploads(
         store.close()
 
 
+def test_the_write_ahead_log_is_not_truncated_in_the_midst_of_uploads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Truncating the log while chunks keep coming makes SQLite grow the file again from
+    nothing, and the ingest rate fell: a log over its limit is truncated once uploads have
+    paused for WAL_IDLE_SECONDS (or, under a trickle, once per WAL_TRUNCATE_SECONDS), not
+    at every checkpoint. (The store's clock is a fake one here.)"""
+    import types
+
+    from aggregator import store as store_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(store_module, "time", types.SimpleNamespace(
+        monotonic=lambda: clock[0], time=time.time, sleep=time.sleep))
+    monkeypatch.setattr(store_module, "WAL_SIZE_LIMIT", 1 << 20)
+    path = tmp_path / "agg.db"
+    store = Store(str(path))
+    try:
+        wal = _burst_of_tiny_chunks(store, path)
+        clock[0] += 100.0  # the uploads paused: truncated
+        store.checkpoint()
+        assert wal.stat().st_size <= 1 << 20
+        _burst_of_tiny_chunks(store, path)  # uploads again, a second after it was truncated
+        clock[0] += 1.0
+        store.checkpoint()
+        assert wal.stat().st_size > 2 << 20, "truncated in the midst of uploads"
+    finally:
+        store.close()
+
+
 def test_a_failed_backup_or_restore_leaves_nothing_in_the_way_of_a_retry(tmp_path: Path) -> None:
     """A backup of something that is not a store, and a restore of a file that is not a
     backup, fail naming the cause and leave no file behind (the retry was refused: "exists")."""

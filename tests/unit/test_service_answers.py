@@ -129,3 +129,64 @@ def test_a_readable_chunk_the_store_lacks_is_not_found_and_a_failing_store_unava
                 pass
 
     _run(main)
+
+
+@pytest.mark.parametrize("code", ["ABORTED", "NOT_FOUND", "FAILED_PRECONDITION",
+                                  "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "INVALID_ARGUMENT"])
+def test_a_job_refusal_keeps_its_status_code_on_the_call(code: str) -> None:
+    """The job names its refusals as gRPC names its status codes, and the call ends with that
+    code: one the service does not map ends INTERNAL, which no site acts on (ABORTED is how
+    a site learns its round's abort reason; NOT_FOUND makes it fetch the round again)."""
+    from aggregator.job import ServiceError
+
+    async def main(core: Core) -> None:
+        service = fake_service(core)
+
+        def refuses(job: object) -> None:
+            raise ServiceError(code, "refused")
+
+        with pytest.raises(Aborted, match=rf"StatusCode\.{code}: refused"):
+            await service._call(FakeContext(1), refuses)
+
+    _run(main)
+
+
+def test_a_poll_until_the_round_finishes_is_not_answered_with_the_running_round() -> None:
+    """GetRound with until_finished waits while the round runs: within its wait, the answer
+    is an empty RoundInfo (ask again), never the running round, which a site waiting for a
+    round's result would take for the finished one."""
+    running = service_pb2.RoundInfo(round=1, round_id="hospitals/1/1",
+                                    status=service_pb2.ROUND_STATUS_RUNNING)
+
+    async def main(core: Core) -> tuple[Any, Any]:
+        service = fake_service(core, round_info=lambda after: running)
+        waited = await service.GetRound(service_pb2.GetRoundRequest(
+            after_round=0, until_finished=True, wait_ms=0), FakeContext(1))
+        plain = await service.GetRound(service_pb2.GetRoundRequest(after_round=0, wait_ms=0),
+                                       FakeContext(1))
+        return waited, plain
+
+    waited, plain = _run(main)
+    assert waited.round == 0 and not waited.round_id
+    assert plain.round == 1
+
+
+def test_a_store_failing_to_look_up_missing_chunks_is_unavailable() -> None:
+    """MissingChunks reads the store off the job's thread: a store that fails there ends
+    the call UNAVAILABLE (the SDK retries), not UNKNOWN with the store's error."""
+    import hashlib
+    import types
+
+    from aggregator.store import StoreError
+
+    def missing(ids: list[bytes]) -> list[bytes]:
+        raise StoreError("looking up chunks failed: OperationalError")
+
+    async def main(core: Core) -> None:
+        service = fake_service(core, store=types.SimpleNamespace(missing=missing),
+                               current_stage=(1, 3))
+        request = service_pb2.ChunkIds(chunk_ids=[hashlib.sha256(b"a chunk").digest()])
+        with pytest.raises(Aborted, match=r"UNAVAILABLE.*store is unavailable"):
+            await service.MissingChunks(request, FakeContext(1))
+
+    _run(main)

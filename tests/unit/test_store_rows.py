@@ -228,3 +228,56 @@ def test_a_model_saved_again_is_kept_once_not_an_error(tmp_path: Path) -> None:
         assert store.load_model(digest) == ("spec", blob)
     finally:
         store.close()
+
+
+def test_a_ping_reads_the_store_not_only_its_connection(tmp_path: Path) -> None:
+    """The health ping reads the schema revision: a SQLite connection opens whatever the file
+    holds, so a ping that only connected said SERVING for a store that no longer holds its
+    schema (here its revision table dropped under the aggregator)."""
+    import sqlite3
+
+    path = tmp_path / "aggregator.db"
+    store = Store(str(path))
+    try:
+        store.ping()
+        with sqlite3.connect(path) as c:
+            c.execute("DROP TABLE alembic_version")
+        c.close()
+        with pytest.raises(StoreError):
+            store.ping()
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("call", ["put_chunk_rows", "get_chunk", "missing"])
+def test_a_database_failing_under_a_chunk_call_is_a_store_error(tmp_path: Path,
+                                                                call: str) -> None:
+    """The chunk calls the service makes off the job's thread (uploads, downloads, the
+    lookup of missing chunks) raise the store's own error when the database fails, never
+    the driver's: the service answers StoreError UNAVAILABLE (and marks itself unhealthy
+    for an upload); a raw driver error ended the call UNKNOWN, the aggregator still
+    healthy, and the driver's text can quote a chunk's bytes."""
+    import sqlalchemy as sa
+
+    class Failing:
+        def connect(self) -> Any:
+            raise sa.exc.OperationalError("SELECT chunk_id FROM chunks", {},
+                                          Exception("disk I/O error"))
+
+        begin = connect
+
+    store = Store(str(tmp_path / "aggregator.db"))
+    engine, bulk = store.engine, store.bulk
+    store.engine = store.bulk = Failing()  # type: ignore[assignment]
+    cid = b"\x01" * 32
+    try:
+        with pytest.raises(StoreError):
+            if call == "put_chunk_rows":
+                store.put_chunk_rows([(cid, b"x", 1, 2)])
+            elif call == "get_chunk":
+                store.get_chunk(cid)
+            else:
+                store.missing([cid])
+    finally:
+        store.engine, store.bulk = engine, bulk
+        store.close()

@@ -194,3 +194,87 @@ def test_an_unhealthy_aggregator_answers_no_call_from_a_job_that_is_not_stale() 
 
     asyncio.run(main())
     assert ran == []
+
+
+def test_a_chunk_the_store_failed_to_write_is_never_acknowledged() -> None:
+    """A chunk is acknowledged (counted in PutChunks' reply) only once its transaction has
+    committed: a group commit that fails ends the upload UNAVAILABLE, the aggregator
+    unhealthy, and the site sends the chunk again; acknowledged, the site would never send
+    it again, and the message that refers to it could never be counted."""
+    import hashlib
+    import types
+
+    from secagg.v1 import service_pb2
+
+    def put_chunk_rows(rows: object) -> list[bool]:
+        raise StoreError("storing chunks failed: OperationalError")
+
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        service = fake_service(core, store=types.SimpleNamespace(put_chunk_rows=put_chunk_rows),
+                               current_round=1, upload_limit=lambda site: 1 << 40,
+                               stored_uploads=(None, {}), generation=1)
+        data = b"a chunk of a masked input"
+
+        async def requests() -> object:
+            yield service_pb2.Chunk(chunk_id=hashlib.sha256(data).digest(), data=data)
+
+        try:
+            with pytest.raises(Aborted, match="UNAVAILABLE"):
+                await service.PutChunks(requests(), FakeContext(2))
+            assert not core.healthy
+        finally:
+            core.executor.shutdown()
+
+    asyncio.run(main())
+
+
+def test_the_watcher_serves_the_job_it_rebuilt_from_the_store(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the store answers again, the watcher rebuilds the job from it and serves that
+    job. Marked healthy while still holding the stale one, the aggregator said SERVING and
+    answered every call UNAVAILABLE (each marking it unhealthy again): one store failure
+    was an outage for good."""
+    import types
+
+    from aggregator import service as service_module
+
+    rebuilt: list[object] = []
+
+    class Rebuilt:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            self.recovered = False
+            rebuilt.append(self)
+
+        def recover(self) -> None:
+            self.recovered = True
+
+    monkeypatch.setattr(service_module, "Job", Rebuilt)
+
+    async def set_health(name: str, status: object) -> None:
+        pass
+
+    async def main() -> tuple[bool, object]:
+        core = Core(asyncio.get_running_loop())
+        store = types.SimpleNamespace(ping=lambda timeout=1.0, write=False: None)
+        core.job = types.SimpleNamespace(  # type: ignore[assignment]
+            config=None, roster=None, store=store, _initial=None, metrics=None, stale=True)
+        core.healthy = False
+        watcher = asyncio.ensure_future(service_module._watch(
+            core, types.SimpleNamespace(set=set_health)))
+        try:
+            for _ in range(50):
+                if core.healthy:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            watcher.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await watcher
+            core.executor.shutdown()
+            core.pinger.shutdown()
+        return core.healthy, core.job
+
+    healthy, job = asyncio.run(main())
+    assert healthy and len(rebuilt) == 1
+    assert job is rebuilt[0] and rebuilt[0].recovered  # type: ignore[attr-defined]

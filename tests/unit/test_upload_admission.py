@@ -310,3 +310,52 @@ def test_a_site_holding_no_slot_that_ends_an_upload_adds_no_slot(
         core.executor.shutdown()
 
     asyncio.run(main())
+
+
+def test_no_site_is_given_a_slot_once_the_shutdown_began() -> None:
+    """After the shutdown began a site asking for a slot is answered at once without one,
+    slots free or not: none is taken (nor a lease timer set) for an upload the closing
+    server would cut off."""
+    async def main() -> None:
+        admission = svc.UploadAdmission(SLOTS, 1.0)
+        admission.close()
+        assert await asyncio.wait_for(admission.admit(1, 5.0), timeout=1) is False
+        assert admission.in_use == 0
+
+    asyncio.run(main())
+
+
+def test_an_upload_is_refused_once_a_chunk_of_it_does_not_hash_to_its_id(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk whose bytes do not hash to its id ends its stream INVALID_ARGUMENT as soon
+    as its hash is known: the stream is not read on, nor the rest of it hashed and stored,
+    up to the site's whole budget, before the refusal."""
+    monkeypatch.setattr(svc, "UPLOAD_LEASE_SECONDS", 60.0)
+    read: list[int] = []
+    stored: list[Any] = []
+
+    async def main() -> None:
+        core = Core(asyncio.get_running_loop())
+        service = _service(core)
+
+        def put_chunk_rows(rows: list[Any]) -> list[bool]:
+            stored.extend(rows)
+            return [True] * len(rows)
+
+        core.job.store.put_chunk_rows = put_chunk_rows  # type: ignore[union-attr]
+        good = [bytes([i]) * 1000 for i in range(10)]
+        chunks = [service_pb2.Chunk(chunk_id=b"\0" * 32, data=b"forged")] + [
+            service_pb2.Chunk(chunk_id=hashlib.sha256(d).digest(), data=d) for d in good]
+
+        async def slowly() -> AsyncIterator[service_pb2.Chunk]:
+            for i, chunk in enumerate(chunks):
+                read.append(i)
+                yield chunk
+                await asyncio.sleep(0.3)  # (the forged chunk's hash is known by the next)
+
+        with pytest.raises(Aborted, match=r"INVALID_ARGUMENT.*do not hash"):
+            await asyncio.wait_for(service.PutChunks(slowly(), FakeContext(1)), timeout=10)
+        core.executor.shutdown()
+
+    asyncio.run(main())
+    assert len(read) < 11 and len(stored) < 10, "the stream was read to its end first"

@@ -266,3 +266,18 @@ def test_a_restart_charges_the_stored_chunks_their_storage_cost(tmp_path: Any) -
         assert not _upload(UploadBudget(), restarted, store, int(limit * 0.3))
     finally:
         store.close()
+
+
+def test_each_round_gives_each_site_a_budget_of_its_own() -> None:
+    """What a site stored in one round is not charged to the next: a site that used most of
+    its budget in round 1 uploads its round 2 payload, as an honest site does every round
+    (charged for good, it was refused from its second or third round on)."""
+    from aggregator.service import UploadBudget
+
+    job = types.SimpleNamespace(generation=1, stored_uploads=(None, {}),
+                                upload_limit=lambda site: 100)
+    budget = UploadBudget()
+    assert budget.charge(job, 1, 1, 80)  # type: ignore[arg-type]
+    assert not budget.charge(job, 1, 1, 30)  # type: ignore[arg-type]
+    assert budget.charge(job, 1, 2, 80)  # type: ignore[arg-type]
+    assert budget.charge(job, 2, 2, 80)  # type: ignore[arg-type]
