@@ -804,10 +804,14 @@ class Job:
             # the key holder signs the sites too, published as the survivors' signature: the
             # other sites report who their update was averaged with from it
             # defence: service.release-signs-the-sites
+            # (an empty one is taken, as a key holder's SDK from before sites signatures sends:
+            # the other sites then report no survivors; it is their check, not this one, that
+            # a lying aggregator must pass)
             try:
-                if signed:
+                if signed and ref_r.sites_signature:
                     wire.verify_sites(self.roster[site], ref_r.sites_signature,
-                                      round_id=view.round_id, sites=released.sites)
+                                      round_id=view.round_id, result_digest=new.digest,
+                                      sites=released.sites)
             except InvalidMessage:
                 raise ServiceError(INVALID_ARGUMENT, "the release's sites signature does not "
                                                      "sign the sites it covers") from None

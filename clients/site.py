@@ -1167,9 +1167,12 @@ class Round:
         if known is None and self.protocol == "ckks":
             holder = self._site.config.key_holder_for(int(info.round))
             # defence: sdk.ckks-survivors-signed-by-the-key-holder
+            # (ids past an int64, a uint64 on the wire, are InvalidMessage: they raised
+            # OverflowError out of submit, after the result was taken)
             try:
                 wire.verify_sites(self._site.kit.roster[holder], bytes(info.sites_signature),
-                                  round_id=self.round_id, sites=claimed)
+                                  round_id=self.round_id,
+                                  result_digest=bytes(info.result.digest), sites=claimed)
             except (InvalidMessage, KeyError):
                 _log.warning("round %s: the aggregator says sites %s are in the round's sum, "
                              "but the key holder (site %s) did not sign them: this site does "
@@ -1559,7 +1562,7 @@ class Round:
                 self.round_id, self.model.digest, result.digest))
             # (the sites, for the other sites' Round.survivors)
             sites_signature = self._site.kit.identity.sign(wire.sites_signed_bytes(
-                self.round_id, released.sites))
+                self.round_id, result.digest, released.sites))
         self._upload_and_submit(
             wire.average_bytes(released.average), "release",
             lambda blob: {"ckks_release": wire.release_to_ref(

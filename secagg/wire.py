@@ -244,19 +244,27 @@ def verify_result(public_key: bytes, signature: bytes, *, round_id: str, model_d
                    result_signed_bytes(round_id, model_digest, result_digest))
 
 
-def sites_signed_bytes(round_id: str, sites: Sequence[int]) -> bytes:
+def sites_signed_bytes(round_id: str, result_digest: bytes, sites: Sequence[int]) -> bytes:
     """What a CKKS round's key holder signs beside the result: the sites whose uploads it
-    verified and released, sorted. The result signature does not cover them (and a change to
-    what it signs would void every stored one), so before this the other sites reported the
-    aggregator's word for who their update was averaged with."""
+    verified and released, sorted, with the round and the result (a round id repeats in a
+    job id reused on a fresh store; the result does not). The result signature does not cover
+    them (and a change to what it signs would void every stored one), so before this the
+    other sites reported the aggregator's word for who their update was averaged with.
+    InvalidMessage for a site id no roster holds (an int64 is what encode takes)."""
+    ids = sorted(int(s) for s in sites)
+    # defence: wire.sites-ids-in-range
+    if any(not 0 < s < 2**63 for s in ids):
+        raise InvalidMessage("site ids")
     # defence: wire.sites-signature-binds-the-round
-    return encode("ckks-round-sites", round_id, sorted(int(s) for s in sites))
+    return encode("ckks-round-sites", round_id, result_digest, ids)
 
 
-def verify_sites(public_key: bytes, signature: bytes, *, round_id: str,
+def verify_sites(public_key: bytes, signature: bytes, *, round_id: str, result_digest: bytes,
                  sites: Sequence[int]) -> None:
-    """InvalidMessage unless ``public_key`` (the key holder's roster key) signed these sites."""
-    signing.verify(public_key, bytes(signature), sites_signed_bytes(round_id, sites))
+    """InvalidMessage unless ``public_key`` (the key holder's roster key) signed these sites
+    for this round and result."""
+    signing.verify(public_key, bytes(signature),
+                   sites_signed_bytes(round_id, result_digest, sites))
 
 
 def refusal_signed_bytes(params_digest: bytes, site_id: int, reason: int,

@@ -49,7 +49,7 @@ def test_the_key_holders_result_signature_is_published_and_survives_a_restart(
                        result_digest=bytes(info.result.digest))
     # the key holder signs the sites too: every site, key holder or not, reports those four
     wire.verify_sites(kit.roster[2], bytes(info.sites_signature), round_id=info.round_id,
-                      sites=list(info.survivors))
+                      result_digest=bytes(info.result.digest), sites=list(info.survivors))
     assert sorted(info.survivors) == [1, 2, 3, 4]
     assert all(rep[0]["survivors"] == [1, 2, 3, 4] for rep in reports.values()), reports
 

@@ -307,12 +307,15 @@ def test_a_key_holder_that_never_releases_aborts_the_round_at_the_release_deadli
         r.store.close()
 
 
-@pytest.mark.parametrize("lie", ["other-sites", "another-signer", "unsigned", None])
+@pytest.mark.parametrize("lie", ["other-sites", "another-signer", "other-result", "unsigned",
+                                 None])
 def test_a_signed_release_must_sign_its_sites(tmp_path: Path, lie: str | None) -> None:
     """The key holder signs the sites its release covers beside the result, and the
     aggregator publishes that signature as the survivors' (every other site reports the sites
-    from it). A release whose sites signature is missing, over other sites, or by another
-    site is refused, INVALID_ARGUMENT, and not recorded; the key holder's own is taken."""
+    from it). A release whose sites signature is over other sites or another result, or by
+    another site, is refused, INVALID_ARGUMENT, and not recorded; the key holder's own is
+    taken, and so is none (a key holder's SDK from before sites signatures: the other sites
+    then report no survivors)."""
     import numpy as np
 
     from aggregator.job import ServiceError
@@ -334,7 +337,9 @@ def test_a_signed_release_must_sign_its_sites(tmp_path: Path, lie: str | None) -
             holder if lie != "another-signer" else next(s for s in sites if s != holder)))
         own = SiteKit.load(r.fed.site_dir(holder)).identity
         sites_signature = b"" if lie == "unsigned" else signer.identity.sign(
-            wire.sites_signed_bytes(r.round_id, sites[:2] if lie == "other-sites" else sites))
+            wire.sites_signed_bytes(r.round_id,
+                                    b"\x01" * 32 if lie == "other-result" else new.digest,
+                                    sites[:2] if lie == "other-sites" else sites))
         release = service_pb2.ReleasedAverageRef(
             average=wire.Blob((r.put(data, holder),), len(data)).to_proto(),
             weight_sum=1.5, sites=sites, grid=2.0**-20,
@@ -343,7 +348,7 @@ def test_a_signed_release_must_sign_its_sites(tmp_path: Path, lie: str | None) -
             sites_signature=sites_signature)
         stage = view.stage
         request = service_pb2.SubmitRequest(round_id=r.round_id, ckks_release=release)
-        if lie is None:
+        if lie in (None, "unsigned"):
             job.submit(holder, request)
             assert r.store.event_payload(1, "message", stage, holder) is not None
             info = job.round_info(0)

@@ -2061,7 +2061,9 @@ def test_a_ckks_sites_survivors_are_the_ones_its_key_holder_signed(
     aggregator's word, and a lie of two sites where five were summed was its only record of
     who its update was averaged with. The key holder now signs the sites it released; the
     site reports them when the aggregator's list is the signed one, and none (logged)
-    otherwise: a list of other sites, of another round, signed by another site, or unsigned."""
+    otherwise: a list of other sites, of another round or result, signed by another site,
+    unsigned, or naming a site id past an int64 (a uint64 on the wire: it raised
+    OverflowError out of submit, after the result was taken)."""
     info, payloads = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
     site, _conn = _site("ckks", info, payloads)
     rnd = Round.__new__(Round)
@@ -2070,17 +2072,23 @@ def test_a_ckks_sites_survivors_are_the_ones_its_key_holder_signed(
     roster, identities = make_roster(5)
     site.kit.roster = roster
 
+    result = service_pb2.Model(digest=b"\x05" * 32)
+
     def ended(survivors: list[int], signer: int = HOLDER, signed: list[int] | None = None,
-              round_id: str = info.round_id) -> Any:
+              round_id: str = info.round_id, result_digest: bytes = result.digest) -> Any:
         signature = identities[signer].sign(wire.sites_signed_bytes(
-            round_id, survivors if signed is None else signed))
-        return service_pb2.RoundInfo(round=1, survivors=survivors, sites_signature=signature)
+            round_id, result_digest, survivors if signed is None else signed))
+        return service_pb2.RoundInfo(round=1, survivors=survivors, sites_signature=signature,
+                                     result=result)
 
     assert rnd._survivors(ended([5, 4, 3, 2, 1])) == (1, 2, 3, 4, 5)
     assert caplog.text == ""
+    beyond = ended([1, 2, 3, 4], signed=[1, 2, 3, 4])
+    beyond.survivors.append(2**64 - 1)
     for lie in (ended([2, 1], signed=[1, 2, 3, 4, 5]), ended([1, 2, 3, 4, 5], signer=HONEST),
                 ended([1, 2, 3, 4, 5], round_id="hospitals/job-1/round-2"),
-                service_pb2.RoundInfo(round=1, survivors=[1, 2, 3, 4, 5])):
+                ended([1, 2, 3, 4, 5], result_digest=b"\x06" * 32), beyond,
+                service_pb2.RoundInfo(round=1, survivors=[1, 2, 3, 4, 5], result=result)):
         caplog.clear()
         with caplog.at_level("WARNING", logger="clients"):
             assert rnd._survivors(lie) == ()
@@ -2195,9 +2203,10 @@ def test_a_site_with_no_survivor_list_of_its_own_reports_the_aggregators_sorted_
     site, _conn = _site("ckks", info, payloads)
     site.kit.roster, identities = make_roster(5)
     rnd = Round(site, info, None)  # type: ignore[arg-type]
-    signature = identities[HOLDER].sign(wire.sites_signed_bytes(info.round_id, [1, 2, 3]))
-    assert rnd._survivors(service_pb2.RoundInfo(round=1, survivors=[3, 1, 2, 1],
-                                                sites_signature=signature)) == (1, 2, 3)
+    signature = identities[HOLDER].sign(wire.sites_signed_bytes(info.round_id, b"r", [1, 2, 3]))
+    assert rnd._survivors(service_pb2.RoundInfo(
+        round=1, survivors=[3, 1, 2, 1], sites_signature=signature,
+        result=service_pb2.Model(digest=b"r"))) == (1, 2, 3)
 
 
 def test_an_honest_first_model_whose_chunks_repeat_is_taken() -> None:
