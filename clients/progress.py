@@ -77,9 +77,11 @@ def tqdm_progress(*, desc: str | None = None, leave: bool = False,
     # once, and no bar ever shown)
     # defence: sdk.tqdm-unknown-keywords-refused
     # (tqdm.auto's class takes **kwargs and hands them to tqdm.std's, which names them all;
-    # tqdm.notebook's takes display as well)
-    known = {*inspect.signature(std_tqdm.__init__).parameters, "display"} - {
+    # tqdm.notebook's, which tqdm.auto is in a notebook, takes display as well)
+    known = set(inspect.signature(std_tqdm.__init__).parameters) - {
         "self", "kwargs", "iterable", "total"}
+    if any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__):
+        known.add("display")
     unknown = sorted(set(tqdm_kwargs) - known)
     if unknown:
         raise ConfigurationError(f"tqdm_progress: tqdm takes no keyword {unknown[0]!r:.60}")

@@ -295,15 +295,29 @@ def _warn_weight_below_release(config: FederationConfig, samples: float, sites: 
     return True
 
 
-def _warn_diverged(norm: float, clip: float, round_id: str) -> None:
-    """Warn (not naming the norm: the update's) when the update is longer than
-    DIVERGED_CLIP_FACTOR times the clip: finite but diverged values (1e30 in a float32 layer)
-    went out clipped, moving the model by the full clip in their direction, with no word."""
-    if norm > DIVERGED_CLIP_FACTOR * clip:
-        _log.warning("round %s: the update's L2 norm is more than %g times [update] clip_norm; "
-                     "it goes out clipped to clip_norm, moving the model by the full clip in "
-                     "its direction (diverged training? check the loss)", round_id,
-                     DIVERGED_CLIP_FACTOR)
+def _warn_diverged(model: FlatModel, delta: np.ndarray, norm: float, clip: float,
+                   round_id: str, warned: set[str]) -> None:
+    """Warn (naming the tensors that make most of it, not the norm: the update's) when the
+    update is longer than DIVERGED_CLIP_FACTOR times the clip: finite but diverged values
+    (1e30 in a float32 layer), or float buffers at a raw scale (BatchNorm's running variance
+    of unnormalised inputs), went out clipped, scaling every learned change down to almost
+    nothing, with no word. Once a site (``warned``): such buffers do so every round."""
+    if not norm > DIVERGED_CLIP_FACTOR * clip or "" in warned:
+        return
+    warned.add("")
+    counters = model.integer_positions  # (left out of the norm: clients.tensors.clip_l2)
+    shares, pos = [], 0
+    for t in model.spec:
+        end = pos + t.size
+        part = delta[pos:end][~counters[pos:end]]
+        shares.append((float(np.dot(part, part)) if part.size else 0.0, t.name[:64]))
+        pos = end
+    top = [name for share, name in sorted(shares, reverse=True)[:3] if share > 0]
+    _log.warning("round %s: the update's L2 norm is more than %g times [update] clip_norm, "
+                 "most of it in %s; it goes out clipped to clip_norm, which scales every "
+                 "change down with it (diverged training, or float buffers at a raw scale "
+                 "such as BatchNorm's running statistics of unnormalised inputs? said once)",
+                 round_id, DIVERGED_CLIP_FACTOR, top)
 
 
 def _warn_capped_counters(model: FlatModel, delta: np.ndarray, clip: float,
@@ -359,7 +373,9 @@ class Site:
         _check_options(workers, training_dtype)
         self.training_dtype = training_dtype
         self.kit = kit
-        self._capped_warned: set[str] = set()  # integer tensors warned of (_warn_capped_counters)
+        # integer tensors warned of (_warn_capped_counters), and "" once an update far past
+        # the clip was (_warn_diverged)
+        self._capped_warned: set[str] = set()
         self._weight_warned = False  # (_warn_weight_below_release: said once)
         self.workers = workers  # CKKS: processes to encrypt with, and (key holder) to release
         self.site_id = kit.site_id
@@ -1070,7 +1086,8 @@ class Round:
             raise ConfigurationError(
                 "the update's difference from the round's model is not finite (values near "
                 "float64's largest): check the trained state for diverged values")
-        _warn_diverged(norm, config.clip_norm, self.round_id)
+        _warn_diverged(self.model, delta, norm, config.clip_norm, self.round_id,
+                       self._site._capped_warned)
         _warn_capped_counters(self.model, delta, config.clip_norm, self.round_id,
                               self._site._capped_warned)
         # With a server learning rate above 1 the result, g + rate * average, can leave a

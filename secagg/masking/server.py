@@ -385,9 +385,9 @@ class MaskingServer:
             wrong = self._wrong_revealers
             raise ProtocolAbort(AbortReason.TOO_FEW_SURVIVORS,
                                 f"{len(shares)} shares for site {owner}, threshold {self._t}"
-                                + (f" (not counted: the shares of sites {list(wrong)[:16]}, "
-                                   "which do not match their dealers' signed commitments)"
-                                   if wrong else ""))
+                                + (f" (sites {list(wrong)[:16]} revealed shares that do not "
+                                   "match their dealers' signed commitments: none of their "
+                                   "shares was counted)" if wrong else ""))
         return shares
 
     def _reconstruct(self, owner: int, field: str) -> bytes:

@@ -178,7 +178,7 @@ def test_server_detects_corrupted_key_shares_of_a_dropped_site() -> None:
         r.server.close_stage()
     assert caught.value.reason is AbortReason.TOO_FEW_SURVIVORS
     # the abort names the responders whose shares were not counted, not only the owner
-    assert "the shares of sites [1, 2, 3, 5], which do not match" in caught.value.detail
+    assert "sites [1, 2, 3, 5] revealed shares that do not match" in caught.value.detail
 
 
 def test_server_refuses_unmask_response_with_forged_signature() -> None:

@@ -74,6 +74,8 @@ def test_the_tqdm_adapter_refuses_a_keyword_tqdm_does_not_take() -> None:
     tqdm's own keywords are taken."""
     with pytest.raises(ConfigurationError, match="no keyword 'ncol'"):
         tqdm_progress(ncol=80)
+    with pytest.raises(ConfigurationError, match="no keyword 'display'"):
+        tqdm_progress(display=False)  # (tqdm.notebook's, and this is no notebook)
     out = io.StringIO()
     progress = tqdm_progress(ncols=60, unit="B", unit_scale=True, colour="green", file=out,
                              mininterval=0, disable=False, position=0, dynamic_ncols=False)

@@ -34,14 +34,24 @@ def test_an_integer_tensor_changed_beyond_the_clip_is_named_in_a_warning(
 
 def test_an_update_far_past_the_clip_is_told_in_a_warning(
         caplog: pytest.LogCaptureFixture) -> None:
-    """A layer trained to 1e30 (finite, diverged) went out clipped to clip_norm, moving the
-    model by the full clip in its direction, with no word. An update more than
-    DIVERGED_CLIP_FACTOR times the clip is now told (not its norm); one at that bound is not."""
+    """A layer trained to 1e30 (finite, diverged), or a BatchNorm running variance of raw
+    inputs, went out clipped to clip_norm, scaling every change down with it, with no word.
+    An update more than DIVERGED_CLIP_FACTOR times the clip is now told, once a site, naming
+    the tensors most of it is in (not its norm); one at that bound is not."""
+    model = FlatModel.from_arrays({"w": np.zeros(3, np.float32),
+                                   "bn.running_var": np.zeros(2, np.float32),
+                                   "bn.num_batches_tracked": np.zeros((), np.int64)})
+    delta = np.array([1.0, 0, 0, 3e29, 4e29, 1e31])  # (a counter's change is not the norm's)
+    warned: set[str] = set()
     with caplog.at_level(logging.WARNING, logger="clients"):
-        _warn_diverged(DIVERGED_CLIP_FACTOR * 2.0, 2.0, "r-1")
+        _warn_diverged(model, delta, DIVERGED_CLIP_FACTOR * 2.0, 2.0, "r-1", warned)
         assert caplog.text == ""
-        _warn_diverged(1e30, 2.0, "r-1")
-    assert "r-1" in caplog.text and "diverged" in caplog.text and "1e+30" not in caplog.text
+        _warn_diverged(model, delta, 5e29, 2.0, "r-1", warned)
+        assert "r-1" in caplog.text and "running statistics" in caplog.text
+        assert "['bn.running_var', 'w']" in caplog.text and "e+29" not in caplog.text
+        caplog.clear()
+        _warn_diverged(model, delta, 5e29, 2.0, "r-2", warned)
+    assert caplog.text == ""  # (said once)
 
 
 @pytest.mark.parametrize("given", [b"fed/sites/site-1", None, 3])
