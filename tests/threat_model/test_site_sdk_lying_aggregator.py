@@ -986,6 +986,36 @@ def test_long_polls_answered_at_once_with_nothing_new_are_spaced_out(
     assert clock[0] >= 60.0  # 39 early answers: about 2 s apart on average, at least
 
 
+def test_the_wait_for_a_rounds_end_stops_at_its_abort_with_the_reason(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The aggregator answers the wait for the round's end with the round aborted: the site
+    stops at that answer, RoundAborted with the aggregator's reason (not after the round's
+    patience, as a round the aggregator did not end: the fake clock would run to it)."""
+    import clients.site
+
+    _fake_clock(monkeypatch)
+    monkeypatch.setattr(clients.site, "_round_patience", lambda config: 600.0)
+    mine, _ = _model_info(1, "hospitals/job-1/round-1")
+    site, _conn = _site("masking", mine, {})
+    calls = [0]
+
+    def call(method: str, request: Any, **_kwargs: Any) -> Any:
+        calls[0] += 1
+        aborted = service_pb2.RoundInfo()
+        aborted.CopyFrom(mine)
+        aborted.status = service_pb2.ROUND_STATUS_ABORTED
+        aborted.abort_reason = "TOO_FEW_SURVIVORS"
+        return aborted
+
+    rnd = Round.__new__(Round)
+    rnd._site, rnd.number, rnd.round_id = site, 1, "hospitals/job-1/round-1"
+    rnd._deadline = 600.0
+    rnd._conn = types.SimpleNamespace(call=call)  # type: ignore[assignment]
+    with pytest.raises(RoundAborted, match="TOO_FEW_SURVIVORS") as caught:
+        rnd._wait_for_end()
+    assert caught.value.code == "ABORTED" and calls[0] == 1
+
+
 def _padded(message: Any, nbytes: int) -> Any:
     """``message`` with an unknown field of ``nbytes`` (what a lying aggregator pads an
     answer with: a parser keeps it, and it costs the site's link and memory all the same)."""
