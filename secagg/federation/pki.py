@@ -118,7 +118,9 @@ def check_hosts(hosts: Sequence[str]) -> None:
         # defence: pki.host-wildcards-whole-first-label
         wildcard = labels[0] == "*" and len(labels) >= 3
         if not (0 < len(name) <= 253 and name.isascii() and all(
-                label and all(c.isalnum() or c in "-_" for c in label)
+                # defence: pki.host-labels-as-dns-allows
+                0 < len(label) <= 63 and not label.startswith("-") and not label.endswith("-")
+                and all(c.isalnum() or c in "-_" for c in label)
                 for label in labels[1 if wildcard else 0:])
                 and not labels[-1].isdigit()):
             raise ConfigurationError(f"--host {host!r} is not an IP address or a DNS name "

@@ -624,3 +624,76 @@ def test_ckks_settings_are_checked_against_the_roster_where_they_are_signed(
     for name in ("federation.toml", "settings.sig"):
         shutil.copy(fed / name, site / name)
     assert SiteKit.load(site).settings_serial == 2
+
+
+@pytest.mark.parametrize("root", [bytes(31), bytes(33), b""])
+def test_a_trust_root_given_as_bytes_of_another_length_is_refused_before_a_key_is_written(
+        tmp_path: Path, root: bytes) -> None:
+    site = tmp_path / "site-5"
+    with pytest.raises(ConfigurationError, match="a trust root is 64 hex digits"):
+        make_site_request(site, 5, trust_root=root)
+    assert not site.exists() or not any(site.iterdir())
+
+
+@pytest.mark.parametrize("serial", [0, -1, 2**63])
+def test_a_settings_serial_out_of_range_is_refused(real: Path, serial: int) -> None:
+    """A serial is in [1, 2**63): 0 (or below) signed by the trust root is no serial a site
+    records, and one of 2**63, which no signature can cover, raised OverflowError out of
+    SiteKit.load (the carrier writes settings.sig)."""
+    from secagg.federation.kit import _federation_signer, _settings_sig_bytes
+
+    site = real / "sites" / "site-1"
+    config = FederationConfig.load(site / "federation.toml")
+    if serial < 2**63:  # signed by the federation's own signer
+        data = _settings_sig_bytes(
+            config, _federation_signer(real, FederationConfig.load(real / "federation.toml")),
+            serial)
+    else:
+        data = json.dumps({"serial": serial, "signature": "00" * 64}).encode()
+    (site / "settings.sig").write_bytes(data)
+    with pytest.raises(ConfigurationError, match="not the ones the federation's trust root"):
+        SiteKit.load(site)
+
+
+def test_install_refuses_a_parcel_holding_a_link(real: Path, tmp_path: Path) -> None:
+    """A parcel's file that is a symbolic link (to the genuine file, or anywhere) is refused:
+    a parcel is files, and a link leads wherever its maker chose."""
+    site = tmp_path / "site-5"
+    request = make_site_request(site, 5, trust_root=_root(real))
+    out = sign_site_request(real, request, tmp_path / "out", add_site=True)
+    parcel = tmp_path / "parcel"
+    parcel.mkdir()
+    for name in RETURNED:
+        if name == "ca.crt":
+            (parcel / name).symlink_to(out / name)
+        else:
+            shutil.copy(out / name, parcel / name)
+    before = _state(site)
+    with pytest.raises(ConfigurationError, match=r"ca\.crt is not a regular file"):
+        install_signed_files(site, parcel)
+    assert _state(site) == before
+    assert install_signed_files(site, out).site_id == 5
+
+
+def test_a_pin_signature_over_the_bare_trust_root_is_refused(real: Path) -> None:
+    """A pin's signature is over its labelled message (PIN_CONTEXT + the root): the site's
+    identity key's signature over the 32 bytes alone, made for anything else, is no pin."""
+    from secagg.federation.kit import load_identity
+
+    site = real / "sites" / "site-1"
+    identity = load_identity(site / "identity.key")
+    root = _root(real)
+    (site / PIN_FILE).write_text(json.dumps(
+        {"trust_root": root.hex(), "signature": identity.sign(root).hex()}))
+    with pytest.raises(ConfigurationError, match="not a trust root pinned"):
+        SiteKit.load(site)
+
+
+def test_the_federation_name_changed_in_transit_is_refused(real: Path) -> None:
+    """The name starts every round id ("name/job/round-n"): renamed by the carrier, a site
+    would take rounds under ids it never used (a rerun of a round it took part in, under a
+    new name). It is one of the settings the trust root signs."""
+    site = real / "sites" / "site-3"
+    _edit(site / "federation.toml", "name", '"other"')
+    with pytest.raises(ConfigurationError, match="not the ones the federation's trust root"):
+        SiteKit.load(site)

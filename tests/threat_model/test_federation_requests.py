@@ -825,3 +825,72 @@ def test_a_request_that_is_a_fifo_is_refused_not_waited_for(tmp_path: Path) -> N
         pytest.fail("sign_request waited on a FIFO for a writer")
     assert len(raised) == 1 and isinstance(raised[0], ConfigurationError)
     assert f"{request}: not a regular file" in str(raised[0])
+
+
+def test_the_ca_refuses_a_request_naming_another_site_beside_its_own() -> None:
+    """A request naming sites 3 and 4 is not a request for site 3: the CA signs a request
+    that names the site it is signed for, and nothing else."""
+    key = pki.new_key()
+    ca_key, ca_cert = pki.make_ca("t")
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "site")]))
+           .add_extension(x509.SubjectAlternativeName(
+               [x509.UniformResourceIdentifier(f"{pki.SITE_URI_PREFIX}3"),
+                x509.UniformResourceIdentifier(f"{pki.SITE_URI_PREFIX}4")]), critical=False)
+           .sign(key, hashes.SHA256()))
+    for site_id in (3, 4):
+        with pytest.raises(ConfigurationError, match=f"does not name site {site_id} alone"):
+            pki.sign_csr(ca_key, ca_cert, csr, site_id)
+
+
+def test_a_trust_root_key_that_is_no_ed25519_key_is_refused(fed: Path) -> None:
+    """trust-root/signer.key replaced by another kind of key (a TLS key copied over it):
+    refused by name, not a traceback from deep in the signer."""
+    from secagg.federation.kit import remove_site
+
+    (fed / "trust-root" / "signer.key").unlink()
+    pki.write_private(fed / "trust-root" / "signer.key", pki.pem_private(pki.new_key()))
+    with pytest.raises(ConfigurationError, match="trust root key is not an Ed25519 key"):
+        remove_site(fed, 4)
+    assert _roster_version(fed) == 1
+
+
+def test_a_request_proof_made_for_another_site_id_is_refused(fed: Path, tmp_path: Path) -> None:
+    """The identity key's proof binds the site id: one made for site 6 over the same CSR
+    does not vouch for a request for site 5."""
+    import json
+
+    from secagg.federation.kit import _request_message
+
+    identity = ed25519.Ed25519PrivateKey.generate()
+    csr = _csr(f"{pki.SITE_URI_PREFIX}5", pki.new_key())
+    csr_der = csr.public_bytes(serialization.Encoding.DER)
+    path = tmp_path / "request.json"
+    path.write_text(json.dumps({
+        "site_id": 5, "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
+        "identity_public_key": identity.public_key().public_bytes_raw().hex(),
+        "identity_signature": identity.sign(_request_message(6, csr_der)).hex()}))
+    with pytest.raises(ConfigurationError, match="is not signed by the identity key it names"):
+        sign_site_request(fed, path, tmp_path / "out", add_site=True)
+    assert not (tmp_path / "out").exists() and _roster_version(fed) == 1
+
+
+def test_a_request_proof_without_its_label_is_refused(fed: Path, tmp_path: Path) -> None:
+    """The proof is over the request's labelled message: the identity key's signature over
+    the same site id and CSR digest without the label (made for some other purpose) is no
+    proof."""
+    import hashlib
+    import json
+
+    identity = ed25519.Ed25519PrivateKey.generate()
+    csr = _csr(f"{pki.SITE_URI_PREFIX}5", pki.new_key())
+    csr_der = csr.public_bytes(serialization.Encoding.DER)
+    bare = (5).to_bytes(8, "big") + hashlib.sha256(csr_der).digest()
+    path = tmp_path / "request.json"
+    path.write_text(json.dumps({
+        "site_id": 5, "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
+        "identity_public_key": identity.public_key().public_bytes_raw().hex(),
+        "identity_signature": identity.sign(bare).hex()}))
+    with pytest.raises(ConfigurationError, match="is not signed by the identity key it names"):
+        sign_site_request(fed, path, tmp_path / "out", add_site=True)
+    assert not (tmp_path / "out").exists() and _roster_version(fed) == 1

@@ -1155,3 +1155,114 @@ def test_a_config_names_its_initial_model_relative_to_its_own_directory(tmp_path
     moved = shutil.move(d, tmp_path / "moved")
     assert FederationConfig.load(Path(moved) / "federation.toml").initial_model == (
         tmp_path / "moved" / "model.npz")
+
+
+def test_init_refuses_a_key_holder_one_past_the_last_site(tmp_path: Path) -> None:
+    """A CKKS key holder beyond the roster (site 4 of 3) made a federation no round of which
+    could run: every round waited a deadline for a key nobody would announce."""
+    with pytest.raises(ConfigurationError, match=r"--key-holders must be sites in 1\.\.3"):
+        init_federation(tmp_path / "fed", 3, protocol="ckks", key_holders=(4,))
+    assert not (tmp_path / "fed").exists() or not any((tmp_path / "fed").iterdir())
+
+
+def test_init_refuses_a_name_longer_than_forty_characters(tmp_path: Path) -> None:
+    """The name goes into the CA's common name ("secagg CA <name>", at most 64 characters)."""
+    with pytest.raises(ConfigurationError, match="--name must be 1-40 printable"):
+        init_federation(tmp_path / "fed", 3, name="n" * 41)
+    init_federation(tmp_path / "ok", 3, name="n" * 40)
+
+
+def test_a_host_name_longer_than_dns_allows_is_refused() -> None:
+    """A DNS name is at most 253 characters: a longer one is no name a site can dial."""
+    pki.check_hosts([".".join(["a" * 63] * 3 + ["b" * 61])])  # 253 characters: taken
+    with pytest.raises(ConfigurationError, match="is not an IP address or a DNS name"):
+        pki.check_hosts([".".join(["a" * 63] * 4)])  # 255 characters
+
+
+@pytest.mark.parametrize("host", ["a" * 64 + ".example.org", "-agg.example.org",
+                                  "agg-.example.org", "agg.-example.org"])
+def test_a_host_label_that_dns_does_not_allow_is_refused(host: str) -> None:
+    """A DNS label is 1-63 characters and neither starts nor ends with a hyphen: such a name
+    went into the aggregator's certificate, though no site could dial it. Refused; a label
+    of 63, inner hyphens, underscores and a leading wildcard are taken."""
+    with pytest.raises(ConfigurationError, match="is not an IP address or a DNS name"):
+        pki.check_hosts([host])
+    pki.check_hosts(["a" * 63 + ".example.org", "agg-1.example.org", "_svc.example.org",
+                     "*.example.org"])
+
+
+def test_a_ca_key_that_is_no_ec_key_is_refused_naming_the_file(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    path = tmp_path / "ca.key"
+    pki.write_private(path, ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    with pytest.raises(ConfigurationError, match="is not an EC private key"):
+        pki.load_private(path)
+
+
+@pytest.mark.parametrize("chain_to_ca", [True, False])
+def test_tls_files_whose_only_ca_is_not_yet_valid_say_so(tmp_path: Path,
+                                                          chain_to_ca: bool) -> None:
+    """A ca.crt whose CA begins next week (a clock, or a CA made on a machine set ahead):
+    every handshake would fail; said at load, for the aggregator's files too (which are not
+    chained to ca.crt)."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+
+    ca_key, ca_cert = pki.make_ca("t")
+    now = dt.datetime.now(dt.UTC)
+    future = (x509.CertificateBuilder().subject_name(ca_cert.subject)
+              .issuer_name(ca_cert.subject).public_key(ca_key.public_key())
+              .serial_number(x509.random_serial_number())
+              .not_valid_before(now + dt.timedelta(days=7))
+              .not_valid_after(now + dt.timedelta(days=70))
+              .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+              .sign(ca_key, hashes.SHA256()))
+    key = pki.new_key()
+    cert = pki.issue_site_cert(ca_key, ca_cert, 3, key.public_key())
+    with pytest.raises(ConfigurationError, match=r"no CA certificate in .*ca\.crt is valid now"):
+        pki.check_tls_files(pki.pem_private(key), pki.pem_cert(cert), pki.pem_cert(future),
+                            tmp_path, chain_to_ca=chain_to_ca)
+
+
+def test_a_client_certificate_naming_no_site_is_said_so(fresh_federation: Path) -> None:
+    """A client.crt from the federation's CA, for the site's own key, but naming no site (a
+    DNS name only): "names no site", not a talk of some site None's identity key."""
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    site = fresh_federation / "sites" / "site-1"
+    ca_key = pki.load_private(fresh_federation / "ca" / "ca.key")
+    ca_cert = pki.load_cert(fresh_federation / "ca" / "ca.crt")
+    tls_key = pki.load_private(site / "client.key").public_key()
+    cert = pki._issue(ca_key, ca_cert, tls_key, "site", [x509.DNSName("site.example.org")],
+                      ExtendedKeyUsageOID.CLIENT_AUTH)
+    pki.write_public(site / "client.crt", pki.pem_cert(cert))
+    with pytest.raises(ConfigurationError, match=r"client\.crt names no site"):
+        SiteKit.load(site)
+
+
+def test_ckks_key_holders_take_the_rounds_in_turn(federation: Path) -> None:
+    """Round r's key is made and released by key_holders[(r - 1) % len]: one holder keeping
+    every round's key is not the federation the operator configured."""
+    import dataclasses
+
+    config = dataclasses.replace(FederationConfig.load(federation / "federation.toml"),
+                                 key_holders=(2, 1, 3))
+    assert [config.key_holder_for(r) for r in range(1, 8)] == [2, 1, 3, 2, 1, 3, 2]
+
+
+@pytest.mark.parametrize("value", ["false", "0.0"])
+def test_a_min_sites_that_is_no_integer_is_refused_even_if_it_equals_zero(
+        federation: Path, tmp_path: Path, value: str) -> None:
+    """min_sites = 0 means the default; false and 0.0 are no integers (they compare equal
+    to 0) and are refused like any other value of the wrong type."""
+    data = (federation / "federation.toml").read_text().replace(
+        "[ckks]\n", f"[ckks]\nmin_sites = {value}\n")
+    path = tmp_path / "bad.toml"
+    path.write_text(data)
+    with pytest.raises(ConfigurationError, match=r"\[ckks\] min_sites must be an integer"):
+        FederationConfig.load(path)
