@@ -75,6 +75,25 @@ def test_an_average_that_fits_no_model_is_refused_before_it_makes_one(tmp_path: 
         store.close()
 
 
+class _Presenting:
+    """A call's context presenting a client certificate (``pem``) and a chain."""
+
+    def __init__(self, pem: bytes, chain: bytes = b"") -> None:
+        self.pem, self.chain = pem, chain
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {"x509_pem_cert": [self.pem],
+                **({"x509_pem_cert_chain": [self.chain]} if self.chain else {})}
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    async def abort(self, code: object, details: str) -> None:
+        from tests.fake_calls import Aborted
+
+        raise Aborted(details)
+
+
 def test_the_identity_cache_is_bounded_whatever_certificates_are_presented() -> None:
     """Each distinct certificate (and presented chain) is a cache entry, and a client
     chooses them: the cache is emptied at its bound, not grown without one."""
@@ -83,25 +102,13 @@ def test_the_identity_cache_is_bounded_whatever_certificates_are_presented() -> 
     from aggregator.service import IDENTITY_CACHE_SIZE, Identity
     from tests.fake_calls import Aborted
 
-    class _Presenting:
-        def __init__(self, n: int) -> None:
-            self.pem = b"-----BEGIN CERTIFICATE-----\n%d\n" % n
-
-        def auth_context(self) -> dict[str, list[bytes]]:
-            return {"x509_pem_cert": [self.pem]}
-
-        def peer(self) -> str:
-            return "ipv4:127.0.0.1:1"
-
-        async def abort(self, code: object, details: str) -> None:
-            raise Aborted(details)
-
     identity = Identity({1, 2, 3})
 
     async def main() -> None:
         for n in range(IDENTITY_CACHE_SIZE + 50):
             with pytest.raises(Aborted, match="names no site"):
-                await identity.site(_Presenting(n))  # type: ignore[arg-type]
+                await identity.site(_Presenting(  # type: ignore[arg-type]
+                    b"-----BEGIN CERTIFICATE-----\n%d\n" % n))
             assert len(identity._cache) <= IDENTITY_CACHE_SIZE
 
     asyncio.run(main())
@@ -118,26 +125,14 @@ def test_the_identity_cache_keeps_no_presented_bytes() -> None:
     from aggregator.service import Identity
     from tests.fake_calls import Aborted
 
-    class _Presenting:
-        def __init__(self, n: int) -> None:
-            self.chain = b"-----BEGIN CERTIFICATE-----\n%d\n" % n + b"A" * 100_000
-
-        def auth_context(self) -> dict[str, list[bytes]]:
-            return {"x509_pem_cert": [b"-----BEGIN CERTIFICATE-----\n"],
-                    "x509_pem_cert_chain": [self.chain]}
-
-        def peer(self) -> str:
-            return "ipv4:127.0.0.1:1"
-
-        async def abort(self, code: object, details: str) -> None:
-            raise Aborted(details)
-
     identity = Identity({1, 2, 3})
 
     async def main() -> None:
         for n in range(200):
             with pytest.raises(Aborted, match="names no site"):
-                await identity.site(_Presenting(n))  # type: ignore[arg-type]
+                await identity.site(_Presenting(  # type: ignore[arg-type]
+                    b"-----BEGIN CERTIFICATE-----\n",
+                    b"-----BEGIN CERTIFICATE-----\n%d\n" % n + b"A" * 100_000))
 
     gc.collect()
     tracemalloc.start()

@@ -139,6 +139,22 @@ class _ForgetfulAggregator:
         return service_pb2.SubmitResponse()
 
 
+def _recorded_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The transport's clock made fake: its sleeps advance it (no real waiting) and are
+    recorded in the list returned."""
+    import clients.transport
+
+    clock, pauses = [0.0], []
+    monkeypatch.setattr(clients.transport.time, "monotonic", lambda: clock[0])
+
+    def sleep(s: float) -> None:
+        pauses.append(s)
+        clock[0] += s
+
+    monkeypatch.setattr(clients.transport.time, "sleep", sleep)
+    return pauses
+
+
 def _submitting(stub: _ForgetfulAggregator) -> tuple[Any, Any]:
     from secagg.v1 import service_pb2
 
@@ -533,16 +549,7 @@ def test_retries_wait_a_random_part_of_a_doubling_delay(monkeypatch: pytest.Monk
     """Full jitter: each wait is drawn from [0, delay], the delay doubling from 0.1 s to 5 s.
     Every site waiting the whole delay retried a restarting aggregator in lockstep, all at
     once; a wait above the delay, or a delay that did not grow, hammered it."""
-    import clients.transport
-
-    clock, pauses = [0.0], []
-    monkeypatch.setattr(clients.transport.time, "monotonic", lambda: clock[0])
-
-    def sleep(s: float) -> None:
-        pauses.append(s)
-        clock[0] += s
-
-    monkeypatch.setattr(clients.transport.time, "sleep", sleep)
+    pauses = _recorded_sleeps(monkeypatch)
     attempt, calls = _failing([grpc.StatusCode.UNAVAILABLE] * 12)
     assert len(calls) == 0
     assert _connection(retry_seconds=1000)._retry(attempt) == "answer"
@@ -556,16 +563,7 @@ def test_retries_wait_a_random_part_of_a_doubling_delay(monkeypatch: pytest.Monk
 def test_a_transfer_that_moved_data_retries_soon_again(monkeypatch: pytest.MonkeyPatch) -> None:
     """A transfer cut by UNAVAILABLE after it moved data starts its backoff again at 0.1 s:
     a resumed upload over a flaky link waited up to 5 s a cut, for a delay grown before."""
-    import clients.transport
-
-    clock, pauses = [0.0], []
-    monkeypatch.setattr(clients.transport.time, "monotonic", lambda: clock[0])
-
-    def sleep(s: float) -> None:
-        pauses.append(s)
-        clock[0] += s
-
-    monkeypatch.setattr(clients.transport.time, "sleep", sleep)
+    pauses = _recorded_sleeps(monkeypatch)
     moved = [0]
     codes = [grpc.StatusCode.UNAVAILABLE] * 40
 
