@@ -108,7 +108,6 @@ class MaskingServer:
         self._signatures: dict[int, bytes] = {}
         self._responses: dict[int, UnmaskResponse] = {}
         self._verified: dict[int, UnmaskResponse] = {}
-        self._wrong_revealers: tuple[int, ...] = ()
 
     def __repr__(self) -> str:
         return f"MaskingServer(round_id={self.config.round_id!r}, stage={self.stage.name})"
@@ -365,9 +364,6 @@ class MaskingServer:
                     ok = ok and _is_share(share)
             if ok:
                 good[r] = response
-        # (named when too few shares are left: the abort blamed the shares' owner, or the
-        # honest sites that dropped out, not the responder that revealed wrong ones)
-        self._wrong_revealers = tuple(sorted(set(self._responses) - set(good)))
         return good
 
     def _collect(self, owner: int, field: str) -> dict[int, int]:
@@ -382,10 +378,12 @@ class MaskingServer:
                 raise ProtocolAbort(AbortReason.MALFORMED_MESSAGE,
                                     f"share from site {responder}") from None
         if len(shares) < self._t:
-            wrong = self._wrong_revealers
+            # (named: the abort blamed the shares' owner, or the honest sites that dropped
+            # out, not the responders that revealed wrong shares)
+            wrong = sorted(set(self._responses) - set(self._verified))
             raise ProtocolAbort(AbortReason.TOO_FEW_SURVIVORS,
                                 f"{len(shares)} shares for site {owner}, threshold {self._t}"
-                                + (f" (sites {list(wrong)[:16]} revealed shares that do not "
+                                + (f" (sites {wrong[:16]} revealed shares that do not "
                                    "match their dealers' signed commitments: none of their "
                                    "shares was counted)" if wrong else ""))
         return shares
