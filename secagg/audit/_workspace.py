@@ -1,9 +1,14 @@
 """Throw-away copies of the repository in which a defence can be removed.
 
 The base copy holds the repository's tracked files plus untracked files git does not ignore
-(so uncommitted work is audited too), never ``.venv``. Each control gets its own copy made of
-hard links to the base (falling back to a real copy), with only the edited file rewritten, so
-the base stays pristine and controls can run side by side.
+(so uncommitted work is audited too), never ``.venv``. Each control gets its own copy of the
+base, with only the edited file rewritten, so the base stays pristine and controls can run side
+by side. The copies are real copies, not hard links: a test that rewrote a tracked file in place
+would have rewritten the base's file through the link, and every later copy with it.
+
+A runner killed with SIGKILL cannot remove its workspace. Each workspace names its owner (pid
+and start time) in an ``owner`` file, and making a workspace first removes those of owners that
+are gone; a ``--keep`` workspace drops its owner file when the run ends, so it is never removed.
 
 Subprocesses run with the copy as working directory and as ``PYTHONPATH``: ``import secagg``
 must resolve to the copy even though the package is installed editable. :meth:`check_imports`
@@ -23,6 +28,67 @@ from secagg.audit import _pytest_plugin
 from secagg.audit.controls import AuditError
 
 _EXCLUDED_TOP = {".venv", ".git"}
+PREFIX = "secagg-controls-"
+OWNER = "owner"
+
+
+def _started(pid: int) -> str | None:
+    """The start time of process ``pid`` (clock ticks since boot, from /proc), "" where there
+    is no /proc, None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except FileNotFoundError:
+        return None
+    except OSError:
+        pass
+    else:
+        fields = stat.rpartition(")")[2].split()
+        return fields[19] if len(fields) > 19 else ""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return ""
+
+
+def _owner_text() -> str:
+    pid = os.getpid()
+    return f"{pid} {_started(pid) or ''}".strip()
+
+
+def _owner_gone(text: str) -> bool:
+    """Whether the process an owner file names has ended (a pid reused since has another start
+    time). An owner file that cannot be read as one is not judged."""
+    parts = text.split()
+    if not parts or not parts[0].isdigit() or len(parts) > 2:
+        return False
+    started = _started(int(parts[0]))
+    if started is None:
+        return True
+    return len(parts) == 2 and started != "" and started != parts[1]
+
+
+def sweep_stale(tmp: Path | None = None) -> list[Path]:
+    """Remove the workspaces (under ``tmp``, the temporary directory by default) of runners
+    that ended without removing them (SIGKILL); returns what was removed. Only this user's
+    directories with an owner file naming a process that is gone are touched."""
+    removed = []
+    top = Path(tmp or tempfile.gettempdir())
+    for candidate in sorted(top.glob(PREFIX + "*")):
+        try:
+            if candidate.is_symlink() or not candidate.is_dir() \
+                    or candidate.stat().st_uid != os.getuid():
+                continue
+            text = (candidate / OWNER).read_text(encoding="ascii", errors="replace")
+        except OSError:
+            continue  # no owner file: a --keep workspace, or one being made
+        # defence: audit.stale-workspaces-are-swept
+        if _owner_gone(text):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
 
 
 def repository_root(start: Path) -> Path:
@@ -115,7 +181,9 @@ class Workspace:
         self.root = root
         self.keep = keep
         self.files = audited_files(root)
-        self.dir = Path(tempfile.mkdtemp(prefix="secagg-controls-"))
+        sweep_stale()
+        self.dir = Path(tempfile.mkdtemp(prefix=PREFIX))
+        (self.dir / OWNER).write_text(_owner_text(), encoding="ascii")
         self.base = self.dir / "base"
         # The plugin runs beside the copy, not from it: an edit to the copy cannot break it.
         self.plugin_dir = self.dir / "plugin"
@@ -132,19 +200,15 @@ class Workspace:
             raise
 
     def make_copy(self, name: str, edited_file: str, edited_text: str) -> Path:
-        """A copy of the base (hard links) in which only ``edited_file`` is rewritten."""
+        """A copy of the base in which only ``edited_file`` is rewritten."""
         copy = self.dir / "controls" / name
         for rel in self.files:
             src, dest = self.base / rel, copy / rel
             _inside(copy, dest, rel)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            if src.is_symlink():
-                shutil.copy2(src, dest, follow_symlinks=False)
-                continue
-            try:
-                os.link(src, dest)
-            except OSError:
-                shutil.copy2(src, dest)
+            # a copy, never a hard link: a test writing a file in place must not reach the base
+            # defence: audit.copies-are-not-links
+            shutil.copy2(src, dest, follow_symlinks=False)
         target = copy / edited_file
         # a file reached through a link in the repository (a directory linked to /etc, or
         # the file itself a link) was rewritten where the link led: outside the copy
@@ -153,7 +217,7 @@ class Workspace:
             raise AuditError(f"{edited_file} is reached through a symbolic link: a control "
                              "edits a file of the repository, never one a link leads to")
         mode = target.stat().st_mode if target.exists() else 0o644
-        target.unlink(missing_ok=True)  # break the hard link: the base must stay pristine
+        target.unlink(missing_ok=True)  # (a fresh file: the base's mode is set below)
         target.write_text(edited_text, encoding="utf-8")
         target.chmod(mode)
         return copy
@@ -202,6 +266,8 @@ class Workspace:
     def close(self) -> None:
         if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
+        else:  # kept for the user: no later run may sweep it
+            (self.dir / OWNER).unlink(missing_ok=True)
 
     def __enter__(self) -> Workspace:
         return self

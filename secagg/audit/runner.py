@@ -81,11 +81,24 @@ def run_pytest(ws: Workspace, copy: Path, args: Sequence[str], *,
         raise AuditError("the run was stopped")
     fd, name = tempfile.mkstemp(prefix="outcomes-", suffix=".json", dir=ws.dir)
     os.close(fd)
+    # The lifeline: pytest holds its read end, this process alone its write end. Were this
+    # process killed (SIGKILL: no handler runs), the kernel closes the write end and the
+    # plugin in pytest, reading end of file, ends its run (see _pytest_plugin).
+    life_read, life_write = os.pipe()
     began = time.perf_counter()
-    proc = subprocess.Popen(  # noqa: S603 (our own interpreter and arguments)
-        [sys.executable, "-m", "pytest", "-p", PLUGIN_MODULE, *args], cwd=copy,
-        env=subprocess_env(copy, {_pytest_plugin.ENV: name}, ws.plugin_dir),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        proc = subprocess.Popen(  # noqa: S603 (our own interpreter and arguments)
+            [sys.executable, "-m", "pytest", "-p", PLUGIN_MODULE, *args], cwd=copy,
+            env=subprocess_env(copy, {_pytest_plugin.ENV: name,
+                                      _pytest_plugin.LIFELINE_ENV: str(life_read)},
+                               ws.plugin_dir),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True, pass_fds=(life_read,))
+    except BaseException:
+        os.close(life_write)
+        raise
+    finally:
+        os.close(life_read)
     with _running_lock:
         _running.add(proc.pid)
         if _stopping.is_set():  # (stopped as it started)
@@ -100,6 +113,7 @@ def run_pytest(ws: Workspace, copy: Path, args: Sequence[str], *,
     finally:
         with _running_lock:
             _running.discard(proc.pid)
+        os.close(life_write)
     seconds = time.perf_counter() - began
     try:
         data = json.loads(Path(name).read_text(encoding="utf-8") or "{}")

@@ -137,3 +137,160 @@ def test_a_report_directory_that_cannot_be_written_is_said_before_the_run(
     a_file.write_text("x")
     assert main(["threat-model", "run", "--out", str(a_file)]) == 2
     assert not ran and "cannot write the report" in capsys.readouterr().err
+
+
+def _git_repo(repo: Path, files: dict[str, str]) -> Path:
+    import subprocess
+
+    for rel, text in files.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(text)
+    subprocess.run(["git", "init", "-q", str(repo)], check=True, timeout=60)
+    return repo
+
+
+def test_a_test_writing_a_file_in_place_reaches_neither_the_base_nor_later_copies(
+        tmp_path: Path) -> None:
+    """The copies were hard links of the base: a test that rewrote a tracked file in place
+    (``open(path, "w")``) rewrote the base's file, and every later control ran on it."""
+    repo = _git_repo(tmp_path / "repo", {"edited.txt": "e", "shared.txt": "pristine"})
+    with Workspace(repo) as ws:
+        first = ws.make_copy("first", "edited.txt", "weakened")
+        with open(first / "shared.txt", "w") as f:  # in place, as a careless test would
+            f.write("tainted")
+        second = ws.make_copy("second", "edited.txt", "weakened again")
+        assert (ws.base / "shared.txt").read_text() == "pristine"
+        assert (second / "shared.txt").read_text() == "pristine"
+    assert (repo / "shared.txt").read_text() == "pristine"
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead and not yet reaped by whoever adopted it, does
+    not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+_RUNNER = '''
+import sys
+from pathlib import Path
+from secagg.audit._workspace import Workspace
+from secagg.audit.runner import run_pytest
+ws = Workspace(Path(sys.argv[1]))
+print(ws.dir, flush=True)
+copy = ws.make_copy("c", "edited.txt", "x")
+run_pytest(ws, copy, ["-q", "-p", "no:cacheprovider", "test_sleeps.py"], timeout=300)
+'''
+
+_SLEEPS = '''
+import os, time
+from pathlib import Path
+
+def test_sleeps():
+    mark = Path(os.environ["AUDIT_TEST_MARK"])
+    mark.write_text(str(os.getpid()))
+    try:
+        time.sleep(120)
+    finally:
+        mark.with_suffix(".teardown").write_text("ran")
+'''
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_runner_killed_with_sigkill_leaves_no_tests_running_and_its_copies_are_swept(
+        tmp_path: Path) -> None:
+    """A SIGKILL of the runner runs no handler: its pytest processes (sessions of their own)
+    ran on to their end, and its copies stayed in the temporary directory for good. Its tests
+    now end (torn down as on Ctrl-C) and the next workspace made removes its copies."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from secagg.audit._workspace import OWNER, PREFIX, sweep_stale
+
+    repo = _git_repo(tmp_path / "repo", {"edited.txt": "e", "test_sleeps.py": _SLEEPS})
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    mark = tmp_path / "mark"
+    env = {**os.environ, "TMPDIR": str(tmp), "AUDIT_TEST_MARK": str(mark)}
+    runner = subprocess.Popen([sys.executable, "-c", _RUNNER, str(repo)], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    pytest_pid = 0
+    try:
+        assert runner.stdout is not None
+        workspace = Path(runner.stdout.readline().strip())
+        deadline = time.monotonic() + 120
+        while not mark.exists() or not mark.read_text():
+            assert runner.poll() is None and time.monotonic() < deadline, "pytest never started"
+            time.sleep(0.1)
+        pytest_pid = int(mark.read_text())
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while _running(pytest_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(pytest_pid), "the dead runner's pytest is still running"
+        assert mark.with_suffix(".teardown").read_text() == "ran"  # interrupted, not killed
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        if pytest_pid and _running(pytest_pid):  # (the defence missing: no orphan left)
+            os.kill(pytest_pid, signal.SIGKILL)
+    # a live owner's workspace, one with no owner file (--keep) and one with an owner file
+    # that is not one stay; the dead runner's goes
+    live = tmp / f"{PREFIX}live"
+    live.mkdir()
+    (live / OWNER).write_text(str(os.getpid()))
+    kept = tmp / f"{PREFIX}kept"
+    kept.mkdir()
+    odd = tmp / f"{PREFIX}odd"
+    odd.mkdir()
+    (odd / OWNER).write_text("not a pid")
+    assert workspace.parent == tmp and workspace.is_dir()
+    assert sweep_stale(tmp) == [workspace]
+    assert not workspace.exists() and live.is_dir() and kept.is_dir() and odd.is_dir()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_workspace_whose_owner_pid_was_reused_is_swept(tmp_path: Path) -> None:
+    """An owner file names a pid and its start time: a pid reused by another process since
+    (same number, another start time) does not keep a dead runner's copies."""
+    import subprocess
+    import sys
+
+    from secagg.audit._workspace import OWNER, PREFIX, _owner_text, sweep_stale
+
+    ours = _owner_text()
+    assert len(ours.split()) == 2
+    reused = tmp_path / f"{PREFIX}reused"
+    reused.mkdir()
+    (reused / OWNER).write_text(f"{os.getpid()} {int(ours.split()[1]) + 1}")
+    current = tmp_path / f"{PREFIX}current"
+    current.mkdir()
+    (current / OWNER).write_text(ours)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True, timeout=60)
+    gone = tmp_path / f"{PREFIX}gone"
+    gone.mkdir()
+    (gone / OWNER).write_text(ended.stdout.strip())
+    assert sorted(sweep_stale(tmp_path)) == sorted([reused, gone])
+    assert current.is_dir()
+
+
+def test_a_kept_workspace_is_never_swept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--keep`` leaves the copies for the user: the owner file goes with the run, so a
+    later run's sweep leaves them."""
+    import tempfile
+
+    from secagg.audit._workspace import OWNER, sweep_stale
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    repo = _git_repo(tmp_path / "repo", {"edited.txt": "e"})
+    with Workspace(repo, keep=True) as ws:
+        assert (ws.dir / OWNER).exists()
+    assert not (ws.dir / OWNER).exists()
+    assert sweep_stale(tmp_path) == [] and ws.base.is_dir()
