@@ -21,6 +21,7 @@ import builtins
 import io
 import keyword
 import re
+import symtable
 import tokenize
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
@@ -276,7 +277,8 @@ def code_problems(path: str, source: str, edits: Sequence[Edit], edited: str,
     NameError wherever it runs, and a test of the happy path "caught" a defence it never
     tests). ``words``: the names the unedited files mention, by path (a cache)."""
     try:
-        after = ast.parse(edited, path)
+        ast.parse(edited, path)
+        symtable.symtable(edited, path, "exec")  # (what the compiler refuses past the parser)
     except SyntaxError as e:
         return [f"the edited {path} does not parse: {e.msg} (line {e.lineno})"]
     # defence: audit.edit-changes-code
@@ -302,10 +304,8 @@ def code_problems(path: str, source: str, edits: Sequence[Edit], edited: str,
     new -= mentioned
     if not new:
         return []
-    read = {n.id for n in ast.walk(after)
-            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id in new}
     # defence: audit.edit-reads-no-undefined-name
-    unknown = sorted(n for n in read if not _bound_in(after, n))
+    unknown = sorted(_unbound_reads(edited, path, new))
     if unknown:
         return [f"the edit reads {', '.join(unknown)}, which {path} does not define (the "
                 "code would raise NameError, not run without the defence)"]
@@ -344,9 +344,34 @@ def _mentioned(tree: ast.AST) -> set[str] | None:
     return names
 
 
-def _bound_in(tree: ast.AST, name: str) -> bool:
-    """Whether ``name`` is bound anywhere in ``tree``."""
-    return any(name in _binds(node) for node in ast.walk(tree))
+def _unbound_reads(source: str, path: str, names: set[str]) -> set[str]:
+    """Which of ``names`` the code reads in a scope that cannot see a binding of it.
+
+    Scope by scope (Python's own symbol table), not file-wide: a name bound in one function
+    and read in another raises NameError where it is read, just as a name bound nowhere. A
+    read is bound when its scope binds the name (an assignment, an argument, an import, a
+    definition, ``except ... as``, a match capture), when an enclosing function does (a
+    free variable), or, for a global, when the module does (at its top level, or in a
+    function declaring it ``global``).
+    """
+    top = symtable.symtable(source, path, "exec")
+    tables, i = [top], 0
+    while i < len(tables):
+        tables.extend(tables[i].get_children())
+        i += 1
+    module_bound = {s.get_name() for s in top.get_symbols() if s.is_local()}
+    for table in tables[1:]:
+        module_bound |= {s.get_name() for s in table.get_symbols()
+                         if s.is_declared_global() and s.is_assigned()}
+    unbound = set()
+    for table in tables:
+        for sym in table.get_symbols():
+            # a read of a name its scope binds, or an enclosing function binds (free), is
+            # seen; any other is a global's, seen if the module binds it
+            if sym.get_name() in names and sym.is_referenced() and sym.is_global() \
+                    and sym.get_name() not in module_bound:
+                unbound.add(sym.get_name())
+    return unbound
 
 
 def problems(root: Path, controls: Iterable[Control]) -> dict[str, list[str]]:

@@ -244,6 +244,49 @@ def test_an_edit_that_changes_no_code_or_reads_an_undefined_name_proves_nothing(
         assert len(found) == 1 and said in found[0]
 
 
+_SCOPES = (
+    "import os\n\nb = 1\n\n\ndef f(a):\n    c = a\n    return c\n\n\n"
+    "def g(a):\n    return a\n\n\ndef h():\n    d = 2\n\n    def inner():\n"
+    "        return d\n    return inner\n"
+)
+
+
+@pytest.mark.parametrize(("find", "replace", "said"), [
+    # bound in one function, read in another: NameError where it is read
+    ("    c = a\n", "    c = a\n    fresh = a\n", None),
+    ("    c = a\n    return c\n", "    fresh = a\n    return c\n", None),
+    ("    return a\n\n\ndef h", "    return fresh_elsewhere\n\n\ndef h", "fresh_elsewhere"),
+    # the same edit binds it in f and reads it in g
+    ("    return c\n\n\ndef g(a):\n    return a\n",
+     "    late = c\n    return late\n\n\ndef g(a):\n    return late\n", "late"),
+    # read where it is bound, in an enclosing function, at module level, or as a global
+    ("        return d\n", "        return d + outer\n", "outer"),
+    ("    d = 2\n", "    d = outer = 2\n", None),
+    ("    d = 2\n\n    def inner():\n        return d\n",
+     "    d = 2\n\n    def inner():\n        return d + outer\n    outer = 1\n", None),
+    ("b = 1\n", "b = 1\nshared = 2\n", None),
+    ("    return a\n\n\ndef h", "    return a + shared\n\n\ndef h", "shared"),
+    ("    c = a\n    return c\n\n\ndef g(a):\n    return a\n",
+     "    global shared\n    shared = c = a\n    return c\n\n\ndef g(a):\n"
+     "    return a + shared\n", None),
+    ("b = 1\n", "b = 1\nshared = 2\n\n\ndef k():\n    return shared\n", None),
+])
+def test_an_edit_reading_a_name_bound_only_in_another_scope_proves_nothing(
+        find: str, replace: str, said: str | None) -> None:
+    """The name check read bindings file-wide: a name the edit bound in one function and
+    read in another passed, though the read raises NameError wherever it runs (a test of
+    the happy path "catches" it). Scope by scope now, as Python resolves names."""
+    from secagg.audit.controls import code_problems
+
+    assert _SCOPES.count(find) == 1
+    edited = _SCOPES.replace(find, replace, 1)
+    found = code_problems("secagg/x.py", _SCOPES, (Edit(find, replace),), edited)
+    if said is None:
+        assert found == []
+    else:
+        assert len(found) == 1 and said in found[0]
+
+
 @pytest.mark.parametrize(("files", "only", "said"), [
     (["secagg/no_such_file.py"], None, "names no file of the repository"),
     (["secagg"], None, "names no file of the repository"),
