@@ -1171,6 +1171,21 @@ class Round:
             raise
         self._drop_key()
         self.survivors = self._survivors(info)
+        # The aggregator acknowledged this site's update (an honest one acknowledges only what
+        # it has counted, and sums every one it has counted), yet the sites the key holder
+        # signed, or this key holder released, leave it out: a lying aggregator dropped it
+        # from the sum, and this site believed it took part (a tester). The result, signed,
+        # stays held (the next round starts from it); this round is refused, loudly.
+        # defence: sdk.own-update-in-the-signed-sum
+        if self.protocol == "ckks" and self.survivors \
+                and self._site.site_id not in self.survivors:
+            raise RoundAborted(self.round_id, (
+                f"the aggregator acknowledged this site's update, but the round's average is "
+                f"of sites {list(self.survivors)[:64]} alone, as the key holder "
+                f"{'(this site) released it' if self._released is not None else 'signed'}: "
+                "the aggregator left this site's update out of the sum (this site cannot send "
+                "another against the same model; the round's result, which the next round "
+                "starts from, is held)"))
         return tensors.as_tensors(self.result.to_arrays(), self._site._tensors)
 
     def _survivors(self, info: service_pb2.RoundInfo) -> tuple[int, ...]:
@@ -1193,7 +1208,8 @@ class Round:
             except (InvalidMessage, KeyError):
                 _log.warning("round %s: the aggregator says sites %s are in the round's sum, "
                              "but the key holder (site %s) did not sign them: this site does "
-                             "not know who its update was averaged with", self.round_id,
+                             "not know who its update was averaged with, nor whether it is in "
+                             "the sum", self.round_id,
                              list(claimed)[:64], holder)
                 return ()
             return claimed

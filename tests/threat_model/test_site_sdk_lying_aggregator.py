@@ -2178,6 +2178,50 @@ def test_a_masking_sites_survivors_after_submit_are_the_list_it_signed(
     assert "the aggregator says sites [1, 2]" in caplog.text
 
 
+@pytest.mark.parametrize("holder", [False, True])
+@pytest.mark.parametrize("left_out", [True, False])
+def test_a_ckks_site_the_signed_sum_leaves_out_is_told_its_update_was_dropped(
+        holder: bool, left_out: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lying aggregator acknowledged a CKKS site's upload, then left it out of the sum it
+    gave the key holder, who released (and signed) the average of the other sites. The site
+    took the result with no word, its one update per model spent, believing it took part
+    (a tester). The signed sites (a key holder: the ones it released) leaving out a site
+    whose update was acknowledged can only be a lie: submit raises RoundAborted, and the
+    result, signed, stays held for the next round."""
+    from secagg.model import FlatModel
+
+    info, payloads = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS)
+    site, _conn = _site("ckks", info, payloads)
+    site.kit.roster, identities = make_roster(5)
+    me = HOLDER if holder else HONEST
+    site.site_id = me
+    model = FlatModel.from_arrays({"w": np.zeros(8, np.float32)})
+    rnd = Round(site, info, model)
+    summed = [s for s in (1, 2, 3, 4, 5) if s != me or not left_out]
+    result = service_pb2.Model(digest=b"\x05" * 32)
+    ended = service_pb2.RoundInfo(
+        round=1, round_id=info.round_id, status=service_pb2.ROUND_STATUS_COMPLETED,
+        survivors=summed, result=result, sites_signature=identities[HOLDER].sign(
+            wire.sites_signed_bytes(info.round_id, result.digest, summed)))
+
+    def run_ckks(*_args: Any) -> None:
+        if holder:  # the key holder released the sum it was given
+            rnd._released = np.zeros(8)
+            rnd._known_survivors = tuple(summed)
+
+    accepted: list[Any] = []
+    monkeypatch.setattr(rnd, "_run_ckks", run_ckks)
+    monkeypatch.setattr(rnd, "_wait_for_end", lambda: ended)
+    monkeypatch.setattr(site, "_accept_result",
+                        lambda *args: accepted.append(args) or model)
+    if not left_out:
+        rnd.submit({"w": np.ones(8, np.float32)}, weight=10)
+    else:
+        with pytest.raises(RoundAborted, match="left this site's update out of the sum"):
+            rnd.submit({"w": np.ones(8, np.float32)}, weight=10)
+    assert rnd.survivors == tuple(summed) and len(accepted) == 1 and rnd.result is model
+
+
 def test_a_masking_clients_signed_survivors_are_the_sorted_list_it_signed() -> None:
     """MaskingClient.signed_survivors (what a site reports as the round's survivors) is
     empty until the site signs a survivor list, then that list, sorted: here site 5 drops
