@@ -543,6 +543,13 @@ def init_federation(directory: Path | str, sites: int, *, protocol: str = "maski
                               initial_model=model_name, initial_model_digest=initial_digest)
     if overrides:
         config = replace(config, **overrides)  # type: ignore[arg-type]
+    # every model of the job has the first's names, shapes and dtypes: a party fetches none
+    # larger. Left at 10^8, a site's first fetch (checked against the pinned digest only
+    # once it has arrived) could be made 800 MB by a lying aggregator (README, "What a site
+    # fetches"). Limits given explicitly are kept.
+    # defence: kit.vector-limit-is-the-models-size
+    if initial_digest is not None and "limits" not in overrides:
+        config = replace(config, limits=replace(config.limits, max_vector_length=loaded.size))
     config.check()
     ca_key, ca_cert = pki.make_ca(name)
     try:

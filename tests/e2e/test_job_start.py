@@ -206,7 +206,8 @@ def test_a_ckks_job_no_round_of_which_could_be_released_is_refused_at_start(
     job with a workable clip_norm starts."""
     config, roster, _ = _parts(tmp_path)
     big = FlatModel.from_arrays({"w": np.zeros(1_000_000, np.float32)})
-    ckks = dataclasses.replace(config, protocol="ckks", key_holders=(1,))
+    limits = dataclasses.replace(config.limits, max_vector_length=big.size)  # (init: the small
+    ckks = dataclasses.replace(config, protocol="ckks", key_holders=(1,), limits=limits)  # one's)
     store = Store(str(tmp_path / "aggregator.db"))
     try:
         with pytest.raises(ConfigurationError, match=r"no CKKS round of this job could be "

@@ -1266,3 +1266,25 @@ def test_a_min_sites_that_is_no_integer_is_refused_even_if_it_equals_zero(
     path.write_text(data)
     with pytest.raises(ConfigurationError, match=r"\[ckks\] min_sites must be an integer"):
         FederationConfig.load(path)
+
+
+def test_a_federation_made_with_a_model_bounds_every_partys_vectors_by_its_size(
+        federation: Path, tmp_path: Path) -> None:
+    """A site's first model fetch is checked against the pinned digest only once it has
+    arrived, so its size was bounded by [limits] max_vector_length alone: 10^8 values, 800
+    MB a lying aggregator could make it fetch. Every model of a job has the first's spec:
+    init with a model writes its size as every party's limit (limits given are kept)."""
+    from secagg.federation.config import Limits
+
+    for config in (federation / "federation.toml", federation / "aggregator" / "federation.toml",
+                   *sorted((federation / "sites").glob("*/federation.toml"))):
+        assert FederationConfig.load(config).limits.max_vector_length == 3, config
+    model = tmp_path / "m.npz"
+    np.savez(model, w=np.zeros(5))  # type: ignore[arg-type]
+    init_federation(tmp_path / "given", 3, initial_model=model,
+                    limits=Limits(max_vector_length=1000))
+    given = FederationConfig.load(tmp_path / "given" / "sites" / "site-1" / "federation.toml")
+    assert given.limits.max_vector_length == 1000
+    init_federation(tmp_path / "none", 3)
+    plain = FederationConfig.load(tmp_path / "none" / "sites" / "site-1" / "federation.toml")
+    assert plain.limits.max_vector_length == Limits().max_vector_length
