@@ -101,6 +101,19 @@ def test_upload_under_another_key_id_is_refused() -> None:
     assert caught.value.reason is RefusalReason.WRONG_KEY_ID
 
 
+def test_a_refusal_says_its_reason_and_what_was_refused() -> None:
+    """A refusal's text is its reason and its detail (which key, which site): a bare reason
+    left an operator guessing which of a round's messages was refused."""
+    r = CkksRound(sites=3, vector_length=100)
+    other = CkksRound(sites=3, vector_length=100)
+    from secagg.ckks import CkksClient
+
+    with pytest.raises(RefusedMessage) as caught:
+        CkksClient(r.config, 2, r.identities[2], other.public, r.inputs[2])
+    assert str(caught.value) == "WRONG_KEY_ID: context is not the round's key"
+    assert str(RefusedMessage(RefusalReason.WRONG_ROUND)) == "WRONG_ROUND"
+
+
 def test_site_with_another_rounds_context_is_stopped_before_encrypting() -> None:
     r = CkksRound(sites=3, vector_length=100)
     other = CkksRound(sites=3, vector_length=100)

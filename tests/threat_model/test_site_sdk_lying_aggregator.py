@@ -1211,6 +1211,20 @@ def test_text_the_aggregator_chose_reaches_errors_on_one_line_and_bounded() -> N
     assert "\\n2026-12-03" in str(caught.value)  # still readable, escaped
 
 
+def test_an_abort_names_the_aggregators_code_and_a_cut_text_says_its_length() -> None:
+    """An abort the aggregator answered names its gRPC code (FAILED_PRECONDITION: this site
+    was left out; ABORTED: the round ended), a site's own abort names none; text cut short
+    says how long it was, and a round id is cut shorter than a reason."""
+    from clients.errors import shown
+
+    assert str(RoundAborted("r-1", "TOO_FEW_SURVIVORS", "ABORTED")) == (
+        "round r-1 aborted (ABORTED): TOO_FEW_SURVIVORS")
+    assert str(RoundAborted("r-1", "model mismatch")) == "round r-1 aborted: model mismatch"
+    assert shown("A" * 1000) == "A" * 1000
+    assert shown("A" * 5000) == "A" * 1000 + "... (5000 characters)"
+    assert len(RoundAborted("r" * 5000, "x").round_id) < 250
+
+
 @pytest.mark.parametrize("number", [1, 3])
 def test_a_site_holding_no_model_yet_takes_only_the_first_model_its_config_names(
         number: int) -> None:

@@ -59,6 +59,15 @@ def test_short_or_truncated_input_is_the_same_opaque_error(length: int) -> None:
     assert str(caught.value) == "invalid sealed message"
 
 
+@pytest.mark.parametrize("sealed", [None, "a sealed share", bytearray(64), 12345])
+def test_input_that_is_not_bytes_is_the_same_opaque_error(sealed: object) -> None:
+    """Not bytes at all (a parser's None, a str): the one opaque error, never a TypeError
+    from deep inside the cipher naming what it was given."""
+    with pytest.raises(InvalidMessage) as caught:
+        aead.open_sealed(KEY, sealed, AD)  # type: ignore[arg-type]
+    assert str(caught.value) == "invalid sealed message"
+
+
 @pytest.mark.parametrize("size", [16, 24, 31, 33])
 def test_refuses_keys_that_are_not_256_bits(size: int) -> None:
     with pytest.raises(ValueError, match="32 bytes"):

@@ -70,6 +70,19 @@ def test_flooding_noise_is_gaussian_deterministic_per_key_and_independent_across
     assert abs(np.corrcoef(a, gaussian(200_001, 3.0, b"j" * 32))[0, 1]) < 0.02
 
 
+def test_flooding_noise_of_a_box_muller_pair_is_two_independent_samples() -> None:
+    """Each pair of stream words gives two samples, the cosine's and the sine's: were they one
+    sample twice, neighbouring slots would carry the same noise, and the difference of two
+    neighbouring weights in the released average would be exact."""
+    from secagg.ckks.release import gaussian
+
+    a = gaussian(200_000, 3.0, b"k" * 32)
+    cosines, sines = a[0::2], a[1::2]
+    assert abs(np.corrcoef(cosines, sines)[0, 1]) < 0.02
+    assert abs(np.corrcoef(cosines**2, sines**2)[0, 1]) < 0.02
+    assert 2.9 < float(np.std(cosines - sines)) / np.sqrt(2) < 3.1  # N(0, 2 sigma^2)
+
+
 def test_flooding_noise_of_a_shard_is_its_range_of_the_whole_vectors_noise() -> None:
     """Shards draw the noise of their own slots: concatenated, exactly the one-shot noise."""
     from secagg.ckks.release import gaussian

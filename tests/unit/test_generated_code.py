@@ -21,3 +21,17 @@ def test_generated_modules_match_the_protos(tmp_path: Path) -> None:
     assert not stale, f"out of date, run ./dev proto: {stale}"
     names = {p.stem.removesuffix("_pb2") for p in _protogen.proto_files()}
     assert {"masking", "ckks", "roster", "service"} <= names
+
+
+def test_the_python_reason_enums_mirror_the_protos_one_to_one() -> None:
+    """AbortReason and RefusalReason are the protos' enums by name and number: a number typed
+    twice made one reason an alias of another (Python's Enum), and a round aborted for one
+    was logged, counted and told to the sites as the other."""
+    from secagg.errors import AbortReason, RefusalReason
+    from secagg.v1 import ckks_pb2, masking_pb2
+
+    for ours, wire, prefix in ((AbortReason, masking_pb2.AbortReason, "ABORT_REASON_"),
+                               (RefusalReason, ckks_pb2.RefusalReason, "REFUSAL_REASON_")):
+        mirrored = [(name if name.startswith(prefix) else prefix + name, value)
+                    for name, value in ((m.name, m.value) for m in ours)]
+        assert mirrored == list(wire.items())  # (an alias is no member of its own)

@@ -446,3 +446,130 @@ def test_a_grpc_library_flood_is_budgeted_by_its_message_not_its_text(
         "Unexpected [%s] raised by servicer method [%s]",
         (f"Error{i}", f"/secagg.v1.Aggregation/Method{i}"), None)) for i in range(2000))
     assert passed <= logs.PEER_LINES_BURST
+
+
+def test_core_errors_are_logged_as_errors_and_its_warnings_as_warnings(
+        lines: tuple[logs.NativeLines, list[dict[str, Any]]]) -> None:
+    """An operator alerts on level "error": the core's E and F lines are errors, its W lines
+    warnings (all of them at warning, a core failure raised no alert)."""
+    native, out = lines
+    native.feed("E1203 17:00:00.000000   1 hpack_parser.cc:1] Error parsing metadata")
+    native.feed("F1203 17:00:00.000000   1 tcp_server.cc:1] fatal: cannot bind")
+    native.feed("W1203 17:00:00.000000   1 chttp2_transport.cc:1] keepalive watchdog")
+    assert [(e["level"], e["reason"]) for e in out] == [
+        ("error", "hpack_parser.cc"), ("error", "tcp_server.cc"),
+        ("warning", "chttp2_transport.cc")]
+
+
+def test_a_sites_flood_keeps_its_spent_budget_while_other_sites_come_and_go(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budgets are forgotten least recently used first: forgotten in the order they were
+    made, a site flooding all along lost its spent budget once PEER_BUDGETS other sites had
+    been refused since its first line, and its flood got a new burst each time."""
+    clock = [1000.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(logs, "PEER_BUDGETS", 8)
+    budget = logs.PeerLineBudget()
+
+    def record(site: int) -> logging.LogRecord:
+        r = logging.LogRecord("secagg.aggregator", logging.WARNING, __file__, 1, "refused",
+                              None, None)
+        r.__dict__.update(event="identity_refused", site_id=site)
+        return r
+
+    assert sum(budget.filter(record(99)) for _ in range(100)) <= logs.PEER_LINES_BURST
+    for other in range(1, 40):
+        assert budget.filter(record(other))  # a site refused once: logged
+        assert not budget.filter(record(99))  # the flood goes on: still held back
+
+
+def test_a_log_lines_time_is_utc_whatever_the_hosts_time_zone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The time ends in Z: it is UTC, not the host's local time marked as UTC (an aggregator
+    in another zone logged times hours off, and its lines sorted out of order with others)."""
+    import time as time_module
+
+    monkeypatch.setenv("TZ", "Asia/Kolkata")
+    time_module.tzset()
+    try:
+        record = logging.LogRecord("secagg.aggregator", logging.INFO, __file__, 1, "x", None,
+                                   None)
+        record.created, record.msecs = 86_400.25, 250.0
+        line = json.loads(logs.JsonFormatter().format(record))
+    finally:
+        monkeypatch.undo()
+        time_module.tzset()
+    assert line["time"] == "1970-01-02T00:00:00.250Z"
+
+
+def test_the_operators_log_level_is_taken() -> None:
+    """`serve --log-level warning`: our info lines (one per stage and site) are left out."""
+    err = _run_logged("""
+        import logging
+        from aggregator import logs
+        logs.configure("warning")
+        log = logging.getLogger("secagg.aggregator")
+        log.info("INFO-LINE", extra={"event": "stage_closed"})
+        log.warning("WARNING-LINE", extra={"event": "store_slow"})
+        """)
+    messages = [json.loads(line)["message"] for line in err]
+    assert messages == ["WARNING-LINE"]
+
+
+def test_the_core_is_asked_for_the_lines_that_name_refused_handshakes() -> None:
+    """gRPC core logs a refused handshake at INFO; at its default verbosity (ERROR) none
+    reached the log, and secagg_tls_refused_total stayed 0 whoever knocked."""
+    _run_logged("""
+        import os
+        os.environ.pop("GRPC_VERBOSITY", None)
+        from aggregator import logs
+        logs.configure()
+        logs.capture_native_stderr()
+        assert os.environ.get("GRPC_VERBOSITY") == "INFO", os.environ.get("GRPC_VERBOSITY")
+        """)
+
+
+def _sample(m: metrics.Metrics, name: str, **labels: str) -> float | None:
+    return m.registry.get_sample_value(name, labels)
+
+
+def test_the_metrics_count_every_dropout_and_an_aborted_round_ends_its_stage() -> None:
+    """Three sites missing when a stage closed are three dropouts, not one; a round that
+    aborts leaves no stage running; after a restart the replayed round's place is said."""
+    m = metrics.Metrics()
+    m.round_opened("masking", 1, 1)
+    m.stage_closed("masking", 2, 3, 0.5, 3)
+    assert _sample(m, "secagg_dropouts_total", protocol="masking", stage="2") == 3
+    assert _sample(m, "secagg_current_stage") == 3
+    m.round_finished("masking", "TOO_FEW_SURVIVORS")
+    assert _sample(m, "secagg_rounds_aborted_total", protocol="masking",
+                   reason="TOO_FEW_SURVIVORS") == 1
+    assert _sample(m, "secagg_current_stage") == 0
+    restarted = metrics.Metrics()
+    restarted.round_recovered(4, 3, 5)
+    assert _sample(restarted, "secagg_current_round") == 4
+    assert _sample(restarted, "secagg_current_stage") == 3
+    assert _sample(restarted, "secagg_round_sites", stage="3") == 5
+
+
+def test_store_latency_is_labelled_by_a_fixed_set_of_operations(tmp_path: Any) -> None:
+    """The label is the statement's verb among select, insert, update, delete, else "other":
+    never the statement's own first word (PRAGMA, CREATE, WITH, ...), a label set without
+    bound."""
+    import sqlalchemy as sa
+
+    m = metrics.Metrics()
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/store.db")
+    m.watch_engine(engine)
+    try:
+        with engine.begin() as c:
+            c.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+            c.exec_driver_sql("INSERT INTO t VALUES (1)")
+            c.exec_driver_sql("PRAGMA user_version")
+            c.exec_driver_sql("  SELECT x FROM t")
+    finally:
+        engine.dispose()
+    labels = {s.labels["operation"] for family in m.registry.collect()
+              if family.name == "secagg_store_latency_seconds"
+              for s in family.samples if "operation" in s.labels}
+    assert labels == {"insert", "select", "other"}

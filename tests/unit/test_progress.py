@@ -21,6 +21,16 @@ def test_tqdm_adapter_shows_one_bar_per_kind_of_work_and_restarts_on_a_retry() -
     assert "upload" in text and "encrypt" in text and "4/4" in text
 
 
+def test_tqdm_adapter_starts_a_new_bar_when_the_work_changes_size() -> None:
+    """The same kind of work reported with another total (the next round's upload, another
+    size) is a new bar of that total, not the old bar counting on against the old one."""
+    out = io.StringIO()
+    progress = tqdm_progress(file=out, mininterval=0)
+    progress("upload", 1, 4)
+    progress("upload", 2, 10)
+    assert "2/10" in out.getvalue() and "2/4" not in out.getvalue()
+
+
 def test_a_progress_callback_cannot_cost_the_round_and_a_slip_is_named(
         caplog: pytest.LogCaptureFixture) -> None:
     """The guard logs a callback's first exception once (even one whose str() raises) and

@@ -183,6 +183,69 @@ def test_an_encryption_worker_keeps_no_secret_context(
     assert [seeded for _, seeded in _chunks._worker_contexts] == [False]
 
 
+def test_an_encryption_worker_encrypts_under_the_context_it_is_given_not_a_kept_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker keeps the public contexts it loaded, by their digest: a new round's key (a
+    new context) must not be served by the last round's, whose ciphertexts the new key's
+    holder cannot decrypt (and the old key's holder could)."""
+    import hashlib
+
+    from tenseal import sealapi
+
+    from secagg.ckks import KeyHolder, _chunks, _seal
+
+    monkeypatch.setattr(_chunks, "_worker_contexts", {})
+    rows = np.array([[0.5, -1.25, 2.0]])
+    for holder in (KeyHolder.generate(), KeyHolder.generate()):
+        public = holder.public_context().serialize()
+        [blob] = _chunks.worker_encrypt(hashlib.sha256(public).digest(), public, False, rows)
+        ct = _seal.load_ciphertext(holder.seal_context, blob, scale=holder.preset.scale)
+        plain = sealapi.Plaintext()
+        sealapi.Decryptor(holder.seal_context, holder.secret_key).decrypt(ct, plain)
+        decoded = sealapi.CKKSEncoder(holder.seal_context).decode_double(plain)[:3]
+        assert np.allclose(decoded, rows[0], atol=1e-3)
+
+
+def test_an_encryption_worker_keeps_at_most_four_public_contexts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool outlives the rounds: a worker that kept every round's context (each one
+    megabytes) grew for as long as the site ran."""
+    from secagg.ckks import KeyHolder, _chunks
+
+    monkeypatch.setattr(_chunks, "_worker_contexts", {})
+    public = KeyHolder.generate().public_context().serialize()
+    for digest in range(9):
+        _chunks.worker_encrypt(bytes([digest]) * 32, public, False, np.zeros((1, 8)))
+        assert len(_chunks._worker_contexts) <= 4
+
+
+def test_a_broken_or_resized_encryption_pool_is_replaced(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that died breaks its pool for good: handed out again, every later encryption
+    of the process failed as WorkersFailed. A broken pool, or one of another size than
+    asked, is shut down and a new one started."""
+    from secagg.ckks import _chunks
+
+    class Pool:
+        def __init__(self, max_workers: int, **_kwargs: object) -> None:
+            self.workers, self.shut = max_workers, False
+            self._broken: object = False
+
+        def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+            self.shut = True
+
+    monkeypatch.setattr(_chunks, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(_chunks, "_pool", None)
+    monkeypatch.setattr(_chunks, "_pool_workers", 0)
+    first = _chunks.shared_pool(2)
+    assert _chunks.shared_pool(2) is first and not first.shut
+    first._broken = "A process in the process pool was terminated abruptly"
+    second = _chunks.shared_pool(2)
+    assert second is not first and first.shut and not second.shut
+    third = _chunks.shared_pool(3)
+    assert third is not second and second.shut and third.workers == 3
+
+
 def test_encryption_workers_end_when_their_site_is_killed(tmp_path: Path) -> None:
     """A site process killed with kill -9 left its encryption pool's workers running under
     init (and multiprocessing's semaphores in /dev/shm). Each worker watches its parent and

@@ -39,7 +39,8 @@ def test_a_password_in_the_store_url_is_found(url: str, secret: bool) -> None:
     assert all("PGPASSWORD" in text for text in said)
 
 
-@pytest.mark.parametrize("command", [["migrate"], ["backup", "--out", "{tmp}/b.dump"]])
+@pytest.mark.parametrize("command", [["migrate"], ["backup", "--out", "{tmp}/b.dump"],
+                                     ["restore", "--backup", "{tmp}/b.dump"]])
 def test_the_store_commands_warn_of_a_password_on_their_command_line(
         command: list[str], tmp_path: pytest.TempPathFactory,
         capsys: pytest.CaptureFixture[str]) -> None:
