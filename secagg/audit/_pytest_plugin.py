@@ -60,12 +60,25 @@ def pytest_sessionfinish(session: Any, exitstatus: Any) -> None:
                        "exit_status": int(exitstatus)}, f, indent=1)
 
 
-def _kill_group() -> None:
+def _kill_group(spare_self: bool = False) -> None:
+    """SIGKILL this process's group (the runner starts pytest as a session's leader), or,
+    ``spare_self``, the rest of it, so that this process's exit handlers still run."""
     with contextlib.suppress(OSError):
-        if os.getpgrp() == os.getpid():  # the runner starts pytest as a session's leader
-            os.killpg(os.getpgrp(), signal.SIGKILL)
-        else:  # (never a group this process does not lead)
-            os.kill(os.getpid(), signal.SIGKILL)
+        group = os.getpgrp()
+        if group != os.getpid():  # (never a group this process does not lead)
+            if not spare_self:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return
+        if not spare_self:
+            os.killpg(group, signal.SIGKILL)
+            return
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) != os.getpid():
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                        fields = f.read().rpartition(")")[2].split()
+                    if int(fields[2]) == group:
+                        os.kill(int(entry), signal.SIGKILL)
 
 
 def _watch(fd: int) -> None:
@@ -78,9 +91,11 @@ def _watch(fd: int) -> None:
         except OSError:
             break
     # the runner is gone: nobody will read this run's outcomes, nor end it
-    atexit.register(_kill_group)
+    atexit.register(_kill_group, spare_self=True)
+    # (to the main thread: a signal to the process may be taken by this thread, and the
+    # main thread, blocked in a call, would not see it until the call returned)
     # defence: audit.orphaned-tests-end-with-the-runner
-    os.kill(os.getpid(), signal.SIGINT)
+    signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
     time.sleep(GRACE_SECONDS)
     _kill_group()
 

@@ -6,9 +6,9 @@ base, with only the edited file rewritten, so the base stays pristine and contro
 by side. The copies are real copies, not hard links: a test that rewrote a tracked file in place
 would have rewritten the base's file through the link, and every later copy with it.
 
-A runner killed with SIGKILL cannot remove its workspace. Each workspace names its owner (pid
-and start time) in an ``owner`` file, and making a workspace first removes those of owners that
-are gone; a ``--keep`` workspace drops its owner file when the run ends, so it is never removed.
+A runner killed with SIGKILL cannot remove its workspace. Each workspace names its owner (pid,
+start time and pid namespace) in an ``owner`` file, and making a workspace first removes those
+of owners that are gone; a ``--keep`` workspace has no owner file, so it is never removed.
 
 Subprocesses run with the copy as working directory and as ``PYTHONPATH``: ``import secagg``
 must resolve to the copy even though the package is installed editable. :meth:`check_imports`
@@ -17,6 +17,7 @@ verifies that, and fails loudly when it is not so.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -32,42 +33,48 @@ PREFIX = "secagg-controls-"
 OWNER = "owner"
 
 
-def _started(pid: int) -> str | None:
-    """The start time of process ``pid`` (clock ticks since boot, from /proc), "" where there
-    is no /proc, None when there is no such process."""
+PROC = Path("/proc")
+
+
+def _stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of process ``pid`` from /proc, or None
+    when there is no such process."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+        text = (PROC / str(pid) / "stat").read_text(encoding="ascii", errors="replace")
     except FileNotFoundError:
         return None
-    except OSError:
-        pass
-    else:
-        fields = stat.rpartition(")")[2].split()
-        return fields[19] if len(fields) > 19 else ""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    return ""
+    fields = text.rpartition(")")[2].split()
+    return fields[0], fields[19]
+
+
+def _namespace() -> str:
+    return os.readlink(PROC / "self" / "ns" / "pid")
 
 
 def _owner_text() -> str:
+    """Who owns a workspace: this process's pid, start time and pid namespace (a pid means
+    nothing in another namespace, and another process may take it once this one ends)."""
     pid = os.getpid()
-    return f"{pid} {_started(pid) or ''}".strip()
+    stat = _stat(pid)
+    if stat is None:
+        raise OSError("no /proc entry for this process")
+    return f"{pid} {stat[1]} {_namespace()}"
 
 
 def _owner_gone(text: str) -> bool:
-    """Whether the process an owner file names has ended (a pid reused since has another start
-    time). An owner file that cannot be read as one is not judged."""
+    """Whether the process an owner file names has ended: no such pid, a zombie, or a pid
+    another process took since (another start time). Nothing is judged where it cannot be
+    told: no /proc, another pid namespace, an owner file that does not read as one."""
     parts = text.split()
-    if not parts or not parts[0].isdigit() or len(parts) > 2:
+    if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
         return False
-    started = _started(int(parts[0]))
-    if started is None:
-        return True
-    return len(parts) == 2 and started != "" and started != parts[1]
+    try:
+        if parts[2] != _namespace():
+            return False
+        stat = _stat(int(parts[0]))
+    except (OSError, IndexError):
+        return False
+    return stat is None or stat[0] == "Z" or stat[1] != parts[1]
 
 
 def sweep_stale(tmp: Path | None = None) -> list[Path]:
@@ -183,13 +190,19 @@ class Workspace:
         self.files = audited_files(root)
         sweep_stale()
         self.dir = Path(tempfile.mkdtemp(prefix=PREFIX))
-        (self.dir / OWNER).write_text(_owner_text(), encoding="ascii")
         self.base = self.dir / "base"
         # The plugin runs beside the copy, not from it: an edit to the copy cannot break it.
         self.plugin_dir = self.dir / "plugin"
         self.plugin_dir.mkdir()
         shutil.copy(Path(_pytest_plugin.__file__), self.plugin_dir / f"{PLUGIN_MODULE}.py")
         try:
+            # (none for a --keep workspace: what the user keeps is never swept, even if its
+            # runner is killed; written whole or not at all, so a sweep never reads half)
+            # defence: audit.kept-workspace-never-swept
+            if not keep:
+                with contextlib.suppress(OSError):  # (no /proc: never swept, as before)
+                    (self.dir / f"{OWNER}.new").write_text(_owner_text(), encoding="ascii")
+                    os.replace(self.dir / f"{OWNER}.new", self.dir / OWNER)
             for rel in self.files:
                 dest = self.base / rel
                 _inside(self.base, dest, rel)  # (before mkdir: it would make directories there)
@@ -266,8 +279,6 @@ class Workspace:
     def close(self) -> None:
         if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
-        else:  # kept for the user: no later run may sweep it
-            (self.dir / OWNER).unlink(missing_ok=True)
 
     def __enter__(self) -> Workspace:
         return self

@@ -362,7 +362,7 @@ def _unbound_reads(source: str, path: str, names: set[str]) -> set[str]:
     module_bound = {s.get_name() for s in top.get_symbols() if s.is_local()}
     for table in tables[1:]:
         module_bound |= {s.get_name() for s in table.get_symbols()
-                         if s.is_declared_global() and s.is_assigned()}
+                         if s.is_declared_global() and (s.is_assigned() or s.is_imported())}
     unbound = set()
     for table in tables:
         for sym in table.get_symbols():

@@ -99,17 +99,19 @@ def run_pytest(ws: Workspace, copy: Path, args: Sequence[str], *,
         raise
     finally:
         os.close(life_read)
-    with _running_lock:
-        _running.add(proc.pid)
-        if _stopping.is_set():  # (stopped as it started)
-            os.killpg(proc.pid, signal.SIGKILL)
     try:
-        out, _ = proc.communicate(timeout=timeout)
-        code: int | None = proc.returncode
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        code = None
+        with _running_lock:
+            _running.add(proc.pid)
+            if _stopping.is_set():  # (stopped as it started)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+            code: int | None = proc.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            code = None
     finally:
         with _running_lock:
             _running.discard(proc.pid)

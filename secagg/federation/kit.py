@@ -27,6 +27,7 @@ import json
 import os
 import stat
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -342,11 +343,36 @@ def sign_settings(federation: Path | str, config_path: Path | str | None = None,
         roster = load_roster(fed / ROSTER_FILE, signer.public_key)
         # defence: federation.sign-config-refuses-what-the-roster-cannot-take
         made = config.check_fits_roster(roster)
+        _check_model_within_limit(config)
         serial = _next_settings_serial(fed)
         write_settings_signature(path.parent, config, signer, serial)
         if describe is not None:
             describe(config, made, serial)
     return path.parent / SETTINGS_SIG_FILE
+
+
+def _check_model_within_limit(config: FederationConfig) -> None:
+    """Refuse settings whose job model (a new job's, larger than the last: init wrote the
+    last one's size as ``[limits] max_vector_length``) is more values than the config's limit:
+    the aggregator would not start, and every site would refuse the model as the aggregator's
+    lie. Read from the archive's headers; a model that cannot be read is the aggregator's to
+    name as it starts."""
+    from secagg.model import _declared_values
+
+    path = config.initial_model
+    if path is None or not Path(path).is_file():
+        return
+    try:
+        declared = _declared_values(Path(path))
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return
+    # defence: federation.sign-config-model-within-the-limit
+    if declared > config.limits.max_vector_length:
+        raise ConfigurationError(
+            f"the job's model {path} holds {declared:,} values, more than [limits] "
+            f"max_vector_length ({config.limits.max_vector_length:,}): the aggregator would "
+            "not start and every site would refuse it; raise the limit in the config you "
+            "sign (it is each party's own: every site needs it too)")
 
 
 # what a site's and the aggregator's directories hold that others must not be able to

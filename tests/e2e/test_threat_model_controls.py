@@ -3,6 +3,7 @@ repository, and each outcome is classified (caught, missed, invalid)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -186,16 +187,20 @@ run_pytest(ws, copy, ["-q", "-p", "no:cacheprovider", "test_sleeps.py"], timeout
 '''
 
 _SLEEPS = '''
-import os, time
+import atexit, os, subprocess, sys, time
 from pathlib import Path
 
+MARK = Path(os.environ["AUDIT_TEST_MARK"])
+atexit.register(lambda: MARK.with_suffix(".atexit").write_text("ran"))
+
 def test_sleeps():
-    mark = Path(os.environ["AUDIT_TEST_MARK"])
-    mark.write_text(str(os.getpid()))
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    MARK.with_suffix(".child").write_text(str(child.pid))
+    MARK.write_text(str(os.getpid()))
     try:
         time.sleep(120)
     finally:
-        mark.with_suffix(".teardown").write_text("ran")
+        MARK.with_suffix(".teardown").write_text("ran")
 '''
 
 
@@ -210,7 +215,7 @@ def test_a_runner_killed_with_sigkill_leaves_no_tests_running_and_its_copies_are
     import sys
     import time
 
-    from secagg.audit._workspace import OWNER, PREFIX, sweep_stale
+    from secagg.audit._workspace import OWNER, PREFIX, _owner_text, sweep_stale
 
     repo = _git_repo(tmp_path / "repo", {"edited.txt": "e", "test_sleeps.py": _SLEEPS})
     tmp = tmp_path / "tmp"
@@ -235,16 +240,24 @@ def test_a_runner_killed_with_sigkill_leaves_no_tests_running_and_its_copies_are
             time.sleep(0.1)
         assert not _running(pytest_pid), "the dead runner's pytest is still running"
         assert mark.with_suffix(".teardown").read_text() == "ran"  # interrupted, not killed
+        # its exit handlers ran, and what it left running in its group was killed
+        assert mark.with_suffix(".atexit").read_text() == "ran"
+        child = int(mark.with_suffix(".child").read_text())
+        deadline = time.monotonic() + 10
+        while _running(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(child), "the dead runner's test left its child running"
     finally:
         if runner.poll() is None:
             runner.kill()
-        if pytest_pid and _running(pytest_pid):  # (the defence missing: no orphan left)
-            os.kill(pytest_pid, signal.SIGKILL)
+        if pytest_pid:  # (the defence missing: no orphan left, the test's child either)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pytest_pid, signal.SIGKILL)
     # a live owner's workspace, one with no owner file (--keep) and one with an owner file
     # that is not one stay; the dead runner's goes
     live = tmp / f"{PREFIX}live"
     live.mkdir()
-    (live / OWNER).write_text(str(os.getpid()))
+    (live / OWNER).write_text(_owner_text())
     kept = tmp / f"{PREFIX}kept"
     kept.mkdir()
     odd = tmp / f"{PREFIX}odd"
@@ -256,41 +269,62 @@ def test_a_runner_killed_with_sigkill_leaves_no_tests_running_and_its_copies_are
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
-def test_a_workspace_whose_owner_pid_was_reused_is_swept(tmp_path: Path) -> None:
-    """An owner file names a pid and its start time: a pid reused by another process since
-    (same number, another start time) does not keep a dead runner's copies."""
+def test_only_a_workspace_whose_owner_is_known_gone_is_swept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An owner file names a pid, its start time and its pid namespace. Swept: a pid no
+    process has, a zombie's, or one another process took since (same number, another start
+    time). Kept: the live owner's, another namespace's (its pids are not ours to read), and
+    everything where there is no /proc (every pid would look gone: every other run's live
+    workspace was removed)."""
     import subprocess
     import sys
+    import time
 
+    from secagg.audit import _workspace
     from secagg.audit._workspace import OWNER, PREFIX, _owner_text, sweep_stale
 
     ours = _owner_text()
-    assert len(ours.split()) == 2
-    reused = tmp_path / f"{PREFIX}reused"
-    reused.mkdir()
-    (reused / OWNER).write_text(f"{os.getpid()} {int(ours.split()[1]) + 1}")
-    current = tmp_path / f"{PREFIX}current"
-    current.mkdir()
-    (current / OWNER).write_text(ours)
+    pid, start, namespace = ours.split()
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                            capture_output=True, text=True, check=True, timeout=60)
-    gone = tmp_path / f"{PREFIX}gone"
-    gone.mkdir()
-    (gone / OWNER).write_text(ended.stdout.strip())
-    assert sorted(sweep_stale(tmp_path)) == sorted([reused, gone])
-    assert current.is_dir()
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # (never waited for, until below)
+    try:
+        deadline = time.monotonic() + 30
+        while _running(zombie.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        zombie_start = Path(f"/proc/{zombie.pid}/stat").read_text().rpartition(")")[2].split()[19]
+        owners = {
+            "current": ours,
+            "reused": f"{pid} {int(start) + 1} {namespace}",
+            "gone": f"{ended.stdout.strip()} 1 {namespace}",
+            "zombie": f"{zombie.pid} {zombie_start} {namespace}",
+            "elsewhere": f"{ended.stdout.strip()} 1 pid:[1]",
+        }
+        for name, text in owners.items():
+            (tmp_path / f"{PREFIX}{name}").mkdir()
+            (tmp_path / f"{PREFIX}{name}" / OWNER).write_text(text)
+        monkeypatch.setattr(_workspace, "PROC", tmp_path / "no-proc")
+        assert sweep_stale(tmp_path) == []
+        monkeypatch.undo()
+        assert sorted(p.name for p in sweep_stale(tmp_path)) == sorted(
+            f"{PREFIX}{n}" for n in ("reused", "gone", "zombie"))
+        assert (tmp_path / f"{PREFIX}current").is_dir()
+        assert (tmp_path / f"{PREFIX}elsewhere").is_dir()
+    finally:
+        zombie.wait(timeout=30)
 
 
 def test_a_kept_workspace_is_never_swept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``--keep`` leaves the copies for the user: the owner file goes with the run, so a
-    later run's sweep leaves them."""
+    """``--keep`` leaves the copies for the user: the workspace has no owner file, so no
+    later run's sweep removes it, even if its runner was killed."""
     import tempfile
 
-    from secagg.audit._workspace import OWNER, sweep_stale
+    from secagg.audit._workspace import OWNER
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     repo = _git_repo(tmp_path / "repo", {"edited.txt": "e"})
-    with Workspace(repo, keep=True) as ws:
-        assert (ws.dir / OWNER).exists()
-    assert not (ws.dir / OWNER).exists()
-    assert sweep_stale(tmp_path) == [] and ws.base.is_dir()
+    with Workspace(repo, keep=True) as kept:
+        assert not (kept.dir / OWNER).exists()
+    with Workspace(repo) as other:  # (its sweep)
+        assert (other.dir / OWNER).exists()
+    assert kept.base.is_dir()

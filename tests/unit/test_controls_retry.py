@@ -270,6 +270,10 @@ _SCOPES = (
      "    global shared\n    shared = c = a\n    return c\n\n\ndef g(a):\n"
      "    return a + shared\n", None),
     ("b = 1\n", "b = 1\nshared = 2\n\n\ndef k():\n    return shared\n", None),
+    # a lazy import into the module's namespace binds it as an assignment does
+    ("    c = a\n    return c\n\n\ndef g(a):\n    return a\n",
+     "    global lazy_mod\n    import json as lazy_mod\n    c = a\n    return c\n\n\n"
+     "def g(a):\n    return lazy_mod.dumps(a)\n", None),
 ])
 def test_an_edit_reading_a_name_bound_only_in_another_scope_proves_nothing(
         find: str, replace: str, said: str | None) -> None:

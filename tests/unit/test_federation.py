@@ -1288,3 +1288,24 @@ def test_a_federation_made_with_a_model_bounds_every_partys_vectors_by_its_size(
     init_federation(tmp_path / "none", 3)
     plain = FederationConfig.load(tmp_path / "none" / "sites" / "site-1" / "federation.toml")
     assert plain.limits.max_vector_length == Limits().max_vector_length
+
+
+def test_sign_config_refuses_a_new_jobs_model_larger_than_the_limit(tmp_path: Path) -> None:
+    """init writes its model's size as [limits] max_vector_length; a new job from a larger
+    model, signed as it was, would stop the aggregator at start and make every site refuse
+    the model as the aggregator's lie. `sign-config` names the limit; raised, it signs."""
+    import re
+
+    from secagg.federation.kit import sign_settings
+
+    model = tmp_path / "m.npz"
+    np.savez(model, w=np.zeros(3, np.float32))  # type: ignore[arg-type]
+    init_federation(tmp_path / "fed", 3, initial_model=model)
+    config = tmp_path / "fed" / "federation.toml"
+    np.savez(tmp_path / "fed" / "model.npz", w=np.zeros(5, np.float32))  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=r"holds 5 values, more than \[limits\] "
+                                                 r"max_vector_length \(3\)"):
+        sign_settings(tmp_path / "fed", config)
+    config.write_text(re.sub(r"(?m)^max_vector_length = .*$", "max_vector_length = 5",
+                             config.read_text()))
+    assert sign_settings(tmp_path / "fed", config).is_file()
