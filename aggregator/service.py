@@ -59,6 +59,7 @@ from secagg.federation.kit import (
     AGGREGATOR_ENTRIES,
     ROSTER_FILE,
     check_kit_directory,
+    check_settings_signature,
     load_roster,
 )
 from secagg.federation.pki import read_private_key
@@ -989,6 +990,17 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
     files = load_server_files(config_path)
     config = files.config
     roster = load_roster(files.directory / ROSTER_FILE, config.trust_root)
+    # Settings every party shares that the trust root did not sign (an operator's edit of
+    # the aggregator's copy, not signed with sign-config): every site refused each round as
+    # its own config's fault, and the aggregator served on, saying nothing (an operator's
+    # test). The aggregator checks them as a site does, before it serves.
+    # defence: service.settings-signed
+    try:
+        check_settings_signature(files.directory, config)
+    except ConfigurationError as e:
+        raise ConfigurationError(f"every site would refuse this aggregator's settings: {e}; "
+                                 "then give the aggregator's directory the signed "
+                                 "federation.toml and settings.sig") from None
     if config.initial_model is None:
         raise ConfigurationError("[job] initial_model is not set: the job needs a model to "
                                  "start from")

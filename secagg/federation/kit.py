@@ -271,7 +271,7 @@ def _verified_settings_sig(d: Path, config: FederationConfig) -> tuple[int, byte
     remedy = ("the federation's operator signs them with `secagg federation sign-config` "
               "(init and sign write settings.sig)")
     data = _read_site_file(path, "a settings signature", (
-        f"site directory {d} lacks {SETTINGS_SIG_FILE}, the federation's signature over the "
+        f"directory {d} lacks {SETTINGS_SIG_FILE}, the federation's signature over the "
         f"settings every party shares: {remedy}"))
     try:
         record = json.loads(data)

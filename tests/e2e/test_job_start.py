@@ -5,6 +5,7 @@ stop it with a clear error (sites would otherwise refuse every round, one after 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,7 @@ def test_an_aggregator_on_a_damaged_store_refuses_to_start_in_one_line(tmp_path:
 def test_an_aggregator_on_another_jobs_store_names_both_jobs(tmp_path: Path) -> None:
     """The [job] id changed under a running job: the refusal names the job the store holds
     and says what to do (a generic "cannot load" message hid it)."""
+    from secagg.federation.kit import sign_settings
     from tests.service_kit import start_aggregator
 
     fed = make_federation(tmp_path, 3, "masking", rounds=1)
@@ -110,6 +112,7 @@ def test_an_aggregator_on_another_jobs_store_names_both_jobs(tmp_path: Path) -> 
     assert agg.stop() == 0
     config = fed.aggregator_config
     config.write_text(config.read_text().replace('id = "job"', 'id = "job-2"', 1))
+    sign_settings(fed.directory, config)  # (the operator's new job, signed)
     agg.start(wait=False)
     try:
         assert agg.process is not None
@@ -346,4 +349,39 @@ def test_an_aggregator_whose_config_names_no_initial_model_refuses_to_start(
     path.write_text(unset)
     with pytest.raises(ConfigurationError, match="initial_model is not set"):
         asyncio.run(serve(path, store=str(tmp_path / "aggregator.db")))
+    assert not (tmp_path / "aggregator.db").exists()
+
+
+@pytest.mark.parametrize("change", ["edited", "unsigned", "another federation's"])
+def test_an_aggregator_whose_shared_settings_are_not_the_signed_ones_refuses_to_start(
+        tmp_path: Path, change: str) -> None:
+    """An operator edited a shared setting of the aggregator's copy (clip_norm) without
+    `sign-config`, or its settings.sig is missing or another federation's: it served, every
+    site refused each round as its own config's fault, and the aggregator said nothing (an
+    operator's test). It now refuses to start, naming sign-config, before it listens or
+    touches a store."""
+    import asyncio
+
+    from aggregator.service import serve
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    fed = make_federation(tmp_path / "a", 3, "masking", rounds=1)
+    path = fed.aggregator_config
+    if change == "edited":
+        text = path.read_text()
+        edited = re.sub(r"(?m)^clip_norm = .*$", "clip_norm = 0.01", text)
+        assert edited != text
+        path.write_text(edited)
+    elif change == "unsigned":
+        (path.parent / "settings.sig").unlink()
+    else:
+        other = make_federation(tmp_path / "b", 3, "masking", rounds=1)
+        (path.parent / "settings.sig").write_bytes(
+            (other.aggregator_config.parent / "settings.sig").read_bytes())
+    with pytest.raises(ConfigurationError, match=r"every site would refuse this aggregator's "
+                                                 r"settings: .*sign-config"):
+        # (bounded: an aggregator that started would serve until stopped)
+        asyncio.run(asyncio.wait_for(serve(path, store=str(tmp_path / "aggregator.db"),
+                                           listen="127.0.0.1:0", metrics_listen=None), 20))
     assert not (tmp_path / "aggregator.db").exists()

@@ -94,6 +94,7 @@ def test_masking_sites_refuse_a_result_moved_further_than_clipped_updates_can(
     learning rate) and holds none."""
     fed = make_federation(tmp_path, 4, "masking", rounds=1)
     _set_learning_rate(fed.aggregator_config, 4.0)
+    sign_settings(fed.directory, fed.aggregator_config)  # (its own settings, signed)
     agg = start_aggregator(fed, tmp_path)
     try:
         reports = run_sites(fed, tmp_path)
