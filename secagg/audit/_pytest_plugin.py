@@ -103,6 +103,12 @@ def _watch(fd: int) -> None:
 def pytest_configure(config: Any) -> None:
     fd = os.environ.pop(LIFELINE_ENV, "")
     if fd.isdigit():
+        # a runner started in the background by a script (`cmd &`) has SIGINT ignored, and
+        # so had its pytest: the lifeline's interrupt did nothing, and the tests were killed
+        # 30 s later without their teardown (an auditor's finding)
+        # defence: audit.orphaned-tests-interruptible
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         with contextlib.suppress(OSError):
             os.set_inheritable(int(fd), False)  # (a test's own subprocesses do not hold it)
             threading.Thread(target=_watch, args=(int(fd),), name="audit-lifeline",

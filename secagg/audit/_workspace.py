@@ -203,17 +203,30 @@ class Workspace:
                 with contextlib.suppress(OSError):  # (no /proc: never swept, as before)
                     (self.dir / f"{OWNER}.new").write_text(_owner_text(), encoding="ascii")
                     os.replace(self.dir / f"{OWNER}.new", self.dir / OWNER)
+            real_root = root.resolve()
             for rel in self.files:
                 dest = self.base / rel
                 _inside(self.base, dest, rel)  # (before mkdir: it would make directories there)
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(root / rel, dest, follow_symlinks=False)
+                src = root / rel
+                target = Path(os.readlink(src)) if src.is_symlink() else None
+                # an absolute link into the repository (tests/x -> /repo/README.md) led every
+                # copy back into the real repository, and a test wrote there through it: in
+                # the copies it leads to the copy's own file
+                # defence: audit.links-into-the-repository-stay-in-the-copy
+                if target is not None and target.is_absolute() \
+                        and target.resolve().is_relative_to(real_root):
+                    dest.symlink_to(os.path.relpath(target.resolve(), (real_root / rel).parent))
+                    continue
+                shutil.copy2(src, dest, follow_symlinks=False)
         except BaseException:
             self.close()  # (the workspace is nobody's yet: no with-block will remove it)
             raise
 
-    def make_copy(self, name: str, edited_file: str, edited_text: str) -> Path:
-        """A copy of the base in which only ``edited_file`` is rewritten."""
+    def pristine_copy(self, name: str) -> Path:
+        """A copy of the base, unedited: where a baseline runs. It ran in the base itself, so
+        a test that rewrote a repository file changed what every later control tested (an
+        auditor's finding: a control that removed nothing came out caught)."""
         copy = self.dir / "controls" / name
         for rel in self.files:
             src, dest = self.base / rel, copy / rel
@@ -222,6 +235,11 @@ class Workspace:
             # a copy, never a hard link: a test writing a file in place must not reach the base
             # defence: audit.copies-are-not-links
             shutil.copy2(src, dest, follow_symlinks=False)
+        return copy
+
+    def make_copy(self, name: str, edited_file: str, edited_text: str) -> Path:
+        """A copy of the base in which only ``edited_file`` is rewritten."""
+        copy = self.pristine_copy(name)
         target = copy / edited_file
         # a file reached through a link in the repository (a directory linked to /etc, or
         # the file itself a link) was rewritten where the link led: outside the copy
@@ -251,18 +269,31 @@ class Workspace:
         edited = _module_name(edited_file) if edited_file else None
         if edited and edited != "secagg":
             modules.append(edited)
+        # (its lifeline, as a control's pytest has: an edited module that loops at import
+        # outlived a runner killed with SIGKILL, at full CPU, for ever)
+        life_read, life_write = os.pipe()
         script = (
-            "import importlib, sys\n"
+            "import importlib, os, sys, threading\n"
+            f"def _watch(fd={life_read}):\n"
+            "    while os.read(fd, 1):\n"
+            "        pass\n"
+            "    os._exit(1)\n"
+            "threading.Thread(target=_watch, daemon=True).start()\n"
             f"for name in {modules!r}:\n"
             "    path = importlib.import_module(name).__file__\n"
             "    sys.stdout.write(f'{name}={path}\\n')\n"
         )
         try:
+            # defence: audit.import-check-ends-with-the-runner
             proc = subprocess.run(  # noqa: S603 (our own interpreter, our own script)
                 [sys.executable, "-c", script], cwd=copy, env=subprocess_env(copy),
-                capture_output=True, text=True, timeout=timeout, check=False)
+                capture_output=True, text=True, timeout=timeout, check=False,
+                pass_fds=(life_read,))
         except subprocess.TimeoutExpired:
             return f"importing {', '.join(modules)} took more than {timeout:.0f} s"
+        finally:
+            os.close(life_read)
+            os.close(life_write)
         if proc.returncode != 0:
             lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
             return lines[-1] if lines else f"import failed with exit code {proc.returncode}"

@@ -18,6 +18,7 @@ flaky run on a loaded machine must not fail CI, and every second attempt is said
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -151,11 +152,20 @@ def failing(run: PytestRun, node_ids: Iterable[str]) -> list[str]:
     return bad
 
 
+_suites = itertools.count(1)
+
+
 def run_suite(ws: Workspace, paths: Sequence[str], *, timeout: float) -> PytestRun:
-    """Run ``paths`` unmodified in the base copy, recording every test's outcome (a module
-    that fails to import does not stop the others)."""
-    return run_pytest(ws, ws.base, [*PYTEST_ARGS, "--continue-on-collection-errors", *paths],
-                      timeout=timeout)
+    """Run ``paths`` unmodified in a copy of the base of its own (never the base: a test that
+    writes a repository file would change what every later control tests), recording every
+    test's outcome (a module that fails to import does not stop the others)."""
+    # defence: audit.baseline-in-a-copy-of-its-own
+    copy = ws.pristine_copy(f"suite-{next(_suites)}")
+    try:
+        return run_pytest(ws, copy, [*PYTEST_ARGS, "--continue-on-collection-errors", *paths],
+                          timeout=timeout)
+    finally:
+        ws.remove_copy(copy)
 
 
 @dataclass

@@ -205,11 +205,14 @@ def test_sleeps():
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+@pytest.mark.parametrize("sigint_ignored", [False, True])
 def test_a_runner_killed_with_sigkill_leaves_no_tests_running_and_its_copies_are_swept(
-        tmp_path: Path) -> None:
+        tmp_path: Path, sigint_ignored: bool) -> None:
     """A SIGKILL of the runner runs no handler: its pytest processes (sessions of their own)
     ran on to their end, and its copies stayed in the temporary directory for good. Its tests
-    now end (torn down as on Ctrl-C) and the next workspace made removes its copies."""
+    now end (torn down as on Ctrl-C) and the next workspace made removes its copies; also
+    when the runner was started with SIGINT ignored (`cmd &` in a script), which its pytest
+    inherited (an auditor's finding: killed 30 s later, untorn)."""
     import signal
     import subprocess
     import sys
@@ -222,8 +225,10 @@ def test_a_runner_killed_with_sigkill_leaves_no_tests_running_and_its_copies_are
     tmp.mkdir()
     mark = tmp_path / "mark"
     env = {**os.environ, "TMPDIR": str(tmp), "AUDIT_TEST_MARK": str(mark)}
-    runner = subprocess.Popen([sys.executable, "-c", _RUNNER, str(repo)], env=env,
-                              stdout=subprocess.PIPE, text=True)
+    runner = subprocess.Popen(
+        [sys.executable, "-c", _RUNNER, str(repo)], env=env, stdout=subprocess.PIPE, text=True,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored
+        else None)
     pytest_pid = 0
     try:
         assert runner.stdout is not None
@@ -328,3 +333,85 @@ def test_a_kept_workspace_is_never_swept(tmp_path: Path, monkeypatch: pytest.Mon
     with Workspace(repo) as other:  # (its sweep)
         assert (other.dir / OWNER).exists()
     assert kept.base.is_dir()
+
+
+def test_a_baseline_writing_a_repository_file_leaves_the_base_as_it_was(tmp_path: Path) -> None:
+    """The baseline ran in the base copy itself: a listed test that rewrote a repository file
+    changed what every later control tested (an auditor's finding: a control that removed
+    nothing came out caught). It runs in a copy of its own."""
+    from secagg.audit.runner import run_suite
+
+    repo = _git_repo(tmp_path / "repo", {
+        "mod.py": "VALUE = 1\n",
+        "test_rewrites.py": "from pathlib import Path\n\n\ndef test_rewrites():\n"
+                            "    Path(__file__).with_name('mod.py').write_text('VALUE = 2\\n')\n",
+    })
+    with Workspace(repo) as ws:
+        run = run_suite(ws, ["test_rewrites.py"], timeout=120)
+        assert run.outcomes == {"test_rewrites.py::test_rewrites": "passed"}
+        assert (ws.base / "mod.py").read_text() == "VALUE = 1\n"
+        copy = ws.make_copy("later", "test_rewrites.py", "")
+        assert (copy / "mod.py").read_text() == "VALUE = 1\n"
+    assert (repo / "mod.py").read_text() == "VALUE = 1\n"
+
+
+def test_an_absolute_link_into_the_repository_leads_into_the_copy(tmp_path: Path) -> None:
+    """A link committed as an absolute path into the repository (tests/notes -> /repo/README)
+    was copied as it was: from every copy it led back into the real repository, and a test
+    wrote there through it. In the copies it leads to the copy's own file."""
+    repo = _git_repo(tmp_path / "repo", {"README.md": "real", "edited.txt": "e"})
+    (repo / "docs").mkdir()
+    (repo / "docs" / "notes.md").symlink_to(repo / "README.md")
+    (repo / "docs" / "outside.md").symlink_to(tmp_path / "elsewhere.md")
+    with Workspace(repo) as ws:
+        copy = ws.make_copy("c", "edited.txt", "x")
+        with open(copy / "docs" / "notes.md", "a") as f:  # as a careless test would
+            f.write(" written")
+        assert (copy / "README.md").read_text() == "real written"
+        assert os.readlink(copy / "docs" / "outside.md") == str(tmp_path / "elsewhere.md")
+    assert (repo / "README.md").read_text() == "real"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_an_import_check_that_hangs_ends_with_a_killed_runner(tmp_path: Path) -> None:
+    """The import check of an edited module that loops at import outlived a runner killed
+    with SIGKILL, at full CPU, for ever (an auditor's finding): it has a lifeline too."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    mark = tmp_path / "mark"
+    repo = _git_repo(tmp_path / "repo", {
+        "secagg/__init__.py": "",
+        "secagg/loop.py": "import os\nfrom pathlib import Path\n"
+                          "Path(os.environ['AUDIT_TEST_MARK']).write_text(str(os.getpid()))\n"
+                          "while True:\n    pass\n",
+    })
+    script = ("import sys\nfrom pathlib import Path\n"
+              "from secagg.audit._workspace import Workspace\n"
+              "ws = Workspace(Path(sys.argv[1]))\n"
+              "copy = ws.pristine_copy('c')\n"
+              "ws.check_imports(copy, 'secagg/loop.py', timeout=300)\n")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    runner = subprocess.Popen([sys.executable, "-c", script, str(repo)],
+                              env={**os.environ, "TMPDIR": str(tmp), "AUDIT_TEST_MARK": str(mark)})
+    pid = 0
+    try:
+        deadline = time.monotonic() + 120
+        while not mark.exists() or not mark.read_text():
+            assert runner.poll() is None and time.monotonic() < deadline, "no import check"
+            time.sleep(0.1)
+        pid = int(mark.read_text())
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(pid), "the dead runner's import check is still running"
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        if pid and _running(pid):
+            os.kill(pid, signal.SIGKILL)
