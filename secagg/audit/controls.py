@@ -238,7 +238,8 @@ class DefinedTests:
 
 
 _DUNDERS = frozenset({"__file__", "__name__", "__doc__", "__spec__", "__builtins__",
-                      "__package__", "__loader__", "__path__", "__debug__"})
+                      "__package__", "__loader__", "__path__", "__debug__", "__qualname__",
+                      "__module__", "__class__", "__annotations__", "__dict__"})
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -284,67 +285,66 @@ def code_problems(path: str, source: str, edits: Sequence[Edit], edited: str,
     # defence: audit.edit-changes-code
     if all(_code_lines(e.find) == _code_lines(e.replace) for e in edits):
         return [f"the edit changes no code in {path} (a comment or blank lines only)"]
-    # names the edits bring that the file never mentions (a word in a string is no name:
-    # only those the edited code reads and does not bind count)
-    new = {w for e in edits for w in _WORD.findall(e.replace)} - set(dir(builtins)) - (
+    # the names the edits' code reads (a word in a string, an attribute, a keyword argument
+    # is no name: the symbol table holds only those the code reads or binds)
+    names = {w for e in edits for w in _WORD.findall(e.replace)} - set(dir(builtins)) - (
         _DUNDERS | set(keyword.kwlist))
-    if not new:
+    if not names:
         return []
-    # the names the unedited file's code mentions (not its comments or docstrings: a name
-    # found only there is no name of the code)
+    # the names the unedited file reads where nothing binds them (a name made some way the
+    # symbol table cannot see: not the edit's doing), by path (a cache)
     cache = {} if words is None else words
     if path not in cache:
         try:
-            cache[path] = _mentioned(ast.parse(source, path))
+            tree = ast.parse(source, path)
+            cache[path] = None if _star_import(tree) else _unbound_reads(source, path)
         except SyntaxError:
             cache[path] = None
-    mentioned = cache[path]
-    if mentioned is None:  # (a star import, or a file that does not parse: not judged)
+    before = cache[path]
+    after = ast.parse(edited, path)
+    if before is None or _star_import(after):  # (a star import's names are unknown)
         return []
-    new -= mentioned
-    if not new:
-        return []
+    # Every read the edit makes, whether the file mentions the name elsewhere or not: a
+    # local of another function read here (an auditor's finding: `nonce`, a local of seal,
+    # read in open_sealed, passed as a name the file mentions, and its NameError "caught").
     # defence: audit.edit-reads-no-undefined-name
-    unknown = sorted(_unbound_reads(edited, path, new))
+    unknown = sorted((_unbound_reads(edited, path) & (names - _annotation_only(after)))
+                     - before)
     if unknown:
-        return [f"the edit reads {', '.join(unknown)}, which {path} does not define (the "
+        return [f"the edit reads {', '.join(unknown)} where {path} does not bind it (the "
                 "code would raise NameError, not run without the defence)"]
     return []
 
 
-def _binds(node: ast.AST) -> set[str]:
-    """The names ``node`` itself binds (an assignment target, a definition, an argument, an
-    import, an ``except ... as``, a match capture, a global or nonlocal declaration)."""
-    if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
-        return {node.id}
-    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-        return {node.name}
-    if isinstance(node, ast.arg):
-        return {node.arg}
-    if isinstance(node, ast.alias):
-        return {(node.asname or node.name).split(".")[0]}
-    if isinstance(node, ast.ExceptHandler | ast.MatchAs | ast.MatchStar) and node.name:
-        return {node.name}
-    if isinstance(node, ast.MatchMapping) and node.rest:
-        return {node.rest}
-    if isinstance(node, ast.Global | ast.Nonlocal):
-        return set(node.names)
-    return set()
+def _star_import(tree: ast.AST) -> bool:
+    return any(isinstance(n, ast.ImportFrom) and any(a.name == "*" for a in n.names)
+               for n in ast.walk(tree))
 
 
-def _mentioned(tree: ast.AST) -> set[str] | None:
-    """Every name ``tree`` reads or binds; None if it star-imports (its names are unknown)."""
-    names: set[str] = set()
+def _annotation_only(tree: ast.Module) -> set[str]:
+    """Names read only in annotations Python never evaluates: a local variable's (in a
+    function), and every one under ``from __future__ import annotations``. (An argument's or
+    a module-level one is evaluated otherwise: a missing name there is a NameError.)"""
+    postponed = any(isinstance(n, ast.ImportFrom) and n.module == "__future__"
+                    and any(a.name == "annotations" for a in n.names) for n in tree.body)
+    notes: list[ast.AST] = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and any(a.name == "*" for a in node.names):
-            return None
-        names |= _binds(node)
-        if isinstance(node, ast.Name):
-            names.add(node.id)
-    return names
+        if postponed:
+            notes += [x for x in (getattr(node, "annotation", None),
+                                  getattr(node, "returns", None)) if isinstance(x, ast.AST)]
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            notes += [n.annotation for stmt in node.body for n in ast.walk(stmt)
+                      if isinstance(n, ast.AnnAssign)]
+    in_notes = {id(n) for note in notes for n in ast.walk(note)}
+    inside: set[str] = set()
+    outside: set[str] = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load):
+            (inside if id(n) in in_notes else outside).add(n.id)
+    return inside - outside
 
 
-def _unbound_reads(source: str, path: str, names: set[str]) -> set[str]:
+def _unbound_reads(source: str, path: str, names: set[str] | None = None) -> set[str]:
     """Which of ``names`` the code reads in a scope that cannot see a binding of it.
 
     Scope by scope (Python's own symbol table), not file-wide: a name bound in one function
@@ -368,8 +368,8 @@ def _unbound_reads(source: str, path: str, names: set[str]) -> set[str]:
         for sym in table.get_symbols():
             # a read of a name its scope binds, or an enclosing function binds (free), is
             # seen; any other is a global's, seen if the module binds it
-            if sym.get_name() in names and sym.is_referenced() and sym.is_global() \
-                    and sym.get_name() not in module_bound:
+            if (names is None or sym.get_name() in names) and sym.is_referenced() \
+                    and sym.is_global() and sym.get_name() not in module_bound:
                 unbound.add(sym.get_name())
     return unbound
 

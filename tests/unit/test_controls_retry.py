@@ -254,7 +254,8 @@ _SCOPES = (
 @pytest.mark.parametrize(("find", "replace", "said"), [
     # bound in one function, read in another: NameError where it is read
     ("    c = a\n", "    c = a\n    fresh = a\n", None),
-    ("    c = a\n    return c\n", "    fresh = a\n    return c\n", None),
+    # the edit unbinds c, which the next line reads: NameError there
+    ("    c = a\n    return c\n", "    fresh = a\n    return c\n", "c"),
     ("    return a\n\n\ndef h", "    return fresh_elsewhere\n\n\ndef h", "fresh_elsewhere"),
     # the same edit binds it in f and reads it in g
     ("    return c\n\n\ndef g(a):\n    return a\n",
@@ -270,6 +271,9 @@ _SCOPES = (
      "    global shared\n    shared = c = a\n    return c\n\n\ndef g(a):\n"
      "    return a + shared\n", None),
     ("b = 1\n", "b = 1\nshared = 2\n\n\ndef k():\n    return shared\n", None),
+    # a local variable's annotation is never evaluated; an argument's is, at the def
+    ("    c = a\n", "    c: Sequence[int] = a\n", None),
+    ("def g(a):\n", "def g(a: Missing):\n", "Missing"),
     # a lazy import into the module's namespace binds it as an assignment does
     ("    c = a\n    return c\n\n\ndef g(a):\n    return a\n",
      "    global lazy_mod\n    import json as lazy_mod\n    c = a\n    return c\n\n\n"
@@ -339,3 +343,45 @@ def test_stopping_the_run_kills_the_running_tests_and_starts_no_more() -> None:
         runner_module._running.discard(proc.pid)
         if proc.poll() is None:
             proc.kill()
+
+
+_NAMED = (
+    "from __future__ import annotations\n\nimport os\n\n\nclass Box:\n    size = 3\n\n"
+    "    def get(self):\n        return 1\n\n\ndef seal(key):\n    nonce = os.urandom(12)\n"
+    "    return nonce + key\n\n\ndef lazy():\n    import json\n    return json\n\n\n"
+    "def open_sealed(blob):\n    return blob[12:]\n\n\ndef dynamic():\n    return injected\n"
+)
+
+
+@pytest.mark.parametrize(("find", "replace", "said"), [
+    # names the file mentions elsewhere, read where nothing binds them (an auditor's: the
+    # check looked only at names the file never mentions)
+    ("    return blob[12:]\n", "    return blob[len(nonce):]\n", "nonce"),
+    ("        return 1\n", "        return size\n", "size"),
+    ("    return blob[12:]\n", "    return json.loads(blob)\n", "json"),
+    # read where bound, or as Python finds them
+    ("        return 1\n", "        return self.size + len(__class__.__qualname__)\n", None),
+    ("    size = 3\n", "    size = 3\n    label = __qualname__ + __module__\n", None),
+    ("    return blob[12:]\n", "    rest: Sequence[bytes] = blob[12:]\n    return rest\n", None),
+    ("    return blob[12:]\n", "    return os.fspath(blob)\n", None),
+    # a name unbound before the edit (made some way the symbol table cannot see) is not the
+    # edit's doing; a star import the edit adds makes every name unknown
+    ("    return blob[12:]\n", "    return injected(blob)\n", None),
+    ("import os\n\n\nclass Box:\n    size = 3\n",
+     "import os\nfrom json import *\n\n\nclass Box:\n    size = dumps(3)\n", None),
+])
+def test_an_edit_reading_a_name_the_file_mentions_but_not_where_it_is_read_proves_nothing(
+        find: str, replace: str, said: str | None) -> None:
+    """Every read the edit makes is resolved where it is made, whether the file mentions the
+    name elsewhere or not: a local of another function, a class attribute read bare in a
+    method, a module imported in another function. An edit reading `nonce` (seal's local) in
+    open_sealed was called caught, by its NameError."""
+    from secagg.audit.controls import code_problems
+
+    assert _NAMED.count(find) == 1
+    edited = _NAMED.replace(find, replace, 1)
+    found = code_problems("secagg/x.py", _NAMED, (Edit(find, replace),), edited)
+    if said is None:
+        assert found == []
+    else:
+        assert len(found) == 1 and f"reads {said} where" in found[0]
