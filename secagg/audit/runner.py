@@ -179,6 +179,10 @@ class ControlResult:
     failed_tests: list[str] = field(default_factory=list)  # node ids that failed with the edit
     attempts: int = 1
     first_attempt: str = ""  # what the first attempt came to, when there were two
+    # caught: how the listed test failed, pytest's first "E" line (a NameError, not an
+    # assertion, says the edit broke the code rather than removed a defence: an auditor saw
+    # no difference between the two)
+    failure: str = ""
 
     def to_json(self) -> dict[str, Any]:
         c = self.control
@@ -190,6 +194,8 @@ class ControlResult:
         }
         if self.first_attempt:
             out["first_attempt"] = self.first_attempt
+        if self.failure:
+            out["failure"] = self.failure
         if self.result != "caught" and self.output_tail:
             out["output_tail"] = self.output_tail
         return out
@@ -260,6 +266,8 @@ class Progress:
         detail = detail if len(detail) <= 90 else detail[:87] + "..."
         self.say(f"  [{n:>{width}}/{self.total}]  {r.result:<8}{r.seconds:>8.1f}  "
                  f"{r.control.id:<44}{detail}")
+        if "SUSPECT" in r.failure:  # (said under its line: the table stays readable)
+            self.say(f"      {r.failure}")
 
 
 class ControlRunner:
@@ -400,6 +408,21 @@ class ControlRunner:
         return classify(control, run, time.perf_counter() - began, timeout)
 
 
+_SUSPECT = ("NameError", "UnboundLocalError", "ImportError", "ModuleNotFoundError",
+            "SyntaxError", "IndentationError")
+
+
+def _first_error(output: str) -> str:
+    """pytest's first "E" line (the exception a failing test ended with), cut short; said as
+    suspect when it is one an edit that breaks the code raises."""
+    line = next((ln.removeprefix("E").strip() for ln in output.splitlines()
+                 if ln.startswith("E ") and ln.removeprefix("E").strip()), "")
+    line = line if len(line) <= 200 else line[:197] + "..."
+    if line.split(":", 1)[0].rsplit(".", 1)[-1] in _SUSPECT:
+        return f"{line} (SUSPECT: the edit may break the code, not remove a defence)"
+    return line
+
+
 def classify(control: Control, run: PytestRun, seconds: float, timeout: float) -> ControlResult:
     """caught / missed / invalid / timeout from a pytest run on the edited copy."""
     tail = _tail(run.output)
@@ -415,8 +438,9 @@ def classify(control: Control, run: PytestRun, seconds: float, timeout: float) -
     # failing, e.g. one that made the process exit: a listed test must have failed)
     # defence: audit.caught-needs-a-failed-test
     if run.exit_code == 1 and failed:
+        # defence: audit.caught-says-how
         return ControlResult(control, "caught", seconds, detail=failed[0],
-                             exit_code=1, failed_tests=failed)
+                             exit_code=1, failed_tests=failed, failure=_first_error(run.output))
     if run.exit_code == 1:
         return ControlResult(control, "invalid", seconds, exit_code=1, output_tail=tail,
                              detail="pytest failed, but no listed test did (the edit "

@@ -385,3 +385,29 @@ def test_an_edit_reading_a_name_the_file_mentions_but_not_where_it_is_read_prove
         assert found == []
     else:
         assert len(found) == 1 and f"reads {said} where" in found[0]
+
+
+@pytest.mark.parametrize(("output", "failure"), [
+    ("F\nE       AssertionError: assert b'x' == b'y'\nE       more\n",
+     "AssertionError: assert b'x' == b'y'"),
+    ("F\nE       NameError: name 'nonce' is not defined\n",
+     "NameError: name 'nonce' is not defined (SUSPECT: the edit may break the code, not "
+     "remove a defence)"),
+    ("F\n", ""),
+])
+def test_a_caught_control_says_how_its_test_failed(output: str, failure: str) -> None:
+    """A caught verdict named the failing test only: a catch by NameError (the edit broke the
+    code) looked like an assertion's (an auditor's finding). It now says pytest's first
+    error line, in the JSON and, marked SUSPECT for the errors a broken edit raises, under
+    the control's line."""
+    from secagg.audit.runner import ControlsRun, classify
+
+    run = PytestRun(1, output, 1.0, {TEST: "failed"}, {})
+    result = classify(_control(), run, 1.0, 300.0)
+    assert result.result == "caught" and result.failure == failure
+    js = ControlsRun([result], run, 1.0).to_json()["controls"][0]
+    assert js.get("failure", "") == failure
+    stream = io.StringIO()
+    progress = runner_module.Progress(stream, 1)
+    progress.result(result)
+    assert ("SUSPECT" in stream.getvalue()) == ("SUSPECT" in failure)
