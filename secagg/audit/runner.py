@@ -368,6 +368,10 @@ class ControlRunner:
 
     def _run_one(self, control: Control, index: int) -> ControlResult:
         result = self._attempt(control, index)
+        # a run stopped (SIGTERM, Ctrl-C) killed its tests: no retry, no line blaming them
+        # defence: audit.stopped-run-retries-nothing
+        if _stopping.is_set():
+            return result
         # caught only by tests that were flaky on the baseline: it may be their flakiness,
         # not the edit (a comment-only control came out "caught"); confirmed by a second run
         flaky = {function_id(f) for f in self._flaky}

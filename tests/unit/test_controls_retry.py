@@ -411,3 +411,33 @@ def test_a_caught_control_says_how_its_test_failed(output: str, failure: str) ->
     progress = runner_module.Progress(stream, 1)
     progress.result(result)
     assert ("SUSPECT" in stream.getvalue()) == ("SUSPECT" in failure)
+
+
+def test_ctrl_c_stops_the_running_tests_and_a_stopped_run_retries_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C reaches the runner's group only (the tests run in sessions of their own): the
+    run waited for them, up to a control's timeout, then retried them, and a SIGTERM's last
+    lines said "retried ... crashed" of tests the runner itself had killed (an auditor). A
+    SIGINT now stops the running tests as SIGTERM does, and a stopped run retries nothing."""
+    import os
+    import signal
+
+    from secagg.audit.cli import _end_through_finally_on_sigterm
+
+    stopped: list[bool] = []
+    monkeypatch.setattr(runner_module, "stop_running", lambda: stopped.append(True))
+    with pytest.raises(KeyboardInterrupt), _end_through_finally_on_sigterm():
+        os.kill(os.getpid(), signal.SIGINT)
+        signal.sigtimedwait([], 0.5)  # (the handler runs at the next bytecode)
+    assert stopped == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    attempts: list[int] = []
+    monkeypatch.setattr(ControlRunner, "_attempt", lambda self, c, i: attempts.append(i) or
+                        ControlResult(c, "timeout", detail="killed after 300 s"))
+    stream = io.StringIO()
+    runner_module._stopping.set()
+    try:
+        result = _runner(stream)._run_one(_control(), 0)
+    finally:
+        runner_module._stopping.clear()
+    assert attempts == [0] and result.attempts == 1 and "retried" not in stream.getvalue()
