@@ -618,7 +618,9 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
             # its text, which can quote the statement's parameters, is never logged)
             self.core.healthy = False
             # defence: service.raw-database-errors-logged-by-type
-            reason = str(e) if isinstance(e, StoreError) else type(e).__name__
+            # (a raw one through store_failure: its class and our words for a known cause,
+            # a full disk, never its text; its class alone hid the full disk it was)
+            reason = str(e) if isinstance(e, StoreError) else str(store_failure(e, "database"))
             log.error("store error", extra={"event": "store_error", "reason": reason})
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "the store is unavailable")
         raise AssertionError("unreachable")  # pragma: no cover

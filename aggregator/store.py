@@ -143,6 +143,13 @@ _KNOWN_CAUSES = (
     (("password authentication failed",), "password authentication failed"),
     (("unable to open database file",), "SQLite cannot open the file (its directory is "
                                         "missing or not writable)"),
+    (("no password supplied",), "no password was given (set PGPASSWORD, or a .pgpass file)"),
+    (("attempt to write a readonly database",), "the store's file cannot be written (its "
+                                                "mode, its owner, an immutable file or a "
+                                                "read-only mount)"),
+    (("disk I/O error",), "the disk holding the store failed a read or a write (full, or "
+                          "failing: check it)"),
+    (("database or disk is full",), "the disk holding the store is full"),
 )
 # Why a database did not answer: the store stays unreachable (the service waits for it), the
 # operator is told the reason (it was "unreachable: OperationalError", with none).
@@ -171,6 +178,14 @@ def _known_cause(e: BaseException) -> str | None:
     return _cause(e, _KNOWN_CAUSES)
 
 
+def _reset_timeout(c: sa.Connection, sqlite: bool) -> None:
+    """Give a pooled connection back its usual lock wait (a ping shortens it)."""
+    if sqlite:
+        c.exec_driver_sql("PRAGMA busy_timeout=30000")
+    else:
+        c.exec_driver_sql("RESET statement_timeout")
+
+
 def store_failure(e: BaseException, what: str) -> StoreError:
     """``what`` failed with ``e`` (a database error): StoreUnreachable when the database did
     not answer or cannot take work for now (the service waits for it, NOT_SERVING),
@@ -185,11 +200,22 @@ def store_failure(e: BaseException, what: str) -> StoreError:
     # guess; it is named, in our words (a driver's message is never shown)
     # defence: store.full-disk-named
     full = (state == "53100" or _cause(e, _FULL_CAUSES) is not None)
+    # and the other causes an operator mends on the machine, not in the store (an operator's
+    # test: a store file made read-only was "unreachable: OperationalError" every second)
+    # defence: store.write-failures-named
+    named = DISK_FULL if full else _cause(e, _WRITE_CAUSES)
     return kind(f"{what}: {type(e).__name__}" + (f" (SQLSTATE {state})" if state else "")
-                + (f": {DISK_FULL}" if full else ""))
+                + (f": {named}" if named else ""))
 
 
 _FULL_CAUSES = ((("database or disk is full",), "full"),)  # (SQLite's SQLITE_FULL)
+_WRITE_CAUSES = (
+    (("attempt to write a readonly database",), "the store's file cannot be written (its mode, "
+                                                "its owner, an immutable file or a read-only "
+                                                "mount)"),
+    (("disk I/O error",), "the disk holding the store failed a read or a write (full, or "
+                          "failing: check it)"),
+)
 DISK_FULL = ("the disk holding the store is full (free space on it: SQLite's write-ahead log "
              "can take the store's size again, up to 64 MB more, before it is trimmed)")
 
@@ -952,11 +978,19 @@ class Store:
                         # defence: store.ping-proves-a-write
                         c.exec_driver_sql("UPDATE alembic_version SET version_num = version_num")
                         c.commit()
-                finally:
-                    if sqlite:
-                        c.exec_driver_sql("PRAGMA busy_timeout=30000")
-                    else:
-                        c.exec_driver_sql("RESET statement_timeout")
+                except BaseException:
+                    # the failed transaction rolled back first: the reset below, on it, raised
+                    # PendingRollbackError in place of the cause (a full disk was logged as
+                    # "store unreachable: PendingRollbackError" every second: an operator's
+                    # test); a connection that cannot be reset is not pooled again
+                    # defence: store.ping-keeps-the-cause
+                    try:
+                        c.rollback()
+                        _reset_timeout(c, sqlite)
+                    except sa.exc.SQLAlchemyError:
+                        c.invalidate()
+                    raise
+                _reset_timeout(c, sqlite)
         except sa.exc.SQLAlchemyError as e:
             raise store_failure(e, "store unreachable") from None
 

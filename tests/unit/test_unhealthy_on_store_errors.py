@@ -6,6 +6,7 @@ itself is UNAVAILABLE, which sites retry. (Fake calls, no gRPC.)"""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 
@@ -41,30 +42,39 @@ def test_a_call_that_finds_the_store_wanting_marks_the_aggregator_unhealthy(
 def test_a_raw_database_error_is_logged_by_its_type_not_its_text(
         caplog: pytest.LogCaptureFixture) -> None:
     """A database error the store did not wrap quotes its statement and parameters (a
-    chunk's bytes, a message's fields) in its text: the log names its type only."""
+    chunk's bytes, a message's fields) in its text: the log names its type only, and a
+    known cause in our words (a full disk was logged as "OperationalError" alone: an
+    operator's test)."""
     import logging
+    import sqlite3
 
     from sqlalchemy.exc import OperationalError
 
+    from aggregator.store import DISK_FULL
+
     canary = "payload-canary-7f3a"
-    error = OperationalError("INSERT INTO chunks VALUES (:data)", {"data": canary},
-                             Exception(canary))
+    errors = [OperationalError("INSERT INTO chunks VALUES (:data)", {"data": canary},
+                               Exception(canary)),
+              OperationalError("INSERT INTO chunks VALUES (:data)", {"data": canary},
+                               sqlite3.OperationalError("database or disk is full"))]
 
     async def main() -> None:
         core = Core(asyncio.get_running_loop())
         service = fake_service(core)
+        for error in errors:
+            def fails(job: object, error: Exception = error) -> None:
+                raise error
 
-        def fails(job: object) -> None:
-            raise error
-
-        with pytest.raises(Aborted, match="UNAVAILABLE"):
-            await service._call(FakeContext(1), fails)
+            core.healthy = True  # (as the watcher makes it once the store answers)
+            with pytest.raises(Aborted, match="UNAVAILABLE"):
+                await service._call(FakeContext(1), fails)
         core.executor.shutdown()
 
     with caplog.at_level(logging.DEBUG):
         asyncio.run(main())
     logged = [(r.getMessage(), getattr(r, "reason", "")) for r in caplog.records]
-    assert ("store error", "OperationalError") in logged
+    assert ("store error", "database: OperationalError") in logged
+    assert ("store error", f"database: OperationalError: {DISK_FULL}") in logged
     assert canary not in repr(logged) and canary not in caplog.text
 
 
@@ -278,3 +288,43 @@ def test_the_watcher_serves_the_job_it_rebuilt_from_the_store(
     healthy, job = asyncio.run(main())
     assert healthy and len(rebuilt) == 1
     assert job is rebuilt[0] and rebuilt[0].recovered  # type: ignore[attr-defined]
+
+
+def test_a_ping_whose_write_fails_tells_the_cause_and_the_connection_recovers(
+        tmp_path: pytest.TempPathFactory) -> None:
+    """A full disk failed the ping's commit, and the ping's clean-up, run on the failed
+    transaction, raised PendingRollbackError in its place: "store unreachable:
+    PendingRollbackError" every second, never the disk (an operator's test). The cause is
+    told, and once the disk has room the next ping succeeds with the connection's usual
+    lock wait. A file that cannot be written, or a disk failing writes, is named too."""
+    import sqlite3
+    from pathlib import Path
+
+    import sqlalchemy as sa
+
+    from aggregator.store import DISK_FULL, Store, store_failure
+
+    store = Store(f"sqlite:///{Path(str(tmp_path)) / 'agg.db'}")
+    try:
+        real = store.engine.dialect.do_commit
+        failing = [sqlite3.OperationalError("database or disk is full")]
+
+        def do_commit(dbapi_connection: object) -> None:
+            if failing:
+                raise failing[0]
+            real(dbapi_connection)
+
+        store.engine.dialect.do_commit = do_commit  # type: ignore[method-assign]
+        with pytest.raises(StoreError, match=f"store unreachable: OperationalError: "
+                                             f"{re.escape(DISK_FULL)}"):
+            store.ping(write=True)
+        failing.clear()
+        store.ping(write=True)
+        with store.engine.connect() as c:
+            assert c.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+    finally:
+        store.close()
+    for text, named in (("attempt to write a readonly database", "cannot be written"),
+                        ("disk I/O error", "failed a read or a write")):
+        error = sa.exc.OperationalError("UPDATE", {}, sqlite3.OperationalError(text))
+        assert named in str(store_failure(error, "x"))
