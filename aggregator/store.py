@@ -1044,7 +1044,10 @@ class Store:
         """StoreError unless this aggregator still holds the store (called by every ping): a
         PostgreSQL restart, a network cut or a DBA ends the lease's session, and the lease
         is taken again, or StoreBusy if another aggregator took it meanwhile."""
-        if not self._leased or self.url.startswith("sqlite"):
+        if not self._leased:
+            return
+        if self.url.startswith("sqlite"):
+            self._check_sqlite_file()
             return
         if self._lease is not None:
             try:
@@ -1059,6 +1062,26 @@ class Store:
         # lost is never "not needed", which let an aggregator whose retake failed serve again)
         # defence: store.lost-lease-stays-lost
         self._lease_postgresql()
+
+    def _check_sqlite_file(self) -> None:
+        """StoreError if the store's file is no longer at its path (deleted, or replaced by
+        another): the aggregator wrote on into a file no one could open again, all of it
+        lost at the next start, and the lock no longer guarded the path, so a second
+        aggregator served beside it from a new store (an operator's test)."""
+        database = _sqlite_file(self.url)
+        if self._lease_fd is None or database is None:
+            return
+        held = os.fstat(self._lease_fd)
+        try:
+            now = os.stat(database)
+            moved = (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)
+        except FileNotFoundError:
+            moved = True
+        # defence: store.sqlite-file-still-at-its-path
+        if moved or held.st_nlink == 0:
+            raise StoreError(f"the store {database} was deleted or replaced while this "
+                             "aggregator ran: what it records from now on would be lost; "
+                             "stop it and put the store back (or restore a backup)")
 
     def _lease_sqlite(self) -> None:
         database = _sqlite_file(self.url)

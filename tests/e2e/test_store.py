@@ -1163,3 +1163,31 @@ def test_a_restore_from_a_backup_that_is_not_there_says_so(tmp_path: Path) -> No
     with pytest.raises(StoreError, match=r"no backup file .*agg\.bak"):
         restore(missing, str(tmp_path / "new.db"))
     assert not (tmp_path / "new.db").exists()
+
+
+@pytest.mark.parametrize("change", ["deleted", "replaced"])
+def test_a_sqlite_store_deleted_or_replaced_under_its_aggregator_stops_it_serving(
+        tmp_path: Path, change: str) -> None:
+    """The store's file removed (a clean-up job) or replaced while the aggregator ran: it
+    served on, writing into a file no one could open again (all lost at its next start),
+    and, the path's lock gone with the file, a second aggregator served beside it from a new
+    store (an operator's test). The next ping fails, naming what happened, so health says
+    NOT_SERVING."""
+    import os
+
+    path = tmp_path / "agg.db"
+    store = Store(str(path))
+    try:
+        store.take_lease()
+        store.ping(write=True)
+        if change == "deleted":
+            for p in tmp_path.glob("agg.db*"):
+                p.unlink()
+        else:
+            other = Store(str(tmp_path / "other.db"))
+            other.close()
+            os.replace(tmp_path / "other.db", path)
+        with pytest.raises(StoreError, match="deleted or replaced while this aggregator ran"):
+            store.ping(write=True)
+    finally:
+        store.close()
