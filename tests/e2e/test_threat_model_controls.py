@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -175,6 +176,30 @@ def _running(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
+def _kill_once_marked(runner: Any, mark: Path) -> int:
+    """Wait until the runner's child has written its pid to ``mark``, then SIGKILL the
+    runner; the child's pid."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + 120
+    while not mark.exists() or not mark.read_text():
+        assert runner.poll() is None and time.monotonic() < deadline, "the child never started"
+        time.sleep(0.1)
+    runner.send_signal(signal.SIGKILL)
+    runner.wait(timeout=30)
+    return int(mark.read_text())
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not _running(pid)
+
+
 _RUNNER = '''
 import sys
 from pathlib import Path
@@ -216,7 +241,6 @@ def test_a_runner_killed_with_sigkill_leaves_no_tests_running_and_its_copies_are
     import signal
     import subprocess
     import sys
-    import time
 
     from secagg.audit._workspace import OWNER, PREFIX, _owner_text, sweep_stale
 
@@ -233,25 +257,13 @@ def test_a_runner_killed_with_sigkill_leaves_no_tests_running_and_its_copies_are
     try:
         assert runner.stdout is not None
         workspace = Path(runner.stdout.readline().strip())
-        deadline = time.monotonic() + 120
-        while not mark.exists() or not mark.read_text():
-            assert runner.poll() is None and time.monotonic() < deadline, "pytest never started"
-            time.sleep(0.1)
-        pytest_pid = int(mark.read_text())
-        runner.send_signal(signal.SIGKILL)
-        runner.wait(timeout=30)
-        deadline = time.monotonic() + 20
-        while _running(pytest_pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _running(pytest_pid), "the dead runner's pytest is still running"
+        pytest_pid = _kill_once_marked(runner, mark)
+        assert _gone_within(pytest_pid, 20), "the dead runner's pytest is still running"
         assert mark.with_suffix(".teardown").read_text() == "ran"  # interrupted, not killed
         # its exit handlers ran, and what it left running in its group was killed
         assert mark.with_suffix(".atexit").read_text() == "ran"
         child = int(mark.with_suffix(".child").read_text())
-        deadline = time.monotonic() + 10
-        while _running(child) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _running(child), "the dead runner's test left its child running"
+        assert _gone_within(child, 10), "the dead runner's test left its child running"
     finally:
         if runner.poll() is None:
             runner.kill()
@@ -379,7 +391,6 @@ def test_an_import_check_that_hangs_ends_with_a_killed_runner(tmp_path: Path) ->
     import signal
     import subprocess
     import sys
-    import time
 
     mark = tmp_path / "mark"
     repo = _git_repo(tmp_path / "repo", {
@@ -399,17 +410,8 @@ def test_an_import_check_that_hangs_ends_with_a_killed_runner(tmp_path: Path) ->
                               env={**os.environ, "TMPDIR": str(tmp), "AUDIT_TEST_MARK": str(mark)})
     pid = 0
     try:
-        deadline = time.monotonic() + 120
-        while not mark.exists() or not mark.read_text():
-            assert runner.poll() is None and time.monotonic() < deadline, "no import check"
-            time.sleep(0.1)
-        pid = int(mark.read_text())
-        runner.send_signal(signal.SIGKILL)
-        runner.wait(timeout=30)
-        deadline = time.monotonic() + 20
-        while _running(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _running(pid), "the dead runner's import check is still running"
+        pid = _kill_once_marked(runner, mark)
+        assert _gone_within(pid, 20), "the dead runner's import check is still running"
     finally:
         if runner.poll() is None:
             runner.kill()
