@@ -5,10 +5,10 @@ plot and a JSON summary. Nothing in the secure run bypasses the wire."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -130,10 +130,23 @@ def plaintext_fedavg(dataset: Dataset, parts: list[np.ndarray], rounds: int,
 # ---- the secure run over the service -------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _listening_port(log: Path, aggregator: subprocess.Popen[bytes],
+                    timeout: float = 120.0) -> int:
+    """The port the aggregator's log says it listens on, once it does; a RuntimeError with
+    the log's last lines if it exits first or takes longer than ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        for line in text.splitlines():
+            with contextlib.suppress(ValueError, AttributeError, IndexError):
+                event = json.loads(line)
+                if event.get("event") == "listening":
+                    return int(str(event["peer"]).rsplit("->", 1)[1])
+        if aggregator.poll() is not None or time.monotonic() > deadline:
+            tail = "\n".join(text.splitlines()[-5:])
+            raise RuntimeError(f"the aggregator did not start (exit {aggregator.poll()}): "
+                               f"{tail or 'no log'}")
+        time.sleep(0.05)
 
 
 def _env() -> dict[str, str]:
@@ -162,10 +175,9 @@ def secure_run(dataset: Dataset, parts: list[np.ndarray], rounds: int, train: Tr
                  y=dataset.y_train[idx])
     model = make_model(dataset.image_size, len(dataset.classes), dp=dp, seed=SEED)
     np.savez(work / "initial.npz", **to_numpy(model.state_dict()))  # type: ignore[arg-type]
-    port = _free_port()
     fed = work / "federation"
     init_federation(fed, options.sites, protocol=protocol, key_holders=(1, 2),
-                    aggregator=f"localhost:{port}", initial_model=work / "initial.npz",
+                    aggregator="localhost:50051", initial_model=work / "initial.npz",
                     name="demo", rounds=rounds, clip_norm=clip_norm,
                     max_samples=float(max(len(p) for p in parts)),
                     deadlines=Deadlines(**deadlines))
@@ -175,11 +187,25 @@ def secure_run(dataset: Dataset, parts: list[np.ndarray], rounds: int, train: Tr
                       for s, rs in drops.items()}}
     (work / "demo.json").write_text(json.dumps(plan))
     log = open(work / "aggregator.log", "wb")  # noqa: SIM115 (the aggregator owns it)
+    # The aggregator takes a free port itself and the sites are told it: a port picked here
+    # and bound later could be taken meanwhile (the metrics server's own port 0, or a site's
+    # connection to itself), and the aggregator then exited 2 (CI, once).
+    # defence: demo.aggregator-port-taken-by-the-aggregator
     aggregator = subprocess.Popen(  # noqa: S603
         [sys.executable, "-m", "secagg.cli", "aggregator", "serve", "--config",
          str(fed / "aggregator" / "federation.toml"), "--store", str(work / "aggregator.db"),
-         "--metrics", "127.0.0.1:0"],
+         "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
         stdout=log, stderr=log, env=_env(), cwd=ROOT)
+    try:
+        port = _listening_port(work / "aggregator.log", aggregator)
+    except BaseException:
+        aggregator.kill()
+        aggregator.wait()
+        raise
+    for s in range(1, options.sites + 1):  # ([federation] aggregator is each party's own)
+        config = fed / "sites" / f"site-{s}" / "federation.toml"
+        config.write_text(config.read_text().replace('aggregator = "localhost:50051"',
+                                                     f'aggregator = "localhost:{port}"', 1))
     sites = [subprocess.Popen(  # noqa: S603
         [sys.executable, "-m", "clients.demo.site", str(fed / "sites" / f"site-{s}"),
          str(work)], stdout=subprocess.DEVNULL,

@@ -292,3 +292,29 @@ def test_bad_flags_or_a_missing_data_set_are_one_clear_line(args: list[str], say
     assert "Traceback" not in proc.stderr and says in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(errors) == 1, proc.stderr
+
+
+def test_the_demo_tells_its_sites_the_port_the_aggregator_took(tmp_path: Path) -> None:
+    """The demo picked a free port and the aggregator bound it later: meanwhile it could be
+    taken (the metrics server's own port 0, a site's connection to itself), and the
+    aggregator exited 2 (CI, once). The aggregator takes a free port itself; the demo reads
+    it from its log, or says why it never listened."""
+    import subprocess
+    import sys
+
+    from clients.demo.run import _listening_port
+
+    log = tmp_path / "aggregator.log"
+    log.write_text('{"event": "serving"}\nnot json\n'
+                   '{"event": "listening", "peer": "127.0.0.1:0 -> 43567"}\n')
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert _listening_port(log, alive, timeout=5) == 43567
+    finally:
+        alive.kill()
+        alive.wait()
+    log.write_text('{"event": "error", "message": "cannot listen"}\n')
+    ended = subprocess.Popen([sys.executable, "-c", "raise SystemExit(2)"])
+    ended.wait()
+    with pytest.raises(RuntimeError, match=r"did not start \(exit 2\).*cannot listen"):
+        _listening_port(log, ended, timeout=5)

@@ -298,6 +298,7 @@ def test_a_run_that_fails_stops_every_process_it_started(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(subprocess, "Popen", FakePopen)
     monkeypatch.setattr(demo, "_follow", stuck)
+    monkeypatch.setattr(demo, "_listening_port", lambda *_args, **_kwargs: 50123)
     x = np.zeros((12, 1, 8, 8), dtype=np.float32)
     y = (np.arange(12) % 2).astype(np.int64)
     dataset = Dataset("tiny", x, y, x[:4], y[:4], ("a", "b"))
