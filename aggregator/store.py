@@ -135,6 +135,17 @@ _UNREACHABLE_SQLSTATES = ("25006", "08", "53", "57P", "40")
 
 # what a driver's message says, for the causes an operator fixes by hand, as our own words
 # (a driver's message is never passed on: it can quote statements and parameters)
+_FULL_CAUSES = ((("database or disk is full",), "full"),)  # (SQLite's SQLITE_FULL)
+_WRITE_CAUSES = (
+    (("attempt to write a readonly database",), "the store's file cannot be written (its mode, "
+                                                "its owner, an immutable file or a read-only "
+                                                "mount)"),
+    (("disk I/O error",), "the disk holding the store failed a read or a write (full, or "
+                          "failing: check it)"),
+)
+DISK_FULL = ("the disk holding the store is full (free space on it: SQLite's write-ahead log "
+             "can take the store's size again, up to 64 MB more, before it is trimmed)")
+
 _KNOWN_CAUSES = (
     (("file is not a database",), "it is not a SQLite database (or its first page is damaged)"),
     (("database disk image is malformed",), "the SQLite file is damaged (restore a backup)"),
@@ -144,12 +155,8 @@ _KNOWN_CAUSES = (
     (("unable to open database file",), "SQLite cannot open the file (its directory is "
                                         "missing or not writable)"),
     (("no password supplied",), "no password was given (set PGPASSWORD, or a .pgpass file)"),
-    (("attempt to write a readonly database",), "the store's file cannot be written (its "
-                                                "mode, its owner, an immutable file or a "
-                                                "read-only mount)"),
-    (("disk I/O error",), "the disk holding the store failed a read or a write (full, or "
-                          "failing: check it)"),
-    (("database or disk is full",), "the disk holding the store is full"),
+    *_WRITE_CAUSES,
+    (("database or disk is full",), DISK_FULL),
 )
 # Why a database did not answer: the store stays unreachable (the service waits for it), the
 # operator is told the reason (it was "unreachable: OperationalError", with none).
@@ -208,16 +215,6 @@ def store_failure(e: BaseException, what: str) -> StoreError:
                 + (f": {named}" if named else ""))
 
 
-_FULL_CAUSES = ((("database or disk is full",), "full"),)  # (SQLite's SQLITE_FULL)
-_WRITE_CAUSES = (
-    (("attempt to write a readonly database",), "the store's file cannot be written (its mode, "
-                                                "its owner, an immutable file or a read-only "
-                                                "mount)"),
-    (("disk I/O error",), "the disk holding the store failed a read or a write (full, or "
-                          "failing: check it)"),
-)
-DISK_FULL = ("the disk holding the store is full (free space on it: SQLite's write-ahead log "
-             "can take the store's size again, up to 64 MB more, before it is trimmed)")
 
 
 # libpq settings for a PostgreSQL store, unless its URL sets them: a server that stops
