@@ -20,6 +20,11 @@ payload or anything derived from one. Each aggregator has its own registry (test
 - ``secagg_stage_duration_seconds{protocol,stage}``: from a stage's start to its close
 - ``secagg_store_latency_seconds{operation}``: each SQL statement (select, insert, update,
   delete, other), on the store's connections
+- ``secagg_serving``: 1 while gRPC health says SERVING, 0 otherwise
+
+Beside ``/metrics`` the port answers ``/readyz`` (200 while SERVING, 503 otherwise) and
+``/livez`` (200): probes for an orchestrator, which has no site's client certificate to call
+gRPC's health service with.
 """
 
 from __future__ import annotations
@@ -76,6 +81,10 @@ class Metrics:
         self.store_latency = Histogram("secagg_store_latency_seconds",
                                        "SQL statement latency on the store",
                                        ["operation"], buckets=STORE_BUCKETS, registry=r)
+        self.serving = Gauge("secagg_serving",
+                             "1 while the aggregator serves rounds (gRPC health SERVING)",
+                             registry=r)
+        self.is_serving = False
         self._stages_seen: set[str] = set()
 
     # ---- rounds and stages (called on the job's thread) ----------
@@ -245,6 +254,15 @@ def serve_metrics(metrics: Metrics, listen: str) -> tuple[Any, int]:
     app = make_wsgi_app(metrics.registry)
 
     def guarded(environ: dict[str, Any], start_response: Any) -> Any:
+        # probes that need no client certificate (gRPC's health service needs a site's): a
+        # probe of the gRPC port without one fails its TLS handshake, serving or not
+        path = environ.get("PATH_INFO", "")
+        if path in ("/readyz", "/livez"):
+            # defence: metrics.ready-probe-follows-health
+            ready = path == "/livez" or metrics.is_serving
+            start_response("200 OK" if ready else "503 Service Unavailable",
+                           [("Content-Type", "text/plain")])
+            return [b"ok\n" if ready else b"not serving\n"]
         # a request prometheus_client cannot answer (an Accept header of "text/plain;
         # version=abc" raised TypeError in it) is a 400, not a 500 with a traceback
         # defence: metrics.bad-request-answered

@@ -49,6 +49,7 @@ from aggregator.store import (
     StoreBusy,
     StoreError,
     StoreUnreachable,
+    check_store_location,
     sqlite_url,
     store_failure,
 )
@@ -1020,6 +1021,7 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
     # (an empty --store, an unset "$DB_URL", is refused, not taken for the default)
     # defence: service.empty-store-not-the-default
     store_url = sqlite_url(str(files.directory / "aggregator.db") if store is None else store)
+    check_store_location(store_url)
     _metrics = Metrics()
     metrics_server = None
     if metrics_listen is not None:
@@ -1323,6 +1325,9 @@ async def _set_health(health: Any, serving: bool) -> None:
               else health_pb2.HealthCheckResponse.NOT_SERVING)
     await health.set("", status)
     await health.set(SERVICE_NAME, status)
+    # defence: service.ready-probe-follows-health
+    _metrics.is_serving = serving
+    _metrics.serving.set(1 if serving else 0)
 
 
 async def _checkpointer(core: Core) -> None:

@@ -1457,3 +1457,15 @@ def _sqlite_file(url: str) -> Path | None:
 
 def sqlite_url(path: str) -> str:
     return normalize_url(path)
+
+
+def check_store_location(url: str) -> None:
+    """A SQLite store not made yet needs a directory to be made in. The aggregator checks
+    this before it binds its port: it bound the port, said "listening", then exited."""
+    path = _sqlite_file(url) if url.startswith("sqlite") else None
+    if path is None or path.exists() or path.is_symlink():
+        return  # (a link's target is the store's own checks' to judge)
+    # defence: store.location-checked-before-listening
+    if not path.parent.is_dir():
+        raise StoreError(f"cannot create store {path}: its directory {path.parent} does not "
+                         "exist")

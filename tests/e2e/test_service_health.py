@@ -5,8 +5,11 @@ aggregator runs in this process here, on a store whose answers the test controls
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +38,47 @@ class ControlledStore(Store):
         super().ping(timeout, write=write)
 
 
+class _MetricsPort(logging.Handler):
+    """Takes the metrics port from the aggregator's metrics_listening log line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.port: int | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "event", None) == "metrics_listening":
+            self.port = int(str(record.__dict__["peer"]).rsplit(" -> ", 1)[1])
+
+
+def _probe(port: int, path: str) -> int:
+    """The HTTP status the metrics port answers a probe with (no client certificate)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
 def test_health_is_not_serving_while_recovering_or_while_the_store_is_down(
         tmp_path: Path) -> None:
+    """Also on the metrics port, for probes with no client certificate: /readyz is 503
+    while NOT_SERVING and 200 while SERVING (secagg_serving 0 and 1), /livez always 200."""
     fed = make_federation(tmp_path, 3, "masking", rounds=1)
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
     ports: list[int] = []
+    metrics = _MetricsPort()
+    logger = logging.getLogger("secagg.aggregator")
+    level = logger.level
+    logger.setLevel(logging.INFO)  # (the metrics_listening line is info)
+    logger.addHandler(metrics)
 
     def run() -> None:
         asyncio.set_event_loop(loop)
         loop.run_until_complete(serve(fed.aggregator_config, store=str(tmp_path / "a.db"),
                                       ready=ports.append, stop_event=stop,
-                                      store_factory=ControlledStore))
+                                      store_factory=ControlledStore,
+                                      metrics_listen="127.0.0.1:0"))
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -68,10 +100,18 @@ def test_health_is_not_serving_while_recovering_or_while_the_store_is_down(
             while status() != expected:
                 assert time.monotonic() < end, f"health stayed {status()}, not {expected}"
                 time.sleep(0.1)
+            assert metrics.port is not None
+            assert _probe(metrics.port, "/readyz") == (200 if expected == serving else 503)
+            assert _probe(metrics.port, "/livez") == 200
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics.port}/metrics",
+                                        timeout=5) as r:
+                assert f"secagg_serving {1.0 if expected == serving else 0.0}" in (
+                    r.read().decode().splitlines())
 
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         serving = health_pb2.HealthCheckResponse.SERVING
         assert status() == not_serving  # recovering: the job is not loaded yet
+        assert metrics.port is not None and _probe(metrics.port, "/readyz") == 503
         # and every call says UNAVAILABLE (which sites retry), not an internal error
         stub = service_pb2_grpc.AggregationStub(channel)  # type: ignore[no-untyped-call]
         for method, request in (("GetRound", service_pb2.GetRoundRequest()),
@@ -98,6 +138,8 @@ def test_health_is_not_serving_while_recovering_or_while_the_store_is_down(
         eventually(serving)
         channel.close()
     finally:
+        logger.removeHandler(metrics)
+        logger.setLevel(level)
         loop.call_soon_threadsafe(stop.set)
         thread.join(timeout=30)
 

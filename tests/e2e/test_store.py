@@ -1083,6 +1083,25 @@ def test_a_store_path_that_is_a_directory_is_named_as_one(tmp_path: Path) -> Non
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_store_in_a_missing_directory_is_refused_before_the_port_is_bound(
+        tmp_path: Path) -> None:
+    """The aggregator bound its port and said "listening", then exited: cannot create the
+    store. It now refuses first, naming the directory (a site dialling in between found an
+    aggregator that was never going to serve)."""
+    import asyncio
+
+    from aggregator.service import serve
+    from tests.service_kit import make_federation
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    bound: list[int] = []
+    for spelled in (f"{tmp_path}/gone/agg.db", f"sqlite:///{tmp_path}/gone/agg.db"):
+        with pytest.raises(StoreError, match=f"its directory {tmp_path}/gone does not exist"):
+            asyncio.run(serve(fed.aggregator_config, store=spelled, ready=bound.append))
+        assert bound == []
+    assert not (tmp_path / "gone").exists()
+
+
 def test_a_store_path_that_is_a_fifo_or_a_device_is_named_as_one(tmp_path: Path) -> None:
     """--store FIFO was "unreachable: OperationalError" (or waited on the FIFO)."""
     import os
