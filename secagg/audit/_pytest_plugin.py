@@ -9,6 +9,10 @@ only the runner holds), a thread waits on it. End of file means the runner is go
 runs no handler, so the runner could not kill this process group itself): the run is
 interrupted as Ctrl-C would (fixtures tear down: their servers, their databases), and whatever
 of the process group is still running a grace period later, or at exit, is killed.
+
+``SECAGG_AUDIT_RUN`` marks every process of one run: pytest and whatever it starts inherit it
+in their environment, also those that make a session (and a process group) of their own, which
+a kill of the group misses. ``kill_marked`` kills them by that mark.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 
 ENV = "SECAGG_AUDIT_OUTCOMES"
 LIFELINE_ENV = "SECAGG_AUDIT_LIFELINE"
+RUN_ENV = "SECAGG_AUDIT_RUN"
 GRACE_SECONDS = 30.0
 _RANK = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}
 _outcomes: dict[str, str] = {}
@@ -60,9 +65,32 @@ def pytest_sessionfinish(session: Any, exitstatus: Any) -> None:
                        "exit_status": int(exitstatus)}, f, indent=1)
 
 
+def kill_marked(token: str, spare: int | None = None) -> None:
+    """SIGKILL every process whose environment holds ``SECAGG_AUDIT_RUN=token`` (but
+    ``spare``): a run's processes, wherever they are, sessions of their own included."""
+    if not token:
+        return
+    mark = f"{RUN_ENV}={token}".encode()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == spare:
+            continue
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read()
+            # defence: audit.own-session-processes-killed
+            if mark in environ.split(b"\0"):
+                os.kill(int(entry), signal.SIGKILL)
+
+
 def _kill_group(spare_self: bool = False) -> None:
     """SIGKILL this process's group (the runner starts pytest as a session's leader), or,
-    ``spare_self``, the rest of it, so that this process's exit handlers still run."""
+    ``spare_self``, the rest of it, so that this process's exit handlers still run; and
+    first, every other process of this run (those in sessions of their own)."""
+    kill_marked(os.environ.get(RUN_ENV, ""), spare=os.getpid())
     with contextlib.suppress(OSError):
         group = os.getpgrp()
         if group != os.getpid():  # (never a group this process does not lead)

@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -57,7 +58,7 @@ class PytestRun:
 # the pytest processes running now (each in its own session): ended with the run, however
 # it ends (a SIGTERM ended the runner and left them running, orphans, for up to a
 # control's timeout)
-_running: set[int] = set()
+_running: dict[int, str] = {}  # pid -> its run's mark (SECAGG_AUDIT_RUN)
 _running_lock = threading.Lock()
 _stopping = threading.Event()
 
@@ -67,11 +68,13 @@ def stop_running() -> None:
     no more (the controls still queued end at once)."""
     _stopping.set()
     with _running_lock:
-        pids = list(_running)
-    for pid in pids:
+        runs = list(_running.items())
+    for pid, token in runs:
         # defence: audit.sigterm-stops-the-tests
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
+        # defence: audit.stop-ends-the-runs-own-sessions
+        _pytest_plugin.kill_marked(token)
 
 
 def run_pytest(ws: Workspace, copy: Path, args: Sequence[str], *,
@@ -86,12 +89,15 @@ def run_pytest(ws: Workspace, copy: Path, args: Sequence[str], *,
     # process killed (SIGKILL: no handler runs), the kernel closes the write end and the
     # plugin in pytest, reading end of file, ends its run (see _pytest_plugin).
     life_read, life_write = os.pipe()
+    # every process of this run carries it, also one that leaves pytest's process group
+    token = secrets.token_hex(16)
     began = time.perf_counter()
     try:
         proc = subprocess.Popen(  # noqa: S603 (our own interpreter and arguments)
             [sys.executable, "-m", "pytest", "-p", PLUGIN_MODULE, *args], cwd=copy,
             env=subprocess_env(copy, {_pytest_plugin.ENV: name,
-                                      _pytest_plugin.LIFELINE_ENV: str(life_read)},
+                                      _pytest_plugin.LIFELINE_ENV: str(life_read),
+                                      _pytest_plugin.RUN_ENV: token},
                                ws.plugin_dir),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True, pass_fds=(life_read,))
@@ -102,7 +108,7 @@ def run_pytest(ws: Workspace, copy: Path, args: Sequence[str], *,
         os.close(life_read)
     try:
         with _running_lock:
-            _running.add(proc.pid)
+            _running[proc.pid] = token
             if _stopping.is_set():  # (stopped as it started)
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -115,8 +121,14 @@ def run_pytest(ws: Workspace, copy: Path, args: Sequence[str], *,
             code = None
     finally:
         with _running_lock:
-            _running.discard(proc.pid)
+            _running.pop(proc.pid, None)
         os.close(life_write)
+        # what the run left behind, in its group or in a session of its own (a test's
+        # server that outlived it, or all of a killed run), ends with it: it held CPU and
+        # ports through the controls after it (by its mark: pytest's pid is reaped by now,
+        # and could be another's)
+        # defence: audit.run-ends-its-own-sessions
+        _pytest_plugin.kill_marked(token)
     seconds = time.perf_counter() - began
     try:
         data = json.loads(Path(name).read_text(encoding="utf-8") or "{}")

@@ -221,6 +221,9 @@ atexit.register(lambda: MARK.with_suffix(".atexit").write_text("ran"))
 def test_sleeps():
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     MARK.with_suffix(".child").write_text(str(child.pid))
+    loner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                             start_new_session=True)
+    MARK.with_suffix(".loner").write_text(str(loner.pid))
     MARK.write_text(str(os.getpid()))
     try:
         time.sleep(120)
@@ -264,12 +267,18 @@ def test_a_runner_killed_with_sigkill_leaves_no_tests_running_and_its_copies_are
         assert mark.with_suffix(".atexit").read_text() == "ran"
         child = int(mark.with_suffix(".child").read_text())
         assert _gone_within(child, 10), "the dead runner's test left its child running"
+        # and one in a session of its own, which a kill of the group misses
+        loner = int(mark.with_suffix(".loner").read_text())
+        assert _gone_within(loner, 10), "the dead runner's test left its own session running"
     finally:
         if runner.poll() is None:
             runner.kill()
         if pytest_pid:  # (the defence missing: no orphan left, the test's child either)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pytest_pid, signal.SIGKILL)
+        if mark.with_suffix(".loner").exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(mark.with_suffix(".loner").read_text()), signal.SIGKILL)
     # a live owner's workspace, one with no owner file (--keep) and one with an owner file
     # that is not one stay; the dead runner's goes
     live = tmp / f"{PREFIX}live"
@@ -283,6 +292,36 @@ def test_a_runner_killed_with_sigkill_leaves_no_tests_running_and_its_copies_are
     assert workspace.parent == tmp and workspace.is_dir()
     assert sweep_stale(tmp) == [workspace]
     assert not workspace.exists() and live.is_dir() and kept.is_dir() and odd.is_dir()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_what_a_run_leaves_in_a_session_of_its_own_ends_with_the_run(tmp_path: Path) -> None:
+    """A test's process that made a session of its own (a server started with
+    start_new_session, left running) outlived its control's run, and a killed run's such
+    processes outlived the kill of its group: through every later control they held CPU and
+    ports. Every process of a run carries its mark, and the run's end kills them by it."""
+    import signal
+
+    from secagg.audit.runner import run_pytest
+
+    mark = tmp_path / "loner"
+    repo = _git_repo(tmp_path / "repo", {"edited.txt": "e", "test_leaves.py": (
+        "import os, subprocess, sys\nfrom pathlib import Path\n\n\ndef test_leaves():\n"
+        "    p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],\n"
+        "                         start_new_session=True)\n"
+        "    Path(os.environ['AUDIT_TEST_MARK']).write_text(str(p.pid))\n")})
+    os.environ["AUDIT_TEST_MARK"] = str(mark)
+    try:
+        with Workspace(repo) as ws:
+            copy = ws.make_copy("c", "edited.txt", "x")
+            run = run_pytest(ws, copy, ["-q", "-p", "no:cacheprovider", "test_leaves.py"],
+                             timeout=120)
+        assert run.outcomes == {"test_leaves.py::test_leaves": "passed"}
+        assert _gone_within(int(mark.read_text()), 10), "the run's own session outlived it"
+    finally:
+        del os.environ["AUDIT_TEST_MARK"]
+        if mark.exists() and _running(int(mark.read_text())):
+            os.kill(int(mark.read_text()), signal.SIGKILL)
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")

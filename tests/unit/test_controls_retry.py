@@ -324,25 +324,35 @@ def test_stopping_the_run_kills_the_running_tests_and_starts_no_more() -> None:
     """The controls' pytest processes run in sessions of their own: a SIGTERM ended the
     runner and left them running (orphans, up to a control's timeout), and the controls
     still queued started. Stopping kills their process groups and refuses new runs."""
+    import os
+    import secrets
     import subprocess
     import sys
 
     from secagg.audit import AuditError
+    from secagg.audit._pytest_plugin import RUN_ENV
 
+    token = secrets.token_hex(8)
+    env = {**os.environ, RUN_ENV: token}
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                            start_new_session=True)
-    runner_module._running.add(proc.pid)
+                            start_new_session=True, env=env)
+    # one of the run's processes that left its group (a session of its own)
+    loner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             start_new_session=True, env=env)
+    runner_module._running[proc.pid] = token
     try:
         runner_module.stop_running()
         assert proc.wait(timeout=10) == -9
+        assert loner.wait(timeout=10) == -9
         with pytest.raises(AuditError, match="stopped"):
             runner_module.run_pytest(_Workspace(), Path("/nonexistent"), [],  # type: ignore[arg-type]
                                      timeout=1.0)
     finally:
         runner_module._stopping.clear()
-        runner_module._running.discard(proc.pid)
-        if proc.poll() is None:
-            proc.kill()
+        runner_module._running.pop(proc.pid, None)
+        for p in (proc, loner):
+            if p.poll() is None:
+                p.kill()
 
 
 _NAMED = (
