@@ -344,6 +344,20 @@ def _annotation_only(tree: ast.Module) -> set[str]:
     return inside - outside
 
 
+def _without_type_checking(source: str, path: str) -> str:
+    """``source`` with the bodies of its top-level ``if TYPE_CHECKING:`` (or
+    ``typing.TYPE_CHECKING``) blocks emptied: what binds names when the module runs."""
+    tree = ast.parse(source, path)
+    changed = False
+    for node in tree.body:
+        test = node.test if isinstance(node, ast.If) else None
+        if (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+                isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"):
+            assert isinstance(node, ast.If)
+            node.body, changed = [ast.Pass()], True
+    return ast.unparse(tree) if changed else source
+
+
 def _unbound_reads(source: str, path: str, names: set[str] | None = None) -> set[str]:
     """Which of ``names`` the code reads in a scope that cannot see a binding of it.
 
@@ -359,7 +373,11 @@ def _unbound_reads(source: str, path: str, names: set[str] | None = None) -> set
     while i < len(tables):
         tables.extend(tables[i].get_children())
         i += 1
-    module_bound = {s.get_name() for s in top.get_symbols() if s.is_local()}
+    # what the module binds when it runs: not what only `if TYPE_CHECKING:` binds (the
+    # symbol table counts both, and an edit reading such a name passed, to raise NameError)
+    # defence: audit.type-checking-names-unbound
+    runtime = symtable.symtable(_without_type_checking(source, path), path, "exec")
+    module_bound = {s.get_name() for s in runtime.get_symbols() if s.is_local()}
     for table in tables[1:]:
         module_bound |= {s.get_name() for s in table.get_symbols()
                          if s.is_declared_global() and (s.is_assigned() or s.is_imported())}

@@ -295,6 +295,40 @@ def test_an_edit_reading_a_name_bound_only_in_another_scope_proves_nothing(
         assert len(found) == 1 and said in found[0]
 
 
+_TYPE_CHECKING = (
+    "from __future__ import annotations\n\nimport typing\nfrom typing import TYPE_CHECKING\n\n"
+    "if TYPE_CHECKING:\n    from pathlib import Path\n    from json import JSONDecoder\n"
+    "if typing.TYPE_CHECKING:\n    from decimal import Decimal\n\n\n"
+    "def load(p: Path, d: Decimal) -> JSONDecoder:\n    return read(p)\n\n\n"
+    "def read(p):\n    return p\n"
+)
+
+
+@pytest.mark.parametrize(("find", "replace", "said"), [
+    # a name bound only under TYPE_CHECKING does not exist when the code runs
+    ("    return read(p)\n", "    return read(Path(p))\n", "Path"),
+    ("    return read(p)\n", "    return JSONDecoder().decode(read(p))\n", "JSONDecoder"),
+    ("    return read(p)\n", "    return read(Decimal(p))\n", "Decimal"),
+    # in an annotation it is never evaluated; bound at run time too, it is a name like any
+    ("    return read(p)\n", "    q: Path = read(p)\n    return q\n", None),
+    ("def read(p):\n", "from pathlib import Path\n\n\ndef read(p):\n", None),
+    ("    return read(p)\n", "    return read(typing.cast(str, p))\n", None),
+])
+def test_an_edit_reading_a_name_bound_only_for_type_checkers_proves_nothing(
+        find: str, replace: str, said: str | None) -> None:
+    """A name imported only under ``if TYPE_CHECKING:`` passed the name check (the symbol
+    table counts that import) though reading it at run time raises NameError."""
+    from secagg.audit.controls import code_problems
+
+    assert _TYPE_CHECKING.count(find) == 1
+    edited = _TYPE_CHECKING.replace(find, replace, 1)
+    found = code_problems("secagg/x.py", _TYPE_CHECKING, (Edit(find, replace),), edited)
+    if said is None:
+        assert found == []
+    else:
+        assert len(found) == 1 and said in found[0]
+
+
 @pytest.mark.parametrize(("files", "only", "said"), [
     (["secagg/no_such_file.py"], None, "names no file of the repository"),
     (["secagg"], None, "names no file of the repository"),
