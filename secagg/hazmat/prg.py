@@ -109,6 +109,10 @@ class MaskExpander:
         # defence: hazmat.prg.full-width-words
         return self._words
 
+    def wipe(self) -> None:
+        """Zero the scratch: it holds the last mask expanded until its next use."""
+        np.frombuffer(self._buf, dtype=np.uint8)[:] = 0
+
     def words(self, seed: bytes) -> np.ndarray:
         """A fresh array of the mask words for ``seed`` (a copy; the scratch is reused)."""
         return self._fill(seed).copy()
@@ -135,11 +139,18 @@ MaskTerm = tuple[bytes, int]  # (seed, +1 to add its mask or -1 to subtract it)
 
 
 def _apply_range(expander: MaskExpander, target: np.ndarray, terms: Sequence[MaskTerm]) -> None:
-    for seed, sign in terms:
-        if sign > 0:
-            expander.add_to(target, seed)
-        else:
-            expander.subtract_from(target, seed)
+    try:
+        for seed, sign in terms:
+            if sign > 0:
+                expander.add_to(target, seed)
+            else:
+                expander.subtract_from(target, seed)
+    finally:
+        # (the last pairwise or self mask stayed in the scratch of a RangeSplitMasker's
+        # expanders, its helpers' included, which live as long as the masker, round after
+        # round, and in a freed buffer otherwise: a core dump or swap held it)
+        # defence: prg.scratch-wiped-after-use
+        expander.wipe()
 
 
 def _check_masking(target: object, terms: Sequence[MaskTerm], word_bits: int) -> None:

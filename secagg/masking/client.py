@@ -95,6 +95,9 @@ class MaskingClient:
 
     ``model_input`` is either ``(update, weight)`` or a callable returning it, called once at the
     masked-input stage (so a site can train while keys are exchanged).
+
+    One client per site per ``config.round_id``, ever: the caller records the round as spent
+    before the first message leaves (see :class:`RoundConfig`; ``clients.Site`` does).
     """
 
     # defence: masking.client.refusals-at-construction-leave-no-locals

@@ -71,6 +71,11 @@ class RoundConfig:
     Parameters
     ----------
     round_id: a unique name for this round; every signature and derived key is bound to it.
+        A site must take part in a round id at most once (the SDK records it in
+        ``history.json`` before a site's first message leaves): a key advertisement is
+        signed over the round's parameters alone, so an aggregator that runs a round id
+        again can replay, in the second run, the advertisement of a site it marked dropped
+        in the first (whose masking key the first run's revealed shares gave it).
     roster: the federation's :class:`~secagg.roster.Roster` (site id -> Ed25519 identity key,
         plus the graph seed). A plain ``{site: key}`` mapping is accepted for the complete graph.
     vector_length: number of update elements per site (the weight element is added on top).

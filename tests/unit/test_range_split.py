@@ -83,6 +83,42 @@ def test_the_shared_memory_holds_no_mask_once_it_is_applied(splitter: RangeSplit
     assert not any(splitter._shm.buf)
 
 
+def test_no_expander_keeps_a_mask_once_it_is_applied(splitter: RangeSplitMasker,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last mask expanded stayed in the scratch of the masker's own expanders and of its
+    helpers' (which live, like the masker, round after round) and in the freed scratch of
+    apply_masks': a core dump or swap held it (a cryptographer's review). Zeroed once used."""
+    from multiprocessing import shared_memory
+
+    from secagg.hazmat import prg
+
+    terms = [(os.urandom(32), 1), (os.urandom(32), -1)]
+    splitter.apply(np.zeros(LENGTH, dtype=np.uint32), terms)
+    assert splitter._local and all(not any(e._buf) for e in splitter._local.values())
+    # a helper's expanders (its function, run here on a segment of this test's)
+    shm = shared_memory.SharedMemory(create=True, size=LENGTH * 4)
+    monkeypatch.setattr(prg, "_worker_state", {})
+    try:
+        prg._worker_attach(shm.name, 32)
+        prg._worker_combined(terms, 0, LENGTH, 0)
+        assert any(shm.buf)  # (the combined mask, the parent's to add and zero)
+        assert all(not any(e._buf) for e in prg._worker_state["expanders"].values())
+        prg._worker_state["shm"].close()
+    finally:
+        shm.close()
+        shm.unlink()
+    made: list[prg.MaskExpander] = []
+
+    class Recorded(prg.MaskExpander):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            made.append(self)
+
+    monkeypatch.setattr(prg, "MaskExpander", Recorded)
+    apply_masks(np.zeros(LENGTH, dtype=np.uint32), terms)
+    assert len(made) == 1 and not any(made[0]._buf)
+
+
 def test_a_helper_that_died_is_workers_failed_not_a_raw_broken_pool() -> None:
     """A helper killed (out of memory, kill -9) broke the pool: multiprocessing's raw
     BrokenProcessPool at the next mask, and at every one after. WorkersFailed, naming what
