@@ -100,6 +100,21 @@ def test_version_is_the_packages(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.strip() == f"secagg {version('secagg')}"
 
 
+def test_python_dash_m_secagg_is_the_command() -> None:
+    """`python -m secagg` ran nothing ("No module named secagg.__main__"): the way to run a
+    package's command where its scripts directory is not on PATH."""
+    import sys
+
+    from secagg import __version__
+
+    proc = subprocess.run([sys.executable, "-m", "secagg", "--version"], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0 and __version__ in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "secagg", "nonsense"], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: secagg")
+
+
 def test_unsafe_configuration_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "masking", "--clients", "10", "--params", "10", "--threshold", "3"]) == 2
     assert "threshold must be in" in capsys.readouterr().err

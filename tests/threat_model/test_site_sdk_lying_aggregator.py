@@ -1060,6 +1060,21 @@ def test_polls_padded_and_held_past_the_pacers_threshold_are_paced_by_their_byte
     assert clock[0] >= 10 * (pad - POLL_SLACK_BYTES) / POLL_BYTES_PER_SECOND
 
 
+def test_a_padded_answer_is_paced_at_the_documented_64_kib_a_second(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: answers that bring nothing new are paced by their size at 64 KiB/s. The test
+    above reads the pace from the constant it checks (a pace of 64 MiB/s, a thousand times
+    what a padding aggregator may pull through a site's link, passed it): here an answer of
+    30 x 64 KiB, held 6 s (past the pacer's threshold for a long poll), is 30 s from its
+    start to the next poll."""
+    from clients.site import _Pacer
+
+    clock = _fake_clock(monkeypatch)
+    clock[0] = 100.0
+    _Pacer(allowance=0).nothing_new(94.0, 30 * 64 * 1024)
+    assert clock[0] == pytest.approx(124.0)
+
+
 @pytest.mark.parametrize("case", ["honest", "patience"])
 def test_a_polls_byte_pacing_spares_the_rounds_own_info_and_ends_with_its_patience(
         case: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1291,6 +1306,30 @@ def test_a_round_the_aggregator_never_ends_is_given_up(
         else:
             rnd._run_ckks(np.zeros(8), 0.5)
     assert patience <= clock[0] <= patience + 30
+
+
+def test_a_never_ending_round_is_given_up_after_the_documented_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: a round that outlasts twice what the federation's [deadlines] allow plus five
+    minutes is given up. The test above takes the patience from the function it checks, so
+    a patience of twenty times the deadlines (or of hours of grace) passed it. At the default
+    deadlines (open 600 s, five stages of 60 s, release 600 s: 1,500 s) that is 3,300 s."""
+    clock = _fake_clock(monkeypatch)
+    mine, _ = _model_info(1, "hospitals/job-1/round-1")
+    site, _conn = _site("masking", mine, {})
+    calls = [0]
+
+    def call(method: str, request: Any, **_kwargs: Any) -> Any:
+        calls[0] += 1
+        assert calls[0] < 10_000, "the site still waits for a round that never ends"
+        clock[0] += 10.0
+        return service_pb2.ReceiveResponse(ready=False)
+
+    rnd = Round(site, mine, None)  # type: ignore[arg-type]
+    rnd._conn = types.SimpleNamespace(call=call)  # type: ignore[assignment]
+    with pytest.raises(RoundAborted, match="did not end the round"):
+        rnd._receive(1)
+    assert 3_300 <= clock[0] <= 3_330
 
 
 def test_a_key_holder_takes_only_the_result_its_release_makes() -> None:

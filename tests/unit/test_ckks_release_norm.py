@@ -32,6 +32,19 @@ def test_a_weight_sum_too_small_for_the_noise_is_refused(weight_sum: float) -> N
     assert caught.value.reason is AbortReason.AGGREGATE_OUT_OF_RANGE
 
 
+@pytest.mark.parametrize(("values", "low", "high"), [(8, 0.005, 0.01), (50_000, 0.05, 0.1)])
+def test_the_least_weight_sum_is_the_readmes_figure(values: int, low: float,
+                                                      high: float) -> None:
+    """README: with the default preset, clip 1 and 5 sites, the least weight sum is ~0.007
+    for 8 values and ~0.07 for 50,000. The floor's slack counts the flooding noise to TAIL
+    sigma; the test below reads the floor back from the check itself, so a tail of 2 sigma
+    (a release noisier than a tenth of the clip in many values then passes: a 2-sigma draw is
+    exceeded by ~5% of them) passed it. Refused below the figure's range, taken above it."""
+    with pytest.raises(ProtocolAbort, match="weight sum is below"):
+        check_released_norm(PRESET, 5, 1.0, low, 0.0, values)
+    check_released_norm(PRESET, 5, 1.0, high, 0.0, values)
+
+
 def test_the_floor_is_where_the_noise_is_the_documented_share_of_the_clip() -> None:
     """Just above the least weight sum the check takes an average of zero; just below it
     refuses: the floor is the slack over MAX_NOISE_SHARE * clip_norm, no more."""

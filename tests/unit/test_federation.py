@@ -1094,6 +1094,23 @@ def test_the_masking_round_takes_the_configured_clip_word_and_fractions() -> Non
     assert made.round_id == "f/job/round-1" and made.vector_length == 10
 
 
+def test_a_config_that_omits_corrupt_fraction_takes_the_documented_default(
+        tmp_path: Path) -> None:
+    """README: `corrupt_fraction` (default 0.2). A hand-written federation.toml that leaves
+    [masking] out is read with 0.2 colluders a roster site, not none: a default of 0 would
+    have every party agree on a quorum and threshold that tolerate no colluding site (5
+    sites: 3 signatures make the survivor list, not 4), with nothing said."""
+    path = tmp_path / "federation.toml"
+    path.write_text('[federation]\nprotocol = "masking"\naggregator = "localhost:50051"\n'
+                    f'trust_root = "{"00" * 32}"\n')
+    config = FederationConfig.load(path)
+    assert config.corrupt_fraction == 0.2
+    roster = {i: bytes([i]) * 32 for i in range(1, 6)}
+    made = config.masking_round(config.round_id_for(1), roster, 10, model_digest=bytes(32))
+    assert made.corrupt_fraction == 0.2
+    assert made.consistency_quorum == 4 and made.reconstruction_threshold == 4
+
+
 def test_a_damaged_model_archive_is_a_clear_error(tmp_path: Path) -> None:
     """A byte of an array changed (a bad copy): zipfile's CRC check, named as a damaged
     archive, not zipfile.BadZipFile's traceback."""

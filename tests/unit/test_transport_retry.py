@@ -472,6 +472,24 @@ def test_a_streaming_calls_deadline_never_passes_the_transfers_end() -> None:
     assert stub.timeouts and max(stub.timeouts) <= 5.0 + len(data) / MIN_LINK_BYTES_PER_SECOND
 
 
+def test_the_slowest_link_a_transfer_is_given_time_for_is_the_documented_16_kb_a_second(
+        ) -> None:
+    """README: a download's chunks must keep arriving at 16 KB/s on average after
+    ``retry_seconds`` of allowance. The tests above read the pace from the constant they
+    check, so a pace written as 16 bytes a second (a lying aggregator then holds a site a
+    thousand times as long on one named payload) passed them: here the figure is the
+    README's."""
+    import time
+
+    stub = _Listing(lambda ids: ids)
+    conn, _ = _submitting(stub)
+    conn.call_timeout, conn.retry_seconds = 1.0, 5.0
+    now = time.monotonic()
+    # 1.6 MB at 16 KB/s: 100 s, within a transfer ending in 10,000 s
+    assert conn._stream_timeout(1_600_000, now + 10_000) == pytest.approx(100.0)
+    assert conn._transfer_end(1_600_000) - time.monotonic() == pytest.approx(105.0, abs=1.0)
+
+
 def test_a_blob_naming_more_chunks_than_bytes_is_refused_before_fetching() -> None:
     stub = _SlowLink(per_call=1)
     conn, _ = _submitting(stub)

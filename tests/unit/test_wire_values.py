@@ -79,6 +79,17 @@ def test_a_spec_of_more_tensors_than_a_model_may_have_is_refused_before_any_is_r
     assert len(wire.spec_from_proto(model.spec)) == MAX_MODEL_TENSORS
 
 
+def test_the_tensor_bound_is_the_documented_65536() -> None:
+    """README: a model of more than 65,536 tensors is refused. The test above builds its
+    spec from the constant it checks, so a bound raised to 2^20 (a spec of a million
+    one-value tensors then read before refusal) passed it: here the count is the README's."""
+    model = service_pb2.Model()
+    model.spec.extend(service_pb2.Tensor(name=f"t{i}", shape=[1], dtype="float32")
+                      for i in range(65_537))
+    with pytest.raises(InvalidMessage, match="model spec"):
+        wire.spec_from_proto(model.spec)
+
+
 def test_a_model_of_more_tensors_than_a_model_may_have_is_refused_naming_the_bound() -> None:
     """The same bound for a model made here (a state dict, a model file): said with the
     count, before an array is read."""
