@@ -4,7 +4,12 @@
 - ``fashion-mnist``: read from the Debian package ``dataset-fashion-mnist``'s IDX files
   (``/usr/share/datasets/fashion-mnist``, or ``$SECAGG_FASHION_MNIST_DIR``);
 - ``folder:PATH``: one sub-folder of images per class, as a hospital's own data would come;
-  images are read with Pillow, made grayscale and resized to 28x28.
+  images are read with Pillow, made grayscale and resized to 28x28. A class's images may sit
+  in sub-folders of its folder (one per patient, say); hidden files and folders (a name
+  starting with "."), ``__MACOSX`` and ``__pycache__`` are not data. Images of more than 8
+  bits a value (16-bit PNG or TIFF, as X-ray and CT exports are) are scaled together, from 0
+  to the brightest value any of them holds (a 12-bit image in a 16-bit file was white when
+  cut to 8 bits).
 
 Images are float32 in [0, 1], shaped (N, 1, H, W); labels int64. The held-out test set is a
 stratified 20% (for the folder and digits) or the data set's own test split (Fashion-MNIST).
@@ -41,6 +46,7 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     classes: tuple[str, ...]
+    skipped: int = 0  # (folder) files that are not images of a known kind, not read
 
     @property
     def image_size(self) -> int:
@@ -58,19 +64,19 @@ def load(spec: str, *, seed: int = 0) -> Dataset:
         if not spec[len("folder:"):].strip():
             raise DataError("folder: needs the path of a folder of class sub-folders, e.g. "
                             "folder:/data/xrays")
-        return _folder(Path(spec[len("folder:"):]), seed)
+        return _folder(Path(os.path.expanduser(spec[len("folder:"):])), seed)
     raise DataError(f"unknown dataset {spec!r}: use digits, fashion-mnist or folder:PATH")
 
 
 def _split(x: np.ndarray, y: np.ndarray, seed: int, name: str,
-           classes: tuple[str, ...]) -> Dataset:
+           classes: tuple[str, ...], skipped: int = 0) -> Dataset:
     rng = np.random.default_rng(seed)
     test = np.zeros(len(y), dtype=bool)
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         rng.shuffle(idx)
         test[idx[: max(1, len(idx) // 5)]] = True
-    return Dataset(name, x[~test], y[~test], x[test], y[test], classes)
+    return Dataset(name, x[~test], y[~test], x[test], y[test], classes, skipped)
 
 
 def _digits(seed: int) -> Dataset:
@@ -138,30 +144,103 @@ def _fashion() -> Dataset:
     return Dataset("fashion-mnist", xtr, ytr, xte, yte, classes)
 
 
-def _folder(root: Path, seed: int) -> Dataset:
+NOT_DATA = {"__MACOSX", "__pycache__"}  # (and any name starting with ".")
+
+
+def _not_data(name: str) -> bool:
+    """A hidden or system file or folder: .ipynb_checkpoints, .git, .DS_Store, macOS's ._x.png
+    and __MACOSX (they became classes, or aborted the run as unreadable images)."""
+    return name.startswith(".") or name in NOT_DATA
+
+
+def _class_files(folder: Path) -> tuple[list[Path], int]:
+    """A class folder's image files, in its sub-folders too (links to folders are not
+    followed: a loop), and how many other files it holds."""
+    found, other = [], 0
+    for top, dirs, files in os.walk(folder):
+        # defence: demo.folder-hidden-entries-skipped
+        dirs[:] = sorted(d for d in dirs if not _not_data(d))
+        for name in sorted(files):
+            if _not_data(name):
+                continue
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                found.append(Path(top) / name)
+            else:
+                other += 1
+    return found, other
+
+
+def _read_image(path: Path) -> tuple[np.ndarray, bool]:
+    """One image, grayscale, FOLDER_SIZE square, as float32: in [0, 1], or, for an image of
+    more than 8 bits a value (True), in its own units (the data set scales those together);
+    DataError naming the file and why it cannot be read."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
-    if not root.is_dir():
+    try:
+        with warnings.catch_warnings():
+            # (Pillow's size guard warned on stderr without naming the file, or raised a
+            # traceback past twice its limit; the image is made 28x28 anyway)
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                # defence: demo.folder-deep-images-scaled
+                if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+                    values = np.asarray(img, dtype=np.float32)
+                    small = Image.fromarray(values, mode="F").resize((FOLDER_SIZE, FOLDER_SIZE))
+                    return np.array(small, dtype=np.float32), True
+                gray = img.convert("L").resize((FOLDER_SIZE, FOLDER_SIZE))
+                return np.asarray(gray, dtype=np.float32) / 255.0, False
+    # defence: demo.folder-big-image-named
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"cannot read image {path}: it has more pixels than Pillow reads "
+                        f"safely ({Image.MAX_IMAGE_PIXELS:,}): downscale it") from None
+    except UnidentifiedImageError:
+        raise DataError(f"cannot read image {path}: not an image Pillow can read (another "
+                        "format, or damaged)") from None
+    except (OSError, SyntaxError, ValueError) as e:  # (truncated, a link loop, no access)
+        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise DataError(f"cannot read image {path}: {why}") from None
+
+
+def _folder(root: Path, seed: int) -> Dataset:
+    if not root.exists():
         raise DataError(f"folder data set {root} does not exist")
-    classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
+    if not root.is_dir():
+        raise DataError(f"folder data set {root} is a file: give the folder that holds one "
+                        "sub-folder per class")
+    classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not _not_data(p.name)))
     if len(classes) < 2:
         raise DataError(f"folder data set {root} needs one sub-folder per class (at least 2)")
-    images, labels = [], []
+    images, labels, skipped = [], [], 0
+    deep_images: list[np.ndarray] = []
     for label, name in enumerate(classes):
-        for path in sorted((root / name).iterdir()):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(path) as img:
-                    gray = img.convert("L").resize((FOLDER_SIZE, FOLDER_SIZE))
-                    images.append(np.asarray(gray, dtype=np.float32) / 255.0)
-            except (UnidentifiedImageError, OSError):
-                raise DataError(f"cannot read image {path}") from None
+        files, other = _class_files(root / name)
+        skipped += other
+        # (an empty class folder was a class of its own, one no image could teach)
+        # defence: demo.folder-empty-class-refused
+        if not files:
+            raise DataError(f"class folder {root / name} holds no images ("
+                            f"{', '.join(sorted(IMAGE_SUFFIXES))}): add some or remove it")
+        for path in files:
+            pixels, deep = _read_image(path)
+            images.append(pixels)
+            if deep:
+                deep_images.append(pixels)
             labels.append(label)
+    # Images of more than 8 bits a value, scaled together from 0 to the brightest value any
+    # of them holds: cut to 8 bits, a 12-bit X-ray in a 16-bit file was white; each scaled
+    # from its own range, the brightness that told classes apart was gone.
+    # defence: demo.folder-deep-images-scaled-together
+    brightest = max((float(a.max()) for a in deep_images), default=0.0)
+    for a in deep_images:
+        a *= 1.0 / brightest if brightest > 0 else 0.0
+        np.clip(a, 0.0, 1.0, out=a)
     if len(images) < 5 * len(classes):
-        raise DataError(f"folder data set {root} has too few images ({len(images)})")
+        raise DataError(f"folder data set {root} has too few images ({len(images)}; at least "
+                        f"5 a class, {5 * len(classes)} for {len(classes)} classes)")
     return _split(np.stack(images)[:, None], np.array(labels, dtype=np.int64), seed,
-                  f"folder:{root.name}", classes)
+                  f"folder:{root.name}", classes, skipped)
 
 
 def dirichlet_split(labels: np.ndarray, sites: int, alpha: float, seed: int,
@@ -183,5 +262,6 @@ def dirichlet_split(labels: np.ndarray, sites: int, alpha: float, seed: int,
                 parts[s].extend(part.tolist())
         if min(len(p) for p in parts) >= min_size:
             return [np.array(sorted(p), dtype=np.int64) for p in parts]
-    raise DataError(f"cannot give {sites} sites {min_size} samples each from "
-                    f"{len(labels)} samples")
+    raise DataError(f"cannot split {len(labels)} training images so that each of {sites} "
+                    f"sites gets at least {min_size} (the split is non-IID, Dirichlet "
+                    f"alpha={alpha}): use fewer sites or more images")

@@ -21,9 +21,13 @@ import numpy as np
 
 from clients.demo.data import Dataset, dirichlet_split, load
 from clients.demo.train import TrainConfig
-from secagg.errors import ConfigurationError
+from secagg.errors import ConfigurationError, SecAggError
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+class DemoFailed(SecAggError):
+    """A process of the demo failed or stopped before the job ended (one line)."""
 ALPHA = 0.5
 SEED = 7
 
@@ -143,10 +147,44 @@ def _listening_port(log: Path, aggregator: subprocess.Popen[bytes],
                 if event.get("event") == "listening":
                     return int(str(event["peer"]).rsplit("->", 1)[1])
         if aggregator.poll() is not None or time.monotonic() > deadline:
-            tail = "\n".join(text.splitlines()[-5:])
-            raise RuntimeError(f"the aggregator did not start (exit {aggregator.poll()}): "
-                               f"{tail or 'no log'}")
+            raise DemoFailed(f"the aggregator did not start ({_exit(aggregator.poll())}): "
+                             f"{_last_line(text) or 'no log'}")
         time.sleep(0.05)
+
+
+def _exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    return f"killed by signal {-code}" if code < 0 else f"exit {code}"
+
+
+def _last_line(text: str) -> str:
+    """The last line of a log that says something (a JSON log line's message and reason, or
+    a traceback's last line), shortened."""
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if not line:
+            continue
+        with contextlib.suppress(ValueError, AttributeError):
+            event = json.loads(line)
+            line = " ".join(str(event[k]) for k in ("message", "reason") if event.get(k))
+        return line[:300]
+    return ""
+
+
+def _stop_with_the_demo() -> None:
+    """In a demo's child: killed (SIGTERM) when the demo's process ends, however it ends (a
+    SIGKILL of the demo left its aggregator serving for good)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+
+def _children_end_with_us() -> Any:
+    # defence: demo.children-end-with-the-demo
+    return _stop_with_the_demo if sys.platform.startswith("linux") else None
 
 
 def _env() -> dict[str, str]:
@@ -195,7 +233,7 @@ def secure_run(dataset: Dataset, parts: list[np.ndarray], rounds: int, train: Tr
         [sys.executable, "-m", "secagg.cli", "aggregator", "serve", "--config",
          str(fed / "aggregator" / "federation.toml"), "--store", str(work / "aggregator.db"),
          "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
-        stdout=log, stderr=log, env=_env(), cwd=ROOT)
+        stdout=log, stderr=log, env=_env(), cwd=ROOT, preexec_fn=_children_end_with_us())
     try:
         port = _listening_port(work / "aggregator.log", aggregator)
     except BaseException:
@@ -209,7 +247,8 @@ def secure_run(dataset: Dataset, parts: list[np.ndarray], rounds: int, train: Tr
     sites = [subprocess.Popen(  # noqa: S603
         [sys.executable, "-m", "clients.demo.site", str(fed / "sites" / f"site-{s}"),
          str(work)], stdout=subprocess.DEVNULL,
-        stderr=open(work / f"site-{s}.err", "wb"), env=_env(), cwd=ROOT)  # noqa: SIM115
+        stderr=open(work / f"site-{s}.err", "wb"), env=_env(), cwd=ROOT,  # noqa: SIM115
+        preexec_fn=_children_end_with_us())
         for s in range(1, options.sites + 1)]
     began = time.perf_counter()
     try:
@@ -256,7 +295,7 @@ def _follow(result: RunResult, work: Path, rounds: int, options: DemoOptions,
     while done < rounds:
         # defence: demo.follow-times-out
         if time.monotonic() > deadline:
-            raise RuntimeError("the demo timed out")
+            raise DemoFailed(f"the demo timed out in round {done + 1}")
         with open(work / "aggregator.log", "rb") as f:
             f.seek(offset)
             chunk = f.read()
@@ -318,10 +357,17 @@ def _follow(result: RunResult, work: Path, rounds: int, options: DemoOptions,
             bar.update(1)
         for p in [*sites, aggregator]:
             code = p.poll()
+            # (an aggregator that stopped with status 0, told to by SIGTERM, left the demo
+            # waiting for its hour's timeout, saying nothing)
             # defence: demo.failed-process-ends-the-demo
-            if code not in (None, 0):
+            if code not in (None, 0) or (p is aggregator and code is not None):
                 who = "the aggregator" if p is aggregator else f"site {sites.index(p) + 1}"
-                raise RuntimeError(f"{who} failed (exit {code}); see {work}")
+                name = "aggregator.log" if p is aggregator else f"site-{sites.index(p) + 1}.err"
+                said = _last_line((work / name).read_text(errors="replace")
+                                  if (work / name).exists() else "")
+                raise DemoFailed(f"{who} stopped ({_exit(code)}) before round {done + 1} "
+                                 f"ended{': ' + said if said else ''} (SECAGG_DEMO_KEEP=1 keeps "
+                                 "the work directory, logs and all)")
         time.sleep(0.1)
     bar.close()
     for p in sites:
@@ -350,7 +396,41 @@ def _ts(text: str) -> float:
 # ---- the demo ----------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Any:
+    """SIGTERM, and SIGHUP (a closed terminal or ssh session), end the demo as Ctrl-C does:
+    its processes are stopped and the work directory (the sites' copies of the images, the
+    federation's keys) removed. They ended the demo's process at once, and left the
+    aggregator serving and the work directory behind."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    kept = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        # (a demo started under nohup keeps SIGHUP ignored)
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            # defence: demo.terminate-cleans-up
+            kept[sig] = signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in kept.items():
+            signal.signal(sig, handler)
+
+
 def run(options: DemoOptions) -> dict[str, Any]:
+    with _terminate_as_interrupt():
+        return _run(options)
+
+
+def _run(options: DemoOptions) -> dict[str, Any]:
     began = time.perf_counter()
     # (made first: a --out that is a file was refused only after the data set was read)
     if options.out:
@@ -367,6 +447,8 @@ def run(options: DemoOptions) -> dict[str, Any]:
                    else f"cannot write into it ({cause})" if out.is_dir() else cause)
             raise ConfigurationError(f"cannot use {out} as the output directory: {why}"
                                      ) from None
+    if options.dataset.startswith("folder:"):
+        _say(options, f"secagg demo: reading the images of {options.dataset[len('folder:'):]}")
     dataset = load(options.dataset, seed=SEED)
     parts = dirichlet_split(dataset.y_train, options.sites, ALPHA, SEED)
     rounds, train, deadlines = _defaults(dataset)
@@ -384,6 +466,14 @@ def run(options: DemoOptions) -> dict[str, Any]:
                   f"Dirichlet alpha={ALPHA}; {len(dataset.y_test):,} held out), {rounds} rounds")
     _say(options, "  sites: " + ", ".join(f"{s}: {len(p)} images" for s, p in
                                           enumerate(parts, 1)))
+    # (which folders became classes, and with how many images, was shown nowhere: a hidden
+    # folder taken for a class, or images left out, went unseen)
+    counts = _class_counts(dataset)
+    _say(options, "  classes: " + ", ".join(f"{name} ({n} train / {t} test)"
+                                            for name, (n, t) in counts.items()))
+    if dataset.skipped:
+        _say(options, f"  {dataset.skipped} file(s) in the class folders are not images of a "
+                      "kind the demo reads and were left out")
     if dropper is not None:
         _say(options, f"  site {dropper} loses its connection in round {drop_round}; that "
                       "round completes without it")
@@ -395,6 +485,7 @@ def run(options: DemoOptions) -> dict[str, Any]:
     work_root = Path(tempfile.mkdtemp(prefix="secagg-demo-work-"))
     results: list[RunResult] = []
     try:
+        _say(options, "\n  training plaintext FedAvg in this process (the baseline)")
         baseline = plaintext_fedavg(dataset, parts, rounds, train, clip_norm,
                                     {drop_round: {dropper}} if dropper else {}, options)
         results.append(baseline)
@@ -439,6 +530,11 @@ def run(options: DemoOptions) -> dict[str, Any]:
     return summary
 
 
+def _class_counts(dataset: Dataset) -> dict[str, tuple[int, int]]:
+    return {name: (int(np.sum(dataset.y_train == i)), int(np.sum(dataset.y_test == i)))
+            for i, name in enumerate(dataset.classes)}
+
+
 def train_is_dp(label: str) -> bool:
     return "DP" in label
 
@@ -477,6 +573,9 @@ def _summary(options: DemoOptions, dataset: Dataset, rounds: int, results: list[
                              accuracy_cost_pp=100 * (baseline.accuracy[-1] - r.accuracy[-1]))
         runs.append(entry)
     summary = {"dataset": dataset.name, "sites": options.sites, "rounds": rounds,
+               "classes": {name: {"train": n, "test": t}
+                           for name, (n, t) in _class_counts(dataset).items()},
+               "skipped_files": dataset.skipped,
                "alpha": ALPHA, "seed": SEED, "runs": runs, "plot": str(plot),
                "seconds": seconds}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

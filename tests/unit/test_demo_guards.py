@@ -4,6 +4,7 @@ DP-SGD really on) and its clean-up of the hospital data it copies."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import types
 from pathlib import Path
@@ -73,15 +74,31 @@ def test_a_site_that_fails_ends_the_demo_with_its_name_not_a_wait(
     (tmp_path / "aggregator.log").write_text("")
     _clock(monkeypatch, 1.0)
     sites = [_Proc(), _Proc(code=1), _Proc()]
-    with pytest.raises(RuntimeError, match=r"site 2 failed \(exit 1\)"):
+    (tmp_path / "site-2.err").write_text("Traceback...\nclients.errors.RoundAborted: why\n\n")
+    with pytest.raises(demo.DemoFailed,
+                       match=r"site 2 stopped \(exit 1\) before round 1 ended: "
+                             r"clients.errors.RoundAborted: why \(SECAGG_DEMO_KEEP"):
         _follow(tmp_path, sites, _Proc())
+
+
+def test_an_aggregator_that_stops_cleanly_ends_the_demo_not_a_wait(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM to the aggregator (an operator, a supervisor) stops it with status 0: the
+    demo waited for its hour's timeout, saying nothing."""
+    (tmp_path / "aggregator.log").write_text(
+        '{"message": "shutting down", "event": "shutdown"}\n')
+    _clock(monkeypatch, 1.0)
+    with pytest.raises(demo.DemoFailed,
+                       match=r"the aggregator stopped \(exit 0\) before round 1 ended: "
+                             "shutting down"):
+        _follow(tmp_path, [_Proc(), _Proc(), _Proc()], _Proc(code=0))
 
 
 def test_a_demo_that_stops_moving_times_out(tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "aggregator.log").write_text("")
     _clock(monkeypatch, 600.0)  # ten minutes a poll: the hour is up after six
-    with pytest.raises(RuntimeError, match="timed out"):
+    with pytest.raises(demo.DemoFailed, match="timed out in round 1"):
         _follow(tmp_path, [_Proc(), _Proc(), _Proc()], _Proc())
 
 
@@ -311,3 +328,80 @@ def test_a_run_that_fails_stops_every_process_it_started(monkeypatch: pytest.Mon
     assert len(started) == 4  # the aggregator, then three sites
     assert started[0].stopped == "terminated"
     assert [p.stopped for p in started[1:]] == ["killed"] * 3
+
+
+def test_sigterm_and_sighup_end_the_demo_as_ctrl_c_does() -> None:
+    """SIGTERM, or SIGHUP (a closed ssh session), ended the demo's process at once: its
+    aggregator served on and the work directory (the sites' copies of the images, the
+    federation's keys) stayed. Both now raise KeyboardInterrupt, whose way out stops the
+    processes and removes the directory; a SIGHUP ignored (nohup) stays ignored."""
+    import os
+    import signal
+
+    seen: list[int] = []
+
+    def record(signum: int, _frame: Any) -> None:  # (what the process had: kept alive)
+        seen.append(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        before = signal.signal(sig, record)
+        try:
+            with pytest.raises(KeyboardInterrupt), demo._terminate_as_interrupt():
+                os.kill(os.getpid(), sig)
+                signal.sigtimedwait([], 0.5)  # (the handler runs at the next bytecode)
+            assert signal.getsignal(sig) is record  # (given back as it was)
+        finally:
+            signal.signal(sig, before)
+    assert seen == []
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with demo._terminate_as_interrupt():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="Linux")
+def test_the_demos_processes_end_when_the_demo_is_killed(tmp_path: Path) -> None:
+    """A SIGKILL of the demo (no handler runs) left its aggregator serving for good: its
+    processes are told by the kernel (PR_SET_PDEATHSIG) and stop."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    mark = tmp_path / "child"
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        "from clients.demo.run import _children_end_with_us\n"
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+        "                     preexec_fn=_children_end_with_us())\n"
+        f"open({str(mark)!r}, 'w').write(str(c.pid))\n"
+        "time.sleep(60)\n")], cwd=Path(__file__).resolve().parents[2])
+    child = 0
+    try:
+        deadline = time.monotonic() + 60
+        while not (mark.exists() and mark.read_text()):
+            assert time.monotonic() < deadline and parent.poll() is None
+            time.sleep(0.05)
+        child = int(mark.read_text())
+        parent.kill()
+        parent.wait()
+        def alive() -> bool:
+            try:
+                return Path(f"/proc/{child}/stat").read_text().rpartition(")")[2].split()[0] \
+                    != "Z"
+            except OSError:
+                return False
+
+        deadline = time.monotonic() + 10
+        while alive():
+            assert time.monotonic() < deadline, "the demo's child outlived it"
+            time.sleep(0.05)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
