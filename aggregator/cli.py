@@ -105,7 +105,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     serve.add_argument("--metrics", default="127.0.0.1:9464", metavar="HOST:PORT",
                        help="where Prometheus scrapes /metrics (default 127.0.0.1:9464, "
                             "loopback only; 'off' to disable; port 0 picks one, logged)")
-    serve.add_argument("--log-level", default="info",
+    # (INFO, as operators copy the level names, was "invalid choice")
+    serve.add_argument("--log-level", default="info", type=str.lower,
                        choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_serve)
     migrate = agg_sub.add_parser(

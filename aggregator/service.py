@@ -976,6 +976,19 @@ def load_server_files(config_path: Path) -> ServerFiles:
     return files
 
 
+SERVER_KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    # a ping's answer can wait behind a slow link's queued chunks: 20 s (the default)
+    # closed healthy connections of sites on ~20 KB/s links
+    ("grpc.keepalive_timeout_ms", 60_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # a site's channel may ping with no call in flight (it keeps keepalive on to find a
+    # connection a NAT dropped while it trained): gRPC's default takes each such ping as a
+    # strike (the next allowed 2 h later) and ends the connection on the third
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
 async def serve(config_path: Path, *, store: str | None = None, listen: str | None = None,
                 ready: Callable[[int], None] | None = None,
                 stop_event: asyncio.Event | None = None,
@@ -1051,11 +1064,7 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
         ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_SECONDS * 1000)),
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),
-        ("grpc.keepalive_time_ms", 30_000),
-        # a ping's answer can wait behind a slow link's queued chunks: 20 s (the default)
-        # closed healthy connections of sites on ~20 KB/s links
-        ("grpc.keepalive_timeout_ms", 60_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        *SERVER_KEEPALIVE_OPTIONS,
         # a client opens no more streams than this on one connection (it queues the rest),
         # so one connection cannot make the server receive dozens of large requests at once
         ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),

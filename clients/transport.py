@@ -75,6 +75,23 @@ class _RateWatch:
         self._stop.set()
 
 
+KEEPALIVE_SECONDS = 20.0  # an idle channel pings the aggregator this often (it allows 10 s)
+KEEPALIVE_TIMEOUT_SECONDS = 10.0  # and takes a ping unanswered this long for a dead link
+
+
+def keepalive_options() -> list[tuple[str, int]]:
+    """The channel's HTTP/2 keepalive: a connection a NAT or firewall dropped silently while
+    the site trained (idle for minutes) left every call after it ending DEADLINE_EXCEEDED
+    (the middlebox keeps the socket open), until the round was lost. With it, the first call
+    after a long idle sends a ping, and one unanswered for KEEPALIVE_TIMEOUT_SECONDS closes
+    the connection: the next retry dials a new one (measured: the third call goes through).
+    The aggregator permits pings with no call in flight, which gRPC's default counts as
+    strikes against the client."""
+    # defence: sdk.channel-keepalive
+    return [("grpc.keepalive_time_ms", int(KEEPALIVE_SECONDS * 1000)),
+            ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_SECONDS * 1000))]
+
+
 class Connection:
     closed = False  # (set by close)
 
@@ -97,6 +114,8 @@ class Connection:
             ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.max_send_message_length", limits.max_message_bytes),
             ("grpc.enable_retries", 0),  # we retry ourselves, with jitter, and say why
+            # defence: sdk.channel-takes-keepalive
+            *keepalive_options(),
         ])
         self.stub = service_pb2_grpc.AggregationStub(self.channel)  # type: ignore[no-untyped-call]
         self.retry_seconds = retry_seconds

@@ -115,6 +115,16 @@ def test_python_dash_m_secagg_is_the_command() -> None:
     assert proc.returncode == 2 and proc.stderr.startswith("usage: secagg")
 
 
+def test_log_levels_are_taken_in_either_case() -> None:
+    """`--log-level INFO`, as operators copy level names, was "invalid choice"."""
+    from secagg.cli import build_parser
+
+    for given in ("INFO", "Warning", "debug"):
+        args = build_parser().parse_args(["aggregator", "serve", "--config", "f.toml",
+                                          "--log-level", given])
+        assert args.log_level == given.lower()
+
+
 def test_unsafe_configuration_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "masking", "--clients", "10", "--params", "10", "--threshold", "3"]) == 2
     assert "threshold must be in" in capsys.readouterr().err

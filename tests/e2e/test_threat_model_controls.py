@@ -294,6 +294,21 @@ def test_a_runner_killed_with_sigkill_leaves_no_tests_running_and_its_copies_are
     assert not workspace.exists() and live.is_dir() and kept.is_dir() and odd.is_dir()
 
 
+def test_a_listed_test_marked_slow_is_run(tmp_path: Path) -> None:
+    """The project's `-m 'not slow'` (its pytest addopts) deselected a slow test a control
+    named: the control could never run. A listed test runs whatever its marks."""
+    from secagg.audit.runner import run_suite
+
+    repo = _git_repo(tmp_path / "repo", {
+        "pyproject.toml": "[tool.pytest.ini_options]\naddopts = \"-m 'not slow'\"\n"
+                          "markers = [\"slow: long\"]\n",
+        "test_s.py": "import pytest\n\n\n@pytest.mark.slow\ndef test_slow():\n    pass\n",
+    })
+    with Workspace(repo) as ws:
+        run = run_suite(ws, ["test_s.py::test_slow"], timeout=120)
+    assert run.outcomes == {"test_s.py::test_slow": "passed"}
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 def test_what_a_run_leaves_in_a_session_of_its_own_ends_with_the_run(tmp_path: Path) -> None:
     """A test's process that made a session of its own (a server started with
