@@ -23,8 +23,9 @@ payload or anything derived from one. Each aggregator has its own registry (test
 - ``secagg_serving``: 1 while gRPC health says SERVING, 0 otherwise
 
 Beside ``/metrics`` the port answers ``/readyz`` (200 while SERVING, 503 otherwise) and
-``/livez`` (200): probes for an orchestrator, which has no site's client certificate to call
-gRPC's health service with.
+``/livez`` (200 while the aggregator's event loop beats, 503 once it has not for
+HEARTBEAT_STALE_SECONDS, as both then do): probes for an orchestrator, which has no site's
+client certificate to call gRPC's health service with.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class Metrics:
                              "1 while the aggregator serves rounds (gRPC health SERVING)",
                              registry=r)
         self.is_serving = False
+        self.beat = 0.0  # time.monotonic() of the event loop's last heartbeat (0: none yet)
         self._stages_seen: set[str] = set()
 
     # ---- rounds and stages (called on the job's thread) ----------
@@ -152,6 +154,7 @@ class NoMetrics(Metrics):
 METRICS_CONNECTIONS = 64  # connections served at once; more are closed at once
 METRICS_CONNECTIONS_PER_HOST = 4  # from one address (a scraper needs one)
 METRICS_IDLE_SECONDS = 10.0  # a connection that sends nothing for this long is closed
+HEARTBEAT_STALE_SECONDS = 30.0  # /livez and /readyz fail once the loop has not beaten for this
 
 
 def _unspecified(bound: str) -> bool:
@@ -258,8 +261,12 @@ def serve_metrics(metrics: Metrics, listen: str) -> tuple[Any, int]:
         # probe of the gRPC port without one fails its TLS handshake, serving or not
         path = environ.get("PATH_INFO", "")
         if path in ("/readyz", "/livez"):
+            # (answered on this thread: an event loop that stalled, gRPC health timing out,
+            # still had both say 200; they now need its heartbeat)
+            # defence: metrics.probes-need-the-loops-heartbeat
+            alive = time.monotonic() - metrics.beat < HEARTBEAT_STALE_SECONDS
             # defence: metrics.ready-probe-follows-health
-            ready = path == "/livez" or metrics.is_serving
+            ready = alive and (path == "/livez" or metrics.is_serving)
             start_response("200 OK" if ready else "503 Service Unavailable",
                            [("Content-Type", "text/plain")])
             return [b"ok\n" if ready else b"not serving\n"]

@@ -1096,6 +1096,7 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
         ready(port)
     tasks: list[asyncio.Task[None]] = []
     store_opened: Store | None = None
+    heartbeat = asyncio.create_task(_heartbeat(_metrics))
     try:
         opened = await _until_the_store_answers(
             core, functools.partial(_open_leased, store_factory, store_url), stop)
@@ -1150,7 +1151,7 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
         core.stopping = True
         core._wake()
         service.admission.close()
-        for task in tasks:
+        for task in (*tasks, heartbeat):
             task.cancel()
         await _set_health(health, False)
         await server.stop(grace=5)
@@ -1327,6 +1328,15 @@ class BoundedHealth(health_aio.HealthServicer):  # type: ignore[misc]
             self._watching[caller] -= 1
             if not self._watching[caller]:
                 del self._watching[caller]
+
+
+async def _heartbeat(metrics: Metrics) -> None:
+    """The event loop's heartbeat, which the metrics port's probes read (on their own thread:
+    without it they answered 200 from an aggregator whose loop had stalled)."""
+    while True:
+        # defence: service.loop-heartbeat
+        metrics.beat = time.monotonic()
+        await asyncio.sleep(1.0)
 
 
 async def _set_health(health: Any, serving: bool) -> None:

@@ -1463,9 +1463,12 @@ def check_store_location(url: str) -> None:
     """A SQLite store not made yet needs a directory to be made in. The aggregator checks
     this before it binds its port: it bound the port, said "listening", then exited."""
     path = _sqlite_file(url) if url.startswith("sqlite") else None
-    if path is None or path.exists() or path.is_symlink():
-        return  # (a link's target is the store's own checks' to judge)
-    # defence: store.location-checked-before-listening
-    if not path.parent.is_dir():
-        raise StoreError(f"cannot create store {path}: its directory {path.parent} does not "
-                         "exist")
+    try:
+        if path is None or path.exists() or path.is_symlink():
+            return  # (a link's target is the store's own checks' to judge)
+        # defence: store.location-checked-before-listening
+        if not path.parent.is_dir():
+            raise StoreError(f"cannot create store {path}: its directory {path.parent} does "
+                             "not exist")
+    except OSError as e:  # (a directory on the way it may not search)
+        raise StoreError(f"cannot create store {path}: {e.strerror or e}") from None

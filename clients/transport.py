@@ -76,7 +76,10 @@ class _RateWatch:
 
 
 KEEPALIVE_SECONDS = 20.0  # an idle channel pings the aggregator this often (it allows 10 s)
-KEEPALIVE_TIMEOUT_SECONDS = 10.0  # and takes a ping unanswered this long for a dead link
+# and takes a ping unanswered this long for a dead link: as the aggregator's own timeout, a
+# ping's answer can wait behind a slow link's queued chunks (20 s closed healthy connections
+# on ~20 KB/s links)
+KEEPALIVE_TIMEOUT_SECONDS = 60.0
 
 
 def keepalive_options() -> list[tuple[str, int]]:

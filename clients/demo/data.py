@@ -186,7 +186,9 @@ def _read_image(path: Path) -> tuple[np.ndarray, bool]:
             with Image.open(path) as img:
                 # defence: demo.folder-deep-images-scaled
                 if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-                    values = np.asarray(img, dtype=np.float32)
+                    # (a NaN in a float TIFF made the data set's brightest value NaN)
+                    values = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0,
+                                           posinf=0.0, neginf=0.0)
                     small = Image.fromarray(values, mode="F").resize((FOLDER_SIZE, FOLDER_SIZE))
                     return np.array(small, dtype=np.float32), True
                 gray = img.convert("L").resize((FOLDER_SIZE, FOLDER_SIZE))
@@ -222,6 +224,11 @@ def _folder(root: Path, seed: int) -> Dataset:
         if not files:
             raise DataError(f"class folder {root / name} holds no images ("
                             f"{', '.join(sorted(IMAGE_SUFFIXES))}): add some or remove it")
+        # (the total was checked: a class of one image left none to train on)
+        # defence: demo.folder-images-per-class
+        if len(files) < 5:
+            raise DataError(f"class folder {root / name} holds {len(files)} image(s): each "
+                            "class needs at least 5 (a fifth is held out for testing)")
         for path in files:
             pixels, deep = _read_image(path)
             images.append(pixels)

@@ -24,12 +24,12 @@ from clients.demo.train import TrainConfig
 from secagg.errors import ConfigurationError, SecAggError
 
 ROOT = Path(__file__).resolve().parents[2]
+ALPHA = 0.5
+SEED = 7
 
 
 class DemoFailed(SecAggError):
     """A process of the demo failed or stopped before the job ended (one line)."""
-ALPHA = 0.5
-SEED = 7
 
 
 @dataclass
@@ -172,19 +172,28 @@ def _last_line(text: str) -> str:
     return ""
 
 
-def _stop_with_the_demo() -> None:
-    """In a demo's child: killed (SIGTERM) when the demo's process ends, however it ends (a
-    SIGKILL of the demo left its aggregator serving for good)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-
-
 def _children_end_with_us() -> Any:
-    # defence: demo.children-end-with-the-demo
-    return _stop_with_the_demo if sys.platform.startswith("linux") else None
+    """For Popen's preexec_fn: the child is sent SIGTERM when the demo's process ends,
+    however it ends (a SIGKILL of the demo left its aggregator serving for good). prctl is
+    looked up here, in the parent: the child, forked beside other threads, runs no import."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent, term = os.getpid(), int(signal.SIGTERM)
+
+    def end_with_the_demo() -> None:
+        # defence: demo.children-end-with-the-demo
+        prctl(1, term)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # (the demo died before the call: nobody to tell us)
+            os.kill(os.getpid(), term)
+
+    return end_with_the_demo
 
 
 def _env() -> dict[str, str]:

@@ -71,19 +71,25 @@ def kill_marked(token: str, spare: int | None = None) -> None:
     if not token:
         return
     mark = f"{RUN_ENV}={token}".encode()
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return
-    for entry in entries:
-        if not entry.isdigit() or int(entry) == spare:
-            continue
-        with contextlib.suppress(OSError):
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                environ = f.read()
-            # defence: audit.own-session-processes-killed
-            if mark in environ.split(b"\0"):
-                os.kill(int(entry), signal.SIGKILL)
+    # (again while a pass finds some: one that forked during a pass leaves a child to the next)
+    for _ in range(5):
+        try:
+            entries = os.listdir("/proc")
+        except OSError:
+            return
+        found = False
+        for entry in entries:
+            if not entry.isdigit() or int(entry) == spare:
+                continue
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    environ = f.read()
+                # defence: audit.own-session-processes-killed
+                if mark in environ.split(b"\0"):
+                    os.kill(int(entry), signal.SIGKILL)
+                    found = True
+        if not found:
+            return
 
 
 def _kill_group(spare_self: bool = False) -> None:

@@ -318,6 +318,9 @@ class RangeSplitMasker:
             with _named_pool_failure():
                 for f in futures:
                     f.result()
+            # (the helpers' combined mask is in the shared memory: not left there)
+            # defence: prg.shared-mask-zeroed-on-refusal
+            np.ndarray((self._shm.size,), dtype=np.uint8, buffer=self._shm.buf)[:] = 0
             raise ValueError(f"target must have shape ({self.length},), got {target.shape}")
         local = self._local.get(lo)
         if local is None:

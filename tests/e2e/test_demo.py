@@ -133,7 +133,7 @@ def test_a_folder_as_it_comes_from_a_hospital_is_read_as_its_classes(tmp_path: P
     assert images[labels == 1].max() == pytest.approx(0.5, abs=0.01)
 
 
-@pytest.mark.parametrize("problem", ["a file", "empty class", "a huge image"])
+@pytest.mark.parametrize("problem", ["a file", "empty class", "a huge image", "a thin class"])
 def test_a_folder_data_set_that_cannot_be_read_as_given_says_why(
         tmp_path: Path, problem: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A file given as the folder was "does not exist"; an empty class folder was a class no
@@ -151,6 +151,10 @@ def test_a_folder_data_set_that_cannot_be_read_as_given_says_why(
     elif problem == "empty class":
         (root / "c").mkdir()
         said = "holds no images"
+    elif problem == "a thin class":
+        (root / "c").mkdir()
+        _png(root / "c" / "0.png", 1, (28, 28))
+        said = "holds 1 image"
     else:
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 28 * 28 // 2)  # (a small bomb)
         said = "more pixels than Pillow reads safely"

@@ -28,6 +28,7 @@ class _Relay:
     def __init__(self, port: int) -> None:
         self.port = port
         self.links: list[dict[str, bool]] = []
+        self.sockets: list[socket.socket] = []
         self.lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
@@ -51,6 +52,7 @@ class _Relay:
             link = {"dead": False}
             with self.lock:
                 self.links.append(link)
+                self.sockets += [client, server]
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pipe, args=(a, b, link), daemon=True).start()
 
@@ -75,6 +77,9 @@ def relay() -> Iterator[_Relay]:
         yield r
     finally:
         r.listener.close()
+        with r.lock:
+            for sock in r.sockets:
+                sock.close()
         server.stop(grace=None)
 
 
@@ -82,7 +87,7 @@ def _check(channel: Any, timeout: float) -> None:
     health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
 
 
-@pytest.mark.slow  # (a minute: the SDK's own 20 s period, idle twice over, then the calls)
+@pytest.mark.slow  # (minutes: the SDK's own period, idle twice over, then its 60 s timeout)
 def test_a_connection_dropped_while_the_site_trains_is_redialled(
         relay: _Relay, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without keepalive every call on the dead connection ended DEADLINE_EXCEEDED, call
@@ -105,8 +110,8 @@ def test_a_connection_dropped_while_the_site_trains_is_redialled(
                 break
             except grpc.RpcError as e:
                 codes.append(e.code())
-            assert time.monotonic() - began < 180, f"the dead connection was kept: {codes}"
-        assert relay.connections() == 2  # (the call that passed went on a new connection)
+            assert time.monotonic() - began < 240, f"the dead connection was kept: {codes}"
+        assert relay.connections() >= 2  # (the call that passed went on a new connection)
     finally:
         channel.close()
 

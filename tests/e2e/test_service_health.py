@@ -665,3 +665,26 @@ def test_closed_health_watches_give_back_their_count(monkeypatch: pytest.MonkeyP
                 await watch
 
     asyncio.run(main())
+
+
+def test_the_probes_fail_once_the_event_loop_stops_beating() -> None:
+    """The probes are answered on the metrics thread: an aggregator whose event loop stalled
+    (gRPC health timing out) still answered 200 to both, and was never restarted. They need
+    the loop's heartbeat, fresh within HEARTBEAT_STALE_SECONDS."""
+    import time as clock
+
+    from aggregator.metrics import HEARTBEAT_STALE_SECONDS, Metrics, serve_metrics
+
+    metrics = Metrics()
+    server, port = serve_metrics(metrics, "127.0.0.1:0")
+    try:
+        metrics.is_serving = True
+        metrics.beat = clock.monotonic()
+        assert (_probe(port, "/readyz"), _probe(port, "/livez")) == (200, 200)
+        metrics.beat = clock.monotonic() - HEARTBEAT_STALE_SECONDS - 1
+        assert (_probe(port, "/readyz"), _probe(port, "/livez")) == (503, 503)
+        metrics.is_serving, metrics.beat = False, clock.monotonic()
+        assert (_probe(port, "/readyz"), _probe(port, "/livez")) == (503, 200)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -81,6 +81,10 @@ def test_the_shared_memory_holds_no_mask_once_it_is_applied(splitter: RangeSplit
     terms = [(os.urandom(32), 1), (os.urandom(32), 1)]
     splitter.apply(np.zeros(LENGTH, dtype=np.uint32), terms)
     assert not any(splitter._shm.buf)
+    # also when the target is refused (the helpers had already written their ranges)
+    with pytest.raises(ValueError, match="shape"):
+        splitter.apply(np.zeros(LENGTH + 1, dtype=np.uint32), terms)
+    assert not any(splitter._shm.buf)
 
 
 def test_no_expander_keeps_a_mask_once_it_is_applied(splitter: RangeSplitMasker,
