@@ -76,7 +76,6 @@ def stop_running() -> None:
         # defence: audit.sigterm-stops-the-tests
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
-        # defence: audit.stop-ends-the-runs-own-sessions
         _pytest_plugin.kill_marked(token)
 
 

@@ -219,7 +219,10 @@ MARK = Path(os.environ["AUDIT_TEST_MARK"])
 atexit.register(lambda: MARK.with_suffix(".atexit").write_text("ran"))
 
 def test_sleeps():
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    # (in the group, without the run's mark: the kill of the group alone ends it)
+    unmarked = {k: v for k, v in os.environ.items() if k != "SECAGG_AUDIT_RUN"}
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                             env=unmarked)
     MARK.with_suffix(".child").write_text(str(child.pid))
     loner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
                              start_new_session=True)
