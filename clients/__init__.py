@@ -3,6 +3,7 @@
 from clients.errors import (
     AggregatorRefused,
     AggregatorUnavailable,
+    AnswerRefused,
     DirectoryInUse,
     ModelMismatch,
     RoundAborted,
@@ -10,5 +11,5 @@ from clients.errors import (
 )
 from clients.site import Round, Site
 
-__all__ = ["AggregatorRefused", "AggregatorUnavailable", "DirectoryInUse", "ModelMismatch",
-           "Round", "RoundAborted", "Site", "SiteError"]
+__all__ = ["AggregatorRefused", "AggregatorUnavailable", "AnswerRefused", "DirectoryInUse",
+           "ModelMismatch", "Round", "RoundAborted", "Site", "SiteError"]

@@ -34,6 +34,23 @@ class AggregatorRefused(SiteError):
         self.reason = reason
 
 
+class AnswerRefused(AggregatorRefused):
+    """This site refused the aggregator's answer: it broke the protocol or the site's bounds
+    (a chunk that does not match its id or was not asked for, a size past the site's limits,
+    a transfer that made no progress or came slower than the slowest supported link).
+    ``code``: a gRPC status name saying what kind of fault (``DATA_LOSS``, ``OUT_OF_RANGE``,
+    ``INVALID_ARGUMENT``, ``RESOURCE_EXHAUSTED``, ``DEADLINE_EXCEEDED``), chosen by this
+    SDK, not sent by the aggregator. A subclass of :class:`AggregatorRefused`, so that a
+    handler of the aggregator's refusals catches these too."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        reason = shown(reason)
+        SiteError.__init__(self, f"this site refused the aggregator's answer ({code}): "
+                                 f"{reason}")
+        self.code = code
+        self.reason = reason
+
+
 class AggregatorUnavailable(SiteError):
     """The aggregator could not be reached, even after retrying."""
 

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from clients import tensors
-from clients.errors import AggregatorRefused, ModelMismatch, RoundAborted, SiteError
+from clients.errors import AggregatorRefused, AnswerRefused, ModelMismatch, RoundAborted, SiteError
 from clients.history import (
     AnotherKeyKept,
     DirectoryClaim,
@@ -863,7 +863,7 @@ class Site:
         length = sum(t.size for t in spec)
         # defence: sdk.model-download-bounded
         if length > self.config.limits.max_vector_length:
-            raise AggregatorRefused("OUT_OF_RANGE", f"the aggregator named a {what} of {length} "
+            raise AnswerRefused("OUT_OF_RANGE", f"the aggregator named a {what} of {length} "
                                                     "values ([limits] max_vector_length)")
         # a model of no expected spec (the first this process fetches) is as large as the
         # aggregator says: its digest is checked before it is built, so that one chunk named

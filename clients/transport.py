@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from clients.errors import AggregatorRefused, AggregatorUnavailable, SiteError, shown
+from clients.errors import AggregatorRefused, AggregatorUnavailable, AnswerRefused, SiteError, shown
 from secagg.errors import ConfigurationError
 from secagg.federation.config import SDK_CHUNK_BYTES
 from secagg.federation.kit import SiteKit
@@ -267,12 +267,12 @@ class Connection:
             # than before (a link that cannot carry one chunk within the deadline, an
             # aggregator that reads and keeps nothing): refused, not resumed again
             if slow[0] and len(missing) >= before[0]:
-                raise AggregatorRefused("DEADLINE_EXCEEDED", f"the {what} made no progress "
+                raise AnswerRefused("DEADLINE_EXCEEDED", f"the {what} made no progress "
                                         "within the deadline: no chunk sent was stored")
             before[0], slow[0] = len(missing), False
             # defence: sdk.upload-offered-only
             if not set(missing) <= by_id.keys():
-                raise AggregatorRefused("INVALID_ARGUMENT", f"the aggregator asked for a chunk "
+                raise AnswerRefused("INVALID_ARGUMENT", f"the aggregator asked for a chunk "
                                                             f"of the {what} this site did not "
                                                             "offer")
             done = total - len(missing)
@@ -282,7 +282,7 @@ class Connection:
                 return
             # defence: sdk.upload-resend-bounded
             if sum(len(by_id[c]) for c in dict.fromkeys(missing)) > allowance[0]:
-                raise AggregatorRefused("RESOURCE_EXHAUSTED", f"the aggregator asked for the "
+                raise AnswerRefused("RESOURCE_EXHAUSTED", f"the aggregator asked for the "
                                         f"{what} more than {UPLOAD_SEND_FACTOR} times over")
 
             def stream() -> Iterator[service_pb2.Chunk]:
@@ -319,7 +319,7 @@ class Connection:
             # naming one chunk 200,000 times stretched the upload's deadline to days
             # defence: sdk.missing-chunks-checked
             if len(set(named)) != len(named):
-                raise AggregatorRefused("INVALID_ARGUMENT", "the aggregator's list of missing "
+                raise AnswerRefused("INVALID_ARGUMENT", "the aggregator's list of missing "
                                                             "chunks names a chunk twice")
             missing.extend(named)
         return missing
@@ -359,13 +359,13 @@ class Connection:
         raises to refuse a payload the caller can tell is not the one it wants."""
         # defence: sdk.download-bounded
         if blob.size > max_size:
-            raise AggregatorRefused("OUT_OF_RANGE", f"the aggregator named a {what} of "
+            raise AnswerRefused("OUT_OF_RANGE", f"the aggregator named a {what} of "
                                                     f"{blob.size} bytes (at most {max_size})")
         # every chunk holds a byte at least (an empty payload is one empty chunk): a blob
         # naming more chunks than it has bytes is a lie, and would stretch the transfer
         # defence: sdk.download-chunk-count-bounded
         if len(blob.chunk_ids) > max(1, blob.size):
-            raise AggregatorRefused("OUT_OF_RANGE", f"the aggregator named a {what} of "
+            raise AnswerRefused("OUT_OF_RANGE", f"the aggregator named a {what} of "
                                                     f"{blob.size} bytes in "
                                                     f"{len(blob.chunk_ids)} chunks")
         began = time.monotonic()
@@ -400,12 +400,12 @@ class Connection:
                         # likes
                         # defence: sdk.download-asked-only
                         if cid not in pending or held + len(data) > blob.size:
-                            raise AggregatorRefused("DATA_LOSS", f"the aggregator sent a chunk "
+                            raise AnswerRefused("DATA_LOSS", f"the aggregator sent a chunk "
                                                                  f"of the {what} that was not "
                                                                  "asked for")
                         # defence: sdk.download-chunk-matches-id
                         if hashlib.sha256(data).digest() != cid:
-                            raise AggregatorRefused("DATA_LOSS", "a downloaded chunk does not "
+                            raise AnswerRefused("DATA_LOSS", "a downloaded chunk does not "
                                                                  "match its id")
                         pending.discard(cid)
                         got[cid] = data
@@ -416,7 +416,7 @@ class Connection:
                 except grpc.RpcError:
                     # defence: sdk.download-pace-refused
                     if watch is not None and watch.fired:
-                        raise AggregatorRefused(
+                        raise AnswerRefused(
                             "DEADLINE_EXCEEDED", f"the aggregator sent the {what} slower than "
                             f"{MIN_LINK_BYTES_PER_SECOND // 1000} KB/s ({held} of "
                             f"{blob.size} bytes in {time.monotonic() - began:.0f} s)") from None
@@ -429,12 +429,12 @@ class Connection:
         # a stream that ended without every chunk asked for (the retry covers broken ones)
         # defence: sdk.download-complete
         if len(got) != len(wanted):
-            raise AggregatorRefused("DATA_LOSS", f"the aggregator's {what} stream ended "
+            raise AnswerRefused("DATA_LOSS", f"the aggregator's {what} stream ended "
                                                  "without every chunk asked for")
         # sized before joining: a blob naming one chunk many times must not make us build it
         # defence: sdk.download-sized-before-join
         if sum(len(got[c]) for c in blob.chunk_ids) != blob.size:
-            raise AggregatorRefused("DATA_LOSS", "a downloaded payload has the wrong size")
+            raise AnswerRefused("DATA_LOSS", "a downloaded payload has the wrong size")
         if check is not None:
             check([got[c] for c in blob.chunk_ids])
         return b"".join(got[c] for c in blob.chunk_ids)

@@ -268,7 +268,7 @@ def test_a_key_holder_stops_verifying_uploads_when_the_round_is_out_of_time(
 def test_a_downloaded_chunk_must_hash_to_its_id() -> None:
     """The aggregator answers a chunk id with other bytes of the same size (a model or a
     payload it would like the site to take): refused, nothing kept."""
-    from clients.errors import AggregatorRefused
+    from clients.errors import AnswerRefused
 
     class _Swapped(_ChunkStub):
         def GetChunks(self, request: Any, timeout: float) -> Any:
@@ -277,7 +277,7 @@ def test_a_downloaded_chunk_must_hash_to_its_id() -> None:
                 yield service_pb2.Chunk(chunk_id=cid, data=b"x" * len(self.data))
 
     stub = _Swapped(b"y" * 1024)
-    with pytest.raises(AggregatorRefused, match="does not match its id"):
+    with pytest.raises(AnswerRefused, match=r"DATA_LOSS.*does not match its id"):
         _connection(stub).download(wire.Blob((stub.cid,), 1024), max_size=1024)
     assert stub.served == 1
 

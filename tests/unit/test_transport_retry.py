@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
-from clients.errors import AggregatorRefused, AggregatorUnavailable
+from clients.errors import AggregatorRefused, AggregatorUnavailable, AnswerRefused
 from clients.transport import Blob, Connection
 
 
@@ -58,9 +58,12 @@ def test_transient_statuses_are_retried(code: grpc.StatusCode) -> None:
                                   grpc.StatusCode.ABORTED, grpc.StatusCode.INVALID_ARGUMENT])
 def test_refusals_surface_at_once_naming_the_code(code: grpc.StatusCode) -> None:
     attempt, calls = _failing([code])
-    with pytest.raises(AggregatorRefused, match=code.name):
+    with pytest.raises(AggregatorRefused, match=code.name) as refused:
         _connection()._retry(attempt)
     assert len(calls) == 1
+    # the aggregator's own status, not an answer this site refused
+    assert not isinstance(refused.value, AnswerRefused)
+    assert str(refused.value).startswith(f"aggregator refused ({code.name})")
 
 
 def test_retries_stop_after_retry_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -437,9 +440,14 @@ def test_a_missing_chunks_reply_that_repeats_or_invents_ids_is_refused(lie: str)
     count, to days), or a chunk the site never asked about."""
     stub = _Listing(lambda ids: ids[:1] * 1000 if lie == "repeated" else [b"\7" * 32])
     conn, _ = _submitting(stub)
-    with pytest.raises(AggregatorRefused, match="INVALID_ARGUMENT"):
+    with pytest.raises(AggregatorRefused, match="INVALID_ARGUMENT") as refused:
         conn.upload(os.urandom(3 * 1024 * 1024))
     assert stub.puts == []
+    # the site's refusal of a lie, not told as the aggregator refusing the site (the code is
+    # the SDK's choice: the aggregator sent no status)
+    assert isinstance(refused.value, AnswerRefused)
+    assert str(refused.value).startswith("this site refused the aggregator's answer "
+                                         "(INVALID_ARGUMENT)")
 
 
 def test_a_payload_with_repeated_pieces_uploads_once_each() -> None:
@@ -494,7 +502,7 @@ def test_a_blob_naming_more_chunks_than_bytes_is_refused_before_fetching() -> No
     stub = _SlowLink(per_call=1)
     conn, _ = _submitting(stub)
     blob = Blob(tuple(bytes([i % 256, i // 256]) * 16 for i in range(1000)), 10)
-    with pytest.raises(AggregatorRefused, match="OUT_OF_RANGE"):
+    with pytest.raises(AnswerRefused, match="OUT_OF_RANGE"):
         conn.download(blob, max_size=10)
     assert stub.calls == 0
 
