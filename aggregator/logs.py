@@ -7,6 +7,7 @@ seed, share or plaintext (the fields below are the only ones copied into a line)
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import json
 import logging
 import os
@@ -214,6 +215,82 @@ class NativeLines:
                        event="grpc_core", reason=source)
 
 
+# what the drain writes of fd 2's last messages once the aggregator has died: at most this
+# many messages, each cut to FATAL_MESSAGE_CHARS
+FATAL_MESSAGES = 200
+FATAL_MESSAGE_CHARS = 4000
+_DRAIN = r"""
+import json, os, re, signal, socket, sys, time
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(s, signal.SIG_IGN)  # (a terminal's Ctrl-C, a stop: it ends with its parent)
+sock, alive, out, most, chars = (int(a) for a in sys.argv[1:])
+while True:
+    try:
+        if not os.read(alive, 1):
+            break
+    except InterruptedError:
+        continue
+ours = socket.socket(fileno=sock)
+ours.setblocking(False)
+core = re.compile(r"[IDWEF]\d{4} \d\d:\d\d:\d\d")
+said = 0
+while True:
+    try:
+        raw = ours.recv(1 << 16)
+    except OSError:
+        break
+    text = raw.decode(errors="replace").rstrip("\n")
+    # the core's INFO and DEBUG chatter (a stop's last lines) is not said; its warnings and
+    # errors are, at their level; any other text (Python's own fatal error) is critical
+    level = "critical"
+    if core.match(text):
+        level = {"I": "", "D": "", "W": "warning", "E": "error"}.get(text[0], "critical")
+    if not level or not text.strip():
+        continue
+    said += 1
+    if said > most:
+        continue
+    now = time.time()
+    line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+            + ".%03dZ" % (int(now * 1000) % 1000), "level": level,
+            "message": text[:chars], "event": "fatal_output"}
+    os.write(out, (json.dumps(line, separators=(",", ":")) + "\n").encode())
+if said > most:
+    os.write(out, (json.dumps({"level": "critical", "message": "fatal output cut",
+                               "event": "fatal_output", "dropped": said - most}) + "\n").encode())
+"""
+
+
+def _drain_at_exit(ours: socket.socket, original: int) -> None:
+    """Start a small process that, once this one has ended however it ended, writes what
+    is left unread on fd 2's socket to the real stderr as JSON lines (``fatal_output``).
+    Whatever a dying process writes to fd 2 as it dies (gRPC core's fatal line before its
+    abort, Python's "Fatal Python error") was lost with the reader thread: the socket is
+    read by this process only. It waits on a pipe whose one write end this process holds
+    (not inherited: the kernel closes it however this process ends), ignores the signals a
+    terminal or a stop sends its group, and reads nothing while this process lives."""
+    import subprocess
+
+    alive_r, alive_w = os.pipe()
+    try:
+        # defence: logs.fatal-output-drained
+        subprocess.Popen(  # noqa: S603 (our own interpreter, a fixed script)
+            [sys.executable, "-I", "-c", _DRAIN, str(ours.fileno()), str(alive_r),
+             str(original), str(FATAL_MESSAGES), str(FATAL_MESSAGE_CHARS)],
+            pass_fds=(ours.fileno(), alive_r, original), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=original)
+    except OSError:
+        os.close(alive_w)  # (no drain: the log works as before, fatal output is lost)
+    else:
+        # held, never written to, until the process ends
+        _ALIVE.append(alive_w)
+    finally:
+        os.close(alive_r)
+
+
+_ALIVE: list[int] = []
+
+
 def capture_native_stderr(on_tls_refused: Callable[[str], None] | None = None) -> None:
     """Route gRPC core's own log lines (written to fd 2 by C++) through the JSON logger.
 
@@ -225,7 +302,9 @@ def capture_native_stderr(on_tls_refused: Callable[[str], None] | None = None) -
     can appear in it (an SNI name, an HTTP/2 GOAWAY's debug data), newlines included, and a
     raw line could pass for one of ours. Each message the core writes is read whole (one
     datagram), so text it carries never passes for a message of its own. Messages are
-    rate-limited (NATIVE_LINES_PER_SECOND).
+    rate-limited (NATIVE_LINES_PER_SECOND). What is still unread when the process dies is
+    written as ``fatal_output`` lines by a drain process (:func:`_drain_at_exit`), and a fatal
+    signal dumps every thread's Python stack on the real stderr.
     """
     os.environ.setdefault("GRPC_VERBOSITY", "INFO")
     original = os.dup(2)
@@ -248,7 +327,13 @@ def capture_native_stderr(on_tls_refused: Callable[[str], None] | None = None) -
         read_fd, write_fd = os.pipe()
         os.dup2(write_fd, 2)
         os.close(write_fd)
+    if ours is not None:
+        _drain_at_exit(ours, original)
     sys.stderr = os.fdopen(os.dup(original), "w", buffering=1)
+    # a fatal signal (a crash in C, an abort) dumps every thread's Python stack on the real
+    # stderr, not into fd 2's socket, which no one reads once the process is dying
+    # defence: logs.fatal-stack-on-real-stderr
+    faulthandler.enable(file=sys.stderr, all_threads=True)
     for name in ("secagg", ""):
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, logging.StreamHandler):

@@ -397,12 +397,28 @@ def _one_line(text: object) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
+# the extra (pyproject.toml) that installs each package a command may need beyond the core
+EXTRA_OF = {"sqlalchemy": "aggregator", "alembic": "aggregator", "psycopg": "aggregator",
+            "prometheus_client": "aggregator", "torch": "demo", "opacus": "demo",
+            "sklearn": "demo", "matplotlib": "demo", "PIL": "demo"}
+
+
 def _main(argv: Sequence[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args))
     except SecAggError as e:
         print(f"secagg: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    # a command whose packages are an extra this install lacks (the aggregator's store on a
+    # site's machine, the demo's torch on the aggregator's): which extra, not a traceback
+    # defence: cli.missing-extra-named
+    except ModuleNotFoundError as e:
+        extra = EXTRA_OF.get((e.name or "").partition(".")[0])
+        if extra is None or os.environ.get("SECAGG_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"secagg: error: this command needs the package {e.name}, which this install "
+              f"lacks: pip install 'secagg[{extra}]'", file=sys.stderr)
         return 2
     except BrokenPipeError:
         raise  # (for main: not the last resort's OSError below)

@@ -218,8 +218,10 @@ def test_only_the_cores_own_handshake_line_counts_as_a_refusal(
     assert seen == ["CERTIFICATE_VERIFY_FAILED"]
 
 
-def _run_logged(code: str) -> list[str]:
-    """Run ``code`` in a process whose logging the aggregator's CLI set up; its stderr."""
+def _run_logged(code: str, status: int = 0) -> list[str]:
+    """Run ``code`` in a process whose logging the aggregator's CLI set up; its stderr (read
+    to its end: until every process holding it, the fatal output's drain among them, has
+    ended). ``status``: the exit status expected."""
     import subprocess
     import sys
     import textwrap
@@ -228,8 +230,67 @@ def _run_logged(code: str) -> list[str]:
 
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env(), cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == status, done.stderr
     return done.stderr.splitlines()
+
+
+def test_what_a_dying_aggregator_writes_to_fd_2_reaches_the_log() -> None:
+    """gRPC core writes its fatal line to fd 2 and aborts; Python writes "Fatal Python
+    error" there: with fd 2 a socket only the aggregator's own thread read, both were lost
+    with the process (an operator saw it gone, and nothing said why). The reader is held
+    here on its first message, so the rest is still unread when the process aborts."""
+    err = _run_logged("""
+        import os, time
+        from aggregator import logs
+        logs.NativeLines.feed = lambda self, message: time.sleep(3600)
+        logs.configure()
+        logs.capture_native_stderr()
+        os.write(2, b"I1203 16:46:02.000000   1 chttp2_transport.cc:1] held by the reader\\n")
+        time.sleep(0.3)
+        os.write(2, b"I1203 16:46:02.000000   1 server.cc:1] an INFO line: not said\\n")
+        os.write(2, b"F1203 16:46:02.000000   1 ev_epoll1.cc:1] assertion failed: x\\n")
+        os.write(2, b"Fatal Python error: something\\n")
+        os.abort()
+        """, status=-6)
+    entries = [json.loads(line) for line in err if line.startswith("{")]
+    said = [(e["event"], e["level"], e["message"]) for e in entries
+            if e.get("event") == "fatal_output"]
+    assert said == [
+        ("fatal_output", "critical",
+         "F1203 16:46:02.000000   1 ev_epoll1.cc:1] assertion failed: x"),
+        ("fatal_output", "critical", "Fatal Python error: something")], err
+
+
+def test_an_aggregator_that_ends_well_says_no_fatal_output_and_leaves_no_process() -> None:
+    """The drain of fd 2 writes nothing after a normal end (the reader read it all, and the
+    core's INFO lines of a stop are not said) and ends with the process: stderr reaches its
+    end (else this run waits out its timeout)."""
+    err = _run_logged("""
+        import os, time
+        from aggregator import logs
+        logs.configure()
+        logs.capture_native_stderr()
+        os.write(2, b"W1203 16:46:02.000000   1 chttp2_transport.cc:1] a warning\\n")
+        time.sleep(0.3)
+        os.write(2, b"I1203 16:46:02.000000   1 server.cc:1] shutting down\\n")
+        """)
+    entries = [json.loads(line) for line in err]  # JSON lines only
+    assert [e["event"] for e in entries] == ["grpc_core"], entries
+
+
+def test_a_crash_in_c_shows_every_threads_python_stack() -> None:
+    """A segmentation fault (a C extension's bug) ended the aggregator without a word: the
+    fault handler now writes each thread's Python stack to the real stderr."""
+    err = _run_logged("""
+        import faulthandler
+        from aggregator import logs
+        logs.configure()
+        logs.capture_native_stderr()
+        faulthandler._sigsegv()
+        """, status=-11)
+    text = "\\n".join(err)
+    assert "Segmentation fault" in text, text
+    assert "<string>" in text, text  # the crashing thread's stack, to the line
 
 
 def test_one_write_of_the_core_is_read_as_one_message() -> None:
