@@ -313,7 +313,131 @@ def code_problems(path: str, source: str, edits: Sequence[Edit], edited: str,
     if unknown:
         return [f"the edit reads {', '.join(unknown)} where {path} does not bind it (the "
                 "code would raise NameError, not run without the defence)"]
+    # a local read where its function has not bound it yet (`if n > limit:` with `limit`
+    # assigned further down): UnboundLocalError wherever it runs, as above
+    # defence: audit.edit-reads-no-local-before-assignment
+    # (the unedited file's, by path: a cache; the edited one's, in the functions the edits
+    # changed: the whole check of every control took twice as long)
+    key = f"{path}\0early"
+    if key not in cache:
+        cache[key] = _reads_before_assignment(ast.parse(source, path))
+    early = sorted(_reads_before_assignment(after, names, _edited_lines(edited, edits))
+                   - (cache[key] or set()))
+    if early:
+        return [f"the edit reads {', '.join(early)} before its function assigns it (the "
+                "code would raise UnboundLocalError, not run without the defence)"]
     return []
+
+
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef, ast.ListComp,
+           ast.SetComp, ast.DictComp, ast.GeneratorExp)
+_LOOPS = (ast.For, ast.AsyncFor, ast.While)
+
+
+def _edited_lines(edited: str, edits: Sequence[Edit]) -> set[int]:
+    """The lines of ``edited`` that hold the edits' replacement text."""
+    lines: set[int] = set()
+    for e in edits:
+        at = edited.find(e.replace) if e.replace else -1
+        while at >= 0:
+            first = edited.count("\n", 0, at) + 1
+            lines.update(range(first, first + e.replace.count("\n") + 1))
+            at = edited.find(e.replace, at + 1)
+    return lines
+
+
+def _reads_before_assignment(tree: ast.AST, names: set[str] | None = None,
+                             lines: set[int] | None = None) -> set[str]:
+    """Which of ``names`` some function reads as a local (its body binds the name, and no
+    ``global`` or ``nonlocal`` says otherwise) where no binding can have run yet: every
+    binding of it in the function comes after the read in the source, and no loop holds
+    both. Statements run in source order but for loops, so such a read raises
+    UnboundLocalError the first time it runs. A binding counts where it takes effect: an
+    assignment after its value (``n = n + 1`` reads ``n`` first)."""
+    return {name for func in ast.walk(tree)
+            if isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+            and (lines is None or any(func.lineno <= n <= (func.end_lineno or func.lineno)
+                                      for n in lines))
+            for name in _early_reads(func, names)}
+
+
+def _early_reads(func: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda,
+                 names: set[str] | None) -> set[str]:
+    """:func:`_reads_before_assignment` for one function."""
+    found: set[str] = set()
+    args = func.args
+    params = {a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs,
+                              *(x for x in (args.vararg, args.kwarg) if x))}
+    body = func.body if isinstance(func.body, list) else [func.body]
+    declared: set[str] = set()
+    binds: dict[str, list[tuple[int, int]]] = {}
+    reads: list[tuple[str, tuple[int, int], list[ast.AST]]] = []
+
+    def bind(name: str, where: tuple[int, int]) -> None:
+        binds.setdefault(name, []).append(where)
+
+    def visit(node: ast.AST, loops: list[ast.AST], late: tuple[int, int] | None) -> None:
+        """``late``: where the bindings under ``node`` take effect, if not where they
+        stand (an assignment's targets: after its value)."""
+        if isinstance(node, ast.Global | ast.Nonlocal):
+            declared.update(node.names)
+        elif isinstance(node, ast.Name):
+            where = (node.lineno, node.col_offset)
+            if isinstance(node.ctx, ast.Load):
+                reads.append((node.id, where, loops))
+            else:
+                bind(node.id, max(where, late or where))
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            for a in node.names:
+                bind((a.asname or a.name).partition(".")[0], _end(node))
+        elif isinstance(node, ast.ExceptHandler | ast.MatchAs | ast.MatchStar) \
+                and node.name:
+            bind(node.name, (node.lineno, node.col_offset))
+        elif isinstance(node, ast.MatchMapping) and node.rest:
+            bind(node.rest, (node.lineno, node.col_offset))
+        if isinstance(node, _SCOPES):
+            # its name is bound here; what is inside is another scope's (but a
+            # comprehension's walrus, which binds here: counted where it stands)
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                bind(node.name, (node.lineno, node.col_offset))
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.NamedExpr) and isinstance(sub.target, ast.Name):
+                    bind(sub.target.id, (sub.lineno, sub.col_offset))
+            return
+        inner = [*loops, node] if isinstance(node, _LOOPS) else loops
+        value = getattr(node, "value", None)
+        if isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign | ast.NamedExpr) \
+                and value is not None:
+            # the value first; the targets bind once it is computed
+            visit(value, inner, late)
+            for child in ast.iter_child_nodes(node):
+                if child is not value:
+                    visit(child, inner, max(_end(value), late or _end(value)))
+            return
+        for child in ast.iter_child_nodes(node):
+            visit(child, inner, late)
+
+    for stmt in body:
+        visit(stmt, [], None)
+    for name, where, loops in reads:
+        if (names is not None and name not in names) or name in params or name in declared \
+                or name not in binds:
+            continue
+        if all(b > where for b in binds[name]) and not any(
+                _holds(loop, b) for loop in loops for b in binds[name]):
+            found.add(name)
+    return found
+
+
+def _end(node: ast.AST) -> tuple[int, int]:
+    return (getattr(node, "end_lineno", 0) or 0, getattr(node, "end_col_offset", 0) or 0)
+
+
+def _holds(node: ast.AST, where: tuple[int, int]) -> bool:
+    """Whether ``where`` (a line and column) lies within ``node``'s source."""
+    start = (node.lineno, node.col_offset)  # type: ignore[attr-defined]
+    end = (node.end_lineno or 0, node.end_col_offset or 0)  # type: ignore[attr-defined]
+    return start <= where <= end
 
 
 def _star_import(tree: ast.AST) -> bool:

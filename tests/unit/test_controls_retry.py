@@ -295,6 +295,49 @@ def test_an_edit_reading_a_name_bound_only_in_another_scope_proves_nothing(
         assert len(found) == 1 and said in found[0]
 
 
+_EARLY = (
+    "import os\n\nLIMIT = 3\n\n\n"
+    "def check(n, items):\n    if n > 1:\n        return n\n    total = sum(items)\n"
+    "    for item in items:\n        if item:\n            seen = item\n"
+    "    count = 0\n    while count < n:\n        count += 1\n        last = count\n"
+    "    return total\n\n\n"
+    "def other(m):\n    global LIMIT\n    if m:\n        return m\n    LIMIT = m\n    return m\n"
+)
+
+
+@pytest.mark.parametrize(("find", "replace", "said"), [
+    # read before every assignment of it in its function: UnboundLocalError
+    ("    if n > 1:\n", "    if n > total:\n", "total"),
+    ("    if n > 1:\n", "    if n > len(items) + count:\n", "count"),
+    # `total = total + ...`: its value is computed, reading it, before it binds
+    ("    total = sum(items)\n", "    total = total + sum(items)\n", "total"),
+    ("    total = sum(items)\n", "    total = sum(items) + seen\n", "seen"),
+    # read after an assignment: bound (on some path at least: not this check's to say)
+    ("    return total\n", "    return total + count\n", None),
+    ("    return total\n", "    return total + seen\n", None),
+    # in a loop that assigns it later in its body: bound from the second pass on
+    ("        count += 1\n", "        count += 1 if count else last\n", None),
+    # an argument, a global declared as such, a module name: not a local
+    ("    if n > 1:\n", "    if n > len(items):\n", None),
+    ("    if m:\n", "    if m > LIMIT:\n", None),
+    ("    if n > 1:\n", "    if n > LIMIT:\n", None),
+    ("    if n > 1:\n", "    if n > len(os.sep):\n", None),
+])
+def test_an_edit_reading_a_local_before_its_function_assigns_it_proves_nothing(
+        find: str, replace: str, said: str | None) -> None:
+    """A read of a local its function assigns only further down (`if n > total:`) passed
+    the name check, and its UnboundLocalError "caught" the control wherever it ran."""
+    from secagg.audit.controls import code_problems
+
+    assert _EARLY.count(find) == 1
+    edited = _EARLY.replace(find, replace, 1)
+    found = code_problems("secagg/x.py", _EARLY, (Edit(find, replace),), edited)
+    if said is None:
+        assert found == [], found
+    else:
+        assert len(found) == 1 and said in found[0] and "UnboundLocalError" in found[0], found
+
+
 _TYPE_CHECKING = (
     "from __future__ import annotations\n\nimport typing\nfrom typing import TYPE_CHECKING\n\n"
     "if TYPE_CHECKING:\n    from pathlib import Path\n    from json import JSONDecoder\n"
