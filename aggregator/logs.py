@@ -274,7 +274,7 @@ def _drain_at_exit(ours: socket.socket, original: int) -> None:
     alive_r, alive_w = os.pipe()
     try:
         # defence: logs.fatal-output-drained
-        subprocess.Popen(  # noqa: S603 (our own interpreter, a fixed script)
+        drain = subprocess.Popen(  # noqa: S603 (our own interpreter, a fixed script)
             [sys.executable, "-I", "-c", _DRAIN, str(ours.fileno()), str(alive_r),
              str(original), str(FATAL_MESSAGES), str(FATAL_MESSAGE_CHARS)],
             pass_fds=(ours.fileno(), alive_r, original), stdin=subprocess.DEVNULL,
@@ -282,13 +282,14 @@ def _drain_at_exit(ours: socket.socket, original: int) -> None:
     except OSError:
         os.close(alive_w)  # (no drain: the log works as before, fatal output is lost)
     else:
-        # held, never written to, until the process ends
-        _ALIVE.append(alive_w)
+        # held, never written to, until the process ends (and the drain's handle with it:
+        # not collected, and warned about, while it runs)
+        _ALIVE.append((alive_w, drain))
     finally:
         os.close(alive_r)
 
 
-_ALIVE: list[int] = []
+_ALIVE: list[tuple[int, object]] = []
 
 
 def capture_native_stderr(on_tls_refused: Callable[[str], None] | None = None) -> None:
