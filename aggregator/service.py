@@ -50,6 +50,7 @@ from aggregator.store import (
     StoreError,
     StoreUnreachable,
     check_store_location,
+    described,
     sqlite_url,
     store_failure,
 )
@@ -1035,6 +1036,8 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
     # defence: service.empty-store-not-the-default
     store_url = sqlite_url(str(files.directory / "aggregator.db") if store is None else store)
     check_store_location(store_url)
+    # defence: service.store-named-at-start
+    log.info("store", extra={"event": "store", "reason": described(store_url)})
     _metrics = Metrics()
     metrics_server = None
     if metrics_listen is not None:

@@ -1459,6 +1459,20 @@ def sqlite_url(path: str) -> str:
     return normalize_url(path)
 
 
+def described(url: str) -> str:
+    """The store as the log names it: a SQLite file's absolute path, and whether it is there
+    yet (a relative --store given in another directory made a new store, and the job began
+    again at round 1 with no word of where); another store's URL, redacted."""
+    path = _sqlite_file(url) if url.startswith("sqlite") else None
+    if path is None:
+        return redacted(url)
+    try:
+        there = path.exists()
+    except OSError:
+        there = True
+    return f"{path.resolve()}" + ("" if there else " (new: the job starts at round 1)")
+
+
 def check_store_location(url: str) -> None:
     """A SQLite store not made yet needs a directory to be made in. The aggregator checks
     this before it binds its port: it bound the port, said "listening", then exited."""

@@ -63,7 +63,7 @@ from secagg.errors import (
     SecAggError,
     WorkersFailed,
 )
-from secagg.federation.config import FederationConfig
+from secagg.federation.config import SDK_CHUNK_BYTES, FederationConfig
 from secagg.federation.kit import SiteKit
 from secagg.hazmat.secret import scrubs_locals
 from secagg.masking import MaskingClient, Stage
@@ -586,6 +586,17 @@ class Site:
                                                         wait_ms=POLL_MS),
                 timeout=POLL_MS / 1000 + 30)
             if info.status == service_pb2.ROUND_STATUS_JOB_DONE:
+                # a job that ends before its last round (rounds aborted, or withheld: an
+                # aggregator can always stop) is said, not taken as a job done: the site's
+                # training script would run its "training finished" path with an early model
+                # defence: sdk.early-job-end-said
+                if self._held_round < self.config.rounds:
+                    _log.warning(
+                        "the aggregator says job %s is over, but this site holds the model of "
+                        "round %d of its %d (%s): the rounds after it aborted or were not run",
+                        self.config.job_id, self._held_round, self.config.rounds,
+                        "the job's first model" if self._held_round == 0
+                        else f"round {self._held_round}'s result")
                 return None
             # nothing new yet; or a round this site already passed, running or finished (an
             # honest aggregator answers rounds after ``after_round`` only: a lying one
@@ -603,9 +614,13 @@ class Site:
             # a running round beyond the job's rounds is refused as it is joined (the first
             # one: later ones are not news), and is not a round this site passed: it made
             # 2**64-1 the round the site waits after, and the site never joined another
-            # round of the job (its script catching RoundAborted polled for ever)
+            # round of the job (its script catching RoundAborted polled for ever). So is a
+            # running round 0 (no round of a job: refused, and then no news): answered at
+            # once, again and again, it had a script catching RoundAborted take it unpaced
+            # (3 GB in 20 s, padded to the message limit)
             # defence: sdk.rounds-beyond-the-job-not-passed
-            if info.status == _RUNNING and info.round > self.config.rounds:
+            # defence: sdk.round-zero-not-news
+            if info.status == _RUNNING and not 0 < info.round <= self.config.rounds:
                 if self._refused_beyond:
                     pacer.nothing_new(began, info.ByteSize())
                     continue
@@ -785,12 +800,33 @@ class Site:
     def _follow_chain(self, round_number: int, digest: bytes) -> None:
         """This site missed rounds (it dropped out, or joined late): accept the new model only
         if the rounds in between lead from the model it holds to it, each starting from the
-        previous one's result (or, if it aborted, from the same model)."""
+        previous one's result (or, if it aborted, from the same model).
+
+        The past rounds are read one at a time and only what the checks need is kept of each
+        (its id and its two models' chunk lists and digests; their names, shapes and dtypes
+        once, as every one must have the same): a lying aggregator padding each of a
+        100-round job's answers to the message limit had a site hold them all, 9 MB a round,
+        before checking any. And the walk as a whole has the round's patience: each answer
+        held for a minute kept a site in it for hours."""
         current = self._model_digest
-        moved: list[service_pb2.RoundInfo] = []  # completed masking rounds: steps to check
+        # completed masking rounds, steps to check: (round id, model, result), the models
+        # without their specs (``spec`` below)
+        moved: list[tuple[str, service_pb2.Model, service_pb2.Model]] = []
+        spec: tuple[Any, ...] | None = self._spec
+        spec_proto: service_pb2.Model | None = None  # (a model holding only that spec)
+        # defence: sdk.missed-rounds-walk-bounded-in-time
+        patience = _round_patience(self.config)
+        end = time.monotonic() + patience
         for j in range(self._held_round + 1, round_number):
+            left = end - time.monotonic()
+            if left <= 0:
+                raise ModelMismatch(
+                    f"the aggregator took longer than a round's patience ({patience:.0f} s) "
+                    f"to show the rounds between the model this site holds (of round "
+                    f"{self._held_round}) and round {round_number}'s")
             past: service_pb2.RoundInfo = self._conn.call(
-                "GetRound", service_pb2.GetRoundRequest(after_round=j - 1, wait_ms=0))
+                "GetRound", service_pb2.GetRoundRequest(after_round=j - 1, wait_ms=0),
+                timeout=min(getattr(self._conn, "call_timeout", 60.0), left))
             # defence: sdk.missed-round-starts-from-held
             if past.round != j or bytes(past.model.digest) != current:
                 break
@@ -804,12 +840,25 @@ class Site:
             # defence: sdk.missed-round-moves-only-if-completed
             if past.status == service_pb2.ROUND_STATUS_COMPLETED:
                 if self.config.protocol == "masking":
-                    moved.append(past)
+                    # every model of the job has the names, shapes and dtypes of the first
+                    # (checked again as each is fetched): kept once, not once a round
+                    for m in (past.model, past.result):
+                        if spec_proto is None:
+                            spec_proto = service_pb2.Model(spec=m.spec)
+                            spec = spec if spec is not None else wire.spec_from_proto(m.spec)
+                        if m.spec != spec_proto.spec:
+                            raise ModelMismatch(
+                                f"missed round {j}'s model is not a model of the job's names, "
+                                "shapes and dtypes")
+                    moved.append((past.round_id, service_pb2.Model(
+                        data=past.model.data, digest=past.model.digest),
+                        service_pb2.Model(data=past.result.data, digest=past.result.digest)))
                 # a CKKS round this site missed: its result is the one the key holder signed
                 # defence: sdk.missed-ckks-results-signed
                 if self.config.protocol == "ckks":
                     self._check_result_signature(past, current, bytes(past.result.digest))
                 current = bytes(past.result.digest)
+            del past  # (one answer held at a time)
         # defence: sdk.model-follows-held-across-missed-rounds
         if current != digest:
             raise ModelMismatch(
@@ -821,14 +870,22 @@ class Site:
         # round's step can (the public bound: an aggregator claimed a round 1 that led from
         # the pinned first model to any model it liked, and a late site took it)
         fetched: FlatModel | None = None  # the last round's result, which the next starts from
-        for past in moved:
-            model = (fetched if fetched is not None and fetched.digest == bytes(past.model.digest)
-                     else self._download_model(past.model, "model", self._spec))
-            # (a result of the round's names, shapes and dtypes, or nothing is fetched)
-            fetched = self._download_model(past.result, "result", model.spec)
+        for round_id, start, result in moved:
+            assert spec_proto is not None
+            start.spec.extend(spec_proto.spec)
+            result.spec.extend(spec_proto.spec)
+            try:
+                model = (fetched if fetched is not None and fetched.digest == bytes(start.digest)
+                         else self._download_model(start, "model", self._spec))
+                # (a result of the round's names, shapes and dtypes, or nothing is fetched)
+                fetched = self._download_model(result, "result", model.spec)
+            except InvalidMessage as e:
+                raise ModelMismatch(f"missed round {round_id}: its model or result does not "
+                                    f"hold ({e})") from None
             self._spec = model.spec
+            del start.spec[:], result.spec[:]  # (one step's specs held at a time)
             # defence: sdk.missed-round-in-the-sum-bounded
-            self._check_masked_step(model, fetched, self._public_bound(past.round_id, model))
+            self._check_masked_step(model, fetched, self._public_bound(round_id, model))
 
     def _public_bound(self, round_id: str, model: FlatModel) -> AverageBound:
         """The bound every site of masking round ``round_id`` holds its average to."""
@@ -981,6 +1038,16 @@ def _poll_slack(site: Any) -> int:
     return POLL_SLACK_BYTES + 16 * len(site.kit.roster)
 
 
+def _honest_info_bytes(model: FlatModel) -> int:
+    """The most an honest round's info can hold for ``model`` (its spec twice, as the model
+    and its result, each with a chunk list of ``SDK_CHUNK_BYTES`` chunks or larger, plus
+    ids, digests, a key offer and signatures): counted from what the site knows of the
+    model, not from the answer's bytes."""
+    spec = sum(len(t.name.encode()) + len(t.dtype) + 11 * len(t.shape) + 16 for t in model.spec)
+    chunks = math.ceil(max(FlatModel.encoded_sizes(model.spec)) / SDK_CHUNK_BYTES) + 1
+    return 2 * (spec + 40 * chunks + 128) + 16 * 1024
+
+
 class Round:
     """One round as this site sees it.
 
@@ -1010,7 +1077,10 @@ class Round:
         self._known_survivors: tuple[int, ...] | None = None
         self._deadline = time.monotonic() + _round_patience(site.config)  # again at submit
         # what an answer bringing nothing new may hold unpaced: the round's info as joined
-        self._poll_allowance = info.ByteSize() + _poll_slack(site)
+        # (no more than an honest info can hold: an aggregator padding the info a site
+        # joined with to the message limit unpaced every poll after it, 100 MB a minute)
+        # defence: sdk.poll-allowance-from-the-spec
+        self._poll_allowance = min(info.ByteSize(), _honest_info_bytes(model)) + _poll_slack(site)
         self._released: np.ndarray | None = None  # the average this site released (key holder)
         # masking, once this site's input is in the sum: how long the round's average can be
         self._average_bound: AverageBound | None = None

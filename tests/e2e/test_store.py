@@ -1210,3 +1210,22 @@ def test_a_sqlite_store_deleted_or_replaced_under_its_aggregator_stops_it_servin
             store.ping(write=True)
     finally:
         store.close()
+
+
+def test_the_aggregator_names_its_store_and_whether_it_is_new(tmp_path: Path) -> None:
+    """A relative --store given in another directory made a new store there, and the job
+    began again at round 1 with no word of which store the aggregator used. Its log names
+    the store's absolute path at start, and says when it is a new one."""
+    from tests.service_kit import Aggregator, make_federation
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    agg = Aggregator(fed, tmp_path / "agg.db", tmp_path / "agg.log")
+    try:
+        for _ in range(2):
+            agg.start()
+            assert agg.stop() == 0
+    finally:
+        agg.stop()
+    said = [e["reason"] for e in agg.read() if e.get("event") == "store"]
+    where = str((tmp_path / "agg.db").resolve())
+    assert said == [f"{where} (new: the job starts at round 1)", where], said

@@ -8,6 +8,7 @@ against a fake aggregator connection (no server, no network).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import types
 from typing import Any
@@ -882,6 +883,108 @@ def test_a_missed_round_moves_the_held_model_only_from_it_and_only_if_completed(
     with pytest.raises(ModelMismatch, match="does not follow"):
         next(site.rounds())
     assert conn.fetched == [] and conn.sent == []
+
+
+def test_a_missed_round_chain_shown_slowly_is_given_up_within_the_rounds_patience(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The site holds round 1's model and the aggregator opens round 60 of a long job,
+    showing the 58 rounds between one at a time, each answer held as long as a call may
+    take: nothing bounded the walk as a whole (120 s for 12 rounds held 10 s each; hours
+    for a long job). It has the round's patience, then ModelMismatch, naming it."""
+    from clients.site import _round_patience
+
+    clock = _fake_clock(monkeypatch)
+    info, payloads = _model_info(60, "hospitals/job-1/round-60")
+    held = b"\x11" * 32
+    site, _ = _site("masking", info, payloads)
+    site.config = dataclasses.replace(site.config, rounds=100)
+    asked: list[int] = []
+
+    class _Slow(_Chain):
+        def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+            if method == "GetRound" and request.wait_ms == 0:
+                asked.append(request.after_round + 1)
+                clock[0] += 60.0  # (each answer held as long as a call may take)
+                past = service_pb2.RoundInfo(round=request.after_round + 1, round_id=(
+                    f"hospitals/job-1/round-{request.after_round + 1}"),
+                    status=service_pb2.ROUND_STATUS_ABORTED)
+                past.model.digest = held
+                return past
+            return super().call(method, request, timeout)
+
+    conn = _Slow(info, payloads, {})
+    site._conn = conn  # type: ignore[assignment]
+    site._model_digest, site._held_round = held, 1
+    with pytest.raises(ModelMismatch, match="patience"):
+        next(site.rounds())
+    patience = _round_patience(site.config)
+    assert len(asked) <= patience / 60 + 1 < 58, len(asked)
+    assert conn.fetched == [] and conn.sent == []
+
+
+def test_a_running_round_zero_is_refused_once_and_is_no_news_after(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lying aggregator answers every poll at once with a running round 0 (padded to the
+    message limit): a script catching RoundAborted, as the README says, took it again and
+    again unpaced (3 GB in 20 s). Refused once; after that it is no news, paced, and the
+    site goes on to the job's round 1."""
+    clock = _fake_clock(monkeypatch)
+    mine, payloads = _model_info(1, "hospitals/job-1/round-1")
+    site, conn = _site("masking", mine, payloads)
+    zero = service_pb2.RoundInfo()
+    zero.CopyFrom(mine)
+    zero.round, zero.round_id = 0, "hospitals/job-1/round-0"
+    zero.abort_reason = "x" * 1_000_000
+    asked: list[int] = []
+
+    def call(method: str, request: Any, **_kwargs: Any) -> Any:
+        asked.append(request.after_round)
+        assert len(asked) < 20
+        return zero if len(asked) < 5 else mine
+
+    conn.call = call  # type: ignore[method-assign]
+    with pytest.raises(RoundAborted):
+        next(site.rounds())
+    rnd = next(site.rounds())  # the script caught it and went on
+    assert rnd.number == 1 and asked == [0] * 5
+    # the three padded answers after the refusal were paced by their bytes (64 KiB/s)
+    assert clock[0] >= 3 * (1_000_000 - 128 * 1024) / (64 * 1024)
+
+
+def test_a_padded_info_to_join_with_does_not_unpace_the_polls_after_it() -> None:
+    """How much a "nothing new" answer may hold unpaced was the size of the info the site
+    joined the round with, as the aggregator sent it: padded to the message limit, every
+    poll after it came unpaced (100 MB a minute, not 64 KiB/s). It is what an honest info
+    can hold for the model the site knows."""
+    info, payloads = _model_info(1, "hospitals/job-1/round-1")
+    honest = info.ByteSize()
+    info.abort_reason = "x" * 8_000_000
+    site, _ = _site("masking", info, payloads)
+    rnd = next(site.rounds())
+    assert honest < rnd._poll_allowance < honest + 128 * 1024, rnd._poll_allowance
+    assert site._poll_allowance == rnd._poll_allowance
+
+
+@pytest.mark.parametrize("held", [0, 1, 3])
+def test_a_job_the_aggregator_ends_before_its_last_round_is_said(
+        held: int, caplog: pytest.LogCaptureFixture) -> None:
+    """The aggregator answered "job done" while the site held round 1's result of a 3-round
+    job (or the job's first model): rounds() ended as for a finished job, with no word, and
+    the training script ran its "training finished" path with an early model."""
+    import logging
+
+    info, payloads = _model_info(1, "hospitals/job-1/round-1")
+    site, conn = _site("masking", info, payloads)
+    site._held_round = held
+    done = service_pb2.RoundInfo(status=service_pb2.ROUND_STATUS_JOB_DONE)
+    conn.call = lambda method, request, **_kw: done  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="clients"):
+        assert list(site.rounds()) == []
+    said = [r.getMessage() for r in caplog.records if "is over" in r.getMessage()]
+    if held == 3:
+        assert said == []
+    else:
+        assert len(said) == 1 and f"round {held} of its 3" in said[0], said
 
 
 def _take_round_1_result(site: Site, conn: Any, rnd: Any) -> tuple[Any, Any]:
