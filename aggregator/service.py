@@ -56,7 +56,7 @@ from aggregator.store import (
 )
 from secagg.errors import ConfigurationError, SecAggError
 from secagg.federation import pki
-from secagg.federation.config import FederationConfig
+from secagg.federation.config import SDK_CHUNK_BYTES, FederationConfig
 from secagg.federation.kit import (
     AGGREGATOR_ENTRIES,
     ROSTER_FILE,
@@ -83,6 +83,7 @@ class Identity:
 
     def __init__(self, roster_sites: set[int], ca_pem: bytes | None = None) -> None:
         self._sites = roster_sites
+        self.roster_size = len(roster_sites)
         self._anchors = () if ca_pem is None else pki.trust_anchors(ca_pem)
         self._cache: dict[bytes, int | None] = {}
 
@@ -160,8 +161,48 @@ UNDECODABLE = _Undecodable()
 NOT_A_MESSAGE = "the request does not parse as its message type"
 
 
-def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+class _TooLarge:
+    """What a request longer than any honest one of its method is (never parsed)."""
+
+    def __repr__(self) -> str:
+        return "<too large>"
+
+
+TOO_LARGE = _TooLarge()
+# The most bytes an honest request of each method holds, checked before it is parsed (the
+# others are bounded by [limits] max_message_bytes, which gRPC checks): a parsed message can
+# be many times its bytes (an empty repeated field element is 2 bytes on the wire and a
+# pointer and an object once parsed), and 8 MiB of empty chunk ids parsed into ~128 MB
+# before the id count was refused; eight such calls, held while paced, kept 1.2 GB.
+REQUEST_BYTES = {
+    "MissingChunks": MAX_IDS_PER_CALL * 35 + 64,
+    "GetChunks": MAX_IDS_PER_CALL * 35 + 64,
+    "GetRound": 256,
+    "Receive": 4096,
+}
+
+
+# a stage message holds, at most, a few entries per roster site (keys, shares, partners,
+# sites) and the chunk list of one payload of the job's longest vector (CKKS: ~50 bytes a
+# value at the largest preset; masking: 8 at most), in chunks of SDK_CHUNK_BYTES or more
+SUBMIT_BASE_BYTES = 256 * 1024
+SUBMIT_BYTES_PER_SITE = 4 * 1024
+SUBMIT_PAYLOAD_BYTES_PER_VALUE = 64
+
+
+def submit_bytes(config: FederationConfig, sites: int) -> int:
+    """The most bytes an honest Submit of this federation holds (REQUEST_BYTES)."""
+    ids = -(-config.limits.max_vector_length * SUBMIT_PAYLOAD_BYTES_PER_VALUE
+            // SDK_CHUNK_BYTES) + 2
+    return min(int(config.limits.max_message_bytes),
+               SUBMIT_BASE_BYTES + sites * SUBMIT_BYTES_PER_SITE + ids * 40)
+
+
+def _lenient(parse: Callable[[bytes], Any], limit: int | None = None) -> Callable[[bytes], Any]:
     def deserialize(data: bytes) -> Any:
+        # defence: service.request-bytes-per-method
+        if limit is not None and len(data) > limit:
+            return TOO_LARGE
         try:
             return parse(data)
         except Exception:  # DecodeError, or whatever the parser raises on garbage
@@ -202,9 +243,16 @@ def add_service(servicer: AggregationService, server: Any) -> None:
                          f"more than {MAX_CALLS_PER_SITE} calls of this site at once")
         return site
 
+    async def too_large(context: Ctx) -> None:
+        await servicer.identity.site(context)  # an outsider hears its own refusal first
+        await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                     "the request is longer than any of its kind can be")
+
     async def enter(request: Any, context: Ctx) -> int:
         if request is UNDECODABLE:
             await refuse(context)
+        if request is TOO_LARGE:
+            await too_large(context)
         site = await admit(context)
         # defence: service.work-paced-per-site
         wait = servicer.pacer.delay(site, request_cost(request))
@@ -218,9 +266,10 @@ def add_service(servicer: AggregationService, server: Any) -> None:
                 raise
         return site
 
-    def guard(h: Any) -> Any:
+    def guard(name: str, h: Any) -> Any:
         # defence: service.wire.undecodable-is-invalid-argument
-        h = h._replace(request_deserializer=_lenient(h.request_deserializer))
+        h = h._replace(request_deserializer=_lenient(h.request_deserializer,
+                                                     limits.get(name)))
         # every refusal (and any other exception) leaves through here: its frames let go of
         # the requests they held (_let_go), and so does this one
         if h.unary_unary is not None:
@@ -278,7 +327,10 @@ def add_service(servicer: AggregationService, server: Any) -> None:
                 raise
         return h._replace(stream_unary=stream_unary)
 
-    handlers = {name: guard(h) for name, h in capture.handlers.items()}
+    # defence: service.submit-bytes-bounded
+    limits = {**REQUEST_BYTES,
+              "Submit": submit_bytes(servicer.config, servicer.identity.roster_size)}
+    handlers = {name: guard(name, h) for name, h in capture.handlers.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME,
                                                                           handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
@@ -1065,6 +1117,12 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
         # defence: service.port-not-shared
         ("grpc.so_reuseport", 0),
         ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_SECONDS * 1000)),
+        # no compressed requests: a compressed message is checked against the limits only
+        # as it is inflated (8 KB of gzip made an 8 MiB request), and what travels here is
+        # random-looking (masked words, ciphertexts, hashes) and does not compress (DESIGN
+        # §3); gRPC refuses one UNIMPLEMENTED
+        # defence: service.compression-off
+        ("grpc.compression_enabled_algorithms_bitset", 1),
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),
         *SERVER_KEEPALIVE_OPTIONS,

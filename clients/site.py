@@ -1080,7 +1080,8 @@ class Round:
         # (no more than an honest info can hold: an aggregator padding the info a site
         # joined with to the message limit unpaced every poll after it, 100 MB a minute)
         # defence: sdk.poll-allowance-from-the-spec
-        self._poll_allowance = min(info.ByteSize(), _honest_info_bytes(model)) + _poll_slack(site)
+        self._poll_allowance = (min(info.ByteSize(), _honest_info_bytes(model))
+                                if model is not None else info.ByteSize()) + _poll_slack(site)
         self._released: np.ndarray | None = None  # the average this site released (key holder)
         # masking, once this site's input is in the sum: how long the round's average can be
         self._average_bound: AverageBound | None = None

@@ -213,6 +213,79 @@ def test_bytes_that_are_not_a_message_are_invalid_argument_not_unknown(tmp_path:
         agg.stop()
 
 
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def test_requests_that_parse_into_far_more_than_their_bytes_are_refused_unparsed(
+        tmp_path: Path) -> None:
+    """8 MiB of empty chunk ids parse into ~128 MB before their count is refused, and gzip
+    made that 8 KB on the wire: one connection held the aggregator at 1.2 GB. Compressed
+    requests are refused (UNIMPLEMENTED, by gRPC), and a request longer than any honest one
+    of its method is refused before it is parsed (RESOURCE_EXHAUSTED); the round goes on."""
+    fed = make_federation(tmp_path, 3, "masking", rounds=1, open_s=40.0)
+    agg = start_aggregator(fed, tmp_path)
+    try:
+        assert agg.process is not None
+        kit = SiteKit.load(fed.site_dir(1))
+        creds = grpc.ssl_channel_credentials(root_certificates=kit.ca_pem,
+                                             private_key=kit.key_pem,
+                                             certificate_chain=kit.cert_pem)
+        options = [("grpc.max_send_message_length", 16 << 20)]
+        bomb = service_pb2.ChunkIds(chunk_ids=[b""] * ((8 << 20) // 2 - 16))
+        zipped = grpc.secure_channel(f"localhost:{fed.port}", creds, options=options,
+                                     compression=grpc.Compression.Gzip)
+        stub = service_pb2_grpc.AggregationStub(zipped)  # type: ignore[no-untyped-call]
+        before = _rss_mb(agg.process.pid)
+        for _ in range(3):
+            assert _code(lambda: stub.MissingChunks(bomb, timeout=30)) \
+                is grpc.StatusCode.UNIMPLEMENTED
+        plain = grpc.secure_channel(f"localhost:{fed.port}", creds, options=options)
+        stub = service_pb2_grpc.AggregationStub(plain)  # type: ignore[no-untyped-call]
+        for call in (lambda: stub.MissingChunks(bomb, timeout=30),
+                     lambda: list(stub.GetChunks(bomb, timeout=30)),
+                     lambda: stub.GetRound(_padded_get_round(), timeout=30),
+                     # a stage message past what the roster and the job's vector can need
+                     # (8 MiB of partners parsed into 128 MB)
+                     lambda: stub.Submit(service_pb2.SubmitRequest(
+                         round_id="x", masked_input=service_pb2.MaskedInputRef(
+                             partners=[1] * 1_000_000)), timeout=30)):
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "longer than any of its kind" in (caught.value.details() or "")
+        assert _rss_mb(agg.process.pid) < before + 100
+        # the largest honest request of each kind still goes through
+        honest = service_pb2.ChunkIds(chunk_ids=[bytes([i % 256, i // 256]) * 16
+                                                 for i in range(4096)])
+        assert len(stub.MissingChunks(honest, timeout=30).chunk_ids) == 4096
+        reports = [start_site(fed, s, tmp_path / f"site-{s}.jsonl") for s in (1, 2, 3)]
+        for p in reports:
+            assert p.wait(timeout=120) == 0
+        assert all(any("model" in x for x in read_reports(tmp_path / f"site-{s}.jsonl"))
+                   for s in (1, 2, 3))
+    finally:
+        agg.stop()
+
+
+def _padded_get_round() -> service_pb2.GetRoundRequest:
+    """A GetRound request with 100 KB in a field no version knows (kept by the parser)."""
+    request = service_pb2.GetRoundRequest(after_round=0, wait_ms=0)
+    tag, length = 1000 << 3 | 2, 100_000
+    unknown = _varint(tag) + _varint(length) + b"x" * length
+    return service_pb2.GetRoundRequest.FromString(request.SerializeToString() + unknown)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
 def test_one_site_cannot_hold_more_than_a_few_calls_at_once(tmp_path: Path) -> None:
     """Each call holds a request of up to max_message_bytes: one site's calls in progress
     are bounded over all its connections (RESOURCE_EXHAUSTED beyond), and the other sites
