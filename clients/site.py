@@ -320,6 +320,28 @@ def _warn_diverged(model: FlatModel, delta: np.ndarray, norm: float, clip: float
                  round_id, DIVERGED_CLIP_FACTOR, top)
 
 
+# an update longer than this many times [update] clip_norm is told in the log (once): it goes
+# out scaled down by more than half, and the round averages clipped updates, not FedAvg's
+CLIPPED_WARN_FACTOR = 2.0
+
+
+def _warn_clipped(norm: float, clip: float, round_id: str, warned: set[str]) -> None:
+    """Warn, once a site (``warned``), when the update goes out scaled down by more than
+    half (its L2 norm more than CLIPPED_WARN_FACTOR times the clip: not the norm itself,
+    the update's): with the default clip_norm of 1, ordinary training (updates of norm 2 to
+    6) was scaled by 0.16-0.5 with no word, and the result was far from plain FedAvg. Left
+    to _warn_diverged past DIVERGED_CLIP_FACTOR."""
+    if not CLIPPED_WARN_FACTOR * clip < norm <= DIVERGED_CLIP_FACTOR * clip or "clip" in warned:
+        return
+    warned.add("clip")
+    _log.warning("round %s: the update's L2 norm is more than %g times [update] clip_norm "
+                 "(%g); it goes out scaled down to clip_norm, so the round averages clipped "
+                 "updates, not plain FedAvg's. If that is not meant, raise clip_norm near "
+                 "your updates' size in every party's config (federation init --clip-norm, or "
+                 "edit and federation sign-config) (said once)", round_id,
+                 CLIPPED_WARN_FACTOR, clip)
+
+
 def _warn_capped_counters(model: FlatModel, delta: np.ndarray, clip: float,
                           round_id: str, warned: set[str]) -> None:
     """Warn (naming the tensors, not their values) when an integer tensor changed by more
@@ -340,7 +362,9 @@ def _warn_capped_counters(model: FlatModel, delta: np.ndarray, clip: float,
     if names:
         _log.warning("round %s: integer tensors %s changed by more than [update] clip_norm "
                      "(%g) this round; each value's change is capped at it in the average "
-                     "(the range the protocols encode), so they lag behind (said once)",
+                     "(the range the protocols encode), so they lag behind; and an average "
+                     "change under half a unit rounds to none (with clip_norm below 0.5 they "
+                     "never change) (said once)",
                      round_id, names[:5], clip)
 
 
@@ -1159,6 +1183,8 @@ class Round:
                 "float64's largest): check the trained state for diverged values")
         _warn_diverged(self.model, delta, norm, config.clip_norm, self.round_id,
                        self._site._capped_warned)
+        # defence: sdk.clipped-update-said
+        _warn_clipped(norm, config.clip_norm, self.round_id, self._site._capped_warned)
         _warn_capped_counters(self.model, delta, config.clip_norm, self.round_id,
                               self._site._capped_warned)
         # With a server learning rate above 1 the result, g + rate * average, can leave a

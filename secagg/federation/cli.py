@@ -28,6 +28,16 @@ def _samples(text: str) -> float:
     return value
 
 
+def _rounds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text[:40]!r}") from None
+    if not 1 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 1000000, got {value}")
+    return value
+
+
 def _site_id(text: str) -> int:
     try:
         value = int(text)
@@ -48,7 +58,8 @@ def _init(args: argparse.Namespace) -> int:
     config = init_federation(args.dir, args.sites, protocol=args.protocol,
                              key_holders=args.key_holders or (1,), hosts=args.host,
                              aggregator=args.aggregator, name=args.name,
-                             initial_model=args.model, max_samples=args.max_samples)
+                             initial_model=args.model, max_samples=args.max_samples,
+                             clip_norm=args.clip_norm, rounds=args.rounds)
     d = Path(args.dir)
     print(f"federation {args.name!r} ({args.protocol}, {args.sites} sites) written to {d}")
     print(f"  aggregator:  secagg aggregator serve --config {d / 'aggregator' / 'federation.toml'}")
@@ -198,6 +209,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                       help="[update] max_samples: weights are samples / N; keep N near the "
                            "sites' sample counts (with weight=1 at every site: 1) "
                            "(default 10000)")
+    init.add_argument("--clip-norm", type=_samples, default=1.0, metavar="C",
+                      help="[update] clip_norm: each site's update (its change to the model) "
+                           "goes out clipped to this L2 norm, so the round averages clipped "
+                           "updates; keep it near the size of your updates (a site warns when "
+                           "its update is more than twice it) (default 1.0)")
+    init.add_argument("--rounds", type=_rounds, default=3, metavar="N",
+                      help="[job] rounds: how many rounds the job runs (default 3)")
     init.set_defaults(func=_init)
     csr = fed_sub.add_parser("csr", help="make this site's own keys and certificate request")
     csr.add_argument("--dir", required=True, type=_dir_path)

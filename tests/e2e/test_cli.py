@@ -295,6 +295,33 @@ def test_init_sets_max_samples_and_refuses_one_that_is_not_a_positive_number(
                  "--max-samples", "1"]) == 0
     assert SiteKit.load(tmp_path / "fed" / "sites" / "site-2").config.max_samples == 1.0
 
+
+def test_init_sets_the_clip_and_the_rounds(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The clip (1.0 by default, far below ordinary updates) and the job's rounds could be
+    set only by editing every party's config and re-signing it: `init --clip-norm` and
+    `--rounds` set them, and refuse values that are not numbers of their kind."""
+    import numpy as np
+
+    from secagg.federation.kit import SiteKit
+
+    np.savez(tmp_path / "init.npz", w=np.zeros(4, np.float32))
+    for flag, bad in (("--clip-norm", "0"), ("--clip-norm", "nan"), ("--rounds", "0"),
+                      ("--rounds", "2.5")):
+        with pytest.raises(SystemExit):
+            main(["federation", "init", "--dir", str(tmp_path / "fed"), "--sites", "3",
+                  "--model", str(tmp_path / "init.npz"), flag, bad])
+        assert flag in capsys.readouterr().err
+        assert not (tmp_path / "fed").exists()
+    assert main(["federation", "init", "--dir", str(tmp_path / "fed"), "--sites", "3",
+                 "--model", str(tmp_path / "init.npz"), "--clip-norm", "5",
+                 "--rounds", "7"]) == 0
+    for party in ("sites/site-2",):
+        config = SiteKit.load(tmp_path / "fed" / party).config
+        assert (config.clip_norm, config.rounds) == (5.0, 7)
+    assert "clip_norm = 5.0" in (tmp_path / "fed" / "aggregator" / "federation.toml").read_text()
+
+
 @pytest.mark.parametrize("address", ["no-port", "host:99999", "host:", "host:5x", "host:65536",
                                      "host:\u0665\u0660\u0667\u0666\u0661"])
 def test_a_bad_aggregator_address_is_named_as_the_flag(

@@ -8,7 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients.site import DIVERGED_CLIP_FACTOR, _warn_capped_counters, _warn_diverged
+from clients.site import (
+    DIVERGED_CLIP_FACTOR,
+    _warn_capped_counters,
+    _warn_clipped,
+    _warn_diverged,
+)
 from secagg.model import FlatModel
 
 
@@ -51,6 +56,25 @@ def test_an_update_far_past_the_clip_is_told_in_a_warning(
         assert "['bn.running_var', 'w']" in caplog.text and "e+29" not in caplog.text
         caplog.clear()
         _warn_diverged(model, delta, 5e29, 2.0, "r-2", warned)
+    assert caplog.text == ""  # (said once)
+
+
+def test_an_update_scaled_down_by_more_than_half_is_told_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """With the default clip_norm of 1, ordinary training (updates of norm 2 to 6) went out
+    scaled by 0.16-0.5 with no word, and the result was far from plain FedAvg. An update more
+    than twice the clip is told, once a site, naming the clip and how to raise it (not the
+    norm); one within twice the clip is not, and one past the diverged bound is that
+    warning's."""
+    warned: set[str] = set()
+    with caplog.at_level(logging.WARNING, logger="clients"):
+        _warn_clipped(2.0, 1.0, "r-1", warned)
+        _warn_clipped(DIVERGED_CLIP_FACTOR * 1.5, 1.0, "r-1", warned)
+        assert caplog.text == ""
+        _warn_clipped(3.7, 1.0, "r-1", warned)
+        assert "r-1" in caplog.text and "clip-norm" in caplog.text and "3.7" not in caplog.text
+        caplog.clear()
+        _warn_clipped(3.7, 1.0, "r-2", warned)
     assert caplog.text == ""  # (said once)
 
 
