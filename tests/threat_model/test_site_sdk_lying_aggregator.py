@@ -1973,6 +1973,39 @@ def test_a_ckks_weight_too_small_for_any_release_is_warned_before_the_round_is_s
     light = submit_with(17, "ckks")
     assert len(light) == 1 and "a round of 3 sites" in light[0], light
 
+
+def test_a_ckks_weight_whose_release_noise_is_large_is_said(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Cohorts of 34-54 samples under the default max_samples were released, but 11-27% off
+    FedAvg with no word (only a weight the key holder would refuse was warned). A weight
+    whose round of the fewest sites carries release noise above 1% of the clip is said, with
+    the share; one well above that is not."""
+    import logging
+
+    from clients.errors import RoundAborted, SiteError
+    from secagg.ckks.presets import MAX_NOISE_SHARE, PRESETS, least_weight_sum
+    from secagg.ckks.release import least_l2_weight_sum
+
+    def said(weight: float) -> list[str]:
+        info, payloads = _model_info(1, "hospitals/job-1/round-1",
+                                     protocol=service_pb2.PROTOCOL_CKKS)
+        site, conn = _site("ckks", info, payloads)
+        conn.max_polls = 2
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="clients"), pytest.raises(
+                (RoundAborted, SiteError)):
+            next(site.rounds()).submit({"w": np.ones(8, np.float32)}, weight=weight)
+        return [r.getMessage() for r in caplog.records if "release noise" in r.getMessage()]
+
+    config = _site("ckks", *_model_info(1, "hospitals/job-1/round-1"))[0].config
+    params = PRESETS[config.preset]
+    least = max(least_weight_sum(params, 3, 1.0), least_l2_weight_sum(params, 3, 1.0, 8))
+    # a weight sum (3 sites) at which the tail of the noise is 3% of the clip
+    weight = MAX_NOISE_SHARE * least / 0.03 / 3 * config.max_samples
+    noisy = said(weight)
+    assert len(noisy) == 1 and "about 3% of [update] clip_norm" in noisy[0], noisy
+    assert said(weight * 10) == []
+
 def test_a_round_whose_submit_refused_an_argument_is_offered_again_while_it_runs() -> None:
     """``site.aggregate(bad, w)`` raised (nothing sent), and the retry ``site.aggregate(good,
     w)`` waited for the next round while this one waited for this site, until its deadline:
