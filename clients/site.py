@@ -1153,6 +1153,13 @@ class Round:
         # defence: sdk.submit-once-per-round-object
         if self._submitted:
             raise SiteError("this site already submitted to this round")
+        # the average comes back as what was given: numpy arrays for a state of numpy arrays
+        # (tensors="auto" made torch tensors of them wherever torch was installed)
+        # defence: sdk.result-kind-follows-the-state
+        kind = self._site._tensors
+        if kind == "auto" and isinstance(state_dict, Mapping) and state_dict and all(
+                isinstance(v, np.ndarray | np.generic) for v in state_dict.values()):
+            kind = "numpy"
         # (before the round is spent: a closed connection sends nothing, and the site may
         # still take part in this round once connected again)
         # defence: sdk.submit-on-a-closed-site-spends-nothing
@@ -1297,7 +1304,7 @@ class Round:
                 "the aggregator left this site's update out of the sum (this site cannot send "
                 "another against the same model; the round's result, which the next round "
                 "starts from, is held)"))
-        return tensors.as_tensors(self.result.to_arrays(), self._site._tensors)
+        return tensors.as_tensors(self.result.to_arrays(), kind)
 
     def _survivors(self, info: service_pb2.RoundInfo) -> tuple[int, ...]:
         """The round's survivors: the ones this site signed or released, where it has them

@@ -203,13 +203,16 @@ def main() -> int:
         progress_calls.append(what)
         raise RuntimeError("the progress bar broke")
 
-    site = Site.connect(site_dir, tensors="numpy", retry_seconds=120,
+    # (tensors="auto", the default: torch tensors out where torch is installed, and the
+    # average back as the state is given, numpy arrays here)
+    site = Site.connect(site_dir, retry_seconds=120,
                         progress=broken if broken_progress else None)
     with out.open("a") as f:
         for rnd in site.rounds():
             if die == (rnd.number, "TRAINING"):  # killed while training: nothing sent yet
                 os._exit(0)
-            model = FlatModel.from_arrays(rnd.global_model)
+            model = FlatModel.from_arrays({k: np.asarray(v)
+                                           for k, v in rnd.global_model.items()})
             delta = site_delta(site.site_id, rnd.number, model.size)
             if rnd.number in unclipped:
                 import clients.tensors
@@ -237,6 +240,7 @@ def main() -> int:
                 "bytes_sent": site._conn.bytes_sent, "bytes_received": site._conn.bytes_received,
                 "model": FlatModel.from_arrays(new).values.tolist(),
                 "steps": int(new["steps"]), "progress_calls": len(progress_calls),
+                "result_types": sorted({type(v).__module__ for v in new.values()}),
             }) + "\n")
             f.flush()
     site.close()

@@ -58,6 +58,8 @@ def test_three_round_job_with_five_site_processes(tmp_path: Path, protocol: str)
     tolerance = 1e-6 if protocol == "masking" else 5e-4
     _check_job(reports, _initial(fed.directory), 3, 1.0, 500.0, tolerance)
     assert all(x["survivors"] == [1, 2, 3, 4, 5] for rep in reports.values() for x in rep)
+    # the average comes back as the state was given (numpy arrays), torch installed or not
+    assert all(x["result_types"] == ["numpy"] for rep in reports.values() for x in rep)
 
 
 def test_a_site_dropping_at_each_stage_leaves_each_round_complete(tmp_path: Path) -> None:
