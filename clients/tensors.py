@@ -142,14 +142,27 @@ def _wrapped_hint(missing: list[str], extra: list[str]) -> str:
             f"wrapped module's, e.g. model.{inner}.state_dict())")
 
 
+def _extra_state(name: object, value: object) -> bool:
+    """Whether ``name: value`` is a module's non-tensor extra state (``_extra_state``)."""
+    return (isinstance(name, str) and (name == "_extra_state" or name.endswith("._extra_state"))
+            and not hasattr(value, "shape"))
+
+
 def flatten_with_dtypes(state: Mapping[str, Any], model: FlatModel,
                         ) -> tuple[np.ndarray, dict[str, str]]:
     """``flatten_like``, and the dtype each of the state's tensors has (name -> numpy dtype
     name, or "bfloat16"): the precision the site trains in, which may be less than the
     model's."""
     bfloat16: set[str] = set()
-    arrays = to_numpy(state, bfloat16)
     names = [t.name for t in model.spec]
+    # a module's extra state that is no tensor (torch's get_extra_state: a quantiser's or
+    # FP8 module's settings, a dict) is no value of the model: left out, as init.npz has it
+    # not (the README's recipe), rather than refused as "a dict, not a tensor"
+    # defence: sdk.extra-state-left-out
+    if isinstance(state, Mapping) and any(_extra_state(k, v) for k, v in state.items()):
+        known = set(names)
+        state = {k: v for k, v in state.items() if k in known or not _extra_state(k, v)}
+    arrays = to_numpy(state, bfloat16)
     # tensors are placed by name, as load_state_dict does: a state dict built in another
     # order (parameters, then buffers) is the same model, its values where the model's go
     # defence: sdk.state-dict-placed-by-name

@@ -232,3 +232,20 @@ def test_a_value_that_is_no_tensor_is_named_as_such_not_as_a_dtype(bad: object) 
         tensors.flatten_like({"w": bad}, model)
     with pytest.raises(ConfigurationError, match="not a tensor or an array of numbers"):
         tensors.to_numpy({"w": bad})
+
+
+def test_a_modules_extra_state_that_is_no_tensor_is_left_out() -> None:
+    """A module with get_extra_state (a quantiser's or FP8 module's settings, a dict) put
+    "lin._extra_state" in every state dict, and submit refused it ("a dict, not a tensor");
+    init.npz, made by the README's recipe, has no such entry. It is left out; extra state
+    that is a tensor, or any other name holding a dict, is still what it was."""
+    model = FlatModel.from_arrays({"lin.weight": np.zeros(3, np.float32)})
+    values = np.array([1.0, 2.0, 3.0], np.float32)
+    for extra in ({"lin._extra_state": {"scale": 0.5}}, {"_extra_state": b"x"},
+                  {"lin._extra_state": None}):
+        got = tensors.flatten_like({"lin.weight": values, **extra}, model)
+        assert got.tolist() == [1.0, 2.0, 3.0]
+    with pytest.raises(ConfigurationError, match="unexpected"):
+        tensors.flatten_like({"lin.weight": values, "lin._extra_state": np.zeros(1)}, model)
+    with pytest.raises(ConfigurationError, match="is a dict"):
+        tensors.flatten_like({"lin.weight": values, "lin.settings": {"scale": 0.5}}, model)
