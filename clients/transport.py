@@ -32,6 +32,7 @@ from secagg.v1 import service_pb2, service_pb2_grpc
 from secagg.wire import Blob
 
 T = TypeVar("T")
+RETRY_SAID_AFTER_SECONDS = 5.0  # retries going on longer than this are said in the log
 CHUNK_BYTES = SDK_CHUNK_BYTES  # what the aggregator's limits and upload budget assume
 IDS_PER_CALL = 1024
 LOST_CHUNK_RETRIES = 3
@@ -177,6 +178,7 @@ class Connection:
         deadline = began + self.retry_seconds
         overall = end if end is not None else float("inf")
         delay = 0.1
+        said = False  # (a long wait is said once)
         while True:
             if time.monotonic() > overall:
                 raise AggregatorUnavailable(
@@ -234,6 +236,15 @@ class Connection:
                         f"the aggregator stayed unavailable for "
                         f"{time.monotonic() - began:.1f} s (the next try would be past "
                         f"retry_seconds={self.retry_seconds:g}): {_details(e)}") from None
+                # a wait of more than a few seconds is said once a call (a training script
+                # sat silent for up to retry_seconds, 300 s by default, while the aggregator
+                # was down)
+                # defence: sdk.long-retries-said
+                if not said and time.monotonic() - began >= RETRY_SAID_AFTER_SECONDS:
+                    said = True
+                    _log.warning("the aggregator is unavailable (%s); retrying for up to "
+                                 "%.0f s more", shown(_details(e), 200),
+                                 max(0.0, deadline - time.monotonic()))
                 time.sleep(pause)
                 # (every site retrying a restarting aggregator 20 times a second)
                 # defence: sdk.retries-back-off

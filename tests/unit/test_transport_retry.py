@@ -80,6 +80,31 @@ def test_retries_stop_after_retry_seconds(monkeypatch: pytest.MonkeyPatch) -> No
     assert len(calls) < 100  # backed off, not hammering the aggregator
 
 
+def test_a_long_wait_for_the_aggregator_is_said_once(monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A training script sat silent for up to retry_seconds (300 s by default) while the
+    aggregator was down. Past a few seconds of retries the SDK says so, once a call; a
+    blip of a retry or two says nothing."""
+    import logging
+
+    import clients.transport
+
+    clock = [0.0]
+    monkeypatch.setattr(clients.transport.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(clients.transport.time, "sleep",
+                        lambda s: clock.__setitem__(0, clock[0] + s))
+    with caplog.at_level(logging.WARNING, logger="clients"):
+        attempt, _ = _failing([grpc.StatusCode.UNAVAILABLE] * 2)
+        assert _connection(retry_seconds=30)._retry(attempt) == "answer"
+        assert caplog.records == []
+        attempt, _ = _failing([grpc.StatusCode.UNAVAILABLE] * 1000)
+        with pytest.raises(AggregatorUnavailable):
+            _connection(retry_seconds=30)._retry(attempt)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "the aggregator is unavailable" in said[0], said
+    assert "retrying for up to" in said[0]
+
+
 class _HostnameFailure(_Status):
     def details(self) -> str:
         return ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:5: "
