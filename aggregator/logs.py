@@ -6,6 +6,7 @@ seed, share or plaintext (the fields below are the only ones copied into a line)
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import faulthandler
 import json
@@ -218,18 +219,21 @@ class NativeLines:
 # what the drain writes of fd 2's last messages once the aggregator has died: at most this
 # many messages, each cut to FATAL_MESSAGE_CHARS
 FATAL_MESSAGES = 200
-FATAL_MESSAGE_CHARS = 4000
+FATAL_MESSAGE_CHARS = 500
 _DRAIN = r"""
 import json, os, re, signal, socket, sys, time
 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
     signal.signal(s, signal.SIG_IGN)  # (a terminal's Ctrl-C, a stop: it ends with its parent)
 sock, alive, out, most, chars = (int(a) for a in sys.argv[1:])
+clean = False  # (the aggregator said it is exiting normally: what is left is no fatal output)
 while True:
     try:
-        if not os.read(alive, 1):
-            break
+        got = os.read(alive, 1)
     except InterruptedError:
         continue
+    if not got:
+        break
+    clean = True
 ours = socket.socket(fileno=sock)
 ours.setblocking(False)
 core = re.compile(r"[IDWEF]\d{4} \d\d:\d\d:\d\d")
@@ -245,6 +249,12 @@ while True:
     level = "critical"
     if core.match(text):
         level = {"I": "", "D": "", "W": "warning", "E": "error"}.get(text[0], "critical")
+        # as the live reader has them: a refused handshake without the peer's text (an SNI
+        # name), and no word of gRPC's own "not suitable for production"
+        if "ssl_transport_security.cc" in text and "Handshake failed" in text:
+            text = "TLS handshake refused"
+        elif "not suitable for production" in text:
+            level = ""
     if not level or not text.strip():
         continue
     said += 1
@@ -253,7 +263,7 @@ while True:
     now = time.time()
     line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
             + ".%03dZ" % (int(now * 1000) % 1000), "level": level,
-            "message": text[:chars], "event": "fatal_output"}
+            "message": text[:chars], "event": "grpc_core" if clean else "fatal_output"}
     os.write(out, (json.dumps(line, separators=(",", ":")) + "\n").encode())
 if said > most:
     os.write(out, (json.dumps({"level": "critical", "message": "fatal output cut",
@@ -282,14 +292,21 @@ def _drain_at_exit(ours: socket.socket, original: int) -> None:
     except OSError:
         os.close(alive_w)  # (no drain: the log works as before, fatal output is lost)
     else:
-        # held, never written to, until the process ends (and the drain's handle with it:
-        # not collected, and warned about, while it runs)
+        # held until the process ends (and the drain's handle with it: not collected, and
+        # warned about, while it runs); a normal exit says so first, so that lines the
+        # reader had not read yet are not told as fatal
         _ALIVE.append((alive_w, drain))
+        atexit.register(_exiting_normally, alive_w)
     finally:
         os.close(alive_r)
 
 
 _ALIVE: list[tuple[int, object]] = []
+
+
+def _exiting_normally(alive_w: int) -> None:
+    with contextlib.suppress(OSError):
+        os.write(alive_w, b"0")
 
 
 def capture_native_stderr(on_tls_refused: Callable[[str], None] | None = None) -> None:

@@ -264,8 +264,8 @@ def _explained(reason: str) -> str:
 
 
 def _warn_weight_below_release(config: FederationConfig, samples: float, sites: int,
-                               learned: int) -> bool:
-    """Warn (True) when a CKKS round of the fewest sites a release takes (``min_sites``),
+                               learned: int, said: set[str]) -> None:
+    """Warn when a CKKS round of the fewest sites a release takes (``min_sites``),
     each with this site's weight, would be refused by its key holder: its weight sum below
     the least whose release noise stays under a tenth of the clip. The README's advice for
     a sensitive sample count, weight=1, under the default max_samples of 10,000, did just
@@ -275,28 +275,37 @@ def _warn_weight_below_release(config: FederationConfig, samples: float, sites: 
     than the number of sites (a round a dropout took down to them was refused, where one
     of the whole roster was not)."""
     from secagg.ckks.presets import MAX_NOISE_SHARE, PRESETS, least_weight_sum
-    from secagg.ckks.release import least_l2_weight_sum
+    from secagg.ckks.release import least_l2_weight_sum, release_noise_share
     from secagg.ckks.round import check_round_parameters
 
     fewest = check_round_parameters(sites, **config._ckks_parameters())
     params, clip = PRESETS[config.preset], config.clip_norm
     least = max(least_weight_sum(params, fewest, clip),
                 least_l2_weight_sum(params, fewest, clip, max(learned, 1)))
+    total = samples / config.max_samples * fewest
     # defence: sdk.small-ckks-weight-warned
-    if samples / config.max_samples * fewest >= least:
-        # taken, but the release noise in each value is (at its tail) MAX_NOISE_SHARE of the
-        # clip at the least weight sum, shrinking as the sum grows: cohorts of 34-54 samples
-        # under the default max_samples came out 11-27% off FedAvg, with no word
+    if total >= least:
+        # taken, but with release noise (at its tail) of MAX_NOISE_SHARE of the clip at the
+        # least weight sum, shrinking as the sum grows: cohorts of 34-54 samples under the
+        # default max_samples came out 11-27% off FedAvg, with no word. The share of the
+        # clip, in each value or over the update, whichever is larger (the element bound is
+        # held to min(clip, 1): relative to a larger clip, less)
+        share = max(release_noise_share(params, fewest, clip, total, max(learned, 1)),
+                    MAX_NOISE_SHARE * least_weight_sum(params, fewest, clip)
+                    * min(clip, 1.0) / clip / total)
         # defence: sdk.noisy-ckks-weight-said
-        share = MAX_NOISE_SHARE * least / (samples / config.max_samples * fewest)
-        if share <= NOISE_WARN_SHARE:
-            return False
+        if share <= NOISE_WARN_SHARE or "noise" in said:
+            return
+        said.add("noise")
         _log.warning(
             f"weight {samples:g} is light for [update] max_samples {config.max_samples:g}: in "
             f"a round of {fewest} sites this light the released average carries CKKS release "
             f"noise of up to about {100 * share:.2g}% of [update] clip_norm (less with more "
             "or heavier sites); keep max_samples near the sites' sample counts (said once)")
-        return True
+        return
+    if "refused" in said:
+        return
+    said.add("refused")
     _log.warning(
         f"weight {samples:g} is small for [update] max_samples {config.max_samples:g}: a "
         f"round of {fewest} sites (the fewest the key holder releases) each this light would "
@@ -304,7 +313,6 @@ def _warn_weight_below_release(config: FederationConfig, samples: float, sites: 
         "release noise would swamp the average), and a refused round ends the job (no site "
         "sends twice against one model); keep max_samples near the sites' sample counts "
         "(weight=1 at every site: max_samples = 1)")
-    return True
 
 
 def _warn_diverged(model: FlatModel, delta: np.ndarray, norm: float, clip: float,
@@ -345,9 +353,9 @@ def _warn_clipped(norm: float, clip: float, round_id: str, warned: set[str]) -> 
     the update's): with the default clip_norm of 1, ordinary training (updates of norm 2 to
     6) was scaled by 0.16-0.5 with no word, and the result was far from plain FedAvg. Left
     to _warn_diverged past DIVERGED_CLIP_FACTOR."""
-    if not CLIPPED_WARN_FACTOR * clip < norm <= DIVERGED_CLIP_FACTOR * clip or "clip" in warned:
+    if not CLIPPED_WARN_FACTOR * clip < norm <= DIVERGED_CLIP_FACTOR * clip or "\0clip" in warned:
         return
-    warned.add("clip")
+    warned.add("\0clip")  # (no tensor's name: those are in the same set)
     _log.warning("round %s: the update's L2 norm is more than %g times [update] clip_norm "
                  "(%g); it goes out scaled down to clip_norm, so the round averages clipped "
                  "updates, not plain FedAvg's. If that is not meant, raise clip_norm near "
@@ -414,7 +422,8 @@ class Site:
         # integer tensors warned of (_warn_capped_counters), and "" once an update far past
         # the clip was (_warn_diverged)
         self._capped_warned: set[str] = set()
-        self._weight_warned = False  # (_warn_weight_below_release: said once)
+        # (_warn_weight_below_release: what it said, each once: "refused", "noise")
+        self._weight_warned: set[str] = set()
         self.workers = workers  # CKKS: processes to encrypt with, and (key holder) to release
         self.site_id = kit.site_id
         self.config = kit.config
@@ -566,9 +575,14 @@ class Site:
             info = self._next_round_info()
             # a kept round key of a round that ended while this site was away (or of the
             # job, now done) goes: keys are for their round only
-            # defence: sdk.polls-drop-stale-keys
-            self._history.drop_stale_key(self.config.job_id,
-                                         int(info.round) if info is not None else 0)
+            # (only for a round of this job as its config names it: a round 0 or one past the
+            # job, which the site refuses below, took the key holder's kept key of the round
+            # it runs, and a restart then announced a second key for it)
+            # defence: sdk.polls-drop-stale-keys, sdk.refused-rounds-keep-the-key
+            if info is None or (0 < info.round <= self.config.rounds
+                                and self._is_own_round(info)):
+                self._history.drop_stale_key(self.config.job_id,
+                                             int(info.round) if info is not None else 0)
             if info is None:
                 return
             spent = self._history.check(self.config.job_id, int(info.round))
@@ -631,7 +645,8 @@ class Site:
                 if self._held_round < self.config.rounds:
                     _log.warning(
                         "the aggregator says job %s is over, but this site holds the model of "
-                        "round %d of its %d (%s): the rounds after it aborted or were not run",
+                        "round %d of its %d (%s): the rounds after it aborted, were not run, "
+                        "or ran without this site",
                         self.config.job_id, self._held_round, self.config.rounds,
                         "the job's first model" if self._held_round == 0
                         else f"round {self._held_round}'s result")
@@ -852,6 +867,7 @@ class Site:
         moved: list[tuple[str, service_pb2.Model, service_pb2.Model]] = []
         spec: tuple[Any, ...] | None = self._spec
         spec_proto: service_pb2.Model | None = None  # (a model holding only that spec)
+        most = ids = 0  # (the most bytes and chunk ids a model of that spec has)
         # defence: sdk.missed-rounds-walk-bounded-in-time
         patience = _round_patience(self.config)
         end = time.monotonic() + patience
@@ -880,17 +896,24 @@ class Site:
                 if self.config.protocol == "masking":
                     # every model of the job has the names, shapes and dtypes of the first
                     # (checked again as each is fetched): kept once, not once a round
+                    kept = []
                     for m in (past.model, past.result):
                         if spec_proto is None:
                             spec_proto = service_pb2.Model(spec=m.spec)
                             spec = spec if spec is not None else wire.spec_from_proto(m.spec)
-                        if m.spec != spec_proto.spec:
+                            most = max(FlatModel.encoded_sizes(spec))
+                            ids = -(-most // SDK_CHUNK_BYTES) + 1
+                        # (and of no more chunks, bytes or digest than such a model has: a
+                        # step is kept until the walk's end, and padded it held 8 MB a round)
+                        # defence: sdk.missed-rounds-kept-small
+                        if (m.spec != spec_proto.spec or len(m.data.chunk_ids) > ids
+                                or m.data.size > most or len(m.digest) != 32):
                             raise ModelMismatch(
                                 f"missed round {j}'s model is not a model of the job's names, "
                                 "shapes and dtypes")
-                    moved.append((past.round_id, service_pb2.Model(
-                        data=past.model.data, digest=past.model.digest),
-                        service_pb2.Model(data=past.result.data, digest=past.result.digest)))
+                        kept.append(service_pb2.Model(digest=m.digest, data=service_pb2.Blob(
+                            chunk_ids=m.data.chunk_ids, size=m.data.size)))
+                    moved.append((past.round_id, kept[0], kept[1]))
                 # a CKKS round this site missed: its result is the one the key holder signed
                 # defence: sdk.missed-ckks-results-signed
                 if self.config.protocol == "ckks":
@@ -1234,10 +1257,10 @@ class Round:
                     f"{beyond[:64]!r} past what its dtype ({dtype}) holds, and the round's "
                     "result could not be published: keep it further from the dtype's limits")
         scaled_weight = samples / config.max_samples
-        if self.protocol == "ckks" and not self._site._weight_warned:
-            self._site._weight_warned = _warn_weight_below_release(
-                config, samples, len(self._site.kit.roster),
-                int(np.count_nonzero(~self.model.integer_positions)))
+        if self.protocol == "ckks":
+            _warn_weight_below_release(config, samples, len(self._site.kit.roster),
+                                       int(np.count_nonzero(~self.model.integer_positions)),
+                                       self._site._weight_warned)
         # this round number is spent from here on, whatever becomes of it (if it cannot be
         # recorded, nothing is sent and the round stays open to another call)
         # defence: sdk.submit-spends-with-its-key

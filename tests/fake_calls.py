@@ -48,7 +48,7 @@ def fake_service(core: Core, *, limits: dict[str, Any] | None = None,
     async def site(context: FakeContext) -> int:
         return context.site
 
-    service = AggregationService(core, types.SimpleNamespace(site=site),  # type: ignore[arg-type]
+    service = AggregationService(core, types.SimpleNamespace(site=site, roster_size=5),  # type: ignore[arg-type]
                                  config)
     core.job = types.SimpleNamespace(**job)  # type: ignore[assignment]
     core.healthy = True

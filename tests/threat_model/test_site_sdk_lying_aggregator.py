@@ -922,6 +922,42 @@ def test_a_missed_round_chain_shown_slowly_is_given_up_within_the_rounds_patienc
     assert conn.fetched == [] and conn.sent == []
 
 
+def test_a_missed_round_padded_past_its_models_size_is_refused_as_it_is_read() -> None:
+    """The steps of the missed-rounds walk are kept until its end; each model's chunk list
+    and size come from the aggregator, and padded (chunk ids by the hundred thousand) they
+    held 8 MB a round. A step naming more chunks or bytes than a model of the job's spec
+    has is refused as it is read, before the next round is asked for."""
+    info, payloads = _model_info(3, "hospitals/job-1/round-3")
+    held = b"\x11" * 32
+    asked: list[int] = []
+
+    def past(number: int) -> Any:
+        p = service_pb2.RoundInfo(round=number, round_id=f"hospitals/job-1/round-{number}",
+                                  status=service_pb2.ROUND_STATUS_COMPLETED)
+        p.model.CopyFrom(info.model)
+        p.model.digest = held if number == 2 else b"\x22" * 32
+        p.result.CopyFrom(info.model)
+        p.result.digest = b"\x22" * 32 if number == 2 else bytes(info.model.digest)
+        if number == 2:
+            p.result.data.chunk_ids.extend([b"\x07" * 32] * 20_000)
+        return p
+
+    class _Padded(_Chain):
+        def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+            if method == "GetRound" and request.wait_ms == 0:
+                asked.append(request.after_round + 1)
+                return past(request.after_round + 1)
+            return super().call(method, request, timeout)
+
+    site, _ = _site("masking", info, payloads)
+    conn = _Padded(info, payloads, {})
+    site._conn = conn  # type: ignore[assignment]
+    site._model_digest, site._held_round = held, 1
+    with pytest.raises(ModelMismatch, match="missed round 2's model"):
+        next(site.rounds())
+    assert asked == [2] and conn.fetched == []
+
+
 def test_a_running_round_zero_is_refused_once_and_is_no_news_after(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A lying aggregator answers every poll at once with a running round 0 (padded to the
@@ -2005,6 +2041,17 @@ def test_a_ckks_weight_whose_release_noise_is_large_is_said(
     noisy = said(weight)
     assert len(noisy) == 1 and "about 3% of [update] clip_norm" in noisy[0], noisy
     assert said(weight * 10) == []
+    # said once each: the noise said first does not silence a later refusal's warning
+    from clients.site import _warn_weight_below_release
+
+    told: set[str] = set()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="clients"):
+        for w in (weight, weight, 1, 1):
+            _warn_weight_below_release(config, w, 5, 8, told)
+    kinds = [("noise" if "release noise of up to" in r.getMessage() else "refused")
+             for r in caplog.records]
+    assert kinds == ["noise", "refused"], kinds
 
 def test_a_round_whose_submit_refused_an_argument_is_offered_again_while_it_runs() -> None:
     """``site.aggregate(bad, w)`` raised (nothing sent), and the retry ``site.aggregate(good,

@@ -714,3 +714,24 @@ def test_the_key_holder_signs_a_refusal_only_of_a_sum_out_of_range(
     with pytest.raises(RoundAborted, match=reason):
         r._verify_and_release(SimpleNamespace(finish=refuse), request, config)  # type: ignore[arg-type]
     assert sent == ([[b"\1" * 32]] if told else [])
+
+
+@pytest.mark.parametrize("number", [0, 4, 2**64 - 1])
+def test_a_round_the_site_refuses_takes_no_kept_key(tmp_path, number: int) -> None:  # type: ignore[no-untyped-def]
+    """A running round 0, or one past the job's rounds (which the site refuses), was taken
+    for "the round running now" and the key holder's kept key of round 1 was deleted: a
+    restarted script then announced a second key for round 1. Refused rounds touch no
+    kept key."""
+    from clients.errors import RoundAborted
+    from clients.history import History
+    from secagg.ckks import KeyHolder
+
+    site, conn = _holder(tmp_path)
+    History(tmp_path).keep_key("job-1", 1, "hospitals/job-1/round-1", KeyHolder.generate())
+    lie = service_pb2.RoundInfo()
+    lie.CopyFrom(conn.info)
+    lie.round, lie.round_id = number, f"hospitals/job-1/round-{number}"
+    conn.info = lie
+    with pytest.raises(RoundAborted):
+        next(site.rounds())
+    assert len(_key_files(tmp_path)) == 1

@@ -239,7 +239,7 @@ def test_what_a_dying_aggregator_writes_to_fd_2_reaches_the_log() -> None:
     error" there: with fd 2 a socket only the aggregator's own thread read, both were lost
     with the process (an operator saw it gone, and nothing said why). The reader is held
     here on its first message, so the rest is still unread when the process aborts."""
-    err = _run_logged("""
+    err = _run_logged(f"""
         import os, time
         from aggregator import logs
         logs.NativeLines.feed = lambda self, message: time.sleep(3600)
@@ -249,6 +249,7 @@ def test_what_a_dying_aggregator_writes_to_fd_2_reaches_the_log() -> None:
         time.sleep(0.3)
         os.write(2, b"I1203 16:46:02.000000   1 server.cc:1] an INFO line: not said\\n")
         os.write(2, b"F1203 16:46:02.000000   1 ev_epoll1.cc:1] assertion failed: x\\n")
+        os.write(2, {(HANDSHAKE.format("SNI-CHOSEN-BY-A-PEER") + chr(10)).encode()!r})
         os.write(2, b"Fatal Python error: something\\n")
         os.abort()
         """, status=-6)
@@ -258,6 +259,8 @@ def test_what_a_dying_aggregator_writes_to_fd_2_reaches_the_log() -> None:
     assert said == [
         ("fatal_output", "critical",
          "F1203 16:46:02.000000   1 ev_epoll1.cc:1] assertion failed: x"),
+        # (as the live reader has it: no text a peer chose)
+        ("fatal_output", "error", "TLS handshake refused"),
         ("fatal_output", "critical", "Fatal Python error: something")], err
 
 
@@ -276,6 +279,24 @@ def test_an_aggregator_that_ends_well_says_no_fatal_output_and_leaves_no_process
         """)
     entries = [json.loads(line) for line in err]  # JSON lines only
     assert [e["event"] for e in entries] == ["grpc_core"], entries
+
+
+def test_what_a_normal_stop_left_unread_is_not_told_as_fatal() -> None:
+    """A stop whose last warnings the reader had not read yet had them written as
+    ``fatal_output``: a normal exit tells the drain so first, and they come as ``grpc_core``
+    lines (the reader is held here on its first message, as in the test above)."""
+    err = _run_logged("""
+        import os, time
+        from aggregator import logs
+        logs.NativeLines.feed = lambda self, message: time.sleep(3600)
+        logs.configure()
+        logs.capture_native_stderr()
+        os.write(2, b"I1203 16:46:02.000000   1 chttp2_transport.cc:1] held by the reader\\n")
+        time.sleep(0.3)
+        os.write(2, b"W1203 16:46:02.000000   1 server.cc:1] a last warning\\n")
+        """)
+    entries = [json.loads(line) for line in err]  # JSON lines only
+    assert [(e["event"], e["level"]) for e in entries] == [("grpc_core", "warning")], entries
 
 
 def test_a_crash_in_c_shows_every_threads_python_stack() -> None:
