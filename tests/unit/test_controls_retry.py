@@ -244,6 +244,20 @@ def test_an_edit_that_changes_no_code_or_reads_an_undefined_name_proves_nothing(
         assert len(found) == 1 and said in found[0]
 
 
+def _judged(source: str, find: str, replace: str, said: str | None, why: str = "") -> None:
+    """The name check of an edit of ``source`` (``find`` -> ``replace``, found once): no
+    problem if ``said`` is None, else one naming ``said`` (and ``why``)."""
+    from secagg.audit.controls import code_problems
+
+    assert source.count(find) == 1
+    edited = source.replace(find, replace, 1)
+    found = code_problems("secagg/x.py", source, (Edit(find, replace),), edited)
+    if said is None:
+        assert found == [], found
+    else:
+        assert len(found) == 1 and said in found[0] and why in found[0], found
+
+
 _SCOPES = (
     "import os\n\nb = 1\n\n\ndef f(a):\n    c = a\n    return c\n\n\n"
     "def g(a):\n    return a\n\n\ndef h():\n    d = 2\n\n    def inner():\n"
@@ -284,15 +298,7 @@ def test_an_edit_reading_a_name_bound_only_in_another_scope_proves_nothing(
     """The name check read bindings file-wide: a name the edit bound in one function and
     read in another passed, though the read raises NameError wherever it runs (a test of
     the happy path "catches" it). Scope by scope now, as Python resolves names."""
-    from secagg.audit.controls import code_problems
-
-    assert _SCOPES.count(find) == 1
-    edited = _SCOPES.replace(find, replace, 1)
-    found = code_problems("secagg/x.py", _SCOPES, (Edit(find, replace),), edited)
-    if said is None:
-        assert found == []
-    else:
-        assert len(found) == 1 and said in found[0]
+    _judged(_SCOPES, find, replace, said)
 
 
 _EARLY = (
@@ -327,15 +333,7 @@ def test_an_edit_reading_a_local_before_its_function_assigns_it_proves_nothing(
         find: str, replace: str, said: str | None) -> None:
     """A read of a local its function assigns only further down (`if n > total:`) passed
     the name check, and its UnboundLocalError "caught" the control wherever it ran."""
-    from secagg.audit.controls import code_problems
-
-    assert _EARLY.count(find) == 1
-    edited = _EARLY.replace(find, replace, 1)
-    found = code_problems("secagg/x.py", _EARLY, (Edit(find, replace),), edited)
-    if said is None:
-        assert found == [], found
-    else:
-        assert len(found) == 1 and said in found[0] and "UnboundLocalError" in found[0], found
+    _judged(_EARLY, find, replace, said, "UnboundLocalError")
 
 
 _TYPE_CHECKING = (
@@ -361,15 +359,7 @@ def test_an_edit_reading_a_name_bound_only_for_type_checkers_proves_nothing(
         find: str, replace: str, said: str | None) -> None:
     """A name imported only under ``if TYPE_CHECKING:`` passed the name check (the symbol
     table counts that import) though reading it at run time raises NameError."""
-    from secagg.audit.controls import code_problems
-
-    assert _TYPE_CHECKING.count(find) == 1
-    edited = _TYPE_CHECKING.replace(find, replace, 1)
-    found = code_problems("secagg/x.py", _TYPE_CHECKING, (Edit(find, replace),), edited)
-    if said is None:
-        assert found == []
-    else:
-        assert len(found) == 1 and said in found[0]
+    _judged(_TYPE_CHECKING, find, replace, said)
 
 
 @pytest.mark.parametrize(("files", "only", "said"), [
@@ -460,15 +450,7 @@ def test_an_edit_reading_a_name_the_file_mentions_but_not_where_it_is_read_prove
     name elsewhere or not: a local of another function, a class attribute read bare in a
     method, a module imported in another function. An edit reading `nonce` (seal's local) in
     open_sealed was called caught, by its NameError."""
-    from secagg.audit.controls import code_problems
-
-    assert _NAMED.count(find) == 1
-    edited = _NAMED.replace(find, replace, 1)
-    found = code_problems("secagg/x.py", _NAMED, (Edit(find, replace),), edited)
-    if said is None:
-        assert found == []
-    else:
-        assert len(found) == 1 and f"reads {said} where" in found[0]
+    _judged(_NAMED, find, replace, said and f"reads {said} where")
 
 
 @pytest.mark.parametrize(("output", "failure"), [
