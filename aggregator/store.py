@@ -1455,6 +1455,11 @@ def _sqlite_file(url: str) -> Path | None:
     return None if not database or database == ":memory:" else Path(database)
 
 
+def _store_file(url: str) -> Path | None:
+    """The file of the store at ``url`` (normalised), if it is a SQLite file."""
+    return _sqlite_file(url) if url.startswith("sqlite") else None
+
+
 def sqlite_url(path: str) -> str:
     return normalize_url(path)
 
@@ -1463,7 +1468,7 @@ def described(url: str) -> str:
     """The store as the log names it: a SQLite file's absolute path, and whether it is there
     yet (a relative --store given in another directory made a new store, and the job began
     again at round 1 with no word of where); another store's URL, redacted."""
-    path = _sqlite_file(url) if url.startswith("sqlite") else None
+    path = _store_file(url)
     if path is None:
         return redacted(url)
     try:
@@ -1476,7 +1481,7 @@ def described(url: str) -> str:
 def check_store_location(url: str) -> None:
     """A SQLite store not made yet needs a directory to be made in. The aggregator checks
     this before it binds its port: it bound the port, said "listening", then exited."""
-    path = _sqlite_file(url) if url.startswith("sqlite") else None
+    path = _store_file(url)
     try:
         if path is None or path.exists() or path.is_symlink():
             return  # (a link's target is the store's own checks' to judge)

@@ -280,8 +280,8 @@ def _warn_weight_below_release(config: FederationConfig, samples: float, sites: 
 
     fewest = check_round_parameters(sites, **config._ckks_parameters())
     params, clip = PRESETS[config.preset], config.clip_norm
-    least = max(least_weight_sum(params, fewest, clip),
-                least_l2_weight_sum(params, fewest, clip, max(learned, 1)))
+    per_value = least_weight_sum(params, fewest, clip)
+    least = max(per_value, least_l2_weight_sum(params, fewest, clip, max(learned, 1)))
     total = samples / config.max_samples * fewest
     # defence: sdk.small-ckks-weight-warned
     if total >= least:
@@ -291,8 +291,7 @@ def _warn_weight_below_release(config: FederationConfig, samples: float, sites: 
         # clip, in each value or over the update, whichever is larger (the element bound is
         # held to min(clip, 1): relative to a larger clip, less)
         share = max(release_noise_share(params, fewest, clip, total, max(learned, 1)),
-                    MAX_NOISE_SHARE * least_weight_sum(params, fewest, clip)
-                    * min(clip, 1.0) / clip / total)
+                    MAX_NOISE_SHARE * per_value * min(clip, 1.0) / clip / total)
         # defence: sdk.noisy-ckks-weight-said
         if share <= NOISE_WARN_SHARE or "noise" in said:
             return
@@ -982,7 +981,7 @@ class Site:
         # defence: sdk.model-download-bounded
         if length > self.config.limits.max_vector_length:
             raise AnswerRefused("OUT_OF_RANGE", f"the aggregator named a {what} of {length} "
-                                                    "values ([limits] max_vector_length)")
+                                                "values ([limits] max_vector_length)")
         # a model of no expected spec (the first this process fetches) is as large as the
         # aggregator says: its digest is checked before it is built, so that one chunk named
         # many times makes no site build a model of 10^8 values to refuse it

@@ -279,13 +279,13 @@ class Connection:
             # aggregator that reads and keeps nothing): refused, not resumed again
             if slow[0] and len(missing) >= before[0]:
                 raise AnswerRefused("DEADLINE_EXCEEDED", f"the {what} made no progress "
-                                        "within the deadline: no chunk sent was stored")
+                                    "within the deadline: no chunk sent was stored")
             before[0], slow[0] = len(missing), False
             # defence: sdk.upload-offered-only
             if not set(missing) <= by_id.keys():
                 raise AnswerRefused("INVALID_ARGUMENT", f"the aggregator asked for a chunk "
-                                                            f"of the {what} this site did not "
-                                                            "offer")
+                                                        f"of the {what} this site did not "
+                                                        "offer")
             done = total - len(missing)
             if progress:
                 progress(what, done, total)
@@ -294,7 +294,7 @@ class Connection:
             # defence: sdk.upload-resend-bounded
             if sum(len(by_id[c]) for c in dict.fromkeys(missing)) > allowance[0]:
                 raise AnswerRefused("RESOURCE_EXHAUSTED", f"the aggregator asked for the "
-                                        f"{what} more than {UPLOAD_SEND_FACTOR} times over")
+                                    f"{what} more than {UPLOAD_SEND_FACTOR} times over")
 
             def stream() -> Iterator[service_pb2.Chunk]:
                 nonlocal done
@@ -331,7 +331,7 @@ class Connection:
             # defence: sdk.missing-chunks-checked
             if len(set(named)) != len(named):
                 raise AnswerRefused("INVALID_ARGUMENT", "the aggregator's list of missing "
-                                                            "chunks names a chunk twice")
+                                                        "chunks names a chunk twice")
             missing.extend(named)
         return missing
 
@@ -371,14 +371,14 @@ class Connection:
         # defence: sdk.download-bounded
         if blob.size > max_size:
             raise AnswerRefused("OUT_OF_RANGE", f"the aggregator named a {what} of "
-                                                    f"{blob.size} bytes (at most {max_size})")
+                                                f"{blob.size} bytes (at most {max_size})")
         # every chunk holds a byte at least (an empty payload is one empty chunk): a blob
         # naming more chunks than it has bytes is a lie, and would stretch the transfer
         # defence: sdk.download-chunk-count-bounded
         if len(blob.chunk_ids) > max(1, blob.size):
             raise AnswerRefused("OUT_OF_RANGE", f"the aggregator named a {what} of "
-                                                    f"{blob.size} bytes in "
-                                                    f"{len(blob.chunk_ids)} chunks")
+                                                f"{blob.size} bytes in "
+                                                f"{len(blob.chunk_ids)} chunks")
         began = time.monotonic()
         end = self._transfer_end(blob.size)
         got: dict[bytes, bytes] = {}
@@ -412,12 +412,12 @@ class Connection:
                         # defence: sdk.download-asked-only
                         if cid not in pending or held + len(data) > blob.size:
                             raise AnswerRefused("DATA_LOSS", f"the aggregator sent a chunk "
-                                                                 f"of the {what} that was not "
-                                                                 "asked for")
+                                                             f"of the {what} that was not "
+                                                             "asked for")
                         # defence: sdk.download-chunk-matches-id
                         if hashlib.sha256(data).digest() != cid:
                             raise AnswerRefused("DATA_LOSS", "a downloaded chunk does not "
-                                                                 "match its id")
+                                                             "match its id")
                         pending.discard(cid)
                         got[cid] = data
                         held += len(data)
@@ -441,7 +441,7 @@ class Connection:
         # defence: sdk.download-complete
         if len(got) != len(wanted):
             raise AnswerRefused("DATA_LOSS", f"the aggregator's {what} stream ended "
-                                                 "without every chunk asked for")
+                                             "without every chunk asked for")
         # sized before joining: a blob naming one chunk many times must not make us build it
         # defence: sdk.download-sized-before-join
         if sum(len(got[c]) for c in blob.chunk_ids) != blob.size:
