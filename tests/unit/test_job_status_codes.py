@@ -201,3 +201,41 @@ def test_a_call_without_a_client_certificate_is_unauthenticated() -> None:
                 await identity.site(_Anonymous(auth))  # type: ignore[arg-type]
 
     asyncio.run(main())
+
+
+def test_a_rounds_model_is_put_in_wire_form_once_for_every_poll(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every site's every poll is answered with the round's model: its wire form (a spec of
+    up to 65,536 tensors, 120 ms of the job's thread) is built once, not at each answer, and
+    only a few are kept."""
+    import numpy as np
+
+    from aggregator import job as job_module
+    from aggregator.store import BlobRef
+    from secagg import wire
+    from secagg.model import FlatModel
+
+    _, config, roster, store = _ckks_federation(tmp_path)
+    built: list[bytes] = []
+    real = wire.model_to_proto
+
+    def counting(model, blob):  # type: ignore[no-untyped-def]
+        built.append(model.digest)
+        return real(model, blob)
+
+    monkeypatch.setattr(job_module.wire, "model_to_proto", counting)
+    try:
+        job, first = _round_one(config, roster, store)
+        answers = [job.round_info(0) for _ in range(3)] + [job.info(first.round_id)]
+        assert len(built) == 1
+        assert all(a == first for a in answers)
+        assert first.model == real(job.model, wire.Blob(
+            first.model.data.chunk_ids, first.model.data.size))
+        # other models are other forms, and only MODEL_PROTOS_KEPT are kept
+        for i in range(job_module.MODEL_PROTOS_KEPT + 2):
+            other = FlatModel(job.model.spec, np.full(job.model.size, i + 1.0))
+            made = job._model_proto(other, BlobRef((bytes(32),), other.size))
+            assert made.digest == other.digest
+        assert len(job._model_protos) == job_module.MODEL_PROTOS_KEPT
+    finally:
+        store.close()
