@@ -137,6 +137,9 @@ def _round_patience(config: Any) -> float:
 _RUNNING = service_pb2.ROUND_STATUS_RUNNING
 # what the aggregator answers a message to a round it no longer runs for this site: the
 # wrong stage or a round no longer running (FAILED_PRECONDITION), an aborted round (ABORTED)
+# lists in a stage's answer bounded by a payload's size (checked as it is read), not by the
+# roster's sites (Site._count_entries)
+_SIZE_BOUNDED_LISTS = frozenset({service_pb2.Blob.DESCRIPTOR.fields_by_name["chunk_ids"].full_name})
 _ROUND_ENDED_CODES = frozenset({"FAILED_PRECONDITION", "ABORTED"})
 _PROTOCOLS = {"masking": service_pb2.PROTOCOL_MASKING, "ckks": service_pb2.PROTOCOL_CKKS}
 
@@ -1433,20 +1436,40 @@ class Round:
 
     def _check_entry_counts(self, response: service_pb2.ReceiveResponse) -> None:
         """RoundAborted for a stage's answer with more entries in a list than the roster has
-        sites (no honest one has: a key, a share, a survivor, an upload per site at most),
-        counted before a Python object is made of any: a key directory padded to 8 MB cost
-        a site 762 MB and 8 CPU seconds to refuse as DUPLICATE_SITE."""
+        sites (no honest one has: a key, a share, a survivor, an upload, a mask partner per
+        site at most), counted before a Python object is made of any: a key directory padded
+        to 8 MB cost a site 762 MB and 8 CPU seconds to refuse as DUPLICATE_SITE, and an
+        attestation's partners padded to 8 MB, one level down, 271 MB."""
         kind = response.WhichOneof("message")
-        if kind is None:
-            return
-        message = getattr(response, kind)
-        sites = len(self._site.kit.roster)
+        if kind is not None:
+            self._count_entries(kind, getattr(response, kind), len(self._site.kit.roster))
+
+    def _count_entries(self, kind: str, message: Any, sites: int) -> None:
+        """Every list and map in ``message`` and in the messages it holds, at any depth, has
+        at most ``sites`` entries; a payload's chunk ids are bounded by its size instead."""
         for field in message.DESCRIPTOR.fields:
+            if not field.is_repeated:
+                if field.message_type is not None and message.HasField(field.name):
+                    # defence: sdk.stage-answer-nested-entries-counted
+                    self._count_entries(kind, getattr(message, field.name), sites)
+                continue
+            if field.full_name in _SIZE_BOUNDED_LISTS:
+                continue
+            entries = getattr(message, field.name)
             # defence: sdk.stage-answer-entries-counted
-            if field.is_repeated and len(getattr(message, field.name)) > sites:
+            if len(entries) > sites:
                 raise RoundAborted(self.round_id, (
-                    f"the aggregator's {kind} names {len(getattr(message, field.name))} "
-                    f"{field.name}, more than the roster's {sites} sites"))
+                    f"the aggregator's {kind} names {len(entries)} {field.name}, more than "
+                    f"the roster's {sites} sites"))
+            if field.message_type is None:
+                continue
+            if field.message_type.GetOptions().map_entry:
+                if field.message_type.fields_by_name["value"].message_type is None:
+                    continue
+                entries = entries.values()
+            for entry in entries:
+                # defence: sdk.stage-answer-entries-of-entries-counted
+                self._count_entries(kind, entry, sites)
 
     def _in_time(self) -> None:
         """RoundAborted once the round has outlasted what its deadlines allow: a lying

@@ -1278,15 +1278,20 @@ def test_a_ckks_key_wait_answered_padded_at_once_is_paced_by_its_bytes(
     assert clock[0] >= 5 * (running.ByteSize() - rnd._poll_allowance) / POLL_BYTES_PER_SECOND - 1
 
 
-@pytest.mark.parametrize("kind", ["key_directory", "share_delivery", "survivor_list",
-                                  "unmask_request", "ckks_release_request"])
+@pytest.mark.parametrize("case", ["key_directory", "share_delivery", "survivor_list",
+                                  "unmask_request", "ckks_release_request",
+                                  "attestation_partners", "aggregate_sites", "payload_chunk_ids"])
 def test_a_stage_answer_with_more_entries_than_the_roster_has_sites_is_refused_first(
-        kind: str) -> None:
+        case: str) -> None:
     """A key directory padded to 8 MB with entries cost a site 762 MB and 8 CPU seconds to
     decode before it was refused as DUPLICATE_SITE (a release request of 1.3 million uploads,
-    498 MB). No honest answer names more entries than the roster has sites: counted before
-    a Python object is made of any."""
+    498 MB); a survivor list's attestation with its partners padded to 8 MB, one level
+    down, 271 MB. No honest answer names more entries than the roster has sites, in any of
+    its lists at any depth: counted before a Python object is made of any."""
     from secagg.v1 import masking_pb2
+
+    kind = {"attestation_partners": "survivor_list", "aggregate_sites": "ckks_release_request",
+            "payload_chunk_ids": "ckks_release_request"}.get(case, case)
 
     info, payloads = _model_info(1, "hospitals/job-1/round-1")
     site, _conn = _site("masking", info, payloads)
@@ -1300,7 +1305,16 @@ def test_a_stage_answer_with_more_entries_than_the_roster_has_sites_is_refused_f
         "unmask_request": lambda n: masking_pb2.UnmaskRequest(dropped=[2] * n),
         "ckks_release_request": lambda n: service_pb2.CkksReleaseRequest(
             uploads=[service_pb2.EncryptedUpdateRef(site_id=1)] * n),
-    }[kind]
+        "attestation_partners": lambda n: masking_pb2.SurvivorList(
+            survivors=[1, 2], attestations={
+                1: masking_pb2.MaskAttestation(), 2: masking_pb2.MaskAttestation(
+                    partners=[1] * n)}),
+        "aggregate_sites": lambda n: service_pb2.CkksReleaseRequest(
+            aggregate=service_pb2.EncryptedAggregateRef(sites=[1] * n)),
+        "payload_chunk_ids": lambda n: service_pb2.CkksReleaseRequest(uploads=[
+            service_pb2.EncryptedUpdateRef(site_id=1), service_pb2.EncryptedUpdateRef(
+                chunks=service_pb2.Blob(chunk_ids=[bytes(32)] * n))]),
+    }[case]
     rnd = Round.__new__(Round)
     rnd._site, rnd.number, rnd.round_id = site, 1, "hospitals/job-1/round-1"
     rnd._deadline = float("inf")
@@ -1310,6 +1324,9 @@ def test_a_stage_answer_with_more_entries_than_the_roster_has_sites_is_refused_f
     answer.append(service_pb2.ReceiveResponse(ready=True, **{kind: too_many(sites)}))
     assert rnd._receive(1) is answer[0]  # (as many as the roster's sites: read)
     answer[0] = service_pb2.ReceiveResponse(ready=True, **{kind: too_many(sites + 1)})
+    if case == "payload_chunk_ids":  # a payload's chunks are as many as its size needs
+        assert rnd._receive(1) is answer[0]
+        return
     with pytest.raises(RoundAborted, match=f"names {sites + 1} .*more than the roster's"):
         rnd._receive(1)
 
