@@ -861,8 +861,8 @@ class Site:
         (its id and its two models' chunk lists and digests; their names, shapes and dtypes
         once, as every one must have the same): a lying aggregator padding each of a
         100-round job's answers to the message limit had a site hold them all, 9 MB a round,
-        before checking any. And the walk as a whole has the round's patience: each answer
-        held for a minute kept a site in it for hours."""
+        before checking any. And the walk as a whole has the round's patience (a step begun
+        within it is finished): each answer held for a minute kept a site in it for hours."""
         current = self._model_digest
         # completed masking rounds, steps to check: (round id, model, result), the models
         # without their specs (``spec`` below)
@@ -873,13 +873,18 @@ class Site:
         # defence: sdk.missed-rounds-walk-bounded-in-time
         patience = _round_patience(self.config)
         end = time.monotonic() + patience
-        for j in range(self._held_round + 1, round_number):
+
+        def time_left() -> float:
             left = end - time.monotonic()
             if left <= 0:
                 raise ModelMismatch(
                     f"the aggregator took longer than a round's patience ({patience:.0f} s) "
                     f"to show the rounds between the model this site holds (of round "
                     f"{self._held_round}) and round {round_number}'s")
+            return left
+
+        for j in range(self._held_round + 1, round_number):
+            left = time_left()
             past: service_pb2.RoundInfo = self._conn.call(
                 "GetRound", service_pb2.GetRoundRequest(after_round=j - 1, wait_ms=0),
                 timeout=min(getattr(self._conn, "call_timeout", 60.0), left))
@@ -934,6 +939,10 @@ class Site:
         # the pinned first model to any model it liked, and a late site took it)
         fetched: FlatModel | None = None  # the last round's result, which the next starts from
         for round_id, start, result in moved:
+            # (the downloads too: each step's two at the slowest link's pace, up to 300 s
+            # and more each, kept a site in a walk of 100 rounds for 8 hours)
+            # defence: sdk.missed-rounds-downloads-in-the-walks-time
+            time_left()
             assert spec_proto is not None
             start.spec.extend(spec_proto.spec)
             result.spec.extend(spec_proto.spec)

@@ -922,6 +922,50 @@ def test_a_missed_round_chain_shown_slowly_is_given_up_within_the_rounds_patienc
     assert conn.fetched == [] and conn.sent == []
 
 
+def test_a_missed_round_chain_downloaded_slowly_is_given_up_within_the_rounds_patience(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The aggregator says the site missed 98 completed rounds, each an honest step, and
+    sends each step's result just inside the slowest supported link's pace (100 s here):
+    the walk's look at the rounds had the round's patience, but not its downloads (a site
+    spent 24 s in a walk given 5 s; 8 hours in a 100-round job). A step begun within the
+    patience is finished; none begins after it."""
+    from clients.site import _round_patience
+    from secagg.model import FlatModel
+
+    clock = _fake_clock(monkeypatch)
+    # the model after round k: a step of 1e-4 a round, well within an honest round's bound
+    models = [FlatModel.from_arrays({"w": np.full(8, 1e-4 * k, np.float32)})
+              for k in range(100)]
+    blobs = [wire.Blob((bytes([k + 1]) * 32,), len(m.to_bytes())) for k, m in enumerate(models)]
+    info, payloads = _model_info(100, "hospitals/job-1/round-100", w=np.full(
+        8, 1e-4 * 99, np.float32))
+    payloads.update({b.chunk_ids[0]: m.to_bytes() for m, b in zip(models, blobs, strict=True)})
+    site, _ = _site("masking", info, payloads)
+    site.config = dataclasses.replace(site.config, rounds=100)
+
+    def past(number: int) -> Any:
+        p = service_pb2.RoundInfo(round=number, round_id=f"hospitals/job-1/round-{number}",
+                                  status=service_pb2.ROUND_STATUS_COMPLETED)
+        p.model.CopyFrom(wire.model_to_proto(models[number - 1], blobs[number - 1]))
+        p.result.CopyFrom(wire.model_to_proto(models[number], blobs[number]))
+        return p
+
+    class _Slow(_Chain):
+        def download(self, blob: Any, **kwargs: Any) -> bytes:
+            clock[0] += 100.0
+            return super().download(blob, **kwargs)
+
+    conn = _Slow(info, payloads, {n: past(n) for n in range(2, 100)})
+    site._conn = conn  # type: ignore[assignment]
+    site._model_digest, site._held_round = models[1].digest, 1
+    with pytest.raises(ModelMismatch, match="patience"):
+        next(site.rounds())
+    patience = _round_patience(site.config)
+    assert patience < 98 * 100  # (the walk would have outlasted it)
+    assert clock[0] <= patience + 2 * 100, (clock[0], patience)
+    assert conn.sent == []
+
+
 def test_a_missed_round_padded_past_its_models_size_is_refused_as_it_is_read() -> None:
     """The steps of the missed-rounds walk are kept until its end; each model's chunk list
     and size come from the aggregator, and padded (chunk ids by the hundred thousand) they
