@@ -45,6 +45,7 @@ from secagg.errors import ConfigurationError
 SUPPORTED_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32",
                               "int64", "uint8", "uint16", "uint32", "uint64", "bool"})
 MAX_TENSOR_VALUES = 1 << 40  # far above any [limits] max_vector_length; dims are bounded too
+MAX_TENSOR_DIMS = 64  # numpy's most: no array, hence no honest tensor, has more
 # tensors a model may have: far above a vision model's state dict (hundreds) or a large
 # transformer's (thousands). A lying aggregator's spec of 360,000 one-value tensors (7.5 MB,
 # within the message limit) cost a site 526 MB and 6.5 CPU seconds before it was refused.
@@ -229,7 +230,9 @@ class TensorSpec:
                                      f"{self.dtype[:32]!r}")
         # defence: model.spec-dims-non-negative
         if not all(isinstance(d, int) and 0 <= d <= MAX_TENSOR_VALUES for d in self.shape) or (
-                math.prod(self.shape) > MAX_TENSOR_VALUES):
+                math.prod(self.shape) > MAX_TENSOR_VALUES
+                # defence: model.spec-dims-counted
+                or len(self.shape) > MAX_TENSOR_DIMS):
             raise ConfigurationError(f"tensor {self.name[:64]!r} has an impossible shape")
 
     @property

@@ -32,7 +32,7 @@ from secagg.masking.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from secagg.model import MAX_MODEL_TENSORS, FlatModel, TensorSpec
+from secagg.model import MAX_MODEL_TENSORS, MAX_TENSOR_DIMS, FlatModel, TensorSpec
 from secagg.v1 import ckks_pb2, masking_pb2, service_pb2
 
 WORD_DTYPES: dict[int, np.dtype[np.unsignedinteger]] = {32: np.dtype("<u4"), 64: np.dtype("<u8")}
@@ -316,6 +316,11 @@ def spec_from_proto(tensors: Sequence[service_pb2.Tensor]) -> tuple[TensorSpec, 
     # counted before a tensor is read (secagg.model.MAX_MODEL_TENSORS)
     # defence: wire.spec-tensor-count-bounded
     if len(tensors) > MAX_MODEL_TENSORS:
+        raise InvalidMessage("model spec")
+    # and each tensor's dims before they are (a shape of 8.3 million dims of 1, whose
+    # product is 1, cost a site 203 MB and a second to refuse)
+    # defence: wire.spec-dims-counted-first
+    if any(len(t.shape) > MAX_TENSOR_DIMS for t in tensors):
         raise InvalidMessage("model spec")
     try:
         return tuple(TensorSpec(t.name, tuple(int(d) for d in t.shape), np.dtype(t.dtype).name)

@@ -2367,7 +2367,9 @@ def test_a_site_reports_the_survivors_it_signed_not_the_aggregators_word(
     every site took its word into ``rnd.survivors``, a site's only record of it. A site
     reports the list it signed (masking) or the sites it released (a CKKS key holder), and
     logs the aggregator's claim; with nothing of its own (another CKKS site) the claim."""
+    info, payloads = _model_info(1, "hospitals/job-1/round-1")
     rnd = Round.__new__(Round)
+    rnd._site, _ = _site(protocol, info, payloads)
     rnd.round_id, rnd.protocol = "hospitals/job-1/round-1", protocol
     rnd._known_survivors = (1, 2, 3, 4, 5)
     lie = service_pb2.RoundInfo(survivors=[2, 1])
@@ -2380,6 +2382,24 @@ def test_a_site_reports_the_survivors_it_signed_not_the_aggregators_word(
     if protocol == "masking":
         rnd._known_survivors = None
         assert rnd._survivors(lie) == (1, 2)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_survivors_padded_past_the_roster_are_counted_before_they_are_read(
+        signed: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """A lying aggregator ended a round naming 900,000 survivors (8 MB): a site read them all
+    (95 MB) after taking the result. No sum holds more sites than the roster has: counted
+    first, logged, and the site keeps the list it signed, or none."""
+    info, payloads = _model_info(1, "hospitals/job-1/round-1")
+    rnd = Round.__new__(Round)
+    rnd._site, _ = _site("masking", info, payloads)
+    rnd.round_id, rnd.protocol = "hospitals/job-1/round-1", "masking"
+    rnd._known_survivors = (1, 2, 3, 4, 5) if signed else None
+    sites = len(rnd._site.kit.roster)
+    padded = service_pb2.RoundInfo(survivors=[1] * (sites + 1))
+    with caplog.at_level("WARNING", logger="clients"):
+        assert rnd._survivors(padded) == ((1, 2, 3, 4, 5) if signed else ())
+    assert f"says {sites + 1} sites are in the round's sum" in caplog.text
 
 
 def test_a_ckks_sites_survivors_are_the_ones_its_key_holder_signed(

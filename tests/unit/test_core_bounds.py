@@ -22,6 +22,13 @@ def test_a_tensor_spec_with_a_negative_dim_is_impossible(shape: tuple[int, ...])
     assert TensorSpec("w", tuple(abs(d) for d in shape), "float32").size >= 1
 
 
+def test_a_tensor_spec_of_more_dims_than_numpy_holds_is_impossible() -> None:
+    """(wherever a spec comes from: a file, the store, the wire) no array has more than 64."""
+    with pytest.raises(ConfigurationError, match="impossible shape"):
+        TensorSpec("w", (1,) * 65, "float32")
+    assert TensorSpec("w", (1,) * 64, "float32").size == 1
+
+
 def test_a_mask_expander_starts_at_no_negative_word() -> None:
     with pytest.raises(ValueError, match="start_word"):
         MaskExpander(4, start_word=-1)

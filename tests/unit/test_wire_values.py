@@ -79,6 +79,31 @@ def test_a_spec_of_more_tensors_than_a_model_may_have_is_refused_before_any_is_r
     assert len(wire.spec_from_proto(model.spec)) == MAX_MODEL_TENSORS
 
 
+def test_a_tensor_of_more_dims_than_numpy_holds_is_refused_before_its_dims_are_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lying aggregator's spec of one tensor of 8.3 million dims of 1 (their product 1)
+    cost a site 203 MB and a second before anything was refused. No array has more than 64
+    dims (numpy's most): a spec naming more is refused before a tensor is made, one of 64
+    is read."""
+    from secagg.model import TensorSpec
+
+    made: list[int] = []
+
+    def recording(name: str, shape: tuple[int, ...], dtype: str) -> TensorSpec:
+        made.append(len(shape))
+        return TensorSpec(name, shape, dtype)
+
+    monkeypatch.setattr(wire, "TensorSpec", recording)
+    model = service_pb2.Model()
+    model.spec.add(name="ok", shape=[1], dtype="float32")
+    model.spec.add(name="deep", shape=[1] * 65, dtype="float32")
+    with pytest.raises(InvalidMessage, match="model spec"):
+        wire.spec_from_proto(model.spec)
+    assert made == []
+    del model.spec[-1].shape[-1]
+    assert [t.shape for t in wire.spec_from_proto(model.spec)] == [(1,), (1,) * 64]
+
+
 def test_the_tensor_bound_is_the_documented_65536() -> None:
     """README: a model of more than 65,536 tensors is refused. The test above builds its
     spec from the constant it checks, so a bound raised to 2^20 (a spec of a million
