@@ -177,6 +177,10 @@ class _Active:
                         bytes] | None = None
     ckks_refused: bool = False  # the key holder refused the sum as out of range (signed)
     stage_started: float = 0.0  # the job's clock when the current stage began
+    # until as many sites as the round needs have asked about it (Job._seen), its opening
+    # stages' deadlines do not run: a round no one can finish yet waits for its sites
+    waiting: bool = True
+    present: set[int] = field(default_factory=set)  # sites that asked, while it waited
     claims: list[bytes] = field(default_factory=list)  # chunks the message being applied read
     refused: dict[tuple[int, int], int] = field(default_factory=dict)  # (stage, site) -> count
 
@@ -195,6 +199,11 @@ class Job:
             raise ConfigurationError(f"[ckks] key_holders {list(config.key_holders)} must be "
                                      "sites of the roster")
         check_job(config, roster, initial_model)
+        # the sites a round needs to end otherwise than aborted (masking: its least
+        # participants; CKKS: min_sites); its opening stages wait for that many (_seen)
+        self._least_sites = (config.check_fits_roster(roster).minimum_participants
+                             if config.protocol == "masking"
+                             else config.check_ckks_roster(len(roster)))
         self.config = config
         self._settings_digest = config.settings_digest()
         self.roster = roster
@@ -321,6 +330,7 @@ class Job:
             if self.active is not None:
                 self.metrics.round_recovered(view.number, view.stage,
                                              len(self.active.answered))
+                self.metrics.round_waiting(self.active.waiting)
         else:
             self.model = view.result if view.result is not None else view.model
             self._next_or_done(last.round)
@@ -386,8 +396,10 @@ class Job:
         self.rounds[number] = view
         self.model = model
         self.active = self._start_role(view)
-        log.info("round opened", extra={"event": "round_opened", "round_id": round_id})
+        log.info("round opened", extra={"event": "round_opened", "round_id": round_id,
+                                        "count": self._least_sites})
         self.metrics.round_opened(view.protocol, number, view.stage)
+        self.metrics.round_waiting(True)
         self._on_change()
 
     def _start_role(self, view: RoundView) -> _Active:
@@ -407,11 +419,38 @@ class Job:
         return _Active(view, None, now + self.config.deadlines.open, {view.ckks_key_holder},
                        readable=readable, stage_started=now)
 
+    def _seen(self, site: int, round_id: str) -> None:
+        """``site`` asked about round ``round_id`` (was told of it, or sent or waited for one
+        of its messages). A round's opening stages (masking: its keys; CKKS: its key and
+        uploads) wait, their deadlines not running, until as many sites as the round needs
+        have: an aggregator started before its sites came online aborted round after round
+        for want of them, and ended the job with none trained (an outside tester). Waiting
+        loses nothing: no round of fewer sites can finish; one site can start the clock, as
+        any site's message could before, never stop it."""
+        active = self.active
+        if active is None or not active.waiting or active.view.round_id != round_id:
+            return
+        active.present.add(site)
+        # defence: job.round-waits-for-its-sites
+        if len(active.present) >= self._least_sites:
+            active.waiting = False
+            active.present = set()
+            active.deadline = self._clock() + self.config.deadlines.open
+            log.info("round under way", extra={
+                "event": "round_under_way", "round_id": round_id, "count": self._least_sites})
+            self.metrics.round_waiting(False)
+
     def _next_or_done(self, finished: int) -> None:
         self.active = None
         if finished >= self.config.rounds:
             self.done = True
-            log.info("job done", extra={"event": "job_done"})
+            completed = sum(v.status == service_pb2.ROUND_STATUS_COMPLETED
+                            for v in self.rounds.values())
+            # (a job whose every round aborted trained nothing: said as such)
+            # defence: job.untrained-job-done-warned
+            log.log(logging.INFO if completed else logging.WARNING,
+                    "job done: %d of %d rounds completed", completed, len(self.rounds),
+                    extra={"event": "job_done", "count": completed})
             self.metrics.job_done()
             self._on_change()
             return
@@ -420,15 +459,20 @@ class Job:
     # ---- what sites ask ----------
 
     @_fresh_only
-    def round_info(self, after_round: int) -> service_pb2.RoundInfo | None:
-        """The first round after ``after_round``, or JOB_DONE, or None (not open yet)."""
+    def round_info(self, after_round: int, site: int = 0) -> service_pb2.RoundInfo | None:
+        """The first round after ``after_round``, or JOB_DONE, or None (not open yet), as
+        ``site`` (0: none) is told of it."""
         numbers = sorted(n for n in self.rounds if n > after_round)
         if not numbers:
             if self.done:
                 return service_pb2.RoundInfo(status=service_pb2.ROUND_STATUS_JOB_DONE,
                                              total_rounds=self.config.rounds)
             return None
-        return self._info(self.rounds[numbers[0]])
+        view = self.rounds[numbers[0]]
+        if site:
+            # defence: job.told-sites-are-present
+            self._seen(site, view.round_id)
+        return self._info(view)
 
     @_fresh_only
     def info(self, round_id: str) -> service_pb2.RoundInfo:
@@ -582,6 +626,9 @@ class Job:
         active = self.active
         if active is None or active.view is not view:
             raise ServiceError(FAILED_PRECONDITION, "the round is not running")
+        # (a site that joined before a restart waits for its stage's answer: it asks too)
+        # defence: job.waiting-sites-are-present
+        self._seen(site, round_id)
         messages = active.outgoing.get(stage)
         if messages is None:
             return service_pb2.ReceiveResponse(ready=False)
@@ -666,7 +713,8 @@ class Job:
     def tick(self) -> None:
         self.purge(now=False)
         active = self.active
-        if active is not None and self._clock() >= active.deadline:
+        # defence: job.waiting-round-has-no-deadline
+        if active is not None and not active.waiting and self._clock() >= active.deadline:
             log.info("stage deadline", extra={"event": "stage_deadline",
                                               "round_id": active.view.round_id,
                                               "stage": active.view.stage})
@@ -924,6 +972,7 @@ class Job:
         active.view.stage = role.stage.value
         active.expected = set(role.participants)
         active.answered = set()
+        active.waiting = False  # (past its opening stage, a round's deadlines run)
         active.deadline = self._clock() + self.config.deadlines.stage
 
     def _close_ckks(self, active: _Active) -> None:
@@ -958,6 +1007,7 @@ class Job:
             view.stage = CkksStage.RELEASE.value
             active.expected = {holder}
             active.answered = set()
+            active.waiting = False  # (past its opening stages, a round's deadlines run)
             active.deadline = self._clock() + self.config.deadlines.release
             return
         # defence: job.refusal-aborts-the-round

@@ -21,6 +21,10 @@ payload or anything derived from one. Each aggregator has its own registry (test
 - ``secagg_store_latency_seconds{operation}``: each SQL statement (select, insert, update,
   delete, other), on the store's connections
 - ``secagg_serving``: 1 while gRPC health says SERVING, 0 otherwise
+- ``secagg_round_waiting``: 1 while the running round waits for as many sites as it needs
+  to ask about it (its opening stages' deadlines do not run until they have)
+- ``secagg_job_done``: 1 once the job's last round has ended (``secagg_rounds_completed_total``
+  says how many of them completed)
 
 Beside ``/metrics`` the port answers ``/readyz`` (200 while SERVING, 503 otherwise) and
 ``/livez`` (200 while the aggregator's event loop beats, 503 once it has not for
@@ -85,6 +89,11 @@ class Metrics:
         self.serving = Gauge("secagg_serving",
                              "1 while the aggregator serves rounds (gRPC health SERVING)",
                              registry=r)
+        self.round_waiting_gauge = Gauge(
+            "secagg_round_waiting",
+            "1 while the running round waits for as many sites as it needs", registry=r)
+        self.job_done_gauge = Gauge("secagg_job_done", "1 once the job's last round has ended",
+                                    registry=r)
         self.is_serving = False
         self.beat = 0.0  # time.monotonic() of the event loop's last heartbeat (0: none yet)
         self._stages_seen: set[str] = set()
@@ -123,8 +132,13 @@ class Metrics:
             self.rounds_aborted.labels(protocol, aborted_reason).inc()
         self.current_stage.set(0)
 
+    def round_waiting(self, waiting: bool) -> None:
+        self.round_waiting_gauge.set(1 if waiting else 0)
+
     def job_done(self) -> None:
         self.current_round.set(0)
+        self.round_waiting_gauge.set(0)
+        self.job_done_gauge.set(1)
 
     # ---- the store ----------
 

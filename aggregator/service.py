@@ -704,11 +704,11 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
 
     async def GetRound(self, request: service_pb2.GetRoundRequest,
                        context: Ctx) -> service_pb2.RoundInfo:
-        await self.identity.site(context)
+        site = await self.identity.site(context)
 
         async def attempt() -> service_pb2.RoundInfo | None:
             info = await self._call(context, lambda job: job.round_info(
-                int(request.after_round)))
+                int(request.after_round), site))
             if (request.until_finished and info is not None
                     and info.status == service_pb2.ROUND_STATUS_RUNNING):
                 return None

@@ -579,7 +579,7 @@ class FederationConfig:
         self.check_ckks_roster(len(roster))
         return None
 
-    def check_ckks_roster(self, sites: int) -> None:
+    def check_ckks_roster(self, sites: int) -> int:
         """Refuse, as a job starts, a CKKS configuration no round of a roster of ``sites``
         sites could use (min_sites beyond the roster or below the colluders' reach, a clip
         past the preset's headroom or float64's precision): each round's key announcement
@@ -587,7 +587,7 @@ class FederationConfig:
         from secagg.ckks.round import check_round_parameters
 
         try:
-            check_round_parameters(sites, **self._ckks_parameters())
+            return check_round_parameters(sites, **self._ckks_parameters())
         except ConfigurationError as e:
             raise ConfigurationError(f"no CKKS round of this job could run with {sites} "
                                      f"sites: {e}") from None

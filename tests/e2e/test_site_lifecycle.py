@@ -1,4 +1,5 @@
-"""A Site used after it was closed: a clear SiteError, and nothing spent."""
+"""A Site used after it was closed: a clear SiteError, and nothing spent; sites that come
+online long after the aggregator started."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from clients import Site
 from clients.errors import DirectoryInUse, SiteError
-from tests.service_kit import make_federation, start_aggregator
+from tests.service_kit import make_federation, run_sites, start_aggregator
 
 
 def test_a_closed_site_says_so_and_does_not_spend_its_round(tmp_path: Path) -> None:
@@ -341,3 +342,30 @@ def test_an_in_use_file_others_can_write_is_refused(tmp_path: Path) -> None:
     lock.chmod(0o666)
     with pytest.raises(SiteError, match="writable by its group or other users"):
         Site.connect(fed.site_dir(1), tensors="numpy")
+
+
+def test_sites_that_come_online_long_after_the_aggregator_train_every_round(
+        tmp_path: Path) -> None:
+    """An aggregator started before its sites (here five open deadlines before) aborted
+    round after round for want of them and ended the job untrained, saying "job done"; a
+    site then online was told the job was over (an outside tester, as an operator). Its
+    rounds now wait for their sites: the job trains every round, as if they had been on
+    time, and the aggregator's log says the round waited."""
+    import time
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=2, open_s=2.0)
+    agg = start_aggregator(fed, tmp_path)
+    try:
+        agg.wait_for(lambda e: e.get("event") == "round_opened")
+        time.sleep(5 * 2.0)
+        reports = run_sites(fed, tmp_path, timeout=180)
+        agg.wait_for(lambda e: e.get("event") == "job_done")
+    finally:
+        agg.stop()
+    events = agg.read()
+    assert not [e for e in events if e.get("event") == "round_aborted"]
+    assert sum(e.get("event") == "round_under_way" for e in events) == 2
+    for site in (1, 2, 3):
+        assert [r["round"] for r in reports[site]] == [1, 2], reports[site]
+    done = next(e for e in events if e.get("event") == "job_done")
+    assert done["message"] == "job done: 2 of 2 rounds completed"

@@ -473,6 +473,8 @@ def test_after_the_job_is_done_no_site_reads_a_rounds_uploads(tmp_path: Path) ->
         active.readable.setdefault(2, set()).add(upload)  # as a stage grants it
         model_chunk = next(iter(active.readable[0]))
         assert job.may_read(2, upload)
+        for site in roster:  # (the sites ask about the round: its deadlines run)
+            job.round_info(0, site)
         now[0] = active.deadline + 1.0
         job.tick()
         assert job.done and job.active is None

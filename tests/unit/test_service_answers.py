@@ -42,7 +42,7 @@ def test_calls_during_a_shutdown_are_unavailable_not_served() -> None:
     seen: list[object] = []
 
     async def main(core: Core) -> None:
-        service = fake_service(core, round_info=lambda after: seen.append(after))
+        service = fake_service(core, round_info=lambda after, site=0: seen.append(after))
         core.stopping = True
         with pytest.raises(Aborted, match=r"UNAVAILABLE.*shutting down"):
             await service.GetRound(service_pb2.GetRoundRequest(), FakeContext(1))
@@ -159,7 +159,7 @@ def test_a_poll_until_the_round_finishes_is_not_answered_with_the_running_round(
                                     status=service_pb2.ROUND_STATUS_RUNNING)
 
     async def main(core: Core) -> tuple[Any, Any]:
-        service = fake_service(core, round_info=lambda after: running)
+        service = fake_service(core, round_info=lambda after, site=0: running)
         waited = await service.GetRound(service_pb2.GetRoundRequest(
             after_round=0, until_finished=True, wait_ms=0), FakeContext(1))
         plain = await service.GetRound(service_pb2.GetRoundRequest(after_round=0, wait_ms=0),

@@ -1,0 +1,130 @@
+"""A round waits for its sites: its opening stages' deadlines run only once as many sites as
+it needs have asked about it. An aggregator started before its sites came online aborted
+round after round for want of them (TOO_FEW_SURVIVORS, one open deadline apart) and ended
+the job with none trained, saying "job done" (an outside tester, as an operator). Waiting
+loses nothing (no round of fewer sites can finish) and no site can hold a round by it: one
+site can only start the clock, as its message always could. (The job in-process, its clock
+the test's.)"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aggregator.job import Job
+from aggregator.service import load_server_files
+from aggregator.store import Store
+from secagg.federation.kit import ROSTER_FILE, load_roster
+from secagg.model import FlatModel
+from secagg.v1 import service_pb2
+from tests.service_kit import make_federation
+
+
+def _job(tmp_path: Path, protocol: str, rounds: int = 2) -> tuple[Job, Store, list[float]]:
+    fed = make_federation(tmp_path, 5, protocol, rounds=rounds)
+    files = load_server_files(fed.aggregator_config)
+    roster = load_roster(files.directory / ROSTER_FILE, files.config.trust_root)
+    store = Store(str(tmp_path / "aggregator.db"))
+    now = [0.0]
+    job = Job(files.config, roster, store, FlatModel.load_npz(files.config.initial_model),
+              clock=lambda: now[0])
+    job.recover()
+    return job, store, now
+
+
+def _status(job: Job, number: int) -> Any:
+    return job.rounds[number].status
+
+
+@pytest.mark.parametrize("protocol", ["masking", "ckks"])
+def test_a_round_no_site_asked_about_outlasts_its_deadlines(
+        tmp_path: Path, protocol: str) -> None:
+    job, store, now = _job(tmp_path, protocol)
+    try:
+        least = job._least_sites
+        assert 1 < least < 5
+        # no site at all, for a long time: the round waits, the job is not spent
+        for _ in range(10):
+            now[0] += 10 * job.config.deadlines.open
+            job.tick()
+        assert _status(job, 1) == service_pb2.ROUND_STATUS_RUNNING and not job.done
+        # fewer sites than the round needs, asking again and again: it still waits
+        for site in range(1, least):
+            for _ in range(3):
+                job.round_info(0, site)
+        now[0] += 10 * job.config.deadlines.open
+        job.tick()
+        assert _status(job, 1) == service_pb2.ROUND_STATUS_RUNNING
+        # as many as it needs: its clock starts there, for the whole open deadline
+        asked_at = now[0]
+        job.round_info(0, least)
+        assert job.active is not None
+        assert job.active.deadline == asked_at + job.config.deadlines.open
+        now[0] = job.active.deadline - 1.0
+        job.tick()
+        assert _status(job, 1) == service_pb2.ROUND_STATUS_RUNNING
+        # and once it passes with too few answers, the round ends as before
+        now[0] += 2.0
+        job.tick()
+        assert _status(job, 1) == service_pb2.ROUND_STATUS_ABORTED
+        assert job.rounds[1].abort_reason == "TOO_FEW_SURVIVORS"
+        assert job.current_round == 2
+        # the next round waits for its sites again
+        now[0] += 10 * job.config.deadlines.open
+        job.tick()
+        assert _status(job, 2) == service_pb2.ROUND_STATUS_RUNNING
+    finally:
+        store.close()
+
+
+def test_sites_waiting_for_a_stage_count_as_asking(tmp_path: Path) -> None:
+    """A site that joined before the aggregator restarted asks for its stage's answer, not
+    for the round: that is asking about the round too."""
+    from secagg.ckks import CkksStage
+
+    job, store, now = _job(tmp_path, "ckks")
+    try:
+        assert job.active is not None
+        round_id = job.active.view.round_id
+        for site in range(1, job._least_sites + 1):
+            job.receive(site, round_id, CkksStage.KEY_ANNOUNCEMENT.value)
+        now[0] += 2 * job.config.deadlines.open
+        job.tick()
+        assert _status(job, 1) == service_pb2.ROUND_STATUS_ABORTED
+    finally:
+        store.close()
+
+
+def test_one_site_asking_often_is_one_site(tmp_path: Path) -> None:
+    job, store, now = _job(tmp_path, "masking")
+    try:
+        for _ in range(20):
+            job.round_info(0, 1)
+        now[0] += 10 * job.config.deadlines.open
+        job.tick()
+        assert _status(job, 1) == service_pb2.ROUND_STATUS_RUNNING
+        assert job.metrics.round_waiting_gauge._value.get() == 1
+    finally:
+        store.close()
+
+
+def test_a_job_whose_rounds_all_aborted_says_so_when_done(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    job, store, now = _job(tmp_path, "masking", rounds=2)
+    try:
+        with caplog.at_level(logging.INFO, logger="secagg.aggregator"):
+            while not job.done:
+                for site in job.roster:
+                    job.round_info(job.current_round - 1, site)
+                now[0] += 2 * job.config.deadlines.open
+                job.tick()
+        done = [r for r in caplog.records if getattr(r, "event", "") == "job_done"]
+        assert len(done) == 1
+        assert done[0].levelno == logging.WARNING
+        assert done[0].getMessage() == "job done: 0 of 2 rounds completed"
+        assert job.metrics.job_done_gauge._value.get() == 1
+    finally:
+        store.close()
