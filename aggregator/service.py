@@ -1047,7 +1047,8 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
                 stop_event: asyncio.Event | None = None,
                 store_factory: Callable[[str], Store] = Store,
                 metrics_listen: str | None = None) -> int:
-    """Run the aggregator until SIGTERM/SIGINT (or ``stop_event``); returns the exit status.
+    """Run the aggregator until SIGTERM, SIGINT or SIGHUP (or ``stop_event``); returns the
+    exit status.
     ``metrics_listen``: HOST:PORT for Prometheus's ``/metrics`` (None: not served)."""
     global _metrics
     # (a port past 65535 was a traceback for --metrics, and for --listen another port,
@@ -1150,9 +1151,17 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
     await server.start()
     log.info("listening", extra={"event": "listening", "peer": f"{address} -> {port}"})
     stop = stop_event or asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+
+    def stop_on(sig: signal.Signals) -> None:
+        log.info("signal", extra={"event": "signal", "reason": sig.name})
+        stop.set()
+
+    # (SIGHUP too, as systemd's default reload, a closed terminal and log rotation send it:
+    # it killed the aggregator at once, without a line)
+    # defence: service.sighup-stops-gracefully
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, stop_on, sig)
     if ready is not None:
         ready(port)
     tasks: list[asyncio.Task[None]] = []

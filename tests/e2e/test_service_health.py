@@ -688,3 +688,27 @@ def test_the_probes_fail_once_the_event_loop_stops_beating() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("sig", ["SIGHUP", "SIGTERM"])
+def test_a_hangup_stops_the_aggregator_as_sigterm_does(tmp_path: Path, sig: str) -> None:
+    """SIGHUP (systemd's default reload, a closed terminal, log rotation) killed the
+    aggregator at once, without a line in its log. It now stops it gracefully, as SIGTERM
+    does: the signal and the shutdown are logged, and the status is 0."""
+    import signal
+
+    from tests.service_kit import start_aggregator
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    agg = start_aggregator(fed, tmp_path)
+    assert agg.process is not None
+    try:
+        agg.wait_for(lambda e: e.get("event") == "serving")
+        agg.process.send_signal(getattr(signal, sig))
+        assert agg.process.wait(timeout=30) == 0
+    finally:
+        agg.stop()
+    events = agg.read()
+    assert {"event": "signal", "reason": sig} in [
+        {k: e.get(k) for k in ("event", "reason")} for e in events]
+    assert any(e.get("event") == "shutdown" for e in events)
