@@ -61,6 +61,7 @@ from secagg.model import FlatModel
 from secagg.roster import Roster
 from secagg.v1 import service_pb2
 
+DROPOUTS_NAMED = 32  # sites a stage's close names as dropped out, one line each; then a count
 MODEL_PROTOS_KEPT = 4  # wire forms of models kept for GetRound answers (Job._model_proto)
 SERVED_CHUNK_BYTES = 1 << 20  # what the aggregator writes for sites to download (Job)
 
@@ -918,7 +919,8 @@ class Job:
         if not replay:
             with self.store.transaction() as conn:
                 self.store.record_event(conn, Event(view.number, "close", view.stage, 0, b""))
-        closing, missing = view.stage, len(active.expected - active.answered)
+        dropped = sorted(active.expected - active.answered)
+        closing, missing = view.stage, len(dropped)
         answered = len(active.answered)
         started, active.stage_started = active.stage_started, self._clock()
         try:
@@ -953,6 +955,17 @@ class Job:
                 log.info("stage closed", extra={"event": "stage_closed",
                                                 "round_id": view.round_id, "stage": closing,
                                                 "count": answered})
+                # who the stage waited for in vain, by name: the operator's call to make
+                # (the metric counts them; the aggregator knows them anyway)
+                # defence: job.dropouts-named
+                for site in dropped[:DROPOUTS_NAMED]:
+                    log.warning("site dropped out", extra={
+                        "event": "site_dropped", "round_id": view.round_id, "stage": closing,
+                        "site_id": site})
+                if len(dropped) > DROPOUTS_NAMED:
+                    log.warning("sites dropped out", extra={
+                        "event": "site_dropped", "round_id": view.round_id, "stage": closing,
+                        "count": len(dropped) - DROPOUTS_NAMED})
         self._on_change()
 
     def _close_masking(self, active: _Active) -> None:

@@ -45,7 +45,7 @@ class JsonFormatter(logging.Formatter):
 # what a peer can make us log as often as it likes (a refused certificate, message or chunk,
 # an idle stream): each (event, site) may log a burst, then PEER_LINES_PER_SECOND
 # defence: logs.every-peer-event-budgeted
-PEER_EVENTS = frozenset({"identity_refused", "chunk_refused", "stream_idle"})
+PEER_EVENTS = frozenset({"identity_refused", "chunk_refused", "stream_idle", "call_refused"})
 PEER_LINES_PER_SECOND = 1.0
 PEER_LINES_BURST = 20.0
 # defence: logs.peer-budgets-bounded-by-default

@@ -336,6 +336,9 @@ def add_service(servicer: AggregationService, server: Any) -> None:
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
+# refusals an honest site meets in the course of rounds (a round ended, a stage already
+# answered, a round not running): logged at info, the others at warning
+_ROUTINE_REFUSALS = frozenset({"FAILED_PRECONDITION", "ABORTED", "NOT_FOUND"})
 _CODES = {name: getattr(grpc.StatusCode, name) for name in (
     "INVALID_ARGUMENT", "FAILED_PRECONDITION", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
     "ABORTED", "UNAVAILABLE", "NOT_FOUND", "UNAUTHENTICATED", "DEADLINE_EXCEEDED")}
@@ -657,8 +660,9 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         assert job is not None
         return job
 
-    async def _call(self, context: Ctx, fn: Callable[[Job], T]) -> T:
-        """``fn(job)`` on the job's thread; its ServiceError becomes the call's status."""
+    async def _call(self, context: Ctx, fn: Callable[[Job], T], site: int = 0) -> T:
+        """``fn(job)`` on the job's thread, for ``site``; its ServiceError becomes the call's
+        status."""
         job = await self._ready_job(context)
         try:
             return await self.core.run(fn, job)
@@ -666,6 +670,15 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
             # defence: service.unavailable-marks-unhealthy
             if e.code == UNAVAILABLE:
                 self.core.healthy = False
+            else:
+                # every refusal of a site's call in the log, naming the site, the code and our
+                # reason (rate-limited per site: PEER_EVENTS): they were counted, and only
+                # identity refusals said whom (sites holding an old roster after a site's
+                # removal were refused "invalid signature", four of them, in silence)
+                # defence: service.refusals-logged
+                log.log(logging.INFO if e.code in _ROUTINE_REFUSALS else logging.WARNING,
+                        "refused", extra={"event": "call_refused", "site_id": site or None,
+                                          "code": e.code, "reason": str(e)[:300]})
             await _abort(context, _CODES.get(e.code, grpc.StatusCode.INTERNAL), str(e))
         except (StoreError, SQLAlchemyError) as e:
             # a database error the store did not wrap is the store's too: UNAVAILABLE (and
@@ -708,7 +721,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
 
         async def attempt() -> service_pb2.RoundInfo | None:
             info = await self._call(context, lambda job: job.round_info(
-                int(request.after_round), site))
+                int(request.after_round), site), site)
             if (request.until_finished and info is not None
                     and info.status == service_pb2.ROUND_STATUS_RUNNING):
                 return None
@@ -723,7 +736,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
         # defence: service.empty-submission-refused
         if request.WhichOneof("message") is None:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "empty submission")
-        duplicate = await self._call(context, lambda job: job.submit(site, request))
+        duplicate = await self._call(context, lambda job: job.submit(site, request), site)
         return service_pb2.SubmitResponse(duplicate=duplicate)
 
     async def Receive(self, request: service_pb2.ReceiveRequest,
@@ -732,7 +745,7 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
 
         async def attempt() -> service_pb2.ReceiveResponse | None:
             response = await self._call(context, lambda job: job.receive(
-                site, request.round_id, int(request.stage)))
+                site, request.round_id, int(request.stage)), site)
             return response if response.ready else None
 
         response = await self._long_poll(context, request.wait_ms, attempt)

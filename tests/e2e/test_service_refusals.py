@@ -142,6 +142,13 @@ def test_identity_and_message_refusals_leave_the_round_intact(tmp_path: Path) ->
         assert report["survivors"] == [1, 2, 3]
     refused = [e for e in agg.read() if e.get("event") == "identity_refused"]
     assert refused and refused[0]["site_id"] == 2
+    # every refusal of a roster site's call is logged, naming the site, the code and why
+    # (they were counted only: an operator whose alert fired could not tell whom)
+    calls = {(e.get("site_id"), e.get("code"), e.get("level")): e.get("reason", "")
+             for e in agg.read() if e.get("event") == "call_refused"}
+    assert "already answered" in calls[(4, "FAILED_PRECONDITION", "info")], calls
+    assert "does not belong" in calls[(4, "INVALID_ARGUMENT", "warning")], calls
+    assert (4, "NOT_FOUND", "info") in calls, calls
     # the three refused handshakes are logged with their TLS reason
     tls = [e for e in agg.read() if e.get("event") == "tls_refused"]
     assert len(tls) >= 3, agg.tail()

@@ -128,3 +128,27 @@ def test_a_job_whose_rounds_all_aborted_says_so_when_done(
         assert job.metrics.job_done_gauge._value.get() == 1
     finally:
         store.close()
+
+
+def test_a_stage_names_the_sites_it_waited_for_in_vain(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site killed mid-job was a dropout in the metrics and a count in the log: no line
+    named it, and the operator compared message lines to find which hospital to call.
+    Each is named (up to DROPOUTS_NAMED; the rest counted)."""
+    from aggregator import job as job_module
+
+    monkeypatch.setattr(job_module, "DROPOUTS_NAMED", 3)
+    job, store, now = _job(tmp_path, "masking")
+    try:
+        for site in job.roster:
+            job.round_info(0, site)
+        with caplog.at_level(logging.INFO, logger="secagg.aggregator"):
+            now[0] += 2 * job.config.deadlines.open
+            job.tick()
+        dropped = [r for r in caplog.records if getattr(r, "event", "") == "site_dropped"]
+        assert [getattr(r, "site_id", None) for r in dropped] == [1, 2, 3, None]
+        assert getattr(dropped[-1], "count", None) == 2
+        assert all(r.levelno == logging.WARNING for r in dropped)
+    finally:
+        store.close()
