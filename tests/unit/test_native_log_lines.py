@@ -374,7 +374,8 @@ def test_every_logger_and_warning_is_a_json_line_without_a_traceback() -> None:
     assert "Traceback" not in err and len(entries) >= 3
 
 
-@pytest.mark.parametrize("event", ["identity_refused", "chunk_refused", "stream_idle"])
+@pytest.mark.parametrize("event", ["identity_refused", "chunk_refused", "stream_idle",
+                                   "call_refused"])
 def test_refusals_a_peer_causes_are_rate_limited_per_site_and_counted(
         event: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """2,000 refused calls from one certificate wrote 336 KB of log in 2.3 s: each (event,
