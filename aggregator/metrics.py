@@ -21,6 +21,8 @@ payload or anything derived from one. Each aggregator has its own registry (test
 - ``secagg_store_latency_seconds{operation}``: each SQL statement (select, insert, update,
   delete, other), on the store's connections
 - ``secagg_serving``: 1 while gRPC health says SERVING, 0 otherwise
+- ``secagg_certificate_expiry_timestamp_seconds{certificate}``: when the aggregator's TLS
+  certificate (``server``) and its federation's CA certificate (``ca``) end (alert on it)
 - ``secagg_round_waiting``: 1 while the running round waits for as many sites as it needs
   to ask about it (its opening stages' deadlines do not run until they have)
 - ``secagg_job_done``: 1 once the job's last round has ended (``secagg_rounds_completed_total``
@@ -94,6 +96,10 @@ class Metrics:
             "1 while the running round waits for as many sites as it needs", registry=r)
         self.job_done_gauge = Gauge("secagg_job_done", "1 once the job's last round has ended",
                                     registry=r)
+        self.certificate_expiry = Gauge(
+            "secagg_certificate_expiry_timestamp_seconds",
+            "When the aggregator's TLS certificate (server) and its CA's (ca) end, Unix time",
+            ["certificate"], registry=r)
         self.is_serving = False
         self.beat = 0.0  # time.monotonic() of the event loop's last heartbeat (0: none yet)
         self._stages_seen: set[str] = set()

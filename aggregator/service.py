@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import functools
 import hashlib
 import logging
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+from cryptography import x509
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
@@ -1180,6 +1182,7 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
     tasks: list[asyncio.Task[None]] = []
     store_opened: Store | None = None
     heartbeat = asyncio.create_task(_heartbeat(_metrics))
+    certificates = asyncio.create_task(_watch_certificates(files, _metrics))
     try:
         opened = await _until_the_store_answers(
             core, functools.partial(_open_leased, store_factory, store_url), stop)
@@ -1234,7 +1237,7 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
         core.stopping = True
         core._wake()
         service.admission.close()
-        for task in (*tasks, heartbeat):
+        for task in (*tasks, heartbeat, certificates):
             task.cancel()
         await _set_health(health, False)
         await server.stop(grace=5)
@@ -1446,6 +1449,52 @@ def _failure(e: BaseException) -> str:
     class alone (it was the class alone for both: "StoreError", naming no cause)."""
     # defence: service.store-failures-told-with-their-cause
     return str(e) if isinstance(e, StoreError) else type(e).__name__
+
+
+CERTIFICATE_WARN_DAYS = 30  # a certificate ending within this many days is warned of
+CERTIFICATE_CHECK_SECONDS = 3600.0  # how often the certificates' ends are looked at again
+
+
+def certificate_ends(files: ServerFiles) -> dict[str, dt.datetime]:
+    """When the aggregator's TLS certificate and its federation's CA certificate (the one
+    ending last, of several during a rotation) stop being valid."""
+    server = x509.load_pem_x509_certificate(files.server_cert)
+    return {"server": server.not_valid_after_utc,
+            "ca": max(c.not_valid_after_utc for c in pki.trust_anchors(files.ca_cert))}
+
+
+async def _watch_certificates(files: ServerFiles, metrics: Metrics, *,
+                              clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(
+                                  dt.UTC)) -> None:
+    """Says when the certificates end, at start and then hourly: a warning from
+    CERTIFICATE_WARN_DAYS before, an error once ended (sites can no longer connect; renew
+    it and restart), and each end as a metric to alert on. An aggregator whose certificate
+    ended while it ran said nothing, metrics and health unchanged, while every site was
+    refused (an outside operator)."""
+    ends = certificate_ends(files)
+    for name, end in ends.items():
+        metrics.certificate_expiry.labels(name).set(end.timestamp())
+    first = True
+    while True:
+        now = clock()
+        for name, end in ends.items():
+            left = end - now
+            what = f"the {name} certificate ({'ca.crt' if name == 'ca' else 'server.crt'})"
+            # defence: service.certificate-ends-said
+            if left <= dt.timedelta(0):
+                log.error(f"{what} ended {end:%Y-%m-%d %H:%M} UTC: no site can connect; "
+                          "issue a new one and restart the aggregator",
+                          extra={"event": "certificate_expired", "reason": name})
+            # defence: service.certificate-ending-warned
+            elif left <= dt.timedelta(days=CERTIFICATE_WARN_DAYS):
+                log.warning(f"{what} ends {end:%Y-%m-%d %H:%M} UTC, in {left.days} days: "
+                            "issue a new one and restart the aggregator before then",
+                            extra={"event": "certificate_ending", "reason": name})
+            elif first:
+                log.info(f"{what} ends {end:%Y-%m-%d} UTC",
+                         extra={"event": "certificate", "reason": name})
+        first = False
+        await asyncio.sleep(CERTIFICATE_CHECK_SECONDS)
 
 
 async def _ticker(core: Core) -> None:
