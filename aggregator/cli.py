@@ -86,8 +86,11 @@ def _restore(args: argparse.Namespace) -> int:
 
     _warn_secret(args.store)
 
-    restore(args.backup, args.store)
+    older = restore(args.backup, args.store)
     print(f"restored {args.backup} into {redacted(args.store)}")
+    if older is not None:
+        print(f"its schema is at revision {older}, older than this aggregator's: run `secagg "
+              f"aggregator migrate --store {redacted(args.store)}` before serving it")
     return 0
 
 

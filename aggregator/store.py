@@ -108,6 +108,15 @@ class StoreError(SecAggError):
     or refuses to start)."""
 
 
+class StoreOutdated(StoreError):
+    """The store is one of ours at an older schema revision (``revision``): `secagg aggregator
+    migrate` brings it to this aggregator's."""
+
+    def __init__(self, message: str, revision: str) -> None:
+        super().__init__(message)
+        self.revision = revision
+
+
 class StoreUnreachable(StoreError):
     """A database server did not answer (down, restarting, unreachable): the aggregator waits
     for it, NOT_SERVING, rather than exit."""
@@ -811,9 +820,11 @@ def _sqlite_revision_and_tables(path: Path, name: str | None = None
     return (None if row is None else str(row[0])), tables
 
 
-def restore(backup_file: Path, url: str) -> None:
-    """Restore ``backup_file`` into an empty store at ``url``; the result must be a store
-    this aggregator understands (its schema revision is checked)."""
+def restore(backup_file: Path, url: str) -> str | None:
+    """Restore ``backup_file`` into an empty store at ``url``; the result must be one of this
+    aggregator's stores (its schema revision is checked). Returns None, or the older schema
+    revision of the store restored (a backup taken before an upgrade): restored all the same,
+    for `secagg aggregator migrate`."""
     import shutil
 
     url = normalize_url(url)
@@ -838,7 +849,7 @@ def restore(backup_file: Path, url: str) -> None:
                              "there: they may hold committed data, and SQLite would replay "
                              "them onto the restored store): move them away first")
         partial = _partial(path, "restoring")
-        older: StoreError | None = None
+        older: str | None = None
         try:
             _create_private(partial)
             shutil.copyfile(backup_file, partial)
@@ -849,16 +860,15 @@ def restore(backup_file: Path, url: str) -> None:
                       str(backup_file))
             try:
                 Store(str(partial), create=False).close()  # one this aggregator understands
-            except StoreError as e:
-                if "migrate" not in str(e):
-                    raise
-                older = e  # an older store is restored all the same, for `aggregator migrate`
+            except StoreOutdated as e:
+                older = e.revision  # restored all the same, for `aggregator migrate`
             _publish(partial, path)
         finally:
             _remove_sqlite_files(partial)
-        if older is not None:
-            raise older
-        return
+        # (an older store restored was exit status 2 and "needs migrate", as if it had not
+        # been, and the retry was refused: the store existed)
+        # defence: store.older-restore-is-a-restore
+        return older
     elif url.startswith("postgresql"):
         engine = _engine(url)
         try:
@@ -877,7 +887,11 @@ def restore(backup_file: Path, url: str) -> None:
         _pg_tool("pg_restore", url, "--no-owner", "--single-transaction", str(backup_file))
     else:
         raise StoreError(f"no restore for stores of kind {url.split(':', 1)[0]}")
-    Store(url, create=False).close()  # the restored store is one this aggregator understands
+    try:
+        Store(url, create=False).close()  # the restored store is one this aggregator understands
+    except StoreOutdated as e:
+        return e.revision
+    return None
 
 
 class Store:
@@ -940,9 +954,12 @@ class Store:
             migrate(self.url)
             return
         if current != head:
-            raise StoreError(f"the store is at schema revision {current}; this aggregator "
-                             f"needs {head}: back it up, then run `secagg aggregator migrate "
-                             f"--store URL` (a revision it does not know is refused there too)")
+            message = (f"the store is at schema revision {current}; this aggregator needs "
+                       f"{head}: back it up, then run `secagg aggregator migrate --store URL` "
+                       "(a revision it does not know is refused there too)")
+            if current in known_revisions():
+                raise StoreOutdated(message, current)
+            raise StoreError(message)
 
     def ping(self, timeout: float = 1.0, *, write: bool = False) -> None:
         """Read the schema revision within ``timeout`` seconds, or StoreError. A PostgreSQL

@@ -121,6 +121,39 @@ def test_a_store_of_the_first_schema_migrates_and_is_bound_to_the_first_job(
         store.close()
 
 
+def test_a_backup_taken_before_an_upgrade_is_restored_and_sent_to_migrate(
+        store_url: str, tmp_path: Path, postgres_or_sqlite_target: str) -> None:
+    """The README's upgrade: back up, then migrate. Gone wrong, the operator restores the
+    backup with the new aggregator installed: the restore wrote the store, then said
+    "the store is at schema revision 0001 ..." with status 2, and a retry was refused (the
+    store existed). It is a restore: status 0, and the way on (migrate) is said."""
+    from alembic import command
+
+    from aggregator.store import _alembic_config
+
+    engine = _engine(store_url)
+    try:
+        with engine.begin() as c:
+            command.upgrade(_alembic_config(c), "0001")
+            c.execute(sa.text("INSERT INTO models VALUES (:d, '[]', :b)"),
+                      {"d": b"m" * 32, "b": '{"chunks": [], "size": 0}'})
+    finally:
+        engine.dispose()
+    out = tmp_path / "before-upgrade.bak"
+    backup(store_url, out)
+    proc = subprocess.run([sys.executable, "-m", "secagg.cli", "aggregator", "restore",
+                           "--backup", str(out), "--store", postgres_or_sqlite_target],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "revision 0001" in proc.stdout and "aggregator migrate --store" in proc.stdout
+    assert migrate(postgres_or_sqlite_target) == ("0001", head_revision())
+    store = Store(postgres_or_sqlite_target, create=False)
+    try:
+        assert store.load_model(b"m" * 32) is not None  # all of it
+    finally:
+        store.close()
+
+
 def test_backup_while_open_and_restore_into_a_new_store(store_url: str, tmp_path: Path,
                                                         postgres_or_sqlite_target: str) -> None:
     store = Store(store_url)
@@ -136,7 +169,7 @@ def test_backup_while_open_and_restore_into_a_new_store(store_url: str, tmp_path
     if normalize_url(store_url).split(":")[0] != normalize_url(
             postgres_or_sqlite_target).split(":")[0]:
         pytest.skip("a backup restores into a store of its own kind")
-    restore(out, postgres_or_sqlite_target)
+    assert restore(out, postgres_or_sqlite_target) is None  # (at this aggregator's revision)
     restored = Store(postgres_or_sqlite_target, create=False)
     try:
         assert restored.get_chunk(b"\x07" * 32) == b"seven"
