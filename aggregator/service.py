@@ -1191,6 +1191,14 @@ async def serve(config_path: Path, *, store: str | None = None, listen: str | No
         _metrics.watch_engine(opened.engine)
         _metrics.watch_engine(opened.bulk)
         store_opened = opened
+        # a store that was empty, whatever its kind (a PostgreSQL database's name mistyped
+        # for an existing empty one began the job again with no word; SQLite's new file is
+        # said in the store line too)
+        # defence: service.new-store-said
+        if opened.created:
+            log.warning("the store was empty: the job starts at round 1 (if it ran before on "
+                        "another store, stop this aggregator and give that store)",
+                        extra={"event": "store_new", "reason": described(store_url)})
         metrics = _metrics
 
         def recovered() -> Job:

@@ -922,6 +922,7 @@ class Store:
         self._lease: Connection | None = None
         self._lease_pid: int | None = None  # (the PostgreSQL backend holding the lease)
         self._lease_fd: int | None = None
+        self.created = False  # (the store was empty: this aggregator gave it its schema)
         self._last_chunk_write = 0.0
         self._last_truncate = time.monotonic()
         try:
@@ -952,6 +953,7 @@ class Store:
             if not create:
                 raise StoreError("the store is empty")
             migrate(self.url)
+            self.created = True
             return
         if current != head:
             message = (f"the store is at schema revision {current}; this aggregator needs "

@@ -1262,3 +1262,24 @@ def test_the_aggregator_names_its_store_and_whether_it_is_new(tmp_path: Path) ->
     said = [e["reason"] for e in agg.read() if e.get("event") == "store"]
     where = str((tmp_path / "agg.db").resolve())
     assert said == [f"{where} (new: the job starts at round 1)", where], said
+
+
+def test_an_empty_store_of_either_kind_is_said_to_begin_the_job(store_url: str,
+                                                                tmp_path: Path) -> None:
+    """A PostgreSQL URL naming an existing, empty database (a name mistyped for the job's)
+    began the job again at round 1 and said only the URL (SQLite said `new` for a new
+    file). A store the aggregator gave its schema to is said as such, a warning, once."""
+    from tests.service_kit import Aggregator, make_federation
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    agg = Aggregator(fed, store_url, tmp_path / "agg.log")
+    try:
+        for _ in range(2):
+            agg.start()
+            agg.wait_for(lambda e: e.get("event") == "serving")
+            assert agg.stop() == 0
+    finally:
+        agg.stop()
+    events = [e for e in agg.read() if e.get("event") in ("store_new", "serving")]
+    assert [(e["event"], e["level"]) for e in events] == [
+        ("store_new", "warning"), ("serving", "info"), ("serving", "info")], events
