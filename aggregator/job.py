@@ -832,7 +832,19 @@ class Job:
             data = self._read(wire.Blob.from_proto(ref_r.average), size=8 * view.model.size)
             released = wire.release_from_ref(ref_r, data, round_id=view.round_id,
                                              length=view.model.size)
-            new = self._next_model(view, released.average)  # refused now, not at the close
+            # refused now, not at the close (signed: an average no model holds is refused)
+            try:
+                new: FlatModel | None = self._next_model(view, released.average)
+            except ServiceError:
+                # unsigned, it is the key holder's word that the sum is out of range (its SDK
+                # makes this check too, and signs no model it cannot hold): taken, for the
+                # close to abort the round as out of range at once. Refused, it left the
+                # round to wait out the release deadline and abort as TOO_FEW_SURVIVORS
+                # (one site's integer buffer pushed past its dtype; an outside tester)
+                # defence: job.unsigned-release-no-model-holds-taken
+                if ref_r.result_signature or ref_r.sites_signature:
+                    raise
+                new = None
             # the key holder signs the model its release makes; the aggregator publishes that
             # signature beside the result, so every site can check the result with the roster
             # alone (a release this aggregator would apply otherwise is refused now: the same
@@ -846,7 +858,7 @@ class Job:
             except ProtocolAbort:
                 signed = False
             else:
-                signed = True
+                signed = new is not None
             # an unsigned release carries no signature (a 6 MiB one rode along, unchecked,
             # and was recorded for good); a signed one's is verified below
             # defence: service.release-unsigned-carries-no-signature
@@ -855,7 +867,7 @@ class Job:
                                                      "unsigned: it carries no signature")
             # defence: service.release-signs-the-result
             try:
-                if signed:
+                if signed and new is not None:
                     wire.verify_result(self.roster[site], ref_r.result_signature,
                                        round_id=view.round_id, model_digest=view.model.digest,
                                        result_digest=new.digest)
@@ -875,7 +887,7 @@ class Job:
             # the other sites then report no survivors; it is their check, not this one, that
             # a lying aggregator must pass)
             try:
-                if signed and ref_r.sites_signature:
+                if signed and new is not None and ref_r.sites_signature:
                     wire.verify_sites(self.roster[site], ref_r.sites_signature,
                                       round_id=view.round_id, result_digest=new.digest,
                                       sites=released.sites)

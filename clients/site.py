@@ -1026,7 +1026,9 @@ class Site:
             _log.warning("round %s: this key holder does not sign the round's result: %s",
                          round_id, e)
         except (ValueError, ConfigurationError):
-            pass
+            _log.warning("round %s: this key holder does not sign the round's result: the "
+                         "average takes a value out of its tensor's range (a site's update "
+                         "past its limits: the round aborts as out of range)", round_id)
         return None
 
     def _result_of(self, model: FlatModel, average: np.ndarray) -> FlatModel:

@@ -1,6 +1,8 @@
 """Adversary: the round's CKKS key holder, which releases an average no honest round could
 produce: finite, but beyond what its tensor can hold (1e39 for a float32 weight). The
-aggregator must refuse it as the release arrives (nothing recorded), never publish a model the
+aggregator must refuse it as the release arrives if it is signed (nothing recorded), abort
+the round at once as out of range if it is not (the key holder's SDK signs no model its
+tensors cannot hold: its word that the sum is out of range), never publish a model the
 sites cannot hold, never answer UNKNOWN, and go on with the job: before, the overflow was
 raised while closing the stage, the job failed over and over on recovery, and a restart on the
 same store exited.
@@ -22,7 +24,9 @@ from tests.service_kit import make_federation, run_sites, start_aggregator
 
 
 @pytest.mark.parametrize(("lie", "refusal"), [
-    (["--inflate-release", "1:1e39"], "range"),
+    # (unsigned, as the key holder's SDK signs no model its tensors cannot hold: taken as
+    # its word that the sum is out of range, and the round aborts at once)
+    (["--inflate-release", "1:1e39"], "AGGREGATE_OUT_OF_RANGE"),
     (["--repeat-release-site", "1:0"], "other sites"),  # the published survivors
 ])
 def test_a_release_no_honest_round_makes_is_refused_and_the_job_goes_on(
@@ -190,6 +194,50 @@ def test_an_unsigned_release_carrying_a_signature_is_refused_and_not_recorded(
             job.submit(holder, service_pb2.SubmitRequest(round_id=r.round_id,
                                                          ckks_release=release))
         assert r.store.event_payload(1, "message", stage, holder) is None
+    finally:
+        r.store.close()
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_a_release_that_makes_no_model_aborts_the_round_at_once_unless_signed(
+        tmp_path: Path, signed: bool) -> None:
+    """A release within the L2 check whose average takes a value out of its tensor's range
+    (one site pushed an integer buffer past its dtype: no learned value moved). The key
+    holder's SDK signs no model it cannot hold, so it came unsigned, and the aggregator
+    refused it: the round waited out the release deadline (600 s) and aborted as
+    TOO_FEW_SURVIVORS, and the key holder's submit raised AggregatorRefused (an outside
+    tester). Unsigned, it is taken as the key holder's word and the round aborts at once,
+    AGGREGATE_OUT_OF_RANGE; signed, it is a lie refused as it arrives, nothing recorded."""
+    import numpy as np
+
+    from aggregator.job import ServiceError
+    from secagg import wire
+    from secagg.v1 import service_pb2
+
+    r = _AtRelease(tmp_path)
+    job, holder = r.job, r.holder
+    try:
+        active = job.active
+        assert active is not None
+        values = np.zeros(active.view.model.size)
+        values[0] = 1e39  # (finite, and past any float32 or integer tensor)
+        average = values.astype("<f8").tobytes()
+        release = service_pb2.ReleasedAverageRef(
+            average=wire.Blob((r.put(average, holder),), len(average)).to_proto(),
+            weight_sum=1.5, sites=sorted(active.ckks_uploads), grid=2.0**-20,
+            result_signature=b"\1" * 64 if signed else b"")
+        stage = active.view.stage
+        request = service_pb2.SubmitRequest(round_id=r.round_id, ckks_release=release)
+        if signed:
+            with pytest.raises(ServiceError, match="out of its tensors' range"):
+                job.submit(holder, request)
+            assert r.store.event_payload(1, "message", stage, holder) is None
+            assert job.rounds[1].status == service_pb2.ROUND_STATUS_RUNNING
+            return
+        assert job.submit(holder, request) is False
+        view = job.rounds[1]
+        assert view.status == service_pb2.ROUND_STATUS_ABORTED
+        assert view.abort_reason == "AGGREGATE_OUT_OF_RANGE" and view.result is None
     finally:
         r.store.close()
 
