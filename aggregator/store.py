@@ -164,6 +164,22 @@ _KNOWN_CAUSES = (
     (("unable to open database file",), "SQLite cannot open the file (its directory is "
                                         "missing or not writable)"),
     (("no password supplied",), "no password was given (set PGPASSWORD, or a .pgpass file)"),
+    # (a PostgreSQL set-up or URL the operator mends: each was "unreachable: OperationalError"
+    # or "ProgrammingError", retried every few seconds for good; an outside operator)
+    (("invalid connection option",), "the URL names a connection option libpq does not know "
+                                     "(a misspelt one?)"),
+    (("invalid sslmode value",), "the URL's sslmode is not one libpq knows (disable, allow, "
+                                 "prefer, require, verify-ca or verify-full)"),
+    (("server does not support SSL",), "the database server does not support SSL, which the "
+                                       "URL's sslmode requires"),
+    (("permission denied for database",), "the role may not connect to the database (GRANT "
+                                          "CONNECT ON DATABASE to it)"),
+    (("no pg_hba.conf entry",), "the database server's pg_hba.conf admits no connection of "
+                                "this role to this database from this host"),
+    (("permission denied for schema",), "the role may not create the store's tables (make it "
+                                        "the database's owner, or GRANT CREATE ON SCHEMA "
+                                        "public to it)"),
+    (("role \"", "does not exist"), "the role does not exist"),
     *_WRITE_CAUSES,
     (("database or disk is full",), DISK_FULL),
 )
@@ -571,11 +587,16 @@ def migrate(url: str) -> tuple[str | None, str]:
                 # driver's message may quote values)
                 cause = getattr(e, "orig", None) or e
                 code = getattr(cause, "sqlstate", None)
+                # (a cause the operator mends, named: a role without CREATE on a new
+                # database was sent to restore a backup)
+                # defence: store.migrate-failure-cause-named
+                hint = _known_cause(e) if isinstance(e, sa.exc.SQLAlchemyError) else None
                 raise StoreError(f"store {redacted(url)}: upgrading its schema from revision "
                                  f"{before or '(empty)'} failed ({type(cause).__name__}"
                                  f"{f', SQLSTATE {code}' if code else ''}); nothing was "
-                                 "changed (the upgrade is one transaction): restore a "
-                                 "backup, or check the store's alembic_version row") from None
+                                 "changed (the upgrade is one transaction): " + (
+                                     hint or "restore a backup, or check the store's "
+                                     "alembic_version row")) from None
             return before, head_revision()
     except sa.exc.SQLAlchemyError as e:
         hint = _known_cause(e)

@@ -1073,6 +1073,62 @@ def test_a_store_that_is_not_a_database_is_named_so_not_unreachable(
     assert not isinstance(refused.value, StoreUnreachable)
 
 
+@pytest.mark.parametrize(("query", "said"), [
+    pytest.param("connect_timout=5", "a connection option libpq does not know", id="option"),
+    pytest.param("sslmode=bogus", "sslmode is not one libpq knows", id="sslmode")])
+def test_a_postgresql_url_mistake_is_named_and_refused_not_waited_for(
+        postgres_url: str, query: str, said: str) -> None:
+    """A misspelt connection option or sslmode was "unreachable: ProgrammingError" (or
+    OperationalError), retried every few seconds for good, NOT_SERVING, with the cause
+    never said (an outside operator). Named, and refused at once."""
+    url = postgres_url + ("&" if "?" in postgres_url else "?") + query
+    with pytest.raises(StoreError, match=said) as refused:
+        Store(url)
+    assert not isinstance(refused.value, StoreUnreachable)
+
+
+@pytest.mark.parametrize(("driver_says", "said"), [
+    ("connection to server failed: server does not support SSL, but SSL was required",
+     "does not support SSL"),
+    ('FATAL:  permission denied for database "x"', "may not connect to the database"),
+    ('FATAL:  no pg_hba.conf entry for host "1.2.3.4", user "u", database "d"',
+     "pg_hba.conf admits no connection"),
+    ("permission denied for schema public", "GRANT CREATE ON SCHEMA public"),
+    ('FATAL:  role "u" does not exist', "the role does not exist")])
+def test_postgresql_set_up_mistakes_are_named_in_our_words(driver_says: str,
+                                                          said: str) -> None:
+    """What PostgreSQL's set-up refuses (pg_hba.conf, CONNECT, CREATE on a new database's
+    schema: PostgreSQL 15 grants it to the owner alone) is named, never quoted."""
+    from aggregator.store import _known_cause
+
+    class Driver(Exception):
+        pass
+
+    error = sa.exc.OperationalError("SELECT 1", {}, Driver(driver_says))
+    cause = _known_cause(error)
+    assert cause is not None and said in cause and driver_says not in cause
+
+
+def test_a_schema_upgrade_refused_for_a_cause_the_operator_mends_names_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new PostgreSQL 15 database owned by another role: the store's role may connect but
+    not create tables, and its first start was "upgrading its schema ... failed
+    (InsufficientPrivilege) ...: restore a backup", advice for a broken upgrade."""
+    from alembic import command
+
+    class Driver(Exception):
+        pass
+
+    def refused(*_a: object, **_k: object) -> None:
+        raise sa.exc.ProgrammingError("CREATE TABLE", {}, Driver(
+            "permission denied for schema public"))
+
+    monkeypatch.setattr(command, "upgrade", refused)
+    with pytest.raises(StoreError, match="GRANT CREATE ON SCHEMA public") as e:
+        migrate(str(tmp_path / "new.db"))
+    assert "restore a backup" not in str(e.value)
+
+
 def test_a_second_aggregator_on_the_same_port_does_not_share_it(tmp_path: Path) -> None:
     """gRPC shares a port between processes by default (SO_REUSEPORT): a standby started
     with the same config answered "unavailable" to the sites whose connections landed on
