@@ -47,13 +47,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from aggregator.store import migrate, redacted, sqlite_path
+    from aggregator.store import migrate, not_served, redacted, sqlite_path
 
     _warn_secret(args.store)
 
     path = sqlite_path(args.store)
     new = path is not None and not path.exists()
-    before, after = migrate(args.store)
+    with not_served(args.store):
+        before, after = migrate(args.store)
     if new:  # (a mistyped path made a new store, and said only "(empty) -> 0002")
         print(f"created a new store {path} (there was none): schema revision {after}")
     # defence: cli.store-output-redacted

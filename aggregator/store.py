@@ -549,6 +549,60 @@ def _transactional_ddl(engine: Engine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+@contextlib.contextmanager
+def not_served(url: str) -> Iterator[None]:
+    """Holds the store's serving lease (Store.take_lease) while an operator's command changes
+    it: StoreError if an aggregator serves it. `migrate` upgraded the schema of a store an
+    aggregator was serving, which then ran on a store it does not understand (an operator's
+    test; that step only added a table)."""
+    url = normalize_url(url)
+    busy = (f"an aggregator is serving the store {redacted(url)}: stop it (and its standby) "
+            "first")
+    if url.startswith("sqlite"):
+        import fcntl
+
+        path = _sqlite_file(url)
+        if path is None or not path.exists():
+            yield  # (a new store: nothing serves it)
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise StoreError(f"cannot lock the store {path}: {e.strerror}") from None
+        try:
+            try:
+                # defence: store.maintenance-waits-for-no-aggregator
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreError(busy) from None
+            yield
+        finally:
+            os.close(fd)
+        return
+    engine = _engine(url)
+    try:
+        try:
+            conn = engine.connect()
+            held = conn.execute(sa.text("SELECT pg_try_advisory_lock(:key)"),
+                                {"key": _LEASE_KEY}).scalar()
+            conn.commit()
+        except sa.exc.SQLAlchemyError as e:
+            hint = _known_cause(e)
+            if hint is not None:
+                raise StoreError(f"store {redacted(url)} cannot be opened: {hint}") from None
+            raise StoreUnreachable(f"store {redacted(url)} is unreachable: "
+                                   f"{_unreachable(e)}") from None
+        try:
+            # defence: store.maintenance-waits-for-no-aggregator-postgresql
+            if not held:
+                raise StoreError(busy)
+            yield
+        finally:
+            conn.close()  # (its session ends, and the lock with it)
+    finally:
+        engine.dispose()
+
+
 def migrate(url: str) -> tuple[str | None, str]:
     """Bring the store at ``url`` to this aggregator's schema: (revision before, after).
     Refuses a store with tables that are not ours, or at a revision this aggregator does not

@@ -1339,3 +1339,29 @@ def test_an_empty_store_of_either_kind_is_said_to_begin_the_job(store_url: str,
     events = [e for e in agg.read() if e.get("event") in ("store_new", "serving")]
     assert [(e["event"], e["level"]) for e in events] == [
         ("store_new", "warning"), ("serving", "info"), ("serving", "info")], events
+
+
+def test_migrate_refuses_a_store_an_aggregator_serves(store_url: str, tmp_path: Path) -> None:
+    """`migrate` upgraded the schema of a store an aggregator was serving (it exited 0, and
+    the aggregator ran on, on a store it does not understand): refused while one serves,
+    in one line; once it has stopped, the store migrates."""
+    from tests.service_kit import Aggregator, make_federation
+
+    def cli() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "secagg.cli", "aggregator", "migrate",
+                               "--store", store_url], capture_output=True, text=True,
+                              timeout=120)
+
+    fed = make_federation(tmp_path, 3, "masking", rounds=1)
+    agg = Aggregator(fed, store_url, tmp_path / "agg.log")
+    try:
+        agg.start()
+        agg.wait_for(lambda e: e.get("event") == "serving")
+        proc = cli()
+        assert proc.returncode == 2, proc
+        assert "an aggregator is serving the store" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    finally:
+        agg.stop()
+    proc = cli()
+    assert proc.returncode == 0 and "nothing to do" in proc.stdout, proc
