@@ -92,11 +92,8 @@ def test_an_empty_store_is_created_only_when_asked(store_url: str) -> None:
     Store(store_url, create=False).close()
 
 
-def test_a_store_of_the_first_schema_migrates_and_is_bound_to_the_first_job(
-        store_url: str) -> None:
-    """0001 stores hold no job binding: `migrate` adds the table with its data kept, and
-    the first aggregator to run on the store binds it; another federation's is then refused
-    by the job (tests/e2e/test_job_start.py)."""
+def _a_store_of_the_first_schema(store_url: str) -> None:
+    """``store_url`` made a store at schema revision 0001, holding one model (b"m" * 32)."""
     from alembic import command
 
     from aggregator.store import _alembic_config
@@ -109,6 +106,14 @@ def test_a_store_of_the_first_schema_migrates_and_is_bound_to_the_first_job(
                       {"d": b"m" * 32, "b": '{"chunks": [], "size": 0}'})
     finally:
         engine.dispose()
+
+
+def test_a_store_of_the_first_schema_migrates_and_is_bound_to_the_first_job(
+        store_url: str) -> None:
+    """0001 stores hold no job binding: `migrate` adds the table with its data kept, and
+    the first aggregator to run on the store binds it; another federation's is then refused
+    by the job (tests/e2e/test_job_start.py)."""
+    _a_store_of_the_first_schema(store_url)
     with pytest.raises(StoreError, match="needs " + head_revision()):
         Store(store_url)
     assert migrate(store_url) == ("0001", head_revision())
@@ -127,18 +132,7 @@ def test_a_backup_taken_before_an_upgrade_is_restored_and_sent_to_migrate(
     backup with the new aggregator installed: the restore wrote the store, then said
     "the store is at schema revision 0001 ..." with status 2, and a retry was refused (the
     store existed). It is a restore: status 0, and the way on (migrate) is said."""
-    from alembic import command
-
-    from aggregator.store import _alembic_config
-
-    engine = _engine(store_url)
-    try:
-        with engine.begin() as c:
-            command.upgrade(_alembic_config(c), "0001")
-            c.execute(sa.text("INSERT INTO models VALUES (:d, '[]', :b)"),
-                      {"d": b"m" * 32, "b": '{"chunks": [], "size": 0}'})
-    finally:
-        engine.dispose()
+    _a_store_of_the_first_schema(store_url)
     out = tmp_path / "before-upgrade.bak"
     backup(store_url, out)
     proc = subprocess.run([sys.executable, "-m", "secagg.cli", "aggregator", "restore",
