@@ -36,7 +36,14 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from clients import tensors
-from clients.errors import AggregatorRefused, AnswerRefused, ModelMismatch, RoundAborted, SiteError
+from clients.errors import (
+    AggregatorRefused,
+    AggregatorUnavailable,
+    AnswerRefused,
+    ModelMismatch,
+    RoundAborted,
+    SiteError,
+)
 from clients.history import (
     AnotherKeyKept,
     DirectoryClaim,
@@ -1307,6 +1314,14 @@ class Round:
                         "round: a stage's [deadlines] passed, the round ended, or the stage was "
                         "answered already)")
                     raise RoundAborted(self.round_id, why, code=e.code) from None
+                # a message refused as invalid after the aggregator restarted with a new
+                # roster (`federation remove-site`): "invalid signature" out of the script,
+                # where a join names the roster (an outside operator)
+                # defence: sdk.mid-round-roster-change-named
+                if e.code == "INVALID_ARGUMENT":
+                    changed = self._roster_changed()
+                    if changed is not None:
+                        raise RoundAborted(self.round_id, changed, code=e.code) from None
                 raise
             # (WorkersFailed: this site's own set-up, named as such, not the aggregator's doing)
             except (SiteError, WorkersFailed):
@@ -1341,6 +1356,22 @@ class Round:
                 "another against the same model; the round's result, which the next round "
                 "starts from, is held)"))
         return tensors.as_tensors(self.result.to_arrays(), kind)
+
+    def _roster_changed(self) -> str | None:
+        """What to say if the aggregator's roster is no longer this site's (asked once; None
+        if it is, or if the aggregator cannot tell now)."""
+        try:
+            info = self._info()
+        except (AggregatorRefused, AggregatorUnavailable):
+            return None
+        theirs = bytes(info.roster_digest)
+        roster = self._site.kit.roster
+        if not theirs or theirs == roster.digest:
+            return None
+        return (f"the aggregator refused this site's message, and its roster (version "
+                f"{int(info.roster_version)}) is no longer this site's (version "
+                f"{roster.version}): copy the federation's current roster.bin into this "
+                "site's directory and start the site again")
 
     def _survivors(self, info: service_pb2.RoundInfo) -> tuple[int, ...]:
         """The round's survivors: the ones this site signed or released, where it has them

@@ -87,6 +87,30 @@ def test_a_site_whose_roster_is_older_than_the_aggregators_is_told_so_by_the_rou
                    if e.get("event") == "message_counted")
 
 
+def test_a_site_whose_roster_changed_mid_round_is_told_so(tmp_path: Path) -> None:
+    """Site 1 joined round 1; the operator removed site 4 and restarted the aggregator with
+    the new roster, as the README says. Site 1's message was refused "invalid signature",
+    an AggregatorRefused out of the training script, naming no roster (an outside
+    operator). It is a RoundAborted naming both roster versions and what to do."""
+    from clients.errors import RoundAborted
+    from secagg.federation.kit import remove_site
+
+    fed = make_federation(tmp_path, 4, "masking", rounds=1)
+    agg = start_aggregator(fed, tmp_path)
+    try:
+        with Site.connect(fed.site_dir(1), tensors="numpy", retry_seconds=60) as site:
+            rnd = next(site.rounds())
+            state = {name: np.asarray(value) for name, value in rnd.global_model.items()}
+            agg.stop()
+            remove_site(fed.directory, 4)
+            agg.start()
+            with pytest.raises(RoundAborted, match=r"its roster \(version 2\) is no longer "
+                                                   r"this site's \(version 1\).*roster\.bin"):
+                rnd.submit(state, weight=10)
+    finally:
+        agg.stop()
+
+
 def test_a_site_whose_config_pins_no_first_model_refuses_to_connect(tmp_path: Path) -> None:
     """A federation made without --model pinned no first model in the sites' configs: the
     operator then named a model in the aggregator's config only, and every site trained
