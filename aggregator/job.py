@@ -62,6 +62,7 @@ from secagg.roster import Roster
 from secagg.v1 import service_pb2
 
 DROPOUTS_NAMED = 32  # sites a stage's close names as dropped out, one line each; then a count
+PRESENCE_SECONDS = 60.0  # a site counts toward a waiting round this long after it last asked
 MODEL_PROTOS_KEPT = 4  # wire forms of models kept for GetRound answers (Job._model_proto)
 SERVED_CHUNK_BYTES = 1 << 20  # what the aggregator writes for sites to download (Job)
 
@@ -178,10 +179,10 @@ class _Active:
                         bytes] | None = None
     ckks_refused: bool = False  # the key holder refused the sum as out of range (signed)
     stage_started: float = 0.0  # the job's clock when the current stage began
-    # until as many sites as the round needs have asked about it (Job._seen), its opening
-    # stages' deadlines do not run: a round no one can finish yet waits for its sites
+    # until as many sites as the round needs are asking for it (Job._seen), its deadlines do
+    # not run: a round no one can finish yet waits for its sites
     waiting: bool = True
-    present: set[int] = field(default_factory=set)  # sites that asked, while it waited
+    asked: dict[int, float] = field(default_factory=dict)  # site -> when it last asked
     claims: list[bytes] = field(default_factory=list)  # chunks the message being applied read
     refused: dict[tuple[int, int], int] = field(default_factory=dict)  # (stage, site) -> count
 
@@ -201,7 +202,7 @@ class Job:
                                      "sites of the roster")
         check_job(config, roster, initial_model)
         # the sites a round needs to end otherwise than aborted (masking: its least
-        # participants; CKKS: min_sites); its opening stages wait for that many (_seen)
+        # participants; CKKS: min_sites); a round waits for that many (_seen)
         self._least_sites = (config.check_fits_roster(roster).minimum_participants
                              if config.protocol == "masking"
                              else config.check_ckks_roster(len(roster)))
@@ -372,6 +373,10 @@ class Job:
                 self._apply(active, event.site, request, replay=True)
             elif event.kind == "close" and event.stage == view.stage and event.site == 0:
                 self._close(active, replay=True)
+            # defence: job.under-way-replayed
+            elif (event.kind == "under_way" and event.stage == view.stage and event.site == 0
+                  and active.waiting):
+                self._under_way(active, record=False, tell=False)
             else:
                 raise ServiceError(UNAVAILABLE, "the store's events do not replay: an event "
                                                 f"of round {view.number} ({event.kind!r}, "
@@ -420,26 +425,58 @@ class Job:
         return _Active(view, None, now + self.config.deadlines.open, {view.ckks_key_holder},
                        readable=readable, stage_started=now)
 
-    def _seen(self, site: int, round_id: str) -> None:
-        """``site`` asked about round ``round_id`` (was told of it, or sent or waited for one
-        of its messages). A round's opening stages (masking: its keys; CKKS: its key and
-        uploads) wait, their deadlines not running, until as many sites as the round needs
-        have: an aggregator started before its sites came online aborted round after round
-        for want of them, and ended the job with none trained (an outside tester). Waiting
-        loses nothing: no round of fewer sites can finish; one site can start the clock, as
-        any site's message could before, never stop it."""
-        active = self.active
-        if active is None or not active.waiting or active.view.round_id != round_id:
-            return
-        active.present.add(site)
+    def _seen(self, site: int, active: _Active) -> None:
+        """``site`` asks for ``active``, which waits for its sites. A round's deadlines do not
+        run until as many sites as it needs are asking for it (for the round, or for one of
+        its stages' answers; each within PRESENCE_SECONDS: a site that asked once and went
+        away is not counted for good); then it is under way, its open deadline from that
+        moment. An aggregator started before its sites came online aborted round after round
+        for want of them and ended the job with none trained (an outside tester, as an
+        operator). Waiting loses nothing (no round of fewer sites can finish). No site can
+        hold a round by it; one can only start a round's clock, as its message always
+        could."""
+        now = self._clock()
+        active.asked[site] = now
+        # defence: job.presence-expires
+        for gone in [s for s, at in active.asked.items() if now - at > PRESENCE_SECONDS]:
+            del active.asked[gone]
         # defence: job.round-waits-for-its-sites
-        if len(active.present) >= self._least_sites:
-            active.waiting = False
-            active.present = set()
-            active.deadline = self._clock() + self.config.deadlines.open
+        if len(active.asked) >= self._least_sites and self._graph_holds(active):
+            self._under_way(active)
+
+    @staticmethod
+    def _graph_holds(active: _Active) -> bool:
+        """Whether the sites asking make a key directory every one of them takes: SecAgg+
+        lets each site's neighbourhood miss at most ``max_missing_per_side`` on a side, and a
+        round under way with 4 of 6 sites (its threshold and quorum met) was refused by every
+        one of them, TOO_MANY_MISSING_NEIGHBOURS, round after round (an outside tester)."""
+        config = getattr(active.role, "config", None)
+        limit = getattr(config, "max_missing_per_side", None)
+        if config is None or limit is None:
+            return True  # (the complete graph; CKKS)
+        # defence: job.waits-for-a-graph-its-sites-take
+        return bool(config.worst_missing_window(frozenset(active.asked))[1] <= limit)
+
+    def _under_way(self, active: _Active, *, record: bool = True, tell: bool = True) -> None:
+        """The round stops waiting: recorded (a restart does not make a round under way wait
+        again: its sites, some past it, would not all ask for it again; ``record`` False where
+        a message's event records it, or in a replay), and told (``tell``: not in a replay)."""
+        # defence: job.under-way-recorded
+        if record:
+            with self.store.transaction() as conn:
+                self.store.record_event(conn, Event(active.view.number, "under_way",
+                                                    active.view.stage, 0, b""))
+        active.waiting = False
+        active.asked = {}
+        now = self._clock()
+        active.deadline = now + self.config.deadlines.open
+        active.stage_started = now  # (the stage's duration is not the wait's)
+        self.metrics.round_waiting(False)
+        if tell:
             log.info("round under way", extra={
-                "event": "round_under_way", "round_id": round_id, "count": self._least_sites})
-            self.metrics.round_waiting(False)
+                "event": "round_under_way", "round_id": active.view.round_id,
+                "count": self._least_sites})
+            self._on_change()
 
     def _next_or_done(self, finished: int) -> None:
         self.active = None
@@ -462,7 +499,7 @@ class Job:
     @_fresh_only
     def round_info(self, after_round: int, site: int = 0) -> service_pb2.RoundInfo | None:
         """The first round after ``after_round``, or JOB_DONE, or None (not open yet), as
-        ``site`` (0: none) is told of it."""
+        ``site`` is told of it (0: not a site's question, which a waiting round answers too)."""
         numbers = sorted(n for n in self.rounds if n > after_round)
         if not numbers:
             if self.done:
@@ -470,9 +507,10 @@ class Job:
                                              total_rounds=self.config.rounds)
             return None
         view = self.rounds[numbers[0]]
-        if site:
-            # defence: job.told-sites-are-present
-            self._seen(site, view.round_id)
+        active = self.active
+        if site and active is not None and active.view is view and active.waiting:
+            # defence: job.asking-sites-are-present
+            self._seen(site, active)
         return self._info(view)
 
     @_fresh_only
@@ -627,9 +665,10 @@ class Job:
         active = self.active
         if active is None or active.view is not view:
             raise ServiceError(FAILED_PRECONDITION, "the round is not running")
-        # (a site that joined before a restart waits for its stage's answer: it asks too)
+        # (a site waiting for a stage's answer, its message sent, asks for the round too)
         # defence: job.waiting-sites-are-present
-        self._seen(site, round_id)
+        if active.waiting:
+            self._seen(site, active)
         messages = active.outgoing.get(stage)
         if messages is None:
             return service_pb2.ReceiveResponse(ready=False)
@@ -739,6 +778,13 @@ class Job:
             refusal = ServiceError(FAILED_PRECONDITION, str(e))
         else:
             active.answered.add(site)
+            # a message replayed puts the round under way: a store from before rounds waited
+            # holds no under_way event, and a round whose messages were counted before a
+            # restart has sites in it that may no longer ask for it (some past their
+            # patience), so it is not left waiting for them for good
+            # defence: job.a-replayed-message-puts-the-round-under-way
+            if active.waiting and replay:
+                self._under_way(active, record=False, tell=False)
             return
         # a message the job counted and recorded, refused when it is replayed: not the site's
         # doing (it is not on the call) but the store's, damaged or edited under the job
@@ -997,7 +1043,6 @@ class Job:
         active.view.stage = role.stage.value
         active.expected = set(role.participants)
         active.answered = set()
-        active.waiting = False  # (past its opening stage, a round's deadlines run)
         active.deadline = self._clock() + self.config.deadlines.stage
 
     def _close_ckks(self, active: _Active) -> None:
@@ -1032,7 +1077,6 @@ class Job:
             view.stage = CkksStage.RELEASE.value
             active.expected = {holder}
             active.answered = set()
-            active.waiting = False  # (past its opening stages, a round's deadlines run)
             active.deadline = self._clock() + self.config.deadlines.release
             return
         # defence: job.refusal-aborts-the-round

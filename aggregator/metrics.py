@@ -24,7 +24,7 @@ payload or anything derived from one. Each aggregator has its own registry (test
 - ``secagg_certificate_expiry_timestamp_seconds{certificate}``: when the aggregator's TLS
   certificate (``server``) and its federation's CA certificate (``ca``) end (alert on it)
 - ``secagg_round_waiting``: 1 while the running round waits for as many sites as it needs
-  to ask about it (its opening stages' deadlines do not run until they have)
+  to be asking for it (it is told to none, and its deadlines do not run, until they are)
 - ``secagg_job_done``: 1 once the job's last round has ended (``secagg_rounds_completed_total``
   says how many of them completed)
 

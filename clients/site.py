@@ -652,13 +652,18 @@ class Site:
                 # training script would run its "training finished" path with an early model
                 # defence: sdk.early-job-end-said
                 if self._held_round < self.config.rounds:
+                    # (what the model is, not which round's: the model a round n started
+                    # from was called "round n-1's result" when round n-1 had aborted, and
+                    # read as rounds trained; an outside tester)
+                    first = (self._held_round == 0
+                             or self._model_digest == self.config.initial_model_digest)
                     _log.warning(
-                        "the aggregator says job %s is over, but this site holds the model of "
-                        "round %d of its %d (%s): the rounds after it aborted, were not run, "
-                        "or ran without this site",
+                        "the aggregator says job %s is over after %d of its %d rounds for "
+                        "this site, which holds %s: the rounds after it aborted, were not "
+                        "run, or ran without this site",
                         self.config.job_id, self._held_round, self.config.rounds,
-                        "the job's first model" if self._held_round == 0
-                        else f"round {self._held_round}'s result")
+                        "the job's first model (no round's result)" if first
+                        else "the result of the last round it saw complete")
                 return None
             # nothing new yet; or a round this site already passed, running or finished (an
             # honest aggregator answers rounds after ``after_round`` only: a lying one

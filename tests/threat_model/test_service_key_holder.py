@@ -220,7 +220,11 @@ def test_a_release_that_makes_no_model_aborts_the_round_at_once_unless_signed(
         active = job.active
         assert active is not None
         values = np.zeros(active.view.model.size)
-        values[0] = 1e39  # (finite, and past any float32 or integer tensor)
+        # an integer counter past its dtype (finite; the L2 check leaves counters out, so
+        # only the model the average makes refuses it)
+        counters = np.flatnonzero(active.view.model.integer_positions)
+        assert counters.size
+        values[counters[0]] = 1e30
         average = values.astype("<f8").tobytes()
         release = service_pb2.ReleasedAverageRef(
             average=wire.Blob((r.put(average, holder),), len(average)).to_proto(),

@@ -1056,6 +1056,8 @@ def test_a_job_the_aggregator_ends_before_its_last_round_is_said(
     info, payloads = _model_info(1, "hospitals/job-1/round-1")
     site, conn = _site("masking", info, payloads)
     site._held_round = held
+    if held:
+        site._model_digest = b"\x05" * 32  # (a round's result)
     done = service_pb2.RoundInfo(status=service_pb2.ROUND_STATUS_JOB_DONE)
     conn.call = lambda method, request, **_kw: done  # type: ignore[method-assign]
     with caplog.at_level(logging.WARNING, logger="clients"):
@@ -1064,7 +1066,16 @@ def test_a_job_the_aggregator_ends_before_its_last_round_is_said(
     if held == 3:
         assert said == []
     else:
-        assert len(said) == 1 and f"round {held} of its 3" in said[0], said
+        assert len(said) == 1 and f"after {held} of its 3 rounds" in said[0], said
+        assert ("the job's first model" in said[0]) == (held == 0), said
+    if held == 1:
+        # the model round 2 starts from when round 1 aborted is still the first model: it
+        # was called "round 1's result" (an outside tester)
+        site._model_digest = site.config.initial_model_digest
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="clients"):
+            assert list(site.rounds()) == []
+        assert "the job's first model" in caplog.text
 
 
 def _take_round_1_result(site: Site, conn: Any, rnd: Any) -> tuple[Any, Any]:

@@ -1,10 +1,10 @@
-"""A round waits for its sites: its opening stages' deadlines run only once as many sites as
-it needs have asked about it. An aggregator started before its sites came online aborted
-round after round for want of them (TOO_FEW_SURVIVORS, one open deadline apart) and ended
-the job with none trained, saying "job done" (an outside tester, as an operator). Waiting
-loses nothing (no round of fewer sites can finish) and no site can hold a round by it: one
-site can only start the clock, as its message always could. (The job in-process, its clock
-the test's.)"""
+"""A round waits for its sites: it is told to no site, and its deadlines do not run, until
+as many sites as it needs are asking for it. An aggregator started before its sites came
+online aborted round after round for want of them (TOO_FEW_SURVIVORS, one open deadline
+apart) and ended the job with none trained, saying "job done" (an outside tester, as an
+operator). Waiting loses nothing (no round of fewer sites can finish) and no site can hold
+a round by it: one site can only start the clock, as its message always could. (The job
+in-process, its clock the test's.)"""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ from secagg.v1 import service_pb2
 from tests.service_kit import make_federation
 
 
-def _job(tmp_path: Path, protocol: str, rounds: int = 2) -> tuple[Job, Store, list[float]]:
-    fed = make_federation(tmp_path, 5, protocol, rounds=rounds)
+def _job(tmp_path: Path, protocol: str, rounds: int = 2, sites: int = 5,
+         **overrides: Any) -> tuple[Job, Store, list[float]]:
+    fed = make_federation(tmp_path, sites, protocol, rounds=rounds, **overrides)
     files = load_server_files(fed.aggregator_config)
     roster = load_roster(files.directory / ROSTER_FILE, files.config.trust_root)
     store = Store(str(tmp_path / "aggregator.db"))
@@ -54,14 +55,19 @@ def test_a_round_no_site_asked_about_outlasts_its_deadlines(
         # fewer sites than the round needs, asking again and again: it still waits
         for site in range(1, least):
             for _ in range(3):
-                job.round_info(0, site)
+                info = job.round_info(0, site)
+                assert info is not None and info.round == 1
         now[0] += 10 * job.config.deadlines.open
         job.tick()
         assert _status(job, 1) == service_pb2.ROUND_STATUS_RUNNING
-        # as many as it needs: its clock starts there, for the whole open deadline
+        # as many as it needs, each within PRESENCE_SECONDS: under way, and its clock starts
+        # there, for the whole open deadline
+        for site in range(1, least):
+            job.round_info(0, site)
+        assert job.active is not None and job.active.waiting
         asked_at = now[0]
         job.round_info(0, least)
-        assert job.active is not None
+        assert not job.active.waiting
         assert job.active.deadline == asked_at + job.config.deadlines.open
         now[0] = job.active.deadline - 1.0
         job.tick()
@@ -80,20 +86,115 @@ def test_a_round_no_site_asked_about_outlasts_its_deadlines(
         store.close()
 
 
+def test_a_site_that_asked_once_and_went_away_is_not_counted(tmp_path: Path) -> None:
+    """Sites that asked hours apart (the first gone since, its process stopped) made a
+    round under way that counted a site no longer there: only the sites asking within
+    PRESENCE_SECONDS count."""
+    from aggregator.job import PRESENCE_SECONDS
+
+    job, store, now = _job(tmp_path, "masking")
+    try:
+        least = job._least_sites
+        job.round_info(0, 1)
+        now[0] += PRESENCE_SECONDS + 1
+        for site in range(2, least + 1):
+            job.round_info(0, site)
+        assert job.active is not None and job.active.waiting  # (site 1 gone: one short)
+        job.round_info(0, least + 1)
+        assert not job.active.waiting
+    finally:
+        store.close()
+
+
+def test_a_round_under_way_stays_under_way_after_a_restart(tmp_path: Path) -> None:
+    """A round under way, then the aggregator restarts: it waited again from nothing, and
+    sites that had left it (their patience spent) never asked for it again, so it waited for
+    good where its deadline would have ended it (a reviewer). Under way is recorded; the
+    restarted round's deadlines run from the restart."""
+    job, store, now = _job(tmp_path, "masking")
+    try:
+        for site in range(1, job._least_sites + 1):
+            job.round_info(0, site)
+        assert job.active is not None and not job.active.waiting
+        store.close()
+        store = Store(str(tmp_path / "aggregator.db"))
+        again = Job(job.config, job.roster, store, job._initial, clock=lambda: now[0])
+        again.recover()
+        assert again.active is not None and not again.active.waiting
+        now[0] += 2 * again.config.deadlines.open
+        again.tick()
+        assert _status(again, 1) == service_pb2.ROUND_STATUS_ABORTED
+    finally:
+        store.close()
+
+
+def test_a_message_replayed_puts_the_round_under_way(tmp_path: Path) -> None:
+    """A site's message to a waiting round is counted and the round waits on (a site sends
+    its keys once trained: the round waits for the others); after a restart, a round with
+    messages counted is under way (a store from before rounds waited holds no under_way
+    event, and sites in the round, some past their patience, may not ask for it again)."""
+    import numpy as np
+
+    from secagg import wire
+    from secagg.federation.kit import SiteKit
+    from secagg.masking.client import MaskingClient
+
+    job, store, now = _job(tmp_path, "masking")
+    try:
+        active = job.active
+        assert active is not None and active.waiting
+        config = active.role.config
+        fed_dir = Path(job.config.initial_model).parent  # (the aggregator's directory)
+        kit = SiteKit.load(fed_dir.parent / "sites" / "site-1")
+        advert = MaskingClient(config, 1, kit.identity,
+                               (np.zeros(active.view.model.size), 0.5)).start()
+        assert job.submit(1, service_pb2.SubmitRequest(
+            round_id=active.view.round_id,
+            advertise_keys=wire.advertise_to_proto(advert))) is False
+        assert active.waiting
+        assert [e.kind for e in store.events(1)] == ["message"]
+        store.close()
+        store = Store(str(tmp_path / "aggregator.db"))
+        again = Job(job.config, job.roster, store, job._initial, clock=lambda: now[0])
+        again.recover()
+        assert again.active is not None and not again.active.waiting
+    finally:
+        store.close()
+
+
 def test_sites_waiting_for_a_stage_count_as_asking(tmp_path: Path) -> None:
-    """A site that joined before the aggregator restarted asks for its stage's answer, not
-    for the round: that is asking about the round too."""
+    """A site that sent its message waits for the stage's answer, not for the round: that
+    is asking for the round too."""
     from secagg.ckks import CkksStage
 
-    job, store, now = _job(tmp_path, "ckks")
+    job, store, _now = _job(tmp_path, "ckks")
     try:
         assert job.active is not None
         round_id = job.active.view.round_id
         for site in range(1, job._least_sites + 1):
             job.receive(site, round_id, CkksStage.KEY_ANNOUNCEMENT.value)
-        now[0] += 2 * job.config.deadlines.open
-        job.tick()
-        assert _status(job, 1) == service_pb2.ROUND_STATUS_ABORTED
+        assert not job.active.waiting
+    finally:
+        store.close()
+
+
+def test_a_secaggplus_round_waits_for_sites_whose_key_directory_each_takes(
+        tmp_path: Path) -> None:
+    """6 sites, 4 neighbours each (threshold 2, quorum 4): the round went under way with 4
+    sites asking, and every one of them refused the key directory (a neighbour missing on
+    a side, where none may be), round after round while sites 5 and 6 were late (an outside
+    tester). The sites asking must make a directory each of them takes."""
+    job, store, _now = _job(tmp_path, "masking", sites=6, neighbors=4)
+    try:
+        active = job.active
+        assert active is not None
+        config = active.role.config
+        assert config.max_missing_per_side == 0 and job._least_sites == 4
+        for site in (1, 2, 3, 4, 5):
+            job.round_info(0, site)
+        assert active.waiting
+        job.round_info(0, 6)  # (all six: every window whole)
+        assert not active.waiting
     finally:
         store.close()
 
