@@ -1024,6 +1024,15 @@ class Job:
                     log.warning("sites dropped out", extra={
                         "event": "site_dropped", "round_id": view.round_id, "stage": closing,
                         "count": len(dropped) - DROPOUTS_NAMED})
+        # a stage that closed because every site it expected answered, while the round still
+        # waited (sites asking more than PRESENCE_SECONDS apart), moved the round past its
+        # opening stages with its deadlines still not running: no later stage would ever
+        # end for a site that dropped. Past them, a round is under way.
+        # defence: job.past-the-opening-stages-under-way
+        if self.active is active and active.waiting and not _opening(active.view):
+            active.waiting = False
+            active.asked = {}
+            self.metrics.round_waiting(False)
         self._on_change()
 
     def _close_masking(self, active: _Active) -> None:
@@ -1401,6 +1410,14 @@ def _abort_reason(name: str) -> Any:
     from secagg.errors import AbortReason
 
     return AbortReason[name]
+
+
+def _opening(view: RoundView) -> bool:
+    """Whether the round is at a stage a round waits for its sites in: masking's keys,
+    CKKS's key and uploads (Job._seen)."""
+    if view.protocol == "masking":
+        return view.stage == Stage.ADVERTISE_KEYS.value
+    return view.stage in (CkksStage.KEY_ANNOUNCEMENT.value, CkksStage.UPLOAD.value)
 
 
 def _blob(ref: BlobRef) -> wire.Blob:

@@ -162,6 +162,39 @@ def test_a_message_replayed_puts_the_round_under_way(tmp_path: Path) -> None:
         store.close()
 
 
+def test_a_round_past_its_opening_stage_is_under_way(tmp_path: Path) -> None:
+    """Every site sent its keys while the round still waited (they asked more than
+    PRESENCE_SECONDS apart): the stage closed, every site in, and the round went on to its
+    shares with its deadlines still not running, so a site dropping there held it for good.
+    Past its opening stages a round is under way."""
+    import numpy as np
+
+    from secagg import wire
+    from secagg.federation.kit import SiteKit
+    from secagg.masking.client import MaskingClient
+    from secagg.masking.messages import Stage
+
+    job, store, now = _job(tmp_path, "masking")
+    try:
+        active = job.active
+        assert active is not None
+        config = active.role.config
+        fed_dir = Path(job.config.initial_model).parent
+        for site in sorted(active.expected):
+            kit = SiteKit.load(fed_dir.parent / "sites" / f"site-{site}")
+            advert = MaskingClient(config, site, kit.identity,
+                                   (np.zeros(active.view.model.size), 0.5)).start()
+            assert active.waiting  # (no site asked: each only sent)
+            job.submit(site, service_pb2.SubmitRequest(
+                round_id=active.view.round_id, advertise_keys=wire.advertise_to_proto(advert)))
+        assert active.view.stage == Stage.SHARE_KEYS.value and not active.waiting
+        now[0] += 2 * job.config.deadlines.stage + 1
+        job.tick()
+        assert _status(job, 1) == service_pb2.ROUND_STATUS_ABORTED
+    finally:
+        store.close()
+
+
 def test_sites_waiting_for_a_stage_count_as_asking(tmp_path: Path) -> None:
     """A site that sent its message waits for the stage's answer, not for the round: that
     is asking for the round too."""
