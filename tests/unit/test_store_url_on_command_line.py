@@ -4,6 +4,7 @@ running deployment at its next restart); the warning names the remedy, never the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 
@@ -74,6 +75,8 @@ def test_what_a_store_command_prints_names_the_store_without_its_password(
     url = f"postgresql://secagg:{PASSWORD}@127.0.0.1:1/db"
     revisions = ("0002", "0002") if command == "migrate-again" else (None, "0002")
     monkeypatch.setattr(store, "migrate", lambda _url: revisions)
+    # (migrate holds the store's serving lease for its run: none to take here)
+    monkeypatch.setattr(store, "not_served", lambda _url: contextlib.nullcontext())
     monkeypatch.setattr(store, "backup", lambda _url, _out: 1234)
     monkeypatch.setattr(store, "restore", lambda _backup, _url: None)
     args = {"migrate": ["migrate"], "migrate-again": ["migrate"],
