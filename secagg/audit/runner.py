@@ -169,6 +169,12 @@ def failing(run: PytestRun, node_ids: Iterable[str]) -> list[str]:
 _suites = itertools.count(1)
 
 
+# what the listed tests may take, unmodified, in one run: every end-to-end test a control
+# lists runs in it (600 s was passed by 1,146 listed tests, half of them end-to-end, and every
+# control came out invalid; the whole default suite takes about 16 minutes)
+BASELINE_SECONDS = 1800.0
+
+
 def run_suite(ws: Workspace, paths: Sequence[str], *, timeout: float) -> PytestRun:
     """Run ``paths`` unmodified in a copy of the base of its own (never the base: a test that
     writes a repository file would change what every later control tests), recording every
@@ -317,7 +323,7 @@ class ControlRunner:
         """Run the union of the listed tests on the unmodified base copy."""
         listed = sorted({t for c in controls for t in c.tests})
         self._say(f"baseline: running the {len(listed)} listed tests unmodified ...")
-        run = run_suite(self.ws, listed, timeout=max(self.timeout, 600.0))
+        run = run_suite(self.ws, listed, timeout=max(self.timeout, BASELINE_SECONDS))
         if run.exit_code not in (0, 1):
             self._say(f"baseline: pytest exited with {run.exit_code}:\n{_tail(run.output)}")
         bad = failing(run, listed)
@@ -366,7 +372,7 @@ class ControlRunner:
         then is flaky (said), not a reason to call its controls invalid."""
         again = sorted({t for t in listed if failing(run, [t])})
         self._say(f"baseline: running the {len(again)} failing listed tests once more ...")
-        second = run_suite(self.ws, again, timeout=max(self.timeout, 600.0))
+        second = run_suite(self.ws, again, timeout=max(self.timeout, BASELINE_SECONDS))
         outcomes = dict(run.outcomes)
         for t in again:
             outcomes.update(matching(t, second.outcomes))
