@@ -201,12 +201,10 @@ class Job:
         if config.protocol == "ckks" and not set(config.key_holders) <= set(roster):
             raise ConfigurationError(f"[ckks] key_holders {list(config.key_holders)} must be "
                                      "sites of the roster")
-        check_job(config, roster, initial_model)
         # the sites a round needs to end otherwise than aborted (masking: its least
-        # participants; CKKS: min_sites); a round waits for that many (_seen)
-        self._least_sites = (config.check_fits_roster(roster).minimum_participants
-                             if config.protocol == "masking"
-                             else config.check_ckks_roster(len(roster)))
+        # participants; CKKS: min_sites); a round waits for that many (_seen). (Taken from
+        # the start check, not checked again: a second check hid the first from its control)
+        self._least_sites = check_job(config, roster, initial_model)
         self.config = config
         self._settings_digest = config.settings_digest()
         self.roster = roster
@@ -1348,10 +1346,11 @@ def _stored_form(request: service_pb2.SubmitRequest) -> bytes:
     return request.SerializeToString(deterministic=True)
 
 
-def check_job(config: FederationConfig, roster: Roster, initial_model: FlatModel) -> None:
+def check_job(config: FederationConfig, roster: Roster, initial_model: FlatModel) -> int:
     """ConfigurationError for a job no round of which could run: checked as the job starts,
     and by `aggregator serve` before it binds its port (a threshold, a graph or a vector
-    length out of range was reported after the "listening" line)."""
+    length out of range was reported after the "listening" line). Returns the sites a round
+    needs to end otherwise than aborted (masking: its least participants; CKKS: min_sites)."""
     # defence: service.start-roster-within-max-sites
     if len(roster) > config.limits.max_sites:
         raise ConfigurationError(f"the roster has {len(roster)} sites, [limits] max_sites "
@@ -1366,13 +1365,14 @@ def check_job(config: FederationConfig, roster: Roster, initial_model: FlatModel
                                  f"max_vector_length is {config.limits.max_vector_length}")
     if config.protocol == "ckks":
         # defence: service.start-ckks-round-parameters
-        config.check_ckks_roster(len(roster))
+        least: int = config.check_ckks_roster(len(roster))
         _check_releasable(config, len(roster), initial_model)
-    if config.protocol == "masking":
-        # (round 1's parameters: every round's are these, but for the round id)
-        # defence: service.start-masking-round-parameters
-        config.masking_round(config.round_id_for(1), roster, initial_model.size,
-                             model_digest=initial_model.digest)
+        return least
+    # (round 1's parameters: every round's are these, but for the round id)
+    # defence: service.start-masking-round-parameters
+    made = config.masking_round(config.round_id_for(1), roster, initial_model.size,
+                                model_digest=initial_model.digest)
+    return int(made.minimum_participants)
 
 
 def _check_releasable(config: FederationConfig, sites: int, model: FlatModel) -> None:
