@@ -544,11 +544,27 @@ class Job:
             settings_digest=self._settings_digest,
             # defence: service.roster-digest-published
             roster_digest=self.roster.digest, roster_version=self.roster.version)
+        active = self.active
+        waiting = self._waiting(active) if active is not None and active.view is view else None
+        if waiting is not None:
+            info.waiting.CopyFrom(waiting)
         if view.ckks_key is not None:
             info.ckks_key.CopyFrom(view.ckks_key)
         if view.result is not None and view.result_blob is not None:
             info.result.CopyFrom(self._model_proto(view.result, view.result_blob))
         return info
+
+    def _waiting(self, active: _Active) -> service_pb2.RoundWaiting | None:
+        """What a site is told of a round waiting for its sites (None once under way): a site
+        that came early gave the round up at its patience (55 minutes at the defaults), a
+        RoundAborted its training script ended on, while the round still waited for the
+        others; told, it waits for them and says why."""
+        # defence: job.under-way-not-waiting
+        if not active.waiting:
+            return None
+        # defence: job.waiting-told
+        return service_pb2.RoundWaiting(sites_asking=len(active.asked),
+                                        sites_needed=self._least_sites)
 
     def _model_proto(self, model: FlatModel, ref: BlobRef) -> service_pb2.Model:
         """The wire form of a round's model or result, built once: every site's every poll is
@@ -677,7 +693,7 @@ class Job:
             self._seen(site, active)
         messages = active.outgoing.get(stage)
         if messages is None:
-            return service_pb2.ReceiveResponse(ready=False)
+            return service_pb2.ReceiveResponse(ready=False, waiting=self._waiting(active))
         message = messages.get(site)
         # defence: service.dropped-site-told-at-once
         if message is None:

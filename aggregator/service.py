@@ -720,17 +720,24 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
     async def GetRound(self, request: service_pb2.GetRoundRequest,
                        context: Ctx) -> service_pb2.RoundInfo:
         site = await self.identity.site(context)
+        waiting: list[service_pb2.RoundWaiting | None] = [None]  # (as the last attempt saw it)
 
         async def attempt() -> service_pb2.RoundInfo | None:
             info = await self._call(context, lambda job: job.round_info(
                 int(request.after_round), site), site)
             if (request.until_finished and info is not None
                     and info.status == service_pb2.ROUND_STATUS_RUNNING):
+                waiting[0] = info.waiting if info.HasField("waiting") else None
                 return None
             return info
 
         info = await self._long_poll(context, request.wait_ms, attempt)
-        return info if info is not None else service_pb2.RoundInfo()
+        if info is not None:
+            return info
+        # a wait for the round's end that ran out says whether the round waits for its sites
+        # (a site that came early gave the round up while it waited for the others)
+        # defence: service.round-end-poll-tells-waiting
+        return service_pb2.RoundInfo(waiting=waiting[0])
 
     async def Submit(self, request: service_pb2.SubmitRequest,
                      context: Ctx) -> service_pb2.SubmitResponse:
@@ -745,13 +752,19 @@ class AggregationService(service_pb2_grpc.AggregationServicer):
                       context: Ctx) -> service_pb2.ReceiveResponse:
         site = await self.identity.site(context)
 
+        waiting: list[service_pb2.RoundWaiting | None] = [None]  # (as the last attempt saw it)
+
         async def attempt() -> service_pb2.ReceiveResponse | None:
             response = await self._call(context, lambda job: job.receive(
                 site, request.round_id, int(request.stage)), site)
+            waiting[0] = response.waiting if response.HasField("waiting") else None
             return response if response.ready else None
 
         response = await self._long_poll(context, request.wait_ms, attempt)
-        return response if response is not None else service_pb2.ReceiveResponse(ready=False)
+        if response is not None:
+            return response
+        # defence: service.stage-poll-tells-waiting
+        return service_pb2.ReceiveResponse(ready=False, waiting=waiting[0])
 
     # ---- chunks --------------------------------------------------------------------------------
 

@@ -105,11 +105,14 @@ class _Pacer:
     ``nbytes`` takes at least ``nbytes / POLL_BYTES_PER_SECOND`` from its start to the next
     poll, however long it was held."""
 
-    def __init__(self, allowance: int = POLL_SLACK_BYTES, until: float = math.inf) -> None:
+    def __init__(self, allowance: int = POLL_SLACK_BYTES,
+                 until: Callable[[], float] = lambda: math.inf) -> None:
         self._delay = 0.0
         self._random = random.SystemRandom()
         self._allowance = allowance  # bytes an answer may hold unpaced
-        self._until = until  # (no sleep past it: the round's patience)
+        # (no sleep past it: the round's patience, read at each pause: a round waiting for
+        # its sites moves it on)
+        self._until = until
 
     def nothing_new(self, began: float, nbytes: int = 0) -> None:
         """A poll begun at ``began`` (time.monotonic()) brought nothing new, in ``nbytes``."""
@@ -124,7 +127,7 @@ class _Pacer:
             self._delay = min(max(2 * self._delay, 0.1), 5.0)
             pause = max(self._random.uniform(self._delay / 2, self._delay), owed)
         # defence: sdk.pacing-ends-with-the-patience
-        pause = min(pause, max(0.0, self._until - time.monotonic()) + 0.01)
+        pause = min(pause, max(0.0, self._until() - time.monotonic()) + 0.01)
         if pause > 0:
             time.sleep(pause)
 
@@ -134,6 +137,12 @@ class _Pacer:
 # (an aggregator restarted mid-round starts the stage's deadline again), from its submit on.
 ROUND_PATIENCE = 2.0
 ROUND_GRACE_SECONDS = 300.0
+# A round the aggregator says waits for its sites (its deadlines not yet running) is waited
+# for, its patience running from when it is under way: for at most a day (the aggregator's
+# word; it could hold a site as long by opening no round). A change in the sites it waits
+# for is said at most once a minute.
+WAITING_PATIENCE_SECONDS = 24 * 3600.0
+WAITING_SAID_SECONDS = 60.0
 
 
 def _round_patience(config: Any) -> float:
@@ -1145,6 +1154,10 @@ class Round:
 
     # what an answer bringing nothing new may hold unpaced (each round: its info as joined)
     _poll_allowance = POLL_SLACK_BYTES
+    # a round said to wait for its sites: since when, and what was last said of it (_note_waiting)
+    _waited_since: float | None = None
+    _waiting_said: tuple[int, int] | None = None
+    _waiting_said_at = -math.inf
 
     def __init__(self, site: Site, info: service_pb2.RoundInfo, model: FlatModel) -> None:
         self._site = site
@@ -1468,7 +1481,8 @@ class Round:
                                    progress=self._progress, what=what)
 
     def _pacer(self) -> _Pacer:
-        return _Pacer(self._poll_allowance, self._deadline)
+        # defence: sdk.pacing-follows-a-waiting-round
+        return _Pacer(self._poll_allowance, lambda: self._deadline)
 
     def _receive(self, stage: int) -> service_pb2.ReceiveResponse:
         pacer = self._pacer()
@@ -1483,6 +1497,7 @@ class Round:
             # defence: sdk.receive-refusal-is-round-aborted
             except AggregatorRefused as e:
                 raise RoundAborted(self.round_id, e.reason, code=e.code) from None
+            self._note_waiting(response.waiting)
             if response.ready:
                 self._check_entry_counts(response)
                 return response
@@ -1526,6 +1541,34 @@ class Round:
                 # defence: sdk.stage-answer-entries-of-entries-counted
                 self._count_entries(kind, entry, sites)
 
+    def _note_waiting(self, waiting: service_pb2.RoundWaiting) -> None:
+        """The aggregator's word on whether the round waits for its sites (its deadlines not
+        yet running): a site that came early gave the round up at its patience (55 minutes
+        at the defaults) while the round still waited for the others, and its training
+        script ended on RoundAborted. Waited for, and said, for at most
+        WAITING_PATIENCE_SECONDS; the patience runs from when the round is under way."""
+        now = time.monotonic()
+        if waiting.sites_needed == 0:  # (not said: under way, or never waited)
+            if self._waited_since is not None and self._waiting_said is not None:
+                self._waiting_said = None
+                _log.info("round %d is under way: the sites it needs are online", self.number)
+            return
+        if self._waited_since is None:
+            self._waited_since = now
+        # (a lying aggregator saying so for ever held the site no longer than a day)
+        # defence: sdk.waiting-round-bounded
+        if now - self._waited_since <= WAITING_PATIENCE_SECONDS:
+            # defence: sdk.waiting-round-waited-for
+            self._deadline = max(self._deadline, now + _round_patience(self._site.config))
+        said = (int(waiting.sites_asking), int(waiting.sites_needed))
+        # defence: sdk.waiting-said
+        # defence: sdk.waiting-said-once-a-minute
+        if said != self._waiting_said and now - self._waiting_said_at >= WAITING_SAID_SECONDS:
+            self._waiting_said, self._waiting_said_at = said, now
+            _log.info("round %d waits for its sites to come online: %d of the %d it needs "
+                      "are asking for it; this site waits with it (the round's deadlines "
+                      "begin once they are)", self.number, *said)
+
     def _in_time(self) -> None:
         """RoundAborted once the round has outlasted what its deadlines allow: a lying
         aggregator answering every wait with "not yet" held a site in submit() for good."""
@@ -1562,6 +1605,7 @@ class Round:
             if info.status == service_pb2.ROUND_STATUS_ABORTED:
                 raise RoundAborted(self.round_id, _explained(info.abort_reason),
                                    code="ABORTED")
+            self._note_waiting(info.waiting)
             self._in_time()
             pacer.nothing_new(began, info.ByteSize())
 
@@ -1686,6 +1730,7 @@ class Round:
             if info.status != _RUNNING:
                 raise RoundAborted(self.round_id, _explained(info.abort_reason)
                                    or "no key was announced")
+            self._note_waiting(info.waiting)
             self._in_time()
             # (and by its bytes: "no key yet" padded to 6 MB, answered at once, was 6 MB/s)
             # defence: sdk.key-wait-paced-by-its-bytes

@@ -100,7 +100,7 @@ class GetRoundRequest(_message.Message):
     def __init__(self, after_round: _Optional[int] = ..., wait_ms: _Optional[int] = ..., until_finished: _Optional[bool] = ...) -> None: ...
 
 class RoundInfo(_message.Message):
-    __slots__ = ("round", "round_id", "protocol", "status", "model", "stage", "ckks_key_holder", "ckks_key", "abort_reason", "result", "total_rounds", "survivors", "result_signature", "settings_digest", "roster_digest", "roster_version", "sites_signature")
+    __slots__ = ("round", "round_id", "protocol", "status", "model", "stage", "ckks_key_holder", "ckks_key", "abort_reason", "result", "total_rounds", "survivors", "result_signature", "settings_digest", "roster_digest", "roster_version", "sites_signature", "waiting")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,7 @@ class RoundInfo(_message.Message):
     ROSTER_DIGEST_FIELD_NUMBER: _ClassVar[int]
     ROSTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     SITES_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
     round: int
     round_id: str
     protocol: Protocol
@@ -135,7 +136,16 @@ class RoundInfo(_message.Message):
     roster_digest: bytes
     roster_version: int
     sites_signature: bytes
-    def __init__(self, round: _Optional[int] = ..., round_id: _Optional[str] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., status: _Optional[_Union[RoundStatus, str]] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., stage: _Optional[int] = ..., ckks_key_holder: _Optional[int] = ..., ckks_key: _Optional[_Union[CkksKeyOffer, _Mapping]] = ..., abort_reason: _Optional[str] = ..., result: _Optional[_Union[Model, _Mapping]] = ..., total_rounds: _Optional[int] = ..., survivors: _Optional[_Iterable[int]] = ..., result_signature: _Optional[bytes] = ..., settings_digest: _Optional[bytes] = ..., roster_digest: _Optional[bytes] = ..., roster_version: _Optional[int] = ..., sites_signature: _Optional[bytes] = ...) -> None: ...
+    waiting: RoundWaiting
+    def __init__(self, round: _Optional[int] = ..., round_id: _Optional[str] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., status: _Optional[_Union[RoundStatus, str]] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., stage: _Optional[int] = ..., ckks_key_holder: _Optional[int] = ..., ckks_key: _Optional[_Union[CkksKeyOffer, _Mapping]] = ..., abort_reason: _Optional[str] = ..., result: _Optional[_Union[Model, _Mapping]] = ..., total_rounds: _Optional[int] = ..., survivors: _Optional[_Iterable[int]] = ..., result_signature: _Optional[bytes] = ..., settings_digest: _Optional[bytes] = ..., roster_digest: _Optional[bytes] = ..., roster_version: _Optional[int] = ..., sites_signature: _Optional[bytes] = ..., waiting: _Optional[_Union[RoundWaiting, _Mapping]] = ...) -> None: ...
+
+class RoundWaiting(_message.Message):
+    __slots__ = ("sites_asking", "sites_needed")
+    SITES_ASKING_FIELD_NUMBER: _ClassVar[int]
+    SITES_NEEDED_FIELD_NUMBER: _ClassVar[int]
+    sites_asking: int
+    sites_needed: int
+    def __init__(self, sites_asking: _Optional[int] = ..., sites_needed: _Optional[int] = ...) -> None: ...
 
 class MaskedInputRef(_message.Message):
     __slots__ = ("site_id", "word_bits", "masked_input", "partners", "signature")
@@ -256,17 +266,19 @@ class ReceiveRequest(_message.Message):
     def __init__(self, round_id: _Optional[str] = ..., stage: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class ReceiveResponse(_message.Message):
-    __slots__ = ("ready", "key_directory", "share_delivery", "survivor_list", "unmask_request", "ckks_release_request")
+    __slots__ = ("ready", "key_directory", "share_delivery", "survivor_list", "unmask_request", "ckks_release_request", "waiting")
     READY_FIELD_NUMBER: _ClassVar[int]
     KEY_DIRECTORY_FIELD_NUMBER: _ClassVar[int]
     SHARE_DELIVERY_FIELD_NUMBER: _ClassVar[int]
     SURVIVOR_LIST_FIELD_NUMBER: _ClassVar[int]
     UNMASK_REQUEST_FIELD_NUMBER: _ClassVar[int]
     CKKS_RELEASE_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     key_directory: _masking_pb2.KeyDirectory
     share_delivery: _masking_pb2.ShareDelivery
     survivor_list: _masking_pb2.SurvivorList
     unmask_request: _masking_pb2.UnmaskRequest
     ckks_release_request: CkksReleaseRequest
-    def __init__(self, ready: _Optional[bool] = ..., key_directory: _Optional[_Union[_masking_pb2.KeyDirectory, _Mapping]] = ..., share_delivery: _Optional[_Union[_masking_pb2.ShareDelivery, _Mapping]] = ..., survivor_list: _Optional[_Union[_masking_pb2.SurvivorList, _Mapping]] = ..., unmask_request: _Optional[_Union[_masking_pb2.UnmaskRequest, _Mapping]] = ..., ckks_release_request: _Optional[_Union[CkksReleaseRequest, _Mapping]] = ...) -> None: ...
+    waiting: RoundWaiting
+    def __init__(self, ready: _Optional[bool] = ..., key_directory: _Optional[_Union[_masking_pb2.KeyDirectory, _Mapping]] = ..., share_delivery: _Optional[_Union[_masking_pb2.ShareDelivery, _Mapping]] = ..., survivor_list: _Optional[_Union[_masking_pb2.SurvivorList, _Mapping]] = ..., unmask_request: _Optional[_Union[_masking_pb2.UnmaskRequest, _Mapping]] = ..., ckks_release_request: _Optional[_Union[CkksReleaseRequest, _Mapping]] = ..., waiting: _Optional[_Union[RoundWaiting, _Mapping]] = ...) -> None: ...

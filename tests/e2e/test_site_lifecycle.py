@@ -402,3 +402,53 @@ def test_sites_that_come_online_long_after_the_aggregator_train_every_round(
         assert [r["round"] for r in reports[site]] == [1, 2], reports[site]
     done = next(e for e in events if e.get("event") == "job_done")
     assert done["message"] == "job done: 2 of 2 rounds completed"
+
+
+def test_a_site_that_comes_early_waits_past_its_patience_for_the_others(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Site 1 came online long before the others: it trained, sent its keys, and waited for
+    them for its round patience (twice the round's deadlines plus five minutes), then gave
+    the round up (RoundAborted, its training script ended) while the round still waited for
+    its sites. The aggregator says the round waits: the site waits with it past its
+    patience, says why, and takes part when the others come. (The five minutes of grace
+    taken out here, and the twice made a half, so the patience is 13.5 s.)"""
+    import logging
+    import time
+
+    import clients.site
+
+    monkeypatch.setattr(clients.site, "ROUND_GRACE_SECONDS", 0.0)
+    monkeypatch.setattr(clients.site, "ROUND_PATIENCE", 0.5)
+    fed = make_federation(tmp_path, 3, "masking", rounds=1, open_s=6.0, stage_s=4.0,
+                          release_s=1.0)
+    agg = start_aggregator(fed, tmp_path)
+    try:
+        with Site.connect(fed.site_dir(1), tensors="numpy", retry_seconds=30) as site, \
+                caplog.at_level(logging.INFO, logger="clients"):
+            patience = clients.site._round_patience(site.config)
+            assert patience == 13.5
+            rnd = next(site.rounds())
+            state = {name: np.asarray(value) for name, value in rnd.global_model.items()}
+            outcome: list[object] = []
+
+            def submit() -> None:
+                try:
+                    outcome.append(rnd.submit(state, weight=10))
+                except Exception as e:
+                    outcome.append(e)
+
+            waiting = threading.Thread(target=submit, daemon=True)
+            waiting.start()
+            waiting.join(1.5 * patience)
+            assert waiting.is_alive(), f"site 1 gave the round up: {outcome}"
+            began = time.monotonic()
+            reports = run_sites(fed, tmp_path, sites=[2, 3], timeout=120)
+            waiting.join(max(1.0, 60 - (time.monotonic() - began)))
+        assert len(outcome) == 1 and isinstance(outcome[0], dict), outcome
+        assert [r["round"] for r in reports[2]] == [1]
+        said = caplog.text
+        assert "round 1 waits for its sites to come online: 1 of the 3 it needs" in said
+        assert "round 1 is under way" in said
+    finally:
+        agg.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import types
 from typing import Any
 
@@ -1517,6 +1518,120 @@ def test_a_round_the_aggregator_never_ends_is_given_up(
         else:
             rnd._run_ckks(np.zeros(8), 0.5)
     assert patience <= clock[0] <= patience + 30
+
+
+def _waiting_round(wait: str, monkeypatch: pytest.MonkeyPatch, waiting_until: float,
+                   flapping: bool = False, poll_s: float = 10.0,
+                   stop_at: float = math.inf) -> tuple[Round, list[float]]:
+    """A round whose every wait is answered "not yet", said to wait for its sites (1 of the 3
+    it needs asking; ``flapping``: another count at each answer) until the clock passes
+    ``waiting_until``, after ``poll_s`` (an honest poll's full wait: 10 s); _Stopped once
+    the clock passes ``stop_at``."""
+    clock = _fake_clock(monkeypatch)
+    mine, _ = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS
+                          if wait == "ckks_key" else service_pb2.PROTOCOL_MASKING)
+    site, _conn = _site("ckks" if wait == "ckks_key" else "masking", mine, {})
+    calls = [0]
+
+    def call(method: str, request: Any, **_kwargs: Any) -> Any:
+        calls[0] += 1
+        assert calls[0] < 100_000, "the site still waits for a round that never ends"
+        clock[0] += poll_s
+        if clock[0] > stop_at:
+            raise _Stopped(calls[0])
+        asking = calls[0] % 3 if flapping else 1
+        waiting = (service_pb2.RoundWaiting(sites_asking=asking, sites_needed=3)
+                   if clock[0] < waiting_until else None)
+        if method == "Receive":
+            return service_pb2.ReceiveResponse(ready=False, waiting=waiting)
+        info = service_pb2.RoundInfo()
+        info.CopyFrom(mine)  # running, no key announced
+        if waiting is not None:
+            info.waiting.CopyFrom(waiting)
+        return info
+
+    rnd = Round(site, mine, None)  # type: ignore[arg-type]
+    rnd._conn = types.SimpleNamespace(call=call)  # type: ignore[assignment]
+    return rnd, clock
+
+
+def _wait(rnd: Round, wait: str) -> None:
+    if wait == "receive":
+        rnd._receive(1)
+    elif wait == "wait_for_end":
+        rnd._wait_for_end()
+    else:
+        rnd._run_ckks(np.zeros(8), 0.5)
+
+
+@pytest.mark.parametrize("wait", ["receive", "wait_for_end", "ckks_key"])
+def test_a_round_waiting_for_its_sites_is_waited_for_and_said(
+        wait: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An aggregator started before the hospitals came online keeps its first round waiting
+    for its sites (its deadlines not running). A site that came early gave the round up at
+    its patience (55 minutes at the defaults), a RoundAborted its training script ended on,
+    while the round still waited for the others. The aggregator now says the round waits: the
+    site waits with it, says so once a minute at most, and its patience runs from when the
+    round is under way."""
+    import clients.site
+
+    patience = clients.site._round_patience(_site("masking", _model_info(
+        1, "hospitals/job-1/round-1")[0], {})[0].config)
+    hours = 3 * 3600.0
+    assert hours > 2 * patience
+    rnd, clock = _waiting_round(wait, monkeypatch, waiting_until=hours)
+    with caplog.at_level("INFO", logger="clients"), \
+            pytest.raises(RoundAborted, match="did not end the round"):
+        _wait(rnd, wait)
+    assert hours + patience - 30 <= clock[0] <= hours + patience + 30
+    said = [r.getMessage() for r in caplog.records if "waits for its sites" in r.getMessage()]
+    assert said and "1 of the 3 it needs" in said[0]
+    assert len(said) <= hours / clients.site.WAITING_SAID_SECONDS + 1
+    assert any("is under way" in r.getMessage() for r in caplog.records)
+
+
+class _Stopped(Exception):
+    pass
+
+
+@pytest.mark.parametrize("wait", ["receive", "wait_for_end"])
+def test_a_waiting_round_answered_at_once_stays_paced_past_the_first_patience(
+        wait: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The polls' pacing stops at the round's patience (no sleep past it); a round said to
+    wait for its sites moves the patience on, and the pacing must follow it: answered at
+    once, "waiting", an hour past the first patience, the site polled a hundred times a
+    second."""
+    import clients.site
+
+    patience = clients.site._round_patience(_site("masking", _model_info(
+        1, "hospitals/job-1/round-1")[0], {})[0].config)
+    limit = patience + 3600.0
+    rnd, _clock = _waiting_round(wait, monkeypatch, waiting_until=math.inf, poll_s=0.0,
+                                stop_at=limit)
+    with pytest.raises(_Stopped) as stopped:
+        _wait(rnd, wait)
+    # (spaced 2.5 to 5 s once the back-off is at its top)
+    assert stopped.value.args[0] <= limit / 2.5 + 20
+
+
+@pytest.mark.parametrize("wait", ["receive", "wait_for_end", "ckks_key"])
+def test_a_round_said_to_wait_for_ever_is_given_up_after_a_day(
+        wait: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A lying aggregator saying the round waits for its sites, for ever, holds a site no
+    longer than a day (WAITING_PATIENCE_SECONDS) and the round's patience; the site says so
+    at most once a minute, however often the count it is told changes."""
+    import clients.site
+
+    rnd, clock = _waiting_round(wait, monkeypatch, waiting_until=float("inf"), flapping=True)
+    patience = clients.site._round_patience(rnd._site.config)
+    with caplog.at_level("INFO", logger="clients"), \
+            pytest.raises(RoundAborted, match="did not end the round"):
+        _wait(rnd, wait)
+    day = clients.site.WAITING_PATIENCE_SECONDS
+    assert day <= 24 * 3600.0
+    assert day + patience - 30 <= clock[0] <= day + patience + 30
+    said = [r for r in caplog.records if "waits for its sites" in r.getMessage()]
+    assert 1 <= len(said) <= day / clients.site.WAITING_SAID_SECONDS + 1
 
 
 def test_a_never_ending_round_is_given_up_after_the_documented_time(

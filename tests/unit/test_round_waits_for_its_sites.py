@@ -286,3 +286,34 @@ def test_a_stage_names_the_sites_it_waited_for_in_vain(
         assert all(r.levelno == logging.WARNING for r in dropped)
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("protocol", ["masking", "ckks"])
+def test_a_waiting_round_says_so_to_its_sites_until_it_is_under_way(
+        tmp_path: Path, protocol: str) -> None:
+    """A site that came early gave the round up at its patience while the round still waited
+    for the others (its training script ended on RoundAborted). The round's info, and a
+    stage's "not yet", say it waits and for how many sites; once under way, neither does."""
+    from secagg.ckks import CkksStage
+    from secagg.masking import Stage
+
+    job, store, _now = _job(tmp_path, protocol)
+    stage = (Stage.ADVERTISE_KEYS if protocol == "masking"
+             else CkksStage.KEY_ANNOUNCEMENT).value
+    try:
+        assert job.active is not None
+        least, round_id = job._least_sites, job.active.view.round_id
+        info = job.round_info(0, 1)
+        assert info is not None and info.HasField("waiting")
+        assert (info.waiting.sites_asking, info.waiting.sites_needed) == (1, least)
+        answer = job.receive(2, round_id, stage)
+        assert not answer.ready and answer.HasField("waiting")
+        assert (answer.waiting.sites_asking, answer.waiting.sites_needed) == (2, least)
+        for site in range(3, least + 1):
+            job.round_info(0, site)
+        assert not job.active.waiting
+        info = job.round_info(0, 1)
+        assert info is not None and not info.HasField("waiting")
+        assert not job.receive(2, round_id, stage).HasField("waiting")
+    finally:
+        store.close()

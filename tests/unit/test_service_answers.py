@@ -171,6 +171,43 @@ def test_a_poll_until_the_round_finishes_is_not_answered_with_the_running_round(
     assert plain.round == 1
 
 
+@pytest.mark.parametrize("call", ["round_end", "stage"])
+def test_a_poll_that_runs_out_while_the_round_waits_for_its_sites_says_so(call: str) -> None:
+    """A site that sent its message waits for the round's end or a stage's answer; while
+    the round waits for its sites the job says so, and a poll that runs out must carry it
+    (the bare "not yet" left a site that came early to give the round up at its patience,
+    while the round still waited for the others). Once under way, it says nothing."""
+    said = [service_pb2.RoundWaiting(sites_asking=2, sites_needed=3)]
+
+    def info(after: int, site: int = 0) -> service_pb2.RoundInfo:
+        running = service_pb2.RoundInfo(round=1, round_id="hospitals/1/1",
+                                        status=service_pb2.ROUND_STATUS_RUNNING)
+        if said[0] is not None:
+            running.waiting.CopyFrom(said[0])
+        return running
+
+    def receive(site: int, round_id: str, stage: int) -> service_pb2.ReceiveResponse:
+        return service_pb2.ReceiveResponse(ready=False, waiting=said[0])
+
+    async def main(core: Core) -> list[Any]:
+        service = fake_service(core, round_info=info, receive=receive)
+        answers = []
+        for _ in range(2):
+            if call == "round_end":
+                answers.append(await service.GetRound(service_pb2.GetRoundRequest(
+                    after_round=0, until_finished=True, wait_ms=0), FakeContext(1)))
+            else:
+                answers.append(await service.Receive(service_pb2.ReceiveRequest(
+                    round_id="hospitals/1/1", stage=1, wait_ms=0), FakeContext(1)))
+            said[0] = None  # (under way)
+        return answers
+
+    waiting, under_way = _run(main)
+    assert waiting.HasField("waiting")
+    assert (waiting.waiting.sites_asking, waiting.waiting.sites_needed) == (2, 3)
+    assert not under_way.HasField("waiting")
+
+
 def test_a_store_failing_to_look_up_missing_chunks_is_unavailable() -> None:
     """MissingChunks reads the store off the job's thread: a store that fails there ends
     the call UNAVAILABLE (the SDK retries), not UNKNOWN with the store's error."""
