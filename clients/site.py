@@ -1565,9 +1565,10 @@ class Round:
         # defence: sdk.waiting-said-once-a-minute
         if said != self._waiting_said and now - self._waiting_said_at >= WAITING_SAID_SECONDS:
             self._waiting_said, self._waiting_said_at = said, now
-            _log.info("round %d waits for its sites to come online: %d of the %d it needs "
-                      "are asking for it; this site waits with it (the round's deadlines "
-                      "begin once they are)", self.number, *said)
+            # (at least: under SecAgg+ it also needs enough of each one's neighbours)
+            _log.info("round %d waits for its sites to come online (asking: %d, needed: at "
+                      "least %d); this site waits with it (the round's deadlines begin once "
+                      "enough are)", self.number, *said)
 
     def _in_time(self) -> None:
         """RoundAborted once the round has outlasted what its deadlines allow: a lying

@@ -448,7 +448,7 @@ def test_a_site_that_comes_early_waits_past_its_patience_for_the_others(
         assert len(outcome) == 1 and isinstance(outcome[0], dict), outcome
         assert [r["round"] for r in reports[2]] == [1]
         said = caplog.text
-        assert "round 1 waits for its sites to come online: 1 of the 3 it needs" in said
+        assert "round 1 waits for its sites to come online (asking: 1, needed: at least 3)" in said
         assert "round 1 is under way" in said
     finally:
         agg.stop()

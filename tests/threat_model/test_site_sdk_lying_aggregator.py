@@ -1585,7 +1585,7 @@ def test_a_round_waiting_for_its_sites_is_waited_for_and_said(
         _wait(rnd, wait)
     assert hours + patience - 30 <= clock[0] <= hours + patience + 30
     said = [r.getMessage() for r in caplog.records if "waits for its sites" in r.getMessage()]
-    assert said and "1 of the 3 it needs" in said[0]
+    assert said and "(asking: 1, needed: at least 3)" in said[0]
     assert len(said) <= hours / clients.site.WAITING_SAID_SECONDS + 1
     assert any("is under way" in r.getMessage() for r in caplog.records)
 
