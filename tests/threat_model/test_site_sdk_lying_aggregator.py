@@ -1484,42 +1484,6 @@ def test_a_site_holding_no_model_yet_takes_only_the_first_model_its_config_names
         assert next(fresh.rounds()).model.digest == made_up.digest
 
 
-@pytest.mark.parametrize("wait", ["receive", "wait_for_end", "ckks_key"])
-def test_a_round_the_aggregator_never_ends_is_given_up(
-        wait: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A lying aggregator answers every wait of a round (a stage's messages, the round's end,
-    the CKKS key) with "not yet", after the poll's full wait: the site stayed in submit()
-    for good. A site gives a round twice what its federation's [deadlines] allow, and five
-    minutes more, then gives it up (RoundAborted); the training script goes on."""
-    import clients.site
-
-    clock = _fake_clock(monkeypatch)
-    mine, _ = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS
-                          if wait == "ckks_key" else service_pb2.PROTOCOL_MASKING)
-    site, _conn = _site("ckks" if wait == "ckks_key" else "masking", mine, {})
-    calls = [0]
-
-    def call(method: str, request: Any, **_kwargs: Any) -> Any:
-        calls[0] += 1
-        assert calls[0] < 10_000, "the site still waits for a round that never ends"
-        clock[0] += 10.0  # each long poll waits its full 10 s, as an honest one does
-        if method == "Receive":
-            return service_pb2.ReceiveResponse(ready=False)
-        return mine  # running, no key announced
-
-    rnd = Round(site, mine, None)  # type: ignore[arg-type]
-    rnd._conn = types.SimpleNamespace(call=call)  # type: ignore[assignment]
-    patience = clients.site._round_patience(site.config)
-    with pytest.raises(RoundAborted, match="did not end the round"):
-        if wait == "receive":
-            rnd._receive(1)
-        elif wait == "wait_for_end":
-            rnd._wait_for_end()
-        else:
-            rnd._run_ckks(np.zeros(8), 0.5)
-    assert patience <= clock[0] <= patience + 30
-
-
 def _waiting_round(wait: str, monkeypatch: pytest.MonkeyPatch, waiting_until: float,
                    flapping: bool = False, poll_s: float = 10.0,
                    stop_at: float = math.inf) -> tuple[Round, list[float]]:
@@ -1562,6 +1526,22 @@ def _wait(rnd: Round, wait: str) -> None:
         rnd._wait_for_end()
     else:
         rnd._run_ckks(np.zeros(8), 0.5)
+
+
+@pytest.mark.parametrize("wait", ["receive", "wait_for_end", "ckks_key"])
+def test_a_round_the_aggregator_never_ends_is_given_up(
+        wait: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lying aggregator answers every wait of a round (a stage's messages, the round's end,
+    the CKKS key) with "not yet", after the poll's full wait: the site stayed in submit()
+    for good. A site gives a round twice what its federation's [deadlines] allow, and five
+    minutes more, then gives it up (RoundAborted); the training script goes on."""
+    import clients.site
+
+    rnd, clock = _waiting_round(wait, monkeypatch, waiting_until=0.0)  # (never said waiting)
+    patience = clients.site._round_patience(rnd._site.config)
+    with pytest.raises(RoundAborted, match="did not end the round"):
+        _wait(rnd, wait)
+    assert patience <= clock[0] <= patience + 30
 
 
 @pytest.mark.parametrize("wait", ["receive", "wait_for_end", "ckks_key"])
