@@ -182,6 +182,9 @@ class _Active:
     # until as many sites as the round needs are asking for it (Job._seen), its deadlines do
     # not run: a round no one can finish yet waits for its sites
     waiting: bool = True
+    # the round was opened waiting (its "waits" event: a store from before rounds waited has
+    # none, and a message replayed there puts the round under way)
+    opened_waiting: bool = False
     asked: dict[int, float] = field(default_factory=dict)  # site -> when it last asked
     swept: float = -math.inf  # when ``asked`` was last cleared of sites gone quiet
     claims: list[bytes] = field(default_factory=list)  # chunks the message being applied read
@@ -376,6 +379,10 @@ class Job:
             elif (event.kind == "under_way" and event.stage == view.stage and event.site == 0
                   and active.waiting):
                 self._under_way(active, record=False, tell=False)
+            # defence: job.opened-waiting-replayed
+            elif (event.kind == "waits" and event.stage == view.stage and event.site == 0
+                  and active.waiting and not active.answered):
+                active.opened_waiting = True
             else:
                 raise ServiceError(UNAVAILABLE, "the store's events do not replay: an event "
                                                 f"of round {view.number} ({event.kind!r}, "
@@ -394,7 +401,11 @@ class Job:
 
     def _open(self, number: int, model: FlatModel) -> None:
         round_id = self.config.round_id_for(number)
-        self.store.open_round(number, round_id, self.config.protocol, model.digest)
+        # (recorded with the round: a restart while it waits keeps it waiting)
+        # defence: job.opened-waiting-recorded
+        self.store.open_round(number, round_id, self.config.protocol, model.digest,
+                              first=Event(number, "waits", _opening_stage(self.config.protocol),
+                                          0, b""))
         view = RoundView(number, round_id, self.config.protocol, service_pb2.ROUND_STATUS_RUNNING,
                          model, self._model_blob(model.digest))
         self._public.update(view.model_blob.chunk_ids)
@@ -506,18 +517,23 @@ class Job:
     def round_info(self, after_round: int, site: int = 0) -> service_pb2.RoundInfo | None:
         """The first round after ``after_round``, or JOB_DONE, or None (not open yet), as
         ``site`` is told of it (0: not a site's question, which a waiting round answers too)."""
+        active = self.active
+        # a site asking for the running round counts toward the sites it waits for; so does
+        # one asking for a round after it (it left the round after a day said waiting, or
+        # sent to it already): online, and the round is not held for it for good (it waited
+        # on with every site past it; under way, it ends, and the next, which they join, opens)
+        # defence: job.asking-sites-are-present
+        # defence: job.sites-past-the-round-are-present
+        if (site and active is not None and active.waiting
+                and after_round + 1 >= active.view.number):
+            self._seen(site, active)
         numbers = sorted(n for n in self.rounds if n > after_round)
         if not numbers:
             if self.done:
                 return service_pb2.RoundInfo(status=service_pb2.ROUND_STATUS_JOB_DONE,
                                              total_rounds=self.config.rounds)
             return None
-        view = self.rounds[numbers[0]]
-        active = self.active
-        if site and active is not None and active.view is view and active.waiting:
-            # defence: job.asking-sites-are-present
-            self._seen(site, active)
-        return self._info(view)
+        return self._info(self.rounds[numbers[0]])
 
     @_fresh_only
     def info(self, round_id: str) -> service_pb2.RoundInfo:
@@ -800,12 +816,14 @@ class Job:
             refusal = ServiceError(FAILED_PRECONDITION, str(e))
         else:
             active.answered.add(site)
-            # a message replayed puts the round under way: a store from before rounds waited
-            # holds no under_way event, and a round whose messages were counted before a
-            # restart has sites in it that may no longer ask for it (some past their
-            # patience), so it is not left waiting for them for good
+            # a message replayed to a round of a store from before rounds waited (no "waits"
+            # event) puts it under way: it holds no under_way event, and its sites may no
+            # longer ask for it. A round opened waiting waits on after a restart: its sites
+            # wait with it and ask again (put under way, a restart during a long wait ran its
+            # deadlines with the others still offline: TOO_FEW_SURVIVORS; a reviewer)
             # defence: job.a-replayed-message-puts-the-round-under-way
-            if active.waiting and replay:
+            # defence: job.a-round-opened-waiting-waits-after-a-restart
+            if active.waiting and replay and not active.opened_waiting:
                 self._under_way(active, record=False, tell=False)
             return
         # a message the job counted and recorded, refused when it is replayed: not the site's
@@ -1434,6 +1452,13 @@ def _abort_reason(name: str) -> Any:
     from secagg.errors import AbortReason
 
     return AbortReason[name]
+
+
+def _opening_stage(protocol: str) -> int:
+    """The stage a round of ``protocol`` opens at (Job._start_role)."""
+    if protocol == "masking":
+        return int(Stage.ADVERTISE_KEYS.value)
+    return int(CkksStage.KEY_ANNOUNCEMENT.value)
 
 
 def _opening(view: RoundView) -> bool:

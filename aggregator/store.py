@@ -1441,11 +1441,14 @@ class Store:
         return None if row is None else (row.spec, BlobRef.from_json(row.blob))
 
     def open_round(self, round_number: int, round_id: str, protocol: str,
-                   model_digest: bytes) -> None:
+                   model_digest: bytes, *, first: Event | None = None) -> None:
+        """Record the round as running, with ``first``, its first event, in one transaction."""
         with self.transaction() as c:
             c.execute(rounds.insert().values(round=round_number, round_id=round_id,
                                              protocol=protocol, status="running",
                                              model_digest=model_digest, opened_at=time.time()))
+            if first is not None:
+                self.record_event(c, first)
 
     def finish_round(self, conn: Connection, round_number: int, status: str, *,
                      result_digest: bytes | None = None, abort_reason: str | None = None,

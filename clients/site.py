@@ -143,11 +143,18 @@ ROUND_GRACE_SECONDS = 300.0
 # for is said at most once a minute.
 WAITING_PATIENCE_SECONDS = 24 * 3600.0
 WAITING_SAID_SECONDS = 60.0
+KEY_WAIT_WAITING_SECONDS = 10.0  # (a CKKS site's key wait, while the round waits for its sites)
 
 
 def _round_patience(config: Any) -> float:
     d = config.deadlines
     return float(ROUND_PATIENCE * (d.open + 5 * d.stage + d.release) + ROUND_GRACE_SECONDS)
+
+
+def _longest_hold(config: Any) -> float:
+    """The longest a site stays in a round from its submit: a day said waiting for its sites,
+    then the round's patience (and one more for the time before the submit)."""
+    return WAITING_PATIENCE_SECONDS + 2 * _round_patience(config)
 
 
 _RUNNING = service_pb2.ROUND_STATUS_RUNNING
@@ -1554,7 +1561,10 @@ class Round:
                 _log.info("round %d is under way: the sites it needs are online", self.number)
             return
         if self._waited_since is None:
-            self._waited_since = now
+            # (from when the round's patience last began, at the join or the submit: a first
+            # "waiting" just before it ran out held the site a day and two patiences)
+            # defence: sdk.waiting-day-from-the-submit
+            self._waited_since = min(now, self._deadline - _round_patience(self._site.config))
         # (a lying aggregator saying so for ever held the site no longer than a day)
         # defence: sdk.waiting-round-bounded
         if now - self._waited_since <= WAITING_PATIENCE_SECONDS:
@@ -1696,8 +1706,12 @@ class Round:
         try:
             if kept is None:
                 # defence: sdk.key-holder-keeps-its-round-key
+                # (kept as long as the site may stay in the round: a holder waiting with a
+                # round for its sites, restarted past the round's patience, found its key
+                # gone, and the round, and every update sent against its model, was lost)
+                # defence: sdk.kept-key-outlasts-a-waiting-round
                 site._history.keep_key(site.config.job_id, self.number, self.round_id, key,
-                                       expires_in=_round_patience(site.config))
+                                       expires_in=_longest_hold(site.config))
         # defence: sdk.another-kept-key-not-announced
         except AnotherKeyKept:
             raise  # (never announced: Site._join skips the round)
@@ -1738,7 +1752,12 @@ class Round:
             owed = (max(0, info.ByteSize() - self._poll_allowance)
                     / POLL_BYTES_PER_SECOND - (time.monotonic() - began))
             time.sleep(min(max(delay, owed), max(0.0, self._deadline - time.monotonic()) + 0.01))
-            delay = min(delay * 1.5, 1.0)
+            # (a second at most while the key holder is due; a round waiting for its sites,
+            # its holder perhaps not yet online, is asked every 10 s, as a long poll is: a
+            # second a time, its info and model's spec each time, for up to a day)
+            # defence: sdk.key-wait-spaced-while-waiting
+            top = KEY_WAIT_WAITING_SECONDS if info.HasField("waiting") else 1.0
+            delay = min(delay * 1.5, top)
             began = time.monotonic()
             info = self._info()
         announcement = wire.announcement_from_proto(info.ckks_key.announcement)

@@ -112,7 +112,7 @@ def test_a_stage_whose_last_message_was_counted_is_closed_on_recovery(
         again = job()
         assert again.active is not None
         assert again.active.view.stage == CkksStage.UPLOAD.value
-        assert [e.kind for e in store.events(1)] == ["message", "close"]
+        assert [e.kind for e in store.events(1)] == ["waits", "message", "close"]
     finally:
         store.close()
 
@@ -180,6 +180,7 @@ def test_a_store_whose_events_were_damaged_is_refused_not_replayed(
     try:
         assert job().submit(holder, request) is False  # counted; the key stage closes
         assert [(e.kind, e.stage, e.site) for e in store.events(1)] == [
+            ("waits", CkksStage.KEY_ANNOUNCEMENT.value, 0),
             ("message", CkksStage.KEY_ANNOUNCEMENT.value, holder),
             ("close", CkksStage.KEY_ANNOUNCEMENT.value, 0)]
         assert job().active is not None  # the untouched store replays
@@ -210,7 +211,7 @@ def test_a_store_whose_events_were_damaged_is_refused_not_replayed(
                                                  payload=b"", at=0.0))
             inserted = damage in ("event beyond the round", "message of another stage's kind")
             assert c.execute(sa.select(sa.func.count()).select_from(events)).scalar() == (
-                3 if inserted else 2)  # each damage changed or added one event
+                4 if inserted else 3)  # each damage changed or added one event
         with pytest.raises(ServiceError, match="do not replay") as caught:
             job()
         assert caught.value.code == UNAVAILABLE
@@ -319,7 +320,7 @@ def test_a_message_of_the_running_round_sent_under_an_ended_rounds_id_is_refused
         with pytest.raises(ServiceError) as caught:
             first.submit(holder, misnamed)
         assert caught.value.code in ("ABORTED", "FAILED_PRECONDITION")
-        assert list(store.events(2)) == []
+        assert [e.kind for e in store.events(2)] == ["waits"]  # (nothing counted)
         again = job()  # a restart loads the job, and the offer under its own id is counted
         assert again.submit(holder, offer) is False
         assert again.current_stage == (2, CkksStage.UPLOAD.value)

@@ -1486,11 +1486,12 @@ def test_a_site_holding_no_model_yet_takes_only_the_first_model_its_config_names
 
 def _waiting_round(wait: str, monkeypatch: pytest.MonkeyPatch, waiting_until: float,
                    flapping: bool = False, poll_s: float = 10.0,
-                   stop_at: float = math.inf) -> tuple[Round, list[float]]:
+                   stop_at: float = math.inf,
+                   waiting_from: float = 0.0) -> tuple[Round, list[float]]:
     """A round whose every wait is answered "not yet", said to wait for its sites (1 of the 3
-    it needs asking; ``flapping``: another count at each answer) until the clock passes
-    ``waiting_until``, after ``poll_s`` (an honest poll's full wait: 10 s); _Stopped once
-    the clock passes ``stop_at``."""
+    it needs asking; ``flapping``: another count at each answer) from ``waiting_from`` until
+    the clock passes ``waiting_until``, after ``poll_s`` (an honest poll's full wait: 10 s);
+    _Stopped once the clock passes ``stop_at``."""
     clock = _fake_clock(monkeypatch)
     mine, _ = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS
                           if wait == "ckks_key" else service_pb2.PROTOCOL_MASKING)
@@ -1505,7 +1506,7 @@ def _waiting_round(wait: str, monkeypatch: pytest.MonkeyPatch, waiting_until: fl
             raise _Stopped(calls[0])
         asking = calls[0] % 3 if flapping else 1
         waiting = (service_pb2.RoundWaiting(sites_asking=asking, sites_needed=3)
-                   if clock[0] < waiting_until else None)
+                   if waiting_from <= clock[0] < waiting_until else None)
         if method == "Receive":
             return service_pb2.ReceiveResponse(ready=False, waiting=waiting)
         info = service_pb2.RoundInfo()
@@ -1592,6 +1593,38 @@ def test_a_waiting_round_answered_at_once_stays_paced_past_the_first_patience(
         _wait(rnd, wait)
     # (spaced 2.5 to 5 s once the back-off is at its top)
     assert stopped.value.args[0] <= limit / 2.5 + 20
+
+
+@pytest.mark.parametrize("wait", ["receive", "wait_for_end", "ckks_key"])
+def test_a_round_first_said_waiting_late_is_held_a_day_from_the_submit(
+        wait: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The day a round said waiting is waited for ran from the first answer that said so: a
+    lying aggregator saying so first just before the round's patience ran out held the site
+    a day and two patiences (a reviewer). It runs from the submit."""
+    import clients.site
+
+    patience = clients.site._round_patience(_site("masking", _model_info(
+        1, "hospitals/job-1/round-1")[0], {})[0].config)
+    rnd, clock = _waiting_round(wait, monkeypatch, waiting_until=math.inf,
+                                waiting_from=patience - 15)
+    with pytest.raises(RoundAborted, match="did not end the round"):
+        _wait(rnd, wait)
+    day = clients.site.WAITING_PATIENCE_SECONDS
+    assert day + patience - 30 <= clock[0] <= day + patience + 30
+
+
+def test_a_ckks_key_wait_of_a_waiting_round_asks_every_ten_seconds(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CKKS key wait asks for the round (its info, the model's spec in it) at most a
+    second apart, while the key holder is due; a round waiting for its sites, its holder
+    perhaps not yet online, was asked once a second for up to a day (a reviewer: 89,700
+    asks). While the round waits, it is asked every 10 s, as a long poll is."""
+    half_a_day = 12 * 3600.0
+    rnd, _clock = _waiting_round("ckks_key", monkeypatch, waiting_until=math.inf, poll_s=0.0,
+                                 stop_at=half_a_day)
+    with pytest.raises(_Stopped) as stopped:
+        _wait(rnd, "ckks_key")
+    assert stopped.value.args[0] <= half_a_day / 10 * 1.05 + 20
 
 
 @pytest.mark.parametrize("wait", ["receive", "wait_for_end", "ckks_key"])

@@ -281,6 +281,29 @@ def test_a_kept_key_whose_round_time_is_over_goes_at_the_next_connect(tmp_path) 
     assert history.key_path("job-1").exists()  # type: ignore[union-attr]
 
 
+def test_a_key_holder_restarted_past_its_patience_in_a_waiting_round_keeps_its_key(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A key holder waits with a round that waits for its sites, for up to a day; its kept
+    key expired at the round's patience (55 minutes), so a restart after it found the key
+    gone and could not release the round: every update sent against its model was lost (a
+    reviewer). The key is kept as long as the site may stay in the round."""
+    import time
+
+    import clients.history
+    import clients.site
+
+    first, conn = _holder(tmp_path)
+    rnd = first._join(conn.info)
+    assert rnd is not None and rnd._key is not None
+    key = rnd._key
+    later = time.time() + 6 * clients.site._round_patience(first.config)
+    monkeypatch.setattr(clients.history.time, "time", lambda: later)
+    again, conn = _holder(tmp_path)  # (a Site drops the expired keys as it is made)
+    rnd = again._join(conn.info)
+    assert rnd is not None and rnd._key is not None and rnd._key.key_id == key.key_id
+    assert conn.offers == [key.key_id]
+
+
 def test_an_io_error_reading_the_kept_key_neither_deletes_it_nor_takes_it_for_gone(
         tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     import clients.history as history_module

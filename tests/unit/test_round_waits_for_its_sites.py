@@ -128,36 +128,63 @@ def test_a_round_under_way_stays_under_way_after_a_restart(tmp_path: Path) -> No
         store.close()
 
 
-def test_a_message_replayed_puts_the_round_under_way(tmp_path: Path) -> None:
-    """A site's message to a waiting round is counted and the round waits on (a site sends
-    its keys once trained: the round waits for the others); after a restart, a round with
-    messages counted is under way (a store from before rounds waited holds no under_way
-    event, and sites in the round, some past their patience, may not ask for it again)."""
+def _advertised_then_restarted(tmp_path: Path, *, older_store: bool) -> tuple[Job, Store]:
+    """Site 1 sends its keys to the waiting round 1 (counted; the round waits on for the
+    others), and the aggregator restarts; ``older_store``: the round's "waits" event taken
+    out, as a store from before rounds waited holds none."""
     import numpy as np
 
+    from aggregator.store import events
     from secagg import wire
     from secagg.federation.kit import SiteKit
     from secagg.masking.client import MaskingClient
 
     job, store, now = _job(tmp_path, "masking")
+    active = job.active
+    assert active is not None and active.waiting
+    config = active.role.config
+    fed_dir = Path(job.config.initial_model).parent  # (the aggregator's directory)
+    kit = SiteKit.load(fed_dir.parent / "sites" / "site-1")
+    advert = MaskingClient(config, 1, kit.identity,
+                           (np.zeros(active.view.model.size), 0.5)).start()
+    assert job.submit(1, service_pb2.SubmitRequest(
+        round_id=active.view.round_id,
+        advertise_keys=wire.advertise_to_proto(advert))) is False
+    assert active.waiting
+    assert [e.kind for e in store.events(1)] == ["waits", "message"]
+    if older_store:
+        with store.transaction() as conn:
+            conn.execute(events.delete().where(events.c.kind == "waits"))
+    store.close()
+    store = Store(str(tmp_path / "aggregator.db"))
+    again = Job(job.config, job.roster, store, job._initial, clock=lambda: now[0])
+    again.recover()
+    return again, store
+
+
+def test_a_message_replayed_puts_a_round_of_an_older_store_under_way(tmp_path: Path) -> None:
+    """A store from before rounds waited holds no under_way event, and its round's sites,
+    some past their patience, may not ask for it again: a round with messages counted is
+    under way after a restart."""
+    job, store = _advertised_then_restarted(tmp_path, older_store=True)
+    try:
+        assert job.active is not None and not job.active.waiting
+    finally:
+        store.close()
+
+
+def test_a_round_opened_waiting_waits_on_after_a_restart(tmp_path: Path) -> None:
+    """A restart during a long wait put the round under way as soon as one site's keys were
+    replayed: its deadlines ran with the others still offline, TOO_FEW_SURVIVORS (a
+    reviewer). The round is recorded as opened waiting; after a restart it waits on, and
+    its sites, which wait with it, put it under way by asking again."""
+    job, store = _advertised_then_restarted(tmp_path, older_store=False)
     try:
         active = job.active
-        assert active is not None and active.waiting
-        config = active.role.config
-        fed_dir = Path(job.config.initial_model).parent  # (the aggregator's directory)
-        kit = SiteKit.load(fed_dir.parent / "sites" / "site-1")
-        advert = MaskingClient(config, 1, kit.identity,
-                               (np.zeros(active.view.model.size), 0.5)).start()
-        assert job.submit(1, service_pb2.SubmitRequest(
-            round_id=active.view.round_id,
-            advertise_keys=wire.advertise_to_proto(advert))) is False
-        assert active.waiting
-        assert [e.kind for e in store.events(1)] == ["message"]
-        store.close()
-        store = Store(str(tmp_path / "aggregator.db"))
-        again = Job(job.config, job.roster, store, job._initial, clock=lambda: now[0])
-        again.recover()
-        assert again.active is not None and not again.active.waiting
+        assert active is not None and active.waiting and active.answered == {1}
+        for site in range(1, job._least_sites + 1):
+            job.round_info(0, site)
+        assert not active.waiting
     finally:
         store.close()
 
@@ -315,5 +342,26 @@ def test_a_waiting_round_says_so_to_its_sites_until_it_is_under_way(
         info = job.round_info(0, 1)
         assert info is not None and not info.HasField("waiting")
         assert not job.receive(2, round_id, stage).HasField("waiting")
+    finally:
+        store.close()
+
+
+def test_sites_asking_for_a_later_round_count_as_present(tmp_path: Path) -> None:
+    """A site that left a waiting round (after a day said waiting) asks for the round after
+    it: a round counting only the sites asking for it waited for good once every site was
+    past it, and they for its successor. They count: under way, the round ends (with too few
+    answers, aborted), and the next, which they join, opens."""
+    job, store, now = _job(tmp_path, "masking")
+    try:
+        active = job.active
+        assert active is not None
+        for site in range(1, job._least_sites):
+            assert job.round_info(1, site) is None  # (round 2 is not open)
+        assert active.waiting
+        assert job.round_info(1, job._least_sites) is None
+        assert not active.waiting
+        now[0] += 2 * job.config.deadlines.open
+        job.tick()
+        assert _status(job, 1) == service_pb2.ROUND_STATUS_ABORTED and job.current_round == 2
     finally:
         store.close()
