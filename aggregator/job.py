@@ -379,9 +379,17 @@ class Job:
             elif (event.kind == "under_way" and event.stage == view.stage and event.site == 0
                   and active.waiting):
                 self._under_way(active, record=False, tell=False)
+            # (a store of the thirty-sixth session's build: no "waits" event, so its first
+            # message replayed put the round under way, and the under_way recorded after it
+            # no longer fitted: the round did not recover; a reviewer)
+            # defence: job.older-stores-under-way-replays
+            elif (event.kind == "under_way" and event.stage == view.stage and event.site == 0
+                  and not active.opened_waiting):
+                pass
             # defence: job.opened-waiting-replayed
             elif (event.kind == "waits" and event.stage == view.stage and event.site == 0
-                  and active.waiting and not active.answered):
+                  and event.stage == _opening_stage(view.protocol) and not event.payload
+                  and active.waiting and not active.answered and not active.opened_waiting):
                 active.opened_waiting = True
             else:
                 raise ServiceError(UNAVAILABLE, "the store's events do not replay: an event "

@@ -71,7 +71,8 @@ events = sa.Table(
     "events", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("round", sa.Integer, nullable=False),
-    sa.Column("kind", sa.String(16), nullable=False),  # "message", "close" or "under_way"
+    # "waits" (the round opened waiting for its sites), "message", "close" or "under_way"
+    sa.Column("kind", sa.String(16), nullable=False),
     sa.Column("stage", sa.Integer, nullable=False),
     sa.Column("site", sa.Integer, nullable=False),
     sa.Column("payload", sa.LargeBinary, nullable=False),

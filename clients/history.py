@@ -473,6 +473,32 @@ class History:
                                      f"{e}") from None
 
     @scrubs_locals
+    @scrubs_locals
+    def extend_key(self, job: str, round_id: str, key_id: bytes, expires_in: float) -> None:
+        """Have the key ``key_id`` kept for ``round_id`` expire no sooner than ``expires_in``
+        seconds from now: the site stays in its round longer than it was kept for (a round
+        waiting for its sites, for up to a day; a training run longer than the round's
+        patience), and a restart after it found the key gone, and lost the round. Only that
+        key; a failure is logged, not raised (the key then expires as it was kept)."""
+        path = self.key_path(job)
+        if path is None:
+            return
+        try:
+            with _locked(self._lock_path(), after=""):
+                kept = self._read_key(path)
+                if kept is None or (kept.get("round_id"), kept.get("key_id")) != (
+                        round_id, key_id.hex()):
+                    return
+                until = time.time() + max(0.0, float(expires_in))
+                expires = kept.get("expires")
+                if isinstance(expires, int | float) and expires >= until:
+                    return
+                kept["expires"] = until
+                self._write_key(path, kept)
+        except (SiteError, OSError) as e:
+            _log.warning("the round key in %s could not be kept longer: %s", path,
+                         getattr(e, "strerror", None) or e)
+
     def drop_key(self, job: str, round_id: str, key_id: bytes) -> None:
         """Delete the key ``key_id`` kept for ``round_id`` (its round is over: keys are fresh
         per round); not another round's or another key, which another process on the

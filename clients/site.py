@@ -144,6 +144,9 @@ ROUND_GRACE_SECONDS = 300.0
 WAITING_PATIENCE_SECONDS = 24 * 3600.0
 WAITING_SAID_SECONDS = 60.0
 KEY_WAIT_WAITING_SECONDS = 10.0  # (a CKKS site's key wait, while the round waits for its sites)
+# A key holder's kept round key is kept a round's patience past the site's deadline in the
+# round, extended once the deadline comes this near the key's end.
+KEY_KEPT_MARGIN_SECONDS = 600.0
 
 
 def _round_patience(config: Any) -> float:
@@ -151,10 +154,6 @@ def _round_patience(config: Any) -> float:
     return float(ROUND_PATIENCE * (d.open + 5 * d.stage + d.release) + ROUND_GRACE_SECONDS)
 
 
-def _longest_hold(config: Any) -> float:
-    """The longest a site stays in a round from its submit: a day said waiting for its sites,
-    then the round's patience (and one more for the time before the submit)."""
-    return WAITING_PATIENCE_SECONDS + 2 * _round_patience(config)
 
 
 _RUNNING = service_pb2.ROUND_STATUS_RUNNING
@@ -1165,6 +1164,7 @@ class Round:
     _waited_since: float | None = None
     _waiting_said: tuple[int, int] | None = None
     _waiting_said_at = -math.inf
+    _key_kept_until = -math.inf  # (the monotonic time the kept round key expires at)
 
     def __init__(self, site: Site, info: service_pb2.RoundInfo, model: FlatModel) -> None:
         self._site = site
@@ -1317,6 +1317,7 @@ class Round:
         self._submitted = True
         self._trained_digest = trained
         self._deadline = time.monotonic() + _round_patience(config)
+        self._keep_key_to_the_deadline()
         # a key holder's kept round key goes when its round has ended, either way (a
         # restart mid-round releases with it: clients.history.History.keep_key)
         try:
@@ -1570,6 +1571,7 @@ class Round:
         if now - self._waited_since <= WAITING_PATIENCE_SECONDS:
             # defence: sdk.waiting-round-waited-for
             self._deadline = max(self._deadline, now + _round_patience(self._site.config))
+            self._keep_key_to_the_deadline()
         said = (int(waiting.sites_asking), int(waiting.sites_needed))
         # defence: sdk.waiting-said
         # defence: sdk.waiting-said-once-a-minute
@@ -1579,6 +1581,24 @@ class Round:
             _log.info("round %d waits for its sites to come online (asking: %d, needed: at "
                       "least %d); this site waits with it (the round's deadlines begin once "
                       "enough are)", self.number, *said)
+
+    def _keep_key_to_the_deadline(self) -> None:
+        """A key holder's kept round key lasts as long as the site may stay in the round: it
+        expired at the round's patience from the join, and a holder waiting with a round
+        for its sites (or training longer than that), restarted after it, found its key gone,
+        and the round, with every update sent against its model, was lost. Kept a patience
+        past the site's deadline, extended once the deadline comes within
+        KEY_KEPT_MARGIN_SECONDS of the key's end: one write in most of a patience, and no
+        longer than that past the site's stay (a key left by a crash goes at the first
+        connect after it)."""
+        if self._key is None or self.protocol != "ckks":
+            return
+        now = time.monotonic()
+        # defence: sdk.kept-key-outlasts-a-waiting-round
+        if self._deadline + KEY_KEPT_MARGIN_SECONDS > self._key_kept_until:
+            self._key_kept_until = self._deadline + _round_patience(self._site.config)
+            self._site._history.extend_key(self._site.config.job_id, self.round_id,
+                                           self._key.key_id, self._key_kept_until - now)
 
     def _in_time(self) -> None:
         """RoundAborted once the round has outlasted what its deadlines allow: a lying
@@ -1706,12 +1726,9 @@ class Round:
         try:
             if kept is None:
                 # defence: sdk.key-holder-keeps-its-round-key
-                # (kept as long as the site may stay in the round: a holder waiting with a
-                # round for its sites, restarted past the round's patience, found its key
-                # gone, and the round, and every update sent against its model, was lost)
-                # defence: sdk.kept-key-outlasts-a-waiting-round
                 site._history.keep_key(site.config.job_id, self.number, self.round_id, key,
-                                       expires_in=_longest_hold(site.config))
+                                       expires_in=_round_patience(site.config))
+                self._key_kept_until = time.monotonic() + _round_patience(site.config)
         # defence: sdk.another-kept-key-not-announced
         except AnotherKeyKept:
             raise  # (never announced: Site._join skips the round)
@@ -1754,9 +1771,12 @@ class Round:
             time.sleep(min(max(delay, owed), max(0.0, self._deadline - time.monotonic()) + 0.01))
             # (a second at most while the key holder is due; a round waiting for its sites,
             # its holder perhaps not yet online, is asked every 10 s, as a long poll is: a
-            # second a time, its info and model's spec each time, for up to a day)
+            # second a time, its info and model's spec each time, for up to a day. Or a
+            # twentieth of the open deadline, if less: the key seen late once the round is
+            # under way is time lost from the uploads')
             # defence: sdk.key-wait-spaced-while-waiting
-            top = KEY_WAIT_WAITING_SECONDS if info.HasField("waiting") else 1.0
+            top = (min(KEY_WAIT_WAITING_SECONDS, max(1.0, site.config.deadlines.open / 20))
+                   if info.HasField("waiting") else 1.0)
             delay = min(delay * 1.5, top)
             began = time.monotonic()
             info = self._info()

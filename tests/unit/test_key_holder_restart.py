@@ -286,22 +286,41 @@ def test_a_key_holder_restarted_past_its_patience_in_a_waiting_round_keeps_its_k
     """A key holder waits with a round that waits for its sites, for up to a day; its kept
     key expired at the round's patience (55 minutes), so a restart after it found the key
     gone and could not release the round: every update sent against its model was lost (a
-    reviewer). The key is kept as long as the site may stay in the round."""
+    reviewer). The key is kept a patience past the site's deadline while the site stays in
+    the round, rewritten once in most of a patience, and no longer once it has left."""
     import time
 
     import clients.history
     import clients.site
+    from secagg.v1 import service_pb2
 
     first, conn = _holder(tmp_path)
     rnd = first._join(conn.info)
     assert rnd is not None and rnd._key is not None
     key = rnd._key
-    later = time.time() + 6 * clients.site._round_patience(first.config)
-    monkeypatch.setattr(clients.history.time, "time", lambda: later)
+    patience = clients.site._round_patience(first.config)
+    began_wall, began = time.time(), time.monotonic()
+    clock = [0.0]
+    monkeypatch.setattr(clients.site.time, "monotonic", lambda: began + clock[0])
+    monkeypatch.setattr(clients.history.time, "time", lambda: began_wall + clock[0])
+    writes = []
+    extend = clients.history.History.extend_key
+    monkeypatch.setattr(clients.history.History, "extend_key",
+                        lambda self, *a, **k: (writes.append(a), extend(self, *a, **k)))
+    waiting = service_pb2.RoundWaiting(sites_asking=1, sites_needed=3)
+    while clock[0] < 6 * patience:  # (said waiting every 10 s, for six patiences)
+        clock[0] += 10.0
+        rnd._note_waiting(waiting)
+    assert 5 <= len(writes) <= 6 * patience / (patience - 600) + 1
     again, conn = _holder(tmp_path)  # (a Site drops the expired keys as it is made)
     rnd = again._join(conn.info)
     assert rnd is not None and rnd._key is not None and rnd._key.key_id == key.key_id
     assert conn.offers == [key.key_id]
+    # the site gone (a crash) for two patiences: the key goes at the next connect
+    clock[0] += 2 * patience + 1
+    _holder(tmp_path)  # (connects: drops the expired keys)
+    assert clients.history.History(tmp_path).load_key(
+        "job-1", "hospitals/job-1/round-1") is None
 
 
 def test_an_io_error_reading_the_kept_key_neither_deletes_it_nor_takes_it_for_gone(

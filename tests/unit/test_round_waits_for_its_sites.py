@@ -128,10 +128,12 @@ def test_a_round_under_way_stays_under_way_after_a_restart(tmp_path: Path) -> No
         store.close()
 
 
-def _advertised_then_restarted(tmp_path: Path, *, older_store: bool) -> tuple[Job, Store]:
+def _advertised_then_restarted(tmp_path: Path, *, older_store: bool,
+                               under_way: bool = False) -> tuple[Job, Store]:
     """Site 1 sends its keys to the waiting round 1 (counted; the round waits on for the
-    others), and the aggregator restarts; ``older_store``: the round's "waits" event taken
-    out, as a store from before rounds waited holds none."""
+    others; ``under_way``: then the others ask, and it is under way), and the aggregator
+    restarts; ``older_store``: the round's "waits" event taken out, as a store from before
+    rounds waited, or from the build before this one, holds none."""
     import numpy as np
 
     from aggregator.store import events
@@ -151,7 +153,12 @@ def _advertised_then_restarted(tmp_path: Path, *, older_store: bool) -> tuple[Jo
         round_id=active.view.round_id,
         advertise_keys=wire.advertise_to_proto(advert))) is False
     assert active.waiting
-    assert [e.kind for e in store.events(1)] == ["waits", "message"]
+    if under_way:
+        for site in range(1, job._least_sites + 1):
+            job.round_info(0, site)
+        assert not active.waiting
+    assert [e.kind for e in store.events(1)] == ["waits", "message"] + (
+        ["under_way"] if under_way else [])
     if older_store:
         with store.transaction() as conn:
             conn.execute(events.delete().where(events.c.kind == "waits"))
@@ -363,5 +370,21 @@ def test_sites_asking_for_a_later_round_count_as_present(tmp_path: Path) -> None
         now[0] += 2 * job.config.deadlines.open
         job.tick()
         assert _status(job, 1) == service_pb2.ROUND_STATUS_ABORTED and job.current_round == 2
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("older_store", [False, True], ids=["this", "older"])
+def test_a_round_put_under_way_after_a_message_recovers(tmp_path: Path,
+                                                        older_store: bool) -> None:
+    """The common early-site course: one site's keys counted while the round waits, then the
+    others ask and it is under way. A store of the build before the "waits" event held
+    [message, under_way]: the message replayed put the round under way, the under_way then
+    did not fit, and the round did not recover (a reviewer). Both recover, under way."""
+    job, store = _advertised_then_restarted(tmp_path, older_store=older_store,
+                                            under_way=True)
+    try:
+        assert job.active is not None and not job.active.waiting
+        assert job.active.answered == {1}
     finally:
         store.close()
