@@ -51,7 +51,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -473,48 +473,47 @@ class History:
                                      f"{e}") from None
 
     @scrubs_locals
-    @scrubs_locals
     def extend_key(self, job: str, round_id: str, key_id: bytes, expires_in: float) -> None:
         """Have the key ``key_id`` kept for ``round_id`` expire no sooner than ``expires_in``
         seconds from now: the site stays in its round longer than it was kept for (a round
         waiting for its sites, for up to a day; a training run longer than the round's
         patience), and a restart after it found the key gone, and lost the round. Only that
         key; a failure is logged, not raised (the key then expires as it was kept)."""
-        path = self.key_path(job)
-        if path is None:
-            return
-        try:
-            with _locked(self._lock_path(), after=""):
-                kept = self._read_key(path)
-                if kept is None or (kept.get("round_id"), kept.get("key_id")) != (
-                        round_id, key_id.hex()):
-                    return
-                until = time.time() + max(0.0, float(expires_in))
-                expires = kept.get("expires")
-                if isinstance(expires, int | float) and expires >= until:
-                    return
-                kept["expires"] = until
-                self._write_key(path, kept)
-        except (SiteError, OSError) as e:
-            _log.warning("the round key in %s could not be kept longer: %s", path,
-                         getattr(e, "strerror", None) or e)
+        def extend(path: Path, kept: dict[str, Any] | None) -> None:
+            if kept is None or not _is_the_key(kept, round_id, key_id):
+                return
+            until = time.time() + max(0.0, float(expires_in))
+            expires = kept.get("expires")
+            if isinstance(expires, int | float) and expires >= until:
+                return
+            kept["expires"] = until
+            self._write_key(path, kept)
+
+        self._on_kept_key(job, "kept longer", extend)
 
     def drop_key(self, job: str, round_id: str, key_id: bytes) -> None:
         """Delete the key ``key_id`` kept for ``round_id`` (its round is over: keys are fresh
         per round); not another round's or another key, which another process on the
         directory may hold now. A failure is logged, not raised."""
+        def drop(path: Path, kept: dict[str, Any] | None) -> None:
+            # defence: sdk.kept-key-dropped-only-for-its-round
+            if kept is None or _is_the_key(kept, round_id, key_id):
+                _unlink_all(path, quiet=False)
+
+        self._on_kept_key(job, "deleted", drop)
+
+    def _on_kept_key(self, job: str, done: str,
+                     act: Callable[[Path, dict[str, Any] | None], None]) -> None:
+        """``act`` on the key kept in ``job`` (None if none), under the history's lock; a
+        failure is logged as the key not ``done``, not raised."""
         path = self.key_path(job)
         if path is None:
             return
         try:
             with _locked(self._lock_path(), after=""):
-                kept = self._read_key(path)
-                # defence: sdk.kept-key-dropped-only-for-its-round
-                if kept is None or (kept.get("round_id"), kept.get("key_id")) == (
-                        round_id, key_id.hex()):
-                    _unlink_all(path, quiet=False)
+                act(path, self._read_key(path))
         except (SiteError, OSError) as e:
-            _log.warning("the round key in %s could not be deleted: %s", path,
+            _log.warning("the round key in %s could not be %s: %s", path, done,
                          getattr(e, "strerror", None) or e)
 
     @scrubs_locals
@@ -904,3 +903,8 @@ def _read(path: Path) -> tuple[dict[str, int], dict[str, tuple[int, bytes]],
                         "as recent as this site's last round (an older one, or none, would let "
                         "an aggregator have this site send against a model again); without "
                         "one, take part only in a new job") from None
+
+
+def _is_the_key(kept: dict[str, Any], round_id: str, key_id: bytes) -> bool:
+    """Whether the kept key is ``key_id``, kept for ``round_id``."""
+    return (kept.get("round_id"), kept.get("key_id")) == (round_id, key_id.hex())

@@ -1164,6 +1164,7 @@ class Round:
     _waited_since: float | None = None
     _waiting_said: tuple[int, int] | None = None
     _waiting_said_at = -math.inf
+    _said_under_way = False
     _key_kept_until = -math.inf  # (the monotonic time the kept round key expires at)
 
     def __init__(self, site: Site, info: service_pb2.RoundInfo, model: FlatModel) -> None:
@@ -1559,7 +1560,13 @@ class Round:
         if waiting.sites_needed == 0:  # (not said: under way, or never waited)
             if self._waited_since is not None and self._waiting_said is not None:
                 self._waiting_said = None
-                _log.info("round %d is under way: the sites it needs are online", self.number)
+                # (a round under way never waits again: an aggregator saying "waiting" and
+                # "under way" in turn got a false line after each "waits", two a minute)
+                # defence: sdk.under-way-said-once
+                if not self._said_under_way:
+                    self._said_under_way = True
+                    _log.info("round %d is under way: the sites it needs are online",
+                              self.number)
             return
         if self._waited_since is None:
             # (from when the round's patience last began, at the join or the submit: a first

@@ -1487,11 +1487,13 @@ def test_a_site_holding_no_model_yet_takes_only_the_first_model_its_config_names
 def _waiting_round(wait: str, monkeypatch: pytest.MonkeyPatch, waiting_until: float,
                    flapping: bool = False, poll_s: float = 10.0,
                    stop_at: float = math.inf,
-                   waiting_from: float = 0.0) -> tuple[Round, list[float]]:
+                   waiting_from: float = 0.0,
+                   flipping: bool = False) -> tuple[Round, list[float]]:
     """A round whose every wait is answered "not yet", said to wait for its sites (1 of the 3
-    it needs asking; ``flapping``: another count at each answer) from ``waiting_from`` until
-    the clock passes ``waiting_until``, after ``poll_s`` (an honest poll's full wait: 10 s);
-    _Stopped once the clock passes ``stop_at``."""
+    it needs asking; ``flapping``: another count at each answer; ``flipping``: said under way
+    at every other answer) from ``waiting_from`` until the clock passes ``waiting_until``,
+    after ``poll_s`` (an honest poll's full wait: 10 s); _Stopped once the clock passes
+    ``stop_at``."""
     clock = _fake_clock(monkeypatch)
     mine, _ = _model_info(1, "hospitals/job-1/round-1", service_pb2.PROTOCOL_CKKS
                           if wait == "ckks_key" else service_pb2.PROTOCOL_MASKING)
@@ -1506,7 +1508,8 @@ def _waiting_round(wait: str, monkeypatch: pytest.MonkeyPatch, waiting_until: fl
             raise _Stopped(calls[0])
         asking = calls[0] % 3 if flapping else 1
         waiting = (service_pb2.RoundWaiting(sites_asking=asking, sites_needed=3)
-                   if waiting_from <= clock[0] < waiting_until else None)
+                   if waiting_from <= clock[0] < waiting_until
+                   and not (flipping and calls[0] % 2 == 0) else None)
         if method == "Receive":
             return service_pb2.ReceiveResponse(ready=False, waiting=waiting)
         info = service_pb2.RoundInfo()
@@ -1645,6 +1648,26 @@ def test_a_round_said_to_wait_for_ever_is_given_up_after_a_day(
     assert day + patience - 30 <= clock[0] <= day + patience + 30
     said = [r for r in caplog.records if "waits for its sites" in r.getMessage()]
     assert 1 <= len(said) <= day / clients.site.WAITING_SAID_SECONDS + 1
+
+
+@pytest.mark.parametrize("wait", ["receive", "wait_for_end", "ckks_key"])
+def test_a_round_said_to_flip_between_waiting_and_under_way_is_said_once_a_minute(
+        wait: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A round under way never waits for its sites again. A lying aggregator answering
+    "waiting" and "under way" in turn got two lines a minute from a site, for a day (an
+    outside attacker): "waits" once a minute, and a false "is under way" after each. A round
+    is said under way once; its site's lines on the wait stay at one a minute."""
+    import clients.site
+
+    rnd, clock = _waiting_round(wait, monkeypatch, waiting_until=float("inf"),
+                                flipping=True)
+    with caplog.at_level("INFO", logger="clients"), \
+            pytest.raises(RoundAborted, match="did not end the round"):
+        _wait(rnd, wait)
+    waits = [r for r in caplog.records if "waits for its sites" in r.getMessage()]
+    under_way = [r for r in caplog.records if "is under way" in r.getMessage()]
+    assert len(waits) >= 2 and len(under_way) == 1
+    assert len(waits) <= clock[0] / clients.site.WAITING_SAID_SECONDS + 1
 
 
 def test_a_never_ending_round_is_given_up_after_the_documented_time(
