@@ -10,6 +10,10 @@ runs no handler, so the runner could not kill this process group itself): the ru
 interrupted as Ctrl-C would (fixtures tear down: their servers, their databases), and whatever
 of the process group is still running a grace period later, or at exit, is killed.
 
+When ``SECAGG_AUDIT_MODULES`` names modules (comma-separated), it records, with the outcomes,
+the file each was imported from in this process (those the tests imported): the runner then
+need not import them in an interpreter of their own to show the copy's code was tested.
+
 ``SECAGG_AUDIT_RUN`` marks every process of one run: pytest and whatever it starts inherit it
 in their environment, also those that make a session (and a process group) of their own, which
 a kill of the group misses. ``kill_marked`` kills them by that mark.
@@ -22,6 +26,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -29,6 +34,7 @@ from typing import Any
 ENV = "SECAGG_AUDIT_OUTCOMES"
 LIFELINE_ENV = "SECAGG_AUDIT_LIFELINE"
 RUN_ENV = "SECAGG_AUDIT_RUN"
+MODULES_ENV = "SECAGG_AUDIT_MODULES"
 GRACE_SECONDS = 30.0
 _RANK = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}
 _outcomes: dict[str, str] = {}
@@ -62,7 +68,18 @@ def pytest_sessionfinish(session: Any, exitstatus: Any) -> None:
     if path:
         with open(path, "w", encoding="utf-8") as f:
             json.dump({"outcomes": _outcomes, "collection_errors": _collection_errors,
-                       "exit_status": int(exitstatus)}, f, indent=1)
+                       "exit_status": int(exitstatus), "imported": _imported()}, f, indent=1)
+
+
+def _imported() -> dict[str, str]:
+    """The file each module named in SECAGG_AUDIT_MODULES was imported from, of those this
+    process imported (one whose import failed is not in sys.modules)."""
+    found = {}
+    for name in filter(None, os.environ.get(MODULES_ENV, "").split(",")):
+        where = getattr(sys.modules.get(name), "__file__", None)
+        if isinstance(where, str):
+            found[name] = where
+    return found
 
 
 def kill_marked(token: str, spare: int | None = None) -> None:

@@ -4,21 +4,26 @@ The base copy holds the repository's tracked files plus untracked files git does
 (so uncommitted work is audited too), never ``.venv``. Each control gets its own copy of the
 base, with only the edited file rewritten, so the base stays pristine and controls can run side
 by side. The copies are real copies, not hard links: a test that rewrote a tracked file in place
-would have rewritten the base's file through the link, and every later copy with it.
+would have rewritten the base's file through the link, and every later copy with it. The
+base's Python files are compiled once, and every copy gets their bytecode, checked against
+its source's hash when imported (an edited file's is never used).
 
 A runner killed with SIGKILL cannot remove its workspace. Each workspace names its owner (pid,
 start time and pid namespace) in an ``owner`` file, and making a workspace first removes those
 of owners that are gone; a ``--keep`` workspace has no owner file, so it is never removed.
 
 Subprocesses run with the copy as working directory and as ``PYTHONPATH``: ``import secagg``
-must resolve to the copy even though the package is installed editable. :meth:`check_imports`
-verifies that, and fails loudly when it is not so.
+must resolve to the copy even though the package is installed editable. The runner checks
+where a control's tests imported ``secagg`` and the edited module from (or, for one they did
+not import, :meth:`check_imports` does), and fails loudly when it is not the copy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import py_compile
 import shutil
 import subprocess
 import sys
@@ -139,6 +144,31 @@ def audited_files(root: Path) -> list[str]:
     return files
 
 
+def _compile(base: Path, files: list[str]) -> list[str]:
+    """Compile the base's Python files once, for every copy (relative paths of the bytecode
+    written): each control's tests compiled the whole project anew in their fresh copy
+    (PYTHONDONTWRITEBYTECODE, or empty caches), most of a second a control. The bytecode is
+    checked against its source's hash at each import, never its time stamp: a control's
+    edited file (or one a test rewrote) is compiled from what it holds, whatever its size
+    and modification time. None with a bytecode prefix (PYTHONPYCACHEPREFIX: outside)."""
+    if sys.pycache_prefix:
+        return []
+    written = []
+    for rel in files:
+        src = base / rel
+        if not rel.endswith(".py") or src.is_symlink():
+            continue
+        cache = Path(importlib.util.cache_from_source(str(src)))
+        try:
+            # defence: audit.copied-bytecode-checked-against-its-source
+            py_compile.compile(str(src), cfile=str(cache), doraise=True,
+                               invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+        except (py_compile.PyCompileError, OSError, ValueError):
+            continue  # (compiled, or refused, by the import that needs it, as before)
+        written.append(cache.relative_to(base).as_posix())
+    return written
+
+
 PLUGIN_MODULE = "secagg_audit_outcomes"
 CI_VARIABLES = ("CI", "BUILD_NUMBER")  # what pytest reads to decide it runs on CI
 
@@ -219,6 +249,7 @@ class Workspace:
                     dest.symlink_to(os.path.relpath(target.resolve(), (real_root / rel).parent))
                     continue
                 shutil.copy2(src, dest, follow_symlinks=False)
+            self.bytecode = _compile(self.base, self.files)
         except BaseException:
             self.close()  # (the workspace is nobody's yet: no with-block will remove it)
             raise
@@ -228,7 +259,7 @@ class Workspace:
         a test that rewrote a repository file changed what every later control tested (an
         auditor's finding: a control that removed nothing came out caught)."""
         copy = self.dir / "controls" / name
-        for rel in self.files:
+        for rel in [*self.files, *self.bytecode]:
             src, dest = self.base / rel, copy / rel
             _inside(copy, dest, rel)
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -265,10 +296,7 @@ class Workspace:
         no longer imports. Raises :class:`AuditError` when a module resolves outside the copy:
         the tests would then run against code that is not the one being audited.
         """
-        modules = ["secagg"]
-        edited = _module_name(edited_file) if edited_file else None
-        if edited and edited != "secagg":
-            modules.append(edited)
+        modules = self.modules_to_check(edited_file)
         # (its lifeline, as a control's pytest has: an edited module that loops at import
         # outlived a runner killed with SIGKILL, at full CPU, for ever)
         life_read, life_write = os.pipe()
@@ -298,14 +326,29 @@ class Workspace:
             lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
             return lines[-1] if lines else f"import failed with exit code {proc.returncode}"
         resolved = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+        self.check_resolved(copy, resolved, modules)
+        return None
+
+    @staticmethod
+    def modules_to_check(edited_file: str | None) -> list[str]:
+        """``secagg`` and the edited module, if the edited file is one."""
+        modules = ["secagg"]
+        edited = _module_name(edited_file) if edited_file else None
+        if edited and edited != "secagg":
+            modules.append(edited)
+        return modules
+
+    @staticmethod
+    def check_resolved(copy: Path, resolved: dict[str, str], modules: list[str]) -> None:
+        """AuditError unless each of ``modules`` was imported from a file in ``copy``."""
         for name in modules:
             where = Path(resolved.get(name, "")).resolve()
+            # defence: audit.imports-resolve-in-the-copy
             if not where.is_relative_to(copy.resolve()):
                 raise AuditError(
                     f"in the copy {copy}, 'import {name}' resolved to {where}, outside the copy: "
                     "the tests would not see the edit (is PYTHONPATH honoured?)"
                 )
-        return None
 
     def close(self) -> None:
         if not self.keep:

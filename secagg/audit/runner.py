@@ -53,6 +53,7 @@ class PytestRun:
     outcomes: dict[str, str]  # node id -> passed / failed / error / skipped
     collection_errors: dict[str, str]
     flaky: tuple[str, ...] = ()  # (the baseline's: failed, then passed when run again)
+    imported: dict[str, str] = field(default_factory=dict)  # module -> file (MODULES_ENV)
 
     def failed(self) -> list[str]:
         return [k for k, v in self.outcomes.items() if v in ("failed", "error")]
@@ -80,9 +81,10 @@ def stop_running() -> None:
 
 
 def run_pytest(ws: Workspace, copy: Path, args: Sequence[str], *,
-               timeout: float) -> PytestRun:
+               timeout: float, modules: Sequence[str] = ()) -> PytestRun:
     """``python -m pytest ARGS`` with cwd and PYTHONPATH = ``copy``, recording each test's
-    outcome; the whole process group is killed at the timeout."""
+    outcome (and where it imported ``modules`` from, those it imported); the whole process
+    group is killed at the timeout."""
     if _stopping.is_set():
         raise AuditError("the run was stopped")
     fd, name = tempfile.mkstemp(prefix="outcomes-", suffix=".json", dir=ws.dir)
@@ -99,7 +101,8 @@ def run_pytest(ws: Workspace, copy: Path, args: Sequence[str], *,
             [sys.executable, "-m", "pytest", "-p", PLUGIN_MODULE, *args], cwd=copy,
             env=subprocess_env(copy, {_pytest_plugin.ENV: name,
                                       _pytest_plugin.LIFELINE_ENV: str(life_read),
-                                      _pytest_plugin.RUN_ENV: token},
+                                      _pytest_plugin.RUN_ENV: token,
+                                      _pytest_plugin.MODULES_ENV: ",".join(modules)},
                                ws.plugin_dir),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True, pass_fds=(life_read,))
@@ -138,8 +141,10 @@ def run_pytest(ws: Workspace, copy: Path, args: Sequence[str], *,
         data = {}
     finally:
         Path(name).unlink(missing_ok=True)
+    imported = data.get("imported", {})
     return PytestRun(code, out, seconds, dict(data.get("outcomes", {})),
-                     dict(data.get("collection_errors", {})))
+                     dict(data.get("collection_errors", {})),
+                     imported=dict(imported) if isinstance(imported, dict) else {})
 
 
 def _tail(text: str, lines: int = 15) -> str:
@@ -173,6 +178,42 @@ _suites = itertools.count(1)
 # lists runs in it (600 s was passed by 1,146 listed tests, half of them end-to-end, and every
 # control came out invalid; the whole default suite takes about 16 minutes)
 BASELINE_SECONDS = 1800.0
+IMPORT_CHECK_SECONDS = 120.0  # (after the control's tests, whatever of its timeout is left)
+
+
+def _shards(listed: Sequence[str], jobs: int) -> list[list[str]]:
+    """``listed`` in at most ``jobs`` runs, each test file's tests in one run (its module
+    and its fixtures set up once), the runs of about the same weight (an end-to-end test, a
+    subprocess's start or more, weighs ten)."""
+    by_file: dict[str, list[str]] = {}
+    for t in listed:
+        by_file.setdefault(t.split("::", 1)[0], []).append(t)
+
+    def weight(path: str) -> int:
+        return len(by_file[path]) * (10 if "/e2e/" in f"/{path}" else 1)
+
+    shards: list[tuple[int, list[str]]] = [(0, []) for _ in range(max(1, jobs))]
+    for path in sorted(by_file, key=lambda p: (-weight(p), p)):
+        i = min(range(len(shards)), key=lambda k: shards[k][0])
+        shards[i] = (shards[i][0] + weight(path), shards[i][1] + by_file[path])
+    return [tests for _, tests in shards if tests] or [[]]
+
+
+def merged(runs: Sequence[PytestRun]) -> PytestRun:
+    """One run of several side by side: every outcome, the worst exit (killed, then a crash
+    or usage error, then a failure), the longest time."""
+    if len(runs) == 1:
+        return runs[0]
+    codes = [r.exit_code for r in runs]
+    code: int | None
+    if None in codes:
+        code = None
+    else:
+        code = max((c for c in codes if c is not None),
+                   key=lambda c: (c not in (0, 1), c != 0))
+    return PytestRun(code, "\n".join(r.output for r in runs), max(r.seconds for r in runs),
+                     {k: v for r in runs for k, v in r.outcomes.items()},
+                     {k: v for r in runs for k, v in r.collection_errors.items()})
 
 
 def run_suite(ws: Workspace, paths: Sequence[str], *, timeout: float) -> PytestRun:
@@ -322,8 +363,16 @@ class ControlRunner:
     def baseline(self, controls: Sequence[Control]) -> PytestRun:
         """Run the union of the listed tests on the unmodified base copy."""
         listed = sorted({t for c in controls for t in c.tests})
-        self._say(f"baseline: running the {len(listed)} listed tests unmodified ...")
-        run = run_suite(self.ws, listed, timeout=max(self.timeout, BASELINE_SECONDS))
+        shards = _shards(listed, self.jobs)
+        self._say(f"baseline: running the {len(listed)} listed tests unmodified"
+                  f"{f' ({len(shards)} runs side by side)' if len(shards) > 1 else ''} ...")
+        # (as the controls run: one pytest a core; a single run left a core idle for the
+        # baseline's twelve minutes)
+        with ThreadPoolExecutor(max_workers=len(shards)) as pool:
+            run = merged(list(pool.map(
+                lambda shard: run_suite(self.ws, shard,
+                                        timeout=max(self.timeout, BASELINE_SECONDS)),
+                shards)))
         if run.exit_code not in (0, 1):
             self._say(f"baseline: pytest exited with {run.exit_code}:\n{_tail(run.output)}")
         bad = failing(run, listed)
@@ -418,15 +467,26 @@ class ControlRunner:
             return ControlResult(control, "invalid", detail=str(e))
         copy = self.ws.make_copy(f"{index:03d}-{control.id}", control.file, edited)
         timeout = control.timeout or self.timeout
+        modules = self.ws.modules_to_check(control.file)
         try:
-            error = self.ws.check_imports(copy, control.file, timeout=timeout)
-            if error is not None:
-                return ControlResult(control, "invalid", time.perf_counter() - began,
-                                     detail=f"the edited {control.file} no longer imports: "
-                                            f"{error}")
             args = ["-x", *PYTEST_ARGS] if self.stop_at_first else [*PYTEST_ARGS]
-            run = run_pytest(self.ws, copy, [*args, *control.tests],
+            run = run_pytest(self.ws, copy, [*args, *control.tests], modules=modules,
                              timeout=max(1.0, timeout - (time.perf_counter() - began)))
+            # the tests imported the edited module from the copy, in their own process: it
+            # imports, and the copy's code was tested. Only one they did not import (it
+            # failed to, or only a subprocess of theirs did) is imported in an interpreter
+            # of its own: one for every control was a third of the controls' time.
+            # defence: audit.edited-module-import-checked
+            if all(m in run.imported for m in modules):
+                # defence: audit.tests-imports-resolve-in-the-copy
+                self.ws.check_resolved(copy, run.imported, modules)
+            else:
+                error = self.ws.check_imports(copy, control.file,
+                                              timeout=min(timeout, IMPORT_CHECK_SECONDS))
+                if error is not None:
+                    return ControlResult(control, "invalid", time.perf_counter() - began,
+                                         detail=f"the edited {control.file} no longer "
+                                                f"imports: {error}")
         finally:
             self.ws.remove_copy(copy)
         return classify(control, run, time.perf_counter() - began, timeout)

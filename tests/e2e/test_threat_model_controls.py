@@ -111,8 +111,37 @@ def test_controls_are_classified_and_the_repository_is_untouched(
 def test_a_copy_that_imports_the_installed_package_fails_loudly(tmp_path: Path) -> None:
     # an empty directory has no secagg/: 'import secagg' would fall through to the editable
     # install, so the tests would never see an edit
-    with Workspace(ROOT) as ws, pytest.raises(AuditError, match="outside the copy"):
-        ws.check_imports(tmp_path)
+    repo = _git_repo(tmp_path / "repo", {"secagg/__init__.py": ""})
+    (tmp_path / "empty").mkdir()
+    with Workspace(repo) as ws, pytest.raises(AuditError, match="outside the copy"):
+        ws.check_imports(tmp_path / "empty")
+
+
+def test_a_copys_edit_is_imported_though_the_bases_bytecode_is_copied(tmp_path: Path) -> None:
+    """Every copy gets the base's bytecode (compiled once: each control's tests compiled the
+    whole project anew). An edited file's must never be used: the edit below keeps the
+    file's size and modification time, which is all a time-stamped bytecode file checks."""
+    import subprocess
+    import sys
+
+    repo = _git_repo(tmp_path / "repo", {"secagg/__init__.py": "",
+                                         "secagg/k.py": "VALUE = 12\n",
+                                         "secagg/other.py": "VALUE = 1\n"})
+    with Workspace(repo) as ws:
+        copy = ws.make_copy("edited", "secagg/k.py", "VALUE = 13\n")
+        edited = copy / "secagg" / "k.py"
+        base = (ws.base / "secagg" / "k.py").stat()
+        os.utime(edited, ns=(base.st_atime_ns, base.st_mtime_ns))
+        assert edited.stat().st_size == base.st_size
+        cached = copy / "secagg" / "__pycache__"
+        assert {p.name.split(".")[0] for p in cached.iterdir()} >= {"k", "other", "__init__"}
+        out = subprocess.run(
+            [sys.executable, "-c", "import secagg.k as k, secagg.other as o; "
+             "print(k.VALUE, k.__file__, o.__cached__)"],
+            cwd=copy, env=subprocess_env(copy), capture_output=True, text=True, check=True,
+            timeout=120).stdout.split()
+        assert out[0] == "13" and Path(out[1]).resolve() == edited.resolve()
+        assert Path(out[2]).resolve().is_relative_to(copy.resolve())
 
 
 def test_controls_run_pytest_as_on_a_desk_even_on_ci(monkeypatch: pytest.MonkeyPatch,

@@ -507,3 +507,110 @@ def test_ctrl_c_stops_the_running_tests_and_a_stopped_run_retries_nothing(
     finally:
         runner_module._stopping.clear()
     assert attempts == [0] and result.attempts == 1 and "retried" not in stream.getvalue()
+
+
+class _Copies:
+    """A workspace whose copies are one directory (``base``), checked as the real one checks."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.checked: list[str] = []
+
+    def make_copy(self, name: str, edited_file: str, edited_text: str) -> Path:
+        return self.base
+
+    def remove_copy(self, copy: Path) -> None:
+        pass
+
+    modules_to_check = staticmethod(runner_module.Workspace.modules_to_check)
+    check_resolved = staticmethod(runner_module.Workspace.check_resolved)
+
+    def check_imports(self, copy: Path, edited_file: str | None = None,
+                      timeout: float = 120.0) -> str | None:
+        self.checked.append(edited_file or "")
+        return "ModuleNotFoundError: No module named 'os_that_does_not_exist'"
+
+
+@pytest.mark.parametrize("imported", ["both", "secagg only", "outside"])
+def test_where_a_controls_tests_imported_the_edited_module_is_checked(
+        imported: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A control's tests that imported ``secagg`` and the edited module from the copy show
+    both import there: no interpreter of their own is started to show it. A module they did
+    not import is imported alone (here: it no longer imports, so the control is invalid);
+    one imported from outside the copy (the installed package) stops the run."""
+    from secagg.audit import AuditError
+
+    (tmp_path / "secagg").mkdir()
+    (tmp_path / "secagg" / "x.py").write_text("a\n")
+    files = {"secagg": str(tmp_path / "secagg" / "__init__.py"),
+             "secagg.x": str(tmp_path / "secagg" / "x.py")}
+    if imported == "secagg only":
+        del files["secagg.x"]
+    elif imported == "outside":
+        files["secagg.x"] = "/usr/lib/python3/secagg/x.py"
+    ws = _Copies(tmp_path)
+    seen: list[tuple[str, ...]] = []
+
+    def run(ws_: Any, copy: Path, args: Any, *, timeout: float,
+            modules: tuple[str, ...] = ()) -> PytestRun:
+        seen.append(tuple(modules))
+        return PytestRun(1, "", 0.1, {TEST: "failed"}, {}, imported=files)
+
+    monkeypatch.setattr(runner_module, "run_pytest", run)
+    r = ControlRunner(ws, jobs=1)  # type: ignore[arg-type]
+    if imported == "outside":
+        with pytest.raises(AuditError, match="outside the copy"):
+            r._attempt(_control(), 0)
+        return
+    got = r._attempt(_control(), 0)
+    assert seen == [("secagg", "secagg.x")]
+    if imported == "both":
+        assert got.result == "caught" and ws.checked == []
+    else:
+        assert got.result == "invalid" and "no longer imports" in got.detail
+        assert ws.checked == ["secagg/x.py"]
+
+
+def test_the_baseline_runs_one_pytest_a_job_each_file_in_one_and_keeps_every_outcome(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The baseline ran in one pytest, a core idle for its twelve minutes on CI. With two
+    jobs it runs two, each test file in one of them; what either saw is kept, its worst
+    exit too (a failure, a crash), and a test failing in either is run once more."""
+    tests = ["tests/e2e/test_a.py::test_1", "tests/e2e/test_a.py::test_2",
+             "tests/unit/test_b.py::test_1", "tests/unit/test_c.py::test_1",
+             "tests/unit/test_c.py::test_2[x]"]
+    controls = [Control(id=f"demo.{i}", defence="d", file="secagg/x.py",
+                        edits=(Edit("a", "b"),), tests=(t,)) for i, t in enumerate(tests)]
+    asked: list[list[str]] = []
+
+    def suite(ws: Any, paths: list[str], *, timeout: float) -> PytestRun:
+        asked.append(list(paths))
+        if len(asked) > 2:  # (the failing test, once more alone)
+            return PytestRun(1, "", 1.0, {p: "failed" for p in paths}, {})
+        if "tests/unit/test_b.py::test_1" in paths:
+            return PytestRun(1, "b", 2.0, {p: "failed" if "test_b" in p else "passed"
+                                           for p in paths}, {})
+        return PytestRun(0, "a", 3.0, {p: "passed" for p in paths}, {})
+
+    monkeypatch.setattr(runner_module, "run_suite", suite)
+    r = ControlRunner(_Workspace(), jobs=2, progress=io.StringIO())  # type: ignore[arg-type]
+    base = r.baseline(controls)
+    first = asked[:2]
+    assert len(first) == 2 and all(first)
+    assert sorted(t for shard in first for t in shard) == sorted(tests)
+    for path in ("tests/e2e/test_a.py", "tests/unit/test_c.py"):
+        assert sum(any(t.startswith(path) for t in shard) for shard in first) == 1
+    assert asked[2:] == [["tests/unit/test_b.py::test_1"]]
+    assert base.exit_code == 1 and base.seconds == 3.0 + 1.0
+    assert set(base.outcomes) == set(tests)
+    assert runner_module.failing(base, tests) == ["tests/unit/test_b.py::test_1 (failed)"]
+
+
+@pytest.mark.parametrize(("codes", "worst"), [
+    ((0, 0), 0), ((0, 1), 1), ((1, 0), 1), ((1, 2), 2), ((3, 1), 3), ((0, None), None),
+    ((None, 1), None)])
+def test_runs_side_by_side_end_as_the_worst_of_them(codes: tuple[int | None, ...],
+                                                    worst: int | None) -> None:
+    runs = [PytestRun(c, "", 1.0, {f"t{i}": "passed"}, {}) for i, c in enumerate(codes)]
+    got = runner_module.merged(runs)
+    assert got.exit_code == worst and got.outcomes == {"t0": "passed", "t1": "passed"}
