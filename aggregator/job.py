@@ -466,8 +466,20 @@ class Job:
                 del active.asked[gone]
                 changed = True
         # defence: job.round-waits-for-its-sites
-        if changed and len(active.asked) >= self._least_sites and self._graph_holds(active):
+        if (changed and len(active.asked) >= self._least_sites and self._holder_asks(active)
+                and self._graph_holds(active)):
             self._under_way(active)
+
+    @staticmethod
+    def _holder_asks(active: _Active) -> bool:
+        """CKKS: whether the round's key holder is among the sites asking. A round under way
+        without it aborted at its open deadline (no key announced), and the next, its sites
+        all online, went under way at once: a key holder an hour later than the others
+        spent six rounds at the defaults, and ended a job of three untrained. No CKKS round
+        ends without its key holder, so waiting for it loses nothing."""
+        holder = active.view.ckks_key_holder
+        # defence: job.ckks-round-waits-for-its-key-holder
+        return not holder or holder in active.asked
 
     @staticmethod
     def _graph_holds(active: _Active) -> bool:
@@ -588,7 +600,8 @@ class Job:
             return None
         # defence: job.waiting-told
         return service_pb2.RoundWaiting(sites_asking=len(active.asked),
-                                        sites_needed=self._least_sites)
+                                        sites_needed=self._least_sites,
+                                        waits_for_key_holder=not self._holder_asks(active))
 
     def _model_proto(self, model: FlatModel, ref: BlobRef) -> service_pb2.Model:
         """The wire form of a round's model or result, built once: every site's every poll is

@@ -1162,7 +1162,7 @@ class Round:
     _poll_allowance = POLL_SLACK_BYTES
     # a round said to wait for its sites: since when, and what was last said of it (_note_waiting)
     _waited_since: float | None = None
-    _waiting_said: tuple[int, int] | None = None
+    _waiting_said: tuple[int, int, bool] | None = None
     _waiting_said_at = -math.inf
     _said_under_way = False
     _key_kept_until = -math.inf  # (the monotonic time the kept round key expires at)
@@ -1579,15 +1579,17 @@ class Round:
             # defence: sdk.waiting-round-waited-for
             self._deadline = max(self._deadline, now + _round_patience(self._site.config))
             self._keep_key_to_the_deadline()
-        said = (int(waiting.sites_asking), int(waiting.sites_needed))
+        said = (int(waiting.sites_asking), int(waiting.sites_needed),
+                bool(waiting.waits_for_key_holder))
         # defence: sdk.waiting-said
         # defence: sdk.waiting-said-once-a-minute
         if said != self._waiting_said and now - self._waiting_said_at >= WAITING_SAID_SECONDS:
             self._waiting_said, self._waiting_said_at = said, now
             # (at least: under SecAgg+ it also needs enough of each one's neighbours)
             _log.info("round %d waits for its sites to come online (asking: %d, needed: at "
-                      "least %d); this site waits with it (the round's deadlines begin once "
-                      "enough are)", self.number, *said)
+                      "least %d%s); this site waits with it (the round's deadlines begin once "
+                      "enough are)", self.number, said[0], said[1],
+                      ", its key holder among them" if said[2] else "")
 
     def _keep_key_to_the_deadline(self) -> None:
         """A key holder's kept round key lasts as long as the site may stay in the round: it

@@ -140,12 +140,14 @@ class RoundInfo(_message.Message):
     def __init__(self, round: _Optional[int] = ..., round_id: _Optional[str] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., status: _Optional[_Union[RoundStatus, str]] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., stage: _Optional[int] = ..., ckks_key_holder: _Optional[int] = ..., ckks_key: _Optional[_Union[CkksKeyOffer, _Mapping]] = ..., abort_reason: _Optional[str] = ..., result: _Optional[_Union[Model, _Mapping]] = ..., total_rounds: _Optional[int] = ..., survivors: _Optional[_Iterable[int]] = ..., result_signature: _Optional[bytes] = ..., settings_digest: _Optional[bytes] = ..., roster_digest: _Optional[bytes] = ..., roster_version: _Optional[int] = ..., sites_signature: _Optional[bytes] = ..., waiting: _Optional[_Union[RoundWaiting, _Mapping]] = ...) -> None: ...
 
 class RoundWaiting(_message.Message):
-    __slots__ = ("sites_asking", "sites_needed")
+    __slots__ = ("sites_asking", "sites_needed", "waits_for_key_holder")
     SITES_ASKING_FIELD_NUMBER: _ClassVar[int]
     SITES_NEEDED_FIELD_NUMBER: _ClassVar[int]
+    WAITS_FOR_KEY_HOLDER_FIELD_NUMBER: _ClassVar[int]
     sites_asking: int
     sites_needed: int
-    def __init__(self, sites_asking: _Optional[int] = ..., sites_needed: _Optional[int] = ...) -> None: ...
+    waits_for_key_holder: bool
+    def __init__(self, sites_asking: _Optional[int] = ..., sites_needed: _Optional[int] = ..., waits_for_key_holder: _Optional[bool] = ...) -> None: ...
 
 class MaskedInputRef(_message.Message):
     __slots__ = ("site_id", "word_bits", "masked_input", "partners", "signature")

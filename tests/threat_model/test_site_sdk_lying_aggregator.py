@@ -1650,6 +1650,19 @@ def test_a_round_said_to_wait_for_ever_is_given_up_after_a_day(
     assert 1 <= len(said) <= day / clients.site.WAITING_SAID_SECONDS + 1
 
 
+def test_a_ckks_round_waiting_for_its_key_holder_says_so(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A CKKS round waits for its key holder too (no round ends without it): a site told
+    "asking: 4, needed: at least 3" and nothing more would not know what the round waits
+    for."""
+    rnd, _clock = _waiting_round("ckks_key", monkeypatch, waiting_until=math.inf)
+    with caplog.at_level("INFO", logger="clients"):
+        rnd._note_waiting(service_pb2.RoundWaiting(sites_asking=4, sites_needed=3,
+                                                   waits_for_key_holder=True))
+    (said,) = [r.getMessage() for r in caplog.records if "waits for its sites" in r.getMessage()]
+    assert "(asking: 4, needed: at least 3, its key holder among them)" in said
+
+
 @pytest.mark.parametrize("wait", ["receive", "wait_for_end", "ckks_key"])
 def test_a_round_said_to_flip_between_waiting_and_under_way_is_said_once_a_minute(
         wait: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:

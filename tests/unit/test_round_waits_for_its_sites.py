@@ -353,6 +353,51 @@ def test_a_waiting_round_says_so_to_its_sites_until_it_is_under_way(
         store.close()
 
 
+def test_a_ckks_round_waits_for_its_key_holder(tmp_path: Path) -> None:
+    """A CKKS round went under way with `min_sites` asking, its key holder among them or
+    not: without it, the round aborted at its open deadline (no key announced), and the
+    next, its sites all online, went under way at once, so a key holder an hour later than
+    the others spent the job's rounds untrained. No CKKS round ends without its key holder:
+    the round waits for it too, and says so; once it asks, the round is under way."""
+    job, store, now = _job(tmp_path, "ckks", key_holders=(2, 3))
+    try:
+        active = job.active
+        assert active is not None and active.view.ckks_key_holder == 2
+        others = [s for s in range(1, 6) if s != 2]
+        for site in others:
+            info = job.round_info(0, site)
+            assert info is not None and info.waiting.waits_for_key_holder
+        assert len(active.asked) >= job._least_sites and active.waiting
+        assert (info.waiting.sites_asking, info.waiting.sites_needed) == (4, job._least_sites)
+        now[0] += 10 * job.config.deadlines.open
+        job.tick()
+        assert _status(job, 1) == service_pb2.ROUND_STATUS_RUNNING and active.waiting
+        for site in others:  # (still online)
+            job.round_info(0, site)
+        info = job.round_info(0, 2)
+        assert not active.waiting and info is not None and not info.HasField("waiting")
+        # round 2's holder is site 3: with it, the round needs no other holder
+        now[0] += 2 * job.config.deadlines.open
+        job.tick()
+        assert job.current_round == 2 and job.active is not None
+        assert job.active.view.ckks_key_holder == 3
+        for site in range(3, 3 + job._least_sites):
+            job.round_info(1, site)
+        assert not job.active.waiting
+    finally:
+        store.close()
+
+
+def test_a_masking_round_waits_for_no_key_holder(tmp_path: Path) -> None:
+    job, store, _now = _job(tmp_path, "masking")
+    try:
+        info = job.round_info(0, 2)
+        assert info is not None and info.HasField("waiting")
+        assert not info.waiting.waits_for_key_holder
+    finally:
+        store.close()
+
+
 def test_sites_asking_for_a_later_round_count_as_present(tmp_path: Path) -> None:
     """A site that left a waiting round (after a day said waiting) asks for the round after
     it: a round counting only the sites asking for it waited for good once every site was
