@@ -186,6 +186,8 @@ class _Active:
     # none, and a message replayed there puts the round under way)
     opened_waiting: bool = False
     asked: dict[int, float] = field(default_factory=dict)  # site -> when it last asked
+    enough_since: float | None = None  # since when as many sites as it needs are asking
+    held_for_holder: bool = False  # (CKKS) they are, and it waits for its key holder
     swept: float = -math.inf  # when ``asked`` was last cleared of sites gone quiet
     claims: list[bytes] = field(default_factory=list)  # chunks the message being applied read
     refused: dict[tuple[int, int], int] = field(default_factory=dict)  # (stage, site) -> count
@@ -466,20 +468,35 @@ class Job:
                 del active.asked[gone]
                 changed = True
         # defence: job.round-waits-for-its-sites
-        if (changed and len(active.asked) >= self._least_sites and self._holder_asks(active)
-                and self._graph_holds(active)):
+        if len(active.asked) < self._least_sites:
+            active.enough_since = None
+            return
+        if active.enough_since is None:
+            active.enough_since = now
+        if not changed and not active.held_for_holder:
+            return
+        active.held_for_holder = self._waits_for_holder(active, now)
+        if not active.held_for_holder and self._graph_holds(active):
             self._under_way(active)
 
-    @staticmethod
-    def _holder_asks(active: _Active) -> bool:
-        """CKKS: whether the round's key holder is among the sites asking. A round under way
-        without it aborted at its open deadline (no key announced), and the next, its sites
-        all online, went under way at once: a key holder an hour later than the others
-        spent six rounds at the defaults, and ended a job of three untrained. No CKKS round
-        ends without its key holder, so waiting for it loses nothing."""
+    def _waits_for_holder(self, active: _Active, now: float) -> bool:
+        """CKKS: whether the round waits for its key holder, not among the sites asking. A
+        round under way without it aborted at its open deadline (no key announced), and the
+        next, its sites all online, went under way at once: a key holder an hour later than
+        the others spent six rounds at the defaults, and ended a job of three untrained. No
+        CKKS round ends without its key holder, so waiting for it loses nothing: for good
+        with one key holder (every round needs it), and with several for one open deadline
+        once the others are online (one gone for good would stop the job at its first
+        round, where the other holders' rounds can go on)."""
         holder = active.view.ckks_key_holder
+        if not holder or holder in active.asked:
+            return False
         # defence: job.ckks-round-waits-for-its-key-holder
-        return not holder or holder in active.asked
+        if len(set(self.config.key_holders)) <= 1:
+            return True
+        # defence: job.ckks-round-waits-for-one-of-its-key-holders-a-while
+        return active.enough_since is None or now - active.enough_since < \
+            self.config.deadlines.open
 
     @staticmethod
     def _graph_holds(active: _Active) -> bool:
@@ -601,7 +618,8 @@ class Job:
         # defence: job.waiting-told
         return service_pb2.RoundWaiting(sites_asking=len(active.asked),
                                         sites_needed=self._least_sites,
-                                        waits_for_key_holder=not self._holder_asks(active))
+                                        waits_for_key_holder=self._waits_for_holder(
+                                            active, self._clock()))
 
     def _model_proto(self, model: FlatModel, ref: BlobRef) -> service_pb2.Model:
         """The wire form of a round's model or result, built once: every site's every poll is

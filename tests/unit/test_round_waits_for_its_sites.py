@@ -353,36 +353,65 @@ def test_a_waiting_round_says_so_to_its_sites_until_it_is_under_way(
         store.close()
 
 
+def _ask_for(job: Job, now: list[float], sites: list[int], seconds: float,
+             after_round: int = 0) -> Any:
+    """``sites`` ask every 30 s for ``seconds``; the last answer."""
+    info = None
+    end = now[0] + seconds
+    while now[0] < end:
+        for site in sites:
+            info = job.round_info(after_round, site)
+        now[0] += 30.0
+    return info
+
+
 def test_a_ckks_round_waits_for_its_key_holder(tmp_path: Path) -> None:
     """A CKKS round went under way with `min_sites` asking, its key holder among them or
     not: without it, the round aborted at its open deadline (no key announced), and the
     next, its sites all online, went under way at once, so a key holder an hour later than
     the others spent the job's rounds untrained. No CKKS round ends without its key holder:
-    the round waits for it too, and says so; once it asks, the round is under way."""
-    job, store, now = _job(tmp_path, "ckks", key_holders=(2, 3))
+    with one, every round waits for it, however long, and says so; once it asks, the round
+    is under way."""
+    job, store, now = _job(tmp_path, "ckks", key_holders=(2,), open_s=600.0)
     try:
         active = job.active
         assert active is not None and active.view.ckks_key_holder == 2
         others = [s for s in range(1, 6) if s != 2]
-        for site in others:
-            info = job.round_info(0, site)
-            assert info is not None and info.waiting.waits_for_key_holder
-        assert len(active.asked) >= job._least_sites and active.waiting
+        assert len(others) >= job._least_sites
+        info = _ask_for(job, now, others, 10 * job.config.deadlines.open)
+        assert active.waiting and info is not None and info.waiting.waits_for_key_holder
         assert (info.waiting.sites_asking, info.waiting.sites_needed) == (4, job._least_sites)
-        now[0] += 10 * job.config.deadlines.open
         job.tick()
-        assert _status(job, 1) == service_pb2.ROUND_STATUS_RUNNING and active.waiting
-        for site in others:  # (still online)
-            job.round_info(0, site)
+        assert _status(job, 1) == service_pb2.ROUND_STATUS_RUNNING
         info = job.round_info(0, 2)
         assert not active.waiting and info is not None and not info.HasField("waiting")
-        # round 2's holder is site 3: with it, the round needs no other holder
+    finally:
+        store.close()
+
+
+def test_a_ckks_round_waits_a_while_for_one_of_its_key_holders(tmp_path: Path) -> None:
+    """With several key holders, each holding the rounds in turn, one gone for good would
+    stop the job at its first round for ever, where the other holders' rounds can go on: the
+    round waits for its holder for one open deadline once as many sites as it needs are
+    asking, then goes under way (and ends as before), and the next holder's round runs."""
+    job, store, now = _job(tmp_path, "ckks", key_holders=(2, 3), open_s=600.0)
+    try:
+        active = job.active
+        assert active is not None and active.view.ckks_key_holder == 2
+        others = [s for s in range(1, 6) if s != 2]
+        began = now[0]
+        info = _ask_for(job, now, others, job.config.deadlines.open - 30.0)
+        assert active.waiting and info is not None and info.waiting.waits_for_key_holder
+        _ask_for(job, now, others, 60.0)
+        assert not active.waiting
+        assert began + job.config.deadlines.open <= now[0] <= began + \
+            job.config.deadlines.open + 60.0
         now[0] += 2 * job.config.deadlines.open
         job.tick()
+        assert _status(job, 1) == service_pb2.ROUND_STATUS_ABORTED
         assert job.current_round == 2 and job.active is not None
         assert job.active.view.ckks_key_holder == 3
-        for site in range(3, 3 + job._least_sites):
-            job.round_info(1, site)
+        _ask_for(job, now, others, 30.0, after_round=1)
         assert not job.active.waiting
     finally:
         store.close()
