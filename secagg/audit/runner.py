@@ -178,7 +178,7 @@ _suites = itertools.count(1)
 # lists runs in it (600 s was passed by 1,146 listed tests, half of them end-to-end, and every
 # control came out invalid; the whole default suite takes about 16 minutes)
 BASELINE_SECONDS = 1800.0
-IMPORT_CHECK_SECONDS = 120.0  # (after the control's tests, whatever of its timeout is left)
+IMPORT_CHECK_SECONDS = 120.0  # (the import check after a control's tests, at most)
 
 
 def _shards(listed: Sequence[str], jobs: int) -> list[list[str]]:
@@ -199,6 +199,9 @@ def _shards(listed: Sequence[str], jobs: int) -> list[list[str]]:
     return [tests for _, tests in shards if tests] or [[]]
 
 
+_RANK = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}
+
+
 def merged(runs: Sequence[PytestRun]) -> PytestRun:
     """One run of several side by side: every outcome, the worst exit (killed, then a crash
     or usage error, then a failure), the longest time."""
@@ -211,9 +214,13 @@ def merged(runs: Sequence[PytestRun]) -> PytestRun:
     else:
         code = max((c for c in codes if c is not None),
                    key=lambda c: (c not in (0, 1), c != 0))
+    outcomes: dict[str, str] = {}
+    for r in runs:  # (a test run in two, its worst outcome)
+        for k, v in r.outcomes.items():
+            if _RANK.get(v, 3) >= _RANK.get(outcomes.get(k, "passed"), 3):
+                outcomes[k] = v
     return PytestRun(code, "\n".join(r.output for r in runs), max(r.seconds for r in runs),
-                     {k: v for r in runs for k, v in r.outcomes.items()},
-                     {k: v for r in runs for k, v in r.collection_errors.items()})
+                     outcomes, {k: v for r in runs for k, v in r.collection_errors.items()})
 
 
 def run_suite(ws: Workspace, paths: Sequence[str], *, timeout: float) -> PytestRun:
@@ -475,12 +482,14 @@ class ControlRunner:
             # the tests imported the edited module from the copy, in their own process: it
             # imports, and the copy's code was tested. Only one they did not import (it
             # failed to, or only a subprocess of theirs did) is imported in an interpreter
-            # of its own: one for every control was a third of the controls' time.
+            # of its own: one for every control was a third of the controls' time. What
+            # they did import is checked first (from outside the copy, the run stops).
+            # defence: audit.tests-imports-resolve-in-the-copy
+            self.ws.check_resolved(copy, run.imported,
+                                   [m for m in modules if m in run.imported])
+            # (not once the run is stopped: its killed tests recorded nothing)
             # defence: audit.edited-module-import-checked
-            if all(m in run.imported for m in modules):
-                # defence: audit.tests-imports-resolve-in-the-copy
-                self.ws.check_resolved(copy, run.imported, modules)
-            else:
+            if not all(m in run.imported for m in modules) and not _stopping.is_set():
                 error = self.ws.check_imports(copy, control.file,
                                               timeout=min(timeout, IMPORT_CHECK_SECONDS))
                 if error is not None:

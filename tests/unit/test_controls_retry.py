@@ -531,7 +531,7 @@ class _Copies:
         return "ModuleNotFoundError: No module named 'os_that_does_not_exist'"
 
 
-@pytest.mark.parametrize("imported", ["both", "secagg only", "outside"])
+@pytest.mark.parametrize("imported", ["both", "secagg only", "outside", "secagg outside"])
 def test_where_a_controls_tests_imported_the_edited_module_is_checked(
         imported: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A control's tests that imported ``secagg`` and the edited module from the copy show
@@ -548,6 +548,8 @@ def test_where_a_controls_tests_imported_the_edited_module_is_checked(
         del files["secagg.x"]
     elif imported == "outside":
         files["secagg.x"] = "/usr/lib/python3/secagg/x.py"
+    elif imported == "secagg outside":  # (and the edited module not imported)
+        files = {"secagg": "/usr/lib/python3/secagg/__init__.py"}
     ws = _Copies(tmp_path)
     seen: list[tuple[str, ...]] = []
 
@@ -558,9 +560,10 @@ def test_where_a_controls_tests_imported_the_edited_module_is_checked(
 
     monkeypatch.setattr(runner_module, "run_pytest", run)
     r = ControlRunner(ws, jobs=1)  # type: ignore[arg-type]
-    if imported == "outside":
+    if "outside" in imported:
         with pytest.raises(AuditError, match="outside the copy"):
             r._attempt(_control(), 0)
+        assert ws.checked == []
         return
     got = r._attempt(_control(), 0)
     assert seen == [("secagg", "secagg.x")]
@@ -614,3 +617,12 @@ def test_runs_side_by_side_end_as_the_worst_of_them(codes: tuple[int | None, ...
     runs = [PytestRun(c, "", 1.0, {f"t{i}": "passed"}, {}) for i, c in enumerate(codes)]
     got = runner_module.merged(runs)
     assert got.exit_code == worst and got.outcomes == {"t0": "passed", "t1": "passed"}
+
+
+@pytest.mark.parametrize("order", [("failed", "passed"), ("passed", "failed"),
+                                   ("error", "skipped"), ("skipped", "passed")])
+def test_a_test_run_side_by_side_twice_keeps_its_worst_outcome(order: tuple[str, str]) -> None:
+    """(A test listed under two spellings of its file runs in two of them.)"""
+    runs = [PytestRun(1, "", 1.0, {"t": o}, {}) for o in order]
+    rank = ["passed", "skipped", "failed", "error"]
+    assert runner_module.merged(runs).outcomes == {"t": max(order, key=rank.index)}
