@@ -1,7 +1,9 @@
 """A pytest plugin the audit loads (``-p secagg.audit._pytest_plugin``) to record outcomes.
 
 When ``SECAGG_AUDIT_OUTCOMES`` names a file, it writes there, as JSON, the outcome of every test
-that ran (``passed``, ``failed``, ``error``, ``skipped``) and every collection error. It imports
+that ran (``passed``, ``failed``, ``error``, ``skipped``) and every collection error (CI's
+default run records them so, with ``-p secagg.audit._pytest_plugin``, and the controls take
+them as their baseline: ``--baseline-from``). It imports
 nothing from pytest, so nothing under ``secagg`` depends on pytest at import time.
 
 When ``SECAGG_AUDIT_LIFELINE`` names a file descriptor (the read end of a pipe whose write end
@@ -63,8 +65,11 @@ def pytest_collectreport(report: Any) -> None:
         _collection_errors[report.nodeid] = str(report.longrepr)[-4000:]
 
 
+_path: list[str] = []  # where this run's outcomes go (ENV, taken at configure)
+
+
 def pytest_sessionfinish(session: Any, exitstatus: Any) -> None:
-    path = os.environ.get(ENV)
+    path = _path[0] if _path else os.environ.get(ENV)
     if path:
         with open(path, "w", encoding="utf-8") as f:
             json.dump({"outcomes": _outcomes, "collection_errors": _collection_errors,
@@ -152,6 +157,12 @@ def _watch(fd: int) -> None:
 
 
 def pytest_configure(config: Any) -> None:
+    # (taken from the environment: a pytest that a test starts, loading this plugin without
+    # a file of its own, wrote its outcomes over this run's)
+    # defence: audit.outcomes-file-not-inherited
+    path = os.environ.pop(ENV, "")
+    if path and not _path:
+        _path.append(path)
     fd = os.environ.pop(LIFELINE_ENV, "")
     if fd.isdigit():
         # a runner started in the background by a script (`cmd &`) has SIGINT ignored, and

@@ -68,6 +68,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     controls.add_argument("--files", nargs="+", metavar="PATH", default=None,
                           help="run only the controls whose file is one of these (for CI on a "
                                "change: --files $(git diff --name-only main))")
+    controls.add_argument("--baseline-from", type=Path, default=None, metavar="FILE",
+                          help="the listed tests' outcomes from a run of this same work tree, "
+                               "as recorded by `SECAGG_AUDIT_OUTCOMES=FILE pytest -p "
+                               "secagg.audit._pytest_plugin` (CI's default run): those tests "
+                               "are not run again for the baseline")
     controls.add_argument("--list", action="store_true",
                           help="list the selected controls and exit without running them")
     controls.add_argument("--json", action="store_true",
@@ -184,7 +189,7 @@ def _controls_command(args: argparse.Namespace) -> int:
 
 def _controls(args: argparse.Namespace) -> int:
     from secagg.audit._workspace import Workspace
-    from secagg.audit.runner import ControlRunner
+    from secagg.audit.runner import ControlRunner, load_outcomes
 
     try:
         root = _root(args)
@@ -207,6 +212,8 @@ def _controls(args: argparse.Namespace) -> int:
             print(f"workspace: {ws.dir} ({len(ws.files)} files, uncommitted work included)",
                   file=sys.stderr)
             runner = ControlRunner(ws, jobs=args.jobs, timeout=args.timeout, progress=sys.stderr)
+            if args.baseline_from is not None:
+                runner.given = load_outcomes(args.baseline_from)
             result = runner.run(chosen)
         result.settings = _settings(args, root)
     except AuditError as e:

@@ -220,7 +220,23 @@ def merged(runs: Sequence[PytestRun]) -> PytestRun:
             if _RANK.get(v, 3) >= _RANK.get(outcomes.get(k, "passed"), 3):
                 outcomes[k] = v
     return PytestRun(code, "\n".join(r.output for r in runs), max(r.seconds for r in runs),
-                     outcomes, {k: v for r in runs for k, v in r.collection_errors.items()})
+                     outcomes, {k: v for r in runs for k, v in r.collection_errors.items()},
+                     flaky=tuple(sorted({t for r in runs for t in r.flaky})))
+
+
+def load_outcomes(path: Path) -> PytestRun:
+    """The outcomes the plugin recorded in ``path`` (SECAGG_AUDIT_OUTCOMES), as a run."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        outcomes = data["outcomes"]
+        if not isinstance(outcomes, dict) or not all(
+                isinstance(k, str) and v in _RANK for k, v in outcomes.items()):
+            raise ValueError("its outcomes are not test ids and outcomes")
+        code = data.get("exit_status")
+        return PytestRun(code if isinstance(code, int) else 1, "", 0.0, dict(outcomes),
+                         dict(data.get("collection_errors") or {}))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise AuditError(f"cannot read the outcomes in {path}: {e}") from None
 
 
 def run_suite(ws: Workspace, paths: Sequence[str], *, timeout: float) -> PytestRun:
@@ -357,6 +373,7 @@ class ControlRunner:
         self.stop_at_first = stop_at_first
         self._progress: Progress | None = None
         self._flaky: tuple[str, ...] = ()  # the baseline's flaky tests
+        self.given: PytestRun | None = None  # outcomes of a run of this tree (baseline_from)
 
     def _say(self, text: str) -> None:
         if self.stream is not None:
@@ -368,8 +385,33 @@ class ControlRunner:
             raise AuditError(f"the unmodified repository does not import: {error}")
 
     def baseline(self, controls: Sequence[Control]) -> PytestRun:
-        """Run the union of the listed tests on the unmodified base copy."""
+        """Run the union of the listed tests on the unmodified base copy (those whose
+        outcomes were given, ``given``, are not run again)."""
         listed = sorted({t for c in controls for t in c.tests})
+        if self.given is not None:
+            return self._given_baseline(listed, self.given)
+        return self._run_baseline(listed)
+
+    def _given_baseline(self, listed: list[str], given: PytestRun) -> PytestRun:
+        """The listed tests' outcomes from a run of this work tree (CI's default run, which
+        ran them all but the slow ones): its twelve minutes were the baseline's, again.
+        Those it did not run are run; those that did not pass in it are run once more alone,
+        as a baseline's."""
+        have = [t for t in listed if matching(t, given.outcomes)]
+        rest = [t for t in listed if not matching(t, given.outcomes)]
+        self._say(f"baseline: the outcomes of {len(have)} of the {len(listed)} listed tests "
+                  "are given (--baseline-from)")
+        run = replace(given, outcomes={k: v for t in have
+                                       for k, v in matching(t, given.outcomes).items()})
+        bad = failing(run, have)
+        if bad:
+            run, bad = self._baseline_again(run, have, bad)
+        self._say(f"baseline: {len(have) - len(bad)}/{len(have)} of them passed")
+        for f in bad:
+            self._say(f"  FAILS WITHOUT ANY EDIT: {f}")
+        return merged([run, self._run_baseline(rest)]) if rest else run
+
+    def _run_baseline(self, listed: list[str]) -> PytestRun:
         shards = _shards(listed, self.jobs)
         self._say(f"baseline: running the {len(listed)} listed tests unmodified"
                   f"{f' ({len(shards)} runs side by side)' if len(shards) > 1 else ''} ...")

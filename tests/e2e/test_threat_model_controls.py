@@ -108,6 +108,37 @@ def test_controls_are_classified_and_the_repository_is_untouched(
     assert "INVALID demo.not-found:" in tail
 
 
+def test_controls_take_their_baseline_from_a_run_of_the_tree_when_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """CI's default run records every test's outcome (the plugin, SECAGG_AUDIT_OUTCOMES):
+    given them, the controls run no baseline of their own, and a listed test that failed
+    there (and again alone) makes its control invalid."""
+    import subprocess
+    import sys
+
+    controls = tmp_path / "controls.toml"
+    controls.write_text(CONTROLS.split("[[control]]\nid = \"demo.missed\"")[0])
+    outcomes = tmp_path / "outcomes.json"
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
+                    "secagg.audit._pytest_plugin", UNIT], cwd=ROOT, check=True, timeout=300,
+                   env={**os.environ, "SECAGG_AUDIT_OUTCOMES": str(outcomes)},
+                   capture_output=True)
+    recorded = json.loads(outcomes.read_text())["outcomes"]
+    test = f"{UNIT}::test_two_seals_of_the_same_plaintext_use_different_nonces"
+    assert recorded[test] == "passed"
+    args = ["threat-model", "controls", "--repo", str(ROOT), "--controls", str(controls),
+            "--baseline-from", str(outcomes), "--json"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["controls"][0]["result"] == "caught"
+    assert "the outcomes of 1 of the 1 listed tests are given" in captured.err
+    assert "running the" not in captured.err
+    outcomes.write_text(json.dumps({"outcomes": {test: "failed"}, "exit_status": 1}))
+    assert main(args) == 0  # (it passes alone: flaky, and the control is still caught)
+    assert "FLAKY" in capsys.readouterr().err
+
+
 def test_a_copy_that_imports_the_installed_package_fails_loudly(tmp_path: Path) -> None:
     # an empty directory has no secagg/: 'import secagg' would fall through to the editable
     # install, so the tests would never see an edit

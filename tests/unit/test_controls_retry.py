@@ -626,3 +626,64 @@ def test_a_test_run_side_by_side_twice_keeps_its_worst_outcome(order: tuple[str,
     runs = [PytestRun(1, "", 1.0, {"t": o}, {}) for o in order]
     rank = ["passed", "skipped", "failed", "error"]
     assert runner_module.merged(runs).outcomes == {"t": max(order, key=rank.index)}
+
+
+def test_a_given_baseline_runs_only_what_it_lacks_and_its_failures_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI's default run records every test's outcome; the controls took twelve minutes to
+    run the listed tests again for their baseline. Given (--baseline-from), only the listed
+    tests it did not run are run, and one that did not pass in it is run once more alone,
+    as a baseline's: passing then, it is flaky; failing, its controls are invalid."""
+    import json
+
+    tests = ["tests/unit/test_b.py::test_1", "tests/unit/test_c.py::test_1",
+             "tests/unit/test_d.py::test_1"]
+    controls = [Control(id=f"demo.{i}", defence="d", file="secagg/x.py",
+                        edits=(Edit("a", "b"),), tests=(t,)) for i, t in enumerate(tests)]
+    path = tmp_path / "outcomes.json"
+    path.write_text(json.dumps({"outcomes": {
+        "tests/unit/test_b.py::test_1": "passed", "tests/unit/test_c.py::test_1": "failed",
+        "tests/unit/test_other.py::test_1": "passed"}, "collection_errors": {},
+        "exit_status": 1}))
+    asked: list[list[str]] = []
+
+    def suite(ws: Any, paths: list[str], *, timeout: float) -> PytestRun:
+        asked.append(list(paths))
+        return PytestRun(0, "", 1.0, {p: "passed" for p in paths}, {})
+
+    monkeypatch.setattr(runner_module, "run_suite", suite)
+    r = ControlRunner(_Workspace(), jobs=2, progress=io.StringIO())  # type: ignore[arg-type]
+    r.given = runner_module.load_outcomes(path)
+    base = r.baseline(controls)
+    assert asked == [["tests/unit/test_c.py::test_1"], ["tests/unit/test_d.py::test_1"]]
+    assert runner_module.failing(base, tests) == []
+    assert base.flaky == ("tests/unit/test_c.py::test_1",)
+    assert "tests/unit/test_other.py::test_1" not in base.outcomes
+
+
+@pytest.mark.parametrize("text", ["", "[]", '{"outcomes": {"t": "maybe"}}',
+                                  '{"outcomes": ["t"]}', '{"exit_status": 0}'])
+def test_outcomes_that_cannot_be_read_stop_the_run(text: str, tmp_path: Path) -> None:
+    from secagg.audit import AuditError
+
+    path = tmp_path / "outcomes.json"
+    path.write_text(text)
+    with pytest.raises(AuditError, match="cannot read the outcomes"):
+        runner_module.load_outcomes(path)
+
+
+def test_the_outcomes_file_is_not_left_to_the_tests_subprocesses(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pytest that a test starts, loading the plugin with no file of its own, inherited
+    the run's SECAGG_AUDIT_OUTCOMES and wrote its few outcomes over the run's (the default
+    run's outcomes are the controls' baseline)."""
+    import os
+
+    from secagg.audit import _pytest_plugin as plugin
+
+    monkeypatch.setattr(plugin, "_path", [])
+    monkeypatch.setenv(plugin.ENV, "the-runs-outcomes.json")
+    monkeypatch.delenv(plugin.LIFELINE_ENV, raising=False)
+    plugin.pytest_configure(None)
+    assert plugin.ENV not in os.environ
+    assert plugin._path == ["the-runs-outcomes.json"]
