@@ -386,13 +386,13 @@ def test_sites_that_come_online_long_after_the_aggregator_train_every_round(
     time, and the aggregator's log says the round waited."""
     import time
 
-    # (open 4 s: once under way, each site downloads, trains and sends its keys within it,
-    # on a machine the test run loads; 2 s was missed once)
-    fed = make_federation(tmp_path, 3, "masking", rounds=2, open_s=4.0)
+    # (open 8 s: once under way, each site downloads, trains and sends its keys within it,
+    # on a machine the test run loads; 2 s was missed once, 4 s once with two runs at once)
+    fed = make_federation(tmp_path, 3, "masking", rounds=2, open_s=8.0)
     agg = start_aggregator(fed, tmp_path)
     try:
         agg.wait_for(lambda e: e.get("event") == "round_opened")
-        time.sleep(3 * 4.0)  # (both rounds' open deadlines, had they run)
+        time.sleep(2 * 8.0 + 1.0)  # (both rounds' open deadlines, had they run)
         reports = run_sites(fed, tmp_path, timeout=180)
         agg.wait_for(lambda e: e.get("event") == "job_done")
     finally:
