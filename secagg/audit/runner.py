@@ -199,7 +199,7 @@ def _shards(listed: Sequence[str], jobs: int) -> list[list[str]]:
     return [tests for _, tests in shards if tests] or [[]]
 
 
-_RANK = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}
+_RANK = _pytest_plugin._RANK  # (the plugin's order of outcomes, worst last)
 
 
 def merged(runs: Sequence[PytestRun]) -> PytestRun:
