@@ -153,6 +153,9 @@ def _compile(base: Path, files: list[str]) -> list[str]:
     and modification time. None with a bytecode prefix (PYTHONPYCACHEPREFIX: outside)."""
     if sys.pycache_prefix:
         return []
+    # (a pass hook changes what pytest's rewrite makes: then each control rewrites its own)
+    hooked = any("enable_assertion_pass_hook" in (base / name).read_text(errors="replace")
+                 for name in _PYTEST_CONFIGS if (base / name).is_file())
     written = []
     for rel in files:
         src = base / rel
@@ -166,7 +169,44 @@ def _compile(base: Path, files: list[str]) -> list[str]:
         except (py_compile.PyCompileError, OSError, ValueError):
             continue  # (compiled, or refused, by the import that needs it, as before)
         written.append(cache.relative_to(base).as_posix())
+        rewritten = _rewritten_bytecode(src) if _pytest_rewrites(rel) and not hooked else None
+        if rewritten is not None:
+            written.append(rewritten.relative_to(base).as_posix())
     return written
+
+
+_PYTEST_CONFIGS = ("pyproject.toml", "pytest.ini", ".pytest.ini", "tox.ini", "setup.cfg")
+
+
+def _pytest_rewrites(rel: str) -> bool:
+    """Whether pytest may import ``rel`` with its asserts rewritten (a test module, a
+    conftest, a helper in the test tree): its bytecode is pytest's own, not the import
+    system's. One made for a file pytest does not rewrite is never read."""
+    parts = Path(rel).parts
+    return parts[-1] == "conftest.py" or parts[0] == "tests" or parts[-1].startswith("test_")
+
+
+def _rewritten_bytecode(src: Path) -> Path | None:
+    """Write the bytecode pytest reads for ``src`` with its asserts rewritten (pytest's own
+    cache file; the path written, or None). Each control's pytest rewrote and compiled every
+    test module it ran, three quarters of a second a control, as none could write the cache
+    (PYTHONDONTWRITEBYTECODE). The file holds its source's hash, which pytest checks before
+    it uses it (an edited test module is rewritten from what it holds), and is named for the
+    pytest version that made it. pytest's internals: where they are not what this expects,
+    nothing is written and each control rewrites its tests as before."""
+    try:
+        from _pytest.assertion import rewrite
+
+        # (no configuration: as pytest rewrites without the assertion pass hook, which
+        # _compile checks the repository does not turn on)
+        source_hash, code = rewrite._rewrite_test(src, None)  # type: ignore[arg-type]
+        pyc = rewrite.get_cache_dir(src) / (src.name[:-3] + rewrite.PYC_TAIL)
+        pyc.parent.mkdir(parents=True, exist_ok=True)
+        with open(pyc, "wb") as fp:
+            rewrite._write_pyc_fp(fp, source_hash, code)
+    except Exception:  # (an optimisation only: without it, as before)
+        return None
+    return pyc
 
 
 PLUGIN_MODULE = "secagg_audit_outcomes"
@@ -259,10 +299,13 @@ class Workspace:
         a test that rewrote a repository file changed what every later control tested (an
         auditor's finding: a control that removed nothing came out caught)."""
         copy = self.dir / "controls" / name
+        made: set[Path] = set()  # (each directory checked and made once: a tenth of a second)
         for rel in [*self.files, *self.bytecode]:
             src, dest = self.base / rel, copy / rel
-            _inside(copy, dest, rel)
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.parent not in made:
+                _inside(copy, dest, rel)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                made.add(dest.parent)
             # a copy, never a hard link: a test writing a file in place must not reach the base
             # defence: audit.copies-are-not-links
             shutil.copy2(src, dest, follow_symlinks=False)

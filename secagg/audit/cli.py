@@ -38,6 +38,18 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _budget(text: str) -> float:
+    """A budget in seconds: zero or less (a CI that had spent its time before the controls)
+    runs none of them, and says so."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if value != value or value > MAX_TIMEOUT:  # (nan; inf)
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_TIMEOUT:.0f}, got {text}")
+    return max(0.0, value)
+
+
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``threat-model`` with its ``controls`` and ``run`` subcommands."""
     tm = subparsers.add_parser(
@@ -73,6 +85,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                                "as recorded by `SECAGG_AUDIT_OUTCOMES=FILE pytest -p "
                                "secagg.audit._pytest_plugin` (CI's default run): those tests "
                                "are not run again for the baseline")
+    controls.add_argument("--budget", type=_budget, default=None, metavar="SECONDS",
+                          help="start no control after SECONDS (CI's time limit); the controls "
+                               "then run newest first (those whose entry, edited file or "
+                               "tests changed most recently), and those left are named as not "
+                               "run, which fails nothing")
     controls.add_argument("--list", action="store_true",
                           help="list the selected controls and exit without running them")
     controls.add_argument("--json", action="store_true",
@@ -188,12 +205,15 @@ def _controls_command(args: argparse.Namespace) -> int:
 
 
 def _controls(args: argparse.Namespace) -> int:
+    from secagg.audit._recency import newest_first
     from secagg.audit._workspace import Workspace
     from secagg.audit.runner import ControlRunner, load_outcomes
 
     try:
         root = _root(args)
         chosen = select(_load(args, root), args.only, args.files, root)
+        if args.budget is not None:
+            chosen = newest_first(root, args.controls or root / CONTROLS_FILE, chosen)
         if args.list:
             for c in chosen:
                 print(f"{c.id:<44} {c.file:<32} {c.defence}")
@@ -206,12 +226,15 @@ def _controls(args: argparse.Namespace) -> int:
                 print(json.dumps({**_settings(args, root), "controls": [],
                                   "summary": {"caught": 0, "total": 0, "percent": None}}))
             return 0
+        budget = "" if args.budget is None else (f", budget {args.budget:.0f} s "
+                                                  "(the newest first)")
         print(f"secagg threat-model controls: {len(chosen)} controls, {args.jobs} jobs, "
-              f"timeout {args.timeout:.0f} s", file=sys.stderr)
+              f"timeout {args.timeout:.0f} s{budget}", file=sys.stderr)
         with Workspace(root, keep=args.keep) as ws:
             print(f"workspace: {ws.dir} ({len(ws.files)} files, uncommitted work included)",
                   file=sys.stderr)
-            runner = ControlRunner(ws, jobs=args.jobs, timeout=args.timeout, progress=sys.stderr)
+            runner = ControlRunner(ws, jobs=args.jobs, timeout=args.timeout, progress=sys.stderr,
+                                   budget=args.budget)
             if args.baseline_from is not None:
                 runner.given = load_outcomes(args.baseline_from)
             result = runner.run(chosen)
@@ -220,9 +243,18 @@ def _controls(args: argparse.Namespace) -> int:
         print(f"secagg threat-model: error: {e}", file=sys.stderr)
         return 2
     s = result.summary()
-    print(f"caught {s['caught']}/{s['total']} ({s['percent']:.1f}%), {s['missed']} missed, "
+    print(f"caught {s['caught']}/{s['ran']} ({s['percent']:.1f}%), {s['missed']} missed, "
           f"{s['invalid']} invalid, {s['timeout']} timed out, in {result.seconds:.1f} s",
           file=sys.stderr)
+    if s["not_run"]:
+        # (never silent: what a budget left out is named, and by how to run it)
+        # defence: audit.budget-names-what-it-left
+        print(f"  NOT RUN: {s['not_run']} of {s['total']} controls, the budget of "
+              f"{args.budget:.0f} s was spent (those changed longest ago; run them with "
+              "--only):", file=sys.stderr)
+        ids = s["not_run_controls"]
+        for i in range(0, len(ids), 4):
+            print("    " + " ".join(ids[i:i + 4]), file=sys.stderr)
     for m in s["misses"]:
         print(f"  MISSED {m['id']}: {m['defence']}", file=sys.stderr)
     # repeated after the table: a CI log often keeps only its tail

@@ -7,7 +7,9 @@ Results per control:
 - ``invalid``: the control proves nothing as written: its find text does not match exactly
   once, a listed test does not exist or already fails without the edit (baseline), the edited
   file no longer imports, or pytest exited 2-5 (collection or usage error);
-- ``timeout``: pytest ran longer than the control's timeout and was killed.
+- ``timeout``: pytest ran longer than the control's timeout and was killed;
+- ``not_run``: a run with a time budget (``budget``) had spent it before the control's turn.
+  It proves nothing either way and fails nothing; the run says which were not run.
 
 A control whose pytest run ends invalid (a crash, an interruption) or timed out is run once
 more, and a listed test that fails on the unmodified baseline is run once more alone: one
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import secrets
 import signal
@@ -38,7 +41,7 @@ from secagg.audit import _pytest_plugin
 from secagg.audit._workspace import PLUGIN_MODULE, Workspace, subprocess_env
 from secagg.audit.controls import AuditError, Control, ControlError, function_id, problems
 
-RESULTS = ("caught", "missed", "invalid", "timeout")
+RESULTS = ("caught", "missed", "invalid", "timeout", "not_run")
 # (`-m ""`: a test a control names is run whatever its marks; the project's own `-m 'not
 # slow'` deselected a slow one, and its control could never run)
 # defence: audit.listed-slow-tests-run
@@ -296,20 +299,25 @@ class ControlsRun:
         total = len(self.results)
         by = {r: [x for x in self.results if x.result == r] for r in RESULTS}
         caught = len(by["caught"])
+        ran = total - len(by["not_run"])
         return {
             "caught": caught,
             "total": total,
-            "percent": round(100.0 * caught / total, 1) if total else 100.0,
+            "ran": ran,
+            "percent": round(100.0 * caught / ran, 1) if ran else 100.0,
             **{r: len(by[r]) for r in RESULTS if r != "caught"},
             "misses": [{"id": x.control.id, "defence": x.control.defence} for x in by["missed"]],
             "invalid_controls": [{"id": x.control.id, "detail": x.detail} for x in by["invalid"]],
             "timeouts": [{"id": x.control.id, "seconds": round(x.seconds, 1)}
                          for x in by["timeout"]],
+            "not_run_controls": [x.control.id for x in by["not_run"]],
         }
 
     @property
     def all_caught(self) -> bool:
-        return all(r.result == "caught" for r in self.results)
+        """Every control that ran was caught (one a budget left out proves nothing either
+        way: the run names it)."""
+        return all(r.result in ("caught", "not_run") for r in self.results)
 
     def to_json(self) -> dict[str, Any]:
         baseline = None
@@ -363,7 +371,8 @@ class ControlRunner:
     """
 
     def __init__(self, workspace: Workspace, *, jobs: int = 2, timeout: float = 300.0,
-                 progress: TextIO | None = None, stop_at_first: bool = True) -> None:
+                 progress: TextIO | None = None, stop_at_first: bool = True,
+                 budget: float | None = None) -> None:
         if jobs < 1:
             raise ValueError(f"jobs must be >= 1, got {jobs}")
         self.ws = workspace
@@ -374,6 +383,10 @@ class ControlRunner:
         self._progress: Progress | None = None
         self._flaky: tuple[str, ...] = ()  # the baseline's flaky tests
         self.given: PytestRun | None = None  # outcomes of a run of this tree (baseline_from)
+        # seconds from the run's start after which no control starts (CI's time limit: a
+        # run that went past it failed CI with every control caught)
+        self.budget = budget
+        self._deadline = math.inf
 
     def _say(self, text: str) -> None:
         if self.stream is not None:
@@ -437,6 +450,7 @@ class ControlRunner:
         """Every control's result, in the order given. A control whose listed tests do not
         all pass on the baseline is invalid (it could not prove anything)."""
         began = time.perf_counter()
+        self._deadline = math.inf if self.budget is None else began + self.budget
         self.check_base()
         # a listed test that does not exist would make pytest refuse the whole baseline run
         static = problems(self.ws.base, controls)
@@ -485,6 +499,9 @@ class ControlRunner:
         return replace(merged, flaky=tuple(flaky)), still
 
     def _run_one(self, control: Control, index: int) -> ControlResult:
+        # defence: audit.budget-starts-nothing-after-it
+        if time.perf_counter() >= self._deadline:
+            return ControlResult(control, "not_run", detail="the run's time budget was spent")
         result = self._attempt(control, index)
         # a run stopped (SIGTERM, Ctrl-C) killed its tests: no retry, no line blaming them
         # defence: audit.stopped-run-retries-nothing
