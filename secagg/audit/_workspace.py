@@ -82,12 +82,35 @@ def _owner_gone(text: str) -> bool:
     return stat is None or stat[0] == "Z" or stat[1] != parts[1]
 
 
+MEMORY_DIR = Path("/dev/shm")  # noqa: S108 (a directory of our own is made in it, 0700)
+_MEMORY_FREE = 1 << 30
+
+
+def workspaces_dir() -> Path:
+    """Where workspaces are made: the temporary directory when TMPDIR names one; else
+    /dev/shm, a file system in memory, when it is a writable directory with a GiB free (a
+    control's copy, some 560 files, took 0.85 s on this machine's disk and 0.12 s there: a
+    third of a control's time); else the temporary directory."""
+    if os.environ.get("TMPDIR"):
+        return Path(tempfile.gettempdir())
+    try:
+        free = os.statvfs(MEMORY_DIR)
+        # (not one mounted noexec: a test may run a script of the copy)
+        if MEMORY_DIR.is_dir() and os.access(MEMORY_DIR, os.W_OK | os.X_OK) \
+                and not free.f_flag & os.ST_NOEXEC \
+                and free.f_bavail * free.f_frsize >= _MEMORY_FREE:
+            return MEMORY_DIR
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir())
+
+
 def sweep_stale(tmp: Path | None = None) -> list[Path]:
-    """Remove the workspaces (under ``tmp``, the temporary directory by default) of runners
+    """Remove the workspaces (under ``tmp``, where workspaces are made by default) of runners
     that ended without removing them (SIGKILL); returns what was removed. Only this user's
     directories with an owner file naming a process that is gone are touched."""
     removed = []
-    top = Path(tmp or tempfile.gettempdir())
+    top = Path(tmp or workspaces_dir())
     for candidate in sorted(top.glob(PREFIX + "*")):
         try:
             if candidate.is_symlink() or not candidate.is_dir() \
@@ -259,7 +282,7 @@ class Workspace:
         self.keep = keep
         self.files = audited_files(root)
         sweep_stale()
-        self.dir = Path(tempfile.mkdtemp(prefix=PREFIX))
+        self.dir = Path(tempfile.mkdtemp(prefix=PREFIX, dir=workspaces_dir()))
         self.base = self.dir / "base"
         # The plugin runs beside the copy, not from it: an edit to the copy cannot break it.
         self.plugin_dir = self.dir / "plugin"

@@ -456,8 +456,10 @@ def test_a_kept_workspace_is_never_swept(tmp_path: Path, monkeypatch: pytest.Mon
     from secagg.audit._workspace import OWNER
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # (workspaces are made there, not in memory)
     repo = _git_repo(tmp_path / "repo", {"edited.txt": "e"})
     with Workspace(repo, keep=True) as kept:
+        assert kept.dir.parent == tmp_path
         assert not (kept.dir / OWNER).exists()
     with Workspace(repo) as other:  # (its sweep)
         assert (other.dir / OWNER).exists()

@@ -1,9 +1,10 @@
-"""The weakened-build controls within a time budget, the newest first; pytest's bytecode shared.
+"""The weakened-build controls within a time budget, the newest first, and faster copies.
 
 CI's controls ran past its 90 minutes on a slow evening and failed with every control caught.
 With ``--budget`` the run starts no control once the budget is spent, runs the controls that
 changed most recently first (their entry, the file they edit, the tests they list), and names
-each one it left out. The copies also get pytest's rewritten test modules, compiled once.
+each one it left out. The copies also get pytest's rewritten test modules, compiled once, and
+are made in memory (/dev/shm) where there is one: a copy took 0.85 s on this machine's disk.
 """
 
 from __future__ import annotations
@@ -129,6 +130,13 @@ def _git(repo: Path, *args: str, when: int = 4_000_000_000) -> None:
                    timeout=60)
 
 
+def _git_repo_with_a_file(repo: Path) -> Path:
+    (repo / "secagg").mkdir(parents=True)
+    (repo / "secagg" / "__init__.py").write_text("")
+    _git(repo, "init", "-q")
+    return repo
+
+
 def _entry(cid: str, file: str, test: str, replace: str = "b") -> str:
     return (f'[[control]]\nid = "{cid}"\ndefence = "d"\nfile = "{file}"\nfind = "a"\n'
             f'replace = "{replace}"\ntests = ["{test}"]\n\n')
@@ -208,3 +216,33 @@ def test_every_copy_gets_pytests_rewritten_tests_and_an_edited_test_runs_as_edit
                                    "tests/test_k.py"], cwd=where, env=subprocess_env(where),
                                   capture_output=True, text=True, timeout=120, check=False)
             assert proc.returncode == code, proc.stdout
+
+
+def test_workspaces_are_made_in_memory_unless_tmpdir_says_otherwise(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    from secagg.audit import _workspace
+
+    memory, elsewhere = tmp_path / "shm", tmp_path / "tmp"
+    elsewhere.mkdir()
+    monkeypatch.setattr(_workspace, "MEMORY_DIR", memory)
+    monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))
+    monkeypatch.delenv("TMPDIR", raising=False)
+    assert _workspace.workspaces_dir() == elsewhere  # (no such directory)
+    memory.mkdir()
+    assert _workspace.workspaces_dir() == memory
+    monkeypatch.setattr(_workspace, "_MEMORY_FREE", 1 << 62)  # (not a GiB free)
+    assert _workspace.workspaces_dir() == elsewhere
+    monkeypatch.setattr(_workspace, "_MEMORY_FREE", 1)
+    monkeypatch.setenv("TMPDIR", str(elsewhere))  # (the user's word)
+    assert _workspace.workspaces_dir() == elsewhere
+    monkeypatch.delenv("TMPDIR")
+    memory.chmod(0o500)
+    try:
+        if not os.access(memory, os.W_OK):  # (root writes anyway)
+            assert _workspace.workspaces_dir() == elsewhere
+    finally:
+        memory.chmod(0o700)
+    with _workspace.Workspace(_git_repo_with_a_file(tmp_path / "repo")) as ws:
+        assert ws.dir.parent == memory
