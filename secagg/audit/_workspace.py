@@ -86,12 +86,13 @@ MEMORY_DIR = Path("/dev/shm")  # noqa: S108 (a directory of our own is made in i
 _MEMORY_FREE = 1 << 30
 
 
-def workspaces_dir() -> Path:
-    """Where workspaces are made: the temporary directory when TMPDIR names one; else
+def workspaces_dir(*, keep: bool = False) -> Path:
+    """Where workspaces are made: the temporary directory when TMPDIR names one or the
+    workspace is kept (``--keep``: what stays is not left in memory); else
     /dev/shm, a file system in memory, when it is a writable directory with a GiB free (a
     control's copy, some 560 files, took 0.85 s on this machine's disk and 0.12 s there: a
     third of a control's time); else the temporary directory."""
-    if os.environ.get("TMPDIR"):
+    if os.environ.get("TMPDIR") or keep:
         return Path(tempfile.gettempdir())
     try:
         free = os.statvfs(MEMORY_DIR)
@@ -106,12 +107,14 @@ def workspaces_dir() -> Path:
 
 
 def sweep_stale(tmp: Path | None = None) -> list[Path]:
-    """Remove the workspaces (under ``tmp``, where workspaces are made by default) of runners
-    that ended without removing them (SIGKILL); returns what was removed. Only this user's
-    directories with an owner file naming a process that is gone are touched."""
+    """Remove the workspaces (under ``tmp``; by default in memory and in the temporary
+    directory, wherever they may have been made) of runners that ended without removing them
+    (SIGKILL); returns what was removed. Only this user's directories with an owner file
+    naming a process that is gone are touched."""
     removed = []
-    top = Path(tmp or workspaces_dir())
-    for candidate in sorted(top.glob(PREFIX + "*")):
+    # defence: audit.stale-swept-wherever-made
+    tops = [tmp] if tmp else list(dict.fromkeys([MEMORY_DIR, Path(tempfile.gettempdir())]))
+    for candidate in sorted(p for top in tops for p in top.glob(PREFIX + "*")):
         try:
             if candidate.is_symlink() or not candidate.is_dir() \
                     or candidate.stat().st_uid != os.getuid():
@@ -176,9 +179,11 @@ def _compile(base: Path, files: list[str]) -> list[str]:
     and modification time. None with a bytecode prefix (PYTHONPYCACHEPREFIX: outside)."""
     if sys.pycache_prefix:
         return []
-    # (a pass hook changes what pytest's rewrite makes: then each control rewrites its own)
-    hooked = any("enable_assertion_pass_hook" in (base / name).read_text(errors="replace")
-                 for name in _PYTEST_CONFIGS if (base / name).is_file())
+    # (a pass hook changes what pytest's rewrite makes: then each control rewrites its own;
+    # pytest may read a configuration file in any directory above the tests it runs)
+    hooked = any("enable_assertion_pass_hook" in (base / rel).read_text(errors="replace")
+                 for rel in files if Path(rel).name in _PYTEST_CONFIGS
+                 and (base / rel).is_file())
     written = []
     for rel in files:
         src = base / rel
@@ -227,6 +232,13 @@ def _rewritten_bytecode(src: Path) -> Path | None:
         pyc.parent.mkdir(parents=True, exist_ok=True)
         with open(pyc, "wb") as fp:
             rewrite._write_pyc_fp(fp, source_hash, code)
+        # only a file pytest checks against its source's hash (pytest 8 wrote one checked
+        # by the source's time stamp and size, which an edit of the same size in the same
+        # second passes): any other is removed, and each control rewrites its tests
+        # defence: audit.rewritten-bytecode-only-hash-checked
+        if pyc.read_bytes()[4:8] != b"\x03\x00\x00\x00":
+            pyc.unlink()
+            return None
     except Exception:  # (an optimisation only: without it, as before)
         return None
     return pyc
@@ -281,8 +293,8 @@ class Workspace:
         self.root = root
         self.keep = keep
         self.files = audited_files(root)
-        sweep_stale()
-        self.dir = Path(tempfile.mkdtemp(prefix=PREFIX, dir=workspaces_dir()))
+        sweep_stale()  # (first: what it frees in memory counts toward where this one goes)
+        self.dir = Path(tempfile.mkdtemp(prefix=PREFIX, dir=workspaces_dir(keep=keep)))
         self.base = self.dir / "base"
         # The plugin runs beside the copy, not from it: an edit to the copy cannot break it.
         self.plugin_dir = self.dir / "plugin"

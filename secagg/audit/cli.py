@@ -80,8 +80,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     controls.add_argument("--files", nargs="+", metavar="PATH", default=None,
                           help="run only the controls whose file is one of these (for CI on a "
                                "change: --files $(git diff --name-only main))")
-    controls.add_argument("--baseline-from", type=Path, default=None, metavar="FILE",
-                          help="the listed tests' outcomes from a run of this same work tree, "
+    controls.add_argument("--baseline-from", type=Path, nargs="+", default=None, metavar="FILE",
+                          help="the listed tests' outcomes from runs of this same work tree, "
                                "as recorded by `SECAGG_AUDIT_OUTCOMES=FILE pytest -p "
                                "secagg.audit._pytest_plugin` (CI's default run): those tests "
                                "are not run again for the baseline")
@@ -207,13 +207,15 @@ def _controls_command(args: argparse.Namespace) -> int:
 def _controls(args: argparse.Namespace) -> int:
     from secagg.audit._recency import newest_first
     from secagg.audit._workspace import Workspace
-    from secagg.audit.runner import ControlRunner, load_outcomes
+    from secagg.audit.runner import ControlRunner, load_outcomes, merged
 
     try:
         root = _root(args)
         chosen = select(_load(args, root), args.only, args.files, root)
+        order = ""
         if args.budget is not None:
-            chosen = newest_first(root, args.controls or root / CONTROLS_FILE, chosen)
+            chosen, why = newest_first(root, args.controls or root / CONTROLS_FILE, chosen)
+            order = f" (the file's order: {why})" if why else " (the newest first)"
         if args.list:
             for c in chosen:
                 print(f"{c.id:<44} {c.file:<32} {c.defence}")
@@ -224,10 +226,10 @@ def _controls(args: argparse.Namespace) -> int:
             print("secagg threat-model: no control edits the files given", file=sys.stderr)
             if args.json:
                 print(json.dumps({**_settings(args, root), "controls": [],
-                                  "summary": {"caught": 0, "total": 0, "percent": None}}))
+                                  "summary": {"caught": 0, "total": 0, "ran": 0, "not_run": 0,
+                                              "percent": None}}))
             return 0
-        budget = "" if args.budget is None else (f", budget {args.budget:.0f} s "
-                                                  "(the newest first)")
+        budget = "" if args.budget is None else f", budget {args.budget:.0f} s{order}"
         print(f"secagg threat-model controls: {len(chosen)} controls, {args.jobs} jobs, "
               f"timeout {args.timeout:.0f} s{budget}", file=sys.stderr)
         with Workspace(root, keep=args.keep) as ws:
@@ -235,22 +237,23 @@ def _controls(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             runner = ControlRunner(ws, jobs=args.jobs, timeout=args.timeout, progress=sys.stderr,
                                    budget=args.budget)
-            if args.baseline_from is not None:
-                runner.given = load_outcomes(args.baseline_from)
+            if args.baseline_from:
+                runner.given = merged([load_outcomes(f) for f in args.baseline_from])
             result = runner.run(chosen)
         result.settings = _settings(args, root)
     except AuditError as e:
         print(f"secagg threat-model: error: {e}", file=sys.stderr)
         return 2
     s = result.summary()
-    print(f"caught {s['caught']}/{s['ran']} ({s['percent']:.1f}%), {s['missed']} missed, "
+    percent = "no control ran" if s["percent"] is None else f"{s['percent']:.1f}%"
+    print(f"caught {s['caught']}/{s['ran']} ({percent}), {s['missed']} missed, "
           f"{s['invalid']} invalid, {s['timeout']} timed out, in {result.seconds:.1f} s",
           file=sys.stderr)
     if s["not_run"]:
         # (never silent: what a budget left out is named, and by how to run it)
         # defence: audit.budget-names-what-it-left
         print(f"  NOT RUN: {s['not_run']} of {s['total']} controls, the budget of "
-              f"{args.budget:.0f} s was spent (those changed longest ago; run them with "
+              f"{args.budget or 0:.0f} s was spent (those changed longest ago; run them with "
               "--only):", file=sys.stderr)
         ids = s["not_run_controls"]
         for i in range(0, len(ids), 4):

@@ -304,7 +304,9 @@ class ControlsRun:
             "caught": caught,
             "total": total,
             "ran": ran,
-            "percent": round(100.0 * caught / ran, 1) if ran else 100.0,
+            # (none ran: no percentage, never "100%" of nothing)
+            # defence: audit.no-percent-of-nothing
+            "percent": round(100.0 * caught / ran, 1) if ran else None,
             **{r: len(by[r]) for r in RESULTS if r != "caught"},
             "misses": [{"id": x.control.id, "defence": x.control.defence} for x in by["missed"]],
             "invalid_controls": [{"id": x.control.id, "detail": x.detail} for x in by["invalid"]],
@@ -454,7 +456,10 @@ class ControlRunner:
         self.check_base()
         # a listed test that does not exist would make pytest refuse the whole baseline run
         static = problems(self.ws.base, controls)
-        if baseline is None:
+        spent = self.budget is not None and self.budget <= 0  # (no control will run)
+        if baseline is None and spent:
+            baseline = PytestRun(0, "", 0.0, {}, {})  # (none needed)
+        elif baseline is None:
             baseline = self.baseline([c for c in controls if c.id not in static])
         self._flaky = baseline.flaky
         results: dict[str, ControlResult] = {}
@@ -463,7 +468,8 @@ class ControlRunner:
         runnable = []
         for c in controls:
             reasons = static.get(c.id, [])
-            bad = failing(baseline, c.tests)
+            # defence: audit.budget-spent-runs-no-baseline
+            bad = [] if spent else failing(baseline, c.tests)
             if bad and not reasons:
                 reasons = ["listed test fails without the edit: " + ", ".join(bad)]
             if reasons:
@@ -506,6 +512,13 @@ class ControlRunner:
         # a run stopped (SIGTERM, Ctrl-C) killed its tests: no retry, no line blaming them
         # defence: audit.stopped-run-retries-nothing
         if _stopping.is_set():
+            return result
+        # nor once the budget is spent: a second attempt is a start, and CI's limit is hard
+        # (the first attempt's result stands, and a timeout still fails the run)
+        # defence: audit.budget-retries-nothing-after-it
+        if time.perf_counter() >= self._deadline:
+            if self._progress is not None:
+                self._progress.result(result)
             return result
         # caught only by tests that were flaky on the baseline: it may be their flakiness,
         # not the edit (a comment-only control came out "caught"); confirmed by a second run

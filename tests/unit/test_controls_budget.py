@@ -44,7 +44,7 @@ def test_a_spent_budget_starts_no_control_and_the_run_says_which_were_not_run(
 
     def attempt(self: Any, c: Control, i: int) -> ControlResult:
         started.append(c.id)
-        time.sleep(0.4)
+        time.sleep(1.5)
         return ControlResult(c, "caught", detail=c.tests[0], exit_code=1,
                              failed_tests=list(c.tests))
 
@@ -52,7 +52,7 @@ def test_a_spent_budget_starts_no_control_and_the_run_says_which_were_not_run(
     monkeypatch.setattr(runner_module, "problems", lambda root, controls: {})
     controls = [_control(f"demo.c{i}") for i in range(3)]
     given = PytestRun(0, "", 0.0, {c.tests[0]: "passed" for c in controls}, {})
-    run = ControlRunner(_Workspace(), jobs=1, budget=0.2,  # type: ignore[arg-type]
+    run = ControlRunner(_Workspace(), jobs=1, budget=1.0,  # type: ignore[arg-type]
                         progress=io.StringIO()).run(controls, baseline=given)
     assert started == ["demo.c0"]
     assert [r.result for r in run.results] == ["caught", "not_run", "not_run"]
@@ -65,6 +65,43 @@ def test_a_spent_budget_starts_no_control_and_the_run_says_which_were_not_run(
     ControlRunner(_Workspace(), jobs=1,  # type: ignore[arg-type]
                   progress=io.StringIO()).run(controls, baseline=given)
     assert started == ["demo.c0", "demo.c1", "demo.c2"]
+    # a budget spent before the run (CI's time gone): no control, no baseline, no "100%"
+    started.clear()
+
+    def no_baseline(*a: Any) -> PytestRun:
+        raise AssertionError("a baseline ran for controls that will not run")
+
+    monkeypatch.setattr(ControlRunner, "baseline", no_baseline)
+    run = ControlRunner(_Workspace(), jobs=1, budget=0.0,  # type: ignore[arg-type]
+                        progress=io.StringIO()).run(controls)
+    assert started == [] and [r.result for r in run.results] == ["not_run"] * 3
+    assert run.summary()["percent"] is None and run.summary()["ran"] == 0
+
+
+def test_no_second_attempt_starts_once_the_budget_is_spent(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A retry is a start: a timed-out control retried after the budget ran CI past its
+    limit. Its first attempt's result stands (a timeout still fails the run)."""
+    attempts: list[str] = []
+
+    def attempt(self: Any, c: Control, i: int) -> ControlResult:
+        attempts.append(c.id)
+        time.sleep(1.5)
+        return ControlResult(c, "timeout", detail="killed after 300 s")
+
+    monkeypatch.setattr(ControlRunner, "_attempt", attempt)
+    monkeypatch.setattr(runner_module, "problems", lambda root, controls: {})
+    controls = [_control("demo.slow")]
+    given = PytestRun(0, "", 0.0, {controls[0].tests[0]: "passed"}, {})
+    run = ControlRunner(_Workspace(), jobs=1, budget=1.0,  # type: ignore[arg-type]
+                        progress=io.StringIO()).run(controls, baseline=given)
+    assert attempts == ["demo.slow"] and run.results[0].result == "timeout"
+    assert run.results[0].attempts == 1 and not run.all_caught
+    # within the budget it is retried, as before
+    attempts.clear()
+    ControlRunner(_Workspace(), jobs=1, budget=60.0,  # type: ignore[arg-type]
+                  progress=io.StringIO()).run(controls, baseline=given)
+    assert attempts == ["demo.slow", "demo.slow"]
 
 
 def test_the_command_names_every_control_its_budget_left_out(
@@ -90,6 +127,7 @@ def test_the_command_names_every_control_its_budget_left_out(
 
     def run(self: ControlRunner, chosen: list[Control]) -> ControlsRun:
         seen["budget"], seen["ids"] = self.budget, [c.id for c in chosen]
+        seen["given"] = None if self.given is None else self.given.outcomes
         results = [ControlResult(c, "caught" if i == 0 else "not_run",
                                  detail=c.tests[0] if i == 0 else "")
                    for i, c in enumerate(chosen)]
@@ -120,6 +158,13 @@ def test_the_command_names_every_control_its_budget_left_out(
     # a budget already spent (CI's time gone before the controls): none run, each named
     assert main([*args, "--budget", "-5"]) == 0 and seen["budget"] == 0.0
     assert f"NOT RUN: {n - 1} of {n}" in capsys.readouterr().err
+    # the outcomes of CI's default run and of its slow run, both taken
+    files = []
+    for name, test in (("default", "tests/test_x.py::test_x"), ("slow", "tests/test_y.py::t")):
+        files.append(tmp_path / name)
+        files[-1].write_text(json.dumps({"outcomes": {test: "passed"}, "exit_status": 0}))
+    assert main([*args, "--baseline-from", *map(str, files)]) == 0
+    assert seen["given"] == {"tests/test_x.py::test_x": "passed", "tests/test_y.py::t": "passed"}
 
 
 def _git(repo: Path, *args: str, when: int = 4_000_000_000) -> None:
@@ -171,18 +216,30 @@ def test_a_budgeted_run_takes_the_most_recently_changed_controls_first(tmp_path:
     _git(repo, "commit", "-qam", "test", when=4_000_000_300)
     (repo / "dirty.py").write_text("a = 3\n")  # (not committed)
     controls = parse_controls(controls_file.read_text())
-    order = [c.id for c in newest_first(repo, controls_file, controls)]
+    ordered, why = newest_first(repo, controls_file, controls)
+    assert why == ""
+    order = [c.id for c in ordered]
     assert order == ["c.dirty", "c.test", "c.entry", "c.file", "c.old", "c.old2"]
     # an uncommitted edit of an entry counts as newest too
     write(entry="c", old2="z")
     controls = parse_controls(controls_file.read_text())
-    order = [c.id for c in newest_first(repo, controls_file, controls)]
+    order = [c.id for c in newest_first(repo, controls_file, controls)[0]]
     assert order[:2] == ["c.dirty", "c.old2"] or order[:2] == ["c.old2", "c.dirty"]
     assert order[2:] == ["c.test", "c.entry", "c.file", "c.old"]
-    # no repository: the file's order
+    # a selection: an entry ends where the next entry of the file starts, selected or not
+    picked = [c for c in controls if c.id in ("c.file", "c.entry")]
+    assert [c.id for c in newest_first(repo, controls_file, picked)[0]] == ["c.entry", "c.file"]
+    # no repository, a shallow clone: the file's order, and why
     plain = tmp_path / "plain"
     plain.mkdir()
-    assert newest_first(plain, plain / "c.toml", controls) == controls
+    ordered, why = newest_first(plain, plain / "c.toml", controls)
+    assert ordered == controls and "git does not say" in why
+    _git(repo, "commit", "-qam", "all", when=4_000_000_400)
+    shallow = tmp_path / "shallow"
+    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{repo}", str(shallow)],
+                   check=True, capture_output=True, timeout=60)
+    ordered, why = newest_first(shallow, shallow / "controls.toml", controls)
+    assert ordered == controls and "shallow clone" in why
 
 
 def test_every_copy_gets_pytests_rewritten_tests_and_an_edited_test_runs_as_edited(
@@ -246,3 +303,59 @@ def test_workspaces_are_made_in_memory_unless_tmpdir_says_otherwise(
         memory.chmod(0o700)
     with _workspace.Workspace(_git_repo_with_a_file(tmp_path / "repo")) as ws:
         assert ws.dir.parent == memory
+
+
+def test_stale_workspaces_are_swept_in_memory_and_in_the_temporary_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that chose the disk (memory nearly full, TMPDIR set) swept only there: the
+    workspaces of killed runs stayed in memory for good, and kept it full."""
+    import tempfile
+
+    from secagg.audit import _workspace
+
+    memory, disk = tmp_path / "shm", tmp_path / "tmp"
+    memory.mkdir()
+    disk.mkdir()
+    monkeypatch.setattr(_workspace, "MEMORY_DIR", memory)
+    monkeypatch.setattr(tempfile, "tempdir", str(disk))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(timeout=60)
+    stale = []
+    for top in (memory, disk):
+        stale.append(top / f"{_workspace.PREFIX}stale")
+        stale[-1].mkdir()
+        (stale[-1] / _workspace.OWNER).write_text(
+            f"{gone.pid} 1 {_workspace._namespace()}")
+    assert sorted(_workspace.sweep_stale()) == sorted(stale)
+    assert not any(p.exists() for p in stale)
+    # and --keep's copies stay on disk, not in memory
+    monkeypatch.delenv("TMPDIR", raising=False)
+    assert _workspace.workspaces_dir(keep=True) == disk
+
+
+def test_only_bytecode_pytest_checks_against_its_source_is_made(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pytest 8 wrote its rewritten tests' bytecode checked by the source's time stamp and
+    size: an edit of the same size in the same second ran the base's test. Such a file is
+    not made (each control then rewrites its tests)."""
+    import importlib.util
+    import marshal
+
+    from _pytest.assertion import rewrite
+
+    from secagg.audit._workspace import _rewritten_bytecode
+
+    src = tmp_path / "test_k.py"
+    src.write_text("def test_k():\n    assert 1 == 1\n")
+    made = _rewritten_bytecode(src)
+    assert made is not None and made.read_bytes()[4:8] == b"\x03\x00\x00\x00"
+    made.unlink()
+
+    def by_time(fp: Any, source_hash: bytes, co: Any) -> None:  # (pytest 8's header)
+        fp.write(importlib.util.MAGIC_NUMBER)
+        fp.write(b"\x00\x00\x00\x00" + b"\x00" * 8)
+        fp.write(marshal.dumps(co))
+
+    monkeypatch.setattr(rewrite, "_write_pyc_fp", by_time)
+    assert _rewritten_bytecode(src) is None
+    assert not list((tmp_path / "__pycache__").glob("test_k*"))
